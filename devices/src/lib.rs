@@ -1,1 +1,22 @@
-//! devices
+//! Guest-visible PC hardware.
+//!
+//! Nothing here knows about KVM. A device sees guest memory (`vm-memory`),
+//! interrupt lines ([`irq::IrqLine`]), a clock ([`clock::Clock`]) and, for
+//! storage controllers, a `block::BlockBackend`. The `vmm` crate wires these
+//! to KVM (or to the qtest protocol) and dispatches port and MMIO accesses
+//! through a [`bus::Bus`].
+
+pub mod bus;
+pub mod chipset;
+pub mod clock;
+pub mod irq;
+pub mod legacy;
+pub mod pci;
+pub mod system;
+
+pub use bus::{Bus, BusDevice};
+pub use irq::IrqLine;
+pub mod bootorder;
+
+/// Guest RAM as devices see it. It never changes while a machine exists.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;

@@ -1,0 +1,192 @@
+//! A type-0 PCI configuration header (PCI Local Bus Spec 3.0, section 6.1),
+//! with per-byte write masks so that read-only fields stay read-only, and BAR
+//! sizing (section 6.2.5.1): writing all ones reads back the size mask.
+
+use super::Space;
+use crate::bus::{le_value, put_le};
+
+pub const VENDOR_ID: u16 = 0x00;
+pub const COMMAND: u16 = 0x04;
+pub const HEADER_TYPE: u16 = 0x0e;
+pub const BAR0: u16 = 0x10;
+pub const INTERRUPT_LINE: u16 = 0x3c;
+pub const INTERRUPT_PIN: u16 = 0x3d;
+
+pub const CMD_IO: u16 = 1 << 0;
+pub const CMD_MEM: u16 = 1 << 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarKind {
+    Io,
+    Mem32,
+    Mem64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Bar {
+    pub kind: BarKind,
+    pub size: u64,
+    pub base: u64,
+}
+
+impl Bar {
+    pub fn space(&self) -> Space {
+        match self.kind {
+            BarKind::Io => Space::Io,
+            _ => Space::Mem,
+        }
+    }
+}
+
+pub struct PciConfig {
+    bytes: [u8; 256],
+    wmask: [u8; 256],
+    bars: [Option<(BarKind, u64)>; 6],
+}
+
+impl PciConfig {
+    pub fn new(vendor: u16, device: u16, class: u32, revision: u8) -> Self {
+        let mut c = PciConfig {
+            bytes: [0; 256],
+            wmask: [0; 256],
+            bars: [None; 6],
+        };
+        c.set_u16(VENDOR_ID, vendor);
+        c.set_u16(0x02, device);
+        c.bytes[0x08] = revision;
+        c.bytes[0x09] = class as u8;
+        c.bytes[0x0a] = (class >> 8) as u8;
+        c.bytes[0x0b] = (class >> 16) as u8;
+        // Command: I/O, memory, bus master, parity, SERR, INTx disable.
+        c.set_wmask16(COMMAND, 0x0547);
+        c.wmask[0x0c] = 0xff; // cache line size
+        c.wmask[0x0d] = 0xff; // latency timer
+        c.wmask[INTERRUPT_LINE as usize] = 0xff;
+        c
+    }
+
+    pub fn set_multifunction(&mut self) {
+        self.bytes[HEADER_TYPE as usize] |= 0x80;
+    }
+
+    pub fn set_subsystem(&mut self, vendor: u16, id: u16) {
+        self.set_u16(0x2c, vendor);
+        self.set_u16(0x2e, id);
+    }
+
+    pub fn set_interrupt_pin(&mut self, pin: u8) {
+        self.bytes[INTERRUPT_PIN as usize] = pin;
+    }
+
+    /// Declares BAR `i` with a power-of-two `size` (at least 4 for I/O, 16
+    /// for memory). A 64-bit BAR also occupies `i + 1`.
+    pub fn add_bar(&mut self, i: usize, kind: BarKind, size: u64) {
+        assert!(size.is_power_of_two() && i < 6);
+        self.bars[i] = Some((kind, size));
+        let off = BAR0 + 4 * i as u16;
+        let (flags, mask) = match kind {
+            BarKind::Io => (1u64, !(size - 1) & 0xffff_fffc),
+            BarKind::Mem32 => (0, !(size - 1) & 0xffff_fff0),
+            BarKind::Mem64 => (4, !(size - 1) & 0xffff_ffff_ffff_fff0),
+        };
+        self.set_u32(off, flags as u32);
+        self.set_wmask32(off, mask as u32);
+        if kind == BarKind::Mem64 {
+            self.set_wmask32(off + 4, (mask >> 32) as u32);
+        }
+    }
+
+    /// Makes `len` bytes at `offset` guest-writable (device-specific registers).
+    pub fn set_writable(&mut self, offset: u16, len: u16) {
+        for o in offset..offset + len {
+            self.wmask[o as usize] = 0xff;
+        }
+    }
+
+    pub fn read(&self, offset: u16, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.bytes.get(offset as usize + i).copied().unwrap_or(0xff);
+        }
+    }
+
+    pub fn write(&mut self, offset: u16, data: &[u8]) {
+        for (i, &v) in data.iter().enumerate() {
+            let o = offset as usize + i;
+            if o < 256 {
+                let m = self.wmask[o];
+                self.bytes[o] = (self.bytes[o] & !m) | (v & m);
+            }
+        }
+    }
+
+    pub fn u8(&self, o: u16) -> u8 {
+        self.bytes[o as usize]
+    }
+    pub fn u16(&self, o: u16) -> u16 {
+        le_value(&self.bytes[o as usize..o as usize + 2]) as u16
+    }
+    pub fn u32(&self, o: u16) -> u32 {
+        le_value(&self.bytes[o as usize..o as usize + 4]) as u32
+    }
+    pub fn set_u8(&mut self, o: u16, v: u8) {
+        self.bytes[o as usize] = v;
+    }
+    pub fn set_u16(&mut self, o: u16, v: u16) {
+        put_le(&mut self.bytes[o as usize..o as usize + 2], v as u64);
+    }
+    pub fn set_u32(&mut self, o: u16, v: u32) {
+        put_le(&mut self.bytes[o as usize..o as usize + 4], v as u64);
+    }
+    fn set_wmask16(&mut self, o: u16, v: u16) {
+        put_le(&mut self.wmask[o as usize..o as usize + 2], v as u64);
+    }
+    fn set_wmask32(&mut self, o: u16, v: u32) {
+        put_le(&mut self.wmask[o as usize..o as usize + 4], v as u64);
+    }
+
+    pub fn command(&self) -> u16 {
+        self.u16(COMMAND)
+    }
+
+    /// BARs whose space is enabled in the command register and whose base is
+    /// programmed (non-zero), as `(index, bar)`.
+    pub fn decoded_bars(&self) -> impl Iterator<Item = (usize, Bar)> + '_ {
+        let cmd = self.command();
+        self.bars.iter().enumerate().filter_map(move |(i, b)| {
+            let (kind, size) = (*b)?;
+            let off = BAR0 + 4 * i as u16;
+            let (base, enabled) = match kind {
+                BarKind::Io => ((self.u32(off) & !3) as u64 & 0xffff, cmd & CMD_IO != 0),
+                BarKind::Mem32 => ((self.u32(off) & !0xf) as u64, cmd & CMD_MEM != 0),
+                BarKind::Mem64 => (
+                    (self.u32(off) & !0xf) as u64 | ((self.u32(off + 4) as u64) << 32),
+                    cmd & CMD_MEM != 0,
+                ),
+            };
+            (enabled && base != 0).then_some((i, Bar { kind, size, base }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_only_fields_and_bar_sizing() {
+        let mut c = PciConfig::new(0x8086, 0x7010, 0x010180, 0);
+        c.add_bar(4, BarKind::Io, 16);
+        c.write(0, &[0, 0, 0, 0]);
+        assert_eq!(c.u32(0), 0x7010_8086);
+        c.write(0x20, &0xffff_ffffu32.to_le_bytes());
+        assert_eq!(c.u32(0x20), 0xffff_fff1);
+        c.write(0x20, &0xc001u32.to_le_bytes());
+        assert_eq!(c.decoded_bars().count(), 0, "I/O decode is off");
+        c.write(COMMAND, &[1, 0]);
+        let (i, bar) = c.decoded_bars().next().unwrap();
+        assert_eq!((i, bar.base, bar.size), (4, 0xc000, 16));
+        let mut d = [0u8; 4];
+        c.read(0xfe, &mut d);
+        assert_eq!(d, [0, 0, 0xff, 0xff]);
+    }
+}
