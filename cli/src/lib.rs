@@ -1,1 +1,5 @@
-//! cli
+//! Command-line front ends: QEMU's option grammar for `strata`, and the
+//! clap-based CLIs of the tools. Each binary's `main` stays short and calls
+//! into here.
+
+pub mod system_args;

@@ -1,1 +1,236 @@
-//! vmm
+//! The KVM side of Strata: machine assembly, memory, vCPUs, PIO/MMIO
+//! dispatch, and the qtest accelerator that drives the same machine without
+//! a CPU.
+
+pub mod config;
+pub mod console;
+pub mod kvm;
+pub mod memory;
+pub mod pc;
+pub mod qtest;
+pub mod vcpu;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use devices::clock::HostClock;
+use devices::system::SystemControl;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use config::{Accel, CharDev, MachineConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A problem with /dev/kvm or a KVM ioctl.
+    #[error("{0}")]
+    Kvm(String),
+    /// The user asked for something that cannot be built.
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Machine(#[from] pc::MachineError),
+    /// The guest did something fatal (an emulation failure, for example).
+    #[error("{0}")]
+    Guest(String),
+}
+
+/// Why a machine generation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    Reset,
+    Shutdown,
+    /// The user quit (Ctrl-A x, or Ctrl-C on plain stdio).
+    Quit,
+    Error(String),
+}
+
+#[derive(Clone)]
+pub struct EventSender(mpsc::Sender<VmEvent>);
+
+impl EventSender {
+    pub fn send(&self, ev: VmEvent) {
+        let _ = self.0.send(ev);
+    }
+}
+
+impl SystemControl for EventSender {
+    fn request_reset(&self) {
+        self.send(VmEvent::Reset)
+    }
+    fn request_shutdown(&self) {
+        self.send(VmEvent::Shutdown)
+    }
+}
+
+/// The opened chardevs of a run.
+pub struct Consoles {
+    pub serial: Vec<console::Chardev>,
+    pub debugcon: Option<console::Chardev>,
+    _guards: Vec<console::TerminalGuard>,
+}
+
+impl Consoles {
+    pub fn open(cfg: &MachineConfig, events: &EventSender) -> Result<Self, VmmError> {
+        let mut guards = Vec::new();
+        let mut serial = Vec::new();
+        for dev in &cfg.serial {
+            let (c, g) = console::open(dev, "-serial", events)?;
+            guards.extend(g);
+            serial.push(c);
+        }
+        let debugcon = match &cfg.debugcon {
+            Some(d) => {
+                let (c, g) = console::open(d, "-debugcon", events)?;
+                guards.extend(g);
+                Some(c)
+            }
+            None => None,
+        };
+        Ok(Consoles {
+            serial,
+            debugcon,
+            _guards: guards,
+        })
+    }
+
+    fn host(&self, irq: Arc<dyn devices::irq::IrqChip>, events: &EventSender, clock: Arc<dyn devices::clock::Clock>) -> pc::Host {
+        pc::Host {
+            irq,
+            system: Arc::new(events.clone()),
+            clock,
+            serial_out: self.serial.iter().map(|c| c.writer()).collect(),
+            debugcon_out: self.debugcon.as_ref().map(|c| c.writer()),
+            rtc_start: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+        }
+    }
+
+    fn attach(&self, pc: &pc::Pc) {
+        for (i, c) in self.serial.iter().enumerate() {
+            c.attach(pc.uarts.get(i).cloned());
+        }
+    }
+}
+
+/// Runs the machine until it powers off or the user quits. Returns the
+/// process exit status.
+pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
+    match cfg.accel {
+        Accel::Kvm => run_kvm(cfg),
+        Accel::Qtest => qtest::run(cfg),
+    }
+}
+
+/// Checks what can be checked before any guest memory is touched.
+pub fn validate(cfg: &MachineConfig) -> Result<(), VmmError> {
+    if cfg.mem_size < (1 << 20) {
+        return Err(VmmError::Config(format!(
+            "-m {}: guest memory must be at least 1 MiB",
+            cfg.mem_size
+        )));
+    }
+    let host = host_memory();
+    if host > 0 && cfg.mem_size > host {
+        return Err(VmmError::Config(format!(
+            "-m {}M: more than the host's {} MiB of memory and swap",
+            cfg.mem_size >> 20,
+            host >> 20
+        )));
+    }
+    if cfg.cpus == 0 {
+        return Err(VmmError::Config("-smp 0: a machine needs at least one CPU".into()));
+    }
+    if cfg.max_cpus < cfg.cpus {
+        return Err(VmmError::Config(format!(
+            "-smp: maxcpus ({}) must be at least the number of CPUs ({})",
+            cfg.max_cpus, cfg.cpus
+        )));
+    }
+    if cfg.cpus > 255 {
+        return Err(VmmError::Config(format!("-smp {}: the pc machine supports at most 255 CPUs", cfg.cpus)));
+    }
+    Ok(())
+}
+
+/// Total RAM plus swap, from /proc/meminfo (0 if unknown).
+fn host_memory() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/meminfo") else { return 0 };
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    field("MemTotal:") + field("SwapTotal:")
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
+    validate(&cfg)?;
+    let kvm = kvm::open()?;
+    let max = kvm.get_max_vcpus();
+    if cfg.cpus as usize > max {
+        return Err(VmmError::Config(format!(
+            "-smp {}: KVM on this host allows at most {max} vCPUs",
+            cfg.cpus
+        )));
+    }
+    register_signal_handler(kick_signal(), kick_handler)
+        .map_err(|e| VmmError::Kvm(format!("cannot install the vCPU kick signal: {e}")))?;
+    let (tx, rx) = mpsc::channel();
+    let events = EventSender(tx);
+    let consoles = Consoles::open(&cfg, &events)?;
+    loop {
+        let vm = kvm::create_vm(&kvm)?;
+        let host = consoles.host(Arc::new(kvm::KvmIrqChip(vm.clone())), &events, Arc::new(HostClock::new()));
+        let pc = Arc::new(pc::build(&cfg, host)?);
+        consoles.attach(&pc);
+        let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;
+        kvm::map_memory(&vm, &pc.rom, next, kvm::supports_readonly_mem(&vm))?;
+        let vcpus = vcpu::create(&kvm, &vm, cfg.cpus)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        if !cfg.paused {
+            for (id, v) in vcpus.into_iter().enumerate() {
+                let (pc, stop, ev) = (pc.clone(), stop.clone(), events.clone());
+                let t = std::thread::Builder::new()
+                    .name(format!("vcpu{id}"))
+                    .spawn(move || vcpu::run(v, id as u32, pc, stop, ev))
+                    .map_err(|e| VmmError::Kvm(format!("cannot start vCPU thread: {e}")))?;
+                threads.push(t);
+            }
+        }
+        let event = rx.recv().unwrap_or(VmEvent::Quit);
+        stop.store(true, Ordering::Release);
+        for t in threads {
+            while !t.is_finished() {
+                let _ = t.kill(kick_signal());
+                t.thread().unpark();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = t.join();
+        }
+        // Drain events raised by other vCPUs while stopping.
+        while rx.try_recv().is_ok() {}
+        match event {
+            VmEvent::Reset if !cfg.no_reboot => {
+                log::info!("guest reset: rebuilding the machine");
+                continue;
+            }
+            VmEvent::Reset | VmEvent::Shutdown | VmEvent::Quit => return Ok(0),
+            VmEvent::Error(msg) => return Err(VmmError::Guest(msg)),
+        }
+    }
+}
+
+/// Whether a serial chardev is the process's stdio.
+pub fn uses_stdio(cfg: &MachineConfig) -> bool {
+    cfg.serial.iter().chain(cfg.debugcon.iter()).any(|c| matches!(c, CharDev::Stdio { .. }))
+}

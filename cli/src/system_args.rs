@@ -1,0 +1,419 @@
+//! `strata`'s command line: the subset of `qemu-system-x86_64`'s options
+//! implemented so far, with QEMU's spelling, defaults and implied keys
+//! (`-m 512`, `-smp 4,cores=2`, `-machine pc,accel=kvm`, `-boot d`).
+//!
+//! Every error is one line naming the option, returned as a `String`.
+
+use std::path::PathBuf;
+
+use vmm::config::{Accel, CharDev, MachineConfig};
+
+pub const USAGE: &str = "\
+usage: strata [options]
+
+Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
+  -machine/-M pc[,accel=kvm|qtest]  machine type (pc = i440FX + PIIX3)
+  -accel kvm|qtest, -enable-kvm     accelerator (KVM is the only CPU accelerator)
+  -m SIZE                           guest RAM (bare numbers are MiB; K/M/G/T suffixes)
+  -smp N[,cores=,threads=,sockets=,maxcpus=]  virtual CPUs
+  -bios FILE                        firmware (default /usr/share/seabios/bios-256k.bin)
+  -boot [order=]DRIVES[,once=,menu=on|off,splash-time=,reboot-timeout=,strict=on|off]
+  -serial DEV                       stdio, mon:stdio, file:PATH, unix:PATH[,server][,nowait], null, none
+  -debugcon DEV                     isa-debugcon on port 0xe9 (see -global)
+  -global isa-debugcon.iobase=PORT  move the debug console (0x402 is SeaBIOS's log port)
+  -nographic, -display none         no display (Strata never has one); -nographic wires COM1 to stdio
+  -nodefaults                       no default serial port
+  -no-reboot                        exit instead of rebooting when the guest resets
+  -name NAME, -S                    guest name; start with vCPUs stopped
+  -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
+  -version, -help
+With -nographic or mon:stdio, Ctrl-A h prints the console keys and Ctrl-A x quits.
+";
+
+/// Options that take a value.
+const KNOWN_WITH_VALUE: &[&str] = &[
+    "-accel", "-machine", "-M", "-m", "-smp", "-bios", "-boot", "-serial", "-debugcon", "-global", "-display", "-name",
+    "-qtest", "-qtest-log",
+];
+
+pub enum Parsed {
+    Run(Box<MachineConfig>),
+    Help,
+    Version,
+}
+
+/// Splits a QEMU option value into key/value pairs. `,,` is a literal comma;
+/// a first element without `=` is the value of `implied` (if given).
+pub fn split_opts(s: &str, implied: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    let mut out = Vec::new();
+    for (i, p) in parts.into_iter().enumerate() {
+        match p.split_once('=') {
+            Some((k, v)) => out.push((k.to_string(), v.to_string())),
+            None if i == 0 && implied.is_some() => out.push((implied.unwrap().to_string(), p)),
+            None if p.is_empty() => {}
+            // A bare flag such as `server` or `nowait`.
+            None => out.push((p, "on".to_string())),
+        }
+    }
+    Ok(out)
+}
+
+/// Parses a size with an optional K/M/G/T/P/E suffix (case-insensitive, with
+/// an optional trailing `B`); bare numbers are multiplied by `default_unit`.
+pub fn parse_size(s: &str, default_unit: u64) -> Option<u64> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, suffix) = s.split_at(digits);
+    let value: f64 = num.parse().ok()?;
+    let unit = match suffix.to_ascii_lowercase().trim_end_matches('b') {
+        "" if suffix.is_empty() => default_unit,
+        "" => 1,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        "p" => 1 << 50,
+        "e" => 1 << 60,
+        _ => return None,
+    };
+    let bytes = value * unit as f64;
+    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+}
+
+fn parse_bool(opt: &str, key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("{opt}: {key}={v}: expected on or off")),
+    }
+}
+
+fn parse_u32(opt: &str, key: &str, v: &str) -> Result<u32, String> {
+    let r = if let Some(h) = v.strip_prefix("0x") {
+        u32::from_str_radix(h, 16)
+    } else {
+        v.parse()
+    };
+    r.map_err(|_| format!("{opt}: {key}={v}: not a number"))
+}
+
+/// Parses a chardev spec as `-serial` and `-debugcon` take it.
+pub fn parse_chardev(opt: &str, spec: &str) -> Result<Option<CharDev>, String> {
+    let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
+    Ok(Some(match kind {
+        "none" => return Ok(None),
+        "null" => CharDev::Null,
+        "stdio" => CharDev::Stdio { mux: false },
+        "mon" if rest == "stdio" => CharDev::Stdio { mux: true },
+        "file" if !rest.is_empty() => CharDev::File(PathBuf::from(rest)),
+        "unix" if !rest.is_empty() => {
+            let mut opts = split_opts(rest, Some("path"))?;
+            let path = PathBuf::from(opts.remove(0).1);
+            let (mut server, mut wait) = (false, true);
+            for (k, v) in opts {
+                match k.as_str() {
+                    "server" => server = parse_bool(opt, &k, &v)?,
+                    "wait" => wait = parse_bool(opt, &k, &v)?,
+                    "nowait" => wait = false,
+                    _ => return Err(format!("{opt} {spec}: unknown unix socket option '{k}'")),
+                }
+            }
+            CharDev::Unix { path, server, wait }
+        }
+        _ => return Err(format!("{opt} {spec}: unsupported character device")),
+    }))
+}
+
+fn parse_machine(cfg: &mut MachineConfig, v: &str, accel_set: &mut bool) -> Result<(), String> {
+    for (k, val) in split_opts(v, Some("type"))? {
+        match k.as_str() {
+            "type" => match val.as_str() {
+                "pc" | "pc-i440fx" => {}
+                t if t.starts_with("pc-i440fx-") => {}
+                "help" | "?" => return Err("HELP-MACHINE".into()),
+                _ => {
+                    return Err(format!(
+                        "-machine {val}: unsupported machine type (supported: pc)"
+                    ))
+                }
+            },
+            "accel" => {
+                parse_accel(cfg, &val)?;
+                *accel_set = true;
+            }
+            _ => return Err(format!("-machine {v}: unknown property '{k}'")),
+        }
+    }
+    Ok(())
+}
+
+fn parse_accel(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
+    let first = v.split(':').next().unwrap_or("");
+    let name = first.split(',').next().unwrap_or("");
+    cfg.accel = match name {
+        "kvm" => Accel::Kvm,
+        "qtest" => Accel::Qtest,
+        "tcg" | "xen" | "hvf" | "whpx" | "nvmm" => {
+            return Err(format!("-accel {name}: not supported; KVM is Strata's only accelerator"))
+        }
+        _ => return Err(format!("-accel {v}: unknown accelerator")),
+    };
+    Ok(())
+}
+
+fn parse_smp(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
+    let (mut cpus, mut maxcpus) = (None, None);
+    let mut topo = 1u32;
+    let mut have_topo = false;
+    for (k, val) in split_opts(v, Some("cpus"))? {
+        let n = parse_u32("-smp", &k, &val)?;
+        match k.as_str() {
+            "cpus" => cpus = Some(n),
+            "maxcpus" => maxcpus = Some(n),
+            "sockets" | "cores" | "threads" | "dies" | "clusters" => {
+                topo = topo.saturating_mul(n);
+                have_topo = true;
+            }
+            _ => return Err(format!("-smp {v}: unknown property '{k}'")),
+        }
+    }
+    let cpus = cpus.unwrap_or(if have_topo { topo } else { 1 });
+    cfg.cpus = cpus;
+    cfg.max_cpus = maxcpus.unwrap_or(cpus);
+    Ok(())
+}
+
+fn parse_boot(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
+    let check = |s: &str| -> Result<String, String> {
+        if s.chars().all(|c| "abcdn".contains(c)) && s.len() <= 4 {
+            Ok(s.to_string())
+        } else {
+            Err(format!("-boot {v}: invalid boot device letters '{s}' (use a, c, d, n)"))
+        }
+    };
+    for (k, val) in split_opts(v, Some("order"))? {
+        match k.as_str() {
+            "order" => cfg.boot.order = check(&val)?,
+            "once" => cfg.boot.once = Some(check(&val)?),
+            "menu" => cfg.boot.menu = parse_bool("-boot", &k, &val)?,
+            "strict" => cfg.boot.strict = parse_bool("-boot", &k, &val)?,
+            "splash-time" => cfg.boot.splash_time = Some(parse_u32("-boot", &k, &val)?),
+            "reboot-timeout" => {
+                let t: i64 = val.parse().map_err(|_| format!("-boot {v}: reboot-timeout: not a number"))?;
+                cfg.boot.reboot_timeout = (t >= 0).then_some(t.min(0xffff) as u32);
+            }
+            "splash" => {}
+            _ => return Err(format!("-boot {v}: unknown property '{k}'")),
+        }
+    }
+    Ok(())
+}
+
+fn parse_global(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
+    let (lhs, value) = v.split_once('=').ok_or_else(|| format!("-global {v}: expected DRIVER.PROPERTY=VALUE"))?;
+    let (driver, prop) = lhs.split_once('.').ok_or_else(|| format!("-global {v}: expected DRIVER.PROPERTY=VALUE"))?;
+    match (driver, prop) {
+        ("isa-debugcon", "iobase") => {
+            let port = parse_u32("-global", lhs, value)?;
+            if port > 0xffff {
+                return Err(format!("-global {v}: I/O port out of range"));
+            }
+            cfg.debugcon_iobase = port as u64;
+        }
+        ("isa-debugcon", "readback") => {}
+        _ => return Err(format!("-global {v}: unknown driver or property '{lhs}'")),
+    }
+    Ok(())
+}
+
+pub fn parse(args: &[String]) -> Result<Parsed, String> {
+    let mut cfg = MachineConfig::default();
+    let mut serial: Vec<Option<CharDev>> = Vec::new();
+    let (mut nographic, mut nodefaults, mut accel_set) = (false, false, false);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        // QEMU accepts both -opt and --opt.
+        let opt = arg.strip_prefix("--").map(|s| format!("-{s}")).unwrap_or_else(|| arg.clone());
+        let takes_value = opt.starts_with('-') && !matches!(
+            opt.as_str(),
+            "-nographic" | "-nodefaults" | "-no-reboot" | "-enable-kvm" | "-S" | "-version" | "-help" | "-h"
+        );
+        if !opt.starts_with('-') {
+            return Err(format!("{arg}: unexpected argument (disk images are not supported yet)"));
+        }
+        let known = KNOWN_WITH_VALUE.contains(&opt.as_str()) || !takes_value;
+        if !known {
+            return Err(format!("{opt}: invalid option"));
+        }
+        let value = if takes_value {
+            match it.next() {
+                Some(v) => v.as_str(),
+                None => return Err(format!("{opt}: requires an argument")),
+            }
+        } else {
+            ""
+        };
+        match opt.as_str() {
+            "-help" | "-h" => return Ok(Parsed::Help),
+            "-version" => return Ok(Parsed::Version),
+            "-nographic" => nographic = true,
+            "-nodefaults" => nodefaults = true,
+            "-no-reboot" => cfg.no_reboot = true,
+            "-S" => cfg.paused = true,
+            "-enable-kvm" => {
+                cfg.accel = Accel::Kvm;
+                accel_set = true;
+            }
+            "-accel" => {
+                parse_accel(&mut cfg, value)?;
+                accel_set = true;
+            }
+            "-machine" | "-M" => match parse_machine(&mut cfg, value, &mut accel_set) {
+                Err(e) if e == "HELP-MACHINE" => {
+                    println!("Supported machines are:\npc                   Standard PC (i440FX + PIIX, 1996) (default)");
+                    std::process::exit(0);
+                }
+                r => r?,
+            },
+            "-m" => {
+                let opts = split_opts(value, Some("size"))?;
+                for (k, v) in opts {
+                    match k.as_str() {
+                        "size" => {
+                            cfg.mem_size = parse_size(&v, 1 << 20)
+                                .ok_or_else(|| format!("-m {value}: invalid size '{v}'"))?;
+                            if cfg.mem_size == 0 {
+                                return Err(format!("-m {value}: guest memory cannot be zero"));
+                            }
+                        }
+                        "slots" | "maxmem" => {}
+                        _ => return Err(format!("-m {value}: unknown property '{k}'")),
+                    }
+                }
+            }
+            "-smp" => parse_smp(&mut cfg, value)?,
+            "-bios" => {
+                let p = PathBuf::from(value);
+                if !p.is_file() {
+                    let why = if p.exists() { "not a regular file" } else { "no such file" };
+                    return Err(format!("-bios {value}: {why}"));
+                }
+                cfg.bios = p;
+            }
+            "-boot" => parse_boot(&mut cfg, value)?,
+            "-serial" => serial.push(parse_chardev("-serial", value)?),
+            "-debugcon" => cfg.debugcon = parse_chardev("-debugcon", value)?,
+            "-global" => parse_global(&mut cfg, value)?,
+            "-display" => match value.split(',').next() {
+                Some("none") => {}
+                _ => return Err(format!("-display {value}: Strata has no display; use -display none")),
+            },
+            "-name" => {
+                let o = split_opts(value, Some("guest"))?;
+                cfg.name = o.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v);
+            }
+            "-qtest" => {
+                cfg.qtest = parse_chardev("-qtest", value)?;
+                if !accel_set {
+                    cfg.accel = Accel::Qtest;
+                }
+            }
+            "-qtest-log" => cfg.qtest_log = Some(PathBuf::from(value)),
+            _ => return Err(format!("{opt}: invalid option")),
+        }
+    }
+    if cfg.accel == Accel::Qtest && cfg.qtest.is_none() {
+        return Err("-accel qtest: requires -qtest unix:PATH or -qtest stdio".into());
+    }
+    if cfg.accel == Accel::Kvm && cfg.qtest.is_some() {
+        return Err("-qtest: requires the qtest accelerator (-machine accel=qtest)".into());
+    }
+    cfg.serial = if !serial.is_empty() {
+        serial.into_iter().flatten().collect()
+    } else if nodefaults {
+        Vec::new()
+    } else {
+        vec![CharDev::Stdio { mux: true }]
+    };
+    let _ = nographic; // COM1 on mon:stdio is already the default.
+    Ok(Parsed::Run(Box::new(cfg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    fn cfg(s: &str) -> MachineConfig {
+        match parse(&args(s)).unwrap() {
+            Parsed::Run(c) => *c,
+            _ => panic!(),
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512", 1 << 20), Some(512 << 20));
+        assert_eq!(parse_size("6G", 1 << 20), Some(6 << 30));
+        assert_eq!(parse_size("1.5g", 1 << 20), Some(3 << 29));
+        assert_eq!(parse_size("64KiB", 1 << 20), None);
+        assert_eq!(parse_size("64kb", 1 << 20), Some(64 << 10));
+        assert_eq!(parse_size("12Q", 1 << 20), None);
+        assert_eq!(parse_size("", 1 << 20), None);
+    }
+
+    #[test]
+    fn options() {
+        let c = cfg("-m 6G -smp 4 -M pc,accel=kvm -no-reboot -nographic");
+        assert_eq!(c.mem_size, 6 << 30);
+        assert_eq!((c.cpus, c.max_cpus), (4, 4));
+        assert!(c.no_reboot);
+        assert_eq!(c.serial, vec![CharDev::Stdio { mux: true }]);
+        let c = cfg("-smp cores=2,threads=2 -nodefaults -boot d -debugcon file:/tmp/x -global isa-debugcon.iobase=0x402");
+        assert_eq!(c.cpus, 4);
+        assert!(c.serial.is_empty());
+        assert_eq!(c.boot.order, "d");
+        assert_eq!(c.debugcon_iobase, 0x402);
+        assert_eq!(c.debugcon, Some(CharDev::File("/tmp/x".into())));
+        let c = cfg("-machine pc,accel=qtest -qtest unix:/tmp/q,,x -serial none");
+        assert_eq!(c.accel, Accel::Qtest);
+        assert_eq!(c.qtest, Some(CharDev::Unix { path: "/tmp/q,x".into(), server: false, wait: true }));
+        assert!(c.serial.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_option() {
+        for (a, want) in [
+            ("-frobnicate", "-frobnicate: invalid option"),
+            ("-machine q99", "-machine q99: unsupported machine type"),
+            ("-m 0", "-m 0: guest memory cannot be zero"),
+            ("-m 12Q", "-m 12Q: invalid size"),
+            ("-bios /nonexistent/bios.bin", "-bios /nonexistent/bios.bin: no such file"),
+            ("-smp x", "-smp: cpus=x: not a number"),
+            ("-m", "-m: requires an argument"),
+            ("-accel tcg", "-accel tcg: not supported"),
+        ] {
+            let e = parse(&args(a)).err().unwrap_or_else(|| panic!("{a} should fail"));
+            assert!(e.starts_with(want), "{a}: {e}");
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! What a machine is made of, as the command line described it. The `cli`
+//! crate fills this in from QEMU's option grammar; `vmm` only consumes it.
+
+use std::path::PathBuf;
+
+/// Where a character device (serial port, debugcon, qtest) goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CharDev {
+    /// Discard output, never any input.
+    Null,
+    /// Standard input and output. `mux` is QEMU's `mon:` prefix (and
+    /// `-nographic`'s default): Ctrl-A escapes are interpreted.
+    Stdio { mux: bool },
+    /// Append to a file.
+    File(PathBuf),
+    /// A Unix socket, connecting to it, or listening on it with `server`.
+    Unix { path: PathBuf, server: bool, wait: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Qtest,
+}
+
+/// `-boot` settings. Letters: a/b floppy, c disk, d CD-ROM, n network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootConfig {
+    pub order: String,
+    pub once: Option<String>,
+    pub menu: bool,
+    pub splash_time: Option<u32>,
+    /// Milliseconds before retrying after boot failure; `None` = never.
+    pub reboot_timeout: Option<u32>,
+    pub strict: bool,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        BootConfig {
+            order: "cad".into(),
+            once: None,
+            menu: false,
+            splash_time: None,
+            reboot_timeout: None,
+            strict: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub name: Option<String>,
+    pub mem_size: u64,
+    pub cpus: u32,
+    pub max_cpus: u32,
+    pub bios: PathBuf,
+    pub serial: Vec<CharDev>,
+    pub debugcon: Option<CharDev>,
+    pub debugcon_iobase: u64,
+    pub no_reboot: bool,
+    /// `-S`: create the machine but do not start the vCPUs.
+    pub paused: bool,
+    pub accel: Accel,
+    /// The qtest protocol channel, for `accel=qtest`.
+    pub qtest: Option<CharDev>,
+    /// Where qtest logs the protocol (`-qtest-log`).
+    pub qtest_log: Option<PathBuf>,
+    pub boot: BootConfig,
+}
+
+pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios-256k.bin";
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            name: None,
+            mem_size: 128 << 20,
+            cpus: 1,
+            max_cpus: 1,
+            bios: PathBuf::from(DEFAULT_BIOS),
+            serial: Vec::new(),
+            debugcon: None,
+            debugcon_iobase: devices::legacy::debugcon::DEFAULT_IOBASE,
+            no_reboot: false,
+            paused: false,
+            accel: Accel::Kvm,
+            qtest: None,
+            qtest_log: None,
+            boot: BootConfig::default(),
+        }
+    }
+}

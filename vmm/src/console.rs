@@ -1,0 +1,184 @@
+//! Character devices (QEMU's chardevs) for the serial ports and debugcon:
+//! stdio (with the `mon:` Ctrl-A multiplexer), files, Unix sockets and null.
+//!
+//! Chardevs are opened once per process and outlive machine resets; each
+//! machine gets fresh writers, and the input threads are pointed at the new
+//! UART after every rebuild.
+
+use std::fs::File;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::bus::lock;
+use devices::legacy::serial::Uart;
+use vmm_sys_util::terminal::Terminal;
+
+use crate::config::CharDev;
+use crate::{EventSender, VmEvent, VmmError};
+
+const CTRL_A: u8 = 0x01;
+const CTRL_C: u8 = 0x03;
+
+const MUX_HELP: &str = "\r\nC-a h    print this help\r\n\
+C-a x    exit Strata\r\n\
+C-a c    switch to the monitor (not available yet)\r\n\
+C-a C-a  send C-a to the guest\r\n";
+
+type Slot<T> = Arc<Mutex<Option<T>>>;
+
+/// A writer shared by every machine generation of one chardev.
+#[derive(Clone)]
+struct SharedOut(Slot<Box<dyn Write + Send>>);
+
+impl Write for SharedOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match lock(&self.0).as_mut() {
+            Some(w) => w.write(buf),
+            None => Ok(buf.len()), // not connected yet: output is dropped
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match lock(&self.0).as_mut() {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+pub struct Chardev {
+    out: SharedOut,
+    /// The UART that received bytes go to, if this chardev is a serial port.
+    target: Slot<Arc<Mutex<Uart>>>,
+}
+
+impl Chardev {
+    pub fn writer(&self) -> Box<dyn Write + Send> {
+        Box::new(self.out.clone())
+    }
+
+    pub fn attach(&self, uart: Option<Arc<Mutex<Uart>>>) {
+        *lock(&self.target) = uart;
+    }
+}
+
+/// Puts the terminal back the way it was when dropped.
+pub struct TerminalGuard(bool);
+
+impl Drop for TerminalGuard {
+    fn drop(&mut self) {
+        if self.0 {
+            let _ = std::io::stdin().lock().set_canon_mode();
+        }
+    }
+}
+
+/// Opens a chardev. `what` names the option for error messages.
+pub fn open(dev: &CharDev, what: &str, events: &EventSender) -> Result<(Chardev, Option<TerminalGuard>), VmmError> {
+    let out: Slot<Box<dyn Write + Send>> = Arc::new(Mutex::new(None));
+    let target: Slot<Arc<Mutex<Uart>>> = Arc::new(Mutex::new(None));
+    let mut guard = None;
+    let err = |e: std::io::Error, p: &std::path::Path| VmmError::Config(format!("{what} {}: {e}", p.display()));
+    match dev {
+        CharDev::Null => *lock(&out) = Some(Box::new(std::io::sink())),
+        CharDev::Stdio { mux } => {
+            *lock(&out) = Some(Box::new(std::io::stdout()));
+            let stdin = std::io::stdin();
+            let tty = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
+            guard = Some(TerminalGuard(tty));
+            let (t, ev, mux) = (target.clone(), events.clone(), *mux);
+            let o = SharedOut(out.clone());
+            std::thread::Builder::new()
+                .name("stdin".into())
+                .spawn(move || input_loop(std::io::stdin(), t, ev, mux, tty, o))
+                .map_err(|e| VmmError::Config(format!("{what}: {e}")))?;
+        }
+        CharDev::File(p) => *lock(&out) = Some(Box::new(File::create(p).map_err(|e| err(e, p))?)),
+        CharDev::Unix { path, server, wait } => {
+            if *server {
+                let _ = std::fs::remove_file(path);
+                let l = UnixListener::bind(path).map_err(|e| err(e, path))?;
+                let (o, t, ev) = (out.clone(), target.clone(), events.clone());
+                let accept = move || {
+                    if let Ok((s, _)) = l.accept() {
+                        connect_socket(s, o, t, ev);
+                    }
+                };
+                if *wait {
+                    eprintln!("strata: {what}: waiting for a connection on {}", path.display());
+                    accept();
+                } else {
+                    std::thread::spawn(accept);
+                }
+            } else {
+                let s = UnixStream::connect(path).map_err(|e| err(e, path))?;
+                connect_socket(s, out.clone(), target.clone(), events.clone());
+            }
+        }
+    }
+    Ok((Chardev { out: SharedOut(out), target }, guard))
+}
+
+fn connect_socket(s: UnixStream, out: Slot<Box<dyn Write + Send>>, target: Slot<Arc<Mutex<Uart>>>, ev: EventSender) {
+    if let Ok(r) = s.try_clone() {
+        let o = SharedOut(out.clone());
+        std::thread::spawn(move || input_loop(r, target, ev, false, false, o));
+    }
+    *lock(&out) = Some(Box::new(s));
+}
+
+/// Feeds received bytes to the attached UART, interpreting Ctrl-A escapes
+/// when `mux` is set (Ctrl-C ends the process on a plain stdio terminal).
+fn input_loop(mut input: impl Read, target: Slot<Arc<Mutex<Uart>>>, ev: EventSender, mux: bool, tty: bool, mut echo: SharedOut) {
+    let mut buf = [0u8; 256];
+    let mut escape = false;
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut pass = Vec::with_capacity(n);
+        for &b in &buf[..n] {
+            if mux && escape {
+                escape = false;
+                match b {
+                    b'x' => {
+                        let _ = echo.write_all(b"\r\nStrata: Terminated\r\n");
+                        ev.send(VmEvent::Quit);
+                        return;
+                    }
+                    b'h' | b'?' => {
+                        let _ = echo.write_all(MUX_HELP.as_bytes());
+                    }
+                    b'c' => {
+                        let _ = echo.write_all(b"\r\nStrata has no monitor on this console yet\r\n");
+                    }
+                    CTRL_A => pass.push(CTRL_A),
+                    _ => {}
+                }
+            } else if mux && b == CTRL_A {
+                escape = true;
+            } else if !mux && tty && b == CTRL_C {
+                ev.send(VmEvent::Quit);
+                return;
+            } else {
+                pass.push(b);
+            }
+        }
+        deliver(&target, &pass);
+    }
+}
+
+fn deliver(target: &Slot<Arc<Mutex<Uart>>>, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let uart = lock(target).clone();
+        let Some(uart) = uart else { return };
+        let n = lock(&uart).receive(bytes);
+        bytes = &bytes[n..];
+        if n == 0 {
+            // The guest has not drained the FIFO yet.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

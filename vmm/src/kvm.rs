@@ -1,0 +1,146 @@
+//! The KVM boundary: opening /dev/kvm, creating the VM with the in-kernel
+//! irqchip and PIT, the GSI routing, memory slots, and interrupt lines.
+
+use std::sync::Arc;
+
+use devices::irq::{IrqChip, IrqLine};
+use devices::GuestMem;
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::VmmError;
+
+/// Where QEMU puts the identity-map page and TSS that VMX needs for real
+/// mode; just below the BIOS, out of RAM.
+const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+const TSS_ADDR: usize = 0xfeff_d000;
+pub const IOAPIC_PINS: u32 = 24;
+
+pub fn open() -> Result<Kvm, VmmError> {
+    Kvm::new().map_err(|e| {
+        let hint = match e.errno() {
+            libc::ENOENT => " (is the kvm module loaded?)",
+            libc::EACCES | libc::EPERM => " (is your user in the kvm group?)",
+            _ => "",
+        };
+        VmmError::Kvm(format!("cannot open /dev/kvm: {}{hint}", std::io::Error::from_raw_os_error(e.errno())))
+    })
+}
+
+pub fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
+    let ctx = |what: &str| {
+        let what = what.to_string();
+        move |e: kvm_ioctls::Error| VmmError::Kvm(format!("{what}: {e}"))
+    };
+    let vm = kvm.create_vm().map_err(ctx("cannot create a KVM VM"))?;
+    if let Err(e) = vm.set_identity_map_address(IDENTITY_MAP_ADDR) {
+        log::warn!("KVM_SET_IDENTITY_MAP_ADDR failed: {e}");
+    }
+    if let Err(e) = vm.set_tss_address(TSS_ADDR) {
+        log::warn!("KVM_SET_TSS_ADDR failed: {e}");
+    }
+    vm.create_irq_chip().map_err(ctx("cannot create the in-kernel irqchip"))?;
+    // With SPEAKER_DUMMY the kernel also answers port 0x61, whose PIT
+    // channel 2 output bit SeaBIOS polls to calibrate the TSC.
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(ctx("cannot create the in-kernel PIT"))?;
+    set_routing(&vm).map_err(ctx("cannot set GSI routing"))?;
+    Ok(Arc::new(vm))
+}
+
+/// GSI routing as on QEMU's `pc`: GSIs 0-15 reach both PICs and the IOAPIC,
+/// except that GSI 0 (the PIT) goes to IOAPIC pin 2, matching the interrupt
+/// source override in the firmware's MADT, and GSI 2 (the cascade) goes
+/// nowhere. GSIs 16-23 reach IOAPIC pins 16-23 only.
+fn set_routing(vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+    let mut entries = Vec::new();
+    let route = |gsi: u32, chip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = chip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    for gsi in 0..16u32 {
+        if gsi == 2 {
+            continue;
+        }
+        let (chip, pin) = if gsi < 8 {
+            (KVM_IRQCHIP_PIC_MASTER, gsi)
+        } else {
+            (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+        };
+        entries.push(route(gsi, chip, pin));
+    }
+    for gsi in 0..IOAPIC_PINS {
+        match gsi {
+            0 => entries.push(route(0, KVM_IRQCHIP_IOAPIC, 2)),
+            2 => {}
+            _ => entries.push(route(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+        }
+    }
+    let mut routing = KvmIrqRouting::new(0).expect("empty routing table");
+    for e in entries {
+        routing.push(e).expect("routing table fits");
+    }
+    vm.set_gsi_routing(&routing)
+}
+
+/// Registers every region of `mem` as a KVM memory slot, from `first_slot`.
+pub fn map_memory(vm: &VmFd, mem: &GuestMem, first_slot: u32, read_only: bool) -> Result<u32, VmmError> {
+    let mut slot = first_slot;
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Kvm(format!("guest memory: {e}")))?;
+        let r = kvm_userspace_memory_region {
+            slot,
+            flags: if read_only { KVM_MEM_READONLY } else { 0 },
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is an mmap owned by `mem`, which the caller
+        // keeps alive for as long as the VM exists (the machine holds both),
+        // and slots never overlap because the layout's ranges do not.
+        unsafe { vm.set_user_memory_region(r) }
+            .map_err(|e| VmmError::Kvm(format!("cannot map guest memory at {:#x}: {e}", r.guest_phys_addr)))?;
+        slot += 1;
+    }
+    Ok(slot)
+}
+
+pub fn supports_readonly_mem(vm: &VmFd) -> bool {
+    vm.check_extension(Cap::ReadonlyMem)
+}
+
+pub struct KvmIrqChip(pub Arc<VmFd>);
+
+struct KvmIrq {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl IrqLine for KvmIrq {
+    fn set_level(&self, level: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.gsi, level) {
+            log::warn!("KVM_IRQ_LINE {} failed: {e}", self.gsi);
+        }
+    }
+}
+
+impl IrqChip for KvmIrqChip {
+    fn line(&self, gsi: u32) -> Arc<dyn IrqLine> {
+        Arc::new(KvmIrq { vm: self.0.clone(), gsi })
+    }
+}

@@ -1,0 +1,109 @@
+//! The `pc` physical memory map: RAM below the 32-bit PCI hole, RAM above
+//! 4 GiB, and the BIOS ROM just below 4 GiB with its top 128 KiB shadowed in
+//! RAM at 0xe0000-0xfffff (as the i440FX PAM registers would expose it).
+
+use std::path::Path;
+
+use devices::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
+
+pub const GIB: u64 = 1 << 30;
+pub const FOUR_GIB: u64 = 4 * GIB;
+/// QEMU's `pc` keeps RAM below 3 GiB when it would otherwise cross 3.5 GiB
+/// ("gigabyte alignment"), leaving the rest for the PCI hole.
+pub const LOWMEM_LIMIT: u64 = 0xe000_0000;
+pub const LOWMEM_ALIGNED: u64 = 0xc000_0000;
+/// The isa-bios window below 1 MiB.
+pub const ISA_BIOS_MAX: u64 = 128 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub below_4g: u64,
+    pub above_4g: u64,
+}
+
+impl Layout {
+    pub fn new(mem_size: u64) -> Self {
+        let below_4g = if mem_size >= LOWMEM_LIMIT { LOWMEM_ALIGNED } else { mem_size };
+        Layout {
+            below_4g,
+            above_4g: mem_size - below_4g,
+        }
+    }
+
+    pub fn ranges(&self) -> Vec<(GuestAddress, usize)> {
+        let mut r = vec![(GuestAddress(0), self.below_4g as usize)];
+        if self.above_4g > 0 {
+            r.push((GuestAddress(FOUR_GIB), self.above_4g as usize));
+        }
+        r
+    }
+
+    /// The `etc/e820` fw_cfg file: 20-byte little-endian entries
+    /// (address, length, type 1 = RAM).
+    pub fn e820_file(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        for (addr, len) in self.ranges() {
+            v.extend_from_slice(&addr.0.to_le_bytes());
+            v.extend_from_slice(&(len as u64).to_le_bytes());
+            v.extend_from_slice(&1u32.to_le_bytes());
+        }
+        v
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("-m {size}: cannot allocate guest memory: {source}")]
+    Ram { size: String, source: vm_memory::mmap::FromRangesError },
+    #[error("-bios {path}: {msg}")]
+    Bios { path: String, msg: String },
+}
+
+pub fn allocate_ram(layout: &Layout) -> Result<GuestMem, MemoryError> {
+    GuestMem::from_ranges(&layout.ranges()).map_err(|source| MemoryError::Ram {
+        size: format!("{}M", (layout.below_4g + layout.above_4g) >> 20),
+        source,
+    })
+}
+
+/// Loads the BIOS image: returns the ROM (mapped so that it ends at 4 GiB)
+/// and copies its top 128 KiB into RAM below 1 MiB.
+pub fn load_bios(path: &Path, ram: &GuestMem) -> Result<GuestMem, MemoryError> {
+    let err = |msg: String| MemoryError::Bios {
+        path: path.display().to_string(),
+        msg,
+    };
+    let image = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let size = image.len() as u64;
+    if size == 0 || size % 65536 != 0 || size > 16 << 20 {
+        return Err(err(format!(
+            "not a BIOS image: size {size} is not a non-zero multiple of 64 KiB up to 16 MiB"
+        )));
+    }
+    let rom = GuestMem::from_ranges(&[(GuestAddress(FOUR_GIB - size), size as usize)])
+        .map_err(|e| err(e.to_string()))?;
+    rom.write_slice(&image, GuestAddress(FOUR_GIB - size))
+        .map_err(|e| err(e.to_string()))?;
+    let shadow = size.min(ISA_BIOS_MAX);
+    ram.write_slice(&image[(size - shadow) as usize..], GuestAddress(0x10_0000 - shadow))
+        .map_err(|e| err(format!("cannot shadow below 1 MiB: {e}")))?;
+    Ok(rom)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts() {
+        assert_eq!(Layout::new(512 << 20), Layout { below_4g: 512 << 20, above_4g: 0 });
+        let l = Layout::new(6 * GIB);
+        assert_eq!(l.below_4g, 3 * GIB);
+        assert_eq!(l.above_4g, 3 * GIB);
+        let e = l.e820_file();
+        assert_eq!(e.len(), 40);
+        assert_eq!(&e[20..28], &FOUR_GIB.to_le_bytes());
+        assert_eq!(Layout::new(0xdfff_0000).above_4g, 0);
+    }
+}

@@ -1,0 +1,218 @@
+//! The `pc` machine: i440FX + PIIX3, as QEMU's `pc` lays it out.
+//!
+//! | where | what |
+//! |---|---|
+//! | 00:00.0 | i440FX host bridge (8086:1237) |
+//! | 00:01.0 | PIIX3 ISA bridge (8086:7000) |
+//! | 00:01.3 | PIIX4 PM (8086:7113), PMBASE set by firmware, SCI on IRQ 9 |
+//! | 0x70-0x71 | RTC/CMOS, IRQ 8 |
+//! | 0x60, 0x64 | i8042, IRQ 1 and 12 |
+//! | 0x92 | port A (A20, reset) |
+//! | 0xb2-0xb3 | APM control/status |
+//! | 0x3f8, 0x2f8, 0x3e8, 0x2e8 | 16550 UARTs (COM1-4), IRQ 4/3/4/3 |
+//! | 0x4d0-0x4d1 | ELCR (in-kernel under KVM) |
+//! | 0x510-0x51b | fw_cfg with DMA |
+//! | 0xcf8-0xcff | PCI config mechanism #1, reset control at 0xcf9 |
+//! | 0xe9 (or `-global isa-debugcon.iobase=`) | isa-debugcon |
+//!
+//! The PIC, IOAPIC, LAPICs and PIT are KVM's in-kernel ones; they are not
+//! built here.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use devices::bootorder::BootOrder;
+use devices::bus::{Bus, SharedDevice};
+use devices::chipset::{i440fx::I440fx, piix3::Elcr, piix3::Piix3, piix4_pm::Piix4Pm};
+use devices::clock::Clock;
+use devices::irq::IrqChip;
+use devices::legacy::{cmos::Cmos, debugcon::Debugcon, fw_cfg, fw_cfg::FwCfg, i8042::I8042, port92::Port92, serial::Uart};
+use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
+use devices::system::SystemControl;
+use devices::GuestMem;
+
+use crate::config::MachineConfig;
+use crate::memory::{self, Layout};
+
+pub const SERIAL_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
+pub const SCI_IRQ: u32 = 9;
+
+/// What the machine is connected to outside itself.
+pub struct Host {
+    pub irq: Arc<dyn IrqChip>,
+    pub system: Arc<dyn SystemControl>,
+    pub clock: Arc<dyn Clock>,
+    /// One output per `-serial`, in COM order.
+    pub serial_out: Vec<Box<dyn Write + Send>>,
+    pub debugcon_out: Option<Box<dyn Write + Send>>,
+    /// Guest wall-clock time at start, Unix seconds.
+    pub rtc_start: i64,
+}
+
+pub struct Pc {
+    pub io: Bus,
+    pub mmio: Bus,
+    pub ram: GuestMem,
+    pub rom: GuestMem,
+    pub layout: Layout,
+    pub pci: Arc<PciBus>,
+    pub uarts: Vec<Arc<Mutex<Uart>>>,
+    pub cmos: Arc<Mutex<Cmos>>,
+    pub fw_cfg: Arc<Mutex<FwCfg>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error("{0}")]
+    Config(String),
+}
+
+fn shared<T: devices::BusDevice + 'static>(d: T) -> Arc<Mutex<T>> {
+    Arc::new(Mutex::new(d))
+}
+
+fn add_io(bus: &mut Bus, base: u64, len: u64, dev: SharedDevice, what: &str) -> Result<(), MachineError> {
+    bus.insert(base, len, dev)
+        .map_err(|_| MachineError::Config(format!("{what}: I/O port {base:#x} is already in use")))
+}
+
+pub fn build(cfg: &MachineConfig, host: Host) -> Result<Pc, MachineError> {
+    let layout = Layout::new(cfg.mem_size);
+    let ram = memory::allocate_ram(&layout)?;
+    let rom = memory::load_bios(&cfg.bios, &ram)?;
+    let mut io = Bus::new();
+    let mut mmio = Bus::new();
+
+    // PCI.
+    let pci = PciBus::new();
+    let err = MachineError::Config;
+    pci.add(0, 0, Arc::new(Mutex::new(I440fx::new()))).map_err(err)?;
+    pci.add(1, 0, Arc::new(Mutex::new(Piix3::new()))).map_err(err)?;
+    let pm = Piix4Pm::new(host.clock.clone(), host.irq.line(SCI_IRQ), host.system.clone());
+    add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
+    pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
+    add_io(&mut io, 0xcf8, 8, shared(PciHost::new(pci.clone(), host.system.clone())), "PCI host")?;
+    io.set_fallback(Arc::new(PciRegions { bus: pci.clone(), space: Space::Io }));
+    mmio.set_fallback(Arc::new(PciRegions { bus: pci.clone(), space: Space::Mem }));
+
+    // Legacy ISA devices.
+    add_io(&mut io, 0x4d0, 2, shared(Elcr::default()), "ELCR")?;
+    let cmos = shared(Cmos::new(host.rtc_start, host.clock.clone(), host.irq.line(8)));
+    add_io(&mut io, 0x70, 2, cmos.clone(), "RTC")?;
+    let kbd = shared(I8042::new(host.irq.line(1), host.irq.line(12), host.system.clone()));
+    add_io(&mut io, 0x60, 1, kbd.clone(), "i8042")?;
+    add_io(&mut io, 0x64, 1, Arc::new(Mutex::new(KbdStatusPort(kbd))), "i8042")?;
+    add_io(&mut io, 0x92, 1, shared(Port92::new(host.system.clone())), "port 92")?;
+    if host.serial_out.len() > SERIAL_PORTS.len() {
+        return Err(MachineError::Config(format!(
+            "-serial: at most {} serial ports are supported",
+            SERIAL_PORTS.len()
+        )));
+    }
+    let mut uarts = Vec::new();
+    for (out, &(base, irq)) in host.serial_out.into_iter().zip(SERIAL_PORTS.iter()) {
+        let u = shared(Uart::new(host.irq.line(irq), out));
+        add_io(&mut io, base, 8, u.clone(), "-serial")?;
+        uarts.push(u);
+    }
+    if let Some(out) = host.debugcon_out {
+        add_io(&mut io, cfg.debugcon_iobase, 1, shared(Debugcon::new(out)), "-debugcon")?;
+    }
+
+    let boot_order = BootOrder::new();
+    let fw_cfg = shared(FwCfg::new(Some(ram.clone())));
+    {
+        let mut f = fw_cfg.lock().unwrap();
+        fill_fw_cfg(&mut f, cfg, &layout, &boot_order);
+    }
+    add_io(&mut io, fw_cfg::IO_BASE, fw_cfg::IO_LEN, fw_cfg.clone(), "fw_cfg")?;
+    fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
+
+    Ok(Pc {
+        io,
+        mmio,
+        ram,
+        rom,
+        layout,
+        pci,
+        uarts,
+        cmos,
+        fw_cfg,
+    })
+}
+
+/// Port 0x64 is the same controller as port 0x60; the bus wants one range
+/// per device, so this forwards with the offset the controller expects.
+struct KbdStatusPort(Arc<Mutex<I8042>>);
+
+impl devices::BusDevice for KbdStatusPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        devices::bus::lock(&self.0).read(4, data)
+    }
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        devices::bus::lock(&self.0).write(4, data)
+    }
+}
+
+fn fill_fw_cfg(f: &mut FwCfg, cfg: &MachineConfig, layout: &Layout, boot: &BootOrder) {
+    f.add_item(fw_cfg::KEY_RAM_SIZE, cfg.mem_size.to_le_bytes().to_vec());
+    // Strata has no display device, so firmware output must go to serial:
+    // tell SeaBIOS to run its serial console whatever `-display` says.
+    f.add_item(fw_cfg::KEY_NOGRAPHIC, 1u16.to_le_bytes().to_vec());
+    f.add_item(fw_cfg::KEY_NB_CPUS, (cfg.cpus as u16).to_le_bytes().to_vec());
+    f.add_item(fw_cfg::KEY_MAX_CPUS, (cfg.max_cpus as u16).to_le_bytes().to_vec());
+    f.add_item(0x0e, (cfg.boot.menu as u16).to_le_bytes().to_vec()); // BOOT_MENU
+    f.add_file("etc/e820", layout.e820_file());
+    let mut b = boot.fw_cfg_file();
+    if cfg.boot.strict && b.is_empty() {
+        b = b"HALT\0".to_vec();
+    }
+    f.add_file("bootorder", b);
+    let fail_wait = cfg.boot.reboot_timeout.unwrap_or(u32::MAX);
+    f.add_file("etc/boot-fail-wait", fail_wait.to_le_bytes().to_vec());
+    f.add_file("etc/show-boot-menu", (cfg.boot.menu as u16).to_le_bytes().to_vec());
+    if let Some(ms) = cfg.boot.splash_time {
+        f.add_file("etc/boot-menu-wait", (ms.min(0xffff) as u16).to_le_bytes().to_vec());
+    }
+}
+
+/// Boot device letter to the CMOS code SeaBIOS expects.
+fn boot_code(c: char) -> u8 {
+    match c {
+        'a' | 'b' => 1,
+        'c' => 2,
+        'd' => 3,
+        'n' => 4,
+        _ => 0,
+    }
+}
+
+pub fn fill_cmos(c: &mut Cmos, cfg: &MachineConfig, layout: &Layout) {
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1 << 20;
+    let base = (layout.below_4g / KIB).min(640);
+    c.set(0x15, base as u8);
+    c.set(0x16, (base >> 8) as u8);
+    let ext = (cfg.mem_size.saturating_sub(MIB) / KIB).min(0xffff);
+    for reg in [0x17, 0x30] {
+        c.set(reg, ext as u8);
+        c.set(reg + 1, (ext >> 8) as u8);
+    }
+    let above16 = (layout.below_4g.saturating_sub(16 * MIB) / (64 * KIB)).min(0xffff);
+    c.set(0x34, above16 as u8);
+    c.set(0x35, (above16 >> 8) as u8);
+    let above4g = layout.above_4g / (64 * KIB);
+    c.set(0x5b, above4g as u8);
+    c.set(0x5c, (above4g >> 8) as u8);
+    c.set(0x5d, (above4g >> 16) as u8);
+    c.set(0x5f, (cfg.cpus - 1) as u8);
+    // Equipment byte: FPU present, PS/2 mouse.
+    c.set(0x14, 0x06);
+    let order: Vec<u8> = cfg.boot.once.as_deref().unwrap_or(&cfg.boot.order).chars().map(boot_code).collect();
+    let at = |i: usize| order.get(i).copied().unwrap_or(0);
+    c.set(0x3d, at(0) | (at(1) << 4));
+    // Bit 0 of 0x38 disables the floppy boot-signature check.
+    c.set(0x38, at(2) << 4 | 1);
+}
