@@ -32,8 +32,20 @@ With -nographic or mon:stdio, Ctrl-A h prints the console keys and Ctrl-A x quit
 
 /// Options that take a value.
 const KNOWN_WITH_VALUE: &[&str] = &[
-    "-accel", "-machine", "-M", "-m", "-smp", "-bios", "-boot", "-serial", "-debugcon", "-global", "-display", "-name",
-    "-qtest", "-qtest-log",
+    "-accel",
+    "-machine",
+    "-M",
+    "-m",
+    "-smp",
+    "-bios",
+    "-boot",
+    "-serial",
+    "-debugcon",
+    "-global",
+    "-display",
+    "-name",
+    "-qtest",
+    "-qtest-log",
 ];
 
 pub enum Parsed {
@@ -78,7 +90,9 @@ pub fn split_opts(s: &str, implied: Option<&str>) -> Result<Vec<(String, String)
 /// an optional trailing `B`); bare numbers are multiplied by `default_unit`.
 pub fn parse_size(s: &str, default_unit: u64) -> Option<u64> {
     let s = s.trim();
-    let digits = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let digits = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, suffix) = s.split_at(digits);
     let value: f64 = num.parse().ok()?;
     let unit = match suffix.to_ascii_lowercase().trim_end_matches('b') {
@@ -170,7 +184,9 @@ fn parse_accel(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
         "kvm" => Accel::Kvm,
         "qtest" => Accel::Qtest,
         "tcg" | "xen" | "hvf" | "whpx" | "nvmm" => {
-            return Err(format!("-accel {name}: not supported; KVM is Strata's only accelerator"))
+            return Err(format!(
+                "-accel {name}: not supported; KVM is Strata's only accelerator"
+            ))
         }
         _ => return Err(format!("-accel {v}: unknown accelerator")),
     };
@@ -204,7 +220,9 @@ fn parse_boot(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
         if s.chars().all(|c| "abcdn".contains(c)) && s.len() <= 4 {
             Ok(s.to_string())
         } else {
-            Err(format!("-boot {v}: invalid boot device letters '{s}' (use a, c, d, n)"))
+            Err(format!(
+                "-boot {v}: invalid boot device letters '{s}' (use a, c, d, n)"
+            ))
         }
     };
     for (k, val) in split_opts(v, Some("order"))? {
@@ -215,7 +233,9 @@ fn parse_boot(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
             "strict" => cfg.boot.strict = parse_bool("-boot", &k, &val)?,
             "splash-time" => cfg.boot.splash_time = Some(parse_u32("-boot", &k, &val)?),
             "reboot-timeout" => {
-                let t: i64 = val.parse().map_err(|_| format!("-boot {v}: reboot-timeout: not a number"))?;
+                let t: i64 = val
+                    .parse()
+                    .map_err(|_| format!("-boot {v}: reboot-timeout: not a number"))?;
                 cfg.boot.reboot_timeout = (t >= 0).then_some(t.min(0xffff) as u32);
             }
             "splash" => {}
@@ -226,8 +246,12 @@ fn parse_boot(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
 }
 
 fn parse_global(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
-    let (lhs, value) = v.split_once('=').ok_or_else(|| format!("-global {v}: expected DRIVER.PROPERTY=VALUE"))?;
-    let (driver, prop) = lhs.split_once('.').ok_or_else(|| format!("-global {v}: expected DRIVER.PROPERTY=VALUE"))?;
+    let (lhs, value) = v
+        .split_once('=')
+        .ok_or_else(|| format!("-global {v}: expected DRIVER.PROPERTY=VALUE"))?;
+    let (driver, prop) = lhs
+        .split_once('.')
+        .ok_or_else(|| format!("-global {v}: expected DRIVER.PROPERTY=VALUE"))?;
     match (driver, prop) {
         ("isa-debugcon", "iobase") => {
             let port = parse_u32("-global", lhs, value)?;
@@ -249,13 +273,26 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         // QEMU accepts both -opt and --opt.
-        let opt = arg.strip_prefix("--").map(|s| format!("-{s}")).unwrap_or_else(|| arg.clone());
-        let takes_value = opt.starts_with('-') && !matches!(
-            opt.as_str(),
-            "-nographic" | "-nodefaults" | "-no-reboot" | "-enable-kvm" | "-S" | "-version" | "-help" | "-h"
-        );
+        let opt = arg
+            .strip_prefix("--")
+            .map(|s| format!("-{s}"))
+            .unwrap_or_else(|| arg.clone());
+        let takes_value = opt.starts_with('-')
+            && !matches!(
+                opt.as_str(),
+                "-nographic"
+                    | "-nodefaults"
+                    | "-no-reboot"
+                    | "-enable-kvm"
+                    | "-S"
+                    | "-version"
+                    | "-help"
+                    | "-h"
+            );
         if !opt.starts_with('-') {
-            return Err(format!("{arg}: unexpected argument (disk images are not supported yet)"));
+            return Err(format!(
+                "{arg}: unexpected argument (disk images are not supported yet)"
+            ));
         }
         let known = KNOWN_WITH_VALUE.contains(&opt.as_str()) || !takes_value;
         if !known {
@@ -311,7 +348,11 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "-bios" => {
                 let p = PathBuf::from(value);
                 if !p.is_file() {
-                    let why = if p.exists() { "not a regular file" } else { "no such file" };
+                    let why = if p.exists() {
+                        "not a regular file"
+                    } else {
+                        "no such file"
+                    };
                     return Err(format!("-bios {value}: {why}"));
                 }
                 cfg.bios = p;
@@ -322,7 +363,11 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "-global" => parse_global(&mut cfg, value)?,
             "-display" => match value.split(',').next() {
                 Some("none") => {}
-                _ => return Err(format!("-display {value}: Strata has no display; use -display none")),
+                _ => {
+                    return Err(format!(
+                        "-display {value}: Strata has no display; use -display none"
+                    ))
+                }
             },
             "-name" => {
                 let o = split_opts(value, Some("guest"))?;
@@ -346,6 +391,9 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     }
     cfg.serial = if !serial.is_empty() {
         serial.into_iter().flatten().collect()
+    } else if cfg.qtest.is_some() {
+        // qtest owns the test's channel; COM1 exists but prints nowhere.
+        vec![CharDev::Null]
     } else if nodefaults {
         Vec::new()
     } else {
@@ -396,7 +444,14 @@ mod tests {
         assert_eq!(c.debugcon, Some(CharDev::File("/tmp/x".into())));
         let c = cfg("-machine pc,accel=qtest -qtest unix:/tmp/q,,x -serial none");
         assert_eq!(c.accel, Accel::Qtest);
-        assert_eq!(c.qtest, Some(CharDev::Unix { path: "/tmp/q,x".into(), server: false, wait: true }));
+        assert_eq!(
+            c.qtest,
+            Some(CharDev::Unix {
+                path: "/tmp/q,x".into(),
+                server: false,
+                wait: true
+            })
+        );
         assert!(c.serial.is_empty());
     }
 
@@ -407,12 +462,17 @@ mod tests {
             ("-machine q99", "-machine q99: unsupported machine type"),
             ("-m 0", "-m 0: guest memory cannot be zero"),
             ("-m 12Q", "-m 12Q: invalid size"),
-            ("-bios /nonexistent/bios.bin", "-bios /nonexistent/bios.bin: no such file"),
+            (
+                "-bios /nonexistent/bios.bin",
+                "-bios /nonexistent/bios.bin: no such file",
+            ),
             ("-smp x", "-smp: cpus=x: not a number"),
             ("-m", "-m: requires an argument"),
             ("-accel tcg", "-accel tcg: not supported"),
         ] {
-            let e = parse(&args(a)).err().unwrap_or_else(|| panic!("{a} should fail"));
+            let e = parse(&args(a))
+                .err()
+                .unwrap_or_else(|| panic!("{a} should fail"));
             assert!(e.starts_with(want), "{a}: {e}");
         }
     }

@@ -14,7 +14,11 @@ pub enum CharDev {
     /// Append to a file.
     File(PathBuf),
     /// A Unix socket, connecting to it, or listening on it with `server`.
-    Unix { path: PathBuf, server: bool, wait: bool },
+    Unix {
+        path: PathBuf,
+        server: bool,
+        wait: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

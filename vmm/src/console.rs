@@ -75,11 +75,17 @@ impl Drop for TerminalGuard {
 }
 
 /// Opens a chardev. `what` names the option for error messages.
-pub fn open(dev: &CharDev, what: &str, events: &EventSender) -> Result<(Chardev, Option<TerminalGuard>), VmmError> {
+pub fn open(
+    dev: &CharDev,
+    what: &str,
+    events: &EventSender,
+) -> Result<(Chardev, Option<TerminalGuard>), VmmError> {
     let out: Slot<Box<dyn Write + Send>> = Arc::new(Mutex::new(None));
     let target: Slot<Arc<Mutex<Uart>>> = Arc::new(Mutex::new(None));
     let mut guard = None;
-    let err = |e: std::io::Error, p: &std::path::Path| VmmError::Config(format!("{what} {}: {e}", p.display()));
+    let err = |e: std::io::Error, p: &std::path::Path| {
+        VmmError::Config(format!("{what} {}: {e}", p.display()))
+    };
     match dev {
         CharDev::Null => *lock(&out) = Some(Box::new(std::io::sink())),
         CharDev::Stdio { mux } => {
@@ -106,7 +112,10 @@ pub fn open(dev: &CharDev, what: &str, events: &EventSender) -> Result<(Chardev,
                     }
                 };
                 if *wait {
-                    eprintln!("strata: {what}: waiting for a connection on {}", path.display());
+                    eprintln!(
+                        "strata: {what}: waiting for a connection on {}",
+                        path.display()
+                    );
                     accept();
                 } else {
                     std::thread::spawn(accept);
@@ -117,10 +126,21 @@ pub fn open(dev: &CharDev, what: &str, events: &EventSender) -> Result<(Chardev,
             }
         }
     }
-    Ok((Chardev { out: SharedOut(out), target }, guard))
+    Ok((
+        Chardev {
+            out: SharedOut(out),
+            target,
+        },
+        guard,
+    ))
 }
 
-fn connect_socket(s: UnixStream, out: Slot<Box<dyn Write + Send>>, target: Slot<Arc<Mutex<Uart>>>, ev: EventSender) {
+fn connect_socket(
+    s: UnixStream,
+    out: Slot<Box<dyn Write + Send>>,
+    target: Slot<Arc<Mutex<Uart>>>,
+    ev: EventSender,
+) {
     if let Ok(r) = s.try_clone() {
         let o = SharedOut(out.clone());
         std::thread::spawn(move || input_loop(r, target, ev, false, false, o));
@@ -130,7 +150,14 @@ fn connect_socket(s: UnixStream, out: Slot<Box<dyn Write + Send>>, target: Slot<
 
 /// Feeds received bytes to the attached UART, interpreting Ctrl-A escapes
 /// when `mux` is set (Ctrl-C ends the process on a plain stdio terminal).
-fn input_loop(mut input: impl Read, target: Slot<Arc<Mutex<Uart>>>, ev: EventSender, mux: bool, tty: bool, mut echo: SharedOut) {
+fn input_loop(
+    mut input: impl Read,
+    target: Slot<Arc<Mutex<Uart>>>,
+    ev: EventSender,
+    mux: bool,
+    tty: bool,
+    mut echo: SharedOut,
+) {
     let mut buf = [0u8; 256];
     let mut escape = false;
     loop {
@@ -152,7 +179,8 @@ fn input_loop(mut input: impl Read, target: Slot<Arc<Mutex<Uart>>>, ev: EventSen
                         let _ = echo.write_all(MUX_HELP.as_bytes());
                     }
                     b'c' => {
-                        let _ = echo.write_all(b"\r\nStrata has no monitor on this console yet\r\n");
+                        let _ =
+                            echo.write_all(b"\r\nStrata has no monitor on this console yet\r\n");
                     }
                     CTRL_A => pass.push(CTRL_A),
                     _ => {}

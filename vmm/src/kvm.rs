@@ -6,8 +6,9 @@ use std::sync::Arc;
 use devices::irq::{IrqChip, IrqLine};
 use devices::GuestMem;
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -27,7 +28,10 @@ pub fn open() -> Result<Kvm, VmmError> {
             libc::EACCES | libc::EPERM => " (is your user in the kvm group?)",
             _ => "",
         };
-        VmmError::Kvm(format!("cannot open /dev/kvm: {}{hint}", std::io::Error::from_raw_os_error(e.errno())))
+        VmmError::Kvm(format!(
+            "cannot open /dev/kvm: {}{hint}",
+            std::io::Error::from_raw_os_error(e.errno())
+        ))
     })
 }
 
@@ -43,14 +47,16 @@ pub fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
     if let Err(e) = vm.set_tss_address(TSS_ADDR) {
         log::warn!("KVM_SET_TSS_ADDR failed: {e}");
     }
-    vm.create_irq_chip().map_err(ctx("cannot create the in-kernel irqchip"))?;
+    vm.create_irq_chip()
+        .map_err(ctx("cannot create the in-kernel irqchip"))?;
     // With SPEAKER_DUMMY the kernel also answers port 0x61, whose PIT
     // channel 2 output bit SeaBIOS polls to calibrate the TSC.
     let pit = kvm_pit_config {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(ctx("cannot create the in-kernel PIT"))?;
+    vm.create_pit2(pit)
+        .map_err(ctx("cannot create the in-kernel PIT"))?;
     set_routing(&vm).map_err(ctx("cannot set GSI routing"))?;
     Ok(Arc::new(vm))
 }
@@ -97,7 +103,12 @@ fn set_routing(vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
 }
 
 /// Registers every region of `mem` as a KVM memory slot, from `first_slot`.
-pub fn map_memory(vm: &VmFd, mem: &GuestMem, first_slot: u32, read_only: bool) -> Result<u32, VmmError> {
+pub fn map_memory(
+    vm: &VmFd,
+    mem: &GuestMem,
+    first_slot: u32,
+    read_only: bool,
+) -> Result<u32, VmmError> {
     let mut slot = first_slot;
     for region in mem.iter() {
         let host = mem
@@ -113,8 +124,12 @@ pub fn map_memory(vm: &VmFd, mem: &GuestMem, first_slot: u32, read_only: bool) -
         // SAFETY: the region is an mmap owned by `mem`, which the caller
         // keeps alive for as long as the VM exists (the machine holds both),
         // and slots never overlap because the layout's ranges do not.
-        unsafe { vm.set_user_memory_region(r) }
-            .map_err(|e| VmmError::Kvm(format!("cannot map guest memory at {:#x}: {e}", r.guest_phys_addr)))?;
+        unsafe { vm.set_user_memory_region(r) }.map_err(|e| {
+            VmmError::Kvm(format!(
+                "cannot map guest memory at {:#x}: {e}",
+                r.guest_phys_addr
+            ))
+        })?;
         slot += 1;
     }
     Ok(slot)
@@ -141,6 +156,9 @@ impl IrqLine for KvmIrq {
 
 impl IrqChip for KvmIrqChip {
     fn line(&self, gsi: u32) -> Arc<dyn IrqLine> {
-        Arc::new(KvmIrq { vm: self.0.clone(), gsi })
+        Arc::new(KvmIrq {
+            vm: self.0.clone(),
+            gsi,
+        })
     }
 }

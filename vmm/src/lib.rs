@@ -94,14 +94,21 @@ impl Consoles {
         })
     }
 
-    fn host(&self, irq: Arc<dyn devices::irq::IrqChip>, events: &EventSender, clock: Arc<dyn devices::clock::Clock>) -> pc::Host {
+    fn host(
+        &self,
+        irq: Arc<dyn devices::irq::IrqChip>,
+        events: &EventSender,
+        clock: Arc<dyn devices::clock::Clock>,
+    ) -> pc::Host {
         pc::Host {
             irq,
             system: Arc::new(events.clone()),
             clock,
             serial_out: self.serial.iter().map(|c| c.writer()).collect(),
             debugcon_out: self.debugcon.as_ref().map(|c| c.writer()),
-            rtc_start: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64),
+            rtc_start: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
         }
     }
 
@@ -138,7 +145,9 @@ pub fn validate(cfg: &MachineConfig) -> Result<(), VmmError> {
         )));
     }
     if cfg.cpus == 0 {
-        return Err(VmmError::Config("-smp 0: a machine needs at least one CPU".into()));
+        return Err(VmmError::Config(
+            "-smp 0: a machine needs at least one CPU".into(),
+        ));
     }
     if cfg.max_cpus < cfg.cpus {
         return Err(VmmError::Config(format!(
@@ -147,14 +156,19 @@ pub fn validate(cfg: &MachineConfig) -> Result<(), VmmError> {
         )));
     }
     if cfg.cpus > 255 {
-        return Err(VmmError::Config(format!("-smp {}: the pc machine supports at most 255 CPUs", cfg.cpus)));
+        return Err(VmmError::Config(format!(
+            "-smp {}: the pc machine supports at most 255 CPUs",
+            cfg.cpus
+        )));
     }
     Ok(())
 }
 
 /// Total RAM plus swap, from /proc/meminfo (0 if unknown).
 fn host_memory() -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/meminfo") else { return 0 };
+    let Ok(s) = std::fs::read_to_string("/proc/meminfo") else {
+        return 0;
+    };
     let field = |name: &str| {
         s.lines()
             .find(|l| l.starts_with(name))
@@ -189,7 +203,11 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
     let consoles = Consoles::open(&cfg, &events)?;
     loop {
         let vm = kvm::create_vm(&kvm)?;
-        let host = consoles.host(Arc::new(kvm::KvmIrqChip(vm.clone())), &events, Arc::new(HostClock::new()));
+        let host = consoles.host(
+            Arc::new(kvm::KvmIrqChip(vm.clone())),
+            &events,
+            Arc::new(HostClock::new()),
+        );
         let pc = Arc::new(pc::build(&cfg, host)?);
         consoles.attach(&pc);
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;
@@ -232,5 +250,8 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
 
 /// Whether a serial chardev is the process's stdio.
 pub fn uses_stdio(cfg: &MachineConfig) -> bool {
-    cfg.serial.iter().chain(cfg.debugcon.iter()).any(|c| matches!(c, CharDev::Stdio { .. }))
+    cfg.serial
+        .iter()
+        .chain(cfg.debugcon.iter())
+        .any(|c| matches!(c, CharDev::Stdio { .. }))
 }

@@ -24,7 +24,11 @@ pub struct Layout {
 
 impl Layout {
     pub fn new(mem_size: u64) -> Self {
-        let below_4g = if mem_size >= LOWMEM_LIMIT { LOWMEM_ALIGNED } else { mem_size };
+        let below_4g = if mem_size >= LOWMEM_LIMIT {
+            LOWMEM_ALIGNED
+        } else {
+            mem_size
+        };
         Layout {
             below_4g,
             above_4g: mem_size - below_4g,
@@ -55,7 +59,10 @@ impl Layout {
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     #[error("-m {size}: cannot allocate guest memory: {source}")]
-    Ram { size: String, source: vm_memory::mmap::FromRangesError },
+    Ram {
+        size: String,
+        source: vm_memory::mmap::FromRangesError,
+    },
     #[error("-bios {path}: {msg}")]
     Bios { path: String, msg: String },
 }
@@ -86,8 +93,11 @@ pub fn load_bios(path: &Path, ram: &GuestMem) -> Result<GuestMem, MemoryError> {
     rom.write_slice(&image, GuestAddress(FOUR_GIB - size))
         .map_err(|e| err(e.to_string()))?;
     let shadow = size.min(ISA_BIOS_MAX);
-    ram.write_slice(&image[(size - shadow) as usize..], GuestAddress(0x10_0000 - shadow))
-        .map_err(|e| err(format!("cannot shadow below 1 MiB: {e}")))?;
+    ram.write_slice(
+        &image[(size - shadow) as usize..],
+        GuestAddress(0x10_0000 - shadow),
+    )
+    .map_err(|e| err(format!("cannot shadow below 1 MiB: {e}")))?;
     Ok(rom)
 }
 
@@ -97,7 +107,13 @@ mod tests {
 
     #[test]
     fn layouts() {
-        assert_eq!(Layout::new(512 << 20), Layout { below_4g: 512 << 20, above_4g: 0 });
+        assert_eq!(
+            Layout::new(512 << 20),
+            Layout {
+                below_4g: 512 << 20,
+                above_4g: 0
+            }
+        );
         let l = Layout::new(6 * GIB);
         assert_eq!(l.below_4g, 3 * GIB);
         assert_eq!(l.above_4g, 3 * GIB);

@@ -26,7 +26,10 @@ use devices::bus::{Bus, SharedDevice};
 use devices::chipset::{i440fx::I440fx, piix3::Elcr, piix3::Piix3, piix4_pm::Piix4Pm};
 use devices::clock::Clock;
 use devices::irq::IrqChip;
-use devices::legacy::{cmos::Cmos, debugcon::Debugcon, fw_cfg, fw_cfg::FwCfg, i8042::I8042, port92::Port92, serial::Uart};
+use devices::legacy::{
+    cmos::Cmos, debugcon::Debugcon, fw_cfg, fw_cfg::FwCfg, i8042::I8042, port92::Port92,
+    serial::Uart,
+};
 use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
 use devices::system::SystemControl;
 use devices::GuestMem;
@@ -73,7 +76,13 @@ fn shared<T: devices::BusDevice + 'static>(d: T) -> Arc<Mutex<T>> {
     Arc::new(Mutex::new(d))
 }
 
-fn add_io(bus: &mut Bus, base: u64, len: u64, dev: SharedDevice, what: &str) -> Result<(), MachineError> {
+fn add_io(
+    bus: &mut Bus,
+    base: u64,
+    len: u64,
+    dev: SharedDevice,
+    what: &str,
+) -> Result<(), MachineError> {
     bus.insert(base, len, dev)
         .map_err(|_| MachineError::Config(format!("{what}: I/O port {base:#x} is already in use")))
 }
@@ -88,23 +97,61 @@ pub fn build(cfg: &MachineConfig, host: Host) -> Result<Pc, MachineError> {
     // PCI.
     let pci = PciBus::new();
     let err = MachineError::Config;
-    pci.add(0, 0, Arc::new(Mutex::new(I440fx::new()))).map_err(err)?;
-    pci.add(1, 0, Arc::new(Mutex::new(Piix3::new()))).map_err(err)?;
-    let pm = Piix4Pm::new(host.clock.clone(), host.irq.line(SCI_IRQ), host.system.clone());
+    pci.add(0, 0, Arc::new(Mutex::new(I440fx::new())))
+        .map_err(err)?;
+    pci.add(1, 0, Arc::new(Mutex::new(Piix3::new())))
+        .map_err(err)?;
+    let pm = Piix4Pm::new(
+        host.clock.clone(),
+        host.irq.line(SCI_IRQ),
+        host.system.clone(),
+    );
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
-    add_io(&mut io, 0xcf8, 8, shared(PciHost::new(pci.clone(), host.system.clone())), "PCI host")?;
-    io.set_fallback(Arc::new(PciRegions { bus: pci.clone(), space: Space::Io }));
-    mmio.set_fallback(Arc::new(PciRegions { bus: pci.clone(), space: Space::Mem }));
+    add_io(
+        &mut io,
+        0xcf8,
+        8,
+        shared(PciHost::new(pci.clone(), host.system.clone())),
+        "PCI host",
+    )?;
+    io.set_fallback(Arc::new(PciRegions {
+        bus: pci.clone(),
+        space: Space::Io,
+    }));
+    mmio.set_fallback(Arc::new(PciRegions {
+        bus: pci.clone(),
+        space: Space::Mem,
+    }));
 
     // Legacy ISA devices.
     add_io(&mut io, 0x4d0, 2, shared(Elcr::default()), "ELCR")?;
-    let cmos = shared(Cmos::new(host.rtc_start, host.clock.clone(), host.irq.line(8)));
+    let cmos = shared(Cmos::new(
+        host.rtc_start,
+        host.clock.clone(),
+        host.irq.line(8),
+    ));
     add_io(&mut io, 0x70, 2, cmos.clone(), "RTC")?;
-    let kbd = shared(I8042::new(host.irq.line(1), host.irq.line(12), host.system.clone()));
+    let kbd = shared(I8042::new(
+        host.irq.line(1),
+        host.irq.line(12),
+        host.system.clone(),
+    ));
     add_io(&mut io, 0x60, 1, kbd.clone(), "i8042")?;
-    add_io(&mut io, 0x64, 1, Arc::new(Mutex::new(KbdStatusPort(kbd))), "i8042")?;
-    add_io(&mut io, 0x92, 1, shared(Port92::new(host.system.clone())), "port 92")?;
+    add_io(
+        &mut io,
+        0x64,
+        1,
+        Arc::new(Mutex::new(KbdStatusPort(kbd))),
+        "i8042",
+    )?;
+    add_io(
+        &mut io,
+        0x92,
+        1,
+        shared(Port92::new(host.system.clone())),
+        "port 92",
+    )?;
     if host.serial_out.len() > SERIAL_PORTS.len() {
         return Err(MachineError::Config(format!(
             "-serial: at most {} serial ports are supported",
@@ -118,7 +165,13 @@ pub fn build(cfg: &MachineConfig, host: Host) -> Result<Pc, MachineError> {
         uarts.push(u);
     }
     if let Some(out) = host.debugcon_out {
-        add_io(&mut io, cfg.debugcon_iobase, 1, shared(Debugcon::new(out)), "-debugcon")?;
+        add_io(
+            &mut io,
+            cfg.debugcon_iobase,
+            1,
+            shared(Debugcon::new(out)),
+            "-debugcon",
+        )?;
     }
 
     let boot_order = BootOrder::new();
@@ -127,7 +180,13 @@ pub fn build(cfg: &MachineConfig, host: Host) -> Result<Pc, MachineError> {
         let mut f = fw_cfg.lock().unwrap();
         fill_fw_cfg(&mut f, cfg, &layout, &boot_order);
     }
-    add_io(&mut io, fw_cfg::IO_BASE, fw_cfg::IO_LEN, fw_cfg.clone(), "fw_cfg")?;
+    add_io(
+        &mut io,
+        fw_cfg::IO_BASE,
+        fw_cfg::IO_LEN,
+        fw_cfg.clone(),
+        "fw_cfg",
+    )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
 
     Ok(Pc {
@@ -161,8 +220,14 @@ fn fill_fw_cfg(f: &mut FwCfg, cfg: &MachineConfig, layout: &Layout, boot: &BootO
     // Strata has no display device, so firmware output must go to serial:
     // tell SeaBIOS to run its serial console whatever `-display` says.
     f.add_item(fw_cfg::KEY_NOGRAPHIC, 1u16.to_le_bytes().to_vec());
-    f.add_item(fw_cfg::KEY_NB_CPUS, (cfg.cpus as u16).to_le_bytes().to_vec());
-    f.add_item(fw_cfg::KEY_MAX_CPUS, (cfg.max_cpus as u16).to_le_bytes().to_vec());
+    f.add_item(
+        fw_cfg::KEY_NB_CPUS,
+        (cfg.cpus as u16).to_le_bytes().to_vec(),
+    );
+    f.add_item(
+        fw_cfg::KEY_MAX_CPUS,
+        (cfg.max_cpus as u16).to_le_bytes().to_vec(),
+    );
     f.add_item(0x0e, (cfg.boot.menu as u16).to_le_bytes().to_vec()); // BOOT_MENU
     f.add_file("etc/e820", layout.e820_file());
     let mut b = boot.fw_cfg_file();
@@ -172,9 +237,15 @@ fn fill_fw_cfg(f: &mut FwCfg, cfg: &MachineConfig, layout: &Layout, boot: &BootO
     f.add_file("bootorder", b);
     let fail_wait = cfg.boot.reboot_timeout.unwrap_or(u32::MAX);
     f.add_file("etc/boot-fail-wait", fail_wait.to_le_bytes().to_vec());
-    f.add_file("etc/show-boot-menu", (cfg.boot.menu as u16).to_le_bytes().to_vec());
+    f.add_file(
+        "etc/show-boot-menu",
+        (cfg.boot.menu as u16).to_le_bytes().to_vec(),
+    );
     if let Some(ms) = cfg.boot.splash_time {
-        f.add_file("etc/boot-menu-wait", (ms.min(0xffff) as u16).to_le_bytes().to_vec());
+        f.add_file(
+            "etc/boot-menu-wait",
+            (ms.min(0xffff) as u16).to_le_bytes().to_vec(),
+        );
     }
 }
 
@@ -210,7 +281,14 @@ pub fn fill_cmos(c: &mut Cmos, cfg: &MachineConfig, layout: &Layout) {
     c.set(0x5f, (cfg.cpus - 1) as u8);
     // Equipment byte: FPU present, PS/2 mouse.
     c.set(0x14, 0x06);
-    let order: Vec<u8> = cfg.boot.once.as_deref().unwrap_or(&cfg.boot.order).chars().map(boot_code).collect();
+    let order: Vec<u8> = cfg
+        .boot
+        .once
+        .as_deref()
+        .unwrap_or(&cfg.boot.order)
+        .chars()
+        .map(boot_code)
+        .collect();
     let at = |i: usize| order.get(i).copied().unwrap_or(0);
     c.set(0x3d, at(0) | (at(1) << 4));
     // Bit 0 of 0x38 disables the floppy boot-signature check.

@@ -9,7 +9,9 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -164,9 +166,16 @@ pub fn registers(vcpu: &VcpuFd, pc: &Pc) -> String {
     };
     let mut out = String::new();
     let long_mode = s.efer & (1 << 10) != 0 && s.cs.l != 0;
-    let linear = if long_mode { r.rip } else { s.cs.base.wrapping_add(r.rip) };
+    let linear = if long_mode {
+        r.rip
+    } else {
+        s.cs.base.wrapping_add(r.rip)
+    };
     let phys = if s.cr0 & (1 << 31) != 0 {
-        vcpu.translate_gva(linear).ok().filter(|t| t.valid != 0).map(|t| t.physical_address)
+        vcpu.translate_gva(linear)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .map(|t| t.physical_address)
     } else {
         Some(linear & 0xffff_ffff)
     };

@@ -1,0 +1,120 @@
+//! Shared helpers for the `strata` integration tests.
+#![allow(dead_code)]
+
+pub mod qtest;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn strata_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_strata"))
+}
+
+pub const BIOS: &str = "/usr/share/seabios/bios-256k.bin";
+
+/// Whether KVM can be used here. When it cannot, the caller prints a loud
+/// SKIPPED line and returns: a KVM test never passes silently.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!(
+            "SKIPPED {test}: /dev/kvm is missing or not accessible; this KVM test did not run"
+        );
+    }
+    ok
+}
+
+pub fn require_bios() {
+    assert!(
+        Path::new(BIOS).exists(),
+        "{BIOS} is missing: install the Debian package seabios (make test does)"
+    );
+}
+
+/// A fresh scratch directory under the target dir.
+pub fn scratch(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs strata with `args`, returning its output; kills it after `timeout`.
+pub fn run_strata(args: &[&str], timeout: Duration) -> (Option<i32>, String, String) {
+    let mut child = Command::new(strata_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn strata");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let Output { stdout, stderr, .. } = child.wait_with_output().unwrap();
+    (
+        status,
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
+}
+
+/// Runs strata until `marker` appears in the file `watch` (or `timeout`),
+/// then kills it. Returns the file's contents.
+pub fn run_until_marker(args: &[&str], watch: &Path, marker: &str, timeout: Duration) -> String {
+    let mut child = Command::new(strata_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn strata");
+    let start = Instant::now();
+    loop {
+        let text = std::fs::read(watch)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        if text.contains(marker) || start.elapsed() > timeout {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            if !text.contains(marker) {
+                panic!(
+                    "'{marker}' did not appear within {timeout:?}; output so far:\n{text}\nstderr:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            return text;
+        }
+        if let Ok(Some(s)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            let text = std::fs::read(watch)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            if text.contains(marker) {
+                return text;
+            }
+            panic!(
+                "strata exited ({s}) before '{marker}'; output:\n{text}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

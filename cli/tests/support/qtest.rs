@@ -1,0 +1,179 @@
+//! A small client for QEMU's qtest protocol, as `strata -accel qtest` speaks
+//! it. The test listens on a Unix socket; strata connects to it.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Qtest {
+    child: Child,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// `IRQ raise N` / `IRQ lower N` lines received so far, as (gsi, level).
+    pub irqs: VecDeque<(u32, bool)>,
+}
+
+impl Qtest {
+    /// Starts strata with the qtest accelerator and `extra` arguments.
+    pub fn start(extra: &[&str]) -> Qtest {
+        let dir = super::scratch("qtest");
+        let sock = dir.join("qtest.sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let mut args = vec![
+            "-machine".to_string(),
+            "pc,accel=qtest".to_string(),
+            "-qtest".to_string(),
+            format!("unix:{}", sock.display()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(super::strata_bin())
+            .args(&args)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn strata");
+        listener.set_nonblocking(false).unwrap();
+        let (stream, _) = listener.accept().expect("strata did not connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        Qtest {
+            child,
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+            irqs: VecDeque::new(),
+        }
+    }
+
+    /// Sends one command and returns the reply line (without IRQ lines).
+    pub fn cmd(&mut self, line: &str) -> String {
+        writeln!(self.writer, "{line}").unwrap();
+        loop {
+            let mut reply = String::new();
+            let n = self.reader.read_line(&mut reply).expect("qtest read");
+            assert!(n > 0, "strata closed the qtest channel after '{line}'");
+            let reply = reply.trim_end().to_string();
+            if let Some(rest) = reply.strip_prefix("IRQ ") {
+                let (what, n) = rest.split_once(' ').unwrap();
+                self.irqs.push_back((n.parse().unwrap(), what == "raise"));
+                continue;
+            }
+            return reply;
+        }
+    }
+
+    fn ok_value(&mut self, line: &str) -> u64 {
+        let r = self.cmd(line);
+        let v = r
+            .strip_prefix("OK ")
+            .unwrap_or_else(|| panic!("'{line}' failed: {r}"));
+        u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap()
+    }
+
+    fn ok(&mut self, line: &str) {
+        let r = self.cmd(line);
+        assert_eq!(r, "OK", "'{line}'");
+    }
+
+    pub fn outb(&mut self, port: u16, v: u8) {
+        self.ok(&format!("outb 0x{port:x} 0x{v:x}"))
+    }
+    pub fn outw(&mut self, port: u16, v: u16) {
+        self.ok(&format!("outw 0x{port:x} 0x{v:x}"))
+    }
+    pub fn outl(&mut self, port: u16, v: u32) {
+        self.ok(&format!("outl 0x{port:x} 0x{v:x}"))
+    }
+    pub fn inb(&mut self, port: u16) -> u8 {
+        self.ok_value(&format!("inb 0x{port:x}")) as u8
+    }
+    pub fn inw(&mut self, port: u16) -> u16 {
+        self.ok_value(&format!("inw 0x{port:x}")) as u16
+    }
+    pub fn inl(&mut self, port: u16) -> u32 {
+        self.ok_value(&format!("inl 0x{port:x}")) as u32
+    }
+    pub fn readb(&mut self, addr: u64) -> u8 {
+        self.ok_value(&format!("readb 0x{addr:x}")) as u8
+    }
+    pub fn readl(&mut self, addr: u64) -> u32 {
+        self.ok_value(&format!("readl 0x{addr:x}")) as u32
+    }
+    pub fn writel(&mut self, addr: u64, v: u32) {
+        self.ok(&format!("writel 0x{addr:x} 0x{v:x}"))
+    }
+    pub fn writeq(&mut self, addr: u64, v: u64) {
+        self.ok(&format!("writeq 0x{addr:x} 0x{v:x}"))
+    }
+
+    pub fn memread(&mut self, addr: u64, len: usize) -> Vec<u8> {
+        let r = self.cmd(&format!("read 0x{addr:x} {len}"));
+        let hex = r
+            .strip_prefix("OK 0x")
+            .unwrap_or_else(|| panic!("read failed: {r}"));
+        (0..len)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    }
+
+    pub fn memwrite(&mut self, addr: u64, data: &[u8]) {
+        let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+        self.ok(&format!("write 0x{addr:x} {} 0x{hex}", data.len()))
+    }
+
+    pub fn clock_step(&mut self, ns: u64) -> u64 {
+        let r = self.cmd(&format!("clock_step {ns}"));
+        r.strip_prefix("OK ").unwrap().parse().unwrap()
+    }
+
+    /// PCI config read through 0xcf8/0xcfc.
+    pub fn pci_read32(&mut self, dev: u8, func: u8, reg: u8) -> u32 {
+        self.outl(
+            0xcf8,
+            0x8000_0000 | (dev as u32) << 11 | (func as u32) << 8 | (reg as u32 & 0xfc),
+        );
+        self.inl(0xcfc)
+    }
+    pub fn pci_write32(&mut self, dev: u8, func: u8, reg: u8, v: u32) {
+        self.outl(
+            0xcf8,
+            0x8000_0000 | (dev as u32) << 11 | (func as u32) << 8 | (reg as u32 & 0xfc),
+        );
+        self.outl(0xcfc, v)
+    }
+    pub fn pci_read8(&mut self, dev: u8, func: u8, reg: u8) -> u8 {
+        self.outl(
+            0xcf8,
+            0x8000_0000 | (dev as u32) << 11 | (func as u32) << 8 | (reg as u32 & 0xfc),
+        );
+        self.inb(0xcfc + (reg as u16 & 3))
+    }
+    pub fn pci_write8(&mut self, dev: u8, func: u8, reg: u8, v: u8) {
+        self.outl(
+            0xcf8,
+            0x8000_0000 | (dev as u32) << 11 | (func as u32) << 8 | (reg as u32 & 0xfc),
+        );
+        self.outb(0xcfc + (reg as u16 & 3), v)
+    }
+
+    pub fn cmos(&mut self, index: u8) -> u8 {
+        self.outb(0x70, index);
+        self.inb(0x71)
+    }
+}
+
+impl Drop for Qtest {
+    fn drop(&mut self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        // strata exits when the channel closes; make sure it does.
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
