@@ -21,15 +21,23 @@ const IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 const TSS_ADDR: usize = 0xfeff_d000;
 pub const IOAPIC_PINS: u32 = 24;
 
+/// The KVM device. `STRATA_KVM_DEVICE` overrides it, so that tests can
+/// exercise the error path on machines that do have /dev/kvm.
+pub fn device_path() -> String {
+    std::env::var("STRATA_KVM_DEVICE").unwrap_or_else(|_| "/dev/kvm".into())
+}
+
 pub fn open() -> Result<Kvm, VmmError> {
-    Kvm::new().map_err(|e| {
+    let path = device_path();
+    let cpath = std::ffi::CString::new(path.clone()).map_err(|_| VmmError::Kvm(format!("{path}: invalid path")))?;
+    Kvm::new_with_path(&cpath).map_err(|e| {
         let hint = match e.errno() {
             libc::ENOENT => " (is the kvm module loaded?)",
             libc::EACCES | libc::EPERM => " (is your user in the kvm group?)",
             _ => "",
         };
         VmmError::Kvm(format!(
-            "cannot open /dev/kvm: {}{hint}",
+            "cannot open {path}: {}{hint}",
             std::io::Error::from_raw_os_error(e.errno())
         ))
     })

@@ -56,6 +56,7 @@ impl EventSender {
 
 impl SystemControl for EventSender {
     fn request_reset(&self) {
+        log::debug!("guest requested a reset");
         self.send(VmEvent::Reset)
     }
     fn request_shutdown(&self) {

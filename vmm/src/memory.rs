@@ -83,7 +83,7 @@ pub fn load_bios(path: &Path, ram: &GuestMem) -> Result<GuestMem, MemoryError> {
     };
     let image = std::fs::read(path).map_err(|e| err(e.to_string()))?;
     let size = image.len() as u64;
-    if size == 0 || size % 65536 != 0 || size > 16 << 20 {
+    if size == 0 || !size.is_multiple_of(65536) || size > 16 << 20 {
         return Err(err(format!(
             "not a BIOS image: size {size} is not a non-zero multiple of 64 KiB up to 16 MiB"
         )));

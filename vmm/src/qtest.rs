@@ -66,7 +66,9 @@ impl IrqChip for ChipHandle {
     }
 }
 
-fn open_channel(dev: &CharDev) -> Result<(Box<dyn Read + Send>, Box<dyn Write + Send>), VmmError> {
+type Channel = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+
+fn open_channel(dev: &CharDev) -> Result<Channel, VmmError> {
     match dev {
         CharDev::Stdio { .. } => Ok((Box::new(std::io::stdin()), Box::new(std::io::stdout()))),
         CharDev::Unix {

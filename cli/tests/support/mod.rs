@@ -79,6 +79,13 @@ pub fn run_strata(args: &[&str], timeout: Duration) -> (Option<i32>, String, Str
 /// Runs strata until `marker` appears in the file `watch` (or `timeout`),
 /// then kills it. Returns the file's contents.
 pub fn run_until_marker(args: &[&str], watch: &Path, marker: &str, timeout: Duration) -> String {
+    run_until(args, watch, marker, |t| t.contains(marker), timeout)
+}
+
+/// Runs strata until `done` holds for the contents of `watch`, then kills
+/// it; `what` describes the condition in failure messages.
+pub fn run_until(args: &[&str], watch: &Path, what: &str, done: impl Fn(&str) -> bool, timeout: Duration) -> String {
+    let marker = what;
     let mut child = Command::new(strata_bin())
         .args(args)
         .stdin(Stdio::null())
@@ -91,10 +98,10 @@ pub fn run_until_marker(args: &[&str], watch: &Path, marker: &str, timeout: Dura
         let text = std::fs::read(watch)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        if text.contains(marker) || start.elapsed() > timeout {
+        if done(&text) || start.elapsed() > timeout {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            if !text.contains(marker) {
+            if !done(&text) {
                 panic!(
                     "'{marker}' did not appear within {timeout:?}; output so far:\n{text}\nstderr:\n{}",
                     String::from_utf8_lossy(&out.stderr)
@@ -107,7 +114,7 @@ pub fn run_until_marker(args: &[&str], watch: &Path, marker: &str, timeout: Dura
             let text = std::fs::read(watch)
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .unwrap_or_default();
-            if text.contains(marker) {
+            if done(&text) {
                 return text;
             }
             panic!(

@@ -67,7 +67,7 @@ impl Cmos {
         (self.base + (ns / 1_000_000_000) as i64, ns % 1_000_000_000)
     }
 
-    fn to_reg(&self, v: u32) -> u8 {
+    fn encode(&self, v: u32) -> u8 {
         if self.ram[REG_B as usize] & B_DM_BINARY != 0 {
             v as u8
         } else {
@@ -75,7 +75,7 @@ impl Cmos {
         }
     }
 
-    fn from_reg(&self, r: u8) -> u32 {
+    fn decode(&self, r: u8) -> u32 {
         if self.ram[REG_B as usize] & B_DM_BINARY != 0 {
             r as u32
         } else {
@@ -85,17 +85,17 @@ impl Cmos {
 
     fn hour_to_reg(&self, h: u32) -> u8 {
         if self.ram[REG_B as usize] & B_24H != 0 {
-            return self.to_reg(h);
+            return self.encode(h);
         }
-        let h12 = if h % 12 == 0 { 12 } else { h % 12 };
-        self.to_reg(h12) | if h >= 12 { 0x80 } else { 0 }
+        let h12 = if h.is_multiple_of(12) { 12 } else { h % 12 };
+        self.encode(h12) | if h >= 12 { 0x80 } else { 0 }
     }
 
     fn hour_from_reg(&self, r: u8) -> u32 {
         if self.ram[REG_B as usize] & B_24H != 0 {
-            return self.from_reg(r);
+            return self.decode(r);
         }
-        let h = self.from_reg(r & 0x7f) % 12;
+        let h = self.decode(r & 0x7f) % 12;
         if r & 0x80 != 0 {
             h + 12
         } else {
@@ -109,14 +109,14 @@ impl Cmos {
         let secs = t.rem_euclid(86400) as u32;
         let (y, m, d) = civil_from_days(days);
         match index {
-            0 => self.to_reg(secs % 60),
-            2 => self.to_reg(secs / 60 % 60),
+            0 => self.encode(secs % 60),
+            2 => self.encode(secs / 60 % 60),
             4 => self.hour_to_reg(secs / 3600),
-            6 => self.to_reg(((days + 4).rem_euclid(7) + 1) as u32),
-            7 => self.to_reg(d),
-            8 => self.to_reg(m),
-            9 => self.to_reg(y.rem_euclid(100) as u32),
-            CENTURY => self.to_reg(y.div_euclid(100) as u32),
+            6 => self.encode(((days + 4).rem_euclid(7) + 1) as u32),
+            7 => self.encode(d),
+            8 => self.encode(m),
+            9 => self.encode(y.rem_euclid(100) as u32),
+            CENTURY => self.encode(y.div_euclid(100) as u32),
             _ => self.ram[index as usize],
         }
     }
@@ -132,14 +132,14 @@ impl Cmos {
             CENTURY => century = value,
             i => regs[i as usize] = value,
         }
-        let year = self.from_reg(century) as i64 * 100 + self.from_reg(regs[9]) as i64;
-        let month = self.from_reg(regs[8]).clamp(1, 12);
-        let day = self.from_reg(regs[7]).clamp(1, 31);
+        let year = self.decode(century) as i64 * 100 + self.decode(regs[9]) as i64;
+        let month = self.decode(regs[8]).clamp(1, 12);
+        let day = self.decode(regs[7]).clamp(1, 31);
         let days = days_from_civil(year, month, day);
         let t = days * 86400
             + self.hour_from_reg(regs[4]) as i64 * 3600
-            + self.from_reg(regs[2]) as i64 * 60
-            + self.from_reg(regs[0]) as i64;
+            + self.decode(regs[2]) as i64 * 60
+            + self.decode(regs[0]) as i64;
         let now = (self.clock.now_ns() / 1_000_000_000) as i64;
         self.base = t - now;
     }

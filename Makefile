@@ -1,0 +1,33 @@
+# Strata: the two set-up commands are `make demo` and `make test`.
+# Each installs what it needs (Debian packages, Rust components) first.
+
+CARGO ?= cargo
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils
+
+.PHONY: demo test deps build lint images bench-boot
+
+deps:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+	@command -v rustup >/dev/null 2>&1 && rustup component add clippy rustfmt >/dev/null 2>&1 || true
+
+build: deps
+	$(CARGO) build --release --bins
+
+# Boots SeaBIOS on a KVM PC on this terminal's serial console (Ctrl-A x quits).
+demo: build
+	./target/release/strata -m 512 -smp 2 -nographic
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: lint
+	$(CARGO) test --workspace
+
+bench-boot: build
+	bench/boot.sh
