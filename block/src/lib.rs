@@ -2,3 +2,8 @@
 //! `BlockBackend`. See `DESIGN.md` for the architecture.
 
 pub mod keyval;
+pub mod aio;
+pub mod driver;
+pub mod error;
+pub mod file;
+pub mod iov;
