@@ -7,3 +7,8 @@ pub mod driver;
 pub mod error;
 pub mod file;
 pub mod iov;
+pub mod blkdebug;
+pub mod graph;
+pub mod node;
+pub mod null;
+pub mod raw;
