@@ -168,7 +168,20 @@ fn open_file(ctx: &mut OpenCtx<'_>, host_device: bool) -> BlockResult<Arc<dyn Bl
         read_only: ctx.common.read_only,
         host_device,
     };
-    let node = FileNode::open(fopts)?;
+    let node = match FileNode::open(fopts.clone()) {
+        Ok(n) => n,
+        Err(e) if ctx.common.auto_read_only && !fopts.read_only => {
+            // auto-read-only: fall back to read-only when writing is refused.
+            let ro = FileOptions {
+                read_only: true,
+                ..fopts
+            };
+            let n = FileNode::open(ro).map_err(|_| e)?;
+            ctx.common.read_only = true;
+            n
+        }
+        Err(e) => return Err(e),
+    };
     ctx.describe("filename", filename);
     ctx.describe("aio", node.aio().name().into());
     ctx.describe("locking", format!("{locking:?}").to_lowercase());

@@ -12,3 +12,4 @@ pub mod graph;
 pub mod node;
 pub mod null;
 pub mod raw;
+pub mod backend;
