@@ -155,7 +155,9 @@ impl Uring {
             }
         };
         let entry = match op {
-            IoOp::Read => opcode::Readv::new(fd, iov_ptr, iov_cnt).offset(offset).build(),
+            IoOp::Read => opcode::Readv::new(fd, iov_ptr, iov_cnt)
+                .offset(offset)
+                .build(),
             IoOp::Write => {
                 let flags = if fua {
                     self.stats.dsync_writes.fetch_add(1, Ordering::Relaxed);
@@ -170,7 +172,9 @@ impl Uring {
             }
             _ => {
                 self.stats.fdatasync.fetch_add(1, Ordering::Relaxed);
-                opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build()
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
             }
         };
         if matches!(op, IoOp::Read | IoOp::Write) {
@@ -272,7 +276,12 @@ impl Uring {
 
 /// Finish a short io_uring read or write synchronously: reads past the end of
 /// the file return zeroes, as in QEMU's file-posix.
-fn finish_short(fd: &OwnedFd, req: &mut IoRequest, mut pos: usize, write: bool) -> Result<(), BlockError> {
+fn finish_short(
+    fd: &OwnedFd,
+    req: &mut IoRequest,
+    mut pos: usize,
+    write: bool,
+) -> Result<(), BlockError> {
     let total = req.iov.len();
     let mut flat = vec![0u8; total];
     if write {
@@ -291,11 +300,18 @@ fn finish_short(fd: &OwnedFd, req: &mut IoRequest, mut pos: usize, write: bool) 
             if write {
                 libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off as i64)
             } else {
-                libc::pread(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), off as i64)
+                libc::pread(
+                    fd.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    off as i64,
+                )
             }
         };
         if n < 0 {
-            let e = std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
             if e == libc::EINTR {
                 continue;
             }

@@ -308,7 +308,11 @@ impl BlockBackend {
     }
 
     fn action_for(&self, op: IoOp, e: &BlockError) -> ErrorAction {
-        let a = if op == IoOp::Read { self.rerror } else { self.werror };
+        let a = if op == IoOp::Read {
+            self.rerror
+        } else {
+            self.werror
+        };
         match a {
             ErrorAction::Enospc if e.errno() == libc::ENOSPC => ErrorAction::Stop,
             ErrorAction::Enospc => ErrorAction::Report,
@@ -324,12 +328,15 @@ impl BlockBackend {
         } else {
             s.failed.fetch_add(1, Ordering::Relaxed);
         }
-        s.ns
-            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        s.ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
     fn stop(&self, e: &BlockError) {
-        let h = self.stop_handler.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let h = self
+            .stop_handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         if let Some(h) = h {
             h(e);
         }
@@ -346,7 +353,13 @@ impl BlockBackend {
     }
 
     /// Run a synchronous operation under stats and the error policy.
-    fn run(&self, op: IoOp, offset: u64, bytes: u64, mut f: impl FnMut() -> BlockResult<()>) -> BlockResult<()> {
+    fn run(
+        &self,
+        op: IoOp,
+        offset: u64,
+        bytes: u64,
+        mut f: impl FnMut() -> BlockResult<()>,
+    ) -> BlockResult<()> {
         self.check(op, offset, bytes)?;
         loop {
             let start = Instant::now();
@@ -382,7 +395,9 @@ impl BlockBackend {
     /// Vectored read.
     pub fn readv_at(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
         let len = crate::iov::total_len_mut(iov) as u64;
-        self.run(IoOp::Read, offset, len, || self.root.read_vectored(offset, iov))
+        self.run(IoOp::Read, offset, len, || {
+            self.root.read_vectored(offset, iov)
+        })
     }
     /// Write `buf` at `offset` (FUA when the write cache is off).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
@@ -396,7 +411,9 @@ impl BlockBackend {
     pub fn writev_at_fua(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
         let len = crate::iov::total_len(iov) as u64;
         let fua = fua || !self.write_cache_enabled();
-        self.run(IoOp::Write, offset, len, || self.root.write_vectored(offset, iov, fua))
+        self.run(IoOp::Write, offset, len, || {
+            self.root.write_vectored(offset, iov, fua)
+        })
     }
     /// Flush the write cache down to stable storage.
     pub fn flush(&self) -> BlockResult<()> {
@@ -404,7 +421,9 @@ impl BlockBackend {
     }
     /// Discard (honoured only with `discard=unmap`).
     pub fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.run(IoOp::Discard, offset, len, || self.root.discard(offset, len))
+        self.run(IoOp::Discard, offset, len, || {
+            self.root.discard(offset, len)
+        })
     }
     /// Make a range read as zeroes.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
@@ -517,7 +536,11 @@ impl CompletionQueue {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a valid u64; EAGAIN when empty is fine.
         unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-        self.items.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect()
+        self.items
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect()
     }
     /// Block until at least one completion is queued, then drain.
     pub fn wait(&self) -> Vec<Completed> {

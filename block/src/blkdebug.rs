@@ -40,7 +40,12 @@ fn event_ops(event: &str) -> Option<Vec<IoOp>> {
         "flush_to_disk" | "flush_to_os" => vec![IoOp::Flush],
         "pwritev_zero" => vec![wz],
         "discard" => vec![IoOp::Discard],
-        _ if event.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') => vec![],
+        _ if event
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') =>
+        {
+            vec![]
+        }
         _ => return None,
     })
 }
@@ -70,26 +75,41 @@ impl BlkdebugNode {
             Some(Value::List(items)) => {
                 for (i, item) in items.into_iter().enumerate() {
                     let Value::Map(m) = item else {
-                        return Err(ctx.opts.invalid("inject-error", "a list of objects", "a scalar").into());
+                        return Err(ctx
+                            .opts
+                            .invalid("inject-error", "a list of objects", "a scalar")
+                            .into());
                     };
                     let mut o = Options::new(ctx.opts.option(), m);
                     let key = |k: &str| format!("inject-error.{i}.{k}");
-                    let event = o.require_str("event").map_err(|_| BlockError::Open(format!("blkdebug: parameter '{}' is missing", key("event"))))?;
-                    let mut ops = event_ops(&event).ok_or_else(|| BlockError::Open(format!("blkdebug: invalid event '{event}'")))?;
+                    let event = o.require_str("event").map_err(|_| {
+                        BlockError::Open(format!(
+                            "blkdebug: parameter '{}' is missing",
+                            key("event")
+                        ))
+                    })?;
+                    let mut ops = event_ops(&event).ok_or_else(|| {
+                        BlockError::Open(format!("blkdebug: invalid event '{event}'"))
+                    })?;
                     if let Some(t) = o.take_str("iotype")? {
-                        let op = iotype_op(&t).ok_or_else(|| BlockError::Open(format!("blkdebug: invalid iotype '{t}'")))?;
+                        let op = iotype_op(&t).ok_or_else(|| {
+                            BlockError::Open(format!("blkdebug: invalid iotype '{t}'"))
+                        })?;
                         ops.retain(|x| same_kind(*x, op));
                     }
                     let errno = o.take_u64("errno")?.unwrap_or(libc::EIO as u64) as i32;
                     let sector = match o.take_str("sector")? {
                         None => -1,
-                        Some(s) => s.parse::<i64>().map_err(|_| BlockError::Open(format!("blkdebug: invalid sector '{s}'")))?,
+                        Some(s) => s.parse::<i64>().map_err(|_| {
+                            BlockError::Open(format!("blkdebug: invalid sector '{s}'"))
+                        })?,
                     };
                     let once = o.take_bool("once")?.unwrap_or(false);
                     let _ = o.take_bool("immediately")?;
                     let _ = o.take_u64("state")?;
                     let skip = o.take_u64("x-skip")?.unwrap_or(0);
-                    o.finish().map_err(|e| BlockError::Open(format!("blkdebug: {e}")))?;
+                    o.finish()
+                        .map_err(|e| BlockError::Open(format!("blkdebug: {e}")))?;
                     rules.push(Rule {
                         ops,
                         errno,
@@ -100,7 +120,10 @@ impl BlkdebugNode {
                 }
             }
             Some(_) => {
-                return Err(ctx.opts.invalid("inject-error", "a list", "a scalar").into());
+                return Err(ctx
+                    .opts
+                    .invalid("inject-error", "a list", "a scalar")
+                    .into());
             }
         }
         let _ = ctx.opts.take_u64("align")?;

@@ -47,7 +47,9 @@ impl Perms {
     }
     /// Iterate set bits as (index, name).
     pub fn bits(self) -> impl Iterator<Item = (u32, &'static str)> {
-        (0..4u32).filter(move |i| self.0 & (1 << i) != 0).map(|i| (i, Self::NAMES[i as usize]))
+        (0..4u32)
+            .filter(move |i| self.0 & (1 << i) != 0)
+            .map(|i| (i, Self::NAMES[i as usize]))
     }
 }
 
@@ -181,6 +183,7 @@ impl IoRequest {
 pub type Completion = Box<dyn FnOnce(IoRequest, BlockResult<()>) + Send>;
 
 /// A node implementation (protocol, format or filter).
+#[allow(clippy::len_without_is_empty)]
 pub trait BlockDriver: Send + Sync + 'static {
     /// The driver name (`file`, `raw`, ...).
     fn driver_name(&self) -> &'static str;
@@ -252,7 +255,9 @@ pub fn execute<D: BlockDriver + ?Sized>(drv: &D, req: &mut IoRequest) -> BlockRe
         }
         IoOp::Flush => drv.flush(),
         IoOp::Discard => drv.discard(req.offset, req.len),
-        IoOp::WriteZeroes { may_unmap } => drv.write_zeroes(req.offset, req.len, may_unmap, req.fua),
+        IoOp::WriteZeroes { may_unmap } => {
+            drv.write_zeroes(req.offset, req.len, may_unmap, req.fua)
+        }
     }
 }
 

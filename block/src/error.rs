@@ -57,7 +57,9 @@ impl BlockError {
     /// An I/O error from the current `errno`.
     pub fn last_os(context: impl Into<String>) -> Self {
         BlockError::Io {
-            errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO),
+            errno: std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
             context: context.into(),
         }
     }

@@ -125,19 +125,28 @@ pub struct FileNode {
 
 impl std::fmt::Debug for FileNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FileNode").field("opts", &self.opts).finish()
+        f.debug_struct("FileNode")
+            .field("opts", &self.opts)
+            .finish()
     }
 }
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 impl FileNode {
     /// Open the file. Locks are taken by [`BlockDriver::set_perms`].
     pub fn open(opts: FileOptions) -> BlockResult<FileNode> {
         let name = &opts.filename;
-        let could_not = |e: i32| BlockError::Open(format!("Could not open '{name}': {}", crate::error::strerror(e)));
+        let could_not = |e: i32| {
+            BlockError::Open(format!(
+                "Could not open '{name}': {}",
+                crate::error::strerror(e)
+            ))
+        };
         let aio = match opts.aio {
             Some(Aio::Native) if !opts.direct => {
                 return Err(BlockError::Open(
@@ -154,7 +163,12 @@ impl FileNode {
         };
         let cpath = CString::new(std::path::Path::new(name).as_os_str().as_bytes())
             .map_err(|_| BlockError::Open(format!("Could not open '{name}': invalid file name")))?;
-        let mut flags = libc::O_CLOEXEC | if opts.read_only { libc::O_RDONLY } else { libc::O_RDWR };
+        let mut flags = libc::O_CLOEXEC
+            | if opts.read_only {
+                libc::O_RDONLY
+            } else {
+                libc::O_RDWR
+            };
         if opts.direct {
             flags |= libc::O_DIRECT;
         }
@@ -185,7 +199,9 @@ impl FileNode {
                 return Err(BlockError::Open(format!("'{name}' is not a block device")));
             }
         } else if fmt != libc::S_IFREG {
-            return Err(BlockError::Open(format!("'file' driver requires '{name}' to be a regular file")));
+            return Err(BlockError::Open(format!(
+                "'file' driver requires '{name}' to be a regular file"
+            )));
         }
         let size = if is_blockdev {
             let mut sz: u64 = 0;
@@ -267,17 +283,17 @@ impl FileNode {
             return false;
         }
         let a = self.align;
-        if offset % a != 0 {
+        if !offset.is_multiple_of(a) {
             return true;
         }
         let mut total = 0u64;
         for (addr, len) in lens {
-            if addr as u64 % a != 0 || len as u64 % a != 0 {
+            if !(addr as u64).is_multiple_of(a) || !(len as u64).is_multiple_of(a) {
                 return true;
             }
             total += len as u64;
         }
-        total % a != 0
+        !total.is_multiple_of(a)
     }
 
     fn preadv_all(&self, mut offset: u64, buf: &mut [u8]) -> BlockResult<usize> {
@@ -286,7 +302,12 @@ impl FileNode {
             let rest = &mut buf[pos..];
             // SAFETY: rest is a valid writable buffer of rest.len() bytes.
             let n = unsafe {
-                libc::pread(self.fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len(), offset as i64)
+                libc::pread(
+                    self.fd.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    offset as i64,
+                )
             };
             if n < 0 {
                 let e = errno();
@@ -336,7 +357,10 @@ impl FileNode {
                 return Err(BlockError::io(e, format!("{}: write", self.opts.filename)));
             }
             if n == 0 {
-                return Err(BlockError::io(libc::EIO, format!("{}: short write", self.opts.filename)));
+                return Err(BlockError::io(
+                    libc::EIO,
+                    format!("{}: short write", self.opts.filename),
+                ));
             }
             if fua {
                 self.stats.dsync_writes.fetch_add(1, Ordering::Relaxed);
@@ -366,7 +390,7 @@ impl FileNode {
         let end = (offset + len).div_ceil(a) * a;
         let mut buf = AlignedBuf::new((end - start) as usize, a.max(4096) as usize);
         let skip = (offset - start) as usize;
-        if skip != 0 || (offset + len) % a != 0 {
+        if skip != 0 || !(offset + len).is_multiple_of(a) {
             // Read the partial head and tail blocks (whole range is simplest).
             let got = self.preadv_all(start, &mut buf)?;
             buf[got..].fill(0);
@@ -380,7 +404,10 @@ impl FileNode {
         if !self.is_blockdev && end > want {
             // SAFETY: plain ftruncate on our descriptor.
             if unsafe { libc::ftruncate(self.fd.as_raw_fd(), want as i64) } < 0 {
-                return Err(BlockError::io(errno(), format!("{}: truncate", self.opts.filename)));
+                return Err(BlockError::io(
+                    errno(),
+                    format!("{}: truncate", self.opts.filename),
+                ));
             }
         }
         Ok(())
@@ -390,7 +417,10 @@ impl FileNode {
         self.stats.fdatasync.fetch_add(1, Ordering::Relaxed);
         // SAFETY: plain syscall on our descriptor.
         if unsafe { libc::fdatasync(self.fd.as_raw_fd()) } < 0 {
-            return Err(BlockError::io(errno(), format!("{}: flush", self.opts.filename)));
+            return Err(BlockError::io(
+                errno(),
+                format!("{}: flush", self.opts.filename),
+            ));
         }
         Ok(())
     }
@@ -446,12 +476,16 @@ fn probe_alignment(fd: &OwnedFd, is_blockdev: bool, direct: bool) -> (u64, u64) 
     if is_blockdev {
         let mut v: libc::c_int = 0;
         // SAFETY: BLKSSZGET writes one int.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), BLKSSZGET, &mut v as *mut libc::c_int) } == 0 && v > 0 {
+        if unsafe { libc::ioctl(fd.as_raw_fd(), BLKSSZGET, &mut v as *mut libc::c_int) } == 0
+            && v > 0
+        {
             logical = v as u64;
         }
         let mut p: libc::c_uint = 0;
         // SAFETY: BLKPBSZGET writes one unsigned int.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), BLKPBSZGET, &mut p as *mut libc::c_uint) } == 0 && p > 0 {
+        if unsafe { libc::ioctl(fd.as_raw_fd(), BLKPBSZGET, &mut p as *mut libc::c_uint) } == 0
+            && p > 0
+        {
             physical = p as u64;
         }
         if !direct {
@@ -490,7 +524,11 @@ impl BlockDriver for FileNode {
     fn limits(&self) -> Limits {
         Limits {
             request_alignment: self.align,
-            mem_alignment: if self.opts.direct { self.align as usize } else { 1 },
+            mem_alignment: if self.opts.direct {
+                self.align as usize
+            } else {
+                1
+            },
         }
     }
     fn filename(&self) -> Option<String> {
@@ -507,12 +545,20 @@ impl BlockDriver for FileNode {
         // SAFETY: IoSliceMut is ABI-compatible with iovec; the buffers are
         // valid for writes for the duration of the call.
         let n = unsafe {
-            libc::preadv(self.fd.as_raw_fd(), iov.as_ptr().cast(), iov.len().min(1024) as i32, offset as i64)
+            libc::preadv(
+                self.fd.as_raw_fd(),
+                iov.as_ptr().cast(),
+                iov.len().min(1024) as i32,
+                offset as i64,
+            )
         };
         if n >= 0 {
             done = n as usize;
         } else if errno() != libc::EINTR {
-            return Err(BlockError::io(errno(), format!("{}: read", self.opts.filename)));
+            return Err(BlockError::io(
+                errno(),
+                format!("{}: read", self.opts.filename),
+            ));
         }
         if done < total {
             let mut flat = vec![0u8; total - done];
@@ -569,13 +615,20 @@ impl BlockDriver for FileNode {
         } else if self.opts.host_device {
             Err(libc::ENOTSUP)
         } else {
-            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
         };
         match r {
             Ok(()) => Ok(()),
             // Discard is advisory.
             Err(e) if e == libc::EOPNOTSUPP || e == libc::ENOTTY || e == libc::EINVAL => Ok(()),
-            Err(e) => Err(BlockError::io(e, format!("{}: discard", self.opts.filename))),
+            Err(e) => Err(BlockError::io(
+                e,
+                format!("{}: discard", self.opts.filename),
+            )),
         }
     }
 
@@ -583,14 +636,18 @@ impl BlockDriver for FileNode {
         if self.opts.read_only {
             return Err(BlockError::ReadOnly(self.opts.filename.clone()));
         }
-        let aligned = offset % self.align == 0 && len % self.align == 0;
+        let aligned = offset.is_multiple_of(self.align) && len.is_multiple_of(self.align);
         let r = if !aligned {
             Err(libc::EINVAL)
         } else if self.is_blockdev {
             self.blk_range_ioctl(BLKZEROOUT, offset, len)
         } else if may_unmap && offset + len <= self.len() {
-            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
-                .or_else(|_| self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len))
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .or_else(|_| self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len))
         } else {
             self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
         };
@@ -669,7 +726,10 @@ impl BlockDriver for FileNode {
         }
         // SAFETY: plain syscall on our descriptor.
         if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len as i64) } < 0 {
-            return Err(BlockError::io(errno(), format!("{}: truncate", self.opts.filename)));
+            return Err(BlockError::io(
+                errno(),
+                format!("{}: truncate", self.opts.filename),
+            ));
         }
         self.size.store(len, Ordering::Relaxed);
         Ok(())
@@ -685,8 +745,11 @@ impl BlockDriver for FileNode {
         for i in 0..4i64 {
             let bit = Perms(1 << i);
             if perm.contains(bit) && !cur.0.contains(bit) {
-                if let Err(e) = self.lock_byte(LOCK_PERM_BASE + i, libc::F_RDLCK, libc::F_OFD_SETLK) {
-                    if (e == libc::EINVAL || e == libc::ENOTSUP) && self.opts.locking == Locking::Auto {
+                if let Err(e) = self.lock_byte(LOCK_PERM_BASE + i, libc::F_RDLCK, libc::F_OFD_SETLK)
+                {
+                    if (e == libc::EINVAL || e == libc::ENOTSUP)
+                        && self.opts.locking == Locking::Auto
+                    {
                         return Ok(()); // no OFD locks on this file system
                     }
                     return Err(BlockError::Locked(format!(
@@ -697,7 +760,9 @@ impl BlockDriver for FileNode {
                 }
             }
             if !shared.contains(bit) && cur.1.contains(bit) {
-                if let Err(e) = self.lock_byte(LOCK_SHARED_BASE + i, libc::F_RDLCK, libc::F_OFD_SETLK) {
+                if let Err(e) =
+                    self.lock_byte(LOCK_SHARED_BASE + i, libc::F_RDLCK, libc::F_OFD_SETLK)
+                {
                     return Err(BlockError::Locked(format!(
                         "Failed to lock byte {}: {}: is another process using the image [{name}]?",
                         LOCK_SHARED_BASE + i,
@@ -751,8 +816,13 @@ impl BlockDriver for FileNode {
         if let Some(u) = &self.uring {
             let ok = match req.op {
                 IoOp::Read | IoOp::Write => {
-                    !self.needs_bounce(req.offset, req.iov.as_raw().iter().map(|v| (v.iov_base as usize, v.iov_len)))
-                        && req.iov.as_raw().len() <= 1024
+                    !self.needs_bounce(
+                        req.offset,
+                        req.iov
+                            .as_raw()
+                            .iter()
+                            .map(|v| (v.iov_base as usize, v.iov_len)),
+                    ) && req.iov.as_raw().len() <= 1024
                 }
                 IoOp::Flush => true,
                 _ => false,

@@ -150,14 +150,26 @@ fn open_file(ctx: &mut OpenCtx<'_>, host_device: bool) -> BlockResult<Arc<dyn Bl
     let filename = ctx.opts.require_str("filename")?;
     let aio = match ctx.opts.take_str("aio")? {
         None => None,
-        Some(s) => Some(Aio::parse(&s).ok_or_else(|| BlockError::Open(format!("invalid parameter value: {s}")))?),
+        Some(s) => Some(
+            Aio::parse(&s)
+                .ok_or_else(|| BlockError::Open(format!("invalid parameter value: {s}")))?,
+        ),
     };
-    let locking = match ctx.opts.take_enum("locking", &["auto", "on", "off"])?.as_deref() {
+    let locking = match ctx
+        .opts
+        .take_enum("locking", &["auto", "on", "off"])?
+        .as_deref()
+    {
         Some("on") => Locking::On,
         Some("off") => Locking::Off,
         _ => Locking::Auto,
     };
-    for k in ["aio-max-batch", "drop-cache", "x-check-cache-dropped", "pr-manager"] {
+    for k in [
+        "aio-max-batch",
+        "drop-cache",
+        "x-check-cache-dropped",
+        "pr-manager",
+    ] {
         let _ = ctx.opts.take_str(k)?;
     }
     let fopts = FileOptions {
@@ -189,7 +201,10 @@ fn open_file(ctx: &mut OpenCtx<'_>, host_device: bool) -> BlockResult<Arc<dyn Bl
 }
 
 fn is_protocol(driver: &str) -> bool {
-    matches!(driver, "file" | "host_device" | "null-co" | "null-aio" | "nbd")
+    matches!(
+        driver,
+        "file" | "host_device" | "null-co" | "null-aio" | "nbd"
+    )
 }
 
 /// QEMU's node-name rule: a letter first, then letters, digits, `-`, `.`, `_`;
@@ -243,17 +258,29 @@ impl BlockGraph {
 
     /// Look a node up by name.
     pub fn get(&self, name: &str) -> Option<Arc<Node>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Names of all nodes (generated ones start with `#`).
     pub fn node_names(&self) -> Vec<String> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// Remove a node from the name table (it lives on while referenced).
     pub fn remove(&self, name: &str) -> Option<Arc<Node>> {
-        self.nodes.lock().unwrap_or_else(|e| e.into_inner()).remove(name)
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
     }
 
     /// Warnings produced while opening (e.g. the raw-probing warning).
@@ -296,7 +323,9 @@ impl BlockGraph {
                     return Err(BlockError::Open(format!("Invalid node-name: '{n}'")));
                 }
                 if self.get(&n).is_some() {
-                    return Err(BlockError::Open(format!("Duplicate nodes with node-name='{n}'")));
+                    return Err(BlockError::Open(format!(
+                        "Duplicate nodes with node-name='{n}'"
+                    )));
                 }
                 Some(n)
             }
@@ -305,7 +334,10 @@ impl BlockGraph {
         let common = parse_common(&mut o, inherit)?;
         let (node_name, auto) = match name {
             Some(n) => (n, false),
-            None => (format!("#block{:03}", self.next_id.fetch_add(1, Ordering::Relaxed)), true),
+            None => (
+                format!("#block{:03}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+                true,
+            ),
         };
         let mut preopened = HashMap::new();
         let mut probed = false;
@@ -315,9 +347,9 @@ impl BlockGraph {
                 // Open the protocol child first, then look at its first bytes.
                 let file = match o.take_child("file")? {
                     Some(ChildRef::Inline(fo)) => self.open_options(fo, Some(&common), false)?,
-                    Some(ChildRef::Reference(r)) => self
-                        .get(&r)
-                        .ok_or_else(|| BlockError::Open(format!("Cannot find device='' nor node-name='{r}'")))?,
+                    Some(ChildRef::Reference(r)) => self.get(&r).ok_or_else(|| {
+                        BlockError::Open(format!("Cannot find device='' nor node-name='{r}'"))
+                    })?,
                     _ => {
                         return Err(KeyvalError::Missing {
                             option: o.option().into(),
@@ -339,7 +371,10 @@ impl BlockGraph {
                             "WARNING: Image format was not specified for '{fname}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
                         );
                         log::warn!("{w}");
-                        self.warnings.lock().unwrap_or_else(|e| e.into_inner()).push(w);
+                        self.warnings
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(w);
                         "raw".to_string()
                     }
                 }
@@ -382,7 +417,11 @@ impl BlockGraph {
                 KeyvalError::Unknown { key, .. } => key.clone(),
                 other => other.to_string(),
             };
-            let kind = if is_protocol(&driver) { "protocol" } else { "format" };
+            let kind = if is_protocol(&driver) {
+                "protocol"
+            } else {
+                "format"
+            };
             return Err(BlockError::Open(format!(
                 "Block {kind} '{driver}' doesn't support the option '{key}'"
             )));
@@ -411,7 +450,9 @@ impl BlockGraph {
         let mut map = Map::new();
         let mut file = Map::new();
         let proto = match std::fs::metadata(filename) {
-            Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => "host_device",
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {
+                "host_device"
+            }
             _ => "file",
         };
         file.insert("driver".into(), Value::Str(proto.into()));
@@ -480,7 +521,9 @@ fn parse_common(o: &mut Options, inherit: Option<&NodeCommon>) -> BlockResult<No
     let base = inherit.cloned().unwrap_or_default();
     let mut c = NodeCommon {
         read_only: o.take_bool("read-only")?.unwrap_or(base.read_only),
-        auto_read_only: o.take_bool("auto-read-only")?.unwrap_or(base.auto_read_only),
+        auto_read_only: o
+            .take_bool("auto-read-only")?
+            .unwrap_or(base.auto_read_only),
         force_share: o.take_bool("force-share")?.unwrap_or(base.force_share),
         direct: base.direct,
         no_flush: base.no_flush,
@@ -510,7 +553,9 @@ fn parse_common(o: &mut Options, inherit: Option<&NodeCommon>) -> BlockResult<No
         }
     }
     if c.force_share && !c.read_only {
-        return Err(BlockError::Open("force-share=on can only be used with read-only images".into()));
+        return Err(BlockError::Open(
+            "force-share=on can only be used with read-only images".into(),
+        ));
     }
     Ok(c)
 }

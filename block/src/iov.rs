@@ -24,7 +24,12 @@ unsafe impl Send for IoVecs {}
 
 impl std::fmt::Debug for IoVecs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "IoVecs({} segments, {} bytes)", self.iov.len(), self.len())
+        write!(
+            f,
+            "IoVecs({} segments, {} bytes)",
+            self.iov.len(),
+            self.len()
+        )
     }
 }
 
@@ -228,7 +233,10 @@ mod tests {
         assert_eq!(flat, [1, 2, 3, 4, 5]);
         let mut x = [0u8; 2];
         let mut y = [0u8; 3];
-        scatter(&flat, &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)]);
+        scatter(
+            &flat,
+            &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)],
+        );
         assert_eq!((x, y), ([1, 2], [3, 4, 5]));
     }
 

@@ -464,7 +464,7 @@ pub enum ChildRef {
 }
 
 /// Typed, consuming access to an option tree, for one option or sub-object.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Options {
     option: String,
     prefix: String,
@@ -495,6 +495,10 @@ impl Options {
     /// The remaining (unconsumed) tree.
     pub fn map(&self) -> &Map {
         &self.map
+    }
+    /// The remaining (unconsumed) tree, by value.
+    pub fn into_map(self) -> Map {
+        self.map
     }
     /// True if `key` is present and not yet consumed.
     pub fn has(&self, key: &str) -> bool {

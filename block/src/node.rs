@@ -151,7 +151,10 @@ impl Node {
     }
     /// The child with `role`.
     pub fn child(&self, role: &str) -> Option<&Arc<Node>> {
-        self.children.iter().find(|(r, _)| r == role).map(|(_, n)| n)
+        self.children
+            .iter()
+            .find(|(r, _)| r == role)
+            .map(|(_, n)| n)
     }
     /// Size in bytes.
     pub fn len(&self) -> u64 {
@@ -193,7 +196,8 @@ impl Node {
         self.check_writable()?;
         if self.common.detect_zeroes != DetectZeroes::Off && iov::is_zero(data) {
             let len = iov::total_len(data) as u64;
-            let unmap = self.common.detect_zeroes == DetectZeroes::Unmap && self.common.discard_unmap;
+            let unmap =
+                self.common.detect_zeroes == DetectZeroes::Unmap && self.common.discard_unmap;
             return self.driver.write_zeroes(offset, len, unmap, fua);
         }
         self.driver.write_vectored(offset, data, fua)
@@ -217,7 +221,13 @@ impl Node {
     }
 
     /// Write zeroes; `may_unmap` only honoured with `discard=unmap`.
-    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> BlockResult<()> {
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        fua: bool,
+    ) -> BlockResult<()> {
         self.check_writable()?;
         self.driver
             .write_zeroes(offset, len, may_unmap && self.common.discard_unmap, fua)
@@ -259,23 +269,24 @@ impl Node {
                             may_unmap: may_unmap && self.common.discard_unmap,
                         }
                     }
-                    IoOp::Write if self.common.detect_zeroes != DetectZeroes::Off => {
-                        if iov::is_zero(&req.iov.slices()) {
-                            let unmap =
-                                self.common.detect_zeroes == DetectZeroes::Unmap && self.common.discard_unmap;
-                            // Keep the buffers with the request; only the op changes.
-                            req.len = req.iov.len() as u64;
-                            req.op = IoOp::WriteZeroes { may_unmap: unmap };
-                            let op_back = IoOp::Write;
-                            self.driver.clone().submit(
-                                req,
-                                Box::new(move |mut r, res| {
-                                    r.op = op_back;
-                                    done(r, res)
-                                }),
-                            );
-                            return;
-                        }
+                    IoOp::Write
+                        if self.common.detect_zeroes != DetectZeroes::Off
+                            && iov::is_zero(&req.iov.slices()) =>
+                    {
+                        let unmap = self.common.detect_zeroes == DetectZeroes::Unmap
+                            && self.common.discard_unmap;
+                        // Keep the buffers with the request; only the op changes.
+                        req.len = req.iov.len() as u64;
+                        req.op = IoOp::WriteZeroes { may_unmap: unmap };
+                        let op_back = IoOp::Write;
+                        self.driver.clone().submit(
+                            req,
+                            Box::new(move |mut r, res| {
+                                r.op = op_back;
+                                done(r, res)
+                            }),
+                        );
+                        return;
                     }
                     _ => {}
                 }
@@ -343,7 +354,11 @@ impl Node {
         for (role, child) in &self.children {
             let (cp, cs) = if role == "backing" {
                 // Backing files are read, never written through this chain.
-                let p = if perm.0 == 0 { Perms::NONE } else { Perms::CONSISTENT_READ };
+                let p = if perm.0 == 0 {
+                    Perms::NONE
+                } else {
+                    Perms::CONSISTENT_READ
+                };
                 (p, Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE))
             } else {
                 (perm, shared)

@@ -33,7 +33,10 @@ impl RawNode {
         let size = ctx.opts.take_size("size", 1)?;
         let flen = file.len();
         if offset > flen {
-            return Err(BlockError::Open(format!("{}: offset cannot be greater than the file size", ctx.node_name)));
+            return Err(BlockError::Open(format!(
+                "{}: offset cannot be greater than the file size",
+                ctx.node_name
+            )));
         }
         if let Some(sz) = size {
             if offset.checked_add(sz).is_none_or(|e| e > flen) {
@@ -126,7 +129,8 @@ impl BlockDriver for RawNode {
             let z = vec![0u8; (PROBE_BUF_SIZE as u64 - offset).min(len) as usize];
             self.check_sector0(offset, &[IoSlice::new(&z)])?;
         }
-        self.file.write_zeroes(self.offset + offset, len, may_unmap, fua)
+        self.file
+            .write_zeroes(self.offset + offset, len, may_unmap, fua)
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let size = self.len_now();
@@ -138,7 +142,9 @@ impl BlockDriver for RawNode {
                 offset: None,
             });
         }
-        let mut e = self.file.block_status(self.offset + offset, len.min(size - offset))?;
+        let mut e = self
+            .file
+            .block_status(self.offset + offset, len.min(size - offset))?;
         e.len = e.len.min(size - offset).max(1);
         Ok(e)
     }

@@ -12,9 +12,13 @@ pub const PROBE_BUF_SIZE: usize = 512;
 /// The format whose header `buf` (the start of a file) carries, if any.
 /// `None` means "raw". Never panics, whatever the bytes.
 pub fn probe(buf: &[u8]) -> Option<&'static str> {
-    let at = |off: usize, magic: &[u8]| buf.len() >= off + magic.len() && &buf[off..off + magic.len()] == magic;
+    let at = |off: usize, magic: &[u8]| {
+        buf.len() >= off + magic.len() && &buf[off..off + magic.len()] == magic
+    };
     if at(0, b"QFI\xfb") {
-        let version = buf.get(4..8).map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
+        let version = buf
+            .get(4..8)
+            .map(|v| u32::from_be_bytes([v[0], v[1], v[2], v[3]]));
         return match version {
             Some(1) => Some("qcow"),
             Some(2) | Some(3) => Some("qcow2"),
@@ -42,7 +46,10 @@ pub fn probe(buf: &[u8]) -> Option<&'static str> {
     if at(0, b"Bochs Virtual HD Image") {
         return Some("bochs");
     }
-    if at(0, b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n") {
+    if at(
+        0,
+        b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n",
+    ) {
         return Some("cloop");
     }
     if at(0, b"LUKS\xba\xbe") {
