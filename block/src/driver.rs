@@ -236,8 +236,24 @@ pub trait BlockDriver: Send + Sync + 'static {
             done(req, r);
         }));
     }
-    /// Extra lines for `info` (e.g. the file name). Default: none.
+    /// The file name, for protocols. Default: none.
     fn filename(&self) -> Option<String> {
+        None
+    }
+    /// Counters of real syscalls (protocols only), for observation.
+    fn syscall_stats(&self) -> Option<&crate::aio::SyscallStats> {
+        None
+    }
+    /// The host descriptor (protocols only).
+    fn raw_fd(&self) -> Option<i32> {
+        None
+    }
+    /// Bytes allocated on the host (protocols only).
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+    /// The I/O engine in use (protocols only).
+    fn aio_engine(&self) -> Option<&'static str> {
         None
     }
 }

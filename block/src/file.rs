@@ -534,6 +534,18 @@ impl BlockDriver for FileNode {
     fn filename(&self) -> Option<String> {
         Some(self.opts.filename.clone())
     }
+    fn syscall_stats(&self) -> Option<&SyscallStats> {
+        Some(&self.stats)
+    }
+    fn raw_fd(&self) -> Option<i32> {
+        Some(self.fd.as_raw_fd())
+    }
+    fn allocated_size(&self) -> Option<u64> {
+        FileNode::allocated_size(self)
+    }
+    fn aio_engine(&self) -> Option<&'static str> {
+        Some(self.aio.name())
+    }
 
     fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
         if self.needs_bounce(offset, iov.iter().map(|s| (s.as_ptr() as usize, s.len()))) {
