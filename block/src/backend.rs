@@ -91,6 +91,10 @@ pub struct BackendConfig {
     pub werror: ErrorAction,
     /// Take the resize permission (tools that truncate).
     pub resize: bool,
+    /// What other users may do meanwhile. Devices (QEMU's default,
+    /// `share-rw=off`) share consistent read and write-unchanged; tools such
+    /// as `strata-img` share everything, as `qemu-img` does.
+    pub shared: Perms,
 }
 
 impl Default for BackendConfig {
@@ -101,6 +105,7 @@ impl Default for BackendConfig {
             rerror: ErrorAction::Report,
             werror: ErrorAction::Enospc,
             resize: false,
+            shared: Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED),
         }
     }
 }
@@ -197,8 +202,8 @@ impl std::fmt::Debug for BlockBackend {
 
 impl BlockBackend {
     /// Attach a backend named `id` to `root`, taking permissions (and thus
-    /// image locks): consistent read, plus write unless read-only; sharing
-    /// consistent read and write-unchanged, or everything with `force-share`.
+    /// image locks): consistent read, plus write unless read-only (plus
+    /// resize if asked); sharing `cfg.shared`, or everything with `force-share`.
     pub fn new(id: &str, root: Arc<Node>, cfg: BackendConfig) -> BlockResult<Arc<BlockBackend>> {
         let read_only = cfg.read_only || root.is_read_only();
         let mut perm = Perms::CONSISTENT_READ;
@@ -211,7 +216,7 @@ impl BlockBackend {
         let shared = if root.common().force_share {
             Perms::ALL
         } else {
-            Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED)
+            cfg.shared
         };
         let user = if id.is_empty() {
             "a block backend".to_string()

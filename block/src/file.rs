@@ -177,6 +177,11 @@ impl FileNode {
         let raw = unsafe { libc::open(cpath.as_ptr(), flags) };
         if raw < 0 {
             let e = errno();
+            if e == libc::EISDIR && !opts.host_device {
+                return Err(BlockError::Open(format!(
+                    "'file' driver requires '{name}' to be a regular file"
+                )));
+            }
             if e == libc::EINVAL && opts.direct {
                 return Err(BlockError::Open(format!(
                     "Could not open '{name}': cache.direct=on (O_DIRECT) is not supported by this file system"

@@ -412,9 +412,12 @@ impl BlockGraph {
             desc,
             ..
         } = ctx;
+        let prefix = format!("{}.", opts.prefix());
         if let Err(e) = opts.finish() {
             let key = match &e {
-                KeyvalError::Unknown { key, .. } => key.clone(),
+                KeyvalError::Unknown { key, .. } => {
+                    key.strip_prefix(&prefix).unwrap_or(key).to_string()
+                }
                 other => other.to_string(),
             };
             let kind = if is_protocol(&driver) {

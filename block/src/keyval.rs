@@ -484,6 +484,10 @@ impl Options {
     pub fn option(&self) -> &str {
         &self.option
     }
+    /// The dotted path of this sub-object inside the option ("" at the top).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
     /// The dotted path of `key` inside the option.
     pub fn path(&self, key: &str) -> String {
         if self.prefix.is_empty() {

@@ -5,8 +5,8 @@
 mod common;
 
 use block::backend::{BlockBackend, CompletionQueue};
-use block::driver::IoRequest;
 use block::drive::parse_drive;
+use block::driver::IoRequest;
 use block::graph::BlockGraph;
 use block::iov::IoVecs;
 use common::*;
@@ -23,31 +23,62 @@ struct Expect {
 
 fn expect(mode: &str) -> Expect {
     match mode {
-        "writeback" => Expect { direct: false, wce: true, flush_syncs: true },
-        "none" => Expect { direct: true, wce: true, flush_syncs: true },
-        "writethrough" => Expect { direct: false, wce: false, flush_syncs: true },
-        "directsync" => Expect { direct: true, wce: false, flush_syncs: true },
-        "unsafe" => Expect { direct: false, wce: true, flush_syncs: false },
+        "writeback" => Expect {
+            direct: false,
+            wce: true,
+            flush_syncs: true,
+        },
+        "none" => Expect {
+            direct: true,
+            wce: true,
+            flush_syncs: true,
+        },
+        "writethrough" => Expect {
+            direct: false,
+            wce: false,
+            flush_syncs: true,
+        },
+        "directsync" => Expect {
+            direct: true,
+            wce: false,
+            flush_syncs: true,
+        },
+        "unsafe" => Expect {
+            direct: false,
+            wce: true,
+            flush_syncs: false,
+        },
         _ => unreachable!(),
     }
 }
 
 fn file_driver(blk: &BlockBackend) -> Arc<dyn block::driver::BlockDriver> {
-    blk.root().child("file").expect("file child").driver().clone()
+    blk.root()
+        .child("file")
+        .expect("file child")
+        .driver()
+        .clone()
 }
 
 fn roundtrip(mode: &str, aio: &str) {
     let dir = TempDir::new("cache");
     let img = dir.file("disk.img", 4 << 20);
     let graph = BlockGraph::new();
-    let spec = parse_drive(&format!("file={img},format=raw,if=none,id=d0,cache={mode},aio={aio}")).unwrap();
+    let spec = parse_drive(&format!(
+        "file={img},format=raw,if=none,id=d0,cache={mode},aio={aio}"
+    ))
+    .unwrap();
     let blk = spec.open(&graph).unwrap().unwrap();
     let e = expect(mode);
     let file = file_driver(&blk);
     assert_eq!(file.aio_engine(), Some(aio), "{mode}/{aio}");
     // O_DIRECT really set (or not) on the descriptor.
     let flags = fd_flags(file.raw_fd().unwrap());
-    assert_eq!(flags & O_DIRECT != 0, e.direct, "{mode}/{aio}: fdinfo flags {flags:o}");
+    assert_eq!(
+        flags & O_DIRECT != 0,
+        e.direct,
+        "{mode}/{aio}: fdinfo flags {flags:o}"
+    );
     assert_eq!(blk.write_cache_enabled(), e.wce, "{mode}");
     let st = file.syscall_stats().unwrap();
 
@@ -82,16 +113,27 @@ fn roundtrip(mode: &str, aio: &str) {
     let mut wbuf = buf;
     wbuf.copy_from_slice(&pattern(8192, 3));
     // SAFETY: wbuf lives until the completion is drained below.
-    let iov = unsafe { IoVecs::from_raw(&[(wbuf.as_mut_ptr(), 4096), (wbuf.as_mut_ptr().add(4096), 4096)]) };
+    let iov = unsafe {
+        IoVecs::from_raw(&[
+            (wbuf.as_mut_ptr(), 4096),
+            (wbuf.as_mut_ptr().add(4096), 4096),
+        ])
+    };
     let before = st.dsync_writes.load(Ordering::SeqCst);
     blk.submit(IoRequest::write(1 << 20, iov, false), q.completion(1));
     let done = q.wait();
     assert_eq!(done.len(), 1);
     assert!(done[0].2.is_ok(), "{:?}", done[0].2);
     if !e.wce {
-        assert!(st.dsync_writes.load(Ordering::SeqCst) > before, "{mode}: async write FUA");
+        assert!(
+            st.dsync_writes.load(Ordering::SeqCst) > before,
+            "{mode}: async write FUA"
+        );
     }
-    blk.submit(IoRequest::read(1 << 20, IoVecs::from_vec(vec![0; 8192])), q.completion(2));
+    blk.submit(
+        IoRequest::read(1 << 20, IoVecs::from_vec(vec![0; 8192])),
+        q.completion(2),
+    );
     let done = q.wait();
     let (tag, req, r) = done.into_iter().next().unwrap();
     assert_eq!(tag, 2);
@@ -110,7 +152,10 @@ fn roundtrip(mode: &str, aio: &str) {
         assert_eq!(syncs, 0, "{mode}: unsafe must skip fdatasync");
     }
     if aio == "io_uring" && !e.direct {
-        assert!(st.uring_ops.load(Ordering::SeqCst) >= 2, "async I/O went through io_uring");
+        assert!(
+            st.uring_ops.load(Ordering::SeqCst) >= 2,
+            "async I/O went through io_uring"
+        );
     }
     drop(blk);
     // The data is in the file itself.
@@ -170,9 +215,16 @@ fn cache_direct_and_no_flush_keys() {
         .unwrap();
     let blk = BlockBackend::new("b", node, Default::default()).unwrap();
     let f = file_driver(&blk);
-    assert_ne!(fd_flags(f.raw_fd().unwrap()) & O_DIRECT, 0, "cache.direct inherited by the inline file child");
+    assert_ne!(
+        fd_flags(f.raw_fd().unwrap()) & O_DIRECT,
+        0,
+        "cache.direct inherited by the inline file child"
+    );
     blk.flush().unwrap();
-    assert_eq!(f.syscall_stats().unwrap().fdatasync.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        f.syscall_stats().unwrap().fdatasync.load(Ordering::SeqCst),
+        0
+    );
 }
 
 #[test]
@@ -183,16 +235,22 @@ fn strace_sees_fdatasync_and_dsync() {
         let dir = TempDir::new("strace");
         let img = dir.file("d.img", 1 << 20);
         let graph = BlockGraph::new();
-        let blk = parse_drive(&format!("file={img},format=raw,if=none,cache=writethrough,aio=threads"))
-            .unwrap()
-            .open(&graph)
-            .unwrap()
-            .unwrap();
+        let blk = parse_drive(&format!(
+            "file={img},format=raw,if=none,cache=writethrough,aio=threads"
+        ))
+        .unwrap()
+        .open(&graph)
+        .unwrap()
+        .unwrap();
         blk.write_at(0, &[9; 4096]).unwrap();
         blk.flush().unwrap();
         return;
     }
-    if std::process::Command::new("strace").arg("-V").output().is_err() {
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
         eprintln!("strace not installed; skipped");
         return;
     }
@@ -200,12 +258,21 @@ fn strace_sees_fdatasync_and_dsync() {
     let out = std::process::Command::new("strace")
         .args(["-f", "-e", "trace=fdatasync,pwritev2", "-o", "/dev/stderr"])
         .arg(exe)
-        .args(["--exact", "strace_sees_fdatasync_and_dsync", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "strace_sees_fdatasync_and_dsync",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("STRATA_STRACE_CHILD", "1")
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    assert!(log.lines().any(|l| l.contains("pwritev2(") && l.contains("RWF_DSYNC")), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("pwritev2(") && l.contains("RWF_DSYNC")),
+        "{log}"
+    );
     assert!(log.lines().any(|l| l.contains("fdatasync(")), "{log}");
 }

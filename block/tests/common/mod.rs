@@ -39,7 +39,9 @@ impl Drop for TempDir {
 
 /// Deterministic pattern bytes.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 /// The `flags:` field of /proc/self/fdinfo/<fd>, as octal.
