@@ -148,7 +148,30 @@ impl DriveTable {
 
     /// Desugar `-drive <text>`.
     pub fn parse_drive(&mut self, text: &str) -> BlockResult<DriveSpec> {
-        let map = Parser::new("-drive").bare_flags(true).parse(text)?;
+        // QemuOpts keeps keys flat: `file=x` and `file.locking=off` may both
+        // appear, so the scalar `file` is taken out before nesting the rest.
+        let p = Parser::new("-drive").bare_flags(true);
+        let mut pairs = p.parse_flat(text)?;
+        let mut filename = None;
+        pairs.retain(|(k, v)| {
+            if k == "file" {
+                filename = Some(v.clone());
+                false
+            } else {
+                true
+            }
+        });
+        let mut map = p.build(pairs)?;
+        if let Some(f) = filename {
+            match map.get_mut("file") {
+                Some(Value::Map(m)) => {
+                    m.insert("filename".into(), Value::Str(f));
+                }
+                _ => {
+                    map.insert("file".into(), Value::Str(f));
+                }
+            }
+        }
         self.desugar(map)
     }
 
@@ -385,6 +408,21 @@ impl DriveTable {
             }
             Some(Value::Map(m)) => {
                 let mut fm = m;
+                if !fm.contains_key("driver") {
+                    if let Some(Value::Str(f)) = fm.get("filename") {
+                        let proto = match std::fs::metadata(f) {
+                            Ok(m)
+                                if std::os::unix::fs::FileTypeExt::is_block_device(
+                                    &m.file_type(),
+                                ) =>
+                            {
+                                "host_device"
+                            }
+                            _ => "file",
+                        };
+                        fm.insert("driver".into(), s(proto));
+                    }
+                }
                 if let Some(a) = &aio {
                     fm.insert("aio".into(), s(a));
                 }

@@ -132,7 +132,24 @@ impl<'a> Parser<'a> {
 
     /// Parse `input` into a tree.
     pub fn parse(&self, input: &str) -> Result<Map, KeyvalError> {
+        let pairs = self.parse_flat(input)?;
+        self.build(pairs)
+    }
+
+    /// Build a tree from flat `(dotted key, value)` pairs, in order.
+    pub fn build(&self, pairs: Vec<(String, String)>) -> Result<Map, KeyvalError> {
         let mut root = Map::new();
+        for (key, value) in pairs {
+            self.insert(&mut root, &key, value)?;
+        }
+        listify(self.option, &mut root, "")?;
+        Ok(root)
+    }
+
+    /// Split `input` into `(key, value)` pairs without building the tree
+    /// (QemuOpts' flat view, where `file=x` and `file.locking=off` coexist).
+    pub fn parse_flat(&self, input: &str) -> Result<Vec<(String, String)>, KeyvalError> {
+        let mut pairs = Vec::new();
         let mut rest = input;
         let mut first = true;
         while !rest.is_empty() {
@@ -163,10 +180,9 @@ impl<'a> Parser<'a> {
                 rest = r;
             }
             first = false;
-            self.insert(&mut root, &key, value)?;
+            pairs.push((key, value));
         }
-        listify(self.option, &mut root, "")?;
-        Ok(root)
+        Ok(pairs)
     }
 
     fn insert(&self, root: &mut Map, key: &str, value: String) -> Result<(), KeyvalError> {
