@@ -8,10 +8,12 @@ fn s(v: &str) -> Value {
     Value::Str(v.into())
 }
 
+type Want = (&'static str, Interface, u32, u32, Media, Option<&'static str>);
+
 #[test]
 fn qemu_doc_examples() {
     // (drives given in order, expected (id, if, bus, unit, media, device))
-    let table: &[(&[&str], &[(&str, Interface, u32, u32, Media, Option<&str>)])] = &[
+    let table: &[(&[&str], &[Want])] = &[
         (
             &["file=f,index=0,media=disk"],
             &[(
