@@ -1,0 +1,350 @@
+//! I/O engines: the worker pool (QEMU's `aio=threads`) and io_uring
+//! (`aio=io_uring`, Linux `io_uring(7)`).
+//!
+//! The pool runs blocking operations on up to 64 threads, created on demand,
+//! like QEMU's `thread-pool.c`. The io_uring engine owns one ring per `file`
+//! node and a reaper thread that waits for completions and calls the
+//! requests' callbacks; submitters from any thread push entries under a lock.
+
+use crate::driver::{Completion, IoOp, IoRequest};
+use crate::error::BlockError;
+use io_uring::{opcode, types, IoUring};
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+/// A job for the pool.
+pub type Job = Box<dyn FnOnce() + Send>;
+
+struct PoolState {
+    queue: VecDeque<Job>,
+    idle: usize,
+    threads: usize,
+}
+
+/// A growable pool of worker threads.
+pub struct Pool {
+    shared: Arc<(Mutex<PoolState>, Condvar)>,
+    max: usize,
+}
+
+impl Pool {
+    fn new(max: usize) -> Self {
+        Pool {
+            shared: Arc::new((
+                Mutex::new(PoolState {
+                    queue: VecDeque::new(),
+                    idle: 0,
+                    threads: 0,
+                }),
+                Condvar::new(),
+            )),
+            max,
+        }
+    }
+
+    /// Run `job` on a worker thread.
+    pub fn spawn(&self, job: Job) {
+        let (lock, cv) = &*self.shared;
+        let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.queue.push_back(job);
+        if st.queue.len() > st.idle && st.threads < self.max {
+            st.threads += 1;
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("block-worker".into())
+                .spawn(move || worker(shared));
+            if spawned.is_err() {
+                st.threads -= 1;
+            }
+        }
+        cv.notify_one();
+    }
+}
+
+fn worker(shared: Arc<(Mutex<PoolState>, Condvar)>) {
+    let (lock, cv) = &*shared;
+    loop {
+        let job = {
+            let mut st = lock.lock().unwrap_or_else(|e| e.into_inner());
+            loop {
+                if let Some(j) = st.queue.pop_front() {
+                    break j;
+                }
+                st.idle += 1;
+                st = cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.idle -= 1;
+            }
+        };
+        job();
+    }
+}
+
+/// The process-wide worker pool.
+pub fn pool() -> &'static Pool {
+    static POOL: OnceLock<Pool> = OnceLock::new();
+    POOL.get_or_init(|| Pool::new(64))
+}
+
+/// Counters of the syscalls a `file` node really made (observed in tests).
+#[derive(Default, Debug)]
+pub struct SyscallStats {
+    /// fdatasync calls (including io_uring IORING_OP_FSYNC with DATASYNC).
+    pub fdatasync: AtomicU64,
+    /// Writes issued with RWF_DSYNC (FUA).
+    pub dsync_writes: AtomicU64,
+    /// Reads and writes issued through io_uring.
+    pub uring_ops: AtomicU64,
+}
+
+struct Inflight {
+    req: IoRequest,
+    done: Completion,
+}
+
+const SHUTDOWN: u64 = u64::MAX;
+
+/// One io_uring instance with its reaper thread.
+pub struct Uring {
+    ring: IoUring,
+    sq_lock: Mutex<()>,
+    slots: Mutex<(Vec<Option<Inflight>>, Vec<usize>)>,
+    fd: Arc<OwnedFd>,
+    stats: Arc<SyscallStats>,
+}
+
+impl Uring {
+    /// Create a ring for `fd` and start its reaper thread.
+    pub fn new(fd: Arc<OwnedFd>, stats: Arc<SyscallStats>) -> std::io::Result<Arc<Self>> {
+        let ring = IoUring::new(256)?;
+        let u = Arc::new(Uring {
+            ring,
+            sq_lock: Mutex::new(()),
+            slots: Mutex::new((Vec::new(), Vec::new())),
+            fd,
+            stats,
+        });
+        let r = u.clone();
+        std::thread::Builder::new()
+            .name("io_uring-reaper".into())
+            .spawn(move || r.reap())?;
+        Ok(u)
+    }
+
+    /// Submit a read, write or flush. Other operations must use the pool.
+    pub fn submit(&self, req: IoRequest, done: Completion) {
+        let fd = types::Fd(self.fd.as_raw_fd());
+        let iov_ptr = req.iov.as_raw().as_ptr();
+        let iov_cnt = req.iov.as_raw().len() as u32;
+        let offset = req.offset;
+        let op = req.op;
+        let fua = req.fua;
+        let idx = {
+            let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = Some(Inflight { req, done });
+            match s.1.pop() {
+                Some(i) => {
+                    s.0[i] = slot;
+                    i
+                }
+                None => {
+                    s.0.push(slot);
+                    s.0.len() - 1
+                }
+            }
+        };
+        let entry = match op {
+            IoOp::Read => opcode::Readv::new(fd, iov_ptr, iov_cnt)
+                .offset(offset)
+                .build(),
+            IoOp::Write => {
+                let flags = if fua {
+                    self.stats.dsync_writes.fetch_add(1, Ordering::Relaxed);
+                    libc::RWF_DSYNC
+                } else {
+                    0
+                };
+                opcode::Writev::new(fd, iov_ptr, iov_cnt)
+                    .offset(offset)
+                    .rw_flags(flags)
+                    .build()
+            }
+            _ => {
+                self.stats.fdatasync.fetch_add(1, Ordering::Relaxed);
+                opcode::Fsync::new(fd)
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build()
+            }
+        };
+        if matches!(op, IoOp::Read | IoOp::Write) {
+            self.stats.uring_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        self.push(entry.user_data(idx as u64));
+    }
+
+    fn push(&self, entry: io_uring::squeue::Entry) {
+        let _g = self.sq_lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            // SAFETY: `sq_lock` serialises every user of the submission
+            // queue, so no other SubmissionQueue handle exists meanwhile.
+            let mut sq = unsafe { self.ring.submission_shared() };
+            // SAFETY: the entry's buffers (iovec array and the memory it
+            // points to) belong to the Inflight stored in `slots`, which is
+            // only released after the completion for this entry is reaped.
+            if unsafe { sq.push(&entry) }.is_ok() {
+                sq.sync();
+                break;
+            }
+            drop(sq);
+            let _ = self.ring.submitter().submit();
+        }
+        let _ = self.ring.submitter().submit();
+    }
+
+    /// Stop the reaper once every in-flight request has completed.
+    pub fn shutdown(&self) {
+        self.push(opcode::Nop::new().build().user_data(SHUTDOWN));
+    }
+
+    fn reap(self: Arc<Self>) {
+        let mut stopping = false;
+        loop {
+            if stopping {
+                let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                if s.0.iter().all(|x| x.is_none()) {
+                    return;
+                }
+            }
+            match self.ring.submitter().submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+            let mut done = Vec::new();
+            {
+                // SAFETY: only this reaper thread ever touches the completion
+                // queue.
+                let cq = unsafe { self.ring.completion_shared() };
+                for cqe in cq {
+                    done.push((cqe.user_data(), cqe.result()));
+                }
+            }
+            for (ud, res) in done {
+                if ud == SHUTDOWN {
+                    stopping = true;
+                    continue;
+                }
+                let inf = {
+                    let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                    let i = ud as usize;
+                    let inf = s.0.get_mut(i).and_then(|x| x.take());
+                    if inf.is_some() {
+                        s.1.push(i);
+                    }
+                    inf
+                };
+                if let Some(inf) = inf {
+                    self.complete(inf, res);
+                }
+            }
+        }
+    }
+
+    fn complete(&self, inf: Inflight, res: i32) {
+        let Inflight { mut req, done } = inf;
+        if res < 0 {
+            let what = match req.op {
+                IoOp::Read => "read",
+                IoOp::Write => "write",
+                _ => "flush",
+            };
+            done(req, Err(BlockError::io(-res, format!("io_uring {what}"))));
+            return;
+        }
+        let want = req.iov.len();
+        let got = res as usize;
+        let r = match req.op {
+            IoOp::Read if got < want => finish_short(&self.fd, &mut req, got, false),
+            IoOp::Write if got < want => finish_short(&self.fd, &mut req, got, true),
+            _ => Ok(()),
+        };
+        done(req, r);
+    }
+}
+
+/// Finish a short io_uring read or write synchronously: reads past the end of
+/// the file return zeroes, as in QEMU's file-posix.
+fn finish_short(
+    fd: &OwnedFd,
+    req: &mut IoRequest,
+    mut pos: usize,
+    write: bool,
+) -> Result<(), BlockError> {
+    let total = req.iov.len();
+    let mut flat = vec![0u8; total];
+    if write {
+        crate::iov::gather(&req.iov.slices(), &mut flat);
+    } else {
+        // Keep what was already read.
+        let mut tmp = vec![0u8; total];
+        crate::iov::gather(&req.iov.slices(), &mut tmp);
+        flat[..pos].copy_from_slice(&tmp[..pos]);
+    }
+    while pos < total {
+        let off = req.offset + pos as u64;
+        let rest = &mut flat[pos..];
+        // SAFETY: `rest` is a valid buffer of rest.len() bytes for the call.
+        let n = unsafe {
+            if write {
+                libc::pwrite(fd.as_raw_fd(), rest.as_ptr().cast(), rest.len(), off as i64)
+            } else {
+                libc::pread(
+                    fd.as_raw_fd(),
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    off as i64,
+                )
+            }
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if e == libc::EINTR {
+                continue;
+            }
+            return Err(BlockError::io(e, if write { "write" } else { "read" }));
+        }
+        if n == 0 {
+            if write {
+                return Err(BlockError::io(libc::EIO, "short write"));
+            }
+            break; // EOF: the rest stays zero
+        }
+        pos += n as usize;
+    }
+    if !write {
+        crate::iov::scatter(&flat, &mut req.iov.slices_mut());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn pool_runs_many_jobs() {
+        let (tx, rx) = mpsc::channel();
+        for i in 0..200 {
+            let tx = tx.clone();
+            pool().spawn(Box::new(move || tx.send(i).unwrap()));
+        }
+        let mut got: Vec<i32> = (0..200).map(|_| rx.recv().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, (0..200).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,565 @@
+//! `BlockBackend`: what a guest device attaches to (QEMU's
+//! `block/block-backend.c` vocabulary and `-drive` `rerror`/`werror`
+//! semantics from the `qemu(1)` man page).
+//!
+//! # API for devices
+//!
+//! A `BlockBackend` is `Send + Sync` and shared as `Arc<BlockBackend>`.
+//!
+//! Blocking convenience methods (for tools, tests and simple devices):
+//! [`BlockBackend::read_at`], [`write_at`](BlockBackend::write_at),
+//! [`flush`](BlockBackend::flush), [`discard`](BlockBackend::discard),
+//! [`write_zeroes`](BlockBackend::write_zeroes),
+//! [`block_status`](BlockBackend::block_status),
+//! [`truncate`](BlockBackend::truncate), and the vectored
+//! [`readv_at`](BlockBackend::readv_at) / [`writev_at`](BlockBackend::writev_at).
+//!
+//! Asynchronous submission (for devices, off the vCPU thread):
+//! [`BlockBackend::submit`] takes an [`IoRequest`] (operation, offset and
+//! [`IoVecs`](crate::iov::IoVecs), which may point into guest memory) and a
+//! completion callback, called exactly once on an I/O thread with the request
+//! (buffers included) and its result. [`CompletionQueue`] turns callbacks
+//! into a queue plus an `eventfd`, for event loops.
+//!
+//! Policies applied here, in this order: read-only and range checks (errors
+//! returned directly, like QEMU's `-EIO`/`-EACCES` checks), the write cache
+//! (with WCE off every write and write-zeroes carries FUA: durable before it
+//! completes), I/O statistics per operation kind (ops, bytes, failures,
+//! latency), and the error policy: `report` returns the error, `ignore`
+//! completes successfully, `stop` parks the request, calls the stop handler
+//! (the VM pauses) and retries it on [`BlockBackend::resume`], `enospc`
+//! stops on `ENOSPC` and reports other errors. `rerror` applies to reads,
+//! `werror` to everything else.
+
+use crate::driver::{Completion, Extent, IoOp, IoRequest, Perms};
+use crate::error::{BlockError, BlockResult};
+use crate::iov::IoVecs;
+use crate::node::{Node, PermHandle};
+use std::collections::VecDeque;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+/// `rerror=`/`werror=` action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ErrorAction {
+    /// Return the error to the guest.
+    #[default]
+    Report,
+    /// Pretend success.
+    Ignore,
+    /// Pause the VM; retry on resume.
+    Stop,
+    /// Stop on ENOSPC, report otherwise.
+    Enospc,
+}
+
+impl ErrorAction {
+    /// Parse QEMU's spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "report" => Some(ErrorAction::Report),
+            "ignore" => Some(ErrorAction::Ignore),
+            "stop" => Some(ErrorAction::Stop),
+            "enospc" => Some(ErrorAction::Enospc),
+            _ => None,
+        }
+    }
+    /// QEMU's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorAction::Report => "report",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Stop => "stop",
+            ErrorAction::Enospc => "enospc",
+        }
+    }
+}
+
+/// How a backend is configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Refuse writes (also implied by a read-only root node).
+    pub read_only: bool,
+    /// The write cache (WCE) starts enabled.
+    pub write_cache: bool,
+    /// Read error action.
+    pub rerror: ErrorAction,
+    /// Write error action.
+    pub werror: ErrorAction,
+    /// Take the resize permission (tools that truncate).
+    pub resize: bool,
+    /// What other users may do meanwhile. Devices (QEMU's default,
+    /// `share-rw=off`) share consistent read and write-unchanged; tools such
+    /// as `strata-img` share everything, as `qemu-img` does.
+    pub shared: Perms,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            read_only: false,
+            write_cache: true,
+            rerror: ErrorAction::Report,
+            werror: ErrorAction::Enospc,
+            resize: false,
+            shared: Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED),
+        }
+    }
+}
+
+/// Statistics of one operation kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpStats {
+    /// Completed operations.
+    pub ops: u64,
+    /// Bytes transferred (or covered, for discard/zeroes).
+    pub bytes: u64,
+    /// Failed operations (before the error policy).
+    pub failed: u64,
+    /// Sum of latencies in nanoseconds.
+    pub total_time_ns: u64,
+}
+
+/// Statistics per operation kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockStats {
+    /// Reads.
+    pub read: OpStats,
+    /// Writes.
+    pub write: OpStats,
+    /// Flushes.
+    pub flush: OpStats,
+    /// Discards.
+    pub discard: OpStats,
+    /// Write-zeroes.
+    pub write_zeroes: OpStats,
+}
+
+#[derive(Default)]
+struct AtomicOpStats {
+    ops: AtomicU64,
+    bytes: AtomicU64,
+    failed: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl AtomicOpStats {
+    fn get(&self) -> OpStats {
+        OpStats {
+            ops: self.ops.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            total_time_ns: self.ns.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn kind_index(op: IoOp) -> usize {
+    match op {
+        IoOp::Read => 0,
+        IoOp::Write => 1,
+        IoOp::Flush => 2,
+        IoOp::Discard => 3,
+        IoOp::WriteZeroes { .. } => 4,
+    }
+}
+
+type StopHandler = Arc<dyn Fn(&BlockError) + Send + Sync>;
+
+#[derive(Default)]
+struct PauseState {
+    stopped: bool,
+    generation: u64,
+    parked: Vec<(IoRequest, Completion)>,
+}
+
+/// What a device attaches to.
+pub struct BlockBackend {
+    id: String,
+    root: Arc<Node>,
+    _perm: PermHandle,
+    read_only: bool,
+    wce: AtomicBool,
+    rerror: ErrorAction,
+    werror: ErrorAction,
+    stats: [AtomicOpStats; 5],
+    pause: Mutex<PauseState>,
+    resumed: Condvar,
+    stop_handler: Mutex<Option<StopHandler>>,
+}
+
+impl std::fmt::Debug for BlockBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockBackend")
+            .field("id", &self.id)
+            .field("root", &self.root.name())
+            .finish()
+    }
+}
+
+impl BlockBackend {
+    /// Attach a backend named `id` to `root`, taking permissions (and thus
+    /// image locks): consistent read, plus write unless read-only (plus
+    /// resize if asked); sharing `cfg.shared`, or everything with `force-share`.
+    pub fn new(id: &str, root: Arc<Node>, cfg: BackendConfig) -> BlockResult<Arc<BlockBackend>> {
+        let read_only = cfg.read_only || root.is_read_only();
+        let mut perm = Perms::CONSISTENT_READ;
+        if !read_only {
+            perm = perm.union(Perms::WRITE);
+            if cfg.resize {
+                perm = perm.union(Perms::RESIZE);
+            }
+        }
+        let shared = if root.common().force_share {
+            Perms::ALL
+        } else {
+            cfg.shared
+        };
+        let user = if id.is_empty() {
+            "a block backend".to_string()
+        } else {
+            format!("block device '{id}'")
+        };
+        let handle = root.attach(&user, perm, shared)?;
+        Ok(Arc::new(BlockBackend {
+            id: id.to_string(),
+            root,
+            _perm: handle,
+            read_only,
+            wce: AtomicBool::new(cfg.write_cache),
+            rerror: cfg.rerror,
+            werror: cfg.werror,
+            stats: Default::default(),
+            pause: Mutex::new(PauseState::default()),
+            resumed: Condvar::new(),
+            stop_handler: Mutex::new(None),
+        }))
+    }
+
+    /// The backend id (`-drive id=`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// The root node.
+    pub fn root(&self) -> &Arc<Node> {
+        &self.root
+    }
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.root.len()
+    }
+    /// True for a zero-length medium.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Read-only backend.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// Switch the guest-visible write cache (WCE) at runtime.
+    pub fn set_write_cache(&self, on: bool) {
+        self.wce.store(on, Ordering::SeqCst);
+    }
+    /// Current WCE state.
+    pub fn write_cache_enabled(&self) -> bool {
+        self.wce.load(Ordering::SeqCst)
+    }
+    /// Read error action.
+    pub fn rerror(&self) -> ErrorAction {
+        self.rerror
+    }
+    /// Write error action.
+    pub fn werror(&self) -> ErrorAction {
+        self.werror
+    }
+    /// Logical block alignment of the root (512 or 4096 under O_DIRECT, 1 otherwise).
+    pub fn request_alignment(&self) -> u64 {
+        self.root.limits().request_alignment
+    }
+    /// Statistics snapshot.
+    pub fn stats(&self) -> BlockStats {
+        BlockStats {
+            read: self.stats[0].get(),
+            write: self.stats[1].get(),
+            flush: self.stats[2].get(),
+            discard: self.stats[3].get(),
+            write_zeroes: self.stats[4].get(),
+        }
+    }
+    /// Called (on an I/O thread) when an error policy stops the backend;
+    /// the VM should pause, and call [`BlockBackend::resume`] on continue.
+    pub fn set_stop_handler(&self, f: impl Fn(&BlockError) + Send + Sync + 'static) {
+        *self.stop_handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(f));
+    }
+    /// True while requests are parked by a `stop` policy.
+    pub fn is_stopped(&self) -> bool {
+        self.pause.lock().unwrap_or_else(|e| e.into_inner()).stopped
+    }
+    /// Retry every parked request (the VM continues).
+    pub fn resume(self: &Arc<Self>) {
+        let parked = {
+            let mut p = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+            p.stopped = false;
+            p.generation += 1;
+            std::mem::take(&mut p.parked)
+        };
+        self.resumed.notify_all();
+        for (req, done) in parked {
+            self.submit_checked(req, done);
+        }
+    }
+
+    fn action_for(&self, op: IoOp, e: &BlockError) -> ErrorAction {
+        let a = if op == IoOp::Read {
+            self.rerror
+        } else {
+            self.werror
+        };
+        match a {
+            ErrorAction::Enospc if e.errno() == libc::ENOSPC => ErrorAction::Stop,
+            ErrorAction::Enospc => ErrorAction::Report,
+            other => other,
+        }
+    }
+
+    fn account(&self, op: IoOp, bytes: u64, start: Instant, ok: bool) {
+        let s = &self.stats[kind_index(op)];
+        s.ops.fetch_add(1, Ordering::Relaxed);
+        if ok {
+            s.bytes.fetch_add(bytes, Ordering::Relaxed);
+        } else {
+            s.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        s.ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn stop(&self, e: &BlockError) {
+        let h = self
+            .stop_handler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(h) = h {
+            h(e);
+        }
+    }
+
+    fn check(&self, op: IoOp, offset: u64, len: u64) -> BlockResult<()> {
+        if op != IoOp::Read && op != IoOp::Flush && self.read_only {
+            return Err(BlockError::ReadOnly(format!("Block device '{}'", self.id)));
+        }
+        if op != IoOp::Flush {
+            crate::driver::check_range(&self.id, offset, len, self.len())?;
+        }
+        Ok(())
+    }
+
+    /// Run a synchronous operation under stats and the error policy.
+    fn run(
+        &self,
+        op: IoOp,
+        offset: u64,
+        bytes: u64,
+        mut f: impl FnMut() -> BlockResult<()>,
+    ) -> BlockResult<()> {
+        self.check(op, offset, bytes)?;
+        loop {
+            let start = Instant::now();
+            let r = f();
+            self.account(op, bytes, start, r.is_ok());
+            let e = match r {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            match self.action_for(op, &e) {
+                ErrorAction::Report | ErrorAction::Enospc => return Err(e),
+                ErrorAction::Ignore => return Ok(()),
+                ErrorAction::Stop => {
+                    let gen = {
+                        let mut p = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+                        p.stopped = true;
+                        p.generation
+                    };
+                    self.stop(&e);
+                    let mut p = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+                    while p.generation == gen {
+                        p = self.resumed.wait(p).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.readv_at(offset, &mut [IoSliceMut::new(buf)])
+    }
+    /// Vectored read.
+    pub fn readv_at(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
+        let len = crate::iov::total_len_mut(iov) as u64;
+        self.run(IoOp::Read, offset, len, || {
+            self.root.read_vectored(offset, iov)
+        })
+    }
+    /// Write `buf` at `offset` (FUA when the write cache is off).
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        self.writev_at(offset, &[IoSlice::new(buf)])
+    }
+    /// Vectored write.
+    pub fn writev_at(&self, offset: u64, iov: &[IoSlice<'_>]) -> BlockResult<()> {
+        self.writev_at_fua(offset, iov, false)
+    }
+    /// Vectored write with explicit FUA (also forced when WCE is off).
+    pub fn writev_at_fua(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
+        let len = crate::iov::total_len(iov) as u64;
+        let fua = fua || !self.write_cache_enabled();
+        self.run(IoOp::Write, offset, len, || {
+            self.root.write_vectored(offset, iov, fua)
+        })
+    }
+    /// Flush the write cache down to stable storage.
+    pub fn flush(&self) -> BlockResult<()> {
+        self.run(IoOp::Flush, 0, 0, || self.root.flush())
+    }
+    /// Discard (honoured only with `discard=unmap`).
+    pub fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.run(IoOp::Discard, offset, len, || {
+            self.root.discard(offset, len)
+        })
+    }
+    /// Make a range read as zeroes.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
+        let fua = !self.write_cache_enabled();
+        self.run(IoOp::WriteZeroes { may_unmap }, offset, len, || {
+            self.root.write_zeroes(offset, len, may_unmap, fua)
+        })
+    }
+    /// Allocation status of the run starting at `offset`.
+    pub fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.root.block_status(offset, len)
+    }
+    /// Resize (needs `BackendConfig::resize`).
+    pub fn truncate(&self, len: u64) -> BlockResult<()> {
+        if self.read_only {
+            return Err(BlockError::ReadOnly(format!("Block device '{}'", self.id)));
+        }
+        self.root.truncate(len)
+    }
+
+    /// Submit a request; `done` runs exactly once, on an I/O thread (or in
+    /// the caller's thread for immediate errors and `null-co`).
+    pub fn submit(self: &Arc<Self>, mut req: IoRequest, done: Completion) {
+        if let Err(e) = self.check(req.op, req.offset, req.byte_len()) {
+            done(req, Err(e));
+            return;
+        }
+        if matches!(req.op, IoOp::Write | IoOp::WriteZeroes { .. }) && !self.write_cache_enabled() {
+            req.fua = true;
+        }
+        self.submit_checked(req, done);
+    }
+
+    fn submit_checked(self: &Arc<Self>, req: IoRequest, done: Completion) {
+        let start = Instant::now();
+        let op = req.op;
+        let bytes = req.byte_len();
+        let me = self.clone();
+        self.root.submit(
+            req,
+            Box::new(move |req, r| {
+                me.account(op, bytes, start, r.is_ok());
+                let e = match r {
+                    Ok(()) => return done(req, Ok(())),
+                    Err(e) => e,
+                };
+                match me.action_for(op, &e) {
+                    ErrorAction::Report | ErrorAction::Enospc => done(req, Err(e)),
+                    ErrorAction::Ignore => done(req, Ok(())),
+                    ErrorAction::Stop => {
+                        {
+                            let mut p = me.pause.lock().unwrap_or_else(|e| e.into_inner());
+                            p.stopped = true;
+                            p.parked.push((req, done));
+                        }
+                        me.stop(&e);
+                    }
+                }
+            }),
+        );
+    }
+}
+
+/// Completion record delivered through a [`CompletionQueue`].
+pub type Completed = (u64, IoRequest, BlockResult<()>);
+
+/// Completions as a queue plus an `eventfd` that becomes readable when
+/// entries are waiting (for an event loop).
+pub struct CompletionQueue {
+    efd: OwnedFd,
+    items: Mutex<VecDeque<Completed>>,
+    cv: Condvar,
+}
+
+impl CompletionQueue {
+    /// A new queue.
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        // SAFETY: eventfd has no memory effects; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Arc::new(CompletionQueue {
+            // SAFETY: fd was just created and is owned by nobody else.
+            efd: unsafe { OwnedFd::from_raw_fd(fd) },
+            items: Mutex::new(VecDeque::new()),
+            cv: Condvar::new(),
+        }))
+    }
+    /// The eventfd to poll.
+    pub fn eventfd(&self) -> RawFd {
+        self.efd.as_raw_fd()
+    }
+    /// A completion callback that queues `(tag, request, result)`.
+    pub fn completion(self: &Arc<Self>, tag: u64) -> Completion {
+        let q = self.clone();
+        Box::new(move |req, r| {
+            q.items
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push_back((tag, req, r));
+            q.cv.notify_all();
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(q.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        })
+    }
+    /// Take every queued completion (and reset the eventfd).
+    pub fn drain(&self) -> Vec<Completed> {
+        let mut v: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64; EAGAIN when empty is fine.
+        unsafe { libc::read(self.efd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        self.items
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect()
+    }
+    /// Block until at least one completion is queued, then drain.
+    pub fn wait(&self) -> Vec<Completed> {
+        {
+            let mut g = self.items.lock().unwrap_or_else(|e| e.into_inner());
+            while g.is_empty() {
+                g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        self.drain()
+    }
+}
+
+/// Build an owned-buffer read request (convenience).
+pub fn read_request(offset: u64, len: usize) -> IoRequest {
+    IoRequest::read(offset, IoVecs::from_vec(vec![0u8; len]))
+}

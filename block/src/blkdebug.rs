@@ -1,0 +1,205 @@
+//! The `blkdebug` filter: error injection (QEMU's `block/blkdebug.c`,
+//! `BlockdevOptionsBlkdebug` in the QAPI schema).
+//!
+//! Supported: the `image` child and `inject-error` rules with `event`,
+//! `iotype`, `errno` (default EIO), `sector` (-1: any) and `once`. The data
+//! path raises the events `read_aio` (reads), `write_aio` and `pwritev`
+//! (writes and write-zeroes), `flush_to_disk` / `flush_to_os` (flushes) and
+//! `pwritev_zero`/`discard` for discards. Strata adds `x-skip=N`: the rule lets
+//! its first N matching requests through, so "fail the Nth write" is
+//! `x-skip=N-1`.
+
+use crate::driver::{BlockDriver, Extent, IoOp, Limits};
+use crate::error::{BlockError, BlockResult};
+use crate::graph::OpenCtx;
+use crate::keyval::{Options, Value};
+use crate::node::Node;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Debug)]
+struct Rule {
+    ops: Vec<IoOp>,
+    errno: i32,
+    sector: i64,
+    once: bool,
+    skip: u64,
+}
+
+/// A blkdebug node.
+pub struct BlkdebugNode {
+    image: Arc<Node>,
+    rules: Mutex<Vec<Rule>>,
+}
+
+fn event_ops(event: &str) -> Option<Vec<IoOp>> {
+    let wz = IoOp::WriteZeroes { may_unmap: false };
+    Some(match event {
+        "read_aio" => vec![IoOp::Read],
+        "write_aio" | "pwritev" => vec![IoOp::Write, wz],
+        "flush_to_disk" | "flush_to_os" => vec![IoOp::Flush],
+        "pwritev_zero" => vec![wz],
+        "discard" => vec![IoOp::Discard],
+        _ if event
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') =>
+        {
+            vec![]
+        }
+        _ => return None,
+    })
+}
+
+fn iotype_op(s: &str) -> Option<IoOp> {
+    Some(match s {
+        "read" => IoOp::Read,
+        "write" => IoOp::Write,
+        "write-zeroes" => IoOp::WriteZeroes { may_unmap: false },
+        "discard" => IoOp::Discard,
+        "flush" => IoOp::Flush,
+        _ => return None,
+    })
+}
+
+fn same_kind(a: IoOp, b: IoOp) -> bool {
+    std::mem::discriminant(&a) == std::mem::discriminant(&b)
+}
+
+impl BlkdebugNode {
+    /// Open from options.
+    pub fn open(ctx: &mut OpenCtx<'_>) -> BlockResult<Arc<dyn BlockDriver>> {
+        let image = ctx.open_child("image")?;
+        let mut rules = Vec::new();
+        match ctx.opts.take_value("inject-error") {
+            None => {}
+            Some(Value::List(items)) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    let Value::Map(m) = item else {
+                        return Err(ctx
+                            .opts
+                            .invalid("inject-error", "a list of objects", "a scalar")
+                            .into());
+                    };
+                    let mut o = Options::new(ctx.opts.option(), m);
+                    let key = |k: &str| format!("inject-error.{i}.{k}");
+                    let event = o.require_str("event").map_err(|_| {
+                        BlockError::Open(format!(
+                            "blkdebug: parameter '{}' is missing",
+                            key("event")
+                        ))
+                    })?;
+                    let mut ops = event_ops(&event).ok_or_else(|| {
+                        BlockError::Open(format!("blkdebug: invalid event '{event}'"))
+                    })?;
+                    if let Some(t) = o.take_str("iotype")? {
+                        let op = iotype_op(&t).ok_or_else(|| {
+                            BlockError::Open(format!("blkdebug: invalid iotype '{t}'"))
+                        })?;
+                        ops.retain(|x| same_kind(*x, op));
+                    }
+                    let errno = o.take_u64("errno")?.unwrap_or(libc::EIO as u64) as i32;
+                    let sector = match o.take_str("sector")? {
+                        None => -1,
+                        Some(s) => s.parse::<i64>().map_err(|_| {
+                            BlockError::Open(format!("blkdebug: invalid sector '{s}'"))
+                        })?,
+                    };
+                    let once = o.take_bool("once")?.unwrap_or(false);
+                    let _ = o.take_bool("immediately")?;
+                    let _ = o.take_u64("state")?;
+                    let skip = o.take_u64("x-skip")?.unwrap_or(0);
+                    o.finish()
+                        .map_err(|e| BlockError::Open(format!("blkdebug: {e}")))?;
+                    rules.push(Rule {
+                        ops,
+                        errno,
+                        sector,
+                        once,
+                        skip,
+                    });
+                }
+            }
+            Some(_) => {
+                return Err(ctx
+                    .opts
+                    .invalid("inject-error", "a list", "a scalar")
+                    .into());
+            }
+        }
+        let _ = ctx.opts.take_u64("align")?;
+        Ok(Arc::new(BlkdebugNode {
+            image,
+            rules: Mutex::new(rules),
+        }))
+    }
+
+    fn check(&self, op: IoOp, offset: u64, len: u64) -> BlockResult<()> {
+        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let mut hit = None;
+        for (i, r) in rules.iter_mut().enumerate() {
+            if !r.ops.iter().any(|o| same_kind(*o, op)) {
+                continue;
+            }
+            if r.sector >= 0 {
+                let s = r.sector as u64 * 512;
+                if !(s < offset + len.max(1) && offset < s + 512) {
+                    continue;
+                }
+            }
+            if r.skip > 0 {
+                r.skip -= 1;
+                continue;
+            }
+            hit = Some((i, r.errno, r.once));
+            break;
+        }
+        if let Some((i, errno, once)) = hit {
+            if once {
+                rules.remove(i);
+            }
+            return Err(BlockError::io(errno, "blkdebug: injected error"));
+        }
+        Ok(())
+    }
+}
+
+impl BlockDriver for BlkdebugNode {
+    fn driver_name(&self) -> &'static str {
+        "blkdebug"
+    }
+    fn len(&self) -> u64 {
+        self.image.len()
+    }
+    fn limits(&self) -> Limits {
+        self.image.limits()
+    }
+    fn filename(&self) -> Option<String> {
+        self.image.filename()
+    }
+    fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
+        self.check(IoOp::Read, offset, crate::iov::total_len_mut(iov) as u64)?;
+        self.image.read_vectored(offset, iov)
+    }
+    fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
+        self.check(IoOp::Write, offset, crate::iov::total_len(iov) as u64)?;
+        self.image.write_vectored(offset, iov, fua)
+    }
+    fn flush(&self) -> BlockResult<()> {
+        self.check(IoOp::Flush, 0, 0)?;
+        self.image.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
+        self.check(IoOp::Discard, offset, len)?;
+        self.image.discard(offset, len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> BlockResult<()> {
+        self.check(IoOp::WriteZeroes { may_unmap }, offset, len)?;
+        self.image.write_zeroes(offset, len, may_unmap, fua)
+    }
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        self.image.block_status(offset, len)
+    }
+    fn truncate(&self, len: u64) -> BlockResult<()> {
+        self.image.truncate(len)
+    }
+}

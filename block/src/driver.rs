@@ -1,0 +1,310 @@
+//! The node driver interface: what every protocol, format and filter
+//! implements, with QEMU's vocabulary (permissions, block status, FUA).
+//!
+//! Drivers implement the synchronous, vectored operations. The asynchronous
+//! entry point [`BlockDriver::submit`] defaults to running the synchronous
+//! operation on the shared worker pool (QEMU's `aio=threads`); drivers that
+//! can do better (the `file` protocol on io_uring, `raw` forwarding to its
+//! child, `null-aio`) override it.
+
+use crate::aio;
+use crate::error::{BlockError, BlockResult};
+use crate::iov::IoVecs;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+/// QEMU's permission bits (`BLK_PERM_*`), also used for image lock bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Perms(pub u64);
+
+impl Perms {
+    /// Reads see consistent data.
+    pub const CONSISTENT_READ: Perms = Perms(0x1);
+    /// May change the data.
+    pub const WRITE: Perms = Perms(0x2);
+    /// May write data that does not change what readers see.
+    pub const WRITE_UNCHANGED: Perms = Perms(0x4);
+    /// May change the size.
+    pub const RESIZE: Perms = Perms(0x8);
+    /// Every permission.
+    pub const ALL: Perms = Perms(0xf);
+    /// No permission.
+    pub const NONE: Perms = Perms(0);
+    /// QEMU's names, by bit index.
+    pub const NAMES: [&'static str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+
+    /// True if all bits of `other` are set.
+    pub fn contains(self, other: Perms) -> bool {
+        self.0 & other.0 == other.0
+    }
+    /// Union.
+    pub fn union(self, other: Perms) -> Perms {
+        Perms(self.0 | other.0)
+    }
+    /// Bits not in `other`.
+    pub fn minus(self, other: Perms) -> Perms {
+        Perms(self.0 & !other.0)
+    }
+    /// Iterate set bits as (index, name).
+    pub fn bits(self) -> impl Iterator<Item = (u32, &'static str)> {
+        (0..4u32)
+            .filter(move |i| self.0 & (1 << i) != 0)
+            .map(|i| (i, Self::NAMES[i as usize]))
+    }
+}
+
+/// Alignment and size limits of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Offsets and lengths of requests must be multiples of this.
+    pub request_alignment: u64,
+    /// Buffer addresses and segment lengths must be multiples of this.
+    pub mem_alignment: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_alignment: 1,
+            mem_alignment: 1,
+        }
+    }
+}
+
+/// Result of a block-status query: the first `len` bytes from the queried
+/// offset share one status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Length of the run with this status (at least 1 byte, at most the query).
+    pub len: u64,
+    /// Data is stored in this node or below (not a hole).
+    pub data: bool,
+    /// Reads return zeroes.
+    pub zero: bool,
+    /// Host offset in the protocol file, when known.
+    pub offset: Option<u64>,
+}
+
+/// The operation of a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoOp {
+    /// Read `iov.len()` bytes at `offset`.
+    Read,
+    /// Write `iov` at `offset`; with `fua`, durable before completion.
+    Write,
+    /// Make completed writes durable.
+    Flush,
+    /// Drop the data of a range (advisory).
+    Discard,
+    /// Make a range read as zeroes; `may_unmap` allows deallocation.
+    WriteZeroes {
+        /// Deallocation is allowed.
+        may_unmap: bool,
+    },
+}
+
+/// One asynchronous request.
+#[derive(Debug)]
+pub struct IoRequest {
+    /// What to do.
+    pub op: IoOp,
+    /// Byte offset in the node.
+    pub offset: u64,
+    /// Length for discard / write-zeroes (reads and writes use `iov.len()`).
+    pub len: u64,
+    /// Buffers.
+    pub iov: IoVecs,
+    /// Force unit access (writes, write-zeroes).
+    pub fua: bool,
+}
+
+impl IoRequest {
+    /// A read into `iov` at `offset`.
+    pub fn read(offset: u64, iov: IoVecs) -> Self {
+        IoRequest {
+            op: IoOp::Read,
+            offset,
+            len: iov.len() as u64,
+            iov,
+            fua: false,
+        }
+    }
+    /// A write of `iov` at `offset`.
+    pub fn write(offset: u64, iov: IoVecs, fua: bool) -> Self {
+        IoRequest {
+            op: IoOp::Write,
+            offset,
+            len: iov.len() as u64,
+            iov,
+            fua,
+        }
+    }
+    /// A flush.
+    pub fn flush() -> Self {
+        IoRequest {
+            op: IoOp::Flush,
+            offset: 0,
+            len: 0,
+            iov: IoVecs::empty(),
+            fua: false,
+        }
+    }
+    /// A discard.
+    pub fn discard(offset: u64, len: u64) -> Self {
+        IoRequest {
+            op: IoOp::Discard,
+            offset,
+            len,
+            iov: IoVecs::empty(),
+            fua: false,
+        }
+    }
+    /// A write-zeroes.
+    pub fn write_zeroes(offset: u64, len: u64, may_unmap: bool) -> Self {
+        IoRequest {
+            op: IoOp::WriteZeroes { may_unmap },
+            offset,
+            len,
+            iov: IoVecs::empty(),
+            fua: false,
+        }
+    }
+    /// Byte length covered by the request.
+    pub fn byte_len(&self) -> u64 {
+        match self.op {
+            IoOp::Read | IoOp::Write => self.iov.len() as u64,
+            IoOp::Flush => 0,
+            IoOp::Discard | IoOp::WriteZeroes { .. } => self.len,
+        }
+    }
+}
+
+/// Completion callback: gets the request back (with its buffers) and the result.
+pub type Completion = Box<dyn FnOnce(IoRequest, BlockResult<()>) + Send>;
+
+/// A node implementation (protocol, format or filter).
+#[allow(clippy::len_without_is_empty)]
+pub trait BlockDriver: Send + Sync + 'static {
+    /// The driver name (`file`, `raw`, ...).
+    fn driver_name(&self) -> &'static str;
+    /// Current length in bytes.
+    fn len(&self) -> u64;
+    /// Alignment requirements.
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+    /// Read into `iov` at `offset`.
+    fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()>;
+    /// Write `iov` at `offset`. With `fua` the data is durable on return.
+    fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()>;
+    /// Make completed writes durable.
+    fn flush(&self) -> BlockResult<()>;
+    /// Discard a range (advisory; may do nothing).
+    fn discard(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Ok(())
+    }
+    /// Make a range read as zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool, fua: bool) -> BlockResult<()> {
+        write_zeroes_by_writing(self, offset, len, fua)
+    }
+    /// Status of the range starting at `offset` (at most `len` bytes).
+    fn block_status(&self, _offset: u64, len: u64) -> BlockResult<Extent> {
+        Ok(Extent {
+            len,
+            data: true,
+            zero: false,
+            offset: None,
+        })
+    }
+    /// Change the length.
+    fn truncate(&self, _len: u64) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "driver '{}' does not support resizing",
+            self.driver_name()
+        )))
+    }
+    /// Take the permissions this node's users need and allow others
+    /// (image locking for protocols). Default: nothing to do.
+    fn set_perms(&self, _perm: Perms, _shared: Perms) -> BlockResult<()> {
+        Ok(())
+    }
+    /// Submit a request asynchronously. Default: run it on the worker pool.
+    fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
+        aio::pool().spawn(Box::new(move || {
+            let mut req = req;
+            let r = execute(&*self, &mut req);
+            done(req, r);
+        }));
+    }
+    /// The file name, for protocols. Default: none.
+    fn filename(&self) -> Option<String> {
+        None
+    }
+    /// Counters of real syscalls (protocols only), for observation.
+    fn syscall_stats(&self) -> Option<&crate::aio::SyscallStats> {
+        None
+    }
+    /// The host descriptor (protocols only).
+    fn raw_fd(&self) -> Option<i32> {
+        None
+    }
+    /// Bytes allocated on the host (protocols only).
+    fn allocated_size(&self) -> Option<u64> {
+        None
+    }
+    /// The I/O engine in use (protocols only).
+    fn aio_engine(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+/// Run `req` synchronously on `drv`.
+pub fn execute<D: BlockDriver + ?Sized>(drv: &D, req: &mut IoRequest) -> BlockResult<()> {
+    match req.op {
+        IoOp::Read => {
+            let mut s = req.iov.slices_mut();
+            drv.read_vectored(req.offset, &mut s)
+        }
+        IoOp::Write => {
+            let s = req.iov.slices();
+            drv.write_vectored(req.offset, &s, req.fua)
+        }
+        IoOp::Flush => drv.flush(),
+        IoOp::Discard => drv.discard(req.offset, req.len),
+        IoOp::WriteZeroes { may_unmap } => {
+            drv.write_zeroes(req.offset, req.len, may_unmap, req.fua)
+        }
+    }
+}
+
+/// Generic write-zeroes: write a zero buffer in 1 MiB chunks.
+pub fn write_zeroes_by_writing<D: BlockDriver + ?Sized>(
+    drv: &D,
+    offset: u64,
+    len: u64,
+    fua: bool,
+) -> BlockResult<()> {
+    let align = drv.limits().mem_alignment.max(4096);
+    let chunk = 1usize << 20;
+    let zero = crate::iov::AlignedBuf::new(chunk, align);
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(chunk as u64) as usize;
+        drv.write_vectored(offset + done, &[IoSlice::new(&zero[..n])], fua)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Check that `[offset, offset+len)` lies within `size`.
+pub fn check_range(node: &str, offset: u64, len: u64, size: u64) -> BlockResult<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange {
+            node: node.to_string(),
+            offset,
+            len,
+            size,
+        }),
+    }
+}

@@ -1,0 +1,564 @@
+//! The block graph: opening nodes from `-blockdev` options (dotted or JSON),
+//! node-names, children by reference or inline, backing plumbing, format
+//! probing, and the driver registry.
+//!
+//! Follows QEMU's `blockdev-add` semantics (QAPI `BlockdevOptions`): every
+//! node has a `driver` and generic options (`node-name`, `read-only`,
+//! `auto-read-only`, `force-share`, `cache.direct`, `cache.no-flush`,
+//! `discard`, `detect-zeroes`); format and filter drivers name their
+//! children (`file`, `image`, `backing`), each given as a node-name
+//! reference or an inline definition, which inherits the cache, read-only
+//! and discard options of its parent unless it sets them itself.
+//!
+//! Driver registry: built-in drivers are `file`, `host_device`, `null-co`,
+//! `null-aio`, `raw` and `blkdebug`. Image formats from the `formats` crate
+//! register their constructors with [`BlockGraph::register_driver`] (the
+//! `formats` crate stays free of block-layer types; the glue lives here).
+
+use crate::blkdebug::BlkdebugNode;
+use crate::driver::BlockDriver;
+use crate::error::{BlockError, BlockResult};
+use crate::file::{Aio, FileNode, FileOptions, Locking};
+use crate::keyval::{self, ChildRef, KeyvalError, Map, Options, Value};
+use crate::node::{DetectZeroes, Node, NodeCommon};
+use crate::null::NullNode;
+use crate::raw::RawNode;
+use std::collections::{BTreeMap, HashMap};
+use std::io::IoSliceMut;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// A driver constructor.
+pub type OpenFn = fn(&mut OpenCtx<'_>) -> BlockResult<Arc<dyn BlockDriver>>;
+
+/// What a format was told about its backing file.
+#[derive(Debug)]
+pub enum Backing {
+    /// No `backing` option: use what the image header says.
+    Default,
+    /// `backing: null`: no backing file at all.
+    None,
+    /// An explicit backing node.
+    Node(Arc<Node>),
+}
+
+/// Everything a driver constructor sees.
+pub struct OpenCtx<'a> {
+    /// The graph (for opening children).
+    pub graph: &'a BlockGraph,
+    /// Driver-specific options still to be consumed.
+    pub opts: Options,
+    /// Generic options of the node being opened.
+    pub common: NodeCommon,
+    /// The node's name (possibly generated).
+    pub node_name: String,
+    /// The format was probed, not given (raw's sector-0 guard).
+    pub probed: bool,
+    children: Vec<(String, Arc<Node>)>,
+    desc: BTreeMap<String, String>,
+    preopened: HashMap<String, Arc<Node>>,
+}
+
+impl OpenCtx<'_> {
+    /// Open (or look up) the mandatory child `role`.
+    pub fn open_child(&mut self, role: &str) -> BlockResult<Arc<Node>> {
+        match self.open_optional_child(role)? {
+            Some(n) => Ok(n),
+            None => Err(BlockError::Config(KeyvalError::Missing {
+                option: self.opts.option().to_string(),
+                key: self.opts.path(role),
+            })),
+        }
+    }
+
+    /// Open (or look up) the optional child `role`.
+    pub fn open_optional_child(&mut self, role: &str) -> BlockResult<Option<Arc<Node>>> {
+        if let Some(n) = self.preopened.remove(role) {
+            self.children.push((role.to_string(), n.clone()));
+            return Ok(Some(n));
+        }
+        let node = match self.opts.take_child(role)? {
+            None | Some(ChildRef::Null) => return Ok(None),
+            Some(ChildRef::Reference(name)) => self.graph.get(&name).ok_or_else(|| {
+                BlockError::Open(format!("Cannot find device='' nor node-name='{name}'"))
+            })?,
+            Some(ChildRef::Inline(o)) => self.graph.open_options(o, Some(&self.common), false)?,
+        };
+        self.children.push((role.to_string(), node.clone()));
+        Ok(Some(node))
+    }
+
+    /// The `backing` option (for formats with backing files).
+    pub fn take_backing(&mut self) -> BlockResult<Backing> {
+        match self.opts.take_child("backing")? {
+            None => Ok(Backing::Default),
+            Some(ChildRef::Null) => Ok(Backing::None),
+            Some(ChildRef::Reference(name)) => {
+                let n = self.graph.get(&name).ok_or_else(|| {
+                    BlockError::Open(format!("Cannot find device='' nor node-name='{name}'"))
+                })?;
+                self.children.push(("backing".into(), n.clone()));
+                Ok(Backing::Node(n))
+            }
+            Some(ChildRef::Inline(o)) => {
+                let mut inherit = self.common.clone();
+                inherit.read_only = true;
+                let n = self.graph.open_options(o, Some(&inherit), false)?;
+                self.children.push(("backing".into(), n.clone()));
+                Ok(Backing::Node(n))
+            }
+        }
+    }
+
+    /// Record a normalised driver option (for graph descriptions).
+    pub fn describe(&mut self, key: &str, value: String) {
+        self.desc.insert(key.to_string(), value);
+    }
+}
+
+/// A comparable description of a node and its subtree.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeDesc {
+    /// The node-name, or `None` when generated.
+    pub name: Option<String>,
+    /// Driver.
+    pub driver: String,
+    /// Generic options.
+    pub common: NodeCommon,
+    /// Normalised driver options.
+    pub options: BTreeMap<String, String>,
+    /// Children by role.
+    pub children: Vec<(String, NodeDesc)>,
+}
+
+/// The set of named nodes.
+pub struct BlockGraph {
+    nodes: Mutex<BTreeMap<String, Arc<Node>>>,
+    next_id: AtomicU64,
+    drivers: RwLock<HashMap<String, OpenFn>>,
+    descs: Mutex<HashMap<String, BTreeMap<String, String>>>,
+    warnings: Mutex<Vec<String>>,
+}
+
+impl Default for BlockGraph {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn open_file(ctx: &mut OpenCtx<'_>, host_device: bool) -> BlockResult<Arc<dyn BlockDriver>> {
+    let filename = ctx.opts.require_str("filename")?;
+    let aio = match ctx.opts.take_str("aio")? {
+        None => None,
+        Some(s) => Some(
+            Aio::parse(&s)
+                .ok_or_else(|| BlockError::Open(format!("invalid parameter value: {s}")))?,
+        ),
+    };
+    let locking = match ctx
+        .opts
+        .take_enum("locking", &["auto", "on", "off"])?
+        .as_deref()
+    {
+        Some("on") => Locking::On,
+        Some("off") => Locking::Off,
+        _ => Locking::Auto,
+    };
+    for k in [
+        "aio-max-batch",
+        "drop-cache",
+        "x-check-cache-dropped",
+        "pr-manager",
+    ] {
+        let _ = ctx.opts.take_str(k)?;
+    }
+    let fopts = FileOptions {
+        filename: filename.clone(),
+        aio,
+        locking,
+        direct: ctx.common.direct,
+        read_only: ctx.common.read_only,
+        host_device,
+    };
+    let node = match FileNode::open(fopts.clone()) {
+        Ok(n) => n,
+        Err(e) if ctx.common.auto_read_only && !fopts.read_only => {
+            // auto-read-only: fall back to read-only when writing is refused.
+            let ro = FileOptions {
+                read_only: true,
+                ..fopts
+            };
+            let n = FileNode::open(ro).map_err(|_| e)?;
+            ctx.common.read_only = true;
+            n
+        }
+        Err(e) => return Err(e),
+    };
+    ctx.describe("filename", filename);
+    ctx.describe("aio", node.aio().name().into());
+    ctx.describe("locking", format!("{locking:?}").to_lowercase());
+    Ok(Arc::new(node))
+}
+
+fn is_protocol(driver: &str) -> bool {
+    matches!(
+        driver,
+        "file" | "host_device" | "null-co" | "null-aio" | "nbd"
+    )
+}
+
+/// QEMU's node-name rule: a letter first, then letters, digits, `-`, `.`, `_`;
+/// at most 31 characters.
+pub fn valid_node_name(name: &str) -> bool {
+    let mut c = name.chars();
+    matches!(c.next(), Some(f) if f.is_ascii_alphabetic())
+        && c.all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '.' | '_'))
+        && name.len() <= 31
+}
+
+impl BlockGraph {
+    /// A graph with the built-in drivers.
+    pub fn new() -> Self {
+        let g = BlockGraph {
+            nodes: Mutex::new(BTreeMap::new()),
+            next_id: AtomicU64::new(0),
+            drivers: RwLock::new(HashMap::new()),
+            descs: Mutex::new(HashMap::new()),
+            warnings: Mutex::new(Vec::new()),
+        };
+        g.register_driver("file", |c| open_file(c, false));
+        g.register_driver("host_device", |c| open_file(c, true));
+        g.register_driver("null-co", |c| NullNode::open(c, false));
+        g.register_driver("null-aio", |c| NullNode::open(c, true));
+        g.register_driver("raw", RawNode::open);
+        g.register_driver("blkdebug", BlkdebugNode::open);
+        g
+    }
+
+    /// Add (or replace) a driver constructor.
+    pub fn register_driver(&self, name: &str, f: OpenFn) {
+        self.drivers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string(), f);
+    }
+
+    /// Registered driver names, sorted.
+    pub fn driver_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .drivers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Look a node up by name.
+    pub fn get(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Names of all nodes (generated ones start with `#`).
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Remove a node from the name table (it lives on while referenced).
+    pub fn remove(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+    }
+
+    /// Warnings produced while opening (e.g. the raw-probing warning).
+    pub fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// `-blockdev` from its command-line text (JSON or dotted).
+    pub fn blockdev_add_str(&self, text: &str) -> BlockResult<Arc<Node>> {
+        let map = keyval::parse_json_or_dotted("-blockdev", text, None)?;
+        self.blockdev_add(map)
+    }
+
+    /// `-blockdev` / `blockdev-add` from a parsed tree: `node-name` is
+    /// mandatory at the top level.
+    pub fn blockdev_add(&self, map: Map) -> BlockResult<Arc<Node>> {
+        if !map.contains_key("node-name") {
+            return Err(KeyvalError::Missing {
+                option: "-blockdev".into(),
+                key: "node-name".into(),
+            }
+            .into());
+        }
+        self.open_options(Options::new("-blockdev", map), None, false)
+    }
+
+    /// Open a node from options. `inherit` carries the parent's generic
+    /// options for inline children. With `probe`, a missing `driver` is
+    /// guessed from the image contents (the `-drive` behaviour).
+    pub fn open_options(
+        &self,
+        mut o: Options,
+        inherit: Option<&NodeCommon>,
+        probe: bool,
+    ) -> BlockResult<Arc<Node>> {
+        let driver = o.take_str("driver")?;
+        let name = match o.take_str("node-name")? {
+            Some(n) => {
+                if !valid_node_name(&n) {
+                    return Err(BlockError::Open(format!("Invalid node-name: '{n}'")));
+                }
+                if self.get(&n).is_some() {
+                    return Err(BlockError::Open(format!(
+                        "Duplicate nodes with node-name='{n}'"
+                    )));
+                }
+                Some(n)
+            }
+            None => None,
+        };
+        let common = parse_common(&mut o, inherit)?;
+        let (node_name, auto) = match name {
+            Some(n) => (n, false),
+            None => (
+                format!("#block{:03}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+                true,
+            ),
+        };
+        let mut preopened = HashMap::new();
+        let mut probed = false;
+        let driver = match driver {
+            Some(d) => d,
+            None if probe => {
+                // Open the protocol child first, then look at its first bytes.
+                let file = match o.take_child("file")? {
+                    Some(ChildRef::Inline(fo)) => self.open_options(fo, Some(&common), false)?,
+                    Some(ChildRef::Reference(r)) => self.get(&r).ok_or_else(|| {
+                        BlockError::Open(format!("Cannot find device='' nor node-name='{r}'"))
+                    })?,
+                    _ => {
+                        return Err(KeyvalError::Missing {
+                            option: o.option().into(),
+                            key: "driver".into(),
+                        }
+                        .into())
+                    }
+                };
+                let mut buf = vec![0u8; formats::probe::PROBE_BUF_SIZE.min(file.len() as usize)];
+                file.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])?;
+                let fmt = formats::probe::probe(&buf);
+                preopened.insert("file".to_string(), file.clone());
+                match fmt {
+                    Some(f) => f.to_string(),
+                    None => {
+                        probed = true;
+                        let fname = file.filename().unwrap_or_else(|| file.name().to_string());
+                        let w = format!(
+                            "WARNING: Image format was not specified for '{fname}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
+                        );
+                        log::warn!("{w}");
+                        self.warnings
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(w);
+                        "raw".to_string()
+                    }
+                }
+            }
+            None => {
+                return Err(KeyvalError::Missing {
+                    option: o.option().into(),
+                    key: o.path("driver"),
+                }
+                .into())
+            }
+        };
+        let open_fn = self
+            .drivers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&driver)
+            .copied()
+            .ok_or_else(|| BlockError::Open(format!("Unknown driver '{driver}'")))?;
+        let mut ctx = OpenCtx {
+            graph: self,
+            opts: o,
+            common,
+            node_name: node_name.clone(),
+            probed,
+            children: Vec::new(),
+            desc: BTreeMap::new(),
+            preopened,
+        };
+        let drv = open_fn(&mut ctx)?;
+        let OpenCtx {
+            opts,
+            common,
+            children,
+            desc,
+            ..
+        } = ctx;
+        let prefix = format!("{}.", opts.prefix());
+        if let Err(e) = opts.finish() {
+            let key = match &e {
+                KeyvalError::Unknown { key, .. } => {
+                    key.strip_prefix(&prefix).unwrap_or(key).to_string()
+                }
+                other => other.to_string(),
+            };
+            let kind = if is_protocol(&driver) {
+                "protocol"
+            } else {
+                "format"
+            };
+            return Err(BlockError::Open(format!(
+                "Block {kind} '{driver}' doesn't support the option '{key}'"
+            )));
+        }
+        let node = Node::new(node_name.clone(), auto, drv, common, children);
+        self.descs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node_name.clone(), desc);
+        self.nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node_name, node.clone());
+        Ok(node)
+    }
+
+    /// Open an image file the way `qemu-img` does: `format` given or probed,
+    /// on a `file` (or `host_device`, for block devices) protocol node.
+    pub fn open_image(
+        &self,
+        filename: &str,
+        format: Option<&str>,
+        read_only: bool,
+        extra: &[(&str, &str)],
+    ) -> BlockResult<Arc<Node>> {
+        let mut map = Map::new();
+        let mut file = Map::new();
+        let proto = match std::fs::metadata(filename) {
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {
+                "host_device"
+            }
+            _ => "file",
+        };
+        file.insert("driver".into(), Value::Str(proto.into()));
+        file.insert("filename".into(), Value::Str(filename.into()));
+        map.insert("file".into(), Value::Map(file));
+        if let Some(f) = format {
+            map.insert("driver".into(), Value::Str(f.into()));
+        }
+        if read_only {
+            map.insert("read-only".into(), Value::Str("on".into()));
+        }
+        let mut parser_input = String::new();
+        for (k, v) in extra {
+            if !parser_input.is_empty() {
+                parser_input.push(',');
+            }
+            parser_input.push_str(k);
+            parser_input.push('=');
+            parser_input.push_str(&v.replace(',', ",,"));
+        }
+        let extra_map = keyval::parse("image options", &parser_input, None)?;
+        merge(&mut map, extra_map);
+        self.open_options(Options::new("image options", map), None, format.is_none())
+    }
+
+    /// A comparable description of `node`'s subtree.
+    pub fn describe(&self, node: &Node) -> NodeDesc {
+        let options = self
+            .descs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(node.name())
+            .cloned()
+            .unwrap_or_default();
+        NodeDesc {
+            name: if node.is_auto_named() {
+                None
+            } else {
+                Some(node.name().to_string())
+            },
+            driver: node.driver_name().to_string(),
+            common: node.common().clone(),
+            options,
+            children: node
+                .children()
+                .iter()
+                .map(|(r, c)| (r.clone(), self.describe(c)))
+                .collect(),
+        }
+    }
+}
+
+fn merge(dst: &mut Map, src: Map) {
+    for (k, v) in src {
+        match (dst.get_mut(&k), v) {
+            (Some(Value::Map(d)), Value::Map(s)) => merge(d, s),
+            (_, v) => {
+                dst.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Parse the generic node options, inheriting from `inherit` when absent.
+fn parse_common(o: &mut Options, inherit: Option<&NodeCommon>) -> BlockResult<NodeCommon> {
+    let base = inherit.cloned().unwrap_or_default();
+    let mut c = NodeCommon {
+        read_only: o.take_bool("read-only")?.unwrap_or(base.read_only),
+        auto_read_only: o
+            .take_bool("auto-read-only")?
+            .unwrap_or(base.auto_read_only),
+        force_share: o.take_bool("force-share")?.unwrap_or(base.force_share),
+        direct: base.direct,
+        no_flush: base.no_flush,
+        discard_unmap: base.discard_unmap,
+        detect_zeroes: DetectZeroes::Off,
+    };
+    if let Some(mut cache) = o.take_object("cache")? {
+        if let Some(d) = cache.take_bool("direct")? {
+            c.direct = d;
+        }
+        if let Some(n) = cache.take_bool("no-flush")? {
+            c.no_flush = n;
+        }
+        cache.finish()?;
+    }
+    if let Some(d) = o.take_enum("discard", &["ignore", "off", "unmap", "on"])? {
+        c.discard_unmap = d == "unmap" || d == "on";
+    }
+    if let Some(d) = o.take_enum("detect-zeroes", &["off", "on", "unmap"])? {
+        c.detect_zeroes = DetectZeroes::parse(&d).unwrap_or_default();
+        if c.detect_zeroes == DetectZeroes::Unmap && !c.discard_unmap {
+            // QEMU: "setting detect-zeroes to unmap is not allowed without
+            // setting discard operation to unmap".
+            return Err(BlockError::Open(
+                "setting detect-zeroes to unmap is not allowed without setting discard operation to unmap".into(),
+            ));
+        }
+    }
+    if c.force_share && !c.read_only {
+        return Err(BlockError::Open(
+            "force-share=on can only be used with read-only images".into(),
+        ));
+    }
+    Ok(c)
+}

@@ -1,0 +1,262 @@
+//! I/O vectors and aligned buffers.
+//!
+//! [`IoVecs`] is the buffer list carried by an asynchronous request: either an
+//! owned `Vec<u8>` or raw `iovec`s that point into guest memory (the caller
+//! promises that memory stays valid until the request completes). The helper
+//! functions gather/scatter between `IoSlice`s and flat buffers, which the
+//! alignment (read-modify-write) and bounce-buffer paths use. [`AlignedBuf`]
+//! is a zeroed heap buffer with a chosen alignment, as `O_DIRECT` requires.
+
+use std::alloc::{self, Layout};
+use std::io::{IoSlice, IoSliceMut};
+
+/// The buffers of one request.
+pub struct IoVecs {
+    iov: Vec<libc::iovec>,
+    owned: Option<Vec<u8>>,
+}
+
+// SAFETY: an `IoVecs` either owns its memory (`owned`) or was built with
+// `from_raw`, whose contract makes the caller guarantee that the memory stays
+// valid and is not accessed by anybody else until the request completes, so
+// moving it to another thread is sound.
+unsafe impl Send for IoVecs {}
+
+impl std::fmt::Debug for IoVecs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "IoVecs({} segments, {} bytes)",
+            self.iov.len(),
+            self.len()
+        )
+    }
+}
+
+impl IoVecs {
+    /// No buffers (flush, discard, write-zeroes).
+    pub fn empty() -> Self {
+        IoVecs {
+            iov: Vec::new(),
+            owned: None,
+        }
+    }
+    /// One owned buffer; get it back with [`IoVecs::into_vec`].
+    pub fn from_vec(mut buf: Vec<u8>) -> Self {
+        let iov = vec![libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        IoVecs {
+            iov,
+            owned: Some(buf),
+        }
+    }
+    /// Raw segments, typically guest memory.
+    ///
+    /// # Safety
+    /// Every `(ptr, len)` must be valid for reads and writes of `len` bytes
+    /// until the request carrying these vectors has completed (its completion
+    /// callback ran), and nothing else may access that memory meanwhile.
+    pub unsafe fn from_raw(segs: &[(*mut u8, usize)]) -> Self {
+        IoVecs {
+            iov: segs
+                .iter()
+                .map(|&(p, l)| libc::iovec {
+                    iov_base: p.cast(),
+                    iov_len: l,
+                })
+                .collect(),
+            owned: None,
+        }
+    }
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.iov.iter().map(|v| v.iov_len).sum()
+    }
+    /// True if there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The owned buffer back, if built with [`IoVecs::from_vec`].
+    pub fn into_vec(self) -> Option<Vec<u8>> {
+        self.owned
+    }
+    /// The raw `iovec` array (for `preadv`/io_uring).
+    pub fn as_raw(&self) -> &[libc::iovec] {
+        &self.iov
+    }
+    /// Borrow as mutable slices.
+    pub fn slices_mut(&mut self) -> Vec<IoSliceMut<'_>> {
+        self.iov
+            .iter()
+            .filter(|v| v.iov_len > 0)
+            .map(|v| {
+                // SAFETY: each iovec points either into `self.owned` (alive
+                // and exclusively borrowed through `&mut self`) or into
+                // memory the `from_raw` caller guaranteed valid and unshared.
+                IoSliceMut::new(unsafe {
+                    std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
+                })
+            })
+            .collect()
+    }
+    /// Borrow as shared slices.
+    pub fn slices(&self) -> Vec<IoSlice<'_>> {
+        self.iov
+            .iter()
+            .filter(|v| v.iov_len > 0)
+            .map(|v| {
+                // SAFETY: as in `slices_mut`; shared access only.
+                IoSlice::new(unsafe {
+                    std::slice::from_raw_parts(v.iov_base.cast::<u8>().cast_const(), v.iov_len)
+                })
+            })
+            .collect()
+    }
+}
+
+/// Total length of slices.
+pub fn total_len(iov: &[IoSlice<'_>]) -> usize {
+    iov.iter().map(|s| s.len()).sum()
+}
+
+/// Total length of mutable slices.
+pub fn total_len_mut(iov: &[IoSliceMut<'_>]) -> usize {
+    iov.iter().map(|s| s.len()).sum()
+}
+
+/// Copy all of `iov` into `dst` (which must be at least as long).
+pub fn gather(iov: &[IoSlice<'_>], dst: &mut [u8]) {
+    let mut pos = 0;
+    for s in iov {
+        let n = s.len().min(dst.len() - pos);
+        dst[pos..pos + n].copy_from_slice(&s[..n]);
+        pos += n;
+    }
+}
+
+/// Copy `src` into `iov`, in order, until either runs out.
+pub fn scatter(src: &[u8], iov: &mut [IoSliceMut<'_>]) {
+    let mut pos = 0;
+    for s in iov.iter_mut() {
+        if pos >= src.len() {
+            break;
+        }
+        let n = s.len().min(src.len() - pos);
+        s[..n].copy_from_slice(&src[pos..pos + n]);
+        pos += n;
+    }
+}
+
+/// Fill `iov` with zeroes.
+pub fn zero_fill(iov: &mut [IoSliceMut<'_>]) {
+    for s in iov.iter_mut() {
+        s.fill(0);
+    }
+}
+
+/// True if every byte in `iov` is zero.
+pub fn is_zero(iov: &[IoSlice<'_>]) -> bool {
+    iov.iter().all(|s| is_zero_buf(s))
+}
+
+/// True if every byte in `buf` is zero.
+pub fn is_zero_buf(buf: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: reinterpreting bytes as u64 is valid for any bit pattern;
+        // align_to returns correctly aligned middle part.
+        unsafe { buf.align_to::<u64>() }
+    };
+    pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// A zeroed heap buffer aligned to `align` bytes (a power of two).
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    len: usize,
+    layout: Layout,
+}
+
+// SAFETY: AlignedBuf uniquely owns its allocation, like a Vec<u8>.
+unsafe impl Send for AlignedBuf {}
+// SAFETY: shared references only allow reads of the owned allocation.
+unsafe impl Sync for AlignedBuf {}
+
+impl AlignedBuf {
+    /// Allocate `len` zeroed bytes aligned to `align`.
+    pub fn new(len: usize, align: usize) -> Self {
+        let align = align.max(1).next_power_of_two();
+        let layout = Layout::from_size_align(len.max(1), align).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            alloc::handle_alloc_error(layout);
+        }
+        AlignedBuf { ptr, len, layout }
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of at least len bytes, initialised
+        // (zeroed at allocation).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in Deref, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: ptr was allocated with exactly this layout.
+        unsafe { alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gather_scatter_roundtrip() {
+        let a = [1u8, 2, 3];
+        let b = [4u8, 5];
+        let mut flat = [0u8; 5];
+        gather(&[IoSlice::new(&a), IoSlice::new(&b)], &mut flat);
+        assert_eq!(flat, [1, 2, 3, 4, 5]);
+        let mut x = [0u8; 2];
+        let mut y = [0u8; 3];
+        scatter(
+            &flat,
+            &mut [IoSliceMut::new(&mut x), IoSliceMut::new(&mut y)],
+        );
+        assert_eq!((x, y), ([1, 2], [3, 4, 5]));
+    }
+
+    #[test]
+    fn aligned_buf_is_aligned_and_zeroed() {
+        let b = AlignedBuf::new(8192, 4096);
+        assert_eq!(b.as_ptr() as usize % 4096, 0);
+        assert!(is_zero_buf(&b));
+        assert_eq!(b.len(), 8192);
+    }
+
+    #[test]
+    fn iovecs_owned_roundtrip() {
+        let mut v = IoVecs::from_vec(vec![7u8; 10]);
+        assert_eq!(v.len(), 10);
+        for s in v.slices_mut() {
+            assert_eq!(s.len(), 10);
+        }
+        assert_eq!(v.into_vec().unwrap(), vec![7u8; 10]);
+        assert!(!is_zero_buf(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+        assert!(is_zero_buf(&[0u8; 33]));
+    }
+}

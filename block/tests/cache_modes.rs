@@ -1,0 +1,278 @@
+//! Cache modes and I/O engines: data round trips, and the observed
+//! behaviour of each mode (O_DIRECT in fdinfo, fdatasync on flush, none in
+//! unsafe mode, durable writes in writethrough).
+
+mod common;
+
+use block::backend::{BlockBackend, CompletionQueue};
+use block::drive::parse_drive;
+use block::driver::IoRequest;
+use block::graph::BlockGraph;
+use block::iov::IoVecs;
+use common::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+const O_DIRECT: u32 = 0o40000;
+
+struct Expect {
+    direct: bool,
+    wce: bool,
+    flush_syncs: bool,
+}
+
+fn expect(mode: &str) -> Expect {
+    match mode {
+        "writeback" => Expect {
+            direct: false,
+            wce: true,
+            flush_syncs: true,
+        },
+        "none" => Expect {
+            direct: true,
+            wce: true,
+            flush_syncs: true,
+        },
+        "writethrough" => Expect {
+            direct: false,
+            wce: false,
+            flush_syncs: true,
+        },
+        "directsync" => Expect {
+            direct: true,
+            wce: false,
+            flush_syncs: true,
+        },
+        "unsafe" => Expect {
+            direct: false,
+            wce: true,
+            flush_syncs: false,
+        },
+        _ => unreachable!(),
+    }
+}
+
+fn file_driver(blk: &BlockBackend) -> Arc<dyn block::driver::BlockDriver> {
+    blk.root()
+        .child("file")
+        .expect("file child")
+        .driver()
+        .clone()
+}
+
+fn roundtrip(mode: &str, aio: &str) {
+    let dir = TempDir::new("cache");
+    let img = dir.file("disk.img", 4 << 20);
+    let graph = BlockGraph::new();
+    let spec = parse_drive(&format!(
+        "file={img},format=raw,if=none,id=d0,cache={mode},aio={aio}"
+    ))
+    .unwrap();
+    let blk = spec.open(&graph).unwrap().unwrap();
+    let e = expect(mode);
+    let file = file_driver(&blk);
+    assert_eq!(file.aio_engine(), Some(aio), "{mode}/{aio}");
+    // O_DIRECT really set (or not) on the descriptor.
+    let flags = fd_flags(file.raw_fd().unwrap());
+    assert_eq!(
+        flags & O_DIRECT != 0,
+        e.direct,
+        "{mode}/{aio}: fdinfo flags {flags:o}"
+    );
+    assert_eq!(blk.write_cache_enabled(), e.wce, "{mode}");
+    let st = file.syscall_stats().unwrap();
+
+    // Synchronous aligned and unaligned round trips.
+    let data = pattern(64 * 1024, 7);
+    blk.write_at(4096, &data).unwrap();
+    let odd = pattern(1000, 99);
+    blk.write_at(70_001, &odd).unwrap();
+    let mut back = vec![0u8; data.len()];
+    blk.read_at(4096, &mut back).unwrap();
+    assert_eq!(back, data, "{mode}/{aio}");
+    let mut back = vec![0u8; odd.len()];
+    blk.read_at(70_001, &mut back).unwrap();
+    assert_eq!(back, odd, "{mode}/{aio}: unaligned RMW");
+    // The bytes around the unaligned write are intact.
+    let mut around = vec![0u8; 2];
+    blk.read_at(70_000, &mut around[..1]).unwrap();
+    blk.read_at(71_001, &mut around[1..]).unwrap();
+    assert_eq!(around, [0, 0]);
+
+    // Writethrough: every write was made durable before completing.
+    let dsync = st.dsync_writes.load(Ordering::SeqCst);
+    if e.wce {
+        assert_eq!(dsync, 0, "{mode}: no FUA with a write cache");
+    } else {
+        assert!(dsync >= 2, "{mode}: each write must be FUA, saw {dsync}");
+    }
+
+    // Asynchronous, through the backend's engine.
+    let q = CompletionQueue::new().unwrap();
+    let buf = block::iov::AlignedBuf::new(8192, 4096);
+    let mut wbuf = buf;
+    wbuf.copy_from_slice(&pattern(8192, 3));
+    // SAFETY: wbuf lives until the completion is drained below.
+    let iov = unsafe {
+        IoVecs::from_raw(&[
+            (wbuf.as_mut_ptr(), 4096),
+            (wbuf.as_mut_ptr().add(4096), 4096),
+        ])
+    };
+    let before = st.dsync_writes.load(Ordering::SeqCst);
+    blk.submit(IoRequest::write(1 << 20, iov, false), q.completion(1));
+    let done = q.wait();
+    assert_eq!(done.len(), 1);
+    assert!(done[0].2.is_ok(), "{:?}", done[0].2);
+    if !e.wce {
+        assert!(
+            st.dsync_writes.load(Ordering::SeqCst) > before,
+            "{mode}: async write FUA"
+        );
+    }
+    blk.submit(
+        IoRequest::read(1 << 20, IoVecs::from_vec(vec![0; 8192])),
+        q.completion(2),
+    );
+    let done = q.wait();
+    let (tag, req, r) = done.into_iter().next().unwrap();
+    assert_eq!(tag, 2);
+    r.unwrap();
+    assert_eq!(req.iov.into_vec().unwrap(), pattern(8192, 3));
+
+    // Flush reaches fdatasync, except in unsafe mode.
+    let before = st.fdatasync.load(Ordering::SeqCst);
+    blk.flush().unwrap();
+    blk.submit(IoRequest::flush(), q.completion(3));
+    q.wait().into_iter().for_each(|c| c.2.unwrap());
+    let syncs = st.fdatasync.load(Ordering::SeqCst) - before;
+    if e.flush_syncs {
+        assert_eq!(syncs, 2, "{mode}/{aio}: flush must call fdatasync");
+    } else {
+        assert_eq!(syncs, 0, "{mode}: unsafe must skip fdatasync");
+    }
+    if aio == "io_uring" && !e.direct {
+        assert!(
+            st.uring_ops.load(Ordering::SeqCst) >= 2,
+            "async I/O went through io_uring"
+        );
+    }
+    drop(blk);
+    // The data is in the file itself.
+    let raw = std::fs::read(&img).unwrap();
+    assert_eq!(&raw[4096..4096 + data.len()], &data[..]);
+    assert_eq!(&raw[70_001..71_001], &odd[..]);
+}
+
+#[test]
+fn all_cache_modes_threads() {
+    for m in ["writeback", "none", "writethrough", "directsync", "unsafe"] {
+        roundtrip(m, "threads");
+    }
+}
+
+#[test]
+fn all_cache_modes_io_uring() {
+    for m in ["writeback", "none", "writethrough", "directsync", "unsafe"] {
+        roundtrip(m, "io_uring");
+    }
+}
+
+#[test]
+fn runtime_wce_switch() {
+    let dir = TempDir::new("wce");
+    let img = dir.file("d.img", 1 << 20);
+    let graph = BlockGraph::new();
+    let blk = parse_drive(&format!("file={img},format=raw,if=none,aio=threads"))
+        .unwrap()
+        .open(&graph)
+        .unwrap()
+        .unwrap();
+    let st_drv = file_driver(&blk);
+    let st = st_drv.syscall_stats().unwrap();
+    blk.write_at(0, &[1; 512]).unwrap();
+    assert_eq!(st.dsync_writes.load(Ordering::SeqCst), 0);
+    blk.set_write_cache(false);
+    assert!(!blk.write_cache_enabled());
+    blk.write_at(512, &[2; 512]).unwrap();
+    blk.write_zeroes(4096, 4096, false).unwrap();
+    assert!(st.dsync_writes.load(Ordering::SeqCst) + st.fdatasync.load(Ordering::SeqCst) >= 2);
+    blk.set_write_cache(true);
+    let before = st.dsync_writes.load(Ordering::SeqCst);
+    blk.write_at(1024, &[3; 512]).unwrap();
+    assert_eq!(st.dsync_writes.load(Ordering::SeqCst), before);
+}
+
+#[test]
+fn cache_direct_and_no_flush_keys() {
+    let dir = TempDir::new("keys");
+    let img = dir.file("d.img", 1 << 20);
+    let graph = BlockGraph::new();
+    let node = graph
+        .blockdev_add_str(&format!(
+            "driver=raw,node-name=r,file.driver=file,file.filename={img},cache.direct=on,cache.no-flush=on"
+        ))
+        .unwrap();
+    let blk = BlockBackend::new("b", node, Default::default()).unwrap();
+    let f = file_driver(&blk);
+    assert_ne!(
+        fd_flags(f.raw_fd().unwrap()) & O_DIRECT,
+        0,
+        "cache.direct inherited by the inline file child"
+    );
+    blk.flush().unwrap();
+    assert_eq!(
+        f.syscall_stats().unwrap().fdatasync.load(Ordering::SeqCst),
+        0
+    );
+}
+
+#[test]
+fn strace_sees_fdatasync_and_dsync() {
+    // Run the writethrough round trip in a child process under strace and
+    // look at the real syscalls.
+    if std::env::var("STRATA_STRACE_CHILD").is_ok() {
+        let dir = TempDir::new("strace");
+        let img = dir.file("d.img", 1 << 20);
+        let graph = BlockGraph::new();
+        let blk = parse_drive(&format!(
+            "file={img},format=raw,if=none,cache=writethrough,aio=threads"
+        ))
+        .unwrap()
+        .open(&graph)
+        .unwrap()
+        .unwrap();
+        blk.write_at(0, &[9; 4096]).unwrap();
+        blk.flush().unwrap();
+        return;
+    }
+    if std::process::Command::new("strace")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("strace not installed; skipped");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new("strace")
+        .args(["-f", "-e", "trace=fdatasync,pwritev2", "-o", "/dev/stderr"])
+        .arg(exe)
+        .args([
+            "--exact",
+            "strace_sees_fdatasync_and_dsync",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("STRATA_STRACE_CHILD", "1")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("pwritev2(") && l.contains("RWF_DSYNC")),
+        "{log}"
+    );
+    assert!(log.lines().any(|l| l.contains("fdatasync(")), "{log}");
+}

@@ -1,0 +1,345 @@
+//! `create`, `info` and `map`, with qemu-img's output (human and JSON).
+
+use super::json::{compact, pretty, J};
+use super::{fail, open, parse_img_size, size_to_str, OpenSpec, R};
+use block::graph::BlockGraph;
+use block::node::Node;
+use std::io::Write;
+
+/// `create -f raw [-o size=..,preallocation=..] file [size]`.
+pub fn create(
+    fmt: &str,
+    options: &[String],
+    quiet: bool,
+    filename: &str,
+    size: Option<&str>,
+) -> R<i32> {
+    if fmt != "raw" {
+        return fail(format!("Unknown file format '{fmt}'"));
+    }
+    let mut size_v = match size {
+        Some(s) => Some(parse_img_size(s)?),
+        None => None,
+    };
+    let mut prealloc = None;
+    for o in options {
+        let m = block::keyval::parse("-o", o, None)?;
+        let mut opts = block::keyval::Options::new("-o", m);
+        if let Some(s) = opts.take_str("size")? {
+            size_v = Some(parse_img_size(&s)?);
+        }
+        if let Some(p) = opts.take_str("preallocation")? {
+            if !matches!(p.as_str(), "off" | "falloc" | "full") {
+                return fail(format!("Invalid parameter '{p}'"));
+            }
+            prealloc = Some(p);
+        }
+        if let Err(e) = opts.finish() {
+            let key = match e {
+                block::keyval::KeyvalError::Unknown { key, .. } => key,
+                other => other.to_string(),
+            };
+            return fail(format!("Invalid parameter '{key}'"));
+        }
+    }
+    let Some(size_v) = size_v else {
+        return fail(format!("{filename}: Image creation needs a size parameter"));
+    };
+    if !quiet {
+        match &prealloc {
+            Some(p) => println!("Formatting '{filename}', fmt=raw size={size_v} preallocation={p}"),
+            None => println!("Formatting '{filename}', fmt=raw size={size_v}"),
+        }
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(filename)
+        .map_err(|e| {
+            super::Fail(
+                format!(
+                    "{filename}: Could not create '{filename}': {}",
+                    block::error::strerror(e.raw_os_error().unwrap_or(libc::EIO))
+                ),
+                1,
+            )
+        })?;
+    f.set_len(size_v)
+        .map_err(|e| super::Fail(format!("{filename}: Could not resize file: {e}"), 1))?;
+    match prealloc.as_deref() {
+        Some("falloc") => {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain fallocate on a descriptor we own.
+            if size_v > 0 && unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, size_v as i64) } < 0 {
+                return fail(format!(
+                    "{filename}: Could not preallocate data for the new file: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+        }
+        Some("full") => {
+            let mut w = std::io::BufWriter::new(&f);
+            let zero = vec![0u8; 1 << 20];
+            let mut left = size_v;
+            while left > 0 {
+                let n = left.min(zero.len() as u64) as usize;
+                w.write_all(&zero[..n])?;
+                left -= n as u64;
+            }
+            w.flush()?;
+        }
+        _ => {}
+    }
+    Ok(0)
+}
+
+fn is_protocol(n: &Node) -> bool {
+    n.children().is_empty()
+}
+
+fn node_info(n: &Node, filename: &str) -> J {
+    let children: Vec<J> = n
+        .children()
+        .iter()
+        .map(|(role, c)| {
+            let f = c.filename().unwrap_or_else(|| filename.to_string());
+            J::obj(vec![("name", J::s(role)), ("info", node_info(c, &f))])
+        })
+        .collect();
+    let mut items = vec![
+        ("children", J::Arr(children)),
+        ("virtual-size", J::u(n.len())),
+        ("filename", J::s(filename)),
+        ("format", J::s(n.driver_name())),
+    ];
+    if let Some(a) = actual_size(n) {
+        items.push(("actual-size", J::u(a)));
+    }
+    if is_protocol(n) && matches!(n.driver_name(), "file" | "host_device") {
+        items.push((
+            "format-specific",
+            J::obj(vec![
+                ("type", J::s(n.driver_name())),
+                ("data", J::obj(vec![])),
+            ]),
+        ));
+    }
+    items.push(("dirty-flag", J::Bool(false)));
+    J::obj(items)
+}
+
+fn actual_size(n: &Node) -> Option<u64> {
+    n.driver()
+        .allocated_size()
+        .or_else(|| n.children().first().and_then(|(_, c)| actual_size(c)))
+}
+
+fn human(n: &Node, filename: &str, out: &mut String) {
+    out.push_str(&format!("image: {filename}\n"));
+    out.push_str(&format!("file format: {}\n", n.driver_name()));
+    out.push_str(&format!(
+        "virtual size: {} ({} bytes)\n",
+        size_to_str(n.len()),
+        n.len()
+    ));
+    match actual_size(n) {
+        Some(a) => out.push_str(&format!("disk size: {}\n", size_to_str(a))),
+        None => out.push_str("disk size: unavailable\n"),
+    }
+    children_human(n, "", out);
+}
+
+fn children_human(n: &Node, path: &str, out: &mut String) {
+    for (role, c) in n.children() {
+        let p = format!("{path}/{role}");
+        out.push_str(&format!("Child node '{p}':\n"));
+        let f = c.filename().unwrap_or_default();
+        out.push_str(&format!("    filename: {f}\n"));
+        if is_protocol(c) {
+            out.push_str(&format!("    protocol type: {}\n", c.driver_name()));
+            out.push_str(&format!(
+                "    file length: {} ({} bytes)\n",
+                size_to_str(c.len()),
+                c.len()
+            ));
+        } else {
+            out.push_str(&format!("    file format: {}\n", c.driver_name()));
+            out.push_str(&format!(
+                "    virtual size: {} ({} bytes)\n",
+                size_to_str(c.len()),
+                c.len()
+            ));
+        }
+        match actual_size(c) {
+            Some(a) => out.push_str(&format!("    disk size: {}\n", size_to_str(a))),
+            None => out.push_str("    disk size: unavailable\n"),
+        }
+        children_human(c, &p, out);
+    }
+}
+
+fn check_output(output: &str) -> R<bool> {
+    match output {
+        "human" => Ok(false),
+        "json" => Ok(true),
+        _ => fail("--output must be used with human or json as argument."),
+    }
+}
+
+/// `info [-f fmt] [--output=human|json] [-U] [--image-opts] file`.
+pub fn info(
+    fmt: Option<&str>,
+    output: &str,
+    force_share: bool,
+    image_opts: bool,
+    filename: &str,
+) -> R<i32> {
+    let json = check_output(output)?;
+    let graph = BlockGraph::new();
+    let mut spec = OpenSpec::new(filename);
+    spec.fmt = fmt;
+    spec.image_opts = image_opts;
+    spec.force_share = force_share;
+    let blk = open(&graph, &spec)?;
+    let root = blk.root();
+    let shown = if image_opts {
+        root.filename().unwrap_or_else(|| filename.to_string())
+    } else {
+        filename.to_string()
+    };
+    if json {
+        println!("{}", pretty(&node_info(root, &shown)));
+    } else {
+        let mut s = String::new();
+        human(root, &shown, &mut s);
+        print!("{s}");
+    }
+    Ok(0)
+}
+
+/// One run of the map.
+#[derive(Clone, Debug, PartialEq)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    data: bool,
+    zero: bool,
+    offset: Option<u64>,
+}
+
+/// `map [-f fmt] [--output=human|json] [-U] [--image-opts] [-s start] [-l len] file`.
+pub fn map(
+    fmt: Option<&str>,
+    output: &str,
+    force_share: bool,
+    image_opts: bool,
+    start: Option<&str>,
+    max_len: Option<&str>,
+    filename: &str,
+) -> R<i32> {
+    let json = check_output(output)?;
+    let start = match start {
+        Some(s) => block::keyval::parse_size_str(s, 1).map_err(|_| super::Fail("Invalid start offset specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes or exabytes.".into(), 1))?,
+        None => 0,
+    };
+    let max_len = match max_len {
+        Some(s) => Some(block::keyval::parse_size_str(s, 1).map_err(|_| super::Fail("Invalid length specified! You may use k, M, G, T, P or E suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes or exabytes.".into(), 1))?),
+        None => None,
+    };
+    let graph = BlockGraph::new();
+    let mut spec = OpenSpec::new(filename);
+    spec.fmt = fmt;
+    spec.image_opts = image_opts;
+    spec.force_share = force_share;
+    let blk = open(&graph, &spec)?;
+    let size = blk.len();
+    let end = match max_len {
+        Some(l) => start.saturating_add(l).min(size),
+        None => size,
+    };
+    let file = blk
+        .root()
+        .filename()
+        .unwrap_or_else(|| filename.to_string());
+    let mut entries: Vec<MapEntry> = Vec::new();
+    let mut off = start.min(end);
+    while off < end {
+        let e = blk.block_status(off, end - off)?;
+        let len = e.len.clamp(1, end - off);
+        let ent = MapEntry {
+            start: off,
+            length: len,
+            data: e.data,
+            zero: e.zero,
+            offset: e.offset,
+        };
+        match entries.last_mut() {
+            Some(last)
+                if last.data == ent.data
+                    && last.zero == ent.zero
+                    && last.start + last.length == ent.start
+                    && match (last.offset, ent.offset) {
+                        (Some(a), Some(b)) => a + last.length == b,
+                        (None, None) => true,
+                        _ => false,
+                    } =>
+            {
+                last.length += len;
+            }
+            _ => entries.push(ent),
+        }
+        off += len;
+    }
+    let mut out = String::new();
+    if json {
+        let items: Vec<String> = entries
+            .iter()
+            .map(|e| {
+                let mut v = vec![
+                    ("start", J::u(e.start)),
+                    ("length", J::u(e.length)),
+                    ("depth", J::u(0)),
+                    ("present", J::Bool(true)),
+                    ("zero", J::Bool(e.zero)),
+                    ("data", J::Bool(e.data)),
+                    ("compressed", J::Bool(false)),
+                ];
+                if let Some(o) = e.offset {
+                    v.push(("offset", J::u(o)));
+                }
+                compact(&J::obj(v))
+            })
+            .collect();
+        out.push('[');
+        out.push_str(&items.join(",\n"));
+        out.push_str("]\n");
+    } else {
+        out.push_str(&format!(
+            "{:<16}{:<16}{:<16}{}\n",
+            "Offset", "Length", "Mapped to", "File"
+        ));
+        for e in entries.iter().filter(|e| e.data) {
+            if let Some(o) = e.offset {
+                out.push_str(&format!(
+                    "{:<16}{:<16}{:<16}{}\n",
+                    hx(e.start),
+                    hx(e.length),
+                    hx(o),
+                    file
+                ));
+            }
+        }
+    }
+    print!("{out}");
+    Ok(0)
+}
+
+/// `%#x`: zero has no prefix.
+fn hx(v: u64) -> String {
+    if v == 0 {
+        "0".into()
+    } else {
+        format!("{v:#x}")
+    }
+}

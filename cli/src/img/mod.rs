@@ -1,0 +1,400 @@
+//! `strata-img`: create, inspect, compare, convert, copy and benchmark
+//! images, with the command line, output and exit codes of `qemu-img`
+//! (QEMU's `docs/tools/qemu-img.rst`).
+//!
+//! Errors are one line on stderr, `strata-img: <message>`, exit code 1
+//! (`compare` uses 2 for errors, 1 for differences, as qemu-img does).
+
+pub mod bench;
+pub mod convert;
+pub mod info;
+pub mod json;
+
+use block::backend::{BackendConfig, BlockBackend};
+use block::driver::Perms;
+use block::graph::BlockGraph;
+use block::keyval::{self, Options};
+use clap::{Parser, Subcommand};
+use std::sync::Arc;
+
+/// A user-facing failure: message and exit code.
+#[derive(Debug)]
+pub struct Fail(pub String, pub i32);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(e.to_string(), 1)
+    }
+}
+
+pub type R<T> = Result<T, Fail>;
+
+pub fn fail<T>(msg: impl Into<String>) -> R<T> {
+    Err(Fail(msg.into(), 1))
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "strata-img",
+    version,
+    about = "Strata disk image utility (qemu-img compatible)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create an image.
+    Create {
+        #[arg(short = 'f', default_value = "raw")]
+        fmt: String,
+        #[arg(short = 'o')]
+        options: Vec<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'u')]
+        no_backing_check: bool,
+        filename: String,
+        size: Option<String>,
+    },
+    /// Show information about an image.
+    Info {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
+        #[arg(long = "backing-chain")]
+        backing_chain: bool,
+        filename: String,
+    },
+    /// Show the allocation map of an image.
+    Map {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
+        #[arg(short = 's', long = "start-offset")]
+        start_offset: Option<String>,
+        #[arg(short = 'l', long = "max-length")]
+        max_length: Option<String>,
+        filename: String,
+    },
+    /// Compare two images.
+    Compare {
+        #[arg(short = 'f')]
+        fmt1: Option<String>,
+        #[arg(short = 'F')]
+        fmt2: Option<String>,
+        #[arg(short = 'p')]
+        progress: bool,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 's')]
+        strict: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        #[arg(short = 'T')]
+        src_cache: Option<String>,
+        filename1: String,
+        filename2: String,
+    },
+    /// Convert (copy) images.
+    Convert(convert::ConvertArgs),
+    /// Copy with dd-style operands.
+    Dd {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(short = 'O', default_value = "raw")]
+        out_fmt: String,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        operands: Vec<String>,
+    },
+    /// Run a simple I/O benchmark.
+    Bench(bench::BenchArgs),
+}
+
+/// How an image is to be opened.
+pub struct OpenSpec<'a> {
+    pub filename: &'a str,
+    pub fmt: Option<&'a str>,
+    pub image_opts: bool,
+    pub read_only: bool,
+    pub force_share: bool,
+    pub cache: Option<&'a str>,
+    pub aio: Option<&'a str>,
+    pub resize: bool,
+}
+
+impl<'a> OpenSpec<'a> {
+    pub fn new(filename: &'a str) -> Self {
+        OpenSpec {
+            filename,
+            fmt: None,
+            image_opts: false,
+            read_only: true,
+            force_share: false,
+            cache: None,
+            aio: None,
+            resize: false,
+        }
+    }
+}
+
+/// Map `-t`/`-T` cache modes to (cache.direct, cache.no-flush, write cache).
+pub fn cache_mode(mode: &str) -> R<(bool, bool, bool)> {
+    Ok(match mode {
+        "writeback" => (false, false, true),
+        "none" | "off" => (true, false, true),
+        "writethrough" => (false, false, false),
+        "directsync" => (true, false, false),
+        "unsafe" => (false, true, true),
+        _ => return fail(format!("Invalid cache option: {mode}")),
+    })
+}
+
+/// Open an image and attach a tool backend (shares everything, like qemu-img).
+pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
+    if spec.force_share && !spec.read_only {
+        return fail("--force-share/-U can only be used with read-only images");
+    }
+    let mut extra: Vec<(String, String)> = Vec::new();
+    let mut wce = true;
+    if let Some(c) = spec.cache {
+        let (direct, no_flush, w) = cache_mode(c)?;
+        extra.push(("cache.direct".into(), on(direct)));
+        extra.push(("cache.no-flush".into(), on(no_flush)));
+        wce = w;
+    }
+    if let Some(a) = spec.aio {
+        if !matches!(a, "threads" | "native" | "io_uring") {
+            return fail(format!("Invalid aio option: {a}"));
+        }
+    }
+    let node = if spec.image_opts {
+        if spec.fmt.is_some() {
+            return fail("--image-opts and --format are mutually exclusive");
+        }
+        let mut map = keyval::parse("image options", spec.filename, None)?;
+        for (k, v) in &extra {
+            let more = keyval::parse("image options", &format!("{k}={v}"), None)?;
+            map.extend(more);
+        }
+        if spec.read_only {
+            map.insert("read-only".into(), keyval::Value::Str("on".into()));
+        }
+        if spec.force_share {
+            map.insert("force-share".into(), keyval::Value::Str("on".into()));
+        }
+        let probe = !map.contains_key("driver");
+        graph
+            .open_options(Options::new("image options", map), None, probe)
+            .map_err(|e| Fail(format!("Could not open '{}': {e}", spec.filename), 1))?
+    } else {
+        if let Some(a) = spec.aio {
+            extra.push(("file.aio".into(), a.into()));
+        }
+        if spec.force_share {
+            extra.push(("force-share".into(), "on".into()));
+        }
+        let refs: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        graph
+            .open_image(spec.filename, spec.fmt, spec.read_only, &refs)
+            .map_err(|e| open_error(spec.filename, e))?
+    };
+    let _ = graph.take_warnings();
+    let cfg = BackendConfig {
+        read_only: spec.read_only,
+        write_cache: wce,
+        shared: Perms::ALL,
+        resize: spec.resize,
+        ..Default::default()
+    };
+    BlockBackend::new("", node, cfg).map_err(|e| open_error(spec.filename, e))
+}
+
+fn open_error(filename: &str, e: block::error::BlockError) -> Fail {
+    let m = e.to_string();
+    if m.starts_with("Could not open") {
+        Fail(format!("Could not open '{filename}': {m}"), 1)
+    } else {
+        Fail(format!("Could not open '{filename}': {m}"), 1)
+    }
+}
+
+fn on(b: bool) -> String {
+    if b { "on" } else { "off" }.to_string()
+}
+
+/// Parse an image size as qemu-img does (bytes by default, k/M/G/T/P/E).
+pub fn parse_img_size(s: &str) -> R<u64> {
+    match keyval::parse_size_str(s, 1) {
+        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        Ok(_) => fail("Image size must be less than 8 EiB!"),
+        Err(_) => fail(format!("Invalid image size specified: '{s}'.")),
+    }
+}
+
+/// QEMU's `size_to_str`: three significant digits, binary prefixes, and a
+/// switch to the next unit from 1000 (not 1024) of the previous one.
+pub fn size_to_str(val: u64) -> String {
+    const SUF: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    let mut i = 0usize;
+    let scaled = val as f64 / (1000.0 / 1024.0);
+    while i < 6 && scaled >= (1u128 << (10 * (i + 1))) as f64 {
+        i += 1;
+    }
+    let v = val as f64 / (1u128 << (10 * i)) as f64;
+    format!("{} {}B", g3(v), SUF[i])
+}
+
+/// `%0.3g` for values below 1000.
+fn g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let exp = v.abs().log10().floor() as i32;
+    let decimals = (2 - exp).max(0) as usize;
+    let mut s = format!("{v:.decimals$}");
+    // Rounding may carry into a new digit (9.996 -> 10.00): one decimal less.
+    if let Ok(r) = s.parse::<f64>() {
+        if r != 0.0 && (r.abs().log10().floor() as i32) > exp {
+            let d = (1 - exp).max(0) as usize;
+            s = format!("{v:.d$}");
+        }
+    }
+    if s.contains('.') {
+        s = s.trim_end_matches('0').trim_end_matches('.').to_string();
+    }
+    s
+}
+
+/// Run the command line; returns the exit code.
+pub fn main_with_args(args: Vec<String>) -> i32 {
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+                    print!("{e}");
+                    return 0;
+                }
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                | ErrorKind::MissingSubcommand => {
+                    eprintln!("strata-img: Not enough arguments");
+                    return 1;
+                }
+                _ => {
+                    let first = e.to_string();
+                    let line = first.lines().next().unwrap_or("invalid arguments");
+                    let line = line.strip_prefix("error: ").unwrap_or(line);
+                    eprintln!("strata-img: {line}");
+                    return 1;
+                }
+            }
+        }
+    };
+    let r = match cli.cmd {
+        Cmd::Create {
+            fmt,
+            options,
+            quiet,
+            no_backing_check: _,
+            filename,
+            size,
+        } => info::create(&fmt, &options, quiet, &filename, size.as_deref()),
+        Cmd::Info {
+            fmt,
+            output,
+            force_share,
+            image_opts,
+            backing_chain: _,
+            filename,
+        } => info::info(fmt.as_deref(), &output, force_share, image_opts, &filename),
+        Cmd::Map {
+            fmt,
+            output,
+            force_share,
+            image_opts,
+            start_offset,
+            max_length,
+            filename,
+        } => info::map(
+            fmt.as_deref(),
+            &output,
+            force_share,
+            image_opts,
+            start_offset.as_deref(),
+            max_length.as_deref(),
+            &filename,
+        ),
+        Cmd::Compare {
+            fmt1,
+            fmt2,
+            progress,
+            quiet,
+            strict,
+            force_share,
+            src_cache,
+            filename1,
+            filename2,
+        } => convert::compare(
+            fmt1.as_deref(),
+            fmt2.as_deref(),
+            progress,
+            quiet,
+            strict,
+            force_share,
+            src_cache.as_deref(),
+            &filename1,
+            &filename2,
+        ),
+        Cmd::Convert(a) => convert::convert(a),
+        Cmd::Dd {
+            fmt,
+            out_fmt,
+            force_share,
+            operands,
+        } => convert::dd(fmt.as_deref(), &out_fmt, force_share, &operands),
+        Cmd::Bench(a) => bench::bench(a),
+    };
+    match r {
+        Ok(code) => code,
+        Err(Fail(msg, code)) => {
+            eprintln!("strata-img: {msg}");
+            code
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_like_qemu() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(512), "512 B");
+        assert_eq!(size_to_str(10 << 20), "10 MiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(1245184), "1.19 MiB");
+        assert_eq!(size_to_str(1000 * 1024), "0.977 MiB");
+        assert_eq!(size_to_str(1536 * 1024), "1.5 MiB");
+        assert_eq!(size_to_str(123 * 1024 * 1024), "123 MiB");
+        assert_eq!(size_to_str(4096), "4 KiB");
+    }
+}
