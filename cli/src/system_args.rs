@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 
+use block::keyval;
 use vmm::config::{Accel, CharDev, MachineConfig};
 
 pub const USAGE: &str = "\
@@ -54,68 +55,18 @@ pub enum Parsed {
     Version,
 }
 
-/// Splits a QEMU option value into key/value pairs. `,,` is a literal comma;
-/// a first element without `=` is the value of `implied` (if given).
-pub fn split_opts(s: &str, implied: Option<&str>) -> Result<Vec<(String, String)>, String> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                parts.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
+/// Splits a QEMU option value into key/value pairs with the project's
+/// keyval grammar: `,,` escapes, an implied first key, bare flags = on.
+pub fn split_opts(opt: &str, s: &str, implied: Option<&str>) -> Result<Vec<(String, String)>, String> {
+    let mut p = keyval::Parser::new(opt).bare_flags(true);
+    if let Some(k) = implied {
+        p = p.implied_key(k);
     }
-    parts.push(cur);
-    let mut out = Vec::new();
-    for (i, p) in parts.into_iter().enumerate() {
-        match p.split_once('=') {
-            Some((k, v)) => out.push((k.to_string(), v.to_string())),
-            None if i == 0 && implied.is_some() => out.push((implied.unwrap().to_string(), p)),
-            None if p.is_empty() => {}
-            // A bare flag such as `server` or `nowait`.
-            None => out.push((p, "on".to_string())),
-        }
-    }
-    Ok(out)
-}
-
-/// Parses a size with an optional K/M/G/T/P/E suffix (case-insensitive, with
-/// an optional trailing `B`); bare numbers are multiplied by `default_unit`.
-pub fn parse_size(s: &str, default_unit: u64) -> Option<u64> {
-    let s = s.trim();
-    let digits = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, suffix) = s.split_at(digits);
-    let value: f64 = num.parse().ok()?;
-    let unit = match suffix.to_ascii_lowercase().trim_end_matches('b') {
-        "" if suffix.is_empty() => default_unit,
-        "" => 1,
-        "k" => 1 << 10,
-        "m" => 1 << 20,
-        "g" => 1 << 30,
-        "t" => 1 << 40,
-        "p" => 1 << 50,
-        "e" => 1 << 60,
-        _ => return None,
-    };
-    let bytes = value * unit as f64;
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
+    p.parse_flat(s).map_err(|e| e.to_string())
 }
 
 fn parse_bool(opt: &str, key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "yes" | "true" => Ok(true),
-        "off" | "no" | "false" => Ok(false),
-        _ => Err(format!("{opt}: {key}={v}: expected on or off")),
-    }
+    keyval::parse_bool(opt, key, v).map_err(|e| e.to_string())
 }
 
 fn parse_u32(opt: &str, key: &str, v: &str) -> Result<u32, String> {
@@ -137,7 +88,7 @@ pub fn parse_chardev(opt: &str, spec: &str) -> Result<Option<CharDev>, String> {
         "mon" if rest == "stdio" => CharDev::Stdio { mux: true },
         "file" if !rest.is_empty() => CharDev::File(PathBuf::from(rest)),
         "unix" if !rest.is_empty() => {
-            let mut opts = split_opts(rest, Some("path"))?;
+            let mut opts = split_opts(opt, rest, Some("path"))?;
             let path = PathBuf::from(opts.remove(0).1);
             let (mut server, mut wait) = (false, true);
             for (k, v) in opts {
@@ -155,7 +106,7 @@ pub fn parse_chardev(opt: &str, spec: &str) -> Result<Option<CharDev>, String> {
 }
 
 fn parse_machine(cfg: &mut MachineConfig, v: &str, accel_set: &mut bool) -> Result<(), String> {
-    for (k, val) in split_opts(v, Some("type"))? {
+    for (k, val) in split_opts("-machine", v, Some("type"))? {
         match k.as_str() {
             "type" => match val.as_str() {
                 "pc" | "pc-i440fx" => {}
@@ -197,7 +148,7 @@ fn parse_smp(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
     let (mut cpus, mut maxcpus) = (None, None);
     let mut topo = 1u32;
     let mut have_topo = false;
-    for (k, val) in split_opts(v, Some("cpus"))? {
+    for (k, val) in split_opts("-smp", v, Some("cpus"))? {
         let n = parse_u32("-smp", &k, &val)?;
         match k.as_str() {
             "cpus" => cpus = Some(n),
@@ -225,7 +176,7 @@ fn parse_boot(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
             ))
         }
     };
-    for (k, val) in split_opts(v, Some("order"))? {
+    for (k, val) in split_opts("-boot", v, Some("order"))? {
         match k.as_str() {
             "order" => cfg.boot.order = check(&val)?,
             "once" => cfg.boot.once = Some(check(&val)?),
@@ -329,12 +280,12 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 r => r?,
             },
             "-m" => {
-                let opts = split_opts(value, Some("size"))?;
+                let opts = split_opts("-m", value, Some("size"))?;
                 for (k, v) in opts {
                     match k.as_str() {
                         "size" => {
-                            cfg.mem_size = parse_size(&v, 1 << 20)
-                                .ok_or_else(|| format!("-m {value}: invalid size '{v}'"))?;
+                            cfg.mem_size = keyval::parse_size_str(&v, keyval::MIB)
+                                .map_err(|e| format!("-m {value}: invalid size '{v}': {e}"))?;
                             if cfg.mem_size == 0 {
                                 return Err(format!("-m {value}: guest memory cannot be zero"));
                             }
@@ -370,7 +321,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 }
             },
             "-name" => {
-                let o = split_opts(value, Some("guest"))?;
+                let o = split_opts("-name", value, Some("guest"))?;
                 cfg.name = o.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v);
             }
             "-qtest" => {
@@ -416,17 +367,6 @@ mod tests {
             Parsed::Run(c) => *c,
             _ => panic!(),
         }
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512", 1 << 20), Some(512 << 20));
-        assert_eq!(parse_size("6G", 1 << 20), Some(6 << 30));
-        assert_eq!(parse_size("1.5g", 1 << 20), Some(3 << 29));
-        assert_eq!(parse_size("64KiB", 1 << 20), None);
-        assert_eq!(parse_size("64kb", 1 << 20), Some(64 << 10));
-        assert_eq!(parse_size("12Q", 1 << 20), None);
-        assert_eq!(parse_size("", 1 << 20), None);
     }
 
     #[test]
