@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use block::keyval;
-use vmm::config::{Accel, CharDev, MachineConfig};
+use vmm::config::{Accel, CharDev, DeviceConfig, MachineConfig};
 
 pub const USAGE: &str = "\
 usage: strata [options]
@@ -26,6 +26,10 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -nodefaults                       no default serial port
   -no-reboot                        exit instead of rebooting when the guest resets
   -name NAME, -S                    guest name; start with vCPUs stopped
+  -drive file=F[,if=ide|virtio|none,format=,media=disk|cdrom,cache=,aio=,...]
+  -hda/-hdb/-hdc/-hdd F, -cdrom F, -fda/-fdb F   legacy drive shortcuts
+  -blockdev driver=...,node-name=...  (or JSON)   a block node
+  -device DRIVER[,drive=ID,...]     a device
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
   -version, -help
 With -nographic or mon:stdio, Ctrl-A h prints the console keys and Ctrl-A x quits.
@@ -47,6 +51,16 @@ const KNOWN_WITH_VALUE: &[&str] = &[
     "-name",
     "-qtest",
     "-qtest-log",
+    "-drive",
+    "-hda",
+    "-hdb",
+    "-hdc",
+    "-hdd",
+    "-cdrom",
+    "-fda",
+    "-fdb",
+    "-device",
+    "-blockdev",
 ];
 
 pub enum Parsed {
@@ -57,7 +71,11 @@ pub enum Parsed {
 
 /// Splits a QEMU option value into key/value pairs with the project's
 /// keyval grammar: `,,` escapes, an implied first key, bare flags = on.
-pub fn split_opts(opt: &str, s: &str, implied: Option<&str>) -> Result<Vec<(String, String)>, String> {
+pub fn split_opts(
+    opt: &str,
+    s: &str,
+    implied: Option<&str>,
+) -> Result<Vec<(String, String)>, String> {
     let mut p = keyval::Parser::new(opt).bare_flags(true);
     if let Some(k) = implied {
         p = p.implied_key(k);
@@ -221,6 +239,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut cfg = MachineConfig::default();
     let mut serial: Vec<Option<CharDev>> = Vec::new();
     let (mut nographic, mut nodefaults, mut accel_set) = (false, false, false);
+    let mut drives = block::drive::DriveTable::new();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         // QEMU accepts both -opt and --opt.
@@ -331,6 +350,42 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 }
             }
             "-qtest-log" => cfg.qtest_log = Some(PathBuf::from(value)),
+            "-drive" => cfg.drives.push(
+                drives
+                    .parse_drive(value)
+                    .map_err(|e| format!("-drive {value}: {e}"))?,
+            ),
+            "-hda" | "-hdb" | "-hdc" | "-hdd" => {
+                let n = (opt.as_bytes()[3] - b'a') as u32;
+                cfg.drives.push(
+                    drives
+                        .hd(n, value)
+                        .map_err(|e| format!("{opt} {value}: {e}"))?,
+                );
+            }
+            "-cdrom" => cfg.drives.push(
+                drives
+                    .cdrom(value)
+                    .map_err(|e| format!("-cdrom {value}: {e}"))?,
+            ),
+            "-fda" | "-fdb" => {
+                let n = (opt.as_bytes()[3] - b'a') as u32;
+                cfg.drives.push(
+                    drives
+                        .fd(n, value)
+                        .map_err(|e| format!("{opt} {value}: {e}"))?,
+                );
+            }
+            "-blockdev" => cfg.blockdevs.push(value.to_string()),
+            "-device" => {
+                let mut props = split_opts("-device", value, Some("driver"))?;
+                let driver = match props.first() {
+                    Some((k, d)) if k == "driver" && !d.is_empty() => d.clone(),
+                    _ => return Err(format!("-device {value}: missing the device type")),
+                };
+                props.remove(0);
+                cfg.devices.push(DeviceConfig { driver, props });
+            }
             _ => return Err(format!("{opt}: invalid option")),
         }
     }

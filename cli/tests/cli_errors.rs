@@ -10,19 +10,32 @@ use support::run_strata;
 fn check(args: &[&str], want: &str) {
     let (code, _out, err) = run_strata(args, Duration::from_secs(30));
     assert_eq!(code, Some(1), "{args:?}: stderr {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{args:?}: {err}"
+    );
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 1, "{args:?}: expected one line, got {err}");
     assert!(lines[0].starts_with("strata: "), "{args:?}: {err}");
-    assert!(lines[0].contains(want), "{args:?}: '{}' does not mention '{want}'", lines[0]);
+    assert!(
+        lines[0].contains(want),
+        "{args:?}: '{}' does not mention '{want}'",
+        lines[0]
+    );
 }
 
 #[test]
 fn bad_options() {
     check(&["-frobnicate"], "-frobnicate: invalid option");
-    check(&["-machine", "q35x"], "-machine q35x: unsupported machine type");
+    check(
+        &["-machine", "q35x"],
+        "-machine q35x: unsupported machine type",
+    );
     check(&["-M", "pc,foo=bar"], "unknown property 'foo'");
-    check(&["-bios", "/nonexistent/bios.bin"], "-bios /nonexistent/bios.bin");
+    check(
+        &["-bios", "/nonexistent/bios.bin"],
+        "-bios /nonexistent/bios.bin",
+    );
     check(&["-bios", "/"], "-bios /: not a regular file");
     check(&["-m", "0"], "-m 0");
     check(&["-m", "12Q"], "-m 12Q");
@@ -33,6 +46,19 @@ fn bad_options() {
     check(&["-accel", "tcg"], "-accel tcg");
     check(&["-m"], "-m: requires an argument");
     check(&["disk.img"], "disk.img");
+    check(
+        &["-hda", "/nonexistent/disk.img", "-nodefaults"],
+        "/nonexistent/disk.img",
+    );
+    check(
+        &["-device", "frob-dev", "-nodefaults"],
+        "-device frob-dev: unsupported device",
+    );
+    check(&["-hdc", "a.img", "-cdrom", "b.iso"], "-cdrom b.iso");
+    check(
+        &["-drive", "file=x.img,if=bogus"],
+        "-drive file=x.img,if=bogus",
+    );
 }
 
 #[test]
@@ -55,11 +81,18 @@ fn missing_kvm_device_is_one_line() {
             .env("STRATA_KVM_DEVICE", "/nonexistent/kvm")
             .output()
             .unwrap();
-        (out.status.code(), (), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            (),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     assert_eq!(code, Some(1));
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("/nonexistent/kvm") && err.contains("No such file"), "{err}");
+    assert!(
+        err.contains("/nonexistent/kvm") && err.contains("No such file"),
+        "{err}"
+    );
 }
 
 #[test]

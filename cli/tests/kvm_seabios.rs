@@ -25,7 +25,9 @@ fn banner_then_no_bootable_device() {
         "No bootable device.",
         TIMEOUT,
     );
-    let banner = out.find("SeaBIOS (version").expect("SeaBIOS banner on COM1");
+    let banner = out
+        .find("SeaBIOS (version")
+        .expect("SeaBIOS banner on COM1");
     assert!(banner < out.find("No bootable device.").unwrap());
 }
 
@@ -40,13 +42,22 @@ fn smp4_brought_up_by_seabios() {
     let dbg = format!("file:{}", log.display());
     let out = run_until_marker(
         &[
-            "-smp", "4", "-nodefaults", "-debugcon", &dbg, "-global", "isa-debugcon.iobase=0x402",
+            "-smp",
+            "4",
+            "-nodefaults",
+            "-debugcon",
+            &dbg,
+            "-global",
+            "isa-debugcon.iobase=0x402",
         ],
         &log,
         "e820 map has",
         TIMEOUT,
     );
-    assert!(out.contains("Found 4 cpu(s) max supported 4 cpu(s)"), "{out}");
+    assert!(
+        out.contains("Found 4 cpu(s) max supported 4 cpu(s)"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -59,14 +70,23 @@ fn ram_above_4g_in_firmware_e820() {
     let log = dir.join("debug.log");
     let dbg = format!("file:{}", log.display());
     let out = run_until_marker(
-        &["-m", "6G", "-nodefaults", "-debugcon", &dbg, "-global", "isa-debugcon.iobase=0x402"],
+        &[
+            "-m",
+            "6G",
+            "-nodefaults",
+            "-debugcon",
+            &dbg,
+            "-global",
+            "isa-debugcon.iobase=0x402",
+        ],
         &log,
         "No bootable device",
         TIMEOUT,
     );
     // SeaBIOS dumps its final e820 map; RAM from 4 GiB to 7 GiB must be in it.
     assert!(
-        out.lines().any(|l| l.contains("0000000100000000 - 00000001c0000000 = 1 RAM")),
+        out.lines()
+            .any(|l| l.contains("0000000100000000 - 00000001c0000000 = 1 RAM")),
         "no RAM above 4 GiB in:\n{out}"
     );
 }
@@ -80,7 +100,14 @@ fn no_reboot_exits_zero_on_guest_reset() {
     // With reboot-timeout=0 SeaBIOS resets the machine right after
     // "No bootable device."; -no-reboot turns that reset into exit 0.
     let (code, stdout, stderr) = run_strata(
-        &["-nodefaults", "-serial", "stdio", "-no-reboot", "-boot", "reboot-timeout=0"],
+        &[
+            "-nodefaults",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-boot",
+            "reboot-timeout=0",
+        ],
         TIMEOUT,
     );
     assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -99,9 +126,18 @@ fn reset_without_no_reboot_restarts_the_machine() {
     let log = dir.join("serial.log");
     let serial = format!("file:{}", log.display());
     // The second life of the machine prints the banner again after the reset.
-    let reborn = |t: &str| t.find("Rebooting").is_some_and(|i| t[i..].contains("SeaBIOS (version"));
+    let reborn = |t: &str| {
+        t.find("Rebooting")
+            .is_some_and(|i| t[i..].contains("SeaBIOS (version"))
+    };
     run_until(
-        &["-nodefaults", "-serial", &serial, "-boot", "reboot-timeout=0"],
+        &[
+            "-nodefaults",
+            "-serial",
+            &serial,
+            "-boot",
+            "reboot-timeout=0",
+        ],
         &log,
         "a second SeaBIOS banner after the reset",
         reborn,

@@ -52,6 +52,33 @@ impl Default for BootConfig {
     }
 }
 
+/// One `-device` (or the device half of a `-drive`): the driver name and
+/// its properties, in the order given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub driver: String,
+    pub props: Vec<(String, String)>,
+}
+
+impl DeviceConfig {
+    pub fn prop(&self, key: &str) -> Option<&str> {
+        self.props
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// How the user would have written it, for error messages.
+    pub fn describe(&self) -> String {
+        let mut s = format!("-device {}", self.driver);
+        for (k, v) in &self.props {
+            s.push_str(&format!(",{k}={v}"));
+        }
+        s
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
     pub name: Option<String>,
@@ -71,6 +98,12 @@ pub struct MachineConfig {
     /// Where qtest logs the protocol (`-qtest-log`).
     pub qtest_log: Option<PathBuf>,
     pub boot: BootConfig,
+    /// Desugared `-drive`/`-hda`/`-cdrom`/... options, in order.
+    pub drives: Vec<block::drive::DriveSpec>,
+    /// `-blockdev` option texts (key=value or JSON), in order.
+    pub blockdevs: Vec<String>,
+    /// `-device` options, in order.
+    pub devices: Vec<DeviceConfig>,
 }
 
 pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios-256k.bin";
@@ -92,6 +125,9 @@ impl Default for MachineConfig {
             qtest: None,
             qtest_log: None,
             boot: BootConfig::default(),
+            drives: Vec::new(),
+            blockdevs: Vec::new(),
+            devices: Vec::new(),
         }
     }
 }

@@ -29,7 +29,8 @@ pub fn device_path() -> String {
 
 pub fn open() -> Result<Kvm, VmmError> {
     let path = device_path();
-    let cpath = std::ffi::CString::new(path.clone()).map_err(|_| VmmError::Kvm(format!("{path}: invalid path")))?;
+    let cpath = std::ffi::CString::new(path.clone())
+        .map_err(|_| VmmError::Kvm(format!("{path}: invalid path")))?;
     Kvm::new_with_path(&cpath).map_err(|e| {
         let hint = match e.errno() {
             libc::ENOENT => " (is the kvm module loaded?)",

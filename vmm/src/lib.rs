@@ -8,6 +8,7 @@ pub mod kvm;
 pub mod memory;
 pub mod pc;
 pub mod qtest;
+pub mod storage;
 pub mod vcpu;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -202,6 +203,7 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
     let (tx, rx) = mpsc::channel();
     let events = EventSender(tx);
     let consoles = Consoles::open(&cfg, &events)?;
+    let storage = storage::Storage::open(&cfg)?;
     loop {
         let vm = kvm::create_vm(&kvm)?;
         let host = consoles.host(
@@ -209,7 +211,7 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
             &events,
             Arc::new(HostClock::new()),
         );
-        let pc = Arc::new(pc::build(&cfg, host)?);
+        let pc = Arc::new(pc::build(&cfg, host, &storage)?);
         consoles.attach(&pc);
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;
         kvm::map_memory(&vm, &pc.rom, next, kvm::supports_readonly_mem(&vm))?;

@@ -34,8 +34,9 @@ use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
 use devices::system::SystemControl;
 use devices::GuestMem;
 
-use crate::config::MachineConfig;
+use crate::config::{DeviceConfig, MachineConfig};
 use crate::memory::{self, Layout};
+use crate::storage::Storage;
 
 pub const SERIAL_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
 pub const SCI_IRQ: u32 = 9;
@@ -87,7 +88,7 @@ fn add_io(
         .map_err(|_| MachineError::Config(format!("{what}: I/O port {base:#x} is already in use")))
 }
 
-pub fn build(cfg: &MachineConfig, host: Host) -> Result<Pc, MachineError> {
+pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, MachineError> {
     let layout = Layout::new(cfg.mem_size);
     let ram = memory::allocate_ram(&layout)?;
     let rom = memory::load_bios(&cfg.bios, &ram)?;
@@ -174,7 +175,21 @@ pub fn build(cfg: &MachineConfig, host: Host) -> Result<Pc, MachineError> {
         )?;
     }
 
-    let boot_order = BootOrder::new();
+    let mut boot_order = BootOrder::new();
+    boot_order.set_strict(cfg.boot.strict);
+    let mut ctx = AttachCtx {
+        io: &mut io,
+        mmio: &mut mmio,
+        pci: &pci,
+        ram: &ram,
+        irq: host.irq.as_ref(),
+        boot_order: &mut boot_order,
+        cmos: &cmos,
+        used_drives: Vec::new(),
+    };
+    for dev in &storage.devices {
+        attach(&mut ctx, dev, storage)?;
+    }
     let fw_cfg = shared(FwCfg::new(Some(ram.clone())));
     {
         let mut f = fw_cfg.lock().unwrap();
@@ -200,6 +215,55 @@ pub fn build(cfg: &MachineConfig, host: Host) -> Result<Pc, MachineError> {
         cmos,
         fw_cfg,
     })
+}
+
+/// What a device being attached may touch.
+pub struct AttachCtx<'a> {
+    pub io: &'a mut Bus,
+    pub mmio: &'a mut Bus,
+    pub pci: &'a Arc<PciBus>,
+    pub ram: &'a GuestMem,
+    pub irq: &'a dyn IrqChip,
+    pub boot_order: &'a mut BootOrder,
+    pub cmos: &'a Arc<Mutex<Cmos>>,
+    /// Drives already attached to a device: a drive serves one device.
+    pub used_drives: Vec<String>,
+}
+
+impl AttachCtx<'_> {
+    /// Claims `dev`'s `drive=` for it and returns the backend (`None` for an
+    /// empty drive or no `drive=`).
+    pub fn claim_drive(
+        &mut self,
+        dev: &DeviceConfig,
+        storage: &Storage,
+    ) -> Result<Option<Arc<block::backend::BlockBackend>>, MachineError> {
+        if let Some(name) = dev.prop("drive") {
+            if self.used_drives.iter().any(|d| d == name) {
+                return Err(MachineError::Config(format!(
+                    "{}: drive '{name}' is already in use by another device",
+                    dev.describe()
+                )));
+            }
+            self.used_drives.push(name.to_string());
+        }
+        storage
+            .backend(dev)
+            .map_err(|e| MachineError::Config(e.to_string()))
+    }
+}
+
+/// Creates one `-device` (or `-drive`'s device) on the machine.
+fn attach(
+    _ctx: &mut AttachCtx,
+    dev: &DeviceConfig,
+    _storage: &Storage,
+) -> Result<(), MachineError> {
+    match dev.driver.as_str() {
+        other => Err(MachineError::Config(format!(
+            "-device {other}: unsupported device on the pc machine"
+        ))),
+    }
 }
 
 /// Port 0x64 is the same controller as port 0x60; the bus wants one range

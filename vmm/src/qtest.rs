@@ -116,7 +116,8 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
     let events = EventSender(tx);
     let consoles = Consoles::open(&cfg, &events)?;
     let host = consoles.host(Arc::new(ChipHandle(chip.clone())), &events, clock.clone());
-    let pc = pc::build(&cfg, host)?;
+    let storage = crate::storage::Storage::open(&cfg)?;
+    let pc = pc::build(&cfg, host, &storage)?;
     consoles.attach(&pc);
     let mut log: Option<std::fs::File> = match &cfg.qtest_log {
         Some(p) => Some(

@@ -84,7 +84,13 @@ pub fn run_until_marker(args: &[&str], watch: &Path, marker: &str, timeout: Dura
 
 /// Runs strata until `done` holds for the contents of `watch`, then kills
 /// it; `what` describes the condition in failure messages.
-pub fn run_until(args: &[&str], watch: &Path, what: &str, done: impl Fn(&str) -> bool, timeout: Duration) -> String {
+pub fn run_until(
+    args: &[&str],
+    watch: &Path,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> String {
     let marker = what;
     let mut child = Command::new(strata_bin())
         .args(args)
