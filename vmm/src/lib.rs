@@ -7,6 +7,7 @@ pub mod console;
 pub mod kvm;
 pub mod memory;
 pub mod pc;
+pub mod pc_virtio;
 pub mod qtest;
 pub mod storage;
 pub mod vcpu;
@@ -102,7 +103,10 @@ impl Consoles {
         events: &EventSender,
         clock: Arc<dyn devices::clock::Clock>,
     ) -> pc::Host {
+        let (msi, ioevents) = pc::Host::default_msi_io();
         pc::Host {
+            msi,
+            ioevents,
             irq,
             system: Arc::new(events.clone()),
             clock,
@@ -206,11 +210,13 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
     let storage = storage::Storage::open(&cfg)?;
     loop {
         let vm = kvm::create_vm(&kvm)?;
-        let host = consoles.host(
+        let mut host = consoles.host(
             Arc::new(kvm::KvmIrqChip(vm.clone())),
             &events,
             Arc::new(HostClock::new()),
         );
+        host.msi = Some(Arc::new(kvm::KvmMsi(vm.clone())));
+        host.ioevents = Arc::new(kvm::KvmIoEvents(vm.clone()));
         let pc = Arc::new(pc::build(&cfg, host, &storage)?);
         consoles.attach(&pc);
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;

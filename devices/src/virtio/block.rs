@@ -91,6 +91,10 @@ pub struct BlockOptions {
     pub config_wce: bool,
     pub discard: bool,
     pub write_zeroes: bool,
+    /// Offer RING_EVENT_IDX and RING_INDIRECT_DESC (QEMU's `event_idx`,
+    /// `indirect_desc`).
+    pub event_idx: bool,
+    pub indirect_desc: bool,
     pub serial: Option<String>,
 }
 
@@ -104,6 +108,8 @@ impl Default for BlockOptions {
             config_wce: true,
             discard: true,
             write_zeroes: true,
+            event_idx: true,
+            indirect_desc: true,
             serial: None,
         }
     }
@@ -873,7 +879,13 @@ impl VirtioDevice for VirtioBlock {
     fn features(&self) -> u64 {
         use features::*;
         let mut f = SIZE_MAX | SEG_MAX | BLK_SIZE | TOPOLOGY | FLUSH;
-        f |= vf::RING_INDIRECT_DESC | vf::RING_EVENT_IDX | vf::ANY_LAYOUT;
+        f |= vf::ANY_LAYOUT;
+        if self.opts.event_idx {
+            f |= vf::RING_EVENT_IDX;
+        }
+        if self.opts.indirect_desc {
+            f |= vf::RING_INDIRECT_DESC;
+        }
         if self.opts.config_wce {
             f |= CONFIG_WCE;
         }
