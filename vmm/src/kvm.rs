@@ -4,18 +4,18 @@
 use std::sync::Arc;
 
 use devices::irq::{IrqChip, IrqLine};
+use devices::pci::msix::MsiSender;
+use devices::virtio::{IoEventRegistrar, NotifyAddr};
 use devices::GuestMem;
+use kvm_bindings::kvm_msi;
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
     KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
-use devices::pci::msix::MsiSender;
-use devices::virtio::{IoEventRegistrar, NotifyAddr};
-use kvm_bindings::kvm_msi;
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
-use vmm_sys_util::eventfd::EventFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::VmmError;
 
@@ -201,9 +201,10 @@ pub struct KvmIoEvents(pub Arc<VmFd>);
 impl IoEventRegistrar for KvmIoEvents {
     fn register(&self, addr: NotifyAddr, fd: &EventFd) -> Result<(), String> {
         match addr {
-            NotifyAddr::Mmio(a) => self
-                .0
-                .register_ioevent(fd, &IoEventAddress::Mmio(a), NoDatamatch),
+            NotifyAddr::Mmio(a) => {
+                self.0
+                    .register_ioevent(fd, &IoEventAddress::Mmio(a), NoDatamatch)
+            }
             NotifyAddr::Pio { port, value } => {
                 self.0
                     .register_ioevent(fd, &IoEventAddress::Pio(port), value)

@@ -34,8 +34,8 @@ use devices::legacy::{
 };
 use devices::pci::msix::MsiSender;
 use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
-use devices::virtio::{IoEventRegistrar, NoIoEvents};
 use devices::system::SystemControl;
+use devices::virtio::{IoEventRegistrar, NoIoEvents};
 use devices::GuestMem;
 
 use crate::config::{DeviceConfig, MachineConfig};

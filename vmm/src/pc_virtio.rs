@@ -35,7 +35,11 @@ impl IoThreads {
     pub fn get(&mut self, id: Option<&str>) -> Result<Arc<EventLoop>, String> {
         let name = match id {
             Some(i) if self.ids.iter().any(|x| x == i) => i,
-            Some(i) => return Err(format!("iothread '{i}' does not exist (use -object iothread,id={i})")),
+            Some(i) => {
+                return Err(format!(
+                    "iothread '{i}' does not exist (use -object iothread,id={i})"
+                ))
+            }
             None => MAIN_LOOP,
         };
         if let Some(l) = self.loops.get(name) {
@@ -54,8 +58,9 @@ fn cfg_err(dev: &DeviceConfig, msg: impl std::fmt::Display) -> MachineError {
 fn bool_prop(dev: &DeviceConfig, key: &str, default: bool) -> Result<bool, MachineError> {
     match dev.prop(key) {
         None => Ok(default),
-        Some(v) => parse_bool_str(v)
-            .ok_or_else(|| cfg_err(dev, format!("{key}={v}: expected on or off"))),
+        Some(v) => {
+            parse_bool_str(v).ok_or_else(|| cfg_err(dev, format!("{key}={v}: expected on or off")))
+        }
     }
 }
 
@@ -77,7 +82,10 @@ fn parse_addr(dev: &DeviceConfig, s: &str) -> Result<(u8, u8), MachineError> {
     let p = |x: &str| u8::from_str_radix(x.trim_start_matches("0x"), 16).ok();
     match (p(slot), p(func)) {
         (Some(d), Some(f)) if d < 32 && f < 8 => Ok((d, f)),
-        _ => Err(cfg_err(dev, format!("addr={s}: expected SLOT[.FUNCTION] in hex"))),
+        _ => Err(cfg_err(
+            dev,
+            format!("addr={s}: expected SLOT[.FUNCTION] in hex"),
+        )),
     }
 }
 

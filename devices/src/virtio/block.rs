@@ -242,6 +242,7 @@ fn walk(
     out.clear();
     let (mut table, mut size, mut idx) = (table, size as usize, head as usize);
     let mut in_indirect = false;
+    let mut deferred = None;
     let mut seen = vec![0u64; size.div_ceil(64)];
     loop {
         if idx >= size {
@@ -291,18 +292,14 @@ fn walk(
             return Err(ParseError::TooLong);
         }
         let writable = flags & F_WRITE != 0;
+        // Buffer errors do not stop the walk: the chain is still followed
+        // to its end so that the driver gets a status byte.
         // Section 2.7.4.2: readable descriptors come first.
         if !writable && out.last().is_some_and(|d| d.writable) {
-            return Err(ParseError::WrongDirection);
+            deferred.get_or_insert(ParseError::WrongDirection);
         }
         if len > 0 && !mem.check_range(GuestAddress(addr), len as usize) {
-            // Remember where the status would have been, if this is it.
-            out.push(Desc {
-                addr,
-                len: 0,
-                writable,
-            });
-            return Err(ParseError::OutOfRam);
+            deferred.get_or_insert(ParseError::OutOfRam);
         }
         out.push(Desc {
             addr,
@@ -310,7 +307,7 @@ fn walk(
             writable,
         });
         if flags & F_NEXT == 0 {
-            return Ok(());
+            return deferred.map_or(Ok(()), Err);
         }
         idx = next as usize;
     }
