@@ -18,9 +18,10 @@
 //! finished and signals each queue at most once per batch (honouring
 //! RING_EVENT_IDX, section 2.7.10).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use block::backend::{BlockBackend, CompletionQueue};
+use block::backend::BlockBackend;
 use block::driver::{IoOp, IoRequest};
 use block::error::BlockError;
 use block::iov::IoVecs;
@@ -28,6 +29,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::event_loop::EventLoop;
 use super::{features as vf, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt};
@@ -243,7 +245,8 @@ fn walk(
     let (mut table, mut size, mut idx) = (table, size as usize, head as usize);
     let mut in_indirect = false;
     let mut deferred = None;
-    let mut seen = vec![0u64; size.div_ceil(64)];
+    // MAX_CHAIN bits: queue sizes and indirect tables are both bounded by it.
+    let mut seen = [0u64; MAX_CHAIN / 64];
     loop {
         if idx >= size {
             return Err(ParseError::BadIndex);
@@ -285,7 +288,7 @@ fn walk(
             size = n;
             idx = 0;
             in_indirect = true;
-            seen = vec![0u64; size.div_ceil(64)];
+            seen = [0u64; MAX_CHAIN / 64];
             continue;
         }
         if out.len() >= MAX_CHAIN {
@@ -518,6 +521,45 @@ struct InFlight {
     used_len: u32,
 }
 
+/// Completed block requests on their way back to the worker.
+///
+/// The block layer may complete a request on any thread, or right inside
+/// `submit` (null-co, errors). The eventfd is only written when the worker
+/// is not already going to look (`in_pass` false): completions that happen
+/// during a pass over the queues cost no system call.
+struct Completions {
+    items: Mutex<Vec<(usize, Result<(), BlockError>)>>,
+    efd: EventFd,
+    in_pass: AtomicBool,
+}
+
+impl Completions {
+    fn new() -> Result<Arc<Self>, String> {
+        Ok(Arc::new(Completions {
+            items: Mutex::new(Vec::new()),
+            efd: EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?,
+            in_pass: AtomicBool::new(false),
+        }))
+    }
+
+    fn callback(self: &Arc<Self>, slot: usize) -> block::driver::Completion {
+        let me = self.clone();
+        Box::new(move |_req, r| {
+            crate::bus::lock(&me.items).push((slot, r));
+            // Pairs with the store in `end_pass`: either the worker sees
+            // this item in its last drain, or we see the flag clear.
+            if !me.in_pass.load(Ordering::SeqCst) {
+                let _ = me.efd.write(1);
+            }
+        })
+    }
+
+    fn take(&self, into: &mut Vec<(usize, Result<(), BlockError>)>) {
+        into.clear();
+        std::mem::swap(&mut *crate::bus::lock(&self.items), into);
+    }
+}
+
 /// Event-loop token for the completion eventfd (queues use their index).
 const COMPLETION_TOKEN: u32 = u32::MAX;
 
@@ -528,7 +570,8 @@ pub struct BlockWorker {
     queues: Vec<ActiveQueue>,
     backend: Arc<BlockBackend>,
     interrupt: Arc<dyn VirtioInterrupt>,
-    cq: Arc<CompletionQueue>,
+    cq: Arc<Completions>,
+    done: Vec<(usize, Result<(), BlockError>)>,
     inflight: Vec<Option<InFlight>>,
     free: Vec<usize>,
     busy: usize,
@@ -546,7 +589,7 @@ impl BlockWorker {
         limits: Limits,
         serial: Option<&str>,
     ) -> Result<Self, String> {
-        let cq = CompletionQueue::new().map_err(|e| format!("completion queue: {e}"))?;
+        let cq = Completions::new()?;
         let mut s = [0u8; ID_BYTES];
         if let Some(v) = serial {
             let n = v.len().min(ID_BYTES);
@@ -559,6 +602,7 @@ impl BlockWorker {
             backend,
             interrupt: a.interrupt,
             cq,
+            done: Vec::new(),
             inflight: Vec::new(),
             free: Vec::new(),
             busy: 0,
@@ -581,6 +625,9 @@ impl BlockWorker {
         let Some(aq) = self.queues.get(qi) else {
             return;
         };
+        // Completions during this pass are collected at its end, without
+        // an eventfd round trip.
+        self.cq.in_pass.store(true, Ordering::SeqCst);
         let (table, size) = (aq.queue.desc_table(), aq.queue.size());
         let event_idx = aq.queue.event_idx_enabled();
         loop {
@@ -701,18 +748,29 @@ impl BlockWorker {
             used_len,
         });
         self.busy += 1;
-        self.backend
-            .submit(request, self.cq.completion(slot as u64));
+        self.backend.submit(request, self.cq.callback(slot));
     }
 
     /// Completes every request the block layer has finished, then signals
     /// the queues that got used entries.
     pub fn process_completions(&mut self) {
-        for (slot, _req, result) in self.cq.drain() {
-            let Some(f) = self.inflight.get_mut(slot as usize).and_then(|s| s.take()) else {
+        self.cq.in_pass.store(true, Ordering::SeqCst);
+        self.complete_taken();
+        // From here on a completion kicks the eventfd; anything that
+        // slipped in before is picked up by this last look.
+        self.cq.in_pass.store(false, Ordering::SeqCst);
+        self.complete_taken();
+        self.signal();
+    }
+
+    fn complete_taken(&mut self) {
+        let mut done = std::mem::take(&mut self.done);
+        self.cq.take(&mut done);
+        for (slot, result) in done.drain(..) {
+            let Some(f) = self.inflight.get_mut(slot).and_then(|s| s.take()) else {
                 continue;
             };
-            self.free.push(slot as usize);
+            self.free.push(slot);
             self.busy -= 1;
             let (s, len) = match result {
                 Ok(()) => (req::S_OK, f.used_len),
@@ -724,7 +782,7 @@ impl BlockWorker {
             };
             self.finish_nosignal(f.q, f.head, Some(f.status), s, len);
         }
-        self.signal();
+        self.done = done;
     }
 
     /// The one place a request ends: status byte, used ring entry (the
@@ -762,11 +820,19 @@ impl BlockWorker {
     /// Waits until every submitted request has completed.
     pub fn drain(&mut self) {
         while self.busy > 0 {
-            let done = self.cq.wait();
-            for (slot, _req, _r) in done {
-                if let Some(Some(f)) = self.inflight.get_mut(slot as usize).map(|s| s.take()) {
+            // Only reached on reset or teardown: a short sleep between
+            // looks keeps the fast path free of condition variables.
+            let done: Vec<_> = std::mem::take(&mut *crate::bus::lock(&self.cq.items));
+            if done.is_empty() {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                continue;
+            }
+            // The device is going away (reset): the driver sees IOERR
+            // rather than a status that never comes.
+            for (slot, _r) in done {
+                if let Some(Some(f)) = self.inflight.get_mut(slot).map(|s| s.take()) {
                     self.busy -= 1;
-                    self.free.push(slot as usize);
+                    self.free.push(slot);
                     let _ = self.mem.write_obj(req::S_IOERR, GuestAddress(f.status));
                 }
             }
@@ -785,6 +851,7 @@ impl MutEventSubscriber for BlockWorker {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let token = events.data();
         if token == COMPLETION_TOKEN {
+            let _ = self.cq.efd.read();
             self.process_completions();
             return;
         }
@@ -802,7 +869,7 @@ impl MutEventSubscriber for BlockWorker {
                 log::error!("virtio-blk: cannot watch queue {i}: {e}");
             }
         }
-        let ev = Events::with_data_raw(self.cq.eventfd(), COMPLETION_TOKEN, EventSet::IN);
+        let ev = Events::with_data(&self.cq.efd, COMPLETION_TOKEN, EventSet::IN);
         if let Err(e) = ops.add(ev) {
             log::error!("virtio-blk: cannot watch completions: {e}");
         }
