@@ -31,12 +31,20 @@ fn ctrl_a_h_prints_help_and_ctrl_a_x_quits() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "Ctrl-A x did not end strata");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "Ctrl-A x did not end strata"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(status.code(), Some(0));
     let mut out = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
     assert!(out.contains("C-a x    exit Strata"), "{out}");
     assert!(out.contains("Strata: Terminated"), "{out}");
 }
@@ -50,7 +58,11 @@ fn unix_socket_serial_server() {
     let dir = scratch("serial-unix");
     let sock = dir.join("com1.sock");
     let mut child = Command::new(strata_bin())
-        .args(["-nodefaults", "-serial", &format!("unix:{},server,nowait", sock.display())])
+        .args([
+            "-nodefaults",
+            "-serial",
+            &format!("unix:{},server,nowait", sock.display()),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -60,7 +72,9 @@ fn unix_socket_serial_server() {
     let mut s = loop {
         match std::os::unix::net::UnixStream::connect(&sock) {
             Ok(s) => break s,
-            Err(_) if start.elapsed() < Duration::from_secs(30) => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) if start.elapsed() < Duration::from_secs(30) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             Err(e) => panic!("cannot connect to the serial socket: {e}"),
         }
     };
