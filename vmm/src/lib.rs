@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod console;
+pub mod harness;
 pub mod kvm;
 pub mod memory;
 pub mod pc;

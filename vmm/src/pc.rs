@@ -120,6 +120,18 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
     let layout = Layout::new(cfg.mem_size);
     let ram = memory::allocate_ram(&layout)?;
     let rom = memory::load_bios(&cfg.bios, &ram)?;
+    build_with(cfg, host, storage, layout, ram, rom)
+}
+
+/// [`build`] with memory already allocated and the firmware mapped.
+pub fn build_with(
+    cfg: &MachineConfig,
+    host: Host,
+    storage: &Storage,
+    layout: Layout,
+    ram: GuestMem,
+    rom: GuestMem,
+) -> Result<Pc, MachineError> {
     let mut io = Bus::new();
     let mut mmio = Bus::new();
 
