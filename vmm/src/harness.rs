@@ -59,6 +59,8 @@ pub fn pc_io(data: &[u8]) {
         serial_out: vec![Box::new(std::io::sink())],
         debugcon_out: Some(Box::new(std::io::sink())),
         rtc_start: 0,
+        msi: None,
+        ioevents: Arc::new(devices::virtio::NoIoEvents),
     };
     let storage = Storage::empty();
     let Ok(pc) = pc::build_with(&cfg, host, &storage, layout, ram, rom) else {
