@@ -132,6 +132,8 @@ impl Vq {
         }
     }
 
+    // The descriptor's four fields spelled out, as the spec's struct is.
+    #[allow(clippy::too_many_arguments)]
     fn write_desc(
         &self,
         qt: &mut Qtest,

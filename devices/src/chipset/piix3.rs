@@ -157,10 +157,10 @@ impl PirqRouter {
 
     fn update(&self, s: &mut RouterState) {
         let levels = s.levels();
-        for irq in 0..16 {
-            if levels[irq] != s.driven[irq] {
-                s.driven[irq] = levels[irq];
-                self.chip.line(irq as u32).set_level(levels[irq]);
+        for (irq, &level) in levels.iter().enumerate() {
+            if level != s.driven[irq] {
+                s.driven[irq] = level;
+                self.chip.line(irq as u32).set_level(level);
             }
         }
     }

@@ -271,7 +271,7 @@ fn walk(
             if !indirect_ok {
                 return Err(ParseError::IndirectNotNegotiated);
             }
-            if in_indirect || flags & F_NEXT != 0 || len == 0 || len % 16 != 0 {
+            if in_indirect || flags & F_NEXT != 0 || len == 0 || !len.is_multiple_of(16) {
                 return Err(ParseError::BadIndirect);
             }
             if !out.is_empty() {
@@ -428,7 +428,7 @@ impl Request {
                     }
                     (out_len, false)
                 };
-                if len % SECTOR != 0 {
+                if !len.is_multiple_of(SECTOR) {
                     return err(ParseError::NotSectorMultiple);
                 }
                 check_range(sector, len).map_err(|e| (e, Some(status)))?;
@@ -467,7 +467,7 @@ impl Request {
                 if in_len != 0 {
                     return err(ParseError::WrongDirection);
                 }
-                if out_len == 0 || out_len % SEGMENT_LEN != 0 {
+                if out_len == 0 || !out_len.is_multiple_of(SEGMENT_LEN) {
                     return err(ParseError::BadSegment);
                 }
                 if out_len / SEGMENT_LEN > MAX_DISCARD_SEG as u64 {

@@ -652,10 +652,9 @@ impl VirtioPci {
         }
         let v = le_value(data);
         match offset {
-            legacy::GUEST_FEATURES => {
-                if self.status & status::DRIVER_OK == 0 {
-                    self.driver_features = v & self.device_features() & 0xffff_ffff;
-                }
+            // Features are fixed once the driver is running.
+            legacy::GUEST_FEATURES if self.status & status::DRIVER_OK == 0 => {
+                self.driver_features = v & self.device_features() & 0xffff_ffff;
             }
             legacy::QUEUE_PFN => self.legacy_set_pfn(v as u32),
             legacy::QUEUE_SEL => self.queue_select = v as u16,
@@ -823,11 +822,10 @@ impl PciFunction for VirtioPci {
     fn region_write(&mut self, region: usize, offset: u64, data: &[u8]) {
         match region {
             LEGACY_BAR if self.opts.legacy => self.legacy_write(offset, data),
-            MSIX_BAR if self.irq.has_msix => {
-                if offset < MSIX_PBA_OFF {
-                    let irq = self.irq.clone();
-                    lock(&irq.msix).table_write(offset, data, irq.msi.as_ref());
-                }
+            // The PBA is read-only.
+            MSIX_BAR if self.irq.has_msix && offset < MSIX_PBA_OFF => {
+                let irq = self.irq.clone();
+                lock(&irq.msix).table_write(offset, data, irq.msi.as_ref());
             }
             MODERN_BAR if self.opts.modern => match offset {
                 0..ISR_OFF => self.common_write(offset - COMMON_OFF, data),
@@ -900,14 +898,9 @@ mod tests {
         }
     }
 
-    fn make(
-        opts: TransportOptions,
-    ) -> (
-        VirtioPci,
-        Arc<StdMutex<Option<Vec<u16>>>>,
-        Arc<Level>,
-        GuestMem,
-    ) {
+    type Activated = Arc<StdMutex<Option<Vec<u16>>>>;
+
+    fn make(opts: TransportOptions) -> (VirtioPci, Activated, Arc<Level>, GuestMem) {
         let act = Arc::new(StdMutex::new(None));
         let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let level = Arc::new(Level(StdMutex::new(false)));
