@@ -277,7 +277,8 @@ fn guest_resets_rebuild_the_machine() {
     support::require_bios();
     let mut q = Qtest::start(&[]);
     // PAM0 is plain storage until the machine resets, which restores it.
-    let reset_by: [(&str, fn(&mut Qtest)); 4] = [
+    type Reset = fn(&mut Qtest);
+    let reset_by: [(&str, Reset); 4] = [
         ("0xcf9 RCPU", |q| q.outb(0xcf9, 0x06)),
         ("port 0x92 bit 0", |q| q.outb(0x92, 0x01)),
         ("i8042 pulse", |q| q.outb(0x64, 0xfe)),
