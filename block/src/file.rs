@@ -524,7 +524,14 @@ impl BlockDriver for FileNode {
         }
     }
     fn len(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
+        // QEMU reports lengths in whole 512-byte sectors; the tail past EOF
+        // reads as zeroes.
+        let s = self.size.load(Ordering::Relaxed);
+        if self.is_blockdev {
+            s
+        } else {
+            s.div_ceil(512) * 512
+        }
     }
     fn limits(&self) -> Limits {
         Limits {
@@ -681,12 +688,21 @@ impl BlockDriver for FileNode {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        let size = self.len();
-        if offset >= size || self.is_blockdev || self.opts.host_device {
+        if self.is_blockdev || self.opts.host_device {
             return Ok(Extent {
                 len,
                 data: true,
                 zero: false,
+                offset: Some(offset),
+            });
+        }
+        let size = self.size.load(Ordering::Relaxed);
+        if offset >= size {
+            // The sector-rounding tail past EOF.
+            return Ok(Extent {
+                len,
+                data: false,
+                zero: true,
                 offset: Some(offset),
             });
         }
@@ -844,7 +860,8 @@ impl BlockDriver for FileNode {
                 IoOp::Flush => true,
                 _ => false,
             };
-            let in_file = req.op != IoOp::Write || req.offset + req.iov.len() as u64 <= self.len();
+            let in_file = req.op != IoOp::Write
+                || req.offset + req.iov.len() as u64 <= self.size.load(Ordering::Relaxed);
             if ok && in_file {
                 u.submit(req, done);
                 return;

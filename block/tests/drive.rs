@@ -8,7 +8,14 @@ fn s(v: &str) -> Value {
     Value::Str(v.into())
 }
 
-type Want = (&'static str, Interface, u32, u32, Media, Option<&'static str>);
+type Want = (
+    &'static str,
+    Interface,
+    u32,
+    u32,
+    Media,
+    Option<&'static str>,
+);
 
 #[test]
 fn qemu_doc_examples() {

@@ -81,6 +81,9 @@ pub fn bench(a: BenchArgs) -> R<i32> {
     if a.flush_interval.is_some() && !a.write {
         return fail("--flush-interval is only available in write tests");
     }
+    if a.flush_interval.is_some_and(|f| f < a.depth as u64) {
+        return fail("Flush interval can't be smaller than depth");
+    }
     let aio = if a.native {
         Some("native")
     } else {
@@ -174,7 +177,7 @@ pub fn bench(a: BenchArgs) -> R<i32> {
                 continue;
             }
             if let Some(fi) = a.flush_interval.filter(|f| *f > 0) {
-                if submitted % fi == 0 && submitted < a.count {
+                if submitted.is_multiple_of(fi) && submitted < a.count {
                     if a.no_drain {
                         blk.submit(IoRequest::flush(), q.completion(flush_tag));
                         flushes_in_flight += 1;

@@ -292,7 +292,10 @@ pub fn map(
         off += len;
     }
     let mut out = String::new();
-    if json {
+    if json && entries.is_empty() {
+        // What qemu-img prints for an empty range.
+        out.push_str("[{ \"start\": 0, \"length\": 0, \"depth\": 0, \"present\": false, \"zero\": false, \"data\": false, \"compressed\": false}]\n");
+    } else if json {
         let items: Vec<String> = entries
             .iter()
             .map(|e| {

@@ -227,12 +227,7 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
 }
 
 fn open_error(filename: &str, e: block::error::BlockError) -> Fail {
-    let m = e.to_string();
-    if m.starts_with("Could not open") {
-        Fail(format!("Could not open '{filename}': {m}"), 1)
-    } else {
-        Fail(format!("Could not open '{filename}': {m}"), 1)
-    }
+    Fail(format!("Could not open '{filename}': {e}"), 1)
 }
 
 fn on(b: bool) -> String {
