@@ -105,6 +105,13 @@ struct Inflight {
 
 const SHUTDOWN: u64 = u64::MAX;
 
+thread_local! {
+    /// The ring whose reaper runs on this thread (0: none). Requests pushed
+    /// from completion callbacks on the reaper are submitted in one batch by
+    /// the reaper's next `io_uring_enter`, without a syscall each.
+    static REAPER_OF: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// One io_uring instance with its reaper thread.
 pub struct Uring {
     ring: IoUring,
@@ -199,7 +206,9 @@ impl Uring {
             drop(sq);
             let _ = self.ring.submitter().submit();
         }
-        let _ = self.ring.submitter().submit();
+        if REAPER_OF.with(|r| r.get()) != self as *const Uring as usize {
+            let _ = self.ring.submitter().submit();
+        }
     }
 
     /// Stop the reaper once every in-flight request has completed.
@@ -208,6 +217,7 @@ impl Uring {
     }
 
     fn reap(self: Arc<Self>) {
+        REAPER_OF.with(|r| r.set(Arc::as_ptr(&self) as usize));
         let mut stopping = false;
         loop {
             if stopping {
