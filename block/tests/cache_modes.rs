@@ -179,6 +179,25 @@ fn all_cache_modes_io_uring() {
 }
 
 #[test]
+fn direct_cache_modes_native_aio() {
+    // Linux AIO needs O_DIRECT, so only the direct modes.
+    for m in ["none", "directsync"] {
+        roundtrip(m, "native");
+    }
+    // And it refuses to run without it, with QEMU's message.
+    let dir = TempDir::new("native");
+    let img = dir.file("d.img", 1 << 20);
+    let e = parse_drive(&format!("file={img},format=raw,if=none,aio=native"))
+        .unwrap()
+        .open(&BlockGraph::new())
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "aio=native was specified, but it requires cache.direct=on, which was not specified."
+    );
+}
+
+#[test]
 fn runtime_wce_switch() {
     let dir = TempDir::new("wce");
     let img = dir.file("d.img", 1 << 20);
