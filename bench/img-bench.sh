@@ -57,7 +57,8 @@ bench_case "1M seq read d32 -t none -i io_uring" -f raw -c "$SEQ" -d 32 -s 1M -t
 
 # convert: a sparse 4 GiB source with 1 GiB of data spread in 64 MiB runs.
 SRC="$DIR/conv-src.img"
-if [[ ! -f "$SRC" ]]; then
+if [[ ! -f "$SRC" ]] || [[ $(stat -c %s "$SRC") -ne $(numfmt --from=iec "$SIZE") ]]; then
+    rm -f "$SRC"
     qemu-img create -q -f raw "$SRC" "$SIZE"
     if (( DATA_GB > 0 )); then
         for i in $(seq 0 15); do
