@@ -98,7 +98,7 @@ impl Progress {
 const CHUNK: u64 = 2 << 20;
 
 /// Planned writes: (target offset, length, data or `None` for zeroes).
-type Plan = Vec<(u64, u64, Option<Vec<u8>>)>;
+type Plan = Vec<(u64, u64, Option<(Arc<Vec<u8>>, usize)>)>;
 
 struct Job {
     sources: Vec<(Arc<BlockBackend>, u64)>, // backend and its start in the target
@@ -137,7 +137,7 @@ impl Job {
             let len = st.len.clamp(1, lim);
             if st.zero && !st.data {
                 if self.sparse == 0 {
-                    ops.push((pos, len, Some(vec![0u8; len as usize])));
+                    ops.push((pos, len, Some((Arc::new(vec![0u8; len as usize]), 0))));
                 } else if !self.target_zero {
                     ops.push((pos, len, None));
                 }
@@ -145,9 +145,10 @@ impl Job {
                 let mut buf = vec![0u8; len as usize];
                 src.read_at(soff, &mut buf).map_err(|e| e.to_string())?;
                 if self.sparse == 0 {
-                    ops.push((pos, len, Some(buf)));
+                    ops.push((pos, len, Some((Arc::new(buf), 0))));
                 } else {
                     // Split into sparse-size pieces aligned in the target.
+                    let buf = Arc::new(buf);
                     let mut p = 0u64;
                     let mut run_start = 0u64;
                     let mut run_zero: Option<bool> = None;
@@ -203,7 +204,7 @@ impl Job {
             let res = r.and_then(|ops| {
                 for (off, len, data) in ops {
                     match data {
-                        Some(d) => self.target.write_at(off, &d),
+                        Some((d, s)) => self.target.write_at(off, &d[s..s + len as usize]),
                         None => self.target.write_zeroes(off, len, true),
                     }
                     .map_err(|e| e.to_string())?;
@@ -229,13 +230,21 @@ impl Job {
     }
 }
 
-fn push_run(ops: &mut Plan, pos: u64, buf: &[u8], a: u64, b: u64, zero: bool, target_zero: bool) {
+fn push_run(
+    ops: &mut Plan,
+    pos: u64,
+    buf: &Arc<Vec<u8>>,
+    a: u64,
+    b: u64,
+    zero: bool,
+    target_zero: bool,
+) {
     if zero {
         if !target_zero {
             ops.push((pos + a, b - a, None));
         }
     } else {
-        ops.push((pos + a, b - a, Some(buf[a as usize..b as usize].to_vec())));
+        ops.push((pos + a, b - a, Some((buf.clone(), a as usize))));
     }
 }
 
