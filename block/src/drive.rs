@@ -368,12 +368,7 @@ impl DriveTable {
                 "-drive: copy-on-read=on is not available yet".into(),
             ));
         }
-        if let Some(t) = o.take_value("throttling") {
-            let _ = t;
-            return Err(BlockError::Unsupported(
-                "-drive: throttling.* is not available yet".into(),
-            ));
-        }
+        parse_throttling(&mut o, &mut backend)?;
         let _ = o.take_str("boot")?;
         let aio = o.take_str("aio")?;
         let file = o.take_value("file");
@@ -476,6 +471,75 @@ impl DriveTable {
             device,
         })
     }
+}
+
+/// `throttling.*` (and QEMU's legacy spellings `iops`, `bps_rd`, ...).
+fn parse_throttling(o: &mut Options, backend: &mut BackendConfig) -> BlockResult<()> {
+    use crate::throttle::Limit;
+    let mut t = o.take_object("throttling")?.unwrap_or_default();
+    let mut get = |new: &str, legacy: &str, o: &mut Options| -> BlockResult<u64> {
+        let a = t.take_u64(new)?;
+        let b = o.take_u64(legacy)?;
+        Ok(a.or(b).unwrap_or(0))
+    };
+    let names = ["total", "read", "write"];
+    let legacy = ["", "_rd", "_wr"];
+    let mut cfg = crate::throttle::ThrottleConfig::default();
+    for (kind, arr) in [("bps", 0), ("iops", 1)] {
+        for i in 0..3 {
+            let avg = get(
+                &format!("{kind}-{}", names[i]),
+                &format!("{kind}{}", legacy[i]),
+                o,
+            )?;
+            let max = get(
+                &format!("{kind}-{}-max", names[i]),
+                &format!("{kind}{}_max", legacy[i]),
+                o,
+            )?;
+            let len = get(
+                &format!("{kind}-{}-max-length", names[i]),
+                &format!("{kind}{}_max_length", legacy[i]),
+                o,
+            )?;
+            if max > 0 && avg == 0 {
+                return Err(BlockError::Open(format!(
+                    "-drive: {kind}-{}-max requires {kind}-{}",
+                    names[i], names[i]
+                )));
+            }
+            if max > 0 && max < avg {
+                return Err(BlockError::Open(format!(
+                    "-drive: {kind}-{}-max must be at least {kind}-{}",
+                    names[i], names[i]
+                )));
+            }
+            let l = Limit {
+                avg,
+                max,
+                max_length: if len == 0 { 1 } else { len },
+            };
+            if arr == 0 {
+                cfg.bps[i] = l;
+            } else {
+                cfg.iops[i] = l;
+            }
+        }
+    }
+    for (kind, lims) in [("bps", cfg.bps), ("iops", cfg.iops)] {
+        if lims[0].avg > 0 && (lims[1].avg > 0 || lims[2].avg > 0) {
+            return Err(BlockError::Open(format!(
+                "-drive: {kind}-total and {kind}-read/{kind}-write cannot be used at the same time"
+            )));
+        }
+    }
+    cfg.iops_size = get("iops-size", "iops_size", o)?;
+    let group = t.take_str("group")?;
+    let legacy_group = o.take_str("group")?;
+    t.finish()?;
+    backend.throttle = cfg;
+    backend.throttle_group = group.or(legacy_group);
+    Ok(())
 }
 
 impl DriveSpec {

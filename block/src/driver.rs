@@ -233,6 +233,7 @@ pub trait BlockDriver: Send + Sync + 'static {
         aio::pool().spawn(Box::new(move || {
             let mut req = req;
             let r = execute(&*self, &mut req);
+            drop(self);
             done(req, r);
         }));
     }

@@ -478,6 +478,20 @@ impl FileNode {
 
 impl Drop for FileNode {
     fn drop(&mut self) {
+        // Release the lock bytes now: the engine threads may keep the
+        // descriptor open a little longer, until their last completion.
+        if self.use_lock {
+            for off in [LOCK_PERM_BASE, LOCK_SHARED_BASE] {
+                // SAFETY: a zeroed flock is a valid initial value.
+                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                fl.l_type = libc::F_UNLCK as i16;
+                fl.l_whence = libc::SEEK_SET as i16;
+                fl.l_start = off;
+                fl.l_len = 4;
+                // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct.
+                unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+            }
+        }
         if let Some(u) = &self.uring {
             u.shutdown();
         }
@@ -888,6 +902,7 @@ impl BlockDriver for FileNode {
         crate::aio::pool().spawn(Box::new(move || {
             let mut req = req;
             let r = crate::driver::execute(&*self, &mut req);
+            drop(self);
             done(req, r);
         }));
     }

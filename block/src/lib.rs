@@ -14,3 +14,4 @@ pub mod keyval;
 pub mod node;
 pub mod null;
 pub mod raw;
+pub mod throttle;

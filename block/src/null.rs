@@ -90,6 +90,7 @@ impl BlockDriver for NullNode {
             crate::aio::pool().spawn(Box::new(move || {
                 let mut req = req;
                 let r = crate::driver::execute(&*self, &mut req);
+                drop(self);
                 done(req, r);
             }));
         } else {
