@@ -130,7 +130,8 @@ impl Throttle {
                 st.1[b].level += units;
             }
         }
-        Duration::from_secs_f64(wait)
+        // Bounded so that `Instant + delay` can never overflow.
+        Duration::from_secs_f64(wait.clamp(0.0, 1e7))
     }
 }
 
