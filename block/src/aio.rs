@@ -364,6 +364,9 @@ mod tests {
 /// meaningful with `O_DIRECT`, which the `file` driver enforces as QEMU does.
 pub struct LinuxAio {
     ctx: libc::c_ulong,
+    /// iocbs queued by completion callbacks on the reaper thread, submitted
+    /// together with one `io_submit` (lets the kernel merge and plug).
+    batch: Mutex<Vec<Iocb>>,
     slots: Mutex<(Vec<Option<Inflight>>, Vec<usize>)>,
     fd: Arc<OwnedFd>,
     stats: Arc<SyscallStats>,
@@ -419,6 +422,7 @@ impl LinuxAio {
         }
         let a = Arc::new(LinuxAio {
             ctx,
+            batch: Mutex::new(Vec::new()),
             slots: Mutex::new((Vec::new(), Vec::new())),
             fd,
             stats,
@@ -497,6 +501,16 @@ impl LinuxAio {
             }
         };
         iocb.aio_data = idx as u64;
+        if iocb.aio_lio_opcode != IOCB_CMD_FDSYNC {
+            self.stats.uring_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        if REAPER_OF.with(|r| r.get()) == self as *const LinuxAio as usize {
+            self.batch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(iocb);
+            return;
+        }
         if let Err(e) = self.io_submit(&mut iocb) {
             let inf = {
                 let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -506,8 +520,57 @@ impl LinuxAio {
             if let Some(Inflight { req, done }) = inf {
                 done(req, Err(BlockError::io(e, "io_submit")));
             }
-        } else if iocb.aio_lio_opcode != IOCB_CMD_FDSYNC {
-            self.stats.uring_ops.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Submit the iocbs queued by callbacks, in one system call when possible.
+    fn flush_batch(&self) {
+        let mut batch = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut start = 0;
+        while start < batch.len() {
+            let mut ptrs: Vec<*mut Iocb> =
+                batch[start..].iter_mut().map(|c| c as *mut Iocb).collect();
+            // SAFETY: valid iocb pointers; their buffers stay alive in
+            // `slots` until the completions are reaped.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_io_submit,
+                    self.ctx,
+                    ptrs.len() as libc::c_long,
+                    ptrs.as_mut_ptr(),
+                )
+            };
+            if r > 0 {
+                start += r as usize;
+                continue;
+            }
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if r < 0 && e == libc::EAGAIN {
+                std::thread::yield_now();
+                continue;
+            }
+            // Fail the first iocb and go on with the rest.
+            let idx = batch[start].aio_data as usize;
+            let inf = {
+                let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                let inf = s.0.get_mut(idx).and_then(|x| x.take());
+                if inf.is_some() {
+                    s.1.push(idx);
+                }
+                inf
+            };
+            if let Some(Inflight { req, done }) = inf {
+                done(
+                    req,
+                    Err(BlockError::io(
+                        if r < 0 { e } else { libc::EIO },
+                        "io_submit",
+                    )),
+                );
+            }
+            start += 1;
         }
     }
 
@@ -524,6 +587,7 @@ impl LinuxAio {
     }
 
     fn reap(self: Arc<Self>) {
+        REAPER_OF.with(|r| r.set(Arc::as_ptr(&self) as usize));
         let mut events = [IoEvent::default(); 64];
         let mut stopping = false;
         loop {
@@ -584,6 +648,7 @@ impl LinuxAio {
                     done(req, r);
                 }
             }
+            self.flush_batch();
         }
         // SAFETY: the context is ours and no longer used.
         unsafe { libc::syscall(libc::SYS_io_destroy, self.ctx) };
