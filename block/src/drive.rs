@@ -10,7 +10,8 @@
 //! `readonly`/`read-only`, `discard`, `detect-zeroes`, `node-name` and any
 //! dotted driver key go to the node; `rerror`/`werror` to the backend;
 //! `if`, `bus`, `unit`, `index`, `media`, `serial`, `addr` to the device.
-//! `media=cdrom` implies read-only. A missing `id` is generated as QEMU does
+//! `media=cdrom` implies read-only; `copy-on-read=on` puts a `copy-on-read`
+//! filter on top. A missing `id` is generated as QEMU does
 //! (`ide0-hd0`, `ide1-cd0`, `virtio0`, `floppy0`, `none0`).
 
 use crate::backend::{BackendConfig, BlockBackend, ErrorAction};
@@ -121,6 +122,8 @@ pub struct DriveSpec {
     pub backend: BackendConfig,
     /// The device, unless `if=none`.
     pub device: Option<PendingDevice>,
+    /// `copy-on-read=on`: a `copy-on-read` filter goes on top of the node.
+    pub copy_on_read: bool,
 }
 
 /// Tracks drives already defined, to pick free units and ids.
@@ -363,9 +366,10 @@ impl DriveTable {
                     .into(),
             ));
         }
-        if o.take_bool("copy-on-read")?.unwrap_or(false) {
-            return Err(BlockError::Unsupported(
-                "-drive: copy-on-read=on is not available yet".into(),
+        let copy_on_read = o.take_bool("copy-on-read")?.unwrap_or(false);
+        if copy_on_read && read_only {
+            return Err(BlockError::Open(
+                "-drive: Can't use copy-on-read on read-only device".into(),
             ));
         }
         parse_throttling(&mut o, &mut backend)?;
@@ -469,6 +473,7 @@ impl DriveTable {
             probe: format.is_none(),
             backend,
             device,
+            copy_on_read,
         })
     }
 }
@@ -548,7 +553,13 @@ impl DriveSpec {
         let Some(map) = &self.node else {
             return Ok(None);
         };
-        let node = graph.open_options(Options::new("-drive", map.clone()), None, self.probe)?;
+        let mut node = graph.open_options(Options::new("-drive", map.clone()), None, self.probe)?;
+        if self.copy_on_read {
+            let mut cor = Map::new();
+            cor.insert("driver".into(), Value::Str("copy-on-read".into()));
+            cor.insert("file".into(), Value::Str(node.name().to_string()));
+            node = graph.open_options(Options::new("-drive", cor), None, false)?;
+        }
         BlockBackend::new(&self.id, node, self.backend.clone()).map(Some)
     }
 }

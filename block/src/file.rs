@@ -720,6 +720,7 @@ impl BlockDriver for FileNode {
                 data: true,
                 zero: false,
                 offset: Some(offset),
+                allocated: true,
             });
         }
         let size = self.size.load(Ordering::Relaxed);
@@ -730,6 +731,7 @@ impl BlockDriver for FileNode {
                 data: false,
                 zero: true,
                 offset: Some(offset),
+                allocated: true,
             });
         }
         let len = len.min(size - offset);
@@ -744,6 +746,7 @@ impl BlockDriver for FileNode {
                     data: false,
                     zero: true,
                     offset: Some(offset),
+                    allocated: true,
                 });
             }
             return Ok(Extent {
@@ -751,6 +754,7 @@ impl BlockDriver for FileNode {
                 data: true,
                 zero: false,
                 offset: Some(offset),
+                allocated: true,
             });
         }
         let data = data as u64;
@@ -760,6 +764,7 @@ impl BlockDriver for FileNode {
                 data: false,
                 zero: true,
                 offset: Some(offset),
+                allocated: true,
             });
         }
         // SAFETY: as above.
@@ -770,6 +775,7 @@ impl BlockDriver for FileNode {
             data: true,
             zero: false,
             offset: Some(offset),
+            allocated: true,
         })
     }
 

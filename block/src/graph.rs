@@ -11,7 +11,7 @@
 //! and discard options of its parent unless it sets them itself.
 //!
 //! Driver registry: built-in drivers are `file`, `host_device`, `null-co`,
-//! `null-aio`, `raw` and `blkdebug`. Image formats from the `formats` crate
+//! `null-aio`, `raw`, `blkdebug`, `throttle` and `copy-on-read`. Image formats from the `formats` crate
 //! register their constructors with [`BlockGraph::register_driver`] (the
 //! `formats` crate stays free of block-layer types; the glue lives here).
 
@@ -232,6 +232,8 @@ impl BlockGraph {
         g.register_driver("null-aio", |c| NullNode::open(c, true));
         g.register_driver("raw", RawNode::open);
         g.register_driver("blkdebug", BlkdebugNode::open);
+        g.register_driver("throttle", crate::filters::ThrottleFilter::open);
+        g.register_driver("copy-on-read", crate::filters::CopyOnRead::open);
         g
     }
 

@@ -49,6 +49,7 @@ pub mod drive;
 pub mod driver;
 pub mod error;
 pub mod file;
+pub mod filters;
 pub mod graph;
 pub mod iov;
 pub mod keyval;

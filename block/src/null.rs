@@ -83,6 +83,7 @@ impl BlockDriver for NullNode {
             data: !self.read_zeroes,
             zero: self.read_zeroes,
             offset: None,
+            allocated: true,
         })
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {

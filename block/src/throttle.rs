@@ -63,16 +63,34 @@ impl Throttle {
         })
     }
 
-    /// The throttle of group `name`, created with `cfg` on first use.
+    /// The throttle of group `name`, created with `cfg` on first use
+    /// (`-drive throttling.group=` semantics).
     pub fn group(name: &str, cfg: ThrottleConfig) -> Arc<Throttle> {
-        static GROUPS: OnceLock<Mutex<HashMap<String, Arc<Throttle>>>> = OnceLock::new();
-        let mut g = GROUPS
-            .get_or_init(|| Mutex::new(HashMap::new()))
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut g = groups().lock().unwrap_or_else(|e| e.into_inner());
         g.entry(name.to_string())
             .or_insert_with(|| Throttle::new(cfg))
             .clone()
+    }
+
+    /// Define group `name` (`-object throttle-group,id=name,...`); an
+    /// existing group of that name is an error.
+    pub fn define_group(name: &str, cfg: ThrottleConfig) -> Result<Arc<Throttle>, String> {
+        let mut g = groups().lock().unwrap_or_else(|e| e.into_inner());
+        if g.contains_key(name) {
+            return Err(format!("Throttle group '{name}' already exists"));
+        }
+        let t = Throttle::new(cfg);
+        g.insert(name.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// An existing group.
+    pub fn lookup_group(name: &str) -> Option<Arc<Throttle>> {
+        groups()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// The configuration.
@@ -133,6 +151,11 @@ impl Throttle {
         // Bounded so that `Instant + delay` can never overflow.
         Duration::from_secs_f64(wait.clamp(0.0, 1e7))
     }
+}
+
+fn groups() -> &'static Mutex<HashMap<String, Arc<Throttle>>> {
+    static GROUPS: OnceLock<Mutex<HashMap<String, Arc<Throttle>>>> = OnceLock::new();
+    GROUPS.get_or_init(|| Mutex::new(HashMap::new()))
 }
 
 type Job = Box<dyn FnOnce() + Send>;
