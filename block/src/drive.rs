@@ -259,6 +259,11 @@ impl DriveTable {
         let serial = o.take_str("serial")?;
         let addr = o.take_str("addr")?;
         let id = match o.take_str("id")? {
+            Some(id) if !crate::graph::valid_id(&id) => {
+                return Err(BlockError::Open(format!(
+                    "-drive: Parameter 'id' expects an identifier (letters, digits, '-', '.', '_', starting with a letter), got '{id}'"
+                )))
+            }
             Some(id) => id,
             None => {
                 let mediastr = match (interface, media) {

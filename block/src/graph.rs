@@ -207,13 +207,17 @@ fn is_protocol(driver: &str) -> bool {
     )
 }
 
-/// QEMU's node-name rule: a letter first, then letters, digits, `-`, `.`, `_`;
-/// at most 31 characters.
-pub fn valid_node_name(name: &str) -> bool {
+/// QEMU's identifier rule (`id_wellformed`): a letter first, then letters,
+/// digits, `-`, `.`, `_`.
+pub fn valid_id(name: &str) -> bool {
     let mut c = name.chars();
     matches!(c.next(), Some(f) if f.is_ascii_alphabetic())
         && c.all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '.' | '_'))
-        && name.len() <= 31
+}
+
+/// QEMU's node-name rule: an identifier of at most 31 characters.
+pub fn valid_node_name(name: &str) -> bool {
+    valid_id(name) && name.len() <= 31
 }
 
 impl BlockGraph {
