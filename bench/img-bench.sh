@@ -5,7 +5,9 @@
 #   raw, 4 KiB, depth 32, -t none, -i io_uring and -i threads, reads and
 #   writes; 1 MiB sequential reads; convert raw->raw of a 4 GiB file holding
 #   1 GiB of data.
-# Usage: bench/img-bench.sh [--quick]   (env: STRATA_IMG, BENCH_DIR, COUNT)
+# Each case runs REPEAT times (default 3, alternating which tool goes
+# first) and the median is reported: the virtual disk here is noisy.
+# Usage: bench/img-bench.sh [--quick]   (env: STRATA_IMG, BENCH_DIR, COUNT, REPEAT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,13 +40,27 @@ ratio() { awk -v q="$1" -v s="$2" 'BEGIN { if (s > 0) printf "%.2f", q / s; else
 
 printf '%-44s %10s %10s %8s\n' "case" "qemu-img" "strata" "ratio"
 results=()
+# Median of REPEAT runs; the order alternates so neither tool always runs
+# on a warmer device.
+REPEAT=${REPEAT:-3}
+median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 bench_case() {
     local name=$1; shift
-    local q s
-    q=$(run_time qemu-img bench "$@" "$IMG")
-    s=$(run_time "$STRATA_IMG" bench "$@" "$IMG")
-    local r; r=$(ratio "$q" "$s")
-    printf '%-44s %9ss %9ss %8s\n' "$name" "$q" "$s" "$r"
+    local qs=() ss=() i
+    for (( i = 0; i < REPEAT; i++ )); do
+        if (( i % 2 == 0 )); then
+            qs+=("$(run_time qemu-img bench "$@" "$IMG")")
+            ss+=("$(run_time "$STRATA_IMG" bench "$@" "$IMG")")
+        else
+            ss+=("$(run_time "$STRATA_IMG" bench "$@" "$IMG")")
+            qs+=("$(run_time qemu-img bench "$@" "$IMG")")
+        fi
+    done
+    local q s r
+    q=$(median "${qs[@]}")
+    s=$(median "${ss[@]}")
+    r=$(ratio "$q" "$s")
+    printf '%-44s %9ss %9ss %8s   (runs: qemu %s / strata %s)\n' "$name" "$q" "$s" "$r" "${qs[*]}" "${ss[*]}"
     results+=("$name|$q|$s|$r")
 }
 
@@ -69,15 +85,27 @@ if [[ ! -f "$SRC" ]] || [[ $(stat -c %s "$SRC") -ne $(numfmt --from=iec "$SIZE")
     fi
 fi
 time_cmd() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'; }
-rm -f "$DIR/q.img" "$DIR/s.img"
-sync
-q=$(time_cmd qemu-img convert -f raw -O raw "$SRC" "$DIR/q.img")
-s=$(time_cmd "$STRATA_IMG" convert -f raw -O raw "$SRC" "$DIR/s.img")
+qs=(); ss=()
+for (( i = 0; i < REPEAT; i++ )); do
+    rm -f "$DIR/q.img" "$DIR/s.img"; sync
+    if (( i % 2 == 0 )); then
+        qs+=("$(time_cmd qemu-img convert -f raw -O raw "$SRC" "$DIR/q.img")")
+        rm -f "$DIR/q.img"; sync
+        ss+=("$(time_cmd "$STRATA_IMG" convert -f raw -O raw "$SRC" "$DIR/s.img")")
+    else
+        ss+=("$(time_cmd "$STRATA_IMG" convert -f raw -O raw "$SRC" "$DIR/s.img")")
+        rm -f "$DIR/s.img"; sync
+        qs+=("$(time_cmd qemu-img convert -f raw -O raw "$SRC" "$DIR/q.img")")
+    fi
+done
+q=$(median "${qs[@]}"); s=$(median "${ss[@]}")
 r=$(ratio "$q" "$s")
-printf '%-44s %9ss %9ss %8s\n' "convert raw->raw $SIZE" "$q" "$s" "$r"
+printf '%-44s %9ss %9ss %8s   (runs: qemu %s / strata %s)\n' "convert raw->raw $SIZE" "$q" "$s" "$r" "${qs[*]}" "${ss[*]}"
 results+=("convert raw->raw $SIZE|$q|$s|$r")
-cmp -s "$DIR/q.img" "$DIR/s.img" || { echo "convert outputs differ!" >&2; exit 1; }
 rm -f "$DIR/q.img" "$DIR/s.img"
+"$STRATA_IMG" convert -f raw -O raw "$SRC" "$DIR/s.img"
+qemu-img compare -q -f raw -F raw "$SRC" "$DIR/s.img" || { echo "strata-img convert output differs from the source!" >&2; exit 1; }
+rm -f "$DIR/s.img"
 
 # Machine-readable summary for BENCHMARKS.md.
 {
