@@ -388,6 +388,13 @@ impl DriveTable {
         match file {
             None => {}
             Some(Value::Str(f)) if f.is_empty() => {}
+            Some(Value::Str(f)) if f.starts_with("json:") => {
+                // QEMU's `json:{...}` pseudo-protocol describes the node tree.
+                let tree = crate::keyval::parse_json("-drive", &f["json:".len()..])?;
+                for (k, v) in tree {
+                    node.entry(k).or_insert(v);
+                }
+            }
             Some(Value::Str(f)) => {
                 let mut fm = match rest_map.get("file") {
                     Some(Value::Map(m)) => m.clone(),

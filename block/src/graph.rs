@@ -457,6 +457,21 @@ impl BlockGraph {
         extra: &[(&str, &str)],
     ) -> BlockResult<Arc<Node>> {
         let mut map = Map::new();
+        if let Some(json) = filename.strip_prefix("json:") {
+            // QEMU's `json:{...}` pseudo-protocol: the whole node tree.
+            map = keyval::parse_json("json: filename", json)?;
+            if let Some(f) = format {
+                map.entry("driver".to_string())
+                    .or_insert_with(|| Value::Str(f.into()));
+            }
+            if read_only {
+                map.insert("read-only".into(), Value::Str("on".into()));
+            }
+            let extra_map = extra_options(extra)?;
+            merge(&mut map, extra_map);
+            let probe = !map.contains_key("driver");
+            return self.open_options(Options::new("json: filename", map), None, probe);
+        }
         let mut file = Map::new();
         let proto = match std::fs::metadata(filename) {
             Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {
@@ -473,16 +488,7 @@ impl BlockGraph {
         if read_only {
             map.insert("read-only".into(), Value::Str("on".into()));
         }
-        let mut parser_input = String::new();
-        for (k, v) in extra {
-            if !parser_input.is_empty() {
-                parser_input.push(',');
-            }
-            parser_input.push_str(k);
-            parser_input.push('=');
-            parser_input.push_str(&v.replace(',', ",,"));
-        }
-        let extra_map = keyval::parse("image options", &parser_input, None)?;
+        let extra_map = extra_options(extra)?;
         merge(&mut map, extra_map);
         self.open_options(Options::new("image options", map), None, format.is_none())
     }
@@ -512,6 +518,15 @@ impl BlockGraph {
                 .collect(),
         }
     }
+}
+
+/// `(dotted key, value)` pairs as a tree.
+fn extra_options(extra: &[(&str, &str)]) -> BlockResult<Map> {
+    let pairs = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Ok(keyval::Parser::new("image options").build(pairs)?)
 }
 
 fn merge(dst: &mut Map, src: Map) {

@@ -481,3 +481,33 @@ fn bad_input_gives_one_line_errors() {
         let _ = keyval::parse("-x", &s, Some("k")).map(|m| Options::new("-x", m).finish());
     }
 }
+
+#[test]
+fn json_pseudo_protocol_filenames() {
+    let dir = TempDir::new("jsonfn");
+    let img = dir.file("disk.img", 1 << 20);
+    std::fs::write(&img, pattern(1 << 20, 2)).unwrap();
+    let g = BlockGraph::new();
+    let fname = format!(
+        r#"json:{{"driver":"raw","offset":4096,"file":{{"driver":"file","filename":"{img}"}}}}"#
+    );
+    let n = g.open_image(&fname, None, true, &[]).unwrap();
+    assert_eq!(n.driver_name(), "raw");
+    assert_eq!(n.len(), (1 << 20) - 4096);
+    let blk = BlockBackend::new("j", n, BackendConfig::default()).unwrap();
+    let mut b = [0u8; 16];
+    blk.read_at(0, &mut b).unwrap();
+    assert_eq!(&b[..], &pattern(1 << 20, 2)[4096..4112]);
+    drop(blk);
+    // The same through -drive (commas escaped as ,,).
+    let spec =
+        block::drive::parse_drive(&format!("file={},if=none,id=j2", fname.replace(',', ",,")))
+            .unwrap();
+    let blk = spec.open(&g).unwrap().unwrap();
+    assert_eq!(blk.len(), (1 << 20) - 4096);
+    let e = g.open_image("json:{bad", None, true, &[]).unwrap_err();
+    assert!(
+        e.to_string().starts_with("json: filename: invalid JSON"),
+        "{e}"
+    );
+}
