@@ -148,6 +148,40 @@ fn permissions_between_users() {
 }
 
 #[test]
+fn permissions_propagate_along_edges() {
+    // Two raw nodes over one file node: writers on both conflict at the
+    // shared child, and the error names the parent edge.
+    let g = BlockGraph::new();
+    g.blockdev_add_str("driver=null-co,node-name=f0").unwrap();
+    let a = g
+        .blockdev_add_str("driver=raw,node-name=ra,file=f0")
+        .unwrap();
+    let b = g
+        .blockdev_add_str("driver=raw,node-name=rb,file=f0")
+        .unwrap();
+    let wa = BlockBackend::new("a", a.clone(), BackendConfig::default()).unwrap();
+    let e = BlockBackend::new("b", b.clone(), BackendConfig::default()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Conflicts with use by node 'ra' as 'file' which does not allow 'write' on f0"
+    );
+    // A user directly on the child is checked against the edge too.
+    let f0 = g.get("f0").unwrap();
+    assert!(BlockBackend::new("c", f0.clone(), BackendConfig::default()).is_err());
+    // Sharing users (tools) coexist.
+    let tool = BackendConfig {
+        shared: block::driver::Perms::ALL,
+        ..Default::default()
+    };
+    drop(wa);
+    let t1 = BlockBackend::new("t1", a, tool.clone()).unwrap();
+    let t2 = BlockBackend::new("t2", b.clone(), tool.clone()).unwrap();
+    drop((t1, t2));
+    // After release, the edge is gone and a writer on b works.
+    assert!(BlockBackend::new("b2", b, BackendConfig::default()).is_ok());
+}
+
+#[test]
 fn image_locking_between_open_files() {
     let dir = TempDir::new("lock");
     let img = dir.file("disk.img", 1 << 20);
