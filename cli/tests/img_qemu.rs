@@ -557,3 +557,62 @@ fn force_share_and_locks_across_processes() {
         "strata-img: --force-share/-U can only be used with read-only images\n"
     );
 }
+
+#[test]
+fn resize_and_check_like_qemu() {
+    let d = Dir::new();
+    let s_img = d.p("s.img");
+    let q_img = d.p("q.img");
+    sparse(&s_img, 4 << 20, &[(0, 4096)]);
+    sparse(&q_img, 4 << 20, &[(0, 4096)]);
+    let steps: Vec<Vec<&str>> = vec![
+        vec!["resize", "-f", "raw", "IMG", "+1M"],
+        vec!["resize", "-f", "raw", "IMG", "3M"],
+        vec!["resize", "-f", "raw", "--shrink", "IMG", "3M"],
+        vec!["resize", "-f", "raw", "IMG", "--", "-1M"],
+        vec!["resize", "-f", "raw", "--shrink", "IMG", "--", "-1M"],
+        vec!["resize", "-f", "raw", "--preallocation=falloc", "IMG", "8M"],
+        vec!["resize", "-f", "raw", "IMG", "1Q"],
+    ];
+    for step in steps {
+        let sa: Vec<&str> = step
+            .iter()
+            .map(|a| if *a == "IMG" { s_img.as_str() } else { a })
+            .collect();
+        let qa: Vec<&str> = step
+            .iter()
+            .map(|a| if *a == "IMG" { q_img.as_str() } else { a })
+            .collect();
+        let s = strata(&sa);
+        assert_eq!(
+            err(&s).lines().filter(|l| !l.contains("warning")).count() <= 1,
+            true,
+            "{}",
+            err(&s)
+        );
+        if let Some(q) = qemu(&qa) {
+            assert_eq!(s.status.code(), q.status.code(), "{step:?}: {}", err(&s));
+            assert_eq!(out(&s), out(&q), "{step:?}");
+            assert_eq!(
+                std::fs::metadata(&s_img).unwrap().len(),
+                std::fs::metadata(&q_img).unwrap().len(),
+                "{step:?}"
+            );
+        }
+    }
+    assert_eq!(std::fs::metadata(&s_img).unwrap().len(), 8 << 20);
+    // check: raw has nothing to check (exit 63), missing file exit 1.
+    let s = strata(&["check", "-f", "raw", &s_img]);
+    assert_eq!(s.status.code(), Some(63));
+    assert_eq!(
+        err(&s),
+        "strata-img: This image format does not support checks\n"
+    );
+    if let Some(q) = qemu(&["check", "-f", "raw", &q_img]) {
+        assert_eq!(q.status.code(), Some(63));
+    }
+    assert_eq!(
+        strata(&["check", "/nonexistent.img"]).status.code(),
+        Some(1)
+    );
+}
