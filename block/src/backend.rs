@@ -16,7 +16,7 @@
 //!
 //! Asynchronous submission (for devices, off the vCPU thread):
 //! [`BlockBackend::submit`] takes an [`IoRequest`] (operation, offset and
-//! [`IoVecs`](crate::iov::IoVecs), which may point into guest memory) and a
+//! [`IoVecs`], which may point into guest memory) and a
 //! completion callback, called exactly once on an I/O thread with the request
 //! (buffers included) and its result. [`CompletionQueue`] turns callbacks
 //! into a queue plus an `eventfd`, for event loops.

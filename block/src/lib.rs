@@ -9,7 +9,7 @@
 //!   (driver registry, node-names, children, backing, probing).
 //! * [`node`]: a node with its generic options and the permission model.
 //! * [`driver`]: the [`driver::BlockDriver`] trait and request types.
-//! * Drivers: [`file`] (`file`, `host_device`, locking, O_DIRECT, engines),
+//! * Drivers: [`mod@file`] (`file`, `host_device`, locking, O_DIRECT, engines),
 //!   [`null`], [`raw`], [`blkdebug`]. Engines: [`aio`] (pool, io_uring,
 //!   Linux AIO).
 //! * [`backend`]: [`backend::BlockBackend`], what devices attach to
