@@ -53,7 +53,11 @@ fn sparse(path: &str, size: u64, data: &[(u64, u64)]) {
     for (i, (off, len)) in data.iter().enumerate() {
         f.seek(SeekFrom::Start(*off)).unwrap();
         let buf: Vec<u8> = (0..*len)
-            .map(|j| (j as u8).wrapping_mul(7).wrapping_add(i as u8 + 1))
+            .map(|j| {
+                (j as u8)
+                    .wrapping_mul(7)
+                    .wrapping_add((i as u8).wrapping_add(1))
+            })
             .collect();
         f.write_all(&buf).unwrap();
     }
@@ -614,4 +618,27 @@ fn resize_and_check_like_qemu() {
         strata(&["check", "/nonexistent.img"]).status.code(),
         Some(1)
     );
+}
+
+#[test]
+fn closed_stdout_does_not_panic() {
+    use std::io::Read;
+    let d = Dir::new();
+    let f = d.p("p.img");
+    let layout: Vec<(u64, u64)> = (0..2000).map(|i| (i * 8192, 512)).collect();
+    sparse(&f, 2000 * 8192, &layout);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_strata-img"))
+        .args(["map", "-f", "raw", "--output=json", &f])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Read one byte, then close the pipe.
+    let mut one = [0u8; 1];
+    child.stdout.as_mut().unwrap().read_exact(&mut one).unwrap();
+    drop(child.stdout.take());
+    let mut e = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut e).unwrap();
+    let _ = child.wait().unwrap();
+    assert!(!e.contains("panicked"), "{e}");
 }
