@@ -545,3 +545,48 @@ fn json_pseudo_protocol_filenames() {
         "{e}"
     );
 }
+
+#[test]
+fn auto_read_only_falls_back_when_writing_is_refused() {
+    let dir = TempDir::new("aro");
+    let img = dir.file("imm.img", 65536);
+    // An immutable file cannot be opened for writing, even by root.
+    let ok = std::process::Command::new("chattr")
+        .args(["+i", &img])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("chattr +i unavailable; skipped");
+        return;
+    }
+    struct Unlock(String);
+    impl Drop for Unlock {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .args(["-i", &self.0])
+                .status();
+        }
+    }
+    let _u = Unlock(img.clone());
+    let g = BlockGraph::new();
+    let e = g
+        .blockdev_add_str(&format!("driver=file,node-name=a,filename={img}"))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Could not open '{img}': Operation not permitted")
+    );
+    let n = g
+        .blockdev_add_str(&format!(
+            "driver=file,node-name=b,filename={img},auto-read-only=on"
+        ))
+        .unwrap();
+    assert!(n.is_read_only());
+    let blk = BlockBackend::new("b", n, BackendConfig::default()).unwrap();
+    assert!(blk.is_read_only());
+    let mut b = [1u8; 16];
+    blk.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [0; 16]);
+    assert_eq!(blk.write_at(0, &[1]).unwrap_err().errno(), libc::EROFS);
+}
