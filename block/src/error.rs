@@ -1,4 +1,5 @@
-//! Errors of the block layer.
+//! Errors of the block layer (QEMU's convention: every failure carries an
+//! errno, see `include/block/block-io.h`).
 //!
 //! Every error prints as one line that names the file, node or option
 //! concerned. I/O errors keep their `errno` so that `BlockBackend` can apply
