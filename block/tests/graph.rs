@@ -311,11 +311,11 @@ fn probing_warns_and_guards_sector0() {
     let g = BlockGraph::new();
     let spec = block::drive::parse_drive(&format!("file={img},if=none,id=p")).unwrap();
     assert!(spec.probe);
-    let blk = spec.open(&g).unwrap().unwrap();
+    let blk = spec.open(&g).unwrap();
     let w = g.take_warnings();
     assert_eq!(w.len(), 1);
     assert!(w[0].contains("probing guessed raw"), "{}", w[0]);
-    assert_eq!(blk.root().driver_name(), "raw");
+    assert_eq!(blk.root().unwrap().driver_name(), "raw");
     // A qcow2 header in sector 0 is refused...
     let mut hdr = vec![0u8; 512];
     hdr[..4].copy_from_slice(b"QFI\xfb");
@@ -343,7 +343,6 @@ fn probing_warns_and_guards_sector0() {
     let blk = block::drive::parse_drive(&format!("file={img},format=raw,if=none,id=q"))
         .unwrap()
         .open(&g)
-        .unwrap()
         .unwrap();
     assert!(g.take_warnings().is_empty());
     blk.write_at(0, &hdr).unwrap();
@@ -537,7 +536,7 @@ fn json_pseudo_protocol_filenames() {
     let spec =
         block::drive::parse_drive(&format!("file={},if=none,id=j2", fname.replace(',', ",,")))
             .unwrap();
-    let blk = spec.open(&g).unwrap().unwrap();
+    let blk = spec.open(&g).unwrap();
     assert_eq!(blk.len(), (1 << 20) - 4096);
     let e = g.open_image("json:{bad", None, true, &[]).unwrap_err();
     assert!(

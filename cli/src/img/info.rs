@@ -202,7 +202,10 @@ pub fn info(
     spec.image_opts = image_opts;
     spec.force_share = force_share;
     let blk = open(&graph, &spec)?;
-    let root = blk.root();
+    let Some(root) = blk.root() else {
+        return fail(format!("Could not open '{filename}': no medium"));
+    };
+    let root = &root;
     let shown = if image_opts {
         root.filename().unwrap_or_else(|| filename.to_string())
     } else {
@@ -260,7 +263,7 @@ pub fn map(
     };
     let file = blk
         .root()
-        .filename()
+        .and_then(|r| r.filename())
         .unwrap_or_else(|| filename.to_string());
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut off = start.min(end);
