@@ -589,3 +589,62 @@ fn auto_read_only_falls_back_when_writing_is_refused() {
     assert_eq!(b, [0; 16]);
     assert_eq!(blk.write_at(0, &[1]).unwrap_err().errno(), libc::EROFS);
 }
+
+#[test]
+fn lock_conflict_between_two_strata_processes() {
+    // Child mode: hold the image as a device would, until stdin closes.
+    if let Ok(img) = std::env::var("STRATA_LOCK_CHILD") {
+        let g = BlockGraph::new();
+        let n = g.open_image(&img, Some("raw"), false, &[]).unwrap();
+        let _blk = BlockBackend::new("held", n, BackendConfig::default()).unwrap();
+        println!("locked");
+        let mut s = String::new();
+        let _ = std::io::stdin().read_line(&mut s);
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("lock2p");
+    let img = dir.file("disk.img", 1 << 20);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lock_conflict_between_two_strata_processes",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("STRATA_LOCK_CHILD", &img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("locked") {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+    }
+    assert!(line.contains("locked"), "child did not lock");
+    let g = BlockGraph::new();
+    let n = g.open_image(&img, Some("raw"), false, &[]).unwrap();
+    let e = BlockBackend::new("w", n, BackendConfig::default()).unwrap_err();
+    let ro = g.open_image(&img, Some("raw"), true, &[]).unwrap();
+    let e2 = BlockBackend::new("r", ro, BackendConfig::default()).unwrap_err();
+    let shared = g
+        .open_image(&img, Some("raw"), true, &[("force-share", "on")])
+        .unwrap();
+    let u = BlockBackend::new("u", shared, BackendConfig::default());
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert_eq!(
+        e.to_string(),
+        format!("Failed to get \"write\" lock: is another process using the image [{img}]?")
+    );
+    assert!(
+        e2.to_string()
+            .contains("Failed to get shared \"write\" lock"),
+        "{e2}"
+    );
+    assert!(u.is_ok(), "-U / force-share opens read-only anyway");
+}
