@@ -174,6 +174,9 @@ impl FileNode {
         if opts.direct {
             flags |= libc::O_DIRECT;
         }
+        // O_NONBLOCK so that a FIFO given as an image fails instead of
+        // hanging; it is cleared again below for files and devices.
+        flags |= libc::O_NONBLOCK;
         // SAFETY: cpath is a valid NUL-terminated string; open has no other
         // memory effects.
         let raw = unsafe { libc::open(cpath.as_ptr(), flags) };
@@ -210,6 +213,8 @@ impl FileNode {
                 "'file' driver requires '{name}' to be a regular file"
             )));
         }
+        // SAFETY: F_SETFL with plain flag bits on our own descriptor.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
         let size = if is_blockdev {
             let mut sz: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass.

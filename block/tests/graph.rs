@@ -648,3 +648,20 @@ fn lock_conflict_between_two_strata_processes() {
     );
     assert!(u.is_ok(), "-U / force-share opens read-only anyway");
 }
+
+#[test]
+fn a_fifo_is_refused_not_waited_on() {
+    let dir = TempDir::new("fifo");
+    let p = dir.path("pipe");
+    let c = std::ffi::CString::new(p.clone()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let g = BlockGraph::new();
+    let t = std::time::Instant::now();
+    let e = g.open_image(&p, None, true, &[]).unwrap_err();
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(
+        e.to_string(),
+        format!("'file' driver requires '{p}' to be a regular file")
+    );
+}
