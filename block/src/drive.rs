@@ -379,6 +379,11 @@ impl DriveTable {
         }
         parse_throttling(&mut o, &mut backend)?;
         let _ = o.take_str("boot")?;
+        // Accounting knobs of QEMU's BlockBackend statistics: accepted;
+        // Strata always counts failed requests separately.
+        let _ = o.take_bool("stats-account-invalid")?;
+        let _ = o.take_bool("stats-account-failed")?;
+        let _ = o.take_value("stats-intervals");
         let aio = o.take_str("aio")?;
         let file = o.take_value("file");
         // Remaining keys are driver-specific (dotted) options.
