@@ -183,7 +183,7 @@ fn check_output(output: &str) -> R<bool> {
     match output {
         "human" => Ok(false),
         "json" => Ok(true),
-        _ => fail("--output must be used with human or json as argument."),
+        other => fail(format!("--output expects 'human' or 'json' not '{other}'")),
     }
 }
 
