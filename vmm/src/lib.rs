@@ -2,10 +2,12 @@
 //! dispatch, and the qtest accelerator that drives the same machine without
 //! a CPU.
 
+pub mod boot;
 pub mod config;
 pub mod console;
 pub mod kvm;
 pub mod memory;
+pub mod mptable;
 pub mod pc;
 pub mod qtest;
 pub mod storage;
@@ -216,6 +218,9 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;
         kvm::map_memory(&vm, &pc.rom, next, kvm::supports_readonly_mem(&vm))?;
         let vcpus = vcpu::create(&kvm, &vm, cfg.cpus)?;
+        if let (Some(entry), Some(v0)) = (&pc.boot_entry, vcpus.first()) {
+            vcpu::set_boot_state(v0, entry)?;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         if !cfg.paused {

@@ -34,6 +34,7 @@ use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
 use devices::system::SystemControl;
 use devices::GuestMem;
 
+use crate::boot::{self, EntryState};
 use crate::config::{DeviceConfig, MachineConfig};
 use crate::memory::{self, Layout};
 use crate::storage::Storage;
@@ -63,6 +64,9 @@ pub struct Pc {
     pub uarts: Vec<Arc<Mutex<Uart>>>,
     pub cmos: Arc<Mutex<Cmos>>,
     pub fw_cfg: Arc<Mutex<FwCfg>>,
+    /// Where vCPU 0 starts on the direct-boot path (`None`: at the reset
+    /// vector, in firmware).
+    pub boot_entry: Option<EntryState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +75,8 @@ pub enum MachineError {
     Memory(#[from] memory::MemoryError),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
 }
 
 fn shared<T: devices::BusDevice + 'static>(d: T) -> Arc<Mutex<T>> {
@@ -91,7 +97,12 @@ fn add_io(
 pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, MachineError> {
     let layout = Layout::new(cfg.mem_size);
     let ram = memory::allocate_ram(&layout)?;
-    let rom = memory::load_bios(&cfg.bios, &ram)?;
+    let direct = boot::is_direct(cfg);
+    let rom = if direct {
+        memory::halt_rom()?
+    } else {
+        memory::load_bios(&cfg.bios, &ram)?
+    };
     let mut io = Bus::new();
     let mut mmio = Bus::new();
 
@@ -100,13 +111,18 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
     let err = MachineError::Config;
     pci.add(0, 0, Arc::new(Mutex::new(I440fx::new())))
         .map_err(err)?;
-    pci.add(1, 0, Arc::new(Mutex::new(Piix3::new())))
-        .map_err(err)?;
-    let pm = Piix4Pm::new(
+    let mut piix3 = Piix3::new();
+    let mut pm = Piix4Pm::new(
         host.clock.clone(),
         host.irq.line(SCI_IRQ),
         host.system.clone(),
     );
+    if direct {
+        // No firmware will program the chipset: do what SeaBIOS does, so
+        // that the ACPI and MP tables describe the machine as it is.
+        boot::init_chipset(&mut piix3, &mut pm);
+    }
+    pci.add(1, 0, Arc::new(Mutex::new(piix3))).map_err(err)?;
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     add_io(
@@ -203,6 +219,11 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
         "fw_cfg",
     )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
+    let boot_entry = if direct {
+        Some(boot::setup(cfg, &ram, &layout)?)
+    } else {
+        None
+    };
 
     Ok(Pc {
         io,
@@ -214,6 +235,7 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
         uarts,
         cmos,
         fw_cfg,
+        boot_entry,
     })
 }
 
