@@ -2,6 +2,7 @@
 //! dispatch, and the qtest accelerator that drives the same machine without
 //! a CPU.
 
+pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod console;

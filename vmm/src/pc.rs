@@ -210,6 +210,13 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
     {
         let mut f = fw_cfg.lock().unwrap();
         fill_fw_cfg(&mut f, cfg, &layout, &boot_order);
+        if !direct {
+            // Firmware installs Strata's ACPI tables through the loader.
+            let t = crate::acpi::build(&crate::acpi::AcpiConfig::new(cfg, &layout));
+            f.add_file(crate::acpi::RSDP_FILE, t.rsdp.clone());
+            f.add_file(crate::acpi::TABLES_FILE, t.tables.clone());
+            f.add_file(crate::acpi::LOADER_FILE, t.loader());
+        }
     }
     add_io(
         &mut io,

@@ -23,7 +23,7 @@ pub const GDT: [u64; 6] = [
     0,
     0x00cf_9b00_0000_ffff, // 0x10: 32-bit code, execute/read, accessed
     0x00cf_9300_0000_ffff, // 0x18: data, read/write, accessed
-    0x0080_8b00_0000_0067, // 0x20: 32-bit TSS (busy), base 0, limit 0x67
+    0x0000_8b00_0000_0067, // 0x20: 32-bit TSS (busy), base 0, limit 0x67
     0x00af_9b00_0000_ffff, // 0x28: 64-bit code (L=1)
 ];
 

@@ -48,7 +48,7 @@ use devices::GuestMem;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{KernelConfig, MachineConfig};
-use crate::mptable;
+use crate::{acpi, mptable};
 use crate::memory::{Layout, FOUR_GIB};
 
 pub use cpu::{CpuMode, EntryState};
@@ -306,6 +306,11 @@ pub fn init_chipset(piix3: &mut Piix3, pm: &mut Piix4Pm) {
 
 /// Where the MP floating pointer (followed by its table) goes.
 pub const MPTABLE_ADDR: u64 = 0xf0000;
+/// The ACPI RSDP: in the BIOS area, where PC operating systems search.
+pub const RSDP_ADDR: u64 = 0xf1000;
+/// The ACPI tables blob, up to the MP table.
+pub const ACPI_TABLES_ADDR: u64 = 0xe0000;
+pub const ACPI_TABLES_MAX: u64 = MPTABLE_ADDR - ACPI_TABLES_ADDR;
 
 /// The direct-boot path: firmware tables into the BIOS area, then the
 /// kernel. Returns vCPU 0's entry state.
@@ -321,11 +326,21 @@ pub fn setup(cfg: &MachineConfig, ram: &GuestMem, layout: &Layout) -> Result<Ent
         .map_err(tables_err)?;
     let mp = mptable::build(MPTABLE_ADDR as u32, cfg.cpus);
     ram.write_slice(&mp, GuestAddress(MPTABLE_ADDR)).map_err(tables_err)?;
+    let acpi = acpi::build(&acpi::AcpiConfig::new(cfg, layout));
+    let (rsdp, tables) = acpi.place(ACPI_TABLES_ADDR);
+    if tables.len() as u64 > ACPI_TABLES_MAX {
+        return Err(BootError::File(format!(
+            "the ACPI tables ({} bytes) do not fit in the BIOS area",
+            tables.len()
+        )));
+    }
+    ram.write_slice(&tables, GuestAddress(ACPI_TABLES_ADDR)).map_err(tables_err)?;
+    ram.write_slice(&rsdp, GuestAddress(RSDP_ADDR)).map_err(tables_err)?;
     let ctx = BootContext {
         ram,
         layout,
         cfg: kcfg,
-        rsdp: 0,
+        rsdp: RSDP_ADDR,
     };
     load(&ctx)
 }
