@@ -30,7 +30,10 @@ fn u64_at(b: &[u8], o: usize) -> u64 {
 fn table(q: &mut Qtest, addr: u64) -> Vec<u8> {
     let head = q.memread(addr, 8);
     let len = u32_at(&head, 4) as usize;
-    assert!((36..1 << 20).contains(&len) || &head[..4] == b"FACS", "table at {addr:#x}: length {len}");
+    assert!(
+        (36..1 << 20).contains(&len) || &head[..4] == b"FACS",
+        "table at {addr:#x}: length {len}"
+    );
     q.memread(addr, len)
 }
 
@@ -61,8 +64,14 @@ fn tables_checksum_and_dsdt_round_trips_through_iasl() {
     assert_eq!(&xsdt[..4], b"XSDT");
     assert_eq!(sum(&rsdt), 0);
     assert_eq!(sum(&xsdt), 0);
-    let via_rsdt: Vec<u64> = (36..rsdt.len()).step_by(4).map(|o| u32_at(&rsdt, o) as u64).collect();
-    let via_xsdt: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(&xsdt, o)).collect();
+    let via_rsdt: Vec<u64> = (36..rsdt.len())
+        .step_by(4)
+        .map(|o| u32_at(&rsdt, o) as u64)
+        .collect();
+    let via_xsdt: Vec<u64> = (36..xsdt.len())
+        .step_by(8)
+        .map(|o| u64_at(&xsdt, o))
+        .collect();
     assert_eq!(via_rsdt, via_xsdt);
     let mut sigs = Vec::new();
     let mut dsdt = Vec::new();
@@ -137,15 +146,23 @@ fn tables_checksum_and_dsdt_round_trips_through_iasl() {
         .args(["-d", "dsdt.aml"])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "iasl -d failed:\n{text}");
     let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
     assert!(!dsl.contains("Incorrect checksum"), "{dsl}");
-    let out = Command::new("iasl").current_dir(&dir).arg("dsdt.dsl").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new("iasl")
+        .current_dir(&dir)
+        .arg("dsdt.dsl")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "recompiling the DSDT failed:\n{text}");
     assert!(text.contains("Compilation successful. 0 Errors"), "{text}");
-    for dev in ["PNP0A03", "PNP0B00", "PNP0303", "PNP0F13", "PNP0501", "PNP0C0F"] {
+    for dev in [
+        "PNP0A03", "PNP0B00", "PNP0303", "PNP0F13", "PNP0501", "PNP0C0F",
+    ] {
         assert!(dsl.contains(dev), "{dev} missing from the DSDT");
     }
     // No floppy drive configured: no floppy controller described.
@@ -216,7 +233,13 @@ fn seabios_installs_strata_tables_from_the_table_loader() {
     let dbg = format!("file:{}", log.display());
     let out = run_until_marker(
         &[
-            "-m", "128", "-nodefaults", "-debugcon", &dbg, "-global", "isa-debugcon.iobase=0x402",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-debugcon",
+            &dbg,
+            "-global",
+            "isa-debugcon.iobase=0x402",
         ],
         &log,
         "ACPI: parse DSDT",
@@ -230,7 +253,10 @@ fn seabios_installs_strata_tables_from_the_table_loader() {
         floppy: false,
     };
     let dsdt_len = vmm::acpi::dsdt(&cfg).len();
-    assert!(out.contains("table(50434146)="), "FADT via the loader:\n{out}");
+    assert!(
+        out.contains("table(50434146)="),
+        "FADT via the loader:\n{out}"
+    );
     assert!(out.contains("(via xsdt)"), "{out}");
     assert!(
         out.contains(&format!("(len {dsdt_len})")),

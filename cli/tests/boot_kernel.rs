@@ -36,8 +36,17 @@ fn report(kernel: &str, name: &str) -> (String, String, Vec<u8>, Vec<u8>, String
     let initrd = format!("{pa},{pb}");
     let out = run_until_marker(
         &[
-            "-m", "128", "-nodefaults", "-serial", &serial, "-kernel", &k, "-initrd", &initrd,
-            "-append", APPEND,
+            "-m",
+            "128",
+            "-nodefaults",
+            "-serial",
+            &serial,
+            "-kernel",
+            &k,
+            "-initrd",
+            &initrd,
+            "-append",
+            APPEND,
         ],
         &log,
         "TK DONE",
@@ -177,7 +186,10 @@ fn bad_kernel_files_get_one_line_errors() {
         .step_by(4)
         .find(|&o| mb[o..o + 4] == 0x1badb002u32.to_le_bytes())
         .unwrap();
-    for (i, v) in [0xf000_0000u32, 0xf000_0000, 0, 0, 0xf000_0000].iter().enumerate() {
+    for (i, v) in [0xf000_0000u32, 0xf000_0000, 0, 0, 0xf000_0000]
+        .iter()
+        .enumerate()
+    {
         mb[off + 12 + 4 * i..off + 16 + 4 * i].copy_from_slice(&v.to_le_bytes());
     }
     let bad = dir.join("bad-mb.elf");
@@ -186,7 +198,10 @@ fn bad_kernel_files_get_one_line_errors() {
     assert!(e.contains("not in RAM"), "{e}");
 
     let e = fails(&["-kernel", "/nonexistent/vmlinuz"]);
-    assert!(e.contains("-kernel /nonexistent/vmlinuz: no such file"), "{e}");
+    assert!(
+        e.contains("-kernel /nonexistent/vmlinuz: no such file"),
+        "{e}"
+    );
     let e = fails(&["-initrd", &j]);
     assert!(e.contains("-initrd: only allowed with -kernel"), "{e}");
 }
@@ -198,7 +213,9 @@ fn cmdline_longer_than_cmdline_size() {
     let k = kernels::path("testkernel.bzImage");
     let e = fails(&["-kernel", &k, "-append", &long]);
     assert!(
-        e.contains("-append: the command line is 2048 bytes, longer than the kernel's cmdline_size (2047)"),
+        e.contains(
+            "-append: the command line is 2048 bytes, longer than the kernel's cmdline_size (2047)"
+        ),
         "{e}"
     );
 }
@@ -213,10 +230,25 @@ fn initrd_that_does_not_fit() {
     for k in ["testkernel.bzImage", "testkernel-pvh.elf"] {
         let k = kernels::path(k);
         let e = fails(&["-m", "16", "-kernel", &k, "-initrd", &b]);
-        assert!(e.contains(&format!("-initrd {b}: 20971520 bytes do not fit")), "{e}");
+        assert!(
+            e.contains(&format!("-initrd {b}: 20971520 bytes do not fit")),
+            "{e}"
+        );
     }
-    let e = fails(&["-m", "16", "-kernel", &kernels::path("testkernel-mb.elf"), "-initrd", &b]);
+    let e = fails(&[
+        "-m",
+        "16",
+        "-kernel",
+        &kernels::path("testkernel-mb.elf"),
+        "-initrd",
+        &b,
+    ]);
     assert!(e.contains("does not fit in RAM"), "{e}");
-    let e = fails(&["-kernel", &kernels::path("testkernel.bzImage"), "-initrd", "/nonexistent/rd"]);
+    let e = fails(&[
+        "-kernel",
+        &kernels::path("testkernel.bzImage"),
+        "-initrd",
+        "/nonexistent/rd",
+    ]);
     assert!(e.contains("-initrd /nonexistent/rd: No such file"), "{e}");
 }

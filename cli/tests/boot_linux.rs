@@ -26,7 +26,11 @@ fn guest(file: &str) -> String {
     } else {
         PathBuf::from("/work/shared/guest").join(file)
     };
-    assert!(p.exists(), "{} is missing (the shared Linux test guest)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing (the shared Linux test guest)",
+        p.display()
+    );
     p.display().to_string()
 }
 
@@ -39,8 +43,17 @@ fn boot(kernel: &str, extra: &str, name: &str) -> String {
     let append = format!("{CMDLINE}{extra}");
     run_until_marker(
         &[
-            "-m", "64", "-nodefaults", "-serial", &serial, "-kernel", &k, "-initrd", &rd,
-            "-append", &append,
+            "-m",
+            "64",
+            "-nodefaults",
+            "-serial",
+            &serial,
+            "-kernel",
+            &k,
+            "-initrd",
+            &rd,
+            "-append",
+            &append,
         ],
         &log,
         "GUEST-DONE",
@@ -55,12 +68,21 @@ fn linux_pvh_vmlinux_reaches_guest_done() {
     }
     let out = boot("vmlinux", "", "linux-pvh");
     assert!(out.contains("GUEST-INIT"), "{out}");
-    assert!(out.contains("found SMP MP-table at [mem 0x000f0000"), "{out}");
+    assert!(
+        out.contains("found SMP MP-table at [mem 0x000f0000"),
+        "{out}"
+    );
     assert!(out.contains("MPTABLE: OEM ID: STRATA"), "{out}");
-    assert!(out.contains("IOAPIC[0]: apic_id 1, version 17, address 0xfec00000, GSI 0-23"), "{out}");
+    assert!(
+        out.contains("IOAPIC[0]: apic_id 1, version 17, address 0xfec00000, GSI 0-23"),
+        "{out}"
+    );
     assert!(out.contains("Switch to symmetric I/O mode"), "{out}");
     // The initramfs arrived whole: /init ran and found its command line.
-    assert!(out.contains("Command line: console=ttyS0 lpj=1000000"), "{out}");
+    assert!(
+        out.contains("Command line: console=ttyS0 lpj=1000000"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -125,7 +125,10 @@ mod tests {
         assert_eq!(len, cfg.len());
         assert_eq!(cfg.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
         // 2 CPUs, 2 buses, 1 IOAPIC, 124 PCI, 12 ISA, 2 local.
-        assert_eq!(u16::from_le_bytes([cfg[34], cfg[35]]), 2 + 2 + 1 + 124 + 12 + 2);
+        assert_eq!(
+            u16::from_le_bytes([cfg[34], cfg[35]]),
+            2 + 2 + 1 + 124 + 12 + 2
+        );
     }
 
     #[test]

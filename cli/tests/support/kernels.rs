@@ -30,5 +30,6 @@ pub fn path(name: &str) -> String {
 
 /// FNV-1a 32, as the test kernel computes it.
 pub fn fnv(data: &[u8]) -> u32 {
-    data.iter().fold(2166136261u32, |h, &b| (h ^ b as u32).wrapping_mul(16777619))
+    data.iter()
+        .fold(2166136261u32, |h, &b| (h ^ b as u32).wrapping_mul(16777619))
 }

@@ -36,10 +36,7 @@ fn cat(parts: &[&[u8]]) -> Vec<u8> {
 
 /// A NameSeg padded with '_' to four characters.
 fn seg(s: &str) -> [u8; 4] {
-    assert!(
-        !s.is_empty() && s.len() <= 4,
-        "bad AML name segment '{s}'"
-    );
+    assert!(!s.is_empty() && s.len() <= 4, "bad AML name segment '{s}'");
     let mut b = [b'_'; 4];
     b[..s.len()].copy_from_slice(s.as_bytes());
     b
@@ -292,7 +289,10 @@ mod tests {
         assert_eq!(name_string("\\_SB.PCI0"), b"\\\x2e_SB_PCI0".to_vec());
         assert_eq!(name_string("LNKA"), b"LNKA".to_vec());
         assert_eq!(name_string("\\_S5"), b"\\_S5_".to_vec());
-        assert_eq!(name_string("\\_SB.PCI0.ISA"), b"\\\x2f\x03_SB_PCI0ISA_".to_vec());
+        assert_eq!(
+            name_string("\\_SB.PCI0.ISA"),
+            b"\\\x2f\x03_SB_PCI0ISA_".to_vec()
+        );
         assert_eq!(int(0x1234), vec![0x0b, 0x34, 0x12]);
         // EISAID("PNP0A03") = 0x030AD041.
         assert_eq!(eisa_id("PNP0A03"), vec![0x0c, 0x41, 0xd0, 0x0a, 0x03]);

@@ -52,11 +52,14 @@ pub struct AcpiConfig {
 impl AcpiConfig {
     pub fn new(cfg: &crate::config::MachineConfig, layout: &crate::memory::Layout) -> Self {
         use block::drive::Interface;
-        let floppy = cfg
-            .drives
+        let floppy = cfg.drives.iter().any(|d| {
+            d.device
+                .as_ref()
+                .is_some_and(|p| p.interface == Interface::Floppy)
+        }) || cfg
+            .devices
             .iter()
-            .any(|d| d.device.as_ref().is_some_and(|p| p.interface == Interface::Floppy))
-            || cfg.devices.iter().any(|d| d.driver == "isa-fdc" || d.driver == "floppy");
+            .any(|d| d.driver == "isa-fdc" || d.driver == "floppy");
         AcpiConfig {
             cpus: cfg.cpus,
             below_4g: layout.below_4g,
@@ -263,7 +266,7 @@ fn fadt() -> Vec<u8> {
     put(&mut f, 96, &0xfffu16.to_le_bytes()); // P_LVL2_LAT: no C2
     put(&mut f, 98, &0xfffu16.to_le_bytes()); // P_LVL3_LAT: no C3
     f[108] = 0x32; // CENTURY: CMOS register
-    // IAPC_BOOT_ARCH: legacy devices, 8042, no VGA.
+                   // IAPC_BOOT_ARCH: legacy devices, 8042, no VGA.
     put(&mut f, 109, &0x7u16.to_le_bytes());
     // WBINVD | PROC_C1 | SLP_BUTTON (none) | RTC_S4 | RESET_REG_SUP.
     put(&mut f, 112, &0x4a5u32.to_le_bytes());
@@ -342,7 +345,12 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
             &[res::io(0x60, 1), res::io(0x64, 1), res::irq(1)],
         ),
         isa_dev("MOU", "PNP0F13", None, &[res::irq(12)]),
-        isa_dev("COM1", "PNP0501", Some(1), &[res::io(0x3f8, 8), res::irq(4)]),
+        isa_dev(
+            "COM1",
+            "PNP0501",
+            Some(1),
+            &[res::io(0x3f8, 8), res::irq(4)],
+        ),
     ]
     .concat();
     if cfg.floppy {
@@ -350,7 +358,12 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
             "FDC0",
             "PNP0700",
             None,
-            &[res::io(0x3f2, 4), res::io(0x3f7, 1), res::irq(6), res::dma(2)],
+            &[
+                res::io(0x3f2, 4),
+                res::io(0x3f7, 1),
+                res::irq(6),
+                res::dma(2),
+            ],
         ));
     }
     let pci0 = device(

@@ -109,7 +109,10 @@ mod tests {
     #[test]
     fn descriptors_decode() {
         let c = segment(GDT[2]);
-        assert_eq!((c.base, c.limit, c.type_, c.db, c.l), (0, 0xffff_ffff, 0xb, 1, 0));
+        assert_eq!(
+            (c.base, c.limit, c.type_, c.db, c.l),
+            (0, 0xffff_ffff, 0xb, 1, 0)
+        );
         let c = segment(GDT[5]);
         assert_eq!((c.l, c.db), (1, 0));
         let t = segment(GDT[4]);

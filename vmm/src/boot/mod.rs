@@ -40,16 +40,16 @@ pub mod linux;
 pub mod multiboot;
 pub mod pvh;
 
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use devices::chipset::{piix3, piix3::Piix3, piix4_pm, piix4_pm::Piix4Pm};
 use devices::pci::PciFunction;
 use devices::GuestMem;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{KernelConfig, MachineConfig};
-use crate::{acpi, mptable};
 use crate::memory::{Layout, FOUR_GIB};
+use crate::{acpi, mptable};
 
 pub use cpu::{CpuMode, EntryState};
 
@@ -170,14 +170,12 @@ impl BootContext<'_> {
                 (self.layout.below_4g + self.layout.above_4g) >> 20
             )));
         }
-        self.ram
-            .write_slice(data, GuestAddress(addr))
-            .map_err(|_| {
-                self.kernel_err(format!(
-                    "{what} ({} bytes at {addr:#x}) is outside guest RAM",
-                    data.len()
-                ))
-            })
+        self.ram.write_slice(data, GuestAddress(addr)).map_err(|_| {
+            self.kernel_err(format!(
+                "{what} ({} bytes at {addr:#x}) is outside guest RAM",
+                data.len()
+            ))
+        })
     }
 
     /// Writes the kernel command line (NUL-terminated) at [`CMDLINE_ADDR`],
@@ -314,7 +312,11 @@ pub const ACPI_TABLES_MAX: u64 = MPTABLE_ADDR - ACPI_TABLES_ADDR;
 
 /// The direct-boot path: firmware tables into the BIOS area, then the
 /// kernel. Returns vCPU 0's entry state.
-pub fn setup(cfg: &MachineConfig, ram: &GuestMem, layout: &Layout) -> Result<EntryState, BootError> {
+pub fn setup(
+    cfg: &MachineConfig,
+    ram: &GuestMem,
+    layout: &Layout,
+) -> Result<EntryState, BootError> {
     let kcfg = cfg
         .kernel
         .as_ref()
@@ -322,10 +324,14 @@ pub fn setup(cfg: &MachineConfig, ram: &GuestMem, layout: &Layout) -> Result<Ent
     let tables_err = |e: vm_memory::GuestMemoryError| {
         BootError::File(format!("cannot write the firmware tables: {e}"))
     };
-    ram.write_slice(&vec![0u8; (HIGH_MEMORY - BIOS_AREA) as usize], GuestAddress(BIOS_AREA))
-        .map_err(tables_err)?;
+    ram.write_slice(
+        &vec![0u8; (HIGH_MEMORY - BIOS_AREA) as usize],
+        GuestAddress(BIOS_AREA),
+    )
+    .map_err(tables_err)?;
     let mp = mptable::build(MPTABLE_ADDR as u32, cfg.cpus);
-    ram.write_slice(&mp, GuestAddress(MPTABLE_ADDR)).map_err(tables_err)?;
+    ram.write_slice(&mp, GuestAddress(MPTABLE_ADDR))
+        .map_err(tables_err)?;
     let acpi = acpi::build(&acpi::AcpiConfig::new(cfg, layout));
     let (rsdp, tables) = acpi.place(ACPI_TABLES_ADDR);
     if tables.len() as u64 > ACPI_TABLES_MAX {
@@ -334,8 +340,10 @@ pub fn setup(cfg: &MachineConfig, ram: &GuestMem, layout: &Layout) -> Result<Ent
             tables.len()
         )));
     }
-    ram.write_slice(&tables, GuestAddress(ACPI_TABLES_ADDR)).map_err(tables_err)?;
-    ram.write_slice(&rsdp, GuestAddress(RSDP_ADDR)).map_err(tables_err)?;
+    ram.write_slice(&tables, GuestAddress(ACPI_TABLES_ADDR))
+        .map_err(tables_err)?;
+    ram.write_slice(&rsdp, GuestAddress(RSDP_ADDR))
+        .map_err(tables_err)?;
     let ctx = BootContext {
         ram,
         layout,
@@ -352,10 +360,31 @@ mod tests {
     #[test]
     fn e820_map() {
         let m = e820(&Layout::new(128 << 20));
-        assert_eq!(m[0], E820Entry { addr: 0, size: 0x9fc00, kind: 1 });
+        assert_eq!(
+            m[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: 1
+            }
+        );
         assert_eq!(m[1].kind, E820_RESERVED);
-        assert_eq!(m[2], E820Entry { addr: 0xe0000, size: 0x20000, kind: 2 });
-        assert_eq!(m[3], E820Entry { addr: 0x100000, size: (128 << 20) - 0x100000, kind: 1 });
+        assert_eq!(
+            m[2],
+            E820Entry {
+                addr: 0xe0000,
+                size: 0x20000,
+                kind: 2
+            }
+        );
+        assert_eq!(
+            m[3],
+            E820Entry {
+                addr: 0x100000,
+                size: (128 << 20) - 0x100000,
+                kind: 1
+            }
+        );
         assert_eq!(m.len(), 4);
         let m = e820(&Layout::new(4 << 30));
         assert_eq!(m.last().unwrap().addr, FOUR_GIB);

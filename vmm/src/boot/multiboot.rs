@@ -69,8 +69,7 @@ pub fn load(ctx: &BootContext, f: &mut File, len: u64) -> Result<EntryState, Boo
     read_at(f, 0, &mut head).map_err(|e| ctx.kernel_err(e))?;
     let hoff = find_header(&head).ok_or_else(|| ctx.kernel_err("no multiboot header"))?;
     let mut hdr = [0u8; 32];
-    read_at(f, hoff as u64, &mut hdr)
-        .map_err(|_| ctx.kernel_err("multiboot header truncated"))?;
+    read_at(f, hoff as u64, &mut hdr).map_err(|_| ctx.kernel_err("multiboot header truncated"))?;
     let flags = le32(&hdr, 4);
     if flags & 0xffff & !KNOWN_REQUIRED != 0 {
         return Err(ctx.kernel_err(format!(
@@ -155,12 +154,7 @@ fn load_kludge(
     Ok(Image { entry, end })
 }
 
-fn load_elf32(
-    ctx: &BootContext,
-    f: &mut File,
-    len: u64,
-    head: &[u8],
-) -> Result<Image, BootError> {
+fn load_elf32(ctx: &BootContext, f: &mut File, len: u64, head: &[u8]) -> Result<Image, BootError> {
     let bad = |m: &str| ctx.kernel_err(format!("multiboot ELF: {m}"));
     if !head.starts_with(b"\x7fELF") || head.len() < 52 {
         return Err(bad(
@@ -204,7 +198,9 @@ fn load_elf32(
             continue;
         }
         if filesz > memsz || off.checked_add(filesz).is_none_or(|e| e > len) {
-            return Err(bad("a segment's file size exceeds its memory size or the file"));
+            return Err(bad(
+                "a segment's file size exceeds its memory size or the file",
+            ));
         }
         let seg_end = check_range(ctx, paddr, memsz, "a segment")?;
         let mut data = vec![0u8; filesz as usize];

@@ -53,7 +53,11 @@ pub fn boot(ctx: &BootContext, entry: u64, kernel_end: u64) -> Result<EntryState
             size,
             ..Default::default()
         };
-        ctx.write(BOOT_INFO_ADDR + MODLIST_OFF, m.as_slice(), "the module list")?;
+        ctx.write(
+            BOOT_INFO_ADDR + MODLIST_OFF,
+            m.as_slice(),
+            "the module list",
+        )?;
         si.nr_modules = 1;
         si.modlist_paddr = BOOT_INFO_ADDR + MODLIST_OFF;
     }
