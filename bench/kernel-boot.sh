@@ -10,7 +10,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 runs=${1:-5}
-kdir=$(sh images/build.sh)
+sh images/build.sh
+kdir=$(pwd)/images/out
 strata=${STRATA:-target/release/strata}
 [ -x "$strata" ] || cargo build --release --bin strata >&2
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1 && [ "${BENCH_INSTALL_QEMU:-0}" = 1 ]; then

@@ -1,38 +1,53 @@
 #!/bin/sh
-# Builds the project's test kernels into images/out/ (git-ignored), only
-# when a source is newer than the output:
+# Builds the project's test media from source into images/out/ (cached:
+# a file is rebuilt only when its sources are newer). Needs gcc and binutils.
+set -eu
+cd "$(dirname "$0")"
+mkdir -p out
+# Tests run this in parallel: one build at a time.
+exec 9>out/.lock
+flock 9
+build_tinybios() { # variant
+    out="out/tinybios-$1.bin"
+    if [ ! -f "$out" ] || [ tinybios/tinybios.S -nt "$out" ]; then
+        def=$(echo "VARIANT_$1" | tr a-z A-Z)
+        gcc -m32 -c -D"$def"=1 -o "out/tinybios-$1.o" tinybios/tinybios.S
+        ld -m elf_i386 -Ttext=0 --oformat binary -o "$out" "out/tinybios-$1.o"
+        rm -f "out/tinybios-$1.o"
+    fi
+}
+build_tinybios triple
+build_tinybios fpu
+
+# The boot test kernel (images/testkernel), three forms:
 #   testkernel-pvh.elf   ELF64 with a PVH note
 #   testkernel-mb.elf    ELF64 with a multiboot header (a.out kludge)
 #   testkernel.bzImage   Linux boot protocol 2.15 image (64-bit entry)
-# Needs gcc and binutils (x86-64). Prints the output directory.
-set -eu
-here=$(cd "$(dirname "$0")" && pwd)
-src=$here/testkernel
-out=$here/out
-mkdir -p "$out"
-stamp=$out/testkernel.bzImage
-newest=$(ls -t "$src"/* "$0" | head -1)
-if [ -f "$stamp" ] && [ -f "$out/testkernel-pvh.elf" ] && [ -f "$out/testkernel-mb.elf" ] && [ "$stamp" -nt "$newest" ]; then
-	echo "$out"
-	exit 0
-fi
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-CFLAGS="-m64 -Os -ffreestanding -nostdlib -fno-pic -fno-pie -fno-stack-protector -fno-builtin \
- -mno-red-zone -mgeneral-regs-only -mno-sse -mno-mmx -mno-80387 -fno-asynchronous-unwind-tables -Wall -Werror"
-gcc $CFLAGS -c "$src/kernel.c" -o "$tmp/kernel.o"
-for s in entry pvhnote mbheader; do
-	gcc -m64 -c "$src/$s.S" -o "$tmp/$s.o"
-done
-LD="ld -m elf_x86_64 -nostdlib -z max-page-size=0x1000 -z noexecstack --build-id=none --no-warn-rwx-segments -T $src/link.ld"
-$LD -o "$tmp/pvh.elf" "$tmp/entry.o" "$tmp/pvhnote.o" "$tmp/kernel.o"
-$LD -o "$tmp/mb.elf" "$tmp/entry.o" "$tmp/mbheader.o" "$tmp/kernel.o"
-$LD -o "$tmp/plain.elf" "$tmp/entry.o" "$tmp/kernel.o"
-objcopy -O binary "$tmp/plain.elf" "$tmp/payload.bin"
-gcc -m32 -c "$src/setup.S" -o "$tmp/setup.o"
-objcopy -O binary -j .setup "$tmp/setup.o" "$tmp/setup.bin"
-cat "$tmp/setup.bin" "$tmp/payload.bin" > "$tmp/bzImage"
-cp "$tmp/pvh.elf" "$out/testkernel-pvh.elf"
-cp "$tmp/mb.elf" "$out/testkernel-mb.elf"
-cp "$tmp/bzImage" "$out/testkernel.bzImage"
-echo "$out"
+build_testkernel() {
+    src=testkernel
+    newest=$(ls -t "$src"/* build.sh | head -1)
+    if [ -f out/testkernel.bzImage ] && [ -f out/testkernel-pvh.elf ] && [ -f out/testkernel-mb.elf ] \
+        && [ out/testkernel.bzImage -nt "$newest" ]; then
+        return
+    fi
+    tmp=$(mktemp -d)
+    cflags="-m64 -Os -ffreestanding -nostdlib -fno-pic -fno-pie -fno-stack-protector -fno-builtin
+        -mno-red-zone -mgeneral-regs-only -mno-sse -mno-mmx -mno-80387 -fno-asynchronous-unwind-tables -Wall -Werror"
+    gcc $cflags -c "$src/kernel.c" -o "$tmp/kernel.o"
+    for s in entry pvhnote mbheader; do
+        gcc -m64 -c "$src/$s.S" -o "$tmp/$s.o"
+    done
+    ld="ld -m elf_x86_64 -nostdlib -z max-page-size=0x1000 -z noexecstack --build-id=none --no-warn-rwx-segments -T $src/link.ld"
+    $ld -o "$tmp/pvh.elf" "$tmp/entry.o" "$tmp/pvhnote.o" "$tmp/kernel.o"
+    $ld -o "$tmp/mb.elf" "$tmp/entry.o" "$tmp/mbheader.o" "$tmp/kernel.o"
+    $ld -o "$tmp/plain.elf" "$tmp/entry.o" "$tmp/kernel.o"
+    objcopy -O binary "$tmp/plain.elf" "$tmp/payload.bin"
+    gcc -m32 -c "$src/setup.S" -o "$tmp/setup.o"
+    objcopy -O binary -j .setup "$tmp/setup.o" "$tmp/setup.bin"
+    cat "$tmp/setup.bin" "$tmp/payload.bin" > "$tmp/bzImage"
+    cp "$tmp/pvh.elf" out/testkernel-pvh.elf
+    cp "$tmp/mb.elf" out/testkernel-mb.elf
+    cp "$tmp/bzImage" out/testkernel.bzImage
+    rm -rf "$tmp"
+}
+build_testkernel

@@ -13,6 +13,7 @@ pub mod irq;
 pub mod legacy;
 pub mod pci;
 pub mod system;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
 pub use irq::IrqLine;

@@ -104,6 +104,8 @@ pub struct MachineConfig {
     pub blockdevs: Vec<String>,
     /// `-device` options, in order.
     pub devices: Vec<DeviceConfig>,
+    /// `-object iothread,id=` ids: one event loop thread each.
+    pub iothreads: Vec<String>,
     /// `-kernel`, `-initrd` and `-append`: direct kernel boot.
     pub kernel: Option<KernelConfig>,
     /// Whether `-bios` was given explicitly (it selects the firmware route
@@ -146,6 +148,7 @@ impl Default for MachineConfig {
             drives: Vec::new(),
             blockdevs: Vec::new(),
             devices: Vec::new(),
+            iothreads: Vec::new(),
             kernel: None,
             bios_explicit: false,
             smbios: Vec::new(),

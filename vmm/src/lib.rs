@@ -6,10 +6,12 @@ pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod harness;
 pub mod kvm;
 pub mod memory;
 pub mod mptable;
 pub mod pc;
+pub mod pc_virtio;
 pub mod qtest;
 pub mod storage;
 pub mod vcpu;
@@ -105,7 +107,10 @@ impl Consoles {
         events: &EventSender,
         clock: Arc<dyn devices::clock::Clock>,
     ) -> pc::Host {
+        let (msi, ioevents) = pc::Host::default_msi_io();
         pc::Host {
+            msi,
+            ioevents,
             irq,
             system: Arc::new(events.clone()),
             clock,
@@ -209,11 +214,13 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
     let storage = storage::Storage::open(&cfg)?;
     loop {
         let vm = kvm::create_vm(&kvm)?;
-        let host = consoles.host(
+        let mut host = consoles.host(
             Arc::new(kvm::KvmIrqChip(vm.clone())),
             &events,
             Arc::new(HostClock::new()),
         );
+        host.msi = Some(Arc::new(kvm::KvmMsi(vm.clone())));
+        host.ioevents = Arc::new(kvm::KvmIoEvents(vm.clone()));
         let pc = Arc::new(pc::build(&cfg, host, &storage)?);
         consoles.attach(&pc);
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;

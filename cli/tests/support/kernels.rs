@@ -9,9 +9,9 @@ use std::sync::OnceLock;
 pub fn dir() -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+        let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../images");
         let out = Command::new("sh")
-            .arg(&script)
+            .arg(images.join("build.sh"))
             .output()
             .expect("run images/build.sh");
         assert!(
@@ -19,7 +19,7 @@ pub fn dir() -> PathBuf {
             "images/build.sh failed (needs gcc and binutils):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        images.join("out")
     })
     .clone()
 }
