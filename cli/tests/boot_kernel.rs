@@ -252,3 +252,15 @@ fn initrd_that_does_not_fit() {
     ]);
     assert!(e.contains("-initrd /nonexistent/rd: No such file"), "{e}");
 }
+
+#[test]
+fn unimplemented_routes_say_so() {
+    let k = kernels::path("testkernel-pvh.elf");
+    let e = fails(&["-kernel", &k, "-bios", "/usr/share/seabios/bios-256k.bin"]);
+    assert!(e.contains("not implemented yet"), "{e}");
+    let e = fails(&["-smbios", "type=1,serial=ABC"]);
+    assert!(
+        e.contains("-smbios: SMBIOS tables are not implemented yet"),
+        "{e}"
+    );
+}
