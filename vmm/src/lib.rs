@@ -2,11 +2,14 @@
 //! dispatch, and the qtest accelerator that drives the same machine without
 //! a CPU.
 
+pub mod acpi;
+pub mod boot;
 pub mod config;
 pub mod console;
 pub mod harness;
 pub mod kvm;
 pub mod memory;
+pub mod mptable;
 pub mod pc;
 pub mod pc_virtio;
 pub mod qtest;
@@ -151,6 +154,16 @@ pub fn validate(cfg: &MachineConfig) -> Result<(), VmmError> {
             host >> 20
         )));
     }
+    if !cfg.smbios.is_empty() {
+        return Err(VmmError::Config(
+            "-smbios: SMBIOS tables are not implemented yet".into(),
+        ));
+    }
+    if cfg.kernel.is_some() && !boot::is_direct(cfg) {
+        return Err(VmmError::Config(
+            "-kernel with -bios or -boot menu=on (booting the kernel through firmware) is not implemented yet; drop -bios to boot it directly".into(),
+        ));
+    }
     if cfg.cpus == 0 {
         return Err(VmmError::Config(
             "-smp 0: a machine needs at least one CPU".into(),
@@ -223,6 +236,9 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;
         kvm::map_memory(&vm, &pc.rom, next, kvm::supports_readonly_mem(&vm))?;
         let vcpus = vcpu::create(&kvm, &vm, cfg.cpus)?;
+        if let (Some(entry), Some(v0)) = (&pc.boot_entry, vcpus.first()) {
+            vcpu::set_boot_state(v0, entry)?;
+        }
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         if !cfg.paused {

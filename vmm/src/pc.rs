@@ -38,6 +38,7 @@ use devices::system::SystemControl;
 use devices::virtio::{IoEventRegistrar, NoIoEvents};
 use devices::GuestMem;
 
+use crate::boot::{self, EntryState};
 use crate::config::{DeviceConfig, MachineConfig};
 use crate::memory::{self, Layout};
 use crate::pc_virtio::IoThreads;
@@ -91,6 +92,9 @@ pub struct Pc {
     pub uarts: Vec<Arc<Mutex<Uart>>>,
     pub cmos: Arc<Mutex<Cmos>>,
     pub fw_cfg: Arc<Mutex<FwCfg>>,
+    /// Where vCPU 0 starts on the direct-boot path (`None`: at the reset
+    /// vector, in firmware).
+    pub boot_entry: Option<EntryState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +103,8 @@ pub enum MachineError {
     Memory(#[from] memory::MemoryError),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
 }
 
 fn shared<T: devices::BusDevice + 'static>(d: T) -> Arc<Mutex<T>> {
@@ -119,7 +125,12 @@ fn add_io(
 pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, MachineError> {
     let layout = Layout::new(cfg.mem_size);
     let ram = memory::allocate_ram(&layout)?;
-    let rom = memory::load_bios(&cfg.bios, &ram)?;
+    // Direct kernel boot runs no firmware: a page of `hlt` stands in.
+    let rom = if boot::is_direct(cfg) {
+        memory::halt_rom()?
+    } else {
+        memory::load_bios(&cfg.bios, &ram)?
+    };
     build_with(cfg, host, storage, layout, ram, rom)
 }
 
@@ -132,6 +143,7 @@ pub fn build_with(
     ram: GuestMem,
     rom: GuestMem,
 ) -> Result<Pc, MachineError> {
+    let direct = boot::is_direct(cfg);
     let mut io = Bus::new();
     let mut mmio = Bus::new();
 
@@ -141,13 +153,18 @@ pub fn build_with(
     pci.add(0, 0, Arc::new(Mutex::new(I440fx::new())))
         .map_err(err)?;
     let pirq = PirqRouter::new(host.irq.clone());
-    pci.add(1, 0, Arc::new(Mutex::new(Piix3::with_router(pirq.clone()))))
-        .map_err(err)?;
-    let pm = Piix4Pm::new(
+    let mut piix3 = Piix3::with_router(pirq.clone());
+    let mut pm = Piix4Pm::new(
         host.clock.clone(),
         host.irq.line(SCI_IRQ),
         host.system.clone(),
     );
+    if direct {
+        // No firmware will program the chipset: do what SeaBIOS does, so
+        // that the ACPI and MP tables describe the machine as it is.
+        boot::init_chipset(&mut piix3, &mut pm);
+    }
+    pci.add(1, 0, Arc::new(Mutex::new(piix3))).map_err(err)?;
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     add_io(
@@ -245,6 +262,13 @@ pub fn build_with(
     {
         let mut f = fw_cfg.lock().unwrap();
         fill_fw_cfg(&mut f, cfg, &layout, &boot_order);
+        if !direct {
+            // Firmware installs Strata's ACPI tables through the loader.
+            let t = crate::acpi::build(&crate::acpi::AcpiConfig::new(cfg, &layout));
+            f.add_file(crate::acpi::RSDP_FILE, t.rsdp.clone());
+            f.add_file(crate::acpi::TABLES_FILE, t.tables.clone());
+            f.add_file(crate::acpi::LOADER_FILE, t.loader());
+        }
     }
     add_io(
         &mut io,
@@ -254,6 +278,11 @@ pub fn build_with(
         "fw_cfg",
     )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
+    let boot_entry = if direct {
+        Some(boot::setup(cfg, &ram, &layout)?)
+    } else {
+        None
+    };
 
     Ok(Pc {
         io,
@@ -265,6 +294,7 @@ pub fn build_with(
         uarts,
         cmos,
         fw_cfg,
+        boot_entry,
     })
 }
 
