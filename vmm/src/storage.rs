@@ -69,7 +69,7 @@ impl Storage {
             let backend = d
                 .open(&graph)
                 .map_err(|e| VmmError::Config(format!("-drive {}: {e}", d.id)))?;
-            drives.insert(d.id.clone(), backend);
+            drives.insert(d.id.clone(), Some(backend));
             if let Some(dev) = d.device.as_ref().and_then(|p| device_for(&d.id, p)) {
                 devices.push(dev);
             }
@@ -87,7 +87,8 @@ impl Storage {
 
     /// The backend a device's `drive=` names: a `-drive` id, or a
     /// `-blockdev` node-name (which gets an anonymous backend, as in QEMU).
-    /// `Ok(None)` is a drive without medium.
+    /// `Ok(None)` means the device names no drive; a drive without medium
+    /// is an empty backend (`is_inserted()` is false).
     pub fn backend(&self, dev: &DeviceConfig) -> Result<Option<Arc<BlockBackend>>, VmmError> {
         let Some(name) = dev.prop("drive") else {
             return Ok(None);
