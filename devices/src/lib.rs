@@ -11,7 +11,9 @@ pub mod chipset;
 pub mod clock;
 pub mod irq;
 pub mod legacy;
+pub mod ide;
 pub mod pci;
+pub mod scsi;
 pub mod system;
 
 pub use bus::{Bus, BusDevice};
