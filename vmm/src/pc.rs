@@ -4,6 +4,7 @@
 //! |---|---|
 //! | 00:00.0 | i440FX host bridge (8086:1237) |
 //! | 00:01.0 | PIIX3 ISA bridge (8086:7000) |
+//! | 00:01.1 | PIIX3 IDE (8086:7010), legacy ports 0x1f0/0x3f6 (IRQ 14) and 0x170/0x376 (IRQ 15) |
 //! | 00:01.3 | PIIX4 PM (8086:7113), PMBASE set by firmware, SCI on IRQ 9 |
 //! | 0x70-0x71 | RTC/CMOS, IRQ 8 |
 //! | 0x60, 0x64 | i8042, IRQ 1 and 12 |
@@ -102,6 +103,7 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
         .map_err(err)?;
     pci.add(1, 0, Arc::new(Mutex::new(Piix3::new())))
         .map_err(err)?;
+    let ide = crate::pc_ide::create(&mut io, &pci, &ram, host.irq.as_ref())?;
     let pm = Piix4Pm::new(
         host.clock.clone(),
         host.irq.line(SCI_IRQ),
@@ -185,6 +187,7 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
         irq: host.irq.as_ref(),
         boot_order: &mut boot_order,
         cmos: &cmos,
+        ide: &ide,
         used_drives: Vec::new(),
     };
     for dev in &storage.devices {
@@ -203,6 +206,7 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
         "fw_cfg",
     )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
+    crate::pc_ide::fill_cmos(&ide, &mut cmos.lock().unwrap());
 
     Ok(Pc {
         io,
@@ -226,6 +230,8 @@ pub struct AttachCtx<'a> {
     pub irq: &'a dyn IrqChip,
     pub boot_order: &'a mut BootOrder,
     pub cmos: &'a Arc<Mutex<Cmos>>,
+    /// The PIIX3 IDE function at 00:01.1.
+    pub ide: &'a Arc<Mutex<devices::ide::PiixIde>>,
     /// Drives already attached to a device: a drive serves one device.
     pub used_drives: Vec<String>,
 }
@@ -255,13 +261,9 @@ impl AttachCtx<'_> {
 
 /// Creates one `-device` (or `-drive`'s device) on the machine. Each device
 /// family adds its arm here and keeps its wiring in a module of its own.
-#[allow(clippy::match_single_binding)] // until the first family lands
-fn attach(
-    _ctx: &mut AttachCtx,
-    dev: &DeviceConfig,
-    _storage: &Storage,
-) -> Result<(), MachineError> {
+fn attach(ctx: &mut AttachCtx, dev: &DeviceConfig, storage: &Storage) -> Result<(), MachineError> {
     match dev.driver.as_str() {
+        "ide-hd" | "ide-cd" => crate::pc_ide::attach(ctx, dev, storage),
         other => Err(MachineError::Config(format!(
             "-device {other}: unsupported device on the pc machine"
         ))),
