@@ -13,15 +13,29 @@
  *  4. prints "STRATA-BOOT-OK" (or "STRATA-BOOT-FAIL <stage>") on COM1
  *     (port 3F8h) and halts.
  *
+ * Assembled with --defsym CD=1 it is the boot image of an El Torito
+ * "no emulation" CD instead: 2048-byte sectors, data from LBA 21, and the
+ * marker "STRATA-CD-OK", so that boot-order tests can tell which device
+ * booted without waiting for a full boot loader.
+ *
  * Real mode, 16-bit code; built with GNU as and ld (see build.sh).
  */
         .code16
         .text
         .globl _start
 
+        .ifdef CD
+        .equ SECTOR, 2048
+        .equ DATA_LBA, 21
+        .equ DATA_SECTORS, 64
+        .equ CHUNK, 16
+        .else
+        .equ SECTOR, 512
+        .equ DATA_LBA, 1
         .equ DATA_SECTORS, 256
         .equ CHUNK, 64
-        .equ DWORDS, DATA_SECTORS * 128
+        .endif
+        .equ DWORDS, DATA_SECTORS * SECTOR / 4
         .equ COM1, 0x3f8
 
 _start:
@@ -61,7 +75,7 @@ read_loop:
         movw    $0x2000, %ax
         movw    %ax, %ds
         xorw    %bx, %bx
-        movw    $CHUNK * 128, %cx
+        movw    $CHUNK * SECTOR / 4, %cx
 check:
         movl    (%bx), %eax
         cmpl    %eax, %edi
@@ -73,7 +87,7 @@ check:
         popw    %ds
 
         addl    $CHUNK, dap_lba
-        cmpl    $DATA_SECTORS + 1, dap_lba
+        cmpl    $DATA_SECTORS + DATA_LBA, dap_lba
         jb      read_loop_r
 
         movb    $'S', stage
@@ -122,7 +136,11 @@ putc:
         outb    %al, %dx
         ret
 
+        .ifdef CD
+ok_msg:   .asciz "STRATA-CD-OK\r\n"
+        .else
 ok_msg:   .asciz "STRATA-BOOT-OK\r\n"
+        .endif
 fail_msg: .asciz "STRATA-BOOT-FAIL "
 crlf:     .asciz "\r\n"
 
@@ -132,7 +150,7 @@ dap:
         .word   CHUNK
         .word   0, 0x2000              /* offset, segment */
 dap_lba:
-        .long   1, 0
+        .long   DATA_LBA, 0
 drive:  .byte   0
 stage:  .byte   0
 
