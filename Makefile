@@ -31,3 +31,6 @@ test: lint
 
 bench-boot: build
 	bench/boot.sh
+
+images:
+	images/build.sh

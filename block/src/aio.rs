@@ -105,6 +105,13 @@ struct Inflight {
 
 const SHUTDOWN: u64 = u64::MAX;
 
+thread_local! {
+    /// The ring whose reaper runs on this thread (0: none). Requests pushed
+    /// from completion callbacks on the reaper are submitted in one batch by
+    /// the reaper's next `io_uring_enter`, without a syscall each.
+    static REAPER_OF: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 /// One io_uring instance with its reaper thread.
 pub struct Uring {
     ring: IoUring,
@@ -199,7 +206,9 @@ impl Uring {
             drop(sq);
             let _ = self.ring.submitter().submit();
         }
-        let _ = self.ring.submitter().submit();
+        if REAPER_OF.with(|r| r.get()) != self as *const Uring as usize {
+            let _ = self.ring.submitter().submit();
+        }
     }
 
     /// Stop the reaper once every in-flight request has completed.
@@ -208,6 +217,7 @@ impl Uring {
     }
 
     fn reap(self: Arc<Self>) {
+        REAPER_OF.with(|r| r.set(Arc::as_ptr(&self) as usize));
         let mut stopping = false;
         loop {
             if stopping {
@@ -346,5 +356,301 @@ mod tests {
         let mut got: Vec<i32> = (0..200).map(|_| rx.recv().unwrap()).collect();
         got.sort();
         assert_eq!(got, (0..200).collect::<Vec<_>>());
+    }
+}
+
+/// Linux native AIO (`io_submit(2)`, QEMU's `aio=native`): one context per
+/// `file` node and a reaper thread blocked in `io_getevents(2)`. Only
+/// meaningful with `O_DIRECT`, which the `file` driver enforces as QEMU does.
+pub struct LinuxAio {
+    ctx: libc::c_ulong,
+    /// iocbs queued by completion callbacks on the reaper thread, submitted
+    /// together with one `io_submit` (lets the kernel merge and plug).
+    batch: Mutex<Vec<Iocb>>,
+    slots: Mutex<(Vec<Option<Inflight>>, Vec<usize>)>,
+    fd: Arc<OwnedFd>,
+    stats: Arc<SyscallStats>,
+}
+
+/// `struct iocb` from `<linux/aio_abi.h>` (little-endian field order).
+#[repr(C)]
+#[derive(Default)]
+struct Iocb {
+    aio_data: u64,
+    aio_key: u32,
+    aio_rw_flags: i32,
+    aio_lio_opcode: u16,
+    aio_reqprio: i16,
+    aio_fildes: u32,
+    aio_buf: u64,
+    aio_nbytes: u64,
+    aio_offset: i64,
+    aio_reserved2: u64,
+    aio_flags: u32,
+    aio_resfd: u32,
+}
+
+/// `struct io_event`.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct IoEvent {
+    data: u64,
+    obj: u64,
+    res: i64,
+    res2: i64,
+}
+
+const IOCB_CMD_PREAD: u16 = 0;
+const IOCB_CMD_FDSYNC: u16 = 3;
+const IOCB_CMD_PREADV: u16 = 7;
+const IOCB_CMD_PWRITEV: u16 = 8;
+
+impl LinuxAio {
+    /// Create a context for `fd` and start its reaper.
+    pub fn new(fd: Arc<OwnedFd>, stats: Arc<SyscallStats>) -> std::io::Result<Arc<Self>> {
+        let mut ctx: libc::c_ulong = 0;
+        // SAFETY: io_setup writes the context id to the pointer we pass.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_setup,
+                256 as libc::c_long,
+                &mut ctx as *mut libc::c_ulong,
+            )
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let a = Arc::new(LinuxAio {
+            ctx,
+            batch: Mutex::new(Vec::new()),
+            slots: Mutex::new((Vec::new(), Vec::new())),
+            fd,
+            stats,
+        });
+        let r = a.clone();
+        std::thread::Builder::new()
+            .name("linux-aio-reaper".into())
+            .spawn(move || r.reap())?;
+        Ok(a)
+    }
+
+    fn io_submit(&self, iocb: &mut Iocb) -> Result<(), i32> {
+        let mut ptrs = [iocb as *mut Iocb];
+        loop {
+            // SAFETY: one valid iocb pointer; the buffers it names stay
+            // alive in `slots` until its completion is reaped.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_io_submit,
+                    self.ctx,
+                    1 as libc::c_long,
+                    ptrs.as_mut_ptr(),
+                )
+            };
+            if r == 1 {
+                return Ok(());
+            }
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if r < 0 && e == libc::EAGAIN {
+                std::thread::yield_now();
+                continue;
+            }
+            return Err(if r < 0 { e } else { libc::EIO });
+        }
+    }
+
+    /// Submit a read, write or flush.
+    pub fn submit(&self, req: IoRequest, done: Completion) {
+        let mut iocb = Iocb {
+            aio_fildes: self.fd.as_raw_fd() as u32,
+            aio_buf: req.iov.as_raw().as_ptr() as u64,
+            aio_nbytes: req.iov.as_raw().len() as u64,
+            aio_offset: req.offset as i64,
+            ..Default::default()
+        };
+        match req.op {
+            IoOp::Read => iocb.aio_lio_opcode = IOCB_CMD_PREADV,
+            IoOp::Write => {
+                iocb.aio_lio_opcode = IOCB_CMD_PWRITEV;
+                if req.fua {
+                    iocb.aio_rw_flags = libc::RWF_DSYNC;
+                    self.stats.dsync_writes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            _ => {
+                iocb.aio_lio_opcode = IOCB_CMD_FDSYNC;
+                iocb.aio_buf = 0;
+                iocb.aio_nbytes = 0;
+                self.stats.fdatasync.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let idx = {
+            let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = Some(Inflight { req, done });
+            match s.1.pop() {
+                Some(i) => {
+                    s.0[i] = slot;
+                    i
+                }
+                None => {
+                    s.0.push(slot);
+                    s.0.len() - 1
+                }
+            }
+        };
+        iocb.aio_data = idx as u64;
+        if iocb.aio_lio_opcode != IOCB_CMD_FDSYNC {
+            self.stats.uring_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        if REAPER_OF.with(|r| r.get()) == self as *const LinuxAio as usize {
+            self.batch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(iocb);
+            return;
+        }
+        if let Err(e) = self.io_submit(&mut iocb) {
+            let inf = {
+                let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                s.1.push(idx);
+                s.0[idx].take()
+            };
+            if let Some(Inflight { req, done }) = inf {
+                done(req, Err(BlockError::io(e, "io_submit")));
+            }
+        }
+    }
+
+    /// Submit the iocbs queued by callbacks, in one system call when possible.
+    fn flush_batch(&self) {
+        let mut batch = std::mem::take(&mut *self.batch.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut start = 0;
+        while start < batch.len() {
+            let mut ptrs: Vec<*mut Iocb> =
+                batch[start..].iter_mut().map(|c| c as *mut Iocb).collect();
+            // SAFETY: valid iocb pointers; their buffers stay alive in
+            // `slots` until the completions are reaped.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_io_submit,
+                    self.ctx,
+                    ptrs.len() as libc::c_long,
+                    ptrs.as_mut_ptr(),
+                )
+            };
+            if r > 0 {
+                start += r as usize;
+                continue;
+            }
+            let e = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if r < 0 && e == libc::EAGAIN {
+                std::thread::yield_now();
+                continue;
+            }
+            // Fail the first iocb and go on with the rest.
+            let idx = batch[start].aio_data as usize;
+            let inf = {
+                let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                let inf = s.0.get_mut(idx).and_then(|x| x.take());
+                if inf.is_some() {
+                    s.1.push(idx);
+                }
+                inf
+            };
+            if let Some(Inflight { req, done }) = inf {
+                done(
+                    req,
+                    Err(BlockError::io(
+                        if r < 0 { e } else { libc::EIO },
+                        "io_submit",
+                    )),
+                );
+            }
+            start += 1;
+        }
+    }
+
+    /// Stop the reaper once in-flight requests have completed.
+    pub fn shutdown(&self) {
+        // A zero-length read completes at once and wakes the reaper.
+        let mut iocb = Iocb {
+            aio_data: SHUTDOWN,
+            aio_fildes: self.fd.as_raw_fd() as u32,
+            aio_lio_opcode: IOCB_CMD_PREAD,
+            ..Default::default()
+        };
+        let _ = self.io_submit(&mut iocb);
+    }
+
+    fn reap(self: Arc<Self>) {
+        REAPER_OF.with(|r| r.set(Arc::as_ptr(&self) as usize));
+        let mut events = [IoEvent::default(); 64];
+        let mut stopping = false;
+        loop {
+            if stopping {
+                let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                if s.0.iter().all(|x| x.is_none()) {
+                    break;
+                }
+            }
+            // SAFETY: `events` has room for 64 io_event records.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_io_getevents,
+                    self.ctx,
+                    1 as libc::c_long,
+                    events.len() as libc::c_long,
+                    events.as_mut_ptr(),
+                    std::ptr::null_mut::<libc::timespec>(),
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO);
+                if e == libc::EINTR {
+                    continue;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            }
+            for ev in &events[..n as usize] {
+                if ev.data == SHUTDOWN {
+                    stopping = true;
+                    continue;
+                }
+                let inf = {
+                    let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+                    let i = ev.data as usize;
+                    let inf = s.0.get_mut(i).and_then(|x| x.take());
+                    if inf.is_some() {
+                        s.1.push(i);
+                    }
+                    inf
+                };
+                if let Some(Inflight { mut req, done }) = inf {
+                    let res = ev.res;
+                    if res < 0 {
+                        done(req, Err(BlockError::io((-res) as i32, "linux-aio")));
+                        continue;
+                    }
+                    let got = res as usize;
+                    let want = req.iov.len();
+                    let r = match req.op {
+                        IoOp::Read if got < want => finish_short(&self.fd, &mut req, got, false),
+                        IoOp::Write if got < want => finish_short(&self.fd, &mut req, got, true),
+                        _ => Ok(()),
+                    };
+                    done(req, r);
+                }
+            }
+            self.flush_batch();
+        }
+        // SAFETY: the context is ours and no longer used.
+        unsafe { libc::syscall(libc::SYS_io_destroy, self.ctx) };
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! Asynchronous submission (for devices, off the vCPU thread):
 //! [`BlockBackend::submit`] takes an [`IoRequest`] (operation, offset and
-//! [`IoVecs`](crate::iov::IoVecs), which may point into guest memory) and a
+//! [`IoVecs`], which may point into guest memory) and a
 //! completion callback, called exactly once on an I/O thread with the request
 //! (buffers included) and its result. [`CompletionQueue`] turns callbacks
 //! into a queue plus an `eventfd`, for event loops.
@@ -24,7 +24,8 @@
 //! Policies applied here, in this order: read-only and range checks (errors
 //! returned directly, like QEMU's `-EIO`/`-EACCES` checks), the write cache
 //! (with WCE off every write and write-zeroes carries FUA: durable before it
-//! completes), I/O statistics per operation kind (ops, bytes, failures,
+//! completes), throttling (`throttling.*` leaky buckets, see
+//! [`crate::throttle`]), I/O statistics per operation kind (ops, bytes, failures,
 //! latency), and the error policy: `report` returns the error, `ignore`
 //! completes successfully, `stop` parks the request, calls the stop handler
 //! (the VM pauses) and retries it on [`BlockBackend::resume`], `enospc`
@@ -35,6 +36,7 @@ use crate::driver::{Completion, Extent, IoOp, IoRequest, Perms};
 use crate::error::{BlockError, BlockResult};
 use crate::iov::IoVecs;
 use crate::node::{Node, PermHandle};
+use crate::throttle::{Throttle, ThrottleConfig};
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -95,6 +97,10 @@ pub struct BackendConfig {
     /// `share-rw=off`) share consistent read and write-unchanged; tools such
     /// as `strata-img` share everything, as `qemu-img` does.
     pub shared: Perms,
+    /// I/O limits (`throttling.*`).
+    pub throttle: ThrottleConfig,
+    /// `throttling.group`: share the limits with other backends.
+    pub throttle_group: Option<String>,
 }
 
 impl Default for BackendConfig {
@@ -106,6 +112,8 @@ impl Default for BackendConfig {
             werror: ErrorAction::Enospc,
             resize: false,
             shared: Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED),
+            throttle: ThrottleConfig::default(),
+            throttle_group: None,
         }
     }
 }
@@ -189,6 +197,7 @@ pub struct BlockBackend {
     pause: Mutex<PauseState>,
     resumed: Condvar,
     stop_handler: Mutex<Option<StopHandler>>,
+    throttle: Option<Arc<Throttle>>,
 }
 
 impl std::fmt::Debug for BlockBackend {
@@ -224,6 +233,11 @@ impl BlockBackend {
             format!("block device '{id}'")
         };
         let handle = root.attach(&user, perm, shared)?;
+        let throttle = match &cfg.throttle_group {
+            Some(g) => Some(Throttle::group(g, cfg.throttle)),
+            None if cfg.throttle.enabled() => Some(Throttle::new(cfg.throttle)),
+            None => None,
+        };
         Ok(Arc::new(BlockBackend {
             id: id.to_string(),
             root,
@@ -236,7 +250,17 @@ impl BlockBackend {
             pause: Mutex::new(PauseState::default()),
             resumed: Condvar::new(),
             stop_handler: Mutex::new(None),
+            throttle,
         }))
+    }
+
+    /// Time a request must wait under the throttling limits (reserving it).
+    fn throttle_delay(&self, op: IoOp, bytes: u64) -> std::time::Duration {
+        match (&self.throttle, op) {
+            (Some(t), IoOp::Read) => t.reserve(false, bytes),
+            (Some(t), IoOp::Write | IoOp::WriteZeroes { .. }) => t.reserve(true, bytes),
+            _ => std::time::Duration::ZERO,
+        }
     }
 
     /// The backend id (`-drive id=`).
@@ -366,6 +390,10 @@ impl BlockBackend {
         mut f: impl FnMut() -> BlockResult<()>,
     ) -> BlockResult<()> {
         self.check(op, offset, bytes)?;
+        let delay = self.throttle_delay(op, bytes);
+        if !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
         loop {
             let start = Instant::now();
             let r = f();
@@ -459,6 +487,12 @@ impl BlockBackend {
         if matches!(req.op, IoOp::Write | IoOp::WriteZeroes { .. }) && !self.write_cache_enabled() {
             req.fua = true;
         }
+        let delay = self.throttle_delay(req.op, req.byte_len());
+        if !delay.is_zero() {
+            let me = self.clone();
+            crate::throttle::run_after(delay, Box::new(move || me.submit_checked(req, done)));
+            return;
+        }
         self.submit_checked(req, done);
     }
 
@@ -471,13 +505,25 @@ impl BlockBackend {
             req,
             Box::new(move |req, r| {
                 me.account(op, bytes, start, r.is_ok());
+                // The backend reference is dropped before `done` runs, so a
+                // caller that drops its last reference after the completion
+                // really releases the backend (and its image locks).
                 let e = match r {
-                    Ok(()) => return done(req, Ok(())),
+                    Ok(()) => {
+                        drop(me);
+                        return done(req, Ok(()));
+                    }
                     Err(e) => e,
                 };
                 match me.action_for(op, &e) {
-                    ErrorAction::Report | ErrorAction::Enospc => done(req, Err(e)),
-                    ErrorAction::Ignore => done(req, Ok(())),
+                    ErrorAction::Report | ErrorAction::Enospc => {
+                        drop(me);
+                        done(req, Err(e))
+                    }
+                    ErrorAction::Ignore => {
+                        drop(me);
+                        done(req, Ok(()))
+                    }
                     ErrorAction::Stop => {
                         {
                             let mut p = me.pause.lock().unwrap_or_else(|e| e.into_inner());

@@ -141,8 +141,8 @@ impl BlkdebugNode {
                 continue;
             }
             if r.sector >= 0 {
-                let s = r.sector as u64 * 512;
-                if !(s < offset + len.max(1) && offset < s + 512) {
+                let s = (r.sector as u64).saturating_mul(512);
+                if !(s < offset.saturating_add(len.max(1)) && offset < s.saturating_add(512)) {
                     continue;
                 }
             }

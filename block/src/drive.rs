@@ -10,7 +10,8 @@
 //! `readonly`/`read-only`, `discard`, `detect-zeroes`, `node-name` and any
 //! dotted driver key go to the node; `rerror`/`werror` to the backend;
 //! `if`, `bus`, `unit`, `index`, `media`, `serial`, `addr` to the device.
-//! `media=cdrom` implies read-only. A missing `id` is generated as QEMU does
+//! `media=cdrom` implies read-only; `copy-on-read=on` puts a `copy-on-read`
+//! filter on top. A missing `id` is generated as QEMU does
 //! (`ide0-hd0`, `ide1-cd0`, `virtio0`, `floppy0`, `none0`).
 
 use crate::backend::{BackendConfig, BlockBackend, ErrorAction};
@@ -121,6 +122,8 @@ pub struct DriveSpec {
     pub backend: BackendConfig,
     /// The device, unless `if=none`.
     pub device: Option<PendingDevice>,
+    /// `copy-on-read=on`: a `copy-on-read` filter goes on top of the node.
+    pub copy_on_read: bool,
 }
 
 /// Tracks drives already defined, to pick free units and ids.
@@ -256,6 +259,11 @@ impl DriveTable {
         let serial = o.take_str("serial")?;
         let addr = o.take_str("addr")?;
         let id = match o.take_str("id")? {
+            Some(id) if !crate::graph::valid_id(&id) => {
+                return Err(BlockError::Open(format!(
+                    "-drive: Parameter 'id' expects an identifier (letters, digits, '-', '.', '_', starting with a letter), got '{id}'"
+                )))
+            }
             Some(id) => id,
             None => {
                 let mediastr = match (interface, media) {
@@ -363,17 +371,13 @@ impl DriveTable {
                     .into(),
             ));
         }
-        if o.take_bool("copy-on-read")?.unwrap_or(false) {
-            return Err(BlockError::Unsupported(
-                "-drive: copy-on-read=on is not available yet".into(),
+        let copy_on_read = o.take_bool("copy-on-read")?.unwrap_or(false);
+        if copy_on_read && read_only {
+            return Err(BlockError::Open(
+                "-drive: Can't use copy-on-read on read-only device".into(),
             ));
         }
-        if let Some(t) = o.take_value("throttling") {
-            let _ = t;
-            return Err(BlockError::Unsupported(
-                "-drive: throttling.* is not available yet".into(),
-            ));
-        }
+        parse_throttling(&mut o, &mut backend)?;
         let _ = o.take_str("boot")?;
         let aio = o.take_str("aio")?;
         let file = o.take_value("file");
@@ -384,6 +388,13 @@ impl DriveTable {
         match file {
             None => {}
             Some(Value::Str(f)) if f.is_empty() => {}
+            Some(Value::Str(f)) if f.starts_with("json:") => {
+                // QEMU's `json:{...}` pseudo-protocol describes the node tree.
+                let tree = crate::keyval::parse_json("-drive", &f["json:".len()..])?;
+                for (k, v) in tree {
+                    node.entry(k).or_insert(v);
+                }
+            }
             Some(Value::Str(f)) => {
                 let mut fm = match rest_map.get("file") {
                     Some(Value::Map(m)) => m.clone(),
@@ -474,8 +485,78 @@ impl DriveTable {
             probe: format.is_none(),
             backend,
             device,
+            copy_on_read,
         })
     }
+}
+
+/// `throttling.*` (and QEMU's legacy spellings `iops`, `bps_rd`, ...).
+fn parse_throttling(o: &mut Options, backend: &mut BackendConfig) -> BlockResult<()> {
+    use crate::throttle::Limit;
+    let mut t = o.take_object("throttling")?.unwrap_or_default();
+    let mut get = |new: &str, legacy: &str, o: &mut Options| -> BlockResult<u64> {
+        let a = t.take_u64(new)?;
+        let b = o.take_u64(legacy)?;
+        Ok(a.or(b).unwrap_or(0))
+    };
+    let names = ["total", "read", "write"];
+    let legacy = ["", "_rd", "_wr"];
+    let mut cfg = crate::throttle::ThrottleConfig::default();
+    for (kind, arr) in [("bps", 0), ("iops", 1)] {
+        for i in 0..3 {
+            let avg = get(
+                &format!("{kind}-{}", names[i]),
+                &format!("{kind}{}", legacy[i]),
+                o,
+            )?;
+            let max = get(
+                &format!("{kind}-{}-max", names[i]),
+                &format!("{kind}{}_max", legacy[i]),
+                o,
+            )?;
+            let len = get(
+                &format!("{kind}-{}-max-length", names[i]),
+                &format!("{kind}{}_max_length", legacy[i]),
+                o,
+            )?;
+            if max > 0 && avg == 0 {
+                return Err(BlockError::Open(format!(
+                    "-drive: {kind}-{}-max requires {kind}-{}",
+                    names[i], names[i]
+                )));
+            }
+            if max > 0 && max < avg {
+                return Err(BlockError::Open(format!(
+                    "-drive: {kind}-{}-max must be at least {kind}-{}",
+                    names[i], names[i]
+                )));
+            }
+            let l = Limit {
+                avg,
+                max,
+                max_length: if len == 0 { 1 } else { len },
+            };
+            if arr == 0 {
+                cfg.bps[i] = l;
+            } else {
+                cfg.iops[i] = l;
+            }
+        }
+    }
+    for (kind, lims) in [("bps", cfg.bps), ("iops", cfg.iops)] {
+        if lims[0].avg > 0 && (lims[1].avg > 0 || lims[2].avg > 0) {
+            return Err(BlockError::Open(format!(
+                "-drive: {kind}-total and {kind}-read/{kind}-write cannot be used at the same time"
+            )));
+        }
+    }
+    cfg.iops_size = get("iops-size", "iops_size", o)?;
+    let group = t.take_str("group")?;
+    let legacy_group = o.take_str("group")?;
+    t.finish()?;
+    backend.throttle = cfg;
+    backend.throttle_group = group.or(legacy_group);
+    Ok(())
 }
 
 impl DriveSpec {
@@ -484,7 +565,13 @@ impl DriveSpec {
         let Some(map) = &self.node else {
             return Ok(None);
         };
-        let node = graph.open_options(Options::new("-drive", map.clone()), None, self.probe)?;
+        let mut node = graph.open_options(Options::new("-drive", map.clone()), None, self.probe)?;
+        if self.copy_on_read {
+            let mut cor = Map::new();
+            cor.insert("driver".into(), Value::Str("copy-on-read".into()));
+            cor.insert("file".into(), Value::Str(node.name().to_string()));
+            node = graph.open_options(Options::new("-drive", cor), None, false)?;
+        }
         BlockBackend::new(&self.id, node, self.backend.clone()).map(Some)
     }
 }

@@ -83,6 +83,10 @@ pub struct Extent {
     pub zero: bool,
     /// Host offset in the protocol file, when known.
     pub offset: Option<u64>,
+    /// The data (or zeroes) is stored in this node's own layer, not served
+    /// from a backing file (QEMU's `BDRV_BLOCK_ALLOCATED`). Always true for
+    /// protocols and raw.
+    pub allocated: bool,
 }
 
 /// The operation of a request.
@@ -214,6 +218,7 @@ pub trait BlockDriver: Send + Sync + 'static {
             data: true,
             zero: false,
             offset: None,
+            allocated: true,
         })
     }
     /// Change the length.
@@ -233,6 +238,7 @@ pub trait BlockDriver: Send + Sync + 'static {
         aio::pool().spawn(Box::new(move || {
             let mut req = req;
             let r = execute(&*self, &mut req);
+            drop(self);
             done(req, r);
         }));
     }

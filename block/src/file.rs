@@ -14,7 +14,7 @@
 //!   QEMU's, so Strata and QEMU see each other's locks.
 //! * `aio=threads|io_uring` (`native` is refused with a clear error).
 
-use crate::aio::{SyscallStats, Uring};
+use crate::aio::{LinuxAio, SyscallStats, Uring};
 use crate::driver::{check_range, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
 use crate::error::{BlockError, BlockResult};
 use crate::iov::{self, AlignedBuf};
@@ -39,7 +39,7 @@ const LOCK_SHARED_BASE: i64 = 200;
 pub enum Aio {
     /// Blocking syscalls on the worker pool.
     Threads,
-    /// Linux native AIO (not available in this build).
+    /// Linux native AIO (needs `cache.direct=on`).
     Native,
     /// io_uring.
     IoUring,
@@ -117,6 +117,7 @@ pub struct FileNode {
     physical_block: u64,
     aio: Aio,
     uring: Option<Arc<Uring>>,
+    native: Option<Arc<LinuxAio>>,
     stats: Arc<SyscallStats>,
     rmw_lock: Mutex<()>,
     locked: Mutex<(Perms, Perms)>,
@@ -152,11 +153,6 @@ impl FileNode {
                 return Err(BlockError::Open(
                     "aio=native was specified, but it requires cache.direct=on, which was not specified.".into(),
                 ))
-            }
-            Some(Aio::Native) => {
-                return Err(BlockError::Unsupported(format!(
-                    "'{name}': aio=native (Linux AIO) is not available in this build; use aio=io_uring or aio=threads"
-                )))
             }
             Some(a) => Some(a),
             None => None,
@@ -221,6 +217,7 @@ impl FileNode {
         let (align, physical_block) = probe_alignment(&fd, is_blockdev, opts.direct);
         let stats = Arc::new(SyscallStats::default());
         let fd = Arc::new(fd);
+        let mut native = None;
         let (aio, uring) = match aio {
             Some(Aio::IoUring) => match Uring::new(fd.clone(), stats.clone()) {
                 Ok(u) => (Aio::IoUring, Some(u)),
@@ -230,7 +227,18 @@ impl FileNode {
                     )))
                 }
             },
-            Some(_) => (Aio::Threads, None),
+            Some(Aio::Native) => match LinuxAio::new(fd.clone(), stats.clone()) {
+                Ok(a) => {
+                    native = Some(a);
+                    (Aio::Native, None)
+                }
+                Err(e) => {
+                    return Err(BlockError::Unsupported(format!(
+                        "'{name}': aio=native (Linux AIO) is not available on this host: {e}"
+                    )))
+                }
+            },
+            Some(Aio::Threads) => (Aio::Threads, None),
             None => match Uring::new(fd.clone(), stats.clone()) {
                 Ok(u) => (Aio::IoUring, Some(u)),
                 Err(_) => (Aio::Threads, None),
@@ -249,6 +257,7 @@ impl FileNode {
             physical_block,
             aio,
             uring,
+            native,
             stats,
             rmw_lock: Mutex::new(()),
             locked: Mutex::new((Perms::NONE, Perms::ALL)),
@@ -469,8 +478,25 @@ impl FileNode {
 
 impl Drop for FileNode {
     fn drop(&mut self) {
+        // Release the lock bytes now: the engine threads may keep the
+        // descriptor open a little longer, until their last completion.
+        if self.use_lock {
+            for off in [LOCK_PERM_BASE, LOCK_SHARED_BASE] {
+                // SAFETY: a zeroed flock is a valid initial value.
+                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                fl.l_type = libc::F_UNLCK as i16;
+                fl.l_whence = libc::SEEK_SET as i16;
+                fl.l_start = off;
+                fl.l_len = 4;
+                // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct.
+                unsafe { libc::fcntl(self.fd.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+            }
+        }
         if let Some(u) = &self.uring {
             u.shutdown();
+        }
+        if let Some(a) = &self.native {
+            a.shutdown();
         }
     }
 }
@@ -524,7 +550,14 @@ impl BlockDriver for FileNode {
         }
     }
     fn len(&self) -> u64 {
-        self.size.load(Ordering::Relaxed)
+        // QEMU reports lengths in whole 512-byte sectors; the tail past EOF
+        // reads as zeroes.
+        let s = self.size.load(Ordering::Relaxed);
+        if self.is_blockdev {
+            s
+        } else {
+            s.div_ceil(512) * 512
+        }
     }
     fn limits(&self) -> Limits {
         Limits {
@@ -681,13 +714,24 @@ impl BlockDriver for FileNode {
     }
 
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        let size = self.len();
-        if offset >= size || self.is_blockdev || self.opts.host_device {
+        if self.is_blockdev || self.opts.host_device {
             return Ok(Extent {
                 len,
                 data: true,
                 zero: false,
                 offset: Some(offset),
+                allocated: true,
+            });
+        }
+        let size = self.size.load(Ordering::Relaxed);
+        if offset >= size {
+            // The sector-rounding tail past EOF.
+            return Ok(Extent {
+                len,
+                data: false,
+                zero: true,
+                offset: Some(offset),
+                allocated: true,
             });
         }
         let len = len.min(size - offset);
@@ -702,6 +746,7 @@ impl BlockDriver for FileNode {
                     data: false,
                     zero: true,
                     offset: Some(offset),
+                    allocated: true,
                 });
             }
             return Ok(Extent {
@@ -709,6 +754,7 @@ impl BlockDriver for FileNode {
                 data: true,
                 zero: false,
                 offset: Some(offset),
+                allocated: true,
             });
         }
         let data = data as u64;
@@ -718,6 +764,7 @@ impl BlockDriver for FileNode {
                 data: false,
                 zero: true,
                 offset: Some(offset),
+                allocated: true,
             });
         }
         // SAFETY: as above.
@@ -728,6 +775,7 @@ impl BlockDriver for FileNode {
             data: true,
             zero: false,
             offset: Some(offset),
+            allocated: true,
         })
     }
 
@@ -830,7 +878,7 @@ impl BlockDriver for FileNode {
     }
 
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
-        if let Some(u) = &self.uring {
+        if self.uring.is_some() || self.native.is_some() {
             let ok = match req.op {
                 IoOp::Read | IoOp::Write => {
                     !self.needs_bounce(
@@ -844,15 +892,23 @@ impl BlockDriver for FileNode {
                 IoOp::Flush => true,
                 _ => false,
             };
-            let in_file = req.op != IoOp::Write || req.offset + req.iov.len() as u64 <= self.len();
+            let in_file = req.op != IoOp::Write
+                || req.offset + req.iov.len() as u64 <= self.size.load(Ordering::Relaxed);
             if ok && in_file {
-                u.submit(req, done);
-                return;
+                if let Some(u) = &self.uring {
+                    u.submit(req, done);
+                    return;
+                }
+                if let Some(a) = &self.native {
+                    a.submit(req, done);
+                    return;
+                }
             }
         }
         crate::aio::pool().spawn(Box::new(move || {
             let mut req = req;
             let r = crate::driver::execute(&*self, &mut req);
+            drop(self);
             done(req, r);
         }));
     }

@@ -11,7 +11,7 @@
 //! and discard options of its parent unless it sets them itself.
 //!
 //! Driver registry: built-in drivers are `file`, `host_device`, `null-co`,
-//! `null-aio`, `raw` and `blkdebug`. Image formats from the `formats` crate
+//! `null-aio`, `raw`, `blkdebug`, `throttle` and `copy-on-read`. Image formats from the `formats` crate
 //! register their constructors with [`BlockGraph::register_driver`] (the
 //! `formats` crate stays free of block-layer types; the glue lives here).
 
@@ -207,13 +207,17 @@ fn is_protocol(driver: &str) -> bool {
     )
 }
 
-/// QEMU's node-name rule: a letter first, then letters, digits, `-`, `.`, `_`;
-/// at most 31 characters.
-pub fn valid_node_name(name: &str) -> bool {
+/// QEMU's identifier rule (`id_wellformed`): a letter first, then letters,
+/// digits, `-`, `.`, `_`.
+pub fn valid_id(name: &str) -> bool {
     let mut c = name.chars();
     matches!(c.next(), Some(f) if f.is_ascii_alphabetic())
         && c.all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '.' | '_'))
-        && name.len() <= 31
+}
+
+/// QEMU's node-name rule: an identifier of at most 31 characters.
+pub fn valid_node_name(name: &str) -> bool {
+    valid_id(name) && name.len() <= 31
 }
 
 impl BlockGraph {
@@ -232,6 +236,8 @@ impl BlockGraph {
         g.register_driver("null-aio", |c| NullNode::open(c, true));
         g.register_driver("raw", RawNode::open);
         g.register_driver("blkdebug", BlkdebugNode::open);
+        g.register_driver("throttle", crate::filters::ThrottleFilter::open);
+        g.register_driver("copy-on-read", crate::filters::CopyOnRead::open);
         g
     }
 
@@ -451,6 +457,21 @@ impl BlockGraph {
         extra: &[(&str, &str)],
     ) -> BlockResult<Arc<Node>> {
         let mut map = Map::new();
+        if let Some(json) = filename.strip_prefix("json:") {
+            // QEMU's `json:{...}` pseudo-protocol: the whole node tree.
+            map = keyval::parse_json("json: filename", json)?;
+            if let Some(f) = format {
+                map.entry("driver".to_string())
+                    .or_insert_with(|| Value::Str(f.into()));
+            }
+            if read_only {
+                map.insert("read-only".into(), Value::Str("on".into()));
+            }
+            let extra_map = extra_options(extra)?;
+            merge(&mut map, extra_map);
+            let probe = !map.contains_key("driver");
+            return self.open_options(Options::new("json: filename", map), None, probe);
+        }
         let mut file = Map::new();
         let proto = match std::fs::metadata(filename) {
             Ok(m) if std::os::unix::fs::FileTypeExt::is_block_device(&m.file_type()) => {
@@ -467,16 +488,7 @@ impl BlockGraph {
         if read_only {
             map.insert("read-only".into(), Value::Str("on".into()));
         }
-        let mut parser_input = String::new();
-        for (k, v) in extra {
-            if !parser_input.is_empty() {
-                parser_input.push(',');
-            }
-            parser_input.push_str(k);
-            parser_input.push('=');
-            parser_input.push_str(&v.replace(',', ",,"));
-        }
-        let extra_map = keyval::parse("image options", &parser_input, None)?;
+        let extra_map = extra_options(extra)?;
         merge(&mut map, extra_map);
         self.open_options(Options::new("image options", map), None, format.is_none())
     }
@@ -506,6 +518,15 @@ impl BlockGraph {
                 .collect(),
         }
     }
+}
+
+/// `(dotted key, value)` pairs as a tree.
+fn extra_options(extra: &[(&str, &str)]) -> BlockResult<Map> {
+    let pairs = extra
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Ok(keyval::Parser::new("image options").build(pairs)?)
 }
 
 fn merge(dst: &mut Map, src: Map) {

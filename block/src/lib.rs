@@ -1,5 +1,46 @@
 //! The block layer: option grammar, node graph, protocols, cache modes and
-//! `BlockBackend`. See `DESIGN.md` for the architecture.
+//! `BlockBackend`. See `DESIGN.md` for the architecture; vocabulary and
+//! behaviour follow QEMU's block layer (`-drive`, `-blockdev`, `qemu-img`).
+//!
+//! Map of the crate:
+//! * [`keyval`]: QEMU's `key=value` grammar (used by every option), sizes,
+//!   booleans, the JSON form.
+//! * [`graph`]: [`graph::BlockGraph`] opens nodes from `-blockdev` options
+//!   (driver registry, node-names, children, backing, probing).
+//! * [`node`]: a node with its generic options and the permission model.
+//! * [`driver`]: the [`driver::BlockDriver`] trait and request types.
+//! * Drivers: [`mod@file`] (`file`, `host_device`, locking, O_DIRECT, engines),
+//!   [`null`], [`raw`], [`blkdebug`]. Engines: [`aio`] (pool, io_uring,
+//!   Linux AIO).
+//! * [`backend`]: [`backend::BlockBackend`], what devices attach to
+//!   (its module doc describes the device-facing API), and
+//!   [`backend::CompletionQueue`].
+//! * [`drive`]: `-drive` / `-hda` / `-cdrom` desugaring.
+//! * [`throttle`]: `throttling.*` leaky buckets.
+//!
+//! ```
+//! use block::backend::{BackendConfig, BlockBackend, CompletionQueue};
+//! use block::driver::IoRequest;
+//! use block::graph::BlockGraph;
+//! use block::iov::IoVecs;
+//!
+//! let graph = BlockGraph::new();
+//! let node = graph
+//!     .blockdev_add_str(r#"{"driver":"null-co","node-name":"n0","read-zeroes":true}"#)
+//!     .unwrap();
+//! let blk = BlockBackend::new("d0", node, BackendConfig::default()).unwrap();
+//! // Blocking calls.
+//! blk.write_at(0, &[1u8; 512]).unwrap();
+//! let mut buf = [0xffu8; 512];
+//! blk.read_at(0, &mut buf).unwrap();
+//! assert_eq!(buf, [0u8; 512]); // null-co with read-zeroes
+//! // Asynchronous calls with a completion queue (poll `q.eventfd()`).
+//! let q = CompletionQueue::new().unwrap();
+//! blk.submit(IoRequest::read(4096, IoVecs::from_vec(vec![0; 4096])), q.completion(7));
+//! let done = q.wait();
+//! assert_eq!(done[0].0, 7);
+//! assert!(done[0].2.is_ok());
+//! ```
 
 pub mod aio;
 pub mod backend;
@@ -8,9 +49,11 @@ pub mod drive;
 pub mod driver;
 pub mod error;
 pub mod file;
+pub mod filters;
 pub mod graph;
 pub mod iov;
 pub mod keyval;
 pub mod node;
 pub mod null;
 pub mod raw;
+pub mod throttle;

@@ -69,7 +69,10 @@ pub struct NodeCommon {
 
 struct User {
     id: u64,
+    /// How errors name this user ("block device 'd0'", "node 'n1' as 'file'").
     name: String,
+    /// For parent nodes: "parent/role", so that updates replace the entry.
+    edge: Option<String>,
     perm: Perms,
     shared: Perms,
 }
@@ -305,7 +308,39 @@ impl Node {
         if perm.contains(Perms::WRITE) || perm.contains(Perms::RESIZE) {
             self.check_writable()?;
         }
-        for u in g.0.iter() {
+        self.check_conflicts(&g.0, None, perm, shared)?;
+        let id = g.1;
+        g.1 += 1;
+        g.0.push(User {
+            id,
+            name: user.to_string(),
+            edge: None,
+            perm,
+            shared,
+        });
+        let (p, s) = aggregate(&g.0);
+        if let Err(e) = self.apply(p, s) {
+            g.0.retain(|u| u.id != id);
+            let (p, s) = aggregate(&g.0);
+            let _ = self.apply(p, s);
+            return Err(e);
+        }
+        Ok(PermHandle { node: me, id })
+    }
+
+    /// Refuse `perm`/`shared` if another user (other than `edge`) does not
+    /// share what is needed, or uses what is not shared.
+    fn check_conflicts(
+        &self,
+        users: &[User],
+        edge: Option<&str>,
+        perm: Perms,
+        shared: Perms,
+    ) -> BlockResult<()> {
+        for u in users
+            .iter()
+            .filter(|u| edge.is_none() || u.edge.as_deref() != edge)
+        {
             for (i, pname) in perm.bits() {
                 if !u.shared.contains(Perms(1 << i)) {
                     return Err(BlockError::Permission(format!(
@@ -323,22 +358,7 @@ impl Node {
                 }
             }
         }
-        let id = g.1;
-        g.1 += 1;
-        g.0.push(User {
-            id,
-            name: user.to_string(),
-            perm,
-            shared,
-        });
-        let (p, s) = aggregate(&g.0);
-        if let Err(e) = self.apply(p, s) {
-            g.0.pop();
-            let (p, s) = aggregate(&g.0);
-            let _ = self.apply(p, s);
-            return Err(e);
-        }
-        Ok(PermHandle { node: me, id })
+        Ok(())
     }
 
     fn release(&self, id: u64) {
@@ -348,30 +368,64 @@ impl Node {
         let _ = self.apply(p, s);
     }
 
-    /// Apply aggregate perms to this node's driver and children.
+    /// Apply aggregate perms to this node's driver and, edge by edge, to its
+    /// children: a `file`-like child gets what this node's users need; a
+    /// `backing` child is only read and must not change under it.
     fn apply(&self, perm: Perms, shared: Perms) -> BlockResult<()> {
         self.driver.set_perms(perm, shared)?;
         for (role, child) in &self.children {
             let (cp, cs) = if role == "backing" {
-                // Backing files are read, never written through this chain.
                 let p = if perm.0 == 0 {
                     Perms::NONE
                 } else {
                     Perms::CONSISTENT_READ
                 };
-                (p, Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE))
+                let s = if perm.0 == 0 {
+                    Perms::ALL
+                } else {
+                    Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE)
+                };
+                (p, s)
             } else {
                 (perm, shared)
             };
-            child.apply_from_parent(cp, cs)?;
+            child.set_edge(&self.name, role, cp, cs)?;
         }
         Ok(())
     }
 
-    fn apply_from_parent(&self, perm: Perms, shared: Perms) -> BlockResult<()> {
-        let g = self.users.lock().unwrap_or_else(|e| e.into_inner());
+    /// Set what parent `parent` (through child role `role`) needs and shares.
+    fn set_edge(&self, parent: &str, role: &str, perm: Perms, shared: Perms) -> BlockResult<()> {
+        let edge = format!("{parent}/{role}");
+        let mut g = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if perm == Perms::NONE && shared == Perms::ALL {
+            g.0.retain(|u| u.edge.as_deref() != Some(edge.as_str()));
+        } else {
+            self.check_conflicts(&g.0, Some(&edge), perm, shared)?;
+            match g
+                .0
+                .iter_mut()
+                .find(|u| u.edge.as_deref() == Some(edge.as_str()))
+            {
+                Some(u) => {
+                    u.perm = perm;
+                    u.shared = shared;
+                }
+                None => {
+                    let id = g.1;
+                    g.1 += 1;
+                    g.0.push(User {
+                        id,
+                        name: format!("node '{parent}' as '{role}'"),
+                        edge: Some(edge),
+                        perm,
+                        shared,
+                    });
+                }
+            }
+        }
         let (p, s) = aggregate(&g.0);
-        self.apply(p.union(perm), Perms(s.0 & shared.0))
+        self.apply(p, s)
     }
 }
 

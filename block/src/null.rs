@@ -83,6 +83,7 @@ impl BlockDriver for NullNode {
             data: !self.read_zeroes,
             zero: self.read_zeroes,
             offset: None,
+            allocated: true,
         })
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
@@ -90,6 +91,7 @@ impl BlockDriver for NullNode {
             crate::aio::pool().spawn(Box::new(move || {
                 let mut req = req;
                 let r = crate::driver::execute(&*self, &mut req);
+                drop(self);
                 done(req, r);
             }));
         } else {

@@ -140,6 +140,7 @@ impl BlockDriver for RawNode {
                 data: false,
                 zero: true,
                 offset: None,
+                allocated: true,
             });
         }
         let mut e = self

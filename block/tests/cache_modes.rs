@@ -179,6 +179,25 @@ fn all_cache_modes_io_uring() {
 }
 
 #[test]
+fn direct_cache_modes_native_aio() {
+    // Linux AIO needs O_DIRECT, so only the direct modes.
+    for m in ["none", "directsync"] {
+        roundtrip(m, "native");
+    }
+    // And it refuses to run without it, with QEMU's message.
+    let dir = TempDir::new("native");
+    let img = dir.file("d.img", 1 << 20);
+    let e = parse_drive(&format!("file={img},format=raw,if=none,aio=native"))
+        .unwrap()
+        .open(&BlockGraph::new())
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "aio=native was specified, but it requires cache.direct=on, which was not specified."
+    );
+}
+
+#[test]
 fn runtime_wce_switch() {
     let dir = TempDir::new("wce");
     let img = dir.file("d.img", 1 << 20);
@@ -275,4 +294,45 @@ fn strace_sees_fdatasync_and_dsync() {
         "{log}"
     );
     assert!(log.lines().any(|l| l.contains("fdatasync(")), "{log}");
+}
+
+#[test]
+fn o_direct_on_a_file_whose_size_is_not_sector_aligned() {
+    for aio in ["threads", "io_uring", "native"] {
+        let dir = TempDir::new("odd");
+        let img = dir.path("odd.img");
+        std::fs::write(&img, pattern(1636, 9)).unwrap();
+        let g = BlockGraph::new();
+        let blk = parse_drive(&format!(
+            "file={img},format=raw,if=none,cache=none,aio={aio}"
+        ))
+        .unwrap()
+        .open(&g)
+        .unwrap()
+        .unwrap();
+        // Like QEMU, the length is rounded up to whole sectors.
+        assert_eq!(blk.len(), 2048);
+        let mut all = vec![0xffu8; 2048];
+        blk.read_at(0, &mut all).unwrap();
+        assert_eq!(&all[..1636], &pattern(1636, 9)[..], "{aio}");
+        assert!(
+            all[1636..].iter().all(|&b| b == 0),
+            "{aio}: tail reads zero"
+        );
+        // Async, aligned buffer: short read at EOF completes with zeroes.
+        let q = CompletionQueue::new().unwrap();
+        let mut buf = block::iov::AlignedBuf::new(2048, 4096);
+        // SAFETY: buf outlives the request (we wait below).
+        let iov = unsafe { IoVecs::from_raw(&[(buf.as_mut_ptr(), 2048)]) };
+        blk.submit(IoRequest::read(0, iov), q.completion(0));
+        q.wait()[0].2.as_ref().unwrap();
+        assert_eq!(&buf[..1636], &pattern(1636, 9)[..], "{aio}");
+        assert!(buf[1636..].iter().all(|&b| b == 0), "{aio}");
+        // An unaligned write across EOF grows the file only as asked.
+        blk.write_at(1630, &[0xab; 10]).unwrap();
+        drop(blk);
+        let raw = std::fs::read(&img).unwrap();
+        assert_eq!(raw.len(), 1640, "{aio}");
+        assert_eq!(&raw[1630..], &[0xab; 10]);
+    }
 }

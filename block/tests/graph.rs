@@ -148,6 +148,40 @@ fn permissions_between_users() {
 }
 
 #[test]
+fn permissions_propagate_along_edges() {
+    // Two raw nodes over one file node: writers on both conflict at the
+    // shared child, and the error names the parent edge.
+    let g = BlockGraph::new();
+    g.blockdev_add_str("driver=null-co,node-name=f0").unwrap();
+    let a = g
+        .blockdev_add_str("driver=raw,node-name=ra,file=f0")
+        .unwrap();
+    let b = g
+        .blockdev_add_str("driver=raw,node-name=rb,file=f0")
+        .unwrap();
+    let wa = BlockBackend::new("a", a.clone(), BackendConfig::default()).unwrap();
+    let e = BlockBackend::new("b", b.clone(), BackendConfig::default()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Conflicts with use by node 'ra' as 'file' which does not allow 'write' on f0"
+    );
+    // A user directly on the child is checked against the edge too.
+    let f0 = g.get("f0").unwrap();
+    assert!(BlockBackend::new("c", f0.clone(), BackendConfig::default()).is_err());
+    // Sharing users (tools) coexist.
+    let tool = BackendConfig {
+        shared: block::driver::Perms::ALL,
+        ..Default::default()
+    };
+    drop(wa);
+    let t1 = BlockBackend::new("t1", a, tool.clone()).unwrap();
+    let t2 = BlockBackend::new("t2", b.clone(), tool.clone()).unwrap();
+    drop((t1, t2));
+    // After release, the edge is gone and a writer on b works.
+    assert!(BlockBackend::new("b2", b, BackendConfig::default()).is_ok());
+}
+
+#[test]
 fn image_locking_between_open_files() {
     let dir = TempDir::new("lock");
     let img = dir.file("disk.img", 1 << 20);
@@ -480,4 +514,79 @@ fn bad_input_gives_one_line_errors() {
         let _ = block::drive::parse_drive(&s);
         let _ = keyval::parse("-x", &s, Some("k")).map(|m| Options::new("-x", m).finish());
     }
+}
+
+#[test]
+fn json_pseudo_protocol_filenames() {
+    let dir = TempDir::new("jsonfn");
+    let img = dir.file("disk.img", 1 << 20);
+    std::fs::write(&img, pattern(1 << 20, 2)).unwrap();
+    let g = BlockGraph::new();
+    let fname = format!(
+        r#"json:{{"driver":"raw","offset":4096,"file":{{"driver":"file","filename":"{img}"}}}}"#
+    );
+    let n = g.open_image(&fname, None, true, &[]).unwrap();
+    assert_eq!(n.driver_name(), "raw");
+    assert_eq!(n.len(), (1 << 20) - 4096);
+    let blk = BlockBackend::new("j", n, BackendConfig::default()).unwrap();
+    let mut b = [0u8; 16];
+    blk.read_at(0, &mut b).unwrap();
+    assert_eq!(&b[..], &pattern(1 << 20, 2)[4096..4112]);
+    drop(blk);
+    // The same through -drive (commas escaped as ,,).
+    let spec =
+        block::drive::parse_drive(&format!("file={},if=none,id=j2", fname.replace(',', ",,")))
+            .unwrap();
+    let blk = spec.open(&g).unwrap().unwrap();
+    assert_eq!(blk.len(), (1 << 20) - 4096);
+    let e = g.open_image("json:{bad", None, true, &[]).unwrap_err();
+    assert!(
+        e.to_string().starts_with("json: filename: invalid JSON"),
+        "{e}"
+    );
+}
+
+#[test]
+fn auto_read_only_falls_back_when_writing_is_refused() {
+    let dir = TempDir::new("aro");
+    let img = dir.file("imm.img", 65536);
+    // An immutable file cannot be opened for writing, even by root.
+    let ok = std::process::Command::new("chattr")
+        .args(["+i", &img])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("chattr +i unavailable; skipped");
+        return;
+    }
+    struct Unlock(String);
+    impl Drop for Unlock {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .args(["-i", &self.0])
+                .status();
+        }
+    }
+    let _u = Unlock(img.clone());
+    let g = BlockGraph::new();
+    let e = g
+        .blockdev_add_str(&format!("driver=file,node-name=a,filename={img}"))
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Could not open '{img}': Operation not permitted")
+    );
+    let n = g
+        .blockdev_add_str(&format!(
+            "driver=file,node-name=b,filename={img},auto-read-only=on"
+        ))
+        .unwrap();
+    assert!(n.is_read_only());
+    let blk = BlockBackend::new("b", n, BackendConfig::default()).unwrap();
+    assert!(blk.is_read_only());
+    let mut b = [1u8; 16];
+    blk.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [0; 16]);
+    assert_eq!(blk.write_at(0, &[1]).unwrap_err().errno(), libc::EROFS);
 }

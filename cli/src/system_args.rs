@@ -30,6 +30,7 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -hda/-hdb/-hdc/-hdd F, -cdrom F, -fda/-fdb F   legacy drive shortcuts
   -blockdev driver=...,node-name=...  (or JSON)   a block node
   -device DRIVER[,drive=ID,...]     a device
+  -object iothread,id=ID            an I/O thread (virtio-blk-pci iothread=ID)
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
   -version, -help
 With -nographic or mon:stdio, Ctrl-A h prints the console keys and Ctrl-A x quits.
@@ -61,6 +62,7 @@ const KNOWN_WITH_VALUE: &[&str] = &[
     "-fdb",
     "-device",
     "-blockdev",
+    "-object",
 ];
 
 pub enum Parsed {
@@ -386,6 +388,22 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 props.remove(0);
                 cfg.devices.push(DeviceConfig { driver, props });
             }
+            "-object" => {
+                let props = split_opts("-object", value, Some("qom-type"))?;
+                let get = |k: &str| props.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v);
+                match get("qom-type").map(String::as_str) {
+                    Some("iothread") => {
+                        let id = get("id")
+                            .filter(|v| !v.is_empty())
+                            .ok_or_else(|| format!("-object {value}: iothread needs id="))?;
+                        if cfg.iothreads.contains(id) {
+                            return Err(format!("-object {value}: duplicate id '{id}'"));
+                        }
+                        cfg.iothreads.push(id.clone());
+                    }
+                    _ => return Err(format!("-object {value}: unsupported object type")),
+                }
+            }
             _ => return Err(format!("{opt}: invalid option")),
         }
     }
@@ -448,6 +466,15 @@ mod tests {
             })
         );
         assert!(c.serial.is_empty());
+    }
+
+    #[test]
+    fn iothread_objects() {
+        let c = cfg("-object iothread,id=io0 -object iothread,id=io1");
+        assert_eq!(c.iothreads, vec!["io0".to_string(), "io1".to_string()]);
+        assert!(parse(&args("-object iothread,id=a -object iothread,id=a")).is_err());
+        assert!(parse(&args("-object iothread")).is_err());
+        assert!(parse(&args("-object memory-backend-ram,id=m")).is_err());
     }
 
     #[test]

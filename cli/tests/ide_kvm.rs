@@ -1,5 +1,5 @@
 //! Booting from IDE under KVM with SeaBIOS: the project's boot program
-//! (images/bootsect.S, which reads 256 sectors through INT 13h and checks
+//! (images/ide/bootsect.S, which reads 256 sectors through INT 13h and checks
 //! them) from each of hda..hdd and from an El Torito CD, the boot order
 //! rules (`-boot order=`, `bootindex`), and GRUB rescue media as a live CD
 //! and as `-hda live.iso`. Each test skips loudly when /dev/kvm is unusable.
@@ -26,7 +26,7 @@ fn images() -> (PathBuf, PathBuf) {
     static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/build.sh");
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/ide/build.sh");
             let out = std::process::Command::new("sh")
                 .arg(&script)
                 .output()
@@ -36,7 +36,7 @@ fn images() -> (PathBuf, PathBuf) {
                 "images/build.sh failed (needs binutils and perl): {}",
                 String::from_utf8_lossy(&out.stderr)
             );
-            let dir = script.parent().unwrap().join("out");
+            let dir = script.parent().unwrap().join("../out");
             (dir.join("ide-disk.img"), dir.join("ide-cd.iso"))
         })
         .clone()

@@ -271,3 +271,35 @@ fn irq_intercept_reports_i8042_interrupt() {
     let events: Vec<_> = q.irqs.drain(..).collect();
     assert_eq!(events, vec![(1, true), (1, false)]);
 }
+
+#[test]
+fn guest_resets_rebuild_the_machine() {
+    support::require_bios();
+    let mut q = Qtest::start(&[]);
+    // PAM0 is plain storage until the machine resets, which restores it.
+    type Reset = fn(&mut Qtest);
+    let reset_by: [(&str, Reset); 4] = [
+        ("0xcf9 RCPU", |q| q.outb(0xcf9, 0x06)),
+        ("port 0x92 bit 0", |q| q.outb(0x92, 0x01)),
+        ("i8042 pulse", |q| q.outb(0x64, 0xfe)),
+        ("i8042 output port", |q| {
+            q.outb(0x64, 0xd1);
+            q.outb(0x60, 0x00)
+        }),
+    ];
+    for (what, reset) in reset_by {
+        q.pci_write8(0, 0, 0x59, 0x30);
+        assert_eq!(q.pci_read8(0, 0, 0x59), 0x30);
+        reset(&mut q);
+        assert_eq!(
+            q.pci_read8(0, 0, 0x59),
+            0x00,
+            "{what} did not reset the machine"
+        );
+    }
+    // Writing 0x02 (SRST only) to 0xcf9 is not a reset.
+    q.pci_write8(0, 0, 0x59, 0x30);
+    q.outb(0xcf9, 0x02);
+    assert_eq!(q.inb(0xcf9), 0x02);
+    assert_eq!(q.pci_read8(0, 0, 0x59), 0x30);
+}

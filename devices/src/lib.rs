@@ -15,6 +15,7 @@ pub mod ide;
 pub mod pci;
 pub mod scsi;
 pub mod system;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
 pub use irq::IrqLine;

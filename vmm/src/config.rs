@@ -104,6 +104,8 @@ pub struct MachineConfig {
     pub blockdevs: Vec<String>,
     /// `-device` options, in order.
     pub devices: Vec<DeviceConfig>,
+    /// `-object iothread,id=` ids: one event loop thread each.
+    pub iothreads: Vec<String>,
 }
 
 pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios-256k.bin";
@@ -128,6 +130,7 @@ impl Default for MachineConfig {
             drives: Vec::new(),
             blockdevs: Vec::new(),
             devices: Vec::new(),
+            iothreads: Vec::new(),
         }
     }
 }

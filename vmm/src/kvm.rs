@@ -4,14 +4,18 @@
 use std::sync::Arc;
 
 use devices::irq::{IrqChip, IrqLine};
+use devices::pci::msix::MsiSender;
+use devices::virtio::{IoEventRegistrar, NotifyAddr};
 use devices::GuestMem;
+use kvm_bindings::kvm_msi;
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
     KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::VmmError;
 
@@ -169,5 +173,58 @@ impl IrqChip for KvmIrqChip {
             vm: self.0.clone(),
             gsi,
         })
+    }
+}
+
+/// MSI delivery with KVM_SIGNAL_MSI: the in-kernel LAPICs take the message
+/// straight from the iothread that completed the request.
+pub struct KvmMsi(pub Arc<VmFd>);
+
+impl MsiSender for KvmMsi {
+    fn send(&self, addr: u64, data: u32) {
+        let msi = kvm_msi {
+            address_lo: addr as u32,
+            address_hi: (addr >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.0.signal_msi(msi) {
+            log::warn!("KVM_SIGNAL_MSI {addr:#x}/{data:#x} failed: {e}");
+        }
+    }
+}
+
+/// Queue notifications through KVM_IOEVENTFD: the guest's notify write
+/// signals the eventfd inside KVM, without an exit to the vCPU thread.
+pub struct KvmIoEvents(pub Arc<VmFd>);
+
+impl IoEventRegistrar for KvmIoEvents {
+    fn register(&self, addr: NotifyAddr, fd: &EventFd) -> Result<(), String> {
+        match addr {
+            NotifyAddr::Mmio(a) => {
+                self.0
+                    .register_ioevent(fd, &IoEventAddress::Mmio(a), NoDatamatch)
+            }
+            NotifyAddr::Pio { port, value } => {
+                self.0
+                    .register_ioevent(fd, &IoEventAddress::Pio(port), value)
+            }
+        }
+        .map_err(|e| e.to_string())
+    }
+    fn unregister(&self, addr: NotifyAddr, fd: &EventFd) {
+        let r = match addr {
+            NotifyAddr::Mmio(a) => {
+                self.0
+                    .unregister_ioevent(fd, &IoEventAddress::Mmio(a), NoDatamatch)
+            }
+            NotifyAddr::Pio { port, value } => {
+                self.0
+                    .unregister_ioevent(fd, &IoEventAddress::Pio(port), value)
+            }
+        };
+        if let Err(e) = r {
+            log::warn!("KVM_IOEVENTFD deassign {addr:?}: {e}");
+        }
     }
 }

@@ -4,10 +4,12 @@
 
 pub mod config;
 pub mod console;
+pub mod harness;
 pub mod kvm;
 pub mod memory;
 pub mod pc;
 pub mod pc_ide;
+pub mod pc_virtio;
 pub mod qtest;
 pub mod storage;
 pub mod vcpu;
@@ -103,7 +105,10 @@ impl Consoles {
         events: &EventSender,
         clock: Arc<dyn devices::clock::Clock>,
     ) -> pc::Host {
+        let (msi, ioevents) = pc::Host::default_msi_io();
         pc::Host {
+            msi,
+            ioevents,
             irq,
             system: Arc::new(events.clone()),
             clock,
@@ -207,11 +212,13 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
     let storage = storage::Storage::open(&cfg)?;
     loop {
         let vm = kvm::create_vm(&kvm)?;
-        let host = consoles.host(
+        let mut host = consoles.host(
             Arc::new(kvm::KvmIrqChip(vm.clone())),
             &events,
             Arc::new(HostClock::new()),
         );
+        host.msi = Some(Arc::new(kvm::KvmMsi(vm.clone())));
+        host.ioevents = Arc::new(kvm::KvmIoEvents(vm.clone()));
         let pc = Arc::new(pc::build(&cfg, host, &storage)?);
         consoles.attach(&pc);
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;

@@ -74,30 +74,37 @@ pub fn allocate_ram(layout: &Layout) -> Result<GuestMem, MemoryError> {
     })
 }
 
-/// Loads the BIOS image: returns the ROM (mapped so that it ends at 4 GiB)
-/// and copies its top 128 KiB into RAM below 1 MiB.
+/// Loads the BIOS image file; see [`map_bios`].
 pub fn load_bios(path: &Path, ram: &GuestMem) -> Result<GuestMem, MemoryError> {
-    let err = |msg: String| MemoryError::Bios {
+    let image = std::fs::read(path).map_err(|e| MemoryError::Bios {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    map_bios(&image, ram).map_err(|msg| MemoryError::Bios {
         path: path.display().to_string(),
         msg,
-    };
-    let image = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    })
+}
+
+/// Returns the ROM holding `image` (mapped so that it ends at 4 GiB) and
+/// copies its top 128 KiB into RAM below 1 MiB.
+pub fn map_bios(image: &[u8], ram: &GuestMem) -> Result<GuestMem, String> {
     let size = image.len() as u64;
     if size == 0 || !size.is_multiple_of(65536) || size > 16 << 20 {
-        return Err(err(format!(
+        return Err(format!(
             "not a BIOS image: size {size} is not a non-zero multiple of 64 KiB up to 16 MiB"
-        )));
+        ));
     }
     let rom = GuestMem::from_ranges(&[(GuestAddress(FOUR_GIB - size), size as usize)])
-        .map_err(|e| err(e.to_string()))?;
-    rom.write_slice(&image, GuestAddress(FOUR_GIB - size))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
+    rom.write_slice(image, GuestAddress(FOUR_GIB - size))
+        .map_err(|e| e.to_string())?;
     let shadow = size.min(ISA_BIOS_MAX);
     ram.write_slice(
         &image[(size - shadow) as usize..],
         GuestAddress(0x10_0000 - shadow),
     )
-    .map_err(|e| err(format!("cannot shadow below 1 MiB: {e}")))?;
+    .map_err(|e| format!("cannot shadow below 1 MiB: {e}"))?;
     Ok(rom)
 }
 

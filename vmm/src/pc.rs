@@ -24,19 +24,24 @@ use std::sync::{Arc, Mutex};
 
 use devices::bootorder::BootOrder;
 use devices::bus::{Bus, SharedDevice};
-use devices::chipset::{i440fx::I440fx, piix3::Elcr, piix3::Piix3, piix4_pm::Piix4Pm};
+use devices::chipset::{
+    i440fx::I440fx, piix3::Elcr, piix3::Piix3, piix3::PirqRouter, piix4_pm::Piix4Pm,
+};
 use devices::clock::Clock;
 use devices::irq::IrqChip;
 use devices::legacy::{
     cmos::Cmos, debugcon::Debugcon, fw_cfg, fw_cfg::FwCfg, i8042::I8042, port92::Port92,
     serial::Uart,
 };
+use devices::pci::msix::MsiSender;
 use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
 use devices::system::SystemControl;
+use devices::virtio::{IoEventRegistrar, NoIoEvents};
 use devices::GuestMem;
 
 use crate::config::{DeviceConfig, MachineConfig};
 use crate::memory::{self, Layout};
+use crate::pc_virtio::IoThreads;
 use crate::storage::Storage;
 
 pub const SERIAL_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
@@ -52,6 +57,29 @@ pub struct Host {
     pub debugcon_out: Option<Box<dyn Write + Send>>,
     /// Guest wall-clock time at start, Unix seconds.
     pub rtc_start: i64,
+    /// MSI delivery; `None` writes each message into guest memory, as a
+    /// bus-master write would land without an APIC (qtest).
+    pub msi: Option<Arc<dyn MsiSender>>,
+    /// Binds virtio notify addresses to eventfds (KVM ioeventfd).
+    pub ioevents: Arc<dyn IoEventRegistrar>,
+}
+
+/// MSI messages as plain memory writes: what QEMU's qtest virtio tests
+/// observe (they point the MSI-X address at RAM and poll it).
+struct RamMsi(GuestMem);
+
+impl MsiSender for RamMsi {
+    fn send(&self, addr: u64, data: u32) {
+        use vm_memory::{Bytes, GuestAddress};
+        let _ = self.0.write_obj(data, GuestAddress(addr));
+    }
+}
+
+impl Host {
+    /// The parts of a host that only KVM provides, as qtest has them.
+    pub fn default_msi_io() -> (Option<Arc<dyn MsiSender>>, Arc<dyn IoEventRegistrar>) {
+        (None, Arc::new(NoIoEvents))
+    }
 }
 
 pub struct Pc {
@@ -93,6 +121,18 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
     let layout = Layout::new(cfg.mem_size);
     let ram = memory::allocate_ram(&layout)?;
     let rom = memory::load_bios(&cfg.bios, &ram)?;
+    build_with(cfg, host, storage, layout, ram, rom)
+}
+
+/// [`build`] with memory already allocated and the firmware mapped.
+pub fn build_with(
+    cfg: &MachineConfig,
+    host: Host,
+    storage: &Storage,
+    layout: Layout,
+    ram: GuestMem,
+    rom: GuestMem,
+) -> Result<Pc, MachineError> {
     let mut io = Bus::new();
     let mut mmio = Bus::new();
 
@@ -101,7 +141,8 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
     let err = MachineError::Config;
     pci.add(0, 0, Arc::new(Mutex::new(I440fx::new())))
         .map_err(err)?;
-    pci.add(1, 0, Arc::new(Mutex::new(Piix3::new())))
+    let pirq = PirqRouter::new(host.irq.clone());
+    pci.add(1, 0, Arc::new(Mutex::new(Piix3::with_router(pirq.clone()))))
         .map_err(err)?;
     let ide = crate::pc_ide::create(&mut io, &pci, &ram, host.irq.as_ref())?;
     let pm = Piix4Pm::new(
@@ -179,6 +220,11 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
 
     let mut boot_order = BootOrder::new();
     boot_order.set_strict(cfg.boot.strict);
+    let msi = host
+        .msi
+        .clone()
+        .unwrap_or_else(|| Arc::new(RamMsi(ram.clone())));
+    let mut iothreads = IoThreads::new(&cfg.iothreads);
     let mut ctx = AttachCtx {
         io: &mut io,
         mmio: &mut mmio,
@@ -189,6 +235,11 @@ pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, M
         cmos: &cmos,
         ide: &ide,
         used_drives: Vec::new(),
+        pirq: &pirq,
+        msi,
+        ioevents: host.ioevents.clone(),
+        iothreads: &mut iothreads,
+        cpus: cfg.cpus,
     };
     for dev in &storage.devices {
         attach(&mut ctx, dev, storage)?;
@@ -234,6 +285,12 @@ pub struct AttachCtx<'a> {
     pub ide: &'a Arc<Mutex<devices::ide::PiixIde>>,
     /// Drives already attached to a device: a drive serves one device.
     pub used_drives: Vec<String>,
+    /// PCI INTx routing (PIIX3 PIRQ registers).
+    pub pirq: &'a Arc<PirqRouter>,
+    pub msi: Arc<dyn MsiSender>,
+    pub ioevents: Arc<dyn IoEventRegistrar>,
+    pub iothreads: &'a mut IoThreads,
+    pub cpus: u32,
 }
 
 impl AttachCtx<'_> {
@@ -264,6 +321,7 @@ impl AttachCtx<'_> {
 fn attach(ctx: &mut AttachCtx, dev: &DeviceConfig, storage: &Storage) -> Result<(), MachineError> {
     match dev.driver.as_str() {
         "ide-hd" | "ide-cd" => crate::pc_ide::attach(ctx, dev, storage),
+        "virtio-blk-pci" => crate::pc_virtio::attach_virtio_blk(ctx, dev, storage),
         other => Err(MachineError::Config(format!(
             "-device {other}: unsupported device on the pc machine"
         ))),

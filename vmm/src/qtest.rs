@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{CharDev, MachineConfig};
 use crate::pc::{self, Pc};
-use crate::{Consoles, EventSender, VmmError};
+use crate::{Consoles, EventSender, VmEvent, VmmError};
 
 type Out = Arc<Mutex<Box<dyn Write + Send>>>;
 
@@ -112,13 +112,17 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
         levels: Mutex::new(Vec::new()),
     });
     let clock = Arc::new(ManualClock::default());
-    let (tx, _rx) = mpsc::channel();
+    let (tx, rx) = mpsc::channel();
     let events = EventSender(tx);
     let consoles = Consoles::open(&cfg, &events)?;
-    let host = consoles.host(Arc::new(ChipHandle(chip.clone())), &events, clock.clone());
     let storage = crate::storage::Storage::open(&cfg)?;
-    let pc = pc::build(&cfg, host, &storage)?;
-    consoles.attach(&pc);
+    let build = || -> Result<Pc, VmmError> {
+        let host = consoles.host(Arc::new(ChipHandle(chip.clone())), &events, clock.clone());
+        let pc = pc::build(&cfg, host, &storage)?;
+        consoles.attach(&pc);
+        Ok(pc)
+    };
+    let mut pc = build()?;
     let mut log: Option<std::fs::File> = match &cfg.qtest_log {
         Some(p) => Some(
             std::fs::File::create(p)
@@ -126,20 +130,28 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
         ),
         None => None,
     };
-    let mut session = Session {
-        pc: &pc,
-        chip: &chip,
-        clock: &clock,
-    };
     for line in BufReader::new(input).lines() {
         let Ok(line) = line else { break };
-        let reply = session.handle(line.trim());
+        let reply = Session {
+            pc: &pc,
+            chip: &chip,
+            clock: &clock,
+        }
+        .handle(line.trim());
         if let Some(l) = log.as_mut() {
             let _ = writeln!(l, "[R] {line}\n[S] {reply}");
         }
         let mut o = lock(&out);
         if writeln!(o, "{reply}").and_then(|_| o.flush()).is_err() {
             break;
+        }
+        drop(o);
+        // A reset the command caused takes effect before the next command,
+        // as a system reset does between two vCPU instructions.
+        match rx.try_recv() {
+            Ok(VmEvent::Reset) if !cfg.no_reboot => pc = build()?,
+            Ok(_) => break,
+            Err(_) => {}
         }
     }
     Ok(0)

@@ -5,6 +5,12 @@
 mod img;
 
 fn main() {
+    // Die quietly on a closed pipe (`strata-img map ... | head`), as C tools
+    // such as qemu-img do, instead of panicking in println!.
+    // SAFETY: setting SIGPIPE to its default action before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().collect();
     std::process::exit(img::main_with_args(args));
 }

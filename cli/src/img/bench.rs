@@ -2,11 +2,145 @@
 //! through the asynchronous BlockBackend API with `-d` requests in flight.
 
 use super::{fail, open, Fail, OpenSpec, R};
-use block::backend::CompletionQueue;
+use block::backend::BlockBackend;
 use block::driver::IoRequest;
 use block::graph::BlockGraph;
 use block::iov::{AlignedBuf, IoVecs};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
+
+struct Inner {
+    next_off: u64,
+    submitted: u64,
+    completed: u64,
+    in_flight: usize,
+    held: Vec<usize>,
+    error: Option<String>,
+    done: bool,
+}
+
+/// The benchmark loop, driven by completions (as QEMU's is): each
+/// completion callback submits the next request on the I/O thread, so no
+/// request waits for the main thread.
+struct State {
+    blk: Arc<BlockBackend>,
+    inner: Mutex<Inner>,
+    cv: Condvar,
+    bufs: Vec<(usize, usize)>,
+    count: u64,
+    write: bool,
+    step: u64,
+    bufsize: u64,
+    size: u64,
+    flush_interval: Option<u64>,
+    no_drain: bool,
+}
+
+impl State {
+    /// Submit the next request using buffer `tag`, if any remain.
+    fn issue(st: &Arc<State>, tag: usize) {
+        let off = {
+            let mut g = st.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if g.submitted >= st.count || g.error.is_some() {
+                return;
+            }
+            let off = g.next_off;
+            g.submitted += 1;
+            g.in_flight += 1;
+            let mut n = off + st.step;
+            if st.size > 0 {
+                n %= st.size;
+            }
+            if n + st.bufsize > st.size {
+                n = 0;
+            }
+            g.next_off = n;
+            off
+        };
+        let (p, l) = st.bufs[tag];
+        // SAFETY: the buffers outlive every request (bench() waits for
+        // `done`, set only when nothing is in flight) and each buffer is used
+        // by one request at a time (its tag).
+        let iov = unsafe { IoVecs::from_raw(&[(p as *mut u8, l)]) };
+        let req = if st.write {
+            IoRequest::write(off, iov, false)
+        } else {
+            IoRequest::read(off, iov)
+        };
+        let st2 = st.clone();
+        st.blk
+            .submit(req, Box::new(move |_req, r| State::completed(&st2, tag, r)));
+    }
+
+    fn completed(st: &Arc<State>, tag: usize, r: block::error::BlockResult<()>) {
+        enum Next {
+            Issue,
+            Hold,
+            FlushAsync,
+            FlushDrained(Vec<usize>),
+            Finish,
+            Nothing,
+        }
+        let next = {
+            let mut g = st.inner.lock().unwrap_or_else(|e| e.into_inner());
+            g.in_flight -= 1;
+            g.completed += 1;
+            if let Err(e) = r {
+                g.error.get_or_insert(format!("Failed request: {e}"));
+            }
+            if g.completed >= st.count || (g.error.is_some() && g.in_flight == 0) {
+                if g.in_flight == 0 {
+                    Next::Finish
+                } else {
+                    Next::Nothing
+                }
+            } else if g.error.is_some() {
+                Next::Nothing
+            } else {
+                match st.flush_interval {
+                    Some(fi) if g.submitted.is_multiple_of(fi) && g.submitted < st.count => {
+                        if st.no_drain {
+                            Next::FlushAsync
+                        } else {
+                            g.held.push(tag);
+                            if g.in_flight == 0 {
+                                Next::FlushDrained(std::mem::take(&mut g.held))
+                            } else {
+                                Next::Hold
+                            }
+                        }
+                    }
+                    _ => Next::Issue,
+                }
+            }
+        };
+        match next {
+            Next::Issue => State::issue(st, tag),
+            Next::Hold | Next::Nothing => {}
+            Next::FlushAsync => {
+                st.blk.submit(IoRequest::flush(), Box::new(|_, _| {}));
+                State::issue(st, tag);
+            }
+            Next::FlushDrained(tags) => {
+                if let Err(e) = st.blk.flush() {
+                    let mut g = st.inner.lock().unwrap_or_else(|e| e.into_inner());
+                    g.error.get_or_insert(format!("Failed flush request: {e}"));
+                    g.done = true;
+                    st.cv.notify_all();
+                    return;
+                }
+                for t in tags {
+                    State::issue(st, t);
+                }
+            }
+            Next::Finish => {
+                let mut g = st.inner.lock().unwrap_or_else(|e| e.into_inner());
+                g.done = true;
+                st.cv.notify_all();
+            }
+        }
+    }
+}
 
 /// `bench` options (qemu-img's letters).
 #[derive(clap::Args, Debug)]
@@ -81,6 +215,9 @@ pub fn bench(a: BenchArgs) -> R<i32> {
     if a.flush_interval.is_some() && !a.write {
         return fail("--flush-interval is only available in write tests");
     }
+    if a.flush_interval.is_some_and(|f| f < a.depth as u64) {
+        return fail("Flush interval can't be smaller than depth");
+    }
     let aio = if a.native {
         Some("native")
     } else {
@@ -113,94 +250,52 @@ pub fn bench(a: BenchArgs) -> R<i32> {
         }
     }
     let depth = (a.depth as u64).min(a.count.max(1)) as usize;
-    let mut bufs: Vec<AlignedBuf> = (0..depth)
-        .map(|_| AlignedBuf::new(bufsize as usize, 4096))
+    let bufs: Vec<AlignedBuf> = (0..depth)
+        .map(|_| {
+            let mut b = AlignedBuf::new(bufsize as usize, 4096);
+            b.fill(a.pattern);
+            b
+        })
         .collect();
-    for b in bufs.iter_mut() {
-        b.fill(a.pattern);
-    }
-    let q = CompletionQueue::new()?;
-    let mut next_off = offset;
-    let mut submitted = 0u64;
-    let mut completed = 0u64;
-    let mut in_flight = 0usize;
-    let mut flushes_in_flight = 0usize;
+    let st = Arc::new(State {
+        blk: blk.clone(),
+        inner: Mutex::new(Inner {
+            next_off: offset,
+            submitted: 0,
+            completed: 0,
+            in_flight: 0,
+            held: Vec::new(),
+            error: None,
+            done: false,
+        }),
+        cv: Condvar::new(),
+        bufs: bufs
+            .iter()
+            .map(|b| (b.as_ptr() as usize, b.len()))
+            .collect(),
+        count: a.count,
+        write: a.write,
+        step,
+        bufsize,
+        size,
+        flush_interval: a.flush_interval.filter(|f| *f > 0),
+        no_drain: a.no_drain,
+    });
     let start = Instant::now();
-    let mut submit =
-        |tag: usize, submitted: &mut u64, in_flight: &mut usize, bufs: &mut [AlignedBuf]| {
-            let b = &mut bufs[tag];
-            // SAFETY: `bufs` outlives every request: the loop below waits for
-            // all completions before returning, and each buffer is used by at
-            // most one request at a time (its tag).
-            let iov = unsafe { IoVecs::from_raw(&[(b.as_mut_ptr(), b.len())]) };
-            let req = if a.write {
-                IoRequest::write(next_off, iov, false)
-            } else {
-                IoRequest::read(next_off, iov)
-            };
-            blk.submit(req, q.completion(tag as u64));
-            *submitted += 1;
-            *in_flight += 1;
-            next_off += step;
-            if size > 0 {
-                next_off %= size;
-            }
-            if next_off + bufsize > size {
-                next_off = 0;
-            }
-        };
+    if a.count == 0 {
+        st.inner.lock().unwrap_or_else(|e| e.into_inner()).done = true;
+    }
     for tag in 0..depth {
-        if submitted < a.count {
-            submit(tag, &mut submitted, &mut in_flight, &mut bufs);
-        }
+        State::issue(&st, tag);
     }
-    let flush_tag = u64::MAX;
-    let mut err: Option<String> = None;
-    while completed < a.count || flushes_in_flight > 0 {
-        for (tag, _req, r) in q.wait() {
-            if tag == flush_tag {
-                flushes_in_flight -= 1;
-                if let Err(e) = r {
-                    err.get_or_insert(format!("Failed flush request: {e}"));
-                }
-                continue;
-            }
-            in_flight -= 1;
-            completed += 1;
-            if let Err(e) = r {
-                err.get_or_insert(format!("Failed request: {e}"));
-            }
-            if err.is_some() {
-                continue;
-            }
-            if let Some(fi) = a.flush_interval.filter(|f| *f > 0) {
-                if submitted % fi == 0 && submitted < a.count {
-                    if a.no_drain {
-                        blk.submit(IoRequest::flush(), q.completion(flush_tag));
-                        flushes_in_flight += 1;
-                    } else if in_flight > 0 {
-                        // Drain: hold this slot until every request completed.
-                        continue;
-                    } else {
-                        blk.flush()
-                            .map_err(|e| Fail(format!("Failed flush request: {e}"), 1))?;
-                        for t in 0..depth {
-                            if submitted < a.count {
-                                submit(t, &mut submitted, &mut in_flight, &mut bufs);
-                            }
-                        }
-                        continue;
-                    }
-                }
-            }
-            if submitted < a.count {
-                submit(tag as usize, &mut submitted, &mut in_flight, &mut bufs);
-            }
+    let err = {
+        let mut g = st.inner.lock().unwrap_or_else(|e| e.into_inner());
+        while !g.done {
+            g = st.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        if err.is_some() && in_flight == 0 && flushes_in_flight == 0 {
-            break;
-        }
-    }
+        g.error.take()
+    };
+    drop(bufs);
     if let Some(e) = err {
         return fail(e);
     }

@@ -97,6 +97,9 @@ impl Progress {
 
 const CHUNK: u64 = 2 << 20;
 
+/// Planned writes: (target offset, length, data or `None` for zeroes).
+type Plan = Vec<(u64, u64, Option<(Arc<Vec<u8>>, usize)>)>;
+
 struct Job {
     sources: Vec<(Arc<BlockBackend>, u64)>, // backend and its start in the target
     target: Arc<BlockBackend>,
@@ -122,7 +125,7 @@ impl Job {
     }
 
     /// Plan the writes of one chunk: (target offset, data or None for zeroes).
-    fn plan(&self, idx: u64) -> Result<Vec<(u64, u64, Option<Vec<u8>>)>, String> {
+    fn plan(&self, idx: u64) -> Result<Plan, String> {
         let start = idx * CHUNK;
         let end = (start + CHUNK).min(self.total);
         let mut ops = Vec::new();
@@ -134,7 +137,7 @@ impl Job {
             let len = st.len.clamp(1, lim);
             if st.zero && !st.data {
                 if self.sparse == 0 {
-                    ops.push((pos, len, Some(vec![0u8; len as usize])));
+                    ops.push((pos, len, Some((Arc::new(vec![0u8; len as usize]), 0))));
                 } else if !self.target_zero {
                     ops.push((pos, len, None));
                 }
@@ -142,14 +145,16 @@ impl Job {
                 let mut buf = vec![0u8; len as usize];
                 src.read_at(soff, &mut buf).map_err(|e| e.to_string())?;
                 if self.sparse == 0 {
-                    ops.push((pos, len, Some(buf)));
+                    ops.push((pos, len, Some((Arc::new(buf), 0))));
                 } else {
                     // Split into sparse-size pieces aligned in the target.
+                    let buf = Arc::new(buf);
                     let mut p = 0u64;
                     let mut run_start = 0u64;
                     let mut run_zero: Option<bool> = None;
                     while p < len {
-                        let boundary = ((pos + p) / self.sparse + 1) * self.sparse;
+                        let boundary =
+                            ((pos + p).checked_div(self.sparse).unwrap_or(0) + 1) * self.sparse;
                         let q = (boundary - pos).min(len);
                         let z = block::iov::is_zero_buf(&buf[p as usize..q as usize]);
                         match run_zero {
@@ -199,7 +204,7 @@ impl Job {
             let res = r.and_then(|ops| {
                 for (off, len, data) in ops {
                     match data {
-                        Some(d) => self.target.write_at(off, &d),
+                        Some((d, s)) => self.target.write_at(off, &d[s..s + len as usize]),
                         None => self.target.write_zeroes(off, len, true),
                     }
                     .map_err(|e| e.to_string())?;
@@ -226,9 +231,9 @@ impl Job {
 }
 
 fn push_run(
-    ops: &mut Vec<(u64, u64, Option<Vec<u8>>)>,
+    ops: &mut Plan,
     pos: u64,
-    buf: &[u8],
+    buf: &Arc<Vec<u8>>,
     a: u64,
     b: u64,
     zero: bool,
@@ -239,7 +244,7 @@ fn push_run(
             ops.push((pos + a, b - a, None));
         }
     } else {
-        ops.push((pos + a, b - a, Some(buf[a as usize..b as usize].to_vec())));
+        ops.push((pos + a, b - a, Some((buf.clone(), a as usize))));
     }
 }
 
@@ -500,13 +505,14 @@ pub fn dd(fmt: Option<&str>, out_fmt: &str, force_share: bool, operands: &[Strin
     s.fmt = fmt;
     s.force_share = force_share;
     let src = open(&graph, &s)?;
-    let start = skip
-        .checked_mul(bs)
-        .ok_or_else(|| Fail("Cannot skip to offset".into(), 1))?;
-    let mut size = src.len().saturating_sub(start);
+    // As qemu-img dd computes it: `count` limits the input end (counted
+    // from the start of the input), and `skip` is then taken off that.
+    let start = skip.saturating_mul(bs);
+    let mut end = src.len();
     if let Some(c) = count {
-        size = size.min(c.saturating_mul(bs));
+        end = end.min(c.saturating_mul(bs));
     }
+    let size = end.saturating_sub(start);
     super::info::create("raw", &[], true, &outf, Some(&size.to_string()))?;
     let g2 = BlockGraph::new();
     let mut t = OpenSpec::new(&outf);

@@ -122,6 +122,38 @@ pub enum Cmd {
     },
     /// Run a simple I/O benchmark.
     Bench(bench::BenchArgs),
+    /// Check an image for consistency.
+    Check {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long = "output", default_value = "human")]
+        output: String,
+        #[arg(short = 'r')]
+        repair: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
+        filename: String,
+    },
+    /// Change the virtual size of an image.
+    Resize {
+        #[arg(short = 'f')]
+        fmt: Option<String>,
+        #[arg(long = "shrink")]
+        shrink: bool,
+        #[arg(long = "preallocation")]
+        preallocation: Option<String>,
+        #[arg(short = 'q')]
+        quiet: bool,
+        #[arg(long = "image-opts")]
+        image_opts: bool,
+        filename: String,
+        #[arg(allow_hyphen_values = true)]
+        size: String,
+    },
 }
 
 /// How an image is to be opened.
@@ -227,12 +259,7 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
 }
 
 fn open_error(filename: &str, e: block::error::BlockError) -> Fail {
-    let m = e.to_string();
-    if m.starts_with("Could not open") {
-        Fail(format!("Could not open '{filename}': {m}"), 1)
-    } else {
-        Fail(format!("Could not open '{filename}': {m}"), 1)
-    }
+    Fail(format!("Could not open '{filename}': {e}"), 1)
 }
 
 fn on(b: bool) -> String {
@@ -371,6 +398,39 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             operands,
         } => convert::dd(fmt.as_deref(), &out_fmt, force_share, &operands),
         Cmd::Bench(a) => bench::bench(a),
+        Cmd::Check {
+            fmt,
+            output,
+            repair,
+            quiet: _,
+            force_share,
+            image_opts,
+            filename,
+        } => info::check(
+            fmt.as_deref(),
+            &output,
+            repair.as_deref(),
+            force_share,
+            image_opts,
+            &filename,
+        ),
+        Cmd::Resize {
+            fmt,
+            shrink,
+            preallocation,
+            quiet,
+            image_opts,
+            filename,
+            size,
+        } => info::resize(
+            fmt.as_deref(),
+            shrink,
+            preallocation.as_deref(),
+            quiet,
+            image_opts,
+            &filename,
+            &size,
+        ),
     };
     match r {
         Ok(code) => code,

@@ -131,3 +131,16 @@ pub fn run_until(
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Builds the project's test media (images/build.sh, cached) and returns
+/// the path of `name` under images/out/.
+pub fn image(name: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let st = Command::new(root.join("images/build.sh"))
+        .status()
+        .expect("run images/build.sh");
+    assert!(st.success(), "images/build.sh failed");
+    let p = root.join("images/out").join(name);
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}

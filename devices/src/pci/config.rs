@@ -7,7 +7,13 @@ use crate::bus::{le_value, put_le};
 
 pub const VENDOR_ID: u16 = 0x00;
 pub const COMMAND: u16 = 0x04;
+pub const STATUS: u16 = 0x06;
 pub const HEADER_TYPE: u16 = 0x0e;
+pub const CAPABILITIES_PTR: u16 = 0x34;
+/// Status bit 4: the function has a capability list at 0x34.
+pub const STATUS_CAP_LIST: u16 = 1 << 4;
+/// The first byte after the type-0 header, where capabilities may start.
+pub const CAP_START: u16 = 0x40;
 pub const BAR0: u16 = 0x10;
 pub const INTERRUPT_LINE: u16 = 0x3c;
 pub const INTERRUPT_PIN: u16 = 0x3d;
@@ -42,6 +48,9 @@ pub struct PciConfig {
     bytes: [u8; 256],
     wmask: [u8; 256],
     bars: [Option<(BarKind, u64)>; 6],
+    /// Where the next capability goes, and the last one added (to link it).
+    next_cap: u16,
+    last_cap: Option<u16>,
 }
 
 impl PciConfig {
@@ -50,6 +59,8 @@ impl PciConfig {
             bytes: [0; 256],
             wmask: [0; 256],
             bars: [None; 6],
+            next_cap: CAP_START,
+            last_cap: None,
         };
         c.set_u16(VENDOR_ID, vendor);
         c.set_u16(0x02, device);
@@ -96,6 +107,40 @@ impl PciConfig {
         }
     }
 
+    /// Appends a capability (PCI 3.0, section 6.7) to the list: `body` is
+    /// the capability without its ID and next-pointer bytes. Returns its
+    /// offset. Capabilities are read-only unless [`Self::set_writable`]
+    /// says otherwise. Panics if the list overflows config space, which
+    /// only a programming error can cause.
+    pub fn add_capability(&mut self, id: u8, body: &[u8]) -> u16 {
+        let off = self.next_cap;
+        let len = 2 + body.len() as u16;
+        assert!(
+            off + len <= 256,
+            "PCI capability list overflows config space"
+        );
+        self.bytes[off as usize] = id;
+        self.bytes[off as usize + 1] = 0;
+        self.bytes[off as usize + 2..(off + len) as usize].copy_from_slice(body);
+        match self.last_cap {
+            Some(prev) => self.bytes[prev as usize + 1] = off as u8,
+            None => self.bytes[CAPABILITIES_PTR as usize] = off as u8,
+        }
+        let st = self.u16(STATUS) | STATUS_CAP_LIST;
+        self.set_u16(STATUS, st);
+        self.last_cap = Some(off);
+        // Keep capabilities dword-aligned, as the spec requires.
+        self.next_cap = (off + len + 3) & !3;
+        off
+    }
+
+    /// Sets the write mask of `len` bytes at `offset` to `mask`.
+    pub fn set_wmask(&mut self, offset: u16, mask: &[u8]) {
+        for (i, &m) in mask.iter().enumerate() {
+            self.wmask[offset as usize + i] = m;
+        }
+    }
+
     /// Makes `len` bytes at `offset` guest-writable (device-specific registers).
     pub fn set_writable(&mut self, offset: u16, len: u16) {
         for o in offset..offset + len {
@@ -117,6 +162,19 @@ impl PciConfig {
                 self.bytes[o] = (self.bytes[o] & !m) | (v & m);
             }
         }
+    }
+
+    /// The base a BAR is programmed with (0 when unprogrammed), whether or
+    /// not decoding is enabled.
+    pub fn bar_base(&self, i: usize) -> Option<Bar> {
+        let (kind, size) = (*self.bars.get(i)?)?;
+        let off = BAR0 + 4 * i as u16;
+        let base = match kind {
+            BarKind::Io => (self.u32(off) & !3) as u64 & 0xffff,
+            BarKind::Mem32 => (self.u32(off) & !0xf) as u64,
+            BarKind::Mem64 => (self.u32(off) & !0xf) as u64 | ((self.u32(off + 4) as u64) << 32),
+        };
+        Some(Bar { kind, size, base })
     }
 
     pub fn u8(&self, o: u16) -> u8 {
@@ -188,5 +246,20 @@ mod tests {
         let mut d = [0u8; 4];
         c.read(0xfe, &mut d);
         assert_eq!(d, [0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn capability_list_links_and_is_read_only() {
+        let mut c = PciConfig::new(0x1af4, 0x1042, 0x010000, 1);
+        let a = c.add_capability(0x09, &[1, 2, 3]);
+        let b = c.add_capability(0x11, &[0; 10]);
+        assert_eq!(a, CAP_START);
+        assert_eq!(b, CAP_START + 8);
+        assert_ne!(c.u16(STATUS) & STATUS_CAP_LIST, 0);
+        assert_eq!(c.u8(CAPABILITIES_PTR) as u16, a);
+        assert_eq!(c.u8(a + 1) as u16, b);
+        assert_eq!(c.u8(b + 1), 0);
+        c.write(a, &[0xff, 0xff, 0xff]);
+        assert_eq!((c.u8(a), c.u8(a + 2)), (0x09, 1));
     }
 }

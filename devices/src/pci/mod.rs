@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod host;
+pub mod msix;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

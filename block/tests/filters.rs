@@ -1,0 +1,194 @@
+//! The throttle and copy-on-read filters, and `-drive copy-on-read=on`.
+
+mod common;
+
+use block::backend::{BackendConfig, BlockBackend};
+use block::driver::{BlockDriver, Extent};
+use block::error::BlockResult;
+use block::graph::{Backing, BlockGraph, OpenCtx};
+use block::node::Node;
+use block::throttle::{Limit, Throttle, ThrottleConfig};
+use common::*;
+use std::collections::HashMap;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+static OVERLAY_WRITES: AtomicU64 = AtomicU64::new(0);
+
+/// A tiny in-memory overlay format over a backing node (test only): blocks
+/// written here are "allocated"; the rest is read from the backing node.
+struct MemOverlay {
+    backing: Arc<Node>,
+    blocks: Mutex<HashMap<u64, Vec<u8>>>,
+}
+
+impl MemOverlay {
+    fn open(ctx: &mut OpenCtx<'_>) -> BlockResult<Arc<dyn BlockDriver>> {
+        let Backing::Node(backing) = ctx.take_backing()? else {
+            return Err(block::error::BlockError::Open(
+                "mem-overlay needs a backing node".into(),
+            ));
+        };
+        Ok(Arc::new(MemOverlay {
+            backing,
+            blocks: Mutex::new(HashMap::new()),
+        }))
+    }
+}
+
+impl BlockDriver for MemOverlay {
+    fn driver_name(&self) -> &'static str {
+        "mem-overlay"
+    }
+    fn len(&self) -> u64 {
+        self.backing.len()
+    }
+    fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
+        let len = iov.iter().map(|s| s.len()).sum::<usize>();
+        let mut flat = vec![0u8; len];
+        self.backing
+            .read_vectored(offset, &mut [IoSliceMut::new(&mut flat)])?;
+        let b = self.blocks.lock().unwrap();
+        for (i, chunk) in flat.chunks_mut(512).enumerate() {
+            if let Some(d) = b.get(&(offset / 512 + i as u64)) {
+                chunk.copy_from_slice(&d[..chunk.len()]);
+            }
+        }
+        block::iov::scatter(&flat, iov);
+        Ok(())
+    }
+    fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], _fua: bool) -> BlockResult<()> {
+        OVERLAY_WRITES.fetch_add(1, Ordering::SeqCst);
+        let len = iov.iter().map(|s| s.len()).sum::<usize>();
+        let mut flat = vec![0u8; len];
+        block::iov::gather(iov, &mut flat);
+        let mut b = self.blocks.lock().unwrap();
+        for (i, chunk) in flat.chunks(512).enumerate() {
+            b.insert(offset / 512 + i as u64, chunk.to_vec());
+        }
+        Ok(())
+    }
+    fn flush(&self) -> BlockResult<()> {
+        Ok(())
+    }
+    fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
+        let b = self.blocks.lock().unwrap();
+        let first = b.contains_key(&(offset / 512));
+        let mut n = 512 - offset % 512;
+        while n < len && b.contains_key(&((offset + n) / 512)) == first {
+            n += 512;
+        }
+        Ok(Extent {
+            len: n.min(len),
+            data: true,
+            zero: false,
+            offset: None,
+            allocated: first,
+        })
+    }
+}
+
+#[test]
+fn copy_on_read_populates_the_top_layer_once() {
+    let dir = TempDir::new("cor");
+    let img = dir.file("base.img", 1 << 20);
+    std::fs::write(&img, pattern(1 << 20, 5)).unwrap();
+    let g = BlockGraph::new();
+    g.register_driver("mem-overlay", MemOverlay::open);
+    g.blockdev_add_str(&format!(
+        "driver=raw,node-name=base,read-only=on,file.driver=file,file.filename={img}"
+    ))
+    .unwrap();
+    let top = g
+        .blockdev_add_str("driver=mem-overlay,node-name=top,backing=base")
+        .unwrap();
+    let cor = g
+        .blockdev_add_str("driver=copy-on-read,node-name=cor,file=top")
+        .unwrap();
+    let blk = BlockBackend::new("d", cor, BackendConfig::default()).unwrap();
+    assert!(!top.block_status(8192, 4096).unwrap().allocated);
+    let mut buf = vec![0u8; 4096];
+    let before = OVERLAY_WRITES.load(Ordering::SeqCst);
+    blk.read_at(8192, &mut buf).unwrap();
+    assert_eq!(buf, pattern(1 << 20, 5)[8192..12288]);
+    assert_eq!(
+        OVERLAY_WRITES.load(Ordering::SeqCst),
+        before + 1,
+        "copied up"
+    );
+    let st = top.block_status(8192, 4096).unwrap();
+    assert!(st.allocated && st.len == 4096, "{st:?}");
+    // A second read is served locally: no more writes.
+    blk.read_at(8192, &mut buf).unwrap();
+    assert_eq!(OVERLAY_WRITES.load(Ordering::SeqCst), before + 1);
+    // Partially allocated range: only the missing part is copied.
+    let mut big = vec![0u8; 16384];
+    blk.read_at(4096, &mut big).unwrap();
+    assert_eq!(big, pattern(1 << 20, 5)[4096..20480]);
+    assert!(top.block_status(4096, 16384).unwrap().allocated);
+    assert!(top.block_status(16384, 4096).unwrap().allocated);
+}
+
+#[test]
+fn drive_copy_on_read_option() {
+    let s = block::drive::parse_drive("file=x.img,if=none,copy-on-read=on").unwrap();
+    assert!(s.copy_on_read);
+    let e =
+        block::drive::parse_drive("file=x.img,if=none,copy-on-read=on,readonly=on").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "-drive: Can't use copy-on-read on read-only device"
+    );
+    // The filter really sits on top.
+    let dir = TempDir::new("cor2");
+    let img = dir.file("d.img", 65536);
+    let g = BlockGraph::new();
+    let blk = block::drive::parse_drive(&format!(
+        "file={img},format=raw,if=none,id=c,copy-on-read=on"
+    ))
+    .unwrap()
+    .open(&g)
+    .unwrap()
+    .unwrap();
+    assert_eq!(blk.root().driver_name(), "copy-on-read");
+    assert_eq!(blk.root().child("file").unwrap().driver_name(), "raw");
+    blk.write_at(0, &[7; 512]).unwrap();
+    let mut b = [0u8; 512];
+    blk.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [7; 512]);
+}
+
+#[test]
+fn throttle_filter_uses_its_group() {
+    let mut cfg = ThrottleConfig::default();
+    cfg.iops[0] = Limit {
+        avg: 100,
+        max: 0,
+        max_length: 1,
+    };
+    Throttle::define_group("filter-tg", cfg).unwrap();
+    assert!(Throttle::define_group("filter-tg", cfg).is_err());
+    let g = BlockGraph::new();
+    g.blockdev_add_str("driver=null-co,node-name=nul").unwrap();
+    let n = g
+        .blockdev_add_str("driver=throttle,node-name=thr,throttle-group=filter-tg,file=nul")
+        .unwrap();
+    let blk = BlockBackend::new("t", n, BackendConfig::default()).unwrap();
+    let t = Instant::now();
+    let mut b = [0u8; 512];
+    for _ in 0..50 {
+        blk.read_at(0, &mut b).unwrap();
+    }
+    // 50 ops at 100 IOPS with a 10-op bucket: about 0.4 s.
+    assert!(
+        t.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        t.elapsed()
+    );
+    let e = g
+        .blockdev_add_str("driver=throttle,node-name=thr2,throttle-group=nope,file=nul")
+        .unwrap_err();
+    assert_eq!(e.to_string(), "Throttle group 'nope' does not exist");
+}

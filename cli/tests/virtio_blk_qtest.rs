@@ -1,0 +1,983 @@
+//! virtio-blk-pci through the qtest protocol, in the style of QEMU's
+//! tests/qtest/virtio-blk-test.c: the test is the guest driver. It programs
+//! the PCI function, negotiates features, lays out split virtqueues in
+//! guest RAM, submits requests, and checks status bytes, data, used rings
+//! and interrupts (MSI-X messages land in RAM; INTx through the PIIX3 PIRQ
+//! router and the ISR).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::qtest::Qtest;
+
+const BAR4: u64 = 0xfe00_0000;
+const BAR1: u64 = 0xfe01_0000;
+const BAR0: u16 = 0xc000;
+const NOTIFY: u64 = BAR4 + 0x3000;
+const DEVCFG: u64 = BAR4 + 0x2000;
+/// Where MSI-X messages of vector v land: MSI_BASE + 4 * v.
+const MSI_BASE: u64 = 0x7000;
+/// Guest RAM used by the test driver: rings from RING_BASE, buffers from
+/// BUF_BASE.
+const RING_BASE: u64 = 0x10_0000;
+const BUF_BASE: u64 = 0x40_0000;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+const VERSION_1: u64 = 1 << 32;
+const INDIRECT: u64 = 1 << 28;
+const EVENT_IDX: u64 = 1 << 29;
+const BLK_FLUSH: u64 = 1 << 9;
+const BLK_CONFIG_WCE: u64 = 1 << 11;
+const BLK_MQ: u64 = 1 << 12;
+const BLK_DISCARD: u64 = 1 << 13;
+const BLK_WRITE_ZEROES: u64 = 1 << 14;
+const BLK_SEG_MAX: u64 = 1 << 2;
+const BLK_BLK_SIZE: u64 = 1 << 6;
+const BLK_SIZE_MAX: u64 = 1 << 1;
+const BLK_TOPOLOGY: u64 = 1 << 10;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+const DISK_SECTORS: u64 = 8192; // 4 MiB
+
+trait QtestExt {
+    fn writew(&mut self, addr: u64, v: u16);
+    fn readw(&mut self, addr: u64) -> u16;
+    fn writeb(&mut self, addr: u64, v: u8);
+    fn readq(&mut self, addr: u64) -> u64;
+}
+
+impl QtestExt for Qtest {
+    fn writew(&mut self, addr: u64, v: u16) {
+        let r = self.cmd(&format!("writew 0x{addr:x} 0x{v:x}"));
+        assert_eq!(r, "OK");
+    }
+    fn readw(&mut self, addr: u64) -> u16 {
+        let r = self.cmd(&format!("readw 0x{addr:x}"));
+        u64::from_str_radix(r.strip_prefix("OK 0x").unwrap(), 16).unwrap() as u16
+    }
+    fn writeb(&mut self, addr: u64, v: u8) {
+        let r = self.cmd(&format!("writeb 0x{addr:x} 0x{v:x}"));
+        assert_eq!(r, "OK");
+    }
+    fn readq(&mut self, addr: u64) -> u64 {
+        let r = self.cmd(&format!("readq 0x{addr:x}"));
+        u64::from_str_radix(r.strip_prefix("OK 0x").unwrap(), 16).unwrap()
+    }
+}
+
+/// A raw image whose sector n is filled with the byte (n % 251) ^ 0x5a.
+fn pattern_disk(name: &str) -> std::path::PathBuf {
+    let dir = support::scratch(name);
+    let p = dir.join("disk.raw");
+    let mut data = Vec::with_capacity((DISK_SECTORS * 512) as usize);
+    for n in 0..DISK_SECTORS {
+        data.extend(std::iter::repeat_n(pattern(n), 512));
+    }
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+fn pattern(sector: u64) -> u8 {
+    (sector % 251) as u8 ^ 0x5a
+}
+
+fn start(disk: &std::path::Path, dev_opts: &str, extra: &[&str]) -> Qtest {
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let dev = format!("virtio-blk-pci,drive=d0,addr=4{dev_opts}");
+    let mut args = vec!["-drive", &drive, "-device", &dev];
+    args.extend_from_slice(extra);
+    Qtest::start(&args)
+}
+
+/// A split virtqueue laid out by the test (virtio 1.2, 2.7).
+struct Vq {
+    index: u16,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+    avail_idx: u16,
+    last_used: u16,
+}
+
+impl Vq {
+    fn new(index: u16, size: u16, base: u64) -> Vq {
+        let desc = base;
+        let avail = desc + 16 * size as u64;
+        let used = (avail + 6 + 2 * size as u64 + 4095) & !4095;
+        Vq {
+            index,
+            size,
+            desc,
+            avail,
+            used,
+            next_desc: 0,
+            avail_idx: 0,
+            last_used: 0,
+        }
+    }
+
+    // The descriptor's four fields spelled out, as the spec's struct is.
+    #[allow(clippy::too_many_arguments)]
+    fn write_desc(
+        &self,
+        qt: &mut Qtest,
+        table: u64,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let mut d = Vec::with_capacity(16);
+        d.extend_from_slice(&addr.to_le_bytes());
+        d.extend_from_slice(&len.to_le_bytes());
+        d.extend_from_slice(&flags.to_le_bytes());
+        d.extend_from_slice(&next.to_le_bytes());
+        qt.memwrite(table + 16 * i as u64, &d);
+    }
+
+    /// Adds a chain of (addr, len, device-writable) buffers; returns the
+    /// head. `indirect` puts the chain in an indirect table at `itable`.
+    fn add(&mut self, qt: &mut Qtest, bufs: &[(u64, u32, bool)], indirect: Option<u64>) -> u16 {
+        let head = self.next_desc;
+        match indirect {
+            Some(table) => {
+                for (i, &(a, l, w)) in bufs.iter().enumerate() {
+                    let last = i + 1 == bufs.len();
+                    let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                    self.write_desc(qt, table, i as u16, a, l, flags, i as u16 + 1);
+                }
+                self.write_desc(
+                    qt,
+                    self.desc,
+                    head,
+                    table,
+                    16 * bufs.len() as u32,
+                    F_INDIRECT,
+                    0,
+                );
+                self.next_desc = (self.next_desc + 1) % self.size;
+            }
+            None => {
+                for (i, &(a, l, w)) in bufs.iter().enumerate() {
+                    let me = self.next_desc;
+                    let next = (me + 1) % self.size;
+                    let last = i + 1 == bufs.len();
+                    let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                    self.write_desc(qt, self.desc, me, a, l, flags, next);
+                    self.next_desc = next;
+                }
+            }
+        }
+        head
+    }
+
+    fn kick(&mut self, qt: &mut Qtest, head: u16, notify: impl FnOnce(&mut Qtest, u16)) {
+        let slot = self.avail + 4 + 2 * (self.avail_idx % self.size) as u64;
+        qt.writew(slot, head);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        qt.writew(self.avail + 2, self.avail_idx);
+        notify(qt, self.index);
+    }
+
+    /// Waits for the next used entry; returns (id, len).
+    fn wait_used(&mut self, qt: &mut Qtest) -> (u32, u32) {
+        let t = Instant::now();
+        loop {
+            let idx = qt.readw(self.used + 2);
+            if idx != self.last_used {
+                let e = self.used + 4 + 8 * (self.last_used % self.size) as u64;
+                let id = qt.readl(e);
+                let len = qt.readl(e + 4);
+                self.last_used = self.last_used.wrapping_add(1);
+                return (id, len);
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "queue {}: no used entry",
+                self.index
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Sets avail->used_event (EVENT_IDX).
+    fn set_used_event(&self, qt: &mut Qtest, v: u16) {
+        qt.writew(self.avail + 4 + 2 * self.size as u64, v);
+    }
+}
+
+/// The test's driver for one virtio-blk-pci function at slot 4.
+struct Blk {
+    qt: Qtest,
+    features: u64,
+    vqs: Vec<Vq>,
+    msix_cap: u8,
+}
+
+const SLOT: u8 = 4;
+
+impl Blk {
+    /// Maps the BARs and finds the MSI-X capability.
+    fn map(mut qt: Qtest) -> Blk {
+        qt.pci_write32(SLOT, 0, 0x10, BAR0 as u32);
+        qt.pci_write32(SLOT, 0, 0x14, BAR1 as u32);
+        qt.pci_write32(SLOT, 0, 0x20, BAR4 as u32);
+        qt.pci_write32(SLOT, 0, 0x24, 0);
+        qt.pci_write32(SLOT, 0, 0x04, 0x7);
+        let mut msix_cap = 0;
+        let mut p = qt.pci_read8(SLOT, 0, 0x34);
+        while p != 0 {
+            if qt.pci_read8(SLOT, 0, p) == 0x11 {
+                msix_cap = p;
+            }
+            p = qt.pci_read8(SLOT, 0, p + 1);
+        }
+        Blk {
+            qt,
+            features: 0,
+            vqs: Vec::new(),
+            msix_cap,
+        }
+    }
+
+    fn common_w32(&mut self, off: u64, v: u32) {
+        self.qt.writel(BAR4 + off, v);
+    }
+    fn common_r32(&mut self, off: u64) -> u32 {
+        self.qt.readl(BAR4 + off)
+    }
+    fn status(&mut self) -> u8 {
+        self.qt.readb(BAR4 + 0x14)
+    }
+    fn set_status(&mut self, s: u8) {
+        self.qt.writeb(BAR4 + 0x14, s);
+    }
+
+    fn device_features(&mut self) -> u64 {
+        self.common_w32(0x00, 0);
+        let lo = self.common_r32(0x04) as u64;
+        self.common_w32(0x00, 1);
+        let hi = self.common_r32(0x04) as u64;
+        lo | hi << 32
+    }
+
+    /// Modern initialisation (3.1.1) with `want` features; returns whether
+    /// FEATURES_OK stuck.
+    fn negotiate(&mut self, want: u64) -> bool {
+        self.set_status(0);
+        self.set_status(1);
+        self.set_status(3);
+        self.common_w32(0x08, 0);
+        self.common_w32(0x0c, want as u32);
+        self.common_w32(0x08, 1);
+        self.common_w32(0x0c, (want >> 32) as u32);
+        self.set_status(0xb);
+        self.features = want;
+        self.status() & 8 != 0
+    }
+
+    /// Enables MSI-X with vector v -> MSI_BASE + 4v, data 0x100 + v.
+    fn enable_msix(&mut self, vectors: u16) {
+        for v in 0..vectors as u64 {
+            let e = BAR1 + 16 * v;
+            self.qt.writel(e, (MSI_BASE + 4 * v) as u32);
+            self.qt.writel(e + 4, 0);
+            self.qt.writel(e + 8, 0x100 + v as u32);
+            self.qt.writel(e + 12, 0);
+        }
+        let cap = self.msix_cap;
+        assert_ne!(cap, 0, "no MSI-X capability");
+        let d = self.qt.pci_read32(SLOT, 0, cap);
+        self.qt.pci_write32(SLOT, 0, cap, d | 0x8000_0000);
+    }
+
+    fn setup_queue(&mut self, q: u16, size: u16, vector: u16) {
+        let base = RING_BASE + q as u64 * 0x4000;
+        let vq = Vq::new(q, size, base);
+        self.qt.memwrite(base, &vec![0u8; 0x4000]);
+        self.qt.writew(BAR4 + 0x16, q);
+        self.qt.writew(BAR4 + 0x18, size);
+        self.qt.writew(BAR4 + 0x1a, vector);
+        assert_eq!(self.qt.readw(BAR4 + 0x1a), vector, "queue vector refused");
+        self.qt.writeq(BAR4 + 0x20, vq.desc);
+        self.qt.writel(BAR4 + 0x28, vq.avail as u32);
+        self.qt.writel(BAR4 + 0x2c, 0);
+        self.qt.writeq(BAR4 + 0x30, vq.used);
+        self.qt.writew(BAR4 + 0x1c, 1);
+        self.vqs.push(vq);
+    }
+
+    fn driver_ok(&mut self) {
+        self.set_status(0xf);
+        assert_eq!(self.status(), 0xf);
+    }
+
+    /// Full modern bring-up with MSI-X and `nq` queues of 64 entries.
+    fn init(qt: Qtest, want: u64, nq: u16) -> Blk {
+        let mut b = Blk::map(qt);
+        assert!(b.negotiate(want));
+        b.enable_msix(nq + 1);
+        b.qt.writew(BAR4 + 0x10, 0); // config vector 0
+        for q in 0..nq {
+            b.setup_queue(q, 64, q + 1);
+        }
+        b.driver_ok();
+        b
+    }
+
+    fn msi(&mut self, vector: u16) -> u32 {
+        self.qt.readl(MSI_BASE + 4 * vector as u64)
+    }
+    fn clear_msi(&mut self, vector: u16) {
+        self.qt.writel(MSI_BASE + 4 * vector as u64, 0);
+    }
+
+    /// Submits a request on queue q: header, optional out data, optional
+    /// in buffer, status. Returns (status, used len, in data).
+    fn request(
+        &mut self,
+        q: u16,
+        ty: u32,
+        sector: u64,
+        out: &[u8],
+        in_len: u32,
+        indirect: bool,
+    ) -> (u8, u32, Vec<u8>) {
+        let base = BUF_BASE + q as u64 * 0x10_0000;
+        let (hdr, data, st, itable) = (base, base + 0x1000, base + 0x800, base + 0xc00);
+        let mut h = Vec::new();
+        h.extend_from_slice(&ty.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&sector.to_le_bytes());
+        self.qt.memwrite(hdr, &h);
+        self.qt.writeb(st, 0xff);
+        let mut bufs = vec![(hdr, 16u32, false)];
+        if !out.is_empty() {
+            self.qt.memwrite(data, out);
+            bufs.push((data, out.len() as u32, false));
+        }
+        if in_len > 0 {
+            self.qt.memwrite(data, &vec![0xee; in_len as usize]);
+            bufs.push((data, in_len, true));
+        }
+        bufs.push((st, 1, true));
+        let (qi, vq) = (q as usize, &mut self.vqs[q as usize]);
+        let head = vq.add(&mut self.qt, &bufs, indirect.then_some(itable));
+        vq.kick(&mut self.qt, head, |qt, q| {
+            qt.writew(NOTIFY + 4 * q as u64, q)
+        });
+        let (id, len) = self.vqs[qi].wait_used(&mut self.qt);
+        assert_eq!(id, head as u32, "used id is the chain head");
+        let s = self.qt.readb(st);
+        let d = if in_len > 0 {
+            self.qt.memread(data, in_len as usize)
+        } else {
+            Vec::new()
+        };
+        (s, len, d)
+    }
+}
+
+fn segment(sector: u64, n: u32, flags: u32) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sector.to_le_bytes());
+    s.extend_from_slice(&n.to_le_bytes());
+    s.extend_from_slice(&flags.to_le_bytes());
+    s
+}
+
+#[test]
+fn pci_identity_capabilities_and_feature_negotiation() {
+    let disk = pattern_disk("vblk-ident");
+    // Transitional by default on `pc`, as QEMU's.
+    let mut qt = start(&disk, ",serial=abc", &[]);
+    assert_eq!(qt.pci_read32(SLOT, 0, 0), 0x1001_1af4);
+    assert_eq!(qt.pci_read32(SLOT, 0, 8) & 0xff, 0, "revision 0");
+    assert_eq!(
+        qt.pci_read32(SLOT, 0, 0x2c),
+        0x0002_1af4,
+        "subsystem = type"
+    );
+    assert_eq!(qt.pci_read32(SLOT, 0, 0x3c) >> 8 & 0xff, 1, "INTA");
+    drop(qt);
+
+    let mut qt = start(&disk, ",disable-legacy=on,num-queues=2", &[]);
+    assert_eq!(qt.pci_read32(SLOT, 0, 0), 0x1042_1af4);
+    assert_eq!(qt.pci_read32(SLOT, 0, 8) & 0xff, 1, "revision 1");
+    assert_ne!(qt.pci_read32(SLOT, 0, 4) >> 16 & 0x10, 0, "capability list");
+    // No legacy I/O BAR.
+    qt.pci_write32(SLOT, 0, 0x10, 0xffff_ffff);
+    assert_eq!(qt.pci_read32(SLOT, 0, 0x10), 0);
+    // Vendor capabilities: common, notify, ISR, device, PCI cfg, all in BAR 4.
+    let mut types = Vec::new();
+    let mut p = qt.pci_read8(SLOT, 0, 0x34);
+    while p != 0 {
+        if qt.pci_read8(SLOT, 0, p) == 0x09 {
+            let ty = qt.pci_read8(SLOT, 0, p + 3);
+            types.push(ty);
+            if ty != 5 {
+                assert_eq!(qt.pci_read8(SLOT, 0, p + 4), 4, "cfg type {ty} in BAR 4");
+            }
+            if ty == 2 {
+                assert_eq!(qt.pci_read32(SLOT, 0, p + 16), 4, "notify multiplier");
+            }
+        }
+        p = qt.pci_read8(SLOT, 0, p + 1);
+    }
+    types.sort();
+    assert_eq!(types, vec![1, 2, 3, 4, 5]);
+
+    let mut b = Blk::map(qt);
+    let f = b.device_features();
+    for (bit, name) in [
+        (VERSION_1, "VERSION_1"),
+        (INDIRECT, "INDIRECT_DESC"),
+        (EVENT_IDX, "EVENT_IDX"),
+        (BLK_FLUSH, "FLUSH"),
+        (BLK_CONFIG_WCE, "CONFIG_WCE"),
+        (BLK_MQ, "MQ"),
+        (BLK_DISCARD, "DISCARD"),
+        (BLK_WRITE_ZEROES, "WRITE_ZEROES"),
+        (BLK_SEG_MAX, "SEG_MAX"),
+        (BLK_SIZE_MAX, "SIZE_MAX"),
+        (BLK_BLK_SIZE, "BLK_SIZE"),
+        (BLK_TOPOLOGY, "TOPOLOGY"),
+    ] {
+        assert_ne!(f & bit, 0, "{name} offered");
+    }
+    assert_eq!(f & (1 << 5), 0, "not read-only");
+    // A feature that was not offered makes FEATURES_OK fail; so does a
+    // modern driver without VERSION_1.
+    assert!(!b.negotiate(VERSION_1 | 1 << 7));
+    assert!(!b.negotiate(BLK_FLUSH));
+    assert!(b.negotiate(VERSION_1 | BLK_FLUSH | BLK_MQ));
+    // Device configuration: capacity, seg_max, blk_size, num_queues.
+    assert_eq!(b.qt.readq(DEVCFG), DISK_SECTORS);
+    assert_eq!(b.qt.readl(DEVCFG + 12), 254);
+    assert_eq!(b.qt.readl(DEVCFG + 20), 512);
+    assert_eq!(b.qt.readw(DEVCFG + 34), 2);
+    // Queue sizes: max 256 by default, non-powers of two refused.
+    b.qt.writew(BAR4 + 0x16, 1);
+    assert_eq!(b.qt.readw(BAR4 + 0x18), 256);
+    b.qt.writew(BAR4 + 0x18, 100);
+    assert_eq!(b.qt.readw(BAR4 + 0x18), 256);
+    b.qt.writew(BAR4 + 0x16, 2);
+    assert_eq!(b.qt.readw(BAR4 + 0x18), 0, "no queue 2");
+    // Reset clears the status.
+    b.set_status(0);
+    assert_eq!(b.status(), 0);
+}
+
+#[test]
+fn if_virtio_drive_creates_the_device() {
+    let disk = pattern_disk("vblk-ifvirtio");
+    let drive = format!("file={},if=virtio,format=raw", disk.display());
+    let mut qt = Qtest::start(&["-drive", &drive]);
+    // First free slot after the PIIX3 at 00:01.
+    assert_eq!(qt.pci_read32(2, 0, 0), 0x1001_1af4);
+}
+
+#[test]
+fn read_write_flush_get_id_modern_msix() {
+    let disk = pattern_disk("vblk-rw");
+    let qt = start(&disk, ",serial=STRATA-SN-1", &[]);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
+    b.clear_msi(1);
+    let (s, len, d) = b.request(0, T_IN, 10, &[], 1024, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(len, 1025, "data + status written");
+    assert!(d[..512].iter().all(|&x| x == pattern(10)));
+    assert!(d[512..].iter().all(|&x| x == pattern(11)));
+    assert_eq!(b.msi(1), 0x101, "queue 0's MSI-X vector 1 fired");
+
+    let data: Vec<u8> = (0..1536).map(|i| (i * 7 % 256) as u8).collect();
+    let (s, len, _) = b.request(0, T_OUT, 100, &data, 0, false);
+    assert_eq!((s, len), (S_OK, 1));
+    let (s, _, _) = b.request(0, T_FLUSH, 0, &[], 0, false);
+    assert_eq!(s, S_OK);
+    let file = std::fs::read(&disk).unwrap();
+    assert_eq!(
+        &file[100 * 512..103 * 512],
+        &data[..],
+        "written to the image"
+    );
+    let (s, _, d) = b.request(0, T_IN, 100, &[], 1536, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(d, data);
+
+    let (s, len, d) = b.request(0, T_GET_ID, 0, &[], 20, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(len, 21);
+    assert_eq!(&d[..11], b"STRATA-SN-1");
+    assert!(d[11..].iter().all(|&x| x == 0));
+
+    // Beyond the end of the disk: IOERR. Not a multiple of 512: IOERR.
+    let (s, _, _) = b.request(0, T_IN, DISK_SECTORS - 1, &[], 1024, false);
+    assert_eq!(s, S_IOERR);
+    let (s, _, _) = b.request(0, T_IN, u64::MAX / 256, &[], 512, false);
+    assert_eq!(s, S_IOERR, "sector * 512 overflows");
+    let (s, _, _) = b.request(0, T_IN, 0, &[], 100, false);
+    assert_eq!(s, S_IOERR);
+    // Unknown type: UNSUPP.
+    let (s, _, _) = b.request(0, 99, 0, &[], 0, false);
+    assert_eq!(s, S_UNSUPP);
+    // Not negotiated: discard is UNSUPP.
+    let (s, _, _) = b.request(0, T_DISCARD, 0, &segment(0, 8, 0), 0, false);
+    assert_eq!(s, S_UNSUPP);
+}
+
+#[test]
+fn discard_and_write_zeroes() {
+    let disk = pattern_disk("vblk-discard");
+    let drive_extra = format!(
+        "file={},if=none,id=d0,format=raw,discard=unmap",
+        disk.display()
+    );
+    let mut qt = Qtest::start(&[
+        "-drive",
+        &drive_extra,
+        "-device",
+        "virtio-blk-pci,drive=d0,addr=4",
+    ]);
+    let _ = &mut qt;
+    let mut b = Blk::init(
+        qt,
+        VERSION_1 | BLK_FLUSH | BLK_DISCARD | BLK_WRITE_ZEROES,
+        1,
+    );
+    assert_eq!(b.qt.readl(DEVCFG + 40), 1, "max_discard_seg");
+    assert_eq!(b.qt.readb(DEVCFG + 56), 1, "write_zeroes_may_unmap");
+    let (s, _, _) = b.request(0, T_WRITE_ZEROES, 16, &segment(16, 8, 0), 0, false);
+    assert_eq!(s, S_OK);
+    let (s, _, _) = b.request(0, T_WRITE_ZEROES, 0, &segment(40, 8, 1), 0, false);
+    assert_eq!(s, S_OK, "write-zeroes with unmap");
+    let (s, _, d) = b.request(0, T_IN, 15, &[], 512 * 10, false);
+    assert_eq!(s, S_OK);
+    assert!(d[..512].iter().all(|&x| x == pattern(15)));
+    assert!(
+        d[512..512 * 9].iter().all(|&x| x == 0),
+        "sectors 16..24 zeroed"
+    );
+    assert!(d[512 * 9..].iter().all(|&x| x == pattern(24)));
+    let file = std::fs::read(&disk).unwrap();
+    assert!(file[40 * 512..48 * 512].iter().all(|&x| x == 0));
+    let (s, _, _) = b.request(0, T_DISCARD, 0, &segment(64, 64, 0), 0, false);
+    assert_eq!(s, S_OK);
+    // UNMAP on a discard and unknown flags are UNSUPP; past the end IOERR.
+    let (s, _, _) = b.request(0, T_DISCARD, 0, &segment(64, 8, 1), 0, false);
+    assert_eq!(s, S_UNSUPP);
+    let (s, _, _) = b.request(0, T_WRITE_ZEROES, 0, &segment(64, 8, 4), 0, false);
+    assert_eq!(s, S_UNSUPP);
+    let (s, _, _) = b.request(
+        0,
+        T_WRITE_ZEROES,
+        0,
+        &segment(DISK_SECTORS - 4, 8, 0),
+        0,
+        false,
+    );
+    assert_eq!(s, S_IOERR);
+    // Two segments are more than max_discard_seg.
+    let mut two = segment(0, 8, 0);
+    two.extend(segment(8, 8, 0));
+    let (s, _, _) = b.request(0, T_DISCARD, 0, &two, 0, false);
+    assert_eq!(s, S_IOERR);
+}
+
+#[test]
+fn indirect_descriptors_and_event_idx() {
+    let disk = pattern_disk("vblk-indirect");
+    let qt = start(&disk, "", &[]);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH | INDIRECT | EVENT_IDX, 1);
+    let data = vec![0xa5u8; 4096];
+    let (s, _, _) = b.request(0, T_OUT, 200, &data, 0, true);
+    assert_eq!(s, S_OK);
+    let (s, len, d) = b.request(0, T_IN, 200, &[], 4096, true);
+    assert_eq!((s, len), (S_OK, 4097));
+    assert_eq!(d, data);
+    // The indirect chain used one ring descriptor per request.
+    assert_eq!(b.vqs[0].next_desc, 2);
+
+    // EVENT_IDX: with used_event far ahead, completions raise no MSI.
+    let used_now = b.vqs[0].last_used;
+    b.vqs[0].set_used_event(&mut b.qt, used_now.wrapping_add(5));
+    b.clear_msi(1);
+    let (s, _, _) = b.request(0, T_IN, 1, &[], 512, true);
+    assert_eq!(s, S_OK);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(b.msi(1), 0, "interrupt suppressed by used_event");
+    // used_event = the index of the next entry: that completion interrupts.
+    let next = b.vqs[0].last_used;
+    b.vqs[0].set_used_event(&mut b.qt, next);
+    let (s, _, _) = b.request(0, T_IN, 2, &[], 512, false);
+    assert_eq!(s, S_OK);
+    let t = Instant::now();
+    while b.msi(1) == 0 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(b.msi(1), 0x101);
+    // The device publishes avail_event (used ring's tail) = next avail idx.
+    let ae = b.qt.readw(b.vqs[0].used + 4 + 8 * 64);
+    assert_eq!(ae, b.vqs[0].avail_idx);
+}
+
+#[test]
+fn indirect_without_negotiation_is_an_error() {
+    let disk = pattern_disk("vblk-noind");
+    let qt = start(&disk, "", &[]);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
+    let (s, len, _) = b.request(0, T_IN, 0, &[], 512, true);
+    // The status cannot be located inside a refused indirect table.
+    assert_eq!((s, len), (0xff, 0));
+    let (s, _, d) = b.request(0, T_IN, 3, &[], 512, false);
+    assert_eq!(s, S_OK, "device still works");
+    assert_eq!(d[0], pattern(3));
+}
+
+#[test]
+fn multiqueue_each_queue_with_its_vector() {
+    let disk = pattern_disk("vblk-mq");
+    let qt = start(
+        &disk,
+        ",num-queues=4,iothread=io0",
+        &["-object", "iothread,id=io0"],
+    );
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH | BLK_MQ, 4);
+    assert_eq!(b.qt.readw(BAR4 + 0x12), 4);
+    for q in 0..4u16 {
+        for v in 1..=4 {
+            b.clear_msi(v);
+        }
+        let sector = 500 + q as u64;
+        let (s, _, d) = b.request(q, T_IN, sector, &[], 512, false);
+        assert_eq!(s, S_OK);
+        assert_eq!(d[0], pattern(sector));
+        for v in 1..=4u16 {
+            let want = if v == q + 1 { 0x100 + v as u32 } else { 0 };
+            assert_eq!(b.msi(v), want, "queue {q}: vector {v}");
+        }
+    }
+    // Several requests in flight on several queues at once, one kick each.
+    for q in 0..4u16 {
+        let base = BUF_BASE + 0x80_0000 + q as u64 * 0x10000;
+        let mut heads = Vec::new();
+        for i in 0..8u64 {
+            let (hdr, st, data) = (
+                base + i * 0x1000,
+                base + i * 0x1000 + 0x20,
+                base + i * 0x1000 + 0x200,
+            );
+            let mut h = T_IN.to_le_bytes().to_vec();
+            h.extend_from_slice(&0u32.to_le_bytes());
+            h.extend_from_slice(&(1000 + i).to_le_bytes());
+            b.qt.memwrite(hdr, &h);
+            b.qt.writeb(st, 0xff);
+            let vq = &mut b.vqs[q as usize];
+            let head = vq.add(
+                &mut b.qt,
+                &[(hdr, 16, false), (data, 512, true), (st, 1, true)],
+                None,
+            );
+            let slot = vq.avail + 4 + 2 * (vq.avail_idx % vq.size) as u64;
+            b.qt.writew(slot, head);
+            vq.avail_idx += 1;
+            heads.push(head as u32);
+        }
+        let vq = &mut b.vqs[q as usize];
+        b.qt.writew(vq.avail + 2, vq.avail_idx);
+        b.qt.writew(NOTIFY + 4 * q as u64, q);
+        let mut got: Vec<u32> = (0..8)
+            .map(|_| b.vqs[q as usize].wait_used(&mut b.qt).0)
+            .collect();
+        got.sort();
+        heads.sort();
+        assert_eq!(got, heads);
+        for i in 0..8u64 {
+            assert_eq!(b.qt.readb(base + i * 0x1000 + 0x20), S_OK);
+            assert_eq!(b.qt.readb(base + i * 0x1000 + 0x200), pattern(1000 + i));
+        }
+    }
+}
+
+#[test]
+fn config_wce_toggle_reaches_the_backend() {
+    let disk = pattern_disk("vblk-wce");
+    let qt = start(&disk, "", &[]);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH | BLK_CONFIG_WCE, 1);
+    assert_eq!(b.qt.readb(DEVCFG + 32), 1, "writeback by default");
+    b.qt.writeb(DEVCFG + 32, 0);
+    assert_eq!(b.qt.readb(DEVCFG + 32), 0, "backend now writethrough");
+    let (s, _, _) = b.request(0, T_OUT, 5, &[1u8; 512], 0, false);
+    assert_eq!(s, S_OK);
+    // Writethrough: the data is in the file without a flush.
+    assert!(std::fs::read(&disk).unwrap()[5 * 512..6 * 512]
+        .iter()
+        .all(|&x| x == 1));
+    b.qt.writeb(DEVCFG + 32, 1);
+    assert_eq!(b.qt.readb(DEVCFG + 32), 1);
+
+    // Without CONFIG_WCE the field is read-only; without FLUSH the cache
+    // is off, since the driver could never flush it.
+    let mut b2 = Blk::map(b.qt);
+    b2.set_status(0);
+    assert!(b2.negotiate(VERSION_1));
+    b2.setup_queue(0, 64, 0xffff);
+    b2.driver_ok();
+    assert_eq!(b2.qt.readb(DEVCFG + 32), 0);
+    b2.qt.writeb(DEVCFG + 32, 1);
+    assert_eq!(b2.qt.readb(DEVCFG + 32), 0);
+}
+
+#[test]
+fn write_cache_property_and_read_only() {
+    let disk = pattern_disk("vblk-ro");
+    let drive = format!(
+        "file={},if=none,id=d0,format=raw,readonly=on",
+        disk.display()
+    );
+    let qt = Qtest::start(&[
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,addr=4,write-cache=off",
+    ]);
+    let mut b = Blk::map(qt);
+    let f = b.device_features();
+    assert_ne!(f & 1 << 5, 0, "RO offered");
+    assert_eq!(f & BLK_DISCARD, 0);
+    assert!(b.negotiate(VERSION_1 | BLK_FLUSH | 1 << 5));
+    b.enable_msix(2);
+    b.setup_queue(0, 64, 1);
+    b.driver_ok();
+    assert_eq!(b.qt.readb(DEVCFG + 32), 0, "write-cache=off");
+    let (s, _, _) = b.request(0, T_OUT, 0, &[0u8; 512], 0, false);
+    assert_eq!(s, S_IOERR);
+    let (s, _, d) = b.request(0, T_IN, 7, &[], 512, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(d[0], pattern(7));
+}
+
+/// Hand-made chains: each gets an error status and a used entry, and the
+/// device keeps working.
+#[test]
+fn malformed_chains_get_an_error_and_the_device_survives() {
+    let disk = pattern_disk("vblk-bad");
+    let qt = start(&disk, "", &[]);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
+    let hdr = BUF_BASE;
+    let data = BUF_BASE + 0x1000;
+    let st = BUF_BASE + 0x800;
+    let mut h = T_IN.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0; 4]);
+    h.extend_from_slice(&0u64.to_le_bytes());
+    b.qt.memwrite(hdr, &h);
+
+    let submit = |b: &mut Blk, descs: &[(u64, u32, u16, u16)]| -> (u8, u32) {
+        b.qt.writeb(st, 0xff);
+        let vq = &mut b.vqs[0];
+        for (i, &(a, l, f, n)) in descs.iter().enumerate() {
+            vq.write_desc(&mut b.qt, vq.desc, i as u16 + 10, a, l, f, n + 10);
+        }
+        vq.kick(&mut b.qt, 10, |qt, q| qt.writew(NOTIFY + 4 * q as u64, q));
+        let (id, len) = b.vqs[0].wait_used(&mut b.qt);
+        assert_eq!(id, 10);
+        (b.qt.readb(st), len)
+    };
+    // A loop: the status descriptor points back at the header.
+    let r = submit(
+        &mut b,
+        &[
+            (hdr, 16, F_NEXT, 1),
+            (data, 512, F_NEXT | F_WRITE, 2),
+            (st, 1, F_NEXT | F_WRITE, 0),
+        ],
+    );
+    assert_eq!(r, (S_IOERR, 1), "loop");
+    // Data outside guest RAM (128 MiB): IOERR.
+    let r = submit(
+        &mut b,
+        &[
+            (hdr, 16, F_NEXT, 1),
+            (0x7fff_0000_0000, 512, F_NEXT | F_WRITE, 2),
+            (st, 1, F_WRITE, 0),
+        ],
+    );
+    assert_eq!(r, (S_IOERR, 1), "out of RAM");
+    let r = submit(
+        &mut b,
+        &[
+            (hdr, 16, F_NEXT, 1),
+            (0x800_0000 - 256, 512, F_NEXT | F_WRITE, 2),
+            (st, 1, F_WRITE, 0),
+        ],
+    );
+    assert_eq!(r, (S_IOERR, 1), "straddles the end of RAM");
+    // Wrong direction: a read whose data buffer is device-readable.
+    let r = submit(
+        &mut b,
+        &[
+            (hdr, 16, F_NEXT, 1),
+            (data, 512, F_NEXT, 2),
+            (st, 1, F_WRITE, 0),
+        ],
+    );
+    assert_eq!(r, (S_IOERR, 1), "wrong direction");
+    // Header too short.
+    let r = submit(&mut b, &[(hdr, 8, F_NEXT, 1), (st, 1, F_WRITE, 0)]);
+    assert_eq!(r, (S_IOERR, 1), "short header");
+    // A readable descriptor after a writable one.
+    let r = submit(
+        &mut b,
+        &[
+            (hdr, 16, F_NEXT, 1),
+            (data, 512, F_NEXT | F_WRITE, 2),
+            (data, 512, F_NEXT, 3),
+            (st, 1, F_WRITE, 0),
+        ],
+    );
+    assert_eq!(r, (S_IOERR, 1), "readable after writable");
+    // A next index beyond the queue.
+    b.qt.writeb(st, 0xff);
+    {
+        let vq = &mut b.vqs[0];
+        vq.write_desc(&mut b.qt, vq.desc, 10, hdr, 16, F_NEXT, 999);
+        vq.kick(&mut b.qt, 10, |qt, q| qt.writew(NOTIFY + 4 * q as u64, q));
+    }
+    let (id, len) = b.vqs[0].wait_used(&mut b.qt);
+    assert_eq!((id, len), (10, 0), "no status can be found: used len 0");
+    // No status byte at all (last descriptor readable).
+    let r = submit(&mut b, &[(hdr, 16, 0, 0)]);
+    assert_eq!(r, (0xff, 0));
+
+    // The device still works, and has no leftovers.
+    b.vqs[0].next_desc = 20;
+    let (s, _, d) = b.request(0, T_IN, 42, &[], 512, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(d[0], pattern(42));
+}
+
+#[test]
+fn legacy_interface_with_intx_through_pirq() {
+    let disk = pattern_disk("vblk-legacy");
+    let mut qt = start(&disk, ",disable-modern=on,vectors=0", &[]);
+    assert_eq!(qt.pci_read32(SLOT, 0, 0), 0x1001_1af4);
+    // Slot 4 INTA drives PIRQA (4 + 1 - 1 = 4, mod 4 = 0); route it to 11.
+    qt.pci_write8(1, 0, 0x60, 11);
+    assert_eq!(qt.cmd("irq_intercept_in ioapic"), "OK");
+    qt.pci_write32(SLOT, 0, 0x10, BAR0 as u32 | 1);
+    qt.pci_write32(SLOT, 0, 0x04, 0x5);
+    let io = |r: u16| BAR0 + r;
+    qt.outb(io(0x12), 0);
+    qt.outb(io(0x12), 3);
+    let hf = qt.inl(io(0x00));
+    assert_ne!(hf & BLK_FLUSH as u32, 0);
+    qt.outl(io(0x04), BLK_FLUSH as u32);
+    qt.outw(io(0x0e), 0);
+    let n = qt.inw(io(0x0c));
+    assert_eq!(n, 256);
+    // Legacy layout: contiguous, used ring 4 KiB aligned.
+    let mut vq = Vq::new(0, n, RING_BASE);
+    qt.memwrite(RING_BASE, &vec![0u8; 0x3000]);
+    qt.outl(io(0x08), (RING_BASE >> 12) as u32);
+    qt.outb(io(0x12), 7);
+    // Device config at 0x14 without MSI-X: capacity.
+    assert_eq!(qt.inl(io(0x14)) as u64, DISK_SECTORS);
+
+    let (hdr, data, st) = (BUF_BASE, BUF_BASE + 0x1000, BUF_BASE + 0x800);
+    let mut h = T_IN.to_le_bytes().to_vec();
+    h.extend_from_slice(&[0; 4]);
+    h.extend_from_slice(&77u64.to_le_bytes());
+    qt.memwrite(hdr, &h);
+    qt.writeb(st, 0xff);
+    let head = vq.add(
+        &mut qt,
+        &[(hdr, 16, false), (data, 512, true), (st, 1, true)],
+        None,
+    );
+    qt.irqs.clear();
+    vq.kick(&mut qt, head, |qt, q| qt.outw(io(0x10), q));
+    let (id, len) = vq.wait_used(&mut qt);
+    assert_eq!((id, len), (head as u32, 513));
+    assert_eq!(qt.readb(st), S_OK);
+    assert_eq!(qt.readb(data), pattern(77));
+    // Let the raise arrive on the channel, then read the ISR.
+    let t = Instant::now();
+    while !qt.irqs.contains(&(11, true)) && t.elapsed() < Duration::from_secs(5) {
+        let _ = qt.inb(io(0x12));
+    }
+    assert!(
+        qt.irqs.contains(&(11, true)),
+        "INTx on IRQ 11: {:?}",
+        qt.irqs
+    );
+    assert_eq!(qt.inb(io(0x13)), 1, "ISR: queue interrupt");
+    assert_eq!(qt.inb(io(0x13)), 0, "ISR cleared by reading");
+    let _ = qt.inb(io(0x12));
+    assert_eq!(qt.irqs.back(), Some(&(11, false)), "INTx lowered");
+}
+
+#[test]
+fn reset_while_running_then_reinitialise() {
+    let disk = pattern_disk("vblk-reset");
+    let qt = start(&disk, "", &[]);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
+    let (s, _, _) = b.request(0, T_IN, 1, &[], 512, false);
+    assert_eq!(s, S_OK);
+    b.set_status(0);
+    assert_eq!(b.status(), 0);
+    b.qt.writew(BAR4 + 0x16, 0);
+    assert_eq!(b.qt.readw(BAR4 + 0x1c), 0, "queue disabled by reset");
+    b.vqs.clear();
+    assert!(b.negotiate(VERSION_1 | BLK_FLUSH));
+    b.setup_queue(0, 64, 1);
+    b.driver_ok();
+    let (s, _, d) = b.request(0, T_IN, 9, &[], 512, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(d[0], pattern(9));
+}
+
+#[test]
+fn bad_properties_are_refused() {
+    let disk = pattern_disk("vblk-props");
+    for (opts, want) in [
+        (",queue-size=100", "queue-size"),
+        (",iothread=nope", "iothread 'nope'"),
+        (",frob=1", "property 'frob'"),
+        (",disable-legacy=on,disable-modern=on", "no interface"),
+    ] {
+        let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+        let dev = format!("virtio-blk-pci,drive=d0{opts}");
+        let (code, _out, err) = support::run_strata(
+            &[
+                "-machine",
+                "pc,accel=qtest",
+                "-qtest",
+                "stdio",
+                "-drive",
+                &drive,
+                "-device",
+                &dev,
+            ],
+            Duration::from_secs(10),
+        );
+        assert_ne!(code, Some(0), "{opts}");
+        assert!(err.contains(want), "{opts}: {err}");
+    }
+}

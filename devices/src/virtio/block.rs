@@ -1,0 +1,1022 @@
+//! virtio-blk (virtio 1.2, section 5.2): device ID 2, PCI 1af4:1001
+//! (transitional) or 1af4:1042 (modern).
+//!
+//! Requests are handled in two steps, as Firecracker does:
+//! [`Request::parse`] walks the descriptor chain itself (section 2.7.5,
+//! indirect tables per 2.7.5.3) and checks everything a hostile driver
+//! controls: descriptor indices, loops, nested or malformed indirect
+//! tables, that every buffer lies in guest RAM, directions, the header
+//! length, 512-byte multiples, and the sector range against the capacity
+//! with checked arithmetic. Only a parsed request reaches the block layer,
+//! and the status byte is written in one place ([`BlockWorker`]'s
+//! `finish`), whatever happened.
+//!
+//! The queues run on an event loop ([`super::event_loop::EventLoop`], one
+//! per iothread). Per notification the worker pops every available chain,
+//! submits them all to the `BlockBackend` asynchronously with iovecs that
+//! point straight into guest memory (no copy), then completes what has
+//! finished and signals each queue at most once per batch (honouring
+//! RING_EVENT_IDX, section 2.7.10).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use block::backend::BlockBackend;
+use block::driver::{IoOp, IoRequest};
+use block::error::BlockError;
+use block::iov::IoVecs;
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::event_loop::EventLoop;
+use super::{features as vf, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt};
+use crate::bus::put_le;
+use crate::GuestMem;
+
+pub const DEVICE_TYPE: u16 = 2;
+
+/// Feature bits (section 5.2.3).
+pub mod features {
+    pub const SIZE_MAX: u64 = 1 << 1;
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const TOPOLOGY: u64 = 1 << 10;
+    pub const CONFIG_WCE: u64 = 1 << 11;
+    pub const MQ: u64 = 1 << 12;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+/// Request types and status values (section 5.2.6).
+pub mod req {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+    pub const DISCARD: u32 = 11;
+    pub const WRITE_ZEROES: u32 = 13;
+    pub const S_OK: u8 = 0;
+    pub const S_IOERR: u8 = 1;
+    pub const S_UNSUPP: u8 = 2;
+    /// Flag of a discard/write-zeroes segment: the range may be unmapped.
+    pub const F_UNMAP: u32 = 1;
+}
+
+pub const SECTOR: u64 = 512;
+const HEADER_LEN: u64 = 16;
+const SEGMENT_LEN: u64 = 16;
+pub const ID_BYTES: usize = 20;
+/// Size of the configuration structure as exposed (up to
+/// write_zeroes_may_unmap and its padding).
+pub const CONFIG_LEN: usize = 60;
+/// Longest chain accepted, direct or indirect: bounds the walk.
+const MAX_CHAIN: usize = 1024;
+/// Largest single segment (SIZE_MAX).
+const SIZE_MAX: u32 = 0x7fff_f000;
+/// Discard and write-zeroes limits, in sectors, and segments per request.
+const MAX_DISCARD_SECTORS: u32 = 0x3f_ffff;
+const MAX_ZEROES_SECTORS: u32 = 0x3f_ffff;
+const MAX_DISCARD_SEG: u32 = 1;
+
+/// Device properties (`-device virtio-blk-pci,...`).
+#[derive(Clone, Debug)]
+pub struct BlockOptions {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub logical_block_size: u32,
+    pub physical_block_size: u32,
+    pub config_wce: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+    /// Offer RING_EVENT_IDX and RING_INDIRECT_DESC (QEMU's `event_idx`,
+    /// `indirect_desc`).
+    pub event_idx: bool,
+    pub indirect_desc: bool,
+    pub serial: Option<String>,
+}
+
+impl Default for BlockOptions {
+    fn default() -> Self {
+        BlockOptions {
+            num_queues: 1,
+            queue_size: 256,
+            logical_block_size: 512,
+            physical_block_size: 512,
+            config_wce: true,
+            discard: true,
+            write_zeroes: true,
+            event_idx: true,
+            indirect_desc: true,
+            serial: None,
+        }
+    }
+}
+
+impl BlockOptions {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_queues == 0 || self.num_queues > 1024 {
+            return Err(format!("num-queues {} must be 1..1024", self.num_queues));
+        }
+        if !self.queue_size.is_power_of_two() || !(4..=1024).contains(&self.queue_size) {
+            return Err(format!(
+                "queue-size {} must be a power of two in 4..1024",
+                self.queue_size
+            ));
+        }
+        let l = self.logical_block_size;
+        let p = self.physical_block_size;
+        if !l.is_power_of_two() || !(512..=32768).contains(&l) {
+            return Err(format!(
+                "logical_block_size {l} must be a power of two, 512..32768"
+            ));
+        }
+        if !p.is_power_of_two() || p < l || p > 32768 {
+            return Err(format!(
+                "physical_block_size {p} must be a power of two, at least logical_block_size"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Why a chain was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// A descriptor index beyond its table.
+    BadIndex,
+    /// A descriptor or a buffer is not in guest RAM.
+    OutOfRam,
+    /// The chain visits a descriptor twice.
+    Loop,
+    /// Too many descriptors.
+    TooLong,
+    /// An indirect table inside an indirect table, with NEXT, or of a
+    /// length that is not a multiple of 16.
+    BadIndirect,
+    /// INDIRECT used without RING_INDIRECT_DESC.
+    IndirectNotNegotiated,
+    /// A readable descriptor after a writable one, or data in the wrong
+    /// direction for the request type.
+    WrongDirection,
+    /// Fewer than 16 readable bytes for the header.
+    HeaderTooShort,
+    /// No writable byte for the status.
+    NoStatus,
+    /// Data length not a multiple of 512 bytes.
+    NotSectorMultiple,
+    /// The sector range does not fit in the disk.
+    OutOfRange,
+    /// A segment larger than SIZE_MAX or more segments than SEG_MAX.
+    TooLarge,
+    /// A malformed discard/write-zeroes segment list.
+    BadSegment,
+    /// A write to a read-only disk.
+    ReadOnly,
+}
+
+/// One descriptor as read from guest memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Desc {
+    addr: u64,
+    len: u32,
+    writable: bool,
+}
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+/// What the device was configured with and negotiated; what parsing
+/// checks against.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub capacity_sectors: u64,
+    pub seg_max: u32,
+    pub read_only: bool,
+    pub indirect: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes {
+        unmap: bool,
+    },
+    /// An unknown or not negotiated type: answered with UNSUPP.
+    Unsupported(u32),
+}
+
+/// A parsed request. `data` are guest-physical ranges, all checked to lie
+/// in RAM.
+#[derive(Debug)]
+pub struct Request {
+    pub kind: Kind,
+    pub sector: u64,
+    pub data: Vec<(u64, u32)>,
+    pub data_len: u64,
+    /// Byte range of discard/write-zeroes.
+    pub range: (u64, u64),
+    /// Guest-physical address of the status byte.
+    pub status: u64,
+}
+
+/// Walks the chain at `head` of a descriptor table of `size` entries into
+/// `out`, following one indirect table if allowed.
+fn walk(
+    mem: &GuestMem,
+    table: u64,
+    size: u16,
+    head: u16,
+    indirect_ok: bool,
+    out: &mut Vec<Desc>,
+) -> Result<(), ParseError> {
+    out.clear();
+    let (mut table, mut size, mut idx) = (table, size as usize, head as usize);
+    let mut in_indirect = false;
+    let mut deferred = None;
+    // MAX_CHAIN bits: queue sizes and indirect tables are both bounded by it.
+    let mut seen = [0u64; MAX_CHAIN / 64];
+    loop {
+        if idx >= size {
+            return Err(ParseError::BadIndex);
+        }
+        if seen[idx / 64] & (1 << (idx % 64)) != 0 {
+            return Err(ParseError::Loop);
+        }
+        seen[idx / 64] |= 1 << (idx % 64);
+        let a = table
+            .checked_add(idx as u64 * 16)
+            .ok_or(ParseError::OutOfRam)?;
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, GuestAddress(a))
+            .map_err(|_| ParseError::OutOfRam)?;
+        let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
+        let len = u32::from_le_bytes(raw[8..12].try_into().unwrap());
+        let flags = u16::from_le_bytes([raw[12], raw[13]]);
+        let next = u16::from_le_bytes([raw[14], raw[15]]);
+        if flags & F_INDIRECT != 0 {
+            // Section 2.7.5.3.1: only in the main table, never with NEXT,
+            // a whole number of descriptors.
+            if !indirect_ok {
+                return Err(ParseError::IndirectNotNegotiated);
+            }
+            if in_indirect || flags & F_NEXT != 0 || len == 0 || !len.is_multiple_of(16) {
+                return Err(ParseError::BadIndirect);
+            }
+            if !out.is_empty() {
+                return Err(ParseError::BadIndirect);
+            }
+            let n = len as usize / 16;
+            if n > MAX_CHAIN {
+                return Err(ParseError::TooLong);
+            }
+            if !mem.check_range(GuestAddress(addr), len as usize) {
+                return Err(ParseError::OutOfRam);
+            }
+            table = addr;
+            size = n;
+            idx = 0;
+            in_indirect = true;
+            seen = [0u64; MAX_CHAIN / 64];
+            continue;
+        }
+        if out.len() >= MAX_CHAIN {
+            return Err(ParseError::TooLong);
+        }
+        let writable = flags & F_WRITE != 0;
+        // Buffer errors do not stop the walk: the chain is still followed
+        // to its end so that the driver gets a status byte.
+        // Section 2.7.4.2: readable descriptors come first.
+        if !writable && out.last().is_some_and(|d| d.writable) {
+            deferred.get_or_insert(ParseError::WrongDirection);
+        }
+        if len > 0 && !mem.check_range(GuestAddress(addr), len as usize) {
+            deferred.get_or_insert(ParseError::OutOfRam);
+        }
+        out.push(Desc {
+            addr,
+            len,
+            writable,
+        });
+        if flags & F_NEXT == 0 {
+            return deferred.map_or(Ok(()), Err);
+        }
+        idx = next as usize;
+    }
+}
+
+/// The status byte of a chain: the last byte of its last descriptor, if
+/// that descriptor is device-writable and in RAM.
+fn status_addr(mem: &GuestMem, descs: &[Desc]) -> Option<u64> {
+    let d = descs.last()?;
+    if !d.writable || d.len == 0 {
+        return None;
+    }
+    let a = d.addr.checked_add(d.len as u64 - 1)?;
+    mem.check_range(GuestAddress(a), 1).then_some(a)
+}
+
+/// Splits the byte stream of `descs` (readable or writable ones) into
+/// guest ranges, skipping `skip` bytes at the start and `trim` at the end.
+fn ranges(descs: &[Desc], writable: bool, skip: u64, trim: u64) -> Vec<(u64, u32)> {
+    let total: u64 = descs
+        .iter()
+        .filter(|d| d.writable == writable)
+        .map(|d| d.len as u64)
+        .sum();
+    let end = total.saturating_sub(trim);
+    let mut out = Vec::new();
+    let mut pos = 0u64;
+    for d in descs.iter().filter(|d| d.writable == writable) {
+        let (s, e) = (pos, pos + d.len as u64);
+        pos = e;
+        let (a, b) = (s.max(skip), e.min(end));
+        if a < b {
+            out.push((d.addr + (a - s), (b - a) as u32));
+        }
+    }
+    out
+}
+
+impl Request {
+    /// Parses the chain at `head`. On error, returns the status address
+    /// too when one could be found, so that the driver gets an answer.
+    pub fn parse(
+        mem: &GuestMem,
+        table: u64,
+        size: u16,
+        head: u16,
+        lim: &Limits,
+        scratch: &mut Vec<Desc>,
+    ) -> Result<Request, (ParseError, Option<u64>)> {
+        let walked = walk(mem, table, size, head, lim.indirect, scratch);
+        let status = status_addr(mem, scratch);
+        if let Err(e) = walked {
+            return Err((e, status));
+        }
+        let err = |e| Err((e, status));
+        let Some(status) = status else {
+            return err(ParseError::NoStatus);
+        };
+        let descs: &[Desc] = scratch;
+        let readable: u64 = descs
+            .iter()
+            .filter(|d| !d.writable)
+            .map(|d| d.len as u64)
+            .sum();
+        let writable: u64 = descs
+            .iter()
+            .filter(|d| d.writable)
+            .map(|d| d.len as u64)
+            .sum();
+        if readable < HEADER_LEN {
+            return err(ParseError::HeaderTooShort);
+        }
+        let mut hdr = [0u8; 16];
+        let mut got = 0usize;
+        for (a, l) in ranges(descs, false, 0, readable - HEADER_LEN) {
+            mem.read_slice(&mut hdr[got..got + l as usize], GuestAddress(a))
+                .map_err(|_| (ParseError::OutOfRam, Some(status)))?;
+            got += l as usize;
+        }
+        let ty = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+        let out_len = readable - HEADER_LEN;
+        let in_len = writable - 1;
+        let mut r = Request {
+            kind: Kind::Unsupported(ty),
+            sector,
+            data: Vec::new(),
+            data_len: 0,
+            range: (0, 0),
+            status,
+        };
+        let check_range = |sector: u64, bytes: u64| -> Result<(), ParseError> {
+            let end = sector
+                .checked_mul(SECTOR)
+                .and_then(|o| o.checked_add(bytes))
+                .ok_or(ParseError::OutOfRange)?;
+            if end > lim.capacity_sectors.saturating_mul(SECTOR) {
+                return Err(ParseError::OutOfRange);
+            }
+            Ok(())
+        };
+        match ty {
+            req::IN | req::OUT => {
+                let (len, writable_data) = if ty == req::IN {
+                    if out_len != 0 {
+                        return err(ParseError::WrongDirection);
+                    }
+                    (in_len, true)
+                } else {
+                    if in_len != 0 {
+                        return err(ParseError::WrongDirection);
+                    }
+                    if lim.read_only {
+                        return err(ParseError::ReadOnly);
+                    }
+                    (out_len, false)
+                };
+                if !len.is_multiple_of(SECTOR) {
+                    return err(ParseError::NotSectorMultiple);
+                }
+                check_range(sector, len).map_err(|e| (e, Some(status)))?;
+                r.data = if writable_data {
+                    ranges(descs, true, 0, 1)
+                } else {
+                    ranges(descs, false, HEADER_LEN, 0)
+                };
+                if r.data.len() > lim.seg_max as usize || r.data.iter().any(|d| d.1 > SIZE_MAX) {
+                    return err(ParseError::TooLarge);
+                }
+                r.data_len = len;
+                r.kind = if ty == req::IN { Kind::In } else { Kind::Out };
+            }
+            req::FLUSH => r.kind = Kind::Flush,
+            req::GET_ID => {
+                if out_len != 0 {
+                    return err(ParseError::WrongDirection);
+                }
+                r.data = ranges(descs, true, 0, 1);
+                r.data_len = in_len;
+                r.kind = Kind::GetId;
+            }
+            req::DISCARD | req::WRITE_ZEROES => {
+                let allowed = if ty == req::DISCARD {
+                    lim.discard
+                } else {
+                    lim.write_zeroes
+                };
+                if !allowed {
+                    return Ok(r); // UNSUPP
+                }
+                if lim.read_only {
+                    return err(ParseError::ReadOnly);
+                }
+                if in_len != 0 {
+                    return err(ParseError::WrongDirection);
+                }
+                if out_len == 0 || !out_len.is_multiple_of(SEGMENT_LEN) {
+                    return err(ParseError::BadSegment);
+                }
+                if out_len / SEGMENT_LEN > MAX_DISCARD_SEG as u64 {
+                    return err(ParseError::TooLarge);
+                }
+                let mut seg = [0u8; 16];
+                let mut got = 0usize;
+                for (a, l) in ranges(descs, false, HEADER_LEN, 0) {
+                    mem.read_slice(&mut seg[got..got + l as usize], GuestAddress(a))
+                        .map_err(|_| (ParseError::OutOfRam, Some(status)))?;
+                    got += l as usize;
+                }
+                let s = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+                let n = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+                let max = if ty == req::DISCARD {
+                    MAX_DISCARD_SECTORS
+                } else {
+                    MAX_ZEROES_SECTORS
+                };
+                if n > max {
+                    return err(ParseError::TooLarge);
+                }
+                // Unknown flags, or UNMAP on a discard, are UNSUPP
+                // (section 5.2.6.2).
+                if flags & !req::F_UNMAP != 0 || (ty == req::DISCARD && flags != 0) {
+                    return Ok(r);
+                }
+                check_range(s, n as u64 * SECTOR).map_err(|e| (e, Some(status)))?;
+                r.range = (s * SECTOR, n as u64 * SECTOR);
+                r.kind = if ty == req::DISCARD {
+                    Kind::Discard
+                } else {
+                    Kind::WriteZeroes {
+                        unmap: flags & req::F_UNMAP != 0,
+                    }
+                };
+            }
+            _ => {}
+        }
+        Ok(r)
+    }
+}
+
+/// A request submitted to the block layer and not yet completed.
+struct InFlight {
+    /// Index into the worker's queue list.
+    q: usize,
+    head: u16,
+    status: u64,
+    used_len: u32,
+}
+
+/// Completed block requests on their way back to the worker.
+///
+/// The block layer may complete a request on any thread, or right inside
+/// `submit` (null-co, errors). The eventfd is only written when the worker
+/// is not already going to look (`in_pass` false): completions that happen
+/// during a pass over the queues cost no system call.
+struct Completions {
+    items: Mutex<Vec<(usize, Result<(), BlockError>)>>,
+    efd: EventFd,
+    in_pass: AtomicBool,
+}
+
+impl Completions {
+    fn new() -> Result<Arc<Self>, String> {
+        Ok(Arc::new(Completions {
+            items: Mutex::new(Vec::new()),
+            efd: EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?,
+            in_pass: AtomicBool::new(false),
+        }))
+    }
+
+    fn callback(self: &Arc<Self>, slot: usize) -> block::driver::Completion {
+        let me = self.clone();
+        Box::new(move |_req, r| {
+            crate::bus::lock(&me.items).push((slot, r));
+            // Pairs with the store in `end_pass`: either the worker sees
+            // this item in its last drain, or we see the flag clear.
+            if !me.in_pass.load(Ordering::SeqCst) {
+                let _ = me.efd.write(1);
+            }
+        })
+    }
+
+    fn take(&self, into: &mut Vec<(usize, Result<(), BlockError>)>) {
+        into.clear();
+        std::mem::swap(&mut *crate::bus::lock(&self.items), into);
+    }
+}
+
+/// Event-loop token for the completion eventfd (queues use their index).
+const COMPLETION_TOKEN: u32 = u32::MAX;
+
+/// Runs the queues of one activated device. It is an event-manager
+/// subscriber, but its methods can be driven directly (the benchmark does).
+pub struct BlockWorker {
+    mem: GuestMem,
+    queues: Vec<ActiveQueue>,
+    backend: Arc<BlockBackend>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    cq: Arc<Completions>,
+    done: Vec<(usize, Result<(), BlockError>)>,
+    inflight: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    busy: usize,
+    limits: Limits,
+    serial: [u8; ID_BYTES],
+    scratch: Vec<Desc>,
+    /// Queues with new used entries since the last interrupt check.
+    dirty: Vec<bool>,
+}
+
+impl BlockWorker {
+    pub fn new(
+        a: Activation,
+        backend: Arc<BlockBackend>,
+        limits: Limits,
+        serial: Option<&str>,
+    ) -> Result<Self, String> {
+        let cq = Completions::new()?;
+        let mut s = [0u8; ID_BYTES];
+        if let Some(v) = serial {
+            let n = v.len().min(ID_BYTES);
+            s[..n].copy_from_slice(&v.as_bytes()[..n]);
+        }
+        let n = a.queues.len();
+        Ok(BlockWorker {
+            mem: a.mem,
+            queues: a.queues,
+            backend,
+            interrupt: a.interrupt,
+            cq,
+            done: Vec::new(),
+            inflight: Vec::new(),
+            free: Vec::new(),
+            busy: 0,
+            limits,
+            serial: s,
+            scratch: Vec::with_capacity(16),
+            dirty: vec![false; n],
+        })
+    }
+
+    /// Requests submitted and not completed.
+    pub fn in_flight(&self) -> usize {
+        self.busy
+    }
+
+    /// Handles a notification of queue `qi` (its position in the worker's
+    /// list): pops every available chain and starts it, then completes what
+    /// has finished.
+    pub fn process_queue(&mut self, qi: usize) {
+        let Some(aq) = self.queues.get(qi) else {
+            return;
+        };
+        // Completions during this pass are collected at its end, without
+        // an eventfd round trip.
+        self.cq.in_pass.store(true, Ordering::SeqCst);
+        let (table, size) = (aq.queue.desc_table(), aq.queue.size());
+        let event_idx = aq.queue.event_idx_enabled();
+        loop {
+            if event_idx {
+                let _ = self.queues[qi].queue.disable_notification(&self.mem);
+            }
+            while let Some(head) = self.queues[qi]
+                .queue
+                .pop_descriptor_chain(&self.mem)
+                .map(|c| c.head_index())
+            {
+                self.start(qi, table, size, head);
+            }
+            // With EVENT_IDX, re-enabling tells us whether the driver added
+            // more meanwhile (section 2.7.10); go round again if so.
+            if !event_idx {
+                break;
+            }
+            match self.queues[qi].queue.enable_notification(&self.mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        self.process_completions();
+    }
+
+    fn start(&mut self, qi: usize, table: u64, size: u16, head: u16) {
+        let r = Request::parse(
+            &self.mem,
+            table,
+            size,
+            head,
+            &self.limits,
+            &mut self.scratch,
+        );
+        let r = match r {
+            Ok(r) => r,
+            Err((e, status)) => {
+                log::debug!("virtio-blk: bad chain at head {head}: {e:?}");
+                // Every malformed chain is an I/O error for the driver
+                // (QEMU would mark the whole device broken instead).
+                self.finish(qi, head, status, req::S_IOERR, 0);
+                return;
+            }
+        };
+        let op = match r.kind {
+            Kind::In => IoOp::Read,
+            Kind::Out => IoOp::Write,
+            Kind::Flush => IoOp::Flush,
+            Kind::Discard => IoOp::Discard,
+            Kind::WriteZeroes { unmap } => IoOp::WriteZeroes { may_unmap: unmap },
+            Kind::GetId => {
+                let n = (r.data_len as usize).min(ID_BYTES);
+                let mut written = 0usize;
+                for (a, l) in &r.data {
+                    let take = (*l as usize).min(n - written);
+                    if take == 0 {
+                        break;
+                    }
+                    let _ = self
+                        .mem
+                        .write_slice(&self.serial[written..written + take], GuestAddress(*a));
+                    written += take;
+                }
+                self.finish(qi, head, Some(r.status), req::S_OK, written as u32);
+                return;
+            }
+            Kind::Unsupported(_) => {
+                self.finish(qi, head, Some(r.status), req::S_UNSUPP, 0);
+                return;
+            }
+        };
+        let mut segs = Vec::with_capacity(r.data.len());
+        for &(a, l) in &r.data {
+            match self.mem.get_slice(GuestAddress(a), l as usize) {
+                Ok(s) => segs.push((s.ptr_guard_mut().as_ptr(), l as usize)),
+                Err(_) => {
+                    // A buffer straddling two RAM regions: parse checked
+                    // each byte is RAM, but it must be one mapping.
+                    self.finish(qi, head, Some(r.status), req::S_IOERR, 0);
+                    return;
+                }
+            }
+        }
+        // SAFETY: each (ptr, len) was just obtained from `self.mem` for a
+        // range inside one mapped guest RAM region. The mapping stays alive
+        // until the request completes: the worker owns a reference to it and
+        // its Drop waits for every in-flight request. The guest may touch
+        // the buffers meanwhile, as it may on real hardware; that can only
+        // change the data, not the memory's validity.
+        let iov = unsafe { IoVecs::from_raw(&segs) };
+        let offset = r.sector.wrapping_mul(SECTOR);
+        let request = match op {
+            IoOp::Read => IoRequest::read(offset, iov),
+            IoOp::Write => IoRequest::write(offset, iov, false),
+            IoOp::Flush => IoRequest::flush(),
+            IoOp::Discard => IoRequest::discard(r.range.0, r.range.1),
+            IoOp::WriteZeroes { may_unmap } => {
+                IoRequest::write_zeroes(r.range.0, r.range.1, may_unmap)
+            }
+        };
+        let used_len = if op == IoOp::Read {
+            r.data_len as u32
+        } else {
+            0
+        };
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.inflight.push(None);
+                self.inflight.len() - 1
+            }
+        };
+        self.inflight[slot] = Some(InFlight {
+            q: qi,
+            head,
+            status: r.status,
+            used_len,
+        });
+        self.busy += 1;
+        self.backend.submit(request, self.cq.callback(slot));
+    }
+
+    /// Completes every request the block layer has finished, then signals
+    /// the queues that got used entries.
+    pub fn process_completions(&mut self) {
+        self.cq.in_pass.store(true, Ordering::SeqCst);
+        self.complete_taken();
+        // From here on a completion kicks the eventfd; anything that
+        // slipped in before is picked up by this last look.
+        self.cq.in_pass.store(false, Ordering::SeqCst);
+        self.complete_taken();
+        self.signal();
+    }
+
+    fn complete_taken(&mut self) {
+        let mut done = std::mem::take(&mut self.done);
+        self.cq.take(&mut done);
+        for (slot, result) in done.drain(..) {
+            let Some(f) = self.inflight.get_mut(slot).and_then(|s| s.take()) else {
+                continue;
+            };
+            self.free.push(slot);
+            self.busy -= 1;
+            let (s, len) = match result {
+                Ok(()) => (req::S_OK, f.used_len),
+                Err(BlockError::Unsupported(_)) => (req::S_UNSUPP, 0),
+                Err(e) => {
+                    log::debug!("virtio-blk: I/O error: {e}");
+                    (req::S_IOERR, 0)
+                }
+            };
+            self.finish_nosignal(f.q, f.head, Some(f.status), s, len);
+        }
+        self.done = done;
+    }
+
+    /// The one place a request ends: status byte, used ring entry (the
+    /// status byte counts in the used length), interrupt.
+    fn finish(&mut self, qi: usize, head: u16, status: Option<u64>, s: u8, data_len: u32) {
+        self.finish_nosignal(qi, head, status, s, data_len);
+    }
+
+    fn finish_nosignal(&mut self, qi: usize, head: u16, status: Option<u64>, s: u8, data_len: u32) {
+        let mut used = data_len;
+        if let Some(a) = status {
+            if self.mem.write_obj(s, GuestAddress(a)).is_ok() {
+                used = used.saturating_add(1);
+            }
+        }
+        let q = &mut self.queues[qi].queue;
+        if let Err(e) = q.add_used(&self.mem, head, used) {
+            log::warn!("virtio-blk: cannot add a used entry: {e}");
+        }
+        self.dirty[qi] = true;
+    }
+
+    fn signal(&mut self) {
+        for qi in 0..self.queues.len() {
+            if !std::mem::take(&mut self.dirty[qi]) {
+                continue;
+            }
+            let aq = &mut self.queues[qi];
+            if aq.queue.needs_notification(&self.mem).unwrap_or(true) {
+                self.interrupt.signal_queue(aq.index);
+            }
+        }
+    }
+
+    /// Waits until every submitted request has completed.
+    pub fn drain(&mut self) {
+        while self.busy > 0 {
+            // Only reached on reset or teardown: a short sleep between
+            // looks keeps the fast path free of condition variables.
+            let done: Vec<_> = std::mem::take(&mut *crate::bus::lock(&self.cq.items));
+            if done.is_empty() {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                continue;
+            }
+            // The device is going away (reset): the driver sees IOERR
+            // rather than a status that never comes.
+            for (slot, _r) in done {
+                if let Some(Some(f)) = self.inflight.get_mut(slot).map(|s| s.take()) {
+                    self.busy -= 1;
+                    self.free.push(slot);
+                    let _ = self.mem.write_obj(req::S_IOERR, GuestAddress(f.status));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for BlockWorker {
+    fn drop(&mut self) {
+        // Guest buffers are in use by the block layer until then.
+        self.drain();
+    }
+}
+
+impl MutEventSubscriber for BlockWorker {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let token = events.data();
+        if token == COMPLETION_TOKEN {
+            let _ = self.cq.efd.read();
+            self.process_completions();
+            return;
+        }
+        let qi = token as usize;
+        if let Some(aq) = self.queues.get(qi) {
+            let _ = aq.notify.read();
+            self.process_queue(qi);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (i, q) in self.queues.iter().enumerate() {
+            let ev = Events::with_data(q.notify.as_ref(), i as u32, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::error!("virtio-blk: cannot watch queue {i}: {e}");
+            }
+        }
+        let ev = Events::with_data(&self.cq.efd, COMPLETION_TOKEN, EventSet::IN);
+        if let Err(e) = ops.add(ev) {
+            log::error!("virtio-blk: cannot watch completions: {e}");
+        }
+        // Notifications that arrived before the worker existed.
+        for i in 0..self.queues.len() {
+            if self.queues[i].notify.read().is_ok() {
+                self.process_queue(i);
+            }
+        }
+    }
+}
+
+/// The virtio-blk device.
+pub struct VirtioBlock {
+    backend: Arc<BlockBackend>,
+    opts: BlockOptions,
+    event_loop: Arc<EventLoop>,
+    acked: u64,
+    running: Option<SubscriberId>,
+}
+
+impl VirtioBlock {
+    pub fn new(
+        backend: Arc<BlockBackend>,
+        opts: BlockOptions,
+        event_loop: Arc<EventLoop>,
+    ) -> Result<Self, String> {
+        opts.validate()?;
+        Ok(VirtioBlock {
+            backend,
+            opts,
+            event_loop,
+            acked: 0,
+            running: None,
+        })
+    }
+
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        let o = &self.opts;
+        put_le(&mut c[0..8], self.backend.len() / SECTOR);
+        put_le(&mut c[8..12], SIZE_MAX as u64);
+        put_le(&mut c[12..16], (o.queue_size - 2) as u64);
+        put_le(&mut c[20..24], o.logical_block_size as u64);
+        c[24] = (o.physical_block_size / o.logical_block_size).trailing_zeros() as u8;
+        c[32] = self.backend.write_cache_enabled() as u8;
+        put_le(&mut c[34..36], o.num_queues as u64);
+        put_le(&mut c[36..40], MAX_DISCARD_SECTORS as u64);
+        put_le(&mut c[40..44], MAX_DISCARD_SEG as u64);
+        put_le(
+            &mut c[44..48],
+            (o.logical_block_size as u64 / SECTOR).max(1),
+        );
+        put_le(&mut c[48..52], MAX_ZEROES_SECTORS as u64);
+        put_le(&mut c[52..56], MAX_DISCARD_SEG as u64);
+        c[56] = 1; // write_zeroes_may_unmap
+        c
+    }
+}
+
+impl VirtioDevice for VirtioBlock {
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+    fn num_queues(&self) -> usize {
+        self.opts.num_queues as usize
+    }
+    fn queue_max_size(&self) -> u16 {
+        self.opts.queue_size
+    }
+    fn features(&self) -> u64 {
+        use features::*;
+        let mut f = SIZE_MAX | SEG_MAX | BLK_SIZE | TOPOLOGY | FLUSH;
+        f |= vf::ANY_LAYOUT;
+        if self.opts.event_idx {
+            f |= vf::RING_EVENT_IDX;
+        }
+        if self.opts.indirect_desc {
+            f |= vf::RING_INDIRECT_DESC;
+        }
+        if self.opts.config_wce {
+            f |= CONFIG_WCE;
+        }
+        if self.opts.num_queues > 1 {
+            f |= MQ;
+        }
+        if self.backend.is_read_only() {
+            f |= RO;
+        } else {
+            if self.opts.discard {
+                f |= DISCARD;
+            }
+            if self.opts.write_zeroes {
+                f |= WRITE_ZEROES;
+            }
+        }
+        f
+    }
+    fn config_len(&self) -> usize {
+        CONFIG_LEN
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let c = self.config();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `writeback` is writable, and only with CONFIG_WCE (5.2.5).
+        if offset == 32 && data.len() == 1 && self.acked & features::CONFIG_WCE != 0 {
+            self.backend.set_write_cache(data[0] != 0);
+        }
+    }
+    fn ack_features(&mut self, f: u64) {
+        self.acked = f;
+        // A driver that cannot flush must not be given a volatile cache
+        // (section 5.2.5.1, legacy FLUSH negotiation).
+        if f & features::FLUSH == 0 {
+            self.backend.set_write_cache(false);
+        }
+    }
+    fn activate(&mut self, a: Activation) -> Result<(), String> {
+        let f = a.features;
+        let limits = Limits {
+            capacity_sectors: self.backend.len() / SECTOR,
+            seg_max: (self.opts.queue_size - 2) as u32,
+            read_only: self.backend.is_read_only(),
+            indirect: f & vf::RING_INDIRECT_DESC != 0,
+            discard: f & features::DISCARD != 0,
+            write_zeroes: f & features::WRITE_ZEROES != 0,
+        };
+        let w = BlockWorker::new(a, self.backend.clone(), limits, self.opts.serial.as_deref())?;
+        let id = self.event_loop.add(Box::new(w))?;
+        self.running = Some(id);
+        Ok(())
+    }
+    fn reset(&mut self) {
+        if let Some(id) = self.running.take() {
+            // Dropped here, off the loop: the worker drains its requests.
+            drop(self.event_loop.remove(id));
+        }
+        self.acked = 0;
+    }
+}
+
+impl Drop for VirtioBlock {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
