@@ -69,7 +69,12 @@ fn bad_ide_command_lines() {
     );
     check(&["-device", "ide-hd,bus=ide.0"], "drive property not set");
     check(
-        &["-drive", &none(&a, "x"), "-device", "ide-hd,drive=x,bus=ide.3"],
+        &[
+            "-drive",
+            &none(&a, "x"),
+            "-device",
+            "ide-hd,drive=x,bus=ide.3",
+        ],
         "bus 'ide.3' not found",
     );
     check(
@@ -117,7 +122,9 @@ fn bad_ide_command_lines() {
     );
     // Five IDE devices do not fit on two channels.
     let mut args = vec![];
-    let ids: Vec<String> = (0..5).map(|i| format!("if=none,id=c{i},media=cdrom")).collect();
+    let ids: Vec<String> = (0..5)
+        .map(|i| format!("if=none,id=c{i},media=cdrom"))
+        .collect();
     let devs: Vec<String> = (0..5).map(|i| format!("ide-cd,drive=c{i}")).collect();
     for i in 0..5 {
         args.push("-drive");

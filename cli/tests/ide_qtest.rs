@@ -193,7 +193,11 @@ fn function_present_without_drives() {
     assert_eq!(q.pci_read32(1, 1, 0x00), 0x7010_8086);
     assert_eq!(q.pci_read32(1, 1, 0x08), 0x0101_8000);
     q.pci_write32(1, 1, 0x20, 0xffff_ffff);
-    assert_eq!(q.pci_read32(1, 1, 0x20), 0xffff_fff1, "BAR4: 16 bytes of I/O");
+    assert_eq!(
+        q.pci_read32(1, 1, 0x20),
+        0xffff_fff1,
+        "BAR4: 16 bytes of I/O"
+    );
     for bar in [0x10, 0x14, 0x18, 0x1c] {
         q.pci_write32(1, 1, bar, 0xffff_ffff);
         assert_eq!(q.pci_read32(1, 1, bar), 0, "only BAR4 exists");
@@ -226,7 +230,10 @@ fn identify_device_and_cmos_geometry() {
     assert_eq!(w[100] as u64 | (w[101] as u64) << 16, 20480);
     assert_eq!((w[1], w[3], w[6]), (20, 16, 63), "default CHS");
     assert_eq!(w[83] & (1 << 10), 1 << 10, "48-bit supported");
-    assert_eq!([w[108], w[109], w[110], w[111]], [0x5000, 0xc500, 0x1234, 0x5678]);
+    assert_eq!(
+        [w[108], w[109], w[110], w[111]],
+        [0x5000, 0xc500, 0x1234, 0x5678]
+    );
     assert_eq!(w[255] & 0xff, 0xa5);
     // CMOS: disk 1 (slave of ide0) is type 47 with its geometry.
     assert_eq!(q.cmos(0x12), 0x0f);
@@ -403,19 +410,19 @@ fn srst_shows_signatures() {
     let a = make_disk(&dir, "a.img", 64);
     let iso = make_iso(&dir, 16);
     let iso_s = iso.display().to_string();
-    let mut q = start(&[
-        "-drive",
-        &drive(&a, ",if=ide,index=3"),
-        "-cdrom",
-        &iso_s,
-    ]);
+    let mut q = start(&["-drive", &drive(&a, ",if=ide,index=3"), "-cdrom", &iso_s]);
     q.outb(0x376, 0x04);
     assert_eq!(q.inb(0x376) & BSY, BSY);
     q.outb(0x376, 0x00);
     // Master: ATAPI, not ready until it gets a command; slave: ATA disk.
     select(&mut q, SEC, 0);
     assert_eq!(
-        (q.inb(SEC + 2), q.inb(SEC + 3), q.inb(SEC + 4), q.inb(SEC + 5)),
+        (
+            q.inb(SEC + 2),
+            q.inb(SEC + 3),
+            q.inb(SEC + 4),
+            q.inb(SEC + 5)
+        ),
         (1, 1, 0x14, 0xeb)
     );
     assert_eq!(q.inb(SEC + 7), 0);
@@ -425,7 +432,10 @@ fn srst_shows_signatures() {
     // IDENTIFY DEVICE to the ATAPI drive aborts and keeps the signature;
     // IDENTIFY PACKET DEVICE answers.
     cmd28(&mut q, SEC, 0, 0xec, 0, 0, 0);
-    assert_eq!((q.inb(SEC + 1), q.inb(SEC + 4), q.inb(SEC + 5)), (ABRT, 0x14, 0xeb));
+    assert_eq!(
+        (q.inb(SEC + 1), q.inb(SEC + 4), q.inb(SEC + 5)),
+        (ABRT, 0x14, 0xeb)
+    );
     cmd28(&mut q, SEC, 0, 0xa1, 0, 0, 0);
     assert_eq!(wait_ready(&mut q, SEC) & DRQ, DRQ);
     let id = pio_in(&mut q, SEC, 512);
@@ -448,7 +458,11 @@ fn bmide_dma_read_write_and_prd_tables() {
     prd_table(
         &mut q,
         0x10000,
-        &[(0x20000, 512, false), (0x21000, 1024, false), (0x23000, 512, true)],
+        &[
+            (0x20000, 512, false),
+            (0x21000, 1024, false),
+            (0x23000, 512, true),
+        ],
     );
     cmd28(&mut q, PRI, 0, 0xc8, 40, 4, 0);
     assert_eq!(q.inb(0x3f6) & DRQ, DRQ, "waiting for the bus master");
@@ -469,7 +483,11 @@ fn bmide_dma_read_write_and_prd_tables() {
     let data: Vec<u8> = (0..1536u32).map(|i| (i % 253) as u8 ^ 0x5a).collect();
     q.memwrite(0x30000, &data[..1024]);
     q.memwrite(0x31000, &data[1024..]);
-    prd_table(&mut q, 0x10100, &[(0x30000, 1024, false), (0x31000, 512, true)]);
+    prd_table(
+        &mut q,
+        0x10100,
+        &[(0x30000, 1024, false), (0x31000, 512, true)],
+    );
     q.outl(BM + 4, 0x10100);
     q.outb(BM + 2, 0x06);
     q.outb(BM, 0x01);
@@ -551,7 +569,11 @@ fn flush_reaches_the_backend() {
     assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC | ERR);
     assert_eq!(q.inb(PRI + 1), ABRT);
     cmd28(&mut q, PRI, 1, 0xea, 0, 0, 0);
-    assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC, "once=on: second flush passes");
+    assert_eq!(
+        wait_ready(&mut q, PRI),
+        DRDY | DSC,
+        "once=on: second flush passes"
+    );
 }
 
 #[test]
@@ -572,7 +594,10 @@ fn set_features_toggles_the_write_cache() {
     assert_eq!(identify(&mut q, PRI, 0)[85] & 0x20, 0x20, "WCE on again");
     // cache=writethrough starts with WCE off.
     let img2 = make_disk(&dir, "d2.img", 64);
-    let mut q2 = start(&["-drive", &drive(&img2, ",if=ide,index=0,cache=writethrough")]);
+    let mut q2 = start(&[
+        "-drive",
+        &drive(&img2, ",if=ide,index=0,cache=writethrough"),
+    ]);
     assert_eq!(identify(&mut q2, PRI, 0)[85] & 0x20, 0);
     // Transfer modes: UDMA2 selected shows in word 88; a bad mode aborts.
     cmd28(&mut q, PRI, 0, 0xef, 0, 0x42, 0x03);
@@ -588,7 +613,12 @@ fn set_features_toggles_the_write_cache() {
 fn power_smart_and_trim() {
     let dir = support::scratch("ide-misc");
     let img = make_disk(&dir, "d.img", 256);
-    let mut q = start(&["-m", "64", "-drive", &drive(&img, ",if=ide,index=0,discard=unmap")]);
+    let mut q = start(&[
+        "-m",
+        "64",
+        "-drive",
+        &drive(&img, ",if=ide,index=0,discard=unmap"),
+    ]);
     cmd28(&mut q, PRI, 0, 0xe5, 0, 0, 0);
     assert_eq!(q.inb(PRI + 2), 0xff, "active");
     cmd28(&mut q, PRI, 0, 0xe0, 0, 0, 0);
@@ -687,7 +717,11 @@ fn atapi_read_and_toc_on_an_iso() {
     let inq = packet(&mut q, SEC, 0, &[0x12, 0, 0, 0, 36], 0xfffe).unwrap();
     assert_eq!((inq[0], inq[1]), (5, 0x80));
     assert_eq!(&inq[8..12], b"QEMU");
-    assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Ok(vec![]), "TEST UNIT READY");
+    assert_eq!(
+        packet(&mut q, SEC, 0, &[0x00], 0),
+        Ok(vec![]),
+        "TEST UNIT READY"
+    );
     // READ CAPACITY: last LBA 299, 2048-byte blocks.
     let cap = packet(&mut q, SEC, 0, &[0x25], 8).unwrap();
     assert_eq!(cap, [0, 0, 1, 43, 0, 0, 8, 0]);
@@ -695,7 +729,10 @@ fn atapi_read_and_toc_on_an_iso() {
     let d = packet(&mut q, SEC, 0, &[0x28, 0, 0, 0, 0, 5, 0, 0, 3], 2048).unwrap();
     assert_eq!(d.len(), 3 * 2048);
     for b in 0..3 {
-        assert_eq!(d[b * 2048..b * 2048 + 9], [5 + b as u8, 0, 0, 0, 0, 0, 0, 0, 0xcd]);
+        assert_eq!(
+            d[b * 2048..b * 2048 + 9],
+            [5 + b as u8, 0, 0, 0, 0, 0, 0, 0, 0xcd]
+        );
     }
     // READ(12), odd byte count limit: chunks are cut to even sizes.
     let d = packet(&mut q, SEC, 0, &[0xa8, 0, 0, 0, 1, 0x2b, 0, 0, 0, 1], 1001).unwrap();
@@ -736,7 +773,11 @@ fn atapi_read_and_toc_on_an_iso() {
 
     // READ(10) by DMA.
     enable_bm(&mut q);
-    prd_table(&mut q, 0x10000, &[(0x20000, 4096, false), (0x22000, 2048, true)]);
+    prd_table(
+        &mut q,
+        0x10000,
+        &[(0x20000, 4096, false), (0x22000, 2048, true)],
+    );
     select(&mut q, SEC, 0);
     q.outb(SEC + 1, 1); // DMA
     q.outb(SEC + 7, 0xa0);
@@ -840,4 +881,3 @@ fn boot_order_files_and_cmos() {
         "/pci@i0cf8/ide@1,1/drive@1/disk@1\n/pci@i0cf8/ide@1,1/drive@0/disk@0\0"
     );
 }
-

@@ -62,7 +62,9 @@ pub fn create(
         let (c, k) = lock(&ide).legacy_ports(bus);
         io.insert(cmd, 8, Arc::new(Mutex::new(c)))
             .and_then(|_| io.insert(ctrl, 1, Arc::new(Mutex::new(k))))
-            .map_err(|_| MachineError::Config(format!("IDE: I/O port {cmd:#x} is already in use")))?;
+            .map_err(|_| {
+                MachineError::Config(format!("IDE: I/O port {cmd:#x} is already in use"))
+            })?;
     }
     pci.add(IDE_SLOT, IDE_FUNCTION, ide.clone())
         .map_err(MachineError::Config)?;
@@ -151,7 +153,9 @@ pub fn attach(
         }
     };
     if !free(bus, unit) {
-        return Err(err(format!("IDE unit ide.{bus} unit {unit} is already in use")));
+        return Err(err(format!(
+            "IDE unit ide.{bus} unit {unit} is already in use"
+        )));
     }
 
     if let Some(lbs) = parse_num(dev, "logical_block_size")? {
@@ -175,8 +179,11 @@ pub fn attach(
     };
     let translation = match dev.prop("bios-chs-trans") {
         None => None,
-        Some(t) => Translation::parse(t)
-            .ok_or_else(|| err(format!("bios-chs-trans={t}: use auto, none, lba, large or rechs")))?,
+        Some(t) => Translation::parse(t).ok_or_else(|| {
+            err(format!(
+                "bios-chs-trans={t}: use auto, none, lba, large or rechs"
+            ))
+        })?,
     };
     let wwn = parse_num(dev, "wwn")?;
     let media = if is_cd {
@@ -217,7 +224,7 @@ pub fn attach(
 /// Disk types, geometry and translation in CMOS, as QEMU's `pc` sets them.
 pub fn fill_cmos(ide: &Arc<Mutex<PiixIde>>, cmos: &mut Cmos) {
     let info = |bus: usize, unit: usize| {
-        let ch = lock(&ide).channel(bus);
+        let ch = lock(ide).channel(bus);
         let c = lock(&ch);
         c.drive(unit)
             .filter(|d| !d.is_atapi())

@@ -160,23 +160,53 @@ pub enum Power {
 pub enum AtaCommand {
     Identify,
     IdentifyPacket,
-    Packet { dma: bool },
+    Packet {
+        dma: bool,
+    },
     DeviceReset,
     ExecuteDiagnostic,
     /// RECALIBRATE and SEEK: nothing moves on a virtual disk.
     Seek,
-    Read { lba: u64, count: u32, xfer: Xfer, ext: bool },
-    Write { lba: u64, count: u32, xfer: Xfer, ext: bool, fua: bool },
-    Verify { lba: u64, count: u32 },
+    Read {
+        lba: u64,
+        count: u32,
+        xfer: Xfer,
+        ext: bool,
+    },
+    Write {
+        lba: u64,
+        count: u32,
+        xfer: Xfer,
+        ext: bool,
+        fua: bool,
+    },
+    Verify {
+        lba: u64,
+        count: u32,
+    },
     Flush,
-    SetFeatures { subcommand: u8, count: u8 },
-    SetMultiple { count: u8 },
-    InitializeParams { heads: u8, sectors: u8 },
+    SetFeatures {
+        subcommand: u8,
+        count: u8,
+    },
+    SetMultiple {
+        count: u8,
+    },
+    InitializeParams {
+        heads: u8,
+        sectors: u8,
+    },
     Power(Power),
     /// DATA SET MANAGEMENT with the TRIM bit: `blocks` 512-byte blocks of
     /// LBA range entries follow by DMA.
-    Trim { blocks: u16 },
-    Smart { feature: u8, count: u8, lba_low: u8 },
+    Trim {
+        blocks: u16,
+    },
+    Smart {
+        feature: u8,
+        count: u8,
+        lba_low: u8,
+    },
 }
 
 /// Why a command is refused: the error register value to report.
@@ -359,9 +389,9 @@ fn check_range(lba: u64, count: u32, d: &DriveInfo) -> Result<(), Refusal> {
     }
 }
 
-/// CHS to LBA with the current translation: LBA = (C * heads + H) * secs
-/// + S - 1. Sector 0, a head or sector beyond the geometry, or a drive whose
-/// geometry was never initialised is IDNF.
+/// CHS to LBA with the current translation: LBA = (C * heads + H) *
+/// secs + S - 1. Sector 0, a head or sector beyond the geometry, or a drive
+/// whose geometry was never initialised is IDNF.
 fn chs_to_lba(tf: &Taskfile, d: &DriveInfo) -> Result<u64, Refusal> {
     let cyl = (tf.hcyl as u64) << 8 | tf.lcyl as u64;
     let head = (tf.select & 0x0f) as u64;

@@ -88,8 +88,16 @@ enum AfterOut {
 
 enum Pio {
     Idle,
-    In { buf: Vec<u8>, pos: usize, then: AfterIn },
-    Out { buf: Vec<u8>, pos: usize, then: AfterOut },
+    In {
+        buf: Vec<u8>,
+        pos: usize,
+        then: AfterIn,
+    },
+    Out {
+        buf: Vec<u8>,
+        pos: usize,
+        then: AfterOut,
+    },
 }
 
 pub struct Drive {
@@ -204,7 +212,11 @@ impl Drive {
         self.pio = Pio::Idle;
         self.tf.nsector = 1;
         self.tf.sector = 1;
-        let (mid, high) = if self.is_atapi() { (0x14, 0xeb) } else { (0, 0) };
+        let (mid, high) = if self.is_atapi() {
+            (0x14, 0xeb)
+        } else {
+            (0, 0)
+        };
         self.tf.lcyl = mid;
         self.tf.hcyl = high;
         self.tf.select &= 0xf0;
@@ -400,7 +412,7 @@ impl Channel {
             return 0;
         };
         let tf = &d.tf;
-        let v = match reg {
+        match reg {
             1 if hob => tf.hob_feature,
             1 => d.error,
             2 if hob => tf.hob_nsector,
@@ -418,8 +430,7 @@ impl Channel {
                 s
             }
             _ => 0xff,
-        };
-        v
+        }
     }
 
     /// Alternate status (control block): no side effects.
@@ -1274,13 +1285,13 @@ fn checksum(b: &mut [u8]) {
 fn smart_data(thresholds: bool) -> Vec<u8> {
     let mut v = vec![0u8; 512];
     v[0] = 0x10; // revision
-    // id, flags, value, worst, raw: a healthy drive.
+                 // id, flags, value, worst, raw: a healthy drive.
     let attrs: [(u8, u16, u8, u8, u32); 5] = [
-        (0x01, 0x002b, 100, 100, 0), // raw read error rate
+        (0x01, 0x002b, 100, 100, 0),  // raw read error rate
         (0x03, 0x0027, 100, 100, 16), // spin-up time
-        (0x04, 0x0032, 100, 100, 1), // start/stop count
-        (0x05, 0x0033, 100, 100, 0), // reallocated sectors
-        (0x09, 0x0032, 100, 100, 1), // power-on hours
+        (0x04, 0x0032, 100, 100, 1),  // start/stop count
+        (0x05, 0x0033, 100, 100, 0),  // reallocated sectors
+        (0x09, 0x0032, 100, 100, 1),  // power-on hours
     ];
     for (i, &(id, flags, val, worst, raw)) in attrs.iter().enumerate() {
         let e = &mut v[2 + 12 * i..14 + 12 * i];

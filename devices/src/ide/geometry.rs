@@ -148,7 +148,10 @@ mod tests {
     fn standard_and_mbr_geometries() {
         // 10 MiB, no MBR: 20 cylinders, no translation.
         let (g, t) = guess(20480, &[0; 512], None, None);
-        assert_eq!((g.cyls, g.heads, g.secs, t), (20, 16, 63, Translation::None));
+        assert_eq!(
+            (g.cyls, g.heads, g.secs, t),
+            (20, 16, 63, Translation::None)
+        );
         // 8 GiB: capped at 16383 cylinders, LBA translation.
         let (g, t) = guess(16 << 21, &[0; 512], None, None);
         assert_eq!((g.cyls, t), (16383, Translation::Lba));

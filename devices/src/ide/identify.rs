@@ -112,8 +112,8 @@ pub fn identify_disk(p: &IdentifyParams) -> [u8; 512] {
     w[67] = 120;
     w[68] = 120;
     w[80] = 0x01f0; // ATA/ATAPI-4 .. ATA8-ACS
-    // Supported: 82 NOP, write cache, SMART; 83 FLUSH CACHE (EXT), 48-bit;
-    // 84 WWN. Enabled: 85..87 mirror them with the current settings.
+                    // Supported: 82 NOP, write cache, SMART; 83 FLUSH CACHE (EXT), 48-bit;
+                    // 84 WWN. Enabled: 85..87 mirror them with the current settings.
     w[82] = 1 << 14 | 1 << 5 | 1;
     w[83] = 1 << 14 | 1 << 13 | 1 << 12 | 1 << 10;
     w[84] = 1 << 14 | if p.wwn.is_some() { 1 << 8 } else { 0 };

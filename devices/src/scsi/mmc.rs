@@ -378,7 +378,7 @@ impl CdRom {
                 p[2] = 0x3b; // reads CD-R/RW, DVD-ROM/R/RAM
                 p[4] = 0x71; // audio play, multisession, mode 2 form 1/2
                 p[5] = 0x7f; // CD-DA, accurate stream, R-W, C2, ISRC, UPC
-                // Lock supported, locked state, tray loader, eject supported.
+                             // Lock supported, locked state, tray loader, eject supported.
                 p[6] = 0x29 | if self.locked { 0x02 } else { 0 };
                 p[7] = 0x03; // separate channel volume and mute
                 p[8..10].copy_from_slice(&706u16.to_be_bytes()); // 4x, in kB/s
@@ -553,7 +553,7 @@ impl CdRom {
         v[6] = 1; // last track in last session
         v[7] = 0x20; // unrestricted use
         v[8] = 0x00; // CD-DA or CD-ROM
-        // Last possible lead-out start: unknown.
+                     // Last possible lead-out start: unknown.
         v[20..24].fill(0xff);
         v
     }
@@ -576,7 +576,10 @@ mod tests {
     fn medium(blocks: u64) -> Arc<BlockBackend> {
         let g = BlockGraph::new();
         let node = g
-            .blockdev_add_str(&format!("driver=null-co,node-name=n,read-zeroes=on,size={}", blocks * BLOCK))
+            .blockdev_add_str(&format!(
+                "driver=null-co,node-name=n,read-zeroes=on,size={}",
+                blocks * BLOCK
+            ))
             .unwrap();
         BlockBackend::new("cd", node, BackendConfig::default()).unwrap()
     }
