@@ -245,6 +245,39 @@ fn identify_device_and_cmos_geometry() {
 }
 
 #[test]
+fn drive_geometry_options_reach_identify_and_cmos() {
+    let dir = support::scratch("ide-chs");
+    let img = make_disk(&dir, "d.img", 6800);
+    let mut q = start(&[
+        "-drive",
+        &drive(&img, ",if=ide,index=0,cyls=100,heads=4,secs=17,trans=lba"),
+    ]);
+    let w = identify(&mut q, PRI, 0);
+    assert_eq!((w[1], w[3], w[6]), (100, 4, 17));
+    assert_eq!((w[54], w[55], w[56]), (100, 4, 17), "current CHS");
+    assert_eq!(q.cmos(0x12), 0xf0);
+    assert_eq!(
+        (q.cmos(0x1b), q.cmos(0x1c), q.cmos(0x1d), q.cmos(0x23)),
+        (100, 0, 4, 17)
+    );
+    assert_eq!(q.cmos(0x39) & 3, 1, "LBA translation for hd0");
+    // INITIALIZE DEVICE PARAMETERS changes the CHS translation used by
+    // CHS commands: 2 heads x 10 sectors, C1 H0 S1 = LBA 20.
+    q.outb(PRI + 6, 0xa1);
+    q.outb(PRI + 2, 10);
+    q.outb(PRI + 7, 0x91);
+    assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC);
+    q.outb(PRI + 6, 0xa0);
+    q.outb(PRI + 2, 1);
+    q.outb(PRI + 3, 1);
+    q.outb(PRI + 4, 1);
+    q.outb(PRI + 5, 0);
+    q.outb(PRI + 7, 0x20);
+    assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC | DRQ);
+    assert_eq!(pio_in(&mut q, PRI, 512), pattern(20));
+}
+
+#[test]
 fn pio_single_multiple_and_lba48() {
     let dir = support::scratch("ide-pio");
     let img = make_disk(&dir, "d.img", 4096);

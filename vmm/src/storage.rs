@@ -43,6 +43,7 @@ fn device_for(id: &str, d: &PendingDevice) -> Option<DeviceConfig> {
     if let Some(a) = &d.addr {
         props.push(("addr".into(), a.clone()));
     }
+    props.extend(d.geometry.iter().cloned());
     Some(DeviceConfig { driver, props })
 }
 
