@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace
 
 .PHONY: demo test deps build lint images bench-boot
 

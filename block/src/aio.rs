@@ -1,10 +1,14 @@
-//! I/O engines: the worker pool (QEMU's `aio=threads`) and io_uring
-//! (`aio=io_uring`, Linux `io_uring(7)`).
+//! I/O engines: the worker pool (QEMU's `aio=threads`), io_uring
+//! (`aio=io_uring`, Linux `io_uring(7)`) and Linux AIO (`aio=native`,
+//! `io_submit(2)`).
 //!
 //! The pool runs blocking operations on up to 64 threads, created on demand,
-//! like QEMU's `thread-pool.c`. The io_uring engine owns one ring per `file`
-//! node and a reaper thread that waits for completions and calls the
-//! requests' callbacks; submitters from any thread push entries under a lock.
+//! like QEMU's `thread-pool.c`. The io_uring and Linux AIO engines own one
+//! ring/context per `file` node and a reaper thread that waits for
+//! completions and calls the requests' callbacks; submitters from any thread
+//! push entries under a lock, and requests issued from callbacks on the
+//! reaper are submitted in one batch. Short transfers are finished
+//! synchronously (reads past EOF return zeroes, as in QEMU).
 
 use crate::driver::{Completion, IoOp, IoRequest};
 use crate::error::BlockError;

@@ -14,6 +14,11 @@
 //! [`truncate`](BlockBackend::truncate), and the vectored
 //! [`readv_at`](BlockBackend::readv_at) / [`writev_at`](BlockBackend::writev_at).
 //!
+//! Media: [`BlockBackend::new_empty`] makes a backend without a medium (an
+//! empty CD-ROM or floppy drive; requests fail with `ENOMEDIUM`),
+//! [`insert`](BlockBackend::insert) / [`eject`](BlockBackend::eject) change
+//! it, [`is_inserted`](BlockBackend::is_inserted) tells.
+//!
 //! Asynchronous submission (for devices, off the vCPU thread):
 //! [`BlockBackend::submit`] takes an [`IoRequest`] (operation, offset and
 //! [`IoVecs`], which may point into guest memory) and a
@@ -184,12 +189,18 @@ struct PauseState {
     parked: Vec<(IoRequest, Completion)>,
 }
 
+/// The medium: a root node and the permissions taken on it.
+struct Attached {
+    node: Arc<Node>,
+    _perm: PermHandle,
+    read_only: bool,
+}
+
 /// What a device attaches to.
 pub struct BlockBackend {
     id: String,
-    root: Arc<Node>,
-    _perm: PermHandle,
-    read_only: bool,
+    root: std::sync::RwLock<Option<Attached>>,
+    cfg: BackendConfig,
     wce: AtomicBool,
     rerror: ErrorAction,
     werror: ErrorAction,
@@ -204,7 +215,7 @@ impl std::fmt::Debug for BlockBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BlockBackend")
             .field("id", &self.id)
-            .field("root", &self.root.name())
+            .field("root", &self.root().map(|n| n.name().to_string()))
             .finish()
     }
 }
@@ -214,44 +225,108 @@ impl BlockBackend {
     /// image locks): consistent read, plus write unless read-only (plus
     /// resize if asked); sharing `cfg.shared`, or everything with `force-share`.
     pub fn new(id: &str, root: Arc<Node>, cfg: BackendConfig) -> BlockResult<Arc<BlockBackend>> {
-        let read_only = cfg.read_only || root.is_read_only();
+        let blk = Self::new_empty(id, cfg);
+        blk.insert(root)?;
+        Ok(blk)
+    }
+
+    /// A backend with no medium (an empty CD-ROM or floppy drive). Requests
+    /// fail with `ENOMEDIUM` until [`BlockBackend::insert`].
+    pub fn new_empty(id: &str, cfg: BackendConfig) -> Arc<BlockBackend> {
+        let throttle = match &cfg.throttle_group {
+            Some(g) => Some(Throttle::group(g, cfg.throttle)),
+            None if cfg.throttle.enabled() => Some(Throttle::new(cfg.throttle)),
+            None => None,
+        };
+        Arc::new(BlockBackend {
+            id: id.to_string(),
+            root: std::sync::RwLock::new(None),
+            wce: AtomicBool::new(cfg.write_cache),
+            rerror: cfg.rerror,
+            werror: cfg.werror,
+            cfg,
+            stats: Default::default(),
+            pause: Mutex::new(PauseState::default()),
+            resumed: Condvar::new(),
+            stop_handler: Mutex::new(None),
+            throttle,
+        })
+    }
+
+    /// Insert a medium (QEMU's `blockdev-insert-medium`).
+    pub fn insert(&self, root: Arc<Node>) -> BlockResult<()> {
+        let mut slot = self.root.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Err(BlockError::Permission(format!(
+                "Block device '{}' already has a medium inserted",
+                self.id
+            )));
+        }
+        let read_only = self.cfg.read_only || root.is_read_only();
         let mut perm = Perms::CONSISTENT_READ;
         if !read_only {
             perm = perm.union(Perms::WRITE);
-            if cfg.resize {
+            if self.cfg.resize {
                 perm = perm.union(Perms::RESIZE);
             }
         }
         let shared = if root.common().force_share {
             Perms::ALL
         } else {
-            cfg.shared
+            self.cfg.shared
         };
-        let user = if id.is_empty() {
+        let user = if self.id.is_empty() {
             "a block backend".to_string()
         } else {
-            format!("block device '{id}'")
+            format!("block device '{}'", self.id)
         };
         let handle = root.attach(&user, perm, shared)?;
-        let throttle = match &cfg.throttle_group {
-            Some(g) => Some(Throttle::group(g, cfg.throttle)),
-            None if cfg.throttle.enabled() => Some(Throttle::new(cfg.throttle)),
-            None => None,
-        };
-        Ok(Arc::new(BlockBackend {
-            id: id.to_string(),
-            root,
+        *slot = Some(Attached {
+            node: root,
             _perm: handle,
             read_only,
-            wce: AtomicBool::new(cfg.write_cache),
-            rerror: cfg.rerror,
-            werror: cfg.werror,
-            stats: Default::default(),
-            pause: Mutex::new(PauseState::default()),
-            resumed: Condvar::new(),
-            stop_handler: Mutex::new(None),
-            throttle,
-        }))
+        });
+        Ok(())
+    }
+
+    /// Remove the medium (QEMU's `blockdev-remove-medium`), releasing its
+    /// permissions and image locks. Refused while requests are parked by a
+    /// `stop` error policy.
+    pub fn eject(&self) -> BlockResult<Arc<Node>> {
+        if !self
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .parked
+            .is_empty()
+        {
+            return Err(BlockError::Permission(format!(
+                "Block device '{}' has requests waiting for resume",
+                self.id
+            )));
+        }
+        let mut slot = self.root.write().unwrap_or_else(|e| e.into_inner());
+        match slot.take() {
+            Some(a) => Ok(a.node.clone()),
+            None => Err(BlockError::NoMedium(format!("Block device '{}'", self.id))),
+        }
+    }
+
+    /// True if a medium is inserted.
+    pub fn is_inserted(&self) -> bool {
+        self.root
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    fn node(&self) -> BlockResult<Arc<Node>> {
+        self.root
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|a| a.node.clone())
+            .ok_or_else(|| BlockError::NoMedium(format!("Block device '{}'", self.id)))
     }
 
     /// Time a request must wait under the throttling limits (reserving it).
@@ -267,21 +342,27 @@ impl BlockBackend {
     pub fn id(&self) -> &str {
         &self.id
     }
-    /// The root node.
-    pub fn root(&self) -> &Arc<Node> {
-        &self.root
+    /// The root node, if a medium is inserted.
+    pub fn root(&self) -> Option<Arc<Node>> {
+        self.node().ok()
     }
-    /// Size in bytes.
+    /// Size in bytes (0 without a medium).
     pub fn len(&self) -> u64 {
-        self.root.len()
+        self.node().map(|n| n.len()).unwrap_or(0)
     }
     /// True for a zero-length medium.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// Read-only backend.
+    /// Read-only backend (configured so, or its medium is read-only).
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.cfg.read_only
+            || self
+                .root
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .is_some_and(|a| a.read_only)
     }
     /// Switch the guest-visible write cache (WCE) at runtime.
     pub fn set_write_cache(&self, on: bool) {
@@ -301,7 +382,9 @@ impl BlockBackend {
     }
     /// Logical block alignment of the root (512 or 4096 under O_DIRECT, 1 otherwise).
     pub fn request_alignment(&self) -> u64 {
-        self.root.limits().request_alignment
+        self.node()
+            .map(|n| n.limits().request_alignment)
+            .unwrap_or(512)
     }
     /// Statistics snapshot.
     pub fn stats(&self) -> BlockStats {
@@ -372,7 +455,8 @@ impl BlockBackend {
     }
 
     fn check(&self, op: IoOp, offset: u64, len: u64) -> BlockResult<()> {
-        if op != IoOp::Read && op != IoOp::Flush && self.read_only {
+        self.node()?;
+        if op != IoOp::Read && op != IoOp::Flush && self.is_read_only() {
             return Err(BlockError::ReadOnly(format!("Block device '{}'", self.id)));
         }
         if op != IoOp::Flush {
@@ -428,9 +512,8 @@ impl BlockBackend {
     /// Vectored read.
     pub fn readv_at(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
         let len = crate::iov::total_len_mut(iov) as u64;
-        self.run(IoOp::Read, offset, len, || {
-            self.root.read_vectored(offset, iov)
-        })
+        let root = self.node()?;
+        self.run(IoOp::Read, offset, len, || root.read_vectored(offset, iov))
     }
     /// Write `buf` at `offset` (FUA when the write cache is off).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
@@ -444,37 +527,39 @@ impl BlockBackend {
     pub fn writev_at_fua(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
         let len = crate::iov::total_len(iov) as u64;
         let fua = fua || !self.write_cache_enabled();
+        let root = self.node()?;
         self.run(IoOp::Write, offset, len, || {
-            self.root.write_vectored(offset, iov, fua)
+            root.write_vectored(offset, iov, fua)
         })
     }
     /// Flush the write cache down to stable storage.
     pub fn flush(&self) -> BlockResult<()> {
-        self.run(IoOp::Flush, 0, 0, || self.root.flush())
+        let root = self.node()?;
+        self.run(IoOp::Flush, 0, 0, || root.flush())
     }
     /// Discard (honoured only with `discard=unmap`).
     pub fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        self.run(IoOp::Discard, offset, len, || {
-            self.root.discard(offset, len)
-        })
+        let root = self.node()?;
+        self.run(IoOp::Discard, offset, len, || root.discard(offset, len))
     }
     /// Make a range read as zeroes.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
         let fua = !self.write_cache_enabled();
+        let root = self.node()?;
         self.run(IoOp::WriteZeroes { may_unmap }, offset, len, || {
-            self.root.write_zeroes(offset, len, may_unmap, fua)
+            root.write_zeroes(offset, len, may_unmap, fua)
         })
     }
     /// Allocation status of the run starting at `offset`.
     pub fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        self.root.block_status(offset, len)
+        self.node()?.block_status(offset, len)
     }
     /// Resize (needs `BackendConfig::resize`).
     pub fn truncate(&self, len: u64) -> BlockResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(BlockError::ReadOnly(format!("Block device '{}'", self.id)));
         }
-        self.root.truncate(len)
+        self.node()?.truncate(len)
     }
 
     /// Submit a request; `done` runs exactly once, on an I/O thread (or in
@@ -500,8 +585,12 @@ impl BlockBackend {
         let start = Instant::now();
         let op = req.op;
         let bytes = req.byte_len();
+        let root = match self.node() {
+            Ok(r) => r,
+            Err(e) => return done(req, Err(e)),
+        };
         let me = self.clone();
-        self.root.submit(
+        root.submit(
             req,
             Box::new(move |req, r| {
                 me.account(op, bytes, start, r.is_ok());

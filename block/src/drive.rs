@@ -400,6 +400,11 @@ impl DriveTable {
         }
         parse_throttling(&mut o, &mut backend)?;
         let _ = o.take_str("boot")?;
+        // Accounting knobs of QEMU's BlockBackend statistics: accepted;
+        // Strata always counts failed requests separately.
+        let _ = o.take_bool("stats-account-invalid")?;
+        let _ = o.take_bool("stats-account-failed")?;
+        let _ = o.take_value("stats-intervals");
         let aio = o.take_str("aio")?;
         let file = o.take_value("file");
         // Remaining keys are driver-specific (dotted) options.
@@ -582,10 +587,11 @@ fn parse_throttling(o: &mut Options, backend: &mut BackendConfig) -> BlockResult
 }
 
 impl DriveSpec {
-    /// Open the node graph and attach the backend (`None` for an empty drive).
-    pub fn open(&self, graph: &BlockGraph) -> BlockResult<Option<Arc<BlockBackend>>> {
+    /// Open the node graph and attach the backend; a drive without a
+    /// medium (`-drive if=ide,media=cdrom`) gets an empty backend.
+    pub fn open(&self, graph: &BlockGraph) -> BlockResult<Arc<BlockBackend>> {
         let Some(map) = &self.node else {
-            return Ok(None);
+            return Ok(BlockBackend::new_empty(&self.id, self.backend.clone()));
         };
         let mut node = graph.open_options(Options::new("-drive", map.clone()), None, self.probe)?;
         if self.copy_on_read {
@@ -594,7 +600,7 @@ impl DriveSpec {
             cor.insert("file".into(), Value::Str(node.name().to_string()));
             node = graph.open_options(Options::new("-drive", cor), None, false)?;
         }
-        BlockBackend::new(&self.id, node, self.backend.clone()).map(Some)
+        BlockBackend::new(&self.id, node, self.backend.clone())
     }
 }
 

@@ -1,4 +1,5 @@
-//! Errors of the block layer.
+//! Errors of the block layer (QEMU's convention: every failure carries an
+//! errno, see `include/block/block-io.h`).
 //!
 //! Every error prints as one line that names the file, node or option
 //! concerned. I/O errors keep their `errno` so that `BlockBackend` can apply
@@ -39,6 +40,9 @@ pub enum BlockError {
     /// A permission conflict inside the graph, or a refused write.
     #[error("{0}")]
     Permission(String),
+    /// The backend has no medium inserted.
+    #[error("{0}: no medium found")]
+    NoMedium(String),
 }
 
 impl BlockError {
@@ -51,6 +55,7 @@ impl BlockError {
             BlockError::Unsupported(_) => libc::ENOTSUP,
             BlockError::Locked(_) => libc::EAGAIN,
             BlockError::Permission(_) => libc::EPERM,
+            BlockError::NoMedium(_) => libc::ENOMEDIUM,
             BlockError::Config(_) | BlockError::Open(_) => libc::EINVAL,
         }
     }

@@ -12,10 +12,16 @@
 //!   (shared) while permission bit i is used, byte 200+i while it is not
 //!   shared; a conflicting holder is found with `F_OFD_GETLK`. The layout is
 //!   QEMU's, so Strata and QEMU see each other's locks.
-//! * `aio=threads|io_uring` (`native` is refused with a clear error).
+//! * `aio=threads|native|io_uring`: the worker pool, Linux AIO (only with
+//!   `cache.direct=on`, as QEMU requires) or io_uring; without `aio=` the
+//!   best available (io_uring, else threads) is picked. Requests the engine
+//!   cannot take as they are (unaligned under O_DIRECT, discard, zeroes)
+//!   run on the worker pool.
+//! * The length is reported in whole 512-byte sectors, like QEMU; the part
+//!   past EOF reads as zeroes.
 
 use crate::aio::{LinuxAio, SyscallStats, Uring};
-use crate::driver::{check_range, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
+use crate::driver::{BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
 use crate::error::{BlockError, BlockResult};
 use crate::iov::{self, AlignedBuf};
 use std::ffi::CString;
@@ -168,6 +174,9 @@ impl FileNode {
         if opts.direct {
             flags |= libc::O_DIRECT;
         }
+        // O_NONBLOCK so that a FIFO given as an image fails instead of
+        // hanging; it is cleared again below for files and devices.
+        flags |= libc::O_NONBLOCK;
         // SAFETY: cpath is a valid NUL-terminated string; open has no other
         // memory effects.
         let raw = unsafe { libc::open(cpath.as_ptr(), flags) };
@@ -204,6 +213,8 @@ impl FileNode {
                 "'file' driver requires '{name}' to be a regular file"
             )));
         }
+        // SAFETY: F_SETFL with plain flag bits on our own descriptor.
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
         let size = if is_blockdev {
             let mut sz: u64 = 0;
             // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass.
@@ -912,9 +923,4 @@ impl BlockDriver for FileNode {
             done(req, r);
         }));
     }
-}
-
-/// Check a range against the node size (helper for tests and callers).
-pub fn check(node: &FileNode, offset: u64, len: u64) -> BlockResult<()> {
-    check_range(&node.opts.filename, offset, len, node.len())
 }

@@ -1,4 +1,5 @@
-//! I/O vectors and aligned buffers.
+//! I/O vectors and aligned buffers (POSIX `struct iovec`, `readv(2)`; the
+//! alignment rules of `open(2)` `O_DIRECT`).
 //!
 //! [`IoVecs`] is the buffer list carried by an asynchronous request: either an
 //! owned `Vec<u8>` or raw `iovec`s that point into guest memory (the caller

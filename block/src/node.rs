@@ -2,13 +2,16 @@
 //! (`read-only`, `cache.no-flush`, `discard`, `detect-zeroes`), its children
 //! and the permissions its parents hold on it.
 //!
-//! Permissions follow QEMU's model (`docs/devel/block-coroutine...`, the
-//! `BLK_PERM_*` bits): every parent (a `BlockBackend` or a parent node)
-//! declares what it uses (`perm`) and what it lets others do (`shared`). A new
-//! user is refused when it needs something another user does not share, or
-//! does not share something another user needs. The union of what users need
-//! and the intersection of what they share is passed down to children and,
-//! at the protocol level, turned into image locks.
+//! Permissions follow QEMU's model (the `BLK_PERM_*` bits of
+//! `include/block/block-common.h`): every user of a node (a `BlockBackend`,
+//! or a parent node through one child edge) declares what it uses (`perm`)
+//! and what it lets others do (`shared`). A new user is refused when it needs
+//! something another user does not share, or does not share something
+//! another user needs; this is checked at every node. A node passes the
+//! union of what its users need and the intersection of what they share to
+//! its `file`-like children, asks only consistent read of a `backing` child
+//! (which must not be written or resized under it), and a protocol node turns
+//! its aggregate into image locks.
 
 use crate::driver::{BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
 use crate::error::{BlockError, BlockResult};

@@ -225,6 +225,7 @@ fn discard_detect_zeroes_and_block_status() {
     let blk = BlockBackend::new("b", n, BackendConfig::default()).unwrap();
     let before = blk
         .root()
+        .unwrap()
         .child("file")
         .unwrap()
         .driver()
@@ -241,6 +242,7 @@ fn discard_detect_zeroes_and_block_status() {
     assert!(!st.data && st.zero, "{st:?}");
     let after = blk
         .root()
+        .unwrap()
         .child("file")
         .unwrap()
         .driver()
@@ -301,4 +303,53 @@ fn async_vectored_into_raw_memory_many_in_flight() {
         blk.read_at(0, &mut back).unwrap();
         assert_eq!(&back[..], &mem[..], "{aio}");
     }
+}
+
+#[test]
+fn removable_media_insert_and_eject() {
+    let dir = TempDir::new("media");
+    let iso = dir.file("disc.iso", 1 << 20);
+    std::fs::write(&iso, pattern(1 << 20, 4)).unwrap();
+    let g = BlockGraph::new();
+    // An empty CD-ROM drive still has a backend.
+    let cd = block::drive::parse_drive("if=ide,index=2,media=cdrom")
+        .unwrap()
+        .open(&g)
+        .unwrap();
+    assert_eq!(cd.id(), "ide1-cd0");
+    assert!(!cd.is_inserted());
+    assert!(cd.is_read_only());
+    assert_eq!(cd.len(), 0);
+    let mut b = [0u8; 2048];
+    assert_eq!(cd.read_at(0, &mut b).unwrap_err().errno(), libc::ENOMEDIUM);
+    let q = CompletionQueue::new().unwrap();
+    cd.submit(block::backend::read_request(0, 2048), q.completion(0));
+    assert_eq!(q.wait()[0].2.as_ref().unwrap_err().errno(), libc::ENOMEDIUM);
+    assert!(cd.eject().is_err());
+    // Insert a disc.
+    let disc = g.open_image(&iso, Some("raw"), true, &[]).unwrap();
+    cd.insert(disc.clone()).unwrap();
+    assert!(cd.is_inserted());
+    assert_eq!(cd.len(), 1 << 20);
+    cd.read_at(2048, &mut b).unwrap();
+    assert_eq!(&b[..], &pattern(1 << 20, 4)[2048..4096]);
+    assert!(cd.insert(disc).is_err(), "already inserted");
+    let out = cd.eject().unwrap();
+    assert_eq!(out.len(), 1 << 20);
+    assert!(!cd.is_inserted());
+
+    // A writable medium's lock is released on eject.
+    let disk = dir.file("d.img", 1 << 20);
+    let e = block::drive::parse_drive("if=none,id=e")
+        .unwrap()
+        .open(&g)
+        .unwrap();
+    e.insert(g.open_image(&disk, Some("raw"), false, &[]).unwrap())
+        .unwrap();
+    e.write_at(0, &[1; 512]).unwrap();
+    let g2 = BlockGraph::new();
+    let other = g2.open_image(&disk, Some("raw"), false, &[]).unwrap();
+    assert!(BlockBackend::new("o", other.clone(), BackendConfig::default()).is_err());
+    e.eject().unwrap();
+    assert!(BlockBackend::new("o", other, BackendConfig::default()).is_ok());
 }

@@ -54,6 +54,7 @@ fn expect(mode: &str) -> Expect {
 
 fn file_driver(blk: &BlockBackend) -> Arc<dyn block::driver::BlockDriver> {
     blk.root()
+        .unwrap()
         .child("file")
         .expect("file child")
         .driver()
@@ -68,7 +69,7 @@ fn roundtrip(mode: &str, aio: &str) {
         "file={img},format=raw,if=none,id=d0,cache={mode},aio={aio}"
     ))
     .unwrap();
-    let blk = spec.open(&graph).unwrap().unwrap();
+    let blk = spec.open(&graph).unwrap();
     let e = expect(mode);
     let file = file_driver(&blk);
     assert_eq!(file.aio_engine(), Some(aio), "{mode}/{aio}");
@@ -205,7 +206,6 @@ fn runtime_wce_switch() {
     let blk = parse_drive(&format!("file={img},format=raw,if=none,aio=threads"))
         .unwrap()
         .open(&graph)
-        .unwrap()
         .unwrap();
     let st_drv = file_driver(&blk);
     let st = st_drv.syscall_stats().unwrap();
@@ -259,7 +259,6 @@ fn strace_sees_fdatasync_and_dsync() {
         ))
         .unwrap()
         .open(&graph)
-        .unwrap()
         .unwrap();
         blk.write_at(0, &[9; 4096]).unwrap();
         blk.flush().unwrap();
@@ -308,7 +307,6 @@ fn o_direct_on_a_file_whose_size_is_not_sector_aligned() {
         ))
         .unwrap()
         .open(&g)
-        .unwrap()
         .unwrap();
         // Like QEMU, the length is rounded up to whole sectors.
         assert_eq!(blk.len(), 2048);

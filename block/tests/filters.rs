@@ -150,10 +150,12 @@ fn drive_copy_on_read_option() {
     ))
     .unwrap()
     .open(&g)
-    .unwrap()
     .unwrap();
-    assert_eq!(blk.root().driver_name(), "copy-on-read");
-    assert_eq!(blk.root().child("file").unwrap().driver_name(), "raw");
+    assert_eq!(blk.root().unwrap().driver_name(), "copy-on-read");
+    assert_eq!(
+        blk.root().unwrap().child("file").unwrap().driver_name(),
+        "raw"
+    );
     blk.write_at(0, &[7; 512]).unwrap();
     let mut b = [0u8; 512];
     blk.read_at(0, &mut b).unwrap();

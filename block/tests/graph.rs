@@ -311,11 +311,11 @@ fn probing_warns_and_guards_sector0() {
     let g = BlockGraph::new();
     let spec = block::drive::parse_drive(&format!("file={img},if=none,id=p")).unwrap();
     assert!(spec.probe);
-    let blk = spec.open(&g).unwrap().unwrap();
+    let blk = spec.open(&g).unwrap();
     let w = g.take_warnings();
     assert_eq!(w.len(), 1);
     assert!(w[0].contains("probing guessed raw"), "{}", w[0]);
-    assert_eq!(blk.root().driver_name(), "raw");
+    assert_eq!(blk.root().unwrap().driver_name(), "raw");
     // A qcow2 header in sector 0 is refused...
     let mut hdr = vec![0u8; 512];
     hdr[..4].copy_from_slice(b"QFI\xfb");
@@ -343,7 +343,6 @@ fn probing_warns_and_guards_sector0() {
     let blk = block::drive::parse_drive(&format!("file={img},format=raw,if=none,id=q"))
         .unwrap()
         .open(&g)
-        .unwrap()
         .unwrap();
     assert!(g.take_warnings().is_empty());
     blk.write_at(0, &hdr).unwrap();
@@ -537,7 +536,7 @@ fn json_pseudo_protocol_filenames() {
     let spec =
         block::drive::parse_drive(&format!("file={},if=none,id=j2", fname.replace(',', ",,")))
             .unwrap();
-    let blk = spec.open(&g).unwrap().unwrap();
+    let blk = spec.open(&g).unwrap();
     assert_eq!(blk.len(), (1 << 20) - 4096);
     let e = g.open_image("json:{bad", None, true, &[]).unwrap_err();
     assert!(
@@ -589,4 +588,80 @@ fn auto_read_only_falls_back_when_writing_is_refused() {
     blk.read_at(0, &mut b).unwrap();
     assert_eq!(b, [0; 16]);
     assert_eq!(blk.write_at(0, &[1]).unwrap_err().errno(), libc::EROFS);
+}
+
+#[test]
+fn lock_conflict_between_two_strata_processes() {
+    // Child mode: hold the image as a device would, until stdin closes.
+    if let Ok(img) = std::env::var("STRATA_LOCK_CHILD") {
+        let g = BlockGraph::new();
+        let n = g.open_image(&img, Some("raw"), false, &[]).unwrap();
+        let _blk = BlockBackend::new("held", n, BackendConfig::default()).unwrap();
+        println!("locked");
+        let mut s = String::new();
+        let _ = std::io::stdin().read_line(&mut s);
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    let dir = TempDir::new("lock2p");
+    let img = dir.file("disk.img", 1 << 20);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lock_conflict_between_two_strata_processes",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("STRATA_LOCK_CHILD", &img)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("locked") {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+    }
+    assert!(line.contains("locked"), "child did not lock");
+    let g = BlockGraph::new();
+    let n = g.open_image(&img, Some("raw"), false, &[]).unwrap();
+    let e = BlockBackend::new("w", n, BackendConfig::default()).unwrap_err();
+    let ro = g.open_image(&img, Some("raw"), true, &[]).unwrap();
+    let e2 = BlockBackend::new("r", ro, BackendConfig::default()).unwrap_err();
+    let shared = g
+        .open_image(&img, Some("raw"), true, &[("force-share", "on")])
+        .unwrap();
+    let u = BlockBackend::new("u", shared, BackendConfig::default());
+    drop(child.stdin.take());
+    let _ = child.wait();
+    assert_eq!(
+        e.to_string(),
+        format!("Failed to get \"write\" lock: is another process using the image [{img}]?")
+    );
+    assert!(
+        e2.to_string()
+            .contains("Failed to get shared \"write\" lock"),
+        "{e2}"
+    );
+    assert!(u.is_ok(), "-U / force-share opens read-only anyway");
+}
+
+#[test]
+fn a_fifo_is_refused_not_waited_on() {
+    let dir = TempDir::new("fifo");
+    let p = dir.path("pipe");
+    let c = std::ffi::CString::new(p.clone()).unwrap();
+    // SAFETY: mkfifo on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let g = BlockGraph::new();
+    let t = std::time::Instant::now();
+    let e = g.open_image(&p, None, true, &[]).unwrap_err();
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    assert_eq!(
+        e.to_string(),
+        format!("'file' driver requires '{p}' to be a regular file")
+    );
 }

@@ -486,7 +486,7 @@ fn bad_input_one_line_exit_1_no_panic() {
         ),
         (
             vec!["info", "--output=xml", &f],
-            "strata-img: --output must be used with human or json as argument.\n".into(),
+            "strata-img: --output expects 'human' or 'json' not 'xml'\n".into(),
         ),
         (
             vec!["info", "--image-opts", "driver=file,filename=/nonexistent,bogus=1"],
@@ -498,11 +498,11 @@ fn bad_input_one_line_exit_1_no_panic() {
         ),
         (
             vec!["bench", "-t", "sometimes", &f],
-            "strata-img: Invalid cache option: sometimes\n".into(),
+            "strata-img: Invalid cache mode\n".into(),
         ),
         (
             vec!["bench", "-s", "4Q", &f],
-            "strata-img: Invalid buffer size specified\n".into(),
+            "strata-img: Invalid buffer size specified: '4Q'.\n".into(),
         ),
         (
             vec!["bench", "-i", "native", &f],
@@ -510,11 +510,11 @@ fn bad_input_one_line_exit_1_no_panic() {
         ),
         (
             vec!["convert", "-m", "17", &f, &f],
-            "strata-img: Invalid number of coroutines. Allowed number of coroutines is between 1 and 16\n".into(),
+            "strata-img: Invalid number of coroutines specified. Must be between 1 and 16.\n".into(),
         ),
-        (vec!["frobnicate"], String::new()),
+        (vec!["frobnicate"], "strata-img: Command not found: frobnicate\n".into()),
         (vec![], "strata-img: Not enough arguments\n".into()),
-        (vec!["info"], String::new()),
+        (vec!["info"], "strata-img: missing argument: <FILENAME>\n".into()),
         (vec!["info", "--bogus", &f], String::new()),
     ];
     for (args, want) in cases {

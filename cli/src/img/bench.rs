@@ -195,7 +195,8 @@ pub struct BenchArgs {
 }
 
 fn size_arg(s: &str, what: &str) -> R<u64> {
-    block::keyval::parse_size_str(s, 1).map_err(|_| Fail(format!("Invalid {what} specified"), 1))
+    block::keyval::parse_size_str(s, 1)
+        .map_err(|_| Fail(format!("Invalid {what} specified: '{s}'."), 1))
 }
 
 /// Run the benchmark.
@@ -205,7 +206,7 @@ pub fn bench(a: BenchArgs) -> R<i32> {
     }
     let bufsize = size_arg(&a.size, "buffer size")?;
     if bufsize == 0 || bufsize > (1 << 30) {
-        return fail("Invalid buffer size specified");
+        return fail(format!("Invalid buffer size specified: '{}'.", a.size));
     }
     let step = match &a.step {
         Some(s) => size_arg(s, "step size")?,
@@ -217,6 +218,9 @@ pub fn bench(a: BenchArgs) -> R<i32> {
     }
     if a.flush_interval.is_some_and(|f| f < a.depth as u64) {
         return fail("Flush interval can't be smaller than depth");
+    }
+    if super::cache_mode(&a.cache).is_err() {
+        return fail("Invalid cache mode");
     }
     let aio = if a.native {
         Some("native")

@@ -260,9 +260,7 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
         return fail("--target-is-zero requires use of -n flag");
     }
     if !(1..=16).contains(&a.parallel) {
-        return fail(
-            "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16",
-        );
+        return fail("Invalid number of coroutines specified. Must be between 1 and 16.");
     }
     let sparse = block::keyval::parse_size_str(&a.sparse, 1)
         .ok()

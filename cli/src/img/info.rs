@@ -183,7 +183,7 @@ fn check_output(output: &str) -> R<bool> {
     match output {
         "human" => Ok(false),
         "json" => Ok(true),
-        _ => fail("--output must be used with human or json as argument."),
+        other => fail(format!("--output expects 'human' or 'json' not '{other}'")),
     }
 }
 
@@ -202,7 +202,10 @@ pub fn info(
     spec.image_opts = image_opts;
     spec.force_share = force_share;
     let blk = open(&graph, &spec)?;
-    let root = blk.root();
+    let Some(root) = blk.root() else {
+        return fail(format!("Could not open '{filename}': no medium"));
+    };
+    let root = &root;
     let shown = if image_opts {
         root.filename().unwrap_or_else(|| filename.to_string())
     } else {
@@ -260,7 +263,7 @@ pub fn map(
     };
     let file = blk
         .root()
-        .filename()
+        .and_then(|r| r.filename())
         .unwrap_or_else(|| filename.to_string());
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut off = start.min(end);

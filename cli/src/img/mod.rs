@@ -325,6 +325,23 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
                     eprintln!("strata-img: Not enough arguments");
                     return 1;
                 }
+                ErrorKind::InvalidSubcommand => {
+                    let name = args.get(1).map(String::as_str).unwrap_or("");
+                    eprintln!("strata-img: Command not found: {name}");
+                    return 1;
+                }
+                ErrorKind::MissingRequiredArgument => {
+                    // clap puts the missing names on the following lines.
+                    let text = e.to_string();
+                    let missing: Vec<&str> = text
+                        .lines()
+                        .skip(1)
+                        .map(str::trim)
+                        .take_while(|l| !l.is_empty())
+                        .collect();
+                    eprintln!("strata-img: missing argument: {}", missing.join(" "));
+                    return 1;
+                }
                 _ => {
                     let first = e.to_string();
                     let line = first.lines().next().unwrap_or("invalid arguments");
