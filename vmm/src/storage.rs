@@ -70,7 +70,8 @@ impl Storage {
             let backend = d
                 .open(&graph)
                 .map_err(|e| VmmError::Config(format!("-drive {}: {e}", d.id)))?;
-            drives.insert(d.id.clone(), backend);
+            // Devices see a drive without medium as `None` for now.
+            drives.insert(d.id.clone(), Some(backend).filter(|b| b.is_inserted()));
             if let Some(dev) = d.device.as_ref().and_then(|p| device_for(&d.id, p)) {
                 devices.push(dev);
             }
