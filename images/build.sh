@@ -51,3 +51,6 @@ build_testkernel() {
     rm -rf "$tmp"
 }
 build_testkernel
+
+# The IDE boot program, disk image and El Torito CD (images/ide/).
+sh ide/build.sh >/dev/null

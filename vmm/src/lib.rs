@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod memory;
 pub mod mptable;
 pub mod pc;
+pub mod pc_ide;
 pub mod pc_virtio;
 pub mod qtest;
 pub mod storage;
@@ -206,7 +207,7 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
+fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
     validate(&cfg)?;
     let kvm = kvm::open()?;
     let max = kvm.get_max_vcpus();
@@ -266,6 +267,9 @@ fn run_kvm(cfg: MachineConfig) -> Result<i32, VmmError> {
         match event {
             VmEvent::Reset if !cfg.no_reboot => {
                 log::info!("guest reset: rebuilding the machine");
+                // `-boot once=` applies to the first boot only; resets go
+                // back to `order=` (QEMU's restore_boot_order).
+                cfg.boot.once = None;
                 continue;
             }
             VmEvent::Reset | VmEvent::Shutdown | VmEvent::Quit => return Ok(0),

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | 00:00.0 | i440FX host bridge (8086:1237) |
 //! | 00:01.0 | PIIX3 ISA bridge (8086:7000) |
+//! | 00:01.1 | PIIX3 IDE (8086:7010), legacy ports 0x1f0/0x3f6 (IRQ 14) and 0x170/0x376 (IRQ 15) |
 //! | 00:01.3 | PIIX4 PM (8086:7113), PMBASE set by firmware, SCI on IRQ 9 |
 //! | 0x70-0x71 | RTC/CMOS, IRQ 8 |
 //! | 0x60, 0x64 | i8042, IRQ 1 and 12 |
@@ -165,6 +166,7 @@ pub fn build_with(
         boot::init_chipset(&mut piix3, &mut pm);
     }
     pci.add(1, 0, Arc::new(Mutex::new(piix3))).map_err(err)?;
+    let ide = crate::pc_ide::create(&mut io, &pci, &ram, host.irq.as_ref())?;
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     add_io(
@@ -248,6 +250,7 @@ pub fn build_with(
         irq: host.irq.as_ref(),
         boot_order: &mut boot_order,
         cmos: &cmos,
+        ide: &ide,
         used_drives: Vec::new(),
         pirq: &pirq,
         msi,
@@ -278,6 +281,7 @@ pub fn build_with(
         "fw_cfg",
     )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
+    crate::pc_ide::fill_cmos(&ide, &mut cmos.lock().unwrap());
     let boot_entry = if direct {
         Some(boot::setup(cfg, &ram, &layout)?)
     } else {
@@ -307,6 +311,8 @@ pub struct AttachCtx<'a> {
     pub irq: &'a dyn IrqChip,
     pub boot_order: &'a mut BootOrder,
     pub cmos: &'a Arc<Mutex<Cmos>>,
+    /// The PIIX3 IDE function at 00:01.1.
+    pub ide: &'a Arc<Mutex<devices::ide::PiixIde>>,
     /// Drives already attached to a device: a drive serves one device.
     pub used_drives: Vec<String>,
     /// PCI INTx routing (PIIX3 PIRQ registers).
@@ -344,6 +350,7 @@ impl AttachCtx<'_> {
 /// family adds its arm here and keeps its wiring in a module of its own.
 fn attach(ctx: &mut AttachCtx, dev: &DeviceConfig, storage: &Storage) -> Result<(), MachineError> {
     match dev.driver.as_str() {
+        "ide-hd" | "ide-cd" => crate::pc_ide::attach(ctx, dev, storage),
         "virtio-blk-pci" => crate::pc_virtio::attach_virtio_blk(ctx, dev, storage),
         other => Err(MachineError::Config(format!(
             "-device {other}: unsupported device on the pc machine"

@@ -43,6 +43,7 @@ fn device_for(id: &str, d: &PendingDevice) -> Option<DeviceConfig> {
     if let Some(a) = &d.addr {
         props.push(("addr".into(), a.clone()));
     }
+    props.extend(d.geometry.iter().cloned());
     Some(DeviceConfig { driver, props })
 }
 
@@ -69,7 +70,8 @@ impl Storage {
             let backend = d
                 .open(&graph)
                 .map_err(|e| VmmError::Config(format!("-drive {}: {e}", d.id)))?;
-            drives.insert(d.id.clone(), Some(backend));
+            // Devices see a drive without medium as `None` for now.
+            drives.insert(d.id.clone(), Some(backend).filter(|b| b.is_inserted()));
             if let Some(dev) = d.device.as_ref().and_then(|p| device_for(&d.id, p)) {
                 devices.push(dev);
             }
