@@ -14,6 +14,7 @@ pub mod pc;
 pub mod pc_ide;
 pub mod pc_virtio;
 pub mod qtest;
+pub mod smbios;
 pub mod storage;
 pub mod vcpu;
 
@@ -155,11 +156,7 @@ pub fn validate(cfg: &MachineConfig) -> Result<(), VmmError> {
             host >> 20
         )));
     }
-    if !cfg.smbios.is_empty() {
-        return Err(VmmError::Config(
-            "-smbios: SMBIOS tables are not implemented yet".into(),
-        ));
-    }
+    smbios::Fields::parse(&cfg.smbios).map_err(VmmError::Config)?;
     if cfg.kernel.is_some() && !boot::is_direct(cfg) {
         return Err(VmmError::Config(
             "-kernel with -bios or -boot menu=on (booting the kernel through firmware) is not implemented yet; drop -bios to boot it directly".into(),
