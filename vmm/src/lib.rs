@@ -157,11 +157,6 @@ pub fn validate(cfg: &MachineConfig) -> Result<(), VmmError> {
         )));
     }
     smbios::Fields::parse(&cfg.smbios).map_err(VmmError::Config)?;
-    if cfg.kernel.is_some() && !boot::is_direct(cfg) {
-        return Err(VmmError::Config(
-            "-kernel with -bios or -boot menu=on (booting the kernel through firmware) is not implemented yet; drop -bios to boot it directly".into(),
-        ));
-    }
     if cfg.cpus == 0 {
         return Err(VmmError::Config(
             "-smp 0: a machine needs at least one CPU".into(),

@@ -36,6 +36,7 @@
 //! | 0xe0000-0xfffff | ACPI tables, MP table (0xf0000), RSDP (0xf1000), SMBIOS entry point and tables (0xf8000); reserved |
 
 pub mod cpu;
+pub mod firmware;
 pub mod linux;
 pub mod multiboot;
 pub mod pvh;
