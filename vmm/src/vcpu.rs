@@ -88,8 +88,19 @@ enum Fatal {
 
 /// Runs one vCPU until `stop` is set or the guest does something that ends
 /// the machine's current life (reset, shutdown, fatal error).
-pub fn run(mut vcpu: VcpuFd, id: u32, pc: Arc<Pc>, stop: Arc<AtomicBool>, events: EventSender) {
+pub fn run(
+    mut vcpu: VcpuFd,
+    id: u32,
+    pc: Arc<Pc>,
+    stop: Arc<AtomicBool>,
+    gate: Arc<crate::VcpuGate>,
+    events: EventSender,
+) {
     while !stop.load(Ordering::Acquire) {
+        gate.wait(&stop);
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
         let outcome: Result<Option<VmEvent>, Fatal> = match vcpu.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 pc.io.read(port as u64, data);
