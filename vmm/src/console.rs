@@ -214,10 +214,8 @@ fn input_loop(
                         // The main loop answers and prints the next prompt.
                         ev.send(VmEvent::Command(cmd));
                     }
-                    0x7f | 0x08 => {
-                        if line.pop().is_some() {
-                            let _ = echo.write_all(b"\x08 \x08");
-                        }
+                    0x7f | 0x08 if line.pop().is_some() => {
+                        let _ = echo.write_all(b"\x08 \x08");
                     }
                     0x20..=0x7e if line.len() < 1024 => {
                         line.push(b);
