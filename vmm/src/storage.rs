@@ -48,15 +48,6 @@ fn device_for(id: &str, d: &PendingDevice) -> Option<DeviceConfig> {
 }
 
 impl Storage {
-    /// No drives and no devices.
-    pub fn empty() -> Storage {
-        Storage {
-            graph: BlockGraph::new(),
-            drives: BTreeMap::new(),
-            devices: Vec::new(),
-        }
-    }
-
     pub fn open(cfg: &MachineConfig) -> Result<Storage, VmmError> {
         let graph = BlockGraph::new();
         for text in &cfg.blockdevs {
