@@ -78,22 +78,42 @@ fn bzimage_items_follow_the_boot_protocol() {
     assert_eq!(setup[0x210], 0xff, "type_of_loader");
     assert_eq!(setup[0x211] & 0x81, 0x81, "LOADED_HIGH | CAN_USE_HEAP");
     let cmd_ptr = u32::from_le_bytes(setup[0x228..0x22c].try_into().unwrap());
-    assert_eq!(fw_cfg_u32(&mut q, 0x13), cmd_ptr, "cmd_line_ptr = CMDLINE_ADDR");
+    assert_eq!(
+        fw_cfg_u32(&mut q, 0x13),
+        cmd_ptr,
+        "cmd_line_ptr = CMDLINE_ADDR"
+    );
     let heap_end = u16::from_le_bytes([setup[0x224], setup[0x225]]) as u32;
-    assert_eq!(heap_end + 0x200 + 0x10000, cmd_ptr, "heap ends at the cmdline");
+    assert_eq!(
+        heap_end + 0x200 + 0x10000,
+        cmd_ptr,
+        "heap ends at the cmdline"
+    );
     let rd_addr = u32::from_le_bytes(setup[0x218..0x21c].try_into().unwrap());
     let rd_size = u32::from_le_bytes(setup[0x21c..0x220].try_into().unwrap());
     assert_eq!(rd_size as usize, rd.len());
-    assert_eq!(fw_cfg_u32(&mut q, 0x0a), rd_addr, "INITRD_ADDR = ramdisk_image");
+    assert_eq!(
+        fw_cfg_u32(&mut q, 0x0a),
+        rd_addr,
+        "INITRD_ADDR = ramdisk_image"
+    );
     assert_eq!(rd_addr % 4096, 0);
     assert!((rd_addr + rd_size) as u64 <= 128 << 20);
     assert_eq!(fw_cfg_u32(&mut q, 0x0b) as usize, rd.len());
     assert_eq!(fw_cfg_read(&mut q, 0x12, rd.len()), rd, "INITRD_DATA");
     let code32 = u32::from_le_bytes(setup[0x214..0x218].try_into().unwrap());
-    assert_eq!(fw_cfg_u32(&mut q, 0x07), code32, "KERNEL_ADDR = code32_start");
+    assert_eq!(
+        fw_cfg_u32(&mut q, 0x07),
+        code32,
+        "KERNEL_ADDR = code32_start"
+    );
     let kernel = &image[setup_len..];
     assert_eq!(fw_cfg_u32(&mut q, 0x08) as usize, kernel.len());
-    assert_eq!(fw_cfg_read(&mut q, 0x11, kernel.len()), kernel, "KERNEL_DATA");
+    assert_eq!(
+        fw_cfg_read(&mut q, 0x11, kernel.len()),
+        kernel,
+        "KERNEL_DATA"
+    );
     let mut cmd = APPEND.as_bytes().to_vec();
     cmd.push(0);
     assert_eq!(fw_cfg_u32(&mut q, 0x14) as usize, cmd.len());
@@ -122,7 +142,11 @@ fn multiboot_items_hold_image_and_info() {
     let size = fw_cfg_u32(&mut q, 0x0b) as usize;
     let info = fw_cfg_read(&mut q, 0x12, size);
     let at = |o: usize| u32::from_le_bytes(info[o..o + 4].try_into().unwrap());
-    assert_eq!(at(0) & (1 << 2 | 1 << 6), 1 << 2 | 1 << 6, "cmdline and mmap flags");
+    assert_eq!(
+        at(0) & (1 << 2 | 1 << 6),
+        1 << 2 | 1 << 6,
+        "cmdline and mmap flags"
+    );
     // Pointers inside the blob, so the ROM's one copy brings them along.
     let cmd = (at(16) - info_addr) as usize;
     let end = cmd + info[cmd..].iter().position(|&b| b == 0).unwrap();
@@ -131,11 +155,17 @@ fn multiboot_items_hold_image_and_info() {
         format!("{k} x=1")
     );
     let mmap = at(48);
-    assert!(mmap > info_addr && (mmap - info_addr) < 0x400, "mmap in the blob");
+    assert!(
+        mmap > info_addr && (mmap - info_addr) < 0x400,
+        "mmap in the blob"
+    );
     let entry = fw_cfg_u32(&mut q, 0x10);
     let load = fw_cfg_u32(&mut q, 0x07);
     let len = fw_cfg_u32(&mut q, 0x08);
-    assert!((load..load + len).contains(&entry), "entry inside the image");
+    assert!(
+        (load..load + len).contains(&entry),
+        "entry inside the image"
+    );
     assert_eq!(load, 0x100000);
 }
 
@@ -172,7 +202,8 @@ fn check_seabios_e820(out: &str) {
         .collect();
     assert!(e820.contains(&"0x0 0x9fc00 1"), "{out}");
     assert!(
-        e820.iter().any(|l| l.starts_with("0x100000 0x7") && l.ends_with(" 1")),
+        e820.iter()
+            .any(|l| l.starts_with("0x100000 0x7") && l.ends_with(" 1")),
         "{out}"
     );
 }
@@ -242,15 +273,16 @@ fn multiboot_boots_through_seabios_with_boot_menu() {
         ],
         "fwboot-mb",
     );
-    assert!(
-        log.contains("/rom@genroms/multiboot_dma.bin"),
-        "{log}"
-    );
+    assert!(log.contains("/rom@genroms/multiboot_dma.bin"), "{log}");
     assert_eq!(line(&out, "TK proto="), "multiboot magic=0x2badb002");
     assert_eq!(line(&out, "TK cmdline="), format!("{k} {APPEND}"));
     assert_eq!(
         line(&out, "TK module "),
-        format!("size={} fnv={:#x} cmdline={module}", m.len(), kernels::fnv(&m))
+        format!(
+            "size={} fnv={:#x} cmdline={module}",
+            m.len(),
+            kernels::fnv(&m)
+        )
     );
     check_seabios_e820(&out);
 }

@@ -73,7 +73,11 @@ fn fw_cfg_tables_carry_the_smbios_options() {
     assert_eq!(&anchor[..5], b"_SM3_");
     assert_eq!(sum(&anchor), 0, "entry point checksum");
     assert_eq!(anchor[6], 24);
-    assert_eq!((anchor[7], anchor[10]), (3, 1), "version 3, 3.0 entry point");
+    assert_eq!(
+        (anchor[7], anchor[10]),
+        (3, 1),
+        "version 3, 3.0 entry point"
+    );
     assert_eq!(
         u32::from_le_bytes(anchor[12..16].try_into().unwrap()) as usize,
         tables.len(),
@@ -138,7 +142,11 @@ fn direct_boot_has_an_smbios3_entry_point_in_the_bios_area() {
     let tables = q.memread(addr, len);
     let s = parse(&tables).unwrap();
     assert_eq!(types(&s), [0, 1, 3, 4, 4, 4, 16, 17, 19, 11, 32, 127]);
-    assert_eq!(s[0].string(4), Some("Strata"), "no firmware: type 0 is Strata");
+    assert_eq!(
+        s[0].string(4),
+        Some("Strata"),
+        "no firmware: type 0 is Strata"
+    );
     check_type1(&s);
     assert_eq!(s[9].strings, ["hello", "world"]);
     let cpus: Vec<_> = s.iter().filter(|p| p.ty == 4).collect();
@@ -148,7 +156,10 @@ fn direct_boot_has_an_smbios3_entry_point_in_the_bios_area() {
 #[test]
 fn bad_smbios_options_are_one_line_errors() {
     for (arg, want) in [
-        ("type=1,colour=red", "-smbios type=1,colour=red: type 1 has no field 'colour'"),
+        (
+            "type=1,colour=red",
+            "-smbios type=1,colour=red: type 1 has no field 'colour'",
+        ),
         ("type=1,uuid=nope", "uuid=nope: not a UUID"),
         ("type=9,x=1", "SMBIOS type 9 cannot be set"),
         ("serial=1", "missing type="),

@@ -272,7 +272,8 @@ pub fn build_with(
             f.add_file(crate::acpi::TABLES_FILE, t.tables.clone());
             f.add_file(crate::acpi::LOADER_FILE, t.loader());
             // SeaBIOS installs these SMBIOS tables instead of its own.
-            let s = crate::smbios::for_machine(cfg, &layout, false).map_err(MachineError::Config)?;
+            let s =
+                crate::smbios::for_machine(cfg, &layout, false).map_err(MachineError::Config)?;
             f.add_file(crate::smbios::TABLES_FILE, s.tables.clone());
             f.add_file(crate::smbios::ANCHOR_FILE, s.anchor(0));
             if cfg.kernel.is_some() {

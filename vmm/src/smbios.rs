@@ -121,7 +121,9 @@ impl Fields {
             .join(",");
         let err = |m: String| format!("-smbios {text}: {m}");
         let ty = match opt.iter().find(|(k, _)| k == "type") {
-            Some((_, t)) => t.parse::<u8>().map_err(|_| err(format!("bad type '{t}'")))?,
+            Some((_, t)) => t
+                .parse::<u8>()
+                .map_err(|_| err(format!("bad type '{t}'")))?,
             None if opt.iter().any(|(k, _)| k == "file") => {
                 return Err(err("file= (binary tables) is not supported".into()))
             }
@@ -131,7 +133,11 @@ impl Fields {
             .iter()
             .find(|(t, _)| *t == ty)
             .map(|(_, f)| *f)
-            .ok_or_else(|| err(format!("SMBIOS type {ty} cannot be set (supported: 0, 1, 2, 3, 4, 11, 17)")))?;
+            .ok_or_else(|| {
+                err(format!(
+                    "SMBIOS type {ty} cannot be set (supported: 0, 1, 2, 3, 4, 11, 17)"
+                ))
+            })?;
         for (k, v) in opt.iter().filter(|(k, _)| k != "type") {
             if !allowed.contains(&k.as_str()) {
                 return Err(err(format!("type {ty} has no field '{k}'")));
@@ -181,7 +187,9 @@ pub fn parse_uuid(s: &str) -> Result<[u8; 16], String> {
     let dashes_ok = s.len() == 32
         || (s.len() == 36 && [8, 13, 18, 23].iter().all(|&i| s.as_bytes()[i] == b'-'));
     if hex.len() != 32 || !dashes_ok || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(format!("uuid={s}: not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"));
+        return Err(format!(
+            "uuid={s}: not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+        ));
     }
     let mut b = [0u8; 16];
     for (i, byte) in b.iter_mut().enumerate() {
@@ -347,7 +355,9 @@ pub fn build(f: &Fields, m: &Machine) -> Tables {
 
     Structure::new(1, 0x1b, 0x0100)
         .s(Some(f.get(1, "manufacturer").unwrap_or(VENDOR)))
-        .s(Some(f.get(1, "product").unwrap_or("Strata PC (i440FX + PIIX)")))
+        .s(Some(
+            f.get(1, "product").unwrap_or("Strata PC (i440FX + PIIX)"),
+        ))
         .s(f.get(1, "version"))
         .s(f.get(1, "serial"))
         .bytes(&f.uuid.unwrap_or([0; 16]))
@@ -442,7 +452,10 @@ pub fn build(f: &Fields, m: &Machine) -> Tables {
         .finish(o);
 
     let lpfx = f.get(17, "loc_pfx").unwrap_or("DIMM");
-    let mspeed = f.get(17, "speed").and_then(|v| v.parse().ok()).unwrap_or(0u16);
+    let mspeed = f
+        .get(17, "speed")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0u16);
     for i in 0..ndimms {
         let size = (total - i * DIMM_MAX).min(DIMM_MAX);
         let mib = size >> 20;
@@ -661,7 +674,10 @@ mod tests {
             128 << 10
         );
         let t17 = &s[6];
-        assert_eq!(u16::from_le_bytes([t17.formatted[12], t17.formatted[13]]), 128);
+        assert_eq!(
+            u16::from_le_bytes([t17.formatted[12], t17.formatted[13]]),
+            128
+        );
         let t19 = &s[7];
         assert_eq!(
             u32::from_le_bytes(t19.formatted[8..12].try_into().unwrap()),

@@ -235,7 +235,8 @@ fn linux(
     setup[0x211] |= CAN_USE_HEAP;
     // heap_end_ptr: the heap runs to just below the command line, as an
     // offset from the setup's start less 0x200.
-    setup[0x224..0x226].copy_from_slice(&((CMDLINE_ADDR - SETUP_ADDR - 0x200) as u16).to_le_bytes());
+    setup[0x224..0x226]
+        .copy_from_slice(&((CMDLINE_ADDR - SETUP_ADDR - 0x200) as u16).to_le_bytes());
     setup[0x228..0x22c].copy_from_slice(&(CMDLINE_ADDR as u32).to_le_bytes());
     setup[0x218..0x21c].copy_from_slice(&(initrd_addr as u32).to_le_bytes());
     setup[0x21c..0x220].copy_from_slice(&(initrd.len() as u32).to_le_bytes());

@@ -274,11 +274,7 @@ fn load_elf32(ctx: &BootContext, f: &mut File, len: u64, head: &[u8]) -> Result<
 /// Writes the modules, strings, memory map and the information structure.
 /// Returns the end of the last module (or of the kernel) and the length of
 /// the strings.
-fn write_info(
-    ctx: &BootContext,
-    kernel_end: u64,
-    lay: &MbLayout,
-) -> Result<(u64, u64), BootError> {
+fn write_info(ctx: &BootContext, kernel_end: u64, lay: &MbLayout) -> Result<(u64, u64), BootError> {
     let mut strings: Vec<u8> = Vec::new();
     let mut add_str = |s: &str| -> u64 {
         let at = lay.strings + strings.len() as u64;
