@@ -33,6 +33,7 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -object iothread,id=ID            an I/O thread (virtio-blk-pci iothread=ID)
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
   -kernel FILE                      boot a bzImage, PVH ELF vmlinux or multiboot kernel directly
+                                    (with -bios or -boot menu=on: bzImage/multiboot through SeaBIOS)
   -initrd FILE[,FILE2...]           initrds (concatenated) or multiboot modules (FILE ARGS each)
   -append CMDLINE                   kernel command line
   -smbios type=N,field=value,...    SMBIOS fields (type 0, 1, 2, 3, 4, 11, 17), e.g. type=1,serial=S,uuid=U
