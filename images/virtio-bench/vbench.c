@@ -30,7 +30,8 @@
  * VBENCH-FAULT report failures (then VBENCH-DONE is never printed).
  *
  * Multiboot command line (optional): "secs=N" sets the seconds per
- * workload (default 2).
+ * workload (default 2); "only=PREFIX" runs the workloads whose name
+ * starts with PREFIX.
  */
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -498,22 +499,39 @@ static void run(const struct workload *w, u64 ticks)
 
 /* --- main --------------------------------------------------------------- */
 
-/* "secs=N" anywhere in the multiboot command line. */
-static u64 parse_secs(u64 info)
+/* The multiboot command line, or "". */
+static const char *cmdline(u64 info)
 {
-	volatile u32 *mbi = (volatile u32 *)info;
+	const u32 *mbi = (const u32 *)info;
 	if (!info || !(mbi[0] & 4) || !mbi[4])
-		return 0;
-	const volatile char *p = (const volatile char *)(u64)mbi[4];
-	for (; *p; p++) {
-		if (p[0] == 's' && p[1] == 'e' && p[2] == 'c' && p[3] == 's' && p[4] == '=') {
-			u64 v = 0;
-			for (p += 5; *p >= '0' && *p <= '9'; p++)
-				v = v * 10 + (*p - '0');
-			return v;
-		}
+		return "";
+	return (const char *)(u64)mbi[4];
+}
+
+/* The text after `key` ("secs=") in the command line, up to a space. */
+static const char *option(const char *cl, const char *key)
+{
+	for (const char *p = cl; *p; p++) {
+		if (p != cl && p[-1] != ' ')
+			continue;
+		const char *k = key, *q = p;
+		while (*k && *q == *k)
+			k++, q++;
+		if (!*k)
+			return q;
 	}
 	return 0;
+}
+
+/* Does workload `name` start with the "only=" value? */
+static int selected(const char *only, const char *name)
+{
+	if (!only)
+		return 1;
+	for (; *only && *only != ' '; only++, name++)
+		if (*only != *name)
+			return 0;
+	return 1;
 }
 
 /* ACPI soft-off through the PIIX4 PM function (00:01.3 on both VMMs'
@@ -543,7 +561,10 @@ void vbench_main(u64 info)
 		{ "randwrite-4k-qd32", T_OUT, 4096, 32, 0 },
 		{ "seqread-64k-qd8", T_IN, 65536, 8, 1 },
 	};
-	u64 secs = parse_secs(info);
+	const char *cl = cmdline(info), *v = option(cl, "secs="), *only = option(cl, "only=");
+	u64 secs = 0;
+	for (; v && *v >= '0' && *v <= '9'; v++)
+		secs = secs * 10 + (*v - '0');
 	if (!secs)
 		secs = 2;
 	u64 fl, cs;
@@ -563,6 +584,8 @@ void vbench_main(u64 info)
 	if (capacity < 2 * BUF_SIZE / 512)
 		fail("disk too small");
 	for (u32 i = 0; i < sizeof(loads) / sizeof(loads[0]); i++) {
+		if (!selected(only, loads[i].name))
+			continue;
 		if (loads[i].depth * 3 > qsize)
 			fail("queue too small for the depth");
 		run(&loads[i], secs * hz);
