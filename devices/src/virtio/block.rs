@@ -17,6 +17,12 @@
 //! point straight into guest memory (no copy), then completes what has
 //! finished and signals each queue at most once per batch (honouring
 //! RING_EVENT_IDX, section 2.7.10).
+//!
+//! Reads and writes popped in one pass are held until the pass ends, then
+//! sorted and merged where they are contiguous (QEMU's `request-merging`,
+//! on by default there too): a driver streaming 64 KiB sequential reads
+//! at depth 8 then costs the host one 512 KiB read instead of eight
+//! 64 KiB ones, which is what QEMU's host side sees.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,6 +104,9 @@ pub struct BlockOptions {
     pub event_idx: bool,
     pub indirect_desc: bool,
     pub serial: Option<String>,
+    /// Merge contiguous reads or writes of one pass (QEMU's
+    /// `request-merging`).
+    pub request_merging: bool,
 }
 
 impl Default for BlockOptions {
@@ -113,6 +122,7 @@ impl Default for BlockOptions {
             event_idx: true,
             indirect_desc: true,
             serial: None,
+            request_merging: true,
         }
     }
 }
@@ -559,6 +569,18 @@ impl Completions {
         })
     }
 
+    /// One block-layer request standing for several merged ones: its
+    /// result is each one's result.
+    fn callback_many(self: &Arc<Self>, slots: Vec<usize>) -> block::driver::Completion {
+        let me = self.clone();
+        Box::new(move |_req, r| {
+            crate::bus::lock(&me.items).extend(slots.into_iter().map(|s| (s, r.clone())));
+            if !me.in_pass.load(Ordering::SeqCst) {
+                let _ = me.efd.write(1);
+            }
+        })
+    }
+
     fn take(&self, into: &mut Vec<(usize, Result<(), BlockError>)>) {
         into.clear();
         std::mem::swap(&mut *crate::bus::lock(&self.items), into);
@@ -585,7 +607,16 @@ pub struct BlockWorker {
     scratch: Vec<Desc>,
     /// Queues with new used entries since the last interrupt check.
     dirty: Vec<bool>,
+    /// Reads and writes of the current pass, with their in-flight slot,
+    /// waiting to be merged and submitted at its end.
+    pending: Vec<(usize, IoRequest)>,
+    merge: bool,
 }
+
+/// Merge limits, QEMU's: at most 32 requests (VIRTIO_BLK_MAX_MERGE_REQS)
+/// and IOV_MAX segments in one block-layer request.
+const MAX_MERGE_REQS: usize = 32;
+const MAX_MERGE_SEGS: usize = 1024;
 
 impl BlockWorker {
     pub fn new(
@@ -615,7 +646,14 @@ impl BlockWorker {
             serial: s,
             scratch: Vec::with_capacity(16),
             dirty: vec![false; n],
+            pending: Vec::new(),
+            merge: true,
         })
+    }
+
+    /// Turns request merging on (the default) or off.
+    pub fn set_request_merging(&mut self, on: bool) {
+        self.merge = on;
     }
 
     /// Requests submitted and not completed.
@@ -656,7 +694,69 @@ impl BlockWorker {
                 _ => break,
             }
         }
+        self.submit_pending();
         self.process_completions();
+    }
+
+    /// Submits the held reads and writes, merging runs that are
+    /// contiguous on the disk (same direction, each starting where the
+    /// previous ends). Each request was range-checked when parsed, so a
+    /// merged one is in range too; if it fails, every part fails, as in
+    /// QEMU.
+    fn submit_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut reqs = std::mem::take(&mut self.pending);
+        if reqs.len() > 1 {
+            reqs.sort_by_key(|(_, r)| (r.op == IoOp::Write, r.offset));
+        }
+        let mut it = reqs.drain(..).peekable();
+        while let Some((slot, first)) = it.next() {
+            let mut end = first.offset + first.len;
+            let mut nsegs = first.iov.as_raw().len();
+            let mut group: Vec<(usize, IoRequest)> = Vec::new();
+            while let Some((_, next)) = it.peek() {
+                if group.len() + 1 >= MAX_MERGE_REQS
+                    || next.op != first.op
+                    || next.offset != end
+                    || nsegs + next.iov.as_raw().len() > MAX_MERGE_SEGS
+                {
+                    break;
+                }
+                end += next.len;
+                nsegs += next.iov.as_raw().len();
+                group.extend(it.next());
+            }
+            if group.is_empty() {
+                self.backend.submit(first, self.cq.callback(slot));
+                continue;
+            }
+            let mut segs = Vec::with_capacity(nsegs);
+            let mut slots = Vec::with_capacity(group.len() + 1);
+            for (s, r) in std::iter::once((slot, &first)).chain(group.iter().map(|(s, r)| (*s, r)))
+            {
+                slots.push(s);
+                segs.extend(
+                    r.iov
+                        .as_raw()
+                        .iter()
+                        .map(|v| (v.iov_base.cast::<u8>(), v.iov_len)),
+                );
+            }
+            // SAFETY: the same guest memory the parts pointed to (see
+            // `start`): it stays mapped until every part has completed,
+            // which is when this request completes.
+            let iov = unsafe { IoVecs::from_raw(&segs) };
+            let merged = match first.op {
+                IoOp::Write => IoRequest::write(first.offset, iov, false),
+                _ => IoRequest::read(first.offset, iov),
+            };
+            self.backend.submit(merged, self.cq.callback_many(slots));
+        }
+        drop(it);
+        // Keep the allocation for the next pass.
+        self.pending = reqs;
     }
 
     fn start(&mut self, qi: usize, table: u64, size: u16, head: u16) {
@@ -753,6 +853,13 @@ impl BlockWorker {
             used_len,
         });
         self.busy += 1;
+        if self.merge && matches!(op, IoOp::Read | IoOp::Write) {
+            self.pending.push((slot, request));
+            return;
+        }
+        // Anything else (flush in particular) must not overtake the reads
+        // and writes the driver queued before it.
+        self.submit_pending();
         self.backend.submit(request, self.cq.callback(slot));
     }
 
@@ -824,6 +931,8 @@ impl BlockWorker {
 
     /// Waits until every submitted request has completed.
     pub fn drain(&mut self) {
+        // Held requests count as busy: send them, or this never ends.
+        self.submit_pending();
         while self.busy > 0 {
             // Only reached on reset or teardown: a short sleep between
             // looks keeps the fast path free of condition variables.
@@ -1006,7 +1115,8 @@ impl VirtioDevice for VirtioBlock {
             discard: f & features::DISCARD != 0,
             write_zeroes: f & features::WRITE_ZEROES != 0,
         };
-        let w = BlockWorker::new(a, self.backend.clone(), limits, self.opts.serial.as_deref())?;
+        let mut w = BlockWorker::new(a, self.backend.clone(), limits, self.opts.serial.as_deref())?;
+        w.set_request_merging(self.opts.request_merging);
         let id = self.event_loop.add(Box::new(w))?;
         self.running = Some(id);
         Ok(())
