@@ -1135,3 +1135,125 @@ impl Drop for VirtioBlock {
         self.reset();
     }
 }
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+    use block::backend::BackendConfig;
+    use block::graph::BlockGraph;
+    use std::sync::atomic::AtomicU64;
+    use virtio_queue::Queue;
+
+    const QSIZE: u16 = 16;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+    const BUFS: u64 = 0x10000;
+
+    #[derive(Default)]
+    struct Count(AtomicU64);
+    impl VirtioInterrupt for Count {
+        fn signal_queue(&self, _: u16) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn signal_config(&self) {}
+    }
+
+    fn desc(mem: &GuestMem, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&addr.to_le_bytes());
+        raw[8..12].copy_from_slice(&len.to_le_bytes());
+        raw[12..14].copy_from_slice(&flags.to_le_bytes());
+        raw[14..16].copy_from_slice(&next.to_le_bytes());
+        mem.write_slice(&raw, GuestAddress(DESC + 16 * i)).unwrap();
+    }
+
+    /// Reads of sectors 16, 0, 8 (contiguous once sorted) and 40, then a
+    /// flush, all in one pass: the reads reach the file as two requests,
+    /// each buffer gets its own sectors, and the flush comes after them.
+    #[test]
+    fn contiguous_reads_of_one_pass_are_merged() {
+        let path = std::env::temp_dir().join(format!("strata-merge-{}.img", std::process::id()));
+        let data: Vec<u8> = (0..64 * 512u32).map(|i| (i / 512) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let graph = BlockGraph::new();
+        let node = graph
+            .blockdev_add_str(&format!(
+                "driver=file,node-name=n0,filename={}",
+                path.display()
+            ))
+            .unwrap();
+        let backend = BlockBackend::new("t", node, BackendConfig::default()).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut q = Queue::new(QSIZE).unwrap();
+        q.set_size(QSIZE);
+        q.set_desc_table_address(Some(DESC as u32), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_ready(true);
+        let a = Activation {
+            mem: mem.clone(),
+            features: features::FLUSH,
+            queues: vec![ActiveQueue {
+                index: 0,
+                queue: q,
+                notify: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            }],
+            interrupt: Arc::new(Count::default()),
+        };
+        let limits = Limits {
+            capacity_sectors: 64,
+            seg_max: 14,
+            read_only: false,
+            indirect: false,
+            discard: false,
+            write_zeroes: false,
+        };
+        let mut w = BlockWorker::new(a, backend.clone(), limits, None).unwrap();
+        let reqs: [(u32, u64); 5] = [(0, 16), (0, 0), (0, 8), (0, 40), (4, 0)];
+        for (i, &(ty, sector)) in reqs.iter().enumerate() {
+            let base = BUFS + 0x2000 * i as u64;
+            let mut h = [0u8; 16];
+            h[0..4].copy_from_slice(&ty.to_le_bytes());
+            h[8..16].copy_from_slice(&sector.to_le_bytes());
+            mem.write_slice(&h, GuestAddress(base)).unwrap();
+            let d = 3 * i as u64;
+            if ty == 0 {
+                desc(&mem, d, base, 16, 1, d as u16 + 1);
+                desc(&mem, d + 1, base + 0x1000, 4096, 3, d as u16 + 2);
+            } else {
+                desc(&mem, d, base, 16, 1, d as u16 + 2);
+            }
+            desc(&mem, d + 2, base + 16, 1, 2, 0);
+            mem.write_obj(0xffu8, GuestAddress(base + 16)).unwrap();
+            mem.write_obj(d as u16, GuestAddress(AVAIL + 4 + 2 * i as u64))
+                .unwrap();
+        }
+        mem.write_obj(reqs.len() as u16, GuestAddress(AVAIL + 2))
+            .unwrap();
+        w.process_queue(0);
+        let t0 = std::time::Instant::now();
+        while mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != reqs.len() as u16 {
+            assert!(t0.elapsed().as_secs() < 10, "requests did not complete");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            w.process_completions();
+        }
+        for (i, &(ty, sector)) in reqs.iter().enumerate() {
+            let base = BUFS + 0x2000 * i as u64;
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(base + 16)).unwrap(), 0);
+            if ty == 0 {
+                let mut buf = vec![0u8; 4096];
+                mem.read_slice(&mut buf, GuestAddress(base + 0x1000))
+                    .unwrap();
+                let off = sector as usize * 512;
+                assert_eq!(buf, data[off..off + 4096], "request {i}");
+            }
+        }
+        let st = backend.stats();
+        assert_eq!(st.read.ops, 2, "sectors 0-23 in one read, 40-47 in another");
+        assert_eq!(st.read.bytes, 4 * 4096);
+        assert_eq!(st.flush.ops, 1);
+        drop(w);
+        let _ = std::fs::remove_file(&path);
+    }
+}
