@@ -181,7 +181,6 @@ pub struct Qcow2 {
     data: Option<Arc<dyn Storage>>,
     backing: Option<Arc<dyn Storage>>,
     cs: u64,
-    ext_l2: bool,
     ctype: u8,
     read_only: bool,
 }
@@ -392,7 +391,6 @@ impl Qcow2 {
                 m.write_header()?;
             }
         }
-        let ext_l2 = m.h.extended_l2();
         let ctype = m.h.compression_type;
         Ok(Qcow2 {
             meta: Mutex::new(m),
@@ -402,7 +400,6 @@ impl Qcow2 {
             data,
             backing,
             cs,
-            ext_l2,
             ctype,
             read_only: o.read_only,
         })
