@@ -644,8 +644,10 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        // Metadata lock first, then the gate: the I/O paths take them
+        // in that order too.
         let mut m = self.lock();
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         m.flush_all()
     }
 
@@ -685,8 +687,10 @@ impl Qcow2 {
             // are zeroed if the image grows again (below).
         }
         {
-            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            // Metadata lock first, then the gate: the I/O paths take them
+            // in that order too.
             let mut m = self.lock();
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
             m.flush_all()?;
             let need = m.h.l1_entries_for(new);
             if need > m.l1.len() as u64 {

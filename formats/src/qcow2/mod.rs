@@ -435,8 +435,10 @@ impl Qcow2 {
     }
     /// Consistency check, optionally repairing.
     pub fn check(&self, repair: check::Repair) -> FResult<check::CheckResult> {
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        // Metadata lock first, then the gate: the I/O paths take them
+        // in that order too.
         let mut m = self.lock();
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         if repair != check::Repair::None {
             m.flush_all()?;
         }
@@ -451,8 +453,10 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        // Metadata lock first, then the gate: the I/O paths take them
+        // in that order too.
         let mut m = self.lock();
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
         m.flush_all()
     }
 }
