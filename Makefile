@@ -1,9 +1,11 @@
 # Strata: the two set-up commands are `make demo` and `make test`.
 # Each installs what it needs (Debian packages, Rust components) first.
+# qemu-system-data provides the option ROMs (linuxboot_dma.bin,
+# multiboot_dma.bin) that boot -kernel through SeaBIOS.
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc binutils qemu-system-data
 
 .PHONY: demo test deps build lint images bench-boot
 
@@ -18,9 +20,10 @@ deps:
 build: deps
 	$(CARGO) build --release --bins
 
-# Boots SeaBIOS on a KVM PC on this terminal's serial console (Ctrl-A x quits).
+# Boots Debian's GRUB rescue CD as a live CD on a KVM PC (SeaBIOS, PIIX3
+# IDE/ATAPI) on this terminal's serial console. Ctrl-A x quits.
 demo: build
-	./target/release/strata -m 512 -smp 2 -nographic
+	./target/release/strata -m 512 -smp 2 -nographic -cdrom /usr/lib/grub-rescue/grub-rescue-cdrom.iso -boot d
 
 lint: deps
 	$(CARGO) fmt --all -- --check

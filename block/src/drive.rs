@@ -103,6 +103,9 @@ pub struct PendingDevice {
     pub serial: Option<String>,
     /// `addr=` (PCI address for virtio).
     pub addr: Option<String>,
+    /// `cyls=`, `heads=`, `secs=` and `trans=`, as the device properties
+    /// they become (`cyls`, `heads`, `secs`, `bios-chs-trans`).
+    pub geometry: Vec<(String, String)>,
     /// The `-device` driver QEMU would create (`ide-hd`, `ide-cd`,
     /// `scsi-hd`, `scsi-cd`, `virtio-blk-pci`, `floppy`, `sd-card`), or
     /// `None` when the board consumes the drive itself (pflash, mtd).
@@ -258,6 +261,24 @@ impl DriveTable {
         }
         let serial = o.take_str("serial")?;
         let addr = o.take_str("addr")?;
+        let mut geometry = Vec::new();
+        for (key, prop) in [("cyls", "cyls"), ("heads", "heads"), ("secs", "secs")] {
+            if let Some(v) = o.take_u64(key)? {
+                geometry.push((prop.to_string(), v.to_string()));
+            }
+        }
+        if let Some(t) = o.take_str("trans")? {
+            geometry.push(("bios-chs-trans".to_string(), t));
+        }
+        let chs = geometry
+            .iter()
+            .filter(|(k, _)| k != "bios-chs-trans")
+            .count();
+        if chs != 0 && chs != 3 {
+            return Err(BlockError::Open(
+                "-drive: cyls, heads and secs must be given together".into(),
+            ));
+        }
         let id = match o.take_str("id")? {
             Some(id) if !crate::graph::valid_id(&id) => {
                 return Err(BlockError::Open(format!(
@@ -477,6 +498,7 @@ impl DriveTable {
                 media,
                 serial,
                 addr,
+                geometry,
                 device_driver,
             })
         };

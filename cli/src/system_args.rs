@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use block::keyval;
-use vmm::config::{Accel, CharDev, DeviceConfig, MachineConfig};
+use vmm::config::{Accel, CharDev, DeviceConfig, KernelConfig, MachineConfig};
 
 pub const USAGE: &str = "\
 usage: strata [options]
@@ -32,6 +32,11 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -device DRIVER[,drive=ID,...]     a device
   -object iothread,id=ID            an I/O thread (virtio-blk-pci iothread=ID)
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
+  -kernel FILE                      boot a bzImage, PVH ELF vmlinux or multiboot kernel directly
+                                    (with -bios or -boot menu=on: bzImage/multiboot through SeaBIOS)
+  -initrd FILE[,FILE2...]           initrds (concatenated) or multiboot modules (FILE ARGS each)
+  -append CMDLINE                   kernel command line
+  -smbios type=N,field=value,...    SMBIOS fields (type 0, 1, 2, 3, 4, 11, 17), e.g. type=1,serial=S,uuid=U
   -version, -help
 With -nographic or mon:stdio, Ctrl-A h prints the console keys and Ctrl-A x quits.
 ";
@@ -62,6 +67,10 @@ const KNOWN_WITH_VALUE: &[&str] = &[
     "-fdb",
     "-device",
     "-blockdev",
+    "-kernel",
+    "-initrd",
+    "-append",
+    "-smbios",
     "-object",
 ];
 
@@ -237,11 +246,73 @@ fn parse_global(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `-kernel`/`-initrd`/`-append`. As in QEMU, `-initrd` and `-append`
+/// need `-kernel`, and `-initrd` is a comma-separated list with `,,` for a
+/// literal comma.
+fn kernel_config(
+    kernel: Option<PathBuf>,
+    initrd: Option<String>,
+    append: Option<String>,
+) -> Result<Option<KernelConfig>, String> {
+    let Some(kernel) = kernel else {
+        if initrd.is_some() {
+            return Err("-initrd: only allowed with -kernel".into());
+        }
+        if append.is_some() {
+            return Err("-append: only allowed with -kernel".into());
+        }
+        return Ok(None);
+    };
+    if !kernel.is_file() {
+        let why = if kernel.exists() {
+            "not a regular file"
+        } else {
+            "no such file"
+        };
+        return Err(format!("-kernel {}: {why}", kernel.display()));
+    }
+    let mut files = Vec::new();
+    if let Some(list) = initrd {
+        let mut cur = String::new();
+        let mut chars = list.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == ',' {
+                if chars.peek() == Some(&',') {
+                    chars.next();
+                    cur.push(',');
+                } else {
+                    files.push(std::mem::take(&mut cur));
+                }
+            } else {
+                cur.push(c);
+            }
+        }
+        files.push(cur);
+        if files.iter().any(|f| f.is_empty()) {
+            return Err(format!("-initrd {list}: empty file name"));
+        }
+    }
+    Ok(Some(KernelConfig {
+        kernel,
+        initrd: files,
+        cmdline: append.unwrap_or_default(),
+    }))
+}
+
+/// `-smbios type=N,field=value,...`: checked here by the SMBIOS builder,
+/// which knows the fields of each type, and kept as key/value pairs.
+fn parse_smbios(v: &str) -> Result<Vec<(String, String)>, String> {
+    let o = split_opts("-smbios", v, None)?;
+    vmm::smbios::Fields::parse(std::slice::from_ref(&o))?;
+    Ok(o)
+}
+
 pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut cfg = MachineConfig::default();
     let mut serial: Vec<Option<CharDev>> = Vec::new();
     let (mut nographic, mut nodefaults, mut accel_set) = (false, false, false);
     let mut drives = block::drive::DriveTable::new();
+    let (mut kernel, mut initrd, mut append) = (None, None, None);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         // QEMU accepts both -opt and --opt.
@@ -328,6 +399,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                     return Err(format!("-bios {value}: {why}"));
                 }
                 cfg.bios = p;
+                cfg.bios_explicit = true;
             }
             "-boot" => parse_boot(&mut cfg, value)?,
             "-serial" => serial.push(parse_chardev("-serial", value)?),
@@ -379,6 +451,10 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 );
             }
             "-blockdev" => cfg.blockdevs.push(value.to_string()),
+            "-kernel" => kernel = Some(PathBuf::from(value)),
+            "-initrd" => initrd = Some(value.to_string()),
+            "-append" => append = Some(value.to_string()),
+            "-smbios" => cfg.smbios.push(parse_smbios(value)?),
             "-device" => {
                 let mut props = split_opts("-device", value, Some("driver"))?;
                 let driver = match props.first() {
@@ -407,6 +483,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             _ => return Err(format!("{opt}: invalid option")),
         }
     }
+    cfg.kernel = kernel_config(kernel, initrd, append)?;
     if cfg.accel == Accel::Qtest && cfg.qtest.is_none() {
         return Err("-accel qtest: requires -qtest unix:PATH or -qtest stdio".into());
     }

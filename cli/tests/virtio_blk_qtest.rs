@@ -878,8 +878,8 @@ fn legacy_interface_with_intx_through_pirq() {
     let disk = pattern_disk("vblk-legacy");
     let mut qt = start(&disk, ",disable-modern=on,vectors=0", &[]);
     assert_eq!(qt.pci_read32(SLOT, 0, 0), 0x1001_1af4);
-    // Slot 4 INTA drives PIRQA (4 + 1 - 1 = 4, mod 4 = 0); route it to 11.
-    qt.pci_write8(1, 0, 0x60, 11);
+    // Slot 4 INTA drives PIRQD ((4 - 1) + (1 - 1) = 3); route it to 11.
+    qt.pci_write8(1, 0, 0x63, 11);
     assert_eq!(qt.cmd("irq_intercept_in ioapic"), "OK");
     qt.pci_write32(SLOT, 0, 0x10, BAR0 as u32 | 1);
     qt.pci_write32(SLOT, 0, 0x04, 0x5);

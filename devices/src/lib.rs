@@ -9,9 +9,12 @@
 pub mod bus;
 pub mod chipset;
 pub mod clock;
+pub mod harness;
+pub mod ide;
 pub mod irq;
 pub mod legacy;
 pub mod pci;
+pub mod scsi;
 pub mod system;
 pub mod virtio;
 

@@ -106,6 +106,24 @@ pub struct MachineConfig {
     pub devices: Vec<DeviceConfig>,
     /// `-object iothread,id=` ids: one event loop thread each.
     pub iothreads: Vec<String>,
+    /// `-kernel`, `-initrd` and `-append`: direct kernel boot.
+    pub kernel: Option<KernelConfig>,
+    /// Whether `-bios` was given explicitly (it selects the firmware route
+    /// for `-kernel`).
+    pub bios_explicit: bool,
+    /// `-smbios type=N,key=value,...` options, in order.
+    pub smbios: Vec<Vec<(String, String)>>,
+}
+
+/// What `-kernel`, `-initrd` and `-append` asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    pub kernel: PathBuf,
+    /// `-initrd a,b`: for Linux the files are concatenated into one initrd;
+    /// for multiboot each is a module, with the text after the first space
+    /// as its command line (QEMU's convention).
+    pub initrd: Vec<String>,
+    pub cmdline: String,
 }
 
 pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios-256k.bin";
@@ -131,6 +149,9 @@ impl Default for MachineConfig {
             blockdevs: Vec::new(),
             devices: Vec::new(),
             iothreads: Vec::new(),
+            kernel: None,
+            bios_explicit: false,
+            smbios: Vec::new(),
         }
     }
 }

@@ -108,6 +108,21 @@ pub fn map_bios(image: &[u8], ram: &GuestMem) -> Result<GuestMem, String> {
     Ok(rom)
 }
 
+/// The ROM of a machine that boots without firmware: one page of `hlt`
+/// at the top of 4 GiB, so that nothing runs if a vCPU ever reaches the
+/// reset vector.
+pub fn halt_rom() -> Result<GuestMem, MemoryError> {
+    let err = |e: String| MemoryError::Bios {
+        path: "(none: direct kernel boot)".into(),
+        msg: e,
+    };
+    let rom = GuestMem::from_ranges(&[(GuestAddress(FOUR_GIB - 4096), 4096)])
+        .map_err(|e| err(e.to_string()))?;
+    rom.write_slice(&[0xf4; 4096], GuestAddress(FOUR_GIB - 4096))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(rom)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //! |---|---|
 //! | 00:00.0 | i440FX host bridge (8086:1237) |
 //! | 00:01.0 | PIIX3 ISA bridge (8086:7000) |
+//! | 00:01.1 | PIIX3 IDE (8086:7010), legacy ports 0x1f0/0x3f6 (IRQ 14) and 0x170/0x376 (IRQ 15) |
 //! | 00:01.3 | PIIX4 PM (8086:7113), PMBASE set by firmware, SCI on IRQ 9 |
 //! | 0x70-0x71 | RTC/CMOS, IRQ 8 |
 //! | 0x60, 0x64 | i8042, IRQ 1 and 12 |
@@ -38,6 +39,7 @@ use devices::system::SystemControl;
 use devices::virtio::{IoEventRegistrar, NoIoEvents};
 use devices::GuestMem;
 
+use crate::boot::{self, EntryState};
 use crate::config::{DeviceConfig, MachineConfig};
 use crate::memory::{self, Layout};
 use crate::pc_virtio::IoThreads;
@@ -91,6 +93,9 @@ pub struct Pc {
     pub uarts: Vec<Arc<Mutex<Uart>>>,
     pub cmos: Arc<Mutex<Cmos>>,
     pub fw_cfg: Arc<Mutex<FwCfg>>,
+    /// Where vCPU 0 starts on the direct-boot path (`None`: at the reset
+    /// vector, in firmware).
+    pub boot_entry: Option<EntryState>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +104,8 @@ pub enum MachineError {
     Memory(#[from] memory::MemoryError),
     #[error("{0}")]
     Config(String),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
 }
 
 fn shared<T: devices::BusDevice + 'static>(d: T) -> Arc<Mutex<T>> {
@@ -119,7 +126,12 @@ fn add_io(
 pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, MachineError> {
     let layout = Layout::new(cfg.mem_size);
     let ram = memory::allocate_ram(&layout)?;
-    let rom = memory::load_bios(&cfg.bios, &ram)?;
+    // Direct kernel boot runs no firmware: a page of `hlt` stands in.
+    let rom = if boot::is_direct(cfg) {
+        memory::halt_rom()?
+    } else {
+        memory::load_bios(&cfg.bios, &ram)?
+    };
     build_with(cfg, host, storage, layout, ram, rom)
 }
 
@@ -132,6 +144,7 @@ pub fn build_with(
     ram: GuestMem,
     rom: GuestMem,
 ) -> Result<Pc, MachineError> {
+    let direct = boot::is_direct(cfg);
     let mut io = Bus::new();
     let mut mmio = Bus::new();
 
@@ -141,13 +154,19 @@ pub fn build_with(
     pci.add(0, 0, Arc::new(Mutex::new(I440fx::new())))
         .map_err(err)?;
     let pirq = PirqRouter::new(host.irq.clone());
-    pci.add(1, 0, Arc::new(Mutex::new(Piix3::with_router(pirq.clone()))))
-        .map_err(err)?;
-    let pm = Piix4Pm::new(
+    let mut piix3 = Piix3::with_router(pirq.clone());
+    let mut pm = Piix4Pm::new(
         host.clock.clone(),
         host.irq.line(SCI_IRQ),
         host.system.clone(),
     );
+    if direct {
+        // No firmware will program the chipset: do what SeaBIOS does, so
+        // that the ACPI and MP tables describe the machine as it is.
+        boot::init_chipset(&mut piix3, &mut pm);
+    }
+    pci.add(1, 0, Arc::new(Mutex::new(piix3))).map_err(err)?;
+    let ide = crate::pc_ide::create(&mut io, &pci, &ram, host.irq.as_ref())?;
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     add_io(
@@ -231,6 +250,7 @@ pub fn build_with(
         irq: host.irq.as_ref(),
         boot_order: &mut boot_order,
         cmos: &cmos,
+        ide: &ide,
         used_drives: Vec::new(),
         pirq: &pirq,
         msi,
@@ -245,6 +265,31 @@ pub fn build_with(
     {
         let mut f = fw_cfg.lock().unwrap();
         fill_fw_cfg(&mut f, cfg, &layout, &boot_order);
+        if !direct {
+            // Firmware installs Strata's ACPI tables through the loader.
+            let t = crate::acpi::build(&crate::acpi::AcpiConfig::new(cfg, &layout));
+            f.add_file(crate::acpi::RSDP_FILE, t.rsdp.clone());
+            f.add_file(crate::acpi::TABLES_FILE, t.tables.clone());
+            f.add_file(crate::acpi::LOADER_FILE, t.loader());
+            // SeaBIOS installs these SMBIOS tables instead of its own.
+            let s =
+                crate::smbios::for_machine(cfg, &layout, false).map_err(MachineError::Config)?;
+            f.add_file(crate::smbios::TABLES_FILE, s.tables.clone());
+            f.add_file(crate::smbios::ANCHOR_FILE, s.anchor(0));
+            if cfg.kernel.is_some() {
+                // -kernel through the firmware: an option ROM loads it.
+                let fb = boot::firmware::prepare(cfg, &layout)?;
+                for (key, data) in fb.items.iter() {
+                    f.add_item(*key, data.clone());
+                }
+                f.add_file(&fb.rom_file(), fb.rom.clone());
+                let mut rest = boot_order.fw_cfg_file();
+                if cfg.boot.strict && rest.is_empty() {
+                    rest = b"HALT\0".to_vec();
+                }
+                f.add_file("bootorder", fb.bootorder_with(&rest));
+            }
+        }
     }
     add_io(
         &mut io,
@@ -254,6 +299,12 @@ pub fn build_with(
         "fw_cfg",
     )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
+    crate::pc_ide::fill_cmos(&ide, &mut cmos.lock().unwrap());
+    let boot_entry = if direct {
+        Some(boot::setup(cfg, &ram, &layout)?)
+    } else {
+        None
+    };
 
     Ok(Pc {
         io,
@@ -265,6 +316,7 @@ pub fn build_with(
         uarts,
         cmos,
         fw_cfg,
+        boot_entry,
     })
 }
 
@@ -277,6 +329,8 @@ pub struct AttachCtx<'a> {
     pub irq: &'a dyn IrqChip,
     pub boot_order: &'a mut BootOrder,
     pub cmos: &'a Arc<Mutex<Cmos>>,
+    /// The PIIX3 IDE function at 00:01.1.
+    pub ide: &'a Arc<Mutex<devices::ide::PiixIde>>,
     /// Drives already attached to a device: a drive serves one device.
     pub used_drives: Vec<String>,
     /// PCI INTx routing (PIIX3 PIRQ registers).
@@ -314,6 +368,7 @@ impl AttachCtx<'_> {
 /// family adds its arm here and keeps its wiring in a module of its own.
 fn attach(ctx: &mut AttachCtx, dev: &DeviceConfig, storage: &Storage) -> Result<(), MachineError> {
     match dev.driver.as_str() {
+        "ide-hd" | "ide-cd" => crate::pc_ide::attach(ctx, dev, storage),
         "virtio-blk-pci" => crate::pc_virtio::attach_virtio_blk(ctx, dev, storage),
         other => Err(MachineError::Config(format!(
             "-device {other}: unsupported device on the pc machine"

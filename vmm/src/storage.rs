@@ -43,19 +43,11 @@ fn device_for(id: &str, d: &PendingDevice) -> Option<DeviceConfig> {
     if let Some(a) = &d.addr {
         props.push(("addr".into(), a.clone()));
     }
+    props.extend(d.geometry.iter().cloned());
     Some(DeviceConfig { driver, props })
 }
 
 impl Storage {
-    /// No drives and no devices.
-    pub fn empty() -> Storage {
-        Storage {
-            graph: BlockGraph::new(),
-            drives: BTreeMap::new(),
-            devices: Vec::new(),
-        }
-    }
-
     pub fn open(cfg: &MachineConfig) -> Result<Storage, VmmError> {
         let graph = BlockGraph::new();
         for text in &cfg.blockdevs {
@@ -69,7 +61,8 @@ impl Storage {
             let backend = d
                 .open(&graph)
                 .map_err(|e| VmmError::Config(format!("-drive {}: {e}", d.id)))?;
-            drives.insert(d.id.clone(), backend);
+            // Devices see a drive without medium as `None` for now.
+            drives.insert(d.id.clone(), Some(backend).filter(|b| b.is_inserted()));
             if let Some(dev) = d.device.as_ref().and_then(|p| device_for(&d.id, p)) {
                 devices.push(dev);
             }
@@ -85,9 +78,56 @@ impl Storage {
         })
     }
 
+    /// Routes every drive's `stop` error policy to the main loop.
+    pub fn set_stop_handlers(&self, events: &crate::EventSender) {
+        for b in self.drives.values().flatten() {
+            let (ev, id) = (events.clone(), b.id().to_string());
+            b.set_stop_handler(move |e| {
+                ev.send(crate::VmEvent::BlockStop {
+                    drive: id.clone(),
+                    error: e.to_string(),
+                })
+            });
+        }
+    }
+
+    /// Retries the requests a `stop` policy parked (the guest continues).
+    pub fn resume(&self) {
+        for b in self.drives.values().flatten() {
+            if b.is_stopped() {
+                b.resume();
+            }
+        }
+    }
+
+    /// One line per drive, for the monitor's `info block`.
+    pub fn describe(&self) -> Vec<String> {
+        self.drives
+            .iter()
+            .map(|(id, b)| match b.as_ref().and_then(|b| b.root()) {
+                Some(node) => format!(
+                    "{id}: {} ({}{})",
+                    node.name(),
+                    if b.as_ref().is_some_and(|b| b.is_read_only()) {
+                        "read-only, "
+                    } else {
+                        ""
+                    },
+                    if b.as_ref().is_some_and(|b| b.is_stopped()) {
+                        "stopped"
+                    } else {
+                        "ok"
+                    }
+                ),
+                None => format!("{id}: [not inserted]"),
+            })
+            .collect()
+    }
+
     /// The backend a device's `drive=` names: a `-drive` id, or a
     /// `-blockdev` node-name (which gets an anonymous backend, as in QEMU).
-    /// `Ok(None)` is a drive without medium.
+    /// `Ok(None)` means the device names no drive; a drive without medium
+    /// is an empty backend (`is_inserted()` is false).
     pub fn backend(&self, dev: &DeviceConfig) -> Result<Option<Arc<BlockBackend>>, VmmError> {
         let Some(name) = dev.prop("drive") else {
             return Ok(None);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -88,15 +88,40 @@ enum Fatal {
 
 /// Runs one vCPU until `stop` is set or the guest does something that ends
 /// the machine's current life (reset, shutdown, fatal error).
-pub fn run(mut vcpu: VcpuFd, id: u32, pc: Arc<Pc>, stop: Arc<AtomicBool>, events: EventSender) {
+pub fn run(
+    mut vcpu: VcpuFd,
+    id: u32,
+    pc: Arc<Pc>,
+    stop: Arc<AtomicBool>,
+    gate: Arc<crate::VcpuGate>,
+    events: EventSender,
+) {
+    let run_area: *const kvm_run = vcpu.get_kvm_run();
     while !stop.load(Ordering::Acquire) {
-        let outcome: Result<Option<VmEvent>, Fatal> = match vcpu.run() {
+        gate.wait(&stop);
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let exit = vcpu.run();
+        // SAFETY: `run_area` points at this vCPU's kvm_run mapping, which
+        // lives as long as `vcpu`. After a KVM_EXIT_IO, KVM has filled the
+        // `io` member; it is read by value and does not overlap the data
+        // area `exit` borrows (that lies at `io.data_offset`, past the
+        // struct). For other exits the value is unused.
+        let io_size = usize::from(unsafe { (*run_area).__bindgen_anon_1.io.size }).clamp(1, 4);
+        let outcome: Result<Option<VmEvent>, Fatal> = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
-                pc.io.read(port as u64, data);
+                // A string instruction (`rep insb/insw/insl`) arrives as one
+                // exit carrying `count` elements; each is one port access.
+                for element in data.chunks_mut(io_size) {
+                    pc.io.read(port as u64, element);
+                }
                 Ok(None)
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                pc.io.write(port as u64, data);
+                for element in data.chunks(io_size) {
+                    pc.io.write(port as u64, element);
+                }
                 Ok(None)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -227,4 +252,91 @@ pub fn registers(vcpu: &VcpuFd, pc: &Pc) -> String {
         }
     }
     out
+}
+
+/// Puts vCPU 0 at a directly booted kernel's entry (see `boot::cpu`):
+/// segments from the boot GDT, the protocol's registers, long mode on the
+/// identity page tables if asked for, a reset-state FPU, and the local
+/// APIC's LINT0/LINT1 wired as ExtINT/NMI as firmware would leave them.
+pub fn set_boot_state(vcpu: &VcpuFd, e: &crate::boot::EntryState) -> Result<(), VmmError> {
+    use crate::boot::{self, cpu};
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |e: kvm_ioctls::Error| VmmError::Kvm(format!("vCPU 0: {what}: {e}"))
+    };
+    let mut s = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+    let seg = |sel: u16| {
+        let d = cpu::segment(cpu::GDT[(sel >> 3) as usize]);
+        kvm_bindings::kvm_segment {
+            base: d.base,
+            limit: d.limit,
+            selector: sel,
+            type_: d.type_,
+            present: d.present,
+            dpl: d.dpl,
+            db: d.db,
+            s: d.s,
+            l: d.l,
+            g: d.g,
+            avl: d.avl,
+            unusable: 0,
+            padding: 0,
+        }
+    };
+    let long = e.mode == boot::CpuMode::Long64;
+    s.cs = seg(if long { cpu::CODE64_SEL } else { cpu::CODE_SEL });
+    let data = seg(cpu::DATA_SEL);
+    (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
+    s.tr = seg(cpu::TSS_SEL);
+    s.gdt.base = boot::GDT_ADDR;
+    s.gdt.limit = (cpu::GDT.len() * 8 - 1) as u16;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    const CR0_PE: u64 = 1;
+    const CR0_ET: u64 = 1 << 4;
+    const CR0_PG: u64 = 1 << 31;
+    const CR4_PAE: u64 = 1 << 5;
+    const EFER_LME: u64 = 1 << 8;
+    const EFER_LMA: u64 = 1 << 10;
+    if long {
+        s.cr3 = boot::PML4_ADDR;
+        s.cr4 = CR4_PAE;
+        s.cr0 = CR0_PE | CR0_ET | CR0_PG;
+        s.efer = EFER_LME | EFER_LMA;
+    } else {
+        s.cr0 = CR0_PE | CR0_ET;
+        s.cr3 = 0;
+        s.cr4 = 0;
+        s.efer = 0;
+    }
+    vcpu.set_sregs(&s).map_err(err("KVM_SET_SREGS"))?;
+    let regs = kvm_bindings::kvm_regs {
+        rflags: 2,
+        rip: e.rip,
+        rsp: e.rsp,
+        rax: e.rax,
+        rbx: e.rbx,
+        rsi: e.rsi,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(err("KVM_SET_REGS"))?;
+    let fpu = kvm_bindings::kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(err("KVM_SET_FPU"))?;
+    let mut lapic = vcpu.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+    let mut set_lvt = |off: usize, mode: u32| {
+        let b = &mut lapic.regs[off..off + 4];
+        let v = u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
+        let v = (v & !0x0001_0700) | (mode << 8);
+        for (i, x) in v.to_le_bytes().iter().enumerate() {
+            b[i] = *x as _;
+        }
+    };
+    set_lvt(0x350, 7); // LINT0: ExtINT, unmasked
+    set_lvt(0x360, 4); // LINT1: NMI, unmasked
+    vcpu.set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
+    Ok(())
 }

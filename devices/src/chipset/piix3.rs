@@ -134,9 +134,12 @@ impl PirqRouter {
         })
     }
 
-    /// The PIRQ (0 = PIRQA) that `slot`'s `pin` (1 = INTA .. 4 = INTD) drives.
+    /// The PIRQ (0 = PIRQA) that `slot`'s `pin` (1 = INTA .. 4 = INTD)
+    /// drives: the board rotates the links by slot starting from slot 1,
+    /// the mapping SeaBIOS's PIR table, Strata's MP table and `_PRT` (and
+    /// QEMU's `pc`) all describe: slot 1 INTA is PIRQA, slot 2 INTA PIRQB.
     pub fn pirq_for(slot: u8, pin: u8) -> usize {
-        (slot as usize + pin.max(1) as usize - 1) % 4
+        (slot as usize + 3 + pin.max(1) as usize - 1) % 4
     }
 
     /// A new interrupt source for `slot`/`pin`.
@@ -229,10 +232,13 @@ mod tests {
         let chip = Arc::new(Chip::default());
         let r = PirqRouter::new(Arc::new(Handle(chip.clone())));
         let mut p = Piix3::with_router(r.clone());
-        // Slot 4 INTA -> PIRQA, slot 5 INTA -> PIRQB, slot 8 INTA -> PIRQA.
-        let a = r.line(4, 1);
-        let b = r.line(5, 1);
-        let c = r.line(8, 1);
+        // Slot 1 INTA -> PIRQA, slot 2 INTA -> PIRQB, slot 5 INTA -> PIRQA,
+        // slot 4 INTB -> PIRQA.
+        assert_eq!(PirqRouter::pirq_for(4, 2), 0);
+        assert_eq!(PirqRouter::pirq_for(3, 1), 2);
+        let a = r.line(1, 1);
+        let b = r.line(2, 1);
+        let c = r.line(5, 1);
         a.set_level(true);
         assert!(chip.0.lock().unwrap().is_empty(), "PIRQA not routed");
         p.config_write(0x60, &[11, 10, 0x80, 0x80]);

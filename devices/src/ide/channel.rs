@@ -1,0 +1,1318 @@
+//! One IDE channel: two device positions (master, slave), the shared
+//! command and control blocks, the interrupt line, and the channel's
+//! bus-master DMA engine.
+//!
+//! Protocols follow ATA8-ACS and ATA/ATAPI-6 chapter 9 (the PIO data-in,
+//! PIO data-out, non-data, DMA and PACKET protocols) and SFF-8038i for DMA:
+//! - Register writes reach both devices; reads and commands go to the
+//!   device selected by DEV. An absent device reads as 0 (as QEMU's).
+//! - Status reads clear the pending interrupt; alternate status does not.
+//!   INTRQ is asserted while an interrupt is pending and nIEN is clear.
+//! - SRST (device control bit 2) resets both devices, which then show their
+//!   signature (ATA 00h/00h, ATAPI 14h/EBh in LBA mid/high).
+//! - PIO data moves through the data register in any access width: a
+//!   string I/O exit may carry a whole sector.
+//!
+//! Which paths block the vCPU thread on disk I/O:
+//! - asynchronous (BlockBackend::submit; completion on an I/O thread raises
+//!   the interrupt): READ/WRITE DMA (+EXT, FUA), DATA SET MANAGEMENT (TRIM),
+//!   FLUSH CACHE (+EXT), and ATAPI READ(10)/(12) by DMA;
+//! - synchronous, one DRQ block at a time: PIO READ/WRITE SECTORS and
+//!   MULTIPLE (+EXT) and ATAPI READ by PIO. These are what firmware and
+//!   boot loaders use, a block of at most 64 KiB per exit.
+
+use std::sync::{Arc, Mutex};
+
+use block::backend::BlockBackend;
+use block::driver::IoRequest;
+use block::error::BlockError;
+use block::iov::IoVecs;
+
+use super::ata::{self, error, status, AtaCommand, DriveInfo, Power, Taskfile, Xfer};
+use super::bmdma::{self, BmRegs, SgList};
+use super::geometry::{Geometry, Translation};
+use super::identify::{self, IdentifyParams, XferMode};
+use crate::bus::lock;
+use crate::irq::IrqLine;
+use crate::scsi::{CdRom, Reply, Sense};
+use crate::GuestMem;
+
+const SECTOR: u64 = 512;
+
+/// Device control register bits.
+const CTRL_NIEN: u8 = 0x02;
+const CTRL_SRST: u8 = 0x04;
+const CTRL_HOB: u8 = 0x80;
+
+/// ATAPI interrupt reason (sector count register) bits.
+const REASON_COD: u8 = 0x01;
+const REASON_IO: u8 = 0x02;
+
+/// What is attached at a device position.
+pub enum Media {
+    Disk(Arc<BlockBackend>),
+    Cd(CdRom),
+}
+
+/// How a drive is configured (from `-device ide-hd|ide-cd`).
+pub struct DriveConfig {
+    pub media: Media,
+    pub model: Option<String>,
+    pub serial: Option<String>,
+    pub wwn: Option<u64>,
+    pub physical_block_size: u32,
+    pub geometry: Option<Geometry>,
+    pub translation: Option<Translation>,
+}
+
+enum AtapiSrc {
+    Buf(Vec<u8>, usize),
+    Medium(u64),
+}
+
+enum AfterIn {
+    Done,
+    Sectors { lba: u64, left: u32, per_block: u32 },
+    Atapi { src: AtapiSrc, left: u64 },
+}
+
+enum AfterOut {
+    Sectors {
+        lba: u64,
+        left: u32,
+        per_block: u32,
+        fua: bool,
+    },
+    Packet,
+}
+
+enum Pio {
+    Idle,
+    In {
+        buf: Vec<u8>,
+        pos: usize,
+        then: AfterIn,
+    },
+    Out {
+        buf: Vec<u8>,
+        pos: usize,
+        then: AfterOut,
+    },
+}
+
+pub struct Drive {
+    media: Media,
+    tf: Taskfile,
+    status: u8,
+    error: u8,
+    pio: Pio,
+    model: String,
+    serial: String,
+    wwn: Option<u64>,
+    phys_exp: u8,
+    pub geometry: Geometry,
+    pub translation: Translation,
+    cur_heads: u32,
+    cur_secs: u32,
+    multiple: u32,
+    smart: bool,
+    mode: XferMode,
+    standby: bool,
+    slave: bool,
+    /// Byte count limit and DMA flag of the current PACKET command.
+    bcl: u16,
+    packet_dma: bool,
+}
+
+impl Drive {
+    pub fn new(cfg: DriveConfig, index: u32, slave: bool) -> Result<Drive, String> {
+        let (sectors, sector0) = match &cfg.media {
+            Media::Disk(b) => {
+                let mut s0 = vec![0u8; 512];
+                if b.len() >= 512 {
+                    b.read_at(0, &mut s0)
+                        .map_err(|e| format!("cannot read sector 0: {e}"))?;
+                }
+                (b.len() / SECTOR, s0)
+            }
+            Media::Cd(_) => (0, vec![]),
+        };
+        let (geometry, translation) =
+            super::geometry::guess(sectors, &sector0, cfg.geometry, cfg.translation);
+        let pbs = cfg.physical_block_size.max(512);
+        if !pbs.is_power_of_two() || pbs > 512 << 15 {
+            return Err(format!(
+                "physical_block_size={pbs} must be a power of two between 512 and 16 MiB"
+            ));
+        }
+        let is_cd = matches!(cfg.media, Media::Cd(_));
+        let mut d = Drive {
+            media: cfg.media,
+            tf: Taskfile::default(),
+            status: 0,
+            error: 0,
+            pio: Pio::Idle,
+            model: cfg.model.unwrap_or_else(|| {
+                if is_cd {
+                    "QEMU DVD-ROM".into()
+                } else {
+                    "QEMU HARDDISK".into()
+                }
+            }),
+            serial: cfg.serial.unwrap_or_else(|| format!("QM{:05}", index + 1)),
+            wwn: cfg.wwn,
+            phys_exp: (pbs / 512).trailing_zeros() as u8,
+            geometry,
+            translation,
+            cur_heads: geometry.heads,
+            cur_secs: geometry.secs,
+            multiple: 0,
+            smart: true,
+            mode: XferMode::UltraDma(5),
+            standby: false,
+            slave,
+            bcl: 0,
+            packet_dma: false,
+        };
+        if let Media::Cd(cd) = &mut d.media {
+            cd.set_product(&d.model);
+        }
+        d.reset();
+        Ok(d)
+    }
+
+    pub fn is_atapi(&self) -> bool {
+        matches!(self.media, Media::Cd(_))
+    }
+
+    pub fn sectors(&self) -> u64 {
+        match &self.media {
+            Media::Disk(b) => b.len() / SECTOR,
+            Media::Cd(_) => 0,
+        }
+    }
+
+    pub fn cdrom(&mut self) -> Option<&mut CdRom> {
+        match &mut self.media {
+            Media::Cd(c) => Some(c),
+            Media::Disk(_) => None,
+        }
+    }
+
+    fn disk(&self) -> Option<&Arc<BlockBackend>> {
+        match &self.media {
+            Media::Disk(b) => Some(b),
+            Media::Cd(_) => None,
+        }
+    }
+
+    /// The state after power-on, SRST or DEVICE RESET: the signature in the
+    /// taskfile, diagnostic code 01h (no error), ATAPI devices not ready.
+    fn reset(&mut self) {
+        self.pio = Pio::Idle;
+        self.tf.nsector = 1;
+        self.tf.sector = 1;
+        let (mid, high) = if self.is_atapi() {
+            (0x14, 0xeb)
+        } else {
+            (0, 0)
+        };
+        self.tf.lcyl = mid;
+        self.tf.hcyl = high;
+        self.tf.select &= 0xf0;
+        self.error = 0x01;
+        self.status = if self.is_atapi() {
+            0
+        } else {
+            status::DRDY | status::DSC
+        };
+        if let Media::Cd(cd) = &mut self.media {
+            cd.reset();
+        }
+    }
+
+    fn set_signature(&mut self) {
+        self.tf.nsector = 1;
+        self.tf.sector = 1;
+        if self.is_atapi() {
+            self.tf.lcyl = 0x14;
+            self.tf.hcyl = 0xeb;
+        } else {
+            self.tf.lcyl = 0;
+            self.tf.hcyl = 0;
+        }
+    }
+
+    fn info(&self) -> DriveInfo {
+        DriveInfo {
+            atapi: self.is_atapi(),
+            sectors: self.sectors(),
+            heads: self.cur_heads,
+            secs: self.cur_secs,
+            multiple: self.multiple,
+            max_dsm_blocks: identify::MAX_DSM_BLOCKS,
+        }
+    }
+
+    fn identify(&self) -> [u8; 512] {
+        let write_cache = self.disk().is_some_and(|b| b.write_cache_enabled());
+        let p = IdentifyParams {
+            model: &self.model,
+            serial: &self.serial,
+            firmware: "2.5+",
+            wwn: self.wwn,
+            sectors: self.sectors(),
+            cyls: self.geometry.cyls.min(65535) as u16,
+            heads: self.geometry.heads as u16,
+            secs: self.geometry.secs as u16,
+            cur_heads: self.cur_heads as u16,
+            cur_secs: self.cur_secs as u16,
+            multiple: self.multiple as u16,
+            write_cache,
+            smart_enabled: self.smart,
+            mode: self.mode,
+            phys_exp: self.phys_exp,
+            slave: self.slave,
+        };
+        if self.is_atapi() {
+            identify::identify_packet(&p)
+        } else {
+            identify::identify_disk(&p)
+        }
+    }
+}
+
+/// A DMA transfer waiting for (or running under) the bus master.
+enum DmaJob {
+    DiskRead { lba: u64, count: u32 },
+    DiskWrite { lba: u64, count: u32, fua: bool },
+    Trim { blocks: u16 },
+    AtapiData(Vec<u8>),
+    AtapiRead { offset: u64, len: u64 },
+}
+
+impl DmaJob {
+    fn bytes(&self) -> usize {
+        match self {
+            DmaJob::DiskRead { count, .. } | DmaJob::DiskWrite { count, .. } => {
+                *count as usize * SECTOR as usize
+            }
+            DmaJob::Trim { blocks } => *blocks as usize * SECTOR as usize,
+            DmaJob::AtapiData(v) => v.len(),
+            DmaJob::AtapiRead { len, .. } => *len as usize,
+        }
+    }
+}
+
+/// What to do when asynchronous I/O completes.
+pub enum Pending {
+    DiskRead { sg: SgList },
+    DiskWrite { sg: SgList },
+    Trim { sg: SgList },
+    AtapiRead { sg: SgList },
+    Flush,
+}
+
+/// Asynchronous I/O to start once the channel lock is released.
+pub struct Io {
+    backend: Arc<BlockBackend>,
+    reqs: Vec<IoRequest>,
+    gen: u64,
+    drive: usize,
+    pending: Pending,
+}
+
+pub struct Channel {
+    drives: [Option<Drive>; 2],
+    cur: usize,
+    ctrl: u8,
+    irq_pending: bool,
+    irq: Arc<dyn IrqLine>,
+    mem: GuestMem,
+    pub bm: BmRegs,
+    dma: Option<(usize, DmaJob)>,
+    /// Bumped whenever in-flight I/O must be forgotten (reset, DMA stop).
+    gen: u64,
+    inflight: bool,
+}
+
+impl Channel {
+    pub fn new(mem: GuestMem, irq: Arc<dyn IrqLine>) -> Self {
+        Channel {
+            drives: [None, None],
+            cur: 0,
+            ctrl: 0,
+            irq_pending: false,
+            irq,
+            mem,
+            bm: BmRegs::default(),
+            dma: None,
+            gen: 0,
+            inflight: false,
+        }
+    }
+
+    pub fn attach(&mut self, unit: usize, drive: Drive) -> Result<(), String> {
+        match self.drives.get_mut(unit) {
+            Some(slot @ None) => {
+                *slot = Some(drive);
+                Ok(())
+            }
+            Some(Some(_)) => Err(format!("unit {unit} is already in use")),
+            None => Err(format!("unit {unit} does not exist (0 or 1)")),
+        }
+    }
+
+    pub fn drive(&self, unit: usize) -> Option<&Drive> {
+        self.drives.get(unit)?.as_ref()
+    }
+
+    pub fn drive_mut(&mut self, unit: usize) -> Option<&mut Drive> {
+        self.drives.get_mut(unit)?.as_mut()
+    }
+
+    fn update_irq(&self) {
+        self.irq
+            .set_level(self.irq_pending && self.ctrl & CTRL_NIEN == 0);
+    }
+
+    /// The device asserts its interrupt; the bus master latches it in its
+    /// status register (SFF-8038i 2.1.2, "Interrupt").
+    fn raise(&mut self) {
+        self.irq_pending = true;
+        self.bm.status |= bmdma::STATUS_INTERRUPT;
+        self.update_irq();
+    }
+
+    fn lower(&mut self) {
+        self.irq_pending = false;
+        self.update_irq();
+    }
+
+    fn cur(&mut self) -> Option<&mut Drive> {
+        self.drives[self.cur].as_mut()
+    }
+
+    // ---- register block -------------------------------------------------
+
+    /// Read of the command block at `reg` (0..=7).
+    pub fn read(&mut self, reg: u64, data: &mut [u8]) -> Option<Io> {
+        if reg == 0 {
+            return self.data_read(data);
+        }
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = self.read_reg(reg + i as u64);
+        }
+        None
+    }
+
+    fn read_reg(&mut self, reg: u64) -> u8 {
+        let hob = self.ctrl & CTRL_HOB != 0;
+        let Some(d) = self.drives[self.cur].as_ref() else {
+            return 0;
+        };
+        let tf = &d.tf;
+        match reg {
+            1 if hob => tf.hob_feature,
+            1 => d.error,
+            2 if hob => tf.hob_nsector,
+            2 => tf.nsector,
+            3 if hob => tf.hob_sector,
+            3 => tf.sector,
+            4 if hob => tf.hob_lcyl,
+            4 => tf.lcyl,
+            5 if hob => tf.hob_hcyl,
+            5 => tf.hcyl,
+            6 => tf.select,
+            7 => {
+                let s = d.status;
+                self.lower();
+                s
+            }
+            _ => 0xff,
+        }
+    }
+
+    /// Alternate status (control block): no side effects.
+    pub fn alt_status(&self) -> u8 {
+        self.drives[self.cur].as_ref().map_or(0, |d| d.status)
+    }
+
+    pub fn write(&mut self, reg: u64, data: &[u8]) -> Option<Io> {
+        if reg == 0 {
+            return self.data_write(data);
+        }
+        let mut io = None;
+        for (i, &v) in data.iter().enumerate() {
+            if let Some(x) = self.write_reg(reg + i as u64, v) {
+                io = Some(x);
+            }
+        }
+        io
+    }
+
+    fn write_reg(&mut self, reg: u64, v: u8) -> Option<Io> {
+        if reg == 7 {
+            return self.command(v);
+        }
+        // Any taskfile write clears HOB (ATA8-ACS 6.2.6).
+        self.ctrl &= !CTRL_HOB;
+        for d in self.drives.iter_mut().flatten() {
+            let tf = &mut d.tf;
+            match reg {
+                1 => {
+                    tf.hob_feature = tf.feature;
+                    tf.feature = v;
+                }
+                2 => {
+                    tf.hob_nsector = tf.nsector;
+                    tf.nsector = v;
+                }
+                3 => {
+                    tf.hob_sector = tf.sector;
+                    tf.sector = v;
+                }
+                4 => {
+                    tf.hob_lcyl = tf.lcyl;
+                    tf.lcyl = v;
+                }
+                5 => {
+                    tf.hob_hcyl = tf.hcyl;
+                    tf.hcyl = v;
+                }
+                // Bits 7 and 5 are obsolete and read as one.
+                6 => tf.select = v | 0xa0,
+                _ => {}
+            }
+        }
+        if reg == 6 {
+            self.cur = ((v >> 4) & 1) as usize;
+        }
+        None
+    }
+
+    /// Device control register.
+    pub fn control(&mut self, v: u8) {
+        let was = self.ctrl;
+        self.ctrl = v;
+        if v & CTRL_SRST != 0 && was & CTRL_SRST == 0 {
+            self.gen += 1;
+            self.inflight = false;
+            self.dma = None;
+            for d in self.drives.iter_mut().flatten() {
+                d.pio = Pio::Idle;
+                d.status = status::BSY | status::DSC;
+            }
+        } else if v & CTRL_SRST == 0 && was & CTRL_SRST != 0 {
+            for d in self.drives.iter_mut().flatten() {
+                d.reset();
+            }
+            self.cur = 0;
+            self.irq_pending = false;
+        }
+        self.update_irq();
+    }
+
+    // ---- PIO data -------------------------------------------------------
+
+    fn data_read(&mut self, data: &mut [u8]) -> Option<Io> {
+        data.fill(0);
+        let d = self.cur()?;
+        let Pio::In { buf, pos, .. } = &mut d.pio else {
+            return None;
+        };
+        let n = data.len().min(buf.len() - *pos);
+        data[..n].copy_from_slice(&buf[*pos..*pos + n]);
+        *pos += n;
+        if *pos < buf.len() {
+            return None;
+        }
+        let Pio::In { then, .. } = std::mem::replace(&mut d.pio, Pio::Idle) else {
+            return None;
+        };
+        match then {
+            AfterIn::Done => {
+                d.status = status::DRDY | status::DSC;
+                None
+            }
+            AfterIn::Sectors {
+                lba,
+                left,
+                per_block,
+            } => {
+                self.pio_read_block(lba, left, per_block);
+                None
+            }
+            AfterIn::Atapi { src, left } => {
+                if left == 0 {
+                    self.atapi_ok();
+                } else {
+                    self.atapi_chunk(src, left);
+                }
+                None
+            }
+        }
+    }
+
+    fn data_write(&mut self, data: &[u8]) -> Option<Io> {
+        let d = self.cur()?;
+        let Pio::Out { buf, pos, .. } = &mut d.pio else {
+            return None;
+        };
+        let n = data.len().min(buf.len() - *pos);
+        buf[*pos..*pos + n].copy_from_slice(&data[..n]);
+        *pos += n;
+        if *pos < buf.len() {
+            return None;
+        }
+        let Pio::Out { buf, then, .. } = std::mem::replace(&mut d.pio, Pio::Idle) else {
+            return None;
+        };
+        match then {
+            AfterOut::Sectors {
+                lba,
+                left,
+                per_block,
+                fua,
+            } => {
+                let backend = d.disk()?.clone();
+                let r = backend.writev_at_fua(lba * SECTOR, &[std::io::IoSlice::new(&buf)], fua);
+                match r {
+                    Err(_) => self.fail(error::ABRT, Some(lba)),
+                    Ok(()) if left == 0 => self.done(),
+                    Ok(()) => {
+                        self.pio_write_block(lba + buf.len() as u64 / SECTOR, left, per_block, fua);
+                        self.raise();
+                    }
+                }
+                None
+            }
+            AfterOut::Packet => {
+                let mut cdb = [0u8; 12];
+                cdb.copy_from_slice(&buf[..12]);
+                self.atapi_packet(cdb)
+            }
+        }
+    }
+
+    /// Starts the next PIO data-in block of a disk read.
+    fn pio_read_block(&mut self, lba: u64, left: u32, per_block: u32) {
+        let Some(d) = self.cur() else { return };
+        let Some(backend) = d.disk().cloned() else {
+            return;
+        };
+        let n = left.min(per_block);
+        let mut buf = vec![0u8; n as usize * SECTOR as usize];
+        if backend.read_at(lba * SECTOR, &mut buf).is_err() {
+            self.fail(error::UNC, Some(lba));
+            return;
+        }
+        d.pio = Pio::In {
+            buf,
+            pos: 0,
+            then: if left > n {
+                AfterIn::Sectors {
+                    lba: lba + n as u64,
+                    left: left - n,
+                    per_block,
+                }
+            } else {
+                AfterIn::Done
+            },
+        };
+        d.status = status::DRDY | status::DSC | status::DRQ;
+        self.raise();
+    }
+
+    /// Opens the next PIO data-out block of a disk write (the caller raises
+    /// the interrupt for every block but the first).
+    fn pio_write_block(&mut self, lba: u64, left: u32, per_block: u32, fua: bool) {
+        let Some(d) = self.cur() else { return };
+        let n = left.min(per_block);
+        d.pio = Pio::Out {
+            buf: vec![0u8; n as usize * SECTOR as usize],
+            pos: 0,
+            then: AfterOut::Sectors {
+                lba,
+                left: left - n,
+                per_block,
+                fua,
+            },
+        };
+        d.status = status::DRDY | status::DSC | status::DRQ;
+    }
+
+    /// Starts PIO data-in of a buffer that is ready (IDENTIFY, SMART).
+    fn pio_in(&mut self, buf: Vec<u8>) {
+        let Some(d) = self.cur() else { return };
+        d.pio = Pio::In {
+            buf,
+            pos: 0,
+            then: AfterIn::Done,
+        };
+        d.status = status::DRDY | status::DSC | status::DRQ;
+        self.raise();
+    }
+
+    // ---- completion -----------------------------------------------------
+
+    /// Successful completion of a command.
+    fn done(&mut self) {
+        if let Some(d) = self.cur() {
+            d.status = status::DRDY | status::DSC;
+            d.error = 0;
+        }
+        self.raise();
+    }
+
+    /// Completion with an error: ERR in status, `err` in the error
+    /// register, and the failing LBA in the taskfile when there is one.
+    fn fail(&mut self, err: u8, lba: Option<u64>) {
+        if let Some(d) = self.cur() {
+            d.pio = Pio::Idle;
+            d.status = status::DRDY | status::DSC | status::ERR;
+            d.error = err;
+            if let Some(l) = lba {
+                let ext = l > 0x0fff_ffff;
+                d.tf.set_lba(l, ext);
+            }
+        }
+        self.raise();
+    }
+
+    // ---- commands -------------------------------------------------------
+
+    fn command(&mut self, opcode: u8) -> Option<Io> {
+        let d = self.drives[self.cur].as_mut()?;
+        if d.status & status::BSY != 0 {
+            return None; // ignored while busy (ATA8-ACS 6.2.11.1)
+        }
+        d.pio = Pio::Idle;
+        let parsed = AtaCommand::parse(opcode, &d.tf, &d.info());
+        // A new command replaces a DMA that was never started.
+        if self.dma.as_ref().is_some_and(|(u, _)| *u == self.cur) && !self.inflight {
+            self.dma = None;
+        }
+        let cmd = match parsed {
+            Ok(c) => c,
+            Err(r) => {
+                if let Some(d) = self.cur() {
+                    if d.is_atapi() && opcode == ata::cmd::IDENTIFY {
+                        d.set_signature();
+                    }
+                }
+                let lba = None;
+                self.fail(r.error_bits(), lba);
+                return None;
+            }
+        };
+        self.execute(cmd)
+    }
+
+    fn execute(&mut self, cmd: AtaCommand) -> Option<Io> {
+        let unit = self.cur;
+        match cmd {
+            AtaCommand::Identify | AtaCommand::IdentifyPacket => {
+                let id = self.cur()?.identify();
+                self.pio_in(id.to_vec());
+            }
+            AtaCommand::Packet { dma } => {
+                let d = self.cur()?;
+                d.bcl = (d.tf.hcyl as u16) << 8 | d.tf.lcyl as u16;
+                d.packet_dma = dma;
+                d.tf.nsector = (d.tf.nsector & !7) | REASON_COD;
+                d.pio = Pio::Out {
+                    buf: vec![0u8; 12],
+                    pos: 0,
+                    then: AfterOut::Packet,
+                };
+                // No interrupt: IDENTIFY PACKET word 0 announces DRQ within
+                // 50 us of the command.
+                d.status = status::DRDY | status::DSC | status::DRQ;
+            }
+            AtaCommand::DeviceReset => {
+                let d = self.cur()?;
+                d.reset();
+                d.set_signature();
+            }
+            AtaCommand::ExecuteDiagnostic => {
+                let d = self.cur()?;
+                d.reset();
+                self.raise();
+            }
+            AtaCommand::Seek => self.done(),
+            AtaCommand::Read {
+                lba,
+                count,
+                xfer,
+                ext: _,
+            } => match xfer {
+                Xfer::Dma => return self.queue_dma(unit, DmaJob::DiskRead { lba, count }),
+                Xfer::Pio => self.pio_read_block(lba, count, 1),
+                Xfer::Multiple => {
+                    let m = self.cur()?.multiple;
+                    self.pio_read_block(lba, count, m)
+                }
+            },
+            AtaCommand::Write {
+                lba,
+                count,
+                xfer,
+                fua,
+                ext: _,
+            } => match xfer {
+                Xfer::Dma => return self.queue_dma(unit, DmaJob::DiskWrite { lba, count, fua }),
+                Xfer::Pio => self.pio_write_block(lba, count, 1, fua),
+                Xfer::Multiple => {
+                    let m = self.cur()?.multiple;
+                    self.pio_write_block(lba, count, m, fua)
+                }
+            },
+            AtaCommand::Verify { .. } => self.done(),
+            AtaCommand::Flush => {
+                let d = self.cur()?;
+                let backend = d.disk()?.clone();
+                d.status = status::BSY | status::DRDY | status::DSC;
+                self.inflight = true;
+                return Some(Io {
+                    backend,
+                    reqs: vec![IoRequest::flush()],
+                    gen: self.gen,
+                    drive: unit,
+                    pending: Pending::Flush,
+                });
+            }
+            AtaCommand::SetFeatures { subcommand, count } => self.set_features(subcommand, count),
+            AtaCommand::SetMultiple { count } => {
+                self.cur()?.multiple = count as u32;
+                self.done();
+            }
+            AtaCommand::InitializeParams { heads, sectors } => {
+                let d = self.cur()?;
+                d.cur_heads = heads as u32;
+                d.cur_secs = sectors as u32;
+                self.done();
+            }
+            AtaCommand::Power(p) => {
+                let d = self.cur()?;
+                match p {
+                    Power::Idle => d.standby = false,
+                    Power::Standby | Power::Sleep => d.standby = true,
+                    Power::Check => d.tf.nsector = if d.standby { 0x00 } else { 0xff },
+                }
+                self.done();
+                // CHECK POWER MODE returns its result in the count register,
+                // which `done` leaves alone.
+            }
+            AtaCommand::Trim { blocks } => return self.queue_dma(unit, DmaJob::Trim { blocks }),
+            AtaCommand::Smart {
+                feature,
+                count,
+                lba_low,
+            } => self.smart(feature, count, lba_low),
+        }
+        None
+    }
+
+    fn set_features(&mut self, sub: u8, count: u8) {
+        let Some(d) = self.cur() else { return };
+        match sub {
+            // Write cache on/off flips the backend's WCE, which makes
+            // writes FUA (cache=writethrough semantics) while it is off.
+            0x02 | 0x82 => match d.disk() {
+                Some(b) => b.set_write_cache(sub == 0x02),
+                None => return self.fail(error::ABRT, None),
+            },
+            0x03 => {
+                let mode = match count >> 3 {
+                    0 | 1 if count < 0x10 => XferMode::Pio(count.saturating_sub(8).min(4)),
+                    4 if count & 7 <= 2 => XferMode::MultiwordDma(count & 7),
+                    8 if count & 7 <= 5 => XferMode::UltraDma(count & 7),
+                    _ => return self.fail(error::ABRT, None),
+                };
+                if let XferMode::Pio(n) = mode {
+                    if count >= 8 && n > 4 {
+                        return self.fail(error::ABRT, None);
+                    }
+                }
+                d.mode = mode;
+            }
+            // Look-ahead, APM, reverting to defaults, 8-bit PIO off, ... are
+            // accepted and have no effect on a virtual disk.
+            0x05 | 0x85 | 0x55 | 0xaa | 0x66 | 0xcc | 0x42 | 0xc2 | 0x69 | 0x67 | 0x96 | 0x9a => {}
+            _ => return self.fail(error::ABRT, None),
+        }
+        self.done();
+    }
+
+    /// SMART (ATA8-ACS 7.52): enable/disable, attribute autosave, return
+    /// status, read data/thresholds, immediate offline, and the summary
+    /// error log and self-test log (both empty).
+    fn smart(&mut self, feature: u8, count: u8, lba_low: u8) {
+        let Some(d) = self.cur() else { return };
+        if !d.smart && feature != 0xd8 {
+            return self.fail(error::ABRT, None);
+        }
+        match feature {
+            0xd8 | 0xd9 => {
+                d.smart = feature == 0xd8;
+                self.done();
+            }
+            0xd2 | 0xd4 => self.done(),
+            0xda => {
+                // No threshold exceeded: the signature stays in LBA mid/high.
+                d.tf.lcyl = 0x4f;
+                d.tf.hcyl = 0xc2;
+                self.done();
+            }
+            0xd0 => self.pio_in(smart_data(false)),
+            0xd1 => self.pio_in(smart_data(true)),
+            0xd5 if count == 1 && (lba_low == 1 || lba_low == 6) => {
+                let mut log = vec![0u8; 512];
+                log[0] = 1; // log version
+                checksum(&mut log);
+                self.pio_in(log)
+            }
+            _ => self.fail(error::ABRT, None),
+        }
+    }
+
+    // ---- ATAPI ----------------------------------------------------------
+
+    fn atapi_packet(&mut self, cdb: [u8; 12]) -> Option<Io> {
+        let unit = self.cur;
+        let d = self.cur()?;
+        let dma = d.packet_dma;
+        let reply = d.cdrom()?.execute(&cdb);
+        match reply {
+            Reply::Good => self.atapi_ok(),
+            Reply::Check(s) => self.atapi_error(s),
+            Reply::Data(v) if v.is_empty() => self.atapi_ok(),
+            Reply::Data(v) if dma => return self.queue_dma(unit, DmaJob::AtapiData(v)),
+            Reply::Data(v) => {
+                let len = v.len() as u64;
+                self.atapi_chunk(AtapiSrc::Buf(v, 0), len);
+            }
+            Reply::Read { offset, len } if dma => {
+                return self.queue_dma(unit, DmaJob::AtapiRead { offset, len })
+            }
+            Reply::Read { offset, len } => self.atapi_chunk(AtapiSrc::Medium(offset), len),
+        }
+        None
+    }
+
+    /// The next PIO data-in chunk of a packet command, at most the byte
+    /// count limit the host gave (even unless it is the last chunk).
+    fn atapi_chunk(&mut self, src: AtapiSrc, left: u64) {
+        let Some(d) = self.cur() else { return };
+        let bcl = match d.bcl {
+            0 | 0xffff => 0xfffe,
+            b => b,
+        } as u64;
+        let mut n = left.min(bcl);
+        if n < left {
+            n &= !1;
+        }
+        let (buf, next) = match src {
+            AtapiSrc::Buf(v, pos) => {
+                let end = (pos + n as usize).min(v.len());
+                (v[pos..end].to_vec(), AtapiSrc::Buf(v, end))
+            }
+            AtapiSrc::Medium(off) => {
+                let Some(cd) = d.cdrom() else { return };
+                let Some(m) = cd.medium().cloned() else {
+                    let s = cd.read_failed();
+                    return self.atapi_error(s);
+                };
+                let mut b = vec![0u8; n as usize];
+                if m.read_at(off, &mut b).is_err() {
+                    let s = cd.read_failed();
+                    return self.atapi_error(s);
+                }
+                (b, AtapiSrc::Medium(off + n))
+            }
+        };
+        d.tf.lcyl = n as u8;
+        d.tf.hcyl = (n >> 8) as u8;
+        d.tf.nsector = (d.tf.nsector & !7) | REASON_IO;
+        d.pio = Pio::In {
+            buf,
+            pos: 0,
+            then: AfterIn::Atapi {
+                src: next,
+                left: left - n,
+            },
+        };
+        d.status = status::DRDY | status::DSC | status::DRQ;
+        self.raise();
+    }
+
+    fn atapi_ok(&mut self) {
+        if let Some(d) = self.cur() {
+            d.tf.nsector = (d.tf.nsector & !7) | REASON_IO | REASON_COD;
+            d.status = status::DRDY | status::DSC;
+            d.error = 0;
+        }
+        self.raise();
+    }
+
+    /// CHECK CONDITION: the sense key in the error register's high nibble
+    /// (ATA8-ACS 7.18.5 PACKET error outputs).
+    fn atapi_error(&mut self, s: Sense) {
+        if let Some(d) = self.cur() {
+            d.pio = Pio::Idle;
+            d.tf.nsector = (d.tf.nsector & !7) | REASON_IO | REASON_COD;
+            d.status = status::DRDY | status::ERR;
+            d.error = s.key << 4;
+        }
+        self.raise();
+    }
+
+    // ---- bus-master DMA ---------------------------------------------------
+
+    /// Records a DMA transfer; it runs as soon as the bus master is started
+    /// (the host may start it before or after the command).
+    fn queue_dma(&mut self, unit: usize, job: DmaJob) -> Option<Io> {
+        if let Some(d) = self.drives[unit].as_mut() {
+            d.status = status::DRDY | status::DSC | status::DRQ;
+        }
+        self.dma = Some((unit, job));
+        self.start_dma()
+    }
+
+    /// Bus-master register access (offset 0..8 within the channel's part).
+    pub fn bm_read(&self, off: u64) -> u8 {
+        match off {
+            0 => self.bm.cmd,
+            2 => self.bm.status,
+            4..=7 => (self.bm.prd_addr >> (8 * (off - 4))) as u8,
+            _ => 0,
+        }
+    }
+
+    pub fn bm_write(&mut self, off: u64, v: u8) -> Option<Io> {
+        match off {
+            0 => {
+                let was = self.bm.cmd;
+                self.bm.cmd = v & (bmdma::CMD_START | bmdma::CMD_WRITE_TO_MEMORY);
+                if v & bmdma::CMD_START != 0 && was & bmdma::CMD_START == 0 {
+                    self.bm.status |= bmdma::STATUS_ACTIVE;
+                    return self.start_dma();
+                }
+                if v & bmdma::CMD_START == 0 && was & bmdma::CMD_START != 0 {
+                    // Stopping the engine abandons a transfer in flight
+                    // (SFF-8038i 2.1.1); its completion will be ignored.
+                    self.bm.status &= !bmdma::STATUS_ACTIVE;
+                    if self.inflight {
+                        self.gen += 1;
+                        self.inflight = false;
+                        if let Some(d) = self.cur() {
+                            d.status = status::DRDY | status::DSC;
+                        }
+                    }
+                }
+            }
+            2 => {
+                let keep = self.bm.status & bmdma::STATUS_ACTIVE;
+                let clear = v & (bmdma::STATUS_ERROR | bmdma::STATUS_INTERRUPT);
+                self.bm.status = keep
+                    | (self.bm.status & !clear & (bmdma::STATUS_ERROR | bmdma::STATUS_INTERRUPT))
+                    | (v & bmdma::STATUS_DMA_CAPABLE);
+            }
+            4..=7 => {
+                let shift = 8 * (off - 4);
+                let mut a = self.bm.prd_addr & !(0xff << shift);
+                a |= (v as u32) << shift;
+                self.bm.prd_addr = a & !3;
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn start_dma(&mut self) -> Option<Io> {
+        if self.inflight || self.bm.status & bmdma::STATUS_ACTIVE == 0 {
+            return None;
+        }
+        let (unit, job) = self.dma.take()?;
+        self.cur = unit;
+        let sg = match bmdma::walk(&self.mem, self.bm.prd_addr, job.bytes()) {
+            Ok(sg) => sg,
+            Err(e) => {
+                log::debug!("ide: bus-master PRD table error: {e:?}");
+                self.bm.status = (self.bm.status & !bmdma::STATUS_ACTIVE) | bmdma::STATUS_ERROR;
+                if let Some(d) = self.drives[unit].as_mut() {
+                    if d.is_atapi() {
+                        self.atapi_error(Sense::IO_ERROR);
+                        return None;
+                    }
+                }
+                self.fail(error::ABRT, None);
+                return None;
+            }
+        };
+        let d = self.drives[unit].as_mut()?;
+        let gen = self.gen;
+        // Whole sectors only: a table that ends inside a sector cannot
+        // complete that sector.
+        let whole = |len: usize| len & !(SECTOR as usize - 1);
+        let (backend, reqs, pending) = match job {
+            DmaJob::DiskRead { lba, .. } => {
+                let n = whole(sg.len);
+                let b = d.disk()?.clone();
+                let req = IoRequest::read(lba * SECTOR, IoVecs::from_vec(vec![0u8; n]));
+                (b, vec![req], Pending::DiskRead { sg })
+            }
+            DmaJob::DiskWrite { lba, fua, .. } => {
+                let b = d.disk()?.clone();
+                let Some(mut data) = bmdma::gather(&self.mem, &sg) else {
+                    self.bm.status |= bmdma::STATUS_ERROR;
+                    self.fail(error::ABRT, None);
+                    return None;
+                };
+                data.truncate(whole(sg.len));
+                let req = IoRequest::write(lba * SECTOR, IoVecs::from_vec(data), fua);
+                (b, vec![req], Pending::DiskWrite { sg })
+            }
+            DmaJob::Trim { .. } => {
+                let b = d.disk()?.clone();
+                let sectors = d.sectors();
+                let Some(data) = bmdma::gather(&self.mem, &sg) else {
+                    self.fail(error::ABRT, None);
+                    return None;
+                };
+                let mut reqs = Vec::new();
+                for e in data.chunks_exact(8) {
+                    let v = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
+                    let (lba, n) = (v & 0xffff_ffff_ffff, v >> 48);
+                    if n == 0 {
+                        continue;
+                    }
+                    if lba + n > sectors {
+                        self.fail(error::ABRT, None);
+                        return None;
+                    }
+                    reqs.push(IoRequest::discard(lba * SECTOR, n * SECTOR));
+                }
+                (b, reqs, Pending::Trim { sg })
+            }
+            DmaJob::AtapiData(v) => {
+                bmdma::scatter(&self.mem, &sg, &v);
+                self.dma_finish(unit, &sg, Ok(()));
+                return None;
+            }
+            DmaJob::AtapiRead { offset, .. } => {
+                let Some(m) = d.cdrom()?.medium().cloned() else {
+                    let s = d.cdrom()?.read_failed();
+                    self.atapi_error(s);
+                    return None;
+                };
+                let req = IoRequest::read(offset, IoVecs::from_vec(vec![0u8; sg.len]));
+                (m, vec![req], Pending::AtapiRead { sg })
+            }
+        };
+        d.status = status::BSY | status::DRDY | status::DSC;
+        self.inflight = true;
+        Some(Io {
+            backend,
+            reqs,
+            gen,
+            drive: unit,
+            pending,
+        })
+    }
+
+    /// Ends a DMA transfer: a short PRD table stops the engine without an
+    /// interrupt (the device still wants data, as QEMU models it); otherwise
+    /// the device completes and interrupts, and "active" stays set if the
+    /// table has room left (SFF-8038i 3.2).
+    fn dma_finish(&mut self, unit: usize, sg: &SgList, result: Result<(), DmaError>) {
+        self.cur = unit;
+        if sg.short && result.is_ok() {
+            self.bm.status &= !bmdma::STATUS_ACTIVE;
+            if let Some(d) = self.cur() {
+                d.status = status::DRDY | status::DSC;
+            }
+            return;
+        }
+        if sg.exhausted || result.is_err() {
+            self.bm.status &= !bmdma::STATUS_ACTIVE;
+        }
+        let atapi = self.cur().is_some_and(|d| d.is_atapi());
+        match (result, atapi) {
+            (Ok(()), false) => self.done(),
+            (Ok(()), true) => self.atapi_ok(),
+            (Err(DmaError::Device(e)), false) => self.fail(e, None),
+            (Err(DmaError::Sense(s)), true) => self.atapi_error(s),
+            (Err(DmaError::Device(_)), true) => self.atapi_error(Sense::IO_ERROR),
+            (Err(DmaError::Sense(_)), false) => self.fail(error::ABRT, None),
+        }
+    }
+
+    /// Called (on an I/O thread) when the requests of an [`Io`] are done.
+    pub fn complete(
+        &mut self,
+        gen: u64,
+        unit: usize,
+        pending: Pending,
+        reqs: Vec<IoRequest>,
+        err: Option<BlockError>,
+    ) {
+        if gen != self.gen {
+            return; // reset or stopped meanwhile
+        }
+        self.inflight = false;
+        match pending {
+            Pending::Flush => {
+                self.cur = unit;
+                if err.is_some() {
+                    self.fail(error::ABRT, None)
+                } else {
+                    self.done()
+                }
+            }
+            Pending::DiskRead { sg } => {
+                let r = match err {
+                    Some(_) => Err(DmaError::Device(error::UNC)),
+                    None => {
+                        let data = reqs.into_iter().next().and_then(|r| r.iov.into_vec());
+                        match data {
+                            Some(v) if bmdma::scatter(&self.mem, &sg, &v) => Ok(()),
+                            _ => Err(DmaError::Device(error::ABRT)),
+                        }
+                    }
+                };
+                self.dma_finish(unit, &sg, r);
+            }
+            Pending::DiskWrite { sg } | Pending::Trim { sg } => {
+                let r = match err {
+                    Some(_) => Err(DmaError::Device(error::ABRT)),
+                    None => Ok(()),
+                };
+                self.dma_finish(unit, &sg, r);
+            }
+            Pending::AtapiRead { sg } => {
+                let r = match err {
+                    Some(_) => {
+                        let s = self
+                            .drive_mut(unit)
+                            .and_then(|d| d.cdrom())
+                            .map_or(Sense::READ_ERROR, |c| c.read_failed());
+                        Err(DmaError::Sense(s))
+                    }
+                    None => {
+                        let data = reqs.into_iter().next().and_then(|r| r.iov.into_vec());
+                        match data {
+                            Some(v) if bmdma::scatter(&self.mem, &sg, &v) => Ok(()),
+                            _ => Err(DmaError::Sense(Sense::IO_ERROR)),
+                        }
+                    }
+                };
+                self.dma_finish(unit, &sg, r);
+            }
+        }
+    }
+}
+
+enum DmaError {
+    Device(u8),
+    Sense(Sense),
+}
+
+/// Starts the asynchronous I/O of `io` (with the channel unlocked); the
+/// last completion finishes the command under the channel lock.
+pub fn run_io(ch: &Arc<Mutex<Channel>>, io: Io) {
+    struct Gather {
+        left: usize,
+        reqs: Vec<IoRequest>,
+        err: Option<BlockError>,
+        pending: Option<Pending>,
+    }
+    let Io {
+        backend,
+        reqs,
+        gen,
+        drive,
+        pending,
+    } = io;
+    if reqs.is_empty() {
+        lock(ch).complete(gen, drive, pending, Vec::new(), None);
+        return;
+    }
+    let state = Arc::new(Mutex::new(Gather {
+        left: reqs.len(),
+        reqs: Vec::new(),
+        err: None,
+        pending: Some(pending),
+    }));
+    for req in reqs {
+        let (st, ch) = (state.clone(), ch.clone());
+        backend.submit(
+            req,
+            Box::new(move |req, r| {
+                let finished = {
+                    let mut s = lock(&st);
+                    s.left -= 1;
+                    if let Err(e) = r {
+                        log::debug!("ide: I/O error: {e}");
+                        s.err.get_or_insert(e);
+                    }
+                    s.reqs.push(req);
+                    if s.left == 0 {
+                        let reqs = std::mem::take(&mut s.reqs);
+                        s.pending.take().map(|p| (p, reqs, s.err.take()))
+                    } else {
+                        None
+                    }
+                };
+                if let Some((p, reqs, err)) = finished {
+                    lock(&ch).complete(gen, drive, p, reqs, err);
+                }
+            }),
+        );
+    }
+}
+
+fn checksum(b: &mut [u8]) {
+    let n = b.len();
+    let sum = b[..n - 1].iter().fold(0u8, |a, &x| a.wrapping_add(x));
+    b[n - 1] = sum.wrapping_neg();
+}
+
+/// SMART READ DATA / READ ATTRIBUTE THRESHOLDS (the vendor-specific
+/// attribute table in the layout every tool reads: 30 entries of 12 bytes
+/// from byte 2).
+fn smart_data(thresholds: bool) -> Vec<u8> {
+    let mut v = vec![0u8; 512];
+    v[0] = 0x10; // revision
+                 // id, flags, value, worst, raw: a healthy drive.
+    let attrs: [(u8, u16, u8, u8, u32); 5] = [
+        (0x01, 0x002b, 100, 100, 0),  // raw read error rate
+        (0x03, 0x0027, 100, 100, 16), // spin-up time
+        (0x04, 0x0032, 100, 100, 1),  // start/stop count
+        (0x05, 0x0033, 100, 100, 0),  // reallocated sectors
+        (0x09, 0x0032, 100, 100, 1),  // power-on hours
+    ];
+    for (i, &(id, flags, val, worst, raw)) in attrs.iter().enumerate() {
+        let e = &mut v[2 + 12 * i..14 + 12 * i];
+        e[0] = id;
+        if thresholds {
+            e[1] = 0x06;
+        } else {
+            e[1..3].copy_from_slice(&flags.to_le_bytes());
+            e[3] = val;
+            e[4] = worst;
+            e[5..9].copy_from_slice(&raw.to_le_bytes());
+        }
+    }
+    if !thresholds {
+        v[362] = 0x82; // offline data collection completed
+        v[367] = 0x5b; // offline capabilities
+        v[368] = 0x03; // SMART capabilities: saves data, autosave
+        v[370] = 0x01; // error logging supported
+        v[372] = 0x02; // short self-test: 2 minutes
+        v[373] = 0x0a; // extended self-test: 10 minutes
+    }
+    checksum(&mut v);
+    v
+}

@@ -1,0 +1,704 @@
+//! A CD/DVD-ROM logical unit (MMC-5), shared by every transport that
+//! carries CDBs: ATAPI now, and the LSI HBA, virtio-scsi and USB storage
+//! later.
+//!
+//! The unit owns the medium state machine (MMC-5 4.1.6 and 4.2.7): a medium
+//! can be present or not, the tray open or closed, and removal may be
+//! prevented. Loading a medium leaves a UNIT ATTENTION (28h/00h, "medium may
+//! have changed") that the next command other than INQUIRY, REQUEST SENSE,
+//! GET CONFIGURATION or GET EVENT STATUS NOTIFICATION reports, and a "new
+//! media" event for GET EVENT STATUS NOTIFICATION. Blocks are 2048 bytes.
+//!
+//! [`CdRom::execute`] parses the CDB ([`Command::parse`]), applies the
+//! UNIT ATTENTION and medium checks, and answers with a [`Reply`]. Reads are
+//! not performed here: the reply names the byte range, so that the transport
+//! can move it synchronously (PIO) or asynchronously (DMA) and report a
+//! failure back through [`CdRom::read_failed`].
+
+use std::sync::Arc;
+
+use block::backend::BlockBackend;
+
+use super::cdb::{Command, PageControl};
+use super::sense::Sense;
+
+/// MMC logical block size.
+pub const BLOCK: u64 = 2048;
+/// The largest medium reported as a CD (80 minutes); bigger is a DVD.
+const CD_MAX_BLOCKS: u64 = 80 * 60 * 75;
+/// MSF addresses start 2 seconds (150 frames) into the disc.
+const MSF_OFFSET: u32 = 150;
+
+/// MMC profiles (MMC-5 table 87).
+const PROFILE_CDROM: u16 = 0x0008;
+const PROFILE_DVDROM: u16 = 0x0010;
+
+/// How INQUIRY describes the transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// ATAPI: INQUIRY version 0, ATAPI transport version 2 (as ATAPI
+    /// drives and QEMU's ide-cd report).
+    Atapi,
+    /// A SCSI bus: SPC-3.
+    Scsi,
+}
+
+/// What a command produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// GOOD status, no data.
+    Good,
+    /// GOOD status with data for the initiator (already cut to the
+    /// allocation length).
+    Data(Vec<u8>),
+    /// GOOD status once the transport has read `len` bytes at byte `offset`
+    /// of [`CdRom::medium`] into the initiator's buffer.
+    Read { offset: u64, len: u64 },
+    /// CHECK CONDITION; the sense is also kept for REQUEST SENSE.
+    Check(Sense),
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum MediaEvent {
+    #[default]
+    None,
+    EjectRequest,
+    NewMedia,
+    MediaRemoval,
+}
+
+pub struct CdRom {
+    transport: Transport,
+    medium: Option<Arc<BlockBackend>>,
+    tray_open: bool,
+    locked: bool,
+    unit_attention: Option<Sense>,
+    sense: Sense,
+    event: MediaEvent,
+    vendor: String,
+    product: String,
+    revision: String,
+}
+
+impl CdRom {
+    pub fn new(transport: Transport, medium: Option<Arc<BlockBackend>>) -> Self {
+        CdRom {
+            transport,
+            medium,
+            tray_open: false,
+            locked: false,
+            unit_attention: None,
+            sense: Sense::NONE,
+            event: MediaEvent::None,
+            vendor: "QEMU".into(),
+            product: "QEMU DVD-ROM".into(),
+            revision: "2.5+".into(),
+        }
+    }
+
+    /// Sets the INQUIRY product identification (from `model=`).
+    pub fn set_product(&mut self, product: &str) {
+        self.product = product.to_string();
+    }
+
+    /// The medium, when one is loaded and the tray is closed.
+    pub fn medium(&self) -> Option<&Arc<BlockBackend>> {
+        self.medium.as_ref().filter(|_| !self.tray_open)
+    }
+
+    pub fn tray_open(&self) -> bool {
+        self.tray_open
+    }
+
+    pub fn locked(&self) -> bool {
+        self.locked
+    }
+
+    /// Number of 2048-byte blocks on the medium (0 without one).
+    pub fn blocks(&self) -> u64 {
+        self.medium().map_or(0, |m| m.len() / BLOCK)
+    }
+
+    /// Host-side medium change (QMP `blockdev-change-medium`/`eject`): the
+    /// tray opens, the medium is swapped, the tray closes.
+    pub fn change_medium(&mut self, medium: Option<Arc<BlockBackend>>) {
+        self.medium = medium;
+        self.tray_open = false;
+        self.medium_loaded();
+    }
+
+    /// Host-side eject request: a locked drive only reports the request
+    /// (the guest is expected to unlock and eject); an unlocked one opens.
+    pub fn eject_request(&mut self) {
+        if self.locked {
+            self.event = MediaEvent::EjectRequest;
+        } else {
+            self.tray_open = true;
+            self.event = MediaEvent::MediaRemoval;
+        }
+    }
+
+    fn medium_loaded(&mut self) {
+        if self.medium.is_some() {
+            self.unit_attention = Some(Sense::MEDIUM_CHANGED);
+            self.event = MediaEvent::NewMedia;
+        }
+    }
+
+    /// A device reset (ATAPI DEVICE RESET, bus reset): removal prevention
+    /// is kept (MMC-5 says a reset does not unlock), sense is cleared.
+    pub fn reset(&mut self) {
+        self.sense = Sense::NONE;
+    }
+
+    /// The transport could not read the data of a [`Reply::Read`].
+    pub fn read_failed(&mut self) -> Sense {
+        self.sense = Sense::READ_ERROR;
+        self.sense
+    }
+
+    fn not_ready(&self) -> Option<Sense> {
+        if self.tray_open {
+            Some(Sense::NO_MEDIUM_TRAY_OPEN)
+        } else if self.medium.is_none() {
+            Some(Sense::NO_MEDIUM_TRAY_CLOSED)
+        } else {
+            None
+        }
+    }
+
+    fn check(&mut self, s: Sense) -> Reply {
+        self.sense = s;
+        Reply::Check(s)
+    }
+
+    /// Executes one CDB.
+    pub fn execute(&mut self, cdb: &[u8]) -> Reply {
+        let cmd = match Command::parse(cdb) {
+            Ok(c) => c,
+            Err(s) => {
+                // Even an invalid command reports a pending UNIT ATTENTION
+                // first (SPC-4 5.14).
+                if let Some(ua) = self.unit_attention.take() {
+                    return self.check(ua);
+                }
+                return self.check(s);
+            }
+        };
+        if !cmd.allowed_with_unit_attention() {
+            if let Some(ua) = self.unit_attention.take() {
+                return self.check(ua);
+            }
+        }
+        if cmd.needs_medium() {
+            if let Some(s) = self.not_ready() {
+                return self.check(s);
+            }
+        }
+        let reply = self.run(cmd);
+        if !matches!(reply, Reply::Check(_)) && !matches!(cmd, Command::RequestSense { .. }) {
+            self.sense = Sense::NONE;
+        }
+        reply
+    }
+
+    fn run(&mut self, cmd: Command) -> Reply {
+        let data = |mut v: Vec<u8>, alloc: u16| {
+            v.truncate(alloc as usize);
+            Reply::Data(v)
+        };
+        match cmd {
+            Command::TestUnitReady | Command::SetCdSpeed => Reply::Good,
+            Command::Seek { lba } => {
+                if lba as u64 >= self.blocks() {
+                    return self.check(Sense::LBA_OUT_OF_RANGE);
+                }
+                Reply::Good
+            }
+            Command::RequestSense { alloc } => {
+                // A pending UNIT ATTENTION is reported (and consumed) here;
+                // otherwise the last error, or NOT READY while there is no
+                // medium, as drives do.
+                let s = self
+                    .unit_attention
+                    .take()
+                    .or_else(|| (self.sense != Sense::NONE).then_some(self.sense))
+                    .or_else(|| self.not_ready())
+                    .unwrap_or(Sense::NONE);
+                self.sense = Sense::NONE;
+                data(s.fixed().to_vec(), alloc)
+            }
+            Command::Inquiry { vpd_page, alloc } => match vpd_page {
+                None => data(self.inquiry(), alloc),
+                // Supported VPD pages: only the list itself.
+                Some(0) => data(vec![5, 0, 0, 1, 0], alloc),
+                Some(_) => self.check(Sense::INVALID_FIELD),
+            },
+            Command::ModeSense {
+                page,
+                subpage,
+                pc,
+                alloc,
+                six,
+            } => {
+                if pc == PageControl::Saved {
+                    return self.check(Sense::SAVING_NOT_SUPPORTED);
+                }
+                if subpage != 0 && subpage != 0xff {
+                    return self.check(Sense::INVALID_FIELD);
+                }
+                match self.mode_pages(page, pc) {
+                    Some(pages) => data(self.mode_header(pages, six), alloc),
+                    None => self.check(Sense::INVALID_FIELD),
+                }
+            }
+            Command::StartStopUnit { start, load_eject } => {
+                if !load_eject {
+                    return Reply::Good;
+                }
+                if start {
+                    if self.tray_open {
+                        self.tray_open = false;
+                        self.medium_loaded();
+                    }
+                } else {
+                    if self.locked {
+                        return self.check(Sense::REMOVAL_PREVENTED);
+                    }
+                    if !self.tray_open {
+                        self.tray_open = true;
+                        self.event = MediaEvent::MediaRemoval;
+                    }
+                }
+                Reply::Good
+            }
+            Command::PreventAllow { prevent } => {
+                self.locked = prevent;
+                Reply::Good
+            }
+            Command::ReadCapacity10 => {
+                let last = self.blocks().saturating_sub(1).min(u32::MAX as u64) as u32;
+                let mut v = last.to_be_bytes().to_vec();
+                v.extend_from_slice(&(BLOCK as u32).to_be_bytes());
+                Reply::Data(v)
+            }
+            Command::Read { lba, blocks } => {
+                let end = lba as u64 + blocks as u64;
+                if end > self.blocks() {
+                    return self.check(Sense::LBA_OUT_OF_RANGE);
+                }
+                if blocks == 0 {
+                    return Reply::Good;
+                }
+                Reply::Read {
+                    offset: lba as u64 * BLOCK,
+                    len: blocks as u64 * BLOCK,
+                }
+            }
+            Command::ReadToc {
+                msf,
+                format,
+                track,
+                alloc,
+            } => match self.read_toc(msf, format, track) {
+                Some(v) => data(v, alloc),
+                None => self.check(Sense::INVALID_FIELD),
+            },
+            Command::GetConfiguration { rt, start, alloc } => {
+                data(self.get_configuration(rt, start), alloc)
+            }
+            Command::GetEventStatus { class_mask, alloc } => {
+                data(self.event_status(class_mask), alloc)
+            }
+            Command::ReadDiscInfo { alloc } => data(self.disc_info(), alloc),
+            Command::MechanismStatus { alloc } => {
+                let mut v = vec![0u8; 8];
+                if self.tray_open {
+                    v[1] = 0x10; // door open
+                }
+                data(v, alloc)
+            }
+        }
+    }
+
+    /// Standard INQUIRY data (SPC-4 6.4.2): peripheral device type 05h
+    /// (CD/DVD), removable medium.
+    fn inquiry(&self) -> Vec<u8> {
+        let mut v = vec![0u8; 36];
+        v[0] = 0x05;
+        v[1] = 0x80;
+        match self.transport {
+            Transport::Atapi => {
+                v[2] = 0x00;
+                v[3] = 0x21;
+            }
+            Transport::Scsi => {
+                v[2] = 0x05;
+                v[3] = 0x02;
+            }
+        }
+        v[4] = 31; // additional length
+        pad(&mut v[8..16], &self.vendor);
+        pad(&mut v[16..32], &self.product);
+        pad(&mut v[32..36], &self.revision);
+        v
+    }
+
+    /// Mode parameter header (SPC-4 7.5.4) without block descriptors.
+    fn mode_header(&self, pages: Vec<u8>, six: bool) -> Vec<u8> {
+        let medium_type = if self.medium().is_none() { 0x70 } else { 0x01 };
+        let mut v = if six {
+            vec![(pages.len() + 3).min(255) as u8, medium_type, 0, 0]
+        } else {
+            let len = (pages.len() + 6) as u16;
+            let mut h = len.to_be_bytes().to_vec();
+            h.extend_from_slice(&[medium_type, 0, 0, 0, 0, 0]);
+            h
+        };
+        v.extend(pages);
+        v
+    }
+
+    /// Mode pages: 01h read/write error recovery (MMC-5 7.3), 2Ah
+    /// capabilities and mechanical status (MMC-3 6.3.11), 3Fh all.
+    fn mode_pages(&self, page: u8, pc: PageControl) -> Option<Vec<u8>> {
+        let changeable = pc == PageControl::Changeable;
+        let err_recovery = || {
+            let mut p = vec![0x01, 0x06, 0, 5, 0, 0, 0, 0];
+            if changeable {
+                p[2..].fill(0);
+            }
+            p
+        };
+        let caps = || {
+            let mut p = vec![0u8; 22];
+            p[0] = 0x2a;
+            p[1] = 20;
+            if !changeable {
+                p[2] = 0x3b; // reads CD-R/RW, DVD-ROM/R/RAM
+                p[4] = 0x71; // audio play, multisession, mode 2 form 1/2
+                p[5] = 0x7f; // CD-DA, accurate stream, R-W, C2, ISRC, UPC
+                             // Lock supported, locked state, tray loader, eject supported.
+                p[6] = 0x29 | if self.locked { 0x02 } else { 0 };
+                p[7] = 0x03; // separate channel volume and mute
+                p[8..10].copy_from_slice(&706u16.to_be_bytes()); // 4x, in kB/s
+                p[10..12].copy_from_slice(&2u16.to_be_bytes()); // volume levels
+                p[12..14].copy_from_slice(&512u16.to_be_bytes()); // buffer, kB
+                p[14..16].copy_from_slice(&706u16.to_be_bytes());
+            }
+            p
+        };
+        match page {
+            0x01 => Some(err_recovery()),
+            0x2a => Some(caps()),
+            0x3f => {
+                let mut v = err_recovery();
+                v.extend(caps());
+                Some(v)
+            }
+            _ => None,
+        }
+    }
+
+    fn lba_or_msf(&self, lba: u32, msf: bool) -> [u8; 4] {
+        if msf {
+            let f = lba + MSF_OFFSET;
+            [0, (f / 75 / 60) as u8, (f / 75 % 60) as u8, (f % 75) as u8]
+        } else {
+            lba.to_be_bytes()
+        }
+    }
+
+    /// READ TOC/PMA/ATIP formats 0 (TOC), 1 (session information) and
+    /// 2 (raw TOC) for a single-session disc with one data track.
+    fn read_toc(&self, msf: bool, format: u8, track: u8) -> Option<Vec<u8>> {
+        let leadout = self.blocks().min(u32::MAX as u64 - 150) as u32;
+        let mut v = vec![0u8, 0, 1, 1];
+        match format {
+            0 => {
+                if track > 1 && track != 0xaa {
+                    return None;
+                }
+                if track <= 1 {
+                    v.extend_from_slice(&[0, 0x14, 1, 0]);
+                    v.extend_from_slice(&self.lba_or_msf(0, msf));
+                }
+                v.extend_from_slice(&[0, 0x16, 0xaa, 0]);
+                v.extend_from_slice(&self.lba_or_msf(leadout, msf));
+            }
+            1 => {
+                v.extend_from_slice(&[0, 0x14, 1, 0]);
+                v.extend_from_slice(&self.lba_or_msf(0, msf));
+            }
+            _ => {
+                // Raw TOC: session 1, points A0 (first track), A1 (last
+                // track), A2 (lead-out) and track 1, addresses in MSF.
+                v[3] = 1; // first and last session
+                let lo = self.lba_or_msf(leadout, true);
+                for (point, pmsf) in [
+                    (0xa0u8, [1u8, 0, 0]),
+                    (0xa1, [1, 0, 0]),
+                    (0xa2, [lo[1], lo[2], lo[3]]),
+                    (0x01, [0, 2, 0]),
+                ] {
+                    v.extend_from_slice(&[1, 0x14, 0, point, 0, 0, 0, 0]);
+                    v.extend_from_slice(&pmsf);
+                }
+            }
+        }
+        let len = (v.len() - 2) as u16;
+        v[..2].copy_from_slice(&len.to_be_bytes());
+        Some(v)
+    }
+
+    fn current_profile(&self) -> u16 {
+        match self.blocks() {
+            0 => 0,
+            b if b > CD_MAX_BLOCKS => PROFILE_DVDROM,
+            _ => PROFILE_CDROM,
+        }
+    }
+
+    /// GET CONFIGURATION (MMC-5 5.2 features): profile list, core,
+    /// morphing, removable medium, random readable, CD read, DVD read.
+    fn get_configuration(&self, rt: u8, start: u16) -> Vec<u8> {
+        let cur = self.current_profile();
+        let feature = |code: u16, version: u8, current: bool, data: &[u8]| {
+            let mut f = code.to_be_bytes().to_vec();
+            f.push(version << 2 | 0x02 | current as u8); // persistent bit set
+            f.push(data.len() as u8);
+            f.extend_from_slice(data);
+            (code, current, f)
+        };
+        let mut profiles = Vec::new();
+        for p in [PROFILE_DVDROM, PROFILE_CDROM] {
+            profiles.extend_from_slice(&p.to_be_bytes());
+            profiles.extend_from_slice(&[(p == cur) as u8, 0]);
+        }
+        let has = cur != 0;
+        let lock = if self.locked { 1 } else { 0 };
+        let features = [
+            feature(0x0000, 0, true, &profiles),
+            // Core: physical interface ATAPI (2) or SCSI (1), INQ2 | DBE.
+            feature(
+                0x0001,
+                1,
+                true,
+                &[
+                    0,
+                    0,
+                    0,
+                    if self.transport == Transport::Atapi {
+                        2
+                    } else {
+                        1
+                    },
+                    0x03,
+                    0,
+                    0,
+                    0,
+                ],
+            ),
+            feature(0x0002, 1, true, &[0x02, 0, 0, 0]),
+            // Removable medium: tray loader, eject, lock, lock state.
+            feature(0x0003, 0, true, &[0x29 | lock << 1, 0, 0, 0]),
+            feature(0x0010, 0, has, &[0, 0, 0x08, 0, 0, 0x10, 0, 0]),
+            feature(0x001e, 2, cur == PROFILE_CDROM, &[0, 0, 0, 0]),
+            feature(0x001f, 0, cur == PROFILE_DVDROM, &[]),
+        ];
+        let mut v = vec![0u8; 8];
+        v[6..8].copy_from_slice(&cur.to_be_bytes());
+        for (code, current, bytes) in features {
+            let wanted = match rt {
+                0 => code >= start,
+                1 => code >= start && current,
+                _ => code == start,
+            };
+            if wanted {
+                v.extend(bytes);
+            }
+        }
+        let len = (v.len() - 4) as u32;
+        v[..4].copy_from_slice(&len.to_be_bytes());
+        v
+    }
+
+    /// GET EVENT STATUS NOTIFICATION, polled, media class (MMC-5 6.7.2.5).
+    /// Reporting an event consumes it.
+    fn event_status(&mut self, class_mask: u8) -> Vec<u8> {
+        const MEDIA_CLASS: u8 = 1 << 4;
+        if class_mask & MEDIA_CLASS == 0 {
+            // No requested class is supported: NEA set, no event data.
+            return vec![0, 2, 0x80, MEDIA_CLASS];
+        }
+        let code = match std::mem::take(&mut self.event) {
+            MediaEvent::None => 0,
+            MediaEvent::EjectRequest => 1,
+            MediaEvent::NewMedia => 2,
+            MediaEvent::MediaRemoval => 3,
+        };
+        let status = (self.medium().is_some() as u8) << 1 | self.tray_open as u8;
+        vec![0, 6, 0x04, MEDIA_CLASS, code, status, 0, 0]
+    }
+
+    /// READ DISC INFORMATION (MMC-5 6.22.3.1): a finalized disc with one
+    /// complete session of one track.
+    fn disc_info(&self) -> Vec<u8> {
+        let mut v = vec![0u8; 34];
+        v[1] = 32;
+        v[2] = 0x0e; // last session complete, disc complete
+        v[3] = 1; // first track
+        v[4] = 1; // sessions (LSB)
+        v[5] = 1; // first track in last session
+        v[6] = 1; // last track in last session
+        v[7] = 0x20; // unrestricted use
+        v[8] = 0x00; // CD-DA or CD-ROM
+                     // Last possible lead-out start: unknown.
+        v[20..24].fill(0xff);
+        v
+    }
+}
+
+fn pad(dst: &mut [u8], s: &str) {
+    dst.fill(b' ');
+    for (d, b) in dst.iter_mut().zip(s.bytes()) {
+        *d = b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::cdb::op;
+    use super::*;
+    use block::backend::BackendConfig;
+    use block::graph::BlockGraph;
+
+    fn medium(blocks: u64) -> Arc<BlockBackend> {
+        let g = BlockGraph::new();
+        let node = g
+            .blockdev_add_str(&format!(
+                "driver=null-co,node-name=n,read-zeroes=on,size={}",
+                blocks * BLOCK
+            ))
+            .unwrap();
+        BlockBackend::new("cd", node, BackendConfig::default()).unwrap()
+    }
+
+    fn cdb(bytes: &[u8]) -> [u8; 12] {
+        let mut c = [0u8; 12];
+        c[..bytes.len()].copy_from_slice(bytes);
+        c
+    }
+
+    #[test]
+    fn tray_cycle_raises_unit_attention() {
+        let mut cd = CdRom::new(Transport::Atapi, Some(medium(100)));
+        assert_eq!(cd.execute(&cdb(&[op::TEST_UNIT_READY])), Reply::Good);
+        // Eject: START STOP UNIT, LoEj=1, Start=0.
+        assert_eq!(
+            cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 2])),
+            Reply::Good
+        );
+        assert_eq!(
+            cd.execute(&cdb(&[op::TEST_UNIT_READY])),
+            Reply::Check(Sense::NO_MEDIUM_TRAY_OPEN)
+        );
+        // Load: LoEj=1, Start=1.
+        cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 3]));
+        // INQUIRY does not consume the UNIT ATTENTION...
+        assert!(matches!(
+            cd.execute(&cdb(&[op::INQUIRY, 0, 0, 0, 36])),
+            Reply::Data(_)
+        ));
+        assert_eq!(
+            cd.execute(&cdb(&[op::TEST_UNIT_READY])),
+            Reply::Check(Sense::MEDIUM_CHANGED)
+        );
+        assert_eq!(cd.execute(&cdb(&[op::TEST_UNIT_READY])), Reply::Good);
+    }
+
+    #[test]
+    fn lock_prevents_eject_and_reads_are_ranges() {
+        let mut cd = CdRom::new(Transport::Atapi, Some(medium(10)));
+        cd.execute(&cdb(&[op::PREVENT_ALLOW, 0, 0, 0, 1]));
+        assert_eq!(
+            cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 2])),
+            Reply::Check(Sense::REMOVAL_PREVENTED)
+        );
+        let r = cd.execute(&cdb(&[op::REQUEST_SENSE, 0, 0, 0, 18]));
+        let Reply::Data(d) = r else { panic!() };
+        assert_eq!((d[2], d[12], d[13]), (5, 0x53, 2));
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_10, 0, 0, 0, 0, 9, 0, 0, 1])),
+            Reply::Read {
+                offset: 9 * 2048,
+                len: 2048
+            }
+        );
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_10, 0, 0, 0, 0, 9, 0, 0, 2])),
+            Reply::Check(Sense::LBA_OUT_OF_RANGE)
+        );
+    }
+
+    #[test]
+    fn empty_drive_and_host_medium_change() {
+        let mut cd = CdRom::new(Transport::Atapi, None);
+        assert_eq!(
+            cd.execute(&cdb(&[op::TEST_UNIT_READY])),
+            Reply::Check(Sense::NO_MEDIUM_TRAY_CLOSED)
+        );
+        let Reply::Data(ev) = cd.execute(&cdb(&[op::GET_EVENT_STATUS, 1, 0, 0, 0x10, 0, 0, 0, 8]))
+        else {
+            panic!()
+        };
+        assert_eq!((ev[4], ev[5]), (0, 0));
+        cd.change_medium(Some(medium(400_000)));
+        let Reply::Data(ev) = cd.execute(&cdb(&[op::GET_EVENT_STATUS, 1, 0, 0, 0x10, 0, 0, 0, 8]))
+        else {
+            panic!()
+        };
+        assert_eq!((ev[4], ev[5]), (2, 2), "new media, present");
+        let Reply::Data(cfg) = cd.execute(&cdb(&[op::GET_CONFIGURATION, 0, 0, 0, 0, 0, 0, 1, 0]))
+        else {
+            panic!()
+        };
+        assert_eq!(u16::from_be_bytes([cfg[6], cfg[7]]), PROFILE_DVDROM);
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_CAPACITY_10])),
+            Reply::Check(Sense::MEDIUM_CHANGED)
+        );
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_CAPACITY_10])),
+            Reply::Data(vec![0, 6, 0x1a, 0x7f, 0, 0, 8, 0])
+        );
+    }
+
+    #[test]
+    fn toc_formats() {
+        let mut cd = CdRom::new(Transport::Atapi, Some(medium(1000)));
+        let Reply::Data(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 0, 0, 0, 0, 0, 0, 100])) else {
+            panic!()
+        };
+        assert_eq!(t.len(), 20);
+        assert_eq!(&t[..4], &[0, 18, 1, 1]);
+        assert_eq!(&t[12..20], &[0, 0x16, 0xaa, 0, 0, 0, 0x03, 0xe8]);
+        let Reply::Data(t) = cd.execute(&cdb(&[op::READ_TOC, 2, 0, 0, 0, 0, 0, 0, 100])) else {
+            panic!()
+        };
+        // Lead-out 1000 + 150 frames = 00:15:25.
+        assert_eq!(&t[16..20], &[0, 0, 15, 25]);
+        let Reply::Data(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 1, 0, 0, 0, 0, 0, 100])) else {
+            panic!()
+        };
+        assert_eq!(&t[..4], &[0, 10, 1, 1]);
+        let Reply::Data(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 2, 0, 0, 0, 0, 0, 200])) else {
+            panic!()
+        };
+        assert_eq!(t.len(), 4 + 4 * 11);
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_TOC, 0, 5])),
+            Reply::Check(Sense::INVALID_FIELD)
+        );
+    }
+}
