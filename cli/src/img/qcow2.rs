@@ -114,7 +114,12 @@ pub fn create(
             let g = BlockGraph::new();
             let path = resolve_backing(filename, b);
             let n = g
-                .open_image(&path, o.backing_format.as_deref(), true, &[("force-share", "on")])
+                .open_image(
+                    &path,
+                    o.backing_format.as_deref(),
+                    true,
+                    &[("force-share", "on")],
+                )
                 .map_err(|e| Fail(format!("Could not open backing image: {e}"), 1))?;
             let _ = g.take_warnings();
             size_v = Some(n.len());
@@ -122,8 +127,13 @@ pub fn create(
     } else if let (Some(b), false) = (&o.backing_file, no_backing_check) {
         let g = BlockGraph::new();
         let path = resolve_backing(filename, b);
-        g.open_image(&path, o.backing_format.as_deref(), true, &[("force-share", "on")])
-            .map_err(|e| Fail(format!("Could not open backing file: {e}"), 1))?;
+        g.open_image(
+            &path,
+            o.backing_format.as_deref(),
+            true,
+            &[("force-share", "on")],
+        )
+        .map_err(|e| Fail(format!("Could not open backing file: {e}"), 1))?;
         let _ = g.take_warnings();
     }
     let Some(size_v) = size_v else {
@@ -132,14 +142,21 @@ pub fn create(
     o.size = size_v.div_ceil(512) * 512;
     formats::qcow2::create::validate(&o).map_err(|e| Fail(format!("{filename}: {e}"), 1))?;
     if !quiet {
-        let mut line = format!("Formatting '{filename}', fmt=qcow2 cluster_size={}", o.cluster_size);
+        let mut line = format!(
+            "Formatting '{filename}', fmt=qcow2 cluster_size={}",
+            o.cluster_size
+        );
         if let Some(c) = &compat_given {
             line.push_str(&format!(" compat={c}"));
         }
         line.push_str(&format!(
             " extended_l2={} compression_type={} size={}",
             if o.extended_l2 { "on" } else { "off" },
-            if o.compression_type == 1 { "zstd" } else { "zlib" },
+            if o.compression_type == 1 {
+                "zstd"
+            } else {
+                "zlib"
+            },
             size_v
         ));
         if let Some(b) = &o.backing_file {
@@ -197,9 +214,13 @@ fn open_for_check(g: &BlockGraph, filename: &str, repair: bool) -> R<Qcow2> {
         .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))?
         .header;
     let data: Option<Arc<dyn Storage>> = match &h.data_file {
-        Some(d) if h.incompatible & formats::qcow2::header::INCOMPAT_DATA_FILE != 0 => Some(
-            Arc::new(NodeStorage(file_node(g, &resolve_backing(filename, d), !repair)?)),
-        ),
+        Some(d) if h.incompatible & formats::qcow2::header::INCOMPAT_DATA_FILE != 0 => {
+            Some(Arc::new(NodeStorage(file_node(
+                g,
+                &resolve_backing(filename, d),
+                !repair,
+            )?)))
+        }
         _ => None,
     };
     let o = OpenOptions {
@@ -254,7 +275,10 @@ fn print_result(r: &CheckResult, filename: &str, json: bool, quiet: bool) {
             println!("\n{l} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.");
         }
         if r.check_errors > 0 {
-            println!("\n{} internal errors have occurred during the check.", r.check_errors);
+            println!(
+                "\n{} internal errors have occurred during the check.",
+                r.check_errors
+            );
         }
     }
     if r.total_clusters > 0 && r.allocated_clusters > 0 {
@@ -343,7 +367,11 @@ pub fn format_specific_json(h: &Header) -> J {
     if h.version >= 3 {
         d.push((
             "compression-type",
-            J::s(if h.compression_type == 1 { "zstd" } else { "zlib" }),
+            J::s(if h.compression_type == 1 {
+                "zstd"
+            } else {
+                "zlib"
+            }),
         ));
         d.push(("lazy-refcounts", J::Bool(h.compatible & 1 != 0)));
         d.push(("refcount-bits", J::u(h.refcount_bits() as u64)));
@@ -368,7 +396,11 @@ pub fn format_specific_human(h: &Header, out: &mut String) {
     ));
     out.push_str(&format!(
         "    compression type: {}\n",
-        if h.compression_type == 1 { "zstd" } else { "zlib" }
+        if h.compression_type == 1 {
+            "zstd"
+        } else {
+            "zlib"
+        }
     ));
     if h.version >= 3 {
         out.push_str(&format!("    lazy refcounts: {}\n", h.compatible & 1 != 0));
