@@ -120,7 +120,7 @@ fn walk_l1(
         if l2 == 0 {
             continue;
         }
-        if l2 % cs != 0 {
+        if !l2.is_multiple_of(cs) {
             r.corruptions += 1;
             r.messages.push(format!(
                 "ERROR l2_offset={l2:x}: Table is not cluster aligned; L1 entry corrupted"
@@ -157,7 +157,7 @@ fn walk_l1(
                 }
                 continue;
             }
-            if host % cs != 0 {
+            if !host.is_multiple_of(cs) {
                 r.corruptions += 1;
                 r.messages.push(format!(
                     "ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."

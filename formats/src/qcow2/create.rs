@@ -138,7 +138,7 @@ pub fn validate(o: &CreateOptions) -> FResult<Header> {
     if o.backing_format.is_some() && o.backing_file.is_none() {
         return inval("Backing file format not supported for file format 'qcow2'");
     }
-    if o.size % 512 != 0 && o.size > 0 {
+    if !o.size.is_multiple_of(512) && o.size > 0 {
         // qemu-img rounds up to a sector; callers pass the rounded size.
     }
     let mut incompat = 0;

@@ -218,7 +218,7 @@ impl Header {
             h.autoclear = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             hlen = be32(buf, 100) as usize;
-            if hlen < 104 || hlen % 8 != 0 && hlen != 104 {
+            if hlen < 104 || !hlen.is_multiple_of(8) && hlen != 104 {
                 return Err(bad("qcow2 header length invalid"));
             }
             if hlen as u64 > cs || hlen > buf.len() {
@@ -260,7 +260,7 @@ impl Header {
             return Err(bad("Image too large"));
         }
         // Tables: aligned, bounded, and not the header cluster.
-        let aligned = |o: u64| o % cs == 0;
+        let aligned = |o: u64| o.is_multiple_of(cs);
         if h.l1_size as u64 * 8 > MAX_L1_BYTES {
             return Err(bad("Active L1 table too large"));
         }

@@ -434,7 +434,7 @@ impl Qcow2 {
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> FResult<()> {
         self.writable()?;
         let cs = self.cs;
-        if offset % cs != 0 {
+        if !offset.is_multiple_of(cs) {
             return Err(FormatError::Invalid(format!(
                 "{}: compressed writes must be cluster aligned",
                 self.name
@@ -594,7 +594,7 @@ impl Qcow2 {
             let mut m = self.lock();
             let (l1i, _) = m.split(gcl);
             if m.l2_offset(l1i)?.is_none()
-                && (full || (self.backing.is_none() && m.h.version >= 3) || m.h.version < 3)
+                && (full || self.backing.is_none() || m.h.version < 3)
             {
                 continue;
             }
@@ -655,7 +655,7 @@ impl Qcow2 {
     pub fn truncate(&self, new: u64) -> FResult<()> {
         self.writable()?;
         let old = self.size();
-        if new % 512 != 0 {
+        if !new.is_multiple_of(512) {
             return Err(FormatError::Invalid(format!(
                 "{}: the image size must be a multiple of 512 bytes",
                 self.name

@@ -64,7 +64,7 @@ impl Meta {
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs != 0 {
+        if !off.is_multiple_of(self.cs) {
             return Err(self.corrupt(format!(
                 "L2 table offset 0x{off:x} unaligned (L1 index 0x{i:x})"
             )));
@@ -227,7 +227,7 @@ impl Meta {
         let copied = entry & OFLAG_COPIED != 0;
         let host = entry & OFFSET_MASK;
         let allocated = host != 0 || (copied && self.data.is_some());
-        if allocated && host % self.cs != 0 {
+        if allocated && !host.is_multiple_of(self.cs) {
             return Err(self.corrupt(format!("Cluster allocation offset 0x{host:x} unaligned")));
         }
         if self.h.extended_l2() {

@@ -69,7 +69,7 @@ impl Meta {
         if off == 0 {
             return Ok(None);
         }
-        if off % self.cs != 0 {
+        if !off.is_multiple_of(self.cs) {
             return Err(self.corrupt(format!(
                 "refcount block offset 0x{off:x} is not aligned to a cluster"
             )));
@@ -250,9 +250,9 @@ impl Meta {
     pub(crate) fn alloc_bytes(&mut self, size: u64) -> FResult<u64> {
         let size = size.div_ceil(512) * 512;
         let cur = self.comp_cursor;
-        if cur != 0 && cur % self.cs != 0 && self.cs - cur % self.cs >= size {
+        if cur != 0 && !cur.is_multiple_of(self.cs) && self.cs - cur % self.cs >= size {
             self.add_refcount(cur / self.cs, 1)?;
-            self.comp_cursor = if (cur + size) % self.cs == 0 {
+            self.comp_cursor = if (cur + size).is_multiple_of(self.cs) {
                 0
             } else {
                 cur + size
@@ -262,7 +262,7 @@ impl Meta {
         let n = size.div_ceil(self.cs);
         let off = self.alloc_clusters(n)?;
         let end = off + size;
-        self.comp_cursor = if end % self.cs == 0 { 0 } else { end };
+        self.comp_cursor = if end.is_multiple_of(self.cs) { 0 } else { end };
         Ok(off)
     }
 
@@ -372,6 +372,12 @@ impl Meta {
     }
 }
 
+/// A table we just loaded is not in the cache: a logic error, reported
+/// instead of panicking.
+fn cache_miss() -> crate::error::FormatError {
+    crate::error::FormatError::Corrupt("internal error: metadata cache miss".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,7 +391,7 @@ mod tests {
             } else {
                 (1u64 << (1 << order)) - 1
             };
-            let n = 64 * 8 >> order;
+            let n = (64 * 8) >> order;
             for i in 0..n {
                 rb_set(&mut b, i, order, (i as u64 * 7) & max);
             }
@@ -402,10 +408,4 @@ mod tests {
         rb_set(&mut b, 0, 0, 1);
         assert_eq!(b[0], 1);
     }
-}
-
-/// A table we just loaded is not in the cache: a logic error, reported
-/// instead of panicking.
-fn cache_miss() -> crate::error::FormatError {
-    crate::error::FormatError::Corrupt("internal error: metadata cache miss".into())
 }

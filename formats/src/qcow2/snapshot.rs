@@ -65,7 +65,7 @@ pub(crate) fn read_table(m: &Meta) -> FResult<Vec<Snapshot>> {
         if extra > MAX_EXTRA {
             return Err(m.corrupt(format!("snapshot {i}: too much extra data")));
         }
-        if l1_offset % m.cs != 0 || l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
+        if !l1_offset.is_multiple_of(m.cs) || l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
             return Err(m.corrupt(format!("snapshot {i}: invalid L1 table")));
         }
         let len = 40 + extra as u64 + id_len + name_len;
