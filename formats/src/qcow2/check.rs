@@ -75,7 +75,7 @@ impl Counter {
             return;
         }
         let first = off / self.cs;
-        let last = (off + len - 1) / self.cs;
+        let last = off.saturating_add(len - 1) / self.cs;
         for c in first..=last {
             if c >= self.nb {
                 r.corruptions += 1;

@@ -593,9 +593,7 @@ impl Qcow2 {
         for gcl in a..b {
             let mut m = self.lock();
             let (l1i, _) = m.split(gcl);
-            if m.l2_offset(l1i)?.is_none()
-                && (full || self.backing.is_none() || m.h.version < 3)
-            {
+            if m.l2_offset(l1i)?.is_none() && (full || self.backing.is_none() || m.h.version < 3) {
                 continue;
             }
             let (e, bm) = m.get_l2(gcl)?;
