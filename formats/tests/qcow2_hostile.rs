@@ -115,7 +115,7 @@ fn corrupted_metadata_never_panics() {
                     _ => {
                         // A whole big-endian field of 0xff or random.
                         let j = i & !7;
-                        let v = if rng.next() % 2 == 0 {
+                        let v = if rng.next().is_multiple_of(2) {
                             u64::MAX
                         } else {
                             rng.next()
