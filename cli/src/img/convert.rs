@@ -1,4 +1,11 @@
 //! `convert`, `compare` and `dd`, following qemu-img's options and exit codes.
+//!
+//! `convert -O qcow2` writes through `formats::qcow2` directly (so that `-c`
+//! can use compressed cluster writes): the target is created with the `-o`
+//! options and `-B`/`-F`, then filled cluster by cluster. All-zero clusters
+//! are skipped (the new image reads as zeroes) unless `-S 0`; with `-B`
+//! clusters equal to the backing file's are skipped and zero clusters over
+//! non-zero backing data become qcow2 zero clusters.
 
 use super::{fail, open, parse_img_size, Fail, OpenSpec, R};
 use block::backend::BlockBackend;
@@ -52,20 +59,32 @@ pub struct ConvertArgs {
     /// Target creation options.
     #[arg(short = 'o')]
     pub options: Vec<String>,
+    /// Backing file of the target (only the differences are written).
+    #[arg(short = 'B')]
+    pub backing: Option<String>,
+    /// Format of the target's backing file.
+    #[arg(short = 'F')]
+    pub backing_fmt: Option<String>,
+    /// Internal snapshot of the source to convert.
+    #[arg(short = 'l')]
+    pub snapshot: Option<String>,
+    /// Source snapshot (old syntax).
+    #[arg(short = 's')]
+    pub snapshot_old: Option<String>,
     /// Sources, then the target.
     #[arg(num_args = 2.., required = true)]
     pub files: Vec<String>,
 }
 
-struct Progress {
-    on: bool,
-    total: u64,
-    done: AtomicU64,
-    last: Mutex<f64>,
+pub(crate) struct Progress {
+    pub(crate) on: bool,
+    pub(crate) total: u64,
+    pub(crate) done: AtomicU64,
+    pub(crate) last: Mutex<f64>,
 }
 
 impl Progress {
-    fn add(&self, n: u64) {
+    pub(crate) fn add(&self, n: u64) {
         let d = self.done.fetch_add(n, Ordering::Relaxed) + n;
         if !self.on {
             return;
@@ -82,13 +101,13 @@ impl Progress {
             let _ = std::io::stdout().flush();
         }
     }
-    fn start(&self) {
+    pub(crate) fn start(&self) {
         if self.on {
             print!("    (0.00/100%)\r");
             let _ = std::io::stdout().flush();
         }
     }
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if self.on {
             println!("    (100.00/100%)");
         }
@@ -250,8 +269,20 @@ fn push_run(
 
 /// `convert`.
 pub fn convert(a: ConvertArgs) -> R<i32> {
+    if a.snapshot.is_some() || a.snapshot_old.is_some() {
+        return fail("-l/-s: converting from an internal snapshot is not supported yet");
+    }
+    if a.out_fmt == "qcow2" {
+        return convert_qcow2(a);
+    }
     if a.out_fmt != "raw" {
         return fail(format!("Unknown file format '{}'", a.out_fmt));
+    }
+    if a.backing.is_some() {
+        return fail(format!(
+            "Backing file not supported for file format '{}'",
+            a.out_fmt
+        ));
     }
     if a.compress {
         return fail("Compression not supported for this file format");
@@ -529,5 +560,387 @@ pub fn dd(fmt: Option<&str>, out_fmt: &str, force_share: bool, operands: &[Strin
     }
     dst.flush()?;
     let _ = parse_img_size;
+    Ok(0)
+}
+
+/// Open a `file` protocol node with a `-t` cache mode.
+pub(crate) fn file_node(
+    g: &BlockGraph,
+    filename: &str,
+    read_only: bool,
+    cache: Option<&str>,
+) -> R<Arc<block::node::Node>> {
+    use block::keyval::{Map, Options, Value};
+    let mut m = Map::new();
+    m.insert("driver".into(), Value::Str("file".into()));
+    m.insert("filename".into(), Value::Str(filename.into()));
+    if read_only {
+        m.insert("read-only".into(), Value::Str("on".into()));
+    }
+    if let Some(c) = cache {
+        let (direct, no_flush, _) = super::cache_mode(c)?;
+        let mut cm = Map::new();
+        cm.insert("direct".into(), Value::Str(on_off(direct).into()));
+        cm.insert("no-flush".into(), Value::Str(on_off(no_flush).into()));
+        m.insert("cache".into(), Value::Map(cm));
+    }
+    g.open_options(Options::new("file", m), None, false)
+        .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+/// Open a qcow2 image at the format layer, read-write, with its data file
+/// and with `backing` (an opened node) as its backing file.
+pub(crate) fn open_qcow2_rw(
+    g: &BlockGraph,
+    filename: &str,
+    cache: Option<&str>,
+    backing: Option<Arc<block::node::Node>>,
+) -> R<Arc<formats::qcow2::Qcow2>> {
+    use block::qcow2::{resolve_backing, NodeStorage};
+    use formats::storage::Storage;
+    let f = file_node(g, filename, false, cache)?;
+    let fs: Arc<dyn Storage> = Arc::new(NodeStorage(f));
+    let h = formats::qcow2::preview(&*fs, filename)
+        .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))?
+        .header;
+    let data: Option<Arc<dyn Storage>> = match &h.data_file {
+        Some(d) if h.incompatible & formats::qcow2::header::INCOMPAT_DATA_FILE != 0 => Some(
+            Arc::new(NodeStorage(file_node(g, &resolve_backing(filename, d), false, cache)?)),
+        ),
+        _ => None,
+    };
+    let bs: Option<Arc<dyn Storage>> = backing.map(|b| Arc::new(NodeStorage(b)) as _);
+    let o = formats::qcow2::OpenOptions::default();
+    formats::qcow2::Qcow2::open(filename, fs, data, bs, &o)
+        .map(Arc::new)
+        .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))
+}
+
+/// Open `path` (already resolved) read-only as a backing node.
+pub(crate) fn open_backing_node(
+    g: &BlockGraph,
+    path: &str,
+    fmt: Option<&str>,
+) -> R<Arc<block::node::Node>> {
+    let n = g
+        .open_image(path, fmt, true, &[("force-share", "on")])
+        .map_err(|e| Fail(format!("Could not open backing file '{path}': {e}"), 1))?;
+    let _ = g.take_warnings();
+    Ok(n)
+}
+
+/// One planned write into a qcow2 target.
+enum QOp {
+    Data(u64, Arc<Vec<u8>>, usize, usize),
+    Zero(u64, u64),
+}
+
+struct QJob {
+    sources: Vec<(Arc<BlockBackend>, u64)>,
+    target: Arc<formats::qcow2::Qcow2>,
+    /// The target's backing file, compared against to write differences only.
+    backing: Option<Arc<block::node::Node>>,
+    cs: u64,
+    total: u64,
+    sparse: u64,
+    target_zero: bool,
+    compress: bool,
+    next: AtomicU64,
+    write_turn: (Mutex<u64>, Condvar),
+    ordered: bool,
+    progress: Progress,
+    error: Mutex<Option<String>>,
+}
+
+impl QJob {
+    /// Read `[start, end)` of the concatenated sources; zero runs are not read.
+    fn read_sources(&self, start: u64, end: u64, buf: &mut [u8]) -> Result<(), String> {
+        let mut pos = start;
+        while pos < end {
+            let (src, s0) = self
+                .sources
+                .iter()
+                .find(|(b, s)| pos >= *s && pos < s + b.len())
+                .map(|(b, s)| (b, *s))
+                .unwrap_or_else(|| {
+                    let (b, s) = &self.sources[self.sources.len() - 1];
+                    (b, *s)
+                });
+            let soff = pos - s0;
+            let lim = (end - pos).min(src.len().saturating_sub(soff));
+            if lim == 0 {
+                break;
+            }
+            let st = src.block_status(soff, lim).map_err(|e| e.to_string())?;
+            let len = st.len.clamp(1, lim);
+            let b = &mut buf[(pos - start) as usize..(pos - start + len) as usize];
+            if st.zero && !st.data {
+                b.fill(0);
+            } else {
+                src.read_at(soff, b).map_err(|e| e.to_string())?;
+            }
+            pos += len;
+        }
+        Ok(())
+    }
+
+    fn plan(&self, idx: u64) -> Result<Vec<QOp>, String> {
+        let start = idx * CHUNK;
+        let end = (start + CHUNK).min(self.total);
+        let mut buf = vec![0u8; (end - start) as usize];
+        self.read_sources(start, end, &mut buf)?;
+        let buf = Arc::new(buf);
+        let back = match &self.backing {
+            Some(b) if start < b.len() => {
+                let mut v = vec![0u8; (end - start) as usize];
+                let n = (b.len() - start).min(end - start) as usize;
+                b.read_vectored(start, &mut [std::io::IoSliceMut::new(&mut v[..n])])
+                    .map_err(|e| e.to_string())?;
+                Some(v)
+            }
+            Some(_) => Some(vec![0u8; (end - start) as usize]),
+            None => None,
+        };
+        let mut ops = Vec::new();
+        let mut p = 0usize;
+        let cs = self.cs as usize;
+        while p < buf.len() {
+            let q = (p + cs).min(buf.len());
+            let piece = &buf[p..q];
+            let off = start + p as u64;
+            match &back {
+                Some(bk) if bk[p..q] == *piece => {}
+                Some(bk) => {
+                    if self.sparse != 0 && block::iov::is_zero_buf(piece) {
+                        // Zero over backing data: a zero cluster.
+                        let _ = bk;
+                        push_zero(&mut ops, off, (q - p) as u64);
+                    } else {
+                        push_data(&mut ops, off, &buf, p, q, self.compress);
+                    }
+                }
+                None => {
+                    if self.sparse == 0 || !block::iov::is_zero_buf(piece) {
+                        push_data(&mut ops, off, &buf, p, q, self.compress);
+                    } else if !self.target_zero {
+                        push_zero(&mut ops, off, (q - p) as u64);
+                    }
+                }
+            }
+            p = q;
+        }
+        Ok(ops)
+    }
+
+    fn write(&self, ops: Vec<QOp>) -> Result<(), String> {
+        for op in ops {
+            match op {
+                QOp::Data(off, d, a, b) if self.compress => {
+                    self.target.write_compressed(off, &d[a..b])
+                }
+                QOp::Data(off, d, a, b) => self.target.write(off, &d[a..b], false),
+                QOp::Zero(off, len) => self.target.write_zeroes(off, len, true),
+            }
+            .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn failed(&self) -> bool {
+        self.error.lock().map(|e| e.is_some()).unwrap_or(true)
+    }
+
+    fn run_worker(&self) {
+        loop {
+            let idx = self.next.fetch_add(1, Ordering::Relaxed);
+            if idx * CHUNK >= self.total || self.failed() {
+                if self.ordered {
+                    let (m, cv) = &self.write_turn;
+                    let _g = m.lock();
+                    cv.notify_all();
+                }
+                return;
+            }
+            let r = self.plan(idx);
+            if self.ordered {
+                let (m, cv) = &self.write_turn;
+                let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
+                while *turn != idx {
+                    if self.failed() {
+                        return;
+                    }
+                    turn = cv.wait(turn).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            let res = r.and_then(|ops| self.write(ops));
+            self.progress.add(CHUNK.min(self.total - idx * CHUNK));
+            if self.ordered {
+                let (m, cv) = &self.write_turn;
+                let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
+                *turn += 1;
+                cv.notify_all();
+            }
+            if let Err(e) = res {
+                let mut g = self.error.lock().unwrap_or_else(|e| e.into_inner());
+                g.get_or_insert(e);
+                let (_, cv) = &self.write_turn;
+                cv.notify_all();
+                return;
+            }
+        }
+    }
+}
+
+fn push_zero(ops: &mut Vec<QOp>, off: u64, len: u64) {
+    if let Some(QOp::Zero(o, l)) = ops.last_mut() {
+        if *o + *l == off {
+            *l += len;
+            return;
+        }
+    }
+    ops.push(QOp::Zero(off, len));
+}
+
+fn push_data(ops: &mut Vec<QOp>, off: u64, buf: &Arc<Vec<u8>>, a: usize, b: usize, comp: bool) {
+    // Compressed writes go cluster by cluster anyway; plain ones coalesce.
+    if let Some(QOp::Data(o, _, s, e)) = ops.last_mut() {
+        if !comp && *o + (*e - *s) as u64 == off && *e == a {
+            *e = b;
+            return;
+        }
+    }
+    ops.push(QOp::Data(off, buf.clone(), a, b));
+}
+
+/// `convert -O qcow2`.
+fn convert_qcow2(a: ConvertArgs) -> R<i32> {
+    if a.target_is_zero && !a.no_create {
+        return fail("--target-is-zero requires use of -n flag");
+    }
+    if !(1..=16).contains(&a.parallel) {
+        return fail("Invalid number of coroutines specified. Must be between 1 and 16.");
+    }
+    let bad_sparse = "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 2097152. Select 0 to disable sparse detection (fully allocates output).";
+    let sparse = block::keyval::parse_size_str(&a.sparse, 1)
+        .ok()
+        .filter(|s| (*s == 0 || s % 512 == 0) && *s <= CHUNK)
+        .ok_or_else(|| Fail(bad_sparse.into(), 1))?;
+    super::cache_mode(&a.cache)?;
+    super::cache_mode(&a.src_cache)?;
+    if a.no_create && a.backing.is_some() {
+        return fail("-B is not supported with -n");
+    }
+    let (srcs, target) = a.files.split_at(a.files.len() - 1);
+    let target = &target[0];
+    let graph = BlockGraph::new();
+    let mut sources = Vec::new();
+    let mut total = 0u64;
+    for s in srcs {
+        let mut spec = OpenSpec::new(s);
+        spec.fmt = a.fmt.as_deref();
+        spec.force_share = a.force_share;
+        spec.cache = Some(&a.src_cache);
+        let b = open(&graph, &spec)?;
+        sources.push((b.clone(), total));
+        total += b.len();
+    }
+    // -o backing_file=... is the same as -B.
+    let mut backing = a.backing.clone();
+    let mut backing_fmt = a.backing_fmt.clone();
+    let mut opts = Vec::new();
+    for o in &a.options {
+        if o == "help" || o == "?" {
+            return super::qcow2::create(&[o.clone()], true, target, None, None, None, true);
+        }
+        let m = block::keyval::parse("-o", o, None)?;
+        for (k, v) in m {
+            let block::keyval::Value::Str(v) = v else {
+                return fail(format!("Invalid parameter '{k}'"));
+            };
+            match k.as_str() {
+                "backing_file" => backing = Some(v),
+                "backing_fmt" => backing_fmt = Some(v),
+                _ => opts.push(format!("{k}={}", v.replace(',', ",,"))),
+            }
+        }
+    }
+    let tgraph = BlockGraph::new();
+    let bnode = match &backing {
+        Some(b) => {
+            let path = block::qcow2::resolve_backing(target, b);
+            Some(open_backing_node(&tgraph, &path, backing_fmt.as_deref())?)
+        }
+        None => None,
+    };
+    if !a.no_create {
+        super::qcow2::create(
+            &opts,
+            true,
+            target,
+            Some(&total.to_string()),
+            backing.as_deref(),
+            backing_fmt.as_deref(),
+            true,
+        )?;
+    }
+    let img = open_qcow2_rw(&tgraph, target, Some(&a.cache), bnode.clone())?;
+    if img.size() < total {
+        return fail(format!(
+            "Output image is too small: {} bytes needed, {} available",
+            total,
+            img.size()
+        ));
+    }
+    if a.compress && img.header().data_file.is_some() {
+        return fail("Compression not supported with an external data file");
+    }
+    let job = Arc::new(QJob {
+        sources,
+        target: img.clone(),
+        backing: bnode,
+        cs: img.cluster_size(),
+        total,
+        sparse,
+        target_zero: !a.no_create || a.target_is_zero,
+        compress: a.compress,
+        next: AtomicU64::new(0),
+        write_turn: (Mutex::new(0), Condvar::new()),
+        // Compressed clusters are packed in the order they are written;
+        // ordering would serialise the compression.
+        ordered: !a.out_of_order && !a.compress,
+        progress: Progress {
+            on: a.progress && !a.quiet,
+            total,
+            done: AtomicU64::new(0),
+            last: Mutex::new(0.0),
+        },
+        error: Mutex::new(None),
+    });
+    job.progress.start();
+    let threads: Vec<_> = (0..a.parallel)
+        .map(|_| {
+            let j = job.clone();
+            std::thread::spawn(move || j.run_worker())
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    if let Some(e) = job.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return fail(format!("error while converting qcow2: {e}"));
+    }
+    drop(job);
+    img.close()
+        .map_err(|e| Fail(format!("error while flushing the target: {e}"), 1))?;
+    // Make it durable unless -t unsafe.
+    let _ = img.flush();
     Ok(0)
 }

