@@ -203,3 +203,109 @@ fn convert_sparse_option() {
     let map = q_ok(&["map", "--output=json", &sparse]);
     assert!(!map.contains("\"start\": 20971520, \"length\": 1048576, \"depth\": 0, \"present\": true, \"zero\": false, \"data\": true"), "{map}");
 }
+
+/// base (qcow2) <- mid (qcow2) <- top (qcow2) with data, zero clusters and
+/// holes at every level; returns (base, mid, top).
+fn chain(d: &Dir) -> (String, String, String) {
+    let base = d.p("base.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", &base, "64M"]);
+    io(&base, "qcow2", &["write -P 1 0 1M", "write -P 9 40M 2M"]);
+    let mid = d.p("mid.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &mid]);
+    io(&mid, "qcow2", &["write -P 5 512k 64k", "write -z 40M 64k"]);
+    let top = d.p("top.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", &top]);
+    io(&top, "qcow2", &["write -P 7 1M 64k", "write -z 2M 128k"]);
+    (base, mid, top)
+}
+
+fn both(args: &[&str]) -> (Output, Output) {
+    (run("qemu-img", args), strata(args))
+}
+
+fn same_output(args: &[&str]) {
+    let (q, s) = both(args);
+    assert_eq!(q.status.code(), s.status.code(), "{args:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&q.stdout),
+        String::from_utf8_lossy(&s.stdout),
+        "{args:?}"
+    );
+}
+
+#[test]
+fn map_matches_qemu_img() {
+    let d = Dir::new("map");
+    let (_, _, top) = chain(&d);
+    let src = source(&d);
+    let plain = d.p("plain.qcow2");
+    s_ok(&["convert", "-O", "qcow2", &src, &plain]);
+    let comp = d.p("comp.qcow2");
+    s_ok(&["convert", "-c", "-O", "qcow2", &src, &comp]);
+    let pre = d.p("pre.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", &pre, "8M"]);
+    io(&pre, "qcow2", &["write -P 3 1M 64k"]);
+    for f in [&top, &plain, &comp, &pre, &src] {
+        same_output(&["map", "--output=json", f]);
+        same_output(&["map", "--output=json", "-s", "1M", "-l", "3M", f]);
+        if f != &comp {
+            same_output(&["map", f]);
+        } else {
+            // Compressed clusters have no offset to print.
+            let (q, s) = both(&["map", f]);
+            assert_eq!(q.status.code(), s.status.code());
+        }
+    }
+}
+
+#[test]
+fn compare_qcow2_strict_and_sizes() {
+    let d = Dir::new("cmp");
+    let (_, mid, top) = chain(&d);
+    let flat = d.p("flat.qcow2");
+    s_ok(&["convert", "-O", "qcow2", &top, &flat]);
+    let raw = d.p("flat.raw");
+    s_ok(&["convert", "-O", "raw", &top, &raw]);
+    let comp = d.p("comp.qcow2");
+    s_ok(&["convert", "-c", "-O", "qcow2", &top, &comp]);
+    let z1 = d.p("z1.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", &z1, "64M"]);
+    io(&z1, "qcow2", &["write -z 0 1M"]);
+    let z2 = d.p("z2.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", &z2, "64M"]);
+    let big = d.p("big.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", &big, "65M"]);
+    for (a, b) in [
+        (&top, &flat),
+        (&top, &raw),
+        (&top, &comp),
+        (&top, &mid),
+        (&flat, &raw),
+        (&z1, &z2),
+        (&z1, &big),
+        (&top, &top),
+    ] {
+        same_output(&["compare", a, b]);
+        same_output(&["compare", "-s", a, b]);
+    }
+}
+
+#[test]
+fn info_backing_chain_matches_qemu_img() {
+    let d = Dir::new("info");
+    let (_, _, top) = chain(&d);
+    for args in [
+        vec!["info", "--backing-chain", top.as_str()],
+        vec!["info", top.as_str()],
+    ] {
+        same_output(&args);
+        // qemu-img's key order is its dictionary's: compare the values.
+        let mut j = args.clone();
+        j.insert(1, "--output=json");
+        let (q, s) = both(&j);
+        let parse = |o: &Output| -> serde_json::Value {
+            serde_json::from_slice(&o.stdout).expect("JSON output")
+        };
+        assert_eq!(parse(&q), parse(&s), "{j:?}");
+    }
+}

@@ -429,8 +429,30 @@ pub fn compare(
         last: Mutex::new(0.0),
     };
     prog.start();
+    let (r1, r2) = (b1.root(), b2.root());
     while off < common {
-        let n = step.min(common - off);
+        let mut n = step.min(common - off);
+        if let (true, Some(r1), Some(r2)) = (strict, &r1, &r2) {
+            // qemu-img compares the block status flags in strict mode.
+            let st = |r: &block::node::Node, size: u64| {
+                super::info::chain_status(r, off, size - off, 0)
+                    .map(|e| {
+                        let eof = e.start + e.length >= size;
+                        (e, eof)
+                    })
+                    .map_err(|e| Fail(e.0, 2))
+            };
+            let ((x, ex), (y, ey)) = (st(r1, l1)?, st(r2, l2)?);
+            let flags = |e: &super::info::MapEntry, eof: bool| {
+                (e.present, e.data, e.zero, e.offset.is_some(), eof)
+            };
+            if flags(&x, ex) != flags(&y, ey) {
+                prog.finish();
+                say(&format!("Strict mode: Offset {off} block status mismatch!"));
+                return Ok(1);
+            }
+            n = n.min(x.length).min(y.length).max(1);
+        }
         let z1 = b1
             .block_status(off, n)
             .map_err(|e| Fail(e.to_string(), 2))?;

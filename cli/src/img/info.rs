@@ -102,6 +102,7 @@ fn node_info(n: &Node, filename: &str) -> J {
     let children: Vec<J> = n
         .children()
         .iter()
+        .filter(|(role, _)| role != "backing")
         .map(|(role, c)| {
             let f = c.filename().unwrap_or_else(|| filename.to_string());
             J::obj(vec![("name", J::s(role)), ("info", node_info(c, &f))])
@@ -188,6 +189,10 @@ fn human(n: &Node, filename: &str, out: &mut String) {
 
 fn children_human(n: &Node, path: &str, out: &mut String) {
     for (role, c) in n.children() {
+        // qemu-img shows backing images with --backing-chain only.
+        if role == "backing" {
+            continue;
+        }
         let p = format!("{path}/{role}");
         out.push_str(&format!("Child node '{p}':\n"));
         let f = c.filename().unwrap_or_default();
@@ -223,12 +228,13 @@ fn check_output(output: &str) -> R<bool> {
     }
 }
 
-/// `info [-f fmt] [--output=human|json] [-U] [--image-opts] file`.
+/// `info [-f fmt] [--output=human|json] [-U] [--image-opts] [--backing-chain] file`.
 pub fn info(
     fmt: Option<&str>,
     output: &str,
     force_share: bool,
     image_opts: bool,
+    backing_chain: bool,
     filename: &str,
 ) -> R<i32> {
     let json = check_output(output)?;
@@ -247,6 +253,38 @@ pub fn info(
     } else {
         filename.to_string()
     };
+    if backing_chain {
+        // The image, then each backing image, named as the header names it
+        // (resolved against the image that names it).
+        let mut chain = vec![(root.clone(), shown.clone())];
+        loop {
+            let (n, name) = &chain[chain.len() - 1];
+            let Some(b) = n.child("backing") else { break };
+            let bname = (n.driver_name() == "qcow2")
+                .then(|| super::qcow2::header_of(n))
+                .flatten()
+                .and_then(|h| h.backing_file)
+                .map(|bf| block::qcow2::resolve_backing(name, &bf))
+                .or_else(|| b.filename())
+                .unwrap_or_default();
+            chain.push((b.clone(), bname));
+        }
+        if json {
+            let items = chain.iter().map(|(n, f)| node_info(n, f)).collect();
+            println!("{}", pretty(&J::Arr(items)));
+        } else {
+            let parts: Vec<String> = chain
+                .iter()
+                .map(|(n, f)| {
+                    let mut s = String::new();
+                    human(n, f, &mut s);
+                    s
+                })
+                .collect();
+            print!("{}", parts.join("\n"));
+        }
+        return Ok(0);
+    }
     if json {
         println!("{}", pretty(&node_info(root, &shown)));
     } else {
@@ -259,12 +297,70 @@ pub fn info(
 
 /// One run of the map.
 #[derive(Clone, Debug, PartialEq)]
-struct MapEntry {
-    start: u64,
-    length: u64,
-    data: bool,
-    zero: bool,
-    offset: Option<u64>,
+pub(crate) struct MapEntry {
+    pub(crate) start: u64,
+    pub(crate) length: u64,
+    pub(crate) depth: u64,
+    pub(crate) present: bool,
+    pub(crate) data: bool,
+    pub(crate) zero: bool,
+    pub(crate) compressed: bool,
+    pub(crate) offset: Option<u64>,
+    /// The image the run comes from (human output's "File").
+    file: String,
+}
+
+/// Block status of `[off, off+max)` down the backing chain from `n` (at
+/// `depth`): the first image that allocates the run answers, as in
+/// qemu-img map; a run no image allocates reads as zeroes and is not
+/// present, with the depth of the last image.
+pub(crate) fn chain_status(n: &Node, off: u64, max: u64, depth: u64) -> R<MapEntry> {
+    let e = n.block_status(off, max)?;
+    let mut len = e.len.clamp(1, max);
+    let q2 = n.driver_name() == "qcow2";
+    let mut zero = e.zero;
+    if let (true, true, Some(host)) = (q2, e.data, e.offset) {
+        // Data clusters over holes of the file read as zeroes too.
+        if let Some(f) = n.child("data-file").or_else(|| n.child("file")) {
+            if host < f.len() {
+                let fe = f.block_status(host, len)?;
+                len = len.min(fe.len.max(1));
+                zero = fe.zero && !fe.data;
+            }
+        }
+    }
+    if q2 && !e.allocated {
+        if let Some(b) = n.child("backing") {
+            if off < b.len() {
+                return chain_status(b, off, len.min(b.len() - off), depth + 1);
+            }
+            return Ok(MapEntry {
+                start: off,
+                length: len,
+                depth: depth + 1,
+                present: false,
+                data: false,
+                zero: true,
+                compressed: false,
+                offset: None,
+                file: String::new(),
+            });
+        }
+    }
+    let present = !q2 || e.allocated;
+    // qcow2 data without a host offset is a compressed cluster.
+    let compressed = q2 && e.data && e.offset.is_none() && present;
+    Ok(MapEntry {
+        start: off,
+        length: len,
+        depth,
+        present,
+        data: e.data,
+        zero: zero || !present,
+        compressed,
+        offset: e.offset,
+        file: n.filename().unwrap_or_default(),
+    })
 }
 
 /// `map [-f fmt] [--output=human|json] [-U] [--image-opts] [-s start] [-l len] file`.
@@ -301,22 +397,21 @@ pub fn map(
         .root()
         .and_then(|r| r.filename())
         .unwrap_or_else(|| filename.to_string());
+    let Some(root) = blk.root() else {
+        return fail(format!("Could not open '{filename}': no medium"));
+    };
     let mut entries: Vec<MapEntry> = Vec::new();
     let mut off = start.min(end);
     while off < end {
-        let e = blk.block_status(off, end - off)?;
-        let len = e.len.clamp(1, end - off);
-        let ent = MapEntry {
-            start: off,
-            length: len,
-            data: e.data,
-            zero: e.zero,
-            offset: e.offset,
-        };
+        let ent = chain_status(&root, off, end - off, 0)?;
+        let len = ent.length;
         match entries.last_mut() {
             Some(last)
                 if last.data == ent.data
                     && last.zero == ent.zero
+                    && last.depth == ent.depth
+                    && last.present == ent.present
+                    && last.compressed == ent.compressed
                     && last.start + last.length == ent.start
                     && match (last.offset, ent.offset) {
                         (Some(a), Some(b)) => a + last.length == b,
@@ -341,11 +436,11 @@ pub fn map(
                 let mut v = vec![
                     ("start", J::u(e.start)),
                     ("length", J::u(e.length)),
-                    ("depth", J::u(0)),
-                    ("present", J::Bool(true)),
+                    ("depth", J::u(e.depth)),
+                    ("present", J::Bool(e.present)),
                     ("zero", J::Bool(e.zero)),
                     ("data", J::Bool(e.data)),
-                    ("compressed", J::Bool(false)),
+                    ("compressed", J::Bool(e.compressed)),
                 ];
                 if let Some(o) = e.offset {
                     v.push(("offset", J::u(o)));
@@ -361,14 +456,19 @@ pub fn map(
             "{:<16}{:<16}{:<16}{}\n",
             "Offset", "Length", "Mapped to", "File"
         ));
-        for e in entries.iter().filter(|e| e.data) {
+        for e in entries.iter().filter(|e| e.data && !e.zero) {
+            if e.compressed {
+                print!("{out}");
+                let _ = std::io::stdout().flush();
+                return fail("File contains external, encrypted or compressed clusters.");
+            }
             if let Some(o) = e.offset {
                 out.push_str(&format!(
                     "{:<16}{:<16}{:<16}{}\n",
                     hx(e.start),
                     hx(e.length),
                     hx(o),
-                    file
+                    if e.depth == 0 { &file } else { &e.file }
                 ));
             }
         }

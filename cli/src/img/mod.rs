@@ -388,9 +388,16 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             output,
             force_share,
             image_opts,
-            backing_chain: _,
+            backing_chain,
             filename,
-        } => info::info(fmt.as_deref(), &output, force_share, image_opts, &filename),
+        } => info::info(
+            fmt.as_deref(),
+            &output,
+            force_share,
+            image_opts,
+            backing_chain,
+            &filename,
+        ),
         Cmd::Map {
             fmt,
             output,
