@@ -5,11 +5,15 @@
 //! Errors are one line on stderr, `strata-img: <message>`, exit code 1
 //! (`compare` uses 2 for errors, 1 for differences, as qemu-img does).
 
+pub mod amend;
 pub mod bench;
+pub mod commit;
 pub mod convert;
 pub mod info;
 pub mod json;
+pub mod measure;
 pub mod qcow2;
+pub mod rebase;
 
 use block::backend::{BackendConfig, BlockBackend};
 use block::driver::Perms;
@@ -115,6 +119,14 @@ pub enum Cmd {
     },
     /// Convert (copy) images.
     Convert(convert::ConvertArgs),
+    /// Commit an image into its backing file.
+    Commit(commit::CommitArgs),
+    /// Change the backing file of an image.
+    Rebase(rebase::RebaseArgs),
+    /// Change format-specific options of an image.
+    Amend(amend::AmendArgs),
+    /// Measure the file size a new image needs.
+    Measure(measure::MeasureArgs),
     /// Copy with dd-style operands.
     Dd {
         #[arg(short = 'f')]
@@ -437,6 +449,10 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             &filename2,
         ),
         Cmd::Convert(a) => convert::convert(a),
+        Cmd::Commit(a) => commit::commit(a),
+        Cmd::Rebase(a) => rebase::rebase(a),
+        Cmd::Amend(a) => amend::amend(a),
+        Cmd::Measure(a) => measure::measure(a),
         Cmd::Dd {
             fmt,
             out_fmt,

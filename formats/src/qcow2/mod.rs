@@ -32,6 +32,7 @@
 //! whose refcount is zero.
 
 pub mod cache;
+pub mod amend;
 pub mod check;
 pub mod compress;
 pub mod create;

@@ -1,0 +1,134 @@
+//! `rebase [-u] -b backing [-F fmt] image`: change an image's backing file.
+//! The safe mode first copies into the image every cluster it does not
+//! allocate itself and whose contents differ between the old and the new
+//! backing chain, so that the guest-visible contents stay the same; `-u`
+//! only rewrites the header (qemu-img's semantics and messages).
+
+use super::amend::{is_qcow2, open_q2_chain};
+use super::convert::open_backing_node;
+use super::{fail, Fail, R};
+use block::graph::BlockGraph;
+use block::qcow2::resolve_backing;
+use formats::qcow2::l2::Kind;
+use std::io::IoSliceMut;
+
+/// `rebase` options (qemu-img's letters).
+#[derive(clap::Args, Debug)]
+pub struct RebaseArgs {
+    /// Image format.
+    #[arg(short = 'f')]
+    pub fmt: Option<String>,
+    /// Cache mode of the image.
+    #[arg(short = 't')]
+    pub cache: Option<String>,
+    /// Cache mode of the backing files.
+    #[arg(short = 'T')]
+    pub src_cache: Option<String>,
+    /// Progress.
+    #[arg(short = 'p')]
+    pub progress: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Unsafe: change the header only.
+    #[arg(short = 'u')]
+    pub unsafe_mode: bool,
+    /// Compress what is copied (accepted; copied clusters are written plainly).
+    #[arg(short = 'c')]
+    pub compress: bool,
+    /// Share the images.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// New backing file ("" for none).
+    #[arg(short = 'b')]
+    pub backing: Option<String>,
+    /// Format of the new backing file.
+    #[arg(short = 'F')]
+    pub backing_fmt: Option<String>,
+    /// The image.
+    pub filename: String,
+}
+
+/// `rebase`.
+pub fn rebase(a: RebaseArgs) -> R<i32> {
+    let Some(newb) = a.backing.clone() else {
+        return fail("Must specify backing file (-b) or use '-b \"\"' to remove the backing file");
+    };
+    if let Some(c) = &a.cache {
+        super::cache_mode(c)?;
+    }
+    match a.fmt.as_deref() {
+        Some("qcow2") | None if is_qcow2(&a.filename)? => {}
+        Some(f) if f != "qcow2" => {
+            return fail(format!("Format driver '{f}' does not support backing files"))
+        }
+        _ => return fail(format!("Could not open '{}': this image format does not support backing files", a.filename)),
+    }
+    let newb = (!newb.is_empty()).then_some(newb);
+    let g = BlockGraph::new();
+    let img = open_q2_chain(&g, &a.filename, a.cache.as_deref())?;
+    let mut fmt = a.backing_fmt.clone();
+    if !a.unsafe_mode {
+        let ng = BlockGraph::new();
+        let new_node = match &newb {
+            Some(b) => {
+                let path = resolve_backing(&a.filename, b);
+                let n = open_backing_node(&ng, &path, fmt.as_deref())?;
+                if fmt.is_none() {
+                    fmt = Some(n.driver_name().to_string());
+                }
+                Some(n)
+            }
+            None => None,
+        };
+        let size = img.size();
+        let cs = img.cluster_size();
+        let step = (cs * 16).max(1 << 20);
+        let mut old = vec![0u8; step as usize];
+        let mut new = vec![0u8; step as usize];
+        let mut off = 0u64;
+        while off < size {
+            let st = img.block_status(off, (size - off).min(step)).map_err(|e| Fail(e.to_string(), 1))?;
+            let len = st.len.clamp(1, size - off);
+            if st.kind != Kind::Unalloc {
+                off += len;
+                continue;
+            }
+            let n = len as usize;
+            img.read(off, &mut old[..n]).map_err(|e| Fail(format!("error while reading image: {e}"), 1))?;
+            new[..n].fill(0);
+            if let Some(b) = &new_node {
+                if off < b.len() {
+                    let m = ((b.len() - off) as usize).min(n);
+                    b.read_vectored(off, &mut [IoSliceMut::new(&mut new[..m])])
+                        .map_err(|e| Fail(format!("error while reading from new backing file: {e}"), 1))?;
+                }
+            }
+            // Write the clusters (of the image's grid) that differ.
+            let mut p = 0usize;
+            while p < n {
+                let abs = off + p as u64;
+                let q = ((abs / cs + 1) * cs - off).min(len) as usize;
+                if old[p..q] != new[p..q] {
+                    img.write(abs, &old[p..q], false)
+                        .map_err(|e| Fail(format!("error while writing to the image: {e}"), 1))?;
+                }
+                p = q;
+            }
+            off += len;
+        }
+    } else if fmt.is_none() {
+        if let Some(b) = &newb {
+            // Record the format when the new file can be probed.
+            let ng = BlockGraph::new();
+            let path = resolve_backing(&a.filename, b);
+            if let Ok(n) = ng.open_image(&path, None, true, &[("force-share", "on")]) {
+                fmt = Some(n.driver_name().to_string());
+            }
+        }
+    }
+    img.set_backing(newb.as_deref(), fmt.as_deref())
+        .map_err(|e| Fail(format!("Could not change the backing file to '{}': {e}", newb.as_deref().unwrap_or("")), 1))?;
+    img.close().map_err(|e| Fail(e.to_string(), 1))?;
+    Ok(0)
+}

@@ -1,0 +1,269 @@
+//! Changing an existing image's metadata in place, for `strata-img amend`,
+//! `rebase` and `commit`: the backing file name and format, the version
+//! (compat 0.10 <-> 1.1), lazy refcounts, the refcount width, and emptying
+//! an image (every cluster unallocated). qcow2.rst is the reference; the
+//! refcount width change builds a complete new refcount table and blocks
+//! after the end of the file, then switches the header to them.
+
+use super::header::{Header, COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY};
+use super::l2::Kind;
+use super::refcount::rb_set;
+use super::{DiscardType, Qcow2};
+use crate::error::{FResult, FormatError};
+
+/// What `amend` changes (`None`: leave as it is).
+#[derive(Clone, Debug, Default)]
+pub struct Amend {
+    /// 2 (compat=0.10) or 3 (compat=1.1).
+    pub version: Option<u32>,
+    /// lazy_refcounts.
+    pub lazy_refcounts: Option<bool>,
+    /// refcount_bits (a power of two, 1 to 64).
+    pub refcount_bits: Option<u32>,
+}
+
+impl Qcow2 {
+    fn invalid(&self, m: impl std::fmt::Display) -> FormatError {
+        FormatError::Invalid(format!("{}: {m}", self.name()))
+    }
+
+    /// Point the header at another backing file (`None`: no backing file).
+    /// Only the header changes; `rebase` copies data first.
+    pub fn set_backing(&self, file: Option<&str>, format: Option<&str>) -> FResult<()> {
+        if self.is_read_only() {
+            return Err(FormatError::ReadOnly(format!(
+                "{}: the image is read-only",
+                self.name()
+            )));
+        }
+        let mut m = self.lock();
+        m.flush_all()?;
+        m.h.backing_file = file.map(str::to_string);
+        m.h.backing_format = file.and(format).map(str::to_string);
+        // Refuse names that do not fit before changing anything on disk.
+        m.h.serialize()?;
+        m.write_header()
+    }
+
+    /// Make every cluster of the active image unallocated (what is left
+    /// reads from the backing file), as `commit` does to the committed image.
+    pub fn make_empty(&self) -> FResult<()> {
+        let size = self.size();
+        let cs = self.cluster_size();
+        self.discard_typed(0, size.div_ceil(cs) * cs, DiscardType::Snapshot, true)?;
+        self.flush()
+    }
+
+    /// Change version, lazy refcounts and refcount width.
+    pub fn amend(&self, a: &Amend) -> FResult<()> {
+        if self.is_read_only() {
+            return Err(FormatError::ReadOnly(format!(
+                "{}: the image is read-only",
+                self.name()
+            )));
+        }
+        let h = self.header();
+        let version = a.version.unwrap_or(h.version);
+        let lazy = a
+            .lazy_refcounts
+            .unwrap_or(h.compatible & COMPAT_LAZY_REFCOUNTS != 0);
+        let bits = a.refcount_bits.unwrap_or(h.refcount_bits());
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err(self.invalid(
+                "Refcount width must be a power of two and may not exceed 64 bits",
+            ));
+        }
+        if version == 2 {
+            if lazy {
+                return Err(self.invalid(
+                    "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
+                ));
+            }
+            if bits != 16 {
+                return Err(self.invalid(
+                    "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
+                ));
+            }
+            if h.extended_l2() {
+                return Err(self.invalid(
+                    "Cannot downgrade an image with extended L2 entries to compat=0.10",
+                ));
+            }
+            if h.data_file.is_some() {
+                return Err(self.invalid(
+                    "Cannot downgrade an image with a data file to compat=0.10",
+                ));
+            }
+            if h.compression_type != 0 {
+                return Err(self.invalid(
+                    "Cannot downgrade an image with zstd compression to compat=0.10",
+                ));
+            }
+            if h.nb_snapshots > 0 && h.version == 3 {
+                return Err(FormatError::Unsupported(format!(
+                    "{}: downgrading an image with internal snapshots is not supported",
+                    self.name()
+                )));
+            }
+        }
+        if version == 3 && h.version == 2 {
+            // Upgrade first: a version 2 header cannot record the width.
+            let mut m = self.lock();
+            m.flush_all()?;
+            m.h.version = 3;
+            m.h.refcount_order = 4;
+            m.h.feature_table = Header::default_feature_table();
+            m.write_header()?;
+        }
+        if bits != self.header().refcount_bits() {
+            self.change_refcount_width(bits.trailing_zeros())?;
+        }
+        if version == 2 && h.version == 3 {
+            self.expand_zero_clusters()?;
+        }
+        let mut m = self.lock();
+        m.flush_all()?;
+        let mut nh: Header = m.h.clone();
+        nh.version = version;
+        if lazy {
+            nh.compatible |= COMPAT_LAZY_REFCOUNTS;
+        } else {
+            nh.compatible &= !COMPAT_LAZY_REFCOUNTS;
+        }
+        if version == 2 {
+            nh.incompatible = 0;
+            nh.compatible = 0;
+            nh.autoclear = 0;
+            nh.extra_fields.clear();
+            nh.feature_table.clear();
+            nh.bitmaps_ext = None;
+        }
+        nh.incompatible &= !INCOMPAT_DIRTY;
+        nh.serialize()?;
+        m.h = nh;
+        m.write_header()
+    }
+
+    /// Version 2 has no zero flag: zero clusters become unallocated (no
+    /// backing file) or explicitly written zeroes (over a backing file).
+    fn expand_zero_clusters(&self) -> FResult<()> {
+        let size = self.size();
+        let cs = self.cluster_size();
+        let has_backing = self.backing.is_some();
+        let zeros = vec![0u8; cs as usize];
+        let mut off = 0;
+        while off < size {
+            let st = self.block_status(off, size - off)?;
+            let len = st.len.max(1).min(size - off);
+            if st.kind == Kind::Zero {
+                let a = off - off % cs;
+                let b = (off + len).div_ceil(cs) * cs;
+                if has_backing {
+                    let mut p = a;
+                    while p < b.min(size) {
+                        let n = cs.min(size - p);
+                        self.write(p, &zeros[..n as usize], false)?;
+                        p += n;
+                    }
+                } else {
+                    self.discard_typed(a, b - a, DiscardType::Other, true)?;
+                }
+                off = b;
+                continue;
+            }
+            off += len;
+        }
+        self.flush()
+    }
+
+    /// Rewrite the refcount structure with `2^order`-bit entries.
+    fn change_refcount_width(&self, order: u32) -> FResult<()> {
+        let mut m = self.lock();
+        m.flush_all()?;
+        let cs = m.cs;
+        let end = m.file_len()?.max(m.alloc_end);
+        let n = end.div_ceil(cs);
+        let mut counts = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            counts.push(m.get_refcount(i)?);
+        }
+        let new_max = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << order)) - 1
+        };
+        if let Some((i, c)) = counts.iter().enumerate().find(|(_, c)| **c > new_max) {
+            return Err(self.invalid(format!(
+                "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {c}",
+                1u32 << order,
+                i as u64 * cs
+            )));
+        }
+        // The old table and blocks become free.
+        let old_rt = m.h.refcount_table_offset / cs;
+        for c in 0..m.h.refcount_table_clusters as u64 {
+            if let Some(x) = counts.get_mut((old_rt + c) as usize) {
+                *x = 0;
+            }
+        }
+        for &e in &m.reftable {
+            let off = e & super::REFT_OFFSET_MASK;
+            if off != 0 {
+                if let Some(x) = counts.get_mut((off / cs) as usize) {
+                    *x = 0;
+                }
+            }
+        }
+        // New blocks and table after the end of the file, covering
+        // themselves.
+        let per_block = cs * 8 >> order;
+        let (mut blocks, mut table) = (0u64, 0u64);
+        loop {
+            let total = n + blocks + table;
+            let nb = total.div_ceil(per_block);
+            let nt = (nb * 8).div_ceil(cs);
+            if (nb, nt) == (blocks, table) {
+                break;
+            }
+            (blocks, table) = (nb, nt);
+        }
+        if table * cs > super::header::MAX_REFTABLE_BYTES {
+            return Err(self.invalid("the refcount table would be too large"));
+        }
+        let first_block = n;
+        let table_at = n + blocks;
+        counts.resize((n + blocks + table) as usize, 0);
+        for c in n..n + blocks + table {
+            counts[c as usize] = 1;
+        }
+        let mut rt = vec![0u8; (table * cs) as usize];
+        for b in 0..blocks {
+            let mut blk = vec![0u8; cs as usize];
+            for i in 0..per_block {
+                let idx = b * per_block + i;
+                match counts.get(idx as usize) {
+                    Some(&v) if v > 0 => rb_set(&mut blk, i as usize, order, v),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            let at = (first_block + b) * cs;
+            m.write_meta(at, &blk)?;
+            rt[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&at.to_be_bytes());
+        }
+        m.write_meta(table_at * cs, &rt)?;
+        m.sync()?;
+        m.h.refcount_order = order;
+        m.h.refcount_table_offset = table_at * cs;
+        m.h.refcount_table_clusters = table as u32;
+        m.write_header()?;
+        m.reftable = rt
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        m.rbc = super::cache::Cache::new(m.rbc.capacity(), None);
+        m.alloc_end = m.alloc_end.max((table_at + table) * cs);
+        m.free_cursor = 1;
+        Ok(())
+    }
+}
