@@ -309,3 +309,196 @@ fn info_backing_chain_matches_qemu_img() {
         assert_eq!(parse(&q), parse(&s), "{j:?}");
     }
 }
+
+fn to_raw(img: &str, out: &str) {
+    q_ok(&["convert", "-O", "raw", img, out]);
+}
+
+#[test]
+fn commit_default_d_and_b() {
+    for mode in ["default", "-d", "-b"] {
+        let d = Dir::new(&format!("commit{mode}"));
+        let (base, mid, top) = chain(&d);
+        let exp = d.p("exp.raw");
+        to_raw(&top, &exp);
+        let expmid = d.p("expmid.raw");
+        to_raw(&mid, &expmid);
+        let out = match mode {
+            "default" => s_ok(&["commit", &top]),
+            "-d" => s_ok(&["commit", "-d", &top]),
+            _ => s_ok(&["commit", "-b", &base, &top]),
+        };
+        assert_eq!(out, "Image committed.\n");
+        for f in [&base, &mid, &top] {
+            clean(f);
+        }
+        same(&top, &exp);
+        let own = q_ok(&["map", "--output=json", &top]);
+        let own = own.lines().filter(|l| l.contains("\"depth\": 0")).count();
+        match mode {
+            "default" => {
+                same(&mid, &exp);
+                assert_eq!(own, 0, "the committed image is emptied");
+            }
+            "-d" => {
+                same(&mid, &exp);
+                assert!(own > 0, "-d keeps the image");
+            }
+            _ => {
+                // As with qemu-img, mid now sees the committed data where
+                // it allocates nothing itself.
+                same(&base, &exp);
+                let _ = &expmid;
+            }
+        }
+    }
+    // A raw base smaller than the image grows.
+    let d = Dir::new("commitraw");
+    let b = d.p("b.raw");
+    q_ok(&["create", "-q", "-f", "raw", &b, "32M"]);
+    io(&b, "raw", &["write -P 3 0 1M"]);
+    let t = d.p("t.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "raw", &t, "64M"]);
+    io(&t, "qcow2", &["write -P 4 40M 1M"]);
+    let exp = d.p("exp.raw");
+    to_raw(&t, &exp);
+    s_ok(&["commit", "-q", &t]);
+    q_ok(&["compare", "-f", "raw", "-F", "raw", &b, &exp]);
+}
+
+#[test]
+fn rebase_safe_unsafe_and_none() {
+    let d = Dir::new("rebase");
+    let (base, _, top) = chain(&d);
+    let exp = d.p("exp.raw");
+    to_raw(&top, &exp);
+    let other = d.p("other.raw");
+    q_ok(&["create", "-q", "-f", "raw", &other, "64M"]);
+    io(&other, "raw", &["write -P 6 0 3M"]);
+    let work = d.p("work.qcow2");
+    for (args, keeps) in [
+        (vec!["-b", "base.qcow2", "-F", "qcow2"], true),
+        (vec!["-b", other.as_str(), "-F", "raw"], true),
+        (vec!["-b", ""], true),
+        (vec!["-u", "-b", "base.qcow2", "-F", "qcow2"], false),
+    ] {
+        std::fs::copy(&top, &work).unwrap();
+        let mut a = vec!["rebase"];
+        a.extend(args.iter());
+        a.push(&work);
+        s_ok(&a);
+        clean(&work);
+        let info = q_ok(&["info", "--output=json", &work]);
+        match args.iter().position(|x| *x == "-b").map(|i| args[i + 1]) {
+            Some("") => assert!(!info.contains("backing-filename"), "{info}"),
+            Some(b) => assert!(info.contains(&format!("\"backing-filename\": \"{b}\"")), "{info}"),
+            None => unreachable!(),
+        }
+        let r = run("qemu-img", &["compare", &work, &exp]);
+        assert_eq!(r.status.success(), keeps, "{args:?}");
+    }
+    let _ = base;
+}
+
+#[test]
+fn resize_grow_and_shrink_like_qemu() {
+    let d = Dir::new("resize");
+    let (_, _, top) = chain(&d);
+    let src = source(&d);
+    let plain = d.p("plain.qcow2");
+    s_ok(&["convert", "-O", "qcow2", &src, &plain]);
+    for img in [&plain, &top] {
+        let (s, q) = (d.p("s.qcow2"), d.p("q.qcow2"));
+        std::fs::copy(img, &s).unwrap();
+        std::fs::copy(img, &q).unwrap();
+        for (shrink, size) in [(false, "+100M"), (true, "12M"), (false, "64M"), (true, "1M"), (false, "1G")] {
+            let mut a = vec!["resize", "-q"];
+            if shrink {
+                a.push("--shrink");
+            }
+            let (mut sa, mut qa) = (a.clone(), a.clone());
+            sa.extend([s.as_str(), size]);
+            qa.extend([q.as_str(), size]);
+            s_ok(&sa);
+            q_ok(&qa);
+            clean(&s);
+            same(&s, &q);
+        }
+    }
+    let r = strata(&["resize", &plain, "1M"]);
+    assert_eq!(r.status.code(), Some(1));
+}
+
+#[test]
+fn amend_versions_and_refcounts() {
+    let d = Dir::new("amend");
+    let src = source(&d);
+    let orig = d.p("orig.qcow2");
+    s_ok(&["convert", "-O", "qcow2", &src, &orig]);
+    io(&orig, "qcow2", &["write -z 5M 1M"]);
+    let (_, _, top) = chain(&d);
+    let img = d.p("img.qcow2");
+    for (from, seq) in [
+        (&orig, vec!["compat=0.10", "compat=1.1"]),
+        (&orig, vec!["lazy_refcounts=on", "lazy_refcounts=off"]),
+        (&orig, vec!["refcount_bits=1", "refcount_bits=64", "refcount_bits=16"]),
+        (&orig, vec!["refcount_bits=1", "refcount_bits=16,compat=0.10", "compat=1.1,refcount_bits=4"]),
+        (&top, vec!["compat=0.10"]),
+    ] {
+        std::fs::copy(from, &img).unwrap();
+        for o in seq {
+            s_ok(&["amend", "-o", o, &img]);
+            clean(&img);
+            same(from, &img);
+            let info = q_ok(&["info", &img]);
+            for kv in o.split(',') {
+                let (k, v) = kv.split_once('=').unwrap();
+                let line = match k {
+                    "compat" => format!("compat: {v}"),
+                    "lazy_refcounts" => format!("lazy refcounts: {}", v == "on"),
+                    _ => format!("refcount bits: {v}"),
+                };
+                assert!(info.contains(&line), "{o}: {info}");
+            }
+        }
+    }
+    // Errors as qemu-img gives them.
+    for o in ["cluster_size=4k", "foo=1"] {
+        let (q, s) = both(&["amend", "-o", o, &img]);
+        assert_eq!(q.status.code(), s.status.code(), "{o}");
+    }
+    let r = strata(&["amend", "-f", "raw", "-o", "compat=1.1", &src]);
+    assert_eq!(r.status.code(), Some(1));
+}
+
+#[test]
+fn measure_matches_qemu_img() {
+    let d = Dir::new("measure");
+    let (_, _, top) = chain(&d);
+    let src = source(&d);
+    let comp = d.p("comp.qcow2");
+    s_ok(&["convert", "-c", "-O", "qcow2", &src, &comp]);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["-O", "qcow2", "--size", "1G"],
+        vec!["-O", "qcow2", "--size", "100T"],
+        vec!["-O", "qcow2", "-o", "cluster_size=512,refcount_bits=64", "--size", "10G"],
+        vec!["-O", "qcow2", "-o", "cluster_size=2M", "--size", "7G"],
+        vec!["-O", "qcow2", "-o", "cluster_size=16k,extended_l2=on", &src],
+        vec!["-O", "qcow2", "-o", "cluster_size=4k,refcount_bits=1", &src],
+        vec!["-O", "qcow2", "-o", "preallocation=full", &src],
+        vec!["-O", "qcow2", &top],
+        vec!["-O", "qcow2", "-o", "compat=0.10", &top],
+        vec!["-O", "qcow2", &comp],
+        vec!["-O", "raw", &src],
+        vec!["--size", "1G"],
+        vec!["-O", "qcow2", "--size", "1G", &src],
+        vec!["-O", "vmdk", "--size", "1G"],
+    ];
+    for c in cases {
+        for out in ["--output=human", "--output=json"] {
+            let mut a = vec!["measure", out];
+            a.extend(c.iter());
+            same_output(&a);
+        }
+    }
+}
