@@ -37,9 +37,11 @@ median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print a[int(
 
 # measure CMD...: "seconds peak_kib" (wall time from GNU time).
 measure() {
-    local out
-    out=$( { /usr/bin/time -f "@@ %e %M" "$@" >/dev/null 2>/dev/null; } 2>&1 | sed -n 's/^@@ //p')
-    echo "$out"
+    local tf
+    tf=$(mktemp)
+    /usr/bin/time -o "$tf" -f "%e %M" "$@" >/dev/null
+    tail -1 "$tf"
+    rm -f "$tf"
 }
 
 # "Run completed in X seconds." is more precise for bench: prefer it.
@@ -118,7 +120,7 @@ if [[ ! -f "$SRC" ]]; then
         if (( i % 2 )); then
             dd if=/dev/urandom of="$SRC" bs=1M count=$per seek=$(( i * gap )) conv=notrunc status=none
         else
-            yes "strata qcow2 benchmark line $i" | head -c $(( per * 1048576 )) |
+            (set +o pipefail; yes "strata qcow2 benchmark line $i" | head -c $(( per * 1048576 ))) |
                 dd of="$SRC" bs=1M seek=$(( i * gap )) conv=notrunc iflag=fullblock status=none
         fi
     done
