@@ -37,10 +37,12 @@ median() { printf '%s\n' "$@" | sort -n | awk '{ a[NR] = $1 } END { print a[int(
 
 # measure CMD...: "seconds peak_kib" (wall time from GNU time).
 measure() {
-    local tf
+    local tf t0 t1
     tf=$(mktemp)
-    /usr/bin/time -o "$tf" -f "%e %M" "$@" >/dev/null
-    tail -1 "$tf"
+    t0=$(date +%s.%N)
+    /usr/bin/time -o "$tf" -f "%M" "$@" >/dev/null
+    t1=$(date +%s.%N)
+    echo "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }') $(tail -1 "$tf")"
     rm -f "$tf"
 }
 
@@ -93,7 +95,7 @@ run_case() {
 }
 
 # --- bench on an allocated image and on an empty one --------------------
-ALLOC="$DIR/alloc.qcow2"
+ALLOC="$DIR/alloc-$IMG_SIZE.qcow2"
 if [[ ! -f "$ALLOC" ]]; then
     qemu-img create -q -f qcow2 -o preallocation=full "$ALLOC" "$IMG_SIZE"
 fi
@@ -111,7 +113,7 @@ run_case "bench 4k read d32 none io_uring, empty" \
     "rm -f '$EMPTY'; qemu-img create -q -f qcow2 '$EMPTY' '$IMG_SIZE'" bench bench $B "$EMPTY"
 
 # --- convert ---------------------------------------------------------------
-SRC="$DIR/conv-src.raw"
+SRC="$DIR/conv-src-$CONV_SIZE-$CONV_DATA_MB.raw"
 if [[ ! -f "$SRC" ]]; then
     qemu-img create -q -f raw "$SRC" "$CONV_SIZE"
     # Data in 16 runs: half random, half a compressible text pattern.
@@ -125,7 +127,7 @@ if [[ ! -f "$SRC" ]]; then
         fi
     done
 fi
-SRCQ="$DIR/conv-src.qcow2"
+SRCQ="$DIR/conv-src-$CONV_SIZE-$CONV_DATA_MB.qcow2"
 [[ -f "$SRCQ" ]] || qemu-img convert -f raw -O qcow2 "$SRC" "$SRCQ"
 run_case "convert raw->qcow2 $CONV_SIZE (${CONV_DATA_MB}M data)" "rm -f $DIR/out-*" cmd \
     convert -f raw -O qcow2 "$SRC" @OUT@
@@ -144,7 +146,7 @@ done
 rm -f "$DIR"/out-*
 
 # --- check on a 100 GiB sparse image with 2 GiB allocated -------------------
-BIG="$DIR/check-100g.qcow2"
+BIG="$DIR/check-100g-$CHECK_DATA_MB.qcow2"
 if [[ ! -f "$BIG" ]]; then
     qemu-img create -q -f qcow2 "$BIG" 100G
     cmds=()
