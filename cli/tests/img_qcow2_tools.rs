@@ -161,7 +161,9 @@ fn convert_with_backing_writes_differences_only() {
     q_ok(&["create", "-q", "-f", "qcow2", &base, "64M"]);
     io(&base, "qcow2", &["write -P 1 0 1M", "write -P 9 40M 2M"]);
     let top = d.p("top.qcow2");
-    q_ok(&["create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top]);
+    q_ok(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top,
+    ]);
     io(&top, "qcow2", &["write -P 5 512k 64k", "write -z 40M 64k"]);
     // A qcow2 source with a backing chain, flattened.
     let flat = d.p("flat.raw");
@@ -173,7 +175,9 @@ fn convert_with_backing_writes_differences_only() {
     same(&top, &flatq);
     // -B: only what differs from base lands in the new image.
     let diff = d.p("diff.qcow2");
-    s_ok(&["convert", "-O", "qcow2", "-B", &base, "-F", "qcow2", &flat, &diff]);
+    s_ok(&[
+        "convert", "-O", "qcow2", "-B", &base, "-F", "qcow2", &flat, &diff,
+    ]);
     clean(&diff);
     same(&flat, &diff);
     let map = q_ok(&["map", "--output=json", &diff]);
@@ -211,10 +215,30 @@ fn chain(d: &Dir) -> (String, String, String) {
     q_ok(&["create", "-q", "-f", "qcow2", &base, "64M"]);
     io(&base, "qcow2", &["write -P 1 0 1M", "write -P 9 40M 2M"]);
     let mid = d.p("mid.qcow2");
-    q_ok(&["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", &mid]);
+    q_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        &mid,
+    ]);
     io(&mid, "qcow2", &["write -P 5 512k 64k", "write -z 40M 64k"]);
     let top = d.p("top.qcow2");
-    q_ok(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", &top]);
+    q_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "mid.qcow2",
+        "-F",
+        "qcow2",
+        &top,
+    ]);
     io(&top, "qcow2", &["write -P 7 1M 64k", "write -z 2M 128k"]);
     (base, mid, top)
 }
@@ -243,7 +267,16 @@ fn map_matches_qemu_img() {
     let comp = d.p("comp.qcow2");
     s_ok(&["convert", "-c", "-O", "qcow2", &src, &comp]);
     let pre = d.p("pre.qcow2");
-    q_ok(&["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", &pre, "8M"]);
+    q_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=metadata",
+        &pre,
+        "8M",
+    ]);
     io(&pre, "qcow2", &["write -P 3 1M 64k"]);
     for f in [&top, &plain, &comp, &pre, &src] {
         same_output(&["map", "--output=json", f]);
@@ -358,7 +391,9 @@ fn commit_default_d_and_b() {
     q_ok(&["create", "-q", "-f", "raw", &b, "32M"]);
     io(&b, "raw", &["write -P 3 0 1M"]);
     let t = d.p("t.qcow2");
-    q_ok(&["create", "-q", "-f", "qcow2", "-b", &b, "-F", "raw", &t, "64M"]);
+    q_ok(&[
+        "create", "-q", "-f", "qcow2", "-b", &b, "-F", "raw", &t, "64M",
+    ]);
     io(&t, "qcow2", &["write -P 4 40M 1M"]);
     let exp = d.p("exp.raw");
     to_raw(&t, &exp);
@@ -391,7 +426,10 @@ fn rebase_safe_unsafe_and_none() {
         let info = q_ok(&["info", "--output=json", &work]);
         match args.iter().position(|x| *x == "-b").map(|i| args[i + 1]) {
             Some("") => assert!(!info.contains("backing-filename"), "{info}"),
-            Some(b) => assert!(info.contains(&format!("\"backing-filename\": \"{b}\"")), "{info}"),
+            Some(b) => assert!(
+                info.contains(&format!("\"backing-filename\": \"{b}\"")),
+                "{info}"
+            ),
             None => unreachable!(),
         }
         let r = run("qemu-img", &["compare", &work, &exp]);
@@ -411,7 +449,13 @@ fn resize_grow_and_shrink_like_qemu() {
         let (s, q) = (d.p("s.qcow2"), d.p("q.qcow2"));
         std::fs::copy(img, &s).unwrap();
         std::fs::copy(img, &q).unwrap();
-        for (shrink, size) in [(false, "+100M"), (true, "12M"), (false, "64M"), (true, "1M"), (false, "1G")] {
+        for (shrink, size) in [
+            (false, "+100M"),
+            (true, "12M"),
+            (false, "64M"),
+            (true, "1M"),
+            (false, "1G"),
+        ] {
             let mut a = vec!["resize", "-q"];
             if shrink {
                 a.push("--shrink");
@@ -441,8 +485,18 @@ fn amend_versions_and_refcounts() {
     for (from, seq) in [
         (&orig, vec!["compat=0.10", "compat=1.1"]),
         (&orig, vec!["lazy_refcounts=on", "lazy_refcounts=off"]),
-        (&orig, vec!["refcount_bits=1", "refcount_bits=64", "refcount_bits=16"]),
-        (&orig, vec!["refcount_bits=1", "refcount_bits=16,compat=0.10", "compat=1.1,refcount_bits=4"]),
+        (
+            &orig,
+            vec!["refcount_bits=1", "refcount_bits=64", "refcount_bits=16"],
+        ),
+        (
+            &orig,
+            vec![
+                "refcount_bits=1",
+                "refcount_bits=16,compat=0.10",
+                "compat=1.1,refcount_bits=4",
+            ],
+        ),
         (&top, vec!["compat=0.10"]),
     ] {
         std::fs::copy(from, &img).unwrap();
@@ -481,7 +535,14 @@ fn measure_matches_qemu_img() {
     let cases: Vec<Vec<&str>> = vec![
         vec!["-O", "qcow2", "--size", "1G"],
         vec!["-O", "qcow2", "--size", "100T"],
-        vec!["-O", "qcow2", "-o", "cluster_size=512,refcount_bits=64", "--size", "10G"],
+        vec![
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=512,refcount_bits=64",
+            "--size",
+            "10G",
+        ],
         vec!["-O", "qcow2", "-o", "cluster_size=2M", "--size", "7G"],
         vec!["-O", "qcow2", "-o", "cluster_size=16k,extended_l2=on", &src],
         vec!["-O", "qcow2", "-o", "cluster_size=4k,refcount_bits=1", &src],

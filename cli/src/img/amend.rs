@@ -98,7 +98,10 @@ pub fn amend(a: AmendArgs) -> R<i32> {
                 "lazy_refcounts" => am.lazy_refcounts = Some(bool_opt(&k, &v)?),
                 "refcount_bits" => {
                     am.refcount_bits = Some(v.parse().map_err(|_| {
-                        Fail(format!("Parameter 'refcount_bits' expects a number: '{v}'"), 1)
+                        Fail(
+                            format!("Parameter 'refcount_bits' expects a number: '{v}'"),
+                            1,
+                        )
                     })?)
                 }
                 "size" | "backing_file" | "backing_fmt" | "data_file" | "data_file_raw"
@@ -114,8 +117,17 @@ pub fn amend(a: AmendArgs) -> R<i32> {
     }
     match a.fmt.as_deref() {
         Some("qcow2") | None if is_qcow2(&a.filename)? => {}
-        Some("qcow2") => return fail(format!("Could not open '{}': Image is not in qcow2 format", a.filename)),
-        Some(f) => return fail(format!("Format driver '{f}' does not support option amendment")),
+        Some("qcow2") => {
+            return fail(format!(
+                "Could not open '{}': Image is not in qcow2 format",
+                a.filename
+            ))
+        }
+        Some(f) => {
+            return fail(format!(
+                "Format driver '{f}' does not support option amendment"
+            ))
+        }
         None => return fail("Format driver 'raw' does not support option amendment"),
     }
     let g = BlockGraph::new();

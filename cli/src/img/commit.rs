@@ -64,7 +64,10 @@ pub fn commit(a: CommitArgs) -> R<i32> {
         chain.push(b.clone());
     }
     if chain.len() < 2 {
-        return fail(format!("Image '{}' does not have a backing file", a.filename));
+        return fail(format!(
+            "Image '{}' does not have a backing file",
+            a.filename
+        ));
     }
     let base_idx = match &a.base {
         None => 1,
@@ -76,7 +79,10 @@ pub fn commit(a: CommitArgs) -> R<i32> {
                 .filter(|i| *i > 0)
                 .ok_or_else(|| {
                     Fail(
-                        format!("Did not find '{b}' in the backing chain of '{}'", a.filename),
+                        format!(
+                            "Did not find '{b}' in the backing chain of '{}'",
+                            a.filename
+                        ),
                         1,
                     )
                 })?
@@ -95,16 +101,27 @@ pub fn commit(a: CommitArgs) -> R<i32> {
     drop(g);
     let g = BlockGraph::new();
     let (base_name, base_fmt) = names[base_idx].clone();
-    let open_err = |f: &str, e: block::error::BlockError| Fail(format!("Could not open '{f}': {e}"), 1);
+    let open_err =
+        |f: &str, e: block::error::BlockError| Fail(format!("Could not open '{f}': {e}"), 1);
     let mut below = g
-        .open_image(&base_name, Some(base_fmt), false, &[("node-name", "commit-base")])
+        .open_image(
+            &base_name,
+            Some(base_fmt),
+            false,
+            &[("node-name", "commit-base")],
+        )
         .map_err(|e| open_err(&base_name, e))?;
     let base_node = below.clone();
     for i in (0..base_idx).rev() {
         let (f, fmt) = &names[i];
         let nn = format!("commit-top{i}");
         below = g
-            .open_image(f, Some(fmt), true, &[("node-name", &nn), ("backing", below.name())])
+            .open_image(
+                f,
+                Some(fmt),
+                true,
+                &[("node-name", &nn), ("backing", below.name())],
+            )
             .map_err(|e| open_err(f, e))?;
     }
     let _ = g.take_warnings();

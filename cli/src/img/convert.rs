@@ -634,9 +634,14 @@ pub(crate) fn open_qcow2_rw(
         .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))?
         .header;
     let data: Option<Arc<dyn Storage>> = match &h.data_file {
-        Some(d) if h.incompatible & formats::qcow2::header::INCOMPAT_DATA_FILE != 0 => Some(
-            Arc::new(NodeStorage(file_node(g, &resolve_backing(filename, d), false, cache)?)),
-        ),
+        Some(d) if h.incompatible & formats::qcow2::header::INCOMPAT_DATA_FILE != 0 => {
+            Some(Arc::new(NodeStorage(file_node(
+                g,
+                &resolve_backing(filename, d),
+                false,
+                cache,
+            )?)))
+        }
         _ => None,
     };
     let bs: Option<Arc<dyn Storage>> = backing.map(|b| Arc::new(NodeStorage(b)) as _);
@@ -880,7 +885,15 @@ fn convert_qcow2(a: ConvertArgs) -> R<i32> {
     let mut opts = Vec::new();
     for o in &a.options {
         if o == "help" || o == "?" {
-            return super::qcow2::create(&[o.clone()], true, target, None, None, None, true);
+            return super::qcow2::create(
+                std::slice::from_ref(o),
+                true,
+                target,
+                None,
+                None,
+                None,
+                true,
+            );
         }
         let m = block::keyval::parse("-o", o, None)?;
         for (k, v) in m {

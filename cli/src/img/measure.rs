@@ -40,7 +40,7 @@ pub struct MeasureArgs {
 
 /// Refcount table and block bytes covering `clusters` clusters and themselves.
 fn refcount_meta(clusters: u64, cs: u64, order: u32) -> u64 {
-    let per_block = cs * 8 >> order;
+    let per_block = (cs * 8) >> order;
     let per_table_cluster = cs / 8;
     let (mut blocks, mut table) = (0u64, 0u64);
     loop {

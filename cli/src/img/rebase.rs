@@ -60,9 +60,16 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
     match a.fmt.as_deref() {
         Some("qcow2") | None if is_qcow2(&a.filename)? => {}
         Some(f) if f != "qcow2" => {
-            return fail(format!("Format driver '{f}' does not support backing files"))
+            return fail(format!(
+                "Format driver '{f}' does not support backing files"
+            ))
         }
-        _ => return fail(format!("Could not open '{}': this image format does not support backing files", a.filename)),
+        _ => {
+            return fail(format!(
+                "Could not open '{}': this image format does not support backing files",
+                a.filename
+            ))
+        }
     }
     let newb = (!newb.is_empty()).then_some(newb);
     let g = BlockGraph::new();
@@ -88,20 +95,25 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
         let mut new = vec![0u8; step as usize];
         let mut off = 0u64;
         while off < size {
-            let st = img.block_status(off, (size - off).min(step)).map_err(|e| Fail(e.to_string(), 1))?;
+            let st = img
+                .block_status(off, (size - off).min(step))
+                .map_err(|e| Fail(e.to_string(), 1))?;
             let len = st.len.clamp(1, size - off);
             if st.kind != Kind::Unalloc {
                 off += len;
                 continue;
             }
             let n = len as usize;
-            img.read(off, &mut old[..n]).map_err(|e| Fail(format!("error while reading image: {e}"), 1))?;
+            img.read(off, &mut old[..n])
+                .map_err(|e| Fail(format!("error while reading image: {e}"), 1))?;
             new[..n].fill(0);
             if let Some(b) = &new_node {
                 if off < b.len() {
                     let m = ((b.len() - off) as usize).min(n);
                     b.read_vectored(off, &mut [IoSliceMut::new(&mut new[..m])])
-                        .map_err(|e| Fail(format!("error while reading from new backing file: {e}"), 1))?;
+                        .map_err(|e| {
+                            Fail(format!("error while reading from new backing file: {e}"), 1)
+                        })?;
                 }
             }
             // Write the clusters (of the image's grid) that differ.
@@ -128,7 +140,15 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
         }
     }
     img.set_backing(newb.as_deref(), fmt.as_deref())
-        .map_err(|e| Fail(format!("Could not change the backing file to '{}': {e}", newb.as_deref().unwrap_or("")), 1))?;
+        .map_err(|e| {
+            Fail(
+                format!(
+                    "Could not change the backing file to '{}': {e}",
+                    newb.as_deref().unwrap_or("")
+                ),
+                1,
+            )
+        })?;
     img.close().map_err(|e| Fail(e.to_string(), 1))?;
     Ok(0)
 }

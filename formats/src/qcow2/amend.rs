@@ -69,9 +69,9 @@ impl Qcow2 {
             .unwrap_or(h.compatible & COMPAT_LAZY_REFCOUNTS != 0);
         let bits = a.refcount_bits.unwrap_or(h.refcount_bits());
         if !bits.is_power_of_two() || bits > 64 {
-            return Err(self.invalid(
-                "Refcount width must be a power of two and may not exceed 64 bits",
-            ));
+            return Err(
+                self.invalid("Refcount width must be a power of two and may not exceed 64 bits")
+            );
         }
         if version == 2 {
             if lazy {
@@ -85,19 +85,18 @@ impl Qcow2 {
                 ));
             }
             if h.extended_l2() {
-                return Err(self.invalid(
-                    "Cannot downgrade an image with extended L2 entries to compat=0.10",
-                ));
+                return Err(self
+                    .invalid("Cannot downgrade an image with extended L2 entries to compat=0.10"));
             }
             if h.data_file.is_some() {
-                return Err(self.invalid(
-                    "Cannot downgrade an image with a data file to compat=0.10",
-                ));
+                return Err(
+                    self.invalid("Cannot downgrade an image with a data file to compat=0.10")
+                );
             }
             if h.compression_type != 0 {
-                return Err(self.invalid(
-                    "Cannot downgrade an image with zstd compression to compat=0.10",
-                ));
+                return Err(
+                    self.invalid("Cannot downgrade an image with zstd compression to compat=0.10")
+                );
             }
             if h.nb_snapshots > 0 && h.version == 3 {
                 return Err(FormatError::Unsupported(format!(
@@ -216,7 +215,7 @@ impl Qcow2 {
         }
         // New blocks and table after the end of the file, covering
         // themselves.
-        let per_block = cs * 8 >> order;
+        let per_block = (cs * 8) >> order;
         let (mut blocks, mut table) = (0u64, 0u64);
         loop {
             let total = n + blocks + table;

@@ -31,8 +31,8 @@
 //! can therefore leak clusters but never leave a reference to a cluster
 //! whose refcount is zero.
 
-pub mod cache;
 pub mod amend;
+pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
