@@ -54,3 +54,6 @@ build_testkernel
 
 # The IDE boot program, disk image and El Torito CD (images/ide/).
 sh ide/build.sh >/dev/null
+
+# The Linux-driver lane's initramfs (images/linux-init/).
+sh linux-init/build.sh >/dev/null
