@@ -167,6 +167,9 @@ pub fn build_with(
     }
     pci.add(1, 0, Arc::new(Mutex::new(piix3))).map_err(err)?;
     let ide = crate::pc_ide::create(&mut io, &pci, &ram, host.irq.as_ref())?;
+    if direct {
+        boot::init_ide(&mut devices::bus::lock(&ide));
+    }
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     add_io(
