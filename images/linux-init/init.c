@@ -12,6 +12,8 @@
  *       read the first <sectors> 512-byte sectors of /dev/<dev>, print
  *       "GUEST-SUM <dev> <16 hex digits>" (FNV-1a 64 of the bytes)
  *   checkwait=<seconds>  how long to wait for each node (default 15)
+ *   show=<path>  print "GUEST-SHOW <path> <first line of the file>", e.g.
+ *       a sysfs attribute that tells which driver path the kernel took
  * Then it prints "GUEST-DONE <uptime>" and halts.
  *
  * Failures print "GUEST-ERR <dev> <what> <errno>" and go on: the test
@@ -153,7 +155,7 @@ static void err(const char *dev, u64 devlen, const char *what, i64 e)
 #define BUF_SECTORS 2048 /* 1 MiB */
 static unsigned char buf[BUF_SECTORS * 512] __attribute__((aligned(4096)));
 static char text[4096];  /* /proc/cmdline, parsed while checks run */
-static char parts[4096]; /* /proc/partitions, shown when a node is missing */
+static char parts[4096]; /* /proc/partitions or a show= file */
 
 static i64 read_full(i64 fd, unsigned char *p, u64 want)
 {
@@ -209,6 +211,30 @@ static int starts(const char *s, const char *p)
 }
 
 static u64 wait_s = 15;
+
+static void show(const char *path, u64 pathlen)
+{
+    char p[256];
+    if (pathlen >= sizeof(p)) {
+        err(path, pathlen, "path-too-long", -EINVAL);
+        return;
+    }
+    memcpy(p, path, pathlen);
+    p[pathlen] = 0;
+    i64 n = slurp(p, parts, sizeof(parts));
+    if (n < 0) {
+        err(path, pathlen, "show", n);
+        return;
+    }
+    u64 end = 0;
+    while (parts[end] && parts[end] != '\n')
+        end++;
+    put("GUEST-SHOW ");
+    putn(path, pathlen);
+    put(" ");
+    putn(parts, end);
+    flush();
+}
 
 /* Opens /dev/<dev>, polling until the driver has registered it. */
 static i64 open_dev(const char *dev, u64 devlen, i64 flags)
@@ -279,6 +305,12 @@ static void run_checks(const char *s)
         if (starts(s, "checkwait=")) {
             s += 10;
             wait_s = parse_u(&s);
+        } else if (starts(s, "show=")) {
+            s += 5;
+            const char *path = s;
+            while (*s && *s != ' ' && *s != '\n')
+                s++;
+            show(path, (u64)(s - path));
         } else if (starts(s, "check=")) {
             s += 6;
             for (;;) {
@@ -314,13 +346,16 @@ static void halt(void)
 __attribute__((used)) static void start_c(u64 *sp)
 {
     (void)sp;
-    /* /dev and /proc exist in the archive, so no mkdir is needed. */
+    /* /dev, /proc and /sys exist in the archive, so no mkdir is needed. */
     i64 r = sys6(SYS_mount, (i64) "devtmpfs", (i64) "/dev", (i64) "devtmpfs", 0, 0);
     if (r < 0)
         err("devtmpfs", 8, "mount", r);
     r = sys6(SYS_mount, (i64) "proc", (i64) "/proc", (i64) "proc", 0, 0);
     if (r < 0)
         err("proc", 4, "mount", r);
+    r = sys6(SYS_mount, (i64) "sysfs", (i64) "/sys", (i64) "sysfs", 0, 0);
+    if (r < 0)
+        err("sysfs", 5, "mount", r);
     put("GUEST-INIT ");
     putuptime();
     flush();
