@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use support::{image, kvm_available, run_until_marker, scratch};
+use support::qtest::Qtest;
+use support::{image, kernels, kvm_available, run_until_marker, scratch};
 
 /// The README's command line (../shared/guest/README.md).
 const CMDLINE: &str = "console=ttyS0 lpj=1000000 tsc=reliable no_timer_check \
@@ -157,6 +158,21 @@ fn shown<'a>(out: &'a str, path: &str) -> &'a str {
 
 fn drive(path: &Path, rest: &str) -> String {
     format!("file={},format=raw,{rest}", path.display())
+}
+
+/// The bug this lane found, checked without KVM: under direct kernel boot
+/// no firmware runs, so Strata itself must set IDETIM's decode-enable bit
+/// (15) for both IDE channels, as SeaBIOS and qboot do; otherwise ata_piix
+/// skips both channels without a word. With firmware, the register keeps
+/// its reset value 0 for SeaBIOS to program.
+#[test]
+fn direct_boot_enables_both_ide_channels() {
+    let k = kernels::path("testkernel-pvh.elf");
+    let mut q = Qtest::start(&["-m", "64", "-kernel", &k]);
+    // 00:01.1 config 40h: IDETIM primary (40h-41h), secondary (42h-43h).
+    assert_eq!(q.pci_read32(1, 1, 0x40), 0x8000_8000);
+    let mut q = Qtest::start(&["-m", "64"]);
+    assert_eq!(q.pci_read32(1, 1, 0x40), 0);
 }
 
 /// (a) ata_piix: a hard disk on the primary master (sda, through sd) and an
