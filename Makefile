@@ -18,9 +18,10 @@ deps:
 build: deps
 	$(CARGO) build --release --bins
 
-# Boots SeaBIOS on a KVM PC on this terminal's serial console (Ctrl-A x quits).
+# Boots Debian's GRUB rescue CD as a live CD on a KVM PC (SeaBIOS, PIIX3
+# IDE/ATAPI) on this terminal's serial console. Ctrl-A x quits.
 demo: build
-	./target/release/strata -m 512 -smp 2 -nographic
+	./target/release/strata -m 512 -smp 2 -nographic -cdrom /usr/lib/grub-rescue/grub-rescue-cdrom.iso -boot d
 
 lint: deps
 	$(CARGO) fmt --all -- --check

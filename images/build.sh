@@ -18,6 +18,7 @@ build_tinybios() { # variant
 }
 build_tinybios triple
 build_tinybios fpu
+build_tinybios rep
 
 # The boot test kernel (images/testkernel), three forms:
 #   testkernel-pvh.elf   ELF64 with a PVH note

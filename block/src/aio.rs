@@ -107,6 +107,42 @@ struct Inflight {
     done: Completion,
 }
 
+/// In-flight requests of an engine, indexed by the tag the kernel hands
+/// back with each completion; freed tags are reused.
+#[derive(Default)]
+struct Slots {
+    items: Vec<Option<Inflight>>,
+    free: Vec<usize>,
+}
+
+impl Slots {
+    fn insert(&mut self, inf: Inflight) -> usize {
+        match self.free.pop() {
+            Some(i) => {
+                self.items[i] = Some(inf);
+                i
+            }
+            None => {
+                self.items.push(Some(inf));
+                self.items.len() - 1
+            }
+        }
+    }
+
+    /// Takes the request with tag `i`; an unknown or stale tag yields None.
+    fn take(&mut self, i: usize) -> Option<Inflight> {
+        let inf = self.items.get_mut(i).and_then(|x| x.take());
+        if inf.is_some() {
+            self.free.push(i);
+        }
+        inf
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.iter().all(|x| x.is_none())
+    }
+}
+
 const SHUTDOWN: u64 = u64::MAX;
 
 thread_local! {
@@ -120,7 +156,7 @@ thread_local! {
 pub struct Uring {
     ring: IoUring,
     sq_lock: Mutex<()>,
-    slots: Mutex<(Vec<Option<Inflight>>, Vec<usize>)>,
+    slots: Mutex<Slots>,
     fd: Arc<OwnedFd>,
     stats: Arc<SyscallStats>,
 }
@@ -132,7 +168,7 @@ impl Uring {
         let u = Arc::new(Uring {
             ring,
             sq_lock: Mutex::new(()),
-            slots: Mutex::new((Vec::new(), Vec::new())),
+            slots: Mutex::new(Slots::default()),
             fd,
             stats,
         });
@@ -153,17 +189,7 @@ impl Uring {
         let fua = req.fua;
         let idx = {
             let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let slot = Some(Inflight { req, done });
-            match s.1.pop() {
-                Some(i) => {
-                    s.0[i] = slot;
-                    i
-                }
-                None => {
-                    s.0.push(slot);
-                    s.0.len() - 1
-                }
-            }
+            s.insert(Inflight { req, done })
         };
         let entry = match op {
             IoOp::Read => opcode::Readv::new(fd, iov_ptr, iov_cnt)
@@ -226,7 +252,7 @@ impl Uring {
         loop {
             if stopping {
                 let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                if s.0.iter().all(|x| x.is_none()) {
+                if s.is_empty() {
                     return;
                 }
             }
@@ -251,13 +277,10 @@ impl Uring {
                     continue;
                 }
                 let inf = {
-                    let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                    let i = ud as usize;
-                    let inf = s.0.get_mut(i).and_then(|x| x.take());
-                    if inf.is_some() {
-                        s.1.push(i);
-                    }
-                    inf
+                    self.slots
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take(ud as usize)
                 };
                 if let Some(inf) = inf {
                     self.complete(inf, res);
@@ -371,7 +394,7 @@ pub struct LinuxAio {
     /// iocbs queued by completion callbacks on the reaper thread, submitted
     /// together with one `io_submit` (lets the kernel merge and plug).
     batch: Mutex<Vec<Iocb>>,
-    slots: Mutex<(Vec<Option<Inflight>>, Vec<usize>)>,
+    slots: Mutex<Slots>,
     fd: Arc<OwnedFd>,
     stats: Arc<SyscallStats>,
 }
@@ -427,7 +450,7 @@ impl LinuxAio {
         let a = Arc::new(LinuxAio {
             ctx,
             batch: Mutex::new(Vec::new()),
-            slots: Mutex::new((Vec::new(), Vec::new())),
+            slots: Mutex::new(Slots::default()),
             fd,
             stats,
         });
@@ -492,17 +515,7 @@ impl LinuxAio {
         }
         let idx = {
             let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let slot = Some(Inflight { req, done });
-            match s.1.pop() {
-                Some(i) => {
-                    s.0[i] = slot;
-                    i
-                }
-                None => {
-                    s.0.push(slot);
-                    s.0.len() - 1
-                }
-            }
+            s.insert(Inflight { req, done })
         };
         iocb.aio_data = idx as u64;
         if iocb.aio_lio_opcode != IOCB_CMD_FDSYNC {
@@ -517,9 +530,10 @@ impl LinuxAio {
         }
         if let Err(e) = self.io_submit(&mut iocb) {
             let inf = {
-                let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                s.1.push(idx);
-                s.0[idx].take()
+                self.slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(idx)
             };
             if let Some(Inflight { req, done }) = inf {
                 done(req, Err(BlockError::io(e, "io_submit")));
@@ -558,12 +572,10 @@ impl LinuxAio {
             // Fail the first iocb and go on with the rest.
             let idx = batch[start].aio_data as usize;
             let inf = {
-                let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                let inf = s.0.get_mut(idx).and_then(|x| x.take());
-                if inf.is_some() {
-                    s.1.push(idx);
-                }
-                inf
+                self.slots
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take(idx)
             };
             if let Some(Inflight { req, done }) = inf {
                 done(
@@ -597,7 +609,7 @@ impl LinuxAio {
         loop {
             if stopping {
                 let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                if s.0.iter().all(|x| x.is_none()) {
+                if s.is_empty() {
                     break;
                 }
             }
@@ -628,13 +640,10 @@ impl LinuxAio {
                     continue;
                 }
                 let inf = {
-                    let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                    let i = ev.data as usize;
-                    let inf = s.0.get_mut(i).and_then(|x| x.take());
-                    if inf.is_some() {
-                        s.1.push(i);
-                    }
-                    inf
+                    self.slots
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take(ev.data as usize)
                 };
                 if let Some(Inflight { mut req, done }) = inf {
                     let res = ev.res;

@@ -1,6 +1,7 @@
 //! The vCPU run loop against project-built firmware (images/tinybios):
 //! triple faults reset the machine, and an instruction the host's KVM
-//! cannot emulate ends Strata with a register report, never a hang.
+//! cannot emulate ends Strata with a register report, never a hang; string
+//! port I/O (`rep ins/outs`) is split into one access per element.
 
 mod support;
 
@@ -92,4 +93,35 @@ fn emulation_failure_is_reported_with_registers() {
     // The code bytes at RIP are the fwait; fninit that failed.
     assert!(err.contains("code at RIP: 9b db e3"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn string_port_io_is_one_access_per_element() {
+    if !kvm_available("string_port_io_is_one_access_per_element") {
+        return;
+    }
+    let bios = image("tinybios-rep.bin");
+    let log = scratch("rep").join("serial.log");
+    let serial = format!("file:{}", log.display());
+    let out = run_until(
+        &[
+            "-bios",
+            bios.to_str().unwrap(),
+            "-nodefaults",
+            "-serial",
+            &serial,
+        ],
+        &log,
+        "the REP-IN line",
+        |t| {
+            t.contains("REP-IN ")
+                && t.trim_end().ends_with(|c: char| c.is_ascii_hexdigit())
+                && t.ends_with('\n')
+        },
+        Duration::from_secs(60),
+    );
+    // `rep outsb` of 9 bytes to the UART data port sends all of them...
+    assert!(out.contains("REP-OUT\r\n"), "{out:?}");
+    // ...and `rep insb` of 4 bytes from CMOS register D reads it 4 times.
+    assert!(out.contains("REP-IN 80808080"), "{out:?}");
 }

@@ -9,6 +9,7 @@
 pub mod bus;
 pub mod chipset;
 pub mod clock;
+pub mod harness;
 pub mod ide;
 pub mod irq;
 pub mod legacy;

@@ -5,6 +5,9 @@
  *
  *   VARIANT_TRIPLE  enters protected mode with an empty IDT and raises an
  *                   interrupt: a triple fault, which resets the machine;
+ *   VARIANT_REP     string port I/O: `rep outsb` of "REP-OUT" to the UART's
+ *                   data port, and `rep insb` of four bytes from CMOS
+ *                   register D (0x80 each), printed in hex as "REP-IN ..";
  *   VARIANT_FPU     executes fwait; fninit, x87 instructions this development
  *                   host's KVM cannot emulate in ring 0 (PLATFORM.md); on
  *                   hosts that can, it prints "FPU-OK" and halts.
@@ -35,6 +38,31 @@ pm32:
     lidtl (0xf0000 + empty_idt)
     int $0x03
     .code16
+#elif VARIANT_REP
+    /* Each element of a string instruction is a separate port access. */
+    movw $rep_out, %si
+    movw $9, %cx
+    movw $0x3f8, %dx
+    cld
+    rep outsb %cs:(%si), (%dx)
+    movb $0x0d, %al
+    outb %al, $0x70
+    xorw %ax, %ax
+    movw %ax, %es
+    movw $0x500, %di
+    movw $4, %cx
+    movw $0x71, %dx
+    rep insb (%dx), %es:(%di)
+    movw $rep_in, %si
+    call puts
+    movw $0x500, %bx
+4:  movb %es:(%bx), %al
+    call puthex
+    incw %bx
+    cmpw $0x504, %bx
+    jne 4b
+    movw $crlf, %si
+    call puts
 #elif VARIANT_FPU
     /* memtest86+ starts its FPU with these two. */
     fwait
@@ -62,6 +90,30 @@ puts:
     jmp puts
 3:  ret
 
+#if VARIANT_REP
+/* Prints %al as two hex digits on COM1 (the UART accepts bytes at once). */
+puthex:
+    pushw %ax
+    shrb $4, %al
+    call putnib
+    popw %ax
+    andb $0x0f, %al
+putnib:
+    addb $'0', %al
+    cmpb $'9', %al
+    jbe 5f
+    addb $7, %al
+5:  movw $0x3f8, %dx
+    outb %al, %dx
+    ret
+rep_out:
+    .ascii "REP-OUT\r\n"
+rep_in:
+    .asciz "REP-IN "
+crlf:
+    .asciz "\r\n"
+#endif
+
 empty_idt:
     .word 0
     .long 0
@@ -77,6 +129,8 @@ gdt_desc:
 banner:
 #if VARIANT_TRIPLE
     .asciz "TINYBIOS triple\r\n"
+#elif VARIANT_REP
+    .asciz "TINYBIOS rep\r\n"
 #elif VARIANT_FPU
     .asciz "TINYBIOS fpu\r\n"
 #else

@@ -23,7 +23,7 @@ const CTRL_C: u8 = 0x03;
 
 const MUX_HELP: &str = "\r\nC-a h    print this help\r\n\
 C-a x    exit Strata\r\n\
-C-a c    switch to the monitor (not available yet)\r\n\
+C-a c    switch between the serial console and the monitor\r\n\
 C-a C-a  send C-a to the guest\r\n";
 
 type Slot<T> = Arc<Mutex<Option<T>>>;
@@ -35,7 +35,9 @@ struct SharedOut(Slot<Box<dyn Write + Send>>);
 impl Write for SharedOut {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match lock(&self.0).as_mut() {
-            Some(w) => w.write(buf),
+            // Flushed at once: console output (a prompt, a guest's partial
+            // line) must appear without waiting for a newline.
+            Some(w) => w.write(buf).and_then(|n| w.flush().map(|_| n)),
             None => Ok(buf.len()), // not connected yet: output is dropped
         }
     }
@@ -160,6 +162,10 @@ fn input_loop(
 ) {
     let mut buf = [0u8; 256];
     let mut escape = false;
+    // In monitor mode (Ctrl-A c) keystrokes build a command line for the
+    // monitor instead of reaching the guest.
+    let mut monitor = false;
+    let mut line = Vec::new();
     loop {
         let n = match input.read(&mut buf) {
             Ok(0) | Err(_) => return,
@@ -179,14 +185,44 @@ fn input_loop(
                         let _ = echo.write_all(MUX_HELP.as_bytes());
                     }
                     b'c' => {
-                        let _ =
-                            echo.write_all(b"\r\nStrata has no monitor on this console yet\r\n");
+                        monitor = !monitor;
+                        line.clear();
+                        let _ = if monitor {
+                            echo.write_all(
+                                format!(
+                                    "\r\n{}\r\n{}",
+                                    crate::monitor::BANNER,
+                                    crate::monitor::PROMPT
+                                )
+                                .as_bytes(),
+                            )
+                        } else {
+                            echo.write_all(b"\r\n")
+                        };
                     }
                     CTRL_A => pass.push(CTRL_A),
                     _ => {}
                 }
             } else if mux && b == CTRL_A {
                 escape = true;
+            } else if monitor {
+                match b {
+                    b'\r' | b'\n' => {
+                        let _ = echo.write_all(b"\r\n");
+                        let cmd = String::from_utf8_lossy(&line).trim().to_string();
+                        line.clear();
+                        // The main loop answers and prints the next prompt.
+                        ev.send(VmEvent::Command(cmd));
+                    }
+                    0x7f | 0x08 if line.pop().is_some() => {
+                        let _ = echo.write_all(b"\x08 \x08");
+                    }
+                    0x20..=0x7e if line.len() < 1024 => {
+                        line.push(b);
+                        let _ = echo.write_all(&[b]);
+                    }
+                    _ => {}
+                }
             } else if !mux && tty && b == CTRL_C {
                 ev.send(VmEvent::Quit);
                 return;

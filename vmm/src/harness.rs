@@ -30,9 +30,13 @@ impl IrqChip for Lines {
 
 /// Ports worth aiming at: every device the `pc` machine decodes, plus the
 /// PM block where firmware usually puts PMBASE.
-const PORTS: [u16; 24] = [
+const PORTS: [u16; 40] = [
     0x60, 0x64, 0x70, 0x71, 0x92, 0xb2, 0xb3, 0x3f8, 0x3f9, 0x3fa, 0x3fb, 0x3fc, 0x3fd, 0x4d0,
-    0x4d1, 0x510, 0x511, 0x514, 0x518, 0xcf8, 0xcf9, 0xcfc, 0xcfe, 0x608,
+    0x4d1, 0x510, 0x511, 0x514, 0x518, 0xcf8, 0xcf9, 0xcfc, 0xcfe,
+    0x608, // IDE: both channels' task files and controls,
+    0x1f0, 0x1f1, 0x1f2, 0x1f3, 0x1f6, 0x1f7, 0x3f6, 0x170, 0x172, 0x176, 0x177, 0x376,
+    // and BMIDE where firmware usually puts BAR4.
+    0xc000, 0xc002, 0xc004, 0xc008,
 ];
 
 const RAM: u64 = 16 << 20;
@@ -40,10 +44,21 @@ const RAM: u64 = 16 << 20;
 /// Runs one input. Each operation takes 8 bytes:
 /// `op, port-or-address selector (2), size, value (4)`.
 pub fn pc_io(data: &[u8]) {
-    let cfg = MachineConfig {
+    let mut cfg = MachineConfig {
         mem_size: RAM,
         ..MachineConfig::default()
     };
+    // An IDE disk and CD-ROM on null-co backends, so that commands reach
+    // the ATA, ATAPI and DMA paths instead of stopping at "no drive".
+    let mut table = block::drive::DriveTable::new();
+    for d in [
+        "if=ide,index=0,driver=null-co,size=1048576,read-zeroes=on",
+        "if=ide,index=2,media=cdrom,driver=null-co,size=1048576,read-zeroes=on",
+    ] {
+        if let Ok(spec) = table.parse_drive(d) {
+            cfg.drives.push(spec);
+        }
+    }
     let layout = Layout::new(RAM);
     let Ok(ram) = memory::allocate_ram(&layout) else {
         return;
@@ -62,7 +77,9 @@ pub fn pc_io(data: &[u8]) {
         msi: None,
         ioevents: Arc::new(devices::virtio::NoIoEvents),
     };
-    let storage = Storage::empty();
+    let Ok(storage) = Storage::open(&cfg) else {
+        return;
+    };
     let Ok(pc) = pc::build_with(&cfg, host, &storage, layout, ram, rom) else {
         return;
     };

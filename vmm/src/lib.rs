@@ -9,6 +9,7 @@ pub mod console;
 pub mod harness;
 pub mod kvm;
 pub mod memory;
+pub mod monitor;
 pub mod mptable;
 pub mod pc;
 pub mod pc_ide;
@@ -17,6 +18,7 @@ pub mod qtest;
 pub mod storage;
 pub mod vcpu;
 
+use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -50,6 +52,41 @@ pub enum VmEvent {
     /// The user quit (Ctrl-A x, or Ctrl-C on plain stdio).
     Quit,
     Error(String),
+    /// A drive's `rerror/werror=stop` policy parked a failed request: the
+    /// guest must pause until `cont`.
+    BlockStop {
+        drive: String,
+        error: String,
+    },
+    /// A monitor command line.
+    Command(String),
+}
+
+/// Holds vCPU threads at the top of their run loop while the guest is
+/// paused (`-S`, `stop`, an I/O error policy).
+#[derive(Default)]
+pub struct VcpuGate {
+    paused: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl VcpuGate {
+    pub fn set_paused(&self, paused: bool) {
+        *devices::bus::lock(&self.paused) = paused;
+        self.cv.notify_all();
+    }
+
+    /// Blocks while paused, unless the machine is being torn down.
+    pub fn wait(&self, stop: &AtomicBool) {
+        let mut p = devices::bus::lock(&self.paused);
+        while *p && !stop.load(Ordering::Acquire) {
+            p = self
+                .cv
+                .wait_timeout(p, Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -223,6 +260,12 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
     let events = EventSender(tx);
     let consoles = Consoles::open(&cfg, &events)?;
     let storage = storage::Storage::open(&cfg)?;
+    storage.set_stop_handlers(&events);
+    let mut state = if cfg.paused {
+        monitor::RunState::Prelaunch
+    } else {
+        monitor::RunState::Running
+    };
     loop {
         let vm = kvm::create_vm(&kvm)?;
         let mut host = consoles.host(
@@ -241,19 +284,63 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
             vcpu::set_boot_state(v0, entry)?;
         }
         let stop = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(VcpuGate::default());
+        gate.set_paused(state != monitor::RunState::Running);
         let mut threads = Vec::new();
-        if !cfg.paused {
-            for (id, v) in vcpus.into_iter().enumerate() {
-                let (pc, stop, ev) = (pc.clone(), stop.clone(), events.clone());
-                let t = std::thread::Builder::new()
-                    .name(format!("vcpu{id}"))
-                    .spawn(move || vcpu::run(v, id as u32, pc, stop, ev))
-                    .map_err(|e| VmmError::Kvm(format!("cannot start vCPU thread: {e}")))?;
-                threads.push(t);
-            }
+        for (id, v) in vcpus.into_iter().enumerate() {
+            let (pc, stop, ev, gate) = (pc.clone(), stop.clone(), events.clone(), gate.clone());
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(v, id as u32, pc, stop, gate, ev))
+                .map_err(|e| VmmError::Kvm(format!("cannot start vCPU thread: {e}")))?;
+            threads.push(t);
         }
-        let event = rx.recv().unwrap_or(VmEvent::Quit);
+        let event = loop {
+            let ev = rx.recv().unwrap_or(VmEvent::Quit);
+            let action = match ev {
+                VmEvent::BlockStop { drive, error } => {
+                    eprintln!(
+                        "strata: drive {drive}: {error}; guest stopped by its error policy \
+                         (Ctrl-A c, then 'cont' retries)"
+                    );
+                    state = monitor::RunState::IoError;
+                    monitor::Action::Pause
+                }
+                VmEvent::Command(line) => {
+                    let view = monitor::View {
+                        state: &state,
+                        drives: storage.describe(),
+                    };
+                    let (text, action) = monitor::execute(&line, &view);
+                    let mut out = std::io::stdout();
+                    let _ = write!(out, "{}{}", text.replace('\n', "\r\n"), monitor::PROMPT);
+                    let _ = out.flush();
+                    action
+                }
+                other => break other,
+            };
+            match action {
+                monitor::Action::Pause => {
+                    if state == monitor::RunState::Running {
+                        state = monitor::RunState::Paused;
+                    }
+                    gate.set_paused(true);
+                    // Take the vCPUs out of KVM_RUN; they wait at the gate.
+                    for t in &threads {
+                        let _ = t.kill(kick_signal());
+                    }
+                }
+                monitor::Action::Resume => {
+                    state = monitor::RunState::Running;
+                    storage.resume();
+                    gate.set_paused(false);
+                }
+                monitor::Action::End(ev) => break ev,
+                monitor::Action::None => {}
+            }
+        };
         stop.store(true, Ordering::Release);
+        gate.set_paused(false);
         for t in threads {
             while !t.is_finished() {
                 let _ = t.kill(kick_signal());
@@ -272,8 +359,8 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                 cfg.boot.once = None;
                 continue;
             }
-            VmEvent::Reset | VmEvent::Shutdown | VmEvent::Quit => return Ok(0),
             VmEvent::Error(msg) => return Err(VmmError::Guest(msg)),
+            _ => return Ok(0),
         }
     }
 }

@@ -48,15 +48,6 @@ fn device_for(id: &str, d: &PendingDevice) -> Option<DeviceConfig> {
 }
 
 impl Storage {
-    /// No drives and no devices.
-    pub fn empty() -> Storage {
-        Storage {
-            graph: BlockGraph::new(),
-            drives: BTreeMap::new(),
-            devices: Vec::new(),
-        }
-    }
-
     pub fn open(cfg: &MachineConfig) -> Result<Storage, VmmError> {
         let graph = BlockGraph::new();
         for text in &cfg.blockdevs {
@@ -85,6 +76,52 @@ impl Storage {
             drives,
             devices,
         })
+    }
+
+    /// Routes every drive's `stop` error policy to the main loop.
+    pub fn set_stop_handlers(&self, events: &crate::EventSender) {
+        for b in self.drives.values().flatten() {
+            let (ev, id) = (events.clone(), b.id().to_string());
+            b.set_stop_handler(move |e| {
+                ev.send(crate::VmEvent::BlockStop {
+                    drive: id.clone(),
+                    error: e.to_string(),
+                })
+            });
+        }
+    }
+
+    /// Retries the requests a `stop` policy parked (the guest continues).
+    pub fn resume(&self) {
+        for b in self.drives.values().flatten() {
+            if b.is_stopped() {
+                b.resume();
+            }
+        }
+    }
+
+    /// One line per drive, for the monitor's `info block`.
+    pub fn describe(&self) -> Vec<String> {
+        self.drives
+            .iter()
+            .map(|(id, b)| match b.as_ref().and_then(|b| b.root()) {
+                Some(node) => format!(
+                    "{id}: {} ({}{})",
+                    node.name(),
+                    if b.as_ref().is_some_and(|b| b.is_read_only()) {
+                        "read-only, "
+                    } else {
+                        ""
+                    },
+                    if b.as_ref().is_some_and(|b| b.is_stopped()) {
+                        "stopped"
+                    } else {
+                        "ok"
+                    }
+                ),
+                None => format!("{id}: [not inserted]"),
+            })
+            .collect()
     }
 
     /// The backend a device's `drive=` names: a `-drive` id, or a

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -88,15 +88,40 @@ enum Fatal {
 
 /// Runs one vCPU until `stop` is set or the guest does something that ends
 /// the machine's current life (reset, shutdown, fatal error).
-pub fn run(mut vcpu: VcpuFd, id: u32, pc: Arc<Pc>, stop: Arc<AtomicBool>, events: EventSender) {
+pub fn run(
+    mut vcpu: VcpuFd,
+    id: u32,
+    pc: Arc<Pc>,
+    stop: Arc<AtomicBool>,
+    gate: Arc<crate::VcpuGate>,
+    events: EventSender,
+) {
+    let run_area: *const kvm_run = vcpu.get_kvm_run();
     while !stop.load(Ordering::Acquire) {
-        let outcome: Result<Option<VmEvent>, Fatal> = match vcpu.run() {
+        gate.wait(&stop);
+        if stop.load(Ordering::Acquire) {
+            break;
+        }
+        let exit = vcpu.run();
+        // SAFETY: `run_area` points at this vCPU's kvm_run mapping, which
+        // lives as long as `vcpu`. After a KVM_EXIT_IO, KVM has filled the
+        // `io` member; it is read by value and does not overlap the data
+        // area `exit` borrows (that lies at `io.data_offset`, past the
+        // struct). For other exits the value is unused.
+        let io_size = usize::from(unsafe { (*run_area).__bindgen_anon_1.io.size }).clamp(1, 4);
+        let outcome: Result<Option<VmEvent>, Fatal> = match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
-                pc.io.read(port as u64, data);
+                // A string instruction (`rep insb/insw/insl`) arrives as one
+                // exit carrying `count` elements; each is one port access.
+                for element in data.chunks_mut(io_size) {
+                    pc.io.read(port as u64, element);
+                }
                 Ok(None)
             }
             Ok(VcpuExit::IoOut(port, data)) => {
-                pc.io.write(port as u64, data);
+                for element in data.chunks(io_size) {
+                    pc.io.write(port as u64, element);
+                }
                 Ok(None)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {

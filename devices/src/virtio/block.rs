@@ -251,10 +251,15 @@ fn walk(
         if idx >= size {
             return Err(ParseError::BadIndex);
         }
-        if seen[idx / 64] & (1 << (idx % 64)) != 0 {
-            return Err(ParseError::Loop);
+        // The transport keeps queues at MAX_CHAIN entries or fewer, so the
+        // bitmap covers every index; should a larger table ever reach here,
+        // the MAX_CHAIN bound on the chain's length still ends a loop.
+        if let Some(word) = seen.get_mut(idx / 64) {
+            if *word & (1 << (idx % 64)) != 0 {
+                return Err(ParseError::Loop);
+            }
+            *word |= 1 << (idx % 64);
         }
-        seen[idx / 64] |= 1 << (idx % 64);
         let a = table
             .checked_add(idx as u64 * 16)
             .ok_or(ParseError::OutOfRam)?;

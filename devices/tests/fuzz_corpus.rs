@@ -1,0 +1,41 @@
+//! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
+//! fuzz/corpus/virtio_chain) and seeded random inputs through the same
+//! harnesses cargo fuzz runs.
+
+use std::path::PathBuf;
+
+fn corpus(name: &str) {
+    let run = devices::harness::by_name(name).unwrap();
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(name);
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+        run(&std::fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus in {}", dir.display());
+    // xorshift64*: deterministic, so a failure reproduces.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for _ in 0..500 {
+        let len = (next() % 600) as usize;
+        let data: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+        run(&data);
+    }
+}
+
+#[test]
+fn scsi_cdb_corpus() {
+    corpus("scsi_cdb");
+}
+
+#[test]
+fn virtio_chain_corpus() {
+    corpus("virtio_chain");
+}
