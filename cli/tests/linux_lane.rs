@@ -105,9 +105,7 @@ fn boot(name: &str, devices: &[String], checks: &str) -> (String, Duration) {
         &append,
     ];
     args.extend(devices.iter().map(String::as_str));
-    let _one = ONE_BOOT_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let start = Instant::now();
     let out = run_until_marker(&args, &log, "GUEST-DONE", TIMEOUT);
     let took = start.elapsed();
@@ -142,10 +140,7 @@ fn assert_sums(out: &str, want: &[(&str, u64)]) {
             }
         }
     }
-    assert!(
-        problems.is_empty(),
-        "{problems}console output:\n{out}"
-    );
+    assert!(problems.is_empty(), "{problems}console output:\n{out}");
 }
 
 /// `GUEST-SHOW <path> <value>` from init.
