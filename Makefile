@@ -1,9 +1,11 @@
 # Strata: the two set-up commands are `make demo` and `make test`.
 # Each installs what it needs (Debian packages, Rust components) first.
+# qemu-system-data provides the option ROMs (linuxboot_dma.bin,
+# multiboot_dma.bin) that boot -kernel through SeaBIOS.
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc binutils
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc binutils qemu-system-data
 
 .PHONY: demo test deps build lint images bench-boot
 

@@ -55,6 +55,5 @@ build_testkernel
 
 # The IDE boot program, disk image and El Torito CD (images/ide/).
 sh ide/build.sh >/dev/null
-
-# The Linux-driver lane's initramfs (images/linux-init/).
-sh linux-init/build.sh >/dev/null
+sh virtio-bench/build.sh # the virtio-blk benchmark guest (images/virtio-bench/)
+sh linux-init/build.sh >/dev/null # the Linux-driver lane's initramfs (images/linux-init/)

@@ -11,7 +11,7 @@
 //! and discard options of its parent unless it sets them itself.
 //!
 //! Driver registry: built-in drivers are `file`, `host_device`, `null-co`,
-//! `null-aio`, `raw`, `blkdebug`, `throttle` and `copy-on-read`. Image formats from the `formats` crate
+//! `null-aio`, `raw`, `qcow2`, `blkdebug`, `throttle` and `copy-on-read`. Image formats from the `formats` crate
 //! register their constructors with [`BlockGraph::register_driver`] (the
 //! `formats` crate stays free of block-layer types; the glue lives here).
 
@@ -108,6 +108,12 @@ impl OpenCtx<'_> {
                 Ok(Backing::Node(n))
             }
         }
+    }
+
+    /// Attach a child the driver opened itself (a backing file named in an
+    /// image header, a data file).
+    pub fn add_child(&mut self, role: &str, node: Arc<Node>) {
+        self.children.push((role.to_string(), node));
     }
 
     /// Record a normalised driver option (for graph descriptions).
@@ -235,6 +241,7 @@ impl BlockGraph {
         g.register_driver("null-co", |c| NullNode::open(c, false));
         g.register_driver("null-aio", |c| NullNode::open(c, true));
         g.register_driver("raw", RawNode::open);
+        g.register_driver("qcow2", crate::qcow2::Qcow2Node::open);
         g.register_driver("blkdebug", BlkdebugNode::open);
         g.register_driver("throttle", crate::filters::ThrottleFilter::open);
         g.register_driver("copy-on-read", crate::filters::CopyOnRead::open);

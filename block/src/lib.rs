@@ -10,7 +10,7 @@
 //! * [`node`]: a node with its generic options and the permission model.
 //! * [`driver`]: the [`driver::BlockDriver`] trait and request types.
 //! * Drivers: [`mod@file`] (`file`, `host_device`, locking, O_DIRECT, engines),
-//!   [`null`], [`raw`], [`blkdebug`]. Engines: [`aio`] (pool, io_uring,
+//!   [`null`], [`raw`], [`qcow2`], [`blkdebug`]. Engines: [`aio`] (pool, io_uring,
 //!   Linux AIO).
 //! * [`backend`]: [`backend::BlockBackend`], what devices attach to
 //!   (its module doc describes the device-facing API), and
@@ -55,5 +55,6 @@ pub mod iov;
 pub mod keyval;
 pub mod node;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 pub mod throttle;

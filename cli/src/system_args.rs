@@ -33,9 +33,10 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -object iothread,id=ID            an I/O thread (virtio-blk-pci iothread=ID)
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
   -kernel FILE                      boot a bzImage, PVH ELF vmlinux or multiboot kernel directly
+                                    (with -bios or -boot menu=on: bzImage/multiboot through SeaBIOS)
   -initrd FILE[,FILE2...]           initrds (concatenated) or multiboot modules (FILE ARGS each)
   -append CMDLINE                   kernel command line
-  -smbios type=N,field=value,...    SMBIOS fields (type 0, 1, 2, 3, 4, 11, 17)
+  -smbios type=N,field=value,...    SMBIOS fields (type 0, 1, 2, 3, 4, 11, 17), e.g. type=1,serial=S,uuid=U
   -version, -help
 With -nographic or mon:stdio, Ctrl-A h prints the console keys and Ctrl-A x quits.
 ";
@@ -298,18 +299,12 @@ fn kernel_config(
     }))
 }
 
-/// `-smbios type=N,field=value,...`: kept as key/value pairs; the SMBIOS
-/// builder knows which fields each type takes.
+/// `-smbios type=N,field=value,...`: checked here by the SMBIOS builder,
+/// which knows the fields of each type, and kept as key/value pairs.
 fn parse_smbios(v: &str) -> Result<Vec<(String, String)>, String> {
     let o = split_opts("-smbios", v, None)?;
-    match o.iter().find(|(k, _)| k == "type").map(|(_, t)| t.as_str()) {
-        Some("0" | "1" | "2" | "3" | "4" | "11" | "17") => Ok(o),
-        Some(t) => Err(format!("-smbios {v}: unsupported SMBIOS type {t}")),
-        None if o.iter().any(|(k, _)| k == "file") => {
-            Err(format!("-smbios {v}: file= is not supported"))
-        }
-        None => Err(format!("-smbios {v}: missing type=")),
-    }
+    vmm::smbios::Fields::parse(std::slice::from_ref(&o))?;
+    Ok(o)
 }
 
 pub fn parse(args: &[String]) -> Result<Parsed, String> {

@@ -1,5 +1,10 @@
-//! On-disk image formats, pure logic over an abstract child.
+//! On-disk image formats, pure logic over an abstract child
+//! ([`storage::Storage`]).
 //!
 //! Each format lives in its own module. Probing lives in [`probe`].
+#![forbid(unsafe_code)]
 
+pub mod error;
 pub mod probe;
+pub mod qcow2;
+pub mod storage;

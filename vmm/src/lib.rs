@@ -15,6 +15,7 @@ pub mod pc;
 pub mod pc_ide;
 pub mod pc_virtio;
 pub mod qtest;
+pub mod smbios;
 pub mod storage;
 pub mod vcpu;
 
@@ -192,16 +193,7 @@ pub fn validate(cfg: &MachineConfig) -> Result<(), VmmError> {
             host >> 20
         )));
     }
-    if !cfg.smbios.is_empty() {
-        return Err(VmmError::Config(
-            "-smbios: SMBIOS tables are not implemented yet".into(),
-        ));
-    }
-    if cfg.kernel.is_some() && !boot::is_direct(cfg) {
-        return Err(VmmError::Config(
-            "-kernel with -bios or -boot menu=on (booting the kernel through firmware) is not implemented yet; drop -bios to boot it directly".into(),
-        ));
-    }
+    smbios::Fields::parse(&cfg.smbios).map_err(VmmError::Config)?;
     if cfg.cpus == 0 {
         return Err(VmmError::Config(
             "-smp 0: a machine needs at least one CPU".into(),

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use devices::GuestMem;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 pub const GIB: u64 = 1 << 30;
 pub const FOUR_GIB: u64 = 4 * GIB;
@@ -68,10 +68,23 @@ pub enum MemoryError {
 }
 
 pub fn allocate_ram(layout: &Layout) -> Result<GuestMem, MemoryError> {
-    GuestMem::from_ranges(&layout.ranges()).map_err(|source| MemoryError::Ram {
+    let mem = GuestMem::from_ranges(&layout.ranges()).map_err(|source| MemoryError::Ram {
         size: format!("{}M", (layout.below_4g + layout.above_4g) >> 20),
         source,
-    })
+    })?;
+    // Transparent huge pages for guest RAM, as QEMU asks for its RAM
+    // blocks: fewer TLB and shadow-paging misses, and a device's O_DIRECT
+    // I/O into guest memory pins and maps a few huge pages instead of one
+    // page per 4 KiB (64 KiB sequential reads ran at 0.6x QEMU without
+    // it). Only a hint: hosts with THP off ignore it.
+    for r in mem.iter() {
+        if let Ok(p) = r.get_host_address(MemoryRegionAddress(0)) {
+            // SAFETY: madvise only changes how the kernel backs this
+            // mapping, which `mem` owns; it never changes its contents.
+            unsafe { libc::madvise(p.cast(), r.len() as usize, libc::MADV_HUGEPAGE) };
+        }
+    }
+    Ok(mem)
 }
 
 /// Loads the BIOS image file; see [`map_bios`].

@@ -274,6 +274,24 @@ pub fn build_with(
             f.add_file(crate::acpi::RSDP_FILE, t.rsdp.clone());
             f.add_file(crate::acpi::TABLES_FILE, t.tables.clone());
             f.add_file(crate::acpi::LOADER_FILE, t.loader());
+            // SeaBIOS installs these SMBIOS tables instead of its own.
+            let s =
+                crate::smbios::for_machine(cfg, &layout, false).map_err(MachineError::Config)?;
+            f.add_file(crate::smbios::TABLES_FILE, s.tables.clone());
+            f.add_file(crate::smbios::ANCHOR_FILE, s.anchor(0));
+            if cfg.kernel.is_some() {
+                // -kernel through the firmware: an option ROM loads it.
+                let fb = boot::firmware::prepare(cfg, &layout)?;
+                for (key, data) in fb.items.iter() {
+                    f.add_item(*key, data.clone());
+                }
+                f.add_file(&fb.rom_file(), fb.rom.clone());
+                let mut rest = boot_order.fw_cfg_file();
+                if cfg.boot.strict && rest.is_empty() {
+                    rest = b"HALT\0".to_vec();
+                }
+                f.add_file("bootorder", fb.bootorder_with(&rest));
+            }
         }
     }
     add_io(

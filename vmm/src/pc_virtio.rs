@@ -111,6 +111,7 @@ const KNOWN: &[&str] = &[
     "event_idx",
     "indirect_desc",
     "ioeventfd",
+    "request-merging",
 ];
 
 pub fn attach_virtio_blk(
@@ -150,6 +151,7 @@ pub fn attach_virtio_blk(
     o.write_zeroes = bool_prop(dev, "write-zeroes", true)?;
     o.event_idx = bool_prop(dev, "event_idx", true)?;
     o.indirect_desc = bool_prop(dev, "indirect_desc", true)?;
+    o.request_merging = bool_prop(dev, "request-merging", true)?;
     o.serial = dev.prop("serial").map(str::to_string);
     match dev.prop("write-cache") {
         None | Some("auto") => {}

@@ -116,6 +116,25 @@ fn node_info(n: &Node, filename: &str) -> J {
     if let Some(a) = actual_size(n) {
         items.push(("actual-size", J::u(a)));
     }
+    let q2 = (n.driver_name() == "qcow2")
+        .then(|| super::qcow2::header_of(n))
+        .flatten();
+    if let Some(h) = &q2 {
+        items.push(("cluster-size", J::u(h.cluster_size())));
+        if let Some(b) = &h.backing_file {
+            items.push(("backing-filename", J::s(b)));
+            items.push((
+                "full-backing-filename",
+                J::s(&block::qcow2::resolve_backing(filename, b)),
+            ));
+            if let Some(f) = &h.backing_format {
+                items.push(("backing-filename-format", J::s(f)));
+            }
+        }
+        items.push(("format-specific", super::qcow2::format_specific_json(h)));
+        items.push(("dirty-flag", J::Bool(h.incompatible & 1 != 0)));
+        return J::obj(items);
+    }
     if is_protocol(n) && matches!(n.driver_name(), "file" | "host_device") {
         items.push((
             "format-specific",
@@ -146,6 +165,23 @@ fn human(n: &Node, filename: &str, out: &mut String) {
     match actual_size(n) {
         Some(a) => out.push_str(&format!("disk size: {}\n", size_to_str(a))),
         None => out.push_str("disk size: unavailable\n"),
+    }
+    if n.driver_name() == "qcow2" {
+        if let Some(h) = super::qcow2::header_of(n) {
+            out.push_str(&format!("cluster_size: {}\n", h.cluster_size()));
+            if let Some(b) = &h.backing_file {
+                let full = block::qcow2::resolve_backing(filename, b);
+                if &full != b {
+                    out.push_str(&format!("backing file: {b} (actual path: {full})\n"));
+                } else {
+                    out.push_str(&format!("backing file: {b}\n"));
+                }
+                if let Some(f) = &h.backing_format {
+                    out.push_str(&format!("backing file format: {f}\n"));
+                }
+            }
+            super::qcow2::format_specific_human(&h, out);
+        }
     }
     children_human(n, "", out);
 }
@@ -355,11 +391,12 @@ pub fn check(
     fmt: Option<&str>,
     output: &str,
     repair: Option<&str>,
+    quiet: bool,
     force_share: bool,
     image_opts: bool,
     filename: &str,
 ) -> R<i32> {
-    check_output(output)?;
+    let json = check_output(output)?;
     if let Some(r) = repair {
         if r != "leaks" && r != "all" {
             return fail(format!(
@@ -374,6 +411,11 @@ pub fn check(
     spec.force_share = force_share;
     spec.read_only = repair.is_none();
     let blk = open(&graph, &spec)?;
+    if blk.root().is_some_and(|r| r.driver_name() == "qcow2") && !image_opts {
+        drop(blk);
+        drop(graph);
+        return super::qcow2::check(filename, json, repair, quiet);
+    }
     let _ = blk;
     Err(super::Fail(
         "This image format does not support checks".into(),

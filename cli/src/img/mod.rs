@@ -9,6 +9,7 @@ pub mod bench;
 pub mod convert;
 pub mod info;
 pub mod json;
+pub mod qcow2;
 
 use block::backend::{BackendConfig, BlockBackend};
 use block::driver::Perms;
@@ -56,6 +57,10 @@ pub enum Cmd {
         quiet: bool,
         #[arg(short = 'u')]
         no_backing_check: bool,
+        #[arg(short = 'b')]
+        backing: Option<String>,
+        #[arg(short = 'F')]
+        backing_fmt: Option<String>,
         filename: String,
         size: Option<String>,
     },
@@ -357,10 +362,27 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             fmt,
             options,
             quiet,
-            no_backing_check: _,
+            no_backing_check,
+            backing,
+            backing_fmt,
             filename,
             size,
-        } => info::create(&fmt, &options, quiet, &filename, size.as_deref()),
+        } => match fmt.as_str() {
+            "qcow2" => qcow2::create(
+                &options,
+                quiet,
+                &filename,
+                size.as_deref(),
+                backing.as_deref(),
+                backing_fmt.as_deref(),
+                no_backing_check,
+            ),
+            _ if backing.is_some() => Err(Fail(
+                format!("Backing file not supported for file format '{fmt}'"),
+                1,
+            )),
+            _ => info::create(&fmt, &options, quiet, &filename, size.as_deref()),
+        },
         Cmd::Info {
             fmt,
             output,
@@ -419,7 +441,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             fmt,
             output,
             repair,
-            quiet: _,
+            quiet,
             force_share,
             image_opts,
             filename,
@@ -427,6 +449,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             fmt.as_deref(),
             &output,
             repair.as_deref(),
+            quiet,
             force_share,
             image_opts,
             &filename,

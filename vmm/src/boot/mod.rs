@@ -33,9 +33,10 @@
 //! | 0x7000 | zero page / `hvm_start_info` / multiboot information |
 //! | 0x8000-0x8fff | boot stack |
 //! | 0x20000-0x2ffff | command lines |
-//! | 0xe0000-0xfffff | ACPI, MP and SMBIOS tables (reserved) |
+//! | 0xe0000-0xfffff | ACPI tables, MP table (0xf0000), RSDP (0xf1000), SMBIOS entry point and tables (0xf8000); reserved |
 
 pub mod cpu;
+pub mod firmware;
 pub mod linux;
 pub mod multiboot;
 pub mod pvh;
@@ -325,6 +326,12 @@ pub const RSDP_ADDR: u64 = 0xf1000;
 /// The ACPI tables blob, up to the MP table.
 pub const ACPI_TABLES_ADDR: u64 = 0xe0000;
 pub const ACPI_TABLES_MAX: u64 = MPTABLE_ADDR - ACPI_TABLES_ADDR;
+/// The SMBIOS 3.0 entry point, 16-byte aligned in 0xf0000-0xfffff where
+/// an OS without UEFI searches (SMBIOS 3.x section 5.2.2), with the
+/// structure table right after it, up to 1 MiB.
+pub const SMBIOS_ANCHOR_ADDR: u64 = 0xf8000;
+pub const SMBIOS_TABLES_ADDR: u64 = SMBIOS_ANCHOR_ADDR + 0x20;
+pub const SMBIOS_TABLES_MAX: u64 = HIGH_MEMORY - SMBIOS_TABLES_ADDR;
 
 /// The direct-boot path: firmware tables into the BIOS area, then the
 /// kernel. Returns vCPU 0's entry state.
@@ -360,6 +367,20 @@ pub fn setup(
         .map_err(tables_err)?;
     ram.write_slice(&rsdp, GuestAddress(RSDP_ADDR))
         .map_err(tables_err)?;
+    let smbios = crate::smbios::for_machine(cfg, layout, true).map_err(BootError::File)?;
+    if smbios.tables.len() as u64 > SMBIOS_TABLES_MAX {
+        return Err(BootError::File(format!(
+            "the SMBIOS tables ({} bytes) do not fit in the BIOS area",
+            smbios.tables.len()
+        )));
+    }
+    ram.write_slice(&smbios.tables, GuestAddress(SMBIOS_TABLES_ADDR))
+        .map_err(tables_err)?;
+    ram.write_slice(
+        &smbios.anchor(SMBIOS_TABLES_ADDR),
+        GuestAddress(SMBIOS_ANCHOR_ADDR),
+    )
+    .map_err(tables_err)?;
     let ctx = BootContext {
         ram,
         layout,

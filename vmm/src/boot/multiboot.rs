@@ -60,11 +60,50 @@ pub fn find_header(head: &[u8]) -> Option<usize> {
 
 /// A loaded image: where it lies and where it starts.
 struct Image {
+    start: u64,
     entry: u64,
     end: u64,
 }
 
+/// Where the information structure and the strings go. Direct boot uses
+/// the low-memory map in `boot`'s module doc; the firmware route uses
+/// QEMU's multiboot option ROM area (0x9000), which the ROM copies in as
+/// one blob and completes with the firmware's e820 map.
+pub struct MbLayout {
+    pub info: u64,
+    pub strings: u64,
+    pub strings_max: u64,
+}
+
+pub const DIRECT: MbLayout = MbLayout {
+    info: BOOT_INFO_ADDR,
+    strings: CMDLINE_ADDR,
+    strings_max: CMDLINE_AREA,
+};
+
+/// What was loaded where.
+pub struct Loaded {
+    pub entry: EntryState,
+    /// The kernel image's first byte.
+    pub start: u64,
+    /// The end of the kernel and its modules.
+    pub end: u64,
+    /// Bytes of strings written at the layout's `strings`.
+    pub strings_len: u64,
+}
+
 pub fn load(ctx: &BootContext, f: &mut File, len: u64) -> Result<EntryState, BootError> {
+    load_with(ctx, f, len, &DIRECT).map(|l| l.entry)
+}
+
+/// Loads the kernel, its modules and the information structure as laid
+/// out by `lay`.
+pub fn load_with(
+    ctx: &BootContext,
+    f: &mut File,
+    len: u64,
+    lay: &MbLayout,
+) -> Result<Loaded, BootError> {
     let mut head = vec![0u8; len.min(SEARCH_LEN as u64) as usize];
     read_at(f, 0, &mut head).map_err(|e| ctx.kernel_err(e))?;
     let hoff = find_header(&head).ok_or_else(|| ctx.kernel_err("no multiboot header"))?;
@@ -81,14 +120,19 @@ pub fn load(ctx: &BootContext, f: &mut File, len: u64) -> Result<EntryState, Boo
     } else {
         load_elf32(ctx, f, len, &head)?
     };
-    write_info(ctx, img.end)?;
-    Ok(EntryState {
-        mode: CpuMode::Protected32,
-        rip: img.entry,
-        rsp: STACK_TOP,
-        rax: BOOTLOADER_MAGIC as u64,
-        rbx: BOOT_INFO_ADDR,
-        rsi: 0,
+    let (end, strings_len) = write_info(ctx, img.end, lay)?;
+    Ok(Loaded {
+        entry: EntryState {
+            mode: CpuMode::Protected32,
+            rip: img.entry,
+            rsp: STACK_TOP,
+            rax: BOOTLOADER_MAGIC as u64,
+            rbx: lay.info,
+            rsi: 0,
+        },
+        start: img.start,
+        end,
+        strings_len,
     })
 }
 
@@ -151,7 +195,11 @@ fn load_kludge(
             "entry_addr {entry:#x} is outside the loaded image"
         )));
     }
-    Ok(Image { entry, end })
+    Ok(Image {
+        start: load_addr,
+        entry,
+        end,
+    })
 }
 
 fn load_elf32(ctx: &BootContext, f: &mut File, len: u64, head: &[u8]) -> Result<Image, BootError> {
@@ -182,6 +230,7 @@ fn load_elf32(ctx: &BootContext, f: &mut File, len: u64, head: &[u8]) -> Result<
     }
     read_at(f, phoff, &mut ph).map_err(|e| ctx.kernel_err(e))?;
     let mut end = 0;
+    let mut start = u64::MAX;
     let mut phys_entry = None;
     for p in ph.chunks_exact(32) {
         if le32(p, 0) != 1 {
@@ -216,16 +265,19 @@ fn load_elf32(ctx: &BootContext, f: &mut File, len: u64, head: &[u8]) -> Result<
             phys_entry = Some(entry - vaddr + paddr);
         }
         end = end.max(seg_end);
+        start = start.min(paddr);
     }
     let entry = phys_entry.ok_or_else(|| bad("the entry point is in no loadable segment"))?;
-    Ok(Image { entry, end })
+    Ok(Image { start, entry, end })
 }
 
 /// Writes the modules, strings, memory map and the information structure.
-fn write_info(ctx: &BootContext, kernel_end: u64) -> Result<(), BootError> {
+/// Returns the end of the last module (or of the kernel) and the length of
+/// the strings.
+fn write_info(ctx: &BootContext, kernel_end: u64, lay: &MbLayout) -> Result<(u64, u64), BootError> {
     let mut strings: Vec<u8> = Vec::new();
     let mut add_str = |s: &str| -> u64 {
-        let at = CMDLINE_ADDR + strings.len() as u64;
+        let at = lay.strings + strings.len() as u64;
         strings.extend_from_slice(s.as_bytes());
         strings.push(0);
         at
@@ -244,6 +296,7 @@ fn write_info(ctx: &BootContext, kernel_end: u64) -> Result<(), BootError> {
         )));
     }
     let mut next = (kernel_end + 0xfff) & !0xfff;
+    let mut end = kernel_end;
     let mut mods = Vec::new();
     for entry in &ctx.cfg.initrd {
         let file = entry.split(' ').next().unwrap_or(entry);
@@ -258,16 +311,18 @@ fn write_info(ctx: &BootContext, kernel_end: u64) -> Result<(), BootError> {
         ctx.write(next, &data, "a module")?;
         let s = add_str(entry);
         mods.push((next, next + size, s));
+        end = next + size;
         next = (next + size + 0xfff) & !0xfff;
     }
     let loader_at = add_str(LOADER_NAME);
-    if strings.len() as u64 > CMDLINE_AREA {
+    if strings.len() as u64 > lay.strings_max {
         return Err(BootError::File(format!(
-            "-append: the command line and module names take {} bytes, more than {CMDLINE_AREA}",
-            strings.len()
+            "-append: the command line and module names take {} bytes, more than {}",
+            strings.len(),
+            lay.strings_max
         )));
     }
-    ctx.write(CMDLINE_ADDR, &strings, "the command lines")?;
+    ctx.write(lay.strings, &strings, "the command lines")?;
 
     let mut mmap = Vec::new();
     for e in e820(ctx.layout) {
@@ -276,14 +331,14 @@ fn write_info(ctx: &BootContext, kernel_end: u64) -> Result<(), BootError> {
         mmap.extend_from_slice(&e.size.to_le_bytes());
         mmap.extend_from_slice(&e.kind.to_le_bytes());
     }
-    ctx.write(BOOT_INFO_ADDR + MMAP_OFF, &mmap, "the memory map")?;
+    ctx.write(lay.info + MMAP_OFF, &mmap, "the memory map")?;
     let mut modtab = Vec::new();
     for (start, end, s) in &mods {
         for v in [*start as u32, *end as u32, *s as u32, 0] {
             modtab.extend_from_slice(&v.to_le_bytes());
         }
     }
-    ctx.write(BOOT_INFO_ADDR + MODS_OFF, &modtab, "the module list")?;
+    ctx.write(lay.info + MODS_OFF, &modtab, "the module list")?;
 
     let mut info = [0u32; 22];
     info[0] = INFO_MEM | INFO_CMDLINE | INFO_MODS | INFO_MMAP | INFO_LOADER_NAME;
@@ -291,12 +346,13 @@ fn write_info(ctx: &BootContext, kernel_end: u64) -> Result<(), BootError> {
     info[2] = (ctx.low_ram_top().saturating_sub(HIGH_MEMORY) / 1024) as u32;
     info[4] = cmd_at as u32;
     info[5] = mods.len() as u32;
-    info[6] = (BOOT_INFO_ADDR + MODS_OFF) as u32;
+    info[6] = (lay.info + MODS_OFF) as u32;
     info[11] = mmap.len() as u32;
-    info[12] = (BOOT_INFO_ADDR + MMAP_OFF) as u32;
+    info[12] = (lay.info + MMAP_OFF) as u32;
     info[16] = loader_at as u32;
     let bytes: Vec<u8> = info.iter().flat_map(|v| v.to_le_bytes()).collect();
-    ctx.write(BOOT_INFO_ADDR, &bytes, "the multiboot information")
+    ctx.write(lay.info, &bytes, "the multiboot information")?;
+    Ok((end, strings.len() as u64))
 }
 
 #[cfg(test)]

@@ -1,0 +1,288 @@
+//! `-kernel` through SeaBIOS (an explicit `-bios`, or `-boot menu=on`).
+//! Under qtest: the fw_cfg items 0x07-0x18 hold what the boot protocol
+//! says a loader hands over, the option ROM is `genroms/...` and first in
+//! `bootorder`. Under KVM: the test kernel, as bzImage (through
+//! linuxboot_dma.bin, entering its real-mode setup) and as multiboot
+//! (through multiboot_dma.bin), boots and reports the command line, the
+//! initrd or module, and the e820 map SeaBIOS gave it.
+
+mod support;
+
+use std::time::Duration;
+
+use support::qtest::Qtest;
+use support::{kernels, kvm_available, require_bios, run_until_marker, scratch, BIOS};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+const APPEND: &str = "console=ttyS0 via=seabios quoted=\"a b\"";
+
+fn fw_cfg_read(q: &mut Qtest, key: u16, len: usize) -> Vec<u8> {
+    q.outw(0x510, key);
+    (0..len).map(|_| q.inb(0x511)).collect()
+}
+
+fn fw_cfg_u32(q: &mut Qtest, key: u16) -> u32 {
+    u32::from_le_bytes(fw_cfg_read(q, key, 4).try_into().unwrap())
+}
+
+fn fw_cfg_file(q: &mut Qtest, name: &str) -> Option<Vec<u8>> {
+    let count = u32::from_be_bytes(fw_cfg_read(q, 0x19, 4).try_into().unwrap()) as usize;
+    let dir = fw_cfg_read(q, 0x19, 4 + 64 * count);
+    let (key, size) = (0..count).find_map(|i| {
+        let e = &dir[4 + i * 64..4 + (i + 1) * 64];
+        let n = &e[8..];
+        let end = n.iter().position(|&b| b == 0).unwrap_or(n.len());
+        (&n[..end] == name.as_bytes()).then(|| {
+            (
+                u16::from_be_bytes([e[4], e[5]]),
+                u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize,
+            )
+        })
+    })?;
+    Some(fw_cfg_read(q, key, size))
+}
+
+fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no '{prefix}' line in:\n{out}"))
+}
+
+#[test]
+fn bzimage_items_follow_the_boot_protocol() {
+    require_bios();
+    let dir = scratch("fwboot-items");
+    let rd: Vec<u8> = (0..5000u32).map(|i| (i * 31 + 7) as u8).collect();
+    let rdp = dir.join("rd.bin");
+    std::fs::write(&rdp, &rd).unwrap();
+    let k = kernels::path("testkernel.bzImage");
+    let image = std::fs::read(&k).unwrap();
+    let mut q = Qtest::start(&[
+        "-m",
+        "128",
+        "-bios",
+        BIOS,
+        "-kernel",
+        &k,
+        "-initrd",
+        &rdp.display().to_string(),
+        "-append",
+        APPEND,
+    ]);
+    let setup_len = (image[0x1f1] as usize + 1) * 512;
+    assert_eq!(fw_cfg_u32(&mut q, 0x16), 0x10000, "SETUP_ADDR");
+    assert_eq!(fw_cfg_u32(&mut q, 0x17) as usize, setup_len, "SETUP_SIZE");
+    let setup = fw_cfg_read(&mut q, 0x18, setup_len);
+    assert_eq!(&setup[0x202..0x206], b"HdrS");
+    assert_eq!(setup[0x210], 0xff, "type_of_loader");
+    assert_eq!(setup[0x211] & 0x81, 0x81, "LOADED_HIGH | CAN_USE_HEAP");
+    let cmd_ptr = u32::from_le_bytes(setup[0x228..0x22c].try_into().unwrap());
+    assert_eq!(
+        fw_cfg_u32(&mut q, 0x13),
+        cmd_ptr,
+        "cmd_line_ptr = CMDLINE_ADDR"
+    );
+    let heap_end = u16::from_le_bytes([setup[0x224], setup[0x225]]) as u32;
+    assert_eq!(
+        heap_end + 0x200 + 0x10000,
+        cmd_ptr,
+        "heap ends at the cmdline"
+    );
+    let rd_addr = u32::from_le_bytes(setup[0x218..0x21c].try_into().unwrap());
+    let rd_size = u32::from_le_bytes(setup[0x21c..0x220].try_into().unwrap());
+    assert_eq!(rd_size as usize, rd.len());
+    assert_eq!(
+        fw_cfg_u32(&mut q, 0x0a),
+        rd_addr,
+        "INITRD_ADDR = ramdisk_image"
+    );
+    assert_eq!(rd_addr % 4096, 0);
+    assert!((rd_addr + rd_size) as u64 <= 128 << 20);
+    assert_eq!(fw_cfg_u32(&mut q, 0x0b) as usize, rd.len());
+    assert_eq!(fw_cfg_read(&mut q, 0x12, rd.len()), rd, "INITRD_DATA");
+    let code32 = u32::from_le_bytes(setup[0x214..0x218].try_into().unwrap());
+    assert_eq!(
+        fw_cfg_u32(&mut q, 0x07),
+        code32,
+        "KERNEL_ADDR = code32_start"
+    );
+    let kernel = &image[setup_len..];
+    assert_eq!(fw_cfg_u32(&mut q, 0x08) as usize, kernel.len());
+    assert_eq!(
+        fw_cfg_read(&mut q, 0x11, kernel.len()),
+        kernel,
+        "KERNEL_DATA"
+    );
+    let mut cmd = APPEND.as_bytes().to_vec();
+    cmd.push(0);
+    assert_eq!(fw_cfg_u32(&mut q, 0x14) as usize, cmd.len());
+    assert_eq!(fw_cfg_read(&mut q, 0x15, cmd.len()), cmd, "CMDLINE_DATA");
+    let rom = fw_cfg_file(&mut q, "genroms/linuxboot_dma.bin").expect("the option ROM");
+    assert_eq!(&rom[..2], &[0x55, 0xaa], "an option ROM");
+    let order = fw_cfg_file(&mut q, "bootorder").unwrap();
+    assert!(
+        order.starts_with(b"/rom@genroms/linuxboot_dma.bin"),
+        "{}",
+        String::from_utf8_lossy(&order)
+    );
+    assert_eq!(order.last(), Some(&0));
+    // Nothing was loaded directly: low RAM at the kernel address is empty.
+    assert_eq!(q.memread(0x100000, 16), [0; 16]);
+}
+
+#[test]
+fn multiboot_items_hold_image_and_info() {
+    require_bios();
+    let k = kernels::path("testkernel-mb.elf");
+    let mut q = Qtest::start(&["-boot", "menu=on", "-kernel", &k, "-append", "x=1"]);
+    let rom = fw_cfg_file(&mut q, "genroms/multiboot_dma.bin").expect("the option ROM");
+    assert_eq!(&rom[..2], &[0x55, 0xaa]);
+    let info_addr = fw_cfg_u32(&mut q, 0x0a);
+    let size = fw_cfg_u32(&mut q, 0x0b) as usize;
+    let info = fw_cfg_read(&mut q, 0x12, size);
+    let at = |o: usize| u32::from_le_bytes(info[o..o + 4].try_into().unwrap());
+    assert_eq!(
+        at(0) & (1 << 2 | 1 << 6),
+        1 << 2 | 1 << 6,
+        "cmdline and mmap flags"
+    );
+    // Pointers inside the blob, so the ROM's one copy brings them along.
+    let cmd = (at(16) - info_addr) as usize;
+    let end = cmd + info[cmd..].iter().position(|&b| b == 0).unwrap();
+    assert_eq!(
+        std::str::from_utf8(&info[cmd..end]).unwrap(),
+        format!("{k} x=1")
+    );
+    let mmap = at(48);
+    assert!(
+        mmap > info_addr && (mmap - info_addr) < 0x400,
+        "mmap in the blob"
+    );
+    let entry = fw_cfg_u32(&mut q, 0x10);
+    let load = fw_cfg_u32(&mut q, 0x07);
+    let len = fw_cfg_u32(&mut q, 0x08);
+    assert!(
+        (load..load + len).contains(&entry),
+        "entry inside the image"
+    );
+    assert_eq!(load, 0x100000);
+}
+
+fn boot_report(args: &[&str], name: &str) -> (String, String) {
+    let dir = scratch(name);
+    let com1 = dir.join("com1.log");
+    let serial = format!("file:{}", com1.display());
+    let debug = dir.join("debug.log");
+    let dbg = format!("file:{}", debug.display());
+    let mut all = vec![
+        "-m",
+        "128",
+        "-nodefaults",
+        "-serial",
+        &serial,
+        "-debugcon",
+        &dbg,
+        "-global",
+        "isa-debugcon.iobase=0x402",
+    ];
+    all.extend_from_slice(args);
+    let out = run_until_marker(&all, &com1, "TK DONE", TIMEOUT);
+    let log = String::from_utf8_lossy(&std::fs::read(&debug).unwrap()).into_owned();
+    (out, log)
+}
+
+/// The e820 lines are SeaBIOS's map: low RAM ends at the EBDA, and RAM
+/// from 1 MiB runs to (below) 128 MiB, the top kept for SeaBIOS's tables.
+fn check_seabios_e820(out: &str) {
+    let e820: Vec<&str> = out
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter_map(|l| l.strip_prefix("TK e820 "))
+        .collect();
+    assert!(e820.contains(&"0x0 0x9fc00 1"), "{out}");
+    assert!(
+        e820.iter()
+            .any(|l| l.starts_with("0x100000 0x7") && l.ends_with(" 1")),
+        "{out}"
+    );
+}
+
+#[test]
+fn bzimage_boots_through_seabios_and_linuxboot_rom() {
+    if !kvm_available("bzimage_boots_through_seabios_and_linuxboot_rom") {
+        return;
+    }
+    require_bios();
+    let dir = scratch("fwboot-bz-rd");
+    let rd: Vec<u8> = (0..3001u32).map(|i| (i * 7 + 3) as u8).collect();
+    let rdp = dir.join("rd.bin");
+    std::fs::write(&rdp, &rd).unwrap();
+    let k = kernels::path("testkernel.bzImage");
+    let (out, log) = boot_report(
+        &[
+            "-bios",
+            BIOS,
+            "-kernel",
+            &k,
+            "-initrd",
+            &rdp.display().to_string(),
+            "-append",
+            APPEND,
+        ],
+        "fwboot-bz",
+    );
+    assert!(
+        log.contains("Searching bootorder for: /rom@genroms/linuxboot_dma.bin"),
+        "{log}"
+    );
+    // The real-mode setup ran and took the 32-bit entry.
+    assert_eq!(line(&out, "TK proto="), "linux32 magic=0x0");
+    assert_eq!(line(&out, "TK cmdline="), APPEND);
+    assert_eq!(
+        line(&out, "TK initrd "),
+        format!("size={} fnv={:#x}", rd.len(), kernels::fnv(&rd))
+    );
+    check_seabios_e820(&out);
+    // SeaBIOS installed Strata's ACPI tables; the kernel finds the RSDP.
+    assert!(!line(&out, "TK rsdp given=0x0 found=").starts_with("0x0"));
+}
+
+#[test]
+fn multiboot_boots_through_seabios_with_boot_menu() {
+    if !kvm_available("multiboot_boots_through_seabios_with_boot_menu") {
+        return;
+    }
+    require_bios();
+    let dir = scratch("fwboot-mb-rd");
+    let m: Vec<u8> = (0..777u32).map(|i| (i * 13 + 1) as u8).collect();
+    let mp = dir.join("mod.bin");
+    std::fs::write(&mp, &m).unwrap();
+    let module = format!("{} arg1 arg2", mp.display());
+    let k = kernels::path("testkernel-mb.elf");
+    let (out, log) = boot_report(
+        &[
+            "-boot",
+            "menu=on,splash-time=0",
+            "-kernel",
+            &k,
+            "-initrd",
+            &module,
+            "-append",
+            APPEND,
+        ],
+        "fwboot-mb",
+    );
+    assert!(log.contains("/rom@genroms/multiboot_dma.bin"), "{log}");
+    assert_eq!(line(&out, "TK proto="), "multiboot magic=0x2badb002");
+    assert_eq!(line(&out, "TK cmdline="), format!("{k} {APPEND}"));
+    assert_eq!(
+        line(&out, "TK module "),
+        format!(
+            "size={} fnv={:#x} cmdline={module}",
+            m.len(),
+            kernels::fnv(&m)
+        )
+    );
+    check_seabios_e820(&out);
+}

@@ -1,0 +1,750 @@
+//! Guest I/O on a qcow2 image: read, write (allocation, copy-on-write from
+//! the backing file, snapshots and compressed clusters), compressed writes,
+//! write-zeroes, discard, resize and flush (qcow2.rst: "Cluster mapping",
+//! "Extended L2 Entries", "Compressed Clusters Descriptor"; discard and
+//! zeroing follow QEMU's `qcow2_cluster_discard`/`qcow2_cluster_zeroize`).
+
+use super::l2::Kind;
+use super::{
+    compress, DiscardType, Meta, Qcow2, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+};
+use crate::error::{FResult, FormatError};
+use crate::storage::Storage;
+use std::sync::Arc;
+
+/// All subclusters read as zeroes (extended L2 bitmap).
+const BITMAP_ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+
+/// Block status of a run of the guest disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// Bytes with this status.
+    pub len: u64,
+    /// What they are.
+    pub kind: Kind,
+}
+
+impl Meta {
+    /// The kind at byte `off` and the run length (at most `max`) with the
+    /// same kind and, for data, contiguous host offsets. Data kinds carry
+    /// the exact host byte offset of `off`.
+    pub(crate) fn map(&mut self, off: u64, max: u64) -> FResult<(Kind, u64)> {
+        let cs = self.cs;
+        let scs = self.sc_size();
+        let gcl = off / cs;
+        let (e, bm) = self.get_l2(gcl)?;
+        let sc = (off % cs) / scs;
+        let mut kind = self.kind(e, bm, sc)?;
+        if let Kind::Compressed { .. } = kind {
+            return Ok((kind, (cs - off % cs).min(max)));
+        }
+        if let Kind::Data { host, copied } = kind {
+            kind = Kind::Data {
+                host: host + off % scs,
+                copied,
+            };
+        }
+        let mut n = (scs - off % scs).min(max);
+        // Extend while the next subclusters look the same; at most to the
+        // end of the L2 slice, which is cached already.
+        let limit = (off - off % cs) + self.left_in_slice(gcl) * cs;
+        let (mut ce, mut cbm, mut ccl) = (e, bm, gcl);
+        while n < max && off + n < limit {
+            let p = off + n;
+            let pcl = p / cs;
+            if pcl != ccl {
+                let (e2, b2) = self.get_l2(pcl)?;
+                ce = e2;
+                cbm = b2;
+                ccl = pcl;
+            }
+            let k2 = self.kind(ce, cbm, (p % cs) / scs)?;
+            let same = match (kind, k2) {
+                (Kind::Unalloc, Kind::Unalloc) | (Kind::Zero, Kind::Zero) => true,
+                (
+                    Kind::Data { host, copied },
+                    Kind::Data {
+                        host: h2,
+                        copied: c2,
+                    },
+                ) => h2 == host + n && copied == c2,
+                _ => false,
+            };
+            if !same {
+                break;
+            }
+            n = (n + scs).min(max);
+        }
+        Ok((kind, n))
+    }
+
+    /// Where data lives: the data file or the image file.
+    pub(crate) fn data_store(&self) -> Arc<dyn Storage> {
+        self.data.clone().unwrap_or_else(|| self.file.clone())
+    }
+
+    /// Read what the guest sees through `kind` (for copy-on-write).
+    fn read_kind(
+        &mut self,
+        kind: Kind,
+        guest: u64,
+        buf: &mut [u8],
+        ccache: &mut Option<Vec<u8>>,
+    ) -> FResult<()> {
+        match kind {
+            Kind::Zero => buf.fill(0),
+            Kind::Unalloc => read_backing(&self.backing, &self.name, guest, buf)?,
+            Kind::Data { host, .. } => self
+                .data_store()
+                .read_at(host, buf)
+                .map_err(|e| self.ioe(e, "reading data"))?,
+            Kind::Compressed { off, len } => {
+                if ccache.is_none() {
+                    let mut c = vec![0u8; self.cs as usize];
+                    self.read_compressed(off, len, &mut c)?;
+                    *ccache = Some(c);
+                }
+                let c = ccache.as_ref().map(|c| c.as_slice()).unwrap_or(&[]);
+                let o = (guest % self.cs) as usize;
+                buf.copy_from_slice(&c[o..o + buf.len()]);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn read_compressed(&self, off: u64, len: u64, out: &mut [u8]) -> FResult<()> {
+        let mut c = vec![0u8; len.min(2 * self.cs + 512) as usize];
+        self.file
+            .read_at(off, &mut c)
+            .map_err(|e| self.ioe(e, "reading a compressed cluster"))?;
+        compress::decompress(self.h.compression_type, &c, out, &self.name)
+    }
+
+    /// Clusters referenced by an L2 entry (offset, count), for freeing.
+    pub(crate) fn entry_refs(&self, entry: u64) -> Option<(u64, u64)> {
+        if entry & OFLAG_COMPRESSED != 0 {
+            let cb = self.cluster_bits();
+            let shift = 62 - (cb - 8);
+            let mask = (1u64 << (cb - 8)) - 1;
+            let off = entry & ((1u64 << shift) - 1) & !511;
+            let sectors = ((entry >> shift) & mask) + 1;
+            let first = off / self.cs;
+            let last = (off + sectors * 512 - 1) / self.cs;
+            return Some((first * self.cs, last - first + 1));
+        }
+        if self.data.is_some() {
+            return None;
+        }
+        let host = entry & OFFSET_MASK;
+        (host != 0).then_some((host, 1))
+    }
+
+    fn release(&mut self, entry: u64, ty: DiscardType) {
+        if let Some((o, n)) = self.entry_refs(entry) {
+            self.queue_free(o, n, ty);
+        }
+    }
+
+    /// The host byte offset for an in-place overwrite of `[off, off+max)`,
+    /// and its length, when every touched subcluster is already allocated
+    /// to this image alone.
+    pub(crate) fn inplace(&mut self, off: u64, max: u64) -> FResult<Option<(u64, u64)>> {
+        let (kind, n) = self.map(off, max)?;
+        let Kind::Data { host, copied: true } = kind else {
+            return Ok(None);
+        };
+        if self.data.is_none() && host + n > self.file_len()?.max(self.alloc_end) {
+            return Err(self.corrupt(format!(
+                "data cluster at 0x{:x} lies beyond the end of the image",
+                host - host % self.cs
+            )));
+        }
+        if self.data.is_none() {
+            self.check_overlap(host, n, false)?;
+        }
+        Ok(Some((host, n)))
+    }
+
+    /// Write `src` at guest `off` where clusters need allocating (or
+    /// subclusters filling); returns the bytes handled (at least one
+    /// subcluster's worth or the end of `src`).
+    pub(crate) fn write_alloc(&mut self, off: u64, src: &[u8]) -> FResult<u64> {
+        if self.read_only || self.corrupt {
+            return Err(FormatError::ReadOnly(format!(
+                "{}: the image is read-only",
+                self.name
+            )));
+        }
+        let cs = self.cs;
+        let gcl0 = off / cs;
+        self.ensure_l2_writable(gcl0)?;
+        let end = off + src.len() as u64;
+        let last = (end - 1) / cs;
+        let (l1i, _) = self.split(gcl0);
+        let table_last = (l1i + 1) * self.h.l2_entries() - 1;
+        let last = last.min(table_last);
+        // Which clusters: reuse their host cluster (COPIED, standard) or
+        // need a new one. New ones are allocated together, contiguously.
+        let mut plan: Vec<(u64, u64, u64, Option<u64>)> = Vec::new(); // gcl, entry, bitmap, reuse host
+        for gcl in gcl0..=last {
+            let (e, bm) = self.get_l2(gcl)?;
+            let reuse = if self.data.is_some() {
+                Some(gcl * cs)
+            } else if e & OFLAG_COMPRESSED == 0 && e & OFLAG_COPIED != 0 && e & OFFSET_MASK != 0 {
+                Some(e & OFFSET_MASK)
+            } else {
+                None
+            };
+            if gcl != gcl0 {
+                // Stop at clusters the in-place path can take, and keep one
+                // reused cluster per call.
+                let a = gcl * cs;
+                let b = end.min(a + cs);
+                let ip = reuse.is_some() && {
+                    let mut all = true;
+                    for sc in (a % cs) / self.sc_size()..=((b - 1) % cs) / self.sc_size() {
+                        if !matches!(self.kind(e, bm, sc)?, Kind::Data { copied: true, .. }) {
+                            all = false;
+                        }
+                    }
+                    all
+                };
+                if ip || reuse.is_some() || plan[0].3.is_some() {
+                    break;
+                }
+            }
+            plan.push((gcl, e, bm, reuse));
+        }
+        let new_count = plan.iter().filter(|p| p.3.is_none()).count() as u64;
+        let mut next_new = if new_count > 0 {
+            self.alloc_clusters(new_count)?
+        } else {
+            0
+        };
+        let scs = self.sc_size();
+        let nsc = self.subclusters();
+        // Data writes: (host offset, bytes); merged when contiguous.
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut updates: Vec<(u64, u64, u64, u64)> = Vec::new(); // gcl, new entry, new bitmap, old entry
+        let mut handled_end = off;
+        for &(gcl, e, bm, reuse) in &plan {
+            let host = match reuse {
+                Some(h) => h,
+                None => {
+                    let h = next_new;
+                    next_new += cs;
+                    h
+                }
+            };
+            let cstart = gcl * cs;
+            let a = off.max(cstart) - cstart;
+            let b = end.min(cstart + cs) - cstart;
+            handled_end = cstart + b;
+            let mut new_bm = 0u64;
+            let mut ccache = None;
+            let mut sc = 0;
+            while sc < nsc {
+                let s0 = sc * scs;
+                let s1 = s0 + scs;
+                let touched = s0 < b && a < s1;
+                let old = self.kind(e, bm, sc)?;
+                let keep_in_place = reuse.is_some() && matches!(old, Kind::Data { .. });
+                if touched {
+                    let mut buf = vec![0u8; scs as usize];
+                    let (ca, cb) = (a.max(s0), b.min(s1));
+                    if ca > s0 || cb < s1 {
+                        // Partial subcluster: the rest comes from the old view
+                        // (in place: the data is already there, only the
+                        // touched part is written).
+                        if keep_in_place {
+                            let src_off = (cstart + ca - off) as usize;
+                            let data = src[src_off..src_off + (cb - ca) as usize].to_vec();
+                            push_write(&mut writes, host + ca, data);
+                            new_bm |= 1 << sc;
+                            sc += 1;
+                            continue;
+                        }
+                        self.read_kind(old, cstart + s0, &mut buf, &mut ccache)?;
+                    }
+                    let src_off = (cstart + ca - off) as usize;
+                    buf[(ca - s0) as usize..(cb - s0) as usize]
+                        .copy_from_slice(&src[src_off..src_off + (cb - ca) as usize]);
+                    push_write(&mut writes, host + s0, buf);
+                    new_bm |= 1 << sc;
+                } else {
+                    match old {
+                        Kind::Data { .. } if keep_in_place => new_bm |= 1 << sc,
+                        Kind::Data { .. } | Kind::Compressed { .. } => {
+                            let mut buf = vec![0u8; scs as usize];
+                            self.read_kind(old, cstart + s0, &mut buf, &mut ccache)?;
+                            push_write(&mut writes, host + s0, buf);
+                            new_bm |= 1 << sc;
+                        }
+                        Kind::Zero => new_bm |= 1 << (sc + 32),
+                        Kind::Unalloc => {}
+                    }
+                }
+                sc += 1;
+            }
+            let new_entry = host | OFLAG_COPIED;
+            updates.push((gcl, new_entry, if nsc > 1 { new_bm } else { 0 }, e));
+        }
+        let store = self.data_store();
+        for (h, d) in writes {
+            if self.data.is_none() {
+                self.check_overlap(h, d.len() as u64, false)?;
+            }
+            store
+                .write_at(h, &d)
+                .map_err(|e| self.ioe(e, "writing data"))?;
+        }
+        for (gcl, ne, nb, old) in updates {
+            self.set_l2(gcl, ne, nb)?;
+            if self.entry_refs(old).map(|r| r.0) != self.entry_refs(ne).map(|r| r.0) {
+                self.release(old, DiscardType::Other);
+            }
+        }
+        Ok(handled_end - off)
+    }
+}
+
+fn push_write(w: &mut Vec<(u64, Vec<u8>)>, host: u64, data: Vec<u8>) {
+    if let Some((h, d)) = w.last_mut() {
+        if *h + d.len() as u64 == host && d.len() < (8 << 20) {
+            d.extend_from_slice(&data);
+            return;
+        }
+    }
+    w.push((host, data));
+}
+
+/// Read guest bytes from the backing file (zeroes past its end).
+pub(crate) fn read_backing(
+    backing: &Option<Arc<dyn Storage>>,
+    name: &str,
+    off: u64,
+    buf: &mut [u8],
+) -> FResult<()> {
+    buf.fill(0);
+    let Some(b) = backing else { return Ok(()) };
+    let blen = b
+        .len()
+        .map_err(|e| FormatError::io(e, format!("{name}: backing file size")))?;
+    if off >= blen {
+        return Ok(());
+    }
+    let n = ((blen - off) as usize).min(buf.len());
+    b.read_at(off, &mut buf[..n])
+        .map_err(|e| FormatError::io(e, format!("{name}: reading the backing file")))
+}
+
+impl Qcow2 {
+    fn check_range(&self, off: u64, len: u64, size: u64) -> FResult<()> {
+        match off.checked_add(len) {
+            Some(e) if e <= size => Ok(()),
+            _ => Err(FormatError::Invalid(format!(
+                "{}: request at offset {off} length {len} is beyond the end of the image ({size} bytes)",
+                self.name
+            ))),
+        }
+    }
+
+    fn writable(&self) -> FResult<()> {
+        if self.read_only {
+            return Err(FormatError::ReadOnly(format!(
+                "{}: the image is read-only",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn store(&self) -> &Arc<dyn Storage> {
+        self.data.as_ref().unwrap_or(&self.file)
+    }
+
+    /// Read guest bytes.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> FResult<()> {
+        let size = self.size();
+        self.check_range(offset, buf.len() as u64, size)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let mut m = self.lock();
+            let (kind, n) = m.map(off, (buf.len() - done) as u64)?;
+            let part = &mut buf[done..done + n as usize];
+            match kind {
+                Kind::Unalloc => {
+                    drop(m);
+                    read_backing(&self.backing, &self.name, off, part)?;
+                }
+                Kind::Zero => part.fill(0),
+                Kind::Data { host, .. } => {
+                    let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                    drop(m);
+                    self.store()
+                        .read_at(host, part)
+                        .map_err(|e| FormatError::io(e, format!("{}: reading data", self.name)))?;
+                }
+                Kind::Compressed { off: co, len } => {
+                    let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                    let mut c = vec![0u8; self.cs as usize];
+                    m.read_compressed(co, len, &mut c)?;
+                    drop(m);
+                    let o = (off % self.cs) as usize;
+                    part.copy_from_slice(&c[o..o + part.len()]);
+                }
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    /// Write guest bytes; with `fua`, durable on return.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> FResult<()> {
+        self.writable()?;
+        let size = self.size();
+        self.check_range(offset, data.len() as u64, size)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let off = offset + done as u64;
+            let rest = &data[done..];
+            let mut m = self.lock();
+            if let Some((host, n)) = m.inplace(off, rest.len() as u64)? {
+                let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                drop(m);
+                self.store()
+                    .write_at(host, &rest[..n as usize])
+                    .map_err(|e| FormatError::io(e, format!("{}: writing data", self.name)))?;
+                done += n as usize;
+                continue;
+            }
+            let n = m.write_alloc(off, rest)?;
+            done += n as usize;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Write whole clusters compressed (cluster-aligned `offset`; the last
+    /// cluster may be short at the end of the image). Clusters that do not
+    /// compress are written normally.
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> FResult<()> {
+        self.writable()?;
+        let cs = self.cs;
+        if !offset.is_multiple_of(cs) {
+            return Err(FormatError::Invalid(format!(
+                "{}: compressed writes must be cluster aligned",
+                self.name
+            )));
+        }
+        if self.data.is_some() {
+            return Err(FormatError::Unsupported(format!(
+                "{}: compressed writes are not supported with an external data file",
+                self.name
+            )));
+        }
+        self.check_range(offset, data.len() as u64, self.size())?;
+        for (i, chunk) in data.chunks(cs as usize).enumerate() {
+            let off = offset + i as u64 * cs;
+            let mut full;
+            let c = if chunk.len() < cs as usize {
+                full = vec![0u8; cs as usize];
+                full[..chunk.len()].copy_from_slice(chunk);
+                &full[..]
+            } else {
+                full = Vec::new();
+                let _ = &full;
+                chunk
+            };
+            let Some(z) = compress::compress(self.ctype, c, cs as usize - 512) else {
+                self.write(off, chunk, false)?;
+                continue;
+            };
+            let mut m = self.lock();
+            let gcl = off / cs;
+            m.ensure_l2_writable(gcl)?;
+            let (old, _) = m.get_l2(gcl)?;
+            let host = m.alloc_bytes(z.len() as u64)?;
+            m.check_overlap(host, z.len() as u64, false)?;
+            m.file
+                .write_at(host, &z)
+                .map_err(|e| m.ioe(e, "writing compressed data"))?;
+            let cb = m.cluster_bits();
+            let shift = 62 - (cb - 8);
+            let sectors = (host % 512 + z.len() as u64).div_ceil(512);
+            let entry = OFLAG_COMPRESSED | ((sectors - 1) << shift) | host;
+            m.set_l2(gcl, entry, 0)?;
+            m.release(old, DiscardType::Other);
+        }
+        Ok(())
+    }
+
+    /// Make `[offset, offset+len)` read as zeroes; `may_unmap` allows
+    /// releasing the host clusters.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> FResult<()> {
+        self.writable()?;
+        let size = self.size();
+        self.check_range(offset, len, size)?;
+        let (v2_backing, raw_df, g) = {
+            let m = self.lock();
+            (
+                m.h.version < 3 && self.backing.is_some(),
+                m.h.autoclear & super::header::AUTOCLEAR_DATA_FILE_RAW != 0,
+                m.sc_size(),
+            )
+        };
+        let end = offset + len;
+        let a = offset.div_ceil(g) * g;
+        let b = end / g * g;
+        if v2_backing || raw_df || a >= b {
+            return self.write_zero_bytes(offset, len);
+        }
+        if a > offset {
+            self.write_zero_bytes(offset, a - offset)?;
+        }
+        let mut off = a;
+        while off < b {
+            let cs = self.cs;
+            let gcl = off / cs;
+            let cend = ((gcl + 1) * cs).min(b);
+            let mut m = self.lock();
+            m.ensure_l2_writable(gcl)?;
+            let (e, bm) = m.get_l2(gcl)?;
+            let whole = off % cs == 0 && cend - off == cs;
+            if m.h.extended_l2() {
+                if e & OFLAG_COMPRESSED != 0 && !whole {
+                    drop(m);
+                    self.write_zero_bytes(off, cend - off)?;
+                    off = cend;
+                    continue;
+                }
+                if whole && (may_unmap || e & OFLAG_COMPRESSED != 0 || e & OFLAG_COPIED == 0) {
+                    m.set_l2(gcl, 0, BITMAP_ALL_ZERO)?;
+                    m.release(e, DiscardType::Request);
+                } else {
+                    let s0 = (off % cs) / g;
+                    let s1 = (cend - 1) % cs / g;
+                    let mut mask = 0u64;
+                    for s in s0..=s1 {
+                        mask |= 1 << s;
+                    }
+                    m.set_l2(gcl, e, (bm & !mask) | (mask << 32))?;
+                }
+            } else {
+                let keep = !may_unmap
+                    && m.h.version >= 3
+                    && e & OFLAG_COMPRESSED == 0
+                    && e & OFLAG_COPIED != 0
+                    && (e & OFFSET_MASK != 0 || m.data.is_some());
+                let ne = if m.h.version < 3 {
+                    0
+                } else if keep {
+                    (e & (OFFSET_MASK | OFLAG_COPIED)) | OFLAG_ZERO
+                } else {
+                    OFLAG_ZERO
+                };
+                m.set_l2(gcl, ne, 0)?;
+                if !keep {
+                    m.release(e, DiscardType::Request);
+                }
+            }
+            drop(m);
+            off = cend;
+        }
+        if end > b && b >= a {
+            self.write_zero_bytes(b, end - b)?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_bytes(&self, mut off: u64, len: u64) -> FResult<()> {
+        let end = off + len;
+        let zero = vec![0u8; (len.min(1 << 20)) as usize];
+        while off < end {
+            let n = (end - off).min(zero.len() as u64);
+            self.write(off, &zero[..n as usize], false)?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Discard whole clusters in the range (partial clusters are left as
+    /// they are, as QEMU does): they read as zeroes afterwards (version 3),
+    /// or fall through to the backing file (version 2).
+    pub fn discard(&self, offset: u64, len: u64) -> FResult<()> {
+        self.discard_typed(offset, len, DiscardType::Request, false)
+    }
+
+    /// Discard with a reason; `full` makes clusters unallocated (shrink).
+    pub(crate) fn discard_typed(
+        &self,
+        offset: u64,
+        len: u64,
+        ty: DiscardType,
+        full: bool,
+    ) -> FResult<()> {
+        self.writable()?;
+        let cs = self.cs;
+        let a = offset.div_ceil(cs);
+        let b = offset.saturating_add(len) / cs;
+        for gcl in a..b {
+            let mut m = self.lock();
+            let (l1i, _) = m.split(gcl);
+            if m.l2_offset(l1i)?.is_none() && (full || self.backing.is_none() || m.h.version < 3) {
+                continue;
+            }
+            let (e, bm) = m.get_l2(gcl)?;
+            let allocated = e & (OFFSET_MASK | OFLAG_COMPRESSED) != 0 || bm & 0xffff_ffff != 0;
+            let (ne, nb) = if full || m.h.version < 3 {
+                (0, 0)
+            } else if self.backing.is_some() || allocated {
+                if m.h.extended_l2() {
+                    (0, BITMAP_ALL_ZERO)
+                } else {
+                    (OFLAG_ZERO, 0)
+                }
+            } else {
+                continue;
+            };
+            if (e, bm) == (ne, nb) {
+                continue;
+            }
+            m.ensure_l2_writable(gcl)?;
+            let (e, _) = m.get_l2(gcl)?;
+            m.set_l2(gcl, ne, nb)?;
+            m.release(e, ty);
+        }
+        Ok(())
+    }
+
+    /// Block status of the run at `offset` (at most `len` bytes).
+    pub fn block_status(&self, offset: u64, len: u64) -> FResult<Status> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(Status {
+                len,
+                kind: Kind::Zero,
+            });
+        }
+        let mut m = self.lock();
+        let (kind, n) = m.map(offset, len.min(size - offset))?;
+        Ok(Status {
+            len: n.max(1),
+            kind,
+        })
+    }
+
+    /// Make completed writes and metadata durable; release freed clusters.
+    pub fn flush(&self) -> FResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        // Metadata lock first, then the gate: the I/O paths take them
+        // in that order too.
+        let mut m = self.lock();
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        m.flush_all()
+    }
+
+    /// Change the virtual size (shrinking drops the clusters past the end).
+    pub fn truncate(&self, new: u64) -> FResult<()> {
+        self.writable()?;
+        let old = self.size();
+        if !new.is_multiple_of(512) {
+            return Err(FormatError::Invalid(format!(
+                "{}: the image size must be a multiple of 512 bytes",
+                self.name
+            )));
+        }
+        if new > super::header::MAX_VIRTUAL_SIZE {
+            return Err(FormatError::Invalid(format!(
+                "{}: Image too large",
+                self.name
+            )));
+        }
+        if !self.snapshots().is_empty() && new < old {
+            return Err(FormatError::Unsupported(format!(
+                "{}: Can't resize an image which has snapshots",
+                self.name
+            )));
+        }
+        if new < old {
+            let start = new.div_ceil(self.cs) * self.cs;
+            if start < old {
+                self.discard_typed(
+                    start,
+                    old.div_ceil(self.cs) * self.cs - start,
+                    DiscardType::Other,
+                    true,
+                )?;
+            }
+            // The partial cluster keeps stale bytes past the new end; they
+            // are zeroed if the image grows again (below).
+        }
+        {
+            // Metadata lock first, then the gate: the I/O paths take them
+            // in that order too.
+            let mut m = self.lock();
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            m.flush_all()?;
+            let need = m.h.l1_entries_for(new);
+            if need > m.l1.len() as u64 {
+                m.grow_l1(need)?;
+            }
+            m.h.size = new;
+            m.write_header()?;
+        }
+        if new > old {
+            // Whatever lies past the old end (the tail of its last cluster,
+            // or backing data) must read as zeroes.
+            let tail_end = if self.backing.is_some() {
+                new
+            } else {
+                old.div_ceil(self.cs).saturating_mul(self.cs).min(new)
+            };
+            if tail_end > old {
+                self.write_zeroes(old, tail_end - old, true)?;
+            }
+        }
+        self.flush()
+    }
+}
+
+impl Meta {
+    /// Move the L1 table to a larger place.
+    pub(crate) fn grow_l1(&mut self, need: u64) -> FResult<()> {
+        let cs = self.cs;
+        let new_len = need
+            .max(self.l1.len() as u64 * 3 / 2)
+            .min(super::header::MAX_L1_BYTES / 8);
+        if new_len < need {
+            return Err(FormatError::Invalid(format!(
+                "{}: Image too large",
+                self.name
+            )));
+        }
+        let clusters = (new_len * 8).div_ceil(cs);
+        let off = self.alloc_clusters(clusters)?;
+        let mut l1 = self.l1.clone();
+        l1.resize(new_len as usize, 0);
+        let mut raw: Vec<u8> = l1.iter().flat_map(|w| w.to_be_bytes()).collect();
+        raw.resize((clusters * cs) as usize, 0);
+        self.sync_refcounts()?;
+        self.write_meta(off, &raw)?;
+        self.sync()?;
+        let old_off = self.h.l1_table_offset;
+        let old_cl = (self.l1.len() as u64 * 8).div_ceil(cs);
+        self.h.l1_table_offset = off;
+        self.h.l1_size = new_len as u32;
+        self.l1 = l1;
+        self.l1_dirty.clear();
+        self.write_header()?;
+        if old_cl > 0 && old_off != 0 {
+            self.queue_free(old_off, old_cl, DiscardType::Other);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,473 @@
+//! The qcow2 format (QEMU's `docs/interop/qcow2.rst`): versions 2 and 3,
+//! cluster sizes 512 B to 2 MiB, refcount widths 1 to 64 bits, zero and
+//! compressed (deflate, zstd) clusters, extended L2 entries (subclusters),
+//! external data files, backing files and internal snapshots.
+//!
+//! Module map:
+//! * [`header`]: header fields, feature bits and header extensions.
+//! * [`cache`]: the bounded metadata cache.
+//! * [`refcount`]: refcount table/blocks and cluster allocation.
+//! * [`l2`]: L1/L2 lookup and L2 entry decoding.
+//! * [`io`]: reads, writes, write-zeroes, discard, resize, flush.
+//! * [`compress`]: compressed clusters.
+//! * [`snapshot`]: the snapshot table, snapshot create/apply/delete.
+//! * [`check`]: consistency check and repair (`qemu-img check`).
+//! * [`create`]: image creation with qemu-img's options.
+//!
+//! Concurrency: all metadata lives in one [`Meta`] behind a mutex. Reads
+//! and overwrites of clusters that are already allocated to this image
+//! (refcount 1, the COPIED flag) map under the mutex and do their data I/O
+//! outside it, holding a read guard of the "gate"; everything that
+//! allocates or changes L2 entries runs under the mutex. Freed clusters are
+//! only returned to the allocator at a flush, after the L2 tables that
+//! dropped them are on disk and while the gate is held exclusively, so an
+//! in-flight unlocked write can never land in a cluster that was freed and
+//! reused meanwhile.
+//!
+//! Crash safety (flush ordering): refcount blocks reach the disk (and a
+//! sync) before the L2 tables that reference newly allocated clusters; L2
+//! tables before the L1 entries that point at them; refcount decrements
+//! only after the L2 change that dropped the reference is durable. A crash
+//! can therefore leak clusters but never leave a reference to a cluster
+//! whose refcount is zero.
+
+pub mod cache;
+pub mod check;
+pub mod compress;
+pub mod create;
+pub mod header;
+pub mod io;
+pub mod l2;
+pub mod refcount;
+pub mod snapshot;
+
+use crate::error::{FResult, FormatError};
+use crate::storage::Storage;
+use cache::Cache;
+use header::Header;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+/// L1/L2 entry bit: refcount is exactly one.
+pub const OFLAG_COPIED: u64 = 1 << 63;
+/// L2 entry bit: compressed cluster.
+pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+/// L2 entry bit (standard descriptor, v3): reads as zeroes.
+pub const OFLAG_ZERO: u64 = 1;
+/// Offset bits of L1 and standard L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Offset bits of refcount table entries.
+pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry.
+pub const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard L2 entry (bit 0 is the zero flag).
+pub const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+/// QEMU's default upper bound of the L2 cache (block/qcow2.h).
+pub const DEFAULT_L2_CACHE_MAX: u64 = 32 << 20;
+/// QEMU's minimum refcount cache, in clusters.
+pub const MIN_REFCOUNT_CACHE_CLUSTERS: u64 = 4;
+/// Default `cache-clean-interval`, seconds.
+pub const DEFAULT_CACHE_CLEAN_INTERVAL: u64 = 600;
+/// Deepest backing chain we open (QEMU refuses deeper chains too).
+pub const MAX_BACKING_DEPTH: usize = 1000;
+
+/// Why clusters are freed, for `pass-discard-*`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiscardType {
+    /// A discard request from above.
+    Request = 0,
+    /// Snapshot deletion.
+    Snapshot = 1,
+    /// Anything else (COW, table moves).
+    Other = 2,
+}
+
+/// Options of an open, with QEMU's names in the block driver.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Open read-only.
+    pub read_only: bool,
+    /// `l2-cache-size` in bytes.
+    pub l2_cache_size: Option<u64>,
+    /// `l2-cache-entry-size` in bytes.
+    pub l2_cache_entry_size: Option<u64>,
+    /// `refcount-cache-size` in bytes.
+    pub refcount_cache_size: Option<u64>,
+    /// `cache-size` (both caches) in bytes.
+    pub cache_size: Option<u64>,
+    /// `cache-clean-interval` in seconds (0 = never).
+    pub cache_clean_interval: u64,
+    /// `pass-discard-request`, `pass-discard-snapshot`, `pass-discard-other`.
+    pub pass_discard: [bool; 3],
+    /// Allow a read-write open of an image marked corrupt (repair only).
+    pub allow_corrupt: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            l2_cache_size: None,
+            l2_cache_entry_size: None,
+            refcount_cache_size: None,
+            cache_size: None,
+            cache_clean_interval: DEFAULT_CACHE_CLEAN_INTERVAL,
+            pass_discard: [false, true, false],
+            allow_corrupt: false,
+        }
+    }
+}
+
+/// What a caller needs from the header before opening (to open the
+/// backing file and the data file first).
+#[derive(Clone, Debug)]
+pub struct Preview {
+    /// The parsed header.
+    pub header: Header,
+}
+
+/// Read and validate the header only.
+pub fn preview(file: &dyn Storage, name: &str) -> FResult<Preview> {
+    let mut buf = vec![0u8; 1 << 21];
+    let len = file
+        .len()
+        .map_err(|e| FormatError::io(e, format!("{name}: reading the header")))?;
+    buf.truncate((len.max(512) as usize).min(1 << 21));
+    file.read_at(0, &mut buf)
+        .map_err(|e| FormatError::io(e, format!("{name}: reading the header")))?;
+    let header = Header::parse(&buf, name)?;
+    Ok(Preview { header })
+}
+
+/// The mutable state: header, L1, refcount table, caches, free lists.
+pub struct Meta {
+    pub(crate) name: String,
+    pub(crate) file: Arc<dyn Storage>,
+    pub(crate) data: Option<Arc<dyn Storage>>,
+    pub(crate) backing: Option<Arc<dyn Storage>>,
+    pub(crate) h: Header,
+    pub(crate) cs: u64,
+    pub(crate) l1: Vec<u64>,
+    /// Dirty 512-byte chunks of the L1 table.
+    pub(crate) l1_dirty: BTreeSet<u64>,
+    pub(crate) reftable: Vec<u64>,
+    pub(crate) l2c: Cache<Vec<u64>>,
+    /// Bytes per L2 cache entry (a slice of an L2 table).
+    pub(crate) slice_bytes: u64,
+    pub(crate) rbc: Cache<Vec<u8>>,
+    /// Clusters whose reference was dropped; freed at the next flush.
+    pub(crate) pending_free: Vec<(u64, DiscardType)>,
+    pub(crate) free_cursor: u64,
+    /// Refcount blocks were written since the last sync.
+    pub(crate) rc_unsynced: bool,
+    pub(crate) read_only: bool,
+    pub(crate) corrupt: bool,
+    pub(crate) snapshots: Vec<snapshot::Snapshot>,
+    /// Where the next compressed cluster may go (0: start a new cluster).
+    pub(crate) comp_cursor: u64,
+    pub(crate) pass_discard: [bool; 3],
+    /// End of the clusters allocated by this process (they may lie past
+    /// the end of the file until written).
+    pub(crate) alloc_end: u64,
+}
+
+/// An open qcow2 image.
+pub struct Qcow2 {
+    meta: Mutex<Meta>,
+    gate: RwLock<()>,
+    name: String,
+    file: Arc<dyn Storage>,
+    data: Option<Arc<dyn Storage>>,
+    backing: Option<Arc<dyn Storage>>,
+    cs: u64,
+    ctype: u8,
+    read_only: bool,
+}
+
+impl Meta {
+    pub(crate) fn corrupt(&self, what: impl std::fmt::Display) -> FormatError {
+        FormatError::Corrupt(format!("{}: {what}", self.name))
+    }
+    pub(crate) fn ioe(&self, e: std::io::Error, what: &str) -> FormatError {
+        FormatError::io(e, format!("{}: {what}", self.name))
+    }
+    pub(crate) fn cluster_bits(&self) -> u32 {
+        self.h.cluster_bits
+    }
+    /// File length in bytes.
+    pub(crate) fn file_len(&self) -> FResult<u64> {
+        self.file
+            .len()
+            .map_err(|e| self.ioe(e, "getting the file size"))
+    }
+    /// Write metadata, refusing the header cluster and the tables that
+    /// live at fixed places (a hostile L2 pointer must not overwrite them).
+    pub(crate) fn write_meta(&self, off: u64, buf: &[u8]) -> FResult<()> {
+        self.check_overlap(off, buf.len() as u64, true)?;
+        self.file
+            .write_at(off, buf)
+            .map_err(|e| self.ioe(e, "writing metadata"))
+    }
+    /// Refuse a write of `[off, off+len)` that would hit the header, the
+    /// active L1 table, the refcount table or the snapshot table.
+    pub(crate) fn check_overlap(&self, off: u64, len: u64, is_meta: bool) -> FResult<()> {
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| self.corrupt("write offset overflows"))?;
+        let hit = |a: u64, l: u64| l > 0 && off < a.saturating_add(l) && a < end;
+        let what = if hit(0, self.cs) {
+            Some("the image header")
+        } else if hit(self.h.l1_table_offset, self.l1.len() as u64 * 8) && !is_meta {
+            Some("the active L1 table")
+        } else if hit(
+            self.h.refcount_table_offset,
+            self.h.refcount_table_clusters as u64 * self.cs,
+        ) && !is_meta
+        {
+            Some("the refcount table")
+        } else {
+            None
+        };
+        match what {
+            Some(w) => Err(self.corrupt(format!(
+                "write at offset 0x{off:x} would overwrite {w}; the image is corrupt"
+            ))),
+            None => Ok(()),
+        }
+    }
+    /// Rewrite the header cluster and sync.
+    pub(crate) fn write_header(&mut self) -> FResult<()> {
+        let b = self.h.serialize()?;
+        let hl = self.h.header_length();
+        // Write what holds information (header, extensions, backing name):
+        // the rest of the cluster is zero anyway.
+        let used = b
+            .iter()
+            .rposition(|&c| c != 0)
+            .map_or(hl, |p| p + 1)
+            .max(hl);
+        self.file
+            .write_at(0, &b[..used.div_ceil(512) * 512])
+            .map_err(|e| self.ioe(e, "writing the header"))?;
+        self.sync()
+    }
+    pub(crate) fn sync(&self) -> FResult<()> {
+        self.file.flush().map_err(|e| self.ioe(e, "flushing"))
+    }
+}
+
+fn cache_sizes(h: &Header, o: &OpenOptions, name: &str) -> FResult<(u64, u64, u64)> {
+    let cs = h.cluster_size();
+    let inval = |m: String| FormatError::Invalid(format!("{name}: {m}"));
+    let entry = o.l2_cache_entry_size.unwrap_or(cs);
+    if !entry.is_power_of_two() || entry < 512 || entry > cs {
+        return Err(inval(
+            "L2 cache entry size must be a power of two between 512 and the cluster size".into(),
+        ));
+    }
+    // Enough L2 cache for the whole disk, capped (QEMU >= 3.1).
+    let tables = h.l1_entries_for(h.size).max(1);
+    let max_l2 = tables.saturating_mul(cs).min(DEFAULT_L2_CACHE_MAX);
+    let min_rc = MIN_REFCOUNT_CACHE_CLUSTERS * cs;
+    let (l2, rc) = match (o.cache_size, o.l2_cache_size, o.refcount_cache_size) {
+        (Some(c), Some(l), Some(r)) => {
+            if l.saturating_add(r) > c {
+                return Err(inval(format!(
+                    "l2-cache-size ({l}) + refcount-cache-size ({r}) may not exceed cache-size ({c})"
+                )));
+            }
+            (l, r)
+        }
+        (Some(c), Some(l), None) => (l, c.saturating_sub(l)),
+        (Some(c), None, Some(r)) => (c.saturating_sub(r), r),
+        (Some(c), None, None) => {
+            let l = max_l2.min(c.saturating_sub(min_rc));
+            (l, c.saturating_sub(l))
+        }
+        (None, l, r) => (l.unwrap_or(max_l2), r.unwrap_or(min_rc)),
+    };
+    // Bound the entry counts: hostile or silly sizes must not make us
+    // allocate without limit (each entry is allocated on use anyway).
+    let l2_entries = (l2 / entry).clamp(2, 1 << 20);
+    let rc_entries = (rc / cs).clamp(MIN_REFCOUNT_CACHE_CLUSTERS, 1 << 16);
+    Ok((entry, l2_entries, rc_entries))
+}
+
+impl Qcow2 {
+    /// Open an image. `data` is the external data file (required when the
+    /// header says so), `backing` the opened backing image, if any.
+    pub fn open(
+        name: &str,
+        file: Arc<dyn Storage>,
+        data: Option<Arc<dyn Storage>>,
+        backing: Option<Arc<dyn Storage>>,
+        o: &OpenOptions,
+    ) -> FResult<Qcow2> {
+        let pv = preview(&*file, name)?;
+        let h = pv.header;
+        let cs = h.cluster_size();
+        if h.crypt_method != 0 {
+            return Err(FormatError::Unsupported(format!(
+                "{name}: encrypted qcow2 images are not supported"
+            )));
+        }
+        let has_df = h.incompatible & header::INCOMPAT_DATA_FILE != 0;
+        if has_df && data.is_none() {
+            return Err(FormatError::Invalid(format!(
+                "{name}: Could not open the external data file: the image needs one ('data-file' option)"
+            )));
+        }
+        if has_df && h.nb_snapshots > 0 {
+            return Err(FormatError::Corrupt(format!(
+                "{name}: snapshots are not supported with an external data file"
+            )));
+        }
+        let corrupt = h.incompatible & header::INCOMPAT_CORRUPT != 0;
+        if corrupt && !o.read_only && !o.allow_corrupt {
+            return Err(FormatError::ReadOnly(format!(
+                "{name}: the image is marked corrupt and can only be opened read-only (repair it with 'strata-img check -r all')"
+            )));
+        }
+        let (slice_bytes, l2n, rcn) = cache_sizes(&h, o, name)?;
+        let interval =
+            (o.cache_clean_interval > 0).then(|| Duration::from_secs(o.cache_clean_interval));
+        // L1 table (bounded by the header check: at most 32 MiB).
+        let mut raw = vec![0u8; h.l1_size as usize * 8];
+        file.read_at(h.l1_table_offset, &mut raw)
+            .map_err(|e| FormatError::io(e, format!("{name}: reading the L1 table")))?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        // Refcount table (at most 8 MiB).
+        let mut raw = vec![0u8; (h.refcount_table_clusters as u64 * cs) as usize];
+        file.read_at(h.refcount_table_offset, &mut raw)
+            .map_err(|e| FormatError::io(e, format!("{name}: reading the refcount table")))?;
+        let reftable: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        let mut m = Meta {
+            name: name.to_string(),
+            file: file.clone(),
+            data: data.clone(),
+            backing: backing.clone(),
+            cs,
+            l1,
+            l1_dirty: BTreeSet::new(),
+            reftable,
+            l2c: Cache::new(l2n as usize, interval),
+            slice_bytes,
+            rbc: Cache::new(rcn as usize, interval),
+            pending_free: Vec::new(),
+            free_cursor: 1,
+            rc_unsynced: false,
+            read_only: o.read_only,
+            corrupt,
+            snapshots: Vec::new(),
+            comp_cursor: 0,
+            pass_discard: o.pass_discard,
+            alloc_end: 0,
+            h,
+        };
+        m.snapshots = snapshot::read_table(&m)?;
+        let dirty = m.h.incompatible & header::INCOMPAT_DIRTY != 0;
+        if !o.read_only {
+            if dirty {
+                // Lazy refcounts left them stale: rebuild before writing.
+                let r = check::check(&mut m, check::Repair::All)?;
+                if r.corruptions_after() > 0 {
+                    return Err(m.corrupt("could not repair the refcounts of a dirty image"));
+                }
+                m.h.incompatible &= !header::INCOMPAT_DIRTY;
+                m.write_header()?;
+            }
+            // We keep refcounts exact, so unknown autoclear bits (whose
+            // data we might invalidate) are cleared, as the spec asks.
+            let clear = m.h.autoclear & !header::AUTOCLEAR_KNOWN;
+            if clear != 0 {
+                m.h.autoclear &= !clear;
+                m.write_header()?;
+            }
+        }
+        let ctype = m.h.compression_type;
+        Ok(Qcow2 {
+            meta: Mutex::new(m),
+            gate: RwLock::new(()),
+            name: name.to_string(),
+            file,
+            data,
+            backing,
+            cs,
+            ctype,
+            read_only: o.read_only,
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The file name used in messages.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// Virtual size.
+    pub fn size(&self) -> u64 {
+        self.lock().h.size
+    }
+    /// Cluster size.
+    pub fn cluster_size(&self) -> u64 {
+        self.cs
+    }
+    /// A copy of the header.
+    pub fn header(&self) -> Header {
+        self.lock().h.clone()
+    }
+    /// Opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// The snapshot table.
+    pub fn snapshots(&self) -> Vec<snapshot::Snapshot> {
+        self.lock().snapshots.clone()
+    }
+    /// Consistency check, optionally repairing.
+    pub fn check(&self, repair: check::Repair) -> FResult<check::CheckResult> {
+        // Metadata lock first, then the gate: the I/O paths take them
+        // in that order too.
+        let mut m = self.lock();
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        if repair != check::Repair::None {
+            m.flush_all()?;
+        }
+        let r = check::check(&mut m, repair)?;
+        if repair != check::Repair::None {
+            m.flush_all()?;
+        }
+        Ok(r)
+    }
+    /// Flush everything and release what the flush frees (call before drop).
+    pub fn close(&self) -> FResult<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        // Metadata lock first, then the gate: the I/O paths take them
+        // in that order too.
+        let mut m = self.lock();
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        m.flush_all()
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if !self.read_only {
+            let m = self.meta.get_mut().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = m.flush_all() {
+                log::warn!("{e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Refcounts and cluster allocation (qcow2.rst: "Host cluster management").
+//!
+//! The refcount table lives in memory (bounded to 8 MiB by the header
+//! check); refcount blocks go through the bounded cache. A missing refcount
+//! block is created at the first cluster it covers, which is free by
+//! definition (all its refcounts are 0), so the block describes itself and
+//! allocation never recurses. When the table itself is full, a larger one
+//! is built past the end of everything it covers, together with the blocks
+//! that describe it, written and synced before the header points at it.
+
+use super::{DiscardType, Meta, REFT_OFFSET_MASK};
+use crate::error::{FResult, FormatError};
+
+/// Read entry `i` of a refcount block of width `1 << order` bits.
+pub fn rb_get(b: &[u8], i: usize, order: u32) -> u64 {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let bit = i * bits;
+            ((b[bit / 8] >> (bit % 8)) as u64) & ((1u64 << bits) - 1)
+        }
+        3 => b[i] as u64,
+        4 => u16::from_be_bytes([b[2 * i], b[2 * i + 1]]) as u64,
+        5 => u32::from_be_bytes(b[4 * i..4 * i + 4].try_into().unwrap_or([0; 4])) as u64,
+        _ => u64::from_be_bytes(b[8 * i..8 * i + 8].try_into().unwrap_or([0; 8])),
+    }
+}
+
+/// Write entry `i` (the value fits: the caller checked the maximum).
+pub fn rb_set(b: &mut [u8], i: usize, order: u32, v: u64) {
+    match order {
+        0..=2 => {
+            let bits = 1usize << order;
+            let bit = i * bits;
+            let mask = (((1u16 << bits) - 1) as u8) << (bit % 8);
+            b[bit / 8] = (b[bit / 8] & !mask) | (((v as u8) << (bit % 8)) & mask);
+        }
+        3 => b[i] = v as u8,
+        4 => b[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_be_bytes()),
+        5 => b[4 * i..4 * i + 4].copy_from_slice(&(v as u32).to_be_bytes()),
+        _ => b[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes()),
+    }
+}
+
+/// Host offsets must stay below 2^56 (L2 entry offset bits).
+const MAX_HOST_CLUSTER_END: u64 = 1 << 56;
+
+impl Meta {
+    /// Refcount entries per block.
+    pub(crate) fn rb_entries(&self) -> u64 {
+        self.cs * 8 / self.h.refcount_bits() as u64
+    }
+    /// Largest refcount value.
+    pub(crate) fn rc_max(&self) -> u64 {
+        let b = self.h.refcount_bits();
+        if b == 64 {
+            u64::MAX
+        } else {
+            (1 << b) - 1
+        }
+    }
+
+    /// Offset of refcount block `t`, validated; `None` when absent.
+    pub(crate) fn rb_offset(&self, t: u64) -> FResult<Option<u64>> {
+        let Some(&e) = self.reftable.get(t as usize) else {
+            return Ok(None);
+        };
+        let off = e & REFT_OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        if !off.is_multiple_of(self.cs) {
+            return Err(self.corrupt(format!(
+                "refcount block offset 0x{off:x} is not aligned to a cluster"
+            )));
+        }
+        Ok(Some(off))
+    }
+
+    fn make_room_rb(&mut self) -> FResult<()> {
+        while self.rbc.is_full() {
+            let Some(k) = self.rbc.victim() else { break };
+            if self.rbc.is_dirty(k) {
+                if let Some(b) = self.rbc.peek(k) {
+                    let b = b.clone();
+                    self.write_meta(k, &b)?;
+                    self.rc_unsynced = true;
+                }
+            }
+            self.rbc.remove(k);
+        }
+        Ok(())
+    }
+
+    fn load_rb(&mut self, off: u64) -> FResult<()> {
+        if self.rbc.contains(off) {
+            return Ok(());
+        }
+        self.rbc.maybe_clean();
+        self.make_room_rb()?;
+        let mut b = vec![0u8; self.cs as usize];
+        self.file
+            .read_at(off, &mut b)
+            .map_err(|e| self.ioe(e, "reading a refcount block"))?;
+        self.rbc.insert(off, b, false);
+        Ok(())
+    }
+
+    /// Refcount of host cluster `idx`.
+    pub(crate) fn get_refcount(&mut self, idx: u64) -> FResult<u64> {
+        let epb = self.rb_entries();
+        let Some(off) = self.rb_offset(idx / epb)? else {
+            return Ok(0);
+        };
+        self.load_rb(off)?;
+        let order = self.h.refcount_order;
+        let b = self.rbc.get(off).ok_or_else(cache_miss)?;
+        Ok(rb_get(b, (idx % epb) as usize, order))
+    }
+
+    /// Make sure refcount block `t` exists (creating a self-describing one).
+    pub(crate) fn ensure_rb(&mut self, t: u64) -> FResult<u64> {
+        if t as usize >= self.reftable.len() {
+            self.grow_reftable(t + 1)?;
+        }
+        if let Some(off) = self.rb_offset(t)? {
+            return Ok(off);
+        }
+        let epb = self.rb_entries();
+        let cl = t * epb;
+        if cl == 0 {
+            return Err(self.corrupt("the refcount block for the header cluster is missing"));
+        }
+        let off = cl * self.cs;
+        self.make_room_rb()?;
+        let mut b = vec![0u8; self.cs as usize];
+        rb_set(&mut b, 0, self.h.refcount_order, 1);
+        // The block is written before the table entry points at it.
+        self.write_meta(off, &b)?;
+        self.rbc.insert(off, b, false);
+        self.reftable[t as usize] = off;
+        let ent = off.to_be_bytes();
+        self.sync()?;
+        self.write_meta(self.h.refcount_table_offset + t * 8, &ent)
+            .or_else(|e| match e {
+                // The table is metadata at a fixed place: allowed here.
+                FormatError::Corrupt(_) => self
+                    .file
+                    .write_at(self.h.refcount_table_offset + t * 8, &ent)
+                    .map_err(|e| self.ioe(e, "writing the refcount table")),
+                e => Err(e),
+            })?;
+        self.rc_unsynced = true;
+        self.alloc_end = self.alloc_end.max(off + self.cs);
+        Ok(off)
+    }
+
+    /// Set the refcount of cluster `idx`.
+    pub(crate) fn set_refcount(&mut self, idx: u64, v: u64) -> FResult<()> {
+        if v > self.rc_max() {
+            return Err(FormatError::Invalid(format!(
+                "{}: refcount overflow (refcount_bits={})",
+                self.name,
+                self.h.refcount_bits()
+            )));
+        }
+        let epb = self.rb_entries();
+        let t = idx / epb;
+        let off = self.ensure_rb(t)?;
+        self.load_rb(off)?;
+        let order = self.h.refcount_order;
+        let b = self.rbc.get_mut(off).ok_or_else(cache_miss)?;
+        rb_set(b, (idx % epb) as usize, order, v);
+        Ok(())
+    }
+
+    /// Add `delta` to the refcount of cluster `idx`; returns the new value.
+    pub(crate) fn add_refcount(&mut self, idx: u64, delta: i64) -> FResult<u64> {
+        let cur = self.get_refcount(idx)?;
+        let new = if delta < 0 {
+            cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                self.corrupt(format!("refcount of cluster {idx} would drop below zero"))
+            })?
+        } else {
+            cur.checked_add(delta as u64)
+                .filter(|v| *v <= self.rc_max())
+                .ok_or_else(|| {
+                    FormatError::Invalid(format!(
+                        "{}: refcount overflow for cluster {idx} (refcount_bits={})",
+                        self.name,
+                        self.h.refcount_bits()
+                    ))
+                })?
+        };
+        self.set_refcount(idx, new)?;
+        if new == 0 && idx < self.free_cursor {
+            self.free_cursor = idx.max(1);
+        }
+        Ok(new)
+    }
+
+    /// Allocate `n` contiguous clusters (refcount 1); returns the offset.
+    pub(crate) fn alloc_clusters(&mut self, n: u64) -> FResult<u64> {
+        if self.read_only || self.corrupt {
+            return Err(FormatError::ReadOnly(format!(
+                "{}: the image is read-only",
+                self.name
+            )));
+        }
+        let epb = self.rb_entries();
+        let mut start = self.free_cursor.max(1);
+        'search: loop {
+            if (start + n) * self.cs > MAX_HOST_CLUSTER_END {
+                return Err(FormatError::NoSpace(format!(
+                    "{}: no space left in the image (host offsets are limited to 2^56)",
+                    self.name
+                )));
+            }
+            for i in 0..n {
+                if self.get_refcount(start + i)? != 0 {
+                    start = start + i + 1;
+                    continue 'search;
+                }
+            }
+            // Refcount blocks for the run, then check again: a new block
+            // may have taken a cluster of the run.
+            let mut created = false;
+            for t in start / epb..=(start + n - 1) / epb {
+                if self.rb_offset(t)?.is_none() {
+                    self.ensure_rb(t)?;
+                    created = true;
+                }
+            }
+            if created {
+                continue 'search;
+            }
+            for i in 0..n {
+                self.set_refcount(start + i, 1)?;
+            }
+            if self.free_cursor == start {
+                self.free_cursor = start + n;
+            }
+            let off = start * self.cs;
+            self.alloc_end = self.alloc_end.max(off + n * self.cs);
+            return Ok(off);
+        }
+    }
+
+    /// Room for `size` bytes of compressed data (sector-aligned start).
+    pub(crate) fn alloc_bytes(&mut self, size: u64) -> FResult<u64> {
+        let size = size.div_ceil(512) * 512;
+        let cur = self.comp_cursor;
+        if cur != 0 && !cur.is_multiple_of(self.cs) && self.cs - cur % self.cs >= size {
+            self.add_refcount(cur / self.cs, 1)?;
+            self.comp_cursor = if (cur + size).is_multiple_of(self.cs) {
+                0
+            } else {
+                cur + size
+            };
+            return Ok(cur);
+        }
+        let n = size.div_ceil(self.cs);
+        let off = self.alloc_clusters(n)?;
+        let end = off + size;
+        self.comp_cursor = if end.is_multiple_of(self.cs) { 0 } else { end };
+        Ok(off)
+    }
+
+    /// Drop one reference to each of `n` clusters at `off`, at the next flush.
+    pub(crate) fn queue_free(&mut self, off: u64, n: u64, ty: DiscardType) {
+        for i in 0..n {
+            self.pending_free.push((off + i * self.cs, ty));
+        }
+    }
+
+    /// Apply the queued refcount decrements (the L2 changes are durable).
+    pub(crate) fn process_frees(&mut self) -> FResult<()> {
+        let list = std::mem::take(&mut self.pending_free);
+        for (off, ty) in list {
+            let idx = off / self.cs;
+            let v = self.add_refcount(idx, -1)?;
+            if v == 0 {
+                if self.comp_cursor != 0 && self.comp_cursor / self.cs == idx {
+                    self.comp_cursor = 0;
+                }
+                if self.pass_discard[ty as usize] {
+                    let _ = self.file.discard(off, self.cs);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Grow the refcount table to at least `need` entries: new blocks and
+    /// the new table go past everything the old table covers and past the
+    /// end of the file, so they do not collide with anything.
+    pub(crate) fn grow_reftable(&mut self, need: u64) -> FResult<()> {
+        let cs = self.cs;
+        let epb = self.rb_entries();
+        let old_len = self.reftable.len() as u64;
+        let file_cl = self.file_len()?.max(self.alloc_end).div_ceil(cs);
+        let e = file_cl.max(old_len * epb).div_ceil(epb) * epb;
+        let mut new_len = need.max(old_len + old_len / 2).max(1);
+        let (k, m) = loop {
+            let k = (new_len * 8).div_ceil(cs);
+            let mut m = 1;
+            while (m + k).div_ceil(epb) > m {
+                m += 1;
+            }
+            let needed = e / epb + m;
+            if new_len >= needed {
+                break (k, m);
+            }
+            new_len = needed;
+        };
+        if k * cs > super::header::MAX_REFTABLE_BYTES || (e + m + k) * cs > MAX_HOST_CLUSTER_END {
+            return Err(FormatError::NoSpace(format!(
+                "{}: the refcount table cannot grow any further",
+                self.name
+            )));
+        }
+        let order = self.h.refcount_order;
+        for j in 0..m {
+            let t = e / epb + j;
+            let mut b = vec![0u8; cs as usize];
+            for c in (e..e + m + k).filter(|c| c / epb == t) {
+                rb_set(&mut b, (c % epb) as usize, order, 1);
+            }
+            self.write_meta((e + j) * cs, &b)?;
+        }
+        let mut table = self.reftable.clone();
+        table.resize((k * cs / 8) as usize, 0);
+        for j in 0..m {
+            table[(e / epb + j) as usize] = (e + j) * cs;
+        }
+        let raw: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
+        let new_off = (e + m) * cs;
+        self.write_meta(new_off, &raw)?;
+        self.sync()?;
+        let old_off = self.h.refcount_table_offset;
+        let old_cl = self.h.refcount_table_clusters as u64;
+        self.h.refcount_table_offset = new_off;
+        self.h.refcount_table_clusters = k as u32;
+        self.reftable = table;
+        self.alloc_end = self.alloc_end.max((e + m + k) * cs);
+        self.write_header()?;
+        self.queue_free(old_off, old_cl, DiscardType::Other);
+        Ok(())
+    }
+
+    /// Write dirty refcount blocks.
+    pub(crate) fn write_dirty_rbs(&mut self) -> FResult<()> {
+        for k in self.rbc.dirty_keys() {
+            if let Some(b) = self.rbc.peek(k) {
+                let b = b.clone();
+                self.write_meta(k, &b)?;
+                self.rbc.mark_clean(k);
+                self.rc_unsynced = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refcount blocks durable (what new L2 references depend on).
+    pub(crate) fn sync_refcounts(&mut self) -> FResult<()> {
+        self.write_dirty_rbs()?;
+        if self.rc_unsynced {
+            self.sync()?;
+            self.rc_unsynced = false;
+        }
+        Ok(())
+    }
+}
+
+/// A table we just loaded is not in the cache: a logic error, reported
+/// instead of panicking.
+fn cache_miss() -> crate::error::FormatError {
+    crate::error::FormatError::Corrupt("internal error: metadata cache miss".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing() {
+        for order in 0..=6u32 {
+            let mut b = vec![0u8; 64];
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
+            let n = (64 * 8) >> order;
+            for i in 0..n {
+                rb_set(&mut b, i, order, (i as u64 * 7) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    rb_get(&b, i, order),
+                    (i as u64 * 7) & max,
+                    "order {order} i {i}"
+                );
+            }
+        }
+        // Sub-byte widths: bit 0 is the least significant bit.
+        let mut b = vec![0u8; 1];
+        rb_set(&mut b, 0, 0, 1);
+        assert_eq!(b[0], 1);
+    }
+}
