@@ -80,10 +80,15 @@ fn make_image(path: &Path, len: usize, seed: u32) -> u64 {
 /// Boots the guest with `devices` and `checks` (init's command line items)
 /// and returns the console and the wall time from launch to GUEST-DONE.
 fn boot(name: &str, devices: &[String], checks: &str) -> (String, Duration) {
+    boot_kernel("vmlinux", name, devices, checks)
+}
+
+/// [`boot`] with another of the shared guest's kernels (`bzImage`).
+fn boot_kernel(kernel: &str, name: &str, devices: &[String], checks: &str) -> (String, Duration) {
     let dir = scratch(name);
     let log = dir.join("serial.log");
     let serial = format!("file:{}", log.display());
-    let kernel = guest("vmlinux");
+    let kernel = guest(kernel);
     let initrd = image("linux-lane.cpio").display().to_string();
     let quiet = if std::env::var_os("LINUX_LANE_VERBOSE").is_some() {
         ""
@@ -246,5 +251,38 @@ fn linux_virtio_blk_reads_modern_and_transitional() {
     assert!(
         !version_1("vdb"),
         "vdb should be driven through the legacy interface:\n{out}"
+    );
+}
+
+/// The bzImage form of the guest kernel (Linux boot protocol, 64-bit
+/// entry) with a transitional virtio-blk disk, which Linux drives through
+/// the modern interface when it has the choice.
+#[test]
+fn linux_bzimage_reads_transitional_virtio_as_modern() {
+    if !kvm_available("linux_bzimage_reads_transitional_virtio_as_modern") {
+        return;
+    }
+    let dir = scratch("linux-lane-bzimage-img");
+    let disk = dir.join("disk.img");
+    let sum = make_image(&disk, 4 << 20, 0x0f1e_0003);
+    let devices = vec![
+        "-drive".into(),
+        drive(&disk, "if=none,id=d0"),
+        "-device".into(),
+        "virtio-blk-pci,drive=d0".into(),
+    ];
+    let (out, _) = boot_kernel(
+        "bzImage",
+        "linux-lane-bzimage",
+        &devices,
+        &format!("check=vda:{SECTORS} show=/sys/block/vda/device/features"),
+    );
+    assert_sums(&out, &[("vda", sum)]);
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+    let bits = shown(&out, "/sys/block/vda/device/features");
+    assert_eq!(
+        bits.as_bytes().get(32),
+        Some(&b'1'),
+        "vda should be driven as modern:\n{out}"
     );
 }
