@@ -281,7 +281,7 @@ pub fn build_with(
             f.add_file(crate::smbios::ANCHOR_FILE, s.anchor(0));
             if cfg.kernel.is_some() {
                 // -kernel through the firmware: an option ROM loads it.
-                let fb = boot::firmware::prepare(cfg, &layout)?;
+                let fb = boot::firmware::prepare(cfg, &layout, &ram)?;
                 for (key, data) in fb.items.iter() {
                     f.add_item(*key, data.clone());
                 }
