@@ -5,9 +5,6 @@ mod support;
 
 use support::qtest::{fw_cfg_dir_lookup, Qtest};
 
-const FW_CFG_CTL: u16 = 0x510;
-const FW_CFG_DATA: u16 = 0x511;
-
 /// Reads an fw_cfg item over DMA, with a descriptor at 0x1000 and the buffer at 0x2000.
 fn fw_cfg_read_dma(q: &mut Qtest, key: u16, len: u32) -> Vec<u8> {
     let control: u32 = (key as u32) << 16 | 0x08 | 0x02; // select + read
