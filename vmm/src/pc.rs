@@ -412,6 +412,7 @@ fn fill_fw_cfg(f: &mut FwCfg, cfg: &MachineConfig, layout: &Layout, boot: &BootO
         b = b"HALT\0".to_vec();
     }
     f.add_file("bootorder", b);
+    f.add_file("bios-geometry", boot.bios_geometry_file());
     let fail_wait = cfg.boot.reboot_timeout.unwrap_or(u32::MAX);
     f.add_file("etc/boot-fail-wait", fail_wait.to_le_bytes().to_vec());
     f.add_file(
