@@ -18,30 +18,8 @@ use support::{kernels, kvm_available, require_bios, run_strata, run_until_marker
 const TIMEOUT: Duration = Duration::from_secs(120);
 const APPEND: &str = "console=ttyS0 via=seabios quoted=\"a b\"";
 
-fn fw_cfg_read(q: &mut Qtest, key: u16, len: usize) -> Vec<u8> {
-    q.outw(0x510, key);
-    (0..len).map(|_| q.inb(0x511)).collect()
-}
-
 fn fw_cfg_u32(q: &mut Qtest, key: u16) -> u32 {
-    u32::from_le_bytes(fw_cfg_read(q, key, 4).try_into().unwrap())
-}
-
-fn fw_cfg_file(q: &mut Qtest, name: &str) -> Option<Vec<u8>> {
-    let count = u32::from_be_bytes(fw_cfg_read(q, 0x19, 4).try_into().unwrap()) as usize;
-    let dir = fw_cfg_read(q, 0x19, 4 + 64 * count);
-    let (key, size) = (0..count).find_map(|i| {
-        let e = &dir[4 + i * 64..4 + (i + 1) * 64];
-        let n = &e[8..];
-        let end = n.iter().position(|&b| b == 0).unwrap_or(n.len());
-        (&n[..end] == name.as_bytes()).then(|| {
-            (
-                u16::from_be_bytes([e[4], e[5]]),
-                u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize,
-            )
-        })
-    })?;
-    Some(fw_cfg_read(q, key, size))
+    u32::from_le_bytes(q.fw_cfg_read(key, 4).try_into().unwrap())
 }
 
 fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
@@ -75,7 +53,7 @@ fn bzimage_items_follow_the_boot_protocol() {
     let setup_len = (image[0x1f1] as usize + 1) * 512;
     assert_eq!(fw_cfg_u32(&mut q, 0x16), 0x10000, "SETUP_ADDR");
     assert_eq!(fw_cfg_u32(&mut q, 0x17) as usize, setup_len, "SETUP_SIZE");
-    let setup = fw_cfg_read(&mut q, 0x18, setup_len);
+    let setup = q.fw_cfg_read(0x18, setup_len);
     assert_eq!(&setup[0x202..0x206], b"HdrS");
     assert_eq!(setup[0x210], 0xff, "type_of_loader");
     assert_eq!(setup[0x211] & 0x81, 0x81, "LOADED_HIGH | CAN_USE_HEAP");
@@ -102,7 +80,7 @@ fn bzimage_items_follow_the_boot_protocol() {
     assert_eq!(rd_addr % 4096, 0);
     assert!((rd_addr + rd_size) as u64 <= 128 << 20);
     assert_eq!(fw_cfg_u32(&mut q, 0x0b) as usize, rd.len());
-    assert_eq!(fw_cfg_read(&mut q, 0x12, rd.len()), rd, "INITRD_DATA");
+    assert_eq!(q.fw_cfg_read(0x12, rd.len()), rd, "INITRD_DATA");
     let code32 = u32::from_le_bytes(setup[0x214..0x218].try_into().unwrap());
     assert_eq!(
         fw_cfg_u32(&mut q, 0x07),
@@ -111,18 +89,16 @@ fn bzimage_items_follow_the_boot_protocol() {
     );
     let kernel = &image[setup_len..];
     assert_eq!(fw_cfg_u32(&mut q, 0x08) as usize, kernel.len());
-    assert_eq!(
-        fw_cfg_read(&mut q, 0x11, kernel.len()),
-        kernel,
-        "KERNEL_DATA"
-    );
+    assert_eq!(q.fw_cfg_read(0x11, kernel.len()), kernel, "KERNEL_DATA");
     let mut cmd = APPEND.as_bytes().to_vec();
     cmd.push(0);
     assert_eq!(fw_cfg_u32(&mut q, 0x14) as usize, cmd.len());
-    assert_eq!(fw_cfg_read(&mut q, 0x15, cmd.len()), cmd, "CMDLINE_DATA");
-    let rom = fw_cfg_file(&mut q, "genroms/linuxboot_dma.bin").expect("the option ROM");
+    assert_eq!(q.fw_cfg_read(0x15, cmd.len()), cmd, "CMDLINE_DATA");
+    let rom = q
+        .fw_cfg_file("genroms/linuxboot_dma.bin")
+        .expect("the option ROM");
     assert_eq!(&rom[..2], &[0x55, 0xaa], "an option ROM");
-    let order = fw_cfg_file(&mut q, "bootorder").unwrap();
+    let order = q.fw_cfg_file("bootorder").unwrap();
     assert!(
         order.starts_with(b"/rom@genroms/linuxboot_dma.bin"),
         "{}",
@@ -138,11 +114,13 @@ fn multiboot_items_hold_image_and_info() {
     require_bios();
     let k = kernels::path("testkernel-mb.elf");
     let mut q = Qtest::start(&["-boot", "menu=on", "-kernel", &k, "-append", "x=1"]);
-    let rom = fw_cfg_file(&mut q, "genroms/multiboot_dma.bin").expect("the option ROM");
+    let rom = q
+        .fw_cfg_file("genroms/multiboot_dma.bin")
+        .expect("the option ROM");
     assert_eq!(&rom[..2], &[0x55, 0xaa]);
     let info_addr = fw_cfg_u32(&mut q, 0x0a);
     let size = fw_cfg_u32(&mut q, 0x0b) as usize;
-    let info = fw_cfg_read(&mut q, 0x12, size);
+    let info = q.fw_cfg_read(0x12, size);
     let at = |o: usize| u32::from_le_bytes(info[o..o + 4].try_into().unwrap());
     assert_eq!(
         at(0) & (1 << 2 | 1 << 6),
@@ -210,9 +188,9 @@ fn pvh_items_for_pvh_rom() {
         "-append",
         APPEND,
     ]);
-    let rom = fw_cfg_file(&mut q, "genroms/pvh.bin").expect("the option ROM");
+    let rom = q.fw_cfg_file("genroms/pvh.bin").expect("the option ROM");
     assert_eq!(&rom[..2], &[0x55, 0xaa], "an option ROM");
-    let order = fw_cfg_file(&mut q, "bootorder").unwrap();
+    let order = q.fw_cfg_file("bootorder").unwrap();
     assert!(
         order.starts_with(b"/rom@genroms/pvh.bin"),
         "{}",
@@ -241,7 +219,7 @@ fn pvh_items_for_pvh_rom() {
     let mut cmd = APPEND.as_bytes().to_vec();
     cmd.push(0);
     assert_eq!(fw_cfg_u32(&mut q, 0x14) as usize, cmd.len(), "CMDLINE_SIZE");
-    assert_eq!(fw_cfg_read(&mut q, 0x15, cmd.len()), cmd, "CMDLINE_DATA");
+    assert_eq!(q.fw_cfg_read(0x15, cmd.len()), cmd, "CMDLINE_DATA");
     let rd_addr = fw_cfg_u32(&mut q, 0x0a) as u64;
     assert_eq!(fw_cfg_u32(&mut q, 0x0b) as usize, rd.len(), "INITRD_SIZE");
     assert_eq!(rd_addr % 4096, 0);
@@ -250,7 +228,7 @@ fn pvh_items_for_pvh_rom() {
         rd_addr + rd.len() as u64 <= (128 << 20) - (256 << 10),
         "the initrd stays clear of SeaBIOS's top-of-RAM area"
     );
-    assert_eq!(fw_cfg_read(&mut q, 0x12, rd.len()), rd, "INITRD_DATA");
+    assert_eq!(q.fw_cfg_read(0x12, rd.len()), rd, "INITRD_DATA");
     // The ROM loads the initrd itself: nothing there yet.
     assert_eq!(q.memread(rd_addr, 16), [0; 16]);
 }
