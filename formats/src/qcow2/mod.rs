@@ -13,6 +13,7 @@
 //! * [`snapshot`]: the snapshot table, snapshot create/apply/delete.
 //! * [`check`]: consistency check and repair (`qemu-img check`).
 //! * [`create`]: image creation with qemu-img's options.
+//! * [`fuzz`]: the hostile-image harness (fuzz target, corpus test).
 //!
 //! Concurrency: all metadata lives in one [`Meta`] behind a mutex. Reads
 //! and overwrites of clusters that are already allocated to this image
@@ -35,6 +36,7 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod fuzz;
 pub mod header;
 pub mod io;
 pub mod l2;
@@ -44,6 +46,7 @@ pub mod snapshot;
 use crate::error::{FResult, FormatError};
 use crate::storage::Storage;
 use cache::Cache;
+pub use fuzz::fuzz_open_read;
 use header::Header;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
