@@ -255,6 +255,31 @@ impl Meta {
             .map_err(|e| self.ioe(e, "writing the header"))?;
         self.sync()
     }
+    /// With `lazy_refcounts`, set the dirty bit before the first change
+    /// (QEMU's `qcow2_mark_dirty`): a process that dies before closing
+    /// leaves it, and the next read-write open rebuilds the refcounts.
+    /// Strata keeps its refcounts exact anyway, so the bit only tells the
+    /// next user that this process did not close the image.
+    pub(crate) fn mark_dirty(&mut self) -> FResult<()> {
+        if self.h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0
+            && self.h.incompatible & header::INCOMPAT_DIRTY == 0
+            && !self.read_only
+            && self.h.version >= 3
+        {
+            self.h.incompatible |= header::INCOMPAT_DIRTY;
+            self.write_header()?;
+        }
+        Ok(())
+    }
+    /// Flush, then clear the dirty bit (a clean close).
+    pub(crate) fn mark_clean(&mut self) -> FResult<()> {
+        self.flush_all()?;
+        if self.h.incompatible & header::INCOMPAT_DIRTY != 0 && !self.read_only {
+            self.h.incompatible &= !header::INCOMPAT_DIRTY;
+            self.write_header()?;
+        }
+        Ok(())
+    }
     pub(crate) fn sync(&self) -> FResult<()> {
         self.file.flush().map_err(|e| self.ioe(e, "flushing"))
     }
@@ -460,7 +485,7 @@ impl Qcow2 {
         // in that order too.
         let mut m = self.lock();
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
-        m.flush_all()
+        m.mark_clean()
     }
 }
 
@@ -468,7 +493,7 @@ impl Drop for Qcow2 {
     fn drop(&mut self) {
         if !self.read_only {
             let m = self.meta.get_mut().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = m.flush_all() {
+            if let Err(e) = m.mark_clean() {
                 log::warn!("{e}");
             }
         }
