@@ -52,18 +52,40 @@ fn sigkill_mid_write_leaves_no_corruption() {
         ("cluster_size=4096", "writeback", &["--flush-interval", "8"]),
         ("lazy_refcounts=on", "writethrough", &[]),
         ("cluster_size=16384,extended_l2=on", "writethrough", &[]),
-        ("compat=0.10,cluster_size=512", "writeback", &["--flush-interval", "16"]),
+        (
+            "compat=0.10,cluster_size=512",
+            "writeback",
+            &["--flush-interval", "16"],
+        ),
     ];
     for r in 0..rounds {
         for (i, (o, cache, extra)) in cases.iter().enumerate() {
             let what = format!("{o} cache={cache} round {r}");
             let _ = std::fs::remove_file(img);
-            let c = run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", o, img, "256M"]);
+            let c = run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", o, img, "256M"],
+            );
             assert!(c.status.success(), "{what}");
             // Odd sizes and steps: partial clusters, COW, new L2 tables.
             let mut args = vec![
-                "bench", "-w", "-q", "-f", "qcow2", "-t", cache, "-c", "100000000", "-d", "8",
-                "-s", "6144", "-S", "1052672", "--pattern", "165",
+                "bench",
+                "-w",
+                "-q",
+                "-f",
+                "qcow2",
+                "-t",
+                cache,
+                "-c",
+                "100000000",
+                "-d",
+                "8",
+                "-s",
+                "6144",
+                "-S",
+                "1052672",
+                "--pattern",
+                "165",
             ];
             args.extend_from_slice(extra);
             args.push(img);
@@ -85,16 +107,25 @@ fn sigkill_mid_write_leaves_no_corruption() {
             child.wait().unwrap();
             let lazy = o.contains("lazy_refcounts=on");
             if lazy {
-                assert!(dirty(img), "{what}: a killed lazy-refcounts writer leaves the dirty bit");
+                assert!(
+                    dirty(img),
+                    "{what}: a killed lazy-refcounts writer leaves the dirty bit"
+                );
             }
             no_corruption(img, &what);
             // The next read-write open repairs a dirty image; afterwards
             // the image is clean (not even leaks) and not dirty.
             let w = run(
                 strata_bin(),
-                &["bench", "-w", "-q", "-f", "qcow2", "-c", "1", "-d", "1", img],
+                &[
+                    "bench", "-w", "-q", "-f", "qcow2", "-c", "1", "-d", "1", img,
+                ],
             );
-            assert!(w.status.success(), "{what}: {}", String::from_utf8_lossy(&w.stderr));
+            assert!(
+                w.status.success(),
+                "{what}: {}",
+                String::from_utf8_lossy(&w.stderr)
+            );
             assert!(!dirty(img), "{what}: dirty after a clean close");
             if lazy {
                 let c = run("qemu-img", &["check", img]);
