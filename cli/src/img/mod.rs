@@ -10,6 +10,7 @@ pub mod convert;
 pub mod info;
 pub mod json;
 pub mod qcow2;
+pub mod snapshot;
 
 use block::backend::{BackendConfig, BlockBackend};
 use block::driver::Perms;
@@ -115,6 +116,8 @@ pub enum Cmd {
     },
     /// Convert (copy) images.
     Convert(convert::ConvertArgs),
+    /// List, apply, create or delete internal snapshots.
+    Snapshot(snapshot::SnapshotArgs),
     /// Copy with dd-style operands.
     Dd {
         #[arg(short = 'f')]
@@ -430,6 +433,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             &filename2,
         ),
         Cmd::Convert(a) => convert::convert(a),
+        Cmd::Snapshot(a) => snapshot::snapshot(a),
         Cmd::Dd {
             fmt,
             out_fmt,

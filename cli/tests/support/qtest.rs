@@ -18,6 +18,12 @@ pub struct Qtest {
 impl Qtest {
     /// Starts strata with the qtest accelerator and `extra` arguments.
     pub fn start(extra: &[&str]) -> Qtest {
+        Self::start_env(extra, &[])
+    }
+
+    /// Like [`Qtest::start`], with extra environment variables for strata.
+    #[allow(dead_code)]
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Qtest {
         let dir = super::scratch("qtest");
         let sock = dir.join("qtest.sock");
         let listener = UnixListener::bind(&sock).unwrap();
@@ -30,6 +36,7 @@ impl Qtest {
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(super::strata_bin())
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn strata");
