@@ -261,3 +261,27 @@ fn seabios_uses_the_lchs_given_to_ide_hd() {
         TIMEOUT,
     );
 }
+
+/// `-snapshot -hda`: the guest boots from a temporary qcow2 overlay and the
+/// image itself is opened read-only and left as it was.
+#[test]
+fn snapshot_hda_boots_and_leaves_the_image_alone() {
+    if skip("snapshot_hda_boots_and_leaves_the_image_alone") {
+        return;
+    }
+    let (disk, _) = images();
+    let dir = scratch("ide-kvm-snapshot");
+    let img = copy(&disk, &dir, "disk.img");
+    let before = std::fs::read(&img).unwrap();
+    let out = boot(
+        &dir,
+        &["-snapshot", "-hda", &img],
+        &["STRATA-BOOT-OK", "STRATA-BOOT-FAIL"],
+        TIMEOUT,
+    );
+    assert!(out.contains("STRATA-BOOT-OK"), "{out}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "-snapshot modified the image"
+    );
+}
