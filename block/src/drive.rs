@@ -11,7 +11,9 @@
 //! dotted driver key go to the node; `rerror`/`werror` to the backend;
 //! `if`, `bus`, `unit`, `index`, `media`, `serial`, `addr` to the device.
 //! `media=cdrom` implies read-only; `copy-on-read=on` puts a `copy-on-read`
-//! filter on top. A missing `id` is generated as QEMU does
+//! filter on top. `snapshot=on` (and `-snapshot`) opens the image
+//! read-only under a temporary qcow2 overlay ([`crate::snapshot_overlay`]).
+//! A missing `id` is generated as QEMU does
 //! (`ide0-hd0`, `ide1-cd0`, `virtio0`, `floppy0`, `none0`).
 
 use crate::backend::{BackendConfig, BlockBackend, ErrorAction};
@@ -127,6 +129,10 @@ pub struct DriveSpec {
     pub device: Option<PendingDevice>,
     /// `copy-on-read=on`: a `copy-on-read` filter goes on top of the node.
     pub copy_on_read: bool,
+    /// `snapshot=on|off` (`None`: not given; `-snapshot` turns it on):
+    /// the guest writes into a temporary qcow2 overlay, the image itself
+    /// is opened read-only.
+    pub snapshot: Option<bool>,
 }
 
 /// Tracks drives already defined, to pick free units and ids.
@@ -386,12 +392,7 @@ impl DriveTable {
                 node.insert(k.into(), s(&v));
             }
         }
-        if o.take_bool("snapshot")?.unwrap_or(false) {
-            return Err(BlockError::Unsupported(
-                "-drive: snapshot=on needs a temporary qcow2 overlay, which is not available yet"
-                    .into(),
-            ));
-        }
+        let snapshot = o.take_bool("snapshot")?;
         let copy_on_read = o.take_bool("copy-on-read")?.unwrap_or(false);
         if copy_on_read && read_only {
             return Err(BlockError::Open(
@@ -513,6 +514,7 @@ impl DriveTable {
             backend,
             device,
             copy_on_read,
+            snapshot,
         })
     }
 }
@@ -593,7 +595,16 @@ impl DriveSpec {
         let Some(map) = &self.node else {
             return Ok(BlockBackend::new_empty(&self.id, self.backend.clone()));
         };
-        let mut node = graph.open_options(Options::new("-drive", map.clone()), None, self.probe)?;
+        let snapshot = self.snapshot == Some(true) && !self.backend.read_only;
+        let mut node = if snapshot {
+            let mut base = map.clone();
+            base.insert("read-only".into(), Value::Str("on".into()));
+            let base = graph.open_options(Options::new("-drive", base), None, self.probe)?;
+            let cache = map.get("cache").cloned();
+            crate::snapshot_overlay::open_temp_overlay(graph, &base, cache)?
+        } else {
+            graph.open_options(Options::new("-drive", map.clone()), None, self.probe)?
+        };
         if self.copy_on_read {
             let mut cor = Map::new();
             cor.insert("driver".into(), Value::Str("copy-on-read".into()));

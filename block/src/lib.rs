@@ -57,4 +57,5 @@ pub mod node;
 pub mod null;
 pub mod qcow2;
 pub mod raw;
+pub mod snapshot_overlay;
 pub mod throttle;

@@ -258,7 +258,7 @@ fn errors_are_one_line() {
         ("file=x,media=tape", "-drive: parameter 'media' expects 'disk' or 'cdrom', got 'tape'"),
         ("file=x,index=1,unit=1", "-drive: index cannot be used with bus and unit"),
         ("file=x,readonly=perhaps", "-drive: parameter 'readonly' expects 'on' or 'off', got 'perhaps'"),
-        ("file=x,snapshot=on", "-drive: snapshot=on needs a temporary qcow2 overlay, which is not available yet"),
+        ("file=x,snapshot=maybe", "-drive: parameter 'snapshot' expects 'on' or 'off', got 'maybe'"),
         ("file=x,id=0bad", "-drive: Parameter 'id' expects an identifier (letters, digits, '-', '.', '_', starting with a letter), got '0bad'"),
     ] {
         let e = parse_drive(d).unwrap_err().to_string();

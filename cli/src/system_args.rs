@@ -25,6 +25,7 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -nographic, -display none         no display (Strata never has one); -nographic wires COM1 to stdio
   -nodefaults                       no default serial port
   -no-reboot                        exit instead of rebooting when the guest resets
+  -snapshot                         write to temporary overlays; the disk images stay unchanged
   -name NAME, -S                    guest name; start with vCPUs stopped
   -drive file=F[,if=ide|virtio|none,format=,media=disk|cdrom,cache=,aio=,...]
   -hda/-hdb/-hdc/-hdd F, -cdrom F, -fda/-fdb F   legacy drive shortcuts
@@ -311,6 +312,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut cfg = MachineConfig::default();
     let mut serial: Vec<Option<CharDev>> = Vec::new();
     let (mut nographic, mut nodefaults, mut accel_set) = (false, false, false);
+    let mut snapshot = false;
     let mut drives = block::drive::DriveTable::new();
     let (mut kernel, mut initrd, mut append) = (None, None, None);
     let mut it = args.iter();
@@ -326,6 +328,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 "-nographic"
                     | "-nodefaults"
                     | "-no-reboot"
+                    | "-snapshot"
                     | "-enable-kvm"
                     | "-S"
                     | "-version"
@@ -355,6 +358,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "-nographic" => nographic = true,
             "-nodefaults" => nodefaults = true,
             "-no-reboot" => cfg.no_reboot = true,
+            "-snapshot" => snapshot = true,
             "-S" => cfg.paused = true,
             "-enable-kvm" => {
                 cfg.accel = Accel::Kvm;
@@ -481,6 +485,13 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 }
             }
             _ => return Err(format!("{opt}: invalid option")),
+        }
+    }
+    if snapshot {
+        // QEMU: `-snapshot` is snapshot=on for every drive that does not
+        // say snapshot=off.
+        for d in &mut cfg.drives {
+            d.snapshot.get_or_insert(true);
         }
     }
     cfg.kernel = kernel_config(kernel, initrd, append)?;

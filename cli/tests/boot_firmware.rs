@@ -1,45 +1,25 @@
 //! `-kernel` through SeaBIOS (an explicit `-bios`, or `-boot menu=on`).
 //! Under qtest: the fw_cfg items 0x07-0x18 hold what the boot protocol
 //! says a loader hands over, the option ROM is `genroms/...` and first in
-//! `bootorder`. Under KVM: the test kernel, as bzImage (through
-//! linuxboot_dma.bin, entering its real-mode setup) and as multiboot
-//! (through multiboot_dma.bin), boots and reports the command line, the
-//! initrd or module, and the e820 map SeaBIOS gave it.
+//! `bootorder`; a PVH kernel is already in RAM (pvh.bin does not copy it).
+//! Under KVM: the test kernel, as bzImage (through linuxboot_dma.bin,
+//! entering its real-mode setup), as multiboot (through
+//! multiboot_dma.bin) and as PVH ELF (through pvh.bin), boots and reports
+//! the command line, the initrd or module, and the e820 map SeaBIOS gave
+//! it.
 
 mod support;
 
 use std::time::Duration;
 
 use support::qtest::Qtest;
-use support::{kernels, kvm_available, require_bios, run_until_marker, scratch, BIOS};
+use support::{kernels, kvm_available, require_bios, run_strata, run_until_marker, scratch, BIOS};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const APPEND: &str = "console=ttyS0 via=seabios quoted=\"a b\"";
 
-fn fw_cfg_read(q: &mut Qtest, key: u16, len: usize) -> Vec<u8> {
-    q.outw(0x510, key);
-    (0..len).map(|_| q.inb(0x511)).collect()
-}
-
 fn fw_cfg_u32(q: &mut Qtest, key: u16) -> u32 {
-    u32::from_le_bytes(fw_cfg_read(q, key, 4).try_into().unwrap())
-}
-
-fn fw_cfg_file(q: &mut Qtest, name: &str) -> Option<Vec<u8>> {
-    let count = u32::from_be_bytes(fw_cfg_read(q, 0x19, 4).try_into().unwrap()) as usize;
-    let dir = fw_cfg_read(q, 0x19, 4 + 64 * count);
-    let (key, size) = (0..count).find_map(|i| {
-        let e = &dir[4 + i * 64..4 + (i + 1) * 64];
-        let n = &e[8..];
-        let end = n.iter().position(|&b| b == 0).unwrap_or(n.len());
-        (&n[..end] == name.as_bytes()).then(|| {
-            (
-                u16::from_be_bytes([e[4], e[5]]),
-                u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize,
-            )
-        })
-    })?;
-    Some(fw_cfg_read(q, key, size))
+    u32::from_le_bytes(q.fw_cfg_read(key, 4).try_into().unwrap())
 }
 
 fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
@@ -73,7 +53,7 @@ fn bzimage_items_follow_the_boot_protocol() {
     let setup_len = (image[0x1f1] as usize + 1) * 512;
     assert_eq!(fw_cfg_u32(&mut q, 0x16), 0x10000, "SETUP_ADDR");
     assert_eq!(fw_cfg_u32(&mut q, 0x17) as usize, setup_len, "SETUP_SIZE");
-    let setup = fw_cfg_read(&mut q, 0x18, setup_len);
+    let setup = q.fw_cfg_read(0x18, setup_len);
     assert_eq!(&setup[0x202..0x206], b"HdrS");
     assert_eq!(setup[0x210], 0xff, "type_of_loader");
     assert_eq!(setup[0x211] & 0x81, 0x81, "LOADED_HIGH | CAN_USE_HEAP");
@@ -100,7 +80,7 @@ fn bzimage_items_follow_the_boot_protocol() {
     assert_eq!(rd_addr % 4096, 0);
     assert!((rd_addr + rd_size) as u64 <= 128 << 20);
     assert_eq!(fw_cfg_u32(&mut q, 0x0b) as usize, rd.len());
-    assert_eq!(fw_cfg_read(&mut q, 0x12, rd.len()), rd, "INITRD_DATA");
+    assert_eq!(q.fw_cfg_read(0x12, rd.len()), rd, "INITRD_DATA");
     let code32 = u32::from_le_bytes(setup[0x214..0x218].try_into().unwrap());
     assert_eq!(
         fw_cfg_u32(&mut q, 0x07),
@@ -109,18 +89,16 @@ fn bzimage_items_follow_the_boot_protocol() {
     );
     let kernel = &image[setup_len..];
     assert_eq!(fw_cfg_u32(&mut q, 0x08) as usize, kernel.len());
-    assert_eq!(
-        fw_cfg_read(&mut q, 0x11, kernel.len()),
-        kernel,
-        "KERNEL_DATA"
-    );
+    assert_eq!(q.fw_cfg_read(0x11, kernel.len()), kernel, "KERNEL_DATA");
     let mut cmd = APPEND.as_bytes().to_vec();
     cmd.push(0);
     assert_eq!(fw_cfg_u32(&mut q, 0x14) as usize, cmd.len());
-    assert_eq!(fw_cfg_read(&mut q, 0x15, cmd.len()), cmd, "CMDLINE_DATA");
-    let rom = fw_cfg_file(&mut q, "genroms/linuxboot_dma.bin").expect("the option ROM");
+    assert_eq!(q.fw_cfg_read(0x15, cmd.len()), cmd, "CMDLINE_DATA");
+    let rom = q
+        .fw_cfg_file("genroms/linuxboot_dma.bin")
+        .expect("the option ROM");
     assert_eq!(&rom[..2], &[0x55, 0xaa], "an option ROM");
-    let order = fw_cfg_file(&mut q, "bootorder").unwrap();
+    let order = q.fw_cfg_file("bootorder").unwrap();
     assert!(
         order.starts_with(b"/rom@genroms/linuxboot_dma.bin"),
         "{}",
@@ -136,11 +114,13 @@ fn multiboot_items_hold_image_and_info() {
     require_bios();
     let k = kernels::path("testkernel-mb.elf");
     let mut q = Qtest::start(&["-boot", "menu=on", "-kernel", &k, "-append", "x=1"]);
-    let rom = fw_cfg_file(&mut q, "genroms/multiboot_dma.bin").expect("the option ROM");
+    let rom = q
+        .fw_cfg_file("genroms/multiboot_dma.bin")
+        .expect("the option ROM");
     assert_eq!(&rom[..2], &[0x55, 0xaa]);
     let info_addr = fw_cfg_u32(&mut q, 0x0a);
     let size = fw_cfg_u32(&mut q, 0x0b) as usize;
-    let info = fw_cfg_read(&mut q, 0x12, size);
+    let info = q.fw_cfg_read(0x12, size);
     let at = |o: usize| u32::from_le_bytes(info[o..o + 4].try_into().unwrap());
     assert_eq!(
         at(0) & (1 << 2 | 1 << 6),
@@ -167,6 +147,147 @@ fn multiboot_items_hold_image_and_info() {
         "entry inside the image"
     );
     assert_eq!(load, 0x100000);
+}
+
+/// The first PT_LOAD segment of an ELF64 file: (file offset, paddr, filesz).
+fn first_load_segment(elf: &[u8]) -> (usize, u64, usize) {
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    let phoff = u64_at(0x20) as usize;
+    let phnum = u16::from_le_bytes([elf[0x38], elf[0x39]]) as usize;
+    (0..phnum)
+        .map(|i| phoff + 56 * i)
+        .find(|&ph| elf[ph..ph + 4] == 1u32.to_le_bytes() && u64_at(ph + 0x20) > 0)
+        .map(|ph| {
+            (
+                u64_at(ph + 8) as usize,
+                u64_at(ph + 0x18),
+                u64_at(ph + 0x20) as usize,
+            )
+        })
+        .expect("a PT_LOAD segment")
+}
+
+#[test]
+fn pvh_items_for_pvh_rom() {
+    require_bios();
+    let dir = scratch("fwboot-pvh-items");
+    let rd: Vec<u8> = (0..4099u32).map(|i| (i * 17 + 5) as u8).collect();
+    let rdp = dir.join("rd.bin");
+    std::fs::write(&rdp, &rd).unwrap();
+    let k = kernels::path("testkernel-pvh.elf");
+    let elf = std::fs::read(&k).unwrap();
+    let mut q = Qtest::start(&[
+        "-m",
+        "128",
+        "-bios",
+        BIOS,
+        "-kernel",
+        &k,
+        "-initrd",
+        &rdp.display().to_string(),
+        "-append",
+        APPEND,
+    ]);
+    let rom = q.fw_cfg_file("genroms/pvh.bin").expect("the option ROM");
+    assert_eq!(&rom[..2], &[0x55, 0xaa], "an option ROM");
+    let order = q.fw_cfg_file("bootorder").unwrap();
+    assert!(
+        order.starts_with(b"/rom@genroms/pvh.bin"),
+        "{}",
+        String::from_utf8_lossy(&order)
+    );
+    // pvh.bin does not copy the kernel: its segments are in RAM already.
+    let (off, paddr, filesz) = first_load_segment(&elf);
+    let n = filesz.min(4096);
+    assert_eq!(
+        q.memread(paddr, n),
+        &elf[off..off + n],
+        "the segment at {paddr:#x} is loaded"
+    );
+    let load = fw_cfg_u32(&mut q, 0x07) as u64;
+    let size = fw_cfg_u32(&mut q, 0x08) as u64;
+    assert_eq!(load, 0x100000, "KERNEL_ADDR: the lowest segment");
+    assert!(size >= filesz as u64, "KERNEL_SIZE covers the segments");
+    let entry = fw_cfg_u32(&mut q, 0x10) as u64;
+    assert!(
+        (load..load + size).contains(&entry),
+        "KERNEL_ENTRY {entry:#x} is inside the kernel"
+    );
+    // The entry is the PVH note's, not e_entry (the Linux 32-bit entry).
+    let e_entry = u64::from_le_bytes(elf[0x18..0x20].try_into().unwrap());
+    assert_ne!(entry, e_entry, "the PVH entry, not e_entry");
+    let mut cmd = APPEND.as_bytes().to_vec();
+    cmd.push(0);
+    assert_eq!(fw_cfg_u32(&mut q, 0x14) as usize, cmd.len(), "CMDLINE_SIZE");
+    assert_eq!(q.fw_cfg_read(0x15, cmd.len()), cmd, "CMDLINE_DATA");
+    let rd_addr = fw_cfg_u32(&mut q, 0x0a) as u64;
+    assert_eq!(fw_cfg_u32(&mut q, 0x0b) as usize, rd.len(), "INITRD_SIZE");
+    assert_eq!(rd_addr % 4096, 0);
+    assert!(rd_addr >= load + size, "the initrd is above the kernel");
+    assert!(
+        rd_addr + rd.len() as u64 <= (128 << 20) - (256 << 10),
+        "the initrd stays clear of SeaBIOS's top-of-RAM area"
+    );
+    assert_eq!(q.fw_cfg_read(0x12, rd.len()), rd, "INITRD_DATA");
+    // The ROM loads the initrd itself: nothing there yet.
+    assert_eq!(q.memread(rd_addr, 16), [0; 16]);
+}
+
+#[test]
+fn pvh_bad_input_is_one_line() {
+    require_bios();
+    let dir = scratch("fwboot-pvh-bad");
+    // An ELF64 with one segment at 1 MiB and no PVH note.
+    let mut elf = vec![0u8; 0x1010];
+    elf[..7].copy_from_slice(b"\x7fELF\x02\x01\x01");
+    elf[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[0x12..0x14].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    elf[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+    elf[0x18..0x20].copy_from_slice(&0x100000u64.to_le_bytes());
+    elf[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+    elf[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
+    elf[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    elf[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+    let ph = 64;
+    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    elf[ph + 8..ph + 16].copy_from_slice(&0x1000u64.to_le_bytes());
+    for o in [0x10, 0x18] {
+        elf[ph + o..ph + o + 8].copy_from_slice(&0x100000u64.to_le_bytes());
+    }
+    for o in [0x20, 0x28] {
+        elf[ph + o..ph + o + 8].copy_from_slice(&16u64.to_le_bytes());
+    }
+    let nonote = dir.join("nonote.elf");
+    std::fs::write(&nonote, &elf).unwrap();
+    let nonote = nonote.display().to_string();
+    let pvh = kernels::path("testkernel-pvh.elf");
+    let long = "x".repeat(4096);
+    for (args, want) in [
+        (
+            vec!["-kernel", nonote.as_str()],
+            format!("-kernel {nonote}: an ELF kernel without a PVH note"),
+        ),
+        (
+            vec!["-kernel", pvh.as_str(), "-append", long.as_str()],
+            "-append: the command line is 4096 bytes".to_string(),
+        ),
+    ] {
+        let mut all = vec![
+            "-machine",
+            "pc,accel=qtest",
+            // The machine is built before the protocol starts: stdin is
+            // never read.
+            "-qtest",
+            "stdio",
+            "-bios",
+            BIOS,
+        ];
+        all.extend(args);
+        let (code, _, err) = run_strata(&all, TIMEOUT);
+        assert_eq!(code, Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(&want), "{err}");
+    }
 }
 
 fn boot_report(args: &[&str], name: &str) -> (String, String) {
@@ -285,4 +406,47 @@ fn multiboot_boots_through_seabios_with_boot_menu() {
         )
     );
     check_seabios_e820(&out);
+}
+
+#[test]
+fn pvh_elf_boots_through_seabios_and_pvh_rom() {
+    if !kvm_available("pvh_elf_boots_through_seabios_and_pvh_rom") {
+        return;
+    }
+    require_bios();
+    let dir = scratch("fwboot-pvh-rd");
+    let rd: Vec<u8> = (0..2345u32).map(|i| (i * 11 + 9) as u8).collect();
+    let rdp = dir.join("rd.bin");
+    std::fs::write(&rdp, &rd).unwrap();
+    let k = kernels::path("testkernel-pvh.elf");
+    let (out, log) = boot_report(
+        &[
+            "-bios",
+            BIOS,
+            "-kernel",
+            &k,
+            "-initrd",
+            &rdp.display().to_string(),
+            "-append",
+            APPEND,
+        ],
+        "fwboot-pvh",
+    );
+    assert!(
+        log.contains("Searching bootorder for: /rom@genroms/pvh.bin"),
+        "{log}"
+    );
+    assert_eq!(line(&out, "TK proto="), "pvh magic=0x0");
+    // The command line as given: PVH has no kernel-name prefix.
+    assert_eq!(line(&out, "TK cmdline="), APPEND);
+    assert_eq!(
+        line(&out, "TK initrd "),
+        format!("size={} fnv={:#x}", rd.len(), kernels::fnv(&rd))
+    );
+    check_seabios_e820(&out);
+    // pvh.bin found SeaBIOS's RSDP (Strata's tables) and passed it on.
+    let rsdp = line(&out, "TK rsdp given=");
+    let (given, found) = rsdp.split_once(" found=").unwrap();
+    assert_ne!(given, "0x0", "{out}");
+    assert_eq!(given, found, "{out}");
 }

@@ -252,14 +252,3 @@ fn initrd_that_does_not_fit() {
     ]);
     assert!(e.contains("-initrd /nonexistent/rd: No such file"), "{e}");
 }
-
-#[test]
-fn elf_kernels_cannot_boot_through_firmware() {
-    // Only bzImage and multiboot have a firmware route (an option ROM).
-    let k = kernels::path("testkernel-pvh.elf");
-    let e = fails(&["-kernel", &k, "-bios", "/usr/share/seabios/bios-256k.bin"]);
-    assert!(
-        e.contains("an ELF kernel cannot boot through the firmware"),
-        "{e}"
-    );
-}

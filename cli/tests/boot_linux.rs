@@ -2,14 +2,15 @@
 //! directly under KVM, with no disk: the PVH `vmlinux` and the `bzImage`,
 //! each with the tiny initramfs, must reach `GUEST-DONE` on COM1. The
 //! kernel has ACPI off, so it also proves the MP table: it must find it and
-//! switch to the IOAPIC.
+//! switch to the IOAPIC. The PVH `vmlinux` also boots through SeaBIOS
+//! (`-bios`, QEMU's pvh.bin option ROM).
 
 mod support;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use support::{kvm_available, run_until_marker, scratch};
+use support::{kvm_available, require_bios, run_until_marker, scratch, BIOS};
 
 /// The README's command line, without `waitdev=` (there is no disk).
 const CMDLINE: &str = "console=ttyS0 lpj=1000000 tsc=reliable no_timer_check \
@@ -35,30 +36,31 @@ fn guest(file: &str) -> String {
 }
 
 fn boot(kernel: &str, extra: &str, name: &str) -> String {
+    boot_with(&[], kernel, extra, name)
+}
+
+fn boot_with(args: &[&str], kernel: &str, extra: &str, name: &str) -> String {
     let dir = scratch(name);
     let log = dir.join("serial.log");
     let serial = format!("file:{}", log.display());
     let k = guest(kernel);
     let rd = guest("initramfs-tiny.cpio");
     let append = format!("{CMDLINE}{extra}");
-    run_until_marker(
-        &[
-            "-m",
-            "64",
-            "-nodefaults",
-            "-serial",
-            &serial,
-            "-kernel",
-            &k,
-            "-initrd",
-            &rd,
-            "-append",
-            &append,
-        ],
-        &log,
-        "GUEST-DONE",
-        TIMEOUT,
-    )
+    let mut all = vec![
+        "-m",
+        "64",
+        "-nodefaults",
+        "-serial",
+        &serial,
+        "-kernel",
+        &k,
+        "-initrd",
+        &rd,
+        "-append",
+        &append,
+    ];
+    all.extend_from_slice(args);
+    run_until_marker(&all, &log, "GUEST-DONE", TIMEOUT)
 }
 
 #[test]
@@ -91,5 +93,25 @@ fn linux_bzimage_reaches_guest_done() {
         return;
     }
     let out = boot("bzImage", " quiet", "linux-bz");
+    assert!(out.contains("GUEST-INIT"), "{out}");
+}
+
+#[test]
+fn linux_pvh_vmlinux_through_seabios_reaches_guest_done() {
+    if !kvm_available("linux_pvh_vmlinux_through_seabios_reaches_guest_done") {
+        return;
+    }
+    require_bios();
+    let out = boot_with(&["-bios", BIOS], "vmlinux", "", "linux-pvh-seabios");
+    // SeaBIOS ran (its e820 map ends low RAM at its own EBDA) and pvh.bin
+    // passed the command line and the initramfs.
+    assert!(
+        out.contains("BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Command line: console=ttyS0 lpj=1000000"),
+        "{out}"
+    );
     assert!(out.contains("GUEST-INIT"), "{out}");
 }

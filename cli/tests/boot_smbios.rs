@@ -25,29 +25,6 @@ fn sum(b: &[u8]) -> u8 {
     b.iter().fold(0u8, |a, &x| a.wrapping_add(x))
 }
 
-fn fw_cfg_read(q: &mut Qtest, key: u16, len: usize) -> Vec<u8> {
-    q.outw(0x510, key);
-    (0..len).map(|_| q.inb(0x511)).collect()
-}
-
-/// An fw_cfg file's contents, through the directory (key 0x19).
-fn fw_cfg_file(q: &mut Qtest, name: &str) -> Option<Vec<u8>> {
-    let count = u32::from_be_bytes(fw_cfg_read(q, 0x19, 4).try_into().unwrap()) as usize;
-    let dir = fw_cfg_read(q, 0x19, 4 + 64 * count);
-    let (key, size) = (0..count).find_map(|i| {
-        let e = &dir[4 + i * 64..4 + (i + 1) * 64];
-        let n = &e[8..];
-        let end = n.iter().position(|&b| b == 0).unwrap_or(n.len());
-        (&n[..end] == name.as_bytes()).then(|| {
-            (
-                u16::from_be_bytes([e[4], e[5]]),
-                u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize,
-            )
-        })
-    })?;
-    Some(fw_cfg_read(q, key, size))
-}
-
 fn types(s: &[Parsed]) -> Vec<u8> {
     s.iter().map(|p| p.ty).collect()
 }
@@ -67,8 +44,12 @@ fn check_type1(s: &[Parsed]) {
 fn fw_cfg_tables_carry_the_smbios_options() {
     require_bios();
     let mut q = Qtest::start(&["-m", "256", "-smp", "2", "-smbios", TYPE1]);
-    let anchor = fw_cfg_file(&mut q, "etc/smbios/smbios-anchor").expect("anchor file");
-    let tables = fw_cfg_file(&mut q, "etc/smbios/smbios-tables").expect("tables file");
+    let anchor = q
+        .fw_cfg_file("etc/smbios/smbios-anchor")
+        .expect("anchor file");
+    let tables = q
+        .fw_cfg_file("etc/smbios/smbios-tables")
+        .expect("tables file");
     assert_eq!(anchor.len(), 24, "SMBIOS 3.0 entry point");
     assert_eq!(&anchor[..5], b"_SM3_");
     assert_eq!(sum(&anchor), 0, "entry point checksum");
@@ -104,7 +85,7 @@ fn fw_cfg_tables_carry_the_smbios_options() {
 
     // With type 0 fields, type 0 is Strata's.
     let mut q = Qtest::start(&["-smbios", "type=0,vendor=Strata Test,version=1.2.3"]);
-    let tables = fw_cfg_file(&mut q, "etc/smbios/smbios-tables").unwrap();
+    let tables = q.fw_cfg_file("etc/smbios/smbios-tables").unwrap();
     let s = parse(&tables).unwrap();
     assert_eq!(s[0].ty, 0);
     assert_eq!(s[0].string(4), Some("Strata Test"));

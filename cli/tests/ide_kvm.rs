@@ -229,3 +229,59 @@ fn grub_rescue_iso_as_hda_boots_like_a_live_stick() {
     assert!(out.contains("Booting from Hard Disk"), "{out}");
     assert!(out.contains("Welcome to GRUB"), "{out}");
 }
+
+/// `lcyls/lheads/lsecs` reach SeaBIOS through the `bios-geometry` fw_cfg
+/// file, and it uses them as the disk's INT 13h geometry.
+#[test]
+fn seabios_uses_the_lchs_given_to_ide_hd() {
+    if skip("seabios_uses_the_lchs_given_to_ide_hd") {
+        return;
+    }
+    let (disk, _) = images();
+    let dir = scratch("ide-lchs-kvm");
+    let hd = copy(&disk, &dir, "hd.img");
+    let log = dir.join("debug.log");
+    let dbg = format!("file:{}", log.display());
+    let drive = format!("file={hd},if=none,id=hd,format=raw");
+    let _serial = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
+    support::run_until_marker(
+        &[
+            "-nodefaults",
+            "-debugcon",
+            &dbg,
+            "-global",
+            "isa-debugcon.iobase=0x402",
+            "-drive",
+            &drive,
+            "-device",
+            "ide-hd,drive=hd,bus=ide.0,unit=0,lcyls=100,lheads=16,lsecs=63",
+        ],
+        &log,
+        "translation=host-supplied LCHS=100/16/63",
+        TIMEOUT,
+    );
+}
+
+/// `-snapshot -hda`: the guest boots from a temporary qcow2 overlay and the
+/// image itself is opened read-only and left as it was.
+#[test]
+fn snapshot_hda_boots_and_leaves_the_image_alone() {
+    if skip("snapshot_hda_boots_and_leaves_the_image_alone") {
+        return;
+    }
+    let (disk, _) = images();
+    let dir = scratch("ide-kvm-snapshot");
+    let img = copy(&disk, &dir, "disk.img");
+    let before = std::fs::read(&img).unwrap();
+    let out = boot(
+        &dir,
+        &["-snapshot", "-hda", &img],
+        &["STRATA-BOOT-OK", "STRATA-BOOT-FAIL"],
+        TIMEOUT,
+    );
+    assert!(out.contains("STRATA-BOOT-OK"), "{out}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "-snapshot modified the image"
+    );
+}

@@ -888,29 +888,31 @@ fn boot_order_files_and_cmos() {
         "ide-cd,drive=cd,bus=ide.0,unit=0,bootindex=2",
     ]);
     assert_eq!(q.cmos(0x3d), 0x23, "CD first, then disk");
-    // bootorder through fw_cfg: find the file in the directory.
-    q.outw(0x510, 0x19);
-    let mut dir_bytes = Vec::new();
-    for _ in 0..4 {
-        dir_bytes.push(q.inb(0x511));
-    }
-    let count = u32::from_be_bytes(dir_bytes[..4].try_into().unwrap());
-    let mut found = None;
-    for _ in 0..count {
-        let e: Vec<u8> = (0..64).map(|_| q.inb(0x511)).collect();
-        let name_end = e[8..].iter().position(|&b| b == 0).unwrap() + 8;
-        if &e[8..name_end] == b"bootorder" {
-            found = Some((
-                u16::from_be_bytes([e[4], e[5]]),
-                u32::from_be_bytes(e[..4].try_into().unwrap()),
-            ));
-        }
-    }
-    let (key, len) = found.expect("bootorder file");
-    q.outw(0x510, key);
-    let text: Vec<u8> = (0..len).map(|_| q.inb(0x511)).collect();
+    assert_eq!(
+        q.fw_cfg_file("bios-geometry"),
+        Some(Vec::new()),
+        "no lchs given"
+    );
+    let text = q.fw_cfg_file("bootorder").expect("bootorder file");
     assert_eq!(
         String::from_utf8_lossy(&text),
         "/pci@i0cf8/ide@1,1/drive@1/disk@1\n/pci@i0cf8/ide@1,1/drive@0/disk@0\0"
+    );
+}
+
+#[test]
+fn lchs_reaches_the_bios_geometry_file() {
+    let dir = support::scratch("ide-lchs");
+    let a = make_disk(&dir, "a.img", 64);
+    let mut q = start(&[
+        "-drive",
+        &drive(&a, ",if=none,id=hd"),
+        "-device",
+        "ide-hd,drive=hd,bus=ide.0,unit=1,lcyls=100,lheads=16,lsecs=63",
+    ]);
+    let text = q.fw_cfg_file("bios-geometry").expect("bios-geometry file");
+    assert_eq!(
+        String::from_utf8_lossy(&text),
+        "/pci@i0cf8/ide@1,1/drive@0/disk@1 100 16 63\0"
     );
 }

@@ -3,15 +3,7 @@
 
 mod support;
 
-use support::qtest::Qtest;
-
-const FW_CFG_CTL: u16 = 0x510;
-const FW_CFG_DATA: u16 = 0x511;
-
-fn fw_cfg_read_io(q: &mut Qtest, key: u16, len: usize) -> Vec<u8> {
-    q.outw(FW_CFG_CTL, key);
-    (0..len).map(|_| q.inb(FW_CFG_DATA)).collect()
-}
+use support::qtest::{fw_cfg_dir_lookup, Qtest};
 
 /// Reads an fw_cfg item over DMA, with a descriptor at 0x1000 and the buffer at 0x2000.
 fn fw_cfg_read_dma(q: &mut Qtest, key: u16, len: u32) -> Vec<u8> {
@@ -30,27 +22,12 @@ fn fw_cfg_read_dma(q: &mut Qtest, key: u16, len: u32) -> Vec<u8> {
     q.memread(0x2000, len as usize)
 }
 
-fn find_file(dir: &[u8], name: &str) -> Option<(u16, u32)> {
-    let count = u32::from_be_bytes(dir[0..4].try_into().unwrap()) as usize;
-    (0..count).find_map(|i| {
-        let e = &dir[4 + i * 64..4 + (i + 1) * 64];
-        let n = &e[8..64];
-        let end = n.iter().position(|&b| b == 0).unwrap_or(56);
-        (&n[..end] == name.as_bytes()).then(|| {
-            (
-                u16::from_be_bytes([e[4], e[5]]),
-                u32::from_be_bytes(e[0..4].try_into().unwrap()),
-            )
-        })
-    })
-}
-
 #[test]
 fn fw_cfg_signature_over_io_and_dma() {
     support::require_bios();
     let mut q = Qtest::start(&["-m", "512", "-smp", "3"]);
-    assert_eq!(fw_cfg_read_io(&mut q, 0, 4), b"QEMU");
-    let id = fw_cfg_read_io(&mut q, 1, 4);
+    assert_eq!(q.fw_cfg_read(0, 4), b"QEMU");
+    let id = q.fw_cfg_read(1, 4);
     assert_eq!(
         u32::from_le_bytes(id.try_into().unwrap()) & 2,
         2,
@@ -59,11 +36,11 @@ fn fw_cfg_signature_over_io_and_dma() {
     assert_eq!(fw_cfg_read_dma(&mut q, 0, 4), b"QEMU");
     // The DMA register reads back as the "QEMU CFG" signature.
     assert_eq!(q.inl(0x514).to_le_bytes(), *b"QEMU");
-    assert_eq!(fw_cfg_read_io(&mut q, 0x05, 2), [3, 0], "NB_CPUS");
-    assert_eq!(fw_cfg_read_io(&mut q, 0x0f, 2), [3, 0], "MAX_CPUS");
-    assert_eq!(fw_cfg_read_io(&mut q, 0x04, 2), [1, 0], "NOGRAPHIC");
+    assert_eq!(q.fw_cfg_read(0x05, 2), [3, 0], "NB_CPUS");
+    assert_eq!(q.fw_cfg_read(0x0f, 2), [3, 0], "MAX_CPUS");
+    assert_eq!(q.fw_cfg_read(0x04, 2), [1, 0], "NOGRAPHIC");
     assert_eq!(
-        u64::from_le_bytes(fw_cfg_read_io(&mut q, 0x03, 8).try_into().unwrap()),
+        u64::from_le_bytes(q.fw_cfg_read(0x03, 8).try_into().unwrap()),
         512 << 20,
         "RAM_SIZE"
     );
@@ -77,23 +54,22 @@ fn fw_cfg_signature_over_io_and_dma() {
         "etc/boot-fail-wait",
         "etc/show-boot-menu",
     ] {
-        assert!(find_file(&dir, f).is_some(), "fw_cfg file {f} missing");
+        assert!(
+            fw_cfg_dir_lookup(&dir, f).is_some(),
+            "fw_cfg file {f} missing"
+        );
     }
-    let (key, size) = find_file(&dir, "etc/e820").unwrap();
+    let (key, size) = fw_cfg_dir_lookup(&dir, "etc/e820").unwrap();
     assert_eq!(size, 20, "one RAM entry for 512 MiB");
-    let e820 = fw_cfg_read_io(&mut q, key, 20);
+    let e820 = q.fw_cfg_read(key, 20);
     assert_eq!(u64::from_le_bytes(e820[0..8].try_into().unwrap()), 0);
     assert_eq!(
         u64::from_le_bytes(e820[8..16].try_into().unwrap()),
         512 << 20
     );
     assert_eq!(u32::from_le_bytes(e820[16..20].try_into().unwrap()), 1);
-    let (key, _) = find_file(&dir, "etc/boot-fail-wait").unwrap();
-    assert_eq!(
-        fw_cfg_read_io(&mut q, key, 4),
-        [0xff; 4],
-        "never retry by default"
-    );
+    let (key, _) = fw_cfg_dir_lookup(&dir, "etc/boot-fail-wait").unwrap();
+    assert_eq!(q.fw_cfg_read(key, 4), [0xff; 4], "never retry by default");
 
     // A DMA descriptor pointing outside RAM sets the error bit.
     let mut desc = Vec::new();
@@ -110,11 +86,11 @@ fn fw_cfg_signature_over_io_and_dma() {
 fn fw_cfg_e820_covers_ram_above_4g() {
     support::require_bios();
     let mut q = Qtest::start(&["-m", "6G"]);
-    let count = u32::from_be_bytes(fw_cfg_read_io(&mut q, 0x19, 4).try_into().unwrap());
-    let dir = fw_cfg_read_io(&mut q, 0x19, 4 + 64 * count as usize);
-    let (key, size) = find_file(&dir, "etc/e820").unwrap();
+    let count = u32::from_be_bytes(q.fw_cfg_read(0x19, 4).try_into().unwrap());
+    let dir = q.fw_cfg_read(0x19, 4 + 64 * count as usize);
+    let (key, size) = fw_cfg_dir_lookup(&dir, "etc/e820").unwrap();
     assert_eq!(size, 40);
-    let e = fw_cfg_read_io(&mut q, key, 40);
+    let e = q.fw_cfg_read(key, 40);
     let entry = |i: usize| {
         let b = &e[i * 20..];
         (

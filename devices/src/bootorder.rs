@@ -2,6 +2,9 @@
 //! and turned into the fw_cfg `bootorder` file SeaBIOS reads (one
 //! OpenFirmware device path per line, lowest index first; see QEMU's
 //! docs/specs/fw_cfg.rst and SeaBIOS's boot.c). Devices only register paths.
+//! It also collects the logical CHS geometries users give disks
+//! (`lcyls/lheads/lsecs`) into the `bios-geometry` file, which SeaBIOS
+//! reads with the same path syntax: `PATH CYLS HEADS SECS` per line.
 
 use std::collections::BTreeMap;
 
@@ -9,6 +12,7 @@ use std::collections::BTreeMap;
 pub struct BootOrder {
     entries: BTreeMap<u32, String>,
     strict: bool,
+    geometries: Vec<(String, u32, u32, u32)>,
 }
 
 impl BootOrder {
@@ -25,6 +29,27 @@ impl BootOrder {
         }
         self.entries.insert(bootindex, path);
         Ok(())
+    }
+
+    /// Records the logical CHS geometry the BIOS should use for `path`.
+    pub fn register_geometry(&mut self, path: String, cyls: u32, heads: u32, secs: u32) {
+        self.geometries.push((path, cyls, heads, secs));
+    }
+
+    /// The `bios-geometry` file: one `PATH CYLS HEADS SECS` line per disk,
+    /// newline-separated and NUL-terminated; empty when no disk has one.
+    pub fn bios_geometry_file(&self) -> Vec<u8> {
+        if self.geometries.is_empty() {
+            return Vec::new();
+        }
+        let lines: Vec<String> = self
+            .geometries
+            .iter()
+            .map(|(p, c, h, s)| format!("{p} {c} {h} {s}"))
+            .collect();
+        let mut out = lines.join("\n").into_bytes();
+        out.push(0);
+        out
     }
 
     /// `-boot strict=on`: do not fall back to devices without a bootindex.
@@ -66,5 +91,12 @@ mod tests {
         );
         b.set_strict(true);
         assert!(b.fw_cfg_file().ends_with(b"\nHALT\0"));
+        assert!(b.bios_geometry_file().is_empty());
+        b.register_geometry("/pci@i0cf8/ide@1,1/drive@0/disk@0".into(), 100, 16, 63);
+        b.register_geometry("/pci@i0cf8/*@5".into(), 2000, 255, 63);
+        assert_eq!(
+            b.bios_geometry_file(),
+            b"/pci@i0cf8/ide@1,1/drive@0/disk@0 100 16 63\n/pci@i0cf8/*@5 2000 255 63\0".to_vec()
+        );
     }
 }

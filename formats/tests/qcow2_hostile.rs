@@ -4,10 +4,9 @@
 //! error naming the file, never a panic; in-memory storage with a size
 //! limit makes any attempt to grow the image without bound fail.
 
-use formats::qcow2::check::Repair;
 use formats::qcow2::create::{create, CreateOptions};
 use formats::qcow2::{OpenOptions, Qcow2};
-use formats::storage::{MemStorage, Storage};
+use formats::storage::MemStorage;
 use std::sync::Arc;
 
 fn base_image(o: &CreateOptions) -> Vec<u8> {
@@ -35,38 +34,10 @@ impl Rng {
     }
 }
 
-/// Run one corrupted image through every operation.
+/// Run one corrupted image through every operation (the library harness,
+/// also the `qcow2_open` fuzz target).
 pub fn exercise(data: Vec<u8>) {
-    let limit = (data.len() as u64).max(1 << 20) * 4;
-    let f: Arc<dyn Storage> = Arc::new(MemStorage::new(data, limit));
-    for ro in [true, false] {
-        let o = OpenOptions {
-            read_only: ro,
-            ..Default::default()
-        };
-        let img = match Qcow2::open("hostile.qcow2", f.clone(), None, None, &o) {
-            Ok(i) => i,
-            Err(e) => {
-                assert!(
-                    e.to_string().contains("hostile.qcow2"),
-                    "error without file name: {e}"
-                );
-                continue;
-            }
-        };
-        let size = img.size().min(4 << 20);
-        let mut buf = vec![0u8; size as usize];
-        let _ = img.read(0, &mut buf);
-        if !ro {
-            let _ = img.write(0, &[1u8; 4096], false);
-            let _ = img.write(size / 3, &vec![2u8; 70000.min(size as usize / 2)], false);
-            let _ = img.write_zeroes(0, size / 2, true);
-            let _ = img.discard(0, size);
-            let _ = img.flush();
-        }
-        let _ = img.check(if ro { Repair::None } else { Repair::All });
-        let _ = img.close();
-    }
+    formats::qcow2::fuzz_open_read(&data);
 }
 
 #[test]

@@ -167,6 +167,9 @@ pub fn build_with(
     }
     pci.add(1, 0, Arc::new(Mutex::new(piix3))).map_err(err)?;
     let ide = crate::pc_ide::create(&mut io, &pci, &ram, host.irq.as_ref())?;
+    if direct {
+        boot::init_ide(&mut devices::bus::lock(&ide));
+    }
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     add_io(
@@ -278,7 +281,7 @@ pub fn build_with(
             f.add_file(crate::smbios::ANCHOR_FILE, s.anchor(0));
             if cfg.kernel.is_some() {
                 // -kernel through the firmware: an option ROM loads it.
-                let fb = boot::firmware::prepare(cfg, &layout)?;
+                let fb = boot::firmware::prepare(cfg, &layout, &ram)?;
                 for (key, data) in fb.items.iter() {
                     f.add_item(*key, data.clone());
                 }
@@ -409,6 +412,7 @@ fn fill_fw_cfg(f: &mut FwCfg, cfg: &MachineConfig, layout: &Layout, boot: &BootO
         b = b"HALT\0".to_vec();
     }
     f.add_file("bootorder", b);
+    f.add_file("bios-geometry", boot.bios_geometry_file());
     let fail_wait = cfg.boot.reboot_timeout.unwrap_or(u32::MAX);
     f.add_file("etc/boot-fail-wait", fail_wait.to_le_bytes().to_vec());
     f.add_file(

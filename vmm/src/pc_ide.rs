@@ -40,6 +40,9 @@ const KNOWN_PROPS: &[&str] = &[
     "heads",
     "secs",
     "bios-chs-trans",
+    "lcyls",
+    "lheads",
+    "lsecs",
     "id",
     "share-rw",
     "discard_granularity",
@@ -210,13 +213,27 @@ pub fn attach(
     lock(&lock(&ide).channel(bus))
         .attach(unit, drive)
         .map_err(err)?;
+    let path = format!("/pci@i0cf8/ide@{IDE_SLOT},{IDE_FUNCTION}/drive@{bus}/disk@{unit}");
+    match (
+        parse_num(dev, "lcyls")?,
+        parse_num(dev, "lheads")?,
+        parse_num(dev, "lsecs")?,
+    ) {
+        (None, None, None) => {}
+        // The BIOS's INT 13h geometry: at most 1024 cylinders, 255 heads
+        // and 63 sectors (QEMU's limits for lchs).
+        (Some(c @ 1..=1024), Some(h @ 1..=255), Some(s @ 1..=63)) if !is_cd => ctx
+            .boot_order
+            .register_geometry(path.clone(), c as u32, h as u32, s as u32),
+        _ => {
+            return Err(err(
+                "lcyls (1-1024), lheads (1-255) and lsecs (1-63) must be given together, on a disk"
+                    .into(),
+            ))
+        }
+    }
     if let Some(idx) = parse_num(dev, "bootindex")? {
-        ctx.boot_order
-            .register(
-                idx as u32,
-                format!("/pci@i0cf8/ide@{IDE_SLOT},{IDE_FUNCTION}/drive@{bus}/disk@{unit}"),
-            )
-            .map_err(err)?;
+        ctx.boot_order.register(idx as u32, path).map_err(err)?;
     }
     Ok(())
 }

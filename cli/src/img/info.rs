@@ -121,6 +121,10 @@ fn node_info(n: &Node, filename: &str) -> J {
         .then(|| super::qcow2::header_of(n))
         .flatten();
     if let Some(h) = &q2 {
+        let snaps = super::snapshot::of_node(n);
+        if !snaps.is_empty() {
+            items.insert(1, ("snapshots", super::snapshot::table_json(&snaps)));
+        }
         items.push(("cluster-size", J::u(h.cluster_size())));
         if let Some(b) = &h.backing_file {
             items.push(("backing-filename", J::s(b)));
@@ -180,6 +184,11 @@ fn human(n: &Node, filename: &str, out: &mut String) {
                 if let Some(f) = &h.backing_format {
                     out.push_str(&format!("backing file format: {f}\n"));
                 }
+            }
+            let snaps = super::snapshot::of_node(n);
+            if !snaps.is_empty() {
+                out.push_str("Snapshot list:\n");
+                out.push_str(&super::snapshot::table_human(&snaps));
             }
             super::qcow2::format_specific_human(&h, out);
         }

@@ -14,6 +14,7 @@ pub mod json;
 pub mod measure;
 pub mod qcow2;
 pub mod rebase;
+pub mod snapshot;
 
 use block::backend::{BackendConfig, BlockBackend};
 use block::driver::Perms;
@@ -127,6 +128,8 @@ pub enum Cmd {
     Amend(amend::AmendArgs),
     /// Measure the file size a new image needs.
     Measure(measure::MeasureArgs),
+    /// List, apply, create or delete internal snapshots.
+    Snapshot(snapshot::SnapshotArgs),
     /// Copy with dd-style operands.
     Dd {
         #[arg(short = 'f')]
@@ -453,6 +456,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
         Cmd::Rebase(a) => rebase::rebase(a),
         Cmd::Amend(a) => amend::amend(a),
         Cmd::Measure(a) => measure::measure(a),
+        Cmd::Snapshot(a) => snapshot::snapshot(a),
         Cmd::Dd {
             fmt,
             out_fmt,

@@ -18,6 +18,12 @@ pub struct Qtest {
 impl Qtest {
     /// Starts strata with the qtest accelerator and `extra` arguments.
     pub fn start(extra: &[&str]) -> Qtest {
+        Self::start_env(extra, &[])
+    }
+
+    /// Like [`Qtest::start`], with extra environment variables for strata.
+    #[allow(dead_code)]
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Qtest {
         let dir = super::scratch("qtest");
         let sock = dir.join("qtest.sock");
         let listener = UnixListener::bind(&sock).unwrap();
@@ -30,6 +36,7 @@ impl Qtest {
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(super::strata_bin())
             .args(&args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn strata");
@@ -157,10 +164,47 @@ impl Qtest {
         self.outb(0xcfc + (reg as u16 & 3), v)
     }
 
+    /// Reads `len` bytes of fw_cfg item `key` through the I/O ports.
+    pub fn fw_cfg_read(&mut self, key: u16, len: usize) -> Vec<u8> {
+        self.outw(0x510, key);
+        (0..len).map(|_| self.inb(0x511)).collect()
+    }
+
+    /// The selector and size of fw_cfg file `name`, from the directory
+    /// (key 0x19: big-endian count, then 64-byte entries).
+    pub fn fw_cfg_file_entry(&mut self, name: &str) -> Option<(u16, usize)> {
+        let count = u32::from_be_bytes(self.fw_cfg_read(0x19, 4).try_into().unwrap()) as usize;
+        let dir = self.fw_cfg_read(0x19, 4 + 64 * count);
+        fw_cfg_dir_lookup(&dir, name)
+    }
+
+    /// An fw_cfg file's contents, found through the directory.
+    pub fn fw_cfg_file(&mut self, name: &str) -> Option<Vec<u8>> {
+        let (key, size) = self.fw_cfg_file_entry(name)?;
+        Some(self.fw_cfg_read(key, size))
+    }
+
     pub fn cmos(&mut self, index: u8) -> u8 {
         self.outb(0x70, index);
         self.inb(0x71)
     }
+}
+
+/// Looks `name` up in an fw_cfg directory (the bytes of key 0x19):
+/// returns its selector and size.
+pub fn fw_cfg_dir_lookup(dir: &[u8], name: &str) -> Option<(u16, usize)> {
+    let count = u32::from_be_bytes(dir.get(0..4)?.try_into().unwrap()) as usize;
+    (0..count).find_map(|i| {
+        let e = dir.get(4 + i * 64..4 + (i + 1) * 64)?;
+        let n = &e[8..];
+        let end = n.iter().position(|&b| b == 0).unwrap_or(n.len());
+        (&n[..end] == name.as_bytes()).then(|| {
+            (
+                u16::from_be_bytes([e[4], e[5]]),
+                u32::from_be_bytes(e[0..4].try_into().unwrap()) as usize,
+            )
+        })
+    })
 }
 
 impl Drop for Qtest {

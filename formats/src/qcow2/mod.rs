@@ -13,6 +13,7 @@
 //! * [`snapshot`]: the snapshot table, snapshot create/apply/delete.
 //! * [`check`]: consistency check and repair (`qemu-img check`).
 //! * [`create`]: image creation with qemu-img's options.
+//! * [`fuzz`]: the hostile-image harness (fuzz target, corpus test).
 //!
 //! Concurrency: all metadata lives in one [`Meta`] behind a mutex. Reads
 //! and overwrites of clusters that are already allocated to this image
@@ -36,6 +37,7 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod fuzz;
 pub mod header;
 pub mod io;
 pub mod l2;
@@ -45,6 +47,7 @@ pub mod snapshot;
 use crate::error::{FResult, FormatError};
 use crate::storage::Storage;
 use cache::Cache;
+pub use fuzz::fuzz_open_read;
 use header::Header;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -253,6 +256,31 @@ impl Meta {
             .map_err(|e| self.ioe(e, "writing the header"))?;
         self.sync()
     }
+    /// With `lazy_refcounts`, set the dirty bit before the first change
+    /// (QEMU's `qcow2_mark_dirty`): a process that dies before closing
+    /// leaves it, and the next read-write open rebuilds the refcounts.
+    /// Strata keeps its refcounts exact anyway, so the bit only tells the
+    /// next user that this process did not close the image.
+    pub(crate) fn mark_dirty(&mut self) -> FResult<()> {
+        if self.h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0
+            && self.h.incompatible & header::INCOMPAT_DIRTY == 0
+            && !self.read_only
+            && self.h.version >= 3
+        {
+            self.h.incompatible |= header::INCOMPAT_DIRTY;
+            self.write_header()?;
+        }
+        Ok(())
+    }
+    /// Flush, then clear the dirty bit (a clean close).
+    pub(crate) fn mark_clean(&mut self) -> FResult<()> {
+        self.flush_all()?;
+        if self.h.incompatible & header::INCOMPAT_DIRTY != 0 && !self.read_only {
+            self.h.incompatible &= !header::INCOMPAT_DIRTY;
+            self.write_header()?;
+        }
+        Ok(())
+    }
     pub(crate) fn sync(&self) -> FResult<()> {
         self.file.flush().map_err(|e| self.ioe(e, "flushing"))
     }
@@ -458,7 +486,7 @@ impl Qcow2 {
         // in that order too.
         let mut m = self.lock();
         let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
-        m.flush_all()
+        m.mark_clean()
     }
 }
 
@@ -466,7 +494,7 @@ impl Drop for Qcow2 {
     fn drop(&mut self) {
         if !self.read_only {
             let m = self.meta.get_mut().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = m.flush_all() {
+            if let Err(e) = m.mark_clean() {
                 log::warn!("{e}");
             }
         }

@@ -207,6 +207,7 @@ impl Meta {
                 self.name
             )));
         }
+        self.mark_dirty()?;
         let epb = self.rb_entries();
         let mut start = self.free_cursor.max(1);
         'search: loop {

@@ -22,13 +22,22 @@
 //!   (image, bss, modules) to KERNEL_ADDR and jumps to KERNEL_ENTRY in flat
 //!   32-bit protected mode with EAX = 0x2BADB002, EBX = INITRD_ADDR.
 //!
-//! PVH ELF kernels would need QEMU's `pvh.bin`; they are refused with a
-//! pointer to direct boot.
+//! - `pvh.bin` for an ELF kernel with a PVH note (XEN_ELFNOTE_PHYS32_ENTRY,
+//!   Xen's docs/misc/pvh.pandoc). This ROM does not copy the kernel: as
+//!   QEMU does, the VMM loads the ELF segments into guest RAM at their
+//!   physical addresses before the firmware runs (every generation of the
+//!   machine, so a reset reloads it), and KERNEL_ADDR/KERNEL_SIZE only
+//!   describe where it lies. The ROM takes the memory map from INT 15h
+//!   E820 and the RSDP from a scan of 0xe0000-0xfffff, copies CMDLINE_DATA
+//!   (CMDLINE_SIZE bytes, into a 4 KiB buffer of its own) and INITRD_DATA
+//!   (to INITRD_ADDR), builds `hvm_start_info` (the initrd as module 0)
+//!   and jumps to KERNEL_ENTRY in 32-bit flat mode with EBX pointing at it.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
 
+use devices::GuestMem;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{
@@ -66,6 +75,12 @@ const MB_LAYOUT: multiboot::MbLayout = multiboot::MbLayout {
 
 const LINUX_ROM: &str = "linuxboot_dma.bin";
 const MULTIBOOT_ROM: &str = "multiboot_dma.bin";
+const PVH_ROM: &str = "pvh.bin";
+/// pvh.bin copies the command line, NUL included, into a 4 KiB buffer.
+const PVH_CMDLINE_MAX: usize = 4096 - 1;
+/// SeaBIOS keeps its tables (and relocated code) at the top of low RAM:
+/// what the VMM places there for the kernel stays this far clear of it.
+const SEABIOS_HIGH: u64 = 256 << 10;
 /// Where Debian's qemu-system-data installs the ROMs; `STRATA_ROM_DIR`
 /// comes first, for other layouts.
 const ROM_DIRS: &[&str] = &["/usr/share/qemu", "/usr/share/qemu-efi-x86"];
@@ -124,8 +139,14 @@ pub fn find_rom(name: &str) -> Result<(PathBuf, Vec<u8>), BootError> {
     )))
 }
 
-/// Prepares the kernel in `cfg` for the firmware route.
-pub fn prepare(cfg: &MachineConfig, layout: &Layout) -> Result<FirmwareBoot, BootError> {
+/// Prepares the kernel in `cfg` for the firmware route. Only a PVH kernel
+/// is written into `ram` (pvh.bin expects it there); the others travel in
+/// fw_cfg.
+pub fn prepare(
+    cfg: &MachineConfig,
+    layout: &Layout,
+    ram: &GuestMem,
+) -> Result<FirmwareBoot, BootError> {
     let kcfg = cfg
         .kernel
         .as_ref()
@@ -140,9 +161,7 @@ pub fn prepare(cfg: &MachineConfig, layout: &Layout) -> Result<FirmwareBoot, Boo
     match probe(head) {
         Some(KernelKind::BzImage) => linux(cfg, layout, &image, &kerr),
         Some(KernelKind::Multiboot) => multiboot_route(cfg, layout),
-        Some(KernelKind::Elf) => Err(kerr(
-            "an ELF kernel cannot boot through the firmware (only bzImage and multiboot can); drop -bios and -boot menu=on to boot it directly".into(),
-        )),
+        Some(KernelKind::Elf) => pvh_route(cfg, layout, ram, &image, &kerr),
         None => Err(kerr(
             "not a kernel: no bzImage setup header, multiboot header or ELF header".into(),
         )),
@@ -215,9 +234,8 @@ fn linux(
     } else {
         0x37ff_ffff
     };
-    // SeaBIOS keeps its tables at the top of low RAM: stay 256 KiB clear
-    // of it (the ROM moves the initrd under the BIOS-reported top anyway).
-    let top = (initrd_max + 1).min(layout.below_4g.saturating_sub(256 << 10));
+    // The ROM moves the initrd under the BIOS-reported top anyway.
+    let top = (initrd_max + 1).min(layout.below_4g.saturating_sub(SEABIOS_HIGH));
     let kernel_end = HIGH_MEMORY + kernel.len() as u64;
     let initrd_addr = if initrd.is_empty() {
         0
@@ -302,4 +320,165 @@ fn multiboot_route(cfg: &MachineConfig, layout: &Layout) -> Result<FirmwareBoot,
         rom_name: MULTIBOOT_ROM,
         rom,
     })
+}
+
+/// The physical range `[low, high)` an ELF64 file's PT_LOAD segments
+/// occupy in memory (bss included), read from its program headers.
+fn elf64_load_range(image: &[u8]) -> Result<(u64, u64), String> {
+    const PT_LOAD: u32 = 1;
+    // Offsets come from the file: every one is checked before slicing.
+    let field = |o: usize, n: usize| image.get(o..o.checked_add(n)?);
+    let u16_at = |o: usize| field(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| field(o, 4).map(|b| u32::from_le_bytes(b.try_into().unwrap()));
+    let u64_at = |o: usize| field(o, 8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    let bad = || "the ELF program headers are truncated".to_string();
+    let phoff = usize::try_from(u64_at(0x20).ok_or_else(bad)?).map_err(|_| bad())?;
+    let phentsize = u16_at(0x36).ok_or_else(bad)? as usize;
+    let phnum = u16_at(0x38).ok_or_else(bad)? as usize;
+    let (mut low, mut high) = (u64::MAX, 0u64);
+    for i in 0..phnum {
+        let ph = i
+            .checked_mul(phentsize)
+            .and_then(|o| o.checked_add(phoff))
+            .ok_or_else(bad)?;
+        if u32_at(ph).ok_or_else(bad)? != PT_LOAD {
+            continue;
+        }
+        let at = |o: usize| ph.checked_add(o).and_then(u64_at).ok_or_else(bad);
+        let paddr = at(0x18)?;
+        let memsz = at(0x28)?;
+        if memsz == 0 {
+            continue;
+        }
+        let end = paddr
+            .checked_add(memsz)
+            .ok_or_else(|| format!("a segment at {paddr:#x} of {memsz:#x} bytes wraps"))?;
+        low = low.min(paddr);
+        high = high.max(end);
+    }
+    if high == 0 {
+        return Err("no loadable segment".into());
+    }
+    Ok((low, high))
+}
+
+/// PVH: what QEMU does for an ELF kernel with its `pvh.bin` ROM. The
+/// segments go into RAM now; fw_cfg carries the entry point, the command
+/// line and the initrd, which the ROM copies when it boots the kernel.
+fn pvh_route(
+    cfg: &MachineConfig,
+    layout: &Layout,
+    ram: &GuestMem,
+    image: &[u8],
+    kerr: &dyn Fn(String) -> BootError,
+) -> Result<FirmwareBoot, BootError> {
+    use linux_loader::loader::{elf::Elf, elf::PvhBootCapability, KernelLoader};
+    let kcfg = cfg.kernel.as_ref().unwrap();
+    if image.get(4) != Some(&2) {
+        return Err(kerr(
+            "a 32-bit ELF file without a multiboot header: not a bootable kernel (need a 64-bit vmlinux with a PVH note or a multiboot header)".into(),
+        ));
+    }
+    let (low, high) = elf64_load_range(image).map_err(kerr)?;
+    // SeaBIOS owns the first MiB while it runs and its top-of-RAM area
+    // until the kernel starts: a segment there would be overwritten.
+    let top = layout.below_4g.saturating_sub(SEABIOS_HIGH);
+    if low < HIGH_MEMORY || high > top {
+        return Err(kerr(format!(
+            "the ELF segments ({low:#x}-{high:#x}) must lie between 1 MiB and {top:#x} (the RAM below 4 GiB SeaBIOS leaves free)"
+        )));
+    }
+    let mut f = File::open(&kcfg.kernel).map_err(|e| kerr(e.to_string()))?;
+    let r = Elf::load(ram, None, &mut f, Some(GuestAddress(HIGH_MEMORY)))
+        .map_err(|e| kerr(e.to_string()))?;
+    let entry = match r.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(e) => e.0,
+        _ => {
+            return Err(kerr(
+                "an ELF kernel without a PVH note (XEN_ELFNOTE_PHYS32_ENTRY) cannot boot through the firmware; drop -bios and -boot menu=on to boot it directly".into(),
+            ))
+        }
+    };
+    if entry < low || entry >= high {
+        return Err(kerr(format!(
+            "the PVH entry point {entry:#x} is outside the loaded segments ({low:#x}-{high:#x})"
+        )));
+    }
+
+    if kcfg.cmdline.len() > PVH_CMDLINE_MAX {
+        return Err(BootError::File(format!(
+            "-append: the command line is {} bytes, longer than the {PVH_CMDLINE_MAX} pvh.bin can pass",
+            kcfg.cmdline.len()
+        )));
+    }
+    let mut cmdline = kcfg.cmdline.as_bytes().to_vec();
+    cmdline.push(0);
+
+    let mut items = vec![
+        (KEY_KERNEL_ENTRY, le32(entry)),
+        (KEY_KERNEL_ADDR, le32(low)),
+        (KEY_KERNEL_SIZE, le32(high - low)),
+        (KEY_CMDLINE_SIZE, le32(cmdline.len() as u64)),
+        (KEY_CMDLINE_DATA, cmdline),
+    ];
+    // Linux takes module 0 as its initrd: all files go into it. pvh.bin
+    // reads INITRD_ADDR only when INITRD_SIZE is not 0.
+    let initrd = linux_initrd(kcfg)?;
+    if !initrd.is_empty() {
+        let addr = place_high(initrd.len() as u64, high, top).ok_or_else(|| {
+            BootError::File(format!(
+                "-initrd {}: {} bytes do not fit between the kernel (ends at {high:#x}) and {top:#x} (RAM below 4 GiB less SeaBIOS's area)",
+                kcfg.initrd.join(","),
+                initrd.len()
+            ))
+        })?;
+        items.push((KEY_INITRD_ADDR, le32(addr)));
+        items.push((KEY_INITRD_SIZE, le32(initrd.len() as u64)));
+        items.push((KEY_INITRD_DATA, initrd));
+    }
+    let rom = find_rom(PVH_ROM)?.1;
+    Ok(FirmwareBoot {
+        items,
+        rom_name: PVH_ROM,
+        rom,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elf_with(segments: &[(u32, u64, u64)]) -> Vec<u8> {
+        let mut b = vec![0u8; 64 + 56 * segments.len()];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        b[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        b[0x38..0x3a].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+        for (i, (kind, paddr, memsz)) in segments.iter().enumerate() {
+            let ph = 64 + 56 * i;
+            b[ph..ph + 4].copy_from_slice(&kind.to_le_bytes());
+            b[ph + 0x18..ph + 0x20].copy_from_slice(&paddr.to_le_bytes());
+            b[ph + 0x28..ph + 0x30].copy_from_slice(&memsz.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn load_range_spans_the_load_segments() {
+        let e = elf_with(&[(1, 0x200000, 0x1000), (4, 0, 0x10), (1, 0x100000, 0x800)]);
+        assert_eq!(elf64_load_range(&e), Ok((0x100000, 0x201000)));
+    }
+
+    #[test]
+    fn load_range_rejects_hostile_headers() {
+        assert!(elf64_load_range(&elf_with(&[(4, 0, 0x10)])).is_err());
+        assert!(elf64_load_range(&elf_with(&[(1, u64::MAX, 2)])).is_err());
+        let mut e = elf_with(&[(1, 0x100000, 0x10)]);
+        e[0x38..0x3a].copy_from_slice(&0xffffu16.to_le_bytes());
+        assert!(elf64_load_range(&e).is_err());
+        e[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(elf64_load_range(&e).is_err());
+        assert!(elf64_load_range(&e[..0x30]).is_err());
+    }
 }

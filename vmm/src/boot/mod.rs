@@ -42,6 +42,7 @@ pub mod multiboot;
 pub mod pvh;
 
 use devices::chipset::{piix3, piix3::Piix3, piix4_pm, piix4_pm::Piix4Pm};
+use devices::ide::PiixIde;
 use devices::pci::PciFunction;
 use devices::GuestMem;
 use std::fs::File;
@@ -301,6 +302,21 @@ pub fn init_chipset(piix3: &mut Piix3, pm: &mut Piix4Pm) {
     }
     pm.config_write(piix4_pm::PMBASE, &(PM_BASE as u32 | 1).to_le_bytes());
     pm.config_write(piix4_pm::PMREGMISC, &[1]);
+}
+
+/// PIIX3 IDE timing registers IDETIM (40h primary, 42h secondary).
+const IDETIM: [u16; 2] = [0x40, 0x42];
+/// IDETIM bit 15, "IDE decode enable".
+const IDETIM_DECODE: u16 = 0x8000;
+
+/// Enables both IDE channels, as SeaBIOS and qboot do (they write 8000h to
+/// IDETIM). The register resets to 0, and Linux's ata_piix treats a channel
+/// whose decode bit is clear as switched off in the BIOS: it skips the
+/// port without a message, so no disk or CD would ever appear.
+pub fn init_ide(ide: &mut PiixIde) {
+    for reg in IDETIM {
+        ide.config_write(reg, &IDETIM_DECODE.to_le_bytes());
+    }
 }
 
 /// Where the MP floating pointer (followed by its table) goes.

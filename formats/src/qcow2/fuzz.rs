@@ -1,0 +1,69 @@
+//! The hostile-image harness, shared by `formats/tests/qcow2_hostile.rs`,
+//! the `qcow2_open` cargo-fuzz target and its corpus replay test: one
+//! untrusted byte string is opened as a qcow2 image on in-memory storage
+//! (with a size limit, so an image can never make us grow without bound)
+//! and run through every operation: open read-only and read-write, read,
+//! write, write-zeroes, discard, snapshot create/apply/delete, flush,
+//! check and repair. Any outcome is fine except a panic, an error that
+//! does not name the file, or a loop without end.
+
+use super::check::Repair;
+use super::{OpenOptions, Qcow2};
+use crate::storage::{MemStorage, Storage};
+use std::sync::Arc;
+
+/// The name hostile images are opened under (errors must carry it).
+pub const FUZZ_NAME: &str = "hostile.qcow2";
+
+fn named(r: Result<(), crate::error::FormatError>) {
+    if let Err(e) = r {
+        assert!(
+            e.to_string().contains(FUZZ_NAME) || e.to_string().contains("internal error"),
+            "error without file name: {e}"
+        );
+    }
+}
+
+/// Open `data` as a qcow2 image and exercise it; panics only on a bug.
+pub fn fuzz_open_read(data: &[u8]) {
+    let limit = (data.len() as u64).max(1 << 20) * 4;
+    let f: Arc<dyn Storage> = Arc::new(MemStorage::new(data.to_vec(), limit));
+    for ro in [true, false] {
+        let o = OpenOptions {
+            read_only: ro,
+            ..Default::default()
+        };
+        let img = match Qcow2::open(FUZZ_NAME, f.clone(), None, None, &o) {
+            Ok(i) => i,
+            Err(e) => {
+                named(Err(e));
+                continue;
+            }
+        };
+        let size = img.size().min(4 << 20);
+        let mut buf = vec![0u8; size as usize];
+        named(img.read(0, &mut buf));
+        let _ = img.block_status(0, size.max(1));
+        let _ = img.snapshots();
+        if !ro {
+            named(img.write(0, &[1u8; 4096], false));
+            let _ = img.write(size / 3, &vec![2u8; 70000.min(size as usize / 2)], false);
+            let _ = img.write_zeroes(0, size / 2, true);
+            let _ = img.discard(0, size);
+            let _ = img.flush();
+            if let Some(s) = img.snapshots().first() {
+                named(img.snapshot_apply(&s.id));
+                let mut b = vec![0u8; 4096.min(size as usize)];
+                let _ = img.read(0, &mut b);
+            }
+            let _ = img.snapshot_create("fuzz", (0, 0)).map(|_| ());
+            let _ = img.write(0, &[3u8; 512], false);
+            if let Some(s) = img.snapshots().first() {
+                let _ = img.snapshot_delete(&s.id).map(|_| ());
+            }
+            let _ = img.flush();
+        }
+        let _ = img.check(if ro { Repair::None } else { Repair::All });
+        let _ = img.close();
+    }
+}

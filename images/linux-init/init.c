@@ -1,0 +1,377 @@
+/*
+ * /init for the Linux-driver lane (cli/tests/linux_lane.rs).
+ *
+ * The kernel's own storage drivers (ata_piix, sr, virtio_blk) read sectors
+ * through Strata; this program checksums what they return so the test can
+ * compare it with the bytes it wrote into the image.
+ *
+ * Kernel command line items it understands (from /proc/cmdline, so an item
+ * may repeat; the kernel would collapse repeated name=value pairs in init's
+ * environment):
+ *   check=<dev>:<sectors>[,<dev>:<sectors>...]
+ *       read the first <sectors> 512-byte sectors of /dev/<dev>, print
+ *       "GUEST-SUM <dev> <16 hex digits>" (FNV-1a 64 of the bytes)
+ *   checkwait=<seconds>  how long to wait for each node (default 15)
+ *   show=<path>  print "GUEST-SHOW <path> <first line of the file>", e.g.
+ *       a sysfs attribute that tells which driver path the kernel took
+ * Then it prints "GUEST-DONE <uptime>" and halts.
+ *
+ * Failures print "GUEST-ERR <dev> <what> <errno>" and go on: the test
+ * reports the whole console, which says more than a hang would.
+ *
+ * Why it looks like this: under this host's KVM (kvm_pvm), guest ring 0 is
+ * emulated instruction by instruction, so every system call and every byte
+ * the kernel copies is expensive while user mode runs natively. Hence no
+ * libc, few syscalls, one big O_DIRECT read per device (the driver DMAs
+ * straight into our buffer: no page cache, no readahead, no copy_to_user),
+ * and the checksum computed here in ring 3.
+ *
+ * Build: gcc -static -nostdlib -ffreestanding -O2 (see build.sh).
+ */
+
+typedef unsigned long u64;
+typedef long i64;
+typedef unsigned int u32;
+
+/* x86-64 syscall numbers and flags (asm/unistd_64.h, fcntl.h, reboot.h). */
+enum {
+    SYS_read = 0,
+    SYS_write = 1,
+    SYS_open = 2,
+    SYS_close = 3,
+    SYS_nanosleep = 35,
+    SYS_exit = 60,
+    SYS_mount = 165,
+    SYS_reboot = 169,
+    SYS_clock_gettime = 228,
+    SYS_pause = 34,
+};
+#define O_RDONLY 0
+#define O_DIRECT 040000
+#define EINTR 4
+#define EINVAL 22
+#define CLOCK_BOOTTIME 7
+#define REBOOT_MAGIC1 0xfee1dead
+#define REBOOT_MAGIC2 0x28121969
+#define REBOOT_CMD_HALT 0xcdef0123
+
+static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e)
+{
+    i64 ret;
+    register i64 r10 __asm__("r10") = d;
+    register i64 r8 __asm__("r8") = e;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a), "S"(b), "d"(c), "r"(r10), "r"(r8)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#define sys3(n, a, b, c) sys6(n, (i64)(a), (i64)(b), (i64)(c), 0, 0)
+
+/* gcc may emit calls to these even with -ffreestanding. */
+void *memset(void *d, int c, u64 n)
+{
+    unsigned char *p = d;
+    while (n--)
+        *p++ = (unsigned char)c;
+    return d;
+}
+void *memcpy(void *d, const void *s, u64 n)
+{
+    unsigned char *p = d;
+    const unsigned char *q = s;
+    while (n--)
+        *p++ = *q++;
+    return d;
+}
+
+/* ---- output: build a line in a buffer, then one write() per line ---- */
+static char line[512];
+static u64 len;
+
+static void put(const char *s)
+{
+    while (*s && len < sizeof(line) - 1)
+        line[len++] = *s++;
+}
+static void putn(const char *s, u64 n)
+{
+    while (n-- && len < sizeof(line) - 1)
+        line[len++] = *s++;
+}
+static void putu(u64 v)
+{
+    char t[24];
+    int i = 0;
+    do
+        t[i++] = (char)('0' + v % 10);
+    while ((v /= 10) && i < 24);
+    while (i)
+        putn(&t[--i], 1);
+}
+static void puthex(u64 v)
+{
+    for (int s = 60; s >= 0; s -= 4)
+        putn(&"0123456789abcdef"[(v >> s) & 15], 1);
+}
+static void flush(void)
+{
+    line[len++] = '\n';
+    sys3(SYS_write, 1, line, len);
+    len = 0;
+}
+
+struct timespec {
+    i64 sec, nsec;
+};
+static u64 uptime_ms(void)
+{
+    struct timespec t = {0, 0};
+    sys3(SYS_clock_gettime, CLOCK_BOOTTIME, &t, 0);
+    return (u64)t.sec * 1000 + (u64)t.nsec / 1000000;
+}
+static void putuptime(void)
+{
+    u64 ms = uptime_ms();
+    putu(ms / 1000);
+    put(".");
+    putn(&"0123456789"[ms / 100 % 10], 1);
+    putn(&"0123456789"[ms / 10 % 10], 1);
+    putn(&"0123456789"[ms % 10], 1);
+}
+
+static void err(const char *dev, u64 devlen, const char *what, i64 e)
+{
+    put("GUEST-ERR ");
+    putn(dev, devlen);
+    put(" ");
+    put(what);
+    put(" ");
+    putu((u64)-e);
+    flush();
+}
+
+/* ---- the data buffer: page aligned for O_DIRECT (sr needs 2048) ---- */
+#define BUF_SECTORS 2048 /* 1 MiB */
+static unsigned char buf[BUF_SECTORS * 512] __attribute__((aligned(4096)));
+static char text[4096];  /* /proc/cmdline, parsed while checks run */
+static char parts[4096]; /* /proc/partitions or a show= file */
+
+static i64 read_full(i64 fd, unsigned char *p, u64 want)
+{
+    u64 got = 0;
+    while (got < want) {
+        i64 r = sys3(SYS_read, fd, p + got, want - got);
+        if (r == -EINTR)
+            continue;
+        if (r < 0)
+            return r;
+        if (r == 0)
+            break;
+        got += (u64)r;
+    }
+    return (i64)got;
+}
+
+static i64 slurp(const char *path, char *out, u64 cap)
+{
+    i64 fd = sys3(SYS_open, path, O_RDONLY, 0);
+    if (fd < 0)
+        return fd;
+    i64 n = read_full(fd, (unsigned char *)out, cap - 1);
+    sys3(SYS_close, fd, 0, 0);
+    out[n < 0 ? 0 : n] = 0;
+    return n;
+}
+
+static u64 fnv1a64(const unsigned char *p, u64 n)
+{
+    u64 h = 0xcbf29ce484222325UL;
+    while (n--) {
+        h ^= *p++;
+        h *= 0x100000001b3UL;
+    }
+    return h;
+}
+
+static u64 parse_u(const char **s)
+{
+    u64 v = 0;
+    while (**s >= '0' && **s <= '9')
+        v = v * 10 + (u64)(*(*s)++ - '0');
+    return v;
+}
+
+static int starts(const char *s, const char *p)
+{
+    while (*p)
+        if (*s++ != *p++)
+            return 0;
+    return 1;
+}
+
+static u64 wait_s = 15;
+
+static void show(const char *path, u64 pathlen)
+{
+    char p[256];
+    if (pathlen >= sizeof(p)) {
+        err(path, pathlen, "path-too-long", -EINVAL);
+        return;
+    }
+    memcpy(p, path, pathlen);
+    p[pathlen] = 0;
+    i64 n = slurp(p, parts, sizeof(parts));
+    if (n < 0) {
+        err(path, pathlen, "show", n);
+        return;
+    }
+    u64 end = 0;
+    while (parts[end] && parts[end] != '\n')
+        end++;
+    put("GUEST-SHOW ");
+    putn(path, pathlen);
+    put(" ");
+    putn(parts, end);
+    flush();
+}
+
+/* Opens /dev/<dev>, polling until the driver has registered it. */
+static i64 open_dev(const char *dev, u64 devlen, i64 flags)
+{
+    char path[64] = "/dev/";
+    if (devlen > sizeof(path) - 6)
+        return -EINVAL;
+    memcpy(path + 5, dev, devlen);
+    path[5 + devlen] = 0;
+    u64 deadline = uptime_ms() + wait_s * 1000;
+    for (;;) {
+        i64 fd = sys3(SYS_open, path, O_RDONLY | flags, 0);
+        /* ENOENT: not probed yet; ENXIO/ENOMEDIUM: not ready yet. */
+        if (fd >= 0 || uptime_ms() >= deadline)
+            return fd;
+        struct timespec t = {0, 50 * 1000 * 1000};
+        sys3(SYS_nanosleep, &t, 0, 0);
+    }
+}
+
+static void check(const char *dev, u64 devlen, u64 sectors)
+{
+    if (sectors == 0 || sectors > BUF_SECTORS) {
+        err(dev, devlen, "bad-sector-count", -EINVAL);
+        return;
+    }
+    u64 want = sectors * 512;
+    i64 fd = open_dev(dev, devlen, O_DIRECT);
+    if (fd < 0) {
+        err(dev, devlen, "open", fd);
+        /* Show what the kernel did find. */
+        i64 n = slurp("/proc/partitions", parts, sizeof(parts));
+        if (n > 0)
+            sys3(SYS_write, 1, parts, n);
+        return;
+    }
+    i64 n = read_full(fd, buf, want);
+    if (n == -EINVAL) {
+        /* O_DIRECT refused (length not a multiple of the device's logical
+         * block size, e.g. 2048 on a CD): fall back to the page cache. */
+        sys3(SYS_close, fd, 0, 0);
+        fd = open_dev(dev, devlen, 0);
+        n = fd < 0 ? fd : read_full(fd, buf, want);
+    }
+    if (fd >= 0)
+        sys3(SYS_close, fd, 0, 0);
+    if (n < 0) {
+        err(dev, devlen, "read", n);
+        return;
+    }
+    if ((u64)n != want) {
+        err(dev, devlen, "short-read-bytes", -n);
+        return;
+    }
+    put("GUEST-SUM ");
+    putn(dev, devlen);
+    put(" ");
+    puthex(fnv1a64(buf, want));
+    flush();
+}
+
+/* Runs every check=... item of the command line, in order. */
+static void run_checks(const char *s)
+{
+    while (*s) {
+        while (*s == ' ' || *s == '\n')
+            s++;
+        if (starts(s, "checkwait=")) {
+            s += 10;
+            wait_s = parse_u(&s);
+        } else if (starts(s, "show=")) {
+            s += 5;
+            const char *path = s;
+            while (*s && *s != ' ' && *s != '\n')
+                s++;
+            show(path, (u64)(s - path));
+        } else if (starts(s, "check=")) {
+            s += 6;
+            for (;;) {
+                const char *dev = s;
+                while (*s && *s != ':' && *s != ',' && *s != ' ' && *s != '\n')
+                    s++;
+                u64 devlen = (u64)(s - dev);
+                u64 sectors = 0;
+                if (*s == ':') {
+                    s++;
+                    sectors = parse_u(&s);
+                }
+                if (devlen)
+                    check(dev, devlen, sectors);
+                if (*s != ',')
+                    break;
+                s++;
+            }
+        }
+        while (*s && *s != ' ' && *s != '\n')
+            s++;
+    }
+}
+
+static void halt(void)
+{
+    sys6(SYS_reboot, REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_CMD_HALT, 0, 0);
+    /* init must never exit (the kernel would panic): wait forever. */
+    for (;;)
+        sys3(SYS_pause, 0, 0, 0);
+}
+
+__attribute__((used)) static void start_c(u64 *sp)
+{
+    (void)sp;
+    /* /dev, /proc and /sys exist in the archive, so no mkdir is needed. */
+    i64 r = sys6(SYS_mount, (i64) "devtmpfs", (i64) "/dev", (i64) "devtmpfs", 0, 0);
+    if (r < 0)
+        err("devtmpfs", 8, "mount", r);
+    r = sys6(SYS_mount, (i64) "proc", (i64) "/proc", (i64) "proc", 0, 0);
+    if (r < 0)
+        err("proc", 4, "mount", r);
+    r = sys6(SYS_mount, (i64) "sysfs", (i64) "/sys", (i64) "sysfs", 0, 0);
+    if (r < 0)
+        err("sysfs", 5, "mount", r);
+    put("GUEST-INIT ");
+    putuptime();
+    flush();
+    if (slurp("/proc/cmdline", text, sizeof(text)) > 0)
+        run_checks(text);
+    put("GUEST-DONE ");
+    putuptime();
+    flush();
+    halt();
+}
+
+/* The kernel enters with the stack pointing at argc (16-byte aligned);
+ * calling a C function needs rsp = 16n - 8 at its first instruction. */
+__asm__(".globl _start\n"
+        "_start:\n"
+        "  mov %rsp, %rdi\n"
+        "  and $-16, %rsp\n"
+        "  call start_c\n"
+        "  hlt\n");
