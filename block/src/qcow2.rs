@@ -222,7 +222,18 @@ impl Qcow2Node {
         let bs: Option<Arc<dyn Storage>> = backing
             .clone()
             .map(|b| Arc::new(NodeStorage(b)) as Arc<dyn Storage>);
+        // `x-load-snapshot`: show an internal snapshot, read-only (what
+        // qemu-img's `convert -l` and `measure -l` read).
+        let snap = ctx.opts.take_str("x-load-snapshot")?;
         let img = Qcow2::open(&name, fs, ds, bs, &o).map_err(open_error)?;
+        if let Some(sn) = snap {
+            if !ctx.common.read_only {
+                return Err(BlockError::Open(format!(
+                    "{name}: x-load-snapshot needs a read-only image"
+                )));
+            }
+            img.load_snapshot_readonly(&sn).map_err(open_error)?;
+        }
         Ok(Arc::new(Qcow2Node { img, file, backing }))
     }
 }

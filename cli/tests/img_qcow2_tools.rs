@@ -563,3 +563,32 @@ fn measure_matches_qemu_img() {
         }
     }
 }
+
+#[test]
+fn convert_and_measure_from_internal_snapshots() {
+    let d = Dir::new("snap");
+    let img = d.p("sn.qcow2");
+    q_ok(&["create", "-q", "-f", "qcow2", &img, "64M"]);
+    io(&img, "qcow2", &["write -P 1 0 1M"]);
+    q_ok(&["snapshot", "-c", "s1", &img]);
+    io(&img, "qcow2", &["write -P 2 512k 1M", "write -z 4M 64k"]);
+    q_ok(&["resize", "-q", &img, "128M"]);
+    q_ok(&["snapshot", "-c", "s2", &img]);
+    io(&img, "qcow2", &["write -P 3 0 64k"]);
+    let (q, s, sq) = (d.p("q.raw"), d.p("s.raw"), d.p("s.qcow2"));
+    for l in ["s1", "snapshot.name=s2", "snapshot.id=1", "2"] {
+        q_ok(&["convert", "-l", l, "-O", "raw", &img, &q]);
+        s_ok(&["convert", "-l", l, "-O", "raw", &img, &s]);
+        assert_eq!(
+            std::fs::read(&q).unwrap(),
+            std::fs::read(&s).unwrap(),
+            "{l}"
+        );
+        s_ok(&["convert", "-l", l, "-O", "qcow2", &img, &sq]);
+        clean(&sq);
+        same(&q, &sq);
+        same_output(&["measure", "-O", "qcow2", "-l", l, &img]);
+    }
+    let r = strata(&["convert", "-l", "nope", "-O", "raw", &img, &s]);
+    assert_eq!(r.status.code(), Some(1));
+}

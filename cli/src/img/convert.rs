@@ -68,12 +68,46 @@ pub struct ConvertArgs {
     /// Internal snapshot of the source to convert.
     #[arg(short = 'l')]
     pub snapshot: Option<String>,
-    /// Source snapshot (old syntax).
-    #[arg(short = 's')]
-    pub snapshot_old: Option<String>,
     /// Sources, then the target.
     #[arg(num_args = 2.., required = true)]
     pub files: Vec<String>,
+}
+
+impl ConvertArgs {
+    /// The source snapshot of `-l` (`snapshot.id=`, `snapshot.name=` or a
+    /// bare id or name).
+    fn source_snapshot(&self) -> R<Option<String>> {
+        snapshot_param(self.snapshot.as_deref())
+    }
+}
+
+/// `-l snapshot.id=ID|snapshot.name=NAME|ID_OR_NAME` -> the id or name.
+pub(crate) fn snapshot_param(p: Option<&str>) -> R<Option<String>> {
+    let Some(p) = p else { return Ok(None) };
+    if !p.starts_with("snapshot.") {
+        return Ok(Some(p.to_string()));
+    }
+    let m = block::keyval::parse("-l", p, None)?;
+    let mut id = None;
+    let mut name = None;
+    for (k, v) in m {
+        match (k.as_str(), v) {
+            ("snapshot", block::keyval::Value::Map(sub)) => {
+                for (k2, v2) in sub {
+                    let block::keyval::Value::Str(v2) = v2 else {
+                        return fail(format!("Invalid parameter 'snapshot.{k2}'"));
+                    };
+                    match k2.as_str() {
+                        "id" => id = Some(v2),
+                        "name" => name = Some(v2),
+                        _ => return fail(format!("Invalid parameter 'snapshot.{k2}'")),
+                    }
+                }
+            }
+            _ => return fail(format!("Invalid parameter '{k}'")),
+        }
+    }
+    Ok(id.or(name))
 }
 
 pub(crate) struct Progress {
@@ -269,9 +303,6 @@ fn push_run(
 
 /// `convert`.
 pub fn convert(a: ConvertArgs) -> R<i32> {
-    if a.snapshot.is_some() || a.snapshot_old.is_some() {
-        return fail("-l/-s: converting from an internal snapshot is not supported yet");
-    }
     if a.out_fmt == "qcow2" {
         return convert_qcow2(a);
     }
@@ -302,6 +333,7 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
     }
     super::cache_mode(&a.cache)?;
     super::cache_mode(&a.src_cache)?;
+    let snap = a.source_snapshot()?;
     let (srcs, target) = a.files.split_at(a.files.len() - 1);
     let target = &target[0];
     let graph = BlockGraph::new();
@@ -312,6 +344,7 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
         spec.fmt = a.fmt.as_deref();
         spec.force_share = a.force_share;
         spec.cache = Some(&a.src_cache);
+        spec.snapshot = snap.as_deref();
         let b = open(&graph, &spec)?;
         sources.push((b.clone(), total));
         total += b.len();
@@ -865,6 +898,7 @@ fn convert_qcow2(a: ConvertArgs) -> R<i32> {
     if a.no_create && a.backing.is_some() {
         return fail("-B is not supported with -n");
     }
+    let snap = a.source_snapshot()?;
     let (srcs, target) = a.files.split_at(a.files.len() - 1);
     let target = &target[0];
     let graph = BlockGraph::new();
@@ -875,6 +909,7 @@ fn convert_qcow2(a: ConvertArgs) -> R<i32> {
         spec.fmt = a.fmt.as_deref();
         spec.force_share = a.force_share;
         spec.cache = Some(&a.src_cache);
+        spec.snapshot = snap.as_deref();
         let b = open(&graph, &spec)?;
         sources.push((b.clone(), total));
         total += b.len();

@@ -79,9 +79,7 @@ pub fn measure(a: MeasureArgs) -> R<i32> {
     if a.size.is_none() && a.filename.is_none() {
         return fail("Either --size N or one filename must be specified.");
     }
-    if a.snapshot.is_some() {
-        return fail("-l: measuring an internal snapshot is not supported yet");
-    }
+    let snap = super::convert::snapshot_param(a.snapshot.as_deref())?;
     let mut o = CreateOptions::default();
     for opt in &a.options {
         let m = block::keyval::parse("-o", opt, None)?;
@@ -146,6 +144,7 @@ pub fn measure(a: MeasureArgs) -> R<i32> {
             let mut spec = OpenSpec::new(f);
             spec.fmt = a.fmt.as_deref();
             spec.force_share = a.force_share;
+            spec.snapshot = snap.as_deref();
             let b = open(&g, &spec)?;
             (b.len(), Some((g, b)))
         }

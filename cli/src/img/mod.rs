@@ -186,6 +186,8 @@ pub struct OpenSpec<'a> {
     pub cache: Option<&'a str>,
     pub aio: Option<&'a str>,
     pub resize: bool,
+    /// An internal snapshot to read instead of the active state (qcow2).
+    pub snapshot: Option<&'a str>,
 }
 
 impl<'a> OpenSpec<'a> {
@@ -199,6 +201,7 @@ impl<'a> OpenSpec<'a> {
             cache: None,
             aio: None,
             resize: false,
+            snapshot: None,
         }
     }
 }
@@ -227,6 +230,9 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
         extra.push(("cache.direct".into(), on(direct)));
         extra.push(("cache.no-flush".into(), on(no_flush)));
         wce = w;
+    }
+    if let Some(s) = spec.snapshot {
+        extra.push(("x-load-snapshot".into(), s.into()));
     }
     if let Some(a) = spec.aio {
         if !matches!(a, "threads" | "native" | "io_uring") {

@@ -1,7 +1,9 @@
 //! Changing an existing image's metadata in place, for `strata-img amend`,
 //! `rebase` and `commit`: the backing file name and format, the version
 //! (compat 0.10 <-> 1.1), lazy refcounts, the refcount width, and emptying
-//! an image (every cluster unallocated). qcow2.rst is the reference; the
+//! an image (every cluster unallocated); and, on a read-only open, showing
+//! an internal snapshot instead of the active state (`convert -l`,
+//! `measure -l`). qcow2.rst is the reference; the
 //! refcount width change builds a complete new refcount table and blocks
 //! after the end of the file, then switches the header to them.
 
@@ -43,6 +45,41 @@ impl Qcow2 {
         // Refuse names that do not fit before changing anything on disk.
         m.h.serialize()?;
         m.write_header()
+    }
+
+    /// Read-only opens only: make reads see the internal snapshot
+    /// `id_or_name` (its L1 table) instead of the active
+    /// state, at the current virtual size. Nothing is written.
+    pub fn load_snapshot_readonly(&self, id_or_name: &str) -> FResult<()> {
+        if !self.is_read_only() {
+            return Err(self.invalid("a snapshot can only be loaded on a read-only image"));
+        }
+        let mut m = self.lock();
+        let Some(i) = m.find_snapshot(id_or_name) else {
+            return Err(self.invalid(format!("Can't find snapshot '{id_or_name}'")));
+        };
+        let s = m.snapshots[i].clone();
+        let cs = m.cs;
+        if !s.l1_offset.is_multiple_of(cs) || (s.l1_size > 0 && s.l1_offset == 0) {
+            return Err(m.corrupt(format!("snapshot '{}': invalid L1 table offset", s.name)));
+        }
+        if s.l1_size as u64 * 8 > super::header::MAX_L1_BYTES {
+            return Err(m.corrupt(format!("snapshot '{}': L1 table too large", s.name)));
+        }
+        let mut raw = vec![0u8; s.l1_size as usize * 8];
+        m.file
+            .read_at(s.l1_offset, &mut raw)
+            .map_err(|e| m.ioe(e, "reading a snapshot L1 table"))?;
+        let l1: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        // The virtual size stays the current one, as in QEMU's temporary
+        // snapshot load; L1 entries past the snapshot's table read as
+        // unallocated.
+        m.l1 = l1;
+        m.l2c = super::cache::Cache::new(m.l2c.capacity(), None);
+        Ok(())
     }
 
     /// Make every cluster of the active image unallocated (what is left
