@@ -303,3 +303,122 @@ impl Qcow2 {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qcow2::check::Repair;
+    use crate::qcow2::create::{create, CreateOptions};
+    use crate::qcow2::OpenOptions;
+    use crate::storage::{MemStorage, Storage};
+    use std::sync::Arc;
+
+    fn image() -> (Arc<dyn Storage>, Qcow2) {
+        let f: Arc<dyn Storage> = Arc::new(MemStorage::new(Vec::new(), 1 << 30));
+        let o = CreateOptions {
+            size: 8 << 20,
+            ..Default::default()
+        };
+        create("t", f.clone(), None, &o).unwrap();
+        let img = Qcow2::open("t", f.clone(), None, None, &OpenOptions::default()).unwrap();
+        (f, img)
+    }
+
+    fn contents(img: &Qcow2) -> Vec<u8> {
+        let mut v = vec![0u8; img.size() as usize];
+        img.read(0, &mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn refcount_width_and_version_changes_keep_data_and_refcounts() {
+        let (_f, img) = image();
+        img.write(0, &[7u8; 200_000], false).unwrap();
+        img.write_zeroes(3 << 20, 1 << 20, false).unwrap();
+        img.write(5 << 20, &[9u8; 70_000], false).unwrap();
+        img.flush().unwrap();
+        let before = contents(&img);
+        for a in [
+            Amend {
+                refcount_bits: Some(1),
+                ..Default::default()
+            },
+            Amend {
+                refcount_bits: Some(64),
+                ..Default::default()
+            },
+            Amend {
+                refcount_bits: Some(16),
+                version: Some(2),
+                ..Default::default()
+            },
+            Amend {
+                version: Some(3),
+                refcount_bits: Some(8),
+                lazy_refcounts: Some(true),
+            },
+        ] {
+            img.amend(&a).unwrap();
+            let r = img.check(Repair::None).unwrap();
+            assert_eq!((r.corruptions_after(), r.leaks_after()), (0, 0), "{a:?}");
+            assert_eq!(contents(&img), before, "{a:?}");
+            let h = img.header();
+            if let Some(b) = a.refcount_bits {
+                assert_eq!(h.refcount_bits(), b);
+            }
+            if let Some(v) = a.version {
+                assert_eq!(h.version, v);
+            }
+        }
+        // Writes after the changes allocate through the new structure.
+        img.write(6 << 20, &[5u8; 300_000], false).unwrap();
+        img.flush().unwrap();
+        let r = img.check(Repair::None).unwrap();
+        assert_eq!((r.corruptions_after(), r.leaks_after()), (0, 0));
+    }
+
+    #[test]
+    fn downgrade_refuses_what_version_2_cannot_hold() {
+        let (_f, img) = image();
+        let a = Amend {
+            version: Some(2),
+            lazy_refcounts: Some(true),
+            ..Default::default()
+        };
+        assert!(img.amend(&a).is_err());
+        let a = Amend {
+            version: Some(2),
+            refcount_bits: Some(4),
+            ..Default::default()
+        };
+        assert!(img.amend(&a).is_err());
+        let a = Amend {
+            refcount_bits: Some(3),
+            ..Default::default()
+        };
+        assert!(img.amend(&a).is_err());
+    }
+
+    #[test]
+    fn backing_name_and_make_empty() {
+        let (f, img) = image();
+        img.write(0, &[1u8; 65536], false).unwrap();
+        img.set_backing(Some("base.img"), Some("raw")).unwrap();
+        let h = img.header();
+        assert_eq!(h.backing_file.as_deref(), Some("base.img"));
+        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        img.make_empty().unwrap();
+        assert!(contents(&img).iter().all(|&b| b == 0));
+        img.set_backing(None, Some("raw")).unwrap();
+        assert_eq!(img.header().backing_format, None);
+        drop(img);
+        let ro = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let img = Qcow2::open("t", f, None, None, &ro).unwrap();
+        let r = img.check(Repair::None).unwrap();
+        assert_eq!((r.corruptions_after(), r.leaks_after()), (0, 0));
+        assert!(img.load_snapshot_readonly("none").is_err());
+    }
+}
