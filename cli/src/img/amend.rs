@@ -92,7 +92,7 @@ pub fn amend(a: AmendArgs) -> R<i32> {
                     am.version = Some(match v.as_str() {
                         "0.10" | "v2" => 2,
                         "1.1" | "v3" => 3,
-                        _ => return fail(format!("Invalid compatibility level: '{v}'")),
+                        _ => return fail(format!("Unknown compatibility level {v}")),
                     })
                 }
                 "lazy_refcounts" => am.lazy_refcounts = Some(bool_opt(&k, &v)?),

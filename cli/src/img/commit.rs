@@ -64,10 +64,7 @@ pub fn commit(a: CommitArgs) -> R<i32> {
         chain.push(b.clone());
     }
     if chain.len() < 2 {
-        return fail(format!(
-            "Image '{}' does not have a backing file",
-            a.filename
-        ));
+        return fail("Image does not have a backing file");
     }
     let base_idx = match &a.base {
         None => 1,

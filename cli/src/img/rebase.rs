@@ -51,8 +51,13 @@ pub struct RebaseArgs {
 
 /// `rebase`.
 pub fn rebase(a: RebaseArgs) -> R<i32> {
-    let Some(newb) = a.backing.clone() else {
-        return fail("Must specify backing file (-b) or use '-b \"\"' to remove the backing file");
+    // qemu-img: without -b, unsafe mode removes the backing file.
+    let backing = a
+        .backing
+        .clone()
+        .or_else(|| a.unsafe_mode.then(String::new));
+    let Some(newb) = backing else {
+        return fail("Must specify backing file (-b) or use unsafe mode (-u)");
     };
     if let Some(c) = &a.cache {
         super::cache_mode(c)?;
