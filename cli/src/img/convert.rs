@@ -721,7 +721,8 @@ struct QJob {
 }
 
 impl QJob {
-    /// Read `[start, end)` of the concatenated sources; zero runs are not read.
+    /// Read `[start, end)` of the concatenated sources into a zeroed `buf`;
+    /// zero runs are not read.
     fn read_sources(&self, start: u64, end: u64, buf: &mut [u8]) -> Result<(), String> {
         let mut pos = start;
         while pos < end {
@@ -742,9 +743,9 @@ impl QJob {
             let st = src.block_status(soff, lim).map_err(|e| e.to_string())?;
             let len = st.len.clamp(1, lim);
             let b = &mut buf[(pos - start) as usize..(pos - start + len) as usize];
-            if st.zero && !st.data {
-                b.fill(0);
-            } else {
+            // `buf` comes zeroed (and untouched: calloc'd pages cost no
+            // memory until written), so zero runs are left alone.
+            if !(st.zero && !st.data) {
                 src.read_at(soff, b).map_err(|e| e.to_string())?;
             }
             pos += len;

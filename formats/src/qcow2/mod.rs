@@ -13,6 +13,8 @@
 //! * [`snapshot`]: the snapshot table, snapshot create/apply/delete.
 //! * [`check`]: consistency check and repair (`qemu-img check`).
 //! * [`create`]: image creation with qemu-img's options.
+//! * [`amend`]: in-place metadata changes (backing file, version, lazy
+//!   refcounts, refcount width), emptying an image, read-only snapshot load.
 //! * [`fuzz`]: the hostile-image harness (fuzz target, corpus test).
 //!
 //! Concurrency: all metadata lives in one [`Meta`] behind a mutex. Reads
