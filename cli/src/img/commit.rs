@@ -147,6 +147,13 @@ pub fn commit(a: CommitArgs) -> R<i32> {
     let step = 2u64 << 20;
     let mut buf = vec![0u8; step as usize];
     let mut off = 0u64;
+    let prog = super::convert::Progress {
+        on: a.progress && !a.quiet,
+        total: size,
+        done: std::sync::atomic::AtomicU64::new(0),
+        last: std::sync::Mutex::new(0.0),
+    };
+    prog.start();
     while off < size {
         let e = chain_status(&root, off, (size - off).min(step), 0)?;
         let len = e.length.clamp(1, size - off);
@@ -162,7 +169,9 @@ pub fn commit(a: CommitArgs) -> R<i32> {
             .map_err(|e| Fail(format!("Error while writing to '{base_name}': {e}"), 1))?;
         }
         off += len;
+        prog.add(len);
     }
+    prog.finish();
     base.flush()?;
     drop(base);
     drop(root);

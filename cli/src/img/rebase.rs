@@ -33,7 +33,7 @@ pub struct RebaseArgs {
     /// Unsafe: change the header only.
     #[arg(short = 'u')]
     pub unsafe_mode: bool,
-    /// Compress what is copied (accepted; copied clusters are written plainly).
+    /// Compress the clusters that are copied (whole clusters only).
     #[arg(short = 'c')]
     pub compress: bool,
     /// Share the images.
@@ -99,11 +99,19 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
         let mut old = vec![0u8; step as usize];
         let mut new = vec![0u8; step as usize];
         let mut off = 0u64;
+        let prog = super::convert::Progress {
+            on: a.progress && !a.quiet,
+            total: size,
+            done: std::sync::atomic::AtomicU64::new(0),
+            last: std::sync::Mutex::new(0.0),
+        };
+        prog.start();
         while off < size {
             let st = img
                 .block_status(off, (size - off).min(step))
                 .map_err(|e| Fail(e.to_string(), 1))?;
             let len = st.len.clamp(1, size - off);
+            prog.add(len);
             if st.kind != Kind::Unalloc {
                 off += len;
                 continue;
@@ -127,13 +135,19 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
                 let abs = off + p as u64;
                 let q = ((abs / cs + 1) * cs - off).min(len) as usize;
                 if old[p..q] != new[p..q] {
-                    img.write(abs, &old[p..q], false)
-                        .map_err(|e| Fail(format!("error while writing to the image: {e}"), 1))?;
+                    let whole = abs % cs == 0 && (q - p) as u64 == cs.min(size - abs);
+                    if a.compress && whole {
+                        img.write_compressed(abs, &old[p..q])
+                    } else {
+                        img.write(abs, &old[p..q], false)
+                    }
+                    .map_err(|e| Fail(format!("error while writing to the image: {e}"), 1))?;
                 }
                 p = q;
             }
             off += len;
         }
+        prog.finish();
     } else if fmt.is_none() {
         if let Some(b) = &newb {
             // Record the format when the new file can be probed.
