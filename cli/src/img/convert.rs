@@ -745,7 +745,7 @@ impl QJob {
             let b = &mut buf[(pos - start) as usize..(pos - start + len) as usize];
             // `buf` comes zeroed (and untouched: calloc'd pages cost no
             // memory until written), so zero runs are left alone.
-            if !(st.zero && !st.data) {
+            if !st.zero || st.data {
                 src.read_at(soff, b).map_err(|e| e.to_string())?;
             }
             pos += len;

@@ -135,7 +135,7 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
                 let abs = off + p as u64;
                 let q = ((abs / cs + 1) * cs - off).min(len) as usize;
                 if old[p..q] != new[p..q] {
-                    let whole = abs % cs == 0 && (q - p) as u64 == cs.min(size - abs);
+                    let whole = abs.is_multiple_of(cs) && (q - p) as u64 == cs.min(size - abs);
                     if a.compress && whole {
                         img.write_compressed(abs, &old[p..q])
                     } else {
