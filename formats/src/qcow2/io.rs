@@ -216,14 +216,6 @@ impl Meta {
             plan.push((gcl, e, bm, reuse));
         }
         let new_count = plan.iter().filter(|p| p.3.is_none()).count() as u64;
-        // New clusters at or past the end of the file read as zeroes already:
-        // where the old view is zeroes too, only the guest bytes are written
-        // (no zero-filled copy-on-write around them).
-        let fresh_from = if self.data.is_none() {
-            self.file_len()?.div_ceil(cs) * cs
-        } else {
-            u64::MAX
-        };
         let mut next_new = if new_count > 0 {
             self.alloc_clusters(new_count)?
         } else {
@@ -264,9 +256,7 @@ impl Meta {
                         // Partial subcluster: the rest comes from the old view
                         // (in place: the data is already there, only the
                         // touched part is written).
-                        let zero_view = matches!(old, Kind::Zero)
-                            || (matches!(old, Kind::Unalloc) && self.backing.is_none());
-                        if keep_in_place || (reuse.is_none() && host >= fresh_from && zero_view) {
+                        if keep_in_place {
                             let src_off = (cstart + ca - off) as usize;
                             let data = src[src_off..src_off + (cb - ca) as usize].to_vec();
                             push_write(&mut writes, host + ca, data);
