@@ -22,7 +22,7 @@ fi
 command -v qemu-img >/dev/null || { echo "qemu-img not installed" >&2; exit 1; }
 [[ -x /usr/bin/time ]] || { echo "GNU time (/usr/bin/time) not installed" >&2; exit 1; }
 
-DIR=${BENCH_DIR:-bench/out-qcow2}
+DIR=${BENCH_DIR:-bench/out/qcow2}
 mkdir -p "$DIR"
 COUNT=${COUNT:-100000}
 REPEAT=${REPEAT:-3}
