@@ -147,12 +147,7 @@ pub fn commit(a: CommitArgs) -> R<i32> {
     let step = 2u64 << 20;
     let mut buf = vec![0u8; step as usize];
     let mut off = 0u64;
-    let prog = super::convert::Progress {
-        on: a.progress && !a.quiet,
-        total: size,
-        done: std::sync::atomic::AtomicU64::new(0),
-        last: std::sync::Mutex::new(0.0),
-    };
+    let prog = super::convert::Progress::new(a.progress && !a.quiet, size);
     prog.start();
     while off < size {
         let e = chain_status(&root, off, (size - off).min(step), 0)?;

@@ -110,6 +110,19 @@ pub(crate) fn snapshot_param(p: Option<&str>) -> R<Option<String>> {
     Ok(id.or(name))
 }
 
+/// Runs `n` copies of `work` on `job` in parallel and waits for them all.
+fn run_workers<J: Send + Sync + 'static>(n: u32, job: &Arc<J>, work: fn(&J)) {
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            let j = job.clone();
+            std::thread::spawn(move || work(&j))
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
 pub(crate) struct Progress {
     pub(crate) on: bool,
     pub(crate) total: u64,
@@ -118,6 +131,16 @@ pub(crate) struct Progress {
 }
 
 impl Progress {
+    /// A progress meter for `total` bytes, printing only when `on`.
+    pub(crate) fn new(on: bool, total: u64) -> Self {
+        Progress {
+            on,
+            total,
+            done: AtomicU64::new(0),
+            last: Mutex::new(0.0),
+        }
+    }
+
     pub(crate) fn add(&self, n: u64) {
         let d = self.done.fetch_add(n, Ordering::Relaxed) + n;
         if !self.on {
@@ -384,24 +407,11 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
         next: AtomicU64::new(0),
         write_turn: (Mutex::new(0), Condvar::new()),
         ordered: !a.out_of_order,
-        progress: Progress {
-            on: a.progress && !a.quiet,
-            total,
-            done: AtomicU64::new(0),
-            last: Mutex::new(0.0),
-        },
+        progress: Progress::new(a.progress && !a.quiet, total),
         error: Mutex::new(None),
     });
     job.progress.start();
-    let threads: Vec<_> = (0..a.parallel)
-        .map(|_| {
-            let j = job.clone();
-            std::thread::spawn(move || j.run_worker())
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+    run_workers(a.parallel, &job, |j| j.run_worker());
     if let Some(e) = job.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return fail(format!("error while converting: {e}"));
     }
@@ -455,12 +465,7 @@ pub fn compare(
     let mut a = vec![0u8; step as usize];
     let mut b = vec![0u8; step as usize];
     let mut off = 0;
-    let prog = Progress {
-        on: progress && !quiet,
-        total: l1.max(l2),
-        done: AtomicU64::new(0),
-        last: Mutex::new(0.0),
-    };
+    let prog = Progress::new(progress && !quiet, l1.max(l2));
     prog.start();
     let (r1, r2) = (b1.root(), b2.root());
     while off < common {
@@ -987,24 +992,11 @@ fn convert_qcow2(a: ConvertArgs) -> R<i32> {
         // Compressed clusters are packed in the order they are written;
         // ordering would serialise the compression.
         ordered: !a.out_of_order && !a.compress,
-        progress: Progress {
-            on: a.progress && !a.quiet,
-            total,
-            done: AtomicU64::new(0),
-            last: Mutex::new(0.0),
-        },
+        progress: Progress::new(a.progress && !a.quiet, total),
         error: Mutex::new(None),
     });
     job.progress.start();
-    let threads: Vec<_> = (0..a.parallel)
-        .map(|_| {
-            let j = job.clone();
-            std::thread::spawn(move || j.run_worker())
-        })
-        .collect();
-    for t in threads {
-        let _ = t.join();
-    }
+    run_workers(a.parallel, &job, |j| j.run_worker());
     if let Some(e) = job.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return fail(format!("error while converting qcow2: {e}"));
     }

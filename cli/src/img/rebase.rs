@@ -99,12 +99,7 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
         let mut old = vec![0u8; step as usize];
         let mut new = vec![0u8; step as usize];
         let mut off = 0u64;
-        let prog = super::convert::Progress {
-            on: a.progress && !a.quiet,
-            total: size,
-            done: std::sync::atomic::AtomicU64::new(0),
-            last: std::sync::Mutex::new(0.0),
-        };
+        let prog = super::convert::Progress::new(a.progress && !a.quiet, size);
         prog.start();
         while off < size {
             let st = img
