@@ -69,6 +69,8 @@ pub enum VmEvent {
 pub struct VcpuGate {
     paused: std::sync::Mutex<bool>,
     cv: std::sync::Condvar,
+    /// vCPUs currently held at the gate.
+    parked: std::sync::atomic::AtomicUsize,
 }
 
 impl VcpuGate {
@@ -80,6 +82,10 @@ impl VcpuGate {
     /// Blocks while paused, unless the machine is being torn down.
     pub fn wait(&self, stop: &AtomicBool) {
         let mut p = devices::bus::lock(&self.paused);
+        if !*p {
+            return;
+        }
+        self.parked.fetch_add(1, Ordering::SeqCst);
         while *p && !stop.load(Ordering::Acquire) {
             p = self
                 .cv
@@ -87,6 +93,11 @@ impl VcpuGate {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::SeqCst)
     }
 }
 
@@ -318,8 +329,16 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                     }
                     gate.set_paused(true);
                     // Take the vCPUs out of KVM_RUN; they wait at the gate.
-                    for t in &threads {
-                        let _ = t.kill(kick_signal());
+                    // A kick that lands just before a thread enters KVM_RUN
+                    // is lost, so kick until all are parked. A vCPU blocked
+                    // in a stopped drive's I/O cannot park until `cont`, so
+                    // give up after a while: it reaches the gate on its own.
+                    let deadline = std::time::Instant::now() + Duration::from_millis(200);
+                    while gate.parked() < threads.len() && std::time::Instant::now() < deadline {
+                        for t in &threads {
+                            let _ = t.kill(kick_signal());
+                        }
+                        std::thread::sleep(Duration::from_millis(1));
                     }
                 }
                 monitor::Action::Resume => {
