@@ -73,11 +73,33 @@ pub struct ConvertArgs {
     pub files: Vec<String>,
 }
 
+/// A source image and its byte offset in the concatenated input.
+type Source = (Arc<BlockBackend>, u64);
+
 impl ConvertArgs {
     /// The source snapshot of `-l` (`snapshot.id=`, `snapshot.name=` or a
     /// bare id or name).
     fn source_snapshot(&self) -> R<Option<String>> {
         snapshot_param(self.snapshot.as_deref())
+    }
+
+    /// Opens every source (all files but the last) in `graph`; returns each
+    /// with its offset in the concatenated input, and the total size.
+    fn open_sources(&self, graph: &BlockGraph) -> R<(Vec<Source>, u64)> {
+        let snap = self.source_snapshot()?;
+        let mut sources = Vec::new();
+        let mut total = 0u64;
+        for s in &self.files[..self.files.len() - 1] {
+            let mut spec = OpenSpec::new(s);
+            spec.fmt = self.fmt.as_deref();
+            spec.force_share = self.force_share;
+            spec.cache = Some(&self.src_cache);
+            spec.snapshot = snap.as_deref();
+            let b = open(graph, &spec)?;
+            sources.push((b.clone(), total));
+            total += b.len();
+        }
+        Ok((sources, total))
     }
 }
 
@@ -356,22 +378,9 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
     }
     super::cache_mode(&a.cache)?;
     super::cache_mode(&a.src_cache)?;
-    let snap = a.source_snapshot()?;
-    let (srcs, target) = a.files.split_at(a.files.len() - 1);
-    let target = &target[0];
+    let target = &a.files[a.files.len() - 1];
     let graph = BlockGraph::new();
-    let mut sources = Vec::new();
-    let mut total = 0u64;
-    for s in srcs {
-        let mut spec = OpenSpec::new(s);
-        spec.fmt = a.fmt.as_deref();
-        spec.force_share = a.force_share;
-        spec.cache = Some(&a.src_cache);
-        spec.snapshot = snap.as_deref();
-        let b = open(&graph, &spec)?;
-        sources.push((b.clone(), total));
-        total += b.len();
-    }
+    let (sources, total) = a.open_sources(&graph)?;
     let mut prealloc_opts = Vec::new();
     for o in &a.options {
         prealloc_opts.push(o.clone());
@@ -904,22 +913,9 @@ fn convert_qcow2(a: ConvertArgs) -> R<i32> {
     if a.no_create && a.backing.is_some() {
         return fail("-B is not supported with -n");
     }
-    let snap = a.source_snapshot()?;
-    let (srcs, target) = a.files.split_at(a.files.len() - 1);
-    let target = &target[0];
+    let target = &a.files[a.files.len() - 1];
     let graph = BlockGraph::new();
-    let mut sources = Vec::new();
-    let mut total = 0u64;
-    for s in srcs {
-        let mut spec = OpenSpec::new(s);
-        spec.fmt = a.fmt.as_deref();
-        spec.force_share = a.force_share;
-        spec.cache = Some(&a.src_cache);
-        spec.snapshot = snap.as_deref();
-        let b = open(&graph, &spec)?;
-        sources.push((b.clone(), total));
-        total += b.len();
-    }
+    let (sources, total) = a.open_sources(&graph)?;
     // -o backing_file=... is the same as -B.
     let mut backing = a.backing.clone();
     let mut backing_fmt = a.backing_fmt.clone();
