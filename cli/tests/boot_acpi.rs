@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::qtest::Qtest;
-use support::{kernels, kvm_available, require_bios, run_until_marker, scratch};
+use support::{kernels, kvm_available, require_bios, scratch};
 
 fn sum(b: &[u8]) -> u8 {
     b.iter().fold(0u8, |a, &x| a.wrapping_add(x))
@@ -228,20 +228,9 @@ fn seabios_installs_strata_tables_from_the_table_loader() {
         return;
     }
     require_bios();
-    let dir = scratch("acpi-seabios");
-    let log = dir.join("debug.log");
-    let dbg = format!("file:{}", log.display());
-    let out = run_until_marker(
-        &[
-            "-m",
-            "128",
-            "-nodefaults",
-            "-debugcon",
-            &dbg,
-            "-global",
-            "isa-debugcon.iobase=0x402",
-        ],
-        &log,
+    let out = support::until_seabios_log(
+        "acpi-seabios",
+        &["-m", "128", "-nodefaults"],
         "ACPI: parse DSDT",
         Duration::from_secs(120),
     );

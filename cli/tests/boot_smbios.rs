@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use support::qtest::Qtest;
-use support::{kernels, kvm_available, require_bios, run_strata, run_until_marker, scratch};
+use support::{kernels, kvm_available, require_bios, run_strata, scratch};
 use vmm::smbios::{parse, Parsed};
 
 const UUID: &str = "12345678-9abc-def0-1122-334455667788";
@@ -158,27 +158,20 @@ fn seabios_installs_strata_smbios_tables() {
         return;
     }
     require_bios();
-    let dir = scratch("smbios-seabios");
-    let log = dir.join("debug.log");
-    let dbg = format!("file:{}", log.display());
-    let com1 = dir.join("com1.log");
+    let com1 = scratch("smbios-seabios").join("com1.log");
     let serial = format!("file:{}", com1.display());
     let marker = format!("Machine UUID {UUID}");
-    let out = run_until_marker(
+    let out = support::until_seabios_log(
+        "smbios-seabios-log",
         &[
             "-m",
             "128",
             "-nodefaults",
             "-serial",
             &serial,
-            "-debugcon",
-            &dbg,
-            "-global",
-            "isa-debugcon.iobase=0x402",
             "-smbios",
             TYPE1,
         ],
-        &log,
         &marker,
         Duration::from_secs(120),
     );

@@ -240,23 +240,17 @@ fn seabios_uses_the_lchs_given_to_ide_hd() {
     let (disk, _) = images();
     let dir = scratch("ide-lchs-kvm");
     let hd = copy(&disk, &dir, "hd.img");
-    let log = dir.join("debug.log");
-    let dbg = format!("file:{}", log.display());
     let drive = format!("file={hd},if=none,id=hd,format=raw");
     let _serial = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
-    support::run_until_marker(
+    support::until_seabios_log(
+        "ide-lchs-kvm-log",
         &[
             "-nodefaults",
-            "-debugcon",
-            &dbg,
-            "-global",
-            "isa-debugcon.iobase=0x402",
             "-drive",
             &drive,
             "-device",
             "ide-hd,drive=hd,bus=ide.0,unit=0,lcyls=100,lheads=16,lsecs=63",
         ],
-        &log,
         "translation=host-supplied LCHS=100/16/63",
         TIMEOUT,
     );

@@ -6,7 +6,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::{kvm_available, require_bios, run_strata, run_until, run_until_marker, scratch};
+use support::{
+    kvm_available, require_bios, run_strata, run_until, run_until_marker, scratch,
+    until_seabios_log,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -37,20 +40,9 @@ fn smp4_brought_up_by_seabios() {
         return;
     }
     require_bios();
-    let dir = scratch("kvm-smp");
-    let log = dir.join("debug.log");
-    let dbg = format!("file:{}", log.display());
-    let out = run_until_marker(
-        &[
-            "-smp",
-            "4",
-            "-nodefaults",
-            "-debugcon",
-            &dbg,
-            "-global",
-            "isa-debugcon.iobase=0x402",
-        ],
-        &log,
+    let out = until_seabios_log(
+        "kvm-smp",
+        &["-smp", "4", "-nodefaults"],
         "e820 map has",
         TIMEOUT,
     );
@@ -66,20 +58,9 @@ fn ram_above_4g_in_firmware_e820() {
         return;
     }
     require_bios();
-    let dir = scratch("kvm-6g");
-    let log = dir.join("debug.log");
-    let dbg = format!("file:{}", log.display());
-    let out = run_until_marker(
-        &[
-            "-m",
-            "6G",
-            "-nodefaults",
-            "-debugcon",
-            &dbg,
-            "-global",
-            "isa-debugcon.iobase=0x402",
-        ],
-        &log,
+    let out = until_seabios_log(
+        "kvm-6g",
+        &["-m", "6G", "-nodefaults"],
         "No bootable device",
         TIMEOUT,
     );

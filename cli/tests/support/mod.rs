@@ -77,6 +77,16 @@ pub fn run_strata(args: &[&str], timeout: Duration) -> (Option<i32>, String, Str
     )
 }
 
+/// Runs strata with `args` and SeaBIOS's debug log (isa-debugcon on port
+/// 0x402) in a file, until `marker` appears in that log; returns the log.
+pub fn until_seabios_log(name: &str, args: &[&str], marker: &str, timeout: Duration) -> String {
+    let log = scratch(name).join("debug.log");
+    let dbg = format!("file:{}", log.display());
+    let mut all = vec!["-debugcon", &dbg, "-global", "isa-debugcon.iobase=0x402"];
+    all.extend_from_slice(args);
+    run_until_marker(&all, &log, marker, timeout)
+}
+
 /// Runs strata until `marker` appears in the file `watch` (or `timeout`),
 /// then kills it. Returns the file's contents.
 pub fn run_until_marker(args: &[&str], watch: &Path, marker: &str, timeout: Duration) -> String {
