@@ -329,17 +329,14 @@ fn check_seabios_e820(out: &str) {
     );
 }
 
-#[test]
-fn bzimage_boots_through_seabios_and_linuxboot_rom() {
-    if !kvm_available("bzimage_boots_through_seabios_and_linuxboot_rom") {
-        return;
-    }
-    require_bios();
-    let dir = scratch("fwboot-bz-rd");
-    let rd: Vec<u8> = (0..3001u32).map(|i| (i * 7 + 3) as u8).collect();
-    let rdp = dir.join("rd.bin");
-    std::fs::write(&rdp, &rd).unwrap();
-    let k = kernels::path("testkernel.bzImage");
+/// Boots the test kernel `kernel` through SeaBIOS (`-bios`), which runs
+/// the option ROM `rom`, with `rd` as the initrd; checks that SeaBIOS
+/// looked up the ROM's boot entry and that the kernel got exactly the
+/// command line (no kernel-name prefix) and the initrd. Returns its report.
+fn firmware_boot_with_initrd(name: &str, kernel: &str, rom: &str, rd: &[u8]) -> String {
+    let rdp = scratch(&format!("{name}-rd")).join("rd.bin");
+    std::fs::write(&rdp, rd).unwrap();
+    let k = kernels::path(kernel);
     let (out, log) = boot_report(
         &[
             "-bios",
@@ -351,19 +348,31 @@ fn bzimage_boots_through_seabios_and_linuxboot_rom() {
             "-append",
             APPEND,
         ],
-        "fwboot-bz",
+        name,
     );
     assert!(
-        log.contains("Searching bootorder for: /rom@genroms/linuxboot_dma.bin"),
+        log.contains(&format!("Searching bootorder for: /rom@genroms/{rom}")),
         "{log}"
     );
-    // The real-mode setup ran and took the 32-bit entry.
-    assert_eq!(line(&out, "TK proto="), "linux32 magic=0x0");
     assert_eq!(line(&out, "TK cmdline="), APPEND);
     assert_eq!(
         line(&out, "TK initrd "),
-        format!("size={} fnv={:#x}", rd.len(), kernels::fnv(&rd))
+        format!("size={} fnv={:#x}", rd.len(), kernels::fnv(rd))
     );
+    out
+}
+
+#[test]
+fn bzimage_boots_through_seabios_and_linuxboot_rom() {
+    if !kvm_available("bzimage_boots_through_seabios_and_linuxboot_rom") {
+        return;
+    }
+    require_bios();
+    let rd: Vec<u8> = (0..3001u32).map(|i| (i * 7 + 3) as u8).collect();
+    let out =
+        firmware_boot_with_initrd("fwboot-bz", "testkernel.bzImage", "linuxboot_dma.bin", &rd);
+    // The real-mode setup ran and took the 32-bit entry.
+    assert_eq!(line(&out, "TK proto="), "linux32 magic=0x0");
     check_seabios_e820(&out);
     // SeaBIOS installed Strata's ACPI tables; the kernel finds the RSDP.
     assert!(!line(&out, "TK rsdp given=0x0 found=").starts_with("0x0"));
@@ -414,35 +423,9 @@ fn pvh_elf_boots_through_seabios_and_pvh_rom() {
         return;
     }
     require_bios();
-    let dir = scratch("fwboot-pvh-rd");
     let rd: Vec<u8> = (0..2345u32).map(|i| (i * 11 + 9) as u8).collect();
-    let rdp = dir.join("rd.bin");
-    std::fs::write(&rdp, &rd).unwrap();
-    let k = kernels::path("testkernel-pvh.elf");
-    let (out, log) = boot_report(
-        &[
-            "-bios",
-            BIOS,
-            "-kernel",
-            &k,
-            "-initrd",
-            &rdp.display().to_string(),
-            "-append",
-            APPEND,
-        ],
-        "fwboot-pvh",
-    );
-    assert!(
-        log.contains("Searching bootorder for: /rom@genroms/pvh.bin"),
-        "{log}"
-    );
+    let out = firmware_boot_with_initrd("fwboot-pvh", "testkernel-pvh.elf", "pvh.bin", &rd);
     assert_eq!(line(&out, "TK proto="), "pvh magic=0x0");
-    // The command line as given: PVH has no kernel-name prefix.
-    assert_eq!(line(&out, "TK cmdline="), APPEND);
-    assert_eq!(
-        line(&out, "TK initrd "),
-        format!("size={} fnv={:#x}", rd.len(), kernels::fnv(&rd))
-    );
     check_seabios_e820(&out);
     // pvh.bin found SeaBIOS's RSDP (Strata's tables) and passed it on.
     let rsdp = line(&out, "TK rsdp given=");
