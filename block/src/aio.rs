@@ -179,7 +179,9 @@ impl Uring {
         Ok(u)
     }
 
-    /// Submit a read, write or flush. Other operations must use the pool.
+    /// Submit a read, write, flush, or a write-zeroes without unmap (as
+    /// `fallocate(FALLOC_FL_ZERO_RANGE)`; the caller handles EOPNOTSUPP).
+    /// Other operations must use the pool.
     pub fn submit(&self, req: IoRequest, done: Completion) {
         let fd = types::Fd(self.fd.as_raw_fd());
         let iov_ptr = req.iov.as_raw().as_ptr();
@@ -187,6 +189,7 @@ impl Uring {
         let offset = req.offset;
         let op = req.op;
         let fua = req.fua;
+        let zero_len = req.len;
         let idx = {
             let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             s.insert(Inflight { req, done })
@@ -207,6 +210,10 @@ impl Uring {
                     .rw_flags(flags)
                     .build()
             }
+            IoOp::WriteZeroes { .. } => opcode::Fallocate::new(fd, zero_len)
+                .offset(offset)
+                .mode(libc::FALLOC_FL_ZERO_RANGE)
+                .build(),
             _ => {
                 self.stats.fdatasync.fetch_add(1, Ordering::Relaxed);
                 opcode::Fsync::new(fd)
@@ -295,6 +302,7 @@ impl Uring {
             let what = match req.op {
                 IoOp::Read => "read",
                 IoOp::Write => "write",
+                IoOp::WriteZeroes { .. } => "fallocate",
                 _ => "flush",
             };
             done(req, Err(BlockError::io(-res, format!("io_uring {what}"))));

@@ -235,12 +235,7 @@ pub trait BlockDriver: Send + Sync + 'static {
     }
     /// Submit a request asynchronously. Default: run it on the worker pool.
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
-        aio::pool().spawn(Box::new(move || {
-            let mut req = req;
-            let r = execute(&*self, &mut req);
-            drop(self);
-            done(req, r);
-        }));
+        run_on_pool(self, req, done)
     }
     /// The file name, for protocols. Default: none.
     fn filename(&self) -> Option<String> {
@@ -262,6 +257,16 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn aio_engine(&self) -> Option<&'static str> {
         None
     }
+}
+
+/// Run `req` synchronously on the worker pool (the default `submit`).
+pub fn run_on_pool<D: BlockDriver + ?Sized>(drv: Arc<D>, req: IoRequest, done: Completion) {
+    aio::pool().spawn(Box::new(move || {
+        let mut req = req;
+        let r = execute(&*drv, &mut req);
+        drop(drv);
+        done(req, r);
+    }));
 }
 
 /// Run `req` synchronously on `drv`.

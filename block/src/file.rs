@@ -119,6 +119,8 @@ pub struct FileNode {
     fd: Arc<OwnedFd>,
     size: AtomicU64,
     is_blockdev: bool,
+    /// `fallocate(FALLOC_FL_ZERO_RANGE)` has not failed as unsupported.
+    zero_range_ok: std::sync::atomic::AtomicBool,
     align: u64,
     physical_block: u64,
     aio: Aio,
@@ -263,6 +265,7 @@ impl FileNode {
             opts,
             fd,
             size: AtomicU64::new(size),
+            zero_range_ok: std::sync::atomic::AtomicBool::new(true),
             is_blockdev,
             align,
             physical_block,
@@ -901,10 +904,43 @@ impl BlockDriver for FileNode {
                     ) && req.iov.as_raw().len() <= 1024
                 }
                 IoOp::Flush => true,
+                // Zeroing as ZERO_RANGE through the ring, where it worked
+                // before (allocating writes of qcow2 zero new clusters).
+                IoOp::WriteZeroes { may_unmap: false } => {
+                    self.uring.is_some()
+                        && !self.is_blockdev
+                        && self.zero_range_ok.load(Ordering::Relaxed)
+                        && req.offset.is_multiple_of(self.align)
+                        && req.len.is_multiple_of(self.align)
+                        && !self.opts.read_only
+                }
                 _ => false,
             };
             let in_file = req.op != IoOp::Write
                 || req.offset + req.iov.len() as u64 <= self.size.load(Ordering::Relaxed);
+            if ok && matches!(req.op, IoOp::WriteZeroes { .. }) {
+                if let Some(u) = &self.uring {
+                    let me = self.clone();
+                    let end = req.offset + req.len;
+                    u.submit(
+                        req,
+                        Box::new(move |r, res| match res {
+                            Ok(()) => {
+                                me.size.fetch_max(end, Ordering::Relaxed);
+                                done(r, Ok(()))
+                            }
+                            Err(e) if matches!(e.errno(), libc::EOPNOTSUPP | libc::EINVAL) => {
+                                // Not supported here: the synchronous path
+                                // falls back to writing zeroes.
+                                me.zero_range_ok.store(false, Ordering::Relaxed);
+                                crate::driver::run_on_pool(me, r, done)
+                            }
+                            Err(e) => done(r, Err(e)),
+                        }),
+                    );
+                    return;
+                }
+            }
             if ok && in_file {
                 if let Some(u) = &self.uring {
                     u.submit(req, done);
@@ -916,11 +952,6 @@ impl BlockDriver for FileNode {
                 }
             }
         }
-        crate::aio::pool().spawn(Box::new(move || {
-            let mut req = req;
-            let r = crate::driver::execute(&*self, &mut req);
-            drop(self);
-            done(req, r);
-        }));
+        crate::driver::run_on_pool(self, req, done)
     }
 }

@@ -7,21 +7,50 @@
 //! functions gather/scatter between `IoSlice`s and flat buffers, which the
 //! alignment (read-modify-write) and bounce-buffer paths use. [`AlignedBuf`]
 //! is a zeroed heap buffer with a chosen alignment, as `O_DIRECT` requires.
+//! [`IoVecs::carve`] splits a request's buffers into disjoint parts that
+//! travel as separate requests (a format driver mapping one guest request
+//! to several host extents) and keep the whole alive until the last part
+//! is dropped.
 
 use std::alloc::{self, Layout};
 use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
 
 /// The buffers of one request.
 pub struct IoVecs {
     iov: Vec<libc::iovec>,
     owned: Option<Vec<u8>>,
+    /// An owned aligned buffer (O_DIRECT-ready), from [`IoVecs::from_aligned`].
+    #[allow(dead_code)]
+    aligned: Option<AlignedBuf>,
+    /// For a part made by [`IoVecs::carve`]: the whole, kept alive (only
+    /// held, never read).
+    #[allow(dead_code)]
+    whole: Option<Arc<IoVecs>>,
 }
 
-// SAFETY: an `IoVecs` either owns its memory (`owned`) or was built with
+// SAFETY: an `IoVecs` either owns its memory (`owned`, `aligned`), was built with
 // `from_raw`, whose contract makes the caller guarantee that the memory stays
-// valid and is not accessed by anybody else until the request completes, so
-// moving it to another thread is sound.
+// valid and is not accessed by anybody else until the request completes, or
+// is a carved part of such an `IoVecs`, which it keeps alive (`whole`) and
+// whose bytes it shares with no other part; so moving it to another thread
+// is sound.
 unsafe impl Send for IoVecs {}
+// SAFETY: through `&IoVecs` memory can only be read (`slices`, `as_raw`,
+// `len`); writing needs `&mut`. The one shared `IoVecs` is the whole behind
+// carved parts, which is reachable only through the opaque [`Carved`] and
+// the parts' private `whole` field, and is never read while parts exist.
+unsafe impl Sync for IoVecs {}
+
+/// The whole of a carved [`IoVecs`], waiting for its parts to be dropped.
+pub struct Carved(Arc<IoVecs>);
+
+impl Carved {
+    /// The buffers back, once no part is left (`Err(self)` otherwise).
+    pub fn into_inner(self) -> Result<IoVecs, Carved> {
+        Arc::try_unwrap(self.0).map_err(Carved)
+    }
+}
 
 impl std::fmt::Debug for IoVecs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -40,6 +69,8 @@ impl IoVecs {
         IoVecs {
             iov: Vec::new(),
             owned: None,
+            aligned: None,
+            whole: None,
         }
     }
     /// One owned buffer; get it back with [`IoVecs::into_vec`].
@@ -51,6 +82,22 @@ impl IoVecs {
         IoVecs {
             iov,
             owned: Some(buf),
+            aligned: None,
+            whole: None,
+        }
+    }
+    /// One owned aligned buffer (its memory moves with it: the heap
+    /// allocation does not).
+    pub fn from_aligned(mut buf: AlignedBuf) -> Self {
+        let iov = vec![libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        IoVecs {
+            iov,
+            owned: None,
+            aligned: Some(buf),
+            whole: None,
         }
     }
     /// Raw segments, typically guest memory.
@@ -69,7 +116,51 @@ impl IoVecs {
                 })
                 .collect(),
             owned: None,
+            aligned: None,
+            whole: None,
         }
+    }
+    /// Split into parts covering the byte ranges `(start, len)`, which must
+    /// be in increasing order, disjoint and inside the buffers (`None`
+    /// otherwise). Each part points into this memory and keeps it alive;
+    /// once every part is dropped, [`Carved::into_inner`] gives the
+    /// buffers back.
+    pub fn carve(self, ranges: &[(usize, usize)]) -> Option<(Carved, Vec<IoVecs>)> {
+        let total = self.len();
+        let mut end = 0;
+        for &(a, l) in ranges {
+            if a < end || a.checked_add(l)? > total {
+                return None;
+            }
+            end = a + l;
+        }
+        let whole = Arc::new(self);
+        let parts = ranges
+            .iter()
+            .map(|&(a, l)| {
+                let mut iov = Vec::new();
+                let mut pos = 0usize;
+                for v in &whole.iov {
+                    let (s, e) = (pos.max(a), (pos + v.iov_len).min(a + l));
+                    if s < e {
+                        iov.push(libc::iovec {
+                            // Pointer arithmetic only (wrapping_add is
+                            // safe); `s - pos` is inside this segment.
+                            iov_base: v.iov_base.cast::<u8>().wrapping_add(s - pos).cast(),
+                            iov_len: e - s,
+                        });
+                    }
+                    pos += v.iov_len;
+                }
+                IoVecs {
+                    iov,
+                    owned: None,
+                    aligned: None,
+                    whole: Some(whole.clone()),
+                }
+            })
+            .collect();
+        Some((Carved(whole), parts))
     }
     /// Total length in bytes.
     pub fn len(&self) -> usize {
@@ -93,9 +184,12 @@ impl IoVecs {
             .iter()
             .filter(|v| v.iov_len > 0)
             .map(|v| {
-                // SAFETY: each iovec points either into `self.owned` (alive
-                // and exclusively borrowed through `&mut self`) or into
-                // memory the `from_raw` caller guaranteed valid and unshared.
+                // SAFETY: each iovec points either into `self.owned` or
+                // `self.aligned` (alive and exclusively borrowed through
+                // `&mut self`), into
+                // memory the `from_raw` caller guaranteed valid and unshared,
+                // or into this part's own bytes of a carved whole (kept
+                // alive by `self.whole`, disjoint from every other part).
                 IoSliceMut::new(unsafe {
                     std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
                 })
@@ -247,6 +341,25 @@ mod tests {
         assert_eq!(b.as_ptr() as usize % 4096, 0);
         assert!(is_zero_buf(&b));
         assert_eq!(b.len(), 8192);
+    }
+
+    #[test]
+    fn carve_parts_write_into_the_whole() {
+        let v = IoVecs::from_vec(vec![0u8; 10]);
+        assert!(IoVecs::from_vec(vec![0u8; 4])
+            .carve(&[(2, 2), (1, 1)])
+            .is_none());
+        assert!(IoVecs::from_vec(vec![0u8; 4]).carve(&[(2, 3)]).is_none());
+        let (whole, mut parts) = v.carve(&[(1, 3), (6, 4)]).unwrap();
+        for (i, p) in parts.iter_mut().enumerate() {
+            for mut s in p.slices_mut() {
+                s.fill(i as u8 + 1);
+            }
+        }
+        assert_eq!(parts[1].len(), 4);
+        drop(parts);
+        let v = whole.into_inner().ok().unwrap();
+        assert_eq!(v.into_vec().unwrap(), [0, 1, 1, 1, 0, 0, 2, 2, 2, 2]);
     }
 
     #[test]

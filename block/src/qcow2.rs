@@ -7,18 +7,20 @@
 //! `pass-discard-request`/`-snapshot`/`-other`, `lazy-refcounts`,
 //! `overlap-check`, `data-file`, `backing`.
 
-use crate::driver::{BlockDriver, Extent, Limits};
+use crate::driver::{run_on_pool, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits};
 use crate::error::{BlockError, BlockResult};
 use crate::graph::{Backing, OpenCtx};
+use crate::iov::{Carved, IoVecs};
 use crate::keyval::{Map, Options, Value};
 use crate::node::Node;
 use formats::error::FormatError;
+use formats::qcow2::io::{Overwrite, Piece, WriteData, WritePlan};
 use formats::qcow2::l2::Kind;
-use formats::qcow2::{self, OpenOptions, Qcow2};
+use formats::qcow2::{self, OpenOptions, Qcow2, Ticket};
 use formats::storage::Storage;
 use std::cell::Cell;
 use std::io::{self, IoSlice, IoSliceMut};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// A node as the format layer's [`Storage`]; reads past its end are zeroes.
 pub struct NodeStorage(pub Arc<Node>);
@@ -111,7 +113,11 @@ pub fn resolve_backing(image: &str, backing: &str) -> String {
 pub struct Qcow2Node {
     img: Qcow2,
     file: Arc<Node>,
+    /// Where data clusters live: the external data file, or `file`.
+    store: Arc<Node>,
     backing: Option<Arc<Node>>,
+    /// Writes waiting for an allocation in flight on their clusters.
+    parked: Mutex<Vec<(IoRequest, Completion)>>,
 }
 
 impl Qcow2Node {
@@ -217,6 +223,7 @@ impl Qcow2Node {
                 }
             },
         };
+        let store = data.clone().unwrap_or_else(|| file.clone());
         let ds: Option<Arc<dyn Storage>> =
             data.map(|d| Arc::new(NodeStorage(d)) as Arc<dyn Storage>);
         let bs: Option<Arc<dyn Storage>> = backing
@@ -234,7 +241,381 @@ impl Qcow2Node {
             }
             img.load_snapshot_readonly(&sn).map_err(open_error)?;
         }
-        Ok(Arc::new(Qcow2Node { img, file, backing }))
+        let node = Arc::new(Qcow2Node {
+            img,
+            file,
+            store,
+            backing,
+            parked: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&node);
+        node.img.set_alloc_hook(Box::new(move || {
+            if let Some(n) = weak.upgrade() {
+                n.unpark();
+            }
+        }));
+        Ok(node)
+    }
+
+    /// Read asynchronously: map under the metadata lock, then send each
+    /// run where it lives (data clusters to the data node, unallocated
+    /// runs to the backing node, compressed clusters to the worker pool)
+    /// and complete when all are done.
+    fn submit_read(self: Arc<Self>, mut req: IoRequest, done: Completion) {
+        let len = req.iov.len() as u64;
+        let (pieces, ticket) = match self.img.map_read(req.offset, len) {
+            Ok(x) => x,
+            Err(e) => return done(req, Err(block_error(e))),
+        };
+        if let [Piece {
+            kind: Kind::Data { host, .. },
+            ..
+        }] = pieces[..]
+        {
+            // One host extent: the request itself goes down.
+            return self.forward(req, host, ticket, done);
+        }
+        let blen = self.backing.as_ref().map_or(0, |b| b.len());
+        // Split unallocated runs at the end of the backing file: what lies
+        // past it reads as zeroes.
+        let mut runs: Vec<(Piece, bool)> = Vec::new(); // piece, zero
+        for p in pieces {
+            match p.kind {
+                Kind::Zero => runs.push((p, true)),
+                Kind::Unalloc if p.offset >= blen => runs.push((p, true)),
+                Kind::Unalloc if p.offset + p.len > blen => {
+                    let n = blen - p.offset;
+                    runs.push((Piece { len: n, ..p }, false));
+                    runs.push((
+                        Piece {
+                            offset: blen,
+                            len: p.len - n,
+                            ..p
+                        },
+                        true,
+                    ));
+                }
+                _ => runs.push((p, false)),
+            }
+        }
+        let base = req.offset;
+        let ranges: Vec<(usize, usize)> = runs
+            .iter()
+            .map(|(p, _)| ((p.offset - base) as usize, p.len as usize))
+            .collect();
+        let Some((whole, parts)) = carve(&mut req, &ranges) else {
+            return done(req, Err(internal("bad read mapping")));
+        };
+        let join = Join::new(complete(req, whole, Some(ticket), done));
+        let mut sent = 0;
+        for ((p, zero), mut part) in runs.into_iter().zip(parts) {
+            if zero {
+                crate::iov::zero_fill(&mut part.slices_mut());
+                continue;
+            }
+            sent += 1;
+            let cb = join.part();
+            match p.kind {
+                Kind::Data { host, .. } => self
+                    .store
+                    .driver()
+                    .clone()
+                    .submit(IoRequest::read(host, part), cb),
+                Kind::Compressed { off, len } => {
+                    let me = self.clone();
+                    crate::aio::pool().spawn(Box::new(move || {
+                        let mut tmp = vec![0u8; p.len as usize];
+                        let res = me
+                            .img
+                            .read_compressed_part(off, len, p.offset, &mut tmp)
+                            .map_err(block_error);
+                        if res.is_ok() {
+                            crate::iov::scatter(&tmp, &mut part.slices_mut());
+                        }
+                        cb(IoRequest::read(p.offset, part), res)
+                    }));
+                }
+                // Unallocated, inside the backing file (others are zero).
+                _ => match &self.backing {
+                    Some(b) => b.submit(IoRequest::read(p.offset, part), cb),
+                    None => cb(IoRequest::read(p.offset, part), Ok(())),
+                },
+            }
+        }
+        if sent == 0 {
+            // Nothing to wait for (zeroes only), but a completion must not
+            // run inside `submit`: callers submit again from completions.
+            crate::aio::pool().spawn(Box::new(move || join.release()));
+            return;
+        }
+        join.release();
+    }
+
+    /// Send `req` to the data node at host offset `host` (one extent),
+    /// keeping `ticket` until it completes.
+    fn forward(&self, mut req: IoRequest, host: u64, ticket: Ticket, done: Completion) {
+        let guest = req.offset;
+        req.offset = host;
+        self.store.driver().clone().submit(
+            req,
+            Box::new(move |mut r, res| {
+                drop(ticket);
+                r.offset = guest;
+                done(r, res)
+            }),
+        )
+    }
+
+    /// Write asynchronously. Overwrites of clusters this image owns go
+    /// straight to the data node; a write that allocates is planned under
+    /// the metadata lock and its data I/O (zeroing new clusters first when
+    /// QEMU would) sent asynchronously, the L2 entries linked on
+    /// completion. One that touches clusters being allocated waits, parked
+    /// without a thread, and is submitted again when an allocation
+    /// finishes; one that must read copy-on-write data first runs on the
+    /// worker pool.
+    fn submit_write(self: Arc<Self>, req: IoRequest, done: Completion) {
+        let len = req.iov.len() as u64;
+        // Mapping under the parking lock: an allocation that finishes
+        // after we saw it busy resubmits the parked requests only after
+        // this one is parked.
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let plan = match self.img.map_overwrite(req.offset, len) {
+            Ok(Overwrite::InPlace(runs, t)) => {
+                drop(parked);
+                if let [(_, host, _)] = runs[..] {
+                    return self.forward(req, host, t, done);
+                }
+                let writes = runs
+                    .into_iter()
+                    .map(|(g, h, l)| (h, WriteData::Guest { offset: g, len: l }))
+                    .collect();
+                return self.write_extents(req, Vec::new(), writes, t, done);
+            }
+            Ok(Overwrite::Busy) => return parked.push((req, done)),
+            Ok(Overwrite::Allocate) => {
+                let mut src = vec![0u8; len as usize];
+                crate::iov::gather(&req.iov.slices(), &mut src);
+                self.img.plan_write(req.offset, &src)
+            }
+            Err(e) => Err(e),
+        };
+        match plan {
+            Ok(WritePlan::Ready(mut pw)) => {
+                drop(parked);
+                let zero = std::mem::take(&mut pw.zero_first);
+                let writes = std::mem::take(&mut pw.writes);
+                let me = self.clone();
+                let fin: Completion = Box::new(move |r, res| {
+                    let res = me
+                        .img
+                        .finish_write(pw, res.map_err(to_format))
+                        .map_err(block_error);
+                    done(r, res)
+                });
+                self.write_extents_then(req, zero, writes, fin);
+            }
+            Ok(WritePlan::Busy) => parked.push((req, done)),
+            Ok(WritePlan::Sync) => {
+                drop(parked);
+                run_on_pool(self, req, done)
+            }
+            Err(e) => {
+                drop(parked);
+                done(req, Err(block_error(e)))
+            }
+        }
+    }
+
+    /// [`Qcow2Node::write_extents_then`] for in-place runs, holding the
+    /// mapping's ticket until the writes are done.
+    fn write_extents(
+        &self,
+        req: IoRequest,
+        zero: Vec<(u64, u64)>,
+        writes: Vec<(u64, WriteData)>,
+        ticket: Ticket,
+        done: Completion,
+    ) {
+        self.write_extents_then(
+            req,
+            zero,
+            writes,
+            Box::new(move |r, res| {
+                drop(ticket);
+                done(r, res)
+            }),
+        )
+    }
+
+    /// Zero the host ranges `zero`, then write `writes` (guest data from
+    /// `req`'s buffers, or owned buffers), all asynchronously; `done` gets
+    /// `req` back with the first error.
+    fn write_extents_then(
+        &self,
+        req: IoRequest,
+        zero: Vec<(u64, u64)>,
+        writes: Vec<(u64, WriteData)>,
+        done: Completion,
+    ) {
+        let store = self.store.clone();
+        if !zero.is_empty() {
+            // Zeroing first, or it could land on top of the data.
+            let st = store.clone();
+            let join = Join::new(Box::new(move |err| match err {
+                Some(e) => done(req, Err(e)),
+                None => send_writes(&st, req, writes, done),
+            }));
+            for (h, l) in zero {
+                store
+                    .driver()
+                    .clone()
+                    .submit(IoRequest::write_zeroes(h, l, false), join.part());
+            }
+            join.release();
+            return;
+        }
+        send_writes(&store, req, writes, done)
+    }
+}
+
+/// Write `writes` to `store` in parallel; `done` gets `req` back.
+fn send_writes(
+    store: &Arc<Node>,
+    mut req: IoRequest,
+    writes: Vec<(u64, WriteData)>,
+    done: Completion,
+) {
+    let base = req.offset;
+    let ranges: Vec<(usize, usize)> = writes
+        .iter()
+        .filter_map(|(_, w)| match w {
+            WriteData::Guest { offset, len } => Some(((offset - base) as usize, *len as usize)),
+            WriteData::Owned(_) => None,
+        })
+        .collect();
+    let Some((whole, parts)) = carve(&mut req, &ranges) else {
+        return done(req, Err(internal("bad write mapping")));
+    };
+    let join = Join::new(complete(req, whole, None, done));
+    let mut parts = parts.into_iter();
+    let align = store.limits().mem_alignment.max(1);
+    for (host, w) in writes {
+        let iov = match w {
+            WriteData::Guest { .. } => match parts.next() {
+                Some(p) => p,
+                None => continue,
+            },
+            WriteData::Owned(d) => {
+                // Aligned, so that O_DIRECT needs no bounce buffer below.
+                let mut b = crate::iov::AlignedBuf::new(d.len(), align.max(4096));
+                b.copy_from_slice(&d);
+                IoVecs::from_aligned(b)
+            }
+        };
+        store
+            .driver()
+            .clone()
+            .submit(IoRequest::write(host, iov, false), join.part());
+    }
+    join.release();
+}
+
+/// Take `req`'s buffers apart into `ranges` (relative to `req.offset`).
+fn carve(req: &mut IoRequest, ranges: &[(usize, usize)]) -> Option<(Carved, Vec<IoVecs>)> {
+    std::mem::replace(&mut req.iov, IoVecs::empty()).carve(ranges)
+}
+
+/// The continuation that puts `req`'s buffers back together (all parts
+/// are gone by then), drops `ticket` and completes.
+fn complete(
+    mut req: IoRequest,
+    whole: Carved,
+    ticket: Option<Ticket>,
+    done: Completion,
+) -> Box<dyn FnOnce(Option<BlockError>) + Send> {
+    Box::new(move |err| {
+        drop(ticket);
+        req.iov = whole.into_inner().unwrap_or_else(|_| IoVecs::empty());
+        done(req, err.map_or(Ok(()), Err))
+    })
+}
+
+fn internal(what: &str) -> BlockError {
+    BlockError::Io {
+        errno: libc::EIO,
+        context: format!("qcow2: internal error: {what}"),
+    }
+}
+
+fn to_format(e: BlockError) -> FormatError {
+    FormatError::io(io::Error::from_raw_os_error(e.errno()), e.to_string())
+}
+
+impl Qcow2Node {
+    /// Submit the parked writes again (an allocation has finished).
+    fn unpark(self: &Arc<Self>) {
+        let list = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
+        for (req, done) in list {
+            self.clone().submit_write(req, done);
+        }
+    }
+}
+
+/// Parts of one request in flight: runs the continuation with the first
+/// error once every part is done and the submitter has let go.
+struct Join {
+    st: Mutex<JoinState>,
+}
+
+type Then = Box<dyn FnOnce(Option<BlockError>) + Send>;
+
+struct JoinState {
+    /// Parts in flight, plus one for the submitter until it has sent all.
+    left: usize,
+    err: Option<BlockError>,
+    then: Option<Then>,
+}
+
+impl Join {
+    fn new(then: Then) -> Arc<Join> {
+        Arc::new(Join {
+            st: Mutex::new(JoinState {
+                left: 1,
+                err: None,
+                then: Some(then),
+            }),
+        })
+    }
+    /// A completion for one more part.
+    fn part(self: &Arc<Self>) -> Completion {
+        self.st.lock().unwrap_or_else(|e| e.into_inner()).left += 1;
+        let j = self.clone();
+        Box::new(move |part, res| {
+            // The part's buffers go first: the whole comes back only when
+            // no part refers to it.
+            drop(part);
+            j.finish(res.err());
+        })
+    }
+    /// The submitter has sent every part.
+    fn release(&self) {
+        self.finish(None);
+    }
+    fn finish(&self, err: Option<BlockError>) {
+        let mut s = self.st.lock().unwrap_or_else(|e| e.into_inner());
+        if s.err.is_none() {
+            s.err = err;
+        }
+        s.left -= 1;
+        if s.left > 0 {
+            return;
+        }
+        let (then, err) = (s.then.take(), s.err.take());
+        drop(s);
+        if let Some(f) = then {
+            f(err);
+        }
     }
 }
 
@@ -340,6 +721,13 @@ impl BlockDriver for Qcow2Node {
     }
     fn truncate(&self, len: u64) -> BlockResult<()> {
         self.img.truncate(len).map_err(block_error)
+    }
+    fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
+        match req.op {
+            IoOp::Read => self.submit_read(req, done),
+            IoOp::Write if !req.fua => self.submit_write(req, done),
+            _ => run_on_pool(self, req, done),
+        }
     }
     fn allocated_size(&self) -> Option<u64> {
         self.file.driver().allocated_size()

@@ -21,10 +21,26 @@ fn dirty(img: &str) -> bool {
     b[79] & 1 != 0
 }
 
+/// A check that waits out the killed writer's image lock: an exiting
+/// process's last `fput` may be deferred to a kernel workqueue
+/// (`delayed_fput`), so its OFD lock can outlive `wait()` by a moment.
+fn check(tool: &str, img: &str) -> Output {
+    let mut tries = 0;
+    loop {
+        let out = run(tool, &["check", img]);
+        let locked = String::from_utf8_lossy(&out.stderr).contains("lock");
+        if !locked || tries == 20 {
+            return out;
+        }
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn no_corruption(img: &str, what: &str) {
     for (tool, out) in [
-        ("qemu-img", run("qemu-img", &["check", img])),
-        ("strata-img", run(strata_bin(), &["check", img])),
+        ("qemu-img", check("qemu-img", img)),
+        ("strata-img", check(strata_bin(), img)),
     ] {
         let code = out.status.code();
         assert!(

@@ -38,7 +38,7 @@ impl Qcow2 {
                 self.name()
             )));
         }
-        let mut m = self.lock();
+        let mut m = self.exclusive();
         m.flush_all()?;
         m.h.backing_file = file.map(str::to_string);
         m.h.backing_format = file.and(format).map(str::to_string);
@@ -144,7 +144,7 @@ impl Qcow2 {
         }
         if version == 3 && h.version == 2 {
             // Upgrade first: a version 2 header cannot record the width.
-            let mut m = self.lock();
+            let mut m = self.exclusive();
             m.flush_all()?;
             m.h.version = 3;
             m.h.refcount_order = 4;
@@ -157,7 +157,7 @@ impl Qcow2 {
         if version == 2 && h.version == 3 {
             self.expand_zero_clusters()?;
         }
-        let mut m = self.lock();
+        let mut m = self.exclusive();
         m.flush_all()?;
         let mut nh: Header = m.h.clone();
         nh.version = version;
@@ -214,7 +214,7 @@ impl Qcow2 {
 
     /// Rewrite the refcount structure with `2^order`-bit entries.
     fn change_refcount_width(&self, order: u32) -> FResult<()> {
-        let mut m = self.lock();
+        let mut m = self.exclusive();
         m.flush_all()?;
         let cs = m.cs;
         let end = m.file_len()?.max(m.alloc_end);

@@ -2,9 +2,10 @@
 //! blocks), QEMU's `Qcow2Cache`: a fixed number of entries, least recently
 //! used evicted first, dirty entries written by the owner before eviction
 //! (the owner knows the ordering rules: refcount blocks before the L2
-//! tables that point at new clusters). `cache-clean-interval` drops clean
-//! entries that were not used for that long; the check runs on access, since
-//! the format layer has no threads of its own.
+//! tables that point at new clusters). `cache-clean-interval` drops, every
+//! interval, the clean entries not used since the previous clean (QEMU's
+//! rule); the check runs when a table is loaded, since the format layer has
+//! no threads of its own.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 struct Slot<T> {
     data: T,
     dirty: bool,
+    /// Access tick of the last use.
     used: u64,
-    last: Instant,
 }
 
 /// Cache keyed by the host offset of the table.
@@ -23,6 +24,8 @@ pub struct Cache<T> {
     tick: u64,
     clean_interval: Option<Duration>,
     last_clean: Instant,
+    /// The tick at the last clean: entries not used since are idle.
+    clean_tick: u64,
 }
 
 impl<T> Cache<T> {
@@ -34,6 +37,7 @@ impl<T> Cache<T> {
             tick: 0,
             clean_interval,
             last_clean: Instant::now(),
+            clean_tick: 0,
         }
     }
     /// Capacity in entries.
@@ -61,7 +65,6 @@ impl<T> Cache<T> {
         let t = self.tick;
         let s = self.map.get_mut(&key)?;
         s.used = t;
-        s.last = Instant::now();
         Some(s)
     }
     /// Read access.
@@ -84,7 +87,6 @@ impl<T> Cache<T> {
                 data,
                 dirty,
                 used: self.tick,
-                last: Instant::now(),
             },
         );
     }
@@ -139,8 +141,9 @@ impl<T> Cache<T> {
             return;
         }
         self.last_clean = now;
-        self.map
-            .retain(|_, s| s.dirty || now.duration_since(s.last) < iv);
+        let idle = self.clean_tick;
+        self.map.retain(|_, s| s.dirty || s.used > idle);
+        self.clean_tick = self.tick;
     }
 }
 

@@ -6,7 +6,8 @@
 
 use super::l2::Kind;
 use super::{
-    compress, DiscardType, Meta, Qcow2, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO,
+    compress, DiscardType, Meta, Qcow2, Ticket, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
 };
 use crate::error::{FResult, FormatError};
 use crate::storage::Storage;
@@ -14,6 +15,62 @@ use std::sync::Arc;
 
 /// All subclusters read as zeroes (extended L2 bitmap).
 const BITMAP_ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+
+/// One run of a mapped read ([`Qcow2::map_read`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Guest byte offset.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Where they come from; `Data` carries the host offset of `offset`.
+    pub kind: Kind,
+}
+
+/// What [`Qcow2::plan_write`] decided.
+pub enum WritePlan {
+    /// Allocating writes are in flight on these clusters: retry later.
+    Busy,
+    /// Copy-on-write needs reads: use the synchronous [`Qcow2::write`].
+    Sync,
+    /// Planned: do its I/O, then [`Qcow2::finish_write`].
+    Ready(PlannedWrite),
+}
+
+/// Where the bytes of a planned host write come from.
+pub enum WriteData {
+    /// The caller's data for guest bytes `[offset, offset+len)`.
+    Guest {
+        /// Guest byte offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// A buffer the plan built (guest data merged with copy-on-write).
+    Owned(Vec<u8>),
+}
+
+/// A write planned by [`Qcow2::plan_write`].
+pub struct PlannedWrite {
+    /// Host ranges to make read as zeroes before any write: (offset, len).
+    pub zero_first: Vec<(u64, u64)>,
+    /// Host writes: (host offset, data).
+    pub writes: Vec<(u64, WriteData)>,
+    jobs: Vec<AllocJob>,
+    ticket: Option<Ticket>,
+}
+
+/// How a write can proceed ([`Qcow2::map_overwrite`]).
+pub enum Overwrite {
+    /// In place: (guest offset, host offset, length) runs, and the ticket
+    /// to hold until the data is written.
+    InPlace(Vec<(u64, u64, u64)>, Ticket),
+    /// An allocating write is in flight on these clusters: retry once it
+    /// has finished ([`Qcow2::write`] waits for it by itself).
+    Busy,
+    /// Clusters must be allocated: use [`Qcow2::write`].
+    Allocate,
+}
 
 /// Block status of a run of the guest disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -113,11 +170,28 @@ impl Meta {
     }
 
     pub(crate) fn read_compressed(&self, off: u64, len: u64, out: &mut [u8]) -> FResult<()> {
-        let mut c = vec![0u8; len.min(2 * self.cs + 512) as usize];
-        self.file
-            .read_at(off, &mut c)
-            .map_err(|e| self.ioe(e, "reading a compressed cluster"))?;
-        compress::decompress(self.h.compression_type, &c, out, &self.name)
+        decompress_at(
+            &*self.file,
+            self.h.compression_type,
+            self.cs,
+            &self.name,
+            off,
+            len,
+            out,
+        )
+    }
+
+    /// The standard (not extended) L2 entry `e` of the guest cluster at
+    /// `cstart` reads as zeroes throughout.
+    fn reads_zero(&self, e: u64, bm: u64, cstart: u64) -> FResult<bool> {
+        Ok(match self.kind(e, bm, 0)? {
+            Kind::Zero => true,
+            Kind::Unalloc => match &self.backing {
+                None => true,
+                Some(b) => cstart >= b.len().map_err(|e| self.ioe(e, "backing file size"))?,
+            },
+            _ => false,
+        })
     }
 
     /// Clusters referenced by an L2 entry (offset, count), for freeing.
@@ -165,10 +239,19 @@ impl Meta {
         Ok(Some((host, n)))
     }
 
-    /// Write `src` at guest `off` where clusters need allocating (or
-    /// subclusters filling); returns the bytes handled (at least one
-    /// subcluster's worth or the end of `src`).
-    pub(crate) fn write_alloc(&mut self, off: u64, src: &[u8]) -> FResult<u64> {
+    /// Plan a write of `src` at guest `off` where clusters need allocating
+    /// (or subclusters filling): allocate the new clusters, build the data
+    /// writes (with copy-on-write areas) and the L2 updates, and mark the
+    /// guest clusters as allocating. The job handles at least one
+    /// subcluster's worth of bytes or the end of `src`. With `no_reads`,
+    /// returns `None` (before allocating anything) when the copy-on-write
+    /// areas would have to be read from somewhere.
+    pub(crate) fn plan_alloc(
+        &mut self,
+        off: u64,
+        src: &[u8],
+        no_reads: bool,
+    ) -> FResult<Option<AllocJob>> {
         if self.read_only || self.corrupt {
             return Err(FormatError::ReadOnly(format!(
                 "{}: the image is read-only",
@@ -215,6 +298,9 @@ impl Meta {
             }
             plan.push((gcl, e, bm, reuse));
         }
+        if no_reads && self.cow_reads(&plan, off, end)? {
+            return Ok(None);
+        }
         let new_count = plan.iter().filter(|p| p.3.is_none()).count() as u64;
         let mut next_new = if new_count > 0 {
             self.alloc_clusters(new_count)?
@@ -225,6 +311,8 @@ impl Meta {
         let nsc = self.subclusters();
         // Data writes: (host offset, bytes); merged when contiguous.
         let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        // Host ranges to zero before the writes.
+        let mut zero_first: Vec<(u64, u64)> = Vec::new();
         let mut updates: Vec<(u64, u64, u64, u64)> = Vec::new(); // gcl, new entry, new bitmap, old entry
         let mut handled_end = off;
         for &(gcl, e, bm, reuse) in &plan {
@@ -240,6 +328,17 @@ impl Meta {
             let a = off.max(cstart) - cstart;
             let b = end.min(cstart + cs) - cstart;
             handled_end = cstart + b;
+            if nsc == 1 && reuse.is_none() && (a > 0 || b < cs) && self.reads_zero(e, bm, cstart)? {
+                // A new cluster whose copy-on-write areas are zeroes: zero
+                // the whole cluster on the host (one fallocate, no data)
+                // and write only the guest's bytes, as QEMU does.
+                zero_first.push((host, cs));
+                let src_off = (cstart + a - off) as usize;
+                let data = src[src_off..src_off + (b - a) as usize].to_vec();
+                push_write(&mut writes, host + a, data);
+                updates.push((gcl, host | OFLAG_COPIED, 0, e));
+                continue;
+            }
             let mut new_bm = 0u64;
             let mut ccache = None;
             let mut sc = 0;
@@ -289,23 +388,113 @@ impl Meta {
             let new_entry = host | OFLAG_COPIED;
             updates.push((gcl, new_entry, if nsc > 1 { new_bm } else { 0 }, e));
         }
-        let store = self.data_store();
-        for (h, d) in writes {
-            if self.data.is_none() {
-                self.check_overlap(h, d.len() as u64, false)?;
+        if self.data.is_none() {
+            for (h, d) in &writes {
+                self.check_overlap(*h, d.len() as u64, false)?;
             }
-            store
-                .write_at(h, &d)
-                .map_err(|e| self.ioe(e, "writing data"))?;
         }
-        for (gcl, ne, nb, old) in updates {
+        for u in &updates {
+            self.allocating.insert(u.0);
+        }
+        Ok(Some(AllocJob {
+            zero_first,
+            writes,
+            updates,
+            new: (next_new - new_count * cs, new_count),
+            handled: handled_end - off,
+        }))
+    }
+
+    /// Whether planning `plan` (for guest bytes `[off, end)`) would read
+    /// old data for copy-on-write: a (sub)cluster only partly written whose
+    /// old contents are data, compressed, or in the backing file.
+    fn cow_reads(
+        &mut self,
+        plan: &[(u64, u64, u64, Option<u64>)],
+        off: u64,
+        end: u64,
+    ) -> FResult<bool> {
+        let (cs, scs) = (self.cs, self.sc_size());
+        let blen = match &self.backing {
+            Some(b) => b.len().map_err(|e| self.ioe(e, "backing file size"))?,
+            None => 0,
+        };
+        for &(gcl, e, bm, reuse) in plan {
+            let cstart = gcl * cs;
+            let a = off.max(cstart) - cstart;
+            let b = end.min(cstart + cs) - cstart;
+            for sc in 0..self.subclusters() {
+                let (s0, s1) = (sc * scs, sc * scs + scs);
+                if a <= s0 && s1 <= b {
+                    continue; // overwritten whole
+                }
+                let old = self.kind(e, bm, sc)?;
+                let read = match old {
+                    Kind::Zero => false,
+                    Kind::Data { .. } => reuse.is_none(),
+                    Kind::Compressed { .. } => true,
+                    Kind::Unalloc => cstart + s0 < blen,
+                };
+                if read {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Link the clusters of a planned job once its data is written (`r`),
+    /// or give them back when the write failed; either way the guest
+    /// clusters stop being allocating (wake the waiters after this).
+    pub(crate) fn finish_alloc(&mut self, job: &AllocJob, r: FResult<()>) -> FResult<()> {
+        for u in &job.updates {
+            self.allocating.remove(&u.0);
+        }
+        if let Err(e) = r {
+            if job.new.1 > 0 {
+                self.queue_free(job.new.0, job.new.1, DiscardType::Other);
+            }
+            return Err(e);
+        }
+        for &(gcl, ne, nb, old) in &job.updates {
             self.set_l2(gcl, ne, nb)?;
             if self.entry_refs(old).map(|r| r.0) != self.entry_refs(ne).map(|r| r.0) {
                 self.release(old, DiscardType::Other);
             }
         }
-        Ok(handled_end - off)
+        Ok(())
     }
+}
+
+/// An allocating write between its planning and its linking.
+pub(crate) struct AllocJob {
+    /// Host ranges to make read as zeroes first: (offset, length).
+    zero_first: Vec<(u64, u64)>,
+    /// Data to write: (host offset, bytes).
+    writes: Vec<(u64, Vec<u8>)>,
+    /// L2 updates: (guest cluster, new entry, new bitmap, old entry).
+    updates: Vec<(u64, u64, u64, u64)>,
+    /// Newly allocated clusters: (first host offset, count).
+    new: (u64, u64),
+    /// Guest bytes the job covers.
+    handled: u64,
+}
+
+/// Read the compressed data of one cluster (`len` bytes at `off`, bounded)
+/// and decompress it into `out`.
+fn decompress_at(
+    file: &dyn Storage,
+    ctype: u8,
+    cs: u64,
+    name: &str,
+    off: u64,
+    len: u64,
+    out: &mut [u8],
+) -> FResult<()> {
+    let mut c = vec![0u8; len.min(2 * cs + 512) as usize];
+    file.read_at(off, &mut c)
+        .map_err(|e| FormatError::io(e, format!("{name}: reading a compressed cluster")))?;
+    compress::decompress(ctype, &c, out, name)
 }
 
 fn push_write(w: &mut Vec<(u64, Vec<u8>)>, host: u64, data: Vec<u8>) {
@@ -363,40 +552,207 @@ impl Qcow2 {
         self.data.as_ref().unwrap_or(&self.file)
     }
 
-    /// Read guest bytes.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> FResult<()> {
-        let size = self.size();
-        self.check_range(offset, buf.len() as u64, size)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            let mut m = self.lock();
-            let (kind, n) = m.map(off, (buf.len() - done) as u64)?;
-            let part = &mut buf[done..done + n as usize];
-            match kind {
-                Kind::Unalloc => {
-                    drop(m);
-                    read_backing(&self.backing, &self.name, off, part)?;
+    /// Map `[offset, offset+len)` for reading: the runs in order, and the
+    /// ticket that keeps their host clusters from being reused until the
+    /// caller has finished reading them (drop it then). `Unalloc` runs
+    /// read from the backing file (zeroes past its end or without one).
+    pub fn map_read(&self, offset: u64, len: u64) -> FResult<(Vec<Piece>, Ticket)> {
+        let mut m = self.lock();
+        self.check_range(offset, len, m.h.size)?;
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let off = offset + done;
+            let (kind, n) = m.map(off, len - done)?;
+            match (pieces.last_mut(), kind) {
+                // A cluster boundary splits runs; join what stays the same
+                // so that a contiguous read is one host request.
+                (Some(p), Kind::Zero | Kind::Unalloc) if p.kind == kind => p.len += n,
+                (
+                    Some(Piece {
+                        kind: Kind::Data { host: h, .. },
+                        len: pl,
+                        ..
+                    }),
+                    Kind::Data { host, .. },
+                ) if *h + *pl == host => *pl += n,
+                _ => pieces.push(Piece {
+                    offset: off,
+                    len: n,
+                    kind,
+                }),
+            }
+            done += n;
+        }
+        let t = self.gate.ticket();
+        Ok((pieces, t))
+    }
+
+    /// Map `[offset, offset+len)` for an overwrite in place: `InPlace`
+    /// when every byte lies in a cluster allocated to this image alone and
+    /// no allocating write is in flight there. The ticket is as for
+    /// [`Qcow2::map_read`].
+    pub fn map_overwrite(&self, offset: u64, len: u64) -> FResult<Overwrite> {
+        self.writable()?;
+        let mut m = self.lock();
+        self.check_range(offset, len, m.h.size)?;
+        let first = offset / self.cs;
+        let last = (offset + len.max(1) - 1) / self.cs;
+        if m.allocating.range(first..=last).next().is_some() {
+            return Ok(Overwrite::Busy);
+        }
+        let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+        let mut done = 0u64;
+        while done < len {
+            let off = offset + done;
+            let Some((host, n)) = m.inplace(off, len - done)? else {
+                return Ok(Overwrite::Allocate);
+            };
+            match runs.last_mut() {
+                Some((_, h, l)) if *h + *l == host => *l += n,
+                _ => runs.push((off, host, n)),
+            }
+            done += n;
+        }
+        let t = self.gate.ticket();
+        Ok(Overwrite::InPlace(runs, t))
+    }
+
+    /// Plan a write of `src` at `offset` that may allocate, for callers
+    /// that do the data I/O themselves, asynchronously: clusters are
+    /// allocated and marked allocating now; the caller zeroes
+    /// `zero_first`, then writes `writes` (in any order), then calls
+    /// [`Qcow2::finish_write`]. `Sync` when copy-on-write data would have
+    /// to be read first: use [`Qcow2::write`] then.
+    pub fn plan_write(&self, offset: u64, src: &[u8]) -> FResult<WritePlan> {
+        self.writable()?;
+        let len = src.len() as u64;
+        let mut m = self.lock();
+        self.check_range(offset, len, m.h.size)?;
+        let first = offset / self.cs;
+        let last = (offset + len.max(1) - 1) / self.cs;
+        if m.allocating.range(first..=last).next().is_some() {
+            return Ok(WritePlan::Busy);
+        }
+        let mut pw = PlannedWrite {
+            zero_first: Vec::new(),
+            writes: Vec::new(),
+            jobs: Vec::new(),
+            ticket: None,
+        };
+        let mut done = 0u64;
+        while done < len {
+            let off = offset + done;
+            let step = match m.inplace(off, len - done) {
+                Ok(Some((host, n))) => {
+                    pw.writes.push((
+                        host,
+                        WriteData::Guest {
+                            offset: off,
+                            len: n,
+                        },
+                    ));
+                    Ok(n)
                 }
-                Kind::Zero => part.fill(0),
-                Kind::Data { host, .. } => {
-                    let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
-                    drop(m);
-                    self.store()
-                        .read_at(host, part)
-                        .map_err(|e| FormatError::io(e, format!("{}: reading data", self.name)))?;
-                }
-                Kind::Compressed { off: co, len } => {
-                    let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
-                    let mut c = vec![0u8; self.cs as usize];
-                    m.read_compressed(co, len, &mut c)?;
-                    drop(m);
-                    let o = (off % self.cs) as usize;
-                    part.copy_from_slice(&c[o..o + part.len()]);
+                Ok(None) => match m.plan_alloc(off, &src[done as usize..], true) {
+                    Ok(Some(mut job)) => {
+                        pw.zero_first.append(&mut job.zero_first);
+                        pw.writes.extend(
+                            std::mem::take(&mut job.writes)
+                                .into_iter()
+                                .map(|(h, d)| (h, WriteData::Owned(d))),
+                        );
+                        let n = job.handled;
+                        pw.jobs.push(job);
+                        Ok(n)
+                    }
+                    Ok(None) => Err(None),
+                    Err(e) => Err(Some(e)),
+                },
+                Err(e) => Err(Some(e)),
+            };
+            match step {
+                Ok(n) => done += n,
+                Err(e) => {
+                    // Give back what was planned so far. Nobody can be
+                    // waiting for these clusters: the lock was never let go.
+                    for job in &pw.jobs {
+                        let _ = m.finish_alloc(job, Err(FormatError::Invalid(String::new())));
+                    }
+                    return match e {
+                        Some(e) => Err(e),
+                        None => Ok(WritePlan::Sync),
+                    };
                 }
             }
-            done += n as usize;
         }
+        pw.ticket = Some(self.gate.ticket());
+        Ok(WritePlan::Ready(pw))
+    }
+
+    /// Complete a planned write: link the new clusters if the data I/O
+    /// succeeded (`r`), give them back otherwise.
+    pub fn finish_write(&self, pw: PlannedWrite, r: FResult<()>) -> FResult<()> {
+        let mut m = self.lock();
+        let mut res = r.clone();
+        for job in &pw.jobs {
+            let f = m.finish_alloc(job, r.clone());
+            if res.is_ok() {
+                res = f;
+            }
+        }
+        drop(m);
+        drop(pw.ticket);
+        if !pw.jobs.is_empty() {
+            self.alloc_finished();
+        }
+        res
+    }
+
+    /// Guest bytes of a compressed cluster: decompress the cluster whose
+    /// data is `len` bytes at `off`, copy out from guest offset `guest`.
+    pub fn read_compressed_part(
+        &self,
+        off: u64,
+        len: u64,
+        guest: u64,
+        buf: &mut [u8],
+    ) -> FResult<()> {
+        let mut c = vec![0u8; self.cs as usize];
+        decompress_at(
+            &*self.file,
+            self.ctype,
+            self.cs,
+            &self.name,
+            off,
+            len,
+            &mut c,
+        )?;
+        let o = (guest % self.cs) as usize;
+        let n = buf.len().min(c.len().saturating_sub(o));
+        buf[..n].copy_from_slice(&c[o..o + n]);
+        Ok(())
+    }
+
+    /// Read guest bytes.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> FResult<()> {
+        let (pieces, ticket) = self.map_read(offset, buf.len() as u64)?;
+        for p in pieces {
+            let a = (p.offset - offset) as usize;
+            let part = &mut buf[a..a + p.len as usize];
+            match p.kind {
+                Kind::Unalloc => read_backing(&self.backing, &self.name, p.offset, part)?,
+                Kind::Zero => part.fill(0),
+                Kind::Data { host, .. } => self
+                    .store()
+                    .read_at(host, part)
+                    .map_err(|e| FormatError::io(e, format!("{}: reading data", self.name)))?,
+                Kind::Compressed { off, len } => {
+                    self.read_compressed_part(off, len, p.offset, part)?
+                }
+            }
+        }
+        drop(ticket);
         Ok(())
     }
 
@@ -409,9 +765,10 @@ impl Qcow2 {
         while done < data.len() {
             let off = offset + done as u64;
             let rest = &data[done..];
-            let mut m = self.lock();
+            let m = self.lock();
+            let mut m = self.wait_allocs(m, off, rest.len() as u64);
             if let Some((host, n)) = m.inplace(off, rest.len() as u64)? {
-                let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                let _t = self.gate.ticket();
                 drop(m);
                 self.store()
                     .write_at(host, &rest[..n as usize])
@@ -419,8 +776,36 @@ impl Qcow2 {
                 done += n as usize;
                 continue;
             }
-            let n = m.write_alloc(off, rest)?;
-            done += n as usize;
+            let Some(job) = m.plan_alloc(off, rest, false)? else {
+                return Err(m.corrupt("internal error: no allocation plan"));
+            };
+            let _t = self.gate.ticket();
+            drop(m);
+            // The data (copy-on-write areas included) goes to clusters
+            // nobody else references yet, without the metadata lock.
+            let store = self.store();
+            let mut r = Ok(());
+            for &(h, l) in &job.zero_first {
+                if let Err(e) = store.write_zeroes(h, l) {
+                    r = Err(FormatError::io(
+                        e,
+                        format!("{}: zeroing a new cluster", self.name),
+                    ));
+                    break;
+                }
+            }
+            for (h, d) in job.writes.iter().filter(|_| r.is_ok()) {
+                if let Err(e) = store.write_at(*h, d) {
+                    r = Err(FormatError::io(e, format!("{}: writing data", self.name)));
+                    break;
+                }
+            }
+            let mut m = self.lock();
+            let fin = m.finish_alloc(&job, r);
+            drop(m);
+            self.alloc_finished();
+            fin?;
+            done += job.handled as usize;
         }
         if fua {
             self.flush()?;
@@ -463,7 +848,8 @@ impl Qcow2 {
                 self.write(off, chunk, false)?;
                 continue;
             };
-            let mut m = self.lock();
+            let m = self.lock();
+            let mut m = self.wait_allocs(m, off, cs);
             let gcl = off / cs;
             m.ensure_l2_writable(gcl)?;
             let (old, _) = m.get_l2(gcl)?;
@@ -510,7 +896,8 @@ impl Qcow2 {
             let cs = self.cs;
             let gcl = off / cs;
             let cend = ((gcl + 1) * cs).min(b);
-            let mut m = self.lock();
+            let m = self.lock();
+            let mut m = self.wait_allocs(m, off, cend - off);
             m.ensure_l2_writable(gcl)?;
             let (e, bm) = m.get_l2(gcl)?;
             let whole = off % cs == 0 && cend - off == cs;
@@ -591,7 +978,8 @@ impl Qcow2 {
         let a = offset.div_ceil(cs);
         let b = offset.saturating_add(len) / cs;
         for gcl in a..b {
-            let mut m = self.lock();
+            let m = self.lock();
+            let mut m = self.wait_allocs(m, gcl * cs, cs);
             let (l1i, _) = m.split(gcl);
             if m.l2_offset(l1i)?.is_none() && (full || self.backing.is_none() || m.h.version < 3) {
                 continue;
@@ -642,11 +1030,9 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        // Metadata lock first, then the gate: the I/O paths take them
-        // in that order too.
-        let mut m = self.lock();
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
-        m.flush_all()
+        // Unlocked I/O may go on: clusters it could still use stay
+        // quarantined (see `gate`).
+        self.lock().flush_all()
     }
 
     /// Change the virtual size (shrinking drops the clusters past the end).
@@ -685,10 +1071,7 @@ impl Qcow2 {
             // are zeroed if the image grows again (below).
         }
         {
-            // Metadata lock first, then the gate: the I/O paths take them
-            // in that order too.
-            let mut m = self.lock();
-            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            let mut m = self.exclusive();
             m.flush_all()?;
             let need = m.h.l1_entries_for(new);
             if need > m.l1.len() as u64 {

@@ -311,7 +311,7 @@ impl Meta {
                 d.flush()
                     .map_err(|e| self.ioe(e, "flushing the data file"))?;
             }
-            if self.pending_free.is_empty() {
+            if !self.frees_due() {
                 break;
             }
             self.process_frees()?;

@@ -17,15 +17,21 @@
 //!   refcounts, refcount width), emptying an image, read-only snapshot load.
 //! * [`fuzz`]: the hostile-image harness (fuzz target, corpus test).
 //!
-//! Concurrency: all metadata lives in one [`Meta`] behind a mutex. Reads
-//! and overwrites of clusters that are already allocated to this image
-//! (refcount 1, the COPIED flag) map under the mutex and do their data I/O
-//! outside it, holding a read guard of the "gate"; everything that
-//! allocates or changes L2 entries runs under the mutex. Freed clusters are
-//! only returned to the allocator at a flush, after the L2 tables that
-//! dropped them are on disk and while the gate is held exclusively, so an
-//! in-flight unlocked write can never land in a cluster that was freed and
-//! reused meanwhile.
+//! Concurrency: all metadata lives in one [`Meta`] behind a mutex. Data I/O
+//! runs outside it: a request maps its range under the mutex, takes a
+//! [`gate::Ticket`], and reads or overwrites clusters already allocated to
+//! this image (refcount 1, the COPIED flag) without the lock, possibly
+//! asynchronously ([`Qcow2::map_read`], [`Qcow2::map_overwrite`]). A write
+//! that needs new clusters allocates them and records its guest clusters as
+//! *allocating* under the mutex, writes the data (copy-on-write areas
+//! included) without it, then links the L2 entries under it again; every
+//! other request that would change or depend on those L2 entries waits for
+//! it (QEMU's in-flight allocation dependencies). Freed clusters are
+//! returned to the allocator only after the L2 tables that dropped them are
+//! on disk and every ticket that could still map them is gone (the epochs of
+//! [`gate`]), so an unlocked write can never land in a cluster that was
+//! freed and reused meanwhile. Snapshots, check, resize and close drain all
+//! of this first ([`Qcow2::exclusive`]).
 //!
 //! Crash safety (flush ordering): refcount blocks reach the disk (and a
 //! sync) before the L2 tables that reference newly allocated clusters; L2
@@ -40,6 +46,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod fuzz;
+pub mod gate;
 pub mod header;
 pub mod io;
 pub mod l2;
@@ -50,9 +57,11 @@ use crate::error::{FResult, FormatError};
 use crate::storage::Storage;
 use cache::Cache;
 pub use fuzz::fuzz_open_read;
+use gate::Gate;
+pub use gate::Ticket;
 use header::Header;
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// L1/L2 entry bit: refcount is exactly one.
@@ -164,6 +173,13 @@ pub struct Meta {
     pub(crate) rbc: Cache<Vec<u8>>,
     /// Clusters whose reference was dropped; freed at the next flush.
     pub(crate) pending_free: Vec<(u64, DiscardType)>,
+    /// Freed clusters whose L2 change is durable, waiting for the tickets
+    /// of their epoch (and older) to go: (epoch, offset, reason).
+    pub(crate) quarantine: Vec<(u64, u64, DiscardType)>,
+    /// In-flight I/O tracking, shared with [`Qcow2`].
+    pub(crate) gate: Arc<Gate>,
+    /// Guest clusters with an allocating write in flight.
+    pub(crate) allocating: BTreeSet<u64>,
     pub(crate) free_cursor: u64,
     /// Refcount blocks were written since the last sync.
     pub(crate) rc_unsynced: bool,
@@ -178,10 +194,18 @@ pub struct Meta {
     pub(crate) alloc_end: u64,
 }
 
+/// See [`Qcow2::set_alloc_hook`].
+pub type AllocHook = Box<dyn Fn() + Send + Sync>;
+
 /// An open qcow2 image.
 pub struct Qcow2 {
     meta: Mutex<Meta>,
-    gate: RwLock<()>,
+    /// Signalled when an allocating write has linked its clusters.
+    alloc_done: Condvar,
+    /// Called (without the metadata lock) after an allocating write has
+    /// linked its clusters: the block driver resubmits writes it parked.
+    alloc_hook: std::sync::OnceLock<AllocHook>,
+    gate: Arc<Gate>,
     name: String,
     file: Arc<dyn Storage>,
     data: Option<Arc<dyn Storage>>,
@@ -379,6 +403,7 @@ impl Qcow2 {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        let gate = Arc::new(Gate::default());
         let mut m = Meta {
             name: name.to_string(),
             file: file.clone(),
@@ -392,6 +417,9 @@ impl Qcow2 {
             slice_bytes,
             rbc: Cache::new(rcn as usize, interval),
             pending_free: Vec::new(),
+            quarantine: Vec::new(),
+            gate: gate.clone(),
+            allocating: BTreeSet::new(),
             free_cursor: 1,
             rc_unsynced: false,
             read_only: o.read_only,
@@ -425,7 +453,9 @@ impl Qcow2 {
         let ctype = m.h.compression_type;
         Ok(Qcow2 {
             meta: Mutex::new(m),
-            gate: RwLock::new(()),
+            alloc_done: Condvar::new(),
+            alloc_hook: std::sync::OnceLock::new(),
+            gate,
             name: name.to_string(),
             file,
             data,
@@ -436,8 +466,53 @@ impl Qcow2 {
         })
     }
 
+    /// Set the function called after each allocating write has finished
+    /// (see [`io::Overwrite::Busy`]); once per image.
+    pub fn set_alloc_hook(&self, f: AllocHook) {
+        let _ = self.alloc_hook.set(f);
+    }
+
+    /// Wake what waits for an allocation: threads, and the hook. No lock
+    /// is held while the hook runs (it may submit writes that finish
+    /// allocations of their own).
+    pub(crate) fn alloc_finished(&self) {
+        self.alloc_done.notify_all();
+        if let Some(f) = self.alloc_hook.get() {
+            f();
+        }
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The metadata lock once nothing is in flight: no allocating write
+    /// and no unlocked data I/O (snapshots, check, resize, amend, close).
+    /// New requests cannot start meanwhile, since they map under the lock.
+    pub(crate) fn exclusive(&self) -> MutexGuard<'_, Meta> {
+        let mut m = self.lock();
+        while !m.allocating.is_empty() {
+            m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        // What is left holds tickets but never needs the lock again.
+        self.gate.wait_idle();
+        m
+    }
+
+    /// Wait until no allocating write is in flight on the guest clusters
+    /// of `[off, off+len)`.
+    pub(crate) fn wait_allocs<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        off: u64,
+        len: u64,
+    ) -> MutexGuard<'a, Meta> {
+        let first = off / self.cs;
+        let last = off.saturating_add(len.max(1) - 1) / self.cs;
+        while m.allocating.range(first..=last).next().is_some() {
+            m = self.alloc_done.wait(m).unwrap_or_else(|e| e.into_inner());
+        }
+        m
     }
 
     /// The file name used in messages.
@@ -466,10 +541,7 @@ impl Qcow2 {
     }
     /// Consistency check, optionally repairing.
     pub fn check(&self, repair: check::Repair) -> FResult<check::CheckResult> {
-        // Metadata lock first, then the gate: the I/O paths take them
-        // in that order too.
-        let mut m = self.lock();
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.exclusive();
         if repair != check::Repair::None {
             m.flush_all()?;
         }
@@ -484,10 +556,7 @@ impl Qcow2 {
         if self.read_only {
             return Ok(());
         }
-        // Metadata lock first, then the gate: the I/O paths take them
-        // in that order too.
-        let mut m = self.lock();
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.exclusive();
         m.mark_clean()
     }
 }

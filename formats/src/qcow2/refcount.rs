@@ -210,6 +210,9 @@ impl Meta {
         self.mark_dirty()?;
         let epb = self.rb_entries();
         let mut start = self.free_cursor.max(1);
+        // The lowest free cluster seen: every cluster the search passes is
+        // looked at, so below it (from the cursor on) all are in use.
+        let mut first_free: Option<u64> = None;
         'search: loop {
             if (start + n) * self.cs > MAX_HOST_CLUSTER_END {
                 return Err(FormatError::NoSpace(format!(
@@ -222,6 +225,7 @@ impl Meta {
                     start = start + i + 1;
                     continue 'search;
                 }
+                first_free.get_or_insert(start + i);
             }
             // Refcount blocks for the run, then check again: a new block
             // may have taken a cluster of the run.
@@ -238,9 +242,11 @@ impl Meta {
             for i in 0..n {
                 self.set_refcount(start + i, 1)?;
             }
-            if self.free_cursor == start {
-                self.free_cursor = start + n;
-            }
+            // Skipped free clusters (a run too short) stay findable.
+            self.free_cursor = match first_free {
+                Some(f) if f < start => f,
+                _ => start + n,
+            };
             let off = start * self.cs;
             self.alloc_end = self.alloc_end.max(off + n * self.cs);
             return Ok(off);
@@ -274,10 +280,22 @@ impl Meta {
         }
     }
 
-    /// Apply the queued refcount decrements (the L2 changes are durable).
+    /// Apply the queued refcount decrements (the L2 changes are durable):
+    /// stamp them with the closing epoch, then release every stamped
+    /// cluster that no in-flight request can still be using.
     pub(crate) fn process_frees(&mut self) -> FResult<()> {
         let list = std::mem::take(&mut self.pending_free);
-        for (off, ty) in list {
+        if !list.is_empty() {
+            let e = self.gate.bump();
+            self.quarantine
+                .extend(list.into_iter().map(|(off, ty)| (e, off, ty)));
+        }
+        let oldest = self.gate.oldest();
+        let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut self.quarantine)
+            .into_iter()
+            .partition(|&(e, _, _)| oldest.is_none_or(|o| o > e));
+        self.quarantine = wait;
+        for (_, off, ty) in ready {
             let idx = off / self.cs;
             let v = self.add_refcount(idx, -1)?;
             if v == 0 {
@@ -290,6 +308,18 @@ impl Meta {
             }
         }
         Ok(())
+    }
+
+    /// Frees are waiting to be applied (queued, or quarantined and free
+    /// to go now).
+    pub(crate) fn frees_due(&self) -> bool {
+        if !self.pending_free.is_empty() {
+            return true;
+        }
+        let oldest = self.gate.oldest();
+        self.quarantine
+            .iter()
+            .any(|&(e, _, _)| oldest.is_none_or(|o| o > e))
     }
 
     /// Grow the refcount table to at least `need` entries: new blocks and

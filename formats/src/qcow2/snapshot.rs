@@ -165,8 +165,8 @@ pub fn serialize_table(snaps: &[Snapshot]) -> Vec<u8> {
 // Ordering for crashes: increments are made durable before the new
 // reference (snapshot table, header, L1) is written; decrements only
 // after the reference is gone on disk. A crash leaks clusters at worst.
-// All of it runs with the metadata lock and the I/O gate held
-// exclusively, after a full flush, with the L2 cache emptied: the L2
+// All of it runs with the metadata lock held and nothing in flight
+// (`Qcow2::exclusive`), after a full flush, with the L2 cache emptied: the L2
 // tables are read and rewritten directly in the file.
 
 use super::{DiscardType, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
@@ -360,8 +360,7 @@ impl super::Qcow2 {
     /// Create an internal snapshot of the current state (no VM state).
     /// `date` is (seconds, nanoseconds) since the epoch.
     pub fn snapshot_create(&self, name: &str, date: (u32, u32)) -> FResult<Snapshot> {
-        let mut m = self.lock();
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.exclusive();
         m.snapshots_allowed()?;
         if name.len() > MAX_NAME {
             return Err(FormatError::Invalid(format!(
@@ -421,8 +420,7 @@ impl super::Qcow2 {
 
     /// Make the snapshot `id_or_name` the current state.
     pub fn snapshot_apply(&self, id_or_name: &str) -> FResult<()> {
-        let mut m = self.lock();
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.exclusive();
         m.snapshots_allowed()?;
         let Some(i) = m.find_snapshot(id_or_name) else {
             return Err(FormatError::Invalid(format!(
@@ -481,8 +479,7 @@ impl super::Qcow2 {
 
     /// Delete the snapshot `id_or_name`.
     pub fn snapshot_delete(&self, id_or_name: &str) -> FResult<Snapshot> {
-        let mut m = self.lock();
-        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.exclusive();
         m.snapshots_allowed()?;
         let Some(i) = m.find_snapshot(id_or_name) else {
             return Err(FormatError::Invalid(format!(
