@@ -91,6 +91,11 @@ fn source(d: &Dir) -> String {
             "write -P 2 10M 3M",
             "write -P 0 20M 1M",
             "write -P 3 33000 5000",
+            // Clusters that are part hole, part data, in a later chunk
+            // (convert reuses an earlier chunk's buffer: holes must read
+            // as zeroes, not as the old bytes).
+            "write -P 5 5246976 4096",
+            "write -P 6 4259840 512",
             "write -P 4 63M 1M",
         ],
     );

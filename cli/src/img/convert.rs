@@ -132,8 +132,14 @@ pub(crate) fn snapshot_param(p: Option<&str>) -> R<Option<String>> {
     Ok(id.or(name))
 }
 
-/// Runs `n` copies of `work` on `job` in parallel and waits for them all.
+/// Runs copies of `work` on `job` in parallel and waits for them all: `n`
+/// (`-m`, QEMU's coroutine count) but no more threads than CPUs (at least
+/// two, so reading overlaps writing). Each worker does blocking I/O on its
+/// chunk; more threads than cores only add switches and buffers (measured:
+/// raw->qcow2 of 512 MiB, 2 CPUs: 0.15 s with 2 threads, 0.24 s with 8).
 fn run_workers<J: Send + Sync + 'static>(n: u32, job: &Arc<J>, work: fn(&J)) {
+    let cpus = std::thread::available_parallelism().map_or(2, |c| c.get()) as u32;
+    let n = n.min(cpus.max(2)).max(1);
     let threads: Vec<_> = (0..n)
         .map(|_| {
             let j = job.clone();
@@ -711,10 +717,17 @@ pub(crate) fn open_backing_node(
     Ok(n)
 }
 
-/// One planned write into a qcow2 target.
+/// One planned write into a qcow2 target: data at a target offset from a
+/// range of the chunk's buffer, or zeroes.
 enum QOp {
-    Data(u64, Arc<Vec<u8>>, usize, usize),
+    Data(u64, usize, usize),
     Zero(u64, u64),
+}
+
+/// The writes of one chunk and the buffer their data lives in.
+struct QPlan {
+    buf: Vec<u8>,
+    ops: Vec<QOp>,
 }
 
 struct QJob {
@@ -735,9 +748,17 @@ struct QJob {
 }
 
 impl QJob {
-    /// Read `[start, end)` of the concatenated sources into a zeroed `buf`;
-    /// zero runs are not read.
-    fn read_sources(&self, start: u64, end: u64, buf: &mut [u8]) -> Result<(), String> {
+    /// Read `[start, end)` of the concatenated sources into `buf` (whose
+    /// old contents are garbage). Runs the sources report as zeroes are
+    /// neither read nor written: their ranges (relative to `start`, in
+    /// order) are returned instead.
+    fn read_sources(
+        &self,
+        start: u64,
+        end: u64,
+        buf: &mut [u8],
+    ) -> Result<Vec<(usize, usize)>, String> {
+        let mut zeros: Vec<(usize, usize)> = Vec::new();
         let mut pos = start;
         while pos < end {
             let (src, s0) = self
@@ -756,23 +777,39 @@ impl QJob {
             }
             let st = src.block_status(soff, lim).map_err(|e| e.to_string())?;
             let len = st.len.clamp(1, lim);
-            let b = &mut buf[(pos - start) as usize..(pos - start + len) as usize];
-            // `buf` comes zeroed (and untouched: calloc'd pages cost no
-            // memory until written), so zero runs are left alone.
+            let (a, b) = ((pos - start) as usize, (pos - start + len) as usize);
             if !st.zero || st.data {
-                src.read_at(soff, b).map_err(|e| e.to_string())?;
+                src.read_at(soff, &mut buf[a..b])
+                    .map_err(|e| e.to_string())?;
+            } else {
+                match zeros.last_mut() {
+                    Some((_, e)) if *e == a => *e = b,
+                    _ => zeros.push((a, b)),
+                }
             }
             pos += len;
         }
-        Ok(())
+        // Past the end of the sources: zeroes.
+        let (a, b) = ((pos - start) as usize, buf.len());
+        if a < b {
+            match zeros.last_mut() {
+                Some((_, e)) if *e == a => *e = b,
+                _ => zeros.push((a, b)),
+            }
+        }
+        Ok(zeros)
     }
 
-    fn plan(&self, idx: u64) -> Result<Vec<QOp>, String> {
+    /// Plan one chunk, reading into `spare` (a buffer of an earlier chunk)
+    /// when it fits: no fresh zeroed memory per chunk.
+    fn plan(&self, idx: u64, spare: Option<Vec<u8>>) -> Result<QPlan, String> {
         let start = idx * CHUNK;
         let end = (start + CHUNK).min(self.total);
-        let mut buf = vec![0u8; (end - start) as usize];
-        self.read_sources(start, end, &mut buf)?;
-        let buf = Arc::new(buf);
+        let n = (end - start) as usize;
+        let mut buf = spare
+            .filter(|b| b.len() == n)
+            .unwrap_or_else(|| vec![0u8; n]);
+        let zeros = self.read_sources(start, end, &mut buf)?;
         let back = match &self.backing {
             Some(b) if start < b.len() => {
                 let mut v = vec![0u8; (end - start) as usize];
@@ -787,24 +824,48 @@ impl QJob {
         let mut ops = Vec::new();
         let mut p = 0usize;
         let cs = self.cs as usize;
+        let mut zi = 0usize;
         while p < buf.len() {
             let q = (p + cs).min(buf.len());
-            let piece = &buf[p..q];
             let off = start + p as u64;
+            // Zero runs in this piece: whole (no need to look at the
+            // bytes) or partial (the buffer gets its zeroes now).
+            while zi < zeros.len() && zeros[zi].1 <= p {
+                zi += 1;
+            }
+            let mut whole_zero = false;
+            let mut k = zi;
+            while k < zeros.len() && zeros[k].0 < q {
+                let (a, b) = (zeros[k].0.max(p), zeros[k].1.min(q));
+                if a == p && b == q {
+                    whole_zero = true;
+                }
+                k += 1;
+            }
+            if whole_zero && back.is_none() && self.sparse != 0 {
+                if !self.target_zero {
+                    push_zero(&mut ops, off, (q - p) as u64);
+                }
+                p = q;
+                continue;
+            }
+            for &(a, b) in zeros[zi..k].iter() {
+                buf[a.max(p)..b.min(q)].fill(0);
+            }
+            let piece = &buf[p..q];
             match &back {
                 Some(bk) if bk[p..q] == *piece => {}
-                Some(bk) => {
+                Some(_) => {
                     if self.sparse != 0 && block::iov::is_zero_buf(piece) {
                         // Zero over backing data: a zero cluster.
-                        let _ = bk;
                         push_zero(&mut ops, off, (q - p) as u64);
                     } else {
-                        push_data(&mut ops, off, &buf, p, q, self.compress);
+                        ops.push(QOp::Data(off, p, q));
                     }
                 }
                 None => {
                     if self.sparse == 0 || !block::iov::is_zero_buf(piece) {
-                        push_data(&mut ops, off, &buf, p, q, self.compress);
+                        ops.push(QOp::Data(off, p, q));
                     } else if !self.target_zero {
                         push_zero(&mut ops, off, (q - p) as u64);
                     }
@@ -812,21 +873,38 @@ impl QJob {
             }
             p = q;
         }
-        Ok(ops)
+        Ok(QPlan { buf, ops })
     }
 
-    fn write(&self, ops: Vec<QOp>) -> Result<(), String> {
-        for op in ops {
-            match op {
-                QOp::Data(off, d, a, b) if self.compress => {
-                    self.target.write_compressed(off, &d[a..b])
+    /// Write a planned chunk; the buffer comes back for the next one.
+    fn write(&self, plan: QPlan) -> (Result<(), String>, Vec<u8>) {
+        let QPlan { buf, ops } = plan;
+        let mut ops = ops.into_iter().peekable();
+        let mut r = Ok(());
+        while let Some(op) = ops.next() {
+            r = match op {
+                QOp::Data(off, a, b) if self.compress => {
+                    self.target.write_compressed(off, &buf[a..b])
                 }
-                QOp::Data(off, d, a, b) => self.target.write(off, &d[a..b], false),
+                QOp::Data(off, a, mut b) => {
+                    // Contiguous data goes out as one write.
+                    while let Some(QOp::Data(o2, a2, b2)) = ops.peek() {
+                        if *a2 != b || *o2 != off + (b - a) as u64 {
+                            break;
+                        }
+                        b = *b2;
+                        ops.next();
+                    }
+                    self.target.write(off, &buf[a..b], false)
+                }
                 QOp::Zero(off, len) => self.target.write_zeroes(off, len, true),
             }
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string());
+            if r.is_err() {
+                break;
+            }
         }
-        Ok(())
+        (r, buf)
     }
 
     fn failed(&self) -> bool {
@@ -834,6 +912,7 @@ impl QJob {
     }
 
     fn run_worker(&self) {
+        let mut spare: Option<Vec<u8>> = None;
         loop {
             let idx = self.next.fetch_add(1, Ordering::Relaxed);
             if idx * CHUNK >= self.total || self.failed() {
@@ -844,7 +923,7 @@ impl QJob {
                 }
                 return;
             }
-            let r = self.plan(idx);
+            let r = self.plan(idx, spare.take());
             if self.ordered {
                 let (m, cv) = &self.write_turn;
                 let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
@@ -855,7 +934,11 @@ impl QJob {
                     turn = cv.wait(turn).unwrap_or_else(|e| e.into_inner());
                 }
             }
-            let res = r.and_then(|ops| self.write(ops));
+            let res = r.and_then(|plan| {
+                let (r, buf) = self.write(plan);
+                spare = Some(buf);
+                r
+            });
             self.progress.add(CHUNK.min(self.total - idx * CHUNK));
             if self.ordered {
                 let (m, cv) = &self.write_turn;
@@ -882,17 +965,6 @@ fn push_zero(ops: &mut Vec<QOp>, off: u64, len: u64) {
         }
     }
     ops.push(QOp::Zero(off, len));
-}
-
-fn push_data(ops: &mut Vec<QOp>, off: u64, buf: &Arc<Vec<u8>>, a: usize, b: usize, comp: bool) {
-    // Compressed writes go cluster by cluster anyway; plain ones coalesce.
-    if let Some(QOp::Data(o, _, s, e)) = ops.last_mut() {
-        if !comp && *o + (*e - *s) as u64 == off && *e == a {
-            *e = b;
-            return;
-        }
-    }
-    ops.push(QOp::Data(off, buf.clone(), a, b));
 }
 
 /// `convert -O qcow2`.

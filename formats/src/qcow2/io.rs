@@ -310,7 +310,7 @@ impl Meta {
         let scs = self.sc_size();
         let nsc = self.subclusters();
         // Data writes: (host offset, bytes); merged when contiguous.
-        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut writes: Vec<(u64, JobData)> = Vec::new();
         // Host ranges to zero before the writes.
         let mut zero_first: Vec<(u64, u64)> = Vec::new();
         let mut updates: Vec<(u64, u64, u64, u64)> = Vec::new(); // gcl, new entry, new bitmap, old entry
@@ -333,9 +333,8 @@ impl Meta {
                 // the whole cluster on the host (one fallocate, no data)
                 // and write only the guest's bytes, as QEMU does.
                 zero_first.push((host, cs));
-                let src_off = (cstart + a - off) as usize;
-                let data = src[src_off..src_off + (b - a) as usize].to_vec();
-                push_write(&mut writes, host + a, data);
+                let src_off = cstart + a - off;
+                push_write(&mut writes, host + a, JobData::Src(src_off, b - a));
                 updates.push((gcl, host | OFLAG_COPIED, 0, e));
                 continue;
             }
@@ -349,26 +348,28 @@ impl Meta {
                 let old = self.kind(e, bm, sc)?;
                 let keep_in_place = reuse.is_some() && matches!(old, Kind::Data { .. });
                 if touched {
-                    let mut buf = vec![0u8; scs as usize];
                     let (ca, cb) = (a.max(s0), b.min(s1));
                     if ca > s0 || cb < s1 {
                         // Partial subcluster: the rest comes from the old view
                         // (in place: the data is already there, only the
                         // touched part is written).
                         if keep_in_place {
-                            let src_off = (cstart + ca - off) as usize;
-                            let data = src[src_off..src_off + (cb - ca) as usize].to_vec();
-                            push_write(&mut writes, host + ca, data);
+                            let src_off = cstart + ca - off;
+                            push_write(&mut writes, host + ca, JobData::Src(src_off, cb - ca));
                             new_bm |= 1 << sc;
                             sc += 1;
                             continue;
                         }
+                        let mut buf = vec![0u8; scs as usize];
                         self.read_kind(old, cstart + s0, &mut buf, &mut ccache)?;
+                        let src_off = (cstart + ca - off) as usize;
+                        buf[(ca - s0) as usize..(cb - s0) as usize]
+                            .copy_from_slice(&src[src_off..src_off + (cb - ca) as usize]);
+                        push_write(&mut writes, host + s0, JobData::Owned(buf));
+                    } else {
+                        // Whole subcluster: straight from the caller's data.
+                        push_write(&mut writes, host + s0, JobData::Src(cstart + s0 - off, scs));
                     }
-                    let src_off = (cstart + ca - off) as usize;
-                    buf[(ca - s0) as usize..(cb - s0) as usize]
-                        .copy_from_slice(&src[src_off..src_off + (cb - ca) as usize]);
-                    push_write(&mut writes, host + s0, buf);
                     new_bm |= 1 << sc;
                 } else {
                     match old {
@@ -376,7 +377,7 @@ impl Meta {
                         Kind::Data { .. } | Kind::Compressed { .. } => {
                             let mut buf = vec![0u8; scs as usize];
                             self.read_kind(old, cstart + s0, &mut buf, &mut ccache)?;
-                            push_write(&mut writes, host + s0, buf);
+                            push_write(&mut writes, host + s0, JobData::Owned(buf));
                             new_bm |= 1 << sc;
                         }
                         Kind::Zero => new_bm |= 1 << (sc + 32),
@@ -390,7 +391,7 @@ impl Meta {
         }
         if self.data.is_none() {
             for (h, d) in &writes {
-                self.check_overlap(*h, d.len() as u64, false)?;
+                self.check_overlap(*h, d.len(), false)?;
             }
         }
         for u in &updates {
@@ -471,7 +472,7 @@ pub(crate) struct AllocJob {
     /// Host ranges to make read as zeroes first: (offset, length).
     zero_first: Vec<(u64, u64)>,
     /// Data to write: (host offset, bytes).
-    writes: Vec<(u64, Vec<u8>)>,
+    writes: Vec<(u64, JobData)>,
     /// L2 updates: (guest cluster, new entry, new bitmap, old entry).
     updates: Vec<(u64, u64, u64, u64)>,
     /// Newly allocated clusters: (first host offset, count).
@@ -497,11 +498,47 @@ fn decompress_at(
     compress::decompress(ctype, &c, out, name)
 }
 
-fn push_write(w: &mut Vec<(u64, Vec<u8>)>, host: u64, data: Vec<u8>) {
+/// The bytes of one host write of an allocating job.
+pub(crate) enum JobData {
+    /// `(start, len)` of the caller's data (no copy).
+    Src(u64, u64),
+    /// A buffer built for copy-on-write.
+    Owned(Vec<u8>),
+}
+
+impl JobData {
+    fn len(&self) -> u64 {
+        match self {
+            JobData::Src(_, l) => *l,
+            JobData::Owned(v) => v.len() as u64,
+        }
+    }
+    /// The bytes, given the caller's data.
+    fn bytes<'a>(&'a self, src: &'a [u8]) -> &'a [u8] {
+        match self {
+            JobData::Src(a, l) => &src[*a as usize..(*a + *l) as usize],
+            JobData::Owned(v) => v,
+        }
+    }
+}
+
+/// Append a host write, merged with the previous one when both the host
+/// range and the source are contiguous (the caller's data is never copied;
+/// copy-on-write buffers are joined up to 8 MiB).
+fn push_write(w: &mut Vec<(u64, JobData)>, host: u64, data: JobData) {
     if let Some((h, d)) = w.last_mut() {
-        if *h + d.len() as u64 == host && d.len() < (8 << 20) {
-            d.extend_from_slice(&data);
-            return;
+        if *h + d.len() == host {
+            match (d, &data) {
+                (JobData::Src(a, l), JobData::Src(b, m)) if *a + *l == *b => {
+                    *l += m;
+                    return;
+                }
+                (JobData::Owned(v), JobData::Owned(x)) if v.len() < (8 << 20) => {
+                    v.extend_from_slice(x);
+                    return;
+                }
+                _ => {}
+            }
         }
     }
     w.push((host, data));
@@ -657,11 +694,19 @@ impl Qcow2 {
                 Ok(None) => match m.plan_alloc(off, &src[done as usize..], true) {
                     Ok(Some(mut job)) => {
                         pw.zero_first.append(&mut job.zero_first);
-                        pw.writes.extend(
-                            std::mem::take(&mut job.writes)
-                                .into_iter()
-                                .map(|(h, d)| (h, WriteData::Owned(d))),
-                        );
+                        pw.writes
+                            .extend(std::mem::take(&mut job.writes).into_iter().map(
+                                |(h, d)| match d {
+                                    JobData::Src(a, l) => (
+                                        h,
+                                        WriteData::Guest {
+                                            offset: off + a,
+                                            len: l,
+                                        },
+                                    ),
+                                    JobData::Owned(v) => (h, WriteData::Owned(v)),
+                                },
+                            ));
                         let n = job.handled;
                         pw.jobs.push(job);
                         Ok(n)
@@ -795,7 +840,7 @@ impl Qcow2 {
                 }
             }
             for (h, d) in job.writes.iter().filter(|_| r.is_ok()) {
-                if let Err(e) = store.write_at(*h, d) {
+                if let Err(e) = store.write_at(*h, d.bytes(rest)) {
                     r = Err(FormatError::io(e, format!("{}: writing data", self.name)));
                     break;
                 }
