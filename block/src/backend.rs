@@ -563,7 +563,9 @@ impl BlockBackend {
     }
 
     /// Submit a request; `done` runs exactly once, on an I/O thread (or in
-    /// the caller's thread for immediate errors and `null-co`).
+    /// the caller's thread, before `submit` returns, for immediate errors
+    /// and requests that need no I/O: `null-co`, qcow2 reads of zero or
+    /// unallocated clusters).
     pub fn submit(self: &Arc<Self>, mut req: IoRequest, done: Completion) {
         if let Err(e) = self.check(req.op, req.offset, req.byte_len()) {
             done(req, Err(e));

@@ -233,7 +233,10 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn set_perms(&self, _perm: Perms, _shared: Perms) -> BlockResult<()> {
         Ok(())
     }
-    /// Submit a request asynchronously. Default: run it on the worker pool.
+    /// Submit a request asynchronously. `done` runs exactly once, possibly
+    /// before `submit` returns (on this thread) when no I/O is needed; so
+    /// callers must not hold a lock across `submit` that `done` takes.
+    /// Default: run it on the worker pool.
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
         run_on_pool(self, req, done)
     }

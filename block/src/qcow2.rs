@@ -276,6 +276,16 @@ impl Qcow2Node {
             return self.forward(req, host, ticket, done);
         }
         let blen = self.backing.as_ref().map_or(0, |b| b.len());
+        if pieces.iter().all(|p| match p.kind {
+            Kind::Zero => true,
+            Kind::Unalloc => p.offset >= blen,
+            _ => false,
+        }) {
+            // Zeroes only (a fresh disk): no I/O, so no parts to join.
+            drop(ticket);
+            crate::iov::zero_fill(&mut req.iov.slices_mut());
+            return done(req, Ok(()));
+        }
         // Split unallocated runs at the end of the backing file: what lies
         // past it reads as zeroes.
         let mut runs: Vec<(Piece, bool)> = Vec::new(); // piece, zero
@@ -307,13 +317,11 @@ impl Qcow2Node {
             return done(req, Err(internal("bad read mapping")));
         };
         let join = Join::new(complete(req, whole, Some(ticket), done));
-        let mut sent = 0;
         for ((p, zero), mut part) in runs.into_iter().zip(parts) {
             if zero {
                 crate::iov::zero_fill(&mut part.slices_mut());
                 continue;
             }
-            sent += 1;
             let cb = join.part();
             match p.kind {
                 Kind::Data { host, .. } => self
@@ -341,12 +349,6 @@ impl Qcow2Node {
                     None => cb(IoRequest::read(p.offset, part), Ok(())),
                 },
             }
-        }
-        if sent == 0 {
-            // Nothing to wait for (zeroes only), but a completion must not
-            // run inside `submit`: callers submit again from completions.
-            crate::aio::pool().spawn(Box::new(move || join.release()));
-            return;
         }
         join.release();
     }

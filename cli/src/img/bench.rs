@@ -36,9 +36,54 @@ struct State {
     no_drain: bool,
 }
 
+thread_local! {
+    /// Buffers whose next request waits for the `issue` running on this
+    /// thread: a driver may complete a request inside `submit` (null-co,
+    /// qcow2 reads of unallocated clusters), and issuing the next request
+    /// from there would nest one call per request until the stack overflows.
+    static PENDING: std::cell::RefCell<Option<Vec<usize>>> = const { std::cell::RefCell::new(None) };
+}
+
 impl State {
-    /// Submit the next request using buffer `tag`, if any remain.
+    /// Submit the next request using buffer `tag`, if any remain. Calls
+    /// made from inside a submit on this thread are queued and run by the
+    /// outermost call, in a loop.
     fn issue(st: &Arc<State>, tag: usize) {
+        let nested = PENDING.with(|p| {
+            let mut p = p.borrow_mut();
+            match p.as_mut() {
+                Some(q) => {
+                    q.push(tag);
+                    true
+                }
+                None => {
+                    *p = Some(Vec::new());
+                    false
+                }
+            }
+        });
+        if nested {
+            return;
+        }
+        let mut tag = tag;
+        loop {
+            Self::issue_one(st, tag);
+            let next = PENDING.with(|p| {
+                let mut p = p.borrow_mut();
+                let q = p.as_mut().and_then(|q| q.pop());
+                if q.is_none() {
+                    *p = None;
+                }
+                q
+            });
+            match next {
+                Some(t) => tag = t,
+                None => return,
+            }
+        }
+    }
+
+    fn issue_one(st: &Arc<State>, tag: usize) {
         let off = {
             let mut g = st.inner.lock().unwrap_or_else(|e| e.into_inner());
             if g.submitted >= st.count || g.error.is_some() {

@@ -13,14 +13,21 @@
 //! [`Gate::wait_idle`] (operations that need the image to themselves, such
 //! as snapshots, check and close).
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 
 #[derive(Default)]
 struct State {
     epoch: u64,
-    /// Live tickets per epoch.
-    inflight: BTreeMap<u64, usize>,
+    /// Live tickets per epoch, oldest first; no entry at the front has a
+    /// zero count (later ones may, until they reach the front).
+    inflight: VecDeque<(u64, usize)>,
+}
+
+impl State {
+    fn idle(&self) -> bool {
+        self.inflight.is_empty()
+    }
 }
 
 /// The tracker shared by an image and its tickets.
@@ -47,7 +54,10 @@ impl Gate {
     pub fn ticket(self: &Arc<Self>) -> Ticket {
         let mut s = self.state();
         let epoch = s.epoch;
-        *s.inflight.entry(epoch).or_insert(0) += 1;
+        match s.inflight.back_mut() {
+            Some((e, n)) if *e == epoch => *n += 1,
+            _ => s.inflight.push_back((epoch, 1)),
+        }
         Ticket {
             gate: self.clone(),
             epoch,
@@ -64,13 +74,13 @@ impl Gate {
 
     /// The epoch of the oldest live ticket, if any.
     pub fn oldest(&self) -> Option<u64> {
-        self.state().inflight.keys().next().copied()
+        self.state().inflight.front().map(|&(e, _)| e)
     }
 
     /// Wait until no ticket is live.
     pub fn wait_idle(&self) {
         let mut s = self.state();
-        while !s.inflight.is_empty() {
+        while !s.idle() {
             s = self.idle.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -79,13 +89,13 @@ impl Gate {
 impl Drop for Ticket {
     fn drop(&mut self) {
         let mut s = self.gate.state();
-        if let Some(n) = s.inflight.get_mut(&self.epoch) {
-            *n -= 1;
-            if *n == 0 {
-                s.inflight.remove(&self.epoch);
-            }
+        if let Some((_, n)) = s.inflight.iter_mut().find(|(e, _)| *e == self.epoch) {
+            *n = n.saturating_sub(1);
         }
-        if s.inflight.is_empty() {
+        while s.inflight.front().is_some_and(|&(_, n)| n == 0) {
+            s.inflight.pop_front();
+        }
+        if s.idle() {
             self.gate.idle.notify_all();
         }
     }
