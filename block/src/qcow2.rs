@@ -118,6 +118,9 @@ pub struct Qcow2Node {
     backing: Option<Arc<Node>>,
     /// Writes waiting for an allocation in flight on their clusters.
     parked: Mutex<Vec<(IoRequest, Completion)>>,
+    /// Fresh clusters of asynchronous allocating writes in flight, by host
+    /// offset: writes to the same cluster join them.
+    joinable: Mutex<std::collections::HashMap<u64, Arc<AllocWait>>>,
 }
 
 impl Qcow2Node {
@@ -247,6 +250,7 @@ impl Qcow2Node {
             store,
             backing,
             parked: Mutex::new(Vec::new()),
+            joinable: Mutex::new(std::collections::HashMap::new()),
         });
         let weak = Arc::downgrade(&node);
         node.img.set_alloc_hook(Box::new(move || {
@@ -340,6 +344,7 @@ impl Qcow2Node {
                         if res.is_ok() {
                             crate::iov::scatter(&tmp, &mut part.slices_mut());
                         }
+                        drop(me);
                         cb(IoRequest::read(p.offset, part), res)
                     }));
                 }
@@ -395,6 +400,35 @@ impl Qcow2Node {
                 return self.write_extents(req, Vec::new(), writes, t, done);
             }
             Ok(Overwrite::Busy) => return parked.push((req, done)),
+            Ok(Overwrite::Join {
+                host,
+                cluster,
+                ticket,
+            }) => {
+                let w = self
+                    .joinable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&cluster)
+                    .cloned();
+                match w {
+                    Some(w) => {
+                        drop(parked);
+                        w.join(
+                            &self,
+                            Joined {
+                                req,
+                                host,
+                                ticket,
+                                done,
+                            },
+                        );
+                    }
+                    // Allocated by the synchronous path: wait for it.
+                    None => parked.push((req, done)),
+                }
+                return;
+            }
             Ok(Overwrite::Allocate) => {
                 let mut src = vec![0u8; len as usize];
                 crate::iov::gather(&req.iov.slices(), &mut src);
@@ -404,18 +438,50 @@ impl Qcow2Node {
         };
         match plan {
             Ok(WritePlan::Ready(mut pw)) => {
-                drop(parked);
                 let zero = std::mem::take(&mut pw.zero_first);
                 let writes = std::mem::take(&mut pw.writes);
+                // Fresh clusters other writes may join: registered before
+                // the parking lock goes, so a writer that is told to join
+                // finds them.
+                let waits: Vec<(u64, Arc<AllocWait>)> = {
+                    let mut jobs = self.joinable.lock().unwrap_or_else(|e| e.into_inner());
+                    zero.iter()
+                        .map(|&(h, _)| {
+                            let w = Arc::new(AllocWait::default());
+                            jobs.insert(h, w.clone());
+                            (h, w)
+                        })
+                        .collect()
+                };
+                drop(parked);
+                let zw: Vec<Arc<AllocWait>> = waits.iter().map(|(_, w)| w.clone()).collect();
+                let zme = self.clone();
+                let on_zeroed: Box<dyn FnOnce() + Send> = Box::new(move || {
+                    for w in zw {
+                        w.zeroed(&zme);
+                    }
+                });
                 let me = self.clone();
                 let fin: Completion = Box::new(move |r, res| {
                     let res = me
                         .img
                         .finish_write(pw, res.map_err(to_format))
                         .map_err(block_error);
+                    {
+                        let mut jobs = me.joinable.lock().unwrap_or_else(|e| e.into_inner());
+                        for (h, _) in &waits {
+                            jobs.remove(h);
+                        }
+                    }
+                    for (_, w) in waits {
+                        w.linked(&me, res.clone());
+                    }
+                    // The node goes before the caller hears of the write: a
+                    // caller that then drops the image must really close it.
+                    drop(me);
                     done(r, res)
                 });
-                self.write_extents_then(req, zero, writes, fin);
+                self.write_extents_then(req, zero, writes, fin, Some(on_zeroed));
             }
             Ok(WritePlan::Busy) => parked.push((req, done)),
             Ok(WritePlan::Sync) => {
@@ -447,6 +513,7 @@ impl Qcow2Node {
                 drop(ticket);
                 done(r, res)
             }),
+            None,
         )
     }
 
@@ -459,6 +526,7 @@ impl Qcow2Node {
         zero: Vec<(u64, u64)>,
         writes: Vec<(u64, WriteData)>,
         done: Completion,
+        on_zeroed: Option<Box<dyn FnOnce() + Send>>,
     ) {
         let store = self.store.clone();
         if !zero.is_empty() {
@@ -466,7 +534,12 @@ impl Qcow2Node {
             let st = store.clone();
             let join = Join::new(Box::new(move |err| match err {
                 Some(e) => done(req, Err(e)),
-                None => send_writes(&st, req, writes, done),
+                None => {
+                    if let Some(f) = on_zeroed {
+                        f();
+                    }
+                    send_writes(&st, req, writes, done)
+                }
             }));
             for (h, l) in zero {
                 store
@@ -560,6 +633,121 @@ impl Qcow2Node {
         let list = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
         for (req, done) in list {
             self.clone().submit_write(req, done);
+        }
+    }
+}
+
+/// A write joining a fresh cluster being allocated (QEMU makes such writes
+/// wait for the allocation; here they are written as soon as the cluster
+/// is zeroed, in parallel with the allocating write, and complete when it
+/// has linked the cluster).
+struct Joined {
+    req: IoRequest,
+    /// Host offset to write at.
+    host: u64,
+    ticket: Ticket,
+    done: Completion,
+}
+
+/// The state of one joinable fresh cluster.
+#[derive(Default)]
+struct AllocWait {
+    st: Mutex<AllocWaitState>,
+}
+
+#[derive(Default)]
+struct AllocWaitState {
+    zeroed: bool,
+    /// The allocating write's result, once it has finished.
+    linked: Option<BlockResult<()>>,
+    /// Joined writes waiting for the zeroing.
+    queued: Vec<Joined>,
+    /// Joined writes done, waiting for the link: (request, done, result,
+    /// ticket).
+    written: Vec<(IoRequest, Completion, BlockResult<()>, Ticket)>,
+}
+
+impl AllocWait {
+    fn state(&self) -> std::sync::MutexGuard<'_, AllocWaitState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn join(self: &Arc<Self>, node: &Arc<Qcow2Node>, j: Joined) {
+        let mut s = self.state();
+        if s.linked.is_some() {
+            // Finished meanwhile: an ordinary write now.
+            drop(s);
+            drop(j.ticket);
+            return node.clone().submit_write(j.req, j.done);
+        }
+        if !s.zeroed {
+            s.queued.push(j);
+            return;
+        }
+        drop(s);
+        self.send(node, j);
+    }
+
+    fn send(self: &Arc<Self>, node: &Arc<Qcow2Node>, j: Joined) {
+        let Joined {
+            mut req,
+            host,
+            ticket,
+            done,
+        } = j;
+        let guest = req.offset;
+        req.offset = host;
+        let me = self.clone();
+        node.store.driver().clone().submit(
+            req,
+            Box::new(move |mut r, res| {
+                r.offset = guest;
+                me.written(r, done, res, ticket)
+            }),
+        );
+    }
+
+    fn written(&self, r: IoRequest, done: Completion, res: BlockResult<()>, t: Ticket) {
+        let mut s = self.state();
+        match &s.linked {
+            Some(l) => {
+                let l = l.clone();
+                drop(s);
+                drop(t);
+                done(r, res.and(l))
+            }
+            None => s.written.push((r, done, res, t)),
+        }
+    }
+
+    fn zeroed(self: &Arc<Self>, node: &Arc<Qcow2Node>) {
+        let queued = {
+            let mut s = self.state();
+            s.zeroed = true;
+            std::mem::take(&mut s.queued)
+        };
+        for j in queued {
+            self.send(node, j);
+        }
+    }
+
+    fn linked(&self, node: &Arc<Qcow2Node>, res: BlockResult<()>) {
+        let (queued, written) = {
+            let mut s = self.state();
+            s.linked = Some(res.clone());
+            (
+                std::mem::take(&mut s.queued),
+                std::mem::take(&mut s.written),
+            )
+        };
+        for (r, done, wres, t) in written {
+            drop(t);
+            done(r, wres.and(res.clone()));
+        }
+        // Never sent (the zeroing failed): ordinary writes now.
+        for j in queued {
+            drop(j.ticket);
+            node.clone().submit_write(j.req, j.done);
         }
     }
 }

@@ -68,6 +68,18 @@ pub enum Overwrite {
     /// An allocating write is in flight on these clusters: retry once it
     /// has finished ([`Qcow2::write`] waits for it by itself).
     Busy,
+    /// The write lies in one fresh cluster whose allocating write (planned
+    /// by [`Qcow2::plan_write`]) is in flight: it may go to `host` once
+    /// that write has zeroed the host cluster `cluster`, and is complete
+    /// once that write has finished (linked the cluster).
+    Join {
+        /// Host offset for the write.
+        host: u64,
+        /// Host offset of the cluster (the allocating write's zero range).
+        cluster: u64,
+        /// Held until the write is done.
+        ticket: Ticket,
+    },
     /// Clusters must be allocated: use [`Qcow2::write`].
     Allocate,
 }
@@ -243,9 +255,10 @@ impl Meta {
     /// (or subclusters filling): allocate the new clusters, build the data
     /// writes (with copy-on-write areas) and the L2 updates, and mark the
     /// guest clusters as allocating. The job handles at least one
-    /// subcluster's worth of bytes or the end of `src`. With `no_reads`,
-    /// returns `None` (before allocating anything) when the copy-on-write
-    /// areas would have to be read from somewhere.
+    /// subcluster's worth of bytes or the end of `src`. `no_reads` is for
+    /// asynchronous callers: `None` (before allocating anything) when the
+    /// copy-on-write areas would have to be read from somewhere, and fresh
+    /// zeroed clusters are marked joinable.
     pub(crate) fn plan_alloc(
         &mut self,
         off: u64,
@@ -395,7 +408,12 @@ impl Meta {
             }
         }
         for u in &updates {
-            self.allocating.insert(u.0);
+            // A fresh cluster zeroed first and written only where the
+            // guest wrote: an asynchronous caller may send other writes to
+            // it once zeroed (its data is nobody else's).
+            let join = (no_reads && zero_first.iter().any(|z| z.0 == u.1 & OFFSET_MASK))
+                .then_some(u.1 & OFFSET_MASK);
+            self.allocating.insert(u.0, join);
         }
         Ok(Some(AllocJob {
             zero_first,
@@ -635,8 +653,18 @@ impl Qcow2 {
         self.check_range(offset, len, m.h.size)?;
         let first = offset / self.cs;
         let last = (offset + len.max(1) - 1) / self.cs;
-        if m.allocating.range(first..=last).next().is_some() {
-            return Ok(Overwrite::Busy);
+        if let Some((&gcl, &join)) = m.allocating.range(first..=last).next() {
+            return Ok(match join {
+                Some(host) if first == last => {
+                    let _ = gcl;
+                    Overwrite::Join {
+                        host: host + offset % self.cs,
+                        cluster: host,
+                        ticket: self.gate.ticket(),
+                    }
+                }
+                _ => Overwrite::Busy,
+            });
         }
         let mut runs: Vec<(u64, u64, u64)> = Vec::new();
         let mut done = 0u64;

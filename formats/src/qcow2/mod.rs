@@ -178,8 +178,9 @@ pub struct Meta {
     pub(crate) quarantine: Vec<(u64, u64, DiscardType)>,
     /// In-flight I/O tracking, shared with [`Qcow2`].
     pub(crate) gate: Arc<Gate>,
-    /// Guest clusters with an allocating write in flight.
-    pub(crate) allocating: BTreeSet<u64>,
+    /// Guest clusters with an allocating write in flight, with the new host
+    /// cluster when other writes may join it ([`io::Overwrite::Join`]).
+    pub(crate) allocating: std::collections::BTreeMap<u64, Option<u64>>,
     pub(crate) free_cursor: u64,
     /// Refcount blocks were written since the last sync.
     pub(crate) rc_unsynced: bool,
@@ -419,7 +420,7 @@ impl Qcow2 {
             pending_free: Vec::new(),
             quarantine: Vec::new(),
             gate: gate.clone(),
-            allocating: BTreeSet::new(),
+            allocating: std::collections::BTreeMap::new(),
             free_cursor: 1,
             rc_unsynced: false,
             read_only: o.read_only,
