@@ -382,3 +382,29 @@ fn sequential_writes_join_allocations() {
         &["compare", "-f", "raw", "-F", "qcow2", &m, &img],
     );
 }
+
+/// An external data file: data clusters live in another node, at their
+/// guest offsets.
+#[test]
+fn async_external_data_file() {
+    let t = TempDir::new("q2a-df");
+    let img = t.path("d.qcow2");
+    let data = t.path("d.data");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={data}"),
+            &img,
+            "4M",
+        ],
+    );
+    ok("qemu-io", &["-c", "write -P 0x42 1M 200k", &img]);
+    let mut model = vec![0u8; 4 << 20];
+    model[1 << 20..(1 << 20) + 200 * 1024].fill(0x42);
+    run(&t, &img, model, 65536, 5, batches() / 2);
+}
