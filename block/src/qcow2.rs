@@ -678,6 +678,8 @@ impl BlockDriver for Qcow2Node {
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let st = self.img.block_status(offset, len).map_err(block_error)?;
+        // Unallocated and zero runs of a cluster that keeps host space
+        // report that offset, as QEMU does (`qemu-img map` prints it).
         Ok(match st.kind {
             Kind::Unalloc => match &self.backing {
                 Some(b) if offset < b.len() => {
@@ -692,7 +694,7 @@ impl BlockDriver for Qcow2Node {
                     len: st.len,
                     data: false,
                     zero: true,
-                    offset: None,
+                    offset: st.reserved,
                     allocated: false,
                 },
             },
@@ -700,7 +702,7 @@ impl BlockDriver for Qcow2Node {
                 len: st.len,
                 data: false,
                 zero: true,
-                offset: None,
+                offset: st.reserved,
                 allocated: true,
             },
             Kind::Data { host, .. } => Extent {

@@ -79,6 +79,9 @@ pub struct Status {
     pub len: u64,
     /// What they are.
     pub kind: Kind,
+    /// For `Unalloc` and `Zero` runs whose cluster keeps host space (see
+    /// [`Meta::map_reserved`]): the host offset of the run's first byte.
+    pub reserved: Option<u64>,
 }
 
 impl Meta {
@@ -86,6 +89,21 @@ impl Meta {
     /// same kind and, for data, contiguous host offsets. Data kinds carry
     /// the exact host byte offset of `off`.
     pub(crate) fn map(&mut self, off: u64, max: u64) -> FResult<(Kind, u64)> {
+        self.map_reserved(off, max, false).map(|(k, _, n)| (k, n))
+    }
+
+    /// As [`Meta::map`]; with `reserved`, also the host offset of `off`
+    /// when it is unallocated or zero but its cluster has host space
+    /// (extended L2 subclusters of an allocated cluster, zero clusters that
+    /// kept their cluster: QEMU's `*_ALLOC` types, whose offset `qemu-img
+    /// map` prints), and the run then also stops where that offset is not
+    /// contiguous. Reads do not need it and keep the longer runs.
+    pub(crate) fn map_reserved(
+        &mut self,
+        off: u64,
+        max: u64,
+        reserved: bool,
+    ) -> FResult<(Kind, Option<u64>, u64)> {
         let cs = self.cs;
         let scs = self.sc_size();
         let gcl = off / cs;
@@ -93,7 +111,7 @@ impl Meta {
         let sc = (off % cs) / scs;
         let mut kind = self.kind(e, bm, sc)?;
         if let Kind::Compressed { .. } = kind {
-            return Ok((kind, (cs - off % cs).min(max)));
+            return Ok((kind, None, (cs - off % cs).min(max)));
         }
         if let Kind::Data { host, copied } = kind {
             kind = Kind::Data {
@@ -101,6 +119,16 @@ impl Meta {
                 copied,
             };
         }
+        // Host space of a non-data (sub)cluster: the cluster's offset (a
+        // plain entry is never compressed here) plus the place inside it.
+        let spare = |e: u64, p: u64| -> Option<u64> {
+            let h = e & OFFSET_MASK;
+            (reserved && h != 0).then_some(h + p % cs)
+        };
+        let res = match kind {
+            Kind::Unalloc | Kind::Zero => spare(e, off),
+            _ => None,
+        };
         let mut n = (scs - off % scs).min(max);
         // Extend while the next subclusters look the same; at most to the
         // end of the L2 slice, which is cached already.
@@ -117,7 +145,9 @@ impl Meta {
             }
             let k2 = self.kind(ce, cbm, (p % cs) / scs)?;
             let same = match (kind, k2) {
-                (Kind::Unalloc, Kind::Unalloc) | (Kind::Zero, Kind::Zero) => true,
+                (Kind::Unalloc, Kind::Unalloc) | (Kind::Zero, Kind::Zero) => {
+                    spare(ce, p) == res.map(|r| r + n)
+                }
                 (
                     Kind::Data { host, copied },
                     Kind::Data {
@@ -132,7 +162,7 @@ impl Meta {
             }
             n = (n + scs).min(max);
         }
-        Ok((kind, n))
+        Ok((kind, res, n))
     }
 
     /// Where data lives: the data file or the image file.
@@ -1015,13 +1045,15 @@ impl Qcow2 {
             return Ok(Status {
                 len,
                 kind: Kind::Zero,
+                reserved: None,
             });
         }
         let mut m = self.lock();
-        let (kind, n) = m.map(offset, len.min(size - offset))?;
+        let (kind, reserved, n) = m.map_reserved(offset, len.min(size - offset), true)?;
         Ok(Status {
             len: n.max(1),
             kind,
+            reserved,
         })
     }
 
