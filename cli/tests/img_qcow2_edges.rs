@@ -31,7 +31,6 @@ fn ok(o: &Output, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-#[allow(dead_code)]
 fn s_ok(args: &[&str]) -> String {
     ok(&strata(args), &format!("strata-img {args:?}"))
 }
@@ -206,4 +205,82 @@ fn map_edge_cases_match_qemu_img() {
     );
     assert_eq!(qc, sc);
     assert_eq!(qo, so.replace("strata-img:", "qemu-img:"));
+}
+
+/// Bytes the file occupies on the host.
+fn du(p: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+#[test]
+fn preallocated_images_map_like_qemu_img() {
+    let d = Dir::new("prealloc");
+    for opts in [
+        "preallocation=metadata",
+        "preallocation=falloc",
+        "preallocation=full",
+        "preallocation=metadata,cluster_size=4k",
+        "preallocation=falloc,extended_l2=on",
+        "preallocation=metadata,extended_l2=on",
+        "preallocation=metadata,data_file=DATA",
+        "preallocation=off,data_file=DATA,data_file_raw=on",
+    ] {
+        let q = d.p("q.qcow2");
+        let s = d.p("s.qcow2");
+        q_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts.replace("DATA", &d.p("q.data")),
+            &q,
+            "8M",
+        ]);
+        s_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts.replace("DATA", &d.p("s.data")),
+            &s,
+            "8M",
+        ]);
+        q_ok(&["check", &s]);
+        // Same layout, so the same map, printed by either program.
+        let want = q_ok(&["map", "--output=json", &q]);
+        assert_eq!(s_ok(&["map", "--output=json", &s]), want, "{opts}");
+        assert_eq!(q_ok(&["map", "--output=json", &s]), want, "{opts}");
+        assert_eq!(s_ok(&["map", "--output=json", &q]), want, "{opts}");
+        // falloc and full reserve the data area on the host, as qemu-img
+        // does; metadata leaves it sparse.
+        let (dq, ds) = (du(&q), du(&s));
+        if opts.contains("falloc") || opts.contains("full") {
+            assert!(ds >= 8 << 20, "{opts}: {ds} bytes allocated");
+            assert!(dq >= 8 << 20, "{opts}: qemu-img {dq}");
+        } else {
+            assert!(ds < 2 << 20, "{opts}: {ds} bytes allocated");
+        }
+        std::fs::remove_file(&q).unwrap();
+        std::fs::remove_file(&s).unwrap();
+    }
+    // full writes zeroes, not holes: the file has no hole in the data area.
+    let s = d.p("full.qcow2");
+    s_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "preallocation=full",
+        &s,
+        "4M",
+    ]);
+    let map = s_ok(&["map", "--output=json", &s]);
+    assert!(!map.contains("\"zero\": true"), "{map}");
+    let raw = d.p("full.raw");
+    q_ok(&["convert", "-O", "raw", &s, &raw]);
+    assert!(std::fs::read(&raw).unwrap().iter().all(|&b| b == 0));
 }

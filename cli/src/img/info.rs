@@ -328,19 +328,9 @@ pub(crate) struct MapEntry {
 /// reports for clusters that have host space (qemu-img prints it).
 pub(crate) fn chain_status(n: &Node, off: u64, max: u64, depth: u64) -> R<MapEntry> {
     let e = n.block_status(off, max)?;
-    let mut len = e.len.clamp(1, max);
+    let len = e.len.clamp(1, max);
     let q2 = n.driver_name() == "qcow2";
-    let mut zero = e.zero;
-    if let (true, true, Some(host)) = (q2, e.data, e.offset) {
-        // Data clusters over holes of the file read as zeroes too.
-        if let Some(f) = n.child("data-file").or_else(|| n.child("file")) {
-            if host < f.len() {
-                let fe = f.block_status(host, len)?;
-                len = len.min(fe.len.max(1));
-                zero = fe.zero && !fe.data;
-            }
-        }
-    }
+    let zero = e.zero;
     if q2 && !e.allocated {
         // Down the chain while a backing image covers the run; past its
         // end the run reads as zeroes and, as in qemu-img, belongs to this

@@ -121,9 +121,13 @@ impl Meta {
         }
         // Host space of a non-data (sub)cluster: the cluster's offset (a
         // plain entry is never compressed here) plus the place inside it.
+        // With a data file, offset 0 is a real place when COPIED says the
+        // cluster is allocated (as in `kind`).
+        let df = self.data.is_some();
         let spare = |e: u64, p: u64| -> Option<u64> {
             let h = e & OFFSET_MASK;
-            (reserved && h != 0).then_some(h + p % cs)
+            let allocated = h != 0 || (df && e & OFLAG_COPIED != 0);
+            (reserved && allocated).then_some(h + p % cs)
         };
         let res = match kind {
             Kind::Unalloc | Kind::Zero => spare(e, off),

@@ -539,6 +539,18 @@ impl Qcow2 {
     pub fn snapshots(&self) -> Vec<snapshot::Snapshot> {
         self.lock().snapshots.clone()
     }
+    /// How many clusters of the image file below byte `end` have a
+    /// non-zero refcount (what the image uses, metadata included).
+    pub fn refcounted_clusters(&self, end: u64) -> FResult<u64> {
+        let mut m = self.lock();
+        let mut n = 0;
+        for i in 0..end / self.cs {
+            if m.get_refcount(i)? != 0 {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
     /// Consistency check, optionally repairing.
     pub fn check(&self, repair: check::Repair) -> FResult<check::CheckResult> {
         let mut m = self.exclusive();
