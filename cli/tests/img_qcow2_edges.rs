@@ -284,3 +284,193 @@ fn preallocated_images_map_like_qemu_img() {
     q_ok(&["convert", "-O", "raw", &s, &raw]);
     assert!(std::fs::read(&raw).unwrap().iter().all(|&b| b == 0));
 }
+
+/// `info` in both outputs: human byte for byte, JSON value for value
+/// (qemu-img's key order is its dictionary's).
+fn same_info(img: &str) {
+    same_output(&["info", img]);
+    let (q, s) = (
+        run("qemu-img", &["info", "--output=json", img]),
+        strata(&["info", "--output=json", img]),
+    );
+    let parse = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout).expect("JSON output")
+    };
+    assert_eq!(parse(&q), parse(&s), "{img}");
+}
+
+/// The bitmaps `qemu-img info` lists: (name, flags).
+fn bitmaps(img: &str) -> Vec<(String, Vec<String>)> {
+    let v: serde_json::Value =
+        serde_json::from_str(&q_ok(&["info", "--output=json", "-U", img])).unwrap();
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| {
+                    let flags = b["flags"].as_array().unwrap();
+                    (
+                        b["name"].as_str().unwrap().to_string(),
+                        flags
+                            .iter()
+                            .map(|f| f.as_str().unwrap().to_string())
+                            .collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn flags(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// An image with an enabled bitmap, a disabled one with another
+/// granularity and one with an odd name, all with data.
+fn with_bitmaps(d: &Dir, name: &str) -> String {
+    let img = d.p(name);
+    create(&img, "", None, Some("64M"));
+    q_ok(&["bitmap", "--add", &img, "b0"]);
+    q_ok(&["bitmap", "--add", "--disable", "-g", "128k", &img, "off"]);
+    q_ok(&["bitmap", "--add", "-g", "512", &img, "name with space"]);
+    io(&img, &["write -P 1 0 1M", "write -P 2 10M 64k"]);
+    img
+}
+
+#[test]
+fn bitmaps_listed_like_qemu_img_and_kept_by_strata_writes() {
+    let d = Dir::new("bitmaps");
+    let img = with_bitmaps(&d, "b.qcow2");
+    same_info(&img);
+    let strata_check = |f: &str| {
+        let r = strata(&["check", f]);
+        assert_eq!(
+            r.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&r.stdout)
+        );
+        let q = run("qemu-img", &["check", f]);
+        assert_eq!(q.stdout, r.stdout, "check output");
+    };
+    strata_check(&img);
+    // A bitmap left in use by a process that died (qemu-io's abort).
+    let crashed = d.p("crashed.qcow2");
+    create(&crashed, "", None, Some("16M"));
+    q_ok(&["bitmap", "--add", &crashed, "b0"]);
+    let _ = run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write 0 64k", "-c", "abort", &crashed],
+    );
+    assert_eq!(
+        bitmaps(&crashed),
+        [("b0".into(), flags(&["in-use", "auto"]))]
+    );
+    same_info(&crashed);
+
+    // Nothing that leaves guest data alone touches the bitmaps.
+    let before = bitmaps(&img);
+    s_ok(&["snapshot", "-c", "s1", &img]);
+    s_ok(&["snapshot", "-d", "s1", &img]);
+    s_ok(&["check", "-r", "all", &img]);
+    assert_eq!(bitmaps(&img), before);
+    // A Strata write (commit into the image as a base) leaves the enabled
+    // bitmaps in use (they did not record it), the disabled one as it was,
+    // every bitmap cluster referenced, and QEMU able to open it.
+    let top = d.p("top.qcow2");
+    create(&top, "", Some("b.qcow2"), None);
+    io(&top, &["write -P 9 20M 1M"]);
+    s_ok(&["commit", "-q", &top]);
+    q_ok(&["check", &img]);
+    strata_check(&img);
+    assert_eq!(
+        bitmaps(&img),
+        [
+            ("b0".into(), flags(&["in-use", "auto"])),
+            ("off".into(), flags(&[])),
+            ("name with space".into(), flags(&["in-use", "auto"])),
+        ]
+    );
+    same_info(&img);
+    io(&img, &["read -P 9 20M 1M", "write -P 3 30M 64k"]);
+    q_ok(&["check", &img]);
+    // A resize makes every table the wrong size: all are in use then.
+    let img2 = with_bitmaps(&d, "r.qcow2");
+    s_ok(&["resize", "-q", &img2, "128M"]);
+    q_ok(&["check", &img2]);
+    assert!(bitmaps(&img2)
+        .iter()
+        .all(|(_, f)| f.contains(&"in-use".to_string())));
+    same_info(&img2);
+}
+
+#[test]
+fn hostile_bitmap_directories_are_refused_like_qemu_img() {
+    let d = Dir::new("bmhostile");
+    let good = with_bitmaps(&d, "good.qcow2");
+    let data = std::fs::read(&good).unwrap();
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+    let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap()) as usize;
+    // The bitmaps extension and the directory it points at.
+    let mut off = be32(&data, 100);
+    let ext = loop {
+        let (ty, len) = (be32(&data, off), be32(&data, off + 4));
+        assert_ne!(ty, 0, "no bitmaps extension");
+        if ty == 0x2385_2875 {
+            break off + 8;
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    };
+    let dir = be64(&data, ext + 16);
+    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+        ("reserved", Box::new(move |b| b[ext + 7] = 1)),
+        ("zero bitmaps", Box::new(move |b| b[ext + 3] = 0)),
+        ("count", Box::new(move |b| b[ext + 3] = 4)),
+        ("offset", Box::new(move |b| b[ext + 23] = 8)),
+        ("dir size", Box::new(move |b| b[ext + 12] = 0x40)),
+        ("granularity", Box::new(move |b| b[dir + 17] = 40)),
+        ("type", Box::new(move |b| b[dir + 16] = 7)),
+        ("flags", Box::new(move |b| b[dir + 14] = 1)),
+        ("table", Box::new(move |b| b[dir + 6] = 2)),
+        ("table size", Box::new(move |b| b[dir + 11] = 9)),
+        ("extra data", Box::new(move |b| b[dir + 23] = 8)),
+        // (qemu-img prints the bytes after the entry as the empty name.)
+        ("name size", Box::new(move |b| b[dir + 19] = 0)),
+    ];
+    for (what, f) in cases {
+        let mut b = data.clone();
+        f(&mut b);
+        let bad = d.p("bad.qcow2");
+        std::fs::write(&bad, &b).unwrap();
+        let q = run("qemu-img", &["info", &bad]);
+        let s = strata(&["info", &bad]);
+        assert_eq!(q.status.code(), Some(1), "{what}");
+        assert_eq!(s.status.code(), Some(1), "{what}");
+        // One line, naming the file, with qemu-img's reason.
+        let qe = String::from_utf8_lossy(&q.stderr);
+        let se = String::from_utf8_lossy(&s.stderr);
+        let prefix = format!("qemu-img: Could not open '{bad}': ");
+        let mut reason = qe
+            .trim_end()
+            .strip_prefix(&prefix)
+            .expect("qemu-img's message");
+        if what == "name size" {
+            reason = "doesn't satisfy the constraints";
+        }
+        assert_eq!(se.lines().count(), 1, "{what}: {se}");
+        assert!(
+            se.contains(&bad) && se.trim_end().ends_with(reason),
+            "{what}: {se} vs {qe}"
+        );
+        let s = strata(&["check", &bad]);
+        assert_eq!(s.status.code(), Some(1), "{what}");
+    }
+    // Without the autoclear bit the bitmaps are ignored, as QEMU does.
+    let mut b = data.clone();
+    b[88..96].fill(0);
+    let ign = d.p("ignored.qcow2");
+    std::fs::write(&ign, &b).unwrap();
+    let s = s_ok(&["info", &ign]);
+    assert!(!s.contains("bitmaps:"), "{s}");
+}

@@ -136,7 +136,11 @@ fn node_info(n: &Node, filename: &str) -> J {
                 items.push(("backing-filename-format", J::s(f)));
             }
         }
-        items.push(("format-specific", super::qcow2::format_specific_json(h)));
+        let bitmaps = super::qcow2::bitmaps_of(n, h);
+        items.push((
+            "format-specific",
+            super::qcow2::format_specific_json(h, &bitmaps),
+        ));
         items.push(("dirty-flag", J::Bool(h.incompatible & 1 != 0)));
         return J::obj(items);
     }
@@ -190,7 +194,8 @@ fn human(n: &Node, filename: &str, out: &mut String) {
                 out.push_str("Snapshot list:\n");
                 out.push_str(&super::snapshot::table_human(&snaps));
             }
-            super::qcow2::format_specific_human(&h, out);
+            let bitmaps = super::qcow2::bitmaps_of(n, &h);
+            super::qcow2::format_specific_human(&h, &bitmaps, out);
         }
     }
     children_human(n, "", out);

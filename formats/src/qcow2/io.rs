@@ -572,6 +572,8 @@ impl Qcow2 {
         }
     }
 
+    /// Every change of guest data starts here: refuse it on a read-only
+    /// open, and mark `auto` bitmaps in use first (see [`super::bitmap`]).
     fn writable(&self) -> FResult<()> {
         if self.read_only {
             return Err(FormatError::ReadOnly(format!(
@@ -579,7 +581,7 @@ impl Qcow2 {
                 self.name
             )));
         }
-        Ok(())
+        self.bitmaps_in_use()
     }
 
     fn store(&self) -> &Arc<dyn Storage> {
@@ -1092,6 +1094,10 @@ impl Qcow2 {
                 "{}: Can't resize an image which has snapshots",
                 self.name
             )));
+        }
+        if new != old {
+            // Bitmap tables fit the old size (see `bitmap`).
+            self.lock().mark_bitmaps_in_use(true)?;
         }
         if new < old {
             let start = new.div_ceil(self.cs) * self.cs;

@@ -420,6 +420,8 @@ impl super::Qcow2 {
 
     /// Make the snapshot `id_or_name` the current state.
     pub fn snapshot_apply(&self, id_or_name: &str) -> FResult<()> {
+        // Guest data changes: auto bitmaps no longer describe it.
+        self.bitmaps_in_use()?;
         let mut m = self.exclusive();
         m.snapshots_allowed()?;
         let Some(i) = m.find_snapshot(id_or_name) else {
