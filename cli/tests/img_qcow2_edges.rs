@@ -8,6 +8,7 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 fn strata(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_strata-img"))
@@ -473,4 +474,34 @@ fn hostile_bitmap_directories_are_refused_like_qemu_img() {
     std::fs::write(&ign, &b).unwrap();
     let s = s_ok(&["info", &ign]);
     assert!(!s.contains("bitmaps:"), "{s}");
+}
+
+#[test]
+fn commit_rate_limit_is_applied_and_checked() {
+    let d = Dir::new("rate");
+    let base = d.p("base.qcow2");
+    create(&base, "", None, Some("8M"));
+    let top = d.p("top.qcow2");
+    create(&top, "", Some("base.qcow2"), None);
+    // 2 MiB at 4 MiB/s takes half a second (qemu-img: about 0.52 s);
+    // unlimited, a small fraction of that.
+    io(&top, &["write -P 7 1M 2M"]);
+    let t = Instant::now();
+    s_ok(&["commit", "-q", "-r", "4M", &top]);
+    let limited = t.elapsed();
+    assert!(limited >= Duration::from_millis(450), "{limited:?}");
+    assert!(limited < Duration::from_secs(10), "{limited:?}");
+    io(&base, &["read -P 7 1M 2M"]);
+    q_ok(&["check", &base]);
+    io(&top, &["write -P 8 1M 2M"]);
+    let t = Instant::now();
+    s_ok(&["commit", "-q", "-r", "0", &top]);
+    assert!(t.elapsed() < limited, "-r 0 is no limit");
+    io(&base, &["read -P 8 1M 2M"]);
+    // Bad values: qemu-img's one line and exit code, nothing committed.
+    io(&top, &["write -P 9 1M 64k"]);
+    for r in ["abc", "-1", "10x", "", "1e3", "16E", "99999999999999999999"] {
+        same_output(&["commit", "-r", r, &top]);
+    }
+    io(&base, &["read -P 8 1M 64k"]);
 }
