@@ -414,7 +414,9 @@ pub fn format_specific_json(h: &Header, bitmaps: &[Bitmap]) -> J {
             d.push(("data-file-raw", J::Bool(h.autoclear & 2 != 0)));
         }
     } else {
+        // qemu-img 10 shows the (fixed) refcount width of version 2 too.
         d.push(("compression-type", J::s("zlib")));
+        d.push(("refcount-bits", J::u(h.refcount_bits() as u64)));
     }
     J::obj(vec![("type", J::s("qcow2")), ("data", J::obj(d))])
 }
@@ -456,5 +458,7 @@ pub fn format_specific_human(h: &Header, bitmaps: &[Bitmap], out: &mut String) {
             out.push_str(&format!("    data file raw: {}\n", h.autoclear & 2 != 0));
         }
         out.push_str(&format!("    extended l2: {}\n", h.extended_l2()));
+    } else {
+        out.push_str(&format!("    refcount bits: {}\n", h.refcount_bits()));
     }
 }

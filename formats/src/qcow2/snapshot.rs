@@ -201,7 +201,7 @@ impl Meta {
     }
 
     /// Drop every (clean) L2 slice: the tables are about to change on disk.
-    fn drop_l2_cache(&mut self) -> FResult<()> {
+    pub(crate) fn drop_l2_cache(&mut self) -> FResult<()> {
         self.write_dirty_l2()?;
         for k in self.l2c.keys() {
             self.l2c.remove(k);
