@@ -424,24 +424,25 @@ fn hostile_bitmap_directories_are_refused_like_qemu_img() {
         off += 8 + len.div_ceil(8) * 8;
     };
     let dir = be64(&data, ext + 16);
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
-        ("reserved", Box::new(move |b| b[ext + 7] = 1)),
-        ("zero bitmaps", Box::new(move |b| b[ext + 3] = 0)),
-        ("count", Box::new(move |b| b[ext + 3] = 4)),
-        ("offset", Box::new(move |b| b[ext + 23] = 8)),
-        ("dir size", Box::new(move |b| b[ext + 12] = 0x40)),
-        ("granularity", Box::new(move |b| b[dir + 17] = 40)),
-        ("type", Box::new(move |b| b[dir + 16] = 7)),
-        ("flags", Box::new(move |b| b[dir + 14] = 1)),
-        ("table", Box::new(move |b| b[dir + 6] = 2)),
-        ("table size", Box::new(move |b| b[dir + 11] = 9)),
-        ("extra data", Box::new(move |b| b[dir + 23] = 8)),
+    // (what, byte to change, its new value)
+    let cases = [
+        ("reserved", ext + 7, 1),
+        ("zero bitmaps", ext + 3, 0),
+        ("count", ext + 3, 4),
+        ("offset", ext + 23, 8),
+        ("dir size", ext + 12, 0x40),
+        ("granularity", dir + 17, 40),
+        ("type", dir + 16, 7),
+        ("flags", dir + 14, 1),
+        ("table", dir + 6, 2),
+        ("table size", dir + 11, 9),
+        ("extra data", dir + 23, 8),
         // (qemu-img prints the bytes after the entry as the empty name.)
-        ("name size", Box::new(move |b| b[dir + 19] = 0)),
+        ("name size", dir + 19, 0),
     ];
-    for (what, f) in cases {
+    for (what, at, v) in cases {
         let mut b = data.clone();
-        f(&mut b);
+        b[at] = v;
         let bad = d.p("bad.qcow2");
         std::fs::write(&bad, &b).unwrap();
         let q = run("qemu-img", &["info", &bad]);
