@@ -221,6 +221,15 @@ pub trait BlockDriver: Send + Sync + 'static {
             allocated: true,
         })
     }
+    /// Reserve host space for `[offset, offset+len)` without writing it,
+    /// growing the node if needed (QEMU's `preallocation=falloc`).
+    /// Default: unsupported (callers fall back to growing the length).
+    fn preallocate(&self, _offset: u64, _len: u64) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "driver '{}' does not support preallocation",
+            self.driver_name()
+        )))
+    }
     /// Change the length.
     fn truncate(&self, _len: u64) -> BlockResult<()> {
         Err(BlockError::Unsupported(format!(

@@ -727,6 +727,25 @@ impl BlockDriver for FileNode {
         }
     }
 
+    fn preallocate(&self, offset: u64, len: u64) -> BlockResult<()> {
+        if self.opts.read_only {
+            return Err(BlockError::ReadOnly(self.opts.filename.clone()));
+        }
+        if self.is_blockdev || self.opts.host_device || len == 0 {
+            return Ok(());
+        }
+        // Mode 0: allocate and grow the file, as posix_fallocate does.
+        self.fallocate(0, offset, len).map_err(|e| BlockError::Io {
+            errno: e,
+            context: format!(
+                "{}: Could not preallocate data for the new file",
+                self.opts.filename
+            ),
+        })?;
+        self.size.fetch_max(offset + len, Ordering::Relaxed);
+        Ok(())
+    }
+
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         if self.is_blockdev || self.opts.host_device {
             return Ok(Extent {

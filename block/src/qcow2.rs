@@ -66,6 +66,18 @@ impl Storage for NodeStorage {
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.0.driver().discard(offset, len).map_err(to_io)
     }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.0.driver().preallocate(offset, len) {
+            Err(BlockError::Unsupported(_)) => {
+                let end = offset.saturating_add(len);
+                if self.0.len() < end {
+                    self.set_len(end)?;
+                }
+                Ok(())
+            }
+            r => r.map_err(to_io),
+        }
+    }
 }
 
 /// Format-layer errors as block-layer errors (one line, errno kept).
@@ -121,6 +133,8 @@ pub struct Qcow2Node {
     /// Fresh clusters of asynchronous allocating writes in flight, by host
     /// offset: writes to the same cluster join them.
     joinable: Mutex<std::collections::HashMap<u64, Arc<AllocWait>>>,
+    /// See [`Qcow2Node::metadata_preallocated`]; decided on first use.
+    meta_prealloc: std::sync::OnceLock<bool>,
 }
 
 impl Qcow2Node {
@@ -251,6 +265,7 @@ impl Qcow2Node {
             backing,
             parked: Mutex::new(Vec::new()),
             joinable: Mutex::new(std::collections::HashMap::new()),
+            meta_prealloc: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&node);
         node.img.set_alloc_hook(Box::new(move || {
@@ -628,6 +643,27 @@ fn to_format(e: BlockError) -> FormatError {
 }
 
 impl Qcow2Node {
+    /// Whether the image looks created with `preallocation=metadata`: its
+    /// refcounts claim clearly more clusters (a ninth more, and at least
+    /// two) than the file has space allocated for. Only then does block
+    /// status ask the file whether a data cluster is a hole that reads as
+    /// zeroes, as QEMU decides it (its `qcow2_detect_metadata_preallocation`);
+    /// for other images, and so for `falloc` and `full` preallocation,
+    /// data clusters are data.
+    fn metadata_preallocated(&self) -> bool {
+        *self.meta_prealloc.get_or_init(|| {
+            let cs = self.img.cluster_size();
+            let Some(real) = self.file.driver().allocated_size() else {
+                return false;
+            };
+            let real = real / cs;
+            let threshold = (real * 10 / 9).max(real + 2);
+            self.img
+                .refcounted_clusters(self.file.len())
+                .is_ok_and(|n| n >= threshold)
+        })
+    }
+
     /// Submit the parked writes again (an allocation has finished).
     fn unpark(self: &Arc<Self>) {
         let list = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
@@ -868,6 +904,8 @@ impl BlockDriver for Qcow2Node {
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         let st = self.img.block_status(offset, len).map_err(block_error)?;
+        // Unallocated and zero runs of a cluster that keeps host space
+        // report that offset, as QEMU does (`qemu-img map` prints it).
         Ok(match st.kind {
             Kind::Unalloc => match &self.backing {
                 Some(b) if offset < b.len() => {
@@ -882,7 +920,7 @@ impl BlockDriver for Qcow2Node {
                     len: st.len,
                     data: false,
                     zero: true,
-                    offset: None,
+                    offset: st.reserved,
                     allocated: false,
                 },
             },
@@ -890,16 +928,26 @@ impl BlockDriver for Qcow2Node {
                 len: st.len,
                 data: false,
                 zero: true,
-                offset: None,
+                offset: st.reserved,
                 allocated: true,
             },
-            Kind::Data { host, .. } => Extent {
-                len: st.len,
-                data: true,
-                zero: false,
-                offset: Some(host),
-                allocated: true,
-            },
+            Kind::Data { host, .. } => {
+                let (mut len, mut zero) = (st.len, false);
+                // Data clusters over holes of a metadata-preallocated
+                // image read as zeroes.
+                if self.metadata_preallocated() && host < self.store.len() {
+                    let fe = self.store.block_status(host, len)?;
+                    len = len.min(fe.len.max(1));
+                    zero = fe.zero && !fe.data;
+                }
+                Extent {
+                    len,
+                    data: true,
+                    zero,
+                    offset: Some(host),
+                    allocated: true,
+                }
+            }
             Kind::Compressed { .. } => Extent {
                 len: st.len,
                 data: true,

@@ -37,6 +37,16 @@ pub trait Storage: Send + Sync {
     fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Reserve host space for a range without writing it (`fallocate`),
+    /// growing the storage to cover it. Default: only grow, for storage
+    /// that has no notion of reserved space.
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = offset.saturating_add(len);
+        if self.len()? < end {
+            self.set_len(end)?;
+        }
+        Ok(())
+    }
 }
 
 /// Storage in memory, for tests and fuzzing.

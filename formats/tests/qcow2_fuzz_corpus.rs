@@ -49,3 +49,27 @@ fn qcow2_open_seeded_mutations() {
         }
     }
 }
+
+#[test]
+fn corpus_reaches_the_bitmap_directory() {
+    // The seed with persistent bitmaps (qemu-img bitmap --add, one enabled,
+    // one disabled) opens with both listed: mutations of it exercise the
+    // directory parser.
+    use formats::qcow2::{OpenOptions, Qcow2};
+    use formats::storage::{MemStorage, Storage};
+    use std::sync::Arc;
+    let (_, data) = corpus()
+        .into_iter()
+        .find(|(n, _)| n.ends_with("bitmaps-512.qcow2"))
+        .expect("bitmaps seed in the corpus");
+    let f: Arc<dyn Storage> = Arc::new(MemStorage::new(data, 1 << 24));
+    let o = OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let img = Qcow2::open("seed", f, None, None, &o).unwrap();
+    let b = img.bitmaps();
+    assert_eq!(b.len(), 2);
+    assert_eq!(b[0].flag_names(), ["auto"]);
+    assert!(b[1].flag_names().is_empty());
+}

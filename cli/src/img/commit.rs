@@ -1,7 +1,8 @@
-//! `commit [-b base] [-d] image`: copy everything the image (and the images
-//! between it and `base`) allocate into `base` (by default the image's own
-//! backing file), growing `base` if it is smaller; then empty the image
-//! unless `-d` or `-b` is given (qemu-img's semantics and messages).
+//! `commit [-b base] [-d] [-r rate] image`: copy everything the image (and
+//! the images between it and `base`) allocate into `base` (by default the
+//! image's own backing file), growing `base` if it is smaller, at most
+//! `rate` bytes per second; then empty the image unless `-d` or `-b` is
+//! given (qemu-img's semantics and messages).
 
 use super::amend::open_q2_chain;
 use super::info::chain_status;
@@ -25,8 +26,8 @@ pub struct CommitArgs {
     /// Do not empty the image afterwards.
     #[arg(short = 'd')]
     pub no_empty: bool,
-    /// Rate limit (accepted, not applied).
-    #[arg(short = 'r')]
+    /// Rate limit in bytes per second (size suffixes allowed; 0: none).
+    #[arg(short = 'r', allow_hyphen_values = true)]
     pub rate: Option<String>,
     /// Progress.
     #[arg(short = 'p')]
@@ -44,8 +45,64 @@ fn canon(p: &str) -> String {
         .unwrap_or_else(|_| p.to_string())
 }
 
+/// `-r`: a size with qemu-img's suffixes, 0 to `i64::MAX`, with its two
+/// messages (a negative number is out of range there, not malformed).
+fn parse_rate(s: &str) -> R<u64> {
+    use block::keyval::SizeError;
+    let range = || {
+        Fail(
+            format!(
+                "Invalid rate limit specified. Must be between 0 and {}.",
+                i64::MAX
+            ),
+            1,
+        )
+    };
+    if s.trim_start().starts_with('-') {
+        return Err(range());
+    }
+    match block::keyval::parse_size_str(s, 1) {
+        Ok(v) if v <= i64::MAX as u64 => Ok(v),
+        Ok(_) | Err(SizeError::Overflow) => Err(range()),
+        Err(SizeError::Invalid) => fail(format!("Invalid rate limit specified: '{s}'.")),
+    }
+}
+
+/// Keeps a copy at `rate` bytes per second on average: after each chunk,
+/// sleep until the time the bytes copied so far should have taken.
+struct Throttle {
+    rate: u64,
+    start: std::time::Instant,
+    done: u64,
+}
+
+impl Throttle {
+    fn new(rate: u64) -> Self {
+        Throttle {
+            rate,
+            start: std::time::Instant::now(),
+            done: 0,
+        }
+    }
+    fn account(&mut self, n: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        self.done += n;
+        let due = std::time::Duration::from_secs_f64(self.done as f64 / self.rate as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
 /// `commit`.
 pub fn commit(a: CommitArgs) -> R<i32> {
+    // Options are checked before any image is opened, as qemu-img does.
+    let rate = match &a.rate {
+        Some(r) => parse_rate(r)?,
+        None => 0,
+    };
     if let Some(c) = &a.cache {
         super::cache_mode(c)?;
     }
@@ -149,6 +206,8 @@ pub fn commit(a: CommitArgs) -> R<i32> {
     let mut off = 0u64;
     let prog = super::convert::Progress::new(a.progress && !a.quiet, size);
     prog.start();
+    // As in QEMU's commit job, only the bytes copied count against -r.
+    let mut throttle = Throttle::new(rate);
     while off < size {
         let e = chain_status(&root, off, (size - off).min(step), 0)?;
         let len = e.length.clamp(1, size - off);
@@ -162,6 +221,7 @@ pub fn commit(a: CommitArgs) -> R<i32> {
                 base.write_at(off, b)
             }
             .map_err(|e| Fail(format!("Error while writing to '{base_name}': {e}"), 1))?;
+            throttle.account(len);
         }
         off += len;
         prog.add(len);

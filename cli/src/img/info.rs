@@ -4,7 +4,7 @@ use super::json::{compact, pretty, J};
 use super::{fail, open, parse_img_size, size_to_str, OpenSpec, R};
 use block::graph::BlockGraph;
 use block::node::Node;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 
 /// `create -f raw [-o size=..,preallocation=..] file [size]`.
 pub fn create(
@@ -136,7 +136,11 @@ fn node_info(n: &Node, filename: &str) -> J {
                 items.push(("backing-filename-format", J::s(f)));
             }
         }
-        items.push(("format-specific", super::qcow2::format_specific_json(h)));
+        let bitmaps = super::qcow2::bitmaps_of(n, h);
+        items.push((
+            "format-specific",
+            super::qcow2::format_specific_json(h, &bitmaps),
+        ));
         items.push(("dirty-flag", J::Bool(h.incompatible & 1 != 0)));
         return J::obj(items);
     }
@@ -190,7 +194,8 @@ fn human(n: &Node, filename: &str, out: &mut String) {
                 out.push_str("Snapshot list:\n");
                 out.push_str(&super::snapshot::table_human(&snaps));
             }
-            super::qcow2::format_specific_human(&h, out);
+            let bitmaps = super::qcow2::bitmaps_of(n, &h);
+            super::qcow2::format_specific_human(&h, &bitmaps, out);
         }
     }
     children_human(n, "", out);
@@ -322,38 +327,23 @@ pub(crate) struct MapEntry {
 /// Block status of `[off, off+max)` down the backing chain from `n` (at
 /// `depth`): the first image that allocates the run answers, as in
 /// qemu-img map; a run no image allocates reads as zeroes and is not
-/// present, with the depth of the last image.
+/// present, with the depth of the last image that has a backing image
+/// under it there (an image's own depth past the end of its backing
+/// image). Unallocated and zero runs keep the host offset the driver
+/// reports for clusters that have host space (qemu-img prints it).
 pub(crate) fn chain_status(n: &Node, off: u64, max: u64, depth: u64) -> R<MapEntry> {
     let e = n.block_status(off, max)?;
-    let mut len = e.len.clamp(1, max);
+    let len = e.len.clamp(1, max);
     let q2 = n.driver_name() == "qcow2";
-    let mut zero = e.zero;
-    if let (true, true, Some(host)) = (q2, e.data, e.offset) {
-        // Data clusters over holes of the file read as zeroes too.
-        if let Some(f) = n.child("data-file").or_else(|| n.child("file")) {
-            if host < f.len() {
-                let fe = f.block_status(host, len)?;
-                len = len.min(fe.len.max(1));
-                zero = fe.zero && !fe.data;
-            }
-        }
-    }
+    let zero = e.zero;
     if q2 && !e.allocated {
+        // Down the chain while a backing image covers the run; past its
+        // end the run reads as zeroes and, as in qemu-img, belongs to this
+        // layer (the driver answered zero and no data here).
         if let Some(b) = n.child("backing") {
             if off < b.len() {
                 return chain_status(b, off, len.min(b.len() - off), depth + 1);
             }
-            return Ok(MapEntry {
-                start: off,
-                length: len,
-                depth: depth + 1,
-                present: false,
-                data: false,
-                zero: true,
-                compressed: false,
-                offset: None,
-                file: String::new(),
-            });
         }
     }
     let present = !q2 || e.allocated;
@@ -467,9 +457,19 @@ pub fn map(
         ));
         for e in entries.iter().filter(|e| e.data && !e.zero) {
             if e.compressed {
+                const MSG: &str = "File contains external, encrypted or compressed clusters.";
+                // qemu-img's stdout is line-buffered on a terminal and
+                // fully buffered otherwise, so its rows come before the
+                // error on a terminal and after it in a file or pipe that
+                // holds both: keep that order.
+                if std::io::stdout().is_terminal() {
+                    print!("{out}");
+                    let _ = std::io::stdout().flush();
+                    return fail(MSG);
+                }
+                eprintln!("strata-img: {MSG}");
                 print!("{out}");
-                let _ = std::io::stdout().flush();
-                return fail("File contains external, encrypted or compressed clusters.");
+                return Ok(1);
             }
             if let Some(o) = e.offset {
                 out.push_str(&format!(

@@ -8,6 +8,7 @@ use super::{fail, parse_img_size, Fail, R};
 use block::graph::BlockGraph;
 use block::keyval::{Map, Options, Value};
 use block::qcow2::{resolve_backing, NodeStorage};
+use formats::qcow2::bitmap::{read_bitmaps, Bitmap};
 use formats::qcow2::check::{CheckResult, Repair};
 use formats::qcow2::create::{create as q2create, CreateOptions, Prealloc};
 use formats::qcow2::header::Header;
@@ -361,8 +362,23 @@ pub fn header_of(n: &block::node::Node) -> Option<Header> {
     formats::qcow2::preview(&fs, "").ok().map(|p| p.header)
 }
 
+/// The persistent bitmaps of a qcow2 node's image as QEMU lists them:
+/// those of a version 3 image whose autoclear bit says they are valid (the
+/// open checked the directory already).
+pub fn bitmaps_of(n: &block::node::Node, h: &Header) -> Vec<Bitmap> {
+    let (Some(raw), Some(f)) = (&h.bitmaps_ext, n.child("file")) else {
+        return Vec::new();
+    };
+    if h.version < 3 || h.autoclear & formats::qcow2::header::AUTOCLEAR_BITMAPS == 0 {
+        return Vec::new();
+    }
+    read_bitmaps(&NodeStorage(f.clone()), raw, h.cluster_size(), h.size, "")
+        .map(|(_, l)| l)
+        .unwrap_or_default()
+}
+
 /// `format-specific` data of `info` for qcow2.
-pub fn format_specific_json(h: &Header) -> J {
+pub fn format_specific_json(h: &Header, bitmaps: &[Bitmap]) -> J {
     let mut d = vec![("compat", J::s(if h.version == 2 { "0.10" } else { "1.1" }))];
     if h.version >= 3 {
         d.push((
@@ -374,6 +390,22 @@ pub fn format_specific_json(h: &Header) -> J {
             }),
         ));
         d.push(("lazy-refcounts", J::Bool(h.compatible & 1 != 0)));
+        if !bitmaps.is_empty() {
+            let list = bitmaps
+                .iter()
+                .map(|b| {
+                    J::obj(vec![
+                        (
+                            "flags",
+                            J::Arr(b.flag_names().into_iter().map(J::s).collect()),
+                        ),
+                        ("name", J::s(&b.name)),
+                        ("granularity", J::u(b.granularity())),
+                    ])
+                })
+                .collect();
+            d.push(("bitmaps", J::Arr(list)));
+        }
         d.push(("refcount-bits", J::u(h.refcount_bits() as u64)));
         d.push(("corrupt", J::Bool(h.incompatible & 2 != 0)));
         d.push(("extended-l2", J::Bool(h.extended_l2())));
@@ -382,13 +414,15 @@ pub fn format_specific_json(h: &Header) -> J {
             d.push(("data-file-raw", J::Bool(h.autoclear & 2 != 0)));
         }
     } else {
+        // qemu-img 10 shows the (fixed) refcount width of version 2 too.
         d.push(("compression-type", J::s("zlib")));
+        d.push(("refcount-bits", J::u(h.refcount_bits() as u64)));
     }
     J::obj(vec![("type", J::s("qcow2")), ("data", J::obj(d))])
 }
 
 /// Human `Format specific information:` lines.
-pub fn format_specific_human(h: &Header, out: &mut String) {
+pub fn format_specific_human(h: &Header, bitmaps: &[Bitmap], out: &mut String) {
     out.push_str("Format specific information:\n");
     out.push_str(&format!(
         "    compat: {}\n",
@@ -404,6 +438,19 @@ pub fn format_specific_human(h: &Header, out: &mut String) {
     ));
     if h.version >= 3 {
         out.push_str(&format!("    lazy refcounts: {}\n", h.compatible & 1 != 0));
+        if !bitmaps.is_empty() {
+            // QEMU's layout of a list of objects: an index line per item,
+            // a bare `flags:` line when the list is empty.
+            out.push_str("    bitmaps:\n");
+            for (i, b) in bitmaps.iter().enumerate() {
+                out.push_str(&format!("        [{i}]:\n            flags:\n"));
+                for (j, f) in b.flag_names().iter().enumerate() {
+                    out.push_str(&format!("                [{j}]: {f}\n"));
+                }
+                out.push_str(&format!("            name: {}\n", b.name));
+                out.push_str(&format!("            granularity: {}\n", b.granularity()));
+            }
+        }
         out.push_str(&format!("    refcount bits: {}\n", h.refcount_bits()));
         out.push_str(&format!("    corrupt: {}\n", h.incompatible & 2 != 0));
         if let Some(df) = &h.data_file {
@@ -411,5 +458,7 @@ pub fn format_specific_human(h: &Header, out: &mut String) {
             out.push_str(&format!("    data file raw: {}\n", h.autoclear & 2 != 0));
         }
         out.push_str(&format!("    extended l2: {}\n", h.extended_l2()));
+    } else {
+        out.push_str(&format!("    refcount bits: {}\n", h.refcount_bits()));
     }
 }

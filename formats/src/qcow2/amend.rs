@@ -1,6 +1,8 @@
 //! Changing an existing image's metadata in place, for `strata-img amend`,
 //! `rebase` and `commit`: the backing file name and format, the version
-//! (compat 0.10 <-> 1.1), lazy refcounts, the refcount width, and emptying
+//! (compat 0.10 <-> 1.1; a downgrade turns the zero clusters of the active
+//! state and of every internal snapshot into what version 2 can express),
+//! lazy refcounts, the refcount width, and emptying
 //! an image (every cluster unallocated); and, on a read-only open, showing
 //! an internal snapshot instead of the active state (`convert -l`,
 //! `measure -l`). qcow2.rst is the reference; the
@@ -135,12 +137,6 @@ impl Qcow2 {
                     self.invalid("Cannot downgrade an image with zstd compression to compat=0.10")
                 );
             }
-            if h.nb_snapshots > 0 && h.version == 3 {
-                return Err(FormatError::Unsupported(format!(
-                    "{}: downgrading an image with internal snapshots is not supported",
-                    self.name()
-                )));
-            }
         }
         if version == 3 && h.version == 2 {
             // Upgrade first: a version 2 header cannot record the width.
@@ -156,6 +152,7 @@ impl Qcow2 {
         }
         if version == 2 && h.version == 3 {
             self.expand_zero_clusters()?;
+            self.expand_snapshot_zero_clusters()?;
         }
         let mut m = self.exclusive();
         m.flush_all()?;
@@ -210,6 +207,114 @@ impl Qcow2 {
             off += len;
         }
         self.flush()
+    }
+
+    /// The zero clusters of the internal snapshots, for version 2 (which
+    /// keeps its snapshot table as it is: extra data is allowed there).
+    /// Runs after [`Qcow2::expand_zero_clusters`], so the L2 tables of the
+    /// active state hold no zero entries; an L2 table only snapshots use
+    /// is rewritten in place. Its refcount `k` is the number of views
+    /// (L1 tables) that see it, and each data cluster it points at counts
+    /// `k` references from it. A zero entry becomes:
+    /// * with a host cluster only these views reference (refcount `k`):
+    ///   that cluster, zeroed;
+    /// * otherwise, without a backing file: unallocated (reads as zeroes);
+    ///   with one: a new zeroed cluster with refcount `k`; a host cluster
+    ///   it had loses its `k` references (QEMU 10 zeroes a shared host
+    ///   cluster in place instead, which changes what the other views
+    ///   read: not done here).
+    fn expand_snapshot_zero_clusters(&self) -> FResult<()> {
+        use super::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+        let mut m = self.exclusive();
+        m.flush_all()?;
+        let cs = m.cs;
+        let has_backing = self.backing.is_some();
+        let file_len = m.file_len()?;
+        let zeros = vec![0u8; cs as usize];
+        let mut done: std::collections::BTreeSet<u64> =
+            m.l1.iter().map(|e| e & OFFSET_MASK).collect();
+        for s in m.snapshots.clone() {
+            if s.l1_size == 0 {
+                continue;
+            }
+            if !s.l1_offset.is_multiple_of(cs)
+                || s.l1_offset == 0
+                || s.l1_size as u64 * 8 > super::header::MAX_L1_BYTES
+            {
+                return Err(m.corrupt(format!("snapshot '{}': invalid L1 table", s.name)));
+            }
+            let mut raw = vec![0u8; s.l1_size as usize * 8];
+            m.file
+                .read_at(s.l1_offset, &mut raw)
+                .map_err(|e| m.ioe(e, "reading a snapshot L1 table"))?;
+            for c in raw.chunks_exact(8) {
+                let l2 = u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & OFFSET_MASK;
+                if l2 == 0 || !done.insert(l2) {
+                    continue;
+                }
+                if !l2.is_multiple_of(cs) || l2.saturating_add(cs) > file_len {
+                    return Err(m.corrupt(format!(
+                        "snapshot '{}': invalid L2 table offset 0x{l2:x}",
+                        s.name
+                    )));
+                }
+                let mut t = vec![0u8; cs as usize];
+                m.file
+                    .read_at(l2, &mut t)
+                    .map_err(|e| m.ioe(e, "reading a snapshot L2 table"))?;
+                let k = m.get_refcount(l2 / cs)?;
+                let mut changed = false;
+                let mut dropped = Vec::new();
+                for ent in t.chunks_exact_mut(8) {
+                    let e = u64::from_be_bytes((&*ent).try_into().unwrap_or([0; 8]));
+                    if e & OFLAG_COMPRESSED != 0 || e & OFLAG_ZERO == 0 {
+                        continue;
+                    }
+                    let host = e & OFFSET_MASK;
+                    let ne = if host != 0 && m.get_refcount(host / cs)? == k {
+                        m.check_overlap(host, cs, false)?;
+                        m.file
+                            .write_at(host, &zeros)
+                            .map_err(|e| m.ioe(e, "zeroing a cluster"))?;
+                        e & !OFLAG_ZERO
+                    } else {
+                        if host != 0 {
+                            dropped.push(host);
+                        }
+                        if has_backing {
+                            let new = m.alloc_clusters(1)?;
+                            if k != 1 {
+                                m.set_refcount(new / cs, k)?;
+                            }
+                            m.check_overlap(new, cs, false)?;
+                            m.file
+                                .write_at(new, &zeros)
+                                .map_err(|e| m.ioe(e, "zeroing a cluster"))?;
+                            new | if k == 1 { OFLAG_COPIED } else { 0 }
+                        } else {
+                            0
+                        }
+                    };
+                    ent.copy_from_slice(&ne.to_be_bytes());
+                    changed = true;
+                }
+                if !changed {
+                    continue;
+                }
+                // New clusters (data and refcounts) before the table that
+                // points at them; references dropped only once it is
+                // durable.
+                m.sync_refcounts()?;
+                m.sync()?;
+                m.write_meta(l2, &t)?;
+                m.sync()?;
+                for h in dropped {
+                    m.add_refcount(h / cs, -(k as i64))?;
+                }
+            }
+        }
+        m.drop_l2_cache()?;
+        m.flush_all()
     }
 
     /// Rewrite the refcount structure with `2^order`-bit entries.
@@ -397,6 +502,41 @@ mod tests {
             ..Default::default()
         };
         assert!(img.amend(&a).is_err());
+    }
+
+    #[test]
+    fn downgrade_with_snapshots_keeps_every_view() {
+        let (f, img) = image();
+        img.write(0, &[7u8; 200_000], false).unwrap();
+        img.write_zeroes(1 << 20, 1 << 16, true).unwrap();
+        img.snapshot_create("s1", (0, 0)).unwrap();
+        // Zero clusters over data the snapshot shares, with and without
+        // keeping the host cluster, and only in the snapshot's tables.
+        img.write_zeroes(0, 1 << 16, false).unwrap();
+        img.write_zeroes(1 << 16, 1 << 16, true).unwrap();
+        img.write(3 << 20, &[5u8; 4096], false).unwrap();
+        img.flush().unwrap();
+        let active = contents(&img);
+        img.amend(&Amend {
+            version: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+        let r = img.check(Repair::None).unwrap();
+        assert_eq!((r.corruptions_after(), r.leaks_after()), (0, 0));
+        assert_eq!(contents(&img), active);
+        img.close().unwrap();
+        drop(img);
+        let ro = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let img = Qcow2::open("t", f, None, None, &ro).unwrap();
+        assert_eq!(img.header().version, 2);
+        img.load_snapshot_readonly("s1").unwrap();
+        let snap = contents(&img);
+        assert!(snap[..200_000].iter().all(|&b| b == 7));
+        assert!(snap[200_000..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -233,6 +233,19 @@ pub fn create(
     img.close()
 }
 
+/// Write zero bytes (not a write-zeroes request, which may leave holes or
+/// unwritten extents behind).
+fn write_zero_data(f: &dyn Storage, off: u64, len: u64) -> std::io::Result<()> {
+    let zero = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zero.len() as u64);
+        f.write_at(off + done, &zero[..n as usize])?;
+        done += n;
+    }
+    Ok(())
+}
+
 impl Qcow2 {
     /// Map every cluster of `[start, end)` (`preallocation=metadata`), and
     /// reserve or write the host space (`falloc`, `full`).
@@ -253,8 +266,10 @@ impl Qcow2 {
                     todo.push(g);
                 }
             }
-            let ext = m.h.extended_l2();
-            let bm = if ext { 0xffff_ffff } else { 0 };
+            // Extended L2: the clusters get host space but no subcluster is
+            // marked allocated, as QEMU leaves them (they read as before:
+            // zeroes, or the backing file).
+            let bm = 0;
             if m.data.is_some() {
                 for g in todo {
                     m.set_l2(g, (g * cs) | super::OFLAG_COPIED, bm)?;
@@ -267,7 +282,11 @@ impl Qcow2 {
                 let len = todo.len() as u64 * cs;
                 let f = m.file.clone();
                 let r = match mode {
-                    Prealloc::Full => f.write_zeroes(host, len),
+                    // Zeroes really written, as QEMU does: the file holds
+                    // data there, not holes or unwritten extents.
+                    Prealloc::Full => write_zero_data(&*f, host, len),
+                    // Host space reserved without writing.
+                    Prealloc::Falloc => f.allocate(host, len),
                     _ => {
                         // Make the file cover the clusters so that reads
                         // of preallocated clusters stay inside it.

@@ -2,10 +2,11 @@
 //! the `qcow2_open` cargo-fuzz target and its corpus replay test: one
 //! untrusted byte string is opened as a qcow2 image on in-memory storage
 //! (with a size limit, so an image can never make us grow without bound)
-//! and run through every operation: open read-only and read-write, read,
-//! write, write-zeroes, discard, snapshot create/apply/delete, flush,
-//! check and repair. Any outcome is fine except a panic, an error that
-//! does not name the file, or a loop without end.
+//! and run through every operation: open read-only and read-write (the
+//! bitmap directory is checked there), read, write (the first change marks
+//! `auto` bitmaps in use), write-zeroes, discard, snapshot
+//! create/apply/delete, flush, check and repair. Any outcome is fine except
+//! a panic, an error that does not name the file, or a loop without end.
 
 use super::check::Repair;
 use super::{OpenOptions, Qcow2};
@@ -45,6 +46,10 @@ pub fn fuzz_open_read(data: &[u8]) {
         named(img.read(0, &mut buf));
         let _ = img.block_status(0, size.max(1));
         let _ = img.snapshots();
+        // The bitmap directory was parsed and checked by the open.
+        for b in img.bitmaps() {
+            let _ = (b.flag_names(), b.granularity());
+        }
         if !ro {
             named(img.write(0, &[1u8; 4096], false));
             let _ = img.write(size / 3, &vec![2u8; 70000.min(size as usize / 2)], false);

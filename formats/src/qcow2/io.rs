@@ -91,6 +91,9 @@ pub struct Status {
     pub len: u64,
     /// What they are.
     pub kind: Kind,
+    /// For `Unalloc` and `Zero` runs whose cluster keeps host space (see
+    /// [`Meta::map_reserved`]): the host offset of the run's first byte.
+    pub reserved: Option<u64>,
 }
 
 impl Meta {
@@ -98,6 +101,21 @@ impl Meta {
     /// same kind and, for data, contiguous host offsets. Data kinds carry
     /// the exact host byte offset of `off`.
     pub(crate) fn map(&mut self, off: u64, max: u64) -> FResult<(Kind, u64)> {
+        self.map_reserved(off, max, false).map(|(k, _, n)| (k, n))
+    }
+
+    /// As [`Meta::map`]; with `reserved`, also the host offset of `off`
+    /// when it is unallocated or zero but its cluster has host space
+    /// (extended L2 subclusters of an allocated cluster, zero clusters that
+    /// kept their cluster: QEMU's `*_ALLOC` types, whose offset `qemu-img
+    /// map` prints), and the run then also stops where that offset is not
+    /// contiguous. Reads do not need it and keep the longer runs.
+    pub(crate) fn map_reserved(
+        &mut self,
+        off: u64,
+        max: u64,
+        reserved: bool,
+    ) -> FResult<(Kind, Option<u64>, u64)> {
         let cs = self.cs;
         let scs = self.sc_size();
         let gcl = off / cs;
@@ -105,7 +123,7 @@ impl Meta {
         let sc = (off % cs) / scs;
         let mut kind = self.kind(e, bm, sc)?;
         if let Kind::Compressed { .. } = kind {
-            return Ok((kind, (cs - off % cs).min(max)));
+            return Ok((kind, None, (cs - off % cs).min(max)));
         }
         if let Kind::Data { host, copied } = kind {
             kind = Kind::Data {
@@ -113,6 +131,20 @@ impl Meta {
                 copied,
             };
         }
+        // Host space of a non-data (sub)cluster: the cluster's offset (a
+        // plain entry is never compressed here) plus the place inside it.
+        // With a data file, offset 0 is a real place when COPIED says the
+        // cluster is allocated (as in `kind`).
+        let df = self.data.is_some();
+        let spare = |e: u64, p: u64| -> Option<u64> {
+            let h = e & OFFSET_MASK;
+            let allocated = h != 0 || (df && e & OFLAG_COPIED != 0);
+            (reserved && allocated).then_some(h + p % cs)
+        };
+        let res = match kind {
+            Kind::Unalloc | Kind::Zero => spare(e, off),
+            _ => None,
+        };
         let mut n = (scs - off % scs).min(max);
         // Extend while the next subclusters look the same; at most to the
         // end of the L2 slice, which is cached already.
@@ -129,7 +161,9 @@ impl Meta {
             }
             let k2 = self.kind(ce, cbm, (p % cs) / scs)?;
             let same = match (kind, k2) {
-                (Kind::Unalloc, Kind::Unalloc) | (Kind::Zero, Kind::Zero) => true,
+                (Kind::Unalloc, Kind::Unalloc) | (Kind::Zero, Kind::Zero) => {
+                    spare(ce, p) == res.map(|r| r + n)
+                }
                 (
                     Kind::Data { host, copied },
                     Kind::Data {
@@ -144,7 +178,7 @@ impl Meta {
             }
             n = (n + scs).min(max);
         }
-        Ok((kind, n))
+        Ok((kind, res, n))
     }
 
     /// Where data lives: the data file or the image file.
@@ -593,6 +627,8 @@ impl Qcow2 {
         }
     }
 
+    /// Every change of guest data starts here: refuse it on a read-only
+    /// open, and mark `auto` bitmaps in use first (see [`super::bitmap`]).
     fn writable(&self) -> FResult<()> {
         if self.read_only {
             return Err(FormatError::ReadOnly(format!(
@@ -600,7 +636,7 @@ impl Qcow2 {
                 self.name
             )));
         }
-        Ok(())
+        self.bitmaps_in_use()
     }
 
     fn store(&self) -> &Arc<dyn Storage> {
@@ -1088,13 +1124,15 @@ impl Qcow2 {
             return Ok(Status {
                 len,
                 kind: Kind::Zero,
+                reserved: None,
             });
         }
         let mut m = self.lock();
-        let (kind, n) = m.map(offset, len.min(size - offset))?;
+        let (kind, reserved, n) = m.map_reserved(offset, len.min(size - offset), true)?;
         Ok(Status {
             len: n.max(1),
             kind,
+            reserved,
         })
     }
 
@@ -1129,6 +1167,10 @@ impl Qcow2 {
                 "{}: Can't resize an image which has snapshots",
                 self.name
             )));
+        }
+        if new != old {
+            // Bitmap tables fit the old size (see `bitmap`).
+            self.lock().mark_bitmaps_in_use(true)?;
         }
         if new < old {
             let start = new.div_ceil(self.cs) * self.cs;

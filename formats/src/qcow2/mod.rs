@@ -5,6 +5,9 @@
 //!
 //! Module map:
 //! * [`header`]: header fields, feature bits and header extensions.
+//! * [`bitmap`]: persistent dirty bitmaps: the extension and directory,
+//!   checked at open and listed by `info`; `auto` bitmaps are marked in use
+//!   before Strata first changes guest data (it does not track writes).
 //! * [`cache`]: the bounded metadata cache.
 //! * [`refcount`]: refcount table/blocks and cluster allocation.
 //! * [`l2`]: L1/L2 lookup and L2 entry decoding.
@@ -41,6 +44,7 @@
 //! whose refcount is zero.
 
 pub mod amend;
+pub mod bitmap;
 pub mod cache;
 pub mod check;
 pub mod compress;
@@ -193,6 +197,11 @@ pub struct Meta {
     /// End of the clusters allocated by this process (they may lie past
     /// the end of the file until written).
     pub(crate) alloc_end: u64,
+    /// The bitmaps extension, when the image has bitmaps QEMU would load
+    /// (the extension is present and the autoclear bit says it is valid).
+    pub(crate) bitmaps_ext: Option<bitmap::BitmapsExt>,
+    /// The bitmap directory (empty without `bitmaps_ext`).
+    pub(crate) bitmaps: Vec<bitmap::Bitmap>,
 }
 
 /// See [`Qcow2::set_alloc_hook`].
@@ -214,6 +223,9 @@ pub struct Qcow2 {
     cs: u64,
     ctype: u8,
     read_only: bool,
+    /// `auto` bitmaps still to be marked in use before the first change of
+    /// guest data (see [`bitmap`]).
+    bitmaps_pending: std::sync::atomic::AtomicBool,
 }
 
 impl Meta {
@@ -429,9 +441,25 @@ impl Qcow2 {
             comp_cursor: 0,
             pass_discard: o.pass_discard,
             alloc_end: 0,
+            bitmaps_ext: None,
+            bitmaps: Vec::new(),
             h,
         };
         m.snapshots = snapshot::read_table(&m)?;
+        if let Some(raw) = m.h.bitmaps_ext.clone() {
+            // Without the autoclear bit a program that does not know
+            // bitmaps changed the image: QEMU ignores them then.
+            if raw.len() != 24 {
+                return Err(FormatError::Corrupt(format!(
+                    "{name}: bitmaps_ext: Invalid extension length"
+                )));
+            }
+            if m.h.version >= 3 && m.h.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
+                let (e, list) = bitmap::read_bitmaps(&*file, &raw, cs, m.h.size, name)?;
+                m.bitmaps_ext = Some(e);
+                m.bitmaps = list;
+            }
+        }
         let dirty = m.h.incompatible & header::INCOMPAT_DIRTY != 0;
         if !o.read_only {
             if dirty {
@@ -452,6 +480,10 @@ impl Qcow2 {
             }
         }
         let ctype = m.h.compression_type;
+        let pending = !o.read_only
+            && m.bitmaps
+                .iter()
+                .any(|b| b.flags & bitmap::FLAG_AUTO != 0 && b.flags & bitmap::FLAG_IN_USE == 0);
         Ok(Qcow2 {
             meta: Mutex::new(m),
             alloc_done: Condvar::new(),
@@ -464,7 +496,26 @@ impl Qcow2 {
             cs,
             ctype,
             read_only: o.read_only,
+            bitmaps_pending: std::sync::atomic::AtomicBool::new(pending),
         })
+    }
+
+    /// The persistent dirty bitmaps QEMU would load (name, flags,
+    /// granularity), in directory order.
+    pub fn bitmaps(&self) -> Vec<bitmap::Bitmap> {
+        self.lock().bitmaps.clone()
+    }
+
+    /// Mark the `auto` bitmaps in use if that is still to do; called before
+    /// anything changes guest data (never with the metadata lock held).
+    pub(crate) fn bitmaps_in_use(&self) -> FResult<()> {
+        use std::sync::atomic::Ordering;
+        if self.bitmaps_pending.load(Ordering::Acquire) {
+            let mut m = self.lock();
+            m.mark_bitmaps_in_use(false)?;
+            self.bitmaps_pending.store(false, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Set the function called after each allocating write has finished
@@ -539,6 +590,18 @@ impl Qcow2 {
     /// The snapshot table.
     pub fn snapshots(&self) -> Vec<snapshot::Snapshot> {
         self.lock().snapshots.clone()
+    }
+    /// How many clusters of the image file below byte `end` have a
+    /// non-zero refcount (what the image uses, metadata included).
+    pub fn refcounted_clusters(&self, end: u64) -> FResult<u64> {
+        let mut m = self.lock();
+        let mut n = 0;
+        for i in 0..end / self.cs {
+            if m.get_refcount(i)? != 0 {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
     /// Consistency check, optionally repairing.
     pub fn check(&self, repair: check::Repair) -> FResult<check::CheckResult> {

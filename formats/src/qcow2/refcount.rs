@@ -120,6 +120,13 @@ impl Meta {
 
     /// Make sure refcount block `t` exists (creating a self-describing one).
     pub(crate) fn ensure_rb(&mut self, t: u64) -> FResult<u64> {
+        self.ensure_rb_at(t, t * self.rb_entries())
+    }
+
+    /// As [`Meta::ensure_rb`], placing a new block at cluster `at`, which
+    /// must lie in the range the block describes (all of that range is
+    /// free while the block is missing).
+    pub(crate) fn ensure_rb_at(&mut self, t: u64, at: u64) -> FResult<u64> {
         if t as usize >= self.reftable.len() {
             self.grow_reftable(t + 1)?;
         }
@@ -131,10 +138,11 @@ impl Meta {
         if cl == 0 {
             return Err(self.corrupt("the refcount block for the header cluster is missing"));
         }
-        let off = cl * self.cs;
+        let at = if at / epb == t { at } else { cl };
+        let off = at * self.cs;
         self.make_room_rb()?;
         let mut b = vec![0u8; self.cs as usize];
-        rb_set(&mut b, 0, self.h.refcount_order, 1);
+        rb_set(&mut b, (at - cl) as usize, self.h.refcount_order, 1);
         // The block is written before the table entry points at it.
         self.write_meta(off, &b)?;
         self.rbc.insert(off, b, false);
@@ -227,17 +235,30 @@ impl Meta {
                 }
                 first_free.get_or_insert(start + i);
             }
-            // Refcount blocks for the run, then check again: a new block
-            // may have taken a cluster of the run.
+            // Refcount blocks for the run, then check again if a new
+            // block may have taken a cluster of the run. A new block goes
+            // before the run in its range or, failing that, right after
+            // the run (as QEMU places it), so that the run can stay.
             let mut created = false;
             for t in start / epb..=(start + n - 1) / epb {
                 if self.rb_offset(t)?.is_none() {
-                    self.ensure_rb(t)?;
+                    let at = if t * epb < start || (start + n) / epb != t {
+                        t * epb
+                    } else {
+                        start + n
+                    };
+                    self.ensure_rb_at(t, at)?;
                     created = true;
                 }
             }
+            // Growing the refcount table, or a block that could not go
+            // elsewhere, may have taken clusters of the run.
             if created {
-                continue 'search;
+                for i in 0..n {
+                    if self.get_refcount(start + i)? != 0 {
+                        continue 'search;
+                    }
+                }
             }
             for i in 0..n {
                 self.set_refcount(start + i, 1)?;

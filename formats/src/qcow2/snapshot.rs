@@ -201,7 +201,7 @@ impl Meta {
     }
 
     /// Drop every (clean) L2 slice: the tables are about to change on disk.
-    fn drop_l2_cache(&mut self) -> FResult<()> {
+    pub(crate) fn drop_l2_cache(&mut self) -> FResult<()> {
         self.write_dirty_l2()?;
         for k in self.l2c.keys() {
             self.l2c.remove(k);
@@ -420,6 +420,8 @@ impl super::Qcow2 {
 
     /// Make the snapshot `id_or_name` the current state.
     pub fn snapshot_apply(&self, id_or_name: &str) -> FResult<()> {
+        // Guest data changes: auto bitmaps no longer describe it.
+        self.bitmaps_in_use()?;
         let mut m = self.exclusive();
         m.snapshots_allowed()?;
         let Some(i) = m.find_snapshot(id_or_name) else {
