@@ -1,12 +1,16 @@
 //! Refcounts and cluster allocation (qcow2.rst: "Host cluster management").
 //!
 //! The refcount table lives in memory (bounded to 8 MiB by the header
-//! check); refcount blocks go through the bounded cache. A missing refcount
-//! block is created at the first cluster it covers, which is free by
-//! definition (all its refcounts are 0), so the block describes itself and
-//! allocation never recurses. When the table itself is full, a larger one
-//! is built past the end of everything it covers, together with the blocks
-//! that describe it, written and synced before the header points at it.
+//! check); refcount blocks go through the bounded cache. Refcount blocks a
+//! new allocation needs are put at the start of the free run found for it
+//! (as QEMU puts them at the first free cluster), counted by themselves or
+//! by a block that exists, so allocation never recurses; the run is looked
+//! for again after them. Anywhere else (a repair setting a refcount) a
+//! missing block is created at the first cluster it covers, which is free
+//! by definition (all its refcounts are 0), so it describes itself. When
+//! the table itself is full, a larger one is built past the end of
+//! everything it covers, together with the blocks that describe it,
+//! written and synced before the header points at it.
 
 use super::{DiscardType, Meta, REFT_OFFSET_MASK};
 use crate::error::{FResult, FormatError};
@@ -155,6 +159,54 @@ impl Meta {
         Ok(off)
     }
 
+    /// Create the refcount blocks of the table entries `ts` at clusters
+    /// `at`, `at + 1`, ...: free clusters of the runs the blocks are for,
+    /// so each is counted by one of the new blocks or by a block that
+    /// exists. The blocks (and the blocks that count them) are durable
+    /// before the table points at them.
+    fn create_rbs(&mut self, ts: &[u64], at: u64) -> FResult<()> {
+        if ts.contains(&0) {
+            return Err(self.corrupt("the refcount block for the header cluster is missing"));
+        }
+        let (cs, epb, order) = (self.cs, self.rb_entries(), self.h.refcount_order);
+        let mut new: Vec<(u64, u64, Vec<u8>)> = ts
+            .iter()
+            .enumerate()
+            .map(|(j, &t)| (t, at + j as u64, vec![0u8; cs as usize]))
+            .collect();
+        for j in 0..new.len() {
+            let pos = new[j].1;
+            match new.iter_mut().find(|b| b.0 == pos / epb) {
+                Some(b) => rb_set(&mut b.2, (pos % epb) as usize, order, 1),
+                // The run's other blocks all exist.
+                None => self.set_refcount(pos, 1)?,
+            }
+        }
+        for (_, pos, b) in &new {
+            self.write_meta(pos * cs, b)?;
+        }
+        self.rc_unsynced = true;
+        self.sync_refcounts()?;
+        for (t, pos, b) in new {
+            let off = pos * cs;
+            self.make_room_rb()?;
+            self.rbc.insert(off, b, false);
+            self.reftable[t as usize] = off;
+            self.write_meta(self.h.refcount_table_offset + t * 8, &off.to_be_bytes())
+                .or_else(|e| match e {
+                    // The table is metadata at a fixed place: allowed here.
+                    FormatError::Corrupt(_) => self
+                        .file
+                        .write_at(self.h.refcount_table_offset + t * 8, &off.to_be_bytes())
+                        .map_err(|e| self.ioe(e, "writing the refcount table")),
+                    e => Err(e),
+                })?;
+            self.alloc_end = self.alloc_end.max(off + cs);
+        }
+        self.rc_unsynced = true;
+        Ok(())
+    }
+
     /// Set the refcount of cluster `idx`.
     pub(crate) fn set_refcount(&mut self, idx: u64, v: u64) -> FResult<()> {
         if v > self.rc_max() {
@@ -227,16 +279,23 @@ impl Meta {
                 }
                 first_free.get_or_insert(start + i);
             }
-            // Refcount blocks for the run, then check again: a new block
-            // may have taken a cluster of the run.
-            let mut created = false;
-            for t in start / epb..=(start + n - 1) / epb {
+            // Refcount blocks for the run. Missing ones go at its start (a
+            // block at the first cluster it covers would sit inside any run
+            // longer than a block counts, which could then never be found),
+            // then the search starts again after them.
+            let (t0, t1) = (start / epb, (start + n - 1) / epb);
+            if t1 as usize >= self.reftable.len() {
+                self.grow_reftable(t1 + 1)?;
+                continue 'search;
+            }
+            let mut missing = Vec::new();
+            for t in t0..=t1 {
                 if self.rb_offset(t)?.is_none() {
-                    self.ensure_rb(t)?;
-                    created = true;
+                    missing.push(t);
                 }
             }
-            if created {
+            if !missing.is_empty() {
+                self.create_rbs(&missing, start)?;
                 continue 'search;
             }
             for i in 0..n {
@@ -412,6 +471,47 @@ fn cache_miss() -> crate::error::FormatError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::check::Repair;
+    use crate::qcow2::create::{create, CreateOptions};
+    use crate::qcow2::{OpenOptions, Qcow2};
+    use crate::storage::{MemStorage, Storage};
+    use std::sync::Arc;
+
+    /// Runs longer than one refcount block counts: a write of a whole L2
+    /// table's worth of new clusters with 64-bit refcounts, and snapshot
+    /// L1 copies of hundreds of 512-byte clusters. The blocks they need
+    /// used to go inside the run, so no run was ever found and the file
+    /// grew until the refcount table could grow no more.
+    #[test]
+    fn long_runs_find_room() {
+        for (bits, size) in [(64u32, 64u64 << 20), (16, 1 << 30)] {
+            let f: Arc<dyn Storage> = Arc::new(MemStorage::new(Vec::new(), 1 << 28));
+            let o = CreateOptions {
+                size,
+                cluster_size: 512,
+                refcount_bits: bits,
+                ..Default::default()
+            };
+            create("lr", f.clone(), None, &o).unwrap();
+            let img = Qcow2::open("lr", f.clone(), None, None, &OpenOptions::default()).unwrap();
+            let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+            img.write(512, &data, false).unwrap();
+            img.snapshot_create("s", (0, 0)).unwrap();
+            img.write(1 << 20, &data, false).unwrap();
+            img.snapshot_create("t", (0, 0)).unwrap();
+            img.flush().unwrap();
+            let r = img.check(Repair::None).unwrap();
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "bits {bits}: {r:?}");
+            let mut back = vec![0u8; data.len()];
+            img.read(1 << 20, &mut back).unwrap();
+            assert_eq!(back, data);
+            assert!(
+                f.len().unwrap() < 4 << 20,
+                "bits {bits}: {}",
+                f.len().unwrap()
+            );
+        }
+    }
 
     #[test]
     fn packing() {
