@@ -78,6 +78,7 @@ impl Qcow2 {
         // snapshot load; L1 entries past the snapshot's table read as
         // unallocated.
         m.l1 = l1;
+        m.reindex_l1();
         m.l2c = super::cache::Cache::new(m.l2c.capacity(), None);
         Ok(())
     }
@@ -284,10 +285,10 @@ impl Qcow2 {
                 }
             }
             let at = (first_block + b) * cs;
-            m.write_meta(at, &blk)?;
+            m.write_meta(at, &blk, super::overlap::REFCOUNT_BLOCK)?;
             rt[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&at.to_be_bytes());
         }
-        m.write_meta(table_at * cs, &rt)?;
+        m.write_meta(table_at * cs, &rt, super::overlap::REFCOUNT_TABLE)?;
         m.sync()?;
         m.h.refcount_order = order;
         m.h.refcount_table_offset = table_at * cs;
@@ -297,6 +298,7 @@ impl Qcow2 {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        m.reindex_reftable();
         m.rbc = super::cache::Cache::new(m.rbc.capacity(), None);
         m.alloc_end = m.alloc_end.max((table_at + table) * cs);
         m.free_cursor = 1;

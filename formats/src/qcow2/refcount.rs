@@ -12,6 +12,7 @@
 //! everything it covers, together with the blocks that describe it,
 //! written and synced before the header points at it.
 
+use super::overlap::{REFCOUNT_BLOCK, REFCOUNT_TABLE};
 use super::{DiscardType, Meta, REFT_OFFSET_MASK};
 use crate::error::{FResult, FormatError};
 
@@ -74,7 +75,7 @@ impl Meta {
             return Ok(None);
         }
         if !off.is_multiple_of(self.cs) {
-            return Err(self.corrupt(format!(
+            return Err(self.fatal(format!(
                 "refcount block offset 0x{off:x} is not aligned to a cluster"
             )));
         }
@@ -87,7 +88,7 @@ impl Meta {
             if self.rbc.is_dirty(k) {
                 if let Some(b) = self.rbc.peek(k) {
                     let b = b.clone();
-                    self.write_meta(k, &b)?;
+                    self.write_meta(k, &b, REFCOUNT_BLOCK)?;
                     self.rc_unsynced = true;
                 }
             }
@@ -133,27 +134,20 @@ impl Meta {
         let epb = self.rb_entries();
         let cl = t * epb;
         if cl == 0 {
-            return Err(self.corrupt("the refcount block for the header cluster is missing"));
+            return Err(self.fatal("the refcount block for the header cluster is missing"));
         }
         let off = cl * self.cs;
         self.make_room_rb()?;
         let mut b = vec![0u8; self.cs as usize];
         rb_set(&mut b, 0, self.h.refcount_order, 1);
         // The block is written before the table entry points at it.
-        self.write_meta(off, &b)?;
+        self.write_meta(off, &b, REFCOUNT_BLOCK)?;
         self.rbc.insert(off, b, false);
         self.reftable[t as usize] = off;
+        self.index_rb_added(off);
         let ent = off.to_be_bytes();
         self.sync()?;
-        self.write_meta(self.h.refcount_table_offset + t * 8, &ent)
-            .or_else(|e| match e {
-                // The table is metadata at a fixed place: allowed here.
-                FormatError::Corrupt(_) => self
-                    .file
-                    .write_at(self.h.refcount_table_offset + t * 8, &ent)
-                    .map_err(|e| self.ioe(e, "writing the refcount table")),
-                e => Err(e),
-            })?;
+        self.write_meta(self.h.refcount_table_offset + t * 8, &ent, REFCOUNT_TABLE)?;
         self.rc_unsynced = true;
         self.alloc_end = self.alloc_end.max(off + self.cs);
         Ok(off)
@@ -166,7 +160,7 @@ impl Meta {
     /// before the table points at them.
     fn create_rbs(&mut self, ts: &[u64], at: u64) -> FResult<()> {
         if ts.contains(&0) {
-            return Err(self.corrupt("the refcount block for the header cluster is missing"));
+            return Err(self.fatal("the refcount block for the header cluster is missing"));
         }
         let (cs, epb, order) = (self.cs, self.rb_entries(), self.h.refcount_order);
         let mut new: Vec<(u64, u64, Vec<u8>)> = ts
@@ -183,7 +177,7 @@ impl Meta {
             }
         }
         for (_, pos, b) in &new {
-            self.write_meta(pos * cs, b)?;
+            self.write_meta(pos * cs, b, REFCOUNT_BLOCK)?;
         }
         self.rc_unsynced = true;
         self.sync_refcounts()?;
@@ -192,15 +186,9 @@ impl Meta {
             self.make_room_rb()?;
             self.rbc.insert(off, b, false);
             self.reftable[t as usize] = off;
-            self.write_meta(self.h.refcount_table_offset + t * 8, &off.to_be_bytes())
-                .or_else(|e| match e {
-                    // The table is metadata at a fixed place: allowed here.
-                    FormatError::Corrupt(_) => self
-                        .file
-                        .write_at(self.h.refcount_table_offset + t * 8, &off.to_be_bytes())
-                        .map_err(|e| self.ioe(e, "writing the refcount table")),
-                    e => Err(e),
-                })?;
+            self.index_rb_added(off);
+            let at = self.h.refcount_table_offset + t * 8;
+            self.write_meta(at, &off.to_be_bytes(), REFCOUNT_TABLE)?;
             self.alloc_end = self.alloc_end.max(off + cs);
         }
         self.rc_unsynced = true;
@@ -231,7 +219,7 @@ impl Meta {
         let cur = self.get_refcount(idx)?;
         let new = if delta < 0 {
             cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
-                self.corrupt(format!("refcount of cluster {idx} would drop below zero"))
+                self.fatal(format!("refcount of cluster {idx} would drop below zero"))
             })?
         } else {
             cur.checked_add(delta as u64)
@@ -253,12 +241,7 @@ impl Meta {
 
     /// Allocate `n` contiguous clusters (refcount 1); returns the offset.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> FResult<u64> {
-        if self.read_only || self.corrupt {
-            return Err(FormatError::ReadOnly(format!(
-                "{}: the image is read-only",
-                self.name
-            )));
-        }
+        self.writable()?;
         self.mark_dirty()?;
         let epb = self.rb_entries();
         let mut start = self.free_cursor.max(1);
@@ -416,7 +399,7 @@ impl Meta {
             for c in (e..e + m + k).filter(|c| c / epb == t) {
                 rb_set(&mut b, (c % epb) as usize, order, 1);
             }
-            self.write_meta((e + j) * cs, &b)?;
+            self.write_meta((e + j) * cs, &b, REFCOUNT_BLOCK)?;
         }
         let mut table = self.reftable.clone();
         table.resize((k * cs / 8) as usize, 0);
@@ -425,13 +408,14 @@ impl Meta {
         }
         let raw: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
         let new_off = (e + m) * cs;
-        self.write_meta(new_off, &raw)?;
+        self.write_meta(new_off, &raw, REFCOUNT_TABLE)?;
         self.sync()?;
         let old_off = self.h.refcount_table_offset;
         let old_cl = self.h.refcount_table_clusters as u64;
         self.h.refcount_table_offset = new_off;
         self.h.refcount_table_clusters = k as u32;
         self.reftable = table;
+        self.reindex_reftable();
         self.alloc_end = self.alloc_end.max((e + m + k) * cs);
         self.write_header()?;
         self.queue_free(old_off, old_cl, DiscardType::Other);
@@ -443,7 +427,7 @@ impl Meta {
         for k in self.rbc.dirty_keys() {
             if let Some(b) = self.rbc.peek(k) {
                 let b = b.clone();
-                self.write_meta(k, &b)?;
+                self.write_meta(k, &b, REFCOUNT_BLOCK)?;
                 self.rbc.mark_clean(k);
                 self.rc_unsynced = true;
             }
