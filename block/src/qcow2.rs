@@ -4,8 +4,8 @@
 //! an optional `data-file` child. Options and defaults are QEMU's
 //! (`BlockdevOptionsQcow2`): `l2-cache-size`, `l2-cache-entry-size`,
 //! `refcount-cache-size`, `cache-size`, `cache-clean-interval`,
-//! `pass-discard-request`/`-snapshot`/`-other`, `lazy-refcounts`,
-//! `overlap-check` (template or per-kind switches;
+//! `pass-discard-request`/`-snapshot`/`-other`, `lazy-refcounts` (this
+//! open only, as in QEMU), `overlap-check` (template or per-kind switches;
 //! `all` also checks the snapshots' L2 tables, read once per snapshot
 //! change rather than on every write), `data-file`, `backing`.
 
@@ -180,8 +180,9 @@ impl Qcow2Node {
         if let Some(v) = ctx.opts.take_bool("pass-discard-other")? {
             o.pass_discard[2] = v;
         }
-        // Accepted: refcounts are always kept exact.
-        let _ = ctx.opts.take_bool("lazy-refcounts")?;
+        // For this open only, as in QEMU: the image's compatible bit is
+        // changed by `amend`, not by the option.
+        o.lazy_refcounts = ctx.opts.take_bool("lazy-refcounts")?;
         o.overlap_check = overlap_check(&mut ctx.opts)?;
         let _ = ctx.opts.take_bool("discard-no-unref")?;
         if ctx.opts.take_value("encrypt").is_some() {

@@ -146,7 +146,7 @@ impl Qcow2 {
         if version == 3 && h.version == 2 {
             // Upgrade first: a version 2 header cannot record the width.
             let mut m = self.exclusive();
-            m.flush_all()?;
+            m.flush_exact()?;
             m.h.version = 3;
             m.h.refcount_order = 4;
             m.h.feature_table = Header::default_feature_table();
@@ -159,7 +159,7 @@ impl Qcow2 {
             self.expand_zero_clusters()?;
         }
         let mut m = self.exclusive();
-        m.flush_all()?;
+        m.flush_exact()?;
         let mut nh: Header = m.h.clone();
         nh.version = version;
         if lazy {
@@ -178,6 +178,8 @@ impl Qcow2 {
         nh.incompatible &= !INCOMPAT_DIRTY;
         nh.serialize()?;
         m.h = nh;
+        // Like QEMU's amend, the new setting holds for this open too.
+        m.lazy = lazy;
         m.write_header()
     }
 
@@ -216,7 +218,7 @@ impl Qcow2 {
     /// Rewrite the refcount structure with `2^order`-bit entries.
     fn change_refcount_width(&self, order: u32) -> FResult<()> {
         let mut m = self.exclusive();
-        m.flush_all()?;
+        m.flush_exact()?;
         let cs = m.cs;
         let end = m.file_len()?.max(m.alloc_end);
         let n = end.div_ceil(cs);

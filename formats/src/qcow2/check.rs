@@ -379,7 +379,7 @@ fn check_quiet(m: &mut Meta, repair: Repair) -> FResult<CheckResult> {
         }
     }
     if repair != Repair::None {
-        m.flush_all()?;
+        m.flush_exact()?;
         // Cached L2 slices may hold entries we patched on disk.
         m.l2c.drop_clean();
     }

@@ -1112,7 +1112,7 @@ impl Meta {
         l1.resize(new_len as usize, 0);
         let mut raw: Vec<u8> = l1.iter().flat_map(|w| w.to_be_bytes()).collect();
         raw.resize((clusters * cs) as usize, 0);
-        self.sync_refcounts()?;
+        self.refcounts_before_l2()?;
         self.write_meta(off, &raw, super::overlap::ACTIVE_L1)?;
         self.sync()?;
         let old_off = self.h.l1_table_offset;

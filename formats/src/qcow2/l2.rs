@@ -78,7 +78,7 @@ impl Meta {
             let Some(k) = self.l2c.victim() else { break };
             if self.l2c.is_dirty(k) {
                 // New clusters the slice points at must be counted first.
-                self.sync_refcounts()?;
+                self.refcounts_before_l2()?;
                 if let Some(v) = self.l2c.peek(k) {
                     let raw: Vec<u8> = v.iter().flat_map(|w| w.to_be_bytes()).collect();
                     self.write_meta(k, &raw, L2_TABLES)?;
@@ -198,7 +198,7 @@ impl Meta {
         // Written now (not through the cache) so the L1 entry never points
         // at garbage; cached as clean slices.
         let raw: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
-        self.sync_refcounts()?;
+        self.refcounts_before_l2()?;
         self.write_meta(new, &raw, L2_TABLES)?;
         let per = (self.slice_bytes / 8) as usize;
         for (si, chunk) in words.chunks(per).enumerate() {
@@ -294,30 +294,48 @@ impl Meta {
         Ok(())
     }
 
+    /// Make sure new clusters are counted on disk before L2 tables that
+    /// reference them are written; with lazy refcounts, the dirty bit on
+    /// disk stands in for that ([`Meta::lazy_now`]).
+    pub(crate) fn refcounts_before_l2(&mut self) -> FResult<()> {
+        if self.lazy_now() {
+            return Ok(());
+        }
+        self.sync_refcounts()
+    }
+
     /// The full flush: refcounts, sync, L2, (sync, L1), sync, then release
-    /// the clusters whose references are now gone.
+    /// the clusters whose references are now gone and write their
+    /// refcounts. With lazy refcounts (and the dirty bit set) the
+    /// refcount blocks stay in the cache: L2, (sync, L1), sync.
     pub(crate) fn flush_all(&mut self) -> FResult<()> {
         if self.read_only {
             return Ok(());
         }
         self.not_halted()?;
-        for _ in 0..2 {
-            self.sync_refcounts()?;
-            self.write_dirty_l2()?;
-            if !self.l1_dirty.is_empty() {
-                self.sync()?;
-                self.write_dirty_l1()?;
-            }
+        self.refcounts_before_l2()?;
+        self.write_dirty_l2()?;
+        if !self.l1_dirty.is_empty() {
             self.sync()?;
-            if let Some(d) = &self.data {
-                d.flush()
-                    .map_err(|e| self.ioe(e, "flushing the data file"))?;
-            }
-            if !self.frees_due() {
-                break;
-            }
+            self.write_dirty_l1()?;
+        }
+        self.sync()?;
+        if let Some(d) = &self.data {
+            d.flush()
+                .map_err(|e| self.ioe(e, "flushing the data file"))?;
+        }
+        // The L2 changes that dropped references are durable now.
+        if self.frees_due() {
             self.process_frees()?;
         }
+        self.refcounts_before_l2()
+    }
+
+    /// [`Meta::flush_all`] with the refcount blocks written and synced
+    /// even with lazy refcounts: before the dirty bit is cleared, and
+    /// before operations that work on the refcounts on disk.
+    pub(crate) fn flush_exact(&mut self) -> FResult<()> {
+        self.flush_all()?;
         self.sync_refcounts()
     }
 }

@@ -39,7 +39,12 @@
 //! tables before the L1 entries that point at them; refcount decrements
 //! only after the L2 change that dropped the reference is durable. A crash
 //! can therefore leak clusters but never leave a reference to a cluster
-//! whose refcount is zero.
+//! whose refcount is zero. With lazy refcounts (the image's compatible
+//! bit, or the `lazy-refcounts` open option) the first allocation sets the
+//! dirty bit instead, and refcount blocks are written only when evicted,
+//! at close and where they must be exact on disk (check, snapshots,
+//! amend); a crash leaves the dirty bit, and the next read-write open
+//! rebuilds the refcounts from the L2 tables.
 //!
 //! Corruption found while the image is open read-write (a write that would
 //! overwrite metadata, an L2 entry that cannot be right, a refcount that
@@ -131,6 +136,8 @@ pub struct OpenOptions {
     /// `overlap-check`: what writes are checked against (a mask of
     /// [`overlap`] bits; QEMU's default template is `cached`).
     pub overlap_check: u32,
+    /// `lazy-refcounts`: `None` follows the image's compatible bit.
+    pub lazy_refcounts: Option<bool>,
 }
 
 impl Default for OpenOptions {
@@ -145,6 +152,7 @@ impl Default for OpenOptions {
             pass_discard: [false, true, false],
             allow_corrupt: false,
             overlap_check: overlap::CACHED,
+            lazy_refcounts: None,
         }
     }
 }
@@ -207,6 +215,8 @@ pub struct Meta {
     pub(crate) halted: Cell<bool>,
     /// A check is running: corruption it meets is reported, not signalled.
     pub(crate) quiet: Cell<bool>,
+    /// Use lazy refcounts in this open.
+    pub(crate) lazy: bool,
     /// What writes are checked against ([`overlap`]).
     pub(crate) overlap_mask: u32,
     /// Where the metadata named by in-memory tables lies ([`overlap`]).
@@ -352,13 +362,13 @@ impl Meta {
             .map_err(|e| self.ioe(e, "writing the header"))?;
         self.sync()
     }
-    /// With `lazy_refcounts`, set the dirty bit before the first change
-    /// (QEMU's `qcow2_mark_dirty`): a process that dies before closing
-    /// leaves it, and the next read-write open rebuilds the refcounts.
-    /// Strata keeps its refcounts exact anyway, so the bit only tells the
-    /// next user that this process did not close the image.
+    /// With lazy refcounts, set the dirty bit before the first allocation
+    /// (QEMU's `qcow2_mark_dirty`): from then on refcount blocks may lag
+    /// behind the L2 tables on disk ([`Meta::lazy_now`]); a process that
+    /// dies before closing leaves the bit, and the next read-write open
+    /// rebuilds the refcounts.
     pub(crate) fn mark_dirty(&mut self) -> FResult<()> {
-        if self.h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0
+        if self.lazy
             && self.h.incompatible & header::INCOMPAT_DIRTY == 0
             && !self.read_only
             && self.h.version >= 3
@@ -368,13 +378,18 @@ impl Meta {
         }
         Ok(())
     }
-    /// Flush, then clear the dirty bit (a clean close). Nothing is written
-    /// once corruption was found.
+    /// Refcount blocks may lag behind the L2 tables on disk: lazy
+    /// refcounts, and the dirty bit is on disk to say so.
+    pub(crate) fn lazy_now(&self) -> bool {
+        self.lazy && self.h.incompatible & header::INCOMPAT_DIRTY != 0
+    }
+    /// Flush with the refcount blocks exact on disk, then clear the dirty
+    /// bit (a clean close). Nothing is written once corruption was found.
     pub(crate) fn mark_clean(&mut self) -> FResult<()> {
         if self.read_only || self.halted.get() {
             return Ok(());
         }
-        self.flush_all()?;
+        self.flush_exact()?;
         if self.h.incompatible & header::INCOMPAT_DIRTY != 0 {
             self.h.incompatible &= !header::INCOMPAT_DIRTY;
             self.write_header()?;
@@ -458,6 +473,14 @@ impl Qcow2 {
                 "{name}: the image is marked corrupt and can only be opened read-only (repair it with 'strata-img check -r all')"
             )));
         }
+        let lazy = o
+            .lazy_refcounts
+            .unwrap_or(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0);
+        if lazy && h.version < 3 {
+            return Err(FormatError::Invalid(format!(
+                "{name}: Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            )));
+        }
         let (slice_bytes, l2n, rcn) = cache_sizes(&h, o, name)?;
         let interval =
             (o.cache_clean_interval > 0).then(|| Duration::from_secs(o.cache_clean_interval));
@@ -500,6 +523,7 @@ impl Qcow2 {
             corrupt: Cell::new(corrupt),
             halted: Cell::new(false),
             quiet: Cell::new(false),
+            lazy,
             overlap_mask: o.overlap_check,
             ol_index: overlap::Index::default(),
             snapshots: Vec::new(),
@@ -637,11 +661,11 @@ impl Qcow2 {
     pub fn check(&self, repair: check::Repair) -> FResult<check::CheckResult> {
         let mut m = self.exclusive();
         if repair != check::Repair::None {
-            m.flush_all()?;
+            m.flush_exact()?;
         }
         let r = check::check(&mut m, repair)?;
         if repair != check::Repair::None {
-            m.flush_all()?;
+            m.flush_exact()?;
             let bits = header::INCOMPAT_CORRUPT | header::INCOMPAT_DIRTY;
             if r.corruptions_after() == 0 && r.check_errors == 0 && m.h.incompatible & bits != 0 {
                 m.h.incompatible &= !bits;

@@ -383,7 +383,7 @@ impl super::Qcow2 {
                 m.name
             )));
         }
-        m.flush_all()?;
+        m.flush_exact()?;
         m.drop_l2_cache()?;
         m.comp_cursor = 0;
         let cs = m.cs;
@@ -445,7 +445,7 @@ impl super::Qcow2 {
                 s.name
             );
         }
-        m.flush_all()?;
+        m.flush_exact()?;
         m.drop_l2_cache()?;
         m.comp_cursor = 0;
         if !s.l1_offset.is_multiple_of(m.cs) || (s.l1_size > 0 && s.l1_offset == 0) {
@@ -497,7 +497,7 @@ impl super::Qcow2 {
                 m.name
             )));
         };
-        m.flush_all()?;
+        m.flush_exact()?;
         m.drop_l2_cache()?;
         m.comp_cursor = 0;
         let s = m.snapshots[i].clone();
