@@ -4,8 +4,10 @@
 //! an optional `data-file` child. Options and defaults are QEMU's
 //! (`BlockdevOptionsQcow2`): `l2-cache-size`, `l2-cache-entry-size`,
 //! `refcount-cache-size`, `cache-size`, `cache-clean-interval`,
-//! `pass-discard-request`/`-snapshot`/`-other`, `lazy-refcounts`,
-//! `overlap-check`, `data-file`, `backing`.
+//! `pass-discard-request`/`-snapshot`/`-other`, `lazy-refcounts` (this
+//! open only, as in QEMU), `overlap-check` (template or per-kind switches;
+//! `all` also checks the snapshots' L2 tables, read once per snapshot
+//! change rather than on every write), `data-file`, `backing`.
 
 use crate::driver::{run_on_pool, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits};
 use crate::error::{BlockError, BlockResult};
@@ -101,6 +103,34 @@ fn open_error(e: FormatError) -> BlockError {
     }
 }
 
+/// QEMU's `overlap-check`: a template name (`none`, `constant`,
+/// `cached` - the default -, `all`), or an object with `template` and one
+/// switch per kind of metadata (`main-header`, `active-l1`, ... as in
+/// `BlockdevQcow2OverlapCheckFlags`) that changes the template's choice.
+fn overlap_check(opts: &mut Options) -> BlockResult<u32> {
+    use formats::qcow2::overlap;
+    let allowed = overlap::TEMPLATES;
+    if let Some(Value::Map(_)) = opts.map().get("overlap-check") {
+        let Some(mut o) = opts.take_object("overlap-check")? else {
+            return Ok(overlap::CACHED);
+        };
+        let t = o.take_enum("template", &allowed)?;
+        let mut mask =
+            overlap::template(t.as_deref().unwrap_or("cached")).unwrap_or(overlap::CACHED);
+        for (key, bit) in overlap::FLAG_NAMES {
+            match o.take_bool(key)? {
+                Some(true) => mask |= bit,
+                Some(false) => mask &= !bit,
+                None => {}
+            }
+        }
+        o.finish()?;
+        return Ok(mask);
+    }
+    let t = opts.take_enum("overlap-check", &allowed)?;
+    Ok(overlap::template(t.as_deref().unwrap_or("cached")).unwrap_or(overlap::CACHED))
+}
+
 thread_local! {
     static DEPTH: Cell<usize> = const { Cell::new(0) };
 }
@@ -167,10 +197,10 @@ impl Qcow2Node {
         if let Some(v) = ctx.opts.take_bool("pass-discard-other")? {
             o.pass_discard[2] = v;
         }
-        // Accepted: refcounts are always kept exact, and the overlap check
-        // that matters (header and fixed tables) is always on.
-        let _ = ctx.opts.take_bool("lazy-refcounts")?;
-        let _ = ctx.opts.take_value("overlap-check");
+        // For this open only, as in QEMU: the image's compatible bit is
+        // changed by `amend`, not by the option.
+        o.lazy_refcounts = ctx.opts.take_bool("lazy-refcounts")?;
+        o.overlap_check = overlap_check(&mut ctx.opts)?;
         let _ = ctx.opts.take_bool("discard-no-unref")?;
         if ctx.opts.take_value("encrypt").is_some() {
             return Err(BlockError::Unsupported(

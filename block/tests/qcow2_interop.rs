@@ -273,3 +273,50 @@ fn reads_images_with_internal_snapshots() {
     );
     assert_same(&t, &p, "active layer with snapshots");
 }
+
+/// `lazy-refcounts` holds for one open, as in QEMU: on, an image without
+/// the compatible bit gets the dirty bit at its first allocation (and
+/// loses it at close); off, an image with the bit never gets dirty. The
+/// compatible bit itself is left alone; `qemu-img check` is clean after.
+#[test]
+fn lazy_refcounts_option_holds_for_one_open() {
+    use std::io::IoSlice;
+    let t = TempDir::new("q2lazyopt");
+    let dirty = |p: &str| std::fs::read(p).unwrap()[79] & 1 != 0;
+    for (create_opt, lazy, compat) in [
+        ("lazy_refcounts=off", "on", "lazy refcounts: false"),
+        ("lazy_refcounts=on", "off", "lazy refcounts: true"),
+    ] {
+        let p = t.path(&format!("{lazy}.qcow2"));
+        run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", create_opt, &p, "64M"],
+        );
+        let g = BlockGraph::new();
+        let node = g
+            .open_image(&p, Some("qcow2"), false, &[("lazy-refcounts", lazy)])
+            .unwrap();
+        node.write_vectored(1 << 20, &[IoSlice::new(&[5u8; 70_000])], false)
+            .unwrap();
+        node.flush().unwrap();
+        assert_eq!(dirty(&p), lazy == "on", "lazy-refcounts={lazy}");
+        drop(node);
+        drop(g);
+        assert!(!dirty(&p), "lazy-refcounts={lazy}: clean after close");
+        let info = run("qemu-img", &["info", &p]);
+        assert!(info.contains(compat), "{info}");
+        run("qemu-img", &["check", &p]);
+    }
+    // Version 2 images have no lazy refcounts.
+    let p = t.path("v2.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", &p, "1M"],
+    );
+    let e = BlockGraph::new()
+        .open_image(&p, Some("qcow2"), false, &[("lazy-refcounts", "on")])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("Lazy refcounts require"), "{e}");
+}

@@ -182,3 +182,78 @@ fn check_finds_and_repairs_like_qemu_img() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// QEMU's test 060 case, with Strata as the writer and the repairer: an L2
+/// entry pointing (COPIED) at the L1 table. A write there through
+/// `strata-img bench -w` fails, naming the file, and marks the image
+/// corrupt on disk; `qemu-img info` says so and a read-write open is
+/// refused; `strata-img check -r all` repairs it and clears the mark, after
+/// which `qemu-img check` is clean and the image is writable again.
+#[test]
+fn runtime_corruption_is_marked_and_repaired() {
+    let d = dir("corrupt");
+    let p = d.join("c.qcow2");
+    let p = p.to_str().unwrap();
+    assert!(qemu("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"])
+        .status
+        .success());
+    assert!(
+        qemu("qemu-io", &["-f", "qcow2", "-c", "write -P 9 0 256k", p])
+            .status
+            .success()
+    );
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let be64 = |off: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, off).unwrap();
+        u64::from_be_bytes(b)
+    };
+    let l1 = be64(40);
+    let l2 = be64(l1) & 0x00ff_ffff_ffff_fe00;
+    f.write_all_at(&(l1 | 1 << 63).to_be_bytes(), l2 + 8)
+        .unwrap();
+    let corrupt = || be64(72) & 2 != 0;
+    let w = strata(&[
+        "bench", "-w", "-q", "-f", "qcow2", "-c", "1", "-d", "1", "-o", "65536", p,
+    ]);
+    let err = String::from_utf8_lossy(&w.stderr);
+    assert!(!w.status.success());
+    assert!(
+        err.contains(p) && err.contains("active L1 table") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(corrupt());
+    let info = qemu("qemu-img", &["info", p]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("corrupt: true"));
+    let w = strata(&["bench", "-w", "-q", "-f", "qcow2", "-c", "1", p]);
+    assert!(!w.status.success());
+    assert!(String::from_utf8_lossy(&w.stderr).contains("corrupt"));
+    // A plain check reports the damage and changes nothing.
+    assert_eq!(strata(&["check", p]).status.code(), Some(2));
+    assert!(corrupt());
+    let r = strata(&["check", "-r", "all", p]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    assert!(!corrupt(), "the repair clears the corrupt bit");
+    let c = qemu("qemu-img", &["check", p]);
+    assert_eq!(
+        c.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&c.stdout)
+    );
+    let info = qemu("qemu-img", &["info", p]);
+    assert!(String::from_utf8_lossy(&info.stdout).contains("corrupt: false"));
+    let w = strata(&["bench", "-w", "-q", "-f", "qcow2", "-c", "1", "-o", "1M", p]);
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    let _ = std::fs::remove_dir_all(&d);
+}

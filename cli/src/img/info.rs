@@ -518,7 +518,9 @@ pub fn check(
     spec.fmt = fmt;
     spec.image_opts = image_opts;
     spec.force_share = force_share;
-    spec.read_only = repair.is_none();
+    // Only to learn the format: read-only, so that an image marked
+    // corrupt can be opened (qcow2 below opens it again for the repair).
+    spec.read_only = true;
     let blk = open(&graph, &spec)?;
     if blk.root().is_some_and(|r| r.driver_name() == "qcow2") && !image_opts {
         drop(blk);

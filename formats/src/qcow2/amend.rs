@@ -80,6 +80,7 @@ impl Qcow2 {
         // snapshot load; L1 entries past the snapshot's table read as
         // unallocated.
         m.l1 = l1;
+        m.reindex_l1();
         m.l2c = super::cache::Cache::new(m.l2c.capacity(), None);
         Ok(())
     }
@@ -141,7 +142,7 @@ impl Qcow2 {
         if version == 3 && h.version == 2 {
             // Upgrade first: a version 2 header cannot record the width.
             let mut m = self.exclusive();
-            m.flush_all()?;
+            m.flush_exact()?;
             m.h.version = 3;
             m.h.refcount_order = 4;
             m.h.feature_table = Header::default_feature_table();
@@ -155,7 +156,7 @@ impl Qcow2 {
             self.expand_snapshot_zero_clusters()?;
         }
         let mut m = self.exclusive();
-        m.flush_all()?;
+        m.flush_exact()?;
         let mut nh: Header = m.h.clone();
         nh.version = version;
         if lazy {
@@ -174,6 +175,8 @@ impl Qcow2 {
         nh.incompatible &= !INCOMPAT_DIRTY;
         nh.serialize()?;
         m.h = nh;
+        // Like QEMU's amend, the new setting holds for this open too.
+        m.lazy = lazy;
         m.write_header()
     }
 
@@ -272,7 +275,7 @@ impl Qcow2 {
                     }
                     let host = e & OFFSET_MASK;
                     let ne = if host != 0 && m.get_refcount(host / cs)? == k {
-                        m.check_overlap(host, cs, false)?;
+                        m.check_overlap(host, cs, 0)?;
                         m.file
                             .write_at(host, &zeros)
                             .map_err(|e| m.ioe(e, "zeroing a cluster"))?;
@@ -286,7 +289,7 @@ impl Qcow2 {
                             if k != 1 {
                                 m.set_refcount(new / cs, k)?;
                             }
-                            m.check_overlap(new, cs, false)?;
+                            m.check_overlap(new, cs, 0)?;
                             m.file
                                 .write_at(new, &zeros)
                                 .map_err(|e| m.ioe(e, "zeroing a cluster"))?;
@@ -306,7 +309,7 @@ impl Qcow2 {
                 // durable.
                 m.sync_refcounts()?;
                 m.sync()?;
-                m.write_meta(l2, &t)?;
+                m.write_meta(l2, &t, super::overlap::L2_TABLES)?;
                 m.sync()?;
                 for h in dropped {
                     m.add_refcount(h / cs, -(k as i64))?;
@@ -320,7 +323,7 @@ impl Qcow2 {
     /// Rewrite the refcount structure with `2^order`-bit entries.
     fn change_refcount_width(&self, order: u32) -> FResult<()> {
         let mut m = self.exclusive();
-        m.flush_all()?;
+        m.flush_exact()?;
         let cs = m.cs;
         let end = m.file_len()?.max(m.alloc_end);
         let n = end.div_ceil(cs);
@@ -389,10 +392,10 @@ impl Qcow2 {
                 }
             }
             let at = (first_block + b) * cs;
-            m.write_meta(at, &blk)?;
+            m.write_meta(at, &blk, super::overlap::REFCOUNT_BLOCK)?;
             rt[(b * 8) as usize..(b * 8 + 8) as usize].copy_from_slice(&at.to_be_bytes());
         }
-        m.write_meta(table_at * cs, &rt)?;
+        m.write_meta(table_at * cs, &rt, super::overlap::REFCOUNT_TABLE)?;
         m.sync()?;
         m.h.refcount_order = order;
         m.h.refcount_table_offset = table_at * cs;
@@ -402,6 +405,7 @@ impl Qcow2 {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
+        m.reindex_reftable();
         m.rbc = super::cache::Cache::new(m.rbc.capacity(), None);
         m.alloc_end = m.alloc_end.max((table_at + table) * cs);
         m.free_cursor = 1;

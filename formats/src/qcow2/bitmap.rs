@@ -265,7 +265,7 @@ impl Meta {
             b.flags |= FLAG_IN_USE;
             let at = ext.dir_offset + b.entry_offset as u64 + 12;
             let flags = b.flags.to_be_bytes();
-            self.write_meta(at, &flags)?;
+            self.write_meta(at, &flags, super::overlap::BITMAP_DIRECTORY)?;
         }
         self.sync()
     }

@@ -188,8 +188,17 @@ fn walk_l1(
     Ok(())
 }
 
-/// Check `m`; with repair, fix refcounts and flags.
+/// Check `m`; with repair, fix refcounts and flags. Corruption met on the
+/// way is reported, not signalled ([`Meta::fatal`]): finding it is the
+/// point of a check.
 pub fn check(m: &mut Meta, repair: Repair) -> FResult<CheckResult> {
+    let was = m.quiet.replace(true);
+    let r = check_quiet(m, repair);
+    m.quiet.set(was);
+    r
+}
+
+fn check_quiet(m: &mut Meta, repair: Repair) -> FResult<CheckResult> {
     let mut r = CheckResult::default();
     let cs = m.cs;
     let file_len = m.file_len()?;
@@ -358,6 +367,7 @@ pub fn check(m: &mut Meta, repair: Repair) -> FResult<CheckResult> {
             };
             if ty == 0 {
                 m.l1[where_ as usize] = ne;
+                m.index_l1_change(e, ne);
                 m.l1_dirty.insert(where_ * 8 / 512);
             } else {
                 m.file
@@ -369,7 +379,7 @@ pub fn check(m: &mut Meta, repair: Repair) -> FResult<CheckResult> {
         }
     }
     if repair != Repair::None {
-        m.flush_all()?;
+        m.flush_exact()?;
         // Cached L2 slices may hold entries we patched on disk.
         m.l2c.drop_clean();
     }

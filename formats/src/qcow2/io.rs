@@ -269,18 +269,19 @@ impl Meta {
     /// and its length, when every touched subcluster is already allocated
     /// to this image alone.
     pub(crate) fn inplace(&mut self, off: u64, max: u64) -> FResult<Option<(u64, u64)>> {
+        self.writable()?;
         let (kind, n) = self.map(off, max)?;
         let Kind::Data { host, copied: true } = kind else {
             return Ok(None);
         };
         if self.data.is_none() && host + n > self.file_len()?.max(self.alloc_end) {
-            return Err(self.corrupt(format!(
+            return Err(self.fatal(format!(
                 "data cluster at 0x{:x} lies beyond the end of the image",
                 host - host % self.cs
             )));
         }
         if self.data.is_none() {
-            self.check_overlap(host, n, false)?;
+            self.check_overlap(host, n, 0)?;
         }
         Ok(Some((host, n)))
     }
@@ -299,12 +300,7 @@ impl Meta {
         src: &[u8],
         no_reads: bool,
     ) -> FResult<Option<AllocJob>> {
-        if self.read_only || self.corrupt {
-            return Err(FormatError::ReadOnly(format!(
-                "{}: the image is read-only",
-                self.name
-            )));
-        }
+        self.writable()?;
         let cs = self.cs;
         let gcl0 = off / cs;
         self.ensure_l2_writable(gcl0)?;
@@ -438,7 +434,7 @@ impl Meta {
         }
         if self.data.is_none() {
             for (h, d) in &writes {
-                self.check_overlap(*h, d.len(), false)?;
+                self.check_overlap(*h, d.len(), 0)?;
             }
         }
         for u in &updates {
@@ -959,11 +955,12 @@ impl Qcow2 {
             };
             let m = self.lock();
             let mut m = self.wait_allocs(m, off, cs);
+            m.writable()?;
             let gcl = off / cs;
             m.ensure_l2_writable(gcl)?;
             let (old, _) = m.get_l2(gcl)?;
             let host = m.alloc_bytes(z.len() as u64)?;
-            m.check_overlap(host, z.len() as u64, false)?;
+            m.check_overlap(host, z.len() as u64, 0)?;
             m.file
                 .write_at(host, &z)
                 .map_err(|e| m.ioe(e, "writing compressed data"))?;
@@ -1230,8 +1227,8 @@ impl Meta {
         l1.resize(new_len as usize, 0);
         let mut raw: Vec<u8> = l1.iter().flat_map(|w| w.to_be_bytes()).collect();
         raw.resize((clusters * cs) as usize, 0);
-        self.sync_refcounts()?;
-        self.write_meta(off, &raw)?;
+        self.refcounts_before_l2()?;
+        self.write_meta(off, &raw, super::overlap::ACTIVE_L1)?;
         self.sync()?;
         let old_off = self.h.l1_table_offset;
         let old_cl = (self.l1.len() as u64 * 8).div_ceil(cs);

@@ -7,6 +7,7 @@
 //! reserved bits where QEMU checks them, and that tables we are about to
 //! modify lie inside the file.
 
+use super::overlap::{ACTIVE_L1, L2_TABLES};
 use super::{DiscardType, Meta, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::error::FResult;
 
@@ -65,7 +66,7 @@ impl Meta {
             return Ok(None);
         }
         if !off.is_multiple_of(self.cs) {
-            return Err(self.corrupt(format!(
+            return Err(self.fatal(format!(
                 "L2 table offset 0x{off:x} unaligned (L1 index 0x{i:x})"
             )));
         }
@@ -77,10 +78,10 @@ impl Meta {
             let Some(k) = self.l2c.victim() else { break };
             if self.l2c.is_dirty(k) {
                 // New clusters the slice points at must be counted first.
-                self.sync_refcounts()?;
+                self.refcounts_before_l2()?;
                 if let Some(v) = self.l2c.peek(k) {
                     let raw: Vec<u8> = v.iter().flat_map(|w| w.to_be_bytes()).collect();
-                    self.write_meta(k, &raw)?;
+                    self.write_meta(k, &raw, L2_TABLES)?;
                 }
             }
             self.l2c.remove(k);
@@ -141,6 +142,7 @@ impl Meta {
     /// Set the L2 entry of `gcl`; the table must be writable
     /// ([`Meta::ensure_l2_writable`]).
     pub(crate) fn set_l2(&mut self, gcl: u64, entry: u64, bitmap: u64) -> FResult<()> {
+        self.writable()?;
         let (l1i, l2i) = self.split(gcl);
         let l2off = self
             .l2_offset(l1i)?
@@ -157,7 +159,8 @@ impl Meta {
     }
 
     fn set_l1(&mut self, i: u64, v: u64) {
-        self.l1[i as usize] = v;
+        let old = std::mem::replace(&mut self.l1[i as usize], v);
+        self.index_l1_change(old, v);
         self.l1_dirty.insert(i * 8 / 512);
     }
 
@@ -173,7 +176,7 @@ impl Meta {
         if let Some(o) = old {
             if e & OFLAG_COPIED != 0 {
                 if o + self.cs > self.file_len()?.max(self.alloc_end) {
-                    return Err(self.corrupt(format!(
+                    return Err(self.fatal(format!(
                         "L2 table offset 0x{o:x} lies beyond the end of the image"
                     )));
                 }
@@ -195,8 +198,8 @@ impl Meta {
         // Written now (not through the cache) so the L1 entry never points
         // at garbage; cached as clean slices.
         let raw: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
-        self.sync_refcounts()?;
-        self.write_meta(new, &raw)?;
+        self.refcounts_before_l2()?;
+        self.write_meta(new, &raw, L2_TABLES)?;
         let per = (self.slice_bytes / 8) as usize;
         for (si, chunk) in words.chunks(per).enumerate() {
             let key = new + si as u64 * self.slice_bytes;
@@ -214,7 +217,7 @@ impl Meta {
     pub(crate) fn kind(&self, entry: u64, bitmap: u64, sc: u64) -> FResult<Kind> {
         if entry & OFLAG_COMPRESSED != 0 {
             if self.data.is_some() {
-                return Err(self.corrupt("compressed cluster in an image with a data file"));
+                return Err(self.fatal("compressed cluster in an image with a data file"));
             }
             let cb = self.cluster_bits();
             let shift = 62 - (cb - 8);
@@ -228,19 +231,19 @@ impl Meta {
         let host = entry & OFFSET_MASK;
         let allocated = host != 0 || (copied && self.data.is_some());
         if allocated && !host.is_multiple_of(self.cs) {
-            return Err(self.corrupt(format!("Cluster allocation offset 0x{host:x} unaligned")));
+            return Err(self.fatal(format!("Cluster allocation offset 0x{host:x} unaligned")));
         }
         if self.h.extended_l2() {
             let a = bitmap & (1 << sc) != 0;
             let z = bitmap & (1 << (sc + 32)) != 0;
             if a && z {
-                return Err(self.corrupt(format!(
+                return Err(self.fatal(format!(
                     "subcluster both allocated and zero (L2 bitmap 0x{bitmap:x})"
                 )));
             }
             if a {
                 if !allocated {
-                    return Err(self.corrupt("allocated subcluster without a host cluster"));
+                    return Err(self.fatal("allocated subcluster without a host cluster"));
                 }
                 return Ok(Kind::Data {
                     host: host + sc * self.sc_size(),
@@ -251,7 +254,7 @@ impl Meta {
         }
         if entry & OFLAG_ZERO != 0 {
             if self.h.version < 3 {
-                return Err(self.corrupt("zero cluster in a version 2 image"));
+                return Err(self.fatal("zero cluster in a version 2 image"));
             }
             return Ok(Kind::Zero);
         }
@@ -266,7 +269,7 @@ impl Meta {
         for k in self.l2c.dirty_keys() {
             if let Some(v) = self.l2c.peek(k) {
                 let raw: Vec<u8> = v.iter().flat_map(|w| w.to_be_bytes()).collect();
-                self.write_meta(k, &raw)?;
+                self.write_meta(k, &raw, L2_TABLES)?;
                 self.l2c.mark_clean(k);
             }
         }
@@ -286,36 +289,53 @@ impl Meta {
                 .iter()
                 .flat_map(|w| w.to_be_bytes())
                 .collect();
-            self.file
-                .write_at(self.h.l1_table_offset + start as u64 * 8, &raw)
-                .map_err(|e| self.ioe(e, "writing the L1 table"))?;
+            self.write_meta(self.h.l1_table_offset + start as u64 * 8, &raw, ACTIVE_L1)?;
         }
         Ok(())
     }
 
+    /// Make sure new clusters are counted on disk before L2 tables that
+    /// reference them are written; with lazy refcounts, the dirty bit on
+    /// disk stands in for that ([`Meta::lazy_now`]).
+    pub(crate) fn refcounts_before_l2(&mut self) -> FResult<()> {
+        if self.lazy_now() {
+            return Ok(());
+        }
+        self.sync_refcounts()
+    }
+
     /// The full flush: refcounts, sync, L2, (sync, L1), sync, then release
-    /// the clusters whose references are now gone.
+    /// the clusters whose references are now gone and write their
+    /// refcounts. With lazy refcounts (and the dirty bit set) the
+    /// refcount blocks stay in the cache: L2, (sync, L1), sync.
     pub(crate) fn flush_all(&mut self) -> FResult<()> {
         if self.read_only {
             return Ok(());
         }
-        for _ in 0..2 {
-            self.sync_refcounts()?;
-            self.write_dirty_l2()?;
-            if !self.l1_dirty.is_empty() {
-                self.sync()?;
-                self.write_dirty_l1()?;
-            }
+        self.not_halted()?;
+        self.refcounts_before_l2()?;
+        self.write_dirty_l2()?;
+        if !self.l1_dirty.is_empty() {
             self.sync()?;
-            if let Some(d) = &self.data {
-                d.flush()
-                    .map_err(|e| self.ioe(e, "flushing the data file"))?;
-            }
-            if !self.frees_due() {
-                break;
-            }
+            self.write_dirty_l1()?;
+        }
+        self.sync()?;
+        if let Some(d) = &self.data {
+            d.flush()
+                .map_err(|e| self.ioe(e, "flushing the data file"))?;
+        }
+        // The L2 changes that dropped references are durable now.
+        if self.frees_due() {
             self.process_frees()?;
         }
+        self.refcounts_before_l2()
+    }
+
+    /// [`Meta::flush_all`] with the refcount blocks written and synced
+    /// even with lazy refcounts: before the dirty bit is cleared, and
+    /// before operations that work on the refcounts on disk.
+    pub(crate) fn flush_exact(&mut self) -> FResult<()> {
+        self.flush_all()?;
         self.sync_refcounts()
     }
 }

@@ -15,6 +15,7 @@
 //! * [`compress`]: compressed clusters.
 //! * [`snapshot`]: the snapshot table, snapshot create/apply/delete.
 //! * [`check`]: consistency check and repair (`qemu-img check`).
+//! * [`overlap`]: the overlap checks before writes (`overlap-check`).
 //! * [`create`]: image creation with qemu-img's options.
 //! * [`amend`]: in-place metadata changes (backing file, version, lazy
 //!   refcounts, refcount width), emptying an image, read-only snapshot load.
@@ -41,7 +42,18 @@
 //! tables before the L1 entries that point at them; refcount decrements
 //! only after the L2 change that dropped the reference is durable. A crash
 //! can therefore leak clusters but never leave a reference to a cluster
-//! whose refcount is zero.
+//! whose refcount is zero. With lazy refcounts (the image's compatible
+//! bit, or the `lazy-refcounts` open option) the first allocation sets the
+//! dirty bit instead, and refcount blocks are written only when evicted,
+//! at close and where they must be exact on disk (check, snapshots,
+//! amend); a crash leaves the dirty bit, and the next read-write open
+//! rebuilds the refcounts from the L2 tables.
+//!
+//! Corruption found while the image is open read-write (a write that would
+//! overwrite metadata, an L2 entry that cannot be right, a refcount that
+//! would drop below zero) marks the image corrupt on disk and refuses
+//! writes from then on ([`Meta::fatal`], QEMU's `qcow2_signal_corruption`);
+//! `check -r all` repairs it and clears the mark.
 
 pub mod amend;
 pub mod bitmap;
@@ -54,6 +66,7 @@ pub mod gate;
 pub mod header;
 pub mod io;
 pub mod l2;
+pub mod overlap;
 pub mod refcount;
 pub mod snapshot;
 
@@ -64,6 +77,7 @@ pub use fuzz::fuzz_open_read;
 use gate::Gate;
 pub use gate::Ticket;
 use header::Header;
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -119,8 +133,15 @@ pub struct OpenOptions {
     pub cache_clean_interval: u64,
     /// `pass-discard-request`, `pass-discard-snapshot`, `pass-discard-other`.
     pub pass_discard: [bool; 3],
-    /// Allow a read-write open of an image marked corrupt (repair only).
+    /// Open for a check that may repair (QEMU's `BDRV_O_CHECK`): an image
+    /// marked corrupt may be opened read-write, and a dirty image is not
+    /// repaired at open (the check sees and repairs what it finds).
     pub allow_corrupt: bool,
+    /// `overlap-check`: what writes are checked against (a mask of
+    /// [`overlap`] bits; QEMU's default template is `cached`).
+    pub overlap_check: u32,
+    /// `lazy-refcounts`: `None` follows the image's compatible bit.
+    pub lazy_refcounts: Option<bool>,
 }
 
 impl Default for OpenOptions {
@@ -134,6 +155,8 @@ impl Default for OpenOptions {
             cache_clean_interval: DEFAULT_CACHE_CLEAN_INTERVAL,
             pass_discard: [false, true, false],
             allow_corrupt: false,
+            overlap_check: overlap::CACHED,
+            lazy_refcounts: None,
         }
     }
 }
@@ -189,8 +212,23 @@ pub struct Meta {
     /// Refcount blocks were written since the last sync.
     pub(crate) rc_unsynced: bool,
     pub(crate) read_only: bool,
-    pub(crate) corrupt: bool,
+    /// Writes are refused: the image is marked corrupt on disk, or this
+    /// process found corruption.
+    pub(crate) corrupt: Cell<bool>,
+    /// This process found corruption ([`Meta::fatal`]): the metadata on
+    /// disk is left as it is, nothing more is written.
+    pub(crate) halted: Cell<bool>,
+    /// A check is running: corruption it meets is reported, not signalled.
+    pub(crate) quiet: Cell<bool>,
+    /// Use lazy refcounts in this open.
+    pub(crate) lazy: bool,
+    /// What writes are checked against ([`overlap`]).
+    pub(crate) overlap_mask: u32,
+    /// Where the metadata named by in-memory tables lies ([`overlap`]).
+    pub(crate) ol_index: overlap::Index,
     pub(crate) snapshots: Vec<snapshot::Snapshot>,
+    /// Bytes of the snapshot table on disk.
+    pub(crate) snapshots_size: u64,
     /// Where the next compressed cluster may go (0: start a new cluster).
     pub(crate) comp_cursor: u64,
     pub(crate) pass_discard: [bool; 3],
@@ -244,43 +282,85 @@ impl Meta {
             .len()
             .map_err(|e| self.ioe(e, "getting the file size"))
     }
-    /// Write metadata, refusing the header cluster and the tables that
-    /// live at fixed places (a hostile L2 pointer must not overwrite them).
-    pub(crate) fn write_meta(&self, off: u64, buf: &[u8]) -> FResult<()> {
-        self.check_overlap(off, buf.len() as u64, true)?;
+    /// Write metadata of kind `ign` (an [`overlap`] bit): refused when it
+    /// would land on other metadata (a hostile L1 or refcount table entry
+    /// must not make one table overwrite another), and once corruption
+    /// has been found.
+    pub(crate) fn write_meta(&self, off: u64, buf: &[u8], ign: u32) -> FResult<()> {
+        self.not_halted()?;
+        self.check_overlap(off, buf.len() as u64, ign)?;
         self.file
             .write_at(off, buf)
             .map_err(|e| self.ioe(e, "writing metadata"))
     }
-    /// Refuse a write of `[off, off+len)` that would hit the header, the
-    /// active L1 table, the refcount table or the snapshot table.
-    pub(crate) fn check_overlap(&self, off: u64, len: u64, is_meta: bool) -> FResult<()> {
-        let end = off
-            .checked_add(len)
-            .ok_or_else(|| self.corrupt("write offset overflows"))?;
-        let hit = |a: u64, l: u64| l > 0 && off < a.saturating_add(l) && a < end;
-        let what = if hit(0, self.cs) {
-            Some("the image header")
-        } else if hit(self.h.l1_table_offset, self.l1.len() as u64 * 8) && !is_meta {
-            Some("the active L1 table")
-        } else if hit(
-            self.h.refcount_table_offset,
-            self.h.refcount_table_clusters as u64 * self.cs,
-        ) && !is_meta
-        {
-            Some("the refcount table")
-        } else {
-            None
-        };
-        match what {
-            Some(w) => Err(self.corrupt(format!(
-                "write at offset 0x{off:x} would overwrite {w}; the image is corrupt"
-            ))),
-            None => Ok(()),
+    /// Corruption found while the image is in use (QEMU's
+    /// `qcow2_signal_corruption`). On a read-write open, the first time:
+    /// the image is marked corrupt on disk (best effort), writes are
+    /// refused from now on, and no more metadata is written, so what is on
+    /// disk stays as consistent as after a crash (the flush ordering sees
+    /// to that) for `check -r all` to repair. Read-only, or inside a
+    /// check, it is only an error.
+    pub(crate) fn fatal(&self, what: impl std::fmt::Display) -> FormatError {
+        let name = &self.name;
+        if self.read_only || self.quiet.get() {
+            return FormatError::Corrupt(format!("{name}: {what}"));
         }
+        if self.halted.replace(true) {
+            return FormatError::Corrupt(format!("{name}: {what} (the image is marked corrupt)"));
+        }
+        self.corrupt.set(true);
+        log::error!("{name}: marking the image as corrupt: {what}");
+        let note = match self.mark_corrupt_on_disk() {
+            Ok(true) => "the image is now marked corrupt".to_string(),
+            Ok(false) => "writes are refused now (a version 2 image has no corrupt flag)".into(),
+            Err(e) => format!("marking the image corrupt on disk failed ({e})"),
+        };
+        FormatError::Corrupt(format!(
+            "{name}: {what}; {note} (repair it with 'strata-img check -r all')"
+        ))
+    }
+    /// Set the corrupt bit in the header on disk, and sync; `false` when
+    /// the header has no feature bits (version 2).
+    fn mark_corrupt_on_disk(&self) -> std::io::Result<bool> {
+        if self.h.version < 3 {
+            return Ok(false);
+        }
+        let v = self.h.incompatible | header::INCOMPAT_CORRUPT;
+        // Only the incompatible features field (bytes 72..80): the rest of
+        // the header may hold what we are not going to rewrite now.
+        self.file.write_at(72, &v.to_be_bytes())?;
+        self.file.flush()?;
+        Ok(true)
+    }
+    /// Refuse writes on a read-only or corrupt image.
+    pub(crate) fn writable(&self) -> FResult<()> {
+        if self.read_only {
+            return Err(FormatError::ReadOnly(format!(
+                "{}: the image is read-only",
+                self.name
+            )));
+        }
+        if self.corrupt.get() {
+            return Err(FormatError::Corrupt(format!(
+                "{}: the image is marked corrupt; writes are refused (repair it with 'strata-img check -r all')",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+    /// Refuse metadata writes once this process has found corruption.
+    pub(crate) fn not_halted(&self) -> FResult<()> {
+        if self.halted.get() {
+            return Err(FormatError::Corrupt(format!(
+                "{}: the image is marked corrupt; its metadata is left as it is on disk",
+                self.name
+            )));
+        }
+        Ok(())
     }
     /// Rewrite the header cluster and sync.
     pub(crate) fn write_header(&mut self) -> FResult<()> {
+        self.not_halted()?;
         let b = self.h.serialize()?;
         let hl = self.h.header_length();
         // Write what holds information (header, extensions, backing name):
@@ -295,13 +375,13 @@ impl Meta {
             .map_err(|e| self.ioe(e, "writing the header"))?;
         self.sync()
     }
-    /// With `lazy_refcounts`, set the dirty bit before the first change
-    /// (QEMU's `qcow2_mark_dirty`): a process that dies before closing
-    /// leaves it, and the next read-write open rebuilds the refcounts.
-    /// Strata keeps its refcounts exact anyway, so the bit only tells the
-    /// next user that this process did not close the image.
+    /// With lazy refcounts, set the dirty bit before the first allocation
+    /// (QEMU's `qcow2_mark_dirty`): from then on refcount blocks may lag
+    /// behind the L2 tables on disk ([`Meta::lazy_now`]); a process that
+    /// dies before closing leaves the bit, and the next read-write open
+    /// rebuilds the refcounts.
     pub(crate) fn mark_dirty(&mut self) -> FResult<()> {
-        if self.h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0
+        if self.lazy
             && self.h.incompatible & header::INCOMPAT_DIRTY == 0
             && !self.read_only
             && self.h.version >= 3
@@ -311,10 +391,19 @@ impl Meta {
         }
         Ok(())
     }
-    /// Flush, then clear the dirty bit (a clean close).
+    /// Refcount blocks may lag behind the L2 tables on disk: lazy
+    /// refcounts, and the dirty bit is on disk to say so.
+    pub(crate) fn lazy_now(&self) -> bool {
+        self.lazy && self.h.incompatible & header::INCOMPAT_DIRTY != 0
+    }
+    /// Flush with the refcount blocks exact on disk, then clear the dirty
+    /// bit (a clean close). Nothing is written once corruption was found.
     pub(crate) fn mark_clean(&mut self) -> FResult<()> {
-        self.flush_all()?;
-        if self.h.incompatible & header::INCOMPAT_DIRTY != 0 && !self.read_only {
+        if self.read_only || self.halted.get() {
+            return Ok(());
+        }
+        self.flush_exact()?;
+        if self.h.incompatible & header::INCOMPAT_DIRTY != 0 {
             self.h.incompatible &= !header::INCOMPAT_DIRTY;
             self.write_header()?;
         }
@@ -397,6 +486,14 @@ impl Qcow2 {
                 "{name}: the image is marked corrupt and can only be opened read-only (repair it with 'strata-img check -r all')"
             )));
         }
+        let lazy = o
+            .lazy_refcounts
+            .unwrap_or(h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0);
+        if lazy && h.version < 3 {
+            return Err(FormatError::Invalid(format!(
+                "{name}: Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            )));
+        }
         let (slice_bytes, l2n, rcn) = cache_sizes(&h, o, name)?;
         let interval =
             (o.cache_clean_interval > 0).then(|| Duration::from_secs(o.cache_clean_interval));
@@ -436,8 +533,14 @@ impl Qcow2 {
             free_cursor: 1,
             rc_unsynced: false,
             read_only: o.read_only,
-            corrupt,
+            corrupt: Cell::new(corrupt),
+            halted: Cell::new(false),
+            quiet: Cell::new(false),
+            lazy,
+            overlap_mask: o.overlap_check,
+            ol_index: overlap::Index::default(),
             snapshots: Vec::new(),
+            snapshots_size: 0,
             comp_cursor: 0,
             pass_discard: o.pass_discard,
             alloc_end: 0,
@@ -445,7 +548,7 @@ impl Qcow2 {
             bitmaps: Vec::new(),
             h,
         };
-        m.snapshots = snapshot::read_table(&m)?;
+        (m.snapshots, m.snapshots_size) = snapshot::read_table(&m)?;
         if let Some(raw) = m.h.bitmaps_ext.clone() {
             // Without the autoclear bit a program that does not know
             // bitmaps changed the image: QEMU ignores them then.
@@ -460,9 +563,10 @@ impl Qcow2 {
                 m.bitmaps = list;
             }
         }
+        m.reindex_all();
         let dirty = m.h.incompatible & header::INCOMPAT_DIRTY != 0;
         if !o.read_only {
-            if dirty {
+            if dirty && !o.allow_corrupt {
                 // Lazy refcounts left them stale: rebuild before writing.
                 let r = check::check(&mut m, check::Repair::All)?;
                 if r.corruptions_after() > 0 {
@@ -579,9 +683,20 @@ impl Qcow2 {
     pub fn cluster_size(&self) -> u64 {
         self.cs
     }
-    /// A copy of the header.
+    /// A copy of the header (with the corrupt bit if this process has
+    /// found corruption).
     pub fn header(&self) -> Header {
-        self.lock().h.clone()
+        let m = self.lock();
+        let mut h = m.h.clone();
+        if m.corrupt.get() && h.version >= 3 {
+            h.incompatible |= header::INCOMPAT_CORRUPT;
+        }
+        h
+    }
+    /// Writes are refused because the image is corrupt (marked so on disk,
+    /// or found so by this process).
+    pub fn is_corrupt(&self) -> bool {
+        self.lock().corrupt.get()
     }
     /// Opened read-only.
     pub fn is_read_only(&self) -> bool {
@@ -603,19 +718,32 @@ impl Qcow2 {
         }
         Ok(n)
     }
-    /// Consistency check, optionally repairing.
+    /// Consistency check, optionally repairing. A repair that leaves no
+    /// corruption and no check error clears the corrupt and dirty bits
+    /// (QEMU: `qcow2_mark_clean` and `qcow2_mark_consistent` after a
+    /// check with repair).
     pub fn check(&self, repair: check::Repair) -> FResult<check::CheckResult> {
         let mut m = self.exclusive();
         if repair != check::Repair::None {
-            m.flush_all()?;
+            m.flush_exact()?;
         }
         let r = check::check(&mut m, repair)?;
         if repair != check::Repair::None {
-            m.flush_all()?;
+            m.flush_exact()?;
+            let bits = header::INCOMPAT_CORRUPT | header::INCOMPAT_DIRTY;
+            if r.corruptions_after() == 0 && r.check_errors == 0 && m.h.incompatible & bits != 0 {
+                m.h.incompatible &= !bits;
+                m.write_header()?;
+            }
+            if r.corruptions_after() == 0 && r.check_errors == 0 {
+                m.corrupt.set(false);
+            }
         }
         Ok(r)
     }
-    /// Flush everything and release what the flush frees (call before drop).
+    /// Flush everything and release what the flush frees (call before
+    /// drop). After corruption was found nothing is written: that was
+    /// reported where it was found.
     pub fn close(&self) -> FResult<()> {
         if self.read_only {
             return Ok(());

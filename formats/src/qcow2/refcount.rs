@@ -1,13 +1,18 @@
 //! Refcounts and cluster allocation (qcow2.rst: "Host cluster management").
 //!
 //! The refcount table lives in memory (bounded to 8 MiB by the header
-//! check); refcount blocks go through the bounded cache. A missing refcount
-//! block is created at the first cluster it covers, which is free by
-//! definition (all its refcounts are 0), so the block describes itself and
-//! allocation never recurses. When the table itself is full, a larger one
-//! is built past the end of everything it covers, together with the blocks
-//! that describe it, written and synced before the header points at it.
+//! check); refcount blocks go through the bounded cache. Refcount blocks a
+//! new allocation needs are put at the start of the free run found for it
+//! (as QEMU puts them at the first free cluster), counted by themselves or
+//! by a block that exists, so allocation never recurses; the run is looked
+//! for again after them. Anywhere else (a repair setting a refcount) a
+//! missing block is created at the first cluster it covers, which is free
+//! by definition (all its refcounts are 0), so it describes itself. When
+//! the table itself is full, a larger one is built past the end of
+//! everything it covers, together with the blocks that describe it,
+//! written and synced before the header points at it.
 
+use super::overlap::{REFCOUNT_BLOCK, REFCOUNT_TABLE};
 use super::{DiscardType, Meta, REFT_OFFSET_MASK};
 use crate::error::{FResult, FormatError};
 
@@ -70,7 +75,7 @@ impl Meta {
             return Ok(None);
         }
         if !off.is_multiple_of(self.cs) {
-            return Err(self.corrupt(format!(
+            return Err(self.fatal(format!(
                 "refcount block offset 0x{off:x} is not aligned to a cluster"
             )));
         }
@@ -83,7 +88,7 @@ impl Meta {
             if self.rbc.is_dirty(k) {
                 if let Some(b) = self.rbc.peek(k) {
                     let b = b.clone();
-                    self.write_meta(k, &b)?;
+                    self.write_meta(k, &b, REFCOUNT_BLOCK)?;
                     self.rc_unsynced = true;
                 }
             }
@@ -136,7 +141,7 @@ impl Meta {
         let epb = self.rb_entries();
         let cl = t * epb;
         if cl == 0 {
-            return Err(self.corrupt("the refcount block for the header cluster is missing"));
+            return Err(self.fatal("the refcount block for the header cluster is missing"));
         }
         let at = if at / epb == t { at } else { cl };
         let off = at * self.cs;
@@ -144,20 +149,13 @@ impl Meta {
         let mut b = vec![0u8; self.cs as usize];
         rb_set(&mut b, (at - cl) as usize, self.h.refcount_order, 1);
         // The block is written before the table entry points at it.
-        self.write_meta(off, &b)?;
+        self.write_meta(off, &b, REFCOUNT_BLOCK)?;
         self.rbc.insert(off, b, false);
         self.reftable[t as usize] = off;
+        self.index_rb_added(off);
         let ent = off.to_be_bytes();
         self.sync()?;
-        self.write_meta(self.h.refcount_table_offset + t * 8, &ent)
-            .or_else(|e| match e {
-                // The table is metadata at a fixed place: allowed here.
-                FormatError::Corrupt(_) => self
-                    .file
-                    .write_at(self.h.refcount_table_offset + t * 8, &ent)
-                    .map_err(|e| self.ioe(e, "writing the refcount table")),
-                e => Err(e),
-            })?;
+        self.write_meta(self.h.refcount_table_offset + t * 8, &ent, REFCOUNT_TABLE)?;
         self.rc_unsynced = true;
         self.alloc_end = self.alloc_end.max(off + self.cs);
         Ok(off)
@@ -187,7 +185,7 @@ impl Meta {
         let cur = self.get_refcount(idx)?;
         let new = if delta < 0 {
             cur.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
-                self.corrupt(format!("refcount of cluster {idx} would drop below zero"))
+                self.fatal(format!("refcount of cluster {idx} would drop below zero"))
             })?
         } else {
             cur.checked_add(delta as u64)
@@ -209,12 +207,7 @@ impl Meta {
 
     /// Allocate `n` contiguous clusters (refcount 1); returns the offset.
     pub(crate) fn alloc_clusters(&mut self, n: u64) -> FResult<u64> {
-        if self.read_only || self.corrupt {
-            return Err(FormatError::ReadOnly(format!(
-                "{}: the image is read-only",
-                self.name
-            )));
-        }
+        self.writable()?;
         self.mark_dirty()?;
         let epb = self.rb_entries();
         let mut start = self.free_cursor.max(1);
@@ -235,25 +228,37 @@ impl Meta {
                 }
                 first_free.get_or_insert(start + i);
             }
-            // Refcount blocks for the run, then check again if a new
-            // block may have taken a cluster of the run. A new block goes
-            // before the run in its range or, failing that, right after
-            // the run (as QEMU places it), so that the run can stay.
-            let mut created = false;
-            for t in start / epb..=(start + n - 1) / epb {
-                if self.rb_offset(t)?.is_none() {
-                    let at = if t * epb < start || (start + n) / epb != t {
-                        t * epb
-                    } else {
-                        start + n
-                    };
-                    self.ensure_rb_at(t, at)?;
-                    created = true;
+            let (t0, t1) = (start / epb, (start + n - 1) / epb);
+            if t0 != t1 {
+                // A run across several blocks' ranges: missing blocks go
+                // at its start (a block at the first cluster it counts
+                // would sit inside the run, which could then never be
+                // found), then the search starts again after them.
+                if t1 as usize >= self.reftable.len() {
+                    self.grow_reftable(t1 + 1)?;
+                    continue 'search;
                 }
-            }
-            // Growing the refcount table, or a block that could not go
-            // elsewhere, may have taken clusters of the run.
-            if created {
+                let mut missing = Vec::new();
+                for t in t0..=t1 {
+                    if self.rb_offset(t)?.is_none() {
+                        missing.push(t);
+                    }
+                }
+                if !missing.is_empty() {
+                    self.create_rbs(&missing, start)?;
+                    continue 'search;
+                }
+            } else if self.rb_offset(t0)?.is_none() {
+                // Within one block's range: the block goes before the run
+                // in its range or, failing that, right after the run (as
+                // QEMU places it), so that the run can stay; check again
+                // in case growing the refcount table took part of it.
+                let at = if t0 * epb < start || (start + n) / epb != t0 {
+                    t0 * epb
+                } else {
+                    start + n
+                };
+                self.ensure_rb_at(t0, at)?;
                 for i in 0..n {
                     if self.get_refcount(start + i)? != 0 {
                         continue 'search;
@@ -272,6 +277,48 @@ impl Meta {
             self.alloc_end = self.alloc_end.max(off + n * self.cs);
             return Ok(off);
         }
+    }
+
+    /// Create the refcount blocks of the table entries `ts` at clusters
+    /// `at`, `at + 1`, ...: free clusters of the runs the blocks are for,
+    /// so each is counted by one of the new blocks or by a block that
+    /// exists. The blocks (and the blocks that count them) are durable
+    /// before the table points at them.
+    fn create_rbs(&mut self, ts: &[u64], at: u64) -> FResult<()> {
+        if ts.contains(&0) {
+            return Err(self.fatal("the refcount block for the header cluster is missing"));
+        }
+        let (cs, epb, order) = (self.cs, self.rb_entries(), self.h.refcount_order);
+        let mut new: Vec<(u64, u64, Vec<u8>)> = ts
+            .iter()
+            .enumerate()
+            .map(|(j, &t)| (t, at + j as u64, vec![0u8; cs as usize]))
+            .collect();
+        for j in 0..new.len() {
+            let pos = new[j].1;
+            match new.iter_mut().find(|b| b.0 == pos / epb) {
+                Some(b) => rb_set(&mut b.2, (pos % epb) as usize, order, 1),
+                // The run's other blocks all exist.
+                None => self.set_refcount(pos, 1)?,
+            }
+        }
+        for (_, pos, b) in &new {
+            self.write_meta(pos * cs, b, REFCOUNT_BLOCK)?;
+        }
+        self.rc_unsynced = true;
+        self.sync_refcounts()?;
+        for (t, pos, b) in new {
+            let off = pos * cs;
+            self.make_room_rb()?;
+            self.rbc.insert(off, b, false);
+            self.reftable[t as usize] = off;
+            self.index_rb_added(off);
+            let at = self.h.refcount_table_offset + t * 8;
+            self.write_meta(at, &off.to_be_bytes(), REFCOUNT_TABLE)?;
+            self.alloc_end = self.alloc_end.max(off + cs);
+        }
+        self.rc_unsynced = true;
+        Ok(())
     }
 
     /// Room for `size` bytes of compressed data (sector-aligned start).
@@ -378,7 +425,7 @@ impl Meta {
             for c in (e..e + m + k).filter(|c| c / epb == t) {
                 rb_set(&mut b, (c % epb) as usize, order, 1);
             }
-            self.write_meta((e + j) * cs, &b)?;
+            self.write_meta((e + j) * cs, &b, REFCOUNT_BLOCK)?;
         }
         let mut table = self.reftable.clone();
         table.resize((k * cs / 8) as usize, 0);
@@ -387,13 +434,14 @@ impl Meta {
         }
         let raw: Vec<u8> = table.iter().flat_map(|v| v.to_be_bytes()).collect();
         let new_off = (e + m) * cs;
-        self.write_meta(new_off, &raw)?;
+        self.write_meta(new_off, &raw, REFCOUNT_TABLE)?;
         self.sync()?;
         let old_off = self.h.refcount_table_offset;
         let old_cl = self.h.refcount_table_clusters as u64;
         self.h.refcount_table_offset = new_off;
         self.h.refcount_table_clusters = k as u32;
         self.reftable = table;
+        self.reindex_reftable();
         self.alloc_end = self.alloc_end.max((e + m + k) * cs);
         self.write_header()?;
         self.queue_free(old_off, old_cl, DiscardType::Other);
@@ -405,7 +453,7 @@ impl Meta {
         for k in self.rbc.dirty_keys() {
             if let Some(b) = self.rbc.peek(k) {
                 let b = b.clone();
-                self.write_meta(k, &b)?;
+                self.write_meta(k, &b, REFCOUNT_BLOCK)?;
                 self.rbc.mark_clean(k);
                 self.rc_unsynced = true;
             }
@@ -433,6 +481,47 @@ fn cache_miss() -> crate::error::FormatError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qcow2::check::Repair;
+    use crate::qcow2::create::{create, CreateOptions};
+    use crate::qcow2::{OpenOptions, Qcow2};
+    use crate::storage::{MemStorage, Storage};
+    use std::sync::Arc;
+
+    /// Runs longer than one refcount block counts: a write of a whole L2
+    /// table's worth of new clusters with 64-bit refcounts, and snapshot
+    /// L1 copies of hundreds of 512-byte clusters. The blocks they need
+    /// used to go inside the run, so no run was ever found and the file
+    /// grew until the refcount table could grow no more.
+    #[test]
+    fn long_runs_find_room() {
+        for (bits, size) in [(64u32, 64u64 << 20), (16, 1 << 30)] {
+            let f: Arc<dyn Storage> = Arc::new(MemStorage::new(Vec::new(), 1 << 28));
+            let o = CreateOptions {
+                size,
+                cluster_size: 512,
+                refcount_bits: bits,
+                ..Default::default()
+            };
+            create("lr", f.clone(), None, &o).unwrap();
+            let img = Qcow2::open("lr", f.clone(), None, None, &OpenOptions::default()).unwrap();
+            let data: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+            img.write(512, &data, false).unwrap();
+            img.snapshot_create("s", (0, 0)).unwrap();
+            img.write(1 << 20, &data, false).unwrap();
+            img.snapshot_create("t", (0, 0)).unwrap();
+            img.flush().unwrap();
+            let r = img.check(Repair::None).unwrap();
+            assert_eq!((r.corruptions, r.leaks), (0, 0), "bits {bits}: {r:?}");
+            let mut back = vec![0u8; data.len()];
+            img.read(1 << 20, &mut back).unwrap();
+            assert_eq!(back, data);
+            assert!(
+                f.len().unwrap() < 4 << 20,
+                "bits {bits}: {}",
+                f.len().unwrap()
+            );
+        }
+    }
 
     #[test]
     fn packing() {

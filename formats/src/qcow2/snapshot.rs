@@ -47,9 +47,9 @@ fn be64(b: &[u8], o: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
-/// Read the snapshot table of `m`.
-pub(crate) fn read_table(m: &Meta) -> FResult<Vec<Snapshot>> {
-    read_snapshots(&*m.file, &m.h, &m.name)
+/// Read the snapshot table of `m`, and its size in bytes.
+pub(crate) fn read_table(m: &Meta) -> FResult<(Vec<Snapshot>, u64)> {
+    read_sized(&*m.file, &m.h, &m.name)
 }
 
 /// Read and validate the snapshot table described by header `h` of the
@@ -59,6 +59,14 @@ pub fn read_snapshots(
     h: &super::header::Header,
     name: &str,
 ) -> FResult<Vec<Snapshot>> {
+    read_sized(file, h, name).map(|(v, _)| v)
+}
+
+fn read_sized(
+    file: &dyn crate::storage::Storage,
+    h: &super::header::Header,
+    name: &str,
+) -> FResult<(Vec<Snapshot>, u64)> {
     let corrupt = |w: String| crate::error::FormatError::Corrupt(format!("{name}: {w}"));
     let ioe = |e| crate::error::FormatError::io(e, format!("{name}: reading the snapshot table"));
     let cs = h.cluster_size();
@@ -117,7 +125,7 @@ pub fn read_snapshots(
         });
         off += len.div_ceil(8) * 8;
     }
-    Ok(v)
+    Ok((v, total))
 }
 
 /// Serialize a snapshot table.
@@ -169,7 +177,7 @@ pub fn serialize_table(snaps: &[Snapshot]) -> Vec<u8> {
 // (`Qcow2::exclusive`), after a full flush, with the L2 cache emptied: the L2
 // tables are read and rewritten directly in the file.
 
-use super::{DiscardType, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use super::{overlap, DiscardType, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::error::FormatError;
 
 /// Longest ID or name QEMU stores (the fields are 16-bit lengths).
@@ -179,9 +187,9 @@ impl Meta {
     fn read_words(&self, off: u64, n: u64, what: &str) -> FResult<Vec<u64>> {
         let end = off
             .checked_add(n * 8)
-            .ok_or_else(|| self.corrupt(format!("{what} offset overflows")))?;
+            .ok_or_else(|| self.fatal(format!("{what} offset overflows")))?;
         if end > self.file_len()?.max(self.alloc_end) {
-            return Err(self.corrupt(format!(
+            return Err(self.fatal(format!(
                 "{what} at 0x{off:x} lies beyond the end of the image"
             )));
         }
@@ -195,9 +203,10 @@ impl Meta {
             .collect())
     }
 
-    fn write_words(&self, off: u64, w: &[u64]) -> FResult<()> {
+    /// Write a table of kind `ign` (an overlap bit).
+    fn write_words(&self, off: u64, w: &[u64], ign: u32) -> FResult<()> {
         let raw: Vec<u8> = w.iter().flat_map(|x| x.to_be_bytes()).collect();
-        self.write_meta(off, &raw)
+        self.write_meta(off, &raw, ign)
     }
 
     /// Drop every (clean) L2 slice: the tables are about to change on disk.
@@ -221,13 +230,13 @@ impl Meta {
                 continue;
             }
             if !l2.is_multiple_of(cs) {
-                return Err(self.corrupt(format!("L2 table offset 0x{l2:x} unaligned")));
+                return Err(self.fatal(format!("L2 table offset 0x{l2:x} unaligned")));
             }
             let t = self.read_words(l2, cs / 8, "L2 table")?;
             for j in 0..nent as usize {
                 let le = t[j * ew as usize];
                 if le & OFLAG_COMPRESSED == 0 && !(le & OFFSET_MASK).is_multiple_of(cs) {
-                    return Err(self.corrupt(format!(
+                    return Err(self.fatal(format!(
                         "data cluster offset 0x{:x} unaligned",
                         le & OFFSET_MASK
                     )));
@@ -274,7 +283,7 @@ impl Meta {
                 }
             }
             if changed {
-                self.write_words(l2, &t)?;
+                self.write_words(l2, &t, overlap::L2_TABLES)?;
             }
             let one = self.get_refcount(l2 / cs)? == 1;
             let ne = if one {
@@ -284,6 +293,7 @@ impl Meta {
             };
             if ne != e {
                 self.l1[i] = ne;
+                self.index_l1_change(e, ne);
                 self.l1_dirty.insert(i as u64 * 8 / 512);
             }
         }
@@ -304,7 +314,7 @@ impl Meta {
             self.sync_refcounts()?;
             let mut buf = raw.clone();
             buf.resize((n * self.cs) as usize, 0);
-            self.write_meta(off, &buf)?;
+            self.write_meta(off, &buf, overlap::SNAPSHOT_TABLE)?;
             self.sync()?;
             off
         };
@@ -312,6 +322,10 @@ impl Meta {
         self.h.nb_snapshots = snaps.len() as u32;
         self.write_header()?;
         self.snapshots = snaps;
+        self.snapshots_size = raw.len() as u64;
+        // Before the old table and any snapshot L1 table can be freed
+        // and reused.
+        self.reindex_snapshots();
         if old.1 > 0 && old.0 != 0 && old_len > 0 {
             let first = old.0 / self.cs;
             let last = (old.0 + old_len - 1) / self.cs;
@@ -321,12 +335,7 @@ impl Meta {
     }
 
     fn snapshots_allowed(&self) -> FResult<()> {
-        if self.read_only || self.corrupt {
-            return Err(FormatError::ReadOnly(format!(
-                "{}: the image is read-only",
-                self.name
-            )));
-        }
+        self.writable()?;
         if self.data.is_some() {
             return Err(FormatError::Unsupported(format!(
                 "{}: internal snapshots are not supported with an external data file",
@@ -374,7 +383,7 @@ impl super::Qcow2 {
                 m.name
             )));
         }
-        m.flush_all()?;
+        m.flush_exact()?;
         m.drop_l2_cache()?;
         m.comp_cursor = 0;
         let cs = m.cs;
@@ -388,7 +397,7 @@ impl super::Qcow2 {
             let mut raw: Vec<u8> = l1.iter().flat_map(|w| w.to_be_bytes()).collect();
             raw.resize((n * cs) as usize, 0);
             m.sync_refcounts()?;
-            m.write_meta(off, &raw)?;
+            m.write_meta(off, &raw, overlap::INACTIVE_L1)?;
             off
         };
         // 2. One more reference to everything the active state uses.
@@ -438,16 +447,16 @@ impl super::Qcow2 {
                 s.name
             );
         }
-        m.flush_all()?;
+        m.flush_exact()?;
         m.drop_l2_cache()?;
         m.comp_cursor = 0;
         if !s.l1_offset.is_multiple_of(m.cs) || (s.l1_size > 0 && s.l1_offset == 0) {
-            return Err(m.corrupt(format!("snapshot '{}': invalid L1 table offset", s.name)));
+            return Err(m.fatal(format!("snapshot '{}': invalid L1 table offset", s.name)));
         }
         let sl1 = m.read_words(s.l1_offset, s.l1_size as u64, "snapshot L1 table")?;
         let size = s.disk_size.unwrap_or(m.h.size);
         if size > super::header::MAX_VIRTUAL_SIZE || m.h.l1_entries_for(size) > sl1.len() as u64 {
-            return Err(m.corrupt(format!(
+            return Err(m.fatal(format!(
                 "snapshot '{}': its L1 table is too small for its disk size",
                 s.name
             )));
@@ -463,9 +472,10 @@ impl super::Qcow2 {
         let mut new_l1 = sl1;
         new_l1.resize(m.l1.len(), 0);
         let old_l1 = std::mem::replace(&mut m.l1, new_l1);
+        m.reindex_l1();
         let all = m.l1.clone();
         let off = m.h.l1_table_offset;
-        m.write_words(off, &all)?;
+        m.write_words(off, &all, overlap::ACTIVE_L1)?;
         m.l1_dirty.clear();
         m.sync()?;
         if m.h.size != size {
@@ -489,12 +499,12 @@ impl super::Qcow2 {
                 m.name
             )));
         };
-        m.flush_all()?;
+        m.flush_exact()?;
         m.drop_l2_cache()?;
         m.comp_cursor = 0;
         let s = m.snapshots[i].clone();
         if !s.l1_offset.is_multiple_of(m.cs) || (s.l1_size > 0 && s.l1_offset == 0) {
-            return Err(m.corrupt(format!("snapshot '{}': invalid L1 table offset", s.name)));
+            return Err(m.fatal(format!("snapshot '{}': invalid L1 table offset", s.name)));
         }
         let sl1 = m.read_words(s.l1_offset, s.l1_size as u64, "snapshot L1 table")?;
         // 1. The table without it, durable.
