@@ -279,14 +279,20 @@ fn locks_interoperate_with_qemu() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    for _ in 0..100 {
-        if std::path::Path::new(&sock).exists() {
+    // qemu-nbd takes its locks around the time it creates the socket:
+    // wait until the device's open is refused (or give up after 4 s).
+    let mut n = g.open_image(&img, Some("raw"), false, &[]).unwrap();
+    let mut dev = BlockBackend::new("b", n.clone(), BackendConfig::default());
+    for _ in 0..200 {
+        if dev.is_err() {
             break;
         }
+        drop(dev);
+        drop(n);
         std::thread::sleep(std::time::Duration::from_millis(20));
+        n = g.open_image(&img, Some("raw"), false, &[]).unwrap();
+        dev = BlockBackend::new("b", n.clone(), BackendConfig::default());
     }
-    let n = g.open_image(&img, Some("raw"), false, &[]).unwrap();
-    let dev = BlockBackend::new("b", n.clone(), BackendConfig::default());
     let tool = BlockBackend::new(
         "c",
         n.clone(),
