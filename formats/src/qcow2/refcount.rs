@@ -228,37 +228,42 @@ impl Meta {
                 }
                 first_free.get_or_insert(start + i);
             }
+            // Refcount blocks for the run. A missing block goes where QEMU
+            // puts it when it can: before the run in its own range, or
+            // right after the run (counting itself), so the run stays.
+            // A range the run covers to its end has no such place (a block
+            // at its first cluster would sit inside any run longer than a
+            // block counts, which could then never be found): then all
+            // missing blocks go at the run's start and the search starts
+            // again after them.
             let (t0, t1) = (start / epb, (start + n - 1) / epb);
-            if t0 != t1 {
-                // A run across several blocks' ranges: missing blocks go
-                // at its start (a block at the first cluster it counts
-                // would sit inside the run, which could then never be
-                // found), then the search starts again after them.
-                if t1 as usize >= self.reftable.len() {
-                    self.grow_reftable(t1 + 1)?;
-                    continue 'search;
+            if t1 as usize >= self.reftable.len() {
+                self.grow_reftable(t1 + 1)?;
+                continue 'search;
+            }
+            let mut missing = Vec::new();
+            for t in t0..=t1 {
+                if self.rb_offset(t)?.is_none() {
+                    let at = if t * epb < start {
+                        Some(t * epb)
+                    } else if (start + n) / epb == t {
+                        Some(start + n)
+                    } else {
+                        None
+                    };
+                    missing.push((t, at));
                 }
-                let mut missing = Vec::new();
-                for t in t0..=t1 {
-                    if self.rb_offset(t)?.is_none() {
-                        missing.push(t);
-                    }
+            }
+            if missing.iter().any(|m| m.1.is_none()) {
+                let ts: Vec<u64> = missing.iter().map(|m| m.0).collect();
+                self.create_rbs(&ts, start)?;
+                continue 'search;
+            }
+            if !missing.is_empty() {
+                for &(t, at) in &missing {
+                    self.ensure_rb_at(t, at.unwrap_or(t * epb))?;
                 }
-                if !missing.is_empty() {
-                    self.create_rbs(&missing, start)?;
-                    continue 'search;
-                }
-            } else if self.rb_offset(t0)?.is_none() {
-                // Within one block's range: the block goes before the run
-                // in its range or, failing that, right after the run (as
-                // QEMU places it), so that the run can stay; check again
-                // in case growing the refcount table took part of it.
-                let at = if t0 * epb < start || (start + n) / epb != t0 {
-                    t0 * epb
-                } else {
-                    start + n
-                };
-                self.ensure_rb_at(t0, at)?;
+                // Growing the refcount table may have taken part of it.
                 for i in 0..n {
                     if self.get_refcount(start + i)? != 0 {
                         continue 'search;
