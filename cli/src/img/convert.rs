@@ -731,6 +731,8 @@ struct QPlan {
 }
 
 struct QJob {
+    /// Bytes per work item.
+    chunk: u64,
     sources: Vec<(Arc<BlockBackend>, u64)>,
     target: Arc<formats::qcow2::Qcow2>,
     /// The target's backing file, compared against to write differences only.
@@ -803,8 +805,8 @@ impl QJob {
     /// Plan one chunk, reading into `spare` (a buffer of an earlier chunk)
     /// when it fits: no fresh zeroed memory per chunk.
     fn plan(&self, idx: u64, spare: Option<Vec<u8>>) -> Result<QPlan, String> {
-        let start = idx * CHUNK;
-        let end = (start + CHUNK).min(self.total);
+        let start = idx * self.chunk;
+        let end = (start + self.chunk).min(self.total);
         let n = (end - start) as usize;
         let mut buf = spare
             .filter(|b| b.len() == n)
@@ -915,7 +917,7 @@ impl QJob {
         let mut spare: Option<Vec<u8>> = None;
         loop {
             let idx = self.next.fetch_add(1, Ordering::Relaxed);
-            if idx * CHUNK >= self.total || self.failed() {
+            if idx * self.chunk >= self.total || self.failed() {
                 if self.ordered {
                     let (m, cv) = &self.write_turn;
                     let _g = m.lock();
@@ -939,7 +941,7 @@ impl QJob {
                 spare = Some(buf);
                 r
             });
-            self.progress.add(CHUNK.min(self.total - idx * CHUNK));
+            self.progress.add(self.chunk.min(self.total - idx * self.chunk));
             if self.ordered {
                 let (m, cv) = &self.write_turn;
                 let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
@@ -1046,7 +1048,15 @@ fn convert_qcow2(a: ConvertArgs) -> R<i32> {
     if a.compress && img.header().data_file.is_some() {
         return fail("Compression not supported with an external data file");
     }
+    // Compressed output goes cluster by cluster and out of order anyway:
+    // small work items keep the buffers (and the peak memory) small.
+    let chunk = if a.compress {
+        (img.cluster_size() * 4).clamp(256 << 10, CHUNK)
+    } else {
+        CHUNK
+    };
     let job = Arc::new(QJob {
+        chunk,
         sources,
         target: img.clone(),
         backing: bnode,
