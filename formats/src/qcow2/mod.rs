@@ -171,13 +171,22 @@ pub struct Preview {
 
 /// Read and validate the header only.
 pub fn preview(file: &dyn Storage, name: &str) -> FResult<Preview> {
-    let mut buf = vec![0u8; 1 << 21];
     let len = file
         .len()
         .map_err(|e| FormatError::io(e, format!("{name}: reading the header")))?;
-    buf.truncate((len.max(512) as usize).min(1 << 21));
+    // The header and its extensions fill at most the first cluster: read
+    // the fixed part, then just that cluster (not always 2 MiB: it stays
+    // in the peak memory of every open).
+    let mut buf = vec![0u8; (len.max(512) as usize).min(4096)];
     file.read_at(0, &mut buf)
         .map_err(|e| FormatError::io(e, format!("{name}: reading the header")))?;
+    let cluster_bits = u32::from_be_bytes([buf[20], buf[21], buf[22], buf[23]]).clamp(9, 21);
+    let want = (len.max(512) as usize).min(1 << cluster_bits);
+    if want > buf.len() {
+        buf = vec![0u8; want];
+        file.read_at(0, &mut buf)
+            .map_err(|e| FormatError::io(e, format!("{name}: reading the header")))?;
+    }
     let header = Header::parse(&buf, name)?;
     Ok(Preview { header })
 }
