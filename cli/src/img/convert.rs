@@ -941,7 +941,8 @@ impl QJob {
                 spare = Some(buf);
                 r
             });
-            self.progress.add(self.chunk.min(self.total - idx * self.chunk));
+            self.progress
+                .add(self.chunk.min(self.total - idx * self.chunk));
             if self.ordered {
                 let (m, cv) = &self.write_turn;
                 let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());

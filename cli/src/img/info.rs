@@ -121,26 +121,35 @@ fn node_info(n: &Node, filename: &str) -> J {
         .then(|| super::qcow2::header_of(n))
         .flatten();
     if let Some(h) = &q2 {
+        // qemu-img's key order: children, backing-filename-format,
+        // snapshots, virtual-size, filename, cluster-size, format,
+        // actual-size, format-specific, the backing names, dirty-flag.
+        let mut at = 1;
+        if let (Some(_), Some(f)) = (&h.backing_file, &h.backing_format) {
+            items.insert(at, ("backing-filename-format", J::s(f)));
+            at += 1;
+        }
         let snaps = super::snapshot::of_node(n);
         if !snaps.is_empty() {
-            items.insert(1, ("snapshots", super::snapshot::table_json(&snaps)));
+            items.insert(at, ("snapshots", super::snapshot::table_json(&snaps)));
         }
-        items.push(("cluster-size", J::u(h.cluster_size())));
-        if let Some(b) = &h.backing_file {
-            items.push(("backing-filename", J::s(b)));
-            items.push((
-                "full-backing-filename",
-                J::s(&block::qcow2::resolve_backing(filename, b)),
-            ));
-            if let Some(f) = &h.backing_format {
-                items.push(("backing-filename-format", J::s(f)));
-            }
-        }
+        let fmt = items
+            .iter()
+            .position(|(k, _)| *k == "format")
+            .unwrap_or(items.len());
+        items.insert(fmt, ("cluster-size", J::u(h.cluster_size())));
         let bitmaps = super::qcow2::bitmaps_of(n, h);
         items.push((
             "format-specific",
             super::qcow2::format_specific_json(h, &bitmaps),
         ));
+        if let Some(b) = &h.backing_file {
+            items.push((
+                "full-backing-filename",
+                J::s(&block::qcow2::resolve_backing(filename, b)),
+            ));
+            items.push(("backing-filename", J::s(b)));
+        }
         items.push(("dirty-flag", J::Bool(h.incompatible & 1 != 0)));
         return J::obj(items);
     }
