@@ -13,13 +13,13 @@
 //! - PIO data moves through the data register in any access width: a
 //!   string I/O exit may carry a whole sector.
 //!
-//! Which paths block the vCPU thread on disk I/O:
-//! - asynchronous (BlockBackend::submit; completion on an I/O thread raises
-//!   the interrupt): READ/WRITE DMA (+EXT, FUA), DATA SET MANAGEMENT (TRIM),
-//!   FLUSH CACHE (+EXT), and ATAPI READ(10)/(12) by DMA;
-//! - synchronous, one DRQ block at a time: PIO READ/WRITE SECTORS and
-//!   MULTIPLE (+EXT) and ATAPI READ by PIO. These are what firmware and
-//!   boot loaders use, a block of at most 64 KiB per exit.
+//! No disk I/O blocks the vCPU thread: every transfer is asynchronous
+//! (BlockBackend::submit; the completion on an I/O thread sets the status
+//! and raises the interrupt): READ/WRITE DMA (+EXT, FUA), DATA SET
+//! MANAGEMENT (TRIM), FLUSH CACHE (+EXT), ATAPI READ(10)/(12) by DMA, and
+//! by PIO one DRQ block (READ/WRITE SECTORS and MULTIPLE (+EXT)) or one
+//! ATAPI chunk at a time, with BSY set until its data is read or written,
+//! as on a real drive.
 
 use std::sync::{Arc, Mutex};
 
@@ -306,11 +306,39 @@ impl DmaJob {
 
 /// What to do when asynchronous I/O completes.
 pub enum Pending {
-    DiskRead { sg: SgList },
-    DiskWrite { sg: SgList },
-    Trim { sg: SgList },
-    AtapiRead { sg: SgList },
+    DiskRead {
+        sg: SgList,
+    },
+    DiskWrite {
+        sg: SgList,
+    },
+    Trim {
+        sg: SgList,
+    },
+    AtapiRead {
+        sg: SgList,
+    },
     Flush,
+    /// A PIO data-in block of a disk read is read: offer it (DRQ).
+    PioRead {
+        lba: u64,
+        left: u32,
+        per_block: u32,
+    },
+    /// A PIO data-out block at `lba` is written: the next block, or done.
+    PioWrite {
+        lba: u64,
+        next: u64,
+        left: u32,
+        per_block: u32,
+        fua: bool,
+    },
+    /// A PIO chunk of a packet command's medium read is read; `next` and
+    /// `left` describe what follows it.
+    AtapiPio {
+        next: u64,
+        left: u64,
+    },
 }
 
 /// Asynchronous I/O to start once the channel lock is released.
@@ -539,17 +567,14 @@ impl Channel {
                 lba,
                 left,
                 per_block,
-            } => {
-                self.pio_read_block(lba, left, per_block);
-                None
-            }
+            } => self.pio_read_block(lba, left, per_block),
             AfterIn::Atapi { src, left } => {
                 if left == 0 {
                     self.atapi_ok();
+                    None
                 } else {
-                    self.atapi_chunk(src, left);
+                    self.atapi_chunk(src, left)
                 }
-                None
             }
         }
     }
@@ -575,17 +600,26 @@ impl Channel {
                 per_block,
                 fua,
             } => {
+                // Written asynchronously; BSY until then (the vCPU does
+                // not wait for the disk).
                 let backend = d.disk()?.clone();
-                let r = backend.writev_at_fua(lba * SECTOR, &[std::io::IoSlice::new(&buf)], fua);
-                match r {
-                    Err(_) => self.fail(error::ABRT, Some(lba)),
-                    Ok(()) if left == 0 => self.done(),
-                    Ok(()) => {
-                        self.pio_write_block(lba + buf.len() as u64 / SECTOR, left, per_block, fua);
-                        self.raise();
-                    }
-                }
-                None
+                let next = lba + buf.len() as u64 / SECTOR;
+                d.status = status::BSY | status::DRDY | status::DSC;
+                let req = IoRequest::write(lba * SECTOR, IoVecs::from_vec(buf), fua);
+                self.inflight = true;
+                Some(Io {
+                    backend,
+                    reqs: vec![req],
+                    gen: self.gen,
+                    drive: self.cur,
+                    pending: Pending::PioWrite {
+                        lba,
+                        next,
+                        left,
+                        per_block,
+                        fua,
+                    },
+                })
             }
             AfterOut::Packet => {
                 let mut cdb = [0u8; 12];
@@ -595,18 +629,37 @@ impl Channel {
         }
     }
 
-    /// Starts the next PIO data-in block of a disk read.
-    fn pio_read_block(&mut self, lba: u64, left: u32, per_block: u32) {
-        let Some(d) = self.cur() else { return };
-        let Some(backend) = d.disk().cloned() else {
-            return;
-        };
+    /// Starts the next PIO data-in block of a disk read: asynchronous, BSY
+    /// until the data is there (then DRQ and an interrupt).
+    fn pio_read_block(&mut self, lba: u64, left: u32, per_block: u32) -> Option<Io> {
+        let (unit, gen) = (self.cur, self.gen);
+        let d = self.cur()?;
+        let backend = d.disk()?.clone();
         let n = left.min(per_block);
-        let mut buf = vec![0u8; n as usize * SECTOR as usize];
-        if backend.read_at(lba * SECTOR, &mut buf).is_err() {
-            self.fail(error::UNC, Some(lba));
-            return;
-        }
+        d.pio = Pio::Idle;
+        d.status = status::BSY | status::DRDY | status::DSC;
+        self.inflight = true;
+        let req = IoRequest::read(
+            lba * SECTOR,
+            IoVecs::from_vec(vec![0u8; n as usize * SECTOR as usize]),
+        );
+        Some(Io {
+            backend,
+            reqs: vec![req],
+            gen,
+            drive: unit,
+            pending: Pending::PioRead {
+                lba,
+                left,
+                per_block,
+            },
+        })
+    }
+
+    /// A PIO data-in block has been read: offer it.
+    fn pio_read_done(&mut self, lba: u64, left: u32, per_block: u32, buf: Vec<u8>) {
+        let Some(d) = self.cur() else { return };
+        let n = left.min(per_block);
         d.pio = Pio::In {
             buf,
             pos: 0,
@@ -748,10 +801,10 @@ impl Channel {
                 ext: _,
             } => match xfer {
                 Xfer::Dma => return self.queue_dma(unit, DmaJob::DiskRead { lba, count }),
-                Xfer::Pio => self.pio_read_block(lba, count, 1),
+                Xfer::Pio => return self.pio_read_block(lba, count, 1),
                 Xfer::Multiple => {
                     let m = self.cur()?.multiple;
-                    self.pio_read_block(lba, count, m)
+                    return self.pio_read_block(lba, count, m);
                 }
             },
             AtaCommand::Write {
@@ -891,20 +944,22 @@ impl Channel {
             Reply::Data(v) if dma => return self.queue_dma(unit, DmaJob::AtapiData(v)),
             Reply::Data(v) => {
                 let len = v.len() as u64;
-                self.atapi_chunk(AtapiSrc::Buf(v, 0), len);
+                return self.atapi_chunk(AtapiSrc::Buf(v, 0), len);
             }
             Reply::Read { offset, len } if dma => {
                 return self.queue_dma(unit, DmaJob::AtapiRead { offset, len })
             }
-            Reply::Read { offset, len } => self.atapi_chunk(AtapiSrc::Medium(offset), len),
+            Reply::Read { offset, len } => return self.atapi_chunk(AtapiSrc::Medium(offset), len),
         }
         None
     }
 
     /// The next PIO data-in chunk of a packet command, at most the byte
-    /// count limit the host gave (even unless it is the last chunk).
-    fn atapi_chunk(&mut self, src: AtapiSrc, left: u64) {
-        let Some(d) = self.cur() else { return };
+    /// count limit the host gave (even unless it is the last chunk). Medium
+    /// reads are asynchronous (BSY until the data is there).
+    fn atapi_chunk(&mut self, src: AtapiSrc, left: u64) -> Option<Io> {
+        let (unit, gen) = (self.cur, self.gen);
+        let d = self.cur()?;
         let bcl = match d.bcl {
             0 | 0xffff => 0xfffe,
             b => b,
@@ -913,35 +968,50 @@ impl Channel {
         if n < left {
             n &= !1;
         }
-        let (buf, next) = match src {
+        match src {
             AtapiSrc::Buf(v, pos) => {
                 let end = (pos + n as usize).min(v.len());
-                (v[pos..end].to_vec(), AtapiSrc::Buf(v, end))
+                let buf = v[pos..end].to_vec();
+                self.atapi_data_in(buf, AtapiSrc::Buf(v, end), left - n);
+                None
             }
             AtapiSrc::Medium(off) => {
-                let Some(cd) = d.cdrom() else { return };
+                let cd = d.cdrom()?;
                 let Some(m) = cd.medium().cloned() else {
                     let s = cd.read_failed();
-                    return self.atapi_error(s);
+                    self.atapi_error(s);
+                    return None;
                 };
-                let mut b = vec![0u8; n as usize];
-                if m.read_at(off, &mut b).is_err() {
-                    let s = cd.read_failed();
-                    return self.atapi_error(s);
-                }
-                (b, AtapiSrc::Medium(off + n))
+                d.pio = Pio::Idle;
+                d.status = status::BSY | status::DRDY | status::DSC;
+                self.inflight = true;
+                let req = IoRequest::read(off, IoVecs::from_vec(vec![0u8; n as usize]));
+                Some(Io {
+                    backend: m,
+                    reqs: vec![req],
+                    gen,
+                    drive: unit,
+                    pending: Pending::AtapiPio {
+                        next: off + n,
+                        left: left - n,
+                    },
+                })
             }
-        };
+        }
+    }
+
+    /// Offer one chunk of packet data-in (byte count in the cylinder
+    /// registers, I/O reason), DRQ and an interrupt.
+    fn atapi_data_in(&mut self, buf: Vec<u8>, next: AtapiSrc, left: u64) {
+        let Some(d) = self.cur() else { return };
+        let n = buf.len() as u64;
         d.tf.lcyl = n as u8;
         d.tf.hcyl = (n >> 8) as u8;
         d.tf.nsector = (d.tf.nsector & !7) | REASON_IO;
         d.pio = Pio::In {
             buf,
             pos: 0,
-            then: AfterIn::Atapi {
-                src: next,
-                left: left - n,
-            },
+            then: AfterIn::Atapi { src: next, left },
         };
         d.status = status::DRDY | status::DSC | status::DRQ;
         self.raise();
@@ -1190,6 +1260,49 @@ impl Channel {
                     None => Ok(()),
                 };
                 self.dma_finish(unit, &sg, r);
+            }
+            Pending::PioRead {
+                lba,
+                left,
+                per_block,
+            } => {
+                self.cur = unit;
+                let data = reqs.into_iter().next().and_then(|r| r.iov.into_vec());
+                match (err, data) {
+                    (None, Some(buf)) => self.pio_read_done(lba, left, per_block, buf),
+                    _ => self.fail(error::UNC, Some(lba)),
+                }
+            }
+            Pending::PioWrite {
+                lba,
+                next,
+                left,
+                per_block,
+                fua,
+            } => {
+                self.cur = unit;
+                if err.is_some() {
+                    self.fail(error::ABRT, Some(lba));
+                } else if left == 0 {
+                    self.done();
+                } else {
+                    self.pio_write_block(next, left, per_block, fua);
+                    self.raise();
+                }
+            }
+            Pending::AtapiPio { next, left } => {
+                self.cur = unit;
+                let data = reqs.into_iter().next().and_then(|r| r.iov.into_vec());
+                match (err, data) {
+                    (None, Some(buf)) => self.atapi_data_in(buf, AtapiSrc::Medium(next), left),
+                    _ => {
+                        let s = self
+                            .drive_mut(unit)
+                            .and_then(|d| d.cdrom())
+                            .map_or(Sense::READ_ERROR, |c| c.read_failed());
+                        self.atapi_error(s);
+                    }
+                }
             }
             Pending::AtapiRead { sg } => {
                 let r = match err {
