@@ -52,6 +52,32 @@ pub fn fuzz_open_read(data: &[u8]) {
         }
         if !ro {
             named(img.write(0, &[1u8; 4096], false));
+            // The asynchronous driver's entry points, with the data I/O
+            // done here as the block layer would do it.
+            let n = 8192.min(size as usize / 2);
+            let src = vec![4u8; n];
+            if let Ok(super::io::WritePlan::Ready(mut pw)) = img.plan_write(size / 5, &src) {
+                for &(h, l) in &pw.zero_first {
+                    let _ = f.write_zeroes(h, l);
+                }
+                for (h, d) in std::mem::take(&mut pw.writes) {
+                    let _ = match d {
+                        super::io::WriteData::Guest { offset, len } => {
+                            let a = (offset - size / 5) as usize;
+                            f.write_at(h, &src[a..a + len as usize])
+                        }
+                        super::io::WriteData::Owned(v) => f.write_at(h, &v),
+                    };
+                }
+                named(img.finish_write(pw, Ok(())));
+            }
+            if let Ok(super::io::Overwrite::InPlace(runs, t)) = img.map_overwrite(0, n as u64) {
+                for (_, h, l) in runs {
+                    let _ = f.write_at(h, &src[..l as usize]);
+                }
+                drop(t);
+            }
+            let _ = img.map_read(0, size).map(|(p, t)| (p.len(), drop(t)));
             let _ = img.write(size / 3, &vec![2u8; 70000.min(size as usize / 2)], false);
             let _ = img.write_zeroes(0, size / 2, true);
             let _ = img.discard(0, size);
