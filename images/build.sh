@@ -7,6 +7,7 @@ mkdir -p out
 # Tests run this in parallel: one build at a time.
 exec 9>out/.lock
 flock 9
+. ./lib.sh
 build_tinybios() { # variant
     out="out/tinybios-$1.bin"
     if [ ! -f "$out" ] || [ tinybios/tinybios.S -nt "$out" ]; then
@@ -26,15 +27,14 @@ build_tinybios rep
 #   testkernel.bzImage   Linux boot protocol 2.15 image (64-bit entry)
 build_testkernel() {
     src=testkernel
-    newest=$(ls -t "$src"/* build.sh | head -1)
+    newest=$(ls -t "$src"/* build.sh lib.sh | head -1)
     if [ -f out/testkernel.bzImage ] && [ -f out/testkernel-pvh.elf ] && [ -f out/testkernel-mb.elf ] \
         && [ out/testkernel.bzImage -nt "$newest" ]; then
         return
     fi
     tmp=$(mktemp -d)
-    cflags="-m64 -Os -ffreestanding -nostdlib -fno-pic -fno-pie -fno-stack-protector -fno-builtin
-        -mno-red-zone -mgeneral-regs-only -mno-sse -mno-mmx -mno-80387 -fno-asynchronous-unwind-tables -Wall -Werror"
-    gcc $cflags -c "$src/kernel.c" -o "$tmp/kernel.o"
+    # shellcheck disable=SC2086
+    gcc -Os $FREESTANDING_CFLAGS -c "$src/kernel.c" -o "$tmp/kernel.o"
     for s in entry pvhnote mbheader; do
         gcc -m64 -c "$src/$s.S" -o "$tmp/$s.o"
     done

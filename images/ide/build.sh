@@ -19,15 +19,7 @@ mkdir -p "$out"
 exec 8>"$out/.ide-lock"
 flock 8
 
-stale() { # stale TARGET INPUT...
-    t=$1
-    shift
-    [ -f "$t" ] || return 0
-    for i in "$@"; do
-        [ "$i" -nt "$t" ] && return 0
-    done
-    return 1
-}
+. "$here/../lib.sh" # stale()
 
 assemble() { # assemble OUT [as flags]
     o=$1

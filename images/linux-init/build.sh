@@ -15,15 +15,7 @@ mkdir -p "$out"
 exec 7>"$out/.linux-init-lock"
 flock 7
 
-stale() { # stale TARGET INPUT...
-    t=$1
-    shift
-    [ -f "$t" ] || return 0
-    for i in "$@"; do
-        [ "$i" -nt "$t" ] && return 0
-    done
-    return 1
-}
+. "$here/../lib.sh" # stale()
 
 init="$out/linux-init"
 if stale "$init" "$here/init.c" "$0"; then

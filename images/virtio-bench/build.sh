@@ -5,18 +5,15 @@
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out="$here/../out/virtio-bench.elf"
-newest=$(ls -t "$here"/* | head -1)
+newest=$(ls -t "$here"/* "$here/../lib.sh" | head -1)
 if [ -f "$out" ] && [ "$out" -nt "$newest" ]; then
     exit 0
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-# No x87/SSE: guest ring 0 cannot emulate them here (PLATFORM.md), and
-# CR4.OSFXSR stays off, so they would fault in ring 3 too.
-cflags="-m64 -O2 -ffreestanding -nostdlib -fno-pic -fno-pie -fno-stack-protector -fno-builtin
-    -mno-red-zone -mgeneral-regs-only -mno-sse -mno-mmx -mno-80387
-    -fno-asynchronous-unwind-tables -Wall -Werror"
-gcc $cflags -c "$here/vbench.c" -o "$tmp/vbench.o"
+. "$here/../lib.sh"
+# shellcheck disable=SC2086
+gcc -O2 $FREESTANDING_CFLAGS -c "$here/vbench.c" -o "$tmp/vbench.o"
 gcc -m64 -c "$here/entry.S" -o "$tmp/entry.o"
 ld -m elf_x86_64 -nostdlib -z max-page-size=0x1000 -z noexecstack --build-id=none \
     --no-warn-rwx-segments -T "$here/link.ld" -o "$tmp/vbench.elf" "$tmp/entry.o" "$tmp/vbench.o"
