@@ -27,7 +27,7 @@ build_tinybios rep
 #   testkernel.bzImage   Linux boot protocol 2.15 image (64-bit entry)
 build_testkernel() {
     src=testkernel
-    newest=$(ls -t "$src"/* build.sh lib.sh | head -1)
+    newest=$(ls -t "$src"/* common/* build.sh lib.sh | head -1)
     if [ -f out/testkernel.bzImage ] && [ -f out/testkernel-pvh.elf ] && [ -f out/testkernel-mb.elf ] \
         && [ out/testkernel.bzImage -nt "$newest" ]; then
         return

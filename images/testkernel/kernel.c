@@ -20,56 +20,7 @@
  *   TK rsdp given=<hex> found=<hex>         (found: scanned in 0xe0000-0xfffff)
  *   TK DONE
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
-
-#define COM1 0x3f8
-
-static inline void outb(u16 port, u8 v)
-{
-	__asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
-}
-
-static void putc(char c)
-{
-	if (c == '\n')
-		outb(COM1, '\r');
-	outb(COM1, c);
-}
-
-static void puts(const char *s)
-{
-	while (*s)
-		putc(*s++);
-}
-
-static void puthex(u64 v)
-{
-	char buf[19];
-	int i = 18;
-	buf[i] = 0;
-	do {
-		buf[--i] = "0123456789abcdef"[v & 15];
-		v >>= 4;
-	} while (v);
-	buf[--i] = 'x';
-	buf[--i] = '0';
-	puts(&buf[i]);
-}
-
-static void putdec(u64 v)
-{
-	char buf[21];
-	int i = 20;
-	buf[i] = 0;
-	do {
-		buf[--i] = '0' + v % 10;
-		v /= 10;
-	} while (v);
-	puts(&buf[i]);
-}
+#include "../common/guest.h"
 
 #define RD8(a) (*(volatile u8 *)(u64)(a))
 #define RD16(a) (*(volatile u16 *)(u64)(a))

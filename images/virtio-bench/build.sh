@@ -5,7 +5,7 @@
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out="$here/../out/virtio-bench.elf"
-newest=$(ls -t "$here"/* "$here/../lib.sh" | head -1)
+newest=$(ls -t "$here"/* "$here"/../common/* "$here/../lib.sh" | head -1)
 if [ -f "$out" ] && [ "$out" -nt "$newest" ]; then
     exit 0
 fi

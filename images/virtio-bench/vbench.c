@@ -33,38 +33,13 @@
  * workload (default 2); "only=PREFIX" runs the workloads whose name
  * starts with PREFIX.
  */
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "../common/guest.h"
 
-#define COM1 0x3f8
 #define IO_BAR_DEFAULT 0xc000
 #define PMBASE_DEFAULT 0x600	/* what SeaBIOS picks, and QEMU's DSDT */
 #define MAX_DEPTH 32
 #define BUF_SIZE 65536
 
-static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outw(u16 port, u16 v) { __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port)); }
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u8 inb(u16 port)
-{
-	u8 v;
-	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
-static inline u16 inw(u16 port)
-{
-	u16 v;
-	__asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
-static inline u32 inl(u16 port)
-{
-	u32 v;
-	__asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
-	return v;
-}
 static inline u64 rdtsc(void)
 {
 	u32 lo, hi;
@@ -77,48 +52,6 @@ static inline u64 rdtsc(void)
  * on a kick: a locked instruction is a full barrier without SSE. */
 #define barrier() __asm__ volatile("" ::: "memory")
 static inline void mb(void) { __asm__ volatile("lock; addl $0, (%%rsp)" ::: "memory", "cc"); }
-
-/* --- COM1 ---------------------------------------------------------- */
-
-/* The UART is not programmed: both VMMs send THR writes straight to the
- * chardev, and polling LSR would double the exits per character. */
-static void putc(char c)
-{
-	if (c == '\n')
-		outb(COM1, '\r');
-	outb(COM1, c);
-}
-
-static void puts(const char *s)
-{
-	while (*s)
-		putc(*s++);
-}
-
-static void putdec(u64 v)
-{
-	char buf[21];
-	int i = 20;
-	buf[i] = 0;
-	do {
-		buf[--i] = '0' + v % 10;
-		v /= 10;
-	} while (v);
-	puts(&buf[i]);
-}
-
-static void puthex(u64 v)
-{
-	char buf[17];
-	int i = 16;
-	buf[i] = 0;
-	do {
-		buf[--i] = "0123456789abcdef"[v & 15];
-		v >>= 4;
-	} while (v);
-	puts("0x");
-	puts(&buf[i]);
-}
 
 /* Called from entry.S in ring 0 for any exception. */
 void fault_report(u64 vec, u64 err, u64 rip, u64 rflags)
