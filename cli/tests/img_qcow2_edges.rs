@@ -6,68 +6,16 @@
 //! compat=0.10 with internal snapshots. Images are built with qemu-img and
 //! qemu-io; outputs must be byte-identical unless a test says otherwise.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-fn strata(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_strata-img"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod support;
 
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).args(args).output().unwrap()
-}
+use support::img::{q_ok, run, s_ok, strata, Dir};
 
-fn ok(o: &Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\n{}\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s_ok(args: &[&str]) -> String {
-    ok(&strata(args), &format!("strata-img {args:?}"))
-}
-
-fn q_ok(args: &[&str]) -> String {
-    ok(&run("qemu-img", args), &format!("qemu-img {args:?}"))
-}
-
+/// qemu-io on a qcow2 image.
 fn io(file: &str, cmds: &[&str]) {
-    let mut a = vec!["-f", "qcow2"];
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    a.push(file);
-    ok(&run("qemu-io", &a), &format!("qemu-io {cmds:?}"));
-}
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("strata-q2edges-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn p(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+    support::img::io(file, "qcow2", cmds)
 }
 
 /// `qemu-img create -f qcow2 [-o opts] [-b backing -F qcow2] file [size]`.
@@ -116,7 +64,7 @@ fn combined(prog: &str, args: &[&str], out: &str) -> (Option<i32>, String) {
 
 #[test]
 fn map_edge_cases_match_qemu_img() {
-    let d = Dir::new("map");
+    let d = Dir::new("q2edges", "map");
     let mut imgs = Vec::new();
     // Standard L2: a zero cluster that keeps its host cluster (write -z
     // without unmap), one that drops it, a partial zero write.
@@ -216,7 +164,7 @@ fn du(p: &str) -> u64 {
 
 #[test]
 fn preallocated_images_map_like_qemu_img() {
-    let d = Dir::new("prealloc");
+    let d = Dir::new("q2edges", "prealloc");
     for opts in [
         "preallocation=metadata",
         "preallocation=falloc",
@@ -341,7 +289,7 @@ fn with_bitmaps(d: &Dir, name: &str) -> String {
 
 #[test]
 fn bitmaps_listed_like_qemu_img_and_kept_by_strata_writes() {
-    let d = Dir::new("bitmaps");
+    let d = Dir::new("q2edges", "bitmaps");
     let img = with_bitmaps(&d, "b.qcow2");
     same_info(&img);
     let strata_check = |f: &str| {
@@ -408,7 +356,7 @@ fn bitmaps_listed_like_qemu_img_and_kept_by_strata_writes() {
 
 #[test]
 fn hostile_bitmap_directories_are_refused_like_qemu_img() {
-    let d = Dir::new("bmhostile");
+    let d = Dir::new("q2edges", "bmhostile");
     let good = with_bitmaps(&d, "good.qcow2");
     let data = std::fs::read(&good).unwrap();
     let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap()) as usize;
@@ -479,7 +427,7 @@ fn hostile_bitmap_directories_are_refused_like_qemu_img() {
 
 #[test]
 fn commit_rate_limit_is_applied_and_checked() {
-    let d = Dir::new("rate");
+    let d = Dir::new("q2edges", "rate");
     let base = d.p("base.qcow2");
     create(&base, "", None, Some("8M"));
     let top = d.p("top.qcow2");
@@ -521,7 +469,7 @@ fn contents(d: &Dir, img: &str, snap: Option<&str>) -> Vec<u8> {
 
 #[test]
 fn amend_to_compat_0_10_keeps_internal_snapshots() {
-    let d = Dir::new("downgrade");
+    let d = Dir::new("q2edges", "downgrade");
     let base = d.p("base.qcow2");
     create(&base, "", None, Some("4M"));
     io(&base, &["write -P 9 0 4M"]);

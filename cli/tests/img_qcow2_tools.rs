@@ -4,68 +4,12 @@
 //! `measure`. Contents are checked with `qemu-img compare`, metadata with
 //! `qemu-img check`, and printed output against qemu-img's own.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn strata(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_strata-img"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+mod support;
 
-fn run(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).args(args).output().unwrap()
-}
-
-fn ok(o: &Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\n{}\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s_ok(args: &[&str]) -> String {
-    ok(&strata(args), &format!("strata-img {args:?}"))
-}
-
-fn q_ok(args: &[&str]) -> String {
-    ok(&run("qemu-img", args), &format!("qemu-img {args:?}"))
-}
-
-fn io(file: &str, fmt: &str, cmds: &[&str]) {
-    let mut a = vec!["-f", fmt];
-    for c in cmds {
-        a.push("-c");
-        a.push(c);
-    }
-    a.push(file);
-    ok(&run("qemu-io", &a), &format!("qemu-io {cmds:?}"));
-}
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("strata-q2tools-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Dir(d)
-    }
-    fn p(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use support::img::{io, q_ok, run, s_ok, strata, Dir};
 
 fn same(a: &str, b: &str) {
     q_ok(&["compare", a, b]);
@@ -104,7 +48,7 @@ fn source(d: &Dir) -> String {
 
 #[test]
 fn convert_to_qcow2_options() {
-    let d = Dir::new("conv");
+    let d = Dir::new("q2tools", "conv");
     let src = source(&d);
     for o in [
         "",
@@ -137,7 +81,7 @@ fn convert_to_qcow2_options() {
 
 #[test]
 fn convert_compressed_is_smaller_and_readable() {
-    let d = Dir::new("comp");
+    let d = Dir::new("q2tools", "comp");
     let src = source(&d);
     let plain = d.p("plain.qcow2");
     s_ok(&["convert", "-O", "qcow2", &src, &plain]);
@@ -161,7 +105,7 @@ fn convert_compressed_is_smaller_and_readable() {
 
 #[test]
 fn convert_with_backing_writes_differences_only() {
-    let d = Dir::new("back");
+    let d = Dir::new("q2tools", "back");
     let base = d.p("base.qcow2");
     q_ok(&["create", "-q", "-f", "qcow2", &base, "64M"]);
     io(&base, "qcow2", &["write -P 1 0 1M", "write -P 9 40M 2M"]);
@@ -199,7 +143,7 @@ fn convert_with_backing_writes_differences_only() {
 
 #[test]
 fn convert_sparse_option() {
-    let d = Dir::new("sparse");
+    let d = Dir::new("q2tools", "sparse");
     let src = source(&d);
     let full = d.p("full.qcow2");
     s_ok(&["convert", "-O", "qcow2", "-S", "0", &src, &full]);
@@ -264,7 +208,7 @@ fn same_output(args: &[&str]) {
 
 #[test]
 fn map_matches_qemu_img() {
-    let d = Dir::new("map");
+    let d = Dir::new("q2tools", "map");
     let (_, _, top) = chain(&d);
     let src = source(&d);
     let plain = d.p("plain.qcow2");
@@ -298,7 +242,7 @@ fn map_matches_qemu_img() {
 
 #[test]
 fn compare_qcow2_strict_and_sizes() {
-    let d = Dir::new("cmp");
+    let d = Dir::new("q2tools", "cmp");
     let (_, mid, top) = chain(&d);
     let flat = d.p("flat.qcow2");
     s_ok(&["convert", "-O", "qcow2", &top, &flat]);
@@ -330,7 +274,7 @@ fn compare_qcow2_strict_and_sizes() {
 
 #[test]
 fn info_backing_chain_matches_qemu_img() {
-    let d = Dir::new("info");
+    let d = Dir::new("q2tools", "info");
     let (_, _, top) = chain(&d);
     for args in [
         vec!["info", "--backing-chain", top.as_str()],
@@ -355,7 +299,7 @@ fn to_raw(img: &str, out: &str) {
 #[test]
 fn commit_default_d_and_b() {
     for mode in ["default", "-d", "-b"] {
-        let d = Dir::new(&format!("commit{mode}"));
+        let d = Dir::new("q2tools", &format!("commit{mode}"));
         let (base, mid, top) = chain(&d);
         let exp = d.p("exp.raw");
         to_raw(&top, &exp);
@@ -391,7 +335,7 @@ fn commit_default_d_and_b() {
         }
     }
     // A raw base smaller than the image grows.
-    let d = Dir::new("commitraw");
+    let d = Dir::new("q2tools", "commitraw");
     let b = d.p("b.raw");
     q_ok(&["create", "-q", "-f", "raw", &b, "32M"]);
     io(&b, "raw", &["write -P 3 0 1M"]);
@@ -408,7 +352,7 @@ fn commit_default_d_and_b() {
 
 #[test]
 fn rebase_safe_unsafe_and_none() {
-    let d = Dir::new("rebase");
+    let d = Dir::new("q2tools", "rebase");
     let (base, _, top) = chain(&d);
     let exp = d.p("exp.raw");
     to_raw(&top, &exp);
@@ -445,7 +389,7 @@ fn rebase_safe_unsafe_and_none() {
 
 #[test]
 fn resize_grow_and_shrink_like_qemu() {
-    let d = Dir::new("resize");
+    let d = Dir::new("q2tools", "resize");
     let (_, _, top) = chain(&d);
     let src = source(&d);
     let plain = d.p("plain.qcow2");
@@ -480,7 +424,7 @@ fn resize_grow_and_shrink_like_qemu() {
 
 #[test]
 fn amend_versions_and_refcounts() {
-    let d = Dir::new("amend");
+    let d = Dir::new("q2tools", "amend");
     let src = source(&d);
     let orig = d.p("orig.qcow2");
     s_ok(&["convert", "-O", "qcow2", &src, &orig]);
@@ -532,7 +476,7 @@ fn amend_versions_and_refcounts() {
 
 #[test]
 fn measure_matches_qemu_img() {
-    let d = Dir::new("measure");
+    let d = Dir::new("q2tools", "measure");
     let (_, _, top) = chain(&d);
     let src = source(&d);
     let comp = d.p("comp.qcow2");
@@ -571,7 +515,7 @@ fn measure_matches_qemu_img() {
 
 #[test]
 fn convert_and_measure_from_internal_snapshots() {
-    let d = Dir::new("snap");
+    let d = Dir::new("q2tools", "snap");
     let img = d.p("sn.qcow2");
     q_ok(&["create", "-q", "-f", "qcow2", &img, "64M"]);
     io(&img, "qcow2", &["write -P 1 0 1M"]);
