@@ -201,20 +201,100 @@ impl Progress {
 
 const CHUNK: u64 = 2 << 20;
 
+/// The work-item loop of the convert jobs: workers take chunks in turn,
+/// plan each (read, decide) in parallel, and write them in chunk order
+/// when `ordered` (qemu-img's default; `-W` lifts it); the first error
+/// stops everybody.
+struct Chunks {
+    total: u64,
+    /// Bytes per work item.
+    chunk: u64,
+    next: AtomicU64,
+    ordered: bool,
+    /// The chunk whose turn it is to be written.
+    write_turn: (Mutex<u64>, Condvar),
+    progress: Progress,
+    error: Mutex<Option<String>>,
+}
+
+impl Chunks {
+    fn new(total: u64, chunk: u64, ordered: bool, progress: bool) -> Self {
+        Chunks {
+            total,
+            chunk,
+            next: AtomicU64::new(0),
+            ordered,
+            write_turn: (Mutex::new(0), Condvar::new()),
+            progress: Progress::new(progress, total),
+            error: Mutex::new(None),
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.error.lock().map(|e| e.is_some()).unwrap_or(true)
+    }
+
+    /// The first error, if any.
+    fn take_error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// One worker: `plan` chunk after chunk, then `write` it (in turn when
+    /// ordered); `state` is the worker's own, shared by both.
+    fn run<S: Default, P>(
+        &self,
+        plan: impl Fn(u64, &mut S) -> Result<P, String>,
+        write: impl Fn(P, &mut S) -> Result<(), String>,
+    ) {
+        let mut state = S::default();
+        let (m, cv) = &self.write_turn;
+        loop {
+            let idx = self.next.fetch_add(1, Ordering::Relaxed);
+            if idx * self.chunk >= self.total || self.failed() {
+                // Let ordered writers behind us proceed.
+                if self.ordered {
+                    let _g = m.lock();
+                    cv.notify_all();
+                }
+                return;
+            }
+            let r = plan(idx, &mut state);
+            if self.ordered {
+                let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
+                while *turn != idx {
+                    if self.failed() {
+                        return;
+                    }
+                    turn = cv.wait(turn).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            let res = r.and_then(|p| write(p, &mut state));
+            self.progress
+                .add(self.chunk.min(self.total - idx * self.chunk));
+            if self.ordered {
+                let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
+                *turn += 1;
+                cv.notify_all();
+            }
+            if let Err(e) = res {
+                let mut g = self.error.lock().unwrap_or_else(|e| e.into_inner());
+                g.get_or_insert(e);
+                cv.notify_all();
+                return;
+            }
+        }
+    }
+}
+
 /// Planned writes: (target offset, length, data or `None` for zeroes).
 type Plan = Vec<(u64, u64, Option<(Arc<Vec<u8>>, usize)>)>;
 
 struct Job {
     sources: Vec<(Arc<BlockBackend>, u64)>, // backend and its start in the target
     target: Arc<BlockBackend>,
-    total: u64,
     sparse: u64,
     target_zero: bool,
-    next: AtomicU64,
-    write_turn: (Mutex<u64>, Condvar),
-    ordered: bool,
-    progress: Progress,
-    error: Mutex<Option<String>>,
+    work: Chunks,
 }
 
 impl Job {
@@ -231,7 +311,7 @@ impl Job {
     /// Plan the writes of one chunk: (target offset, data or None for zeroes).
     fn plan(&self, idx: u64) -> Result<Plan, String> {
         let start = idx * CHUNK;
-        let end = (start + CHUNK).min(self.total);
+        let end = (start + CHUNK).min(self.work.total);
         let mut ops = Vec::new();
         let mut pos = start;
         while pos < end {
@@ -283,29 +363,9 @@ impl Job {
     }
 
     fn run_worker(&self) {
-        loop {
-            let idx = self.next.fetch_add(1, Ordering::Relaxed);
-            if idx * CHUNK >= self.total || self.error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                // Let ordered writers behind us proceed.
-                if self.ordered {
-                    let (m, cv) = &self.write_turn;
-                    let _g = m.lock();
-                    cv.notify_all();
-                }
-                return;
-            }
-            let r = self.plan(idx);
-            if self.ordered {
-                let (m, cv) = &self.write_turn;
-                let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
-                while *turn != idx {
-                    if self.error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                        return;
-                    }
-                    turn = cv.wait(turn).unwrap_or_else(|e| e.into_inner());
-                }
-            }
-            let res = r.and_then(|ops| {
+        self.work.run(
+            |idx, _: &mut ()| self.plan(idx),
+            |ops, _| {
                 for (off, len, data) in ops {
                     match data {
                         Some((d, s)) => self.target.write_at(off, &d[s..s + len as usize]),
@@ -314,23 +374,8 @@ impl Job {
                     .map_err(|e| e.to_string())?;
                 }
                 Ok(())
-            });
-            let chunk_len = CHUNK.min(self.total - idx * CHUNK);
-            self.progress.add(chunk_len);
-            if self.ordered {
-                let (m, cv) = &self.write_turn;
-                let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
-                *turn += 1;
-                cv.notify_all();
-            }
-            if let Err(e) = res {
-                let mut g = self.error.lock().unwrap_or_else(|e| e.into_inner());
-                g.get_or_insert(e);
-                let (_, cv) = &self.write_turn;
-                cv.notify_all();
-                return;
-            }
-        }
+            },
+        )
     }
 }
 
@@ -416,23 +461,18 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
     let job = Arc::new(Job {
         sources,
         target: tb.clone(),
-        total,
         sparse,
         target_zero: !a.no_create || a.target_is_zero,
-        next: AtomicU64::new(0),
-        write_turn: (Mutex::new(0), Condvar::new()),
-        ordered: !a.out_of_order,
-        progress: Progress::new(a.progress && !a.quiet, total),
-        error: Mutex::new(None),
+        work: Chunks::new(total, CHUNK, !a.out_of_order, a.progress && !a.quiet),
     });
-    job.progress.start();
+    job.work.progress.start();
     run_workers(a.parallel, &job, |j| j.run_worker());
-    if let Some(e) = job.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(e) = job.work.take_error() {
         return fail(format!("error while converting: {e}"));
     }
     tb.flush()
         .map_err(|e| Fail(format!("error while flushing the target: {e}"), 1))?;
-    job.progress.finish();
+    job.work.progress.finish();
     Ok(0)
 }
 
@@ -731,22 +771,15 @@ struct QPlan {
 }
 
 struct QJob {
-    /// Bytes per work item.
-    chunk: u64,
     sources: Vec<(Arc<BlockBackend>, u64)>,
     target: Arc<formats::qcow2::Qcow2>,
     /// The target's backing file, compared against to write differences only.
     backing: Option<Arc<block::node::Node>>,
     cs: u64,
-    total: u64,
     sparse: u64,
     target_zero: bool,
     compress: bool,
-    next: AtomicU64,
-    write_turn: (Mutex<u64>, Condvar),
-    ordered: bool,
-    progress: Progress,
-    error: Mutex<Option<String>>,
+    work: Chunks,
 }
 
 impl QJob {
@@ -805,8 +838,8 @@ impl QJob {
     /// Plan one chunk, reading into `spare` (a buffer of an earlier chunk)
     /// when it fits: no fresh zeroed memory per chunk.
     fn plan(&self, idx: u64, spare: Option<Vec<u8>>) -> Result<QPlan, String> {
-        let start = idx * self.chunk;
-        let end = (start + self.chunk).min(self.total);
+        let start = idx * self.work.chunk;
+        let end = (start + self.work.chunk).min(self.work.total);
         let n = (end - start) as usize;
         let mut buf = spare
             .filter(|b| b.len() == n)
@@ -909,54 +942,16 @@ impl QJob {
         (r, buf)
     }
 
-    fn failed(&self) -> bool {
-        self.error.lock().map(|e| e.is_some()).unwrap_or(true)
-    }
-
     fn run_worker(&self) {
-        let mut spare: Option<Vec<u8>> = None;
-        loop {
-            let idx = self.next.fetch_add(1, Ordering::Relaxed);
-            if idx * self.chunk >= self.total || self.failed() {
-                if self.ordered {
-                    let (m, cv) = &self.write_turn;
-                    let _g = m.lock();
-                    cv.notify_all();
-                }
-                return;
-            }
-            let r = self.plan(idx, spare.take());
-            if self.ordered {
-                let (m, cv) = &self.write_turn;
-                let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
-                while *turn != idx {
-                    if self.failed() {
-                        return;
-                    }
-                    turn = cv.wait(turn).unwrap_or_else(|e| e.into_inner());
-                }
-            }
-            let res = r.and_then(|plan| {
+        // A worker's chunk buffer goes from one chunk to the next.
+        self.work.run(
+            |idx, spare: &mut Option<Vec<u8>>| self.plan(idx, spare.take()),
+            |plan, spare| {
                 let (r, buf) = self.write(plan);
-                spare = Some(buf);
+                *spare = Some(buf);
                 r
-            });
-            self.progress
-                .add(self.chunk.min(self.total - idx * self.chunk));
-            if self.ordered {
-                let (m, cv) = &self.write_turn;
-                let mut turn = m.lock().unwrap_or_else(|e| e.into_inner());
-                *turn += 1;
-                cv.notify_all();
-            }
-            if let Err(e) = res {
-                let mut g = self.error.lock().unwrap_or_else(|e| e.into_inner());
-                g.get_or_insert(e);
-                let (_, cv) = &self.write_turn;
-                cv.notify_all();
-                return;
-            }
-        }
+            },
+        )
     }
 }
 
@@ -1057,26 +1052,25 @@ fn convert_qcow2(a: ConvertArgs) -> R<i32> {
         CHUNK
     };
     let job = Arc::new(QJob {
-        chunk,
         sources,
         target: img.clone(),
         backing: bnode,
         cs: img.cluster_size(),
-        total,
         sparse,
         target_zero: !a.no_create || a.target_is_zero,
         compress: a.compress,
-        next: AtomicU64::new(0),
-        write_turn: (Mutex::new(0), Condvar::new()),
         // Compressed clusters are packed in the order they are written;
         // ordering would serialise the compression.
-        ordered: !a.out_of_order && !a.compress,
-        progress: Progress::new(a.progress && !a.quiet, total),
-        error: Mutex::new(None),
+        work: Chunks::new(
+            total,
+            chunk,
+            !a.out_of_order && !a.compress,
+            a.progress && !a.quiet,
+        ),
     });
-    job.progress.start();
+    job.work.progress.start();
     run_workers(a.parallel, &job, |j| j.run_worker());
-    if let Some(e) = job.error.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(e) = job.work.take_error() {
         return fail(format!("error while converting qcow2: {e}"));
     }
     drop(job);
