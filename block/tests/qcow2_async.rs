@@ -11,38 +11,12 @@ mod common;
 use block::driver::IoRequest;
 use block::graph::BlockGraph;
 use block::iov::IoVecs;
-use common::TempDir;
-use std::process::Command;
+use common::{qemu, Rng, TempDir};
 use std::sync::mpsc;
-
-fn qemu(tool: &str, args: &[&str]) -> (i32, String) {
-    let out = Command::new(tool).args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 fn ok(tool: &str, args: &[&str]) {
     let (c, o) = qemu(tool, args);
     assert_eq!(c, 0, "{tool} {args:?}: {o}");
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
 }
 
 enum Op {

@@ -7,34 +7,12 @@
 mod common;
 
 use block::graph::BlockGraph;
-use common::TempDir;
+use common::{Rng, TempDir};
 use std::io::{IoSlice, IoSliceMut};
-use std::process::Command;
 use std::sync::Arc;
 
 fn qemu_img(args: &[&str]) -> (i32, String) {
-    let out = Command::new("qemu-img").args(args).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
+    common::qemu("qemu-img", args)
 }
 
 fn env_u64(k: &str, d: u64) -> u64 {

@@ -50,3 +50,34 @@ pub fn fd_flags(fd: i32) -> u32 {
     let line = s.lines().find(|l| l.starts_with("flags:")).unwrap();
     u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
 }
+
+/// Run a QEMU tool (qemu-img, qemu-io): exit code and stdout+stderr.
+pub fn qemu(tool: &str, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A small seeded xorshift generator for the randomised tests.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
