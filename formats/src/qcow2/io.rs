@@ -685,16 +685,13 @@ impl Qcow2 {
         self.check_range(offset, len, m.h.size)?;
         let first = offset / self.cs;
         let last = (offset + len.max(1) - 1) / self.cs;
-        if let Some((&gcl, &join)) = m.allocating.range(first..=last).next() {
+        if let Some((_, &join)) = m.allocating.range(first..=last).next() {
             return Ok(match join {
-                Some(host) if first == last => {
-                    let _ = gcl;
-                    Overwrite::Join {
-                        host: host + offset % self.cs,
-                        cluster: host,
-                        ticket: self.gate.ticket(),
-                    }
-                }
+                Some(host) if first == last => Overwrite::Join {
+                    host: host + offset % self.cs,
+                    cluster: host,
+                    ticket: self.gate.ticket(),
+                },
                 _ => Overwrite::Busy,
             });
         }
