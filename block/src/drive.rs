@@ -44,6 +44,18 @@ pub enum Interface {
 }
 
 impl Interface {
+    /// Every interface.
+    pub const ALL: [Interface; 8] = [
+        Interface::None,
+        Interface::Ide,
+        Interface::Scsi,
+        Interface::Floppy,
+        Interface::Virtio,
+        Interface::Sd,
+        Interface::Pflash,
+        Interface::Mtd,
+    ];
+
     fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "none" => Interface::None,
@@ -90,7 +102,8 @@ pub enum Media {
     Cdrom,
 }
 
-/// The device half of a `-drive`, for the machine to instantiate.
+/// The device half of a `-drive`, for the machine to instantiate: the
+/// board decides which device type and bus it becomes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PendingDevice {
     /// Interface.
@@ -105,18 +118,17 @@ pub struct PendingDevice {
     pub serial: Option<String>,
     /// `addr=` (PCI address for virtio).
     pub addr: Option<String>,
-    /// `cyls=`, `heads=`, `secs=` and `trans=`, as the device properties
-    /// they become (`cyls`, `heads`, `secs`, `bios-chs-trans`).
-    pub geometry: Vec<(String, String)>,
-    /// The `-device` driver QEMU would create (`ide-hd`, `ide-cd`,
-    /// `scsi-hd`, `scsi-cd`, `virtio-blk-pci`, `floppy`, `sd-card`), or
-    /// `None` when the board consumes the drive itself (pflash, mtd).
-    pub device_driver: Option<&'static str>,
+    /// `cyls=`, `heads=` and `secs=` (given together or not at all).
+    pub chs: Option<[u32; 3]>,
+    /// `trans=` (the device's `bios-chs-trans`).
+    pub trans: Option<String>,
 }
 
 /// A desugared `-drive`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DriveSpec {
+    /// The option text this came from (for messages about its device).
+    pub text: String,
     /// The drive id (the BlockBackend name).
     pub id: String,
     /// Node options, `None` for an empty drive (e.g. a CD-ROM with no medium).
@@ -136,10 +148,19 @@ pub struct DriveSpec {
 }
 
 /// Tracks drives already defined, to pick free units and ids.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct DriveTable {
     used: Vec<(Interface, u32, u32)>,
     ids: Vec<String>,
+    /// Units per bus of each interface (QEMU's `if_max_devs`), as the
+    /// machine has them.
+    max_devs: Vec<(Interface, u32)>,
+}
+
+impl Default for DriveTable {
+    fn default() -> Self {
+        Self::with_max_devs(Interface::max_devs)
+    }
 }
 
 fn bad(key: &str, expected: &str, value: &str) -> BlockError {
@@ -153,9 +174,18 @@ fn bad(key: &str, expected: &str, value: &str) -> BlockError {
 }
 
 impl DriveTable {
-    /// An empty table.
+    /// An empty table with QEMU's default units per bus.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty table for a machine with its own units per bus.
+    pub fn with_max_devs(max_devs: impl Fn(Interface) -> u32) -> Self {
+        DriveTable {
+            used: Vec::new(),
+            ids: Vec::new(),
+            max_devs: Interface::ALL.iter().map(|&i| (i, max_devs(i))).collect(),
+        }
     }
 
     /// Desugar `-drive <text>`.
@@ -184,7 +214,9 @@ impl DriveTable {
                 }
             }
         }
-        self.desugar(map)
+        let mut spec = self.desugar(map)?;
+        spec.text = text.to_string();
+        Ok(spec)
     }
 
     /// `-hda`..`-hdd` (`n` = 0..3): `-drive file=f,index=n,media=disk`.
@@ -230,7 +262,11 @@ impl DriveTable {
         let mut bus = o.take_u64("bus")?.map(|v| v as u32);
         let mut unit = o.take_u64("unit")?.map(|v| v as u32);
         let index = o.take_u64("index")?.map(|v| v as u32);
-        let max = interface.max_devs();
+        let max = self
+            .max_devs
+            .iter()
+            .find(|(i, _)| *i == interface)
+            .map_or(0, |(_, n)| *n);
         if let Some(i) = index {
             if bus.is_some() || unit.is_some() {
                 return Err(BlockError::Open(
@@ -267,24 +303,25 @@ impl DriveTable {
         }
         let serial = o.take_str("serial")?;
         let addr = o.take_str("addr")?;
-        let mut geometry = Vec::new();
-        for (key, prop) in [("cyls", "cyls"), ("heads", "heads"), ("secs", "secs")] {
-            if let Some(v) = o.take_u64(key)? {
-                geometry.push((prop.to_string(), v.to_string()));
+        let chs = match (
+            o.take_u64("cyls")?,
+            o.take_u64("heads")?,
+            o.take_u64("secs")?,
+        ) {
+            (None, None, None) => None,
+            (Some(c), Some(h), Some(s)) => {
+                let n = |v: u64, key: &str| {
+                    u32::try_from(v).map_err(|_| bad(key, "a 32-bit number", &v.to_string()))
+                };
+                Some([n(c, "cyls")?, n(h, "heads")?, n(s, "secs")?])
             }
-        }
-        if let Some(t) = o.take_str("trans")? {
-            geometry.push(("bios-chs-trans".to_string(), t));
-        }
-        let chs = geometry
-            .iter()
-            .filter(|(k, _)| k != "bios-chs-trans")
-            .count();
-        if chs != 0 && chs != 3 {
-            return Err(BlockError::Open(
-                "-drive: cyls, heads and secs must be given together".into(),
-            ));
-        }
+            _ => {
+                return Err(BlockError::Open(
+                    "-drive: cyls, heads and secs must be given together".into(),
+                ))
+            }
+        };
+        let trans = o.take_str("trans")?;
         let id = match o.take_str("id")? {
             Some(id) if !crate::graph::valid_id(&id) => {
                 return Err(BlockError::Open(format!(
@@ -482,16 +519,6 @@ impl DriveTable {
         let device = if interface == Interface::None {
             None
         } else {
-            let device_driver = match (interface, media) {
-                (Interface::Ide, Media::Disk) => Some("ide-hd"),
-                (Interface::Ide, Media::Cdrom) => Some("ide-cd"),
-                (Interface::Scsi, Media::Disk) => Some("scsi-hd"),
-                (Interface::Scsi, Media::Cdrom) => Some("scsi-cd"),
-                (Interface::Virtio, _) => Some("virtio-blk-pci"),
-                (Interface::Floppy, _) => Some("floppy"),
-                (Interface::Sd, _) => Some("sd-card"),
-                _ => None,
-            };
             Some(PendingDevice {
                 interface,
                 bus,
@@ -499,8 +526,8 @@ impl DriveTable {
                 media,
                 serial,
                 addr,
-                geometry,
-                device_driver,
+                chs,
+                trans,
             })
         };
         if interface != Interface::None {
@@ -508,6 +535,7 @@ impl DriveTable {
         }
         self.ids.push(id.clone());
         Ok(DriveSpec {
+            text: String::new(),
             id,
             node: if empty { None } else { Some(node) },
             probe: format.is_none(),

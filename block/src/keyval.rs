@@ -357,6 +357,36 @@ pub fn parse_bool_str(s: &str) -> Option<bool> {
     }
 }
 
+/// QEMU's integer spelling for properties and numeric options
+/// (`qemu_strtou64` with base 0): `0x`/`0X` hexadecimal, a leading `0`
+/// octal, otherwise decimal; no sign, no suffix, no surrounding blanks.
+/// The one integer parser of the project: device properties, `-global`,
+/// `-smp` and `-drive` all read integers through it, so they agree.
+pub fn parse_uint_str(s: &str) -> Option<u64> {
+    let (digits, radix) = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        (h, 16)
+    } else if s.len() > 1 && s.starts_with('0') {
+        (&s[1..], 8)
+    } else {
+        (s, 10)
+    };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    u64::from_str_radix(digits, radix).ok()
+}
+
+/// [`parse_uint_str`] for signed values: an optional `-` in front.
+pub fn parse_int_str(s: &str) -> Option<i64> {
+    match s.strip_prefix('-') {
+        Some(rest) => {
+            let v = parse_uint_str(rest)?;
+            0i64.checked_sub_unsigned(v)
+        }
+        None => i64::try_from(parse_uint_str(s)?).ok(),
+    }
+}
+
 /// Parse a boolean for `option`/`key`, with a one-line error.
 pub fn parse_bool(option: &str, key: &str, value: &str) -> Result<bool, KeyvalError> {
     parse_bool_str(value).ok_or_else(|| KeyvalError::InvalidValue {
@@ -562,14 +592,13 @@ impl Options {
             Some(s) => parse_size(&self.option, &self.path(key), &s, default_unit).map(Some),
         }
     }
-    /// Take a plain unsigned integer (no suffix).
+    /// Take a plain unsigned integer (no suffix; [`parse_uint_str`]).
     pub fn take_u64(&mut self, key: &str) -> Result<Option<u64>, KeyvalError> {
         match self.take_str(key)? {
             None => Ok(None),
-            Some(s) => s
-                .parse::<u64>()
+            Some(s) => parse_uint_str(&s)
                 .map(Some)
-                .map_err(|_| self.invalid(key, "a non-negative integer", &s)),
+                .ok_or_else(|| self.invalid(key, "a non-negative integer", &s)),
         }
     }
     /// Take one of a fixed set of words.
@@ -643,6 +672,34 @@ mod tests {
 
     fn s(v: &str) -> Value {
         Value::Str(v.into())
+    }
+
+    #[test]
+    fn integers_as_qemu_spells_them() {
+        assert_eq!(parse_uint_str("0"), Some(0));
+        assert_eq!(parse_uint_str("42"), Some(42));
+        assert_eq!(parse_uint_str("0x1f"), Some(31));
+        assert_eq!(parse_uint_str("0X1F"), Some(31));
+        assert_eq!(parse_uint_str("010"), Some(8));
+        assert_eq!(parse_uint_str("18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            "",
+            "0x",
+            "08",
+            "1k",
+            " 1",
+            "-1",
+            "+1",
+            "1.5",
+            "18446744073709551616",
+        ] {
+            assert_eq!(parse_uint_str(bad), None, "{bad}");
+        }
+        assert_eq!(parse_int_str("-1"), Some(-1));
+        assert_eq!(parse_int_str("-0x10"), Some(-16));
+        assert_eq!(parse_int_str("-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(parse_int_str("9223372036854775808"), None);
+        assert_eq!(parse_int_str("--1"), None);
     }
 
     #[test]

@@ -8,84 +8,35 @@ fn s(v: &str) -> Value {
     Value::Str(v.into())
 }
 
-type Want = (
-    &'static str,
-    Interface,
-    u32,
-    u32,
-    Media,
-    Option<&'static str>,
-);
+type Want = (&'static str, Interface, u32, u32, Media);
 
 #[test]
 fn qemu_doc_examples() {
-    // (drives given in order, expected (id, if, bus, unit, media, device))
+    // (drives given in order, expected (id, if, bus, unit, media))
     let table: &[(&[&str], &[Want])] = &[
         (
             &["file=f,index=0,media=disk"],
-            &[(
-                "ide0-hd0",
-                Interface::Ide,
-                0,
-                0,
-                Media::Disk,
-                Some("ide-hd"),
-            )],
+            &[("ide0-hd0", Interface::Ide, 0, 0, Media::Disk)],
         ),
         (
             &["file=f,index=2,media=cdrom"],
-            &[(
-                "ide1-cd0",
-                Interface::Ide,
-                1,
-                0,
-                Media::Cdrom,
-                Some("ide-cd"),
-            )],
+            &[("ide1-cd0", Interface::Ide, 1, 0, Media::Cdrom)],
         ),
         (
             &["file=f,index=3,media=disk"],
-            &[(
-                "ide1-hd1",
-                Interface::Ide,
-                1,
-                1,
-                Media::Disk,
-                Some("ide-hd"),
-            )],
+            &[("ide1-hd1", Interface::Ide, 1, 1, Media::Disk)],
         ),
         (
             &["file=f,index=0,if=floppy"],
-            &[(
-                "floppy0",
-                Interface::Floppy,
-                0,
-                0,
-                Media::Disk,
-                Some("floppy"),
-            )],
+            &[("floppy0", Interface::Floppy, 0, 0, Media::Disk)],
         ),
         (
             &["file=f,if=scsi,bus=0,unit=6"],
-            &[(
-                "scsi0-hd6",
-                Interface::Scsi,
-                0,
-                6,
-                Media::Disk,
-                Some("scsi-hd"),
-            )],
+            &[("scsi0-hd6", Interface::Scsi, 0, 6, Media::Disk)],
         ),
         (
             &["file=f,if=virtio"],
-            &[(
-                "virtio0",
-                Interface::Virtio,
-                0,
-                0,
-                Media::Disk,
-                Some("virtio-blk-pci"),
-            )],
+            &[("virtio0", Interface::Virtio, 0, 0, Media::Disk)],
         ),
         (
             &["file=f,if=pflash,format=raw"],
@@ -93,35 +44,14 @@ fn qemu_doc_examples() {
         ),
         (
             &["file=f,if=sd"],
-            &[("sd0", Interface::Sd, 0, 0, Media::Disk, Some("sd-card"))],
+            &[("sd0", Interface::Sd, 0, 0, Media::Disk)],
         ),
         (
             &["file=a", "file=b", "file=c"],
             &[
-                (
-                    "ide0-hd0",
-                    Interface::Ide,
-                    0,
-                    0,
-                    Media::Disk,
-                    Some("ide-hd"),
-                ),
-                (
-                    "ide0-hd1",
-                    Interface::Ide,
-                    0,
-                    1,
-                    Media::Disk,
-                    Some("ide-hd"),
-                ),
-                (
-                    "ide0-hd2",
-                    Interface::Ide,
-                    0,
-                    2,
-                    Media::Disk,
-                    Some("ide-hd"),
-                ),
+                ("ide0-hd0", Interface::Ide, 0, 0, Media::Disk),
+                ("ide0-hd1", Interface::Ide, 0, 1, Media::Disk),
+                ("ide0-hd2", Interface::Ide, 0, 2, Media::Disk),
             ],
         ),
     ];
@@ -138,7 +68,6 @@ fn qemu_doc_examples() {
                             dev.bus,
                             dev.unit,
                             dev.media,
-                            dev.device_driver
                         ),
                         *w,
                         "{d}"

@@ -7,13 +7,14 @@
 use std::path::PathBuf;
 
 use block::keyval;
-use vmm::config::{Accel, CharDev, DeviceConfig, KernelConfig, MachineConfig};
+use vmm::config::{Accel, CharDev, KernelConfig, MachineConfig};
+use vmm::device::{DeviceArg, DeviceSpec};
 
 pub const USAGE: &str = "\
 usage: strata [options]
 
 Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
-  -machine/-M pc[,accel=kvm|qtest]  machine type (pc = i440FX + PIIX3)
+  -machine/-M pc|none[,accel=kvm|qtest]  machine type (pc = i440FX + PIIX3; help lists them)
   -accel kvm|qtest, -enable-kvm     accelerator (KVM is the only CPU accelerator)
   -m SIZE                           guest RAM (bare numbers are MiB; K/M/G/T suffixes)
   -smp N[,cores=,threads=,sockets=,maxcpus=]  virtual CPUs
@@ -21,7 +22,7 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -boot [order=]DRIVES[,once=,menu=on|off,splash-time=,reboot-timeout=,strict=on|off]
   -serial DEV                       stdio, mon:stdio, file:PATH, unix:PATH[,server][,nowait], null, none
   -debugcon DEV                     isa-debugcon on port 0xe9 (see -global)
-  -global isa-debugcon.iobase=PORT  move the debug console (0x402 is SeaBIOS's log port)
+  -global DRIVER.PROP=VALUE         default of a device property (e.g. isa-debugcon.iobase=0x402)
   -nographic, -display none         no display (Strata never has one); -nographic wires COM1 to stdio
   -nodefaults                       no default serial port
   -no-reboot                        exit instead of rebooting when the guest resets
@@ -30,7 +31,7 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -drive file=F[,if=ide|virtio|none,format=,media=disk|cdrom,cache=,aio=,...]
   -hda/-hdb/-hdc/-hdd F, -cdrom F, -fda/-fdb F   legacy drive shortcuts
   -blockdev driver=...,node-name=...  (or JSON)   a block node
-  -device DRIVER[,drive=ID,...]     a device
+  -device DRIVER[,drive=ID,...]     a device (-device help, -device DRIVER,help)
   -object iothread,id=ID            an I/O thread (virtio-blk-pci iothread=ID)
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
   -kernel FILE                      boot a bzImage, PVH ELF vmlinux or multiboot kernel directly
@@ -79,6 +80,8 @@ pub enum Parsed {
     Run(Box<MachineConfig>),
     Help,
     Version,
+    /// A help listing (`-device help`, `-machine help`): print it, exit 0.
+    Print(String),
 }
 
 /// Splits a QEMU option value into key/value pairs with the project's
@@ -100,12 +103,9 @@ fn parse_bool(opt: &str, key: &str, v: &str) -> Result<bool, String> {
 }
 
 fn parse_u32(opt: &str, key: &str, v: &str) -> Result<u32, String> {
-    let r = if let Some(h) = v.strip_prefix("0x") {
-        u32::from_str_radix(h, 16)
-    } else {
-        v.parse()
-    };
-    r.map_err(|_| format!("{opt}: {key}={v}: not a number"))
+    keyval::parse_uint_str(v)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| format!("{opt}: {key}={v}: not a number"))
 }
 
 /// Parses a chardev spec as `-serial` and `-debugcon` take it.
@@ -135,27 +135,53 @@ pub fn parse_chardev(opt: &str, spec: &str) -> Result<Option<CharDev>, String> {
     }))
 }
 
-fn parse_machine(cfg: &mut MachineConfig, v: &str, accel_set: &mut bool) -> Result<(), String> {
+/// Machine properties QEMU has that change nothing on Strata's boards
+/// (libvirt writes several of them on every command line).
+const IGNORED_MACHINE_PROPS: &[&str] = &[
+    "dump-guest-core",
+    "mem-merge",
+    "vmport",
+    "smm",
+    "hpet",
+    "kernel-irqchip",
+    "kernel_irqchip",
+    "graphics",
+    "suppress-vmdesc",
+];
+
+/// `-machine`; `Ok(Some(text))` is `-machine help`.
+fn parse_machine(
+    cfg: &mut MachineConfig,
+    v: &str,
+    accel_set: &mut bool,
+) -> Result<Option<String>, String> {
     for (k, val) in split_opts("-machine", v, Some("type"))? {
         match k.as_str() {
             "type" => match val.as_str() {
-                "pc" | "pc-i440fx" => {}
-                t if t.starts_with("pc-i440fx-") => {}
-                "help" | "?" => return Err("HELP-MACHINE".into()),
-                _ => {
-                    return Err(format!(
-                        "-machine {val}: unsupported machine type (supported: pc)"
-                    ))
-                }
+                "help" | "?" => return Ok(Some(vmm::machine::help())),
+                t => match vmm::machine::find(t) {
+                    Some(b) => cfg.machine = b.name().to_string(),
+                    None => {
+                        return Err(format!(
+                            "-machine {val}: unsupported machine type (-machine help lists them)"
+                        ))
+                    }
+                },
             },
             "accel" => {
                 parse_accel(cfg, &val)?;
                 *accel_set = true;
             }
+            "usb" => {
+                if parse_bool("-machine", &k, &val)? {
+                    eprintln!("strata: warning: -machine usb=on: Strata has no USB controller yet");
+                }
+            }
+            k if IGNORED_MACHINE_PROPS.contains(&k) => {}
             _ => return Err(format!("-machine {v}: unknown property '{k}'")),
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn parse_accel(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
@@ -226,27 +252,6 @@ fn parse_boot(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn parse_global(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
-    let (lhs, value) = v
-        .split_once('=')
-        .ok_or_else(|| format!("-global {v}: expected DRIVER.PROPERTY=VALUE"))?;
-    let (driver, prop) = lhs
-        .split_once('.')
-        .ok_or_else(|| format!("-global {v}: expected DRIVER.PROPERTY=VALUE"))?;
-    match (driver, prop) {
-        ("isa-debugcon", "iobase") => {
-            let port = parse_u32("-global", lhs, value)?;
-            if port > 0xffff {
-                return Err(format!("-global {v}: I/O port out of range"));
-            }
-            cfg.debugcon_iobase = port as u64;
-        }
-        ("isa-debugcon", "readback") => {}
-        _ => return Err(format!("-global {v}: unknown driver or property '{lhs}'")),
-    }
-    Ok(())
-}
-
 /// `-kernel`/`-initrd`/`-append`. As in QEMU, `-initrd` and `-append`
 /// need `-kernel`, and `-initrd` is a comma-separated list with `,,` for a
 /// literal comma.
@@ -313,7 +318,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut serial: Vec<Option<CharDev>> = Vec::new();
     let (mut nographic, mut nodefaults, mut accel_set) = (false, false, false);
     let mut snapshot = false;
-    let mut drives = block::drive::DriveTable::new();
+    let mut drive_args: Vec<(String, String)> = Vec::new();
     let (mut kernel, mut initrd, mut append) = (None, None, None);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -368,13 +373,11 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 parse_accel(&mut cfg, value)?;
                 accel_set = true;
             }
-            "-machine" | "-M" => match parse_machine(&mut cfg, value, &mut accel_set) {
-                Err(e) if e == "HELP-MACHINE" => {
-                    println!("Supported machines are:\npc                   Standard PC (i440FX + PIIX, 1996) (default)");
-                    std::process::exit(0);
+            "-machine" | "-M" => {
+                if let Some(help) = parse_machine(&mut cfg, value, &mut accel_set)? {
+                    return Ok(Parsed::Print(help));
                 }
-                r => r?,
-            },
+            }
             "-m" => {
                 let opts = split_opts("-m", value, Some("size"))?;
                 for (k, v) in opts {
@@ -408,7 +411,9 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "-boot" => parse_boot(&mut cfg, value)?,
             "-serial" => serial.push(parse_chardev("-serial", value)?),
             "-debugcon" => cfg.debugcon = parse_chardev("-debugcon", value)?,
-            "-global" => parse_global(&mut cfg, value)?,
+            "-global" => cfg.globals.push(
+                vmm::device::parse_global(value).map_err(|e| format!("-global {value}: {e}"))?,
+            ),
             "-display" => match value.split(',').next() {
                 Some("none") => {}
                 _ => {
@@ -428,46 +433,21 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 }
             }
             "-qtest-log" => cfg.qtest_log = Some(PathBuf::from(value)),
-            "-drive" => cfg.drives.push(
-                drives
-                    .parse_drive(value)
-                    .map_err(|e| format!("-drive {value}: {e}"))?,
-            ),
-            "-hda" | "-hdb" | "-hdc" | "-hdd" => {
-                let n = (opt.as_bytes()[3] - b'a') as u32;
-                cfg.drives.push(
-                    drives
-                        .hd(n, value)
-                        .map_err(|e| format!("{opt} {value}: {e}"))?,
-                );
-            }
-            "-cdrom" => cfg.drives.push(
-                drives
-                    .cdrom(value)
-                    .map_err(|e| format!("-cdrom {value}: {e}"))?,
-            ),
-            "-fda" | "-fdb" => {
-                let n = (opt.as_bytes()[3] - b'a') as u32;
-                cfg.drives.push(
-                    drives
-                        .fd(n, value)
-                        .map_err(|e| format!("{opt} {value}: {e}"))?,
-                );
+            // Drives are desugared once the machine is known: it decides
+            // how many units an IDE bus has.
+            "-drive" | "-hda" | "-hdb" | "-hdc" | "-hdd" | "-cdrom" | "-fda" | "-fdb" => {
+                drive_args.push((opt.clone(), value.to_string()))
             }
             "-blockdev" => cfg.blockdevs.push(value.to_string()),
             "-kernel" => kernel = Some(PathBuf::from(value)),
             "-initrd" => initrd = Some(value.to_string()),
             "-append" => append = Some(value.to_string()),
             "-smbios" => cfg.smbios.push(parse_smbios(value)?),
-            "-device" => {
-                let mut props = split_opts("-device", value, Some("driver"))?;
-                let driver = match props.first() {
-                    Some((k, d)) if k == "driver" && !d.is_empty() => d.clone(),
-                    _ => return Err(format!("-device {value}: missing the device type")),
-                };
-                props.remove(0);
-                cfg.devices.push(DeviceConfig { driver, props });
-            }
+            "-device" => match DeviceSpec::parse(value) {
+                Ok(DeviceArg::Spec(spec)) => cfg.devices.push(spec),
+                Ok(DeviceArg::Help(text)) => return Ok(Parsed::Print(text)),
+                Err(e) => return Err(format!("-device {value}: {e}")),
+            },
             "-object" => {
                 let props = split_opts("-object", value, Some("qom-type"))?;
                 let get = |k: &str| props.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v);
@@ -486,6 +466,18 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             }
             _ => return Err(format!("{opt}: invalid option")),
         }
+    }
+    let board = vmm::machine::board(&cfg);
+    let mut drives = block::drive::DriveTable::with_max_devs(|i| board.units_per_bus(i));
+    for (opt, value) in drive_args {
+        let spec = match opt.as_str() {
+            "-drive" => drives.parse_drive(&value),
+            "-cdrom" => drives.cdrom(&value),
+            o if o.starts_with("-hd") => drives.hd((o.as_bytes()[3] - b'a') as u32, &value),
+            o => drives.fd((o.as_bytes()[3] - b'a') as u32, &value),
+        };
+        cfg.drives
+            .push(spec.map_err(|e| format!("{opt} {value}: {e}"))?);
     }
     if snapshot {
         // QEMU: `-snapshot` is snapshot=on for every drive that does not
@@ -541,7 +533,7 @@ mod tests {
         assert_eq!(c.cpus, 4);
         assert!(c.serial.is_empty());
         assert_eq!(c.boot.order, "d");
-        assert_eq!(c.debugcon_iobase, 0x402);
+        assert_eq!(vmm::device::debugcon::iobase(&c.globals), Ok(0x402));
         assert_eq!(c.debugcon, Some(CharDev::File("/tmp/x".into())));
         let c = cfg("-machine pc,accel=qtest -qtest unix:/tmp/q,,x -serial none");
         assert_eq!(c.accel, Accel::Qtest);

@@ -52,7 +52,7 @@ fn bad_options() {
     );
     check(
         &["-device", "frob-dev", "-nodefaults"],
-        "-device frob-dev: unsupported device",
+        "-device frob-dev: 'frob-dev' is not a valid device model name",
     );
     check(&["-hdc", "a.img", "-cdrom", "b.iso"], "-cdrom b.iso");
     check(

@@ -37,7 +37,7 @@ fn bad_ide_command_lines() {
     check(&["-hdc", &a, "-cdrom", &b], "-cdrom");
     check(
         &["-drive", &format!("file={a},format=raw,if=ide,index=4")],
-        "ide.2",
+        "machine type does not support if=ide,bus=2",
     );
     check(
         &["-drive", &format!("file={a},format=raw,if=ide,unit=2")],
@@ -54,7 +54,7 @@ fn bad_ide_command_lines() {
             "-device",
             "ide-hd,drive=y,bus=ide.1,unit=0",
         ],
-        "already in use",
+        "IDE unit 0 is in use",
     );
     check(
         &[
@@ -65,7 +65,7 @@ fn bad_ide_command_lines() {
             "-device",
             "ide-cd,drive=y,bus=ide.0,unit=0",
         ],
-        "already in use",
+        "IDE unit 0 is in use",
     );
     check(&["-device", "ide-hd,bus=ide.0"], "drive property not set");
     check(
@@ -75,7 +75,7 @@ fn bad_ide_command_lines() {
             "-device",
             "ide-hd,drive=x,bus=ide.3",
         ],
-        "bus 'ide.3' not found",
+        "Bus 'ide.3' not found",
     );
     check(
         &["-drive", &none(&a, "x"), "-device", "ide-hd,drive=x,unit=5"],
@@ -83,7 +83,7 @@ fn bad_ide_command_lines() {
     );
     check(
         &["-drive", &none(&a, "x"), "-device", "ide-hd,drive=x,frob=1"],
-        "property 'frob' not found",
+        "Property 'ide-hd.frob' not found",
     );
     check(
         &[
@@ -132,5 +132,5 @@ fn bad_ide_command_lines() {
         args.push("-device");
         args.push(&devs[i]);
     }
-    check(&args, "no free IDE unit");
+    check(&args, "No 'IDE' bus found for device 'ide-cd'");
 }

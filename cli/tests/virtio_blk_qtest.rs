@@ -959,7 +959,7 @@ fn bad_properties_are_refused() {
     for (opts, want) in [
         (",queue-size=100", "queue-size"),
         (",iothread=nope", "iothread 'nope'"),
-        (",frob=1", "property 'frob'"),
+        (",frob=1", "Property 'virtio-blk-pci.frob' not found"),
         (",disable-legacy=on,disable-modern=on", "no interface"),
     ] {
         let drive = format!("file={},if=none,id=d0,format=raw", disk.display());

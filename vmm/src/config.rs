@@ -52,35 +52,10 @@ impl Default for BootConfig {
     }
 }
 
-/// One `-device` (or the device half of a `-drive`): the driver name and
-/// its properties, in the order given.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceConfig {
-    pub driver: String,
-    pub props: Vec<(String, String)>,
-}
-
-impl DeviceConfig {
-    pub fn prop(&self, key: &str) -> Option<&str> {
-        self.props
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// How the user would have written it, for error messages.
-    pub fn describe(&self) -> String {
-        let mut s = format!("-device {}", self.driver);
-        for (k, v) in &self.props {
-            s.push_str(&format!(",{k}={v}"));
-        }
-        s
-    }
-}
-
 #[derive(Clone, Debug)]
 pub struct MachineConfig {
+    /// The board (`-machine TYPE`), by canonical name.
+    pub machine: String,
     pub name: Option<String>,
     pub mem_size: u64,
     pub cpus: u32,
@@ -88,7 +63,6 @@ pub struct MachineConfig {
     pub bios: PathBuf,
     pub serial: Vec<CharDev>,
     pub debugcon: Option<CharDev>,
-    pub debugcon_iobase: u64,
     pub no_reboot: bool,
     /// `-S`: create the machine but do not start the vCPUs.
     pub paused: bool,
@@ -102,8 +76,10 @@ pub struct MachineConfig {
     pub drives: Vec<block::drive::DriveSpec>,
     /// `-blockdev` option texts (key=value or JSON), in order.
     pub blockdevs: Vec<String>,
-    /// `-device` options, in order.
-    pub devices: Vec<DeviceConfig>,
+    /// `-device` options, in order, parsed against the device table.
+    pub devices: Vec<crate::device::DeviceSpec>,
+    /// `-global` defaults, in order (a later one for the same property wins).
+    pub globals: Vec<crate::device::Global>,
     /// `-object iothread,id=` ids: one event loop thread each.
     pub iothreads: Vec<String>,
     /// `-kernel`, `-initrd` and `-append`: direct kernel boot.
@@ -131,6 +107,7 @@ pub const DEFAULT_BIOS: &str = "/usr/share/seabios/bios-256k.bin";
 impl Default for MachineConfig {
     fn default() -> Self {
         MachineConfig {
+            machine: "pc".into(),
             name: None,
             mem_size: 128 << 20,
             cpus: 1,
@@ -138,7 +115,6 @@ impl Default for MachineConfig {
             bios: PathBuf::from(DEFAULT_BIOS),
             serial: Vec::new(),
             debugcon: None,
-            debugcon_iobase: devices::legacy::debugcon::DEFAULT_IOBASE,
             no_reboot: false,
             paused: false,
             accel: Accel::Kvm,
@@ -148,6 +124,7 @@ impl Default for MachineConfig {
             drives: Vec::new(),
             blockdevs: Vec::new(),
             devices: Vec::new(),
+            globals: Vec::new(),
             iothreads: Vec::new(),
             kernel: None,
             bios_explicit: false,

@@ -17,8 +17,8 @@ use devices::system::NoSystem;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::MachineConfig;
+use crate::machine::{self, Host};
 use crate::memory::{self, Layout};
-use crate::pc::{self, Host};
 use crate::storage::Storage;
 
 struct Lines;
@@ -80,7 +80,7 @@ pub fn pc_io(data: &[u8]) {
     let Ok(storage) = Storage::open(&cfg) else {
         return;
     };
-    let Ok(pc) = pc::build_with(&cfg, host, &storage, layout, ram, rom) else {
+    let Ok(pc) = machine::board(&cfg).build_with(&cfg, host, &storage, layout, ram, rom) else {
         return;
     };
     for op in data.chunks_exact(8) {

@@ -6,14 +6,14 @@ pub mod acpi;
 pub mod boot;
 pub mod config;
 pub mod console;
+pub mod device;
 pub mod harness;
+pub mod iothread;
 pub mod kvm;
+pub mod machine;
 pub mod memory;
 pub mod monitor;
 pub mod mptable;
-pub mod pc;
-pub mod pc_ide;
-pub mod pc_virtio;
 pub mod qtest;
 pub mod smbios;
 pub mod storage;
@@ -39,7 +39,7 @@ pub enum VmmError {
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
-    Machine(#[from] pc::MachineError),
+    Machine(#[from] machine::MachineError),
     /// The guest did something fatal (an emulation failure, for example).
     #[error("{0}")]
     Guest(String),
@@ -156,9 +156,9 @@ impl Consoles {
         irq: Arc<dyn devices::irq::IrqChip>,
         events: &EventSender,
         clock: Arc<dyn devices::clock::Clock>,
-    ) -> pc::Host {
-        let (msi, ioevents) = pc::Host::default_msi_io();
-        pc::Host {
+    ) -> machine::Host {
+        let (msi, ioevents) = machine::Host::default_msi_io();
+        machine::Host {
             msi,
             ioevents,
             irq,
@@ -172,7 +172,7 @@ impl Consoles {
         }
     }
 
-    fn attach(&self, pc: &pc::Pc) {
+    fn attach(&self, pc: &machine::Machine) {
         for (i, c) in self.serial.iter().enumerate() {
             c.attach(pc.uarts.get(i).cloned());
         }
@@ -278,11 +278,11 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
         );
         host.msi = Some(Arc::new(kvm::KvmMsi(vm.clone())));
         host.ioevents = Arc::new(kvm::KvmIoEvents(vm.clone()));
-        let pc = Arc::new(pc::build(&cfg, host, &storage)?);
+        let pc = Arc::new(machine::board(&cfg).build(&cfg, host, &storage)?);
         consoles.attach(&pc);
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;
         kvm::map_memory(&vm, &pc.rom, next, kvm::supports_readonly_mem(&vm))?;
-        let vcpus = vcpu::create(&kvm, &vm, cfg.cpus)?;
+        let vcpus = vcpu::create(&kvm, &vm, pc.cpus)?;
         if let (Some(entry), Some(v0)) = (&pc.boot_entry, vcpus.first()) {
             vcpu::set_boot_state(v0, entry)?;
         }

@@ -20,7 +20,7 @@ use devices::irq::{IrqChip, IrqLine};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{CharDev, MachineConfig};
-use crate::pc::{self, Pc};
+use crate::machine::{self, Machine};
 use crate::{Consoles, EventSender, VmEvent, VmmError};
 
 type Out = Arc<Mutex<Box<dyn Write + Send>>>;
@@ -116,9 +116,9 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
     let events = EventSender(tx);
     let consoles = Consoles::open(&cfg, &events)?;
     let storage = crate::storage::Storage::open(&cfg)?;
-    let build = || -> Result<Pc, VmmError> {
+    let build = || -> Result<Machine, VmmError> {
         let host = consoles.host(Arc::new(ChipHandle(chip.clone())), &events, clock.clone());
-        let pc = pc::build(&cfg, host, &storage)?;
+        let pc = machine::board(&cfg).build(&cfg, host, &storage)?;
         consoles.attach(&pc);
         Ok(pc)
     };
@@ -158,7 +158,7 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
 }
 
 struct Session<'a> {
-    pc: &'a Pc,
+    pc: &'a Machine,
     chip: &'a QtestIrqChip,
     clock: &'a ManualClock,
 }

@@ -15,7 +15,7 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::pc::Pc;
+use crate::machine::Machine;
 use crate::{EventSender, VmEvent, VmmError};
 
 /// Builds the CPUID a vCPU sees: what KVM supports, with the topology
@@ -91,7 +91,7 @@ enum Fatal {
 pub fn run(
     mut vcpu: VcpuFd,
     id: u32,
-    pc: Arc<Pc>,
+    pc: Arc<Machine>,
     stop: Arc<AtomicBool>,
     gate: Arc<crate::VcpuGate>,
     events: EventSender,
@@ -169,7 +169,7 @@ pub fn run(
     }
 }
 
-fn internal_error_report(vcpu: &mut VcpuFd, id: u32, pc: &Pc) -> String {
+fn internal_error_report(vcpu: &mut VcpuFd, id: u32, pc: &Machine) -> String {
     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is
     // the union member KVM filled in.
     let internal = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
@@ -185,7 +185,7 @@ fn internal_error_report(vcpu: &mut VcpuFd, id: u32, pc: &Pc) -> String {
 }
 
 /// The registers and the code bytes at RIP, for fatal-exit reports.
-pub fn registers(vcpu: &VcpuFd, pc: &Pc) -> String {
+pub fn registers(vcpu: &VcpuFd, pc: &Machine) -> String {
     let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
         return "  (registers unavailable)".into();
     };

@@ -10,6 +10,10 @@ fn main() {
             print!("{USAGE}");
             0
         }
+        Ok(Parsed::Print(text)) => {
+            print!("{text}");
+            0
+        }
         Ok(Parsed::Version) => {
             println!("Strata emulator version {}", env!("CARGO_PKG_VERSION"));
             0

@@ -59,7 +59,7 @@ impl AcpiConfig {
         }) || cfg
             .devices
             .iter()
-            .any(|d| d.driver == "isa-fdc" || d.driver == "floppy");
+            .any(|d| d.ty.name == "isa-fdc" || d.ty.name == "floppy");
         AcpiConfig {
             cpus: cfg.cpus,
             below_4g: layout.below_4g,

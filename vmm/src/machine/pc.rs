@@ -18,52 +18,38 @@
 //!
 //! The PIC, IOAPIC, LAPICs and PIT are KVM's in-kernel ones; they are not
 //! built here.
+//!
+//! Buses for `-device`: `pci.0`, and `ide.0`/`ide.1` (two units each).
+//! `-drive if=ide` becomes `ide-hd`/`ide-cd` on `ide.N`, `if=virtio` a
+//! `virtio-blk-pci`.
 
-use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use block::drive::{DriveSpec, Interface, Media};
 use devices::bootorder::BootOrder;
 use devices::bus::{Bus, SharedDevice};
 use devices::chipset::{
     i440fx::I440fx, piix3::Elcr, piix3::Piix3, piix3::PirqRouter, piix4_pm::Piix4Pm,
 };
-use devices::clock::Clock;
-use devices::irq::IrqChip;
+use devices::irq::IrqLine;
 use devices::legacy::{
     cmos::Cmos, debugcon::Debugcon, fw_cfg, fw_cfg::FwCfg, i8042::I8042, port92::Port92,
     serial::Uart,
 };
 use devices::pci::msix::MsiSender;
 use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
-use devices::system::SystemControl;
-use devices::virtio::{IoEventRegistrar, NoIoEvents};
 use devices::GuestMem;
 
-use crate::boot::{self, EntryState};
-use crate::config::{DeviceConfig, MachineConfig};
-use crate::memory::{self, Layout};
-use crate::pc_virtio::IoThreads;
+use super::{piix_ide, Board, Host, Machine, MachineError};
+use crate::boot;
+use crate::config::MachineConfig;
+use crate::device::{self, AttachCtx, BusKind, Buses, DeviceSpec, PciIntx, Port, PropValue};
+use crate::iothread::IoThreads;
+use crate::memory::Layout;
 use crate::storage::Storage;
 
 pub const SERIAL_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
 pub const SCI_IRQ: u32 = 9;
-
-/// What the machine is connected to outside itself.
-pub struct Host {
-    pub irq: Arc<dyn IrqChip>,
-    pub system: Arc<dyn SystemControl>,
-    pub clock: Arc<dyn Clock>,
-    /// One output per `-serial`, in COM order.
-    pub serial_out: Vec<Box<dyn Write + Send>>,
-    pub debugcon_out: Option<Box<dyn Write + Send>>,
-    /// Guest wall-clock time at start, Unix seconds.
-    pub rtc_start: i64,
-    /// MSI delivery; `None` writes each message into guest memory, as a
-    /// bus-master write would land without an APIC (qtest).
-    pub msi: Option<Arc<dyn MsiSender>>,
-    /// Binds virtio notify addresses to eventfds (KVM ioeventfd).
-    pub ioevents: Arc<dyn IoEventRegistrar>,
-}
 
 /// MSI messages as plain memory writes: what QEMU's qtest virtio tests
 /// observe (they point the MSI-X address at RAM and poll it).
@@ -74,38 +60,6 @@ impl MsiSender for RamMsi {
         use vm_memory::{Bytes, GuestAddress};
         let _ = self.0.write_obj(data, GuestAddress(addr));
     }
-}
-
-impl Host {
-    /// The parts of a host that only KVM provides, as qtest has them.
-    pub fn default_msi_io() -> (Option<Arc<dyn MsiSender>>, Arc<dyn IoEventRegistrar>) {
-        (None, Arc::new(NoIoEvents))
-    }
-}
-
-pub struct Pc {
-    pub io: Bus,
-    pub mmio: Bus,
-    pub ram: GuestMem,
-    pub rom: GuestMem,
-    pub layout: Layout,
-    pub pci: Arc<PciBus>,
-    pub uarts: Vec<Arc<Mutex<Uart>>>,
-    pub cmos: Arc<Mutex<Cmos>>,
-    pub fw_cfg: Arc<Mutex<FwCfg>>,
-    /// Where vCPU 0 starts on the direct-boot path (`None`: at the reset
-    /// vector, in firmware).
-    pub boot_entry: Option<EntryState>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum MachineError {
-    #[error(transparent)]
-    Memory(#[from] memory::MemoryError),
-    #[error("{0}")]
-    Config(String),
-    #[error(transparent)]
-    Boot(#[from] boot::BootError),
 }
 
 fn shared<T: devices::BusDevice + 'static>(d: T) -> Arc<Mutex<T>> {
@@ -123,36 +77,135 @@ fn add_io(
         .map_err(|_| MachineError::Config(format!("{what}: I/O port {base:#x} is already in use")))
 }
 
-pub fn build(cfg: &MachineConfig, host: Host, storage: &Storage) -> Result<Pc, MachineError> {
-    let layout = Layout::new(cfg.mem_size);
-    let ram = memory::allocate_ram(&layout)?;
-    // Direct kernel boot runs no firmware: a page of `hlt` stands in.
-    let rom = if boot::is_direct(cfg) {
-        memory::halt_rom()?
-    } else {
-        memory::load_bios(&cfg.bios, &ram)?
-    };
-    build_with(cfg, host, storage, layout, ram, rom)
+/// PCI INTx through the PIIX3 PIRQ router.
+impl PciIntx for Arc<PirqRouter> {
+    fn line(&self, slot: u8, pin: u8) -> Arc<dyn IrqLine> {
+        PirqRouter::line(self, slot, pin)
+    }
 }
 
-/// [`build`] with memory already allocated and the firmware mapped.
-pub fn build_with(
+/// QEMU's `pc` (`pc-i440fx-*`).
+pub struct PcBoard;
+pub static PC: PcBoard = PcBoard;
+
+/// QEMU's newest `pc-i440fx-*` version, which `pc` stands for.
+const VERSION: &str = "7.2";
+
+impl Board for PcBoard {
+    fn name(&self) -> &'static str {
+        "pc"
+    }
+    fn desc(&self) -> &'static str {
+        "Standard PC (i440FX + PIIX, 1996)"
+    }
+    fn matches(&self, name: &str) -> bool {
+        // Every versioned type is the same board here: Strata has no
+        // compatibility properties to change between them.
+        name == "pc"
+            || name.strip_prefix("pc-i440fx-").is_some_and(|v| {
+                v.split_once('.').is_some_and(|(a, b)| {
+                    !a.is_empty()
+                        && !b.is_empty()
+                        && a.bytes().all(|c| c.is_ascii_digit())
+                        && b.bytes().all(|c| c.is_ascii_digit())
+                })
+            })
+    }
+    fn help_aliases(&self) -> Vec<String> {
+        vec![format!("pc-i440fx-{VERSION}")]
+    }
+    fn drive_device(&self, drive: &DriveSpec) -> Result<Option<DeviceSpec>, String> {
+        let Some(d) = &drive.device else {
+            return Ok(None);
+        };
+        let mut props = vec![("drive", PropValue::Str(drive.id.clone()))];
+        if let Some(s) = &d.serial {
+            props.push(("serial", PropValue::Str(s.clone())));
+        }
+        let origin = format!("-drive {}", drive.text);
+        let (ty, bus) = match (d.interface, d.media) {
+            (Interface::Ide, media) => {
+                if d.bus > 1 {
+                    return Err(format!(
+                        "machine type does not support if=ide,bus={},unit={}",
+                        d.bus, d.unit
+                    ));
+                }
+                props.push(("unit", PropValue::Uint(d.unit as u64)));
+                if let Some([c, h, s]) = d.chs {
+                    props.push(("cyls", PropValue::Uint(c as u64)));
+                    props.push(("heads", PropValue::Uint(h as u64)));
+                    props.push(("secs", PropValue::Uint(s as u64)));
+                }
+                if let Some(t) = &d.trans {
+                    let def = device::ide::IDE_HD.prop("bios-chs-trans");
+                    let v = def.ok_or("bios-chs-trans")?.ty.parse("trans", t)?;
+                    props.push(("bios-chs-trans", v));
+                }
+                let ty = if media == Media::Cdrom {
+                    "ide-cd"
+                } else {
+                    "ide-hd"
+                };
+                (ty, Some(format!("ide.{}", d.bus)))
+            }
+            (Interface::Virtio, _) => {
+                if let Some(a) = &d.addr {
+                    props.push(("addr", device::PropType::PciDevfn.parse("addr", a)?));
+                }
+                ("virtio-blk-pci", None)
+            }
+            (iface, _) => {
+                return Err(format!(
+                    "machine type does not support if={},bus={},unit={}",
+                    iface.name(),
+                    d.bus,
+                    d.unit
+                ))
+            }
+        };
+        let mut spec = DeviceSpec::new(ty, bus, props, origin)?;
+        if ty == "ide-cd" {
+            // ide-cd has no CHS properties: -drive's are for disks.
+            spec.props
+                .retain(|k, _| !["cyls", "heads", "secs", "bios-chs-trans"].contains(k));
+        }
+        Ok(Some(spec))
+    }
+    fn build_with(
+        &self,
+        cfg: &MachineConfig,
+        host: Host,
+        storage: &Storage,
+        layout: Layout,
+        ram: GuestMem,
+        rom: GuestMem,
+    ) -> Result<Machine, MachineError> {
+        build_with(cfg, host, storage, layout, ram, rom)
+    }
+}
+
+/// Builds the `pc` with memory already allocated and the firmware mapped.
+fn build_with(
     cfg: &MachineConfig,
     host: Host,
     storage: &Storage,
     layout: Layout,
     ram: GuestMem,
     rom: GuestMem,
-) -> Result<Pc, MachineError> {
+) -> Result<Machine, MachineError> {
     let direct = boot::is_direct(cfg);
     let mut io = Bus::new();
     let mut mmio = Bus::new();
+    let mut buses = Buses::new();
 
     // PCI.
     let pci = PciBus::new();
+    buses.register("pci.0", BusKind::Pci, 0, Port::Pci(pci.clone()));
     let err = MachineError::Config;
     pci.add(0, 0, Arc::new(Mutex::new(I440fx::new())))
         .map_err(err)?;
+    buses.occupy("pci.0", 0, "i440FX");
     let pirq = PirqRouter::new(host.irq.clone());
     let mut piix3 = Piix3::with_router(pirq.clone());
     let mut pm = Piix4Pm::new(
@@ -166,12 +219,14 @@ pub fn build_with(
         boot::init_chipset(&mut piix3, &mut pm);
     }
     pci.add(1, 0, Arc::new(Mutex::new(piix3))).map_err(err)?;
-    let ide = crate::pc_ide::create(&mut io, &pci, &ram, host.irq.as_ref())?;
+    buses.occupy("pci.0", 1 << 3, "PIIX3");
+    let ide = piix_ide::create(&mut io, &pci, &mut buses, &ram, host.irq.as_ref())?;
     if direct {
         boot::init_ide(&mut devices::bus::lock(&ide));
     }
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
+    buses.occupy("pci.0", 1 << 3 | 3, "PIIX4_PM");
     add_io(
         &mut io,
         0xcf8,
@@ -229,13 +284,8 @@ pub fn build_with(
         uarts.push(u);
     }
     if let Some(out) = host.debugcon_out {
-        add_io(
-            &mut io,
-            cfg.debugcon_iobase,
-            1,
-            shared(Debugcon::new(out)),
-            "-debugcon",
-        )?;
+        let iobase = device::debugcon::iobase(&cfg.globals).map_err(MachineError::Config)?;
+        add_io(&mut io, iobase, 1, shared(Debugcon::new(out)), "-debugcon")?;
     }
 
     let mut boot_order = BootOrder::new();
@@ -248,21 +298,31 @@ pub fn build_with(
     let mut ctx = AttachCtx {
         io: &mut io,
         mmio: &mut mmio,
-        pci: &pci,
+        buses: &mut buses,
         ram: &ram,
         irq: host.irq.as_ref(),
+        intx: &pirq,
         boot_order: &mut boot_order,
-        cmos: &cmos,
-        ide: &ide,
-        used_drives: Vec::new(),
-        pirq: &pirq,
         msi,
         ioevents: host.ioevents.clone(),
         iothreads: &mut iothreads,
         cpus: cfg.cpus,
+        storage,
+        globals: &cfg.globals,
+        used_drives: Vec::new(),
     };
-    for dev in &storage.devices {
-        attach(&mut ctx, dev, storage)?;
+    // The devices of `-drive if=...` first, as QEMU's board init creates
+    // them before the `-device`s.
+    for d in storage.drives() {
+        if let Some(spec) = PC
+            .drive_device(d)
+            .map_err(|e| MachineError::Config(format!("-drive {}: {e}", d.text)))?
+        {
+            device::realize(&mut ctx, &spec).map_err(MachineError::Config)?;
+        }
+    }
+    for spec in &cfg.devices {
+        device::realize(&mut ctx, spec).map_err(MachineError::Config)?;
     }
     let fw_cfg = shared(FwCfg::new(Some(ram.clone())));
     {
@@ -302,81 +362,23 @@ pub fn build_with(
         "fw_cfg",
     )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
-    crate::pc_ide::fill_cmos(&ide, &mut cmos.lock().unwrap());
+    piix_ide::fill_cmos(&ide, &mut cmos.lock().unwrap());
     let boot_entry = if direct {
         Some(boot::setup(cfg, &ram, &layout)?)
     } else {
         None
     };
 
-    Ok(Pc {
+    Ok(Machine {
         io,
         mmio,
         ram,
         rom,
         layout,
-        pci,
         uarts,
-        cmos,
-        fw_cfg,
         boot_entry,
+        cpus: cfg.cpus,
     })
-}
-
-/// What a device being attached may touch.
-pub struct AttachCtx<'a> {
-    pub io: &'a mut Bus,
-    pub mmio: &'a mut Bus,
-    pub pci: &'a Arc<PciBus>,
-    pub ram: &'a GuestMem,
-    pub irq: &'a dyn IrqChip,
-    pub boot_order: &'a mut BootOrder,
-    pub cmos: &'a Arc<Mutex<Cmos>>,
-    /// The PIIX3 IDE function at 00:01.1.
-    pub ide: &'a Arc<Mutex<devices::ide::PiixIde>>,
-    /// Drives already attached to a device: a drive serves one device.
-    pub used_drives: Vec<String>,
-    /// PCI INTx routing (PIIX3 PIRQ registers).
-    pub pirq: &'a Arc<PirqRouter>,
-    pub msi: Arc<dyn MsiSender>,
-    pub ioevents: Arc<dyn IoEventRegistrar>,
-    pub iothreads: &'a mut IoThreads,
-    pub cpus: u32,
-}
-
-impl AttachCtx<'_> {
-    /// Claims `dev`'s `drive=` for it and returns the backend (`None` for an
-    /// empty drive or no `drive=`).
-    pub fn claim_drive(
-        &mut self,
-        dev: &DeviceConfig,
-        storage: &Storage,
-    ) -> Result<Option<Arc<block::backend::BlockBackend>>, MachineError> {
-        if let Some(name) = dev.prop("drive") {
-            if self.used_drives.iter().any(|d| d == name) {
-                return Err(MachineError::Config(format!(
-                    "{}: drive '{name}' is already in use by another device",
-                    dev.describe()
-                )));
-            }
-            self.used_drives.push(name.to_string());
-        }
-        storage
-            .backend(dev)
-            .map_err(|e| MachineError::Config(e.to_string()))
-    }
-}
-
-/// Creates one `-device` (or `-drive`'s device) on the machine. Each device
-/// family adds its arm here and keeps its wiring in a module of its own.
-fn attach(ctx: &mut AttachCtx, dev: &DeviceConfig, storage: &Storage) -> Result<(), MachineError> {
-    match dev.driver.as_str() {
-        "ide-hd" | "ide-cd" => crate::pc_ide::attach(ctx, dev, storage),
-        "virtio-blk-pci" => crate::pc_virtio::attach_virtio_blk(ctx, dev, storage),
-        other => Err(MachineError::Config(format!(
-            "-device {other}: unsupported device on the pc machine"
-        ))),
-    }
 }
 
 /// Port 0x64 is the same controller as port 0x60; the bus wants one range

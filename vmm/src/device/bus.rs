@@ -1,0 +1,255 @@
+//! The buses of a machine: controllers register them by name (`pci.0`,
+//! `ide.0`, later `ahci0.0`, `scsi0.0`, `usb-bus.0`), with their kind and
+//! unit count, and every device is placed through [`Buses::place`], which
+//! checks `bus=`, `unit=` and `addr=` in one place with QEMU's errors.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use devices::pci::PciBus;
+
+use super::Device;
+
+/// What plugs into a bus; `-device X,help` and `-device help` print the
+/// name (`bus PCI`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusKind {
+    /// Machine-internal devices with no bus of their own.
+    System,
+    Pci,
+    Isa,
+    Ide,
+}
+
+impl BusKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BusKind::System => "System",
+            BusKind::Pci => "PCI",
+            BusKind::Isa => "ISA",
+            BusKind::Ide => "IDE",
+        }
+    }
+
+    /// The property that picks the unit on a bus of this kind.
+    fn unit_prop(self) -> Option<&'static str> {
+        match self {
+            BusKind::Pci => Some("addr"),
+            BusKind::Ide => Some("unit"),
+            BusKind::System | BusKind::Isa => None,
+        }
+    }
+}
+
+/// The controller side of an IDE bus (a PIIX channel; later an AHCI port):
+/// what an `ide-hd`/`ide-cd` needs to attach itself.
+pub trait IdeBus: Send + Sync {
+    /// Puts a drive on `unit`.
+    fn attach(&self, unit: u32, drive: devices::ide::DriveConfig) -> Result<(), String>;
+    /// The OpenFirmware path of `unit`, for `bootorder`.
+    fn boot_path(&self, unit: u32) -> String;
+    /// The drive's number on the controller (its default serial number).
+    fn drive_index(&self, unit: u32) -> u32;
+}
+
+/// The controller behind a bus.
+#[derive(Clone)]
+pub enum Port {
+    Pci(Arc<PciBus>),
+    Ide(Arc<dyn IdeBus>),
+    None,
+}
+
+struct Bus {
+    kind: BusKind,
+    /// Units the bus has (`0`: as many as the unit numbers allow).
+    units: u32,
+    port: Port,
+    /// Occupied units and who holds them.
+    used: BTreeMap<u32, String>,
+}
+
+/// Where a device was placed.
+pub struct Placement {
+    pub bus: String,
+    pub unit: u32,
+    pub port: Port,
+}
+
+impl Placement {
+    /// PCI slot and function of a unit on a PCI bus (`devfn`).
+    pub fn devfn(&self) -> (u8, u8) {
+        ((self.unit >> 3) as u8, (self.unit & 7) as u8)
+    }
+}
+
+/// The named buses of one machine generation, in registration order.
+#[derive(Default)]
+pub struct Buses {
+    order: Vec<String>,
+    buses: BTreeMap<String, Bus>,
+}
+
+/// QEMU leaves the first PCI slots to the board; a device without `addr=`
+/// goes to the first free function 0 from here on.
+const FIRST_AUTO_SLOT: u32 = 0;
+
+impl Buses {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a bus; `units` is its unit count (0: unbounded).
+    pub fn register(&mut self, name: &str, kind: BusKind, units: u32, port: Port) {
+        if self
+            .buses
+            .insert(
+                name.to_string(),
+                Bus {
+                    kind,
+                    units,
+                    port,
+                    used: BTreeMap::new(),
+                },
+            )
+            .is_none()
+        {
+            self.order.push(name.to_string());
+        }
+    }
+
+    /// Marks a unit taken by a device the board built itself.
+    pub fn occupy(&mut self, bus: &str, unit: u32, what: &str) {
+        if let Some(b) = self.buses.get_mut(bus) {
+            b.used.insert(unit, what.to_string());
+        }
+    }
+
+    /// The bus names, for messages.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.order.iter().map(String::as_str)
+    }
+
+    /// The port of a bus, by name.
+    pub fn port(&self, name: &str) -> Option<Port> {
+        self.buses.get(name).map(|b| b.port.clone())
+    }
+
+    fn is_full(b: &Bus) -> bool {
+        b.units != 0 && b.used.len() as u32 >= b.units
+    }
+
+    /// Places `dev` on a bus of its type's kind: `bus=` if given (it must
+    /// exist and be of the right kind), else the first bus with room; the
+    /// unit from the kind's unit property if given, else the first free
+    /// one. The unit is marked used.
+    pub fn place(&mut self, dev: &Device) -> Result<Placement, String> {
+        let kind = dev.ty.bus;
+        let ty = dev.ty.name;
+        let unit_prop = kind.unit_prop();
+        let wanted: Option<u32> = match kind {
+            BusKind::Pci => dev
+                .props
+                .devfn("addr")
+                .map(|(s, f)| (s as u32) << 3 | f as u32),
+            // `unit=-1` (QEMU's default) is "pick one".
+            BusKind::Ide => dev
+                .props
+                .uint("unit")
+                .filter(|&u| u != u32::MAX as u64)
+                .map(|u| u as u32),
+            _ => None,
+        };
+        let name = match dev.spec.bus.as_deref() {
+            Some(n) => {
+                let b = self
+                    .buses
+                    .get(n)
+                    .ok_or_else(|| format!("Bus '{n}' not found"))?;
+                if b.kind != kind {
+                    return Err(format!("Device '{ty}' can't go on {} bus", b.kind.name()));
+                }
+                if wanted.is_none() && Self::is_full(b) {
+                    return Err(format!("Bus '{n}' is full"));
+                }
+                n.to_string()
+            }
+            None => {
+                let fits = |b: &Bus| match wanted {
+                    Some(u) => !b.used.contains_key(&u) && (b.units == 0 || u < b.units),
+                    None => !Self::is_full(b),
+                };
+                let of_kind = || {
+                    self.order
+                        .iter()
+                        .filter(|n| self.buses.get(*n).is_some_and(|b| b.kind == kind))
+                };
+                match of_kind()
+                    .find(|n| fits(&self.buses[*n]))
+                    .or_else(|| of_kind().next())
+                {
+                    Some(n) => n.clone(),
+                    None => {
+                        return Err(format!("No '{}' bus found for device '{ty}'", kind.name()))
+                    }
+                }
+            }
+        };
+        let bus = self.buses.get_mut(&name).expect("bus chosen above");
+        let unit = match wanted {
+            Some(u) => {
+                if bus.units != 0 && u >= bus.units {
+                    return Err(match kind {
+                        BusKind::Ide => format!(
+                            "Can't create IDE unit {u}, bus supports only {} units",
+                            bus.units
+                        ),
+                        _ => format!("{}: unit {u} out of range", unit_prop.unwrap_or("unit")),
+                    });
+                }
+                if let Some(holder) = bus.used.get(&u) {
+                    return Err(match kind {
+                        BusKind::Pci => format!(
+                            "PCI: slot {} function {} not available for {ty}, in use by {holder}",
+                            u >> 3,
+                            u & 7
+                        ),
+                        BusKind::Ide => format!("IDE unit {u} is in use"),
+                        _ => format!("unit {u} on bus '{name}' is in use by {holder}"),
+                    });
+                }
+                u
+            }
+            None => {
+                let step = if kind == BusKind::Pci { 8 } else { 1 };
+                let first = if kind == BusKind::Pci {
+                    FIRST_AUTO_SLOT
+                } else {
+                    0
+                };
+                let limit = match (kind, bus.units) {
+                    (BusKind::Pci, _) => 32 * 8,
+                    (_, 0) => u32::MAX,
+                    (_, n) => n,
+                };
+                (first..limit)
+                    .step_by(step)
+                    .find(|u| !bus.used.contains_key(u))
+                    .ok_or_else(|| match kind {
+                        BusKind::Pci => format!("PCI: no slot available for {ty}"),
+                        _ => format!("Bus '{name}' is full"),
+                    })?
+            }
+        };
+        let holder = match &dev.spec.id {
+            Some(id) => format!("{ty},id={id}"),
+            None => ty.to_string(),
+        };
+        bus.used.insert(unit, holder);
+        Ok(Placement {
+            bus: name,
+            unit,
+            port: bus.port.clone(),
+        })
+    }
+}
