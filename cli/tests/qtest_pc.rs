@@ -141,6 +141,32 @@ fn pci_ids_through_cf8_cfc() {
     assert_eq!(q.inb(0x4d1), 0x0c);
 }
 
+/// CONFIG_ADDRESS bits 1:0 are kept and OR-ed into the register number, as
+/// in QEMU: libqtest reads a word at register 2 with `outl 0xcf8, ...02;
+/// inw 0xcfc`.
+#[test]
+fn cf8_bits_1_0_pick_the_register() {
+    support::require_bios();
+    let mut q = Qtest::start(&[]);
+    // 00:01.1 is the PIIX3 IDE function: register 2 is its device ID.
+    q.outl(0xcf8, 0x8000_0902);
+    assert_eq!(q.inw(0xcfc), 0x7010, "device ID, not vendor ID");
+    assert_eq!(q.inl(0xcf8), 0x8000_0902, "CONFIG_ADDRESS reads back whole");
+
+    // IDETIM of the secondary channel (registers 0x42-0x43, the upper
+    // half of the dword at 0x40) is a writable 16-bit register.
+    q.outl(0xcf8, 0x8000_0942);
+    q.outw(0xcfc, 0x8123);
+    assert_eq!(q.inw(0xcfc), 0x8123);
+    // The same register through the data port's own offset.
+    q.outl(0xcf8, 0x8000_0940);
+    q.outw(0xcfe, 0x8456);
+    assert_eq!(q.inw(0xcfe), 0x8456);
+    q.outl(0xcf8, 0x8000_0942);
+    assert_eq!(q.inw(0xcfc), 0x8456);
+    assert_eq!(q.pci_read32(1, 1, 0x40) >> 16, 0x8456);
+}
+
 #[test]
 fn pm_device_and_timer() {
     support::require_bios();

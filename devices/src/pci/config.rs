@@ -1,6 +1,12 @@
 //! A type-0 PCI configuration header (PCI Local Bus Spec 3.0, section 6.1),
 //! with per-byte write masks so that read-only fields stay read-only, and BAR
 //! sizing (section 6.2.5.1): writing all ones reads back the size mask.
+//!
+//! Every function stores 4 KiB, the size of a PCI Express function's
+//! configuration space (PCIe Base Spec, section 7.2.2), but a conventional
+//! function only has the first 256 bytes: [`PciConfig::size`] is 256 until
+//! [`PciConfig::set_extended`] is called. Guest accesses past the size read
+//! as all ones and writes there are dropped, whatever the offset and length.
 
 use super::Space;
 use crate::bus::{le_value, put_le};
@@ -17,6 +23,11 @@ pub const CAP_START: u16 = 0x40;
 pub const BAR0: u16 = 0x10;
 pub const INTERRUPT_LINE: u16 = 0x3c;
 pub const INTERRUPT_PIN: u16 = 0x3d;
+
+/// Configuration space of a conventional PCI function.
+pub const CONFIG_SPACE_SIZE: u16 = 256;
+/// Configuration space of a PCI Express function (and what is stored).
+pub const EXT_CONFIG_SPACE_SIZE: u16 = 4096;
 
 pub const CMD_IO: u16 = 1 << 0;
 pub const CMD_MEM: u16 = 1 << 1;
@@ -45,8 +56,10 @@ impl Bar {
 }
 
 pub struct PciConfig {
-    bytes: [u8; 256],
-    wmask: [u8; 256],
+    bytes: [u8; EXT_CONFIG_SPACE_SIZE as usize],
+    wmask: [u8; EXT_CONFIG_SPACE_SIZE as usize],
+    /// What the guest can reach: 256 or 4096 bytes.
+    size: u16,
     bars: [Option<(BarKind, u64)>; 6],
     /// Where the next capability goes, and the last one added (to link it).
     next_cap: u16,
@@ -56,8 +69,9 @@ pub struct PciConfig {
 impl PciConfig {
     pub fn new(vendor: u16, device: u16, class: u32, revision: u8) -> Self {
         let mut c = PciConfig {
-            bytes: [0; 256],
-            wmask: [0; 256],
+            bytes: [0; EXT_CONFIG_SPACE_SIZE as usize],
+            wmask: [0; EXT_CONFIG_SPACE_SIZE as usize],
+            size: CONFIG_SPACE_SIZE,
             bars: [None; 6],
             next_cap: CAP_START,
             last_cap: None,
@@ -74,6 +88,18 @@ impl PciConfig {
         c.wmask[0x0d] = 0xff; // latency timer
         c.wmask[INTERRUPT_LINE as usize] = 0xff;
         c
+    }
+
+    /// Gives the function the 4 KiB configuration space of a PCI Express
+    /// function; bytes 0x100 up read as 0 (no extended capabilities) until
+    /// something is put there.
+    pub fn set_extended(&mut self) {
+        self.size = EXT_CONFIG_SPACE_SIZE;
+    }
+
+    /// How many bytes of configuration space the guest can reach.
+    pub fn size(&self) -> u16 {
+        self.size
     }
 
     pub fn set_multifunction(&mut self) {
@@ -115,8 +141,9 @@ impl PciConfig {
     pub fn add_capability(&mut self, id: u8, body: &[u8]) -> u16 {
         let off = self.next_cap;
         let len = 2 + body.len() as u16;
+        // The list's 8-bit pointers reach only the first 256 bytes.
         assert!(
-            off + len <= 256,
+            off + len <= CONFIG_SPACE_SIZE,
             "PCI capability list overflows config space"
         );
         self.bytes[off as usize] = id;
@@ -134,7 +161,9 @@ impl PciConfig {
         off
     }
 
-    /// Sets the write mask of `len` bytes at `offset` to `mask`.
+    /// Sets the write mask of `len` bytes at `offset` to `mask`. These and
+    /// the `set_*` helpers below are for the device model and panic past
+    /// 4 KiB, which only a programming error can cause.
     pub fn set_wmask(&mut self, offset: u16, mask: &[u8]) {
         for (i, &m) in mask.iter().enumerate() {
             self.wmask[offset as usize + i] = m;
@@ -148,16 +177,22 @@ impl PciConfig {
         }
     }
 
+    /// A guest read: bytes past [`Self::size`] read as 0xff.
     pub fn read(&self, offset: u16, data: &mut [u8]) {
+        let size = self.size as usize;
         for (i, b) in data.iter_mut().enumerate() {
-            *b = self.bytes.get(offset as usize + i).copied().unwrap_or(0xff);
+            let o = offset as usize + i;
+            *b = if o < size { self.bytes[o] } else { 0xff };
         }
     }
 
+    /// A guest write through the write masks: bytes past [`Self::size`]
+    /// are dropped.
     pub fn write(&mut self, offset: u16, data: &[u8]) {
+        let size = self.size as usize;
         for (i, &v) in data.iter().enumerate() {
             let o = offset as usize + i;
-            if o < 256 {
+            if o < size {
                 let m = self.wmask[o];
                 self.bytes[o] = (self.bytes[o] & !m) | (v & m);
             }
@@ -177,14 +212,26 @@ impl PciConfig {
         Some(Bar { kind, size, base })
     }
 
+    /// The stored bytes at `o` (for the device model, whatever
+    /// [`Self::size`] says); bytes past the 4 KiB read as 0xff.
+    fn stored(&self, o: u16, len: usize) -> u64 {
+        let mut b = [0xffu8; 4];
+        for (i, v) in b[..len].iter_mut().enumerate() {
+            if let Some(&x) = self.bytes.get(o as usize + i) {
+                *v = x;
+            }
+        }
+        le_value(&b[..len])
+    }
+
     pub fn u8(&self, o: u16) -> u8 {
-        self.bytes[o as usize]
+        self.stored(o, 1) as u8
     }
     pub fn u16(&self, o: u16) -> u16 {
-        le_value(&self.bytes[o as usize..o as usize + 2]) as u16
+        self.stored(o, 2) as u16
     }
     pub fn u32(&self, o: u16) -> u32 {
-        le_value(&self.bytes[o as usize..o as usize + 4]) as u32
+        self.stored(o, 4) as u32
     }
     pub fn set_u8(&mut self, o: u16, v: u8) {
         self.bytes[o as usize] = v;
@@ -246,6 +293,42 @@ mod tests {
         let mut d = [0u8; 4];
         c.read(0xfe, &mut d);
         assert_eq!(d, [0, 0, 0xff, 0xff]);
+    }
+
+    #[test]
+    fn conventional_and_extended_bounds() {
+        let mut c = PciConfig::new(0x8086, 0x7010, 0x010180, 0);
+        assert_eq!(c.size(), CONFIG_SPACE_SIZE);
+        // Past 256 bytes a conventional function reads as all ones and
+        // ignores writes, at any offset and length.
+        for off in [0xfd, 0xff, 0x100, 0x7ff, 0xffe, 0xfff, 0x1000, u16::MAX] {
+            let mut d = [0u8; 4];
+            c.read(off, &mut d);
+            let inside = (CONFIG_SPACE_SIZE.saturating_sub(off) as usize).min(4);
+            assert!(d[inside..].iter().all(|&b| b == 0xff), "{off:#x}: {d:?}");
+            c.write(off, &[0xaa; 4]);
+        }
+        c.write(u16::MAX, &[0; 64]);
+        c.read(u16::MAX, &mut [0; 64]);
+
+        c.set_extended();
+        assert_eq!(c.size(), EXT_CONFIG_SPACE_SIZE);
+        let mut d = [0u8; 4];
+        c.read(0x100, &mut d);
+        assert_eq!(d, [0; 4], "no extended capabilities");
+        c.read(0xffe, &mut d);
+        assert_eq!(d, [0, 0, 0xff, 0xff]);
+        // Extended registers are read-only unless made writable.
+        c.write(0x100, &[1, 2, 3, 4]);
+        assert_eq!(c.u32(0x100), 0);
+        c.set_writable(0xffc, 4);
+        c.write(0xffe, &[1, 2, 3, 4]);
+        assert_eq!(c.u32(0xffc), 0x0201_0000);
+        assert_eq!(
+            c.u32(0xffe),
+            0xffff_0201,
+            "the model's accessors stop at 4 KiB too"
+        );
     }
 
     #[test]
