@@ -40,7 +40,7 @@ fn qemu_doc_examples() {
         ),
         (
             &["file=f,if=pflash,format=raw"],
-            &[("pflash0", Interface::Pflash, 0, 0, Media::Disk, None)],
+            &[("pflash0", Interface::Pflash, 0, 0, Media::Disk)],
         ),
         (
             &["file=f,if=sd"],

@@ -184,9 +184,11 @@ impl Buses {
                         .iter()
                         .filter(|n| self.buses.get(*n).is_some_and(|b| b.kind == kind))
                 };
+                // With a unit asked for, the first bus explains why it
+                // does not fit; without, no bus with room is QEMU's error.
                 match of_kind()
                     .find(|n| fits(&self.buses[*n]))
-                    .or_else(|| of_kind().next())
+                    .or_else(|| of_kind().next().filter(|_| wanted.is_some()))
                 {
                     Some(n) => n.clone(),
                     None => {
