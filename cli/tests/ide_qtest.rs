@@ -960,3 +960,32 @@ fn pio_waits_for_the_disk_with_bsy_not_the_vcpu() {
     assert_eq!(wait_ready(&mut q, PRI) & (DRQ | ERR | BSY), 0);
     assert!(t.elapsed() >= Duration::from_millis(300));
 }
+
+/// `-global ide-hd.serial=` is the default serial of every ide-hd: it
+/// shows up in IDENTIFY, unless the device sets its own (QEMU's ide-test
+/// runs with `-global ide-hd.serial=...`).
+#[test]
+fn global_serial_shows_in_identify() {
+    let dir = support::scratch("ide-global");
+    let img = make_disk(&dir, "d.img", 2048);
+    let img2 = make_disk(&dir, "e.img", 2048);
+    let mut q = start(&[
+        "-global",
+        "ide-hd.serial=GLOBAL-SN",
+        "-global",
+        "ide-hd.model=Global Model",
+        "-drive",
+        &drive(&img, ",if=none,id=d0"),
+        "-device",
+        "ide-hd,drive=d0,bus=ide.0,unit=0",
+        "-drive",
+        &drive(&img2, ",if=none,id=d1"),
+        "-device",
+        "ide-hd,drive=d1,bus=ide.0,unit=1,serial=OWN-SN",
+    ]);
+    let w = identify(&mut q, PRI, 0);
+    assert_eq!(ata_string(&w[10..20]), "GLOBAL-SN");
+    assert_eq!(ata_string(&w[27..47]), "Global Model");
+    let w = identify(&mut q, PRI, 1);
+    assert_eq!(ata_string(&w[10..20]), "OWN-SN");
+}

@@ -981,3 +981,43 @@ fn bad_properties_are_refused() {
         assert!(err.contains(want), "{opts}: {err}");
     }
 }
+
+/// `-global` sets the default of every virtio-blk-pci; a property on the
+/// device itself still wins.
+#[test]
+fn global_num_queues_reaches_config_space() {
+    let disk = pattern_disk("vblk-global");
+    for (global, dev_opts, want) in [
+        ("virtio-blk-pci.num-queues=2", ",disable-legacy=on", 2),
+        (
+            "driver=virtio-blk-pci,property=num-queues,value=3",
+            ",disable-legacy=on",
+            3,
+        ),
+        (
+            "virtio-blk-pci.num-queues=2",
+            ",disable-legacy=on,num-queues=4",
+            4,
+        ),
+    ] {
+        let qt = start(&disk, dev_opts, &["-global", global]);
+        let mut b = Blk::map(qt);
+        assert!(b.negotiate(VERSION_1 | BLK_MQ));
+        assert_eq!(b.qt.readw(DEVCFG + 34), want, "{global} {dev_opts}");
+    }
+}
+
+/// What libvirt writes for a virtio disk: `scsi=off` (accepted with a
+/// warning), `bus=pci.0`, a hex `addr`, `write-cache`.
+#[test]
+fn libvirt_device_line_is_accepted() {
+    let disk = pattern_disk("vblk-libvirt");
+    let drive = format!("file={},if=none,id=d,format=raw", disk.display());
+    let mut qt = Qtest::start(&[
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,scsi=off,bus=pci.0,addr=0x5,drive=d,id=v,bootindex=1,write-cache=off",
+    ]);
+    assert_eq!(qt.pci_read32(5, 0, 0), 0x1001_1af4);
+}
