@@ -66,6 +66,14 @@ fn disk(dir: &Path, name: &str, good: bool) -> PathBuf {
 }
 
 fn boot(test: &str, dev_opts: &str) {
+    boot_device(
+        test,
+        &format!("virtio-blk-pci,drive=d0,bootindex=1{dev_opts}"),
+    );
+}
+
+/// SeaBIOS boots from the disk of drive `d0` behind `-device dev`.
+fn boot_device(test: &str, dev: &str) {
     if !kvm_available(test) {
         return;
     }
@@ -75,7 +83,6 @@ fn boot(test: &str, dev_opts: &str) {
     let log = dir.join("serial.log");
     let serial = format!("file:{}", log.display());
     let drive = format!("file={},if=none,id=d0,format=raw", img.display());
-    let dev = format!("virtio-blk-pci,drive=d0,bootindex=1{dev_opts}");
     let out = run_until(
         &[
             "-m",
@@ -86,7 +93,7 @@ fn boot(test: &str, dev_opts: &str) {
             "-drive",
             &drive,
             "-device",
-            &dev,
+            dev,
         ],
         &log,
         "VIRTIO-BOOT-OK or -BAD",
@@ -95,6 +102,16 @@ fn boot(test: &str, dev_opts: &str) {
     );
     assert!(out.contains("BOOT-OK"), "{out}");
     assert!(out.contains("Booting from Hard Disk"), "{out}");
+}
+
+/// The line libvirt writes for a virtio disk (QEMU 7.2 era): `scsi=off`,
+/// `bus=pci.0`, a hex `addr`, `id`, `bootindex`, `write-cache=off`.
+#[test]
+fn seabios_boots_libvirts_virtio_blk_line() {
+    boot_device(
+        "kvm-vblk-libvirt",
+        "virtio-blk-pci,scsi=off,bus=pci.0,addr=0x5,drive=d0,id=virtio-disk0,bootindex=1,write-cache=off",
+    );
 }
 
 #[test]
