@@ -105,15 +105,17 @@ pub trait Board: Sync {
     /// What the device half of a `-drive if=...` becomes on this board
     /// (`None`: no device, or the board consumes the drive itself).
     fn drive_device(&self, drive: &DriveSpec) -> Result<Option<DeviceSpec>, String>;
+    /// Whether the board runs firmware (`-bios`) at all.
+    fn has_firmware(&self) -> bool {
+        true
+    }
     /// Builds one generation with memory allocated and firmware mapped.
     fn build_with(
         &self,
         cfg: &MachineConfig,
         host: Host,
         storage: &Storage,
-        layout: Layout,
-        ram: GuestMem,
-        rom: GuestMem,
+        mem: Memory,
     ) -> Result<Machine, MachineError>;
     /// Allocates memory, maps firmware and builds one generation.
     fn build(
@@ -125,13 +127,20 @@ pub trait Board: Sync {
         let layout = Layout::new(cfg.mem_size);
         let ram = memory::allocate_ram(&layout)?;
         // Direct kernel boot runs no firmware: a page of `hlt` stands in.
-        let rom = if boot::is_direct(cfg) {
+        let rom = if boot::is_direct(cfg) || !self.has_firmware() {
             memory::halt_rom()?
         } else {
             memory::load_bios(&cfg.bios, &ram)?
         };
-        self.build_with(cfg, host, storage, layout, ram, rom)
+        self.build_with(cfg, host, storage, Memory { layout, ram, rom })
     }
+}
+
+/// Guest memory as a board gets it: RAM laid out, firmware mapped.
+pub struct Memory {
+    pub layout: Layout,
+    pub ram: GuestMem,
+    pub rom: GuestMem,
 }
 
 /// Every machine type, the default first.
@@ -181,25 +190,15 @@ impl Board for NoneBoard {
             )),
         }
     }
-    fn build(
-        &self,
-        cfg: &MachineConfig,
-        host: Host,
-        storage: &Storage,
-    ) -> Result<Machine, MachineError> {
-        let layout = Layout::new(cfg.mem_size);
-        let ram = memory::allocate_ram(&layout)?;
-        let rom = memory::halt_rom()?;
-        self.build_with(cfg, host, storage, layout, ram, rom)
+    fn has_firmware(&self) -> bool {
+        false
     }
     fn build_with(
         &self,
         cfg: &MachineConfig,
         _host: Host,
         _storage: &Storage,
-        layout: Layout,
-        ram: GuestMem,
-        rom: GuestMem,
+        mem: Memory,
     ) -> Result<Machine, MachineError> {
         if let Some(d) = cfg.devices.first() {
             return Err(MachineError::Config(format!(
@@ -212,9 +211,9 @@ impl Board for NoneBoard {
         Ok(Machine {
             io: devices::bus::Bus::new(),
             mmio: devices::bus::Bus::new(),
-            ram,
-            rom,
-            layout,
+            ram: mem.ram,
+            rom: mem.rom,
+            layout: mem.layout,
             uarts: Vec::new(),
             boot_entry: None,
             cpus: 0,

@@ -40,7 +40,7 @@ use devices::pci::msix::MsiSender;
 use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
 use devices::GuestMem;
 
-use super::{piix_ide, Board, Host, Machine, MachineError};
+use super::{piix_ide, Board, Host, Machine, MachineError, Memory};
 use crate::boot;
 use crate::config::MachineConfig;
 use crate::device::{self, AttachCtx, BusKind, Buses, DeviceSpec, PciIntx, Port, PropValue};
@@ -177,23 +177,20 @@ impl Board for PcBoard {
         cfg: &MachineConfig,
         host: Host,
         storage: &Storage,
-        layout: Layout,
-        ram: GuestMem,
-        rom: GuestMem,
+        mem: Memory,
     ) -> Result<Machine, MachineError> {
-        build_with(cfg, host, storage, layout, ram, rom)
+        build(cfg, host, storage, mem)
     }
 }
 
 /// Builds the `pc` with memory already allocated and the firmware mapped.
-fn build_with(
+fn build(
     cfg: &MachineConfig,
     host: Host,
     storage: &Storage,
-    layout: Layout,
-    ram: GuestMem,
-    rom: GuestMem,
+    mem: Memory,
 ) -> Result<Machine, MachineError> {
+    let Memory { layout, ram, rom } = mem;
     let direct = boot::is_direct(cfg);
     let mut io = Bus::new();
     let mut mmio = Bus::new();
