@@ -11,7 +11,8 @@ use block::graph::BlockGraph;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::scsi::cdb::Command;
-use crate::scsi::mmc::{CdRom, Reply, Transport};
+use crate::scsi::mmc::{CdRom, Transport};
+use crate::scsi::{Lun, Plan};
 use crate::virtio::block::{Limits, Request};
 use crate::GuestMem;
 
@@ -28,10 +29,10 @@ fn null_cd() -> Option<CdRom> {
 /// Runs `data` as a sequence of 12-byte CDBs (ATAPI's packet size) through
 /// the parser and the CD-ROM model.
 pub fn scsi_cdb(data: &[u8]) {
-    let Some(mut cd) = null_cd() else { return };
+    let Some(cd) = null_cd() else { return };
     for cdb in data.chunks(12) {
         let _ = Command::parse(cdb);
-        if let Reply::Read { offset, len } = cd.execute(cdb) {
+        if let Plan::Read { offset, len } = cd.execute(cdb) {
             // A read the model accepts must lie on the medium.
             let size = cd.medium().map_or(0, |m| m.len());
             assert!(
