@@ -18,8 +18,14 @@
 pub mod cdb;
 pub mod lun;
 pub mod mmc;
+pub mod request;
+pub mod sbc;
 pub mod sense;
+pub mod target;
 
 pub use lun::{Direction, IoFailure, Lun, Plan};
 pub use mmc::{CdRom, Transport};
+pub use request::{DataPath, Outcome, Status};
+pub use sbc::{Disk, DiskOptions};
 pub use sense::Sense;
+pub use target::Target;
