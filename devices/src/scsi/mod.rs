@@ -29,3 +29,6 @@ pub use request::{DataPath, Outcome, Status};
 pub use sbc::{Disk, DiskOptions};
 pub use sense::Sense;
 pub use target::Target;
+
+#[cfg(test)]
+pub(crate) mod testutil;

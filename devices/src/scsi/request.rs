@@ -618,3 +618,371 @@ where
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::cdb::op;
+    use super::super::sbc::{Disk, DiskOptions};
+    use super::super::testutil::*;
+    use super::*;
+    use block::backend::BackendConfig;
+
+    const MIB: u64 = 1 << 20;
+
+    fn disk_on(b: Arc<BlockBackend>) -> Arc<dyn Lun> {
+        let d: Arc<dyn Lun> = Arc::new(Disk::new(b, DiskOptions::default()).unwrap());
+        d.reset();
+        d.execute(&cdb(&[op::TEST_UNIT_READY]));
+        d
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                (i as u8)
+                    .wrapping_mul(31)
+                    .wrapping_add(seed ^ (i >> 9) as u8)
+            })
+            .collect()
+    }
+
+    /// A data path that records how it is used, fails on request, and can
+    /// abort its own request after some chunks.
+    struct Probe {
+        len: u64,
+        calls: usize,
+        biggest: usize,
+        fail: bool,
+        abort_after: Option<(usize, Request)>,
+    }
+
+    impl Probe {
+        fn new(len: u64) -> Probe {
+            Probe {
+                len,
+                calls: 0,
+                biggest: 0,
+                fail: false,
+                abort_after: None,
+            }
+        }
+        fn seen(&mut self, n: usize) -> Result<(), DataPathError> {
+            self.calls += 1;
+            self.biggest = self.biggest.max(n);
+            if let Some((after, req)) = &self.abort_after {
+                if self.calls >= *after {
+                    req.abort();
+                }
+            }
+            if self.fail {
+                Err(DataPathError)
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl DataPath for Probe {
+        fn len(&self) -> u64 {
+            self.len
+        }
+        fn copy_to_initiator(&mut self, _: u64, data: &[u8]) -> Result<(), DataPathError> {
+            self.seen(data.len())
+        }
+        fn copy_from_initiator(&mut self, _: u64, buf: &mut [u8]) -> Result<(), DataPathError> {
+            buf.fill(0x5a);
+            self.seen(buf.len())
+        }
+    }
+
+    #[test]
+    fn write_then_read_round_trip() {
+        let img = TempImage::new(8 * MIB);
+        let b = img.backend(BackendConfig::default());
+        let d = disk_on(b.clone());
+        // 2.5 MiB: three chunks each way.
+        let blocks = 5 * 1024;
+        let data = pattern(blocks * 512, 7);
+        let (o, _) = exec(
+            &d,
+            &cdb16(op::WRITE_16, 0x08, 100, blocks as u32),
+            VecPath { buf: data.clone() },
+        );
+        assert_eq!(
+            o,
+            Outcome {
+                status: Status::Good,
+                transferred: data.len() as u64,
+                residual: 0,
+                overrun: false
+            }
+        );
+        let mut on_disk = vec![0u8; data.len()];
+        b.read_at(100 * 512, &mut on_disk).unwrap();
+        assert!(on_disk == data, "the medium holds what was written");
+        let (o, back) = exec_in(&d, &cdb10(op::READ_10, 0, 100, blocks as u16), data.len());
+        assert_eq!(o.status, Status::Good);
+        assert!(back == data, "read back what was written");
+        assert_eq!(b.stats().write.ops, 3);
+    }
+
+    #[test]
+    fn residual_when_the_buffer_is_larger() {
+        let d = disk_on(null(MIB));
+        let (o, _) = exec(&d, &cdb10(op::READ_10, 0, 0, 1), VecPath::new(4096));
+        assert_eq!((o.transferred, o.residual, o.overrun), (512, 3584, false));
+        let (o, _) = exec(&d, &cdb(&[op::INQUIRY, 0, 0, 0, 36]), VecPath::new(100));
+        assert_eq!((o.transferred, o.residual), (36, 64));
+        // CHECK CONDITION moves nothing.
+        let (o, _) = exec(&d, &cdb10(op::READ_10, 0, 9999, 1), VecPath::new(512));
+        assert_eq!(o.status, Status::CheckCondition(Sense::LBA_OUT_OF_RANGE));
+        assert_eq!((o.transferred, o.residual), (0, 512));
+        assert_eq!(o.status.byte(), Some(2));
+    }
+
+    #[test]
+    fn read_overrun_fills_the_buffer() {
+        let d = disk_on(null(MIB));
+        let (o, _) = exec(&d, &cdb10(op::READ_10, 0, 0, 8), VecPath::new(1000));
+        assert_eq!(
+            o,
+            Outcome {
+                status: Status::Good,
+                transferred: 1000,
+                residual: 0,
+                overrun: true
+            }
+        );
+        let (o, p) = exec(&d, &cdb(&[op::INQUIRY, 0, 0, 0, 36]), VecPath::new(8));
+        assert_eq!((o.transferred, o.overrun), (8, true));
+        assert_eq!(p.buf[2], 5);
+    }
+
+    #[test]
+    fn write_overrun_is_not_executed() {
+        let img = TempImage::new(MIB);
+        let b = img.backend(BackendConfig::default());
+        let d = disk_on(b.clone());
+        let (o, _) = exec(
+            &d,
+            &cdb10(op::WRITE_10, 0, 0, 8),
+            VecPath { buf: vec![1; 1024] },
+        );
+        assert_eq!(
+            o,
+            Outcome {
+                status: Status::CheckCondition(Sense::INVALID_FIELD),
+                transferred: 0,
+                residual: 1024,
+                overrun: true
+            }
+        );
+        assert_eq!(request_sense(&d), Sense::INVALID_FIELD);
+        assert_eq!(b.stats().write.ops, 0);
+    }
+
+    #[test]
+    fn huge_read_allocates_in_bounded_chunks() {
+        // A 2 TiB disk and READ(16) of 2^32-1 blocks.
+        let d = disk_on(null(2 << 40));
+        let huge = cdb16(op::READ_16, 0, 0, u32::MAX);
+        assert_eq!(
+            d.execute(&huge),
+            Plan::Read {
+                offset: 0,
+                len: u32::MAX as u64 * 512
+            }
+        );
+        // The initiator's buffer bounds the transfer...
+        let (o, p) = exec(&d, &huge, Probe::new(3 * MIB + 512));
+        assert_eq!(o.status, Status::Good);
+        assert_eq!((o.transferred, o.overrun), (3 * MIB + 512, true));
+        assert_eq!((p.calls, p.biggest), (4, MAX_CHUNK));
+        // ...and even an initiator claiming a huge buffer gets it in
+        // bounded chunks (on I/O threads here); it can be aborted.
+        let b = backend(
+            &format!("driver=null-aio,size={}", 2u64 << 40),
+            BackendConfig::default(),
+        );
+        let d = disk_on(b);
+        let req = Request::new();
+        let mut probe = Probe::new(u64::MAX);
+        probe.abort_after = Some((5, req.clone()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let plan = d.execute(&huge);
+        super::run(&req, Some(d.clone()), plan, probe, move |o, p| {
+            tx.send((o, p)).unwrap()
+        });
+        let (o, p) = rx.recv().unwrap();
+        assert_eq!(o.status, Status::Aborted);
+        assert_eq!(o.status.byte(), Some(0x40));
+        assert_eq!((p.calls, p.biggest), (5, MAX_CHUNK));
+        assert_eq!(o.transferred, 5 * MIB);
+    }
+
+    #[test]
+    fn verify_with_bytchk_compares() {
+        let img = TempImage::new(4 * MIB);
+        let b = img.backend(BackendConfig::default());
+        let d = disk_on(b.clone());
+        // 1.5 MiB: three compare chunks.
+        let data = pattern(3 * 1024 * 512, 3);
+        b.write_at(512, &data).unwrap();
+        let verify = cdb10(op::VERIFY_10, 0x02, 1, 3 * 1024);
+        let (o, _) = exec(&d, &verify, VecPath { buf: data.clone() });
+        assert_eq!(o.status, Status::Good);
+        assert_eq!(o.transferred, data.len() as u64);
+        let mut wrong = data.clone();
+        wrong[MIB as usize + 7] ^= 1;
+        let (o, _) = exec(&d, &verify, VecPath { buf: wrong });
+        assert_eq!(o.status, Status::CheckCondition(Sense::MISCOMPARE));
+        assert_eq!(request_sense(&d), Sense::MISCOMPARE);
+        // Without BYTCHK nothing moves.
+        let (o, _) = exec(&d, &cdb10(op::VERIFY_10, 0, 1, 8), VecPath::new(4096));
+        assert_eq!((o.status, o.transferred), (Status::Good, 0));
+    }
+
+    #[test]
+    fn write_same_pattern_zeroes_and_unmap() {
+        let img = TempImage::new(4 * MIB);
+        let b = img.backend(BackendConfig::default());
+        let d = disk_on(b.clone());
+        // A non-zero block over 3000 blocks (1.5 MiB: two chunks).
+        let block = pattern(512, 9);
+        let (o, _) = exec(
+            &d,
+            &cdb16(op::WRITE_SAME_16, 0x08, 10, 3000),
+            VecPath { buf: block.clone() },
+        );
+        assert_eq!((o.status, o.transferred), (Status::Good, 512));
+        let mut back = vec![0u8; 3000 * 512];
+        b.read_at(10 * 512, &mut back).unwrap();
+        assert!(back.chunks(512).all(|c| c == block.as_slice()));
+        assert_eq!(b.stats().write.ops, 2);
+        // A zero block becomes a write-zeroes.
+        let (o, _) = exec(
+            &d,
+            &cdb10(op::WRITE_SAME_10, 0x08, 10, 1000),
+            VecPath::new(512),
+        );
+        assert_eq!(o.status, Status::Good);
+        b.read_at(10 * 512, &mut back).unwrap();
+        assert!(back[..1000 * 512].iter().all(|&x| x == 0));
+        assert!(back[1000 * 512..]
+            .chunks(512)
+            .all(|c| c == block.as_slice()));
+        assert_eq!(b.stats().write_zeroes.ops, 1);
+        // NDOB: no data-out at all.
+        let (o, _) = exec(
+            &d,
+            &cdb16(op::WRITE_SAME_16, 0x01, 1000, 2010),
+            VecPath::new(0),
+        );
+        assert_eq!((o.status, o.transferred), (Status::Good, 0));
+        b.read_at(10 * 512, &mut back).unwrap();
+        assert!(back.iter().all(|&x| x == 0));
+        // UNMAP through the runner: the parameter list is data-out.
+        let mut list = vec![0, 22, 0, 16, 0, 0, 0, 0];
+        list.extend_from_slice(&20u64.to_be_bytes());
+        list.extend_from_slice(&[0, 0, 0, 8, 0, 0, 0, 0]);
+        let c = cdb(&[op::UNMAP, 0, 0, 0, 0, 0, 0, 0, 24]);
+        let (o, _) = exec(&d, &c, VecPath { buf: list });
+        assert_eq!((o.status, o.transferred), (Status::Good, 24));
+        assert_eq!(b.stats().discard.ops, 1);
+        // A parameter list the initiator's buffer cannot hold.
+        let (o, _) = exec(&d, &c, VecPath::new(16));
+        assert_eq!(o.status, Status::CheckCondition(Sense::INVALID_FIELD));
+        assert!(o.overrun);
+    }
+
+    #[test]
+    fn synchronize_cache_flushes() {
+        let img = TempImage::new(MIB);
+        let b = img.backend(BackendConfig::default());
+        let d = disk_on(b.clone());
+        let (o, _) = exec(
+            &d,
+            &cdb10(op::SYNCHRONIZE_CACHE_10, 0, 0, 0),
+            VecPath::new(0),
+        );
+        assert_eq!(o.status, Status::Good);
+        assert_eq!(b.stats().flush.ops, 1);
+    }
+
+    #[test]
+    fn io_errors_become_check_condition() {
+        let img = TempImage::new(MIB);
+        let b = img.blkdebug(
+            ",inject-error.0.event=read_aio,inject-error.0.sector=8\
+             ,inject-error.1.event=write_aio,inject-error.1.errno=5",
+        );
+        let d = disk_on(b);
+        let (o, _) = exec(&d, &cdb10(op::READ_10, 0, 0, 1), VecPath::new(512));
+        assert_eq!(o.status, Status::Good);
+        let (o, _) = exec(&d, &cdb10(op::READ_10, 0, 8, 1), VecPath::new(512));
+        assert_eq!(o.status, Status::CheckCondition(Sense::IO_ERROR));
+        assert_eq!(request_sense(&d), Sense::IO_ERROR);
+        let (o, _) = exec(&d, &cdb10(op::WRITE_10, 0, 0, 1), VecPath::new(512));
+        assert_eq!(o.status, Status::CheckCondition(Sense::IO_ERROR));
+        assert_eq!(o.transferred, 0);
+    }
+
+    #[test]
+    fn data_path_failures_are_the_transports() {
+        let d = disk_on(null(MIB));
+        for c in [
+            cdb10(op::READ_10, 0, 0, 1),
+            cdb10(op::WRITE_10, 0, 0, 1),
+            cdb(&[op::INQUIRY, 0, 0, 0, 36]),
+        ] {
+            let mut p = Probe::new(512);
+            p.fail = true;
+            let (o, _) = exec(&d, &c, p);
+            assert_eq!(o.status, Status::DataPathFailed);
+            assert_eq!(o.status.byte(), None);
+        }
+    }
+
+    #[test]
+    fn no_medium_and_no_unit() {
+        // A plan needing a medium, without a unit: IO_ERROR, no panic.
+        let (tx, rx) = std::sync::mpsc::channel();
+        start(
+            None,
+            Plan::Read {
+                offset: 0,
+                len: 512,
+            },
+            VecPath::new(512),
+            move |o, _| tx.send(o).unwrap(),
+        );
+        assert_eq!(
+            rx.recv().unwrap().status,
+            Status::CheckCondition(Sense::IO_ERROR)
+        );
+        // A parameter list leading to a plan with more data is refused.
+        struct Odd;
+        impl Lun for Odd {
+            fn execute(&self, _: &[u8]) -> Plan {
+                Plan::Good
+            }
+            fn data_out(&self, _: &super::super::cdb::Command, _: &[u8]) -> Plan {
+                Plan::Read { offset: 0, len: 1 }
+            }
+            fn io_failed(&self, _: IoFailure) -> Sense {
+                Sense::IO_ERROR
+            }
+            fn reset(&self) {}
+            fn backend(&self) -> Option<Arc<BlockBackend>> {
+                Some(null(MIB))
+            }
+        }
+        let odd: Arc<dyn Lun> = Arc::new(Odd);
+        let plan = Plan::DataOut {
+            len: 4,
+            cmd: super::super::cdb::Command::Unmap { param_len: 4 },
+        };
+        let (o, _) = run_plan(&odd, plan, VecPath::new(4));
+        assert_eq!(o.status, Status::CheckCondition(Sense::INVALID_FIELD));
+    }
+}

@@ -32,6 +32,8 @@ use block::backend::BlockBackend;
 
 use super::cdb::{Command, PageControl};
 use super::lun::{data_in, pad, IoFailure, Lun, Plan, SenseKeeper};
+#[cfg(test)]
+use super::request::{Status, VecPath};
 use super::sense::Sense;
 
 /// The most UNMAP block descriptors one command may carry (block limits
@@ -689,5 +691,801 @@ impl Lun for Disk {
 
     fn backend(&self) -> Option<Arc<BlockBackend>> {
         Some(self.backend.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::cdb::op;
+    use super::super::testutil::*;
+    use super::*;
+    use block::backend::BackendConfig;
+
+    const MIB: u64 = 1 << 20;
+
+    /// A disk on `backend` with its power-on UNIT ATTENTION consumed.
+    fn disk_on(backend: Arc<BlockBackend>, opts: DiskOptions) -> Arc<dyn Lun> {
+        let d: Arc<dyn Lun> = Arc::new(Disk::new(backend, opts).unwrap());
+        assert_eq!(
+            d.execute(&cdb(&[op::TEST_UNIT_READY])),
+            Plan::Check(Sense::POWER_ON_RESET)
+        );
+        assert_eq!(d.execute(&cdb(&[op::TEST_UNIT_READY])), Plan::Good);
+        d
+    }
+
+    /// A 1 MiB null disk (2048 blocks of 512 bytes).
+    fn disk() -> Arc<dyn Lun> {
+        disk_on(null(MIB), DiskOptions::default())
+    }
+
+    fn data_of(p: Plan) -> Vec<u8> {
+        match p {
+            Plan::DataIn(v) => v,
+            p => panic!("expected data, got {p:?}"),
+        }
+    }
+
+    fn check(d: &Arc<dyn Lun>, c: &[u8], s: Sense) {
+        assert_eq!(d.execute(c), Plan::Check(s), "cdb {c:02x?}");
+        assert_eq!(request_sense(d), s, "sense kept for cdb {c:02x?}");
+    }
+
+    #[test]
+    fn bad_opcode() {
+        let d = disk();
+        check(&d, &cdb(&[0xff]), Sense::INVALID_OPCODE);
+        check(&d, &cdb(&[0x02]), Sense::INVALID_OPCODE);
+        // Commands the parser knows but a disk does not have.
+        check(&d, &cdb(&[op::READ_TOC]), Sense::INVALID_OPCODE);
+        check(&d, &cdb(&[op::GET_EVENT_STATUS, 1]), Sense::INVALID_OPCODE);
+        check(&d, &[], Sense::INVALID_OPCODE);
+    }
+
+    #[test]
+    fn bad_field_in_cdb() {
+        let d = disk();
+        for c in [
+            // A CDB shorter than its group's length.
+            vec![op::READ_10, 0, 0],
+            cdb10(op::READ_10, 0x20, 0, 1).to_vec(), // RDPROTECT
+            cdb10(op::WRITE_10, 0x40, 0, 1).to_vec(), // WRPROTECT
+            cdb16(op::READ_16, 0xe0, 0, 1).to_vec(),
+            cdb10(op::VERIFY_10, 0x04, 0, 1).to_vec(), // BYTCHK=10b
+            cdb16(op::VERIFY_16, 0x06, 0, 1).to_vec(), // BYTCHK=11b
+            cdb10(op::WRITE_SAME_10, 0x10, 0, 1).to_vec(), // ANCHOR
+            cdb10(op::WRITE_SAME_10, 0x02, 0, 1).to_vec(), // LBDATA
+            cdb(&[op::UNMAP, 1]).to_vec(),             // ANCHOR
+            cdb(&[op::REQUEST_SENSE, 1, 0, 0, 18]).to_vec(), // DESC
+            cdb(&[op::INQUIRY, 0, 0x80, 0, 36]).to_vec(), // page without EVPD
+            cdb(&[op::INQUIRY, 1, 0x99, 0, 36]).to_vec(), // unknown VPD page
+            cdb(&[op::MODE_SELECT_6, 0x11, 0, 0, 24]).to_vec(), // SP
+            cdb(&[op::MODE_SELECT_10, 0x00, 0, 0, 0, 0, 0, 0, 24]).to_vec(), // PF=0
+            cdb(&[op::MODE_SENSE_6, 0, 0x08, 0x01, 255]).to_vec(), // subpage
+            cdb(&[op::MODE_SENSE_6, 0, 0x1c, 0, 255]).to_vec(), // unknown page
+            cdb(&[op::SERVICE_ACTION_IN_16, 0x11]).to_vec(), // not READ CAPACITY
+            cdb(&[op::SERVICE_ACTION_IN_16, 0x10, 0, 0, 0, 0, 0, 0, 0, 1]).to_vec(), // LBA without PMI
+            cdb(&[op::READ_CAPACITY_10, 0, 0, 0, 0, 1]).to_vec(),
+        ] {
+            check(&d, &c, Sense::INVALID_FIELD);
+        }
+        check(
+            &d,
+            &cdb(&[op::MODE_SENSE_10, 0, 0xc8, 0, 0, 0, 0, 0, 255]),
+            Sense::SAVING_NOT_SUPPORTED,
+        );
+    }
+
+    #[test]
+    fn lba_out_of_range() {
+        let d = disk(); // 2048 blocks
+        check(&d, &cdb10(op::READ_10, 0, 2048, 1), Sense::LBA_OUT_OF_RANGE);
+        check(
+            &d,
+            &cdb10(op::WRITE_10, 0, 2047, 2),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        check(
+            &d,
+            &cdb16(op::VERIFY_16, 0, 2049, 0),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        check(
+            &d,
+            &cdb16(op::WRITE_SAME_16, 0, 2040, 9),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        check(
+            &d,
+            &cdb10(op::SYNCHRONIZE_CACHE_10, 0, 2049, 0),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        check(
+            &d,
+            &cdb(&[op::READ_6, 0x1f, 0xff, 0xff, 1]),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        check(&d, &cdb10(op::SEEK_10, 0, 2048, 0), Sense::LBA_OUT_OF_RANGE);
+        assert_eq!(
+            d.execute(&cdb10(op::READ_10, 0, 2047, 1)),
+            Plan::Read {
+                offset: 2047 * 512,
+                len: 512
+            }
+        );
+    }
+
+    #[test]
+    fn lba_plus_length_overflow() {
+        let d = disk();
+        check(
+            &d,
+            &cdb16(op::READ_16, 0, u64::MAX - 1, 4),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        check(
+            &d,
+            &cdb16(op::WRITE_16, 0, u64::MAX, u32::MAX),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        check(
+            &d,
+            &cdb16(op::SYNCHRONIZE_CACHE_16, 0, u64::MAX, 1),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+        // A 4096-byte block disk: LBA * block size would overflow.
+        let opts = DiskOptions {
+            logical_block_size: 4096,
+            physical_block_size: 4096,
+            ..Default::default()
+        };
+        let d = disk_on(null(MIB), opts);
+        check(
+            &d,
+            &cdb16(op::READ_16, 0, u64::MAX / 4096 + 1, 1),
+            Sense::LBA_OUT_OF_RANGE,
+        );
+    }
+
+    #[test]
+    fn transfer_length_zero() {
+        let d = disk();
+        // READ(6)/WRITE(6): zero means 256 blocks.
+        assert_eq!(
+            d.execute(&cdb(&[op::READ_6, 0, 0, 8, 0])),
+            Plan::Read {
+                offset: 8 * 512,
+                len: 256 * 512
+            }
+        );
+        assert_eq!(
+            d.execute(&cdb(&[op::WRITE_6, 0, 0, 0, 0])),
+            Plan::Write {
+                offset: 0,
+                len: 256 * 512,
+                fua: false
+            }
+        );
+        // READ(10)/WRITE(16)/VERIFY: no blocks, no data, no error, even at
+        // the capacity...
+        assert_eq!(d.execute(&cdb10(op::READ_10, 0, 2048, 0)), Plan::Good);
+        assert_eq!(d.execute(&cdb16(op::WRITE_16, 0, 5, 0)), Plan::Good);
+        assert_eq!(d.execute(&cdb10(op::VERIFY_10, 2, 5, 0)), Plan::Good);
+        // ...but not beyond.
+        check(&d, &cdb10(op::READ_10, 0, 2049, 0), Sense::LBA_OUT_OF_RANGE);
+        // WRITE SAME: WSNZ, zero blocks is an error.
+        check(&d, &cdb10(op::WRITE_SAME_10, 0, 0, 0), Sense::INVALID_FIELD);
+        // UNMAP and MODE SELECT: an empty parameter list is no error.
+        assert_eq!(d.execute(&cdb(&[op::UNMAP])), Plan::Good);
+        assert_eq!(d.execute(&cdb(&[op::MODE_SELECT_6, 0x10])), Plan::Good);
+        // SYNCHRONIZE CACHE: zero blocks is "to the end".
+        assert_eq!(
+            d.execute(&cdb10(op::SYNCHRONIZE_CACHE_10, 0, 100, 0)),
+            Plan::Flush
+        );
+    }
+
+    #[test]
+    fn allocation_length_cuts() {
+        let d = disk();
+        let len = |c: &[u8]| data_of(d.execute(c)).len();
+        assert_eq!(len(&cdb(&[op::INQUIRY, 0, 0, 0, 36])), 36);
+        assert_eq!(len(&cdb(&[op::INQUIRY, 0, 0, 0, 200])), 36);
+        assert_eq!(len(&cdb(&[op::INQUIRY, 0, 0, 0, 5])), 5);
+        assert_eq!(len(&cdb(&[op::INQUIRY, 0, 0, 0, 0])), 0);
+        assert_eq!(len(&cdb(&[op::INQUIRY, 1, 0xb0, 0, 6])), 6);
+        assert_eq!(len(&cdb(&[op::REQUEST_SENSE, 0, 0, 0, 8])), 8);
+        assert_eq!(len(&cdb(&[op::MODE_SENSE_6, 0, 0x3f, 0, 4])), 4);
+        assert_eq!(
+            len(&cdb(&[op::MODE_SENSE_10, 0, 0x3f, 0, 0, 0, 0, 0, 9])),
+            9
+        );
+        let mut rc16 = cdb(&[op::SERVICE_ACTION_IN_16, 0x10]);
+        rc16[13] = 12;
+        assert_eq!(len(&rc16), 12);
+        rc16[13] = 0;
+        rc16[10] = 1; // 16 MiB: the whole 32 bytes
+        assert_eq!(len(&rc16), 32);
+    }
+
+    #[test]
+    fn unit_attention_after_power_on_and_reset() {
+        let d: Arc<dyn Lun> = Arc::new(Disk::new(null(MIB), DiskOptions::default()).unwrap());
+        // INQUIRY is exempt and does not consume it.
+        assert!(matches!(
+            d.execute(&cdb(&[op::INQUIRY, 0, 0, 0, 36])),
+            Plan::DataIn(_)
+        ));
+        // Even an invalid command reports it first.
+        assert_eq!(d.execute(&cdb(&[0xff])), Plan::Check(Sense::POWER_ON_RESET));
+        assert_eq!(d.execute(&cdb(&[op::TEST_UNIT_READY])), Plan::Good);
+        d.reset();
+        assert_eq!(request_sense(&d), Sense::POWER_ON_RESET);
+        assert_eq!(d.execute(&cdb(&[op::TEST_UNIT_READY])), Plan::Good);
+    }
+
+    #[test]
+    fn request_sense_reports_the_last_error_once() {
+        let d = disk();
+        assert_eq!(request_sense(&d), Sense::NONE);
+        d.execute(&cdb10(op::READ_10, 0, 4000, 1));
+        // A successful command clears it.
+        d.execute(&cdb(&[op::TEST_UNIT_READY]));
+        assert_eq!(request_sense(&d), Sense::NONE);
+        d.execute(&cdb10(op::READ_10, 0, 4000, 1));
+        assert_eq!(request_sense(&d), Sense::LBA_OUT_OF_RANGE);
+        assert_eq!(request_sense(&d), Sense::NONE);
+    }
+
+    #[test]
+    fn inquiry_standard_data() {
+        let opts = DiskOptions {
+            vendor: "ACME".into(),
+            product: "Brick".into(),
+            version: "1.0".into(),
+            removable: true,
+            command_queuing: true,
+            ..Default::default()
+        };
+        let d = disk_on(null(MIB), opts);
+        let v = data_of(d.execute(&cdb(&[op::INQUIRY, 0, 0, 0, 96])));
+        assert_eq!(&v[..8], &[0, 0x80, 5, 0x12, 31, 0, 0, 0x12]);
+        assert_eq!(&v[8..36], b"ACME    Brick           1.0 ");
+        let d = disk();
+        let v = data_of(d.execute(&cdb(&[op::INQUIRY, 0, 0, 0, 96])));
+        assert_eq!((v[0], v[1], v[7]), (0, 0, 0x10));
+        assert_eq!(&v[8..36], b"QEMU    QEMU HARDDISK   2.5+");
+    }
+
+    #[test]
+    fn vpd_pages() {
+        let vpd =
+            |d: &Arc<dyn Lun>, page: u8| data_of(d.execute(&cdb(&[op::INQUIRY, 1, page, 1, 0])));
+        let d = disk();
+        assert_eq!(vpd(&d, 0), vec![0, 0, 0, 5, 0, 0x83, 0xb0, 0xb1, 0xb2]);
+        check(
+            &d,
+            &cdb(&[op::INQUIRY, 1, 0x80, 1, 0]),
+            Sense::INVALID_FIELD,
+        );
+        // Without a serial the identification is the backend's name.
+        assert_eq!(vpd(&d, 0x83), b"\x00\x83\x00\x09\x02\x00\x00\x05scsi0");
+        let opts = DiskOptions {
+            serial: Some("SN42".into()),
+            wwn: Some(0x5000_c500_1234_5678),
+            logical_block_size: 512,
+            physical_block_size: 4096,
+            rotation_rate: 1,
+            ..Default::default()
+        };
+        let d = disk_on(null(MIB), opts);
+        assert_eq!(
+            vpd(&d, 0),
+            vec![0, 0, 0, 6, 0, 0x80, 0x83, 0xb0, 0xb1, 0xb2]
+        );
+        assert_eq!(vpd(&d, 0x80), b"\x00\x80\x00\x04SN42".to_vec());
+        let id = vpd(&d, 0x83);
+        assert_eq!(&id[..12], b"\x00\x83\x00\x14\x02\x00\x00\x04SN42");
+        assert_eq!(&id[12..16], &[0x01, 0x03, 0x00, 8]);
+        assert_eq!(&id[16..24], &0x5000_c500_1234_5678u64.to_be_bytes());
+        let bl = vpd(&d, 0xb0);
+        assert_eq!(bl.len(), 64);
+        assert_eq!(&bl[..4], &[0, 0xb0, 0, 0x3c]);
+        assert_eq!(bl[4], 1, "WSNZ");
+        assert_eq!(u16::from_be_bytes([bl[6], bl[7]]), 8, "granularity");
+        let be32 = |at: usize| u32::from_be_bytes(bl[at..at + 4].try_into().unwrap());
+        assert_eq!(be32(8), 0, "no transfer limit");
+        assert_eq!(be32(20) as u64, MAX_UNMAP_BYTES / 512);
+        assert_eq!(be32(24), MAX_UNMAP_DESCRIPTORS);
+        assert_eq!(be32(28), 8);
+        assert_eq!(
+            u64::from_be_bytes(bl[36..44].try_into().unwrap()),
+            MAX_WRITE_SAME_BYTES / 512
+        );
+        let bc = vpd(&d, 0xb1);
+        assert_eq!((bc.len(), bc[4], bc[5]), (64, 0, 1), "non-rotating");
+        assert_eq!(vpd(&d, 0xb2), vec![0, 0xb2, 0, 4, 0, 0xe0, 2, 0]);
+    }
+
+    #[test]
+    fn read_capacity() {
+        let d = disk();
+        assert_eq!(
+            d.execute(&cdb(&[op::READ_CAPACITY_10])),
+            Plan::DataIn(vec![0, 0, 0x07, 0xff, 0, 0, 2, 0])
+        );
+        let rc16 = cdb(&[
+            op::SERVICE_ACTION_IN_16,
+            0x10,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            32,
+        ]);
+        let v = data_of(d.execute(&rc16));
+        assert_eq!(
+            &v[..16],
+            &[0, 0, 0, 0, 0, 0, 0x07, 0xff, 0, 0, 2, 0, 0, 0, 0x80, 0]
+        );
+        // 4 KiB physical blocks under 512-byte logical ones: exponent 3;
+        // beyond 2^32 blocks READ CAPACITY(10) reports FFFFFFFFh.
+        let opts = DiskOptions {
+            physical_block_size: 4096,
+            ..Default::default()
+        };
+        let d = disk_on(null(1 << 42), opts);
+        assert_eq!(
+            d.execute(&cdb(&[op::READ_CAPACITY_10])),
+            Plan::DataIn(vec![0xff, 0xff, 0xff, 0xff, 0, 0, 2, 0])
+        );
+        let v = data_of(d.execute(&rc16));
+        assert_eq!(
+            u64::from_be_bytes(v[..8].try_into().unwrap()),
+            (1 << 33) - 1
+        );
+        assert_eq!(v[13], 3);
+        // 4 KiB logical blocks.
+        let opts = DiskOptions {
+            logical_block_size: 4096,
+            physical_block_size: 4096,
+            ..Default::default()
+        };
+        let d = disk_on(null(MIB), opts);
+        assert_eq!(
+            d.execute(&cdb(&[op::READ_CAPACITY_10])),
+            Plan::DataIn(vec![0, 0, 0, 0xff, 0, 0, 0x10, 0])
+        );
+        assert_eq!(
+            d.execute(&cdb10(op::READ_10, 0, 3, 2)),
+            Plan::Read {
+                offset: 3 * 4096,
+                len: 2 * 4096
+            }
+        );
+    }
+
+    #[test]
+    fn reads_writes_and_verify_plan_byte_ranges() {
+        let d = disk();
+        let mut r12 = cdb(&[op::READ_12, 0, 0, 0, 0, 10]);
+        r12[9] = 4;
+        assert_eq!(
+            d.execute(&r12),
+            Plan::Read {
+                offset: 5120,
+                len: 2048
+            }
+        );
+        assert_eq!(
+            d.execute(&cdb16(op::READ_16, 0x08, 1, 1)),
+            Plan::Read {
+                offset: 512,
+                len: 512
+            }
+        );
+        assert_eq!(
+            d.execute(&cdb10(op::WRITE_10, 0x08, 2, 3)),
+            Plan::Write {
+                offset: 1024,
+                len: 1536,
+                fua: true
+            }
+        );
+        let mut w12 = cdb(&[op::WRITE_12, 0, 0, 0, 0, 1]);
+        w12[9] = 1;
+        assert_eq!(
+            d.execute(&w12),
+            Plan::Write {
+                offset: 512,
+                len: 512,
+                fua: false
+            }
+        );
+        assert_eq!(d.execute(&cdb10(op::VERIFY_10, 0, 0, 8)), Plan::Good);
+        assert_eq!(
+            d.execute(&cdb16(op::VERIFY_16, 0x02, 4, 2)),
+            Plan::Compare {
+                offset: 2048,
+                len: 1024
+            }
+        );
+    }
+
+    #[test]
+    fn write_same_plans() {
+        let d = disk();
+        assert_eq!(
+            d.execute(&cdb10(op::WRITE_SAME_10, 0x08, 4, 2)),
+            Plan::WriteSame {
+                offset: 2048,
+                len: 1024,
+                block: 512,
+                unmap: true
+            }
+        );
+        assert_eq!(
+            d.execute(&cdb16(op::WRITE_SAME_16, 0x01, 4, 2)),
+            Plan::WriteZeroes {
+                offset: 2048,
+                len: 1024,
+                unmap: false
+            }
+        );
+        let big = disk_on(null(4 << 30), DiskOptions::default());
+        let blocks = (MAX_WRITE_SAME_BYTES / 512) as u32;
+        assert!(matches!(
+            big.execute(&cdb16(op::WRITE_SAME_16, 0, 0, blocks)),
+            Plan::WriteSame { .. }
+        ));
+        check(
+            &big,
+            &cdb16(op::WRITE_SAME_16, 0, 0, blocks + 1),
+            Sense::INVALID_FIELD,
+        );
+    }
+
+    #[test]
+    fn write_protected_when_read_only() {
+        let ro = BackendConfig {
+            read_only: true,
+            ..Default::default()
+        };
+        let d = disk_on(
+            backend("driver=null-co,read-zeroes=on,size=1048576", ro),
+            DiskOptions::default(),
+        );
+        check(&d, &cdb10(op::WRITE_10, 0, 0, 1), Sense::WRITE_PROTECTED);
+        check(&d, &cdb(&[op::WRITE_6, 0, 0, 0, 1]), Sense::WRITE_PROTECTED);
+        check(
+            &d,
+            &cdb10(op::WRITE_SAME_10, 0, 0, 1),
+            Sense::WRITE_PROTECTED,
+        );
+        check(
+            &d,
+            &cdb(&[op::UNMAP, 0, 0, 0, 0, 0, 0, 0, 24]),
+            Sense::WRITE_PROTECTED,
+        );
+        // Write protection comes before the range check, as on QEMU.
+        check(&d, &cdb10(op::WRITE_10, 0, 9999, 1), Sense::WRITE_PROTECTED);
+        assert!(matches!(
+            d.execute(&cdb10(op::READ_10, 0, 0, 1)),
+            Plan::Read { .. }
+        ));
+        let v = data_of(d.execute(&cdb(&[op::MODE_SENSE_6, 0x08, 0x3f, 0, 255])));
+        assert_eq!(v[2], 0x90, "WP and DPOFUA");
+        assert_eq!(v[3], 0, "DBD");
+    }
+
+    #[test]
+    fn mode_sense_pages() {
+        let d = disk();
+        let ms6 = |flags: u8, pc_page: u8| {
+            data_of(d.execute(&cdb(&[op::MODE_SENSE_6, flags, pc_page, 0, 255])))
+        };
+        // All pages, with an 8-byte block descriptor.
+        let v = ms6(0, 0x3f);
+        assert_eq!(v.len(), 4 + 8 + 12 + 24 + 20 + 12);
+        assert_eq!(&v[..4], &[v.len() as u8 - 1, 0, 0x10, 8]);
+        assert_eq!(&v[4..12], &[0, 0, 0x08, 0, 0, 0, 2, 0]);
+        let pages: Vec<u8> = {
+            let mut at = 12;
+            let mut codes = Vec::new();
+            while at < v.len() {
+                codes.push(v[at]);
+                at += v[at + 1] as usize + 2;
+            }
+            codes
+        };
+        assert_eq!(pages, MODE_PAGES);
+        // The caching page: WCE follows the backend; only WCE changes.
+        let v = ms6(0x08, 0x08);
+        assert_eq!(&v[4..8], &[0x08, 0x12, 0x04, 0]);
+        let v = ms6(0x08, 0x48);
+        assert_eq!(&v[4..8], &[0x08, 0x12, 0x04, 0]);
+        assert!(v[7..].iter().all(|&b| b == 0));
+        let v = ms6(0x08, 0x44);
+        assert_eq!(&v[4..6], &[0x04, 0x16]);
+        assert!(v[6..].iter().all(|&b| b == 0), "nothing changeable");
+        // Rigid disk geometry: 2048 / (16 * 63) = 2 cylinders, 16 heads.
+        let v = ms6(0x08, 0x04);
+        assert_eq!(&v[4..10], &[0x04, 0x16, 0, 0, 2, 16]);
+        // MODE SENSE(10) with LLBAA: a 16-byte descriptor.
+        let v = data_of(d.execute(&cdb(&[op::MODE_SENSE_10, 0x10, 0x0a, 0, 0, 0, 0, 1, 0])));
+        assert_eq!(&v[..8], &[0, 6 + 16 + 12, 0, 0x10, 1, 0, 0, 16]);
+        assert_eq!(&v[8..24], &[0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 2, 0]);
+        assert_eq!(&v[24..28], &[0x0a, 0x0a, 0, 0x10]);
+        // Subpage FFh of a page without subpages is the page.
+        let v = data_of(d.execute(&cdb(&[op::MODE_SENSE_6, 0x08, 0x01, 0xff, 255])));
+        assert_eq!(&v[4..7], &[0x01, 0x0a, 0x80]);
+    }
+
+    /// MODE SELECT(10) with a header, no block descriptor and `pages`.
+    fn mode_select_10(d: &Arc<dyn Lun>, pages: &[u8]) -> Status {
+        let mut list = vec![0u8; 8];
+        list.extend_from_slice(pages);
+        let mut c = cdb(&[op::MODE_SELECT_10, 0x10]);
+        c[7..9].copy_from_slice(&(list.len() as u16).to_be_bytes());
+        exec(d, &c, VecPath { buf: list }).0.status
+    }
+
+    fn caching_page(wce: bool) -> Vec<u8> {
+        let mut p = vec![0u8; 20];
+        p[0] = 0x08;
+        p[1] = 0x12;
+        p[2] = if wce { 0x04 } else { 0 };
+        p
+    }
+
+    #[test]
+    fn mode_select_wce_flips_the_backend_write_cache() {
+        let b = null(MIB);
+        let d = disk_on(b.clone(), DiskOptions::default());
+        assert!(b.write_cache_enabled());
+        assert_eq!(mode_select_10(&d, &caching_page(false)), Status::Good);
+        assert!(!b.write_cache_enabled());
+        let v = data_of(d.execute(&cdb(&[op::MODE_SENSE_6, 0x08, 0x08, 0, 255])));
+        assert_eq!(v[6], 0, "WCE off");
+        // The default value is what the disk started with.
+        let v = data_of(d.execute(&cdb(&[op::MODE_SENSE_6, 0x08, 0x88, 0, 255])));
+        assert_eq!(v[6], 0x04);
+        // MODE SELECT(6), with a short block descriptor whose contents are
+        // ignored, and the PS bit set as MODE SENSE reported it.
+        let mut list = vec![0, 0, 0, 8, 0, 0, 0, 1, 0, 0, 2, 0];
+        let mut page = caching_page(true);
+        page[0] |= 0x80;
+        list.extend(page);
+        let c = cdb(&[op::MODE_SELECT_6, 0x10, 0, 0, list.len() as u8]);
+        let (o, _) = exec(&d, &c, VecPath { buf: list });
+        assert_eq!(o.status, Status::Good);
+        assert_eq!(o.transferred, 32);
+        assert!(b.write_cache_enabled());
+        // Unchanged pages may be sent back as they are.
+        let all = data_of(d.execute(&cdb(&[op::MODE_SENSE_10, 0x08, 0x3f, 0, 0, 0, 0, 1, 0])));
+        assert_eq!(mode_select_10(&d, &all[8..]), Status::Good);
+    }
+
+    #[test]
+    fn mode_select_rejects_bad_lists_and_changes_nothing() {
+        let b = null(MIB);
+        let d = disk_on(b.clone(), DiskOptions::default());
+        let bad = |pages: &[u8], s: Sense| {
+            assert_eq!(
+                mode_select_10(&d, pages),
+                Status::CheckCondition(s),
+                "pages {pages:02x?}"
+            );
+            assert_eq!(request_sense(&d), s);
+            assert!(b.write_cache_enabled(), "nothing applied");
+        };
+        // A valid WCE change followed by a change of an unchangeable field.
+        let mut pages = caching_page(false);
+        let mut ctl = vec![0x0a, 0x0a, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0];
+        ctl[2] = 0x04; // D_SENSE
+        pages.extend(&ctl);
+        bad(&pages, Sense::INVALID_PARAM);
+        // Unknown page, wrong page length, subpage format.
+        bad(
+            &[0x1c, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            Sense::INVALID_PARAM,
+        );
+        let mut short = caching_page(false);
+        short[1] = 0x0a;
+        short.truncate(12);
+        bad(&short, Sense::INVALID_PARAM);
+        let mut spf = caching_page(false);
+        spf[0] |= 0x40;
+        bad(&spf, Sense::INVALID_PARAM);
+        // A page cut by the end of the list; a lone byte.
+        bad(&caching_page(false)[..10], Sense::PARAM_LIST_LENGTH);
+        bad(&[0x08], Sense::PARAM_LIST_LENGTH);
+        // A header shorter than its format, a bad block descriptor length.
+        let c = cdb(&[op::MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0, 6]);
+        let (o, _) = exec(&d, &c, VecPath::new(6));
+        assert_eq!(o.status, Status::CheckCondition(Sense::PARAM_LIST_LENGTH));
+        let list = vec![0, 0, 0, 4, 0, 0, 0, 0];
+        let c = cdb(&[op::MODE_SELECT_6, 0x10, 0, 0, 8]);
+        let (o, _) = exec(&d, &c, VecPath { buf: list });
+        assert_eq!(o.status, Status::CheckCondition(Sense::INVALID_PARAM));
+        // A block descriptor length beyond the list.
+        let list = vec![0, 0, 0, 8, 0, 0];
+        let c = cdb(&[op::MODE_SELECT_6, 0x10, 0, 0, 6]);
+        let (o, _) = exec(&d, &c, VecPath { buf: list });
+        assert_eq!(o.status, Status::CheckCondition(Sense::PARAM_LIST_LENGTH));
+    }
+
+    /// An UNMAP parameter list of `(lba, blocks)` descriptors.
+    fn unmap_list(descs: &[(u64, u32)]) -> Vec<u8> {
+        let mut v = vec![0u8; 8];
+        v[0..2].copy_from_slice(&((6 + 16 * descs.len()) as u16).to_be_bytes());
+        v[2..4].copy_from_slice(&((16 * descs.len()) as u16).to_be_bytes());
+        for &(lba, n) in descs {
+            v.extend_from_slice(&lba.to_be_bytes());
+            v.extend_from_slice(&n.to_be_bytes());
+            v.extend_from_slice(&[0; 4]);
+        }
+        v
+    }
+
+    fn unmap_cmd(len: u16) -> Command {
+        Command::Unmap { param_len: len }
+    }
+
+    #[test]
+    fn unmap_parameter_list() {
+        let d = disk();
+        let mut c = cdb(&[op::UNMAP]);
+        c[7..9].copy_from_slice(&40u16.to_be_bytes());
+        assert_eq!(
+            d.execute(&c),
+            Plan::DataOut {
+                len: 40,
+                cmd: unmap_cmd(40)
+            }
+        );
+        let list = unmap_list(&[(8, 8), (100, 0), (2047, 1)]);
+        assert_eq!(
+            d.data_out(&unmap_cmd(list.len() as u16), &list),
+            Plan::Discard(vec![(4096, 4096), (2047 * 512, 512)])
+        );
+        // Only empty descriptors: nothing to do.
+        let list = unmap_list(&[(3, 0)]);
+        assert_eq!(d.data_out(&unmap_cmd(24), &list), Plan::Good);
+        // A parameter list length of 1..7 in the CDB.
+        c[7..9].copy_from_slice(&7u16.to_be_bytes());
+        check(&d, &c, Sense::PARAM_LIST_LENGTH);
+    }
+
+    #[test]
+    fn unmap_rejects_malformed_lists() {
+        let d = disk();
+        let bad = |list: &[u8], s: Sense| {
+            assert_eq!(
+                d.data_out(&unmap_cmd(list.len() as u16), list),
+                Plan::Check(s),
+                "list {list:02x?}"
+            );
+            assert_eq!(request_sense(&d), s);
+        };
+        // Shorter than the header.
+        bad(&[0, 6, 0, 0], Sense::PARAM_LIST_LENGTH);
+        // UNMAP DATA LENGTH beyond the data.
+        let mut l = unmap_list(&[(0, 1)]);
+        l[1] += 1;
+        bad(&l, Sense::PARAM_LIST_LENGTH);
+        // Block descriptor data length beyond the data, or not a multiple
+        // of 16.
+        let mut l = unmap_list(&[(0, 1)]);
+        l[3] = 32;
+        bad(&l, Sense::PARAM_LIST_LENGTH);
+        let mut l = unmap_list(&[(0, 1)]);
+        l[3] = 15;
+        bad(&l, Sense::PARAM_LIST_LENGTH);
+        // Too many descriptors.
+        let many: Vec<(u64, u32)> = (0..=MAX_UNMAP_DESCRIPTORS as u64).map(|i| (i, 1)).collect();
+        bad(&unmap_list(&many), Sense::INVALID_PARAM);
+        // Out of range, overflowing, or too big a descriptor.
+        bad(&unmap_list(&[(0, 1), (2048, 1)]), Sense::LBA_OUT_OF_RANGE);
+        bad(&unmap_list(&[(u64::MAX, 2)]), Sense::LBA_OUT_OF_RANGE);
+        let big = disk_on(null(4 << 30), DiskOptions::default());
+        let n = (MAX_UNMAP_BYTES / 512) as u32;
+        let l = unmap_list(&[(0, n + 1)]);
+        assert_eq!(
+            big.data_out(&unmap_cmd(l.len() as u16), &l),
+            Plan::Check(Sense::INVALID_PARAM)
+        );
+        assert!(matches!(
+            big.data_out(&unmap_cmd(24), &unmap_list(&[(0, n)])),
+            Plan::Discard(_)
+        ));
+    }
+
+    #[test]
+    fn sync_cache_start_stop_and_prevent() {
+        let b = null(MIB);
+        let disk = Arc::new(Disk::new(b, DiskOptions::default()).unwrap());
+        let d: Arc<dyn Lun> = disk.clone();
+        d.execute(&cdb(&[op::TEST_UNIT_READY]));
+        assert_eq!(
+            d.execute(&cdb16(op::SYNCHRONIZE_CACHE_16, 2, 0, 2048)),
+            Plan::Flush
+        );
+        // Power conditions are accepted (and ignored), as on QEMU.
+        assert_eq!(
+            d.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 0x30])),
+            Plan::Good
+        );
+        assert_eq!(
+            d.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 0x02])),
+            Plan::Good
+        );
+        assert_eq!(
+            d.execute(&cdb(&[op::PREVENT_ALLOW, 0, 0, 0, 1])),
+            Plan::Good
+        );
+        assert!(disk.locked());
+        d.execute(&cdb(&[op::PREVENT_ALLOW, 0, 0, 0, 0]));
+        assert!(!disk.locked());
+        assert_eq!(d.execute(&cdb(&[op::TEST_UNIT_READY])), Plan::Good);
+    }
+
+    #[test]
+    fn io_failures_become_sense() {
+        let d = disk();
+        assert_eq!(
+            d.io_failed(IoFailure::Write {
+                errno: libc::ENOSPC
+            }),
+            Sense::SPACE_ALLOC_FAILED
+        );
+        assert_eq!(request_sense(&d), Sense::SPACE_ALLOC_FAILED);
+        assert_eq!(
+            d.io_failed(IoFailure::Read { errno: libc::EIO }),
+            Sense::IO_ERROR
+        );
+        assert_eq!(d.io_failed(IoFailure::Miscompare), Sense::MISCOMPARE);
+        assert_eq!(d.io_failed(IoFailure::Overrun), Sense::INVALID_FIELD);
+        assert_eq!(
+            d.io_failed(IoFailure::Flush {
+                errno: libc::ENOMEDIUM
+            }),
+            Sense::NO_MEDIUM
+        );
+        assert_eq!(request_sense(&d), Sense::NO_MEDIUM);
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let bad = |o: DiskOptions| assert!(Disk::new(null(MIB), o).is_err());
+        bad(DiskOptions {
+            logical_block_size: 1024,
+            physical_block_size: 1024,
+            ..Default::default()
+        });
+        bad(DiskOptions {
+            logical_block_size: 4096,
+            physical_block_size: 512,
+            ..Default::default()
+        });
+        bad(DiskOptions {
+            physical_block_size: 3000,
+            ..Default::default()
+        });
+        bad(DiskOptions {
+            vendor: "TOO LONG VENDOR".into(),
+            ..Default::default()
+        });
+        bad(DiskOptions {
+            serial: Some("\u{e9}".into()),
+            ..Default::default()
+        });
     }
 }
