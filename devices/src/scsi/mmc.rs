@@ -168,10 +168,12 @@ impl CdRom {
         self.io_failed(IoFailure::Read { errno: libc::EIO })
     }
 
-    /// Commands an MMC drive implements. READ(6) and READ(16) are SBC
-    /// commands that SCSI CD-ROMs accept but ATAPI drives do not.
-    fn implements(&self, cmd: &Command, opcode: u8) -> bool {
-        match cmd {
+    /// Whether an MMC drive takes a parsed command: INVALID COMMAND
+    /// OPERATION CODE for commands it does not implement (READ(6) and
+    /// READ(16) are SBC commands that SCSI CD-ROMs accept but ATAPI drives
+    /// do not), INVALID FIELD for power conditions.
+    fn accepts(&self, cmd: &Command, opcode: u8) -> Result<(), Sense> {
+        let ok = match cmd {
             Command::Read { .. } => {
                 self.transport == Transport::Scsi || matches!(opcode, op::READ_10 | op::READ_12)
             }
@@ -185,8 +187,13 @@ impl CdRom {
             | Command::ReportLuns { .. } => false,
             Command::StartStopUnit {
                 power_condition, ..
-            } => *power_condition == 0,
+            } if *power_condition != 0 => return Err(Sense::INVALID_FIELD),
             _ => true,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Sense::INVALID_OPCODE)
         }
     }
 
@@ -302,7 +309,7 @@ impl CdRom {
                 }
                 data(v, alloc)
             }
-            // Not implemented by this unit (filtered by `implements`).
+            // Not implemented by this unit (refused by `accepts`).
             Command::ModeSelect { .. }
             | Command::ReadCapacity16 { .. }
             | Command::Write { .. }
@@ -555,13 +562,7 @@ impl CdRom {
 impl Lun for CdRom {
     fn execute(&self, cdb: &[u8]) -> Plan {
         let mut st = self.lock();
-        let parsed = Command::parse(cdb).and_then(|c| {
-            if self.implements(&c, cdb[0]) {
-                Ok(c)
-            } else {
-                Err(Sense::INVALID_OPCODE)
-            }
-        });
+        let parsed = Command::parse(cdb).and_then(|c| self.accepts(&c, cdb[0]).map(|()| c));
         let plan = match st.sense.admit(parsed) {
             Err(s) => Plan::Check(s),
             Ok(cmd) => match st.not_ready().filter(|_| cmd.needs_medium()) {
@@ -732,6 +733,38 @@ mod tests {
         assert_eq!(
             cd.execute(&cdb(&[op::READ_TOC, 0, 5])),
             Plan::Check(Sense::INVALID_FIELD)
+        );
+    }
+
+    #[test]
+    fn atapi_refuses_sbc_only_commands() {
+        let cd = CdRom::new(Transport::Atapi, Some(medium(10)));
+        cd.execute(&cdb(&[op::TEST_UNIT_READY]));
+        let mut r16 = [0u8; 16];
+        r16[0] = op::READ_16;
+        r16[13] = 1;
+        assert_eq!(cd.execute(&r16), Plan::Check(Sense::INVALID_OPCODE));
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_6, 0, 0, 0, 1])),
+            Plan::Check(Sense::INVALID_OPCODE)
+        );
+        assert_eq!(
+            cd.execute(&cdb(&[op::WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1])),
+            Plan::Check(Sense::INVALID_OPCODE)
+        );
+        assert_eq!(
+            cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 0x20])),
+            Plan::Check(Sense::INVALID_FIELD)
+        );
+        // A SCSI CD-ROM reads with READ(6).
+        let cd = CdRom::new(Transport::Scsi, Some(medium(10)));
+        cd.execute(&cdb(&[op::TEST_UNIT_READY]));
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_6, 0, 0, 3, 1])),
+            Plan::Read {
+                offset: 3 * 2048,
+                len: 2048
+            }
         );
     }
 }

@@ -190,3 +190,168 @@ fn absent_inquiry(lun: u64) -> Vec<u8> {
     pad(&mut v[32..36], "2.5+");
     v
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::mmc::{CdRom, Transport};
+    use super::super::request::{Status, VecPath};
+    use super::super::sbc::{Disk, DiskOptions};
+    use super::super::testutil::*;
+    use super::*;
+
+    fn disk() -> Arc<dyn Lun> {
+        Arc::new(Disk::new(null(1 << 20), DiskOptions::default()).unwrap())
+    }
+
+    fn report_luns(select: u8, alloc: u32) -> [u8; 16] {
+        let mut c = cdb(&[op::REPORT_LUNS, 0, select]);
+        c[6..10].copy_from_slice(&alloc.to_be_bytes());
+        c
+    }
+
+    fn data_of(p: Plan) -> Vec<u8> {
+        match p {
+            Plan::DataIn(v) => v,
+            p => panic!("expected data, got {p:?}"),
+        }
+    }
+
+    #[test]
+    fn lun_structures() {
+        assert_eq!(encode_lun(0), Some([0; 8]));
+        assert_eq!(encode_lun(5), Some([0, 5, 0, 0, 0, 0, 0, 0]));
+        assert_eq!(encode_lun(300), Some([0x41, 0x2c, 0, 0, 0, 0, 0, 0]));
+        assert_eq!(encode_lun(MAX_LUN + 1), None);
+        for lun in [0, 1, 255, 256, 300, MAX_LUN] {
+            assert_eq!(decode_lun(&encode_lun(lun).unwrap()), Some(lun));
+        }
+        assert_eq!(decode_lun(&[0, 1, 0, 0, 0, 0, 0, 1]), None, "two levels");
+        assert_eq!(decode_lun(&[0x01, 1, 0, 0, 0, 0, 0, 0]), None, "bus 1");
+        assert_eq!(decode_lun(&[0xc1, 0, 0, 0, 0, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn report_luns_lists_lun_0_and_the_present_luns() {
+        let mut t = Target::new();
+        t.attach(2, disk()).unwrap();
+        t.attach(300, disk()).unwrap();
+        assert!(t.attach(2, disk()).is_err());
+        assert!(t.attach(MAX_LUN + 1, disk()).is_err());
+        assert_eq!(t.luns().collect::<Vec<_>>(), vec![2, 300]);
+        let v = data_of(t.execute(0, &report_luns(0, 256)));
+        assert_eq!(&v[..8], &[0, 0, 0, 24, 0, 0, 0, 0]);
+        assert_eq!(&v[8..16], &[0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&v[16..24], &[0, 2, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(&v[24..32], &[0x41, 0x2c, 0, 0, 0, 0, 0, 0]);
+        // From a present LUN too, and cut to the allocation length.
+        assert_eq!(data_of(t.execute(300, &report_luns(2, 16))).len(), 16);
+        // Well-known logical units only: none.
+        assert_eq!(
+            data_of(t.execute(0, &report_luns(1, 16))),
+            vec![0, 0, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            t.execute(0, &report_luns(0, 15)),
+            Plan::Check(Sense::INVALID_FIELD)
+        );
+        assert_eq!(
+            t.execute(0, &report_luns(3, 64)),
+            Plan::Check(Sense::INVALID_FIELD)
+        );
+        // Not from an absent LUN other than 0.
+        assert_eq!(
+            t.execute(7, &report_luns(0, 64)),
+            Plan::Check(Sense::LUN_NOT_SUPPORTED)
+        );
+        // LUN 0 present: listed once.
+        t.attach(0, disk()).unwrap();
+        let v = data_of(t.execute(0, &report_luns(0, 256)));
+        assert_eq!(&v[..4], &[0, 0, 0, 24]);
+    }
+
+    #[test]
+    fn absent_luns() {
+        let mut t = Target::new();
+        t.attach(1, disk()).unwrap();
+        let inquiry = cdb(&[op::INQUIRY, 0, 0, 0, 36]);
+        // LUN 0 absent: qualifier 001b, the target's identification.
+        let v = data_of(t.execute(0, &inquiry));
+        assert_eq!(&v[..5], &[0x3f, 0, 5, 0x12, 31]);
+        assert_eq!(&v[16..27], b"QEMU TARGET");
+        assert_eq!(t.execute(0, &cdb(&[op::TEST_UNIT_READY])), Plan::Good);
+        // Another absent LUN: qualifier 011b, type 1Fh.
+        let v = data_of(t.execute(9, &inquiry));
+        assert_eq!(v.len(), 36);
+        assert_eq!(v[0], 0x7f);
+        assert!(v[1..].iter().all(|&b| b == 0));
+        assert_eq!(
+            data_of(t.execute(9, &cdb(&[op::INQUIRY, 0, 0, 0, 1]))),
+            vec![0x7f]
+        );
+        assert_eq!(
+            t.execute(9, &cdb(&[op::INQUIRY, 1, 0x83, 0, 36])),
+            Plan::Check(Sense::INVALID_FIELD)
+        );
+        let v = data_of(t.execute(9, &cdb(&[op::REQUEST_SENSE, 0, 0, 0, 18])));
+        assert_eq!((v[2], v[12], v[13]), (5, 0x25, 0));
+        for c in [
+            cdb(&[op::TEST_UNIT_READY]),
+            cdb10(op::READ_10, 0, 0, 1),
+            cdb(&[0xff]),
+        ] {
+            assert_eq!(t.execute(9, &c), Plan::Check(Sense::LUN_NOT_SUPPORTED));
+        }
+        // A present LUN answers for itself.
+        let v = data_of(t.execute(1, &inquiry));
+        assert_eq!(v[0], 0);
+        // Through the runner.
+        let (tx, rx) = std::sync::mpsc::channel();
+        t.start(9, &inquiry, VecPath::new(96), move |o, p| {
+            tx.send((o, p)).unwrap()
+        });
+        let (o, p) = rx.recv().unwrap();
+        assert_eq!(
+            (o.status, o.transferred, o.residual),
+            (Status::Good, 36, 60)
+        );
+        assert_eq!(p.buf[0], 0x7f);
+    }
+
+    #[test]
+    fn reset_reaches_every_unit() {
+        let mut t = Target::new();
+        t.attach(0, disk()).unwrap();
+        let tur = cdb(&[op::TEST_UNIT_READY]);
+        assert_eq!(t.execute(0, &tur), Plan::Check(Sense::POWER_ON_RESET));
+        assert_eq!(t.execute(0, &tur), Plan::Good);
+        t.reset();
+        assert_eq!(t.execute(0, &tur), Plan::Check(Sense::POWER_ON_RESET));
+        assert!(t.detach(0).is_some());
+        assert!(t.lun(0).is_none());
+    }
+
+    #[test]
+    fn a_cd_rom_behind_the_target() {
+        let img = TempImage::new(10 * 2048);
+        let b = img.backend(Default::default());
+        b.write_at(2 * 2048, &[0xcd; 2048]).unwrap();
+        let cd: Arc<dyn Lun> = Arc::new(CdRom::new(Transport::Scsi, Some(b)));
+        let mut t = Target::new();
+        t.attach(0, cd).unwrap();
+        let run = |c: &[u8], len: usize| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            t.start(0, c, VecPath::new(len), move |o, p| {
+                tx.send((o, p)).unwrap()
+            });
+            rx.recv().unwrap()
+        };
+        let (o, p) = run(&cdb(&[op::INQUIRY, 0, 0, 0, 36]), 36);
+        assert_eq!((o.status, p.buf[0], p.buf[2]), (Status::Good, 5, 5));
+        // READ(16) is accepted on a SCSI bus.
+        let (o, p) = run(&cdb16(op::READ_16, 0, 2, 1), 2048);
+        assert_eq!(o.status, Status::Good);
+        assert!(p.buf.iter().all(|&b| b == 0xcd));
+        let (o, _) = run(&cdb10(op::WRITE_10, 0, 0, 1), 2048);
+        assert_eq!(o.status, Status::CheckCondition(Sense::INVALID_OPCODE));
+    }
+}
