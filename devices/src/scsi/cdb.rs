@@ -543,4 +543,118 @@ mod tests {
             Ok(Command::ReadToc { format: 1, .. })
         ));
     }
+
+    #[test]
+    fn parses_sbc_commands() {
+        let p = |b: &[u8]| {
+            let mut c = [0u8; 16];
+            c[..b.len()].copy_from_slice(b);
+            Command::parse(&c)
+        };
+        // READ(6): 21-bit LBA, zero blocks means 256.
+        assert_eq!(
+            p(&[op::READ_6, 0xff, 0x12, 0x34, 0]),
+            Ok(Command::Read {
+                lba: 0x1f1234,
+                blocks: 256,
+                fua: false
+            })
+        );
+        let mut r16 = [0u8; 16];
+        r16[0] = op::WRITE_16;
+        r16[1] = 0x08;
+        r16[2..10].copy_from_slice(&0x0102_0304_0506_0708u64.to_be_bytes());
+        r16[10..14].copy_from_slice(&0x1000u32.to_be_bytes());
+        assert_eq!(
+            Command::parse(&r16),
+            Ok(Command::Write {
+                lba: 0x0102_0304_0506_0708,
+                blocks: 0x1000,
+                fua: true
+            })
+        );
+        assert_eq!(
+            p(&[op::WRITE_SAME_16, 0x09, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 2]),
+            Ok(Command::WriteSame {
+                lba: 7,
+                blocks: 2,
+                unmap: true,
+                ndob: true
+            })
+        );
+        // NDOB is a WRITE SAME(16) bit only.
+        assert_eq!(
+            p(&[op::WRITE_SAME_10, 0x01, 0, 0, 0, 7, 0, 0, 2]),
+            Ok(Command::WriteSame {
+                lba: 7,
+                blocks: 2,
+                unmap: false,
+                ndob: false
+            })
+        );
+        assert_eq!(
+            p(&[op::MODE_SENSE_10, 0x18, 0x08, 0, 0, 0, 0, 1, 0]),
+            Ok(Command::ModeSense {
+                page: 8,
+                subpage: 0,
+                pc: PageControl::Current,
+                alloc: 256,
+                six: false,
+                dbd: true,
+                llbaa: true
+            })
+        );
+        assert_eq!(
+            p(&[op::MODE_SELECT_10, 0x10, 0, 0, 0, 0, 0, 0x01, 0x02]),
+            Ok(Command::ModeSelect {
+                param_len: 0x102,
+                six: false
+            })
+        );
+        assert_eq!(
+            p(&[op::REPORT_LUNS, 0, 2, 0, 0, 0, 0, 0, 1, 0]),
+            Ok(Command::ReportLuns {
+                select: 2,
+                alloc: 256
+            })
+        );
+        assert_eq!(
+            p(&[
+                op::SERVICE_ACTION_IN_16,
+                0x10,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                32
+            ]),
+            Ok(Command::ReadCapacity16 { alloc: 32 })
+        );
+        assert_eq!(
+            p(&[op::UNMAP, 0, 0, 0, 0, 0, 0, 0, 24]),
+            Ok(Command::Unmap { param_len: 24 })
+        );
+        assert_eq!(
+            p(&[op::SYNCHRONIZE_CACHE_10, 2, 0, 0, 0, 9, 0, 0, 0]),
+            Ok(Command::SynchronizeCache { lba: 9, blocks: 0 })
+        );
+        assert_eq!(
+            p(&[op::VERIFY_10, 0x02, 0, 0, 0, 1, 0, 0, 1]),
+            Ok(Command::Verify {
+                lba: 1,
+                blocks: 1,
+                bytchk: true
+            })
+        );
+        assert_eq!(p(&[op::REPORT_LUNS, 0, 0x10]), Err(Sense::INVALID_FIELD));
+        // A 16-byte opcode in a 12-byte packet is too short.
+        assert_eq!(Command::parse(&r16[..12]), Err(Sense::INVALID_FIELD));
+    }
 }
