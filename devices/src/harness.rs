@@ -1,6 +1,7 @@
 //! Fuzzing harnesses for the parsers of guest data in this crate: the SCSI
-//! CDB parser and MMC command set (shared by ATAPI and, later, every SCSI
-//! transport), and the virtio-blk descriptor-chain parser. The cargo fuzz
+//! CDB parser, the MMC and SBC command sets behind a target and the request
+//! runner (shared by ATAPI and, later, every SCSI transport), and the
+//! virtio-blk descriptor-chain parser. The cargo fuzz
 //! targets under `fuzz/` call these functions, and
 //! `devices/tests/fuzz_corpus.rs` replays each corpus as a regular test.
 //! The property: no input panics, loops forever, or reads outside guest
@@ -10,28 +11,37 @@ use block::backend::{BackendConfig, BlockBackend};
 use block::graph::BlockGraph;
 use vm_memory::{Bytes, GuestAddress};
 
+use std::sync::{Arc, Mutex};
+
 use crate::scsi::cdb::Command;
-use crate::scsi::mmc::{CdRom, Reply, Transport};
+use crate::scsi::mmc::{CdRom, Transport};
+use crate::scsi::request::{Outcome, VecPath};
+use crate::scsi::{Disk, DiskOptions, Lun, Plan, Target};
 use crate::virtio::block::{Limits, Request};
 use crate::GuestMem;
 
-/// A CD-ROM with a 1 MiB medium that reads as zeros.
-fn null_cd() -> Option<CdRom> {
+/// A 1 MiB medium that reads as zeros and discards writes.
+fn null_medium(name: &str) -> Option<Arc<BlockBackend>> {
     let graph = BlockGraph::new();
     let node = graph
-        .blockdev_add_str("driver=null-co,size=1048576,read-zeroes=on")
+        .blockdev_add_str(&format!(
+            "driver=null-co,node-name={name},size=1048576,read-zeroes=on"
+        ))
         .ok()?;
-    let medium = BlockBackend::new("fuzz-cd", node, BackendConfig::default()).ok()?;
-    Some(CdRom::new(Transport::Atapi, Some(medium)))
+    BlockBackend::new(name, node, BackendConfig::default()).ok()
 }
 
 /// Runs `data` as a sequence of 12-byte CDBs (ATAPI's packet size) through
-/// the parser and the CD-ROM model.
+/// the parser and the CD-ROM model, then as 16-byte CDBs through a target
+/// with a disk (LUN 0) and a SCSI CD-ROM (LUN 1) and the request runner.
 pub fn scsi_cdb(data: &[u8]) {
-    let Some(mut cd) = null_cd() else { return };
+    let Some(medium) = null_medium("fuzz-cd") else {
+        return;
+    };
+    let cd = CdRom::new(Transport::Atapi, Some(medium));
     for cdb in data.chunks(12) {
         let _ = Command::parse(cdb);
-        if let Reply::Read { offset, len } = cd.execute(cdb) {
+        if let Plan::Read { offset, len } = cd.execute(cdb) {
             // A read the model accepts must lie on the medium.
             let size = cd.medium().map_or(0, |m| m.len());
             assert!(
@@ -39,6 +49,60 @@ pub fn scsi_cdb(data: &[u8]) {
                 "read past the medium"
             );
         }
+    }
+    scsi_target(data);
+}
+
+/// The target half of [`scsi_cdb`]. Byte 15 of each CDB (the CONTROL
+/// byte, which nothing interprets) picks the LUN (bits 1..0: 2 is absent)
+/// and the initiator's buffer size (bits 7..2, in 512-byte units); the
+/// buffer holds the input itself, so that parameter lists vary too.
+fn scsi_target(data: &[u8]) {
+    let (Some(disk_medium), Some(cd_medium)) = (null_medium("fuzz-hd"), null_medium("fuzz-cd"))
+    else {
+        return;
+    };
+    let size = disk_medium.len();
+    let Ok(disk) = Disk::new(disk_medium, DiskOptions::default()) else {
+        return;
+    };
+    let mut target = Target::new();
+    let cd = Arc::new(CdRom::new(Transport::Scsi, Some(cd_medium)));
+    if target.attach(0, Arc::new(disk)).is_err() || target.attach(1, cd).is_err() {
+        return;
+    }
+    for (i, cdb) in data.chunks(16).enumerate() {
+        let control = cdb.get(15).copied().unwrap_or(0);
+        let lun = (control & 3) as u64;
+        let len = (control >> 2) as usize * 512;
+        let buf = data
+            .iter()
+            .cycle()
+            .skip(i * 16)
+            .take(len)
+            .copied()
+            .collect();
+        if lun == 0 {
+            if let Plan::Read { offset, len } | Plan::Write { offset, len, .. } =
+                target.lun(0).map_or(Plan::Good, |d| d.execute(cdb))
+            {
+                assert!(
+                    offset.checked_add(len).is_some_and(|end| end <= size),
+                    "disk I/O past the medium"
+                );
+            }
+        }
+        let seen: Arc<Mutex<Vec<Outcome>>> = Arc::default();
+        let log = seen.clone();
+        target.start(lun, cdb, VecPath { buf }, move |o, p| {
+            log.lock().unwrap_or_else(|e| e.into_inner()).push(o);
+            assert_eq!(p.buf.len(), len, "the runner resized the buffer");
+        });
+        // The null medium completes inline: the request is over.
+        let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        assert_eq!(seen.len(), 1, "done runs exactly once");
+        let o = seen[0];
+        assert_eq!(o.transferred + o.residual, len as u64, "residual");
     }
 }
 

@@ -34,7 +34,7 @@ use super::geometry::{Geometry, Translation};
 use super::identify::{self, IdentifyParams, XferMode};
 use crate::bus::lock;
 use crate::irq::IrqLine;
-use crate::scsi::{CdRom, Reply, Sense};
+use crate::scsi::{CdRom, Lun, Plan, Sense};
 use crate::GuestMem;
 
 const SECTOR: u64 = 512;
@@ -936,20 +936,23 @@ impl Channel {
         let unit = self.cur;
         let d = self.cur()?;
         let dma = d.packet_dma;
-        let reply = d.cdrom()?.execute(&cdb);
-        match reply {
-            Reply::Good => self.atapi_ok(),
-            Reply::Check(s) => self.atapi_error(s),
-            Reply::Data(v) if v.is_empty() => self.atapi_ok(),
-            Reply::Data(v) if dma => return self.queue_dma(unit, DmaJob::AtapiData(v)),
-            Reply::Data(v) => {
+        let plan = d.cdrom()?.execute(&cdb);
+        match plan {
+            Plan::Good => self.atapi_ok(),
+            Plan::Check(s) => self.atapi_error(s),
+            Plan::DataIn(v) if v.is_empty() => self.atapi_ok(),
+            Plan::DataIn(v) if dma => return self.queue_dma(unit, DmaJob::AtapiData(v)),
+            Plan::DataIn(v) => {
                 let len = v.len() as u64;
                 return self.atapi_chunk(AtapiSrc::Buf(v, 0), len);
             }
-            Reply::Read { offset, len } if dma => {
+            Plan::Read { offset, len } if dma => {
                 return self.queue_dma(unit, DmaJob::AtapiRead { offset, len })
             }
-            Reply::Read { offset, len } => return self.atapi_chunk(AtapiSrc::Medium(offset), len),
+            Plan::Read { offset, len } => return self.atapi_chunk(AtapiSrc::Medium(offset), len),
+            // A CD-ROM plans no writes, flushes or parameter lists; this
+            // engine carries none of them out.
+            _ => self.atapi_error(Sense::INVALID_OPCODE),
         }
         None
     }
@@ -977,7 +980,7 @@ impl Channel {
             }
             AtapiSrc::Medium(off) => {
                 let cd = d.cdrom()?;
-                let Some(m) = cd.medium().cloned() else {
+                let Some(m) = cd.medium() else {
                     let s = cd.read_failed();
                     self.atapi_error(s);
                     return None;
@@ -1172,7 +1175,7 @@ impl Channel {
                 return None;
             }
             DmaJob::AtapiRead { offset, .. } => {
-                let Some(m) = d.cdrom()?.medium().cloned() else {
+                let Some(m) = d.cdrom()?.medium() else {
                     let s = d.cdrom()?.read_failed();
                     self.atapi_error(s);
                     return None;

@@ -9,17 +9,18 @@
 //! GET CONFIGURATION or GET EVENT STATUS NOTIFICATION reports, and a "new
 //! media" event for GET EVENT STATUS NOTIFICATION. Blocks are 2048 bytes.
 //!
-//! [`CdRom::execute`] parses the CDB ([`Command::parse`]), applies the
-//! UNIT ATTENTION and medium checks, and answers with a [`Reply`]. Reads are
-//! not performed here: the reply names the byte range, so that the transport
+//! [`Lun::execute`] parses the CDB ([`Command::parse`]), applies the
+//! UNIT ATTENTION and medium checks, and answers with a [`Plan`]. Reads are
+//! not performed here: the plan names the byte range, so that the transport
 //! can move it synchronously (PIO) or asynchronously (DMA) and report a
-//! failure back through [`CdRom::read_failed`].
+//! failure back through [`Lun::io_failed`] (or [`CdRom::read_failed`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use block::backend::BlockBackend;
 
-use super::cdb::{Command, PageControl};
+use super::cdb::{op, Command, PageControl};
+use super::lun::{data_in, pad, IoFailure, Lun, Plan, SenseKeeper};
 use super::sense::Sense;
 
 /// MMC logical block size.
@@ -43,21 +44,6 @@ pub enum Transport {
     Scsi,
 }
 
-/// What a command produced.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Reply {
-    /// GOOD status, no data.
-    Good,
-    /// GOOD status with data for the initiator (already cut to the
-    /// allocation length).
-    Data(Vec<u8>),
-    /// GOOD status once the transport has read `len` bytes at byte `offset`
-    /// of [`CdRom::medium`] into the initiator's buffer.
-    Read { offset: u64, len: u64 },
-    /// CHECK CONDITION; the sense is also kept for REQUEST SENSE.
-    Check(Sense),
-}
-
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum MediaEvent {
     #[default]
@@ -67,94 +53,31 @@ enum MediaEvent {
     MediaRemoval,
 }
 
-pub struct CdRom {
-    transport: Transport,
+/// The drive's changing state, behind the unit's lock.
+struct State {
     medium: Option<Arc<BlockBackend>>,
     tray_open: bool,
     locked: bool,
-    unit_attention: Option<Sense>,
-    sense: Sense,
+    sense: SenseKeeper,
     event: MediaEvent,
-    vendor: String,
     product: String,
-    revision: String,
 }
 
-impl CdRom {
-    pub fn new(transport: Transport, medium: Option<Arc<BlockBackend>>) -> Self {
-        CdRom {
-            transport,
-            medium,
-            tray_open: false,
-            locked: false,
-            unit_attention: None,
-            sense: Sense::NONE,
-            event: MediaEvent::None,
-            vendor: "QEMU".into(),
-            product: "QEMU DVD-ROM".into(),
-            revision: "2.5+".into(),
-        }
-    }
-
-    /// Sets the INQUIRY product identification (from `model=`).
-    pub fn set_product(&mut self, product: &str) {
-        self.product = product.to_string();
-    }
-
+impl State {
     /// The medium, when one is loaded and the tray is closed.
-    pub fn medium(&self) -> Option<&Arc<BlockBackend>> {
+    fn medium(&self) -> Option<&Arc<BlockBackend>> {
         self.medium.as_ref().filter(|_| !self.tray_open)
     }
 
-    pub fn tray_open(&self) -> bool {
-        self.tray_open
-    }
-
-    pub fn locked(&self) -> bool {
-        self.locked
-    }
-
-    /// Number of 2048-byte blocks on the medium (0 without one).
-    pub fn blocks(&self) -> u64 {
+    fn blocks(&self) -> u64 {
         self.medium().map_or(0, |m| m.len() / BLOCK)
-    }
-
-    /// Host-side medium change (QMP `blockdev-change-medium`/`eject`): the
-    /// tray opens, the medium is swapped, the tray closes.
-    pub fn change_medium(&mut self, medium: Option<Arc<BlockBackend>>) {
-        self.medium = medium;
-        self.tray_open = false;
-        self.medium_loaded();
-    }
-
-    /// Host-side eject request: a locked drive only reports the request
-    /// (the guest is expected to unlock and eject); an unlocked one opens.
-    pub fn eject_request(&mut self) {
-        if self.locked {
-            self.event = MediaEvent::EjectRequest;
-        } else {
-            self.tray_open = true;
-            self.event = MediaEvent::MediaRemoval;
-        }
     }
 
     fn medium_loaded(&mut self) {
         if self.medium.is_some() {
-            self.unit_attention = Some(Sense::MEDIUM_CHANGED);
+            self.sense.set_unit_attention(Sense::MEDIUM_CHANGED);
             self.event = MediaEvent::NewMedia;
         }
-    }
-
-    /// A device reset (ATAPI DEVICE RESET, bus reset): removal prevention
-    /// is kept (MMC-5 says a reset does not unlock), sense is cleared.
-    pub fn reset(&mut self) {
-        self.sense = Sense::NONE;
-    }
-
-    /// The transport could not read the data of a [`Reply::Read`].
-    pub fn read_failed(&mut self) -> Sense {
-        self.sense = Sense::READ_ERROR;
-        self.sense
     }
 
     fn not_ready(&self) -> Option<Sense> {
@@ -166,73 +89,136 @@ impl CdRom {
             None
         }
     }
+}
 
-    fn check(&mut self, s: Sense) -> Reply {
-        self.sense = s;
-        Reply::Check(s)
+pub struct CdRom {
+    transport: Transport,
+    vendor: String,
+    revision: String,
+    state: Mutex<State>,
+}
+
+impl CdRom {
+    pub fn new(transport: Transport, medium: Option<Arc<BlockBackend>>) -> Self {
+        CdRom {
+            transport,
+            vendor: "QEMU".into(),
+            revision: "2.5+".into(),
+            state: Mutex::new(State {
+                medium,
+                tray_open: false,
+                locked: false,
+                sense: SenseKeeper::default(),
+                event: MediaEvent::None,
+                product: "QEMU DVD-ROM".into(),
+            }),
+        }
     }
 
-    /// Executes one CDB.
-    pub fn execute(&mut self, cdb: &[u8]) -> Reply {
-        let cmd = match Command::parse(cdb) {
-            Ok(c) => c,
-            Err(s) => {
-                // Even an invalid command reports a pending UNIT ATTENTION
-                // first (SPC-4 5.14).
-                if let Some(ua) = self.unit_attention.take() {
-                    return self.check(ua);
-                }
-                return self.check(s);
-            }
-        };
-        if !cmd.allowed_with_unit_attention() {
-            if let Some(ua) = self.unit_attention.take() {
-                return self.check(ua);
-            }
-        }
-        if cmd.needs_medium() {
-            if let Some(s) = self.not_ready() {
-                return self.check(s);
-            }
-        }
-        let reply = self.run(cmd);
-        if !matches!(reply, Reply::Check(_)) && !matches!(cmd, Command::RequestSense { .. }) {
-            self.sense = Sense::NONE;
-        }
-        reply
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run(&mut self, cmd: Command) -> Reply {
-        let data = |mut v: Vec<u8>, alloc: u16| {
-            v.truncate(alloc as usize);
-            Reply::Data(v)
+    /// Sets the INQUIRY product identification (from `model=`).
+    pub fn set_product(&self, product: &str) {
+        self.lock().product = product.to_string();
+    }
+
+    /// The medium, when one is loaded and the tray is closed.
+    pub fn medium(&self) -> Option<Arc<BlockBackend>> {
+        self.lock().medium().cloned()
+    }
+
+    pub fn tray_open(&self) -> bool {
+        self.lock().tray_open
+    }
+
+    pub fn locked(&self) -> bool {
+        self.lock().locked
+    }
+
+    /// Number of 2048-byte blocks on the medium (0 without one).
+    pub fn blocks(&self) -> u64 {
+        self.lock().blocks()
+    }
+
+    /// Host-side medium change (QMP `blockdev-change-medium`/`eject`): the
+    /// tray opens, the medium is swapped, the tray closes.
+    pub fn change_medium(&self, medium: Option<Arc<BlockBackend>>) {
+        let mut st = self.lock();
+        st.medium = medium;
+        st.tray_open = false;
+        st.medium_loaded();
+    }
+
+    /// Host-side eject request: a locked drive only reports the request
+    /// (the guest is expected to unlock and eject); an unlocked one opens.
+    pub fn eject_request(&self) {
+        let mut st = self.lock();
+        if st.locked {
+            st.event = MediaEvent::EjectRequest;
+        } else {
+            st.tray_open = true;
+            st.event = MediaEvent::MediaRemoval;
+        }
+    }
+
+    /// The transport could not read the data of a [`Plan::Read`].
+    pub fn read_failed(&self) -> Sense {
+        self.io_failed(IoFailure::Read { errno: libc::EIO })
+    }
+
+    /// Whether an MMC drive takes a parsed command: INVALID COMMAND
+    /// OPERATION CODE for commands it does not implement (READ(6) and
+    /// READ(16) are SBC commands that SCSI CD-ROMs accept but ATAPI drives
+    /// do not), INVALID FIELD for power conditions.
+    fn accepts(&self, cmd: &Command, opcode: u8) -> Result<(), Sense> {
+        let ok = match cmd {
+            Command::Read { .. } => {
+                self.transport == Transport::Scsi || matches!(opcode, op::READ_10 | op::READ_12)
+            }
+            Command::ModeSelect { .. }
+            | Command::ReadCapacity16 { .. }
+            | Command::Write { .. }
+            | Command::Verify { .. }
+            | Command::WriteSame { .. }
+            | Command::Unmap { .. }
+            | Command::SynchronizeCache { .. }
+            | Command::ReportLuns { .. } => false,
+            Command::StartStopUnit {
+                power_condition, ..
+            } if *power_condition != 0 => return Err(Sense::INVALID_FIELD),
+            _ => true,
         };
+        if ok {
+            Ok(())
+        } else {
+            Err(Sense::INVALID_OPCODE)
+        }
+    }
+
+    fn run(&self, st: &mut State, cmd: Command) -> Plan {
+        let data = |v: Vec<u8>, alloc: u16| data_in(v, alloc as u32);
         match cmd {
-            Command::TestUnitReady | Command::SetCdSpeed => Reply::Good,
+            Command::TestUnitReady | Command::SetCdSpeed => Plan::Good,
             Command::Seek { lba } => {
-                if lba as u64 >= self.blocks() {
-                    return self.check(Sense::LBA_OUT_OF_RANGE);
+                if lba as u64 >= st.blocks() {
+                    return Plan::Check(Sense::LBA_OUT_OF_RANGE);
                 }
-                Reply::Good
+                Plan::Good
             }
             Command::RequestSense { alloc } => {
                 // A pending UNIT ATTENTION is reported (and consumed) here;
                 // otherwise the last error, or NOT READY while there is no
                 // medium, as drives do.
-                let s = self
-                    .unit_attention
-                    .take()
-                    .or_else(|| (self.sense != Sense::NONE).then_some(self.sense))
-                    .or_else(|| self.not_ready())
-                    .unwrap_or(Sense::NONE);
-                self.sense = Sense::NONE;
-                data(s.fixed().to_vec(), alloc)
+                let idle = st.not_ready();
+                data(st.sense.request_sense(idle).fixed().to_vec(), alloc)
             }
             Command::Inquiry { vpd_page, alloc } => match vpd_page {
-                None => data(self.inquiry(), alloc),
+                None => data(self.inquiry(st), alloc),
                 // Supported VPD pages: only the list itself.
                 Some(0) => data(vec![5, 0, 0, 1, 0], alloc),
-                Some(_) => self.check(Sense::INVALID_FIELD),
+                Some(_) => Plan::Check(Sense::INVALID_FIELD),
             },
             Command::ModeSense {
                 page,
@@ -240,58 +226,63 @@ impl CdRom {
                 pc,
                 alloc,
                 six,
+                ..
             } => {
                 if pc == PageControl::Saved {
-                    return self.check(Sense::SAVING_NOT_SUPPORTED);
+                    return Plan::Check(Sense::SAVING_NOT_SUPPORTED);
                 }
                 if subpage != 0 && subpage != 0xff {
-                    return self.check(Sense::INVALID_FIELD);
+                    return Plan::Check(Sense::INVALID_FIELD);
                 }
-                match self.mode_pages(page, pc) {
-                    Some(pages) => data(self.mode_header(pages, six), alloc),
-                    None => self.check(Sense::INVALID_FIELD),
+                match self.mode_pages(st, page, pc) {
+                    Some(pages) => data(self.mode_header(st, pages, six), alloc),
+                    None => Plan::Check(Sense::INVALID_FIELD),
                 }
             }
-            Command::StartStopUnit { start, load_eject } => {
+            Command::StartStopUnit {
+                start, load_eject, ..
+            } => {
                 if !load_eject {
-                    return Reply::Good;
+                    return Plan::Good;
                 }
                 if start {
-                    if self.tray_open {
-                        self.tray_open = false;
-                        self.medium_loaded();
+                    if st.tray_open {
+                        st.tray_open = false;
+                        st.medium_loaded();
                     }
                 } else {
-                    if self.locked {
-                        return self.check(Sense::REMOVAL_PREVENTED);
+                    if st.locked {
+                        return Plan::Check(Sense::REMOVAL_PREVENTED);
                     }
-                    if !self.tray_open {
-                        self.tray_open = true;
-                        self.event = MediaEvent::MediaRemoval;
+                    if !st.tray_open {
+                        st.tray_open = true;
+                        st.event = MediaEvent::MediaRemoval;
                     }
                 }
-                Reply::Good
+                Plan::Good
             }
             Command::PreventAllow { prevent } => {
-                self.locked = prevent;
-                Reply::Good
+                st.locked = prevent;
+                Plan::Good
             }
             Command::ReadCapacity10 => {
-                let last = self.blocks().saturating_sub(1).min(u32::MAX as u64) as u32;
+                let last = st.blocks().saturating_sub(1).min(u32::MAX as u64) as u32;
                 let mut v = last.to_be_bytes().to_vec();
                 v.extend_from_slice(&(BLOCK as u32).to_be_bytes());
-                Reply::Data(v)
+                Plan::DataIn(v)
             }
-            Command::Read { lba, blocks } => {
-                let end = lba as u64 + blocks as u64;
-                if end > self.blocks() {
-                    return self.check(Sense::LBA_OUT_OF_RANGE);
+            Command::Read { lba, blocks, .. } => {
+                if lba
+                    .checked_add(blocks as u64)
+                    .is_none_or(|end| end > st.blocks())
+                {
+                    return Plan::Check(Sense::LBA_OUT_OF_RANGE);
                 }
                 if blocks == 0 {
-                    return Reply::Good;
+                    return Plan::Good;
                 }
-                Reply::Read {
-                    offset: lba as u64 * BLOCK,
+                Plan::Read {
+                    offset: lba * BLOCK,
                     len: blocks as u64 * BLOCK,
                 }
             }
@@ -300,30 +291,39 @@ impl CdRom {
                 format,
                 track,
                 alloc,
-            } => match self.read_toc(msf, format, track) {
+            } => match self.read_toc(st, msf, format, track) {
                 Some(v) => data(v, alloc),
-                None => self.check(Sense::INVALID_FIELD),
+                None => Plan::Check(Sense::INVALID_FIELD),
             },
             Command::GetConfiguration { rt, start, alloc } => {
-                data(self.get_configuration(rt, start), alloc)
+                data(self.get_configuration(st, rt, start), alloc)
             }
             Command::GetEventStatus { class_mask, alloc } => {
-                data(self.event_status(class_mask), alloc)
+                data(self.event_status(st, class_mask), alloc)
             }
             Command::ReadDiscInfo { alloc } => data(self.disc_info(), alloc),
             Command::MechanismStatus { alloc } => {
                 let mut v = vec![0u8; 8];
-                if self.tray_open {
+                if st.tray_open {
                     v[1] = 0x10; // door open
                 }
                 data(v, alloc)
             }
+            // Not implemented by this unit (refused by `accepts`).
+            Command::ModeSelect { .. }
+            | Command::ReadCapacity16 { .. }
+            | Command::Write { .. }
+            | Command::Verify { .. }
+            | Command::WriteSame { .. }
+            | Command::Unmap { .. }
+            | Command::SynchronizeCache { .. }
+            | Command::ReportLuns { .. } => Plan::Check(Sense::INVALID_OPCODE),
         }
     }
 
     /// Standard INQUIRY data (SPC-4 6.4.2): peripheral device type 05h
     /// (CD/DVD), removable medium.
-    fn inquiry(&self) -> Vec<u8> {
+    fn inquiry(&self, st: &State) -> Vec<u8> {
         let mut v = vec![0u8; 36];
         v[0] = 0x05;
         v[1] = 0x80;
@@ -339,14 +339,14 @@ impl CdRom {
         }
         v[4] = 31; // additional length
         pad(&mut v[8..16], &self.vendor);
-        pad(&mut v[16..32], &self.product);
+        pad(&mut v[16..32], &st.product);
         pad(&mut v[32..36], &self.revision);
         v
     }
 
     /// Mode parameter header (SPC-4 7.5.4) without block descriptors.
-    fn mode_header(&self, pages: Vec<u8>, six: bool) -> Vec<u8> {
-        let medium_type = if self.medium().is_none() { 0x70 } else { 0x01 };
+    fn mode_header(&self, st: &State, pages: Vec<u8>, six: bool) -> Vec<u8> {
+        let medium_type = if st.medium().is_none() { 0x70 } else { 0x01 };
         let mut v = if six {
             vec![(pages.len() + 3).min(255) as u8, medium_type, 0, 0]
         } else {
@@ -361,7 +361,7 @@ impl CdRom {
 
     /// Mode pages: 01h read/write error recovery (MMC-5 7.3), 2Ah
     /// capabilities and mechanical status (MMC-3 6.3.11), 3Fh all.
-    fn mode_pages(&self, page: u8, pc: PageControl) -> Option<Vec<u8>> {
+    fn mode_pages(&self, st: &State, page: u8, pc: PageControl) -> Option<Vec<u8>> {
         let changeable = pc == PageControl::Changeable;
         let err_recovery = || {
             let mut p = vec![0x01, 0x06, 0, 5, 0, 0, 0, 0];
@@ -379,7 +379,7 @@ impl CdRom {
                 p[4] = 0x71; // audio play, multisession, mode 2 form 1/2
                 p[5] = 0x7f; // CD-DA, accurate stream, R-W, C2, ISRC, UPC
                              // Lock supported, locked state, tray loader, eject supported.
-                p[6] = 0x29 | if self.locked { 0x02 } else { 0 };
+                p[6] = 0x29 | if st.locked { 0x02 } else { 0 };
                 p[7] = 0x03; // separate channel volume and mute
                 p[8..10].copy_from_slice(&706u16.to_be_bytes()); // 4x, in kB/s
                 p[10..12].copy_from_slice(&2u16.to_be_bytes()); // volume levels
@@ -411,8 +411,8 @@ impl CdRom {
 
     /// READ TOC/PMA/ATIP formats 0 (TOC), 1 (session information) and
     /// 2 (raw TOC) for a single-session disc with one data track.
-    fn read_toc(&self, msf: bool, format: u8, track: u8) -> Option<Vec<u8>> {
-        let leadout = self.blocks().min(u32::MAX as u64 - 150) as u32;
+    fn read_toc(&self, st: &State, msf: bool, format: u8, track: u8) -> Option<Vec<u8>> {
+        let leadout = st.blocks().min(u32::MAX as u64 - 150) as u32;
         let mut v = vec![0u8, 0, 1, 1];
         match format {
             0 => {
@@ -451,8 +451,8 @@ impl CdRom {
         Some(v)
     }
 
-    fn current_profile(&self) -> u16 {
-        match self.blocks() {
+    fn current_profile(&self, st: &State) -> u16 {
+        match st.blocks() {
             0 => 0,
             b if b > CD_MAX_BLOCKS => PROFILE_DVDROM,
             _ => PROFILE_CDROM,
@@ -461,8 +461,8 @@ impl CdRom {
 
     /// GET CONFIGURATION (MMC-5 5.2 features): profile list, core,
     /// morphing, removable medium, random readable, CD read, DVD read.
-    fn get_configuration(&self, rt: u8, start: u16) -> Vec<u8> {
-        let cur = self.current_profile();
+    fn get_configuration(&self, st: &State, rt: u8, start: u16) -> Vec<u8> {
+        let cur = self.current_profile(st);
         let feature = |code: u16, version: u8, current: bool, data: &[u8]| {
             let mut f = code.to_be_bytes().to_vec();
             f.push(version << 2 | 0x02 | current as u8); // persistent bit set
@@ -476,7 +476,7 @@ impl CdRom {
             profiles.extend_from_slice(&[(p == cur) as u8, 0]);
         }
         let has = cur != 0;
-        let lock = if self.locked { 1 } else { 0 };
+        let lock = if st.locked { 1 } else { 0 };
         let features = [
             feature(0x0000, 0, true, &profiles),
             // Core: physical interface ATAPI (2) or SCSI (1), INQ2 | DBE.
@@ -525,19 +525,19 @@ impl CdRom {
 
     /// GET EVENT STATUS NOTIFICATION, polled, media class (MMC-5 6.7.2.5).
     /// Reporting an event consumes it.
-    fn event_status(&mut self, class_mask: u8) -> Vec<u8> {
+    fn event_status(&self, st: &mut State, class_mask: u8) -> Vec<u8> {
         const MEDIA_CLASS: u8 = 1 << 4;
         if class_mask & MEDIA_CLASS == 0 {
             // No requested class is supported: NEA set, no event data.
             return vec![0, 2, 0x80, MEDIA_CLASS];
         }
-        let code = match std::mem::take(&mut self.event) {
+        let code = match std::mem::take(&mut st.event) {
             MediaEvent::None => 0,
             MediaEvent::EjectRequest => 1,
             MediaEvent::NewMedia => 2,
             MediaEvent::MediaRemoval => 3,
         };
-        let status = (self.medium().is_some() as u8) << 1 | self.tray_open as u8;
+        let status = (st.medium().is_some() as u8) << 1 | st.tray_open as u8;
         vec![0, 6, 0x04, MEDIA_CLASS, code, status, 0, 0]
     }
 
@@ -559,10 +559,44 @@ impl CdRom {
     }
 }
 
-fn pad(dst: &mut [u8], s: &str) {
-    dst.fill(b' ');
-    for (d, b) in dst.iter_mut().zip(s.bytes()) {
-        *d = b;
+impl Lun for CdRom {
+    fn execute(&self, cdb: &[u8]) -> Plan {
+        let mut st = self.lock();
+        let parsed = Command::parse(cdb).and_then(|c| self.accepts(&c, cdb[0]).map(|()| c));
+        let plan = match st.sense.admit(parsed) {
+            Err(s) => Plan::Check(s),
+            Ok(cmd) => match st.not_ready().filter(|_| cmd.needs_medium()) {
+                Some(s) => Plan::Check(s),
+                None => self.run(&mut st, cmd),
+            },
+        };
+        st.sense.conclude(plan)
+    }
+
+    fn data_out(&self, _cmd: &Command, _data: &[u8]) -> Plan {
+        // No command of this unit asks for a parameter list.
+        self.lock()
+            .sense
+            .conclude(Plan::Check(Sense::INVALID_OPCODE))
+    }
+
+    fn io_failed(&self, failure: IoFailure) -> Sense {
+        let s = match failure {
+            IoFailure::Read { .. } => Sense::READ_ERROR,
+            IoFailure::Overrun => Sense::INVALID_FIELD,
+            _ => Sense::IO_ERROR,
+        };
+        self.lock().sense.failed(s)
+    }
+
+    /// A device reset (ATAPI DEVICE RESET, bus reset): removal prevention
+    /// is kept (MMC-5 says a reset does not unlock), sense is cleared.
+    fn reset(&self) {
+        self.lock().sense.clear();
+    }
+
+    fn backend(&self) -> Option<Arc<BlockBackend>> {
+        self.medium()
     }
 }
 
@@ -592,113 +626,145 @@ mod tests {
 
     #[test]
     fn tray_cycle_raises_unit_attention() {
-        let mut cd = CdRom::new(Transport::Atapi, Some(medium(100)));
-        assert_eq!(cd.execute(&cdb(&[op::TEST_UNIT_READY])), Reply::Good);
+        let cd = CdRom::new(Transport::Atapi, Some(medium(100)));
+        assert_eq!(cd.execute(&cdb(&[op::TEST_UNIT_READY])), Plan::Good);
         // Eject: START STOP UNIT, LoEj=1, Start=0.
         assert_eq!(
             cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 2])),
-            Reply::Good
+            Plan::Good
         );
         assert_eq!(
             cd.execute(&cdb(&[op::TEST_UNIT_READY])),
-            Reply::Check(Sense::NO_MEDIUM_TRAY_OPEN)
+            Plan::Check(Sense::NO_MEDIUM_TRAY_OPEN)
         );
         // Load: LoEj=1, Start=1.
         cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 3]));
         // INQUIRY does not consume the UNIT ATTENTION...
         assert!(matches!(
             cd.execute(&cdb(&[op::INQUIRY, 0, 0, 0, 36])),
-            Reply::Data(_)
+            Plan::DataIn(_)
         ));
         assert_eq!(
             cd.execute(&cdb(&[op::TEST_UNIT_READY])),
-            Reply::Check(Sense::MEDIUM_CHANGED)
+            Plan::Check(Sense::MEDIUM_CHANGED)
         );
-        assert_eq!(cd.execute(&cdb(&[op::TEST_UNIT_READY])), Reply::Good);
+        assert_eq!(cd.execute(&cdb(&[op::TEST_UNIT_READY])), Plan::Good);
     }
 
     #[test]
     fn lock_prevents_eject_and_reads_are_ranges() {
-        let mut cd = CdRom::new(Transport::Atapi, Some(medium(10)));
+        let cd = CdRom::new(Transport::Atapi, Some(medium(10)));
         cd.execute(&cdb(&[op::PREVENT_ALLOW, 0, 0, 0, 1]));
         assert_eq!(
             cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 2])),
-            Reply::Check(Sense::REMOVAL_PREVENTED)
+            Plan::Check(Sense::REMOVAL_PREVENTED)
         );
         let r = cd.execute(&cdb(&[op::REQUEST_SENSE, 0, 0, 0, 18]));
-        let Reply::Data(d) = r else { panic!() };
+        let Plan::DataIn(d) = r else { panic!() };
         assert_eq!((d[2], d[12], d[13]), (5, 0x53, 2));
         assert_eq!(
             cd.execute(&cdb(&[op::READ_10, 0, 0, 0, 0, 9, 0, 0, 1])),
-            Reply::Read {
+            Plan::Read {
                 offset: 9 * 2048,
                 len: 2048
             }
         );
         assert_eq!(
             cd.execute(&cdb(&[op::READ_10, 0, 0, 0, 0, 9, 0, 0, 2])),
-            Reply::Check(Sense::LBA_OUT_OF_RANGE)
+            Plan::Check(Sense::LBA_OUT_OF_RANGE)
         );
     }
 
     #[test]
     fn empty_drive_and_host_medium_change() {
-        let mut cd = CdRom::new(Transport::Atapi, None);
+        let cd = CdRom::new(Transport::Atapi, None);
         assert_eq!(
             cd.execute(&cdb(&[op::TEST_UNIT_READY])),
-            Reply::Check(Sense::NO_MEDIUM_TRAY_CLOSED)
+            Plan::Check(Sense::NO_MEDIUM_TRAY_CLOSED)
         );
-        let Reply::Data(ev) = cd.execute(&cdb(&[op::GET_EVENT_STATUS, 1, 0, 0, 0x10, 0, 0, 0, 8]))
+        let Plan::DataIn(ev) = cd.execute(&cdb(&[op::GET_EVENT_STATUS, 1, 0, 0, 0x10, 0, 0, 0, 8]))
         else {
             panic!()
         };
         assert_eq!((ev[4], ev[5]), (0, 0));
         cd.change_medium(Some(medium(400_000)));
-        let Reply::Data(ev) = cd.execute(&cdb(&[op::GET_EVENT_STATUS, 1, 0, 0, 0x10, 0, 0, 0, 8]))
+        let Plan::DataIn(ev) = cd.execute(&cdb(&[op::GET_EVENT_STATUS, 1, 0, 0, 0x10, 0, 0, 0, 8]))
         else {
             panic!()
         };
         assert_eq!((ev[4], ev[5]), (2, 2), "new media, present");
-        let Reply::Data(cfg) = cd.execute(&cdb(&[op::GET_CONFIGURATION, 0, 0, 0, 0, 0, 0, 1, 0]))
+        let Plan::DataIn(cfg) = cd.execute(&cdb(&[op::GET_CONFIGURATION, 0, 0, 0, 0, 0, 0, 1, 0]))
         else {
             panic!()
         };
         assert_eq!(u16::from_be_bytes([cfg[6], cfg[7]]), PROFILE_DVDROM);
         assert_eq!(
             cd.execute(&cdb(&[op::READ_CAPACITY_10])),
-            Reply::Check(Sense::MEDIUM_CHANGED)
+            Plan::Check(Sense::MEDIUM_CHANGED)
         );
         assert_eq!(
             cd.execute(&cdb(&[op::READ_CAPACITY_10])),
-            Reply::Data(vec![0, 6, 0x1a, 0x7f, 0, 0, 8, 0])
+            Plan::DataIn(vec![0, 6, 0x1a, 0x7f, 0, 0, 8, 0])
         );
     }
 
     #[test]
     fn toc_formats() {
-        let mut cd = CdRom::new(Transport::Atapi, Some(medium(1000)));
-        let Reply::Data(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 0, 0, 0, 0, 0, 0, 100])) else {
+        let cd = CdRom::new(Transport::Atapi, Some(medium(1000)));
+        let Plan::DataIn(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 0, 0, 0, 0, 0, 0, 100])) else {
             panic!()
         };
         assert_eq!(t.len(), 20);
         assert_eq!(&t[..4], &[0, 18, 1, 1]);
         assert_eq!(&t[12..20], &[0, 0x16, 0xaa, 0, 0, 0, 0x03, 0xe8]);
-        let Reply::Data(t) = cd.execute(&cdb(&[op::READ_TOC, 2, 0, 0, 0, 0, 0, 0, 100])) else {
+        let Plan::DataIn(t) = cd.execute(&cdb(&[op::READ_TOC, 2, 0, 0, 0, 0, 0, 0, 100])) else {
             panic!()
         };
         // Lead-out 1000 + 150 frames = 00:15:25.
         assert_eq!(&t[16..20], &[0, 0, 15, 25]);
-        let Reply::Data(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 1, 0, 0, 0, 0, 0, 100])) else {
+        let Plan::DataIn(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 1, 0, 0, 0, 0, 0, 100])) else {
             panic!()
         };
         assert_eq!(&t[..4], &[0, 10, 1, 1]);
-        let Reply::Data(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 2, 0, 0, 0, 0, 0, 200])) else {
+        let Plan::DataIn(t) = cd.execute(&cdb(&[op::READ_TOC, 0, 2, 0, 0, 0, 0, 0, 200])) else {
             panic!()
         };
         assert_eq!(t.len(), 4 + 4 * 11);
         assert_eq!(
             cd.execute(&cdb(&[op::READ_TOC, 0, 5])),
-            Reply::Check(Sense::INVALID_FIELD)
+            Plan::Check(Sense::INVALID_FIELD)
+        );
+    }
+
+    #[test]
+    fn atapi_refuses_sbc_only_commands() {
+        let cd = CdRom::new(Transport::Atapi, Some(medium(10)));
+        cd.execute(&cdb(&[op::TEST_UNIT_READY]));
+        let mut r16 = [0u8; 16];
+        r16[0] = op::READ_16;
+        r16[13] = 1;
+        assert_eq!(cd.execute(&r16), Plan::Check(Sense::INVALID_OPCODE));
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_6, 0, 0, 0, 1])),
+            Plan::Check(Sense::INVALID_OPCODE)
+        );
+        assert_eq!(
+            cd.execute(&cdb(&[op::WRITE_10, 0, 0, 0, 0, 0, 0, 0, 1])),
+            Plan::Check(Sense::INVALID_OPCODE)
+        );
+        assert_eq!(
+            cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 0x20])),
+            Plan::Check(Sense::INVALID_FIELD)
+        );
+        // A SCSI CD-ROM reads with READ(6).
+        let cd = CdRom::new(Transport::Scsi, Some(medium(10)));
+        cd.execute(&cdb(&[op::TEST_UNIT_READY]));
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_6, 0, 0, 3, 1])),
+            Plan::Read {
+                offset: 3 * 2048,
+                len: 2048
+            }
         );
     }
 }

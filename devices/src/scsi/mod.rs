@@ -5,14 +5,30 @@
 //! - [`sense`]: sense keys and codes, fixed-format sense data (SPC-4 4.5).
 //! - [`cdb`]: CDB parsing into a typed [`cdb::Command`] (SPC-4, SBC-3,
 //!   MMC-5 field layouts); nothing is executed while parsing.
+//! - [`lun`]: the [`Lun`] trait a transport drives, the [`Plan`] a command
+//!   becomes, and the sense bookkeeping shared by units.
 //! - [`mmc`]: the CD/DVD-ROM logical unit (MMC-5): medium and tray state,
 //!   UNIT ATTENTION, and the replies. A transport moves the data.
-//!
-//! Direct-access disks (SBC-3, for scsi-hd) will join as `sbc`.
+//! - [`sbc`]: the direct-access disk (SBC-3), QEMU's scsi-hd.
+//! - [`target`]: a LUN table, REPORT LUNS and the answers for absent LUNs.
+//! - [`request`]: the one runner that carries out a plan: data to and from
+//!   the initiator through a transport's [`request::DataPath`], asynchronous
+//!   block I/O in bounded chunks, status and residual.
 
 pub mod cdb;
+pub mod lun;
 pub mod mmc;
+pub mod request;
+pub mod sbc;
 pub mod sense;
+pub mod target;
 
-pub use mmc::{CdRom, Reply, Transport};
+pub use lun::{Direction, IoFailure, Lun, Plan};
+pub use mmc::{CdRom, Transport};
+pub use request::{DataPath, Outcome, Status};
+pub use sbc::{Disk, DiskOptions};
 pub use sense::Sense;
+pub use target::Target;
+
+#[cfg(test)]
+pub(crate) mod testutil;

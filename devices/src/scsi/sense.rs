@@ -18,7 +18,9 @@ pub mod key {
     pub const HARDWARE_ERROR: u8 = 0x4;
     pub const ILLEGAL_REQUEST: u8 = 0x5;
     pub const UNIT_ATTENTION: u8 = 0x6;
+    pub const DATA_PROTECT: u8 = 0x7;
     pub const ABORTED_COMMAND: u8 = 0xb;
+    pub const MISCOMPARE: u8 = 0xe;
 }
 
 const fn s(key: u8, asc: u8, ascq: u8) -> Sense {
@@ -35,6 +37,10 @@ impl Sense {
     pub const NO_MEDIUM_TRAY_OPEN: Sense = s(key::NOT_READY, 0x3a, 0x02);
     /// UNRECOVERED READ ERROR.
     pub const READ_ERROR: Sense = s(key::MEDIUM_ERROR, 0x11, 0x00);
+    /// WRITE ERROR.
+    pub const WRITE_ERROR: Sense = s(key::MEDIUM_ERROR, 0x0c, 0x00);
+    /// INTERNAL TARGET FAILURE (the host ran out of memory).
+    pub const TARGET_FAILURE: Sense = s(key::HARDWARE_ERROR, 0x44, 0x00);
     /// PARAMETER LIST LENGTH ERROR.
     pub const PARAM_LIST_LENGTH: Sense = s(key::ILLEGAL_REQUEST, 0x1a, 0x00);
     /// INVALID COMMAND OPERATION CODE.
@@ -43,6 +49,10 @@ impl Sense {
     pub const LBA_OUT_OF_RANGE: Sense = s(key::ILLEGAL_REQUEST, 0x21, 0x00);
     /// INVALID FIELD IN CDB.
     pub const INVALID_FIELD: Sense = s(key::ILLEGAL_REQUEST, 0x24, 0x00);
+    /// LOGICAL UNIT NOT SUPPORTED.
+    pub const LUN_NOT_SUPPORTED: Sense = s(key::ILLEGAL_REQUEST, 0x25, 0x00);
+    /// INVALID FIELD IN PARAMETER LIST.
+    pub const INVALID_PARAM: Sense = s(key::ILLEGAL_REQUEST, 0x26, 0x00);
     /// SAVING PARAMETERS NOT SUPPORTED.
     pub const SAVING_NOT_SUPPORTED: Sense = s(key::ILLEGAL_REQUEST, 0x39, 0x00);
     /// MEDIUM REMOVAL PREVENTED.
@@ -52,7 +62,11 @@ impl Sense {
     /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
     pub const POWER_ON_RESET: Sense = s(key::UNIT_ATTENTION, 0x29, 0x00);
     /// WRITE PROTECTED.
-    pub const WRITE_PROTECTED: Sense = s(0x7, 0x27, 0x00);
+    pub const WRITE_PROTECTED: Sense = s(key::DATA_PROTECT, 0x27, 0x00);
+    /// SPACE ALLOCATION FAILED WRITE PROTECT (the host ran out of space).
+    pub const SPACE_ALLOC_FAILED: Sense = s(key::DATA_PROTECT, 0x27, 0x07);
+    /// MISCOMPARE DURING VERIFY OPERATION.
+    pub const MISCOMPARE: Sense = s(key::MISCOMPARE, 0x1d, 0x00);
     /// I/O PROCESS TERMINATED (used for host-side write errors).
     pub const IO_ERROR: Sense = s(key::ABORTED_COMMAND, 0x00, 0x06);
 
