@@ -58,13 +58,17 @@ fn boot(dir: &Path, args: &[&str], markers: &[&str], timeout: Duration) -> Strin
     let serial = format!("file:{}", log.display());
     let mut all = vec!["-nodefaults", "-m", "256", "-serial", &serial];
     all.extend_from_slice(args);
-    run_until(
+    let out = run_until(
         &all,
         &log,
         &markers.join(" or "),
-        |t| markers.iter().any(|m| t.contains(m)),
+        |t| {
+            let t = support::plain_text(t);
+            markers.iter().any(|m| t.contains(m))
+        },
         timeout,
-    )
+    );
+    support::plain_text(&out)
 }
 
 fn skip(name: &str) -> bool {
@@ -277,5 +281,13 @@ fn snapshot_hda_boots_and_leaves_the_image_alone() {
     assert!(
         std::fs::read(&img).unwrap() == before,
         "-snapshot modified the image"
+    );
+}
+
+#[test]
+fn plain_text_drops_terminal_controls() {
+    assert_eq!(
+        support::plain_text("\u{1b}[0;30;47mW\u{1b}[04;02Helcome to GRUB\u{1b}[0m!"),
+        "Welcome to GRUB!"
     );
 }

@@ -88,6 +88,33 @@ pub fn until_seabios_log(name: &str, args: &[&str], marker: &str, timeout: Durat
     run_until_marker(&all, &log, marker, timeout)
 }
 
+/// `text` without ANSI/VT100 control sequences (`ESC [ ... final`, `ESC
+/// x`): what a terminal shows, in the order it was written. GRUB moves the
+/// cursor inside words it redraws ("W", then `ESC[04;02H`, then "elcome").
+#[allow(dead_code)]
+pub fn plain_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut it = text.chars().peekable();
+    while let Some(c) = it.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some('[') => {
+                // Parameters and intermediates, then one final byte.
+                for x in it.by_ref() {
+                    if ('@'..='~').contains(&x) {
+                        break;
+                    }
+                }
+            }
+            Some(_) | None => {}
+        }
+    }
+    out
+}
+
 /// Runs strata until `marker` appears in the file `watch` (or `timeout`),
 /// then kills it. Returns the file's contents.
 pub fn run_until_marker(args: &[&str], watch: &Path, marker: &str, timeout: Duration) -> String {
