@@ -3,53 +3,16 @@
 //! INTx line through the PIIX3 PIRQ router, the iothread the queues run
 //! on, and the bootindex path SeaBIOS matches (`/pci@i0cf8/*@SLOT`).
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use block::keyval::parse_bool_str;
 use devices::virtio::block::{BlockOptions, VirtioBlock};
-use devices::virtio::event_loop::EventLoop;
+pub use devices::virtio::event_loop::IoThreads;
 use devices::virtio::pci::{TransportOptions, VirtioPci};
 
 use crate::config::DeviceConfig;
 use crate::pc::{AttachCtx, MachineError};
 use crate::storage::Storage;
-
-/// The event loops of a machine: one per `-object iothread`, created when
-/// a device first names it, plus the main loop for devices that name none.
-pub struct IoThreads {
-    ids: Vec<String>,
-    loops: BTreeMap<String, Arc<EventLoop>>,
-}
-
-const MAIN_LOOP: &str = "main-loop";
-
-impl IoThreads {
-    pub fn new(ids: &[String]) -> Self {
-        IoThreads {
-            ids: ids.to_vec(),
-            loops: BTreeMap::new(),
-        }
-    }
-
-    pub fn get(&mut self, id: Option<&str>) -> Result<Arc<EventLoop>, String> {
-        let name = match id {
-            Some(i) if self.ids.iter().any(|x| x == i) => i,
-            Some(i) => {
-                return Err(format!(
-                    "iothread '{i}' does not exist (use -object iothread,id={i})"
-                ))
-            }
-            None => MAIN_LOOP,
-        };
-        if let Some(l) = self.loops.get(name) {
-            return Ok(l.clone());
-        }
-        let l = EventLoop::new(name)?;
-        self.loops.insert(name.to_string(), l.clone());
-        Ok(l)
-    }
-}
 
 fn cfg_err(dev: &DeviceConfig, msg: impl std::fmt::Display) -> MachineError {
     MachineError::Config(format!("{}: {msg}", dev.describe()))
