@@ -30,7 +30,6 @@ use std::sync::{Arc, Mutex};
 use block::backend::BlockBackend;
 use block::driver::{IoOp, IoRequest};
 use block::error::BlockError;
-use block::iov::IoVecs;
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -40,6 +39,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::event_loop::EventLoop;
 use super::{features as vf, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt};
 use crate::bus::put_le;
+use crate::dma::GuestSgList;
 use crate::GuestMem;
 
 pub const DEVICE_TYPE: u16 = 2;
@@ -593,7 +593,8 @@ const COMPLETION_TOKEN: u32 = u32::MAX;
 /// Runs the queues of one activated device. It is an event-manager
 /// subscriber, but its methods can be driven directly (the benchmark does).
 pub struct BlockWorker {
-    mem: GuestMem,
+    /// Shared with the requests in flight, whose buffers point into it.
+    mem: Arc<GuestMem>,
     queues: Vec<ActiveQueue>,
     backend: Arc<BlockBackend>,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -633,7 +634,7 @@ impl BlockWorker {
         }
         let n = a.queues.len();
         Ok(BlockWorker {
-            mem: a.mem,
+            mem: Arc::new(a.mem),
             queues: a.queues,
             backend,
             interrupt: a.interrupt,
@@ -675,11 +676,11 @@ impl BlockWorker {
         let event_idx = aq.queue.event_idx_enabled();
         loop {
             if event_idx {
-                let _ = self.queues[qi].queue.disable_notification(&self.mem);
+                let _ = self.queues[qi].queue.disable_notification(&*self.mem);
             }
             while let Some(head) = self.queues[qi]
                 .queue
-                .pop_descriptor_chain(&self.mem)
+                .pop_descriptor_chain(&*self.mem)
                 .map(|c| c.head_index())
             {
                 self.start(qi, table, size, head);
@@ -689,7 +690,7 @@ impl BlockWorker {
             if !event_idx {
                 break;
             }
-            match self.queues[qi].queue.enable_notification(&self.mem) {
+            match self.queues[qi].queue.enable_notification(&*self.mem) {
                 Ok(true) => continue,
                 _ => break,
             }
@@ -732,25 +733,20 @@ impl BlockWorker {
                 self.backend.submit(first, self.cq.callback(slot));
                 continue;
             }
-            let mut segs = Vec::with_capacity(nsegs);
             let mut slots = Vec::with_capacity(group.len() + 1);
-            for (s, r) in std::iter::once((slot, &first)).chain(group.iter().map(|(s, r)| (*s, r)))
-            {
+            slots.push(slot);
+            let (op, offset) = (first.op, first.offset);
+            let mut iov = first.iov;
+            iov.reserve(nsegs - iov.as_raw().len());
+            for (s, r) in group {
                 slots.push(s);
-                segs.extend(
-                    r.iov
-                        .as_raw()
-                        .iter()
-                        .map(|v| (v.iov_base.cast::<u8>(), v.iov_len)),
-                );
+                // Same guest memory: only the iovecs move, and the merged
+                // buffers keep it mapped as the parts did.
+                iov.append(r.iov);
             }
-            // SAFETY: the same guest memory the parts pointed to (see
-            // `start`): it stays mapped until every part has completed,
-            // which is when this request completes.
-            let iov = unsafe { IoVecs::from_raw(&segs) };
-            let merged = match first.op {
-                IoOp::Write => IoRequest::write(first.offset, iov, false),
-                _ => IoRequest::read(first.offset, iov),
+            let merged = match op {
+                IoOp::Write => IoRequest::write(offset, iov, false),
+                _ => IoRequest::read(offset, iov),
             };
             self.backend.submit(merged, self.cq.callback_many(slots));
         }
@@ -805,25 +801,23 @@ impl BlockWorker {
                 return;
             }
         };
-        let mut segs = Vec::with_capacity(r.data.len());
-        for &(a, l) in &r.data {
-            match self.mem.get_slice(GuestAddress(a), l as usize) {
-                Ok(s) => segs.push((s.ptr_guard_mut().as_ptr(), l as usize)),
-                Err(_) => {
-                    // A buffer straddling two RAM regions: parse checked
-                    // each byte is RAM, but it must be one mapping.
-                    self.finish(qi, head, Some(r.status), req::S_IOERR, 0);
-                    return;
-                }
+        // Straight into guest memory, which the buffers keep mapped until
+        // the block layer drops the request.
+        let mut sg = GuestSgList::new(r.data.len(), u64::MAX);
+        let iov = match r
+            .data
+            .iter()
+            .try_for_each(|&(a, l)| sg.push(&self.mem, GuestAddress(a), l as usize))
+            .and_then(|()| sg.to_iovecs(&self.mem))
+        {
+            Ok(iov) => iov,
+            Err(_) => {
+                // A buffer straddling two RAM regions: parse checked
+                // each byte is RAM, but it must be one mapping.
+                self.finish(qi, head, Some(r.status), req::S_IOERR, 0);
+                return;
             }
-        }
-        // SAFETY: each (ptr, len) was just obtained from `self.mem` for a
-        // range inside one mapped guest RAM region. The mapping stays alive
-        // until the request completes: the worker owns a reference to it and
-        // its Drop waits for every in-flight request. The guest may touch
-        // the buffers meanwhile, as it may on real hardware; that can only
-        // change the data, not the memory's validity.
-        let iov = unsafe { IoVecs::from_raw(&segs) };
+        };
         let offset = r.sector.wrapping_mul(SECTOR);
         let request = match op {
             IoOp::Read => IoRequest::read(offset, iov),
@@ -911,7 +905,7 @@ impl BlockWorker {
             }
         }
         let q = &mut self.queues[qi].queue;
-        if let Err(e) = q.add_used(&self.mem, head, used) {
+        if let Err(e) = q.add_used(&*self.mem, head, used) {
             log::warn!("virtio-blk: cannot add a used entry: {e}");
         }
         self.dirty[qi] = true;
@@ -923,7 +917,7 @@ impl BlockWorker {
                 continue;
             }
             let aq = &mut self.queues[qi];
-            if aq.queue.needs_notification(&self.mem).unwrap_or(true) {
+            if aq.queue.needs_notification(&*self.mem).unwrap_or(true) {
                 self.interrupt.signal_queue(aq.index);
             }
         }
