@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::scsi::cdb::Command;
 use crate::scsi::mmc::{CdRom, Reply, Transport};
 use crate::virtio::block::{Limits, Request};
+use crate::virtio::chain::{Chain, ChainHead};
 use crate::GuestMem;
 
 /// A CD-ROM with a 1 MiB medium that reads as zeros.
@@ -67,8 +68,12 @@ pub fn virtio_chain(data: &[u8]) {
     };
     let body = &data[6..];
     let _ = mem.write_slice(&body[..body.len().min(MEM as usize)], GuestAddress(0));
-    let mut scratch = Vec::new();
-    let _ = Request::parse(&mem, 0, size, head, &lim, &mut scratch);
+    let at = ChainHead {
+        table: GuestAddress(0),
+        size,
+        head,
+    };
+    let _ = Request::parse(&mem, at, &lim, &mut Chain::new());
 }
 
 /// Both harnesses by name, for the corpus test.

@@ -15,8 +15,11 @@
 //! eventfd, so both paths end in the device's event loop.
 
 pub mod block;
+pub mod chain;
 pub mod event_loop;
 pub mod pci;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::Arc;
 
