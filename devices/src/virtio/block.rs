@@ -10,15 +10,17 @@
 //! the header length, the data direction, 512-byte multiples, and the
 //! sector range against the capacity with checked arithmetic. Only a
 //! parsed request reaches the block layer, and the status byte is written
-//! in one place ([`super::chain::write_status`], from [`BlockWorker`]'s
+//! in one place ([`super::chain::write_status`], from this module's
 //! `finish`), whatever happened.
 //!
 //! The queues run on an event loop ([`super::event_loop::EventLoop`], one
-//! per iothread). Per notification the worker pops every available chain,
-//! submits them all to the `BlockBackend` asynchronously with iovecs that
-//! point straight into guest memory (no copy), then completes what has
-//! finished and signals each queue at most once per batch (honouring
-//! RING_EVENT_IDX, section 2.7.10).
+//! per iothread) in the generic [`QueueWorker`], with [`BlockHandler`]
+//! as the device's part. Per notification the worker pops every available
+//! chain, the handler submits them all to the `BlockBackend`
+//! asynchronously with iovecs that point straight into guest memory (no
+//! copy), then the worker completes what has finished and signals each
+//! queue at most once per batch (honouring RING_EVENT_IDX, section
+//! 2.7.10).
 //!
 //! Reads and writes popped in one pass are held until the pass ends, then
 //! sorted and merged where they are contiguous (QEMU's `request-merging`,
@@ -26,21 +28,18 @@
 //! at depth 8 then costs the host one 512 KiB read instead of eight
 //! 64 KiB ones, which is what QEMU's host side sees.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use block::backend::BlockBackend;
 use block::driver::{IoOp, IoRequest};
 use block::error::BlockError;
-use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId};
-use virtio_queue::QueueT;
+use event_manager::SubscriberId;
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::{write_status, Chain, ChainError, ChainHead};
 use super::event_loop::EventLoop;
-use super::{features as vf, Activation, ActiveQueue, VirtioDevice, VirtioInterrupt};
+use super::queue_worker::{Completer, InFlight, QueueHandler, QueueIo, QueueWorker};
+use super::{features as vf, Activation, VirtioDevice};
 use crate::bus::put_le;
 use crate::dma::{DmaError, GuestSgList};
 use crate::GuestMem;
@@ -394,90 +393,48 @@ impl Request {
     }
 }
 
-/// A request submitted to the block layer and not yet completed.
-struct InFlight {
-    /// Index into the worker's queue list.
-    q: usize,
-    head: u16,
+/// What the block layer reports for a request.
+pub type BlockResult = Result<(), BlockError>;
+
+/// What the worker keeps for a request in flight.
+#[derive(Debug)]
+pub struct BlockToken {
     status: GuestAddress,
+    /// Bytes the device writes into the chain on success (reads).
     used_len: u32,
 }
 
-/// Completed block requests on their way back to the worker.
-///
-/// The block layer may complete a request on any thread, or right inside
-/// `submit` (null-co, errors). The eventfd is only written when the worker
-/// is not already going to look (`in_pass` false): completions that happen
-/// during a pass over the queues cost no system call.
-struct Completions {
-    items: Mutex<Vec<(usize, Result<(), BlockError>)>>,
-    efd: EventFd,
-    in_pass: AtomicBool,
-}
+/// Runs the queues of one activated virtio-blk device: the generic queue
+/// worker with [`BlockHandler`].
+pub type BlockWorker = QueueWorker<BlockHandler>;
 
-impl Completions {
-    fn new() -> Result<Arc<Self>, String> {
-        Ok(Arc::new(Completions {
-            items: Mutex::new(Vec::new()),
-            efd: EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?,
-            in_pass: AtomicBool::new(false),
-        }))
+impl QueueWorker<BlockHandler> {
+    pub fn new(
+        a: Activation,
+        backend: Arc<BlockBackend>,
+        limits: Limits,
+        serial: Option<&str>,
+    ) -> Result<Self, String> {
+        QueueWorker::with_handler(a, BlockHandler::new(backend, limits, serial))
     }
 
-    fn callback(self: &Arc<Self>, slot: usize) -> block::driver::Completion {
-        let me = self.clone();
-        Box::new(move |_req, r| {
-            crate::bus::lock(&me.items).push((slot, r));
-            // Pairs with the store in `end_pass`: either the worker sees
-            // this item in its last drain, or we see the flag clear.
-            if !me.in_pass.load(Ordering::SeqCst) {
-                let _ = me.efd.write(1);
-            }
-        })
-    }
-
-    /// One block-layer request standing for several merged ones: its
-    /// result is each one's result.
-    fn callback_many(self: &Arc<Self>, slots: Vec<usize>) -> block::driver::Completion {
-        let me = self.clone();
-        Box::new(move |_req, r| {
-            crate::bus::lock(&me.items).extend(slots.into_iter().map(|s| (s, r.clone())));
-            if !me.in_pass.load(Ordering::SeqCst) {
-                let _ = me.efd.write(1);
-            }
-        })
-    }
-
-    fn take(&self, into: &mut Vec<(usize, Result<(), BlockError>)>) {
-        into.clear();
-        std::mem::swap(&mut *crate::bus::lock(&self.items), into);
+    /// Turns request merging on (the default) or off.
+    pub fn set_request_merging(&mut self, on: bool) {
+        self.handler_mut().merge = on;
     }
 }
 
-/// Event-loop token for the completion eventfd (queues use their index).
-const COMPLETION_TOKEN: u32 = u32::MAX;
-
-/// Runs the queues of one activated device. It is an event-manager
-/// subscriber, but its methods can be driven directly (the benchmark does).
-pub struct BlockWorker {
-    /// Shared with the requests in flight, whose buffers point into it.
-    mem: Arc<GuestMem>,
-    queues: Vec<ActiveQueue>,
+/// virtio-blk's side of the queue worker: parses each chain, answers
+/// what needs no I/O, and submits the rest to the `BlockBackend`.
+pub struct BlockHandler {
     backend: Arc<BlockBackend>,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    cq: Arc<Completions>,
-    done: Vec<(usize, Result<(), BlockError>)>,
-    inflight: Vec<Option<InFlight>>,
-    free: Vec<usize>,
-    busy: usize,
     limits: Limits,
     serial: [u8; ID_BYTES],
-    scratch: Chain,
-    /// Queues with new used entries since the last interrupt check.
-    dirty: Vec<bool>,
-    /// Reads and writes of the current pass, with their in-flight slot,
-    /// waiting to be merged and submitted at its end.
-    pending: Vec<(usize, IoRequest)>,
+    /// Reused for every chain.
+    chain: Chain,
+    /// Reads and writes of the current pass, waiting to be merged and
+    /// submitted at its end.
+    pending: Vec<(Completer<BlockResult>, IoRequest)>,
     merge: bool,
 }
 
@@ -486,84 +443,39 @@ pub struct BlockWorker {
 const MAX_MERGE_REQS: usize = 32;
 const MAX_MERGE_SEGS: usize = 1024;
 
-impl BlockWorker {
-    pub fn new(
-        a: Activation,
-        backend: Arc<BlockBackend>,
-        limits: Limits,
-        serial: Option<&str>,
-    ) -> Result<Self, String> {
-        let cq = Completions::new()?;
+/// The one place a request ends: status byte, then the used entry (the
+/// status byte counts in the used length).
+fn finish(
+    io: &mut QueueIo<BlockResult, BlockToken>,
+    queue: usize,
+    head: u16,
+    status: Option<GuestAddress>,
+    s: u8,
+    data_len: u32,
+) {
+    let used = write_status(io.mem(), status, s, data_len);
+    io.finish(queue, head, used);
+}
+
+fn completion(c: Completer<BlockResult>) -> block::driver::Completion {
+    Box::new(move |_req, r| c.complete(r))
+}
+
+impl BlockHandler {
+    pub fn new(backend: Arc<BlockBackend>, limits: Limits, serial: Option<&str>) -> Self {
         let mut s = [0u8; ID_BYTES];
         if let Some(v) = serial {
             let n = v.len().min(ID_BYTES);
             s[..n].copy_from_slice(&v.as_bytes()[..n]);
         }
-        let n = a.queues.len();
-        Ok(BlockWorker {
-            mem: Arc::new(a.mem),
-            queues: a.queues,
+        BlockHandler {
             backend,
-            interrupt: a.interrupt,
-            cq,
-            done: Vec::new(),
-            inflight: Vec::new(),
-            free: Vec::new(),
-            busy: 0,
             limits,
             serial: s,
-            scratch: Chain::new(),
-            dirty: vec![false; n],
+            chain: Chain::new(),
             pending: Vec::new(),
             merge: true,
-        })
-    }
-
-    /// Turns request merging on (the default) or off.
-    pub fn set_request_merging(&mut self, on: bool) {
-        self.merge = on;
-    }
-
-    /// Requests submitted and not completed.
-    pub fn in_flight(&self) -> usize {
-        self.busy
-    }
-
-    /// Handles a notification of queue `qi` (its position in the worker's
-    /// list): pops every available chain and starts it, then completes what
-    /// has finished.
-    pub fn process_queue(&mut self, qi: usize) {
-        let Some(aq) = self.queues.get(qi) else {
-            return;
-        };
-        // Completions during this pass are collected at its end, without
-        // an eventfd round trip.
-        self.cq.in_pass.store(true, Ordering::SeqCst);
-        let (table, size) = (aq.queue.desc_table(), aq.queue.size());
-        let event_idx = aq.queue.event_idx_enabled();
-        loop {
-            if event_idx {
-                let _ = self.queues[qi].queue.disable_notification(&*self.mem);
-            }
-            while let Some(head) = self.queues[qi]
-                .queue
-                .pop_descriptor_chain(&*self.mem)
-                .map(|c| c.head_index())
-            {
-                self.start(qi, table, size, head);
-            }
-            // With EVENT_IDX, re-enabling tells us whether the driver added
-            // more meanwhile (section 2.7.10); go round again if so.
-            if !event_idx {
-                break;
-            }
-            match self.queues[qi].queue.enable_notification(&*self.mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
         }
-        self.submit_pending();
-        self.process_completions();
     }
 
     /// Submits the held reads and writes, merging runs that are
@@ -580,10 +492,10 @@ impl BlockWorker {
             reqs.sort_by_key(|(_, r)| (r.op == IoOp::Write, r.offset));
         }
         let mut it = reqs.drain(..).peekable();
-        while let Some((slot, first)) = it.next() {
+        while let Some((c, first)) = it.next() {
             let mut end = first.offset + first.len;
             let mut nsegs = first.iov.as_raw().len();
-            let mut group: Vec<(usize, IoRequest)> = Vec::new();
+            let mut group: Vec<(Completer<BlockResult>, IoRequest)> = Vec::new();
             while let Some((_, next)) = it.peek() {
                 if group.len() + 1 >= MAX_MERGE_REQS
                     || next.op != first.op
@@ -597,16 +509,16 @@ impl BlockWorker {
                 group.extend(it.next());
             }
             if group.is_empty() {
-                self.backend.submit(first, self.cq.callback(slot));
+                self.backend.submit(first, completion(c));
                 continue;
             }
-            let mut slots = Vec::with_capacity(group.len() + 1);
-            slots.push(slot);
+            let mut all = Vec::with_capacity(group.len() + 1);
+            all.push(c);
             let (op, offset) = (first.op, first.offset);
             let mut iov = first.iov;
             iov.reserve(nsegs - iov.as_raw().len());
-            for (s, r) in group {
-                slots.push(s);
+            for (c, r) in group {
+                all.push(c);
                 // Same guest memory: only the iovecs move, and the merged
                 // buffers keep it mapped as the parts did.
                 iov.append(r.iov);
@@ -615,30 +527,37 @@ impl BlockWorker {
                 IoOp::Write => IoRequest::write(offset, iov, false),
                 _ => IoRequest::read(offset, iov),
             };
-            self.backend.submit(merged, self.cq.callback_many(slots));
+            // One block-layer request standing for several: its result is
+            // each one's result.
+            self.backend.submit(
+                merged,
+                Box::new(move |_req, r| Completer::complete_all(all, r)),
+            );
         }
         drop(it);
         // Keep the allocation for the next pass.
         self.pending = reqs;
     }
+}
 
-    fn start(&mut self, qi: usize, table: u64, size: u16, head: u16) {
-        let at = ChainHead {
-            table: GuestAddress(table),
-            size,
-            head,
-        };
-        let r = Request::parse(&self.mem, at, &self.limits, &mut self.scratch);
-        let r = match r {
+impl QueueHandler for BlockHandler {
+    type Output = BlockResult;
+    type Token = BlockToken;
+    const NAME: &'static str = "virtio-blk";
+
+    fn start(&mut self, io: &mut QueueIo<BlockResult, BlockToken>, queue: usize, at: ChainHead) {
+        let head = at.head;
+        let r = match Request::parse(io.mem(), at, &self.limits, &mut self.chain) {
             Ok(r) => r,
             Err((e, status)) => {
                 log::debug!("virtio-blk: bad chain at head {head}: {e:?}");
                 // Every malformed chain is an I/O error for the driver
                 // (QEMU would mark the whole device broken instead).
-                self.finish(qi, head, status, req::S_IOERR, 0);
+                finish(io, queue, head, status, req::S_IOERR, 0);
                 return;
             }
         };
+        let status = Some(r.status);
         let op = match r.kind {
             Kind::In => IoOp::Read,
             Kind::Out => IoOp::Write,
@@ -648,30 +567,32 @@ impl BlockWorker {
             Kind::GetId => {
                 // `data` holds at most the ID's bytes.
                 let n = r.data.len() as usize;
-                let _ = r.data.write_at(&self.mem, 0, &self.serial[..n]);
-                self.finish(qi, head, Some(r.status), req::S_OK, n as u32);
+                let _ = r.data.write_at(io.mem(), 0, &self.serial[..n]);
+                finish(io, queue, head, status, req::S_OK, n as u32);
                 return;
             }
             Kind::Unsupported(_) => {
-                self.finish(qi, head, Some(r.status), req::S_UNSUPP, 0);
-                return;
-            }
-        };
-        // Straight into guest memory, which the buffers keep mapped until
-        // the block layer drops the request.
-        let iov = match r.data.to_iovecs(&self.mem) {
-            Ok(iov) => iov,
-            Err(_) => {
-                // A buffer straddling two RAM regions: parse checked
-                // each byte is RAM, but it must be one mapping.
-                self.finish(qi, head, Some(r.status), req::S_IOERR, 0);
+                finish(io, queue, head, status, req::S_UNSUPP, 0);
                 return;
             }
         };
         let offset = r.sector.wrapping_mul(SECTOR);
         let request = match op {
-            IoOp::Read => IoRequest::read(offset, iov),
-            IoOp::Write => IoRequest::write(offset, iov, false),
+            IoOp::Read | IoOp::Write => {
+                // Straight into guest memory, which the buffers keep
+                // mapped until the block layer drops the request.
+                let Ok(iov) = r.data.to_iovecs(io.mem_arc()) else {
+                    // A buffer straddling two RAM regions: parse checked
+                    // each byte is RAM, but it must be one mapping.
+                    finish(io, queue, head, status, req::S_IOERR, 0);
+                    return;
+                };
+                if op == IoOp::Read {
+                    IoRequest::read(offset, iov)
+                } else {
+                    IoRequest::write(offset, iov, false)
+                }
+            }
             IoOp::Flush => IoRequest::flush(),
             IoOp::Discard => IoRequest::discard(r.range.0, r.range.1),
             IoOp::WriteZeroes { may_unmap } => {
@@ -683,162 +604,46 @@ impl BlockWorker {
         } else {
             0
         };
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                self.inflight.push(None);
-                self.inflight.len() - 1
-            }
-        };
-        self.inflight[slot] = Some(InFlight {
-            q: qi,
-            head,
+        let token = BlockToken {
             status: r.status,
             used_len,
-        });
-        self.busy += 1;
+        };
+        let c = io.submit(queue, head, token);
         if self.merge && matches!(op, IoOp::Read | IoOp::Write) {
-            self.pending.push((slot, request));
+            self.pending.push((c, request));
             return;
         }
         // Anything else (flush in particular) must not overtake the reads
         // and writes the driver queued before it.
         self.submit_pending();
-        self.backend.submit(request, self.cq.callback(slot));
+        self.backend.submit(request, completion(c));
     }
 
-    /// Completes every request the block layer has finished, then signals
-    /// the queues that got used entries.
-    pub fn process_completions(&mut self) {
-        self.cq.in_pass.store(true, Ordering::SeqCst);
-        self.complete_taken();
-        // From here on a completion kicks the eventfd; anything that
-        // slipped in before is picked up by this last look.
-        self.cq.in_pass.store(false, Ordering::SeqCst);
-        self.complete_taken();
-        self.signal();
-    }
-
-    fn complete_taken(&mut self) {
-        let mut done = std::mem::take(&mut self.done);
-        self.cq.take(&mut done);
-        for (slot, result) in done.drain(..) {
-            let Some(f) = self.inflight.get_mut(slot).and_then(|s| s.take()) else {
-                continue;
-            };
-            self.free.push(slot);
-            self.busy -= 1;
-            let (s, len) = match result {
-                Ok(()) => (req::S_OK, f.used_len),
-                Err(BlockError::Unsupported(_)) => (req::S_UNSUPP, 0),
-                Err(e) => {
-                    log::debug!("virtio-blk: I/O error: {e}");
-                    (req::S_IOERR, 0)
-                }
-            };
-            self.finish_nosignal(f.q, f.head, Some(f.status), s, len);
-        }
-        self.done = done;
-    }
-
-    /// The one place a request ends: status byte, used ring entry (the
-    /// status byte counts in the used length), interrupt.
-    fn finish(&mut self, qi: usize, head: u16, status: Option<GuestAddress>, s: u8, data_len: u32) {
-        self.finish_nosignal(qi, head, status, s, data_len);
-    }
-
-    fn finish_nosignal(
-        &mut self,
-        qi: usize,
-        head: u16,
-        status: Option<GuestAddress>,
-        s: u8,
-        data_len: u32,
-    ) {
-        let used = write_status(&self.mem, status, s, data_len);
-        let q = &mut self.queues[qi].queue;
-        if let Err(e) = q.add_used(&*self.mem, head, used) {
-            log::warn!("virtio-blk: cannot add a used entry: {e}");
-        }
-        self.dirty[qi] = true;
-    }
-
-    fn signal(&mut self) {
-        for qi in 0..self.queues.len() {
-            if !std::mem::take(&mut self.dirty[qi]) {
-                continue;
-            }
-            let aq = &mut self.queues[qi];
-            if aq.queue.needs_notification(&*self.mem).unwrap_or(true) {
-                self.interrupt.signal_queue(aq.index);
-            }
-        }
-    }
-
-    /// Waits until every submitted request has completed.
-    pub fn drain(&mut self) {
-        // Held requests count as busy: send them, or this never ends.
+    fn end_pass(&mut self, _io: &mut QueueIo<BlockResult, BlockToken>) {
         self.submit_pending();
-        while self.busy > 0 {
-            // Only reached on reset or teardown: a short sleep between
-            // looks keeps the fast path free of condition variables.
-            let done: Vec<_> = std::mem::take(&mut *crate::bus::lock(&self.cq.items));
-            if done.is_empty() {
-                std::thread::sleep(std::time::Duration::from_micros(200));
-                continue;
-            }
-            // The device is going away (reset): the driver sees IOERR
-            // rather than a status that never comes.
-            for (slot, _r) in done {
-                if let Some(Some(f)) = self.inflight.get_mut(slot).map(|s| s.take()) {
-                    self.busy -= 1;
-                    self.free.push(slot);
-                    let _ = self.mem.write_obj(req::S_IOERR, f.status);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for BlockWorker {
-    fn drop(&mut self) {
-        // Guest buffers are in use by the block layer until then.
-        self.drain();
-    }
-}
-
-impl MutEventSubscriber for BlockWorker {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let token = events.data();
-        if token == COMPLETION_TOKEN {
-            let _ = self.cq.efd.read();
-            self.process_completions();
-            return;
-        }
-        let qi = token as usize;
-        if let Some(aq) = self.queues.get(qi) {
-            let _ = aq.notify.read();
-            self.process_queue(qi);
-        }
     }
 
-    fn init(&mut self, ops: &mut EventOps) {
-        for (i, q) in self.queues.iter().enumerate() {
-            let ev = Events::with_data(q.notify.as_ref(), i as u32, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-blk: cannot watch queue {i}: {e}");
+    fn complete(
+        &mut self,
+        io: &mut QueueIo<BlockResult, BlockToken>,
+        req: InFlight<BlockToken>,
+        out: BlockResult,
+    ) {
+        let (s, len) = match out {
+            Ok(()) => (req::S_OK, req.token.used_len),
+            Err(BlockError::Unsupported(_)) => (req::S_UNSUPP, 0),
+            Err(e) => {
+                log::debug!("virtio-blk: I/O error: {e}");
+                (req::S_IOERR, 0)
             }
-        }
-        let ev = Events::with_data(&self.cq.efd, COMPLETION_TOKEN, EventSet::IN);
-        if let Err(e) = ops.add(ev) {
-            log::error!("virtio-blk: cannot watch completions: {e}");
-        }
-        // Notifications that arrived before the worker existed.
-        for i in 0..self.queues.len() {
-            if self.queues[i].notify.read().is_ok() {
-                self.process_queue(i);
-            }
-        }
+        };
+        finish(io, req.queue, req.head, Some(req.token.status), s, len);
+    }
+
+    fn abandon(&mut self, mem: &GuestMem, req: InFlight<BlockToken>, _out: BlockResult) {
+        // The device is going away (reset): the driver sees IOERR rather
+        // than a status that never comes.
+        let _ = mem.write_obj(req::S_IOERR, req.token.status);
     }
 }
 
@@ -985,10 +790,13 @@ impl Drop for VirtioBlock {
 #[cfg(test)]
 mod merge_tests {
     use super::*;
+    use crate::virtio::{ActiveQueue, VirtioInterrupt};
     use block::backend::BackendConfig;
     use block::graph::BlockGraph;
     use std::sync::atomic::AtomicU64;
-    use virtio_queue::Queue;
+    use std::sync::atomic::Ordering;
+    use virtio_queue::{Queue, QueueT};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const QSIZE: u16 = 16;
     const DESC: u64 = 0x1000;

@@ -18,6 +18,7 @@ pub mod block;
 pub mod chain;
 pub mod event_loop;
 pub mod pci;
+pub mod queue_worker;
 #[cfg(test)]
 pub(crate) mod testing;
 
