@@ -1,9 +1,12 @@
 //! I/O vectors and aligned buffers (POSIX `struct iovec`, `readv(2)`; the
 //! alignment rules of `open(2)` `O_DIRECT`).
 //!
-//! [`IoVecs`] is the buffer list carried by an asynchronous request: either an
-//! owned `Vec<u8>` or raw `iovec`s that point into guest memory (the caller
-//! promises that memory stays valid until the request completes). The helper
+//! [`IoVecs`] is the buffer list carried by an asynchronous request: an
+//! owned `Vec<u8>`, `iovec`s that point into guest RAM and keep its mapping
+//! alive ([`IoVecs::from_guest`]: the one place where pointers into guest
+//! memory are made, so that devices need no `unsafe`), or raw `iovec`s
+//! whose memory the caller promises stays valid until the request
+//! completes ([`IoVecs::from_raw`]). The helper
 //! functions gather/scatter between `IoSlice`s and flat buffers, which the
 //! alignment (read-modify-write) and bounce-buffer paths use. [`AlignedBuf`]
 //! is a zeroed heap buffer with a chosen alignment, as `O_DIRECT` requires.
@@ -13,8 +16,15 @@
 //! is dropped.
 
 use std::alloc::{self, Layout};
+use std::any::Any;
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// What keeps the memory of [`IoVecs::from_guest`] segments mapped: the
+/// guest memory they point into.
+pub type Owner = Arc<dyn Any + Send + Sync>;
 
 /// The buffers of one request.
 pub struct IoVecs {
@@ -27,14 +37,23 @@ pub struct IoVecs {
     /// held, never read).
     #[allow(dead_code)]
     whole: Option<Arc<IoVecs>>,
+    /// The mapping the segments point into ([`IoVecs::from_guest`]), held
+    /// until this is dropped (only held and compared, never read).
+    owner: Option<Owner>,
+    /// Buffers joined by [`IoVecs::append`] whose memory the segments point
+    /// into, kept alive (only held, never read).
+    #[allow(dead_code)]
+    parts: Vec<IoVecs>,
 }
 
-// SAFETY: an `IoVecs` either owns its memory (`owned`, `aligned`), was built with
-// `from_raw`, whose contract makes the caller guarantee that the memory stays
-// valid and is not accessed by anybody else until the request completes, or
-// is a carved part of such an `IoVecs`, which it keeps alive (`whole`) and
-// whose bytes it shares with no other part; so moving it to another thread
-// is sound.
+// SAFETY: an `IoVecs` either owns its memory (`owned`, `aligned`, `parts`),
+// points into guest RAM whose mapping it keeps alive (`owner`, a
+// `GuestMemoryMmap`, itself `Send + Sync`), was built with `from_raw`, whose
+// contract makes the caller guarantee that the memory stays valid and is not
+// accessed by anybody else until the request completes, or is a carved part
+// of such an `IoVecs`, which it keeps alive (`whole`) and whose bytes it
+// shares with no other part; none of that memory is tied to a thread, so
+// moving it to another thread is sound.
 unsafe impl Send for IoVecs {}
 // SAFETY: through `&IoVecs` memory can only be read (`slices`, `as_raw`,
 // `len`); writing needs `&mut`. The one shared `IoVecs` is the whole behind
@@ -71,6 +90,8 @@ impl IoVecs {
             owned: None,
             aligned: None,
             whole: None,
+            owner: None,
+            parts: Vec::new(),
         }
     }
     /// One owned buffer; get it back with [`IoVecs::into_vec`].
@@ -84,6 +105,8 @@ impl IoVecs {
             owned: Some(buf),
             aligned: None,
             whole: None,
+            owner: None,
+            parts: Vec::new(),
         }
     }
     /// One owned aligned buffer (its memory moves with it: the heap
@@ -98,6 +121,8 @@ impl IoVecs {
             owned: None,
             aligned: Some(buf),
             whole: None,
+            owner: None,
+            parts: Vec::new(),
         }
     }
     /// Raw segments, typically guest memory.
@@ -118,6 +143,68 @@ impl IoVecs {
             owned: None,
             aligned: None,
             whole: None,
+            owner: None,
+            parts: Vec::new(),
+        }
+    }
+    /// Segments of guest RAM, `(guest address, length)`, each inside one
+    /// mapped region of `mem` (`None` if one is not: outside RAM, or
+    /// straddling two regions). The vectors keep `mem` alive until they are
+    /// dropped, so the pointers stay valid for as long as the request
+    /// carrying them exists, wherever it travels. Empty segments are left
+    /// out.
+    ///
+    /// The bitmap type is `()`: writes through these pointers bypass
+    /// `vm-memory`'s dirty tracking, so memory that tracks dirty pages must
+    /// not be handed out this way.
+    pub fn from_guest(
+        mem: &Arc<GuestMemoryMmap<()>>,
+        segs: &[(GuestAddress, usize)],
+    ) -> Option<Self> {
+        let mut iov = Vec::with_capacity(segs.len());
+        for &(addr, len) in segs {
+            if len == 0 {
+                continue;
+            }
+            // Bounds-checked: the whole range lies in one region's mapping,
+            // which `mem` (held below) keeps mapped.
+            let slice = mem.get_slice(addr, len).ok()?;
+            iov.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: len,
+            });
+        }
+        let owner: Owner = mem.clone();
+        Some(IoVecs {
+            iov,
+            owned: None,
+            aligned: None,
+            whole: None,
+            owner: Some(owner),
+            parts: Vec::new(),
+        })
+    }
+    /// Makes room for `segments` more segments (before [`IoVecs::append`]).
+    pub fn reserve(&mut self, segments: usize) {
+        self.iov.reserve(segments);
+    }
+    /// Appends the segments of `other` after this one's, keeping `other`'s
+    /// memory alive as long as this lives (a block-layer request made of
+    /// several guest requests). Guest segments of the same memory cost
+    /// nothing more than their `iovec`s.
+    pub fn append(&mut self, mut other: IoVecs) {
+        self.iov.append(&mut other.iov);
+        let plain = |v: &IoVecs| {
+            v.owned.is_none() && v.aligned.is_none() && v.whole.is_none() && v.parts.is_empty()
+        };
+        let same_owner = match (&self.owner, &other.owner) {
+            (Some(a), Some(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
+            _ => false,
+        };
+        if !(same_owner && plain(&other)) {
+            // Moving `other` does not move the heap memory or the mapping
+            // its segments point into.
+            self.parts.push(other);
         }
     }
     /// Split into parts covering the byte ranges `(start, len)`, which must
@@ -157,6 +244,8 @@ impl IoVecs {
                     owned: None,
                     aligned: None,
                     whole: Some(whole.clone()),
+                    owner: None,
+                    parts: Vec::new(),
                 }
             })
             .collect();
@@ -170,7 +259,8 @@ impl IoVecs {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    /// The owned buffer back, if built with [`IoVecs::from_vec`].
+    /// The owned buffer back, if built with [`IoVecs::from_vec`] (only that
+    /// buffer: not what [`IoVecs::append`] added).
     pub fn into_vec(self) -> Option<Vec<u8>> {
         self.owned
     }
@@ -184,12 +274,19 @@ impl IoVecs {
             .iter()
             .filter(|v| v.iov_len > 0)
             .map(|v| {
-                // SAFETY: each iovec points either into `self.owned` or
-                // `self.aligned` (alive and exclusively borrowed through
-                // `&mut self`), into
-                // memory the `from_raw` caller guaranteed valid and unshared,
-                // or into this part's own bytes of a carved whole (kept
-                // alive by `self.whole`, disjoint from every other part).
+                // SAFETY: each iovec points either into `self.owned`,
+                // `self.aligned` or `self.parts` (alive and exclusively
+                // borrowed through `&mut self`), into memory the `from_raw`
+                // caller guaranteed valid and unshared, into this part's own
+                // bytes of a carved whole (kept alive by `self.whole`,
+                // disjoint from every other part), or into guest RAM whose
+                // mapping `self.owner` keeps alive, bounds-checked by
+                // `from_guest`. Guest RAM is the one memory others may touch
+                // meanwhile: the guest's vCPUs can write the buffer of a
+                // request in flight, as a real device's DMA can race the
+                // CPU. That is the compromise of every VMM that does I/O
+                // straight from guest memory: the bytes may be torn, but the
+                // memory is valid for the whole borrow.
                 IoSliceMut::new(unsafe {
                     std::slice::from_raw_parts_mut(v.iov_base.cast::<u8>(), v.iov_len)
                 })
@@ -360,6 +457,52 @@ mod tests {
         drop(parts);
         let v = whole.into_inner().ok().unwrap();
         assert_eq!(v.into_vec().unwrap(), [0, 1, 1, 1, 0, 0, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn from_guest_keeps_the_mapping_and_refuses_what_is_not_one_mapping() {
+        use vm_memory::Bytes;
+        // Two regions with a hole: [0, 64K) and [128K, 192K).
+        let mem = Arc::new(
+            GuestMemoryMmap::<()>::from_ranges(&[
+                (GuestAddress(0), 0x1_0000),
+                (GuestAddress(0x2_0000), 0x1_0000),
+            ])
+            .unwrap(),
+        );
+        mem.write_slice(&[1, 2, 3, 4], GuestAddress(0x100)).unwrap();
+        let g = |a: u64, l: usize| (GuestAddress(a), l);
+        assert!(
+            IoVecs::from_guest(&mem, &[g(0xfff0, 0x20)]).is_none(),
+            "into the hole"
+        );
+        assert!(
+            IoVecs::from_guest(&mem, &[g(0x3_0000, 1)]).is_none(),
+            "past RAM"
+        );
+        assert!(
+            IoVecs::from_guest(&mem, &[g(u64::MAX, 2)]).is_none(),
+            "wraps"
+        );
+        let mut v = IoVecs::from_guest(&mem, &[g(0x100, 2), g(0x1234, 0), g(0x2_0000, 3)]).unwrap();
+        assert_eq!(v.as_raw().len(), 2, "empty segments are left out");
+        let w = IoVecs::from_guest(&mem, &[g(0x102, 2)]).unwrap();
+        v.append(w);
+        assert!(v.parts.is_empty(), "same memory: only the iovecs move");
+        v.append(IoVecs::from_vec(vec![9]));
+        assert_eq!(v.parts.len(), 1);
+        // The device lets go of guest memory; the request still holds it.
+        let weak = Arc::downgrade(&mem);
+        drop(mem);
+        assert!(weak.upgrade().is_some());
+        let mut flat = [0u8; 8];
+        gather(&v.slices(), &mut flat);
+        assert_eq!(flat, [1, 2, 0, 0, 0, 3, 4, 9]);
+        for mut s in v.slices_mut() {
+            s.fill(7);
+        }
+        drop(v);
+        assert!(weak.upgrade().is_none(), "dropped with the last request");
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::scsi::mmc::{CdRom, Transport};
 use crate::scsi::request::{Outcome, VecPath};
 use crate::scsi::{Disk, DiskOptions, Lun, Plan, Target};
 use crate::virtio::block::{Limits, Request};
+use crate::virtio::chain::{Chain, ChainHead};
 use crate::GuestMem;
 
 /// A 1 MiB medium that reads as zeros and discards writes.
@@ -131,8 +132,12 @@ pub fn virtio_chain(data: &[u8]) {
     };
     let body = &data[6..];
     let _ = mem.write_slice(&body[..body.len().min(MEM as usize)], GuestAddress(0));
-    let mut scratch = Vec::new();
-    let _ = Request::parse(&mem, 0, size, head, &lim, &mut scratch);
+    let at = ChainHead {
+        table: GuestAddress(0),
+        size,
+        head,
+    };
+    let _ = Request::parse(&mem, at, &lim, &mut Chain::new());
 }
 
 /// Both harnesses by name, for the corpus test.

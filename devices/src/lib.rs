@@ -5,10 +5,17 @@
 //! storage controllers, a `block::BlockBackend`. The `vmm` crate wires these
 //! to KVM (or to the qtest protocol) and dispatches port and MMIO accesses
 //! through a [`bus::Bus`].
+//!
+//! There is no `unsafe` code here: buffers that point into guest RAM are
+//! made by [`dma::GuestSgList::to_iovecs`], on top of
+//! `block::iov::IoVecs::from_guest`.
+
+#![forbid(unsafe_code)]
 
 pub mod bus;
 pub mod chipset;
 pub mod clock;
+pub mod dma;
 pub mod harness;
 pub mod ide;
 pub mod irq;

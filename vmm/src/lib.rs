@@ -8,7 +8,6 @@ pub mod config;
 pub mod console;
 pub mod device;
 pub mod harness;
-pub mod iothread;
 pub mod kvm;
 pub mod machine;
 pub mod memory;

@@ -45,9 +45,11 @@ pub struct SnapshotArgs {
 /// `%Y-%m-%d %H:%M:%S` of `secs` in local time, as QEMU prints dates.
 fn local_date(secs: u32) -> String {
     let t = secs as libc::time_t;
-    // SAFETY: `tm` is plain data that localtime_r fills in; both pointers
-    // are valid for the duration of the call.
+    // SAFETY: `libc::tm` is plain integers (and a pointer that may be
+    // null), so all-zero bytes are a valid value.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the duration of the call, and
+    // localtime_r only fills in `tm`.
     let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
     if !ok {
         return "1970-01-01 00:00:00".into();

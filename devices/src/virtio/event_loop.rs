@@ -4,8 +4,10 @@
 //! notification eventfds and their block completion eventfd, and run
 //! entirely on this thread. The loop is steered from other threads (the
 //! vCPU that sets DRIVER_OK or resets the device) through the
-//! event-manager's remote endpoint.
+//! event-manager's remote endpoint. [`IoThreads`] is a machine's registry
+//! of them, by `-object iothread,id=...` id.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -86,5 +88,63 @@ impl Drop for EventLoop {
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
+    }
+}
+
+/// The event loops of a machine: one per `-object iothread`, created when
+/// a device first names it, plus the main loop for devices that name none.
+pub struct IoThreads {
+    ids: Vec<String>,
+    loops: BTreeMap<String, Arc<EventLoop>>,
+}
+
+/// The loop of devices that name no iothread.
+pub const MAIN_LOOP: &str = "main-loop";
+
+impl IoThreads {
+    /// A registry that knows the iothread ids `ids` (the machine's
+    /// `-object iothread` objects) and has started none of them yet.
+    pub fn new(ids: &[String]) -> Self {
+        IoThreads {
+            ids: ids.to_vec(),
+            loops: BTreeMap::new(),
+        }
+    }
+
+    /// The loop of iothread `id` (the main loop for `None`), started on
+    /// first use; an error for an id that was never declared.
+    pub fn get(&mut self, id: Option<&str>) -> Result<Arc<EventLoop>, String> {
+        let name = match id {
+            Some(i) if self.ids.iter().any(|x| x == i) => i,
+            Some(i) => {
+                return Err(format!(
+                    "iothread '{i}' does not exist (use -object iothread,id={i})"
+                ))
+            }
+            None => MAIN_LOOP,
+        };
+        if let Some(l) = self.loops.get(name) {
+            return Ok(l.clone());
+        }
+        let l = EventLoop::new(name)?;
+        self.loops.insert(name.to_string(), l.clone());
+        Ok(l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iothreads_are_shared_by_id_and_unknown_ids_are_refused() {
+        let mut t = IoThreads::new(&["io0".to_string()]);
+        let a = t.get(Some("io0")).unwrap();
+        let b = t.get(Some("io0")).unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(a.name(), "io0");
+        assert_eq!(t.get(None).unwrap().name(), MAIN_LOOP);
+        let e = t.get(Some("io1")).err().unwrap();
+        assert!(e.contains("iothread 'io1' does not exist"), "{e}");
     }
 }

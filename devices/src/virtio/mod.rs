@@ -15,8 +15,12 @@
 //! eventfd, so both paths end in the device's event loop.
 
 pub mod block;
+pub mod chain;
 pub mod event_loop;
 pub mod pci;
+pub mod queue_worker;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::Arc;
 

@@ -31,9 +31,9 @@ use devices::pci::msix::MsiSender;
 use devices::virtio::IoEventRegistrar;
 use devices::GuestMem;
 
-use crate::iothread::IoThreads;
 use crate::storage::Storage;
 pub use bus::{BusKind, Buses, Placement, Port};
+use devices::virtio::event_loop::IoThreads;
 pub use props::{PropDef, PropType, PropValue, Props, Use};
 
 /// `-device help` groups types as QEMU does.

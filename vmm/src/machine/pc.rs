@@ -44,9 +44,9 @@ use super::{piix_ide, Board, Host, Machine, MachineError, Memory};
 use crate::boot;
 use crate::config::MachineConfig;
 use crate::device::{self, AttachCtx, BusKind, Buses, DeviceSpec, PciIntx, Port, PropValue};
-use crate::iothread::IoThreads;
 use crate::memory::Layout;
 use crate::storage::Storage;
+use devices::virtio::event_loop::IoThreads;
 
 pub const SERIAL_PORTS: [(u64, u32); 4] = [(0x3f8, 4), (0x2f8, 3), (0x3e8, 4), (0x2e8, 3)];
 pub const SCI_IRQ: u32 = 9;
