@@ -100,16 +100,14 @@ pub fn plain_text(text: &str) -> String {
             out.push(c);
             continue;
         }
-        match it.next() {
-            Some('[') => {
-                // Parameters and intermediates, then one final byte.
-                for x in it.by_ref() {
-                    if ('@'..='~').contains(&x) {
-                        break;
-                    }
+        // `ESC x` drops x; `ESC [` also drops the parameters and
+        // intermediates up to the final byte.
+        if it.next() == Some('[') {
+            for x in it.by_ref() {
+                if ('@'..='~').contains(&x) {
+                    break;
                 }
             }
-            Some(_) | None => {}
         }
     }
     out

@@ -258,7 +258,8 @@ struct Runner<P, F> {
 /// completions delivered inside `submit` do not recurse.
 enum Slot<R> {
     Submitting,
-    Completed(IoRequest, BlockResult<()>),
+    /// Boxed: a request with its buffers is large, the other states small.
+    Completed(Box<(IoRequest, BlockResult<()>)>),
     Parked(Box<R>),
 }
 
@@ -570,7 +571,7 @@ where
                 Box::new(move |req, res| {
                     let mut g = theirs.lock().unwrap_or_else(|e| e.into_inner());
                     match std::mem::replace(&mut *g, Slot::Submitting) {
-                        Slot::Submitting => *g = Slot::Completed(req, res),
+                        Slot::Submitting => *g = Slot::Completed(Box::new((req, res))),
                         Slot::Parked(mut r) => {
                             drop(g);
                             r.completed(req, res);
@@ -584,8 +585,9 @@ where
             );
             let mut g = slot.lock().unwrap_or_else(|e| e.into_inner());
             match std::mem::replace(&mut *g, Slot::Submitting) {
-                Slot::Completed(req, res) => {
+                Slot::Completed(done) => {
                     drop(g);
+                    let (req, res) = *done;
                     self.completed(req, res);
                 }
                 Slot::Submitting => {
