@@ -125,16 +125,6 @@ impl Buses {
         }
     }
 
-    /// The bus names, for messages.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.order.iter().map(String::as_str)
-    }
-
-    /// The port of a bus, by name.
-    pub fn port(&self, name: &str) -> Option<Port> {
-        self.buses.get(name).map(|b| b.port.clone())
-    }
-
     fn is_full(b: &Bus) -> bool {
         b.units != 0 && b.used.len() as u32 >= b.units
     }

@@ -296,36 +296,38 @@ pub struct Global {
 /// `-global driver=D,property=P,value=V`, checking the driver, the property
 /// and the value against the type table.
 pub fn parse_global(text: &str) -> Result<Global, String> {
-    let (driver, prop, value) = if text.contains("driver=") && text.contains("property=") {
-        let pairs = block::keyval::Parser::new("-global")
-            .parse_flat(text)
-            .map_err(|e| e.to_string())?;
-        let get = |k: &str| {
-            pairs
-                .iter()
-                .rev()
-                .find(|(n, _)| n == k)
-                .map(|(_, v)| v.clone())
-        };
-        if let Some((k, _)) = pairs
-            .iter()
-            .find(|(k, _)| !["driver", "property", "value"].contains(&k.as_str()))
-        {
-            return Err(format!("Invalid parameter '{k}'"));
+    // As QEMU decides: `DRIVER.PROP=` (a dot before the first `=`) is the
+    // short form, anything else the keyval form.
+    let short = text
+        .split_once('=')
+        .and_then(|(lhs, v)| lhs.split_once('.').map(|(d, p)| (d, p, v)));
+    let (driver, prop, value) = match short {
+        Some((d, p, v)) if !d.is_empty() && !p.is_empty() => {
+            (d.to_string(), p.to_string(), v.to_string())
         }
-        (
-            get("driver").unwrap_or_default(),
-            get("property").unwrap_or_default(),
-            get("value").ok_or("Parameter 'value' is missing")?,
-        )
-    } else {
-        let (lhs, value) = text
-            .split_once('=')
-            .ok_or("expected DRIVER.PROPERTY=VALUE")?;
-        let (d, p) = lhs
-            .split_once('.')
-            .ok_or("expected DRIVER.PROPERTY=VALUE")?;
-        (d.to_string(), p.to_string(), value.to_string())
+        _ => {
+            let pairs = block::keyval::Parser::new("-global")
+                .parse_flat(text)
+                .map_err(|_| "expected DRIVER.PROPERTY=VALUE".to_string())?;
+            let get = |k: &str| {
+                pairs
+                    .iter()
+                    .rev()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+            };
+            if let Some((k, _)) = pairs
+                .iter()
+                .find(|(k, _)| !["driver", "property", "value"].contains(&k.as_str()))
+            {
+                return Err(format!("Invalid parameter '{k}'"));
+            }
+            (
+                get("driver").ok_or("expected DRIVER.PROPERTY=VALUE")?,
+                get("property").ok_or("Parameter 'property' is missing")?,
+                get("value").ok_or("Parameter 'value' is missing")?,
+            )
+        }
     };
     let ty =
         find_type(&driver).ok_or_else(|| format!("'{driver}' is not a valid device model name"))?;

@@ -206,9 +206,6 @@ impl PropDef {
 #[derive(Clone, Debug, Default)]
 pub struct Props {
     values: BTreeMap<&'static str, PropValue>,
-    /// The names the user set on this device (not through `-global` or a
-    /// default), for properties whose meaning depends on being given.
-    explicit: Vec<&'static str>,
 }
 
 impl Props {
@@ -229,24 +226,7 @@ impl Props {
         }
         values.extend(globals);
         values.extend(own.iter().map(|(k, v)| (*k, v.clone())));
-        Props {
-            values,
-            explicit: own.keys().copied().collect(),
-        }
-    }
-
-    pub fn get(&self, name: &str) -> Option<&PropValue> {
-        self.values.get(name)
-    }
-
-    /// True if the property has a value other than an unset default.
-    pub fn is_set(&self, name: &str) -> bool {
-        self.values.contains_key(name)
-    }
-
-    /// True if the user wrote the property on this device.
-    pub fn is_explicit(&self, name: &str) -> bool {
-        self.explicit.contains(&name)
+        Props { values }
     }
 
     pub fn str(&self, name: &str) -> Option<&str> {
@@ -288,11 +268,6 @@ impl Props {
             Some(PropValue::Devfn(s, f)) => Some((*s, *f)),
             _ => None,
         }
-    }
-
-    /// Sets a value (for constructors that derive one property from others).
-    pub fn set(&mut self, name: &'static str, v: PropValue) {
-        self.values.insert(name, v);
     }
 }
 
@@ -364,6 +339,5 @@ mod tests {
         assert_eq!(p.uint("a"), Some(10));
         assert_eq!(p.uint("b"), Some(30));
         assert_eq!(p.uint("c"), Some(3));
-        assert!(p.is_explicit("a") && !p.is_explicit("b"));
     }
 }
