@@ -444,7 +444,14 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "-append" => append = Some(value.to_string()),
             "-smbios" => cfg.smbios.push(parse_smbios(value)?),
             "-device" => match DeviceSpec::parse(value) {
-                Ok(DeviceArg::Spec(spec)) => cfg.devices.push(spec),
+                Ok(DeviceArg::Spec(spec)) => {
+                    if let Some(id) = &spec.id {
+                        if cfg.devices.iter().any(|d| d.id.as_ref() == Some(id)) {
+                            return Err(format!("-device {value}: Duplicate ID '{id}' for device"));
+                        }
+                    }
+                    cfg.devices.push(spec)
+                }
                 Ok(DeviceArg::Help(text)) => return Ok(Parsed::Print(text)),
                 Err(e) => return Err(format!("-device {value}: {e}")),
             },
