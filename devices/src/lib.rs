@@ -6,6 +6,7 @@
 //! to KVM (or to the qtest protocol) and dispatches port and MMIO accesses
 //! through a [`bus::Bus`].
 
+pub mod ata;
 pub mod bus;
 pub mod chipset;
 pub mod clock;

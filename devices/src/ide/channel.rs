@@ -28,10 +28,10 @@ use block::driver::IoRequest;
 use block::error::BlockError;
 use block::iov::IoVecs;
 
-use super::ata::{self, error, status, AtaCommand, DriveInfo, Power, Taskfile, Xfer};
 use super::bmdma::{self, BmRegs, SgList};
-use super::geometry::{Geometry, Translation};
-use super::identify::{self, IdentifyParams, XferMode};
+use crate::ata::geometry::{Geometry, Translation};
+use crate::ata::identify::{self, IdentifyParams, XferMode};
+use crate::ata::{self, error, status, AtaCommand, DriveInfo, Power, Taskfile, Xfer};
 use crate::bus::lock;
 use crate::irq::IrqLine;
 use crate::scsi::{CdRom, Reply, Sense};
@@ -138,7 +138,7 @@ impl Drive {
             Media::Cd(_) => (0, vec![]),
         };
         let (geometry, translation) =
-            super::geometry::guess(sectors, &sector0, cfg.geometry, cfg.translation);
+            crate::ata::geometry::guess(sectors, &sector0, cfg.geometry, cfg.translation);
         let pbs = cfg.physical_block_size.max(512);
         if !pbs.is_power_of_two() || pbs > 512 << 15 {
             return Err(format!(

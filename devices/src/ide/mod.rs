@@ -6,9 +6,6 @@
 //! ATA8-ACS and ATA/ATAPI-6 (registers, protocols, commands), and MMC-5
 //! through the shared SCSI target for ATAPI packets.
 //!
-//! - `ata`: the taskfile and typed command parsing.
-//! - `identify`: IDENTIFY (PACKET) DEVICE data.
-//! - `geometry`: CHS geometry and BIOS translation guessing.
 //! - `bmdma`: bus-master registers and PRD table walking.
 //! - `channel`: the per-channel state machine and the DMA engine.
 //!
@@ -16,11 +13,8 @@
 //! the channels always decode the legacy ports 0x1f0-0x1f7/0x3f6 (IRQ 14)
 //! and 0x170-0x177/0x376 (IRQ 15); BAR4 holds the 16 bus-master bytes.
 
-pub mod ata;
 pub mod bmdma;
 pub mod channel;
-pub mod geometry;
-pub mod identify;
 
 use std::sync::{Arc, Mutex};
 
