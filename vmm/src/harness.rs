@@ -80,7 +80,9 @@ pub fn pc_io(data: &[u8]) {
     let Ok(storage) = Storage::open(&cfg) else {
         return;
     };
-    let Ok(pc) = machine::board(&cfg).build_with(&cfg, host, &storage, machine::Memory { layout, ram, rom }) else {
+    let Ok(pc) =
+        machine::board(&cfg).build_with(&cfg, host, &storage, machine::Memory { layout, ram, rom })
+    else {
         return;
     };
     for op in data.chunks_exact(8) {
