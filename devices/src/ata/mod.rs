@@ -7,11 +7,17 @@
 //! SMART, power modes) and ATA/ATAPI-6 (CHS addressing).
 //!
 //! - `command`: the taskfile and typed command parsing.
+//! - `device`: [`AtaDevice`], command execution into an [`Outcome`] the
+//!   transport carries out.
 //! - `identify`: IDENTIFY (PACKET) DEVICE data.
 //! - `geometry`: CHS geometry and BIOS translation guessing.
+//! - `smart`: SMART data and log pages.
 
 pub mod command;
+pub mod device;
 pub mod geometry;
 pub mod identify;
+mod smart;
 
 pub use command::{cmd, error, status, AtaCommand, DriveInfo, Power, Refusal, Taskfile, Xfer};
+pub use device::{AtaDevice, DriveConfig, Media, Outcome};

@@ -18,11 +18,12 @@ pub mod channel;
 
 use std::sync::{Arc, Mutex};
 
+pub use crate::ata::device::{DriveConfig, Media};
 use crate::bus::{lock, BusDevice};
 use crate::irq::IrqLine;
 use crate::pci::{BarKind, PciConfig, PciFunction};
 use crate::GuestMem;
-pub use channel::{Channel, Drive, DriveConfig, Media};
+pub use channel::{Channel, Drive};
 
 /// Legacy command block base, control block port and IRQ of each channel.
 pub const LEGACY: [(u64, u64, u32); 2] = [(0x1f0, 0x3f6, 14), (0x170, 0x376, 15)];
