@@ -574,28 +574,47 @@ impl Channel {
 
     // ---- completion -----------------------------------------------------
 
-    /// Successful completion of a command.
-    fn done(&mut self) {
+    /// Ends the current command: the status and error registers (and the
+    /// interrupt reason of a packet command) as ATA8-ACS's protocols leave
+    /// them, then the interrupt. Every command that completes goes through
+    /// here.
+    fn finish(&mut self, end: End) {
         if let Some(d) = self.cur() {
-            d.status = status::DRDY | status::DSC;
-            d.error = 0;
+            let (status, error) = match end {
+                End::Ok => (status::DRDY | status::DSC, 0),
+                End::Error { error, lba } => {
+                    if let Some(l) = lba {
+                        let ext = l > 0x0fff_ffff;
+                        d.tf.set_lba(l, ext);
+                    }
+                    (status::DRDY | status::DSC | status::ERR, error)
+                }
+                End::PacketOk => (status::DRDY | status::DSC, 0),
+                // CHECK CONDITION: the sense key in the error register's
+                // high nibble (ATA8-ACS 7.18.5 PACKET error outputs).
+                End::PacketCheck(s) => (status::DRDY | status::ERR, s.key << 4),
+            };
+            if !matches!(end, End::Ok | End::PacketOk) {
+                d.pio = Pio::Idle;
+            }
+            if matches!(end, End::PacketOk | End::PacketCheck(_)) {
+                d.tf.nsector = (d.tf.nsector & !7) | REASON_IO | REASON_COD;
+            }
+            d.status = status;
+            d.error = error;
         }
         self.raise();
+    }
+
+    /// Successful completion of a command.
+    fn done(&mut self) {
+        self.finish(End::Ok);
     }
 
     /// Completion with an error: ERR in status, `err` in the error
     /// register, and the failing LBA in the taskfile when there is one.
     fn fail(&mut self, err: u8, lba: Option<u64>) {
-        if let Some(d) = self.cur() {
-            d.pio = Pio::Idle;
-            d.status = status::DRDY | status::DSC | status::ERR;
-            d.error = err;
-            if let Some(l) = lba {
-                let ext = l > 0x0fff_ffff;
-                d.tf.set_lba(l, ext);
-            }
-        }
-        self.raise();
+        self.finish(End::Error { error: err, lba });
     }
 
     // ---- commands -------------------------------------------------------
@@ -768,24 +787,11 @@ impl Channel {
     }
 
     fn atapi_ok(&mut self) {
-        if let Some(d) = self.cur() {
-            d.tf.nsector = (d.tf.nsector & !7) | REASON_IO | REASON_COD;
-            d.status = status::DRDY | status::DSC;
-            d.error = 0;
-        }
-        self.raise();
+        self.finish(End::PacketOk);
     }
 
-    /// CHECK CONDITION: the sense key in the error register's high nibble
-    /// (ATA8-ACS 7.18.5 PACKET error outputs).
     fn atapi_error(&mut self, s: Sense) {
-        if let Some(d) = self.cur() {
-            d.pio = Pio::Idle;
-            d.tf.nsector = (d.tf.nsector & !7) | REASON_IO | REASON_COD;
-            d.status = status::DRDY | status::ERR;
-            d.error = s.key << 4;
-        }
-        self.raise();
+        self.finish(End::PacketCheck(s));
     }
 
     // ---- bus-master DMA ---------------------------------------------------
@@ -1072,6 +1078,14 @@ impl Channel {
             }
         }
     }
+}
+
+/// How a command ends (see [`Channel::finish`]).
+enum End {
+    Ok,
+    Error { error: u8, lba: Option<u64> },
+    PacketOk,
+    PacketCheck(Sense),
 }
 
 enum DmaError {
