@@ -474,3 +474,406 @@ impl AtaDevice {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scsi::Transport;
+    use block::backend::BackendConfig;
+    use block::graph::BlockGraph;
+
+    /// 20 cylinders of 16 heads and 63 sectors.
+    const SECTORS: u64 = 20 * 16 * 63;
+
+    fn backend() -> Arc<BlockBackend> {
+        let g = BlockGraph::new();
+        let node = g
+            .blockdev_add_str(&format!(
+                "driver=null-co,node-name=hd,read-zeroes=on,size={}",
+                SECTORS * SECTOR
+            ))
+            .unwrap();
+        BlockBackend::new("hd", node, BackendConfig::default()).unwrap()
+    }
+
+    fn config(media: Media) -> DriveConfig {
+        DriveConfig {
+            media,
+            model: None,
+            serial: None,
+            wwn: None,
+            physical_block_size: 512,
+            geometry: None,
+            translation: None,
+        }
+    }
+
+    fn disk() -> (AtaDevice, Arc<BlockBackend>) {
+        let b = backend();
+        let d = AtaDevice::new(config(Media::Disk(b.clone())), 0, false).unwrap();
+        (d, b)
+    }
+
+    fn cd() -> AtaDevice {
+        let cd = CdRom::new(Transport::Atapi, None);
+        AtaDevice::new(config(Media::Cd(cd)), 2, true).unwrap()
+    }
+
+    /// Registers in LBA mode, as a host sets them before a command.
+    fn lba(lba: u64, count: u8) -> Taskfile {
+        let mut tf = Taskfile {
+            select: 0xe0,
+            nsector: count,
+            ..Default::default()
+        };
+        tf.set_lba(lba, false);
+        tf
+    }
+
+    fn word(id: &[u8], i: usize) -> u16 {
+        u16::from_le_bytes([id[2 * i], id[2 * i + 1]])
+    }
+
+    fn identify(d: &mut AtaDevice) -> Vec<u8> {
+        match d.command(cmd::IDENTIFY, &mut Taskfile::default()) {
+            Outcome::DataIn(v) => v,
+            o => panic!("IDENTIFY: {o:?}"),
+        }
+    }
+
+    fn abort() -> Outcome {
+        Outcome::Fail {
+            error: error::ABRT,
+            lba: None,
+        }
+    }
+
+    fn set_features(d: &mut AtaDevice, sub: u8, count: u8) -> Outcome {
+        let mut tf = Taskfile {
+            feature: sub,
+            nsector: count,
+            ..Default::default()
+        };
+        d.command(cmd::SET_FEATURES, &mut tf)
+    }
+
+    fn smart(d: &mut AtaDevice, feature: u8) -> (Outcome, Taskfile) {
+        let mut tf = Taskfile {
+            feature,
+            lcyl: 0x4f,
+            hcyl: 0xc2,
+            ..Default::default()
+        };
+        let o = d.command(cmd::SMART, &mut tf);
+        (o, tf)
+    }
+
+    #[test]
+    fn identify_contents() {
+        let (mut d, _) = disk();
+        let id = identify(&mut d);
+        assert_eq!(id.len(), 512);
+        assert_eq!(&id[54..68], b"EQUMH RADDSI K");
+        assert_eq!(&id[20..28], b"MQ0000 1");
+        assert_eq!((word(&id, 1), word(&id, 3), word(&id, 6)), (20, 16, 63));
+        let lba28 = word(&id, 60) as u64 | (word(&id, 61) as u64) << 16;
+        assert_eq!(lba28, SECTORS);
+        assert_eq!(word(&id, 100) as u64, SECTORS);
+        assert_eq!(word(&id, 93) & 0x1f00, 0, "device 0");
+        assert_eq!(id.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
+
+        // Model, serial and WWN from the configuration.
+        let cfg = DriveConfig {
+            model: Some("STRATA DISK".into()),
+            serial: Some("S1".into()),
+            wwn: Some(0x5000_0000_0000_0001),
+            physical_block_size: 4096,
+            ..config(Media::Disk(backend()))
+        };
+        let mut d = AtaDevice::new(cfg, 0, true).unwrap();
+        let id = identify(&mut d);
+        assert_eq!(&id[54..67], b"TSARATD SI K ");
+        assert_eq!(&id[20..22], b"1S");
+        assert_eq!(word(&id, 111), 1);
+        assert_eq!(word(&id, 106), 0x6003);
+        assert_eq!(word(&id, 93) & 0x1f00, 0x0100, "device 1");
+
+        // A packet device aborts IDENTIFY DEVICE and shows its signature.
+        let mut c = cd();
+        let mut tf = Taskfile::default();
+        assert_eq!(c.command(cmd::IDENTIFY, &mut tf), abort());
+        assert_eq!(
+            (tf.nsector, tf.sector, tf.lcyl, tf.hcyl),
+            (1, 1, 0x14, 0xeb)
+        );
+        let Outcome::DataIn(id) = c.command(cmd::IDENTIFY_PACKET, &mut tf) else {
+            panic!("IDENTIFY PACKET");
+        };
+        assert_eq!(word(&id, 0), 0x85c0);
+        assert_eq!(&id[54..66], b"EQUMD DVR-MO");
+        assert_eq!(&id[20..28], b"MQ0000 3");
+    }
+
+    #[test]
+    fn set_features_write_cache_and_modes() {
+        let (mut d, b) = disk();
+        assert!(b.write_cache_enabled());
+        assert_eq!(set_features(&mut d, 0x82, 0), Outcome::Done);
+        assert!(!b.write_cache_enabled());
+        assert_eq!(word(&identify(&mut d), 85) & 0x20, 0);
+        assert_eq!(set_features(&mut d, 0x02, 0), Outcome::Done);
+        assert!(b.write_cache_enabled());
+        assert_eq!(word(&identify(&mut d), 85) & 0x20, 0x20);
+        // A CD has no write cache.
+        assert_eq!(set_features(&mut cd(), 0x02, 0), abort());
+
+        // Transfer modes: UDMA 0-5, multiword DMA 0-2, PIO.
+        assert_eq!(word(&identify(&mut d), 88), 0x203f, "UDMA 5 by default");
+        assert_eq!(set_features(&mut d, 0x03, 0x42), Outcome::Done);
+        assert_eq!(word(&identify(&mut d), 88), 0x043f);
+        assert_eq!(set_features(&mut d, 0x03, 0x22), Outcome::Done);
+        let id = identify(&mut d);
+        assert_eq!((word(&id, 63), word(&id, 88)), (0x0407, 0x003f));
+        assert_eq!(set_features(&mut d, 0x03, 0x0c), Outcome::Done);
+        let id = identify(&mut d);
+        assert_eq!((word(&id, 63), word(&id, 88)), (0x0007, 0x003f));
+        for bad in [0x46, 0x47, 0x23, 0x10, 0x30, 0x50, 0xff] {
+            assert_eq!(set_features(&mut d, 0x03, bad), abort(), "mode {bad:#x}");
+        }
+        assert_eq!(word(&identify(&mut d), 63), 0x0007, "unchanged");
+        // Accepted without effect, and unknown subcommands.
+        assert_eq!(set_features(&mut d, 0xaa, 0), Outcome::Done);
+        assert_eq!(set_features(&mut d, 0x10, 0), abort());
+    }
+
+    #[test]
+    fn smart_enable_disable_and_status() {
+        let (mut d, _) = disk();
+        let (o, tf) = smart(&mut d, 0xda);
+        assert_eq!(o, Outcome::Done);
+        assert_eq!((tf.lcyl, tf.hcyl), (0x4f, 0xc2), "no threshold exceeded");
+        let Outcome::DataIn(data) = smart(&mut d, 0xd0).0 else {
+            panic!("READ DATA");
+        };
+        assert_eq!(data.iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
+        assert_eq!((data[2], data[2 + 12]), (0x01, 0x03), "attribute ids");
+
+        assert_eq!(smart(&mut d, 0xd9).0, Outcome::Done);
+        assert_eq!(word(&identify(&mut d), 85) & 1, 0);
+        for f in [0xda, 0xd0, 0xd9] {
+            assert_eq!(smart(&mut d, f).0, abort(), "feature {f:#x} while disabled");
+        }
+        assert_eq!(smart(&mut d, 0xd8).0, Outcome::Done);
+        assert_eq!(word(&identify(&mut d), 85) & 1, 1);
+
+        // Logs 1 and 6 of one block; others abort.
+        let mut tf = Taskfile {
+            feature: 0xd5,
+            nsector: 1,
+            sector: 6,
+            lcyl: 0x4f,
+            hcyl: 0xc2,
+            ..Default::default()
+        };
+        assert!(matches!(d.command(cmd::SMART, &mut tf), Outcome::DataIn(v) if v[0] == 1));
+        tf.sector = 2;
+        assert_eq!(d.command(cmd::SMART, &mut tf), abort());
+        // Without the signature in LBA mid/high, and on a CD.
+        let mut tf = Taskfile {
+            feature: 0xda,
+            ..Default::default()
+        };
+        assert_eq!(d.command(cmd::SMART, &mut tf), abort());
+        assert_eq!(smart(&mut cd(), 0xda).0, abort());
+    }
+
+    #[test]
+    fn check_power_mode() {
+        for mut d in [disk().0, cd()] {
+            let mut tf = Taskfile::default();
+            assert_eq!(d.command(cmd::CHECK_POWER_MODE, &mut tf), Outcome::Done);
+            assert_eq!(tf.nsector, 0xff, "active or idle");
+            for (op, mode) in [
+                (cmd::STANDBY_IMMEDIATE, 0x00),
+                (cmd::IDLE_IMMEDIATE, 0xff),
+                (cmd::SLEEP, 0x00),
+                (cmd::IDLE, 0xff),
+                (cmd::STANDBY, 0x00),
+            ] {
+                assert_eq!(d.command(op, &mut tf), Outcome::Done);
+                assert_eq!(d.command(cmd::CHECK_POWER_MODE, &mut tf), Outcome::Done);
+                assert_eq!(tf.nsector, mode, "after {op:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn read_and_write_plans() {
+        let (mut d, _) = disk();
+        assert_eq!(
+            d.command(cmd::READ_DMA, &mut lba(10, 2)),
+            Outcome::Read {
+                lba: 10,
+                count: 2,
+                xfer: Xfer::Dma
+            }
+        );
+        assert_eq!(
+            d.command(cmd::WRITE_SECTORS, &mut lba(SECTORS - 1, 1)),
+            Outcome::Write {
+                lba: SECTORS - 1,
+                count: 1,
+                xfer: Xfer::Pio,
+                fua: false
+            }
+        );
+        let mut ext = lba(5, 0);
+        ext.hob_nsector = 1; // 256 sectors
+        assert_eq!(
+            d.command(cmd::WRITE_DMA_FUA_EXT, &mut ext),
+            Outcome::Write {
+                lba: 5,
+                count: 256,
+                xfer: Xfer::Dma,
+                fua: true
+            }
+        );
+        // Past the end: IDNF, from parsing and from execute alike.
+        let idnf = Outcome::Fail {
+            error: error::IDNF,
+            lba: None,
+        };
+        assert_eq!(d.command(cmd::READ_SECTORS, &mut lba(SECTORS - 1, 2)), idnf);
+        assert_eq!(d.command(cmd::READ_VERIFY, &mut lba(SECTORS, 1)), idnf);
+        let read = AtaCommand::Read {
+            lba: u64::MAX,
+            count: 1,
+            xfer: Xfer::Dma,
+            ext: true,
+        };
+        assert_eq!(d.execute(read, &mut Taskfile::default()), idnf);
+        let write = AtaCommand::Write {
+            lba: SECTORS,
+            count: 1,
+            xfer: Xfer::Pio,
+            ext: false,
+            fua: false,
+        };
+        assert_eq!(d.execute(write, &mut Taskfile::default()), idnf);
+        assert_eq!(d.command(cmd::READ_VERIFY, &mut lba(0, 8)), Outcome::Done);
+
+        // READ MULTIPLE needs SET MULTIPLE; its DRQ blocks have that size.
+        assert_eq!(d.command(cmd::READ_MULTIPLE, &mut lba(0, 8)), abort());
+        assert_eq!(d.command(cmd::SET_MULTIPLE, &mut lba(0, 3)), abort());
+        assert_eq!(d.command(cmd::SET_MULTIPLE, &mut lba(0, 4)), Outcome::Done);
+        assert_eq!(word(&identify(&mut d), 59), 0x0104);
+        assert_eq!(
+            d.command(cmd::READ_MULTIPLE, &mut lba(0, 8)),
+            Outcome::Read {
+                lba: 0,
+                count: 8,
+                xfer: Xfer::Multiple
+            }
+        );
+        assert_eq!(d.drq_block(Xfer::Multiple), 4);
+        assert_eq!(d.drq_block(Xfer::Pio), 1);
+
+        // CHS after INITIALIZE DEVICE PARAMETERS: C=1 H=2 S=3 with 4 heads
+        // and 10 sectors is (1 * 4 + 2) * 10 + 2.
+        let mut tf = Taskfile {
+            select: 0xa3,
+            nsector: 10,
+            ..Default::default()
+        };
+        assert_eq!(d.command(cmd::INITIALIZE_PARAMS, &mut tf), Outcome::Done);
+        let mut tf = Taskfile {
+            select: 0xa2,
+            lcyl: 1,
+            sector: 3,
+            nsector: 1,
+            ..Default::default()
+        };
+        assert!(matches!(
+            d.command(cmd::READ_SECTORS, &mut tf),
+            Outcome::Read { lba: 62, .. }
+        ));
+
+        // A CD takes no disk commands, parsed or not.
+        let mut c = cd();
+        assert_eq!(c.command(cmd::READ_DMA, &mut lba(0, 1)), abort());
+        assert_eq!(c.execute(read, &mut Taskfile::default()), abort());
+        assert_eq!(c.execute(write, &mut Taskfile::default()), abort());
+    }
+
+    #[test]
+    fn flush() {
+        let (mut d, _) = disk();
+        assert_eq!(d.command(cmd::FLUSH_CACHE, &mut lba(0, 0)), Outcome::Flush);
+        assert_eq!(
+            d.command(cmd::FLUSH_CACHE_EXT, &mut lba(0, 0)),
+            Outcome::Flush
+        );
+        let mut c = cd();
+        assert_eq!(c.command(cmd::FLUSH_CACHE, &mut lba(0, 0)), abort());
+        assert_eq!(c.execute(AtaCommand::Flush, &mut lba(0, 0)), abort());
+    }
+
+    #[test]
+    fn packet_reset_and_signatures() {
+        let (mut d, _) = disk();
+        let mut c = cd();
+        assert_eq!((d.signature(), c.signature()), (0x0000_0101, 0xeb14_0101));
+        let mut tf = Taskfile {
+            feature: 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.command(cmd::PACKET, &mut tf),
+            Outcome::Packet { dma: true }
+        );
+        assert_eq!(d.command(cmd::PACKET, &mut tf), abort());
+        assert_eq!(
+            d.execute(AtaCommand::Packet { dma: false }, &mut tf),
+            abort()
+        );
+
+        let mut tf = lba(0x0abc_def1, 7);
+        assert_eq!(
+            c.command(cmd::DEVICE_RESET, &mut tf),
+            Outcome::Reset { diagnostic: false }
+        );
+        assert_eq!(
+            (tf.nsector, tf.sector, tf.lcyl, tf.hcyl, tf.select),
+            (1, 1, 0x14, 0xeb, 0xe0)
+        );
+        assert_eq!(d.command(cmd::DEVICE_RESET, &mut tf), abort());
+        let mut tf = lba(0x0abc_def1, 7);
+        assert_eq!(
+            d.command(cmd::EXECUTE_DIAGNOSTIC, &mut tf),
+            Outcome::Reset { diagnostic: true }
+        );
+        assert_eq!((tf.nsector, tf.sector, tf.lcyl, tf.hcyl), (1, 1, 0, 0));
+    }
+
+    #[test]
+    fn trim() {
+        let (mut d, _) = disk();
+        let mut tf = lba(0, 1);
+        tf.feature = 1;
+        assert_eq!(
+            d.command(cmd::DATA_SET_MANAGEMENT, &mut tf),
+            Outcome::Trim { blocks: 1 }
+        );
+        let entry = |lba: u64, n: u64| (lba | n << 48).to_le_bytes();
+        let mut payload = vec![0u8; 512];
+        payload[..8].copy_from_slice(&entry(100, 8));
+        payload[8..16].copy_from_slice(&entry(7, 0)); // padding
+        payload[16..24].copy_from_slice(&entry(SECTORS - 1, 1));
+        assert_eq!(
+            d.trim_ranges(&payload),
+            Ok(vec![(100, 8), (SECTORS - 1, 1)])
+        );
+        payload[24..32].copy_from_slice(&entry(SECTORS - 1, 2));
+        assert_eq!(d.trim_ranges(&payload), Err(Refusal::Abort));
+    }
+}
