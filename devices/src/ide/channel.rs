@@ -1,6 +1,9 @@
 //! One IDE channel: two device positions (master, slave), the shared
 //! command and control blocks, the interrupt line, and the channel's
-//! bus-master DMA engine.
+//! bus-master DMA engine: the PIIX transport of [`crate::ata::AtaDevice`].
+//! The device parses and executes a command into an
+//! [`crate::ata::Outcome`]; the channel carries it out by PIO or
+//! DMA and decides the status byte (`Channel::finish`).
 //!
 //! Protocols follow ATA8-ACS and ATA/ATAPI-6 chapter 9 (the PIO data-in,
 //! PIO data-out, non-data, DMA and PACKET protocols) and SFF-8038i for DMA:

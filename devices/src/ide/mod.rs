@@ -7,7 +7,10 @@
 //! through the shared SCSI target for ATAPI packets.
 //!
 //! - `bmdma`: bus-master registers and PRD table walking.
-//! - `channel`: the per-channel state machine and the DMA engine.
+//! - `channel`: the per-channel registers, PIO and DMA state machine.
+//!
+//! The devices themselves (command execution, IDENTIFY, SMART, geometry)
+//! are [`crate::ata::AtaDevice`]s, shared with other ATA transports.
 //!
 //! The function works in "compatibility mode" (programming interface 80h):
 //! the channels always decode the legacy ports 0x1f0-0x1f7/0x3f6 (IRQ 14)
