@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ata;
 pub mod bus;
 pub mod chipset;
 pub mod clock;

@@ -1,6 +1,9 @@
 //! One IDE channel: two device positions (master, slave), the shared
 //! command and control blocks, the interrupt line, and the channel's
-//! bus-master DMA engine.
+//! bus-master DMA engine: the PIIX transport of [`crate::ata::AtaDevice`].
+//! The device parses and executes a command into an
+//! [`crate::ata::Outcome`]; the channel carries it out by PIO or
+//! DMA and decides the status byte (`Channel::finish`).
 //!
 //! Protocols follow ATA8-ACS and ATA/ATAPI-6 chapter 9 (the PIO data-in,
 //! PIO data-out, non-data, DMA and PACKET protocols) and SFF-8038i for DMA:
@@ -28,16 +31,13 @@ use block::driver::IoRequest;
 use block::error::BlockError;
 use block::iov::IoVecs;
 
-use super::ata::{self, error, status, AtaCommand, DriveInfo, Power, Taskfile, Xfer};
 use super::bmdma::{self, BmRegs, SgList};
-use super::geometry::{Geometry, Translation};
-use super::identify::{self, IdentifyParams, XferMode};
+use crate::ata::device::{AtaDevice, DriveConfig, Outcome, DIAG_OK, SECTOR};
+use crate::ata::{error, status, Taskfile, Xfer};
 use crate::bus::lock;
 use crate::irq::IrqLine;
 use crate::scsi::{CdRom, Lun, Plan, Sense};
 use crate::GuestMem;
-
-const SECTOR: u64 = 512;
 
 /// Device control register bits.
 const CTRL_NIEN: u8 = 0x02;
@@ -47,23 +47,6 @@ const CTRL_HOB: u8 = 0x80;
 /// ATAPI interrupt reason (sector count register) bits.
 const REASON_COD: u8 = 0x01;
 const REASON_IO: u8 = 0x02;
-
-/// What is attached at a device position.
-pub enum Media {
-    Disk(Arc<BlockBackend>),
-    Cd(CdRom),
-}
-
-/// How a drive is configured (from `-device ide-hd|ide-cd`).
-pub struct DriveConfig {
-    pub media: Media,
-    pub model: Option<String>,
-    pub serial: Option<String>,
-    pub wwn: Option<u64>,
-    pub physical_block_size: u32,
-    pub geometry: Option<Geometry>,
-    pub translation: Option<Translation>,
-}
 
 enum AtapiSrc {
     Buf(Vec<u8>, usize),
@@ -100,25 +83,14 @@ enum Pio {
     },
 }
 
+/// A device position of the channel: the ATA device and the registers
+/// the PIIX transport keeps for it.
 pub struct Drive {
-    media: Media,
+    dev: AtaDevice,
     tf: Taskfile,
     status: u8,
     error: u8,
     pio: Pio,
-    model: String,
-    serial: String,
-    wwn: Option<u64>,
-    phys_exp: u8,
-    pub geometry: Geometry,
-    pub translation: Translation,
-    cur_heads: u32,
-    cur_secs: u32,
-    multiple: u32,
-    smart: bool,
-    mode: XferMode,
-    standby: bool,
-    slave: bool,
     /// Byte count limit and DMA flag of the current PACKET command.
     bcl: u16,
     packet_dma: bool,
@@ -126,159 +98,55 @@ pub struct Drive {
 
 impl Drive {
     pub fn new(cfg: DriveConfig, index: u32, slave: bool) -> Result<Drive, String> {
-        let (sectors, sector0) = match &cfg.media {
-            Media::Disk(b) => {
-                let mut s0 = vec![0u8; 512];
-                if b.len() >= 512 {
-                    b.read_at(0, &mut s0)
-                        .map_err(|e| format!("cannot read sector 0: {e}"))?;
-                }
-                (b.len() / SECTOR, s0)
-            }
-            Media::Cd(_) => (0, vec![]),
-        };
-        let (geometry, translation) =
-            super::geometry::guess(sectors, &sector0, cfg.geometry, cfg.translation);
-        let pbs = cfg.physical_block_size.max(512);
-        if !pbs.is_power_of_two() || pbs > 512 << 15 {
-            return Err(format!(
-                "physical_block_size={pbs} must be a power of two between 512 and 16 MiB"
-            ));
-        }
-        let is_cd = matches!(cfg.media, Media::Cd(_));
         let mut d = Drive {
-            media: cfg.media,
+            dev: AtaDevice::new(cfg, index, slave)?,
             tf: Taskfile::default(),
             status: 0,
             error: 0,
             pio: Pio::Idle,
-            model: cfg.model.unwrap_or_else(|| {
-                if is_cd {
-                    "QEMU DVD-ROM".into()
-                } else {
-                    "QEMU HARDDISK".into()
-                }
-            }),
-            serial: cfg.serial.unwrap_or_else(|| format!("QM{:05}", index + 1)),
-            wwn: cfg.wwn,
-            phys_exp: (pbs / 512).trailing_zeros() as u8,
-            geometry,
-            translation,
-            cur_heads: geometry.heads,
-            cur_secs: geometry.secs,
-            multiple: 0,
-            smart: true,
-            mode: XferMode::UltraDma(5),
-            standby: false,
-            slave,
             bcl: 0,
             packet_dma: false,
         };
-        if let Media::Cd(cd) = &mut d.media {
-            cd.set_product(&d.model);
-        }
         d.reset();
         Ok(d)
     }
 
-    pub fn is_atapi(&self) -> bool {
-        matches!(self.media, Media::Cd(_))
+    pub fn device(&self) -> &AtaDevice {
+        &self.dev
     }
 
-    pub fn sectors(&self) -> u64 {
-        match &self.media {
-            Media::Disk(b) => b.len() / SECTOR,
-            Media::Cd(_) => 0,
-        }
+    pub fn device_mut(&mut self) -> &mut AtaDevice {
+        &mut self.dev
+    }
+
+    pub fn is_atapi(&self) -> bool {
+        self.dev.is_atapi()
     }
 
     pub fn cdrom(&mut self) -> Option<&mut CdRom> {
-        match &mut self.media {
-            Media::Cd(c) => Some(c),
-            Media::Disk(_) => None,
-        }
+        self.dev.cdrom()
     }
 
     fn disk(&self) -> Option<&Arc<BlockBackend>> {
-        match &self.media {
-            Media::Disk(b) => Some(b),
-            Media::Cd(_) => None,
-        }
+        self.dev.disk()
     }
 
     /// The state after power-on, SRST or DEVICE RESET: the signature in the
     /// taskfile, diagnostic code 01h (no error), ATAPI devices not ready.
     fn reset(&mut self) {
+        self.dev.reset(&mut self.tf);
+        self.reset_registers();
+    }
+
+    /// The transport's part of a reset (the device has done its own).
+    fn reset_registers(&mut self) {
         self.pio = Pio::Idle;
-        self.tf.nsector = 1;
-        self.tf.sector = 1;
-        let (mid, high) = if self.is_atapi() {
-            (0x14, 0xeb)
-        } else {
-            (0, 0)
-        };
-        self.tf.lcyl = mid;
-        self.tf.hcyl = high;
-        self.tf.select &= 0xf0;
-        self.error = 0x01;
+        self.error = DIAG_OK;
         self.status = if self.is_atapi() {
             0
         } else {
             status::DRDY | status::DSC
         };
-        if let Media::Cd(cd) = &mut self.media {
-            cd.reset();
-        }
-    }
-
-    fn set_signature(&mut self) {
-        self.tf.nsector = 1;
-        self.tf.sector = 1;
-        if self.is_atapi() {
-            self.tf.lcyl = 0x14;
-            self.tf.hcyl = 0xeb;
-        } else {
-            self.tf.lcyl = 0;
-            self.tf.hcyl = 0;
-        }
-    }
-
-    fn info(&self) -> DriveInfo {
-        DriveInfo {
-            atapi: self.is_atapi(),
-            sectors: self.sectors(),
-            heads: self.cur_heads,
-            secs: self.cur_secs,
-            multiple: self.multiple,
-            max_dsm_blocks: identify::MAX_DSM_BLOCKS,
-        }
-    }
-
-    fn identify(&self) -> [u8; 512] {
-        let write_cache = self.disk().is_some_and(|b| b.write_cache_enabled());
-        let p = IdentifyParams {
-            model: &self.model,
-            serial: &self.serial,
-            firmware: "2.5+",
-            wwn: self.wwn,
-            sectors: self.sectors(),
-            cyls: self.geometry.cyls.min(65535) as u16,
-            heads: self.geometry.heads as u16,
-            secs: self.geometry.secs as u16,
-            cur_heads: self.cur_heads as u16,
-            cur_secs: self.cur_secs as u16,
-            multiple: self.multiple as u16,
-            write_cache,
-            smart_enabled: self.smart,
-            mode: self.mode,
-            phys_exp: self.phys_exp,
-            slave: self.slave,
-        };
-        if self.is_atapi() {
-            identify::identify_packet(&p)
-        } else {
-            identify::identify_disk(&p)
-        }
     }
 }
 
@@ -709,28 +577,47 @@ impl Channel {
 
     // ---- completion -----------------------------------------------------
 
-    /// Successful completion of a command.
-    fn done(&mut self) {
+    /// Ends the current command: the status and error registers (and the
+    /// interrupt reason of a packet command) as ATA8-ACS's protocols leave
+    /// them, then the interrupt. Every command that completes goes through
+    /// here.
+    fn finish(&mut self, end: End) {
         if let Some(d) = self.cur() {
-            d.status = status::DRDY | status::DSC;
-            d.error = 0;
+            let (status, error) = match end {
+                End::Ok => (status::DRDY | status::DSC, 0),
+                End::Error { error, lba } => {
+                    if let Some(l) = lba {
+                        let ext = l > 0x0fff_ffff;
+                        d.tf.set_lba(l, ext);
+                    }
+                    (status::DRDY | status::DSC | status::ERR, error)
+                }
+                End::PacketOk => (status::DRDY | status::DSC, 0),
+                // CHECK CONDITION: the sense key in the error register's
+                // high nibble (ATA8-ACS 7.18.5 PACKET error outputs).
+                End::PacketCheck(s) => (status::DRDY | status::ERR, s.key << 4),
+            };
+            if !matches!(end, End::Ok | End::PacketOk) {
+                d.pio = Pio::Idle;
+            }
+            if matches!(end, End::PacketOk | End::PacketCheck(_)) {
+                d.tf.nsector = (d.tf.nsector & !7) | REASON_IO | REASON_COD;
+            }
+            d.status = status;
+            d.error = error;
         }
         self.raise();
+    }
+
+    /// Successful completion of a command.
+    fn done(&mut self) {
+        self.finish(End::Ok);
     }
 
     /// Completion with an error: ERR in status, `err` in the error
     /// register, and the failing LBA in the taskfile when there is one.
     fn fail(&mut self, err: u8, lba: Option<u64>) {
-        if let Some(d) = self.cur() {
-            d.pio = Pio::Idle;
-            d.status = status::DRDY | status::DSC | status::ERR;
-            d.error = err;
-            if let Some(l) = lba {
-                let ext = l > 0x0fff_ffff;
-                d.tf.set_lba(l, ext);
-            }
-        }
-        self.raise();
+        self.finish(End::Error { error: err, lba });
     }
 
     // ---- commands -------------------------------------------------------
@@ -741,35 +628,24 @@ impl Channel {
             return None; // ignored while busy (ATA8-ACS 6.2.11.1)
         }
         d.pio = Pio::Idle;
-        let parsed = AtaCommand::parse(opcode, &d.tf, &d.info());
         // A new command replaces a DMA that was never started.
         if self.dma.as_ref().is_some_and(|(u, _)| *u == self.cur) && !self.inflight {
             self.dma = None;
         }
-        let cmd = match parsed {
-            Ok(c) => c,
-            Err(r) => {
-                if let Some(d) = self.cur() {
-                    if d.is_atapi() && opcode == ata::cmd::IDENTIFY {
-                        d.set_signature();
-                    }
-                }
-                let lba = None;
-                self.fail(r.error_bits(), lba);
-                return None;
-            }
-        };
-        self.execute(cmd)
+        let d = self.drives[self.cur].as_mut()?;
+        let outcome = d.dev.command(opcode, &mut d.tf);
+        self.carry_out(outcome)
     }
 
-    fn execute(&mut self, cmd: AtaCommand) -> Option<Io> {
+    /// Carries out what the device asks for: PIO, bus-master DMA or a
+    /// flush, and the status and interrupt of the protocol.
+    fn carry_out(&mut self, outcome: Outcome) -> Option<Io> {
         let unit = self.cur;
-        match cmd {
-            AtaCommand::Identify | AtaCommand::IdentifyPacket => {
-                let id = self.cur()?.identify();
-                self.pio_in(id.to_vec());
-            }
-            AtaCommand::Packet { dma } => {
+        match outcome {
+            Outcome::Done => self.done(),
+            Outcome::Fail { error, lba } => self.fail(error, lba),
+            Outcome::DataIn(buf) => self.pio_in(buf),
+            Outcome::Packet { dma } => {
                 let d = self.cur()?;
                 d.bcl = (d.tf.hcyl as u16) << 8 | d.tf.lcyl as u16;
                 d.packet_dma = dma;
@@ -783,46 +659,32 @@ impl Channel {
                 // 50 us of the command.
                 d.status = status::DRDY | status::DSC | status::DRQ;
             }
-            AtaCommand::DeviceReset => {
-                let d = self.cur()?;
-                d.reset();
-                d.set_signature();
-            }
-            AtaCommand::ExecuteDiagnostic => {
-                let d = self.cur()?;
-                d.reset();
-                self.raise();
-            }
-            AtaCommand::Seek => self.done(),
-            AtaCommand::Read {
-                lba,
-                count,
-                xfer,
-                ext: _,
-            } => match xfer {
-                Xfer::Dma => return self.queue_dma(unit, DmaJob::DiskRead { lba, count }),
-                Xfer::Pio => return self.pio_read_block(lba, count, 1),
-                Xfer::Multiple => {
-                    let m = self.cur()?.multiple;
-                    return self.pio_read_block(lba, count, m);
+            Outcome::Reset { diagnostic } => {
+                self.cur()?.reset_registers();
+                if diagnostic {
+                    self.raise();
                 }
-            },
-            AtaCommand::Write {
+            }
+            Outcome::Read { lba, count, xfer } => {
+                if xfer == Xfer::Dma {
+                    return self.queue_dma(unit, DmaJob::DiskRead { lba, count });
+                }
+                let per_block = self.cur()?.dev.drq_block(xfer);
+                return self.pio_read_block(lba, count, per_block);
+            }
+            Outcome::Write {
                 lba,
                 count,
                 xfer,
                 fua,
-                ext: _,
-            } => match xfer {
-                Xfer::Dma => return self.queue_dma(unit, DmaJob::DiskWrite { lba, count, fua }),
-                Xfer::Pio => self.pio_write_block(lba, count, 1, fua),
-                Xfer::Multiple => {
-                    let m = self.cur()?.multiple;
-                    self.pio_write_block(lba, count, m, fua)
+            } => {
+                if xfer == Xfer::Dma {
+                    return self.queue_dma(unit, DmaJob::DiskWrite { lba, count, fua });
                 }
-            },
-            AtaCommand::Verify { .. } => self.done(),
-            AtaCommand::Flush => {
+                let per_block = self.cur()?.dev.drq_block(xfer);
+                self.pio_write_block(lba, count, per_block, fua);
+            }
+            Outcome::Flush => {
                 let d = self.cur()?;
                 let backend = d.disk()?.clone();
                 d.status = status::BSY | status::DRDY | status::DSC;
@@ -835,99 +697,9 @@ impl Channel {
                     pending: Pending::Flush,
                 });
             }
-            AtaCommand::SetFeatures { subcommand, count } => self.set_features(subcommand, count),
-            AtaCommand::SetMultiple { count } => {
-                self.cur()?.multiple = count as u32;
-                self.done();
-            }
-            AtaCommand::InitializeParams { heads, sectors } => {
-                let d = self.cur()?;
-                d.cur_heads = heads as u32;
-                d.cur_secs = sectors as u32;
-                self.done();
-            }
-            AtaCommand::Power(p) => {
-                let d = self.cur()?;
-                match p {
-                    Power::Idle => d.standby = false,
-                    Power::Standby | Power::Sleep => d.standby = true,
-                    Power::Check => d.tf.nsector = if d.standby { 0x00 } else { 0xff },
-                }
-                self.done();
-                // CHECK POWER MODE returns its result in the count register,
-                // which `done` leaves alone.
-            }
-            AtaCommand::Trim { blocks } => return self.queue_dma(unit, DmaJob::Trim { blocks }),
-            AtaCommand::Smart {
-                feature,
-                count,
-                lba_low,
-            } => self.smart(feature, count, lba_low),
+            Outcome::Trim { blocks } => return self.queue_dma(unit, DmaJob::Trim { blocks }),
         }
         None
-    }
-
-    fn set_features(&mut self, sub: u8, count: u8) {
-        let Some(d) = self.cur() else { return };
-        match sub {
-            // Write cache on/off flips the backend's WCE, which makes
-            // writes FUA (cache=writethrough semantics) while it is off.
-            0x02 | 0x82 => match d.disk() {
-                Some(b) => b.set_write_cache(sub == 0x02),
-                None => return self.fail(error::ABRT, None),
-            },
-            0x03 => {
-                let mode = match count >> 3 {
-                    0 | 1 if count < 0x10 => XferMode::Pio(count.saturating_sub(8).min(4)),
-                    4 if count & 7 <= 2 => XferMode::MultiwordDma(count & 7),
-                    8 if count & 7 <= 5 => XferMode::UltraDma(count & 7),
-                    _ => return self.fail(error::ABRT, None),
-                };
-                if let XferMode::Pio(n) = mode {
-                    if count >= 8 && n > 4 {
-                        return self.fail(error::ABRT, None);
-                    }
-                }
-                d.mode = mode;
-            }
-            // Look-ahead, APM, reverting to defaults, 8-bit PIO off, ... are
-            // accepted and have no effect on a virtual disk.
-            0x05 | 0x85 | 0x55 | 0xaa | 0x66 | 0xcc | 0x42 | 0xc2 | 0x69 | 0x67 | 0x96 | 0x9a => {}
-            _ => return self.fail(error::ABRT, None),
-        }
-        self.done();
-    }
-
-    /// SMART (ATA8-ACS 7.52): enable/disable, attribute autosave, return
-    /// status, read data/thresholds, immediate offline, and the summary
-    /// error log and self-test log (both empty).
-    fn smart(&mut self, feature: u8, count: u8, lba_low: u8) {
-        let Some(d) = self.cur() else { return };
-        if !d.smart && feature != 0xd8 {
-            return self.fail(error::ABRT, None);
-        }
-        match feature {
-            0xd8 | 0xd9 => {
-                d.smart = feature == 0xd8;
-                self.done();
-            }
-            0xd2 | 0xd4 => self.done(),
-            0xda => {
-                // No threshold exceeded: the signature stays in LBA mid/high.
-                d.tf.lcyl = 0x4f;
-                d.tf.hcyl = 0xc2;
-                self.done();
-            }
-            0xd0 => self.pio_in(smart_data(false)),
-            0xd1 => self.pio_in(smart_data(true)),
-            0xd5 if count == 1 && (lba_low == 1 || lba_low == 6) => {
-                let mut log = vec![0u8; 512];
-                log[0] = 1; // log version
-                checksum(&mut log);
-                self.pio_in(log)
-            }
-            _ => self.fail(error::ABRT, None),
-        }
     }
 
     // ---- ATAPI ----------------------------------------------------------
@@ -1021,24 +793,11 @@ impl Channel {
     }
 
     fn atapi_ok(&mut self) {
-        if let Some(d) = self.cur() {
-            d.tf.nsector = (d.tf.nsector & !7) | REASON_IO | REASON_COD;
-            d.status = status::DRDY | status::DSC;
-            d.error = 0;
-        }
-        self.raise();
+        self.finish(End::PacketOk);
     }
 
-    /// CHECK CONDITION: the sense key in the error register's high nibble
-    /// (ATA8-ACS 7.18.5 PACKET error outputs).
     fn atapi_error(&mut self, s: Sense) {
-        if let Some(d) = self.cur() {
-            d.pio = Pio::Idle;
-            d.tf.nsector = (d.tf.nsector & !7) | REASON_IO | REASON_COD;
-            d.status = status::DRDY | status::ERR;
-            d.error = s.key << 4;
-        }
-        self.raise();
+        self.finish(End::PacketCheck(s));
     }
 
     // ---- bus-master DMA ---------------------------------------------------
@@ -1149,24 +908,21 @@ impl Channel {
             }
             DmaJob::Trim { .. } => {
                 let b = d.disk()?.clone();
-                let sectors = d.sectors();
                 let Some(data) = bmdma::gather(&self.mem, &sg) else {
                     self.fail(error::ABRT, None);
                     return None;
                 };
-                let mut reqs = Vec::new();
-                for e in data.chunks_exact(8) {
-                    let v = u64::from_le_bytes(e.try_into().unwrap_or([0; 8]));
-                    let (lba, n) = (v & 0xffff_ffff_ffff, v >> 48);
-                    if n == 0 {
-                        continue;
-                    }
-                    if lba + n > sectors {
-                        self.fail(error::ABRT, None);
+                let ranges = match d.dev.trim_ranges(&data) {
+                    Ok(r) => r,
+                    Err(r) => {
+                        self.fail(r.error_bits(), None);
                         return None;
                     }
-                    reqs.push(IoRequest::discard(lba * SECTOR, n * SECTOR));
-                }
+                };
+                let reqs = ranges
+                    .into_iter()
+                    .map(|(lba, n)| IoRequest::discard(lba * SECTOR, n * SECTOR))
+                    .collect();
                 (b, reqs, Pending::Trim { sg })
             }
             DmaJob::AtapiData(v) => {
@@ -1330,6 +1086,14 @@ impl Channel {
     }
 }
 
+/// How a command ends (see [`Channel::finish`]).
+enum End {
+    Ok,
+    Error { error: u8, lba: Option<u64> },
+    PacketOk,
+    PacketCheck(Sense),
+}
+
 enum DmaError {
     Device(u8),
     Sense(Sense),
@@ -1387,48 +1151,4 @@ pub fn run_io(ch: &Arc<Mutex<Channel>>, io: Io) {
             }),
         );
     }
-}
-
-fn checksum(b: &mut [u8]) {
-    let n = b.len();
-    let sum = b[..n - 1].iter().fold(0u8, |a, &x| a.wrapping_add(x));
-    b[n - 1] = sum.wrapping_neg();
-}
-
-/// SMART READ DATA / READ ATTRIBUTE THRESHOLDS (the vendor-specific
-/// attribute table in the layout every tool reads: 30 entries of 12 bytes
-/// from byte 2).
-fn smart_data(thresholds: bool) -> Vec<u8> {
-    let mut v = vec![0u8; 512];
-    v[0] = 0x10; // revision
-                 // id, flags, value, worst, raw: a healthy drive.
-    let attrs: [(u8, u16, u8, u8, u32); 5] = [
-        (0x01, 0x002b, 100, 100, 0),  // raw read error rate
-        (0x03, 0x0027, 100, 100, 16), // spin-up time
-        (0x04, 0x0032, 100, 100, 1),  // start/stop count
-        (0x05, 0x0033, 100, 100, 0),  // reallocated sectors
-        (0x09, 0x0032, 100, 100, 1),  // power-on hours
-    ];
-    for (i, &(id, flags, val, worst, raw)) in attrs.iter().enumerate() {
-        let e = &mut v[2 + 12 * i..14 + 12 * i];
-        e[0] = id;
-        if thresholds {
-            e[1] = 0x06;
-        } else {
-            e[1..3].copy_from_slice(&flags.to_le_bytes());
-            e[3] = val;
-            e[4] = worst;
-            e[5..9].copy_from_slice(&raw.to_le_bytes());
-        }
-    }
-    if !thresholds {
-        v[362] = 0x82; // offline data collection completed
-        v[367] = 0x5b; // offline capabilities
-        v[368] = 0x03; // SMART capabilities: saves data, autosave
-        v[370] = 0x01; // error logging supported
-        v[372] = 0x02; // short self-test: 2 minutes
-        v[373] = 0x0a; // extended self-test: 10 minutes
-    }
-    checksum(&mut v);
-    v
 }

@@ -6,29 +6,27 @@
 //! ATA8-ACS and ATA/ATAPI-6 (registers, protocols, commands), and MMC-5
 //! through the shared SCSI target for ATAPI packets.
 //!
-//! - `ata`: the taskfile and typed command parsing.
-//! - `identify`: IDENTIFY (PACKET) DEVICE data.
-//! - `geometry`: CHS geometry and BIOS translation guessing.
 //! - `bmdma`: bus-master registers and PRD table walking.
-//! - `channel`: the per-channel state machine and the DMA engine.
+//! - `channel`: the per-channel registers, PIO and DMA state machine.
+//!
+//! The devices themselves (command execution, IDENTIFY, SMART, geometry)
+//! are [`crate::ata::AtaDevice`]s, shared with other ATA transports.
 //!
 //! The function works in "compatibility mode" (programming interface 80h):
 //! the channels always decode the legacy ports 0x1f0-0x1f7/0x3f6 (IRQ 14)
 //! and 0x170-0x177/0x376 (IRQ 15); BAR4 holds the 16 bus-master bytes.
 
-pub mod ata;
 pub mod bmdma;
 pub mod channel;
-pub mod geometry;
-pub mod identify;
 
 use std::sync::{Arc, Mutex};
 
+pub use crate::ata::device::{DriveConfig, Media};
 use crate::bus::{lock, BusDevice};
 use crate::irq::IrqLine;
 use crate::pci::{BarKind, PciConfig, PciFunction};
 use crate::GuestMem;
-pub use channel::{Channel, Drive, DriveConfig, Media};
+pub use channel::{Channel, Drive};
 
 /// Legacy command block base, control block port and IRQ of each channel.
 pub const LEGACY: [(u64, u64, u32); 2] = [(0x1f0, 0x3f6, 14), (0x170, 0x376, 15)];

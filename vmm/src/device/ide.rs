@@ -2,7 +2,7 @@
 //! ([`super::bus::IdeBus`]: a PIIX3 channel today), with QEMU's
 //! properties. The controller side (ports, DMA, CMOS) is the bus's.
 
-use devices::ide::geometry::{Geometry, Translation};
+use devices::ata::geometry::{Geometry, Translation};
 use devices::ide::{DriveConfig, Media};
 use devices::scsi::{CdRom, Transport};
 

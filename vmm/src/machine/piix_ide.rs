@@ -89,6 +89,7 @@ pub fn fill_cmos(ide: &Arc<Mutex<PiixIde>>, cmos: &mut Cmos) {
         let ch = lock(ide).channel(bus);
         let c = lock(&ch);
         c.drive(unit)
+            .map(|d| d.device())
             .filter(|d| !d.is_atapi())
             .map(|d| (d.geometry, d.translation))
     };

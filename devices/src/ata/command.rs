@@ -4,7 +4,7 @@
 //!
 //! Parsing decodes the address and count, checks them against the drive's
 //! capacity and geometry, and refuses commands the drive type does not
-//! accept. Execution (in `channel`) only sees commands that can run.
+//! accept. Execution (`device.rs`) only sees commands that can run.
 
 /// Status register bits (ATA8-ACS 6.2.11 and ATA/ATAPI-6 for DSC).
 pub mod status {
@@ -508,5 +508,88 @@ mod tests {
             AtaCommand::parse(cmd::READ_DMA, &tf, &d),
             Err(Refusal::Abort)
         );
+    }
+
+    #[test]
+    fn each_refusal() {
+        let lba = |sector: u8, nsector: u8| Taskfile {
+            select: 0x40,
+            sector,
+            nsector,
+            ..Default::default()
+        };
+        let refuse = |op: u8, tf: Taskfile, d: &DriveInfo| AtaCommand::parse(op, &tf, d).err();
+        let abort = Some(Refusal::Abort);
+        let idnf = Some(Refusal::IdNotFound);
+        let d = disk();
+        // Abort: not a command of this device type.
+        for op in [
+            cmd::NOP,
+            0x01,
+            cmd::PACKET,
+            cmd::IDENTIFY_PACKET,
+            cmd::DEVICE_RESET,
+        ] {
+            assert_eq!(refuse(op, lba(0, 1), &d), abort, "opcode {op:#x}");
+        }
+        // Abort: invalid parameters.
+        assert_eq!(refuse(cmd::WRITE_MULTIPLE, lba(0, 1), &d), abort);
+        assert_eq!(refuse(cmd::SET_MULTIPLE, lba(0, 3), &d), abort);
+        assert_eq!(refuse(cmd::SET_MULTIPLE, lba(0, 32), &d), abort);
+        let dsm = |feature: u8, nsector: u8| Taskfile {
+            feature,
+            ..lba(0, nsector)
+        };
+        assert_eq!(refuse(cmd::DATA_SET_MANAGEMENT, dsm(0, 1), &d), abort);
+        assert_eq!(refuse(cmd::DATA_SET_MANAGEMENT, dsm(1, 0), &d), abort);
+        assert_eq!(refuse(cmd::DATA_SET_MANAGEMENT, dsm(1, 9), &d), abort);
+        assert_eq!(refuse(cmd::DATA_SET_MANAGEMENT, dsm(1, 8), &d), None);
+        assert_eq!(refuse(cmd::SMART, lba(0, 0), &d), abort, "no signature");
+        // IDNF: past the end, or no such CHS address.
+        assert_eq!(refuse(cmd::READ_DMA, lba(232, 0), &d), None);
+        let mut end = lba(232, 0);
+        end.lcyl = 2; // 744 + 256 = 1000 sectors
+        assert_eq!(refuse(cmd::READ_DMA, end, &d), None);
+        end.sector = 233;
+        assert_eq!(refuse(cmd::READ_DMA, end, &d), idnf);
+        assert_eq!(refuse(cmd::READ_VERIFY_EXT, end, &d), idnf);
+        let chs = |select: u8, sector: u8| Taskfile {
+            select,
+            sector,
+            nsector: 1,
+            ..Default::default()
+        };
+        assert_eq!(refuse(cmd::READ_SECTORS, chs(0x0f, 1), &d), None);
+        assert_eq!(refuse(cmd::READ_SECTORS, chs(0x00, 63), &d), None);
+        assert_eq!(
+            refuse(cmd::READ_SECTORS, chs(0x0f, 63), &d),
+            idnf,
+            "past the end"
+        );
+        assert_eq!(refuse(cmd::READ_SECTORS, chs(0x00, 64), &d), idnf);
+        let few_heads = DriveInfo {
+            heads: 15,
+            ..disk()
+        };
+        assert_eq!(refuse(cmd::READ_SECTORS, chs(0x0f, 1), &few_heads), idnf);
+        let uninit = DriveInfo {
+            heads: 0,
+            secs: 0,
+            ..disk()
+        };
+        assert_eq!(refuse(cmd::READ_SECTORS, chs(0x00, 1), &uninit), idnf);
+        // A packet device: OVL, and everything outside its set.
+        let cd = DriveInfo {
+            atapi: true,
+            ..disk()
+        };
+        let ovl = Taskfile {
+            feature: 2,
+            ..Default::default()
+        };
+        assert_eq!(refuse(cmd::PACKET, ovl, &cd), abort);
+        for op in [cmd::FLUSH_CACHE, cmd::SMART, cmd::SET_MULTIPLE, cmd::SEEK] {
+            assert_eq!(refuse(op, lba(0, 1), &cd), abort, "opcode {op:#x}");
+        }
     }
 }
