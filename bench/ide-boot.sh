@@ -3,6 +3,8 @@
 # printing its marker on COM1, booting from an IDE disk through SeaBIOS
 # (which loads it and serves its 256-sector INT 13h reads over PIO).
 # Strata vs QEMU 7.2, same SeaBIOS, same image, same options.
+# Env: STRATA_BEFORE=/path/to/an/older/strata runs it too, in the same
+#      alternation, for before/after comparisons.
 # usage: bench/ide-boot.sh [runs]
 set -eu
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ bios=/usr/share/seabios/bios-256k.bin
 common="-m 512 -nodefaults -serial stdio -bios $bios -drive file=$img,format=raw,if=ide,index=0"
 python3 bench/startbench.py --marker "STRATA-BOOT-OK" --runs "$runs" \
     "strata=target/release/strata $common" \
+    ${STRATA_BEFORE:+"before=$STRATA_BEFORE $common"} \
     "qemu=$qemu -enable-kvm -nographic $common"
 # The GRUB rescue CD as a live CD (ATAPI PIO reads through SeaBIOS and GRUB's
 # own INT 13h use): process start to "Welcome to GRUB".
@@ -25,5 +28,6 @@ if [ -f "$grub" ]; then
     cd_common="-m 512 -nodefaults -serial stdio -bios $bios -drive file=$grub,format=raw,if=ide,index=2,media=cdrom -boot d"
     python3 bench/startbench.py --marker "Welcome to GRUB" --runs "$runs" \
         "strata=target/release/strata $cd_common" \
+        ${STRATA_BEFORE:+"before=$STRATA_BEFORE $cd_common"} \
         "qemu=$qemu -enable-kvm -nographic $cd_common"
 fi

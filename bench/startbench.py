@@ -4,7 +4,8 @@ their resident memory (VmRSS) at that moment. Runs the commands alternately,
 `--runs` times each, and prints medians and Strata/QEMU ratios.
 
 usage: startbench.py --marker TEXT --runs N NAME=CMD [NAME=CMD ...]
-(CMD is split on spaces.)"""
+(CMD is split on spaces; the last NAME is the reference the ratios are
+taken against.)"""
 import argparse, statistics, subprocess, time
 
 
@@ -48,9 +49,11 @@ def main():
     med = {n: (statistics.median(t), statistics.median(r)) for n, (t, r) in res.items()}
     for n, (t, r) in med.items():
         print(f"{n:8s} time {t:.3f} s  (runs: {', '.join(f'{x:.2f}' for x in res[n][0])})  RSS {r/1024:.1f} MiB")
+    # The last command is the reference (QEMU); every other one gets its
+    # ratio against it.
     names = [n for n, _ in cmds]
-    if len(names) == 2:
-        (s, q) = names
+    q = names[-1]
+    for s in names[:-1]:
         print(f"ratio {q}/{s}: time {med[q][0]/med[s][0]:.2f}x, RSS {med[q][1]/med[s][1]:.2f}x  (>1 means {s} is better)")
 
 

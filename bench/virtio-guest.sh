@@ -12,7 +12,11 @@
 # usage: bench/virtio-guest.sh [runs] [seconds-per-workload]
 #   runs: runs per VMM, alternating Strata/QEMU (default 3)
 # Env: QEMU=/path/to/qemu-system-x86_64 (default: bench/qemu-local.sh),
-#      IMG=/path/to/raw (default: bench/out/virtio-bench.img).
+#      STRATA_BEFORE=/path/to/an/older/strata: runs it too, in the same
+#      rotation, and prints its table as well (before/after comparisons),
+#      IMG=/path/to/raw (default: bench/out/virtio-bench.img), or IMG=null
+#      for a null-co disk (1 GiB of zeroes, no host I/O): what is left is
+#      each VMM's own cost per request, without the host disk's noise.
 # Logs of each run go to bench/out/virtio-guest/.
 set -eu
 cd "$(dirname "$0")/.."
@@ -23,17 +27,19 @@ sh images/build.sh
 qemu=${QEMU:-$(sh bench/qemu-local.sh)}
 img=${IMG:-bench/out/virtio-bench.img}
 mkdir -p bench/out/virtio-guest
-if [ ! -f "$img" ] || [ "$(stat -c %s "$img")" -ne 1073741824 ]; then
+if [ "$img" != null ] && { [ ! -f "$img" ] || [ "$(stat -c %s "$img")" -ne 1073741824 ]; }; then
     echo "writing $img (1 GiB of zeros, so every block is allocated)" >&2
     dd if=/dev/zero of="$img.tmp" bs=1M count=1024 conv=fsync status=none
     mv "$img.tmp" "$img"
 fi
-python3 - "$runs" "$secs" "$qemu" "$img" <<'PY'
+python3 - "$runs" "$secs" "$qemu" "$img" "${STRATA_BEFORE:-}" <<'PY'
 import re, subprocess, sys, statistics, time
 
 runs, secs, qemu, img = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+before = sys.argv[5]
 kernel = "images/out/virtio-bench.elf"
-drive = f"file={img},if=none,id=d0,format=raw,cache=none,aio=io_uring"
+drive = (f"driver=null-co,size=1073741824,read-zeroes=on,if=none,id=d0" if img == "null"
+         else f"file={img},if=none,id=d0,format=raw,cache=none,aio=io_uring")
 common = ["-m", "128", "-nodefaults", "-serial", "stdio", "-kernel", kernel,
           "-append", f"secs={secs}", "-drive", drive, "-device", "virtio-blk-pci,drive=d0"]
 cmds = {
@@ -43,13 +49,17 @@ cmds = {
     "qemu": [qemu, "-enable-kvm", "-display", "none",
              "-bios", "/usr/share/seabios/bios-256k.bin"] + common,
 }
+if before:
+    cmds["before"] = [before] + common
 line = re.compile(r"VBENCH (\S+) iops=(\d+) lat_us=(\d+) reqs=(\d+) kicks=(\d+) errors=(\d+)")
 results = {k: {} for k in cmds}  # vmm -> workload -> [(iops, lat, kicks/req)]
 order = []
 for r in range(runs):
     # Alternate which VMM goes first, so drift in the host's disk or load
     # does not favour one side.
-    for vmm in (("strata", "qemu") if r % 2 == 0 else ("qemu", "strata")):
+    names = list(cmds)
+    k = r % len(names)
+    for vmm in names[k:] + names[:k]:
         t0 = time.monotonic()
         try:
             p = subprocess.run(cmds[vmm], capture_output=True, text=True,
@@ -77,10 +87,14 @@ def med(v, i):
 
 qv = subprocess.run([qemu, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
 print(f"# {runs} runs per VMM, {secs} s per workload, median; {qv}")
-print("| workload | Strata IOPS | QEMU IOPS | Strata/QEMU | Strata lat (us) | QEMU lat (us) | kicks/req Strata | kicks/req QEMU |")
-print("|---|---|---|---|---|---|---|---|")
-for w in order:
-    s, q = results["strata"][w], results["qemu"][w]
-    print(f"| {w} | {med(s,0):.0f} | {med(q,0):.0f} | {med(s,0)/med(q,0):.2f} | "
-          f"{med(s,1):.0f} | {med(q,1):.0f} | {med(s,2):.3f} | {med(q,2):.3f} |")
+for name in [n for n in cmds if n != "qemu"]:
+    if name != "strata":
+        print(f"# {name}: {before}")
+    print(f"| workload | {name} IOPS | QEMU IOPS | {name}/QEMU | {name} lat (us) | QEMU lat (us) | kicks/req {name} | kicks/req QEMU | {name} IOPS min-max |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for w in order:
+        s, q = results[name][w], results["qemu"][w]
+        print(f"| {w} | {med(s,0):.0f} | {med(q,0):.0f} | {med(s,0)/med(q,0):.2f} | "
+              f"{med(s,1):.0f} | {med(q,1):.0f} | {med(s,2):.3f} | {med(q,2):.3f} | "
+              f"{min(x[0] for x in s)}-{max(x[0] for x in s)} |")
 PY

@@ -132,22 +132,22 @@ impl Board for PcBoard {
                     ));
                 }
                 props.push(("unit", PropValue::Uint(d.unit as u64)));
-                if let Some([c, h, s]) = d.chs {
-                    props.push(("cyls", PropValue::Uint(c as u64)));
-                    props.push(("heads", PropValue::Uint(h as u64)));
-                    props.push(("secs", PropValue::Uint(s as u64)));
-                }
-                if let Some(t) = &d.trans {
-                    let def = device::ide::IDE_HD.prop("bios-chs-trans");
-                    let v = def.ok_or("bios-chs-trans")?.ty.parse("trans", t)?;
-                    props.push(("bios-chs-trans", v));
-                }
-                let ty = if media == Media::Cdrom {
-                    "ide-cd"
+                if media == Media::Cdrom {
+                    // -drive's geometry is for disks; ide-cd has none.
+                    ("ide-cd", Some(format!("ide.{}", d.bus)))
                 } else {
-                    "ide-hd"
-                };
-                (ty, Some(format!("ide.{}", d.bus)))
+                    if let Some([c, h, s]) = d.chs {
+                        props.push(("cyls", PropValue::Uint(c as u64)));
+                        props.push(("heads", PropValue::Uint(h as u64)));
+                        props.push(("secs", PropValue::Uint(s as u64)));
+                    }
+                    if let Some(t) = &d.trans {
+                        let def = device::ide::IDE_HD.prop("bios-chs-trans");
+                        let v = def.ok_or("bios-chs-trans")?.ty.parse("trans", t)?;
+                        props.push(("bios-chs-trans", v));
+                    }
+                    ("ide-hd", Some(format!("ide.{}", d.bus)))
+                }
             }
             (Interface::Virtio, _) => {
                 if let Some(a) = &d.addr {
@@ -164,12 +164,7 @@ impl Board for PcBoard {
                 ))
             }
         };
-        let mut spec = DeviceSpec::new(ty, bus, props, origin)?;
-        if ty == "ide-cd" {
-            // ide-cd has no CHS properties: -drive's are for disks.
-            spec.props
-                .retain(|k, _| !["cyls", "heads", "secs", "bios-chs-trans"].contains(k));
-        }
+        let spec = DeviceSpec::new(ty, bus, props, origin)?;
         Ok(Some(spec))
     }
     fn build_with(
@@ -470,4 +465,62 @@ pub fn fill_cmos(c: &mut Cmos, cfg: &MachineConfig, layout: &Layout) {
     c.set(0x3d, at(0) | (at(1) << 4));
     // Bit 0 of 0x38 disables the floppy boot-signature check.
     c.set(0x38, at(2) << 4 | 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use block::drive::DriveTable;
+
+    /// Device type, bus and unit a `-drive` became.
+    type Placed = Option<(String, Option<String>, Option<u64>)>;
+
+    /// What `-drive`s become on `pc` (QEMU's documentation examples).
+    #[test]
+    fn drives_become_pc_devices() {
+        let mut t = DriveTable::with_max_devs(|i| PC.units_per_bus(i));
+        let mut dev = |text: &str| -> Result<Placed, String> {
+            let d = t.parse_drive(text).map_err(|e| e.to_string())?;
+            Ok(PC.drive_device(&d)?.map(|s| {
+                (
+                    s.ty.name.to_string(),
+                    s.bus.clone(),
+                    match s.props.get("unit") {
+                        Some(PropValue::Uint(u)) => Some(*u),
+                        _ => None,
+                    },
+                )
+            }))
+        };
+        let ide = |ty: &str, bus: u32, unit: u64| {
+            Some((ty.to_string(), Some(format!("ide.{bus}")), Some(unit)))
+        };
+        assert_eq!(dev("file=a,index=0,media=disk"), Ok(ide("ide-hd", 0, 0)));
+        assert_eq!(dev("file=a,index=2,media=cdrom"), Ok(ide("ide-cd", 1, 0)));
+        assert_eq!(
+            dev("file=a,index=3,cyls=10,heads=16,secs=63"),
+            Ok(ide("ide-hd", 1, 1))
+        );
+        assert_eq!(
+            dev("file=a,if=virtio"),
+            Ok(Some(("virtio-blk-pci".to_string(), None, None)))
+        );
+        assert_eq!(dev("file=a,if=none"), Ok(None));
+        assert_eq!(
+            dev("file=a,if=ide,index=4"),
+            Err("machine type does not support if=ide,bus=2,unit=0".into())
+        );
+        assert_eq!(
+            dev("file=a,if=scsi"),
+            Err("machine type does not support if=scsi,bus=0,unit=0".into())
+        );
+        assert_eq!(
+            dev("file=a,if=floppy"),
+            Err("machine type does not support if=floppy,bus=0,unit=0".into())
+        );
+        assert_eq!(
+            dev("file=a,if=ide,index=1,trans=odd"),
+            Err("Parameter 'trans' does not accept value 'odd'".into())
+        );
+    }
 }
