@@ -489,7 +489,17 @@ impl BlockHandler {
         }
         let mut reqs = std::mem::take(&mut self.pending);
         if reqs.len() > 1 {
-            reqs.sort_by_key(|(_, r)| (r.op == IoOp::Write, r.offset));
+            // Requests are large values: sort them only when two of them
+            // can merge, which the sorted keys tell cheaply. Random I/O
+            // then goes out in arrival order without being moved.
+            let mut keys: Vec<(bool, u64, u64)> = reqs
+                .iter()
+                .map(|(_, r)| (r.op == IoOp::Write, r.offset, r.offset + r.len))
+                .collect();
+            keys.sort_unstable();
+            if keys.windows(2).any(|w| w[0].0 == w[1].0 && w[0].2 == w[1].1) {
+                reqs.sort_by_key(|(_, r)| (r.op == IoOp::Write, r.offset));
+            }
         }
         let mut it = reqs.drain(..).peekable();
         while let Some((c, first)) = it.next() {
