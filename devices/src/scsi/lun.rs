@@ -235,3 +235,13 @@ pub fn pad(dst: &mut [u8], s: &str) {
         *d = b;
     }
 }
+
+/// READ CAPACITY(10) parameter data (SBC-3 5.15.2, MMC-5 6.23): the last
+/// block's address and the block length. A capacity beyond 32 bits reports
+/// FFFFFFFFh, which tells the initiator to use READ CAPACITY(16).
+pub fn read_capacity_10(blocks: u64, block_len: u32) -> Plan {
+    let last = blocks.saturating_sub(1).min(u32::MAX as u64) as u32;
+    let mut v = last.to_be_bytes().to_vec();
+    v.extend_from_slice(&block_len.to_be_bytes());
+    Plan::DataIn(v)
+}

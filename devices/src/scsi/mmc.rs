@@ -265,12 +265,7 @@ impl CdRom {
                 st.locked = prevent;
                 Plan::Good
             }
-            Command::ReadCapacity10 => {
-                let last = st.blocks().saturating_sub(1).min(u32::MAX as u64) as u32;
-                let mut v = last.to_be_bytes().to_vec();
-                v.extend_from_slice(&(BLOCK as u32).to_be_bytes());
-                Plan::DataIn(v)
-            }
+            Command::ReadCapacity10 => super::lun::read_capacity_10(st.blocks(), BLOCK as u32),
             Command::Read { lba, blocks, .. } => {
                 if lba
                     .checked_add(blocks as u64)

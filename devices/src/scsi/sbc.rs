@@ -271,12 +271,7 @@ impl Disk {
                 Plan::Good
             }
             Command::ReadCapacity10 => {
-                // A capacity beyond 32 bits reports FFFFFFFFh: the
-                // initiator must use READ CAPACITY(16).
-                let last = self.capacity().saturating_sub(1).min(u32::MAX as u64) as u32;
-                let mut v = last.to_be_bytes().to_vec();
-                v.extend_from_slice(&self.opts.logical_block_size.to_be_bytes());
-                Plan::DataIn(v)
+                super::lun::read_capacity_10(self.capacity(), self.opts.logical_block_size)
             }
             Command::ReadCapacity16 { alloc } => data_in(self.read_capacity_16(), alloc),
             Command::Read { lba, blocks, .. } => {

@@ -497,7 +497,10 @@ impl BlockHandler {
                 .map(|(_, r)| (r.op == IoOp::Write, r.offset, r.offset + r.len))
                 .collect();
             keys.sort_unstable();
-            if keys.windows(2).any(|w| w[0].0 == w[1].0 && w[0].2 == w[1].1) {
+            if keys
+                .windows(2)
+                .any(|w| w[0].0 == w[1].0 && w[0].2 == w[1].1)
+            {
                 reqs.sort_by_key(|(_, r)| (r.op == IoOp::Write, r.offset));
             }
         }
