@@ -211,6 +211,23 @@ fn machine_none_is_ram_only() {
     assert_eq!(q.inl(0xcfc), 0xffff_ffff, "no PCI");
 }
 
+/// `-machine none` has no bus: a disk on it is one line, as in QEMU.
+#[test]
+fn machine_none_refuses_disks() {
+    let dir = support::scratch("devmodel-none");
+    let img = dir.join("a.img");
+    std::fs::write(&img, vec![0u8; 65536]).unwrap();
+    let d = format!("file={},format=raw", img.display());
+    refused(
+        &["-M", "none", "-nodefaults", "-drive", &d],
+        "machine type does not support if=ide,bus=0,unit=0",
+    );
+    refused(
+        &["-M", "none", "-nodefaults", "-device", "virtio-blk-pci"],
+        "No 'PCI' bus found for device 'virtio-blk-pci'",
+    );
+}
+
 /// libvirt's versioned machine names select the same board.
 #[test]
 fn versioned_machine_names() {

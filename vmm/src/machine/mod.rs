@@ -185,8 +185,10 @@ impl Board for NoneBoard {
         match &drive.device {
             None => Ok(None),
             Some(d) => Err(format!(
-                "machine type does not support if={}",
-                d.interface.name()
+                "machine type does not support if={},bus={},unit={}",
+                d.interface.name(),
+                d.bus,
+                d.unit
             )),
         }
     }
@@ -197,9 +199,13 @@ impl Board for NoneBoard {
         &self,
         cfg: &MachineConfig,
         _host: Host,
-        _storage: &Storage,
+        storage: &Storage,
         mem: Memory,
     ) -> Result<Machine, MachineError> {
+        for d in storage.drives() {
+            self.drive_device(d)
+                .map_err(|e| MachineError::Config(format!("-drive {}: {e}", d.text)))?;
+        }
         if let Some(d) = cfg.devices.first() {
             return Err(MachineError::Config(format!(
                 "{}: No '{}' bus found for device '{}'",
