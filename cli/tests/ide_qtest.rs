@@ -989,3 +989,41 @@ fn global_serial_shows_in_identify() {
     let w = identify(&mut q, PRI, 1);
     assert_eq!(ata_string(&w[10..20]), "OWN-SN");
 }
+
+/// `ver=` is the firmware revision: IDENTIFY words 23..26 (space-padded)
+/// and, on a CD-ROM, IDENTIFY PACKET DEVICE and the INQUIRY revision;
+/// `-global ide-hd.ver=` sets it for every ide-hd (QEMU's ide-test checks
+/// the firmware revision it passed).
+#[test]
+fn ver_sets_the_firmware_revision() {
+    let dir = support::scratch("ide-ver");
+    let img = make_disk(&dir, "d.img", 2048);
+    let img2 = make_disk(&dir, "e.img", 2048);
+    let iso = make_iso(&dir, 16);
+    let mut q = start(&[
+        "-global",
+        "ide-hd.ver=XYZ",
+        "-drive",
+        &drive(&img, ",if=none,id=d0"),
+        "-device",
+        "ide-hd,drive=d0,bus=ide.0,unit=0,ver=ABC",
+        "-drive",
+        &drive(&img2, ",if=none,id=d1"),
+        "-device",
+        "ide-hd,drive=d1,bus=ide.0,unit=1",
+        "-drive",
+        &drive(&iso, ",if=none,id=cd,media=cdrom"),
+        "-device",
+        "ide-cd,drive=cd,bus=ide.1,unit=0,ver=CD1",
+    ]);
+    let w = identify(&mut q, PRI, 0);
+    assert_eq!(w[23..27], [0x4142, 0x4320, 0x2020, 0x2020], "ABC");
+    let w = identify(&mut q, PRI, 1);
+    assert_eq!(ata_string(&w[23..27]), "XYZ");
+    cmd28(&mut q, SEC, 0, 0xa1, 0, 0, 0);
+    assert_eq!(wait_ready(&mut q, SEC) & DRQ, DRQ);
+    let id = pio_in(&mut q, SEC, 512);
+    assert_eq!(&id[46..54], b"DC 1    ");
+    let inq = packet(&mut q, SEC, 0, &[0x12, 0, 0, 0, 36, 0], 36).unwrap();
+    assert_eq!(&inq[32..36], b"CD1 ");
+}
