@@ -1027,3 +1027,34 @@ fn ver_sets_the_firmware_revision() {
     let inq = packet(&mut q, SEC, 0, &[0x12, 0, 0, 0, 36, 0], 36).unwrap();
     assert_eq!(&inq[32..36], b"CD1 ");
 }
+
+/// EXECUTE DEVICE DIAGNOSTIC clears DEV: sent to device 1, the device
+/// register reads A0h afterwards (QEMU's ide-test `diagnostic`), and
+/// device 0 reports the result.
+#[test]
+fn diagnostic_clears_dev() {
+    let dir = support::scratch("ide-diag");
+    let a = make_disk(&dir, "a.img", 2048);
+    let b = make_disk(&dir, "b.img", 2048);
+    let mut q = start(&[
+        "-drive",
+        &drive(&a, ",if=none,id=hda"),
+        "-drive",
+        &drive(&b, ",if=none,id=hdb"),
+        "-device",
+        "ide-hd,drive=hda,bus=ide.0,unit=0",
+        "-device",
+        "ide-hd,drive=hdb,bus=ide.0,unit=1",
+    ]);
+    q.outb(PRI + 6, 0x10);
+    assert_eq!(q.inb(PRI + 6) & 0x10, 0x10);
+    q.outb(PRI + 7, 0x90);
+    assert_eq!(q.inb(PRI + 6), 0xa0, "DEV cleared");
+    assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC);
+    assert_eq!(q.inb(PRI + 1), 0x01, "device 0 passed, device 1 passed");
+    // Device 0 is selected: IDENTIFY goes to it (a plain A0h select).
+    q.outb(PRI + 7, 0xec);
+    assert_eq!(wait_ready(&mut q, PRI) & DRQ, DRQ);
+    let w = pio_in(&mut q, PRI, 512);
+    assert_eq!(u16::from_le_bytes([w[186], w[187]]) & 0x1f00, 0, "device 0");
+}

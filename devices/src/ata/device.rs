@@ -345,6 +345,9 @@ impl AtaDevice {
             }
             AtaCommand::ExecuteDiagnostic => {
                 self.reset(tf);
+                // DEV (and LBA) cleared: device 0 reports the result
+                // (ATA/ATAPI-6 9.10; QEMU since 7.1 leaves A0h).
+                tf.select = 0xa0;
                 Outcome::Reset { diagnostic: true }
             }
             AtaCommand::Seek => Outcome::Done,
@@ -909,6 +912,7 @@ mod tests {
             Outcome::Reset { diagnostic: true }
         );
         assert_eq!((tf.nsector, tf.sector, tf.lcyl, tf.hcyl), (1, 1, 0, 0));
+        assert_eq!(tf.select, 0xa0, "DEV and LBA cleared");
     }
 
     #[test]

@@ -662,6 +662,16 @@ impl Channel {
             Outcome::Reset { diagnostic } => {
                 self.cur()?.reset_registers();
                 if diagnostic {
+                    // The device register is shared: DEV = 0 selects
+                    // device 0 on the channel, which reports the result
+                    // (its device register reads A0h as well). Without a
+                    // device 0 the reporting one stays selected.
+                    for d in self.drives.iter_mut().flatten() {
+                        d.tf.select = 0xa0;
+                    }
+                    if self.drives[0].is_some() {
+                        self.cur = 0;
+                    }
                     self.raise();
                 }
             }
