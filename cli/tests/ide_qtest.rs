@@ -1058,3 +1058,83 @@ fn diagnostic_clears_dev() {
     let w = pio_in(&mut q, PRI, 512);
     assert_eq!(u16::from_le_bytes([w[186], w[187]]) & 0x1f00, 0, "device 0");
 }
+
+/// Sends a command the way QEMU's ide-test `send_dma_request` does: device
+/// 0 with LBA, bus master stopped and its interrupt cleared, the PRD table,
+/// then only the low bytes of the taskfile (no HOB writes) and the command.
+fn ide_test_dma_cmd(q: &mut Qtest, cmd: u8, feature: u8, lba: u32, count: u8, table: u32) {
+    q.outb(PRI + 6, 0x40);
+    q.outb(BM, 0);
+    q.outb(BM + 2, 0x04);
+    q.outl(BM + 4, table);
+    if feature != 0 {
+        q.outb(PRI + 1, feature);
+    }
+    q.outb(PRI + 2, count);
+    q.outb(PRI + 3, lba as u8);
+    q.outb(PRI + 4, (lba >> 8) as u8);
+    q.outb(PRI + 5, (lba >> 16) as u8);
+    q.outb(PRI + 7, cmd);
+}
+
+/// The last level IRQ 14 was set to since the previous call (the reply
+/// to a read flushes the IRQ lines sent before it).
+fn irq14(q: &mut Qtest) -> Option<bool> {
+    q.inb(BM + 2);
+    q.irqs
+        .drain(..)
+        .filter(|&(g, _)| g == 14)
+        .last()
+        .map(|(_, l)| l)
+}
+
+/// Waits as ide-test does: until the bus master is inactive or has
+/// latched an interrupt. Returns its status.
+fn ide_test_dma_wait(q: &mut Qtest) -> u8 {
+    let start = Instant::now();
+    loop {
+        let s = q.inb(BM + 2);
+        if s & 0x05 != 0x01 {
+            return s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "DMA never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// DATA SET MANAGEMENT right after power-on with only the low byte of the
+/// count written (QEMU's ide-test `bmdma/trim`): the count is 1, not 257
+/// (the reset signature's 01h shifted into the HOB byte). A range past the
+/// end aborts, with the bus master inactive and its interrupt latched.
+#[test]
+fn trim_counts_the_low_byte_as_qemu_does() {
+    let dir = support::scratch("ide-trim-low");
+    let img = make_disk(&dir, "d.img", 256);
+    let mut q = start(&["-drive", &drive(&img, ",if=ide,index=0,discard=unmap")]);
+    q.cmd("irq_intercept_in ioapic");
+    enable_bm(&mut q);
+    let mut entries = vec![0u8; 512];
+    entries[..8].copy_from_slice(&(0u64 | 2u64 << 48).to_le_bytes());
+    entries[8..16].copy_from_slice(&(6u64 | 8u64 << 48).to_le_bytes());
+    q.memwrite(0x20000, &entries);
+    prd_table(&mut q, 0x10000, &[(0x20000, 512, true)]);
+    ide_test_dma_cmd(&mut q, 0x06, 0x01, 0, 1, 0x10000);
+    q.outb(BM, 0x01);
+    assert_eq!(ide_test_dma_wait(&mut q), 0x04, "interrupt, inactive");
+    assert_eq!(irq14(&mut q), Some(true));
+    let s = q.inb(PRI + 7);
+    assert_eq!(s & (DRDY | BSY | DRQ | ERR), DRDY, "status {s:#x}");
+    q.outb(BM, 0);
+    assert_eq!(file_sector(&img, 1), vec![0; 512]);
+    assert_eq!(file_sector(&img, 2), pattern(2));
+    assert_eq!(file_sector(&img, 10), vec![0; 512]);
+    // A range past the end of the disk: ABRT.
+    entries[..8].copy_from_slice(&(10u64 | 1u64 << 48).to_le_bytes());
+    entries[8..16].copy_from_slice(&(255u64 | 2u64 << 48).to_le_bytes());
+    q.memwrite(0x20000, &entries);
+    ide_test_dma_cmd(&mut q, 0x06, 0x01, 0, 1, 0x10000);
+    q.outb(BM, 0x01);
+    assert_eq!(ide_test_dma_wait(&mut q), 0x04, "interrupt, inactive");
+    assert_eq!(q.inb(PRI + 7) & ERR, ERR);
+    assert_eq!(q.inb(PRI + 1) & ABRT, ABRT);
+}

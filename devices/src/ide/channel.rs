@@ -908,7 +908,7 @@ impl Channel {
             DmaJob::DiskWrite { lba, fua, .. } => {
                 let b = d.disk()?.clone();
                 let Some(mut data) = bmdma::gather(&self.mem, &sg) else {
-                    self.bm.status |= bmdma::STATUS_ERROR;
+                    self.bm.status = (self.bm.status & !bmdma::STATUS_ACTIVE) | bmdma::STATUS_ERROR;
                     self.fail(error::ABRT, None);
                     return None;
                 };
@@ -918,14 +918,17 @@ impl Channel {
             }
             DmaJob::Trim { .. } => {
                 let b = d.disk()?.clone();
+                // A failed command ends the transfer: the engine goes
+                // inactive, the device interrupts with ABRT (QEMU's
+                // ide-test `bmdma/trim` expects exactly "interrupt").
                 let Some(data) = bmdma::gather(&self.mem, &sg) else {
-                    self.fail(error::ABRT, None);
+                    self.dma_finish(unit, &sg, Err(DmaError::Device(error::ABRT)));
                     return None;
                 };
                 let ranges = match d.dev.trim_ranges(&data) {
                     Ok(r) => r,
                     Err(r) => {
-                        self.fail(r.error_bits(), None);
+                        self.dma_finish(unit, &sg, Err(DmaError::Device(r.error_bits())));
                         return None;
                     }
                 };
