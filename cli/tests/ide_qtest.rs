@@ -1138,3 +1138,70 @@ fn trim_counts_the_low_byte_as_qemu_does() {
     assert_eq!(q.inb(PRI + 7) & ERR, ERR);
     assert_eq!(q.inb(PRI + 1) & ABRT, ABRT);
 }
+
+/// Stopping the bus master while a transfer's I/O is in flight does not
+/// abandon it: as QEMU (ide_cancel_dma_sync), the transfer completes as
+/// if it had ended before the stop, whatever the timing. With a disk that
+/// takes 300 ms per request, the stop lands while the read is in flight:
+/// the engine stays active and the device busy until the data is in
+/// memory, then the command completes with its interrupt and "active"
+/// clears (ide-test `bmdma/various_prdts` with CMDF_ABORT: a table of the
+/// request's size or larger gives "interrupt", a short one gives 0 and no
+/// interrupt).
+#[test]
+fn bm_stop_completes_the_transfer_in_flight() {
+    let mut q = start(&[
+        "-drive",
+        "if=ide,index=0,driver=null-co,size=1M,read-zeroes=on,latency-ns=300000000",
+    ]);
+    q.cmd("irq_intercept_in ioapic");
+    wait_ready(&mut q, PRI); // the geometry read at open
+    enable_bm(&mut q);
+    // (PRD bytes, expected bus-master status, data reaches memory)
+    for (prd, want, irq) in [
+        (512u16, 0x04u8, true),
+        (1024, 0x04, true),
+        (256, 0x00, false),
+    ] {
+        q.memwrite(0x20000, &[0xffu8; 1024]);
+        prd_table(&mut q, 0x10000, &[(0x20000, prd, true)]);
+        let t = Instant::now();
+        ide_test_dma_cmd(&mut q, 0xc8, 0, 0, 1, 0x10000); // READ DMA
+        q.outb(BM, 0x09);
+        q.outb(BM, 0x00);
+        assert!(
+            t.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(q.inb(BM + 2) & 0x05, 0x01, "PRD {prd}: still active");
+        assert_eq!(
+            q.inb(ctl(PRI)) & BSY,
+            BSY,
+            "PRD {prd}: busy until the I/O ends"
+        );
+        let s = ide_test_dma_wait(&mut q);
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        assert_eq!(s, want, "PRD {prd}: bus-master status");
+        assert_eq!(irq14(&mut q), irq.then_some(true), "PRD {prd}: IRQ");
+        let st = q.inb(PRI + 7);
+        assert_eq!(
+            st & (DRDY | BSY | DRQ | ERR),
+            DRDY,
+            "PRD {prd}: status {st:#x}"
+        );
+        if irq {
+            assert_eq!(q.memread(0x20000, 512), vec![0u8; 512], "PRD {prd}: data");
+        }
+        q.outb(BM + 2, 0x04);
+        irq14(&mut q);
+    }
+    // The bus master has nothing to do with PIO: stopping it while a PIO
+    // read is in flight leaves the read alone.
+    q.outb(BM, 0x01);
+    cmd28(&mut q, PRI, 0, 0x20, 0, 1, 0); // READ SECTORS
+    q.outb(BM, 0x00);
+    assert_eq!(q.inb(ctl(PRI)) & BSY, BSY);
+    assert_eq!(wait_ready(&mut q, PRI) & DRQ, DRQ, "the PIO read completes");
+    assert_eq!(pio_in(&mut q, PRI, 512), vec![0u8; 512]);
+}
