@@ -1081,11 +1081,14 @@ fn ide_test_dma_cmd(q: &mut Qtest, cmd: u8, feature: u8, lba: u32, count: u8, ta
 /// to a read flushes the IRQ lines sent before it).
 fn irq14(q: &mut Qtest) -> Option<bool> {
     q.inb(BM + 2);
-    q.irqs
-        .drain(..)
-        .filter(|&(g, _)| g == 14)
-        .last()
-        .map(|(_, l)| l)
+    let level = q
+        .irqs
+        .iter()
+        .rev()
+        .find(|&&(g, _)| g == 14)
+        .map(|&(_, l)| l);
+    q.irqs.clear();
+    level
 }
 
 /// Waits as ide-test does: until the bus master is inactive or has
@@ -1114,7 +1117,7 @@ fn trim_counts_the_low_byte_as_qemu_does() {
     q.cmd("irq_intercept_in ioapic");
     enable_bm(&mut q);
     let mut entries = vec![0u8; 512];
-    entries[..8].copy_from_slice(&(0u64 | 2u64 << 48).to_le_bytes());
+    entries[..8].copy_from_slice(&(2u64 << 48).to_le_bytes());
     entries[8..16].copy_from_slice(&(6u64 | 8u64 << 48).to_le_bytes());
     q.memwrite(0x20000, &entries);
     prd_table(&mut q, 0x10000, &[(0x20000, 512, true)]);
