@@ -989,3 +989,222 @@ fn global_serial_shows_in_identify() {
     let w = identify(&mut q, PRI, 1);
     assert_eq!(ata_string(&w[10..20]), "OWN-SN");
 }
+
+/// `ver=` is the firmware revision: IDENTIFY words 23..26 (space-padded)
+/// and, on a CD-ROM, IDENTIFY PACKET DEVICE and the INQUIRY revision;
+/// `-global ide-hd.ver=` sets it for every ide-hd (QEMU's ide-test checks
+/// the firmware revision it passed).
+#[test]
+fn ver_sets_the_firmware_revision() {
+    let dir = support::scratch("ide-ver");
+    let img = make_disk(&dir, "d.img", 2048);
+    let img2 = make_disk(&dir, "e.img", 2048);
+    let iso = make_iso(&dir, 16);
+    let mut q = start(&[
+        "-global",
+        "ide-hd.ver=XYZ",
+        "-drive",
+        &drive(&img, ",if=none,id=d0"),
+        "-device",
+        "ide-hd,drive=d0,bus=ide.0,unit=0,ver=ABC",
+        "-drive",
+        &drive(&img2, ",if=none,id=d1"),
+        "-device",
+        "ide-hd,drive=d1,bus=ide.0,unit=1",
+        "-drive",
+        &drive(&iso, ",if=none,id=cd,media=cdrom"),
+        "-device",
+        "ide-cd,drive=cd,bus=ide.1,unit=0,ver=CD1",
+    ]);
+    let w = identify(&mut q, PRI, 0);
+    assert_eq!(w[23..27], [0x4142, 0x4320, 0x2020, 0x2020], "ABC");
+    let w = identify(&mut q, PRI, 1);
+    assert_eq!(ata_string(&w[23..27]), "XYZ");
+    cmd28(&mut q, SEC, 0, 0xa1, 0, 0, 0);
+    assert_eq!(wait_ready(&mut q, SEC) & DRQ, DRQ);
+    let id = pio_in(&mut q, SEC, 512);
+    assert_eq!(&id[46..54], b"DC 1    ");
+    let inq = packet(&mut q, SEC, 0, &[0x12, 0, 0, 0, 36, 0], 36).unwrap();
+    assert_eq!(&inq[32..36], b"CD1 ");
+}
+
+/// EXECUTE DEVICE DIAGNOSTIC clears DEV: sent to device 1, the device
+/// register reads A0h afterwards (QEMU's ide-test `diagnostic`), and
+/// device 0 reports the result.
+#[test]
+fn diagnostic_clears_dev() {
+    let dir = support::scratch("ide-diag");
+    let a = make_disk(&dir, "a.img", 2048);
+    let b = make_disk(&dir, "b.img", 2048);
+    let mut q = start(&[
+        "-drive",
+        &drive(&a, ",if=none,id=hda"),
+        "-drive",
+        &drive(&b, ",if=none,id=hdb"),
+        "-device",
+        "ide-hd,drive=hda,bus=ide.0,unit=0",
+        "-device",
+        "ide-hd,drive=hdb,bus=ide.0,unit=1",
+    ]);
+    q.outb(PRI + 6, 0x10);
+    assert_eq!(q.inb(PRI + 6) & 0x10, 0x10);
+    q.outb(PRI + 7, 0x90);
+    assert_eq!(q.inb(PRI + 6), 0xa0, "DEV cleared");
+    assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC);
+    assert_eq!(q.inb(PRI + 1), 0x01, "device 0 passed, device 1 passed");
+    // Device 0 is selected: IDENTIFY goes to it (a plain A0h select).
+    q.outb(PRI + 7, 0xec);
+    assert_eq!(wait_ready(&mut q, PRI) & DRQ, DRQ);
+    let w = pio_in(&mut q, PRI, 512);
+    assert_eq!(u16::from_le_bytes([w[186], w[187]]) & 0x1f00, 0, "device 0");
+}
+
+/// Sends a command the way QEMU's ide-test `send_dma_request` does: device
+/// 0 with LBA, bus master stopped and its interrupt cleared, the PRD table,
+/// then only the low bytes of the taskfile (no HOB writes) and the command.
+fn ide_test_dma_cmd(q: &mut Qtest, cmd: u8, feature: u8, lba: u32, count: u8, table: u32) {
+    q.outb(PRI + 6, 0x40);
+    q.outb(BM, 0);
+    q.outb(BM + 2, 0x04);
+    q.outl(BM + 4, table);
+    if feature != 0 {
+        q.outb(PRI + 1, feature);
+    }
+    q.outb(PRI + 2, count);
+    q.outb(PRI + 3, lba as u8);
+    q.outb(PRI + 4, (lba >> 8) as u8);
+    q.outb(PRI + 5, (lba >> 16) as u8);
+    q.outb(PRI + 7, cmd);
+}
+
+/// The last level IRQ 14 was set to since the previous call (the reply
+/// to a read flushes the IRQ lines sent before it).
+fn irq14(q: &mut Qtest) -> Option<bool> {
+    q.inb(BM + 2);
+    let level = q
+        .irqs
+        .iter()
+        .rev()
+        .find(|&&(g, _)| g == 14)
+        .map(|&(_, l)| l);
+    q.irqs.clear();
+    level
+}
+
+/// Waits as ide-test does: until the bus master is inactive or has
+/// latched an interrupt. Returns its status.
+fn ide_test_dma_wait(q: &mut Qtest) -> u8 {
+    let start = Instant::now();
+    loop {
+        let s = q.inb(BM + 2);
+        if s & 0x05 != 0x01 {
+            return s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "DMA never ended");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// DATA SET MANAGEMENT right after power-on with only the low byte of the
+/// count written (QEMU's ide-test `bmdma/trim`): the count is 1, not 257
+/// (the reset signature's 01h shifted into the HOB byte). A range past the
+/// end aborts, with the bus master inactive and its interrupt latched.
+#[test]
+fn trim_counts_the_low_byte_as_qemu_does() {
+    let dir = support::scratch("ide-trim-low");
+    let img = make_disk(&dir, "d.img", 256);
+    let mut q = start(&["-drive", &drive(&img, ",if=ide,index=0,discard=unmap")]);
+    q.cmd("irq_intercept_in ioapic");
+    enable_bm(&mut q);
+    let mut entries = vec![0u8; 512];
+    entries[..8].copy_from_slice(&(2u64 << 48).to_le_bytes());
+    entries[8..16].copy_from_slice(&(6u64 | 8u64 << 48).to_le_bytes());
+    q.memwrite(0x20000, &entries);
+    prd_table(&mut q, 0x10000, &[(0x20000, 512, true)]);
+    ide_test_dma_cmd(&mut q, 0x06, 0x01, 0, 1, 0x10000);
+    q.outb(BM, 0x01);
+    assert_eq!(ide_test_dma_wait(&mut q), 0x04, "interrupt, inactive");
+    assert_eq!(irq14(&mut q), Some(true));
+    let s = q.inb(PRI + 7);
+    assert_eq!(s & (DRDY | BSY | DRQ | ERR), DRDY, "status {s:#x}");
+    q.outb(BM, 0);
+    assert_eq!(file_sector(&img, 1), vec![0; 512]);
+    assert_eq!(file_sector(&img, 2), pattern(2));
+    assert_eq!(file_sector(&img, 10), vec![0; 512]);
+    // A range past the end of the disk: ABRT.
+    entries[..8].copy_from_slice(&(10u64 | 1u64 << 48).to_le_bytes());
+    entries[8..16].copy_from_slice(&(255u64 | 2u64 << 48).to_le_bytes());
+    q.memwrite(0x20000, &entries);
+    ide_test_dma_cmd(&mut q, 0x06, 0x01, 0, 1, 0x10000);
+    q.outb(BM, 0x01);
+    assert_eq!(ide_test_dma_wait(&mut q), 0x04, "interrupt, inactive");
+    assert_eq!(q.inb(PRI + 7) & ERR, ERR);
+    assert_eq!(q.inb(PRI + 1) & ABRT, ABRT);
+}
+
+/// Stopping the bus master while a transfer's I/O is in flight does not
+/// abandon it: as QEMU (ide_cancel_dma_sync), the transfer completes as
+/// if it had ended before the stop, whatever the timing. With a disk that
+/// takes 300 ms per request, the stop lands while the read is in flight:
+/// the engine stays active and the device busy until the data is in
+/// memory, then the command completes with its interrupt and "active"
+/// clears (ide-test `bmdma/various_prdts` with CMDF_ABORT: a table of the
+/// request's size or larger gives "interrupt", a short one gives 0 and no
+/// interrupt).
+#[test]
+fn bm_stop_completes_the_transfer_in_flight() {
+    let mut q = start(&[
+        "-drive",
+        "if=ide,index=0,driver=null-co,size=1M,read-zeroes=on,latency-ns=300000000",
+    ]);
+    q.cmd("irq_intercept_in ioapic");
+    wait_ready(&mut q, PRI); // the geometry read at open
+    enable_bm(&mut q);
+    // (PRD bytes, expected bus-master status, data reaches memory)
+    for (prd, want, irq) in [
+        (512u16, 0x04u8, true),
+        (1024, 0x04, true),
+        (256, 0x00, false),
+    ] {
+        q.memwrite(0x20000, &[0xffu8; 1024]);
+        prd_table(&mut q, 0x10000, &[(0x20000, prd, true)]);
+        let t = Instant::now();
+        ide_test_dma_cmd(&mut q, 0xc8, 0, 0, 1, 0x10000); // READ DMA
+        q.outb(BM, 0x09);
+        q.outb(BM, 0x00);
+        assert!(
+            t.elapsed() < Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(q.inb(BM + 2) & 0x05, 0x01, "PRD {prd}: still active");
+        assert_eq!(
+            q.inb(ctl(PRI)) & BSY,
+            BSY,
+            "PRD {prd}: busy until the I/O ends"
+        );
+        let s = ide_test_dma_wait(&mut q);
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        assert_eq!(s, want, "PRD {prd}: bus-master status");
+        assert_eq!(irq14(&mut q), irq.then_some(true), "PRD {prd}: IRQ");
+        let st = q.inb(PRI + 7);
+        assert_eq!(
+            st & (DRDY | BSY | DRQ | ERR),
+            DRDY,
+            "PRD {prd}: status {st:#x}"
+        );
+        if irq {
+            assert_eq!(q.memread(0x20000, 512), vec![0u8; 512], "PRD {prd}: data");
+        }
+        q.outb(BM + 2, 0x04);
+        irq14(&mut q);
+    }
+    // The bus master has nothing to do with PIO: stopping it while a PIO
+    // read is in flight leaves the read alone.
+    q.outb(BM, 0x01);
+    cmd28(&mut q, PRI, 0, 0x20, 0, 1, 0); // READ SECTORS
+    q.outb(BM, 0x00);
+    assert_eq!(q.inb(ctl(PRI)) & BSY, BSY);
+    assert_eq!(wait_ready(&mut q, PRI) & DRQ, DRQ, "the PIO read completes");
+    assert_eq!(pio_in(&mut q, PRI, 512), vec![0u8; 512]);
+}

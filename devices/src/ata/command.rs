@@ -357,8 +357,13 @@ impl AtaCommand {
             SLEEP => AtaCommand::Power(Power::Sleep),
             DATA_SET_MANAGEMENT => {
                 // TRIM is bit 0 of the feature; a zero count or more
-                // blocks than IDENTIFY word 105 allows is invalid.
-                let blocks = (tf.hob_nsector as u16) << 8 | tf.nsector as u16;
+                // blocks than IDENTIFY word 105 allows is invalid. The
+                // count is the low byte only, as QEMU reads it: hosts that
+                // write just the sector count (QEMU's ide-test) would
+                // otherwise get the previous count (the reset signature's
+                // 01h) as the high byte. Counts of 256 and more are past
+                // word 105's limit either way.
+                let blocks = tf.nsector as u16;
                 if tf.feature & 1 == 0 || blocks == 0 || blocks > d.max_dsm_blocks {
                     return Err(Refusal::Abort);
                 }
@@ -544,6 +549,15 @@ mod tests {
         assert_eq!(refuse(cmd::DATA_SET_MANAGEMENT, dsm(1, 0), &d), abort);
         assert_eq!(refuse(cmd::DATA_SET_MANAGEMENT, dsm(1, 9), &d), abort);
         assert_eq!(refuse(cmd::DATA_SET_MANAGEMENT, dsm(1, 8), &d), None);
+        // A stale high byte of the count is ignored.
+        let stale = Taskfile {
+            hob_nsector: 1,
+            ..dsm(1, 1)
+        };
+        assert_eq!(
+            AtaCommand::parse(cmd::DATA_SET_MANAGEMENT, &stale, &d),
+            Ok(AtaCommand::Trim { blocks: 1 })
+        );
         assert_eq!(refuse(cmd::SMART, lba(0, 0), &d), abort, "no signature");
         // IDNF: past the end, or no such CHS address.
         assert_eq!(refuse(cmd::READ_DMA, lba(232, 0), &d), None);

@@ -30,6 +30,11 @@ use crate::scsi::{CdRom, Lun};
 
 pub const SECTOR: u64 = 512;
 
+/// The firmware revision's length: IDENTIFY words 23..26.
+pub const FIRMWARE_LEN: usize = 8;
+/// QEMU's hardware version string, the default firmware revision.
+pub const DEFAULT_FIRMWARE: &str = "2.5+";
+
 /// The error register after a reset or EXECUTE DEVICE DIAGNOSTIC: code
 /// 01h, device 0 passed (ATA8-ACS table 32).
 pub const DIAG_OK: u8 = 0x01;
@@ -46,6 +51,10 @@ pub struct DriveConfig {
     pub model: Option<String>,
     pub serial: Option<String>,
     pub wwn: Option<u64>,
+    /// Firmware revision (`ver=`): IDENTIFY words 23..26 and the ATAPI
+    /// INQUIRY revision; QEMU's version string "2.5+" when not given.
+    /// Longer than [`FIRMWARE_LEN`] bytes is cut, as QEMU does.
+    pub version: Option<String>,
     pub physical_block_size: u32,
     pub geometry: Option<Geometry>,
     pub translation: Option<Translation>,
@@ -98,6 +107,7 @@ pub struct AtaDevice {
     media: Media,
     model: String,
     serial: String,
+    firmware: String,
     wwn: Option<u64>,
     phys_exp: u8,
     pub geometry: Geometry,
@@ -109,6 +119,17 @@ pub struct AtaDevice {
     mode: XferMode,
     standby: bool,
     slave: bool,
+}
+
+/// The firmware revision from `ver=`: at most [`FIRMWARE_LEN`] bytes
+/// (cut at a character boundary), [`DEFAULT_FIRMWARE`] when not given.
+fn firmware(version: Option<&str>) -> String {
+    let v = version.unwrap_or(DEFAULT_FIRMWARE);
+    let mut end = v.len().min(FIRMWARE_LEN);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    v[..end].to_string()
 }
 
 impl AtaDevice {
@@ -147,6 +168,7 @@ impl AtaDevice {
                 }
             }),
             serial: cfg.serial.unwrap_or_else(|| format!("QM{:05}", index + 1)),
+            firmware: firmware(cfg.version.as_deref()),
             wwn: cfg.wwn,
             phys_exp: (pbs / 512).trailing_zeros() as u8,
             geometry,
@@ -161,6 +183,7 @@ impl AtaDevice {
         };
         if let Media::Cd(cd) = &mut d.media {
             cd.set_product(&d.model);
+            cd.set_revision(&d.firmware);
         }
         Ok(d)
     }
@@ -248,7 +271,7 @@ impl AtaDevice {
         let p = IdentifyParams {
             model: &self.model,
             serial: &self.serial,
-            firmware: "2.5+",
+            firmware: &self.firmware,
             wwn: self.wwn,
             sectors: self.sectors(),
             cyls: self.geometry.cyls.min(65535) as u16,
@@ -322,6 +345,9 @@ impl AtaDevice {
             }
             AtaCommand::ExecuteDiagnostic => {
                 self.reset(tf);
+                // DEV (and LBA) cleared: device 0 reports the result
+                // (ATA/ATAPI-6 9.10; QEMU since 7.1 leaves A0h).
+                tf.select = 0xa0;
                 Outcome::Reset { diagnostic: true }
             }
             AtaCommand::Seek => Outcome::Done,
@@ -502,6 +528,7 @@ mod tests {
             model: None,
             serial: None,
             wwn: None,
+            version: None,
             physical_block_size: 512,
             geometry: None,
             translation: None,
@@ -612,6 +639,38 @@ mod tests {
         assert_eq!(word(&id, 0), 0x85c0);
         assert_eq!(&id[54..66], b"EQUMD DVR-MO");
         assert_eq!(&id[20..28], b"MQ0000 3");
+    }
+
+    #[test]
+    fn firmware_revision_from_ver() {
+        // QEMU's version string by default, words 23..26 space-padded.
+        let (mut d, _) = disk();
+        assert_eq!(&identify(&mut d)[46..54], b".2+5    ");
+        let cfg = DriveConfig {
+            version: Some("ABC".into()),
+            ..config(Media::Disk(backend()))
+        };
+        let mut d = AtaDevice::new(cfg, 0, false).unwrap();
+        assert_eq!(&identify(&mut d)[46..54], b"BA C    ");
+        // At most 8 characters, as QEMU's pstrcpy into char[9].
+        let cfg = DriveConfig {
+            version: Some("123456789".into()),
+            ..config(Media::Disk(backend()))
+        };
+        let mut d = AtaDevice::new(cfg, 0, false).unwrap();
+        assert_eq!(&identify(&mut d)[46..54], b"21436587");
+        // The CD-ROM: IDENTIFY PACKET DEVICE and the INQUIRY revision.
+        let cfg = DriveConfig {
+            version: Some("XYZ".into()),
+            ..config(Media::Cd(CdRom::new(Transport::Atapi, None)))
+        };
+        let mut c = AtaDevice::new(cfg, 2, true).unwrap();
+        let mut tf = Taskfile::default();
+        let Outcome::DataIn(id) = c.command(cmd::IDENTIFY_PACKET, &mut tf) else {
+            panic!("IDENTIFY PACKET");
+        };
+        assert_eq!(&id[46..54], b"YX Z    ");
+        assert_eq!(c.cdrom().unwrap().revision(), "XYZ");
     }
 
     #[test]
@@ -853,6 +912,7 @@ mod tests {
             Outcome::Reset { diagnostic: true }
         );
         assert_eq!((tf.nsector, tf.sector, tf.lcyl, tf.hcyl), (1, 1, 0, 0));
+        assert_eq!(tf.select, 0xa0, "DEV and LBA cleared");
     }
 
     #[test]

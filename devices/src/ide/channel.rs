@@ -22,7 +22,10 @@
 //! MANAGEMENT (TRIM), FLUSH CACHE (+EXT), ATAPI READ(10)/(12) by DMA, and
 //! by PIO one DRQ block (READ/WRITE SECTORS and MULTIPLE (+EXT)) or one
 //! ATAPI chunk at a time, with BSY set until its data is read or written,
-//! as on a real drive.
+//! as on a real drive. Stopping the bus master while a DMA transfer's I/O
+//! is in flight lets it complete (status, interrupt, then "active"
+//! cleared), as QEMU's `ide_cancel_dma_sync` does, without the vCPU
+//! waiting for it.
 
 use std::sync::{Arc, Mutex};
 
@@ -227,9 +230,11 @@ pub struct Channel {
     mem: GuestMem,
     pub bm: BmRegs,
     dma: Option<(usize, DmaJob)>,
-    /// Bumped whenever in-flight I/O must be forgotten (reset, DMA stop).
+    /// Bumped whenever in-flight I/O must be forgotten (reset).
     gen: u64,
     inflight: bool,
+    /// The in-flight I/O is a bus-master transfer (not PIO or a flush).
+    dma_inflight: bool,
 }
 
 impl Channel {
@@ -245,6 +250,7 @@ impl Channel {
             dma: None,
             gen: 0,
             inflight: false,
+            dma_inflight: false,
         }
     }
 
@@ -394,6 +400,7 @@ impl Channel {
         if v & CTRL_SRST != 0 && was & CTRL_SRST == 0 {
             self.gen += 1;
             self.inflight = false;
+            self.dma_inflight = false;
             self.dma = None;
             for d in self.drives.iter_mut().flatten() {
                 d.pio = Pio::Idle;
@@ -662,6 +669,16 @@ impl Channel {
             Outcome::Reset { diagnostic } => {
                 self.cur()?.reset_registers();
                 if diagnostic {
+                    // The device register is shared: DEV = 0 selects
+                    // device 0 on the channel, which reports the result
+                    // (its device register reads A0h as well). Without a
+                    // device 0 the reporting one stays selected.
+                    for d in self.drives.iter_mut().flatten() {
+                        d.tf.select = 0xa0;
+                    }
+                    if self.drives[0].is_some() {
+                        self.cur = 0;
+                    }
                     self.raise();
                 }
             }
@@ -832,15 +849,18 @@ impl Channel {
                     return self.start_dma();
                 }
                 if v & bmdma::CMD_START == 0 && was & bmdma::CMD_START != 0 {
-                    // Stopping the engine abandons a transfer in flight
-                    // (SFF-8038i 2.1.1); its completion will be ignored.
-                    self.bm.status &= !bmdma::STATUS_ACTIVE;
-                    if self.inflight {
-                        self.gen += 1;
-                        self.inflight = false;
-                        if let Some(d) = self.cur() {
-                            d.status = status::DRDY | status::DSC;
-                        }
+                    // A transfer whose I/O is in flight cannot be cut
+                    // short: part of it may have reached the disk. As
+                    // QEMU (ide_cancel_dma_sync), it completes as if it
+                    // had ended before the stop: the command's status
+                    // and interrupt, and "active" cleared with the
+                    // completion (`dma_finish`), so the guest sees the
+                    // same result whenever the I/O ends. Until then the
+                    // device is BSY and the engine active; the vCPU does
+                    // not wait for the disk. Otherwise the engine just
+                    // goes inactive (SFF-8038i 2.1.1).
+                    if !self.dma_inflight {
+                        self.bm.status &= !bmdma::STATUS_ACTIVE;
                     }
                 }
             }
@@ -898,7 +918,7 @@ impl Channel {
             DmaJob::DiskWrite { lba, fua, .. } => {
                 let b = d.disk()?.clone();
                 let Some(mut data) = bmdma::gather(&self.mem, &sg) else {
-                    self.bm.status |= bmdma::STATUS_ERROR;
+                    self.bm.status = (self.bm.status & !bmdma::STATUS_ACTIVE) | bmdma::STATUS_ERROR;
                     self.fail(error::ABRT, None);
                     return None;
                 };
@@ -908,14 +928,17 @@ impl Channel {
             }
             DmaJob::Trim { .. } => {
                 let b = d.disk()?.clone();
+                // A failed command ends the transfer: the engine goes
+                // inactive, the device interrupts with ABRT (QEMU's
+                // ide-test `bmdma/trim` expects exactly "interrupt").
                 let Some(data) = bmdma::gather(&self.mem, &sg) else {
-                    self.fail(error::ABRT, None);
+                    self.dma_finish(unit, &sg, Err(DmaError::Device(error::ABRT)));
                     return None;
                 };
                 let ranges = match d.dev.trim_ranges(&data) {
                     Ok(r) => r,
                     Err(r) => {
-                        self.fail(r.error_bits(), None);
+                        self.dma_finish(unit, &sg, Err(DmaError::Device(r.error_bits())));
                         return None;
                     }
                 };
@@ -942,6 +965,7 @@ impl Channel {
         };
         d.status = status::BSY | status::DRDY | status::DSC;
         self.inflight = true;
+        self.dma_inflight = true;
         Some(Io {
             backend,
             reqs,
@@ -954,7 +978,8 @@ impl Channel {
     /// Ends a DMA transfer: a short PRD table stops the engine without an
     /// interrupt (the device still wants data, as QEMU models it); otherwise
     /// the device completes and interrupts, and "active" stays set if the
-    /// table has room left (SFF-8038i 3.2).
+    /// table has room left (SFF-8038i 3.2) and the engine was not stopped
+    /// meanwhile.
     fn dma_finish(&mut self, unit: usize, sg: &SgList, result: Result<(), DmaError>) {
         self.cur = unit;
         if sg.short && result.is_ok() {
@@ -964,7 +989,7 @@ impl Channel {
             }
             return;
         }
-        if sg.exhausted || result.is_err() {
+        if sg.exhausted || result.is_err() || self.bm.cmd & bmdma::CMD_START == 0 {
             self.bm.status &= !bmdma::STATUS_ACTIVE;
         }
         let atapi = self.cur().is_some_and(|d| d.is_atapi());
@@ -988,9 +1013,10 @@ impl Channel {
         err: Option<BlockError>,
     ) {
         if gen != self.gen {
-            return; // reset or stopped meanwhile
+            return; // reset meanwhile
         }
         self.inflight = false;
+        self.dma_inflight = false;
         match pending {
             Pending::Flush => {
                 self.cur = unit;

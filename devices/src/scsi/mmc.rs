@@ -124,6 +124,16 @@ impl CdRom {
         self.lock().product = product.to_string();
     }
 
+    /// Sets the INQUIRY product revision level (from `ver=`).
+    pub fn set_revision(&mut self, revision: &str) {
+        self.revision = revision.to_string();
+    }
+
+    /// The INQUIRY product revision level.
+    pub fn revision(&self) -> &str {
+        &self.revision
+    }
+
     /// The medium, when one is loaded and the tray is closed.
     pub fn medium(&self) -> Option<Arc<BlockBackend>> {
         self.lock().medium().cloned()
