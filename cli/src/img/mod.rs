@@ -4,6 +4,12 @@
 //!
 //! Errors are one line on stderr, `strata-img: <message>`, exit code 1
 //! (`compare` uses 2 for errors, 1 for differences, as qemu-img does).
+//!
+//! Images are locked as qemu-img locks them: a command that writes takes
+//! the write permission and refuses shared writers; one that reads takes
+//! consistent read and, without `-U`, is refused while another process
+//! (a VM, qemu-nbd, another strata-img) writes the image. Commands that
+//! open qcow2 files at the format layer go through [`locked_storage`].
 
 pub mod amend;
 pub mod bench;
