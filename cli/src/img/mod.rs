@@ -9,7 +9,7 @@
 //! the write permission and refuses shared writers; one that reads takes
 //! consistent read and, without `-U`, is refused while another process
 //! (a VM, qemu-nbd, another strata-img) writes the image. Commands that
-//! open qcow2 files at the format layer go through [`locked_storage`].
+//! open qcow2 files at the format layer go through `locked_storage`.
 
 pub mod amend;
 pub mod bench;
