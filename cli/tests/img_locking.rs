@@ -64,22 +64,24 @@ impl Drop for Holder {
     }
 }
 
-/// Wait until qemu-img sees `file` locked against readers.
+/// Wait until the holder has the image's "write" lock byte (101). Probing
+/// with qemu-img instead would race with the holder's own lock check.
 fn wait_locked(dir: &Dir, file: &str, holder: &mut Holder) {
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(dir.p(file)).unwrap());
     let t0 = Instant::now();
-    loop {
-        let o = qi(dir, &["info", file]);
-        if !o.status.success() && stderr(&o).contains("lock") {
-            return;
-        }
+    while !holds_byte(ino, 101) {
         if let Ok(Some(st)) = holder.child.try_wait() {
-            panic!("holder exited early: {st}");
+            let mut err = String::new();
+            if let Some(mut e) = holder.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("holder exited early: {st}: {err}");
         }
         assert!(
             t0.elapsed() < Duration::from_secs(20),
             "{file} never got locked"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -88,7 +90,7 @@ fn hold_with_qemu_nbd(dir: &Dir, file: &str) -> Holder {
         .args(["-k", &dir.p("nbd.sock"), "-f", "qcow2", file])
         .current_dir(&dir.0)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut h = Holder {
@@ -342,16 +344,20 @@ fn refused_while_strata_holds_the_image() {
     check_free_again(&dir, "strata");
 }
 
-/// Whether some process holds an OFD lock starting at byte 100 of inode
-/// `ino` (the lock of QEMU's "consistent read" permission).
-fn holds_byte_100(ino: u64) -> bool {
+/// Whether some process holds an OFD lock on byte `byte` of inode `ino`
+/// (QEMU's lock bytes: 100 "consistent read", 101 "write", ...), as
+/// /proc/locks shows it.
+fn holds_byte(ino: u64, byte: u64) -> bool {
     let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    let ino = ino.to_string();
     locks.lines().any(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
+        let range = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
         f.len() >= 8
             && f[1] == "OFDLCK"
-            && f[5].rsplit(':').next() == Some(&ino.to_string())
-            && f[6] == "100"
+            && f[5].rsplit(':').next() == Some(ino.as_str())
+            && range(6).is_some_and(|a| a <= byte)
+            && range(7).is_some_and(|b| byte <= b)
     })
 }
 
@@ -389,7 +395,7 @@ fn qemu_img_refused_while_strata_img_holds_the_image() {
         // lock on byte 100 of the file, as /proc/locks shows it).
         let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&img).unwrap());
         let t0 = Instant::now();
-        while !holds_byte_100(ino) {
+        while !holds_byte(ino, 100) {
             assert!(
                 h.child.try_wait().unwrap().is_none(),
                 "bench ended before it locked the image"
