@@ -237,6 +237,14 @@ pub trait BlockDriver: Send + Sync + 'static {
             self.driver_name()
         )))
     }
+    /// Whether the `file` child holds this format's metadata (QEMU's
+    /// `BDRV_CHILD_METADATA`): the node then needs consistent reads of it,
+    /// write and resize when the node is writable, and never lets others
+    /// write or resize it. Default: no (`raw` and filters pass their
+    /// users' permissions through).
+    fn metadata_in_file(&self) -> bool {
+        false
+    }
     /// Take the permissions this node's users need and allow others
     /// (image locking for protocols). Default: nothing to do.
     fn set_perms(&self, _perm: Perms, _shared: Perms) -> BlockResult<()> {

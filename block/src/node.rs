@@ -9,9 +9,13 @@
 //! something another user does not share, or does not share something
 //! another user needs; this is checked at every node. A node passes the
 //! union of what its users need and the intersection of what they share to
-//! its `file`-like children, asks only consistent read of a `backing` child
-//! (which must not be written or resized under it), and a protocol node turns
-//! its aggregate into image locks.
+//! its `file`-like children, with QEMU's adjustments for a format's
+//! metadata child (consistent read, write and resize while writable, never
+//! shared for write or resize, so a reader without `force-share` is refused
+//! while another process writes the image, as `qemu-img` is), asks only
+//! consistent read of a `backing` child (which must not be written or
+//! resized under it), and a protocol node turns its aggregate into image
+//! locks.
 
 use crate::driver::{BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
 use crate::error::{BlockError, BlockResult};
@@ -372,26 +376,49 @@ impl Node {
     }
 
     /// Apply aggregate perms to this node's driver and, edge by edge, to its
-    /// children: a `file`-like child gets what this node's users need; a
-    /// `backing` child is only read and must not change under it.
+    /// children (QEMU's `bdrv_default_perms`): a `file`-like child gets what
+    /// this node's users need; a format's metadata `file` child is also
+    /// read consistently, written and resized while the node is writable,
+    /// and never shared for write or resize; a `data-file` child is not
+    /// shared for resize and is resized when written; a `backing` child is
+    /// only read and must not change under it. A child opened with
+    /// `force-share` shares everything.
     fn apply(&self, perm: Perms, shared: Perms) -> BlockResult<()> {
         self.driver.set_perms(perm, shared)?;
+        let used = perm.0 != 0 || shared != Perms::ALL;
         for (role, child) in &self.children {
-            let (cp, cs) = if role == "backing" {
-                let p = if perm.0 == 0 {
-                    Perms::NONE
-                } else {
-                    Perms::CONSISTENT_READ
-                };
-                let s = if perm.0 == 0 {
-                    Perms::ALL
-                } else {
-                    Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE)
-                };
+            let (cp, mut cs) = if !used {
+                (Perms::NONE, Perms::ALL)
+            } else if role == "backing" {
+                (
+                    Perms::CONSISTENT_READ,
+                    Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE),
+                )
+            } else if role == "file" && self.driver.metadata_in_file() {
+                let mut p = perm.union(Perms::CONSISTENT_READ);
+                if !self.common.read_only {
+                    p = p.union(Perms::WRITE).union(Perms::RESIZE);
+                }
+                let s = shared
+                    .union(Perms::WRITE_UNCHANGED)
+                    .minus(Perms::WRITE)
+                    .minus(Perms::RESIZE);
                 (p, s)
+            } else if role == "data-file" {
+                let mut p = perm;
+                if p.contains(Perms::WRITE_UNCHANGED) {
+                    p = p.union(Perms::WRITE);
+                }
+                if p.contains(Perms::WRITE) {
+                    p = p.union(Perms::RESIZE);
+                }
+                (p, shared.union(Perms::WRITE_UNCHANGED).minus(Perms::RESIZE))
             } else {
                 (perm, shared)
             };
+            if used && child.common.force_share {
+                cs = Perms::ALL;
+            }
             child.set_edge(&self.name, role, cp, cs)?;
         }
         Ok(())

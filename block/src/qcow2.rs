@@ -879,6 +879,9 @@ impl BlockDriver for Qcow2Node {
     fn driver_name(&self) -> &'static str {
         "qcow2"
     }
+    fn metadata_in_file(&self) -> bool {
+        true
+    }
     fn len(&self) -> u64 {
         self.img.size()
     }

@@ -106,6 +106,13 @@ pub fn commit(a: CommitArgs) -> R<i32> {
     if let Some(c) = &a.cache {
         super::cache_mode(c)?;
     }
+    // qemu-img opens the image read-write first: refuse, as it does, while
+    // another process uses it (its write lock is taken again to empty it).
+    {
+        let pg = BlockGraph::new();
+        let f = super::convert::file_node(&pg, &a.filename, false, None)?;
+        super::locked_storage(f, &a.filename, true, false)?;
+    }
     let g = BlockGraph::new();
     let mut spec = OpenSpec::new(&a.filename);
     spec.fmt = a.fmt.as_deref();

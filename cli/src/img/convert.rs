@@ -722,18 +722,20 @@ pub(crate) fn open_qcow2_rw(
     use block::qcow2::{resolve_backing, NodeStorage};
     use formats::storage::Storage;
     let f = file_node(g, filename, false, cache)?;
-    let fs: Arc<dyn Storage> = Arc::new(NodeStorage(f));
+    // Written: the locks of qemu-img's read-write qcow2 node.
+    let fs = super::locked_storage(f, filename, true, false)?;
     let h = formats::qcow2::preview(&*fs, filename)
         .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))?
         .header;
     let data: Option<Arc<dyn Storage>> = match &h.data_file {
         Some(d) if h.incompatible & formats::qcow2::header::INCOMPAT_DATA_FILE != 0 => {
-            Some(Arc::new(NodeStorage(file_node(
-                g,
-                &resolve_backing(filename, d),
+            let p = resolve_backing(filename, d);
+            Some(super::locked_storage(
+                file_node(g, &p, false, cache)?,
+                &p,
+                true,
                 false,
-                cache,
-            )?)))
+            )?)
         }
         _ => None,
     };

@@ -51,10 +51,10 @@ pub fn create(
             None => println!("Formatting '{filename}', fmt=raw size={size_v}"),
         }
     }
+    #[allow(clippy::suspicious_open_options)] // emptied under a lock below
     let f = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
-        .truncate(true)
         .open(filename)
         .map_err(|e| {
             super::Fail(
@@ -65,6 +65,7 @@ pub fn create(
                 1,
             )
         })?;
+    super::truncate_for_create(filename, filename)?;
     f.set_len(size_v)
         .map_err(|e| super::Fail(format!("{filename}: Could not resize file: {e}"), 1))?;
     match prealloc.as_deref() {
@@ -526,15 +527,22 @@ pub fn check(
     let mut spec = OpenSpec::new(filename);
     spec.fmt = fmt;
     spec.image_opts = image_opts;
-    spec.force_share = force_share;
+    if force_share && repair.is_some() {
+        return fail(format!(
+            "Could not open '{filename}': force-share=on can only be used with read-only images"
+        ));
+    }
     // Only to learn the format: read-only, so that an image marked
-    // corrupt can be opened (qcow2 below opens it again for the repair).
+    // corrupt can be opened (qcow2 below opens it again, and locks it for
+    // reading, or for writing to repair it, as qemu-img does). A repair
+    // shares writes here so that its refusal names the write lock.
+    spec.force_share = force_share || repair.is_some();
     spec.read_only = true;
     let blk = open(&graph, &spec)?;
     if blk.root().is_some_and(|r| r.driver_name() == "qcow2") && !image_opts {
         drop(blk);
         drop(graph);
-        return super::qcow2::check(filename, json, repair, quiet);
+        return super::qcow2::check(filename, json, repair, quiet, force_share);
     }
     let _ = blk;
     Err(super::Fail(

@@ -4,6 +4,12 @@
 //!
 //! Errors are one line on stderr, `strata-img: <message>`, exit code 1
 //! (`compare` uses 2 for errors, 1 for differences, as qemu-img does).
+//!
+//! Images are locked as qemu-img locks them: a command that writes takes
+//! the write permission and refuses shared writers; one that reads takes
+//! consistent read and, without `-U`, is refused while another process
+//! (a VM, qemu-nbd, another strata-img) writes the image. Commands that
+//! open qcow2 files at the format layer go through `locked_storage`.
 
 pub mod amend;
 pub mod bench;
@@ -282,6 +288,96 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
         ..Default::default()
     };
     BlockBackend::new("", node, cfg).map_err(|e| open_error(spec.filename, e))
+}
+
+/// The storage of an image file that a command opens at the format layer
+/// itself (snapshots, check, amend, rebase, commit, qcow2 targets), holding
+/// the permissions qemu-img's format node takes on its `file` child and so
+/// the same image locks: a writer uses consistent read, write and resize; a
+/// reader consistent read; neither lets others write or resize the file
+/// unless `force_share` (a reader's `-U`).
+pub(crate) struct LockedStorage {
+    inner: block::qcow2::NodeStorage,
+    _perm: block::node::PermHandle,
+}
+
+/// Lock `node` (the file of the image the user named `filename`) for
+/// reading or writing, as qemu-img would; refused with qemu-img's message
+/// while another process holds a conflicting lock.
+pub(crate) fn locked_storage(
+    node: Arc<block::node::Node>,
+    filename: &str,
+    write: bool,
+    force_share: bool,
+) -> R<Arc<dyn formats::storage::Storage>> {
+    let perm = if write {
+        Perms::CONSISTENT_READ
+            .union(Perms::WRITE)
+            .union(Perms::RESIZE)
+    } else {
+        Perms::CONSISTENT_READ
+    };
+    let shared = if force_share && !write {
+        Perms::ALL
+    } else {
+        Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED)
+    };
+    let h = node
+        .attach("strata-img", perm, shared)
+        .map_err(|e| open_error(filename, e))?;
+    Ok(Arc::new(LockedStorage {
+        inner: block::qcow2::NodeStorage(node),
+        _perm: h,
+    }))
+}
+
+impl formats::storage::Storage for LockedStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.write_zeroes(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.allocate(offset, len)
+    }
+}
+
+/// Empty the file `path` that `create` has just opened (without
+/// truncating) for a new image, under the lock qemu-img's file creation
+/// takes: write and resize, not sharing resize. Refused, leaving the file
+/// untouched, while another process uses the image; `name` is how the
+/// message names it.
+pub(crate) fn truncate_for_create(name: &str, path: &str) -> R<()> {
+    let g = BlockGraph::new();
+    let f = convert::file_node(&g, path, false, None)?;
+    let _h = f
+        .attach(
+            "strata-img",
+            Perms::WRITE.union(Perms::RESIZE),
+            Perms::ALL.minus(Perms::RESIZE),
+        )
+        .map_err(|e| Fail(format!("{name}: {e}"), 1))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(0))
+        .map_err(|e| Fail(format!("{name}: Could not resize file: {e}"), 1))
 }
 
 fn open_error(filename: &str, e: block::error::BlockError) -> Fail {

@@ -183,44 +183,55 @@ pub fn create(
         println!("{line}");
     }
     let mkfile = |p: &str| -> R<()> {
+        #[allow(clippy::suspicious_open_options)] // emptied under a lock below
         std::fs::OpenOptions::new()
             .create(true)
             .write(true)
-            .truncate(true)
             .open(p)
-            .map(|_| ())
-            .map_err(|e| Fail(format!("{filename}: Could not create '{p}': {e}"), 1))
+            .map_err(|e| Fail(format!("{filename}: Could not create '{p}': {e}"), 1))?;
+        super::truncate_for_create(filename, p)
     };
     mkfile(filename)?;
     let g = BlockGraph::new();
-    let f = file_node(&g, filename, false)?;
+    // Formatted under the locks of a read-write qcow2 node, as qemu-img
+    // opens the new image.
+    let f = super::locked_storage(file_node(&g, filename, false)?, filename, true, false)?;
     let data: Option<Arc<dyn Storage>> = match &o.data_file {
         Some(d) => {
             let p = resolve_backing(filename, d);
             mkfile(&p)?;
-            Some(Arc::new(NodeStorage(file_node(&g, &p, false)?)))
+            Some(super::locked_storage(
+                file_node(&g, &p, false)?,
+                &p,
+                true,
+                false,
+            )?)
         }
         None => None,
     };
-    q2create(filename, Arc::new(NodeStorage(f)), data, &o)
-        .map_err(|e| Fail(format!("{filename}: {e}"), 1))?;
+    q2create(filename, f, data, &o).map_err(|e| Fail(format!("{filename}: {e}"), 1))?;
     Ok(0)
 }
 
 /// Open the image for checking (no backing file needed).
-fn open_for_check(g: &BlockGraph, filename: &str, repair: bool) -> R<Qcow2> {
+/// Opened with the locks of qemu-img's qcow2 node: read (refused while
+/// another process writes the image, unless `force_share`), or write for
+/// a repair.
+fn open_for_check(g: &BlockGraph, filename: &str, repair: bool, force_share: bool) -> R<Qcow2> {
     let f = file_node(g, filename, !repair)?;
-    let fs: Arc<dyn Storage> = Arc::new(NodeStorage(f));
+    let fs = super::locked_storage(f, filename, repair, force_share)?;
     let h = formats::qcow2::preview(&*fs, filename)
         .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))?
         .header;
     let data: Option<Arc<dyn Storage>> = match &h.data_file {
         Some(d) if h.incompatible & formats::qcow2::header::INCOMPAT_DATA_FILE != 0 => {
-            Some(Arc::new(NodeStorage(file_node(
-                g,
-                &resolve_backing(filename, d),
-                !repair,
-            )?)))
+            let p = resolve_backing(filename, d);
+            Some(super::locked_storage(
+                file_node(g, &p, !repair)?,
+                &p,
+                repair,
+                force_share,
+            )?)
         }
         _ => None,
     };
@@ -311,7 +322,13 @@ fn code(r: &CheckResult) -> i32 {
 }
 
 /// `check [-r leaks|all] [--output] [-q]` on a qcow2 image.
-pub fn check(filename: &str, json: bool, repair: Option<&str>, quiet: bool) -> R<i32> {
+pub fn check(
+    filename: &str,
+    json: bool,
+    repair: Option<&str>,
+    quiet: bool,
+    force_share: bool,
+) -> R<i32> {
     let rep = match repair {
         None => Repair::None,
         Some("leaks") => Repair::Leaks,
@@ -323,7 +340,7 @@ pub fn check(filename: &str, json: bool, repair: Option<&str>, quiet: bool) -> R
         }
     };
     let g = BlockGraph::new();
-    let img = open_for_check(&g, filename, rep != Repair::None)?;
+    let img = open_for_check(&g, filename, rep != Repair::None, force_share)?;
     let r = img
         .check(rep)
         .map_err(|e| Fail(format!("Check failed: {e}"), 1))?;

@@ -11,8 +11,6 @@ use block::keyval::{Map, Options, Value};
 use block::qcow2::NodeStorage;
 use formats::qcow2::snapshot::Snapshot;
 use formats::qcow2::{OpenOptions, Qcow2};
-use formats::storage::Storage;
-use std::sync::Arc;
 
 /// `snapshot` options (qemu-img's letters).
 #[derive(clap::Args, Debug)]
@@ -137,6 +135,11 @@ pub fn of_node(n: &block::node::Node) -> Vec<Snapshot> {
 }
 
 fn open(g: &BlockGraph, filename: &str, read_only: bool, force_share: bool) -> R<Qcow2> {
+    if force_share && !read_only {
+        return fail(format!(
+            "Could not open '{filename}': force-share=on can only be used with read-only images"
+        ));
+    }
     let mut m = Map::new();
     m.insert("driver".into(), Value::Str("file".into()));
     m.insert("filename".into(), Value::Str(filename.into()));
@@ -149,7 +152,9 @@ fn open(g: &BlockGraph, filename: &str, read_only: bool, force_share: bool) -> R
     let f = g
         .open_options(Options::new("file", m), None, false)
         .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))?;
-    let fs: Arc<dyn Storage> = Arc::new(NodeStorage(f));
+    // The locks qemu-img's qcow2 node takes on its file: refused while a
+    // running VM or qemu-nbd writes the image (a reader unless -U).
+    let fs = super::locked_storage(f, filename, !read_only, force_share)?;
     let mut magic = [0u8; 4];
     let _ = fs.read_at(0, &mut magic);
     if &magic != b"QFI\xfb" {
@@ -207,7 +212,7 @@ pub fn snapshot(a: SnapshotArgs) -> R<i32> {
     let file = &a.filename;
     let g = BlockGraph::new();
     let list = n == 0 || a.list;
-    let img = open(&g, file, list, a.force_share && list)?;
+    let img = open(&g, file, list, a.force_share)?;
     if list {
         let s = img.snapshots();
         if !s.is_empty() && !a.quiet {
