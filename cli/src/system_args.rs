@@ -16,19 +16,30 @@ usage: strata [options]
 Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -machine/-M pc|none[,accel=kvm|qtest]  machine type (pc = i440FX + PIIX3; help lists them)
   -accel kvm|qtest, -enable-kvm     accelerator (KVM is the only CPU accelerator)
+  -cpu MODEL[,+flag,-flag,...]      accepted; the guest gets the CPUID KVM supports (-cpu help)
   -m SIZE                           guest RAM (bare numbers are MiB; K/M/G/T suffixes)
   -smp N[,cores=,threads=,sockets=,maxcpus=]  virtual CPUs
   -bios FILE                        firmware (default /usr/share/seabios/bios-256k.bin)
+  -L DIR                            firmware search path (-bios names, option ROMs)
   -boot [order=]DRIVES[,once=,menu=on|off,splash-time=,reboot-timeout=,strict=on|off]
   -serial DEV                       stdio, mon:stdio, file:PATH, unix:PATH[,server][,nowait], null, none
   -debugcon DEV                     isa-debugcon on port 0xe9 (see -global)
   -global DRIVER.PROP=VALUE         default of a device property (e.g. isa-debugcon.iobase=0x402)
-  -nographic, -display none         no display (Strata never has one); -nographic wires COM1 to stdio
+  -nographic, -display none, -vga none   no display (Strata has none; other types warn)
+                                    -nographic wires COM1 to stdio
+  -nic none, -net none              no network (Strata has no network device; others warn)
+  -rtc base=utc|localtime|DATE[,clock=host|rt|vm,driftfix=none|slew]   RTC start time
+  -uuid UUID                        SMBIOS system UUID
+  -pidfile FILE, -D LOGFILE         write the pid; send Strata's log to a file
+  -msg, -overcommit, -sandbox, -k, -d, -usb, -no-acpi, -no-hpet, -no-shutdown,
+  -no-user-config, -nodefconfig     accepted for compatibility (with a warning where
+                                    Strata lacks the hardware)
   -nodefaults                       no default serial port
   -no-reboot                        exit instead of rebooting when the guest resets
   -snapshot                         write to temporary overlays; the disk images stay unchanged
   -name NAME, -S                    guest name; start with vCPUs stopped
   -drive file=F[,if=ide|virtio|none,format=,media=disk|cdrom,cache=,aio=,...]
+  IMAGE                             a bare argument is -hda IMAGE
   -hda/-hdb/-hdc/-hdd F, -cdrom F, -fda/-fdb F   legacy drive shortcuts
   -blockdev driver=...,node-name=...  (or JSON)   a block node
   -device DRIVER[,drive=ID,...]     a device (-device help, -device DRIVER,help)
@@ -643,32 +654,32 @@ fn parse_msg(v: &str) -> Result<(), String> {
 /// `-overcommit mem-lock=on|off|on-fault,cpu-pm=on|off`: off is what
 /// Strata does; on is warned about.
 fn parse_overcommit(v: &str) -> Result<(), String> {
+    let mut on = Vec::new();
     for (k, val) in split_opts("-overcommit", v, None)? {
-        let on = match (k.as_str(), val.as_str()) {
+        let set = match (k.as_str(), val.as_str()) {
             ("mem-lock", "on-fault") => true,
             ("mem-lock" | "cpu-pm", _) => parse_bool("-overcommit", &k, &val)?,
             _ => return Err(format!("-overcommit {v}: unknown property '{k}'")),
         };
-        if on {
-            warn(&format!(
-                "-overcommit {k}={val}: not supported by Strata; ignoring"
-            ));
+        if set {
+            on.push(format!("{k}={val}"));
         }
+    }
+    // Warned only once the whole value is known to be good.
+    for o in on {
+        warn(&format!(
+            "-overcommit {o}: not supported by Strata; ignoring"
+        ));
     }
     Ok(())
 }
 
 /// `-sandbox on|off[,obsolete=,elevateprivileges=,spawn=,resourcecontrol=]`.
 fn parse_sandbox(v: &str) -> Result<(), String> {
+    let mut enable = false;
     for (k, val) in split_opts("-sandbox", v, Some("enable"))? {
         match k.as_str() {
-            "enable" => {
-                if parse_bool("-sandbox", &k, &val)? {
-                    warn(&format!(
-                        "-sandbox {v}: Strata has no seccomp sandbox yet; running without one"
-                    ));
-                }
-            }
+            "enable" => enable = parse_bool("-sandbox", &k, &val)?,
             "obsolete" | "elevateprivileges" | "spawn" | "resourcecontrol"
                 if matches!(val.as_str(), "allow" | "deny" | "children") => {}
             "obsolete" | "elevateprivileges" | "spawn" | "resourcecontrol" => {
@@ -676,6 +687,11 @@ fn parse_sandbox(v: &str) -> Result<(), String> {
             }
             _ => return Err(format!("-sandbox {v}: unknown property '{k}'")),
         }
+    }
+    if enable {
+        warn(&format!(
+            "-sandbox {v}: Strata has no seccomp sandbox yet; running without one"
+        ));
     }
     Ok(())
 }
@@ -994,12 +1010,115 @@ mod tests {
             ),
             ("-smp x", "-smp: cpus=x: not a number"),
             ("-m", "-m: requires an argument"),
-            ("-accel tcg", "-accel tcg: not supported"),
+            (
+                "-accel tcg",
+                "-accel tcg: not supported; Strata runs only on KVM",
+            ),
+            (
+                "-machine accel=tcg",
+                "-machine accel=tcg: not supported; Strata runs only on KVM",
+            ),
+            ("-daemonize", "-daemonize: not supported yet"),
+            ("-cpu host,+", "-cpu host,+: invalid CPU feature '+'"),
+            (
+                "-nic bogus",
+                "-nic bogus: invalid network backend type 'bogus'",
+            ),
+            ("-vga foo", "-vga foo: invalid VGA type"),
+            ("-display foo", "-display foo: unknown display type"),
+            ("-rtc base=2006-13-01", "-rtc base=2006-13-01: invalid base"),
+            ("-rtc clock=wall", "-rtc clock=wall: invalid clock 'wall'"),
+            ("-rtc driftfix=x", "-rtc driftfix=x: invalid driftfix 'x'"),
+            ("-uuid 1234", "-uuid 1234: not a UUID"),
+            (
+                "-L /nonexistent/dir",
+                "-L /nonexistent/dir: no such directory",
+            ),
+            ("-msg timestamp=maybe", "-msg"),
+            (
+                "-overcommit foo=on",
+                "-overcommit foo=on: unknown property 'foo'",
+            ),
+            (
+                "-sandbox on,spawn=x",
+                "-sandbox on,spawn=x: invalid spawn 'x'",
+            ),
         ] {
             let e = parse(&args(a))
                 .err()
                 .unwrap_or_else(|| panic!("{a} should fail"));
             assert!(e.starts_with(want), "{a}: {e}");
         }
+    }
+
+    #[test]
+    fn compat_forms() {
+        let c = cfg(
+            "-cpu host,+x2apic,-vmx,level=13 -nic none -net none -vga none -display none \
+             -no-hpet -no-user-config -nodefconfig -no-shutdown -k en-us -d guest_errors \
+             -msg timestamp=on -overcommit mem-lock=off,cpu-pm=off -sandbox off \
+             -rtc base=utc,clock=host,driftfix=slew",
+        );
+        assert_eq!(c.rtc_offset, 0);
+        assert!(matches!(parse(&args("-cpu help")), Ok(Parsed::Print(_))));
+        let c = cfg("-uuid 12345678-9abc-def0-1122-334455667788");
+        assert_eq!(c.smbios.len(), 1);
+        assert_eq!(c.smbios[0][1].1, "12345678-9abc-def0-1122-334455667788");
+        match parse(&args("-pidfile /tmp/p -D /tmp/l")).unwrap() {
+            Parsed::Run(_, p) => {
+                assert_eq!(p.pidfile, Some(PathBuf::from("/tmp/p")));
+                assert_eq!(p.log_file, Some(PathBuf::from("/tmp/l")));
+            }
+            _ => panic!(),
+        }
+        // A bare argument is -hda.
+        let c = cfg("disk.img");
+        assert_eq!(c.drives.len(), 1);
+        assert!(cfg("-rtc base=localtime").rtc_offset.abs() <= 14 * 3600);
+    }
+
+    #[test]
+    fn rtc_dates() {
+        assert_eq!(parse_rtc_date("1970-01-01"), Some(0));
+        assert_eq!(parse_rtc_date("2006-06-17T16:01:21"), Some(1150560081));
+        assert_eq!(parse_rtc_date("2000-03-01"), Some(951868800));
+        for bad in [
+            "2006-6-17",
+            "2006-06-17T25:00:00",
+            "2006-06-17T1:2:3",
+            "now",
+            "2006-00-10",
+        ] {
+            assert_eq!(parse_rtc_date(bad), None, "{bad}");
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let off = parse_rtc("base=2006-06-17T16:01:21").unwrap();
+        assert!((now + off - 1150560081).abs() <= 2);
+    }
+
+    #[test]
+    fn bios_search_path() {
+        let d = std::env::temp_dir().join(format!("strata-L-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("my-bios.bin"), b"x").unwrap();
+        std::fs::write(d.join(BIOS_NAME), b"x").unwrap();
+        let l = d.display().to_string();
+        let c = cfg(&format!("-L {l} -bios my-bios.bin"));
+        assert_eq!(c.bios, d.join("my-bios.bin"));
+        assert!(c.bios_explicit);
+        assert_eq!(c.firmware_dirs, vec![d.clone()]);
+        // -L after -bios counts too, and without -bios it finds bios-256k.bin.
+        assert_eq!(
+            cfg(&format!("-bios my-bios.bin -L {l}")).bios,
+            d.join("my-bios.bin")
+        );
+        let c = cfg(&format!("-L {l}"));
+        assert_eq!(c.bios, d.join(BIOS_NAME));
+        assert!(!c.bios_explicit);
+        assert!(parse(&args("-bios my-bios.bin")).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }
