@@ -31,9 +31,10 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -rtc base=utc|localtime|DATE[,clock=host|rt|vm,driftfix=none|slew]   RTC start time
   -uuid UUID                        SMBIOS system UUID
   -pidfile FILE, -D LOGFILE         write the pid; send Strata's log to a file
-  -msg, -overcommit, -sandbox, -k, -d, -usb, -no-acpi, -no-hpet, -no-shutdown,
-  -no-user-config, -nodefconfig     accepted for compatibility (with a warning where
-                                    Strata lacks the hardware)
+  -msg, -overcommit, -sandbox, -k, -d, -usb, -vnc, -spice, -no-acpi, -no-hpet,
+  -no-shutdown, -no-user-config, -nodefconfig
+                                    accepted for compatibility (with a warning
+                                    where Strata lacks the hardware)
   -nodefaults                       no default serial port
   -no-reboot                        exit instead of rebooting when the guest resets
   -snapshot                         write to temporary overlays; the disk images stay unchanged
@@ -140,6 +141,8 @@ const IGNORED: &[(&str, bool, Option<&str>)] = &[
         false,
         Some("Strata has no USB controller yet; ignoring"),
     ),
+    ("-vnc", true, Some("Strata has no display yet; ignoring")),
+    ("-spice", true, Some("Strata has no display yet; ignoring")),
 ];
 
 fn warn(msg: &str) {
@@ -561,15 +564,16 @@ fn parse_display(v: &str) -> Result<(), String> {
 }
 
 /// `-rtc base=utc|localtime|DATE,clock=host|rt|vm,driftfix=none|slew`:
-/// the seconds to add to the host's UTC time for the guest's RTC. Strata's
+/// the seconds to add to the host's UTC time for the guest's RTC, if
+/// `base` is given (a later `-rtc clock=vm` keeps an earlier base). Strata's
 /// RTC always follows the host clock and has no interrupt catch-up, so
 /// `clock` and `driftfix` are only checked.
-fn parse_rtc(v: &str) -> Result<i64, String> {
-    let mut offset = 0;
+fn parse_rtc(v: &str) -> Result<Option<i64>, String> {
+    let mut offset = None;
     for (k, val) in split_opts("-rtc", v, None)? {
         match k.as_str() {
             "base" => {
-                offset = match val.as_str() {
+                offset = Some(match val.as_str() {
                     "utc" => 0,
                     "localtime" => local_utc_offset(),
                     d => {
@@ -583,7 +587,7 @@ fn parse_rtc(v: &str) -> Result<i64, String> {
                             .map_or(0, |d| d.as_secs() as i64);
                         t - now
                     }
-                }
+                })
             }
             "clock" if matches!(val.as_str(), "host" | "rt" | "vm") => {}
             "driftfix" if matches!(val.as_str(), "none" | "slew") => {}
@@ -817,7 +821,11 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                     return Ok(Parsed::Print(help));
                 }
             }
-            "-rtc" => cfg.rtc_offset = parse_rtc(value)?,
+            "-rtc" => {
+                if let Some(offset) = parse_rtc(value)? {
+                    cfg.rtc_offset = offset;
+                }
+            }
             "-uuid" => {
                 vmm::smbios::parse_uuid(value).map_err(|_| {
                     format!("-uuid {value}: not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
@@ -1095,7 +1103,12 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        let off = parse_rtc("base=2006-06-17T16:01:21").unwrap();
+        let off = parse_rtc("base=2006-06-17T16:01:21").unwrap().unwrap();
+        assert_eq!(parse_rtc("clock=vm"), Ok(None));
+        assert_eq!(
+            cfg("-rtc base=2006-06-17 -rtc clock=vm").rtc_offset,
+            cfg("-rtc base=2006-06-17").rtc_offset
+        );
         assert!((now + off - 1150560081).abs() <= 2);
     }
 

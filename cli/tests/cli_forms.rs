@@ -209,6 +209,7 @@ fn ignored_and_warned_flags() {
         "-no-acpi: Strata always provides ACPI tables",
     );
     warned(&["-usb"], "-usb: Strata has no USB controller");
+    warned(&["-vnc", ":0"], "-vnc: Strata has no display");
 }
 
 #[test]

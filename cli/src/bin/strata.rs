@@ -54,7 +54,9 @@ fn main() {
                 "QEMU emulator version {QEMU_VERSION} (Strata {})",
                 env!("CARGO_PKG_VERSION")
             );
-            println!("Copyright (c) the Strata developers; command line after QEMU's, Copyright (c) 2003-2022 Fabrice Bellard and the QEMU Project developers");
+            println!(
+                "Copyright (c) the Strata developers (a KVM PC emulator with QEMU's command line)"
+            );
             0
         }
         Ok(Parsed::Run(cfg, process)) => match run(*cfg, &process) {
