@@ -16,19 +16,31 @@ usage: strata [options]
 Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -machine/-M pc|none[,accel=kvm|qtest]  machine type (pc = i440FX + PIIX3; help lists them)
   -accel kvm|qtest, -enable-kvm     accelerator (KVM is the only CPU accelerator)
+  -cpu MODEL[,+flag,-flag,...]      accepted; the guest gets the CPUID KVM supports (-cpu help)
   -m SIZE                           guest RAM (bare numbers are MiB; K/M/G/T suffixes)
   -smp N[,cores=,threads=,sockets=,maxcpus=]  virtual CPUs
   -bios FILE                        firmware (default /usr/share/seabios/bios-256k.bin)
+  -L DIR                            firmware search path (-bios names, option ROMs)
   -boot [order=]DRIVES[,once=,menu=on|off,splash-time=,reboot-timeout=,strict=on|off]
   -serial DEV                       stdio, mon:stdio, file:PATH, unix:PATH[,server][,nowait], null, none
   -debugcon DEV                     isa-debugcon on port 0xe9 (see -global)
   -global DRIVER.PROP=VALUE         default of a device property (e.g. isa-debugcon.iobase=0x402)
-  -nographic, -display none         no display (Strata never has one); -nographic wires COM1 to stdio
+  -nographic, -display none, -vga none   no display (Strata has none; other types warn)
+                                    -nographic wires COM1 to stdio
+  -nic none, -net none              no network (Strata has no network device; others warn)
+  -rtc base=utc|localtime|DATE[,clock=host|rt|vm,driftfix=none|slew]   RTC start time
+  -uuid UUID                        SMBIOS system UUID
+  -pidfile FILE, -D LOGFILE         write the pid; send Strata's log to a file
+  -msg, -overcommit, -sandbox, -k, -d, -usb, -vnc, -spice, -no-acpi, -no-hpet,
+  -no-shutdown, -no-user-config, -nodefconfig
+                                    accepted for compatibility (with a warning
+                                    where Strata lacks the hardware)
   -nodefaults                       no default serial port
   -no-reboot                        exit instead of rebooting when the guest resets
   -snapshot                         write to temporary overlays; the disk images stay unchanged
   -name NAME, -S                    guest name; start with vCPUs stopped
   -drive file=F[,if=ide|virtio|none,format=,media=disk|cdrom,cache=,aio=,...]
+  IMAGE                             a bare argument is -hda IMAGE
   -hda/-hdb/-hdc/-hdd F, -cdrom F, -fda/-fdb F   legacy drive shortcuts
   -blockdev driver=...,node-name=...  (or JSON)   a block node
   -device DRIVER[,drive=ID,...]     a device (-device help, -device DRIVER,help)
@@ -74,10 +86,91 @@ const KNOWN_WITH_VALUE: &[&str] = &[
     "-append",
     "-smbios",
     "-object",
+    "-cpu",
+    "-nic",
+    "-net",
+    "-netdev",
+    "-vga",
+    "-rtc",
+    "-uuid",
+    "-L",
+    "-msg",
+    "-overcommit",
+    "-sandbox",
+    "-pidfile",
+    "-D",
 ];
 
+/// Options without a value that `parse` handles.
+const FLAGS: &[&str] = &[
+    "-nographic",
+    "-nodefaults",
+    "-no-reboot",
+    "-snapshot",
+    "-enable-kvm",
+    "-S",
+    "-version",
+    "-help",
+    "-h",
+    "-daemonize",
+];
+
+/// QEMU options Strata accepts and ignores: (option, takes a value,
+/// warning). `None`: they change nothing on Strata, so nothing is said.
+const IGNORED: &[(&str, bool, Option<&str>)] = &[
+    // Strata reads no configuration files.
+    ("-no-user-config", false, None),
+    ("-nodefconfig", false, None),
+    // The pc machine has no HPET.
+    ("-no-hpet", false, None),
+    // QEMU stops the guest on power-off and waits for the monitor; Strata
+    // exits with status 0 when the guest powers off (which is what a
+    // management tool using -no-shutdown then sees as the guest's end).
+    ("-no-shutdown", false, None),
+    // The keyboard layout of a VNC display; Strata has no display.
+    ("-k", true, None),
+    // QEMU's log items (TCG and guest errors); Strata logs with RUST_LOG.
+    ("-d", true, None),
+    (
+        "-no-acpi",
+        false,
+        Some("Strata always provides ACPI tables; ignoring"),
+    ),
+    (
+        "-usb",
+        false,
+        Some("Strata has no USB controller yet; ignoring"),
+    ),
+    ("-vnc", true, Some("Strata has no display yet; ignoring")),
+    ("-spice", true, Some("Strata has no display yet; ignoring")),
+];
+
+fn warn(msg: &str) {
+    eprintln!("strata: warning: {msg}");
+}
+
+/// Whether `opt` takes a value; `None` for an unknown option.
+fn takes_value(opt: &str) -> Option<bool> {
+    if FLAGS.contains(&opt) {
+        Some(false)
+    } else if KNOWN_WITH_VALUE.contains(&opt) {
+        Some(true)
+    } else {
+        IGNORED.iter().find(|(o, ..)| *o == opt).map(|(_, v, _)| *v)
+    }
+}
+
+/// What the `strata` process itself does around the machine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Process {
+    /// `-pidfile FILE`: written before the guest starts, removed at exit.
+    pub pidfile: Option<PathBuf>,
+    /// `-D FILE`: where Strata's log goes instead of stderr.
+    pub log_file: Option<PathBuf>,
+}
+
 pub enum Parsed {
-    Run(Box<MachineConfig>),
+    Run(Box<MachineConfig>, Process),
     Help,
     Version,
     /// A help listing (`-device help`, `-machine help`): print it, exit 0.
@@ -169,7 +262,7 @@ fn parse_machine(
                 },
             },
             "accel" => {
-                parse_accel(cfg, &val)?;
+                parse_accel(cfg, "-machine accel=", &val)?;
                 *accel_set = true;
             }
             "usb" => {
@@ -184,7 +277,9 @@ fn parse_machine(
     Ok(None)
 }
 
-fn parse_accel(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
+/// `-accel NAME` or `-machine accel=NAME`; `what` is the option as the
+/// user wrote it, up to the name (`-accel ` or `-machine accel=`).
+fn parse_accel(cfg: &mut MachineConfig, what: &str, v: &str) -> Result<(), String> {
     let first = v.split(':').next().unwrap_or("");
     let name = first.split(',').next().unwrap_or("");
     cfg.accel = match name {
@@ -192,10 +287,10 @@ fn parse_accel(cfg: &mut MachineConfig, v: &str) -> Result<(), String> {
         "qtest" => Accel::Qtest,
         "tcg" | "xen" | "hvf" | "whpx" | "nvmm" => {
             return Err(format!(
-                "-accel {name}: not supported; KVM is Strata's only accelerator"
+                "{what}{name}: not supported; Strata runs only on KVM"
             ))
         }
-        _ => return Err(format!("-accel {v}: unknown accelerator")),
+        _ => return Err(format!("{what}{v}: unknown accelerator")),
     };
     Ok(())
 }
@@ -313,6 +408,328 @@ fn parse_smbios(v: &str) -> Result<Vec<(String, String)>, String> {
     Ok(o)
 }
 
+/// QEMU's x86 CPU models (a model name, or one of these followed by `-`
+/// and a variant: `Haswell-noTSX-IBRS`, `EPYC-Rome-v2`).
+const CPU_MODELS: &[&str] = &[
+    "host",
+    "max",
+    "base",
+    "qemu64",
+    "qemu32",
+    "kvm64",
+    "kvm32",
+    "486",
+    "pentium",
+    "pentium2",
+    "pentium3",
+    "coreduo",
+    "core2duo",
+    "n270",
+    "athlon",
+    "phenom",
+    "Conroe",
+    "Penryn",
+    "Nehalem",
+    "Westmere",
+    "SandyBridge",
+    "IvyBridge",
+    "Haswell",
+    "Broadwell",
+    "Skylake",
+    "Cascadelake",
+    "Cooperlake",
+    "Icelake",
+    "SapphireRapids",
+    "GraniteRapids",
+    "SierraForest",
+    "Snowridge",
+    "Denverton",
+    "KnightsMill",
+    "Opteron_G1",
+    "Opteron_G2",
+    "Opteron_G3",
+    "Opteron_G4",
+    "Opteron_G5",
+    "EPYC",
+    "Dhyana",
+    "YongFeng",
+];
+
+/// `-cpu MODEL[,+flag,-flag,flag=value,...]`. Strata gives the guest the
+/// CPUID KVM supports whatever the model and flags say; an unknown model
+/// is warned about, a malformed flag refused. `Ok(Some(text))` is
+/// `-cpu help`.
+fn parse_cpu(v: &str) -> Result<Option<String>, String> {
+    let mut parts = v.split(',');
+    let model = parts.next().unwrap_or("");
+    if model == "help" || model == "?" {
+        let mut text = String::from(
+            "Available CPUs (Strata builds CPUID from KVM's supported set for every model):\n",
+        );
+        for m in CPU_MODELS {
+            text.push_str(&format!("x86 {m}\n"));
+        }
+        return Ok(Some(text));
+    }
+    if model.is_empty() {
+        return Err(format!("-cpu {v}: missing CPU model"));
+    }
+    let known = CPU_MODELS
+        .iter()
+        .any(|m| model == *m || model.strip_prefix(m).is_some_and(|r| r.starts_with('-')));
+    if !known {
+        warn(&format!(
+            "-cpu {model}: unknown CPU model; Strata builds CPUID from KVM's supported set"
+        ));
+    }
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    for flag in parts {
+        let name = flag
+            .strip_prefix(['+', '-'])
+            .or_else(|| flag.split_once('=').map(|(k, _)| k))
+            .unwrap_or(flag);
+        if !name_ok(name) {
+            return Err(format!("-cpu {v}: invalid CPU feature '{flag}'"));
+        }
+    }
+    Ok(None)
+}
+
+/// `-nic`, `-net` and `-netdev`: `none` is what Strata has; any other
+/// backend of QEMU's is warned about (no network device yet).
+fn parse_net(opt: &str, v: &str) -> Result<(), String> {
+    const TYPES: &[&str] = &[
+        "user",
+        "tap",
+        "bridge",
+        "socket",
+        "stream",
+        "dgram",
+        "vde",
+        "l2tpv3",
+        "vhost-user",
+        "vhost-vdpa",
+        "netmap",
+        "af-xdp",
+        "hubport",
+        "nic",
+    ];
+    let ty = v.split(',').next().unwrap_or("");
+    if ty == "none" && opt != "-netdev" {
+        return Ok(());
+    }
+    if !TYPES.contains(&ty) {
+        return Err(format!("{opt} {v}: invalid network backend type '{ty}'"));
+    }
+    warn(&format!(
+        "{opt} {v}: Strata has no network device; the guest has no network"
+    ));
+    Ok(())
+}
+
+/// `-vga TYPE`: `none` is what Strata has.
+fn parse_vga(v: &str) -> Result<(), String> {
+    match v {
+        "none" => Ok(()),
+        "std" | "cirrus" | "virtio" | "qxl" | "vmware" | "xenfb" | "tcx" | "cg3" => {
+            warn(&format!(
+                "-vga {v}: Strata has no display device yet; ignoring"
+            ));
+            Ok(())
+        }
+        _ => Err(format!(
+            "-vga {v}: invalid VGA type (std, cirrus, virtio, qxl, vmware, none)"
+        )),
+    }
+}
+
+/// `-display TYPE[,...]` (or `vnc=DISPLAY`): `none` is what Strata has.
+fn parse_display(v: &str) -> Result<(), String> {
+    let first = v.split(',').next().unwrap_or("");
+    let ty = first.split('=').next().unwrap_or("");
+    match ty {
+        "none" => Ok(()),
+        "gtk" | "sdl" | "curses" | "vnc" | "egl-headless" | "spice-app" | "cocoa" | "dbus" => {
+            warn(&format!(
+                "-display {v}: Strata has no display yet; ignoring"
+            ));
+            Ok(())
+        }
+        _ => Err(format!("-display {v}: unknown display type")),
+    }
+}
+
+/// `-rtc base=utc|localtime|DATE,clock=host|rt|vm,driftfix=none|slew`:
+/// the seconds to add to the host's UTC time for the guest's RTC, if
+/// `base` is given (a later `-rtc clock=vm` keeps an earlier base). Strata's
+/// RTC always follows the host clock and has no interrupt catch-up, so
+/// `clock` and `driftfix` are only checked.
+fn parse_rtc(v: &str) -> Result<Option<i64>, String> {
+    let mut offset = None;
+    for (k, val) in split_opts("-rtc", v, None)? {
+        match k.as_str() {
+            "base" => {
+                offset = Some(match val.as_str() {
+                    "utc" => 0,
+                    "localtime" => local_utc_offset(),
+                    d => {
+                        let t = parse_rtc_date(d).ok_or_else(|| {
+                            format!(
+                                "-rtc {v}: invalid base '{d}' (utc, localtime, 2006-06-17T16:01:21 or 2006-06-17)"
+                            )
+                        })?;
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs() as i64);
+                        t - now
+                    }
+                })
+            }
+            "clock" if matches!(val.as_str(), "host" | "rt" | "vm") => {}
+            "driftfix" if matches!(val.as_str(), "none" | "slew") => {}
+            "clock" | "driftfix" => return Err(format!("-rtc {v}: invalid {k} '{val}'")),
+            _ => return Err(format!("-rtc {v}: unknown property '{k}'")),
+        }
+    }
+    Ok(offset)
+}
+
+/// The host's offset from UTC now, in seconds (east positive).
+fn local_utc_offset() -> i64 {
+    // SAFETY: time(NULL) only returns the time; localtime_r writes the
+    // zeroed `tm` we own and reads `now`, and returns NULL on failure.
+    unsafe {
+        let now = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&now, &mut tm).is_null() {
+            return 0;
+        }
+        tm.tm_gmtoff
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS` or `YYYY-MM-DD` (UTC) to seconds since 1970.
+fn parse_rtc_date(s: &str) -> Option<i64> {
+    let (date, time) = s.split_once('T').unwrap_or((s, "00:00:00"));
+    let num = |p: &str, len: usize| -> Option<i64> {
+        (p.len() == len && p.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| p.parse().ok())
+            .flatten()
+    };
+    let d: Vec<&str> = date.split('-').collect();
+    let t: Vec<&str> = time.split(':').collect();
+    if d.len() != 3 || t.len() != 3 {
+        return None;
+    }
+    let (y, m, day) = (num(d[0], 4)?, num(d[1], 2)?, num(d[2], 2)?);
+    let (hh, mm, ss) = (num(t[0], 2)?, num(t[1], 2)?, num(t[2], 2)?);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 59 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some(days * 86400 + hh * 3600 + mm * 60 + ss)
+}
+
+/// `-msg timestamp=on|off,guest-name=on|off`: checked; Strata's messages
+/// carry neither.
+fn parse_msg(v: &str) -> Result<(), String> {
+    for (k, val) in split_opts("-msg", v, Some("timestamp"))? {
+        match k.as_str() {
+            "timestamp" | "guest-name" => {
+                parse_bool("-msg", &k, &val)?;
+            }
+            _ => return Err(format!("-msg {v}: unknown property '{k}'")),
+        }
+    }
+    Ok(())
+}
+
+/// `-overcommit mem-lock=on|off|on-fault,cpu-pm=on|off`: off is what
+/// Strata does; on is warned about.
+fn parse_overcommit(v: &str) -> Result<(), String> {
+    let mut on = Vec::new();
+    for (k, val) in split_opts("-overcommit", v, None)? {
+        let set = match (k.as_str(), val.as_str()) {
+            ("mem-lock", "on-fault") => true,
+            ("mem-lock" | "cpu-pm", _) => parse_bool("-overcommit", &k, &val)?,
+            _ => return Err(format!("-overcommit {v}: unknown property '{k}'")),
+        };
+        if set {
+            on.push(format!("{k}={val}"));
+        }
+    }
+    // Warned only once the whole value is known to be good.
+    for o in on {
+        warn(&format!(
+            "-overcommit {o}: not supported by Strata; ignoring"
+        ));
+    }
+    Ok(())
+}
+
+/// `-sandbox on|off[,obsolete=,elevateprivileges=,spawn=,resourcecontrol=]`.
+fn parse_sandbox(v: &str) -> Result<(), String> {
+    let mut enable = false;
+    for (k, val) in split_opts("-sandbox", v, Some("enable"))? {
+        match k.as_str() {
+            "enable" => enable = parse_bool("-sandbox", &k, &val)?,
+            "obsolete" | "elevateprivileges" | "spawn" | "resourcecontrol"
+                if matches!(val.as_str(), "allow" | "deny" | "children") => {}
+            "obsolete" | "elevateprivileges" | "spawn" | "resourcecontrol" => {
+                return Err(format!("-sandbox {v}: invalid {k} '{val}'"))
+            }
+            _ => return Err(format!("-sandbox {v}: unknown property '{k}'")),
+        }
+    }
+    if enable {
+        warn(&format!(
+            "-sandbox {v}: Strata has no seccomp sandbox yet; running without one"
+        ));
+    }
+    Ok(())
+}
+
+/// The firmware file `-L` finds when `-bios` is not given.
+const BIOS_NAME: &str = "bios-256k.bin";
+/// Where QEMU's firmware is installed, searched after the `-L` directories.
+const FIRMWARE_DIRS: &[&str] = &["/usr/share/seabios", "/usr/share/qemu"];
+
+/// `-bios NAME`: the file as given, else NAME in the `-L` directories and
+/// the system's firmware directories (QEMU's `qemu_find_file`).
+fn find_bios(name: &str, dirs: &[PathBuf]) -> Result<PathBuf, String> {
+    let p = PathBuf::from(name);
+    if p.is_file() {
+        return Ok(p);
+    }
+    if p.exists() {
+        return Err(format!("-bios {name}: not a regular file"));
+    }
+    if p.is_relative() {
+        let sys = FIRMWARE_DIRS.iter().map(PathBuf::from);
+        if let Some(found) = dirs
+            .iter()
+            .cloned()
+            .chain(sys)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+        {
+            return Ok(found);
+        }
+    }
+    Err(format!("-bios {name}: no such file"))
+}
+
 pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut cfg = MachineConfig::default();
     let mut serial: Vec<Option<CharDev>> = Vec::new();
@@ -320,35 +737,23 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut snapshot = false;
     let mut drive_args: Vec<(String, String)> = Vec::new();
     let (mut kernel, mut initrd, mut append) = (None, None, None);
+    let mut process = Process::default();
+    let mut bios: Option<String> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
+        if !arg.starts_with('-') {
+            // QEMU: a bare argument is the first hard disk.
+            drive_args.push(("-hda".into(), arg.clone()));
+            continue;
+        }
         // QEMU accepts both -opt and --opt.
         let opt = arg
             .strip_prefix("--")
             .map(|s| format!("-{s}"))
             .unwrap_or_else(|| arg.clone());
-        let takes_value = opt.starts_with('-')
-            && !matches!(
-                opt.as_str(),
-                "-nographic"
-                    | "-nodefaults"
-                    | "-no-reboot"
-                    | "-snapshot"
-                    | "-enable-kvm"
-                    | "-S"
-                    | "-version"
-                    | "-help"
-                    | "-h"
-            );
-        if !opt.starts_with('-') {
-            return Err(format!(
-                "{arg}: unexpected argument (disk images are not supported yet)"
-            ));
-        }
-        let known = KNOWN_WITH_VALUE.contains(&opt.as_str()) || !takes_value;
-        if !known {
+        let Some(takes_value) = takes_value(&opt) else {
             return Err(format!("{opt}: invalid option"));
-        }
+        };
         let value = if takes_value {
             match it.next() {
                 Some(v) => v.as_str(),
@@ -357,6 +762,12 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
         } else {
             ""
         };
+        if let Some((_, _, why)) = IGNORED.iter().find(|(o, ..)| *o == opt) {
+            if let Some(why) = why {
+                warn(&format!("{opt}: {why}"));
+            }
+            continue;
+        }
         match opt.as_str() {
             "-help" | "-h" => return Ok(Parsed::Help),
             "-version" => return Ok(Parsed::Version),
@@ -370,7 +781,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 accel_set = true;
             }
             "-accel" => {
-                parse_accel(&mut cfg, value)?;
+                parse_accel(&mut cfg, "-accel ", value)?;
                 accel_set = true;
             }
             "-machine" | "-M" => {
@@ -395,33 +806,52 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 }
             }
             "-smp" => parse_smp(&mut cfg, value)?,
-            "-bios" => {
-                let p = PathBuf::from(value);
-                if !p.is_file() {
-                    let why = if p.exists() {
-                        "not a regular file"
-                    } else {
-                        "no such file"
-                    };
-                    return Err(format!("-bios {value}: {why}"));
-                }
-                cfg.bios = p;
-                cfg.bios_explicit = true;
-            }
+            "-bios" => bios = Some(value.to_string()),
             "-boot" => parse_boot(&mut cfg, value)?,
             "-serial" => serial.push(parse_chardev("-serial", value)?),
             "-debugcon" => cfg.debugcon = parse_chardev("-debugcon", value)?,
             "-global" => cfg.globals.push(
                 vmm::device::parse_global(value).map_err(|e| format!("-global {value}: {e}"))?,
             ),
-            "-display" => match value.split(',').next() {
-                Some("none") => {}
-                _ => {
-                    return Err(format!(
-                        "-display {value}: Strata has no display; use -display none"
-                    ))
+            "-display" => parse_display(value)?,
+            "-vga" => parse_vga(value)?,
+            "-nic" | "-net" | "-netdev" => parse_net(&opt, value)?,
+            "-cpu" => {
+                if let Some(help) = parse_cpu(value)? {
+                    return Ok(Parsed::Print(help));
                 }
-            },
+            }
+            "-rtc" => {
+                if let Some(offset) = parse_rtc(value)? {
+                    cfg.rtc_offset = offset;
+                }
+            }
+            "-uuid" => {
+                vmm::smbios::parse_uuid(value).map_err(|_| {
+                    format!("-uuid {value}: not a UUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)")
+                })?;
+                // QEMU's -uuid is the SMBIOS system UUID; a later
+                // -smbios type=1,uuid= wins, as there.
+                cfg.smbios.push(vec![
+                    ("type".into(), "1".into()),
+                    ("uuid".into(), value.into()),
+                ]);
+            }
+            "-L" => {
+                let d = PathBuf::from(value);
+                if !d.is_dir() {
+                    return Err(format!("-L {value}: no such directory"));
+                }
+                cfg.firmware_dirs.push(d);
+            }
+            "-msg" => parse_msg(value)?,
+            "-overcommit" => parse_overcommit(value)?,
+            "-sandbox" => parse_sandbox(value)?,
+            "-pidfile" => process.pidfile = Some(PathBuf::from(value)),
+            "-D" => process.log_file = Some(PathBuf::from(value)),
+            "-daemonize" => {
+                return Err("-daemonize: not supported yet; run strata in the background from the shell or a service manager".into())
+            }
             "-name" => {
                 let o = split_opts("-name", value, Some("guest"))?;
                 cfg.name = o.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v);
@@ -474,6 +904,17 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             _ => return Err(format!("{opt}: invalid option")),
         }
     }
+    if let Some(name) = bios {
+        cfg.bios = find_bios(&name, &cfg.firmware_dirs)?;
+        cfg.bios_explicit = true;
+    } else if let Some(p) = cfg
+        .firmware_dirs
+        .iter()
+        .map(|d| d.join(BIOS_NAME))
+        .find(|p| p.is_file())
+    {
+        cfg.bios = p;
+    }
     let board = vmm::machine::board(&cfg);
     let mut drives = block::drive::DriveTable::with_max_devs(|i| board.units_per_bus(i));
     for (opt, value) in drive_args {
@@ -511,7 +952,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
         vec![CharDev::Stdio { mux: true }]
     };
     let _ = nographic; // COM1 on mon:stdio is already the default.
-    Ok(Parsed::Run(Box::new(cfg)))
+    Ok(Parsed::Run(Box::new(cfg), process))
 }
 
 #[cfg(test)]
@@ -524,7 +965,7 @@ mod tests {
 
     fn cfg(s: &str) -> MachineConfig {
         match parse(&args(s)).unwrap() {
-            Parsed::Run(c) => *c,
+            Parsed::Run(c, _) => *c,
             _ => panic!(),
         }
     }
@@ -577,12 +1018,120 @@ mod tests {
             ),
             ("-smp x", "-smp: cpus=x: not a number"),
             ("-m", "-m: requires an argument"),
-            ("-accel tcg", "-accel tcg: not supported"),
+            (
+                "-accel tcg",
+                "-accel tcg: not supported; Strata runs only on KVM",
+            ),
+            (
+                "-machine accel=tcg",
+                "-machine accel=tcg: not supported; Strata runs only on KVM",
+            ),
+            ("-daemonize", "-daemonize: not supported yet"),
+            ("-cpu host,+", "-cpu host,+: invalid CPU feature '+'"),
+            (
+                "-nic bogus",
+                "-nic bogus: invalid network backend type 'bogus'",
+            ),
+            ("-vga foo", "-vga foo: invalid VGA type"),
+            ("-display foo", "-display foo: unknown display type"),
+            ("-rtc base=2006-13-01", "-rtc base=2006-13-01: invalid base"),
+            ("-rtc clock=wall", "-rtc clock=wall: invalid clock 'wall'"),
+            ("-rtc driftfix=x", "-rtc driftfix=x: invalid driftfix 'x'"),
+            ("-uuid 1234", "-uuid 1234: not a UUID"),
+            (
+                "-L /nonexistent/dir",
+                "-L /nonexistent/dir: no such directory",
+            ),
+            ("-msg timestamp=maybe", "-msg"),
+            (
+                "-overcommit foo=on",
+                "-overcommit foo=on: unknown property 'foo'",
+            ),
+            (
+                "-sandbox on,spawn=x",
+                "-sandbox on,spawn=x: invalid spawn 'x'",
+            ),
         ] {
             let e = parse(&args(a))
                 .err()
                 .unwrap_or_else(|| panic!("{a} should fail"));
             assert!(e.starts_with(want), "{a}: {e}");
         }
+    }
+
+    #[test]
+    fn compat_forms() {
+        let c = cfg(
+            "-cpu host,+x2apic,-vmx,level=13 -nic none -net none -vga none -display none \
+             -no-hpet -no-user-config -nodefconfig -no-shutdown -k en-us -d guest_errors \
+             -msg timestamp=on -overcommit mem-lock=off,cpu-pm=off -sandbox off \
+             -rtc base=utc,clock=host,driftfix=slew",
+        );
+        assert_eq!(c.rtc_offset, 0);
+        assert!(matches!(parse(&args("-cpu help")), Ok(Parsed::Print(_))));
+        let c = cfg("-uuid 12345678-9abc-def0-1122-334455667788");
+        assert_eq!(c.smbios.len(), 1);
+        assert_eq!(c.smbios[0][1].1, "12345678-9abc-def0-1122-334455667788");
+        match parse(&args("-pidfile /tmp/p -D /tmp/l")).unwrap() {
+            Parsed::Run(_, p) => {
+                assert_eq!(p.pidfile, Some(PathBuf::from("/tmp/p")));
+                assert_eq!(p.log_file, Some(PathBuf::from("/tmp/l")));
+            }
+            _ => panic!(),
+        }
+        // A bare argument is -hda.
+        let c = cfg("disk.img");
+        assert_eq!(c.drives.len(), 1);
+        assert!(cfg("-rtc base=localtime").rtc_offset.abs() <= 14 * 3600);
+    }
+
+    #[test]
+    fn rtc_dates() {
+        assert_eq!(parse_rtc_date("1970-01-01"), Some(0));
+        assert_eq!(parse_rtc_date("2006-06-17T16:01:21"), Some(1150560081));
+        assert_eq!(parse_rtc_date("2000-03-01"), Some(951868800));
+        for bad in [
+            "2006-6-17",
+            "2006-06-17T25:00:00",
+            "2006-06-17T1:2:3",
+            "now",
+            "2006-00-10",
+        ] {
+            assert_eq!(parse_rtc_date(bad), None, "{bad}");
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let off = parse_rtc("base=2006-06-17T16:01:21").unwrap().unwrap();
+        assert_eq!(parse_rtc("clock=vm"), Ok(None));
+        assert_eq!(
+            cfg("-rtc base=2006-06-17 -rtc clock=vm").rtc_offset,
+            cfg("-rtc base=2006-06-17").rtc_offset
+        );
+        assert!((now + off - 1150560081).abs() <= 2);
+    }
+
+    #[test]
+    fn bios_search_path() {
+        let d = std::env::temp_dir().join(format!("strata-L-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("my-bios.bin"), b"x").unwrap();
+        std::fs::write(d.join(BIOS_NAME), b"x").unwrap();
+        let l = d.display().to_string();
+        let c = cfg(&format!("-L {l} -bios my-bios.bin"));
+        assert_eq!(c.bios, d.join("my-bios.bin"));
+        assert!(c.bios_explicit);
+        assert_eq!(c.firmware_dirs, vec![d.clone()]);
+        // -L after -bios counts too, and without -bios it finds bios-256k.bin.
+        assert_eq!(
+            cfg(&format!("-bios my-bios.bin -L {l}")).bios,
+            d.join("my-bios.bin")
+        );
+        let c = cfg(&format!("-L {l}"));
+        assert_eq!(c.bios, d.join(BIOS_NAME));
+        assert!(!c.bios_explicit);
+        assert!(parse(&args("-bios my-bios.bin")).is_err());
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -99,7 +99,7 @@ fn missing_kvm_device_is_one_line() {
 fn help_and_version() {
     let (code, out, _) = run_strata(&["-version"], Duration::from_secs(10));
     assert_eq!(code, Some(0));
-    assert!(out.starts_with("Strata emulator version"));
+    assert!(out.starts_with("QEMU emulator version "));
     let (code, out, _) = run_strata(&["-help"], Duration::from_secs(10));
     assert_eq!(code, Some(0));
     assert!(out.contains("-machine") && out.contains("-no-reboot"));

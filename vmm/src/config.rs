@@ -89,6 +89,12 @@ pub struct MachineConfig {
     pub bios_explicit: bool,
     /// `-smbios type=N,key=value,...` options, in order.
     pub smbios: Vec<Vec<(String, String)>>,
+    /// Seconds added to the host's UTC time to start the guest's RTC
+    /// (`-rtc base=localtime` or `base=DATE`; 0 is `base=utc`).
+    pub rtc_offset: i64,
+    /// `-L DIR`s, searched in order before `STRATA_ROM_DIR` and the
+    /// system's directories for option ROMs.
+    pub firmware_dirs: Vec<PathBuf>,
 }
 
 /// What `-kernel`, `-initrd` and `-append` asked for.
@@ -129,6 +135,8 @@ impl Default for MachineConfig {
             kernel: None,
             bios_explicit: false,
             smbios: Vec::new(),
+            rtc_offset: 0,
+            firmware_dirs: Vec::new(),
         }
     }
 }

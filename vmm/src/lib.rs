@@ -124,6 +124,8 @@ pub struct Consoles {
     pub serial: Vec<console::Chardev>,
     pub debugcon: Option<console::Chardev>,
     _guards: Vec<console::TerminalGuard>,
+    /// `MachineConfig::rtc_offset`, applied to every generation's RTC.
+    rtc_offset: i64,
 }
 
 impl Consoles {
@@ -147,6 +149,7 @@ impl Consoles {
             serial,
             debugcon,
             _guards: guards,
+            rtc_offset: cfg.rtc_offset,
         })
     }
 
@@ -167,7 +170,8 @@ impl Consoles {
             debugcon_out: self.debugcon.as_ref().map(|c| c.writer()),
             rtc_start: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64),
+                .map_or(0, |d| d.as_secs() as i64)
+                + self.rtc_offset,
         }
     }
 

@@ -1,9 +1,44 @@
 //! `strata`: runs a PC guest, with qemu-system-x86_64's command line.
 
-use cli::system_args::{parse, Parsed, USAGE};
+use std::path::Path;
+
+use cli::system_args::{parse, Parsed, Process, USAGE};
+
+/// The QEMU release whose command line Strata follows: libvirt and
+/// scripts parse the first line of `-version` for it.
+const QEMU_VERSION: &str = "7.2.0";
+
+/// Strata's log: stderr, or the `-D` file.
+fn init_log(log_file: Option<&Path>) -> Result<(), String> {
+    let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
+    if let Some(p) = log_file {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| format!("-D {}: {e}", p.display()))?;
+        b.target(env_logger::Target::Pipe(Box::new(f)));
+    }
+    b.init();
+    Ok(())
+}
+
+/// Runs the machine with `-pidfile` written around it.
+fn run(cfg: vmm::config::MachineConfig, process: &Process) -> Result<i32, String> {
+    init_log(process.log_file.as_deref())?;
+    vmm::validate(&cfg).map_err(|e| e.to_string())?;
+    if let Some(p) = &process.pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("-pidfile {}: {e}", p.display()))?;
+    }
+    let r = vmm::run(cfg).map_err(|e| e.to_string());
+    if let Some(p) = &process.pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    r
+}
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match parse(&args) {
         Ok(Parsed::Help) => {
@@ -15,10 +50,16 @@ fn main() {
             0
         }
         Ok(Parsed::Version) => {
-            println!("Strata emulator version {}", env!("CARGO_PKG_VERSION"));
+            println!(
+                "QEMU emulator version {QEMU_VERSION} (Strata {})",
+                env!("CARGO_PKG_VERSION")
+            );
+            println!(
+                "Copyright (c) the Strata developers (a KVM PC emulator with QEMU's command line)"
+            );
             0
         }
-        Ok(Parsed::Run(cfg)) => match vmm::validate(&cfg).and_then(|_| vmm::run(*cfg)) {
+        Ok(Parsed::Run(cfg, process)) => match run(*cfg, &process) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("strata: {e}");

@@ -121,11 +121,11 @@ fn le32(v: u64) -> Vec<u8> {
     (v as u32).to_le_bytes().to_vec()
 }
 
-/// Finds option ROM `name`.
-pub fn find_rom(name: &str) -> Result<(PathBuf, Vec<u8>), BootError> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("STRATA_ROM_DIR")
-        .map(|d| vec![PathBuf::from(d)])
-        .unwrap_or_default();
+/// Finds option ROM `name`: in the `-L` directories, then
+/// `STRATA_ROM_DIR`, then the system's directories.
+pub fn find_rom(cfg: &MachineConfig, name: &str) -> Result<(PathBuf, Vec<u8>), BootError> {
+    let mut dirs: Vec<PathBuf> = cfg.firmware_dirs.clone();
+    dirs.extend(std::env::var_os("STRATA_ROM_DIR").map(PathBuf::from));
     dirs.extend(ROM_DIRS.iter().map(PathBuf::from));
     for d in &dirs {
         let p = d.join(name);
@@ -259,7 +259,7 @@ fn linux(
     setup[0x218..0x21c].copy_from_slice(&(initrd_addr as u32).to_le_bytes());
     setup[0x21c..0x220].copy_from_slice(&(initrd.len() as u32).to_le_bytes());
 
-    let rom = find_rom(LINUX_ROM)?.1;
+    let rom = find_rom(cfg, LINUX_ROM)?.1;
     Ok(FirmwareBoot {
         items: vec![
             (KEY_SETUP_ADDR, le32(SETUP_ADDR)),
@@ -306,7 +306,7 @@ fn multiboot_route(cfg: &MachineConfig, layout: &Layout) -> Result<FirmwareBoot,
     };
     let kernel = read(l.start, l.end)?;
     let info = read(MB_LAYOUT.info, MB_LAYOUT.strings + l.strings_len)?;
-    let rom = find_rom(MULTIBOOT_ROM)?.1;
+    let rom = find_rom(cfg, MULTIBOOT_ROM)?.1;
     Ok(FirmwareBoot {
         items: vec![
             (KEY_KERNEL_ADDR, le32(l.start)),
@@ -436,7 +436,7 @@ fn pvh_route(
         items.push((KEY_INITRD_SIZE, le32(initrd.len() as u64)));
         items.push((KEY_INITRD_DATA, initrd));
     }
-    let rom = find_rom(PVH_ROM)?.1;
+    let rom = find_rom(cfg, PVH_ROM)?.1;
     Ok(FirmwareBoot {
         items,
         rom_name: PVH_ROM,
