@@ -68,6 +68,21 @@ fn bad_ide_command_lines() {
         "IDE unit 0 is in use",
     );
     check(&["-device", "ide-hd,bus=ide.0"], "drive property not set");
+    // QEMU refuses a read-only drive behind ide-hd (ide-cd is read-only
+    // anyway).
+    check(
+        &["-drive", &format!("file={a},format=raw,if=ide,readonly=on")],
+        "Block node is read-only",
+    );
+    check(
+        &[
+            "-drive",
+            &none(&a, "x").replace("if=none", "if=none,readonly=on"),
+            "-device",
+            "ide-hd,drive=x",
+        ],
+        "-device ide-hd,drive=x: Block node is read-only",
+    );
     check(
         &[
             "-drive",

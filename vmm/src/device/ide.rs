@@ -100,6 +100,9 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
                     b.id()
                 ))
             }
+            // As QEMU: an ATA disk has no write-protect signal a guest
+            // would honour, so a read-only drive is refused, not emulated.
+            (Some(b), _) if b.is_read_only() => return Err("Block node is read-only".into()),
             _ => {}
         }
     }
