@@ -260,6 +260,41 @@ fn seabios_uses_the_lchs_given_to_ide_hd() {
     );
 }
 
+/// `-snapshot` discards what the guest writes: the boot sector of
+/// `ide-disk-write.img` writes 64 sectors through INT 13h (IDE PIO) after
+/// checking the data; under `-snapshot` the image stays byte-identical,
+/// and without it (the control) the sectors land in the file.
+#[test]
+fn snapshot_discards_guest_writes() {
+    if skip("snapshot_discards_guest_writes") {
+        return;
+    }
+    let (disk, _) = images();
+    let src = disk.with_file_name("ide-disk-write.img");
+    let dir = scratch("ide-kvm-snapshot-write");
+    let img = copy(&src, &dir, "disk.img");
+    let before = std::fs::read(&img).unwrap();
+    let markers = ["STRATA-WRITE-OK", "STRATA-BOOT-FAIL"];
+    let out = boot(&dir, &["-snapshot", "-hda", &img], &markers, TIMEOUT);
+    assert!(out.contains("STRATA-WRITE-OK"), "{out}");
+    assert!(
+        std::fs::read(&img).unwrap() == before,
+        "-snapshot let a guest write reach the image"
+    );
+    // Control: the same boot without -snapshot changes LBA 257-320 into a
+    // copy of LBA 193-256.
+    let out = boot(
+        &dir,
+        &["-drive", &format!("file={img},format=raw,index=0")],
+        &markers,
+        TIMEOUT,
+    );
+    assert!(out.contains("STRATA-WRITE-OK"), "{out}");
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(after[257 * 512..321 * 512], before[193 * 512..257 * 512]);
+    assert_ne!(after, before);
+}
+
 /// `-snapshot -hda`: the guest boots from a temporary qcow2 overlay and the
 /// image itself is opened read-only and left as it was.
 #[test]

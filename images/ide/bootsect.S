@@ -13,6 +13,10 @@
  *  4. prints "STRATA-BOOT-OK" (or "STRATA-BOOT-FAIL <stage>") on COM1
  *     (port 3F8h) and halts.
  *
+ * Assembled with --defsym WRITE=1 it then writes the last chunk it read
+ * back to the disk, right after the data (LBA 257-320), and prints
+ * "STRATA-WRITE-OK": a guest that writes, for the -snapshot test.
+ *
  * Assembled with --defsym CD=1 it is the boot image of an El Torito
  * "no emulation" CD instead: 2048-byte sectors, data from LBA 21, and the
  * marker "STRATA-CD-OK", so that boot-order tests can tell which device
@@ -93,6 +97,17 @@ check:
         movb    $'S', stage
         cmpl    $(DWORDS * (DWORDS - 1) / 2) & 0xffffffff, %esi
         jne     fail
+        .ifdef WRITE
+        /* Write the last chunk read (still at 2000:0000) back to the disk
+         * right after the data: the -snapshot test's guest write. */
+        movb    $'W', stage
+        movl    $DATA_LBA + DATA_SECTORS, dap_lba
+        movw    $dap, %si
+        movw    $0x4300, %ax           /* extended write, no verify */
+        movb    drive, %dl
+        int     $0x13
+        jc      fail
+        .endif
         movw    $ok_msg, %si
         call    puts
         jmp     halt
@@ -139,7 +154,11 @@ putc:
         .ifdef CD
 ok_msg:   .asciz "STRATA-CD-OK\r\n"
         .else
+        .ifdef WRITE
+ok_msg:   .asciz "STRATA-WRITE-OK\r\n"
+        .else
 ok_msg:   .asciz "STRATA-BOOT-OK\r\n"
+        .endif
         .endif
 fail_msg: .asciz "STRATA-BOOT-FAIL "
 crlf:     .asciz "\r\n"

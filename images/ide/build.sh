@@ -5,6 +5,8 @@
 #
 #   images/out/bootsect.bin     the disk boot sector (bootsect.S)
 #   images/out/bootsect-cd.bin  the same program for a CD (--defsym CD=1)
+#   images/out/bootsect-write.bin, ide-disk-write.img: the disk program
+#                               that also writes (--defsym WRITE=1)
 #   images/out/ide-disk.img     boot sector + 256 sectors of a dword
 #                               counter, padded to 1 MiB
 #   images/out/ide-cd.iso       an El Torito "no emulation" CD: volume
@@ -37,17 +39,20 @@ assemble() { # assemble OUT [as flags]
 
 stale "$out/bootsect.bin" "$here/bootsect.S" && assemble "$out/bootsect.bin"
 stale "$out/bootsect-cd.bin" "$here/bootsect.S" && assemble "$out/bootsect-cd.bin" --defsym CD=1
+stale "$out/bootsect-write.bin" "$here/bootsect.S" && assemble "$out/bootsect-write.bin" --defsym WRITE=1
 
-disk="$out/ide-disk.img"
-if stale "$disk" "$out/bootsect.bin" "$0"; then
-    {
-        cat "$out/bootsect.bin"
-        # 256 sectors = 32768 little-endian dwords 0, 1, 2, ...
-        perl -e 'print pack("V*", 0 .. 32767)'
-    } > "$disk.tmp"
-    truncate -s 1M "$disk.tmp"
-    mv "$disk.tmp" "$disk"
-fi
+for kind in "" -write; do
+    disk="$out/ide-disk$kind.img"
+    if stale "$disk" "$out/bootsect$kind.bin" "$0"; then
+        {
+            cat "$out/bootsect$kind.bin"
+            # 256 sectors = 32768 little-endian dwords 0, 1, 2, ...
+            perl -e 'print pack("V*", 0 .. 32767)'
+        } > "$disk.tmp"
+        truncate -s 1M "$disk.tmp"
+        mv "$disk.tmp" "$disk"
+    fi
+done
 
 iso="$out/ide-cd.iso"
 if stale "$iso" "$out/bootsect-cd.bin" "$0"; then
