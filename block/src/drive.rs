@@ -459,6 +459,15 @@ impl DriveTable {
                     node.entry(k).or_insert(v);
                 }
             }
+            Some(Value::Str(f)) if crate::filename::parse(&f)?.is_some() => {
+                // `null-co://`, `blkdebug:CONFIG:IMAGE`: the protocol node
+                // the name stands for, with any `file.*` keys on top.
+                let mut fm = crate::filename::parse(&f)?.unwrap_or_default();
+                if let Some(Value::Map(m)) = rest_map.get("file") {
+                    fm.extend(m.clone());
+                }
+                node.insert("file".into(), Value::Map(fm));
+            }
             Some(Value::Str(f)) => {
                 let mut fm = match rest_map.get("file") {
                     Some(Value::Map(m)) => m.clone(),
@@ -483,6 +492,18 @@ impl DriveTable {
             }
             Some(Value::Map(m)) => {
                 let mut fm = m;
+                // `file=null-co://,file.size=...`: the prefix names the
+                // driver; the dotted keys stay its options.
+                let prefixed = match (fm.get("driver"), fm.get("filename")) {
+                    (None, Some(Value::Str(f))) => crate::filename::parse(f)?,
+                    _ => None,
+                };
+                if let Some(p) = prefixed {
+                    fm.remove("filename");
+                    for (k, v) in p {
+                        fm.entry(k).or_insert(v);
+                    }
+                }
                 if !fm.contains_key("driver") {
                     if let Some(Value::Str(f)) = fm.get("filename") {
                         let proto = match std::fs::metadata(f) {

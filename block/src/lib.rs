@@ -49,6 +49,7 @@ pub mod drive;
 pub mod driver;
 pub mod error;
 pub mod file;
+pub mod filename;
 pub mod filters;
 pub mod graph;
 pub mod iov;

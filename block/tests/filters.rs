@@ -194,3 +194,48 @@ fn throttle_filter_uses_its_group() {
         .unwrap_err();
     assert_eq!(e.to_string(), "Throttle group 'nope' does not exist");
 }
+
+/// QEMU's protocol-prefixed filenames in `-drive file=`: `null-co://`,
+/// `blkdebug::IMAGE` and `blkdebug:RULES:IMAGE` with a rule file.
+#[test]
+fn drive_filenames_with_a_protocol_prefix() {
+    let g = BlockGraph::new();
+    let blk = block::drive::parse_drive("file=null-co://,format=raw,if=none,id=n,file.size=1M")
+        .unwrap()
+        .open(&g)
+        .unwrap();
+    assert_eq!(blk.len(), 1 << 20);
+    assert_eq!(
+        blk.root().unwrap().child("file").unwrap().driver_name(),
+        "null-co"
+    );
+
+    let dir = TempDir::new("blkdebug-name");
+    let img = dir.file("d.img", 65536);
+    let blk = block::drive::parse_drive(&format!("file=blkdebug::{img},format=raw,if=none,id=b"))
+        .unwrap()
+        .open(&g)
+        .unwrap();
+    assert_eq!(
+        blk.root().unwrap().child("file").unwrap().driver_name(),
+        "blkdebug"
+    );
+    let mut b = [0u8; 512];
+    blk.read_at(0, &mut b).unwrap();
+
+    let rules = dir.path("rules.conf");
+    std::fs::write(
+        &rules,
+        "# fail every read\n[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\n",
+    )
+    .unwrap();
+    let img2 = dir.file("e.img", 65536);
+    let blk = block::drive::parse_drive(&format!(
+        "file=blkdebug:{rules}:{img2},format=raw,if=none,id=c"
+    ))
+    .unwrap()
+    .open(&g)
+    .unwrap();
+    assert!(blk.read_at(0, &mut b).is_err(), "the rule file's error");
+    blk.write_at(0, &[1; 512]).unwrap();
+}

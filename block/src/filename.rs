@@ -1,0 +1,157 @@
+//! Filenames with a protocol prefix, as QEMU parses them where a plain
+//! file name is expected (`-drive file=`, `-hda`): `null-co://`,
+//! `null-aio://`, `blkdebug:CONFIG:IMAGE` and `blkdebug::IMAGE`. (`json:`
+//! is handled by the `-drive` desugaring itself.) Each becomes the option
+//! tree of the protocol node it names.
+//!
+//! A blkdebug CONFIG file is QEMU's blkdebug rule file: `[inject-error]`
+//! sections of `key = "value"` lines (`event`, `errno`, `sector`, `once`,
+//! `immediately`, `iotype`, `state`), `#` comments. `[set-state]` sections
+//! need blkdebug's state machine, which Strata's blkdebug does not have:
+//! they are refused rather than ignored.
+
+use crate::error::{BlockError, BlockResult};
+use crate::keyval::{Map, Value};
+
+fn s(v: &str) -> Value {
+    Value::Str(v.to_string())
+}
+
+/// The node options `name` stands for, if it has a protocol prefix.
+pub fn parse(name: &str) -> BlockResult<Option<Map>> {
+    let mut m = Map::new();
+    if let Some(rest) = name.strip_prefix("null-co://") {
+        m.insert("driver".into(), s("null-co"));
+        no_path(name, rest)?;
+        return Ok(Some(m));
+    }
+    if let Some(rest) = name.strip_prefix("null-aio://") {
+        m.insert("driver".into(), s("null-aio"));
+        no_path(name, rest)?;
+        return Ok(Some(m));
+    }
+    let Some(rest) = name.strip_prefix("blkdebug:") else {
+        return Ok(None);
+    };
+    let (config, image) = rest.split_once(':').ok_or_else(|| {
+        BlockError::Open(format!(
+            "{name}: expected blkdebug:CONFIG:IMAGE (CONFIG may be empty)"
+        ))
+    })?;
+    if image.is_empty() {
+        return Err(BlockError::Open(format!("{name}: no image file name")));
+    }
+    m.insert("driver".into(), s("blkdebug"));
+    let mut img = Map::new();
+    // The image may itself carry a prefix (`blkdebug::null-co://`).
+    match parse(image)? {
+        Some(inner) => img = inner,
+        None => {
+            img.insert("driver".into(), s("file"));
+            img.insert("filename".into(), s(image));
+        }
+    }
+    m.insert("image".into(), Value::Map(img));
+    if !config.is_empty() {
+        let text = std::fs::read_to_string(config)
+            .map_err(|e| BlockError::Open(format!("{name}: cannot read '{config}': {e}")))?;
+        let rules = parse_rules(&text).map_err(|e| BlockError::Open(format!("{config}: {e}")))?;
+        if !rules.is_empty() {
+            m.insert("inject-error".into(), Value::List(rules));
+        }
+    }
+    Ok(Some(m))
+}
+
+fn no_path(name: &str, rest: &str) -> BlockResult<()> {
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err(BlockError::Open(format!(
+            "{name}: the null driver takes no path after '//'"
+        )))
+    }
+}
+
+/// The `[inject-error]` rules of a blkdebug rule file.
+fn parse_rules(text: &str) -> Result<Vec<Value>, String> {
+    let mut rules = Vec::new();
+    let mut cur: Option<Map> = None;
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            rules.extend(cur.take().map(Value::Map));
+            match section.trim() {
+                "inject-error" => cur = Some(Map::new()),
+                other => {
+                    return Err(format!(
+                        "line {}: section [{other}] is not supported",
+                        n + 1
+                    ))
+                }
+            }
+            continue;
+        }
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("line {}: expected key = \"value\"", n + 1))?;
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .unwrap_or(v);
+        let rule = cur
+            .as_mut()
+            .ok_or_else(|| format!("line {}: a key outside a section", n + 1))?;
+        rule.insert(k.trim().to_string(), s(v));
+    }
+    rules.extend(cur.map(Value::Map));
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(parse("disk.img").unwrap(), None);
+        let m = parse("null-co://").unwrap().unwrap();
+        assert_eq!(m["driver"], s("null-co"));
+        let m = parse("null-aio://").unwrap().unwrap();
+        assert_eq!(m["driver"], s("null-aio"));
+        assert!(parse("null-co://x").is_err());
+        let m = parse("blkdebug::disk.img").unwrap().unwrap();
+        assert_eq!(m["driver"], s("blkdebug"));
+        let Value::Map(img) = &m["image"] else {
+            panic!()
+        };
+        assert_eq!(img["filename"], s("disk.img"));
+        let m = parse("blkdebug::null-co://").unwrap().unwrap();
+        let Value::Map(img) = &m["image"] else {
+            panic!()
+        };
+        assert_eq!(img["driver"], s("null-co"));
+        assert!(parse("blkdebug:nocolon").is_err());
+        assert!(parse("blkdebug::").is_err());
+        assert!(parse("blkdebug:/nonexistent.conf:x.img").is_err());
+    }
+
+    #[test]
+    fn rule_files() {
+        let r = parse_rules(
+            "# comment\n[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\n\n[inject-error]\nevent = \"write_aio\"\nonce = \"on\"\n",
+        )
+        .unwrap();
+        assert_eq!(r.len(), 2);
+        let Value::Map(first) = &r[0] else { panic!() };
+        assert_eq!(first["event"], s("read_aio"));
+        assert_eq!(first["errno"], s("5"));
+        assert!(parse_rules("[set-state]\nstate = \"1\"\n").is_err());
+        assert!(parse_rules("event = \"x\"\n").is_err());
+        assert!(parse_rules("[inject-error]\nnonsense\n").is_err());
+    }
+}
