@@ -180,9 +180,17 @@ impl DmaJob {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum RunDir {
     DiskRead,
-    DiskWrite { fua: bool },
+    DiskWrite {
+        fua: bool,
+    },
     AtapiRead,
+    /// DATA SET MANAGEMENT: the payload is a list of ranges to discard.
+    Trim,
 }
+
+/// The TRIM payload bytes read (and ranges discarded) per step: 8192
+/// ranges.
+const TRIM_PIECE: usize = 64 << 10;
 
 /// A disk or medium transfer by bus-master DMA, carried out in chunks of
 /// at most [`MAX_BOUNCE`] bytes through one host buffer per chunk: each
@@ -208,9 +216,6 @@ pub struct DmaRun {
 pub enum Pending {
     /// A chunk of a bus-master disk or medium transfer.
     Dma(DmaRun),
-    Trim {
-        sg: SgList,
-    },
     Flush,
     /// A PIO data-in block of a disk read is read: offer it (DRQ).
     PioRead {
@@ -926,7 +931,6 @@ impl Channel {
             }
         };
         let d = self.drives[unit].as_mut()?;
-        let gen = self.gen;
         // Whole sectors only: a table that ends inside a sector cannot
         // complete that sector.
         let whole = |len: usize| len & !(SECTOR as usize - 1);
@@ -939,45 +943,53 @@ impl Channel {
             done: 0,
             chunk: 0,
         };
-        let (backend, reqs, pending) = match job {
+        match job {
             DmaJob::DiskRead { lba, .. } => {
                 let b = d.disk()?.clone();
                 let total = whole(sg.len);
                 let r = run(b, sg, RunDir::DiskRead, lba * SECTOR, total);
-                return self.dma_chunk(unit, r);
+                self.dma_chunk(unit, r)
             }
             DmaJob::DiskWrite { lba, fua, .. } => {
                 let b = d.disk()?.clone();
                 let total = whole(sg.len);
                 let r = run(b, sg, RunDir::DiskWrite { fua }, lba * SECTOR, total);
-                return self.dma_chunk(unit, r);
+                self.dma_chunk(unit, r)
             }
             DmaJob::Trim { .. } => {
                 let b = d.disk()?.clone();
-                // A failed command ends the transfer: the engine goes
-                // inactive, the device interrupts with ABRT (QEMU's
+                // The whole payload is checked before anything is
+                // discarded, in pieces: a range past the end aborts the
+                // command. A failed command ends the transfer: the engine
+                // goes inactive, the device interrupts with ABRT (QEMU's
                 // ide-test `bmdma/trim` expects exactly "interrupt").
-                let Some(data) = bmdma::gather(&self.mem, &sg) else {
-                    self.dma_finish(unit, &sg, Err(DmaError::Device(error::ABRT)));
-                    return None;
-                };
-                let ranges = match d.dev.trim_ranges(&data) {
-                    Ok(r) => r,
-                    Err(r) => {
-                        self.dma_finish(unit, &sg, Err(DmaError::Device(r.error_bits())));
+                let mut buf = vec![0u8; sg.len.min(TRIM_PIECE)];
+                let mut off = 0;
+                while off < sg.len {
+                    let n = (sg.len - off).min(TRIM_PIECE);
+                    let piece = &mut buf[..n];
+                    let r = if bmdma::gather_at(&self.mem, &sg, off, piece) {
+                        d.dev
+                            .trim_ranges(piece)
+                            .map(drop)
+                            .map_err(|r| r.error_bits())
+                    } else {
+                        Err(error::ABRT)
+                    };
+                    if let Err(e) = r {
+                        self.dma_finish(unit, &sg, Err(DmaError::Device(e)));
                         return None;
                     }
-                };
-                let reqs = ranges
-                    .into_iter()
-                    .map(|(lba, n)| IoRequest::discard(lba * SECTOR, n * SECTOR))
-                    .collect();
-                (b, reqs, Pending::Trim { sg })
+                    off += n;
+                }
+                let total = sg.len;
+                let r = run(b, sg, RunDir::Trim, 0, total);
+                self.trim_chunk(unit, r)
             }
             DmaJob::AtapiData(v) => {
                 bmdma::scatter(&self.mem, &sg, &v);
                 self.dma_finish(unit, &sg, Ok(()));
-                return None;
+                None
             }
             DmaJob::AtapiRead { offset, .. } => {
                 let Some(m) = d.cdrom()?.medium() else {
@@ -987,19 +999,9 @@ impl Channel {
                 };
                 let total = sg.len;
                 let r = run(m, sg, RunDir::AtapiRead, offset, total);
-                return self.dma_chunk(unit, r);
+                self.dma_chunk(unit, r)
             }
-        };
-        d.status = status::BSY | status::DRDY | status::DSC;
-        self.inflight = true;
-        self.dma_inflight = true;
-        Some(Io {
-            backend,
-            reqs,
-            gen,
-            drive: unit,
-            pending,
-        })
+        }
     }
 
     /// Starts the next chunk of `run` (the first one even if the transfer
@@ -1008,6 +1010,7 @@ impl Channel {
         let n = (run.total - run.done).min(MAX_BOUNCE);
         let off = run.base + run.done as u64;
         let req = match run.dir {
+            RunDir::Trim => return self.trim_chunk(unit, run),
             RunDir::DiskRead | RunDir::AtapiRead => {
                 IoRequest::read(off, IoVecs::from_vec(vec![0u8; n]))
             }
@@ -1037,6 +1040,50 @@ impl Channel {
         })
     }
 
+    /// The next discards of a TRIM (checked when it started): the ranges
+    /// of the payload's next pieces, up to the first piece that has any;
+    /// none once the payload is used up (the completion ends the command).
+    fn trim_chunk(&mut self, unit: usize, mut run: DmaRun) -> Option<Io> {
+        let mut buf = vec![0u8; (run.total - run.done).min(TRIM_PIECE)];
+        let mut reqs = Vec::new();
+        while run.done < run.total && reqs.is_empty() {
+            let n = (run.total - run.done).min(TRIM_PIECE);
+            let piece = &mut buf[..n];
+            let r = if bmdma::gather_at(&self.mem, &run.sg, run.done, piece) {
+                let d = self.drives[unit].as_ref()?;
+                d.dev.trim_ranges(piece).map_err(|r| r.error_bits())
+            } else {
+                Err(error::ABRT)
+            };
+            match r {
+                Ok(ranges) => {
+                    reqs = ranges
+                        .into_iter()
+                        .map(|(lba, n)| IoRequest::discard(lba * SECTOR, n * SECTOR))
+                        .collect();
+                }
+                Err(e) => {
+                    self.dma_finish(unit, &run.sg, Err(DmaError::Device(e)));
+                    return None;
+                }
+            }
+            run.done += n;
+        }
+        run.chunk = 0;
+        if let Some(d) = self.drives[unit].as_mut() {
+            d.status = status::BSY | status::DRDY | status::DSC;
+        }
+        self.inflight = true;
+        self.dma_inflight = true;
+        Some(Io {
+            backend: run.backend.clone(),
+            reqs,
+            gen: self.gen,
+            drive: unit,
+            pending: Pending::Dma(run),
+        })
+    }
+
     /// A chunk of `run` is done: copy it to guest memory (reads), then the
     /// next chunk or the end of the command.
     fn dma_chunk_done(
@@ -1049,7 +1096,9 @@ impl Channel {
         let mut run = run;
         let r = match (run.dir, err) {
             (RunDir::DiskRead, Some(_)) => Err(DmaError::Device(error::UNC)),
-            (RunDir::DiskWrite { .. }, Some(_)) => Err(DmaError::Device(error::ABRT)),
+            (RunDir::DiskWrite { .. } | RunDir::Trim, Some(_)) => {
+                Err(DmaError::Device(error::ABRT))
+            }
             (RunDir::AtapiRead, Some(_)) => {
                 let s = self
                     .drive_mut(unit)
@@ -1057,7 +1106,7 @@ impl Channel {
                     .map_or(Sense::READ_ERROR, |c| c.read_failed());
                 Err(DmaError::Sense(s))
             }
-            (RunDir::DiskWrite { .. }, None) => Ok(()),
+            (RunDir::DiskWrite { .. } | RunDir::Trim, None) => Ok(()),
             (dir, None) => {
                 let bad = if dir == RunDir::AtapiRead {
                     DmaError::Sense(Sense::IO_ERROR)
@@ -1135,13 +1184,6 @@ impl Channel {
                 }
             }
             Pending::Dma(run) => return self.dma_chunk_done(unit, run, reqs, err),
-            Pending::Trim { sg } => {
-                let r = match err {
-                    Some(_) => Err(DmaError::Device(error::ABRT)),
-                    None => Ok(()),
-                };
-                self.dma_finish(unit, &sg, r);
-            }
             Pending::PioRead {
                 lba,
                 left,
