@@ -22,10 +22,14 @@
 //! MANAGEMENT (TRIM), FLUSH CACHE (+EXT), ATAPI READ(10)/(12) by DMA, and
 //! by PIO one DRQ block (READ/WRITE SECTORS and MULTIPLE (+EXT)) or one
 //! ATAPI chunk at a time, with BSY set until its data is read or written,
-//! as on a real drive. Stopping the bus master while a DMA transfer's I/O
-//! is in flight lets it complete (status, interrupt, then "active"
-//! cleared), as QEMU's `ide_cancel_dma_sync` does, without the vCPU
-//! waiting for it.
+//! as on a real drive. Bus-master transfers move in chunks of at most
+//! [`MAX_BOUNCE`] bytes (TRIM payloads in 64 KiB pieces), each through its
+//! own host buffer: a chunk's completion starts the next one, the last one
+//! ends the command, so host memory per request stays bounded whatever PRD
+//! table the guest builds. Stopping the bus master while a DMA transfer's
+//! I/O is in flight lets it complete, every remaining chunk included
+//! (status, interrupt, then "active" cleared), as QEMU's
+//! `ide_cancel_dma_sync` does, without the vCPU waiting for it.
 
 use std::sync::{Arc, Mutex};
 
