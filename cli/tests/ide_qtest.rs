@@ -1305,3 +1305,42 @@ fn dma_uses_bounded_host_memory() {
         "disk DMA: peak RSS {hwm} KiB (was {before} KiB)"
     );
 }
+
+/// A bus-master stop while a transfer of several chunks is in flight: the
+/// remaining chunks still run (each its own request, one after the
+/// other), then the command completes with its interrupt and "active"
+/// clears, as for a transfer of one chunk.
+#[test]
+fn bm_stop_completes_every_chunk_of_a_long_transfer() {
+    let mut q = start(&[
+        "-m",
+        "128",
+        "-drive",
+        "if=ide,index=0,driver=null-co,size=64M,read-zeroes=on,latency-ns=200000000",
+    ]);
+    q.cmd("irq_intercept_in ioapic");
+    wait_ready(&mut q, PRI);
+    enable_bm(&mut q);
+    q.memwrite(0x100000, &[0xff; 0x10000]);
+    // 10 MiB: three chunks of at most 4 MiB, 200 ms each.
+    let table: Vec<_> = (0..160).map(|i| (0x100000u32, 0u16, i == 159)).collect();
+    prd_table(&mut q, 0x10000, &table);
+    q.outb(BM + 2, 0x06);
+    q.outl(BM + 4, 0x10000);
+    let t = Instant::now();
+    cmd48(&mut q, PRI, 0, 0x25, 0, 20480);
+    q.outb(BM, 0x09);
+    q.outb(BM, 0x00);
+    assert_eq!(q.inb(BM + 2) & 0x05, 0x01, "still active");
+    assert_eq!(q.inb(ctl(PRI)) & BSY, BSY, "busy until the I/O ends");
+    let s = ide_test_dma_wait(&mut q);
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(s, 0x04, "interrupt, inactive, no error");
+    assert_eq!(irq14(&mut q), Some(true));
+    assert_eq!(q.inb(PRI + 7), DRDY | DSC);
+    assert_eq!(q.memread(0x100000, 0x10000), vec![0u8; 0x10000]);
+}
