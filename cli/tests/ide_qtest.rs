@@ -1208,3 +1208,139 @@ fn bm_stop_completes_the_transfer_in_flight() {
     assert_eq!(wait_ready(&mut q, PRI) & DRQ, DRQ, "the PIO read completes");
     assert_eq!(pio_in(&mut q, PRI, 512), vec![0u8; 512]);
 }
+
+/// Host memory per DMA request stays bounded whatever the guest asks for
+/// (the transfer moves in chunks of at most 4 MiB): a 512 MiB ATAPI READ(12)
+/// through a full table of 8192 x 64 KiB entries all pointing at one
+/// buffer, and a 32 MiB READ DMA EXT through repeated entries, leave
+/// strata's peak RSS far below the transfer size, and the last bytes
+/// written land in the buffer.
+#[test]
+fn dma_uses_bounded_host_memory() {
+    use std::io::{Seek, SeekFrom, Write};
+    const LIMIT_KIB: u64 = 64 << 10;
+    let dir = support::scratch("ide-dma-bound");
+    // A sparse 512 MiB ISO: blocks with their number at the end only.
+    let blocks: u64 = 512 << 20 >> 11;
+    let iso = dir.join("big.iso");
+    let mut f = std::fs::File::create(&iso).unwrap();
+    f.set_len(blocks * 2048).unwrap();
+    for b in blocks - 32..blocks {
+        f.seek(SeekFrom::Start(b * 2048)).unwrap();
+        f.write_all(&b.to_le_bytes()).unwrap();
+    }
+    // A sparse 64 MiB disk: sectors 65280.. carry their pattern.
+    let disk = dir.join("big.img");
+    let mut f = std::fs::File::create(&disk).unwrap();
+    f.set_len(64 << 20).unwrap();
+    f.seek(SeekFrom::Start(65280 * 512)).unwrap();
+    for s in 65280..65536 {
+        f.write_all(&pattern(s)).unwrap();
+    }
+    drop(f);
+    let iso_s = iso.display().to_string();
+    let mut q = start(&[
+        "-m",
+        "128",
+        "-drive",
+        &drive(&disk, ",if=ide,index=0"),
+        "-cdrom",
+        &iso_s,
+    ]);
+    enable_bm(&mut q);
+    wait_ready(&mut q, PRI);
+    let before = q.proc_status_kib("VmHWM");
+
+    // ATAPI READ(12) of every block by DMA into one 64 KiB buffer.
+    let table: Vec<_> = (0..8192).map(|i| (0x100000u32, 0u16, i == 8191)).collect();
+    prd_table(&mut q, 0x10000, &table);
+    select(&mut q, SEC, 0);
+    q.outb(SEC + 1, 1); // DMA
+    q.outb(SEC + 7, 0xa0);
+    assert_eq!(wait_ready(&mut q, SEC) & DRQ, DRQ);
+    let n = (blocks as u32).to_be_bytes();
+    let cdb = [0xa8u8, 0, 0, 0, 0, 0, n[0], n[1], n[2], n[3], 0, 0];
+    for w in cdb.chunks(2) {
+        q.outw(SEC, u16::from_le_bytes([w[0], w[1]]));
+    }
+    let t = Instant::now();
+    let bs = run_dma(&mut q, BM + 8, 0x10000, true);
+    assert_eq!(bs, 0x04, "interrupt, table exhausted, no error");
+    assert_eq!(q.inb(SEC + 7), DRDY | DSC, "{:?}", t.elapsed());
+    assert_eq!(q.inb(SEC + 2) & 3, 3);
+    let buf = q.memread(0x100000, 0x10000);
+    for (i, b) in (blocks - 32..blocks).enumerate() {
+        assert_eq!(buf[i * 2048..i * 2048 + 8], b.to_le_bytes(), "block {b}");
+    }
+    let hwm = q.proc_status_kib("VmHWM");
+    assert!(
+        hwm < LIMIT_KIB,
+        "ATAPI DMA in {:?}: peak RSS {hwm} KiB (was {before} KiB)",
+        t.elapsed()
+    );
+    assert!(
+        hwm < LIMIT_KIB,
+        "ATAPI DMA: peak RSS {hwm} KiB (was {before} KiB)"
+    );
+
+    // READ DMA EXT of 65535 sectors through 512 x 64 KiB entries at one
+    // buffer: the transfer ends inside the last entry (active stays).
+    q.memwrite(0x100000, &[0xee; 0x10000]);
+    let table: Vec<_> = (0..512).map(|i| (0x100000u32, 0u16, i == 511)).collect();
+    prd_table(&mut q, 0x10000, &table);
+    cmd48(&mut q, PRI, 0, 0x25, 0, 65535);
+    assert_eq!(q.inb(ctl(PRI)) & DRQ, DRQ, "waiting for the bus master");
+    let bs = run_dma(&mut q, BM, 0x10000, true);
+    assert_eq!(bs, 0x05, "interrupt, still active, no error");
+    assert_eq!(q.inb(PRI + 7), DRDY | DSC);
+    let buf = q.memread(0x100000, 0x10000);
+    for k in 0..128u64 {
+        let s = if k < 127 { 65408 + k } else { 65407 };
+        let at = k as usize * 512;
+        assert_eq!(buf[at..at + 512], pattern(s)[..], "sector {s}");
+    }
+    let hwm = q.proc_status_kib("VmHWM");
+    assert!(
+        hwm < LIMIT_KIB,
+        "disk DMA: peak RSS {hwm} KiB (was {before} KiB)"
+    );
+}
+
+/// A bus-master stop while a transfer of several chunks is in flight: the
+/// remaining chunks still run (each its own request, one after the
+/// other), then the command completes with its interrupt and "active"
+/// clears, as for a transfer of one chunk.
+#[test]
+fn bm_stop_completes_every_chunk_of_a_long_transfer() {
+    let mut q = start(&[
+        "-m",
+        "128",
+        "-drive",
+        "if=ide,index=0,driver=null-co,size=64M,read-zeroes=on,latency-ns=200000000",
+    ]);
+    q.cmd("irq_intercept_in ioapic");
+    wait_ready(&mut q, PRI);
+    enable_bm(&mut q);
+    q.memwrite(0x100000, &[0xff; 0x10000]);
+    // 10 MiB: three chunks of at most 4 MiB, 200 ms each.
+    let table: Vec<_> = (0..160).map(|i| (0x100000u32, 0u16, i == 159)).collect();
+    prd_table(&mut q, 0x10000, &table);
+    q.outb(BM + 2, 0x06);
+    q.outl(BM + 4, 0x10000);
+    let t = Instant::now();
+    cmd48(&mut q, PRI, 0, 0x25, 0, 20480);
+    q.outb(BM, 0x09);
+    q.outb(BM, 0x00);
+    assert_eq!(q.inb(BM + 2) & 0x05, 0x01, "still active");
+    assert_eq!(q.inb(ctl(PRI)) & BSY, BSY, "busy until the I/O ends");
+    let s = ide_test_dma_wait(&mut q);
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(s, 0x04, "interrupt, inactive, no error");
+    assert_eq!(irq14(&mut q), Some(true));
+    assert_eq!(q.inb(PRI + 7), DRDY | DSC);
+    assert_eq!(q.memread(0x100000, 0x10000), vec![0u8; 0x10000]);
+}

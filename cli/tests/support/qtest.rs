@@ -53,6 +53,24 @@ impl Qtest {
         }
     }
 
+    /// The process id of the strata under test.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A memory figure of the strata under test, in KiB, from
+    /// `/proc/PID/status` (`field` is e.g. `VmRSS` or `VmHWM`).
+    #[allow(dead_code)]
+    pub fn proc_status_kib(&self, field: &str) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/PID/status"))
+    }
+
     /// Sends one command and returns the reply line (without IRQ lines).
     pub fn cmd(&mut self, line: &str) -> String {
         writeln!(self.writer, "{line}").unwrap();

@@ -97,6 +97,50 @@ pub fn walk(mem: &GuestMem, table: u32, wanted: usize) -> Result<SgList, PrdErro
     Err(PrdError::TooLong)
 }
 
+/// The segment pieces covering `len` bytes from byte `offset` of `sg`.
+fn pieces(sg: &SgList, offset: usize, len: usize) -> impl Iterator<Item = (u64, usize)> + '_ {
+    let end = offset.saturating_add(len);
+    let mut pos = 0usize;
+    sg.segments.iter().filter_map(move |&(a, l)| {
+        let (s, e) = (pos, pos + l);
+        pos = e;
+        let (from, to) = (s.max(offset), e.min(end));
+        (from < to).then(|| (a + (from - s) as u64, to - from))
+    })
+}
+
+/// Copies `data` into the segments from byte `offset` of the list on (one
+/// chunk of a device read). Bytes past the list's end are dropped.
+pub fn scatter_at(mem: &GuestMem, sg: &SgList, offset: usize, data: &[u8]) -> bool {
+    let mut done = 0;
+    for (a, l) in pieces(sg, offset, data.len()) {
+        if mem
+            .write_slice(&data[done..done + l], GuestAddress(a))
+            .is_err()
+        {
+            return false;
+        }
+        done += l;
+    }
+    true
+}
+
+/// Fills `buf` from the segments, from byte `offset` of the list on (one
+/// chunk of a device write); false if the list is shorter than that.
+pub fn gather_at(mem: &GuestMem, sg: &SgList, offset: usize, buf: &mut [u8]) -> bool {
+    let mut done = 0;
+    for (a, l) in pieces(sg, offset, buf.len()) {
+        if mem
+            .read_slice(&mut buf[done..done + l], GuestAddress(a))
+            .is_err()
+        {
+            return false;
+        }
+        done += l;
+    }
+    done == buf.len()
+}
+
 /// Copies `data` into the segments (a device read). The segments were
 /// checked by [`walk`]; a failure here still only reports false.
 pub fn scatter(mem: &GuestMem, sg: &SgList, data: &[u8]) -> bool {
@@ -173,6 +217,18 @@ mod tests {
             prd(&m, 0x10000 + 8 * i, 0x100, 2, false);
         }
         assert_eq!(walk(&m, 0x10000, 1 << 20), Err(PrdError::TooLong));
+        // Chunked copies at an offset cross segment boundaries.
+        prd(&m, 0x1000, 0x2000, 4, false);
+        prd(&m, 0x1008, 0x3000, 4, true);
+        let sg = walk(&m, 0x1000, 8).unwrap();
+        assert!(scatter_at(&m, &sg, 2, &[1, 2, 3, 4]));
+        let mut b = [0u8; 8];
+        assert!(gather_at(&m, &sg, 0, &mut b));
+        assert_eq!(b, [0, 0, 1, 2, 3, 4, 0, 0]);
+        let mut b = [0u8; 3];
+        assert!(gather_at(&m, &sg, 3, &mut b));
+        assert_eq!(b, [2, 3, 4]);
+        assert!(!gather_at(&m, &sg, 6, &mut b), "past the end");
         // 0 bytes count = 64 KiB.
         prd(&m, 0x1000, 0x0, 0, true);
         assert_eq!(walk(&m, 0x1000, 0x10000).unwrap().len, 0x10000);

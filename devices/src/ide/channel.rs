@@ -22,10 +22,14 @@
 //! MANAGEMENT (TRIM), FLUSH CACHE (+EXT), ATAPI READ(10)/(12) by DMA, and
 //! by PIO one DRQ block (READ/WRITE SECTORS and MULTIPLE (+EXT)) or one
 //! ATAPI chunk at a time, with BSY set until its data is read or written,
-//! as on a real drive. Stopping the bus master while a DMA transfer's I/O
-//! is in flight lets it complete (status, interrupt, then "active"
-//! cleared), as QEMU's `ide_cancel_dma_sync` does, without the vCPU
-//! waiting for it.
+//! as on a real drive. Bus-master transfers move in chunks of at most
+//! [`MAX_BOUNCE`] bytes (TRIM payloads in 64 KiB pieces), each through its
+//! own host buffer: a chunk's completion starts the next one, the last one
+//! ends the command, so host memory per request stays bounded whatever PRD
+//! table the guest builds. Stopping the bus master while a DMA transfer's
+//! I/O is in flight lets it complete, every remaining chunk included
+//! (status, interrupt, then "active" cleared), as QEMU's
+//! `ide_cancel_dma_sync` does, without the vCPU waiting for it.
 
 use std::sync::{Arc, Mutex};
 
@@ -38,6 +42,7 @@ use super::bmdma::{self, BmRegs, SgList};
 use crate::ata::device::{AtaDevice, DriveConfig, Outcome, DIAG_OK, SECTOR};
 use crate::ata::{error, status, Taskfile, Xfer};
 use crate::bus::lock;
+use crate::dma::MAX_BOUNCE;
 use crate::irq::IrqLine;
 use crate::scsi::{CdRom, Lun, Plan, Sense};
 use crate::GuestMem;
@@ -175,20 +180,46 @@ impl DmaJob {
     }
 }
 
+/// Which way a chunked bus-master transfer moves data.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RunDir {
+    DiskRead,
+    DiskWrite {
+        fua: bool,
+    },
+    AtapiRead,
+    /// DATA SET MANAGEMENT: the payload is a list of ranges to discard.
+    Trim,
+}
+
+/// The TRIM payload bytes read (and ranges discarded) per step: 8192
+/// ranges.
+const TRIM_PIECE: usize = 64 << 10;
+
+/// A disk or medium transfer by bus-master DMA, carried out in chunks of
+/// at most [`MAX_BOUNCE`] bytes through one host buffer per chunk: each
+/// chunk's completion (on an I/O thread) starts the next, the last one
+/// ends the command. Host memory per request stays bounded whatever PRD
+/// table the guest builds.
+pub struct DmaRun {
+    backend: Arc<BlockBackend>,
+    sg: SgList,
+    dir: RunDir,
+    /// Byte offset on the disk or medium where the transfer starts.
+    base: u64,
+    /// Bytes to move: the list's whole sectors for a disk, all of it for
+    /// a medium read.
+    total: usize,
+    /// Bytes moved so far.
+    done: usize,
+    /// Length of the chunk in flight.
+    chunk: usize,
+}
+
 /// What to do when asynchronous I/O completes.
 pub enum Pending {
-    DiskRead {
-        sg: SgList,
-    },
-    DiskWrite {
-        sg: SgList,
-    },
-    Trim {
-        sg: SgList,
-    },
-    AtapiRead {
-        sg: SgList,
-    },
+    /// A chunk of a bus-master disk or medium transfer.
+    Dma(DmaRun),
     Flush,
     /// A PIO data-in block of a disk read is read: offer it (DRQ).
     PioRead {
@@ -904,54 +935,65 @@ impl Channel {
             }
         };
         let d = self.drives[unit].as_mut()?;
-        let gen = self.gen;
         // Whole sectors only: a table that ends inside a sector cannot
         // complete that sector.
         let whole = |len: usize| len & !(SECTOR as usize - 1);
-        let (backend, reqs, pending) = match job {
+        let run = |backend, sg: SgList, dir, base, total| DmaRun {
+            backend,
+            sg,
+            dir,
+            base,
+            total,
+            done: 0,
+            chunk: 0,
+        };
+        match job {
             DmaJob::DiskRead { lba, .. } => {
-                let n = whole(sg.len);
                 let b = d.disk()?.clone();
-                let req = IoRequest::read(lba * SECTOR, IoVecs::from_vec(vec![0u8; n]));
-                (b, vec![req], Pending::DiskRead { sg })
+                let total = whole(sg.len);
+                let r = run(b, sg, RunDir::DiskRead, lba * SECTOR, total);
+                self.dma_chunk(unit, r)
             }
             DmaJob::DiskWrite { lba, fua, .. } => {
                 let b = d.disk()?.clone();
-                let Some(mut data) = bmdma::gather(&self.mem, &sg) else {
-                    self.bm.status = (self.bm.status & !bmdma::STATUS_ACTIVE) | bmdma::STATUS_ERROR;
-                    self.fail(error::ABRT, None);
-                    return None;
-                };
-                data.truncate(whole(sg.len));
-                let req = IoRequest::write(lba * SECTOR, IoVecs::from_vec(data), fua);
-                (b, vec![req], Pending::DiskWrite { sg })
+                let total = whole(sg.len);
+                let r = run(b, sg, RunDir::DiskWrite { fua }, lba * SECTOR, total);
+                self.dma_chunk(unit, r)
             }
             DmaJob::Trim { .. } => {
                 let b = d.disk()?.clone();
-                // A failed command ends the transfer: the engine goes
-                // inactive, the device interrupts with ABRT (QEMU's
+                // The whole payload is checked before anything is
+                // discarded, in pieces: a range past the end aborts the
+                // command. A failed command ends the transfer: the engine
+                // goes inactive, the device interrupts with ABRT (QEMU's
                 // ide-test `bmdma/trim` expects exactly "interrupt").
-                let Some(data) = bmdma::gather(&self.mem, &sg) else {
-                    self.dma_finish(unit, &sg, Err(DmaError::Device(error::ABRT)));
-                    return None;
-                };
-                let ranges = match d.dev.trim_ranges(&data) {
-                    Ok(r) => r,
-                    Err(r) => {
-                        self.dma_finish(unit, &sg, Err(DmaError::Device(r.error_bits())));
+                let mut buf = vec![0u8; sg.len.min(TRIM_PIECE)];
+                let mut off = 0;
+                while off < sg.len {
+                    let n = (sg.len - off).min(TRIM_PIECE);
+                    let piece = &mut buf[..n];
+                    let r = if bmdma::gather_at(&self.mem, &sg, off, piece) {
+                        d.dev
+                            .trim_ranges(piece)
+                            .map(drop)
+                            .map_err(|r| r.error_bits())
+                    } else {
+                        Err(error::ABRT)
+                    };
+                    if let Err(e) = r {
+                        self.dma_finish(unit, &sg, Err(DmaError::Device(e)));
                         return None;
                     }
-                };
-                let reqs = ranges
-                    .into_iter()
-                    .map(|(lba, n)| IoRequest::discard(lba * SECTOR, n * SECTOR))
-                    .collect();
-                (b, reqs, Pending::Trim { sg })
+                    off += n;
+                }
+                let total = sg.len;
+                let r = run(b, sg, RunDir::Trim, 0, total);
+                self.trim_chunk(unit, r)
             }
             DmaJob::AtapiData(v) => {
                 bmdma::scatter(&self.mem, &sg, &v);
                 self.dma_finish(unit, &sg, Ok(()));
-                return None;
+                None
             }
             DmaJob::AtapiRead { offset, .. } => {
                 let Some(m) = d.cdrom()?.medium() else {
@@ -959,20 +1001,137 @@ impl Channel {
                     self.atapi_error(s);
                     return None;
                 };
-                let req = IoRequest::read(offset, IoVecs::from_vec(vec![0u8; sg.len]));
-                (m, vec![req], Pending::AtapiRead { sg })
+                let total = sg.len;
+                let r = run(m, sg, RunDir::AtapiRead, offset, total);
+                self.dma_chunk(unit, r)
+            }
+        }
+    }
+
+    /// Starts the next chunk of `run` (the first one even if the transfer
+    /// is empty, so that it completes on an I/O thread as any other).
+    fn dma_chunk(&mut self, unit: usize, mut run: DmaRun) -> Option<Io> {
+        let n = (run.total - run.done).min(MAX_BOUNCE);
+        let off = run.base + run.done as u64;
+        let req = match run.dir {
+            RunDir::Trim => return self.trim_chunk(unit, run),
+            RunDir::DiskRead | RunDir::AtapiRead => {
+                IoRequest::read(off, IoVecs::from_vec(vec![0u8; n]))
+            }
+            RunDir::DiskWrite { fua } => {
+                let mut data = vec![0u8; n];
+                if !bmdma::gather_at(&self.mem, &run.sg, run.done, &mut data) {
+                    self.cur = unit;
+                    self.bm.status = (self.bm.status & !bmdma::STATUS_ACTIVE) | bmdma::STATUS_ERROR;
+                    self.fail(error::ABRT, None);
+                    return None;
+                }
+                IoRequest::write(off, IoVecs::from_vec(data), fua)
             }
         };
-        d.status = status::BSY | status::DRDY | status::DSC;
+        run.chunk = n;
+        if let Some(d) = self.drives[unit].as_mut() {
+            d.status = status::BSY | status::DRDY | status::DSC;
+        }
         self.inflight = true;
         self.dma_inflight = true;
         Some(Io {
-            backend,
-            reqs,
-            gen,
+            backend: run.backend.clone(),
+            reqs: vec![req],
+            gen: self.gen,
             drive: unit,
-            pending,
+            pending: Pending::Dma(run),
         })
+    }
+
+    /// The next discards of a TRIM (checked when it started): the ranges
+    /// of the payload's next pieces, up to the first piece that has any;
+    /// none once the payload is used up (the completion ends the command).
+    fn trim_chunk(&mut self, unit: usize, mut run: DmaRun) -> Option<Io> {
+        let mut buf = vec![0u8; (run.total - run.done).min(TRIM_PIECE)];
+        let mut reqs = Vec::new();
+        while run.done < run.total && reqs.is_empty() {
+            let n = (run.total - run.done).min(TRIM_PIECE);
+            let piece = &mut buf[..n];
+            let r = if bmdma::gather_at(&self.mem, &run.sg, run.done, piece) {
+                let d = self.drives[unit].as_ref()?;
+                d.dev.trim_ranges(piece).map_err(|r| r.error_bits())
+            } else {
+                Err(error::ABRT)
+            };
+            match r {
+                Ok(ranges) => {
+                    reqs = ranges
+                        .into_iter()
+                        .map(|(lba, n)| IoRequest::discard(lba * SECTOR, n * SECTOR))
+                        .collect();
+                }
+                Err(e) => {
+                    self.dma_finish(unit, &run.sg, Err(DmaError::Device(e)));
+                    return None;
+                }
+            }
+            run.done += n;
+        }
+        run.chunk = 0;
+        if let Some(d) = self.drives[unit].as_mut() {
+            d.status = status::BSY | status::DRDY | status::DSC;
+        }
+        self.inflight = true;
+        self.dma_inflight = true;
+        Some(Io {
+            backend: run.backend.clone(),
+            reqs,
+            gen: self.gen,
+            drive: unit,
+            pending: Pending::Dma(run),
+        })
+    }
+
+    /// A chunk of `run` is done: copy it to guest memory (reads), then the
+    /// next chunk or the end of the command.
+    fn dma_chunk_done(
+        &mut self,
+        unit: usize,
+        run: DmaRun,
+        reqs: Vec<IoRequest>,
+        err: Option<BlockError>,
+    ) -> Option<Io> {
+        let mut run = run;
+        let r = match (run.dir, err) {
+            (RunDir::DiskRead, Some(_)) => Err(DmaError::Device(error::UNC)),
+            (RunDir::DiskWrite { .. } | RunDir::Trim, Some(_)) => {
+                Err(DmaError::Device(error::ABRT))
+            }
+            (RunDir::AtapiRead, Some(_)) => {
+                let s = self
+                    .drive_mut(unit)
+                    .and_then(|d| d.cdrom())
+                    .map_or(Sense::READ_ERROR, |c| c.read_failed());
+                Err(DmaError::Sense(s))
+            }
+            (RunDir::DiskWrite { .. } | RunDir::Trim, None) => Ok(()),
+            (dir, None) => {
+                let bad = if dir == RunDir::AtapiRead {
+                    DmaError::Sense(Sense::IO_ERROR)
+                } else {
+                    DmaError::Device(error::ABRT)
+                };
+                let data = reqs.into_iter().next().and_then(|r| r.iov.into_vec());
+                match data {
+                    Some(v) if bmdma::scatter_at(&self.mem, &run.sg, run.done, &v) => Ok(()),
+                    _ => Err(bad),
+                }
+            }
+        };
+        if r.is_ok() {
+            run.done += run.chunk;
+            if run.done < run.total {
+                return self.dma_chunk(unit, run);
+            }
+        }
+        self.dma_finish(unit, &run.sg, r);
+        None
     }
 
     /// Ends a DMA transfer: a short PRD table stops the engine without an
@@ -1003,7 +1162,9 @@ impl Channel {
         }
     }
 
-    /// Called (on an I/O thread) when the requests of an [`Io`] are done.
+    /// Called (on an I/O thread) when the requests of an [`Io`] are done;
+    /// returns the I/O that continues the command (the next chunk of a
+    /// DMA transfer), to start once the lock is released.
     pub fn complete(
         &mut self,
         gen: u64,
@@ -1011,9 +1172,9 @@ impl Channel {
         pending: Pending,
         reqs: Vec<IoRequest>,
         err: Option<BlockError>,
-    ) {
+    ) -> Option<Io> {
         if gen != self.gen {
-            return; // reset meanwhile
+            return None; // reset meanwhile
         }
         self.inflight = false;
         self.dma_inflight = false;
@@ -1026,26 +1187,7 @@ impl Channel {
                     self.done()
                 }
             }
-            Pending::DiskRead { sg } => {
-                let r = match err {
-                    Some(_) => Err(DmaError::Device(error::UNC)),
-                    None => {
-                        let data = reqs.into_iter().next().and_then(|r| r.iov.into_vec());
-                        match data {
-                            Some(v) if bmdma::scatter(&self.mem, &sg, &v) => Ok(()),
-                            _ => Err(DmaError::Device(error::ABRT)),
-                        }
-                    }
-                };
-                self.dma_finish(unit, &sg, r);
-            }
-            Pending::DiskWrite { sg } | Pending::Trim { sg } => {
-                let r = match err {
-                    Some(_) => Err(DmaError::Device(error::ABRT)),
-                    None => Ok(()),
-                };
-                self.dma_finish(unit, &sg, r);
-            }
+            Pending::Dma(run) => return self.dma_chunk_done(unit, run, reqs, err),
             Pending::PioRead {
                 lba,
                 left,
@@ -1089,26 +1231,8 @@ impl Channel {
                     }
                 }
             }
-            Pending::AtapiRead { sg } => {
-                let r = match err {
-                    Some(_) => {
-                        let s = self
-                            .drive_mut(unit)
-                            .and_then(|d| d.cdrom())
-                            .map_or(Sense::READ_ERROR, |c| c.read_failed());
-                        Err(DmaError::Sense(s))
-                    }
-                    None => {
-                        let data = reqs.into_iter().next().and_then(|r| r.iov.into_vec());
-                        match data {
-                            Some(v) if bmdma::scatter(&self.mem, &sg, &v) => Ok(()),
-                            _ => Err(DmaError::Sense(Sense::IO_ERROR)),
-                        }
-                    }
-                };
-                self.dma_finish(unit, &sg, r);
-            }
         }
+        None
     }
 }
 
@@ -1142,7 +1266,10 @@ pub fn run_io(ch: &Arc<Mutex<Channel>>, io: Io) {
         pending,
     } = io;
     if reqs.is_empty() {
-        lock(ch).complete(gen, drive, pending, Vec::new(), None);
+        let next = lock(ch).complete(gen, drive, pending, Vec::new(), None);
+        if let Some(io) = next {
+            run_io(ch, io);
+        }
         return;
     }
     let state = Arc::new(Mutex::new(Gather {
@@ -1172,7 +1299,10 @@ pub fn run_io(ch: &Arc<Mutex<Channel>>, io: Io) {
                     }
                 };
                 if let Some((p, reqs, err)) = finished {
-                    lock(&ch).complete(gen, drive, p, reqs, err);
+                    let next = lock(&ch).complete(gen, drive, p, reqs, err);
+                    if let Some(io) = next {
+                        run_io(&ch, io);
+                    }
                 }
             }),
         );
