@@ -1021,3 +1021,174 @@ fn libvirt_device_line_is_accepted() {
     ]);
     assert_eq!(qt.pci_read32(5, 0, 0), 0x1001_1af4);
 }
+
+/// The log line the queue worker writes when it stops a broken queue.
+const STOP_MSG: &str = "stopped until the device is reset";
+
+/// Sets queue q's avail->idx to `idx` behind the driver's back and kicks.
+fn bogus_avail_idx(b: &mut Blk, q: u16, idx: u16) {
+    let avail = b.vqs[q as usize].avail;
+    b.qt.writew(avail + 2, idx);
+    b.qt.writew(NOTIFY + 4 * q as u64, q);
+}
+
+/// Reads the capacity from device config space; asserts the device answers.
+fn config_capacity(b: &mut Blk) -> u64 {
+    let lo = b.qt.readl(DEVCFG) as u64;
+    let hi = b.qt.readl(DEVCFG + 4) as u64;
+    lo | hi << 32
+}
+
+/// [HARDEN] RING_EVENT_IDX with avail->idx more than the queue size ahead:
+/// the worker stops the queue (once, logged) instead of spinning, the
+/// device still answers, a reset returns and re-initialisation works, and
+/// strata exits promptly when the qtest channel closes.
+#[test]
+fn event_idx_avail_idx_far_ahead_stops_the_queue() {
+    let disk = pattern_disk("vblk-spin");
+    let log = support::scratch("vblk-spin-log").join("strata.log");
+    let log_arg = log.display().to_string();
+    let qt = start(&disk, "", &["-D", &log_arg]);
+    let mut b = Blk::init(qt, VERSION_1 | EVENT_IDX, 1);
+    let (s, _, _) = b.request(0, T_IN, 1, &[], 512, false);
+    assert_eq!(s, S_OK);
+    let bogus = b.vqs[0].avail_idx.wrapping_add(64 + 5);
+    bogus_avail_idx(&mut b, 0, bogus);
+    b.qt.writew(NOTIFY, 0);
+
+    // (a) the device still answers, within a bounded time.
+    let t = Instant::now();
+    for _ in 0..20 {
+        assert_eq!(config_capacity(&mut b), DISK_SECTORS);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "config reads slow");
+
+    // (b) a reset returns, and the device serves a fresh ring.
+    let t = Instant::now();
+    b.set_status(0);
+    assert_eq!(b.status(), 0);
+    assert!(t.elapsed() < Duration::from_secs(5), "reset took too long");
+    b.vqs.clear();
+    assert!(b.negotiate(VERSION_1 | EVENT_IDX));
+    b.setup_queue(0, 64, 1);
+    b.driver_ok();
+    let (s, _, d) = b.request(0, T_IN, 7, &[], 512, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(d[0], pattern(7));
+
+    // (c) strata exits promptly when the channel closes.
+    let took = b.qt.close_and_wait_exit(Duration::from_secs(5));
+    assert!(took.is_some(), "strata still running 5 s after the close");
+
+    // (d) the stop message, exactly once (the queue was stopped, and the
+    // later kick did not log again).
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let n = text.matches(STOP_MSG).count();
+    assert_eq!(n, 1, "stop message logged {n} times:\n{text}");
+}
+
+/// [HARDEN] The variant: reset, then DRIVER_OK again over the old
+/// ring whose avail->idx is far ahead (queue registers re-programmed as a
+/// driver would, ring memory left as it was).
+#[test]
+fn reset_then_driver_ok_over_a_far_ahead_ring() {
+    let disk = pattern_disk("vblk-spin2");
+    let log = support::scratch("vblk-spin2-log").join("strata.log");
+    let log_arg = log.display().to_string();
+    let qt = start(&disk, "", &["-D", &log_arg]);
+    let mut b = Blk::init(qt, VERSION_1 | EVENT_IDX, 1);
+    let bogus = 64 + 5;
+    bogus_avail_idx(&mut b, 0, bogus);
+    assert_eq!(config_capacity(&mut b), DISK_SECTORS);
+
+    let t = Instant::now();
+    b.set_status(0);
+    assert_eq!(b.status(), 0);
+    // Re-program the queue at the same place without clearing the ring.
+    assert!(b.negotiate(VERSION_1 | EVENT_IDX));
+    let vq = &b.vqs[0];
+    let (desc, avail, used) = (vq.desc, vq.avail, vq.used);
+    b.qt.writew(BAR4 + 0x16, 0);
+    b.qt.writew(BAR4 + 0x18, 64);
+    b.qt.writew(BAR4 + 0x1a, 1);
+    b.qt.writeq(BAR4 + 0x20, desc);
+    b.qt.writel(BAR4 + 0x28, avail as u32);
+    b.qt.writel(BAR4 + 0x2c, 0);
+    b.qt.writeq(BAR4 + 0x30, used);
+    b.qt.writew(BAR4 + 0x1c, 1);
+    b.set_status(0xf);
+    b.qt.writew(NOTIFY, 0);
+    for _ in 0..20 {
+        assert_eq!(config_capacity(&mut b), DISK_SECTORS);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    b.set_status(0);
+    assert_eq!(b.status(), 0);
+    assert!(t.elapsed() < Duration::from_secs(5), "device stuck");
+
+    // A proper init on a fresh ring works.
+    b.vqs.clear();
+    assert!(b.negotiate(VERSION_1 | EVENT_IDX));
+    b.setup_queue(0, 64, 1);
+    b.driver_ok();
+    let (s, _, d) = b.request(0, T_IN, 3, &[], 512, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(d[0], pattern(3));
+
+    let took = b.qt.close_and_wait_exit(Duration::from_secs(5));
+    assert!(took.is_some(), "strata still running 5 s after the close");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let n = text.matches(STOP_MSG).count();
+    // Once per activation over the broken ring: before and after the reset.
+    assert!(n <= 2, "stop message logged {n} times:\n{text}");
+}
+
+/// [HARDEN] Virtio 1.2 section 3.1.1: on the modern interface DRIVER_OK
+/// without FEATURES_OK does not activate the device as a legacy one; the
+/// queue serves nothing, and a later proper initialisation works.
+#[test]
+fn modern_driver_ok_without_features_ok_does_not_activate() {
+    let disk = pattern_disk("vblk-nofeat");
+    let qt = start(&disk, "", &[]);
+    let mut b = Blk::map(qt);
+    b.enable_msix(2);
+    b.qt.writew(BAR4 + 0x10, 0);
+    b.set_status(0);
+    b.set_status(1);
+    b.set_status(3);
+    b.setup_queue(0, 64, 1);
+    b.set_status(1 | 2 | 4);
+    assert_eq!(b.status() & 8, 0, "no FEATURES_OK");
+
+    // Post a read; no used entry may appear.
+    let (hdr, st) = (BUF_BASE, BUF_BASE + 0x800);
+    let mut h = Vec::new();
+    h.extend_from_slice(&T_IN.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h.extend_from_slice(&0u64.to_le_bytes());
+    b.qt.memwrite(hdr, &h);
+    b.qt.writeb(st, 0xff);
+    let bufs = [
+        (hdr, 16, false),
+        (BUF_BASE + 0x1000, 512, true),
+        (st, 1, true),
+    ];
+    let vq = &mut b.vqs[0];
+    let head = vq.add(&mut b.qt, &bufs, None);
+    vq.kick(&mut b.qt, head, |qt, q| qt.writew(NOTIFY + 4 * q as u64, q));
+    b.qt.clock_step(10_000_000);
+    std::thread::sleep(Duration::from_millis(200));
+    let used = b.vqs[0].used;
+    assert_eq!(b.qt.readw(used + 2), 0, "a used entry appeared");
+    assert_eq!(b.qt.readb(st), 0xff, "the request ran");
+
+    // A proper initialisation afterwards works.
+    b.vqs.clear();
+    assert!(b.negotiate(VERSION_1));
+    b.setup_queue(0, 64, 1);
+    b.driver_ok();
+    let (s, _, d) = b.request(0, T_IN, 5, &[], 512, false);
+    assert_eq!(s, S_OK);
+    assert_eq!(d[0], pattern(5));
+}

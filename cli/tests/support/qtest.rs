@@ -225,6 +225,24 @@ pub fn fw_cfg_dir_lookup(dir: &[u8], name: &str) -> Option<(u16, usize)> {
     })
 }
 
+impl Qtest {
+    /// Closes the qtest channel and waits up to `limit` for strata to exit
+    /// on its own; returns how long it took, or None if it was still
+    /// running (the drop then kills it).
+    #[allow(dead_code)]
+    pub fn close_and_wait_exit(mut self, limit: Duration) -> Option<Duration> {
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+        let t = std::time::Instant::now();
+        while t.elapsed() < limit {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+}
+
 impl Drop for Qtest {
     fn drop(&mut self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);

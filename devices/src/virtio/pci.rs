@@ -342,7 +342,10 @@ impl VirtioPci {
         self.queue_select = 0;
     }
 
-    fn set_status(&mut self, v: u8) {
+    /// A status write; `legacy` says it came through the legacy interface
+    /// (I/O BAR), the only one on which DRIVER_OK without FEATURES_OK
+    /// activates the device (virtio 1.2 section 3.1.2).
+    fn set_status(&mut self, v: u8, legacy: bool) {
         if v == 0 {
             self.reset();
             return;
@@ -363,6 +366,15 @@ impl VirtioPci {
         let was_ok = self.status & status::DRIVER_OK != 0;
         self.status = v;
         if v & status::DRIVER_OK != 0 && !was_ok && !self.active {
+            if !legacy && v & status::FEATURES_OK == 0 {
+                // Section 3.1.1: a driver of the modern interface must set
+                // FEATURES_OK before DRIVER_OK; without it there is no
+                // feature set to run with, so the device does not operate
+                // (and says so), rather than falling back to legacy.
+                log::warn!("virtio: DRIVER_OK without FEATURES_OK on the modern interface");
+                self.needs_reset();
+                return;
+            }
             self.activate();
         }
     }
@@ -552,7 +564,7 @@ impl VirtioPci {
                 let v = self.irq.checked_vector(v as u16);
                 self.irq.config_vector.store(v, Ordering::SeqCst);
             }
-            (0x14, 1) => self.set_status(v as u8),
+            (0x14, 1) => self.set_status(v as u8, false),
             (0x16, 2) => self.queue_select = v as u16,
             (0x18, 2) if !live => {
                 if let Some(q) = self.queue() {
@@ -659,7 +671,7 @@ impl VirtioPci {
             legacy::QUEUE_PFN => self.legacy_set_pfn(v as u32),
             legacy::QUEUE_SEL => self.queue_select = v as u16,
             legacy::QUEUE_NOTIFY => self.notify_queue(v & 0xffff),
-            legacy::STATUS => self.set_status(v as u8),
+            legacy::STATUS => self.set_status(v as u8, true),
             legacy::CONFIG_VECTOR => {
                 let v = self.irq.checked_vector(v as u16);
                 self.irq.config_vector.store(v, Ordering::SeqCst);
@@ -1012,5 +1024,37 @@ mod tests {
         // Device config at 0x14 without MSI-X.
         t.region_read(LEGACY_BAR, 0x14, &mut b);
         assert_eq!(b, [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn modern_driver_ok_without_features_ok_does_not_activate() {
+        let (mut t, act, _level, _mem) = make(TransportOptions {
+            modern: true,
+            legacy: true,
+            msix_vectors: 0,
+        });
+        let w = |t: &mut VirtioPci, o: u64, v: u64, n: usize| {
+            t.region_write(MODERN_BAR, o, &v.to_le_bytes()[..n])
+        };
+        let r = |t: &mut VirtioPci, o: u64, n: usize| {
+            let mut b = [0u8; 8];
+            t.region_read(MODERN_BAR, o, &mut b[..n]);
+            u64::from_le_bytes(b)
+        };
+        w(&mut t, 0x14, 3, 1);
+        w(&mut t, 0x16, 0, 2);
+        w(&mut t, 0x20, 0x1000, 8);
+        w(&mut t, 0x28, 0x2000, 8);
+        w(&mut t, 0x30, 0x3000, 8);
+        w(&mut t, 0x1c, 1, 2);
+        w(&mut t, 0x14, 7, 1);
+        assert_eq!(*act.lock().unwrap(), None, "not activated as legacy");
+        assert_ne!(r(&mut t, 0x14, 1) as u8 & status::DEVICE_NEEDS_RESET, 0);
+        // After a reset, the legacy interface still activates on DRIVER_OK.
+        t.region_write(LEGACY_BAR, legacy::STATUS, &[0]);
+        t.region_write(LEGACY_BAR, legacy::QUEUE_SEL, &0u16.to_le_bytes());
+        t.region_write(LEGACY_BAR, legacy::QUEUE_PFN, &5u32.to_le_bytes());
+        t.region_write(LEGACY_BAR, legacy::STATUS, &[7]);
+        assert_eq!(*act.lock().unwrap(), Some(vec![0]));
     }
 }
