@@ -187,7 +187,9 @@ impl Buses {
                 }
             }
         };
-        let bus = self.buses.get_mut(&name).expect("bus chosen above");
+        let Some(bus) = self.buses.get_mut(&name) else {
+            return Err(format!("Bus '{name}' not found"));
+        };
         let unit = match wanted {
             Some(u) => {
                 if bus.units != 0 && u >= bus.units {
