@@ -329,8 +329,12 @@ fn sequential_writes_join_allocations() {
                 false,
             ),
             Box::new(move |_, res| {
-                t2.send(res.map_err(|e| e.to_string())).unwrap();
                 issue(&n2, &nx, &t2);
+                // Let go of the node before reporting, so that once the
+                // test has every report its own handle is the last one
+                // and dropping it closes the image before qemu-img looks.
+                drop(n2);
+                t2.send(res.map_err(|e| e.to_string())).unwrap();
             }),
         );
     }
