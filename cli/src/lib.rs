@@ -2,4 +2,5 @@
 //! clap-based CLIs of the tools. Each binary's `main` stays short and calls
 //! into here.
 
+pub mod chardev_args;
 pub mod system_args;

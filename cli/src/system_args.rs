@@ -22,7 +22,12 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -bios FILE                        firmware (default /usr/share/seabios/bios-256k.bin)
   -L DIR                            firmware search path (-bios names, option ROMs)
   -boot [order=]DRIVES[,once=,menu=on|off,splash-time=,reboot-timeout=,strict=on|off]
-  -serial DEV                       stdio, mon:stdio, file:PATH, unix:PATH[,server][,nowait], null, none
+  -serial DEV                       stdio, mon:stdio, file:PATH, unix:PATH[,server=on][,wait=off],
+                                    tcp:HOST:PORT[,server=on][,wait=off], chardev:ID, null, none
+  -chardev socket|stdio|file|null,id=ID,...  a character device (path=|host=,port=, server=, wait=, mux=)
+  -qmp DEV, -qmp-pretty DEV         a QMP monitor (DEV as for -serial)
+  -monitor DEV                      a human monitor (HMP), or none
+  -mon chardev=ID[,mode=control|readline][,pretty=on]  a monitor on a -chardev
   -debugcon DEV                     isa-debugcon on port 0xe9 (see -global)
   -global DRIVER.PROP=VALUE         default of a device property (e.g. isa-debugcon.iobase=0x402)
   -nographic, -display none, -vga none   no display (Strata has none; other types warn)
@@ -99,6 +104,11 @@ const KNOWN_WITH_VALUE: &[&str] = &[
     "-sandbox",
     "-pidfile",
     "-D",
+    "-chardev",
+    "-mon",
+    "-qmp",
+    "-qmp-pretty",
+    "-monitor",
 ];
 
 /// Options without a value that `parse` handles.
@@ -201,32 +211,8 @@ fn parse_u32(opt: &str, key: &str, v: &str) -> Result<u32, String> {
         .ok_or_else(|| format!("{opt}: {key}={v}: not a number"))
 }
 
-/// Parses a chardev spec as `-serial` and `-debugcon` take it.
-pub fn parse_chardev(opt: &str, spec: &str) -> Result<Option<CharDev>, String> {
-    let (kind, rest) = spec.split_once(':').unwrap_or((spec, ""));
-    Ok(Some(match kind {
-        "none" => return Ok(None),
-        "null" => CharDev::Null,
-        "stdio" => CharDev::Stdio { mux: false },
-        "mon" if rest == "stdio" => CharDev::Stdio { mux: true },
-        "file" if !rest.is_empty() => CharDev::File(PathBuf::from(rest)),
-        "unix" if !rest.is_empty() => {
-            let mut opts = split_opts(opt, rest, Some("path"))?;
-            let path = PathBuf::from(opts.remove(0).1);
-            let (mut server, mut wait) = (false, true);
-            for (k, v) in opts {
-                match k.as_str() {
-                    "server" => server = parse_bool(opt, &k, &v)?,
-                    "wait" => wait = parse_bool(opt, &k, &v)?,
-                    "nowait" => wait = false,
-                    _ => return Err(format!("{opt} {spec}: unknown unix socket option '{k}'")),
-                }
-            }
-            CharDev::Unix { path, server, wait }
-        }
-        _ => return Err(format!("{opt} {spec}: unsupported character device")),
-    }))
-}
+pub use crate::chardev_args::parse_chardev;
+use crate::chardev_args::Chardevs;
 
 /// Machine properties QEMU has that change nothing on Strata's boards
 /// (libvirt writes several of them on every command line).
@@ -733,6 +719,8 @@ fn find_bios(name: &str, dirs: &[PathBuf]) -> Result<PathBuf, String> {
 pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut cfg = MachineConfig::default();
     let mut serial: Vec<Option<CharDev>> = Vec::new();
+    let mut chardevs = Chardevs::default();
+    let mut monitors = Vec::new();
     let (mut nographic, mut nodefaults, mut accel_set) = (false, false, false);
     let mut snapshot = false;
     let mut drive_args: Vec<(String, String)> = Vec::new();
@@ -808,7 +796,19 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "-smp" => parse_smp(&mut cfg, value)?,
             "-bios" => bios = Some(value.to_string()),
             "-boot" => parse_boot(&mut cfg, value)?,
-            "-serial" => serial.push(parse_chardev("-serial", value)?),
+            "-serial" => match value.strip_prefix("chardev:") {
+                Some(id) => {
+                    chardevs.serial_ref(serial.len(), id, value);
+                    serial.push(None);
+                }
+                None => serial.push(parse_chardev("-serial", value)?),
+            },
+            "-chardev" => chardevs.add(value)?,
+            "-mon" => chardevs.mon(value)?,
+            "-qmp" | "-qmp-pretty" | "-monitor" => {
+                let m = crate::chardev_args::monitor(&opt, value, opt == "-qmp-pretty")?;
+                monitors.extend(m);
+            }
             "-debugcon" => cfg.debugcon = parse_chardev("-debugcon", value)?,
             "-global" => cfg.globals.push(
                 vmm::device::parse_global(value).map_err(|e| format!("-global {value}: {e}"))?,
@@ -941,10 +941,16 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     if cfg.accel == Accel::Kvm && cfg.qtest.is_some() {
         return Err("-qtest: requires the qtest accelerator (-machine accel=qtest)".into());
     }
+    monitors.extend(chardevs.resolve(&mut serial)?);
+    let monitor_on_stdio = monitors
+        .iter()
+        .any(|m| matches!(m.chardev, CharDev::Stdio { .. }));
+    cfg.monitors = monitors;
     cfg.serial = if !serial.is_empty() {
         serial.into_iter().flatten().collect()
-    } else if cfg.qtest.is_some() {
-        // qtest owns the test's channel; COM1 exists but prints nowhere.
+    } else if cfg.qtest.is_some() || monitor_on_stdio {
+        // qtest owns the test's channel, or a monitor owns stdio; COM1
+        // exists but prints nowhere.
         vec![CharDev::Null]
     } else if nodefaults {
         Vec::new()
@@ -990,7 +996,7 @@ mod tests {
             Some(CharDev::Unix {
                 path: "/tmp/q,x".into(),
                 server: false,
-                wait: true
+                wait: false
             })
         );
         assert!(c.serial.is_empty());

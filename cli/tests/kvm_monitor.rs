@@ -125,7 +125,7 @@ fn rerror_stop_pauses_and_cont_retries() {
         "the guest ran on while stopped"
     );
     vm.type_text("info block\r");
-    vm.wait_for("d0: ", false);
+    vm.wait_for("d0 (", false);
     // The retry succeeds (the error was injected once) and the boot goes on.
     vm.type_text("cont\r");
     vm.wait_for("BOOT-OK", false);

@@ -19,6 +19,33 @@ pub enum CharDev {
         server: bool,
         wait: bool,
     },
+    /// A TCP socket, connecting to it, or listening on it with `server`
+    /// (`telnet` is accepted for the grammar; Strata sends no telnet
+    /// negotiation, which clients do without).
+    Tcp {
+        host: String,
+        port: u16,
+        server: bool,
+        wait: bool,
+    },
+}
+
+/// What a monitor speaks on its chardev.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MonitorMode {
+    /// QMP, the JSON protocol (`-qmp`, `-mon mode=control`).
+    Control,
+    /// HMP, the human monitor (`-monitor`, `-mon mode=readline`).
+    Readline,
+}
+
+/// One `-qmp`, `-monitor` or `-mon`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MonitorConfig {
+    pub chardev: CharDev,
+    pub mode: MonitorMode,
+    /// `pretty=on` / `-qmp-pretty`: indented JSON replies.
+    pub pretty: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +90,8 @@ pub struct MachineConfig {
     pub bios: PathBuf,
     pub serial: Vec<CharDev>,
     pub debugcon: Option<CharDev>,
+    /// QMP and HMP monitors, in command-line order.
+    pub monitors: Vec<MonitorConfig>,
     pub no_reboot: bool,
     /// `-S`: create the machine but do not start the vCPUs.
     pub paused: bool,
@@ -121,6 +150,7 @@ impl Default for MachineConfig {
             bios: PathBuf::from(DEFAULT_BIOS),
             serial: Vec::new(),
             debugcon: None,
+            monitors: Vec::new(),
             no_reboot: false,
             paused: false,
             accel: Accel::Kvm,

@@ -1,5 +1,7 @@
 //! Character devices (QEMU's chardevs) for the serial ports and debugcon:
-//! stdio (with the `mon:` Ctrl-A multiplexer), files, Unix sockets and null.
+//! stdio (with the `mon:` Ctrl-A multiplexer), files, Unix and TCP sockets
+//! and null; and the socket endpoints the monitors share ([`Listener`],
+//! [`connect`], [`Stream`]).
 //!
 //! Chardevs are opened once per process and outlive machine resets; each
 //! machine gets fresh writers, and the input threads are pointed at the new
@@ -7,6 +9,7 @@
 
 use std::fs::File;
 use std::io::{IsTerminal, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -103,28 +106,26 @@ pub fn open(
                 .map_err(|e| VmmError::Config(format!("{what}: {e}")))?;
         }
         CharDev::File(p) => *lock(&out) = Some(Box::new(File::create(p).map_err(|e| err(e, p))?)),
-        CharDev::Unix { path, server, wait } => {
+        CharDev::Unix { server, wait, .. } | CharDev::Tcp { server, wait, .. } => {
+            let name = describe(dev);
+            let err = |e: std::io::Error| VmmError::Config(format!("{what} {name}: {e}"));
             if *server {
-                let _ = std::fs::remove_file(path);
-                let l = UnixListener::bind(path).map_err(|e| err(e, path))?;
+                let l = Listener::bind(dev).map_err(err)?;
                 let (o, t, ev) = (out.clone(), target.clone(), events.clone());
                 let accept = move || {
-                    if let Ok((s, _)) = l.accept() {
-                        connect_socket(s, o, t, ev);
+                    if let Ok(s) = l.accept() {
+                        connect_stream(s, o, t, ev);
                     }
                 };
                 if *wait {
-                    eprintln!(
-                        "strata: {what}: waiting for a connection on {}",
-                        path.display()
-                    );
+                    eprintln!("strata: {what}: waiting for a connection on {name}");
                     accept();
                 } else {
                     std::thread::spawn(accept);
                 }
             } else {
-                let s = UnixStream::connect(path).map_err(|e| err(e, path))?;
-                connect_socket(s, out.clone(), target.clone(), events.clone());
+                let s = connect(dev).map_err(err)?;
+                connect_stream(s, out.clone(), target.clone(), events.clone());
             }
         }
     }
@@ -137,17 +138,114 @@ pub fn open(
     ))
 }
 
-fn connect_socket(
-    s: UnixStream,
+fn connect_stream(
+    s: Stream,
     out: Slot<Box<dyn Write + Send>>,
     target: Slot<Arc<Mutex<Uart>>>,
     ev: EventSender,
 ) {
-    if let Ok(r) = s.try_clone() {
-        let o = SharedOut(out.clone());
-        std::thread::spawn(move || input_loop(r, target, ev, false, false, o));
+    let Stream { read, write, .. } = s;
+    let o = SharedOut(out.clone());
+    std::thread::spawn(move || input_loop(read, target, ev, false, false, o));
+    *lock(&out) = Some(write);
+}
+
+/// A connected socket (or stdio), split into its two directions.
+pub struct Stream {
+    pub read: Box<dyn Read + Send>,
+    pub write: Box<dyn Write + Send>,
+    /// Ends both directions (wakes a thread blocked reading it).
+    pub shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+impl Stream {
+    fn unix(s: UnixStream) -> std::io::Result<Stream> {
+        let (r, w) = (s.try_clone()?, s.try_clone()?);
+        Ok(Stream {
+            read: Box::new(r),
+            write: Box::new(w),
+            shutdown: Box::new(move || {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }),
+        })
     }
-    *lock(&out) = Some(Box::new(s));
+
+    fn tcp(s: TcpStream) -> std::io::Result<Stream> {
+        let _ = s.set_nodelay(true);
+        let (r, w) = (s.try_clone()?, s.try_clone()?);
+        Ok(Stream {
+            read: Box::new(r),
+            write: Box::new(w),
+            shutdown: Box::new(move || {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }),
+        })
+    }
+
+    /// The process's standard input and output.
+    pub fn stdio() -> Stream {
+        Stream {
+            read: Box::new(std::io::stdin()),
+            write: Box::new(std::io::stdout()),
+            shutdown: Box::new(|| {}),
+        }
+    }
+}
+
+/// A listening socket of a `server=on` chardev.
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+impl Listener {
+    /// Listens where a server chardev says. A Unix socket's stale file is
+    /// replaced, as QEMU does.
+    pub fn bind(dev: &CharDev) -> std::io::Result<Listener> {
+        match dev {
+            CharDev::Unix { path, .. } => {
+                let _ = std::fs::remove_file(path);
+                Ok(Listener::Unix(UnixListener::bind(path)?))
+            }
+            CharDev::Tcp { host, port, .. } => {
+                // QEMU: an empty host listens on every address.
+                let host = if host.is_empty() { "0.0.0.0" } else { host };
+                Ok(Listener::Tcp(TcpListener::bind((host, *port))?))
+            }
+            _ => Err(std::io::Error::other("not a socket")),
+        }
+    }
+
+    pub fn accept(&self) -> std::io::Result<Stream> {
+        match self {
+            Listener::Unix(l) => Stream::unix(l.accept()?.0),
+            Listener::Tcp(l) => Stream::tcp(l.accept()?.0),
+        }
+    }
+}
+
+/// Connects to a client chardev's socket.
+pub fn connect(dev: &CharDev) -> std::io::Result<Stream> {
+    match dev {
+        CharDev::Unix { path, .. } => Stream::unix(UnixStream::connect(path)?),
+        CharDev::Tcp { host, port, .. } => {
+            let host = if host.is_empty() { "localhost" } else { host };
+            Stream::tcp(TcpStream::connect((host, *port))?)
+        }
+        _ => Err(std::io::Error::other("not a socket")),
+    }
+}
+
+/// A chardev as the user would write it, for messages.
+pub fn describe(dev: &CharDev) -> String {
+    match dev {
+        CharDev::Null => "null".into(),
+        CharDev::Stdio { mux: false } => "stdio".into(),
+        CharDev::Stdio { mux: true } => "mon:stdio".into(),
+        CharDev::File(p) => format!("file:{}", p.display()),
+        CharDev::Unix { path, .. } => format!("unix:{}", path.display()),
+        CharDev::Tcp { host, port, .. } => format!("tcp:{host}:{port}"),
+    }
 }
 
 /// Feeds received bytes to the attached UART, interpreting Ctrl-A escapes
@@ -212,7 +310,11 @@ fn input_loop(
                         let cmd = String::from_utf8_lossy(&line).trim().to_string();
                         line.clear();
                         // The main loop answers and prints the next prompt.
-                        ev.send(VmEvent::Command(cmd));
+                        ev.send(VmEvent::Monitor(crate::monitor::Request::Hmp {
+                            line: cmd,
+                            out: None,
+                            done: None,
+                        }));
                     }
                     0x7f | 0x08 if line.pop().is_some() => {
                         let _ = echo.write_all(b"\x08 \x08");

@@ -18,7 +18,6 @@ pub mod smbios;
 pub mod storage;
 pub mod vcpu;
 
-use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -44,8 +43,18 @@ pub enum VmmError {
     Guest(String),
 }
 
-/// Why a machine generation ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The QEMU version Strata answers to (`-version`, QMP's greeting and
+/// `query-version`): the release whose command line and QMP it follows.
+pub const QEMU_VERSION: (u32, u32, u32) = (7, 2, 0);
+
+/// QMP's `package` string: what this build really is.
+pub fn package_version() -> String {
+    format!(" (Strata {})", env!("CARGO_PKG_VERSION"))
+}
+
+/// What the main loop is told: why a machine generation ends, and the
+/// requests it serves while it runs.
+#[derive(Debug)]
 pub enum VmEvent {
     Reset,
     Shutdown,
@@ -58,8 +67,27 @@ pub enum VmEvent {
         drive: String,
         error: String,
     },
-    /// A monitor command line.
-    Command(String),
+    /// A monitor request (QMP or HMP).
+    Monitor(monitor::Request),
+    /// A qtest protocol line (the qtest accelerator's main loop).
+    Qtest(String),
+}
+
+impl std::fmt::Debug for monitor::Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            monitor::Request::Qmp { cmd, .. } => write!(f, "Qmp({cmd:?})"),
+            monitor::Request::Hmp { line, .. } => write!(f, "Hmp({line:?})"),
+        }
+    }
+}
+
+/// How a run loop ends a generation.
+enum End {
+    Reset { guest: bool },
+    Shutdown,
+    Quit,
+    Error(String),
 }
 
 /// Holds vCPU threads at the top of their run loop while the guest is
@@ -267,11 +295,9 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
     let consoles = Consoles::open(&cfg, &events)?;
     let storage = storage::Storage::open(&cfg)?;
     storage.set_stop_handlers(&events);
-    let mut state = if cfg.paused {
-        monitor::RunState::Prelaunch
-    } else {
-        monitor::RunState::Running
-    };
+    let bus = Arc::new(monitor::event::Events::default());
+    monitor::start(&cfg, &bus, &events)?;
+    let mut control = monitor::Control::new(cfg.paused, bus);
     loop {
         let vm = kvm::create_vm(&kvm)?;
         let mut host = consoles.host(
@@ -291,17 +317,27 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
         }
         let stop = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(VcpuGate::default());
-        gate.set_paused(state != monitor::RunState::Running);
+        gate.set_paused(control.state != monitor::RunState::Running);
         let mut threads = Vec::new();
+        let (tid_tx, tid_rx) = mpsc::channel();
         for (id, v) in vcpus.into_iter().enumerate() {
             let (pc, stop, ev, gate) = (pc.clone(), stop.clone(), events.clone(), gate.clone());
+            let tid_tx = tid_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(v, id as u32, pc, stop, gate, ev))
+                .spawn(move || {
+                    let _ = tid_tx.send((id, thread_id()));
+                    vcpu::run(v, id as u32, pc, stop, gate, ev)
+                })
                 .map_err(|e| VmmError::Kvm(format!("cannot start vCPU thread: {e}")))?;
             threads.push(t);
         }
-        let event = loop {
+        drop(tid_tx);
+        let mut tids = vec![0; threads.len()];
+        for (id, tid) in tid_rx.iter() {
+            tids[id] = tid;
+        }
+        let end = loop {
             let ev = rx.recv().unwrap_or(VmEvent::Quit);
             let action = match ev {
                 VmEvent::BlockStop { drive, error } => {
@@ -309,27 +345,33 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                         "strata: drive {drive}: {error}; guest stopped by its error policy \
                          (Ctrl-A c, then 'cont' retries)"
                     );
-                    state = monitor::RunState::IoError;
+                    control.events.emit(
+                        "BLOCK_IO_ERROR",
+                        Some(serde_json::json!({
+                            "device": drive, "operation": "read", "action": "stop",
+                            "nospace": false, "reason": error,
+                        })),
+                    );
+                    control.stop(monitor::RunState::IoError);
                     monitor::Action::Pause
                 }
-                VmEvent::Command(line) => {
-                    let view = monitor::View {
-                        state: &state,
-                        drives: storage.describe(),
+                VmEvent::Monitor(req) => {
+                    let ctx = monitor::Ctx {
+                        cfg: &cfg,
+                        storage: &storage,
+                        machine: &pc,
+                        vcpu_threads: &tids,
                     };
-                    let (text, action) = monitor::execute(&line, &view);
-                    let mut out = std::io::stdout();
-                    let _ = write!(out, "{}{}", text.replace('\n', "\r\n"), monitor::PROMPT);
-                    let _ = out.flush();
-                    action
+                    control.run(req, &ctx)
                 }
-                other => break other,
+                VmEvent::Qtest(_) => monitor::Action::None,
+                VmEvent::Reset => break End::Reset { guest: true },
+                VmEvent::Shutdown => break End::Shutdown,
+                VmEvent::Quit => break End::Quit,
+                VmEvent::Error(e) => break End::Error(e),
             };
             match action {
                 monitor::Action::Pause => {
-                    if state == monitor::RunState::Running {
-                        state = monitor::RunState::Paused;
-                    }
                     gate.set_paused(true);
                     // Take the vCPUs out of KVM_RUN; they wait at the gate.
                     // A kick that lands just before a thread enters KVM_RUN
@@ -345,11 +387,11 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                     }
                 }
                 monitor::Action::Resume => {
-                    state = monitor::RunState::Running;
                     storage.resume();
                     gate.set_paused(false);
                 }
-                monitor::Action::End(ev) => break ev,
+                monitor::Action::Reset => break End::Reset { guest: false },
+                monitor::Action::Quit => break End::Quit,
                 monitor::Action::None => {}
             }
         };
@@ -363,20 +405,49 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
             }
             let _ = t.join();
         }
-        // Drain events raised by other vCPUs while stopping.
-        while rx.try_recv().is_ok() {}
-        match event {
-            VmEvent::Reset if !cfg.no_reboot => {
-                log::info!("guest reset: rebuilding the machine");
+        // Drop events raised by other vCPUs while stopping; monitor
+        // requests among them are answered by the next generation.
+        let mut keep = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            if let VmEvent::Monitor(_) = ev {
+                keep.push(ev);
+            }
+        }
+        match end {
+            End::Reset { guest } if !cfg.no_reboot => {
+                log::info!("reset: rebuilding the machine");
+                control.reset(guest);
                 // `-boot once=` applies to the first boot only; resets go
                 // back to `order=` (QEMU's restore_boot_order).
                 cfg.boot.once = None;
+                for ev in keep {
+                    events.send(ev);
+                }
                 continue;
             }
-            VmEvent::Error(msg) => return Err(VmmError::Guest(msg)),
-            _ => return Ok(0),
+            End::Reset { guest } => {
+                control.shutdown(guest, "guest-reset");
+                return Ok(0);
+            }
+            End::Shutdown => {
+                control.shutdown(true, "guest-shutdown");
+                return Ok(0);
+            }
+            End::Quit => {
+                control.shutdown(false, "host-qmp-quit");
+                return Ok(0);
+            }
+            End::Error(msg) => return Err(VmmError::Guest(msg)),
         }
     }
+}
+
+/// The calling thread's kernel thread id (QMP's `thread-id`).
+pub fn thread_id() -> i32 {
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Whether a serial chardev is the process's stdio.

@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{CharDev, MachineConfig};
 use crate::machine::{self, Machine};
-use crate::{Consoles, EventSender, VmEvent, VmmError};
+use crate::{monitor, Consoles, EventSender, VmEvent, VmmError};
 
 type Out = Arc<Mutex<Box<dyn Write + Send>>>;
 
@@ -116,6 +116,10 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
     let events = EventSender(tx);
     let consoles = Consoles::open(&cfg, &events)?;
     let storage = crate::storage::Storage::open(&cfg)?;
+    storage.set_stop_handlers(&events);
+    let bus = Arc::new(monitor::event::Events::default());
+    monitor::start(&cfg, &bus, &events)?;
+    let mut control = monitor::Control::new(cfg.paused, bus);
     let build = || -> Result<Machine, VmmError> {
         let host = consoles.host(Arc::new(ChipHandle(chip.clone())), &events, clock.clone());
         let pc = machine::board(&cfg).build(&cfg, host, &storage)?;
@@ -130,28 +134,104 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
         ),
         None => None,
     };
-    for line in BufReader::new(input).lines() {
-        let Ok(line) = line else { break };
-        let reply = Session {
-            pc: &pc,
-            chip: &chip,
-            clock: &clock,
-        }
-        .handle(line.trim());
-        if let Some(l) = log.as_mut() {
-            let _ = writeln!(l, "[R] {line}\n[S] {reply}");
-        }
-        let mut o = lock(&out);
-        if writeln!(o, "{reply}").and_then(|_| o.flush()).is_err() {
-            break;
-        }
-        drop(o);
-        // A reset the command caused takes effect before the next command,
-        // as a system reset does between two vCPU instructions.
-        match rx.try_recv() {
-            Ok(VmEvent::Reset) if !cfg.no_reboot => pc = build()?,
-            Ok(_) => break,
-            Err(_) => {}
+    // The protocol is read on its own thread and its lines join the
+    // monitor requests on the main loop, which owns the machine.
+    let reader_events = events.clone();
+    std::thread::Builder::new()
+        .name("qtest-in".into())
+        .spawn(move || {
+            for line in BufReader::new(input).lines() {
+                let Ok(line) = line else { break };
+                reader_events.send(VmEvent::Qtest(line));
+            }
+            reader_events.send(VmEvent::Quit);
+        })
+        .map_err(|e| VmmError::Config(format!("-qtest: {e}")))?;
+    let mut pending = std::collections::VecDeque::new();
+    loop {
+        let ev = match pending.pop_front() {
+            Some(ev) => ev,
+            None => rx.recv().unwrap_or(VmEvent::Quit),
+        };
+        let end = match ev {
+            VmEvent::Qtest(line) => {
+                let reply = Session {
+                    pc: &pc,
+                    chip: &chip,
+                    clock: &clock,
+                }
+                .handle(line.trim());
+                if let Some(l) = log.as_mut() {
+                    let _ = writeln!(l, "[R] {line}\n[S] {reply}");
+                }
+                let mut o = lock(&out);
+                if writeln!(o, "{reply}").and_then(|_| o.flush()).is_err() {
+                    break;
+                }
+                drop(o);
+                // A reset the command caused takes effect before the next
+                // command, as a system reset does between two vCPU
+                // instructions: what it raised is already queued, so take
+                // it ahead of the requests that were waiting.
+                let mut end = None;
+                while let Ok(ev) = rx.try_recv() {
+                    match ev {
+                        VmEvent::Reset | VmEvent::Shutdown | VmEvent::Error(_) if end.is_none() => {
+                            end = Some(ev)
+                        }
+                        other => pending.push_back(other),
+                    }
+                }
+                end
+            }
+            VmEvent::Monitor(req) => {
+                let ctx = monitor::Ctx {
+                    cfg: &cfg,
+                    storage: &storage,
+                    machine: &pc,
+                    vcpu_threads: &[],
+                };
+                match control.run(req, &ctx) {
+                    monitor::Action::Reset => {
+                        control.reset(false);
+                        pc = build()?;
+                        None
+                    }
+                    monitor::Action::Quit => {
+                        control.shutdown(false, "host-qmp-quit");
+                        return Ok(0);
+                    }
+                    monitor::Action::Resume => {
+                        storage.resume();
+                        None
+                    }
+                    _ => None,
+                }
+            }
+            VmEvent::BlockStop { .. } => {
+                control.stop(monitor::RunState::IoError);
+                None
+            }
+            other => Some(other),
+        };
+        match end {
+            None => {}
+            Some(VmEvent::Reset) if !cfg.no_reboot => {
+                control.reset(true);
+                pc = build()?;
+            }
+            Some(VmEvent::Reset) => {
+                control.shutdown(true, "guest-reset");
+                return Ok(0);
+            }
+            Some(VmEvent::Shutdown) => {
+                control.shutdown(true, "guest-shutdown");
+                return Ok(0);
+            }
+            Some(_) => {
+                control.shutdown(false, "host-qmp-quit");
+                return Ok(0);
+            }
         }
     }
     Ok(0)

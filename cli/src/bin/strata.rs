@@ -4,10 +4,6 @@ use std::path::Path;
 
 use cli::system_args::{parse, Parsed, Process, USAGE};
 
-/// The QEMU release whose command line Strata follows: libvirt and
-/// scripts parse the first line of `-version` for it.
-const QEMU_VERSION: &str = "7.2.0";
-
 /// Strata's log: stderr, or the `-D` file.
 fn init_log(log_file: Option<&Path>) -> Result<(), String> {
     let mut b = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"));
@@ -51,8 +47,11 @@ fn main() {
         }
         Ok(Parsed::Version) => {
             println!(
-                "QEMU emulator version {QEMU_VERSION} (Strata {})",
-                env!("CARGO_PKG_VERSION")
+                "QEMU emulator version {}.{}.{}{}",
+                vmm::QEMU_VERSION.0,
+                vmm::QEMU_VERSION.1,
+                vmm::QEMU_VERSION.2,
+                vmm::package_version()
             );
             println!(
                 "Copyright (c) the Strata developers (a KVM PC emulator with QEMU's command line)"

@@ -67,6 +67,10 @@ pub struct Machine {
     pub boot_entry: Option<EntryState>,
     /// How many vCPUs run it (0 for the empty machine).
     pub cpus: u32,
+    /// PCI bus 0, for `query-pci` (`None` on a board without PCI).
+    pub pci: Option<Arc<devices::pci::PciBus>>,
+    /// The ACPI power button (`system_powerdown`), if the board has one.
+    pub power_button: Option<Arc<Mutex<devices::chipset::piix4_pm::PmRegs>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +227,8 @@ impl Board for NoneBoard {
             uarts: Vec::new(),
             boot_entry: None,
             cpus: 0,
+            pci: None,
+            power_button: None,
         })
     }
 }

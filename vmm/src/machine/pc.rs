@@ -217,6 +217,7 @@ fn build(
         boot::init_ide(&mut devices::bus::lock(&ide));
     }
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
+    let power_button = pm.regs();
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     buses.occupy("pci.0", 1 << 3 | 3, "PIIX4_PM");
     add_io(
@@ -370,6 +371,8 @@ fn build(
         uarts,
         boot_entry,
         cpus: cfg.cpus,
+        pci: Some(pci),
+        power_button: Some(power_button),
     })
 }
 

@@ -1,0 +1,489 @@
+//! The commands QMP and HMP share: the table of QMP commands and their
+//! arguments (what `query-commands` and `query-qmp-schema` report), the
+//! typed [`Command`] a request becomes before anything runs, and QMP's
+//! error classes.
+//!
+//! Argument checking follows QEMU's QAPI input visitor (qapi/qmp-spec.rst,
+//! "Commands Responses"; qapi/qapi-schema.json): a missing mandatory
+//! argument, a member of the wrong JSON type and a member the command does
+//! not have are each refused with QEMU's wording, which clients match on.
+
+use serde_json::{Map, Value};
+
+/// QMP's error classes (qapi/error.json `QapiErrorClass`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    GenericError,
+    CommandNotFound,
+    DeviceNotActive,
+    DeviceNotFound,
+    KvmMissingCap,
+}
+
+impl ErrorClass {
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorClass::GenericError => "GenericError",
+            ErrorClass::CommandNotFound => "CommandNotFound",
+            ErrorClass::DeviceNotActive => "DeviceNotActive",
+            ErrorClass::DeviceNotFound => "DeviceNotFound",
+            ErrorClass::KvmMissingCap => "KVMMissingCap",
+        }
+    }
+}
+
+/// A command's failure, as QMP reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QmpError {
+    pub class: ErrorClass,
+    pub desc: String,
+}
+
+impl QmpError {
+    pub fn generic(desc: impl Into<String>) -> Self {
+        QmpError {
+            class: ErrorClass::GenericError,
+            desc: desc.into(),
+        }
+    }
+
+    pub fn new(class: ErrorClass, desc: impl Into<String>) -> Self {
+        QmpError {
+            class,
+            desc: desc.into(),
+        }
+    }
+
+    /// The `error` member of a response.
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({"class": self.class.name(), "desc": self.desc})
+    }
+}
+
+/// The JSON type of an argument, as the schema names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Ty {
+    Str,
+    Int,
+    Bool,
+    StrList,
+    Any,
+}
+
+impl Ty {
+    /// The schema's name for the type (`query-qmp-schema`'s builtins).
+    pub fn schema_name(self) -> &'static str {
+        match self {
+            Ty::Str => "str",
+            Ty::Int => "int",
+            Ty::Bool => "bool",
+            Ty::StrList => "[str]",
+            Ty::Any => "any",
+        }
+    }
+
+    /// The input visitor's name for the type in its "expected" message.
+    fn expected(self) -> &'static str {
+        match self {
+            Ty::Str => "string",
+            Ty::Int => "integer",
+            Ty::Bool => "boolean",
+            Ty::StrList => "array",
+            Ty::Any => "any",
+        }
+    }
+
+    fn accepts(self, v: &Value) -> bool {
+        match self {
+            Ty::Str => v.is_string(),
+            Ty::Int => v.is_i64() || v.is_u64(),
+            Ty::Bool => v.is_boolean(),
+            Ty::StrList => v.as_array().is_some_and(|a| a.iter().all(Value::is_string)),
+            Ty::Any => true,
+        }
+    }
+}
+
+/// One argument of a command.
+pub struct Arg {
+    pub name: &'static str,
+    pub ty: Ty,
+    pub optional: bool,
+}
+
+const fn req(name: &'static str, ty: Ty) -> Arg {
+    Arg {
+        name,
+        ty,
+        optional: false,
+    }
+}
+
+const fn opt(name: &'static str, ty: Ty) -> Arg {
+    Arg {
+        name,
+        ty,
+        optional: true,
+    }
+}
+
+/// A command's arguments after checking against its [`Def`]: every
+/// mandatory one present, every present one of its declared type.
+pub struct Args(Map<String, Value>);
+
+impl Args {
+    fn str(&self, name: &str) -> String {
+        self.opt_str(name).unwrap_or_default()
+    }
+    fn opt_str(&self, name: &str) -> Option<String> {
+        self.0.get(name).and_then(Value::as_str).map(str::to_string)
+    }
+    fn opt_int(&self, name: &str) -> Option<i64> {
+        self.0.get(name).and_then(Value::as_i64)
+    }
+    fn int(&self, name: &str) -> i64 {
+        self.opt_int(name).unwrap_or_default()
+    }
+    fn str_list(&self, name: &str) -> Vec<String> {
+        self.0
+            .get(name)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// What arguments a command takes.
+pub enum Params {
+    /// Named members, checked here.
+    Members(&'static [Arg]),
+    /// The whole arguments object is the command's data (QAPI's `boxed`),
+    /// checked by the code that consumes it (`blockdev-add`'s options).
+    Boxed,
+}
+
+/// A row of the command table.
+pub struct Def {
+    pub name: &'static str,
+    pub params: Params,
+    build: fn(Args) -> Command,
+}
+
+/// A request after parsing: what the main loop executes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Capabilities { enable: Vec<String> },
+    QueryVersion,
+    QueryCommands,
+    QueryStatus,
+    QueryName,
+    QueryKvm,
+    QueryMachines,
+    QueryCpusFast,
+    QueryPci,
+    QueryBlock,
+    QueryBlockstats,
+    QueryNamedBlockNodes,
+    QueryQmpSchema,
+    QueryIothreads,
+    QueryChardev,
+    QomListTypes { implements: Option<String> },
+    Stop,
+    Cont,
+    SystemReset,
+    SystemPowerdown,
+    Quit,
+    BlockdevAdd(Map<String, Value>),
+    BlockdevDel { node_name: String },
+    HumanMonitorCommand { line: String },
+}
+
+/// Every command, in the order `query-commands` lists them.
+pub static COMMANDS: &[Def] = &[
+    Def {
+        name: "qmp_capabilities",
+        params: Params::Members(&[opt("enable", Ty::StrList)]),
+        build: |a| Command::Capabilities {
+            enable: a.str_list("enable"),
+        },
+    },
+    Def {
+        name: "query-version",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryVersion,
+    },
+    Def {
+        name: "query-commands",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryCommands,
+    },
+    Def {
+        name: "query-status",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryStatus,
+    },
+    Def {
+        name: "query-name",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryName,
+    },
+    Def {
+        name: "query-kvm",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryKvm,
+    },
+    Def {
+        name: "query-machines",
+        params: Params::Members(&[opt("compat-props", Ty::Bool)]),
+        build: |_| Command::QueryMachines,
+    },
+    Def {
+        name: "query-cpus-fast",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryCpusFast,
+    },
+    Def {
+        name: "query-pci",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryPci,
+    },
+    Def {
+        name: "query-block",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryBlock,
+    },
+    Def {
+        name: "query-blockstats",
+        params: Params::Members(&[opt("query-nodes", Ty::Bool)]),
+        build: |_| Command::QueryBlockstats,
+    },
+    Def {
+        name: "query-named-block-nodes",
+        params: Params::Members(&[opt("flat", Ty::Bool)]),
+        build: |_| Command::QueryNamedBlockNodes,
+    },
+    Def {
+        name: "query-qmp-schema",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryQmpSchema,
+    },
+    Def {
+        name: "query-iothreads",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryIothreads,
+    },
+    Def {
+        name: "query-chardev",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryChardev,
+    },
+    Def {
+        name: "qom-list-types",
+        params: Params::Members(&[opt("implements", Ty::Str), opt("abstract", Ty::Bool)]),
+        build: |a| Command::QomListTypes {
+            implements: a.opt_str("implements"),
+        },
+    },
+    Def {
+        name: "stop",
+        params: Params::Members(&[]),
+        build: |_| Command::Stop,
+    },
+    Def {
+        name: "cont",
+        params: Params::Members(&[]),
+        build: |_| Command::Cont,
+    },
+    Def {
+        name: "system_reset",
+        params: Params::Members(&[]),
+        build: |_| Command::SystemReset,
+    },
+    Def {
+        name: "system_powerdown",
+        params: Params::Members(&[]),
+        build: |_| Command::SystemPowerdown,
+    },
+    Def {
+        name: "quit",
+        params: Params::Members(&[]),
+        build: |_| Command::Quit,
+    },
+    Def {
+        name: "blockdev-add",
+        params: Params::Boxed,
+        build: |a| Command::BlockdevAdd(a.0),
+    },
+    Def {
+        name: "blockdev-del",
+        params: Params::Members(&[req("node-name", Ty::Str)]),
+        build: |a| Command::BlockdevDel {
+            node_name: a.str("node-name"),
+        },
+    },
+    Def {
+        name: "human-monitor-command",
+        params: Params::Members(&[req("command-line", Ty::Str), opt("cpu-index", Ty::Int)]),
+        build: |a| {
+            let _ = a.int("cpu-index");
+            Command::HumanMonitorCommand {
+                line: a.str("command-line"),
+            }
+        },
+    },
+];
+
+/// The table row of a command name.
+pub fn find(name: &str) -> Option<&'static Def> {
+    COMMANDS.iter().find(|d| d.name == name)
+}
+
+/// Parses a command's arguments into a [`Command`]; `arguments` is the
+/// request's `arguments` member (absent is an empty object).
+pub fn parse(name: &str, arguments: Map<String, Value>) -> Result<Command, QmpError> {
+    let def = find(name).ok_or_else(|| {
+        QmpError::new(
+            ErrorClass::CommandNotFound,
+            format!("The command {name} has not been found"),
+        )
+    })?;
+    if let Params::Members(members) = &def.params {
+        for a in members.iter() {
+            match arguments.get(a.name) {
+                None if !a.optional => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter '{}' is missing",
+                        a.name
+                    )))
+                }
+                Some(v) if !a.ty.accepts(v) => {
+                    return Err(QmpError::generic(format!(
+                        "Invalid parameter type for '{}', expected: {}",
+                        a.name,
+                        a.ty.expected()
+                    )))
+                }
+                _ => {}
+            }
+        }
+        if let Some(k) = arguments
+            .keys()
+            .find(|k| !members.iter().any(|a| a.name == k.as_str()))
+        {
+            return Err(QmpError::generic(format!("Parameter '{k}' is unexpected")));
+        }
+    }
+    Ok((def.build)(Args(arguments)))
+}
+
+/// `query-qmp-schema`: every command with its argument object, and the
+/// builtin types they use (qapi/introspect.json `SchemaInfo`). Type names
+/// are the command's own (QEMU masks them as numbers; clients look them up
+/// through the commands, never by name).
+pub fn schema() -> Value {
+    let mut out = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    for d in COMMANDS {
+        let arg_type = format!("{}-arg", d.name);
+        out.push(serde_json::json!({
+            "name": d.name,
+            "meta-type": "command",
+            "arg-type": arg_type,
+            "ret-type": "any",
+            "allow-oob": false,
+        }));
+        let members: Vec<Value> = match &d.params {
+            Params::Members(m) => m
+                .iter()
+                .map(|a| {
+                    used.insert(a.ty);
+                    let mut v = serde_json::json!({"name": a.name, "type": a.ty.schema_name()});
+                    if a.optional {
+                        v["default"] = Value::Null;
+                    }
+                    v
+                })
+                .collect(),
+            Params::Boxed => Vec::new(),
+        };
+        out.push(serde_json::json!({
+            "name": arg_type,
+            "meta-type": "object",
+            "members": members,
+        }));
+    }
+    for (name, json) in [
+        ("str", "string"),
+        ("int", "int"),
+        ("bool", "boolean"),
+        ("any", "value"),
+    ] {
+        out.push(serde_json::json!({"name": name, "meta-type": "builtin", "json-type": json}));
+    }
+    if used.contains(&Ty::StrList) {
+        out.push(serde_json::json!({"name": "[str]", "meta-type": "array", "element-type": "str"}));
+    }
+    Value::Array(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn argument_errors_have_qemus_words() {
+        assert_eq!(
+            parse("frob", Map::new()).unwrap_err(),
+            QmpError::new(
+                ErrorClass::CommandNotFound,
+                "The command frob has not been found"
+            )
+        );
+        assert_eq!(
+            parse("blockdev-del", Map::new()).unwrap_err().desc,
+            "Parameter 'node-name' is missing"
+        );
+        assert_eq!(
+            parse("blockdev-del", args(json!({"node-name": 3})))
+                .unwrap_err()
+                .desc,
+            "Invalid parameter type for 'node-name', expected: string"
+        );
+        assert_eq!(
+            parse("stop", args(json!({"now": true}))).unwrap_err().desc,
+            "Parameter 'now' is unexpected"
+        );
+        assert_eq!(
+            parse(
+                "human-monitor-command",
+                args(json!({"command-line": "info status"}))
+            )
+            .unwrap(),
+            Command::HumanMonitorCommand {
+                line: "info status".into()
+            }
+        );
+    }
+
+    #[test]
+    fn schema_lists_every_command() {
+        let s = schema();
+        for d in COMMANDS {
+            assert!(s
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["name"] == d.name && e["meta-type"] == "command"));
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! HMP, the human monitor: a command line becomes the QMP command that
+//! does the same thing (as QEMU's HMP calls its QMP handlers), and the
+//! answer is formatted as text. Only `help` and the formatting live here.
+
+use serde_json::Value;
+
+use super::command::Command;
+use super::{Action, Control, Ctx};
+
+const HELP: &str = "\
+cont|c              resume the guest (and retry requests an I/O error stopped)
+help|?              show this help
+info block          list the drives
+info blockstats     show the drives' I/O statistics
+info kvm            show whether KVM is in use
+info name           show the guest's name
+info pci            list the PCI functions
+info status         show the run state
+info version        show the version
+quit|q              exit Strata
+stop                pause the guest
+system_powerdown    press the ACPI power button
+system_reset        reset the machine
+";
+
+/// Runs one HMP line; returns the text to print and what the main loop
+/// must do.
+pub fn run(c: &mut Control, line: &str, ctx: &Ctx) -> (String, Action) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let cmd = match words.as_slice() {
+        [] => return (String::new(), Action::None),
+        ["help"] | ["?"] | ["help", ..] => return (HELP.to_string(), Action::None),
+        ["info", what] => match *what {
+            "status" => Command::QueryStatus,
+            "block" => Command::QueryBlock,
+            "blockstats" => Command::QueryBlockstats,
+            "version" => Command::QueryVersion,
+            "kvm" => Command::QueryKvm,
+            "name" => Command::QueryName,
+            "pci" => Command::QueryPci,
+            other => return (format!("info: unknown item '{other}'\n"), Action::None),
+        },
+        ["info"] => return (HELP.to_string(), Action::None),
+        ["stop"] => Command::Stop,
+        ["cont"] | ["c"] => Command::Cont,
+        ["system_reset"] => Command::SystemReset,
+        ["system_powerdown"] => Command::SystemPowerdown,
+        ["quit"] | ["q"] => Command::Quit,
+        [cmd, ..] => return (format!("unknown command: '{cmd}'\n"), Action::None),
+    };
+    let what = cmd.clone();
+    match c.execute(cmd, ctx) {
+        Ok((v, action)) => (format(&what, &v, c), action),
+        Err(e) => (format!("Error: {}\n", e.desc), Action::None),
+    }
+}
+
+fn format(cmd: &Command, v: &Value, c: &Control) -> String {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    match cmd {
+        Command::QueryStatus => format!("VM status: {}\n", c.state.describe()),
+        Command::QueryVersion => format!(
+            "{}.{}.{}{}\n",
+            v["qemu"]["major"],
+            v["qemu"]["minor"],
+            v["qemu"]["micro"],
+            s(&v["package"])
+        ),
+        Command::QueryKvm => format!(
+            "kvm support: {}\n",
+            if v["enabled"] == true {
+                "enabled"
+            } else {
+                "disabled"
+            }
+        ),
+        Command::QueryName => match v.get("name") {
+            Some(n) => format!("{}\n", s(n)),
+            None => String::new(),
+        },
+        Command::QueryBlock => {
+            let mut out = String::new();
+            for d in v.as_array().into_iter().flatten() {
+                let id = s(&d["device"]);
+                match d.get("inserted") {
+                    Some(i) => {
+                        let state = if d["io-status"] == "failed" {
+                            "stopped"
+                        } else {
+                            "ok"
+                        };
+                        let ro = if i["ro"] == true { "read-only, " } else { "" };
+                        out.push_str(&format!(
+                            "{id} ({}): {} ({}, {ro}{state})\n",
+                            s(&i["node-name"]),
+                            s(&i["file"]),
+                            s(&i["drv"])
+                        ));
+                    }
+                    None => out.push_str(&format!("{id}: [not inserted]\n")),
+                }
+            }
+            out
+        }
+        Command::QueryBlockstats => {
+            let mut out = String::new();
+            for d in v.as_array().into_iter().flatten() {
+                let st = &d["stats"];
+                out.push_str(&format!(
+                    "{}: rd_bytes={} wr_bytes={} rd_operations={} wr_operations={} \
+                     flush_operations={} wr_total_time_ns={} rd_total_time_ns={} \
+                     flush_total_time_ns={}\n",
+                    s(&d["device"]),
+                    st["rd_bytes"],
+                    st["wr_bytes"],
+                    st["rd_operations"],
+                    st["wr_operations"],
+                    st["flush_operations"],
+                    st["wr_total_time_ns"],
+                    st["rd_total_time_ns"],
+                    st["flush_total_time_ns"],
+                ));
+            }
+            out
+        }
+        Command::QueryPci => {
+            let mut out = String::new();
+            for d in v[0]["devices"].as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "  Bus  0, device {:>3}, function {}:\n    class {:04x}: PCI device {:04x}:{:04x}\n",
+                    d["slot"],
+                    d["function"],
+                    d["class_info"]["class"].as_u64().unwrap_or(0),
+                    d["id"]["vendor"].as_u64().unwrap_or(0),
+                    d["id"]["device"].as_u64().unwrap_or(0),
+                ));
+                if let Some(irq) = d.get("irq") {
+                    out.push_str(&format!("      IRQ {irq}, pin {}\n", d["irq_pin"]));
+                }
+                for r in d["regions"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "      BAR{}: {} at {:#x}\n",
+                        r["bar"],
+                        if r["type"] == "io" { "I/O" } else { "memory" },
+                        r["address"].as_u64().unwrap_or(0)
+                    ));
+                }
+            }
+            out
+        }
+        _ => String::new(),
+    }
+}
