@@ -327,6 +327,7 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
                     let _ = tid_tx.send((id, thread_id()));
+                    drop(tid_tx);
                     vcpu::run(v, id as u32, pc, stop, gate, ev)
                 })
                 .map_err(|e| VmmError::Kvm(format!("cannot start vCPU thread: {e}")))?;

@@ -3,6 +3,7 @@
 
 pub mod img;
 pub mod kernels;
+pub mod qmp;
 pub mod qtest;
 
 use std::path::{Path, PathBuf};

@@ -53,6 +53,19 @@ impl Qtest {
         }
     }
 
+    /// Waits up to `timeout` for strata to exit; its status if it did.
+    #[allow(dead_code)]
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
     /// The process id of the strata under test.
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {

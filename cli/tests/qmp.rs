@@ -1,0 +1,387 @@
+//! [QMP] The QMP and HMP monitors of a running strata (qtest mode), driven
+//! over their sockets by a real JSON client: the handshake, errors that
+//! leave the monitor up, several clients, clients that vanish, events,
+//! the endpoint forms (`-qmp`, `-chardev` + `-mon`, `-monitor`, TCP), the
+//! queries and blockdev-add/del.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::json;
+use support::qmp::Qmp;
+use support::qtest::Qtest;
+
+fn sock(name: &str) -> PathBuf {
+    support::scratch("qmp").join(name)
+}
+
+/// A strata in qtest mode with a QMP server socket.
+fn start(extra: &[&str]) -> (Qtest, PathBuf) {
+    let path = sock("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", path.display());
+    let mut args = vec!["-qmp", &qmp];
+    args.extend_from_slice(extra);
+    (Qtest::start(&args), path)
+}
+
+#[test]
+fn handshake_errors_and_id_echo() {
+    let (_qt, path) = start(&[]);
+    let mut q = Qmp::connect(&path);
+    let v = &q.greeting["QMP"]["version"];
+    assert_eq!(v["qemu"], json!({"major": 7, "minor": 2, "micro": 0}));
+    assert!(v["package"].as_str().unwrap().contains("Strata"));
+    assert!(q.greeting["QMP"]["capabilities"].is_array());
+    // Nothing but negotiation is accepted first.
+    let (class, desc) = q.err("query-status", json!({}));
+    assert_eq!(class, "CommandNotFound");
+    assert_eq!(
+        desc,
+        "Expecting capabilities negotiation with 'qmp_capabilities'"
+    );
+    let r = q.raw(r#"{"execute": "qmp_capabilities", "id": "neg-1"}"#);
+    assert_eq!(r, json!({"return": {}, "id": "neg-1"}));
+    let (class, _) = q.err("qmp_capabilities", json!({}));
+    assert_eq!(class, "CommandNotFound");
+
+    // The id comes back verbatim, whatever its JSON type.
+    let r = q.raw(r#"{"execute": "query-status", "id": {"n": [1, 2]}}"#);
+    assert_eq!(r["id"], json!({"n": [1, 2]}));
+    assert_eq!(r["return"]["status"], "running");
+    assert_eq!(r["return"]["running"], true);
+
+    // Malformed JSON, then a message split across writes.
+    let r = q.raw("{\"execute\": }\n");
+    assert_eq!(r["error"]["class"], "GenericError");
+    assert!(r["error"]["desc"]
+        .as_str()
+        .unwrap()
+        .starts_with("JSON parse error"));
+    q.send_raw("{\"exec");
+    std::thread::sleep(Duration::from_millis(50));
+    let r = q.raw("ute\": \"query-name\", \"id\": 5}");
+    assert_eq!(r, json!({"return": {}, "id": 5}));
+    // QEMU's single-quoted strings.
+    let r = q.raw("{'execute': 'query-kvm'}");
+    assert_eq!(r["return"]["enabled"], false);
+
+    // Envelope and argument errors.
+    let r = q.raw("[1, 2]");
+    assert_eq!(r["error"]["desc"], "QMP input must be a JSON object");
+    let r = q.raw(r#"{"arguments": {}, "id": 9}"#);
+    assert_eq!(r["error"]["desc"], "QMP input lacks member 'execute'");
+    assert_eq!(r["id"], 9);
+    assert_eq!(
+        q.err("frobnicate", json!({})),
+        (
+            "CommandNotFound".into(),
+            "The command frobnicate has not been found".into()
+        )
+    );
+    assert_eq!(
+        q.err("blockdev-del", json!({})).1,
+        "Parameter 'node-name' is missing"
+    );
+    assert_eq!(
+        q.err("blockdev-del", json!({"node-name": 42})).1,
+        "Invalid parameter type for 'node-name', expected: string"
+    );
+    assert_eq!(
+        q.err("query-status", json!({"verbose": true})).1,
+        "Parameter 'verbose' is unexpected"
+    );
+    // A message past the size limit is refused, and the next one works.
+    let big = format!("{{\"execute\": \"{}\"}}\n", "x".repeat(2 << 20));
+    let r = q.raw(&big);
+    assert!(r["error"]["desc"].as_str().unwrap().contains("too large"));
+    // Still up.
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+}
+
+#[test]
+fn two_clients_get_events_and_vanishing_clients_do_no_harm() {
+    let (_qt, path) = start(&[]);
+    let mut a = Qmp::negotiated(&path);
+    let mut b = Qmp::negotiated(&path);
+    // A client that never negotiates gets no events but does not block.
+    let mut idle = Qmp::connect(&path);
+
+    a.ok("stop", json!({}));
+    let e = a.event("STOP");
+    assert!(e["timestamp"]["seconds"].as_u64().unwrap() > 1_600_000_000);
+    b.event("STOP");
+    assert_eq!(b.ok("query-status", json!({}))["status"], "paused");
+    b.ok("cont", json!({}));
+    a.event("RESUME");
+    b.event("RESUME");
+
+    // Clients that disconnect mid-command or mid-message.
+    for text in [
+        "{\"execute\": \"query-pci\"}",
+        "{\"execute\": \"qmp_capabilities\"}{\"execute\": \"query-block\"}",
+        "{\"execute\": \"query-",
+    ] {
+        let mut s = UnixStream::connect(&path).unwrap();
+        s.write_all(text.as_bytes()).unwrap();
+        drop(s);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(a.ok("query-status", json!({}))["status"], "running");
+    assert_eq!(b.ok("query-name", json!({})), json!({}));
+    assert!(idle.events.is_empty());
+    let (class, _) = idle.err("query-status", json!({}));
+    assert_eq!(class, "CommandNotFound");
+}
+
+#[test]
+fn queries_answer_in_qemus_shapes() {
+    let (_qt, path) = start(&["-name", "guest7", "-smp", "2"]);
+    let mut q = Qmp::negotiated(&path);
+    assert_eq!(q.ok("query-name", json!({})), json!({"name": "guest7"}));
+    let v = q.ok("query-version", json!({}));
+    assert_eq!(v["qemu"]["major"], 7);
+    let cmds = q.ok("query-commands", json!({}));
+    for c in [
+        "query-block",
+        "blockdev-add",
+        "human-monitor-command",
+        "quit",
+    ] {
+        assert!(
+            cmds.as_array().unwrap().iter().any(|x| x["name"] == c),
+            "{c} missing from query-commands"
+        );
+    }
+    let schema = q.ok("query-qmp-schema", json!({}));
+    assert!(schema
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "query-block" && e["meta-type"] == "command"));
+    let machines = q.ok("query-machines", json!({}));
+    assert!(machines
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "pc" && m["is-default"] == true));
+    let cpus = q.ok("query-cpus-fast", json!({}));
+    assert_eq!(cpus.as_array().unwrap().len(), 2);
+    // PCI: the i440FX host bridge at 00.0 and PIIX3 IDE at 01.1.
+    let pci = q.ok("query-pci", json!({}));
+    let devs = pci[0]["devices"].as_array().unwrap();
+    assert!(devs
+        .iter()
+        .any(|d| d["slot"] == 0 && d["id"]["vendor"] == 0x8086 && d["id"]["device"] == 0x1237));
+    assert!(devs
+        .iter()
+        .any(|d| d["slot"] == 1 && d["function"] == 1 && d["class_info"]["class"] == 0x0101));
+    let types = q.ok("qom-list-types", json!({"implements": "pci-device"}));
+    assert!(types
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["name"] == "virtio-blk-pci"));
+    // HMP through QMP.
+    let text = q.ok(
+        "human-monitor-command",
+        json!({"command-line": "info status"}),
+    );
+    assert_eq!(text, "VM status: running\n");
+    let text = q.ok("human-monitor-command", json!({"command-line": "info pci"}));
+    assert!(text.as_str().unwrap().contains("PCI device 8086:7010"));
+}
+
+#[test]
+fn query_block_and_blockdev_add_del() {
+    let dir = support::scratch("qmp-block");
+    let img = dir.join("a.qcow2");
+    let hd = dir.join("hd.raw");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(&hd, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("file={},format=raw,if=ide,id=disk0", hd.display());
+    let (_qt, path) = start(&["-drive", &drive]);
+    let mut q = Qmp::negotiated(&path);
+
+    let blocks = q.ok("query-block", json!({}));
+    let d = &blocks.as_array().unwrap()[0];
+    assert_eq!(d["device"], "disk0");
+    assert_eq!(d["removable"], false);
+    assert_eq!(d["inserted"]["drv"], "raw");
+    assert_eq!(d["inserted"]["file"], hd.display().to_string());
+    assert_eq!(d["inserted"]["image"]["virtual-size"], 1 << 20);
+    let stats = q.ok("query-blockstats", json!({}));
+    assert_eq!(stats[0]["device"], "disk0");
+    assert!(stats[0]["stats"]["rd_operations"].is_u64());
+
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "n0",
+               "file": {"driver": "file", "filename": img.display().to_string()}}),
+    );
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    let n0 = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "n0")
+        .expect("n0 listed");
+    assert_eq!(n0["drv"], "qcow2");
+    assert_eq!(n0["image"]["virtual-size"], 16 << 20);
+    // A second node with the same name is refused.
+    let (class, desc) = q.err(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "n0",
+               "file": {"driver": "file", "filename": img.display().to_string()}}),
+    );
+    assert_eq!(class, "GenericError");
+    assert!(!desc.is_empty());
+    q.ok("blockdev-del", json!({"node-name": "n0"}));
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    assert!(!nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["node-name"] == "n0"));
+    assert_eq!(
+        q.err("blockdev-del", json!({"node-name": "n0"})).1,
+        "Failed to find node with node-name='n0'"
+    );
+    // The image is closed: qemu-img may open it for writing again.
+    let st = std::process::Command::new("qemu-img")
+        .args(["check", "-q"])
+        .arg(&img)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn reset_and_quit_send_their_events() {
+    let (mut qt, path) = start(&[]);
+    let mut q = Qmp::negotiated(&path);
+    q.ok("system_reset", json!({}));
+    let e = q.event("RESET");
+    assert_eq!(
+        e["data"],
+        json!({"guest": false, "reason": "host-qmp-system-reset"})
+    );
+    q.ok("system_powerdown", json!({}));
+    q.event("POWERDOWN");
+    // A guest reset (the PCI reset control register) is the guest's.
+    qt.outb(0xcf9, 0x06);
+    let e = q.event("RESET");
+    assert_eq!(e["data"]["guest"], true);
+    q.ok("quit", json!({}));
+    let e = q.event("SHUTDOWN");
+    assert_eq!(
+        e["data"],
+        json!({"guest": false, "reason": "host-qmp-quit"})
+    );
+    let st = qt.wait_exit(Duration::from_secs(10)).expect("strata exits");
+    assert!(st.success());
+}
+
+/// libqtest's way: strata connects to the test's socket through a client
+/// `-chardev socket` and a control `-mon`.
+#[test]
+fn chardev_client_socket_and_mon() {
+    let path = sock("listen.sock");
+    let l = UnixListener::bind(&path).unwrap();
+    let chardev = format!("socket,path={},id=char0", path.display());
+    let _qt = Qtest::start(&["-chardev", &chardev, "-mon", "chardev=char0,mode=control"]);
+    let (s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut q = Qmp::over(Box::new(s.try_clone().unwrap()), Box::new(s));
+    assert_eq!(q.ok("qmp_capabilities", json!({})), json!({}));
+    assert_eq!(q.ok("query-status", json!({}))["status"], "running");
+}
+
+#[test]
+fn hmp_on_a_socket_and_qmp_over_tcp() {
+    let hmp = sock("hmp.sock");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mon = format!("unix:{},server=on,wait=off", hmp.display());
+    let tcp = format!("tcp:127.0.0.1:{port},server=on,wait=off");
+    let _qt = Qtest::start(&["-monitor", &mon, "-qmp", &tcp, "-S"]);
+
+    let s = {
+        let start = std::time::Instant::now();
+        loop {
+            match UnixStream::connect(&hmp) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < Duration::from_secs(20) => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut read_until = |r: &mut BufReader<UnixStream>, what: &str| {
+        let mut seen = String::new();
+        while !seen.contains(what) {
+            let mut buf = vec![0u8; 256];
+            let n = std::io::Read::read(r, &mut buf).unwrap();
+            assert!(n > 0, "HMP closed; saw {seen:?}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        seen
+    };
+    read_until(&mut r, "(strata) ");
+    w.write_all(b"info status\n").unwrap();
+    assert!(read_until(&mut r, "(strata) ").contains("VM status: paused (prelaunch)"));
+    w.write_all(b"frob\n").unwrap();
+    assert!(read_until(&mut r, "(strata) ").contains("unknown command: 'frob'"));
+
+    let t = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    t.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut q = Qmp::over(Box::new(t.try_clone().unwrap()), Box::new(t));
+    q.ok("qmp_capabilities", json!({}));
+    assert_eq!(q.ok("query-status", json!({}))["status"], "prelaunch");
+    q.ok("cont", json!({}));
+    q.event("RESUME");
+    w.write_all(b"info status\n").unwrap();
+    assert!(read_until(&mut r, "(strata) ").contains("VM status: running"));
+    let _ = r.lines();
+}
+
+#[test]
+fn option_errors_are_one_line() {
+    for (args, want) in [
+        (
+            vec!["-chardev", "socket,id=c"],
+            "exactly one of 'path' and 'port'",
+        ),
+        (vec!["-chardev", "null"], "Parameter 'id' is missing"),
+        (
+            vec!["-chardev", "null,id=a", "-chardev", "null,id=a"],
+            "Duplicate ID 'a' for chardev",
+        ),
+        (vec!["-mon", "chardev=nope"], "Chardev 'nope' not found"),
+        (
+            vec!["-qmp", "bogus:x"],
+            "-qmp bogus:x: unsupported character device",
+        ),
+        (vec!["-chardev", "pty,id=p"], "not supported by Strata"),
+    ] {
+        let (code, _out, err) = support::run_strata(&args, Duration::from_secs(10));
+        assert_eq!(code, Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}
