@@ -99,8 +99,10 @@ pub struct BackendConfig {
     /// Take the resize permission (tools that truncate).
     pub resize: bool,
     /// What other users may do meanwhile. Devices (QEMU's default,
-    /// `share-rw=off`) share consistent read and write-unchanged; tools such
-    /// as `strata-img` share everything, as `qemu-img` does.
+    /// `share-rw=off`) share consistent read, write-unchanged and resize
+    /// (QEMU's disks are resizable: `block_resize` grows them under the
+    /// guest); tools such as `strata-img` share everything, as `qemu-img`
+    /// does.
     pub shared: Perms,
     /// I/O limits (`throttling.*`).
     pub throttle: ThrottleConfig,
@@ -116,7 +118,9 @@ impl Default for BackendConfig {
             rerror: ErrorAction::Report,
             werror: ErrorAction::Enospc,
             resize: false,
-            shared: Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED),
+            shared: Perms::CONSISTENT_READ
+                .union(Perms::WRITE_UNCHANGED)
+                .union(Perms::RESIZE),
             throttle: ThrottleConfig::default(),
             throttle_group: None,
         }
@@ -209,7 +213,11 @@ pub struct BlockBackend {
     resumed: Condvar,
     stop_handler: Mutex<Option<StopHandler>>,
     throttle: Option<Arc<Throttle>>,
+    /// Devices to tell when the medium's size changes.
+    resize_listeners: Mutex<Vec<ResizeListener>>,
 }
+
+type ResizeListener = Box<dyn Fn() -> bool + Send + Sync>;
 
 impl std::fmt::Debug for BlockBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -250,6 +258,7 @@ impl BlockBackend {
             resumed: Condvar::new(),
             stop_handler: Mutex::new(None),
             throttle,
+            resize_listeners: Mutex::new(Vec::new()),
         })
     }
 
@@ -559,7 +568,28 @@ impl BlockBackend {
         if self.is_read_only() {
             return Err(BlockError::ReadOnly(format!("Block device '{}'", self.id)));
         }
-        self.node()?.truncate(len)
+        self.node()?.truncate(len)?;
+        self.resized();
+        Ok(())
+    }
+
+    /// Registers `f` to run after the medium's size changed (`block_resize`):
+    /// the device attached to this backend tells its guest. `f` returns
+    /// false once its device is gone, and is then dropped.
+    pub fn on_resize(&self, f: impl Fn() -> bool + Send + Sync + 'static) {
+        self.resize_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(f));
+    }
+
+    /// Tells the attached devices that the medium's size changed (also for
+    /// a resize of the root node done without this backend).
+    pub fn resized(&self) {
+        self.resize_listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|f| f());
     }
 
     /// Submit a request; `done` runs exactly once, on an I/O thread (or in

@@ -332,7 +332,7 @@ fn hmp_on_a_socket_and_qmp_over_tcp() {
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut w = s.try_clone().unwrap();
     let mut r = BufReader::new(s);
-    let mut read_until = |r: &mut BufReader<UnixStream>, what: &str| {
+    let read_until = |r: &mut BufReader<UnixStream>, what: &str| {
         let mut seen = String::new();
         while !seen.contains(what) {
             let mut buf = vec![0u8; 256];

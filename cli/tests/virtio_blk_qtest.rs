@@ -1192,3 +1192,59 @@ fn modern_driver_ok_without_features_ok_does_not_activate() {
     assert_eq!(s, S_OK);
     assert_eq!(d[0], pattern(5));
 }
+
+/// [QMP] `block_resize` under a running driver: the configuration-change
+/// interrupt fires on the config vector, `config_generation` moves, the
+/// new capacity is in config space, and requests past the old end work.
+#[test]
+fn block_resize_signals_a_config_change() {
+    let disk = pattern_disk("vblk-resize");
+    let sock = support::scratch("vblk-resize-qmp").join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let qt = start(&disk, "", &["-qmp", &qmp_arg]);
+    let mut q = support::qmp::Qmp::negotiated(&sock);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
+    assert_eq!(config_capacity(&mut b), DISK_SECTORS);
+    let gen = b.qt.readb(BAR4 + 0x15);
+    b.clear_msi(0);
+    let (s, _, _) = b.request(0, T_IN, DISK_SECTORS, &[], 512, false);
+    assert_eq!(s, S_IOERR, "past the end before the resize");
+
+    let new_size = DISK_SECTORS * 2 * 512;
+    q.ok(
+        "block_resize",
+        serde_json::json!({"device": "d0", "size": new_size}),
+    );
+    assert_eq!(b.msi(0), 0x100, "the config vector fired");
+    assert_ne!(b.qt.readb(BAR4 + 0x15), gen, "config_generation moved");
+    assert_eq!(config_capacity(&mut b), DISK_SECTORS * 2);
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), new_size);
+    let (s, _, d) = b.request(0, T_IN, DISK_SECTORS + 3, &[], 512, false);
+    assert_eq!(s, S_OK, "the grown part is readable");
+    assert!(d.iter().all(|&x| x == 0));
+    let blocks = q.ok("query-block", serde_json::json!({}));
+    assert_eq!(blocks[0]["inserted"]["image"]["virtual-size"], new_size);
+
+    // By node name, and the errors.
+    let node = blocks[0]["inserted"]["node-name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    b.clear_msi(0);
+    q.ok(
+        "block_resize",
+        serde_json::json!({"node-name": node, "size": new_size + (1 << 20)}),
+    );
+    assert_eq!(b.msi(0), 0x100);
+    assert_eq!(config_capacity(&mut b), DISK_SECTORS * 2 + 2048);
+    let (_, desc) = q.err(
+        "block_resize",
+        serde_json::json!({"device": "nope", "size": 512}),
+    );
+    assert_eq!(desc, "Cannot find device=nope nor node-name=");
+    let (_, desc) = q.err(
+        "block_resize",
+        serde_json::json!({"device": "d0", "size": -1}),
+    );
+    assert_eq!(desc, "Parameter 'size' expects a >0 size");
+}

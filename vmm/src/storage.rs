@@ -19,6 +19,9 @@ pub struct Storage {
     drives: BTreeMap<String, Option<Arc<BlockBackend>>>,
     /// The `-drive`s, in order, for the board to create their devices.
     specs: Vec<DriveSpec>,
+    /// Backends made for devices that name a node (`drive=NODE`), so that
+    /// the monitor can find them; weak, as the devices own them.
+    anonymous: std::sync::Mutex<Vec<std::sync::Weak<BlockBackend>>>,
 }
 
 impl Storage {
@@ -44,6 +47,7 @@ impl Storage {
             graph,
             drives,
             specs: cfg.drives.clone(),
+            anonymous: Default::default(),
         })
     }
 
@@ -106,10 +110,35 @@ impl Storage {
             return Ok(b.clone());
         }
         match self.graph.get(name) {
-            Some(node) => BlockBackend::new(name, node, BackendConfig::default())
-                .map(Some)
-                .map_err(|e| e.to_string()),
+            Some(node) => {
+                let b = BlockBackend::new("", node, BackendConfig::default())
+                    .map_err(|e| e.to_string())?;
+                let mut anon = devices::bus::lock(&self.anonymous);
+                anon.retain(|w| w.strong_count() > 0);
+                anon.push(Arc::downgrade(&b));
+                Ok(Some(b))
+            }
             None => Err(format!("Property 'drive' can't find value '{name}'")),
         }
+    }
+
+    /// Every backend in use whose medium is `node`.
+    pub fn backends_of(&self, node: &Arc<block::node::Node>) -> Vec<Arc<BlockBackend>> {
+        let anon: Vec<_> = devices::bus::lock(&self.anonymous)
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        self.drives
+            .values()
+            .flatten()
+            .cloned()
+            .chain(anon)
+            .filter(|b| b.root().is_some_and(|r| Arc::ptr_eq(&r, node)))
+            .collect()
+    }
+
+    /// The backend of the `-drive` `id`, if there is one with a medium.
+    pub fn drive(&self, id: &str) -> Option<Arc<BlockBackend>> {
+        self.drives.get(id).cloned().flatten()
     }
 }

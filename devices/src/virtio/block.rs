@@ -28,6 +28,7 @@
 //! at depth 8 then costs the host one 512 KiB read instead of eight
 //! 64 KiB ones, which is what QEMU's host side sees.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use block::backend::BlockBackend;
@@ -427,6 +428,8 @@ impl QueueWorker<BlockHandler> {
 /// virtio-blk's side of the queue worker: parses each chain, answers
 /// what needs no I/O, and submits the rest to the `BlockBackend`.
 pub struct BlockHandler {
+    /// The device's live capacity (sectors), when it can be resized.
+    pub capacity: Option<Arc<AtomicU64>>,
     backend: Arc<BlockBackend>,
     limits: Limits,
     serial: [u8; ID_BYTES],
@@ -469,6 +472,7 @@ impl BlockHandler {
             s[..n].copy_from_slice(&v.as_bytes()[..n]);
         }
         BlockHandler {
+            capacity: None,
             backend,
             limits,
             serial: s,
@@ -560,6 +564,9 @@ impl QueueHandler for BlockHandler {
 
     fn start(&mut self, io: &mut QueueIo<BlockResult, BlockToken>, queue: usize, at: ChainHead) {
         let head = at.head;
+        if let Some(c) = &self.capacity {
+            self.limits.capacity_sectors = c.load(Ordering::Relaxed);
+        }
         let r = match Request::parse(io.mem(), at, &self.limits, &mut self.chain) {
             Ok(r) => r,
             Err((e, status)) => {
@@ -667,6 +674,9 @@ pub struct VirtioBlock {
     event_loop: Arc<EventLoop>,
     acked: u64,
     running: Option<SubscriberId>,
+    /// Capacity in sectors as requests are checked against it; a resize
+    /// of the backend updates it (and signals a configuration change).
+    capacity: Arc<AtomicU64>,
 }
 
 impl VirtioBlock {
@@ -682,6 +692,7 @@ impl VirtioBlock {
             event_loop,
             acked: 0,
             running: None,
+            capacity: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -779,11 +790,31 @@ impl VirtioDevice for VirtioBlock {
             discard: f & features::DISCARD != 0,
             write_zeroes: f & features::WRITE_ZEROES != 0,
         };
+        self.capacity
+            .store(limits.capacity_sectors, Ordering::SeqCst);
         let mut w = BlockWorker::new(a, self.backend.clone(), limits, self.opts.serial.as_deref())?;
         w.set_request_merging(self.opts.request_merging);
+        w.handler_mut().capacity = Some(self.capacity.clone());
         let id = self.event_loop.add(Box::new(w))?;
         self.running = Some(id);
         Ok(())
+    }
+    fn set_config_signal(&mut self, signal: Arc<dyn super::ConfigSignal>) {
+        // `block_resize`: the new capacity is what requests are checked
+        // against from now on, and the driver is told to reread it
+        // (section 5.2.2: capacity can change). Weak: the backend outlives
+        // this device (machine resets, unplug); a dead listener says so.
+        let (cap, sig) = (Arc::downgrade(&self.capacity), Arc::downgrade(&signal));
+        let backend = Arc::downgrade(&self.backend);
+        self.backend.on_resize(move || {
+            let (Some(cap), Some(sig), Some(b)) = (cap.upgrade(), sig.upgrade(), backend.upgrade())
+            else {
+                return false;
+            };
+            cap.store(b.len() / SECTOR, Ordering::SeqCst);
+            sig.config_changed();
+            true
+        });
     }
     fn reset(&mut self) {
         if let Some(id) = self.running.take() {

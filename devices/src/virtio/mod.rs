@@ -124,4 +124,16 @@ pub trait VirtioDevice: Send {
     /// Stops processing and forgets every queue; in-flight requests are
     /// completed before this returns.
     fn reset(&mut self);
+    /// Gives the device the transport's configuration-change signal
+    /// (section 2.5.2: the device changed its configuration space), for
+    /// changes made from the host side, such as a resized disk.
+    fn set_config_signal(&mut self, _signal: Arc<dyn ConfigSignal>) {}
+}
+
+/// How a device tells the driver that its configuration changed: the
+/// transport bumps `config_generation` and raises the configuration
+/// interrupt, once the driver is running (before DRIVER_OK the driver
+/// reads the configuration anyway).
+pub trait ConfigSignal: Send + Sync {
+    fn config_changed(&self);
 }

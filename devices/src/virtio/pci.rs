@@ -102,6 +102,21 @@ pub struct PciInterrupt {
     queue_vectors: Vec<AtomicU16>,
     msi: Arc<dyn MsiSender>,
     intx: Arc<dyn IrqLine>,
+    /// `config_generation` (section 4.1.4.3): bumped on every host-side
+    /// configuration change, so a driver reading a multi-field value can
+    /// tell it changed under it.
+    generation: AtomicU8,
+    /// DRIVER_OK is set: configuration changes are signalled.
+    driver_ok: std::sync::atomic::AtomicBool,
+}
+
+impl super::ConfigSignal for PciInterrupt {
+    fn config_changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if self.driver_ok.load(Ordering::SeqCst) {
+            self.signal_config();
+        }
+    }
 }
 
 impl PciInterrupt {
@@ -129,6 +144,7 @@ impl PciInterrupt {
     fn reset(&self) {
         self.isr.store(0, Ordering::SeqCst);
         self.intx.set_level(false);
+        self.driver_ok.store(false, Ordering::SeqCst);
         self.config_vector.store(NO_VECTOR, Ordering::SeqCst);
         for v in &self.queue_vectors {
             v.store(NO_VECTOR, Ordering::SeqCst);
@@ -172,7 +188,6 @@ pub struct VirtioPci {
     driver_feature_select: u32,
     driver_features: u64,
     status: u8,
-    config_generation: u8,
     queue_select: u16,
     queues: Vec<Queue>,
     notify: Vec<Arc<EventFd>>,
@@ -284,7 +299,11 @@ impl VirtioPci {
             queue_vectors: (0..nq).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
             msi,
             intx,
+            generation: AtomicU8::new(0),
+            driver_ok: std::sync::atomic::AtomicBool::new(false),
         });
+        let mut dev = dev;
+        dev.set_config_signal(irq.clone());
         Ok(VirtioPci {
             cfg,
             dev,
@@ -293,7 +312,6 @@ impl VirtioPci {
             driver_feature_select: 0,
             driver_features: 0,
             status: 0,
-            config_generation: 0,
             queue_select: 0,
             queues,
             notify,
@@ -365,6 +383,9 @@ impl VirtioPci {
         }
         let was_ok = self.status & status::DRIVER_OK != 0;
         self.status = v;
+        self.irq
+            .driver_ok
+            .store(v & status::DRIVER_OK != 0, Ordering::SeqCst);
         if v & status::DRIVER_OK != 0 && !was_ok && !self.active {
             if !legacy && v & status::FEATURES_OK == 0 {
                 // Section 3.1.1: a driver of the modern interface must set
@@ -525,7 +546,7 @@ impl VirtioPci {
         put_le(&mut r[0x10..0x12], cv as u64);
         put_le(&mut r[0x12..0x14], self.queues.len() as u64);
         r[0x14] = self.status;
-        r[0x15] = self.config_generation;
+        r[0x15] = self.irq.generation.load(Ordering::SeqCst);
         put_le(&mut r[0x16..0x18], self.queue_select as u64);
         let qs = self.queue_select as usize;
         if let Some(q) = self.queues.get(qs) {

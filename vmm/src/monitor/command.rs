@@ -177,7 +177,9 @@ pub struct Def {
 /// A request after parsing: what the main loop executes.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
-    Capabilities { enable: Vec<String> },
+    Capabilities {
+        enable: Vec<String>,
+    },
     QueryVersion,
     QueryCommands,
     QueryStatus,
@@ -192,15 +194,26 @@ pub enum Command {
     QueryQmpSchema,
     QueryIothreads,
     QueryChardev,
-    QomListTypes { implements: Option<String> },
+    QomListTypes {
+        implements: Option<String>,
+    },
     Stop,
     Cont,
     SystemReset,
     SystemPowerdown,
     Quit,
     BlockdevAdd(Map<String, Value>),
-    BlockdevDel { node_name: String },
-    HumanMonitorCommand { line: String },
+    BlockdevDel {
+        node_name: String,
+    },
+    BlockResize {
+        device: Option<String>,
+        node_name: Option<String>,
+        size: i64,
+    },
+    HumanMonitorCommand {
+        line: String,
+    },
 }
 
 /// Every command, in the order `query-commands` lists them.
@@ -324,6 +337,19 @@ pub static COMMANDS: &[Def] = &[
         params: Params::Members(&[req("node-name", Ty::Str)]),
         build: |a| Command::BlockdevDel {
             node_name: a.str("node-name"),
+        },
+    },
+    Def {
+        name: "block_resize",
+        params: Params::Members(&[
+            opt("device", Ty::Str),
+            opt("node-name", Ty::Str),
+            req("size", Ty::Int),
+        ]),
+        build: |a| Command::BlockResize {
+            device: a.opt_str("device"),
+            node_name: a.opt_str("node-name"),
+            size: a.int("size"),
         },
     },
     Def {

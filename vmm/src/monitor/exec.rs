@@ -155,11 +155,55 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
             g.remove(&node_name);
             ok(json!({}))
         }
+        Command::BlockResize {
+            device,
+            node_name,
+            size,
+        } => {
+            let node = lookup_node(ctx, device.as_deref(), node_name.as_deref())?;
+            if size < 0 {
+                return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+            }
+            // The resize permission alone, as QEMU's block_resize takes
+            // it; the devices' backends share resize.
+            let err = |e: block::error::BlockError| QmpError::generic(e.to_string());
+            let perm = node
+                .attach(
+                    "block_resize",
+                    block::driver::Perms::RESIZE,
+                    block::driver::Perms::ALL,
+                )
+                .map_err(err)?;
+            node.truncate(size as u64).map_err(err)?;
+            drop(perm);
+            for b in ctx.storage.backends_of(&node) {
+                b.resized();
+            }
+            ok(json!({}))
+        }
         Command::HumanMonitorCommand { line } => {
             let (text, action) = super::hmp::run(c, &line, ctx);
             Ok((Value::String(text), action))
         }
     }
+}
+
+/// QEMU's `bdrv_lookup_bs`: a drive's medium by `device`, or a node by
+/// `node-name`.
+fn lookup_node(ctx: &Ctx, device: Option<&str>, node: Option<&str>) -> Result<Arc<Node>, QmpError> {
+    if let Some(d) = device {
+        if let Some(n) = ctx.storage.drive(d).and_then(|b| b.root()) {
+            return Ok(n);
+        }
+    }
+    if let Some(n) = node.and_then(|n| ctx.storage.graph.get(n)) {
+        return Ok(n);
+    }
+    Err(QmpError::generic(format!(
+        "Cannot find device={} nor node-name={}",
+        device.unwrap_or(""),
+        node.unwrap_or("")
+    )))
 }
 
 fn query_machines() -> Value {
