@@ -1344,3 +1344,163 @@ fn bm_stop_completes_every_chunk_of_a_long_transfer() {
     assert_eq!(q.inb(PRI + 7), DRDY | DSC);
     assert_eq!(q.memread(0x100000, 0x10000), vec![0u8; 0x10000]);
 }
+
+/// An ISO whose blocks start with `tag` then their block number.
+fn make_tagged_iso(dir: &Path, name: &str, blocks: u64, tag: u8) -> PathBuf {
+    let p = dir.join(name);
+    let mut data = vec![0u8; blocks as usize * 2048];
+    for b in 0..blocks as usize {
+        data[b * 2048] = tag;
+        data[b * 2048 + 1] = b as u8;
+    }
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+/// [QMP] `eject`, `blockdev-change-medium` and the tray commands on an IDE
+/// CD-ROM: DEVICE_TRAY_MOVED events, the guest-visible NOT READY and
+/// UNIT ATTENTION, the new disc's data, a guest lock honoured unless
+/// forced, and the errors.
+#[test]
+fn qmp_eject_and_change_medium() {
+    use serde_json::json;
+    let dir = support::scratch("ide-qmp-media");
+    let a = make_tagged_iso(&dir, "a.iso", 32, 0xaa);
+    let b = make_tagged_iso(&dir, "b.iso", 48, 0xbb);
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let cd = format!("file={},if=none,id=cd0,media=cdrom", a.display());
+    let mut q = start(&[
+        "-drive",
+        &cd,
+        "-device",
+        "ide-cd,drive=cd0,bus=ide.1,unit=0,id=mycd",
+        "-drive",
+        "if=ide,index=3,media=cdrom,id=empty",
+        "-qmp",
+        &qmp,
+    ]);
+    let mut m = support::qmp::Qmp::negotiated(&sock);
+    let read0 = |q: &mut Qtest, dev: u8| {
+        packet(q, SEC, dev, &[0x28, 0, 0, 0, 0, 1, 0, 0, 1], 2048).map(|d| (d[0], d[1]))
+    };
+    assert_eq!(read0(&mut q, 0), Ok((0xaa, 1)));
+    let blocks = m.ok("query-block", json!({}));
+    let cd0 = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "cd0")
+        .unwrap();
+    assert_eq!(cd0["removable"], true);
+    assert_eq!(cd0["tray_open"], false);
+
+    // eject: the tray opens, the guest sees no medium.
+    m.ok("eject", json!({"device": "cd0"}));
+    let e = m.event("DEVICE_TRAY_MOVED");
+    assert_eq!(
+        e["data"],
+        json!({"device": "cd0", "id": "mycd", "tray-open": true})
+    );
+    assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x20));
+    assert_eq!(sense(&mut q, SEC, 0), (2, 0x3a, 2), "no medium, tray open");
+    let blocks = m.ok("query-block", json!({}));
+    let cd0 = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "cd0")
+        .unwrap();
+    assert!(cd0.get("inserted").is_none(), "{cd0}");
+
+    // change-medium by device id: tray closes over the new disc, and the
+    // guest gets UNIT ATTENTION once, then reads it.
+    m.ok(
+        "blockdev-change-medium",
+        json!({"id": "mycd", "filename": b.display().to_string(), "format": "raw"}),
+    );
+    let e = m.event("DEVICE_TRAY_MOVED");
+    assert_eq!(e["data"]["tray-open"], false);
+    assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x60));
+    assert_eq!(
+        sense(&mut q, SEC, 0),
+        (6, 0x28, 0),
+        "medium may have changed"
+    );
+    assert_eq!(read0(&mut q, 0), Ok((0xbb, 1)));
+    let cap = packet(&mut q, SEC, 0, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], 8).unwrap();
+    assert_eq!(u32::from_be_bytes(cap[..4].try_into().unwrap()), 47);
+
+    // The guest locks the drive: eject is refused (the guest is asked),
+    // force opens it anyway.
+    packet(&mut q, SEC, 0, &[0x1e, 0, 0, 0, 1], 0).unwrap();
+    let (_, desc) = m.err("eject", json!({"device": "cd0"}));
+    assert_eq!(
+        desc,
+        "Device 'cd0' is locked and force was not specified, wait for tray to open and try again"
+    );
+    let ev = packet(&mut q, SEC, 0, &[0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8], 8).unwrap();
+    assert_eq!(ev[4] & 0xf, 1, "eject request reported to the guest");
+    m.ok("eject", json!({"device": "cd0", "force": true}));
+    m.event("DEVICE_TRAY_MOVED");
+
+    // The step-by-step commands into the empty drive: a -blockdev node.
+    m.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "disc", "read-only": true,
+               "file": {"driver": "file", "filename": a.display().to_string()}}),
+    );
+    let blocks = m.ok("query-block", json!({}));
+    let empty = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "empty")
+        .unwrap();
+    let dev = empty["qdev"].as_str().unwrap().to_string();
+    let dev = dev.as_str();
+    assert!(dev.starts_with("/machine/peripheral-anon/device["), "{dev}");
+    let (_, desc) = m.err(
+        "blockdev-insert-medium",
+        json!({"id": dev, "node-name": "disc"}),
+    );
+    assert_eq!(desc, format!("Tray of device '{dev}' is not open"));
+    m.ok("blockdev-open-tray", json!({"device": "empty"}));
+    m.event("DEVICE_TRAY_MOVED");
+    m.ok(
+        "blockdev-insert-medium",
+        json!({"id": dev, "node-name": "disc"}),
+    );
+    let (_, desc) = m.err(
+        "blockdev-insert-medium",
+        json!({"id": dev, "node-name": "disc"}),
+    );
+    assert_eq!(desc, format!("There already is a medium in device '{dev}'"));
+    m.ok("blockdev-close-tray", json!({"device": "empty"}));
+    assert_eq!(packet(&mut q, SEC, 1, &[0x00], 0), Err(0x60));
+    assert_eq!(read0(&mut q, 1), Ok((0xaa, 1)));
+    m.ok("blockdev-open-tray", json!({"id": dev}));
+    m.ok("blockdev-remove-medium", json!({"id": dev}));
+    m.ok("blockdev-close-tray", json!({"id": dev}));
+    assert_eq!(packet(&mut q, SEC, 1, &[0x00], 0), Err(0x20));
+
+    // Errors.
+    let (class, desc) = m.err("eject", json!({"device": "nope"}));
+    assert_eq!(
+        (class.as_str(), desc.as_str()),
+        ("DeviceNotFound", "Device 'nope' not found")
+    );
+    let (_, desc) = m.err(
+        "blockdev-change-medium",
+        json!({"device": "cd0", "filename": dir.join("missing.iso").display().to_string()}),
+    );
+    assert!(desc.starts_with("Could not open"), "{desc}");
+    // HMP's eject and change reach the same code.
+    let t = m.ok(
+        "human-monitor-command",
+        json!({"command-line": format!("change cd0 {}", a.display())}),
+    );
+    assert_eq!(t, "");
+    assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x60));
+    assert_eq!(read0(&mut q, 0), Ok((0xaa, 1)));
+}

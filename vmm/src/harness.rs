@@ -76,6 +76,7 @@ pub fn pc_io(data: &[u8]) {
         rtc_start: 0,
         msi: None,
         ioevents: Arc::new(devices::virtio::NoIoEvents),
+        events: Default::default(),
     };
     let Ok(storage) = Storage::open(&cfg) else {
         return;

@@ -186,12 +186,14 @@ impl Consoles {
         irq: Arc<dyn devices::irq::IrqChip>,
         events: &EventSender,
         clock: Arc<dyn devices::clock::Clock>,
+        qmp_events: &Arc<monitor::event::Events>,
     ) -> machine::Host {
         let (msi, ioevents) = machine::Host::default_msi_io();
         machine::Host {
             msi,
             ioevents,
             irq,
+            events: qmp_events.clone(),
             system: Arc::new(events.clone()),
             clock,
             serial_out: self.serial.iter().map(|c| c.writer()).collect(),
@@ -304,6 +306,7 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
             Arc::new(kvm::KvmIrqChip(vm.clone())),
             &events,
             Arc::new(HostClock::new()),
+            &control.events,
         );
         host.msi = Some(Arc::new(kvm::KvmMsi(vm.clone())));
         host.ioevents = Arc::new(kvm::KvmIoEvents(vm.clone()));

@@ -119,9 +119,14 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
     storage.set_stop_handlers(&events);
     let bus = Arc::new(monitor::event::Events::default());
     monitor::start(&cfg, &bus, &events)?;
-    let mut control = monitor::Control::new(cfg.paused, bus);
+    let mut control = monitor::Control::new(cfg.paused, bus.clone());
     let build = || -> Result<Machine, VmmError> {
-        let host = consoles.host(Arc::new(ChipHandle(chip.clone())), &events, clock.clone());
+        let host = consoles.host(
+            Arc::new(ChipHandle(chip.clone())),
+            &events,
+            clock.clone(),
+            &bus,
+        );
         let pc = machine::board(&cfg).build(&cfg, host, &storage)?;
         consoles.attach(&pc);
         Ok(pc)

@@ -15,8 +15,9 @@ use crate::VmmError;
 
 pub struct Storage {
     pub graph: BlockGraph,
-    /// Backends by drive id; `None` for a drive with no medium.
-    drives: BTreeMap<String, Option<Arc<BlockBackend>>>,
+    /// Backends by drive id (a drive without medium has a backend with
+    /// nothing inserted, which a CD-ROM's medium can go into).
+    drives: BTreeMap<String, Arc<BlockBackend>>,
     /// The `-drive`s, in order, for the board to create their devices.
     specs: Vec<DriveSpec>,
     /// Backends made for devices that name a node (`drive=NODE`), so that
@@ -37,8 +38,7 @@ impl Storage {
             let backend = d
                 .open(&graph)
                 .map_err(|e| VmmError::Config(format!("-drive {}: {e}", d.id)))?;
-            // Devices see a drive without medium as `None` for now.
-            drives.insert(d.id.clone(), Some(backend).filter(|b| b.is_inserted()));
+            drives.insert(d.id.clone(), backend);
         }
         for w in graph.take_warnings() {
             eprintln!("strata: warning: {w}");
@@ -58,7 +58,7 @@ impl Storage {
 
     /// Routes every drive's `stop` error policy to the main loop.
     pub fn set_stop_handlers(&self, events: &crate::EventSender) {
-        for b in self.drives.values().flatten() {
+        for b in self.drives.values() {
             let (ev, id) = (events.clone(), b.id().to_string());
             b.set_stop_handler(move |e| {
                 ev.send(crate::VmEvent::BlockStop {
@@ -71,43 +71,19 @@ impl Storage {
 
     /// Retries the requests a `stop` policy parked (the guest continues).
     pub fn resume(&self) {
-        for b in self.drives.values().flatten() {
+        for b in self.drives.values() {
             if b.is_stopped() {
                 b.resume();
             }
         }
     }
 
-    /// One line per drive, for the monitor's `info block`.
-    pub fn describe(&self) -> Vec<String> {
-        self.drives
-            .iter()
-            .map(|(id, b)| match b.as_ref().and_then(|b| b.root()) {
-                Some(node) => format!(
-                    "{id}: {} ({}{})",
-                    node.name(),
-                    if b.as_ref().is_some_and(|b| b.is_read_only()) {
-                        "read-only, "
-                    } else {
-                        ""
-                    },
-                    if b.as_ref().is_some_and(|b| b.is_stopped()) {
-                        "stopped"
-                    } else {
-                        "ok"
-                    }
-                ),
-                None => format!("{id}: [not inserted]"),
-            })
-            .collect()
-    }
-
     /// The backend a device's `drive=` names: a `-drive` id, or a
     /// `-blockdev` node-name (which gets an anonymous backend, as in QEMU).
-    /// `Ok(None)` is a drive without medium.
+    /// A drive without medium is a backend with nothing inserted.
     pub fn backend(&self, name: &str) -> Result<Option<Arc<BlockBackend>>, String> {
         if let Some(b) = self.drives.get(name) {
-            return Ok(b.clone());
+            return Ok(Some(b.clone()));
         }
         match self.graph.get(name) {
             Some(node) => {
@@ -130,15 +106,14 @@ impl Storage {
             .collect();
         self.drives
             .values()
-            .flatten()
             .cloned()
             .chain(anon)
             .filter(|b| b.root().is_some_and(|r| Arc::ptr_eq(&r, node)))
             .collect()
     }
 
-    /// The backend of the `-drive` `id`, if there is one with a medium.
+    /// The backend of the `-drive` `id`.
     pub fn drive(&self, id: &str) -> Option<Arc<BlockBackend>> {
-        self.drives.get(id).cloned().flatten()
+        self.drives.get(id).cloned()
     }
 }

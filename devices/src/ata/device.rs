@@ -42,7 +42,7 @@ pub const DIAG_OK: u8 = 0x01;
 /// What is attached at a device position.
 pub enum Media {
     Disk(Arc<BlockBackend>),
-    Cd(CdRom),
+    Cd(Arc<CdRom>),
 }
 
 /// How a drive is configured (from `-device ide-hd|ide-cd`).
@@ -158,7 +158,7 @@ impl AtaDevice {
             ));
         }
         let is_cd = matches!(cfg.media, Media::Cd(_));
-        let mut d = AtaDevice {
+        let d = AtaDevice {
             media: cfg.media,
             model: cfg.model.unwrap_or_else(|| {
                 if is_cd {
@@ -181,7 +181,7 @@ impl AtaDevice {
             standby: false,
             slave,
         };
-        if let Media::Cd(cd) = &mut d.media {
+        if let Media::Cd(cd) = &d.media {
             cd.set_product(&d.model);
             cd.set_revision(&d.firmware);
         }
@@ -200,8 +200,8 @@ impl AtaDevice {
         }
     }
 
-    pub fn cdrom(&mut self) -> Option<&mut CdRom> {
-        match &mut self.media {
+    pub fn cdrom(&self) -> Option<&CdRom> {
+        match &self.media {
             Media::Cd(c) => Some(c),
             Media::Disk(_) => None,
         }
@@ -247,7 +247,7 @@ impl AtaDevice {
     pub fn reset(&mut self, tf: &mut Taskfile) {
         tf.select &= 0xf0;
         self.set_signature(tf);
-        if let Media::Cd(cd) = &mut self.media {
+        if let Media::Cd(cd) = &self.media {
             cd.reset();
         }
     }
@@ -543,7 +543,7 @@ mod tests {
 
     fn cd() -> AtaDevice {
         let cd = CdRom::new(Transport::Atapi, None);
-        AtaDevice::new(config(Media::Cd(cd)), 2, true).unwrap()
+        AtaDevice::new(config(Media::Cd(Arc::new(cd))), 2, true).unwrap()
     }
 
     /// Registers in LBA mode, as a host sets them before a command.
@@ -662,7 +662,7 @@ mod tests {
         // The CD-ROM: IDENTIFY PACKET DEVICE and the INQUIRY revision.
         let cfg = DriveConfig {
             version: Some("XYZ".into()),
-            ..config(Media::Cd(CdRom::new(Transport::Atapi, None)))
+            ..config(Media::Cd(Arc::new(CdRom::new(Transport::Atapi, None))))
         };
         let mut c = AtaDevice::new(cfg, 2, true).unwrap();
         let mut tf = Taskfile::default();

@@ -131,7 +131,7 @@ impl Drive {
         self.dev.is_atapi()
     }
 
-    pub fn cdrom(&mut self) -> Option<&mut CdRom> {
+    pub fn cdrom(&self) -> Option<&CdRom> {
         self.dev.cdrom()
     }
 

@@ -53,9 +53,17 @@ enum MediaEvent {
     MediaRemoval,
 }
 
+/// Told of every tray movement (`true`: it opened), by the guest or the
+/// host: QMP's DEVICE_TRAY_MOVED.
+pub type TrayListener = Box<dyn Fn(bool) + Send + Sync>;
+
 /// The drive's changing state, behind the unit's lock.
 struct State {
+    /// The drive's backend; the medium is its inserted node (a backend
+    /// without one is an empty drive).
     medium: Option<Arc<BlockBackend>>,
+    revision: String,
+    listener: Option<TrayListener>,
     tray_open: bool,
     locked: bool,
     sense: SenseKeeper,
@@ -66,7 +74,21 @@ struct State {
 impl State {
     /// The medium, when one is loaded and the tray is closed.
     fn medium(&self) -> Option<&Arc<BlockBackend>> {
-        self.medium.as_ref().filter(|_| !self.tray_open)
+        self.loaded().filter(|_| !self.tray_open)
+    }
+
+    /// The backend, when it holds a medium (whatever the tray).
+    fn loaded(&self) -> Option<&Arc<BlockBackend>> {
+        self.medium.as_ref().filter(|m| m.is_inserted())
+    }
+
+    fn move_tray(&mut self, open: bool) {
+        if self.tray_open != open {
+            self.tray_open = open;
+            if let Some(l) = &self.listener {
+                l(open);
+            }
+        }
     }
 
     fn blocks(&self) -> u64 {
@@ -74,7 +96,7 @@ impl State {
     }
 
     fn medium_loaded(&mut self) {
-        if self.medium.is_some() {
+        if self.loaded().is_some() {
             self.sense.set_unit_attention(Sense::MEDIUM_CHANGED);
             self.event = MediaEvent::NewMedia;
         }
@@ -83,7 +105,7 @@ impl State {
     fn not_ready(&self) -> Option<Sense> {
         if self.tray_open {
             Some(Sense::NO_MEDIUM_TRAY_OPEN)
-        } else if self.medium.is_none() {
+        } else if self.loaded().is_none() {
             Some(Sense::NO_MEDIUM_TRAY_CLOSED)
         } else {
             None
@@ -94,7 +116,6 @@ impl State {
 pub struct CdRom {
     transport: Transport,
     vendor: String,
-    revision: String,
     state: Mutex<State>,
 }
 
@@ -103,9 +124,10 @@ impl CdRom {
         CdRom {
             transport,
             vendor: "QEMU".into(),
-            revision: "2.5+".into(),
             state: Mutex::new(State {
                 medium,
+                revision: "2.5+".into(),
+                listener: None,
                 tray_open: false,
                 locked: false,
                 sense: SenseKeeper::default(),
@@ -125,13 +147,23 @@ impl CdRom {
     }
 
     /// Sets the INQUIRY product revision level (from `ver=`).
-    pub fn set_revision(&mut self, revision: &str) {
-        self.revision = revision.to_string();
+    pub fn set_revision(&self, revision: &str) {
+        self.lock().revision = revision.to_string();
     }
 
     /// The INQUIRY product revision level.
-    pub fn revision(&self) -> &str {
-        &self.revision
+    pub fn revision(&self) -> String {
+        self.lock().revision.clone()
+    }
+
+    /// Registers who hears of tray movements.
+    pub fn set_tray_listener(&self, l: TrayListener) {
+        self.lock().listener = Some(l);
+    }
+
+    /// The drive's backend (with or without a medium in it).
+    pub fn backend(&self) -> Option<Arc<BlockBackend>> {
+        self.lock().medium.clone()
     }
 
     /// The medium, when one is loaded and the tray is closed.
@@ -152,24 +184,32 @@ impl CdRom {
         self.lock().blocks()
     }
 
-    /// Host-side medium change (QMP `blockdev-change-medium`/`eject`): the
-    /// tray opens, the medium is swapped, the tray closes.
-    pub fn change_medium(&self, medium: Option<Arc<BlockBackend>>) {
+    /// The host opens the tray (QMP `blockdev-open-tray`, `eject`). A
+    /// drive the guest locked only reports an eject request (the guest is
+    /// expected to unlock and eject) and `false` is returned, unless
+    /// `force` overrides the lock.
+    pub fn host_open_tray(&self, force: bool) -> bool {
         let mut st = self.lock();
-        st.medium = medium;
-        st.tray_open = false;
-        st.medium_loaded();
+        if st.tray_open {
+            return true;
+        }
+        if st.locked && !force {
+            st.event = MediaEvent::EjectRequest;
+            return false;
+        }
+        st.locked = false;
+        st.move_tray(true);
+        st.event = MediaEvent::MediaRemoval;
+        true
     }
 
-    /// Host-side eject request: a locked drive only reports the request
-    /// (the guest is expected to unlock and eject); an unlocked one opens.
-    pub fn eject_request(&self) {
+    /// The host closes the tray (QMP `blockdev-close-tray`): a medium in
+    /// it is loaded, with UNIT ATTENTION and a new-media event.
+    pub fn host_close_tray(&self) {
         let mut st = self.lock();
-        if st.locked {
-            st.event = MediaEvent::EjectRequest;
-        } else {
-            st.tray_open = true;
-            st.event = MediaEvent::MediaRemoval;
+        if st.tray_open {
+            st.move_tray(false);
+            st.medium_loaded();
         }
     }
 
@@ -257,7 +297,7 @@ impl CdRom {
                 }
                 if start {
                     if st.tray_open {
-                        st.tray_open = false;
+                        st.move_tray(false);
                         st.medium_loaded();
                     }
                 } else {
@@ -265,7 +305,7 @@ impl CdRom {
                         return Plan::Check(Sense::REMOVAL_PREVENTED);
                     }
                     if !st.tray_open {
-                        st.tray_open = true;
+                        st.move_tray(true);
                         st.event = MediaEvent::MediaRemoval;
                     }
                 }
@@ -345,7 +385,7 @@ impl CdRom {
         v[4] = 31; // additional length
         pad(&mut v[8..16], &self.vendor);
         pad(&mut v[16..32], &st.product);
-        pad(&mut v[32..36], &self.revision);
+        pad(&mut v[32..36], &st.revision);
         v
     }
 
@@ -682,7 +722,12 @@ mod tests {
 
     #[test]
     fn empty_drive_and_host_medium_change() {
-        let cd = CdRom::new(Transport::Atapi, None);
+        let b = medium(400_000);
+        let disc = b.eject().unwrap();
+        let cd = CdRom::new(Transport::Atapi, Some(b.clone()));
+        let moves = Arc::new(Mutex::new(Vec::new()));
+        let m = moves.clone();
+        cd.set_tray_listener(Box::new(move |open| m.lock().unwrap().push(open)));
         assert_eq!(
             cd.execute(&cdb(&[op::TEST_UNIT_READY])),
             Plan::Check(Sense::NO_MEDIUM_TRAY_CLOSED)
@@ -692,7 +737,17 @@ mod tests {
             panic!()
         };
         assert_eq!((ev[4], ev[5]), (0, 0));
-        cd.change_medium(Some(medium(400_000)));
+        // Locked by the guest: the host's open only asks.
+        assert_eq!(
+            cd.execute(&cdb(&[op::PREVENT_ALLOW, 0, 0, 0, 1, 0])),
+            Plan::Good
+        );
+        assert!(!cd.host_open_tray(false));
+        assert!(!cd.tray_open());
+        assert!(cd.host_open_tray(true), "force overrides the lock");
+        b.insert(disc).unwrap();
+        cd.host_close_tray();
+        assert_eq!(*moves.lock().unwrap(), vec![true, false]);
         let Plan::DataIn(ev) = cd.execute(&cdb(&[op::GET_EVENT_STATUS, 1, 0, 0, 0x10, 0, 0, 0, 8]))
         else {
             panic!()

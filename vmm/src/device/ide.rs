@@ -89,7 +89,8 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     };
     let is_cd = dev.ty.name == "ide-cd";
     let backend = ctx.claim_drive(dev)?;
-    let backend = backend.filter(|b| b.is_inserted());
+    // A CD-ROM keeps an empty drive's backend: a medium can go into it.
+    let backend = backend.filter(|b| is_cd || b.is_inserted());
     if !is_cd {
         match (&backend, dev.props.str("drive")) {
             (_, None) => return Err("drive property not set".into()),
@@ -135,7 +136,11 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         b.set_write_cache(wce);
     }
     let media = match backend {
-        _ if is_cd => Media::Cd(CdRom::new(Transport::Atapi, backend)),
+        _ if is_cd => {
+            let cd = std::sync::Arc::new(CdRom::new(Transport::Atapi, backend));
+            ctx.cdrom = Some(cd.clone());
+            Media::Cd(cd)
+        }
         Some(b) => Media::Disk(b),
         None => return Err("drive property not set".into()),
     };

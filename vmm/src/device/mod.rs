@@ -387,6 +387,32 @@ pub struct AttachCtx<'a> {
     pub globals: &'a [Global],
     /// Drives already attached to a device: a drive serves one device.
     pub used_drives: Vec<String>,
+    /// Where device events go (DEVICE_TRAY_MOVED).
+    pub events: Arc<crate::monitor::event::Events>,
+    /// The devices built so far, for the monitor.
+    pub realized: Vec<Realized>,
+    /// Set by a constructor whose device has a removable-media drive.
+    pub cdrom: Option<Arc<devices::scsi::CdRom>>,
+}
+
+/// A built device, as the monitor finds it (`id=`, or the drive it uses).
+pub struct Realized {
+    pub id: Option<String>,
+    pub ty: &'static DeviceType,
+    /// `drive=` as given.
+    pub drive: Option<String>,
+    /// Its removable-media drive (CD-ROMs).
+    pub cdrom: Option<Arc<devices::scsi::CdRom>>,
+}
+
+impl Realized {
+    /// QMP's name for it: the `id`, or a path for devices without one.
+    pub fn qdev(&self, index: usize) -> String {
+        match &self.id {
+            Some(id) => id.clone(),
+            None => format!("/machine/peripheral-anon/device[{index}]"),
+        }
+    }
 }
 
 impl AttachCtx<'_> {
@@ -425,7 +451,29 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
     };
     let err = |m: String| format!("{}: {m}", spec.origin);
     let place = ctx.buses.place(&dev).map_err(err)?;
-    (spec.ty.create)(ctx, &dev, place).map_err(err)
+    ctx.cdrom = None;
+    (spec.ty.create)(ctx, &dev, place).map_err(err)?;
+    let r = Realized {
+        id: spec.id.clone(),
+        ty: spec.ty,
+        drive: dev.props.str("drive").map(str::to_string),
+        cdrom: ctx.cdrom.take(),
+    };
+    if let Some(cd) = &r.cdrom {
+        let (events, drive, qdev) = (
+            ctx.events.clone(),
+            r.drive.clone().unwrap_or_default(),
+            r.qdev(ctx.realized.len()),
+        );
+        cd.set_tray_listener(Box::new(move |open| {
+            events.emit(
+                "DEVICE_TRAY_MOVED",
+                Some(serde_json::json!({"device": drive, "id": qdev, "tray-open": open})),
+            )
+        }));
+    }
+    ctx.realized.push(r);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -130,9 +130,10 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     let Port::Pci(pci) = &at.port else {
         return Err(format!("bus '{}' is not a PCI bus", at.bus));
     };
-    let backend = ctx
-        .claim_drive(dev)?
-        .ok_or("drive property not set (or the drive has no medium)")?;
+    let backend = ctx.claim_drive(dev)?.ok_or("drive property not set")?;
+    if !backend.is_inserted() {
+        return Err("Device needs media, but drive is empty".into());
+    }
     let p = &dev.props;
     let mut o = BlockOptions {
         num_queues: match p.uint("num-queues") {

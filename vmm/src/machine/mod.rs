@@ -44,6 +44,8 @@ pub struct Host {
     pub msi: Option<Arc<dyn MsiSender>>,
     /// Binds virtio notify addresses to eventfds (KVM ioeventfd).
     pub ioevents: Arc<dyn IoEventRegistrar>,
+    /// QMP events the machine's devices raise.
+    pub events: Arc<crate::monitor::event::Events>,
 }
 
 impl Host {
@@ -71,6 +73,8 @@ pub struct Machine {
     pub pci: Option<Arc<devices::pci::PciBus>>,
     /// The ACPI power button (`system_powerdown`), if the board has one.
     pub power_button: Option<Arc<Mutex<devices::chipset::piix4_pm::PmRegs>>>,
+    /// The devices built from `-device` and `-drive`, in order.
+    pub devices: Vec<crate::device::Realized>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -229,6 +233,7 @@ impl Board for NoneBoard {
             cpus: 0,
             pci: None,
             power_button: None,
+            devices: Vec::new(),
         })
     }
 }

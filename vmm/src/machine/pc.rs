@@ -303,6 +303,9 @@ fn build(
         storage,
         globals: &cfg.globals,
         used_drives: Vec::new(),
+        events: host.events.clone(),
+        realized: Vec::new(),
+        cdrom: None,
     };
     // The devices of `-drive if=...` first, as QEMU's board init creates
     // them before the `-device`s.
@@ -317,6 +320,7 @@ fn build(
     for spec in &cfg.devices {
         device::realize(&mut ctx, spec).map_err(MachineError::Config)?;
     }
+    let devices = std::mem::take(&mut ctx.realized);
     let fw_cfg = shared(FwCfg::new(Some(ram.clone())));
     {
         let mut f = fw_cfg.lock().unwrap();
@@ -373,6 +377,7 @@ fn build(
         cpus: cfg.cpus,
         pci: Some(pci),
         power_button: Some(power_button),
+        devices,
     })
 }
 

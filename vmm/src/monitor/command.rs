@@ -138,6 +138,9 @@ impl Args {
     fn opt_str(&self, name: &str) -> Option<String> {
         self.0.get(name).and_then(Value::as_str).map(str::to_string)
     }
+    fn bool(&self, name: &str) -> bool {
+        self.0.get(name).and_then(Value::as_bool).unwrap_or(false)
+    }
     fn opt_int(&self, name: &str) -> Option<i64> {
         self.0.get(name).and_then(Value::as_i64)
     }
@@ -213,6 +216,37 @@ pub enum Command {
     },
     HumanMonitorCommand {
         line: String,
+    },
+    /// Removable media. `drive` is `device=` (a drive id), `id` the
+    /// device's `id=`.
+    Eject {
+        drive: Option<String>,
+        id: Option<String>,
+        force: bool,
+    },
+    OpenTray {
+        drive: Option<String>,
+        id: Option<String>,
+        force: bool,
+    },
+    CloseTray {
+        drive: Option<String>,
+        id: Option<String>,
+    },
+    RemoveMedium {
+        id: String,
+    },
+    InsertMedium {
+        id: String,
+        node_name: String,
+    },
+    ChangeMedium {
+        drive: Option<String>,
+        id: Option<String>,
+        filename: String,
+        format: Option<String>,
+        force: bool,
+        read_only_mode: Option<String>,
     },
 }
 
@@ -350,6 +384,72 @@ pub static COMMANDS: &[Def] = &[
             device: a.opt_str("device"),
             node_name: a.opt_str("node-name"),
             size: a.int("size"),
+        },
+    },
+    Def {
+        name: "eject",
+        params: Params::Members(&[
+            opt("device", Ty::Str),
+            opt("id", Ty::Str),
+            opt("force", Ty::Bool),
+        ]),
+        build: |a| Command::Eject {
+            drive: a.opt_str("device"),
+            id: a.opt_str("id"),
+            force: a.bool("force"),
+        },
+    },
+    Def {
+        name: "blockdev-open-tray",
+        params: Params::Members(&[
+            opt("device", Ty::Str),
+            opt("id", Ty::Str),
+            opt("force", Ty::Bool),
+        ]),
+        build: |a| Command::OpenTray {
+            drive: a.opt_str("device"),
+            id: a.opt_str("id"),
+            force: a.bool("force"),
+        },
+    },
+    Def {
+        name: "blockdev-close-tray",
+        params: Params::Members(&[opt("device", Ty::Str), opt("id", Ty::Str)]),
+        build: |a| Command::CloseTray {
+            drive: a.opt_str("device"),
+            id: a.opt_str("id"),
+        },
+    },
+    Def {
+        name: "blockdev-remove-medium",
+        params: Params::Members(&[req("id", Ty::Str)]),
+        build: |a| Command::RemoveMedium { id: a.str("id") },
+    },
+    Def {
+        name: "blockdev-insert-medium",
+        params: Params::Members(&[req("id", Ty::Str), req("node-name", Ty::Str)]),
+        build: |a| Command::InsertMedium {
+            id: a.str("id"),
+            node_name: a.str("node-name"),
+        },
+    },
+    Def {
+        name: "blockdev-change-medium",
+        params: Params::Members(&[
+            opt("device", Ty::Str),
+            opt("id", Ty::Str),
+            req("filename", Ty::Str),
+            opt("format", Ty::Str),
+            opt("force", Ty::Bool),
+            opt("read-only-mode", Ty::Str),
+        ]),
+        build: |a| Command::ChangeMedium {
+            drive: a.opt_str("device"),
+            id: a.opt_str("id"),
+            filename: a.str("filename"),
+            format: a.opt_str("format"),
+            force: a.bool("force"),
+            read_only_mode: a.opt_str("read-only-mode"),
         },
     },
     Def {

@@ -181,11 +181,158 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
             }
             ok(json!({}))
         }
+        Command::Eject { drive, id, force } => {
+            let (cd, name) = find_media(ctx, drive.as_deref(), id.as_deref())?;
+            open_tray(&cd, &name, force)?;
+            remove_medium(&cd, &name)?;
+            ok(json!({}))
+        }
+        Command::OpenTray { drive, id, force } => {
+            let (cd, _) = find_media(ctx, drive.as_deref(), id.as_deref())?;
+            // Locked: the guest was asked to eject; QEMU answers success.
+            cd.host_open_tray(force);
+            ok(json!({}))
+        }
+        Command::CloseTray { drive, id } => {
+            let (cd, _) = find_media(ctx, drive.as_deref(), id.as_deref())?;
+            cd.host_close_tray();
+            ok(json!({}))
+        }
+        Command::RemoveMedium { id } => {
+            let (cd, name) = find_media(ctx, None, Some(&id))?;
+            remove_medium(&cd, &name)?;
+            ok(json!({}))
+        }
+        Command::InsertMedium { id, node_name } => {
+            let (cd, name) = find_media(ctx, None, Some(&id))?;
+            let node = ctx.storage.graph.get(&node_name).ok_or_else(|| {
+                QmpError::new(
+                    ErrorClass::GenericError,
+                    format!("Node '{node_name}' not found"),
+                )
+            })?;
+            insert_medium(&cd, &name, node)?;
+            ok(json!({}))
+        }
+        Command::ChangeMedium {
+            drive,
+            id,
+            filename,
+            format,
+            force,
+            read_only_mode,
+        } => {
+            let (cd, name) = find_media(ctx, drive.as_deref(), id.as_deref())?;
+            let backend = cd.backend().ok_or_else(|| no_drive(&name))?;
+            let read_only = match read_only_mode.as_deref() {
+                None | Some("retain") => backend.is_read_only(),
+                Some("read-only") => true,
+                Some("read-write") => false,
+                Some(v) => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'read-only-mode' does not accept value '{v}'"
+                    )))
+                }
+            };
+            // Open the new image first: a bad file name changes nothing.
+            let node = ctx
+                .storage
+                .graph
+                .open_image(&filename, format.as_deref(), read_only, &[])
+                .map_err(|e| QmpError::generic(format!("Could not open '{filename}': {e}")))?;
+            open_tray(&cd, &name, force)?;
+            remove_medium(&cd, &name)?;
+            insert_medium(&cd, &name, node)?;
+            cd.host_close_tray();
+            ok(json!({}))
+        }
         Command::HumanMonitorCommand { line } => {
             let (text, action) = super::hmp::run(c, &line, ctx);
             Ok((Value::String(text), action))
         }
     }
+}
+
+/// The removable-media drive of the device with `id=`, or of the device
+/// using the drive `device=`; and the name the user gave, for errors.
+fn find_media(
+    ctx: &Ctx,
+    drive: Option<&str>,
+    id: Option<&str>,
+) -> Result<(Arc<devices::scsi::CdRom>, String), QmpError> {
+    let (name, found) = match (drive, id) {
+        (Some(d), None) => (
+            d,
+            ctx.machine
+                .devices
+                .iter()
+                .find(|r| r.drive.as_deref() == Some(d)),
+        ),
+        (None, Some(i)) => (
+            i,
+            ctx.machine
+                .devices
+                .iter()
+                .enumerate()
+                .find(|(n, r)| r.qdev(*n) == i)
+                .map(|(_, r)| r),
+        ),
+        _ => return Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
+    };
+    let r = found.ok_or_else(|| {
+        QmpError::new(
+            ErrorClass::DeviceNotFound,
+            format!("Device '{name}' not found"),
+        )
+    })?;
+    let cd = r
+        .cdrom
+        .clone()
+        .ok_or_else(|| QmpError::generic(format!("Device '{name}' is not removable")))?;
+    Ok((cd, name.to_string()))
+}
+
+fn no_drive(name: &str) -> QmpError {
+    QmpError::generic(format!("Device '{name}' has no drive to hold a medium"))
+}
+
+/// Opens the tray for `eject` and `blockdev-change-medium`, which fail
+/// when the guest holds the drive locked (it is asked to eject).
+fn open_tray(cd: &devices::scsi::CdRom, name: &str, force: bool) -> Result<(), QmpError> {
+    if cd.host_open_tray(force) {
+        Ok(())
+    } else {
+        Err(QmpError::generic(format!(
+            "Device '{name}' is locked and force was not specified, wait for tray to open and try again"
+        )))
+    }
+}
+
+fn remove_medium(cd: &devices::scsi::CdRom, name: &str) -> Result<(), QmpError> {
+    if !cd.tray_open() {
+        return Err(QmpError::generic(format!(
+            "Tray of device '{name}' is not open"
+        )));
+    }
+    if let Some(b) = cd.backend().filter(|b| b.is_inserted()) {
+        b.eject().map_err(|e| QmpError::generic(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn insert_medium(cd: &devices::scsi::CdRom, name: &str, node: Arc<Node>) -> Result<(), QmpError> {
+    if !cd.tray_open() {
+        return Err(QmpError::generic(format!(
+            "Tray of device '{name}' is not open"
+        )));
+    }
+    let b = cd.backend().ok_or_else(|| no_drive(name))?;
+    if b.is_inserted() {
+        return Err(QmpError::generic(format!(
+            "There already is a medium in device '{name}'"
+        )));
+    }
+    b.insert(node).map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// QEMU's `bdrv_lookup_bs`: a drive's medium by `device`, or a node by
@@ -341,25 +488,28 @@ fn node_info(n: &Arc<Node>, backend: Option<&block::backend::BlockBackend>) -> V
 fn query_block(ctx: &Ctx) -> Value {
     let mut out = Vec::new();
     for d in ctx.storage.drives() {
-        let removable = d
-            .device
-            .as_ref()
-            .is_some_and(|p| p.media == block::drive::Media::Cdrom);
+        let dev = ctx
+            .machine
+            .devices
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.drive.as_deref() == Some(d.id.as_str()));
+        let cd = dev.and_then(|(_, r)| r.cdrom.clone());
         let mut info = json!({
             "device": d.id,
-            "qdev": "",
-            "locked": false,
-            "removable": removable,
+            "qdev": dev.map(|(i, r)| r.qdev(i)).unwrap_or_default(),
+            "locked": cd.as_ref().is_some_and(|c| c.locked()),
+            "removable": cd.is_some(),
             "type": "unknown",
         });
-        if let Ok(Some(b)) = ctx.storage.backend(&d.id) {
+        if let Some(b) = ctx.storage.drive(&d.id) {
             info["io-status"] = json!(if b.is_stopped() { "failed" } else { "ok" });
             if let Some(root) = b.root() {
                 info["inserted"] = node_info(&root, Some(&b));
             }
         }
-        if removable {
-            info["tray_open"] = json!(false);
+        if let Some(c) = &cd {
+            info["tray_open"] = json!(c.tray_open());
         }
         out.push(info);
     }

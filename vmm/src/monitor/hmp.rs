@@ -8,7 +8,10 @@ use super::command::Command;
 use super::{Action, Control, Ctx};
 
 const HELP: &str = "\
+block_resize DEVICE SIZE   resize a drive (the guest is told)
+change DEVICE FILE [FMT]   load another medium into a removable drive
 cont|c              resume the guest (and retry requests an I/O error stopped)
+eject [-f] DEVICE   open a removable drive's tray and remove its medium
 help|?              show this help
 info block          list the drives
 info blockstats     show the drives' I/O statistics
@@ -41,6 +44,36 @@ pub fn run(c: &mut Control, line: &str, ctx: &Ctx) -> (String, Action) {
             other => return (format!("info: unknown item '{other}'\n"), Action::None),
         },
         ["info"] => return (HELP.to_string(), Action::None),
+        ["eject", rest @ ..] if !rest.is_empty() => {
+            let force = rest.contains(&"-f");
+            let dev = rest.iter().find(|w| **w != "-f").copied().unwrap_or("");
+            Command::Eject {
+                drive: Some(dev.to_string()),
+                id: None,
+                force,
+            }
+        }
+        ["change", dev, file, rest @ ..] => Command::ChangeMedium {
+            drive: Some(dev.to_string()),
+            id: None,
+            filename: file.to_string(),
+            format: rest.first().map(|f| f.to_string()),
+            force: false,
+            read_only_mode: None,
+        },
+        ["block_resize", dev, size] => match block::keyval::parse_size_str(size, 1) {
+            Ok(n) => Command::BlockResize {
+                device: Some(dev.to_string()),
+                node_name: None,
+                size: n as i64,
+            },
+            Err(_) => {
+                return (
+                    format!("block_resize: invalid size '{size}'\n"),
+                    Action::None,
+                )
+            }
+        },
         ["stop"] => Command::Stop,
         ["cont"] | ["c"] => Command::Cont,
         ["system_reset"] => Command::SystemReset,
