@@ -1248,3 +1248,137 @@ fn block_resize_signals_a_config_change() {
     );
     assert_eq!(desc, "Parameter 'size' expects a >0 size");
 }
+
+/// [QMP] PCI hotplug on `pc`: `blockdev-add` of a qcow2 node and
+/// `device_add` of a virtio-blk-pci on it appear in config space with the
+/// ACPI hotplug GPE and PCIU bit; the device does I/O; `device_del` asks
+/// the guest (PCID), the guest's `_EJ0` write ejects it, DEVICE_DELETED
+/// follows, and the node can then be deleted.
+#[test]
+fn device_add_and_del_with_acpi_hotplug() {
+    use serde_json::json;
+    let dir = support::scratch("vblk-hotplug");
+    let img = dir.join("hot.qcow2");
+    let img_s = img.display().to_string();
+    let run = |cmd: &str, args: &[&str]| {
+        let st = std::process::Command::new(cmd).args(args).status().unwrap();
+        assert!(st.success(), "{cmd} {args:?}");
+    };
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img_s, "16M"]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 0 64k", &img_s],
+    );
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let mut qt = Qtest::start(&["-qmp", &qmp_arg]);
+    let mut q = support::qmp::Qmp::negotiated(&sock);
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "qcow2", "node-name": "n0",
+               "file": {"driver": "file", "filename": img_s}}),
+    );
+    // Errors first: nothing changes.
+    assert_eq!(
+        q.err("device_add", json!({"driver": "ide-hd", "drive": "n0"}))
+            .1,
+        "Bus 'ide.0' does not support hotplugging"
+    );
+    assert_eq!(
+        q.err(
+            "device_add",
+            json!({"driver": "virtio-blk-pci", "drive": "n0", "bogus": 1})
+        )
+        .1,
+        "Property 'virtio-blk-pci.bogus' not found"
+    );
+    assert_eq!(
+        q.err(
+            "device_add",
+            json!({"driver": "virtio-blk-pci", "drive": "nope"})
+        )
+        .1,
+        "Property 'drive' can't find value 'nope'"
+    );
+    assert_eq!(qt.pci_read32(SLOT, 0, 0), 0xffff_ffff, "slot still empty");
+
+    // ACPI mode with the hotplug GPE enabled, as the guest's OSPM sets it.
+    qt.outb(0xb2, 0xf1);
+    qt.outw(0xafe2, 2);
+    q.ok(
+        "device_add",
+        json!({"driver": "virtio-blk-pci", "drive": "n0", "id": "hot", "addr": "0x4"}),
+    );
+    assert_eq!(
+        qt.pci_read32(SLOT, 0, 0) & 0xffff,
+        0x1af4,
+        "virtio vendor at slot 4"
+    );
+    assert_eq!(qt.inw(0xafe0) & 2, 2, "PCI hotplug GPE raised");
+    assert_eq!(qt.inl(0xae00), 1 << SLOT, "PCIU names the slot");
+    qt.outw(0xafe0, 2);
+    assert_eq!(
+        q.err(
+            "device_add",
+            json!({"driver": "virtio-blk-pci", "drive": "n0", "id": "hot"})
+        )
+        .1,
+        "Duplicate ID 'hot' for device"
+    );
+
+    // The new disk works.
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
+    let (s, _, d) = b.request(0, T_IN, 0, &[], 4096, false);
+    assert_eq!(s, S_OK);
+    assert!(d.iter().all(|&x| x == 0x5a));
+    // In use: the node cannot go.
+    assert!(q
+        .err("blockdev-del", json!({"node-name": "n0"}))
+        .1
+        .contains("in use"));
+
+    // device_del: the guest is asked, and nothing is gone until it ejects.
+    assert_eq!(
+        q.err("device_del", json!({"id": "nope"})).0,
+        "DeviceNotFound"
+    );
+    q.ok("device_del", json!({"id": "hot"}));
+    assert_eq!(b.qt.inw(0xafe0) & 2, 2);
+    assert_eq!(b.qt.inl(0xae04), 1 << SLOT, "PCID names the slot");
+    assert!(q.events.iter().all(|e| e["event"] != "DEVICE_DELETED"));
+    assert_eq!(b.qt.pci_read32(SLOT, 0, 0) & 0xffff, 0x1af4);
+    // The guest's _EJ0.
+    b.qt.outl(0xae08, 1 << SLOT);
+    let e = q.event("DEVICE_DELETED");
+    assert_eq!(
+        e["data"],
+        json!({"device": "hot", "path": "/machine/peripheral/hot"})
+    );
+    assert_eq!(b.qt.pci_read32(SLOT, 0, 0), 0xffff_ffff, "slot empty again");
+    assert_eq!(b.qt.inl(0xae04), 0);
+    q.ok("blockdev-del", json!({"node-name": "n0"}));
+    run("qemu-img", &["check", "-q", &img_s]);
+}
+
+/// A hot-plugged device survives a machine reset, as QEMU's do.
+#[test]
+fn hotplugged_device_survives_reset() {
+    use serde_json::json;
+    let disk = pattern_disk("vblk-hotplug-reset");
+    let sock = support::scratch("vblk-hotplug-reset-qmp").join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let drive = format!("file={},if=none,id=d0,format=raw", disk.display());
+    let mut qt = Qtest::start(&["-drive", &drive, "-qmp", &qmp_arg]);
+    let mut q = support::qmp::Qmp::negotiated(&sock);
+    q.ok(
+        "device_add",
+        json!({"driver": "virtio-blk-pci", "drive": "d0", "id": "v", "addr": "4"}),
+    );
+    q.ok("system_reset", json!({}));
+    q.event("RESET");
+    assert_eq!(qt.pci_read32(SLOT, 0, 0) & 0xffff, 0x1af4);
+    let mut b = Blk::init(qt, VERSION_1, 1);
+    let (s, _, d) = b.request(0, T_IN, 7, &[], 512, false);
+    assert_eq!(s, S_OK);
+    assert!(d.iter().all(|&x| x == pattern(7)));
+}

@@ -5,6 +5,9 @@
 pub trait SystemControl: Send + Sync {
     fn request_reset(&self);
     fn request_shutdown(&self);
+    /// The guest ejected PCI `slot` (ACPI `_EJ0`): the machine removes the
+    /// devices there.
+    fn request_pci_eject(&self, _slot: u8) {}
 }
 
 /// For tests and tools that run devices without a machine around them.

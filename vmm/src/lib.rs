@@ -71,6 +71,8 @@ pub enum VmEvent {
     Monitor(monitor::Request),
     /// A qtest protocol line (the qtest accelerator's main loop).
     Qtest(String),
+    /// The guest ejected a PCI slot (ACPI hotplug).
+    PciEject(u8),
 }
 
 impl std::fmt::Debug for monitor::Request {
@@ -144,6 +146,9 @@ impl SystemControl for EventSender {
     }
     fn request_shutdown(&self) {
         self.send(VmEvent::Shutdown)
+    }
+    fn request_pci_eject(&self, slot: u8) {
+        self.send(VmEvent::PciEject(slot))
     }
 }
 
@@ -310,7 +315,8 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
         );
         host.msi = Some(Arc::new(kvm::KvmMsi(vm.clone())));
         host.ioevents = Arc::new(kvm::KvmIoEvents(vm.clone()));
-        let pc = Arc::new(machine::board(&cfg).build(&cfg, host, &storage)?);
+        let gen_cfg = control.machine_config(&cfg);
+        let pc = Arc::new(machine::board(&cfg).build(&gen_cfg, host, &storage)?);
         consoles.attach(&pc);
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;
         kvm::map_memory(&vm, &pc.rom, next, kvm::supports_readonly_mem(&vm))?;
@@ -369,6 +375,10 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                     control.run(req, &ctx)
                 }
                 VmEvent::Qtest(_) => monitor::Action::None,
+                VmEvent::PciEject(slot) => {
+                    control.pci_eject(&pc, slot);
+                    monitor::Action::None
+                }
                 VmEvent::Reset => break End::Reset { guest: true },
                 VmEvent::Shutdown => break End::Shutdown,
                 VmEvent::Quit => break End::Quit,

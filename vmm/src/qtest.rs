@@ -120,18 +120,18 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
     let bus = Arc::new(monitor::event::Events::default());
     monitor::start(&cfg, &bus, &events)?;
     let mut control = monitor::Control::new(cfg.paused, bus.clone());
-    let build = || -> Result<Machine, VmmError> {
+    let build = |gen_cfg: &MachineConfig| -> Result<Machine, VmmError> {
         let host = consoles.host(
             Arc::new(ChipHandle(chip.clone())),
             &events,
             clock.clone(),
             &bus,
         );
-        let pc = machine::board(&cfg).build(&cfg, host, &storage)?;
+        let pc = machine::board(&cfg).build(&gen_cfg, host, &storage)?;
         consoles.attach(&pc);
         Ok(pc)
     };
-    let mut pc = build()?;
+    let mut pc = build(&cfg)?;
     let mut log: Option<std::fs::File> = match &cfg.qtest_log {
         Some(p) => Some(
             std::fs::File::create(p)
@@ -199,7 +199,7 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
                 match control.run(req, &ctx) {
                     monitor::Action::Reset => {
                         control.reset(false);
-                        pc = build()?;
+                        pc = build(&control.machine_config(&cfg))?;
                         None
                     }
                     monitor::Action::Quit => {
@@ -217,13 +217,17 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
                 control.stop(monitor::RunState::IoError);
                 None
             }
+            VmEvent::PciEject(slot) => {
+                control.pci_eject(&pc, slot);
+                None
+            }
             other => Some(other),
         };
         match end {
             None => {}
             Some(VmEvent::Reset) if !cfg.no_reboot => {
                 control.reset(true);
-                pc = build()?;
+                pc = build(&control.machine_config(&cfg))?;
             }
             Some(VmEvent::Reset) => {
                 control.shutdown(true, "guest-reset");

@@ -2,5 +2,6 @@
 //! Q35/ICH9 will join them here.
 
 pub mod i440fx;
+pub mod pcihp;
 pub mod piix3;
 pub mod piix4_pm;

@@ -41,11 +41,20 @@ pub const PM_TIMER_HZ: u64 = 3_579_545;
 pub const APM_ACPI_ENABLE: u8 = 0xf1;
 pub const APM_ACPI_DISABLE: u8 = 0xf0;
 
+/// The GPE0 block QEMU's `pc` puts at 0xafe0 (status, then enable, two
+/// bytes each), which the FADT's GPE0_BLK points at.
+pub const GPE0_BASE: u16 = 0xafe0;
+pub const GPE0_LEN: u64 = 4;
+/// GPE0 bit 1: a PCI hotplug event (the DSDT's `_E01`).
+pub const GPE_PCI_HOTPLUG: u16 = 1 << 1;
+
 /// The PM registers, shared between the PCI function and the APM ports.
 pub struct PmRegs {
     sts: u16,
     en: u16,
     cnt: u16,
+    gpe_sts: u16,
+    gpe_en: u16,
     apm_sts: u8,
     clock: Arc<dyn Clock>,
     sci: Arc<dyn IrqLine>,
@@ -54,8 +63,16 @@ pub struct PmRegs {
 
 impl PmRegs {
     fn update_sci(&self) {
-        self.sci
-            .set_level(self.cnt & SCI_EN != 0 && self.sts & self.en & (PWRBTN_STS | TMR_STS) != 0);
+        let pm1 = self.sts & self.en & (PWRBTN_STS | TMR_STS) != 0;
+        let gpe = self.gpe_sts & self.gpe_en != 0;
+        self.sci.set_level(self.cnt & SCI_EN != 0 && (pm1 || gpe));
+    }
+
+    /// Raises general-purpose event `bits` (ACPI 4.8.4.1: the status bit
+    /// stays until the guest writes it back; SCI while it is enabled).
+    pub fn gpe_event(&mut self, bits: u16) {
+        self.gpe_sts |= bits;
+        self.update_sci();
     }
 
     fn timer(&self) -> u32 {
@@ -125,6 +142,8 @@ impl Piix4Pm {
             sts: 0,
             en: 0,
             cnt: 0,
+            gpe_sts: 0,
+            gpe_en: 0,
             apm_sts: 0,
             clock,
             sci,
@@ -135,6 +154,13 @@ impl Piix4Pm {
 
     pub fn regs(&self) -> Arc<Mutex<PmRegs>> {
         self.regs.clone()
+    }
+
+    /// The GPE0 block at [`GPE0_BASE`].
+    pub fn gpe0(&self) -> Gpe0 {
+        Gpe0 {
+            regs: self.regs.clone(),
+        }
     }
 
     /// The APM control/status ports, 0xb2-0xb3.
@@ -174,6 +200,35 @@ impl PciFunction for Piix4Pm {
         } else {
             Vec::new()
         }
+    }
+}
+
+/// GPE0_STS (offsets 0-1, write one to clear) and GPE0_EN (2-3).
+pub struct Gpe0 {
+    regs: Arc<Mutex<PmRegs>>,
+}
+
+impl BusDevice for Gpe0 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let r = lock(&self.regs);
+        let v = (r.gpe_sts as u32 | (r.gpe_en as u32) << 16) as u64;
+        let bytes = v.to_le_bytes();
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = bytes.get(offset as usize + i).copied().unwrap_or(0);
+        }
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut r = lock(&self.regs);
+        for (i, &b) in data.iter().enumerate() {
+            match offset as usize + i {
+                0 => r.gpe_sts &= !(b as u16),
+                1 => r.gpe_sts &= !((b as u16) << 8),
+                2 => r.gpe_en = (r.gpe_en & 0xff00) | b as u16,
+                3 => r.gpe_en = (r.gpe_en & 0x00ff) | (b as u16) << 8,
+                _ => {}
+            }
+        }
+        r.update_sci();
     }
 }
 

@@ -182,6 +182,17 @@ impl PciBus {
         Ok(())
     }
 
+    /// Removes the function at `devfn` (hot-unplug); the caller drops it.
+    pub fn remove(&self, devfn: u8) -> Option<SharedFunction> {
+        let f = lock(&self.functions).remove(&devfn);
+        self.invalidate_decode();
+        // The cached table holds the function too: rebuild it now, so the
+        // function is gone when the caller drops it (an accessor racing
+        // here holds it only for the access).
+        let _ = self.decode_table();
+        f
+    }
+
     /// The function at `devfn`. Changing its decoders other than through
     /// [`Self::config_write`] must be followed by
     /// [`Self::invalidate_decode`].

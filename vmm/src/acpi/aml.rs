@@ -74,6 +74,7 @@ pub fn name_string(path: &str) -> Vec<u8> {
 pub const ZERO: u8 = 0x00;
 pub const ONE: u8 = 0x01;
 pub const LOCAL0: u8 = 0x60;
+pub const LOCAL1: u8 = 0x61;
 pub const ARG0: u8 = 0x68;
 
 /// An integer constant with the shortest encoding.
@@ -139,6 +140,7 @@ pub fn buffer(data: &[u8]) -> Vec<u8> {
     with_pkg(&[0x11], cat(&[&int(data.len() as u64), data]))
 }
 
+pub const REGION_SYSTEM_IO: u8 = 1;
 pub const REGION_PCI_CONFIG: u8 = 2;
 
 pub fn op_region(n: &str, space: u8, offset: u64, len: u64) -> Vec<u8> {
@@ -153,6 +155,7 @@ pub fn op_region(n: &str, space: u8, offset: u64, len: u64) -> Vec<u8> {
 
 /// Field flags: ByteAcc, NoLock, Preserve.
 pub const FIELD_BYTE_ACC: u8 = 1;
+pub const FIELD_DWORD_ACC: u8 = 3;
 
 /// A field list of (name, bits) over `region`.
 pub fn field(region: &str, flags: u8, fields: &[(&str, usize)]) -> Vec<u8> {
@@ -201,6 +204,11 @@ pub fn lless(a: Vec<u8>, b: Vec<u8>) -> Vec<u8> {
 
 pub fn create_dword_field(buf: Vec<u8>, index: u64, n: &str) -> Vec<u8> {
     cat(&[&[0x8a], &buf, &int(index), &name_string(n)])
+}
+
+/// Notify(object, value) (ACPI 6.5 section 19.6.94).
+pub fn notify(obj: &str, value: u64) -> Vec<u8> {
+    cat(&[&[0x86], &name_string(obj), &int(value)])
 }
 
 pub fn call(n: &str, args: &[Vec<u8>]) -> Vec<u8> {

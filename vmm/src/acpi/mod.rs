@@ -260,6 +260,9 @@ fn fadt() -> Vec<u8> {
     put(&mut f, 56, &pm.to_le_bytes()); // PM1a_EVT_BLK
     put(&mut f, 64, &(pm + 4).to_le_bytes()); // PM1a_CNT_BLK
     put(&mut f, 76, &(pm + 8).to_le_bytes()); // PM_TMR_BLK
+    let gpe0 = devices::chipset::piix4_pm::GPE0_BASE as u32;
+    put(&mut f, 80, &gpe0.to_le_bytes()); // GPE0_BLK
+    f[92] = devices::chipset::piix4_pm::GPE0_LEN as u8; // GPE0_BLK_LEN
     f[88] = 4; // PM1_EVT_LEN
     f[89] = 2; // PM1_CNT_LEN
     f[91] = 4; // PM_TMR_LEN
@@ -275,6 +278,7 @@ fn fadt() -> Vec<u8> {
     put(&mut f, 148, &gas_io(32, 2, pm as u64)); // X_PM1a_EVT_BLK
     put(&mut f, 172, &gas_io(16, 2, pm as u64 + 4)); // X_PM1a_CNT_BLK
     put(&mut f, 208, &gas_io(32, 3, pm as u64 + 8)); // X_PM_TMR_BLK
+    put(&mut f, 220, &gas_io(32, 1, gpe0 as u64)); // X_GPE0_BLK
     f
 }
 
@@ -374,6 +378,7 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
             name("_CRS", pci_crs),
             name("_PRT", package(&prt)),
             device("ISA", isa),
+            pci_hotplug(),
         ]
         .concat(),
     );
@@ -465,10 +470,63 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     );
     // _S5: SLP_TYP 0 is soft-off on this PIIX4 (piix4_pm.rs).
     let s5 = name("\\_S5", package(&[int(0), int(0), int(0), int(0)]));
-    let body = [sb, s5].concat();
+    // GPE 1 is a PCI hotplug event: notify the slots.
+    let gpe = scope(
+        "\\_GPE",
+        [
+            name("_HID", string("ACPI0006")),
+            method("_E01", 0, false, call("\\_SB.PCI0.PCNT", &[])),
+        ]
+        .concat(),
+    );
+    let body = [sb, s5, gpe].concat();
     let mut t = header(b"DSDT", 36 + body.len(), 2);
     t.extend(body);
     t
+}
+
+/// The hotplug slots of bus 0 (devices/src/chipset/pcihp.rs has the
+/// registers): one device per slot with `_SUN` and `_EJ0`, which writes the
+/// slot's bit to B0EJ, and `PCNT`, which `_E01` runs to notify the slots
+/// whose devices came (Device Check) or must go (Eject Request).
+fn pci_hotplug() -> Vec<u8> {
+    use aml::*;
+    use devices::chipset::pcihp::PCIHP_BASE;
+    let slot_name = |s: u64| format!("SL{s:02X}");
+    let mut out = [
+        op_region("PCST", REGION_SYSTEM_IO, PCIHP_BASE as u64, 8),
+        field("PCST", FIELD_DWORD_ACC, &[("PCIU", 32), ("PCID", 32)]),
+        op_region("SEJ", REGION_SYSTEM_IO, PCIHP_BASE as u64 + 8, 4),
+        field("SEJ", FIELD_DWORD_ACC, &[("B0EJ", 32)]),
+    ]
+    .concat();
+    let mut pcnt = [
+        store(name_string("PCIU"), vec![LOCAL0]),
+        store(name_string("PCID"), vec![LOCAL1]),
+    ]
+    .concat();
+    // Slots 0 and 1 hold the host bridge and the chipset.
+    for s in 2..32u64 {
+        out.extend(device(
+            &slot_name(s),
+            [
+                name("_ADR", int(s << 16)),
+                name("_SUN", int(s)),
+                method("_EJ0", 1, false, store(int(1 << s), name_string("B0EJ"))),
+            ]
+            .concat(),
+        ));
+        pcnt.extend(if_(
+            and(vec![LOCAL0], int(1 << s)),
+            notify(&slot_name(s), 1),
+        ));
+        pcnt.extend(if_(
+            and(vec![LOCAL1], int(1 << s)),
+            notify(&slot_name(s), 3),
+        ));
+    }
+    out.extend(method("PCNT", 0, true, pcnt));
+    out
 }
 
 fn isa_dev(n: &str, hid: &str, uid: Option<u64>, crs: &[Vec<u8>]) -> Vec<u8> {

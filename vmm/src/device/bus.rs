@@ -125,6 +125,23 @@ impl Buses {
         }
     }
 
+    /// The name of the first bus of `kind`, for messages.
+    pub fn first_of(&self, kind: BusKind) -> Option<&str> {
+        self.order
+            .iter()
+            .find(|n| self.buses.get(*n).is_some_and(|b| b.kind == kind))
+            .map(String::as_str)
+    }
+
+    /// Frees every function of `slot` on the PCI buses (hot-unplug).
+    pub fn release_pci_slot(&mut self, slot: u8) {
+        for b in self.buses.values_mut() {
+            if b.kind == BusKind::Pci {
+                b.used.retain(|&u, _| u >> 3 != slot as u32);
+            }
+        }
+    }
+
     fn is_full(b: &Bus) -> bool {
         b.units != 0 && b.used.len() as u32 >= b.units
     }

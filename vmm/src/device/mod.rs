@@ -403,6 +403,10 @@ pub struct Realized {
     pub drive: Option<String>,
     /// Its removable-media drive (CD-ROMs).
     pub cdrom: Option<Arc<devices::scsi::CdRom>>,
+    /// Its PCI slot, for a device on the PCI bus (hot-unplug).
+    pub pci_slot: Option<u8>,
+    /// The bus it is on (`pci.0`, `ide.1`).
+    pub bus: String,
 }
 
 impl Realized {
@@ -451,6 +455,8 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
     };
     let err = |m: String| format!("{}: {m}", spec.origin);
     let place = ctx.buses.place(&dev).map_err(err)?;
+    let pci_slot = matches!(place.port, Port::Pci(_)).then(|| place.devfn().0);
+    let bus = place.bus.clone();
     ctx.cdrom = None;
     (spec.ty.create)(ctx, &dev, place).map_err(err)?;
     let r = Realized {
@@ -458,6 +464,8 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
         ty: spec.ty,
         drive: dev.props.str("drive").map(str::to_string),
         cdrom: ctx.cdrom.take(),
+        pci_slot,
+        bus,
     };
     if let Some(cd) = &r.cdrom {
         let (events, drive, qdev) = (

@@ -73,8 +73,30 @@ pub struct Machine {
     pub pci: Option<Arc<devices::pci::PciBus>>,
     /// The ACPI power button (`system_powerdown`), if the board has one.
     pub power_button: Option<Arc<Mutex<devices::chipset::piix4_pm::PmRegs>>>,
-    /// The devices built from `-device` and `-drive`, in order.
-    pub devices: Vec<crate::device::Realized>,
+    /// The devices built from `-device` and `-drive`, and added by
+    /// `device_add`, in order.
+    pub devices: Mutex<Vec<crate::device::Realized>>,
+    /// What `device_add` needs, on a board with PCI hotplug.
+    pub hotplug: Option<Mutex<Hotplug>>,
+}
+
+/// What it takes to add a device to a running machine (QMP `device_add`)
+/// and to remove one: the parts of the board's [`crate::device::AttachCtx`]
+/// that outlive its construction.
+pub struct Hotplug {
+    pub buses: crate::device::Buses,
+    pub intx: Arc<dyn crate::device::PciIntx + Send + Sync>,
+    pub irq: Arc<dyn IrqChip>,
+    pub msi: Arc<dyn MsiSender>,
+    pub ioevents: Arc<dyn IoEventRegistrar>,
+    pub iothreads: devices::virtio::event_loop::IoThreads,
+    pub used_drives: Vec<String>,
+    pub events: Arc<crate::monitor::event::Events>,
+    pub ram: GuestMem,
+    pub cpus: u32,
+    pub pci: Arc<devices::pci::PciBus>,
+    /// The ACPI hotplug registers the guest's DSDT talks to.
+    pub pcihp: Arc<Mutex<devices::chipset::pcihp::PciHotplug>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -233,7 +255,8 @@ impl Board for NoneBoard {
             cpus: 0,
             pci: None,
             power_button: None,
-            devices: Vec::new(),
+            devices: Mutex::new(Vec::new()),
+            hotplug: None,
         })
     }
 }

@@ -29,7 +29,12 @@ use block::drive::{DriveSpec, Interface, Media};
 use devices::bootorder::BootOrder;
 use devices::bus::{Bus, SharedDevice};
 use devices::chipset::{
-    i440fx::I440fx, piix3::Elcr, piix3::Piix3, piix3::PirqRouter, piix4_pm::Piix4Pm,
+    i440fx::I440fx,
+    pcihp::{PciHotplug, PCIHP_BASE, PCIHP_LEN},
+    piix3::Elcr,
+    piix3::Piix3,
+    piix3::PirqRouter,
+    piix4_pm::{Piix4Pm, GPE0_BASE, GPE0_LEN},
 };
 use devices::irq::IrqLine;
 use devices::legacy::{
@@ -40,7 +45,7 @@ use devices::pci::msix::MsiSender;
 use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
 use devices::GuestMem;
 
-use super::{piix_ide, Board, Host, Machine, MachineError, Memory};
+use super::{piix_ide, Board, Host, Hotplug, Machine, MachineError, Memory};
 use crate::boot;
 use crate::config::MachineConfig;
 use crate::device::{self, AttachCtx, BusKind, Buses, DeviceSpec, PciIntx, Port, PropValue};
@@ -217,7 +222,23 @@ fn build(
         boot::init_ide(&mut devices::bus::lock(&ide));
     }
     add_io(&mut io, 0xb2, 2, shared(pm.apm()), "APM")?;
+    add_io(
+        &mut io,
+        GPE0_BASE as u64,
+        GPE0_LEN,
+        shared(pm.gpe0()),
+        "GPE0",
+    )?;
     let power_button = pm.regs();
+    // Every slot but the host bridge's and the chipset's can be hot-plugged.
+    let pcihp = shared(PciHotplug::new(!0b11, pm.regs(), host.system.clone()));
+    add_io(
+        &mut io,
+        PCIHP_BASE as u64,
+        PCIHP_LEN,
+        pcihp.clone(),
+        "ACPI PCI hotplug",
+    )?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     buses.occupy("pci.0", 1 << 3 | 3, "PIIX4_PM");
     add_io(
@@ -321,6 +342,22 @@ fn build(
         device::realize(&mut ctx, spec).map_err(MachineError::Config)?;
     }
     let devices = std::mem::take(&mut ctx.realized);
+    let used_drives = std::mem::take(&mut ctx.used_drives);
+    let msi = ctx.msi.clone();
+    let hotplug = Hotplug {
+        buses,
+        intx: Arc::new(pirq.clone()),
+        irq: host.irq.clone(),
+        msi,
+        ioevents: host.ioevents.clone(),
+        iothreads,
+        used_drives,
+        events: host.events.clone(),
+        ram: ram.clone(),
+        cpus: cfg.cpus,
+        pci: pci.clone(),
+        pcihp,
+    };
     let fw_cfg = shared(FwCfg::new(Some(ram.clone())));
     {
         let mut f = fw_cfg.lock().unwrap();
@@ -377,7 +414,8 @@ fn build(
         cpus: cfg.cpus,
         pci: Some(pci),
         power_button: Some(power_button),
-        devices,
+        devices: Mutex::new(devices),
+        hotplug: Some(Mutex::new(hotplug)),
     })
 }
 

@@ -217,6 +217,10 @@ pub enum Command {
     HumanMonitorCommand {
         line: String,
     },
+    DeviceAdd(Map<String, Value>),
+    DeviceDel {
+        id: String,
+    },
     /// Removable media. `drive` is `device=` (a drive id), `id` the
     /// device's `id=`.
     Eject {
@@ -385,6 +389,16 @@ pub static COMMANDS: &[Def] = &[
             node_name: a.opt_str("node-name"),
             size: a.int("size"),
         },
+    },
+    Def {
+        name: "device_add",
+        params: Params::Boxed,
+        build: |a| Command::DeviceAdd(a.0),
+    },
+    Def {
+        name: "device_del",
+        params: Params::Members(&[req("id", Ty::Str)]),
+        build: |a| Command::DeviceDel { id: a.str("id") },
     },
     Def {
         name: "eject",

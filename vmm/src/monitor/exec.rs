@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 
 use super::command::{self, Command, ErrorClass, QmpError};
 use super::{Action, Control, Ctx, RunState};
+use crate::device::{AttachCtx, BusKind, DeviceArg, DeviceSpec};
 
 pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Action), QmpError> {
     let ok = |v: Value| Ok((v, Action::None));
@@ -181,6 +182,40 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
             }
             ok(json!({}))
         }
+        Command::DeviceAdd(args) => {
+            let spec = device_add(ctx, args)?;
+            c.added.push(spec);
+            ok(json!({}))
+        }
+        Command::DeviceDel { id } => {
+            let devs = devices::bus::lock(&ctx.machine.devices);
+            let (n, r) = devs
+                .iter()
+                .enumerate()
+                .find(|(n, r)| r.qdev(*n) == id)
+                .ok_or_else(|| {
+                    QmpError::new(
+                        ErrorClass::DeviceNotFound,
+                        format!("Device '{id}' not found"),
+                    )
+                })?;
+            let not_hotpluggable =
+                || QmpError::generic(format!("Bus '{}' does not support hotplugging", r.bus));
+            let slot = r.pci_slot.ok_or_else(not_hotpluggable)?;
+            let hp = ctx.machine.hotplug.as_ref().ok_or_else(not_hotpluggable)?;
+            let hp = devices::bus::lock(hp);
+            let mut pcihp = devices::bus::lock(&hp.pcihp);
+            if !pcihp.is_removable(slot) {
+                return Err(not_hotpluggable());
+            }
+            // The guest ejects the slot (ACPI _EJ0); DEVICE_DELETED follows.
+            log::info!(
+                "device_del {}: asking the guest to eject slot {slot}",
+                r.qdev(n)
+            );
+            pcihp.unplug_request(slot);
+            ok(json!({}))
+        }
         Command::Eject { drive, id, force } => {
             let (cd, name) = find_media(ctx, drive.as_deref(), id.as_deref())?;
             open_tray(&cd, &name, force)?;
@@ -253,6 +288,144 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
     }
 }
 
+/// `device_add`: the arguments as a `-device` line, realized on the
+/// running machine, and the guest told of the new slot.
+fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceSpec, QmpError> {
+    let driver = match args.get("driver") {
+        Some(Value::String(d)) => d.clone(),
+        Some(_) => {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'driver', expected: string",
+            ))
+        }
+        None => return Err(QmpError::generic("Parameter 'driver' is missing")),
+    };
+    let mut text = driver.replace(',', ",,");
+    for (k, v) in &args {
+        if k == "driver" {
+            continue;
+        }
+        let v = match v {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => if *b { "on" } else { "off" }.to_string(),
+            Value::Number(n) => n.to_string(),
+            _ => {
+                return Err(QmpError::generic(format!(
+                    "Parameter '{k}' expects a string, number or boolean"
+                )))
+            }
+        };
+        text.push_str(&format!(",{k}={}", v.replace(',', ",,")));
+    }
+    let mut spec = match DeviceSpec::parse(&text).map_err(QmpError::generic)? {
+        DeviceArg::Spec(s) => s,
+        DeviceArg::Help(_) => return Err(QmpError::generic("help is not available over QMP")),
+    };
+    spec.origin = format!("device_add {text}");
+    let devs = devices::bus::lock(&ctx.machine.devices);
+    if let Some(id) = &spec.id {
+        if devs.iter().any(|r| r.id.as_ref() == Some(id)) {
+            return Err(QmpError::generic(format!("Duplicate ID '{id}' for device")));
+        }
+    }
+    drop(devs);
+    let hp = ctx
+        .machine
+        .hotplug
+        .as_ref()
+        .ok_or_else(|| QmpError::generic("Bus 'pci.0' does not support hotplugging"))?;
+    if spec.ty.bus != BusKind::Pci {
+        let hp = devices::bus::lock(hp);
+        let bus = spec
+            .bus
+            .as_deref()
+            .or_else(|| hp.buses.first_of(spec.ty.bus))
+            .unwrap_or(spec.ty.bus.name());
+        return Err(QmpError::generic(format!(
+            "Bus '{bus}' does not support hotplugging"
+        )));
+    }
+    let mut hp = devices::bus::lock(hp);
+    let hp = &mut *hp;
+    // Nothing a hot-plugged PCI device registers goes to the fixed port or
+    // MMIO ranges or the boot order (firmware has run); these are throwaway.
+    let (mut io, mut mmio) = (devices::bus::Bus::new(), devices::bus::Bus::new());
+    let mut boot_order = devices::bootorder::BootOrder::new();
+    let mut attach = AttachCtx {
+        io: &mut io,
+        mmio: &mut mmio,
+        buses: &mut hp.buses,
+        ram: &hp.ram,
+        irq: hp.irq.as_ref(),
+        intx: hp.intx.as_ref(),
+        boot_order: &mut boot_order,
+        msi: hp.msi.clone(),
+        ioevents: hp.ioevents.clone(),
+        iothreads: &mut hp.iothreads,
+        cpus: hp.cpus,
+        storage: ctx.storage,
+        globals: &ctx.cfg.globals,
+        used_drives: std::mem::take(&mut hp.used_drives),
+        events: hp.events.clone(),
+        realized: Vec::new(),
+        cdrom: None,
+    };
+    let r = crate::device::realize(&mut attach, &spec);
+    let (used, realized) = (attach.used_drives, attach.realized);
+    hp.used_drives = used;
+    r.map_err(|e| {
+        let e = e.strip_prefix(&format!("{}: ", spec.origin)).unwrap_or(&e);
+        QmpError::generic(e)
+    })?;
+    let mut devs = devices::bus::lock(&ctx.machine.devices);
+    for r in realized {
+        if let Some(slot) = r.pci_slot {
+            devices::bus::lock(&hp.pcihp).plugged(slot);
+        }
+        devs.push(r);
+    }
+    Ok(spec)
+}
+
+/// The guest ejected PCI `slot`: its devices leave the bus and the
+/// machine, and each one's DEVICE_DELETED goes out.
+pub fn pci_eject(c: &mut Control, machine: &crate::machine::Machine, slot: u8) {
+    let Some(hp) = &machine.hotplug else { return };
+    let mut hp = devices::bus::lock(hp);
+    let mut devs = devices::bus::lock(&machine.devices);
+    let mut gone = Vec::new();
+    let mut i = 0;
+    while i < devs.len() {
+        if devs[i].pci_slot == Some(slot) {
+            let qdev = devs[i].qdev(i);
+            gone.push((devs.remove(i), qdev));
+        } else {
+            i += 1;
+        }
+    }
+    drop(devs);
+    let functions: Vec<_> = (0..8u8)
+        .filter_map(|f| hp.pci.remove(slot << 3 | f))
+        .collect();
+    hp.buses.release_pci_slot(slot);
+    // Dropped here: a virtio device finishes its in-flight requests.
+    drop(functions);
+    for (r, qdev) in gone {
+        if let Some(d) = &r.drive {
+            hp.used_drives.retain(|u| u != d);
+        }
+        c.added.retain(|s| s.id != r.id || r.id.is_none());
+        let mut data = json!({"path": match &r.id {
+            Some(id) => format!("/machine/peripheral/{id}"),
+            None => qdev,
+        }});
+        if let Some(id) = &r.id {
+            data["device"] = json!(id);
+        }
+        c.events.emit("DEVICE_DELETED", Some(data));
+    }
+}
+
 /// The removable-media drive of the device with `id=`, or of the device
 /// using the drive `device=`; and the name the user gave, for errors.
 fn find_media(
@@ -260,19 +433,12 @@ fn find_media(
     drive: Option<&str>,
     id: Option<&str>,
 ) -> Result<(Arc<devices::scsi::CdRom>, String), QmpError> {
+    let devs = devices::bus::lock(&ctx.machine.devices);
     let (name, found) = match (drive, id) {
-        (Some(d), None) => (
-            d,
-            ctx.machine
-                .devices
-                .iter()
-                .find(|r| r.drive.as_deref() == Some(d)),
-        ),
+        (Some(d), None) => (d, devs.iter().find(|r| r.drive.as_deref() == Some(d))),
         (None, Some(i)) => (
             i,
-            ctx.machine
-                .devices
-                .iter()
+            devs.iter()
                 .enumerate()
                 .find(|(n, r)| r.qdev(*n) == i)
                 .map(|(_, r)| r),
@@ -488,9 +654,8 @@ fn node_info(n: &Arc<Node>, backend: Option<&block::backend::BlockBackend>) -> V
 fn query_block(ctx: &Ctx) -> Value {
     let mut out = Vec::new();
     for d in ctx.storage.drives() {
-        let dev = ctx
-            .machine
-            .devices
+        let devs = devices::bus::lock(&ctx.machine.devices);
+        let dev = devs
             .iter()
             .enumerate()
             .find(|(_, r)| r.drive.as_deref() == Some(d.id.as_str()));

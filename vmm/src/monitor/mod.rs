@@ -115,6 +115,9 @@ pub struct Ctx<'a> {
 pub struct Control {
     pub state: RunState,
     pub events: Arc<Events>,
+    /// Devices added with `device_add` (and not yet removed): a machine
+    /// rebuilt by a reset has them too.
+    pub added: Vec<crate::device::DeviceSpec>,
 }
 
 impl Control {
@@ -126,6 +129,7 @@ impl Control {
                 RunState::Running
             },
             events,
+            added: Vec::new(),
         }
     }
 
@@ -173,6 +177,19 @@ impl Control {
     /// Runs a parsed command.
     pub fn execute(&mut self, cmd: Command, ctx: &Ctx) -> Result<(Value, Action), QmpError> {
         exec::execute(self, cmd, ctx)
+    }
+
+    /// The guest ejected PCI `slot` (ACPI hotplug).
+    pub fn pci_eject(&mut self, machine: &Machine, slot: u8) {
+        exec::pci_eject(self, machine, slot)
+    }
+
+    /// The configuration a rebuilt machine starts from: the command line's
+    /// devices and those added since.
+    pub fn machine_config(&self, cfg: &MachineConfig) -> MachineConfig {
+        let mut c = cfg.clone();
+        c.devices.extend(self.added.iter().cloned());
+        c
     }
 
     /// Moves to a stopped state, emitting STOP if the guest was running.
