@@ -127,7 +127,7 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
             clock.clone(),
             &bus,
         );
-        let pc = machine::board(&cfg).build(&gen_cfg, host, &storage)?;
+        let pc = machine::board(&cfg).build(gen_cfg, host, &storage)?;
         consoles.attach(&pc);
         Ok(pc)
     };
