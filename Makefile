@@ -5,6 +5,7 @@
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+QMP_VENV := target/qmp-venv
 DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc binutils qemu-system-data
 
 .PHONY: demo test deps build lint images bench-boot
@@ -16,6 +17,9 @@ deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 	@command -v rustup >/dev/null 2>&1 && rustup component add clippy rustfmt >/dev/null 2>&1 || true
+	@# QEMU's own QMP client (qmp-shell), from the QEMU project's PyPI package:
+	@# the QMP tests drive Strata with it as a management tool would.
+	@[ -x $(QMP_VENV)/bin/qmp-shell ] || { python3 -m venv $(QMP_VENV) && $(QMP_VENV)/bin/pip install -q qemu.qmp==0.0.6; }
 
 build: deps
 	$(CARGO) build --release --bins

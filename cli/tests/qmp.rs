@@ -385,3 +385,42 @@ fn option_errors_are_one_line() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// A management tool's view: QEMU's own `qmp-shell` (the QEMU project's
+/// `qemu.qmp` package, installed by `make deps`) connects and runs
+/// `query-block` and `query-status`.
+#[test]
+fn qemu_projects_qmp_shell_runs_query_block() {
+    let shell = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/qmp-venv/bin/qmp-shell");
+    assert!(
+        shell.exists(),
+        "{} is missing: run `make deps` (it installs QEMU's qemu.qmp)",
+        shell.display()
+    );
+    let dir = support::scratch("qmp-shell");
+    let hd = dir.join("hd.raw");
+    std::fs::write(&hd, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("file={},format=raw,if=ide,id=disk0", hd.display());
+    let (_qt, path) = start(&["-drive", &drive]);
+    // Wait for the socket, then let qmp-shell speak.
+    drop(Qmp::connect(&path));
+    let mut child = std::process::Command::new(&shell)
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"query-block\nquery-status\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Connected to QEMU 7.2.0"), "{text}");
+    assert!(text.contains("\"device\": \"disk0\""), "{text}");
+    assert!(text.contains("\"status\": \"running\""), "{text}");
+}
