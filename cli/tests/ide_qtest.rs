@@ -1504,3 +1504,76 @@ fn qmp_eject_and_change_medium() {
     assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x60));
     assert_eq!(read0(&mut q, 0), Ok((0xaa, 1)));
 }
+
+/// [QMP] SIGTERM ends the run the way `quit` does: SHUTDOWN (reason
+/// host-signal) on the monitor, exit status 0, and the images flushed and
+/// closed. A lazy-refcounts qcow2 written by the guest is clean for
+/// `qemu-img check` afterwards (with lazy refcounts only a clean close
+/// writes the refcounts and clears the dirty bit).
+#[test]
+fn sigterm_closes_images_cleanly() {
+    let dir = support::scratch("ide-sigterm");
+    let img = dir.join("lazy.qcow2");
+    let img_s = img.display().to_string();
+    let st = std::process::Command::new("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            &img_s,
+            "16M",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let drive = format!("file={img_s},if=ide,format=qcow2");
+    let mut q = start(&["-drive", &drive, "-qmp", &qmp]);
+    let mut m = support::qmp::Qmp::negotiated(&sock);
+    // Write sectors far apart: several new clusters.
+    for lba in [0u32, 300, 9000, 20000] {
+        cmd28(&mut q, PRI, 0, 0x30, lba, 1, 0);
+        assert_eq!(wait_ready(&mut q, PRI) & DRQ, DRQ);
+        pio_out(&mut q, PRI, &pattern(lba as u64));
+        assert_eq!(wait_ready(&mut q, PRI) & (ERR | DRQ), 0);
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-TERM", &q.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = m.event("SHUTDOWN");
+    assert_eq!(e["data"]["reason"], "host-signal");
+    let status = q
+        .wait_exit(Duration::from_secs(10))
+        .expect("strata exits on SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", &img_s])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("No errors were found"), "{text}");
+    for lba in [0u64, 300, 9000, 20000] {
+        assert_eq!(file_sector_qcow2(&img, lba), pattern(lba));
+    }
+}
+
+/// Sector `lba` of a qcow2 image, read by qemu-img.
+fn file_sector_qcow2(img: &Path, lba: u64) -> Vec<u8> {
+    let raw = img.with_extension("converted.raw");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(img)
+        .arg(&raw)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    file_sector(&raw, lba)
+}

@@ -391,8 +391,8 @@ fn option_errors_are_one_line() {
 /// `query-block` and `query-status`.
 #[test]
 fn qemu_projects_qmp_shell_runs_query_block() {
-    let shell = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/qmp-venv/bin/qmp-shell");
+    let shell =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/qmp-venv/bin/qmp-shell");
     assert!(
         shell.exists(),
         "{} is missing: run `make deps` (it installs QEMU's qemu.qmp)",

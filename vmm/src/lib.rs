@@ -73,6 +73,8 @@ pub enum VmEvent {
     Qtest(String),
     /// The guest ejected a PCI slot (ACPI hotplug).
     PciEject(u8),
+    /// SIGTERM, SIGINT or SIGHUP: end the run cleanly, as QEMU does.
+    HostSignal,
 }
 
 impl std::fmt::Debug for monitor::Request {
@@ -88,7 +90,7 @@ impl std::fmt::Debug for monitor::Request {
 enum End {
     Reset { guest: bool },
     Shutdown,
-    Quit,
+    Quit { reason: &'static str },
     Error(String),
 }
 
@@ -299,6 +301,7 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
         .map_err(|e| VmmError::Kvm(format!("cannot install the vCPU kick signal: {e}")))?;
     let (tx, rx) = mpsc::channel();
     let events = EventSender(tx);
+    watch_signals(&events)?;
     let consoles = Consoles::open(&cfg, &events)?;
     let storage = storage::Storage::open(&cfg)?;
     storage.set_stop_handlers(&events);
@@ -381,7 +384,12 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                 }
                 VmEvent::Reset => break End::Reset { guest: true },
                 VmEvent::Shutdown => break End::Shutdown,
-                VmEvent::Quit => break End::Quit,
+                VmEvent::Quit => break End::Quit { reason: "host-ui" },
+                VmEvent::HostSignal => {
+                    break End::Quit {
+                        reason: "host-signal",
+                    }
+                }
                 VmEvent::Error(e) => break End::Error(e),
             };
             match action {
@@ -405,7 +413,11 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                     gate.set_paused(false);
                 }
                 monitor::Action::Reset => break End::Reset { guest: false },
-                monitor::Action::Quit => break End::Quit,
+                monitor::Action::Quit => {
+                    break End::Quit {
+                        reason: "host-qmp-quit",
+                    }
+                }
                 monitor::Action::None => {}
             }
         };
@@ -447,13 +459,52 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                 control.shutdown(true, "guest-shutdown");
                 return Ok(0);
             }
-            End::Quit => {
-                control.shutdown(false, "host-qmp-quit");
+            End::Quit { reason } => {
+                control.shutdown(false, reason);
                 return Ok(0);
             }
             End::Error(msg) => return Err(VmmError::Guest(msg)),
         }
     }
+}
+
+/// Written by the termination signal handler; read by the thread that
+/// turns the signal into a [`VmEvent::HostSignal`].
+static SIGNALLED: std::sync::OnceLock<vmm_sys_util::eventfd::EventFd> = std::sync::OnceLock::new();
+
+extern "C" fn termination_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only an eventfd write: async-signal-safe.
+    if let Some(fd) = SIGNALLED.get() {
+        let _ = fd.write(1);
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP end the run through the main loop, so that
+/// images are flushed and closed and monitors hear SHUTDOWN, instead of
+/// the process dying with metadata in memory.
+pub fn watch_signals(events: &EventSender) -> Result<(), VmmError> {
+    let err = |e: std::io::Error| VmmError::Config(format!("cannot watch signals: {e}"));
+    let fd = vmm_sys_util::eventfd::EventFd::new(0).map_err(err)?;
+    let reader = fd.try_clone().map_err(err)?;
+    if SIGNALLED.set(fd).is_err() {
+        return Ok(()); // already watching (a second run in one process)
+    }
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        register_signal_handler(sig, termination_handler).map_err(|e| {
+            VmmError::Config(format!("cannot install a handler for signal {sig}: {e}"))
+        })?;
+    }
+    let ev = events.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            while reader.read().is_ok() {
+                log::info!("termination signal: shutting down");
+                ev.send(VmEvent::HostSignal);
+            }
+        })
+        .map_err(err)?;
+    Ok(())
 }
 
 /// The calling thread's kernel thread id (QMP's `thread-id`).

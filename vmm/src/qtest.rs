@@ -114,6 +114,7 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
     let clock = Arc::new(ManualClock::default());
     let (tx, rx) = mpsc::channel();
     let events = EventSender(tx);
+    crate::watch_signals(&events)?;
     let consoles = Consoles::open(&cfg, &events)?;
     let storage = crate::storage::Storage::open(&cfg)?;
     storage.set_stop_handlers(&events);
@@ -235,6 +236,10 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
             }
             Some(VmEvent::Shutdown) => {
                 control.shutdown(true, "guest-shutdown");
+                return Ok(0);
+            }
+            Some(VmEvent::HostSignal) => {
+                control.shutdown(false, "host-signal");
                 return Ok(0);
             }
             Some(_) => {
