@@ -212,7 +212,8 @@ pub struct BlockBackend {
     pause: Mutex<PauseState>,
     resumed: Condvar,
     stop_handler: Mutex<Option<StopHandler>>,
-    throttle: Option<Arc<Throttle>>,
+    /// The limits in force, if any; replaced by `block_set_io_throttle`.
+    throttle: std::sync::RwLock<Option<Arc<Throttle>>>,
     /// Devices to tell when the medium's size changes.
     resize_listeners: Mutex<Vec<ResizeListener>>,
 }
@@ -257,7 +258,7 @@ impl BlockBackend {
             pause: Mutex::new(PauseState::default()),
             resumed: Condvar::new(),
             stop_handler: Mutex::new(None),
-            throttle,
+            throttle: std::sync::RwLock::new(throttle),
             resize_listeners: Mutex::new(Vec::new()),
         })
     }
@@ -340,11 +341,40 @@ impl BlockBackend {
 
     /// Time a request must wait under the throttling limits (reserving it).
     fn throttle_delay(&self, op: IoOp, bytes: u64) -> std::time::Duration {
-        match (&self.throttle, op) {
+        let t = self.throttle.read().unwrap_or_else(|e| e.into_inner());
+        match (t.as_ref(), op) {
             (Some(t), IoOp::Read) => t.reserve(false, bytes),
             (Some(t), IoOp::Write | IoOp::WriteZeroes { .. }) => t.reserve(true, bytes),
             _ => std::time::Duration::ZERO,
         }
+    }
+
+    /// The I/O limits in force (all zero: none) and the group, if any.
+    pub fn io_limits(&self) -> ThrottleConfig {
+        let t = self.throttle.read().unwrap_or_else(|e| e.into_inner());
+        t.as_ref().map(|t| t.config()).unwrap_or_default()
+    }
+
+    /// Replaces the I/O limits (QMP `block_set_io_throttle`): `group`
+    /// joins (or creates) a throttle group; limits of all zero remove
+    /// throttling. Requests already waiting keep their dispatch time.
+    pub fn set_io_limits(&self, cfg: ThrottleConfig, group: Option<&str>) {
+        let mut t = self.throttle.write().unwrap_or_else(|e| e.into_inner());
+        *t = match group {
+            Some(g) => {
+                let th = Throttle::group(g, cfg);
+                th.set_config(cfg);
+                Some(th)
+            }
+            None if !cfg.enabled() => None,
+            None => match t.as_ref() {
+                Some(th) => {
+                    th.set_config(cfg);
+                    Some(th.clone())
+                }
+                None => Some(Throttle::new(cfg)),
+            },
+        };
     }
 
     /// The backend id (`-drive id=`).

@@ -50,16 +50,16 @@ struct Bucket {
 /// Shared throttling state (one per backend, or per group).
 #[derive(Debug)]
 pub struct Throttle {
-    cfg: ThrottleConfig,
-    state: Mutex<(Instant, [Bucket; 6])>,
+    /// Last update, the buckets, and the limits (QMP
+    /// `block_set_io_throttle` changes them while requests flow).
+    state: Mutex<(Instant, [Bucket; 6], ThrottleConfig)>,
 }
 
 impl Throttle {
     /// A throttle with `cfg`.
     pub fn new(cfg: ThrottleConfig) -> Arc<Throttle> {
         Arc::new(Throttle {
-            cfg,
-            state: Mutex::new((Instant::now(), [Bucket::default(); 6])),
+            state: Mutex::new((Instant::now(), [Bucket::default(); 6], cfg)),
         })
     }
 
@@ -94,37 +94,39 @@ impl Throttle {
     }
 
     /// The configuration.
-    pub fn config(&self) -> &ThrottleConfig {
-        &self.cfg
+    pub fn config(&self) -> ThrottleConfig {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2
+    }
+
+    /// Replaces the limits; the buckets keep their levels.
+    pub fn set_config(&self, cfg: ThrottleConfig) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).2 = cfg;
     }
 
     /// Reserve a request of `bytes` (a write if `write`) and return how
     /// long it must wait before being dispatched.
     pub fn reserve(&self, write: bool, bytes: u64) -> Duration {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let cfg = st.2;
         let now = Instant::now();
         let elapsed = now.duration_since(st.0).as_secs_f64();
         st.0 = now;
-        let ops = if self.cfg.iops_size > 0 {
-            (bytes as f64 / self.cfg.iops_size as f64).max(1.0)
+        let ops = if cfg.iops_size > 0 {
+            (bytes as f64 / cfg.iops_size as f64).max(1.0)
         } else {
             1.0
         };
         let dir = if write { 2 } else { 1 };
         let mut wait = 0.0f64;
         let limits = [
-            (0usize, self.cfg.bps[0], bytes as f64),
-            (dir, self.cfg.bps[dir], bytes as f64),
-            (3, self.cfg.iops[0], ops),
-            (3 + dir, self.cfg.iops[dir], ops),
+            (0usize, cfg.bps[0], bytes as f64),
+            (dir, cfg.bps[dir], bytes as f64),
+            (3, cfg.iops[0], ops),
+            (3 + dir, cfg.iops[dir], ops),
         ];
         // Every bucket leaks at its own rate, requests of either kind or not.
         for (i, bk) in st.1.iter_mut().enumerate() {
-            let lim = if i < 3 {
-                self.cfg.bps[i]
-            } else {
-                self.cfg.iops[i - 3]
-            };
+            let lim = if i < 3 { cfg.bps[i] } else { cfg.iops[i - 3] };
             if lim.avg > 0 {
                 bk.level = (bk.level - elapsed * lim.avg as f64).max(0.0);
             }

@@ -223,6 +223,30 @@ fn query_block_and_blockdev_add_del() {
     assert_eq!(stats[0]["device"], "disk0");
     assert!(stats[0]["stats"]["rd_operations"].is_u64());
 
+    // I/O limits, set and cleared at run time.
+    let zero = json!({"device": "disk0", "bps": 0, "bps_rd": 0, "bps_wr": 0,
+                      "iops": 0, "iops_rd": 0, "iops_wr": 0});
+    let mut lim = zero.clone();
+    lim["bps"] = json!(1 << 20);
+    lim["iops_wr"] = json!(100);
+    q.ok("block_set_io_throttle", lim);
+    let b = q.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["bps"], 1 << 20);
+    assert_eq!(b[0]["inserted"]["iops_wr"], 100);
+    let mut bad = zero.clone();
+    bad["bps"] = json!(1);
+    bad["bps_rd"] = json!(1);
+    assert_eq!(
+        q.err("block_set_io_throttle", bad).1,
+        "bps(iops) and bps(iops)_rd/_wr cannot be used at the same time"
+    );
+    let mut nope = zero.clone();
+    nope["device"] = json!("nope");
+    assert_eq!(q.err("block_set_io_throttle", nope).0, "DeviceNotFound");
+    q.ok("block_set_io_throttle", zero);
+    let b = q.ok("query-block", json!({}));
+    assert_eq!(b[0]["inserted"]["bps"], 0);
+
     q.ok(
         "blockdev-add",
         json!({"driver": "qcow2", "node-name": "n0",

@@ -393,6 +393,8 @@ pub struct AttachCtx<'a> {
     pub realized: Vec<Realized>,
     /// Set by a constructor whose device has a removable-media drive.
     pub cdrom: Option<Arc<devices::scsi::CdRom>>,
+    /// The backend the device being built claimed (`claim_drive`).
+    pub claimed: Option<Arc<BlockBackend>>,
 }
 
 /// A built device, as the monitor finds it (`id=`, or the drive it uses).
@@ -407,6 +409,8 @@ pub struct Realized {
     pub pci_slot: Option<u8>,
     /// The bus it is on (`pci.0`, `ide.1`).
     pub bus: String,
+    /// The backend of its `drive=`.
+    pub backend: Option<Arc<block::backend::BlockBackend>>,
 }
 
 impl Realized {
@@ -432,7 +436,9 @@ impl AttachCtx<'_> {
             ));
         }
         self.used_drives.push(name.to_string());
-        self.storage.backend(name)
+        let b = self.storage.backend(name)?;
+        self.claimed = b.clone();
+        Ok(b)
     }
 
     /// Registers `dev`'s `bootindex` (if set) for `path`.
@@ -458,6 +464,7 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
     let pci_slot = matches!(place.port, Port::Pci(_)).then(|| place.devfn().0);
     let bus = place.bus.clone();
     ctx.cdrom = None;
+    ctx.claimed = None;
     (spec.ty.create)(ctx, &dev, place).map_err(err)?;
     let r = Realized {
         id: spec.id.clone(),
@@ -466,6 +473,7 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
         cdrom: ctx.cdrom.take(),
         pci_slot,
         bus,
+        backend: ctx.claimed.take(),
     };
     if let Some(cd) = &r.cdrom {
         let (events, drive, qdev) = (

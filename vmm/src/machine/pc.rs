@@ -327,6 +327,7 @@ fn build(
         events: host.events.clone(),
         realized: Vec::new(),
         cdrom: None,
+        claimed: None,
     };
     // The devices of `-drive if=...` first, as QEMU's board init creates
     // them before the `-device`s.

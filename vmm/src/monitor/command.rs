@@ -217,6 +217,15 @@ pub enum Command {
     HumanMonitorCommand {
         line: String,
     },
+    BlockSetIoThrottle {
+        drive: Option<String>,
+        id: Option<String>,
+        /// bps, bps_rd, bps_wr, iops, iops_rd, iops_wr, then their `_max`
+        /// and `_max_length` companions (0 when absent).
+        limits: [[i64; 3]; 6],
+        iops_size: i64,
+        group: Option<String>,
+    },
     DeviceAdd(Map<String, Value>),
     DeviceDel {
         id: String,
@@ -388,6 +397,50 @@ pub static COMMANDS: &[Def] = &[
             device: a.opt_str("device"),
             node_name: a.opt_str("node-name"),
             size: a.int("size"),
+        },
+    },
+    Def {
+        name: "block_set_io_throttle",
+        params: Params::Members(&[
+            opt("device", Ty::Str),
+            opt("id", Ty::Str),
+            req("bps", Ty::Int),
+            req("bps_rd", Ty::Int),
+            req("bps_wr", Ty::Int),
+            req("iops", Ty::Int),
+            req("iops_rd", Ty::Int),
+            req("iops_wr", Ty::Int),
+            opt("bps_max", Ty::Int),
+            opt("bps_rd_max", Ty::Int),
+            opt("bps_wr_max", Ty::Int),
+            opt("iops_max", Ty::Int),
+            opt("iops_rd_max", Ty::Int),
+            opt("iops_wr_max", Ty::Int),
+            opt("bps_max_length", Ty::Int),
+            opt("bps_rd_max_length", Ty::Int),
+            opt("bps_wr_max_length", Ty::Int),
+            opt("iops_max_length", Ty::Int),
+            opt("iops_rd_max_length", Ty::Int),
+            opt("iops_wr_max_length", Ty::Int),
+            opt("iops_size", Ty::Int),
+            opt("group", Ty::Str),
+        ]),
+        build: |a| {
+            let names = ["bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"];
+            let limits = names.map(|n| {
+                [
+                    a.int(n),
+                    a.int(&format!("{n}_max")),
+                    a.int(&format!("{n}_max_length")),
+                ]
+            });
+            Command::BlockSetIoThrottle {
+                drive: a.opt_str("device"),
+                id: a.opt_str("id"),
+                limits,
+                iops_size: a.int("iops_size"),
+                group: a.opt_str("group"),
+            }
         },
     },
     Def {

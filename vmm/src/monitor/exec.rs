@@ -182,6 +182,46 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
             }
             ok(json!({}))
         }
+        Command::BlockSetIoThrottle {
+            drive,
+            id,
+            limits,
+            iops_size,
+            group,
+        } => {
+            let backend = find_backend(ctx, drive.as_deref(), id.as_deref())?;
+            const MAX: i64 = 1_000_000_000_000_000;
+            if limits
+                .iter()
+                .flatten()
+                .chain([&iops_size])
+                .any(|&v| !(0..=MAX).contains(&v))
+            {
+                return Err(QmpError::generic(format!(
+                    "bps/iops/max values must be within [0, {MAX}]"
+                )));
+            }
+            let [bps, bps_rd, bps_wr, iops, iops_rd, iops_wr] = limits;
+            if (bps[0] != 0 && (bps_rd[0] != 0 || bps_wr[0] != 0))
+                || (iops[0] != 0 && (iops_rd[0] != 0 || iops_wr[0] != 0))
+            {
+                return Err(QmpError::generic(
+                    "bps(iops) and bps(iops)_rd/_wr cannot be used at the same time",
+                ));
+            }
+            let limit = |l: [i64; 3]| block::throttle::Limit {
+                avg: l[0] as u64,
+                max: l[1] as u64,
+                max_length: if l[2] == 0 { 1 } else { l[2] as u64 },
+            };
+            let cfg = block::throttle::ThrottleConfig {
+                bps: [limit(bps), limit(bps_rd), limit(bps_wr)],
+                iops: [limit(iops), limit(iops_rd), limit(iops_wr)],
+                iops_size: iops_size as u64,
+            };
+            backend.set_io_limits(cfg, group.as_deref());
+            ok(json!({}))
+        }
         Command::DeviceAdd(args) => {
             let spec = device_add(ctx, args)?;
             c.added.push(spec);
@@ -369,6 +409,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         events: hp.events.clone(),
         realized: Vec::new(),
         cdrom: None,
+        claimed: None,
     };
     let r = crate::device::realize(&mut attach, &spec);
     let (used, realized) = (attach.used_drives, attach.realized);
@@ -456,6 +497,36 @@ fn find_media(
         .clone()
         .ok_or_else(|| QmpError::generic(format!("Device '{name}' is not removable")))?;
     Ok((cd, name.to_string()))
+}
+
+/// The backend of the drive `device=`, or of the device with `id=`.
+fn find_backend(
+    ctx: &Ctx,
+    drive: Option<&str>,
+    id: Option<&str>,
+) -> Result<Arc<block::backend::BlockBackend>, QmpError> {
+    let not_found = |n: &str| {
+        QmpError::new(
+            ErrorClass::DeviceNotFound,
+            format!("Device '{n}' not found"),
+        )
+    };
+    match (drive, id) {
+        (Some(d), None) => ctx.storage.drive(d).ok_or_else(|| not_found(d)),
+        (None, Some(i)) => {
+            let devs = devices::bus::lock(&ctx.machine.devices);
+            let r = devs
+                .iter()
+                .enumerate()
+                .find(|(n, r)| r.qdev(*n) == i)
+                .map(|(_, r)| r)
+                .ok_or_else(|| not_found(i))?;
+            r.backend
+                .clone()
+                .ok_or_else(|| QmpError::generic(format!("Device '{i}' has no drive")))
+        }
+        _ => Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
+    }
 }
 
 fn no_drive(name: &str) -> QmpError {
@@ -637,6 +708,8 @@ fn node_info(n: &Arc<Node>, backend: Option<&block::backend::BlockBackend>) -> V
         "encrypted": false,
         "detect_zeroes": common.detect_zeroes.name(),
         "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0, "iops_rd": 0, "iops_wr": 0,
+        "bps_max": 0, "bps_rd_max": 0, "bps_wr_max": 0,
+        "iops_max": 0, "iops_rd_max": 0, "iops_wr_max": 0,
         "write_threshold": 0,
         "cache": {
             "writeback": backend.is_none_or(|b| b.write_cache_enabled()),
@@ -647,6 +720,20 @@ fn node_info(n: &Arc<Node>, backend: Option<&block::backend::BlockBackend>) -> V
     });
     if let Some(bk) = n.child("backing").and_then(|b| b.filename()) {
         v["backing_file"] = json!(bk);
+    }
+    if let Some(b) = backend {
+        let l = b.io_limits();
+        for (i, name) in ["bps", "bps_rd", "bps_wr"].iter().enumerate() {
+            v[*name] = json!(l.bps[i].avg);
+            v[format!("{name}_max")] = json!(l.bps[i].max);
+        }
+        for (i, name) in ["iops", "iops_rd", "iops_wr"].iter().enumerate() {
+            v[*name] = json!(l.iops[i].avg);
+            v[format!("{name}_max")] = json!(l.iops[i].max);
+        }
+        if l.iops_size > 0 {
+            v["iops_size"] = json!(l.iops_size);
+        }
     }
     v
 }
@@ -675,6 +762,26 @@ fn query_block(ctx: &Ctx) -> Value {
         }
         if let Some(c) = &cd {
             info["tray_open"] = json!(c.tray_open());
+        }
+        out.push(info);
+    }
+    // Devices on a -blockdev node have an anonymous backend, listed with
+    // an empty device name, as QEMU does.
+    let devs = devices::bus::lock(&ctx.machine.devices);
+    for (i, r) in devs.iter().enumerate() {
+        let Some(b) = r.backend.as_ref().filter(|b| b.id().is_empty()) else {
+            continue;
+        };
+        let mut info = json!({
+            "device": "",
+            "qdev": r.qdev(i),
+            "locked": false,
+            "removable": r.cdrom.is_some(),
+            "type": "unknown",
+            "io-status": if b.is_stopped() { "failed" } else { "ok" },
+        });
+        if let Some(root) = b.root() {
+            info["inserted"] = node_info(&root, Some(b));
         }
         out.push(info);
     }
