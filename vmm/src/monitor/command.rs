@@ -222,7 +222,7 @@ pub enum Command {
         id: Option<String>,
         /// bps, bps_rd, bps_wr, iops, iops_rd, iops_wr, then their `_max`
         /// and `_max_length` companions (0 when absent).
-        limits: [[i64; 3]; 6],
+        limits: Box<[[i64; 3]; 6]>,
         iops_size: i64,
         group: Option<String>,
     },
@@ -437,7 +437,7 @@ pub static COMMANDS: &[Def] = &[
             Command::BlockSetIoThrottle {
                 drive: a.opt_str("device"),
                 id: a.opt_str("id"),
-                limits,
+                limits: Box::new(limits),
                 iops_size: a.int("iops_size"),
                 group: a.opt_str("group"),
             }

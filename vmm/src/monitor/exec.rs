@@ -201,7 +201,7 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
                     "bps/iops/max values must be within [0, {MAX}]"
                 )));
             }
-            let [bps, bps_rd, bps_wr, iops, iops_rd, iops_wr] = limits;
+            let [bps, bps_rd, bps_wr, iops, iops_rd, iops_wr] = *limits;
             if (bps[0] != 0 && (bps_rd[0] != 0 || bps_wr[0] != 0))
                 || (iops[0] != 0 && (iops_rd[0] != 0 || iops_wr[0] != 0))
             {
