@@ -184,7 +184,7 @@ fn kind_index(op: IoOp) -> usize {
     }
 }
 
-type StopHandler = Arc<dyn Fn(&BlockError) + Send + Sync>;
+type StopHandler = Arc<dyn Fn(IoOp, ErrorAction, &BlockError) + Send + Sync>;
 
 #[derive(Default)]
 struct PauseState {
@@ -435,9 +435,14 @@ impl BlockBackend {
             write_zeroes: self.stats[4].get(),
         }
     }
-    /// Called (on an I/O thread) when an error policy stops the backend;
-    /// the VM should pause, and call [`BlockBackend::resume`] on continue.
-    pub fn set_stop_handler(&self, f: impl Fn(&BlockError) + Send + Sync + 'static) {
+    /// Called (on an I/O thread) for every failed request with the
+    /// action its error policy took (QMP's BLOCK_IO_ERROR). After
+    /// [`ErrorAction::Stop`] the backend is stopped: the VM should pause,
+    /// and call [`BlockBackend::resume`] on continue.
+    pub fn set_error_handler(
+        &self,
+        f: impl Fn(IoOp, ErrorAction, &BlockError) + Send + Sync + 'static,
+    ) {
         *self.stop_handler.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(f));
     }
     /// True while requests are parked by a `stop` policy.
@@ -482,14 +487,15 @@ impl BlockBackend {
         s.ns.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 
-    fn stop(&self, e: &BlockError) {
+    /// Tells the error handler what happened to a failed request.
+    fn report(&self, op: IoOp, action: ErrorAction, e: &BlockError) {
         let h = self
             .stop_handler
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Some(h) = h {
-            h(e);
+            h(op, action, e);
         }
     }
 
@@ -525,7 +531,11 @@ impl BlockBackend {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
-            match self.action_for(op, &e) {
+            let action = self.action_for(op, &e);
+            if action != ErrorAction::Stop {
+                self.report(op, action, &e);
+            }
+            match action {
                 ErrorAction::Report | ErrorAction::Enospc => return Err(e),
                 ErrorAction::Ignore => return Ok(()),
                 ErrorAction::Stop => {
@@ -534,7 +544,7 @@ impl BlockBackend {
                         p.stopped = true;
                         p.generation
                     };
-                    self.stop(&e);
+                    self.report(op, action, &e);
                     let mut p = self.pause.lock().unwrap_or_else(|e| e.into_inner());
                     while p.generation == gen {
                         p = self.resumed.wait(p).unwrap_or_else(|e| e.into_inner());
@@ -666,12 +676,15 @@ impl BlockBackend {
                     }
                     Err(e) => e,
                 };
-                match me.action_for(op, &e) {
+                let action = me.action_for(op, &e);
+                match action {
                     ErrorAction::Report | ErrorAction::Enospc => {
+                        me.report(op, action, &e);
                         drop(me);
                         done(req, Err(e))
                     }
                     ErrorAction::Ignore => {
+                        me.report(op, action, &e);
                         drop(me);
                         done(req, Ok(()))
                     }
@@ -681,7 +694,7 @@ impl BlockBackend {
                             p.stopped = true;
                             p.parked.push((req, done));
                         }
-                        me.stop(&e);
+                        me.report(op, action, &e);
                     }
                 }
             }),

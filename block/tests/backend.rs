@@ -102,9 +102,11 @@ fn stop_policy_pauses_and_resume_retries() {
     );
     let stops = Arc::new(AtomicUsize::new(0));
     let s2 = stops.clone();
-    blk.set_stop_handler(move |e| {
+    blk.set_error_handler(move |_, action, e| {
         assert_eq!(e.errno(), libc::EIO);
-        s2.fetch_add(1, Ordering::SeqCst);
+        if action == ErrorAction::Stop {
+            s2.fetch_add(1, Ordering::SeqCst);
+        }
     });
     let q = CompletionQueue::new().unwrap();
     blk.submit(

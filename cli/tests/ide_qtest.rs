@@ -1577,3 +1577,30 @@ fn file_sector_qcow2(img: &Path, lba: u64) -> Vec<u8> {
     assert!(st.success());
     file_sector(&raw, lba)
 }
+
+/// [QMP] A failed guest read with the default `report` policy is a
+/// BLOCK_IO_ERROR event naming the drive, the operation and the action,
+/// and the guest sees the error while it keeps running.
+#[test]
+fn io_errors_are_block_io_error_events() {
+    let dir = support::scratch("ide-ioerror");
+    let bad = format!(
+        "if=ide,index=0,id=flaky,format=raw,file.driver=blkdebug,file.image.driver=file,file.image.filename={},file.inject-error.0.event=read_aio,file.inject-error.0.sector=5",
+        make_disk(&dir, "e.img", 64).display()
+    );
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let mut q = start(&["-drive", &bad, "-qmp", &qmp]);
+    let mut m = support::qmp::Qmp::negotiated(&sock);
+    cmd28(&mut q, PRI, 0, 0x20, 5, 1, 0);
+    assert_eq!(wait_ready(&mut q, PRI) & ERR, ERR, "the read fails");
+    let e = m.event("BLOCK_IO_ERROR");
+    assert_eq!(e["data"]["device"], "flaky");
+    assert_eq!(e["data"]["operation"], "read");
+    assert_eq!(e["data"]["action"], "report");
+    assert_eq!(e["data"]["nospace"], false);
+    assert_eq!(
+        m.ok("query-status", serde_json::json!({}))["status"],
+        "running"
+    );
+}

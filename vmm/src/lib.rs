@@ -61,11 +61,14 @@ pub enum VmEvent {
     /// The user quit (Ctrl-A x, or Ctrl-C on plain stdio).
     Quit,
     Error(String),
-    /// A drive's `rerror/werror=stop` policy parked a failed request: the
-    /// guest must pause until `cont`.
-    BlockStop {
+    /// A drive's request failed; with the `stop` policy (`rerror/werror`)
+    /// it is parked and the guest must pause until `cont`.
+    BlockError {
         drive: String,
+        write: bool,
+        action: block::backend::ErrorAction,
         error: String,
+        nospace: bool,
     },
     /// A monitor request (QMP or HMP).
     Monitor(monitor::Request),
@@ -353,20 +356,23 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
         let end = loop {
             let ev = rx.recv().unwrap_or(VmEvent::Quit);
             let action = match ev {
-                VmEvent::BlockStop { drive, error } => {
-                    eprintln!(
-                        "strata: drive {drive}: {error}; guest stopped by its error policy \
-                         (Ctrl-A c, then 'cont' retries)"
-                    );
-                    control.events.emit(
-                        "BLOCK_IO_ERROR",
-                        Some(serde_json::json!({
-                            "device": drive, "operation": "read", "action": "stop",
-                            "nospace": false, "reason": error,
-                        })),
-                    );
-                    control.stop(monitor::RunState::IoError);
-                    monitor::Action::Pause
+                VmEvent::BlockError {
+                    drive,
+                    write,
+                    action,
+                    error,
+                    nospace,
+                } => {
+                    let stop = control.block_error(&drive, write, action, &error, nospace);
+                    if stop {
+                        eprintln!(
+                            "strata: drive {drive}: {error}; guest stopped by its error policy \
+                             (Ctrl-A c, then 'cont' retries)"
+                        );
+                        monitor::Action::Pause
+                    } else {
+                        monitor::Action::None
+                    }
                 }
                 VmEvent::Monitor(req) => {
                     let ctx = monitor::Ctx {

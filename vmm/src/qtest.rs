@@ -214,8 +214,14 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
                     _ => None,
                 }
             }
-            VmEvent::BlockStop { .. } => {
-                control.stop(monitor::RunState::IoError);
+            VmEvent::BlockError {
+                drive,
+                write,
+                action,
+                error,
+                nospace,
+            } => {
+                control.block_error(&drive, write, action, &error, nospace);
                 None
             }
             VmEvent::PciEject(slot) => {

@@ -56,14 +56,18 @@ impl Storage {
         &self.specs
     }
 
-    /// Routes every drive's `stop` error policy to the main loop.
+    /// Routes every drive's I/O errors to the main loop: each one is a
+    /// BLOCK_IO_ERROR event, and a `stop` policy pauses the guest.
     pub fn set_stop_handlers(&self, events: &crate::EventSender) {
         for b in self.drives.values() {
             let (ev, id) = (events.clone(), b.id().to_string());
-            b.set_stop_handler(move |e| {
-                ev.send(crate::VmEvent::BlockStop {
+            b.set_error_handler(move |op, action, e| {
+                ev.send(crate::VmEvent::BlockError {
                     drive: id.clone(),
+                    write: op != block::driver::IoOp::Read,
+                    action,
                     error: e.to_string(),
+                    nospace: e.errno() == libc::ENOSPC,
                 })
             });
         }

@@ -179,6 +179,39 @@ impl Control {
         exec::execute(self, cmd, ctx)
     }
 
+    /// A drive's request failed: BLOCK_IO_ERROR, and for the `stop`
+    /// action the io-error state (STOP). Returns whether the guest stops.
+    pub fn block_error(
+        &mut self,
+        drive: &str,
+        write: bool,
+        action: block::backend::ErrorAction,
+        error: &str,
+        nospace: bool,
+    ) -> bool {
+        use block::backend::ErrorAction;
+        let stop = action == ErrorAction::Stop;
+        let action = match action {
+            ErrorAction::Stop => "stop",
+            ErrorAction::Ignore => "ignore",
+            ErrorAction::Report | ErrorAction::Enospc => "report",
+        };
+        self.events.emit(
+            "BLOCK_IO_ERROR",
+            Some(serde_json::json!({
+                "device": drive,
+                "operation": if write { "write" } else { "read" },
+                "action": action,
+                "nospace": nospace,
+                "reason": error,
+            })),
+        );
+        if stop {
+            self.stop(RunState::IoError);
+        }
+        stop
+    }
+
     /// The guest ejected PCI `slot` (ACPI hotplug).
     pub fn pci_eject(&mut self, machine: &Machine, slot: u8) {
         exec::pci_eject(self, machine, slot)
