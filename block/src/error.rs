@@ -43,6 +43,10 @@ pub enum BlockError {
     /// The backend has no medium inserted.
     #[error("{0}: no medium found")]
     NoMedium(String),
+    /// The image's metadata is corrupt (it has been marked so, and writes
+    /// are refused): QMP's BLOCK_IMAGE_CORRUPTED.
+    #[error("{0}")]
+    Corrupt(String),
 }
 
 impl BlockError {
@@ -56,6 +60,7 @@ impl BlockError {
             BlockError::Locked(_) => libc::EAGAIN,
             BlockError::Permission(_) => libc::EPERM,
             BlockError::NoMedium(_) => libc::ENOMEDIUM,
+            BlockError::Corrupt(_) => libc::EIO,
             BlockError::Config(_) | BlockError::Open(_) => libc::EINVAL,
         }
     }

@@ -88,6 +88,7 @@ pub fn block_error(e: FormatError) -> BlockError {
         FormatError::Io { errno, context, .. } => BlockError::Io { errno, context },
         FormatError::Unsupported(m) => BlockError::Unsupported(m),
         FormatError::ReadOnly(m) => BlockError::Permission(m),
+        FormatError::Corrupt(m) => BlockError::Corrupt(m),
         other => BlockError::Io {
             errno: other.errno(),
             context: other.to_string(),

@@ -1604,3 +1604,51 @@ fn io_errors_are_block_io_error_events() {
         "running"
     );
 }
+
+/// [QMP] A guest write that qcow2's overlap check catches (an L2 entry
+/// points at the L1 table) marks the image corrupt: BLOCK_IMAGE_CORRUPTED
+/// once, BLOCK_IO_ERROR for the write, and the guest sees the error.
+#[test]
+fn corruption_is_block_image_corrupted() {
+    let dir = support::scratch("ide-corrupt");
+    let img = dir.join("c.qcow2");
+    let img_s = img.display().to_string();
+    let run = |cmd: &str, args: &[&str]| {
+        let st = std::process::Command::new(cmd).args(args).status().unwrap();
+        assert!(st.success(), "{cmd} {args:?}");
+    };
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img_s, "1M"]);
+    run("qemu-io", &["-f", "qcow2", "-c", "write 0 64k", &img_s]);
+    // Point guest cluster 0's L2 entry at the L1 table's cluster.
+    let mut f = std::fs::read(&img).unwrap();
+    let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+    let l1 = be64(&f, 40) as usize;
+    let l2 = (be64(&f, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let entry = (1u64 << 63) | (l1 as u64 & !0xffff);
+    f[l2..l2 + 8].copy_from_slice(&entry.to_be_bytes());
+    std::fs::write(&img, f).unwrap();
+
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let drive = format!("file={img_s},if=ide,format=qcow2,id=c0");
+    let mut q = start(&["-drive", &drive, "-qmp", &qmp]);
+    let mut m = support::qmp::Qmp::negotiated(&sock);
+    for _ in 0..2 {
+        cmd28(&mut q, PRI, 0, 0x30, 0, 1, 0);
+        assert_eq!(wait_ready(&mut q, PRI) & DRQ, DRQ);
+        pio_out(&mut q, PRI, &[0xee; 512]);
+        assert_eq!(wait_ready(&mut q, PRI) & ERR, ERR, "the write fails");
+    }
+    let e = m.event("BLOCK_IMAGE_CORRUPTED");
+    assert_eq!(e["data"]["device"], "c0");
+    assert_eq!(e["data"]["fatal"], true);
+    m.event("BLOCK_IO_ERROR");
+    m.ok("query-status", serde_json::json!({}));
+    assert!(
+        m.events
+            .iter()
+            .all(|e| e["event"] != "BLOCK_IMAGE_CORRUPTED"),
+        "reported once: {:?}",
+        m.events
+    );
+}

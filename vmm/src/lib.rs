@@ -69,6 +69,8 @@ pub enum VmEvent {
         action: block::backend::ErrorAction,
         error: String,
         nospace: bool,
+        /// The image was found corrupt (BLOCK_IMAGE_CORRUPTED).
+        corrupt: bool,
     },
     /// A monitor request (QMP or HMP).
     Monitor(monitor::Request),
@@ -362,8 +364,9 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
                     action,
                     error,
                     nospace,
+                    corrupt,
                 } => {
-                    let stop = control.block_error(&drive, write, action, &error, nospace);
+                    let stop = control.block_error(&drive, write, action, &error, nospace, corrupt);
                     if stop {
                         eprintln!(
                             "strata: drive {drive}: {error}; guest stopped by its error policy \

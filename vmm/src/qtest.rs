@@ -220,8 +220,9 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
                 action,
                 error,
                 nospace,
+                corrupt,
             } => {
-                control.block_error(&drive, write, action, &error, nospace);
+                control.block_error(&drive, write, action, &error, nospace, corrupt);
                 None
             }
             VmEvent::PciEject(slot) => {

@@ -68,6 +68,7 @@ impl Storage {
                     action,
                     error: e.to_string(),
                     nospace: e.errno() == libc::ENOSPC,
+                    corrupt: matches!(e, block::error::BlockError::Corrupt(_)),
                 })
             });
         }

@@ -118,6 +118,8 @@ pub struct Control {
     /// Devices added with `device_add` (and not yet removed): a machine
     /// rebuilt by a reset has them too.
     pub added: Vec<crate::device::DeviceSpec>,
+    /// Drives whose corruption has been reported.
+    corrupt_reported: Vec<String>,
 }
 
 impl Control {
@@ -130,6 +132,7 @@ impl Control {
             },
             events,
             added: Vec::new(),
+            corrupt_reported: Vec::new(),
         }
     }
 
@@ -188,8 +191,18 @@ impl Control {
         action: block::backend::ErrorAction,
         error: &str,
         nospace: bool,
+        corrupt: bool,
     ) -> bool {
         use block::backend::ErrorAction;
+        // Once per drive: after the first, writes are refused because the
+        // image is marked corrupt, which is the same news.
+        if corrupt && !self.corrupt_reported.iter().any(|d| d == drive) {
+            self.corrupt_reported.push(drive.to_string());
+            self.events.emit(
+                "BLOCK_IMAGE_CORRUPTED",
+                Some(serde_json::json!({"device": drive, "msg": error, "fatal": true})),
+            );
+        }
         let stop = action == ErrorAction::Stop;
         let action = match action {
             ErrorAction::Stop => "stop",
