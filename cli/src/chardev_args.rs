@@ -55,6 +55,7 @@ pub fn parse_chardev(opt: &str, spec: &str) -> Result<Option<CharDev>, String> {
         "none" => return Ok(None),
         "null" => CharDev::Null,
         "stdio" => CharDev::Stdio { mux: false },
+        "pty" => CharDev::Pty,
         "mon" if rest == "stdio" => CharDev::Stdio { mux: true },
         "file" if !rest.is_empty() => CharDev::File(PathBuf::from(rest)),
         "unix" if !rest.is_empty() => {
@@ -177,7 +178,8 @@ impl Chardevs {
                 },
                 _ => return Err(fail("chardev: socket: exactly one of 'path' and 'port' is needed".into())),
             },
-            "pty" | "serial" | "tty" | "parallel" | "pipe" | "udp" | "ringbuf" | "memory"
+            "pty" => CharDev::Pty,
+            "serial" | "tty" | "parallel" | "pipe" | "udp" | "ringbuf" | "memory"
             | "spicevmc" | "spiceport" | "vc" | "msmouse" | "braille" | "testdev" => {
                 return Err(fail(format!(
                     "chardev backend '{backend}' is not supported by Strata (use socket, stdio, file or null)"

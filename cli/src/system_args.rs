@@ -23,8 +23,8 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -L DIR                            firmware search path (-bios names, option ROMs)
   -boot [order=]DRIVES[,once=,menu=on|off,splash-time=,reboot-timeout=,strict=on|off]
   -serial DEV                       stdio, mon:stdio, file:PATH, unix:PATH[,server=on][,wait=off],
-                                    tcp:HOST:PORT[,server=on][,wait=off], chardev:ID, null, none
-  -chardev socket|stdio|file|null,id=ID,...  a character device (path=|host=,port=, server=, wait=, mux=)
+                                    tcp:HOST:PORT[,server=on][,wait=off], pty, chardev:ID, null, none
+  -chardev socket|stdio|file|pty|null,id=ID,...  a character device (path=|host=,port=, server=, wait=, mux=)
   -qmp DEV, -qmp-pretty DEV         a QMP monitor (DEV as for -serial)
   -monitor DEV                      a human monitor (HMP), or none
   -mon chardev=ID[,mode=control|readline][,pretty=on]  a monitor on a -chardev

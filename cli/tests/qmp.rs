@@ -401,7 +401,7 @@ fn option_errors_are_one_line() {
             vec!["-qmp", "bogus:x"],
             "-qmp bogus:x: unsupported character device",
         ),
-        (vec!["-chardev", "pty,id=p"], "not supported by Strata"),
+        (vec!["-chardev", "serial,id=p"], "not supported by Strata"),
     ] {
         let (code, _out, err) = support::run_strata(&args, Duration::from_secs(10));
         assert_eq!(code, Some(1), "{args:?}: {err}");
@@ -447,4 +447,49 @@ fn qemu_projects_qmp_shell_runs_query_block() {
     assert!(text.contains("Connected to QEMU 7.2.0"), "{text}");
     assert!(text.contains("\"device\": \"disk0\""), "{text}");
     assert!(text.contains("\"status\": \"running\""), "{text}");
+}
+
+/// `-chardev pty` + `-serial chardev:ID`, libvirt's serial console: the
+/// pty's name is in `query-chardev`, and bytes cross it both ways.
+#[test]
+fn pty_serial_console() {
+    let (mut qt, path) = start(&[
+        "-chardev",
+        "pty,id=charserial0",
+        "-serial",
+        "chardev:charserial0",
+    ]);
+    let mut q = Qmp::negotiated(&path);
+    let devs = q.ok("query-chardev", json!({}));
+    let name = devs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|d| {
+            d["filename"]
+                .as_str()?
+                .strip_prefix("pty:")
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("no pty in {devs}"));
+    let mut pty = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&name)
+        .unwrap();
+    // The guest writes COM1's THR; the bytes come out of the pty.
+    for b in b"hi!" {
+        qt.outb(0x3f8, *b);
+    }
+    let mut buf = [0u8; 3];
+    std::io::Read::read_exact(&mut pty, &mut buf).unwrap();
+    assert_eq!(&buf, b"hi!");
+    // Typed into the pty, read by the guest from RBR once LSR says so.
+    pty.write_all(b"z").unwrap();
+    let start = std::time::Instant::now();
+    while qt.inb(0x3fd) & 1 == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no data ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(qt.inb(0x3f8), b'z');
 }

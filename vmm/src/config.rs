@@ -19,6 +19,9 @@ pub enum CharDev {
         server: bool,
         wait: bool,
     },
+    /// A new pseudo-terminal; its name is printed at start (and in
+    /// `query-chardev`), as QEMU does, for a user to attach to.
+    Pty,
     /// A TCP socket, connecting to it, or listening on it with `server`
     /// (`telnet` is accepted for the grammar; Strata sends no telnet
     /// negotiation, which clients do without).

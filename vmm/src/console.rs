@@ -106,6 +106,12 @@ pub fn open(
                 .map_err(|e| VmmError::Config(format!("{what}: {e}")))?;
         }
         CharDev::File(p) => *lock(&out) = Some(Box::new(File::create(p).map_err(|e| err(e, p))?)),
+        CharDev::Pty => {
+            // QEMU prints where the pty is: scripts and users look for it.
+            let s = Stream::pty(what.trim_start_matches('-'))
+                .map_err(|e| VmmError::Config(format!("{what} pty: {e}")))?;
+            connect_stream(s, out.clone(), target.clone(), events.clone());
+        }
         CharDev::Unix { server, wait, .. } | CharDev::Tcp { server, wait, .. } => {
             let name = describe(dev);
             let err = |e: std::io::Error| VmmError::Config(format!("{what} {name}: {e}"));
@@ -150,6 +156,60 @@ fn connect_stream(
     *lock(&out) = Some(write);
 }
 
+/// The name of the last pseudo-terminal opened (`query-chardev`).
+pub fn pty_names() -> &'static Mutex<Option<String>> {
+    static NAME: std::sync::OnceLock<Mutex<Option<String>>> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| Mutex::new(None))
+}
+
+/// Output to a pseudo-terminal that nobody may be reading: bytes that do
+/// not fit are dropped, as QEMU's pty chardev drops them, rather than
+/// blocking the guest's serial port.
+pub(crate) struct PtyOut(File);
+
+impl Write for PtyOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let mut fds = [PollFd::new(self.0.as_fd(), PollFlags::POLLOUT)];
+        match poll(&mut fds, PollTimeout::ZERO) {
+            Ok(n) if n > 0 => self.0.write(buf),
+            _ => Ok(buf.len()),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Opens a pseudo-terminal pair: its master for reading and writing, and
+/// the slave's name. The slave is opened here once and kept, so that the
+/// master's reads wait for input instead of failing while no one is
+/// attached.
+pub(crate) fn open_pty() -> Result<(File, PtyOut, String), String> {
+    use nix::fcntl::OFlag;
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let e = |e: nix::Error| e.to_string();
+    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY).map_err(e)?;
+    grantpt(&master).map_err(e)?;
+    unlockpt(&master).map_err(e)?;
+    let name = ptsname_r(&master).map_err(e)?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&name)
+        .map_err(|e| format!("{name}: {e}"))?;
+    // Raw mode on the slave: the guest's bytes pass unchanged.
+    if let Ok(mut t) = nix::sys::termios::tcgetattr(&slave) {
+        nix::sys::termios::cfmakeraw(&mut t);
+        let _ = nix::sys::termios::tcsetattr(&slave, nix::sys::termios::SetArg::TCSANOW, &t);
+    }
+    std::mem::forget(slave);
+    let file = File::from(std::os::fd::OwnedFd::from(master));
+    let w = file.try_clone().map_err(|e| e.to_string())?;
+    Ok((file, PtyOut(w), name))
+}
+
 /// A connected socket (or stdio), split into its two directions.
 pub struct Stream {
     pub read: Box<dyn Read + Send>,
@@ -179,6 +239,18 @@ impl Stream {
             shutdown: Box::new(move || {
                 let _ = s.shutdown(std::net::Shutdown::Both);
             }),
+        })
+    }
+
+    /// A new pseudo-terminal (its name is printed, labelled `label`).
+    pub fn pty(label: &str) -> Result<Stream, String> {
+        let (read, write, name) = open_pty()?;
+        eprintln!("char device redirected to {name} (label {label})");
+        *lock(pty_names()) = Some(name);
+        Ok(Stream {
+            read: Box::new(read),
+            write: Box::new(write),
+            shutdown: Box::new(|| {}),
         })
     }
 
@@ -243,6 +315,10 @@ pub fn describe(dev: &CharDev) -> String {
         CharDev::Stdio { mux: false } => "stdio".into(),
         CharDev::Stdio { mux: true } => "mon:stdio".into(),
         CharDev::File(p) => format!("file:{}", p.display()),
+        CharDev::Pty => match lock(pty_names()).as_ref() {
+            Some(n) => format!("pty:{n}"),
+            None => "pty".into(),
+        },
         CharDev::Unix { path, .. } => format!("unix:{}", path.display()),
         CharDev::Tcp { host, port, .. } => format!("tcp:{host}:{port}"),
     }

@@ -311,6 +311,11 @@ fn start_one(m: &MonitorConfig, events: &Arc<Events>, vm: &EventSender) -> Resul
     match &m.chardev {
         CharDev::Null => Ok(()),
         CharDev::Stdio { .. } => spawn(Box::new(move || serve(Stream::stdio()))),
+        CharDev::Pty => {
+            let s = Stream::pty("compat_monitor0")
+                .map_err(|e| VmmError::Config(format!("{what} pty: {e}")))?;
+            spawn(Box::new(move || serve(s)))
+        }
         CharDev::File(_) => Err(VmmError::Config(format!(
             "{what} {name}: a monitor needs a socket or stdio"
         ))),
