@@ -224,7 +224,7 @@ impl Chardevs {
                     }
                 }
                 "pretty" => pretty = parse_bool(opt, &k, &v)?,
-                "default" => {}
+                "default" | "id" => {}
                 _ => return Err(format!("{opt} {text}: Parameter '{k}' is unexpected")),
             }
         }
