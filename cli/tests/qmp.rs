@@ -193,6 +193,15 @@ fn queries_answer_in_qemus_shapes() {
     assert_eq!(text, "VM status: running\n");
     let text = q.ok("human-monitor-command", json!({"command-line": "info pci"}));
     assert!(text.as_str().unwrap().contains("PCI device 8086:7010"));
+    q.ok(
+        "human-monitor-command",
+        json!({"command-line": "info chardev"}),
+    );
+    let text = q.ok(
+        "human-monitor-command",
+        json!({"command-line": "info qtree"}),
+    );
+    assert_eq!(text, "", "no devices on the command line");
 }
 
 #[test]

@@ -1314,6 +1314,14 @@ fn device_add_and_del_with_acpi_hotplug() {
         0x1af4,
         "virtio vendor at slot 4"
     );
+    let tree = q.ok(
+        "human-monitor-command",
+        json!({"command-line": "info qtree"}),
+    );
+    assert_eq!(
+        tree,
+        "bus: pci.0\n  dev: virtio-blk-pci, id \"hot\"\n    drive = \"n0\"\n    addr = 04.0\n"
+    );
     assert_eq!(qt.inw(0xafe0) & 2, 2, "PCI hotplug GPE raised");
     assert_eq!(qt.inl(0xae00), 1 << SLOT, "PCIU names the slot");
     qt.outw(0xafe0, 2);

@@ -16,8 +16,10 @@ help|?              show this help
 info block          list the drives
 info blockstats     show the drives' I/O statistics
 info kvm            show whether KVM is in use
+info chardev        list the character devices
 info name           show the guest's name
 info pci            list the PCI functions
+info qtree          list the devices by bus
 info status         show the run state
 info version        show the version
 quit|q              exit Strata
@@ -41,6 +43,8 @@ pub fn run(c: &mut Control, line: &str, ctx: &Ctx) -> (String, Action) {
             "kvm" => Command::QueryKvm,
             "name" => Command::QueryName,
             "pci" => Command::QueryPci,
+            "chardev" => Command::QueryChardev,
+            "qtree" => return (qtree(ctx), Action::None),
             other => return (format!("info: unknown item '{other}'\n"), Action::None),
         },
         ["info"] => return (HELP.to_string(), Action::None),
@@ -135,6 +139,17 @@ fn format(cmd: &Command, v: &Value, c: &Control) -> String {
             }
             out
         }
+        Command::QueryChardev => {
+            let mut out = String::new();
+            for d in v.as_array().into_iter().flatten() {
+                out.push_str(&format!(
+                    "{}: filename={}\n",
+                    s(&d["label"]),
+                    s(&d["filename"])
+                ));
+            }
+            out
+        }
         Command::QueryBlockstats => {
             let mut out = String::new();
             for d in v.as_array().into_iter().flatten() {
@@ -183,4 +198,34 @@ fn format(cmd: &Command, v: &Value, c: &Control) -> String {
         }
         _ => String::new(),
     }
+}
+
+/// `info qtree`: the devices the command line and `device_add` made, by
+/// bus, with their id, drive and PCI slot.
+fn qtree(ctx: &Ctx) -> String {
+    let devs = devices::bus::lock(&ctx.machine.devices);
+    let mut buses: Vec<&str> = devs.iter().map(|r| r.bus.as_str()).collect();
+    buses.sort();
+    buses.dedup();
+    let mut out = String::new();
+    for b in buses {
+        out.push_str(&format!("bus: {b}\n"));
+        for (i, r) in devs.iter().enumerate().filter(|(_, r)| r.bus == b) {
+            out.push_str(&format!(
+                "  dev: {}, id \"{}\"\n",
+                r.ty.name,
+                r.id.as_deref().unwrap_or("")
+            ));
+            if r.id.is_none() {
+                out.push_str(&format!("    path = \"{}\"\n", r.qdev(i)));
+            }
+            if let Some(d) = &r.drive {
+                out.push_str(&format!("    drive = \"{d}\"\n"));
+            }
+            if let Some(s) = r.pci_slot {
+                out.push_str(&format!("    addr = {s:02x}.0\n"));
+            }
+        }
+    }
+    out
 }
