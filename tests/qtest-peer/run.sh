@@ -96,8 +96,14 @@ if [ -z "$FILTER" ]; then
     done
 fi
 
-echo "qtest-peer: logs in $LOGS"
+[ $((fail + missing + other)) = 0 ] || echo "qtest-peer: logs in $LOGS"
 echo "qtest-peer: all cases: $((pass + new)) pass ($new not yet in expected-pass), $((fail + other)) do not"
 # The closing line counts the cases that must pass.
 echo "qtest-peer: $pass passed, $((fail + missing)) failed"
-[ $((fail + missing)) = 0 ]
+if [ $((fail + missing)) != 0 ]; then
+    exit 1
+fi
+# Nothing to look at: a temporary log directory goes.
+if [ $other = 0 ] && [ -z "${QTEST_PEER_LOGS:-}" ]; then
+    rm -rf "$LOGS"
+fi
