@@ -86,8 +86,13 @@ WORK=$CACHE/work-$(echo "$SRCVER" | tr ':' '_')
 rm -rf "$WORK"
 mkdir -p "$WORK"
 cd "$WORK"
-apt-get source -qq "$SRCNAME=$SRCVER" >/dev/null 2>source.log ||
-    { cat source.log >&2; exit 1; }
+# A deb-src entry whose lists were never fetched (or went stale) needs an
+# update first.
+if ! apt-get source -qq "$SRCNAME=$SRCVER" >/dev/null 2>source.log; then
+    $SUDO apt-get update -qq
+    apt-get source -qq "$SRCNAME=$SRCVER" >/dev/null 2>source.log ||
+        { cat source.log >&2; exit 1; }
+fi
 SRCDIR=$(find . -mindepth 1 -maxdepth 1 -type d -name "$SRCNAME-*" | head -n 1)
 [ -n "$SRCDIR" ] || { log "apt-get source unpacked nothing"; exit 1; }
 
