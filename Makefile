@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QMP_VENV := target/qmp-venv
 DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc binutils qemu-system-data
 
-.PHONY: demo test deps build lint images bench-boot
+.PHONY: demo test deps build lint images bench-boot qtest-peer
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -35,6 +35,14 @@ lint: deps
 
 test: lint
 	$(CARGO) test --workspace
+	tests/qtest-peer/run.sh
+
+# QEMU 7.2's own qtest binaries (ide-test, qos-test's virtio-blk cases) run
+# against strata; builds them from Debian's source package on first use
+# (cached in ~/.cache/strata/qtest-peer). QTEST_PEER_FILTER=REGEX selects
+# cases; tests/qtest-peer/expected-pass lists those that must pass.
+qtest-peer: deps
+	tests/qtest-peer/run.sh
 
 bench-boot: build
 	bench/boot.sh

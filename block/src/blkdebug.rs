@@ -1,21 +1,28 @@
 //! The `blkdebug` filter: error injection (QEMU's `block/blkdebug.c`,
 //! `BlockdevOptionsBlkdebug` in the QAPI schema).
 //!
-//! Supported: the `image` child and `inject-error` rules with `event`,
-//! `iotype`, `errno` (default EIO), `sector` (-1: any) and `once`. The data
-//! path raises the events `read_aio` (reads), `write_aio` and `pwritev`
-//! (writes and write-zeroes), `flush_to_disk` / `flush_to_os` (flushes) and
-//! `pwritev_zero`/`discard` for discards. Strata adds `x-skip=N`: the rule lets
-//! its first N matching requests through, so "fail the Nth write" is
-//! `x-skip=N-1`.
+//! Supported: the `image` child, `inject-error` rules with `event`,
+//! `iotype`, `errno` (default EIO), `sector` (-1: any), `once` and `state`,
+//! `set-state` rules (`event`, `state`, `new_state`: the node's state starts
+//! at 1, a rule with a `state` applies only in that state), and qemu-io's
+//! breakpoints (`break EVENT TAG` holds the next matching request until
+//! `resume TAG` or `remove_break TAG`). The data path raises the events
+//! `read_aio` (reads), `write_aio` and `pwritev` (writes and write-zeroes),
+//! `flush_to_disk` / `flush_to_os` (flushes) and `pwritev_zero`/`discard`
+//! for discards. Strata adds `x-skip=N`: the rule lets its first N matching
+//! requests through, so "fail the Nth write" is `x-skip=N-1`.
+//!
+//! For one request, held breakpoints come first, then error rules, then
+//! state changes, all judged in the state the request found (as QEMU
+//! judges one event's rules in the state before it).
 
-use crate::driver::{BlockDriver, Extent, IoOp, Limits};
+use crate::driver::{BlockDriver, DebugCommand, Extent, IoOp, Limits};
 use crate::error::{BlockError, BlockResult};
 use crate::graph::OpenCtx;
 use crate::keyval::{Options, Value};
 use crate::node::Node;
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 #[derive(Clone, Debug)]
 struct Rule {
@@ -24,12 +31,44 @@ struct Rule {
     sector: i64,
     once: bool,
     skip: u64,
+    /// The state the rule applies in; 0: any.
+    state: u64,
+}
+
+#[derive(Clone, Debug)]
+struct SetState {
+    ops: Vec<IoOp>,
+    state: u64,
+    new_state: u64,
+}
+
+#[derive(Clone, Debug)]
+struct Breakpoint {
+    ops: Vec<IoOp>,
+    tag: String,
+    state: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    rules: Vec<Rule>,
+    set_states: Vec<SetState>,
+    state: u64,
+    breakpoints: Vec<Breakpoint>,
+    /// Tags of the requests being held, one entry per request.
+    suspended: Vec<String>,
 }
 
 /// A blkdebug node.
 pub struct BlkdebugNode {
     image: Arc<Node>,
-    rules: Mutex<Vec<Rule>>,
+    inner: Mutex<Inner>,
+    /// Signalled when held requests are released.
+    resumed: Condvar,
+}
+
+fn applies(rule_state: u64, state: u64) -> bool {
+    rule_state == 0 || rule_state == state
 }
 
 fn event_ops(event: &str) -> Option<Vec<IoOp>> {
@@ -106,7 +145,7 @@ impl BlkdebugNode {
                     };
                     let once = o.take_bool("once")?.unwrap_or(false);
                     let _ = o.take_bool("immediately")?;
-                    let _ = o.take_u64("state")?;
+                    let state = o.take_u64("state")?.unwrap_or(0);
                     let skip = o.take_u64("x-skip")?.unwrap_or(0);
                     o.finish()
                         .map_err(|e| BlockError::Open(format!("blkdebug: {e}")))?;
@@ -116,6 +155,7 @@ impl BlkdebugNode {
                         sector,
                         once,
                         skip,
+                        state,
                     });
                 }
             }
@@ -126,17 +166,94 @@ impl BlkdebugNode {
                     .into());
             }
         }
+        let mut set_states = Vec::new();
+        match ctx.opts.take_value("set-state") {
+            None => {}
+            Some(Value::List(items)) => {
+                for (i, item) in items.into_iter().enumerate() {
+                    let Value::Map(m) = item else {
+                        return Err(ctx
+                            .opts
+                            .invalid("set-state", "a list of objects", "a scalar")
+                            .into());
+                    };
+                    let mut o = Options::new(ctx.opts.option(), m);
+                    let missing = |k: &str| {
+                        BlockError::Open(format!(
+                            "blkdebug: parameter 'set-state.{i}.{k}' is missing"
+                        ))
+                    };
+                    let event = o.require_str("event").map_err(|_| missing("event"))?;
+                    let ops = event_ops(&event).ok_or_else(|| {
+                        BlockError::Open(format!("blkdebug: invalid event '{event}'"))
+                    })?;
+                    let state = o.take_u64("state")?.unwrap_or(0);
+                    let new_state = o
+                        .take_u64("new_state")?
+                        .ok_or_else(|| missing("new_state"))?;
+                    o.finish()
+                        .map_err(|e| BlockError::Open(format!("blkdebug: {e}")))?;
+                    set_states.push(SetState {
+                        ops,
+                        state,
+                        new_state,
+                    });
+                }
+            }
+            Some(_) => {
+                return Err(ctx.opts.invalid("set-state", "a list", "a scalar").into());
+            }
+        }
         let _ = ctx.opts.take_u64("align")?;
         Ok(Arc::new(BlkdebugNode {
             image,
-            rules: Mutex::new(rules),
+            inner: Mutex::new(Inner {
+                rules,
+                set_states,
+                state: 1,
+                ..Inner::default()
+            }),
+            resumed: Condvar::new(),
         }))
     }
 
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn check(&self, op: IoOp, offset: u64, len: u64) -> BlockResult<()> {
-        let mut rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.lock();
+        // A breakpoint holds this request (on the pool thread running it)
+        // until qemu-io releases its tag; it fires once.
+        let state = inner.state;
+        if let Some(i) = inner
+            .breakpoints
+            .iter()
+            .position(|b| applies(b.state, state) && b.ops.iter().any(|o| same_kind(*o, op)))
+        {
+            let tag = inner.breakpoints.remove(i).tag;
+            inner.suspended.push(tag.clone());
+            while inner.suspended.contains(&tag) {
+                inner = self.resumed.wait(inner).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        let state = inner.state;
+        // Every matching set-state is applied in order, so the last wins.
+        if let Some(next) = inner
+            .set_states
+            .iter()
+            .filter(|st| applies(st.state, state) && st.ops.iter().any(|o| same_kind(*o, op)))
+            .map(|st| st.new_state)
+            .next_back()
+        {
+            inner.state = next;
+        }
+        let rules = &mut inner.rules;
         let mut hit = None;
         for (i, r) in rules.iter_mut().enumerate() {
+            if !applies(r.state, state) {
+                continue;
+            }
             if !r.ops.iter().any(|o| same_kind(*o, op)) {
                 continue;
             }
@@ -201,5 +318,43 @@ impl BlockDriver for BlkdebugNode {
     }
     fn truncate(&self, len: u64) -> BlockResult<()> {
         self.image.truncate(len)
+    }
+    fn debug_command(&self, cmd: &DebugCommand) -> Option<Result<(), i32>> {
+        let mut inner = self.lock();
+        Some(match cmd {
+            DebugCommand::Break { event, tag } => match event_ops(event) {
+                Some(ops) => {
+                    let state = inner.state;
+                    inner.breakpoints.push(Breakpoint {
+                        ops,
+                        tag: tag.clone(),
+                        state,
+                    });
+                    Ok(())
+                }
+                None => Err(libc::ENOENT),
+            },
+            DebugCommand::Resume { tag } => {
+                let before = inner.suspended.len();
+                inner.suspended.retain(|t| t != tag);
+                if inner.suspended.len() == before {
+                    Err(libc::ENOENT)
+                } else {
+                    self.resumed.notify_all();
+                    Ok(())
+                }
+            }
+            DebugCommand::RemoveBreak { tag } => {
+                let before = inner.suspended.len() + inner.breakpoints.len();
+                inner.breakpoints.retain(|b| &b.tag != tag);
+                inner.suspended.retain(|t| t != tag);
+                self.resumed.notify_all();
+                if inner.suspended.len() + inner.breakpoints.len() == before {
+                    Err(libc::ENOENT)
+                } else {
+                    Ok(())
+                }
+            }
+        })
     }
 }

@@ -277,6 +277,22 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn aio_engine(&self) -> Option<&'static str> {
         None
     }
+    /// qemu-io's breakpoint commands: `Some` from a driver that can
+    /// suspend requests (blkdebug), `Err(errno)` when it failed; `None`
+    /// passes the command on to the node's children.
+    fn debug_command(&self, _cmd: &DebugCommand) -> Option<Result<(), i32>> {
+        None
+    }
+}
+
+/// qemu-io's `break EVENT TAG`, `resume TAG` and `remove_break TAG` (QEMU's
+/// `bdrv_debug_breakpoint` and friends), for tests that hold a request in
+/// flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DebugCommand {
+    Break { event: String, tag: String },
+    Resume { tag: String },
+    RemoveBreak { tag: String },
 }
 
 /// Run `req` synchronously on the worker pool (the default `submit`).

@@ -6,9 +6,9 @@
 //!
 //! A blkdebug CONFIG file is QEMU's blkdebug rule file: `[inject-error]`
 //! sections of `key = "value"` lines (`event`, `errno`, `sector`, `once`,
-//! `immediately`, `iotype`, `state`), `#` comments. `[set-state]` sections
-//! need blkdebug's state machine, which Strata's blkdebug does not have:
-//! they are refused rather than ignored.
+//! `immediately`, `iotype`, `state`) and `[set-state]` sections (`event`,
+//! `state`, `new_state`), `#` comments; they become the node's
+//! `inject-error` and `set-state` lists. Other sections are refused.
 
 use crate::error::{BlockError, BlockResult};
 use crate::keyval::{Map, Value};
@@ -55,9 +55,13 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
     if !config.is_empty() {
         let text = std::fs::read_to_string(config)
             .map_err(|e| BlockError::Open(format!("{name}: cannot read '{config}': {e}")))?;
-        let rules = parse_rules(&text).map_err(|e| BlockError::Open(format!("{config}: {e}")))?;
+        let (rules, states) =
+            parse_rules(&text).map_err(|e| BlockError::Open(format!("{config}: {e}")))?;
         if !rules.is_empty() {
             m.insert("inject-error".into(), Value::List(rules));
+        }
+        if !states.is_empty() {
+            m.insert("set-state".into(), Value::List(states));
         }
     }
     Ok(Some(m))
@@ -73,19 +77,26 @@ fn no_path(name: &str, rest: &str) -> BlockResult<()> {
     }
 }
 
-/// The `[inject-error]` rules of a blkdebug rule file.
-fn parse_rules(text: &str) -> Result<Vec<Value>, String> {
-    let mut rules = Vec::new();
-    let mut cur: Option<Map> = None;
+/// The `[inject-error]` and `[set-state]` rules of a blkdebug rule file.
+fn parse_rules(text: &str) -> Result<(Vec<Value>, Vec<Value>), String> {
+    let (mut rules, mut states) = (Vec::new(), Vec::new());
+    // The section being read: its keys, and whether it is a set-state.
+    let mut cur: Option<(Map, bool)> = None;
+    let mut close = |cur: Option<(Map, bool)>| match cur {
+        Some((m, false)) => rules.push(Value::Map(m)),
+        Some((m, true)) => states.push(Value::Map(m)),
+        None => {}
+    };
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
         if let Some(section) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            rules.extend(cur.take().map(Value::Map));
+            close(cur.take());
             match section.trim() {
-                "inject-error" => cur = Some(Map::new()),
+                "inject-error" => cur = Some((Map::new(), false)),
+                "set-state" => cur = Some((Map::new(), true)),
                 other => {
                     return Err(format!(
                         "line {}: section [{other}] is not supported",
@@ -103,13 +114,13 @@ fn parse_rules(text: &str) -> Result<Vec<Value>, String> {
             .strip_prefix('"')
             .and_then(|x| x.strip_suffix('"'))
             .unwrap_or(v);
-        let rule = cur
+        let (rule, _) = cur
             .as_mut()
             .ok_or_else(|| format!("line {}: a key outside a section", n + 1))?;
         rule.insert(k.trim().to_string(), s(v));
     }
-    rules.extend(cur.map(Value::Map));
-    Ok(rules)
+    close(cur);
+    Ok((rules, states))
 }
 
 #[cfg(test)]
@@ -146,11 +157,19 @@ mod tests {
             "# comment\n[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\n\n[inject-error]\nevent = \"write_aio\"\nonce = \"on\"\n",
         )
         .unwrap();
-        assert_eq!(r.len(), 2);
-        let Value::Map(first) = &r[0] else { panic!() };
+        assert_eq!((r.0.len(), r.1.len()), (2, 0));
+        let Value::Map(first) = &r.0[0] else { panic!() };
         assert_eq!(first["event"], s("read_aio"));
         assert_eq!(first["errno"], s("5"));
-        assert!(parse_rules("[set-state]\nstate = \"1\"\n").is_err());
+        // ide-test's retry script: an error in state 1, which moves to 2.
+        let (rules, states) = parse_rules(
+            "[inject-error]\nevent = \"flush_to_disk\"\nstate = \"1\"\n[set-state]\nevent = \"flush_to_disk\"\nnew_state = \"2\"\n",
+        )
+        .unwrap();
+        assert_eq!((rules.len(), states.len()), (1, 1));
+        let Value::Map(st) = &states[0] else { panic!() };
+        assert_eq!(st["new_state"], s("2"));
+        assert!(parse_rules("[align]\nvalue = \"1\"\n").is_err());
         assert!(parse_rules("event = \"x\"\n").is_err());
         assert!(parse_rules("[inject-error]\nnonsense\n").is_err());
     }

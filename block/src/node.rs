@@ -156,6 +156,21 @@ impl Node {
         &self.common
     }
     /// Children with their roles (`file`, `backing`, `image`, ...).
+    /// A qemu-io breakpoint command, run by the first node from here down
+    /// (children in order) whose driver takes it; ENOTSUP if none does.
+    pub fn debug_command(&self, cmd: &crate::driver::DebugCommand) -> Result<(), i32> {
+        if let Some(r) = self.driver.debug_command(cmd) {
+            return r;
+        }
+        for (_, c) in self.children() {
+            match c.debug_command(cmd) {
+                Err(libc::ENOTSUP) => {}
+                r => return r,
+            }
+        }
+        Err(libc::ENOTSUP)
+    }
+
     pub fn children(&self) -> &[(String, Arc<Node>)] {
         &self.children
     }

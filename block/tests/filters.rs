@@ -270,3 +270,73 @@ fn io_limits_change_at_run_time() {
     blk.set_io_limits(ThrottleConfig::default(), None);
     assert!(timed(&blk, &mut b) < Duration::from_millis(100));
 }
+
+/// blkdebug's state machine and qemu-io breakpoints, as QEMU's ide-test
+/// uses them: an error rule limited to state 1 with a `[set-state]` that
+/// leaves it (the request that fails is the only one), and a breakpoint
+/// that holds a flush until `resume`.
+#[test]
+fn blkdebug_states_and_breakpoints() {
+    use block::driver::DebugCommand;
+    let g = BlockGraph::new();
+    let dir = TempDir::new("blkdebug-state");
+    let rules = dir.path("rules.conf");
+    std::fs::write(
+        &rules,
+        "[inject-error]\nevent = \"flush_to_disk\"\nerrno = \"5\"\nstate = \"1\"\n\n\
+         [inject-error]\nevent = \"read_aio\"\nstate = \"2\"\n\n\
+         [set-state]\nevent = \"flush_to_disk\"\nnew_state = \"2\"\n",
+    )
+    .unwrap();
+    let img = dir.file("s.img", 65536);
+    let blk = block::drive::parse_drive(&format!(
+        "file=blkdebug:{rules}:{img},format=raw,if=none,id=s"
+    ))
+    .unwrap()
+    .open(&g)
+    .unwrap();
+    let mut b = [0u8; 512];
+    blk.read_at(0, &mut b).expect("state 1: reads pass");
+    assert!(blk.flush().is_err(), "state 1: the flush fails");
+    blk.flush().expect("state 2: flushes pass");
+    assert!(blk.read_at(0, &mut b).is_err(), "state 2: reads fail");
+
+    let img2 = dir.file("b.img", 65536);
+    let blk = Arc::new(
+        block::drive::parse_drive(&format!("file=blkdebug::{img2},format=raw,if=none,id=b"))
+            .unwrap()
+            .open(&g)
+            .unwrap(),
+    );
+    let root = blk.root().unwrap();
+    let brk = DebugCommand::Break {
+        event: "flush_to_os".into(),
+        tag: "A".into(),
+    };
+    let resume = DebugCommand::Resume { tag: "A".into() };
+    assert_eq!(
+        root.debug_command(&resume),
+        Err(libc::ENOENT),
+        "nothing held"
+    );
+    root.debug_command(&brk).unwrap();
+    let held = blk.clone();
+    let t = std::thread::spawn(move || held.flush());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!t.is_finished(), "the flush is held");
+    root.debug_command(&resume).unwrap();
+    t.join().unwrap().expect("released, it completes");
+    blk.flush().expect("a breakpoint fires once");
+    root.debug_command(&brk).unwrap();
+    root.debug_command(&DebugCommand::RemoveBreak { tag: "A".into() })
+        .unwrap();
+    blk.flush().expect("a removed breakpoint holds nothing");
+
+    // A node with no blkdebug under it cannot take breakpoints.
+    let plain = dir.file("p.img", 65536);
+    let blk = block::drive::parse_drive(&format!("file={plain},format=raw,if=none,id=p"))
+        .unwrap()
+        .open(&g)
+        .unwrap();
+    assert_eq!(blk.root().unwrap().debug_command(&brk), Err(libc::ENOTSUP));
+}

@@ -614,6 +614,71 @@ fn flush_reaches_the_backend() {
     );
 }
 
+/// [HMP] `qemu-io DRIVE "break flush_to_os A"` holds the next flush in
+/// blkdebug: the drive shows BSY|DRDY until `resume A` (QEMU's ide-test
+/// `/ide/flush` drives it this way through human-monitor-command).
+#[test]
+fn flush_held_by_a_qemu_io_breakpoint() {
+    let dir = support::scratch("ide-flush-break");
+    let img = make_disk(&dir, "d.img", 64);
+    let d = format!("file=blkdebug::{},if=ide,format=raw", img.display());
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let mut q = start(&["-drive", &d, "-qmp", &qmp]);
+    let mut m = support::qmp::Qmp::negotiated(&sock);
+    let hmp = |m: &mut support::qmp::Qmp, line: &str| {
+        m.ok(
+            "human-monitor-command",
+            serde_json::json!({ "command-line": line }),
+        )
+    };
+    assert_eq!(hmp(&mut m, r#"qemu-io ide0-hd0 "break flush_to_os A""#), "");
+    cmd28(&mut q, PRI, 0, 0xe7, 0, 0, 0);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(q.inb(PRI + 7) & (BSY | DRDY | DRQ | ERR), BSY | DRDY);
+    assert_eq!(hmp(&mut m, r#"qemu-io ide0-hd0 "resume A""#), "");
+    assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC);
+    assert_eq!(
+        hmp(&mut m, r#"qemu-io ide0-hd0 "resume A""#),
+        "Could not resume request: No such file or directory\n"
+    );
+    assert_eq!(
+        hmp(&mut m, r#"qemu-io nope "resume A""#),
+        "Error: Device 'nope' not found\n"
+    );
+}
+
+/// A blkdebug rule file with a `[set-state]`: the first flush fails in
+/// state 1, `werror=stop` pauses the guest (STOP), and `cont` retries it
+/// in state 2, where it succeeds (QEMU's ide-test `/ide/flush/retry_pci`).
+#[test]
+fn failed_flush_stops_and_cont_retries_it() {
+    let dir = support::scratch("ide-flush-retry");
+    let img = make_disk(&dir, "d.img", 64);
+    let rules = dir.join("rules.conf");
+    std::fs::write(
+        &rules,
+        "[inject-error]\nevent = \"flush_to_disk\"\nerrno = \"5\"\nstate = \"1\"\n\
+         immediately = \"off\"\nonce = \"on\"\n[set-state]\nevent = \"flush_to_disk\"\n\
+         new_state = \"2\"\n",
+    )
+    .unwrap();
+    let d = format!(
+        "file=blkdebug:{}:{},if=ide,format=raw,rerror=stop,werror=stop",
+        rules.display(),
+        img.display()
+    );
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let mut q = start(&["-drive", &d, "-qmp", &qmp]);
+    let mut m = support::qmp::Qmp::negotiated(&sock);
+    cmd28(&mut q, PRI, 0, 0xe7, 0, 0, 0);
+    m.event("STOP");
+    assert_eq!(q.inb(PRI + 7) & (BSY | DRDY | ERR), BSY | DRDY);
+    m.ok("cont", serde_json::json!({}));
+    assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC, "the retry succeeds");
+}
+
 #[test]
 fn set_features_toggles_the_write_cache() {
     let dir = support::scratch("ide-wce");

@@ -933,6 +933,37 @@ fn legacy_interface_with_intx_through_pirq() {
     assert_eq!(qt.irqs.back(), Some(&(11, false)), "INTx lowered");
 }
 
+/// [QMP] `block_resize` on a device without MSI-X: INTx and ISR 0x3, the
+/// configuration bit with the queue bit as QEMU sets them (libqos's
+/// virtio-blk `resize` case waits for the queue bit).
+#[test]
+fn block_resize_without_msix_sets_both_isr_bits() {
+    let disk = pattern_disk("vblk-resize-intx");
+    let sock = support::scratch("vblk-resize-intx-qmp").join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let mut qt = start(&disk, ",disable-modern=on,vectors=0", &["-qmp", &qmp_arg]);
+    let mut q = support::qmp::Qmp::negotiated(&sock);
+    qt.pci_write8(1, 0, 0x63, 11);
+    assert_eq!(qt.cmd("irq_intercept_in ioapic"), "OK");
+    qt.pci_write32(SLOT, 0, 0x10, BAR0 as u32 | 1);
+    qt.pci_write32(SLOT, 0, 0x04, 0x5);
+    let io = |r: u16| BAR0 + r;
+    qt.outb(io(0x12), 0);
+    qt.outb(io(0x12), 7);
+    assert_eq!(qt.inb(io(0x13)), 0, "no interrupt yet");
+    q.ok(
+        "block_resize",
+        serde_json::json!({"device": "d0", "size": DISK_SECTORS * 2 * 512}),
+    );
+    let t = Instant::now();
+    while !qt.irqs.contains(&(11, true)) && t.elapsed() < Duration::from_secs(5) {
+        let _ = qt.inb(io(0x12));
+    }
+    assert!(qt.irqs.contains(&(11, true)), "INTx: {:?}", qt.irqs);
+    assert_eq!(qt.inb(io(0x13)), 3, "ISR: configuration and queue bits");
+    assert_eq!(qt.inl(io(0x14)) as u64, DISK_SECTORS * 2);
+}
+
 #[test]
 fn reset_while_running_then_reinitialise() {
     let disk = pattern_disk("vblk-reset");

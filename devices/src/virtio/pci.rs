@@ -176,7 +176,14 @@ impl VirtioInterrupt for PciInterrupt {
         self.raise(v, ISR_QUEUE);
     }
     fn signal_config(&self) {
-        self.raise(self.config_vector.load(Ordering::SeqCst), ISR_CONFIG);
+        // QEMU sets the queue bit with the configuration bit (ISR 0x3), and
+        // drivers written against it (libqos's virtio-blk resize test waits
+        // for bit 0 after a resize) rely on that; drivers that follow the
+        // spec only scan their queues once more.
+        self.raise(
+            self.config_vector.load(Ordering::SeqCst),
+            ISR_CONFIG | ISR_QUEUE,
+        );
     }
 }
 

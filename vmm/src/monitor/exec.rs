@@ -590,6 +590,9 @@ fn lookup_node(ctx: &Ctx, device: Option<&str>, node: Option<&str>) -> Result<Ar
     )))
 }
 
+/// `query-machines` in QEMU 7.2's `MachineInfo` shape, the version
+/// `query-version` reports: 7.2's clients (libqos among them) read it with
+/// a strict visitor that refuses members added later, such as 8.0's `acpi`.
 fn query_machines() -> Value {
     let mut out = Vec::new();
     for (i, b) in crate::machine::MACHINES.iter().enumerate() {
@@ -600,7 +603,6 @@ fn query_machines() -> Value {
             "hotpluggable-cpus": false,
             "numa-mem-supported": false,
             "deprecated": false,
-            "acpi": b.has_firmware(),
         });
         if b.has_firmware() {
             m["default-cpu-type"] = json!("qemu64-x86_64-cpu");
@@ -616,7 +618,6 @@ fn query_machines() -> Value {
                 "hotpluggable-cpus": false,
                 "numa-mem-supported": false,
                 "deprecated": false,
-                "acpi": true,
             }));
         }
     }

@@ -22,6 +22,7 @@ info pci            list the PCI functions
 info qtree          list the devices by bus
 info status         show the run state
 info version        show the version
+qemu-io DEVICE \"CMD\"  qemu-io's break EVENT TAG, resume TAG, remove_break TAG
 quit|q              exit Strata
 stop                pause the guest
 system_powerdown    press the ACPI power button
@@ -83,12 +84,70 @@ pub fn run(c: &mut Control, line: &str, ctx: &Ctx) -> (String, Action) {
         ["system_reset"] => Command::SystemReset,
         ["system_powerdown"] => Command::SystemPowerdown,
         ["quit"] | ["q"] => Command::Quit,
+        ["qemu-io", ..] => return (qemu_io(line, ctx), Action::None),
         [cmd, ..] => return (format!("unknown command: '{cmd}'\n"), Action::None),
     };
     let what = cmd.clone();
     match c.execute(cmd, ctx) {
         Ok((v, action)) => (format(&what, &v, c), action),
         Err(e) => (format!("Error: {}\n", e.desc), Action::None),
+    }
+}
+
+/// `qemu-io DEVICE "COMMAND"`: the breakpoint commands of QEMU's qemu-io
+/// on a drive (or node name), which tests use to hold a request in flight
+/// through a blkdebug node. Output and errors in qemu-io's words.
+fn qemu_io(line: &str, ctx: &Ctx) -> String {
+    use block::driver::DebugCommand;
+    let rest = line.trim().trim_start_matches("qemu-io").trim_start();
+    let Some((device, cmd)) = rest.split_once(char::is_whitespace) else {
+        return "qemu-io: expected DEVICE \"COMMAND\"\n".into();
+    };
+    let cmd = cmd.trim();
+    let cmd = cmd
+        .strip_prefix('"')
+        .and_then(|c| c.strip_suffix('"'))
+        .unwrap_or(cmd);
+    let node = ctx
+        .storage
+        .drive(device)
+        .and_then(|b| b.root())
+        .or_else(|| ctx.storage.graph.get(device));
+    let Some(node) = node else {
+        return format!("Error: Device '{device}' not found\n");
+    };
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    let (dc, what) = match words.as_slice() {
+        ["break", event, tag] => (
+            DebugCommand::Break {
+                event: event.to_string(),
+                tag: tag.to_string(),
+            },
+            "Could not set breakpoint".to_string(),
+        ),
+        ["resume", tag] => (
+            DebugCommand::Resume {
+                tag: tag.to_string(),
+            },
+            "Could not resume request".to_string(),
+        ),
+        ["remove_break", tag] => (
+            DebugCommand::RemoveBreak {
+                tag: tag.to_string(),
+            },
+            format!("Could not remove breakpoint {tag}"),
+        ),
+        [c, ..] => return format!("command \"{c}\" not supported by Strata's qemu-io\n"),
+        [] => return String::new(),
+    };
+    match node.debug_command(&dc) {
+        Ok(()) => String::new(),
+        Err(e) => {
+            // strerror's text, without Rust's " (os error N)".
+            let msg = std::io::Error::from_raw_os_error(e).to_string();
+            let msg = msg.split(" (os error").next().unwrap_or_default();
+            format!("{what}: {msg}\n")
+        }
     }
 }
 

@@ -1,0 +1,109 @@
+#!/bin/sh
+# The peer suite: QEMU 7.2's own qtest binaries (ide-test, and qos-test's
+# virtio-blk cases) run against Strata, as libqtest runs them against
+# qemu-system-x86_64. Each case runs in its own process (`-p PATH`) under a
+# timeout, so a hang or a crash fails that case only, and its TAP line
+# decides pass or fail.
+#
+# tests/qtest-peer/expected-pass lists the cases that must pass: the run
+# fails if one of them does not. Cases that pass but are not listed are
+# reported so the list can grow; it never shrinks.
+#
+# Environment:
+#   STRATA              the strata binary (default: target/debug/strata,
+#                       built if missing)
+#   QTEST_PEER_FILTER   an extended regex: run only the cases it matches
+#   QTEST_PEER_TIMEOUT  seconds per case (default 60)
+#   QTEST_PEER_LOGS     where the per-case logs go (default: a temp dir,
+#                       kept when something fails)
+set -eu
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+EXPECTED=$HERE/expected-pass
+TIMEOUT=${QTEST_PEER_TIMEOUT:-60}
+FILTER=${QTEST_PEER_FILTER:-}
+
+PEER=$("$HERE/build.sh")
+
+if [ -z "${STRATA:-}" ]; then
+    STRATA=$ROOT/target/debug/strata
+    (cd "$ROOT" && ${CARGO:-cargo} build -q --bin strata)
+fi
+[ -x "$STRATA" ] || { echo "qtest-peer: no strata binary at $STRATA" >&2; exit 1; }
+
+LOGS=${QTEST_PEER_LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/qtest-peer.XXXXXX")}
+mkdir -p "$LOGS/bin"
+# libqtest takes the target architecture from the binary's name.
+ln -sf "$STRATA" "$LOGS/bin/qemu-system-x86_64"
+export QTEST_QEMU_BINARY="$LOGS/bin/qemu-system-x86_64"
+# The qtest and QMP traffic of each case goes to its log (libqtest's
+# -qtest-log follows QTEST_LOG), with Strata's stderr.
+export QTEST_LOG=1
+
+# The cases: every ide-test case, and qos-test's virtio-blk cases on `pc`.
+: >"$LOGS/cases"
+# (qos-test asks a strata for its machines and devices to list its cases.)
+QTEST_LOG= "$PEER/bin/ide-test" -l 2>"$LOGS/list.log" | grep '^/' |
+    sed 's|^|ide-test |' >>"$LOGS/cases"
+QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep '/virtio-blk' |
+    sed 's|^|qos-test |' >>"$LOGS/cases"
+if [ -n "$FILTER" ]; then
+    grep -E "$FILTER" "$LOGS/cases" >"$LOGS/cases.f" || true
+    mv "$LOGS/cases.f" "$LOGS/cases"
+fi
+
+# pass/fail: cases of expected-pass; new/other: the rest.
+pass=0 fail=0 other=0 new=0 missing=0
+: >"$LOGS/results"
+n=0
+while read -r bin case; do
+    n=$((n + 1))
+    log=$LOGS/$n.log
+    # Through a pipe: libqtest hands strata -qtest-log /dev/fd/2, which
+    # strata (like QEMU) opens for writing, and reopening a file would
+    # truncate it under the test's own output.
+    { r=0; timeout -k 5 "$TIMEOUT" "$PEER/bin/$bin" --tap -p "$case" </dev/null 2>&1 || r=$?
+      echo $r >"$log.rc"; } | cat >"$log"
+    rc=$(cat "$log.rc")
+    if grep -q "^ok [0-9]* $case\$" "$log" && [ "$rc" = 0 ]; then
+        res=PASS
+    elif grep -q "^ok [0-9]* $case # SKIP" "$log"; then
+        res=SKIP
+    else
+        res=FAIL
+        [ "$rc" = 124 ] && res="FAIL (timeout ${TIMEOUT}s)"
+    fi
+    expected=no
+    grep -qxF "$case" "$EXPECTED" && expected=yes
+    case "$res:$expected" in
+    PASS:yes) pass=$((pass + 1)); tag="" ;;
+    PASS:no) new=$((new + 1)); tag="  (passes, not yet in expected-pass)" ;;
+    FAIL*:yes) fail=$((fail + 1)); tag="  (EXPECTED TO PASS; log $log)" ;;
+    SKIP:yes) fail=$((fail + 1)); tag="  (EXPECTED TO PASS, skipped; log $log)" ;;
+    *) other=$((other + 1)); tag="" ;;
+    esac
+    echo "$res $case$tag" | tee -a "$LOGS/results"
+done <"$LOGS/cases"
+
+# A listed case that no binary offers any more is a failure too.
+if [ -z "$FILTER" ]; then
+    for c in $(grep -v '^#' "$EXPECTED" | grep .); do
+        if ! grep -q " $c\$" "$LOGS/cases"; then
+            echo "FAIL $c  (EXPECTED TO PASS, not offered by the binaries)"
+            missing=$((missing + 1))
+        fi
+    done
+fi
+
+[ $((fail + missing + other)) = 0 ] || echo "qtest-peer: logs in $LOGS"
+echo "qtest-peer: all cases: $((pass + new)) pass ($new not yet in expected-pass), $((fail + other)) do not"
+# The closing line counts the cases that must pass.
+echo "qtest-peer: $pass passed, $((fail + missing)) failed"
+if [ $((fail + missing)) != 0 ]; then
+    exit 1
+fi
+# Nothing to look at: a temporary log directory goes.
+if [ $other = 0 ] && [ -z "${QTEST_PEER_LOGS:-}" ]; then
+    rm -rf "$LOGS"
+fi
