@@ -100,7 +100,7 @@ impl Server {
         let mut code = 0;
         for e in &self.exports {
             if let Err(err) = e.blk.flush() {
-                eprintln!("strata-nbd: flush failed: {err}");
+                log::error!("flush failed: {err}");
                 code = 1;
             }
         }
@@ -158,7 +158,10 @@ fn bind(addr: &Addr) -> R<Listener> {
     }
 }
 
-/// `--fork`: run the server as a child and return once it is ready.
+/// `--fork`: run the server as a child and return once it is ready. The
+/// child's stderr comes through this process until then (its startup
+/// errors reach the user); afterwards the pipe is closed and the child's
+/// log writes fail quietly, so no caller waits on an inherited descriptor.
 fn fork_child() -> R<()> {
     let exe = std::env::current_exe().map_err(|e| Fail(format!("--fork: {e}")))?;
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
@@ -169,11 +172,17 @@ fn fork_child() -> R<()> {
             .env(CHILD_ENV, "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             // Its own process group: the terminal's signals do not reach it.
             .process_group(0)
             .spawn()
             .map_err(|e| Fail(format!("--fork: {e}")))?
     };
+    let relay = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut e, &mut std::io::stderr());
+        })
+    });
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         let _ = std::io::BufReader::new(out).read_line(&mut line);
@@ -183,6 +192,9 @@ fn fork_child() -> R<()> {
     }
     // The child printed its error; pass its exit code on.
     let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(1);
+    if let Some(r) = relay {
+        let _ = r.join();
+    }
     std::process::exit(code.max(1));
 }
 
