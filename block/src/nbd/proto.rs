@@ -521,7 +521,7 @@ pub fn parse_info(data: &[u8]) -> Result<InfoItem, ProtoError> {
                 || !pref.is_power_of_two()
                 || pref < min
                 || max < pref
-                || max % min != 0
+                || !max.is_multiple_of(min)
             {
                 return perr(format!(
                     "invalid block sizes: minimum {min}, preferred {pref}, maximum {max}"
@@ -985,7 +985,7 @@ pub fn parse_chunk(rtype: u16, data: &[u8]) -> Result<Chunk, ProtoError> {
         }
         REPLY_TYPE_BLOCK_STATUS => {
             let context = c.u32("block status")?;
-            if c.b.is_empty() || c.b.len() % 8 != 0 {
+            if c.b.is_empty() || !c.b.len().is_multiple_of(8) {
                 return perr("block status chunk without whole descriptors");
             }
             let mut extents = Vec::with_capacity(c.b.len() / 8);
@@ -1269,7 +1269,7 @@ mod tests {
         assert!(parse_chunk(REPLY_TYPE_BLOCK_STATUS, &[0, 0, 0, 1, 0, 0]).is_err());
         for i in 0..2000u32 {
             let b: Vec<u8> = (0..64)
-                .map(|j| (i.wrapping_mul(31) ^ j * 7) as u8)
+                .map(|j| (i.wrapping_mul(31) ^ (j * 7)) as u8)
                 .collect();
             fuzz_parsers(&b);
         }
