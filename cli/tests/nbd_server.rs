@@ -573,6 +573,18 @@ fn hostile_clients_do_not_hurt_others() {
     let _ = s.read_to_end(&mut rest); // The server hangs up.
                                       // A client that connects and says nothing (held open below).
     keep.push(UnixStream::connect(&sock).unwrap());
+    // Many requests whose replies are never read, the socket kept open:
+    // only this connection may stall.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    handshake(&mut s);
+    s.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    for _ in 0..400 {
+        if s.write_all(&req(proto::CMD_READ, 0, 1 << 20)).is_err() {
+            break;
+        }
+    }
+    keep.push(s);
     // Many requests without reading replies, then vanish.
     let mut s = UnixStream::connect(&sock).unwrap();
     handshake(&mut s);

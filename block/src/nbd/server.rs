@@ -14,8 +14,9 @@
 //! most [`INFLIGHT_BYTES`] of request data in flight (the reader waits for
 //! completions before taking more), so memory per client is bounded; a
 //! protocol violation closes that connection only. Requests run
-//! asynchronously on the backend and their replies are written under one
-//! lock, in completion order.
+//! asynchronously on the backend; their replies are queued, in completion
+//! order, for the connection's writer thread (a client that stops reading
+//! stalls only itself and is dropped after [`REPLY_TIMEOUT`]).
 
 use super::proto::{self, ClientOption, Command, ExportLimits, RequestError, RequestHeader};
 use super::transport::{write_all_vectored, Stream};
@@ -23,7 +24,7 @@ use crate::backend::BlockBackend;
 use crate::driver::IoRequest;
 use crate::iov::IoVecs;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// How long a client may take to negotiate (qemu-nbd's `--handshake-limit`
@@ -31,6 +32,8 @@ use std::time::Duration;
 pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// Request data in flight per connection.
 pub const INFLIGHT_BYTES: u64 = 2 * proto::MAX_PAYLOAD as u64;
+/// How long a reply may wait for the client to read it.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extents sent in one block status reply at most.
 const MAX_EXTENTS: usize = 1024;
 
@@ -309,44 +312,79 @@ impl Budget {
     }
 }
 
-/// The replying half of a connection.
+/// A reply on its way to the writer thread, with the request data it
+/// accounts for.
+struct Out {
+    head: Vec<u8>,
+    data: Vec<u8>,
+    bytes: u64,
+}
+
+/// The replying half of a connection. Completions never write to the
+/// socket themselves: they queue the reply for the connection's writer
+/// thread, so a client that stops reading stalls only its own connection
+/// (its budget runs out and its reader waits), never the block layer's
+/// shared threads.
 struct Replier {
-    w: Mutex<Stream>,
+    tx: Mutex<Option<mpsc::Sender<Out>>>,
     structured: bool,
-    budget: Budget,
+    budget: Arc<Budget>,
 }
 
 impl Replier {
-    /// Send a reply without data; a failed socket is noticed by the reader.
-    fn send(&self, cookie: u64, r: Result<(), (u32, String)>) {
-        let mut w = lock(&self.w);
-        let _ = match (r, self.structured) {
-            (Ok(()), false) => w.write_all(&proto::encode_simple_reply(cookie, 0)),
-            (Err((e, _)), false) => w.write_all(&proto::encode_simple_reply(cookie, e)),
-            (Ok(()), true) => w.write_all(&proto::encode_chunk_header(
+    fn push(&self, head: Vec<u8>, data: Vec<u8>, bytes: u64) {
+        if let Some(tx) = lock(&self.tx).as_ref() {
+            if tx.send(Out { head, data, bytes }).is_ok() {
+                return;
+            }
+        }
+        self.budget.give(bytes);
+    }
+    /// Queue a reply without data; gives `bytes` of budget back once sent.
+    fn send(&self, cookie: u64, r: Result<(), (u32, String)>, bytes: u64) {
+        let head = match (r, self.structured) {
+            (Ok(()), false) => proto::encode_simple_reply(cookie, 0).to_vec(),
+            (Err((e, _)), false) => proto::encode_simple_reply(cookie, e).to_vec(),
+            (Ok(()), true) => proto::encode_chunk_header(
                 proto::REPLY_FLAG_DONE,
                 proto::REPLY_TYPE_NONE,
                 cookie,
                 0,
-            )),
-            (Err((e, msg)), true) => w.write_all(&proto::encode_error_chunk(cookie, e, &msg)),
+            )
+            .to_vec(),
+            (Err((e, msg)), true) => proto::encode_error_chunk(cookie, e, &msg),
         };
+        self.push(head, Vec::new(), bytes);
     }
-    fn send_read(&self, cookie: u64, offset: u64, data: &[u8]) {
-        if self.structured {
-            let h = proto::encode_chunk_header(
+    fn send_read(&self, cookie: u64, offset: u64, data: Vec<u8>, bytes: u64) {
+        let head = if self.structured {
+            let mut h = proto::encode_chunk_header(
                 proto::REPLY_FLAG_DONE,
                 proto::REPLY_TYPE_OFFSET_DATA,
                 cookie,
                 8 + data.len() as u32,
-            );
-            let mut w = lock(&self.w);
-            let _ = write_all_vectored(&mut *w, &[&h, &offset.to_be_bytes(), data]);
+            )
+            .to_vec();
+            h.extend_from_slice(&offset.to_be_bytes());
+            h
         } else {
-            let h = proto::encode_simple_reply(cookie, 0);
-            let mut w = lock(&self.w);
-            let _ = write_all_vectored(&mut *w, &[&h, data]);
+            proto::encode_simple_reply(cookie, 0).to_vec()
+        };
+        self.push(head, data, bytes);
+    }
+}
+
+/// The writer thread: send queued replies in order; after a failure, only
+/// give their budget back.
+fn writer(mut w: Stream, rx: mpsc::Receiver<Out>, budget: Arc<Budget>) {
+    let mut dead = false;
+    for o in rx {
+        if !dead && write_all_vectored(&mut w, &[&o.head, &o.data]).is_err() {
+            dead = true;
+            // The reader sees the shutdown and ends the connection.
+            w.shutdown();
         }
+        budget.give(o.bytes);
     }
 }
 
@@ -371,15 +409,31 @@ pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
         Ok(w) => w,
         Err(e) => return End::Io(e),
     };
+    // A client that does not read its replies for this long is dropped.
+    if let Err(e) = w.set_write_timeout(Some(REPLY_TIMEOUT)) {
+        return End::Io(e);
+    }
+    let budget = Arc::new(Budget::default());
+    let (tx, rx) = mpsc::channel();
+    let b = budget.clone();
+    let wt = match std::thread::Builder::new()
+        .name("nbd-writer".into())
+        .spawn(move || writer(w, rx, b))
+    {
+        Ok(t) => t,
+        Err(e) => return End::Io(e),
+    };
     let rep = Arc::new(Replier {
-        w: Mutex::new(w),
+        tx: Mutex::new(Some(tx)),
         structured: sess.structured,
-        budget: Budget::default(),
+        budget,
     });
     let end = transmission(&mut s, &sess, &rep);
     // Every started request completes (and replies, if it still can)
     // before the connection is closed.
     rep.budget.drain();
+    *lock(&rep.tx) = None;
+    let _ = wt.join();
     s.shutdown();
     end
 }
@@ -416,7 +470,8 @@ fn transmission(s: &mut Stream, sess: &Session, rep: &Arc<Replier>) -> End {
                 if let Err(e) = io::copy(&mut (&mut *s).take(skip as u64), &mut io::sink()) {
                     return End::Io(e);
                 }
-                rep.send(cookie, Err((error, why)));
+                rep.budget.take(0);
+                rep.send(cookie, Err((error, why)), 0);
                 continue;
             }
         };
@@ -443,15 +498,15 @@ fn execute(
             blk.submit(
                 IoRequest::read(offset, IoVecs::from_vec(vec![0; len as usize])),
                 Box::new(move |req, res| {
+                    let bytes = len as u64;
                     match res {
                         Ok(()) if is_read => {
                             let buf = req.iov.into_vec().unwrap_or_default();
-                            r.send_read(cookie, offset, &buf);
+                            r.send_read(cookie, offset, buf, bytes);
                         }
-                        Ok(()) => r.send(cookie, Ok(())),
-                        Err(e) => r.send(cookie, Err(err_of(&e))),
+                        Ok(()) => r.send(cookie, Ok(()), bytes),
+                        Err(e) => r.send(cookie, Err(err_of(&e)), bytes),
                     }
-                    r.budget.give(len as u64);
                 }),
             );
             Ok(())
@@ -519,12 +574,10 @@ fn execute(
                             cookie,
                             payload.len() as u32,
                         );
-                        let mut w = lock(&r.w);
-                        let _ = write_all_vectored(&mut *w, &[&h, &payload]);
+                        r.push(h.to_vec(), payload, 0);
                     }
-                    Err(e) => r.send(cookie, Err(err_of(&e))),
+                    Err(e) => r.send(cookie, Err(err_of(&e)), 0),
                 }
-                r.budget.give(0);
             }));
             Ok(())
         }
@@ -565,10 +618,9 @@ fn block_status(
 
 fn finish(r: &Replier, cookie: u64, res: crate::error::BlockResult<()>, bytes: u64) {
     match res {
-        Ok(()) => r.send(cookie, Ok(())),
-        Err(e) => r.send(cookie, Err(err_of(&e))),
+        Ok(()) => r.send(cookie, Ok(()), bytes),
+        Err(e) => r.send(cookie, Err(err_of(&e)), bytes),
     }
-    r.budget.give(bytes);
 }
 
 fn done(r: Arc<Replier>, cookie: u64, bytes: u64) -> crate::driver::Completion {

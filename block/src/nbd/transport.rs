@@ -73,6 +73,13 @@ impl Stream {
             Stream::Unix(s) => s.shutdown(Shutdown::Both),
         };
     }
+    /// The send timeout alone (`None`: block).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
     /// Read/write timeouts (`None`: block).
     pub fn set_timeouts(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
