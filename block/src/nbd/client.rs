@@ -414,6 +414,12 @@ impl Shared {
             };
             if retry {
                 let mut st = lock(&self.st);
+                if st.conn.is_some() {
+                    // Already reconnected: send it on the new connection.
+                    drop(st);
+                    self.dispatch(body);
+                    continue;
+                }
                 if !self.expired(&st) {
                     st.waiting.push_back(body);
                     continue;
