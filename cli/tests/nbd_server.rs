@@ -749,3 +749,109 @@ fn fork_returns_when_ready() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn export_options() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new("opts");
+    let img = d.p("disk.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &img, "4M"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x21 0 1M", &img]);
+
+    // -x, -D, -r as qemu-nbd -L lists them; writes refused.
+    let srv = serve(
+        &d,
+        &img,
+        false,
+        &[
+            "-f", "raw", "-t", "-e", "0", "-r", "-x", "foo", "-D", "my disk",
+        ],
+    );
+    let sock = d.p("nbd.sock");
+    let list = run("qemu-nbd", &["-L", "-k", &sock]);
+    assert!(list.contains("export: 'foo'"), "{list}");
+    assert!(list.contains("description: my disk"), "{list}");
+    assert!(list.contains("readonly"), "{list}");
+    let url = format!("nbd+unix:///foo?socket={sock}");
+    let o = out("qemu-io", &["-f", "raw", "-c", "write 0 4k", &url]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    // qemu-io opens read-write, and the export says read-only.
+    assert!(
+        !o.status.success() && text.contains("Permission denied"),
+        "{text}"
+    );
+    run(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x21 0 1M", &url],
+    );
+    drop(srv);
+    let _ = std::fs::remove_file(&sock);
+
+    // -s: writes go to a temporary overlay, the image stays as it was.
+    let mut srv = serve(&d, &img, false, &["-f", "raw", "-t", "-s"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x99 0 64k",
+            "-c",
+            "read -P 0x99 0 64k",
+            &srv.url,
+        ],
+    );
+    assert!(srv.term().success());
+    run("qemu-io", &["-f", "raw", "-c", "read -P 0x21 0 64k", &img]);
+
+    // --image-opts with cache, aio, discard and detect-zeroes.
+    let opts = format!("driver=raw,file.driver=file,file.filename={img}");
+    let mut srv = serve(
+        &d,
+        &opts,
+        false,
+        &[
+            "--image-opts",
+            "-t",
+            "--cache=writethrough",
+            "--discard=unmap",
+            "--detect-zeroes=unmap",
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0 0 1M",
+            "-c",
+            "discard 1M 1M",
+            &srv.url,
+        ],
+    );
+    assert!(srv.term().success());
+    let map = run("qemu-img", &["map", "--output=json", "-f", "raw", &img]);
+    assert!(
+        map.contains("\"start\": 0, \"length\": 4194304") && map.contains("\"data\": false"),
+        "{map}"
+    );
+    let mut srv = serve(
+        &d,
+        &img,
+        true,
+        &[
+            "-f",
+            "raw",
+            "-t",
+            "--aio=threads",
+            "--cache=none",
+            "--object",
+            "iothread,id=io0",
+        ],
+    );
+    run("qemu-io", &["-f", "raw", "-c", "write -P 5 0 4k", &srv.url]);
+    assert!(srv.term().success());
+}

@@ -64,7 +64,9 @@ impl Export {
         if self.read_only {
             f |= proto::TF_READ_ONLY;
         } else {
-            f |= proto::TF_SEND_WRITE_ZEROES | proto::TF_SEND_FAST_ZERO;
+            // Not SEND_FAST_ZERO: whether zeroing is fast depends on the
+            // image, so it is not promised.
+            f |= proto::TF_SEND_WRITE_ZEROES;
             if self.trim {
                 f |= proto::TF_SEND_TRIM;
             }
@@ -185,6 +187,8 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
                 for e in exports {
                     let mut d = (e.name.len() as u32).to_be_bytes().to_vec();
                     d.extend_from_slice(e.name.as_bytes());
+                    // The rest of the reply is the description.
+                    d.extend_from_slice(e.description.as_bytes());
                     reply(s, h.option, proto::REP_SERVER, &d)?;
                 }
                 reply(s, h.option, proto::REP_ACK, &[])?;

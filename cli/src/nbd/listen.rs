@@ -146,9 +146,17 @@ impl Server {
 
 fn bind(addr: &Addr) -> R<Listener> {
     match addr {
-        Addr::Unix(p) => UnixListener::bind(p)
-            .map(Listener::Unix)
-            .map_err(|e| Fail(format!("Failed to bind socket '{p}': {e}"))),
+        Addr::Unix(p) => {
+            // A socket left by a server that died is replaced, as qemu-nbd
+            // does; anything else at that path is left alone (bind fails).
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(p);
+            }
+            UnixListener::bind(p)
+                .map(Listener::Unix)
+                .map_err(|e| Fail(format!("Failed to bind socket '{p}': {e}")))
+        }
         Addr::Tcp(host, port) => {
             let h = host.trim_start_matches('[').trim_end_matches(']');
             TcpListener::bind((h, *port))
