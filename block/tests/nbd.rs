@@ -218,6 +218,21 @@ fn qemu_nbd_unix_socket() {
         let n = g.open_image(&name, None, true, &[]).expect(&name);
         assert_eq!(n.driver_name(), "raw");
     }
+    // `-drive file=nbd...` (with `file.reconnect-delay`) for a VM.
+    let blk = block::drive::parse_drive(&format!(
+        "file=nbd+unix:///disk?socket={sock},format=raw,if=none,id=n,file.reconnect-delay=5"
+    ))
+    .unwrap()
+    .open(&g)
+    .unwrap();
+    assert_eq!(blk.len(), 16 << 20);
+    assert_eq!(
+        blk.root().unwrap().child("file").unwrap().driver_name(),
+        "nbd"
+    );
+    let mut b = [0u8; 512];
+    blk.read_at(0, &mut b).unwrap();
+    assert_eq!(b, [0u8; 512]);
     // An unknown export is refused in one line naming it.
     let e = g
         .open_image(&format!("nbd+unix:///nope?socket={sock}"), None, true, &[])
