@@ -11,8 +11,9 @@
 //!
 //! Untrusted clients: every message goes through `proto`'s parsers first;
 //! negotiation must finish within [`HANDSHAKE_LIMIT`]; a connection has at
-//! most [`INFLIGHT_BYTES`] of request data in flight (the reader waits for
-//! completions before taking more), so memory per client is bounded; a
+//! most [`INFLIGHT_BYTES`] of request data and [`INFLIGHT_REQUESTS`]
+//! requests in flight (the reader waits for replies to go out before
+//! taking more), so memory per client is bounded; a
 //! protocol violation closes that connection only. Requests run
 //! asynchronously on the backend; their replies are queued, in completion
 //! order, for the connection's writer thread (a client that stops reading
@@ -32,6 +33,9 @@ use std::time::Duration;
 pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// Request data in flight per connection.
 pub const INFLIGHT_BYTES: u64 = 2 * proto::MAX_PAYLOAD as u64;
+/// Requests in flight per connection (bounds the replies queued for a
+/// client that does not read them, data or not).
+pub const INFLIGHT_REQUESTS: usize = 1024;
 /// How long a reply may wait for the client to read it.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Extents sent in one block status reply at most.
@@ -145,7 +149,12 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
     let mut structured = false;
     let mut base_allocation = false;
     let mut data = Vec::new();
+    let start = std::time::Instant::now();
     loop {
+        // Each read has its own timeout; this bounds the whole exchange.
+        if start.elapsed() > HANDSHAKE_LIMIT {
+            return Err(proto::ProtoError("negotiation took too long".into()).into());
+        }
         let mut h = [0u8; 16];
         s.read_exact(&mut h)?;
         let h = proto::parse_option_header(&h)?;
@@ -296,7 +305,7 @@ struct Budget {
 impl Budget {
     fn take(&self, bytes: u64) {
         let mut g = lock(&self.state);
-        while g.0 > 0 && g.0 + bytes > INFLIGHT_BYTES {
+        while g.1 >= INFLIGHT_REQUESTS || (g.0 > 0 && g.0 + bytes > INFLIGHT_BYTES) {
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.0 += bytes;
@@ -382,13 +391,35 @@ impl Replier {
 /// give their budget back.
 fn writer(mut w: Stream, rx: mpsc::Receiver<Out>, budget: Arc<Budget>) {
     let mut dead = false;
-    for o in rx {
-        if !dead && write_all_vectored(&mut w, &[&o.head, &o.data]).is_err() {
-            dead = true;
-            // The reader sees the shutdown and ends the connection.
-            w.shutdown();
+    let mut batch: Vec<Out> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        // Replies that are already waiting go out in one system call.
+        batch.push(first);
+        let mut size = batch[0].head.len() + batch[0].data.len();
+        while batch.len() < 64 && size < (1 << 20) {
+            match rx.try_recv() {
+                Ok(o) => {
+                    size += o.head.len() + o.data.len();
+                    batch.push(o);
+                }
+                Err(_) => break,
+            }
         }
-        budget.give(o.bytes);
+        if !dead {
+            let bufs: Vec<&[u8]> = batch
+                .iter()
+                .flat_map(|o| [&o.head[..], &o.data[..]])
+                .filter(|b| !b.is_empty())
+                .collect();
+            if write_all_vectored(&mut w, &bufs).is_err() {
+                dead = true;
+                // The reader sees the shutdown and ends the connection.
+                w.shutdown();
+            }
+        }
+        for o in batch.drain(..) {
+            budget.give(o.bytes);
+        }
     }
 }
 
@@ -432,7 +463,10 @@ pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
         structured: sess.structured,
         budget,
     });
-    let end = transmission(&mut s, &sess, &rep);
+    // Pipelined request headers arrive together: read them in batches.
+    let mut r = io::BufReader::with_capacity(64 << 10, s);
+    let end = transmission(&mut r, &sess, &rep);
+    let s = r.into_inner();
     // Every started request completes (and replies, if it still can)
     // before the connection is closed.
     rep.budget.drain();
@@ -442,7 +476,7 @@ pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
     end
 }
 
-fn transmission(s: &mut Stream, sess: &Session, rep: &Arc<Replier>) -> End {
+fn transmission(s: &mut io::BufReader<Stream>, sess: &Session, rep: &Arc<Replier>) -> End {
     let ex = &sess.export;
     let limits = ExportLimits {
         size: ex.blk.len(),
@@ -486,7 +520,7 @@ fn transmission(s: &mut Stream, sess: &Session, rep: &Arc<Replier>) -> End {
 }
 
 fn execute(
-    s: &mut Stream,
+    s: &mut io::BufReader<Stream>,
     ex: &Arc<Export>,
     rep: &Arc<Replier>,
     cookie: u64,
