@@ -11,7 +11,10 @@
 # times (default 5), alternating which server goes first; the median, the
 # spread (min-max) and the ratio qemu/strata of the medians are printed
 # (>= 1.0: Strata is as fast or faster).
-# Usage: bench/nbd.sh [--quick]   (env: STRATA_NBD, BENCH_DIR, COUNT, REPEAT, SIZE)
+# Both servers run with their defaults (qemu-nbd: aio=threads; strata-nbd:
+# io_uring when the host has it) unless BENCH_AIO=threads|io_uring gives
+# both the same engine.
+# Usage: bench/nbd.sh [--quick]   (env: STRATA_NBD, BENCH_DIR, COUNT, REPEAT, SIZE, BENCH_AIO)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +36,9 @@ SIZE=${SIZE:-1G}
 if (( QUICK )); then COUNT=10000; REPEAT=3; SIZE=256M; fi
 SEQ=$(( COUNT / 32 > 200 ? COUNT / 32 : 200 ))
 STEP=$(( (1 << 20) + 4096 ))
+
+AIO=()
+[[ -n "${BENCH_AIO:-}" ]] && AIO=("--aio=$BENCH_AIO")
 
 pids=()
 cleanup() {
@@ -65,12 +71,12 @@ start() {
     if [[ "$tr" == unix ]]; then
         local sock="$DIR/$name.sock"
         rm -f "$sock"
-        "$bin" -f "$fmt" -t -e 0 -k "$sock" "$img" &
+        "$bin" -f "$fmt" "${AIO[@]}" -t -e 0 -k "$sock" "$img" &
         url="nbd+unix:///?socket=$sock"
     else
         local port
         port=$(free_port)
-        "$bin" -f "$fmt" -t -e 0 -b 127.0.0.1 -p "$port" "$img" &
+        "$bin" -f "$fmt" "${AIO[@]}" -t -e 0 -b 127.0.0.1 -p "$port" "$img" &
         url="nbd://127.0.0.1:$port/"
     fi
     pids+=($!)

@@ -479,3 +479,65 @@ fn hostile_handshake_is_rejected() {
     assert!(e.contains("too long"), "{e}");
     srv.join().unwrap();
 }
+
+/// A qcow2 image served raw by qemu-nbd and opened as qcow2 by Strata: the
+/// qcow2 driver's completions do metadata I/O on the `nbd` node itself,
+/// which must not wait on the thread that reads its replies.
+#[test]
+fn qcow2_format_over_nbd() {
+    if !have("qemu-nbd") {
+        eprintln!("SKIPPED: qemu-nbd missing (Debian package qemu-utils)");
+        return;
+    }
+    let t = TempDir::new("nbd-qcow2");
+    let img = t.path("disk.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "64M"]);
+    // An NBD export cannot grow: give the qcow2 file room to allocate in.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(80 << 20)
+        .unwrap();
+    let sock = t.path("nbd.sock");
+    let srv = qemu_nbd(&["-f", "raw", "-k", &sock, "-t", "-e", "8", &img]);
+    wait_until(|| std::os::unix::net::UnixStream::connect(&sock).is_ok());
+    {
+        let g = BlockGraph::new();
+        let node = g
+            .blockdev_add_str(&format!(
+                "driver=qcow2,node-name=q0,file.driver=nbd,file.server.type=unix,file.server.path={sock}"
+            ))
+            .expect("qcow2 over nbd");
+        let blk = BlockBackend::new("d0", node, BackendConfig::default()).unwrap();
+        let q = CompletionQueue::new().unwrap();
+        // Allocating writes spread over many L2 tables, 32 at a time.
+        for i in 0..64u64 {
+            blk.submit(
+                IoRequest::write(
+                    i * (1 << 20),
+                    IoVecs::from_vec(pattern(65536, i as u8)),
+                    false,
+                ),
+                q.completion(i),
+            );
+        }
+        let mut n = 0;
+        let t0 = Instant::now();
+        while n < 64 {
+            for (_, _, r) in q.wait() {
+                r.unwrap();
+                n += 1;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60));
+        }
+        blk.flush().unwrap();
+        for i in 0..64u64 {
+            let mut b = vec![0u8; 65536];
+            blk.read_at(i * (1 << 20), &mut b).unwrap();
+            assert_eq!(b, pattern(65536, i as u8), "cluster {i}");
+        }
+    }
+    drop(srv);
+    run("qemu-img", &["check", "-q", &img]);
+}

@@ -9,8 +9,11 @@
 //!
 //! Threads: the submitter writes the request (header and payload) under
 //! the connection's write lock; one reader thread per connection parses
-//! replies, reads data straight into the request's buffers and runs the
-//! completions; one supervisor thread per node reconnects.
+//! replies and reads data straight into the request's buffers; callers'
+//! completions run on the worker pool (they may wait for further NBD
+//! requests, which the reader must stay free to answer), the wake-ups of
+//! synchronous calls on the reader itself; one supervisor thread per node
+//! reconnects.
 //!
 //! Reconnect (QEMU's `reconnect-delay`): when the connection breaks, the
 //! requests in flight and those submitted afterwards wait while the
@@ -247,7 +250,13 @@ fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Fail> {
 
 /// How a request reports back.
 enum Done {
+    /// A caller's completion: run on the worker pool, never on the reader
+    /// thread, so it may itself wait for NBD requests (a format driver's
+    /// synchronous metadata I/O) without stopping the replies it waits for.
     Io(Completion),
+    /// The completion of a synchronous call (it only wakes the caller):
+    /// run on the reader thread.
+    Sync(Completion),
     Status(mpsc::Sender<BlockResult<Extent>>),
 }
 
@@ -271,7 +280,11 @@ impl Body {
             (r, _) => r,
         };
         match self.done {
-            Done::Io(c) => c(self.req, r),
+            Done::Io(c) => {
+                let req = self.req;
+                crate::aio::pool().spawn(Box::new(move || c(req, r)));
+            }
+            Done::Sync(c) => c(self.req, r),
             Done::Status(tx) => {
                 let res = r.and_then(|()| {
                     self.status
@@ -803,7 +816,7 @@ impl Client {
                 offset + done,
                 n,
                 IoRequest::flush(),
-                Done::Io(c),
+                Done::Sync(c),
             ));
             wait(rx)?;
             done += n as u64;
@@ -821,12 +834,14 @@ impl Client {
             Box::new(move |r, res| {
                 let _ = tx.send(res.map(|()| r));
             }),
+            true,
         );
         wait(rx)
     }
 
     /// Submit a request of at most `max_len` bytes (or without data).
-    fn submit_one(&self, req: IoRequest, done: Completion) {
+    /// `sync`: `done` only wakes a waiting caller (see [`Done::Sync`]).
+    fn submit_one(&self, req: IoRequest, done: Completion, sync: bool) {
         let fua = if req.fua { proto::CMD_FLAG_FUA } else { 0 };
         let (cmd, flags) = match req.op {
             IoOp::Read => (proto::CMD_READ, 0),
@@ -843,11 +858,15 @@ impl Client {
             ),
         };
         let (offset, len) = (req.offset, req.byte_len() as u32);
-        self.sh
-            .dispatch(body(cmd, flags, offset, len, req, Done::Io(done)));
+        let done = if sync {
+            Done::Sync(done)
+        } else {
+            Done::Io(done)
+        };
+        self.sh.dispatch(body(cmd, flags, offset, len, req, done));
     }
 
-    fn submit(&self, req: IoRequest, done: Completion) {
+    fn submit(&self, req: IoRequest, done: Completion, sync: bool) {
         // Operations the server does not offer.
         match req.op {
             IoOp::Flush if !self.has(proto::TF_SEND_FLUSH) => return done(req, Ok(())),
@@ -871,11 +890,13 @@ impl Client {
                     req,
                     Box::new(move |r, res| match res {
                         Err(e) => done(r, Err(e)),
-                        Ok(()) => {
+                        // Not here: this may be the reader thread.
+                        Ok(()) => crate::aio::pool().spawn(Box::new(move || {
                             let f = me.run(IoRequest::flush()).map(|_| ());
                             done(r, f)
-                        }
+                        })),
                     }),
+                    sync,
                 );
             }
             _ => {}
@@ -891,7 +912,7 @@ impl Client {
         };
         let total = req.byte_len();
         if total <= max {
-            return self.submit_one(req, done);
+            return self.submit_one(req, done, sync);
         }
         // Split into pieces the server accepts.
         let mut ranges = Vec::new();
@@ -960,6 +981,7 @@ impl Client {
                     }
                     done(req, err.map_or(Ok(()), Err));
                 }),
+                sync,
             );
         }
     }
@@ -1067,7 +1089,7 @@ impl BlockDriver for NbdNode {
         wait(rx)
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
-        self.c.submit(req, done)
+        self.c.submit(req, done, false)
     }
     fn filename(&self) -> Option<String> {
         Some(nbd_uri(&self.c.sh.cfg.addr, &self.c.sh.cfg.export))
