@@ -1,6 +1,8 @@
 //! Filenames with a protocol prefix, as QEMU parses them where a plain
 //! file name is expected (`-drive file=`, `-hda`): `null-co://`,
-//! `null-aio://`, `blkdebug:CONFIG:IMAGE` and `blkdebug::IMAGE`. (`json:`
+//! `null-aio://`, `blkdebug:CONFIG:IMAGE`, `blkdebug::IMAGE` and the NBD
+//! forms (`nbd://`, `nbd+unix://`, `nbd:HOST:PORT`, `nbd:unix:PATH`, see
+//! [`crate::nbd::uri`]). (`json:`
 //! is handled by the `-drive` desugaring itself.) Each becomes the option
 //! tree of the protocol node it names.
 //!
@@ -29,6 +31,12 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
         m.insert("driver".into(), s("null-aio"));
         no_path(name, rest)?;
         return Ok(Some(m));
+    }
+    if crate::nbd::uri::is_nbd(name) {
+        let t = crate::nbd::uri::parse(name)
+            .map_err(BlockError::Open)?
+            .ok_or_else(|| BlockError::Open(format!("{name}: not an NBD file name")))?;
+        return Ok(Some(nbd_options(&t)));
     }
     let Some(rest) = name.strip_prefix("blkdebug:") else {
         return Ok(None);
@@ -65,6 +73,28 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
         }
     }
     Ok(Some(m))
+}
+
+/// The `driver=nbd` options of an NBD file name.
+fn nbd_options(t: &crate::nbd::uri::NbdTarget) -> Map {
+    use crate::nbd::transport::NbdAddr;
+    let mut server = Map::new();
+    match &t.addr {
+        NbdAddr::Inet { host, port } => {
+            server.insert("type".into(), s("inet"));
+            server.insert("host".into(), s(host));
+            server.insert("port".into(), s(&port.to_string()));
+        }
+        NbdAddr::Unix(p) => {
+            server.insert("type".into(), s("unix"));
+            server.insert("path".into(), s(p));
+        }
+    }
+    let mut m = Map::new();
+    m.insert("driver".into(), s("nbd"));
+    m.insert("server".into(), Value::Map(server));
+    m.insert("export".into(), s(&t.export));
+    m
 }
 
 fn no_path(name: &str, rest: &str) -> BlockResult<()> {
@@ -149,6 +179,14 @@ mod tests {
         assert!(parse("blkdebug:nocolon").is_err());
         assert!(parse("blkdebug::").is_err());
         assert!(parse("blkdebug:/nonexistent.conf:x.img").is_err());
+        let m = parse("nbd+unix:///e?socket=/s").unwrap().unwrap();
+        assert_eq!(m["driver"], s("nbd"));
+        assert_eq!(m["export"], s("e"));
+        let Value::Map(srv) = &m["server"] else {
+            panic!()
+        };
+        assert_eq!(srv["path"], s("/s"));
+        assert!(parse("nbd:nohost").is_err());
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! reference or an inline definition, which inherits the cache, read-only
 //! and discard options of its parent unless it sets them itself.
 //!
-//! Driver registry: built-in drivers are `file`, `host_device`, `null-co`,
-//! `null-aio`, `raw`, `qcow2`, `blkdebug`, `throttle` and `copy-on-read`. Image formats from the `formats` crate
+//! Driver registry: built-in drivers are `file`, `host_device`, `nbd`,
+//! `null-co`, `null-aio`, `raw`, `qcow2`, `blkdebug`, `throttle` and `copy-on-read`. Image formats from the `formats` crate
 //! register their constructors with [`BlockGraph::register_driver`] (the
 //! `formats` crate stays free of block-layer types; the glue lives here).
 
@@ -240,6 +240,7 @@ impl BlockGraph {
         g.register_driver("host_device", |c| open_file(c, true));
         g.register_driver("null-co", |c| NullNode::open(c, false));
         g.register_driver("null-aio", |c| NullNode::open(c, true));
+        g.register_driver("nbd", crate::nbd::client::NbdNode::open);
         g.register_driver("raw", RawNode::open);
         g.register_driver("qcow2", crate::qcow2::Qcow2Node::open);
         g.register_driver("blkdebug", BlkdebugNode::open);
@@ -478,6 +479,19 @@ impl BlockGraph {
             merge(&mut map, extra_map);
             let probe = !map.contains_key("driver");
             return self.open_options(Options::new("json: filename", map), None, probe);
+        }
+        if let Some(proto_map) = crate::filename::parse(filename)? {
+            // `nbd://...`, `null-co://`, `blkdebug:...`: the protocol node
+            // the name stands for, under the (given or probed) format.
+            map.insert("file".into(), Value::Map(proto_map));
+            if let Some(f) = format {
+                map.insert("driver".into(), Value::Str(f.into()));
+            }
+            if read_only {
+                map.insert("read-only".into(), Value::Str("on".into()));
+            }
+            merge(&mut map, extra_options(extra)?);
+            return self.open_options(Options::new("image options", map), None, format.is_none());
         }
         let mut file = Map::new();
         let proto = match std::fs::metadata(filename) {

@@ -10,6 +10,7 @@
 //! * [`node`]: a node with its generic options and the permission model.
 //! * [`driver`]: the [`driver::BlockDriver`] trait and request types.
 //! * Drivers: [`mod@file`] (`file`, `host_device`, locking, O_DIRECT, engines),
+//!   [`nbd`] (client driver, server state machine, wire format),
 //!   [`null`], [`raw`], [`qcow2`], [`blkdebug`]. Engines: [`aio`] (pool, io_uring,
 //!   Linux AIO).
 //! * [`backend`]: [`backend::BlockBackend`], what devices attach to
@@ -54,6 +55,7 @@ pub mod filters;
 pub mod graph;
 pub mod iov;
 pub mod keyval;
+pub mod nbd;
 pub mod node;
 pub mod null;
 pub mod qcow2;

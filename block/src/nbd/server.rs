@@ -1,0 +1,666 @@
+//! The NBD server side of one connection: negotiation and transmission
+//! over a [`BlockBackend`], for `strata-nbd`.
+//!
+//! NBD protocol sections: "Fixed newstyle negotiation" (greeting with
+//! `NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`; options `EXPORT_NAME`,
+//! `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`,
+//! `SET_META_CONTEXT` with `base:allocation`; `STARTTLS` and others are
+//! answered `NBD_REP_ERR_UNSUP`), "Transmission" (simple or structured
+//! replies; reads come back as one `OFFSET_DATA` chunk) and "Request types"
+//! (READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS).
+//!
+//! Untrusted clients: every message goes through `proto`'s parsers first;
+//! negotiation must finish within [`HANDSHAKE_LIMIT`]; a connection has at
+//! most [`INFLIGHT_BYTES`] of request data and [`INFLIGHT_REQUESTS`]
+//! requests in flight (the reader waits for replies to go out before
+//! taking more), so memory per client is bounded; a
+//! protocol violation closes that connection only. Requests run
+//! asynchronously on the backend; their replies are queued, in completion
+//! order, for the connection's writer thread (a client that stops reading
+//! stalls only itself and is dropped after [`REPLY_TIMEOUT`]).
+
+use super::proto::{self, ClientOption, Command, ExportLimits, RequestError, RequestHeader};
+use super::transport::{write_all_vectored, Stream};
+use crate::backend::BlockBackend;
+use crate::driver::IoRequest;
+use crate::iov::IoVecs;
+use std::io::{self, Read, Write};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// How long a client may take to negotiate (qemu-nbd's `--handshake-limit`
+/// default).
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// Request data in flight per connection.
+pub const INFLIGHT_BYTES: u64 = 2 * proto::MAX_PAYLOAD as u64;
+/// Requests in flight per connection (bounds the replies queued for a
+/// client that does not read them, data or not).
+pub const INFLIGHT_REQUESTS: usize = 1024;
+/// How long a reply may wait for the client to read it.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Extents sent in one block status reply at most.
+const MAX_EXTENTS: usize = 1024;
+
+/// One export.
+pub struct Export {
+    /// Name clients ask for.
+    pub name: String,
+    /// `NBD_INFO_DESCRIPTION` (`-D`).
+    pub description: String,
+    /// The image.
+    pub blk: Arc<BlockBackend>,
+    /// Served read-only.
+    pub read_only: bool,
+    /// Trim is passed down (`--discard=unmap`): advertise `SEND_TRIM`.
+    pub trim: bool,
+    /// Several clients may share it (`-e` > 1): advertise `CAN_MULTI_CONN`.
+    pub multi_conn: bool,
+}
+
+impl Export {
+    /// The transmission flags of this export.
+    pub fn flags(&self) -> u16 {
+        let mut f = proto::TF_HAS_FLAGS
+            | proto::TF_SEND_FLUSH
+            | proto::TF_SEND_FUA
+            | proto::TF_SEND_CACHE
+            | proto::TF_SEND_DF;
+        if self.read_only {
+            f |= proto::TF_READ_ONLY;
+        } else {
+            // Not SEND_FAST_ZERO: whether zeroing is fast depends on the
+            // image, so it is not promised.
+            f |= proto::TF_SEND_WRITE_ZEROES;
+            if self.trim {
+                f |= proto::TF_SEND_TRIM;
+            }
+        }
+        if self.multi_conn {
+            f |= proto::TF_CAN_MULTI_CONN;
+        }
+        f
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a connection ended (for the log).
+#[derive(Debug)]
+pub enum End {
+    /// The client said goodbye (`NBD_CMD_DISC`, `NBD_OPT_ABORT`).
+    Clean,
+    /// The socket failed or closed.
+    Io(io::Error),
+    /// The client broke the protocol.
+    Proto(proto::ProtoError),
+}
+
+impl std::fmt::Display for End {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            End::Clean => f.write_str("disconnected"),
+            End::Io(e) => write!(f, "connection failed: {e}"),
+            End::Proto(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+impl From<io::Error> for End {
+    fn from(e: io::Error) -> Self {
+        End::Io(e)
+    }
+}
+
+impl From<proto::ProtoError> for End {
+    fn from(e: proto::ProtoError) -> Self {
+        End::Proto(e)
+    }
+}
+
+/// What negotiation chose.
+struct Session {
+    export: Arc<Export>,
+    structured: bool,
+    base_allocation: bool,
+}
+
+fn reply(s: &mut Stream, opt: u32, rtype: u32, data: &[u8]) -> io::Result<()> {
+    s.write_all(&proto::encode_option_reply(opt, rtype, data))
+}
+
+fn find(exports: &[Arc<Export>], name: &str) -> Option<Arc<Export>> {
+    exports.iter().find(|e| e.name == name).cloned()
+}
+
+/// Negotiate; `None` when the client left during negotiation.
+fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>, End> {
+    s.write_all(&proto::encode_greeting(
+        proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
+    ))?;
+    let mut cf = [0u8; 4];
+    s.read_exact(&mut cf)?;
+    let cflags = u32::from_be_bytes(cf);
+    if cflags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
+        return Err(proto::ProtoError(format!("unknown client flags {cflags:#x}")).into());
+    }
+    let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut base_allocation = false;
+    let mut data = Vec::new();
+    let start = std::time::Instant::now();
+    loop {
+        // Each read has its own timeout; this bounds the whole exchange.
+        if start.elapsed() > HANDSHAKE_LIMIT {
+            return Err(proto::ProtoError("negotiation took too long".into()).into());
+        }
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h)?;
+        let h = proto::parse_option_header(&h)?;
+        data.resize(h.len as usize, 0);
+        s.read_exact(&mut data)?;
+        let o = match proto::parse_option(h.option, &data) {
+            Ok(o) => o,
+            Err(e) => {
+                if h.option == proto::OPT_EXPORT_NAME {
+                    return Err(e.into());
+                }
+                reply(s, h.option, proto::REP_ERR_INVALID, e.0.as_bytes())?;
+                continue;
+            }
+        };
+        match o {
+            ClientOption::ExportName(name) => {
+                // No error reply exists for this option: close on a bad name.
+                let Some(export) = find(exports, &name) else {
+                    return Err(proto::ProtoError(format!("unknown export '{name}'")).into());
+                };
+                let mut v = export.blk.len().to_be_bytes().to_vec();
+                v.extend_from_slice(&export.flags().to_be_bytes());
+                if !no_zeroes {
+                    v.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&v)?;
+                return Ok(Some(Session {
+                    export,
+                    structured,
+                    base_allocation,
+                }));
+            }
+            ClientOption::Abort => {
+                let _ = reply(s, h.option, proto::REP_ACK, &[]);
+                return Ok(None);
+            }
+            ClientOption::List => {
+                for e in exports {
+                    let mut d = (e.name.len() as u32).to_be_bytes().to_vec();
+                    d.extend_from_slice(e.name.as_bytes());
+                    // The rest of the reply is the description.
+                    d.extend_from_slice(e.description.as_bytes());
+                    reply(s, h.option, proto::REP_SERVER, &d)?;
+                }
+                reply(s, h.option, proto::REP_ACK, &[])?;
+            }
+            ClientOption::Info { go, name, infos } => {
+                let Some(export) = find(exports, &name) else {
+                    let msg = format!("export '{name}' not present");
+                    reply(s, h.option, proto::REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                };
+                reply(
+                    s,
+                    h.option,
+                    proto::REP_INFO,
+                    &proto::encode_info_export(export.blk.len(), export.flags()),
+                )?;
+                let align = export.blk.request_alignment().clamp(1, 64 << 10) as u32;
+                let align = align.next_power_of_two();
+                reply(
+                    s,
+                    h.option,
+                    proto::REP_INFO,
+                    &proto::encode_info_block_size(align, 4096.max(align), proto::MAX_PAYLOAD),
+                )?;
+                if infos.contains(&proto::INFO_NAME) {
+                    reply(
+                        s,
+                        h.option,
+                        proto::REP_INFO,
+                        &proto::encode_info_string(proto::INFO_NAME, &export.name),
+                    )?;
+                }
+                if infos.contains(&proto::INFO_DESCRIPTION) && !export.description.is_empty() {
+                    reply(
+                        s,
+                        h.option,
+                        proto::REP_INFO,
+                        &proto::encode_info_string(proto::INFO_DESCRIPTION, &export.description),
+                    )?;
+                }
+                reply(s, h.option, proto::REP_ACK, &[])?;
+                if go {
+                    return Ok(Some(Session {
+                        export,
+                        structured,
+                        base_allocation,
+                    }));
+                }
+            }
+            ClientOption::StructuredReply => {
+                structured = true;
+                reply(s, h.option, proto::REP_ACK, &[])?;
+            }
+            ClientOption::MetaContext {
+                set,
+                export,
+                queries,
+            } => {
+                if !structured {
+                    reply(
+                        s,
+                        h.option,
+                        proto::REP_ERR_INVALID,
+                        b"structured replies were not negotiated",
+                    )?;
+                    continue;
+                }
+                if find(exports, &export).is_none() {
+                    let msg = format!("export '{export}' not present");
+                    reply(s, h.option, proto::REP_ERR_UNKNOWN, msg.as_bytes())?;
+                    continue;
+                }
+                let wanted = if set {
+                    queries.iter().any(|q| q == proto::BASE_ALLOCATION)
+                } else {
+                    queries.is_empty()
+                        || queries
+                            .iter()
+                            .any(|q| q == proto::BASE_ALLOCATION || q == "base:")
+                };
+                if set {
+                    base_allocation = wanted;
+                }
+                if wanted {
+                    let mut d = 1u32.to_be_bytes().to_vec();
+                    d.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+                    reply(s, h.option, proto::REP_META_CONTEXT, &d)?;
+                }
+                reply(s, h.option, proto::REP_ACK, &[])?;
+            }
+            ClientOption::StartTls | ClientOption::Unknown(_) => {
+                reply(s, h.option, proto::REP_ERR_UNSUP, &[])?;
+            }
+        }
+    }
+}
+
+/// Bytes of request data in flight on a connection, and how many requests.
+#[derive(Default)]
+struct Budget {
+    state: Mutex<(u64, usize)>,
+    cv: Condvar,
+}
+
+impl Budget {
+    fn take(&self, bytes: u64) {
+        let mut g = lock(&self.state);
+        while g.1 >= INFLIGHT_REQUESTS || (g.0 > 0 && g.0 + bytes > INFLIGHT_BYTES) {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        g.0 += bytes;
+        g.1 += 1;
+    }
+    fn give(&self, bytes: u64) {
+        let mut g = lock(&self.state);
+        g.0 -= bytes;
+        g.1 -= 1;
+        self.cv.notify_all();
+    }
+    fn drain(&self) {
+        let mut g = lock(&self.state);
+        while g.1 > 0 {
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// A reply on its way to the writer thread, with the request data it
+/// accounts for.
+struct Out {
+    head: Vec<u8>,
+    data: Vec<u8>,
+    bytes: u64,
+}
+
+/// The replying half of a connection. Completions never write to the
+/// socket themselves: they queue the reply for the connection's writer
+/// thread, so a client that stops reading stalls only its own connection
+/// (its budget runs out and its reader waits), never the block layer's
+/// shared threads.
+struct Replier {
+    tx: Mutex<Option<mpsc::Sender<Out>>>,
+    structured: bool,
+    budget: Arc<Budget>,
+}
+
+impl Replier {
+    fn push(&self, head: Vec<u8>, data: Vec<u8>, bytes: u64) {
+        if let Some(tx) = lock(&self.tx).as_ref() {
+            if tx.send(Out { head, data, bytes }).is_ok() {
+                return;
+            }
+        }
+        self.budget.give(bytes);
+    }
+    /// Queue a reply without data; gives `bytes` of budget back once sent.
+    fn send(&self, cookie: u64, r: Result<(), (u32, String)>, bytes: u64) {
+        let head = match (r, self.structured) {
+            (Ok(()), false) => proto::encode_simple_reply(cookie, 0).to_vec(),
+            (Err((e, _)), false) => proto::encode_simple_reply(cookie, e).to_vec(),
+            (Ok(()), true) => proto::encode_chunk_header(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_NONE,
+                cookie,
+                0,
+            )
+            .to_vec(),
+            (Err((e, msg)), true) => proto::encode_error_chunk(cookie, e, &msg),
+        };
+        self.push(head, Vec::new(), bytes);
+    }
+    fn send_read(&self, cookie: u64, offset: u64, data: Vec<u8>, bytes: u64) {
+        let head = if self.structured {
+            let mut h = proto::encode_chunk_header(
+                proto::REPLY_FLAG_DONE,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                8 + data.len() as u32,
+            )
+            .to_vec();
+            h.extend_from_slice(&offset.to_be_bytes());
+            h
+        } else {
+            proto::encode_simple_reply(cookie, 0).to_vec()
+        };
+        self.push(head, data, bytes);
+    }
+}
+
+/// The writer thread: send queued replies in order; after a failure, only
+/// give their budget back.
+fn writer(mut w: Stream, rx: mpsc::Receiver<Out>, budget: Arc<Budget>) {
+    let mut dead = false;
+    let mut batch: Vec<Out> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        // Replies that are already waiting go out in one system call.
+        batch.push(first);
+        let mut size = batch[0].head.len() + batch[0].data.len();
+        while batch.len() < 64 && size < (1 << 20) {
+            match rx.try_recv() {
+                Ok(o) => {
+                    size += o.head.len() + o.data.len();
+                    batch.push(o);
+                }
+                Err(_) => break,
+            }
+        }
+        if !dead {
+            let bufs: Vec<&[u8]> = batch
+                .iter()
+                .flat_map(|o| [&o.head[..], &o.data[..]])
+                .filter(|b| !b.is_empty())
+                .collect();
+            if write_all_vectored(&mut w, &bufs).is_err() {
+                dead = true;
+                // The reader sees the shutdown and ends the connection.
+                w.shutdown();
+            }
+        }
+        for o in batch.drain(..) {
+            budget.give(o.bytes);
+        }
+    }
+}
+
+fn err_of(e: &crate::error::BlockError) -> (u32, String) {
+    (proto::errno_to_nbd(e.errno()), e.to_string())
+}
+
+/// Serve one connection until it ends. Returns how it ended.
+pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
+    if let Err(e) = s.set_timeouts(Some(HANDSHAKE_LIMIT)) {
+        return End::Io(e);
+    }
+    let sess = match negotiate(&mut s, exports) {
+        Ok(Some(sess)) => sess,
+        Ok(None) => return End::Clean,
+        Err(e) => return e,
+    };
+    if let Err(e) = s.set_timeouts(None) {
+        return End::Io(e);
+    }
+    let w = match s.try_clone() {
+        Ok(w) => w,
+        Err(e) => return End::Io(e),
+    };
+    // A client that does not read its replies for this long is dropped.
+    if let Err(e) = w.set_write_timeout(Some(REPLY_TIMEOUT)) {
+        return End::Io(e);
+    }
+    let budget = Arc::new(Budget::default());
+    let (tx, rx) = mpsc::channel();
+    let b = budget.clone();
+    let wt = match std::thread::Builder::new()
+        .name("nbd-writer".into())
+        .spawn(move || writer(w, rx, b))
+    {
+        Ok(t) => t,
+        Err(e) => return End::Io(e),
+    };
+    let rep = Arc::new(Replier {
+        tx: Mutex::new(Some(tx)),
+        structured: sess.structured,
+        budget,
+    });
+    // Pipelined request headers arrive together: read them in batches.
+    let mut r = io::BufReader::with_capacity(64 << 10, s);
+    let end = transmission(&mut r, &sess, &rep);
+    let s = r.into_inner();
+    // Every started request completes (and replies, if it still can)
+    // before the connection is closed.
+    rep.budget.drain();
+    *lock(&rep.tx) = None;
+    let _ = wt.join();
+    s.shutdown();
+    end
+}
+
+fn transmission(s: &mut io::BufReader<Stream>, sess: &Session, rep: &Arc<Replier>) -> End {
+    let ex = &sess.export;
+    let limits = ExportLimits {
+        size: ex.blk.len(),
+        flags: ex.flags(),
+        structured: sess.structured,
+        base_allocation: sess.base_allocation,
+    };
+    loop {
+        let mut hb = [0u8; proto::REQUEST_LEN];
+        match s.read_exact(&mut hb) {
+            Ok(()) => {}
+            Err(e) => return End::Io(e),
+        }
+        let h = match RequestHeader::decode(&hb) {
+            Ok(h) => h,
+            Err(e) => return End::Proto(e),
+        };
+        let cmd = match proto::check_request(&h, &limits) {
+            Ok(c) => c,
+            Err(RequestError::Fatal(e)) => return End::Proto(e),
+            Err(RequestError::Reply {
+                cookie,
+                error,
+                skip,
+                why,
+            }) => {
+                // Drop the payload in small pieces: nothing is allocated
+                // for it.
+                if let Err(e) = io::copy(&mut (&mut *s).take(skip as u64), &mut io::sink()) {
+                    return End::Io(e);
+                }
+                rep.budget.take(0);
+                rep.send(cookie, Err((error, why)), 0);
+                continue;
+            }
+        };
+        if let Err(e) = execute(s, ex, rep, h.cookie, cmd) {
+            return e;
+        }
+    }
+}
+
+fn execute(
+    s: &mut io::BufReader<Stream>,
+    ex: &Arc<Export>,
+    rep: &Arc<Replier>,
+    cookie: u64,
+    cmd: Command,
+) -> Result<(), End> {
+    let blk = &ex.blk;
+    match cmd {
+        Command::Disc => Err(End::Clean),
+        Command::Read { offset, len } | Command::Cache { offset, len } => {
+            let is_read = matches!(cmd, Command::Read { .. });
+            rep.budget.take(len as u64);
+            let r = rep.clone();
+            blk.submit(
+                IoRequest::read(offset, IoVecs::from_vec(vec![0; len as usize])),
+                Box::new(move |req, res| {
+                    let bytes = len as u64;
+                    match res {
+                        Ok(()) if is_read => {
+                            let buf = req.iov.into_vec().unwrap_or_default();
+                            r.send_read(cookie, offset, buf, bytes);
+                        }
+                        Ok(()) => r.send(cookie, Ok(()), bytes),
+                        Err(e) => r.send(cookie, Err(err_of(&e)), bytes),
+                    }
+                }),
+            );
+            Ok(())
+        }
+        Command::Write { offset, len, fua } => {
+            rep.budget.take(len as u64);
+            let mut buf = vec![0u8; len as usize];
+            if let Err(e) = s.read_exact(&mut buf) {
+                rep.budget.give(len as u64);
+                return Err(End::Io(e));
+            }
+            let r = rep.clone();
+            blk.submit(
+                IoRequest::write(offset, IoVecs::from_vec(buf), fua),
+                done(r, cookie, len as u64),
+            );
+            Ok(())
+        }
+        Command::Flush => {
+            rep.budget.take(0);
+            blk.submit(IoRequest::flush(), done(rep.clone(), cookie, 0));
+            Ok(())
+        }
+        Command::Trim { offset, len, fua } => {
+            rep.budget.take(0);
+            let r = rep.clone();
+            let b = blk.clone();
+            blk.submit(
+                IoRequest::discard(offset, len as u64),
+                Box::new(move |_req, res| match res {
+                    Ok(()) if fua => b.submit(IoRequest::flush(), done(r, cookie, 0)),
+                    res => finish(&r, cookie, res, 0),
+                }),
+            );
+            Ok(())
+        }
+        Command::WriteZeroes {
+            offset,
+            len,
+            fua,
+            no_hole,
+            fast_zero: _,
+        } => {
+            rep.budget.take(0);
+            let mut req = IoRequest::write_zeroes(offset, len as u64, !no_hole);
+            req.fua = fua;
+            blk.submit(req, done(rep.clone(), cookie, 0));
+            Ok(())
+        }
+        Command::BlockStatus {
+            offset,
+            len,
+            req_one,
+        } => {
+            rep.budget.take(0);
+            let r = rep.clone();
+            let b = blk.clone();
+            crate::aio::pool().spawn(Box::new(move || {
+                let res = block_status(&b, offset, len, req_one);
+                match res {
+                    Ok(payload) => {
+                        let h = proto::encode_chunk_header(
+                            proto::REPLY_FLAG_DONE,
+                            proto::REPLY_TYPE_BLOCK_STATUS,
+                            cookie,
+                            payload.len() as u32,
+                        );
+                        r.push(h.to_vec(), payload, 0);
+                    }
+                    Err(e) => r.send(cookie, Err(err_of(&e)), 0),
+                }
+            }));
+            Ok(())
+        }
+    }
+}
+
+/// The payload of a `base:allocation` block status chunk.
+fn block_status(
+    blk: &BlockBackend,
+    offset: u64,
+    len: u32,
+    req_one: bool,
+) -> crate::error::BlockResult<Vec<u8>> {
+    let mut v = 1u32.to_be_bytes().to_vec();
+    let end = offset + len as u64;
+    let mut pos = offset;
+    let mut n = 0;
+    while pos < end && n < MAX_EXTENTS {
+        let e = blk.block_status(pos, end - pos)?;
+        let l = e.len.clamp(1, end - pos);
+        let mut flags = 0;
+        if !e.data {
+            flags |= proto::STATE_HOLE;
+        }
+        if e.zero {
+            flags |= proto::STATE_ZERO;
+        }
+        v.extend_from_slice(&(l as u32).to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+        pos += l;
+        n += 1;
+        if req_one {
+            break;
+        }
+    }
+    Ok(v)
+}
+
+fn finish(r: &Replier, cookie: u64, res: crate::error::BlockResult<()>, bytes: u64) {
+    match res {
+        Ok(()) => r.send(cookie, Ok(()), bytes),
+        Err(e) => r.send(cookie, Err(err_of(&e)), bytes),
+    }
+}
+
+fn done(r: Arc<Replier>, cookie: u64, bytes: u64) -> crate::driver::Completion {
+    Box::new(move |_req, res| finish(&r, cookie, res, bytes))
+}

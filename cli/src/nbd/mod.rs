@@ -1,0 +1,307 @@
+//! `strata-nbd`: serve an image as an NBD export, with qemu-nbd's command
+//! line (QEMU's `docs/tools/qemu-nbd.rst`): `-f`, `-r`, `-x`, `-p`, `-b`,
+//! `-k`, `-t`, `-e`, `-s`, `--cache`, `--aio`, `--discard`,
+//! `--detect-zeroes`, `-D`, `--pid-file`, `--fork`, `--image-opts`,
+//! `--object`.
+//!
+//! The image is opened through the block graph and attached like
+//! qemu-nbd's export (consistent read, plus write unless `-r`; sharing
+//! everything), so the image locks, and who is refused, match qemu-nbd.
+//! The protocol is `block::nbd::server`; this module only listens,
+//! counts clients (`-e`, `-t`) and shuts down.
+//!
+//! Errors are one line on stderr, `strata-nbd: <message>`, exit code 1.
+
+mod listen;
+
+use block::backend::{BackendConfig, BlockBackend};
+use block::driver::Perms;
+use block::graph::BlockGraph;
+use block::keyval::{self, Options, Value};
+use block::nbd::server::Export;
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "strata-nbd",
+    version,
+    about = "Serve a disk image over NBD (qemu-nbd compatible)"
+)]
+pub struct Cli {
+    /// Image format (probed when absent).
+    #[arg(short = 'f', long = "format")]
+    format: Option<String>,
+    /// Export read-only.
+    #[arg(short = 'r', long = "read-only")]
+    read_only: bool,
+    /// Export name.
+    #[arg(short = 'x', long = "export-name", default_value = "")]
+    export_name: String,
+    /// Export description.
+    #[arg(short = 'D', long = "description", default_value = "")]
+    description: String,
+    /// TCP port to listen on.
+    #[arg(short = 'p', long = "port")]
+    port: Option<String>,
+    /// Address to bind.
+    #[arg(short = 'b', long = "bind")]
+    bind: Option<String>,
+    /// Unix socket to listen on (instead of TCP).
+    #[arg(short = 'k', long = "socket")]
+    socket: Option<String>,
+    /// Keep serving after the last client leaves.
+    #[arg(short = 't', long = "persistent")]
+    persistent: bool,
+    /// How many clients at once (0: no limit).
+    #[arg(short = 'e', long = "shared", default_value = "1")]
+    shared: String,
+    /// Serve a temporary overlay; the image is not changed.
+    #[arg(short = 's', long = "snapshot")]
+    snapshot: bool,
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe).
+    #[arg(long = "cache")]
+    cache: Option<String>,
+    /// I/O engine (threads, native, io_uring).
+    #[arg(long = "aio")]
+    aio: Option<String>,
+    /// Discard requests: ignore or unmap.
+    #[arg(long = "discard")]
+    discard: Option<String>,
+    /// Detect zero writes: off, on, unmap.
+    #[arg(long = "detect-zeroes")]
+    detect_zeroes: Option<String>,
+    /// Write the process id here.
+    #[arg(long = "pid-file")]
+    pid_file: Option<String>,
+    /// Go to the background once the export is ready.
+    #[arg(long = "fork")]
+    fork: bool,
+    /// FILENAME is a set of block node options, not a file name.
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// QEMU objects (iothread, secret).
+    #[arg(long = "object")]
+    object: Vec<String>,
+    /// The image.
+    filename: String,
+}
+
+/// A user-facing failure.
+pub struct Fail(pub String);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(e.to_string())
+    }
+}
+
+pub type R<T> = Result<T, Fail>;
+
+fn fail<T>(m: impl Into<String>) -> R<T> {
+    Err(Fail(m.into()))
+}
+
+/// The `-f`/`--cache`/... options checked, before anything is opened.
+pub struct Settings {
+    pub cli: Cli,
+    /// (cache.direct, cache.no-flush, write cache).
+    pub cache: (bool, bool, bool),
+    pub shared: usize,
+    pub listen: listen::Addr,
+}
+
+fn check(cli: Cli) -> R<Settings> {
+    let cache = match cli.cache.as_deref().unwrap_or("writeback") {
+        "writeback" => (false, false, true),
+        "none" | "off" => (true, false, true),
+        "writethrough" => (false, false, false),
+        "directsync" => (true, false, false),
+        "unsafe" => (false, true, true),
+        m => return fail(format!("Invalid cache mode '{m}'")),
+    };
+    if let Some(a) = cli.aio.as_deref() {
+        if !matches!(a, "threads" | "native" | "io_uring") {
+            return fail(format!("Invalid aio mode '{a}'"));
+        }
+    }
+    if let Some(d) = cli.discard.as_deref() {
+        if !matches!(d, "ignore" | "off" | "unmap" | "on") {
+            return fail(format!("Invalid discard mode '{d}'"));
+        }
+    }
+    if let Some(d) = cli.detect_zeroes.as_deref() {
+        if !matches!(d, "off" | "on" | "unmap") {
+            return fail(format!("Invalid detect-zeroes mode '{d}'"));
+        }
+        let unmap = matches!(cli.discard.as_deref(), Some("unmap" | "on"));
+        if d == "unmap" && !unmap {
+            return fail("--detect-zeroes=unmap is only allowed with --discard=unmap");
+        }
+    }
+    let shared = cli
+        .shared
+        .parse::<usize>()
+        .map_err(|_| Fail(format!("Invalid shared device number '{}'", cli.shared)))?;
+    if cli.image_opts && cli.format.is_some() {
+        return fail("--image-opts and -f are mutually exclusive");
+    }
+    if cli.snapshot && cli.read_only {
+        // qemu-nbd allows it, but a read-only overlay is pointless: keep it
+        // simple and serve the overlay read-only too.
+    }
+    for o in &cli.object {
+        check_object(o)?;
+    }
+    let listen = match (&cli.socket, &cli.port, &cli.bind) {
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
+            return fail("-k and -p/-b are mutually exclusive")
+        }
+        (Some(k), None, None) => listen::Addr::Unix(k.clone()),
+        (None, port, bind) => {
+            let port = match port {
+                None => 10809,
+                Some(p) => p
+                    .parse::<u16>()
+                    .map_err(|_| Fail(format!("Invalid port '{p}'")))?,
+            };
+            listen::Addr::Tcp(bind.clone().unwrap_or_else(|| "0.0.0.0".into()), port)
+        }
+    };
+    Ok(Settings {
+        cli,
+        cache,
+        shared,
+        listen,
+    })
+}
+
+/// `--object`: `iothread` and `secret` are accepted (Strata's server runs
+/// requests on the block layer's own threads; nothing here uses secrets
+/// yet); other types are refused.
+fn check_object(text: &str) -> R<()> {
+    let m = keyval::parse("--object", text, Some("qom-type"))?;
+    let ty = m.get("qom-type").and_then(Value::as_str).unwrap_or("");
+    if m.get("id").and_then(Value::as_str).is_none() {
+        return fail(format!("--object {text}: Parameter 'id' is missing"));
+    }
+    match ty {
+        "iothread" | "secret" => Ok(()),
+        _ => fail(format!("--object {text}: unsupported object type '{ty}'")),
+    }
+}
+
+/// An open failure in one line that names the image as written.
+fn open_fail(name: &str, e: block::error::BlockError) -> Fail {
+    let m = e.to_string();
+    if m.contains(name) {
+        Fail(m)
+    } else {
+        Fail(format!("Failed to open '{name}': {m}"))
+    }
+}
+
+fn on(b: bool) -> String {
+    if b { "on" } else { "off" }.to_string()
+}
+
+/// Open the image and attach the export's backend.
+pub fn open_export(s: &Settings, graph: &BlockGraph) -> R<Export> {
+    let cli = &s.cli;
+    let (direct, no_flush, wce) = s.cache;
+    let mut extra: Vec<(String, String)> = vec![
+        ("cache.direct".into(), on(direct)),
+        ("cache.no-flush".into(), on(no_flush)),
+    ];
+    if let Some(d) = &cli.discard {
+        extra.push(("discard".into(), d.clone()));
+    }
+    if let Some(d) = &cli.detect_zeroes {
+        extra.push(("detect-zeroes".into(), d.clone()));
+    }
+    // The image itself is only read when a snapshot overlay takes writes.
+    let ro = cli.read_only || cli.snapshot;
+    let name = &cli.filename;
+    let node = if cli.image_opts {
+        let mut map = keyval::parse("image options", name, None)?;
+        for (k, v) in &extra {
+            map.extend(keyval::parse("image options", &format!("{k}={v}"), None)?);
+        }
+        if ro {
+            map.insert("read-only".into(), Value::Str("on".into()));
+        }
+        let probe = !map.contains_key("driver");
+        graph
+            .open_options(Options::new("image options", map), None, probe)
+            .map_err(|e| open_fail(name, e))?
+    } else {
+        if let Some(a) = &cli.aio {
+            if !block::nbd::uri::is_nbd(name) {
+                extra.push(("file.aio".into(), a.clone()));
+            }
+        }
+        let refs: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        graph
+            .open_image(name, cli.format.as_deref(), ro, &refs)
+            .map_err(|e| open_fail(name, e))?
+    };
+    let _ = graph.take_warnings();
+    let node = if cli.snapshot {
+        let cache = keyval::parse(
+            "cache",
+            &format!("direct={},no-flush={}", on(direct), on(no_flush)),
+            None,
+        )?;
+        block::snapshot_overlay::open_temp_overlay(graph, &node, Some(Value::Map(cache)))
+            .map_err(|e| open_fail(name, e))?
+    } else {
+        node
+    };
+    let read_only = cli.read_only;
+    let cfg = BackendConfig {
+        read_only,
+        write_cache: wce,
+        // qemu-nbd's export shares everything; a format's metadata child
+        // refuses other writers by itself.
+        shared: Perms::ALL,
+        ..Default::default()
+    };
+    let trim = node.common().discard_unmap;
+    let blk = BlockBackend::new("export", node, cfg).map_err(|e| open_fail(name, e))?;
+    Ok(Export {
+        name: cli.export_name.clone(),
+        description: cli.description.clone(),
+        blk,
+        read_only,
+        trim,
+        multi_conn: read_only || s.shared != 1,
+    })
+}
+
+/// Run the command line; returns the exit code.
+pub fn main_with_args(args: Vec<String>) -> i32 {
+    let cli = match Cli::try_parse_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                print!("{e}");
+                return 0;
+            }
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("strata-nbd: {line}");
+            return 1;
+        }
+    };
+    match check(cli).and_then(listen::run) {
+        Ok(()) => 0,
+        Err(Fail(m)) => {
+            eprintln!("strata-nbd: {m}");
+            1
+        }
+    }
+}
