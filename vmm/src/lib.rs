@@ -163,6 +163,7 @@ impl Consoles {
         machine::Host {
             msi,
             ioevents,
+            manual_loops: None,
             irq,
             system: Arc::new(events.clone()),
             clock,

@@ -44,6 +44,9 @@ pub struct Host {
     pub msi: Option<Arc<dyn MsiSender>>,
     /// Binds virtio notify addresses to eventfds (KVM ioeventfd).
     pub ioevents: Arc<dyn IoEventRegistrar>,
+    /// When set, device event loops get no thread: they are collected
+    /// here and the owner polls them (the fuzz harness, for determinism).
+    pub manual_loops: Option<devices::virtio::event_loop::ManualLoops>,
 }
 
 impl Host {
