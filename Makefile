@@ -5,9 +5,10 @@
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc binutils qemu-system-data
+# g++ builds libFuzzer for `make fuzz`.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data
 
-.PHONY: demo test deps build lint images bench-boot
+.PHONY: demo test check deps build lint images bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -29,8 +30,54 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: lint
+# Every test: lints, the workspace tests (which replay the fuzz corpora),
+# then the fuzz stage: each cargo-fuzz target for FUZZ_SECONDS and the
+# qtest device fuzzer for QTEST_FUZZ_SECS.
+test: check qtest-fuzz fuzz
+
+# The lints and the workspace tests without the fuzz stage.
+check: lint
 	$(CARGO) test --workspace
+
+# cargo-fuzz needs nightly-only rustc flags (-Z sanitizer, coverage
+# instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
+# them. AddressSanitizer stays on.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= pc_io scsi_cdb virtio_chain qcow2_open ata_taskfile keyval
+FUZZ_ENV := RUSTC_BOOTSTRAP=1
+# -timeout: one input running longer is a hang; -rss_limit_mb bounds
+# memory. New inputs go to fuzz/out/TARGET, never into the committed
+# corpus (which is only read); `make fuzz-cmin` merges them in minimised.
+FUZZ_FLAGS ?= -timeout=20 -rss_limit_mb=2048 -print_final_stats=1
+
+fuzz-build: deps
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && $(FUZZ_ENV) cargo fuzz build $(FUZZ_BUILD_FLAGS)
+
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/out/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS)s (log: fuzz/out/$$t.log)"; \
+		if ! (cd fuzz && $(FUZZ_ENV) cargo fuzz run $(FUZZ_BUILD_FLAGS) $$t out/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) $(FUZZ_FLAGS)) >fuzz/out/$$t.log 2>&1; then \
+			tail -n 80 fuzz/out/$$t.log; echo "fuzz target $$t FAILED"; exit 1; \
+		fi; \
+		grep -E '^(stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb|Done )' fuzz/out/$$t.log; \
+	done
+
+# Folds the inputs found by `make fuzz` into the committed corpora,
+# keeping only those that add coverage.
+fuzz-cmin: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/out/$$t; cp -n fuzz/out/$$t/* fuzz/corpus/$$t/ 2>/dev/null || true; \
+		(cd fuzz && $(FUZZ_ENV) cargo fuzz cmin $(FUZZ_BUILD_FLAGS) $$t corpus/$$t); \
+	done
+
+# The qtest-level device fuzzer (cli/tests/qtest_fuzz.rs) for longer than
+# the short run `cargo test` gives it.
+QTEST_FUZZ_SECS ?= 120
+qtest-fuzz: deps
+	STRATA_QTEST_FUZZ_SECS=$(QTEST_FUZZ_SECS) $(CARGO) test -p cli --test qtest_fuzz -- --nocapture
 
 bench-boot: build
 	bench/boot.sh
