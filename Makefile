@@ -65,12 +65,19 @@ fuzz: fuzz-build
 		grep -E '^(stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb|Done )' fuzz/out/$$t.log; \
 	done
 
-# Folds the inputs found by `make fuzz` into the committed corpora,
-# keeping only those that add coverage.
+# Folds the inputs found by `make fuzz` into the committed corpora:
+# libFuzzer's merge (what `cargo fuzz cmin` runs) adds only the inputs
+# that bring new coverage and never drops a committed one (named seeds
+# stay). Inputs over FUZZ_CMIN_MAX_BYTES are left out to keep the
+# repository small.
+FUZZ_CMIN_MAX_BYTES ?= 4096
 fuzz-cmin: fuzz-build
 	@set -e; for t in $(FUZZ_TARGETS); do \
-		mkdir -p fuzz/out/$$t; cp -n fuzz/out/$$t/* fuzz/corpus/$$t/ 2>/dev/null || true; \
-		(cd fuzz && $(FUZZ_ENV) cargo fuzz cmin $(FUZZ_BUILD_FLAGS) $$t corpus/$$t); \
+		rm -rf fuzz/out/$$t.small; mkdir -p fuzz/out/$$t fuzz/out/$$t.small; \
+		find fuzz/out/$$t -type f -size -$$(($(FUZZ_CMIN_MAX_BYTES) + 1))c -exec cp {} fuzz/out/$$t.small/ \; ; \
+		(cd fuzz && $(FUZZ_ENV) cargo fuzz run $(FUZZ_BUILD_FLAGS) $$t corpus/$$t out/$$t.small -- -merge=1) \
+			>fuzz/out/$$t.cmin.log 2>&1 || { tail -n 40 fuzz/out/$$t.cmin.log; exit 1; }; \
+		echo "$$t: $$(ls fuzz/corpus/$$t | wc -l) inputs, $$(cat fuzz/corpus/$$t/* | wc -c) bytes"; \
 	done
 
 # The qtest-level device fuzzer (cli/tests/qtest_fuzz.rs) for longer than
