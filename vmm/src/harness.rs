@@ -234,6 +234,15 @@ struct Driver {
     /// Size of the queue the last bring-up configured (0: none yet).
     size: u16,
     queue: u16,
+    /// Since the last bring-up, the input changed the transport's or the
+    /// function's registers itself, so the queue may no longer be where
+    /// the driver put it.
+    dirty: bool,
+    /// [`LOGGED`] at the last bring-up: a device that refuses a broken
+    /// queue says so in the log.
+    log_mark: usize,
+    /// A request was made available by the last operation.
+    pushed: bool,
 }
 
 impl Driver {
@@ -261,7 +270,8 @@ impl Driver {
         w16(0x1c, 1);
         w8(0x14, 0xf);
         let _ = pc.ram.write_slice(&[0u8; 4], GuestAddress(avail));
-        (self.size, self.queue) = (size, queue);
+        let _ = pc.ram.write_slice(&[0u8; 4], GuestAddress(used));
+        self.brought_up(size, queue);
     }
 
     /// Legacy bring-up through the I/O BAR: the queue size is the
@@ -276,10 +286,44 @@ impl Driver {
         pc.io.read(io + 0x0c, &mut b);
         let size = u16::from_le_bytes(b);
         pc.io.write(io + 8, &((VQ_BASE >> 12) as u32).to_le_bytes());
-        pc.io.write(io + 0x12, &[7]);
-        let (_, avail, _) = vq_layout(size);
+        let (_, avail, used) = vq_layout(size);
         let _ = pc.ram.write_slice(&[0u8; 4], GuestAddress(avail));
+        let _ = pc.ram.write_slice(&[0u8; 4], GuestAddress(used));
+        pc.io.write(io + 0x12, &[7]);
+        self.brought_up(size, queue);
+    }
+
+    fn brought_up(&mut self, size: u16, queue: u16) {
         (self.size, self.queue) = (size, queue);
+        self.dirty = false;
+        self.log_mark = LOGGED.with(|c| c.get());
+    }
+
+    /// After a push: unless the input disturbed the transport or the
+    /// device refused the queue (and logged it), a running device has
+    /// used every request made available. null-co completes inline and
+    /// the loops are settled, so anything left is a request the device
+    /// swallowed without answering.
+    fn check_progress(&mut self, pc: &Machine, what: &str) {
+        if !std::mem::take(&mut self.pushed) || self.dirty || self.size == 0 {
+            return;
+        }
+        if LOGGED.with(|c| c.get()) != self.log_mark {
+            return;
+        }
+        let mut st = [0u8];
+        pc.io.read(VIRTIO_IO as u64 + 0x12, &mut st);
+        if st[0] & 4 == 0 || st[0] & 0x40 != 0 {
+            return;
+        }
+        let (_, avail, used) = vq_layout(self.size);
+        let a: u16 = pc.ram.read_obj(GuestAddress(avail + 2)).unwrap_or(0);
+        let u: u16 = pc.ram.read_obj(GuestAddress(used + 2)).unwrap_or(0);
+        assert_eq!(
+            a, u,
+            "watchdog: virtio-blk queue {} made no progress after {what}: {a} available, {u} used",
+            self.queue
+        );
     }
 
     /// Writes descriptor `index`: buffer `slot` (4 KiB apart) of `len`
@@ -297,7 +341,7 @@ impl Driver {
 
     /// Makes `head` available and notifies through the modern notify
     /// address (or the legacy register when `legacy`).
-    fn push(&self, pc: &Machine, head: u16, legacy: bool) {
+    fn push(&mut self, pc: &Machine, head: u16, legacy: bool) {
         if self.size == 0 {
             return;
         }
@@ -340,7 +384,13 @@ fn run(data: &[u8]) -> Option<Machine> {
     let clock = Arc::new(ManualClock::default());
     let pc = build(&loops, &clock)?;
     settle(&loops, "building the machine");
-    let mut drv = Driver { size: 0, queue: 0 };
+    let mut drv = Driver {
+        size: 0,
+        queue: 0,
+        dirty: false,
+        log_mark: 0,
+        pushed: false,
+    };
     // The last values written to the device control registers: SRST held
     // there keeps a channel busy, legitimately.
     let mut srst = [false; 2];
@@ -365,6 +415,12 @@ fn run(data: &[u8]) -> Option<Machine> {
             }
             1 => {
                 pc.io.write(port, &value.to_le_bytes()[..size.min(4)]);
+                // The legacy interface or PCI configuration.
+                if (VIRTIO_IO as u64..VIRTIO_IO as u64 + 0x40).contains(&port)
+                    || (0xcf8..0xd00).contains(&port)
+                {
+                    drv.dirty = true;
+                }
                 if port == 0x3f6 || port == 0x376 {
                     srst[(port == 0x376) as usize] = value & 4 != 0;
                 }
@@ -387,6 +443,7 @@ fn run(data: &[u8]) -> Option<Machine> {
             }
             5 => {
                 pc.mmio.write(mmio, &value.to_le_bytes()[..size]);
+                drv.dirty = true;
             }
             6 => {
                 let mut b = [0u8; 8];
@@ -415,7 +472,9 @@ fn run(data: &[u8]) -> Option<Machine> {
                 _ => drv.push(&pc, sel, true),
             },
         }
-        settle(&loops, &format!("operation {n} ({op:02x?})"));
+        let what = format!("operation {n} ({op:02x?})");
+        settle(&loops, &what);
+        drv.check_progress(&pc, &what);
         for (i, ctl) in [0x3f6u64, 0x376].into_iter().enumerate() {
             // null-co completes inline, so a busy channel has nothing in
             // flight: it would stay busy for ever.
