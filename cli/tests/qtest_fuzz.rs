@@ -387,6 +387,10 @@ impl Round<'_> {
     fn ide_disk(&mut self) {
         let b = PRI;
         self.wait_ide(b);
+        if self.r.one_in(30) {
+            self.srst(b);
+            return;
+        }
         let lba = if self.r.one_in(8) {
             SECTORS - self.r.below(4)
         } else {
@@ -429,21 +433,12 @@ impl Round<'_> {
             self.q.outb(p, v);
         }
         if dma {
-            self.prd(count * 512, op == 0x06, lba);
+            self.prd(BM, count * 512, op == 0x06, lba);
             let dir = if write || op == 0x06 { 0 } else { 8 };
             self.q.outb(BM, dir);
             self.q.outb(b + 7, op);
             self.q.outb(BM, dir | 1);
-            // Until the engine stops or interrupts (a PRD table shorter
-            // than the transfer leaves the device waiting for more, as on
-            // hardware), then stop it as a driver would.
-            let t = Instant::now();
-            while self.q.inb(BM + 2) & 5 == 1 && t.elapsed() < SETTLE {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            self.q.outb(BM, dir);
-            self.wait_ide(b);
-            self.q.outb(BM + 2, 6);
+            self.dma_wait(BM, dir, b);
             return;
         }
         self.q.outb(b + 7, op);
@@ -468,7 +463,12 @@ impl Round<'_> {
 
     /// A PRD table for `len` bytes, sometimes short, long, or odd; for
     /// TRIM, a payload trimming a few sectors at `lba`.
-    fn prd(&mut self, len: u64, trim: bool, lba: u64) {
+    fn prd(&mut self, bm: u16, len: u64, trim: bool, lba: u64) {
+        let (table, buf) = if bm == BM {
+            (PRD, IDE_BUF)
+        } else {
+            (PRD + 0x100, IDE_BUF + 0x10_0000)
+        };
         let len = match self.r.below(6) {
             0 => len / 2,
             1 => len * 2,
@@ -482,7 +482,7 @@ impl Round<'_> {
             }
             let mut p = vec![0u8; 512];
             p[..8].copy_from_slice(&(lba | n << 48).to_le_bytes());
-            self.q.memwrite(IDE_BUF, &p);
+            self.q.memwrite(buf, &p);
         }
         let parts = self.r.below(3) + 1;
         let mut entries = vec![];
@@ -494,12 +494,42 @@ impl Round<'_> {
                 (len / parts) & !1
             };
             let eot = if i + 1 == parts { 0x8000_0000u32 } else { 0 };
-            entries.extend(((IDE_BUF + off) as u32).to_le_bytes());
+            // Now and then a buffer outside RAM (the BIOS ROM, or
+            // nothing at all): the data goes nowhere, the engine goes on.
+            let addr = match self.r.below(16) {
+                0 => 0xfff0_0000,
+                1 => 0x4000_0000,
+                _ => buf + off,
+            };
+            entries.extend((addr as u32).to_le_bytes());
             entries.extend((chunk as u32 & 0xfffe | eot).to_le_bytes());
             off += chunk;
         }
-        self.q.memwrite(PRD, &entries);
-        self.q.outl(BM + 4, PRD as u32);
+        self.q.memwrite(table, &entries);
+        self.q.outl(bm + 4, table as u32);
+    }
+
+    /// Starts bus-master engine `bm` in direction `dir`, waits until it
+    /// stops or interrupts (a PRD table shorter than the transfer leaves
+    /// the device waiting for more, as on hardware), then stops it as a
+    /// driver would and waits for the channel at `base`.
+    fn dma_wait(&mut self, bm: u16, dir: u8, base: u16) {
+        let t = Instant::now();
+        while self.q.inb(bm + 2) & 5 == 1 && t.elapsed() < SETTLE {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.q.outb(bm, dir);
+        self.wait_ide(base);
+        self.q.outb(bm + 2, 6);
+    }
+
+    /// A software reset of both devices of a channel.
+    fn srst(&mut self, base: u16) {
+        let ctl = if base == PRI { 0x3f6 } else { 0x376 };
+        self.log.push(format!("srst 0x{base:x}"));
+        self.q.outb(ctl, 4);
+        self.q.outb(ctl, 0);
+        self.wait_ide(base);
     }
 
     /// One ATAPI packet by PIO on the CD-ROM (secondary master).
@@ -528,9 +558,13 @@ impl Round<'_> {
         if self.r.one_in(8) {
             cdb[self.r.below(12) as usize] = self.r.next() as u8;
         }
-        self.log.push(format!("atapi {cdb:02x?}"));
+        let dma = self.r.one_in(3);
+        self.log.push(format!("atapi {cdb:02x?} dma {dma}"));
+        if self.r.one_in(30) {
+            self.srst(b);
+        }
         self.q.outb(b + 6, 0xa0);
-        self.q.outb(b + 1, 0);
+        self.q.outb(b + 1, dma as u8);
         self.q.outb(b + 4, 0xfe);
         self.q.outb(b + 5, 0xff);
         self.q.outb(b + 7, 0xa0);
@@ -538,8 +572,18 @@ impl Round<'_> {
         if s & 0x08 == 0 {
             return;
         }
+        if dma {
+            let len = self.r.pick(&[alloc as u64, n as u64 * 2048, 2048, 18]);
+            self.prd(BM + 8, len, false, 0);
+            self.q.outb(BM + 8, 8);
+            self.q.outb(BM + 8, 9);
+        }
         for w in cdb.chunks(2) {
             self.q.outw(b, u16::from_le_bytes([w[0], w[1]]));
+        }
+        if dma {
+            self.dma_wait(BM + 8, 8, b);
+            return;
         }
         // Read what it sends, bounded, sometimes giving up.
         let limit = if self.r.one_in(4) {
@@ -711,6 +755,7 @@ impl Round<'_> {
         self.wait_ide(PRI);
         self.wait_ide(SEC);
         self.q.outb(BM, 0);
+        self.q.outb(BM + 8, 0);
         let t = Instant::now();
         loop {
             let used = self.r(&format!("readw 0x{:x}", VB.used() + 2)) as u16;
