@@ -6,9 +6,10 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QMP_VENV := target/qmp-venv
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc binutils qemu-system-data
+# g++ builds libFuzzer for `make fuzz`.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data
 
-.PHONY: demo test deps build lint images bench-boot qtest-peer
+.PHONY: demo test check deps build lint images bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -33,9 +34,15 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: lint
+# Every test: lints, the workspace tests (which replay the fuzz corpora),
+# QEMU's own qtests against strata (the peer suite), then the fuzz stage:
+# each cargo-fuzz target for FUZZ_SECONDS and the qtest device fuzzer for
+# QTEST_FUZZ_SECS.
+test: check qtest-peer qtest-fuzz fuzz
+
+# The lints and the workspace tests, without the peer suite and fuzzing.
+check: lint
 	$(CARGO) test --workspace
-	tests/qtest-peer/run.sh
 
 # QEMU 7.2's own qtest binaries (ide-test, qos-test's virtio-blk cases) run
 # against strata; builds them from Debian's source package on first use
@@ -43,6 +50,53 @@ test: lint
 # cases; tests/qtest-peer/expected-pass lists those that must pass.
 qtest-peer: deps
 	tests/qtest-peer/run.sh
+
+# cargo-fuzz needs nightly-only rustc flags (-Z sanitizer, coverage
+# instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
+# them. AddressSanitizer stays on.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= pc_io scsi_cdb virtio_chain qcow2_open ata_taskfile keyval nbd_proto
+FUZZ_ENV := RUSTC_BOOTSTRAP=1
+# -timeout: one input running longer is a hang; -rss_limit_mb bounds
+# memory. New inputs go to fuzz/out/TARGET, never into the committed
+# corpus (which is only read); `make fuzz-cmin` merges them in minimised.
+FUZZ_FLAGS ?= -timeout=20 -rss_limit_mb=2048 -print_final_stats=1
+
+fuzz-build: deps
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install --locked cargo-fuzz
+	cd fuzz && $(FUZZ_ENV) cargo fuzz build $(FUZZ_BUILD_FLAGS)
+
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/out/$$t; \
+		echo "== fuzz $$t for $(FUZZ_SECONDS)s (log: fuzz/out/$$t.log)"; \
+		if ! (cd fuzz && $(FUZZ_ENV) cargo fuzz run $(FUZZ_BUILD_FLAGS) $$t out/$$t corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) $(FUZZ_FLAGS)) >fuzz/out/$$t.log 2>&1; then \
+			tail -n 80 fuzz/out/$$t.log; echo "fuzz target $$t FAILED"; exit 1; \
+		fi; \
+		grep -E '^(stat::number_of_executed_units|stat::new_units_added|stat::peak_rss_mb|Done )' fuzz/out/$$t.log; \
+	done
+
+# Folds the inputs found by `make fuzz` into the committed corpora:
+# libFuzzer's merge (what `cargo fuzz cmin` runs) adds only the inputs
+# that bring new coverage and never drops a committed one (named seeds
+# stay). Inputs over FUZZ_CMIN_MAX_BYTES are left out to keep the
+# repository small.
+FUZZ_CMIN_MAX_BYTES ?= 4096
+fuzz-cmin: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		rm -rf fuzz/out/$$t.small; mkdir -p fuzz/out/$$t fuzz/out/$$t.small; \
+		find fuzz/out/$$t -type f -size -$$(($(FUZZ_CMIN_MAX_BYTES) + 1))c -exec cp {} fuzz/out/$$t.small/ \; ; \
+		(cd fuzz && $(FUZZ_ENV) cargo fuzz run $(FUZZ_BUILD_FLAGS) $$t corpus/$$t out/$$t.small -- -merge=1) \
+			>fuzz/out/$$t.cmin.log 2>&1 || { tail -n 40 fuzz/out/$$t.cmin.log; exit 1; }; \
+		echo "$$t: $$(ls fuzz/corpus/$$t | wc -l) inputs, $$(cat fuzz/corpus/$$t/* | wc -c) bytes"; \
+	done
+
+# The qtest-level device fuzzer (cli/tests/qtest_fuzz.rs) for longer than
+# the short run `cargo test` gives it.
+QTEST_FUZZ_SECS ?= 120
+qtest-fuzz: deps
+	STRATA_QTEST_FUZZ_SECS=$(QTEST_FUZZ_SECS) $(CARGO) test -p cli --test qtest_fuzz -- --nocapture
 
 bench-boot: build
 	bench/boot.sh

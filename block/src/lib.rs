@@ -53,6 +53,7 @@ pub mod file;
 pub mod filename;
 pub mod filters;
 pub mod graph;
+pub mod harness;
 pub mod iov;
 pub mod keyval;
 pub mod nbd;

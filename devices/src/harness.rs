@@ -1,6 +1,7 @@
 //! Fuzzing harnesses for the parsers of guest data in this crate: the SCSI
 //! CDB parser, the MMC and SBC command sets behind a target and the request
-//! runner (shared by ATAPI and, later, every SCSI transport), and the
+//! runner (shared by ATAPI and, later, every SCSI transport), the ATA
+//! taskfile parser and device (shared by IDE and, later, AHCI), and the
 //! virtio-blk descriptor-chain parser. The cargo fuzz
 //! targets under `fuzz/` call these functions, and
 //! `devices/tests/fuzz_corpus.rs` replays each corpus as a regular test.
@@ -13,6 +14,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use std::sync::{Arc, Mutex};
 
+use crate::ata::{self, AtaDevice, DriveConfig, Media, Taskfile};
 use crate::scsi::cdb::Command;
 use crate::scsi::mmc::{CdRom, Transport};
 use crate::scsi::request::{Outcome, VecPath};
@@ -140,9 +142,99 @@ pub fn virtio_chain(data: &[u8]) {
     let _ = Request::parse(&mem, at, &lim, &mut Chain::new());
 }
 
-/// Both harnesses by name, for the corpus test.
+fn ata_device(media: Media, slave: bool) -> Option<AtaDevice> {
+    let cfg = DriveConfig {
+        media,
+        model: None,
+        serial: None,
+        wwn: None,
+        version: None,
+        physical_block_size: 512,
+        geometry: None,
+        translation: None,
+    };
+    AtaDevice::new(cfg, 0, slave).ok()
+}
+
+/// Runs `data` through the ATA device model as a transport would: each
+/// 12-byte chunk is an opcode, the device/head register (bit 4 picks the
+/// disk or the CD-ROM) and the ten other taskfile bytes, handed to
+/// [`AtaDevice::command`]. The first 512 bytes are also a sector 0 for the
+/// CHS geometry guess, and the input is a TRIM payload. Checked: disk
+/// transfers stay on the medium and have a count, data-in is one sector,
+/// TRIM sizes stay within IDENTIFY's limit and TRIM ranges on the medium.
+pub fn ata_taskfile(data: &[u8]) {
+    let sector0 = &data[..data.len().min(512)];
+    let sectors = data.get(..8).map_or(0, |b| {
+        u64::from_le_bytes(b.try_into().unwrap_or_default()) >> 16
+    });
+    let (g, _) = ata::geometry::guess(sectors, sector0, None, None);
+    // CHS arithmetic divides by these.
+    assert!(g.heads > 0 && g.secs > 0, "geometry {g:?}");
+
+    let (Some(disk_medium), Some(cd_medium)) = (null_medium("fuzz-ata"), null_medium("fuzz-atapi"))
+    else {
+        return;
+    };
+    let size = disk_medium.len() / ata::device::SECTOR;
+    let cd = CdRom::new(Transport::Atapi, Some(cd_medium));
+    let (Some(mut disk), Some(mut cdrom)) = (
+        ata_device(Media::Disk(disk_medium), false),
+        ata_device(Media::Cd(cd), true),
+    ) else {
+        return;
+    };
+    for c in data.chunks_exact(12) {
+        let mut tf = Taskfile {
+            select: c[1],
+            feature: c[2],
+            hob_feature: c[3],
+            nsector: c[4],
+            hob_nsector: c[5],
+            sector: c[6],
+            hob_sector: c[7],
+            lcyl: c[8],
+            hob_lcyl: c[9],
+            hcyl: c[10],
+            hob_hcyl: c[11],
+        };
+        let dev = if c[1] & 0x10 != 0 {
+            &mut cdrom
+        } else {
+            &mut disk
+        };
+        match dev.command(c[0], &mut tf) {
+            ata::Outcome::Read { lba, count, .. } | ata::Outcome::Write { lba, count, .. } => {
+                assert!(!dev.is_atapi(), "disk transfer on a CD-ROM");
+                assert!(count > 0, "empty transfer");
+                assert!(
+                    lba.checked_add(count as u64).is_some_and(|e| e <= size),
+                    "transfer past the medium: {lba}+{count}"
+                );
+            }
+            ata::Outcome::DataIn(v) => assert_eq!(v.len(), 512, "data-in size"),
+            ata::Outcome::Trim { blocks } => {
+                assert!(
+                    blocks <= dev.info().max_dsm_blocks,
+                    "TRIM of {blocks} blocks"
+                );
+                let payload = &data[..data.len().min(blocks as usize * 512)];
+                if let Ok(ranges) = dev.trim_ranges(payload) {
+                    for (lba, n) in ranges {
+                        assert!(lba + n <= size, "TRIM past the medium");
+                    }
+                }
+            }
+            ata::Outcome::Packet { .. } => assert!(dev.is_atapi(), "PACKET on a disk"),
+            _ => {}
+        }
+    }
+}
+
+/// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
+        "ata_taskfile" => Some(ata_taskfile),
         "scsi_cdb" => Some(scsi_cdb),
         "virtio_chain" => Some(virtio_chain),
         _ => None,

@@ -1,5 +1,5 @@
 //! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
-//! fuzz/corpus/virtio_chain) and seeded random inputs through the same
+//! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile) and seeded random inputs through the same
 //! harnesses cargo fuzz runs.
 
 use std::path::PathBuf;
@@ -38,4 +38,9 @@ fn scsi_cdb_corpus() {
 #[test]
 fn virtio_chain_corpus() {
     corpus("virtio_chain");
+}
+
+#[test]
+fn ata_taskfile_corpus() {
+    corpus("ata_taskfile");
 }

@@ -37,7 +37,10 @@ fn qcow2_open_seeded_mutations() {
         x ^= x >> 27;
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     };
-    for (_, base) in corpus() {
+    // Only the qemu-img-made seeds: the fuzzer's own finds (named by
+    // their hash) are replayed as they are above, and mutating each of
+    // them too would make this test grow with the corpus.
+    for (_, base) in corpus().into_iter().filter(|(n, _)| n.ends_with(".qcow2")) {
         let meta_end = base.len().min(8192);
         for _ in 0..20 {
             let mut d = base.clone();

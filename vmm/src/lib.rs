@@ -204,6 +204,7 @@ impl Consoles {
         machine::Host {
             msi,
             ioevents,
+            manual_loops: None,
             irq,
             events: qmp_events.clone(),
             system: Arc::new(events.clone()),

@@ -66,6 +66,13 @@ impl Qtest {
         None
     }
 
+    /// How long [`Qtest::cmd`] waits for a reply before failing.
+    #[allow(dead_code)]
+    pub fn set_reply_timeout(&self, d: Duration) {
+        // The reader is a clone of the same socket: the option is shared.
+        self.writer.set_read_timeout(Some(d)).unwrap();
+    }
+
     /// The process id of the strata under test.
     #[allow(dead_code)]
     pub fn pid(&self) -> u32 {

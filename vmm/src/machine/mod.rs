@@ -46,6 +46,9 @@ pub struct Host {
     pub ioevents: Arc<dyn IoEventRegistrar>,
     /// QMP events the machine's devices raise.
     pub events: Arc<crate::monitor::event::Events>,
+    /// When set, device event loops get no thread: they are collected
+    /// here and the owner polls them (the fuzz harness, for determinism).
+    pub manual_loops: Option<devices::virtio::event_loop::ManualLoops>,
 }
 
 impl Host {

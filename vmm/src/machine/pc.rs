@@ -308,7 +308,10 @@ fn build(
         .msi
         .clone()
         .unwrap_or_else(|| Arc::new(RamMsi(ram.clone())));
-    let mut iothreads = IoThreads::new(&cfg.iothreads);
+    let mut iothreads = match &host.manual_loops {
+        Some(into) => IoThreads::manual(&cfg.iothreads, into.clone()),
+        None => IoThreads::new(&cfg.iothreads),
+    };
     let mut ctx = AttachCtx {
         io: &mut io,
         mmio: &mut mmio,
