@@ -180,7 +180,7 @@ pub fn ata_taskfile(data: &[u8]) {
     let cd = CdRom::new(Transport::Atapi, Some(cd_medium));
     let (Some(mut disk), Some(mut cdrom)) = (
         ata_device(Media::Disk(disk_medium), false),
-        ata_device(Media::Cd(cd), true),
+        ata_device(Media::Cd(Arc::new(cd)), true),
     ) else {
         return;
     };
