@@ -31,3 +31,34 @@ fn pc_io_seeded_random() {
         vmm::harness::pc_io(&data);
     }
 }
+
+#[test]
+fn qmp_input_corpus() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/qmp_input");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        vmm::monitor::qmp::fuzz_input(&data);
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus in {}", dir.display());
+}
+
+#[test]
+fn qmp_input_seeded_random() {
+    let mut x: u64 = 0x0a0b_0c0d_5eed_0001;
+    let mut next = || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let alphabet = br#"{}[]"':,\ ntrufalse0123456789-.eE executeargumentsid"#;
+    for _ in 0..2000 {
+        let len = (next() % 300) as usize;
+        let data: Vec<u8> = (0..len)
+            .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+            .collect();
+        vmm::monitor::qmp::fuzz_input(&data);
+    }
+}

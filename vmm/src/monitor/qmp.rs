@@ -367,6 +367,34 @@ pub fn serve(stream: Stream, pretty: bool, events: Arc<Events>, vm: EventSender)
     }
 }
 
+/// The fuzz harness of a QMP session's input side (fuzz target
+/// `qmp_input`): bytes in chunks whose sizes the input picks, framed,
+/// parsed, envelope-checked and parsed into commands, and every answer
+/// encoded. Nothing runs; nothing may panic or grow without bound.
+pub fn fuzz_input(data: &[u8]) {
+    let Some((&chunk, rest)) = data.split_first() else {
+        return;
+    };
+    let chunk = (chunk as usize % 64) + 1;
+    let mut framer = Framer::default();
+    for piece in rest.chunks(chunk) {
+        for frame in framer.push(piece) {
+            let Frame::Text(text) = frame else { continue };
+            let r = parse_json(&text)
+                .map_err(|e| (QmpError::generic(e), None))
+                .and_then(envelope);
+            let reply = match r {
+                Ok(env) => match command::parse(&env.execute, env.arguments) {
+                    Ok(cmd) => response(Ok(Value::String(format!("{cmd:?}"))), env.id),
+                    Err(e) => response(Err(e), env.id),
+                },
+                Err((e, id)) => response(Err(e), id),
+            };
+            let _ = encode(&reply, chunk % 2 == 0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
