@@ -390,7 +390,7 @@ pub fn fuzz_input(data: &[u8]) {
                 },
                 Err((e, id)) => response(Err(e), id),
             };
-            let _ = encode(&reply, chunk % 2 == 0);
+            let _ = encode(&reply, chunk.is_multiple_of(2));
         }
     }
 }
