@@ -10,8 +10,8 @@
 # reported so the list can grow; it never shrinks.
 #
 # Environment:
-#   STRATA              the strata binary (default: target/debug/strata,
-#                       built if missing)
+#   STRATA              the strata binary (default: the debug build,
+#                       built or brought up to date first)
 #   QTEST_PEER_FILTER   an extended regex: run only the cases it matches
 #   QTEST_PEER_TIMEOUT  seconds per case (default 60)
 #   QTEST_PEER_LOGS     where the per-case logs go (default: a temp dir,
@@ -27,7 +27,7 @@ FILTER=${QTEST_PEER_FILTER:-}
 PEER=$("$HERE/build.sh")
 
 if [ -z "${STRATA:-}" ]; then
-    STRATA=$ROOT/target/debug/strata
+    STRATA=${CARGO_TARGET_DIR:-$ROOT/target}/debug/strata
     (cd "$ROOT" && ${CARGO:-cargo} build -q --bin strata)
 fi
 [ -x "$STRATA" ] || { echo "qtest-peer: no strata binary at $STRATA" >&2; exit 1; }
@@ -43,7 +43,9 @@ export QTEST_LOG=1
 
 # The cases: every ide-test case, and qos-test's virtio-blk cases on `pc`.
 : >"$LOGS/cases"
-# (qos-test asks a strata for its machines and devices to list its cases.)
+# (qos-test asks a strata for its machines and devices to list its cases;
+# that conversation goes to list.log. An expected case missing from the
+# list is reported as a failure below.)
 QTEST_LOG= "$PEER/bin/ide-test" -l 2>"$LOGS/list.log" | grep '^/' |
     sed 's|^|ide-test |' >>"$LOGS/cases"
 QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep '/virtio-blk' |
