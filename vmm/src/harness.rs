@@ -18,9 +18,11 @@
 //! polls them until they are idle. A loop still dispatching events after
 //! [`LOOP_LIMIT`] polls with no new input is a device spinning on its own
 //! notifications, and fails the run; so does an operation after which an
-//! IDE channel stays busy with nothing in flight, or one that makes the
-//! devices write more than [`LOG_PER_OP`] bytes of warnings (a guest must
-//! not be able to flood the host's log). Block I/O goes to `null-co`
+//! IDE channel stays busy with nothing in flight, one after which a
+//! running virtio-blk queue has a request it neither used nor refused
+//! (in the log), or one that makes the devices write more than
+//! [`LOG_PER_OP`] bytes of warnings (a guest must not be able to flood
+//! the host's log). Block I/O goes to `null-co`
 //! nodes, which complete inline, so a whole run is single-threaded and
 //! replays exactly.
 
@@ -373,7 +375,12 @@ fn ide_busy(pc: &Machine, ctl: u64) -> bool {
 }
 
 /// Runs one input. Each operation takes 8 bytes:
-/// `op, port-or-address selector (2), size, value (4)`.
+/// `op, port-or-address selector (2), size, value (4)`. `op % 8`: port
+/// read, port write, RAM plant (4 bytes below 1 MiB), MMIO read in the
+/// PCI hole, clock step, MMIO write and read in the virtio function's
+/// BARs, and a structured virtio step (bits 4..2 of the size byte: modern
+/// or legacy bring-up, descriptor, request header, push with a modern or
+/// legacy notify).
 pub fn pc_io(data: &[u8]) {
     drop(run(data));
 }

@@ -100,7 +100,8 @@ impl EventLoop {
         &self.name
     }
 
-    /// Adds a subscriber; its `init` runs on the loop thread.
+    /// Adds a subscriber; its `init` runs on the loop thread (on the
+    /// caller's, for a manual loop).
     pub fn add(&self, s: Subscriber) -> Result<SubscriberId, String> {
         match &self.runner {
             Runner::Thread { remote, .. } => remote
