@@ -1034,7 +1034,9 @@ pub fn check_in_request(
     req_off: u64,
     req_len: u32,
 ) -> Result<usize, ProtoError> {
-    let req_end = req_off + req_len as u64;
+    // The request is the client's own, but checked arithmetic costs nothing
+    // and keeps this total for any input.
+    let req_end = req_off.saturating_add(req_len as u64);
     match off.checked_add(len) {
         Some(end) if off >= req_off && end <= req_end && len > 0 => Ok((off - req_off) as usize),
         _ => perr(format!(
