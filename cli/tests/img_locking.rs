@@ -431,10 +431,13 @@ fn qemu_img_refused_while_strata_img_holds_the_image() {
         );
         h.stop();
         // A killed writer may leave leaked clusters (exit 3), nothing worse.
-        let c = run("qemu-img", &["check", &img]).status.code();
+        let o = run("qemu-img", &["check", &img]);
+        let c = o.status.code();
         assert!(
             c == Some(0) || (write && c == Some(3)),
-            "write={write}: qemu-img check exit {c:?}"
+            "write={write}: qemu-img check exit {c:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            stderr(&o)
         );
     }
 }

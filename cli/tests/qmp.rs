@@ -537,3 +537,37 @@ fn pty_serial_console() {
     }
     assert_eq!(qt.inb(0x3f8), b'z');
 }
+
+/// A client that stops reading while events keep coming is dropped once
+/// its queue is full, instead of making strata buffer without bound; the
+/// other clients and the guest go on.
+#[test]
+fn a_client_that_never_reads_is_dropped() {
+    let (_qt, path) = start(&[]);
+    let mut stuck = Qmp::negotiated(&path);
+    let mut busy = Qmp::negotiated(&path);
+    // Each round is two events for `stuck`, which reads none of them:
+    // more than its queue and its socket's buffer hold.
+    for _ in 0..4500 {
+        busy.ok("stop", json!({}));
+        busy.ok("cont", json!({}));
+        busy.events.clear();
+    }
+    assert_eq!(busy.ok("query-status", json!({}))["status"], "running");
+    // The stuck client's connection was closed after its queue filled:
+    // what it can still read ends before all 9000 events.
+    let mut n = 0;
+    loop {
+        let mut line = String::new();
+        match std::io::BufRead::read_line(&mut stuck_reader(&mut stuck), &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => n += 1,
+        }
+        assert!(n < 9_000, "every event was kept for the stuck client");
+    }
+    assert!(n > 0);
+}
+
+fn stuck_reader(q: &mut Qmp) -> &mut dyn std::io::BufRead {
+    q.reader()
+}

@@ -56,6 +56,12 @@ impl Qmp {
         q
     }
 
+    /// The buffered input, for tests that read raw lines.
+    #[allow(dead_code)]
+    pub fn reader(&mut self) -> &mut dyn BufRead {
+        &mut self.reader
+    }
+
     /// Reads one message.
     pub fn read(&mut self) -> Value {
         let mut line = String::new();

@@ -21,16 +21,29 @@ pub enum Out {
     Flush(mpsc::Sender<()>),
 }
 
+/// How many messages a client's queue holds. A client that lets this many
+/// pile up unread (it stopped reading, and its socket buffer is full) is
+/// dropped, so a stuck client cannot make Strata buffer without bound.
+pub const QUEUE_LEN: usize = 4096;
+
+/// A client's outbound queue.
+pub type OutQueue = mpsc::SyncSender<Out>;
+
+/// A new client queue and its receiving end.
+pub fn queue() -> (OutQueue, mpsc::Receiver<Out>) {
+    mpsc::sync_channel(QUEUE_LEN)
+}
+
 /// The clients that receive events.
 #[derive(Default)]
 pub struct Events {
-    clients: Mutex<Vec<(u64, mpsc::Sender<Out>)>>,
+    clients: Mutex<Vec<(u64, OutQueue)>>,
     next: AtomicU64,
 }
 
 impl Events {
     /// Adds a client's queue; events go to it from now on.
-    pub fn subscribe(&self, out: mpsc::Sender<Out>) -> u64 {
+    pub fn subscribe(&self, out: OutQueue) -> u64 {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         lock(&self.clients).push((id, out));
         id
@@ -54,7 +67,8 @@ impl Events {
         }
         log::debug!("QMP event {v}");
         let text = format!("{v}\r\n");
-        lock(&self.clients).retain(|(_, tx)| tx.send(Out::Line(text.clone())).is_ok());
+        // Never blocks: a full queue drops the client (see QUEUE_LEN).
+        lock(&self.clients).retain(|(_, tx)| tx.try_send(Out::Line(text.clone())).is_ok());
     }
 
     /// Waits (up to `timeout` in all) until every client's queue has been
@@ -65,7 +79,7 @@ impl Events {
             .iter()
             .filter_map(|(_, tx)| {
                 let (atx, arx) = mpsc::channel();
-                tx.send(Out::Flush(atx)).ok().map(|_| arx)
+                tx.try_send(Out::Flush(atx)).ok().map(|_| arx)
             })
             .collect();
         for a in acks {

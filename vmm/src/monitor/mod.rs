@@ -87,7 +87,7 @@ pub enum Request {
         id: Option<Value>,
         pretty: bool,
         /// The client's outbound queue.
-        out: mpsc::Sender<Out>,
+        out: event::OutQueue,
         /// Dropped or answered when the response is queued.
         done: mpsc::Sender<()>,
     },
@@ -95,7 +95,7 @@ pub enum Request {
         line: String,
         /// The session's outbound queue; `None` is the `mon:stdio`
         /// console, answered on standard output.
-        out: Option<mpsc::Sender<Out>>,
+        out: Option<event::OutQueue>,
         done: Option<mpsc::Sender<()>>,
     },
 }
@@ -152,7 +152,9 @@ impl Control {
                     Err(e) => (Err(e), Action::None),
                 };
                 let text = qmp::encode(&qmp::response(result, id), pretty);
-                let _ = out.send(Out::Line(text));
+                // Never blocks the main loop: a client whose queue is full
+                // has stopped reading and loses the answer.
+                let _ = out.try_send(Out::Line(text));
                 let _ = done.send(());
                 action
             }
@@ -161,7 +163,7 @@ impl Control {
                 match out {
                     Some(out) => {
                         let text = text.replace('\n', "\r\n");
-                        let _ = out.send(Out::Line(format!("{text}{PROMPT}")));
+                        let _ = out.try_send(Out::Line(format!("{text}{PROMPT}")));
                     }
                     None => {
                         let mut o = std::io::stdout();
@@ -356,9 +358,9 @@ fn serve_hmp(s: Stream, vm: EventSender) {
         write,
         shutdown,
     } = s;
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = event::queue();
     let writer = std::thread::spawn(move || qmp::writer_loop(write, rx));
-    let _ = tx.send(Out::Line(format!("{BANNER}\r\n{PROMPT}")));
+    let _ = tx.try_send(Out::Line(format!("{BANNER}\r\n{PROMPT}")));
     let mut r = BufReader::new(read);
     let mut line = Vec::new();
     loop {

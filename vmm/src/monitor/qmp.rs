@@ -260,12 +260,12 @@ pub fn serve(stream: Stream, pretty: bool, events: Arc<Events>, vm: EventSender)
         write,
         shutdown,
     } = stream;
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = super::event::queue();
     let writer = std::thread::Builder::new()
         .name("qmp-out".into())
         .spawn(move || writer_loop(write, rx));
     let send = |v: &Value| {
-        let _ = tx.send(Out::Line(encode(v, pretty)));
+        let _ = tx.try_send(Out::Line(encode(v, pretty)));
     };
     send(&greeting());
     let mut negotiated = false;
