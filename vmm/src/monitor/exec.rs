@@ -229,16 +229,7 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
         }
         Command::DeviceDel { id } => {
             let devs = devices::bus::lock(&ctx.machine.devices);
-            let (n, r) = devs
-                .iter()
-                .enumerate()
-                .find(|(n, r)| r.qdev(*n) == id)
-                .ok_or_else(|| {
-                    QmpError::new(
-                        ErrorClass::DeviceNotFound,
-                        format!("Device '{id}' not found"),
-                    )
-                })?;
+            let (n, r) = device_by_qdev(&devs, &id)?;
             let not_hotpluggable =
                 || QmpError::generic(format!("Bus '{}' does not support hotplugging", r.bus));
             let slot = r.pci_slot.ok_or_else(not_hotpluggable)?;
@@ -467,6 +458,24 @@ pub fn pci_eject(c: &mut Control, machine: &crate::machine::Machine, slot: u8) {
     }
 }
 
+fn device_not_found(name: &str) -> QmpError {
+    QmpError::new(
+        ErrorClass::DeviceNotFound,
+        format!("Device '{name}' not found"),
+    )
+}
+
+/// The device QMP names `qdev` (its `id=`, or its path), with its index.
+fn device_by_qdev<'a>(
+    devs: &'a [crate::device::Realized],
+    qdev: &str,
+) -> Result<(usize, &'a crate::device::Realized), QmpError> {
+    devs.iter()
+        .enumerate()
+        .find(|(n, r)| r.qdev(*n) == qdev)
+        .ok_or_else(|| device_not_found(qdev))
+}
+
 /// The removable-media drive of the device with `id=`, or of the device
 /// using the drive `device=`; and the name the user gave, for errors.
 fn find_media(
@@ -477,21 +486,10 @@ fn find_media(
     let devs = devices::bus::lock(&ctx.machine.devices);
     let (name, found) = match (drive, id) {
         (Some(d), None) => (d, devs.iter().find(|r| r.drive.as_deref() == Some(d))),
-        (None, Some(i)) => (
-            i,
-            devs.iter()
-                .enumerate()
-                .find(|(n, r)| r.qdev(*n) == i)
-                .map(|(_, r)| r),
-        ),
+        (None, Some(i)) => (i, Some(device_by_qdev(&devs, i)?.1)),
         _ => return Err(QmpError::generic("Need exactly one of 'device' and 'id'")),
     };
-    let r = found.ok_or_else(|| {
-        QmpError::new(
-            ErrorClass::DeviceNotFound,
-            format!("Device '{name}' not found"),
-        )
-    })?;
+    let r = found.ok_or_else(|| device_not_found(name))?;
     let cd = r
         .cdrom
         .clone()
@@ -505,22 +503,11 @@ fn find_backend(
     drive: Option<&str>,
     id: Option<&str>,
 ) -> Result<Arc<block::backend::BlockBackend>, QmpError> {
-    let not_found = |n: &str| {
-        QmpError::new(
-            ErrorClass::DeviceNotFound,
-            format!("Device '{n}' not found"),
-        )
-    };
     match (drive, id) {
-        (Some(d), None) => ctx.storage.drive(d).ok_or_else(|| not_found(d)),
+        (Some(d), None) => ctx.storage.drive(d).ok_or_else(|| device_not_found(d)),
         (None, Some(i)) => {
             let devs = devices::bus::lock(&ctx.machine.devices);
-            let r = devs
-                .iter()
-                .enumerate()
-                .find(|(n, r)| r.qdev(*n) == i)
-                .map(|(_, r)| r)
-                .ok_or_else(|| not_found(i))?;
+            let (_, r) = device_by_qdev(&devs, i)?;
             r.backend
                 .clone()
                 .ok_or_else(|| QmpError::generic(format!("Device '{i}' has no drive")))
