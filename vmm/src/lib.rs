@@ -478,42 +478,24 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
     }
 }
 
-/// Written by the termination signal handler; read by the thread that
-/// turns the signal into a [`VmEvent::HostSignal`].
-static SIGNALLED: std::sync::OnceLock<vmm_sys_util::eventfd::EventFd> = std::sync::OnceLock::new();
-
-extern "C" fn termination_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Only an eventfd write: async-signal-safe.
-    if let Some(fd) = SIGNALLED.get() {
-        let _ = fd.write(1);
-    }
-}
-
 /// SIGTERM, SIGINT and SIGHUP end the run through the main loop, so that
 /// images are flushed and closed and monitors hear SHUTDOWN, instead of
-/// the process dying with metadata in memory.
+/// the process dying with metadata in memory. (`strata-nbd` watches the
+/// same signals the same way.)
 pub fn watch_signals(events: &EventSender) -> Result<(), VmmError> {
-    let err = |e: std::io::Error| VmmError::Config(format!("cannot watch signals: {e}"));
-    let fd = vmm_sys_util::eventfd::EventFd::new(0).map_err(err)?;
-    let reader = fd.try_clone().map_err(err)?;
-    if SIGNALLED.set(fd).is_err() {
-        return Ok(()); // already watching (a second run in one process)
-    }
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        register_signal_handler(sig, termination_handler).map_err(|e| {
-            VmmError::Config(format!("cannot install a handler for signal {sig}: {e}"))
-        })?;
-    }
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| VmmError::Config(format!("cannot watch signals: {e}")))?;
     let ev = events.clone();
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            while reader.read().is_ok() {
+            for _ in signals.forever() {
                 log::info!("termination signal: shutting down");
                 ev.send(VmEvent::HostSignal);
             }
         })
-        .map_err(err)?;
+        .map_err(|e| VmmError::Config(format!("cannot watch signals: {e}")))?;
     Ok(())
 }
 
