@@ -216,6 +216,21 @@ pub struct BlockBackend {
     throttle: std::sync::RwLock<Option<Arc<Throttle>>>,
     /// Devices to tell when the medium's size changes.
     resize_listeners: Mutex<Vec<ResizeListener>>,
+    /// Requests between submission to the root node and completion.
+    inflight: AtomicU64,
+    /// True while someone drains the backend ([`BlockBackend::drained`]):
+    /// new requests wait in `quiesce` instead of going to the root.
+    quiesced: AtomicBool,
+    quiesce: Mutex<Quiesce>,
+    /// Signalled when `inflight` drops to zero while quiesced, and when
+    /// the quiesced section ends.
+    idle: Condvar,
+}
+
+#[derive(Default)]
+struct Quiesce {
+    depth: u32,
+    queued: Vec<(IoRequest, Completion)>,
 }
 
 type ResizeListener = Box<dyn Fn() -> bool + Send + Sync>;
@@ -260,6 +275,10 @@ impl BlockBackend {
             stop_handler: Mutex::new(None),
             throttle: std::sync::RwLock::new(throttle),
             resize_listeners: Mutex::new(Vec::new()),
+            inflight: AtomicU64::new(0),
+            quiesced: AtomicBool::new(false),
+            quiesce: Mutex::new(Quiesce::default()),
+            idle: Condvar::new(),
         })
     }
 
@@ -272,6 +291,12 @@ impl BlockBackend {
                 self.id
             )));
         }
+        *slot = Some(self.attach_root(root)?);
+        Ok(())
+    }
+
+    /// Take this backend's permissions on `root`.
+    fn attach_root(&self, root: Arc<Node>) -> BlockResult<Attached> {
         let read_only = self.cfg.read_only || root.is_read_only();
         let mut perm = Perms::CONSISTENT_READ;
         if !read_only {
@@ -291,12 +316,124 @@ impl BlockBackend {
             format!("block device '{}'", self.id)
         };
         let handle = root.attach(&user, perm, shared)?;
-        *slot = Some(Attached {
+        Ok(Attached {
             node: root,
             _perm: handle,
             read_only,
-        });
-        Ok(())
+        })
+    }
+
+    /// Make `new` the root in place of the current one (a snapshot's
+    /// overlay, a mirror's target, a commit's base), returning the old
+    /// root. The old root's permissions go first, so that the new root
+    /// may be a node the old one had as a child; if the new root cannot
+    /// be attached the old one is attached again and the error returned.
+    /// Call it inside [`BlockBackend::drained`].
+    pub fn replace_root(&self, new: Arc<Node>) -> BlockResult<Arc<Node>> {
+        let mut slot = self.root.write().unwrap_or_else(|e| e.into_inner());
+        let Some(old) = slot.take() else {
+            return Err(BlockError::NoMedium(format!("Block device '{}'", self.id)));
+        };
+        let old_node = old.node.clone();
+        let old_len = old_node.len();
+        drop(old);
+        match self.attach_root(new.clone()) {
+            Ok(a) => *slot = Some(a),
+            Err(e) => {
+                *slot = Some(self.attach_root(old_node)?);
+                return Err(e);
+            }
+        }
+        drop(slot);
+        if new.len() != old_len {
+            self.resized();
+        }
+        Ok(old_node)
+    }
+
+    /// Run `f` with no request of this backend in flight: new requests
+    /// wait (without a thread) until `f` returns, then go on in order.
+    /// Graph changes under a backend happen in here (QEMU's drained
+    /// sections). Sections nest.
+    pub fn drained<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
+        {
+            let mut q = self.quiesce.lock().unwrap_or_else(|e| e.into_inner());
+            q.depth += 1;
+            self.quiesced.store(true, Ordering::SeqCst);
+            while self.inflight.load(Ordering::SeqCst) != 0 {
+                q = self
+                    .idle
+                    .wait_timeout(q, std::time::Duration::from_millis(50))
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+        }
+        let r = f();
+        let queued = {
+            let mut q = self.quiesce.lock().unwrap_or_else(|e| e.into_inner());
+            q.depth -= 1;
+            if q.depth > 0 {
+                return r;
+            }
+            self.quiesced.store(false, Ordering::SeqCst);
+            std::mem::take(&mut q.queued)
+        };
+        self.idle.notify_all();
+        for (req, done) in queued {
+            self.submit_checked(req, done);
+        }
+        r
+    }
+
+    /// Requests submitted and not yet completed.
+    pub fn in_flight(&self) -> u64 {
+        self.inflight.load(Ordering::SeqCst)
+    }
+
+    /// Count a request in flight, unless a drained section is open: then
+    /// `Some` gives the request back to wait in the queue.
+    fn enter(&self, req: IoRequest, done: Completion) -> Option<(IoRequest, Completion)> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if !self.quiesced.load(Ordering::SeqCst) {
+            return Some((req, done));
+        }
+        let mut q = self.quiesce.lock().unwrap_or_else(|e| e.into_inner());
+        if q.depth == 0 {
+            return Some((req, done));
+        }
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.idle.notify_all();
+        q.queued.push((req, done));
+        None
+    }
+
+    /// A request left: wake a drain waiting for the last one.
+    fn leave(&self) {
+        if self.inflight.fetch_sub(1, Ordering::SeqCst) == 1 && self.quiesced.load(Ordering::SeqCst)
+        {
+            let _q = self.quiesce.lock().unwrap_or_else(|e| e.into_inner());
+            self.idle.notify_all();
+        }
+    }
+
+    /// The synchronous counterpart of [`BlockBackend::enter`]: wait for a
+    /// drained section to end, then count the request.
+    fn enter_sync(&self) {
+        loop {
+            self.inflight.fetch_add(1, Ordering::SeqCst);
+            if !self.quiesced.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut q = self.quiesce.lock().unwrap_or_else(|e| e.into_inner());
+            if q.depth == 0 {
+                return;
+            }
+            self.inflight.fetch_sub(1, Ordering::SeqCst);
+            self.idle.notify_all();
+            while q.depth > 0 {
+                q = self.idle.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        }
     }
 
     /// Remove the medium (QEMU's `blockdev-remove-medium`), releasing its
@@ -516,7 +653,7 @@ impl BlockBackend {
         op: IoOp,
         offset: u64,
         bytes: u64,
-        mut f: impl FnMut() -> BlockResult<()>,
+        mut f: impl FnMut(&Node) -> BlockResult<()>,
     ) -> BlockResult<()> {
         self.check(op, offset, bytes)?;
         let delay = self.throttle_delay(op, bytes);
@@ -525,7 +662,11 @@ impl BlockBackend {
         }
         loop {
             let start = Instant::now();
-            let r = f();
+            self.enter_sync();
+            // The root is looked up inside: a drained section may have
+            // replaced it while this request waited.
+            let r = self.node().and_then(|root| f(&root));
+            self.leave();
             self.account(op, bytes, start, r.is_ok());
             let e = match r {
                 Ok(()) => return Ok(()),
@@ -561,8 +702,7 @@ impl BlockBackend {
     /// Vectored read.
     pub fn readv_at(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
         let len = crate::iov::total_len_mut(iov) as u64;
-        let root = self.node()?;
-        self.run(IoOp::Read, offset, len, || root.read_vectored(offset, iov))
+        self.run(IoOp::Read, offset, len, |root| root.read_vectored(offset, iov))
     }
     /// Write `buf` at `offset` (FUA when the write cache is off).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
@@ -576,26 +716,22 @@ impl BlockBackend {
     pub fn writev_at_fua(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
         let len = crate::iov::total_len(iov) as u64;
         let fua = fua || !self.write_cache_enabled();
-        let root = self.node()?;
-        self.run(IoOp::Write, offset, len, || {
+        self.run(IoOp::Write, offset, len, |root| {
             root.write_vectored(offset, iov, fua)
         })
     }
     /// Flush the write cache down to stable storage.
     pub fn flush(&self) -> BlockResult<()> {
-        let root = self.node()?;
-        self.run(IoOp::Flush, 0, 0, || root.flush())
+        self.run(IoOp::Flush, 0, 0, |root| root.flush())
     }
     /// Discard (honoured only with `discard=unmap`).
     pub fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        let root = self.node()?;
-        self.run(IoOp::Discard, offset, len, || root.discard(offset, len))
+        self.run(IoOp::Discard, offset, len, |root| root.discard(offset, len))
     }
     /// Make a range read as zeroes.
     pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> BlockResult<()> {
         let fua = !self.write_cache_enabled();
-        let root = self.node()?;
-        self.run(IoOp::WriteZeroes { may_unmap }, offset, len, || {
+        self.run(IoOp::WriteZeroes { may_unmap }, offset, len, |root| {
             root.write_zeroes(offset, len, may_unmap, fua)
         })
     }
@@ -657,14 +793,21 @@ impl BlockBackend {
         let start = Instant::now();
         let op = req.op;
         let bytes = req.byte_len();
+        let Some((req, done)) = self.enter(req, done) else {
+            return;
+        };
         let root = match self.node() {
             Ok(r) => r,
-            Err(e) => return done(req, Err(e)),
+            Err(e) => {
+                self.leave();
+                return done(req, Err(e));
+            }
         };
         let me = self.clone();
         root.submit(
             req,
             Box::new(move |req, r| {
+                me.leave();
                 me.account(op, bytes, start, r.is_ok());
                 // The backend reference is dropped before `done` runs, so a
                 // caller that drops its last reference after the completion

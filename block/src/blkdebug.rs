@@ -281,6 +281,10 @@ impl BlkdebugNode {
 }
 
 impl BlockDriver for BlkdebugNode {
+    /// Nothing of its own depends on the mode; the node reopens the child.
+    fn reopen(&self, _read_only: bool) -> BlockResult<()> {
+        Ok(())
+    }
     fn driver_name(&self) -> &'static str {
         "blkdebug"
     }

@@ -250,6 +250,24 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn set_perms(&self, _perm: Perms, _shared: Perms) -> BlockResult<()> {
         Ok(())
     }
+    /// Switch between read-only and read-write while open (see
+    /// [`crate::node::Node::reopen`], which reopens the children first).
+    /// Default: refused.
+    fn reopen(&self, _read_only: bool) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "driver '{}' cannot be reopened read-write",
+            self.driver_name()
+        )))
+    }
+    /// Record a new backing file name in the image (after a graph change
+    /// made another node this node's backing child; QEMU's
+    /// `bdrv_change_backing_file`). Default: the format has none.
+    fn set_backing_file(&self, _name: Option<&str>, _format: Option<&str>) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "driver '{}' has no backing file",
+            self.driver_name()
+        )))
+    }
     /// Submit a request asynchronously. `done` runs exactly once, possibly
     /// before `submit` returns (on this thread) when no I/O is needed; so
     /// callers must not hold a lock across `submit` that `done` takes.

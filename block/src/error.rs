@@ -47,6 +47,10 @@ pub enum BlockError {
     /// are refused): QMP's BLOCK_IMAGE_CORRUPTED.
     #[error("{0}")]
     Corrupt(String),
+    /// A request that makes no sense in the current state (a QMP argument
+    /// or a graph change refused).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl BlockError {
@@ -61,7 +65,7 @@ impl BlockError {
             BlockError::Permission(_) => libc::EPERM,
             BlockError::NoMedium(_) => libc::ENOMEDIUM,
             BlockError::Corrupt(_) => libc::EIO,
-            BlockError::Config(_) | BlockError::Open(_) => libc::EINVAL,
+            BlockError::Config(_) | BlockError::Open(_) | BlockError::Invalid(_) => libc::EINVAL,
         }
     }
     /// An I/O error from the current `errno`.

@@ -130,6 +130,8 @@ pub struct FileNode {
     rmw_lock: Mutex<()>,
     locked: Mutex<(Perms, Perms)>,
     use_lock: bool,
+    /// Open read-only now (see [`BlockDriver::reopen`]).
+    read_only: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for FileNode {
@@ -261,6 +263,7 @@ impl FileNode {
             Locking::Off => false,
             Locking::On | Locking::Auto => true,
         };
+        let read_only = opts.read_only;
         Ok(FileNode {
             opts,
             fd,
@@ -275,6 +278,7 @@ impl FileNode {
             stats,
             rmw_lock: Mutex::new(()),
             locked: Mutex::new((Perms::NONE, Perms::ALL)),
+            read_only: std::sync::atomic::AtomicBool::new(read_only),
             use_lock,
         })
     }
@@ -671,7 +675,7 @@ impl BlockDriver for FileNode {
     }
 
     fn discard(&self, offset: u64, len: u64) -> BlockResult<()> {
-        if self.opts.read_only {
+        if self.read_only.load(Ordering::Acquire) {
             return Err(BlockError::ReadOnly(self.opts.filename.clone()));
         }
         let r = if self.is_blockdev {
@@ -697,7 +701,7 @@ impl BlockDriver for FileNode {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool, fua: bool) -> BlockResult<()> {
-        if self.opts.read_only {
+        if self.read_only.load(Ordering::Acquire) {
             return Err(BlockError::ReadOnly(self.opts.filename.clone()));
         }
         let aligned = offset.is_multiple_of(self.align) && len.is_multiple_of(self.align);
@@ -728,7 +732,7 @@ impl BlockDriver for FileNode {
     }
 
     fn preallocate(&self, offset: u64, len: u64) -> BlockResult<()> {
-        if self.opts.read_only {
+        if self.read_only.load(Ordering::Acquire) {
             return Err(BlockError::ReadOnly(self.opts.filename.clone()));
         }
         if self.is_blockdev || self.opts.host_device || len == 0 {
@@ -833,6 +837,41 @@ impl BlockDriver for FileNode {
         Ok(())
     }
 
+    /// Reopen with the other access mode: a new open file description
+    /// takes the place of the old one under the same descriptor number
+    /// (`dup3`), so requests in flight and the I/O engines keep working.
+    /// The old description's locks go with it; the node takes them again
+    /// on the new one at once ([`crate::node::Node::reopen`]).
+    fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        let name = &self.opts.filename;
+        let cpath = CString::new(std::path::Path::new(name).as_os_str().as_bytes())
+            .map_err(|_| BlockError::Open(format!("Could not reopen '{name}': invalid file name")))?;
+        let mut flags = libc::O_CLOEXEC | if read_only { libc::O_RDONLY } else { libc::O_RDWR };
+        if self.opts.direct {
+            flags |= libc::O_DIRECT;
+        }
+        // SAFETY: cpath is a valid NUL-terminated string; open has no other
+        // memory effects.
+        let raw = unsafe { libc::open(cpath.as_ptr(), flags) };
+        if raw < 0 {
+            return Err(BlockError::Open(format!(
+                "Could not reopen '{name}': {}",
+                crate::error::strerror(errno())
+            )));
+        }
+        // SAFETY: raw is a freshly opened descriptor that nothing else owns.
+        let new = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut cur = self.locked.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: dup3 atomically replaces our own descriptor number with
+        // the new description; both descriptors are open and ours.
+        if unsafe { libc::dup3(new.as_raw_fd(), self.fd.as_raw_fd(), libc::O_CLOEXEC) } < 0 {
+            return Err(BlockError::io(errno(), format!("{name}: reopen")));
+        }
+        *cur = (Perms::NONE, Perms::ALL);
+        self.read_only.store(read_only, Ordering::Release);
+        Ok(())
+    }
+
     fn set_perms(&self, perm: Perms, shared: Perms) -> BlockResult<()> {
         if !self.use_lock {
             return Ok(());
@@ -931,7 +970,7 @@ impl BlockDriver for FileNode {
                         && self.zero_range_ok.load(Ordering::Relaxed)
                         && req.offset.is_multiple_of(self.align)
                         && req.len.is_multiple_of(self.align)
-                        && !self.opts.read_only
+                        && !self.read_only.load(Ordering::Acquire)
                 }
                 _ => false,
             };

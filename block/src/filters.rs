@@ -43,6 +43,10 @@ impl ThrottleFilter {
 }
 
 impl BlockDriver for ThrottleFilter {
+    /// Nothing of its own depends on the mode; the node reopens the child.
+    fn reopen(&self, _read_only: bool) -> BlockResult<()> {
+        Ok(())
+    }
     fn driver_name(&self) -> &'static str {
         "throttle"
     }
@@ -108,6 +112,10 @@ impl CopyOnRead {
 }
 
 impl BlockDriver for CopyOnRead {
+    /// Nothing of its own depends on the mode; the node reopens the child.
+    fn reopen(&self, _read_only: bool) -> BlockResult<()> {
+        Ok(())
+    }
     fn driver_name(&self) -> &'static str {
         "copy-on-read"
     }

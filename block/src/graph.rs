@@ -20,7 +20,7 @@ use crate::driver::BlockDriver;
 use crate::error::{BlockError, BlockResult};
 use crate::file::{Aio, FileNode, FileOptions, Locking};
 use crate::keyval::{self, ChildRef, KeyvalError, Map, Options, Value};
-use crate::node::{DetectZeroes, Node, NodeCommon};
+use crate::node::{Child, DetectZeroes, Node, NodeCommon};
 use crate::null::NullNode;
 use crate::raw::RawNode;
 use std::collections::{BTreeMap, HashMap};
@@ -54,7 +54,7 @@ pub struct OpenCtx<'a> {
     pub node_name: String,
     /// The format was probed, not given (raw's sector-0 guard).
     pub probed: bool,
-    children: Vec<(String, Arc<Node>)>,
+    children: Vec<Arc<Child>>,
     desc: BTreeMap<String, String>,
     preopened: HashMap<String, Arc<Node>>,
 }
@@ -74,7 +74,7 @@ impl OpenCtx<'_> {
     /// Open (or look up) the optional child `role`.
     pub fn open_optional_child(&mut self, role: &str) -> BlockResult<Option<Arc<Node>>> {
         if let Some(n) = self.preopened.remove(role) {
-            self.children.push((role.to_string(), n.clone()));
+            self.children.push(Child::new(role, Some(n.clone())));
             return Ok(Some(n));
         }
         let node = match self.opts.take_child(role)? {
@@ -84,7 +84,7 @@ impl OpenCtx<'_> {
             })?,
             Some(ChildRef::Inline(o)) => self.graph.open_options(o, Some(&self.common), false)?,
         };
-        self.children.push((role.to_string(), node.clone()));
+        self.children.push(Child::new(role, Some(node.clone())));
         Ok(Some(node))
     }
 
@@ -97,23 +97,43 @@ impl OpenCtx<'_> {
                 let n = self.graph.get(&name).ok_or_else(|| {
                     BlockError::Open(format!("Cannot find device='' nor node-name='{name}'"))
                 })?;
-                self.children.push(("backing".into(), n.clone()));
+                self.add_slot("backing", Some(n.clone()));
                 Ok(Backing::Node(n))
             }
             Some(ChildRef::Inline(o)) => {
                 let mut inherit = self.common.clone();
                 inherit.read_only = true;
                 let n = self.graph.open_options(o, Some(&inherit), false)?;
-                self.children.push(("backing".into(), n.clone()));
+                self.add_slot("backing", Some(n.clone()));
                 Ok(Backing::Node(n))
             }
         }
     }
 
-    /// Attach a child the driver opened itself (a backing file named in an
-    /// image header, a data file).
+    /// Attach a child the driver opened itself (a data file).
     pub fn add_child(&mut self, role: &str, node: Arc<Node>) {
-        self.children.push((role.to_string(), node));
+        self.children.push(Child::new(role, Some(node)));
+    }
+
+    /// A slot for `role` holding `node`, possibly nothing, which the
+    /// driver keeps to reach the child (a format's `backing`: the slot
+    /// is what graph changes replace).
+    /// The slot already made for `role` (by [`OpenCtx::take_backing`])
+    /// is reused.
+    pub fn add_slot(&mut self, role: &str, node: Option<Arc<Node>>) -> Arc<Child> {
+        if let Some(c) = self.children.iter().find(|c| c.role() == role) {
+            let same = match (c.get(), &node) {
+                (Some(a), Some(b)) => Arc::ptr_eq(&a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                return c.clone();
+            }
+        }
+        let c = Child::new(role, node);
+        self.children.push(c.clone());
+        c
     }
 
     /// Record a normalised driver option (for graph descriptions).

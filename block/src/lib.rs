@@ -45,6 +45,7 @@
 
 pub mod aio;
 pub mod backend;
+pub mod bitmap;
 pub mod blkdebug;
 pub mod drive;
 pub mod driver;
@@ -55,6 +56,7 @@ pub mod filters;
 pub mod graph;
 pub mod harness;
 pub mod iov;
+pub mod jobs;
 pub mod keyval;
 pub mod nbd;
 pub mod node;

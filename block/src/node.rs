@@ -17,11 +17,74 @@
 //! resized under it), and a protocol node turns its aggregate into image
 //! locks.
 
+use crate::bitmap::DirtyBitmap;
 use crate::driver::{BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
 use crate::error::{BlockError, BlockResult};
 use crate::iov;
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+/// One child edge of a node: the only owner of the child. The parent
+/// node, its driver (qcow2 reads unallocated clusters from its `backing`
+/// slot) and the format layer (through [`crate::qcow2::ChildStorage`])
+/// share the slot, so that a graph change (`block-stream`, `block-commit`,
+/// `blockdev-snapshot`) replaces the child everywhere at once. A slot may
+/// be empty: a qcow2 node always has a `backing` slot, which holds nothing
+/// while the image has no backing file.
+pub struct Child {
+    role: String,
+    node: RwLock<Option<Arc<Node>>>,
+}
+
+impl std::fmt::Debug for Child {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Child")
+            .field("role", &self.role)
+            .field("node", &self.get().map(|n| n.name().to_string()))
+            .finish()
+    }
+}
+
+impl Child {
+    /// A slot for `role` holding `node`.
+    pub fn new(role: &str, node: Option<Arc<Node>>) -> Arc<Child> {
+        Arc::new(Child {
+            role: role.to_string(),
+            node: RwLock::new(node),
+        })
+    }
+    /// The role (`file`, `backing`, `data-file`, `image`, ...).
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+    /// The child now in the slot.
+    pub fn get(&self) -> Option<Arc<Node>> {
+        self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn set(&self, node: Option<Arc<Node>>) -> Option<Arc<Node>> {
+        std::mem::replace(
+            &mut *self.node.write().unwrap_or_else(|e| e.into_inner()),
+            node,
+        )
+    }
+}
+
+/// Told before a write reaches a node, while the old data is still there
+/// (the copy-before-write of `backup`, QEMU's `copy-before-write` filter).
+/// It runs on a worker thread and may do blocking I/O; the write waits.
+pub trait BeforeWrite: Send + Sync {
+    /// `[offset, offset+len)` is about to change.
+    fn before_write(&self, offset: u64, len: u64);
+}
+
+/// What watches a node's writes: dirty bitmaps and before-write hooks.
+#[derive(Default)]
+struct Watchers {
+    bitmaps: Vec<Arc<DirtyBitmap>>,
+    before: Vec<(u64, Arc<dyn BeforeWrite>)>,
+    next_id: u64,
+}
 
 /// `detect-zeroes=off|on|unmap`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -76,6 +139,10 @@ pub struct NodeCommon {
 
 struct User {
     id: u64,
+    /// A block job's own use: it does not conflict with the graph's edges
+    /// (a commit writes into a backing node, what QEMU's job filter nodes
+    /// declare), only with backends and other jobs.
+    job: bool,
     /// How errors name this user ("block device 'd0'", "node 'n1' as 'file'").
     name: String,
     /// For parent nodes: "parent/role", so that updates replace the entry.
@@ -90,8 +157,14 @@ pub struct Node {
     auto_named: bool,
     driver: Arc<dyn BlockDriver>,
     common: NodeCommon,
-    children: Vec<(String, Arc<Node>)>,
+    /// `common.read_only` as it is now ([`Node::reopen`] changes it).
+    read_only: AtomicBool,
+    children: Vec<Arc<Child>>,
     users: Mutex<(Vec<User>, u64)>,
+    /// True while `watchers` has anything, so that plain writes pay one
+    /// atomic load.
+    watched: AtomicBool,
+    watchers: RwLock<Watchers>,
     self_ref: Weak<Node>,
 }
 
@@ -123,17 +196,34 @@ impl Node {
         auto_named: bool,
         driver: Arc<dyn BlockDriver>,
         common: NodeCommon,
-        children: Vec<(String, Arc<Node>)>,
+        children: Vec<Arc<Child>>,
     ) -> Arc<Node> {
         Arc::new_cyclic(|w| Node {
             name,
             auto_named,
             driver,
+            read_only: AtomicBool::new(common.read_only),
             common,
             children,
             users: Mutex::new((Vec::new(), 0)),
+            watched: AtomicBool::new(false),
+            watchers: RwLock::new(Watchers::default()),
             self_ref: w.clone(),
         })
+    }
+    /// A node whose children are given as nodes (each in its own slot).
+    pub fn with_children(
+        name: String,
+        auto_named: bool,
+        driver: Arc<dyn BlockDriver>,
+        common: NodeCommon,
+        children: Vec<(String, Arc<Node>)>,
+    ) -> Arc<Node> {
+        let slots = children
+            .into_iter()
+            .map(|(r, n)| Child::new(&r, Some(n)))
+            .collect();
+        Node::new(name, auto_named, driver, common, slots)
     }
     /// The node-name.
     pub fn name(&self) -> &str {
@@ -151,7 +241,8 @@ impl Node {
     pub fn driver(&self) -> &Arc<dyn BlockDriver> {
         &self.driver
     }
-    /// Generic options.
+    /// Generic options as opened (`read-only` as it is now: see
+    /// [`Node::is_read_only`]).
     pub fn common(&self) -> &NodeCommon {
         &self.common
     }
@@ -171,15 +262,19 @@ impl Node {
         Err(libc::ENOTSUP)
     }
 
-    pub fn children(&self) -> &[(String, Arc<Node>)] {
-        &self.children
-    }
-    /// The child with `role`.
-    pub fn child(&self, role: &str) -> Option<&Arc<Node>> {
+    pub fn children(&self) -> Vec<(String, Arc<Node>)> {
         self.children
             .iter()
-            .find(|(r, _)| r == role)
-            .map(|(_, n)| n)
+            .filter_map(|c| c.get().map(|n| (c.role.clone(), n)))
+            .collect()
+    }
+    /// The child with `role`.
+    pub fn child(&self, role: &str) -> Option<Arc<Node>> {
+        self.child_slot(role).and_then(|c| c.get())
+    }
+    /// The slot of `role`, full or empty.
+    pub fn child_slot(&self, role: &str) -> Option<&Arc<Child>> {
+        self.children.iter().find(|c| c.role == role)
     }
     /// Size in bytes.
     pub fn len(&self) -> u64 {
@@ -195,17 +290,22 @@ impl Node {
     }
     /// Read-only node.
     pub fn is_read_only(&self) -> bool {
-        self.common.read_only
+        self.read_only.load(Ordering::Acquire)
     }
     /// The file name of the node or of its first file-like descendant.
     pub fn filename(&self) -> Option<String> {
         self.driver
             .filename()
-            .or_else(|| self.children.first().and_then(|(_, c)| c.filename()))
+            .or_else(|| {
+                self.children
+                    .first()
+                    .and_then(|c| c.get())
+                    .and_then(|c| c.filename())
+            })
     }
 
     fn check_writable(&self) -> BlockResult<()> {
-        if self.common.read_only {
+        if self.is_read_only() {
             return Err(BlockError::ReadOnly(format!("Node '{}'", self.name)));
         }
         Ok(())
@@ -216,16 +316,58 @@ impl Node {
         self.driver.read_vectored(offset, iov)
     }
 
+    /// Run the before-write hooks and return the bitmaps to mark, when
+    /// anything watches this node.
+    fn watch_write(&self, offset: u64, len: u64) -> Option<Vec<Arc<DirtyBitmap>>> {
+        if !self.watched.load(Ordering::Acquire) {
+            return None;
+        }
+        let (before, bitmaps) = {
+            let w = self.watchers.read().unwrap_or_else(|e| e.into_inner());
+            let before: Vec<_> = w.before.iter().map(|(_, h)| h.clone()).collect();
+            (before, w.bitmaps.clone())
+        };
+        for h in before {
+            h.before_write(offset, len);
+        }
+        Some(bitmaps)
+    }
+
+    fn mark(bitmaps: Option<Vec<Arc<DirtyBitmap>>>, offset: u64, len: u64) {
+        for b in bitmaps.into_iter().flatten() {
+            if b.is_enabled() {
+                b.set_range(offset, len);
+            }
+        }
+    }
+
+    /// A synchronous change of `[offset, offset+len)` under the watchers.
+    fn watched_change(
+        &self,
+        offset: u64,
+        len: u64,
+        f: impl FnOnce() -> BlockResult<()>,
+    ) -> BlockResult<()> {
+        self.check_writable()?;
+        let bitmaps = self.watch_write(offset, len);
+        let r = f();
+        if r.is_ok() {
+            Self::mark(bitmaps, offset, len);
+        }
+        r
+    }
+
     /// Write, with `detect-zeroes` applied.
     pub fn write_vectored(&self, offset: u64, data: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
-        self.check_writable()?;
-        if self.common.detect_zeroes != DetectZeroes::Off && iov::is_zero(data) {
-            let len = iov::total_len(data) as u64;
-            let unmap =
-                self.common.detect_zeroes == DetectZeroes::Unmap && self.common.discard_unmap;
-            return self.driver.write_zeroes(offset, len, unmap, fua);
-        }
-        self.driver.write_vectored(offset, data, fua)
+        let len = iov::total_len(data) as u64;
+        self.watched_change(offset, len, || {
+            if self.common.detect_zeroes != DetectZeroes::Off && iov::is_zero(data) {
+                let unmap =
+                    self.common.detect_zeroes == DetectZeroes::Unmap && self.common.discard_unmap;
+                return self.driver.write_zeroes(offset, len, unmap, fua);
+            }
+            self.driver.write_vectored(offset, data, fua)
+        })
     }
 
     /// Flush; skipped on protocol nodes with `cache.no-flush=on`.
@@ -242,7 +384,7 @@ impl Node {
         if !self.common.discard_unmap {
             return Ok(());
         }
-        self.driver.discard(offset, len)
+        self.watched_change(offset, len, || self.driver.discard(offset, len))
     }
 
     /// Write zeroes; `may_unmap` only honoured with `discard=unmap`.
@@ -253,9 +395,10 @@ impl Node {
         may_unmap: bool,
         fua: bool,
     ) -> BlockResult<()> {
-        self.check_writable()?;
-        self.driver
-            .write_zeroes(offset, len, may_unmap && self.common.discard_unmap, fua)
+        self.watched_change(offset, len, || {
+            self.driver
+                .write_zeroes(offset, len, may_unmap && self.common.discard_unmap, fua)
+        })
     }
 
     /// Block status of the run starting at `offset`.
@@ -266,11 +409,16 @@ impl Node {
     /// Resize.
     pub fn truncate(&self, len: u64) -> BlockResult<()> {
         self.check_writable()?;
-        self.driver.truncate(len)
+        self.driver.truncate(len)?;
+        let w = self.watchers.read().unwrap_or_else(|e| e.into_inner());
+        for b in &w.bitmaps {
+            b.resize(len);
+        }
+        Ok(())
     }
 
     /// Asynchronous submission with the node's generic policies applied.
-    pub fn submit(&self, mut req: IoRequest, done: Completion) {
+    pub fn submit(&self, req: IoRequest, done: Completion) {
         match req.op {
             IoOp::Read => {}
             IoOp::Flush => {
@@ -284,44 +432,239 @@ impl Node {
                     done(req, Err(e));
                     return;
                 }
-                match req.op {
-                    IoOp::Discard if !self.common.discard_unmap => {
-                        done(req, Ok(()));
-                        return;
-                    }
-                    IoOp::WriteZeroes { may_unmap } => {
-                        req.op = IoOp::WriteZeroes {
-                            may_unmap: may_unmap && self.common.discard_unmap,
-                        }
-                    }
-                    IoOp::Write
-                        if self.common.detect_zeroes != DetectZeroes::Off
-                            && iov::is_zero(&req.iov.slices()) =>
-                    {
-                        let unmap = self.common.detect_zeroes == DetectZeroes::Unmap
-                            && self.common.discard_unmap;
-                        // Keep the buffers with the request; only the op changes.
-                        req.len = req.iov.len() as u64;
-                        req.op = IoOp::WriteZeroes { may_unmap: unmap };
-                        let op_back = IoOp::Write;
-                        self.driver.clone().submit(
-                            req,
-                            Box::new(move |mut r, res| {
-                                r.op = op_back;
-                                done(r, res)
-                            }),
-                        );
-                        return;
-                    }
-                    _ => {}
+                if req.op == IoOp::Discard && !self.common.discard_unmap {
+                    done(req, Ok(()));
+                    return;
+                }
+                if self.watched.load(Ordering::Acquire) {
+                    return self.submit_watched(req, done);
                 }
             }
+        }
+        self.submit_to_driver(req, done);
+    }
+
+    /// A change of data while something watches the node: the hooks run
+    /// on a worker thread (they may copy the old data away first), the
+    /// bitmaps are marked when the change completes.
+    fn submit_watched(&self, req: IoRequest, done: Completion) {
+        let Some(me) = self.self_ref.upgrade() else {
+            return done(req, Err(BlockError::Invalid("node is gone".into())));
+        };
+        crate::aio::pool().spawn(Box::new(move || {
+            let (offset, len) = (req.offset, req.byte_len());
+            let bitmaps = me.watch_write(offset, len);
+            me.submit_to_driver(
+                req,
+                Box::new(move |r, res| {
+                    if res.is_ok() {
+                        Node::mark(bitmaps, offset, len);
+                    }
+                    done(r, res)
+                }),
+            );
+        }));
+    }
+
+    fn submit_to_driver(&self, mut req: IoRequest, done: Completion) {
+        match req.op {
+            IoOp::WriteZeroes { may_unmap } => {
+                req.op = IoOp::WriteZeroes {
+                    may_unmap: may_unmap && self.common.discard_unmap,
+                }
+            }
+            IoOp::Write
+                if self.common.detect_zeroes != DetectZeroes::Off
+                    && iov::is_zero(&req.iov.slices()) =>
+            {
+                let unmap =
+                    self.common.detect_zeroes == DetectZeroes::Unmap && self.common.discard_unmap;
+                // Keep the buffers with the request; only the op changes.
+                req.len = req.iov.len() as u64;
+                req.op = IoOp::WriteZeroes { may_unmap: unmap };
+                let op_back = IoOp::Write;
+                self.driver.clone().submit(
+                    req,
+                    Box::new(move |mut r, res| {
+                        r.op = op_back;
+                        done(r, res)
+                    }),
+                );
+                return;
+            }
+            _ => {}
         }
         self.driver.clone().submit(req, done);
     }
 
+    /// Start recording writes in `bitmap` (`block-dirty-bitmap-add`).
+    /// Names are unique per node, as in QEMU.
+    pub fn add_bitmap(&self, bitmap: Arc<DirtyBitmap>) -> BlockResult<()> {
+        let mut w = self.watchers.write().unwrap_or_else(|e| e.into_inner());
+        if w.bitmaps.iter().any(|b| b.name() == bitmap.name()) {
+            return Err(BlockError::Invalid(format!(
+                "Bitmap already exists: {}",
+                bitmap.name()
+            )));
+        }
+        w.bitmaps.push(bitmap);
+        self.watched.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stop recording into the bitmap `name` and return it.
+    pub fn remove_bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        let mut w = self.watchers.write().unwrap_or_else(|e| e.into_inner());
+        let i = w.bitmaps.iter().position(|b| b.name() == name)?;
+        let b = w.bitmaps.remove(i);
+        self.watched
+            .store(!w.bitmaps.is_empty() || !w.before.is_empty(), Ordering::Release);
+        Some(b)
+    }
+
+    /// The bitmap `name`.
+    pub fn bitmap(&self, name: &str) -> Option<Arc<DirtyBitmap>> {
+        let w = self.watchers.read().unwrap_or_else(|e| e.into_inner());
+        w.bitmaps.iter().find(|b| b.name() == name).cloned()
+    }
+
+    /// Every bitmap, in the order they were added.
+    pub fn bitmaps(&self) -> Vec<Arc<DirtyBitmap>> {
+        let w = self.watchers.read().unwrap_or_else(|e| e.into_inner());
+        w.bitmaps.clone()
+    }
+
+    /// Run `hook` before every change of data until the returned id is
+    /// given to [`Node::remove_before_write`].
+    pub fn add_before_write(&self, hook: Arc<dyn BeforeWrite>) -> u64 {
+        let mut w = self.watchers.write().unwrap_or_else(|e| e.into_inner());
+        let id = w.next_id;
+        w.next_id += 1;
+        w.before.push((id, hook));
+        self.watched.store(true, Ordering::Release);
+        id
+    }
+
+    /// Remove a before-write hook.
+    pub fn remove_before_write(&self, id: u64) {
+        let mut w = self.watchers.write().unwrap_or_else(|e| e.into_inner());
+        w.before.retain(|(i, _)| *i != id);
+        self.watched
+            .store(!w.bitmaps.is_empty() || !w.before.is_empty(), Ordering::Release);
+    }
+
+    /// Put `node` into the slot `role` (or empty it), moving this node's
+    /// edge permissions from the old child to the new one first: a new
+    /// child that cannot grant them is refused with the permission error
+    /// and nothing changes. The caller quiesces I/O around the change
+    /// (a backend's [`crate::backend::BlockBackend::drained`]) and tells
+    /// the driver what it needs to know (a new backing file name).
+    pub fn set_child(&self, role: &str, node: Option<Arc<Node>>) -> BlockResult<()> {
+        let slot = self.child_slot(role).cloned().ok_or_else(|| {
+            BlockError::Invalid(format!(
+                "Node '{}' has no '{role}' child slot",
+                self.name
+            ))
+        })?;
+        if let Some(n) = &node {
+            if std::ptr::eq(Arc::as_ptr(n), self) || n.has_descendant(self) {
+                return Err(BlockError::Invalid(format!(
+                    "Making '{}' a {role} child of '{}' would create a loop",
+                    n.name(),
+                    self.name
+                )));
+            }
+        }
+        let g = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let (perm, shared) = aggregate(&g.0);
+        let edge = self.edge_perms(role, perm, shared, node.as_ref());
+        if let Some(n) = &node {
+            n.set_edge(&self.name, role, edge.0, edge.1)?;
+        }
+        let old = slot.set(node);
+        if let Some(o) = old {
+            let still_used = slot.get().is_some_and(|n| Arc::ptr_eq(&n, &o));
+            if !still_used {
+                let _ = o.set_edge(&self.name, role, Perms::NONE, Perms::ALL);
+            }
+        }
+        drop(g);
+        Ok(())
+    }
+
+    /// True if `n` is this node or lies below it.
+    pub fn has_descendant(&self, n: &Node) -> bool {
+        std::ptr::eq(self, n) || self.children().iter().any(|(_, c)| c.has_descendant(n))
+    }
+
+    /// Switch the node (and its `file`-like children, not its backing
+    /// chain) between read-only and read-write while open (QEMU's
+    /// `bdrv_reopen`): what `block-commit` does to the base it writes
+    /// into, and undoes afterwards. Permissions are taken again for the
+    /// new mode, so a read-write reopen takes the image's write lock.
+    pub fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        if read_only == self.is_read_only() {
+            return Ok(());
+        }
+        if !read_only && self.common.read_only && !self.common.auto_read_only {
+            // Opened read-only on purpose by the user: QEMU refuses too.
+            let explicit = !self.auto_named;
+            if explicit {
+                return Err(BlockError::ReadOnly(format!(
+                    "Node '{}' was opened read-only",
+                    self.name
+                )));
+            }
+        }
+        let kids: Vec<Arc<Node>> = self
+            .children()
+            .into_iter()
+            .filter(|(r, _)| r != "backing")
+            .map(|(_, n)| n)
+            .collect();
+        if read_only {
+            self.driver.reopen(true)?;
+            self.read_only.store(true, Ordering::Release);
+            self.refresh_perms()?;
+            for k in kids {
+                k.reopen(true)?;
+            }
+        } else {
+            for k in &kids {
+                k.reopen(false)?;
+            }
+            self.driver.reopen(false)?;
+            self.read_only.store(false, Ordering::Release);
+            self.refresh_perms()?;
+        }
+        Ok(())
+    }
+
+    /// Apply the users' permissions again (after the mode changed).
+    fn refresh_perms(&self) -> BlockResult<()> {
+        let g = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        let (p, s) = aggregate(&g.0);
+        self.apply(p, s)
+    }
+
     /// Register a user needing `perm` and sharing `shared`.
     pub fn attach(&self, user: &str, perm: Perms, shared: Perms) -> BlockResult<PermHandle> {
+        self.attach_as(user, perm, shared, false)
+    }
+
+    /// Register a block job's use (see `User::job`): only backends and
+    /// other jobs can refuse it.
+    pub fn attach_job(&self, user: &str, perm: Perms, shared: Perms) -> BlockResult<PermHandle> {
+        self.attach_as(user, perm, shared, true)
+    }
+
+    fn attach_as(
+        &self,
+        user: &str,
+        perm: Perms,
+        shared: Perms,
+        job: bool,
+    ) -> BlockResult<PermHandle> {
         let me = self
             .self_ref
             .upgrade()
@@ -330,11 +673,12 @@ impl Node {
         if perm.contains(Perms::WRITE) || perm.contains(Perms::RESIZE) {
             self.check_writable()?;
         }
-        self.check_conflicts(&g.0, None, perm, shared)?;
+        self.check_conflicts(&g.0, None, job, perm, shared)?;
         let id = g.1;
         g.1 += 1;
         g.0.push(User {
             id,
+            job,
             name: user.to_string(),
             edge: None,
             perm,
@@ -356,12 +700,16 @@ impl Node {
         &self,
         users: &[User],
         edge: Option<&str>,
+        job: bool,
         perm: Perms,
         shared: Perms,
     ) -> BlockResult<()> {
+        let is_edge = edge.is_some();
         for u in users
             .iter()
             .filter(|u| edge.is_none() || u.edge.as_deref() != edge)
+            // Jobs and graph edges do not refuse each other.
+            .filter(|u| !((job && u.edge.is_some()) || (is_edge && u.job)))
         {
             for (i, pname) in perm.bits() {
                 if !u.shared.contains(Perms(1 << i)) {
@@ -400,43 +748,56 @@ impl Node {
     /// `force-share` shares everything.
     fn apply(&self, perm: Perms, shared: Perms) -> BlockResult<()> {
         self.driver.set_perms(perm, shared)?;
-        let used = perm.0 != 0 || shared != Perms::ALL;
-        for (role, child) in &self.children {
-            let (cp, mut cs) = if !used {
-                (Perms::NONE, Perms::ALL)
-            } else if role == "backing" {
-                (
-                    Perms::CONSISTENT_READ,
-                    Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE),
-                )
-            } else if role == "file" && self.driver.metadata_in_file() {
-                let mut p = perm.union(Perms::CONSISTENT_READ);
-                if !self.common.read_only {
-                    p = p.union(Perms::WRITE).union(Perms::RESIZE);
-                }
-                let s = shared
-                    .union(Perms::WRITE_UNCHANGED)
-                    .minus(Perms::WRITE)
-                    .minus(Perms::RESIZE);
-                (p, s)
-            } else if role == "data-file" {
-                let mut p = perm;
-                if p.contains(Perms::WRITE_UNCHANGED) {
-                    p = p.union(Perms::WRITE);
-                }
-                if p.contains(Perms::WRITE) {
-                    p = p.union(Perms::RESIZE);
-                }
-                (p, shared.union(Perms::WRITE_UNCHANGED).minus(Perms::RESIZE))
-            } else {
-                (perm, shared)
-            };
-            if used && child.common.force_share {
-                cs = Perms::ALL;
-            }
-            child.set_edge(&self.name, role, cp, cs)?;
+        for (role, child) in self.children() {
+            let (cp, cs) = self.edge_perms(&role, perm, shared, Some(&child));
+            child.set_edge(&self.name, &role, cp, cs)?;
         }
         Ok(())
+    }
+
+    /// What this node, used with `perm`/`shared`, needs from and shares
+    /// on its child in `role`.
+    fn edge_perms(
+        &self,
+        role: &str,
+        perm: Perms,
+        shared: Perms,
+        child: Option<&Arc<Node>>,
+    ) -> (Perms, Perms) {
+        let used = perm.0 != 0 || shared != Perms::ALL;
+        let (cp, mut cs) = if !used {
+            (Perms::NONE, Perms::ALL)
+        } else if role == "backing" {
+            (
+                Perms::CONSISTENT_READ,
+                Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE),
+            )
+        } else if role == "file" && self.driver.metadata_in_file() {
+            let mut p = perm.union(Perms::CONSISTENT_READ);
+            if !self.is_read_only() {
+                p = p.union(Perms::WRITE).union(Perms::RESIZE);
+            }
+            let s = shared
+                .union(Perms::WRITE_UNCHANGED)
+                .minus(Perms::WRITE)
+                .minus(Perms::RESIZE);
+            (p, s)
+        } else if role == "data-file" {
+            let mut p = perm;
+            if p.contains(Perms::WRITE_UNCHANGED) {
+                p = p.union(Perms::WRITE);
+            }
+            if p.contains(Perms::WRITE) {
+                p = p.union(Perms::RESIZE);
+            }
+            (p, shared.union(Perms::WRITE_UNCHANGED).minus(Perms::RESIZE))
+        } else {
+            (perm, shared)
+        };
+        if used && child.is_some_and(|c| c.common.force_share) {
+            cs = Perms::ALL;
+        }
+        (cp, cs)
     }
 
     /// Set what parent `parent` (through child role `role`) needs and shares.
@@ -446,7 +807,7 @@ impl Node {
         if perm == Perms::NONE && shared == Perms::ALL {
             g.0.retain(|u| u.edge.as_deref() != Some(edge.as_str()));
         } else {
-            self.check_conflicts(&g.0, Some(&edge), perm, shared)?;
+            self.check_conflicts(&g.0, Some(&edge), false, perm, shared)?;
             match g
                 .0
                 .iter_mut()
@@ -461,6 +822,7 @@ impl Node {
                     g.1 += 1;
                     g.0.push(User {
                         id,
+                        job: false,
                         name: format!("node '{parent}' as '{role}'"),
                         edge: Some(edge),
                         perm,

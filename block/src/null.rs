@@ -48,6 +48,10 @@ impl NullNode {
 }
 
 impl BlockDriver for NullNode {
+    /// Nothing of its own depends on the mode; the node reopens the child.
+    fn reopen(&self, _read_only: bool) -> BlockResult<()> {
+        Ok(())
+    }
     fn driver_name(&self) -> &'static str {
         if self.aio {
             "null-aio"

@@ -14,7 +14,7 @@ use crate::error::{BlockError, BlockResult};
 use crate::graph::{Backing, OpenCtx};
 use crate::iov::{Carved, IoVecs};
 use crate::keyval::{Map, Options, Value};
-use crate::node::Node;
+use crate::node::{Child, Node};
 use formats::error::FormatError;
 use formats::qcow2::io::{Overwrite, Piece, WriteData, WritePlan};
 use formats::qcow2::l2::Kind;
@@ -79,6 +79,52 @@ impl Storage for NodeStorage {
             }
             r => r.map_err(to_io),
         }
+    }
+}
+
+/// A child slot as the format layer's [`Storage`]: each call goes to the
+/// node in the slot now, and an empty slot is no backing file at all
+/// ([`Storage::is_present`]). qcow2's backing file is reached only
+/// through this, so replacing the slot's node changes the backing file for
+/// the format layer and the driver at once.
+pub struct ChildStorage(pub Arc<Child>);
+
+impl ChildStorage {
+    fn node(&self) -> io::Result<NodeStorage> {
+        self.0
+            .get()
+            .map(NodeStorage)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+    }
+}
+
+impl Storage for ChildStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.0.get() {
+            Some(n) => NodeStorage(n).read_at(offset, buf),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.node()?.write_at(offset, buf)
+    }
+    fn flush(&self) -> io::Result<()> {
+        match self.0.get() {
+            Some(n) => NodeStorage(n).flush(),
+            None => Ok(()),
+        }
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.get().map_or(0, |n| n.len()))
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.node()?.set_len(len)
+    }
+    fn is_present(&self) -> bool {
+        self.0.get().is_some()
     }
 }
 
@@ -158,7 +204,8 @@ pub struct Qcow2Node {
     file: Arc<Node>,
     /// Where data clusters live: the external data file, or `file`.
     store: Arc<Node>,
-    backing: Option<Arc<Node>>,
+    /// The `backing` slot (empty without a backing file).
+    backing: Arc<Child>,
     /// Writes waiting for an allocation in flight on their clusters.
     parked: Mutex<Vec<(IoRequest, Completion)>>,
     /// Fresh clusters of asynchronous allocating writes in flight, by host
@@ -266,17 +313,15 @@ impl Qcow2Node {
                         ))
                     })?;
                     let _ = ctx.graph.take_warnings();
-                    ctx.add_child("backing", n.clone());
                     Some(n)
                 }
             },
         };
+        let backing = ctx.add_slot("backing", backing);
         let store = data.clone().unwrap_or_else(|| file.clone());
         let ds: Option<Arc<dyn Storage>> =
             data.map(|d| Arc::new(NodeStorage(d)) as Arc<dyn Storage>);
-        let bs: Option<Arc<dyn Storage>> = backing
-            .clone()
-            .map(|b| Arc::new(NodeStorage(b)) as Arc<dyn Storage>);
+        let bs: Option<Arc<dyn Storage>> = Some(Arc::new(ChildStorage(backing.clone())));
         // `x-load-snapshot`: show an internal snapshot, read-only (what
         // qemu-img's `convert -l` and `measure -l` read).
         let snap = ctx.opts.take_str("x-load-snapshot")?;
@@ -325,7 +370,8 @@ impl Qcow2Node {
             // One host extent: the request itself goes down.
             return self.forward(req, host, ticket, done);
         }
-        let blen = self.backing.as_ref().map_or(0, |b| b.len());
+        let backing = self.backing.get();
+        let blen = backing.as_ref().map_or(0, |b| b.len());
         if pieces.iter().all(|p| match p.kind {
             Kind::Zero => true,
             Kind::Unalloc => p.offset >= blen,
@@ -395,7 +441,7 @@ impl Qcow2Node {
                     }));
                 }
                 // Unallocated, inside the backing file (others are zero).
-                _ => match &self.backing {
+                _ => match &backing {
                     Some(b) => b.submit(IoRequest::read(p.offset, part), cb),
                     None => cb(IoRequest::read(p.offset, part), Ok(())),
                 },
@@ -941,7 +987,7 @@ impl BlockDriver for Qcow2Node {
         // Unallocated and zero runs of a cluster that keeps host space
         // report that offset, as QEMU does (`qemu-img map` prints it).
         Ok(match st.kind {
-            Kind::Unalloc => match &self.backing {
+            Kind::Unalloc => match &self.backing.get() {
                 Some(b) if offset < b.len() => {
                     let e = b.block_status(offset, st.len.min(b.len() - offset))?;
                     Extent {
@@ -1003,5 +1049,11 @@ impl BlockDriver for Qcow2Node {
     }
     fn allocated_size(&self) -> Option<u64> {
         self.file.driver().allocated_size()
+    }
+    fn reopen(&self, read_only: bool) -> BlockResult<()> {
+        self.img.reopen(read_only).map_err(block_error)
+    }
+    fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
+        self.img.set_backing(name, format).map_err(block_error)
     }
 }

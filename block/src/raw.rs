@@ -92,6 +92,10 @@ impl RawNode {
 }
 
 impl BlockDriver for RawNode {
+    /// Nothing of its own depends on the mode; the node reopens the child.
+    fn reopen(&self, _read_only: bool) -> BlockResult<()> {
+        Ok(())
+    }
     fn driver_name(&self) -> &'static str {
         "raw"
     }

@@ -112,3 +112,46 @@ fn create_and_open(
     }
     graph.open_options(Options::new("snapshot overlay", m), None, false)
 }
+
+/// Create a qcow2 image at `path` (replacing what is there) of `size`
+/// bytes whose header names `backing` (file name and format), for
+/// `blockdev-snapshot-sync`, `drive-mirror` and `drive-backup` with
+/// `mode=absolute-paths`. The new file is locked while it is written.
+pub fn create_qcow2(
+    graph: &BlockGraph,
+    path: &str,
+    size: u64,
+    backing: Option<(&str, &str)>,
+) -> BlockResult<()> {
+    std::fs::File::create(path)
+        .map_err(|e| BlockError::Open(format!("Could not create '{path}': {e}")))?;
+    let mut fm = Map::new();
+    fm.insert("driver".into(), Value::Str("file".into()));
+    fm.insert("filename".into(), Value::Str(path.to_string()));
+    let f = graph.open_options(Options::new("image creation", fm), None, false)?;
+    let perm = f.attach(
+        "image creation",
+        crate::driver::Perms::WRITE.union(crate::driver::Perms::RESIZE),
+        crate::driver::Perms::CONSISTENT_READ,
+    );
+    let o = CreateOptions {
+        size,
+        backing_file: backing.map(|(f, _)| f.to_string()),
+        backing_format: backing.map(|(_, fmt)| fmt.to_string()),
+        ..Default::default()
+    };
+    let r = perm.and_then(|_p| {
+        create(path, Arc::new(NodeStorage(f.clone())), None, &o)
+            .map_err(|e| BlockError::Open(format!("Could not create '{path}': {e}")))
+    });
+    graph.remove(f.name());
+    r
+}
+
+/// Create a raw image at `path` of `size` bytes (a sparse file).
+pub fn create_raw(path: &str, size: u64) -> BlockResult<()> {
+    let f = std::fs::File::create(path)
+        .map_err(|e| BlockError::Open(format!("Could not create '{path}': {e}")))?;
+    f.set_len(size)
+        .map_err(|e| BlockError::Open(format!("Could not create '{path}': {e}")))
+}

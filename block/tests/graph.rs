@@ -49,7 +49,7 @@ fn children_by_reference_and_auto_names() {
     let r = g
         .blockdev_add_str("driver=raw,node-name=r0,file=f0")
         .unwrap();
-    assert!(std::sync::Arc::ptr_eq(r.child("file").unwrap(), &f));
+    assert!(std::sync::Arc::ptr_eq(&r.child("file").unwrap(), &f));
     // Inline children get generated names.
     let r2 = g
         .blockdev_add_str(&format!(

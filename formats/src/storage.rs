@@ -37,6 +37,12 @@ pub trait Storage: Send + Sync {
     fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
     }
+    /// False for a slot that holds nothing now: a backing link the block
+    /// layer has detached (after a `block-stream` without base, say). A
+    /// format treats such storage as if it had no backing file at all.
+    fn is_present(&self) -> bool {
+        true
+    }
     /// Reserve host space for a range without writing it (`fallocate`),
     /// growing the storage to cover it. Default: only grow, for storage
     /// that has no notion of reserved space.

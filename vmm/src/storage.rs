@@ -23,6 +23,11 @@ pub struct Storage {
     /// Backends made for devices that name a node (`drive=NODE`), so that
     /// the monitor can find them; weak, as the devices own them.
     anonymous: std::sync::Mutex<Vec<std::sync::Weak<BlockBackend>>>,
+    /// Block jobs: they belong to the storage, so a guest reset leaves
+    /// them running.
+    pub jobs: Arc<block::jobs::Jobs>,
+    /// The NBD server of `nbd-server-start`, with its exports.
+    pub nbd: crate::monitor::nbd_export::NbdServerSlot,
 }
 
 impl Storage {
@@ -48,6 +53,8 @@ impl Storage {
             drives,
             specs: cfg.drives.clone(),
             anonymous: Default::default(),
+            jobs: block::jobs::Jobs::new(),
+            nbd: Default::default(),
         })
     }
 
@@ -115,6 +122,16 @@ impl Storage {
             .chain(anon)
             .filter(|b| b.root().is_some_and(|r| Arc::ptr_eq(&r, node)))
             .collect()
+    }
+
+    /// The backend a block job's `device` names: a `-drive` id, or the
+    /// node-name of a device's root node.
+    pub fn job_backend(&self, device: &str) -> Option<Arc<BlockBackend>> {
+        if let Some(b) = self.drives.get(device) {
+            return Some(b.clone());
+        }
+        let node = self.graph.get(device)?;
+        self.backends_of(&node).into_iter().next()
     }
 
     /// The backend of the `-drive` `id`.

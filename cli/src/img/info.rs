@@ -221,7 +221,7 @@ fn children_human(n: &Node, path: &str, out: &mut String) {
         out.push_str(&format!("Child node '{p}':\n"));
         let f = c.filename().unwrap_or_default();
         out.push_str(&format!("    filename: {f}\n"));
-        if is_protocol(c) {
+        if is_protocol(&c) {
             out.push_str(&format!("    protocol type: {}\n", c.driver_name()));
             out.push_str(&format!(
                 "    file length: {} ({} bytes)\n",
@@ -236,11 +236,11 @@ fn children_human(n: &Node, path: &str, out: &mut String) {
                 c.len()
             ));
         }
-        match actual_size(c) {
+        match actual_size(&c) {
             Some(a) => out.push_str(&format!("    disk size: {}\n", size_to_str(a))),
             None => out.push_str("    disk size: unavailable\n"),
         }
-        children_human(c, &p, out);
+        children_human(&c, &p, out);
     }
 }
 
@@ -352,7 +352,7 @@ pub(crate) fn chain_status(n: &Node, off: u64, max: u64, depth: u64) -> R<MapEnt
         // layer (the driver answered zero and no data here).
         if let Some(b) = n.child("backing") {
             if off < b.len() {
-                return chain_status(b, off, len.min(b.len() - off), depth + 1);
+                return chain_status(&b, off, len.min(b.len() - off), depth + 1);
             }
         }
     }

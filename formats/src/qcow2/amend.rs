@@ -185,7 +185,7 @@ impl Qcow2 {
     fn expand_zero_clusters(&self) -> FResult<()> {
         let size = self.size();
         let cs = self.cluster_size();
-        let has_backing = self.backing.is_some();
+        let has_backing = self.live_backing().is_some();
         let zeros = vec![0u8; cs as usize];
         let mut off = 0;
         while off < size {
@@ -231,7 +231,7 @@ impl Qcow2 {
         let mut m = self.exclusive();
         m.flush_all()?;
         let cs = m.cs;
-        let has_backing = self.backing.is_some();
+        let has_backing = self.live_backing().is_some();
         let file_len = m.file_len()?;
         let zeros = vec![0u8; cs as usize];
         let mut done: std::collections::BTreeSet<u64> =

@@ -196,7 +196,7 @@ impl Meta {
     ) -> FResult<()> {
         match kind {
             Kind::Zero => buf.fill(0),
-            Kind::Unalloc => read_backing(&self.backing, &self.name, guest, buf)?,
+            Kind::Unalloc => read_backing(self.live_backing(), &self.name, guest, buf)?,
             Kind::Data { host, .. } => self
                 .data_store()
                 .read_at(host, buf)
@@ -232,7 +232,7 @@ impl Meta {
     fn reads_zero(&self, e: u64, bm: u64, cstart: u64) -> FResult<bool> {
         Ok(match self.kind(e, bm, 0)? {
             Kind::Zero => true,
-            Kind::Unalloc => match &self.backing {
+            Kind::Unalloc => match self.live_backing() {
                 None => true,
                 Some(b) => cstart >= b.len().map_err(|e| self.ioe(e, "backing file size"))?,
             },
@@ -464,7 +464,7 @@ impl Meta {
         end: u64,
     ) -> FResult<bool> {
         let (cs, scs) = (self.cs, self.sc_size());
-        let blen = match &self.backing {
+        let blen = match self.live_backing() {
             Some(b) => b.len().map_err(|e| self.ioe(e, "backing file size"))?,
             None => 0,
         };
@@ -594,7 +594,7 @@ fn push_write(w: &mut Vec<(u64, JobData)>, host: u64, data: JobData) {
 
 /// Read guest bytes from the backing file (zeroes past its end).
 pub(crate) fn read_backing(
-    backing: &Option<Arc<dyn Storage>>,
+    backing: Option<&Arc<dyn Storage>>,
     name: &str,
     off: u64,
     buf: &mut [u8],
@@ -626,7 +626,7 @@ impl Qcow2 {
     /// Every change of guest data starts here: refuse it on a read-only
     /// open, and mark `auto` bitmaps in use first (see [`super::bitmap`]).
     fn writable(&self) -> FResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(FormatError::ReadOnly(format!(
                 "{}: the image is read-only",
                 self.name
@@ -843,7 +843,7 @@ impl Qcow2 {
             let a = (p.offset - offset) as usize;
             let part = &mut buf[a..a + p.len as usize];
             match p.kind {
-                Kind::Unalloc => read_backing(&self.backing, &self.name, p.offset, part)?,
+                Kind::Unalloc => read_backing(self.live_backing(), &self.name, p.offset, part)?,
                 Kind::Zero => part.fill(0),
                 Kind::Data { host, .. } => self
                     .store()
@@ -980,7 +980,7 @@ impl Qcow2 {
         let (v2_backing, raw_df, g) = {
             let m = self.lock();
             (
-                m.h.version < 3 && self.backing.is_some(),
+                m.h.version < 3 && self.live_backing().is_some(),
                 m.h.autoclear & super::header::AUTOCLEAR_DATA_FILE_RAW != 0,
                 m.sc_size(),
             )
@@ -1084,14 +1084,14 @@ impl Qcow2 {
             let m = self.lock();
             let mut m = self.wait_allocs(m, gcl * cs, cs);
             let (l1i, _) = m.split(gcl);
-            if m.l2_offset(l1i)?.is_none() && (full || self.backing.is_none() || m.h.version < 3) {
+            if m.l2_offset(l1i)?.is_none() && (full || self.live_backing().is_none() || m.h.version < 3) {
                 continue;
             }
             let (e, bm) = m.get_l2(gcl)?;
             let allocated = e & (OFFSET_MASK | OFLAG_COMPRESSED) != 0 || bm & 0xffff_ffff != 0;
             let (ne, nb) = if full || m.h.version < 3 {
                 (0, 0)
-            } else if self.backing.is_some() || allocated {
+            } else if self.live_backing().is_some() || allocated {
                 if m.h.extended_l2() {
                     (0, BITMAP_ALL_ZERO)
                 } else {
@@ -1132,7 +1132,7 @@ impl Qcow2 {
 
     /// Make completed writes and metadata durable; release freed clusters.
     pub fn flush(&self) -> FResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         // Unlocked I/O may go on: clusters it could still use stay
@@ -1192,7 +1192,7 @@ impl Qcow2 {
         if new > old {
             // Whatever lies past the old end (the tail of its last cluster,
             // or backing data) must read as zeroes.
-            let tail_end = if self.backing.is_some() {
+            let tail_end = if self.live_backing().is_some() {
                 new
             } else {
                 old.div_ceil(self.cs).saturating_mul(self.cs).min(new)

@@ -269,13 +269,39 @@ pub struct Qcow2 {
     backing: Option<Arc<dyn Storage>>,
     cs: u64,
     ctype: u8,
-    read_only: bool,
+    /// Changed by [`Qcow2::reopen`] (a job that writes into a backing
+    /// image opens it read-write for that time).
+    read_only: std::sync::atomic::AtomicBool,
     /// `auto` bitmaps still to be marked in use before the first change of
     /// guest data (see [`bitmap`]).
     bitmaps_pending: std::sync::atomic::AtomicBool,
 }
 
 impl Meta {
+    /// What a read-write open does before the first write: rebuild the
+    /// refcounts that lazy refcounts left stale, and clear the autoclear
+    /// bits we do not know (we keep refcounts exact, so their data may be
+    /// invalidated, as the spec asks).
+    fn prepare_for_writing(&mut self, allow_corrupt: bool) -> FResult<()> {
+        if self.h.incompatible & header::INCOMPAT_DIRTY != 0 && !allow_corrupt {
+            let r = check::check(self, check::Repair::All)?;
+            if r.corruptions_after() > 0 {
+                return Err(self.corrupt("could not repair the refcounts of a dirty image"));
+            }
+            self.h.incompatible &= !header::INCOMPAT_DIRTY;
+            self.write_header()?;
+        }
+        let clear = self.h.autoclear & !header::AUTOCLEAR_KNOWN;
+        if clear != 0 {
+            self.h.autoclear &= !clear;
+            self.write_header()?;
+        }
+        Ok(())
+    }
+    /// The backing file, when one is attached now.
+    pub(crate) fn live_backing(&self) -> Option<&Arc<dyn Storage>> {
+        self.backing.as_ref().filter(|b| b.is_present())
+    }
     pub(crate) fn corrupt(&self, what: impl std::fmt::Display) -> FormatError {
         FormatError::Corrupt(format!("{}: {what}", self.name))
     }
@@ -573,24 +599,8 @@ impl Qcow2 {
             }
         }
         m.reindex_all();
-        let dirty = m.h.incompatible & header::INCOMPAT_DIRTY != 0;
         if !o.read_only {
-            if dirty && !o.allow_corrupt {
-                // Lazy refcounts left them stale: rebuild before writing.
-                let r = check::check(&mut m, check::Repair::All)?;
-                if r.corruptions_after() > 0 {
-                    return Err(m.corrupt("could not repair the refcounts of a dirty image"));
-                }
-                m.h.incompatible &= !header::INCOMPAT_DIRTY;
-                m.write_header()?;
-            }
-            // We keep refcounts exact, so unknown autoclear bits (whose
-            // data we might invalidate) are cleared, as the spec asks.
-            let clear = m.h.autoclear & !header::AUTOCLEAR_KNOWN;
-            if clear != 0 {
-                m.h.autoclear &= !clear;
-                m.write_header()?;
-            }
+            m.prepare_for_writing(o.allow_corrupt)?;
         }
         let ctype = m.h.compression_type;
         let pending = !o.read_only
@@ -608,7 +618,7 @@ impl Qcow2 {
             backing,
             cs,
             ctype,
-            read_only: o.read_only,
+            read_only: std::sync::atomic::AtomicBool::new(o.read_only),
             bitmaps_pending: std::sync::atomic::AtomicBool::new(pending),
         })
     }
@@ -709,7 +719,47 @@ impl Qcow2 {
     }
     /// Opened read-only.
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(std::sync::atomic::Ordering::Acquire)
+    }
+    /// The backing file, when one is attached now.
+    pub(crate) fn live_backing(&self) -> Option<&Arc<dyn Storage>> {
+        self.backing.as_ref().filter(|b| b.is_present())
+    }
+    /// Switch between read-only and read-write while open (QEMU's
+    /// `bdrv_reopen` of a backing image that `block-commit` writes into).
+    /// Going read-write does what a read-write open does first (repair a
+    /// dirty image, refuse a corrupt one); going read-only writes
+    /// everything back and marks the image clean.
+    pub fn reopen(&self, read_only: bool) -> FResult<()> {
+        use std::sync::atomic::Ordering;
+        if read_only == self.is_read_only() {
+            return Ok(());
+        }
+        let mut m = self.exclusive();
+        if read_only {
+            m.mark_clean()?;
+            m.read_only = true;
+            self.read_only.store(true, Ordering::Release);
+            return Ok(());
+        }
+        if m.corrupt.get() {
+            return Err(FormatError::ReadOnly(format!(
+                "{}: the image is marked corrupt and can only be opened read-only (repair it with 'strata-img check -r all')",
+                self.name
+            )));
+        }
+        m.read_only = false;
+        if let Err(e) = m.prepare_for_writing(false) {
+            m.read_only = true;
+            return Err(e);
+        }
+        let pending = m
+            .bitmaps
+            .iter()
+            .any(|b| b.flags & bitmap::FLAG_AUTO != 0 && b.flags & bitmap::FLAG_IN_USE == 0);
+        self.bitmaps_pending.store(pending, Ordering::Release);
+        self.read_only.store(false, Ordering::Release);
+        Ok(())
     }
     /// The snapshot table.
     pub fn snapshots(&self) -> Vec<snapshot::Snapshot> {
@@ -754,7 +804,7 @@ impl Qcow2 {
     /// drop). After corruption was found nothing is written: that was
     /// reported where it was found.
     pub fn close(&self) -> FResult<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         let mut m = self.exclusive();
@@ -764,7 +814,7 @@ impl Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
-        if !self.read_only {
+        if !self.is_read_only() {
             let m = self.meta.get_mut().unwrap_or_else(|e| e.into_inner());
             if let Err(e) = m.mark_clean() {
                 log::warn!("{e}");

@@ -217,6 +217,12 @@ pub enum Command {
     HumanMonitorCommand {
         line: String,
     },
+    /// A live block operation, job verb, bitmap or NBD export command
+    /// (`super::jobs`), whose arguments that module parses.
+    Block {
+        name: &'static str,
+        args: Map<String, Value>,
+    },
     BlockSetIoThrottle {
         drive: Option<String>,
         id: Option<String>,
@@ -527,6 +533,302 @@ pub static COMMANDS: &[Def] = &[
             Command::HumanMonitorCommand {
                 line: a.str("command-line"),
             }
+        },
+    },
+    Def {
+        name: "blockdev-snapshot-sync",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "blockdev-snapshot-sync",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "blockdev-snapshot",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "blockdev-snapshot",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "transaction",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "transaction",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-commit",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-commit",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-stream",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-stream",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "drive-mirror",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "drive-mirror",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "blockdev-mirror",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "blockdev-mirror",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "drive-backup",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "drive-backup",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "blockdev-backup",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "blockdev-backup",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-dirty-bitmap-add",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-dirty-bitmap-add",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-dirty-bitmap-remove",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-dirty-bitmap-remove",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-dirty-bitmap-clear",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-dirty-bitmap-clear",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-dirty-bitmap-enable",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-dirty-bitmap-enable",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-dirty-bitmap-disable",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-dirty-bitmap-disable",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-dirty-bitmap-merge",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-dirty-bitmap-merge",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "query-block-jobs",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "query-block-jobs",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "query-jobs",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "query-jobs",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-job-set-speed",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-job-set-speed",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-job-pause",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-job-pause",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-job-resume",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-job-resume",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-job-cancel",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-job-cancel",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-job-complete",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-job-complete",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-job-finalize",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-job-finalize",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-job-dismiss",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-job-dismiss",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "job-pause",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "job-pause",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "job-resume",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "job-resume",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "job-cancel",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "job-cancel",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "job-complete",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "job-complete",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "job-finalize",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "job-finalize",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "job-dismiss",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "job-dismiss",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "nbd-server-start",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "nbd-server-start",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "nbd-server-add",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "nbd-server-add",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "nbd-server-remove",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "nbd-server-remove",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "nbd-server-stop",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "nbd-server-stop",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-export-add",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-export-add",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "block-export-del",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "block-export-del",
+            args: a.0,
+        },
+    },
+    Def {
+        name: "query-block-exports",
+        params: Params::Boxed,
+        build: |a| Command::Block {
+            name: "query-block-exports",
+            args: a.0,
         },
     },
 ];

@@ -132,6 +132,7 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
             ok(json!({}))
         }
         Command::Quit => Ok((json!({}), Action::Quit)),
+        Command::Block { name, args } => ok(super::jobs::execute(ctx, name, args)?),
         Command::BlockdevAdd(args) => {
             let text = Value::Object(args).to_string();
             ctx.storage
@@ -673,10 +674,10 @@ fn query_pci(ctx: &Ctx) -> Value {
 fn node_info(n: &Arc<Node>, backend: Option<&block::backend::BlockBackend>) -> Value {
     let common = n.common();
     let mut depth = 0;
-    let mut b = n.child("backing").cloned();
+    let mut b = n.child("backing");
     while let Some(x) = b {
         depth += 1;
-        b = x.child("backing").cloned();
+        b = x.child("backing");
     }
     let file = n.filename().unwrap_or_default();
     let mut image = json!({

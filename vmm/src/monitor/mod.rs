@@ -13,6 +13,9 @@
 pub mod command;
 pub mod event;
 mod exec;
+mod jobs;
+pub use jobs::sink as jobs_event_sink;
+pub mod nbd_export;
 pub mod hmp;
 pub mod qmp;
 

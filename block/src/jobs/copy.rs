@@ -1,0 +1,150 @@
+//! What the copying jobs share: reading a range of one node and writing it
+//! to another under the job's error policy, and finding what a chain's
+//! layers hold.
+
+use super::{Ctl, Failure};
+use crate::bitmap::DirtyBitmap;
+use crate::node::Node;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+/// Largest chunk a job copies at once (QEMU's default `buf-size` for
+/// mirror is 16 MiB across requests; one request is 1 MiB at most).
+pub const MAX_CHUNK: u64 = 1 << 20;
+
+/// Read `[off, off+buf.len())` of `src`, under the source error policy.
+/// `Ok(false)`: the error was ignored and the range is to be skipped.
+pub fn read(ctl: &Ctl, src: &Node, off: u64, buf: &mut [u8]) -> Result<bool, Failure> {
+    loop {
+        match src.read_vectored(off, &mut [IoSliceMut::new(buf)]) {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                if !ctl.on_error(false, &e)? {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+/// Write `buf` at `off` of `dst` (or zeroes when `zero`), under the target
+/// error policy. `Ok(false)`: ignored.
+pub fn write(ctl: &Ctl, dst: &Node, off: u64, buf: &[u8], zero: bool) -> Result<bool, Failure> {
+    loop {
+        let r = if zero {
+            dst.write_zeroes(off, buf.len() as u64, false, false)
+        } else {
+            dst.write_vectored(off, &[IoSlice::new(buf)], false)
+        };
+        match r {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                if !ctl.on_error(true, &e)? {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+/// Copy `[off, off+len)` from `src` to `dst` through `buf` (at least
+/// `len` bytes). Zero runs become write-zeroes, or nothing when the target
+/// reads as zeroes already (`dst_zeroed`). Returns false if an error was
+/// ignored on the way.
+pub fn copy_range(
+    ctl: &Ctl,
+    src: &Node,
+    dst: &Node,
+    off: u64,
+    len: u64,
+    buf: &mut [u8],
+    dst_zeroed: bool,
+) -> Result<bool, Failure> {
+    let mut done = 0;
+    let mut ok = true;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64);
+        let pos = off + done;
+        let st = src.block_status(pos, n).ok();
+        let run = st.map_or(n, |e| e.len.clamp(1, n));
+        let zero = st.is_some_and(|e| e.zero && !e.data);
+        let b = &mut buf[..run as usize];
+        if zero {
+            if !dst_zeroed {
+                ok &= write(ctl, dst, pos, b, true)?;
+            }
+        } else if read(ctl, src, pos, b)? {
+            ok &= write(ctl, dst, pos, b, false)?;
+        } else {
+            ok = false;
+        }
+        done += run;
+    }
+    Ok(ok)
+}
+
+/// True if `[off, off+len)` (its first run) is allocated in `top` or a
+/// layer below it down to, not including, `base` (None: the whole chain).
+/// Returns the length of the run the answer holds for.
+pub fn allocated_above(top: &Arc<Node>, base: Option<&Arc<Node>>, off: u64, len: u64) -> (bool, u64) {
+    let mut n = top.clone();
+    let mut run = len;
+    loop {
+        if base.is_some_and(|b| Arc::ptr_eq(b, &n)) {
+            return (false, run);
+        }
+        let Ok(e) = n.block_status(off, run) else {
+            return (true, run);
+        };
+        run = e.len.clamp(1, run);
+        if e.allocated {
+            return (true, run);
+        }
+        match n.child("backing") {
+            Some(b) if off < b.len() => n = b,
+            _ => return (false, run),
+        }
+    }
+}
+
+/// Mark in `bitmap` what `top` down to `base` holds.
+pub fn mark_allocated(
+    ctl: Option<&Ctl>,
+    bitmap: &DirtyBitmap,
+    top: &Arc<Node>,
+    base: Option<&Arc<Node>>,
+    len: u64,
+) -> Result<(), Failure> {
+    let mut off = 0;
+    while off < len {
+        if let Some(c) = ctl {
+            c.check()?;
+        }
+        let (alloc, n) = allocated_above(top, base, off, (len - off).min(1 << 30));
+        if alloc {
+            bitmap.set_range(off, n);
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+/// Mark in `bitmap` every range of `node` that does not read as zeroes.
+pub fn mark_data(ctl: Option<&Ctl>, bitmap: &DirtyBitmap, node: &Node, len: u64) -> Result<(), Failure> {
+    let mut off = 0;
+    while off < len {
+        if let Some(c) = ctl {
+            c.check()?;
+        }
+        let want = (len - off).min(1 << 30);
+        let (data, n) = match node.block_status(off, want) {
+            Ok(e) => (e.data || !e.zero, e.len.clamp(1, want)),
+            Err(_) => (true, want),
+        };
+        if data {
+            bitmap.set_range(off, n);
+        }
+        off += n;
+    }
+    Ok(())
+}
