@@ -702,7 +702,9 @@ impl BlockBackend {
     /// Vectored read.
     pub fn readv_at(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
         let len = crate::iov::total_len_mut(iov) as u64;
-        self.run(IoOp::Read, offset, len, |root| root.read_vectored(offset, iov))
+        self.run(IoOp::Read, offset, len, |root| {
+            root.read_vectored(offset, iov)
+        })
     }
     /// Write `buf` at `offset` (FUA when the write cache is off).
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {

@@ -175,7 +175,10 @@ impl DirtyBitmap {
                 let start = i;
                 let limit = max.div_ceil(self.granularity).max(1);
                 let mut j = i;
-                while j < nbits && j - start < limit && b.words[(j / 64) as usize] & (1 << (j % 64)) != 0 {
+                while j < nbits
+                    && j - start < limit
+                    && b.words[(j / 64) as usize] & (1 << (j % 64)) != 0
+                {
                     j += 1;
                 }
                 let off = start * self.granularity;

@@ -844,9 +844,16 @@ impl BlockDriver for FileNode {
     /// on the new one at once ([`crate::node::Node::reopen`]).
     fn reopen(&self, read_only: bool) -> BlockResult<()> {
         let name = &self.opts.filename;
-        let cpath = CString::new(std::path::Path::new(name).as_os_str().as_bytes())
-            .map_err(|_| BlockError::Open(format!("Could not reopen '{name}': invalid file name")))?;
-        let mut flags = libc::O_CLOEXEC | if read_only { libc::O_RDONLY } else { libc::O_RDWR };
+        let cpath =
+            CString::new(std::path::Path::new(name).as_os_str().as_bytes()).map_err(|_| {
+                BlockError::Open(format!("Could not reopen '{name}': invalid file name"))
+            })?;
+        let mut flags = libc::O_CLOEXEC
+            | if read_only {
+                libc::O_RDONLY
+            } else {
+                libc::O_RDWR
+            };
         if self.opts.direct {
             flags |= libc::O_DIRECT;
         }

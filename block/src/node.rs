@@ -294,14 +294,12 @@ impl Node {
     }
     /// The file name of the node or of its first file-like descendant.
     pub fn filename(&self) -> Option<String> {
-        self.driver
-            .filename()
-            .or_else(|| {
-                self.children
-                    .first()
-                    .and_then(|c| c.get())
-                    .and_then(|c| c.filename())
-            })
+        self.driver.filename().or_else(|| {
+            self.children
+                .first()
+                .and_then(|c| c.get())
+                .and_then(|c| c.filename())
+        })
     }
 
     fn check_writable(&self) -> BlockResult<()> {
@@ -517,8 +515,10 @@ impl Node {
         let mut w = self.watchers.write().unwrap_or_else(|e| e.into_inner());
         let i = w.bitmaps.iter().position(|b| b.name() == name)?;
         let b = w.bitmaps.remove(i);
-        self.watched
-            .store(!w.bitmaps.is_empty() || !w.before.is_empty(), Ordering::Release);
+        self.watched.store(
+            !w.bitmaps.is_empty() || !w.before.is_empty(),
+            Ordering::Release,
+        );
         Some(b)
     }
 
@@ -549,8 +549,10 @@ impl Node {
     pub fn remove_before_write(&self, id: u64) {
         let mut w = self.watchers.write().unwrap_or_else(|e| e.into_inner());
         w.before.retain(|(i, _)| *i != id);
-        self.watched
-            .store(!w.bitmaps.is_empty() || !w.before.is_empty(), Ordering::Release);
+        self.watched.store(
+            !w.bitmaps.is_empty() || !w.before.is_empty(),
+            Ordering::Release,
+        );
     }
 
     /// Put `node` into the slot `role` (or empty it), moving this node's
@@ -561,10 +563,7 @@ impl Node {
     /// the driver what it needs to know (a new backing file name).
     pub fn set_child(&self, role: &str, node: Option<Arc<Node>>) -> BlockResult<()> {
         let slot = self.child_slot(role).cloned().ok_or_else(|| {
-            BlockError::Invalid(format!(
-                "Node '{}' has no '{role}' child slot",
-                self.name
-            ))
+            BlockError::Invalid(format!("Node '{}' has no '{role}' child slot", self.name))
         })?;
         if let Some(n) = &node {
             if std::ptr::eq(Arc::as_ptr(n), self) || n.has_descendant(self) {

@@ -256,10 +256,20 @@ impl JobDriver for Backup {
                 break;
             };
             i.todo.clear_range(off, n);
-            let r = copy::copy_range(ctl, &i.source, &i.target, off, n, &mut buf, self.target_zeroed);
+            let r = copy::copy_range(
+                ctl,
+                &i.source,
+                &i.target,
+                off,
+                n,
+                &mut buf,
+                self.target_zeroed,
+            );
             drop(g);
             if !r? {
-                return Err(Failure::Error("an ignored error left the backup incomplete".into()));
+                return Err(Failure::Error(
+                    "an ignored error left the backup incomplete".into(),
+                ));
             }
             ctl.advance(n);
             ctl.throttle(n)?;

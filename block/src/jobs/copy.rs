@@ -86,7 +86,12 @@ pub fn copy_range(
 /// True if `[off, off+len)` (its first run) is allocated in `top` or a
 /// layer below it down to, not including, `base` (None: the whole chain).
 /// Returns the length of the run the answer holds for.
-pub fn allocated_above(top: &Arc<Node>, base: Option<&Arc<Node>>, off: u64, len: u64) -> (bool, u64) {
+pub fn allocated_above(
+    top: &Arc<Node>,
+    base: Option<&Arc<Node>>,
+    off: u64,
+    len: u64,
+) -> (bool, u64) {
     let mut n = top.clone();
     let mut run = len;
     loop {
@@ -130,7 +135,12 @@ pub fn mark_allocated(
 }
 
 /// Mark in `bitmap` every range of `node` that does not read as zeroes.
-pub fn mark_data(ctl: Option<&Ctl>, bitmap: &DirtyBitmap, node: &Node, len: u64) -> Result<(), Failure> {
+pub fn mark_data(
+    ctl: Option<&Ctl>,
+    bitmap: &DirtyBitmap,
+    node: &Node,
+    len: u64,
+) -> Result<(), Failure> {
     let mut off = 0;
     while off < len {
         if let Some(c) = ctl {

@@ -81,9 +81,10 @@ impl Mirror {
     /// job's permissions on the target and starts recording writes.
     pub fn new(job_id: &str, spec: MirrorSpec) -> Result<Mirror, crate::error::BlockError> {
         use crate::error::BlockError;
-        let source = spec.backend.root().ok_or_else(|| {
-            BlockError::NoMedium(format!("Block device '{}'", spec.backend.id()))
-        })?;
+        let source = spec
+            .backend
+            .root()
+            .ok_or_else(|| BlockError::NoMedium(format!("Block device '{}'", spec.backend.id())))?;
         if !spec.commit_base && spec.target.len() != source.len() {
             return Err(BlockError::Invalid(format!(
                 "Source and target image have different sizes ({} and {} bytes)",
@@ -214,21 +215,28 @@ impl JobDriver for Mirror {
     fn commit(&self, ctl: &Ctl) -> Result<(), Failure> {
         let pivot = ctl.completing();
         let mut buf = vec![0u8; MAX_CHUNK.min(self.buf_size) as usize];
-        let r = self.backend.drained(|| -> Result<Option<Arc<Node>>, Failure> {
-            self.flush_dirty(ctl, &mut buf)?;
-            if !pivot {
-                return Ok(None);
-            }
-            // The device takes the target's write permission from the job.
-            self.perm.lock().unwrap_or_else(|e| e.into_inner()).take();
-            self.source.remove_bitmap(self.bitmap.name());
-            match self.backend.replace_root(self.target.clone()) {
-                Ok(old) => Ok(Some(old)),
-                Err(e) => Err(e.into()),
-            }
-        })?;
+        let r = self
+            .backend
+            .drained(|| -> Result<Option<Arc<Node>>, Failure> {
+                self.flush_dirty(ctl, &mut buf)?;
+                if !pivot {
+                    return Ok(None);
+                }
+                // The device takes the target's write permission from the job.
+                self.perm.lock().unwrap_or_else(|e| e.into_inner()).take();
+                self.source.remove_bitmap(self.bitmap.name());
+                match self.backend.replace_root(self.target.clone()) {
+                    Ok(old) => Ok(Some(old)),
+                    Err(e) => Err(e.into()),
+                }
+            })?;
         if let Some(old) = r {
-            if let Some(f) = self.on_pivot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(f) = self
+                .on_pivot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
                 f(old);
             }
         }

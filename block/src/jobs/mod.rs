@@ -505,7 +505,10 @@ impl Job {
     /// `block-job-cancel` / `job-cancel`.
     pub fn cancel(&self, force: bool) -> Result<(), JobError> {
         let mut s = self.lock();
-        if matches!(s.status, Status::Concluded | Status::Null | Status::Aborting) {
+        if matches!(
+            s.status,
+            Status::Concluded | Status::Null | Status::Aborting
+        ) {
             return Err(self.refuse(&s, "cancel"));
         }
         s.cancelled = true;
@@ -603,11 +606,12 @@ impl Job {
     }
 
     fn dismiss_now(&self) {
-        let s = self.lock();
-        drop(self.set_status(s, Status::Null));
+        // Gone from the table before anyone hears it is.
         if let Some(j) = self.jobs.upgrade() {
             j.map().remove(&self.id);
         }
+        let s = self.lock();
+        drop(self.set_status(s, Status::Null));
     }
 
     /// `job-dismiss`.
@@ -630,7 +634,11 @@ impl Job {
             if left.is_zero() {
                 return false;
             }
-            s = self.cv.wait_timeout(s, left).unwrap_or_else(|e| e.into_inner()).0;
+            s = self
+                .cv
+                .wait_timeout(s, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
         true
     }
@@ -721,7 +729,9 @@ impl Jobs {
             .spawn(move || j.main(driver));
         if let Err(e) = spawned {
             self.map().remove(id);
-            return Err(JobError::Generic(format!("Could not start job '{id}': {e}")));
+            return Err(JobError::Generic(format!(
+                "Could not start job '{id}': {e}"
+            )));
         }
         Ok(job)
     }

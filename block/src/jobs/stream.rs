@@ -95,7 +95,9 @@ impl JobDriver for Stream {
             if !top_alloc.allocated {
                 let below = self.top.child("backing");
                 let (alloc, m) = match &below {
-                    Some(b) if off < b.len() => copy::allocated_above(b, self.base.as_ref(), off, n),
+                    Some(b) if off < b.len() => {
+                        copy::allocated_above(b, self.base.as_ref(), off, n)
+                    }
                     _ => (false, n),
                 };
                 n = m;

@@ -1084,7 +1084,9 @@ impl Qcow2 {
             let m = self.lock();
             let mut m = self.wait_allocs(m, gcl * cs, cs);
             let (l1i, _) = m.split(gcl);
-            if m.l2_offset(l1i)?.is_none() && (full || self.live_backing().is_none() || m.h.version < 3) {
+            if m.l2_offset(l1i)?.is_none()
+                && (full || self.live_backing().is_none() || m.h.version < 3)
+            {
                 continue;
             }
             let (e, bm) = m.get_l2(gcl)?;

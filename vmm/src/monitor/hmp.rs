@@ -22,7 +22,8 @@ info pci            list the PCI functions
 info qtree          list the devices by bus
 info status         show the run state
 info version        show the version
-qemu-io DEVICE \"CMD\"  qemu-io's break EVENT TAG, resume TAG, remove_break TAG
+qemu-io DEVICE \"CMD\"  qemu-io's write|read [-P PATTERN] OFFSET LEN, break EVENT TAG,
+                     resume TAG, remove_break TAG
 quit|q              exit Strata
 stop                pause the guest
 system_powerdown    press the ACPI power button
@@ -117,6 +118,9 @@ fn qemu_io(line: &str, ctx: &Ctx) -> String {
         return format!("Error: Device '{device}' not found\n");
     };
     let words: Vec<&str> = cmd.split_whitespace().collect();
+    if let Some(out) = qemu_io_data(device, &words, ctx) {
+        return out;
+    }
     let (dc, what) = match words.as_slice() {
         ["break", event, tag] => (
             DebugCommand::Break {
@@ -149,6 +153,55 @@ fn qemu_io(line: &str, ctx: &Ctx) -> String {
             format!("{what}: {msg}\n")
         }
     }
+}
+
+/// qemu-io's `write [-P PATTERN] OFFSET LEN` and `read [-P PATTERN]
+/// OFFSET LEN` through the drive's backend (the path a device's requests
+/// take), so that a test can change a running disk the way a guest does
+/// and check what it reads; `None` for other commands.
+fn qemu_io_data(device: &str, words: &[&str], ctx: &Ctx) -> Option<String> {
+    let (write, rest) = match words {
+        ["write", rest @ ..] => (true, rest),
+        ["read", rest @ ..] => (false, rest),
+        _ => return None,
+    };
+    let (pattern, rest) = match rest {
+        ["-P", p, rest @ ..] => {
+            let p = p.trim_start_matches("0x");
+            match u8::from_str_radix(p, 16) {
+                Ok(v) => (v, rest),
+                Err(_) => return Some(format!("qemu-io: invalid pattern '{p}'\n")),
+            }
+        }
+        _ => (0xcd, rest),
+    };
+    let [off, len] = rest else {
+        return Some("qemu-io: expected OFFSET LEN\n".into());
+    };
+    let size = |s: &str| block::keyval::parse_size_str(s, 1).ok();
+    let (Some(off), Some(len)) = (size(off), size(len)) else {
+        return Some(format!("qemu-io: invalid offset or length '{off} {len}'\n"));
+    };
+    if len > 64 << 20 {
+        return Some("qemu-io: length too large (at most 64 MiB)\n".into());
+    }
+    let Some(blk) = ctx.storage.job_backend(device) else {
+        return Some(format!("Error: Device '{device}' not found\n"));
+    };
+    let mut buf = vec![pattern; len as usize];
+    if write {
+        return Some(match blk.write_at(off, &buf) {
+            Ok(()) => format!("wrote {len}/{len} bytes at offset {off}\n"),
+            Err(e) => format!("write failed: {e}\n"),
+        });
+    }
+    Some(match blk.read_at(off, &mut buf) {
+        Err(e) => format!("read failed: {e}\n"),
+        Ok(()) => match buf.iter().position(|&b| b != pattern) {
+            Some(i) => format!("Pattern verification failed at offset {}\n", off + i as u64),
+            None => format!("read {len}/{len} bytes at offset {off}\n"),
+        },
+    })
 }
 
 fn format(cmd: &Command, v: &Value, c: &Control) -> String {

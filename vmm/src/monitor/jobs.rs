@@ -143,7 +143,10 @@ impl Obj {
                 map: m,
                 prefix: format!("{}{k}.", self.prefix),
             }),
-            None => Err(QmpError::generic(format!("Parameter '{}' is missing", self.path(k)))),
+            None => Err(QmpError::generic(format!(
+                "Parameter '{}' is missing",
+                self.path(k)
+            ))),
             Some(_) => Err(QmpError::generic(format!(
                 "Invalid parameter type for '{}', expected: object",
                 self.path(k)
@@ -239,7 +242,9 @@ fn in_chain(
             .cloned()
             .map(Some)
             .ok_or_else(|| {
-                QmpError::generic(format!("Node '{n}' is not a backing image of the device ({what})"))
+                QmpError::generic(format!(
+                    "Node '{n}' is not a backing image of the device ({what})"
+                ))
             });
     }
     if let Some(f) = file {
@@ -296,7 +301,11 @@ fn open_target(
                 .map_err(err)?
             }
             "raw" => block::snapshot_overlay::create_raw(file, size).map_err(err)?,
-            f => return Err(QmpError::generic(format!("Unsupported format '{f}' for a new image"))),
+            f => {
+                return Err(QmpError::generic(format!(
+                    "Unsupported format '{f}' for a new image"
+                )))
+            }
         }
     }
     let mut m = Map::new();
@@ -314,7 +323,13 @@ fn open_target(
             },
         );
     }
-    g.blockdev_add_str(&Value::Object(m).to_string())
+    let text = Value::Object(m).to_string();
+    if node_name.is_some() {
+        return g.blockdev_add_str(&text).map_err(err);
+    }
+    // No node-name: a generated one, as QEMU gives implicit nodes.
+    let map = block::keyval::parse_json_or_dotted("target", &text, None).map_err(err)?;
+    g.open_options(block::keyval::Options::new("target", map), None, false)
         .map_err(err)
 }
 
@@ -343,9 +358,13 @@ fn prepare_snapshot(ctx: &Ctx, mut o: Obj, sync: bool) -> Result<Snap, QmpError>
                 "The overlay '{ov}' does not support backing images"
             )));
         }
-        overlay.set_child("backing", Some(root.clone())).map_err(err)?;
+        overlay
+            .set_child("backing", Some(root.clone()))
+            .map_err(err)?;
         if let Some(f) = root.filename() {
-            let _ = overlay.driver().set_backing_file(Some(&f), Some(root.driver_name()));
+            let _ = overlay
+                .driver()
+                .set_backing_file(Some(&f), Some(root.driver_name()));
         }
         return Ok(Snap { backend, overlay });
     }
@@ -356,9 +375,9 @@ fn prepare_snapshot(ctx: &Ctx, mut o: Obj, sync: bool) -> Result<Snap, QmpError>
     let format = o.opt_str("format")?.unwrap_or_else(|| "qcow2".into());
     let mode = o.opt_enum("mode", &["existing", "absolute-paths"])?;
     o.finish()?;
-    let name = dev.or(nn).ok_or_else(|| {
-        QmpError::generic("Cannot find device='' nor node-name=''")
-    })?;
+    let name = dev
+        .or(nn)
+        .ok_or_else(|| QmpError::generic("Cannot find device='' nor node-name=''"))?;
     let (backend, root) = device(ctx, &name)?;
     if format != "qcow2" {
         return Err(QmpError::generic(format!(
@@ -492,7 +511,11 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                     "Parameter 'granularity' expects a value in range [512B, 64MB]",
                 ));
             }
-            let granularity = if granularity == 0 { 65536 } else { granularity as u64 };
+            let granularity = if granularity == 0 {
+                65536
+            } else {
+                granularity as u64
+            };
             let (backend, root) = device(ctx, &dev)?;
             let (tnode, zeroed) = if name == "drive-mirror" {
                 let fmt = format.unwrap_or_else(|| root.driver_name().to_string());
@@ -562,9 +585,9 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             let bname = o.str("name")?;
             o.finish()?;
             let nd = node(ctx, &n)?;
-            let b = nd.bitmap(&bname).ok_or_else(|| {
-                QmpError::generic(format!("Dirty bitmap '{bname}' not found"))
-            })?;
+            let b = nd
+                .bitmap(&bname)
+                .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{bname}' not found")))?;
             if b.is_busy() {
                 return Err(QmpError::generic(format!(
                     "Bitmap '{bname}' is currently in use by another operation and cannot be used"
@@ -586,9 +609,9 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             let srcs = o.take("bitmaps");
             o.finish()?;
             let nd = node(ctx, &n)?;
-            let t = nd.bitmap(&target).ok_or_else(|| {
-                QmpError::generic(format!("Dirty bitmap '{target}' not found"))
-            })?;
+            let t = nd
+                .bitmap(&target)
+                .ok_or_else(|| QmpError::generic(format!("Dirty bitmap '{target}' not found")))?;
             let Some(Value::Array(srcs)) = srcs else {
                 return Err(QmpError::generic("Parameter 'bitmaps' is missing"));
             };
@@ -609,7 +632,9 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
         }
         "query-block-jobs" => {
             o.finish()?;
-            Ok(Value::Array(jobs.list().iter().map(block_job_info).collect()))
+            Ok(Value::Array(
+                jobs.list().iter().map(block_job_info).collect(),
+            ))
         }
         "query-jobs" => {
             o.finish()?;
@@ -638,7 +663,10 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                 .opt_int("speed")?
                 .ok_or_else(|| QmpError::generic("Parameter 'speed' is missing"))?;
             o.finish()?;
-            jobs.block_job(&d).map_err(job_err)?.set_speed(speed).map_err(job_err)?;
+            jobs.block_job(&d)
+                .map_err(job_err)?
+                .set_speed(speed)
+                .map_err(job_err)?;
             Ok(json!({}))
         }
         "block-job-pause" | "block-job-resume" | "block-job-complete" | "block-job-cancel" => {
@@ -679,7 +707,9 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
         "nbd-server-start" => {
             let mut addr = o.obj("addr")?;
             if o.opt_str("tls-creds")?.is_some() {
-                return Err(QmpError::generic("TLS is not supported by this NBD server yet"));
+                return Err(QmpError::generic(
+                    "TLS is not supported by this NBD server yet",
+                ));
             }
             let _ = o.opt_str("tls-authz")?;
             let _ = o.opt_int("max-connections")?;
@@ -724,11 +754,16 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             let writable = o.opt_bool("writable")?.unwrap_or(false);
             let _ = o.opt_str("description")?;
             if o.opt_str("bitmap")?.is_some() {
-                return Err(QmpError::generic("Exporting bitmaps over NBD is not supported yet"));
+                return Err(QmpError::generic(
+                    "Exporting bitmaps over NBD is not supported yet",
+                ));
             }
             o.finish()?;
             let n = node(ctx, &dev)?;
-            ctx.storage.nbd.add(&ename, &ename, n, writable).map_err(err)?;
+            ctx.storage
+                .nbd
+                .add(&ename, &ename, n, writable)
+                .map_err(err)?;
             Ok(json!({}))
         }
         "block-export-add" => {
@@ -747,7 +782,9 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             let _ = o.opt_str("iothread")?;
             let _ = o.opt_bool("fixed-iothread")?;
             if o.take("bitmaps").is_some() {
-                return Err(QmpError::generic("Exporting bitmaps over NBD is not supported yet"));
+                return Err(QmpError::generic(
+                    "Exporting bitmaps over NBD is not supported yet",
+                ));
             }
             o.finish()?;
             let n = node(ctx, &nn)?;
@@ -846,7 +883,8 @@ fn prepare_backup(
                 .bitmap(&b)
                 .ok_or_else(|| QmpError::generic(format!("Bitmap '{b}' could not be found")))?;
             let m = match mode.as_deref() {
-                Some(m) => jobs::backup::BitmapMode::parse(m).unwrap_or(jobs::backup::BitmapMode::OnSuccess),
+                Some(m) => jobs::backup::BitmapMode::parse(m)
+                    .unwrap_or(jobs::backup::BitmapMode::OnSuccess),
                 None => jobs::backup::BitmapMode::OnSuccess,
             };
             Some((bmp, m))
@@ -876,9 +914,13 @@ fn transaction(ctx: &Ctx, mut o: Obj) -> Result<Value, QmpError> {
     };
     for a in actions {
         let Value::Object(mut a) = a else {
-            return Err(QmpError::generic("Invalid parameter type for 'actions', expected: object"));
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'actions', expected: object",
+            ));
         };
-        let ty = a.remove("type").and_then(|v| v.as_str().map(str::to_string));
+        let ty = a
+            .remove("type")
+            .and_then(|v| v.as_str().map(str::to_string));
         let data = match a.remove("data") {
             Some(Value::Object(m)) => m,
             _ => Map::new(),

@@ -15,8 +15,8 @@ pub mod event;
 mod exec;
 mod jobs;
 pub use jobs::sink as jobs_event_sink;
-pub mod nbd_export;
 pub mod hmp;
+pub mod nbd_export;
 pub mod qmp;
 
 use std::io::{BufRead, BufReader, Read, Write};

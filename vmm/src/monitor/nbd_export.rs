@@ -165,7 +165,10 @@ impl NbdServerSlot {
             return Err("NBD server not running".into());
         };
         srv.stop.store(true, std::sync::atomic::Ordering::Release);
-        srv.exports.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        srv.exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
         // Wake the accept so the listener thread sees the stop.
         match &srv.addr {
             Addr::Tcp(h, p) => {
@@ -190,7 +193,10 @@ impl NbdServerSlot {
             .map(|(id, (_, e))| {
                 (
                     id.clone(),
-                    e.blk.root().map(|n| n.name().to_string()).unwrap_or_default(),
+                    e.blk
+                        .root()
+                        .map(|n| n.name().to_string())
+                        .unwrap_or_default(),
                 )
             })
             .collect()
