@@ -57,9 +57,6 @@ pub struct Mirror {
     buf_size: u64,
     bitmap: Arc<DirtyBitmap>,
     perm: Mutex<Option<PermHandle>>,
-    /// Called with the old root after a pivot (the monitor forgets nodes
-    /// no longer in use).
-    on_pivot: Mutex<Option<Box<dyn FnOnce(Arc<Node>) + Send>>>,
 }
 
 /// What a mirror is asked to do.
@@ -73,7 +70,6 @@ pub struct MirrorSpec {
     pub granularity: u64,
     /// Bytes copied at once (at least one granule).
     pub buf_size: u64,
-    pub on_pivot: Option<Box<dyn FnOnce(Arc<Node>) + Send>>,
 }
 
 impl Mirror {
@@ -122,7 +118,6 @@ impl Mirror {
             buf_size: spec.buf_size.max(spec.granularity).min(64 << 20),
             bitmap,
             perm: Mutex::new(Some(perm)),
-            on_pivot: Mutex::new(spec.on_pivot),
         })
     }
 
@@ -215,32 +210,17 @@ impl JobDriver for Mirror {
     fn commit(&self, ctl: &Ctl) -> Result<(), Failure> {
         let pivot = ctl.completing();
         let mut buf = vec![0u8; MAX_CHUNK.min(self.buf_size) as usize];
-        let r = self
-            .backend
-            .drained(|| -> Result<Option<Arc<Node>>, Failure> {
-                self.flush_dirty(ctl, &mut buf)?;
-                if !pivot {
-                    return Ok(None);
-                }
-                // The device takes the target's write permission from the job.
-                self.perm.lock().unwrap_or_else(|e| e.into_inner()).take();
-                self.source.remove_bitmap(self.bitmap.name());
-                match self.backend.replace_root(self.target.clone()) {
-                    Ok(old) => Ok(Some(old)),
-                    Err(e) => Err(e.into()),
-                }
-            })?;
-        if let Some(old) = r {
-            if let Some(f) = self
-                .on_pivot
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take()
-            {
-                f(old);
+        self.backend.drained(|| -> Result<(), Failure> {
+            self.flush_dirty(ctl, &mut buf)?;
+            if !pivot {
+                return Ok(());
             }
-        }
-        Ok(())
+            // The device takes the target's write permission from the job.
+            self.perm.lock().unwrap_or_else(|e| e.into_inner()).take();
+            self.source.remove_bitmap(self.bitmap.name());
+            self.backend.replace_root(self.target.clone())?;
+            Ok(())
+        })
     }
 
     fn abort(&self) {

@@ -567,7 +567,7 @@ impl Job {
             let s = self.set_status(s, Status::Waiting);
             let mut s = self.set_status(s, Status::Pending);
             if !self.opts.auto_finalize {
-                while !s.finalize && !(s.cancelled && !soft_cancel) {
+                while !s.finalize && (!s.cancelled || soft_cancel) {
                     s = self.cv.wait(s).unwrap_or_else(|e| e.into_inner());
                 }
                 if s.cancelled && !soft_cancel {

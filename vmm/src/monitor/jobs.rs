@@ -349,9 +349,7 @@ fn prepare_snapshot(ctx: &Ctx, mut o: Obj, sync: bool) -> Result<Snap, QmpError>
         let (backend, root) = device(ctx, &n)?;
         let overlay = node(ctx, &ov)?;
         if overlay.child("backing").is_some() {
-            return Err(QmpError::generic(format!(
-                "The overlay already has a backing image"
-            )));
+            return Err(QmpError::generic("The overlay already has a backing image"));
         }
         if overlay.child_slot("backing").is_none() {
             return Err(QmpError::generic(format!(
@@ -450,7 +448,6 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                     target_zeroed: false,
                     granularity: 65536,
                     buf_size: 16 << 20,
-                    on_pivot: None,
                 };
                 let m = jobs::mirror::Mirror::new(&id, spec).map_err(err)?;
                 return start(ctx, &id, Kind::Commit, opts, Box::new(m));
@@ -546,7 +543,6 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                 target_zeroed: zeroed,
                 granularity,
                 buf_size: buf_size.max(0) as u64,
-                on_pivot: None,
             };
             let m = jobs::mirror::Mirror::new(&id, spec).map_err(err)?;
             start(ctx, &id, Kind::Mirror, opts, Box::new(m))

@@ -22,8 +22,11 @@ use block::node::Node;
 #[derive(Default)]
 pub struct NbdServerSlot(Mutex<Option<Server>>);
 
+/// Exports by id, with their names.
+type Exports = Arc<Mutex<BTreeMap<String, (String, Arc<Export>)>>>;
+
 pub struct Server {
-    exports: Arc<Mutex<BTreeMap<String, (String, Arc<Export>)>>>,
+    exports: Exports,
     stop: Arc<std::sync::atomic::AtomicBool>,
     addr: Addr,
 }
@@ -46,7 +49,7 @@ impl NbdServerSlot {
         if slot.is_some() {
             return Err("NBD server already running".into());
         }
-        let exports: Arc<Mutex<BTreeMap<String, (String, Arc<Export>)>>> = Default::default();
+        let exports: Exports = Default::default();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         enum L {
             Tcp(std::net::TcpListener),
