@@ -264,11 +264,9 @@ impl DirtyBitmap {
     /// Replace the bits (a persistent bitmap loaded from the image).
     pub fn set_words(&self, words: &[u64]) {
         let mut b = self.lock();
-        let n = b.words.len();
         for (i, w) in b.words.iter_mut().enumerate() {
             *w = words.get(i).copied().unwrap_or(0);
         }
-        let _ = n;
         b.count = b.words.iter().map(|w| w.count_ones() as u64).sum();
     }
 }

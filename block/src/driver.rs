@@ -268,6 +268,23 @@ pub trait BlockDriver: Send + Sync + 'static {
             self.driver_name()
         )))
     }
+    /// The persistent dirty bitmaps stored in the image, to track writes
+    /// in while it is open (they are marked in use on disk meanwhile).
+    /// Default: the format has none.
+    fn load_bitmaps(&self) -> BlockResult<Vec<crate::bitmap::DirtyBitmap>> {
+        Ok(Vec::new())
+    }
+    /// Whether the format can store persistent dirty bitmaps.
+    fn can_store_bitmaps(&self) -> bool {
+        false
+    }
+    /// Store `list` as the image's persistent bitmaps (at close).
+    fn store_bitmaps(&self, _list: &[Arc<crate::bitmap::DirtyBitmap>]) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "Cannot store dirty bitmaps in {} format",
+            self.driver_name()
+        )))
+    }
     /// Submit a request asynchronously. `done` runs exactly once, possibly
     /// before `submit` returns (on this thread) when no I/O is needed; so
     /// callers must not hold a lock across `submit` that `done` takes.

@@ -164,6 +164,10 @@ pub struct BlockGraph {
     drivers: RwLock<HashMap<String, OpenFn>>,
     descs: Mutex<HashMap<String, BTreeMap<String, String>>>,
     warnings: Mutex<Vec<String>>,
+    /// Load persistent dirty bitmaps from images opened read-write (and
+    /// store them back when the node goes), as the VMM does; tools leave
+    /// them alone.
+    load_bitmaps: std::sync::atomic::AtomicBool,
 }
 
 impl Default for BlockGraph {
@@ -255,6 +259,7 @@ impl BlockGraph {
             drivers: RwLock::new(HashMap::new()),
             descs: Mutex::new(HashMap::new()),
             warnings: Mutex::new(Vec::new()),
+            load_bitmaps: std::sync::atomic::AtomicBool::new(false),
         };
         g.register_driver("file", |c| open_file(c, false));
         g.register_driver("host_device", |c| open_file(c, true));
@@ -267,6 +272,12 @@ impl BlockGraph {
         g.register_driver("throttle", crate::filters::ThrottleFilter::open);
         g.register_driver("copy-on-read", crate::filters::CopyOnRead::open);
         g
+    }
+
+    /// Load (and at close store) persistent dirty bitmaps of the images
+    /// opened read-write from now on.
+    pub fn set_load_bitmaps(&self, on: bool) {
+        self.load_bitmaps.store(on, Ordering::Relaxed);
     }
 
     /// Add (or replace) a driver constructor.
@@ -464,6 +475,22 @@ impl BlockGraph {
             )));
         }
         let node = Node::new(node_name.clone(), auto, drv, common, children);
+        if self.load_bitmaps.load(Ordering::Relaxed) && !node.is_read_only() {
+            match node.driver().load_bitmaps() {
+                Ok(list) => {
+                    for b in list {
+                        let _ = node.add_bitmap(Arc::new(b));
+                    }
+                }
+                Err(e) => self
+                    .warnings
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(format!(
+                        "could not load the dirty bitmaps of '{node_name}': {e}"
+                    )),
+            }
+        }
         self.descs
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -177,6 +177,26 @@ impl std::fmt::Debug for Node {
     }
 }
 
+impl Drop for Node {
+    /// Persistent dirty bitmaps go back into the image when the node goes
+    /// (QEMU stores them at close).
+    fn drop(&mut self) {
+        if self.is_read_only() || !self.driver.can_store_bitmaps() {
+            return;
+        }
+        let w = self.watchers.get_mut().unwrap_or_else(|e| e.into_inner());
+        let list: Vec<Arc<DirtyBitmap>> = w
+            .bitmaps
+            .iter()
+            .filter(|b| b.is_persistent())
+            .cloned()
+            .collect();
+        if let Err(e) = self.driver.store_bitmaps(&list) {
+            log::warn!("{}: could not store the dirty bitmaps: {e}", self.name);
+        }
+    }
+}
+
 /// A registration of a user on a node; dropping it releases the permissions.
 pub struct PermHandle {
     node: Arc<Node>,

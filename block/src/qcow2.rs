@@ -213,6 +213,9 @@ pub struct Qcow2Node {
     joinable: Mutex<std::collections::HashMap<u64, Arc<AllocWait>>>,
     /// See [`Qcow2Node::metadata_preallocated`]; decided on first use.
     meta_prealloc: std::sync::OnceLock<bool>,
+    /// Persistent bitmaps handed to the block layer by `load_bitmaps`
+    /// (None: never asked, so nothing is stored back at close).
+    loaded_bitmaps: Mutex<Option<Vec<String>>>,
 }
 
 impl Qcow2Node {
@@ -342,6 +345,7 @@ impl Qcow2Node {
             parked: Mutex::new(Vec::new()),
             joinable: Mutex::new(std::collections::HashMap::new()),
             meta_prealloc: std::sync::OnceLock::new(),
+            loaded_bitmaps: Mutex::new(None),
         });
         let weak = Arc::downgrade(&node);
         node.img.set_alloc_hook(Box::new(move || {
@@ -1052,6 +1056,64 @@ impl BlockDriver for Qcow2Node {
     }
     fn reopen(&self, read_only: bool) -> BlockResult<()> {
         self.img.reopen(read_only).map_err(block_error)
+    }
+    fn load_bitmaps(&self) -> BlockResult<Vec<crate::bitmap::DirtyBitmap>> {
+        use formats::qcow2::bitmap::{FLAG_AUTO, FLAG_IN_USE};
+        let mut out = Vec::new();
+        let mut names = Vec::new();
+        for b in self.img.bitmaps() {
+            // An inconsistent bitmap (in use: a crash, or a program that
+            // did not store it) is left in the image, not used.
+            if b.flags & FLAG_IN_USE != 0 {
+                continue;
+            }
+            let words = self.img.load_bitmap(&b).map_err(block_error)?;
+            let d =
+                crate::bitmap::DirtyBitmap::new(&b.name, self.img.size(), b.granularity(), true)?;
+            d.set_words(&words);
+            d.set_enabled(b.flags & FLAG_AUTO != 0);
+            names.push(b.name.clone());
+            out.push(d);
+        }
+        if !out.is_empty() {
+            self.img.bitmaps_taken().map_err(block_error)?;
+        }
+        *self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(names);
+        Ok(out)
+    }
+    fn can_store_bitmaps(&self) -> bool {
+        true
+    }
+    fn store_bitmaps(&self, list: &[Arc<crate::bitmap::DirtyBitmap>]) -> BlockResult<()> {
+        let loaded = self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let loaded = loaded.unwrap_or_default();
+        if list.is_empty() && loaded.is_empty() {
+            return Ok(());
+        }
+        let keep: Vec<String> = self
+            .img
+            .bitmaps()
+            .into_iter()
+            .map(|b| b.name)
+            .filter(|n| !loaded.contains(n))
+            .collect();
+        let stored: Vec<formats::qcow2::bitmap::StoredBitmap> = list
+            .iter()
+            .map(|b| formats::qcow2::bitmap::StoredBitmap {
+                name: b.name().to_string(),
+                granularity_bits: b.granularity().trailing_zeros() as u8,
+                enabled: b.is_enabled(),
+                words: b.words(),
+            })
+            .collect();
+        self.img.store_bitmaps(&stored, &keep).map_err(block_error)
     }
     fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
         self.img.set_backing(name, format).map_err(block_error)

@@ -308,7 +308,7 @@ fn mirror_to_a_file_and_to_qemu_nbd_with_pivot() {
 }
 
 #[test]
-fn full_and_incremental_backup_restore_to_the_point_in_time() {
+fn full_and_incremental_backup_from_a_persistent_bitmap_across_a_restart() {
     let dir = support::scratch("jobs-backup");
     let b0 = create(&dir, "d0.qcow2");
     let (qt, mut q) = start(&dir, &[("d0", &b0)]);
@@ -319,7 +319,8 @@ fn full_and_incremental_backup_restore_to_the_point_in_time() {
     q.ok(
         "transaction",
         json!({"actions": [
-            {"type": "block-dirty-bitmap-add", "data": {"node": "d0", "name": "b0"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "d0", "name": "b0",
+                "persistent": true}},
             {"type": "drive-backup", "data": {"device": "d0", "job-id": "full",
                 "target": full, "sync": "full", "format": "qcow2", "speed": 8388608}},
         ]}),
@@ -330,6 +331,24 @@ fn full_and_incremental_backup_restore_to_the_point_in_time() {
     let e = q.event("BLOCK_JOB_COMPLETED");
     assert!(e["data"].get("error").is_none(), "{e}");
     d0.scribble(&mut q, 3);
+    quit(qt, q);
+    // The bitmap is in the image, stored at exit, and consistent.
+    let info = qemu_img(&["info", "--output=json", &b0]);
+    let v: Value = serde_json::from_str(&info).unwrap();
+    let bm = &v["format-specific"]["data"]["bitmaps"][0];
+    assert_eq!(bm["name"], "b0", "{info}");
+    assert_eq!(bm["flags"], json!(["auto"]), "{info}");
+    qemu_img(&["check", &b0]);
+
+    // After the restart the bitmap holds what changed since the full
+    // backup, and goes on recording.
+    let (qt, mut q) = start(&dir, &[("d0", &b0)]);
+    let v = q.ok("query-block", json!({}));
+    let bm = &v[0]["inserted"]["dirty-bitmaps"][0];
+    assert_eq!(bm["name"], "b0", "{v}");
+    assert_eq!(bm["persistent"], true, "{v}");
+    assert!(bm["count"].as_u64().unwrap() > 0, "{v}");
+    d0.scribble(&mut q, 4);
     let inc = dir.join("inc.qcow2");
     qemu_img(&[
         "create",
@@ -348,16 +367,19 @@ fn full_and_incremental_backup_restore_to_the_point_in_time() {
         json!({"device": "d0", "job-id": "inc", "target": inc, "sync": "incremental",
                "bitmap": "b0", "mode": "existing", "format": "qcow2"}),
     );
-    d0.scribble(&mut q, 4);
+    d0.scribble(&mut q, 5);
     let e = q.event("BLOCK_JOB_COMPLETED");
     assert!(e["data"].get("error").is_none(), "{e}");
     quit(qt, q);
+    qemu_img(&["check", &b0]);
     let mut m = Disk::new("full");
     m.model = at_full;
     check_equal(full.to_str().unwrap(), "qcow2", &m, &dir);
+    // Restoring: the full backup with the incremental one on top.
     let mut m = Disk::new("inc");
     m.model = at_inc;
     check_equal(inc.to_str().unwrap(), "qcow2", &m, &dir);
+    check_equal(&b0, "qcow2", &d0, &dir);
 }
 
 #[test]

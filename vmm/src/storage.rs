@@ -33,6 +33,9 @@ pub struct Storage {
 impl Storage {
     pub fn open(cfg: &MachineConfig) -> Result<Storage, VmmError> {
         let graph = BlockGraph::new();
+        // Persistent dirty bitmaps are tracked while the VM runs and
+        // stored back at exit, as QEMU does.
+        graph.set_load_bitmaps(true);
         for text in &cfg.blockdevs {
             graph
                 .blockdev_add_str(text)

@@ -241,6 +241,207 @@ pub fn read_bitmaps(
     Ok((ext, list))
 }
 
+/// A bitmap to store in the image: what the block layer tracked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBitmap {
+    pub name: String,
+    /// log2 of the bytes one bit stands for.
+    pub granularity_bits: u8,
+    /// Tracks writes (stored with the `auto` flag).
+    pub enabled: bool,
+    /// One bit per granule, granule `i` in bit `i % 64` of word `i / 64`
+    /// (the spec's byte order once the words are little endian).
+    pub words: Vec<u64>,
+}
+
+/// Data cluster offset bits of a bitmap table entry.
+const TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+
+impl super::Qcow2 {
+    /// The bits of the stored bitmap `b` (one that is not in use), as
+    /// [`StoredBitmap::words`]. Reads are bounded by the directory checks
+    /// made at open (tables of at most 512 MiB of data).
+    pub fn load_bitmap(&self, b: &Bitmap) -> FResult<Vec<u64>> {
+        let m = self.lock();
+        let cs = m.cs;
+        let bits = m.h.size.div_ceil(b.granularity());
+        let bytes = bits.div_ceil(8);
+        let entries = b.table_size as u64;
+        if entries != table_entries_for(m.h.size, b.granularity_bits, cs)
+            || b.flags & FLAG_IN_USE != 0
+        {
+            return Err(m.corrupt(format!("bitmap '{}' cannot be loaded", b.name)));
+        }
+        let mut table = vec![0u8; (entries * 8) as usize];
+        m.file
+            .read_at(b.table_offset, &mut table)
+            .map_err(|e| m.ioe(e, "reading a bitmap table"))?;
+        let mut data = vec![0u8; bytes.div_ceil(8) as usize * 8];
+        for (i, e) in table.chunks_exact(8).enumerate() {
+            let e = u64::from_be_bytes(e.try_into().unwrap_or([0; 8]));
+            let at = i as u64 * cs;
+            if at >= bytes {
+                break;
+            }
+            let n = (bytes - at).min(cs) as usize;
+            let part = &mut data[at as usize..at as usize + n];
+            let off = e & TABLE_OFFSET_MASK;
+            if off == 0 {
+                part.fill(if e & 1 != 0 { 0xff } else { 0 });
+            } else {
+                m.file
+                    .read_at(off, part)
+                    .map_err(|e| m.ioe(e, "reading bitmap data"))?;
+            }
+        }
+        let mut words: Vec<u64> = data
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        // Bits past the last granule are not the bitmap's.
+        let tail = bits % 64;
+        if let (Some(w), true) = (words.last_mut(), tail != 0) {
+            *w &= (1u64 << tail) - 1;
+        }
+        words.truncate(bits.div_ceil(64) as usize);
+        Ok(words)
+    }
+
+    /// Replace the image's bitmaps with `list` (QEMU stores its persistent
+    /// bitmaps so when an image is closed): each bitmap's data clusters
+    /// (all-zero clusters are not stored), its table and the directory are
+    /// written to new clusters, the header's extension is pointed at them,
+    /// and the old ones are freed. Bitmaps in `keep` that are still in the
+    /// old directory are carried over unchanged (inconsistent bitmaps this
+    /// process never loaded). Needs a version 3 image.
+    pub fn store_bitmaps(&self, list: &[StoredBitmap], keep: &[String]) -> FResult<()> {
+        let mut m = self.exclusive();
+        m.writable()?;
+        if m.h.version < 3 && !list.is_empty() {
+            return Err(FormatError::Unsupported(format!(
+                "{}: Cannot store dirty bitmaps in qcow2 v2 files",
+                m.name
+            )));
+        }
+        let cs = m.cs;
+        let size = m.h.size;
+        let old = std::mem::take(&mut m.bitmaps);
+        let old_ext = m.bitmaps_ext.take();
+        let mut entries: Vec<(String, u32, u8, u64, u32)> = Vec::new(); // name, flags, gbits, table, size
+        let mut free: Vec<(u64, u64)> = Vec::new();
+        for b in &old {
+            if keep.contains(&b.name) && !list.iter().any(|l| l.name == b.name) {
+                entries.push((
+                    b.name.clone(),
+                    b.flags,
+                    b.granularity_bits,
+                    b.table_offset,
+                    b.table_size,
+                ));
+                continue;
+            }
+            // The old data and table go once the new directory is in place.
+            if b.table_size > 0 {
+                let mut t = vec![0u8; b.table_size as usize * 8];
+                m.file
+                    .read_at(b.table_offset, &mut t)
+                    .map_err(|e| m.ioe(e, "reading a bitmap table"))?;
+                for e in t.chunks_exact(8) {
+                    let off =
+                        u64::from_be_bytes(e.try_into().unwrap_or([0; 8])) & TABLE_OFFSET_MASK;
+                    if off != 0 {
+                        free.push((off, 1));
+                    }
+                }
+                free.push((b.table_offset, (b.table_size as u64 * 8).div_ceil(cs)));
+            }
+        }
+        if let Some(e) = old_ext {
+            free.push((e.dir_offset, e.dir_size.div_ceil(cs)));
+        }
+        for b in list {
+            let bits = size.div_ceil(1u64 << b.granularity_bits);
+            let bytes = bits.div_ceil(8);
+            let mut data: Vec<u8> = b.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            data.resize(bytes as usize, 0);
+            let n = table_entries_for(size, b.granularity_bits, cs);
+            let mut table = Vec::with_capacity(n as usize * 8);
+            for chunk in data.chunks(cs as usize) {
+                let e = if chunk.iter().all(|&x| x == 0) {
+                    0
+                } else {
+                    let off = m.alloc_clusters(1)?;
+                    let mut c = chunk.to_vec();
+                    c.resize(cs as usize, 0);
+                    m.write_meta(off, &c, super::overlap::BITMAP_DIRECTORY)?;
+                    off
+                };
+                table.extend_from_slice(&e.to_be_bytes());
+            }
+            table.resize(n as usize * 8, 0);
+            let toff = m.alloc_clusters((table.len() as u64).div_ceil(cs).max(1))?;
+            m.write_meta(toff, &table, super::overlap::BITMAP_DIRECTORY)?;
+            let flags = if b.enabled { FLAG_AUTO } else { 0 };
+            entries.push((b.name.clone(), flags, b.granularity_bits, toff, n as u32));
+        }
+        if entries.is_empty() {
+            m.h.bitmaps_ext = None;
+            m.h.autoclear &= !super::header::AUTOCLEAR_BITMAPS;
+        } else {
+            let mut dir = Vec::new();
+            for (name, flags, gbits, toff, tsize) in &entries {
+                let start = dir.len();
+                dir.extend_from_slice(&toff.to_be_bytes());
+                dir.extend_from_slice(&tsize.to_be_bytes());
+                dir.extend_from_slice(&flags.to_be_bytes());
+                dir.push(TYPE_DIRTY_TRACKING);
+                dir.push(*gbits);
+                dir.extend_from_slice(&(name.len() as u16).to_be_bytes());
+                dir.extend_from_slice(&0u32.to_be_bytes());
+                dir.extend_from_slice(name.as_bytes());
+                let len = (dir.len() - start).div_ceil(8) * 8;
+                dir.resize(start + len, 0);
+            }
+            let doff = m.alloc_clusters((dir.len() as u64).div_ceil(cs))?;
+            m.write_meta(doff, &dir, super::overlap::BITMAP_DIRECTORY)?;
+            let mut ext = Vec::with_capacity(24);
+            ext.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+            ext.extend_from_slice(&0u32.to_be_bytes());
+            ext.extend_from_slice(&(dir.len() as u64).to_be_bytes());
+            ext.extend_from_slice(&doff.to_be_bytes());
+            let parsed = BitmapsExt::parse(&ext, cs).map_err(|e| m.corrupt(e))?;
+            let list = parse_directory(&dir, &parsed, cs, size).map_err(|e| m.corrupt(e))?;
+            m.h.bitmaps_ext = Some(ext);
+            m.h.autoclear |= super::header::AUTOCLEAR_BITMAPS;
+            m.bitmaps_ext = Some(parsed);
+            m.bitmaps = list;
+        }
+        // The new clusters' refcounts and data first, then the header
+        // that points at them, then the old clusters go.
+        m.flush_all()?;
+        m.write_header()?;
+        for (off, n) in free {
+            m.queue_free(off, n, super::DiscardType::Other);
+        }
+        m.reindex_all();
+        m.flush_all()?;
+        self.bitmaps_pending
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Mark every bitmap in use on disk: the block layer tracks them in
+    /// memory now and stores them at close (a crash leaves them marked
+    /// inconsistent, as in QEMU).
+    pub fn bitmaps_taken(&self) -> FResult<()> {
+        let mut m = self.exclusive();
+        m.mark_bitmaps_in_use(true)?;
+        self.bitmaps_pending
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}
+
 impl Meta {
     /// Before the first change of guest data: mark the `auto` bitmaps
     /// (`all`: every bitmap) `in_use` on disk (see the module doc),

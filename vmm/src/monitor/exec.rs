@@ -710,6 +710,26 @@ fn node_info(n: &Arc<Node>, backend: Option<&block::backend::BlockBackend>) -> V
     if let Some(bk) = n.child("backing").and_then(|b| b.filename()) {
         v["backing_file"] = json!(bk);
     }
+    // QAPI `BlockDirtyInfo`; jobs' private bitmaps (named `#...`) are not
+    // the user's.
+    let bitmaps: Vec<Value> = n
+        .bitmaps()
+        .iter()
+        .filter(|b| !b.name().starts_with('#'))
+        .map(|b| {
+            json!({
+                "name": b.name(),
+                "count": b.count(),
+                "granularity": b.granularity(),
+                "recording": b.is_enabled(),
+                "busy": b.is_busy(),
+                "persistent": b.is_persistent(),
+            })
+        })
+        .collect();
+    if !bitmaps.is_empty() {
+        v["dirty-bitmaps"] = json!(bitmaps);
+    }
     if let Some(b) = backend {
         let l = b.io_limits();
         for (i, name) in ["bps", "bps_rd", "bps_wr"].iter().enumerate() {

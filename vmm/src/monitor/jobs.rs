@@ -568,6 +568,12 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                     "Granularity must be power of 2 between 512 and 2147483648",
                 ));
             }
+            if persistent && (!nd.driver().can_store_bitmaps() || nd.is_read_only()) {
+                return Err(QmpError::generic(format!(
+                    "Cannot store dirty bitmaps in {} format node '{n}'",
+                    nd.driver_name()
+                )));
+            }
             let b = DirtyBitmap::new(&bname, nd.len(), g as u64, persistent).map_err(err)?;
             b.set_enabled(!disabled);
             nd.add_bitmap(Arc::new(b)).map_err(err)?;
