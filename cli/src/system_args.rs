@@ -50,6 +50,9 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -blockdev driver=...,node-name=...  (or JSON)   a block node
   -device DRIVER[,drive=ID,...]     a device (-device help, -device DRIVER,help)
   -object iothread,id=ID            an I/O thread (virtio-blk-pci iothread=ID)
+  -object secret,id=ID,data=S|file=F  a secret (passwordid=ID)
+  -object tls-creds-x509,id=ID,dir=D[,endpoint=client][,verify-peer=on|off]
+                                    TLS credentials (nbd tls-creds=ID)
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
   -kernel FILE                      boot a bzImage, PVH ELF vmlinux or multiboot kernel directly
                                     (with -bios or -boot menu=on: bzImage/multiboot through SeaBIOS)
@@ -177,6 +180,8 @@ pub struct Process {
     pub pidfile: Option<PathBuf>,
     /// `-D FILE`: where Strata's log goes instead of stderr.
     pub log_file: Option<PathBuf>,
+    /// `-object secret` and `tls-creds-x509`, to create before the machine.
+    pub objects: Vec<block::objects::ObjectSpec>,
 }
 
 pub enum Parsed {
@@ -897,6 +902,15 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                             return Err(format!("-object {value}: duplicate id '{id}'"));
                         }
                         cfg.iothreads.push(id.clone());
+                    }
+                    Some("secret" | "tls-creds-x509") => {
+                        // Created by main before the machine, which opens
+                        // the nbd nodes that use them.
+                        let spec = block::objects::parse("-object", value)?;
+                        if process.objects.iter().any(|o| o.id() == spec.id()) {
+                            return Err(format!("-object {value}: duplicate id '{}'", spec.id()));
+                        }
+                        process.objects.push(spec);
                     }
                     _ => return Err(format!("-object {value}: unsupported object type")),
                 }

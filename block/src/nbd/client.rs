@@ -3,7 +3,10 @@
 //! NBD protocol sections: "Fixed newstyle negotiation" (the handshake:
 //! `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_SET_META_CONTEXT` for
 //! `base:allocation`, `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`, falling back
-//! to `NBD_OPT_EXPORT_NAME` on servers without GO), "Transmission"
+//! to `NBD_OPT_EXPORT_NAME` on servers without GO), "TLS support" (with
+//! `tls-creds`, `NBD_OPT_STARTTLS` is the first option and the session
+//! ends if the server refuses it or the handshake fails; every reconnection
+//! starts TLS again), "Transmission"
 //! (requests pipelined on one connection, matched to their replies by
 //! cookie; simple and structured replies) and "Request types".
 //!
@@ -26,6 +29,7 @@
 //! with EIO instead of having them retried, and the connection is dropped.
 
 use super::proto::{self, Chunk, ExportInfo, InfoItem, ProtoError, ReplyHeader};
+use super::tls::X509Creds;
 use super::transport::{read_into_iov, write_all_vectored, zero_iov, NbdAddr, Stream};
 use crate::driver::{BlockDriver, Completion, Extent, IoOp, IoRequest, Limits};
 use crate::error::{BlockError, BlockResult};
@@ -48,6 +52,11 @@ pub struct ClientConfig {
     pub reconnect_delay: Duration,
     /// Connect and handshake timeout.
     pub open_timeout: Duration,
+    /// `tls-creds`: start TLS with these (client) credentials.
+    pub tls: Option<Arc<X509Creds>>,
+    /// `tls-hostname`: the name the server's certificate must carry
+    /// (default: `server.host`; none on a unix socket).
+    pub tls_hostname: Option<String>,
 }
 
 impl ClientConfig {
@@ -58,6 +67,17 @@ impl ClientConfig {
             export: export.to_string(),
             reconnect_delay: Duration::ZERO,
             open_timeout: Duration::from_secs(10),
+            tls: None,
+            tls_hostname: None,
+        }
+    }
+
+    /// The host name to check in the server's certificate.
+    fn tls_name(&self) -> Option<&str> {
+        match (&self.tls_hostname, &self.addr) {
+            (Some(h), _) => Some(h),
+            (None, NbdAddr::Inet { host, .. }) => Some(host),
+            (None, NbdAddr::Unix(_)) => None,
         }
     }
 }
@@ -114,6 +134,7 @@ fn rep_error(rtype: u32, data: &[u8]) -> String {
         proto::REP_ERR_INVALID => "invalid",
         proto::REP_ERR_UNKNOWN => "export unknown",
         proto::REP_ERR_TOO_BIG => "too big",
+        proto::REP_ERR_TLS_REQD => "the server requires TLS (tls-creds=)",
         _ => "error",
     };
     if msg.is_empty() {
@@ -129,7 +150,14 @@ fn handshake(cfg: &ClientConfig) -> BlockResult<(Stream, Negotiated)> {
     let mut s = Stream::connect(&cfg.addr, cfg.open_timeout).map_err(|e| io_err(e, &what))?;
     s.set_timeouts(Some(cfg.open_timeout))
         .map_err(|e| io_err(e, &what))?;
-    let n = negotiate(&mut s, &cfg.export).map_err(|e| match e {
+    let n = negotiate(&mut s, cfg).map_err(|e| {
+        // A soft disconnect, as the protocol asks of a client that gives
+        // up during negotiation (fails harmlessly on a dead socket).
+        let _ = s.write_all(&proto::encode_option(proto::OPT_ABORT, &[]));
+        s.close_notify();
+        e
+    });
+    let n = n.map_err(|e| match e {
         Fail::Io(e) => io_err(e, &format!("{}: handshake", cfg.addr)),
         Fail::Proto(p) => BlockError::Open(format!("{}: {p}", cfg.addr)),
     })?;
@@ -137,7 +165,33 @@ fn handshake(cfg: &ClientConfig) -> BlockResult<(Stream, Negotiated)> {
     Ok((s, n))
 }
 
-fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Fail> {
+/// `NBD_OPT_STARTTLS` and the TLS handshake; `s` becomes the TLS stream.
+fn start_tls(s: &mut Stream, creds: &X509Creds, cfg: &ClientConfig) -> Result<(), Fail> {
+    s.write_all(&proto::encode_option(proto::OPT_STARTTLS, &[]))
+        .map_err(Fail::Io)?;
+    let (t, d) = option_reply(s, proto::OPT_STARTTLS)?;
+    if t != proto::REP_ACK {
+        // Going on in plain text would defeat tls-creds (the protocol's
+        // "downgrade attacks").
+        return Err(ProtoError(format!(
+            "the server does not offer TLS: {}",
+            rep_error(t, &d)
+        ))
+        .into());
+    }
+    let raw = s.try_clone().map_err(Fail::Io)?;
+    *s = super::tls::connect(raw, creds, cfg.tls_name()).map_err(|e| {
+        // Half a TLS handshake: nothing more can be said on this socket.
+        s.shutdown();
+        // One line that says what failed (a certificate the CA did not
+        // sign, a name that does not match).
+        Fail::Proto(ProtoError(format!("TLS handshake failed: {e}")))
+    })?;
+    Ok(())
+}
+
+fn negotiate(s: &mut Stream, cfg: &ClientConfig) -> Result<Negotiated, Fail> {
+    let export = cfg.export.as_str();
     let mut g = [0u8; 18];
     read_exact(s, &mut g)?;
     let hflags = proto::parse_greeting(&g)?;
@@ -147,10 +201,33 @@ fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Fail> {
     }
     s.write_all(&cflags.to_be_bytes()).map_err(Fail::Io)?;
 
+    // TLS first, so that every later option is protected.
+    if let Some(creds) = &cfg.tls {
+        start_tls(s, creds, cfg)?;
+    }
+
     // Structured replies (needed for block status and sparse reads).
     s.write_all(&proto::encode_option(proto::OPT_STRUCTURED_REPLY, &[]))
         .map_err(Fail::Io)?;
-    let (t, _) = option_reply(s, proto::OPT_STRUCTURED_REPLY)?;
+    let (t, d) = option_reply(s, proto::OPT_STRUCTURED_REPLY).map_err(|e| match e {
+        // In TLS 1.3 the server checks the client's certificate after the
+        // client's side of the handshake is done: a refusal shows here.
+        Fail::Io(e) if cfg.tls.is_some() && e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Fail::Proto(ProtoError(
+                "the server ended the session after the TLS handshake \
+                 (does it accept this client's certificate, client-cert.pem?)"
+                    .into(),
+            ))
+        }
+        e => e,
+    })?;
+    if t == proto::REP_ERR_TLS_REQD {
+        return Err(ProtoError(format!(
+            "export '{export}' is not available: {}",
+            rep_error(t, &d)
+        ))
+        .into());
+    }
     let structured = t == proto::REP_ACK;
     if !structured && t & proto::REP_FLAG_ERROR == 0 {
         return Err(ProtoError(format!("unexpected reply {t} to NBD_OPT_STRUCTURED_REPLY")).into());
@@ -1017,7 +1094,11 @@ impl Drop for NbdNode {
                 len: 0,
             }
             .encode();
-            let _ = lock(&c.writer).write_all(&hdr);
+            {
+                let mut w = lock(&c.writer);
+                let _ = w.write_all(&hdr);
+                w.close_notify();
+            }
             c.kill();
         }
         sh.cv.notify_all();
@@ -1106,7 +1187,8 @@ pub fn nbd_uri(addr: &NbdAddr, export: &str) -> String {
 
 /// `-blockdev driver=nbd` options: `server.type`, `server.host`,
 /// `server.port`, `server.path`, `export`, `reconnect-delay`,
-/// `open-timeout`; `tls-creds` is refused (no TLS yet).
+/// `open-timeout`, `tls-creds` (a `tls-creds-x509` object with
+/// `endpoint=client`) and `tls-hostname`.
 fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<ClientConfig> {
     let mut server = ctx
         .opts
@@ -1132,12 +1214,19 @@ fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<ClientConfig> {
     let export = ctx.opts.take_str("export")?.unwrap_or_default();
     let delay = ctx.opts.take_u64("reconnect-delay")?.unwrap_or(0);
     let open_timeout = ctx.opts.take_u64("open-timeout")?.unwrap_or(10).max(1);
-    if let Some(t) = ctx.opts.take_str("tls-creds")? {
-        return Err(BlockError::Open(format!(
-            "nbd: tls-creds={t}: TLS is not supported by Strata's NBD client"
-        )));
+    let tls = match ctx.opts.take_str("tls-creds")? {
+        None => None,
+        Some(id) => Some(
+            crate::objects::tls_creds(&id, super::tls::Endpoint::Client)
+                .map_err(|e| BlockError::Open(format!("nbd: tls-creds={id}: {e}")))?,
+        ),
+    };
+    let tls_hostname = ctx.opts.take_str("tls-hostname")?;
+    if tls_hostname.is_some() && tls.is_none() {
+        return Err(BlockError::Open(
+            "nbd: tls-hostname= needs tls-creds=".into(),
+        ));
     }
-    let _ = ctx.opts.take_str("tls-hostname")?;
     let _ = ctx.opts.take_str("x-dirty-bitmap")?;
     ctx.describe("server", addr.to_string());
     ctx.describe("export", export.clone());
@@ -1147,5 +1236,7 @@ fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<ClientConfig> {
         export,
         reconnect_delay: Duration::from_secs(delay),
         open_timeout: Duration::from_secs(open_timeout),
+        tls,
+        tls_hostname,
     })
 }

@@ -92,6 +92,8 @@ pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
 pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
 /// `NBD_REP_ERR_INVALID`.
 pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+/// `NBD_REP_ERR_TLS_REQD`: start TLS first.
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
 /// `NBD_REP_ERR_UNKNOWN`: no such export.
 pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
 /// `NBD_REP_ERR_TOO_BIG`.
@@ -361,7 +363,10 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, ProtoError
             c.end("NBD_OPT_LIST")?;
             ClientOption::List
         }
-        OPT_STARTTLS => ClientOption::StartTls,
+        OPT_STARTTLS => {
+            c.end("NBD_OPT_STARTTLS")?;
+            ClientOption::StartTls
+        }
         OPT_INFO | OPT_GO => {
             let name = c.string32("NBD_OPT_GO")?;
             let n = c.u16("NBD_OPT_GO")? as usize;

@@ -4,8 +4,12 @@
 //! NBD protocol sections: "Fixed newstyle negotiation" (greeting with
 //! `NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`; options `EXPORT_NAME`,
 //! `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`,
-//! `SET_META_CONTEXT` with `base:allocation`; `STARTTLS` and others are
-//! answered `NBD_REP_ERR_UNSUP`), "Transmission" (simple or structured
+//! `SET_META_CONTEXT` with `base:allocation`; unknown ones are answered
+//! `NBD_REP_ERR_UNSUP`), "TLS support" (with credentials the server runs
+//! in FORCEDTLS mode: every option but `STARTTLS` and `ABORT` is refused
+//! with `NBD_REP_ERR_TLS_REQD` until TLS is up, and `EXPORT_NAME` ends the
+//! session; without, `STARTTLS` is refused with `NBD_REP_ERR_POLICY`),
+//! "Transmission" (simple or structured
 //! replies; reads come back as one `OFFSET_DATA` chunk) and "Request types"
 //! (READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS).
 //!
@@ -24,6 +28,7 @@ use super::transport::{write_all_vectored, Stream};
 use crate::backend::BlockBackend;
 use crate::driver::IoRequest;
 use crate::iov::IoVecs;
+use rustls::ServerConfig;
 use std::io::{self, Read, Write};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -134,8 +139,13 @@ fn find(exports: &[Arc<Export>], name: &str) -> Option<Arc<Export>> {
     exports.iter().find(|e| e.name == name).cloned()
 }
 
-/// Negotiate; `None` when the client left during negotiation.
-fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>, End> {
+/// Negotiate; `None` when the client left during negotiation. With `tls`,
+/// the client must start TLS first (`s` becomes the TLS stream).
+fn negotiate(
+    s: &mut Stream,
+    exports: &[Arc<Export>],
+    tls: Option<&Arc<ServerConfig>>,
+) -> Result<Option<Session>, End> {
     s.write_all(&proto::encode_greeting(
         proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
     ))?;
@@ -160,6 +170,26 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
         let h = proto::parse_option_header(&h)?;
         data.resize(h.len as usize, 0);
         s.read_exact(&mut data)?;
+        // FORCEDTLS: nothing but STARTTLS and ABORT before TLS.
+        if tls.is_some()
+            && !s.is_tls()
+            && !matches!(h.option, proto::OPT_STARTTLS | proto::OPT_ABORT)
+        {
+            if h.option == proto::OPT_EXPORT_NAME {
+                // No error reply exists for this option.
+                return Err(proto::ProtoError(
+                    "the client asked for an export without starting TLS".into(),
+                )
+                .into());
+            }
+            reply(
+                s,
+                h.option,
+                proto::REP_ERR_TLS_REQD,
+                b"TLS is required: start it with NBD_OPT_STARTTLS",
+            )?;
+            continue;
+        }
         let o = match proto::parse_option(h.option, &data) {
             Ok(o) => o,
             Err(e) => {
@@ -288,7 +318,31 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
                 }
                 reply(s, h.option, proto::REP_ACK, &[])?;
             }
-            ClientOption::StartTls | ClientOption::Unknown(_) => {
+            ClientOption::StartTls => match tls {
+                None => reply(
+                    s,
+                    h.option,
+                    proto::REP_ERR_POLICY,
+                    b"TLS is not configured on this server",
+                )?,
+                Some(_) if s.is_tls() => {
+                    reply(s, h.option, proto::REP_ERR_INVALID, b"TLS is already on")?
+                }
+                Some(cfg) => {
+                    reply(s, h.option, proto::REP_ACK, &[])?;
+                    let raw = s.try_clone()?;
+                    *s = super::tls::accept(raw, cfg.clone()).map_err(|e| {
+                        End::Io(io::Error::new(
+                            e.kind(),
+                            format!("TLS handshake failed: {e}"),
+                        ))
+                    })?;
+                    // Nothing negotiated in plain text carries over.
+                    structured = false;
+                    base_allocation = false;
+                }
+            },
+            ClientOption::Unknown(_) => {
                 reply(s, h.option, proto::REP_ERR_UNSUP, &[])?;
             }
         }
@@ -427,12 +481,13 @@ fn err_of(e: &crate::error::BlockError) -> (u32, String) {
     (proto::errno_to_nbd(e.errno()), e.to_string())
 }
 
-/// Serve one connection until it ends. Returns how it ended.
-pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
+/// Serve one connection until it ends. Returns how it ended. With `tls`,
+/// the client must start TLS before anything else.
+pub fn serve(mut s: Stream, exports: &[Arc<Export>], tls: Option<&Arc<ServerConfig>>) -> End {
     if let Err(e) = s.set_timeouts(Some(HANDSHAKE_LIMIT)) {
         return End::Io(e);
     }
-    let sess = match negotiate(&mut s, exports) {
+    let sess = match negotiate(&mut s, exports, tls) {
         Ok(Some(sess)) => sess,
         Ok(None) => return End::Clean,
         Err(e) => return e,
@@ -472,6 +527,8 @@ pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
     rep.budget.drain();
     *lock(&rep.tx) = None;
     let _ = wt.join();
+    // NBD_CMD_DISC: "the server MUST close down the TLS session".
+    s.close_notify();
     s.shutdown();
     end
 }
