@@ -1026,6 +1026,25 @@ mod tests {
     }
 
     #[test]
+    fn secret_and_tls_objects() {
+        let Ok(Parsed::Run(_, p)) = parse(&args(
+            "-object secret,id=s0,data=pw -object tls-creds-x509,id=t0,dir=/pki,verify-peer=off",
+        )) else {
+            panic!("not parsed");
+        };
+        let ids: Vec<&str> = p.objects.iter().map(|o| o.id()).collect();
+        assert_eq!(ids, ["s0", "t0"]);
+        for bad in [
+            "-object secret,id=s0,data=a -object secret,id=s0,data=b",
+            "-object tls-creds-x509,id=t0",
+            "-object tls-creds-x509,id=t0,dir=/pki,endpoint=peer",
+        ] {
+            let e = parse(&args(bad)).err().expect(bad);
+            assert!(e.starts_with("-object "), "{e}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_option() {
         for (a, want) in [
             ("-frobnicate", "-frobnicate: invalid option"),

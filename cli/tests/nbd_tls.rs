@@ -8,6 +8,8 @@
 //! certificate for 127.0.0.1/localhost, a client certificate), in QEMU's
 //! directory layout.
 
+mod support;
+
 use block::backend::{BackendConfig, BlockBackend, CompletionQueue};
 use block::driver::{IoRequest, Perms};
 use block::graph::BlockGraph;
@@ -323,6 +325,35 @@ fn strata_nbd_tls_with_qemu_clients() {
         &["info", "--object", &client, "--image-opts", &opts],
     );
     assert!(i.contains("16777216") || i.contains("8388608"), "{i}");
+
+    // strata: a disk on the export over TLS (qtest: the machine is built,
+    // the disk opened, and strata exits 0 at the end of its stdin).
+    support::require_bios();
+    let blockdev = format!("{opts},node-name=n0");
+    let strata = |objs: &[String]| {
+        let mut a: Vec<String> = ["-machine", "pc,accel=qtest", "-qtest", "stdio"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        for o in objs {
+            a.extend(["-object".to_string(), o.clone()]);
+        }
+        a.extend([
+            "-blockdev".to_string(),
+            blockdev.clone(),
+            "-device".to_string(),
+            "ide-hd,drive=n0".to_string(),
+        ]);
+        let refs: Vec<&str> = a.iter().map(String::as_str).collect();
+        support::run_strata(&refs, Duration::from_secs(30))
+    };
+    let (code, _, err) = strata(&[client.clone()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(err, "");
+    let (code, _, err) = strata(&[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("tls-creds=tls0"), "{err}");
 
     // Plaintext clients are told TLS is required.
     let url = format!("nbd://127.0.0.1:{port}/");

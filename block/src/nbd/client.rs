@@ -150,13 +150,13 @@ fn handshake(cfg: &ClientConfig) -> BlockResult<(Stream, Negotiated)> {
     let mut s = Stream::connect(&cfg.addr, cfg.open_timeout).map_err(|e| io_err(e, &what))?;
     s.set_timeouts(Some(cfg.open_timeout))
         .map_err(|e| io_err(e, &what))?;
-    let n = negotiate(&mut s, cfg).map_err(|e| {
+    let n = negotiate(&mut s, cfg);
+    if n.is_err() {
         // A soft disconnect, as the protocol asks of a client that gives
         // up during negotiation (fails harmlessly on a dead socket).
         let _ = s.write_all(&proto::encode_option(proto::OPT_ABORT, &[]));
         s.close_notify();
-        e
-    });
+    }
     let n = n.map_err(|e| match e {
         Fail::Io(e) => io_err(e, &format!("{}: handshake", cfg.addr)),
         Fail::Proto(p) => BlockError::Open(format!("{}: {p}", cfg.addr)),
