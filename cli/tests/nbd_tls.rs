@@ -347,7 +347,7 @@ fn strata_nbd_tls_with_qemu_clients() {
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
         support::run_strata(&refs, Duration::from_secs(30))
     };
-    let (code, _, err) = strata(&[client.clone()]);
+    let (code, _, err) = strata(std::slice::from_ref(&client));
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(err, "");
     let (code, _, err) = strata(&[]);
