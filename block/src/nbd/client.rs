@@ -87,6 +87,8 @@ impl ClientConfig {
 struct Negotiated {
     info: ExportInfo,
     structured: bool,
+    /// Extended headers: 32-byte requests and reply chunks.
+    extended: bool,
     base_allocation: Option<u32>,
 }
 
@@ -190,6 +192,40 @@ fn start_tls(s: &mut Stream, creds: &X509Creds, cfg: &ClientConfig) -> Result<()
     Ok(())
 }
 
+/// An option without data that the server accepts (`NBD_REP_ACK`) or
+/// declines (an error reply); `first`: the first option after the
+/// greeting (or TLS), whose failures say most about the session.
+fn flag_option(s: &mut Stream, cfg: &ClientConfig, opt: u32, first: bool) -> Result<bool, Fail> {
+    s.write_all(&proto::encode_option(opt, &[]))
+        .map_err(Fail::Io)?;
+    let (t, d) = option_reply(s, opt).map_err(|e| match e {
+        // In TLS 1.3 the server checks the client's certificate after the
+        // client's side of the handshake is done: a refusal shows here.
+        Fail::Io(e)
+            if first && cfg.tls.is_some() && e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Fail::Proto(ProtoError(
+                "the server ended the session after the TLS handshake \
+                 (does it accept this client's certificate, client-cert.pem?)"
+                    .into(),
+            ))
+        }
+        e => e,
+    })?;
+    if t == proto::REP_ERR_TLS_REQD {
+        return Err(ProtoError(format!(
+            "export '{}' is not available: {}",
+            cfg.export,
+            rep_error(t, &d)
+        ))
+        .into());
+    }
+    if t != proto::REP_ACK && t & proto::REP_FLAG_ERROR == 0 {
+        return Err(ProtoError(format!("unexpected reply {t} to option {opt}")).into());
+    }
+    Ok(t == proto::REP_ACK)
+}
+
 fn negotiate(s: &mut Stream, cfg: &ClientConfig) -> Result<Negotiated, Fail> {
     let export = cfg.export.as_str();
     let mut g = [0u8; 18];
@@ -206,32 +242,10 @@ fn negotiate(s: &mut Stream, cfg: &ClientConfig) -> Result<Negotiated, Fail> {
         start_tls(s, creds, cfg)?;
     }
 
-    // Structured replies (needed for block status and sparse reads).
-    s.write_all(&proto::encode_option(proto::OPT_STRUCTURED_REPLY, &[]))
-        .map_err(Fail::Io)?;
-    let (t, d) = option_reply(s, proto::OPT_STRUCTURED_REPLY).map_err(|e| match e {
-        // In TLS 1.3 the server checks the client's certificate after the
-        // client's side of the handshake is done: a refusal shows here.
-        Fail::Io(e) if cfg.tls.is_some() && e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Fail::Proto(ProtoError(
-                "the server ended the session after the TLS handshake \
-                 (does it accept this client's certificate, client-cert.pem?)"
-                    .into(),
-            ))
-        }
-        e => e,
-    })?;
-    if t == proto::REP_ERR_TLS_REQD {
-        return Err(ProtoError(format!(
-            "export '{export}' is not available: {}",
-            rep_error(t, &d)
-        ))
-        .into());
-    }
-    let structured = t == proto::REP_ACK;
-    if !structured && t & proto::REP_FLAG_ERROR == 0 {
-        return Err(ProtoError(format!("unexpected reply {t} to NBD_OPT_STRUCTURED_REPLY")).into());
-    }
+    // Extended headers (64-bit lengths; they include structured replies),
+    // else structured replies (needed for block status and sparse reads).
+    let extended = flag_option(s, cfg, proto::OPT_EXTENDED_HEADERS, true)?;
+    let structured = extended || flag_option(s, cfg, proto::OPT_STRUCTURED_REPLY, false)?;
 
     let mut base_allocation = None;
     if structured {
@@ -288,6 +302,7 @@ fn negotiate(s: &mut Stream, cfg: &ClientConfig) -> Result<Negotiated, Fail> {
                 return Ok(Negotiated {
                     info: i,
                     structured,
+                    extended,
                     base_allocation,
                 });
             }
@@ -309,6 +324,7 @@ fn negotiate(s: &mut Stream, cfg: &ClientConfig) -> Result<Negotiated, Fail> {
                 return Ok(Negotiated {
                     info: i,
                     structured,
+                    extended,
                     base_allocation,
                 });
             }
@@ -451,24 +467,32 @@ impl Shared {
         st.inflight.insert(cookie, slot.clone());
         drop(st);
         let b = guard.insert(body);
-        let hdr = proto::RequestHeader {
+        let h = proto::RequestHeader {
             flags: b.flags,
             cmd: b.cmd,
             cookie,
             offset: b.offset,
-            len: b.len,
-        }
-        .encode();
+            len: b.len as u64,
+        };
+        let ext;
+        let compact;
+        let hdr: &[u8] = if conn.neg.extended {
+            ext = h.encode_ext();
+            &ext
+        } else {
+            compact = h.encode();
+            &compact
+        };
         let sent = {
             let mut w = lock(&conn.writer);
             if b.cmd == proto::CMD_WRITE {
                 let data = b.req.iov.slices();
                 let mut bufs: Vec<&[u8]> = Vec::with_capacity(1 + data.len());
-                bufs.push(&hdr);
+                bufs.push(hdr);
                 bufs.extend(data.iter().map(|s| &**s));
                 write_all_vectored(&mut *w, &bufs)
             } else {
-                w.write_all(&hdr)
+                w.write_all(hdr)
             }
         };
         drop(guard);
@@ -537,8 +561,14 @@ impl Shared {
         let mut m = [0u8; 4];
         read_exact(r, &mut m)?;
         let magic = u32::from_be_bytes(m);
+        if (magic == proto::EXTENDED_REPLY_MAGIC) != conn.neg.extended {
+            return Err(ProtoError(format!(
+                "reply magic {magic:#x} does not match the negotiated headers"
+            ))
+            .into());
+        }
         let n = proto::reply_rest_len(magic)?;
-        let mut rest = [0u8; 16];
+        let mut rest = [0u8; 28];
         read_exact(r, &mut rest[..n])?;
         let h = proto::parse_reply_header(magic, &rest[..n])?;
         let cookie = match h {
@@ -574,6 +604,21 @@ impl Shared {
                     );
                 }
                 proto::check_chunk_len(rtype, len, b.len)?;
+                let bs_type = if conn.neg.extended {
+                    proto::REPLY_TYPE_BLOCK_STATUS_EXT
+                } else {
+                    proto::REPLY_TYPE_BLOCK_STATUS
+                };
+                if matches!(
+                    rtype,
+                    proto::REPLY_TYPE_BLOCK_STATUS | proto::REPLY_TYPE_BLOCK_STATUS_EXT
+                ) && rtype != bs_type
+                {
+                    return Err(ProtoError(format!(
+                        "block status chunk of type {rtype} does not match the negotiated headers"
+                    ))
+                    .into());
+                }
                 if rtype == proto::REPLY_TYPE_OFFSET_DATA {
                     if b.cmd != proto::CMD_READ || len < 8 {
                         return Err(
@@ -582,8 +627,10 @@ impl Shared {
                     }
                     let mut o = [0u8; 8];
                     read_exact(r, &mut o)?;
-                    let pos = proto::check_data_chunk(&o, len - 8, b.offset, b.len)?;
-                    read_into_iov(r, &mut b.req.iov.slices_mut(), pos, (len - 8) as usize)
+                    // At most the request's length: checked above.
+                    let data_len = (len - 8) as u32;
+                    let pos = proto::check_data_chunk(&o, data_len, b.offset, b.len)?;
+                    read_into_iov(r, &mut b.req.iov.slices_mut(), pos, data_len as usize)
                         .map_err(Fail::Io)?;
                 } else {
                     // Capped by check_chunk_len.
@@ -610,7 +657,7 @@ impl Shared {
                                 );
                             }
                             let (l, f) = extents[0];
-                            if l == 0 || l > b.len {
+                            if l == 0 || l > b.len as u64 {
                                 return Err(ProtoError(format!(
                                     "block status extent of {l} bytes for a query of {}",
                                     b.len
@@ -618,9 +665,9 @@ impl Shared {
                                 .into());
                             }
                             b.status = Some(Extent {
-                                len: l as u64,
-                                data: f & proto::STATE_HOLE == 0,
-                                zero: f & proto::STATE_ZERO != 0,
+                                len: l,
+                                data: f & proto::STATE_HOLE as u64 == 0,
+                                zero: f & proto::STATE_ZERO as u64 != 0,
                                 offset: None,
                                 allocated: true,
                             });
@@ -830,6 +877,15 @@ impl NbdNode {
     /// The transmission flags the server sent.
     pub fn transmission_flags(&self) -> u16 {
         self.c.sh.neg.info.flags
+    }
+
+    /// Whether the current connection uses extended headers
+    /// (`NBD_OPT_EXTENDED_HEADERS`); false while disconnected.
+    pub fn extended_headers(&self) -> bool {
+        lock(&self.c.sh.st)
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.neg.extended)
     }
 
     /// Whether the server sends `base:allocation` block status.
