@@ -55,7 +55,8 @@ pub struct ClientConfig {
     /// `tls-creds`: start TLS with these (client) credentials.
     pub tls: Option<Arc<X509Creds>>,
     /// `tls-hostname`: the name the server's certificate must carry
-    /// (default: `server.host`; none on a unix socket).
+    /// (default: `server.host`; a unix socket has none, so credentials
+    /// that check the server need it there).
     pub tls_hostname: Option<String>,
 }
 
@@ -1281,6 +1282,16 @@ fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<ClientConfig> {
     if tls_hostname.is_some() && tls.is_none() {
         return Err(BlockError::Open(
             "nbd: tls-hostname= needs tls-creds=".into(),
+        ));
+    }
+    if tls.as_ref().is_some_and(|c| c.needs_hostname())
+        && tls_hostname.is_none()
+        && matches!(addr, NbdAddr::Unix(_))
+    {
+        return Err(BlockError::Open(
+            "nbd: a unix socket has no host name to check the server's certificate against: \
+             set tls-hostname="
+                .into(),
         ));
     }
     let _ = ctx.opts.take_str("x-dirty-bitmap")?;

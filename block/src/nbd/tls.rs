@@ -172,10 +172,16 @@ impl X509Creds {
                     creds.client_cert = Some((certs(&cp)?, key(&kp, password)?));
                 }
                 // Built once here so a bad key is reported at start-up.
-                creds.client_config(true)?;
+                creds.client_config()?;
             }
         }
         Ok(creds)
+    }
+
+    /// A client must know the server's host name to check its certificate
+    /// (QEMU refuses a unix socket without `tls-hostname` too).
+    pub fn needs_hostname(&self) -> bool {
+        self.endpoint == Endpoint::Client && self.verify_peer
     }
 
     /// The server configuration (server credentials only).
@@ -183,18 +189,13 @@ impl X509Creds {
         self.server.clone()
     }
 
-    /// A client configuration; `check_name`: the server's certificate must
-    /// name the host (false on a unix socket without `tls-hostname`, where
-    /// there is no name to check, as in QEMU).
-    pub fn client_config(&self, check_name: bool) -> Result<Arc<ClientConfig>, String> {
+    /// A client configuration.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, String> {
         let p = provider();
         let verifier: Arc<dyn ServerCertVerifier> = match &self.roots {
-            Some(r) => Arc::new(CaVerifier {
-                inner: WebPkiServerVerifier::builder_with_provider(r.clone(), p.clone())
-                    .build()
-                    .map_err(|e| format!("ca-cert.pem: {e}"))?,
-                check_name,
-            }),
+            Some(r) => WebPkiServerVerifier::builder_with_provider(r.clone(), p.clone())
+                .build()
+                .map_err(|e| format!("ca-cert.pem: {e}"))?,
             None => Arc::new(NoVerifier(p.signature_verification_algorithms)),
         };
         let b = ClientConfig::builder_with_provider(p)
@@ -208,57 +209,9 @@ impl X509Creds {
                 .map_err(|e| format!("client-cert.pem and client-key.pem: {e}"))?,
             None => b.with_no_client_auth(),
         };
-        cfg.enable_sni = check_name;
+        // An IP address is never sent; a name is, as QEMU does.
+        cfg.enable_sni = true;
         Ok(Arc::new(cfg))
-    }
-}
-
-/// The CA check of `verify-peer=on`, optionally without the host name.
-#[derive(Debug)]
-struct CaVerifier {
-    inner: Arc<WebPkiServerVerifier>,
-    check_name: bool,
-}
-
-impl ServerCertVerifier for CaVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            // The chain was good (names are checked last): only the name
-            // did not match, and there is no name to match.
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if !self.check_name => Ok(ServerCertVerified::assertion()),
-            r => r,
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
     }
 }
 
@@ -395,10 +348,11 @@ pub fn accept(sock: Stream, cfg: Arc<ServerConfig>) -> io::Result<Stream> {
 }
 
 /// The client side of the handshake; `hostname` is checked against the
-/// server's certificate when given.
+/// server's certificate (it may be `None` only with `verify-peer=off`, see
+/// [`X509Creds::needs_hostname`]).
 pub fn connect(sock: Stream, creds: &X509Creds, hostname: Option<&str>) -> io::Result<Stream> {
     let cfg = creds
-        .client_config(hostname.is_some())
+        .client_config()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let name = match hostname {
         Some(h) => ServerName::try_from(h.to_string()).map_err(|_| {
@@ -407,7 +361,7 @@ pub fn connect(sock: Stream, creds: &X509Creds, hostname: Option<&str>) -> io::R
                 format!("'{h}' is not a valid TLS host name"),
             )
         })?,
-        // Not sent (SNI is off) and not checked.
+        // Nothing is checked (verify-peer=off): any name will do.
         None => ServerName::try_from("localhost")
             .map_err(|e| tls_err(rustls::Error::General(e.to_string())))?,
     };
