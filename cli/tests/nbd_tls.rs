@@ -726,3 +726,105 @@ fn tls_option_errors_are_one_line() {
     );
     assert!(e.contains("nope"), "{e}");
 }
+
+#[test]
+fn tls_server_and_hostile_clients() {
+    use block::nbd::proto;
+    use std::io::{Read, Write};
+    if !have_tools() {
+        return;
+    }
+    let d = Dir::new("hostile");
+    make_pki(&d.0, "Strata test CA");
+    let img = d.p("disk.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &img, "1M"]);
+    let port = free_port();
+    let args: Vec<String> = [
+        "-f",
+        "raw",
+        "-t",
+        "-e",
+        "0",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--object",
+        &creds("tls0", &d.p("server"), "server"),
+        "--tls-creds=tls0",
+        &img,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _srv = start(nbd_bin(), &args, Some(port), None);
+    let greet = || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).unwrap();
+        s.write_all(&proto::FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+            .unwrap();
+        s
+    };
+    let reply = |s: &mut std::net::TcpStream, opt: u32| -> u32 {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let h = proto::parse_option_reply_header(&h, opt).unwrap();
+        let mut d = vec![0u8; h.len as usize];
+        s.read_exact(&mut d).unwrap();
+        h.rtype
+    };
+    let closed = |s: &mut std::net::TcpStream| {
+        let mut b = [0u8; 256];
+        loop {
+            match s.read(&mut b) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    // Options before STARTTLS: refused with TLS_REQD, and the session goes
+    // on; EXPORT_NAME (which cannot be refused) ends it.
+    let mut s = greet();
+    for o in [proto::OPT_LIST, proto::OPT_EXTENDED_HEADERS, 99] {
+        s.write_all(&proto::encode_option(o, &[])).unwrap();
+        assert_eq!(reply(&mut s, o), proto::REP_ERR_TLS_REQD);
+    }
+    s.write_all(&proto::encode_option(proto::OPT_EXPORT_NAME, b""))
+        .unwrap();
+    closed(&mut s);
+    // STARTTLS with data is invalid; then garbage instead of a TLS hello
+    // ends only that connection.
+    let mut s = greet();
+    s.write_all(&proto::encode_option(proto::OPT_STARTTLS, b"x"))
+        .unwrap();
+    assert_eq!(reply(&mut s, proto::OPT_STARTTLS), proto::REP_ERR_INVALID);
+    s.write_all(&proto::encode_option(proto::OPT_STARTTLS, &[]))
+        .unwrap();
+    assert_eq!(reply(&mut s, proto::OPT_STARTTLS), proto::REP_ACK);
+    s.write_all(&[0x16, 0x03, 0x01, 0xff, 0xff]).unwrap();
+    s.write_all(&[0xab; 4096]).unwrap();
+    closed(&mut s);
+    // A client that stalls after STARTTLS is held up to the handshake
+    // limit at most, and others are served meanwhile.
+    let mut stalled = greet();
+    stalled
+        .write_all(&proto::encode_option(proto::OPT_STARTTLS, &[]))
+        .unwrap();
+    assert_eq!(reply(&mut stalled, proto::OPT_STARTTLS), proto::REP_ACK);
+    let info = run(
+        "qemu-img",
+        &[
+            "info",
+            "--object",
+            &creds("tls0", &d.p("client"), "client"),
+            "--image-opts",
+            &tcp_opts(port),
+        ],
+    );
+    assert!(info.contains("1 MiB"), "{info}");
+    let t = Instant::now();
+    closed(&mut stalled);
+    assert!(t.elapsed() < Duration::from_secs(15));
+}
