@@ -18,6 +18,7 @@
 //!   [`backend::CompletionQueue`].
 //! * [`drive`]: `-drive` / `-hda` / `-cdrom` desugaring.
 //! * [`throttle`]: `throttling.*` leaky buckets.
+//! * [`objects`]: `-object secret` and `tls-creds-x509`, found by id.
 //!
 //! ```
 //! use block::backend::{BackendConfig, BlockBackend, CompletionQueue};
@@ -61,6 +62,7 @@ pub mod keyval;
 pub mod nbd;
 pub mod node;
 pub mod null;
+pub mod objects;
 pub mod qcow2;
 pub mod raw;
 pub mod snapshot_overlay;

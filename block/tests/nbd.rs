@@ -233,6 +233,27 @@ fn qemu_nbd_unix_socket() {
     let mut b = [0u8; 512];
     blk.read_at(0, &mut b).unwrap();
     assert_eq!(b, [0u8; 512]);
+    // qemu-nbd offers extended headers: requests and replies use them.
+    let node = block::nbd::client::NbdNode::connect(block::nbd::client::ClientConfig::new(
+        block::nbd::transport::NbdAddr::Unix(sock.clone()),
+        "disk",
+    ))
+    .unwrap();
+    assert!(node.extended_headers());
+    assert!(node.has_block_status());
+    use block::driver::BlockDriver;
+    node.write_vectored(12 << 20, &[std::io::IoSlice::new(&[0x6b; 8192])], false)
+        .unwrap();
+    let mut b = [0u8; 8192];
+    node.read_vectored(12 << 20, &mut [std::io::IoSliceMut::new(&mut b)])
+        .unwrap();
+    assert_eq!(b, [0x6b; 8192]);
+    node.write_zeroes(12 << 20, 4096, false, false).unwrap();
+    let ext = node.block_status(12 << 20, 4 << 20).unwrap();
+    assert!(ext.len > 0 && ext.len <= 4 << 20);
+    node.discard(13 << 20, 1 << 20).unwrap();
+    node.flush().unwrap();
+    drop(node);
     // An unknown export is refused in one line naming it.
     let e = g
         .open_image(&format!("nbd+unix:///nope?socket={sock}"), None, true, &[])
@@ -411,7 +432,7 @@ fn fake_server(sock: String, evil: Evil) -> std::thread::JoinHandle<()> {
                     8 + 512,
                 )
                 .to_vec();
-                v.extend_from_slice(&(h.offset + h.len as u64).to_be_bytes());
+                v.extend_from_slice(&(h.offset + h.len).to_be_bytes());
                 v.extend_from_slice(&[0u8; 512]);
                 v
             }

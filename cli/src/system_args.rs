@@ -50,6 +50,9 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -blockdev driver=...,node-name=...  (or JSON)   a block node
   -device DRIVER[,drive=ID,...]     a device (-device help, -device DRIVER,help)
   -object iothread,id=ID            an I/O thread (virtio-blk-pci iothread=ID)
+  -object secret,id=ID,data=S|file=F  a secret (passwordid=ID)
+  -object tls-creds-x509,id=ID,dir=D[,endpoint=client][,verify-peer=on|off]
+                                    TLS credentials (nbd tls-creds=ID)
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
   -kernel FILE                      boot a bzImage, PVH ELF vmlinux or multiboot kernel directly
                                     (with -bios or -boot menu=on: bzImage/multiboot through SeaBIOS)
@@ -177,6 +180,8 @@ pub struct Process {
     pub pidfile: Option<PathBuf>,
     /// `-D FILE`: where Strata's log goes instead of stderr.
     pub log_file: Option<PathBuf>,
+    /// `-object secret` and `tls-creds-x509`, to create before the machine.
+    pub objects: Vec<block::objects::ObjectSpec>,
 }
 
 pub enum Parsed {
@@ -898,6 +903,15 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                         }
                         cfg.iothreads.push(id.clone());
                     }
+                    Some("secret" | "tls-creds-x509") => {
+                        // Created by main before the machine, which opens
+                        // the nbd nodes that use them.
+                        let spec = block::objects::parse("-object", value)?;
+                        if process.objects.iter().any(|o| o.id() == spec.id()) {
+                            return Err(format!("-object {value}: duplicate id '{}'", spec.id()));
+                        }
+                        process.objects.push(spec);
+                    }
                     _ => return Err(format!("-object {value}: unsupported object type")),
                 }
             }
@@ -1009,6 +1023,25 @@ mod tests {
         assert!(parse(&args("-object iothread,id=a -object iothread,id=a")).is_err());
         assert!(parse(&args("-object iothread")).is_err());
         assert!(parse(&args("-object memory-backend-ram,id=m")).is_err());
+    }
+
+    #[test]
+    fn secret_and_tls_objects() {
+        let Ok(Parsed::Run(_, p)) = parse(&args(
+            "-object secret,id=s0,data=pw -object tls-creds-x509,id=t0,dir=/pki,verify-peer=off",
+        )) else {
+            panic!("not parsed");
+        };
+        let ids: Vec<&str> = p.objects.iter().map(|o| o.id()).collect();
+        assert_eq!(ids, ["s0", "t0"]);
+        for bad in [
+            "-object secret,id=s0,data=a -object secret,id=s0,data=b",
+            "-object tls-creds-x509,id=t0",
+            "-object tls-creds-x509,id=t0,dir=/pki,endpoint=peer",
+        ] {
+            let e = parse(&args(bad)).err().expect(bad);
+            assert!(e.starts_with("-object "), "{e}");
+        }
     }
 
     #[test]

@@ -513,9 +513,145 @@ fn req(cmd: u16, offset: u64, len: u32) -> [u8; 28] {
         cmd,
         cookie: 1,
         offset,
-        len,
+        len: len as u64,
     }
     .encode()
+}
+
+/// Read one extended reply chunk: (flags, type, cookie, payload).
+fn ext_chunk(s: &mut UnixStream) -> (u16, u16, u64, Vec<u8>) {
+    let mut h = [0u8; 32];
+    s.read_exact(&mut h).unwrap();
+    let magic = u32::from_be_bytes(h[..4].try_into().unwrap());
+    assert_eq!(magic, proto::EXTENDED_REPLY_MAGIC);
+    let proto::ReplyHeader::Chunk {
+        flags,
+        rtype,
+        cookie,
+        len,
+    } = proto::parse_reply_header(magic, &h[4..]).unwrap()
+    else {
+        panic!("not a chunk")
+    };
+    let mut d = vec![0u8; len as usize];
+    s.read_exact(&mut d).unwrap();
+    (flags, rtype, cookie, d)
+}
+
+#[test]
+fn extended_headers_with_qemu_and_raw_clients() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new("ext");
+    let img = d.p("disk.raw");
+    // Larger than 4 GiB (sparse): 64-bit lengths matter.
+    run("qemu-img", &["create", "-q", "-f", "raw", &img, "6G"]);
+    let _srv = serve(&d, &img, false, &["-f", "raw", "-t", "-e", "0"]);
+    let sock = d.p("nbd.sock");
+    // qemu-nbd --list negotiates them with Strata's server.
+    let l = run("qemu-nbd", &["-L", "-k", &sock]);
+    assert!(l.contains("transaction size: 64-bit"), "{l}");
+
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g).unwrap();
+    s.write_all(&(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES).to_be_bytes())
+        .unwrap();
+    let opt = |s: &mut UnixStream, o: u32, data: &[u8]| -> Vec<u32> {
+        s.write_all(&proto::encode_option(o, data)).unwrap();
+        let mut types = Vec::new();
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).unwrap();
+            let h = proto::parse_option_reply_header(&h, o).unwrap();
+            let mut d = vec![0u8; h.len as usize];
+            s.read_exact(&mut d).unwrap();
+            types.push(h.rtype);
+            if h.rtype != proto::REP_INFO && h.rtype != proto::REP_META_CONTEXT {
+                return types;
+            }
+        }
+    };
+    assert_eq!(
+        opt(&mut s, proto::OPT_EXTENDED_HEADERS, &[]),
+        [proto::REP_ACK]
+    );
+    // Structured replies come with them.
+    assert_eq!(
+        opt(&mut s, proto::OPT_STRUCTURED_REPLY, &[]),
+        [proto::REP_ERR_EXT_HEADER_REQD]
+    );
+    let mc = proto::encode_meta_context("", &[proto::BASE_ALLOCATION]);
+    assert!(opt(&mut s, proto::OPT_SET_META_CONTEXT, &mc).ends_with(&[proto::REP_ACK]));
+    assert!(opt(&mut s, proto::OPT_GO, &proto::encode_go("", &[])).ends_with(&[proto::REP_ACK]));
+    let ext = |cmd: u16, flags: u16, cookie: u64, offset: u64, len: u64| {
+        proto::RequestHeader {
+            flags,
+            cmd,
+            cookie,
+            offset,
+            len,
+        }
+        .encode_ext()
+    };
+    // A write and its read back near the end of the 6 GiB export.
+    let off = (6u64 << 30) - 8192;
+    s.write_all(&ext(proto::CMD_WRITE, 0, 1, off, 4096))
+        .unwrap();
+    s.write_all(&[0x42; 4096]).unwrap();
+    let (f, t, c, _) = ext_chunk(&mut s);
+    assert_eq!(
+        (f, t, c),
+        (proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, 1)
+    );
+    s.write_all(&ext(proto::CMD_READ, 0, 2, off, 4096)).unwrap();
+    let (_, t, c, data) = ext_chunk(&mut s);
+    assert_eq!((t, c), (proto::REPLY_TYPE_OFFSET_DATA, 2));
+    assert_eq!(data[..8], off.to_be_bytes());
+    assert!(data[8..].iter().all(|&b| b == 0x42));
+    // Zeroes over 5 GiB in one request: a 64-bit length.
+    s.write_all(&ext(proto::CMD_WRITE_ZEROES, 0, 3, 0, 5 << 30))
+        .unwrap();
+    let (_, t, c, _) = ext_chunk(&mut s);
+    assert_eq!((t, c), (proto::REPLY_TYPE_NONE, 3));
+    // Block status with 64-bit descriptors.
+    s.write_all(&ext(proto::CMD_BLOCK_STATUS, 0, 4, 0, 6 << 30))
+        .unwrap();
+    let (_, t, c, bs) = ext_chunk(&mut s);
+    assert_eq!((t, c), (proto::REPLY_TYPE_BLOCK_STATUS_EXT, 4));
+    let proto::Chunk::BlockStatus { context, extents } = proto::parse_chunk(t, &bs).unwrap() else {
+        panic!()
+    };
+    assert_eq!(context, 1);
+    assert!(extents[0].0 > u32::MAX as u64, "{extents:?}");
+    // A payload on block status (not offered): refused, payload skipped,
+    // the connection goes on.
+    s.write_all(&ext(
+        proto::CMD_BLOCK_STATUS,
+        proto::CMD_FLAG_PAYLOAD_LEN,
+        5,
+        0,
+        16,
+    ))
+    .unwrap();
+    s.write_all(&[0u8; 16]).unwrap();
+    let (_, t, c, _) = ext_chunk(&mut s);
+    assert_eq!((t, c), (proto::REPLY_TYPE_ERROR, 5));
+    s.write_all(&ext(proto::CMD_FLUSH, 0, 6, 0, 0)).unwrap();
+    let (_, t, c, _) = ext_chunk(&mut s);
+    assert_eq!((t, c), (proto::REPLY_TYPE_NONE, 6));
+    // A compact request after extended headers: the connection ends.
+    s.write_all(&req(proto::CMD_FLUSH, 0, 0)).unwrap();
+    s.write_all(&[0u8; 4]).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0);
+    // qemu-io (extended headers too) reads what was written.
+    let url = format!("nbd+unix:///?socket={sock}");
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", &format!("read -P 0x42 {off} 4096"), &url],
+    );
 }
 
 #[test]

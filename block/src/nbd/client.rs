@@ -3,7 +3,10 @@
 //! NBD protocol sections: "Fixed newstyle negotiation" (the handshake:
 //! `NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_SET_META_CONTEXT` for
 //! `base:allocation`, `NBD_OPT_GO` with `NBD_INFO_BLOCK_SIZE`, falling back
-//! to `NBD_OPT_EXPORT_NAME` on servers without GO), "Transmission"
+//! to `NBD_OPT_EXPORT_NAME` on servers without GO), "TLS support" (with
+//! `tls-creds`, `NBD_OPT_STARTTLS` is the first option and the session
+//! ends if the server refuses it or the handshake fails; every reconnection
+//! starts TLS again), "Transmission"
 //! (requests pipelined on one connection, matched to their replies by
 //! cookie; simple and structured replies) and "Request types".
 //!
@@ -26,6 +29,7 @@
 //! with EIO instead of having them retried, and the connection is dropped.
 
 use super::proto::{self, Chunk, ExportInfo, InfoItem, ProtoError, ReplyHeader};
+use super::tls::X509Creds;
 use super::transport::{read_into_iov, write_all_vectored, zero_iov, NbdAddr, Stream};
 use crate::driver::{BlockDriver, Completion, Extent, IoOp, IoRequest, Limits};
 use crate::error::{BlockError, BlockResult};
@@ -48,6 +52,12 @@ pub struct ClientConfig {
     pub reconnect_delay: Duration,
     /// Connect and handshake timeout.
     pub open_timeout: Duration,
+    /// `tls-creds`: start TLS with these (client) credentials.
+    pub tls: Option<Arc<X509Creds>>,
+    /// `tls-hostname`: the name the server's certificate must carry
+    /// (default: `server.host`; a unix socket has none, so credentials
+    /// that check the server need it there).
+    pub tls_hostname: Option<String>,
 }
 
 impl ClientConfig {
@@ -58,6 +68,17 @@ impl ClientConfig {
             export: export.to_string(),
             reconnect_delay: Duration::ZERO,
             open_timeout: Duration::from_secs(10),
+            tls: None,
+            tls_hostname: None,
+        }
+    }
+
+    /// The host name to check in the server's certificate.
+    fn tls_name(&self) -> Option<&str> {
+        match (&self.tls_hostname, &self.addr) {
+            (Some(h), _) => Some(h),
+            (None, NbdAddr::Inet { host, .. }) => Some(host),
+            (None, NbdAddr::Unix(_)) => None,
         }
     }
 }
@@ -67,6 +88,8 @@ impl ClientConfig {
 struct Negotiated {
     info: ExportInfo,
     structured: bool,
+    /// Extended headers: 32-byte requests and reply chunks.
+    extended: bool,
     base_allocation: Option<u32>,
 }
 
@@ -114,6 +137,7 @@ fn rep_error(rtype: u32, data: &[u8]) -> String {
         proto::REP_ERR_INVALID => "invalid",
         proto::REP_ERR_UNKNOWN => "export unknown",
         proto::REP_ERR_TOO_BIG => "too big",
+        proto::REP_ERR_TLS_REQD => "the server requires TLS (tls-creds=)",
         _ => "error",
     };
     if msg.is_empty() {
@@ -129,7 +153,14 @@ fn handshake(cfg: &ClientConfig) -> BlockResult<(Stream, Negotiated)> {
     let mut s = Stream::connect(&cfg.addr, cfg.open_timeout).map_err(|e| io_err(e, &what))?;
     s.set_timeouts(Some(cfg.open_timeout))
         .map_err(|e| io_err(e, &what))?;
-    let n = negotiate(&mut s, &cfg.export).map_err(|e| match e {
+    let n = negotiate(&mut s, cfg);
+    if n.is_err() {
+        // A soft disconnect, as the protocol asks of a client that gives
+        // up during negotiation (fails harmlessly on a dead socket).
+        let _ = s.write_all(&proto::encode_option(proto::OPT_ABORT, &[]));
+        s.close_notify();
+    }
+    let n = n.map_err(|e| match e {
         Fail::Io(e) => io_err(e, &format!("{}: handshake", cfg.addr)),
         Fail::Proto(p) => BlockError::Open(format!("{}: {p}", cfg.addr)),
     })?;
@@ -137,7 +168,67 @@ fn handshake(cfg: &ClientConfig) -> BlockResult<(Stream, Negotiated)> {
     Ok((s, n))
 }
 
-fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Fail> {
+/// `NBD_OPT_STARTTLS` and the TLS handshake; `s` becomes the TLS stream.
+fn start_tls(s: &mut Stream, creds: &X509Creds, cfg: &ClientConfig) -> Result<(), Fail> {
+    s.write_all(&proto::encode_option(proto::OPT_STARTTLS, &[]))
+        .map_err(Fail::Io)?;
+    let (t, d) = option_reply(s, proto::OPT_STARTTLS)?;
+    if t != proto::REP_ACK {
+        // Going on in plain text would defeat tls-creds (the protocol's
+        // "downgrade attacks").
+        return Err(ProtoError(format!(
+            "the server does not offer TLS: {}",
+            rep_error(t, &d)
+        ))
+        .into());
+    }
+    let raw = s.try_clone().map_err(Fail::Io)?;
+    *s = super::tls::connect(raw, creds, cfg.tls_name()).map_err(|e| {
+        // Half a TLS handshake: nothing more can be said on this socket.
+        s.shutdown();
+        // One line that says what failed (a certificate the CA did not
+        // sign, a name that does not match).
+        Fail::Proto(ProtoError(format!("TLS handshake failed: {e}")))
+    })?;
+    Ok(())
+}
+
+/// An option without data that the server accepts (`NBD_REP_ACK`) or
+/// declines (an error reply); `first`: the first option after the
+/// greeting (or TLS), whose failures say most about the session.
+fn flag_option(s: &mut Stream, cfg: &ClientConfig, opt: u32, first: bool) -> Result<bool, Fail> {
+    s.write_all(&proto::encode_option(opt, &[]))
+        .map_err(Fail::Io)?;
+    let (t, d) = option_reply(s, opt).map_err(|e| match e {
+        // In TLS 1.3 the server checks the client's certificate after the
+        // client's side of the handshake is done: a refusal shows here.
+        Fail::Io(e)
+            if first && cfg.tls.is_some() && e.kind() == std::io::ErrorKind::UnexpectedEof =>
+        {
+            Fail::Proto(ProtoError(
+                "the server ended the session after the TLS handshake \
+                 (does it accept this client's certificate, client-cert.pem?)"
+                    .into(),
+            ))
+        }
+        e => e,
+    })?;
+    if t == proto::REP_ERR_TLS_REQD {
+        return Err(ProtoError(format!(
+            "export '{}' is not available: {}",
+            cfg.export,
+            rep_error(t, &d)
+        ))
+        .into());
+    }
+    if t != proto::REP_ACK && t & proto::REP_FLAG_ERROR == 0 {
+        return Err(ProtoError(format!("unexpected reply {t} to option {opt}")).into());
+    }
+    Ok(t == proto::REP_ACK)
+}
+
+fn negotiate(s: &mut Stream, cfg: &ClientConfig) -> Result<Negotiated, Fail> {
+    let export = cfg.export.as_str();
     let mut g = [0u8; 18];
     read_exact(s, &mut g)?;
     let hflags = proto::parse_greeting(&g)?;
@@ -147,14 +238,15 @@ fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Fail> {
     }
     s.write_all(&cflags.to_be_bytes()).map_err(Fail::Io)?;
 
-    // Structured replies (needed for block status and sparse reads).
-    s.write_all(&proto::encode_option(proto::OPT_STRUCTURED_REPLY, &[]))
-        .map_err(Fail::Io)?;
-    let (t, _) = option_reply(s, proto::OPT_STRUCTURED_REPLY)?;
-    let structured = t == proto::REP_ACK;
-    if !structured && t & proto::REP_FLAG_ERROR == 0 {
-        return Err(ProtoError(format!("unexpected reply {t} to NBD_OPT_STRUCTURED_REPLY")).into());
+    // TLS first, so that every later option is protected.
+    if let Some(creds) = &cfg.tls {
+        start_tls(s, creds, cfg)?;
     }
+
+    // Extended headers (64-bit lengths; they include structured replies),
+    // else structured replies (needed for block status and sparse reads).
+    let extended = flag_option(s, cfg, proto::OPT_EXTENDED_HEADERS, true)?;
+    let structured = extended || flag_option(s, cfg, proto::OPT_STRUCTURED_REPLY, false)?;
 
     let mut base_allocation = None;
     if structured {
@@ -211,6 +303,7 @@ fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Fail> {
                 return Ok(Negotiated {
                     info: i,
                     structured,
+                    extended,
                     base_allocation,
                 });
             }
@@ -232,6 +325,7 @@ fn negotiate(s: &mut Stream, export: &str) -> Result<Negotiated, Fail> {
                 return Ok(Negotiated {
                     info: i,
                     structured,
+                    extended,
                     base_allocation,
                 });
             }
@@ -374,24 +468,32 @@ impl Shared {
         st.inflight.insert(cookie, slot.clone());
         drop(st);
         let b = guard.insert(body);
-        let hdr = proto::RequestHeader {
+        let h = proto::RequestHeader {
             flags: b.flags,
             cmd: b.cmd,
             cookie,
             offset: b.offset,
-            len: b.len,
-        }
-        .encode();
+            len: b.len as u64,
+        };
+        let ext;
+        let compact;
+        let hdr: &[u8] = if conn.neg.extended {
+            ext = h.encode_ext();
+            &ext
+        } else {
+            compact = h.encode();
+            &compact
+        };
         let sent = {
             let mut w = lock(&conn.writer);
             if b.cmd == proto::CMD_WRITE {
                 let data = b.req.iov.slices();
                 let mut bufs: Vec<&[u8]> = Vec::with_capacity(1 + data.len());
-                bufs.push(&hdr);
+                bufs.push(hdr);
                 bufs.extend(data.iter().map(|s| &**s));
                 write_all_vectored(&mut *w, &bufs)
             } else {
-                w.write_all(&hdr)
+                w.write_all(hdr)
             }
         };
         drop(guard);
@@ -460,8 +562,14 @@ impl Shared {
         let mut m = [0u8; 4];
         read_exact(r, &mut m)?;
         let magic = u32::from_be_bytes(m);
+        if (magic == proto::EXTENDED_REPLY_MAGIC) != conn.neg.extended {
+            return Err(ProtoError(format!(
+                "reply magic {magic:#x} does not match the negotiated headers"
+            ))
+            .into());
+        }
         let n = proto::reply_rest_len(magic)?;
-        let mut rest = [0u8; 16];
+        let mut rest = [0u8; 28];
         read_exact(r, &mut rest[..n])?;
         let h = proto::parse_reply_header(magic, &rest[..n])?;
         let cookie = match h {
@@ -497,6 +605,21 @@ impl Shared {
                     );
                 }
                 proto::check_chunk_len(rtype, len, b.len)?;
+                let bs_type = if conn.neg.extended {
+                    proto::REPLY_TYPE_BLOCK_STATUS_EXT
+                } else {
+                    proto::REPLY_TYPE_BLOCK_STATUS
+                };
+                if matches!(
+                    rtype,
+                    proto::REPLY_TYPE_BLOCK_STATUS | proto::REPLY_TYPE_BLOCK_STATUS_EXT
+                ) && rtype != bs_type
+                {
+                    return Err(ProtoError(format!(
+                        "block status chunk of type {rtype} does not match the negotiated headers"
+                    ))
+                    .into());
+                }
                 if rtype == proto::REPLY_TYPE_OFFSET_DATA {
                     if b.cmd != proto::CMD_READ || len < 8 {
                         return Err(
@@ -505,8 +628,10 @@ impl Shared {
                     }
                     let mut o = [0u8; 8];
                     read_exact(r, &mut o)?;
-                    let pos = proto::check_data_chunk(&o, len - 8, b.offset, b.len)?;
-                    read_into_iov(r, &mut b.req.iov.slices_mut(), pos, (len - 8) as usize)
+                    // At most the request's length: checked above.
+                    let data_len = (len - 8) as u32;
+                    let pos = proto::check_data_chunk(&o, data_len, b.offset, b.len)?;
+                    read_into_iov(r, &mut b.req.iov.slices_mut(), pos, data_len as usize)
                         .map_err(Fail::Io)?;
                 } else {
                     // Capped by check_chunk_len.
@@ -533,7 +658,7 @@ impl Shared {
                                 );
                             }
                             let (l, f) = extents[0];
-                            if l == 0 || l > b.len {
+                            if l == 0 || l > b.len as u64 {
                                 return Err(ProtoError(format!(
                                     "block status extent of {l} bytes for a query of {}",
                                     b.len
@@ -541,9 +666,9 @@ impl Shared {
                                 .into());
                             }
                             b.status = Some(Extent {
-                                len: l as u64,
-                                data: f & proto::STATE_HOLE == 0,
-                                zero: f & proto::STATE_ZERO != 0,
+                                len: l,
+                                data: f & proto::STATE_HOLE as u64 == 0,
+                                zero: f & proto::STATE_ZERO as u64 != 0,
                                 offset: None,
                                 allocated: true,
                             });
@@ -753,6 +878,15 @@ impl NbdNode {
     /// The transmission flags the server sent.
     pub fn transmission_flags(&self) -> u16 {
         self.c.sh.neg.info.flags
+    }
+
+    /// Whether the current connection uses extended headers
+    /// (`NBD_OPT_EXTENDED_HEADERS`); false while disconnected.
+    pub fn extended_headers(&self) -> bool {
+        lock(&self.c.sh.st)
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.neg.extended)
     }
 
     /// Whether the server sends `base:allocation` block status.
@@ -1017,7 +1151,11 @@ impl Drop for NbdNode {
                 len: 0,
             }
             .encode();
-            let _ = lock(&c.writer).write_all(&hdr);
+            {
+                let mut w = lock(&c.writer);
+                let _ = w.write_all(&hdr);
+                w.close_notify();
+            }
             c.kill();
         }
         sh.cv.notify_all();
@@ -1106,7 +1244,8 @@ pub fn nbd_uri(addr: &NbdAddr, export: &str) -> String {
 
 /// `-blockdev driver=nbd` options: `server.type`, `server.host`,
 /// `server.port`, `server.path`, `export`, `reconnect-delay`,
-/// `open-timeout`; `tls-creds` is refused (no TLS yet).
+/// `open-timeout`, `tls-creds` (a `tls-creds-x509` object with
+/// `endpoint=client`) and `tls-hostname`.
 fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<ClientConfig> {
     let mut server = ctx
         .opts
@@ -1132,12 +1271,29 @@ fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<ClientConfig> {
     let export = ctx.opts.take_str("export")?.unwrap_or_default();
     let delay = ctx.opts.take_u64("reconnect-delay")?.unwrap_or(0);
     let open_timeout = ctx.opts.take_u64("open-timeout")?.unwrap_or(10).max(1);
-    if let Some(t) = ctx.opts.take_str("tls-creds")? {
-        return Err(BlockError::Open(format!(
-            "nbd: tls-creds={t}: TLS is not supported by Strata's NBD client"
-        )));
+    let tls = match ctx.opts.take_str("tls-creds")? {
+        None => None,
+        Some(id) => Some(
+            crate::objects::tls_creds(&id, super::tls::Endpoint::Client)
+                .map_err(|e| BlockError::Open(format!("nbd: tls-creds={id}: {e}")))?,
+        ),
+    };
+    let tls_hostname = ctx.opts.take_str("tls-hostname")?;
+    if tls_hostname.is_some() && tls.is_none() {
+        return Err(BlockError::Open(
+            "nbd: tls-hostname= needs tls-creds=".into(),
+        ));
     }
-    let _ = ctx.opts.take_str("tls-hostname")?;
+    if tls.as_ref().is_some_and(|c| c.needs_hostname())
+        && tls_hostname.is_none()
+        && matches!(addr, NbdAddr::Unix(_))
+    {
+        return Err(BlockError::Open(
+            "nbd: a unix socket has no host name to check the server's certificate against: \
+             set tls-hostname="
+                .into(),
+        ));
+    }
     let _ = ctx.opts.take_str("x-dirty-bitmap")?;
     ctx.describe("server", addr.to_string());
     ctx.describe("export", export.clone());
@@ -1147,5 +1303,7 @@ fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<ClientConfig> {
         export,
         reconnect_delay: Duration::from_secs(delay),
         open_timeout: Duration::from_secs(open_timeout),
+        tls,
+        tls_hostname,
     })
 }

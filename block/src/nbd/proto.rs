@@ -6,7 +6,9 @@
 //! their `NBD_REP_*` replies, `NBD_OPT_INFO`/`NBD_OPT_GO` with the
 //! `NBD_INFO_*` items), "Transmission" ("Request message", "Simple reply
 //! message", "Structured reply chunk message" and the chunk types),
-//! "Metadata querying" (`base:allocation`) and "Error values".
+//! "Metadata querying" (`base:allocation`), "Error values" and the
+//! extended headers of `NBD_OPT_EXTENDED_HEADERS` (32-byte requests and
+//! reply chunks with 64-bit lengths, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`).
 //!
 //! Every function here turns bytes from a peer into a typed value after its
 //! bounds checks, or an error; none allocates more than its caps allow
@@ -25,6 +27,10 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Magic of an extended request (`NBD_OPT_EXTENDED_HEADERS`).
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Magic of an extended reply chunk.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flags (server): fixed newstyle, and no 124 zero bytes after
 /// `NBD_OPT_EXPORT_NAME`.
@@ -75,6 +81,8 @@ pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 /// `NBD_OPT_SET_META_CONTEXT`.
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+/// `NBD_OPT_EXTENDED_HEADERS`.
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 /// Option reply types (`NBD_REP_*`).
 pub const REP_ACK: u32 = 1;
@@ -92,10 +100,14 @@ pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
 pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
 /// `NBD_REP_ERR_INVALID`.
 pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+/// `NBD_REP_ERR_TLS_REQD`: start TLS first.
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
 /// `NBD_REP_ERR_UNKNOWN`: no such export.
 pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
 /// `NBD_REP_ERR_TOO_BIG`.
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+/// `NBD_REP_ERR_EXT_HEADER_REQD`.
+pub const REP_ERR_EXT_HEADER_REQD: u32 = REP_FLAG_ERROR | 10;
 
 /// Info types (`NBD_INFO_*`).
 pub const INFO_EXPORT: u16 = 0;
@@ -133,6 +145,9 @@ pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 /// `NBD_CMD_FLAG_FAST_ZERO`.
 pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+/// `NBD_CMD_FLAG_PAYLOAD_LEN` (extended headers): the length is that of
+/// a payload that follows.
+pub const CMD_FLAG_PAYLOAD_LEN: u16 = 1 << 5;
 
 /// Structured reply chunk flag: the last chunk of the reply.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -144,6 +159,8 @@ pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 /// `NBD_REPLY_TYPE_BLOCK_STATUS`.
 pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` (extended headers: 64-bit extents).
+pub const REPLY_TYPE_BLOCK_STATUS_EXT: u16 = 6;
 /// `NBD_REPLY_TYPE_ERROR`.
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 /// `NBD_REPLY_TYPE_ERROR_OFFSET`.
@@ -186,6 +203,8 @@ pub const MAX_CHUNK_META: u32 = 1 << 20;
 
 /// Request header length.
 pub const REQUEST_LEN: usize = 28;
+/// Extended request header length.
+pub const EXT_REQUEST_LEN: usize = 32;
 
 /// A protocol violation by the peer: the connection cannot continue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,7 +343,7 @@ pub enum ClientOption {
     Abort,
     /// `NBD_OPT_LIST`.
     List,
-    /// `NBD_OPT_STARTTLS` (refused: Strata's server has no TLS).
+    /// `NBD_OPT_STARTTLS`.
     StartTls,
     /// `NBD_OPT_INFO` (`go: false`) or `NBD_OPT_GO`.
     Info {
@@ -337,6 +356,8 @@ pub enum ClientOption {
     },
     /// `NBD_OPT_STRUCTURED_REPLY`.
     StructuredReply,
+    /// `NBD_OPT_EXTENDED_HEADERS`.
+    ExtendedHeaders,
     /// `NBD_OPT_LIST_META_CONTEXT` (`set: false`) or `SET_META_CONTEXT`.
     MetaContext {
         /// SET rather than LIST.
@@ -361,7 +382,10 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, ProtoError
             c.end("NBD_OPT_LIST")?;
             ClientOption::List
         }
-        OPT_STARTTLS => ClientOption::StartTls,
+        OPT_STARTTLS => {
+            c.end("NBD_OPT_STARTTLS")?;
+            ClientOption::StartTls
+        }
         OPT_INFO | OPT_GO => {
             let name = c.string32("NBD_OPT_GO")?;
             let n = c.u16("NBD_OPT_GO")? as usize;
@@ -380,6 +404,10 @@ pub fn parse_option(option: u32, data: &[u8]) -> Result<ClientOption, ProtoError
         OPT_STRUCTURED_REPLY => {
             c.end("NBD_OPT_STRUCTURED_REPLY")?;
             ClientOption::StructuredReply
+        }
+        OPT_EXTENDED_HEADERS => {
+            c.end("NBD_OPT_EXTENDED_HEADERS")?;
+            ClientOption::ExtendedHeaders
         }
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
             let export = c.string32("meta context")?;
@@ -597,12 +625,12 @@ pub struct RequestHeader {
     pub cookie: u64,
     /// Offset.
     pub offset: u64,
-    /// Length.
-    pub len: u32,
+    /// Length (at most 32 bits unless extended headers were negotiated).
+    pub len: u64,
 }
 
 impl RequestHeader {
-    /// Encode as 28 bytes.
+    /// Encode as 28 bytes (the caller keeps `len` within 32 bits).
     pub fn encode(&self) -> [u8; REQUEST_LEN] {
         let mut b = [0u8; REQUEST_LEN];
         b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
@@ -610,7 +638,18 @@ impl RequestHeader {
         b[6..8].copy_from_slice(&self.cmd.to_be_bytes());
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
-        b[24..28].copy_from_slice(&self.len.to_be_bytes());
+        b[24..28].copy_from_slice(&(self.len as u32).to_be_bytes());
+        b
+    }
+    /// Encode as an extended request (32 bytes).
+    pub fn encode_ext(&self) -> [u8; EXT_REQUEST_LEN] {
+        let mut b = [0u8; EXT_REQUEST_LEN];
+        b[..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.cmd.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.len.to_be_bytes());
         b
     }
     /// Decode 28 bytes; only the magic is checked here.
@@ -624,7 +663,21 @@ impl RequestHeader {
             cmd: c.u16("request")?,
             cookie: c.u64("request")?,
             offset: c.u64("request")?,
-            len: c.u32("request")?,
+            len: c.u32("request")? as u64,
+        })
+    }
+    /// Decode an extended request (32 bytes); only the magic is checked.
+    pub fn decode_ext(b: &[u8; EXT_REQUEST_LEN]) -> Result<Self, ProtoError> {
+        let mut c = Cur { b };
+        if c.u32("request")? != EXTENDED_REQUEST_MAGIC {
+            return perr("extended request with a bad magic");
+        }
+        Ok(RequestHeader {
+            flags: c.u16("request")?,
+            cmd: c.u16("request")?,
+            cookie: c.u64("request")?,
+            offset: c.u64("request")?,
+            len: c.u64("request")?,
         })
     }
 }
@@ -657,7 +710,7 @@ pub enum Command {
         /// Offset.
         offset: u64,
         /// Length.
-        len: u32,
+        len: u64,
         /// Durable before the reply.
         fua: bool,
     },
@@ -666,14 +719,14 @@ pub enum Command {
         /// Offset.
         offset: u64,
         /// Length.
-        len: u32,
+        len: u64,
     },
     /// Write zeroes.
     WriteZeroes {
         /// Offset.
         offset: u64,
         /// Length.
-        len: u32,
+        len: u64,
         /// Durable before the reply.
         fua: bool,
         /// Deallocation is not allowed.
@@ -686,7 +739,7 @@ pub enum Command {
         /// Offset.
         offset: u64,
         /// Length.
-        len: u32,
+        len: u64,
         /// Only one extent.
         req_one: bool,
     },
@@ -702,7 +755,7 @@ pub enum RequestError {
         cookie: u64,
         /// NBD error value.
         error: u32,
-        /// Payload bytes still to read and drop.
+        /// Payload bytes still to read and drop (at most [`MAX_PAYLOAD`]).
         skip: u32,
         /// Why (for the log).
         why: String,
@@ -722,11 +775,18 @@ pub struct ExportLimits {
     pub structured: bool,
     /// The client selected `base:allocation`.
     pub base_allocation: bool,
+    /// Extended headers were negotiated (64-bit lengths, payload flag).
+    pub extended: bool,
 }
 
 /// Check a request header against the export ("Request types" and the
-/// per-command rules). A write's payload length is checked before anything
+/// per-command rules). A payload's length is checked before anything
 /// else so a hostile length never makes the server allocate.
+///
+/// With extended headers, `NBD_CMD_FLAG_PAYLOAD_LEN` says the length is
+/// that of a payload: only a write may carry one here (the server does not
+/// offer `NBD_FLAG_BLOCK_STAT_PAYLOAD`), so on other commands the payload
+/// is dropped and the request refused.
 pub fn check_request(h: &RequestHeader, ex: &ExportLimits) -> Result<Command, RequestError> {
     let reply = |error: u32, skip: u32, why: String| RequestError::Reply {
         cookie: h.cookie,
@@ -734,29 +794,38 @@ pub fn check_request(h: &RequestHeader, ex: &ExportLimits) -> Result<Command, Re
         skip,
         why,
     };
-    if h.cmd == CMD_WRITE && h.len > MAX_PAYLOAD {
+    let payload_flag = ex.extended && h.flags & CMD_FLAG_PAYLOAD_LEN != 0;
+    let has_payload = h.cmd == CMD_WRITE || payload_flag;
+    if has_payload && h.len > MAX_PAYLOAD as u64 {
         return Err(RequestError::Fatal(ProtoError(format!(
-            "write payload of {} bytes is larger than {MAX_PAYLOAD}",
+            "request payload of {} bytes is larger than {MAX_PAYLOAD}",
             h.len
         ))));
     }
-    let skip = if h.cmd == CMD_WRITE { h.len } else { 0 };
-    let known =
+    // Fits: checked just above.
+    let skip = if has_payload { h.len as u32 } else { 0 };
+    let mut known =
         CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
+    if ex.extended {
+        known |= CMD_FLAG_PAYLOAD_LEN;
+    }
     if h.flags & !known != 0 {
         return Err(reply(EINVAL, skip, format!("unknown flags {:#x}", h.flags)));
     }
+    if payload_flag && h.cmd != CMD_WRITE {
+        return Err(reply(
+            EINVAL,
+            skip,
+            format!("command {} takes no payload", h.cmd),
+        ));
+    }
     let ro = ex.flags & TF_READ_ONLY != 0;
-    let in_range = |len: u32| {
-        h.offset
-            .checked_add(len as u64)
-            .is_some_and(|end| end <= ex.size)
-    };
+    let in_range = |len: u64| h.offset.checked_add(len).is_some_and(|end| end <= ex.size);
     let fua = h.flags & CMD_FLAG_FUA != 0;
     let (offset, len) = (h.offset, h.len);
     match h.cmd {
         CMD_READ => {
-            if len > MAX_PAYLOAD {
+            if len > MAX_PAYLOAD as u64 {
                 return Err(reply(
                     EINVAL,
                     0,
@@ -766,7 +835,10 @@ pub fn check_request(h: &RequestHeader, ex: &ExportLimits) -> Result<Command, Re
             if !in_range(len) {
                 return Err(reply(EINVAL, 0, "read beyond the end".into()));
             }
-            Ok(Command::Read { offset, len })
+            Ok(Command::Read {
+                offset,
+                len: len as u32,
+            })
         }
         CMD_WRITE => {
             if ro {
@@ -775,7 +847,11 @@ pub fn check_request(h: &RequestHeader, ex: &ExportLimits) -> Result<Command, Re
             if !in_range(len) {
                 return Err(reply(ENOSPC, skip, "write beyond the end".into()));
             }
-            Ok(Command::Write { offset, len, fua })
+            Ok(Command::Write {
+                offset,
+                len: len as u32,
+                fua,
+            })
         }
         CMD_DISC => Ok(Command::Disc),
         CMD_FLUSH => Ok(Command::Flush),
@@ -844,16 +920,60 @@ pub fn encode_chunk_header(flags: u16, rtype: u16, cookie: u64, len: u32) -> [u8
     b
 }
 
-/// Encode an `NBD_REPLY_TYPE_ERROR` chunk (header and payload), final.
-pub fn encode_error_chunk(cookie: u64, error: u32, msg: &str) -> Vec<u8> {
+/// Encode an extended reply chunk header (32 bytes); `offset` is that of
+/// the request it answers.
+pub fn encode_ext_chunk_header(
+    flags: u16,
+    rtype: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&rtype.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// A chunk header in the negotiated form: extended or structured (whose
+/// length the caller keeps within 32 bits).
+pub fn encode_chunk(
+    extended: bool,
+    flags: u16,
+    rtype: u16,
+    cookie: u64,
+    offset: u64,
+    len: u64,
+) -> Vec<u8> {
+    if extended {
+        encode_ext_chunk_header(flags, rtype, cookie, offset, len).to_vec()
+    } else {
+        encode_chunk_header(flags, rtype, cookie, len as u32).to_vec()
+    }
+}
+
+/// Encode an `NBD_REPLY_TYPE_ERROR` chunk (header and payload), final, in
+/// the negotiated form.
+pub fn encode_error_chunk(
+    extended: bool,
+    cookie: u64,
+    offset: u64,
+    error: u32,
+    msg: &str,
+) -> Vec<u8> {
     let msg = &msg.as_bytes()[..msg.len().min(MAX_STRING)];
-    let mut v = encode_chunk_header(
+    let mut v = encode_chunk(
+        extended,
         REPLY_FLAG_DONE,
         REPLY_TYPE_ERROR,
         cookie,
-        6 + msg.len() as u32,
-    )
-    .to_vec();
+        offset,
+        6 + msg.len() as u64,
+    );
     v.extend_from_slice(&error.to_be_bytes());
     v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     v.extend_from_slice(msg);
@@ -870,7 +990,7 @@ pub enum ReplyHeader {
         /// NBD error (0: success).
         error: u32,
     },
-    /// A structured chunk header.
+    /// A structured or extended chunk header.
     Chunk {
         /// `NBD_REPLY_FLAG_*`.
         flags: u16,
@@ -879,7 +999,7 @@ pub enum ReplyHeader {
         /// Cookie.
         cookie: u64,
         /// Payload length (not yet checked against the request).
-        len: u32,
+        len: u64,
     },
 }
 
@@ -888,6 +1008,7 @@ pub fn reply_rest_len(magic: u32) -> Result<usize, ProtoError> {
     match magic {
         SIMPLE_REPLY_MAGIC => Ok(12),
         STRUCTURED_REPLY_MAGIC => Ok(16),
+        EXTENDED_REPLY_MAGIC => Ok(28),
         m => perr(format!("reply with a bad magic {m:#x}")),
     }
 }
@@ -905,7 +1026,21 @@ pub fn parse_reply_header(magic: u32, rest: &[u8]) -> Result<ReplyHeader, ProtoE
             let flags = c.u16("reply")?;
             let rtype = c.u16("reply")?;
             let cookie = c.u64("reply")?;
-            let len = c.u32("reply")?;
+            let len = c.u32("reply")? as u64;
+            ReplyHeader::Chunk {
+                flags,
+                rtype,
+                cookie,
+                len,
+            }
+        }
+        EXTENDED_REPLY_MAGIC => {
+            let flags = c.u16("reply")?;
+            let rtype = c.u16("reply")?;
+            let cookie = c.u64("reply")?;
+            // The request's offset echoed: nothing relies on it.
+            let _offset = c.u64("reply")?;
+            let len = c.u64("reply")?;
             ReplyHeader::Chunk {
                 flags,
                 rtype,
@@ -932,12 +1067,13 @@ pub enum Chunk {
         /// Length.
         len: u32,
     },
-    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: (length, flags) descriptors.
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS` or `_EXT`: (length, flags)
+    /// descriptors.
     BlockStatus {
         /// Context id.
         context: u32,
         /// Descriptors.
-        extents: Vec<(u32, u32)>,
+        extents: Vec<(u64, u64)>,
     },
     /// `NBD_REPLY_TYPE_ERROR`/`ERROR_OFFSET`.
     Error {
@@ -951,15 +1087,15 @@ pub enum Chunk {
 /// Check a chunk header's length before anything is read: the payload must
 /// fit what the request could legitimately get back. `req_len` is the
 /// request's length.
-pub fn check_chunk_len(rtype: u16, len: u32, req_len: u32) -> Result<(), ProtoError> {
-    let max = match rtype {
+pub fn check_chunk_len(rtype: u16, len: u64, req_len: u32) -> Result<(), ProtoError> {
+    let max: u64 = match rtype {
         REPLY_TYPE_NONE => 0,
-        REPLY_TYPE_OFFSET_DATA => 8u32.saturating_add(req_len),
+        REPLY_TYPE_OFFSET_DATA => 8 + req_len as u64,
         REPLY_TYPE_OFFSET_HOLE => 12,
-        REPLY_TYPE_BLOCK_STATUS => MAX_CHUNK_META,
-        REPLY_TYPE_ERROR => 6 + MAX_STRING as u32,
-        REPLY_TYPE_ERROR_OFFSET => 14 + MAX_STRING as u32,
-        t if t & (1 << 15) != 0 => 6 + MAX_STRING as u32,
+        REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => MAX_CHUNK_META as u64,
+        REPLY_TYPE_ERROR => 6 + MAX_STRING as u64,
+        REPLY_TYPE_ERROR_OFFSET => 14 + MAX_STRING as u64,
+        t if t & (1 << 15) != 0 => 6 + MAX_STRING as u64,
         t => return perr(format!("unknown structured reply type {t}")),
     };
     if len > max {
@@ -992,6 +1128,22 @@ pub fn parse_chunk(rtype: u16, data: &[u8]) -> Result<Chunk, ProtoError> {
             while !c.b.is_empty() {
                 let l = c.u32("block status")?;
                 let f = c.u32("block status")?;
+                extents.push((l as u64, f as u64));
+            }
+            Chunk::BlockStatus { context, extents }
+        }
+        REPLY_TYPE_BLOCK_STATUS_EXT => {
+            let context = c.u32("block status")?;
+            let count = c.u32("block status")? as usize;
+            // The count must match the payload exactly, which also bounds
+            // the allocation by the (capped) chunk length.
+            if count == 0 || c.b.len() / 16 != count || !c.b.len().is_multiple_of(16) {
+                return perr("extended block status chunk whose count does not match");
+            }
+            let mut extents = Vec::with_capacity(count);
+            while !c.b.is_empty() {
+                let l = c.u64("block status")?;
+                let f = c.u64("block status")?;
                 extents.push((l, f));
             }
             Chunk::BlockStatus { context, extents }
@@ -1086,7 +1238,7 @@ pub fn fuzz_parsers(data: &[u8]) {
         }
         u32::from_be_bytes(a)
     };
-    match sel % 8 {
+    match sel % 10 {
         0 => {
             if let Ok(b) = <[u8; 18]>::try_from(&rest[..rest.len().min(18)]) {
                 let _ = parse_greeting(&b);
@@ -1116,6 +1268,7 @@ pub fn fuzz_parsers(data: &[u8]) {
                         flags: TF_HAS_FLAGS,
                         structured: true,
                         base_allocation: true,
+                        extended: false,
                     };
                     let _ = check_request(&h, &ex);
                 }
@@ -1130,9 +1283,40 @@ pub fn fuzz_parsers(data: &[u8]) {
         6 => {
             let rtype = (word(rest) >> 16) as u16;
             let body = rest.get(2..).unwrap_or(&[]);
-            if check_chunk_len(rtype, body.len() as u32, 4096).is_ok() {
+            if check_chunk_len(rtype, body.len() as u64, 4096).is_ok() {
                 let _ = parse_chunk(rtype, body);
             }
+        }
+        8 => {
+            let n = EXT_REQUEST_LEN;
+            if let Ok(b) = <[u8; EXT_REQUEST_LEN]>::try_from(&rest[..rest.len().min(n)]) {
+                if let Ok(h) = RequestHeader::decode_ext(&b) {
+                    let ex = ExportLimits {
+                        size: word(&rest[n.min(rest.len())..]) as u64,
+                        flags: TF_HAS_FLAGS,
+                        structured: true,
+                        base_allocation: true,
+                        extended: true,
+                    };
+                    let _ = check_request(&h, &ex);
+                }
+            }
+        }
+        9 => {
+            // An extended reply header, then its payload as the chunk.
+            if rest.len() >= 32 {
+                let magic = word(rest);
+                if let Ok(ReplyHeader::Chunk { rtype, len, .. }) =
+                    parse_reply_header(magic, &rest[4..32])
+                {
+                    let body = &rest[32..];
+                    let len = len.min(body.len() as u64);
+                    if check_chunk_len(rtype, len, 4096).is_ok() {
+                        let _ = parse_chunk(rtype, &body[..len as usize]);
+                    }
+                }
+            }
+            let _ = parse_chunk(REPLY_TYPE_BLOCK_STATUS_EXT, rest);
         }
         _ => {
             if rest.len() >= 20 {
@@ -1165,6 +1349,7 @@ mod tests {
             flags: TF_HAS_FLAGS,
             structured: false,
             base_allocation: false,
+            extended: false,
         };
         assert_eq!(
             check_request(&d, &ex).unwrap(),
@@ -1191,7 +1376,10 @@ mod tests {
             Err(RequestError::Reply { .. })
         ));
         // An oversized write payload ends the connection.
-        let huge = RequestHeader { len: u32::MAX, ..h };
+        let huge = RequestHeader {
+            len: u32::MAX as u64,
+            ..h
+        };
         assert!(matches!(
             check_request(&huge, &ex),
             Err(RequestError::Fatal(_))
@@ -1207,6 +1395,86 @@ mod tests {
         let mut bad = h.encode();
         bad[0] ^= 1;
         assert!(RequestHeader::decode(&bad).is_err());
+    }
+
+    #[test]
+    fn extended_headers() {
+        let h = RequestHeader {
+            flags: 0,
+            cmd: CMD_TRIM,
+            cookie: 9,
+            offset: 1 << 20,
+            len: 5 << 30,
+        };
+        let b = h.encode_ext();
+        assert_eq!(RequestHeader::decode_ext(&b).unwrap(), h);
+        assert!(RequestHeader::decode(&b[..REQUEST_LEN].try_into().unwrap()).is_err());
+        let ex = ExportLimits {
+            size: 8 << 30,
+            flags: TF_HAS_FLAGS,
+            structured: true,
+            base_allocation: true,
+            extended: true,
+        };
+        // A 64-bit effect length.
+        assert_eq!(
+            check_request(&h, &ex).unwrap(),
+            Command::Trim {
+                offset: 1 << 20,
+                len: 5 << 30,
+                fua: false
+            }
+        );
+        // A payload on a command that takes none: dropped, refused.
+        let p = RequestHeader {
+            flags: CMD_FLAG_PAYLOAD_LEN,
+            cmd: CMD_BLOCK_STATUS,
+            len: 24,
+            ..h
+        };
+        assert!(matches!(
+            check_request(&p, &ex),
+            Err(RequestError::Reply { skip: 24, .. })
+        ));
+        // ... a huge one ends the connection.
+        let p = RequestHeader { len: 1 << 40, ..p };
+        assert!(matches!(
+            check_request(&p, &ex),
+            Err(RequestError::Fatal(_))
+        ));
+        // The flag is unknown without extended headers.
+        let compact = ExportLimits {
+            extended: false,
+            ..ex
+        };
+        let p = RequestHeader { len: 0, ..p };
+        assert!(check_request(&p, &compact).is_err());
+
+        let e = encode_error_chunk(true, 3, 4096, EIO, "bad");
+        assert_eq!(e.len(), 32 + 6 + 3);
+        let ReplyHeader::Chunk { rtype, len, .. } =
+            parse_reply_header(EXTENDED_REPLY_MAGIC, &e[4..32]).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((rtype, len), (REPLY_TYPE_ERROR, 9));
+        let mut bs = 1u32.to_be_bytes().to_vec();
+        bs.extend_from_slice(&2u32.to_be_bytes());
+        for (l, f) in [(1u64 << 33, 0u64), (512, 3)] {
+            bs.extend_from_slice(&l.to_be_bytes());
+            bs.extend_from_slice(&f.to_be_bytes());
+        }
+        assert_eq!(
+            parse_chunk(REPLY_TYPE_BLOCK_STATUS_EXT, &bs).unwrap(),
+            Chunk::BlockStatus {
+                context: 1,
+                extents: vec![(1 << 33, 0), (512, 3)]
+            }
+        );
+        // A count that lies.
+        bs[7] = 3;
+        assert!(parse_chunk(REPLY_TYPE_BLOCK_STATUS_EXT, &bs).is_err());
+        assert!(check_chunk_len(REPLY_TYPE_BLOCK_STATUS_EXT, u64::MAX, 4096).is_err());
     }
 
     #[test]
@@ -1247,7 +1515,7 @@ mod tests {
     fn replies() {
         assert!(check_chunk_len(REPLY_TYPE_OFFSET_DATA, 8 + 4096, 4096).is_ok());
         assert!(check_chunk_len(REPLY_TYPE_OFFSET_DATA, 9 + 4096, 4096).is_err());
-        assert!(check_chunk_len(REPLY_TYPE_BLOCK_STATUS, u32::MAX, 4096).is_err());
+        assert!(check_chunk_len(REPLY_TYPE_BLOCK_STATUS, u32::MAX as u64, 4096).is_err());
         assert!(check_chunk_len(77, 0, 4096).is_err());
         assert_eq!(
             check_data_chunk(&4096u64.to_be_bytes(), 512, 0, 8192).unwrap(),
@@ -1255,7 +1523,7 @@ mod tests {
         );
         assert!(check_data_chunk(&8000u64.to_be_bytes(), 512, 0, 8192).is_err());
         assert!(check_data_chunk(&u64::MAX.to_be_bytes(), 512, 0, 8192).is_err());
-        let e = encode_error_chunk(3, EIO, "bad");
+        let e = encode_error_chunk(false, 3, 0, EIO, "bad");
         let ReplyHeader::Chunk { rtype, len, .. } =
             parse_reply_header(STRUCTURED_REPLY_MAGIC, &e[4..20]).unwrap()
         else {

@@ -4,8 +4,12 @@
 //! NBD protocol sections: "Fixed newstyle negotiation" (greeting with
 //! `NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`; options `EXPORT_NAME`,
 //! `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`,
-//! `SET_META_CONTEXT` with `base:allocation`; `STARTTLS` and others are
-//! answered `NBD_REP_ERR_UNSUP`), "Transmission" (simple or structured
+//! `SET_META_CONTEXT` with `base:allocation`; unknown ones are answered
+//! `NBD_REP_ERR_UNSUP`), "TLS support" (with credentials the server runs
+//! in FORCEDTLS mode: every option but `STARTTLS` and `ABORT` is refused
+//! with `NBD_REP_ERR_TLS_REQD` until TLS is up, and `EXPORT_NAME` ends the
+//! session; without, `STARTTLS` is refused with `NBD_REP_ERR_POLICY`),
+//! "Transmission" (simple or structured
 //! replies; reads come back as one `OFFSET_DATA` chunk) and "Request types"
 //! (READ, WRITE, DISC, FLUSH, TRIM, CACHE, WRITE_ZEROES, BLOCK_STATUS).
 //!
@@ -24,6 +28,7 @@ use super::transport::{write_all_vectored, Stream};
 use crate::backend::BlockBackend;
 use crate::driver::IoRequest;
 use crate::iov::IoVecs;
+use rustls::ServerConfig;
 use std::io::{self, Read, Write};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -123,6 +128,8 @@ impl From<proto::ProtoError> for End {
 struct Session {
     export: Arc<Export>,
     structured: bool,
+    /// Extended headers (implies `structured`).
+    extended: bool,
     base_allocation: bool,
 }
 
@@ -134,8 +141,13 @@ fn find(exports: &[Arc<Export>], name: &str) -> Option<Arc<Export>> {
     exports.iter().find(|e| e.name == name).cloned()
 }
 
-/// Negotiate; `None` when the client left during negotiation.
-fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>, End> {
+/// Negotiate; `None` when the client left during negotiation. With `tls`,
+/// the client must start TLS first (`s` becomes the TLS stream).
+fn negotiate(
+    s: &mut Stream,
+    exports: &[Arc<Export>],
+    tls: Option<&Arc<ServerConfig>>,
+) -> Result<Option<Session>, End> {
     s.write_all(&proto::encode_greeting(
         proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES,
     ))?;
@@ -147,6 +159,7 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
     }
     let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
+    let mut extended = false;
     let mut base_allocation = false;
     let mut data = Vec::new();
     let start = std::time::Instant::now();
@@ -160,6 +173,26 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
         let h = proto::parse_option_header(&h)?;
         data.resize(h.len as usize, 0);
         s.read_exact(&mut data)?;
+        // FORCEDTLS: nothing but STARTTLS and ABORT before TLS.
+        if tls.is_some()
+            && !s.is_tls()
+            && !matches!(h.option, proto::OPT_STARTTLS | proto::OPT_ABORT)
+        {
+            if h.option == proto::OPT_EXPORT_NAME {
+                // No error reply exists for this option.
+                return Err(proto::ProtoError(
+                    "the client asked for an export without starting TLS".into(),
+                )
+                .into());
+            }
+            reply(
+                s,
+                h.option,
+                proto::REP_ERR_TLS_REQD,
+                b"TLS is required: start it with NBD_OPT_STARTTLS",
+            )?;
+            continue;
+        }
         let o = match proto::parse_option(h.option, &data) {
             Ok(o) => o,
             Err(e) => {
@@ -185,6 +218,7 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
                 return Ok(Some(Session {
                     export,
                     structured,
+                    extended,
                     base_allocation,
                 }));
             }
@@ -243,11 +277,36 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
                     return Ok(Some(Session {
                         export,
                         structured,
+                        extended,
                         base_allocation,
                     }));
                 }
             }
+            ClientOption::StructuredReply if extended => reply(
+                s,
+                h.option,
+                proto::REP_ERR_EXT_HEADER_REQD,
+                b"extended headers are already on",
+            )?,
+            ClientOption::StructuredReply if structured => reply(
+                s,
+                h.option,
+                proto::REP_ERR_INVALID,
+                b"structured replies are already on",
+            )?,
             ClientOption::StructuredReply => {
+                structured = true;
+                reply(s, h.option, proto::REP_ACK, &[])?;
+            }
+            ClientOption::ExtendedHeaders if extended => reply(
+                s,
+                h.option,
+                proto::REP_ERR_INVALID,
+                b"extended headers are already on",
+            )?,
+            ClientOption::ExtendedHeaders => {
+                // They include structured replies.
+                extended = true;
                 structured = true;
                 reply(s, h.option, proto::REP_ACK, &[])?;
             }
@@ -288,7 +347,32 @@ fn negotiate(s: &mut Stream, exports: &[Arc<Export>]) -> Result<Option<Session>,
                 }
                 reply(s, h.option, proto::REP_ACK, &[])?;
             }
-            ClientOption::StartTls | ClientOption::Unknown(_) => {
+            ClientOption::StartTls => match tls {
+                None => reply(
+                    s,
+                    h.option,
+                    proto::REP_ERR_POLICY,
+                    b"TLS is not configured on this server",
+                )?,
+                Some(_) if s.is_tls() => {
+                    reply(s, h.option, proto::REP_ERR_INVALID, b"TLS is already on")?
+                }
+                Some(cfg) => {
+                    reply(s, h.option, proto::REP_ACK, &[])?;
+                    let raw = s.try_clone()?;
+                    *s = super::tls::accept(raw, cfg.clone()).map_err(|e| {
+                        End::Io(io::Error::new(
+                            e.kind(),
+                            format!("TLS handshake failed: {e}"),
+                        ))
+                    })?;
+                    // Nothing negotiated in plain text carries over.
+                    structured = false;
+                    extended = false;
+                    base_allocation = false;
+                }
+            },
+            ClientOption::Unknown(_) => {
                 reply(s, h.option, proto::REP_ERR_UNSUP, &[])?;
             }
         }
@@ -341,7 +425,16 @@ struct Out {
 struct Replier {
     tx: Mutex<Option<mpsc::Sender<Out>>>,
     structured: bool,
+    extended: bool,
     budget: Arc<Budget>,
+}
+
+/// Which request a reply answers: its cookie, and its offset (echoed in
+/// extended reply headers).
+#[derive(Clone, Copy)]
+struct Req {
+    cookie: u64,
+    offset: u64,
 }
 
 impl Replier {
@@ -354,34 +447,38 @@ impl Replier {
         self.budget.give(bytes);
     }
     /// Queue a reply without data; gives `bytes` of budget back once sent.
-    fn send(&self, cookie: u64, r: Result<(), (u32, String)>, bytes: u64) {
+    fn send(&self, q: Req, r: Result<(), (u32, String)>, bytes: u64) {
         let head = match (r, self.structured) {
-            (Ok(()), false) => proto::encode_simple_reply(cookie, 0).to_vec(),
-            (Err((e, _)), false) => proto::encode_simple_reply(cookie, e).to_vec(),
-            (Ok(()), true) => proto::encode_chunk_header(
+            (Ok(()), false) => proto::encode_simple_reply(q.cookie, 0).to_vec(),
+            (Err((e, _)), false) => proto::encode_simple_reply(q.cookie, e).to_vec(),
+            (Ok(()), true) => proto::encode_chunk(
+                self.extended,
                 proto::REPLY_FLAG_DONE,
                 proto::REPLY_TYPE_NONE,
-                cookie,
+                q.cookie,
+                q.offset,
                 0,
-            )
-            .to_vec(),
-            (Err((e, msg)), true) => proto::encode_error_chunk(cookie, e, &msg),
+            ),
+            (Err((e, msg)), true) => {
+                proto::encode_error_chunk(self.extended, q.cookie, q.offset, e, &msg)
+            }
         };
         self.push(head, Vec::new(), bytes);
     }
-    fn send_read(&self, cookie: u64, offset: u64, data: Vec<u8>, bytes: u64) {
+    fn send_read(&self, q: Req, data: Vec<u8>, bytes: u64) {
         let head = if self.structured {
-            let mut h = proto::encode_chunk_header(
+            let mut h = proto::encode_chunk(
+                self.extended,
                 proto::REPLY_FLAG_DONE,
                 proto::REPLY_TYPE_OFFSET_DATA,
-                cookie,
-                8 + data.len() as u32,
-            )
-            .to_vec();
-            h.extend_from_slice(&offset.to_be_bytes());
+                q.cookie,
+                q.offset,
+                8 + data.len() as u64,
+            );
+            h.extend_from_slice(&q.offset.to_be_bytes());
             h
         } else {
-            proto::encode_simple_reply(cookie, 0).to_vec()
+            proto::encode_simple_reply(q.cookie, 0).to_vec()
         };
         self.push(head, data, bytes);
     }
@@ -427,12 +524,13 @@ fn err_of(e: &crate::error::BlockError) -> (u32, String) {
     (proto::errno_to_nbd(e.errno()), e.to_string())
 }
 
-/// Serve one connection until it ends. Returns how it ended.
-pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
+/// Serve one connection until it ends. Returns how it ended. With `tls`,
+/// the client must start TLS before anything else.
+pub fn serve(mut s: Stream, exports: &[Arc<Export>], tls: Option<&Arc<ServerConfig>>) -> End {
     if let Err(e) = s.set_timeouts(Some(HANDSHAKE_LIMIT)) {
         return End::Io(e);
     }
-    let sess = match negotiate(&mut s, exports) {
+    let sess = match negotiate(&mut s, exports, tls) {
         Ok(Some(sess)) => sess,
         Ok(None) => return End::Clean,
         Err(e) => return e,
@@ -461,6 +559,7 @@ pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
     let rep = Arc::new(Replier {
         tx: Mutex::new(Some(tx)),
         structured: sess.structured,
+        extended: sess.extended,
         budget,
     });
     // Pipelined request headers arrive together: read them in batches.
@@ -472,6 +571,8 @@ pub fn serve(mut s: Stream, exports: &[Arc<Export>]) -> End {
     rep.budget.drain();
     *lock(&rep.tx) = None;
     let _ = wt.join();
+    // NBD_CMD_DISC: "the server MUST close down the TLS session".
+    s.close_notify();
     s.shutdown();
     end
 }
@@ -483,25 +584,39 @@ fn transmission(s: &mut io::BufReader<Stream>, sess: &Session, rep: &Arc<Replier
         flags: ex.flags(),
         structured: sess.structured,
         base_allocation: sess.base_allocation,
+        extended: sess.extended,
     };
     loop {
-        let mut hb = [0u8; proto::REQUEST_LEN];
-        match s.read_exact(&mut hb) {
-            Ok(()) => {}
-            Err(e) => return End::Io(e),
+        // Extended headers: every request is 32 bytes, else 28.
+        let mut hb = [0u8; proto::EXT_REQUEST_LEN];
+        let n = if sess.extended {
+            proto::EXT_REQUEST_LEN
+        } else {
+            proto::REQUEST_LEN
+        };
+        if let Err(e) = s.read_exact(&mut hb[..n]) {
+            return End::Io(e);
         }
-        let h = match RequestHeader::decode(&hb) {
+        let h = if sess.extended {
+            RequestHeader::decode_ext(&hb)
+        } else {
+            let mut c = [0u8; proto::REQUEST_LEN];
+            c.copy_from_slice(&hb[..proto::REQUEST_LEN]);
+            RequestHeader::decode(&c)
+        };
+        let h = match h {
             Ok(h) => h,
             Err(e) => return End::Proto(e),
+        };
+        let q = Req {
+            cookie: h.cookie,
+            offset: h.offset,
         };
         let cmd = match proto::check_request(&h, &limits) {
             Ok(c) => c,
             Err(RequestError::Fatal(e)) => return End::Proto(e),
             Err(RequestError::Reply {
-                cookie,
-                error,
-                skip,
-                why,
+                error, skip, why, ..
             }) => {
                 // Drop the payload in small pieces: nothing is allocated
                 // for it.
@@ -509,11 +624,11 @@ fn transmission(s: &mut io::BufReader<Stream>, sess: &Session, rep: &Arc<Replier
                     return End::Io(e);
                 }
                 rep.budget.take(0);
-                rep.send(cookie, Err((error, why)), 0);
+                rep.send(q, Err((error, why)), 0);
                 continue;
             }
         };
-        if let Err(e) = execute(s, ex, rep, h.cookie, cmd) {
+        if let Err(e) = execute(s, ex, rep, q, cmd) {
             return e;
         }
     }
@@ -523,14 +638,13 @@ fn execute(
     s: &mut io::BufReader<Stream>,
     ex: &Arc<Export>,
     rep: &Arc<Replier>,
-    cookie: u64,
+    q: Req,
     cmd: Command,
 ) -> Result<(), End> {
     let blk = &ex.blk;
     match cmd {
         Command::Disc => Err(End::Clean),
-        Command::Read { offset, len } | Command::Cache { offset, len } => {
-            let is_read = matches!(cmd, Command::Read { .. });
+        Command::Read { offset, len } => {
             rep.budget.take(len as u64);
             let r = rep.clone();
             blk.submit(
@@ -538,13 +652,27 @@ fn execute(
                 Box::new(move |req, res| {
                     let bytes = len as u64;
                     match res {
-                        Ok(()) if is_read => {
+                        Ok(()) => {
                             let buf = req.iov.into_vec().unwrap_or_default();
-                            r.send_read(cookie, offset, buf, bytes);
+                            r.send_read(q, buf, bytes);
                         }
-                        Ok(()) => r.send(cookie, Ok(()), bytes),
-                        Err(e) => r.send(cookie, Err(err_of(&e)), bytes),
+                        Err(e) => r.send(q, Err(err_of(&e)), bytes),
                     }
+                }),
+            );
+            Ok(())
+        }
+        Command::Cache { offset, len } => {
+            // Advisory: prefetching the first MAX_PAYLOAD bytes is enough,
+            // and a client's length never sizes a buffer.
+            let len = len.min(proto::MAX_PAYLOAD as u64);
+            rep.budget.take(len);
+            let r = rep.clone();
+            blk.submit(
+                IoRequest::read(offset, IoVecs::from_vec(vec![0; len as usize])),
+                Box::new(move |_req, res| match res {
+                    Ok(()) => r.send(q, Ok(()), len),
+                    Err(e) => r.send(q, Err(err_of(&e)), len),
                 }),
             );
             Ok(())
@@ -559,13 +687,13 @@ fn execute(
             let r = rep.clone();
             blk.submit(
                 IoRequest::write(offset, IoVecs::from_vec(buf), fua),
-                done(r, cookie, len as u64),
+                done(r, q, len as u64),
             );
             Ok(())
         }
         Command::Flush => {
             rep.budget.take(0);
-            blk.submit(IoRequest::flush(), done(rep.clone(), cookie, 0));
+            blk.submit(IoRequest::flush(), done(rep.clone(), q, 0));
             Ok(())
         }
         Command::Trim { offset, len, fua } => {
@@ -573,10 +701,10 @@ fn execute(
             let r = rep.clone();
             let b = blk.clone();
             blk.submit(
-                IoRequest::discard(offset, len as u64),
+                IoRequest::discard(offset, len),
                 Box::new(move |_req, res| match res {
-                    Ok(()) if fua => b.submit(IoRequest::flush(), done(r, cookie, 0)),
-                    res => finish(&r, cookie, res, 0),
+                    Ok(()) if fua => b.submit(IoRequest::flush(), done(r, q, 0)),
+                    res => finish(&r, q, res, 0),
                 }),
             );
             Ok(())
@@ -589,9 +717,9 @@ fn execute(
             fast_zero: _,
         } => {
             rep.budget.take(0);
-            let mut req = IoRequest::write_zeroes(offset, len as u64, !no_hole);
+            let mut req = IoRequest::write_zeroes(offset, len, !no_hole);
             req.fua = fua;
-            blk.submit(req, done(rep.clone(), cookie, 0));
+            blk.submit(req, done(rep.clone(), q, 0));
             Ok(())
         }
         Command::BlockStatus {
@@ -603,18 +731,25 @@ fn execute(
             let r = rep.clone();
             let b = blk.clone();
             crate::aio::pool().spawn(Box::new(move || {
-                let res = block_status(&b, offset, len, req_one);
+                let res = block_status(&b, offset, len, req_one, r.extended);
                 match res {
                     Ok(payload) => {
-                        let h = proto::encode_chunk_header(
+                        let rtype = if r.extended {
+                            proto::REPLY_TYPE_BLOCK_STATUS_EXT
+                        } else {
+                            proto::REPLY_TYPE_BLOCK_STATUS
+                        };
+                        let h = proto::encode_chunk(
+                            r.extended,
                             proto::REPLY_FLAG_DONE,
-                            proto::REPLY_TYPE_BLOCK_STATUS,
-                            cookie,
-                            payload.len() as u32,
+                            rtype,
+                            q.cookie,
+                            q.offset,
+                            payload.len() as u64,
                         );
-                        r.push(h.to_vec(), payload, 0);
+                        r.push(h, payload, 0);
                     }
-                    Err(e) => r.send(cookie, Err(err_of(&e)), 0),
+                    Err(e) => r.send(q, Err(err_of(&e)), 0),
                 }
             }));
             Ok(())
@@ -622,18 +757,25 @@ fn execute(
     }
 }
 
-/// The payload of a `base:allocation` block status chunk.
+/// The payload of a `base:allocation` block status chunk: 32-bit
+/// descriptors, or with `extended` the 64-bit ones of
+/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` after a descriptor count.
 fn block_status(
     blk: &BlockBackend,
     offset: u64,
-    len: u32,
+    len: u64,
     req_one: bool,
+    extended: bool,
 ) -> crate::error::BlockResult<Vec<u8>> {
     let mut v = 1u32.to_be_bytes().to_vec();
-    let end = offset + len as u64;
+    if extended {
+        // The count, filled in below.
+        v.extend_from_slice(&[0; 4]);
+    }
+    let end = offset + len;
     let mut pos = offset;
-    let mut n = 0;
-    while pos < end && n < MAX_EXTENTS {
+    let mut n = 0u32;
+    while pos < end && (n as usize) < MAX_EXTENTS {
         let e = blk.block_status(pos, end - pos)?;
         let l = e.len.clamp(1, end - pos);
         let mut flags = 0;
@@ -643,24 +785,33 @@ fn block_status(
         if e.zero {
             flags |= proto::STATE_ZERO;
         }
-        v.extend_from_slice(&(l as u32).to_be_bytes());
-        v.extend_from_slice(&flags.to_be_bytes());
+        if extended {
+            v.extend_from_slice(&l.to_be_bytes());
+            v.extend_from_slice(&(flags as u64).to_be_bytes());
+        } else {
+            // Without extended headers the request was at most 32 bits.
+            v.extend_from_slice(&(l as u32).to_be_bytes());
+            v.extend_from_slice(&flags.to_be_bytes());
+        }
         pos += l;
         n += 1;
         if req_one {
             break;
         }
     }
+    if extended {
+        v[4..8].copy_from_slice(&n.to_be_bytes());
+    }
     Ok(v)
 }
 
-fn finish(r: &Replier, cookie: u64, res: crate::error::BlockResult<()>, bytes: u64) {
+fn finish(r: &Replier, q: Req, res: crate::error::BlockResult<()>, bytes: u64) {
     match res {
-        Ok(()) => r.send(cookie, Ok(()), bytes),
-        Err(e) => r.send(cookie, Err(err_of(&e)), bytes),
+        Ok(()) => r.send(q, Ok(()), bytes),
+        Err(e) => r.send(q, Err(err_of(&e)), bytes),
     }
 }
 
-fn done(r: Arc<Replier>, cookie: u64, bytes: u64) -> crate::driver::Completion {
-    Box::new(move |_req, res| finish(&r, cookie, res, bytes))
+fn done(r: Arc<Replier>, q: Req, bytes: u64) -> crate::driver::Completion {
+    Box::new(move |_req, res| finish(&r, q, res, bytes))
 }

@@ -1,5 +1,6 @@
-//! NBD transports: TCP and unix sockets, behind one stream type, and the
-//! server address as `-blockdev`'s `server.*` (QAPI `SocketAddress`) gives it.
+//! NBD transports: TCP and unix sockets, either of them under TLS once
+//! `NBD_OPT_STARTTLS` succeeded, behind one stream type, and the server
+//! address as `-blockdev`'s `server.*` (QAPI `SocketAddress`) gives it.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
@@ -37,6 +38,8 @@ pub enum Stream {
     Tcp(TcpStream),
     /// Unix domain socket.
     Unix(UnixStream),
+    /// A TLS session over one of the above.
+    Tls(super::tls::TlsStream),
 }
 
 impl Stream {
@@ -64,20 +67,44 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.try_clone()?),
         })
     }
     /// Shut both directions down: blocked readers and writers return.
     pub fn shutdown(&self) {
+        self.shutdown_how(Shutdown::Both);
+    }
+    /// Shut the receiving side down: a blocked reader sees end of file.
+    pub fn shutdown_read(&self) {
+        self.shutdown_how(Shutdown::Read);
+    }
+    fn shutdown_how(&self, how: Shutdown) {
         let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(how),
+            Stream::Unix(s) => s.shutdown(how),
+            Stream::Tls(s) => {
+                s.socket().shutdown_how(how);
+                Ok(())
+            }
         };
+    }
+    /// End a TLS session politely (close_notify) before closing; nothing
+    /// for a plain socket.
+    pub fn close_notify(&self) {
+        if let Stream::Tls(s) = self {
+            s.close_notify();
+        }
+    }
+    /// Whether TLS runs on this stream.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
     }
     /// The send timeout alone (`None`: block).
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.set_write_timeout(t),
             Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.socket().set_write_timeout(t),
         }
     }
     /// Read/write timeouts (`None`: block).
@@ -91,6 +118,7 @@ impl Stream {
                 s.set_read_timeout(t)?;
                 s.set_write_timeout(t)
             }
+            Stream::Tls(s) => s.socket().set_timeouts(t),
         }
     }
 }
@@ -100,12 +128,14 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
     fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.read_vectored(bufs),
             Stream::Unix(s) => s.read_vectored(bufs),
+            Stream::Tls(s) => s.read_vectored(bufs),
         }
     }
 }
@@ -115,12 +145,14 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Stream::Tcp(s) => s.write_vectored(bufs),
             Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -22,6 +22,9 @@ fn init_log(log_file: Option<&Path>) -> Result<(), String> {
 /// Runs the machine with `-pidfile` written around it.
 fn run(cfg: vmm::config::MachineConfig, process: &Process) -> Result<i32, String> {
     init_log(process.log_file.as_deref())?;
+    for o in &process.objects {
+        block::objects::add(o)?;
+    }
     vmm::validate(&cfg).map_err(|e| e.to_string())?;
     if let Some(p) = &process.pidfile {
         std::fs::write(p, format!("{}\n", std::process::id()))

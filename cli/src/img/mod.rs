@@ -54,6 +54,9 @@ pub fn fail<T>(msg: impl Into<String>) -> R<T> {
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// QEMU objects (secret, tls-creds-x509), before or after the command.
+    #[arg(long = "object", global = true)]
+    pub object: Vec<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -474,6 +477,14 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             }
         }
     };
+    // Created before any image is opened: an `nbd` node finds its
+    // `tls-creds` by id.
+    for o in &cli.object {
+        if let Err(e) = block::objects::add_str("--object", o) {
+            eprintln!("strata-img: {e}");
+            return 1;
+        }
+    }
     let r = match cli.cmd {
         Cmd::Create {
             fmt,

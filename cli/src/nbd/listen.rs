@@ -11,10 +11,11 @@
 use super::{open_export, Fail, Settings, R};
 use block::graph::BlockGraph;
 use block::nbd::server::{self, Export};
+use block::nbd::tls::TlsServerConfig;
 use block::nbd::transport::Stream;
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
-use std::net::{Shutdown, TcpListener};
+use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -69,6 +70,8 @@ struct Server {
     stopping: AtomicBool,
     persistent: bool,
     cleanup: Vec<String>,
+    /// `--tls-creds`: clients must start TLS.
+    tls: Option<Arc<TlsServerConfig>>,
 }
 
 impl Server {
@@ -82,10 +85,7 @@ impl Server {
         {
             let mut g = lock(&self.clients);
             for s in g.streams.values() {
-                let _ = match s {
-                    Stream::Tcp(t) => t.shutdown(Shutdown::Read),
-                    Stream::Unix(u) => u.shutdown(Shutdown::Read),
-                };
+                s.shutdown_read();
             }
             // Clients finish their requests in flight, then leave.
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -126,7 +126,7 @@ impl Server {
     }
 
     fn client(self: &Arc<Self>, id: u64, s: Stream) {
-        let end = server::serve(s, &self.exports);
+        let end = server::serve(s, &self.exports, self.tls.as_ref());
         match end {
             server::End::Clean => log::info!("client {id} disconnected"),
             e => log::warn!("client {id}: {e}"),
@@ -237,6 +237,7 @@ pub fn run(s: Settings) -> R<()> {
         stopping: AtomicBool::new(false),
         persistent: s.cli.persistent,
         cleanup,
+        tls: s.tls.clone(),
     });
     {
         let srv = srv.clone();

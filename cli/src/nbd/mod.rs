@@ -2,7 +2,8 @@
 //! line (QEMU's `docs/tools/qemu-nbd.rst`): `-f`, `-r`, `-x`, `-p`, `-b`,
 //! `-k`, `-t`, `-e`, `-s`, `--cache`, `--aio`, `--discard`,
 //! `--detect-zeroes`, `-D`, `--pid-file`, `--fork`, `--image-opts`,
-//! `--object`.
+//! `--object` (`secret`, `tls-creds-x509`, `iothread`) and `--tls-creds`
+//! (clients must then start TLS, with the credentials' server certificate).
 //!
 //! The image is opened through the block graph and attached like
 //! qemu-nbd's export (consistent read, plus write unless `-r`; sharing
@@ -79,9 +80,18 @@ pub struct Cli {
     /// FILENAME is a set of block node options, not a file name.
     #[arg(long = "image-opts")]
     image_opts: bool,
-    /// QEMU objects (iothread, secret).
+    /// QEMU objects (iothread, secret, tls-creds-x509).
     #[arg(long = "object")]
     object: Vec<String>,
+    /// Require TLS with these credentials (a tls-creds-x509 object).
+    #[arg(long = "tls-creds")]
+    tls_creds: Option<String>,
+    /// Host name checked in a server's certificate (NBD client only).
+    #[arg(long = "tls-hostname")]
+    tls_hostname: Option<String>,
+    /// Authorization of TLS clients by name (not supported).
+    #[arg(long = "tls-authz")]
+    tls_authz: Option<String>,
     /// The image.
     filename: String,
 }
@@ -108,6 +118,8 @@ pub struct Settings {
     pub cache: (bool, bool, bool),
     pub shared: usize,
     pub listen: listen::Addr,
+    /// `--tls-creds`.
+    pub tls: Option<std::sync::Arc<block::nbd::tls::TlsServerConfig>>,
 }
 
 fn check(cli: Cli) -> R<Settings> {
@@ -150,8 +162,24 @@ fn check(cli: Cli) -> R<Settings> {
         // simple and serve the overlay read-only too.
     }
     for o in &cli.object {
-        check_object(o)?;
+        block::objects::add_str("--object", o)?;
     }
+    if cli.tls_hostname.is_some() {
+        return fail("--tls-hostname is only for an NBD client, and strata-nbd only serves");
+    }
+    if let Some(a) = &cli.tls_authz {
+        return fail(format!(
+            "--tls-authz={a}: authorization objects are not supported"
+        ));
+    }
+    let tls = match &cli.tls_creds {
+        None => None,
+        Some(id) => {
+            let c = block::objects::tls_creds(id, block::nbd::tls::Endpoint::Server)
+                .map_err(|e| Fail(format!("--tls-creds={id}: {e}")))?;
+            c.server_config()
+        }
+    };
     let listen = match (&cli.socket, &cli.port, &cli.bind) {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => {
             return fail("-k and -p/-b are mutually exclusive")
@@ -172,22 +200,8 @@ fn check(cli: Cli) -> R<Settings> {
         cache,
         shared,
         listen,
+        tls,
     })
-}
-
-/// `--object`: `iothread` and `secret` are accepted (Strata's server runs
-/// requests on the block layer's own threads; nothing here uses secrets
-/// yet); other types are refused.
-fn check_object(text: &str) -> R<()> {
-    let m = keyval::parse("--object", text, Some("qom-type"))?;
-    let ty = m.get("qom-type").and_then(Value::as_str).unwrap_or("");
-    if m.get("id").and_then(Value::as_str).is_none() {
-        return fail(format!("--object {text}: Parameter 'id' is missing"));
-    }
-    match ty {
-        "iothread" | "secret" => Ok(()),
-        _ => fail(format!("--object {text}: unsupported object type '{ty}'")),
-    }
 }
 
 /// An open failure in one line that names the image as written.
