@@ -268,6 +268,14 @@ pub trait BlockDriver: Send + Sync + 'static {
             self.driver_name()
         )))
     }
+    /// Drop every cluster of the image's own layer, so that it reads
+    /// through to its backing file (after HMP's `commit`).
+    fn make_empty(&self) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "driver '{}' cannot be emptied",
+            self.driver_name()
+        )))
+    }
     /// The persistent dirty bitmaps stored in the image, to track writes
     /// in while it is open (they are marked in use on disk meanwhile).
     /// Default: the format has none.

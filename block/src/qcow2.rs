@@ -1087,6 +1087,9 @@ impl BlockDriver for Qcow2Node {
     fn can_store_bitmaps(&self) -> bool {
         true
     }
+    fn make_empty(&self) -> BlockResult<()> {
+        self.img.make_empty().map_err(block_error)
+    }
     fn store_bitmaps(&self, list: &[Arc<crate::bitmap::DirtyBitmap>]) -> BlockResult<()> {
         let loaded = self
             .loaded_bitmaps

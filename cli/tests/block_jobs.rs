@@ -494,3 +494,46 @@ fn nbd_server_add_exports_a_running_disk() {
     quit(qt, q);
     check_equal(out.to_str().unwrap(), "raw", &d0, &dir);
 }
+
+fn hmp(q: &mut Qmp, line: &str) -> String {
+    q.ok("human-monitor-command", json!({"command-line": line}))
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn hmp_commit_drive_mirror_and_job_commands() {
+    let dir = support::scratch("jobs-hmp");
+    let base = create(&dir, "base.qcow2");
+    let top = dir.join("top.qcow2");
+    let top = top.to_str().unwrap();
+    qemu_img(&[
+        "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", top,
+    ]);
+    let (qt, mut q) = start(&dir, &[("d0", top)]);
+    let mut d0 = Disk::new("d0");
+    d0.scribble(&mut q, 1);
+    assert_eq!(hmp(&mut q, "commit d0"), "");
+    assert!(hmp(&mut q, "commit nosuch").starts_with("Error:"));
+    assert_eq!(hmp(&mut q, "info block-jobs"), "No active jobs\n");
+    d0.scribble(&mut q, 2);
+    let m = dir.join("m.qcow2");
+    let out = hmp(&mut q, &format!("drive_mirror -f d0 {} qcow2", m.display()));
+    assert_eq!(out, "", "{out}");
+    let jobs = hmp(&mut q, "info block-jobs");
+    assert!(
+        jobs.starts_with("Type mirror, device d0: Completed"),
+        "{jobs}"
+    );
+    q.event("BLOCK_JOB_READY");
+    d0.scribble(&mut q, 3);
+    assert_eq!(hmp(&mut q, "block_job_complete d0"), "");
+    q.event("BLOCK_JOB_COMPLETED");
+    quit(qt, q);
+    check_equal(m.to_str().unwrap(), "qcow2", &d0, &dir);
+    // The commit put round 1 into the base; the top then read through.
+    qemu_img(&["check", &base]);
+    let map = qemu_img(&["map", "--output=json", top]);
+    assert!(map.contains("\"depth\": 1"), "{map}");
+}

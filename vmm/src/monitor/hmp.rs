@@ -2,7 +2,7 @@
 //! does the same thing (as QEMU's HMP calls its QMP handlers), and the
 //! answer is formatted as text. Only `help` and the formatting live here.
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use super::command::Command;
 use super::{Action, Control, Ctx};
@@ -22,6 +22,13 @@ info pci            list the PCI functions
 info qtree          list the devices by bus
 info status         show the run state
 info version        show the version
+commit DEVICE|all   write the active image into its backing file, then empty it
+drive_mirror [-n] [-f] DEVICE TARGET [FORMAT]
+                     mirror to TARGET (-f whole chain, -n TARGET exists)
+drive_backup [-n] [-f] DEVICE TARGET [FORMAT]
+                     back up to TARGET (-f whole chain, -n TARGET exists)
+block_job_cancel|complete|pause|resume DEVICE, block_job_set_speed DEVICE SPEED
+info block-jobs     list the block jobs
 qemu-io DEVICE \"CMD\"  qemu-io's write|read [-P PATTERN] OFFSET LEN, break EVENT TAG,
                      resume TAG, remove_break TAG
 quit|q              exit Strata
@@ -47,6 +54,7 @@ pub fn run(c: &mut Control, line: &str, ctx: &Ctx) -> (String, Action) {
             "pci" => Command::QueryPci,
             "chardev" => Command::QueryChardev,
             "qtree" => return (qtree(ctx), Action::None),
+            "block-jobs" => block_cmd("query-block-jobs", json!({})),
             other => return (format!("info: unknown item '{other}'\n"), Action::None),
         },
         ["info"] => return (HELP.to_string(), Action::None),
@@ -86,6 +94,64 @@ pub fn run(c: &mut Control, line: &str, ctx: &Ctx) -> (String, Action) {
         ["system_powerdown"] => Command::SystemPowerdown,
         ["quit"] | ["q"] => Command::Quit,
         ["qemu-io", ..] => return (qemu_io(line, ctx), Action::None),
+        ["commit", dev] => {
+            return match super::jobs::hmp_commit(ctx, dev) {
+                Ok(()) => (String::new(), Action::None),
+                Err(e) => (format!("Error: {}\n", e.desc), Action::None),
+            }
+        }
+        [verb @ ("drive_mirror" | "drive_backup"), rest @ ..] => {
+            let flags: Vec<&str> = rest
+                .iter()
+                .copied()
+                .filter(|w| w.starts_with('-'))
+                .collect();
+            let pos: Vec<&str> = rest
+                .iter()
+                .copied()
+                .filter(|w| !w.starts_with('-'))
+                .collect();
+            let [dev, target, fmt @ ..] = pos.as_slice() else {
+                return (
+                    format!("{verb}: expected DEVICE TARGET [FORMAT]\n"),
+                    Action::None,
+                );
+            };
+            let mut a = json!({
+                "device": dev,
+                "target": target,
+                "sync": if flags.contains(&"-f") { "full" } else { "top" },
+                "mode": if flags.contains(&"-n") { "existing" } else { "absolute-paths" },
+            });
+            if let Some(f) = fmt.first() {
+                a["format"] = json!(f);
+            }
+            block_cmd(
+                if *verb == "drive_mirror" {
+                    "drive-mirror"
+                } else {
+                    "drive-backup"
+                },
+                a,
+            )
+        }
+        ["block_job_cancel", rest @ ..] => {
+            let force = rest.contains(&"-f");
+            let dev = rest.iter().find(|w| **w != "-f").copied().unwrap_or("");
+            block_cmd("block-job-cancel", json!({"device": dev, "force": force}))
+        }
+        ["block_job_complete", dev] => block_cmd("block-job-complete", json!({"device": dev})),
+        ["block_job_pause", dev] => block_cmd("block-job-pause", json!({"device": dev})),
+        ["block_job_resume", dev] => block_cmd("block-job-resume", json!({"device": dev})),
+        ["block_job_set_speed", dev, speed] => match block::keyval::parse_size_str(speed, 1) {
+            Ok(n) => block_cmd("block-job-set-speed", json!({"device": dev, "speed": n})),
+            Err(_) => {
+                return (
+                    format!("block_job_set_speed: invalid speed '{speed}'\n"),
+                    Action::None,
+                )
+            }
+        },
         [cmd, ..] => return (format!("unknown command: '{cmd}'\n"), Action::None),
     };
     let what = cmd.clone();
@@ -152,6 +218,17 @@ fn qemu_io(line: &str, ctx: &Ctx) -> String {
             let msg = msg.split(" (os error").next().unwrap_or_default();
             format!("{what}: {msg}\n")
         }
+    }
+}
+
+/// An HMP line that runs one of the block job commands.
+fn block_cmd(name: &'static str, args: Value) -> Command {
+    Command::Block {
+        name,
+        args: match args {
+            Value::Object(m) => m,
+            _ => Default::default(),
+        },
     }
 }
 
@@ -258,6 +335,27 @@ fn format(cmd: &Command, v: &Value, c: &Control) -> String {
                     "{}: filename={}\n",
                     s(&d["label"]),
                     s(&d["filename"])
+                ));
+            }
+            out
+        }
+        Command::Block {
+            name: "query-block-jobs",
+            ..
+        } => {
+            let jobs = v.as_array().cloned().unwrap_or_default();
+            if jobs.is_empty() {
+                return "No active jobs\n".into();
+            }
+            let mut out = String::new();
+            for j in jobs {
+                out.push_str(&format!(
+                    "Type {}, device {}: Completed {} of {} bytes, speed limit {} bytes/s\n",
+                    s(&j["type"]),
+                    s(&j["device"]),
+                    j["offset"],
+                    j["len"],
+                    j["speed"]
                 ));
             }
             out

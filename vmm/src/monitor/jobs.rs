@@ -708,11 +708,16 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
         }
         "nbd-server-start" => {
             let mut addr = o.obj("addr")?;
-            if o.opt_str("tls-creds")?.is_some() {
-                return Err(QmpError::generic(
-                    "TLS is not supported by this NBD server yet",
-                ));
-            }
+            let tls = match o.opt_str("tls-creds")? {
+                Some(id) => {
+                    let c = block::objects::tls_creds(&id, block::nbd::tls::Endpoint::Server)
+                        .map_err(err)?;
+                    Some(c.server_config().ok_or_else(|| {
+                        QmpError::generic(format!("Object '{id}' has no server credentials"))
+                    })?)
+                }
+                None => None,
+            };
             let _ = o.opt_str("tls-authz")?;
             let _ = o.opt_int("max-connections")?;
             o.finish()?;
@@ -747,7 +752,7 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             let _ = d.opt_bool("abstract")?;
             d.finish()?;
             addr.finish()?;
-            ctx.storage.nbd.start(a).map_err(err)?;
+            ctx.storage.nbd.start(a, tls).map_err(err)?;
             Ok(json!({}))
         }
         "nbd-server-add" => {
@@ -965,6 +970,62 @@ fn transaction(ctx: &Ctx, mut o: Obj) -> Result<Value, QmpError> {
         execute(ctx, &ty, data)?;
     }
     Ok(json!({}))
+}
+
+/// HMP's `commit DEVICE|all`: synchronously write what the active image
+/// holds into its backing file and empty the active image, keeping the
+/// chain (QEMU's `bdrv_commit`, what `-snapshot` users run to keep their
+/// changes). The device's I/O waits meanwhile.
+pub fn hmp_commit(ctx: &Ctx, dev: &str) -> Result<(), QmpError> {
+    let devices: Vec<String> = if dev == "all" {
+        ctx.storage.drives().iter().map(|d| d.id.clone()).collect()
+    } else {
+        vec![dev.to_string()]
+    };
+    for d in devices {
+        let (backend, root) = match device(ctx, &d) {
+            Ok(x) => x,
+            Err(_) if dev == "all" => continue,
+            Err(e) => return Err(e),
+        };
+        let Some(base) = root.child("backing") else {
+            if dev == "all" {
+                continue;
+            }
+            return Err(QmpError::generic(format!(
+                "Device '{d}' has no backing file"
+            )));
+        };
+        backend
+            .drained(|| -> Result<(), block::error::BlockError> {
+                base.reopen(false)?;
+                let r = commit_into(&root, &base);
+                let back = base.reopen(true);
+                r.and(back)
+            })
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
+/// Copy what `top` itself holds into `base`, then empty `top`.
+fn commit_into(top: &Node, base: &Node) -> Result<(), block::error::BlockError> {
+    let len = top.len().min(base.len());
+    let mut buf = vec![0u8; jobs::copy::MAX_CHUNK as usize];
+    let mut off = 0;
+    while off < len {
+        let want = (len - off).min(jobs::copy::MAX_CHUNK);
+        let e = top.block_status(off, want)?;
+        let n = e.len.clamp(1, want);
+        if e.allocated {
+            let b = &mut buf[..n as usize];
+            top.read_vectored(off, &mut [std::io::IoSliceMut::new(b)])?;
+            base.write_vectored(off, &[std::io::IoSlice::new(b)], false)?;
+        }
+        off += n;
+    }
+    base.flush()?;
+    top.driver().make_empty()
 }
 
 fn block_job_info(i: &Info) -> Value {

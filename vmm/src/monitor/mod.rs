@@ -13,7 +13,7 @@
 pub mod command;
 pub mod event;
 mod exec;
-mod jobs;
+pub(crate) mod jobs;
 pub use jobs::sink as jobs_event_sink;
 pub mod hmp;
 pub mod nbd_export;

@@ -44,7 +44,11 @@ impl NbdServerSlot {
 
     /// `nbd-server-start`: listen on `addr`; each client is served on its
     /// own thread with the exports there are when it connects.
-    pub fn start(&self, addr: Addr) -> Result<(), String> {
+    pub fn start(
+        &self,
+        addr: Addr,
+        tls: Option<Arc<block::nbd::tls::TlsServerConfig>>,
+    ) -> Result<(), String> {
         let mut slot = self.lock();
         if slot.is_some() {
             return Err("NBD server already running".into());
@@ -89,10 +93,11 @@ impl NbdServerSlot {
                     .values()
                     .map(|(_, e)| e.clone())
                     .collect();
+                let tls = tls.clone();
                 let _ = std::thread::Builder::new()
                     .name("nbd-client".into())
                     .spawn(move || {
-                        let end = serve(s, &list);
+                        let end = serve(s, &list, tls.as_ref());
                         log::debug!("nbd client: {end:?}");
                     });
             })
