@@ -487,12 +487,43 @@ fn nbd_server_add_exports_a_running_disk() {
         &format!("nbd+unix:///d0?socket={}", sock.display()),
         out.to_str().unwrap(),
     ]);
+    let pulled = d0.model.clone();
     let v = q.ok("query-block-exports", json!({}));
     assert_eq!(v[0]["id"], "d0", "{v}");
     q.ok("nbd-server-remove", json!({"name": "d0"}));
+    // A dirty bitmap as a metadata context, as an incremental pull reads
+    // it: QEMU's client reports dirty ranges as holes (x-dirty-bitmap).
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "d0", "name": "b0"}),
+    );
+    d0.write(&mut q, 0x77, 0, 1 << 20);
+    q.ok(
+        "nbd-server-add",
+        json!({"device": "d0", "name": "inc", "bitmap": "b0"}),
+    );
+    let map = qemu_img(&[
+        "map", "--output=json", "--image-opts",
+        &format!(
+            "driver=nbd,server.type=unix,server.path={},export=inc,x-dirty-bitmap=qemu:dirty-bitmap:b0",
+            sock.display()
+        ),
+    ]);
+    let v: Value = serde_json::from_str(&map).unwrap();
+    assert_eq!(v[0]["start"], 0, "{map}");
+    assert_eq!(v[0]["length"], 1 << 20, "{map}");
+    assert_eq!(v[0]["data"], false, "{map}");
+    assert_eq!(v[1]["data"], true, "{map}");
+    let (_, e) = q.err(
+        "nbd-server-add",
+        json!({"device": "d0", "name": "x", "bitmap": "nosuch"}),
+    );
+    assert!(e.contains("nosuch"), "{e}");
     q.ok("nbd-server-stop", json!({}));
     quit(qt, q);
-    check_equal(out.to_str().unwrap(), "raw", &d0, &dir);
+    let mut m = Disk::new("pulled");
+    m.model = pulled;
+    check_equal(out.to_str().unwrap(), "raw", &m, &dir);
 }
 
 fn hmp(q: &mut Qmp, line: &str) -> String {

@@ -773,7 +773,8 @@ pub struct ExportLimits {
     pub flags: u16,
     /// The client negotiated structured replies (needed for block status).
     pub structured: bool,
-    /// The client selected `base:allocation`.
+    /// The client selected a metadata context (`base:allocation` or a
+    /// dirty bitmap), so block status may be asked.
     pub base_allocation: bool,
     /// Extended headers were negotiated (64-bit lengths, payload flag).
     pub extended: bool,

@@ -60,6 +60,26 @@ pub struct Export {
     pub trim: bool,
     /// Several clients may share it (`-e` > 1): advertise `CAN_MULTI_CONN`.
     pub multi_conn: bool,
+    /// A dirty bitmap offered as the `qemu:dirty-bitmap:NAME` metadata
+    /// context (QEMU's `nbd-server-add bitmap=`, qemu-nbd's `-B`): what an
+    /// incremental backup pulls.
+    pub bitmap: Option<Arc<crate::bitmap::DirtyBitmap>>,
+}
+
+/// The metadata context id of `base:allocation`.
+const CTX_ALLOCATION: u32 = 1;
+/// The metadata context id of the export's dirty bitmap.
+const CTX_BITMAP: u32 = 2;
+/// `qemu:dirty-bitmap:` status bit: the range is dirty.
+const STATE_DIRTY: u32 = 1;
+
+impl Export {
+    /// The name of the bitmap's metadata context.
+    fn bitmap_context(&self) -> Option<String> {
+        self.bitmap
+            .as_ref()
+            .map(|b| format!("qemu:dirty-bitmap:{}", b.name()))
+    }
 }
 
 impl Export {
@@ -131,6 +151,7 @@ struct Session {
     /// Extended headers (implies `structured`).
     extended: bool,
     base_allocation: bool,
+    dirty_bitmap: bool,
 }
 
 fn reply(s: &mut Stream, opt: u32, rtype: u32, data: &[u8]) -> io::Result<()> {
@@ -161,6 +182,7 @@ fn negotiate(
     let mut structured = false;
     let mut extended = false;
     let mut base_allocation = false;
+    let mut dirty_bitmap = false;
     let mut data = Vec::new();
     let start = std::time::Instant::now();
     loop {
@@ -220,6 +242,7 @@ fn negotiate(
                     structured,
                     extended,
                     base_allocation,
+                    dirty_bitmap,
                 }));
             }
             ClientOption::Abort => {
@@ -279,6 +302,7 @@ fn negotiate(
                         structured,
                         extended,
                         base_allocation,
+                        dirty_bitmap,
                     }));
                 }
             }
@@ -324,25 +348,41 @@ fn negotiate(
                     )?;
                     continue;
                 }
-                if find(exports, &export).is_none() {
+                let Some(ex) = find(exports, &export) else {
                     let msg = format!("export '{export}' not present");
                     reply(s, h.option, proto::REP_ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
-                }
+                };
+                let all = !set && queries.is_empty();
                 let wanted = if set {
                     queries.iter().any(|q| q == proto::BASE_ALLOCATION)
                 } else {
-                    queries.is_empty()
-                        || queries
-                            .iter()
-                            .any(|q| q == proto::BASE_ALLOCATION || q == "base:")
+                    all || queries
+                        .iter()
+                        .any(|q| q == proto::BASE_ALLOCATION || q == "base:")
                 };
+                let bm = ex.bitmap_context();
+                let wanted_bm = bm.as_ref().is_some_and(|c| {
+                    if set {
+                        queries.iter().any(|q| q == c)
+                    } else {
+                        all || queries
+                            .iter()
+                            .any(|q| q == c || q == "qemu:" || q == "qemu:dirty-bitmap:")
+                    }
+                });
                 if set {
                     base_allocation = wanted;
+                    dirty_bitmap = wanted_bm;
                 }
                 if wanted {
-                    let mut d = 1u32.to_be_bytes().to_vec();
+                    let mut d = CTX_ALLOCATION.to_be_bytes().to_vec();
                     d.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
+                    reply(s, h.option, proto::REP_META_CONTEXT, &d)?;
+                }
+                if let (true, Some(c)) = (wanted_bm, &bm) {
+                    let mut d = CTX_BITMAP.to_be_bytes().to_vec();
+                    d.extend_from_slice(c.as_bytes());
                     reply(s, h.option, proto::REP_META_CONTEXT, &d)?;
                 }
                 reply(s, h.option, proto::REP_ACK, &[])?;
@@ -370,6 +410,7 @@ fn negotiate(
                     structured = false;
                     extended = false;
                     base_allocation = false;
+                    dirty_bitmap = false;
                 }
             },
             ClientOption::Unknown(_) => {
@@ -583,7 +624,7 @@ fn transmission(s: &mut io::BufReader<Stream>, sess: &Session, rep: &Arc<Replier
         size: ex.blk.len(),
         flags: ex.flags(),
         structured: sess.structured,
-        base_allocation: sess.base_allocation,
+        base_allocation: sess.base_allocation || sess.dirty_bitmap,
         extended: sess.extended,
     };
     loop {
@@ -628,7 +669,7 @@ fn transmission(s: &mut io::BufReader<Stream>, sess: &Session, rep: &Arc<Replier
                 continue;
             }
         };
-        if let Err(e) = execute(s, ex, rep, q, cmd) {
+        if let Err(e) = execute(s, sess, rep, q, cmd) {
             return e;
         }
     }
@@ -636,12 +677,15 @@ fn transmission(s: &mut io::BufReader<Stream>, sess: &Session, rep: &Arc<Replier
 
 fn execute(
     s: &mut io::BufReader<Stream>,
-    ex: &Arc<Export>,
+    sess: &Session,
     rep: &Arc<Replier>,
     q: Req,
     cmd: Command,
 ) -> Result<(), End> {
+    let ex = &sess.export;
     let blk = &ex.blk;
+    let (sess_alloc, sess_bitmap) = (sess.base_allocation, sess.dirty_bitmap);
+    let export_bitmap = ex.bitmap.clone();
     match cmd {
         Command::Disc => Err(End::Clean),
         Command::Read { offset, len } => {
@@ -730,31 +774,104 @@ fn execute(
             rep.budget.take(0);
             let r = rep.clone();
             let b = blk.clone();
+            let bitmap = if sess_bitmap { export_bitmap } else { None };
+            let alloc = sess_alloc;
             crate::aio::pool().spawn(Box::new(move || {
-                let res = block_status(&b, offset, len, req_one, r.extended);
-                match res {
-                    Ok(payload) => {
-                        let rtype = if r.extended {
-                            proto::REPLY_TYPE_BLOCK_STATUS_EXT
-                        } else {
-                            proto::REPLY_TYPE_BLOCK_STATUS
-                        };
-                        let h = proto::encode_chunk(
-                            r.extended,
-                            proto::REPLY_FLAG_DONE,
-                            rtype,
-                            q.cookie,
-                            q.offset,
-                            payload.len() as u64,
-                        );
-                        r.push(h, payload, 0);
+                let rtype = if r.extended {
+                    proto::REPLY_TYPE_BLOCK_STATUS_EXT
+                } else {
+                    proto::REPLY_TYPE_BLOCK_STATUS
+                };
+                // One chunk per selected context, the last one flagged done,
+                // sent as one reply.
+                let mut chunks = Vec::new();
+                if alloc {
+                    match block_status(&b, offset, len, req_one, r.extended) {
+                        Ok(p) => chunks.push(p),
+                        Err(e) => return r.send(q, Err(err_of(&e)), 0),
                     }
-                    Err(e) => r.send(q, Err(err_of(&e)), 0),
                 }
+                if let Some(bm) = &bitmap {
+                    chunks.push(bitmap_status(bm, offset, len, req_one, r.extended));
+                }
+                let n = chunks.len();
+                let mut head = Vec::new();
+                let mut last = Vec::new();
+                for (i, p) in chunks.into_iter().enumerate() {
+                    let flags = if i + 1 == n {
+                        proto::REPLY_FLAG_DONE
+                    } else {
+                        0
+                    };
+                    head.extend(proto::encode_chunk(
+                        r.extended,
+                        flags,
+                        rtype,
+                        q.cookie,
+                        q.offset,
+                        p.len() as u64,
+                    ));
+                    if i + 1 == n {
+                        last = p;
+                    } else {
+                        head.extend(p);
+                    }
+                }
+                r.push(head, last, 0);
             }));
             Ok(())
         }
     }
+}
+
+/// The payload of a `qemu:dirty-bitmap:` block status chunk: runs of
+/// dirty (1) and clean (0) granules.
+fn bitmap_status(
+    bm: &crate::bitmap::DirtyBitmap,
+    offset: u64,
+    len: u64,
+    req_one: bool,
+    extended: bool,
+) -> Vec<u8> {
+    let mut v = CTX_BITMAP.to_be_bytes().to_vec();
+    if extended {
+        v.extend_from_slice(&[0; 4]);
+    }
+    let g = bm.granularity();
+    let end = (offset + len).min(bm.size().max(offset + 1));
+    let mut pos = offset;
+    let mut n = 0u32;
+    while pos < end && (n as usize) < MAX_EXTENTS {
+        let dirty = bm.is_dirty(pos, 1);
+        let mut next = (pos / g + 1) * g;
+        // Up to 4 GiB minus a granule per extent without extended headers.
+        let cap = if extended {
+            u64::MAX
+        } else {
+            u32::MAX as u64 - g
+        };
+        while next < end && next - pos < cap && bm.is_dirty(next, 1) == dirty {
+            next += g;
+        }
+        let l = next.min(end) - pos;
+        let flags = if dirty { STATE_DIRTY } else { 0 };
+        if extended {
+            v.extend_from_slice(&l.to_be_bytes());
+            v.extend_from_slice(&(flags as u64).to_be_bytes());
+        } else {
+            v.extend_from_slice(&(l as u32).to_be_bytes());
+            v.extend_from_slice(&flags.to_be_bytes());
+        }
+        pos += l;
+        n += 1;
+        if req_one {
+            break;
+        }
+    }
+    if extended {
+        v[4..8].copy_from_slice(&n.to_be_bytes());
+    }
+    v
 }
 
 /// The payload of a `base:allocation` block status chunk: 32-bit

@@ -291,6 +291,7 @@ pub fn open_export(s: &Settings, graph: &BlockGraph) -> R<Export> {
         read_only,
         trim,
         multi_conn: read_only || s.shared != 1,
+        bitmap: None,
     })
 }
 

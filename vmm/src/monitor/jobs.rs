@@ -760,16 +760,13 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             let ename = o.opt_str("name")?.unwrap_or_else(|| dev.clone());
             let writable = o.opt_bool("writable")?.unwrap_or(false);
             let _ = o.opt_str("description")?;
-            if o.opt_str("bitmap")?.is_some() {
-                return Err(QmpError::generic(
-                    "Exporting bitmaps over NBD is not supported yet",
-                ));
-            }
+            let bitmap = o.opt_str("bitmap")?;
             o.finish()?;
             let n = node(ctx, &dev)?;
+            let bm = export_bitmap(&n, bitmap.as_deref())?;
             ctx.storage
                 .nbd
-                .add(&ename, &ename, n, writable)
+                .add(&ename, &ename, n, writable, bm)
                 .map_err(err)?;
             Ok(json!({}))
         }
@@ -788,14 +785,26 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             let _ = o.opt_bool("writethrough")?;
             let _ = o.opt_str("iothread")?;
             let _ = o.opt_bool("fixed-iothread")?;
-            if o.take("bitmaps").is_some() {
-                return Err(QmpError::generic(
-                    "Exporting bitmaps over NBD is not supported yet",
-                ));
-            }
+            let bitmaps = o.take("bitmaps");
             o.finish()?;
             let n = node(ctx, &nn)?;
-            ctx.storage.nbd.add(&id, &ename, n, writable).map_err(err)?;
+            let names: Vec<String> = match &bitmaps {
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if names.len() > 1 {
+                return Err(QmpError::generic(
+                    "Only one bitmap can be exported at a time",
+                ));
+            }
+            let bm = export_bitmap(&n, names.first().map(String::as_str))?;
+            ctx.storage
+                .nbd
+                .add(&id, &ename, n, writable, bm)
+                .map_err(err)?;
             Ok(json!({}))
         }
         "nbd-server-remove" | "block-export-del" => {
@@ -835,6 +844,19 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             format!("The command {other} has not been found"),
         )),
     }
+}
+
+/// The bitmap `name` of `n` (or of a node below it), to export.
+fn export_bitmap(n: &Arc<Node>, name: Option<&str>) -> Result<Option<Arc<DirtyBitmap>>, QmpError> {
+    let Some(name) = name else { return Ok(None) };
+    let mut cur = Some(n.clone());
+    while let Some(c) = cur {
+        if let Some(b) = c.bitmap(name) {
+            return Ok(Some(b));
+        }
+        cur = c.child("backing");
+    }
+    Err(QmpError::generic(format!("Bitmap '{name}' is not found")))
 }
 
 fn prepare_backup(

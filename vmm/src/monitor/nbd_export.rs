@@ -111,7 +111,14 @@ impl NbdServerSlot {
     }
 
     /// `nbd-server-add` / `block-export-add`.
-    pub fn add(&self, id: &str, name: &str, node: Arc<Node>, writable: bool) -> Result<(), String> {
+    pub fn add(
+        &self,
+        id: &str,
+        name: &str,
+        node: Arc<Node>,
+        writable: bool,
+        bitmap: Option<Arc<block::bitmap::DirtyBitmap>>,
+    ) -> Result<(), String> {
         let slot = self.lock();
         let Some(srv) = slot.as_ref() else {
             return Err("NBD server not running".into());
@@ -137,6 +144,7 @@ impl NbdServerSlot {
                     read_only: !writable,
                     trim: false,
                     multi_conn: !writable,
+                    bitmap,
                 }),
             ),
         );
