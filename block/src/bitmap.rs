@@ -57,6 +57,13 @@ impl DirtyBitmap {
             ));
         }
         let bits = size.div_ceil(granularity);
+        // QEMU's bound on a stored bitmap's data; a larger one would only
+        // be memory the host cannot spare.
+        if bits.div_ceil(8) > 512 << 20 {
+            return Err(BlockError::Invalid(format!(
+                "Bitmap '{name}' would take more than 512 MiB; use a larger granularity"
+            )));
+        }
         Ok(DirtyBitmap {
             name: name.to_string(),
             granularity,

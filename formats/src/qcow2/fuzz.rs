@@ -3,7 +3,8 @@
 //! untrusted byte string is opened as a qcow2 image on in-memory storage
 //! (with a size limit, so an image can never make us grow without bound)
 //! and run through every operation: open read-only and read-write (the
-//! bitmap directory is checked there), read, write (the first change marks
+//! bitmap directory is checked there; the bitmaps are loaded and stored
+//! back), read, write (the first change marks
 //! `auto` bitmaps in use), write-zeroes, discard, snapshot
 //! create/apply/delete, flush, check and repair. Any outcome is fine except
 //! a panic, an error that does not name the file, or a loop without end.
@@ -47,8 +48,24 @@ pub fn fuzz_open_read(data: &[u8]) {
         let _ = img.block_status(0, size.max(1));
         let _ = img.snapshots();
         // The bitmap directory was parsed and checked by the open.
+        // Loading each bitmap's data follows its hostile table.
+        let mut stored = Vec::new();
         for b in img.bitmaps() {
             let _ = (b.flag_names(), b.granularity());
+            if let Ok(words) = img.load_bitmap(&b) {
+                stored.push(super::bitmap::StoredBitmap {
+                    name: b.name.clone(),
+                    granularity_bits: b.granularity_bits,
+                    enabled: true,
+                    words,
+                });
+            }
+        }
+        if !ro {
+            // Storing them back rewrites the directory over hostile
+            // refcounts.
+            named(img.bitmaps_taken());
+            named(img.store_bitmaps(&stored, &[]));
         }
         if !ro {
             named(img.write(0, &[1u8; 4096], false));

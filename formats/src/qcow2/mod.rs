@@ -396,7 +396,10 @@ impl Meta {
     /// Rewrite the header cluster and sync.
     pub(crate) fn write_header(&mut self) -> FResult<()> {
         self.not_halted()?;
-        let b = self.h.serialize()?;
+        let b = self.h.serialize().map_err(|e| match e {
+            FormatError::Invalid(m) => FormatError::Invalid(format!("{}: {m}", self.name)),
+            e => e,
+        })?;
         let hl = self.h.header_length();
         // Write what holds information (header, extensions, backing name):
         // the rest of the cluster is zero anyway.
