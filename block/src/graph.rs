@@ -320,6 +320,29 @@ impl BlockGraph {
             .collect()
     }
 
+    /// Forget the generated nodes nothing uses any more (only this table
+    /// holds them): what a pivot, a stream or a commit left behind, as
+    /// QEMU deletes its implicit nodes. Their images close (and store
+    /// their persistent bitmaps) as they go.
+    pub fn prune_unused(&self) {
+        loop {
+            let gone: Vec<Arc<Node>> = {
+                let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+                let names: Vec<String> = nodes
+                    .iter()
+                    .filter(|(_, n)| n.is_auto_named() && Arc::strong_count(n) == 1)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                names.iter().filter_map(|k| nodes.remove(k)).collect()
+            };
+            if gone.is_empty() {
+                return;
+            }
+            // Dropped outside the table's lock: closing may take time.
+            drop(gone);
+        }
+    }
+
     /// Remove a node from the name table (it lives on while referenced).
     pub fn remove(&self, name: &str) -> Option<Arc<Node>> {
         self.nodes

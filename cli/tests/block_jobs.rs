@@ -145,6 +145,7 @@ fn file_of(q: &mut Qmp, drive: &str) -> String {
 
 /// Waits for the job's end event, scribbling while it runs.
 fn run_to_end(q: &mut Qmp, disks: &mut [&mut Disk], job: &str, mut round: u8) -> Value {
+    let mut completed = false;
     loop {
         for d in disks.iter_mut() {
             d.scribble(q, round);
@@ -155,13 +156,15 @@ fn run_to_end(q: &mut Qmp, disks: &mut [&mut Disk], job: &str, mut round: u8) ->
         if !running {
             break;
         }
-        if jobs
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|j| j["device"] == job && j["ready"] == true)
+        if !completed
+            && jobs
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|j| j["device"] == job && j["ready"] == true)
         {
             q.ok("block-job-complete", json!({"device": job}));
+            completed = true;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -270,6 +273,9 @@ fn mirror_to_a_file_and_to_qemu_nbd_with_pivot() {
     assert_eq!(e["data"]["type"], "mirror");
     run_to_end(&mut q, &mut [&mut d0], "m0", 2);
     assert!(file_of(&mut q, "d0").ends_with("m.qcow2"));
+    // The old image's nodes are gone (and its file closed).
+    let nodes = q.ok("query-named-block-nodes", json!({}));
+    assert!(!nodes.to_string().contains("d0.qcow2"), "{nodes}");
     d0.scribble(&mut q, 3);
 
     // Then on to a qemu-nbd export (a raw file), as storage migration does.

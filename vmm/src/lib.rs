@@ -312,7 +312,9 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
     let storage = storage::Storage::open(&cfg)?;
     storage.set_stop_handlers(&events);
     let bus = Arc::new(monitor::event::Events::default());
-    storage.jobs.set_sink(monitor::jobs_event_sink(bus.clone()));
+    storage
+        .jobs
+        .set_sink(monitor::jobs_event_sink(bus.clone(), storage.graph.clone()));
     monitor::start(&cfg, &bus, &events)?;
     let mut control = monitor::Control::new(cfg.paused, bus);
     loop {

@@ -14,7 +14,7 @@ use crate::config::MachineConfig;
 use crate::VmmError;
 
 pub struct Storage {
-    pub graph: BlockGraph,
+    pub graph: Arc<BlockGraph>,
     /// Backends by drive id (a drive without medium has a backend with
     /// nothing inserted, which a CD-ROM's medium can go into).
     drives: BTreeMap<String, Arc<BlockBackend>>,
@@ -32,7 +32,7 @@ pub struct Storage {
 
 impl Storage {
     pub fn open(cfg: &MachineConfig) -> Result<Storage, VmmError> {
-        let graph = BlockGraph::new();
+        let graph = Arc::new(BlockGraph::new());
         // Persistent dirty bitmaps are tracked while the VM runs and
         // stored back at exit, as QEMU does.
         graph.set_load_bitmaps(true);

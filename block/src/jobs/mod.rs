@@ -359,6 +359,13 @@ impl Ctl {
             ErrorAction::Enospc => ErrorAction::Report,
             a => a,
         };
+        if a == ErrorAction::Stop {
+            // Stopped before anyone hears of it, so a query after the
+            // event sees the job paused.
+            let mut s = self.lock();
+            s.error_paused = true;
+            s.io_failed = true;
+        }
         self.job.emit(Event::Error {
             id: self.job.id.clone(),
             write,
@@ -367,11 +374,6 @@ impl Ctl {
         match a {
             ErrorAction::Ignore => Ok(false),
             ErrorAction::Stop => {
-                {
-                    let mut s = self.lock();
-                    s.error_paused = true;
-                    s.io_failed = true;
-                }
                 self.check()?;
                 Ok(true)
             }

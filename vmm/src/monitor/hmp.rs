@@ -175,6 +175,10 @@ fn qemu_io(line: &str, ctx: &Ctx) -> String {
         .strip_prefix('"')
         .and_then(|c| c.strip_suffix('"'))
         .unwrap_or(cmd);
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    if let Some(out) = qemu_io_data(device, &words, ctx) {
+        return out;
+    }
     let node = ctx
         .storage
         .drive(device)
@@ -183,10 +187,6 @@ fn qemu_io(line: &str, ctx: &Ctx) -> String {
     let Some(node) = node else {
         return format!("Error: Device '{device}' not found\n");
     };
-    let words: Vec<&str> = cmd.split_whitespace().collect();
-    if let Some(out) = qemu_io_data(device, &words, ctx) {
-        return out;
-    }
     let (dc, what) = match words.as_slice() {
         ["break", event, tag] => (
             DebugCommand::Break {

@@ -396,6 +396,8 @@ fn prepare_snapshot(ctx: &Ctx, mut o: Obj, sync: bool) -> Result<Snap, QmpError>
 }
 
 fn commit_snapshots(snaps: Vec<Snap>) -> Result<(), QmpError> {
+    // (A snapshot keeps the old root as the overlay's backing file: no
+    // node is left unused.)
     for s in snaps {
         let b = s.backend.clone();
         b.drained(|| b.replace_root(s.overlay.clone()))
@@ -1082,7 +1084,10 @@ fn event_data(i: &Info) -> Value {
 }
 
 /// Job events as QMP events.
-pub fn sink(events: Arc<super::event::Events>) -> jobs::EventSink {
+pub fn sink(
+    events: Arc<super::event::Events>,
+    graph: Arc<block::graph::BlockGraph>,
+) -> jobs::EventSink {
     Arc::new(move |e: Event| match e {
         Event::StatusChange { id, status } => events.emit(
             "JOB_STATUS_CHANGE",
@@ -1090,13 +1095,18 @@ pub fn sink(events: Arc<super::event::Events>) -> jobs::EventSink {
         ),
         Event::Ready(i) => events.emit("BLOCK_JOB_READY", Some(event_data(&i))),
         Event::Completed(i) => {
+            // What the job's graph change left behind goes first.
+            graph.prune_unused();
             let mut d = event_data(&i);
             if let Some(e) = &i.error {
                 d["error"] = json!(e);
             }
             events.emit("BLOCK_JOB_COMPLETED", Some(d))
         }
-        Event::Cancelled(i) => events.emit("BLOCK_JOB_CANCELLED", Some(event_data(&i))),
+        Event::Cancelled(i) => {
+            graph.prune_unused();
+            events.emit("BLOCK_JOB_CANCELLED", Some(event_data(&i)))
+        }
         Event::Error { id, write, action } => events.emit(
             "BLOCK_JOB_ERROR",
             Some(json!({
