@@ -1421,3 +1421,65 @@ fn hotplugged_device_survives_reset() {
     assert_eq!(s, S_OK);
     assert!(d.iter().all(|&x| x == pattern(7)));
 }
+
+/// [JOBS] A mirror while the device writes: virtio-blk requests keep
+/// arriving through the copy, the ready phase and the pivot (requests that
+/// come while the device's backend is drained wait, then go to the new
+/// root). Afterwards the target holds everything the device wrote, and the
+/// device goes on writing into it.
+#[test]
+fn mirror_while_the_device_writes() {
+    use serde_json::json;
+    let disk = pattern_disk("vblk-mirror");
+    let dir = support::scratch("vblk-mirror-qmp");
+    let sock = dir.join("qmp.sock");
+    let target = dir.join("target.raw");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let qt = start(&disk, "", &["-qmp", &qmp_arg]);
+    let mut q = support::qmp::Qmp::negotiated(&sock);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
+    let mut model = std::fs::read(&disk).unwrap();
+    let mut write = |b: &mut Blk, model: &mut Vec<u8>, round: u64| {
+        let sector = (round * 37) % (DISK_SECTORS - 8);
+        let data = vec![(round % 253) as u8 + 1; 8 * 512];
+        let (s, _, _) = b.request(0, T_OUT, sector, &data, 0, false);
+        assert_eq!(s, S_OK);
+        let at = (sector * 512) as usize;
+        model[at..at + data.len()].copy_from_slice(&data);
+    };
+    q.ok(
+        "drive-mirror",
+        json!({"device": "d0", "job-id": "m", "target": target, "sync": "full",
+               "format": "raw", "speed": 4194304}),
+    );
+    let mut round = 0;
+    let mut completed = false;
+    loop {
+        write(&mut b, &mut model, round);
+        round += 1;
+        let jobs = q.ok("query-block-jobs", json!({}));
+        let Some(j) = jobs.as_array().unwrap().first() else {
+            break;
+        };
+        if j["ready"] == true && !completed {
+            q.ok("block-job-complete", json!({"device": "m"}));
+            completed = true;
+        }
+        assert!(round < 100_000, "the mirror never finished: {j}");
+    }
+    let e = q.event("BLOCK_JOB_COMPLETED");
+    assert!(e["data"].get("error").is_none(), "{e}");
+    for _ in 0..20 {
+        write(&mut b, &mut model, round);
+        round += 1;
+    }
+    let (s, _, _) = b.request(0, T_FLUSH, 0, &[], 0, false);
+    assert_eq!(s, S_OK);
+    let got = std::fs::read(&target).unwrap();
+    assert!(
+        got == model,
+        "the target differs from what the device wrote"
+    );
+    // The source stopped at the pivot.
+    assert_ne!(std::fs::read(&disk).unwrap(), model);
+}
