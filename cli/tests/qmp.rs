@@ -571,3 +571,107 @@ fn a_client_that_never_reads_is_dropped() {
 fn stuck_reader(q: &mut Qmp) -> &mut dyn std::io::BufRead {
     q.reader()
 }
+
+/// `qom-list` and `qom-get`: the devices as QEMU's object tree shows them
+/// to libvirt (`/machine/peripheral/ID`, `peripheral-anon/device[N]`,
+/// partial paths by id), with their properties' types and values.
+#[test]
+fn qom_list_and_get_show_the_devices() {
+    let dir = support::scratch("qom");
+    let disk = dir.join("d.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let drive = format!("if=none,id=d0,file={},format=raw", disk.display());
+    let disk1 = dir.join("d1.raw");
+    std::fs::File::create(&disk1)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let drive1 = format!("if=none,id=d1,file={},format=raw", disk1.display());
+    let (_qt, path) = start(&[
+        "-drive",
+        &drive,
+        "-drive",
+        &drive1,
+        "-device",
+        "virtio-blk-pci,drive=d0,id=vd0,addr=5",
+        "-device",
+        "virtio-blk-pci,drive=d1,addr=6",
+    ]);
+    let mut q = Qmp::negotiated(&path);
+    let root = q.ok("qom-list", json!({"path": "/"}));
+    assert!(
+        root.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "machine"),
+        "{root}"
+    );
+    let per = q.ok("qom-list", json!({"path": "/machine/peripheral"}));
+    assert!(
+        per.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "vd0" && p["type"] == "child<virtio-blk-pci>"),
+        "{per}"
+    );
+    let anon = q.ok("qom-list", json!({"path": "/machine/peripheral-anon"}));
+    assert!(anon.to_string().contains("child<virtio-blk-pci>"), "{anon}");
+    let anon_dev = anon
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str().unwrap().starts_with("device["))
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let p = format!("/machine/peripheral-anon/{anon_dev}");
+    assert_eq!(
+        q.ok("qom-get", json!({"path": p, "property": "drive"})),
+        "d1"
+    );
+    let props = q.ok("qom-list", json!({"path": "/machine/peripheral/vd0"}));
+    assert!(
+        props
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "drive" && p["type"] == "str"),
+        "{props}"
+    );
+    assert_eq!(
+        q.ok("qom-get", json!({"path": "vd0", "property": "drive"})),
+        "d0"
+    );
+    assert_eq!(
+        q.ok(
+            "qom-get",
+            json!({"path": "/machine/peripheral/vd0", "property": "type"})
+        ),
+        "virtio-blk-pci"
+    );
+    assert_eq!(
+        q.ok("qom-get", json!({"path": "vd0", "property": "addr"})),
+        5 << 3
+    );
+    assert_eq!(
+        q.ok("qom-get", json!({"path": "vd0", "property": "realized"})),
+        true
+    );
+    let (class, desc) = q.err(
+        "qom-get",
+        json!({"path": "/machine/peripheral/nope", "property": "type"}),
+    );
+    assert_eq!(
+        (class.as_str(), desc.as_str()),
+        (
+            "DeviceNotFound",
+            "Device '/machine/peripheral/nope' not found"
+        )
+    );
+    let (_, desc) = q.err("qom-get", json!({"path": "vd0", "property": "nope"}));
+    assert_eq!(desc, "Property 'nope' not found");
+}

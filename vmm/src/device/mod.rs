@@ -411,6 +411,8 @@ pub struct Realized {
     pub bus: String,
     /// The backend of its `drive=`.
     pub backend: Option<Arc<block::backend::BlockBackend>>,
+    /// Its properties after defaults and `-global` (for `qom-get`).
+    pub props: props::Props,
 }
 
 impl Realized {
@@ -474,6 +476,7 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
         pci_slot,
         bus,
         backend: ctx.claimed.take(),
+        props: dev.props.clone(),
     };
     if let Some(cd) = &r.cdrom {
         let (events, drive, qdev) = (

@@ -263,6 +263,20 @@ impl Props {
         }
     }
 
+    /// The value as `qom-get` answers it (a PCI address as its devfn
+    /// number, `auto` as the string).
+    pub fn json(&self, name: &str) -> Option<serde_json::Value> {
+        use serde_json::json;
+        Some(match self.values.get(name)? {
+            PropValue::Bool(b) => json!(b),
+            PropValue::Auto => json!("auto"),
+            PropValue::Uint(v) => json!(v),
+            PropValue::Int(v) => json!(v),
+            PropValue::Str(s) => json!(s),
+            PropValue::Devfn(s, f) => json!((*s as u32) << 3 | *f as u32),
+        })
+    }
+
     pub fn devfn(&self, name: &str) -> Option<(u8, u8)> {
         match self.values.get(name) {
             Some(PropValue::Devfn(s, f)) => Some((*s, *f)),

@@ -200,6 +200,13 @@ pub enum Command {
     QomListTypes {
         implements: Option<String>,
     },
+    QomList {
+        path: String,
+    },
+    QomGet {
+        path: String,
+        property: String,
+    },
     Stop,
     Cont,
     SystemReset,
@@ -353,6 +360,21 @@ pub static COMMANDS: &[Def] = &[
         params: Params::Members(&[opt("implements", Ty::Str), opt("abstract", Ty::Bool)]),
         build: |a| Command::QomListTypes {
             implements: a.opt_str("implements"),
+        },
+    },
+    Def {
+        name: "qom-list",
+        params: Params::Members(&[req("path", Ty::Str)]),
+        build: |a| Command::QomList {
+            path: a.str("path"),
+        },
+    },
+    Def {
+        name: "qom-get",
+        params: Params::Members(&[req("path", Ty::Str), req("property", Ty::Str)]),
+        build: |a| Command::QomGet {
+            path: a.str("path"),
+            property: a.str("property"),
         },
     },
     Def {

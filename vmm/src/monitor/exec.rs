@@ -133,6 +133,8 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
         }
         Command::Quit => Ok((json!({}), Action::Quit)),
         Command::Block { name, args } => ok(super::jobs::execute(ctx, name, args)?),
+        Command::QomList { path } => ok(super::qom::list(ctx, &path)?),
+        Command::QomGet { path, property } => ok(super::qom::get(ctx, &path, &property)?),
         Command::BlockdevAdd(args) => {
             let text = Value::Object(args).to_string();
             ctx.storage

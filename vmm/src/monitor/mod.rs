@@ -18,6 +18,7 @@ pub use jobs::sink as jobs_event_sink;
 pub mod hmp;
 pub mod nbd_export;
 pub mod qmp;
+mod qom;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{mpsc, Arc};
