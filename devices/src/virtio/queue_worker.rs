@@ -309,6 +309,9 @@ impl<H: QueueHandler> QueueWorker<H> {
         // Completions during this pass are collected at its end, without
         // an eventfd round trip.
         self.io.cq.in_pass.store(true, Ordering::SeqCst);
+        // The requests of this notification reach the kernel together, in
+        // one io_uring_enter per ring, when the plug is dropped.
+        let plug = block::aio::plug();
         let (table, size) = (GuestAddress(aq.queue.desc_table()), aq.queue.size());
         let event_idx = aq.queue.event_idx_enabled();
         let mut empty_rounds = 0;
@@ -351,6 +354,7 @@ impl<H: QueueHandler> QueueWorker<H> {
             }
         }
         self.handler.end_pass(&mut self.io);
+        drop(plug);
         self.process_completions();
     }
 
