@@ -28,11 +28,11 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use block::aio::RingHost;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::ChainHead;
 use super::{Activation, ActiveQueue, VirtioInterrupt};
@@ -92,7 +92,10 @@ pub struct InFlight<T> {
 /// Outputs of asynchronous work, on their way back to the worker.
 struct Completions<O> {
     items: Mutex<Vec<(usize, O)>>,
-    efd: EventFd,
+    /// The worker's wake-up: an eventfd that completions from other
+    /// threads write, and that io_uring rings the worker submits to signal
+    /// themselves, so their completions run here, on the worker's thread.
+    host: Arc<RingHost>,
     /// The worker is in a pass and will look at `items` before it ends:
     /// no need to wake it.
     in_pass: AtomicBool,
@@ -104,7 +107,7 @@ impl<O> Completions<O> {
         // Pairs with the stores in `process_completions`: either the
         // worker sees the item in its last look, or we see the flag clear.
         if !self.in_pass.load(Ordering::SeqCst) {
-            let _ = self.efd.write(1);
+            self.host.wake();
         }
     }
 
@@ -257,7 +260,7 @@ impl<H: QueueHandler> QueueWorker<H> {
     pub fn with_handler(a: Activation, handler: H) -> Result<Self, String> {
         let cq = Arc::new(Completions {
             items: Mutex::new(Vec::new()),
-            efd: EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?,
+            host: RingHost::new().map_err(|e| format!("eventfd: {e}"))?,
             in_pass: AtomicBool::new(false),
         });
         let n = a.queues.len();
@@ -311,7 +314,7 @@ impl<H: QueueHandler> QueueWorker<H> {
         self.io.cq.in_pass.store(true, Ordering::SeqCst);
         // The requests of this notification reach the kernel together, in
         // one io_uring_enter per ring, when the plug is dropped.
-        let plug = block::aio::plug();
+        let plug = self.io.cq.host.enter();
         let (table, size) = (GuestAddress(aq.queue.desc_table()), aq.queue.size());
         let event_idx = aq.queue.event_idx_enabled();
         let mut empty_rounds = 0;
@@ -358,6 +361,27 @@ impl<H: QueueHandler> QueueWorker<H> {
         self.process_completions();
     }
 
+    /// Runs the completions io_uring has posted for this worker's
+    /// requests (reads of tmpfs or the page cache complete inside the
+    /// submission): they are finished in the same pass, with no wake-up.
+    fn reap_rings(&mut self) {
+        let host = &self.io.cq.host;
+        if !host.has_rings() {
+            return;
+        }
+        loop {
+            host.clear();
+            // Requests that the completions start go out together too.
+            let n = {
+                let _g = host.enter();
+                host.reap()
+            };
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
     /// The next available head of queue `qi`, with the queue's own errors
     /// (`pop_descriptor_chain` turns them into `None`, which looks like an
     /// empty ring while the available index says otherwise).
@@ -380,6 +404,7 @@ impl<H: QueueHandler> QueueWorker<H> {
     /// queues that got used entries.
     pub fn process_completions(&mut self) {
         self.io.cq.in_pass.store(true, Ordering::SeqCst);
+        self.reap_rings();
         self.complete_taken();
         // From here on a completion kicks the eventfd; anything that
         // slipped in before is picked up by this last look.
@@ -406,6 +431,9 @@ impl<H: QueueHandler> QueueWorker<H> {
     /// teardown); they end with [`QueueHandler::abandon`], not in the
     /// used ring.
     pub fn drain(&mut self) {
+        // The rings this worker reaped go back to their reaper threads,
+        // which complete what is still in flight.
+        self.io.cq.host.release();
         // Held requests count as in flight: send them, or this never ends.
         self.handler.end_pass(&mut self.io);
         let mut done = Vec::new();
@@ -439,7 +467,10 @@ impl<H: QueueHandler> MutEventSubscriber for QueueWorker<H> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let token = events.data();
         if token == COMPLETION_TOKEN {
-            let _ = self.io.cq.efd.read();
+            if !self.io.cq.host.has_rings() {
+                // Otherwise the reaping consumes the wake-ups.
+                self.io.cq.host.clear();
+            }
             self.process_completions();
             return;
         }
@@ -458,7 +489,7 @@ impl<H: QueueHandler> MutEventSubscriber for QueueWorker<H> {
                 log::error!("{}: cannot watch queue {i}: {e}", H::NAME);
             }
         }
-        let ev = Events::with_data(&self.io.cq.efd, COMPLETION_TOKEN, EventSet::IN);
+        let ev = Events::with_data(self.io.cq.host.as_ref(), COMPLETION_TOKEN, EventSet::IN);
         if let Err(e) = ops.add(ev) {
             log::error!("{}: cannot watch completions: {e}", H::NAME);
         }
@@ -480,6 +511,7 @@ mod tests {
     use std::time::Duration;
     use virtio_queue::Queue;
     use vm_memory::Bytes;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const QSIZE: u16 = 16;
     const AVAIL: u64 = 0x2000;
