@@ -31,10 +31,13 @@ use std::sync::{Arc, Mutex};
 use block::aio::RingHost;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::ChainHead;
+use super::event_loop::{add_poller, Poller};
 use super::{Activation, ActiveQueue, VirtioInterrupt};
 use crate::GuestMem;
 
@@ -253,6 +256,73 @@ pub struct QueueWorker<H: QueueHandler> {
     done: Vec<(usize, H::Output)>,
     /// Queues the driver broke; not processed until the device is reset.
     stopped: Vec<bool>,
+    /// What a polling loop looks at, per queue.
+    polls: Vec<Arc<QueuePoll>>,
+}
+
+/// VRING_USED_F_NO_NOTIFY (virtio 1.2, section 2.7.10).
+const USED_F_NO_NOTIFY: u16 = 1;
+
+/// A queue as its polling loop sees it ([`Poller`]): its available index
+/// against the worker's, and the switch for the driver's notifications.
+struct QueuePoll {
+    mem: Arc<GuestMem>,
+    avail_idx: GuestAddress,
+    used_flags: GuestAddress,
+    /// `avail_event` (after the used ring), with RING_EVENT_IDX.
+    avail_event: Option<GuestAddress>,
+    notify: Arc<EventFd>,
+    host: Arc<RingHost>,
+    /// The worker's next available index, and whether the queue is
+    /// still served (not once it is stopped or the worker drains: its
+    /// rings may then be the driver's again).
+    state: Mutex<(u16, bool)>,
+}
+
+impl Poller for QueuePoll {
+    fn poll(&self) -> bool {
+        {
+            let st = crate::bus::lock(&self.state);
+            if !st.1 {
+                return false;
+            }
+            let idx: u16 = match self.mem.load(self.avail_idx, Ordering::Acquire) {
+                Ok(i) => i,
+                Err(_) => return false,
+            };
+            if idx != st.0 {
+                let _ = self.notify.write(1);
+                return true;
+            }
+        }
+        if self.host.ready() {
+            self.host.wake();
+            return true;
+        }
+        false
+    }
+
+    fn set_notifications(&self, on: bool) {
+        let st = crate::bus::lock(&self.state);
+        if !st.1 {
+            return;
+        }
+        // Only the device writes these fields.
+        let _ = match self.avail_event {
+            // An event index already behind the driver: no kick until it
+            // is set to the worker's index again.
+            Some(a) => self.mem.store(
+                if on { st.0 } else { st.0.wrapping_sub(1) },
+                a,
+                Ordering::Release,
+            ),
+            None => self.mem.store(
+                if on { 0u16 } else { USED_F_NO_NOTIFY },
+                self.used_flags,
+                Ordering::Release,
+            ),
+        };
+    }
 }
 
 impl<H: QueueHandler> QueueWorker<H> {
@@ -279,7 +349,17 @@ impl<H: QueueHandler> QueueWorker<H> {
             handler,
             done: Vec::new(),
             stopped: vec![false; n],
+            polls: Vec::new(),
         })
+    }
+
+    /// Tells the pollers how far the worker got in queue `qi`.
+    fn publish(&self, qi: usize) {
+        if let (Some(p), Some(aq)) = (self.polls.get(qi), self.io.queues.get(qi)) {
+            let mut st = crate::bus::lock(&p.state);
+            st.0 = aq.queue.next_avail();
+            st.1 = !self.stopped[qi];
+        }
     }
 
     pub fn handler(&self) -> &H {
@@ -358,6 +438,7 @@ impl<H: QueueHandler> QueueWorker<H> {
         }
         self.handler.end_pass(&mut self.io);
         drop(plug);
+        self.publish(qi);
         self.process_completions();
     }
 
@@ -431,6 +512,9 @@ impl<H: QueueHandler> QueueWorker<H> {
     /// teardown); they end with [`QueueHandler::abandon`], not in the
     /// used ring.
     pub fn drain(&mut self) {
+        for p in &self.polls {
+            crate::bus::lock(&p.state).1 = false;
+        }
         // The rings this worker reaped go back to their reaper threads,
         // which complete what is still in flight.
         self.io.cq.host.release();
@@ -483,6 +567,25 @@ impl<H: QueueHandler> MutEventSubscriber for QueueWorker<H> {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        // The loop may spin on the queues before it sleeps.
+        for aq in &self.io.queues {
+            let (avail, used) = (aq.queue.avail_ring(), aq.queue.used_ring());
+            let p = Arc::new(QueuePoll {
+                mem: self.io.mem.clone(),
+                avail_idx: GuestAddress(avail.wrapping_add(2)),
+                used_flags: GuestAddress(used),
+                avail_event: aq
+                    .queue
+                    .event_idx_enabled()
+                    .then(|| GuestAddress(used.wrapping_add(4 + 8 * u64::from(aq.queue.size())))),
+                notify: aq.notify.clone(),
+                host: self.io.cq.host.clone(),
+                state: Mutex::new((aq.queue.next_avail(), true)),
+            });
+            let w: std::sync::Weak<dyn Poller> = Arc::downgrade(&p) as _;
+            add_poller(w);
+            self.polls.push(p);
+        }
         for (i, q) in self.io.queues.iter().enumerate() {
             let ev = Events::with_data(q.notify.as_ref(), i as u32, EventSet::IN);
             if let Err(e) = ops.add(ev) {
@@ -511,7 +614,7 @@ mod tests {
     use std::time::Duration;
     use virtio_queue::Queue;
     use vm_memory::Bytes;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const QSIZE: u16 = 16;
     const AVAIL: u64 = 0x2000;
