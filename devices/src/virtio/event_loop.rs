@@ -72,8 +72,11 @@ fn any_poller(mut f: impl FnMut(&dyn Poller) -> bool) -> bool {
 /// How long the loop spins before it sleeps, adapted to the gaps between
 /// events: it grows while events arrive soon after the loop went to
 /// sleep (spinning a little longer would have caught them without a
-/// wake-up), and shrinks while the loop sleeps longer than the maximum
-/// (spinning was wasted).
+/// wake-up), and shrinks while the loop sleeps longer (spinning was
+/// wasted). It starts at the maximum: a loop that polls keeps finding
+/// work at depth 1 (the driver's next request follows the completion
+/// within microseconds), one that sleeps first may never see gaps short
+/// enough to start.
 struct AdaptivePoll {
     max: Duration,
     now: Duration,
@@ -86,7 +89,10 @@ impl AdaptivePoll {
         if self.max.is_zero() {
             return;
         }
-        if d <= self.max {
+        // The sleep includes the loop's own wake-up, which is slow on a
+        // loaded or nested host: an event within twice the maximum still
+        // says spinning would have caught it.
+        if d <= self.max * 2 {
             self.now = (self.now * 2).clamp(Self::START, self.max);
         } else {
             self.now /= 2;
@@ -172,7 +178,7 @@ impl EventLoop {
                 let _ = tx.send(Ok(em.remote_endpoint()));
                 let mut poll = AdaptivePoll {
                     max: Duration::from_nanos(poll_max_ns),
-                    now: Duration::ZERO,
+                    now: Duration::from_nanos(poll_max_ns),
                 };
                 while !stop2.load(Ordering::Acquire) {
                     let r = if poll.spin() {
