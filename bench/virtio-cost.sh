@@ -23,7 +23,7 @@ out=$(mktemp)
 perf stat -x, -o "$out.perf" \
     -e task-clock,context-switches,syscalls:sys_enter_io_uring_enter,syscalls:sys_enter_write,syscalls:sys_enter_read,syscalls:sys_enter_ioctl,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex \
     "$strata" -m 128 -nodefaults -serial stdio -kernel images/out/virtio-bench.elf \
-    -append "secs=$secs" -drive "$drive" -device "virtio-blk-pci,drive=d0${DEVOPT:-}" ${EXTRA:-} >"$out"
+    -append "secs=$secs ${ONLY:-}" -drive "$drive" -device "virtio-blk-pci,drive=d0${DEVOPT:-}" ${EXTRA:-} >"$out"
 grep VBENCH "$out" | grep -v DONE
 reqs=$(grep -o 'reqs=[0-9]*' "$out" | cut -d= -f2 | paste -sd+ | bc)
 echo "requests: $reqs"
