@@ -9,7 +9,7 @@ QMP_VENV := target/qmp-venv
 # g++ builds libFuzzer for `make fuzz`.
 DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl
 
-.PHONY: demo test check deps build lint images bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
+.PHONY: demo test check deps build lint images bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -103,3 +103,11 @@ bench-boot: build
 
 images:
 	images/build.sh
+
+# Issue 17's comparison set (virtio-blk on null-co and tmpfs, quiet and
+# with a CPU hog, and strata-img convert against qemu-img), printed as
+# one table. BENCH_RUNS alternating runs per VMM (at least 5).
+BENCH_RUNS ?= 5
+bench: deps
+	$(CARGO) build --release --bins
+	bench/all.sh $(BENCH_RUNS) 2

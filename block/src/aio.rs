@@ -15,7 +15,7 @@ use crate::error::BlockError;
 use io_uring::{opcode, types, IoUring};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 /// A job for the pool.
@@ -144,33 +144,261 @@ impl Slots {
 }
 
 const SHUTDOWN: u64 = u64::MAX;
+/// A no-op that only wakes the reaper thread (handing a ring to a host).
+const WAKE: u64 = u64::MAX - 1;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 thread_local! {
     /// The ring whose reaper runs on this thread (0: none). Requests pushed
     /// from completion callbacks on the reaper are submitted in one batch by
     /// the reaper's next `io_uring_enter`, without a syscall each.
     static REAPER_OF: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Rings with entries pushed while this thread is plugged ([`plug`]),
+    /// and how deep the plugs nest.
+    static PLUG: std::cell::RefCell<(usize, Vec<Arc<Uring>>)> =
+        const { std::cell::RefCell::new((0, Vec::new())) };
+    /// The event loop running on this thread, inside [`RingHost::enter`]:
+    /// rings submitted to from here are adopted by it.
+    static HOST: std::cell::RefCell<Option<Arc<RingHost>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// An event loop that reaps io_uring completions on its own thread, so a
+/// request completes where it was submitted, without a hop through the
+/// ring's reaper thread (QEMU's iothread has the ring's fd among its
+/// sources in the same way).
+///
+/// The loop watches [`RingHost`]'s eventfd. A ring submitted to from
+/// inside [`RingHost::enter`] is adopted: its completions signal the
+/// eventfd (`IORING_REGISTER_EVENTFD`), the loop calls
+/// [`RingHost::reap`], and the ring's reaper thread parks until the host
+/// lets the ring go ([`RingHost::release`], or the node shutting down).
+/// The same eventfd serves the loop's other wake-ups ([`RingHost::wake`]).
+pub struct RingHost {
+    efd: std::fs::File,
+    rings: Mutex<Vec<Arc<Uring>>>,
+    me: std::sync::Weak<RingHost>,
+}
+
+/// Returned by [`RingHost::enter`]; restores the thread when dropped.
+pub struct HostGuard {
+    prev: Option<Arc<RingHost>>,
+    _plug: Plug,
+}
+
+impl Drop for HostGuard {
+    fn drop(&mut self) {
+        let prev = self.prev.take();
+        HOST.with(|h| *h.borrow_mut() = prev);
+    }
+}
+
+impl RingHost {
+    pub fn new() -> std::io::Result<Arc<Self>> {
+        // SAFETY: eventfd(2) takes no pointers; the fd it returns is ours.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        let efd =
+            std::fs::File::from(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+        Ok(Arc::new_cyclic(|me| RingHost {
+            efd,
+            rings: Mutex::new(Vec::new()),
+            me: me.clone(),
+        }))
+    }
+
+    /// Makes the loop readable.
+    pub fn wake(&self) {
+        use std::io::Write;
+        let _ = (&self.efd).write(&1u64.to_ne_bytes());
+    }
+
+    /// Consumes the wake-ups so far (before looking at what they were for).
+    pub fn clear(&self) {
+        use std::io::Read;
+        let mut b = [0u8; 8];
+        let _ = (&self.efd).read(&mut b);
+    }
+
+    /// Until the guard is dropped, this thread is the host's: rings it
+    /// submits to are adopted, and its submissions are plugged
+    /// ([`plug`]).
+    pub fn enter(&self) -> HostGuard {
+        let me = self.me.upgrade();
+        let prev = HOST.with(|h| std::mem::replace(&mut *h.borrow_mut(), me));
+        HostGuard {
+            prev,
+            _plug: plug(),
+        }
+    }
+
+    /// True once a ring has been adopted.
+    pub fn has_rings(&self) -> bool {
+        !lock(&self.rings).is_empty()
+    }
+
+    fn adopt(&self, u: &Uring) {
+        if u.unhostable.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(ring) = u.me.upgrade() else {
+            return;
+        };
+        {
+            let mut h = lock(&u.host);
+            if h.is_some() {
+                return;
+            }
+            if let Err(e) = u.ring.submitter().register_eventfd(self.efd.as_raw_fd()) {
+                log::debug!("io_uring: eventfd registration failed, the reaper thread stays: {e}");
+                u.unhostable.store(true, Ordering::Relaxed);
+                return;
+            }
+            *h = Some(self.me.clone());
+            u.hosted.store(true, Ordering::Release);
+        }
+        lock(&self.rings).push(ring);
+        // The reaper is waiting in io_uring_enter: this completion wakes it,
+        // and it parks.
+        u.push(opcode::Nop::new().build().user_data(WAKE));
+    }
+
+    /// Runs the completions of every adopted ring; returns how many.
+    /// Rings whose node shut down are given back to their reaper thread,
+    /// which ends once their last requests complete.
+    pub fn reap(&self) -> usize {
+        let mut total = 0;
+        let mut i = 0;
+        loop {
+            let Some(r) = lock(&self.rings).get(i).cloned() else {
+                break;
+            };
+            total += r.reap_ready();
+            if r.stopping.load(Ordering::SeqCst) {
+                self.let_go(&r);
+            } else {
+                i += 1;
+            }
+        }
+        total
+    }
+
+    /// True when an adopted ring has completions waiting (no system call),
+    /// for a loop that polls before it sleeps.
+    pub fn ready(&self) -> bool {
+        lock(&self.rings).iter().any(|r| r.has_ready())
+    }
+
+    /// Gives every ring back to its reaper thread (the loop is going
+    /// away, or stops serving them).
+    pub fn release(&self) {
+        let rings = std::mem::take(&mut *lock(&self.rings));
+        for r in rings {
+            Self::unhost(&r);
+        }
+    }
+
+    fn let_go(&self, r: &Arc<Uring>) {
+        lock(&self.rings).retain(|x| !Arc::ptr_eq(x, r));
+        Self::unhost(r);
+    }
+
+    fn unhost(r: &Uring) {
+        let mut h = lock(&r.host);
+        let _ = r.ring.submitter().unregister_eventfd();
+        r.hosted.store(false, Ordering::Release);
+        *h = None;
+        r.park.notify_all();
+    }
+}
+
+impl Drop for RingHost {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+impl AsRawFd for RingHost {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.efd.as_raw_fd()
+    }
+}
+
+/// Holds back `io_uring_enter` for entries pushed on this thread until the
+/// returned guard is dropped; then each ring that got entries is entered
+/// once. A device handling one notification plugs around it, so the
+/// requests of the notification reach the kernel in one system call
+/// instead of one each (what QEMU's `blk_io_plug` does). Plugs nest.
+pub fn plug() -> Plug {
+    PLUG.with(|p| p.borrow_mut().0 += 1);
+    Plug(std::marker::PhantomData)
+}
+
+/// See [`plug`]. Not `Send`: it unplugs the thread that plugged.
+pub struct Plug(std::marker::PhantomData<*const ()>);
+
+impl Drop for Plug {
+    fn drop(&mut self) {
+        let rings = PLUG.with(|p| {
+            let mut p = p.borrow_mut();
+            p.0 -= 1;
+            if p.0 == 0 {
+                std::mem::take(&mut p.1)
+            } else {
+                Vec::new()
+            }
+        });
+        for r in rings {
+            r.enter();
+        }
+    }
 }
 
 /// One io_uring instance with its reaper thread.
 pub struct Uring {
+    /// This ring, for the plug list of a thread that pushes to it.
+    me: std::sync::Weak<Uring>,
     ring: IoUring,
     sq_lock: Mutex<()>,
+    /// Serialises the consumers of the completion queue: the reaper
+    /// thread, and the event loop that hosts the ring (see [`RingHost`]).
+    cq_lock: Mutex<()>,
     slots: Mutex<Slots>,
     fd: Arc<OwnedFd>,
     stats: Arc<SyscallStats>,
+    /// The event loop that reaps this ring, when one adopted it; the
+    /// reaper thread parks meanwhile.
+    host: Mutex<Option<std::sync::Weak<RingHost>>>,
+    hosted: AtomicBool,
+    park: Condvar,
+    /// The shutdown entry was reaped: stop once nothing is in flight.
+    stopping: AtomicBool,
+    /// Registering an eventfd failed once: never hosted.
+    unhostable: AtomicBool,
 }
 
 impl Uring {
     /// Create a ring for `fd` and start its reaper thread.
     pub fn new(fd: Arc<OwnedFd>, stats: Arc<SyscallStats>) -> std::io::Result<Arc<Self>> {
         let ring = IoUring::new(256)?;
-        let u = Arc::new(Uring {
+        let u = Arc::new_cyclic(|me| Uring {
+            me: me.clone(),
             ring,
             sq_lock: Mutex::new(()),
+            cq_lock: Mutex::new(()),
             slots: Mutex::new(Slots::default()),
             fd,
             stats,
+            host: Mutex::new(None),
+            hosted: AtomicBool::new(false),
+            park: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            unhostable: AtomicBool::new(false),
         });
         let r = u.clone();
         std::thread::Builder::new()
@@ -183,6 +411,13 @@ impl Uring {
     /// `fallocate(FALLOC_FL_ZERO_RANGE)`; the caller handles EOPNOTSUPP).
     /// Other operations must use the pool.
     pub fn submit(&self, req: IoRequest, done: Completion) {
+        if !self.hosted.load(Ordering::Relaxed) {
+            HOST.with(|h| {
+                if let Some(h) = &*h.borrow() {
+                    h.adopt(self);
+                }
+            });
+        }
         let fd = types::Fd(self.fd.as_raw_fd());
         let iov_ptr = req.iov.as_raw().as_ptr();
         let iov_cnt = req.iov.as_raw().len() as u32;
@@ -228,7 +463,7 @@ impl Uring {
     }
 
     fn push(&self, entry: io_uring::squeue::Entry) {
-        let _g = self.sq_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let g = self.sq_lock.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             // SAFETY: `sq_lock` serialises every user of the submission
             // queue, so no other SubmissionQueue handle exists meanwhile.
@@ -243,9 +478,105 @@ impl Uring {
             drop(sq);
             let _ = self.ring.submitter().submit();
         }
-        if REAPER_OF.with(|r| r.get()) != self as *const Uring as usize {
+        drop(g);
+        if REAPER_OF.with(|r| r.get()) == self as *const Uring as usize {
+            return;
+        }
+        let plugged = PLUG.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.0 == 0 {
+                return false;
+            }
+            if !p.1.iter().any(|r| std::ptr::eq(Arc::as_ptr(r), self)) {
+                match self.me.upgrade() {
+                    Some(r) => p.1.push(r),
+                    None => return false,
+                }
+            }
+            true
+        });
+        if !plugged {
+            self.enter();
+        }
+    }
+
+    /// Hands the entries pushed so far to the kernel.
+    fn enter(&self) {
+        {
+            let _g = self.sq_lock.lock().unwrap_or_else(|e| e.into_inner());
             let _ = self.ring.submitter().submit();
         }
+        self.wake_host_from_elsewhere();
+    }
+
+    /// Requests entered on a thread other than the host's may have
+    /// completed inside the submission; the host is told to look.
+    fn wake_host_from_elsewhere(&self) {
+        if !self.hosted.load(Ordering::Acquire) {
+            return;
+        }
+        let host = lock(&self.host).as_ref().and_then(|w| w.upgrade());
+        if let Some(h) = host {
+            let here = HOST.with(|t| t.borrow().as_ref().is_some_and(|t| Arc::ptr_eq(t, &h)));
+            if !here {
+                h.wake();
+            }
+        }
+    }
+
+    /// Takes the completions posted so far and runs their callbacks;
+    /// returns how many there were. Either the reaper thread or the
+    /// hosting event loop calls it.
+    fn reap_ready(&self) -> usize {
+        let mut total = 0;
+        loop {
+            let mut batch = [(0u64, 0i32); 32];
+            let mut n = 0;
+            {
+                let Ok(_g) = self.cq_lock.try_lock() else {
+                    // The other consumer is reaping: it takes these too.
+                    return total;
+                };
+                // SAFETY: `cq_lock` serialises every consumer of the
+                // completion queue, so no other CompletionQueue handle
+                // exists meanwhile.
+                let mut cq = unsafe { self.ring.completion_shared() };
+                for cqe in &mut cq {
+                    batch[n] = (cqe.user_data(), cqe.result());
+                    n += 1;
+                    if n == batch.len() {
+                        break;
+                    }
+                }
+            }
+            if n == 0 {
+                return total;
+            }
+            for &(ud, res) in &batch[..n] {
+                if ud == SHUTDOWN {
+                    self.stopping.store(true, Ordering::SeqCst);
+                    continue;
+                }
+                if ud == WAKE {
+                    continue;
+                }
+                let inf = lock(&self.slots).take(ud as usize);
+                if let Some(inf) = inf {
+                    total += 1;
+                    self.complete(inf, res);
+                }
+            }
+        }
+    }
+
+    /// True when completions are waiting to be reaped (no system call).
+    fn has_ready(&self) -> bool {
+        let Ok(_g) = self.cq_lock.try_lock() else {
+            return false;
+        };
+        // SAFETY: as in `reap_ready`; this handle only reads the indices.
+        let cq = unsafe { self.ring.completion_shared() };
+        !cq.is_empty()
     }
 
     /// Stop the reaper once every in-flight request has completed.
@@ -255,13 +586,18 @@ impl Uring {
 
     fn reap(self: Arc<Self>) {
         REAPER_OF.with(|r| r.set(Arc::as_ptr(&self) as usize));
-        let mut stopping = false;
         loop {
-            if stopping {
-                let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-                if s.is_empty() {
-                    return;
+            if self.hosted.load(Ordering::Acquire) {
+                // Entries pushed by callbacks on this thread wait for its
+                // next io_uring_enter: send them before handing over.
+                self.enter();
+                let mut h = lock(&self.host);
+                while h.is_some() && !self.stopping.load(Ordering::SeqCst) {
+                    h = self.park.wait(h).unwrap_or_else(|e| e.into_inner());
                 }
+            }
+            if self.stopping.load(Ordering::SeqCst) && lock(&self.slots).is_empty() {
+                return;
             }
             match self.ring.submitter().submit_and_wait(1) {
                 Ok(_) => {}
@@ -269,30 +605,11 @@ impl Uring {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
-            let mut done = Vec::new();
-            {
-                // SAFETY: only this reaper thread ever touches the completion
-                // queue.
-                let cq = unsafe { self.ring.completion_shared() };
-                for cqe in cq {
-                    done.push((cqe.user_data(), cqe.result()));
-                }
+            if self.cq_lock.try_lock().is_err() {
+                // The host is reaping; let it finish before looking again.
+                std::thread::yield_now();
             }
-            for (ud, res) in done {
-                if ud == SHUTDOWN {
-                    stopping = true;
-                    continue;
-                }
-                let inf = {
-                    self.slots
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take(ud as usize)
-                };
-                if let Some(inf) = inf {
-                    self.complete(inf, res);
-                }
-            }
+            self.reap_ready();
         }
     }
 
@@ -380,6 +697,56 @@ fn finish_short(
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    /// A ring submitted to inside a host's `enter` completes on the host's
+    /// thread when it reaps, and on the reaper thread again once released.
+    #[test]
+    fn a_hosted_ring_completes_on_the_host_thread() {
+        let path = std::env::temp_dir().join(format!("strata-ringhost-{}", std::process::id()));
+        std::fs::write(&path, vec![7u8; 8192]).unwrap();
+        let fd: OwnedFd = std::fs::File::open(&path).unwrap().into();
+        let _ = std::fs::remove_file(&path);
+        let Ok(u) = Uring::new(Arc::new(fd), Arc::default()) else {
+            eprintln!("io_uring unavailable: skipped");
+            return;
+        };
+        let host = RingHost::new().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let read = |tx: mpsc::Sender<(std::thread::ThreadId, u8)>| -> Completion {
+            Box::new(move |req, r| {
+                r.unwrap();
+                let _ = tx.send((std::thread::current().id(), req.iov.slices()[0][0]));
+            })
+        };
+        {
+            let _g = host.enter();
+            u.submit(
+                IoRequest::read(0, crate::iov::IoVecs::from_vec(vec![0; 4096])),
+                read(tx.clone()),
+            );
+        }
+        assert!(host.has_rings());
+        let t0 = std::time::Instant::now();
+        while host.reap() == 0 {
+            assert!(t0.elapsed().as_secs() < 10, "no completion reaped");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(rx.recv().unwrap(), (std::thread::current().id(), 7));
+        host.release();
+        assert!(!host.has_rings());
+        u.submit(
+            IoRequest::read(4096, crate::iov::IoVecs::from_vec(vec![0; 4096])),
+            read(tx),
+        );
+        let (on, byte) = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_ne!(
+            on,
+            std::thread::current().id(),
+            "the reaper thread completes it"
+        );
+        assert_eq!(byte, 7);
+        u.shutdown();
+    }
 
     #[test]
     fn pool_runs_many_jobs() {

@@ -49,7 +49,11 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -hda/-hdb/-hdc/-hdd F, -cdrom F, -fda/-fdb F   legacy drive shortcuts
   -blockdev driver=...,node-name=...  (or JSON)   a block node
   -device DRIVER[,drive=ID,...]     a device (-device help, -device DRIVER,help)
-  -object iothread,id=ID            an I/O thread (virtio-blk-pci iothread=ID)
+  -object iothread,id=ID[,poll-max-ns=NS]
+                                    an I/O thread (virtio-blk-pci iothread=ID); it
+                                    polls up to NS ns before sleeping (32768)
+  -object main-loop,id=ID,poll-max-ns=NS
+                                    the same for devices that name no iothread
   -object secret,id=ID,data=S|file=F  a secret (passwordid=ID)
   -object tls-creds-x509,id=ID,dir=D[,endpoint=client][,verify-peer=on|off]
                                     TLS credentials (nbd tls-creds=ID)
@@ -902,6 +906,23 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                             return Err(format!("-object {value}: duplicate id '{id}'"));
                         }
                         cfg.iothreads.push(id.clone());
+                        if let Some(v) = get("poll-max-ns") {
+                            let ns = v.parse::<u64>().map_err(|_| {
+                                format!("-object {value}: poll-max-ns must be a number of nanoseconds")
+                            })?;
+                            cfg.iothread_poll_max_ns.push((id.clone(), ns));
+                        }
+                    }
+                    // QEMU's main-loop object: here it tunes the loop of
+                    // devices that name no iothread.
+                    Some("main-loop") => {
+                        if let Some(v) = get("poll-max-ns") {
+                            let ns = v.parse::<u64>().map_err(|_| {
+                                format!("-object {value}: poll-max-ns must be a number of nanoseconds")
+                            })?;
+                            cfg.iothread_poll_max_ns
+                                .push((devices::virtio::event_loop::MAIN_LOOP.to_string(), ns));
+                        }
                     }
                     Some("secret" | "tls-creds-x509") => {
                         // Created by main before the machine, which opens
@@ -1020,6 +1041,9 @@ mod tests {
     fn iothread_objects() {
         let c = cfg("-object iothread,id=io0 -object iothread,id=io1");
         assert_eq!(c.iothreads, vec!["io0".to_string(), "io1".to_string()]);
+        let c = cfg("-object iothread,id=io0,poll-max-ns=0");
+        assert_eq!(c.iothread_poll_max_ns, vec![("io0".to_string(), 0)]);
+        assert!(parse(&args("-object iothread,id=a,poll-max-ns=x")).is_err());
         assert!(parse(&args("-object iothread,id=a -object iothread,id=a")).is_err());
         assert!(parse(&args("-object iothread")).is_err());
         assert!(parse(&args("-object memory-backend-ram,id=m")).is_err());

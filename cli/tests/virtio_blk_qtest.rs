@@ -1439,7 +1439,7 @@ fn mirror_while_the_device_writes() {
     let mut q = support::qmp::Qmp::negotiated(&sock);
     let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
     let mut model = std::fs::read(&disk).unwrap();
-    let mut write = |b: &mut Blk, model: &mut Vec<u8>, round: u64| {
+    let write = |b: &mut Blk, model: &mut Vec<u8>, round: u64| {
         let sector = (round * 37) % (DISK_SECTORS - 8);
         let data = vec![(round % 253) as u8 + 1; 8 * 512];
         let (s, _, _) = b.request(0, T_OUT, sector, &data, 0, false);

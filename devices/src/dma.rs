@@ -71,6 +71,28 @@ impl GuestSgList {
         }
     }
 
+    /// Like [`GuestSgList::new`], but in `storage` (emptied first): a
+    /// caller that recycles its lists ([`GuestSgList::into_storage`])
+    /// allocates nothing per list once the storage has grown.
+    pub fn with_storage(
+        mut storage: Vec<(GuestAddress, usize)>,
+        max_segments: usize,
+        max_len: u64,
+    ) -> Self {
+        storage.clear();
+        GuestSgList {
+            segs: storage,
+            len: 0,
+            max_segments,
+            max_len,
+        }
+    }
+
+    /// The list's storage, for the next [`GuestSgList::with_storage`].
+    pub fn into_storage(self) -> Vec<(GuestAddress, usize)> {
+        self.segs
+    }
+
     /// Adds `len` bytes at `addr`, after checking that the range does not
     /// wrap, lies in guest RAM, and keeps the list within its limits. An
     /// empty segment is accepted and not stored. On error the list is

@@ -114,6 +114,8 @@ pub struct MachineConfig {
     pub globals: Vec<crate::device::Global>,
     /// `-object iothread,id=` ids: one event loop thread each.
     pub iothreads: Vec<String>,
+    /// `poll-max-ns` of the iothreads that set it.
+    pub iothread_poll_max_ns: Vec<(String, u64)>,
     /// `-kernel`, `-initrd` and `-append`: direct kernel boot.
     pub kernel: Option<KernelConfig>,
     /// Whether `-bios` was given explicitly (it selects the firmware route
@@ -165,6 +167,7 @@ impl Default for MachineConfig {
             devices: Vec::new(),
             globals: Vec::new(),
             iothreads: Vec::new(),
+            iothread_poll_max_ns: Vec::new(),
             kernel: None,
             bios_explicit: false,
             smbios: Vec::new(),

@@ -11,7 +11,7 @@ use kvm_bindings::kvm_msi;
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQ_ROUTING_MSI, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -79,6 +79,12 @@ pub fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
 /// source override in the firmware's MADT, and GSI 2 (the cascade) goes
 /// nowhere. GSIs 16-23 reach IOAPIC pins 16-23 only.
 fn set_routing(vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
+    set_routing_with(vm, &[])
+}
+
+/// The irqchip routes of [`set_routing`] plus `extra` (MSI routes):
+/// KVM_SET_GSI_ROUTING replaces the whole table.
+fn set_routing_with(vm: &VmFd, extra: &[kvm_irq_routing_entry]) -> Result<(), kvm_ioctls::Error> {
     let mut entries = Vec::new();
     let route = |gsi: u32, chip: u32, pin: u32| {
         let mut e = kvm_irq_routing_entry {
@@ -108,6 +114,7 @@ fn set_routing(vm: &VmFd) -> Result<(), kvm_ioctls::Error> {
             _ => entries.push(route(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
         }
     }
+    entries.extend_from_slice(extra);
     let mut routing = KvmIrqRouting::new(0).expect("empty routing table");
     for e in entries {
         routing.push(e).expect("routing table fits");
@@ -176,20 +183,112 @@ impl IrqChip for KvmIrqChip {
     }
 }
 
-/// MSI delivery with KVM_SIGNAL_MSI: the in-kernel LAPICs take the message
-/// straight from the iothread that completed the request.
-pub struct KvmMsi(pub Arc<VmFd>);
+/// MSI delivery through KVM irqfds: each message a device sends gets a
+/// GSI with an MSI route (KVM_SET_GSI_ROUTING) and an eventfd bound to it
+/// (KVM_IRQFD), so sending it again is one eventfd write from the
+/// iothread, which KVM turns into the interrupt without an ioctl, and
+/// which coalesces with writes not yet delivered. Routes are made on the
+/// first send of a message, so a vector the guest reprograms (new
+/// address or data) simply gets a new route. Past [`MAX_MSI_ROUTES`]
+/// messages (a guest reprogramming vectors without end) the rest go
+/// through KVM_SIGNAL_MSI.
+pub struct KvmMsi {
+    vm: Arc<VmFd>,
+    routes: std::sync::Mutex<MsiRoutes>,
+}
 
-impl MsiSender for KvmMsi {
-    fn send(&self, addr: u64, data: u32) {
+/// Most MSI routes one VM gets; KVM allows thousands of GSIs, a PC's
+/// devices use a few dozen vectors.
+pub const MAX_MSI_ROUTES: usize = 256;
+
+#[derive(Default)]
+struct MsiRoutes {
+    /// (address, data) of each routed message, with its eventfd; the
+    /// GSI is `IOAPIC_PINS` + the position.
+    msgs: Vec<((u64, u32), EventFd)>,
+    entries: Vec<kvm_irq_routing_entry>,
+    /// Routing failed once: KVM_SIGNAL_MSI from then on.
+    broken: bool,
+}
+
+impl KvmMsi {
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        KvmMsi {
+            vm,
+            routes: std::sync::Mutex::new(MsiRoutes::default()),
+        }
+    }
+
+    fn signal(&self, addr: u64, data: u32) {
         let msi = kvm_msi {
             address_lo: addr as u32,
             address_hi: (addr >> 32) as u32,
             data,
             ..Default::default()
         };
-        if let Err(e) = self.0.signal_msi(msi) {
+        if let Err(e) = self.vm.signal_msi(msi) {
             log::warn!("KVM_SIGNAL_MSI {addr:#x}/{data:#x} failed: {e}");
+        }
+    }
+
+    /// Routes message (addr, data) to a new GSI with an irqfd; its eventfd.
+    fn route(&self, r: &mut MsiRoutes, addr: u64, data: u32) -> Result<usize, String> {
+        let gsi = IOAPIC_PINS + r.msgs.len() as u32;
+        let efd = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = addr as u32;
+        e.u.msi.address_hi = (addr >> 32) as u32;
+        e.u.msi.data = data;
+        r.entries.push(e);
+        if let Err(err) = set_routing_with(&self.vm, &r.entries) {
+            r.entries.pop();
+            return Err(format!("KVM_SET_GSI_ROUTING: {err}"));
+        }
+        self.vm
+            .register_irqfd(&efd, gsi)
+            .map_err(|err| format!("KVM_IRQFD: {err}"))?;
+        log::debug!("MSI {addr:#x}/{data:#x}: GSI {gsi}, irqfd");
+        r.msgs.push(((addr, data), efd));
+        Ok(r.msgs.len() - 1)
+    }
+}
+
+impl MsiSender for KvmMsi {
+    fn send(&self, addr: u64, data: u32) {
+        let mut r = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match r.msgs.iter().position(|(m, _)| *m == (addr, data)) {
+            Some(i) => i,
+            None if r.broken || r.msgs.len() >= MAX_MSI_ROUTES => {
+                drop(r);
+                return self.signal(addr, data);
+            }
+            None => match self.route(&mut r, addr, data) {
+                Ok(i) => i,
+                Err(e) => {
+                    log::warn!(
+                        "MSI {addr:#x}/{data:#x}: no irqfd route ({e}); using KVM_SIGNAL_MSI"
+                    );
+                    r.broken = true;
+                    drop(r);
+                    return self.signal(addr, data);
+                }
+            },
+        };
+        if let Err(e) = r.msgs[i].1.write(1) {
+            log::warn!("MSI {addr:#x}/{data:#x}: irqfd write failed: {e}");
+        }
+    }
+}
+
+impl Drop for KvmMsi {
+    fn drop(&mut self) {
+        let r = self.routes.get_mut().unwrap_or_else(|e| e.into_inner());
+        for (i, (_, efd)) in r.msgs.iter().enumerate() {
+            let _ = self.vm.unregister_irqfd(efd, IOAPIC_PINS + i as u32);
         }
     }
 }

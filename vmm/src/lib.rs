@@ -325,7 +325,7 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
             Arc::new(HostClock::new()),
             &control.events,
         );
-        host.msi = Some(Arc::new(kvm::KvmMsi(vm.clone())));
+        host.msi = Some(Arc::new(kvm::KvmMsi::new(vm.clone())));
         host.ioevents = Arc::new(kvm::KvmIoEvents(vm.clone()));
         let gen_cfg = control.machine_config(&cfg);
         let pc = Arc::new(machine::board(&cfg).build(&gen_cfg, host, &storage)?);

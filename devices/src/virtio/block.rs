@@ -248,7 +248,8 @@ impl Request {
         let Some(status) = status else {
             return Err((ParseError::NoStatus, None));
         };
-        Self::parse_walked(mem, chain, lim, status).map_err(|e| (e, Some(status)))
+        let storage = chain.take_sg_storage();
+        Self::parse_walked(mem, chain, lim, status, storage).map_err(|e| (e, Some(status)))
     }
 
     fn parse_walked(
@@ -256,6 +257,7 @@ impl Request {
         chain: &Chain,
         lim: &Limits,
         status: GuestAddress,
+        sg_storage: Vec<(GuestAddress, usize)>,
     ) -> Result<Request, ParseError> {
         let readable = chain.readable_len();
         if readable < HEADER_LEN {
@@ -275,7 +277,7 @@ impl Request {
         let mut r = Request {
             kind: Kind::Unsupported(ty),
             sector,
-            data: GuestSgList::new(lim.seg_max as usize, u64::MAX),
+            data: GuestSgList::with_storage(sg_storage, lim.seg_max as usize, u64::MAX),
             data_len: 0,
             range: (0, 0),
             status,
@@ -601,7 +603,11 @@ impl QueueHandler for BlockHandler {
             IoOp::Read | IoOp::Write => {
                 // Straight into guest memory, which the buffers keep
                 // mapped until the block layer drops the request.
-                let Ok(iov) = r.data.to_iovecs(io.mem_arc()) else {
+                let iov = r.data.to_iovecs(io.mem_arc());
+                // The list's storage serves the next request: no
+                // allocation per request for it.
+                self.chain.recycle_sg_storage(r.data.into_storage());
+                let Ok(iov) = iov else {
                     // A buffer straddling two RAM regions: parse checked
                     // each byte is RAM, but it must be one mapping.
                     finish(io, queue, head, status, req::S_IOERR, 0);

@@ -91,6 +91,9 @@ pub struct Chain {
     descs: Vec<Desc>,
     /// How many descriptors come before the first writable one.
     readable: usize,
+    /// Storage for the scatter-gather list of the next request parsed
+    /// from this chain, recycled by its user ([`Chain::take_sg_storage`]).
+    sg_storage: Vec<(GuestAddress, usize)>,
 }
 
 impl Chain {
@@ -99,7 +102,20 @@ impl Chain {
             head: 0,
             descs: Vec::with_capacity(16),
             readable: 0,
+            sg_storage: Vec::new(),
         }
+    }
+
+    /// Storage for a request's scatter-gather list
+    /// ([`crate::dma::GuestSgList::with_storage`]): what was given back
+    /// last, or nothing yet.
+    pub fn take_sg_storage(&mut self) -> Vec<(GuestAddress, usize)> {
+        std::mem::take(&mut self.sg_storage)
+    }
+
+    /// Gives a list's storage back once the request is done with it.
+    pub fn recycle_sg_storage(&mut self, v: Vec<(GuestAddress, usize)>) {
+        self.sg_storage = v;
     }
 
     /// Walks the chain at `at` into `self`, following one indirect table

@@ -12,16 +12,130 @@
 //! that virtqueue processing runs deterministically on the fuzzer's thread
 //! and a loop that never goes idle is caught (see `vmm::harness`).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use event_manager::{
     EventManager, MutEventSubscriber, RemoteEndpoint, SubscriberId, SubscriberOps,
 };
 
 pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
+
+/// QEMU's default `poll-max-ns` for an iothread.
+pub const DEFAULT_POLL_MAX_NS: u64 = 32768;
+
+/// A source of work that a polling loop checks while it spins, before
+/// it sleeps in epoll (QEMU's adaptive polling): a virtqueue's available
+/// ring, the completion queue of an io_uring.
+pub trait Poller: Send + Sync {
+    /// True when work is waiting; the poller has made its eventfd
+    /// readable, so that the loop's next dispatch runs it.
+    fn poll(&self) -> bool;
+    /// Turns the driver's notifications off while the loop spins (the
+    /// driver need not exit to kick a loop that is looking anyway) and
+    /// back on before the loop sleeps.
+    fn set_notifications(&self, on: bool);
+}
+
+thread_local! {
+    /// The pollers of the loop running on this thread.
+    static POLLERS: RefCell<Vec<Weak<dyn Poller>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Registers `p` with the loop of the calling thread (a subscriber's
+/// `init` runs there). It is polled for as long as it lives.
+pub fn add_poller(p: Weak<dyn Poller>) {
+    POLLERS.with(|v| {
+        let mut v = v.borrow_mut();
+        v.retain(|w| w.strong_count() > 0);
+        v.push(p);
+    });
+}
+
+/// Calls `f` on every live poller of this thread; true if any `f` did.
+fn any_poller(mut f: impl FnMut(&dyn Poller) -> bool) -> bool {
+    POLLERS.with(|v| {
+        let mut hit = false;
+        for w in v.borrow().iter() {
+            if let Some(p) = w.upgrade() {
+                hit |= f(&*p);
+            }
+        }
+        hit
+    })
+}
+
+/// How long the loop spins before it sleeps, adapted to the gaps between
+/// events: it grows while events arrive soon after the loop went to
+/// sleep (spinning a little longer would have caught them without a
+/// wake-up), and shrinks while the loop sleeps longer (spinning was
+/// wasted). It starts at the maximum: a loop that polls keeps finding
+/// work at depth 1 (the driver's next request follows the completion
+/// within microseconds), one that sleeps first may never see gaps short
+/// enough to start.
+struct AdaptivePoll {
+    max: Duration,
+    now: Duration,
+}
+
+impl AdaptivePoll {
+    const START: Duration = Duration::from_micros(4);
+
+    fn slept(&mut self, d: Duration) {
+        if self.max.is_zero() {
+            return;
+        }
+        // The sleep includes the loop's own wake-up, which is slow on a
+        // loaded or nested host: an event within twice the maximum still
+        // says spinning would have caught it.
+        if d <= self.max * 2 {
+            self.now = (self.now * 2).clamp(Self::START, self.max);
+        } else {
+            self.now /= 2;
+            if self.now < Self::START {
+                self.now = Duration::ZERO;
+            }
+        }
+    }
+
+    /// Spins up to the current polling time; true if a poller found
+    /// work (then the loop dispatches without sleeping).
+    fn spin(&self) -> bool {
+        if self.now.is_zero() {
+            return false;
+        }
+        any_poller(|p| {
+            p.set_notifications(false);
+            false
+        });
+        let deadline = Instant::now() + self.now;
+        let mut hit = false;
+        while !hit {
+            hit = any_poller(|p| p.poll());
+            if Instant::now() >= deadline {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        any_poller(|p| {
+            p.set_notifications(true);
+            false
+        });
+        if !hit {
+            // The driver may have published work while notifications
+            // were off, without kicking: look once more after turning
+            // them on (pairs with the driver's barrier between its index
+            // update and its look at the flags).
+            std::sync::atomic::fence(Ordering::SeqCst);
+            hit = any_poller(|p| p.poll());
+        }
+        hit
+    }
+}
 
 pub struct EventLoop {
     name: String,
@@ -39,8 +153,15 @@ enum Runner {
 }
 
 impl EventLoop {
-    /// Starts the loop thread, named after the iothread id.
+    /// Starts the loop thread, named after the iothread id, without
+    /// polling.
     pub fn new(name: &str) -> Result<Arc<Self>, String> {
+        Self::with_polling(name, 0)
+    }
+
+    /// Starts the loop thread; before it sleeps it polls for up to
+    /// `poll_max_ns` nanoseconds (adaptively; 0: never).
+    pub fn with_polling(name: &str, poll_max_ns: u64) -> Result<Arc<Self>, String> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let stop2 = stop.clone();
@@ -55,8 +176,20 @@ impl EventLoop {
                     }
                 };
                 let _ = tx.send(Ok(em.remote_endpoint()));
+                let mut poll = AdaptivePoll {
+                    max: Duration::from_nanos(poll_max_ns),
+                    now: Duration::from_nanos(poll_max_ns),
+                };
                 while !stop2.load(Ordering::Acquire) {
-                    if let Err(e) = em.run() {
+                    let r = if poll.spin() {
+                        em.run_with_timeout(0)
+                    } else {
+                        let t0 = Instant::now();
+                        let r = em.run();
+                        poll.slept(t0.elapsed());
+                        r
+                    };
+                    if let Err(e) = r {
                         log::error!("event loop: {e}");
                         break;
                     }
@@ -146,6 +279,8 @@ impl Drop for EventLoop {
 /// a device first names it, plus the main loop for devices that name none.
 pub struct IoThreads {
     ids: Vec<String>,
+    /// `poll-max-ns` per loop name, where it differs from the default.
+    poll: BTreeMap<String, u64>,
     loops: BTreeMap<String, Arc<EventLoop>>,
     /// When set, loops are manual and each one started is also recorded
     /// here for the owner to poll.
@@ -164,6 +299,7 @@ impl IoThreads {
     pub fn new(ids: &[String]) -> Self {
         IoThreads {
             ids: ids.to_vec(),
+            poll: BTreeMap::new(),
             loops: BTreeMap::new(),
             manual: None,
         }
@@ -176,6 +312,14 @@ impl IoThreads {
             manual: Some(into),
             ..IoThreads::new(ids)
         }
+    }
+
+    /// Sets the `poll-max-ns` of loop `name` (an iothread id, or
+    /// [`MAIN_LOOP`]) before it starts; the default is
+    /// [`DEFAULT_POLL_MAX_NS`] for every threaded loop, the main one
+    /// included, which is a thread of its own here, not QEMU's main loop.
+    pub fn set_poll_max_ns(&mut self, name: &str, ns: u64) {
+        self.poll.insert(name.to_string(), ns);
     }
 
     /// The loop of iothread `id` (the main loop for `None`), started on
@@ -199,7 +343,10 @@ impl IoThreads {
                 crate::bus::lock(into).push(l.clone());
                 l
             }
-            None => EventLoop::new(name)?,
+            None => EventLoop::with_polling(
+                name,
+                self.poll.get(name).copied().unwrap_or(DEFAULT_POLL_MAX_NS),
+            )?,
         };
         self.loops.insert(name.to_string(), l.clone());
         Ok(l)

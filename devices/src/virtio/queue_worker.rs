@@ -28,13 +28,16 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use block::aio::RingHost;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::Bytes;
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::ChainHead;
+use super::event_loop::{add_poller, Poller};
 use super::{Activation, ActiveQueue, VirtioInterrupt};
 use crate::GuestMem;
 
@@ -92,7 +95,10 @@ pub struct InFlight<T> {
 /// Outputs of asynchronous work, on their way back to the worker.
 struct Completions<O> {
     items: Mutex<Vec<(usize, O)>>,
-    efd: EventFd,
+    /// The worker's wake-up: an eventfd that completions from other
+    /// threads write, and that io_uring rings the worker submits to signal
+    /// themselves, so their completions run here, on the worker's thread.
+    host: Arc<RingHost>,
     /// The worker is in a pass and will look at `items` before it ends:
     /// no need to wake it.
     in_pass: AtomicBool,
@@ -104,7 +110,7 @@ impl<O> Completions<O> {
         // Pairs with the stores in `process_completions`: either the
         // worker sees the item in its last look, or we see the flag clear.
         if !self.in_pass.load(Ordering::SeqCst) {
-            let _ = self.efd.write(1);
+            self.host.wake();
         }
     }
 
@@ -250,6 +256,73 @@ pub struct QueueWorker<H: QueueHandler> {
     done: Vec<(usize, H::Output)>,
     /// Queues the driver broke; not processed until the device is reset.
     stopped: Vec<bool>,
+    /// What a polling loop looks at, per queue.
+    polls: Vec<Arc<QueuePoll>>,
+}
+
+/// VRING_USED_F_NO_NOTIFY (virtio 1.2, section 2.7.10).
+const USED_F_NO_NOTIFY: u16 = 1;
+
+/// A queue as its polling loop sees it ([`Poller`]): its available index
+/// against the worker's, and the switch for the driver's notifications.
+struct QueuePoll {
+    mem: Arc<GuestMem>,
+    avail_idx: GuestAddress,
+    used_flags: GuestAddress,
+    /// `avail_event` (after the used ring), with RING_EVENT_IDX.
+    avail_event: Option<GuestAddress>,
+    notify: Arc<EventFd>,
+    host: Arc<RingHost>,
+    /// The worker's next available index, and whether the queue is
+    /// still served (not once it is stopped or the worker drains: its
+    /// rings may then be the driver's again).
+    state: Mutex<(u16, bool)>,
+}
+
+impl Poller for QueuePoll {
+    fn poll(&self) -> bool {
+        {
+            let st = crate::bus::lock(&self.state);
+            if !st.1 {
+                return false;
+            }
+            let idx: u16 = match self.mem.load(self.avail_idx, Ordering::Acquire) {
+                Ok(i) => i,
+                Err(_) => return false,
+            };
+            if idx != st.0 {
+                let _ = self.notify.write(1);
+                return true;
+            }
+        }
+        if self.host.ready() {
+            self.host.wake();
+            return true;
+        }
+        false
+    }
+
+    fn set_notifications(&self, on: bool) {
+        let st = crate::bus::lock(&self.state);
+        if !st.1 {
+            return;
+        }
+        // Only the device writes these fields.
+        let _ = match self.avail_event {
+            // An event index already behind the driver: no kick until it
+            // is set to the worker's index again.
+            Some(a) => self.mem.store(
+                if on { st.0 } else { st.0.wrapping_sub(1) },
+                a,
+                Ordering::Release,
+            ),
+            None => self.mem.store(
+                if on { 0u16 } else { USED_F_NO_NOTIFY },
+                self.used_flags,
+                Ordering::Release,
+            ),
+        };
+    }
 }
 
 impl<H: QueueHandler> QueueWorker<H> {
@@ -257,7 +330,7 @@ impl<H: QueueHandler> QueueWorker<H> {
     pub fn with_handler(a: Activation, handler: H) -> Result<Self, String> {
         let cq = Arc::new(Completions {
             items: Mutex::new(Vec::new()),
-            efd: EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?,
+            host: RingHost::new().map_err(|e| format!("eventfd: {e}"))?,
             in_pass: AtomicBool::new(false),
         });
         let n = a.queues.len();
@@ -276,7 +349,17 @@ impl<H: QueueHandler> QueueWorker<H> {
             handler,
             done: Vec::new(),
             stopped: vec![false; n],
+            polls: Vec::new(),
         })
+    }
+
+    /// Tells the pollers how far the worker got in queue `qi`.
+    fn publish(&self, qi: usize) {
+        if let (Some(p), Some(aq)) = (self.polls.get(qi), self.io.queues.get(qi)) {
+            let mut st = crate::bus::lock(&p.state);
+            st.0 = aq.queue.next_avail();
+            st.1 = !self.stopped[qi];
+        }
     }
 
     pub fn handler(&self) -> &H {
@@ -309,6 +392,9 @@ impl<H: QueueHandler> QueueWorker<H> {
         // Completions during this pass are collected at its end, without
         // an eventfd round trip.
         self.io.cq.in_pass.store(true, Ordering::SeqCst);
+        // The requests of this notification reach the kernel together, in
+        // one io_uring_enter per ring, when the plug is dropped.
+        let plug = self.io.cq.host.enter();
         let (table, size) = (GuestAddress(aq.queue.desc_table()), aq.queue.size());
         let event_idx = aq.queue.event_idx_enabled();
         let mut empty_rounds = 0;
@@ -351,7 +437,30 @@ impl<H: QueueHandler> QueueWorker<H> {
             }
         }
         self.handler.end_pass(&mut self.io);
+        drop(plug);
+        self.publish(qi);
         self.process_completions();
+    }
+
+    /// Runs the completions io_uring has posted for this worker's
+    /// requests (reads of tmpfs or the page cache complete inside the
+    /// submission): they are finished in the same pass, with no wake-up.
+    fn reap_rings(&mut self) {
+        let host = &self.io.cq.host;
+        if !host.has_rings() {
+            return;
+        }
+        loop {
+            host.clear();
+            // Requests that the completions start go out together too.
+            let n = {
+                let _g = host.enter();
+                host.reap()
+            };
+            if n == 0 {
+                break;
+            }
+        }
     }
 
     /// The next available head of queue `qi`, with the queue's own errors
@@ -376,6 +485,7 @@ impl<H: QueueHandler> QueueWorker<H> {
     /// queues that got used entries.
     pub fn process_completions(&mut self) {
         self.io.cq.in_pass.store(true, Ordering::SeqCst);
+        self.reap_rings();
         self.complete_taken();
         // From here on a completion kicks the eventfd; anything that
         // slipped in before is picked up by this last look.
@@ -402,6 +512,12 @@ impl<H: QueueHandler> QueueWorker<H> {
     /// teardown); they end with [`QueueHandler::abandon`], not in the
     /// used ring.
     pub fn drain(&mut self) {
+        for p in &self.polls {
+            crate::bus::lock(&p.state).1 = false;
+        }
+        // The rings this worker reaped go back to their reaper threads,
+        // which complete what is still in flight.
+        self.io.cq.host.release();
         // Held requests count as in flight: send them, or this never ends.
         self.handler.end_pass(&mut self.io);
         let mut done = Vec::new();
@@ -435,7 +551,10 @@ impl<H: QueueHandler> MutEventSubscriber for QueueWorker<H> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let token = events.data();
         if token == COMPLETION_TOKEN {
-            let _ = self.io.cq.efd.read();
+            if !self.io.cq.host.has_rings() {
+                // Otherwise the reaping consumes the wake-ups.
+                self.io.cq.host.clear();
+            }
             self.process_completions();
             return;
         }
@@ -448,13 +567,32 @@ impl<H: QueueHandler> MutEventSubscriber for QueueWorker<H> {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
+        // The loop may spin on the queues before it sleeps.
+        for aq in &self.io.queues {
+            let (avail, used) = (aq.queue.avail_ring(), aq.queue.used_ring());
+            let p = Arc::new(QueuePoll {
+                mem: self.io.mem.clone(),
+                avail_idx: GuestAddress(avail.wrapping_add(2)),
+                used_flags: GuestAddress(used),
+                avail_event: aq
+                    .queue
+                    .event_idx_enabled()
+                    .then(|| GuestAddress(used.wrapping_add(4 + 8 * u64::from(aq.queue.size())))),
+                notify: aq.notify.clone(),
+                host: self.io.cq.host.clone(),
+                state: Mutex::new((aq.queue.next_avail(), true)),
+            });
+            let w: std::sync::Weak<dyn Poller> = Arc::downgrade(&p) as _;
+            add_poller(w);
+            self.polls.push(p);
+        }
         for (i, q) in self.io.queues.iter().enumerate() {
             let ev = Events::with_data(q.notify.as_ref(), i as u32, EventSet::IN);
             if let Err(e) = ops.add(ev) {
                 log::error!("{}: cannot watch queue {i}: {e}", H::NAME);
             }
         }
-        let ev = Events::with_data(&self.io.cq.efd, COMPLETION_TOKEN, EventSet::IN);
+        let ev = Events::with_data(self.io.cq.host.as_ref(), COMPLETION_TOKEN, EventSet::IN);
         if let Err(e) = ops.add(ev) {
             log::error!("{}: cannot watch completions: {e}", H::NAME);
         }
@@ -476,6 +614,7 @@ mod tests {
     use std::time::Duration;
     use virtio_queue::Queue;
     use vm_memory::Bytes;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const QSIZE: u16 = 16;
     const AVAIL: u64 = 0x2000;

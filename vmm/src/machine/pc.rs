@@ -312,6 +312,9 @@ fn build(
         Some(into) => IoThreads::manual(&cfg.iothreads, into.clone()),
         None => IoThreads::new(&cfg.iothreads),
     };
+    for (id, ns) in &cfg.iothread_poll_max_ns {
+        iothreads.set_poll_max_ns(id, *ns);
+    }
     let mut ctx = AttachCtx {
         io: &mut io,
         mmio: &mut mmio,

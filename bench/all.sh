@@ -1,0 +1,42 @@
+#!/bin/sh
+# The comparison set of issue 17, in one table: virtio-blk in the guest
+# (bench/virtio-guest.sh) on a null-co disk and on a tmpfs raw file,
+# each on a quiet host and with a CPU hog on one core, then strata-img
+# convert raw->qcow2 and qcow2->raw against qemu-img
+# (bench/qcow2-bench.sh). Ratios are Strata/QEMU speed (IOPS ratio, or
+# qemu time / strata time): above 1.0 Strata is faster.
+#
+# usage: bench/all.sh [runs] [seconds-per-workload]   (make bench)
+# Env: SETS="null tmpfs" (backings), HOGS="0 1", QCOW2=0 skips convert.
+# Each script's own output goes to bench/out/all/.
+set -eu
+cd "$(dirname "$0")/.."
+runs=${1:-5}
+secs=${2:-2}
+out=bench/out/all
+mkdir -p "$out"
+res=$out/results.tsv
+: >"$res"
+for img in ${SETS:-null tmpfs}; do
+    for hog in ${HOGS:-0 1}; do
+        label="$img$([ "$hog" = 1 ] && echo ', CPU hog' || true)"
+        echo "== virtio-blk, $label" >&2
+        IMG=$img HOG=$hog LABEL="$label" RESULTS="$res" \
+            sh bench/virtio-guest.sh "$runs" "$secs" >"$out/virtio-$img-hog$hog.md" 2>"$out/virtio-$img-hog$hog.log"
+    done
+done
+if [ "${QCOW2:-1}" = 1 ]; then
+    echo "== qcow2 convert" >&2
+    REPEAT=$runs bash bench/qcow2-bench.sh >"$out/qcow2.log" 2>&1 || true
+fi
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $runs alternating runs per VMM, median (min-max)"
+grep -h '^# host disk' "$out"/virtio-*.md | head -1
+echo
+echo "| backing, load | workload | Strata | QEMU 7.2 | Strata/QEMU |"
+echo "|---|---|---|---|---|"
+awk -F'\t' '{ printf "| %s | %s | %s (%s-%s) IOPS | %s (%s-%s) IOPS | %.2f |\n", $1, $2, $3, $4, $5, $6, $7, $8, $3 / $6 }' "$res"
+if [ -f bench/out/qcow2/summary.md ] && [ "${QCOW2:-1}" = 1 ]; then
+    # | case | qemu-img s | strata-img s | ratio | ...
+    grep -E '^\| convert (raw->qcow2|qcow2->raw)' bench/out/qcow2/summary.md |
+        awk -F'|' '{ gsub(/^ +| +$/, "", $2); printf "| file | %s | %s s | %s s | %s |\n", $2, $4 + 0, $3 + 0, $5 + 0 }'
+fi
