@@ -3,7 +3,7 @@
 # same QMP sequence: a 4 GiB qcow2 image holding 1 GiB of data (every
 # fourth MiB written), `drive-mirror sync=full` to a new qcow2 completed
 # with a pivot, and `drive-backup sync=full` to a new qcow2. Both VMMs run
-# without a guest (`-machine none`; QEMU with `-accel qtest`), the images
+# without a guest (`-machine none`, KVM), the images
 # on tmpfs (/dev/shm) so that the figure is the VMM's copying, not the
 # disk. Runs alternate between the VMMs; the table gives the median and
 # the spread (min-max) of the MiB/s of each.
@@ -27,7 +27,7 @@ python3 - "$runs" "$qemu" "$dir" "$src" <<'PY'
 import json, os, socket, statistics, subprocess, sys, time
 
 runs, qemu, d, src = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-vmms = {"strata": ["target/release/strata"], "qemu": [qemu, "-accel", "qtest"]}
+vmms = {"strata": ["target/release/strata"], "qemu": [qemu, "-accel", "kvm"]}
 
 def qmp(path):
     for _ in range(200):
