@@ -605,6 +605,12 @@ impl Uring {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {}
                 Err(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
             }
+            if self.hosted.load(Ordering::Acquire) {
+                // Adopted while this thread waited: what completed is the
+                // host's to reap (its eventfd was registered before the
+                // wake-up that ended the wait), so it runs on the host.
+                continue;
+            }
             if self.cq_lock.try_lock().is_err() {
                 // The host is reaping; let it finish before looking again.
                 std::thread::yield_now();
