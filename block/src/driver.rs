@@ -268,6 +268,18 @@ pub trait BlockDriver: Send + Sync + 'static {
             self.driver_name()
         )))
     }
+    /// Whether [`BlockDriver::write_compressed`] works.
+    fn can_compress(&self) -> bool {
+        false
+    }
+    /// Write whole clusters compressed (a cluster-aligned `offset`; the
+    /// last cluster may end at the end of the image): backup's `compress`.
+    fn write_compressed(&self, _offset: u64, _data: &[u8]) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "Compression is not supported for the '{}' format",
+            self.driver_name()
+        )))
+    }
     /// Drop every cluster of the image's own layer, so that it reads
     /// through to its backing file (after HMP's `commit`).
     fn make_empty(&self) -> BlockResult<()> {

@@ -388,6 +388,14 @@ impl Node {
         })
     }
 
+    /// Write whole clusters compressed (see
+    /// [`BlockDriver::write_compressed`]).
+    pub fn write_compressed(&self, offset: u64, data: &[u8]) -> BlockResult<()> {
+        self.watched_change(offset, data.len() as u64, || {
+            self.driver.write_compressed(offset, data)
+        })
+    }
+
     /// Flush; skipped on protocol nodes with `cache.no-flush=on`.
     pub fn flush(&self) -> BlockResult<()> {
         if self.common.no_flush && self.children.is_empty() {

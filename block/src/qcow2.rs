@@ -1087,6 +1087,12 @@ impl BlockDriver for Qcow2Node {
     fn can_store_bitmaps(&self) -> bool {
         true
     }
+    fn can_compress(&self) -> bool {
+        true
+    }
+    fn write_compressed(&self, offset: u64, data: &[u8]) -> BlockResult<()> {
+        self.img.write_compressed(offset, data).map_err(block_error)
+    }
     fn make_empty(&self) -> BlockResult<()> {
         self.img.make_empty().map_err(block_error)
     }

@@ -574,3 +574,45 @@ fn hmp_commit_drive_mirror_and_job_commands() {
     let map = qemu_img(&["map", "--output=json", top]);
     assert!(map.contains("\"depth\": 1"), "{map}");
 }
+
+#[test]
+fn compressed_backup_is_a_point_in_time_copy() {
+    let dir = support::scratch("jobs-compress");
+    let b0 = create(&dir, "d0.qcow2");
+    let (qt, mut q) = start(&dir, &[("d0", &b0)]);
+    let mut d0 = Disk::new("d0");
+    for i in 0..8u64 {
+        d0.write(&mut q, 0x40 + i as u8, i * (3 << 20), 1 << 20);
+    }
+    let t = dir.join("c.qcow2");
+    let at = d0.model.clone();
+    q.ok(
+        "drive-backup",
+        json!({"device": "d0", "job-id": "c", "target": t, "sync": "full",
+               "format": "qcow2", "compress": true, "speed": 4194304}),
+    );
+    d0.scribble(&mut q, 1);
+    let e = q.event("BLOCK_JOB_COMPLETED");
+    assert!(e["data"].get("error").is_none(), "{e}");
+    let raw = dir.join("r.raw");
+    std::fs::File::create(&raw).unwrap().set_len(SIZE).unwrap();
+    q.ok(
+        "blockdev-add",
+        json!({"driver": "raw", "node-name": "r",
+        "file": {"driver": "file", "filename": raw}}),
+    );
+    let (_, e) = q.err(
+        "blockdev-backup",
+        json!({"device": "d0", "job-id": "x",
+        "target": "r", "sync": "full", "compress": true}),
+    );
+    assert!(e.contains("Compression is not supported"), "{e}");
+    quit(qt, q);
+    let mut m = Disk::new("c");
+    m.model = at;
+    check_equal(t.to_str().unwrap(), "qcow2", &m, &dir);
+    // Eight 1 MiB runs of one byte each compress to almost nothing.
+    let info = qemu_img(&["info", "--output=json", t.to_str().unwrap()]);
+    let v: Value = serde_json::from_str(&info).unwrap();
+    assert!(v["actual-size"].as_u64().unwrap() < 2 << 20, "{info}");
+}

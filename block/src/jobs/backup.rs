@@ -79,6 +79,8 @@ struct Inner {
     todo: DirtyBitmap,
     /// One copier at a time (the job loop or a guest write's hook).
     lock: Mutex<()>,
+    /// Write the target's clusters compressed (`compress`).
+    compress: bool,
     /// A copy-before-write that failed: the target is no longer a
     /// point-in-time image, and the job fails.
     cbw_error: Mutex<Option<String>>,
@@ -100,7 +102,13 @@ impl Inner {
             let r = self
                 .source
                 .read_vectored(d, &mut [IoSliceMut::new(&mut buf)])
-                .and_then(|()| self.target.write_vectored(d, &[IoSlice::new(&buf)], false));
+                .and_then(|()| {
+                    if self.compress {
+                        self.target.write_compressed(d, &buf)
+                    } else {
+                        self.target.write_vectored(d, &[IoSlice::new(&buf)], false)
+                    }
+                });
             if let Err(e) = r {
                 let mut err = self.cbw_error.lock().unwrap_or_else(|e| e.into_inner());
                 err.get_or_insert_with(|| format!("copy-before-write failed: {e}"));
@@ -141,6 +149,7 @@ impl Backup {
         sync: Sync,
         bitmap: Option<(Arc<DirtyBitmap>, BitmapMode)>,
         target_zeroed: bool,
+        compress: bool,
     ) -> Result<Backup, BlockError> {
         if target.len() < source.len() {
             return Err(BlockError::Invalid(format!(
@@ -198,6 +207,7 @@ impl Backup {
             target,
             todo,
             lock: Mutex::new(()),
+            compress,
             cbw_error: Mutex::new(None),
         });
         let hook = source.add_before_write(Arc::new(Hook(inner.clone())));
@@ -256,15 +266,19 @@ impl JobDriver for Backup {
                 break;
             };
             i.todo.clear_range(off, n);
-            let r = copy::copy_range(
-                ctl,
-                &i.source,
-                &i.target,
-                off,
-                n,
-                &mut buf,
-                self.target_zeroed,
-            );
+            let r = if i.compress {
+                copy::copy_compressed(ctl, &i.source, &i.target, off, n, &mut buf)
+            } else {
+                copy::copy_range(
+                    ctl,
+                    &i.source,
+                    &i.target,
+                    off,
+                    n,
+                    &mut buf,
+                    self.target_zeroed,
+                )
+            };
             drop(g);
             if !r? {
                 return Err(Failure::Error(

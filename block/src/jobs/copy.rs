@@ -47,6 +47,32 @@ pub fn write(ctl: &Ctl, dst: &Node, off: u64, buf: &[u8], zero: bool) -> Result<
     }
 }
 
+/// Copy `[off, off+len)` (whole clusters of the target, `off` aligned)
+/// from `src` into `dst` compressed, under the error policies.
+pub fn copy_compressed(
+    ctl: &Ctl,
+    src: &Node,
+    dst: &Node,
+    off: u64,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<bool, Failure> {
+    let b = &mut buf[..len as usize];
+    if !read(ctl, src, off, b)? {
+        return Ok(false);
+    }
+    loop {
+        match dst.write_compressed(off, b) {
+            Ok(()) => return Ok(true),
+            Err(e) => {
+                if !ctl.on_error(true, &e)? {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
 /// Copy `[off, off+len)` from `src` to `dst` through `buf` (at least
 /// `len` bytes). Zero runs become write-zeroes, or nothing when the target
 /// reads as zeroes already (`dst_zeroed`). Returns false if an error was

@@ -876,11 +876,7 @@ fn prepare_backup(
         .ok_or_else(|| QmpError::generic("Parameter 'sync' is missing"))?;
     let bitmap = o.opt_str("bitmap")?;
     let mode = o.opt_enum("bitmap-mode", &["on-success", "never", "always"])?;
-    if o.opt_bool("compress")?.unwrap_or(false) {
-        return Err(QmpError::generic(
-            "Compressed backup targets are not supported yet",
-        ));
-    }
+    let compress = o.opt_bool("compress")?.unwrap_or(false);
     let _ = o.take("x-perf");
     let _ = o.opt_str("filter-node-name")?;
     let _ = o.opt_str("discard-source")?;
@@ -922,7 +918,13 @@ fn prepare_backup(
         }
         None => None,
     };
-    let b = jobs::backup::Backup::new(&id, root, tnode, sync, bm, zeroed).map_err(err)?;
+    if compress && !tnode.driver().can_compress() {
+        return Err(QmpError::generic(format!(
+            "Compression is not supported for the '{}' format",
+            tnode.driver_name()
+        )));
+    }
+    let b = jobs::backup::Backup::new(&id, root, tnode, sync, bm, zeroed, compress).map_err(err)?;
     Ok((id, opts, Box::new(b)))
 }
 
