@@ -1483,3 +1483,119 @@ fn mirror_while_the_device_writes() {
     // The source stopped at the pivot.
     assert_ne!(std::fs::read(&disk).unwrap(), model);
 }
+
+/// [JOBS] An external snapshot, an active commit with pivot and a
+/// point-in-time backup, each while the qtest-driven device keeps
+/// writing. The final image, and the backup against the disk as it was
+/// when the backup started, are judged by `qemu-img check` and compare.
+#[test]
+fn snapshot_commit_and_backup_while_the_device_writes() {
+    use serde_json::json;
+    let dir = support::scratch("vblk-jobs");
+    let base = dir.join("base.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg((DISK_SECTORS * 512).to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let sock = dir.join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let drive = format!("file={},if=none,id=d0,format=qcow2", base.display());
+    let qt = Qtest::start(&[
+        "-drive",
+        &drive,
+        "-device",
+        "virtio-blk-pci,drive=d0,addr=4",
+        "-qmp",
+        &qmp_arg,
+    ]);
+    let mut q = support::qmp::Qmp::negotiated(&sock);
+    let mut b = Blk::init(qt, VERSION_1 | BLK_FLUSH, 1);
+    let mut model = vec![0u8; (DISK_SECTORS * 512) as usize];
+    let write = |b: &mut Blk, model: &mut Vec<u8>, round: u64| {
+        let sector = (round * 53) % (DISK_SECTORS - 16);
+        let data = vec![(round % 251) as u8 + 1; 16 * 512];
+        let (s, _, _) = b.request(0, T_OUT, sector, &data, 0, false);
+        assert_eq!(s, S_OK);
+        let at = (sector * 512) as usize;
+        model[at..at + data.len()].copy_from_slice(&data);
+    };
+    let mut round = 0;
+    // Runs `f` between writes until the job `id` has gone; returns the
+    // number of writes made meanwhile.
+    let mut until_gone = |b: &mut Blk, q: &mut support::qmp::Qmp, model: &mut Vec<u8>, id: &str| {
+        let (mut n, mut completed) = (0, false);
+        loop {
+            write(b, model, round);
+            round += 1;
+            n += 1;
+            let jobs = q.ok("query-block-jobs", json!({}));
+            let Some(j) = jobs.as_array().unwrap().iter().find(|j| j["device"] == id) else {
+                break;
+            };
+            if j["ready"] == true && !completed {
+                q.ok("block-job-complete", json!({"device": id}));
+                completed = true;
+            }
+            assert!(n < 100_000, "job {id} never finished: {j}");
+        }
+        let e = q.event("BLOCK_JOB_COMPLETED");
+        assert!(e["data"].get("error").is_none(), "{e}");
+        n
+    };
+    for r in 0..30 {
+        write(&mut b, &mut model, 1000 + r);
+    }
+    let overlay = dir.join("overlay.qcow2");
+    q.ok(
+        "blockdev-snapshot-sync",
+        json!({"device": "d0", "snapshot-file": overlay, "format": "qcow2"}),
+    );
+    for r in 0..30 {
+        write(&mut b, &mut model, 2000 + r);
+    }
+    q.ok(
+        "block-commit",
+        json!({"device": "d0", "job-id": "c", "speed": 2097152}),
+    );
+    assert!(until_gone(&mut b, &mut q, &mut model, "c") > 1);
+    // The device now writes into the base again.
+    let backup = dir.join("backup.qcow2");
+    let at_backup = model.clone();
+    q.ok(
+        "drive-backup",
+        json!({"device": "d0", "job-id": "bk", "target": backup, "sync": "full",
+               "format": "qcow2", "speed": 2097152}),
+    );
+    assert!(until_gone(&mut b, &mut q, &mut model, "bk") > 1);
+    let (s, _, _) = b.request(0, T_FLUSH, 0, &[], 0, false);
+    assert_eq!(s, S_OK);
+    q.ok("quit", json!({}));
+    assert!(b.qt.wait_exit(Duration::from_secs(30)).is_some());
+    let judge = |image: &std::path::Path, want: &[u8], name: &str| {
+        let o = std::process::Command::new("qemu-img")
+            .arg("check")
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "qemu-img check {}", image.display());
+        let m = dir.join(name);
+        std::fs::write(&m, want).unwrap();
+        let o = std::process::Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "qcow2"])
+            .arg(&m)
+            .arg(image)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{}: {}",
+            image.display(),
+            String::from_utf8_lossy(&o.stdout)
+        );
+    };
+    judge(&base, &model, "model.raw");
+    judge(&backup, &at_backup, "at-backup.raw");
+}
