@@ -165,6 +165,11 @@ fn serve(dir: &Dir, img: &str, tcp: bool, args: &[&str]) -> Server {
             assert!(t.elapsed() < Duration::from_secs(10), "no socket");
             std::thread::sleep(Duration::from_millis(10));
         }
+        // The file appears at bind(), a moment before listen(): a
+        // persistent server can take a probe to be sure.
+        if args.contains(&"-t") {
+            wait_connectable(Some(s), None, &mut child);
+        }
     } else {
         wait_connectable(None, port, &mut child);
     }
