@@ -675,3 +675,20 @@ fn qom_list_and_get_show_the_devices() {
     let (_, desc) = q.err("qom-get", json!({"path": "vd0", "property": "nope"}));
     assert_eq!(desc, "Property 'nope' not found");
 }
+
+/// `query-iothreads` reports each iothread's `poll-max-ns`: the one given
+/// on `-object iothread`, or the default QEMU also uses.
+#[test]
+fn query_iothreads_reports_polling() {
+    let (_qt, path) = start(&[
+        "-object",
+        "iothread,id=io0",
+        "-object",
+        "iothread,id=io1,poll-max-ns=0",
+    ]);
+    let mut q = Qmp::negotiated(&path);
+    let v = q.ok("query-iothreads", json!({}));
+    assert_eq!(v[0]["id"], "io0", "{v}");
+    assert_eq!(v[0]["poll-max-ns"], 32768, "{v}");
+    assert_eq!(v[1]["poll-max-ns"], 0, "{v}");
+}

@@ -82,7 +82,19 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
                 .iothreads
                 .iter()
                 .map(|id| {
-                    json!({"id": id, "thread-id": 0, "poll-max-ns": 0, "poll-grow": 0,
+                    // What the thread polls for before it sleeps: its
+                    // `poll-max-ns`, or the default QEMU also uses.
+                    let poll = ctx
+                        .cfg
+                        .iothread_poll_max_ns
+                        .iter()
+                        .rev()
+                        .find(|(i, _)| i == id)
+                        .map_or(
+                            devices::virtio::event_loop::DEFAULT_POLL_MAX_NS,
+                            |(_, ns)| *ns,
+                        );
+                    json!({"id": id, "thread-id": 0, "poll-max-ns": poll, "poll-grow": 0,
                            "poll-shrink": 0, "aio-max-batch": 0})
                 })
                 .collect(),
