@@ -616,3 +616,36 @@ fn compressed_backup_is_a_point_in_time_copy() {
     let v: Value = serde_json::from_str(&info).unwrap();
     assert!(v["actual-size"].as_u64().unwrap() < 2 << 20, "{info}");
 }
+
+#[test]
+fn quit_during_a_job_cancels_it_and_stores_the_bitmaps() {
+    let dir = support::scratch("jobs-quit");
+    let b0 = create(&dir, "d0.qcow2");
+    let (qt, mut q) = start(&dir, &[("d0", &b0)]);
+    let mut d0 = Disk::new("d0");
+    q.ok(
+        "block-dirty-bitmap-add",
+        json!({"node": "d0", "name": "b0", "persistent": true}),
+    );
+    for i in 0..8u64 {
+        d0.write(&mut q, 0x10 + i as u8, i << 20, 1 << 20);
+    }
+    let t = dir.join("slow.qcow2");
+    q.ok(
+        "drive-backup",
+        json!({"device": "d0", "job-id": "slow", "target": t, "sync": "full",
+               "format": "qcow2", "speed": 1048576}),
+    );
+    quit(qt, q);
+    qemu_img(&["check", &b0]);
+    let info = qemu_img(&["info", "--output=json", &b0]);
+    let v: Value = serde_json::from_str(&info).unwrap();
+    let bm = &v["format-specific"]["data"]["bitmaps"][0];
+    assert_eq!(bm["name"], "b0", "{info}");
+    assert_eq!(
+        bm["flags"],
+        json!(["auto"]),
+        "stored, not left in use: {info}"
+    );
+    check_equal(&b0, "qcow2", &d0, &dir);
+}

@@ -30,6 +30,16 @@ pub struct Storage {
     pub nbd: crate::monitor::nbd_export::NbdServerSlot,
 }
 
+impl Drop for Storage {
+    /// Jobs still running when the VMM exits are cancelled and waited for
+    /// (as QEMU does at quit), so that they let go of their nodes before
+    /// the graph closes the images and stores their bitmaps.
+    fn drop(&mut self) {
+        self.jobs.cancel_all(std::time::Duration::from_secs(30));
+        let _ = self.nbd.stop();
+    }
+}
+
 impl Storage {
     pub fn open(cfg: &MachineConfig) -> Result<Storage, VmmError> {
         let graph = Arc::new(BlockGraph::new());
