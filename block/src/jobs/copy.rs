@@ -12,14 +12,19 @@ use std::sync::Arc;
 /// mirror is 16 MiB across requests; one request is 1 MiB at most).
 pub const MAX_CHUNK: u64 = 1 << 20;
 
-/// Read `[off, off+buf.len())` of `src`, under the source error policy.
-/// `Ok(false)`: the error was ignored and the range is to be skipped.
-pub fn read(ctl: &Ctl, src: &Node, off: u64, buf: &mut [u8]) -> Result<bool, Failure> {
+/// Run `op` until it succeeds, or the job's error policy for a read
+/// (`write` false) or write says otherwise: `Ok(false)` when the error
+/// was ignored and the range is to be skipped.
+fn under_policy(
+    ctl: &Ctl,
+    write: bool,
+    mut op: impl FnMut() -> crate::error::BlockResult<()>,
+) -> Result<bool, Failure> {
     loop {
-        match src.read_vectored(off, &mut [IoSliceMut::new(buf)]) {
+        match op() {
             Ok(()) => return Ok(true),
             Err(e) => {
-                if !ctl.on_error(false, &e)? {
+                if !ctl.on_error(write, &e)? {
                     return Ok(false);
                 }
             }
@@ -27,24 +32,24 @@ pub fn read(ctl: &Ctl, src: &Node, off: u64, buf: &mut [u8]) -> Result<bool, Fai
     }
 }
 
+/// Read `[off, off+buf.len())` of `src`, under the source error policy.
+/// `Ok(false)`: the error was ignored and the range is to be skipped.
+pub fn read(ctl: &Ctl, src: &Node, off: u64, buf: &mut [u8]) -> Result<bool, Failure> {
+    under_policy(ctl, false, || {
+        src.read_vectored(off, &mut [IoSliceMut::new(buf)])
+    })
+}
+
 /// Write `buf` at `off` of `dst` (or zeroes when `zero`), under the target
 /// error policy. `Ok(false)`: ignored.
 pub fn write(ctl: &Ctl, dst: &Node, off: u64, buf: &[u8], zero: bool) -> Result<bool, Failure> {
-    loop {
-        let r = if zero {
+    under_policy(ctl, true, || {
+        if zero {
             dst.write_zeroes(off, buf.len() as u64, false, false)
         } else {
             dst.write_vectored(off, &[IoSlice::new(buf)], false)
-        };
-        match r {
-            Ok(()) => return Ok(true),
-            Err(e) => {
-                if !ctl.on_error(true, &e)? {
-                    return Ok(false);
-                }
-            }
         }
-    }
+    })
 }
 
 /// Copy `[off, off+len)` (whole clusters of the target, `off` aligned)
@@ -61,16 +66,7 @@ pub fn copy_compressed(
     if !read(ctl, src, off, b)? {
         return Ok(false);
     }
-    loop {
-        match dst.write_compressed(off, b) {
-            Ok(()) => return Ok(true),
-            Err(e) => {
-                if !ctl.on_error(true, &e)? {
-                    return Ok(false);
-                }
-            }
-        }
-    }
+    under_policy(ctl, true, || dst.write_compressed(off, b))
 }
 
 /// Copy `[off, off+len)` from `src` to `dst` through `buf` (at least
