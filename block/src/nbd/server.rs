@@ -824,84 +824,29 @@ fn execute(
     }
 }
 
-/// The payload of a `qemu:dirty-bitmap:` block status chunk: runs of
-/// dirty (1) and clean (0) granules.
-fn bitmap_status(
-    bm: &crate::bitmap::DirtyBitmap,
+/// The payload of a block status chunk for metadata context `ctx`:
+/// 32-bit descriptors, or with `extended` the 64-bit ones of
+/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` after a descriptor count. `next`
+/// gives the length and flags of the run at an offset, at most the bytes
+/// left.
+fn extents(
+    ctx: u32,
     offset: u64,
-    len: u64,
+    end: u64,
     req_one: bool,
     extended: bool,
-) -> Vec<u8> {
-    let mut v = CTX_BITMAP.to_be_bytes().to_vec();
-    if extended {
-        v.extend_from_slice(&[0; 4]);
-    }
-    let g = bm.granularity();
-    let end = (offset + len).min(bm.size().max(offset + 1));
-    let mut pos = offset;
-    let mut n = 0u32;
-    while pos < end && (n as usize) < MAX_EXTENTS {
-        let dirty = bm.is_dirty(pos, 1);
-        let mut next = (pos / g + 1) * g;
-        // Up to 4 GiB minus a granule per extent without extended headers.
-        let cap = if extended {
-            u64::MAX
-        } else {
-            u32::MAX as u64 - g
-        };
-        while next < end && next - pos < cap && bm.is_dirty(next, 1) == dirty {
-            next += g;
-        }
-        let l = next.min(end) - pos;
-        let flags = if dirty { STATE_DIRTY } else { 0 };
-        if extended {
-            v.extend_from_slice(&l.to_be_bytes());
-            v.extend_from_slice(&(flags as u64).to_be_bytes());
-        } else {
-            v.extend_from_slice(&(l as u32).to_be_bytes());
-            v.extend_from_slice(&flags.to_be_bytes());
-        }
-        pos += l;
-        n += 1;
-        if req_one {
-            break;
-        }
-    }
-    if extended {
-        v[4..8].copy_from_slice(&n.to_be_bytes());
-    }
-    v
-}
-
-/// The payload of a `base:allocation` block status chunk: 32-bit
-/// descriptors, or with `extended` the 64-bit ones of
-/// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` after a descriptor count.
-fn block_status(
-    blk: &BlockBackend,
-    offset: u64,
-    len: u64,
-    req_one: bool,
-    extended: bool,
+    mut next: impl FnMut(u64, u64) -> crate::error::BlockResult<(u64, u32)>,
 ) -> crate::error::BlockResult<Vec<u8>> {
-    let mut v = 1u32.to_be_bytes().to_vec();
+    let mut v = ctx.to_be_bytes().to_vec();
     if extended {
         // The count, filled in below.
         v.extend_from_slice(&[0; 4]);
     }
-    let end = offset + len;
     let mut pos = offset;
     let mut n = 0u32;
     while pos < end && (n as usize) < MAX_EXTENTS {
-        let e = blk.block_status(pos, end - pos)?;
-        let l = e.len.clamp(1, end - pos);
-        let mut flags = 0;
-        if !e.data {
-            flags |= proto::STATE_HOLE;
-        }
-        if e.zero {
-            flags |= proto::STATE_ZERO;
-        }
+        let (l, flags) = next(pos, end - pos)?;
+        let l = l.clamp(1, end - pos);
         if extended {
             v.extend_from_slice(&l.to_be_bytes());
             v.extend_from_slice(&(flags as u64).to_be_bytes());
@@ -920,6 +865,62 @@ fn block_status(
         v[4..8].copy_from_slice(&n.to_be_bytes());
     }
     Ok(v)
+}
+
+/// The payload of a `qemu:dirty-bitmap:` block status chunk: runs of
+/// dirty (1) and clean (0) granules.
+fn bitmap_status(
+    bm: &crate::bitmap::DirtyBitmap,
+    offset: u64,
+    len: u64,
+    req_one: bool,
+    extended: bool,
+) -> Vec<u8> {
+    let g = bm.granularity();
+    let end = (offset + len).min(bm.size().max(offset + 1));
+    // Up to 4 GiB minus a granule per extent without extended headers.
+    let cap = if extended {
+        u64::MAX
+    } else {
+        u32::MAX as u64 - g
+    };
+    extents(CTX_BITMAP, offset, end, req_one, extended, |pos, left| {
+        let dirty = bm.is_dirty(pos, 1);
+        let mut next = (pos / g + 1) * g;
+        while next < pos + left && next - pos < cap && bm.is_dirty(next, 1) == dirty {
+            next += g;
+        }
+        Ok((next - pos, if dirty { STATE_DIRTY } else { 0 }))
+    })
+    .unwrap_or_default()
+}
+
+/// The payload of a `base:allocation` block status chunk.
+fn block_status(
+    blk: &BlockBackend,
+    offset: u64,
+    len: u64,
+    req_one: bool,
+    extended: bool,
+) -> crate::error::BlockResult<Vec<u8>> {
+    extents(
+        CTX_ALLOCATION,
+        offset,
+        offset + len,
+        req_one,
+        extended,
+        |pos, left| {
+            let e = blk.block_status(pos, left)?;
+            let mut flags = 0;
+            if !e.data {
+                flags |= proto::STATE_HOLE;
+            }
+            if e.zero {
+                flags |= proto::STATE_ZERO;
+            }
+            Ok((e.len, flags))
+        },
+    )
 }
 
 fn finish(r: &Replier, q: Req, res: crate::error::BlockResult<()>, bytes: u64) {
