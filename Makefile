@@ -9,7 +9,7 @@ QMP_VENV := target/qmp-venv
 # g++ builds libFuzzer for `make fuzz`.
 DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl
 
-.PHONY: demo test check deps build lint images bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
+.PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
 deps:
 	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -41,8 +41,15 @@ lint: deps
 test: check qtest-peer qtest-fuzz fuzz
 
 # The lints and the workspace tests, without the peer suite and fuzzing.
-check: lint
+check: lint guest
 	$(CARGO) test --workspace
+
+# The Linux test guest's kernel, built from Debian's linux-source-6.1 with
+# images/linux-kernel's configuration and patch (cached in
+# ~/.cache/strata/linux-kernel, keyed by a hash of the inputs; about 6
+# minutes on 2 cores the first time).
+guest: deps
+	images/linux-kernel/build.sh >/dev/null
 
 # QEMU 7.2's own qtest binaries (ide-test, qos-test's virtio-blk cases) run
 # against strata; builds them from Debian's source package on first use

@@ -1,7 +1,7 @@
 #!/bin/sh
-# The Linux test guest (../shared/guest/vmlinux, PVH direct boot, -m 64)
-# with one disk at a time, as in the rows of ../shared/guest/README.md's
-# QEMU table: wall seconds from launch to GUEST-DONE on COM1 and the guest's
+# The project's Linux test guest (images/linux-kernel's vmlinux, PVH direct
+# boot, -m 64) with one disk at a time, as in the rows of the shared guest
+# README's QEMU table: wall seconds from launch to GUEST-DONE on COM1 and the guest's
 # own uptime at that point, with and without `quiet`. The disk is 16 MiB
 # with an MBR partition, like the README's; the guest's /init
 # (images/linux-init) reads 8 sectors of it before GUEST-DONE.
@@ -15,8 +15,7 @@ runs=${1:-1}
 sh images/build.sh
 strata=${STRATA:-target/debug/strata}
 [ -x "$strata" ] || cargo build --bin strata >&2
-guest=${GUEST:-../shared/guest}
-[ -f "$guest/vmlinux" ] || guest=/work/shared/guest
+guest=${GUEST:-$(images/linux-kernel/build.sh)}
 python3 - "$runs" "$strata" "$guest/vmlinux" images/out/linux-lane.cpio <<'PY'
 import os, re, statistics, struct, subprocess, sys, tempfile, time
 runs, strata, kernel, initrd = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
@@ -34,7 +33,7 @@ with open(cd, "wb") as f:
     f.truncate(1 << 20)
 cmdline = ("console=ttyS0 lpj=1000000 tsc=reliable no_timer_check "
            "clearcpuid=xsave,smap,fsgsbase,rdrand,rdseed,popcnt,invpcid,pcid,rdpid,erms,fsrm "
-           "nofreepoison rodata=off")
+           "rodata=off")
 raw = lambda p, rest: "file=%s,format=raw,%s" % (p, rest)
 cases = [
     ("none", [], ""),

@@ -1,42 +1,28 @@
-//! The project's Linux test guest (../shared/guest, see its README) booted
-//! directly under KVM, with no disk: the PVH `vmlinux` and the `bzImage`,
-//! each with the tiny initramfs, must reach `GUEST-DONE` on COM1. The
-//! kernel has ACPI off, so it also proves the MP table: it must find it and
-//! switch to the IOAPIC. The PVH `vmlinux` also boots through SeaBIOS
-//! (`-bios`, QEMU's pvh.bin option ROM).
+//! The project's Linux test guest (images/linux-kernel, built from
+//! Debian's linux-source-6.1) booted directly under KVM, with no disk: the
+//! PVH `vmlinux` and the `bzImage`, each with the project's tiny
+//! initramfs, must reach `GUEST-DONE` on COM1. With `acpi=off` it proves
+//! the MP table: the kernel must find it and switch to the IOAPIC. With
+//! ACPI it proves the tables and the PIIX4 power management: the kernel
+//! powers the machine off at the end, and `system_powerdown` presses the
+//! power button that init (standing in for logind/acpid) answers with a
+//! power-off. The PVH `vmlinux` also boots through SeaBIOS (`-bios`,
+//! QEMU's pvh.bin option ROM).
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use support::{kvm_available, require_bios, run_until_marker, scratch, BIOS};
+use serde_json::json;
+use support::qmp::Qmp;
 
-/// The README's command line, without `waitdev=` (there is no disk).
-const CMDLINE: &str = "console=ttyS0 lpj=1000000 tsc=reliable no_timer_check \
-clearcpuid=xsave,smap,fsgsbase,rdrand,rdseed,popcnt,invpcid,pcid,rdpid,erms,fsrm \
-nofreepoison rodata=off";
+use support::{image, kernels, kvm_available, require_bios, run_until_marker, scratch, BIOS};
+
+const CMDLINE: &str = kernels::LINUX_CMDLINE;
 /// A boot takes 70-110 s alone on this kind of host (the bzImage's
 /// real-mode setup and decompression run slowly under its KVM); three boots
 /// share 2 cores, and other test binaries may run beside them.
 const TIMEOUT: Duration = Duration::from_secs(360);
-
-fn guest(file: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/guest")
-        .join(file);
-    let p = if p.exists() {
-        p
-    } else {
-        PathBuf::from("/work/shared/guest").join(file)
-    };
-    assert!(
-        p.exists(),
-        "{} is missing (the shared Linux test guest)",
-        p.display()
-    );
-    p.display().to_string()
-}
 
 fn boot(kernel: &str, extra: &str, name: &str) -> String {
     boot_with(&[], kernel, extra, name)
@@ -46,8 +32,8 @@ fn boot_with(args: &[&str], kernel: &str, extra: &str, name: &str) -> String {
     let dir = scratch(name);
     let log = dir.join("serial.log");
     let serial = format!("file:{}", log.display());
-    let k = guest(kernel);
-    let rd = guest("initramfs-tiny.cpio");
+    let k = kernels::linux(kernel);
+    let rd = image("linux-lane.cpio").display().to_string();
     let append = format!("{CMDLINE}{extra}");
     let mut all = vec![
         "-m",
@@ -71,7 +57,7 @@ fn linux_pvh_vmlinux_reaches_guest_done() {
     if !kvm_available("linux_pvh_vmlinux_reaches_guest_done") {
         return;
     }
-    let out = boot("vmlinux", "", "linux-pvh");
+    let out = boot("vmlinux", " acpi=off", "linux-pvh");
     assert!(out.contains("GUEST-INIT"), "{out}");
     assert!(
         out.contains("found SMP MP-table at [mem 0x000f0000"),
@@ -117,4 +103,127 @@ fn linux_pvh_vmlinux_through_seabios_reaches_guest_done() {
         "{out}"
     );
     assert!(out.contains("GUEST-INIT"), "{out}");
+}
+
+/// The kernel's ACPI: it reads Strata's tables (RSDP, FADT, MADT, DSDT),
+/// and init's power-off at the end goes through the FADT's PM1a control
+/// block with the DSDT's `\_S5` sleep type, so strata exits by itself, with
+/// status 0.
+#[test]
+fn linux_with_acpi_powers_off_at_the_end() {
+    if !kvm_available("linux_with_acpi_powers_off_at_the_end") {
+        return;
+    }
+    let dir = scratch("linux-acpi-off");
+    let log = dir.join("serial.log");
+    let serial = format!("file:{}", log.display());
+    let k = kernels::linux("vmlinux");
+    let rd = image("linux-lane.cpio").display().to_string();
+    let args = [
+        "-m",
+        "64",
+        "-nodefaults",
+        "-serial",
+        &serial,
+        "-kernel",
+        &k,
+        "-initrd",
+        &rd,
+        "-append",
+        CMDLINE,
+    ];
+    let (code, _, stderr) = support::run_strata(&args, TIMEOUT);
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        code,
+        Some(0),
+        "strata did not exit 0 by itself: {stderr}\n{out}"
+    );
+    assert!(out.contains("ACPI: RSDP 0x"), "{out}");
+    assert!(out.contains("ACPI: FACP 0x"), "{out}");
+    assert!(
+        out.contains("ACPI: Using IOAPIC for interrupt routing"),
+        "{out}"
+    );
+    assert!(out.contains("GUEST-DONE"), "{out}");
+    assert!(out.contains("reboot: Power down"), "{out}");
+}
+
+/// `system_powerdown` is the ACPI power button: the guest's kernel turns
+/// the fixed-feature event into a KEY_POWER input event, init (as logind
+/// or acpid would) powers off, and strata ends with SHUTDOWN
+/// `guest-shutdown` and exit status 0.
+#[test]
+fn system_powerdown_powers_off_a_linux_guest() {
+    if !kvm_available("system_powerdown_powers_off_a_linux_guest") {
+        return;
+    }
+    let dir = scratch("linux-powerdown");
+    let log = dir.join("serial.log");
+    let sock = dir.join("qmp.sock");
+    let serial = format!("file:{}", log.display());
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let k = kernels::linux("vmlinux");
+    let rd = image("linux-lane.cpio").display().to_string();
+    let append = format!("{CMDLINE} quiet powerbutton");
+    let mut child = std::process::Command::new(support::strata_bin())
+        .args([
+            "-m",
+            "64",
+            "-nodefaults",
+            "-serial",
+            &serial,
+            "-qmp",
+            &qmp,
+            "-kernel",
+            &k,
+            "-initrd",
+            &rd,
+            "-append",
+            &append,
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn strata");
+    let mut q = Qmp::negotiated(&sock);
+    let start = std::time::Instant::now();
+    let out = loop {
+        let out = std::fs::read_to_string(&log).unwrap_or_default();
+        if out.contains("GUEST-POWERBUTTON-READY") {
+            break out;
+        }
+        let gone = child.try_wait().unwrap();
+        if gone.is_some() || out.contains("GUEST-ERR") || start.elapsed() > TIMEOUT {
+            let _ = child.kill();
+            panic!("init did not get to wait for the power button ({gone:?}):\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!out.contains("GUEST-DONE"), "{out}");
+    q.ok("system_powerdown", json!({}));
+    q.event("POWERDOWN");
+    let e = q.event("SHUTDOWN");
+    assert_eq!(
+        e["data"],
+        json!({"guest": true, "reason": "guest-shutdown"})
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("strata did not exit after the guest powered off");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        out.lines().any(|l| l.trim() == "GUEST-POWERBUTTON"),
+        "{out}"
+    );
+    assert!(out.contains("GUEST-DONE"), "{out}");
 }

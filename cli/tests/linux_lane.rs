@@ -1,5 +1,6 @@
 //! The Linux-driver lane (issues 6 and 7): the project's Linux test guest
-//! (../shared/guest) boots directly under KVM, and the kernel's own drivers
+//! (images/linux-kernel, built from Debian's linux-source-6.1) boots
+//! directly under KVM, and the kernel's own drivers
 //! (ata_piix + sd, ata_piix + sr, virtio_blk over virtio-pci modern and
 //! legacy) read sectors through Strata's devices and block layer. The
 //! guest's /init (images/linux-init) prints an FNV-1a 64 checksum of the
@@ -24,33 +25,14 @@ use std::time::{Duration, Instant};
 use support::qtest::Qtest;
 use support::{image, kernels, kvm_available, run_until_marker, scratch};
 
-/// The README's command line (../shared/guest/README.md).
-const CMDLINE: &str = "console=ttyS0 lpj=1000000 tsc=reliable no_timer_check \
-clearcpuid=xsave,smap,fsgsbase,rdrand,rdseed,popcnt,invpcid,pcid,rdpid,erms,fsrm \
-nofreepoison rodata=off";
+/// The test guest's command line (support::kernels::LINUX_CMDLINE).
+const CMDLINE: &str = kernels::LINUX_CMDLINE;
 const TIMEOUT: Duration = Duration::from_secs(150);
 /// Sectors the guest reads from each device: 128 KiB, so one read is a
 /// scatter-gather list over many guest pages (PRD entries, descriptors).
 const SECTORS: usize = 256;
 
 static ONE_BOOT_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn guest(file: &str) -> String {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../shared/guest")
-        .join(file);
-    let p = if p.exists() {
-        p
-    } else {
-        PathBuf::from("/work/shared/guest").join(file)
-    };
-    assert!(
-        p.exists(),
-        "{} is missing (the shared Linux test guest)",
-        p.display()
-    );
-    p.display().to_string()
-}
 
 /// FNV-1a 64, as images/linux-init/init.c computes it.
 fn fnv1a64(data: &[u8]) -> u64 {
@@ -88,7 +70,7 @@ fn boot_kernel(kernel: &str, name: &str, devices: &[String], checks: &str) -> (S
     let dir = scratch(name);
     let log = dir.join("serial.log");
     let serial = format!("file:{}", log.display());
-    let kernel = guest(kernel);
+    let kernel = kernels::linux(kernel);
     let initrd = image("linux-lane.cpio").display().to_string();
     let quiet = if std::env::var_os("LINUX_LANE_VERBOSE").is_some() {
         ""

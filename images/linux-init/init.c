@@ -14,7 +14,18 @@
  *   checkwait=<seconds>  how long to wait for each node (default 15)
  *   show=<path>  print "GUEST-SHOW <path> <first line of the file>", e.g.
  *       a sysfs attribute that tells which driver path the kernel took
- * Then it prints "GUEST-DONE <uptime>" and halts.
+ *   rwloop=<dev>:<KiB>:<rounds>
+ *       for each round, write <KiB> of a pattern that depends on the round
+ *       and the offset to /dev/<dev> (O_DIRECT, 64 KiB per write), read it
+ *       all back and compare; print "GUEST-RW <dev> <round> ok" after each
+ *       round. Any error or mismatch prints GUEST-ERR and ends the loop.
+ *   powerbutton
+ *       after the checks, wait for the ACPI power button (the evdev device
+ *       named "Power Button"), as a distribution's logind or acpid does:
+ *       print "GUEST-POWERBUTTON-READY", and on the key press print
+ *       "GUEST-POWERBUTTON" and power off (ACPI S5).
+ * Then it prints "GUEST-DONE <uptime>" and powers off (halts where the
+ * kernel has no way to power off, e.g. with acpi=off).
  *
  * Failures print "GUEST-ERR <dev> <what> <errno>" and go on: the test
  * reports the whole console, which says more than a hang would.
@@ -45,8 +56,11 @@ enum {
     SYS_reboot = 169,
     SYS_clock_gettime = 228,
     SYS_pause = 34,
+    SYS_pwrite64 = 18,
+    SYS_pread64 = 17,
 };
 #define O_RDONLY 0
+#define O_RDWR 2
 #define O_DIRECT 040000
 #define EINTR 4
 #define EINVAL 22
@@ -54,6 +68,7 @@ enum {
 #define REBOOT_MAGIC1 0xfee1dead
 #define REBOOT_MAGIC2 0x28121969
 #define REBOOT_CMD_HALT 0xcdef0123
+#define REBOOT_CMD_POWER_OFF 0x4321fedc
 
 static i64 sys6(i64 n, i64 a, i64 b, i64 c, i64 d, i64 e)
 {
@@ -296,6 +311,148 @@ static void check(const char *dev, u64 devlen, u64 sectors)
     flush();
 }
 
+/* The rwloop pattern: a 64-bit word from the round and the byte offset,
+ * so a block written in an earlier round, or at another offset, differs. */
+static u64 pattern(u64 round, u64 off)
+{
+    u64 x = (round << 40) ^ off ^ 0x9e3779b97f4a7c15UL;
+    x ^= x >> 31;
+    x *= 0xbf58476d1ce4e5b9UL;
+    return x ^ (x >> 29);
+}
+
+#define RW_CHUNK (64 * 1024)
+
+static int rw_round(i64 fd, const char *dev, u64 devlen, u64 round, u64 bytes)
+{
+    u64 *w = (u64 *)buf;
+    for (u64 off = 0; off < bytes; off += RW_CHUNK) {
+        for (u64 i = 0; i < RW_CHUNK / 8; i++)
+            w[i] = pattern(round, off + i * 8);
+        i64 r;
+        do
+            r = sys6(SYS_pwrite64, fd, (i64)buf, RW_CHUNK, (i64)off, 0);
+        while (r == -EINTR);
+        if (r != RW_CHUNK) {
+            err(dev, devlen, "write", r < 0 ? r : -EINVAL);
+            return 0;
+        }
+    }
+    for (u64 off = 0; off < bytes; off += RW_CHUNK) {
+        i64 r;
+        do
+            r = sys6(SYS_pread64, fd, (i64)buf, RW_CHUNK, (i64)off, 0);
+        while (r == -EINTR);
+        if (r != RW_CHUNK) {
+            err(dev, devlen, "read", r < 0 ? r : -EINVAL);
+            return 0;
+        }
+        for (u64 i = 0; i < RW_CHUNK / 8; i++) {
+            if (w[i] != pattern(round, off + i * 8)) {
+                put("GUEST-ERR ");
+                putn(dev, devlen);
+                put(" mismatch round ");
+                putu(round);
+                put(" offset ");
+                putu(off + i * 8);
+                flush();
+                return 0;
+            }
+        }
+    }
+    put("GUEST-RW ");
+    putn(dev, devlen);
+    put(" ");
+    putu(round);
+    put(" ok");
+    flush();
+    return 1;
+}
+
+static void rwloop(const char *dev, u64 devlen, u64 kib, u64 rounds)
+{
+    u64 bytes = kib * 1024;
+    if (bytes == 0 || bytes % RW_CHUNK) {
+        err(dev, devlen, "rwloop-size-not-64k-multiple", -EINVAL);
+        return;
+    }
+    char path[64] = "/dev/";
+    if (devlen > sizeof(path) - 6) {
+        err(dev, devlen, "name-too-long", -EINVAL);
+        return;
+    }
+    /* open_dev polls until the driver has registered the disk. */
+    i64 fd = open_dev(dev, devlen, O_DIRECT);
+    if (fd >= 0)
+        sys3(SYS_close, fd, 0, 0);
+    memcpy(path + 5, dev, devlen);
+    path[5 + devlen] = 0;
+    fd = sys3(SYS_open, path, O_RDWR | O_DIRECT, 0);
+    if (fd < 0) {
+        err(dev, devlen, "open-rw", fd);
+        return;
+    }
+    for (u64 round = 1; round <= rounds; round++)
+        if (!rw_round(fd, dev, devlen, round, bytes))
+            break;
+    sys3(SYS_close, fd, 0, 0);
+}
+
+/* struct input_event on x86-64: a timeval, then type, code, value. */
+struct input_event {
+    i64 sec, usec;
+    unsigned short type, code;
+    int value;
+};
+#define EV_KEY 1
+#define KEY_POWER 116
+
+static int want_powerbutton;
+
+/* Finds the evdev node whose device is named "Power Button". */
+static i64 open_power_button(void)
+{
+    for (int n = 0; n < 10; n++) {
+        char name[64] = "/sys/class/input/event0/device/name";
+        char dev[32] = "/dev/input/event0";
+        name[22] = (char)('0' + n);
+        dev[16] = (char)('0' + n);
+        if (slurp(name, parts, sizeof(parts)) <= 0)
+            continue;
+        if (starts(parts, "Power Button"))
+            return sys3(SYS_open, dev, O_RDONLY, 0);
+    }
+    return -2; /* ENOENT */
+}
+
+static void wait_power_button(void)
+{
+    i64 fd = open_power_button();
+    if (fd < 0) {
+        err("power-button", 12, "open", fd);
+        return;
+    }
+    put("GUEST-POWERBUTTON-READY");
+    flush();
+    struct input_event ev[8];
+    for (;;) {
+        i64 n = sys3(SYS_read, fd, ev, sizeof(ev));
+        if (n == -EINTR)
+            continue;
+        if (n <= 0) {
+            err("power-button", 12, "read", n < 0 ? n : -EINVAL);
+            return;
+        }
+        for (u64 i = 0; i < (u64)n / sizeof(ev[0]); i++) {
+            if (ev[i].type == EV_KEY && ev[i].code == KEY_POWER && ev[i].value == 1) {
+                put("GUEST-POWERBUTTON");
+                flush();
+                return;
+            }
+        }
+    }
+}
+
 /* Runs every check=... item of the command line, in order. */
 static void run_checks(const char *s)
 {
@@ -311,6 +468,24 @@ static void run_checks(const char *s)
             while (*s && *s != ' ' && *s != '\n')
                 s++;
             show(path, (u64)(s - path));
+        } else if (starts(s, "powerbutton") && (s[11] == ' ' || s[11] == '\n' || !s[11])) {
+            want_powerbutton = 1;
+        } else if (starts(s, "rwloop=")) {
+            s += 7;
+            const char *dev = s;
+            while (*s && *s != ':' && *s != ' ' && *s != '\n')
+                s++;
+            u64 devlen = (u64)(s - dev);
+            u64 kib = 0, rounds = 0;
+            if (*s == ':') {
+                s++;
+                kib = parse_u(&s);
+            }
+            if (*s == ':') {
+                s++;
+                rounds = parse_u(&s);
+            }
+            rwloop(dev, devlen, kib, rounds);
         } else if (starts(s, "check=")) {
             s += 6;
             for (;;) {
@@ -335,8 +510,11 @@ static void run_checks(const char *s)
     }
 }
 
-static void halt(void)
+static void power_off(void)
 {
+    /* Without a way to power off (acpi=off) the kernel returns an error
+     * here; halting is the next best thing. */
+    sys6(SYS_reboot, REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_CMD_POWER_OFF, 0, 0);
     sys6(SYS_reboot, REBOOT_MAGIC1, REBOOT_MAGIC2, REBOOT_CMD_HALT, 0, 0);
     /* init must never exit (the kernel would panic): wait forever. */
     for (;;)
@@ -361,10 +539,12 @@ __attribute__((used)) static void start_c(u64 *sp)
     flush();
     if (slurp("/proc/cmdline", text, sizeof(text)) > 0)
         run_checks(text);
+    if (want_powerbutton)
+        wait_power_button();
     put("GUEST-DONE ");
     putuptime();
     flush();
-    halt();
+    power_off();
 }
 
 /* The kernel enters with the stack pointing at argc (16-byte aligned);
