@@ -428,6 +428,45 @@ fn bare_image_is_hda() {
     refused(&["/nonexistent/disk.img"], "/nonexistent/disk.img");
 }
 
+/// The raw-probing warning: once per writable drive whose format was
+/// guessed, in QEMU's form; never for read-only drives and CD-ROMs.
+#[test]
+fn raw_probe_warning_once_per_writable_drive() {
+    let dir = support::scratch("probe-warn");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&b, vec![0u8; 1 << 20]).unwrap();
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    let count = |args: &[&str]| -> (usize, String) {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        (err.matches("probing guessed raw").count(), err)
+    };
+    let (n, err) = count(&["-hda", &a]);
+    assert_eq!(n, 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "WARNING: Image format was not specified for '{a}' and probing guessed raw.\n"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 3, "{err}");
+    let rw_b = format!("file={b},if=virtio");
+    let (n, err) = count(&["-hda", &a, "-drive", &rw_b]);
+    assert_eq!(n, 2, "{err}");
+    assert!(err.contains(&a) && err.contains(&b), "{err}");
+    let ro_b = format!("file={b},if=virtio,readonly=on");
+    for args in [
+        &["-cdrom", &a][..],
+        &["-drive", &ro_b],
+        &["-cdrom", &a, "-drive", &ro_b],
+    ] {
+        let (n, err) = count(args);
+        assert_eq!(n, 0, "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+    }
+}
+
 #[test]
 fn tcg_is_refused() {
     refused(
