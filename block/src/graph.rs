@@ -432,13 +432,20 @@ impl BlockGraph {
                 preopened.insert("file".to_string(), file.clone());
                 match fmt {
                     Some(f) => f.to_string(),
+                    // QEMU warns only when the guessed raw image can be
+                    // written (the warning is about writes to block 0), so
+                    // read-only drives and CD-ROMs say nothing.
+                    None if common.read_only => {
+                        probed = true;
+                        "raw".to_string()
+                    }
                     None => {
                         probed = true;
                         let fname = file.filename().unwrap_or_else(|| file.name().to_string());
                         let w = format!(
                             "WARNING: Image format was not specified for '{fname}' and probing guessed raw.\n         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         Specify the 'raw' format explicitly to remove the restrictions."
                         );
-                        log::warn!("{w}");
+                        // Collected, not logged: the caller prints it once.
                         self.warnings
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())

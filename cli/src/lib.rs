@@ -3,4 +3,5 @@
 //! into here.
 
 pub mod chardev_args;
+pub mod daemon;
 pub mod system_args;

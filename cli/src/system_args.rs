@@ -36,6 +36,7 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -rtc base=utc|localtime|DATE[,clock=host|rt|vm,driftfix=none|slew]   RTC start time
   -uuid UUID                        SMBIOS system UUID
   -pidfile FILE, -D LOGFILE         write the pid; send Strata's log to a file
+  -daemonize                        detach once the machine and monitors are ready
   -msg, -overcommit, -sandbox, -k, -d, -usb, -vnc, -spice, -no-acpi, -no-hpet,
   -no-shutdown, -no-user-config, -nodefconfig
                                     accepted for compatibility (with a warning
@@ -166,6 +167,25 @@ fn warn(msg: &str) {
     eprintln!("strata: warning: {msg}");
 }
 
+/// Whether `opt VALUE` makes a chardev on stdio (`stdio`, `mon:stdio`,
+/// `-chardev stdio,...`).
+fn uses_stdio(opt: &str, value: &str) -> bool {
+    const CHARDEV_OPTS: &[&str] = &[
+        "-serial",
+        "-chardev",
+        "-monitor",
+        "-qmp",
+        "-qmp-pretty",
+        "-debugcon",
+        "-qtest",
+    ];
+    if !CHARDEV_OPTS.contains(&opt) {
+        return false;
+    }
+    let backend = value.strip_prefix("mon:").unwrap_or(value);
+    backend.split(',').next() == Some("stdio")
+}
+
 /// Whether `opt` takes a value; `None` for an unknown option.
 fn takes_value(opt: &str) -> Option<bool> {
     if FLAGS.contains(&opt) {
@@ -184,6 +204,8 @@ pub struct Process {
     pub pidfile: Option<PathBuf>,
     /// `-D FILE`: where Strata's log goes instead of stderr.
     pub log_file: Option<PathBuf>,
+    /// `-daemonize`: detach once the machine is set up (`crate::daemon`).
+    pub daemonize: bool,
     /// `-object secret` and `tls-creds-x509`, to create before the machine.
     pub objects: Vec<block::objects::ObjectSpec>,
 }
@@ -736,6 +758,9 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let (mut kernel, mut initrd, mut append) = (None, None, None);
     let mut process = Process::default();
     let mut bios: Option<String> = None;
+    // Options whose chardev is stdio, as typed: a daemon has no stdio.
+    let mut stdio_users: Vec<String> = Vec::new();
+    let (mut explicit_serial, mut explicit_monitor) = (false, false);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         if !arg.starts_with('-') {
@@ -765,6 +790,11 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             }
             continue;
         }
+        if uses_stdio(&opt, value) {
+            stdio_users.push(format!("{opt} {value}"));
+        }
+        explicit_serial |= opt == "-serial";
+        explicit_monitor |= matches!(opt.as_str(), "-monitor" | "-qmp" | "-qmp-pretty" | "-mon");
         match opt.as_str() {
             "-help" | "-h" => return Ok(Parsed::Help),
             "-version" => return Ok(Parsed::Version),
@@ -858,9 +888,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "-sandbox" => parse_sandbox(value)?,
             "-pidfile" => process.pidfile = Some(PathBuf::from(value)),
             "-D" => process.log_file = Some(PathBuf::from(value)),
-            "-daemonize" => {
-                return Err("-daemonize: not supported yet; run strata in the background from the shell or a service manager".into())
-            }
+            "-daemonize" => process.daemonize = true,
             "-name" => {
                 let o = split_opts("-name", value, Some("guest"))?;
                 cfg.name = o.into_iter().find(|(k, _)| k == "guest").map(|(_, v)| v);
@@ -908,7 +936,9 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                         cfg.iothreads.push(id.clone());
                         if let Some(v) = get("poll-max-ns") {
                             let ns = v.parse::<u64>().map_err(|_| {
-                                format!("-object {value}: poll-max-ns must be a number of nanoseconds")
+                                format!(
+                                    "-object {value}: poll-max-ns must be a number of nanoseconds"
+                                )
                             })?;
                             cfg.iothread_poll_max_ns.push((id.clone(), ns));
                         }
@@ -918,7 +948,9 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                     Some("main-loop") => {
                         if let Some(v) = get("poll-max-ns") {
                             let ns = v.parse::<u64>().map_err(|_| {
-                                format!("-object {value}: poll-max-ns must be a number of nanoseconds")
+                                format!(
+                                    "-object {value}: poll-max-ns must be a number of nanoseconds"
+                                )
                             })?;
                             cfg.iothread_poll_max_ns
                                 .push((devices::virtio::event_loop::MAIN_LOOP.to_string(), ns));
@@ -992,6 +1024,22 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     } else {
         vec![CharDev::Stdio { mux: true }]
     };
+    if process.daemonize {
+        // QEMU's refusals: a daemon's stdio is /dev/null. -nographic is
+        // refused unless the serial port and monitor it would put on
+        // stdio were given elsewhere (or -nodefaults removed them).
+        if nographic && !nodefaults && !(explicit_serial && explicit_monitor) {
+            return Err("-nographic cannot be used with -daemonize".into());
+        }
+        if let Some(user) = stdio_users.first() {
+            return Err(format!("{user}: cannot use stdio with -daemonize"));
+        }
+        if !explicit_serial && !cfg.serial.is_empty() {
+            // QEMU's default serial port without -nographic is a virtual
+            // console, which prints nowhere without a display.
+            cfg.serial = vec![CharDev::Null];
+        }
+    }
     let _ = nographic; // COM1 on mon:stdio is already the default.
     Ok(Parsed::Run(Box::new(cfg), process))
 }
@@ -1089,7 +1137,14 @@ mod tests {
                 "-machine accel=tcg",
                 "-machine accel=tcg: not supported; Strata runs only on KVM",
             ),
-            ("-daemonize", "-daemonize: not supported yet"),
+            (
+                "-daemonize -nographic",
+                "-nographic cannot be used with -daemonize",
+            ),
+            (
+                "-daemonize -serial mon:stdio",
+                "-serial mon:stdio: cannot use stdio with -daemonize",
+            ),
             ("-cpu host,+", "-cpu host,+: invalid CPU feature '+'"),
             (
                 "-nic bogus",

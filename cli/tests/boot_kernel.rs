@@ -252,3 +252,89 @@ fn initrd_that_does_not_fit() {
     ]);
     assert!(e.contains("-initrd /nonexistent/rd: No such file"), "{e}");
 }
+
+/// A tiny multiboot ELF linked with `ld -Ttext ADDR`, whose first LOAD
+/// segment holds the ELF headers one page below ADDR. It prints
+/// "MB-LOW-OK" on the debugcon port 0xe9 and halts.
+fn tiny_multiboot(dir: &std::path::Path, text: &str) -> String {
+    let src = dir.join("mb.S");
+    std::fs::write(
+        &src,
+        "    .text\n    .align 4\n    .long 0x1badb002, 0, -0x1badb002\n\
+         \x20   .globl _start\n_start:\n    mov $msg, %esi\n1:  lodsb\n\
+         \x20   test %al, %al\n    jz 2f\n    out %al, $0xe9\n    jmp 1b\n\
+         2:  cli\n    hlt\n    jmp 2b\n    .data\nmsg: .asciz \"MB-LOW-OK\\n\"\n",
+    )
+    .unwrap();
+    let obj = dir.join("mb.o");
+    let elf = dir.join(format!("mb-{text}.elf"));
+    let run = |cmd: &str, args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(cmd).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(
+        "as",
+        &[
+            "--32".as_ref(),
+            "-o".as_ref(),
+            obj.as_os_str(),
+            src.as_os_str(),
+        ],
+    );
+    run(
+        "ld",
+        &[
+            "-m".as_ref(),
+            "elf_i386".as_ref(),
+            "-Ttext".as_ref(),
+            text.as_ref(),
+            "-e".as_ref(),
+            "_start".as_ref(),
+            "-o".as_ref(),
+            elf.as_os_str(),
+            obj.as_os_str(),
+        ],
+    );
+    elf.display().to_string()
+}
+
+/// The first LOAD segment at 0xff000 (the ELF headers, in the BIOS area):
+/// loaded as QEMU loads it, the headers' bytes skipped, the kernel runs.
+#[test]
+fn multiboot_elf_with_headers_below_1mib() {
+    let dir = scratch("boot-mb-low");
+    let elf = tiny_multiboot(&dir, "0x100000");
+    let data = std::fs::read(&elf).unwrap();
+    // The layout this test is about: program header 0 at 0xff000.
+    let phoff = u32::from_le_bytes(data[28..32].try_into().unwrap()) as usize;
+    let paddr = u32::from_le_bytes(data[phoff + 12..phoff + 16].try_into().unwrap());
+    assert_eq!(paddr, 0xff000, "ld's layout changed");
+    // A segment lower down, over this loader's own memory, is refused.
+    let low = tiny_multiboot(&dir, "0x80000");
+    let e = fails(&["-kernel", &low]);
+    assert!(e.contains("not in RAM between 1 MiB"), "{e}");
+    if !kvm_available("multiboot_elf_with_headers_below_1mib") {
+        return;
+    }
+    let log = dir.join("debugcon.log");
+    let dbg = format!("file:{}", log.display());
+    let out = run_until_marker(
+        &[
+            "-nodefaults",
+            "-display",
+            "none",
+            "-debugcon",
+            &dbg,
+            "-kernel",
+            &elf,
+        ],
+        &log,
+        "MB-LOW-OK",
+        TIMEOUT,
+    );
+    assert!(out.contains("MB-LOW-OK"), "{out}");
+}

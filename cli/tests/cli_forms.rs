@@ -277,7 +277,136 @@ fn pidfile_and_log_file() {
         "-pidfile /nonexistent/dir/pid",
     );
     refused(&["-D", "/nonexistent/dir/log"], "-D /nonexistent/dir/log");
-    refused(&["-daemonize"], "-daemonize: not supported yet");
+    // A daemon's stdio is /dev/null: QEMU's refusals, in one line.
+    refused(
+        &["-daemonize"],
+        "-qtest stdio: cannot use stdio with -daemonize",
+    );
+    // Without qtest's stdio (these are refused before any machine).
+    for (args, want) in [
+        (
+            &["-daemonize", "-serial", "mon:stdio"][..],
+            "strata: -serial mon:stdio: cannot use stdio with -daemonize",
+        ),
+        (
+            &[
+                "-daemonize",
+                "-chardev",
+                "stdio,id=c",
+                "-serial",
+                "chardev:c",
+            ],
+            "strata: -chardev stdio,id=c: cannot use stdio with -daemonize",
+        ),
+        (
+            &["-daemonize", "-nographic"],
+            "strata: -nographic cannot be used with -daemonize",
+        ),
+    ] {
+        let (code, _, err) = run_strata(args, Duration::from_secs(10));
+        assert_eq!((code, err.trim()), (Some(1), want), "{args:?}");
+    }
+}
+
+/// `-daemonize -pidfile`: the command returns 0 once the machine is set
+/// up and its QMP socket listens; the daemon named in the pid file answers
+/// QMP with no stdio of ours, and `quit` ends it.
+#[test]
+fn daemonize_detaches_once_ready() {
+    use std::os::unix::net::UnixListener;
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+    support::require_bios();
+    let dir = support::scratch("daemonize");
+    let (pid, qmp) = (dir.join("strata.pid"), dir.join("qmp.sock"));
+    let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
+    let pid_arg = pid.display().to_string();
+    let mut args = vec![
+        "-daemonize",
+        "-pidfile",
+        &pid_arg,
+        "-qmp",
+        &qmp_arg,
+        "-display",
+        "none",
+    ];
+    // KVM when there is one; otherwise qtest, whose socket this test
+    // listens on (the daemon connects to it).
+    let qtest_sock = dir.join("qtest.sock");
+    let qtest_arg = format!("unix:{}", qtest_sock.display());
+    let mut qtest_listener = None;
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if kvm {
+        args.extend(["-machine", "pc", "-accel", "kvm"]);
+    } else {
+        qtest_listener = Some(UnixListener::bind(&qtest_sock).unwrap());
+        args.extend(["-machine", "pc", "-accel", "qtest", "-qtest", &qtest_arg]);
+    }
+    let mut parent = Command::new(support::strata_bin())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _qtest_conn = qtest_listener.map(|l| l.accept().unwrap().0);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = parent.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the -daemonize parent did not return"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The daemon let go of our pipes before the parent returned: reading
+    // them to the end does not wait for the daemon.
+    let out = parent.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(out.stdout.is_empty() && err.is_empty(), "{err}");
+    // Ready means listening: the socket exists before the parent returns.
+    assert!(qmp.exists(), "the QMP socket listens once the parent exits");
+    let n: i32 = std::fs::read_to_string(&pid)
+        .expect("pid file")
+        .trim()
+        .parse()
+        .expect("a pid");
+    let proc_dir = format!("/proc/{n}");
+    assert!(std::path::Path::new(&proc_dir).exists(), "daemon {n} runs");
+    // Detached: its own session, away from ours.
+    let stat = std::fs::read_to_string(format!("{proc_dir}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+    let my_sid = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let my_sid: Vec<&str> = my_sid.rsplit(") ").next().unwrap().split(' ').collect();
+    assert_ne!(fields[3], my_sid[3], "the daemon has its own session");
+    assert_eq!(
+        std::fs::read_link(format!("{proc_dir}/fd/0")).unwrap(),
+        std::path::PathBuf::from("/dev/null")
+    );
+    let mut q = support::qmp::Qmp::negotiated(&qmp);
+    let st = q.ok("query-status", serde_json::json!({}));
+    assert!(st.get("status").is_some(), "{st}");
+    q.ok("quit", serde_json::json!({}));
+    let start = Instant::now();
+    while std::path::Path::new(&proc_dir).exists()
+        && !std::fs::read_to_string(format!("{proc_dir}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "quit did not end the daemon"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!pid.exists(), "the daemon removes its pid file at exit");
 }
 
 #[test]
@@ -297,6 +426,45 @@ fn bare_image_is_hda() {
     // It is the first IDE disk, so it collides with -hda.
     refused(&[&p, "-hda", &p], "-hda");
     refused(&["/nonexistent/disk.img"], "/nonexistent/disk.img");
+}
+
+/// The raw-probing warning: once per writable drive whose format was
+/// guessed, in QEMU's form; never for read-only drives and CD-ROMs.
+#[test]
+fn raw_probe_warning_once_per_writable_drive() {
+    let dir = support::scratch("probe-warn");
+    let (a, b) = (dir.join("a.img"), dir.join("b.img"));
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&b, vec![0u8; 1 << 20]).unwrap();
+    let (a, b) = (a.display().to_string(), b.display().to_string());
+    let count = |args: &[&str]| -> (usize, String) {
+        let (code, err) = run(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        (err.matches("probing guessed raw").count(), err)
+    };
+    let (n, err) = count(&["-hda", &a]);
+    assert_eq!(n, 1, "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "WARNING: Image format was not specified for '{a}' and probing guessed raw.\n"
+        )),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 3, "{err}");
+    let rw_b = format!("file={b},if=virtio");
+    let (n, err) = count(&["-hda", &a, "-drive", &rw_b]);
+    assert_eq!(n, 2, "{err}");
+    assert!(err.contains(&a) && err.contains(&b), "{err}");
+    let ro_b = format!("file={b},if=virtio,readonly=on");
+    for args in [
+        &["-cdrom", &a][..],
+        &["-drive", &ro_b],
+        &["-cdrom", &a, "-drive", &ro_b],
+    ] {
+        let (n, err) = count(args);
+        assert_eq!(n, 0, "{args:?}: {err}");
+        assert_eq!(err, "", "{args:?}");
+    }
 }
 
 #[test]

@@ -157,3 +157,83 @@ fn dash_s_waits_for_cont() {
     vm.type_text("c\r");
     vm.wait_for("SeaBIOS (version", false);
 }
+
+/// On a terminal, the monitor's `quit` (Ctrl-A c on `mon:stdio`) ends
+/// strata at once: restoring the terminal must not wait for the input
+/// thread's next key press.
+#[test]
+fn quit_on_a_terminal_exits_at_once() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if !kvm_available("quit_on_a_terminal_exits_at_once") {
+        return;
+    }
+    require_bios();
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills the two ints; the optional name, termios and
+    // window size arguments may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty succeeded; each descriptor is owned once, here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let slave = std::fs::File::from(slave);
+    let mut child = Command::new(strata_bin())
+        .args(["-nodefaults", "-serial", "mon:stdio", "-display", "none"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(slave);
+    let mut term = std::fs::File::from(master);
+    let out = Arc::new(Mutex::new(String::new()));
+    {
+        let (mut r, out) = (term.try_clone().unwrap(), out.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                out.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let wait_for = |what: &str| {
+        let start = Instant::now();
+        while !out.lock().unwrap().contains(what) {
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "'{what}' did not appear: {}",
+                out.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    term.write_all(b"\x01c").unwrap();
+    wait_for("(strata) ");
+    term.write_all(b"info version\r").unwrap();
+    wait_for("7.2.0 (Strata");
+    term.write_all(b"quit\r").unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "quit did not end strata without another key press"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+}

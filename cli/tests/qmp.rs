@@ -692,3 +692,103 @@ fn query_iothreads_reports_polling() {
     assert_eq!(v[0]["poll-max-ns"], 32768, "{v}");
     assert_eq!(v[1]["poll-max-ns"], 0, "{v}");
 }
+
+/// HMP `info block` in QEMU 7.2's layout (file, format and read-only on
+/// the head line; attachment, tray, cache mode and backing file below;
+/// a blank line between drives), and `info version`.
+#[test]
+fn hmp_info_block_and_version() {
+    let dir = support::scratch("info-block");
+    let (base, top, raw) = (
+        dir.join("base.qcow2"),
+        dir.join("top.qcow2"),
+        dir.join("raw.img"),
+    );
+    let img = |args: &[&str]| {
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_strata-img"))
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args:?}");
+    };
+    let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+    img(&["create", "-f", "qcow2", b, "16M"]);
+    img(&["create", "-f", "qcow2", "-b", b, "-F", "qcow2", t]);
+    std::fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+    let r = raw.to_str().unwrap();
+    let hd = format!("file={t},if=ide,id=hd0");
+    let vd = format!("file={r},format=raw,if=virtio,id=vd0,cache=none,readonly=on");
+    let cd = format!("file={r},format=raw,media=cdrom,id=cd0");
+    let un = format!("file={r},format=raw,if=none,id=un0,cache=unsafe,readonly=on");
+    let (_qt, path) = start(&[
+        "-drive",
+        &hd,
+        "-drive",
+        &vd,
+        "-drive",
+        &cd,
+        "-drive",
+        &un,
+        "-drive",
+        "if=none,id=empty",
+    ]);
+    let mut q = Qmp::negotiated(&path);
+    let mut hmp = |line: &str| -> String {
+        q.ok("human-monitor-command", json!({"command-line": line}))
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let out = hmp("info block");
+    let drives: Vec<&str> = out.trim_end().split("\n\n").collect();
+    assert_eq!(drives.len(), 5, "{out}");
+    let lines = |i: usize| -> Vec<&str> { drives[i].lines().collect() };
+    let hd0 = lines(0);
+    assert!(hd0[0].starts_with("hd0 (#block"), "{out}");
+    assert!(hd0[0].ends_with(&format!("): {t} (qcow2)")), "{out}");
+    assert!(hd0[1].starts_with("    Attached to:      "), "{out}");
+    assert_eq!(hd0[2], "    Cache mode:       writeback", "{out}");
+    assert_eq!(
+        hd0[3],
+        format!("    Backing file:     {b} (chain depth: 1)"),
+        "{out}"
+    );
+    let vd0 = lines(1);
+    assert!(
+        vd0[0].ends_with(&format!(": {r} (raw, read-only)")),
+        "{out}"
+    );
+    assert_eq!(vd0[2], "    Cache mode:       writeback, direct", "{out}");
+    let cd0 = lines(2);
+    assert!(
+        cd0[0].ends_with(&format!(": {r} (raw, read-only)")),
+        "{out}"
+    );
+    assert_eq!(
+        cd0[2], "    Removable device: not locked, tray closed",
+        "{out}"
+    );
+    assert_eq!(cd0[3], "    Cache mode:       writeback", "{out}");
+    // A drive no device uses: removable, not attached.
+    let un0 = lines(3);
+    assert_eq!(
+        un0[1..],
+        [
+            "    Removable device: not locked, tray closed",
+            "    Cache mode:       writeback, ignore flushes"
+        ],
+        "{out}"
+    );
+    assert_eq!(
+        lines(4),
+        [
+            "empty: [not inserted]",
+            "    Removable device: not locked, tray closed"
+        ],
+        "{out}"
+    );
+    let v = hmp("info version");
+    assert!(v.starts_with("7.2.0 (Strata "), "{v}");
+    assert!(v.ends_with(")\n") && v.lines().count() == 1, "{v}");
+}

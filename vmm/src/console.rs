@@ -68,13 +68,21 @@ impl Chardev {
     }
 }
 
-/// Puts the terminal back the way it was when dropped.
-pub struct TerminalGuard(bool);
+/// Puts the terminal back the way it was when dropped: the settings saved
+/// before raw mode, restored on the descriptor directly. (Going through
+/// `Stdin::lock` would wait for the input thread's pending read, that is
+/// for one more key press, before the process could exit.)
+pub struct TerminalGuard(Option<nix::sys::termios::Termios>);
 
 impl Drop for TerminalGuard {
     fn drop(&mut self) {
-        if self.0 {
-            let _ = std::io::stdin().lock().set_canon_mode();
+        if let Some(t) = &self.0 {
+            use std::os::fd::AsFd;
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin().as_fd(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
         }
     }
 }
@@ -96,8 +104,14 @@ pub fn open(
         CharDev::Stdio { mux } => {
             *lock(&out) = Some(Box::new(std::io::stdout()));
             let stdin = std::io::stdin();
-            let tty = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
-            guard = Some(TerminalGuard(tty));
+            let saved = if stdin.is_terminal() {
+                use std::os::fd::AsFd;
+                nix::sys::termios::tcgetattr(stdin.as_fd()).ok()
+            } else {
+                None
+            };
+            let tty = saved.is_some() && stdin.lock().set_raw_mode().is_ok();
+            guard = Some(TerminalGuard(saved.filter(|_| tty)));
             let (t, ev, mux) = (target.clone(), events.clone(), *mux);
             let o = SharedOut(out.clone());
             std::thread::Builder::new()

@@ -226,11 +226,13 @@ impl Consoles {
 }
 
 /// Runs the machine until it powers off or the user quits. Returns the
-/// process exit status.
-pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
+/// process exit status. `ready` runs once, when the first machine is built
+/// and the chardevs and monitors are listening (`-daemonize` lets its
+/// parent go then).
+pub fn run(cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError> {
     match cfg.accel {
-        Accel::Kvm => run_kvm(cfg),
-        Accel::Qtest => qtest::run(cfg),
+        Accel::Kvm => run_kvm(cfg, ready),
+        Accel::Qtest => qtest::run(cfg, ready),
     }
 }
 
@@ -293,7 +295,8 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
+fn run_kvm(mut cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError> {
+    let mut ready = Some(ready);
     validate(&cfg)?;
     let kvm = kvm::open()?;
     let max = kvm.get_max_vcpus();
@@ -335,6 +338,9 @@ fn run_kvm(mut cfg: MachineConfig) -> Result<i32, VmmError> {
         let vcpus = vcpu::create(&kvm, &vm, pc.cpus)?;
         if let (Some(entry), Some(v0)) = (&pc.boot_entry, vcpus.first()) {
             vcpu::set_boot_state(v0, entry)?;
+        }
+        if let Some(r) = ready.take() {
+            r();
         }
         let stop = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(VcpuGate::default());

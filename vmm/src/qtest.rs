@@ -98,7 +98,7 @@ fn open_channel(dev: &CharDev) -> Result<Channel, VmmError> {
     }
 }
 
-pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
+pub fn run(cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError> {
     crate::validate(&cfg)?;
     let dev = cfg
         .qtest
@@ -136,6 +136,7 @@ pub fn run(cfg: MachineConfig) -> Result<i32, VmmError> {
         Ok(pc)
     };
     let mut pc = build(&cfg)?;
+    ready();
     let mut log: Option<std::fs::File> = match &cfg.qtest_log {
         Some(p) => Some(
             std::fs::File::create(p)

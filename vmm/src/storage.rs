@@ -59,7 +59,13 @@ impl Storage {
             drives.insert(d.id.clone(), backend);
         }
         for w in graph.take_warnings() {
-            eprintln!("strata: warning: {w}");
+            // The raw-probing warning carries its own "WARNING:" heading,
+            // printed as QEMU prints it.
+            if w.starts_with("WARNING: ") {
+                eprintln!("{w}");
+            } else {
+                eprintln!("strata: warning: {w}");
+            }
         }
         Ok(Storage {
             graph,

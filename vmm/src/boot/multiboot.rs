@@ -1,7 +1,8 @@
 //! Multiboot 0.6.96 (the "Multiboot Specification", version 1): the
 //! header (section 3.1) is found in the first 8 KiB; the kernel is loaded
 //! from the a.out-kludge addresses (flag 16) or from its 32-bit ELF program
-//! headers; `-initrd` files become modules (3.3, page-aligned after the
+//! headers (the part of a segment in the BIOS area below 1 MiB, where
+//! `ld` puts the ELF headers, is skipped); `-initrd` files become modules (3.3, page-aligned after the
 //! kernel); the multiboot information (3.3) carries the memory sizes, the
 //! command line, the modules, the memory map and the loader's name. Entry
 //! (3.2): 32-bit flat protected mode, paging off, EAX = 0x2BADB002,
@@ -14,8 +15,8 @@
 use std::fs::File;
 
 use super::{
-    e820, read_at, read_initrd, BootContext, BootError, CpuMode, EntryState, BOOT_INFO_ADDR,
-    CMDLINE_ADDR, CMDLINE_AREA, HIGH_MEMORY, STACK_TOP,
+    e820, read_at, read_initrd, BootContext, BootError, CpuMode, EntryState, BIOS_AREA,
+    BOOT_INFO_ADDR, CMDLINE_ADDR, CMDLINE_AREA, HIGH_MEMORY, STACK_TOP,
 };
 
 pub const SEARCH_LEN: usize = 8192;
@@ -251,6 +252,26 @@ fn load_elf32(ctx: &BootContext, f: &mut File, len: u64, head: &[u8]) -> Result<
                 "a segment's file size exceeds its memory size or the file",
             ));
         }
+        // The ELF entry is virtual; run it at its physical address.
+        if (vaddr..vaddr.saturating_add(memsz)).contains(&entry) {
+            phys_entry = Some(entry - vaddr + paddr);
+        }
+        // `ld -Ttext 0x100000` puts the ELF and program headers in a
+        // segment of their own just below 1 MiB (0xff000). That is the
+        // BIOS area, which on a PC is write-protected firmware shadow: QEMU
+        // loads such kernels and the bytes never reach the guest. Do the
+        // same: the part of a segment in the BIOS area is not loaded, the
+        // rest must lie in RAM above 1 MiB as any segment.
+        let skip = if (BIOS_AREA..HIGH_MEMORY).contains(&paddr) {
+            (HIGH_MEMORY - paddr).min(memsz)
+        } else {
+            0
+        };
+        if skip == memsz {
+            continue;
+        }
+        let (paddr, off) = (paddr + skip, off + skip.min(filesz));
+        let (filesz, memsz) = (filesz.saturating_sub(skip), memsz - skip);
         let seg_end = check_range(ctx, paddr, memsz, "a segment")?;
         let mut data = vec![0u8; filesz as usize];
         read_at(f, off, &mut data).map_err(|e| ctx.kernel_err(e))?;
@@ -260,12 +281,14 @@ fn load_elf32(ctx: &BootContext, f: &mut File, len: u64, head: &[u8]) -> Result<
             &vec![0u8; (memsz - filesz) as usize],
             "a segment's bss",
         )?;
-        // The ELF entry is virtual; run it at its physical address.
-        if (vaddr..vaddr + memsz).contains(&entry) {
-            phys_entry = Some(entry - vaddr + paddr);
-        }
         end = end.max(seg_end);
         start = start.min(paddr);
+    }
+    if start == u64::MAX {
+        return Err(bad("no loadable segment above 1 MiB"));
+    }
+    if phys_entry.is_some_and(|e| !(start..end).contains(&e)) {
+        return Err(bad("the entry point is outside the loaded segments"));
     }
     let entry = phys_entry.ok_or_else(|| bad("the entry point is in no loadable segment"))?;
     Ok(Image { start, entry, end })

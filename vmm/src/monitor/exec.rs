@@ -774,7 +774,8 @@ fn query_block(ctx: &Ctx) -> Value {
             "device": d.id,
             "qdev": dev.map(|(i, r)| r.qdev(i)).unwrap_or_default(),
             "locked": cd.as_ref().is_some_and(|c| c.locked()),
-            "removable": cd.is_some(),
+            // QEMU: a drive no device uses counts as removable media.
+            "removable": cd.is_some() || dev.is_none(),
             "type": "unknown",
         });
         if let Some(b) = ctx.storage.drive(&d.id) {

@@ -304,26 +304,75 @@ fn format(cmd: &Command, v: &Value, c: &Control) -> String {
             Some(n) => format!("{}\n", s(n)),
             None => String::new(),
         },
+        // QEMU's layout: a head line per drive, then indented details,
+        // with a blank line between drives.
         Command::QueryBlock => {
             let mut out = String::new();
             for d in v.as_array().into_iter().flatten() {
-                let id = s(&d["device"]);
-                match d.get("inserted") {
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(&s(&d["device"]));
+                let inserted = d.get("inserted");
+                match inserted {
                     Some(i) => {
-                        let state = if d["io-status"] == "failed" {
-                            "stopped"
+                        let ro = if i["ro"] == true { ", read-only" } else { "" };
+                        let enc = if i["encrypted"] == true {
+                            ", encrypted"
                         } else {
-                            "ok"
+                            ""
                         };
-                        let ro = if i["ro"] == true { "read-only, " } else { "" };
                         out.push_str(&format!(
-                            "{id} ({}): {} ({}, {ro}{state})\n",
+                            " ({}): {} ({}{ro}{enc})\n",
                             s(&i["node-name"]),
                             s(&i["file"]),
                             s(&i["drv"])
                         ));
                     }
-                    None => out.push_str(&format!("{id}: [not inserted]\n")),
+                    None => out.push_str(": [not inserted]\n"),
+                }
+                let qdev = s(&d["qdev"]);
+                if !qdev.is_empty() {
+                    out.push_str(&format!("    Attached to:      {qdev}\n"));
+                }
+                if let Some(st) = d["io-status"].as_str().filter(|st| *st != "ok") {
+                    out.push_str(&format!("    I/O status:       {st}\n"));
+                }
+                if d["removable"] == true {
+                    out.push_str(&format!(
+                        "    Removable device: {}locked, tray {}\n",
+                        if d["locked"] == true { "" } else { "not " },
+                        if d["tray_open"] == true {
+                            "open"
+                        } else {
+                            "closed"
+                        }
+                    ));
+                }
+                let Some(i) = inserted else { continue };
+                let c = &i["cache"];
+                out.push_str(&format!(
+                    "    Cache mode:       {}{}{}\n",
+                    if c["writeback"] == true {
+                        "writeback"
+                    } else {
+                        "writethrough"
+                    },
+                    if c["direct"] == true { ", direct" } else { "" },
+                    if c["no-flush"] == true {
+                        ", ignore flushes"
+                    } else {
+                        ""
+                    }
+                ));
+                if let Some(b) = i["backing_file"].as_str() {
+                    out.push_str(&format!(
+                        "    Backing file:     {b} (chain depth: {})\n",
+                        i["backing_file_depth"]
+                    ));
+                }
+                if let Some(z) = i["detect_zeroes"].as_str().filter(|z| *z != "off") {
+                    out.push_str(&format!("    Detect zeroes:    {z}\n"));
                 }
             }
             out
