@@ -3,4 +3,5 @@
 //! into here.
 
 pub mod chardev_args;
+pub mod snapshot_param;
 pub mod system_args;

@@ -53,12 +53,21 @@ impl Qcow2 {
     /// `id_or_name` (its L1 table) instead of the active
     /// state, at the current virtual size. Nothing is written.
     pub fn load_snapshot_readonly(&self, id_or_name: &str) -> FResult<()> {
+        self.load_snapshot_readonly_by(&super::snapshot::SnapshotRef::IdOrName(id_or_name))
+    }
+
+    /// [`Qcow2::load_snapshot_readonly`] with QEMU's ways of naming the
+    /// snapshot (`snapshot.id=`/`snapshot.name=` or a bare ID-or-name).
+    pub fn load_snapshot_readonly_by(
+        &self,
+        which: &super::snapshot::SnapshotRef<'_>,
+    ) -> FResult<()> {
         if !self.is_read_only() {
             return Err(self.invalid("a snapshot can only be loaded on a read-only image"));
         }
         let mut m = self.lock();
-        let Some(i) = m.find_snapshot(id_or_name) else {
-            return Err(self.invalid(format!("Can't find snapshot '{id_or_name}'")));
+        let Some(i) = m.find_snapshot_by(which) else {
+            return Err(self.invalid(format!("Can't find snapshot '{which}'")));
         };
         let s = m.snapshots[i].clone();
         let cs = m.cs;
