@@ -62,8 +62,8 @@ pub struct Cli {
     /// Serve a temporary overlay; the image is not changed.
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
-    /// Serve an internal snapshot, read-only: `snapshot.id=ID[,snapshot.name=NAME]`,
-    /// `snapshot.name=NAME` or a bare ID or name.
+    /// Serve an internal snapshot (implies -r): snapshot.id=ID[,snapshot.name=NAME],
+    /// snapshot.name=NAME, or a bare ID or name.
     #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
     load_snapshot: Option<String>,
     /// Offer the qemu:allocation-depth metadata context (the backing chain
@@ -95,7 +95,8 @@ pub struct Cli {
     /// FILENAME is a set of block node options, not a file name.
     #[arg(long = "image-opts")]
     image_opts: bool,
-    /// QEMU objects (iothread, secret, tls-creds-x509).
+    /// QEMU objects (iothread, secret, tls-creds-x509; its passwordid=SECRET
+    /// decrypts an encrypted PKCS#8 key).
     #[arg(long = "object")]
     object: Vec<String>,
     /// Require TLS with these credentials (a tls-creds-x509 object).
