@@ -1358,6 +1358,14 @@ fn bitmap_export_matches_qemu_nbd() {
             vec!["--bitmap=nope"],
             "strata-nbd: --bitmap=nope: Bitmap 'nope' is not found",
         ),
+        (
+            vec!["--bitmap", "b0", "-B", "nope"],
+            "strata-nbd: -B nope: Bitmap 'nope' is not found",
+        ),
+        (
+            vec!["-B", "b1", "--bitmap", "nope"],
+            "strata-nbd: --bitmap=nope: Bitmap 'nope' is not found",
+        ),
     ] {
         let mut a = a;
         a.extend(["-k", &sock, &img]);

@@ -144,18 +144,21 @@ pub struct Settings {
 }
 
 /// How the user wrote the option `-short`/`--long` with `value`, for
-/// messages: `-l snap1` or `--load-snapshot=snap1`.
+/// messages: `-l snap1` or `--load-snapshot=snap1` (the short form when
+/// it cannot be told, e.g. inside a cluster of short flags).
 fn spelled(args: &[String], short: char, long: &str, value: &str) -> String {
-    let long_form = format!("--{long}");
-    for a in args.iter().skip(1) {
+    let (s, l) = (format!("-{short}"), format!("--{long}"));
+    let mut it = args.iter().skip(1).peekable();
+    while let Some(a) = it.next() {
         if a == "--" {
             break;
         }
-        if *a == long_form || a.starts_with(&format!("{long_form}=")) {
-            return format!("{long_form}={value}");
+        let next_is_value = it.peek().is_some_and(|n| *n == value);
+        if (*a == l && next_is_value) || *a == format!("{l}={value}") {
+            return format!("{l}={value}");
         }
     }
-    format!("-{short} {value}")
+    format!("{s} {value}")
 }
 
 fn check(mut cli: Cli, args: &[String]) -> R<Settings> {
