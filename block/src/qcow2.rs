@@ -1117,6 +1117,23 @@ impl BlockDriver for Qcow2Node {
             .unwrap_or_else(|e| e.into_inner()) = Some(names);
         Ok(out)
     }
+    fn inconsistent_bitmaps(&self) -> Vec<String> {
+        use formats::qcow2::bitmap::FLAG_IN_USE;
+        // Once loaded, every bitmap is marked in use on disk: only those
+        // not handed over count.
+        let loaded = self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        self.img
+            .bitmaps()
+            .into_iter()
+            .filter(|b| b.flags & FLAG_IN_USE != 0 && !loaded.contains(&b.name))
+            .map(|b| b.name)
+            .collect()
+    }
     fn can_store_bitmaps(&self) -> bool {
         true
     }

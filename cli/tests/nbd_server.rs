@@ -1376,4 +1376,23 @@ fn bitmap_export_matches_qemu_nbd() {
     // The failed starts left the bitmaps alone.
     let info = run("qemu-img", &["info", "--output=json", &img]);
     assert!(!info.contains("in-use"), "{info}");
+
+    // A bitmap left in use by a server that was killed is refused, as
+    // qemu-nbd refuses it.
+    let mut srv = serve_on("qemu-nbd", &sock, &[&img]);
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+    drop(srv);
+    let info = run("qemu-img", &["info", "--output=json", &img]);
+    assert!(info.contains("in-use"), "{info}");
+    for bin in [nbd_bin(), "qemu-nbd"] {
+        let o = out(bin, &["-r", "-B", "b0", "-k", &sock, &img]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{bin}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{bin}: {err}");
+        assert!(
+            err.contains("Bitmap 'b0' is inconsistent and cannot be used"),
+            "{bin}: {err}"
+        );
+    }
 }

@@ -394,6 +394,11 @@ fn find_bitmap(top: &Arc<block::node::Node>, name: &str) -> R<Arc<block::bitmap:
         if let Some(b) = n.bitmap(name) {
             return Ok(b);
         }
+        if n.driver().inconsistent_bitmaps().iter().any(|b| b == name) {
+            return fail(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
+            ));
+        }
         cur = n.child("backing");
     }
     fail(format!("Bitmap '{name}' is not found"))
