@@ -1336,6 +1336,16 @@ fn bitmap_export_matches_qemu_nbd() {
     );
     let (_, b0) = map_context(&sock, "qemu:dirty-bitmap:b0");
     assert!(dirty(&b0).contains(&(3 << 20, 64 << 10)), "{b0:?}");
+    // qemu-nbd -L lists the contexts the export offers.
+    let list = run("qemu-nbd", &["-L", "-k", &sock]);
+    for c in [
+        "base:allocation",
+        "qemu:dirty-bitmap:b0",
+        "qemu:dirty-bitmap:b1",
+    ] {
+        assert!(list.contains(&format!("   {c}\n")), "{c}: {list}");
+    }
+    assert!(list.contains("available meta contexts: 3"), "{list}");
     assert!(srv.term().success());
     let info = run("qemu-img", &["info", "--output=json", &img]);
     assert!(!info.contains("in-use"), "{info}");

@@ -986,3 +986,30 @@ fn finish(r: &Replier, q: Req, res: crate::error::BlockResult<()>, bytes: u64) {
 fn done(r: Arc<Replier>, q: Req, bytes: u64) -> crate::driver::Completion {
     Box::new(move |_req, res| finish(&r, q, res, bytes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::selects;
+
+    #[test]
+    fn context_queries() {
+        let bm = "qemu:dirty-bitmap:b0";
+        // SET takes exact names only.
+        assert!(selects(true, bm, bm));
+        assert!(!selects(true, "qemu:", bm));
+        assert!(!selects(true, "qemu:dirty-bitmap:", bm));
+        // LIST also takes the namespaces QEMU documents.
+        for q in ["qemu:", "qemu:dirty-bitmap:", bm] {
+            assert!(selects(false, q, bm), "{q}");
+        }
+        assert!(selects(false, "qemu:", "qemu:allocation-depth"));
+        assert!(!selects(
+            false,
+            "qemu:dirty-bitmap:",
+            "qemu:allocation-depth"
+        ));
+        assert!(!selects(false, "qemu:dirty-", bm));
+        assert!(selects(false, "base:", "base:allocation"));
+        assert!(!selects(false, "base:", bm));
+    }
+}
