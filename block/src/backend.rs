@@ -741,6 +741,11 @@ impl BlockBackend {
     pub fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         self.node()?.block_status(offset, len)
     }
+    /// The run at `offset` and the depth of the backing chain layer that
+    /// provides it (see [`Node::allocation_depth`]).
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<(u64, u32)> {
+        self.node()?.allocation_depth(offset, len)
+    }
     /// Resize (needs `BackendConfig::resize`).
     pub fn truncate(&self, len: u64) -> BlockResult<()> {
         if self.is_read_only() {

@@ -294,6 +294,12 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn load_bitmaps(&self) -> BlockResult<Vec<crate::bitmap::DirtyBitmap>> {
         Ok(Vec::new())
     }
+    /// Persistent bitmaps the image holds but [`BlockDriver::load_bitmaps`]
+    /// leaves out because they are marked in use on disk (a program
+    /// holding them died), by name: QEMU's inconsistent bitmaps.
+    fn inconsistent_bitmaps(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Whether the format can store persistent dirty bitmaps.
     fn can_store_bitmaps(&self) -> bool {
         false

@@ -553,7 +553,7 @@ impl BlockGraph {
                 map.insert("read-only".into(), Value::Str("on".into()));
             }
             let extra_map = extra_options(extra)?;
-            merge(&mut map, extra_map);
+            keyval::merge(&mut map, extra_map);
             let probe = !map.contains_key("driver");
             return self.open_options(Options::new("json: filename", map), None, probe);
         }
@@ -567,7 +567,7 @@ impl BlockGraph {
             if read_only {
                 map.insert("read-only".into(), Value::Str("on".into()));
             }
-            merge(&mut map, extra_options(extra)?);
+            keyval::merge(&mut map, extra_options(extra)?);
             return self.open_options(Options::new("image options", map), None, format.is_none());
         }
         let mut file = Map::new();
@@ -587,7 +587,7 @@ impl BlockGraph {
             map.insert("read-only".into(), Value::Str("on".into()));
         }
         let extra_map = extra_options(extra)?;
-        merge(&mut map, extra_map);
+        keyval::merge(&mut map, extra_map);
         self.open_options(Options::new("image options", map), None, format.is_none())
     }
 
@@ -625,17 +625,6 @@ fn extra_options(extra: &[(&str, &str)]) -> BlockResult<Map> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     Ok(keyval::Parser::new("image options").build(pairs)?)
-}
-
-fn merge(dst: &mut Map, src: Map) {
-    for (k, v) in src {
-        match (dst.get_mut(&k), v) {
-            (Some(Value::Map(d)), Value::Map(s)) => merge(d, s),
-            (_, v) => {
-                dst.insert(k, v);
-            }
-        }
-    }
 }
 
 /// Parse the generic node options, inheriting from `inherit` when absent.

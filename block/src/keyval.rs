@@ -666,6 +666,32 @@ impl Options {
     }
 }
 
+/// Merge `src` into `dst`: nested objects key by key, anything else
+/// replaced.
+pub fn merge(dst: &mut Map, src: Map) {
+    for (k, v) in src {
+        match (dst.get_mut(&k), v) {
+            (Some(Value::Map(d)), Value::Map(s)) => merge(d, s),
+            (_, v) => {
+                dst.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Set dotted `(key, value)` pairs (values as they are, no `,,`
+/// escaping) in `map`, keeping what its objects already hold
+/// (`cache.direct` next to a `cache.no-flush`).
+pub fn merge_pairs(
+    map: &mut Map,
+    option: &str,
+    pairs: &[(String, String)],
+) -> Result<(), KeyvalError> {
+    let more = Parser::new(option).build(pairs.to_vec())?;
+    merge(map, more);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

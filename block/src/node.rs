@@ -432,6 +432,36 @@ impl Node {
         self.driver.block_status(offset, len)
     }
 
+    /// Which layer of the backing chain provides the run at `offset` (at
+    /// most `len` bytes): the run's length and its depth, 1 for this node,
+    /// 2 for its backing image and so on, 0 when no layer allocates it
+    /// (QEMU's `bdrv_is_allocated_above` over the whole chain, what the
+    /// `qemu:allocation-depth` NBD context reports).
+    pub fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<(u64, u32)> {
+        let mut depth = 1u32;
+        let mut len = len.max(1);
+        let mut below: Option<Arc<Node>> = None;
+        loop {
+            let node = below.as_deref().unwrap_or(self);
+            let e = node.block_status(offset, len)?;
+            let l = e.len.clamp(1, len);
+            if e.allocated {
+                return Ok((l, depth));
+            }
+            let Some(b) = node.child("backing") else {
+                return Ok((l, 0));
+            };
+            if offset >= b.len() {
+                // Past the end of a shorter backing image the run reads as
+                // zeroes, and QEMU counts them as that image's.
+                return Ok((l, depth + 1));
+            }
+            len = l.min(b.len() - offset);
+            depth += 1;
+            below = Some(b);
+        }
+    }
+
     /// Resize.
     pub fn truncate(&self, len: u64) -> BlockResult<()> {
         self.check_writable()?;

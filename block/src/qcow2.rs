@@ -18,6 +18,7 @@ use crate::node::{Child, Node};
 use formats::error::FormatError;
 use formats::qcow2::io::{Overwrite, Piece, WriteData, WritePlan};
 use formats::qcow2::l2::Kind;
+use formats::qcow2::snapshot::SnapshotRef;
 use formats::qcow2::{self, OpenOptions, Qcow2, Ticket};
 use formats::storage::Storage;
 use std::cell::Cell;
@@ -327,15 +328,47 @@ impl Qcow2Node {
         let bs: Option<Arc<dyn Storage>> = Some(Arc::new(ChildStorage(backing.clone())));
         // `x-load-snapshot`: show an internal snapshot, read-only (what
         // qemu-img's `convert -l` and `measure -l` read).
-        let snap = ctx.opts.take_str("x-load-snapshot")?;
+        // A word names the snapshot by ID or name; `x-load-snapshot.id`
+        // and `.name` must each match (QEMU's `snapshot.id=`/`.name=`).
+        let snap = match ctx.opts.take_value("x-load-snapshot") {
+            None => None,
+            Some(Value::Str(w)) => Some((Some(w), None, None)),
+            Some(Value::Map(m)) => {
+                let (mut id, mut sname) = (None, None);
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("id", Value::Str(v)) => id = Some(v),
+                        ("name", Value::Str(v)) => sname = Some(v),
+                        _ => {
+                            return Err(BlockError::Open(format!(
+                                "Invalid parameter 'x-load-snapshot.{k}'"
+                            )))
+                        }
+                    }
+                }
+                Some((None, id, sname))
+            }
+            Some(_) => {
+                return Err(BlockError::Open(
+                    "Invalid parameter 'x-load-snapshot'".into(),
+                ))
+            }
+        };
         let img = Qcow2::open(&name, fs, ds, bs, &o).map_err(open_error)?;
-        if let Some(sn) = snap {
+        if let Some((word, id, sname)) = &snap {
             if !ctx.common.read_only {
                 return Err(BlockError::Open(format!(
                     "{name}: x-load-snapshot needs a read-only image"
                 )));
             }
-            img.load_snapshot_readonly(&sn).map_err(open_error)?;
+            let which = match word {
+                Some(w) => SnapshotRef::IdOrName(w),
+                None => SnapshotRef::Exact {
+                    id: id.as_deref(),
+                    name: sname.as_deref(),
+                },
+            };
+            img.load_snapshot_readonly_by(&which).map_err(open_error)?;
         }
         let node = Arc::new(Qcow2Node {
             img,
@@ -1083,6 +1116,23 @@ impl BlockDriver for Qcow2Node {
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = Some(names);
         Ok(out)
+    }
+    fn inconsistent_bitmaps(&self) -> Vec<String> {
+        use formats::qcow2::bitmap::FLAG_IN_USE;
+        // Once loaded, every bitmap is marked in use on disk: only those
+        // not handed over count.
+        let loaded = self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_default();
+        self.img
+            .bitmaps()
+            .into_iter()
+            .filter(|b| b.flags & FLAG_IN_USE != 0 && !loaded.contains(&b.name))
+            .map(|b| b.name)
+            .collect()
     }
     fn can_store_bitmaps(&self) -> bool {
         true

@@ -4,4 +4,5 @@
 
 pub mod chardev_args;
 pub mod daemon;
+pub mod snapshot_param;
 pub mod system_args;

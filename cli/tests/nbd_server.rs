@@ -996,3 +996,413 @@ fn export_options() {
     run("qemu-io", &["-f", "raw", "-c", "write -P 5 0 4k", &srv.url]);
     assert!(srv.term().success());
 }
+
+/// Start `bin` (strata-nbd or qemu-nbd) on the unix socket `sock` with
+/// `args` and wait until the socket file is there (no probe: without `-t`
+/// a probe would be the one client).
+fn serve_on(bin: &str, sock: &str, args: &[&str]) -> Server {
+    let _ = std::fs::remove_file(sock);
+    let mut child = Command::new(bin)
+        .args(args)
+        .args(["-k", sock])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !std::path::Path::new(sock).exists() {
+        if let Some(s) = child.try_wait().unwrap() {
+            panic!("{bin} exited early: {s}");
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The file appears at bind(), a moment before listen().
+    std::thread::sleep(Duration::from_millis(50));
+    Server {
+        child,
+        url: format!("nbd+unix:///?socket={sock}"),
+    }
+}
+
+/// `qemu-img map` of the export at `sock` read through the metadata
+/// context `ctx` (QEMU's `x-dirty-bitmap`, as its iotests read
+/// `qemu:allocation-depth` and bitmaps): the JSON text and its runs as
+/// (start, length, zero, data).
+fn map_context(sock: &str, ctx: &str) -> (String, Vec<(u64, u64, bool, bool)>) {
+    let json = run(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            &format!("driver=nbd,server.type=unix,server.path={sock},x-dirty-bitmap={ctx}"),
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).expect("map JSON");
+    let runs = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["zero"].as_bool().unwrap(),
+                e["data"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    (json, runs)
+}
+
+/// The (zero, data) pair QEMU's client reports at `off` in `runs`.
+fn at(runs: &[(u64, u64, bool, bool)], off: u64) -> (bool, bool) {
+    let r = runs
+        .iter()
+        .find(|r| r.0 <= off && off < r.0 + r.1)
+        .unwrap_or_else(|| panic!("no run at {off}: {runs:?}"));
+    (r.2, r.3)
+}
+
+#[test]
+fn load_snapshot_serves_it_read_only() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new("snap");
+    let img = d.p("disk.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "4M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0x5a 3M 64k",
+            &img,
+        ],
+    );
+    run("qemu-img", &["snapshot", "-c", "snap1", &img]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x22 0 512k",
+            "-c",
+            "write -P 0x33 2M 64k",
+            "-c",
+            "write -z 3M 64k",
+            &img,
+        ],
+    );
+    // The oracle: what qemu-img reads from the snapshot.
+    let reference = d.p("snap1.raw");
+    run(
+        "qemu-img",
+        &["convert", "-l", "snap1", "-O", "raw", &img, &reference],
+    );
+    let sock = d.p("s.sock");
+    for form in [
+        vec!["-l", "snap1"],
+        vec!["--load-snapshot=snapshot.name=snap1"],
+        vec!["-l", "snapshot.id=1"],
+        vec!["-l", "1"],
+        vec!["-l", "snapshot.id=1,snapshot.name=snap1"],
+    ] {
+        let mut a = form.clone();
+        a.push(&img);
+        let _srv = serve_on(nbd_bin(), &sock, &a);
+        let cmp = run(
+            "qemu-img",
+            &[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &format!("nbd+unix:///?socket={sock}"),
+                &reference,
+            ],
+        );
+        assert!(cmp.contains("identical"), "{form:?}: {cmp}");
+    }
+    // Read-only, as -l implies -r: qemu-io's read-write open is refused.
+    let _srv = serve_on(nbd_bin(), &sock, &["-t", "-l", "snap1", &img]);
+    let url = format!("nbd+unix:///?socket={sock}");
+    let o = out("qemu-io", &["-f", "raw", "-c", "write 0 4k", &url]);
+    assert!(!o.status.success());
+    run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x11 0 1M",
+            "-c",
+            "read -P 0x5a 3M 64k",
+            "-c",
+            "read -P 0 2M 64k",
+            &url,
+        ],
+    );
+    drop(_srv);
+    // The active state was not touched.
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "read -P 0x22 0 512k", &img],
+    );
+
+    // A missing snapshot, a bad parameter, a format without snapshots:
+    // one line that names the option as written, exit 1.
+    let raw = d.p("disk.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &raw, "1M"]);
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["-l", "nope", &img], "-l nope: "),
+        (
+            vec!["--load-snapshot=snapshot.name=1", &img],
+            "--load-snapshot=snapshot.name=1: ",
+        ),
+        (
+            vec!["-l", "snapshot.id=1,snapshot.name=other", &img],
+            "-l snapshot.id=1,snapshot.name=other: ",
+        ),
+        (vec!["-l", "snapshot.size=1", &img], "-l snapshot.size=1: "),
+        (vec!["-f", "raw", "-l", "snap1", &raw], "-l snap1: "),
+    ];
+    for (mut a, want) in cases {
+        a.extend(["-k", &sock]);
+        let o = out(nbd_bin(), &a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{a:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{a:?}: {err}");
+        assert!(
+            err.starts_with(&format!("strata-nbd: {want}")),
+            "{a:?}: {err}"
+        );
+    }
+}
+
+#[test]
+fn allocation_depth_matches_qemu_nbd() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new("depth");
+    // base (4M) <- mid (6M) <- top (8M): each layer shorter than the one
+    // above, so the zeroes past a backing file's end count too.
+    let (base, mid, top) = (d.p("base.qcow2"), d.p("mid.qcow2"), d.p("top.qcow2"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "4M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -z 3M 512k",
+            &base,
+        ],
+    );
+    for (img, back, size) in [(&mid, &base, "6M"), (&top, &mid, "8M")] {
+        run(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-b", back, "-F", "qcow2", img, size,
+            ],
+        );
+    }
+    run("qemu-io", &["-f", "qcow2", "-c", "write -P 3 1M 64k", &mid]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 2 512k 256k",
+            "-c",
+            "write -z 2M 256k",
+            "-c",
+            "write -P 4 7M 64k",
+            &top,
+        ],
+    );
+    let sock = d.p("s.sock");
+    let mut maps = Vec::new();
+    for bin in [nbd_bin(), "qemu-nbd"] {
+        let _srv = serve_on(bin, &sock, &["-r", "-A", "-f", "qcow2", &top]);
+        maps.push(map_context(&sock, "qemu:allocation-depth"));
+    }
+    assert_eq!(maps[0].0, maps[1].0, "strata-nbd vs qemu-nbd");
+    // QEMU's client folds the depth into (zero, data): 0 -> (false,
+    // true), 1 -> (false, false), 2 and more -> (true, true).
+    let runs = &maps[0].1;
+    let (none, own, below) = ((false, true), (false, false), (true, true));
+    assert_eq!(at(runs, 0), below, "base data");
+    assert_eq!(at(runs, 512 << 10), own, "top data");
+    assert_eq!(at(runs, 1 << 20), below, "mid data");
+    assert_eq!(at(runs, (1 << 20) + (64 << 10)), none, "nowhere");
+    assert_eq!(at(runs, 2 << 20), own, "top zero cluster");
+    assert_eq!(at(runs, 3 << 20), below, "base zero cluster");
+    assert_eq!(at(runs, 5 << 20), below, "past base's end, within mid");
+    assert_eq!(at(runs, 6 << 20), below, "past mid's end");
+    assert_eq!(at(runs, 7 << 20), own, "top data past mid's end");
+
+    // A raw image is all its own layer.
+    let raw = d.p("disk.raw");
+    run("qemu-img", &["create", "-q", "-f", "raw", &raw, "1M"]);
+    let _srv = serve_on(nbd_bin(), &sock, &["-r", "-A", "-f", "raw", &raw]);
+    let (_, runs) = map_context(&sock, "qemu:allocation-depth");
+    assert_eq!(runs, vec![(0, 1 << 20, false, false)]);
+    drop(_srv);
+
+    // Without -A the context is not offered, and QEMU's client says so.
+    let _srv = serve_on(nbd_bin(), &sock, &["-r", "-f", "qcow2", &top]);
+    let o = out(
+        "qemu-img",
+        &[
+            "map",
+            "--output=json",
+            "--image-opts",
+            &format!("driver=nbd,server.type=unix,server.path={sock},x-dirty-bitmap=qemu:allocation-depth"),
+        ],
+    );
+    assert!(!o.status.success());
+}
+
+#[test]
+fn bitmap_export_matches_qemu_nbd() {
+    if !have_qemu() {
+        return;
+    }
+    let d = Dir::new("bitmap");
+    let img = d.p("disk.qcow2");
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "4M"]);
+    run("qemu-img", &["bitmap", "--add", &img, "b0"]);
+    run(
+        "qemu-img",
+        &["bitmap", "--add", "--granularity", "128k", &img, "b1"],
+    );
+    // qemu-io on the qcow2 image marks its enabled persistent bitmaps.
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 5 64k 64k",
+            "-c",
+            "write -P 6 1M 300k",
+            &img,
+        ],
+    );
+    let sock = d.p("s.sock");
+    let mut maps = Vec::new();
+    for bin in [nbd_bin(), "qemu-nbd"] {
+        let _srv = serve_on(bin, &sock, &["-r", "-B", "b0", &img]);
+        maps.push(map_context(&sock, "qemu:dirty-bitmap:b0"));
+    }
+    assert_eq!(maps[0].0, maps[1].0, "strata-nbd vs qemu-nbd");
+    // Dirty reads back as (zero, data) = (false, false).
+    let dirty = |runs: &[(u64, u64, bool, bool)]| -> Vec<(u64, u64)> {
+        runs.iter()
+            .filter(|r| !r.2 && !r.3)
+            .map(|r| (r.0, r.1))
+            .collect()
+    };
+    assert_eq!(
+        dirty(&maps[0].1),
+        vec![(64 << 10, 64 << 10), (1 << 20, 320 << 10)]
+    );
+
+    // Two bitmaps on one writable export: writes through it are tracked
+    // in both, and stored in the image at SIGTERM (not left in use).
+    let mut srv = serve_on(
+        nbd_bin(),
+        &sock,
+        &["-t", "-e", "0", "-B", "b0", "--bitmap=b1", &img],
+    );
+    let (_, b1) = map_context(&sock, "qemu:dirty-bitmap:b1");
+    assert_eq!(dirty(&b1), vec![(0, 128 << 10), (1 << 20, 384 << 10)]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 7 3M 64k", &srv.url],
+    );
+    let (_, b0) = map_context(&sock, "qemu:dirty-bitmap:b0");
+    assert!(dirty(&b0).contains(&(3 << 20, 64 << 10)), "{b0:?}");
+    // qemu-nbd -L lists the contexts the export offers.
+    let list = run("qemu-nbd", &["-L", "-k", &sock]);
+    for c in [
+        "base:allocation",
+        "qemu:dirty-bitmap:b0",
+        "qemu:dirty-bitmap:b1",
+    ] {
+        assert!(list.contains(&format!("   {c}\n")), "{c}: {list}");
+    }
+    assert!(list.contains("available meta contexts: 3"), "{list}");
+    assert!(srv.term().success());
+    let info = run("qemu-img", &["info", "--output=json", &img]);
+    assert!(!info.contains("in-use"), "{info}");
+    run("qemu-img", &["check", &img]);
+    let _srv = serve_on("qemu-nbd", &sock, &["-r", "-B", "b1", &img]);
+    let (_, b1) = map_context(&sock, "qemu:dirty-bitmap:b1");
+    assert_eq!(
+        dirty(&b1),
+        vec![(0, 128 << 10), (1 << 20, 384 << 10), (3 << 20, 128 << 10)]
+    );
+    drop(_srv);
+
+    // A bitmap the image does not have: one line naming the option.
+    for (a, want) in [
+        (
+            vec!["-B", "nope"],
+            "strata-nbd: -B nope: Bitmap 'nope' is not found",
+        ),
+        (
+            vec!["--bitmap=nope"],
+            "strata-nbd: --bitmap=nope: Bitmap 'nope' is not found",
+        ),
+        (
+            vec!["--bitmap", "b0", "-B", "nope"],
+            "strata-nbd: -B nope: Bitmap 'nope' is not found",
+        ),
+        (
+            vec!["-B", "b1", "--bitmap", "nope"],
+            "strata-nbd: --bitmap=nope: Bitmap 'nope' is not found",
+        ),
+    ] {
+        let mut a = a;
+        a.extend(["-k", &sock, &img]);
+        let o = out(nbd_bin(), &a);
+        assert_eq!(o.status.code(), Some(1));
+        assert_eq!(String::from_utf8_lossy(&o.stderr).trim(), want);
+    }
+    // The failed starts left the bitmaps alone.
+    let info = run("qemu-img", &["info", "--output=json", &img]);
+    assert!(!info.contains("in-use"), "{info}");
+
+    // A bitmap left in use by a server that was killed is refused, as
+    // qemu-nbd refuses it.
+    let mut srv = serve_on("qemu-nbd", &sock, &[&img]);
+    let _ = srv.child.kill();
+    let _ = srv.child.wait();
+    drop(srv);
+    let info = run("qemu-img", &["info", "--output=json", &img]);
+    assert!(info.contains("in-use"), "{info}");
+    for bin in [nbd_bin(), "qemu-nbd"] {
+        let o = out(bin, &["-r", "-B", "b0", "-k", &sock, &img]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{bin}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{bin}: {err}");
+        assert!(
+            err.contains("Bitmap 'b0' is inconsistent and cannot be used"),
+            "{bin}: {err}"
+        );
+    }
+}

@@ -4,7 +4,9 @@
 //! NBD protocol sections: "Fixed newstyle negotiation" (greeting with
 //! `NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`; options `EXPORT_NAME`,
 //! `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`,
-//! `SET_META_CONTEXT` with `base:allocation`; unknown ones are answered
+//! `SET_META_CONTEXT` with `base:allocation` and QEMU's `qemu:` contexts
+//! (`docs/interop/nbd.txt`: `qemu:allocation-depth`,
+//! `qemu:dirty-bitmap:NAME`); unknown ones are answered
 //! `NBD_REP_ERR_UNSUP`), "TLS support" (with credentials the server runs
 //! in FORCEDTLS mode: every option but `STARTTLS` and `ABORT` is refused
 //! with `NBD_REP_ERR_TLS_REQD` until TLS is up, and `EXPORT_NAME` ends the
@@ -60,26 +62,70 @@ pub struct Export {
     pub trim: bool,
     /// Several clients may share it (`-e` > 1): advertise `CAN_MULTI_CONN`.
     pub multi_conn: bool,
-    /// A dirty bitmap offered as the `qemu:dirty-bitmap:NAME` metadata
-    /// context (QEMU's `nbd-server-add bitmap=`, qemu-nbd's `-B`): what an
+    /// Dirty bitmaps offered as `qemu:dirty-bitmap:NAME` metadata
+    /// contexts (QEMU's `nbd-server-add bitmap=`, qemu-nbd's `-B`): what an
     /// incremental backup pulls.
-    pub bitmap: Option<Arc<crate::bitmap::DirtyBitmap>>,
+    pub bitmaps: Vec<Arc<crate::bitmap::DirtyBitmap>>,
+    /// Offer the `qemu:allocation-depth` metadata context (qemu-nbd's
+    /// `-A`): which layer of the backing chain each range comes from.
+    pub allocation_depth: bool,
 }
 
 /// The metadata context id of `base:allocation`.
 const CTX_ALLOCATION: u32 = 1;
-/// The metadata context id of the export's dirty bitmap.
-const CTX_BITMAP: u32 = 2;
+/// The metadata context id of `qemu:allocation-depth`.
+const CTX_DEPTH: u32 = 2;
+/// The metadata context id of the export's first dirty bitmap; the others
+/// follow in order.
+const CTX_BITMAP: u32 = 3;
 /// `qemu:dirty-bitmap:` status bit: the range is dirty.
 const STATE_DIRTY: u32 = 1;
+/// The name of QEMU's allocation depth context.
+const ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
+/// A metadata context an export offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ctx {
+    Allocation,
+    Depth,
+    /// The export's bitmap at this index.
+    Bitmap(usize),
+}
+
+impl Ctx {
+    fn id(self) -> u32 {
+        match self {
+            Ctx::Allocation => CTX_ALLOCATION,
+            Ctx::Depth => CTX_DEPTH,
+            Ctx::Bitmap(i) => CTX_BITMAP + i as u32,
+        }
+    }
+}
 
 impl Export {
-    /// The name of the bitmap's metadata context.
-    fn bitmap_context(&self) -> Option<String> {
-        self.bitmap
-            .as_ref()
-            .map(|b| format!("qemu:dirty-bitmap:{}", b.name()))
+    /// The metadata contexts this export offers, with their names, in the
+    /// order replies list them.
+    fn contexts(&self) -> Vec<(Ctx, String)> {
+        let mut v = vec![(Ctx::Allocation, proto::BASE_ALLOCATION.to_string())];
+        if self.allocation_depth {
+            v.push((Ctx::Depth, ALLOCATION_DEPTH.to_string()));
+        }
+        for (i, b) in self.bitmaps.iter().enumerate() {
+            v.push((Ctx::Bitmap(i), format!("qemu:dirty-bitmap:{}", b.name())));
+        }
+        v
     }
+}
+
+/// Whether `query` of `NBD_OPT_SET_META_CONTEXT` (`set`) or
+/// `LIST_META_CONTEXT` selects the context `name`. Only listing takes the
+/// namespace queries (`base:`, `qemu:`, `qemu:dirty-bitmap:`), as in QEMU's
+/// `docs/interop/nbd.txt`.
+fn selects(set: bool, query: &str, name: &str) -> bool {
+    query == name
+        || (!set
+            && matches!(query, "base:" | "qemu:" | "qemu:dirty-bitmap:")
+            && name.starts_with(query))
 }
 
 impl Export {
@@ -150,8 +196,8 @@ struct Session {
     structured: bool,
     /// Extended headers (implies `structured`).
     extended: bool,
-    base_allocation: bool,
-    dirty_bitmap: bool,
+    /// The metadata contexts selected with `NBD_OPT_SET_META_CONTEXT`.
+    contexts: Vec<Ctx>,
 }
 
 fn reply(s: &mut Stream, opt: u32, rtype: u32, data: &[u8]) -> io::Result<()> {
@@ -181,8 +227,7 @@ fn negotiate(
     let no_zeroes = cflags & proto::FLAG_C_NO_ZEROES != 0;
     let mut structured = false;
     let mut extended = false;
-    let mut base_allocation = false;
-    let mut dirty_bitmap = false;
+    let mut contexts: Vec<Ctx> = Vec::new();
     let mut data = Vec::new();
     let start = std::time::Instant::now();
     loop {
@@ -241,8 +286,7 @@ fn negotiate(
                     export,
                     structured,
                     extended,
-                    base_allocation,
-                    dirty_bitmap,
+                    contexts,
                 }));
             }
             ClientOption::Abort => {
@@ -301,8 +345,7 @@ fn negotiate(
                         export,
                         structured,
                         extended,
-                        base_allocation,
-                        dirty_bitmap,
+                        contexts,
                     }));
                 }
             }
@@ -353,37 +396,21 @@ fn negotiate(
                     reply(s, h.option, proto::REP_ERR_UNKNOWN, msg.as_bytes())?;
                     continue;
                 };
+                // Listing with no query lists everything.
                 let all = !set && queries.is_empty();
-                let wanted = if set {
-                    queries.iter().any(|q| q == proto::BASE_ALLOCATION)
-                } else {
-                    all || queries
-                        .iter()
-                        .any(|q| q == proto::BASE_ALLOCATION || q == "base:")
-                };
-                let bm = ex.bitmap_context();
-                let wanted_bm = bm.as_ref().is_some_and(|c| {
-                    if set {
-                        queries.iter().any(|q| q == c)
-                    } else {
-                        all || queries
-                            .iter()
-                            .any(|q| q == c || q == "qemu:" || q == "qemu:dirty-bitmap:")
-                    }
-                });
+                let chosen: Vec<(Ctx, String)> = ex
+                    .contexts()
+                    .into_iter()
+                    .filter(|(_, name)| all || queries.iter().any(|q| selects(set, q, name)))
+                    .collect();
+                for (c, name) in &chosen {
+                    let mut d = c.id().to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    reply(s, h.option, proto::REP_META_CONTEXT, &d)?;
+                }
                 if set {
-                    base_allocation = wanted;
-                    dirty_bitmap = wanted_bm;
-                }
-                if wanted {
-                    let mut d = CTX_ALLOCATION.to_be_bytes().to_vec();
-                    d.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
-                    reply(s, h.option, proto::REP_META_CONTEXT, &d)?;
-                }
-                if let (true, Some(c)) = (wanted_bm, &bm) {
-                    let mut d = CTX_BITMAP.to_be_bytes().to_vec();
-                    d.extend_from_slice(c.as_bytes());
-                    reply(s, h.option, proto::REP_META_CONTEXT, &d)?;
+                    // A new SET replaces the earlier selection.
+                    contexts = chosen.into_iter().map(|(c, _)| c).collect();
                 }
                 reply(s, h.option, proto::REP_ACK, &[])?;
             }
@@ -409,8 +436,7 @@ fn negotiate(
                     // Nothing negotiated in plain text carries over.
                     structured = false;
                     extended = false;
-                    base_allocation = false;
-                    dirty_bitmap = false;
+                    contexts.clear();
                 }
             },
             ClientOption::Unknown(_) => {
@@ -624,7 +650,7 @@ fn transmission(s: &mut io::BufReader<Stream>, sess: &Session, rep: &Arc<Replier
         size: ex.blk.len(),
         flags: ex.flags(),
         structured: sess.structured,
-        base_allocation: sess.base_allocation || sess.dirty_bitmap,
+        base_allocation: !sess.contexts.is_empty(),
         extended: sess.extended,
     };
     loop {
@@ -684,8 +710,6 @@ fn execute(
 ) -> Result<(), End> {
     let ex = &sess.export;
     let blk = &ex.blk;
-    let (sess_alloc, sess_bitmap) = (sess.base_allocation, sess.dirty_bitmap);
-    let export_bitmap = ex.bitmap.clone();
     match cmd {
         Command::Disc => Err(End::Clean),
         Command::Read { offset, len } => {
@@ -773,9 +797,8 @@ fn execute(
         } => {
             rep.budget.take(0);
             let r = rep.clone();
-            let b = blk.clone();
-            let bitmap = if sess_bitmap { export_bitmap } else { None };
-            let alloc = sess_alloc;
+            let ex = ex.clone();
+            let contexts = sess.contexts.clone();
             crate::aio::pool().spawn(Box::new(move || {
                 let rtype = if r.extended {
                     proto::REPLY_TYPE_BLOCK_STATUS_EXT
@@ -785,14 +808,23 @@ fn execute(
                 // One chunk per selected context, the last one flagged done,
                 // sent as one reply.
                 let mut chunks = Vec::new();
-                if alloc {
-                    match block_status(&b, offset, len, req_one, r.extended) {
+                for c in contexts {
+                    let p = match c {
+                        Ctx::Allocation => block_status(&ex.blk, offset, len, req_one, r.extended),
+                        Ctx::Depth => depth_status(&ex.blk, offset, len, req_one, r.extended),
+                        Ctx::Bitmap(i) => Ok(bitmap_status(
+                            &ex.bitmaps[i],
+                            c.id(),
+                            offset,
+                            len,
+                            req_one,
+                            r.extended,
+                        )),
+                    };
+                    match p {
                         Ok(p) => chunks.push(p),
                         Err(e) => return r.send(q, Err(err_of(&e)), 0),
                     }
-                }
-                if let Some(bm) = &bitmap {
-                    chunks.push(bitmap_status(bm, offset, len, req_one, r.extended));
                 }
                 let n = chunks.len();
                 let mut head = Vec::new();
@@ -871,6 +903,7 @@ fn extents(
 /// dirty (1) and clean (0) granules.
 fn bitmap_status(
     bm: &crate::bitmap::DirtyBitmap,
+    ctx: u32,
     offset: u64,
     len: u64,
     req_one: bool,
@@ -884,7 +917,7 @@ fn bitmap_status(
     } else {
         u32::MAX as u64 - g
     };
-    extents(CTX_BITMAP, offset, end, req_one, extended, |pos, left| {
+    extents(ctx, offset, end, req_one, extended, |pos, left| {
         let dirty = bm.is_dirty(pos, 1);
         let mut next = (pos / g + 1) * g;
         while next < pos + left && next - pos < cap && bm.is_dirty(next, 1) == dirty {
@@ -893,6 +926,26 @@ fn bitmap_status(
         Ok((next - pos, if dirty { STATE_DIRTY } else { 0 }))
     })
     .unwrap_or_default()
+}
+
+/// The payload of a `qemu:allocation-depth` block status chunk: each run's
+/// layer in the backing chain (0: no layer has it, 1: the export's own
+/// node, 2: its backing image, ...).
+fn depth_status(
+    blk: &BlockBackend,
+    offset: u64,
+    len: u64,
+    req_one: bool,
+    extended: bool,
+) -> crate::error::BlockResult<Vec<u8>> {
+    extents(
+        CTX_DEPTH,
+        offset,
+        offset + len,
+        req_one,
+        extended,
+        |pos, left| blk.allocation_depth(pos, left),
+    )
 }
 
 /// The payload of a `base:allocation` block status chunk.
@@ -932,4 +985,31 @@ fn finish(r: &Replier, q: Req, res: crate::error::BlockResult<()>, bytes: u64) {
 
 fn done(r: Arc<Replier>, q: Req, bytes: u64) -> crate::driver::Completion {
     Box::new(move |_req, res| finish(&r, q, res, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selects;
+
+    #[test]
+    fn context_queries() {
+        let bm = "qemu:dirty-bitmap:b0";
+        // SET takes exact names only.
+        assert!(selects(true, bm, bm));
+        assert!(!selects(true, "qemu:", bm));
+        assert!(!selects(true, "qemu:dirty-bitmap:", bm));
+        // LIST also takes the namespaces QEMU documents.
+        for q in ["qemu:", "qemu:dirty-bitmap:", bm] {
+            assert!(selects(false, q, bm), "{q}");
+        }
+        assert!(selects(false, "qemu:", "qemu:allocation-depth"));
+        assert!(!selects(
+            false,
+            "qemu:dirty-bitmap:",
+            "qemu:allocation-depth"
+        ));
+        assert!(!selects(false, "qemu:dirty-", bm));
+        assert!(selects(false, "base:", "base:allocation"));
+        assert!(!selects(false, "base:", bm));
+    }
 }

@@ -87,25 +87,58 @@ fn certs(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(v)
 }
 
+/// PEM markers of an encrypted PKCS#8 key (RFC 5958 `EncryptedPrivateKeyInfo`).
+const ENCRYPTED_BEGIN: &str = "-----BEGIN ENCRYPTED PRIVATE KEY-----";
+const ENCRYPTED_END: &str = "-----END ENCRYPTED PRIVATE KEY-----";
+
+/// A private key: plain PEM (PKCS#1, SEC1, PKCS#8), or PKCS#8 encrypted
+/// with PBES2 (what `openssl genpkey -aes-256-cbc`, `openssl pkcs8 -topk8`
+/// and `certtool --pkcs8` write, and GnuTLS reads for QEMU's
+/// `passwordid=`), decrypted with `password`.
 fn key(p: &Path, password: Option<&[u8]>) -> Result<PrivateKeyDer<'static>, String> {
     let data = read_file(p)?;
     let text = String::from_utf8_lossy(&data);
-    // rustls reads only unencrypted keys (PKCS#1, SEC1, PKCS#8); an
-    // encrypted one would otherwise be reported as "no key found".
-    if text.contains("ENCRYPTED PRIVATE KEY") || text.contains("Proc-Type: 4,ENCRYPTED") {
-        return Err(if password.is_some() {
-            format!(
-                "'{}' is encrypted; encrypted private keys are not supported, decrypt it first (openssl pkey)",
+    if let Some(at) = text.find(ENCRYPTED_BEGIN) {
+        let Some(password) = password else {
+            return Err(format!(
+                "'{}' is encrypted and no passwordid= is given",
                 p.display()
-            )
-        } else {
-            format!(
-                "'{}' is encrypted and no passwordid= is given (and encrypted keys are not supported)",
-                p.display()
-            )
-        });
+            ));
+        };
+        return decrypt_key(p, &text[at..], password);
+    }
+    // rustls reads only unencrypted keys; an OpenSSL-style encrypted PEM
+    // would otherwise be reported as "no key found".
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "'{}' uses OpenSSL's legacy PEM encryption, which is not supported; convert it to encrypted PKCS#8 (openssl pkcs8 -topk8 -v2 aes-256-cbc)",
+            p.display()
+        ));
     }
     PrivateKeyDer::from_pem_slice(&data).map_err(|e| format!("'{}': {e}", p.display()))
+}
+
+/// Decrypt the encrypted PKCS#8 key at the start of `pem`.
+fn decrypt_key(p: &Path, pem: &str, password: &[u8]) -> Result<PrivateKeyDer<'static>, String> {
+    use pkcs8::der::Decode;
+    let bad = |what: &str| format!("'{}': {what}", p.display());
+    let end = pem
+        .find(ENCRYPTED_END)
+        .ok_or_else(|| bad("the encrypted key has no END line"))?;
+    let block = &pem[..end + ENCRYPTED_END.len()];
+    let (_, doc) = pkcs8::der::Document::from_pem(block)
+        .map_err(|e| bad(&format!("not a valid encrypted key: {e}")))?;
+    let info = pkcs8::EncryptedPrivateKeyInfoRef::from_der(doc.as_bytes())
+        .map_err(|e| bad(&format!("not a valid encrypted key: {e}")))?;
+    // A wrong password almost always breaks the padding; the rare one that
+    // does not yields bytes that are not a key, checked below.
+    let wrong = || bad("cannot decrypt the key: wrong password (passwordid=) or damaged key");
+    let plain = info.decrypt(password).map_err(|e| match e {
+        pkcs8::Error::EncryptedPrivateKey(pkcs8::pkcs5::Error::DecryptFailed) => wrong(),
+        e => bad(&format!("cannot decrypt the key: {e}")),
+    })?;
+    pkcs8::PrivateKeyInfoRef::from_der(plain.as_bytes()).map_err(|_| wrong())?;
+    Ok(PrivateKeyDer::Pkcs8(plain.as_bytes().to_vec().into()))
 }
 
 fn roots(p: &Path) -> Result<RootCertStore, String> {
@@ -120,7 +153,7 @@ fn roots(p: &Path) -> Result<RootCertStore, String> {
 
 impl X509Creds {
     /// Load the files of `dir` that `endpoint` needs. `password` (from
-    /// `passwordid=`) is for an encrypted key, which is refused.
+    /// `passwordid=`) decrypts an encrypted PKCS#8 key.
     pub fn load(
         id: &str,
         dir: &Path,

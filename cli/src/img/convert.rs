@@ -79,7 +79,7 @@ type Source = (Arc<BlockBackend>, u64);
 impl ConvertArgs {
     /// The source snapshot of `-l` (`snapshot.id=`, `snapshot.name=` or a
     /// bare id or name).
-    fn source_snapshot(&self) -> R<Option<String>> {
+    fn source_snapshot(&self) -> R<Vec<(String, String)>> {
         snapshot_param(self.snapshot.as_deref())
     }
 
@@ -94,7 +94,7 @@ impl ConvertArgs {
             spec.fmt = self.fmt.as_deref();
             spec.force_share = self.force_share;
             spec.cache = Some(&self.src_cache);
-            spec.snapshot = snap.as_deref();
+            spec.snapshot = &snap;
             let b = open(graph, &spec)?;
             sources.push((b.clone(), total));
             total += b.len();
@@ -103,33 +103,13 @@ impl ConvertArgs {
     }
 }
 
-/// `-l snapshot.id=ID|snapshot.name=NAME|ID_OR_NAME` -> the id or name.
-pub(crate) fn snapshot_param(p: Option<&str>) -> R<Option<String>> {
-    let Some(p) = p else { return Ok(None) };
-    if !p.starts_with("snapshot.") {
-        return Ok(Some(p.to_string()));
+/// `-l snapshot.id=ID,snapshot.name=NAME|ID_OR_NAME` -> the node options
+/// that load that snapshot (none without `-l`).
+pub(crate) fn snapshot_param(p: Option<&str>) -> R<Vec<(String, String)>> {
+    match p {
+        None => Ok(Vec::new()),
+        Some(p) => cli::snapshot_param::node_options("-l", p).map_err(|e| Fail(e, 1)),
     }
-    let m = block::keyval::parse("-l", p, None)?;
-    let mut id = None;
-    let mut name = None;
-    for (k, v) in m {
-        match (k.as_str(), v) {
-            ("snapshot", block::keyval::Value::Map(sub)) => {
-                for (k2, v2) in sub {
-                    let block::keyval::Value::Str(v2) = v2 else {
-                        return fail(format!("Invalid parameter 'snapshot.{k2}'"));
-                    };
-                    match k2.as_str() {
-                        "id" => id = Some(v2),
-                        "name" => name = Some(v2),
-                        _ => return fail(format!("Invalid parameter 'snapshot.{k2}'")),
-                    }
-                }
-            }
-            _ => return fail(format!("Invalid parameter '{k}'")),
-        }
-    }
-    Ok(id.or(name))
 }
 
 /// Runs copies of `work` on `job` in parallel and waits for them all: `n`

@@ -144,7 +144,7 @@ pub fn measure(a: MeasureArgs) -> R<i32> {
             let mut spec = OpenSpec::new(f);
             spec.fmt = a.fmt.as_deref();
             spec.force_share = a.force_share;
-            spec.snapshot = snap.as_deref();
+            spec.snapshot = &snap;
             let b = open(&g, &spec)?;
             (b.len(), Some((g, b)))
         }

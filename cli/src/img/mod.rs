@@ -196,7 +196,8 @@ pub struct OpenSpec<'a> {
     pub aio: Option<&'a str>,
     pub resize: bool,
     /// An internal snapshot to read instead of the active state (qcow2).
-    pub snapshot: Option<&'a str>,
+    /// (Its node options: see `cli::snapshot_param`.)
+    pub snapshot: &'a [(String, String)],
 }
 
 impl<'a> OpenSpec<'a> {
@@ -210,7 +211,7 @@ impl<'a> OpenSpec<'a> {
             cache: None,
             aio: None,
             resize: false,
-            snapshot: None,
+            snapshot: &[],
         }
     }
 }
@@ -240,9 +241,7 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
         extra.push(("cache.no-flush".into(), on(no_flush)));
         wce = w;
     }
-    if let Some(s) = spec.snapshot {
-        extra.push(("x-load-snapshot".into(), s.into()));
-    }
+    extra.extend(spec.snapshot.iter().cloned());
     if let Some(a) = spec.aio {
         if !matches!(a, "threads" | "native" | "io_uring") {
             return fail(format!("Invalid aio option: {a}"));
@@ -253,10 +252,7 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
             return fail("--image-opts and --format are mutually exclusive");
         }
         let mut map = keyval::parse("image options", spec.filename, None)?;
-        for (k, v) in &extra {
-            let more = keyval::parse("image options", &format!("{k}={v}"), None)?;
-            map.extend(more);
-        }
+        keyval::merge_pairs(&mut map, "image options", &extra)?;
         if spec.read_only {
             map.insert("read-only".into(), keyval::Value::Str("on".into()));
         }

@@ -64,7 +64,10 @@ struct Clients {
 }
 
 struct Server {
-    exports: Vec<Arc<Export>>,
+    /// Taken (and closed) at shutdown.
+    exports: Mutex<Vec<Arc<Export>>>,
+    /// The images' nodes, closed at shutdown.
+    graph: BlockGraph,
     clients: Mutex<Clients>,
     cv: Condvar,
     stopping: AtomicBool,
@@ -98,11 +101,18 @@ impl Server {
             }
         }
         let mut code = 0;
-        for e in &self.exports {
+        let exports = std::mem::take(&mut *lock(&self.exports));
+        for e in &exports {
             if let Err(err) = e.blk.flush() {
                 log::error!("flush failed: {err}");
                 code = 1;
             }
+        }
+        // Close the images (unless a client never let go of its export):
+        // a node stores its persistent bitmaps (`-B`) when it goes.
+        drop(exports);
+        for n in self.graph.node_names() {
+            drop(self.graph.remove(&n));
         }
         for f in &self.cleanup {
             let _ = std::fs::remove_file(f);
@@ -126,7 +136,9 @@ impl Server {
     }
 
     fn client(self: &Arc<Self>, id: u64, s: Stream) {
-        let end = server::serve(s, &self.exports, self.tls.as_ref());
+        let exports = lock(&self.exports).clone();
+        let end = server::serve(s, &exports, self.tls.as_ref());
+        drop(exports);
         match end {
             server::End::Clean => log::info!("client {id} disconnected"),
             e => log::warn!("client {id}: {e}"),
@@ -231,7 +243,8 @@ pub fn run(s: Settings) -> R<()> {
         cleanup.push(p.clone());
     }
     let srv = Arc::new(Server {
-        exports: vec![export],
+        exports: Mutex::new(vec![export]),
+        graph,
         clients: Mutex::new(Clients::default()),
         cv: Condvar::new(),
         stopping: AtomicBool::new(false),

@@ -1,6 +1,8 @@
 //! `strata-nbd`: serve an image as an NBD export, with qemu-nbd's command
 //! line (QEMU's `docs/tools/qemu-nbd.rst`): `-f`, `-r`, `-x`, `-p`, `-b`,
-//! `-k`, `-t`, `-e`, `-s`, `--cache`, `--aio`, `--discard`,
+//! `-k`, `-t`, `-e`, `-s`, `-l` (an internal snapshot, read-only), `-A`
+//! (the `qemu:allocation-depth` context), `-B` (a persistent bitmap as
+//! `qemu:dirty-bitmap:NAME`), `--cache`, `--aio`, `--discard`,
 //! `--detect-zeroes`, `-D`, `--pid-file`, `--fork`, `--image-opts`,
 //! `--object` (`secret`, `tls-creds-x509`, `iothread`) and `--tls-creds`
 //! (clients must then start TLS, with the credentials' server certificate).
@@ -21,6 +23,7 @@ use block::graph::BlockGraph;
 use block::keyval::{self, Options, Value};
 use block::nbd::server::Export;
 use clap::Parser;
+use std::sync::Arc;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -59,6 +62,18 @@ pub struct Cli {
     /// Serve a temporary overlay; the image is not changed.
     #[arg(short = 's', long = "snapshot")]
     snapshot: bool,
+    /// Serve an internal snapshot (implies -r): snapshot.id=ID[,snapshot.name=NAME],
+    /// snapshot.name=NAME, or a bare ID or name.
+    #[arg(short = 'l', long = "load-snapshot", value_name = "SNAPSHOT_PARAM")]
+    load_snapshot: Option<String>,
+    /// Offer the qemu:allocation-depth metadata context (the backing chain
+    /// layer each range comes from).
+    #[arg(short = 'A', long = "allocation-depth")]
+    allocation_depth: bool,
+    /// Offer the image's persistent dirty bitmap NAME as the
+    /// qemu:dirty-bitmap:NAME metadata context (repeatable).
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmap: Vec<String>,
     /// Cache mode (none, writeback, writethrough, directsync, unsafe).
     #[arg(long = "cache")]
     cache: Option<String>,
@@ -80,7 +95,8 @@ pub struct Cli {
     /// FILENAME is a set of block node options, not a file name.
     #[arg(long = "image-opts")]
     image_opts: bool,
-    /// QEMU objects (iothread, secret, tls-creds-x509).
+    /// QEMU objects (iothread, secret, tls-creds-x509; its passwordid=SECRET
+    /// decrypts an encrypted PKCS#8 key).
     #[arg(long = "object")]
     object: Vec<String>,
     /// Require TLS with these credentials (a tls-creds-x509 object).
@@ -120,9 +136,32 @@ pub struct Settings {
     pub listen: listen::Addr,
     /// `--tls-creds`.
     pub tls: Option<std::sync::Arc<block::nbd::tls::TlsServerConfig>>,
+    /// `-l`: the node options that load the snapshot, and the option as
+    /// written (for messages).
+    pub load_snapshot: Option<(Vec<(String, String)>, String)>,
+    /// `-B`: each bitmap's name and the option as written.
+    pub bitmaps: Vec<(String, String)>,
 }
 
-fn check(cli: Cli) -> R<Settings> {
+/// How the user wrote the option `-short`/`--long` with `value`, for
+/// messages: `-l snap1` or `--load-snapshot=snap1` (the short form when
+/// it cannot be told, e.g. inside a cluster of short flags).
+fn spelled(args: &[String], short: char, long: &str, value: &str) -> String {
+    let (s, l) = (format!("-{short}"), format!("--{long}"));
+    let mut it = args.iter().skip(1).peekable();
+    while let Some(a) = it.next() {
+        if a == "--" {
+            break;
+        }
+        let next_is_value = it.peek().is_some_and(|n| *n == value);
+        if (*a == l && next_is_value) || *a == format!("{l}={value}") {
+            return format!("{l}={value}");
+        }
+    }
+    format!("{s} {value}")
+}
+
+fn check(mut cli: Cli, args: &[String]) -> R<Settings> {
     let cache = match cli.cache.as_deref().unwrap_or("writeback") {
         "writeback" => (false, false, true),
         "none" | "off" => (true, false, true),
@@ -161,6 +200,23 @@ fn check(cli: Cli) -> R<Settings> {
         // qemu-nbd allows it, but a read-only overlay is pointless: keep it
         // simple and serve the overlay read-only too.
     }
+    let load_snapshot = match &cli.load_snapshot {
+        None => None,
+        Some(p) => {
+            let opt = spelled(args, 'l', "load-snapshot", p);
+            let o = cli::snapshot_param::node_options(&opt, p)
+                .map_err(|e| Fail(format!("{opt}: {e}")))?;
+            // An internal snapshot is only ever served read-only, as
+            // qemu-nbd's -l implies -r.
+            cli.read_only = true;
+            Some((o, opt))
+        }
+    };
+    let bitmaps = cli
+        .bitmap
+        .iter()
+        .map(|b| (b.clone(), spelled(args, 'B', "bitmap", b)))
+        .collect();
     for o in &cli.object {
         block::objects::add_str("--object", o)?;
     }
@@ -201,6 +257,8 @@ fn check(cli: Cli) -> R<Settings> {
         shared,
         listen,
         tls,
+        load_snapshot,
+        bitmaps,
     })
 }
 
@@ -235,18 +293,19 @@ pub fn open_export(s: &Settings, graph: &BlockGraph) -> R<Export> {
     // The image itself is only read when a snapshot overlay takes writes.
     let ro = cli.read_only || cli.snapshot;
     let name = &cli.filename;
+    if let Some((o, _)) = &s.load_snapshot {
+        extra.extend(o.iter().cloned());
+    }
     let node = if cli.image_opts {
         let mut map = keyval::parse("image options", name, None)?;
-        for (k, v) in &extra {
-            map.extend(keyval::parse("image options", &format!("{k}={v}"), None)?);
-        }
+        keyval::merge_pairs(&mut map, "image options", &extra)?;
         if ro {
             map.insert("read-only".into(), Value::Str("on".into()));
         }
         let probe = !map.contains_key("driver");
         graph
             .open_options(Options::new("image options", map), None, probe)
-            .map_err(|e| open_fail(name, e))?
+            .map_err(|e| snapshot_fail(s, name, e))?
     } else {
         if let Some(a) = &cli.aio {
             if !block::nbd::uri::is_nbd(name) {
@@ -259,7 +318,7 @@ pub fn open_export(s: &Settings, graph: &BlockGraph) -> R<Export> {
             .collect();
         graph
             .open_image(name, cli.format.as_deref(), ro, &refs)
-            .map_err(|e| open_fail(name, e))?
+            .map_err(|e| snapshot_fail(s, name, e))?
     };
     let _ = graph.take_warnings();
     let node = if cli.snapshot {
@@ -273,6 +332,11 @@ pub fn open_export(s: &Settings, graph: &BlockGraph) -> R<Export> {
     } else {
         node
     };
+    let bitmaps = s
+        .bitmaps
+        .iter()
+        .map(|(b, opt)| find_bitmap(&node, b).map_err(|Fail(e)| Fail(format!("{opt}: {e}"))))
+        .collect::<R<Vec<_>>>()?;
     let read_only = cli.read_only;
     let cfg = BackendConfig {
         read_only,
@@ -291,8 +355,53 @@ pub fn open_export(s: &Settings, graph: &BlockGraph) -> R<Export> {
         read_only,
         trim,
         multi_conn: read_only || s.shared != 1,
-        bitmap: None,
+        bitmaps,
+        allocation_depth: cli.allocation_depth,
     })
+}
+
+/// An open failure; with `-l`, a failure to find or load the snapshot
+/// names that option.
+fn snapshot_fail(s: &Settings, name: &str, e: block::error::BlockError) -> Fail {
+    let Some((_, opt)) = &s.load_snapshot else {
+        return open_fail(name, e);
+    };
+    let m = e.to_string();
+    if m.contains("x-load-snapshot") && m.contains("doesn't support") {
+        // The format has no internal snapshots (raw, ...).
+        return Fail(format!(
+            "{opt}: Failed to load snapshot: the format of '{name}' has no internal snapshots"
+        ));
+    }
+    if m.contains("snapshot") {
+        return Fail(format!("{opt}: Failed to load snapshot: {m}"));
+    }
+    open_fail(name, e)
+}
+
+/// The persistent bitmap `name` of the export's node or of an image below
+/// it in the backing chain (where qemu-nbd's `-B` looks), its image's
+/// bitmaps loaded first. A node opened read-write keeps tracking writes in
+/// them and stores them back when it closes, as QEMU does.
+fn find_bitmap(top: &Arc<block::node::Node>, name: &str) -> R<Arc<block::bitmap::DirtyBitmap>> {
+    let mut cur = Some(top.clone());
+    while let Some(n) = cur {
+        if n.bitmaps().is_empty() && n.driver().can_store_bitmaps() {
+            for b in n.driver().load_bitmaps()? {
+                n.add_bitmap(Arc::new(b))?;
+            }
+        }
+        if let Some(b) = n.bitmap(name) {
+            return Ok(b);
+        }
+        if n.driver().inconsistent_bitmaps().iter().any(|b| b == name) {
+            return fail(format!(
+                "Bitmap '{name}' is inconsistent and cannot be used"
+            ));
+        }
+        cur = n.child("backing");
+    }
+    fail(format!("Bitmap '{name}' is not found"))
 }
 
 /// Run the command line; returns the exit code.
@@ -312,7 +421,7 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             return 1;
         }
     };
-    match check(cli).and_then(listen::run) {
+    match check(cli, &args).and_then(listen::run) {
         Ok(()) => 0,
         Err(Fail(m)) => {
             eprintln!("strata-nbd: {m}");

@@ -53,12 +53,21 @@ impl Qcow2 {
     /// `id_or_name` (its L1 table) instead of the active
     /// state, at the current virtual size. Nothing is written.
     pub fn load_snapshot_readonly(&self, id_or_name: &str) -> FResult<()> {
+        self.load_snapshot_readonly_by(&super::snapshot::SnapshotRef::IdOrName(id_or_name))
+    }
+
+    /// [`Qcow2::load_snapshot_readonly`] with QEMU's ways of naming the
+    /// snapshot (`snapshot.id=`/`snapshot.name=` or a bare ID-or-name).
+    pub fn load_snapshot_readonly_by(
+        &self,
+        which: &super::snapshot::SnapshotRef<'_>,
+    ) -> FResult<()> {
         if !self.is_read_only() {
             return Err(self.invalid("a snapshot can only be loaded on a read-only image"));
         }
         let mut m = self.lock();
-        let Some(i) = m.find_snapshot(id_or_name) else {
-            return Err(self.invalid(format!("Can't find snapshot '{id_or_name}'")));
+        let Some(i) = m.find_snapshot_by(which) else {
+            return Err(self.invalid(format!("Can't find snapshot '{which}'")));
         };
         let s = m.snapshots[i].clone();
         let cs = m.cs;
@@ -541,6 +550,42 @@ mod tests {
         let snap = contents(&img);
         assert!(snap[..200_000].iter().all(|&b| b == 7));
         assert!(snap[200_000..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn snapshot_named_by_id_name_or_both() {
+        use crate::qcow2::snapshot::SnapshotRef;
+        let (f, img) = image();
+        img.write(0, &[1u8; 4096], false).unwrap();
+        // ID 1, named "2"; then ID 2, named "two".
+        img.snapshot_create("2", (0, 0)).unwrap();
+        img.write(0, &[2u8; 4096], false).unwrap();
+        img.snapshot_create("two", (0, 0)).unwrap();
+        img.write(0, &[3u8; 4096], false).unwrap();
+        img.close().unwrap();
+        drop(img);
+        let ro = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        let first = |which: SnapshotRef<'_>| -> Result<u8, String> {
+            let img = Qcow2::open("t", f.clone(), None, None, &ro).unwrap();
+            img.load_snapshot_readonly_by(&which)
+                .map_err(|e| e.to_string())?;
+            let mut b = [0u8; 1];
+            img.read(0, &mut b).unwrap();
+            Ok(b[0])
+        };
+        let exact = |id, name| SnapshotRef::Exact { id, name };
+        // A bare word is an ID first, then a name.
+        assert_eq!(first(SnapshotRef::IdOrName("2")), Ok(2));
+        assert_eq!(first(SnapshotRef::IdOrName("two")), Ok(2));
+        assert_eq!(first(exact(None, Some("2"))), Ok(1));
+        assert_eq!(first(exact(Some("2"), None)), Ok(2));
+        assert_eq!(first(exact(Some("1"), Some("2"))), Ok(1));
+        let e = first(exact(Some("1"), Some("two"))).unwrap_err();
+        assert!(e.contains("snapshot.id=1,snapshot.name=two"), "{e}");
+        assert!(first(exact(None, None)).is_err());
     }
 
     #[test]

@@ -355,6 +355,51 @@ impl Meta {
     }
 }
 
+/// How a user names an internal snapshot (QEMU's `SNAPSHOT_PARAM` of
+/// `qemu-img convert -l` and `qemu-nbd -l`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotRef<'a> {
+    /// A bare word: the snapshot with that ID, else the one with that name.
+    IdOrName(&'a str),
+    /// `snapshot.id=`, `snapshot.name=`: each one given must match.
+    Exact {
+        id: Option<&'a str>,
+        name: Option<&'a str>,
+    },
+}
+
+impl std::fmt::Display for SnapshotRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SnapshotRef::IdOrName(s) => f.write_str(s),
+            SnapshotRef::Exact { id, name } => match (id, name) {
+                (Some(i), Some(n)) => write!(f, "snapshot.id={i},snapshot.name={n}"),
+                (Some(i), None) => write!(f, "snapshot.id={i}"),
+                (None, Some(n)) => write!(f, "snapshot.name={n}"),
+                (None, None) => Ok(()),
+            },
+        }
+    }
+}
+
+impl Meta {
+    /// Index of the snapshot `which` names.
+    pub(crate) fn find_snapshot_by(&self, which: &SnapshotRef<'_>) -> Option<usize> {
+        match *which {
+            SnapshotRef::IdOrName(s) => self.find_snapshot(s),
+            // Naming nothing finds nothing (QEMU refuses it the same way).
+            SnapshotRef::Exact {
+                id: None,
+                name: None,
+            } => None,
+            SnapshotRef::Exact { id, name } => self
+                .snapshots
+                .iter()
+                .position(|s| id.is_none_or(|i| s.id == i) && name.is_none_or(|n| s.name == n)),
+        }
+    }
+}
+
 /// The ID a new snapshot gets: one more than the largest numeric ID.
 fn next_id(snaps: &[Snapshot]) -> String {
     let max = snaps

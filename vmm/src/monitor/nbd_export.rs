@@ -144,7 +144,8 @@ impl NbdServerSlot {
                     read_only: !writable,
                     trim: false,
                     multi_conn: !writable,
-                    bitmap,
+                    bitmaps: bitmap.into_iter().collect(),
+                    allocation_depth: false,
                 }),
             ),
         );
