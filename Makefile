@@ -61,7 +61,7 @@ qtest-peer: deps
 # cargo-fuzz needs nightly-only rustc flags (-Z sanitizer, coverage
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
 # them. AddressSanitizer stays on.
-FUZZ_SECONDS ?= 60
+FUZZ_SECONDS ?= 30
 FUZZ_TARGETS ?= pc_io scsi_cdb virtio_chain qcow2_open ata_taskfile keyval nbd_proto qmp_input
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 # -timeout: one input running longer is a hang; -rss_limit_mb bounds
@@ -101,7 +101,7 @@ fuzz-cmin: fuzz-build
 
 # The qtest-level device fuzzer (cli/tests/qtest_fuzz.rs) for longer than
 # the short run `cargo test` gives it.
-QTEST_FUZZ_SECS ?= 120
+QTEST_FUZZ_SECS ?= 60
 qtest-fuzz: deps
 	STRATA_QTEST_FUZZ_SECS=$(QTEST_FUZZ_SECS) $(CARGO) test -p cli --test qtest_fuzz -- --nocapture
 
