@@ -17,9 +17,9 @@
 //! [`Chain::status_byte`], which also works on a chain that failed to parse
 //! so the driver still gets an answer, and is written by [`write_status`].
 
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{ByteValued, GuestAddress};
 
-use crate::dma::{DmaError, GuestSgList};
+use crate::dma::{in_ram, read_ram, write_ram, DmaError, GuestSgList};
 use crate::GuestMem;
 
 /// Longest chain accepted, direct or indirect: bounds the walk (and the
@@ -175,8 +175,7 @@ impl Chain {
                 .checked_add(idx as u64 * 16)
                 .ok_or(ChainError::OutOfRam)?;
             let mut raw = [0u8; 16];
-            mem.read_slice(&mut raw, GuestAddress(a))
-                .map_err(|_| ChainError::OutOfRam)?;
+            read_ram(mem, GuestAddress(a), &mut raw).map_err(|_| ChainError::OutOfRam)?;
             let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
             let len = u32::from_le_bytes(raw[8..12].try_into().unwrap());
             let flags = u16::from_le_bytes([raw[12], raw[13]]);
@@ -197,7 +196,7 @@ impl Chain {
                 if n > MAX_CHAIN {
                     return Err(ChainError::TooLong);
                 }
-                if !mem.check_range(GuestAddress(addr), len as usize) {
+                if !in_ram(mem, GuestAddress(addr), len as usize) {
                     return Err(ChainError::OutOfRam);
                 }
                 table = addr;
@@ -217,7 +216,7 @@ impl Chain {
             if !writable && out.last().is_some_and(|d| d.writable) {
                 deferred.get_or_insert(ChainError::WrongDirection);
             }
-            if len > 0 && !mem.check_range(GuestAddress(addr), len as usize) {
+            if !in_ram(mem, GuestAddress(addr), len as usize) {
                 deferred.get_or_insert(ChainError::OutOfRam);
             }
             out.push(Desc {
@@ -283,8 +282,7 @@ impl Chain {
             return None;
         }
         let a = d.addr.0.checked_add(d.len as u64 - 1)?;
-        mem.check_range(GuestAddress(a), 1)
-            .then_some(GuestAddress(a))
+        in_ram(mem, GuestAddress(a), 1).then_some(GuestAddress(a))
     }
 }
 
@@ -293,7 +291,7 @@ impl Chain {
 /// bytes written before plus the status byte if it was written.
 pub fn write_status(mem: &GuestMem, at: Option<GuestAddress>, status: u8, data_len: u32) -> u32 {
     match at {
-        Some(a) if mem.write_obj(status, a).is_ok() => data_len.saturating_add(1),
+        Some(a) if write_ram(mem, a, &[status]).is_ok() => data_len.saturating_add(1),
         _ => data_len,
     }
 }
@@ -396,10 +394,7 @@ impl<'a> Reader<'a> {
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChainError> {
         let mut done = 0;
         while let Some((a, l)) = self.0.next_piece((buf.len() - done) as u64) {
-            self.0
-                .mem
-                .read_slice(&mut buf[done..done + l], a)
-                .map_err(|_| ChainError::OutOfRam)?;
+            read_ram(self.0.mem, a, &mut buf[done..done + l]).map_err(|_| ChainError::OutOfRam)?;
             done += l;
         }
         Ok(done)
@@ -467,10 +462,7 @@ impl<'a> Writer<'a> {
     pub fn write(&mut self, buf: &[u8]) -> Result<usize, ChainError> {
         let mut done = 0;
         while let Some((a, l)) = self.0.next_piece((buf.len() - done) as u64) {
-            self.0
-                .mem
-                .write_slice(&buf[done..done + l], a)
-                .map_err(|_| ChainError::OutOfRam)?;
+            write_ram(self.0.mem, a, &buf[done..done + l]).map_err(|_| ChainError::OutOfRam)?;
             done += l;
         }
         Ok(done)
@@ -519,6 +511,7 @@ impl<'a> Writer<'a> {
 mod tests {
     use super::*;
     use crate::virtio::testing::{chain, desc, head, mem, INDIRECT, NEXT, RAM, TABLE, WRITE};
+    use vm_memory::Bytes;
 
     fn walk(mem: &GuestMem, at: ChainHead, indirect: bool) -> (Result<(), ChainError>, Chain) {
         let mut c = Chain::new();
