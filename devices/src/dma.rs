@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use block::iov::IoVecs;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::GuestMem;
 
@@ -30,7 +30,16 @@ use crate::GuestMem;
 /// but those that straddle two adjacent regions) costs one region lookup
 /// here; the others, and anything not RAM, get `check_range`'s answer.
 pub fn in_ram(mem: &GuestMem, addr: GuestAddress, len: usize) -> bool {
-    len == 0 || mem.get_slice(addr, len).is_ok() || mem.check_range(addr, len)
+    if len == 0 {
+        return true;
+    }
+    if let Some(r) = mem.find_region(addr) {
+        // `addr` is in the region: no underflow.
+        if len as u64 <= r.len() - (addr.0 - r.start_addr().0) {
+            return true;
+        }
+    }
+    mem.check_range(addr, len)
 }
 
 /// Copies guest RAM at `addr` into `buf` (`read_slice`, with the

@@ -17,7 +17,8 @@
 //! [`Chain::status_byte`], which also works on a chain that failed to parse
 //! so the driver still gets an answer, and is written by [`write_status`].
 
-use vm_memory::{ByteValued, GuestAddress};
+use vm_memory::volatile_memory::VolatileArrayRef;
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
 
 use crate::dma::{in_ram, read_ram, write_ram, DmaError, GuestSgList};
 use crate::GuestMem;
@@ -152,6 +153,9 @@ impl Chain {
     ) -> Result<(), ChainError> {
         let out = &mut self.descs;
         let (mut table, mut size, mut idx) = (at.table.0, at.size as usize, at.head as usize);
+        // The table as an array, looked up once per table rather than once
+        // per descriptor.
+        let mut array = table_array(mem, table, size);
         let mut in_indirect = false;
         let mut deferred = None;
         // MAX_CHAIN bits: queue sizes and indirect tables are both bounded
@@ -171,15 +175,29 @@ impl Chain {
                 }
                 *word |= 1 << (idx % 64);
             }
-            let a = table
-                .checked_add(idx as u64 * 16)
-                .ok_or(ChainError::OutOfRam)?;
-            let mut raw = [0u8; 16];
-            read_ram(mem, GuestAddress(a), &mut raw).map_err(|_| ChainError::OutOfRam)?;
-            let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
-            let len = u32::from_le_bytes(raw[8..12].try_into().unwrap());
-            let flags = u16::from_le_bytes([raw[12], raw[13]]);
-            let next = u16::from_le_bytes([raw[14], raw[15]]);
+            // Each field is read once: the driver may change the table
+            // meanwhile, and what is checked is what is used.
+            let (addr, rest) = match &array {
+                // `idx < size`: inside the array.
+                Some(a) => (
+                    u64::from_le(a.load(2 * idx)),
+                    u64::from_le(a.load(2 * idx + 1)),
+                ),
+                None => {
+                    let a = table
+                        .checked_add(idx as u64 * 16)
+                        .ok_or(ChainError::OutOfRam)?;
+                    let mut raw = [0u8; 16];
+                    read_ram(mem, GuestAddress(a), &mut raw).map_err(|_| ChainError::OutOfRam)?;
+                    (
+                        u64::from_le_bytes(raw[0..8].try_into().unwrap()),
+                        u64::from_le_bytes(raw[8..16].try_into().unwrap()),
+                    )
+                }
+            };
+            let len = rest as u32;
+            let flags = (rest >> 32) as u16;
+            let next = (rest >> 48) as u16;
             if flags & F_INDIRECT != 0 {
                 // Section 2.7.5.3.1: only in the main table, never with
                 // NEXT, a whole number of descriptors.
@@ -201,6 +219,7 @@ impl Chain {
                 }
                 table = addr;
                 size = n;
+                array = table_array(mem, table, size);
                 idx = 0;
                 in_indirect = true;
                 seen = [0u64; MAX_CHAIN / 64];
@@ -284,6 +303,15 @@ impl Chain {
         let a = d.addr.0.checked_add(d.len as u64 - 1)?;
         in_ram(mem, GuestAddress(a), 1).then_some(GuestAddress(a))
     }
+}
+
+/// The `n` descriptors of the table at `table` as `2n` little-endian
+/// words, when the table lies in one memory region (else each descriptor
+/// is read on its own, and one outside RAM fails when it is used).
+fn table_array(mem: &GuestMem, table: u64, n: usize) -> Option<VolatileArrayRef<'_, u64, ()>> {
+    let r = mem.find_region(GuestAddress(table))?;
+    let off = usize::try_from(table - r.start_addr().0).ok()?;
+    r.get_array_ref::<u64>(off, n.checked_mul(2)?).ok()
 }
 
 /// Ends a request whose answer is a status byte: writes `status` at `at`
