@@ -18,7 +18,7 @@
 use std::sync::Arc;
 
 use block::iov::IoVecs;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
 
 use crate::GuestMem;
 
@@ -51,6 +51,24 @@ pub fn read_ram(mem: &GuestMem, addr: GuestAddress, buf: &mut [u8]) -> Result<()
             Ok(())
         }
         Err(_) => mem.read_slice(buf, addr).map_err(|_| DmaError::OutOfRam),
+    }
+}
+
+/// Writes one byte of guest RAM (a status byte), false if `addr` is not
+/// RAM: a region lookup and a store, where the general copy costs several
+/// times that.
+pub fn write_ram_byte(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
+    let Some(r) = mem.find_region(addr) else {
+        return false;
+    };
+    // `addr` is in the region: no underflow.
+    let off = (addr.0 - r.start_addr().0) as usize;
+    match r.get_ref::<u8>(off) {
+        Ok(b) => {
+            b.store(v);
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -303,6 +321,9 @@ mod tests {
             );
         }
         write_ram(&m, GuestAddress(0xfff8), &[7; 16]).unwrap();
+        assert!(write_ram_byte(&m, GuestAddress(0x1_ffff), 9));
+        assert!(!write_ram_byte(&m, GuestAddress(0x2_0000), 9));
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x1_ffff)).unwrap(), 9);
         let mut b = [0u8; 16];
         read_ram(&m, GuestAddress(0xfff8), &mut b).unwrap();
         assert_eq!(b, [7; 16]);

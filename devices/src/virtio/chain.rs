@@ -20,7 +20,7 @@
 use vm_memory::volatile_memory::VolatileArrayRef;
 use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
 
-use crate::dma::{in_ram, read_ram, write_ram, DmaError, GuestSgList};
+use crate::dma::{in_ram, read_ram, write_ram, write_ram_byte, DmaError, GuestSgList};
 use crate::GuestMem;
 
 /// Longest chain accepted, direct or indirect: bounds the walk (and the
@@ -319,7 +319,7 @@ fn table_array(mem: &GuestMem, table: u64, n: usize) -> Option<VolatileArrayRef<
 /// bytes written before plus the status byte if it was written.
 pub fn write_status(mem: &GuestMem, at: Option<GuestAddress>, status: u8, data_len: u32) -> u32 {
     match at {
-        Some(a) if write_ram(mem, a, &[status]).is_ok() => data_len.saturating_add(1),
+        Some(a) if write_ram_byte(mem, a, status) => data_len.saturating_add(1),
         _ => data_len,
     }
 }
