@@ -72,6 +72,16 @@ pub fn write_ram_byte(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
     }
 }
 
+/// Reads two bytes of guest RAM in native order (a ring index or head;
+/// callers convert from little endian), `None` unless both are RAM in one
+/// region (vm-memory's `load` refuses a value across two regions too).
+pub fn read_ram_u16(mem: &GuestMem, addr: GuestAddress) -> Option<u16> {
+    let r = mem.find_region(addr)?;
+    // `addr` is in the region: no underflow.
+    let off = (addr.0 - r.start_addr().0) as usize;
+    r.get_ref::<u16>(off).ok().map(|v| v.load())
+}
+
 /// Copies `buf` into guest RAM at `addr` (`write_slice`, with the
 /// one-region fast path of [`in_ram`]). Fails, writing nothing, if any
 /// byte is not RAM.
@@ -322,6 +332,8 @@ mod tests {
         }
         write_ram(&m, GuestAddress(0xfff8), &[7; 16]).unwrap();
         assert!(write_ram_byte(&m, GuestAddress(0x1_ffff), 9));
+        assert_eq!(read_ram_u16(&m, GuestAddress(0x1_fffe)), Some(0x0900));
+        assert_eq!(read_ram_u16(&m, GuestAddress(0x1_ffff)), None);
         assert!(!write_ram_byte(&m, GuestAddress(0x2_0000), 9));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x1_ffff)).unwrap(), 9);
         let mut b = [0u8; 16];
