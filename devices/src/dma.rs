@@ -15,6 +15,7 @@
 //! most [`MAX_BOUNCE`] bytes ([`GuestSgList::chunks`]): host memory per
 //! request stays bounded whatever length the guest asks for.
 
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use block::iov::IoVecs;
@@ -72,14 +73,17 @@ pub fn write_ram_byte(mem: &GuestMem, addr: GuestAddress, v: u8) -> bool {
     }
 }
 
-/// Reads two bytes of guest RAM in native order (a ring index or head;
-/// callers convert from little endian), `None` unless both are RAM in one
-/// region (vm-memory's `load` refuses a value across two regions too).
-pub fn read_ram_u16(mem: &GuestMem, addr: GuestAddress) -> Option<u16> {
+/// Loads a 16-bit value of guest RAM atomically with `order`, in native
+/// order (a ring index or head; callers convert from little endian):
+/// vm-memory's `load` with one region lookup. `None` unless both bytes
+/// are RAM in one region and `addr` is 2-aligned, as for `load`.
+pub fn load_ram_u16(mem: &GuestMem, addr: GuestAddress, order: Ordering) -> Option<u16> {
     let r = mem.find_region(addr)?;
     // `addr` is in the region: no underflow.
     let off = (addr.0 - r.start_addr().0) as usize;
-    r.get_ref::<u16>(off).ok().map(|v| v.load())
+    r.get_atomic_ref::<AtomicU16>(off)
+        .ok()
+        .map(|v| v.load(order))
 }
 
 /// Copies `buf` into guest RAM at `addr` (`write_slice`, with the
@@ -332,8 +336,10 @@ mod tests {
         }
         write_ram(&m, GuestAddress(0xfff8), &[7; 16]).unwrap();
         assert!(write_ram_byte(&m, GuestAddress(0x1_ffff), 9));
-        assert_eq!(read_ram_u16(&m, GuestAddress(0x1_fffe)), Some(0x0900));
-        assert_eq!(read_ram_u16(&m, GuestAddress(0x1_ffff)), None);
+        let ld = |a| load_ram_u16(&m, GuestAddress(a), Ordering::Acquire);
+        assert_eq!(ld(0x1_fffe), Some(0x0900));
+        assert_eq!(ld(0x1_ffff), None, "across the end, and misaligned");
+        assert_eq!(ld(0xfff9), None, "misaligned");
         assert!(!write_ram_byte(&m, GuestAddress(0x2_0000), 9));
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x1_ffff)).unwrap(), 9);
         let mut b = [0u8; 16];

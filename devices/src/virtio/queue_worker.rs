@@ -477,7 +477,8 @@ impl<H: QueueHandler> QueueWorker<H> {
     /// announced last time are all popped (virtio-queue's `iter` reads it
     /// for every head), with `iter`'s checks: the queue is ready, and the
     /// index is at most the queue size ahead. A head that cannot be read
-    /// is `None`, as `iter` has it.
+    /// is `None`, as `iter` has it. Both loads are vm-memory's (atomic,
+    /// Acquire) with one region lookup.
     fn pop(&mut self, qi: usize) -> Result<Option<u16>, virtio_queue::Error> {
         use virtio_queue::Error;
         let mem: &GuestMem = &self.io.mem;
@@ -487,7 +488,15 @@ impl<H: QueueHandler> QueueWorker<H> {
             if !q.ready() || q.avail_ring() == 0 {
                 return Err(Error::QueueNotReady);
             }
-            let idx = q.avail_idx(mem, Ordering::Acquire)?.0;
+            let at = q
+                .avail_ring()
+                .checked_add(2)
+                .ok_or(Error::AddressOverflow)?;
+            let idx = crate::dma::load_ram_u16(mem, GuestAddress(at), Ordering::Acquire)
+                .map(u16::from_le)
+                .ok_or(Error::GuestMemory(
+                    vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(at)),
+                ))?;
             if idx.wrapping_sub(next) > q.size() {
                 return Err(Error::InvalidAvailRingIndex);
             }
@@ -497,14 +506,14 @@ impl<H: QueueHandler> QueueWorker<H> {
             }
         }
         // The entries up to the index were published before it (the
-        // Acquire load above).
+        // Acquire load above); loaded as virtio-queue does.
         let Some(at) = q
             .avail_ring()
             .checked_add(4 + 2 * u64::from(next % q.size()))
         else {
             return Ok(None);
         };
-        let Some(head) = crate::dma::read_ram_u16(mem, GuestAddress(at)) else {
+        let Some(head) = crate::dma::load_ram_u16(mem, GuestAddress(at), Ordering::Acquire) else {
             return Ok(None);
         };
         q.set_next_avail(next.wrapping_add(1));
