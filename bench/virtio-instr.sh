@@ -11,7 +11,12 @@
 # the main thread, which only sets up. Printed per workload: instructions
 # of that thread per request, and of the whole process per request.
 # Both include fixed costs (start-up, the loop's set-up), which a larger
-# N dilutes; compare runs with the same N.
+# N dilutes; compare runs with the same N. kicks/req is the guest's count
+# of notifications per request, which is the loop's passes per request
+# with polling off: at depth 1 always 1, at depth 32 it depends on how
+# the (native-speed) guest and the (slowed) device interleave and varies
+# from run to run, and the per-pass costs with it; compare depth-32 rows
+# with similar kicks/req.
 #
 # Polling is off by default (POLL=0, `-object main-loop,poll-max-ns=0`):
 # under callgrind a spinning loop counts however long it spun, which is
@@ -40,7 +45,7 @@ loads=${ONLY:-randread-4k-qd1 randread-4k-qd32 randwrite-4k-qd1 randwrite-4k-qd3
 dir=${KEEP:-$(mktemp -d)}
 mkdir -p "$dir"
 echo "# $(git rev-parse --short HEAD 2>/dev/null || echo ?) $strata, $img, $n requests per workload, poll-max-ns=${POLL:-0}"
-printf '%-20s %14s %14s\n' workload loop-thread/req process/req
+printf '%-20s %14s %14s %10s\n' workload loop-thread/req process/req kicks/req
 for w in $loads; do
     out="$dir/$w.cg"
     rm -f "$out" "$out"-*
@@ -50,11 +55,12 @@ for w in $loads; do
         -append "secs=600 reqs=$n only=$w" -drive "$drive" -device virtio-blk-pci,drive=d0 \
         -object "main-loop,id=ml,poll-max-ns=${POLL:-0}" ${EXTRA:-} >"$dir/$w.log" 2>"$dir/$w.valgrind"
     reqs=$(grep -o 'reqs=[0-9]*' "$dir/$w.log" | cut -d= -f2)
+    kicks=$(grep -o 'kicks=[0-9]*' "$dir/$w.log" | cut -d= -f2)
     [ -n "$reqs" ] || { echo "$w: no VBENCH line, see $dir/$w.log" >&2; exit 1; }
     # "summary: N" per thread file; thread 1 (the first file) is main.
     totals=$(for f in "$out"-*; do sed -n 's/^summary: //p' "$f"; done)
     loop=$(echo "$totals" | tail -n +2 | sort -n | tail -1)
     all=$(echo "$totals" | paste -sd+ | bc)
-    printf '%-20s %14d %14d\n' "$w" $((loop / reqs)) $((all / reqs))
+    printf '%-20s %14d %14d %10s\n' "$w" $((loop / reqs)) $((all / reqs)) "$(echo "scale=3; $kicks / $reqs" | bc)"
 done
 [ -n "${KEEP:-}" ] || rm -rf "$dir"
