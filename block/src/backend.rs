@@ -637,12 +637,17 @@ impl BlockBackend {
     }
 
     fn check(&self, op: IoOp, offset: u64, len: u64) -> BlockResult<()> {
-        self.node()?;
-        if op != IoOp::Read && op != IoOp::Flush && self.is_read_only() {
+        // One look at the root for the medium, read-only and the size
+        // (every request passes here).
+        let root = self.root.read().unwrap_or_else(|e| e.into_inner());
+        let Some(a) = root.as_ref() else {
+            return Err(BlockError::NoMedium(format!("Block device '{}'", self.id)));
+        };
+        if op != IoOp::Read && op != IoOp::Flush && (self.cfg.read_only || a.read_only) {
             return Err(BlockError::ReadOnly(format!("Block device '{}'", self.id)));
         }
         if op != IoOp::Flush {
-            crate::driver::check_range(&self.id, offset, len, self.len())?;
+            crate::driver::check_range(&self.id, offset, len, a.node.len())?;
         }
         Ok(())
     }

@@ -27,38 +27,51 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 pub type Owner = Arc<dyn Any + Send + Sync>;
 
 /// The buffers of one request.
+///
+/// Kept small (the `iovec`s, one [`Keep`], the appended parts): a request
+/// is moved by value several times on its way through the block layer,
+/// and a value this size is copied inline rather than through `memcpy`.
 pub struct IoVecs {
     iov: Vec<libc::iovec>,
-    owned: Option<Vec<u8>>,
-    /// An owned aligned buffer (O_DIRECT-ready), from [`IoVecs::from_aligned`].
-    #[allow(dead_code)]
-    aligned: Option<AlignedBuf>,
-    /// For a part made by [`IoVecs::carve`]: the whole, kept alive (only
-    /// held, never read).
-    #[allow(dead_code)]
-    whole: Option<Arc<IoVecs>>,
-    /// The mapping the segments point into ([`IoVecs::from_guest`]), held
-    /// until this is dropped (only held and compared, never read).
-    owner: Option<Owner>,
+    /// What keeps the memory of `iov` alive (only held, never read but
+    /// by `into_vec` and `append`'s comparison).
+    keep: Keep,
     /// Buffers joined by [`IoVecs::append`] whose memory the segments point
     /// into, kept alive (only held, never read).
     #[allow(dead_code)]
     parts: Vec<IoVecs>,
 }
 
-// SAFETY: an `IoVecs` either owns its memory (`owned`, `aligned`, `parts`),
-// points into guest RAM whose mapping it keeps alive (`owner`, a
+/// The memory an [`IoVecs`] points into, when it owns or holds it: at
+/// most one of these per constructor.
+#[allow(dead_code)]
+enum Keep {
+    /// Raw segments ([`IoVecs::from_raw`]) or none.
+    Nothing,
+    /// An owned buffer ([`IoVecs::from_vec`]).
+    Owned(Vec<u8>),
+    /// An owned aligned buffer, O_DIRECT-ready ([`IoVecs::from_aligned`];
+    /// boxed, to keep the enum small: such buffers are large anyway).
+    Aligned(Box<AlignedBuf>),
+    /// For a part made by [`IoVecs::carve`]: the whole, kept alive.
+    Whole(Arc<IoVecs>),
+    /// The mapping the segments point into ([`IoVecs::from_guest`]).
+    Guest(Owner),
+}
+
+// SAFETY: an `IoVecs` either owns its memory (`Keep::Owned`, `Keep::Aligned`, `parts`),
+// points into guest RAM whose mapping it keeps alive (`Keep::Guest`, a
 // `GuestMemoryMmap`, itself `Send + Sync`), was built with `from_raw`, whose
 // contract makes the caller guarantee that the memory stays valid and is not
 // accessed by anybody else until the request completes, or is a carved part
-// of such an `IoVecs`, which it keeps alive (`whole`) and whose bytes it
+// of such an `IoVecs`, which it keeps alive (`Keep::Whole`) and whose bytes it
 // shares with no other part; none of that memory is tied to a thread, so
 // moving it to another thread is sound.
 unsafe impl Send for IoVecs {}
 // SAFETY: through `&IoVecs` memory can only be read (`slices`, `as_raw`,
 // `len`); writing needs `&mut`. The one shared `IoVecs` is the whole behind
 // carved parts, which is reachable only through the opaque [`Carved`] and
-// the parts' private `whole` field, and is never read while parts exist.
+// the parts' private `Keep::Whole`, and is never read while parts exist.
 unsafe impl Sync for IoVecs {}
 
 /// The whole of a carved [`IoVecs`], waiting for its parts to be dropped.
@@ -87,10 +100,7 @@ impl IoVecs {
     pub fn empty() -> Self {
         IoVecs {
             iov: Vec::new(),
-            owned: None,
-            aligned: None,
-            whole: None,
-            owner: None,
+            keep: Keep::Nothing,
             parts: Vec::new(),
         }
     }
@@ -102,10 +112,7 @@ impl IoVecs {
         }];
         IoVecs {
             iov,
-            owned: Some(buf),
-            aligned: None,
-            whole: None,
-            owner: None,
+            keep: Keep::Owned(buf),
             parts: Vec::new(),
         }
     }
@@ -118,10 +125,7 @@ impl IoVecs {
         }];
         IoVecs {
             iov,
-            owned: None,
-            aligned: Some(buf),
-            whole: None,
-            owner: None,
+            keep: Keep::Aligned(Box::new(buf)),
             parts: Vec::new(),
         }
     }
@@ -140,10 +144,7 @@ impl IoVecs {
                     iov_len: l,
                 })
                 .collect(),
-            owned: None,
-            aligned: None,
-            whole: None,
-            owner: None,
+            keep: Keep::Nothing,
             parts: Vec::new(),
         }
     }
@@ -177,10 +178,7 @@ impl IoVecs {
         let owner: Owner = mem.clone();
         Some(IoVecs {
             iov,
-            owned: None,
-            aligned: None,
-            whole: None,
-            owner: Some(owner),
+            keep: Keep::Guest(owner),
             parts: Vec::new(),
         })
     }
@@ -194,11 +192,9 @@ impl IoVecs {
     /// nothing more than their `iovec`s.
     pub fn append(&mut self, mut other: IoVecs) {
         self.iov.append(&mut other.iov);
-        let plain = |v: &IoVecs| {
-            v.owned.is_none() && v.aligned.is_none() && v.whole.is_none() && v.parts.is_empty()
-        };
-        let same_owner = match (&self.owner, &other.owner) {
-            (Some(a), Some(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
+        let plain = |v: &IoVecs| matches!(v.keep, Keep::Guest(_)) && v.parts.is_empty();
+        let same_owner = match (&self.keep, &other.keep) {
+            (Keep::Guest(a), Keep::Guest(b)) => std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)),
             _ => false,
         };
         if !(same_owner && plain(&other)) {
@@ -241,10 +237,7 @@ impl IoVecs {
                 }
                 IoVecs {
                     iov,
-                    owned: None,
-                    aligned: None,
-                    whole: Some(whole.clone()),
-                    owner: None,
+                    keep: Keep::Whole(whole.clone()),
                     parts: Vec::new(),
                 }
             })
@@ -262,7 +255,10 @@ impl IoVecs {
     /// The owned buffer back, if built with [`IoVecs::from_vec`] (only that
     /// buffer: not what [`IoVecs::append`] added).
     pub fn into_vec(self) -> Option<Vec<u8>> {
-        self.owned
+        match self.keep {
+            Keep::Owned(v) => Some(v),
+            _ => None,
+        }
     }
     /// The raw `iovec` array (for `preadv`/io_uring).
     pub fn as_raw(&self) -> &[libc::iovec] {
@@ -274,13 +270,13 @@ impl IoVecs {
             .iter()
             .filter(|v| v.iov_len > 0)
             .map(|v| {
-                // SAFETY: each iovec points either into `self.owned`,
-                // `self.aligned` or `self.parts` (alive and exclusively
+                // SAFETY: each iovec points either into `Keep::Owned`,
+                // `Keep::Aligned` or `self.parts` (alive and exclusively
                 // borrowed through `&mut self`), into memory the `from_raw`
                 // caller guaranteed valid and unshared, into this part's own
-                // bytes of a carved whole (kept alive by `self.whole`,
+                // bytes of a carved whole (kept alive by `Keep::Whole`,
                 // disjoint from every other part), or into guest RAM whose
-                // mapping `self.owner` keeps alive, bounds-checked by
+                // mapping `Keep::Guest` keeps alive, bounds-checked by
                 // `from_guest`. Guest RAM is the one memory others may touch
                 // meanwhile: the guest's vCPUs can write the buffer of a
                 // request in flight, as a real device's DMA can race the

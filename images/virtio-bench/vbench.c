@@ -31,7 +31,9 @@
  *
  * Multiboot command line (optional): "secs=N" sets the seconds per
  * workload (default 2); "only=PREFIX" runs the workloads whose name
- * starts with PREFIX.
+ * starts with PREFIX; "reqs=N" also ends each workload after N requests
+ * (whichever comes first), so that a run under an instruction counter
+ * (bench/virtio-instr.sh) does the same work every time.
  */
 #include "../common/guest.h"
 
@@ -378,14 +380,14 @@ static void publish(void)
  * one look at the used ring is replaced, and the batch is published with
  * at most one kick, as a real driver does. Latency is submit to the look
  * that found the completion. */
-static void run(const struct workload *w, u64 ticks)
+static void run(const struct workload *w, u64 ticks, u64 max_reqs)
 {
-	u64 done = 0, lat = 0, errors = 0;
+	u64 done = 0, lat = 0, errors = 0, submitted = 0;
 	u32 inflight = 0;
 	kicks = 0;
 	setup_slots(w);
 	u64 start = rdtsc(), deadline = start + ticks, now = start;
-	for (u32 s = 0; s < w->depth; s++, inflight++)
+	for (u32 s = 0; s < w->depth && (!max_reqs || submitted < max_reqs); s++, inflight++, submitted++)
 		submit(w, s, start);
 	publish();
 	while (inflight) {
@@ -405,9 +407,10 @@ static void run(const struct workload *w, u64 ticks)
 			lat += now - t_submit[s];
 			done++;
 			inflight--;
-			if (now < deadline) {
+			if (now < deadline && (!max_reqs || submitted < max_reqs)) {
 				submit(w, s, now);
 				inflight++;
+				submitted++;
 				more = 1;
 			}
 		}
@@ -495,9 +498,11 @@ void vbench_main(u64 info)
 		{ "seqread-64k-qd8", T_IN, 65536, 8, 1 },
 	};
 	const char *cl = cmdline(info), *v = option(cl, "secs="), *only = option(cl, "only=");
-	u64 secs = 0;
+	u64 secs = 0, max_reqs = 0;
 	for (; v && *v >= '0' && *v <= '9'; v++)
 		secs = secs * 10 + (*v - '0');
+	for (v = option(cl, "reqs="); v && *v >= '0' && *v <= '9'; v++)
+		max_reqs = max_reqs * 10 + (*v - '0');
 	if (!secs)
 		secs = 2;
 	u64 fl, cs;
@@ -521,7 +526,7 @@ void vbench_main(u64 info)
 			continue;
 		if (loads[i].depth * 3 > qsize)
 			fail("queue too small for the depth");
-		run(&loads[i], secs * hz);
+		run(&loads[i], secs * hz, max_reqs);
 	}
 	puts("VBENCH-DONE\n");
 	poweroff();

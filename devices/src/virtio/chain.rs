@@ -17,9 +17,10 @@
 //! [`Chain::status_byte`], which also works on a chain that failed to parse
 //! so the driver still gets an answer, and is written by [`write_status`].
 
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::volatile_memory::VolatileArrayRef;
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileMemory};
 
-use crate::dma::{DmaError, GuestSgList};
+use crate::dma::{in_ram, read_ram, write_ram, write_ram_byte, DmaError, GuestSgList};
 use crate::GuestMem;
 
 /// Longest chain accepted, direct or indirect: bounds the walk (and the
@@ -152,6 +153,9 @@ impl Chain {
     ) -> Result<(), ChainError> {
         let out = &mut self.descs;
         let (mut table, mut size, mut idx) = (at.table.0, at.size as usize, at.head as usize);
+        // The table as an array, looked up once per table rather than once
+        // per descriptor.
+        let mut array = table_array(mem, table, size);
         let mut in_indirect = false;
         let mut deferred = None;
         // MAX_CHAIN bits: queue sizes and indirect tables are both bounded
@@ -171,16 +175,29 @@ impl Chain {
                 }
                 *word |= 1 << (idx % 64);
             }
-            let a = table
-                .checked_add(idx as u64 * 16)
-                .ok_or(ChainError::OutOfRam)?;
-            let mut raw = [0u8; 16];
-            mem.read_slice(&mut raw, GuestAddress(a))
-                .map_err(|_| ChainError::OutOfRam)?;
-            let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
-            let len = u32::from_le_bytes(raw[8..12].try_into().unwrap());
-            let flags = u16::from_le_bytes([raw[12], raw[13]]);
-            let next = u16::from_le_bytes([raw[14], raw[15]]);
+            // Each field is read once: the driver may change the table
+            // meanwhile, and what is checked is what is used.
+            let (addr, rest) = match &array {
+                // `idx < size`: inside the array.
+                Some(a) => (
+                    u64::from_le(a.load(2 * idx)),
+                    u64::from_le(a.load(2 * idx + 1)),
+                ),
+                None => {
+                    let a = table
+                        .checked_add(idx as u64 * 16)
+                        .ok_or(ChainError::OutOfRam)?;
+                    let mut raw = [0u8; 16];
+                    read_ram(mem, GuestAddress(a), &mut raw).map_err(|_| ChainError::OutOfRam)?;
+                    (
+                        u64::from_le_bytes(raw[0..8].try_into().unwrap()),
+                        u64::from_le_bytes(raw[8..16].try_into().unwrap()),
+                    )
+                }
+            };
+            let len = rest as u32;
+            let flags = (rest >> 32) as u16;
+            let next = (rest >> 48) as u16;
             if flags & F_INDIRECT != 0 {
                 // Section 2.7.5.3.1: only in the main table, never with
                 // NEXT, a whole number of descriptors.
@@ -197,11 +214,12 @@ impl Chain {
                 if n > MAX_CHAIN {
                     return Err(ChainError::TooLong);
                 }
-                if !mem.check_range(GuestAddress(addr), len as usize) {
+                if !in_ram(mem, GuestAddress(addr), len as usize) {
                     return Err(ChainError::OutOfRam);
                 }
                 table = addr;
                 size = n;
+                array = table_array(mem, table, size);
                 idx = 0;
                 in_indirect = true;
                 seen = [0u64; MAX_CHAIN / 64];
@@ -217,7 +235,7 @@ impl Chain {
             if !writable && out.last().is_some_and(|d| d.writable) {
                 deferred.get_or_insert(ChainError::WrongDirection);
             }
-            if len > 0 && !mem.check_range(GuestAddress(addr), len as usize) {
+            if !in_ram(mem, GuestAddress(addr), len as usize) {
                 deferred.get_or_insert(ChainError::OutOfRam);
             }
             out.push(Desc {
@@ -283,9 +301,17 @@ impl Chain {
             return None;
         }
         let a = d.addr.0.checked_add(d.len as u64 - 1)?;
-        mem.check_range(GuestAddress(a), 1)
-            .then_some(GuestAddress(a))
+        in_ram(mem, GuestAddress(a), 1).then_some(GuestAddress(a))
     }
+}
+
+/// The `n` descriptors of the table at `table` as `2n` little-endian
+/// words, when the table lies in one memory region (else each descriptor
+/// is read on its own, and one outside RAM fails when it is used).
+fn table_array(mem: &GuestMem, table: u64, n: usize) -> Option<VolatileArrayRef<'_, u64, ()>> {
+    let r = mem.find_region(GuestAddress(table))?;
+    let off = usize::try_from(table - r.start_addr().0).ok()?;
+    r.get_array_ref::<u64>(off, n.checked_mul(2)?).ok()
 }
 
 /// Ends a request whose answer is a status byte: writes `status` at `at`
@@ -293,7 +319,7 @@ impl Chain {
 /// bytes written before plus the status byte if it was written.
 pub fn write_status(mem: &GuestMem, at: Option<GuestAddress>, status: u8, data_len: u32) -> u32 {
     match at {
-        Some(a) if mem.write_obj(status, a).is_ok() => data_len.saturating_add(1),
+        Some(a) if write_ram_byte(mem, a, status) => data_len.saturating_add(1),
         _ => data_len,
     }
 }
@@ -396,10 +422,7 @@ impl<'a> Reader<'a> {
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, ChainError> {
         let mut done = 0;
         while let Some((a, l)) = self.0.next_piece((buf.len() - done) as u64) {
-            self.0
-                .mem
-                .read_slice(&mut buf[done..done + l], a)
-                .map_err(|_| ChainError::OutOfRam)?;
+            read_ram(self.0.mem, a, &mut buf[done..done + l]).map_err(|_| ChainError::OutOfRam)?;
             done += l;
         }
         Ok(done)
@@ -467,10 +490,7 @@ impl<'a> Writer<'a> {
     pub fn write(&mut self, buf: &[u8]) -> Result<usize, ChainError> {
         let mut done = 0;
         while let Some((a, l)) = self.0.next_piece((buf.len() - done) as u64) {
-            self.0
-                .mem
-                .write_slice(&buf[done..done + l], a)
-                .map_err(|_| ChainError::OutOfRam)?;
+            write_ram(self.0.mem, a, &buf[done..done + l]).map_err(|_| ChainError::OutOfRam)?;
             done += l;
         }
         Ok(done)
@@ -519,6 +539,7 @@ impl<'a> Writer<'a> {
 mod tests {
     use super::*;
     use crate::virtio::testing::{chain, desc, head, mem, INDIRECT, NEXT, RAM, TABLE, WRITE};
+    use vm_memory::Bytes;
 
     fn walk(mem: &GuestMem, at: ChainHead, indirect: bool) -> (Result<(), ChainError>, Chain) {
         let mut c = Chain::new();

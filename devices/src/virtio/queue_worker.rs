@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 
 use block::aio::RingHost;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::Bytes;
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
@@ -256,6 +256,9 @@ pub struct QueueWorker<H: QueueHandler> {
     done: Vec<(usize, H::Output)>,
     /// Queues the driver broke; not processed until the device is reset.
     stopped: Vec<bool>,
+    /// Per queue, the driver's available index as last read: heads up to
+    /// it are popped without reading it again.
+    avail_seen: Vec<u16>,
     /// What a polling loop looks at, per queue.
     polls: Vec<Arc<QueuePoll>>,
 }
@@ -334,6 +337,8 @@ impl<H: QueueHandler> QueueWorker<H> {
             in_pass: AtomicBool::new(false),
         });
         let n = a.queues.len();
+        // Nothing announced yet beyond where each queue starts.
+        let a_next_avail = a.queues.iter().map(|q| q.queue.next_avail()).collect();
         Ok(QueueWorker {
             io: QueueIo {
                 mem: Arc::new(a.mem),
@@ -349,6 +354,7 @@ impl<H: QueueHandler> QueueWorker<H> {
             handler,
             done: Vec::new(),
             stopped: vec![false; n],
+            avail_seen: a_next_avail,
             polls: Vec::new(),
         })
     }
@@ -466,10 +472,52 @@ impl<H: QueueHandler> QueueWorker<H> {
     /// The next available head of queue `qi`, with the queue's own errors
     /// (`pop_descriptor_chain` turns them into `None`, which looks like an
     /// empty ring while the available index says otherwise).
+    ///
+    /// The driver's available index is read again only once the heads it
+    /// announced last time are all popped (virtio-queue's `iter` reads it
+    /// for every head), with `iter`'s checks: the queue is ready, and the
+    /// index is at most the queue size ahead. A head that cannot be read
+    /// is `None`, as `iter` has it. Both loads are vm-memory's (atomic,
+    /// Acquire) with one region lookup.
     fn pop(&mut self, qi: usize) -> Result<Option<u16>, virtio_queue::Error> {
+        use virtio_queue::Error;
         let mem: &GuestMem = &self.io.mem;
-        let mut avail = self.io.queues[qi].queue.iter(mem)?;
-        Ok(avail.next().map(|c| c.head_index()))
+        let q = &mut self.io.queues[qi].queue;
+        let next = q.next_avail();
+        if next == self.avail_seen[qi] {
+            if !q.ready() || q.avail_ring() == 0 {
+                return Err(Error::QueueNotReady);
+            }
+            let at = q
+                .avail_ring()
+                .checked_add(2)
+                .ok_or(Error::AddressOverflow)?;
+            let idx = crate::dma::load_ram_u16(mem, GuestAddress(at), Ordering::Acquire)
+                .map(u16::from_le)
+                .ok_or(Error::GuestMemory(
+                    vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(at)),
+                ))?;
+            if idx.wrapping_sub(next) > q.size() {
+                return Err(Error::InvalidAvailRingIndex);
+            }
+            self.avail_seen[qi] = idx;
+            if idx == next {
+                return Ok(None);
+            }
+        }
+        // The entries up to the index were published before it (the
+        // Acquire load above); loaded as virtio-queue does.
+        let Some(at) = q
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(next % q.size()))
+        else {
+            return Ok(None);
+        };
+        let Some(head) = crate::dma::load_ram_u16(mem, GuestAddress(at), Ordering::Acquire) else {
+            return Ok(None);
+        };
+        q.set_next_avail(next.wrapping_add(1));
+        Ok(Some(u16::from_le(head)))
     }
 
     fn stop(&mut self, qi: usize, why: &dyn std::fmt::Display) {
