@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::json;
 use support::qmp::Qmp;
 
-use support::{image, kernels, kvm_available, require_bios, run_until_marker, scratch, BIOS};
+use support::{kernels, kvm_available, require_bios, run_until_marker, scratch, BIOS};
 
 const CMDLINE: &str = kernels::LINUX_CMDLINE;
 /// A boot takes 70-110 s alone on this kind of host (the bzImage's
@@ -31,24 +31,10 @@ fn boot(kernel: &str, extra: &str, name: &str) -> String {
 fn boot_with(args: &[&str], kernel: &str, extra: &str, name: &str) -> String {
     let dir = scratch(name);
     let log = dir.join("serial.log");
-    let serial = format!("file:{}", log.display());
-    let k = kernels::linux(kernel);
-    let rd = image("linux-lane.cpio").display().to_string();
     let append = format!("{CMDLINE}{extra}");
-    let mut all = vec![
-        "-m",
-        "64",
-        "-nodefaults",
-        "-serial",
-        &serial,
-        "-kernel",
-        &k,
-        "-initrd",
-        &rd,
-        "-append",
-        &append,
-    ];
-    all.extend_from_slice(args);
+    let mut all = kernels::linux_args(kernel, &log, &append);
+    all.extend(args.iter().map(|a| a.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
     run_until_marker(&all, &log, "GUEST-DONE", TIMEOUT)
 }
 
@@ -125,27 +111,11 @@ fn system_powerdown_powers_off_a_linux_guest() {
     let dir = scratch("linux-powerdown");
     let log = dir.join("serial.log");
     let sock = dir.join("qmp.sock");
-    let serial = format!("file:{}", log.display());
     let qmp = format!("unix:{},server=on,wait=off", sock.display());
-    let k = kernels::linux("vmlinux");
-    let rd = image("linux-lane.cpio").display().to_string();
     let append = format!("{CMDLINE} powerbutton");
     let mut child = std::process::Command::new(support::strata_bin())
-        .args([
-            "-m",
-            "64",
-            "-nodefaults",
-            "-serial",
-            &serial,
-            "-qmp",
-            &qmp,
-            "-kernel",
-            &k,
-            "-initrd",
-            &rd,
-            "-append",
-            &append,
-        ])
+        .args(kernels::linux_args("vmlinux", &log, &append))
+        .args(["-qmp", &qmp])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -23,7 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use support::qtest::Qtest;
-use support::{image, kernels, kvm_available, run_until_marker, scratch};
+use support::{kernels, kvm_available, run_until_marker, scratch};
 
 /// The test guest's command line (support::kernels::LINUX_CMDLINE), with
 /// `acpi=off`: interrupt routing from the MP table, because the kernel's
@@ -74,29 +74,15 @@ fn boot(name: &str, devices: &[String], checks: &str) -> (String, Duration) {
 fn boot_kernel(kernel: &str, name: &str, devices: &[String], checks: &str) -> (String, Duration) {
     let dir = scratch(name);
     let log = dir.join("serial.log");
-    let serial = format!("file:{}", log.display());
-    let kernel = kernels::linux(kernel);
-    let initrd = image("linux-lane.cpio").display().to_string();
     let quiet = if std::env::var_os("LINUX_LANE_VERBOSE").is_some() {
         ""
     } else {
         " quiet"
     };
     let append = format!("{}{quiet} {checks}", cmdline());
-    let mut args: Vec<&str> = vec![
-        "-m",
-        "64",
-        "-nodefaults",
-        "-serial",
-        &serial,
-        "-kernel",
-        &kernel,
-        "-initrd",
-        &initrd,
-        "-append",
-        &append,
-    ];
-    args.extend(devices.iter().map(String::as_str));
+    let mut args = kernels::linux_args(kernel, &log, &append);
+    args.extend(devices.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let start = Instant::now();
     let out = run_until_marker(&args, &log, "GUEST-DONE", TIMEOUT);

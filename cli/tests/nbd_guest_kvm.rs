@@ -16,7 +16,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{image, kernels, kvm_available, scratch};
+use support::{kernels, kvm_available, scratch};
 
 const DISK: u64 = 8 << 20;
 /// KiB written and read back per round.
@@ -74,9 +74,6 @@ fn guest_io_survives_two_server_restarts() {
     let log = dir.join("serial.log");
     let mut server = serve(&img, &sock);
 
-    let serial = format!("file:{}", log.display());
-    let k = kernels::linux("vmlinux");
-    let rd = image("linux-lane.cpio").display().to_string();
     let append = format!(
         "{} quiet acpi=off rwloop=vda:{ROUND_KIB}:{ROUNDS}",
         kernels::LINUX_CMDLINE
@@ -88,21 +85,8 @@ fn guest_io_survives_two_server_restarts() {
         sock.display()
     );
     let mut vm = Command::new(support::strata_bin())
-        .args([
-            "-m",
-            "64",
-            "-nodefaults",
-            "-serial",
-            &serial,
-            "-kernel",
-            &k,
-            "-initrd",
-            &rd,
-            "-append",
-            &append,
-            "-drive",
-            &drive,
-        ])
+        .args(kernels::linux_args("vmlinux", &log, &append))
+        .args(["-drive", &drive])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

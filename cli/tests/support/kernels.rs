@@ -64,3 +64,25 @@ pub fn linux(file: &str) -> String {
     assert!(p.exists(), "{} was not built", p.display());
     p.display().to_string()
 }
+
+/// strata's arguments for booting the Linux test guest: `kernel`
+/// (`vmlinux` or `bzImage`) with the project's initramfs and `append`,
+/// 64 MiB, no default devices, COM1 into the file `serial_log`.
+pub fn linux_args(kernel: &str, serial_log: &std::path::Path, append: &str) -> Vec<String> {
+    let initrd = super::image("linux-lane.cpio").display().to_string();
+    [
+        "-m",
+        "64",
+        "-nodefaults",
+        "-serial",
+        &format!("file:{}", serial_log.display()),
+        "-kernel",
+        &linux(kernel),
+        "-initrd",
+        &initrd,
+        "-append",
+        append,
+    ]
+    .map(String::from)
+    .to_vec()
+}
