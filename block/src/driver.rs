@@ -300,6 +300,13 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn inconsistent_bitmaps(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Write back whatever the driver caches and leave the image clean
+    /// (qcow2: metadata caches, the dirty flag). Called once, by
+    /// [`crate::node::Node::close`], on a writable node; a flush of the
+    /// node follows. Default: nothing cached.
+    fn close(&self) -> BlockResult<()> {
+        Ok(())
+    }
     /// Whether the format can store persistent dirty bitmaps.
     fn can_store_bitmaps(&self) -> bool {
         false

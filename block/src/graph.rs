@@ -343,6 +343,45 @@ impl BlockGraph {
         }
     }
 
+    /// Close every node at exit, parents before their children, so that
+    /// a format writes its metadata and bitmaps into a file that is still
+    /// open and is flushed after it (QEMU's `bdrv_close_all`). Nodes are
+    /// closed whether or not some thread still holds them: the process
+    /// exits without waiting for those. Errors are logged.
+    pub fn close_all(&self) {
+        let roots: Vec<Arc<Node>> = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        // Depth-first, children after parents: post-order, reversed.
+        let mut seen = std::collections::HashSet::new();
+        let mut order = Vec::new();
+        fn visit(
+            n: &Arc<Node>,
+            seen: &mut std::collections::HashSet<*const Node>,
+            order: &mut Vec<Arc<Node>>,
+        ) {
+            if !seen.insert(Arc::as_ptr(n)) {
+                return;
+            }
+            for (_, c) in n.children() {
+                visit(&c, seen, order);
+            }
+            order.push(n.clone());
+        }
+        for n in &roots {
+            visit(n, &mut seen, &mut order);
+        }
+        for n in order.iter().rev() {
+            if let Err(e) = n.close() {
+                log::warn!("{}: {e}", n.name());
+            }
+        }
+    }
+
     /// Remove a node from the name table (it lives on while referenced).
     pub fn remove(&self, name: &str) -> Option<Arc<Node>> {
         self.nodes

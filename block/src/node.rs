@@ -166,6 +166,9 @@ pub struct Node {
     watched: AtomicBool,
     watchers: RwLock<Watchers>,
     self_ref: Weak<Node>,
+    /// [`Node::close`] ran: the bitmaps are stored and the image is clean,
+    /// so dropping the node does not do it again.
+    closed: AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -178,21 +181,12 @@ impl std::fmt::Debug for Node {
 }
 
 impl Drop for Node {
-    /// Persistent dirty bitmaps go back into the image when the node goes
-    /// (QEMU stores them at close).
+    /// A node that goes before [`BlockGraph::close_all`](crate::graph::BlockGraph::close_all)
+    /// (an unused implicit node after a pivot, a `blockdev-del`) closes
+    /// here.
     fn drop(&mut self) {
-        if self.is_read_only() || !self.driver.can_store_bitmaps() {
-            return;
-        }
-        let w = self.watchers.get_mut().unwrap_or_else(|e| e.into_inner());
-        let list: Vec<Arc<DirtyBitmap>> = w
-            .bitmaps
-            .iter()
-            .filter(|b| b.is_persistent())
-            .cloned()
-            .collect();
-        if let Err(e) = self.driver.store_bitmaps(&list) {
-            log::warn!("{}: could not store the dirty bitmaps: {e}", self.name);
+        if !self.closed.load(Ordering::Acquire) {
+            self.store_persistent_bitmaps();
         }
     }
 }
@@ -229,6 +223,7 @@ impl Node {
             watched: AtomicBool::new(false),
             watchers: RwLock::new(Watchers::default()),
             self_ref: w.clone(),
+            closed: AtomicBool::new(false),
         })
     }
     /// A node whose children are given as nodes (each in its own slot).
@@ -280,6 +275,44 @@ impl Node {
             }
         }
         Err(libc::ENOTSUP)
+    }
+
+    /// Close the node as QEMU's `bdrv_close` does, whoever else still
+    /// holds it: persistent dirty bitmaps go back into the image, the
+    /// driver writes back what it caches and marks the image clean, and a
+    /// writable node is flushed. Done once; the process exits after it
+    /// (threads that still hold the node are not waited for), so this,
+    /// not `Drop`, is what makes an image consistent at exit.
+    pub fn close(&self) -> BlockResult<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.store_persistent_bitmaps();
+        if self.is_read_only() {
+            return Ok(());
+        }
+        self.driver.close()?;
+        self.flush()
+    }
+
+    /// Persistent dirty bitmaps go back into the image (QEMU stores them
+    /// at close); a failure is logged, as there is no one to tell.
+    fn store_persistent_bitmaps(&self) {
+        if self.is_read_only() || !self.driver.can_store_bitmaps() {
+            return;
+        }
+        let list: Vec<Arc<DirtyBitmap>> = self
+            .watchers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .bitmaps
+            .iter()
+            .filter(|b| b.is_persistent())
+            .cloned()
+            .collect();
+        if let Err(e) = self.driver.store_bitmaps(&list) {
+            log::warn!("{}: could not store the dirty bitmaps: {e}", self.name);
+        }
     }
 
     pub fn children(&self) -> Vec<(String, Arc<Node>)> {

@@ -1137,6 +1137,9 @@ impl BlockDriver for Qcow2Node {
     fn can_store_bitmaps(&self) -> bool {
         true
     }
+    fn close(&self) -> BlockResult<()> {
+        self.img.close().map_err(block_error)
+    }
     fn can_compress(&self) -> bool {
         true
     }

@@ -673,3 +673,44 @@ fn a_fifo_is_refused_not_waited_on() {
         format!("'file' driver requires '{p}' to be a regular file")
     );
 }
+
+/// At exit the VMM closes the graph while some thread (a job's, a
+/// monitor's) may still hold a node: the images must be consistent and
+/// their bitmaps stored all the same, as `qemu-img check` sees them.
+#[test]
+fn close_all_leaves_images_clean_while_a_node_is_still_held() {
+    let dir = TempDir::new("close-all");
+    let img = dir.path("d.qcow2");
+    let (rc, out) = qemu("qemu-img", &["create", "-q", "-f", "qcow2", &img, "8M"]);
+    assert_eq!(rc, 0, "{out}");
+    let g = BlockGraph::new();
+    let n = g
+        .blockdev_add_str(&format!(
+            "driver=qcow2,node-name=d,file.driver=file,file.filename={img}"
+        ))
+        .unwrap();
+    let bm = block::bitmap::DirtyBitmap::new("b0", n.len(), 65536, true).unwrap();
+    n.add_bitmap(std::sync::Arc::new(bm)).unwrap();
+    let data = vec![7u8; 1 << 20];
+    for i in 0..4u64 {
+        n.write_vectored(i << 21, &[std::io::IoSlice::new(&data)], false)
+            .unwrap();
+    }
+    let held = n.clone();
+    drop(n);
+    g.close_all();
+    // `-U`: the node is still open (and locked) in this process.
+    let (rc, out) = qemu("qemu-img", &["check", "-U", &img]);
+    assert_eq!(rc, 0, "{out}");
+    let (rc, out) = qemu("qemu-img", &["info", "-U", "--output=json", &img]);
+    assert_eq!(rc, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let b = &v["format-specific"]["data"]["bitmaps"][0];
+    assert_eq!(b["name"], "b0", "{out}");
+    assert_eq!(b["flags"], serde_json::json!(["auto"]), "{out}");
+    let (rc, out) = qemu("qemu-io", &["-U", "-r", "-c", "read -P 7 6M 1M", &img]);
+    assert!(rc == 0 && !out.contains("fail"), "{out}");
+    drop(held);
+    let (rc, out) = qemu("qemu-img", &["check", &img]);
+    assert_eq!(rc, 0, "closing twice changes nothing: {out}");
+}

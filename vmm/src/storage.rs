@@ -32,11 +32,15 @@ pub struct Storage {
 
 impl Drop for Storage {
     /// Jobs still running when the VMM exits are cancelled and waited for
-    /// (as QEMU does at quit), so that they let go of their nodes before
-    /// the graph closes the images and stores their bitmaps.
+    /// (as QEMU does at quit), the NBD server stops, and then every image
+    /// is closed: bitmaps stored, metadata written back, flushed. That is
+    /// done explicitly, not left to the nodes' `Drop`, because the process
+    /// exits without joining the threads (a job's, a monitor's) that may
+    /// still hold a node.
     fn drop(&mut self) {
         self.jobs.cancel_all(std::time::Duration::from_secs(30));
         let _ = self.nbd.stop();
+        self.graph.close_all();
     }
 }
 

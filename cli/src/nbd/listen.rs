@@ -108,12 +108,10 @@ impl Server {
                 code = 1;
             }
         }
-        // Close the images (unless a client never let go of its export):
-        // a node stores its persistent bitmaps (`-B`) when it goes.
+        // Close the images, even if a client thread still holds its
+        // export: metadata written back, persistent bitmaps (`-B`) stored.
         drop(exports);
-        for n in self.graph.node_names() {
-            drop(self.graph.remove(&n));
-        }
+        self.graph.close_all();
         for f in &self.cleanup {
             let _ = std::fs::remove_file(f);
         }
