@@ -334,3 +334,71 @@ fn o_direct_on_a_file_whose_size_is_not_sector_aligned() {
         assert_eq!(&raw[1630..], &[0xab; 10]);
     }
 }
+
+/// A file on tmpfs is read and written on the submitting thread: io_uring
+/// would hand each request to a kernel worker (tmpfs cannot read without
+/// blocking), a thread switch each way for one memcpy. Flags and FUA
+/// behave as on a disk.
+#[test]
+fn tmpfs_requests_complete_on_the_submitting_thread() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("SKIP: no /dev/shm");
+        return;
+    }
+    let img = shm.join(format!("strata-inline-{}.img", std::process::id()));
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let graph = BlockGraph::new();
+    let spec = parse_drive(&format!(
+        "file={},format=raw,if=none,id=d0,cache=directsync,aio=io_uring",
+        img.display()
+    ))
+    .unwrap();
+    let blk = spec.open(&graph).unwrap();
+    let file = file_driver(&blk);
+    assert_eq!(file.aio_engine(), Some("io_uring"));
+    let st = file.syscall_stats().unwrap();
+    let q = CompletionQueue::new().unwrap();
+    let me = std::thread::current().id();
+    for (tag, req) in [
+        (
+            1,
+            IoRequest::write(8192, IoVecs::from_vec(pattern(4096, 5)), false),
+        ),
+        (2, IoRequest::read(8192, IoVecs::from_vec(vec![0; 4096]))),
+        (3, IoRequest::flush()),
+    ] {
+        let on = Arc::new(std::sync::Mutex::new(None));
+        let on2 = on.clone();
+        let inner = q.completion(tag);
+        blk.submit(
+            req,
+            Box::new(move |r, res| {
+                *on2.lock().unwrap() = Some(std::thread::current().id());
+                inner(r, res)
+            }),
+        );
+        assert_eq!(
+            *on.lock().unwrap(),
+            Some(me),
+            "request {tag} completed inline"
+        );
+        let (_, req, r) = q.wait().into_iter().next().unwrap();
+        r.unwrap();
+        if tag == 2 {
+            assert_eq!(req.iov.into_vec().unwrap(), pattern(4096, 5));
+        }
+    }
+    assert_eq!(
+        st.uring_ops.load(Ordering::SeqCst),
+        0,
+        "nothing went through the ring"
+    );
+    assert!(
+        st.dsync_writes.load(Ordering::SeqCst) >= 1,
+        "directsync: FUA write"
+    );
+    assert!(st.fdatasync.load(Ordering::SeqCst) >= 1, "flush: fdatasync");
+    drop(blk);
+    let _ = std::fs::remove_file(&img);
+}
