@@ -189,16 +189,19 @@ const CHUNK: u64 = 2 << 20;
 /// a raw->qcow2 convert's time there, before this).
 #[derive(Default)]
 struct StatusCache {
-    /// Per source: `[start, end)` and its status (zero, data).
-    last: Mutex<Vec<Option<(u64, u64, bool, bool)>>>,
+    /// Per source, the last answer.
+    last: Mutex<Vec<Option<Run>>>,
 }
+
+/// `[start, end)` of a source and its status (zero, data).
+type Run = (u64, u64, bool, bool);
 
 impl StatusCache {
     /// Status at `off` of source number `i`: the length of the run (at
     /// most `lim`, at least 1) and whether it reads as zeroes without
     /// data (may be skipped).
     fn get(&self, i: usize, src: &BlockBackend, off: u64, lim: u64) -> Result<(u64, bool), String> {
-        let hit = |e: &(u64, u64, bool, bool)| {
+        let hit = |e: &Run| {
             (off >= e.0 && off < e.1).then(|| ((e.1 - off).min(lim).max(1), e.2 && !e.3))
         };
         {
