@@ -2,12 +2,14 @@
 # The comparison set of issue 17, in one table: virtio-blk in the guest
 # (bench/virtio-guest.sh) on a null-co disk and on a tmpfs raw file,
 # each on a quiet host and with a CPU hog on one core, then strata-img
-# convert raw->qcow2 and qcow2->raw against qemu-img
-# (bench/qcow2-bench.sh). Ratios are Strata/QEMU speed (IOPS ratio, or
-# qemu time / strata time): above 1.0 Strata is faster.
+# against qemu-img (bench/qcow2-bench.sh): convert raw->qcow2 and
+# qcow2->raw, and `bench` 4 KiB writes at depth 32 into an allocated and
+# an empty qcow2, on tmpfs (the tools, not the host disk), quiet and with
+# the hog. Ratios are Strata/QEMU speed (IOPS ratio, or qemu time /
+# strata time): above 1.0 Strata is faster.
 #
 # usage: bench/all.sh [runs] [seconds-per-workload]   (make bench)
-# Env: SETS="null tmpfs" (backings), HOGS="0 1", QCOW2=0 skips convert.
+# Env: SETS="null tmpfs" (backings), HOGS="0 1", QCOW2=0 skips strata-img.
 # Each script's own output goes to bench/out/all/.
 set -eu
 cd "$(dirname "$0")/.."
@@ -25,9 +27,21 @@ for img in ${SETS:-null tmpfs}; do
             sh bench/virtio-guest.sh "$runs" "$secs" >"$out/virtio-$img-hog$hog.md" 2>"$out/virtio-$img-hog$hog.log"
     done
 done
+qdir=/dev/shm/strata-qcow2-bench
 if [ "${QCOW2:-1}" = 1 ]; then
-    echo "== qcow2 convert" >&2
-    REPEAT=$runs bash bench/qcow2-bench.sh >"$out/qcow2.log" 2>&1 || true
+    for hog in ${HOGS:-0 1}; do
+        echo "== strata-img, tmpfs$([ "$hog" = 1 ] && echo ', CPU hog' || true)" >&2
+        hogpid=
+        if [ "$hog" = 1 ]; then
+            taskset -c "$(($(nproc) - 1))" sh -c 'while :; do :; done' &
+            hogpid=$!
+        fi
+        BENCH_DIR=$qdir REPEAT=$runs CASES='^(convert (raw->qcow2|qcow2->raw)|bench 4k write)' \
+            bash bench/qcow2-bench.sh >"$out/qcow2-hog$hog.log" 2>&1 || true
+        [ -n "$hogpid" ] && kill "$hogpid"
+        cp "$qdir/summary.md" "$out/qcow2-hog$hog.md" 2>/dev/null || true
+    done
+    rm -rf "$qdir"
 fi
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $runs alternating runs per VMM, median (min-max)"
 grep -h '^# host disk' "$out"/virtio-*.md | head -1
@@ -35,8 +49,11 @@ echo
 echo "| backing, load | workload | Strata | QEMU 7.2 | Strata/QEMU |"
 echo "|---|---|---|---|---|"
 awk -F'\t' '{ printf "| %s | %s | %s (%s-%s) IOPS | %s (%s-%s) IOPS | %.2f |\n", $1, $2, $3, $4, $5, $6, $7, $8, $3 / $6 }' "$res"
-if [ -f bench/out/qcow2/summary.md ] && [ "${QCOW2:-1}" = 1 ]; then
-    # | case | qemu-img s | strata-img s | ratio | ...
-    grep -E '^\| convert (raw->qcow2|qcow2->raw)' bench/out/qcow2/summary.md |
-        awk -F'|' '{ gsub(/^ +| +$/, "", $2); printf "| file | %s | %s s | %s s | %s |\n", $2, $4 + 0, $3 + 0, $5 + 0 }'
-fi
+for hog in ${HOGS:-0 1}; do
+    f=$out/qcow2-hog$hog.md
+    [ -f "$f" ] && [ "${QCOW2:-1}" = 1 ] || continue
+    # | case | qemu-img s | strata-img s | ratio | ...; the spread is in the log.
+    label="tmpfs$([ "$hog" = 1 ] && echo ', CPU hog' || true)"
+    grep -E '^\| (convert|bench)' "$f" |
+        awk -F'|' -v l="$label" '{ gsub(/^ +| +$/, "", $2); printf "| %s | strata-img %s | %s s | %s s | %s |\n", l, $2, $4 + 0, $3 + 0, $5 + 0 }'
+done

@@ -400,15 +400,33 @@ pub fn write_zeroes_by_writing<D: BlockDriver + ?Sized>(
     fua: bool,
 ) -> BlockResult<()> {
     let align = drv.limits().mem_alignment.max(4096);
-    let chunk = 1usize << 20;
-    let zero = crate::iov::AlignedBuf::new(chunk, align);
+    let own;
+    let zero: &[u8] = if align <= ZERO_ALIGN {
+        shared_zeroes()
+    } else {
+        own = crate::iov::AlignedBuf::new(ZERO_CHUNK.min(len as usize), align);
+        &own
+    };
     let mut done = 0u64;
     while done < len {
-        let n = (len - done).min(chunk as u64) as usize;
+        let n = (len - done).min(zero.len() as u64) as usize;
         drv.write_vectored(offset + done, &[IoSlice::new(&zero[..n])], fua)?;
         done += n as u64;
     }
     Ok(())
+}
+
+const ZERO_CHUNK: usize = 1 << 20;
+const ZERO_ALIGN: usize = 4096;
+
+/// One MiB of zeroes, aligned for O_DIRECT, shared by every writer of
+/// zeroes and never written: no allocation or memset per request (a qcow2
+/// cluster allocation on tmpfs zeroes its cluster this way; a fresh 1 MiB
+/// buffer each time cost more than the write), and its pages stay the
+/// kernel's shared zero page.
+fn shared_zeroes() -> &'static [u8] {
+    static Z: std::sync::OnceLock<crate::iov::AlignedBuf> = std::sync::OnceLock::new();
+    Z.get_or_init(|| crate::iov::AlignedBuf::new(ZERO_CHUNK, ZERO_ALIGN))
 }
 
 /// Check that `[offset, offset+len)` lies within `size`.

@@ -726,6 +726,11 @@ impl BlockDriver for FileNode {
             Err(libc::EINVAL)
         } else if self.is_blockdev {
             self.blk_range_ioctl(BLKZEROOUT, offset, len)
+        } else if offset >= self.len() {
+            // Past the end: allocating reads as zeroes (how QEMU extends a
+            // file with zeroes).
+            self.fallocate(0, offset, len)
+                .or_else(|_| self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len))
         } else if may_unmap && offset + len <= self.len() {
             self.fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -734,7 +739,20 @@ impl BlockDriver for FileNode {
             )
             .or_else(|_| self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len))
         } else {
+            // Where ZERO_RANGE is missing (tmpfs), a hole punched and
+            // allocated again is the same: zeroes, still allocated.
             self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+                .or_else(|_| {
+                    if offset + len > self.len() {
+                        return Err(libc::EOPNOTSUPP);
+                    }
+                    self.fallocate(
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset,
+                        len,
+                    )?;
+                    self.fallocate(0, offset, len)
+                })
         };
         match r {
             Ok(()) => {
@@ -980,7 +998,7 @@ impl BlockDriver for FileNode {
         // non-blocking reads; `preadv2(RWF_NOWAIT)` says EOPNOTSUPP), so
         // each request costs two thread switches and a third runnable
         // thread around one memcpy. Copy here instead.
-        if self.in_memory && matches!(req.op, IoOp::Read | IoOp::Write | IoOp::Flush) {
+        if self.in_memory && req.op != IoOp::Discard {
             let r = crate::driver::execute(&*self, &mut req);
             done(req, r);
             return;

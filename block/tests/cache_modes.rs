@@ -389,6 +389,23 @@ fn tmpfs_requests_complete_on_the_submitting_thread() {
             assert_eq!(req.iov.into_vec().unwrap(), pattern(4096, 5));
         }
     }
+    // Zeroes without FALLOC_FL_ZERO_RANGE (tmpfs has none): inside the
+    // file a punched hole allocated again (still data, not a hole), past
+    // its end an allocation that grows it.
+    use std::os::unix::fs::MetadataExt;
+    let size = 1u64 << 20;
+    let blocks = std::fs::metadata(&img).unwrap().blocks();
+    blk.write_zeroes(8192, 4096, false).unwrap();
+    let mut back = vec![1u8; 4096];
+    blk.read_at(8192, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0));
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().blocks(),
+        blocks,
+        "zeroed in place, still allocated"
+    );
+    file.write_zeroes(size, 65536, false, false).unwrap();
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), size + 65536);
     assert_eq!(
         st.uring_ops.load(Ordering::SeqCst),
         0,

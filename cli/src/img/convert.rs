@@ -201,9 +201,8 @@ impl StatusCache {
     /// most `lim`, at least 1) and whether it reads as zeroes without
     /// data (may be skipped).
     fn get(&self, i: usize, src: &BlockBackend, off: u64, lim: u64) -> Result<(u64, bool), String> {
-        let hit = |e: &Run| {
-            (off >= e.0 && off < e.1).then(|| ((e.1 - off).min(lim).max(1), e.2 && !e.3))
-        };
+        let hit =
+            |e: &Run| (off >= e.0 && off < e.1).then(|| ((e.1 - off).min(lim).max(1), e.2 && !e.3));
         {
             let g = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(r) = g.get(i).copied().flatten().as_ref().and_then(hit) {
