@@ -112,8 +112,8 @@ images:
 	images/build.sh
 
 # Issue 17's comparison set (virtio-blk on null-co and tmpfs, quiet and
-# with a CPU hog, and strata-img convert against qemu-img), printed as
-# one table. BENCH_RUNS alternating runs per VMM (at least 5).
+# with a CPU hog, and strata-img convert and qcow2 writes against
+# qemu-img on tmpfs, quiet and with the hog), printed as one table. BENCH_RUNS alternating runs per VMM (at least 5).
 BENCH_RUNS ?= 5
 bench: deps
 	$(CARGO) build --release --bins
