@@ -231,9 +231,33 @@ pub fn ata_taskfile(data: &[u8]) {
     }
 }
 
+/// Runs `data` through AHCI's command parsing as a port would: the first
+/// 32 bytes are a command header, the rest its command table (cut where
+/// the guest's memory would end). Checked: a parsed command has a PRD per
+/// PRDTL entry, each PRD a byte count in 1..=4 MiB, and an NCQ command a
+/// PRDT covering its transfer and a tag below 32.
+pub fn ahci_command(data: &[u8]) {
+    use crate::ahci::fis::{Command, CommandHeader, Kind, HEADER_LEN, PRD_MAX};
+    let Some((h, table)) = data.split_first_chunk::<HEADER_LEN>() else {
+        return;
+    };
+    let header = CommandHeader::parse(h);
+    assert_eq!(header.ctba & 0x7f, 0, "unaligned command table");
+    let Ok(c) = Command::parse(header, table) else {
+        return;
+    };
+    assert_eq!(c.prdt.len(), header.prdtl as usize);
+    assert!(c.prdt.iter().all(|p| p.len >= 1 && p.len <= PRD_MAX));
+    if let Kind::Ncq { tag, count, .. } = c.kind {
+        assert!(tag < 32, "tag {tag}");
+        assert!(c.prdt_bytes() >= count as u64 * 512, "short PRDT");
+    }
+}
+
 /// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
+        "ahci_command" => Some(ahci_command),
         "ata_taskfile" => Some(ata_taskfile),
         "scsi_cdb" => Some(scsi_cdb),
         "virtio_chain" => Some(virtio_chain),

@@ -12,6 +12,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ahci;
 pub mod ata;
 pub mod bus;
 pub mod chipset;

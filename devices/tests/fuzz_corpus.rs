@@ -1,5 +1,6 @@
 //! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
-//! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile) and seeded random inputs through the same
+//! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile,
+//! fuzz/corpus/ahci_command) and seeded random inputs through the same
 //! harnesses cargo fuzz runs.
 
 use std::path::PathBuf;
@@ -43,4 +44,9 @@ fn virtio_chain_corpus() {
 #[test]
 fn ata_taskfile_corpus() {
     corpus("ata_taskfile");
+}
+
+#[test]
+fn ahci_command_corpus() {
+    corpus("ahci_command");
 }
