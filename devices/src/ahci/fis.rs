@@ -382,7 +382,7 @@ mod tests {
     fn dma_command_and_prdt() {
         let h = CommandHeader::parse(&header(5 | 2 << 16, 0x1000));
         let t = table(
-            &h2d(0x25, 0, 0x1234_5678_9a, 8, 0x40),
+            &h2d(0x25, 0, 0x0012_3456_789a, 8, 0x40),
             &[(0x8000_0001, 2048, false), (0x1_0000_0000, 2048, true)],
         );
         let c = Command::parse(h, &t).unwrap();
@@ -390,7 +390,7 @@ mod tests {
             panic!("{:?}", c.kind)
         };
         assert_eq!(opcode, 0x25);
-        assert_eq!(tf.lba48(), 0x1234_5678_9a);
+        assert_eq!(tf.lba48(), 0x0012_3456_789a);
         assert_eq!(tf.count48(), 8);
         assert_eq!(
             c.prdt,
