@@ -6,9 +6,12 @@
 //!
 //! - `fis`: the command list, command tables and PRDTs a guest builds,
 //!   parsed into typed [`fis::Command`]s, and the FISes the HBA posts.
+//! - `regs`: the host and port register file and its access rules; a
+//!   write returns the event the HBA must act on.
 //!
-//! The HBA and port registers, the DMA engine and `-device ahci` are
-//! issue 18's next steps; this module starts with the parsing layer they
-//! all go through.
+//! The HBA itself (command processing, the DMA engine, interrupts), the
+//! PCI function and `-device ahci` are issue 18's next steps; this module
+//! starts with the two layers they go through.
 
 pub mod fis;
+pub mod regs;
