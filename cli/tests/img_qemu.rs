@@ -1,33 +1,10 @@
 //! strata-img against real qemu-img: same output, same exit codes, images
 //! that qemu-img agrees with.
 
-use std::path::PathBuf;
+mod support;
+
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-struct Dir(PathBuf);
-impl Dir {
-    fn new() -> Dir {
-        let p = std::env::temp_dir().join(format!(
-            "strata-img-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-    fn p(&self, n: &str) -> String {
-        self.0.join(n).to_str().unwrap().to_string()
-    }
-}
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use support::img::Dir;
 
 fn strata(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_strata-img"))
@@ -85,7 +62,7 @@ fn info_json_matches_qemu_field_for_field() {
     if qemu(&["--version"]).is_none() {
         return;
     }
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     for (i, (size, data)) in layouts().into_iter().enumerate() {
         let f = d.p(&format!("i{i}.img"));
         sparse(&f, size, &data);
@@ -117,7 +94,7 @@ fn map_matches_qemu_on_sparse_files() {
     if qemu(&["--version"]).is_none() {
         return;
     }
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     for (i, (size, data)) in layouts().into_iter().enumerate() {
         let f = d.p(&format!("m{i}.img"));
         sparse(&f, size, &data);
@@ -151,7 +128,7 @@ fn map_matches_qemu_on_sparse_files() {
 
 #[test]
 fn create_matches_qemu() {
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let a = d.p("a.img");
     let s = strata(&["create", "-f", "raw", &a, "1G"]);
     assert!(s.status.success());
@@ -201,7 +178,7 @@ fn create_matches_qemu() {
 
 #[test]
 fn compare_matches_qemu() {
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let a = d.p("a.img");
     let b = d.p("b.img");
     sparse(&a, 4 << 20, &[(1 << 20, 65536)]);
@@ -248,7 +225,7 @@ fn compare_matches_qemu() {
 
 #[test]
 fn convert_is_sparse_and_identical() {
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let src = d.p("src.img");
     sparse(
         &src,
@@ -339,7 +316,7 @@ fn convert_is_sparse_and_identical() {
 
 #[test]
 fn dd_matches_qemu() {
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let src = d.p("s.img");
     sparse(&src, 1 << 20, &[(0, 1 << 20)]);
     let variants: Vec<Vec<&str>> = vec![
@@ -381,7 +358,7 @@ fn dd_matches_qemu() {
 
 #[test]
 fn bench_flags_and_output() {
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let f = d.p("b.img");
     sparse(&f, 16 << 20, &[]);
     let variants: Vec<(Vec<&str>, &str)> = vec![
@@ -466,7 +443,7 @@ fn bench_flags_and_output() {
 
 #[test]
 fn bad_input_one_line_exit_1_no_panic() {
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let f = d.p("x.img");
     sparse(&f, 1 << 20, &[]);
     let dir = d.0.to_str().unwrap().to_string();
@@ -532,7 +509,7 @@ fn bad_input_one_line_exit_1_no_panic() {
 
 #[test]
 fn force_share_and_locks_across_processes() {
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let f = d.p("l.img");
     sparse(&f, 64 << 20, &[]);
     // A long writer in another process (strata-img bench -w)...
@@ -564,7 +541,7 @@ fn force_share_and_locks_across_processes() {
 
 #[test]
 fn resize_and_check_like_qemu() {
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let s_img = d.p("s.img");
     let q_img = d.p("q.img");
     sparse(&s_img, 4 << 20, &[(0, 4096)]);
@@ -623,7 +600,7 @@ fn resize_and_check_like_qemu() {
 #[test]
 fn closed_stdout_does_not_panic() {
     use std::io::Read;
-    let d = Dir::new();
+    let d = Dir::new("img", "qemu");
     let f = d.p("p.img");
     let layout: Vec<(u64, u64)> = (0..2000).map(|i| (i * 8192, 512)).collect();
     sparse(&f, 2000 * 8192, &layout);

@@ -4,6 +4,8 @@
 //! Strata's `nbd` client; the client's reconnect across a server restart;
 //! hostile clients; clean SIGTERM; locking; one-line errors.
 
+mod support;
+
 use block::backend::{BackendConfig, BlockBackend, CompletionQueue};
 use block::driver::{IoRequest, Perms};
 use block::graph::BlockGraph;
@@ -11,48 +13,13 @@ use block::iov::IoVecs;
 use block::nbd::proto;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!(
-            "strata-nbd-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-    fn p(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use support::img::Dir;
+use support::nbd::{free_port, wait_listening};
 
 fn have_qemu() -> bool {
-    let ok = ["qemu-img", "qemu-io", "qemu-nbd"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if !ok {
-        eprintln!("SKIPPED: qemu-utils missing");
-    }
-    ok
+    support::nbd::have_tools(&["qemu-img", "qemu-io", "qemu-nbd"], "qemu-utils")
 }
 
 fn out(cmd: &str, args: &[&str]) -> Output {
@@ -102,36 +69,6 @@ fn nbd_bin() -> &'static str {
     env!("CARGO_BIN_EXE_strata-nbd")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_connectable(unix: Option<&str>, port: Option<u16>, child: &mut Child) {
-    let t = Instant::now();
-    loop {
-        let ok = match (unix, port) {
-            (Some(p), _) => UnixStream::connect(p).is_ok(),
-            (_, Some(port)) => std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-            _ => unreachable!(),
-        };
-        if ok {
-            return;
-        }
-        if let Some(s) = child.try_wait().unwrap() {
-            panic!("strata-nbd exited early: {s}");
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "strata-nbd never listened"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Serve `img` over a unix socket in `dir` (or TCP) with extra `args`.
 fn serve(dir: &Dir, img: &str, tcp: bool, args: &[&str]) -> Server {
     let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -168,16 +105,16 @@ fn serve(dir: &Dir, img: &str, tcp: bool, args: &[&str]) -> Server {
         // The file appears at bind(), a moment before listen(): a
         // persistent server can take a probe to be sure.
         if args.contains(&"-t") {
-            wait_connectable(Some(s), None, &mut child);
+            wait_listening("strata-nbd", Some(s), None, &mut child);
         }
     } else {
-        wait_connectable(None, port, &mut child);
+        wait_listening("strata-nbd", None, port, &mut child);
     }
     Server { child, url }
 }
 
 fn qemu_tools_against(fmt: &str, tcp: bool) {
-    let d = Dir::new("qemu");
+    let d = Dir::new("nbd", "qemu");
     let img = d.p(&format!("disk.{fmt}"));
     run("qemu-img", &["create", "-q", "-f", fmt, &img, "32M"]);
     run(
@@ -310,7 +247,7 @@ fn strata_img_through_the_client() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("simg");
+    let d = Dir::new("nbd", "simg");
     let img = d.p("disk.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "8M"]);
     run(
@@ -337,7 +274,7 @@ fn strata_img_through_the_client() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_connectable(Some(&sock2), None, &mut q);
+    wait_listening("strata-nbd", Some(&sock2), None, &mut q);
     let info = run(simg, &["info", &format!("nbd:unix:{sock2}:exportname=e")]);
     assert!(info.contains("virtual size: 8 MiB"), "{info}");
     let _ = q.kill();
@@ -385,7 +322,7 @@ fn reconnect_within_delay_keeps_writes() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("reconn");
+    let d = Dir::new("nbd", "reconn");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "16M"]);
     let args = ["-f", "raw", "-t", "-e", "0"];
@@ -450,7 +387,7 @@ fn past_the_delay_eio_then_recovery() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("reconn-eio");
+    let d = Dir::new("nbd", "reconn-eio");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "16M"]);
     let args = ["-f", "raw", "-t", "-e", "0"];
@@ -548,7 +485,7 @@ fn extended_headers_with_qemu_and_raw_clients() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("ext");
+    let d = Dir::new("nbd", "ext");
     let img = d.p("disk.raw");
     // Larger than 4 GiB (sparse): 64-bit lengths matter.
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "6G"]);
@@ -664,7 +601,7 @@ fn hostile_clients_do_not_hurt_others() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("hostile");
+    let d = Dir::new("nbd", "hostile");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "16M"]);
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 1M", &img]);
@@ -761,7 +698,7 @@ fn exits_after_last_client_without_t() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("once");
+    let d = Dir::new("nbd", "once");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "1M"]);
     let mut srv = serve(&d, &img, false, &["-f", "raw", "--pid-file", &d.p("pid")]);
@@ -785,7 +722,7 @@ fn locking_matches_qemu_nbd() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("lock");
+    let d = Dir::new("nbd", "lock");
     let img = d.p("disk.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "1M"]);
     let mut srv = serve(&d, &img, false, &["-f", "qcow2", "-t"]);
@@ -809,7 +746,7 @@ fn locking_matches_qemu_nbd() {
 
 #[test]
 fn user_errors_are_one_line() {
-    let d = Dir::new("errs");
+    let d = Dir::new("nbd", "errs");
     let cases: Vec<Vec<String>> = vec![
         vec!["--cache=bogus".into(), "x".into()],
         vec!["--aio=bogus".into(), "x".into()],
@@ -851,7 +788,7 @@ fn fork_returns_when_ready() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("fork");
+    let d = Dir::new("nbd", "fork");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "1M"]);
     let sock = d.p("nbd.sock");
@@ -896,7 +833,7 @@ fn export_options() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("opts");
+    let d = Dir::new("nbd", "opts");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "4M"]);
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x21 0 1M", &img]);
@@ -1070,7 +1007,7 @@ fn load_snapshot_serves_it_read_only() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("snap");
+    let d = Dir::new("nbd", "snap");
     let img = d.p("disk.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "4M"]);
     run(
@@ -1193,7 +1130,7 @@ fn allocation_depth_matches_qemu_nbd() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("depth");
+    let d = Dir::new("nbd", "depth");
     // base (4M) <- mid (6M) <- top (8M): each layer shorter than the one
     // above, so the zeroes past a backing file's end count too.
     let (base, mid, top) = (d.p("base.qcow2"), d.p("mid.qcow2"), d.p("top.qcow2"));
@@ -1281,7 +1218,7 @@ fn bitmap_export_matches_qemu_nbd() {
     if !have_qemu() {
         return;
     }
-    let d = Dir::new("bitmap");
+    let d = Dir::new("nbd", "bitmap");
     let img = d.p("disk.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "4M"]);
     run("qemu-img", &["bitmap", "--add", &img, "b0"]);

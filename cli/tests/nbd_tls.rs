@@ -16,51 +16,17 @@ use block::backend::{BackendConfig, BlockBackend, CompletionQueue};
 use block::driver::{IoRequest, Perms};
 use block::graph::BlockGraph;
 use block::iov::IoVecs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-
-static N: AtomicU32 = AtomicU32::new(0);
-
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!(
-            "strata-nbdtls-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Dir(p)
-    }
-    fn p(&self, name: &str) -> String {
-        self.0.join(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use support::img::Dir;
+use support::nbd::{free_port, wait_listening};
 
 fn have_tools() -> bool {
-    let ok = ["qemu-img", "qemu-io", "qemu-nbd"].iter().all(|t| {
-        Command::new(t)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }) && Command::new("openssl")
-        .arg("version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("SKIPPED: qemu-utils or openssl missing");
-    }
-    ok
+    support::nbd::have_tools(
+        &["qemu-img", "qemu-io", "qemu-nbd", "openssl"],
+        "qemu-utils or openssl",
+    )
 }
 
 fn out(cmd: &str, args: &[&str]) -> Output {
@@ -186,14 +152,6 @@ fn make_pki(base: &Path, ca_name: &str) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A server process, killed on drop.
 struct Server(Child);
 
@@ -213,25 +171,8 @@ fn start(cmd: &str, args: &[String], port: Option<u16>, sock: Option<&str>) -> S
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let t = Instant::now();
-    loop {
-        let ok = match (port, sock) {
-            (Some(p), _) => std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
-            (_, Some(s)) => std::os::unix::net::UnixStream::connect(s).is_ok(),
-            _ => unreachable!(),
-        };
-        if ok {
-            return Server(child);
-        }
-        if let Some(s) = child.try_wait().unwrap() {
-            panic!("{cmd} exited early: {s}");
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{cmd} never listened"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_listening(cmd, sock, port, &mut child);
+    Server(child)
 }
 
 fn nbd_bin() -> &'static str {
@@ -255,7 +196,7 @@ fn strata_nbd_tls_with_qemu_clients() {
     if !have_tools() {
         return;
     }
-    let d = Dir::new("srv");
+    let d = Dir::new("nbdtls", "srv");
     make_pki(&d.0, "Strata test CA");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "8M"]);
@@ -367,7 +308,7 @@ fn strata_nbd_tls_with_qemu_clients() {
 
     // A client whose certificate another CA signed is refused by the
     // server (verify-peer=on); qemu-img reports the failure.
-    let other = Dir::new("other");
+    let other = Dir::new("nbdtls", "other");
     make_pki(&other.0, "Another CA");
     let o = out(
         "qemu-img",
@@ -414,7 +355,7 @@ fn qemu_nbd_tls_with_strata_client() {
     if !have_tools() {
         return;
     }
-    let d = Dir::new("qn");
+    let d = Dir::new("nbdtls", "qn");
     make_pki(&d.0, "Strata test CA");
     let img = d.p("disk.qcow2");
     run("qemu-img", &["create", "-q", "-f", "qcow2", &img, "8M"]);
@@ -538,7 +479,7 @@ fn reconnect_redoes_tls() {
     if !have_tools() {
         return;
     }
-    let d = Dir::new("reconn");
+    let d = Dir::new("nbdtls", "reconn");
     make_pki(&d.0, "Strata test CA");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "8M"]);
@@ -631,7 +572,7 @@ fn tls_option_errors_are_one_line() {
     if !have_tools() {
         return;
     }
-    let d = Dir::new("err");
+    let d = Dir::new("nbdtls", "err");
     make_pki(&d.0, "Strata test CA");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "1M"]);
@@ -699,7 +640,7 @@ fn tls_server_and_hostile_clients() {
     if !have_tools() {
         return;
     }
-    let d = Dir::new("hostile");
+    let d = Dir::new("nbdtls", "hostile");
     make_pki(&d.0, "Strata test CA");
     let img = d.p("disk.raw");
     run("qemu-img", &["create", "-q", "-f", "raw", &img, "1M"]);
@@ -828,9 +769,9 @@ fn encrypted_server_key_with_passwordid() {
     if !have_tools() {
         return;
     }
-    let d = Dir::new("enc");
+    let d = Dir::new("nbdtls", "enc");
     make_pki(&d.0, "Strata test CA");
-    let enc = Dir::new("enc-key");
+    let enc = Dir::new("nbdtls", "enc-key");
     let srv_dir = encrypted_server_dir(&d, &enc, "hunter2");
     // The password from a file, as QEMU reads it (the bytes as they are).
     let pw = d.p("pw.txt");

@@ -54,9 +54,13 @@ pub fn io(file: &str, fmt: &str, cmds: &[&str]) {
 pub struct Dir(pub PathBuf);
 
 impl Dir {
-    /// `$TMPDIR/strata-<prefix>-<tag>-<pid>`, empty.
+    /// `$TMPDIR/strata-<prefix>-<tag>-<pid>-<n>`, empty (`n` counts the
+    /// directories made by this process, so two tests never share one).
     pub fn new(prefix: &str, tag: &str) -> Dir {
-        let d = std::env::temp_dir().join(format!("strata-{prefix}-{tag}-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d =
+            std::env::temp_dir().join(format!("strata-{prefix}-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         Dir(d)

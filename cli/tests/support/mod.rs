@@ -3,6 +3,7 @@
 
 pub mod img;
 pub mod kernels;
+pub mod nbd;
 pub mod qmp;
 pub mod qtest;
 
