@@ -78,18 +78,13 @@ impl JobDriver for Commit {
         }
         ctl.set_len(len);
         let mut buf = vec![0u8; MAX_CHUNK as usize];
-        let mut off = 0;
-        while off < len {
-            ctl.check()?;
-            let want = (len - off).min(MAX_CHUNK);
+        copy::each_run(ctl, len, |off, want| {
             let (alloc, n) = copy::allocated_above(&self.top, Some(&self.base), off, want);
             if alloc {
                 copy::copy_range(ctl, &self.top, &self.base, off, n, &mut buf, false)?;
             }
-            ctl.advance(n);
-            ctl.throttle(n)?;
-            off += n;
-        }
+            Ok(n)
+        })?;
         self.base.flush()?;
         Ok(())
     }

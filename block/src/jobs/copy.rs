@@ -12,6 +12,26 @@ use std::sync::Arc;
 /// mirror is 16 MiB across requests; one request is 1 MiB at most).
 pub const MAX_CHUNK: u64 = 1 << 20;
 
+/// The front-to-back pass of commit and stream: `step(off, max)` handles
+/// the run at `off` (at most `max` bytes) and returns its length; before
+/// each run the job may pause or end (`Ctl::check`), after it progress
+/// and the speed limit are accounted.
+pub fn each_run(
+    ctl: &Ctl,
+    len: u64,
+    mut step: impl FnMut(u64, u64) -> Result<u64, Failure>,
+) -> Result<(), Failure> {
+    let mut off = 0;
+    while off < len {
+        ctl.check()?;
+        let n = step(off, (len - off).min(MAX_CHUNK))?.max(1);
+        ctl.advance(n);
+        ctl.throttle(n)?;
+        off += n;
+    }
+    Ok(())
+}
+
 /// Run `op` until it succeeds, or the job's error policy for a read
 /// (`write` false) or write says otherwise: `Ok(false)` when the error
 /// was ignored and the range is to be skipped.

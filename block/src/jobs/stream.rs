@@ -86,10 +86,7 @@ impl JobDriver for Stream {
         let len = self.top.len();
         ctl.set_len(len);
         let mut buf = vec![0u8; MAX_CHUNK as usize];
-        let mut off = 0;
-        while off < len {
-            ctl.check()?;
-            let want = (len - off).min(MAX_CHUNK);
+        copy::each_run(ctl, len, |off, want| {
             let top_alloc = self.top.block_status(off, want).map_err(Failure::from)?;
             let mut n = top_alloc.len.clamp(1, want);
             if !top_alloc.allocated {
@@ -117,10 +114,8 @@ impl JobDriver for Stream {
                     }
                 }
             }
-            ctl.advance(n);
-            ctl.throttle(n)?;
-            off += n;
-        }
+            Ok(n)
+        })?;
         Ok(())
     }
 
