@@ -300,6 +300,12 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn inconsistent_bitmaps(&self) -> Vec<String> {
         Vec::new()
     }
+    /// A filter passes every request to its `file` child and has no data
+    /// of its own (QEMU's `is_filter`: throttle, copy-on-read); what asks
+    /// about an image's layers (allocation depth, bitmaps) looks through it.
+    fn is_filter(&self) -> bool {
+        false
+    }
     /// Write back whatever the driver caches and leave the image clean
     /// (qcow2: metadata caches, the dirty flag). Called once, by
     /// [`crate::node::Node::close`], on a writable node; a flush of the

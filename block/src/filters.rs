@@ -50,6 +50,9 @@ impl BlockDriver for ThrottleFilter {
     fn driver_name(&self) -> &'static str {
         "throttle"
     }
+    fn is_filter(&self) -> bool {
+        true
+    }
     fn len(&self) -> u64 {
         self.file.len()
     }
@@ -118,6 +121,9 @@ impl BlockDriver for CopyOnRead {
     }
     fn driver_name(&self) -> &'static str {
         "copy-on-read"
+    }
+    fn is_filter(&self) -> bool {
+        true
     }
     fn len(&self) -> u64 {
         self.file.len()

@@ -473,7 +473,7 @@ impl Node {
     pub fn allocation_depth(&self, offset: u64, len: u64) -> BlockResult<(u64, u32)> {
         let mut depth = 1u32;
         let mut len = len.max(1);
-        let mut below: Option<Arc<Node>> = None;
+        let mut below: Option<Arc<Node>> = self.self_ref.upgrade().map(|n| n.skip_filters());
         loop {
             let node = below.as_deref().unwrap_or(self);
             let e = node.block_status(offset, len)?;
@@ -491,8 +491,21 @@ impl Node {
             }
             len = l.min(b.len() - offset);
             depth += 1;
-            below = Some(b);
+            below = Some(b.skip_filters());
         }
+    }
+
+    /// The first node at or below this one that is not a filter
+    /// ([`BlockDriver::is_filter`]), following `file` children.
+    pub fn skip_filters(self: Arc<Self>) -> Arc<Node> {
+        let mut n = self;
+        while n.driver.is_filter() {
+            match n.child("file") {
+                Some(c) => n = c,
+                None => break,
+            }
+        }
+        n
     }
 
     /// Resize.

@@ -1177,6 +1177,18 @@ fn allocation_depth_matches_qemu_nbd() {
         maps.push(map_context(&sock, "qemu:allocation-depth"));
     }
     assert_eq!(maps[0].0, maps[1].0, "strata-nbd vs qemu-nbd");
+    // A filter on top (--image-opts) is no layer of its own: the depths
+    // are the image's.
+    // (Writable: QEMU's copy-on-read refuses a read-only node. Mapping
+    // reads no data, so nothing is copied.)
+    let opts = format!(
+        "driver=copy-on-read,file.driver=qcow2,file.file.driver=file,file.file.filename={top}"
+    );
+    for bin in [nbd_bin(), "qemu-nbd"] {
+        let _srv = serve_on(bin, &sock, &["-A", "--image-opts", &opts]);
+        let (json, _) = map_context(&sock, "qemu:allocation-depth");
+        assert_eq!(json, maps[0].0, "{bin} through a filter");
+    }
     // QEMU's client folds the depth into (zero, data): 0 -> (false,
     // true), 1 -> (false, false), 2 and more -> (true, true).
     let runs = &maps[0].1;
@@ -1246,6 +1258,16 @@ fn bitmap_export_matches_qemu_nbd() {
         maps.push(map_context(&sock, "qemu:dirty-bitmap:b0"));
     }
     assert_eq!(maps[0].0, maps[1].0, "strata-nbd vs qemu-nbd");
+    // Through a filter (--image-opts): the image's bitmap all the same.
+    let opts = format!(
+        "driver=copy-on-read,file.driver=qcow2,file.file.driver=file,file.file.filename={img}"
+    );
+    // (Writable, as QEMU's copy-on-read refuses a read-only node; ended by
+    // SIGTERM so that it stores the bitmaps it took.)
+    let mut srv = serve_on(nbd_bin(), &sock, &["-t", "-B", "b0", "--image-opts", &opts]);
+    let (json, _) = map_context(&sock, "qemu:dirty-bitmap:b0");
+    assert_eq!(json, maps[0].0, "through a filter");
+    assert!(srv.term().success());
     // Dirty reads back as (zero, data) = (false, false).
     let dirty = |runs: &[(u64, u64, bool, bool)]| -> Vec<(u64, u64)> {
         runs.iter()

@@ -380,11 +380,12 @@ fn snapshot_fail(s: &Settings, name: &str, e: block::error::BlockError) -> Fail 
 }
 
 /// The persistent bitmap `name` of the export's node or of an image below
-/// it in the backing chain (where qemu-nbd's `-B` looks), its image's
-/// bitmaps loaded first. A node opened read-write keeps tracking writes in
-/// them and stores them back when it closes, as QEMU does.
+/// it in the backing chain (where qemu-nbd's `-B` looks; filters are
+/// looked through), its image's bitmaps loaded first. A node opened
+/// read-write keeps tracking writes in them and stores them back when it
+/// closes, as QEMU does.
 fn find_bitmap(top: &Arc<block::node::Node>, name: &str) -> R<Arc<block::bitmap::DirtyBitmap>> {
-    let mut cur = Some(top.clone());
+    let mut cur = Some(top.clone().skip_filters());
     while let Some(n) = cur {
         if n.bitmaps().is_empty() && n.driver().can_store_bitmaps() {
             for b in n.driver().load_bitmaps()? {
@@ -399,7 +400,7 @@ fn find_bitmap(top: &Arc<block::node::Node>, name: &str) -> R<Arc<block::bitmap:
                 "Bitmap '{name}' is inconsistent and cannot be used"
             ));
         }
-        cur = n.child("backing");
+        cur = n.child("backing").map(|b| b.skip_filters());
     }
     fail(format!("Bitmap '{name}' is not found"))
 }
