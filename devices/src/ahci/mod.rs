@@ -8,10 +8,13 @@
 //!   parsed into typed [`fis::Command`]s, and the FISes the HBA posts.
 //! - `regs`: the host and port register file and its access rules; a
 //!   write returns the event the HBA must act on.
+//! - `port`: one port's command engine: issued slots in order through
+//!   the ATA device, data through the PRDT, result FISes posted.
 //!
-//! The HBA itself (command processing, the DMA engine, interrupts), the
-//! PCI function and `-device ahci` are issue 18's next steps; this module
-//! starts with the two layers they go through.
+//! Still to come (issue 18): NCQ, ATAPI and TRIM in the port, the HBA
+//! around the ports (host registers, interrupts, MSI), the PCI function
+//! and `-device ahci`.
 
 pub mod fis;
+pub mod port;
 pub mod regs;

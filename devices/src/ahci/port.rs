@@ -1,0 +1,536 @@
+//! One AHCI port and its device: the command engine that takes issued
+//! slots from the command list, runs them through [`AtaDevice`] and posts
+//! the result FISes.
+//!
+//! Specs followed: AHCI 1.3.1 section 5.3 (the port's command processing:
+//! slots are fetched in order, one non-queued command at a time; PRDBC is
+//! updated and the slot's PxCI bit cleared when its D2H Register FIS is
+//! posted), 4.2.1 (where each FIS lands in the received-FIS area, only
+//! while PxCMD.FR), 6.2.2.1 (a non-queued command that ends with ERR sets
+//! PxIS.TFES and stops the list with the slot still in PxCI) and 10.4.1
+//! (software reset through two control FISes).
+//!
+//! Data moves through the slot's PRDT in both PIO and DMA commands: the
+//! device's PIO data-in (IDENTIFY, SMART) is copied into it and announced
+//! by a PIO Setup FIS; disk reads and writes go to the block layer
+//! asynchronously as one request whose buffers are the PRDT's guest
+//! memory ([`Port::start`] hands back a [`PortIo`] to submit outside the
+//! port's lock, [`Port::complete`] finishes it).
+//!
+//! Not yet (issue 18): NCQ, ATAPI PACKET, TRIM, COMRESET's device side,
+//! the HBA around the ports and the PCI function.
+
+use std::sync::Arc;
+
+use block::backend::BlockBackend;
+use block::driver::IoRequest;
+use vm_memory::GuestAddress;
+
+use super::fis::{self, rfis, Command, CommandHeader, Kind, HEADER_LEN};
+use super::regs::{cmd, is, PortEvent, PortRegs};
+use crate::ata::device::{AtaDevice, Outcome, DIAG_OK, SECTOR};
+use crate::ata::{error, status, Taskfile};
+use crate::dma::{self, GuestSgList};
+use crate::GuestMem;
+
+/// The most PRD entries a command may use (PRDTL is 16 bits).
+const MAX_PRDS: usize = 65535;
+
+/// A block request the port needs submitted, outside its lock; its result
+/// goes back to [`Port::complete`].
+pub struct PortIo {
+    pub backend: Arc<BlockBackend>,
+    pub req: IoRequest,
+    pub ticket: Ticket,
+}
+
+/// Which command a [`PortIo`] belongs to (stale after a reset or a stop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticket {
+    gen: u64,
+    slot: u8,
+    /// Bytes the command moves (PRDBC when it completes).
+    bytes: u32,
+    lba: Option<u64>,
+}
+
+pub struct Port {
+    pub regs: PortRegs,
+    mem: Arc<GuestMem>,
+    dev: Option<AtaDevice>,
+    tf: Taskfile,
+    /// The slot executing: commands run one at a time, in slot order.
+    active: Option<u8>,
+    /// Bumped by a stop or reset, so completions of older I/O are dropped.
+    gen: u64,
+}
+
+impl Port {
+    pub fn new(mem: Arc<GuestMem>) -> Port {
+        Port {
+            regs: PortRegs::reset(),
+            mem,
+            dev: None,
+            tf: Taskfile::default(),
+            active: None,
+            gen: 0,
+        }
+    }
+
+    /// Attaches a device; it comes up as after a COMRESET.
+    pub fn attach(&mut self, dev: AtaDevice) {
+        self.dev = Some(dev);
+        self.reset_device();
+    }
+
+    /// Link and device after a reset: PxSSTS says a Gen 1 device is
+    /// present and active, PxSIG and PxTFD show its signature and status.
+    fn reset_device(&mut self) {
+        self.gen += 1;
+        self.active = None;
+        let Some(dev) = self.dev.as_mut() else {
+            self.regs.ssts = 0;
+            return;
+        };
+        dev.reset(&mut self.tf);
+        self.regs.ssts = 0x113;
+        self.regs.sig = dev.signature();
+        self.regs.tfd = (DIAG_OK as u32) << 8 | (status::DRDY | status::DSC) as u32;
+    }
+
+    /// True while the port asks for an interrupt (PxIS & PxIE).
+    pub fn irq_pending(&self) -> bool {
+        self.regs.is & self.regs.ie != 0
+    }
+
+    /// A guest write to a port register; the I/O to start, if any.
+    pub fn write(&mut self, off: u64, v: u32) -> Option<PortIo> {
+        match self.regs.write(off, v) {
+            PortEvent::Issue | PortEvent::Start => self.next(),
+            PortEvent::Stop => {
+                // What was running is abandoned (its completion is stale).
+                self.gen += 1;
+                self.active = None;
+                None
+            }
+            PortEvent::ComResetDone => {
+                self.reset_device();
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Starts issued slots in order until one needs I/O.
+    fn next(&mut self) -> Option<PortIo> {
+        loop {
+            if self.active.is_some() || self.regs.cmd & cmd::ST == 0 || self.regs.ci == 0 {
+                return None;
+            }
+            let slot = self.regs.ci.trailing_zeros() as u8;
+            self.active = Some(slot);
+            if let Some(io) = self.start(slot) {
+                return Some(io);
+            }
+            if self.active.is_some() {
+                // Stopped on an error: software recovers first.
+                return None;
+            }
+        }
+    }
+
+    /// Reads and parses slot `slot`, then executes it; `None` when it
+    /// finished (or failed) without I/O.
+    fn start(&mut self, slot: u8) -> Option<PortIo> {
+        let c = match self.fetch(slot) {
+            Ok(c) => c,
+            Err(()) => {
+                // A command list or table outside guest memory, or a
+                // malformed FIS: an interface error, the list stops.
+                self.regs.is |= is::IFS;
+                self.regs.tfd = (error::ABRT as u32) << 8 | (status::DRDY | status::ERR) as u32;
+                return None;
+            }
+        };
+        match c.kind {
+            Kind::Control { srst } => {
+                // SRST set, then cleared: the device resets between the
+                // two and reports its signature (AHCI 10.4.1).
+                if !srst {
+                    self.reset_device();
+                    let tf = self.tf;
+                    self.post(rfis::REG_D2H, &fis::reg_d2h(0x50, DIAG_OK, &tf, false));
+                }
+                self.retire(slot, 0);
+                None
+            }
+            Kind::Ata { opcode, mut tf } => {
+                let Some(dev) = self.dev.as_mut() else {
+                    self.fail(slot, error::ABRT, None);
+                    return None;
+                };
+                let outcome = dev.command(opcode, &mut tf);
+                self.tf = tf;
+                self.carry_out(slot, &c, outcome)
+            }
+            Kind::Ncq { .. } => {
+                self.fail(slot, error::ABRT, None);
+                None
+            }
+        }
+    }
+
+    /// The slot's header and table, parsed (AHCI 4.2.2, 4.2.3).
+    fn fetch(&self, slot: u8) -> Result<Command, ()> {
+        let mut h = [0u8; HEADER_LEN];
+        let at = self.regs.clb + slot as u64 * HEADER_LEN as u64;
+        dma::read_ram(&self.mem, GuestAddress(at), &mut h).map_err(|_| ())?;
+        let header = CommandHeader::parse(&h);
+        let mut table = vec![0u8; header.table_len()];
+        dma::read_ram(&self.mem, GuestAddress(header.ctba), &mut table).map_err(|_| ())?;
+        Command::parse(header, &table).map_err(|_| ())
+    }
+
+    /// The PRDT as a checked scatter-gather list, cut to `bytes`.
+    fn sg(&self, c: &Command, bytes: u64) -> Option<GuestSgList> {
+        let mut sg = GuestSgList::new(MAX_PRDS, bytes);
+        let mut left = bytes;
+        for p in &c.prdt {
+            if left == 0 {
+                break;
+            }
+            let n = (p.len as u64).min(left);
+            sg.push(&self.mem, GuestAddress(p.addr), n as usize).ok()?;
+            left -= n;
+        }
+        (left == 0).then_some(sg)
+    }
+
+    fn carry_out(&mut self, slot: u8, c: &Command, outcome: Outcome) -> Option<PortIo> {
+        match outcome {
+            Outcome::Done => self.finish(slot, 0),
+            Outcome::Fail { error, lba } => self.fail(slot, error, lba),
+            Outcome::DataIn(buf) => {
+                let n = (buf.len() as u64).min(c.prdt_bytes());
+                match self.sg(c, n) {
+                    Some(sg) if sg.write_at(&self.mem, 0, &buf[..n as usize]).is_ok() => {
+                        let tf = self.tf;
+                        let end = status::DRDY | status::DSC;
+                        let ps = fis::pio_setup(
+                            status::DRDY | status::DRQ,
+                            end,
+                            0,
+                            &tf,
+                            n as u16,
+                            true,
+                            true,
+                        );
+                        self.post(rfis::PIO_SETUP, &ps);
+                        self.regs.is |= is::PSS;
+                        self.finish(slot, n as u32);
+                    }
+                    _ => self.fail(slot, error::ABRT, None),
+                }
+            }
+            Outcome::Read { lba, count, .. } | Outcome::Write { lba, count, .. } => {
+                let write = matches!(outcome, Outcome::Write { .. });
+                let fua = matches!(outcome, Outcome::Write { fua: true, .. });
+                let bytes = count as u64 * SECTOR;
+                let (Some(sg), Some(backend)) = (
+                    self.sg(c, bytes),
+                    self.dev.as_ref().and_then(|d| d.disk()).cloned(),
+                ) else {
+                    self.fail(slot, error::ABRT, Some(lba));
+                    return None;
+                };
+                let Ok(iov) = sg.to_iovecs(&self.mem) else {
+                    self.fail(slot, error::ABRT, Some(lba));
+                    return None;
+                };
+                let req = if write {
+                    IoRequest::write(lba * SECTOR, iov, fua)
+                } else {
+                    IoRequest::read(lba * SECTOR, iov)
+                };
+                let ticket = Ticket {
+                    gen: self.gen,
+                    slot,
+                    bytes: bytes as u32,
+                    lba: Some(lba),
+                };
+                return Some(PortIo {
+                    backend,
+                    req,
+                    ticket,
+                });
+            }
+            Outcome::Flush => {
+                let Some(backend) = self.dev.as_ref().and_then(|d| d.disk()).cloned() else {
+                    self.finish(slot, 0);
+                    return None;
+                };
+                let ticket = Ticket {
+                    gen: self.gen,
+                    slot,
+                    bytes: 0,
+                    lba: None,
+                };
+                return Some(PortIo {
+                    backend,
+                    req: IoRequest::flush(),
+                    ticket,
+                });
+            }
+            Outcome::Reset { .. } => {
+                self.reset_device();
+                self.finish(slot, 0);
+            }
+            // TRIM and PACKET come with the rest of issue 18.
+            Outcome::Trim { .. } | Outcome::Packet { .. } => self.fail(slot, error::ABRT, None),
+        }
+        None
+    }
+
+    /// A block request of `ticket` finished; the next I/O to start.
+    pub fn complete(&mut self, ticket: Ticket, ok: bool) -> Option<PortIo> {
+        if ticket.gen != self.gen || self.active != Some(ticket.slot) {
+            return None;
+        }
+        if ok {
+            self.finish(ticket.slot, ticket.bytes);
+        } else {
+            let err = if ticket.lba.is_some() {
+                error::UNC
+            } else {
+                error::ABRT
+            };
+            self.fail(ticket.slot, err, ticket.lba);
+        }
+        self.next()
+    }
+
+    /// Writes `f` into the received-FIS area at `at`, if FIS receive runs.
+    fn post(&self, at: u64, f: &[u8]) {
+        if self.regs.cmd & cmd::FR != 0 {
+            let _ = dma::write_ram(&self.mem, GuestAddress(self.regs.fb + at), f);
+        }
+    }
+
+    /// PRDBC of `slot`'s command header (DW1).
+    fn set_prdbc(&self, slot: u8, bytes: u32) {
+        let at = self.regs.clb + slot as u64 * HEADER_LEN as u64 + 4;
+        let _ = dma::write_ram(&self.mem, GuestAddress(at), &bytes.to_le_bytes());
+    }
+
+    /// The slot is done: PRDBC, PxCI, and the engine free for the next.
+    fn retire(&mut self, slot: u8, bytes: u32) {
+        self.set_prdbc(slot, bytes);
+        self.regs.ci &= !(1 << slot);
+        self.active = None;
+    }
+
+    /// Success: a D2H Register FIS with the device's status.
+    fn finish(&mut self, slot: u8, bytes: u32) {
+        let st = status::DRDY | status::DSC;
+        self.regs.tfd = st as u32;
+        let tf = self.tf;
+        self.post(rfis::REG_D2H, &fis::reg_d2h(st, 0, &tf, true));
+        self.regs.is |= is::DHRS;
+        self.retire(slot, bytes);
+    }
+
+    /// ERR: the D2H FIS reports it, PxIS.TFES is raised and the list
+    /// stops here with the slot still issued (AHCI 6.2.2.1).
+    fn fail(&mut self, slot: u8, err: u8, lba: Option<u64>) {
+        let st = status::DRDY | status::ERR;
+        let mut tf = self.tf;
+        if let Some(l) = lba {
+            tf.set_lba(l, true);
+        }
+        self.regs.tfd = (err as u32) << 8 | st as u32;
+        self.post(rfis::REG_D2H, &fis::reg_d2h(st, err, &tf, true));
+        self.regs.is |= is::DHRS | is::TFES;
+        self.set_prdbc(slot, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ahci::regs::port;
+    use crate::ata::cmd as ata_cmd;
+    use crate::ata::device::{DriveConfig, Media};
+    use block::backend::BackendConfig;
+    use block::graph::BlockGraph;
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    const CLB: u64 = 0x1000;
+    const FB: u64 = 0x2000;
+    const CTBA: u64 = 0x3000;
+    const BUF: u64 = 0x8000;
+
+    fn disk() -> Arc<BlockBackend> {
+        let g = BlockGraph::new();
+        let n = g
+            .blockdev_add_str("driver=null-co,node-name=d,size=1048576,read-zeroes=on")
+            .unwrap();
+        BlockBackend::new("d", n, BackendConfig::default()).unwrap()
+    }
+
+    fn port() -> Port {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let cfg = DriveConfig {
+            media: Media::Disk(disk()),
+            model: None,
+            serial: None,
+            wwn: None,
+            version: None,
+            physical_block_size: 512,
+            geometry: None,
+            translation: None,
+        };
+        let mut p = Port::new(mem);
+        p.attach(AtaDevice::new(cfg, 0, false).unwrap());
+        p.write(port::CLB, CLB as u32);
+        p.write(port::FB, FB as u32);
+        p.write(port::IE, u32::MAX);
+        p.write(port::CMD, cmd::FRE | cmd::ST);
+        p
+    }
+
+    /// Slot 0: a Register H2D FIS for `opcode` with one PRD of `len`
+    /// bytes at BUF.
+    fn command(p: &Port, opcode: u8, lba: u64, count: u16, len: u32, write: bool) {
+        let dw0: u32 = 5 | if write { 1 << 6 } else { 0 } | 1 << 16;
+        let mut h = [0u8; 32];
+        h[0..4].copy_from_slice(&dw0.to_le_bytes());
+        h[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+        h[8..16].copy_from_slice(&CTBA.to_le_bytes());
+        p.mem.write_slice(&h, GuestAddress(CLB)).unwrap();
+        let mut f = [0u8; 20];
+        f[0] = fis::fis_type::REG_H2D;
+        f[1] = 0x80;
+        f[2] = opcode;
+        f[4..7].copy_from_slice(&lba.to_le_bytes()[..3]);
+        f[7] = 0x40;
+        f[8..11].copy_from_slice(&lba.to_le_bytes()[3..6]);
+        f[12..14].copy_from_slice(&count.to_le_bytes());
+        p.mem.write_slice(&f, GuestAddress(CTBA)).unwrap();
+        let mut prd = [0u8; 16];
+        prd[0..8].copy_from_slice(&BUF.to_le_bytes());
+        prd[12..16].copy_from_slice(&(len - 1).to_le_bytes());
+        p.mem.write_slice(&prd, GuestAddress(CTBA + 0x80)).unwrap();
+    }
+
+    fn prdbc(p: &Port) -> u32 {
+        p.mem.read_obj::<u32>(GuestAddress(CLB + 4)).unwrap()
+    }
+
+    fn d2h(p: &Port) -> [u8; 20] {
+        let mut f = [0u8; 20];
+        p.mem
+            .read_slice(&mut f, GuestAddress(FB + rfis::REG_D2H))
+            .unwrap();
+        f
+    }
+
+    /// Runs a [`PortIo`] to its end, as the HBA's completion would.
+    fn run(p: &mut Port, io: PortIo) -> Option<PortIo> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        io.backend.submit(
+            io.req,
+            Box::new(move |_, r| {
+                let _ = tx.send(r.is_ok());
+            }),
+        );
+        let ok = rx.recv().unwrap();
+        p.complete(io.ticket, ok)
+    }
+
+    #[test]
+    fn signature_after_attach() {
+        let p = port();
+        assert_eq!(p.regs.sig, 0x101);
+        assert_eq!(p.regs.ssts, 0x113);
+        assert_eq!(p.regs.tfd & 0xff, 0x50);
+    }
+
+    #[test]
+    fn identify_by_pio_setup_into_the_prdt() {
+        let mut p = port();
+        command(&p, ata_cmd::IDENTIFY, 0, 0, 512, false);
+        assert!(p.write(port::CI, 1).is_none(), "no block I/O");
+        assert_eq!(p.regs.ci, 0);
+        assert_eq!(prdbc(&p), 512);
+        let mut id = [0u8; 512];
+        p.mem.read_slice(&mut id, GuestAddress(BUF)).unwrap();
+        // Word 0: a fixed ATA device; words 60-61: 2048 sectors.
+        assert_eq!(u16::from_le_bytes([id[0], id[1]]) & 0x8000, 0);
+        assert_eq!(u16::from_le_bytes([id[120], id[121]]), 2048);
+        let mut ps = [0u8; 20];
+        p.mem
+            .read_slice(&mut ps, GuestAddress(FB + rfis::PIO_SETUP))
+            .unwrap();
+        assert_eq!(ps[0], fis::fis_type::PIO_SETUP);
+        assert_eq!(u16::from_le_bytes([ps[16], ps[17]]), 512);
+        assert_eq!(d2h(&p)[..3], [fis::fis_type::REG_D2H, 0x40, 0x50]);
+        assert_eq!(p.regs.is & (is::PSS | is::DHRS), is::PSS | is::DHRS);
+        assert!(p.irq_pending());
+    }
+
+    #[test]
+    fn dma_read_and_write_through_the_block_layer() {
+        let mut p = port();
+        p.mem.write_slice(&[0xaa; 4096], GuestAddress(BUF)).unwrap();
+        command(&p, ata_cmd::READ_DMA_EXT, 100, 8, 4096, false);
+        let io = p.write(port::CI, 1).expect("a read");
+        assert_eq!(p.regs.ci, 1, "still running");
+        assert!(run(&mut p, io).is_none());
+        assert_eq!(p.regs.ci, 0);
+        assert_eq!(prdbc(&p), 4096);
+        let mut back = [1u8; 4096];
+        p.mem.read_slice(&mut back, GuestAddress(BUF)).unwrap();
+        assert!(back.iter().all(|&b| b == 0), "null-co reads zeroes");
+        command(&p, ata_cmd::WRITE_DMA_EXT, 100, 8, 4096, true);
+        let io = p.write(port::CI, 1).expect("a write");
+        assert!(run(&mut p, io).is_none());
+        assert_eq!((p.regs.ci, p.regs.tfd & 0xff), (0, 0x50));
+    }
+
+    #[test]
+    fn errors_stop_the_list_with_tfes() {
+        let mut p = port();
+        // A transfer past the end of the 1 MiB disk.
+        command(&p, ata_cmd::READ_DMA_EXT, 4096, 8, 4096, false);
+        assert!(p.write(port::CI, 1).is_none());
+        assert_eq!(p.regs.ci, 1, "the failed slot stays issued");
+        assert_ne!(p.regs.is & is::TFES, 0);
+        assert_eq!(p.regs.tfd & 0xff, (status::DRDY | status::ERR) as u32);
+        assert_eq!(d2h(&p)[2] & status::ERR, status::ERR);
+        // A PRDT too short for the transfer is refused before any I/O.
+        let mut p = port();
+        command(&p, ata_cmd::READ_DMA_EXT, 0, 8, 512, false);
+        assert!(p.write(port::CI, 1).is_none());
+        assert_ne!(p.regs.is & is::TFES, 0);
+        // A table outside guest memory is an interface error.
+        let mut p = port();
+        command(&p, ata_cmd::READ_DMA_EXT, 0, 1, 512, false);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&(5u32 | 1 << 16).to_le_bytes());
+        h[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        p.mem.write_slice(&h, GuestAddress(CLB)).unwrap();
+        assert!(p.write(port::CI, 1).is_none());
+        assert_ne!(p.regs.is & is::IFS, 0);
+    }
+
+    #[test]
+    fn stop_drops_a_running_command() {
+        let mut p = port();
+        command(&p, ata_cmd::READ_DMA_EXT, 0, 8, 4096, false);
+        let io = p.write(port::CI, 1).unwrap();
+        p.write(port::CMD, cmd::FRE);
+        assert_eq!(p.regs.ci, 0);
+        assert!(run(&mut p, io).is_none());
+        assert_eq!(prdbc(&p), 0xdead_beef, "a stale completion writes nothing");
+    }
+}
