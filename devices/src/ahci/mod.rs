@@ -10,11 +10,13 @@
 //!   write returns the event the HBA must act on.
 //! - `port`: one port's command engine: issued slots in order through
 //!   the ATA device, data through the PRDT, result FISes posted.
+//! - `hba`: the PCI function: ABAR with the host and port registers, the
+//!   shared interrupt (INTx), HBA reset, block I/O outside the locks.
 //!
-//! Still to come (issue 18): NCQ, ATAPI and TRIM in the port, the HBA
-//! around the ports (host registers, interrupts, MSI), the PCI function
-//! and `-device ahci`.
+//! Still to come (issue 18): NCQ, ATAPI and TRIM in the port, MSI, and
+//! `-device ahci` in the machine.
 
 pub mod fis;
+pub mod hba;
 pub mod port;
 pub mod regs;

@@ -77,6 +77,13 @@ impl Port {
         }
     }
 
+    /// The port after an HBA reset (GHC.HR): registers as at power-on,
+    /// the device (if any) showing its signature again.
+    pub fn reset(&mut self) {
+        self.regs = PortRegs::reset();
+        self.reset_device();
+    }
+
     /// Attaches a device; it comes up as after a COMRESET.
     pub fn attach(&mut self, dev: AtaDevice) {
         self.dev = Some(dev);
