@@ -44,22 +44,8 @@ fn serve(img: &Path, sock: &Path) -> Child {
     child
 }
 
-/// The highest round the guest has reported done.
 fn rounds_done(out: &str) -> u64 {
-    out.lines()
-        .filter_map(|l| l.trim().strip_prefix("GUEST-RW vda "))
-        .filter_map(|l| l.strip_suffix(" ok"))
-        .filter_map(|n| n.parse().ok())
-        .max()
-        .unwrap_or(0)
-}
-
-/// The pattern of images/linux-init/init.c's rwloop, for one 8-byte word.
-fn pattern(round: u64, off: u64) -> u64 {
-    let mut x = (round << 40) ^ off ^ 0x9e37_79b9_7f4a_7c15;
-    x ^= x >> 31;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^ (x >> 29)
+    kernels::rwloop_rounds(out, "vda")
 }
 
 #[test]
@@ -145,6 +131,10 @@ fn guest_io_survives_two_server_restarts() {
     let data = std::fs::read(&img).unwrap();
     for (i, w) in data[..(ROUND_KIB * 1024) as usize].chunks(8).enumerate() {
         let got = u64::from_le_bytes(w.try_into().unwrap());
-        assert_eq!(got, pattern(ROUNDS, i as u64 * 8), "word {i} of the image");
+        assert_eq!(
+            got,
+            kernels::rwloop_pattern(ROUNDS, i as u64 * 8),
+            "word {i} of the image"
+        );
     }
 }

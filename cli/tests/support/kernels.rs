@@ -86,3 +86,24 @@ pub fn linux_args(kernel: &str, serial_log: &std::path::Path, append: &str) -> V
     .map(String::from)
     .to_vec()
 }
+
+/// The pattern of images/linux-init/init.c's `rwloop=`, for the 8-byte
+/// word at byte `off` in round `round`.
+pub fn rwloop_pattern(round: u64, off: u64) -> u64 {
+    let mut x = (round << 40) ^ off ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 31;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^ (x >> 29)
+}
+
+/// The highest `rwloop=` round the guest reported done on `dev`.
+pub fn rwloop_rounds(serial: &str, dev: &str) -> u64 {
+    let prefix = format!("GUEST-RW {dev} ");
+    serial
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix(prefix.as_str()))
+        .filter_map(|l| l.strip_suffix(" ok"))
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .unwrap_or(0)
+}

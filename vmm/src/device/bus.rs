@@ -41,7 +41,7 @@ impl BusKind {
     }
 }
 
-/// The controller side of an IDE bus (a PIIX channel; later an AHCI port):
+/// The controller side of an IDE bus (a PIIX channel, an AHCI port):
 /// what an `ide-hd`/`ide-cd` needs to attach itself.
 pub trait IdeBus: Send + Sync {
     /// Puts a drive on `unit`.
@@ -123,6 +123,11 @@ impl Buses {
         if let Some(b) = self.buses.get_mut(bus) {
             b.used.insert(unit, what.to_string());
         }
+    }
+
+    /// Whether a bus called `name` exists.
+    pub fn exists(&self, name: &str) -> bool {
+        self.buses.contains_key(name)
     }
 
     /// The name of the first bus of `kind`, for messages.

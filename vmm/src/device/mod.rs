@@ -15,6 +15,7 @@
 //! [`TYPES`]. Adding a controller with buses: it registers them in
 //! `Buses` when the board (or its own constructor) builds it.
 
+pub mod ahci;
 pub mod bus;
 pub mod debugcon;
 pub mod ide;
@@ -84,6 +85,7 @@ pub struct DeviceType {
 
 /// Every device type Strata has.
 pub static TYPES: &[&DeviceType] = &[
+    &ahci::ICH9_AHCI,
     &ide::IDE_HD,
     &ide::IDE_CD,
     &virtio_blk::VIRTIO_BLK_PCI,

@@ -1,0 +1,86 @@
+//! `ich9-ahci` (alias `ahci`): the ICH9 AHCI function on a PCI bus, with
+//! its six ports as IDE buses for `ide-hd`/`ide-cd` (`bus=ID.N`, one
+//! drive each), as QEMU names them. The HBA is `devices::ahci`.
+
+use std::sync::{Arc, Mutex};
+
+use devices::ahci::hba::{Ahci, PORTS};
+use devices::bus::lock;
+use devices::ide::DriveConfig;
+
+use super::bus::{BusKind, IdeBus, Placement, Port};
+use super::{AttachCtx, Category, Device, DeviceType};
+
+pub static ICH9_AHCI: DeviceType = DeviceType {
+    name: "ich9-ahci",
+    aliases: &["ahci"],
+    category: Category::Storage,
+    bus: BusKind::Pci,
+    desc: "",
+    user_creatable: true,
+    props: &[],
+    create,
+};
+
+/// One AHCI port as an IDE bus with a single unit.
+struct AhciPort {
+    hba: Arc<Mutex<Ahci>>,
+    port: usize,
+    /// `/pci@i0cf8/*@SLOT[,FN]` of the HBA, for `bootorder`.
+    pci_path: String,
+}
+
+impl IdeBus for AhciPort {
+    fn attach(&self, _unit: u32, cfg: DriveConfig) -> Result<(), String> {
+        let dev = devices::ata::AtaDevice::new(cfg, self.drive_index(0), false)?;
+        lock(&self.hba).attach(self.port, dev)
+    }
+    fn boot_path(&self, _unit: u32) -> String {
+        format!("{}/drive@{}/disk@0", self.pci_path, self.port)
+    }
+    fn drive_index(&self, _unit: u32) -> u32 {
+        self.port as u32
+    }
+}
+
+fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
+    let Port::Pci(pci) = &at.port else {
+        return Err(format!("bus '{}' is not a PCI bus", at.bus));
+    };
+    let (slot, func) = at.devfn();
+    let hba = Arc::new(Mutex::new(Ahci::new(
+        Arc::new(ctx.ram.clone()),
+        ctx.intx.line(slot, 1),
+    )));
+    pci.add(slot, func, hba.clone())?;
+    let pci_path = if func == 0 {
+        format!("/pci@i0cf8/*@{slot:x}")
+    } else {
+        format!("/pci@i0cf8/*@{slot:x},{func:x}")
+    };
+    // QEMU's bus names: `ID.N`, or the next free `ide.N` without an id.
+    let mut next_anon = 0;
+    for port in 0..PORTS {
+        let name = match &dev.spec.id {
+            Some(id) => format!("{id}.{port}"),
+            None => loop {
+                let n = format!("ide.{next_anon}");
+                next_anon += 1;
+                if !ctx.buses.exists(&n) {
+                    break n;
+                }
+            },
+        };
+        ctx.buses.register(
+            &name,
+            BusKind::Ide,
+            1,
+            Port::Ide(Arc::new(AhciPort {
+                hba: hba.clone(),
+                port,
+                pci_path: pci_path.clone(),
+            })),
+        );
+    }
+    Ok(())
+}
