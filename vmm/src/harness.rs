@@ -1,7 +1,8 @@
 //! A fuzzing harness for the `pc` machine's guest-facing registers: it
 //! builds the machine as the qtest accelerator does (no vCPU, a stepped
-//! clock, a 64 KiB dummy firmware) with an IDE disk and CD-ROM and a
-//! virtio-blk-pci disk, maps the PCI BARs as firmware would, and
+//! clock, a 64 KiB dummy firmware) with an IDE disk and CD-ROM, a
+//! virtio-blk-pci disk and an AHCI HBA with a disk on port 0, maps the PCI
+//! BARs as firmware would, and
 //! interprets the input bytes as a sequence of port and MMIO accesses,
 //! guest-memory writes (fw_cfg DMA descriptors, PRD tables, virtqueues),
 //! clock steps and a few structured driver actions (virtio bring-up,
@@ -147,6 +148,9 @@ const VIRTIO_IO: u16 = 0xc100;
 const VIRTIO_MODERN: u64 = 0xfe00_0000;
 const VIRTIO_MSIX: u64 = 0xfe01_0000;
 const VIRTIO_SLOT: u32 = 4;
+/// The AHCI HBA's ABAR: page 17 of the MMIO window the operations reach.
+const AHCI_ABAR: u64 = 0xfe01_1000;
+const AHCI_SLOT: u32 = 5;
 /// The virtqueue the structured operations build: descriptor table at
 /// VQ_BASE, the rings after it in the legacy layout (so the same layout
 /// works through the legacy PFN register), buffers from VQ_BUFS.
@@ -174,12 +178,19 @@ fn build(loops: &ManualLoops, clock: &Arc<ManualClock>) -> Option<Machine> {
         "if=ide,index=0,driver=null-co,size=1048576,read-zeroes=on",
         "if=ide,index=2,media=cdrom,driver=null-co,size=1048576,read-zeroes=on",
         "if=none,id=vd0,driver=null-co,size=1048576,read-zeroes=on",
+        "if=none,id=sd0,driver=null-co,size=1048576,read-zeroes=on",
     ] {
         cfg.drives.push(table.parse_drive(d).ok()?);
     }
-    match DeviceSpec::parse("virtio-blk-pci,drive=vd0,addr=4,num-queues=2") {
-        Ok(DeviceArg::Spec(spec)) => cfg.devices.push(spec),
-        _ => return None,
+    for d in [
+        "virtio-blk-pci,drive=vd0,addr=4,num-queues=2",
+        "ahci,id=sata,addr=5",
+        "ide-hd,bus=sata.0,drive=sd0",
+    ] {
+        match DeviceSpec::parse(d) {
+            Ok(DeviceArg::Spec(spec)) => cfg.devices.push(spec),
+            _ => return None,
+        }
     }
     let layout = Layout::new(RAM);
     let ram = memory::allocate_ram(&layout).ok()?;
@@ -209,6 +220,9 @@ fn build(loops: &ManualLoops, clock: &Arc<ManualClock>) -> Option<Machine> {
     pci_write(&pc, VIRTIO_SLOT, 0, 0x20, VIRTIO_MODERN as u32);
     pci_write(&pc, VIRTIO_SLOT, 0, 0x24, 0);
     pci_write(&pc, VIRTIO_SLOT, 0, 0x04, 0x7);
+    // The AHCI function's ABAR (BAR5) with memory and bus mastering on.
+    pci_write(&pc, AHCI_SLOT, 0, 0x24, AHCI_ABAR as u32);
+    pci_write(&pc, AHCI_SLOT, 0, 0x04, 0x6);
     Some(pc)
 }
 
@@ -411,9 +425,9 @@ fn run(data: &[u8]) -> Option<Machine> {
         } else {
             sel as u64
         };
-        // MMIO in the virtio function's BARs: 4 KiB page (bits 4..0:
-        // common, ISR, device config, notify, ..., MSI-X at page 16) and
-        // offset in it (bits 15..5).
+        // MMIO in the virtio function's BARs and the AHCI ABAR: 4 KiB
+        // page (bits 4..0: common, ISR, device config, notify, ..., MSI-X
+        // at page 16, ABAR at 17) and offset in it (bits 15..5).
         let mmio = VIRTIO_MODERN | (sel as u64 & 0x1f) << 12 | (sel as u64 >> 5);
         let logged = LOGGED.with(|c| c.get());
         match op[0] % 8 {
