@@ -53,11 +53,7 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         ctx.intx.line(slot, 1),
     )));
     pci.add(slot, func, hba.clone())?;
-    let pci_path = if func == 0 {
-        format!("/pci@i0cf8/*@{slot:x}")
-    } else {
-        format!("/pci@i0cf8/*@{slot:x},{func:x}")
-    };
+    let pci_path = at.pci_boot_path();
     // QEMU's bus names: `ID.N`, or the next free `ide.N` without an id.
     let mut next_anon = 0;
     for port in 0..PORTS {

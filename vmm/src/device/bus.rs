@@ -81,6 +81,15 @@ impl Placement {
     pub fn devfn(&self) -> (u8, u8) {
         ((self.unit >> 3) as u8, (self.unit & 7) as u8)
     }
+
+    /// The OpenFirmware path SeaBIOS's `bootorder` knows a function on
+    /// the root PCI bus by: `/pci@i0cf8/*@SLOT[,FN]`.
+    pub fn pci_boot_path(&self) -> String {
+        match self.devfn() {
+            (slot, 0) => format!("/pci@i0cf8/*@{slot:x}"),
+            (slot, func) => format!("/pci@i0cf8/*@{slot:x},{func:x}"),
+        }
+    }
 }
 
 /// The named buses of one machine generation, in registration order.

@@ -194,10 +194,6 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         ctx.ioevents.clone(),
     )?;
     pci.add(slot, func, Arc::new(Mutex::new(f)))?;
-    let path = if func == 0 {
-        format!("/pci@i0cf8/*@{slot:x}")
-    } else {
-        format!("/pci@i0cf8/*@{slot:x},{func:x}")
-    };
+    let path = at.pci_boot_path();
     ctx.boot_index(dev, path)
 }
