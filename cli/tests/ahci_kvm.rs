@@ -8,7 +8,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{kernels, kvm_available, scratch};
 
@@ -40,21 +40,7 @@ fn linux_reads_and_writes_a_disk_on_an_ahci_port() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn strata");
-    let start = Instant::now();
-    let out = loop {
-        let out = std::fs::read_to_string(&log).unwrap_or_default();
-        if out.contains("GUEST-DONE") || out.contains("GUEST-ERR") {
-            break out;
-        }
-        if let Some(s) = vm.try_wait().unwrap() {
-            panic!("strata exited ({s}) before GUEST-DONE:\n{out}");
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = vm.kill();
-            panic!("GUEST-DONE did not come within {TIMEOUT:?}:\n{out}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let out = kernels::wait_guest_done(&mut vm, &log, TIMEOUT, |_| {});
     let _ = vm.kill();
     let stderr = vm.wait_with_output().map(|o| o.stderr).unwrap_or_default();
     let stderr = String::from_utf8_lossy(&stderr);

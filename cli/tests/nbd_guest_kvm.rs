@@ -82,13 +82,8 @@ fn guest_io_survives_two_server_restarts() {
     // Kill the server after these rounds, and restart it a second later.
     let mut kills = vec![2u64, 5];
     let mut killed_at = Vec::new();
-    let start = Instant::now();
-    let out = loop {
-        let out = std::fs::read_to_string(&log).unwrap_or_default();
-        let done = rounds_done(&out);
-        if out.contains("GUEST-DONE") || out.contains("GUEST-ERR") {
-            break out;
-        }
+    let out = kernels::wait_guest_done(&mut vm, &log, TIMEOUT, |out| {
+        let done = rounds_done(out);
         if let Some(&k) = kills.first() {
             if done >= k {
                 kills.remove(0);
@@ -101,15 +96,7 @@ fn guest_io_survives_two_server_restarts() {
                 server = serve(&img, &sock);
             }
         }
-        if let Some(s) = vm.try_wait().unwrap() {
-            panic!("strata exited ({s}) before GUEST-DONE:\n{out}");
-        }
-        if start.elapsed() > TIMEOUT {
-            let _ = vm.kill();
-            panic!("GUEST-DONE did not come within {TIMEOUT:?}:\n{out}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    });
     let _ = vm.kill();
     let stderr = vm.wait_with_output().map(|o| o.stderr).unwrap_or_default();
     let _ = server.kill();

@@ -107,3 +107,31 @@ pub fn rwloop_rounds(serial: &str, dev: &str) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// Waits until the guest's serial log (`log`) shows GUEST-DONE or
+/// GUEST-ERR and returns it; `each` sees the log on every look (to act on
+/// the guest's progress). Fails if `vm` exits first or `timeout` passes
+/// (the VM is killed then).
+pub fn wait_guest_done(
+    vm: &mut std::process::Child,
+    log: &std::path::Path,
+    timeout: std::time::Duration,
+    mut each: impl FnMut(&str),
+) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let out = std::fs::read_to_string(log).unwrap_or_default();
+        if out.contains("GUEST-DONE") || out.contains("GUEST-ERR") {
+            return out;
+        }
+        each(&out);
+        if let Some(s) = vm.try_wait().unwrap() {
+            panic!("strata exited ({s}) before GUEST-DONE:\n{out}");
+        }
+        if start.elapsed() > timeout {
+            let _ = vm.kill();
+            panic!("GUEST-DONE did not come within {timeout:?}:\n{out}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
