@@ -143,17 +143,7 @@ pub fn virtio_chain(data: &[u8]) {
 }
 
 fn ata_device(media: Media, slave: bool) -> Option<AtaDevice> {
-    let cfg = DriveConfig {
-        media,
-        model: None,
-        serial: None,
-        wwn: None,
-        version: None,
-        physical_block_size: 512,
-        geometry: None,
-        translation: None,
-    };
-    AtaDevice::new(cfg, 0, slave).ok()
+    AtaDevice::new(DriveConfig::new(media), 0, slave).ok()
 }
 
 /// Runs `data` through the ATA device model as a transport would: each

@@ -386,16 +386,7 @@ mod tests {
 
     fn port() -> Port {
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-        let cfg = DriveConfig {
-            media: Media::Disk(disk()),
-            model: None,
-            serial: None,
-            wwn: None,
-            version: None,
-            physical_block_size: 512,
-            geometry: None,
-            translation: None,
-        };
+        let cfg = DriveConfig::new(Media::Disk(disk()));
         let mut p = Port::new(mem);
         p.attach(AtaDevice::new(cfg, 0, false).unwrap());
         p.write(port::CLB, CLB as u32);

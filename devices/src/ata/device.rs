@@ -60,6 +60,23 @@ pub struct DriveConfig {
     pub translation: Option<Translation>,
 }
 
+impl DriveConfig {
+    /// `media` with every property at its default (QEMU's model, serial
+    /// and firmware strings, 512-byte blocks, geometry guessed).
+    pub fn new(media: Media) -> DriveConfig {
+        DriveConfig {
+            media,
+            model: None,
+            serial: None,
+            wwn: None,
+            version: None,
+            physical_block_size: 512,
+            geometry: None,
+            translation: None,
+        }
+    }
+}
+
 /// What the transport does to finish a command.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -523,16 +540,7 @@ mod tests {
     }
 
     fn config(media: Media) -> DriveConfig {
-        DriveConfig {
-            media,
-            model: None,
-            serial: None,
-            wwn: None,
-            version: None,
-            physical_block_size: 512,
-            geometry: None,
-            translation: None,
-        }
+        DriveConfig::new(media)
     }
 
     fn disk() -> (AtaDevice, Arc<BlockBackend>) {
