@@ -284,13 +284,19 @@ impl DriveTable {
                 }
             }
         }
-        let bus = bus.unwrap_or(0);
+        let mut bus = bus.unwrap_or(0);
         let unit = match unit {
             Some(u) => u,
             None => {
+                // The first free unit from `bus` on, moving to the next
+                // bus past the last unit (QEMU's drive_new).
                 let mut u = 0;
                 while self.used.contains(&(interface, bus, u)) {
                     u += 1;
+                    if max > 0 && u >= max {
+                        u -= max;
+                        bus += 1;
+                    }
                 }
                 u
             }

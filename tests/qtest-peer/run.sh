@@ -1,6 +1,6 @@
 #!/bin/sh
-# The peer suite: QEMU 7.2's own qtest binaries (ide-test, and qos-test's
-# virtio-blk cases) run against Strata, as libqtest runs them against
+# The peer suite: QEMU 7.2's own qtest binaries (ide-test, ahci-test, and
+# qos-test's virtio-blk cases) run against Strata, as libqtest runs them against
 # qemu-system-x86_64. Each case runs in its own process (`-p PATH`) under a
 # timeout, so a hang or a crash fails that case only, and its TAP line
 # decides pass or fail.
@@ -40,14 +40,22 @@ export QTEST_QEMU_BINARY="$LOGS/bin/qemu-system-x86_64"
 # The qtest and QMP traffic of each case goes to its log (libqtest's
 # -qtest-log follows QTEST_LOG), with Strata's stderr.
 export QTEST_LOG=1
+# ahci-test makes its qcow2 image with qemu-img (without it, it would fall
+# back to a small raw image and skip the LBA48 cases).
+QTEST_QEMU_IMG=$(command -v qemu-img) ||
+    { echo "qtest-peer: qemu-img is missing (Debian: qemu-utils)" >&2; exit 1; }
+export QTEST_QEMU_IMG
 
-# The cases: every ide-test case, and qos-test's virtio-blk cases on `pc`.
+# The cases: every ide-test and ahci-test case, and qos-test's virtio-blk
+# cases on `pc`.
 : >"$LOGS/cases"
 # (qos-test asks a strata for its machines and devices to list its cases;
 # that conversation goes to list.log. An expected case missing from the
 # list is reported as a failure below.)
 QTEST_LOG= "$PEER/bin/ide-test" -l 2>"$LOGS/list.log" | grep '^/' |
     sed 's|^|ide-test |' >>"$LOGS/cases"
+QTEST_LOG= "$PEER/bin/ahci-test" -l 2>>"$LOGS/list.log" | grep '^/' |
+    sed 's|^|ahci-test |' >>"$LOGS/cases"
 QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep '/virtio-blk' |
     sed 's|^|qos-test |' >>"$LOGS/cases"
 if [ -n "$FILTER" ]; then

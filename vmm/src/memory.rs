@@ -1,4 +1,4 @@
-//! The `pc` physical memory map: RAM below the 32-bit PCI hole, RAM above
+//! The PC physical memory map (`pc`; `q35` differs in where low RAM ends): RAM below the 32-bit PCI hole, RAM above
 //! 4 GiB, and the BIOS ROM just below 4 GiB with its top 128 KiB shadowed in
 //! RAM at 0xe0000-0xfffff (as the i440FX PAM registers would expose it).
 
@@ -13,6 +13,10 @@ pub const FOUR_GIB: u64 = 4 * GIB;
 /// ("gigabyte alignment"), leaving the rest for the PCI hole.
 pub const LOWMEM_LIMIT: u64 = 0xe000_0000;
 pub const LOWMEM_ALIGNED: u64 = 0xc000_0000;
+/// `q35` keeps RAM below the ECAM window at 0xb0000000, and below 2 GiB
+/// when it would reach it (QEMU's pc_q35_init).
+pub const Q35_LOWMEM_LIMIT: u64 = 0xb000_0000;
+pub const Q35_LOWMEM_ALIGNED: u64 = 0x8000_0000;
 /// The isa-bios window below 1 MiB.
 pub const ISA_BIOS_MAX: u64 = 128 << 10;
 
@@ -26,6 +30,20 @@ impl Layout {
     pub fn new(mem_size: u64) -> Self {
         let below_4g = if mem_size >= LOWMEM_LIMIT {
             LOWMEM_ALIGNED
+        } else {
+            mem_size
+        };
+        Layout {
+            below_4g,
+            above_4g: mem_size - below_4g,
+        }
+    }
+
+    /// QEMU's `q35`: RAM below 4 GiB ends at the ECAM window
+    /// (0xb0000000), or at 2 GiB when more would not fit below it.
+    pub fn q35(mem_size: u64) -> Self {
+        let below_4g = if mem_size >= Q35_LOWMEM_LIMIT {
+            Q35_LOWMEM_ALIGNED
         } else {
             mem_size
         };

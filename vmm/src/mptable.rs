@@ -11,6 +11,9 @@
 //!   `(d - 1 + p) & 3` to the ISA IRQ in [`PIRQ_IRQS`], level-triggered and
 //!   active-low (MP spec table 4-10); slot 1 INTA is the PIIX4 PM function,
 //!   whose SCI is wired to IRQ 9.
+//! - on `q35`, PCI INTx goes to the ICH9 PIRQ's own input 16-23 instead
+//!   (`devices::chipset::pirq::ich9_swizzle`), and every ISA IRQ but 2
+//!   has its entry;
 //! - LINT0 is ExtINT and LINT1 is NMI on every local APIC.
 
 /// The ISA IRQ each PIIX PIRQ link (A-D) is routed to, as SeaBIOS programs
@@ -20,10 +23,22 @@ pub const SCI_IRQ: u8 = 9;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 
+use crate::machine::ChipsetKind;
+
 const PCI_BUS: u8 = 0;
 const ISA_BUS: u8 = 1;
 
-/// ISA IRQ of PCI slot `dev`'s interrupt pin `pin` (0 = INTA).
+/// I/O APIC input of PCI slot `dev`'s interrupt pin `pin` (0 = INTA) on
+/// `chipset`: an ISA IRQ through a PIIX link, or on ICH9 the PIRQ's own
+/// input 16-23.
+pub fn pci_irq_on(chipset: ChipsetKind, dev: u8, pin: u8) -> u8 {
+    match chipset {
+        ChipsetKind::I440fx => pci_irq(dev, pin),
+        ChipsetKind::Q35 => 16 + devices::chipset::pirq::ich9_swizzle(dev, pin + 1) as u8,
+    }
+}
+
+/// ISA IRQ of PCI slot `dev`'s interrupt pin `pin` (0 = INTA) on `pc`.
 pub fn pci_irq(dev: u8, pin: u8) -> u8 {
     if dev == 1 && pin == 0 {
         SCI_IRQ
@@ -38,7 +53,7 @@ fn checksum(b: &[u8]) -> u8 {
 
 /// Builds the floating pointer followed by the configuration table, for
 /// placement at `addr` (16-byte aligned).
-pub fn build(addr: u32, cpus: u32) -> Vec<u8> {
+pub fn build(addr: u32, cpus: u32, chipset: ChipsetKind) -> Vec<u8> {
     let ioapic_id = cpus as u8;
     let mut entries: Vec<u8> = Vec::new();
     let mut count = 0u16;
@@ -71,9 +86,11 @@ pub fn build(addr: u32, cpus: u32) -> Vec<u8> {
     let mut pci_used = 0u16;
     for dev in 1..32u8 {
         for pin in 0..4u8 {
-            let isa = pci_irq(dev, pin);
-            pci_used |= 1 << isa;
-            irq(INT, LEVEL_LOW, PCI_BUS, dev << 2 | pin, ioapic_id, isa);
+            let input = pci_irq_on(chipset, dev, pin);
+            if input < 16 {
+                pci_used |= 1 << input;
+            }
+            irq(INT, LEVEL_LOW, PCI_BUS, dev << 2 | pin, ioapic_id, input);
         }
     }
     for i in 0..16u8 {
@@ -116,7 +133,7 @@ mod tests {
 
     #[test]
     fn checksums_and_counts() {
-        let t = build(0xf0000, 2);
+        let t = build(0xf0000, 2, ChipsetKind::I440fx);
         assert_eq!(&t[..4], b"_MP_");
         assert_eq!(t[..16].iter().fold(0u8, |a, &b| a.wrapping_add(b)), 0);
         let cfg = &t[16..];

@@ -1,7 +1,8 @@
 //! The HBA: ICH9's AHCI function (8086:2922, class 01.06.01) with its
 //! ports behind ABAR, and the interrupt they share.
 //!
-//! Specs followed: AHCI 1.3.1 section 2.1 (PCI header: ABAR in BAR5),
+//! Specs followed: AHCI 1.3.1 section 2.1 (PCI header: ABAR in BAR5,
+//! capabilities), 2.4 (SATA capability and the index/data pair),
 //! 3.1 (generic host control), 10.4.3 (HBA reset through GHC.HR) and
 //! 5.3.1 (the port interrupt bits feeding IS and the INTx line); the ICH9
 //! datasheet section 14.1 for the IDs and class.
@@ -17,6 +18,8 @@ use super::regs::{HostEvent, HostRegs, PORT_BASE, PORT_LEN};
 use crate::ata::AtaDevice;
 use crate::bus::lock;
 use crate::irq::IrqLine;
+use crate::pci::msi::Msi;
+use crate::pci::msix::MsiSender;
 use crate::pci::{BarKind, PciConfig, PciFunction};
 use crate::GuestMem;
 
@@ -26,28 +29,74 @@ pub const PORTS: usize = 6;
 /// 0x100 + 32 * 0x80; ICH9 decodes 2 KiB, QEMU 4 KiB).
 pub const ABAR: usize = 5;
 const ABAR_SIZE: u64 = 0x1000;
+/// The index/data pair's I/O BAR (ICH9 14.1.9, 14.4), with the index at
+/// 0x10 and the data at 0x14.
+pub const IDP: usize = 4;
+const IDP_SIZE: u64 = 0x20;
+const IDP_INDEX: u64 = 0x10;
+const IDP_DATA: u64 = 0x14;
+/// Where ICH9 puts its MSI and SATA capabilities.
+const MSI_CAP: u16 = 0x80;
+const SATA_CAP: u16 = 0xa8;
+const SATA_CAP_ID: u8 = 0x12;
+const MAP: u16 = 0x90;
+const MAP_AHCI: u8 = 1 << 6;
+const PCS: u16 = 0x92;
 
-/// What ports and host share: the host IS register, GHC.IE and the line.
+/// What ports and host share: the host IS register, GHC.IE, and how the
+/// interrupt is signalled.
 struct Irq {
-    /// Host IS (one bit per port) and GHC.IE.
-    state: Mutex<(u32, bool)>,
+    state: Mutex<IrqState>,
     line: Arc<dyn IrqLine>,
+    msi: Arc<dyn MsiSender>,
+}
+
+#[derive(Default)]
+struct IrqState {
+    /// Host IS, one bit per port.
+    is: u32,
+    /// GHC.IE.
+    ie: bool,
+    /// The MSI message while MSI is enabled (then INTx stays low).
+    msi: Option<(u64, u32)>,
+    /// Whether the interrupt condition held at the last evaluation: an
+    /// MSI goes out when it starts to hold.
+    asserted: bool,
 }
 
 impl Irq {
     /// Port `n` asks for an interrupt (or not): IS.IPS bit n is set while
-    /// it does (software clears it, 3.1.3); the line is high while IE and
-    /// any IS bit are (level-triggered INTx).
+    /// it does (software clears it, 3.1.3). The condition is GHC.IE and
+    /// any IS bit: INTx is level-triggered and follows it; an MSI is sent
+    /// when it starts to hold.
     fn port(&self, n: usize, pending: bool) {
         let mut s = lock(&self.state);
         if pending {
-            s.0 |= 1 << n;
+            s.is |= 1 << n;
         }
-        self.line.set_level(s.1 && s.0 != 0);
+        self.signal(&mut s, false);
     }
+
+    /// Re-evaluates the condition; `rearm` sends an MSI if it still holds
+    /// (software cleared host IS while a port still asks: that is a new
+    /// interrupt, as a new edge would be).
+    fn signal(&self, s: &mut IrqState, rearm: bool) {
+        let up = s.ie && s.is != 0;
+        match s.msi {
+            Some((addr, data)) => {
+                self.line.set_level(false);
+                if up && (rearm || !s.asserted) {
+                    self.msi.send(addr, data);
+                }
+            }
+            None => self.line.set_level(up),
+        }
+        s.asserted = up;
+    }
+
     fn update(&self) {
-        let s = lock(&self.state);
-        self.line.set_level(s.1 && s.0 != 0);
+        let mut s = lock(&self.state);
+        self.signal(&mut s, false);
     }
 }
 
@@ -55,26 +104,46 @@ pub type SharedPort = Arc<Mutex<Port>>;
 
 pub struct Ahci {
     config: PciConfig,
+    msi: Msi,
     host: HostRegs,
     ports: Vec<SharedPort>,
     irq: Arc<Irq>,
+    /// The index of the index/data pair (BAR4): an ABAR offset.
+    idp_index: u32,
 }
 
 impl Ahci {
-    pub fn new(mem: Arc<GuestMem>, line: Arc<dyn IrqLine>) -> Ahci {
+    pub fn new(mem: Arc<GuestMem>, line: Arc<dyn IrqLine>, msi: Arc<dyn MsiSender>) -> Ahci {
         let mut config = PciConfig::new(0x8086, 0x2922, 0x01_06_01, 2);
+        config.add_bar(IDP, BarKind::Io, IDP_SIZE);
         config.add_bar(ABAR, BarKind::Mem32, ABAR_SIZE);
         config.set_interrupt_pin(1);
+        // ICH9 14.1.23-14.1.31: MSI first at 0x80, then SATA at 0xa8,
+        // whose SATACR1 locates the index/data pair (BAR4, offset 0x10).
+        config.next_capability_at(MSI_CAP);
+        let msi_cap = Msi::add_capability(&mut config);
+        config.next_capability_at(SATA_CAP);
+        let mut sata = [0u8; 6];
+        sata[0..2].copy_from_slice(&0x0010u16.to_le_bytes()); // revision 1.0
+        let barloc = 4 + IDP as u32; // BAR4 is at 0x20: 8 in SATACR1's code
+        sata[2..6].copy_from_slice(&(barloc | (IDP_INDEX as u32 / 4) << 4).to_le_bytes());
+        config.add_capability(SATA_CAP_ID, &sata);
+        // MAP (14.1.32): AHCI mode; PCS (14.1.33): the port enables.
+        config.set_u8(MAP, MAP_AHCI);
+        config.set_wmask(PCS, &[0x3f]);
         Ahci {
             config,
+            msi: msi_cap,
             host: HostRegs::new(PORTS as u32),
             ports: (0..PORTS)
                 .map(|_| Arc::new(Mutex::new(Port::new(mem.clone()))))
                 .collect(),
             irq: Arc::new(Irq {
-                state: Mutex::new((0, false)),
+                state: Mutex::new(IrqState::default()),
                 line,
+                msi,
             }),
+            idp_index: 0,
         }
     }
 
@@ -91,7 +160,7 @@ impl Ahci {
     fn read_abar(&mut self, off: u64) -> u32 {
         if off < PORT_BASE {
             if off == super::regs::host::IS {
-                return lock(&self.irq.state).0;
+                return lock(&self.irq.state).is;
             }
             return self.host.read(off);
         }
@@ -106,18 +175,21 @@ impl Ahci {
         if off < PORT_BASE {
             if off == super::regs::host::IS {
                 // Write 1 to clear; a port still pending sets its bit again.
-                lock(&self.irq.state).0 &= !v;
-                for (n, p) in self.ports.iter().enumerate() {
-                    let pending = lock(p).irq_pending();
-                    self.irq.port(n, pending);
+                let pending: Vec<bool> = self.ports.iter().map(|p| lock(p).irq_pending()).collect();
+                let mut s = lock(&self.irq.state);
+                s.is &= !v;
+                for (n, pending) in pending.into_iter().enumerate() {
+                    if pending {
+                        s.is |= 1 << n;
+                    }
                 }
-                self.irq.update();
+                self.irq.signal(&mut s, true);
                 return;
             }
             match self.host.write(off, v) {
                 HostEvent::Reset => self.reset(),
                 HostEvent::Interrupt => {
-                    lock(&self.irq.state).1 = self.host.ghc & super::regs::ghc::IE != 0;
+                    lock(&self.irq.state).ie = self.host.ghc & super::regs::ghc::IE != 0;
                     self.irq.update();
                 }
                 HostEvent::None => {}
@@ -141,7 +213,11 @@ impl Ahci {
     fn reset(&mut self) {
         let ports = self.host.read(super::regs::host::CAP) & 0x1f;
         self.host = HostRegs::new(ports + 1);
-        *lock(&self.irq.state) = (0, false);
+        {
+            let mut s = lock(&self.irq.state);
+            s.is = 0;
+            s.ie = false;
+        }
         for p in &self.ports {
             lock(p).reset();
         }
@@ -182,14 +258,32 @@ impl PciFunction for Ahci {
         &mut self.config
     }
 
-    /// ABAR: 32-bit registers; narrower accesses see (or change) their
-    /// bytes of the register.
-    fn region_read(&mut self, region: usize, offset: u64, data: &mut [u8]) {
-        if region != ABAR {
-            data.fill(0xff);
-            return;
+    fn config_write(&mut self, offset: u16, data: &[u8]) {
+        self.config.write(offset, data);
+        let msg = self.msi.message(&self.config);
+        let mut s = lock(&self.irq.state);
+        if s.msi != msg {
+            s.msi = msg;
+            self.irq.signal(&mut s, false);
         }
-        let v = self.read_abar(offset & !3).to_le_bytes();
+    }
+
+    /// ABAR: 32-bit registers; narrower accesses see (or change) their
+    /// bytes of the register. The index/data pair reaches the same
+    /// registers through I/O: IDP+0x10 holds an ABAR offset, IDP+0x14 is
+    /// the register there.
+    fn region_read(&mut self, region: usize, offset: u64, data: &mut [u8]) {
+        let v = match (region, offset & !3) {
+            (ABAR, reg) => self.read_abar(reg),
+            (IDP, IDP_INDEX) => self.idp_index,
+            (IDP, IDP_DATA) => self.read_abar(self.idp_index as u64),
+            (IDP, _) => 0,
+            _ => {
+                data.fill(0xff);
+                return;
+            }
+        };
+        let v = v.to_le_bytes();
         let at = (offset & 3) as usize;
         for (i, b) in data.iter_mut().enumerate() {
             *b = v.get(at + i).copied().unwrap_or(0);
@@ -197,7 +291,7 @@ impl PciFunction for Ahci {
     }
 
     fn region_write(&mut self, region: usize, offset: u64, data: &[u8]) {
-        if region != ABAR || data.is_empty() {
+        if (region != ABAR && region != IDP) || data.is_empty() {
             return;
         }
         let reg = offset & !3;
@@ -213,7 +307,13 @@ impl PciFunction for Ahci {
             }
             u32::from_le_bytes(b)
         };
-        self.write_abar(reg, v);
+        match (region, reg) {
+            (ABAR, _) => self.write_abar(reg, v),
+            // Dword registers within ABAR's port range.
+            (IDP, IDP_INDEX) => self.idp_index = v & 0x7fc,
+            (IDP, IDP_DATA) => self.write_abar(self.idp_index as u64, v),
+            _ => {}
+        }
     }
 }
 
@@ -221,6 +321,7 @@ impl PciFunction for Ahci {
 mod tests {
     use super::*;
     use crate::ahci::regs::{cmd, ghc, host, is, port};
+    use crate::pci::msix::NoMsi;
     use std::sync::atomic::{AtomicBool, Ordering};
     use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -244,7 +345,7 @@ mod tests {
     #[test]
     fn pci_identity_and_host_registers() {
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-        let mut a = Ahci::new(mem, Arc::new(Line::default()));
+        let mut a = Ahci::new(mem, Arc::new(Line::default()), Arc::new(NoMsi));
         assert_eq!(a.config().u16(0), 0x8086);
         assert_eq!(a.config().u16(2), 0x2922);
         assert_eq!(a.config().u32(8) >> 8, 0x01_06_01);
@@ -262,7 +363,7 @@ mod tests {
     fn port_interrupts_reach_is_and_the_line() {
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let line = Arc::new(Line::default());
-        let mut a = Ahci::new(mem.clone(), line.clone());
+        let mut a = Ahci::new(mem.clone(), line.clone(), Arc::new(NoMsi));
         let p1 = PORT_BASE + PORT_LEN;
         wr(&mut a, p1 + port::CLB, 0x1000);
         wr(&mut a, p1 + port::IE, is::IFS);

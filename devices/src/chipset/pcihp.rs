@@ -16,7 +16,8 @@
 use std::sync::{Arc, Mutex};
 
 use crate::bus::{lock, BusDevice};
-use crate::chipset::piix4_pm::{PmRegs, GPE_PCI_HOTPLUG};
+use crate::chipset::acpi_pm::PmRegs;
+use crate::chipset::piix4_pm::GPE_PCI_HOTPLUG;
 use crate::system::SystemControl;
 
 pub const PCIHP_BASE: u16 = 0xae00;

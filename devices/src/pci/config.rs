@@ -161,6 +161,14 @@ impl PciConfig {
         off
     }
 
+    /// Makes the next [`Self::add_capability`] place its capability at
+    /// `offset` (a device whose datasheet fixes where it is); it must not
+    /// go back over the capabilities already added.
+    pub fn next_capability_at(&mut self, offset: u16) {
+        assert!(offset >= self.next_cap && offset % 4 == 0);
+        self.next_cap = offset;
+    }
+
     /// Sets the write mask of `len` bytes at `offset` to `mask`. These and
     /// the `set_*` helpers below are for the device model and panic past
     /// 4 KiB, which only a programming error can cause.

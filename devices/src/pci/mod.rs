@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod host;
+pub mod msi;
 pub mod msix;
 
 use std::collections::BTreeMap;
@@ -255,14 +256,73 @@ impl PciBus {
     }
 }
 
-/// The PCI bus as the fallback of the port-I/O or MMIO bus.
+/// A PCI Express enhanced configuration access window (ECAM, PCIe base
+/// specification 7.2.2): each function's 4 KiB of config space at
+/// `base + (bus << 20 | devfn << 12 | register)`. The host bridge that
+/// owns it moves and sizes it ([`Ecam::set`]); only bus 0 exists here, the
+/// other buses read as all ones.
+#[derive(Default)]
+pub struct Ecam {
+    /// `(base, len)` while the window is enabled.
+    window: Mutex<Option<(u64, u64)>>,
+}
+
+impl Ecam {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn set(&self, window: Option<(u64, u64)>) {
+        *lock(&self.window) = window;
+    }
+
+    pub fn window(&self) -> Option<(u64, u64)> {
+        *lock(&self.window)
+    }
+
+    /// The (bus, devfn, register) of an access of `len` bytes at `addr`,
+    /// if the window holds it and it stays within one function's space.
+    fn target(&self, addr: u64, len: usize) -> Option<(u8, u8, u16)> {
+        let (base, size) = self.window()?;
+        let off = addr.checked_sub(base).filter(|&o| o < size)?;
+        let reg = (off & 0xfff) as u16;
+        (reg as usize + len <= 0x1000).then_some(((off >> 20) as u8, (off >> 12) as u8, reg))
+    }
+
+    fn read(&self, bus: &PciBus, addr: u64, data: &mut [u8]) -> bool {
+        match self.target(addr, data.len()) {
+            Some((0, devfn, reg)) => bus.config_read(devfn, reg, data),
+            Some(_) => data.fill(0xff),
+            None => return false,
+        }
+        true
+    }
+
+    fn write(&self, bus: &PciBus, addr: u64, data: &[u8]) -> bool {
+        match self.target(addr, data.len()) {
+            Some((0, devfn, reg)) => bus.config_write(devfn, reg, data),
+            Some(_) => {}
+            None => return false,
+        }
+        true
+    }
+}
+
+/// The PCI bus as the fallback of the port-I/O or MMIO bus: BARs and other
+/// decoders, and on the MMIO side the ECAM window of a PCIe host bridge.
 pub struct PciRegions {
     pub bus: Arc<PciBus>,
     pub space: Space,
+    pub ecam: Option<Arc<Ecam>>,
 }
 
 impl Fallback for PciRegions {
     fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+        if let Some(e) = &self.ecam {
+            if e.read(&self.bus, addr, data) {
+                return true;
+            }
+        }
         match self.bus.resolve(self.space, addr, data.len()) {
             Some((f, region, off)) => {
                 lock(&f).region_read(region, off, data);
@@ -272,6 +332,11 @@ impl Fallback for PciRegions {
         }
     }
     fn write(&self, addr: u64, data: &[u8]) -> bool {
+        if let Some(e) = &self.ecam {
+            if e.write(&self.bus, addr, data) {
+                return true;
+            }
+        }
         match self.bus.resolve(self.space, addr, data.len()) {
             Some((f, region, off)) => {
                 lock(&f).region_write(region, off, data);
@@ -330,6 +395,7 @@ mod tests {
         let r = PciRegions {
             bus: bus.clone(),
             space,
+            ecam: None,
         };
         let mut d = [0u8; 4];
         r.read(addr, &mut d).then_some((d[0], d[1], d[2]))
@@ -424,9 +490,10 @@ mod tests {
             let r = PciRegions {
                 bus: bus.clone(),
                 space: Space::Io,
+                ecam: None,
             };
             let mut d = [0u8; 2];
-            r.read(base + piix4_pm::PM1_CNT, &mut d)
+            r.read(base + crate::chipset::acpi_pm::PM1_CNT, &mut d)
         };
         bus.config_write(devfn, piix4_pm::PMBASE, &0x601u32.to_le_bytes());
         assert!(!pm1_cnt(&bus, 0x600), "PMREGMISC bit 0 is clear");

@@ -29,6 +29,11 @@
 pub mod aml;
 
 use crate::boot::PM_BASE;
+use crate::machine::ChipsetKind;
+use devices::chipset::mch::{ECAM_BASE, ECAM_SIZE};
+
+/// The end of the ECAM window (`q35`).
+const ECAM_END: u64 = ECAM_BASE + ECAM_SIZE;
 use crate::mptable::{IOAPIC_ADDR, LAPIC_ADDR};
 
 pub const OEM_ID: &[u8; 6] = b"STRATA";
@@ -47,10 +52,15 @@ pub struct AcpiConfig {
     pub below_4g: u64,
     /// Whether an ISA floppy controller exists.
     pub floppy: bool,
+    pub chipset: ChipsetKind,
 }
 
 impl AcpiConfig {
-    pub fn new(cfg: &crate::config::MachineConfig, layout: &crate::memory::Layout) -> Self {
+    pub fn new(
+        cfg: &crate::config::MachineConfig,
+        layout: &crate::memory::Layout,
+        chipset: ChipsetKind,
+    ) -> Self {
         use block::drive::Interface;
         let floppy = cfg.drives.iter().any(|d| {
             d.device
@@ -64,6 +74,7 @@ impl AcpiConfig {
             cpus: cfg.cpus,
             below_4g: layout.below_4g,
             floppy,
+            chipset,
         }
     }
 }
@@ -200,14 +211,17 @@ pub fn build(cfg: &AcpiConfig) -> Tables {
     let dsdt = dsdt(cfg);
     let dsdt_off = b.add(dsdt, 8, true);
 
-    let fadt_off = b.add(fadt(), 8, true);
+    let fadt_off = b.add(fadt(cfg), 8, true);
     b.point(Blob::Tables, fadt_off + 36, 4, facs_off);
     b.point(Blob::Tables, fadt_off + 40, 4, dsdt_off);
     b.point(Blob::Tables, fadt_off + 140, 8, dsdt_off);
 
     let madt_off = b.add(madt(cfg), 8, true);
 
-    let entries = [fadt_off, madt_off];
+    let mut entries = vec![fadt_off, madt_off];
+    if cfg.chipset == ChipsetKind::Q35 {
+        entries.push(b.add(mcfg(), 8, true));
+    }
     let rsdt_len = 36 + 4 * entries.len();
     let mut rsdt = header(b"RSDT", rsdt_len, 1);
     rsdt.resize(rsdt_len, 0);
@@ -248,7 +262,22 @@ pub fn build(cfg: &AcpiConfig) -> Tables {
     b.t
 }
 
-fn fadt() -> Vec<u8> {
+/// Where the GPE0 block is and its length: PIIX4's at 0xafe0 (as QEMU's
+/// `pc`), ICH9's inside the PM block.
+fn gpe0_blk(cfg: &AcpiConfig) -> (u32, u8) {
+    match cfg.chipset {
+        ChipsetKind::I440fx => (
+            devices::chipset::piix4_pm::GPE0_BASE as u32,
+            devices::chipset::piix4_pm::GPE0_LEN as u8,
+        ),
+        ChipsetKind::Q35 => {
+            use devices::chipset::ich9_lpc::{GPE0_HALF, GPE0_OFFSET};
+            (PM_BASE as u32 + GPE0_OFFSET as u32, 2 * GPE0_HALF as u8)
+        }
+    }
+}
+
+fn fadt(cfg: &AcpiConfig) -> Vec<u8> {
     const LEN: usize = 276;
     let mut f = header(b"FACP", LEN, 6);
     f.resize(LEN, 0);
@@ -260,9 +289,9 @@ fn fadt() -> Vec<u8> {
     put(&mut f, 56, &pm.to_le_bytes()); // PM1a_EVT_BLK
     put(&mut f, 64, &(pm + 4).to_le_bytes()); // PM1a_CNT_BLK
     put(&mut f, 76, &(pm + 8).to_le_bytes()); // PM_TMR_BLK
-    let gpe0 = devices::chipset::piix4_pm::GPE0_BASE as u32;
+    let (gpe0, gpe0_len) = gpe0_blk(cfg);
     put(&mut f, 80, &gpe0.to_le_bytes()); // GPE0_BLK
-    f[92] = devices::chipset::piix4_pm::GPE0_LEN as u8; // GPE0_BLK_LEN
+    f[92] = gpe0_len; // GPE0_BLK_LEN
     f[88] = 4; // PM1_EVT_LEN
     f[89] = 2; // PM1_CNT_LEN
     f[91] = 4; // PM_TMR_LEN
@@ -278,8 +307,21 @@ fn fadt() -> Vec<u8> {
     put(&mut f, 148, &gas_io(32, 2, pm as u64)); // X_PM1a_EVT_BLK
     put(&mut f, 172, &gas_io(16, 2, pm as u64 + 4)); // X_PM1a_CNT_BLK
     put(&mut f, 208, &gas_io(32, 3, pm as u64 + 8)); // X_PM_TMR_BLK
-    put(&mut f, 220, &gas_io(32, 1, gpe0 as u64)); // X_GPE0_BLK
+    put(&mut f, 220, &gas_io(gpe0_len * 8, 1, gpe0 as u64)); // X_GPE0_BLK
     f
+}
+
+/// The MCFG table (PCI Firmware Specification 3.2, 4.1.2): the ECAM
+/// window of segment 0, buses 0-255, where `init_q35` and SeaBIOS put it.
+fn mcfg() -> Vec<u8> {
+    let mut t = header(b"MCFG", 36 + 8 + 16, 1);
+    t.extend([0u8; 8]);
+    t.extend_from_slice(&ECAM_BASE.to_le_bytes());
+    t.extend_from_slice(&0u16.to_le_bytes()); // segment
+    t.push(0);
+    t.push(((ECAM_SIZE >> 20) - 1) as u8);
+    t.extend([0u8; 4]);
+    t
 }
 
 fn madt(cfg: &AcpiConfig) -> Vec<u8> {
@@ -299,7 +341,13 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
         body.extend_from_slice(&flags.to_le_bytes());
     };
     iso(&mut body, 0, 2, 0);
-    for irq in [5u8, 9, 10, 11] {
+    // The SCI; on `pc` also the IRQs PCI links use (q35's PCI interrupts
+    // have inputs 16-23 of their own).
+    let level: &[u8] = match cfg.chipset {
+        ChipsetKind::I440fx => &[5, 9, 10, 11],
+        ChipsetKind::Q35 => &[9],
+    };
+    for &irq in level {
         iso(&mut body, irq, irq as u32, 0xd); // level, active high
     }
     // Local APIC NMI on LINT1 for all processors.
@@ -309,54 +357,76 @@ fn madt(cfg: &AcpiConfig) -> Vec<u8> {
     m
 }
 
-/// The DSDT: the PCI root bridge with its resources and `_PRT`, the PIIX
-/// PIRQ link devices, the ISA devices, and `_S5`.
+/// The DSDT: the PCI root bridge with its resources and `_PRT`, the ISA
+/// devices and `_S5`; on `pc` also the PIIX PIRQ link devices and the PCI
+/// hotplug slots, on `q35` the ECAM window's reservation.
 pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     use aml::*;
+    let q35 = cfg.chipset == ChipsetKind::Q35;
+    // q35's PCI memory starts above the ECAM window, as SeaBIOS allocates.
+    let mem_start = if q35 {
+        cfg.below_4g.max(ECAM_END)
+    } else {
+        cfg.below_4g.max(0x0010_0000)
+    };
     let pci_crs = res::template(&[
         res::word_bus(0, 0xff),
         res::io(0xcf8, 8),
         res::word_io(0, 0xcf7),
         res::word_io(0xd00, 0xffff),
         res::dword_mem(0xa0000, 0xbffff),
-        res::dword_mem(cfg.below_4g.max(0x0010_0000) as u32, 0xfebf_ffff),
+        res::dword_mem(mem_start as u32, 0xfebf_ffff),
     ]);
     let mut prt = Vec::new();
     for slot in 1..32u64 {
         for pin in 0..4u64 {
-            let link = if slot == 1 && pin == 0 {
-                "LNKS".to_string()
+            // q35: the PIRQ's own I/O APIC input (a GSI, no link device).
+            let (source, index) = if q35 {
+                let pirq = devices::chipset::pirq::ich9_swizzle(slot as u8, pin as u8 + 1);
+                (int(0), int(16 + pirq as u64))
+            } else if slot == 1 && pin == 0 {
+                (name_ref("LNKS"), int(0))
             } else {
-                format!("LNK{}", (b'A' + ((slot + 3 + pin) & 3) as u8) as char)
+                let l = (b'A' + ((slot + 3 + pin) & 3) as u8) as char;
+                (name_ref(&format!("LNK{l}")), int(0))
             };
             prt.push(package(&[
                 int((slot << 16) | 0xffff),
                 int(pin),
-                name_ref(&link),
-                int(0),
+                source,
+                index,
             ]));
         }
     }
     // A package holds at most 255 elements: 124 entries fit.
-    let mut isa = [
-        name("_ADR", int(0x0001_0000)),
-        op_region("P40C", REGION_PCI_CONFIG, 0x60, 4),
-        isa_dev("RTC", "PNP0B00", None, &[res::io(0x70, 8), res::irq(8)]),
-        isa_dev(
-            "KBD",
-            "PNP0303",
-            None,
-            &[res::io(0x60, 1), res::io(0x64, 1), res::irq(1)],
-        ),
-        isa_dev("MOU", "PNP0F13", None, &[res::irq(12)]),
-        isa_dev(
-            "COM1",
-            "PNP0501",
-            Some(1),
-            &[res::io(0x3f8, 8), res::irq(4)],
-        ),
-    ]
-    .concat();
+    let mut isa = if q35 {
+        name("_ADR", int(0x001f_0000))
+    } else {
+        [
+            name("_ADR", int(0x0001_0000)),
+            op_region("P40C", REGION_PCI_CONFIG, 0x60, 4),
+        ]
+        .concat()
+    };
+    isa.extend(
+        [
+            isa_dev("RTC", "PNP0B00", None, &[res::io(0x70, 8), res::irq(8)]),
+            isa_dev(
+                "KBD",
+                "PNP0303",
+                None,
+                &[res::io(0x60, 1), res::io(0x64, 1), res::irq(1)],
+            ),
+            isa_dev("MOU", "PNP0F13", None, &[res::irq(12)]),
+            isa_dev(
+                "COM1",
+                "PNP0501",
+                Some(1),
+                &[res::io(0x3f8, 8), res::irq(4)],
+            ),
+        ]
+        .concat(),
+    );
     if cfg.floppy {
         isa.extend(isa_dev(
             "FDC0",
@@ -370,18 +440,70 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
             ],
         ));
     }
-    let pci0 = device(
-        "PCI0",
+    let mut pci0 = if q35 {
         [
-            name("_HID", eisa_id("PNP0A03")),
+            name("_HID", eisa_id("PNP0A08")),
+            name("_CID", eisa_id("PNP0A03")),
+        ]
+        .concat()
+    } else {
+        name("_HID", eisa_id("PNP0A03"))
+    };
+    pci0.extend(
+        [
             name("_UID", int(0)),
             name("_CRS", pci_crs),
             name("_PRT", package(&prt)),
             device("ISA", isa),
-            pci_hotplug(),
         ]
         .concat(),
     );
+    let body = if q35 {
+        // The ECAM window is a motherboard resource: Linux uses MCFG's
+        // window only when something reserves it (e820 or PNP0C02).
+        pci0.extend(device(
+            "RES0",
+            [
+                name("_HID", eisa_id("PNP0C02")),
+                name(
+                    "_CRS",
+                    res::template(&[res::dword_mem(ECAM_BASE as u32, (ECAM_END - 1) as u32)]),
+                ),
+            ]
+            .concat(),
+        ));
+        let sb = scope("\\_SB", device("PCI0", pci0));
+        let gpe = scope("\\_GPE", name("_HID", string("ACPI0006")));
+        [sb, s5(), gpe].concat()
+    } else {
+        pci0.extend(pci_hotplug());
+        let sb = scope("\\_SB", [device("PCI0", pci0), piix_links()].concat());
+        // GPE 1 is a PCI hotplug event: notify the slots.
+        let gpe = scope(
+            "\\_GPE",
+            [
+                name("_HID", string("ACPI0006")),
+                method("_E01", 0, false, call("\\_SB.PCI0.PCNT", &[])),
+            ]
+            .concat(),
+        );
+        [sb, s5(), gpe].concat()
+    };
+    let mut t = header(b"DSDT", 36 + body.len(), 2);
+    t.extend(body);
+    t
+}
+
+/// `_S5`: SLP_TYP 0 is soft-off in `acpi_pm`'s PM1_CNT.
+fn s5() -> Vec<u8> {
+    use aml::*;
+    name("\\_S5", package(&[int(0), int(0), int(0), int(0)]))
+}
+
+/// The PIIX PIRQ link devices LNKA-LNKD, on the route registers at
+/// 00:01.0 0x60-0x63, and LNKS, the PM function's SCI.
+fn piix_links() -> Vec<u8> {
+    use aml::*;
     // Link helpers, as QEMU's DSDT has them: IQST gives a link's _STA from
     // its PIRQ register (bit 7 = disabled), IQCR its current IRQ.
     let iqst = method(
@@ -453,36 +575,17 @@ pub fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
         ]
         .concat(),
     ));
-    let sb = scope(
-        "\\_SB",
-        [
-            pci0,
-            field(
-                "PCI0.ISA.P40C",
-                FIELD_BYTE_ACC,
-                &[("PRQ0", 8), ("PRQ1", 8), ("PRQ2", 8), ("PRQ3", 8)],
-            ),
-            iqst,
-            iqcr,
-            links,
-        ]
-        .concat(),
-    );
-    // _S5: SLP_TYP 0 is soft-off on this PIIX4 (piix4_pm.rs).
-    let s5 = name("\\_S5", package(&[int(0), int(0), int(0), int(0)]));
-    // GPE 1 is a PCI hotplug event: notify the slots.
-    let gpe = scope(
-        "\\_GPE",
-        [
-            name("_HID", string("ACPI0006")),
-            method("_E01", 0, false, call("\\_SB.PCI0.PCNT", &[])),
-        ]
-        .concat(),
-    );
-    let body = [sb, s5, gpe].concat();
-    let mut t = header(b"DSDT", 36 + body.len(), 2);
-    t.extend(body);
-    t
+    [
+        field(
+            "PCI0.ISA.P40C",
+            FIELD_BYTE_ACC,
+            &[("PRQ0", 8), ("PRQ1", 8), ("PRQ2", 8), ("PRQ3", 8)],
+        ),
+        iqst,
+        iqcr,
+        links,
+    ]
+    .concat()
 }
 
 /// The hotplug slots of bus 0 (devices/src/chipset/pcihp.rs has the
@@ -634,12 +737,22 @@ mod tests {
             cpus: 2,
             below_4g: 128 << 20,
             floppy: true,
+            chipset: ChipsetKind::I440fx,
         }
     }
 
     #[test]
     fn placed_tables_checksum_and_point_right() {
-        let t = build(&cfg());
+        placed_tables_for(cfg(), &[b"FACP", b"APIC"]);
+        let q35 = AcpiConfig {
+            chipset: ChipsetKind::Q35,
+            ..cfg()
+        };
+        placed_tables_for(q35, &[b"FACP", b"APIC", b"MCFG"]);
+    }
+
+    fn placed_tables_for(cfg: AcpiConfig, want: &[&[u8; 4]]) {
+        let t = build(&cfg);
         let base = 0xe0000u64;
         let (rsdp, tables) = t.place(base);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -652,7 +765,7 @@ mod tests {
         assert_eq!(&at(xsdt)[..4], b"XSDT");
         let len = |o: u64| u32::from_le_bytes(at(o)[4..8].try_into().unwrap()) as usize;
         let mut seen = Vec::new();
-        for i in 0..2 {
+        for i in 0..want.len() {
             let p = u64::from_le_bytes(at(xsdt)[36 + 8 * i..44 + 8 * i].try_into().unwrap()) - base;
             let sig = &at(p)[..4];
             assert_eq!(sum(&at(p)[..len(p)]), 0, "{}", String::from_utf8_lossy(sig));
@@ -666,7 +779,9 @@ mod tests {
                 assert_eq!(&at(facs - base)[..4], b"FACS");
             }
         }
-        assert_eq!(seen, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+        let want: Vec<Vec<u8>> = want.iter().map(|w| w.to_vec()).collect();
+        assert_eq!(seen, want);
+        assert_eq!(len(xsdt), 36 + 8 * want.len());
     }
 
     #[test]

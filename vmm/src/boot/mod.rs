@@ -41,7 +41,9 @@ pub mod linux;
 pub mod multiboot;
 pub mod pvh;
 
-use devices::chipset::{piix3, piix3::Piix3, piix4_pm, piix4_pm::Piix4Pm};
+use devices::chipset::{
+    ich9_lpc, ich9_lpc::Ich9Lpc, mch, mch::Mch, piix3, piix3::Piix3, piix4_pm, piix4_pm::Piix4Pm,
+};
 use devices::ide::PiixIde;
 use devices::pci::PciFunction;
 use devices::GuestMem;
@@ -50,6 +52,7 @@ use std::io::{Read, Seek, SeekFrom};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::config::{KernelConfig, MachineConfig};
+use crate::machine::ChipsetKind;
 use crate::memory::{Layout, FOUR_GIB};
 use crate::{acpi, mptable};
 
@@ -304,6 +307,24 @@ pub fn init_chipset(piix3: &mut Piix3, pm: &mut Piix4Pm) {
     pm.config_write(piix4_pm::PMREGMISC, &[1]);
 }
 
+/// The `q35` chipset as SeaBIOS programs it (its `mch_isa_bridge_setup`
+/// and `mch_mem_addr_setup`): PIRQA-H routed as on `pc`, the ACPI PM
+/// block at [`PM_BASE`] and the ECAM window at its usual place.
+pub fn init_q35(mch: &mut Mch, lpc: &mut Ich9Lpc) {
+    for i in 0..8u16 {
+        let reg = if i < 4 {
+            ich9_lpc::PIRQA_ROUT + i
+        } else {
+            ich9_lpc::PIRQE_ROUT + i - 4
+        };
+        lpc.config_write(reg, &[mptable::PIRQ_IRQS[i as usize % 4]]);
+    }
+    lpc.config_write(ich9_lpc::PMBASE, &(PM_BASE as u32 | 1).to_le_bytes());
+    lpc.config_write(ich9_lpc::ACPI_CNTL, &[ich9_lpc::ACPI_EN]);
+    let bar = mch::ECAM_BASE | mch::PCIEXBAR_EN;
+    mch.config_write(mch::PCIEXBAR, &bar.to_le_bytes());
+}
+
 /// PIIX3 IDE timing registers IDETIM (40h primary, 42h secondary).
 const IDETIM: [u16; 2] = [0x40, 0x42];
 /// IDETIM bit 15, "IDE decode enable".
@@ -339,6 +360,7 @@ pub fn setup(
     cfg: &MachineConfig,
     ram: &GuestMem,
     layout: &Layout,
+    chipset: ChipsetKind,
 ) -> Result<EntryState, BootError> {
     let kcfg = cfg
         .kernel
@@ -352,10 +374,10 @@ pub fn setup(
         GuestAddress(BIOS_AREA),
     )
     .map_err(tables_err)?;
-    let mp = mptable::build(MPTABLE_ADDR as u32, cfg.cpus);
+    let mp = mptable::build(MPTABLE_ADDR as u32, cfg.cpus, chipset);
     ram.write_slice(&mp, GuestAddress(MPTABLE_ADDR))
         .map_err(tables_err)?;
-    let acpi = acpi::build(&acpi::AcpiConfig::new(cfg, layout));
+    let acpi = acpi::build(&acpi::AcpiConfig::new(cfg, layout, chipset));
     let (rsdp, tables) = acpi.place(ACPI_TABLES_ADDR);
     if tables.len() as u64 > ACPI_TABLES_MAX {
         return Err(BootError::File(format!(

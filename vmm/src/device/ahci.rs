@@ -8,7 +8,12 @@ use devices::ahci::hba::{Ahci, PORTS};
 use devices::bus::lock;
 use devices::ide::DriveConfig;
 
-use super::bus::{BusKind, IdeBus, Placement, Port};
+use devices::irq::IrqLine;
+use devices::pci::msix::MsiSender;
+use devices::pci::PciBus;
+use devices::GuestMem;
+
+use super::bus::{pci_boot_path, BusKind, Buses, IdeBus, Placement, Port};
 use super::{AttachCtx, Category, Device, DeviceType};
 
 pub static ICH9_AHCI: DeviceType = DeviceType {
@@ -48,26 +53,46 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         return Err(format!("bus '{}' is not a PCI bus", at.bus));
     };
     let (slot, func) = at.devfn();
-    let hba = Arc::new(Mutex::new(Ahci::new(
-        Arc::new(ctx.ram.clone()),
-        ctx.intx.line(slot, 1),
-    )));
-    pci.add(slot, func, hba.clone())?;
-    let pci_path = at.pci_boot_path();
-    // QEMU's bus names: `ID.N`, or the next free `ide.N` without an id.
+    let irq = ctx.intx.line(slot, 1);
+    let msi = ctx.msi.clone();
+    attach(
+        pci,
+        ctx.buses,
+        ctx.ram,
+        (irq, msi),
+        (slot, func),
+        dev.spec.id.as_deref(),
+    )?;
+    Ok(())
+}
+
+/// Builds an HBA at `devfn` of `pci` and registers its ports as buses:
+/// `ID.N`, or without an id the next free `ide.N`, as QEMU names them.
+/// Also what `q35` calls for its built-in controller at 00:1f.2.
+pub fn attach(
+    pci: &PciBus,
+    buses: &mut Buses,
+    ram: &GuestMem,
+    (irq, msi): (Arc<dyn IrqLine>, Arc<dyn MsiSender>),
+    devfn: (u8, u8),
+    id: Option<&str>,
+) -> Result<Arc<Mutex<Ahci>>, String> {
+    let hba = Arc::new(Mutex::new(Ahci::new(Arc::new(ram.clone()), irq, msi)));
+    pci.add(devfn.0, devfn.1, hba.clone())?;
+    let pci_path = pci_boot_path(devfn);
     let mut next_anon = 0;
     for port in 0..PORTS {
-        let name = match &dev.spec.id {
+        let name = match id {
             Some(id) => format!("{id}.{port}"),
             None => loop {
                 let n = format!("ide.{next_anon}");
                 next_anon += 1;
-                if !ctx.buses.exists(&n) {
+                if !buses.exists(&n) {
                     break n;
                 }
             },
         };
-        ctx.buses.register(
+        buses.register(
             &name,
             BusKind::Ide,
             1,
@@ -78,5 +103,5 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
             })),
         );
     }
-    Ok(())
+    Ok(hba)
 }

@@ -85,14 +85,19 @@ impl Placement {
     /// The OpenFirmware path SeaBIOS's `bootorder` knows a function on
     /// the root PCI bus by: `/pci@i0cf8/*@SLOT[,FN]`.
     pub fn pci_boot_path(&self) -> String {
-        match self.devfn() {
-            (slot, 0) => format!("/pci@i0cf8/*@{slot:x}"),
-            (slot, func) => format!("/pci@i0cf8/*@{slot:x},{func:x}"),
-        }
+        pci_boot_path(self.devfn())
     }
 }
 
 /// The named buses of one machine generation, in registration order.
+/// The `bootorder` path of PCI function `(slot, function)` on bus 0.
+pub fn pci_boot_path((slot, func): (u8, u8)) -> String {
+    match func {
+        0 => format!("/pci@i0cf8/*@{slot:x}"),
+        _ => format!("/pci@i0cf8/*@{slot:x},{func:x}"),
+    }
+}
+
 #[derive(Default)]
 pub struct Buses {
     order: Vec<String>,

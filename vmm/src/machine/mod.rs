@@ -10,6 +10,7 @@
 
 pub mod pc;
 pub mod piix_ide;
+pub mod q35;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,15 @@ impl Host {
     }
 }
 
+/// Which chipset a PC board has, for what describes it to the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChipsetKind {
+    /// i440FX + PIIX3/PIIX4 (`pc`).
+    I440fx,
+    /// Q35 MCH + ICH9 (`q35`).
+    Q35,
+}
+
 /// One generation of a built machine: what vCPUs, qtest and the main loop
 /// dispatch to.
 pub struct Machine {
@@ -75,7 +85,7 @@ pub struct Machine {
     /// PCI bus 0, for `query-pci` (`None` on a board without PCI).
     pub pci: Option<Arc<devices::pci::PciBus>>,
     /// The ACPI power button (`system_powerdown`), if the board has one.
-    pub power_button: Option<Arc<Mutex<devices::chipset::piix4_pm::PmRegs>>>,
+    pub power_button: Option<Arc<Mutex<devices::chipset::acpi_pm::PmRegs>>>,
     /// The devices built from `-device` and `-drive`, and added by
     /// `device_add`, in order.
     pub devices: Mutex<Vec<crate::device::Realized>>,
@@ -138,6 +148,10 @@ pub trait Board: Sync {
     /// What the device half of a `-drive if=...` becomes on this board
     /// (`None`: no device, or the board consumes the drive itself).
     fn drive_device(&self, drive: &DriveSpec) -> Result<Option<DeviceSpec>, String>;
+    /// Where `mem_size` bytes of RAM go.
+    fn layout(&self, mem_size: u64) -> Layout {
+        Layout::new(mem_size)
+    }
     /// Whether the board runs firmware (`-bios`) at all.
     fn has_firmware(&self) -> bool {
         true
@@ -157,7 +171,7 @@ pub trait Board: Sync {
         host: Host,
         storage: &Storage,
     ) -> Result<Machine, MachineError> {
-        let layout = Layout::new(cfg.mem_size);
+        let layout = self.layout(cfg.mem_size);
         let ram = memory::allocate_ram(&layout)?;
         // Direct kernel boot runs no firmware: a page of `hlt` stands in.
         let rom = if boot::is_direct(cfg) || !self.has_firmware() {
@@ -177,7 +191,7 @@ pub struct Memory {
 }
 
 /// Every machine type, the default first.
-pub static MACHINES: &[&dyn Board] = &[&pc::PC, &NONE];
+pub static MACHINES: &[&dyn Board] = &[&pc::PC, &q35::Q35, &NONE];
 
 /// The board `name` selects (a canonical name or a versioned alias).
 pub fn find(name: &str) -> Option<&'static dyn Board> {

@@ -33,8 +33,8 @@ use devices::chipset::{
     pcihp::{PciHotplug, PCIHP_BASE, PCIHP_LEN},
     piix3::Elcr,
     piix3::Piix3,
-    piix3::PirqRouter,
     piix4_pm::{Piix4Pm, GPE0_BASE, GPE0_LEN},
+    pirq::{self, PirqRouter},
 };
 use devices::irq::IrqLine;
 use devices::legacy::{
@@ -42,10 +42,10 @@ use devices::legacy::{
     serial::Uart,
 };
 use devices::pci::msix::MsiSender;
-use devices::pci::{host::PciHost, PciBus, PciRegions, Space};
+use devices::pci::{host::PciHost, Ecam, PciBus, PciRegions, Space};
 use devices::GuestMem;
 
-use super::{piix_ide, Board, Host, Hotplug, Machine, MachineError, Memory};
+use super::{piix_ide, Board, ChipsetKind, Host, Hotplug, Machine, MachineError, Memory};
 use crate::boot;
 use crate::config::MachineConfig;
 use crate::device::{self, AttachCtx, BusKind, Buses, DeviceSpec, PciIntx, Port, PropValue};
@@ -67,11 +67,18 @@ impl MsiSender for RamMsi {
     }
 }
 
-fn shared<T: devices::BusDevice + 'static>(d: T) -> Arc<Mutex<T>> {
+/// Where the board's devices send MSI messages.
+pub(super) fn msi_sender(host: &Host, ram: &GuestMem) -> Arc<dyn MsiSender> {
+    host.msi
+        .clone()
+        .unwrap_or_else(|| Arc::new(RamMsi(ram.clone())))
+}
+
+pub(super) fn shared<T: devices::BusDevice + 'static>(d: T) -> Arc<Mutex<T>> {
     Arc::new(Mutex::new(d))
 }
 
-fn add_io(
+pub(super) fn add_io(
     bus: &mut Bus,
     base: u64,
     len: u64,
@@ -89,6 +96,18 @@ impl PciIntx for Arc<PirqRouter> {
     }
 }
 
+/// Whether `v` is a machine version (`7.2`): every versioned type is the
+/// same board here, Strata has no compatibility properties to change
+/// between them.
+pub(super) fn is_version(v: &str) -> bool {
+    v.split_once('.').is_some_and(|(a, b)| {
+        !a.is_empty()
+            && !b.is_empty()
+            && a.bytes().all(|c| c.is_ascii_digit())
+            && b.bytes().all(|c| c.is_ascii_digit())
+    })
+}
+
 /// QEMU's `pc` (`pc-i440fx-*`).
 pub struct PcBoard;
 pub static PC: PcBoard = PcBoard;
@@ -104,73 +123,13 @@ impl Board for PcBoard {
         "Standard PC (i440FX + PIIX, 1996)"
     }
     fn matches(&self, name: &str) -> bool {
-        // Every versioned type is the same board here: Strata has no
-        // compatibility properties to change between them.
-        name == "pc"
-            || name.strip_prefix("pc-i440fx-").is_some_and(|v| {
-                v.split_once('.').is_some_and(|(a, b)| {
-                    !a.is_empty()
-                        && !b.is_empty()
-                        && a.bytes().all(|c| c.is_ascii_digit())
-                        && b.bytes().all(|c| c.is_ascii_digit())
-                })
-            })
+        name == "pc" || name.strip_prefix("pc-i440fx-").is_some_and(is_version)
     }
     fn help_aliases(&self) -> Vec<String> {
         vec![format!("pc-i440fx-{VERSION}")]
     }
     fn drive_device(&self, drive: &DriveSpec) -> Result<Option<DeviceSpec>, String> {
-        let Some(d) = &drive.device else {
-            return Ok(None);
-        };
-        let mut props = vec![("drive", PropValue::Str(drive.id.clone()))];
-        if let Some(s) = &d.serial {
-            props.push(("serial", PropValue::Str(s.clone())));
-        }
-        let origin = format!("-drive {}", drive.text);
-        let (ty, bus) = match (d.interface, d.media) {
-            (Interface::Ide, media) => {
-                if d.bus > 1 {
-                    return Err(format!(
-                        "machine type does not support if=ide,bus={},unit={}",
-                        d.bus, d.unit
-                    ));
-                }
-                props.push(("unit", PropValue::Uint(d.unit as u64)));
-                if media == Media::Cdrom {
-                    // -drive's geometry is for disks; ide-cd has none.
-                    ("ide-cd", Some(format!("ide.{}", d.bus)))
-                } else {
-                    if let Some([c, h, s]) = d.chs {
-                        props.push(("cyls", PropValue::Uint(c as u64)));
-                        props.push(("heads", PropValue::Uint(h as u64)));
-                        props.push(("secs", PropValue::Uint(s as u64)));
-                    }
-                    if let Some(t) = &d.trans {
-                        let def = device::ide::IDE_HD.prop("bios-chs-trans");
-                        let v = def.ok_or("bios-chs-trans")?.ty.parse("trans", t)?;
-                        props.push(("bios-chs-trans", v));
-                    }
-                    ("ide-hd", Some(format!("ide.{}", d.bus)))
-                }
-            }
-            (Interface::Virtio, _) => {
-                if let Some(a) = &d.addr {
-                    props.push(("addr", device::PropType::PciDevfn.parse("addr", a)?));
-                }
-                ("virtio-blk-pci", None)
-            }
-            (iface, _) => {
-                return Err(format!(
-                    "machine type does not support if={},bus={},unit={}",
-                    iface.name(),
-                    d.bus,
-                    d.unit
-                ))
-            }
-        };
-        let spec = DeviceSpec::new(ty, bus, props, origin)?;
-        Ok(Some(spec))
+        drive_device(drive, 2)
     }
     fn build_with(
         &self,
@@ -183,6 +142,66 @@ impl Board for PcBoard {
     }
 }
 
+/// What the device half of a `-drive` becomes on a PC board with
+/// `ide_buses` IDE buses named `ide.N`: `if=ide` an `ide-hd`/`ide-cd` on
+/// `ide.BUS` at `unit=UNIT`, `if=virtio` a `virtio-blk-pci`.
+pub(super) fn drive_device(
+    drive: &DriveSpec,
+    ide_buses: u32,
+) -> Result<Option<DeviceSpec>, String> {
+    let Some(d) = &drive.device else {
+        return Ok(None);
+    };
+    let mut props = vec![("drive", PropValue::Str(drive.id.clone()))];
+    if let Some(s) = &d.serial {
+        props.push(("serial", PropValue::Str(s.clone())));
+    }
+    let origin = format!("-drive {}", drive.text);
+    let (ty, bus) = match (d.interface, d.media) {
+        (Interface::Ide, media) => {
+            if d.bus >= ide_buses {
+                return Err(format!(
+                    "machine type does not support if=ide,bus={},unit={}",
+                    d.bus, d.unit
+                ));
+            }
+            props.push(("unit", PropValue::Uint(d.unit as u64)));
+            if media == Media::Cdrom {
+                // -drive's geometry is for disks; ide-cd has none.
+                ("ide-cd", Some(format!("ide.{}", d.bus)))
+            } else {
+                if let Some([c, h, s]) = d.chs {
+                    props.push(("cyls", PropValue::Uint(c as u64)));
+                    props.push(("heads", PropValue::Uint(h as u64)));
+                    props.push(("secs", PropValue::Uint(s as u64)));
+                }
+                if let Some(t) = &d.trans {
+                    let def = device::ide::IDE_HD.prop("bios-chs-trans");
+                    let v = def.ok_or("bios-chs-trans")?.ty.parse("trans", t)?;
+                    props.push(("bios-chs-trans", v));
+                }
+                ("ide-hd", Some(format!("ide.{}", d.bus)))
+            }
+        }
+        (Interface::Virtio, _) => {
+            if let Some(a) = &d.addr {
+                props.push(("addr", device::PropType::PciDevfn.parse("addr", a)?));
+            }
+            ("virtio-blk-pci", None)
+        }
+        (iface, _) => {
+            return Err(format!(
+                "machine type does not support if={},bus={},unit={}",
+                iface.name(),
+                d.bus,
+                d.unit
+            ))
+        }
+    };
+    let spec = DeviceSpec::new(ty, bus, props, origin)?;
+    Ok(Some(spec))
+}
+
 /// Builds the `pc` with memory already allocated and the firmware mapped.
 fn build(
     cfg: &MachineConfig,
@@ -190,10 +209,8 @@ fn build(
     storage: &Storage,
     mem: Memory,
 ) -> Result<Machine, MachineError> {
-    let Memory { layout, ram, rom } = mem;
     let direct = boot::is_direct(cfg);
     let mut io = Bus::new();
-    let mut mmio = Bus::new();
     let mut buses = Buses::new();
 
     // PCI.
@@ -203,7 +220,7 @@ fn build(
     pci.add(0, 0, Arc::new(Mutex::new(I440fx::new())))
         .map_err(err)?;
     buses.occupy("pci.0", 0, "i440FX");
-    let pirq = PirqRouter::new(host.irq.clone());
+    let pirq = PirqRouter::new(host.irq.clone(), 4, pirq::piix_swizzle, None);
     let mut piix3 = Piix3::with_router(pirq.clone());
     let mut pm = Piix4Pm::new(
         host.clock.clone(),
@@ -217,7 +234,7 @@ fn build(
     }
     pci.add(1, 0, Arc::new(Mutex::new(piix3))).map_err(err)?;
     buses.occupy("pci.0", 1 << 3, "PIIX3");
-    let ide = piix_ide::create(&mut io, &pci, &mut buses, &ram, host.irq.as_ref())?;
+    let ide = piix_ide::create(&mut io, &pci, &mut buses, &mem.ram, host.irq.as_ref())?;
     if direct {
         boot::init_ide(&mut devices::bus::lock(&ide));
     }
@@ -241,6 +258,54 @@ fn build(
     )?;
     pci.add(1, 3, Arc::new(Mutex::new(pm))).map_err(err)?;
     buses.occupy("pci.0", 1 << 3 | 3, "PIIX4_PM");
+    let chipset = Chipset {
+        kind: ChipsetKind::I440fx,
+        pci,
+        intx: Arc::new(pirq),
+        power_button,
+        pcihp: Some(pcihp),
+        ecam: None,
+    };
+    assemble(&PC, cfg, host, storage, mem, io, buses, chipset, |cmos| {
+        piix_ide::fill_cmos(&ide, cmos)
+    })
+}
+
+/// The chipset half of a PC board, built by the board, as [`assemble`]
+/// takes it.
+pub(super) struct Chipset {
+    pub kind: ChipsetKind,
+    pub pci: Arc<PciBus>,
+    pub intx: Arc<dyn PciIntx + Send + Sync>,
+    pub power_button: Arc<Mutex<devices::chipset::acpi_pm::PmRegs>>,
+    /// The ACPI PCI hotplug controller, on a board whose root bus has one.
+    pub pcihp: Option<Arc<Mutex<PciHotplug>>>,
+    /// The PCIe ECAM window, on a board with one.
+    pub ecam: Option<Arc<Ecam>>,
+}
+
+/// What every PC board has around its chipset: PCI decoding on the I/O and
+/// memory buses, the legacy ISA devices, the devices of `-drive` and
+/// `-device`, fw_cfg with the firmware's tables, the CMOS and the
+/// direct-boot entry. `cmos_late` fills what the board's own devices put
+/// in the CMOS.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn assemble(
+    board: &dyn Board,
+    cfg: &MachineConfig,
+    host: Host,
+    storage: &Storage,
+    mem: Memory,
+    mut io: Bus,
+    mut buses: Buses,
+    chipset: Chipset,
+    cmos_late: impl FnOnce(&mut Cmos),
+) -> Result<Machine, MachineError> {
+    let Memory { layout, ram, rom } = mem;
+    let direct = boot::is_direct(cfg);
+    let msi = msi_sender(&host, &ram);
+    let mut mmio = Bus::new();
+    let pci = chipset.pci.clone();
     add_io(
         &mut io,
         0xcf8,
@@ -251,10 +316,12 @@ fn build(
     io.set_fallback(Arc::new(PciRegions {
         bus: pci.clone(),
         space: Space::Io,
+        ecam: None,
     }));
     mmio.set_fallback(Arc::new(PciRegions {
         bus: pci.clone(),
         space: Space::Mem,
+        ecam: chipset.ecam.clone(),
     }));
 
     // Legacy ISA devices.
@@ -304,10 +371,7 @@ fn build(
 
     let mut boot_order = BootOrder::new();
     boot_order.set_strict(cfg.boot.strict);
-    let msi = host
-        .msi
-        .clone()
-        .unwrap_or_else(|| Arc::new(RamMsi(ram.clone())));
+    let msi = msi.clone();
     let mut iothreads = match &host.manual_loops {
         Some(into) => IoThreads::manual(&cfg.iothreads, into.clone()),
         None => IoThreads::new(&cfg.iothreads),
@@ -321,7 +385,7 @@ fn build(
         buses: &mut buses,
         ram: &ram,
         irq: host.irq.as_ref(),
-        intx: &pirq,
+        intx: chipset.intx.as_ref(),
         boot_order: &mut boot_order,
         msi,
         ioevents: host.ioevents.clone(),
@@ -338,7 +402,7 @@ fn build(
     // The devices of `-drive if=...` first, as QEMU's board init creates
     // them before the `-device`s.
     for d in storage.drives() {
-        if let Some(spec) = PC
+        if let Some(spec) = board
             .drive_device(d)
             .map_err(|e| MachineError::Config(format!("-drive {}: {e}", d.text)))?
         {
@@ -351,9 +415,9 @@ fn build(
     let devices = std::mem::take(&mut ctx.realized);
     let used_drives = std::mem::take(&mut ctx.used_drives);
     let msi = ctx.msi.clone();
-    let hotplug = Hotplug {
+    let hotplug = chipset.pcihp.map(|pcihp| Hotplug {
         buses,
-        intx: Arc::new(pirq.clone()),
+        intx: chipset.intx.clone(),
         irq: host.irq.clone(),
         msi,
         ioevents: host.ioevents.clone(),
@@ -364,14 +428,14 @@ fn build(
         cpus: cfg.cpus,
         pci: pci.clone(),
         pcihp,
-    };
+    });
     let fw_cfg = shared(FwCfg::new(Some(ram.clone())));
     {
         let mut f = fw_cfg.lock().unwrap();
         fill_fw_cfg(&mut f, cfg, &layout, &boot_order);
         if !direct {
             // Firmware installs Strata's ACPI tables through the loader.
-            let t = crate::acpi::build(&crate::acpi::AcpiConfig::new(cfg, &layout));
+            let t = crate::acpi::build(&crate::acpi::AcpiConfig::new(cfg, &layout, chipset.kind));
             f.add_file(crate::acpi::RSDP_FILE, t.rsdp.clone());
             f.add_file(crate::acpi::TABLES_FILE, t.tables.clone());
             f.add_file(crate::acpi::LOADER_FILE, t.loader());
@@ -403,9 +467,9 @@ fn build(
         "fw_cfg",
     )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
-    piix_ide::fill_cmos(&ide, &mut cmos.lock().unwrap());
+    cmos_late(&mut cmos.lock().unwrap());
     let boot_entry = if direct {
-        Some(boot::setup(cfg, &ram, &layout)?)
+        Some(boot::setup(cfg, &ram, &layout, chipset.kind)?)
     } else {
         None
     };
@@ -420,9 +484,9 @@ fn build(
         boot_entry,
         cpus: cfg.cpus,
         pci: Some(pci),
-        power_button: Some(power_button),
+        power_button: Some(chipset.power_button),
         devices: Mutex::new(devices),
-        hotplug: Some(Mutex::new(hotplug)),
+        hotplug: hotplug.map(Mutex::new),
     })
 }
 
