@@ -28,6 +28,7 @@ use vm_memory::GuestAddress;
 
 use super::fis::{self, rfis, Command, CommandHeader, Kind, HEADER_LEN};
 use super::regs::{cmd, is, PortEvent, PortRegs};
+use crate::ata::command::Xfer;
 use crate::ata::device::{AtaDevice, Outcome, DIAG_OK, SECTOR};
 use crate::ata::{error, status, Taskfile};
 use crate::dma::{self, GuestSgList};
@@ -52,6 +53,19 @@ pub struct Ticket {
     /// Bytes the command moves (PRDBC when it completes).
     bytes: u32,
     lba: Option<u64>,
+    /// A PIO command's last DRQ block: what its PIO Setup FIS says.
+    pio: Option<PioBlock>,
+}
+
+/// The PIO Setup FIS a PIO read or write leaves in the receive area: the
+/// one of its last DRQ block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PioBlock {
+    len: u16,
+    to_host: bool,
+    /// Whether it interrupts: every data-in block does; a data-out block
+    /// does unless it is the first (ATA8-ACS PIO data-out protocol).
+    irq: bool,
 }
 
 pub struct Port {
@@ -63,6 +77,9 @@ pub struct Port {
     active: Option<u8>,
     /// Bumped by a stop or reset, so completions of older I/O are dropped.
     gen: u64,
+    /// Whether the device's signature FIS after the last reset has been
+    /// received (it waits for FIS receive to be enabled).
+    signature_sent: bool,
 }
 
 impl Port {
@@ -74,6 +91,7 @@ impl Port {
             tf: Taskfile::default(),
             active: None,
             gen: 0,
+            signature_sent: false,
         }
     }
 
@@ -91,18 +109,47 @@ impl Port {
     }
 
     /// Link and device after a reset: PxSSTS says a Gen 1 device is
-    /// present and active, PxSIG and PxTFD show its signature and status.
+    /// present and active; PxTFD and PxSIG hold their reset values (7Fh,
+    /// all ones) until the device's signature FIS is received.
     fn reset_device(&mut self) {
         self.gen += 1;
         self.active = None;
+        self.regs.tfd = 0x7f;
+        self.regs.sig = 0xffff_ffff;
+        self.signature_sent = false;
         let Some(dev) = self.dev.as_mut() else {
             self.regs.ssts = 0;
             return;
         };
         dev.reset(&mut self.tf);
         self.regs.ssts = 0x113;
+        self.receive_signature();
+    }
+
+    /// The device's first D2H Register FIS after a reset (AHCI 10.1.2,
+    /// 3.3.9): once FIS receive runs, it lands in the receive area and
+    /// sets PxTFD, PxSIG and PxIS.DHRS. Software waiting for BSY to clear
+    /// after a COMRESET sees the device ready then.
+    fn receive_signature(&mut self) {
+        if self.signature_sent || self.regs.cmd & cmd::FR == 0 {
+            return;
+        }
+        let Some(dev) = self.dev.as_ref() else {
+            return;
+        };
+        // ATA devices come up ready; ATAPI devices clear DRDY (ATA8-ACS
+        // 9.12, the signature and status after a reset).
+        let st = if dev.is_atapi() {
+            0
+        } else {
+            status::DRDY | status::DSC
+        };
         self.regs.sig = dev.signature();
-        self.regs.tfd = (DIAG_OK as u32) << 8 | (status::DRDY | status::DSC) as u32;
+        self.regs.tfd = (DIAG_OK as u32) << 8 | st as u32;
+        let tf = self.tf;
+        self.post(rfis::REG_D2H, &fis::reg_d2h(st, DIAG_OK, &tf, false));
+        self.regs.is |= is::DHRS;
+        self.signature_sent = true;
     }
 
     /// True while the port asks for an interrupt (PxIS & PxIE).
@@ -112,7 +159,12 @@ impl Port {
 
     /// A guest write to a port register; the I/O to start, if any.
     pub fn write(&mut self, off: u64, v: u32) -> Option<PortIo> {
-        match self.regs.write(off, v) {
+        let fis_receive = self.regs.cmd & cmd::FR;
+        let event = self.regs.write(off, v);
+        if fis_receive == 0 && self.regs.cmd & cmd::FR != 0 {
+            self.receive_signature();
+        }
+        match event {
             PortEvent::Issue | PortEvent::Start => self.next(),
             PortEvent::Stop => {
                 // What was running is abandoned (its completion is stale).
@@ -239,10 +291,28 @@ impl Port {
                     _ => self.fail(slot, error::ABRT, None),
                 }
             }
-            Outcome::Read { lba, count, .. } | Outcome::Write { lba, count, .. } => {
+            Outcome::Read {
+                lba, count, xfer, ..
+            }
+            | Outcome::Write {
+                lba, count, xfer, ..
+            } => {
                 let write = matches!(outcome, Outcome::Write { .. });
                 let fua = matches!(outcome, Outcome::Write { fua: true, .. });
                 let bytes = count as u64 * SECTOR;
+                let pio = match (xfer, self.dev.as_ref()) {
+                    (Xfer::Dma, _) | (_, None) => None,
+                    (_, Some(d)) => {
+                        let per = d.drq_block(xfer).max(1);
+                        let blocks = count.div_ceil(per);
+                        let last = count - (blocks - 1) * per;
+                        Some(PioBlock {
+                            len: (last as u64 * SECTOR).min(u16::MAX as u64) as u16,
+                            to_host: !write,
+                            irq: !write || blocks > 1,
+                        })
+                    }
+                };
                 let (Some(sg), Some(backend)) = (
                     self.sg(c, bytes),
                     self.dev.as_ref().and_then(|d| d.disk()).cloned(),
@@ -264,6 +334,7 @@ impl Port {
                     slot,
                     bytes: bytes as u32,
                     lba: Some(lba),
+                    pio,
                 };
                 return Some(PortIo {
                     backend,
@@ -281,6 +352,7 @@ impl Port {
                     slot,
                     bytes: 0,
                     lba: None,
+                    pio: None,
                 };
                 return Some(PortIo {
                     backend,
@@ -304,6 +376,15 @@ impl Port {
             return None;
         }
         if ok {
+            if let Some(b) = ticket.pio {
+                let tf = self.tf;
+                let (busy, end) = (status::DRDY | status::DRQ, status::DRDY | status::DSC);
+                let ps = fis::pio_setup(busy, end, 0, &tf, b.len, b.to_host, b.irq);
+                self.post(rfis::PIO_SETUP, &ps);
+                if b.irq {
+                    self.regs.is |= is::PSS;
+                }
+            }
             self.finish(ticket.slot, ticket.bytes);
         } else {
             let err = if ticket.lba.is_some() {

@@ -81,6 +81,10 @@ pub fn identify_disk(p: &IdentifyParams) -> [u8; 512] {
     w[0] = 0x0040; // fixed device
     w[1] = p.cyls;
     w[3] = p.heads;
+    // Retired since ATA-2, and still read by old software (and QEMU's
+    // ahci-test): unformatted bytes per track and per sector.
+    w[4] = (512 * p.secs as u32).min(0xffff) as u16;
+    w[5] = 512;
     w[6] = p.secs;
     put_str(&mut w[10..20], p.serial);
     put_str(&mut w[23..27], p.firmware);
