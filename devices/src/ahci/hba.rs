@@ -200,10 +200,10 @@ impl Ahci {
         let Some(p) = self.ports.get(n).cloned() else {
             return;
         };
-        let io = lock(&p).write((off - PORT_BASE) % PORT_LEN, v);
+        let ios = lock(&p).write((off - PORT_BASE) % PORT_LEN, v);
         let pending = lock(&p).irq_pending();
         self.irq.port(n, pending);
-        if let Some(io) = io {
+        for io in ios {
             run_io(&p, n, &self.irq, io);
         }
     }
@@ -243,7 +243,7 @@ fn run_io(p: &SharedPort, n: usize, irq: &Arc<Irq>, io: PortIo) {
                 (next, g.irq_pending())
             };
             irq2.port(n, pending);
-            if let Some(io) = next {
+            for io in next {
                 run_io(&p2, n, &irq2, io);
             }
         }),

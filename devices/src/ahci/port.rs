@@ -55,6 +55,9 @@ pub struct Ticket {
     lba: Option<u64>,
     /// A PIO command's last DRQ block: what its PIO Setup FIS says.
     pio: Option<PioBlock>,
+    /// A queued command: it completes by a Set Device Bits FIS for its
+    /// tag (its slot), while other commands run.
+    ncq: bool,
 }
 
 /// The PIO Setup FIS a PIO read or write leaves in the receive area: the
@@ -157,8 +160,8 @@ impl Port {
         self.regs.is & self.regs.ie != 0
     }
 
-    /// A guest write to a port register; the I/O to start, if any.
-    pub fn write(&mut self, off: u64, v: u32) -> Option<PortIo> {
+    /// A guest write to a port register; the I/O to start.
+    pub fn write(&mut self, off: u64, v: u32) -> Vec<PortIo> {
         let fis_receive = self.regs.cmd & cmd::FR;
         let event = self.regs.write(off, v);
         if fis_receive == 0 && self.regs.cmd & cmd::FR != 0 {
@@ -170,30 +173,34 @@ impl Port {
                 // What was running is abandoned (its completion is stale).
                 self.gen += 1;
                 self.active = None;
-                None
+                Vec::new()
             }
             PortEvent::ComResetDone => {
                 self.reset_device();
-                None
+                Vec::new()
             }
-            _ => None,
+            _ => Vec::new(),
         }
     }
 
-    /// Starts issued slots in order until one needs I/O.
-    fn next(&mut self) -> Option<PortIo> {
+    /// Starts issued slots in order until a non-queued command needs I/O
+    /// (it holds the engine until it completes); queued commands are
+    /// accepted and their I/O started as they come.
+    fn next(&mut self) -> Vec<PortIo> {
+        let mut out = Vec::new();
         loop {
             if self.active.is_some() || self.regs.cmd & cmd::ST == 0 || self.regs.ci == 0 {
-                return None;
+                return out;
             }
             let slot = self.regs.ci.trailing_zeros() as u8;
             self.active = Some(slot);
             if let Some(io) = self.start(slot) {
-                return Some(io);
+                out.push(io);
             }
             if self.active.is_some() {
-                // Stopped on an error: software recovers first.
-                return None;
+                // Waiting for its I/O, or stopped on an error (software
+                // recovers first).
+                return out;
             }
         }
     }
@@ -232,11 +239,73 @@ impl Port {
                 self.tf = tf;
                 self.carry_out(slot, &c, outcome)
             }
-            Kind::Ncq { .. } => {
-                self.fail(slot, error::ABRT, None);
-                None
-            }
+            Kind::Ncq {
+                tag,
+                write,
+                lba,
+                count,
+                fua,
+            } => self.queue(slot, &c, tag, write, lba, count, fua),
         }
+    }
+
+    /// READ/WRITE FPDMA QUEUED (SATA 3.2 13.6, AHCI 5.3.6): the device
+    /// accepts the command at once (BSY clears in PxTFD without a FIS and
+    /// the slot leaves PxCI) and its I/O runs while later slots are
+    /// fetched; a Set Device Bits FIS completes it ([`Port::complete`]).
+    /// The tag must be the slot, as AHCI requires.
+    #[allow(clippy::too_many_arguments)]
+    fn queue(
+        &mut self,
+        slot: u8,
+        c: &Command,
+        tag: u8,
+        write: bool,
+        lba: u64,
+        count: u32,
+        fua: bool,
+    ) -> Option<PortIo> {
+        let backend = self
+            .dev
+            .as_ref()
+            .filter(|d| d.ncq())
+            .and_then(|d| d.disk())
+            .cloned();
+        let sectors = self.dev.as_ref().map_or(0, |d| d.sectors());
+        let in_range = lba
+            .checked_add(count as u64)
+            .is_some_and(|end| end <= sectors);
+        let bytes = count as u64 * SECTOR;
+        let (Some(backend), true, true, Some(sg)) =
+            (backend, tag == slot, in_range, self.sg(c, bytes))
+        else {
+            self.fail(slot, error::ABRT, None);
+            return None;
+        };
+        let Ok(iov) = sg.to_iovecs(&self.mem) else {
+            self.fail(slot, error::ABRT, None);
+            return None;
+        };
+        let req = if write {
+            IoRequest::write(lba * SECTOR, iov, fua)
+        } else {
+            IoRequest::read(lba * SECTOR, iov)
+        };
+        self.regs.tfd = (status::DRDY | status::DSC) as u32;
+        self.regs.sact |= 1 << slot;
+        self.retire(slot, bytes as u32);
+        Some(PortIo {
+            backend,
+            req,
+            ticket: Ticket {
+                gen: self.gen,
+                slot,
+                bytes: bytes as u32,
+                lba: Some(lba),
+                pio: None,
+                ncq: true,
+            },
+        })
     }
 
     /// The slot's header and table, parsed (AHCI 4.2.2, 4.2.3).
@@ -335,6 +404,7 @@ impl Port {
                     bytes: bytes as u32,
                     lba: Some(lba),
                     pio,
+                    ncq: false,
                 };
                 return Some(PortIo {
                     backend,
@@ -353,6 +423,7 @@ impl Port {
                     bytes: 0,
                     lba: None,
                     pio: None,
+                    ncq: false,
                 };
                 return Some(PortIo {
                     backend,
@@ -371,9 +442,18 @@ impl Port {
     }
 
     /// A block request of `ticket` finished; the next I/O to start.
-    pub fn complete(&mut self, ticket: Ticket, ok: bool) -> Option<PortIo> {
-        if ticket.gen != self.gen || self.active != Some(ticket.slot) {
-            return None;
+    pub fn complete(&mut self, ticket: Ticket, ok: bool) -> Vec<PortIo> {
+        if ticket.gen != self.gen {
+            return Vec::new();
+        }
+        if ticket.ncq {
+            if self.regs.sact & 1 << ticket.slot != 0 {
+                self.complete_queued(ticket.slot, ok);
+            }
+            return self.next();
+        }
+        if self.active != Some(ticket.slot) {
+            return Vec::new();
         }
         if ok {
             if let Some(b) = ticket.pio {
@@ -395,6 +475,33 @@ impl Port {
             self.fail(ticket.slot, err, ticket.lba);
         }
         self.next()
+    }
+
+    /// A queued command finished: a Set Device Bits FIS for its tag,
+    /// which clears its PxSACT bit and raises PxIS.SDBS. A failed one
+    /// reports ERR in the FIS and PxTFD, raises TFES and keeps its PxSACT
+    /// bit, and the engine stops for software's recovery (SATA 3.2
+    /// 13.6.3.2, AHCI 6.2.2.2).
+    fn complete_queued(&mut self, tag: u8, ok: bool) {
+        if ok {
+            let st = status::DRDY | status::DSC;
+            self.regs.sact &= !(1 << tag);
+            self.post(
+                rfis::SET_DEVICE_BITS,
+                &fis::set_device_bits(st, 0, 1 << tag, true),
+            );
+            self.regs.is |= is::SDBS;
+        } else {
+            let st = status::DRDY | status::ERR;
+            self.regs.tfd = (error::ABRT as u32) << 8 | st as u32;
+            self.post(
+                rfis::SET_DEVICE_BITS,
+                &fis::set_device_bits(st, error::ABRT, 0, true),
+            );
+            self.regs.is |= is::SDBS | is::TFES;
+            // The engine stops here, as after a non-queued error.
+            self.active = Some(tag);
+        }
     }
 
     /// Writes `f` into the received-FIS area at `at`, if FIS receive runs.
@@ -469,7 +576,9 @@ mod tests {
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
         let cfg = DriveConfig::new(Media::Disk(disk()));
         let mut p = Port::new(mem);
-        p.attach(AtaDevice::new(cfg, 0, false).unwrap());
+        let mut dev = AtaDevice::new(cfg, 0, false).unwrap();
+        dev.enable_ncq();
+        p.attach(dev);
         p.write(port::CLB, CLB as u32);
         p.write(port::FB, FB as u32);
         p.write(port::IE, u32::MAX);
@@ -480,12 +589,20 @@ mod tests {
     /// Slot 0: a Register H2D FIS for `opcode` with one PRD of `len`
     /// bytes at BUF.
     fn command(p: &Port, opcode: u8, lba: u64, count: u16, len: u32, write: bool) {
+        command_in(p, 0, opcode, lba, count, len, write)
+    }
+
+    /// The same in `slot`, with its table and buffer after slot 0's.
+    fn command_in(p: &Port, slot: u8, opcode: u8, lba: u64, count: u16, len: u32, write: bool) {
+        let (ctba, buf) = (CTBA + slot as u64 * 0x100, BUF + slot as u64 * 0x10000);
         let dw0: u32 = 5 | if write { 1 << 6 } else { 0 } | 1 << 16;
         let mut h = [0u8; 32];
         h[0..4].copy_from_slice(&dw0.to_le_bytes());
         h[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
-        h[8..16].copy_from_slice(&CTBA.to_le_bytes());
-        p.mem.write_slice(&h, GuestAddress(CLB)).unwrap();
+        h[8..16].copy_from_slice(&ctba.to_le_bytes());
+        p.mem
+            .write_slice(&h, GuestAddress(CLB + 32 * slot as u64))
+            .unwrap();
         let mut f = [0u8; 20];
         f[0] = fis::fis_type::REG_H2D;
         f[1] = 0x80;
@@ -493,12 +610,19 @@ mod tests {
         f[4..7].copy_from_slice(&lba.to_le_bytes()[..3]);
         f[7] = 0x40;
         f[8..11].copy_from_slice(&lba.to_le_bytes()[3..6]);
-        f[12..14].copy_from_slice(&count.to_le_bytes());
-        p.mem.write_slice(&f, GuestAddress(CTBA)).unwrap();
+        if opcode == fis::READ_FPDMA_QUEUED || opcode == fis::WRITE_FPDMA_QUEUED {
+            // Queued: the count in FEATURES, the tag in COUNT 7:3.
+            f[3] = count as u8;
+            f[11] = (count >> 8) as u8;
+            f[12] = slot << 3;
+        } else {
+            f[12..14].copy_from_slice(&count.to_le_bytes());
+        }
+        p.mem.write_slice(&f, GuestAddress(ctba)).unwrap();
         let mut prd = [0u8; 16];
-        prd[0..8].copy_from_slice(&BUF.to_le_bytes());
+        prd[0..8].copy_from_slice(&buf.to_le_bytes());
         prd[12..16].copy_from_slice(&(len - 1).to_le_bytes());
-        p.mem.write_slice(&prd, GuestAddress(CTBA + 0x80)).unwrap();
+        p.mem.write_slice(&prd, GuestAddress(ctba + 0x80)).unwrap();
     }
 
     fn prdbc(p: &Port) -> u32 {
@@ -514,7 +638,7 @@ mod tests {
     }
 
     /// Runs a [`PortIo`] to its end, as the HBA's completion would.
-    fn run(p: &mut Port, io: PortIo) -> Option<PortIo> {
+    fn run(p: &mut Port, io: PortIo) -> Vec<PortIo> {
         let (tx, rx) = std::sync::mpsc::channel();
         io.backend.submit(
             io.req,
@@ -538,7 +662,7 @@ mod tests {
     fn identify_by_pio_setup_into_the_prdt() {
         let mut p = port();
         command(&p, ata_cmd::IDENTIFY, 0, 0, 512, false);
-        assert!(p.write(port::CI, 1).is_none(), "no block I/O");
+        assert!(p.write(port::CI, 1).is_empty(), "no block I/O");
         assert_eq!(p.regs.ci, 0);
         assert_eq!(prdbc(&p), 512);
         let mut id = [0u8; 512];
@@ -562,17 +686,17 @@ mod tests {
         let mut p = port();
         p.mem.write_slice(&[0xaa; 4096], GuestAddress(BUF)).unwrap();
         command(&p, ata_cmd::READ_DMA_EXT, 100, 8, 4096, false);
-        let io = p.write(port::CI, 1).expect("a read");
+        let io = p.write(port::CI, 1).pop().expect("a read");
         assert_eq!(p.regs.ci, 1, "still running");
-        assert!(run(&mut p, io).is_none());
+        assert!(run(&mut p, io).is_empty());
         assert_eq!(p.regs.ci, 0);
         assert_eq!(prdbc(&p), 4096);
         let mut back = [1u8; 4096];
         p.mem.read_slice(&mut back, GuestAddress(BUF)).unwrap();
         assert!(back.iter().all(|&b| b == 0), "null-co reads zeroes");
         command(&p, ata_cmd::WRITE_DMA_EXT, 100, 8, 4096, true);
-        let io = p.write(port::CI, 1).expect("a write");
-        assert!(run(&mut p, io).is_none());
+        let io = p.write(port::CI, 1).pop().expect("a write");
+        assert!(run(&mut p, io).is_empty());
         assert_eq!((p.regs.ci, p.regs.tfd & 0xff), (0, 0x50));
     }
 
@@ -581,7 +705,7 @@ mod tests {
         let mut p = port();
         // A transfer past the end of the 1 MiB disk.
         command(&p, ata_cmd::READ_DMA_EXT, 4096, 8, 4096, false);
-        assert!(p.write(port::CI, 1).is_none());
+        assert!(p.write(port::CI, 1).is_empty());
         assert_eq!(p.regs.ci, 1, "the failed slot stays issued");
         assert_ne!(p.regs.is & is::TFES, 0);
         assert_eq!(p.regs.tfd & 0xff, (status::DRDY | status::ERR) as u32);
@@ -589,7 +713,7 @@ mod tests {
         // A PRDT too short for the transfer is refused before any I/O.
         let mut p = port();
         command(&p, ata_cmd::READ_DMA_EXT, 0, 8, 512, false);
-        assert!(p.write(port::CI, 1).is_none());
+        assert!(p.write(port::CI, 1).is_empty());
         assert_ne!(p.regs.is & is::TFES, 0);
         // A table outside guest memory is an interface error.
         let mut p = port();
@@ -598,7 +722,7 @@ mod tests {
         h[0..4].copy_from_slice(&(5u32 | 1 << 16).to_le_bytes());
         h[8..16].copy_from_slice(&(1u64 << 40).to_le_bytes());
         p.mem.write_slice(&h, GuestAddress(CLB)).unwrap();
-        assert!(p.write(port::CI, 1).is_none());
+        assert!(p.write(port::CI, 1).is_empty());
         assert_ne!(p.regs.is & is::IFS, 0);
     }
 
@@ -606,10 +730,46 @@ mod tests {
     fn stop_drops_a_running_command() {
         let mut p = port();
         command(&p, ata_cmd::READ_DMA_EXT, 0, 8, 4096, false);
-        let io = p.write(port::CI, 1).unwrap();
+        let io = p.write(port::CI, 1).pop().unwrap();
         p.write(port::CMD, cmd::FRE);
         assert_eq!(p.regs.ci, 0);
-        assert!(run(&mut p, io).is_none());
+        assert!(run(&mut p, io).is_empty());
         assert_eq!(prdbc(&p), 0xdead_beef, "a stale completion writes nothing");
+    }
+
+    /// Two queued commands are accepted together (their slots leave PxCI
+    /// at once, PxSACT holds them), complete in any order by Set Device
+    /// Bits FISes, and raise SDBS, not DHRS.
+    #[test]
+    fn queued_commands_run_together_and_complete_out_of_order() {
+        let mut p = port();
+        assert_ne!(p.regs.is & is::DHRS, 0, "the signature FIS");
+        p.write(port::IS, u32::MAX);
+        command_in(&p, 0, fis::WRITE_FPDMA_QUEUED, 8, 8, 4096, true);
+        command_in(&p, 1, fis::READ_FPDMA_QUEUED, 16, 8, 4096, false);
+        p.write(port::SACT, 0b11);
+        let mut ios = p.write(port::CI, 0b11);
+        assert_eq!(ios.len(), 2);
+        assert_eq!((p.regs.ci, p.regs.sact), (0, 0b11));
+        let first = ios.remove(0);
+        assert!(run(&mut p, ios.remove(0)).is_empty());
+        assert_eq!(p.regs.sact, 0b01, "slot 1 first");
+        let mut sdb = [0u8; 8];
+        p.mem
+            .read_slice(&mut sdb, GuestAddress(FB + rfis::SET_DEVICE_BITS))
+            .unwrap();
+        assert_eq!(sdb[0], fis::fis_type::SET_DEVICE_BITS);
+        assert_eq!(u32::from_le_bytes(sdb[4..8].try_into().unwrap()), 0b10);
+        assert!(run(&mut p, first).is_empty());
+        assert_eq!(p.regs.sact, 0);
+        assert_eq!(p.regs.is & (is::SDBS | is::DHRS), is::SDBS);
+        // A tag that is not its slot is refused.
+        command_in(&p, 2, fis::READ_FPDMA_QUEUED, 0, 1, 512, false);
+        p.mem
+            .write_slice(&[3 << 3], GuestAddress(CTBA + 0x200 + 12))
+            .unwrap();
+        p.write(port::SACT, 0b100);
+        assert!(p.write(port::CI, 0b100).is_empty());
+        assert_ne!(p.regs.is & is::TFES, 0);
     }
 }

@@ -136,6 +136,9 @@ pub struct AtaDevice {
     mode: XferMode,
     standby: bool,
     slave: bool,
+    /// Native Command Queuing (a SATA device behind AHCI): IDENTIFY says
+    /// so and the transport accepts READ/WRITE FPDMA QUEUED.
+    ncq: bool,
 }
 
 /// The firmware revision from `ver=`: at most [`FIRMWARE_LEN`] bytes
@@ -197,12 +200,23 @@ impl AtaDevice {
             mode: XferMode::UltraDma(5),
             standby: false,
             slave,
+            ncq: false,
         };
         if let Media::Cd(cd) = &d.media {
             cd.set_product(&d.model);
             cd.set_revision(&d.firmware);
         }
         Ok(d)
+    }
+
+    /// Makes a disk advertise NCQ with 32 tags (the AHCI port does; a
+    /// parallel IDE channel has no queuing).
+    pub fn enable_ncq(&mut self) {
+        self.ncq = !self.is_atapi();
+    }
+
+    pub fn ncq(&self) -> bool {
+        self.ncq
     }
 
     pub fn is_atapi(&self) -> bool {
@@ -302,6 +316,7 @@ impl AtaDevice {
             mode: self.mode,
             phys_exp: self.phys_exp,
             slave: self.slave,
+            ncq: self.ncq,
         };
         if self.is_atapi() {
             identify::identify_packet(&p)

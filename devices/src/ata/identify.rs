@@ -39,6 +39,8 @@ pub struct IdentifyParams<'a> {
     pub phys_exp: u8,
     /// The slave device on its channel (word 93).
     pub slave: bool,
+    /// NCQ with 32 tags on a SATA Gen 1 link (words 75-76).
+    pub ncq: bool,
 }
 
 fn put_str(w: &mut [u16], s: &str) {
@@ -115,6 +117,10 @@ pub fn identify_disk(p: &IdentifyParams) -> [u8; 512] {
     w[66] = 120;
     w[67] = 120;
     w[68] = 120;
+    if p.ncq {
+        w[75] = 31; // queue depth - 1
+        w[76] = 1 << 8 | 1 << 1; // NCQ, SATA Gen 1 signalling
+    }
     w[80] = 0x01f0; // ATA/ATAPI-4 .. ATA8-ACS
                     // Supported: 82 NOP, write cache, SMART; 83 FLUSH CACHE (EXT), 48-bit;
                     // 84 WWN. Enabled: 85..87 mirror them with the current settings.
@@ -191,6 +197,7 @@ mod tests {
             mode: XferMode::UltraDma(5),
             phys_exp: 3,
             slave: false,
+            ncq: false,
         }
     }
 

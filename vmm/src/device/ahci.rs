@@ -37,7 +37,8 @@ struct AhciPort {
 
 impl IdeBus for AhciPort {
     fn attach(&self, _unit: u32, cfg: DriveConfig) -> Result<(), String> {
-        let dev = devices::ata::AtaDevice::new(cfg, self.drive_index(0), false)?;
+        let mut dev = devices::ata::AtaDevice::new(cfg, self.drive_index(0), false)?;
+        dev.enable_ncq();
         lock(&self.hba).attach(self.port, dev)
     }
     fn boot_path(&self, _unit: u32) -> String {
