@@ -32,7 +32,14 @@ use crate::ata::command::Xfer;
 use crate::ata::device::{AtaDevice, Outcome, DIAG_OK, SECTOR};
 use crate::ata::{error, status, Taskfile};
 use crate::dma::{self, GuestSgList};
+use crate::scsi::{Lun, Plan, Sense};
 use crate::GuestMem;
+
+/// The ATAPI command packet: 12 bytes (IDENTIFY PACKET DEVICE word 0).
+const PACKET_LEN: usize = 12;
+/// ATAPI interrupt reason bits in the sector count register.
+const REASON_COD: u8 = 0x01;
+const REASON_IO: u8 = 0x02;
 
 /// The most PRD entries a command may use (PRDTL is 16 bits).
 const MAX_PRDS: usize = 65535;
@@ -58,6 +65,8 @@ pub struct Ticket {
     /// A queued command: it completes by a Set Device Bits FIS for its
     /// tag (its slot), while other commands run.
     ncq: bool,
+    /// A packet command's medium read: it ends with the packet status.
+    atapi: bool,
 }
 
 /// The PIO Setup FIS a PIO read or write leaves in the receive area: the
@@ -304,6 +313,7 @@ impl Port {
                 lba: Some(lba),
                 pio: None,
                 ncq: true,
+                atapi: false,
             },
         })
     }
@@ -405,6 +415,7 @@ impl Port {
                     lba: Some(lba),
                     pio,
                     ncq: false,
+                    atapi: false,
                 };
                 return Some(PortIo {
                     backend,
@@ -424,6 +435,7 @@ impl Port {
                     lba: None,
                     pio: None,
                     ncq: false,
+                    atapi: false,
                 };
                 return Some(PortIo {
                     backend,
@@ -435,10 +447,124 @@ impl Port {
                 self.reset_device();
                 self.finish(slot, 0);
             }
-            // TRIM and PACKET come with the rest of issue 18.
-            Outcome::Trim { .. } | Outcome::Packet { .. } => self.fail(slot, error::ABRT, None),
+            Outcome::Packet { dma } => return self.packet(slot, c, dma),
+            // TRIM comes with the rest of issue 18.
+            Outcome::Trim { .. } => self.fail(slot, error::ABRT, None),
         }
         None
+    }
+
+    /// PACKET (ATA8-ACS 7.18, AHCI 5.3.4): the device asks for the command
+    /// packet with a PIO Setup FIS (12 bytes out, no interrupt), runs the
+    /// CDB from the table's ACMD on its MMC unit, and data-in goes through
+    /// the PRDT. PIO data-in is announced by a PIO Setup FIS per DRQ block
+    /// of at most the byte count limit (the host's cylinder registers).
+    fn packet(&mut self, slot: u8, c: &Command, dma: bool) -> Option<PortIo> {
+        let tf = self.tf;
+        let ps = fis::pio_setup(
+            status::DRDY | status::DRQ,
+            status::DRDY | status::DRQ,
+            0,
+            &tf,
+            PACKET_LEN as u16,
+            false,
+            false,
+        );
+        self.post(rfis::PIO_SETUP, &ps);
+        let Some(cd) = self.dev.as_ref().and_then(|d| d.cdrom()) else {
+            self.fail(slot, error::ABRT, None);
+            return None;
+        };
+        let plan = cd.execute(&c.acmd[..PACKET_LEN]);
+        let bcl = match u16::from_le_bytes([tf.lcyl, tf.hcyl]) {
+            0 | 0xffff => 0xfffe,
+            b => b,
+        };
+        // The last DRQ block of `n` bytes moved in blocks of at most `bcl`.
+        let last_block = move |n: u64| -> Option<PioBlock> {
+            let per = bcl as u64;
+            (!dma && n > 0).then(|| PioBlock {
+                len: (n - (n - 1) / per * per) as u16,
+                to_host: true,
+                irq: true,
+            })
+        };
+        match plan {
+            Plan::Good => self.finish_packet(slot, Ok(()), 0),
+            Plan::Check(s) => self.finish_packet(slot, Err(s), 0),
+            Plan::DataIn(v) => {
+                let n = (v.len() as u64).min(c.prdt_bytes());
+                match self.sg(c, n) {
+                    Some(sg) if sg.write_at(&self.mem, 0, &v[..n as usize]).is_ok() => {
+                        self.pio_block(last_block(n));
+                        self.finish_packet(slot, Ok(()), n as u32);
+                    }
+                    _ => self.fail(slot, error::ABRT, None),
+                }
+            }
+            Plan::Read { offset, len } => {
+                let n = len.min(c.prdt_bytes());
+                let medium = cd.medium();
+                let (Some(sg), Some(backend)) = (self.sg(c, n), medium) else {
+                    let s = cd.read_failed();
+                    self.finish_packet(slot, Err(s), 0);
+                    return None;
+                };
+                let Ok(iov) = sg.to_iovecs(&self.mem) else {
+                    self.fail(slot, error::ABRT, None);
+                    return None;
+                };
+                return Some(PortIo {
+                    backend,
+                    req: IoRequest::read(offset, iov),
+                    ticket: Ticket {
+                        gen: self.gen,
+                        slot,
+                        bytes: n as u32,
+                        lba: None,
+                        pio: last_block(n),
+                        ncq: false,
+                        atapi: true,
+                    },
+                });
+            }
+            // A CD-ROM plans no writes, flushes or parameter lists.
+            _ => self.finish_packet(slot, Err(Sense::INVALID_OPCODE), 0),
+        }
+        None
+    }
+
+    /// Posts a PIO data block's PIO Setup FIS (and its interrupt).
+    fn pio_block(&mut self, b: Option<PioBlock>) {
+        let Some(b) = b else { return };
+        let tf = self.tf;
+        let (busy, end) = (status::DRDY | status::DRQ, status::DRDY | status::DSC);
+        let ps = fis::pio_setup(busy, end, 0, &tf, b.len, b.to_host, b.irq);
+        self.post(rfis::PIO_SETUP, &ps);
+        if b.irq {
+            self.regs.is |= is::PSS;
+        }
+    }
+
+    /// A packet command's status: the interrupt reason says "status"
+    /// (I/O and C/D set); CHECK CONDITION is ERR with the sense key in
+    /// the error register's high nibble, which stops the list (TFES).
+    fn finish_packet(&mut self, slot: u8, result: Result<(), Sense>, bytes: u32) {
+        self.tf.nsector = (self.tf.nsector & !7) | REASON_IO | REASON_COD;
+        let (st, err) = match result {
+            Ok(()) => (status::DRDY | status::DSC, 0),
+            Err(s) => (status::DRDY | status::ERR, s.key << 4),
+        };
+        self.regs.tfd = (err as u32) << 8 | st as u32;
+        let tf = self.tf;
+        self.post(rfis::REG_D2H, &fis::reg_d2h(st, err, &tf, true));
+        self.regs.is |= is::DHRS;
+        if err == 0 {
+            self.retire(slot, bytes);
+        } else {
+            self.regs.is |= is::TFES;
+            self.set_prdbc(slot, 0);
+        }
     }
 
     /// A block request of `ticket` finished; the next I/O to start.
@@ -456,16 +582,19 @@ impl Port {
             return Vec::new();
         }
         if ok {
-            if let Some(b) = ticket.pio {
-                let tf = self.tf;
-                let (busy, end) = (status::DRDY | status::DRQ, status::DRDY | status::DSC);
-                let ps = fis::pio_setup(busy, end, 0, &tf, b.len, b.to_host, b.irq);
-                self.post(rfis::PIO_SETUP, &ps);
-                if b.irq {
-                    self.regs.is |= is::PSS;
-                }
+            self.pio_block(ticket.pio);
+            if ticket.atapi {
+                self.finish_packet(ticket.slot, Ok(()), ticket.bytes);
+            } else {
+                self.finish(ticket.slot, ticket.bytes);
             }
-            self.finish(ticket.slot, ticket.bytes);
+        } else if ticket.atapi {
+            let sense = self
+                .dev
+                .as_ref()
+                .and_then(|d| d.cdrom())
+                .map(|cd| cd.read_failed());
+            self.finish_packet(ticket.slot, Err(sense.unwrap_or(Sense::INVALID_OPCODE)), 0);
         } else {
             let err = if ticket.lba.is_some() {
                 error::UNC

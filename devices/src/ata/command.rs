@@ -33,6 +33,7 @@ pub mod cmd {
     pub const READ_SECTORS_NORETRY: u8 = 0x21;
     pub const READ_SECTORS_EXT: u8 = 0x24;
     pub const READ_DMA_EXT: u8 = 0x25;
+    pub const READ_NATIVE_MAX_EXT: u8 = 0x27;
     pub const READ_MULTIPLE_EXT: u8 = 0x29;
     pub const WRITE_SECTORS: u8 = 0x30;
     pub const WRITE_SECTORS_NORETRY: u8 = 0x31;
@@ -67,6 +68,7 @@ pub mod cmd {
     pub const FLUSH_CACHE_EXT: u8 = 0xea;
     pub const IDENTIFY: u8 = 0xec;
     pub const SET_FEATURES: u8 = 0xef;
+    pub const READ_NATIVE_MAX: u8 = 0xf8;
 }
 
 /// The command block registers of one device. Writes reach both devices
@@ -185,6 +187,12 @@ pub enum AtaCommand {
         count: u32,
     },
     Flush,
+    /// READ NATIVE MAX ADDRESS (EXT): the last LBA, in the LBA registers
+    /// (ATA8-ACS 7.30-7.31; no Host Protected Area is ever set, so the
+    /// native maximum is the medium's).
+    ReadNativeMax {
+        ext: bool,
+    },
     SetFeatures {
         subcommand: u8,
         count: u8,
@@ -332,6 +340,8 @@ impl AtaCommand {
             }
             0x10..=0x1f | SEEK => AtaCommand::Seek,
             FLUSH_CACHE | FLUSH_CACHE_EXT => AtaCommand::Flush,
+            READ_NATIVE_MAX => AtaCommand::ReadNativeMax { ext: false },
+            READ_NATIVE_MAX_EXT => AtaCommand::ReadNativeMax { ext: true },
             IDENTIFY => AtaCommand::Identify,
             EXECUTE_DIAGNOSTIC => AtaCommand::ExecuteDiagnostic,
             SET_FEATURES => AtaCommand::SetFeatures {

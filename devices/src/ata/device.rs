@@ -383,6 +383,12 @@ impl AtaDevice {
                 Outcome::Reset { diagnostic: true }
             }
             AtaCommand::Seek => Outcome::Done,
+            AtaCommand::ReadNativeMax { ext } => {
+                let last = self.sectors().saturating_sub(1);
+                let last = if ext { last } else { last.min(0x0fff_ffff) };
+                tf.set_lba(last, ext);
+                Outcome::Done
+            }
             AtaCommand::Read {
                 lba, count, xfer, ..
             } => {
@@ -787,6 +793,24 @@ mod tests {
                 assert_eq!(tf.nsector, mode, "after {op:#x}");
             }
         }
+    }
+
+    #[test]
+    fn read_native_max_reports_the_last_lba() {
+        let (mut d, _) = disk();
+        let last = d.sectors() - 1;
+        let mut tf = Taskfile::default();
+        assert_eq!(d.command(cmd::READ_NATIVE_MAX_EXT, &mut tf), Outcome::Done);
+        assert_eq!(tf.lba48(), last);
+        let mut tf = Taskfile {
+            select: 0xe0,
+            ..Default::default()
+        };
+        assert_eq!(d.command(cmd::READ_NATIVE_MAX, &mut tf), Outcome::Done);
+        assert_eq!(
+            (tf.lba28(), tf.select & 0xf0),
+            (last.min(0x0fff_ffff), 0xe0)
+        );
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub mod op {
     pub const WRITE_12: u8 = 0xaa;
     pub const SET_CD_SPEED: u8 = 0xbb;
     pub const MECHANISM_STATUS: u8 = 0xbd;
+    pub const READ_CD: u8 = 0xbe;
 }
 
 /// SERVICE ACTION IN(16) service action of READ CAPACITY(16).
@@ -175,6 +176,14 @@ pub enum Command {
         alloc: u16,
     },
     SetCdSpeed,
+    /// READ CD (MMC-6 6.22) of Mode 1 sectors: `user_data` when the
+    /// 2048-byte user data is asked for, nothing at all otherwise (no
+    /// header, sync, EDC or sub-channel fields are supported).
+    ReadCd {
+        lba: u32,
+        blocks: u32,
+        user_data: bool,
+    },
 }
 
 fn be16(b: &[u8]) -> u16 {
@@ -461,6 +470,24 @@ impl Command {
                 alloc: be16(&cdb[8..]),
             },
             op::SET_CD_SPEED => Command::SetCdSpeed,
+            op::READ_CD => {
+                // Expected sector type: any (0) or Mode 1 (2); byte 9
+                // selects the fields: none, or user data only; byte 10
+                // no sub-channel data.
+                let user_data = match cdb[9] & 0xf8 {
+                    0x00 => false,
+                    0x10 => true,
+                    _ => return Err(Sense::INVALID_FIELD),
+                };
+                if !matches!((cdb[1] >> 2) & 7, 0 | 2) || cdb[10] & 7 != 0 {
+                    return Err(Sense::INVALID_FIELD);
+                }
+                Command::ReadCd {
+                    lba: be32(&cdb[2..]),
+                    blocks: (cdb[6] as u32) << 16 | (cdb[7] as u32) << 8 | cdb[8] as u32,
+                    user_data,
+                }
+            }
             _ => return Err(Sense::INVALID_OPCODE),
         };
         Ok(c)
@@ -489,6 +516,7 @@ impl Command {
                 | Command::ReadCapacity10
                 | Command::ReadCapacity16 { .. }
                 | Command::Read { .. }
+                | Command::ReadCd { .. }
                 | Command::Write { .. }
                 | Command::Verify { .. }
                 | Command::WriteSame { .. }

@@ -58,6 +58,14 @@ enum MediaEvent {
 pub type TrayListener = Box<dyn Fn(bool) + Send + Sync>;
 
 /// The drive's changing state, behind the unit's lock.
+/// Where a drive is after the host loaded a medium.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settling {
+    Ready,
+    NotReady,
+    Attention,
+}
+
 struct State {
     /// The drive's backend; the medium is its inserted node (a backend
     /// without one is an empty drive).
@@ -69,6 +77,12 @@ struct State {
     sense: SenseKeeper,
     event: MediaEvent,
     product: String,
+    /// The host changed the medium: the next command that needs it sees
+    /// the drive not ready yet, the one after that MEDIUM MAY HAVE
+    /// CHANGED (a drive spinning up; guests that never poll GET EVENT
+    /// STATUS NOTIFICATION notice the change through these two, as with
+    /// QEMU's drives). REQUEST SENSE between them reports the first.
+    settling: Settling,
 }
 
 impl State {
@@ -95,9 +109,14 @@ impl State {
         self.medium().map_or(0, |m| m.len() / BLOCK)
     }
 
-    fn medium_loaded(&mut self) {
+    /// The tray closed on a medium. Loaded by the host, it is a medium
+    /// change the guest learns of (NOT READY once, then UNIT ATTENTION);
+    /// loaded by the guest's own START STOP UNIT, the guest knows.
+    fn medium_loaded(&mut self, by_host: bool) {
         if self.loaded().is_some() {
-            self.sense.set_unit_attention(Sense::MEDIUM_CHANGED);
+            if by_host {
+                self.settling = Settling::NotReady;
+            }
             self.event = MediaEvent::NewMedia;
         }
     }
@@ -133,6 +152,7 @@ impl CdRom {
                 sense: SenseKeeper::default(),
                 event: MediaEvent::None,
                 product: "QEMU DVD-ROM".into(),
+                settling: Settling::Ready,
             }),
         }
     }
@@ -204,12 +224,13 @@ impl CdRom {
     }
 
     /// The host closes the tray (QMP `blockdev-close-tray`): a medium in
-    /// it is loaded, with UNIT ATTENTION and a new-media event.
+    /// it is loaded: NOT READY once, then UNIT ATTENTION, and a new-media
+    /// event.
     pub fn host_close_tray(&self) {
         let mut st = self.lock();
         if st.tray_open {
             st.move_tray(false);
-            st.medium_loaded();
+            st.medium_loaded(true);
         }
     }
 
@@ -298,7 +319,7 @@ impl CdRom {
                 if start {
                     if st.tray_open {
                         st.move_tray(false);
-                        st.medium_loaded();
+                        st.medium_loaded(false);
                     }
                 } else {
                     if st.locked {
@@ -316,6 +337,21 @@ impl CdRom {
                 Plan::Good
             }
             Command::ReadCapacity10 => super::lun::read_capacity_10(st.blocks(), BLOCK as u32),
+            Command::ReadCd {
+                lba,
+                blocks,
+                user_data,
+            } => {
+                let blocks = if user_data { blocks } else { 0 };
+                self.run(
+                    st,
+                    Command::Read {
+                        lba: lba as u64,
+                        blocks,
+                        fua: false,
+                    },
+                )
+            }
             Command::Read { lba, blocks, .. } => {
                 if lba
                     .checked_add(blocks as u64)
@@ -608,6 +644,20 @@ impl Lun for CdRom {
     fn execute(&self, cdb: &[u8]) -> Plan {
         let mut st = self.lock();
         let parsed = Command::parse(cdb).and_then(|c| self.accepts(&c, cdb[0]).map(|()| c));
+        if st.settling != Settling::Ready
+            && parsed.as_ref().is_ok_and(|c| c.needs_medium())
+            && st.medium().is_some()
+        {
+            let s = match st.settling {
+                Settling::NotReady => Sense::NO_MEDIUM,
+                _ => Sense::MEDIUM_CHANGED,
+            };
+            st.settling = match st.settling {
+                Settling::NotReady => Settling::Attention,
+                _ => Settling::Ready,
+            };
+            return st.sense.conclude(Plan::Check(s));
+        }
         let plan = match st.sense.admit(parsed) {
             Err(s) => Plan::Check(s),
             Ok(cmd) => match st.not_ready().filter(|_| cmd.needs_medium()) {
@@ -669,8 +719,11 @@ mod tests {
         c
     }
 
+    /// The guest's own eject and load: NOT READY while open, ready at
+    /// once after its load (it knows the medium moved); a host medium
+    /// change: NOT READY once, then UNIT ATTENTION, then ready.
     #[test]
-    fn tray_cycle_raises_unit_attention() {
+    fn tray_cycles_by_guest_and_host() {
         let cd = CdRom::new(Transport::Atapi, Some(medium(100)));
         assert_eq!(cd.execute(&cdb(&[op::TEST_UNIT_READY])), Plan::Good);
         // Eject: START STOP UNIT, LoEj=1, Start=0.
@@ -684,11 +737,19 @@ mod tests {
         );
         // Load: LoEj=1, Start=1.
         cd.execute(&cdb(&[op::START_STOP_UNIT, 0, 0, 0, 3]));
-        // INQUIRY does not consume the UNIT ATTENTION...
+        assert_eq!(cd.execute(&cdb(&[op::TEST_UNIT_READY])), Plan::Good);
+        // The host opens and closes the tray.
+        assert!(cd.host_open_tray(false));
+        cd.host_close_tray();
+        // INQUIRY needs no medium and does not consume the UNIT ATTENTION...
         assert!(matches!(
             cd.execute(&cdb(&[op::INQUIRY, 0, 0, 0, 36])),
             Plan::DataIn(_)
         ));
+        assert_eq!(
+            cd.execute(&cdb(&[op::TEST_UNIT_READY])),
+            Plan::Check(Sense::NO_MEDIUM)
+        );
         assert_eq!(
             cd.execute(&cdb(&[op::TEST_UNIT_READY])),
             Plan::Check(Sense::MEDIUM_CHANGED)
@@ -718,6 +779,27 @@ mod tests {
             cd.execute(&cdb(&[op::READ_10, 0, 0, 0, 0, 9, 0, 0, 2])),
             Plan::Check(Sense::LBA_OUT_OF_RANGE)
         );
+    }
+
+    /// READ CD of user data reads like READ(10); with no fields asked
+    /// for (or no blocks) it moves nothing; other fields are refused.
+    #[test]
+    fn read_cd_user_data_only() {
+        let cd = CdRom::new(Transport::Atapi, Some(medium(10)));
+        let read_cd = |lba: u8, n: u8, fields: u8| {
+            cd.execute(&cdb(&[op::READ_CD, 0, 0, 0, 0, lba, 0, 0, n, fields]))
+        };
+        assert_eq!(
+            read_cd(3, 2, 0x10),
+            Plan::Read {
+                offset: 3 * 2048,
+                len: 2 * 2048
+            }
+        );
+        assert_eq!(read_cd(3, 2, 0x00), Plan::Good);
+        assert_eq!(read_cd(0, 0, 0x10), Plan::Good);
+        assert_eq!(read_cd(9, 2, 0x10), Plan::Check(Sense::LBA_OUT_OF_RANGE));
+        assert_eq!(read_cd(0, 1, 0xf8), Plan::Check(Sense::INVALID_FIELD));
     }
 
     #[test]
@@ -758,6 +840,11 @@ mod tests {
             panic!()
         };
         assert_eq!(u16::from_be_bytes([cfg[6], cfg[7]]), PROFILE_DVDROM);
+        assert_eq!(
+            cd.execute(&cdb(&[op::READ_CAPACITY_10])),
+            Plan::Check(Sense::NO_MEDIUM),
+            "spinning up"
+        );
         assert_eq!(
             cd.execute(&cdb(&[op::READ_CAPACITY_10])),
             Plan::Check(Sense::MEDIUM_CHANGED)

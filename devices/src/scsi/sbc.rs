@@ -215,6 +215,7 @@ impl Disk {
                 | Command::ReadDiscInfo { .. }
                 | Command::MechanismStatus { .. }
                 | Command::SetCdSpeed
+                | Command::ReadCd { .. }
         )
     }
 
@@ -355,7 +356,8 @@ impl Disk {
             | Command::GetEventStatus { .. }
             | Command::ReadDiscInfo { .. }
             | Command::MechanismStatus { .. }
-            | Command::SetCdSpeed => return Err(Sense::INVALID_OPCODE),
+            | Command::SetCdSpeed
+            | Command::ReadCd { .. } => return Err(Sense::INVALID_OPCODE),
         })
     }
 
