@@ -218,11 +218,32 @@ static int port_start(void)
 	return wait_reg(PxCMD, CMD_CR, CMD_CR, 500) || (p_rd(PxCMD) & CMD_ST);
 }
 
+/* COMRESET (section 10.4.2): PxSCTL.DET = 1 for at least 1 ms, then 0,
+ * and the link comes back (PxSSTS.DET = 3); the device then sends a new
+ * signature FIS, which port_start waits for. */
+static void port_comreset(void)
+{
+	u32 sctl = p_rd(PxSCTL) & ~0xfu;
+	p_wr(PxSCTL, sctl | 1);
+	u64 end = rdtsc() + hz / 1000 * 2;
+	while (rdtsc() < end)
+		__asm__ volatile("pause");
+	p_wr(PxSCTL, sctl);
+	wait_reg(PxSSTS, 0xf, 3, 500);
+	p_wr(PxSERR, ~0u);
+}
+
 /* After an error or a stall: stop the port (which clears PxCI and
- * PxSACT) and start it again (section 6.2.2). */
+ * PxSACT) and start it again (section 6.2.2). A device still showing
+ * ERR, BSY or DRQ gets a COMRESET first: after a failed NCQ command a
+ * SATA device refuses commands until it is reset or its NCQ error log is
+ * read. */
 static void port_recover(void)
 {
-	if (!port_stop() || !port_start()) {
+	int ok = port_stop();
+	if (ok && p_rd(PxTFD) & (TFD_BSY | TFD_DRQ | TFD_ERR))
+		port_comreset();
+	if (!ok || !port_start()) {
 		port_dead = 1;
 		puts(BENCH_TAG "-INFO port did not restart, skipping the remaining workloads:");
 		put_regs();
