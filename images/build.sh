@@ -56,4 +56,5 @@ build_testkernel
 # The IDE boot program, disk image and El Torito CD (images/ide/).
 sh ide/build.sh >/dev/null
 sh virtio-bench/build.sh # the virtio-blk benchmark guest (images/virtio-bench/)
+sh ahci-bench/build.sh # the AHCI benchmark guest (images/ahci-bench/)
 sh linux-init/build.sh >/dev/null # the Linux-driver lane's initramfs (images/linux-init/)

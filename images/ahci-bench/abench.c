@@ -44,7 +44,9 @@
  * failures that end the run (then ABENCH-DONE is never printed).
  *
  * Multiboot command line (optional), as virtio-bench's: "secs=N" (default
- * 2), "only=PREFIX", "reqs=N"; and "ncq=0" to run without NCQ.
+ * 2), "only=PREFIX", "reqs=N"; "ncq=0" to run without NCQ, "ncq=1" to use
+ * it when only the HBA reports it (CAP.SNCQ; for a VMM whose disk does
+ * not set IDENTIFY word 76 bit 8 yet).
  */
 #define BENCH_TAG "ABENCH"
 #include "../common/bench.h"
@@ -592,6 +594,12 @@ void bench_main(u64 info)
 	identify();
 	if (nv && *nv == '0')
 		use_ncq = 0;
+	if (nv && *nv == '1' && (cap & CAP_SNCQ) && !use_ncq) {
+		/* Forced: NCQ on the HBA's word alone, at its slot count. */
+		use_ncq = 1;
+		ncq_depth = nslots;
+		puts(BENCH_TAG "-INFO ncq=1: NCQ forced although the disk does not report it\n");
+	}
 	if (!use_ncq)
 		puts(BENCH_TAG "-INFO no NCQ: the deeper workloads run at depth 1 (READ/WRITE DMA EXT)\n");
 	if (capacity < 2 * BUF_SIZE / SECTOR)
