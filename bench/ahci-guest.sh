@@ -108,10 +108,11 @@ for r in range(runs):
         log = f"bench/out/ahci-guest/{vmm}-{r}.log"
         with open(log, "w") as f:
             f.write(out)
+        for m in re.finditer(r"ABENCH (\S+) (?:iops|error)=", out):
+            if m.group(1) not in order:
+                order.append(m.group(1))
         for m in line.finditer(out):
             w = m.group(1)
-            if w not in order:
-                order.append(w)
             iops, lat, reqs, depth, ncq, polls, errs = map(int, m.groups()[1:])
             if errs:
                 failures[vmm].setdefault(w, []).append(f"{errs} short transfers")
@@ -119,8 +120,6 @@ for r in range(runs):
             results[vmm].setdefault(w, []).append((iops, lat, depth))
         for m in errline.finditer(out):
             w = m.group(1)
-            if w not in order:
-                order.append(w)
             failures[vmm].setdefault(w, []).append(m.group(2))
         if "ABENCH-DONE" not in out:
             why = "timed out" if p.returncode in (124, 137) else f"exit {p.returncode}"
