@@ -1,9 +1,11 @@
 #!/bin/sh
 # Builds images/out/virtio-bench.elf (the virtio-blk benchmark guest, a
-# multiboot v1 ELF64) from entry.S and vbench.c, when a source is newer.
+# multiboot v1 ELF64) from images/common/bench-entry.S and vbench.c, when
+# a source is newer.
 # Called by images/build.sh, which holds the build lock.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
+common="$here/../common"
 out="$here/../out/virtio-bench.elf"
 newest=$(ls -t "$here"/* "$here"/../common/* "$here/../lib.sh" | head -1)
 if [ -f "$out" ] && [ "$out" -nt "$newest" ]; then
@@ -14,7 +16,7 @@ trap 'rm -rf "$tmp"' EXIT
 . "$here/../lib.sh"
 # shellcheck disable=SC2086
 gcc -O2 $FREESTANDING_CFLAGS -c "$here/vbench.c" -o "$tmp/vbench.o"
-gcc -m64 -c "$here/entry.S" -o "$tmp/entry.o"
+gcc -m64 -c "$common/bench-entry.S" -o "$tmp/entry.o"
 ld -m elf_x86_64 -nostdlib -z max-page-size=0x1000 -z noexecstack --build-id=none \
-    --no-warn-rwx-segments -T "$here/link.ld" -o "$tmp/vbench.elf" "$tmp/entry.o" "$tmp/vbench.o"
+    --no-warn-rwx-segments -T "$common/bench.ld" -o "$tmp/vbench.elf" "$tmp/entry.o" "$tmp/vbench.o"
 cp "$tmp/vbench.elf" "$out"

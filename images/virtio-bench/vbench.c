@@ -3,11 +3,12 @@
  * from inside the guest, so the same binary compares VMMs side by side
  * (issue 7, benchmark part 2).
  *
- * Everything here runs in ring 3 (entry.S drops there), where guest code
- * runs natively on the project's machines; ring 0 is emulated and far too
- * slow to time anything in. Port I/O works from ring 3 through IOPL 3 or
- * the TSS I/O bitmap (see entry.S), and the identity map is
- * user-accessible.
+ * Everything here runs in ring 3 (images/common/bench-entry.S drops
+ * there), where guest code runs natively on the project's machines; ring
+ * 0 is emulated and far too slow to time anything in. Port I/O works from
+ * ring 3 through IOPL 3 or the TSS I/O bitmap (see bench-entry.S), and
+ * the identity map is user-accessible. The TSC, PCI, command-line and
+ * soft-off code is images/common/bench.h, shared with ahci-bench.
  *
  * Device: the first virtio-blk PCI function on bus 0, driven through the
  * LEGACY interface (I/O BAR0, virtio 1.2 section 4.1.4.10): it is the
@@ -35,140 +36,12 @@
  * (whichever comes first), so that a run under an instruction counter
  * (bench/virtio-instr.sh) does the same work every time.
  */
-#include "../common/guest.h"
+#define BENCH_TAG "VBENCH"
+#include "../common/bench.h"
 
 #define IO_BAR_DEFAULT 0xc000
-#define PMBASE_DEFAULT 0x600	/* what SeaBIOS picks, and QEMU's DSDT */
 #define MAX_DEPTH 32
 #define BUF_SIZE 65536
-
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return (u64)hi << 32 | lo;
-}
-/* Ring stores must be visible to the device in program order (x86 keeps
- * stores ordered, so the compiler is the only reorderer), and the
- * avail->idx store must be visible before used->flags is read to decide
- * on a kick: a locked instruction is a full barrier without SSE. */
-#define barrier() __asm__ volatile("" ::: "memory")
-static inline void mb(void) { __asm__ volatile("lock; addl $0, (%%rsp)" ::: "memory", "cc"); }
-
-/* Called from entry.S in ring 0 for any exception. */
-void fault_report(u64 vec, u64 err, u64 rip, u64 rflags)
-{
-	puts("\nVBENCH-FAULT vec=");
-	putdec(vec);
-	puts(" err=");
-	puthex(err);
-	puts(" rip=");
-	puthex(rip);
-	puts(" rflags=");
-	puthex(rflags);
-	putc('\n');
-}
-
-static void halt(void)
-{
-	for (;;)
-		__asm__ volatile("int $0x80");
-}
-
-static void poweroff(void);
-
-/* Reports and powers off, so the harness sees the error at once. */
-static void fail(const char *msg)
-{
-	puts("VBENCH-ERROR ");
-	puts(msg);
-	putc('\n');
-	poweroff();
-}
-
-/* --- PCI configuration mechanism #1 --------------------------------- */
-
-static u32 cfg_addr(u32 bdf, u32 off) { return 0x80000000u | bdf << 8 | (off & 0xfc); }
-
-static u32 cfg_read32(u32 bdf, u32 off)
-{
-	outl(0xcf8, cfg_addr(bdf, off));
-	return inl(0xcfc);
-}
-
-static void cfg_write32(u32 bdf, u32 off, u32 v)
-{
-	outl(0xcf8, cfg_addr(bdf, off));
-	outl(0xcfc, v);
-}
-
-static void cfg_write16(u32 bdf, u32 off, u16 v)
-{
-	outl(0xcf8, cfg_addr(bdf, off));
-	outw(0xcfc + (off & 2), v);
-}
-
-static void cfg_write8(u32 bdf, u32 off, u8 v)
-{
-	outl(0xcf8, cfg_addr(bdf, off));
-	outb(0xcfc + (off & 3), v);
-}
-
-/* Bus 0 only: both machines put every device there. Returns the
- * bus/device/function number, or -1. */
-static int pci_find(u16 vendor, u16 device)
-{
-	for (u32 dev = 0; dev < 32; dev++) {
-		for (u32 fn = 0; fn < 8; fn++) {
-			u32 bdf = dev << 3 | fn;
-			u32 id = cfg_read32(bdf, 0);
-			if ((id & 0xffff) == 0xffff) {
-				if (fn == 0)
-					break;
-				continue;
-			}
-			if (id == ((u32)device << 16 | vendor))
-				return bdf;
-			/* Only multi-function devices have functions 1-7. */
-			if (fn == 0 && !(cfg_read32(bdf, 0x0c) >> 16 & 0x80))
-				break;
-		}
-	}
-	return -1;
-}
-
-static void put_bdf(u32 bdf)
-{
-	putdec(bdf >> 3);
-	putc('.');
-	putdec(bdf & 7);
-}
-
-/* --- time ------------------------------------------------------------ */
-
-/* TSC ticks per second, from PIT channel 2 in mode 0 counting down from
- * 0xffff (1193182 Hz, about 55 ms): the gate is port 0x61 bit 0, and bit
- * 5 reads the channel's output, which goes high when the count reaches
- * zero. Each poll of port 0x61 is a VM exit, so the edge is seen within
- * tens of microseconds: well under 0.1 % of the window. The fastest of
- * three runs is kept (a delay can only lengthen a run). */
-static u64 tsc_hz(void)
-{
-	u64 best = ~0ull;
-	for (int i = 0; i < 3; i++) {
-		outb(0x61, (inb(0x61) & ~0x02) | 0x01);
-		outb(0x43, 0xb0); /* channel 2, lo/hi byte, mode 0, binary */
-		outb(0x42, 0xff);
-		u64 t0 = rdtsc();
-		outb(0x42, 0xff);
-		while (!(inb(0x61) & 0x20))
-			;
-		u64 t = rdtsc() - t0;
-		if (t < best)
-			best = t;
-	}
-	return best * 1193182 / 0xffff;
-}
 
 /* --- virtio-blk, legacy interface ------------------------------------ */
 
@@ -364,6 +237,8 @@ static void submit(const struct workload *w, u32 s, u64 now)
 
 static u64 kicks;
 
+/* The avail->idx store must be visible before used->flags is read to
+ * decide on a kick: hence mb(), not just barrier(). */
 static void publish(void)
 {
 	barrier();
@@ -435,60 +310,7 @@ static void run(const struct workload *w, u64 ticks, u64 max_reqs)
 
 /* --- main --------------------------------------------------------------- */
 
-/* The multiboot command line, or "". */
-static const char *cmdline(u64 info)
-{
-	const u32 *mbi = (const u32 *)info;
-	if (!info || !(mbi[0] & 4) || !mbi[4])
-		return "";
-	return (const char *)(u64)mbi[4];
-}
-
-/* The text after `key` ("secs=") in the command line, up to a space. */
-static const char *option(const char *cl, const char *key)
-{
-	for (const char *p = cl; *p; p++) {
-		if (p != cl && p[-1] != ' ')
-			continue;
-		const char *k = key, *q = p;
-		while (*k && *q == *k)
-			k++, q++;
-		if (!*k)
-			return q;
-	}
-	return 0;
-}
-
-/* Does workload `name` start with the "only=" value? */
-static int selected(const char *only, const char *name)
-{
-	if (!only)
-		return 1;
-	for (; *only && *only != ' '; only++, name++)
-		if (*only != *name)
-			return 0;
-	return 1;
-}
-
-/* ACPI soft-off through the PIIX4 PM function (00:01.3 on both VMMs'
- * `pc`): SLP_TYP 0 + SLP_EN in PM1a_CNT (PMBASE + 4) is S5 there. With
- * no firmware PMBASE is unprogrammed, so it is set here first. */
-static void poweroff(void)
-{
-	int pm = pci_find(0x8086, 0x7113);
-	if (pm >= 0) {
-		u32 base = cfg_read32(pm, 0x40) & 0xffc0;
-		if (!base) {
-			base = PMBASE_DEFAULT;
-			cfg_write32(pm, 0x40, base | 1);
-		}
-		cfg_write8(pm, 0x80, 1); /* PMIOSE: PM I/O space on */
-		outw(base + 4, 1 << 13);
-	}
-	halt();
-}
-
-void vbench_main(u64 info)
+void bench_main(u64 info)
 {
 	static const struct workload loads[] = {
 		{ "randread-4k-qd1", T_IN, 4096, 1, 0 },
@@ -497,12 +319,8 @@ void vbench_main(u64 info)
 		{ "randwrite-4k-qd32", T_OUT, 4096, 32, 0 },
 		{ "seqread-64k-qd8", T_IN, 65536, 8, 1 },
 	};
-	const char *cl = cmdline(info), *v = option(cl, "secs="), *only = option(cl, "only=");
-	u64 secs = 0, max_reqs = 0;
-	for (; v && *v >= '0' && *v <= '9'; v++)
-		secs = secs * 10 + (*v - '0');
-	for (v = option(cl, "reqs="); v && *v >= '0' && *v <= '9'; v++)
-		max_reqs = max_reqs * 10 + (*v - '0');
+	const char *cl = cmdline(info), *only = option(cl, "only=");
+	u64 secs = option_num(cl, "secs="), max_reqs = option_num(cl, "reqs=");
 	if (!secs)
 		secs = 2;
 	u64 fl, cs;
