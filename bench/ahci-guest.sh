@@ -160,7 +160,8 @@ for name in [n for n in cmds if n != "qemu"]:
         print(f"| {w} | {cell(name, w)} | {cell('qemu', w)} | {ratio} | {slat} | {qlat} | {depth} | "
               f"{fails(name, w)} | {fails('qemu', w)} |")
         if name == "strata" and s and q:
-            rows.append(f"{label}\t{w}\t{med(s,0):.0f}\t{min(x[0] for x in s)}\t{max(x[0] for x in s)}\t"
+            wl = w if med(s,2) == med(q,2) else f"{w} (Strata at depth {int(med(s,2))})"
+            rows.append(f"{label}\t{wl}\t{med(s,0):.0f}\t{min(x[0] for x in s)}\t{max(x[0] for x in s)}\t"
                         f"{med(q,0):.0f}\t{min(x[0] for x in q)}\t{max(x[0] for x in q)}\n")
 for n in notes:
     print(f"# {n}")

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The comparison set of issue 17, in one table: virtio-blk in the guest
 # (bench/virtio-guest.sh) on a null-co disk and on a tmpfs raw file,
-# each on a quiet host and with a CPU hog on one core, then strata-img
+# each on a quiet host and with a CPU hog on one core, the same for AHCI
+# on q35 (bench/ahci-guest.sh; AHCI=0 skips it), then strata-img
 # against qemu-img (bench/qcow2-bench.sh): convert raw->qcow2 and
 # qcow2->raw, and `bench` 4 KiB writes at depth 32 into an allocated and
 # an empty qcow2, on tmpfs (the tools, not the host disk), quiet and with
@@ -9,7 +10,8 @@
 # strata time): above 1.0 Strata is faster.
 #
 # usage: bench/all.sh [runs] [seconds-per-workload]   (make bench)
-# Env: SETS="null tmpfs" (backings), HOGS="0 1", QCOW2=0 skips strata-img.
+# Env: SETS="null tmpfs" (backings), HOGS="0 1", AHCI=0 skips the AHCI
+# rows, QCOW2=0 skips strata-img.
 # Each script's own output goes to bench/out/all/.
 set -eu
 cd "$(dirname "$0")/.."
@@ -27,6 +29,17 @@ for img in ${SETS:-null tmpfs}; do
             sh bench/virtio-guest.sh "$runs" "$secs" >"$out/virtio-$img-hog$hog.md" 2>"$out/virtio-$img-hog$hog.log"
     done
 done
+if [ "${AHCI:-1}" = 1 ]; then
+    for img in ${SETS:-null tmpfs}; do
+        for hog in ${HOGS:-0 1}; do
+            label="AHCI: $img$([ "$hog" = 1 ] && echo ', CPU hog' || true)"
+            echo "== $label" >&2
+            IMG=$img HOG=$hog LABEL="$label" RESULTS="$res" \
+                sh bench/ahci-guest.sh "$runs" "$secs" >"$out/ahci-$img-hog$hog.md" 2>"$out/ahci-$img-hog$hog.log" ||
+                echo "bench/ahci-guest.sh failed under QEMU; see $out/ahci-$img-hog$hog.md" >&2
+        done
+    done
+fi
 qdir=/dev/shm/strata-qcow2-bench
 if [ "${QCOW2:-1}" = 1 ]; then
     for hog in ${HOGS:-0 1}; do
