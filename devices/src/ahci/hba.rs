@@ -11,6 +11,7 @@
 //! completion, on an I/O thread, continues the port and updates the
 //! interrupt.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::port::{Port, PortIo};
@@ -230,24 +231,37 @@ impl Ahci {
 fn run_io(p: &SharedPort, n: usize, irq: &Arc<Irq>, io: PortIo) {
     let PortIo {
         backend,
-        req,
+        reqs,
         ticket,
     } = io;
-    let (p2, irq2) = (p.clone(), irq.clone());
-    backend.submit(
-        req,
-        Box::new(move |_req, r| {
-            let (next, pending) = {
-                let mut g = lock(&p2);
-                let next = g.complete(ticket, r.is_ok());
-                (next, g.irq_pending())
-            };
-            irq2.port(n, pending);
-            for io in next {
-                run_io(&p2, n, &irq2, io);
-            }
-        }),
-    );
+    // The step completes when the last of its requests does.
+    let left = Arc::new(AtomicUsize::new(reqs.len()));
+    let failed = Arc::new(AtomicBool::new(false));
+    for req in reqs {
+        let (p2, irq2) = (p.clone(), irq.clone());
+        let (left, failed) = (left.clone(), failed.clone());
+        backend.submit(
+            req,
+            Box::new(move |_req, r| {
+                if r.is_err() {
+                    failed.store(true, Ordering::SeqCst);
+                }
+                if left.fetch_sub(1, Ordering::AcqRel) != 1 {
+                    return;
+                }
+                let ok = !failed.load(Ordering::SeqCst);
+                let (next, pending) = {
+                    let mut g = lock(&p2);
+                    let next = g.complete(ticket, ok);
+                    (next, g.irq_pending())
+                };
+                irq2.port(n, pending);
+                for io in next {
+                    run_io(&p2, n, &irq2, io);
+                }
+            }),
+        );
+    }
 }
 
 impl PciFunction for Ahci {

@@ -48,7 +48,9 @@ const MAX_PRDS: usize = 65535;
 /// goes back to [`Port::complete`].
 pub struct PortIo {
     pub backend: Arc<BlockBackend>,
-    pub req: IoRequest,
+    /// One request, or a TRIM step's discards: the step completes when
+    /// all of them have, successfully only if each did.
+    pub reqs: Vec<IoRequest>,
     pub ticket: Ticket,
 }
 
@@ -67,6 +69,8 @@ pub struct Ticket {
     ncq: bool,
     /// A packet command's medium read: it ends with the packet status.
     atapi: bool,
+    /// A step of DATA SET MANAGEMENT TRIM: the next one follows.
+    trim: bool,
 }
 
 /// The PIO Setup FIS a PIO read or write leaves in the receive area: the
@@ -92,7 +96,22 @@ pub struct Port {
     /// Whether the device's signature FIS after the last reset has been
     /// received (it waits for FIS receive to be enabled).
     signature_sent: bool,
+    /// The TRIM command running: its payload and how far it got.
+    trim: Option<TrimJob>,
 }
+
+/// A DATA SET MANAGEMENT TRIM in progress: the payload (in the slot's
+/// PRDT) is discarded a piece at a time, so that host memory and requests
+/// in flight stay bounded whatever the guest asks.
+struct TrimJob {
+    sg: GuestSgList,
+    /// Payload bytes done.
+    next: u64,
+    len: u64,
+}
+
+/// TRIM payload bytes per step: 8192 ranges.
+const TRIM_PIECE: u64 = 64 << 10;
 
 impl Port {
     pub fn new(mem: Arc<GuestMem>) -> Port {
@@ -104,6 +123,7 @@ impl Port {
             active: None,
             gen: 0,
             signature_sent: false,
+            trim: None,
         }
     }
 
@@ -126,6 +146,7 @@ impl Port {
     fn reset_device(&mut self) {
         self.gen += 1;
         self.active = None;
+        self.trim = None;
         self.regs.tfd = 0x7f;
         self.regs.sig = 0xffff_ffff;
         self.signature_sent = false;
@@ -182,6 +203,7 @@ impl Port {
                 // What was running is abandoned (its completion is stale).
                 self.gen += 1;
                 self.active = None;
+                self.trim = None;
                 Vec::new()
             }
             PortEvent::ComResetDone => {
@@ -305,7 +327,7 @@ impl Port {
         self.retire(slot, bytes as u32);
         Some(PortIo {
             backend,
-            req,
+            reqs: vec![req],
             ticket: Ticket {
                 gen: self.gen,
                 slot,
@@ -314,6 +336,7 @@ impl Port {
                 pio: None,
                 ncq: true,
                 atapi: false,
+                trim: false,
             },
         })
     }
@@ -416,10 +439,11 @@ impl Port {
                     pio,
                     ncq: false,
                     atapi: false,
+                    trim: false,
                 };
                 return Some(PortIo {
                     backend,
-                    req,
+                    reqs: vec![req],
                     ticket,
                 });
             }
@@ -436,10 +460,11 @@ impl Port {
                     pio: None,
                     ncq: false,
                     atapi: false,
+                    trim: false,
                 };
                 return Some(PortIo {
                     backend,
-                    req: IoRequest::flush(),
+                    reqs: vec![IoRequest::flush()],
                     ticket,
                 });
             }
@@ -448,10 +473,84 @@ impl Port {
                 self.finish(slot, 0);
             }
             Outcome::Packet { dma } => return self.packet(slot, c, dma),
-            // TRIM comes with the rest of issue 18.
-            Outcome::Trim { .. } => self.fail(slot, error::ABRT, None),
+            Outcome::Trim { blocks } => return self.trim(slot, c, blocks),
         }
         None
+    }
+
+    /// DATA SET MANAGEMENT with TRIM (ATA8-ACS 7.10): `blocks` 512-byte
+    /// blocks of ranges arrive through the PRDT (DMA out). The whole
+    /// payload is checked first (a range past the end aborts the command
+    /// before anything is discarded), then discarded piece by piece.
+    fn trim(&mut self, slot: u8, c: &Command, blocks: u16) -> Option<PortIo> {
+        let len = blocks as u64 * SECTOR;
+        let (Some(sg), Some(dev)) = (self.sg(c, len), self.dev.as_ref()) else {
+            self.fail(slot, error::ABRT, None);
+            return None;
+        };
+        let mut buf = vec![0u8; len.min(TRIM_PIECE) as usize];
+        let mut off = 0;
+        while off < len {
+            let piece = &mut buf[..(len - off).min(TRIM_PIECE) as usize];
+            let ok = sg.read_at(&self.mem, off, piece).is_ok() && dev.trim_ranges(piece).is_ok();
+            if !ok {
+                self.fail(slot, error::ABRT, None);
+                return None;
+            }
+            off += piece.len() as u64;
+        }
+        self.trim = Some(TrimJob { sg, next: 0, len });
+        self.trim_step(slot)
+    }
+
+    /// The discards of the next piece of the TRIM payload; at the end, the
+    /// command's status.
+    fn trim_step(&mut self, slot: u8) -> Option<PortIo> {
+        loop {
+            let (Some(job), Some(dev)) = (self.trim.as_mut(), self.dev.as_ref()) else {
+                return None;
+            };
+            if job.next >= job.len {
+                let bytes = job.len as u32;
+                self.trim = None;
+                self.finish(slot, bytes);
+                return None;
+            }
+            let mut piece = vec![0u8; (job.len - job.next).min(TRIM_PIECE) as usize];
+            let ranges = job
+                .sg
+                .read_at(&self.mem, job.next, &mut piece)
+                .ok()
+                .and_then(|()| dev.trim_ranges(&piece).ok());
+            job.next += piece.len() as u64;
+            let (Some(ranges), Some(backend)) = (ranges, dev.disk().cloned()) else {
+                // The guest changed the payload under the command.
+                self.trim = None;
+                self.fail(slot, error::ABRT, None);
+                return None;
+            };
+            let reqs: Vec<IoRequest> = ranges
+                .iter()
+                .map(|&(lba, n)| IoRequest::discard(lba * SECTOR, n * SECTOR))
+                .collect();
+            if reqs.is_empty() {
+                continue;
+            }
+            return Some(PortIo {
+                backend,
+                reqs,
+                ticket: Ticket {
+                    gen: self.gen,
+                    slot,
+                    bytes: 0,
+                    lba: None,
+                    pio: None,
+                    ncq: false,
+                    atapi: false,
+                    trim: true,
+                },
+            });
+        }
     }
 
     /// PACKET (ATA8-ACS 7.18, AHCI 5.3.4): the device asks for the command
@@ -516,7 +615,7 @@ impl Port {
                 };
                 return Some(PortIo {
                     backend,
-                    req: IoRequest::read(offset, iov),
+                    reqs: vec![IoRequest::read(offset, iov)],
                     ticket: Ticket {
                         gen: self.gen,
                         slot,
@@ -525,6 +624,7 @@ impl Port {
                         pio: last_block(n),
                         ncq: false,
                         atapi: true,
+                        trim: false,
                     },
                 });
             }
@@ -580,6 +680,17 @@ impl Port {
         }
         if self.active != Some(ticket.slot) {
             return Vec::new();
+        }
+        if ticket.trim {
+            if !ok {
+                self.trim = None;
+                self.fail(ticket.slot, error::ABRT, None);
+                return Vec::new();
+            }
+            return match self.trim_step(ticket.slot) {
+                Some(io) => vec![io],
+                None => self.next(),
+            };
         }
         if ok {
             self.pio_block(ticket.pio);
@@ -769,13 +880,17 @@ mod tests {
     /// Runs a [`PortIo`] to its end, as the HBA's completion would.
     fn run(p: &mut Port, io: PortIo) -> Vec<PortIo> {
         let (tx, rx) = std::sync::mpsc::channel();
-        io.backend.submit(
-            io.req,
-            Box::new(move |_, r| {
-                let _ = tx.send(r.is_ok());
-            }),
-        );
-        let ok = rx.recv().unwrap();
+        let n = io.reqs.len();
+        for req in io.reqs {
+            let tx = tx.clone();
+            io.backend.submit(
+                req,
+                Box::new(move |_, r| {
+                    let _ = tx.send(r.is_ok());
+                }),
+            );
+        }
+        let ok = (0..n).all(|_| rx.recv().unwrap());
         p.complete(io.ticket, ok)
     }
 
@@ -899,6 +1014,32 @@ mod tests {
             .unwrap();
         p.write(port::SACT, 0b100);
         assert!(p.write(port::CI, 0b100).is_empty());
+        assert_ne!(p.regs.is & is::TFES, 0);
+    }
+
+    /// TRIM: the payload's ranges become discards (one step for a small
+    /// payload), and the command completes with DHRS; a range past the
+    /// end aborts before anything is discarded.
+    #[test]
+    fn trim_discards_the_payload_ranges() {
+        let mut p = port();
+        let mut payload = [0u8; 512];
+        payload[0..8].copy_from_slice(&(8u64 | 8 << 48).to_le_bytes());
+        payload[8..16].copy_from_slice(&(100u64 | 16 << 48).to_le_bytes());
+        p.mem.write_slice(&payload, GuestAddress(BUF)).unwrap();
+        command(&p, ata_cmd::DATA_SET_MANAGEMENT, 0, 1, 512, true);
+        let mut h2d = [0u8; 1];
+        h2d[0] = 1; // FEATURES bit 0: TRIM
+        p.mem.write_slice(&h2d, GuestAddress(CTBA + 3)).unwrap();
+        let io = p.write(port::CI, 1).pop().expect("discards");
+        assert_eq!(io.reqs.len(), 2);
+        assert!(run(&mut p, io).is_empty());
+        assert_eq!((p.regs.ci, p.regs.tfd & 0xff), (0, 0x50));
+        assert_eq!(prdbc(&p), 512);
+        // 2048 sectors: a range ending past them.
+        payload[16..24].copy_from_slice(&(2040u64 | 9 << 48).to_le_bytes());
+        p.mem.write_slice(&payload, GuestAddress(BUF)).unwrap();
+        assert!(p.write(port::CI, 1).is_empty());
         assert_ne!(p.regs.is & is::TFES, 0);
     }
 }

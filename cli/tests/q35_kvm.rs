@@ -1,0 +1,97 @@
+//! The `q35` machine under KVM with the project's Linux test guest, ACPI
+//! on: the kernel routes PCI interrupts by Strata's q35 DSDT (`_PRT` to
+//! GSI 16-23), finds the ECAM window by the MCFG, and its `ahci` driver
+//! takes the built-in controller at 00:1f.2, where `-hda` and `-cdrom`
+//! land as on QEMU's q35 (ports 0 and 2). The disk runs with NCQ (depth
+//! 32): the guest reads both devices and checks what it read, then writes
+//! and reads back a pattern on the disk, checked again in the image.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{kernels, kvm_available, scratch};
+
+const TIMEOUT: Duration = Duration::from_secs(240);
+const ROUND_KIB: u64 = 512;
+const ROUNDS: u64 = 2;
+
+#[test]
+fn linux_on_q35_uses_the_builtin_ahci_with_ncq() {
+    if !kvm_available("linux_on_q35_uses_the_builtin_ahci_with_ncq") {
+        return;
+    }
+    let dir = scratch("q35-guest");
+    let disk = dir.join("disk.raw");
+    let cd = dir.join("cd.iso");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    // A CD whose first sectors are a known pattern (any multiple of 2048
+    // bytes is a medium for sr).
+    let cd_data: Vec<u8> = (0..1u32 << 18)
+        .flat_map(|i| (i * 7).to_le_bytes())
+        .collect();
+    std::fs::write(&cd, &cd_data).unwrap();
+    let cd_sum = fnv1a64(&cd_data[..128 << 10]);
+    let log = dir.join("serial.log");
+    let append = format!(
+        "{} check=sr0:256 show=/sys/block/sda/device/queue_depth \
+         rwloop=sda:{ROUND_KIB}:{ROUNDS}",
+        kernels::LINUX_CMDLINE
+    );
+    let mut vm = Command::new(support::strata_bin())
+        .args(kernels::linux_args("vmlinux", &log, &append))
+        .args(["-M", "q35"])
+        .args([
+            "-drive",
+            &format!("file={},format=raw,index=0", disk.display()),
+        ])
+        .args(["-cdrom", &cd.display().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn strata");
+    let out = kernels::wait_guest_done(&mut vm, &log, TIMEOUT, |_| {});
+    let _ = vm.kill();
+    let stderr = vm.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&stderr);
+    assert!(!out.contains("GUEST-ERR"), "{out}\nstrata: {stderr}");
+    assert!(out.contains("ACPI: MCFG"), "{out}");
+    assert!(
+        out.contains("ahci 0000:00:1f.2: AHCI 0001.0300 32 slots 6 ports"),
+        "{out}"
+    );
+    assert!(out.contains("ata1: SATA link up 1.5 Gbps"), "{out}");
+    assert!(out.contains("ata3: SATA link up 1.5 Gbps"), "{out}");
+    assert!(out.contains("NCQ (depth 32)"), "{out}");
+    let depth = out.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("GUEST-SHOW /sys/block/sda/device/queue_depth ")
+    });
+    assert_eq!(depth, Some("32"), "{out}");
+    let sum = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("GUEST-SUM sr0 "));
+    assert_eq!(sum, Some(format!("{cd_sum:016x}").as_str()), "{out}");
+    assert_eq!(kernels::rwloop_rounds(&out, "sda"), ROUNDS, "{out}");
+    let data = std::fs::read(&disk).unwrap();
+    for (i, w) in data[..(ROUND_KIB * 1024) as usize].chunks(8).enumerate() {
+        let got = u64::from_le_bytes(w.try_into().unwrap());
+        assert_eq!(
+            got,
+            kernels::rwloop_pattern(ROUNDS, i as u64 * 8),
+            "word {i} of the image"
+        );
+    }
+}
+
+/// FNV-1a 64, as images/linux-init/init.c computes it.
+fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
