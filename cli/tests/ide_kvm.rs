@@ -1,8 +1,8 @@
 //! Booting from IDE under KVM with SeaBIOS: the project's boot program
 //! (images/ide/bootsect.S, which reads 256 sectors through INT 13h and checks
 //! them) from each of hda..hdd and from an El Torito CD, the boot order
-//! rules (`-boot order=`, `bootindex`), and GRUB rescue media as a live CD
-//! and as `-hda live.iso`. Each test skips loudly when /dev/kvm is unusable.
+//! rules (`-boot order=`, `bootindex`), the same media on `q35`'s AHCI, and
+//! GRUB rescue media as a live CD and as `-hda live.iso`. Each test skips loudly when /dev/kvm is unusable.
 //!
 //! Boots are serialised within this file: the machine has two cores and a
 //! GRUB boot keeps one busy for most of a minute.
@@ -142,6 +142,38 @@ fn boot_order_dc_boots_the_cd_and_cd_boots_the_disk() {
     );
     assert!(out.contains("STRATA-BOOT-OK"), "order=cd: {out}");
     assert!(!out.contains("DVD/CD"), "order=cd: {out}");
+}
+
+/// The same media on `q35`: `-hda` and `-cdrom` land on the built-in
+/// AHCI (ports 0 and 2), and SeaBIOS's AHCI driver boots each in turn.
+#[test]
+fn q35_boots_the_cd_and_the_disk_from_the_builtin_ahci() {
+    if skip("q35_boots_the_cd_and_the_disk_from_the_builtin_ahci") {
+        return;
+    }
+    let (disk, cd) = images();
+    let dir = scratch("ide-kvm-q35");
+    let hda = copy(&disk, &dir, "disk.img");
+    let iso = copy(&cd, &dir, "cd.iso");
+    let markers = ["STRATA-BOOT-OK", "STRATA-CD-OK", "STRATA-BOOT-FAIL"];
+    for (order, want) in [("dc", "STRATA-CD-OK"), ("cd", "STRATA-BOOT-OK")] {
+        let out = boot(
+            &dir,
+            &[
+                "-M",
+                "q35",
+                "-hda",
+                &hda,
+                "-cdrom",
+                &iso,
+                "-boot",
+                &format!("order={order}"),
+            ],
+            &markers,
+            TIMEOUT,
+        );
+        assert!(out.contains(want), "order={order}: {out}");
+    }
 }
 
 #[test]
