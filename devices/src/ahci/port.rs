@@ -41,6 +41,35 @@ const PACKET_LEN: usize = 12;
 const REASON_COD: u8 = 0x01;
 const REASON_IO: u8 = 0x02;
 
+/// QEMU's AHCI takes the Register H2D FIS's 16-bit count (COUNT and
+/// COUNT EXP) for every command, so a 28-bit LBA read or write with COUNT
+/// EXP set moves more than 256 sectors there (and QEMU's ahci-test relies
+/// on it). A SATA drive would ignore COUNT EXP; Linux and SeaBIOS leave it
+/// 0 for 28-bit commands, so only a driver written against QEMU sees the
+/// difference, and Strata answers as QEMU does: such a command runs as its
+/// 48-bit form, at the same LBA.
+fn count_exp_quirk(opcode: u8, tf: &mut Taskfile) -> u8 {
+    use crate::ata::command::cmd::*;
+    let ext = match opcode {
+        READ_SECTORS | READ_SECTORS_NORETRY => READ_SECTORS_EXT,
+        READ_DMA | READ_DMA_NORETRY => READ_DMA_EXT,
+        READ_MULTIPLE => READ_MULTIPLE_EXT,
+        READ_VERIFY | READ_VERIFY_NORETRY => READ_VERIFY_EXT,
+        WRITE_SECTORS | WRITE_SECTORS_NORETRY => WRITE_SECTORS_EXT,
+        WRITE_DMA | WRITE_DMA_NORETRY => WRITE_DMA_EXT,
+        WRITE_MULTIPLE => WRITE_MULTIPLE_EXT,
+        _ => return opcode,
+    };
+    if tf.hob_nsector == 0 || !tf.lba_mode() {
+        return opcode;
+    }
+    // LBA 27:24 sits in the device register's low nibble.
+    tf.hob_sector = tf.select & 0x0f;
+    tf.hob_lcyl = 0;
+    tf.hob_hcyl = 0;
+    ext
+}
+
 /// The most PRD entries a command may use (PRDTL is 16 bits).
 const MAX_PRDS: usize = 65535;
 
@@ -266,6 +295,7 @@ impl Port {
                     self.fail(slot, error::ABRT, None);
                     return None;
                 };
+                let opcode = count_exp_quirk(opcode, &mut tf);
                 let outcome = dev.command(opcode, &mut tf);
                 self.tf = tf;
                 self.carry_out(slot, &c, outcome)
@@ -1041,5 +1071,20 @@ mod tests {
         p.mem.write_slice(&payload, GuestAddress(BUF)).unwrap();
         assert!(p.write(port::CI, 1).is_empty());
         assert_ne!(p.regs.is & is::TFES, 0);
+    }
+
+    /// READ DMA (28-bit) with COUNT EXP set moves the 16-bit count, as on
+    /// QEMU's AHCI; with COUNT EXP 0 it is the usual 8-bit count.
+    #[test]
+    fn count_exp_counts_on_28_bit_commands_as_on_qemu() {
+        let mut p = port();
+        command(&p, ata_cmd::READ_DMA, 0, 0x200, 512 * 512, false);
+        let io = p.write(port::CI, 1).pop().expect("a read");
+        assert!(run(&mut p, io).is_empty());
+        assert_eq!((p.regs.ci, prdbc(&p)), (0, 512 * 512));
+        command(&p, ata_cmd::READ_DMA, 0, 0, 512 * 256, false);
+        let io = p.write(port::CI, 1).pop().expect("a read");
+        assert!(run(&mut p, io).is_empty());
+        assert_eq!(prdbc(&p), 512 * 256, "0 is 256 sectors");
     }
 }
