@@ -24,12 +24,18 @@ impl Qtest {
     /// Like [`Qtest::start`], with extra environment variables for strata.
     #[allow(dead_code)]
     pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Qtest {
+        Self::start_machine("pc", extra, env)
+    }
+
+    /// Like [`Qtest::start_env`] on `machine` (`q35`, say).
+    #[allow(dead_code)]
+    pub fn start_machine(machine: &str, extra: &[&str], env: &[(&str, &str)]) -> Qtest {
         let dir = super::scratch("qtest");
         let sock = dir.join("qtest.sock");
         let listener = UnixListener::bind(&sock).unwrap();
         let mut args = vec![
             "-machine".to_string(),
-            "pc,accel=qtest".to_string(),
+            format!("{machine},accel=qtest"),
             "-qtest".to_string(),
             format!("unix:{}", sock.display()),
         ];
