@@ -176,6 +176,62 @@ fn q35_boots_the_cd_and_the_disk_from_the_builtin_ahci() {
     }
 }
 
+/// `-device ahci` on `pc`, a disk on port 0 and a CD on port 1: SeaBIOS
+/// boots each as `-boot order=` says.
+#[test]
+fn pc_device_ahci_boots_the_cd_and_the_disk() {
+    if skip("pc_device_ahci_boots_the_cd_and_the_disk") {
+        return;
+    }
+    let (disk, cd) = images();
+    let dir = scratch("ide-kvm-pc-ahci");
+    let hda = copy(&disk, &dir, "disk.img");
+    let iso = copy(&cd, &dir, "cd.iso");
+    let hd_drive = format!("file={hda},format=raw,if=none,id=hd");
+    let cd_drive = format!("file={iso},format=raw,if=none,id=cd,media=cdrom");
+    let markers = ["STRATA-BOOT-OK", "STRATA-CD-OK", "STRATA-BOOT-FAIL"];
+    for (order, want) in [("dc", "STRATA-CD-OK"), ("cd", "STRATA-BOOT-OK")] {
+        let order = format!("order={order}");
+        let out = boot(
+            &dir,
+            &[
+                "-device",
+                "ahci,id=sata",
+                "-drive",
+                &hd_drive,
+                "-device",
+                "ide-hd,drive=hd,bus=sata.0",
+                "-drive",
+                &cd_drive,
+                "-device",
+                "ide-cd,drive=cd,bus=sata.1",
+                "-boot",
+                &order,
+            ],
+            &markers,
+            TIMEOUT,
+        );
+        assert!(out.contains(want), "{order}: {out}");
+    }
+}
+
+/// GRUB's rescue CD as a live CD on q35's AHCI (`-cdrom -boot d`).
+#[test]
+fn grub_rescue_cdrom_on_q35_ahci_reaches_the_menu() {
+    if skip("grub_rescue_cdrom_on_q35_ahci_reaches_the_menu") {
+        return;
+    }
+    let dir = scratch("ide-kvm-grub-q35");
+    let out = boot(
+        &dir,
+        &["-M", "q35", "-cdrom", GRUB_ISO, "-boot", "d"],
+        &["GNU GRUB", "grub>", "No bootable device"],
+        GRUB_TIMEOUT,
+    );
+    assert!(out.contains("Booting from DVD/CD"), "{out}");
+    assert!(out.contains("Welcome to GRUB"), "{out}");
+}
+
 #[test]
 fn bootindex_overrides_boot_order() {
     if skip("bootindex_overrides_boot_order") {
