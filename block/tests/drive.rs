@@ -51,7 +51,9 @@ fn qemu_doc_examples() {
             &[
                 ("ide0-hd0", Interface::Ide, 0, 0, Media::Disk),
                 ("ide0-hd1", Interface::Ide, 0, 1, Media::Disk),
-                ("ide0-hd2", Interface::Ide, 0, 2, Media::Disk),
+                // Past the bus's last unit, the next bus (QEMU's
+                // drive_new; qemu-system-x86_64 names it ide1-hd0).
+                ("ide1-hd0", Interface::Ide, 1, 0, Media::Disk),
             ],
         ),
     ];
@@ -73,11 +75,7 @@ fn qemu_doc_examples() {
                         "{d}"
                     );
                 }
-                Err(e) => {
-                    // Third IDE disk on bus 0 does not exist: unit too big.
-                    assert_eq!(w.0, "ide0-hd2", "{d}: {e}");
-                    assert_eq!(e.to_string(), "-drive: unit 2 too big (max is 1)");
-                }
+                Err(e) => panic!("{d}: {e}"),
             }
         }
     }
