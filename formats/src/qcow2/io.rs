@@ -1226,7 +1226,12 @@ impl Meta {
         l1.resize(new_len as usize, 0);
         let mut raw: Vec<u8> = l1.iter().flat_map(|w| w.to_be_bytes()).collect();
         raw.resize((clusters * cs) as usize, 0);
+        // The copy holds the in-memory L1, which may point at L2 tables
+        // still dirty in the cache: they reach the disk (after their
+        // refcounts) within the same sync as the new table, before the
+        // header points at it.
         self.refcounts_before_l2()?;
+        self.write_dirty_l2()?;
         self.write_meta(off, &raw, super::overlap::ACTIVE_L1)?;
         self.sync()?;
         let old_off = self.h.l1_table_offset;

@@ -195,16 +195,18 @@ impl Meta {
                 chunk.copy_from_slice(s);
             }
         }
-        // Written now (not through the cache) so the L1 entry never points
-        // at garbage; cached as clean slices.
-        let raw: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
-        self.refcounts_before_l2()?;
-        self.write_meta(new, &raw, L2_TABLES)?;
+        // The new table goes into the cache as dirty slices, unwritten
+        // (QEMU's writeback cache: an allocating write costs no sync). The
+        // L1 entry changes in memory only; on disk it is written by a
+        // flush, after every dirty slice (this table's included) and a
+        // sync, so it never points at a table whose cluster still holds
+        // garbage. A slice evicted meanwhile is written after the
+        // refcounts it depends on ([`Meta::make_room_l2`]).
         let per = (self.slice_bytes / 8) as usize;
         for (si, chunk) in words.chunks(per).enumerate() {
             let key = new + si as u64 * self.slice_bytes;
             self.make_room_l2()?;
-            self.l2c.insert(key, chunk.to_vec(), false);
+            self.l2c.insert(key, chunk.to_vec(), true);
         }
         self.set_l1(l1i, new | OFLAG_COPIED);
         if let Some(o) = old {
@@ -295,8 +297,10 @@ impl Meta {
     }
 
     /// Make sure new clusters are counted on disk before L2 tables that
-    /// reference them are written; with lazy refcounts, the dirty bit on
-    /// disk stands in for that ([`Meta::lazy_now`]).
+    /// reference them are written (QEMU's cache dependency of the L2 cache
+    /// on the refcount cache, flushed when an L2 table is written back);
+    /// with lazy refcounts, the dirty bit on disk stands in for that
+    /// ([`Meta::lazy_now`]).
     pub(crate) fn refcounts_before_l2(&mut self) -> FResult<()> {
         if self.lazy_now() {
             return Ok(());
@@ -307,7 +311,10 @@ impl Meta {
     /// The full flush: refcounts, sync, L2, (sync, L1), sync, then release
     /// the clusters whose references are now gone and write their
     /// refcounts. With lazy refcounts (and the dirty bit set) the
-    /// refcount blocks stay in the cache: L2, (sync, L1), sync.
+    /// refcount blocks stay in the cache: L2, (sync, L1), sync. This is the only place the L1 table is
+    /// written in normal operation, after every dirty L2 slice, so a new
+    /// table (dirty in the cache since its allocation) is on disk before
+    /// anything points at it.
     pub(crate) fn flush_all(&mut self) -> FResult<()> {
         if self.read_only {
             return Ok(());

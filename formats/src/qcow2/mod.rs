@@ -37,17 +37,30 @@
 //! freed and reused meanwhile. Snapshots, check, resize and close drain all
 //! of this first ([`Qcow2::exclusive`]).
 //!
-//! Crash safety (flush ordering): refcount blocks reach the disk (and a
-//! sync) before the L2 tables that reference newly allocated clusters; L2
-//! tables before the L1 entries that point at them; refcount decrements
-//! only after the L2 change that dropped the reference is durable. A crash
-//! can therefore leak clusters but never leave a reference to a cluster
-//! whose refcount is zero. With lazy refcounts (the image's compatible
-//! bit, or the `lazy-refcounts` open option) the first allocation sets the
-//! dirty bit instead, and refcount blocks are written only when evicted,
-//! at close and where they must be exact on disk (check, snapshots,
-//! amend); a crash leaves the dirty bit, and the next read-write open
-//! rebuilds the refcounts from the L2 tables.
+//! Crash safety (flush ordering): metadata is written back lazily, as
+//! QEMU's writeback metadata caches do. An allocating write changes L2
+//! slices, refcount blocks and L1 entries in memory only (a new L2 table
+//! too: its slices enter the cache dirty) and syncs nothing; a guest
+//! flush, a FUA write (every write under `cache=writethrough`), close,
+//! and the operations that need the metadata exact on disk (check,
+//! snapshots, amend, resize) write everything back. The ordering is kept
+//! where a table is written back, never earlier (QEMU's cache
+//! dependencies): dirty refcount blocks are written and synced before any
+//! L2 slice (at a flush, or when a dirty slice is evicted); all dirty L2
+//! slices, then a sync, before the L1 entries that point at new tables;
+//! refcount decrements only after the L2 change that dropped the
+//! reference is durable. Refcount blocks themselves may be written at any
+//! time (evicted early they only count more). Creating a refcount block or
+//! growing the refcount table still syncs on the spot, as in QEMU (rare:
+//! one block counts thousands of clusters). A crash loses the writes not
+//! yet flushed (the write-cache contract) and can leak clusters, but never
+//! leaves a reference to a cluster whose refcount is zero, nor an L1 entry
+//! pointing at a table not yet written. With lazy refcounts (the image's
+//! compatible bit, or the `lazy-refcounts` open option) the first
+//! allocation sets the dirty bit on disk instead (header, sync: once per
+//! open), and refcount blocks are written only when evicted, at close and where they must be exact
+//! on disk (check, snapshots, amend); a crash leaves the dirty bit, and
+//! the next read-write open rebuilds the refcounts from the L2 tables.
 //!
 //! Corruption found while the image is open read-write (a write that would
 //! overwrite metadata, an L2 entry that cannot be right, a refcount that
@@ -788,6 +801,10 @@ impl Qcow2 {
         let mut m = self.exclusive();
         if repair != check::Repair::None {
             m.flush_exact()?;
+        } else if !m.read_only && !m.halted.get() {
+            // The check reads L2 tables from the file: dirty ones (a new
+            // table may exist only in the cache) must be there first.
+            m.flush_all()?;
         }
         let r = check::check(&mut m, repair)?;
         if repair != check::Repair::None {
