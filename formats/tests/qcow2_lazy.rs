@@ -138,7 +138,9 @@ fn lazy_flushes_write_no_refcount_blocks_and_sync_once() {
         let what = format!("bit {bit} option {opt:?}");
         if lazy {
             assert_eq!(rb_writes, 0, "{what}: refcount blocks written by flushes");
-            assert!(syncs <= 8 + 1, "{what}: {syncs} syncs for 8 flushes");
+            // The first flush also writes the dirty bit (and syncs) before
+            // the L2 tables: the allocating write no longer does.
+            assert!(syncs <= 8 + 2, "{what}: {syncs} syncs for 8 flushes");
         } else {
             assert!(rb_writes >= 8, "{what}: {rb_writes} refcount block writes");
             assert!(syncs >= 16, "{what}: {syncs} syncs for 8 flushes");

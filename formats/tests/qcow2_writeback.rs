@@ -314,6 +314,42 @@ fn fua_writes_are_durable_on_return() {
     crashes_are_safe(&start, &log, "fua");
 }
 
+/// Lazy refcounts: allocating writes sync nothing either (the dirty bit
+/// reaches the disk with the first writeback), and a flush still leaves an
+/// image the next read-write open repairs.
+#[test]
+fn lazy_refcounts_writes_do_not_sync() {
+    let cs = 65536;
+    let f = Arc::new(Logging::new(base(cs, 1 << 30)));
+    let o = OpenOptions {
+        lazy_refcounts: Some(true),
+        ..Default::default()
+    };
+    let img = Qcow2::open("wb", f.clone(), None, None, &o).unwrap();
+    for i in 0..8u64 {
+        img.write(i * (100 << 20) + 4096, &pattern(i, 70_000), false)
+            .unwrap();
+    }
+    assert_eq!(f.syncs(), 0, "allocating writes synced the file");
+    img.flush().unwrap();
+    let disk = f.inner.contents();
+    let hdr = u64::from_be_bytes(disk[72..80].try_into().unwrap());
+    assert!(hdr & 1 != 0, "the dirty bit is on disk after a writeback");
+    // Repaired by a read-write open of the crashed image.
+    let crashed = Arc::new(MemStorage::new(disk, 1 << 32));
+    let re = Qcow2::open("wb", crashed.clone(), None, None, &OpenOptions::default()).unwrap();
+    for i in 0..8u64 {
+        let mut back = vec![0u8; 70_000];
+        re.read(i * (100 << 20) + 4096, &mut back).unwrap();
+        assert!(back == pattern(i, 70_000), "write {i}");
+    }
+    re.close().unwrap();
+    drop(re);
+    let (c, l, m) = check(crashed.contents());
+    assert_eq!((c, l), (0, 0), "{m:?}");
+    img.close().unwrap();
+}
+
 /// `qemu-img check` on a copy of `data` in a file, when qemu-img is there.
 fn qemu_img_check(data: &[u8], what: &str) {
     let dir = std::env::temp_dir().join(format!("strata-wb-{}", std::process::id()));

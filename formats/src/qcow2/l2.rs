@@ -300,9 +300,12 @@ impl Meta {
     /// reference them are written (QEMU's cache dependency of the L2 cache
     /// on the refcount cache, flushed when an L2 table is written back);
     /// with lazy refcounts, the dirty bit on disk stands in for that
-    /// ([`Meta::lazy_now`]).
+    /// ([`Meta::lazy_now`]), written here the first time.
     pub(crate) fn refcounts_before_l2(&mut self) -> FResult<()> {
         if self.lazy_now() {
+            if self.dirty_pending {
+                self.write_header()?;
+            }
             return Ok(());
         }
         self.sync_refcounts()
@@ -311,7 +314,8 @@ impl Meta {
     /// The full flush: refcounts, sync, L2, (sync, L1), sync, then release
     /// the clusters whose references are now gone and write their
     /// refcounts. With lazy refcounts (and the dirty bit set) the
-    /// refcount blocks stay in the cache: L2, (sync, L1), sync. This is the only place the L1 table is
+    /// refcount blocks stay in the cache: (the dirty bit the first time,
+    /// sync,) L2, (sync, L1), sync. This is the only place the L1 table is
     /// written in normal operation, after every dirty L2 slice, so a new
     /// table (dirty in the cache since its allocation) is on disk before
     /// anything points at it.

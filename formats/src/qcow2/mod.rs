@@ -57,8 +57,9 @@
 //! leaves a reference to a cluster whose refcount is zero, nor an L1 entry
 //! pointing at a table not yet written. With lazy refcounts (the image's
 //! compatible bit, or the `lazy-refcounts` open option) the first
-//! allocation sets the dirty bit on disk instead (header, sync: once per
-//! open), and refcount blocks are written only when evicted, at close and where they must be exact
+//! allocation sets the dirty bit in memory, the first writeback of an L2
+//! or L1 table writes it to disk first (header, sync), and refcount blocks
+//! are written only when evicted, at close and where they must be exact
 //! on disk (check, snapshots, amend); a crash leaves the dirty bit, and
 //! the next read-write open rebuilds the refcounts from the L2 tables.
 //!
@@ -244,6 +245,11 @@ pub struct Meta {
     pub(crate) quiet: Cell<bool>,
     /// Use lazy refcounts in this open.
     pub(crate) lazy: bool,
+    /// The dirty bit is set in `h` but not yet on disk: it is written
+    /// (and synced) before the first L2 or L1 write that may reference
+    /// clusters whose refcounts are only in the cache
+    /// ([`Meta::refcounts_before_l2`]).
+    pub(crate) dirty_pending: bool,
     /// What writes are checked against ([`overlap`]).
     pub(crate) overlap_mask: u32,
     /// Where the metadata named by in-memory tables lies ([`overlap`]).
@@ -424,13 +430,19 @@ impl Meta {
         self.file
             .write_at(0, &b[..used.div_ceil(512) * 512])
             .map_err(|e| self.ioe(e, "writing the header"))?;
-        self.sync()
+        self.sync()?;
+        // What the header says, the dirty bit included, is on disk now.
+        self.dirty_pending = false;
+        Ok(())
     }
-    /// With lazy refcounts, set the dirty bit before the first allocation
+    /// With lazy refcounts, set the dirty bit at the first allocation
     /// (QEMU's `qcow2_mark_dirty`): from then on refcount blocks may lag
     /// behind the L2 tables on disk ([`Meta::lazy_now`]); a process that
     /// dies before closing leaves the bit, and the next read-write open
-    /// rebuilds the refcounts.
+    /// rebuilds the refcounts. The bit is set in memory only: nothing on
+    /// disk depends on it until an L2 or L1 table is written back, and
+    /// [`Meta::refcounts_before_l2`] writes the header first then, so the
+    /// allocating write itself costs no sync.
     pub(crate) fn mark_dirty(&mut self) -> FResult<()> {
         if self.lazy
             && self.h.incompatible & header::INCOMPAT_DIRTY == 0
@@ -438,12 +450,13 @@ impl Meta {
             && self.h.version >= 3
         {
             self.h.incompatible |= header::INCOMPAT_DIRTY;
-            self.write_header()?;
+            self.dirty_pending = true;
         }
         Ok(())
     }
     /// Refcount blocks may lag behind the L2 tables on disk: lazy
-    /// refcounts, and the dirty bit is on disk to say so.
+    /// refcounts, and the dirty bit is set (on disk, or pending and
+    /// written before the next L2 or L1 write).
     pub(crate) fn lazy_now(&self) -> bool {
         self.lazy && self.h.incompatible & header::INCOMPAT_DIRTY != 0
     }
@@ -452,6 +465,14 @@ impl Meta {
     pub(crate) fn mark_clean(&mut self) -> FResult<()> {
         if self.read_only || self.halted.get() {
             return Ok(());
+        }
+        if self.dirty_pending {
+            // The bit never reached the disk, and need not: with the
+            // refcounts durable first, the ordered writeback below is
+            // safe without it (one header write and sync fewer).
+            self.sync_refcounts()?;
+            self.h.incompatible &= !header::INCOMPAT_DIRTY;
+            self.dirty_pending = false;
         }
         self.flush_exact()?;
         if self.h.incompatible & header::INCOMPAT_DIRTY != 0 {
@@ -588,6 +609,7 @@ impl Qcow2 {
             halted: Cell::new(false),
             quiet: Cell::new(false),
             lazy,
+            dirty_pending: false,
             overlap_mask: o.overlap_check,
             ol_index: overlap::Index::default(),
             snapshots: Vec::new(),
