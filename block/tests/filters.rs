@@ -340,3 +340,79 @@ fn blkdebug_states_and_breakpoints() {
         .unwrap();
     assert_eq!(blk.root().unwrap().debug_command(&brk), Err(libc::ENOTSUP));
 }
+
+/// QEMU's ahci-test `/ahci/flush/retry` at the block layer: qcow2 over
+/// blkdebug with an error on the first `flush_to_disk`. An allocating
+/// write into a fresh image (a new L2 table, a new data cluster) must not
+/// flush the file: its metadata stays in the qcow2 caches until the guest
+/// flushes. The first flush meets the injected error, the second writes
+/// the metadata back; the image is then clean for `qemu-img check` and
+/// holds the data. Both the synchronous write path and the asynchronous
+/// one (`submit`, as the device models use it) are checked; with the
+/// write cache off every write is FUA and must flush, hitting the error.
+#[test]
+fn qcow2_allocating_writes_do_not_flush_the_file() {
+    use block::driver::IoRequest;
+    use block::iov::IoVecs;
+    let dir = TempDir::new("qcow2-flush-retry");
+    let rules = dir.path("rules.conf");
+    std::fs::write(
+        &rules,
+        "[inject-error]\nevent = \"flush_to_disk\"\nerrno = \"5\"\nstate = \"1\"\n\
+         immediately = \"off\"\nonce = \"on\"\n\n\
+         [set-state]\nevent = \"flush_to_disk\"\nnew_state = \"2\"\n",
+    )
+    .unwrap();
+    for (mode, asynch, wce) in [
+        ("sync", false, true),
+        ("async", true, true),
+        ("writethrough", false, false),
+    ] {
+        let img = dir.path(&format!("{mode}.qcow2"));
+        let (c, o) = qemu("qemu-img", &["create", "-q", "-f", "qcow2", &img, "64M"]);
+        assert_eq!(c, 0, "{o}");
+        let g = BlockGraph::new();
+        let blk = Arc::new(
+            block::drive::parse_drive(&format!(
+                "file=blkdebug:{rules}:{img},format=qcow2,if=none,id={mode},cache=writeback"
+            ))
+            .unwrap()
+            .open(&g)
+            .unwrap(),
+        );
+        blk.set_write_cache(wce);
+        let data = vec![0xa5u8; 512];
+        let r = if asynch {
+            let (tx, rx) = std::sync::mpsc::channel();
+            blk.submit(
+                IoRequest::write(0, IoVecs::from_vec(data.clone()), false),
+                Box::new(move |_, res| tx.send(res).unwrap()),
+            );
+            rx.recv().unwrap()
+        } else {
+            blk.write_at(0, &data)
+        };
+        if !wce {
+            // FUA: the write's metadata must be durable, so it flushes
+            // (and meets the error); the retry succeeds.
+            assert!(r.is_err(), "{mode}: a FUA write must flush");
+            blk.write_at(0, &data).expect("writethrough: the retry");
+        } else {
+            r.unwrap_or_else(|e| panic!("{mode}: the write flushed the file: {e}"));
+            let e = blk.flush().expect_err("the first flush meets the error");
+            assert!(
+                e.to_string().contains("Input/output error") || e.to_string().contains("injected"),
+                "{mode}: {e}"
+            );
+            blk.flush().expect("the retried flush succeeds");
+        }
+        let (c, o) = qemu("qemu-img", &["check", "-U", &img]);
+        assert_eq!(c, 0, "{mode}: after the flush: {o}");
+        drop(blk);
+        drop(g);
+        let (c, o) = qemu("qemu-img", &["check", &img]);
+        assert_eq!(c, 0, "{mode}: after close: {o}");
+        let (c, o) = qemu("qemu-io", &["-c", "read -P 0xa5 0 512", &img]);
+        assert!(c == 0 && !o.contains("fail"), "{mode}: {o}");
+    }
+}
