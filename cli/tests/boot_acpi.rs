@@ -193,6 +193,93 @@ fn tables_checksum_and_dsdt_round_trips_through_iasl() {
     }
 }
 
+/// The q35 tables under direct boot: MCFG joins FADT and MADT; the FADT's
+/// GPE0 is the ICH9 block at PMBASE+0x20; the chipset decodes what they
+/// say (PM timer at 0x608, ECAM at the MCFG's base); the DSDT (PNP0A08,
+/// `_PRT` entries naming GSI 16-23 directly) round-trips through iasl.
+#[test]
+fn q35_tables_describe_the_ich9_and_the_ecam_window() {
+    let k = kernels::path("testkernel-pvh.elf");
+    let mut q = Qtest::start_machine("q35", &["-m", "256", "-kernel", &k], &[]);
+    let bios = q.memread(0xe0000, 0x20000);
+    let rsdp_off = (0..bios.len())
+        .step_by(16)
+        .find(|&o| &bios[o..o + 8] == b"RSD PTR ")
+        .expect("RSDP in the BIOS area");
+    let xsdt = table(&mut q, u64_at(&bios[rsdp_off..], 24));
+    let mut sigs = Vec::new();
+    let (mut fadt, mut mcfg) = (Vec::new(), Vec::new());
+    for o in (36..xsdt.len()).step_by(8) {
+        let t = table(&mut q, u64_at(&xsdt, o));
+        assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(&t[..4]));
+        sigs.push(String::from_utf8_lossy(&t[..4]).into_owned());
+        match &t[..4] {
+            b"FACP" => fadt = t,
+            b"MCFG" => mcfg = t,
+            _ => {}
+        }
+    }
+    assert_eq!(sigs, ["FACP", "APIC", "MCFG"]);
+    assert_eq!((u32_at(&fadt, 80), fadt[92]), (0x620, 16), "GPE0 block");
+    let t0 = q.inl(0x608);
+    q.clock_step(1_000_000);
+    assert_eq!(q.inl(0x608).wrapping_sub(t0) & 0xff_ffff, 3579, "PM timer");
+    let ecam = u64_at(&mcfg, 44);
+    assert_eq!((ecam, mcfg[54], mcfg[55]), (0xb000_0000, 0, 255));
+    // 00:1f.2 through ECAM: bus 0, device 31, function 2.
+    assert_eq!(q.readl(ecam + (0x1f << 15 | 2 << 12)), 0x2922_8086);
+    let dsdt = table(&mut q, u64_at(&fadt, 140));
+    let dir = scratch("acpi-iasl-q35");
+    std::fs::write(dir.join("dsdt.aml"), &dsdt).unwrap();
+    let out = Command::new(iasl())
+        .current_dir(&dir)
+        .args(["-d", "dsdt.aml"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "iasl -d failed");
+    let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap();
+    let out = Command::new("iasl")
+        .current_dir(&dir)
+        .arg("dsdt.dsl")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("Compilation successful. 0 Errors"), "{text}");
+    for dev in ["PNP0A08", "PNP0A03", "PNP0C02", "PNP0B00", "PNP0501"] {
+        assert!(dsl.contains(dev), "{dev} missing from the DSDT");
+    }
+    assert!(!dsl.contains("PNP0C0F"), "no link devices on q35");
+    // Each _PRT entry: (slot << 16 | 0xffff, pin, Zero, GSI).
+    let start = dsl.find("Name (_PRT").expect("_PRT");
+    let nums: Vec<u64> = dsl[start..]
+        .split("Package (0x04)")
+        .skip(1)
+        .take(124)
+        .map(|pkg| {
+            pkg.split(['{', '}', ',', '\n'])
+                .map(str::trim)
+                .filter(|s| !s.is_empty() && !s.starts_with("//"))
+                .take(4)
+                .map(|v| match v {
+                    "Zero" => 0,
+                    "One" => 1,
+                    v => u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap(),
+                })
+                .collect::<Vec<u64>>()
+        })
+        .flat_map(|v| {
+            let slot = (v[0] >> 16) as u8;
+            let pin = v[1] as u8;
+            assert_eq!(v[2], 0, "a GSI, not a link");
+            let gsi = 16 + devices::chipset::pirq::ich9_swizzle(slot, pin + 1) as u64;
+            assert_eq!(v[3], gsi, "slot {slot} pin {pin}");
+            [v[3]]
+        })
+        .collect();
+    assert_eq!(nums.len(), 124);
+}
+
 /// (slot, pin, link) from the disassembled `_PRT`.
 fn prt_entries(dsl: &str) -> Vec<(u64, u64, String)> {
     let start = dsl.find("Name (_PRT").expect("_PRT");
@@ -240,6 +327,7 @@ fn seabios_installs_strata_tables_from_the_table_loader() {
         cpus: 1,
         below_4g: 128 << 20,
         floppy: false,
+        chipset: vmm::machine::ChipsetKind::I440fx,
     };
     let dsdt_len = vmm::acpi::dsdt(&cfg).len();
     assert!(
