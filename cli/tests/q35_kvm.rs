@@ -89,6 +89,48 @@ fn linux_on_q35_uses_the_builtin_ahci_with_ncq() {
     }
 }
 
+/// With `acpi=off` the kernel finds the IOAPIC and the PCI interrupt
+/// routing in Strata's q35 MP table (PCI INTx on inputs 16-23): the AHCI's
+/// interrupt reaches it, and it reads the disk.
+#[test]
+fn linux_on_q35_with_acpi_off_routes_by_the_mp_table() {
+    if !kvm_available("linux_on_q35_with_acpi_off_routes_by_the_mp_table") {
+        return;
+    }
+    let dir = scratch("q35-guest-mptable");
+    let disk = dir.join("disk.raw");
+    let data: Vec<u8> = (0..1u32 << 20)
+        .flat_map(|i| (i ^ 0x5a5a).to_le_bytes())
+        .collect();
+    std::fs::write(&disk, &data).unwrap();
+    let sum = fnv1a64(&data[..128 << 10]);
+    let log = dir.join("serial.log");
+    let append = format!(
+        "{} acpi=off pci=nomsi check=sda:256",
+        kernels::LINUX_CMDLINE
+    );
+    let mut vm = Command::new(support::strata_bin())
+        .args(kernels::linux_args("vmlinux", &log, &append))
+        .args(["-M", "q35"])
+        .args([
+            "-drive",
+            &format!("file={},format=raw,if=ide", disk.display()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn strata");
+    let out = kernels::wait_guest_done(&mut vm, &log, TIMEOUT, |_| {});
+    let _ = vm.kill();
+    let _ = vm.wait();
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+    let got = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("GUEST-SUM sda "));
+    assert_eq!(got, Some(format!("{sum:016x}").as_str()), "{out}");
+}
+
 /// FNV-1a 64, as images/linux-init/init.c computes it.
 fn fnv1a64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {

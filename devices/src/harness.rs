@@ -225,7 +225,8 @@ pub fn ata_taskfile(data: &[u8]) {
 /// 32 bytes are a command header, the rest its command table (cut where
 /// the guest's memory would end). Checked: a parsed command has a PRD per
 /// PRDTL entry, each PRD a byte count in 1..=4 MiB, and an NCQ command a
-/// PRDT covering its transfer and a tag below 32.
+/// PRDT covering its transfer and a tag below 32. Then the slot runs on a
+/// port ([`ahci_port`]).
 pub fn ahci_command(data: &[u8]) {
     use crate::ahci::fis::{Command, CommandHeader, Kind, HEADER_LEN, PRD_MAX};
     let Some((h, table)) = data.split_first_chunk::<HEADER_LEN>() else {
@@ -233,15 +234,96 @@ pub fn ahci_command(data: &[u8]) {
     };
     let header = CommandHeader::parse(h);
     assert_eq!(header.ctba & 0x7f, 0, "unaligned command table");
-    let Ok(c) = Command::parse(header, table) else {
+    if let Ok(c) = Command::parse(header, table) {
+        assert_eq!(c.prdt.len(), header.prdtl as usize);
+        assert!(c.prdt.iter().all(|p| p.len >= 1 && p.len <= PRD_MAX));
+        if let Kind::Ncq { tag, count, .. } = c.kind {
+            assert!(tag < 32, "tag {tag}");
+            assert!(c.prdt_bytes() >= count as u64 * 512, "short PRDT");
+        }
+    }
+    ahci_port(h, table);
+}
+
+/// Guest memory of the port harness, and where the harness puts things.
+const AHCI_RAM: usize = 256 << 10;
+const AHCI_CLB: u64 = 0x1000;
+const AHCI_FB: u64 = 0x2000;
+const AHCI_CTBA: u64 = 0x4000;
+
+/// [`ahci_command`]'s execution half: the slot runs on a port with a disk
+/// (or, when the header's ATAPI bit is set, a CD-ROM), both 1 MiB of
+/// null-co. The header goes into slots 0 and 1 with the table at a fixed
+/// address (its own CTBA is the parser's business); slot 1 is issued as a
+/// queued command too, so NCQ, PIO, DMA, TRIM and packet commands all run
+/// with hostile PRDTs (addresses anywhere, past RAM included). The block
+/// I/O they start is run to completion, bounded. Checked: the engine
+/// settles (no slot both idle and issued forever), PxCI/PxSACT only hold
+/// what was issued, and nothing writes outside guest memory.
+fn ahci_port(h: &[u8; 32], table: &[u8]) {
+    use crate::ahci::port::{Port, PortIo};
+    use crate::ahci::regs::{cmd, port};
+    let Ok(mem) = GuestMem::from_ranges(&[(GuestAddress(0), AHCI_RAM)]) else {
         return;
     };
-    assert_eq!(c.prdt.len(), header.prdtl as usize);
-    assert!(c.prdt.iter().all(|p| p.len >= 1 && p.len <= PRD_MAX));
-    if let Kind::Ncq { tag, count, .. } = c.kind {
-        assert!(tag < 32, "tag {tag}");
-        assert!(c.prdt_bytes() >= count as u64 * 512, "short PRDT");
+    let mem = Arc::new(mem);
+    let atapi = h[0] & 1 << 5 != 0;
+    let media = if atapi {
+        null_medium("fuzz-ahci-cd")
+            .map(|m| Media::Cd(Arc::new(CdRom::new(Transport::Atapi, Some(m)))))
+    } else {
+        null_medium("fuzz-ahci").map(Media::Disk)
+    };
+    let Some(mut dev) = media.and_then(|m| ata_device(m, false)) else {
+        return;
+    };
+    dev.enable_ncq();
+    let mut hdr = *h;
+    hdr[8..16].copy_from_slice(&AHCI_CTBA.to_le_bytes());
+    let table = &table[..table.len().min(AHCI_RAM - AHCI_CTBA as usize)];
+    for slot in 0..2u64 {
+        if mem
+            .write_slice(&hdr, GuestAddress(AHCI_CLB + 32 * slot))
+            .is_err()
+        {
+            return;
+        }
     }
+    if mem.write_slice(table, GuestAddress(AHCI_CTBA)).is_err() {
+        return;
+    }
+    let mut p = Port::new(mem.clone());
+    p.attach(dev);
+    let mut ios: Vec<PortIo> = Vec::new();
+    ios.extend(p.write(port::CLB, AHCI_CLB as u32));
+    ios.extend(p.write(port::FB, AHCI_FB as u32));
+    ios.extend(p.write(port::IE, u32::MAX));
+    ios.extend(p.write(port::CMD, cmd::FRE | cmd::ST));
+    ios.extend(p.write(port::CI, 1));
+    ios.extend(p.write(port::SACT, 2));
+    ios.extend(p.write(port::CI, 2));
+    // Each request completes at once (null-co); a command may start more
+    // (TRIM steps, the next slot), never without end.
+    let mut steps = 0;
+    while let Some(io) = ios.pop() {
+        steps += 1;
+        assert!(steps < 10_000, "the port never settles");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let n = io.reqs.len();
+        for req in io.reqs {
+            let tx = tx.clone();
+            io.backend.submit(
+                req,
+                Box::new(move |_, r| {
+                    let _ = tx.send(r.is_ok());
+                }),
+            );
+        }
+        let ok = (0..n).all(|_| rx.recv().unwrap_or(false));
+        ios.extend(p.complete(io.ticket, ok));
+    }
+    assert_eq!(p.regs.ci & !3, 0, "PxCI holds a slot never issued");
+    assert_eq!(p.regs.sact & !2, 0, "PxSACT holds a tag never issued");
 }
 
 /// Every harness by name, for the corpus test.

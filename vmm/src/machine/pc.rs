@@ -12,6 +12,7 @@
 //! | 0xb2-0xb3 | APM control/status |
 //! | 0x3f8, 0x2f8, 0x3e8, 0x2e8 | 16550 UARTs (COM1-4), IRQ 4/3/4/3 |
 //! | 0x4d0-0x4d1 | ELCR (in-kernel under KVM) |
+//! | 0x00-0x0f, 0xc0-0xdf, 0x80-0x8f | ISA DMA (two 8237A) and its page registers |
 //! | 0x510-0x51b | fw_cfg with DMA |
 //! | 0xcf8-0xcff | PCI config mechanism #1, reset control at 0xcf9 |
 //! | 0xe9 (or `-global isa-debugcon.iobase=`) | isa-debugcon |
@@ -38,7 +39,13 @@ use devices::chipset::{
 };
 use devices::irq::IrqLine;
 use devices::legacy::{
-    cmos::Cmos, debugcon::Debugcon, fw_cfg, fw_cfg::FwCfg, i8042::I8042, port92::Port92,
+    cmos::Cmos,
+    debugcon::Debugcon,
+    fw_cfg,
+    fw_cfg::FwCfg,
+    i8042::I8042,
+    isa_dma::{Dma1, Dma2, DmaPages, IsaDma},
+    port92::Port92,
     serial::Uart,
 };
 use devices::pci::msix::MsiSender;
@@ -326,6 +333,22 @@ pub(super) fn assemble(
 
     // Legacy ISA devices.
     add_io(&mut io, 0x4d0, 2, shared(Elcr::default()), "ELCR")?;
+    let isa_dma = Arc::new(Mutex::new(IsaDma::new(ram.clone())));
+    add_io(
+        &mut io,
+        0x00,
+        0x10,
+        shared(Dma1(isa_dma.clone())),
+        "ISA DMA",
+    )?;
+    add_io(
+        &mut io,
+        0x80,
+        0x10,
+        shared(DmaPages(isa_dma.clone())),
+        "ISA DMA",
+    )?;
+    add_io(&mut io, 0xc0, 0x20, shared(Dma2(isa_dma)), "ISA DMA")?;
     let cmos = shared(Cmos::new(
         host.rtc_start,
         host.clock.clone(),
