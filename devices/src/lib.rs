@@ -18,6 +18,7 @@ pub mod bus;
 pub mod chipset;
 pub mod clock;
 pub mod dma;
+pub mod fdc;
 pub mod harness;
 pub mod ide;
 pub mod irq;
