@@ -917,20 +917,23 @@ fn eject_and_medium_change_raise_unit_attention() {
     assert_eq!((ev[4], ev[5]), (3, 1), "media removal, door open");
     let mech = packet(&mut q, SEC, 0, &[0xbd, 0, 0, 0, 0, 0, 0, 0, 0, 8], 8).unwrap();
     assert_eq!(mech[1] & 0x10, 0x10, "tray open");
-    // Load: the medium "changed": UNIT ATTENTION once, then ready.
+    // Load by the guest itself: ready at once (it knows the medium moved;
+    // QEMU's drives raise no UNIT ATTENTION here either), and GET EVENT
+    // STATUS reports the new medium.
     assert_eq!(packet(&mut q, SEC, 0, &[0x1b, 0, 0, 0, 3], 0), Ok(vec![]));
-    // INQUIRY and GET EVENT STATUS do not consume it.
     packet(&mut q, SEC, 0, &[0x12, 0, 0, 0, 36], 36).unwrap();
     let ev = packet(&mut q, SEC, 0, &[0x4a, 1, 0, 0, 0x10, 0, 0, 0, 8], 8).unwrap();
     assert_eq!((ev[4], ev[5]), (2, 2), "new media, present");
-    assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x60));
-    // The failed command's sense stays for REQUEST SENSE (SPC-4 5.12).
-    assert_eq!(sense(&mut q, SEC, 0), (6, 0x28, 0));
     assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Ok(vec![]));
-    // Again, with REQUEST SENSE reporting the UNIT ATTENTION itself.
+    assert_eq!(sense(&mut q, SEC, 0), (0, 0, 0));
+    // The failed command's sense stays for REQUEST SENSE (SPC-4 5.12).
+    assert_eq!(
+        packet(&mut q, SEC, 0, &[0x28, 0, 0, 0, 0, 99, 0, 0, 1], 2048),
+        Err(0x50)
+    );
+    assert_eq!(sense(&mut q, SEC, 0), (5, 0x21, 0));
     packet(&mut q, SEC, 0, &[0x1b, 0, 0, 0, 2], 0).unwrap();
     packet(&mut q, SEC, 0, &[0x1b, 0, 0, 0, 3], 0).unwrap();
-    assert_eq!(sense(&mut q, SEC, 0), (6, 0x28, 0));
     let d = packet(&mut q, SEC, 0, &[0x28, 0, 0, 0, 0, 9, 0, 0, 1], 2048).unwrap();
     assert_eq!(d[0], 9);
     // The empty drive (hdd position): NOT READY, MEDIUM NOT PRESENT.
@@ -1478,14 +1481,17 @@ fn qmp_eject_and_change_medium() {
         .unwrap();
     assert!(cd0.get("inserted").is_none(), "{cd0}");
 
-    // change-medium by device id: tray closes over the new disc, and the
-    // guest gets UNIT ATTENTION once, then reads it.
+    // change-medium by device id: tray closes over the new disc; the guest
+    // sees the drive not ready once (spinning up), then UNIT ATTENTION
+    // once, then reads it (QEMU's drives do the same).
     m.ok(
         "blockdev-change-medium",
         json!({"id": "mycd", "filename": b.display().to_string(), "format": "raw"}),
     );
     let e = m.event("DEVICE_TRAY_MOVED");
     assert_eq!(e["data"]["tray-open"], false);
+    assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x20));
+    assert_eq!(sense(&mut q, SEC, 0), (2, 0x3a, 0), "not ready yet");
     assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x60));
     assert_eq!(
         sense(&mut q, SEC, 0),
@@ -1542,6 +1548,7 @@ fn qmp_eject_and_change_medium() {
     );
     assert_eq!(desc, format!("There already is a medium in device '{dev}'"));
     m.ok("blockdev-close-tray", json!({"device": "empty"}));
+    assert_eq!(packet(&mut q, SEC, 1, &[0x00], 0), Err(0x20));
     assert_eq!(packet(&mut q, SEC, 1, &[0x00], 0), Err(0x60));
     assert_eq!(read0(&mut q, 1), Ok((0xaa, 1)));
     m.ok("blockdev-open-tray", json!({"id": dev}));
@@ -1566,6 +1573,7 @@ fn qmp_eject_and_change_medium() {
         json!({"command-line": format!("change cd0 {}", a.display())}),
     );
     assert_eq!(t, "");
+    assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x20));
     assert_eq!(packet(&mut q, SEC, 0, &[0x00], 0), Err(0x60));
     assert_eq!(read0(&mut q, 0), Ok((0xaa, 1)));
 }

@@ -1,13 +1,13 @@
 #!/bin/sh
-# Builds QEMU's own qtest binaries (ide-test, ahci-test, qos-test), the peer suite
+# Builds QEMU's own qtest binaries (ide-test, ahci-test, fdc-test, qos-test), the peer suite
 # that `make qtest-peer` runs against Strata, from Debian's source package
 # of the qemu-system-x86 that is installed (or, if none is, the candidate
 # apt would install). Nothing of QEMU's source lands in the checkout: the
 # binaries are cached outside it, keyed by that version, so a second run is
 # a no-op and a new Debian update rebuilds.
 #
-# Prints the cache directory holding bin/ide-test, bin/ahci-test and
-# bin/qos-test.
+# Prints the cache directory holding bin/ide-test, bin/ahci-test,
+# bin/fdc-test and bin/qos-test.
 set -eu
 
 log() { echo "qtest-peer: $*" >&2; }
@@ -41,7 +41,7 @@ esac
 CACHE=${STRATA_QTEST_PEER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata/qtest-peer}
 OUT=$CACHE/$(echo "$SRCVER" | tr ':' '_')
 if [ -x "$OUT/bin/ide-test" ] && [ -x "$OUT/bin/ahci-test" ] &&
-   [ -x "$OUT/bin/qos-test" ]; then
+   [ -x "$OUT/bin/fdc-test" ] && [ -x "$OUT/bin/qos-test" ]; then
     echo "$OUT"
     exit 0
 fi
@@ -107,11 +107,11 @@ nice -n 19 "../$SRCDIR/configure" --target-list=x86_64-softmmu \
     --without-default-features --disable-docs --enable-tools \
     --disable-user --disable-werror --meson=meson >configure.log 2>&1 ||
     { tail -n 40 configure.log >&2; exit 1; }
-nice -n 19 ninja tests/qtest/qos-test tests/qtest/ide-test tests/qtest/ahci-test >ninja.log 2>&1 ||
+nice -n 19 ninja tests/qtest/qos-test tests/qtest/ide-test tests/qtest/ahci-test tests/qtest/fdc-test >ninja.log 2>&1 ||
     { tail -n 40 ninja.log >&2; exit 1; }
 
 mkdir -p "$OUT.tmp/bin"
-cp tests/qtest/qos-test tests/qtest/ide-test tests/qtest/ahci-test "$OUT.tmp/bin/"
+cp tests/qtest/qos-test tests/qtest/ide-test tests/qtest/ahci-test tests/qtest/fdc-test "$OUT.tmp/bin/"
 echo "$SRCNAME $SRCVER (qemu-system-x86 $BINVER)" >"$OUT.tmp/VERSION"
 rm -rf "$OUT"
 mv "$OUT.tmp" "$OUT"

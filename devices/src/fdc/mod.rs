@@ -1,9 +1,10 @@
-//! The floppy disk controller (an i82078, as QEMU's `isa-fdc`), being
-//! built for issue 19: so far its command phase ([`command`]: command
-//! lengths and typed commands) and the diskette formats and drive types
-//! ([`geometry`]). The controller's registers and phases, the drives and
-//! their wiring into the machines come next; its DMA goes through
-//! `legacy::isa_dma`.
+//! The floppy disk controller (an i82078, as QEMU's `isa-fdc`):
+//! [`i82078`] the controller, [`command`] its command phase (lengths and
+//! typed commands), [`drive`] the drives and their diskettes,
+//! [`geometry`] the diskette formats and drive types. Its DMA goes
+//! through `legacy::isa_dma`.
 
 pub mod command;
+pub mod drive;
 pub mod geometry;
+pub mod i82078;

@@ -55,7 +55,7 @@ enum MediaEvent {
 
 /// Told of every tray movement (`true`: it opened), by the guest or the
 /// host: QMP's DEVICE_TRAY_MOVED.
-pub type TrayListener = Box<dyn Fn(bool) + Send + Sync>;
+pub use crate::media::TrayListener;
 
 /// The drive's changing state, behind the unit's lock.
 /// Where a drive is after the host loaded a medium.
@@ -692,6 +692,30 @@ impl Lun for CdRom {
 
     fn backend(&self) -> Option<Arc<BlockBackend>> {
         self.medium()
+    }
+}
+
+impl crate::media::Removable for CdRom {
+    fn backend(&self) -> Option<Arc<BlockBackend>> {
+        CdRom::backend(self)
+    }
+    fn has_tray(&self) -> bool {
+        true
+    }
+    fn tray_open(&self) -> bool {
+        CdRom::tray_open(self)
+    }
+    fn locked(&self) -> bool {
+        CdRom::locked(self)
+    }
+    fn host_open_tray(&self, force: bool) -> bool {
+        CdRom::host_open_tray(self, force)
+    }
+    fn host_close_tray(&self) {
+        CdRom::host_close_tray(self)
+    }
+    fn set_tray_listener(&self, l: TrayListener) {
+        CdRom::set_tray_listener(self, l)
     }
 }
 

@@ -19,6 +19,7 @@ pub enum BusKind {
     Pci,
     Isa,
     Ide,
+    Floppy,
 }
 
 impl BusKind {
@@ -28,6 +29,7 @@ impl BusKind {
             BusKind::Pci => "PCI",
             BusKind::Isa => "ISA",
             BusKind::Ide => "IDE",
+            BusKind::Floppy => "floppy-bus",
         }
     }
 
@@ -35,7 +37,7 @@ impl BusKind {
     fn unit_prop(self) -> Option<&'static str> {
         match self {
             BusKind::Pci => Some("addr"),
-            BusKind::Ide => Some("unit"),
+            BusKind::Ide | BusKind::Floppy => Some("unit"),
             BusKind::System | BusKind::Isa => None,
         }
     }
@@ -53,10 +55,23 @@ pub trait IdeBus: Send + Sync {
 }
 
 /// The controller behind a bus.
+/// A floppy controller's drive bus: the drive's unit, its type and its
+/// backend (which may hold no medium).
+pub trait FloppyBus: Send + Sync {
+    fn attach(
+        &self,
+        unit: u32,
+        kind: devices::fdc::geometry::DriveType,
+        backend: Arc<block::backend::BlockBackend>,
+    ) -> Result<Arc<dyn devices::media::Removable>, String>;
+    fn boot_path(&self, unit: u32) -> String;
+}
+
 #[derive(Clone)]
 pub enum Port {
     Pci(Arc<PciBus>),
     Ide(Arc<dyn IdeBus>),
+    Floppy(Arc<dyn FloppyBus>),
     None,
 }
 
@@ -179,7 +194,7 @@ impl Buses {
                 .devfn("addr")
                 .map(|(s, f)| (s as u32) << 3 | f as u32),
             // `unit=-1` (QEMU's default) is "pick one".
-            BusKind::Ide => dev
+            BusKind::Ide | BusKind::Floppy => dev
                 .props
                 .uint("unit")
                 .filter(|&u| u != u32::MAX as u64)

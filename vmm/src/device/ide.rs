@@ -138,7 +138,7 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     let media = match backend {
         _ if is_cd => {
             let cd = std::sync::Arc::new(CdRom::new(Transport::Atapi, backend));
-            ctx.cdrom = Some(cd.clone());
+            ctx.removable = Some(cd.clone());
             Media::Cd(cd)
         }
         Some(b) => Media::Disk(b),

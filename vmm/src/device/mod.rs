@@ -18,6 +18,7 @@
 pub mod ahci;
 pub mod bus;
 pub mod debugcon;
+pub mod fdc;
 pub mod ide;
 pub mod props;
 pub mod virtio_blk;
@@ -91,6 +92,7 @@ pub static TYPES: &[&DeviceType] = &[
     &virtio_blk::VIRTIO_BLK_PCI,
     &virtio_blk::VIRTIO_BLK_PCI_TRANSITIONAL,
     &virtio_blk::VIRTIO_BLK_PCI_NON_TRANSITIONAL,
+    &fdc::FLOPPY,
     &debugcon::ISA_DEBUGCON,
 ];
 
@@ -394,7 +396,7 @@ pub struct AttachCtx<'a> {
     /// The devices built so far, for the monitor.
     pub realized: Vec<Realized>,
     /// Set by a constructor whose device has a removable-media drive.
-    pub cdrom: Option<Arc<devices::scsi::CdRom>>,
+    pub removable: Option<Arc<dyn devices::media::Removable>>,
     /// The backend the device being built claimed (`claim_drive`).
     pub claimed: Option<Arc<BlockBackend>>,
 }
@@ -406,7 +408,7 @@ pub struct Realized {
     /// `drive=` as given.
     pub drive: Option<String>,
     /// Its removable-media drive (CD-ROMs).
-    pub cdrom: Option<Arc<devices::scsi::CdRom>>,
+    pub removable: Option<Arc<dyn devices::media::Removable>>,
     /// Its PCI slot, for a device on the PCI bus (hot-unplug).
     pub pci_slot: Option<u8>,
     /// The bus it is on (`pci.0`, `ide.1`).
@@ -467,20 +469,20 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
     let place = ctx.buses.place(&dev).map_err(err)?;
     let pci_slot = matches!(place.port, Port::Pci(_)).then(|| place.devfn().0);
     let bus = place.bus.clone();
-    ctx.cdrom = None;
+    ctx.removable = None;
     ctx.claimed = None;
     (spec.ty.create)(ctx, &dev, place).map_err(err)?;
     let r = Realized {
         id: spec.id.clone(),
         ty: spec.ty,
         drive: dev.props.str("drive").map(str::to_string),
-        cdrom: ctx.cdrom.take(),
+        removable: ctx.removable.take(),
         pci_slot,
         bus,
         backend: ctx.claimed.take(),
         props: dev.props.clone(),
     };
-    if let Some(cd) = &r.cdrom {
+    if let Some(cd) = r.removable.as_ref().filter(|m| m.has_tray()) {
         let (events, drive, qdev) = (
             ctx.events.clone(),
             r.drive.clone().unwrap_or_default(),

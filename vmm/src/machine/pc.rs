@@ -190,6 +190,18 @@ pub(super) fn drive_device(
                 ("ide-hd", Some(format!("ide.{}", d.bus)))
             }
         }
+        (Interface::Floppy, _) => {
+            if d.bus > 0 {
+                return Err(format!(
+                    "machine type does not support if=floppy,bus={},unit={}",
+                    d.bus, d.unit
+                ));
+            }
+            // A floppy drive has no serial number.
+            props.retain(|(k, _)| *k != "serial");
+            props.push(("unit", PropValue::Uint(d.unit as u64)));
+            ("floppy", Some("floppy-bus.0".to_string()))
+        }
         (Interface::Virtio, _) => {
             if let Some(a) = &d.addr {
                 props.push(("addr", device::PropType::PciDevfn.parse("addr", a)?));
@@ -272,6 +284,7 @@ fn build(
         power_button,
         pcihp: Some(pcihp),
         ecam: None,
+        fdc: true,
     };
     assemble(&PC, cfg, host, storage, mem, io, buses, chipset, |cmos| {
         piix_ide::fill_cmos(&ide, cmos)
@@ -289,6 +302,8 @@ pub(super) struct Chipset {
     pub pcihp: Option<Arc<Mutex<PciHotplug>>>,
     /// The PCIe ECAM window, on a board with one.
     pub ecam: Option<Arc<Ecam>>,
+    /// Whether the board has the ISA floppy controller.
+    pub fdc: bool,
 }
 
 /// What every PC board has around its chipset: PCI decoding on the I/O and
@@ -348,7 +363,20 @@ pub(super) fn assemble(
         shared(DmaPages(isa_dma.clone())),
         "ISA DMA",
     )?;
-    add_io(&mut io, 0xc0, 0x20, shared(Dma2(isa_dma)), "ISA DMA")?;
+    add_io(
+        &mut io,
+        0xc0,
+        0x20,
+        shared(Dma2(isa_dma.clone())),
+        "ISA DMA",
+    )?;
+    let fdc = if chipset.fdc {
+        let f = device::fdc::create_fdc(&mut io, &mut buses, host.irq.as_ref(), isa_dma)
+            .map_err(MachineError::Config)?;
+        Some(f)
+    } else {
+        None
+    };
     let cmos = shared(Cmos::new(
         host.rtc_start,
         host.clock.clone(),
@@ -419,7 +447,7 @@ pub(super) fn assemble(
         used_drives: Vec::new(),
         events: host.events.clone(),
         realized: Vec::new(),
-        cdrom: None,
+        removable: None,
         claimed: None,
     };
     // The devices of `-drive if=...` first, as QEMU's board init creates
@@ -491,6 +519,9 @@ pub(super) fn assemble(
     )?;
     fill_cmos(&mut cmos.lock().unwrap(), cfg, &layout);
     cmos_late(&mut cmos.lock().unwrap());
+    if let Some(f) = &fdc {
+        fill_cmos_floppy(&mut cmos.lock().unwrap(), &devices::bus::lock(f));
+    }
     let boot_entry = if direct {
         Some(boot::setup(cfg, &ram, &layout, chipset.kind)?)
     } else {
@@ -558,6 +589,17 @@ fn fill_fw_cfg(f: &mut FwCfg, cfg: &MachineConfig, layout: &Layout, boot: &BootO
             "etc/boot-menu-wait",
             (ms.min(0xffff) as u16).to_le_bytes().to_vec(),
         );
+    }
+}
+
+/// The floppy drives in CMOS (PC/AT CMOS map): their types in 0x10, and
+/// the equipment byte's "diskette drives present" bit and count (bits 0
+/// and 7:6).
+fn fill_cmos_floppy(c: &mut Cmos, fdc: &devices::fdc::i82078::Fdc) {
+    c.set(0x10, fdc.cmos_drive_types());
+    let n = fdc.drive_count() as u8;
+    if n > 0 {
+        c.set(0x14, c.get(0x14) | 1 | (n - 1) << 6);
     }
 }
 

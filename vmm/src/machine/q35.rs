@@ -144,6 +144,12 @@ fn build(
         power_button: pm,
         pcihp: None,
         ecam: Some(ecam),
+        // As QEMU's q35: a floppy controller only for floppy drives.
+        fdc: storage.drives().iter().any(|d| {
+            d.device
+                .as_ref()
+                .is_some_and(|p| p.interface == Interface::Floppy)
+        }) || cfg.devices.iter().any(|d| d.ty.name == "floppy"),
     };
     pc::assemble(&Q35, cfg, host, storage, mem, io, buses, chipset, |_| {})
 }

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use block::node::Node;
+use devices::media::Removable;
 use serde_json::{json, Value};
 
 use super::command::{self, Command, ErrorClass, QmpError};
@@ -264,8 +265,8 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
         }
         Command::Eject { drive, id, force } => {
             let (cd, name) = find_media(ctx, drive.as_deref(), id.as_deref())?;
-            open_tray(&cd, &name, force)?;
-            remove_medium(&cd, &name)?;
+            open_tray(cd.as_ref(), &name, force)?;
+            remove_medium(cd.as_ref(), &name)?;
             ok(json!({}))
         }
         Command::OpenTray { drive, id, force } => {
@@ -281,7 +282,7 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
         }
         Command::RemoveMedium { id } => {
             let (cd, name) = find_media(ctx, None, Some(&id))?;
-            remove_medium(&cd, &name)?;
+            remove_medium(cd.as_ref(), &name)?;
             ok(json!({}))
         }
         Command::InsertMedium { id, node_name } => {
@@ -292,7 +293,7 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
                     format!("Node '{node_name}' not found"),
                 )
             })?;
-            insert_medium(&cd, &name, node)?;
+            insert_medium(cd.as_ref(), &name, node)?;
             ok(json!({}))
         }
         Command::ChangeMedium {
@@ -321,9 +322,9 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
                 .graph
                 .open_image(&filename, format.as_deref(), read_only, &[])
                 .map_err(|e| QmpError::generic(format!("Could not open '{filename}': {e}")))?;
-            open_tray(&cd, &name, force)?;
-            remove_medium(&cd, &name)?;
-            insert_medium(&cd, &name, node)?;
+            open_tray(cd.as_ref(), &name, force)?;
+            remove_medium(cd.as_ref(), &name)?;
+            insert_medium(cd.as_ref(), &name, node)?;
             cd.host_close_tray();
             ok(json!({}))
         }
@@ -414,7 +415,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         used_drives: std::mem::take(&mut hp.used_drives),
         events: hp.events.clone(),
         realized: Vec::new(),
-        cdrom: None,
+        removable: None,
         claimed: None,
     };
     let r = crate::device::realize(&mut attach, &spec);
@@ -497,7 +498,7 @@ fn find_media(
     ctx: &Ctx,
     drive: Option<&str>,
     id: Option<&str>,
-) -> Result<(Arc<devices::scsi::CdRom>, String), QmpError> {
+) -> Result<(Arc<dyn Removable>, String), QmpError> {
     let devs = devices::bus::lock(&ctx.machine.devices);
     let (name, found) = match (drive, id) {
         (Some(d), None) => (d, devs.iter().find(|r| r.drive.as_deref() == Some(d))),
@@ -506,7 +507,7 @@ fn find_media(
     };
     let r = found.ok_or_else(|| device_not_found(name))?;
     let cd = r
-        .cdrom
+        .removable
         .clone()
         .ok_or_else(|| QmpError::generic(format!("Device '{name}' is not removable")))?;
     Ok((cd, name.to_string()))
@@ -537,7 +538,7 @@ fn no_drive(name: &str) -> QmpError {
 
 /// Opens the tray for `eject` and `blockdev-change-medium`, which fail
 /// when the guest holds the drive locked (it is asked to eject).
-fn open_tray(cd: &devices::scsi::CdRom, name: &str, force: bool) -> Result<(), QmpError> {
+fn open_tray(cd: &dyn Removable, name: &str, force: bool) -> Result<(), QmpError> {
     if cd.host_open_tray(force) {
         Ok(())
     } else {
@@ -547,7 +548,7 @@ fn open_tray(cd: &devices::scsi::CdRom, name: &str, force: bool) -> Result<(), Q
     }
 }
 
-fn remove_medium(cd: &devices::scsi::CdRom, name: &str) -> Result<(), QmpError> {
+fn remove_medium(cd: &dyn Removable, name: &str) -> Result<(), QmpError> {
     if !cd.tray_open() {
         return Err(QmpError::generic(format!(
             "Tray of device '{name}' is not open"
@@ -559,7 +560,7 @@ fn remove_medium(cd: &devices::scsi::CdRom, name: &str) -> Result<(), QmpError> 
     Ok(())
 }
 
-fn insert_medium(cd: &devices::scsi::CdRom, name: &str, node: Arc<Node>) -> Result<(), QmpError> {
+fn insert_medium(cd: &dyn Removable, name: &str, node: Arc<Node>) -> Result<(), QmpError> {
     if !cd.tray_open() {
         return Err(QmpError::generic(format!(
             "Tray of device '{name}' is not open"
@@ -769,7 +770,7 @@ fn query_block(ctx: &Ctx) -> Value {
             .iter()
             .enumerate()
             .find(|(_, r)| r.drive.as_deref() == Some(d.id.as_str()));
-        let cd = dev.and_then(|(_, r)| r.cdrom.clone());
+        let cd = dev.and_then(|(_, r)| r.removable.clone());
         let mut info = json!({
             "device": d.id,
             "qdev": dev.map(|(i, r)| r.qdev(i)).unwrap_or_default(),
@@ -784,7 +785,7 @@ fn query_block(ctx: &Ctx) -> Value {
                 info["inserted"] = node_info(&root, Some(&b));
             }
         }
-        if let Some(c) = &cd {
+        if let Some(c) = cd.as_ref().filter(|c| c.has_tray()) {
             info["tray_open"] = json!(c.tray_open());
         }
         out.push(info);
@@ -800,7 +801,7 @@ fn query_block(ctx: &Ctx) -> Value {
             "device": "",
             "qdev": r.qdev(i),
             "locked": false,
-            "removable": r.cdrom.is_some(),
+            "removable": r.removable.is_some(),
             "type": "unknown",
             "io-status": if b.is_stopped() { "failed" } else { "ok" },
         });
