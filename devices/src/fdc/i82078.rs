@@ -879,3 +879,156 @@ impl crate::bus::BusDevice for FdcPorts {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fdc::geometry::DriveType;
+    use block::backend::BackendConfig;
+    use block::graph::BlockGraph;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use vm_memory::GuestAddress;
+
+    #[derive(Default)]
+    struct Line(AtomicBool);
+    impl IrqLine for Line {
+        fn set_level(&self, l: bool) {
+            self.0.store(l, Ordering::SeqCst)
+        }
+    }
+
+    /// A 1.44 MB image whose sector `n` is filled with `n as u8`.
+    fn setup() -> (Fdc, Arc<Line>, Arc<Mutex<IsaDma>>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("strata-fdc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join(format!("fd-{:?}.img", std::thread::current().id()));
+        let data: Vec<u8> = (0..2880u32).flat_map(|n| [n as u8; 512]).collect();
+        std::fs::write(&img, data).unwrap();
+        let g = BlockGraph::new();
+        let n = g
+            .blockdev_add_str(&format!(
+                "driver=raw,node-name=fd,file.driver=file,file.filename={}",
+                img.display()
+            ))
+            .unwrap();
+        let b = BlockBackend::new("fd0", n, BackendConfig::default()).unwrap();
+        let drive = Arc::new(Mutex::new(Drive::new(DriveType::Auto, Some(b)).unwrap()));
+        let mem = crate::GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let dma = Arc::new(Mutex::new(IsaDma::new(mem)));
+        let line = Arc::new(Line::default());
+        let mut f = Fdc::new([None, None], dma.clone(), line.clone());
+        f.attach(0, drive).unwrap();
+        (f, line, dma, img)
+    }
+
+    fn send(f: &mut Fdc, bytes: &[u8]) -> Option<FdcIo> {
+        let mut io = None;
+        for &b in bytes {
+            assert_eq!(
+                f.msr() & (msr::RQM | msr::DIO),
+                msr::RQM,
+                "ready for {b:#x}"
+            );
+            io = f.write(5, b);
+        }
+        io
+    }
+
+    /// Runs a transfer's requests to the end, synchronously.
+    fn run(f: &mut Fdc, mut io: Option<FdcIo>) {
+        while let Some(FdcIo {
+            backend,
+            req,
+            ticket,
+        }) = io.take()
+        {
+            let (tx, rx) = std::sync::mpsc::channel();
+            backend.submit(
+                req,
+                Box::new(move |req, r| {
+                    let _ = tx.send((r.is_ok(), req.iov.into_vec()));
+                }),
+            );
+            let (ok, data) = rx.recv().unwrap();
+            io = f.complete(ticket, ok, data);
+        }
+    }
+
+    fn results(f: &mut Fdc, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                assert_eq!(f.msr() & (msr::RQM | msr::DIO), msr::RQM | msr::DIO);
+                f.read(5).0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reset_seek_and_sense_interrupt() {
+        let (mut f, line, _, _) = setup();
+        assert_eq!(results(&mut f, 0), Vec::<u8>::new());
+        f.write(2, 0x08); // reset asserted
+        f.write(2, 0x0c); // and released: interrupt, four SENSE INTs
+        assert!(line.0.load(Ordering::SeqCst));
+        for n in 0..4 {
+            send(&mut f, &[command::op::SENSE_INTERRUPT]);
+            assert_eq!(results(&mut f, 2), vec![0xc0 | n, 0]);
+        }
+        send(&mut f, &[command::op::SENSE_INTERRUPT]);
+        assert_eq!(results(&mut f, 1), vec![0x80], "nothing pending");
+        send(&mut f, &[command::op::SEEK, 0, 5]);
+        assert!(line.0.load(Ordering::SeqCst));
+        send(&mut f, &[command::op::SENSE_INTERRUPT]);
+        assert_eq!(results(&mut f, 2), vec![0x20, 5]);
+        assert!(!line.0.load(Ordering::SeqCst));
+        assert_eq!(f.read(7).0 & 0x80, 0, "the step cleared the change line");
+    }
+
+    /// READ DATA by DMA into memory (results name the next sector), then
+    /// by the FIFO (results name the last sector read), then WRITE DATA by
+    /// DMA, checked in the image.
+    #[test]
+    fn read_and_write_by_dma_and_fifo() {
+        let (mut f, _, dma, img) = setup();
+        let program = |dma: &Arc<Mutex<IsaDma>>, mode: u8, len: u16| {
+            let mut c = crate::legacy::isa_dma::Dma1(dma.clone());
+            let mut p = crate::legacy::isa_dma::DmaPages(dma.clone());
+            use crate::bus::BusDevice;
+            c.write(0xc, &[0]);
+            c.write(0xb, &[mode | 2]);
+            c.write(4, &[0x00]);
+            c.write(4, &[0x20]);
+            p.write(1, &[0]);
+            c.write(5, &[(len - 1) as u8]);
+            c.write(5, &[((len - 1) >> 8) as u8]);
+            c.write(0xa, &[2]);
+        };
+        // Track 1, head 0, sectors 3-4: LBAs 38 and 39.
+        program(&dma, 0x44, 1024);
+        let io = send(&mut f, &[0xe6, 0, 1, 0, 3, 2, 18, 0x1b, 0xff]);
+        run(&mut f, io);
+        assert_eq!(results(&mut f, 7), vec![0x20, 0, 0, 1, 0, 5, 2]);
+        let mut m = [0u8; 1024];
+        dma.lock().unwrap().read_memory_at(0x2000, &mut m);
+        assert!(m[..512].iter().all(|&b| b == 38) && m[512..].iter().all(|&b| b == 39));
+        // Non-DMA, one sector on each head (MT, EOT 1) of track 0.
+        f.write(2, 0x04);
+        let io = send(&mut f, &[0xe6, 0, 0, 0, 1, 2, 1, 0x1b, 0xff]);
+        run(&mut f, io);
+        let mut got = Vec::new();
+        while f.msr() & msr::NDMA != 0 {
+            got.push(f.read(5).0);
+        }
+        assert_eq!(got.len(), 1024);
+        assert!(got[..512].iter().all(|&b| b == 0) && got[512..].iter().all(|&b| b == 18));
+        assert_eq!(results(&mut f, 7), vec![0x24, 0, 0, 0, 1, 1, 2]);
+        // WRITE DATA by DMA: sector 1 of track 2 (LBA 72) from memory.
+        f.write(2, 0x0c);
+        program(&dma, 0x48, 512);
+        let io = send(&mut f, &[0xc5, 0, 2, 0, 1, 2, 18, 0x1b, 0xff]);
+        run(&mut f, io);
+        assert_eq!(results(&mut f, 7)[0] & 0xc0, 0, "normal termination");
+        let image = std::fs::read(&img).unwrap();
+        assert!(image[72 * 512..73 * 512].iter().all(|&b| b == 38));
+    }
+}

@@ -205,6 +205,13 @@ impl IsaDma {
         }
     }
 
+    /// Reads guest memory at `addr` (for tests of the devices that use
+    /// DMA).
+    #[cfg(test)]
+    pub fn read_memory_at(&self, addr: u64, buf: &mut [u8]) {
+        let _ = dma::read_ram(&self.mem, GuestAddress(addr), buf);
+    }
+
     /// Device to memory on channel `n`; the bytes moved.
     pub fn write_memory(&mut self, n: usize, data: &[u8]) -> usize {
         let mut done = 0;

@@ -57,11 +57,16 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         .and_then(DriveType::parse)
         .unwrap_or(DriveType::Auto);
     // Without a drive, an empty one QMP can load (QEMU's anonymous
-    // backend).
+    // backend, whose media come in read-only unless QMP's
+    // `read-only-mode` says otherwise, as QEMU's empty root state does).
     let backend = match ctx.claim_drive(dev)? {
         Some(b) => b,
         None => {
-            let b = BlockBackend::new_empty("", BackendConfig::default());
+            let cfg = BackendConfig {
+                read_only: true,
+                ..BackendConfig::default()
+            };
+            let b = BlockBackend::new_empty("", cfg);
             ctx.claimed = Some(b.clone());
             b
         }
