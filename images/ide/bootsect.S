@@ -22,6 +22,11 @@
  * marker "STRATA-CD-OK", so that boot-order tests can tell which device
  * booted without waiting for a full boot loader.
  *
+ * Assembled with --defsym FLOPPY=1 it is a 1.44 MB diskette's boot
+ * sector: floppies have no INT 13h extensions, so it reads the whole
+ * diskette after itself (2879 sectors) with CHS reads (AH=02h), one track
+ * (or its rest) at a time, and checks the same dword counter.
+ *
  * Real mode, 16-bit code; built with GNU as and ld (see build.sh).
  */
         .code16
@@ -34,10 +39,19 @@
         .equ DATA_SECTORS, 64
         .equ CHUNK, 16
         .else
+        .ifdef FLOPPY
+        .equ SECTOR, 512
+        .equ DATA_LBA, 1
+        .equ DATA_SECTORS, 2879
+        .equ SPT, 18
+        .equ HEADS, 2
+        .equ CHUNK, SPT
+        .else
         .equ SECTOR, 512
         .equ DATA_LBA, 1
         .equ DATA_SECTORS, 256
         .equ CHUNK, 64
+        .endif
         .endif
         .equ DWORDS, DATA_SECTORS * SECTOR / 4
         .equ COM1, 0x3f8
@@ -53,6 +67,7 @@ start2:
         sti
         movb    %dl, drive
 
+        .ifndef FLOPPY
         movb    $'E', stage
         movb    $0x41, %ah
         movw    $0x55aa, %bx
@@ -60,26 +75,57 @@ start2:
         jc      fail
         cmpw    $0xaa55, %bx
         jne     fail
+        .endif
 
         xorl    %esi, %esi             /* checksum */
         xorl    %edi, %edi             /* expected next dword */
         movb    $'R', stage
 read_loop:
         pushl   %esi
+        .ifdef FLOPPY
+        /* CHS of dap_lba; read to the end of its track (count in CX). */
+        movw    dap_lba, %ax
+        xorw    %dx, %dx
+        movw    $SPT, %bx
+        divw    %bx                    /* AX = track * HEADS + head, DX = sector - 1 */
+        movw    $SPT, %cx
+        subw    %dx, %cx               /* sectors left on the track */
+        movw    %cx, chunk
+        incb    %dl
+        movb    %dl, %cl               /* sector (1-based) */
+        xorw    %dx, %dx
+        movw    $HEADS, %bx
+        divw    %bx                    /* AX = cylinder, DX = head */
+        movb    %al, %ch
+        movb    %dl, %dh
+        movb    drive, %dl
+        movw    $0x2000, %ax
+        movw    %ax, %es
+        xorw    %bx, %bx
+        movb    chunk, %al
+        movb    $0x02, %ah
+        int     $0x13
+        .else
         movw    $dap, %si
         movb    $0x42, %ah
         movb    drive, %dl
         int     $0x13
+        .endif
         popl    %esi
         jc      fail
 
         /* Verify the chunk at 2000:0000. */
         movb    $'D', stage
         pushw   %ds
+        .ifdef FLOPPY
+        movw    chunk, %cx
+        shlw    $7, %cx                /* dwords in the chunk */
+        .else
+        movw    $CHUNK * SECTOR / 4, %cx
+        .endif
         movw    $0x2000, %ax
         movw    %ax, %ds
         xorw    %bx, %bx
-        movw    $CHUNK * SECTOR / 4, %cx
 check:
         movl    (%bx), %eax
         cmpl    %eax, %edi
@@ -90,7 +136,12 @@ check:
         loop    check
         popw    %ds
 
+        .ifdef FLOPPY
+        movzwl  chunk, %eax
+        addl    %eax, dap_lba
+        .else
         addl    $CHUNK, dap_lba
+        .endif
         cmpl    $DATA_SECTORS + DATA_LBA, dap_lba
         jb      read_loop_r
 
@@ -172,6 +223,7 @@ dap_lba:
         .long   DATA_LBA, 0
 drive:  .byte   0
 stage:  .byte   0
+chunk:  .word   0
 
         .org    510
         .byte   0x55, 0xaa

@@ -9,6 +9,8 @@
 #                               that also writes (--defsym WRITE=1)
 #   images/out/ide-disk.img     boot sector + 256 sectors of a dword
 #                               counter, padded to 1 MiB
+#   images/out/floppy.img       the floppy boot sector (--defsym FLOPPY=1)
+#                               + 2879 sectors of the counter: 1.44 MB
 #   images/out/ide-cd.iso       an El Torito "no emulation" CD: volume
 #                               descriptors at 16-18, boot catalog at 19,
 #                               boot image at 20, 64 sectors of the counter
@@ -40,6 +42,18 @@ assemble() { # assemble OUT [as flags]
 stale "$out/bootsect.bin" "$here/bootsect.S" && assemble "$out/bootsect.bin"
 stale "$out/bootsect-cd.bin" "$here/bootsect.S" && assemble "$out/bootsect-cd.bin" --defsym CD=1
 stale "$out/bootsect-write.bin" "$here/bootsect.S" && assemble "$out/bootsect-write.bin" --defsym WRITE=1
+stale "$out/bootsect-fd.bin" "$here/bootsect.S" && assemble "$out/bootsect-fd.bin" --defsym FLOPPY=1
+
+# A 1.44 MB diskette: the floppy boot sector and 2879 sectors of the
+# counter (368512 dwords).
+fd="$out/floppy.img"
+if stale "$fd" "$out/bootsect-fd.bin" "$0"; then
+    {
+        cat "$out/bootsect-fd.bin"
+        perl -e 'print pack("V*", 0 .. 368511)'
+    } > "$fd.tmp"
+    mv "$fd.tmp" "$fd"
+fi
 
 for kind in "" -write; do
     disk="$out/ide-disk$kind.img"

@@ -62,7 +62,7 @@ impl Drive {
         if let Some(b) = d.medium() {
             if d.format.is_none() {
                 return Err(format!(
-                    "drive '{}': an image of {} bytes fits no floppy format",
+                    "drive '{}': an image of {} bytes is larger than any diskette this drive takes",
                     b.id(),
                     b.len()
                 ));
@@ -232,7 +232,7 @@ mod tests {
         assert!(d.change_line());
         assert_eq!(d.seek(0, 6, 1), Seek::Done { moved: true });
         assert!(!d.change_line());
-        // A size no format has is refused.
-        assert!(Drive::new(DriveType::Auto, Some(medium(1_000_000))).is_err());
+        // An image larger than any diskette is refused.
+        assert!(Drive::new(DriveType::Auto, Some(medium(3_000_000))).is_err());
     }
 }

@@ -111,13 +111,25 @@ pub const FORMATS: &[Format] = &[
 
 /// The format of a `size`-byte medium in a drive of type `drive`: the
 /// first format of the same drive type and size, else of any drive type
-/// with that size (an Auto drive takes it). `None`: no format has that
-/// size, and the drive cannot read the medium.
+/// with that size (an Auto drive takes it); an image of another size (a
+/// boot loader's floppy image, say) gets the smallest format of the
+/// drive's type that holds it, as QEMU's drives pick one. `None`: the
+/// image is larger than any diskette the drive takes.
 pub fn pick(drive: DriveType, size: u64) -> Option<Format> {
     let same_size = || FORMATS.iter().filter(move |f| f.size() == size);
+    let family = match drive {
+        DriveType::Auto => DriveType::D144,
+        d => d,
+    };
     same_size()
         .find(|f| f.drive == drive)
         .or_else(|| same_size().find(|_| drive == DriveType::Auto))
+        .or_else(|| {
+            FORMATS
+                .iter()
+                .filter(|f| f.drive == family && f.size() >= size)
+                .min_by_key(|f| f.size())
+        })
         .copied()
 }
 
@@ -145,9 +157,13 @@ mod tests {
                 (s, t, h, d)
             );
         }
-        // A 1.2 MB image does not fit a 1.44 MB drive; 1000 KB fits nothing.
-        assert_eq!(pick(DriveType::D144, 1200 * k), None);
-        assert_eq!(pick(DriveType::Auto, 1000 * k), None);
+        // Other sizes: the smallest diskette of the drive's type that holds
+        // them (GRUB's rescue floppy is 1266 KiB); larger than any: none.
+        let f = pick(DriveType::Auto, 1_296_384).unwrap();
+        assert_eq!((f.sectors, f.tracks, f.heads), (18, 80, 2));
+        assert_eq!(pick(DriveType::D144, 1200 * k).map(|f| f.sectors), Some(18));
+        assert_eq!(pick(DriveType::D120, 1440 * k).map(|f| f.sectors), Some(18));
+        assert_eq!(pick(DriveType::Auto, 3000 * k), None);
         assert_eq!(DriveType::Auto.cmos_code(), 4);
     }
 }
