@@ -228,7 +228,7 @@ fn hba_reset_and_port_start() {
     h.wr(GHC, GHC_HR);
     assert_eq!(h.rd(GHC) & GHC_HR, 0, "HR reads back 0 once done");
     assert_eq!(h.prd(0, PX_SSTS), 0x113, "device present, link up");
-    assert_eq!(h.prd(0, PX_SSTS + 0x80 * 1), 0, "port 1 is empty");
+    assert_eq!(h.prd(1, PX_SSTS), 0, "port 1 is empty");
     assert_eq!(h.prd(0, PX_TFD), 0x7f, "no FIS received yet");
     assert_eq!(h.prd(0, PX_SIG), u32::MAX);
     h.pwr(0, PX_CLB, CLB as u32);

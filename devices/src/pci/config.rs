@@ -165,7 +165,7 @@ impl PciConfig {
     /// `offset` (a device whose datasheet fixes where it is); it must not
     /// go back over the capabilities already added.
     pub fn next_capability_at(&mut self, offset: u16) {
-        assert!(offset >= self.next_cap && offset % 4 == 0);
+        assert!(offset >= self.next_cap && offset.is_multiple_of(4));
         self.next_cap = offset;
     }
 
