@@ -122,7 +122,7 @@ pub mod op {
     pub const SCAN_EQUAL: u8 = 0x11;
     pub const PERPENDICULAR: u8 = 0x12;
     pub const CONFIGURE: u8 = 0x13;
-    pub const LOCK: u8 = 0x14;
+    pub const LOCK: u8 = 0x94;
     pub const VERIFY: u8 = 0x16;
     pub const POWERDOWN: u8 = 0x17;
     pub const PART_ID: u8 = 0x18;
@@ -130,7 +130,7 @@ pub mod op {
     pub const SCAN_HIGH_OR_EQUAL: u8 = 0x1d;
     pub const RELATIVE_SEEK_OUT: u8 = 0x8f;
     pub const RELATIVE_SEEK_IN: u8 = 0xcf;
-    pub const UNLOCK: u8 = 0x94;
+    pub const UNLOCK: u8 = 0x14;
 }
 
 /// Which command the first byte starts, and its opcode bits; the bits a
