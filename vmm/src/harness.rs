@@ -1,7 +1,8 @@
 //! A fuzzing harness for the `pc` machine's guest-facing registers: it
 //! builds the machine as the qtest accelerator does (no vCPU, a stepped
 //! clock, a 64 KiB dummy firmware) with an IDE disk and CD-ROM, a
-//! virtio-blk-pci disk and an AHCI HBA with a disk on port 0, maps the PCI
+//! virtio-blk-pci disk, an AHCI HBA with a disk on port 0 and a 1.44 MB
+//! floppy on the FDC (whose DMA goes through the 8237), maps the PCI
 //! BARs as firmware would, and
 //! interprets the input bytes as a sequence of port and MMIO accesses,
 //! guest-memory writes (fw_cfg DMA descriptors, PRD tables, virtqueues),
@@ -91,7 +92,7 @@ fn install_log_meter() {
 
 /// Ports worth aiming at: every device the `pc` machine decodes, plus the
 /// PM block where firmware usually puts PMBASE.
-const PORTS: [u16; 44] = [
+const PORTS: [u16; 60] = [
     0x60,
     0x64,
     0x70,
@@ -115,7 +116,26 @@ const PORTS: [u16; 44] = [
     0xcf9,
     0xcfc,
     0xcfe,
-    0x608, // IDE: both channels' task files and controls,
+    0x608,
+    // The floppy controller and ISA DMA (channel 2 and its page, the
+    // flip-flop, mode, mask and master clear),
+    0x3f0,
+    0x3f2,
+    0x3f4,
+    0x3f5,
+    0x3f5,
+    0x3f7,
+    0x04,
+    0x05,
+    0x08,
+    0x0a,
+    0x0b,
+    0x0c,
+    0x0d,
+    0x81,
+    0xc0,
+    0xd4,
+    // IDE: both channels' task files and controls,
     0x1f0,
     0x1f1,
     0x1f2,
@@ -179,6 +199,7 @@ fn build(loops: &ManualLoops, clock: &Arc<ManualClock>) -> Option<Machine> {
         "if=ide,index=2,media=cdrom,driver=null-co,size=1048576,read-zeroes=on",
         "if=none,id=vd0,driver=null-co,size=1048576,read-zeroes=on",
         "if=none,id=sd0,driver=null-co,size=1048576,read-zeroes=on",
+        "if=floppy,driver=null-co,size=1474560,read-zeroes=on",
     ] {
         cfg.drives.push(table.parse_drive(d).ok()?);
     }
