@@ -61,6 +61,23 @@ fn bad_options() {
     );
 }
 
+/// A floppy image larger than any diskette the drive takes is refused
+/// with one line naming the -drive.
+#[test]
+fn floppy_image_too_large_for_any_diskette() {
+    let dir = support::scratch("cli-errors-fd");
+    let img = dir.join("big.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    let drive = format!("file={},format=raw,if=floppy", img.display());
+    check(
+        &["-nodefaults", "-drive", &drive],
+        "an image of 3145728 bytes is larger than any diskette this drive takes",
+    );
+}
+
 #[test]
 fn bios_that_is_not_a_bios() {
     let dir = support::scratch("badbios");

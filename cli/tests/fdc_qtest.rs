@@ -234,3 +234,27 @@ fn media_change_through_qmp() {
     f.seek(2);
     assert_eq!(f.q.inb(DIR) & 0x80, 0x80, "no medium: the line stays up");
 }
+
+/// `-global isa-fdc.driveA=ID` with `fdtypeA=288` puts the drive on unit
+/// 0 as a 2.88 MB drive (CMOS type 5), which reads the 1.44 MB diskette.
+#[test]
+fn global_isa_fdc_drive_a() {
+    let dir = support::scratch("fdc-qtest-global");
+    let img = make_floppy(&dir, "fd.img");
+    let drive = format!("file={},format=raw,if=none,id=fd", img.display());
+    let mut f = Fd::start(&[
+        "-drive",
+        &drive,
+        "-global",
+        "isa-fdc.driveA=fd",
+        "-global",
+        "isa-fdc.fdtypeA=288",
+    ]);
+    assert_eq!(f.q.cmos(0x10), 0x50);
+    f.seek(0);
+    f.dma(0x44, 0x1_0000, 512);
+    f.send(&[READ, 0x00, 0, 0, 2, 2, 18, 0x1b, 0xff]);
+    assert_eq!(f.results(7)[0] & 0xc0, 0);
+    let image = std::fs::read(&img).unwrap();
+    assert_eq!(f.q.memread(0x1_0000, 512), sector(&image, 1));
+}

@@ -111,7 +111,8 @@ pub const FORMATS: &[Format] = &[
 
 /// The format of a `size`-byte medium in a drive of type `drive`: the
 /// first format of the same drive type and size, else of any drive type
-/// with that size (an Auto drive takes it); an image of another size (a
+/// with that size (a 2.88 MB drive reads 1.44 MB diskettes); an image of
+/// another size (a
 /// boot loader's floppy image, say) gets the smallest format of the
 /// drive's type that holds it, as QEMU's drives pick one. `None`: the
 /// image is larger than any diskette the drive takes.
@@ -123,7 +124,7 @@ pub fn pick(drive: DriveType, size: u64) -> Option<Format> {
     };
     same_size()
         .find(|f| f.drive == drive)
-        .or_else(|| same_size().find(|_| drive == DriveType::Auto))
+        .or_else(|| same_size().next())
         .or_else(|| {
             FORMATS
                 .iter()
@@ -161,7 +162,8 @@ mod tests {
         // them (GRUB's rescue floppy is 1266 KiB); larger than any: none.
         let f = pick(DriveType::Auto, 1_296_384).unwrap();
         assert_eq!((f.sectors, f.tracks, f.heads), (18, 80, 2));
-        assert_eq!(pick(DriveType::D144, 1200 * k).map(|f| f.sectors), Some(18));
+        assert_eq!(pick(DriveType::D144, 1200 * k).map(|f| f.sectors), Some(15));
+        assert_eq!(pick(DriveType::D288, 1440 * k).map(|f| f.sectors), Some(18));
         assert_eq!(pick(DriveType::D120, 1440 * k).map(|f| f.sectors), Some(18));
         assert_eq!(pick(DriveType::Auto, 3000 * k), None);
         assert_eq!(DriveType::Auto.cmos_code(), 4);

@@ -77,6 +77,78 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     ctx.boot_index(dev, path)
 }
 
+/// The controller (`isa-fdc`): built by the board; its `-global`
+/// properties put drives on it as QEMU's legacy ones do
+/// (`-global isa-fdc.driveA=ID`, `fdtypeA=`, `bootindexA=`).
+pub static ISA_FDC: DeviceType = DeviceType {
+    name: "isa-fdc",
+    aliases: &[],
+    category: Category::Storage,
+    bus: BusKind::Isa,
+    desc: "virtual floppy controller",
+    user_creatable: false,
+    props: &[
+        PropDef::new(
+            "driveA",
+            PropType::Str,
+            "Node name or ID of a block device to use as a backend",
+        ),
+        PropDef::new(
+            "driveB",
+            PropType::Str,
+            "Node name or ID of a block device to use as a backend",
+        ),
+        PropDef::new("fdtypeA", DRIVE_TYPES, "").default("auto"),
+        PropDef::new("fdtypeB", DRIVE_TYPES, "").default("auto"),
+        PropDef::new("bootindexA", PropType::I32, ""),
+        PropDef::new("bootindexB", PropType::I32, ""),
+        PropDef::new("iobase", PropType::U32, "")
+            .default("0x3f0")
+            .ignored(),
+        PropDef::new("irq", PropType::U32, "")
+            .default("6")
+            .ignored(),
+        PropDef::new("dma", PropType::U32, "")
+            .default("2")
+            .ignored(),
+    ],
+    create: create_isa_fdc,
+};
+
+fn create_isa_fdc(_: &mut AttachCtx, _: &Device, _: Placement) -> Result<(), String> {
+    Err("isa-fdc is built by the machine".into())
+}
+
+/// The `floppy` devices `-global isa-fdc.driveA=`/`driveB=` ask for.
+pub fn global_drives(globals: &[super::Global]) -> Result<Vec<super::DeviceSpec>, String> {
+    use super::PropValue;
+    let p = super::board_props(&ISA_FDC, globals);
+    let mut out = Vec::new();
+    for (unit, letter) in [(0u64, 'A'), (1, 'B')] {
+        let Some(drive) = p.str(&format!("drive{letter}")) else {
+            continue;
+        };
+        let mut props = vec![
+            ("drive", PropValue::Str(drive.to_string())),
+            ("unit", PropValue::Uint(unit)),
+        ];
+        if let Some(t) = p.str(&format!("fdtype{letter}")) {
+            props.push(("drive-type", PropValue::Str(t.to_string())));
+        }
+        if let Some(i) = p.int(&format!("bootindex{letter}")) {
+            props.push(("bootindex", PropValue::Int(i)));
+        }
+        let origin = format!("-global isa-fdc.drive{letter}={drive}");
+        out.push(super::DeviceSpec::new(
+            "floppy",
+            Some("floppy-bus.0".into()),
+            props,
+            origin,
+        )?);
+    }
+    Ok(out)
+}
+
 /// The controller's drive bus.
 struct Bus {
     fdc: Arc<Mutex<Fdc>>,

@@ -93,6 +93,7 @@ pub static TYPES: &[&DeviceType] = &[
     &virtio_blk::VIRTIO_BLK_PCI_TRANSITIONAL,
     &virtio_blk::VIRTIO_BLK_PCI_NON_TRANSITIONAL,
     &fdc::FLOPPY,
+    &fdc::ISA_FDC,
     &debugcon::ISA_DEBUGCON,
 ];
 

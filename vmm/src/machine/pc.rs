@@ -460,6 +460,11 @@ pub(super) fn assemble(
             device::realize(&mut ctx, &spec).map_err(MachineError::Config)?;
         }
     }
+    if fdc.is_some() {
+        for spec in device::fdc::global_drives(&cfg.globals).map_err(MachineError::Config)? {
+            device::realize(&mut ctx, &spec).map_err(MachineError::Config)?;
+        }
+    }
     for spec in &cfg.devices {
         device::realize(&mut ctx, spec).map_err(MachineError::Config)?;
     }
