@@ -8,12 +8,18 @@
 mod support;
 
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use support::{kvm_available, require_bios, run_until, scratch};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 const GRUB_FLOPPY: &str = "/usr/lib/grub-rescue/grub-rescue-floppy.img";
+
+/// One boot at a time: SeaBIOS gives a floppy interrupt about two seconds
+/// of timer ticks, and two emulated-ring-0 guests on two busy cores can
+/// starve each other past that.
+static BOOTS: Mutex<()> = Mutex::new(());
 
 fn floppy_image() -> std::path::PathBuf {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/ide/build.sh");
@@ -30,6 +36,7 @@ fn floppy_image() -> std::path::PathBuf {
 }
 
 fn boot(dir: &Path, args: &[&str], markers: &[&str]) -> String {
+    let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     let log = dir.join("serial.log");
     let serial = format!("file:{}", log.display());
     let mut all = vec!["-nodefaults", "-m", "256", "-serial", &serial];

@@ -39,7 +39,8 @@ case "$SRC" in
 esac
 
 CACHE=${STRATA_QTEST_PEER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata/qtest-peer}
-OUT=$CACHE/$(echo "$SRCVER" | tr ':' '_')
+# "-asan": the test binaries are built with AddressSanitizer (see below).
+OUT=$CACHE/$(echo "$SRCVER" | tr ':' '_')-asan
 if [ -x "$OUT/bin/ide-test" ] && [ -x "$OUT/bin/ahci-test" ] &&
    [ -x "$OUT/bin/fdc-test" ] && [ -x "$OUT/bin/qos-test" ]; then
     echo "$OUT"
@@ -101,10 +102,13 @@ SRCDIR=$(find . -mindepth 1 -maxdepth 1 -type d -name "$SRCNAME-*" | head -n 1)
 mkdir build
 cd build
 # The system's meson, and only what the x86_64 qtest binaries link against.
+# --enable-sanitizers: fdc-test runs its CVE reproducers only in a
+# sanitizer build of itself (they check that QEMU does not crash; here
+# they check Strata).
 # --enable-tools only because meson defines the ahci-test target with the
 # tools; ninja builds the three test binaries and nothing else.
 nice -n 19 "../$SRCDIR/configure" --target-list=x86_64-softmmu \
-    --without-default-features --disable-docs --enable-tools \
+    --without-default-features --disable-docs --enable-tools --enable-sanitizers \
     --disable-user --disable-werror --meson=meson >configure.log 2>&1 ||
     { tail -n 40 configure.log >&2; exit 1; }
 nice -n 19 ninja tests/qtest/qos-test tests/qtest/ide-test tests/qtest/ahci-test tests/qtest/fdc-test >ninja.log 2>&1 ||

@@ -40,6 +40,9 @@ export QTEST_QEMU_BINARY="$LOGS/bin/qemu-system-x86_64"
 # The qtest and QMP traffic of each case goes to its log (libqtest's
 # -qtest-log follows QTEST_LOG), with Strata's stderr.
 export QTEST_LOG=1
+# The test binaries are AddressSanitizer builds (build.sh); glib's
+# allocations alive at exit are not the tests' concern.
+export ASAN_OPTIONS=detect_leaks=0
 # ahci-test makes its qcow2 image with qemu-img (without it, it would fall
 # back to a small raw image and skip the LBA48 cases).
 QTEST_QEMU_IMG=$(command -v qemu-img) ||
