@@ -13,6 +13,7 @@
 //! | 0x3f8, 0x2f8, 0x3e8, 0x2e8 | 16550 UARTs (COM1-4), IRQ 4/3/4/3 |
 //! | 0x4d0-0x4d1 | ELCR (in-kernel under KVM) |
 //! | 0x00-0x0f, 0xc0-0xdf, 0x80-0x8f | ISA DMA (two 8237A) and its page registers |
+//! | 0x3f0-0x3f5, 0x3f7 | floppy controller (i82078), IRQ 6, DMA 2, bus `floppy-bus.0` |
 //! | 0x510-0x51b | fw_cfg with DMA |
 //! | 0xcf8-0xcff | PCI config mechanism #1, reset control at 0xcf9 |
 //! | 0xe9 (or `-global isa-debugcon.iobase=`) | isa-debugcon |
@@ -20,9 +21,9 @@
 //! The PIC, IOAPIC, LAPICs and PIT are KVM's in-kernel ones; they are not
 //! built here.
 //!
-//! Buses for `-device`: `pci.0`, and `ide.0`/`ide.1` (two units each).
-//! `-drive if=ide` becomes `ide-hd`/`ide-cd` on `ide.N`, `if=virtio` a
-//! `virtio-blk-pci`.
+//! Buses for `-device`: `pci.0`, `ide.0`/`ide.1` (two units each) and
+//! `floppy-bus.0`. `-drive if=ide` becomes `ide-hd`/`ide-cd` on `ide.N`,
+//! `if=floppy` a `floppy`, `if=virtio` a `virtio-blk-pci`.
 
 use std::sync::{Arc, Mutex};
 

@@ -13,7 +13,8 @@
 //! `pcie.0`; it has no hotplug (QEMU's q35 hot-plugs into root ports, which
 //! Strata does not have yet), so `device_add` fails on it as on QEMU.
 //! The ICH9 SMBus function (00:1f.3) is not built: nothing Strata runs
-//! uses it.
+//! uses it. The floppy controller exists only when floppy drives are
+//! given, as on QEMU's q35.
 //!
 //! `-drive if=ide,index=N` becomes `ide-hd`/`ide-cd` on AHCI port `N`
 //! (one unit per bus), `-hda`/`-cdrom` included, as on QEMU's q35.
