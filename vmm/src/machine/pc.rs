@@ -704,7 +704,19 @@ mod tests {
         );
         assert_eq!(
             dev("file=a,if=floppy"),
-            Err("machine type does not support if=floppy,bus=0,unit=0".into())
+            Ok(Some((
+                "floppy".to_string(),
+                Some("floppy-bus.0".to_string()),
+                Some(0)
+            )))
+        );
+        assert_eq!(
+            dev("file=a,if=floppy,index=1"),
+            Ok(Some((
+                "floppy".to_string(),
+                Some("floppy-bus.0".to_string()),
+                Some(1)
+            )))
         );
         assert_eq!(
             dev("file=a,if=ide,index=1,trans=odd"),
