@@ -258,3 +258,31 @@ fn global_isa_fdc_drive_a() {
     let image = std::fs::read(&img).unwrap();
     assert_eq!(f.q.memread(0x1_0000, 512), sector(&image, 1));
 }
+
+/// FORMAT TRACK by DMA: the 18 sector IDs come from memory, every sector
+/// of head 1 of track 4 is filled with the filler byte, nothing else.
+#[test]
+fn format_track_fills_the_track() {
+    let dir = support::scratch("fdc-qtest-format");
+    let img = make_floppy(&dir, "fd.img");
+    let before = std::fs::read(&img).unwrap();
+    let drive = format!("file={},format=raw,if=floppy", img.display());
+    let mut f = Fd::start(&["-drive", &drive]);
+    f.seek(4);
+    let ids: Vec<u8> = (1..=18u8).flat_map(|s| [4, 1, s, 2]).collect();
+    f.q.memwrite(0x3_0000, &ids);
+    f.dma(0x48, 0x3_0000, ids.len() as u16);
+    f.send(&[0x4d, 0x04, 2, 18, 0x54, 0xe5]);
+    let r = f.results(7);
+    assert_eq!(r[0] & 0xc0, 0, "normal termination: {r:?}");
+    let after = std::fs::read(&img).unwrap();
+    let track = (4 * 2 + 1) * 18;
+    for lba in 0..2880 {
+        let want: &[u8] = if (track..track + 18).contains(&lba) {
+            &[0xe5; 512]
+        } else {
+            sector(&before, lba)
+        };
+        assert_eq!(sector(&after, lba), want, "sector {lba}");
+    }
+}
