@@ -227,6 +227,7 @@ fn build(loops: &ManualLoops, clock: &Arc<ManualClock>) -> Option<Machine> {
         ioevents: Arc::new(devices::virtio::NoIoEvents),
         events: Default::default(),
         manual_loops: Some(loops.clone()),
+        guest_code: false,
     };
     let storage = Storage::open(&cfg).ok()?;
     let pc = machine::board(&cfg)

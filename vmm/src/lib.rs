@@ -205,6 +205,7 @@ impl Consoles {
             msi,
             ioevents,
             manual_loops: None,
+            guest_code: false,
             irq,
             events: qmp_events.clone(),
             system: Arc::new(events.clone()),
@@ -329,6 +330,7 @@ fn run_kvm(mut cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError
             &control.events,
         );
         host.msi = Some(Arc::new(kvm::KvmMsi::new(vm.clone())));
+        host.guest_code = true;
         host.ioevents = Arc::new(kvm::KvmIoEvents(vm.clone()));
         let gen_cfg = control.machine_config(&cfg);
         let pc = Arc::new(machine::board(&cfg).build(&gen_cfg, host, &storage)?);

@@ -15,6 +15,7 @@
 //! result phase. The status bytes are built in one place, [`Fdc::finish`].
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use block::backend::BlockBackend;
 use block::driver::IoRequest;
@@ -140,6 +141,14 @@ pub struct Fdc {
     perpendicular: u8,
     eot: u8,
     gen: u64,
+    irq_latency: Duration,
+    /// Inside a guest register access ([`FdcPorts`]).
+    in_access: bool,
+    /// An interrupt raised during the access, to deliver after it.
+    irq_deferred: bool,
+    /// Bumped when the line is lowered: a deferred interrupt from before
+    /// is stale.
+    irq_token: u64,
 }
 
 impl Fdc {
@@ -166,6 +175,10 @@ impl Fdc {
             perpendicular: 0,
             eot: 0,
             gen: 0,
+            irq_latency: Duration::ZERO,
+            in_access: false,
+            irq_deferred: false,
+            irq_token: 0,
         }
     }
 
@@ -188,7 +201,25 @@ impl Fdc {
         self.drives.iter().filter(|d| d.is_some()).count()
     }
 
+    /// Makes interrupts raised during a guest register access reach the
+    /// guest `latency` after it (see [`FdcPorts`]); zero (the default)
+    /// raises them at once, as the qtest accelerator (with no guest code
+    /// running) wants.
+    pub fn set_irq_latency(&mut self, latency: Duration) {
+        self.irq_latency = latency;
+    }
+
     fn set_irq(&mut self, up: bool) {
+        if up && !self.irq_up && self.in_access && !self.irq_latency.is_zero() {
+            self.irq_deferred = true;
+            return;
+        }
+        if !up {
+            // A deferred interrupt the guest acknowledged or a reset
+            // cancelled never arrives.
+            self.irq_deferred = false;
+            self.irq_token += 1;
+        }
         if self.irq_up != up {
             self.irq_up = up;
             self.irq.set_level(up);
@@ -232,7 +263,7 @@ impl Fdc {
     /// A read of register `reg` (0-7 from 0x3f0).
     pub fn read(&mut self, reg: u8) -> (u8, Option<FdcIo>) {
         let v = match reg {
-            0 => (self.irq_up as u8) << 7,
+            0 => ((self.irq_up || self.irq_deferred) as u8) << 7,
             1 => 0xc0,
             2 => self.dor,
             3 => self.tdr,
@@ -825,7 +856,9 @@ impl Fdc {
     }
 }
 
-/// Submits `io`; its completion continues the transfer.
+/// Submits `io`; its completion continues the transfer, no sooner than
+/// the controller's interrupt latency after the submission (a transfer
+/// that completes inline is deferred by [`FdcPorts`] instead).
 pub fn run_io(fdc: &Arc<Mutex<Fdc>>, io: FdcIo) {
     let FdcIo {
         backend,
@@ -833,50 +866,103 @@ pub fn run_io(fdc: &Arc<Mutex<Fdc>>, io: FdcIo) {
         ticket,
     } = io;
     let f = fdc.clone();
+    let start = std::time::Instant::now();
     backend.submit(
         req,
         Box::new(move |req, r| {
             let data = req.iov.into_vec();
-            let next = lock(&f).complete(ticket, r.is_ok(), data);
-            if let Some(io) = next {
-                run_io(&f, io);
+            let ok = r.is_ok();
+            let finish = move |f: Arc<Mutex<Fdc>>| {
+                let next = lock(&f).complete(ticket, ok, data);
+                if let Some(io) = next {
+                    run_io(&f, io);
+                }
+            };
+            let wait = {
+                let g = lock(&f);
+                if g.in_access {
+                    Duration::ZERO
+                } else {
+                    g.irq_latency.saturating_sub(start.elapsed())
+                }
+            };
+            if wait.is_zero() {
+                finish(f);
+            } else {
+                std::thread::spawn(move || {
+                    std::thread::sleep(wait);
+                    finish(f);
+                });
             }
         }),
     );
 }
 
 /// The controller's ports: 0x3f0-0x3f5 (`base` 0) and 0x3f7 (`base` 7).
+///
+/// An interrupt the controller raises during a guest's access (a seek, a
+/// reset, a transfer whose block I/O completed inside the access) reaches
+/// the guest the controller's latency later ([`Fdc::set_irq_latency`]),
+/// as on the chip, which takes milliseconds: SeaBIOS sends a command's last
+/// byte with interrupts enabled, then clears its "interrupt seen" flag and
+/// waits, so an interrupt taken at once would be lost and the wait time
+/// out.
 pub struct FdcPorts {
     pub fdc: Arc<Mutex<Fdc>>,
     pub base: u8,
 }
 
+impl FdcPorts {
+    /// One guest access: `f` under the lock, the block I/O it started,
+    /// then the interrupt it raised, delivered later.
+    fn access(&mut self, f: impl FnOnce(&mut Fdc, u8) -> Vec<FdcIo>) {
+        let ios = {
+            let mut g = lock(&self.fdc);
+            g.in_access = true;
+            f(&mut g, self.base)
+        };
+        for io in ios {
+            run_io(&self.fdc, io);
+        }
+        let (deferred, token, latency) = {
+            let mut g = lock(&self.fdc);
+            g.in_access = false;
+            (g.irq_deferred, g.irq_token, g.irq_latency)
+        };
+        if deferred {
+            let fdc = self.fdc.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(latency);
+                let mut g = lock(&fdc);
+                if g.irq_deferred && g.irq_token == token {
+                    g.irq_deferred = false;
+                    g.set_irq(true);
+                }
+            });
+        }
+    }
+}
+
 impl crate::bus::BusDevice for FdcPorts {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let mut ios = Vec::new();
-        {
-            let mut f = lock(&self.fdc);
+        self.access(|f, base| {
+            let mut ios = Vec::new();
             for (i, b) in data.iter_mut().enumerate() {
-                let (v, io) = f.read(self.base + offset as u8 + i as u8);
+                let (v, io) = f.read(base + offset as u8 + i as u8);
                 *b = v;
                 ios.extend(io);
             }
-        }
-        for io in ios {
-            run_io(&self.fdc, io);
-        }
+            ios
+        })
     }
     fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut ios = Vec::new();
-        {
-            let mut f = lock(&self.fdc);
+        self.access(|f, base| {
+            let mut ios = Vec::new();
             for (i, &b) in data.iter().enumerate() {
-                ios.extend(f.write(self.base + offset as u8 + i as u8, b));
+                ios.extend(f.write(base + offset as u8 + i as u8, b));
             }
-        }
-        for io in ios {
-            run_io(&self.fdc, io);
-        }
+            ios
+        })
     }
 }
 

@@ -50,6 +50,10 @@ pub struct Host {
     /// When set, device event loops get no thread: they are collected
     /// here and the owner polls them (the fuzz harness, for determinism).
     pub manual_loops: Option<devices::virtio::event_loop::ManualLoops>,
+    /// Whether vCPUs run guest code (KVM). Without them (qtest, the fuzz
+    /// harness) nothing races a device's interrupt, and devices that model
+    /// their chip's interrupt latency raise at once.
+    pub guest_code: bool,
 }
 
 impl Host {

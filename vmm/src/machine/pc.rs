@@ -374,6 +374,11 @@ pub(super) fn assemble(
     let fdc = if chipset.fdc {
         let f = device::fdc::create_fdc(&mut io, &mut buses, host.irq.as_ref(), isa_dma)
             .map_err(MachineError::Config)?;
+        if host.guest_code {
+            // The chip's milliseconds, enough for SeaBIOS to start waiting
+            // (devices::fdc::i82078::FdcPorts).
+            devices::bus::lock(&f).set_irq_latency(std::time::Duration::from_millis(2));
+        }
         Some(f)
     } else {
         None
