@@ -55,13 +55,5 @@ fn linux_reads_and_writes_a_disk_on_an_ahci_port() {
     assert!(out.contains("[sda] 32768 512-byte logical blocks"), "{out}");
     assert_eq!(kernels::rwloop_rounds(&out, "sda"), ROUNDS, "{out}");
     // The image holds the last round, every byte of it.
-    let data = std::fs::read(&img).unwrap();
-    for (i, w) in data[..(ROUND_KIB * 1024) as usize].chunks(8).enumerate() {
-        let got = u64::from_le_bytes(w.try_into().unwrap());
-        assert_eq!(
-            got,
-            kernels::rwloop_pattern(ROUNDS, i as u64 * 8),
-            "word {i} of the image"
-        );
-    }
+    kernels::assert_rwloop_image(&img, ROUND_KIB, ROUNDS);
 }

@@ -39,13 +39,6 @@ const SECTORS: usize = 256;
 
 static ONE_BOOT_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// FNV-1a 64, as images/linux-init/init.c computes it.
-fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
 /// Writes a `len`-byte image whose every 4-byte word depends on its
 /// position and on `seed`, so a sector read from the wrong place, or from
 /// the wrong image, changes the sum. Returns the expected sum of the first
@@ -61,7 +54,7 @@ fn make_image(path: &Path, len: usize, seed: u32) -> u64 {
         data.extend_from_slice(&(x ^ i as u32).to_le_bytes());
     }
     std::fs::write(path, &data).unwrap();
-    fnv1a64(&data[..SECTORS * 512])
+    kernels::fnv1a64(&data[..SECTORS * 512])
 }
 
 /// Boots the guest with `devices` and `checks` (init's command line items)

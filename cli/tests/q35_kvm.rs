@@ -35,7 +35,7 @@ fn linux_on_q35_uses_the_builtin_ahci_with_ncq() {
         .flat_map(|i| (i * 7).to_le_bytes())
         .collect();
     std::fs::write(&cd, &cd_data).unwrap();
-    let cd_sum = fnv1a64(&cd_data[..128 << 10]);
+    let cd_sum = kernels::fnv1a64(&cd_data[..128 << 10]);
     let log = dir.join("serial.log");
     let append = format!(
         "{} check=sr0:256 show=/sys/block/sda/device/queue_depth \
@@ -78,15 +78,7 @@ fn linux_on_q35_uses_the_builtin_ahci_with_ncq() {
         .find_map(|l| l.trim().strip_prefix("GUEST-SUM sr0 "));
     assert_eq!(sum, Some(format!("{cd_sum:016x}").as_str()), "{out}");
     assert_eq!(kernels::rwloop_rounds(&out, "sda"), ROUNDS, "{out}");
-    let data = std::fs::read(&disk).unwrap();
-    for (i, w) in data[..(ROUND_KIB * 1024) as usize].chunks(8).enumerate() {
-        let got = u64::from_le_bytes(w.try_into().unwrap());
-        assert_eq!(
-            got,
-            kernels::rwloop_pattern(ROUNDS, i as u64 * 8),
-            "word {i} of the image"
-        );
-    }
+    kernels::assert_rwloop_image(&disk, ROUND_KIB, ROUNDS);
 }
 
 /// With `acpi=off` the kernel finds the IOAPIC and the PCI interrupt
@@ -103,7 +95,7 @@ fn linux_on_q35_with_acpi_off_routes_by_the_mp_table() {
         .flat_map(|i| (i ^ 0x5a5a).to_le_bytes())
         .collect();
     std::fs::write(&disk, &data).unwrap();
-    let sum = fnv1a64(&data[..128 << 10]);
+    let sum = kernels::fnv1a64(&data[..128 << 10]);
     let log = dir.join("serial.log");
     let append = format!(
         "{} acpi=off pci=nomsi check=sda:256",
@@ -129,11 +121,4 @@ fn linux_on_q35_with_acpi_off_routes_by_the_mp_table() {
         .lines()
         .find_map(|l| l.trim().strip_prefix("GUEST-SUM sda "));
     assert_eq!(got, Some(format!("{sum:016x}").as_str()), "{out}");
-}
-
-/// FNV-1a 64, as images/linux-init/init.c computes it.
-fn fnv1a64(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }

@@ -96,6 +96,29 @@ pub fn rwloop_pattern(round: u64, off: u64) -> u64 {
     x ^ (x >> 29)
 }
 
+/// Asserts that the first `kib` KiB of the image at `path` hold round
+/// `round` of the `rwloop=` pattern, every word of it.
+#[allow(dead_code)]
+pub fn assert_rwloop_image(path: &std::path::Path, kib: u64, round: u64) {
+    let data = std::fs::read(path).unwrap();
+    for (i, w) in data[..(kib * 1024) as usize].chunks(8).enumerate() {
+        let got = u64::from_le_bytes(w.try_into().unwrap());
+        assert_eq!(
+            got,
+            rwloop_pattern(round, i as u64 * 8),
+            "word {i} of the image"
+        );
+    }
+}
+
+/// FNV-1a 64, as images/linux-init/init.c computes it (`check=`).
+#[allow(dead_code)]
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// The highest `rwloop=` round the guest reported done on `dev`.
 pub fn rwloop_rounds(serial: &str, dev: &str) -> u64 {
     let prefix = format!("GUEST-RW {dev} ");
