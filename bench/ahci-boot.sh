@@ -14,21 +14,16 @@ cd "$(dirname "$0")/.."
 runs=${1:-5}
 cargo build --release --bin strata >/dev/null
 qemu=$(bench/qemu-local.sh)
+. bench/boot-lib.sh
 sh images/ide/build.sh >/dev/null
 mkdir -p bench/out
 img=bench/out/ahci-boot.img
 cp images/out/ide-disk.img "$img"
 bios=/usr/share/seabios/bios-256k.bin
 common="-M q35 -m 512 -nodefaults -serial stdio -bios $bios -drive file=$img,format=raw,if=ide,index=0"
-python3 bench/startbench.py --marker "STRATA-BOOT-OK" --runs "$runs" \
-    "strata=target/release/strata $common" \
-    ${STRATA_BEFORE:+"before=$STRATA_BEFORE $common"} \
-    "qemu=$qemu -enable-kvm -nographic $common"
+boot_race "STRATA-BOOT-OK" "$runs" $common
 grub=/usr/lib/grub-rescue/grub-rescue-cdrom.iso
 if [ -f "$grub" ]; then
     cd_common="-M q35 -m 512 -nodefaults -serial stdio -bios $bios -drive file=$grub,format=raw,if=ide,index=2,media=cdrom -boot d"
-    python3 bench/startbench.py --marker "Welcome to GRUB" --runs "$runs" \
-        "strata=target/release/strata $cd_common" \
-        ${STRATA_BEFORE:+"before=$STRATA_BEFORE $cd_common"} \
-        "qemu=$qemu -enable-kvm -nographic $cd_common"
+    boot_race "Welcome to GRUB" "$runs" $cd_common
 fi

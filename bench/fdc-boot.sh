@@ -13,21 +13,16 @@ cd "$(dirname "$0")/.."
 runs=${1:-5}
 cargo build --release --bin strata >/dev/null
 qemu=$(bench/qemu-local.sh)
+. bench/boot-lib.sh
 sh images/ide/build.sh >/dev/null
 mkdir -p bench/out
 img=bench/out/fdc-boot.img
 cp images/out/floppy.img "$img"
 bios=/usr/share/seabios/bios-256k.bin
 common="-m 512 -nodefaults -serial stdio -bios $bios -drive file=$img,format=raw,if=floppy,readonly=on -boot a"
-python3 bench/startbench.py --marker "STRATA-BOOT-OK" --runs "$runs" \
-    "strata=target/release/strata $common" \
-    ${STRATA_BEFORE:+"before=$STRATA_BEFORE $common"} \
-    "qemu=$qemu -enable-kvm -nographic $common"
+boot_race "STRATA-BOOT-OK" "$runs" $common
 grub=/usr/lib/grub-rescue/grub-rescue-floppy.img
 if [ -f "$grub" ]; then
     g_common="-m 512 -nodefaults -serial stdio -bios $bios -drive file=$grub,format=raw,if=floppy,readonly=on -boot a"
-    python3 bench/startbench.py --marker "Welcome to GRUB" --runs "$runs" \
-        "strata=target/release/strata $g_common" \
-        ${STRATA_BEFORE:+"before=$STRATA_BEFORE $g_common"} \
-        "qemu=$qemu -enable-kvm -nographic $g_common"
+    boot_race "Welcome to GRUB" "$runs" $g_common
 fi
