@@ -144,11 +144,12 @@ pub struct Fdc {
     irq_latency: Duration,
     /// Inside a guest register access ([`FdcPorts`]).
     in_access: bool,
-    /// An interrupt raised during the access, to deliver after it.
-    irq_deferred: bool,
-    /// Bumped when the line is lowered: a deferred interrupt from before
-    /// is stale.
-    irq_token: u64,
+    /// When an interrupt raised during an access was deferred; it is
+    /// delivered `irq_latency` later unless the line is lowered first.
+    irq_deferred: Option<std::time::Instant>,
+    /// A thread is waiting to deliver deferred interrupts: one at most,
+    /// however fast the guest makes them (bounded threads).
+    irq_timer: bool,
 }
 
 impl Fdc {
@@ -177,8 +178,8 @@ impl Fdc {
             gen: 0,
             irq_latency: Duration::ZERO,
             in_access: false,
-            irq_deferred: false,
-            irq_token: 0,
+            irq_deferred: None,
+            irq_timer: false,
         }
     }
 
@@ -211,14 +212,14 @@ impl Fdc {
 
     fn set_irq(&mut self, up: bool) {
         if up && !self.irq_up && self.in_access && !self.irq_latency.is_zero() {
-            self.irq_deferred = true;
+            self.irq_deferred
+                .get_or_insert_with(std::time::Instant::now);
             return;
         }
         if !up {
             // A deferred interrupt the guest acknowledged or a reset
             // cancelled never arrives.
-            self.irq_deferred = false;
-            self.irq_token += 1;
+            self.irq_deferred = None;
         }
         if self.irq_up != up {
             self.irq_up = up;
@@ -263,7 +264,7 @@ impl Fdc {
     /// A read of register `reg` (0-7 from 0x3f0).
     pub fn read(&mut self, reg: u8) -> (u8, Option<FdcIo>) {
         let v = match reg {
-            0 => ((self.irq_up || self.irq_deferred) as u8) << 7,
+            0 => ((self.irq_up || self.irq_deferred.is_some()) as u8) << 7,
             1 => 0xc0,
             2 => self.dor,
             3 => self.tdr,
@@ -924,22 +925,44 @@ impl FdcPorts {
         for io in ios {
             run_io(&self.fdc, io);
         }
-        let (deferred, token, latency) = {
+        let start_timer = {
             let mut g = lock(&self.fdc);
             g.in_access = false;
-            (g.irq_deferred, g.irq_token, g.irq_latency)
+            let start = g.irq_deferred.is_some() && !g.irq_timer;
+            g.irq_timer |= start;
+            start
         };
-        if deferred {
+        if start_timer {
             let fdc = self.fdc.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(latency);
-                let mut g = lock(&fdc);
-                if g.irq_deferred && g.irq_token == token {
-                    g.irq_deferred = false;
-                    g.set_irq(true);
-                }
-            });
+            std::thread::spawn(move || deliver_deferred(&fdc));
         }
+    }
+}
+
+/// The timer thread of [`FdcPorts`]: delivers each deferred interrupt
+/// once its latency has passed, until none is left.
+fn deliver_deferred(fdc: &Arc<Mutex<Fdc>>) {
+    loop {
+        let wait = {
+            let mut g = lock(fdc);
+            match g.irq_deferred {
+                None => {
+                    g.irq_timer = false;
+                    return;
+                }
+                Some(at) => {
+                    let wait = g.irq_latency.saturating_sub(at.elapsed());
+                    if wait.is_zero() {
+                        g.irq_deferred = None;
+                        g.set_irq(true);
+                        g.irq_timer = false;
+                        return;
+                    }
+                    wait
+                }
+            }
+        };
+        std::thread::sleep(wait);
     }
 }
 
