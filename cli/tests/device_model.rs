@@ -198,6 +198,10 @@ fn mistakes_are_one_line() {
         &["-global", "ide-hd"],
         "-global ide-hd: expected DRIVER.PROPERTY=VALUE",
     );
+    run(
+        &["-global", "kvm-pit.lost_tick_policy=slew"],
+        "Parameter 'lost_tick_policy' does not accept value 'slew'",
+    );
 }
 
 /// libqtest starts `-machine none` for tests that need no board: RAM

@@ -48,7 +48,7 @@ pub fn open() -> Result<Kvm, VmmError> {
     })
 }
 
-pub fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
+pub fn create_vm(kvm: &Kvm, pit_reinject: bool) -> Result<Arc<VmFd>, VmmError> {
     let ctx = |what: &str| {
         let what = what.to_string();
         move |e: kvm_ioctls::Error| VmmError::Kvm(format!("{what}: {e}"))
@@ -70,8 +70,30 @@ pub fn create_vm(kvm: &Kvm) -> Result<Arc<VmFd>, VmmError> {
     };
     vm.create_pit2(pit)
         .map_err(ctx("cannot create the in-kernel PIT"))?;
+    if !pit_reinject {
+        set_pit_reinject(&vm, false).map_err(ctx("cannot set kvm-pit.lost_tick_policy"))?;
+    }
     set_routing(&vm).map_err(ctx("cannot set GSI routing"))?;
     Ok(Arc::new(vm))
+}
+
+vmm_sys_util::ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
+
+/// KVM_REINJECT_CONTROL: whether the in-kernel PIT injects the ticks a
+/// guest missed (see `device::kvm_pit`).
+fn set_pit_reinject(vm: &VmFd, on: bool) -> Result<(), kvm_ioctls::Error> {
+    let ctl = kvm_bindings::kvm_reinject_control {
+        pit_reinject: on as u8,
+        reserved: [0; 31],
+    };
+    // SAFETY: KVM_REINJECT_CONTROL reads one kvm_reinject_control from the
+    // pointer, which refers to `ctl`, alive and of that type for the call;
+    // the VM fd is open (we hold it).
+    let r = unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, KVM_REINJECT_CONTROL(), &ctl) };
+    if r < 0 {
+        return Err(kvm_ioctls::Error::last());
+    }
+    Ok(())
 }
 
 /// GSI routing as on QEMU's `pc`: GSIs 0-15 reach both PICs and the IOAPIC,

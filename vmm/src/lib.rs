@@ -322,7 +322,7 @@ fn run_kvm(mut cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError
     monitor::start(&cfg, &bus, &events)?;
     let mut control = monitor::Control::new(cfg.paused, bus);
     loop {
-        let vm = kvm::create_vm(&kvm)?;
+        let vm = kvm::create_vm(&kvm, device::kvm_pit::reinject(&cfg.globals))?;
         let mut host = consoles.host(
             Arc::new(kvm::KvmIrqChip(vm.clone())),
             &events,

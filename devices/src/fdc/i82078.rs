@@ -443,7 +443,7 @@ impl Fdc {
                     let n = 4 - self.reset_sensei;
                     self.reset_sensei -= 1;
                     st0::READY_CHANGE | n
-                } else if !self.irq_up {
+                } else if !self.irq_up && self.irq_deferred.is_none() {
                     self.result(vec![st0::INVALID], false);
                     return None;
                 } else {

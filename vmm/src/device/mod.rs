@@ -20,6 +20,7 @@ pub mod bus;
 pub mod debugcon;
 pub mod fdc;
 pub mod ide;
+pub mod kvm_pit;
 pub mod props;
 pub mod virtio_blk;
 
@@ -95,6 +96,7 @@ pub static TYPES: &[&DeviceType] = &[
     &fdc::FLOPPY,
     &fdc::ISA_FDC,
     &debugcon::ISA_DEBUGCON,
+    &kvm_pit::KVM_PIT,
 ];
 
 /// Properties every device on a PCI bus has.
