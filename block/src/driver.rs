@@ -412,7 +412,13 @@ pub trait BlockDriver: Send + Sync + 'static {
     /// What this node, used with `perm`/`shared`, needs from and shares
     /// on its child in `role` (QEMU's `bdrv_child_perm`). Default:
     /// [`default_child_perms`], QEMU's rules by role.
-    fn child_perms(&self, role: &str, perm: Perms, shared: Perms, read_only: bool) -> (Perms, Perms) {
+    fn child_perms(
+        &self,
+        role: &str,
+        perm: Perms,
+        shared: Perms,
+        read_only: bool,
+    ) -> (Perms, Perms) {
         default_child_perms(self.metadata_in_file(), role, perm, shared, read_only)
     }
     /// Submit a request asynchronously. `done` runs exactly once, possibly

@@ -89,9 +89,14 @@ impl OptSpec {
 }
 
 /// The options every format with a backing file understands.
-pub const BACKING_FILE: OptSpec = OptSpec::new("backing_file", OptType::Str, "File name of a base image");
+pub const BACKING_FILE: OptSpec =
+    OptSpec::new("backing_file", OptType::Str, "File name of a base image");
 /// See [`BACKING_FILE`].
-pub const BACKING_FMT: OptSpec = OptSpec::new("backing_fmt", OptType::Str, "Image format of the base image");
+pub const BACKING_FMT: OptSpec = OptSpec::new(
+    "backing_fmt",
+    OptType::Str,
+    "Image format of the base image",
+);
 /// The virtual size, which every format takes.
 pub const SIZE: OptSpec = OptSpec::new("size", OptType::Size, "Virtual disk size");
 
@@ -273,6 +278,11 @@ pub trait DriverClass: Send + Sync + 'static {
     fn create_options(&self) -> &'static [OptSpec] {
         &[]
     }
+    /// Whether open images can change some creation options
+    /// ([`BlockDriver::amend`]).
+    fn can_amend(&self) -> bool {
+        false
+    }
     /// Whether images of this format can have a backing file.
     fn supports_backing(&self) -> bool {
         false
@@ -300,7 +310,12 @@ pub trait DriverClass: Send + Sync + 'static {
     }
     /// The file size an image of `size` bytes made with `opts` needs,
     /// holding the data `src` allocates (none: sized for `size` only).
-    fn measure(&self, _opts: &CreateOpts, _size: u64, _src: Option<&Arc<Node>>) -> BlockResult<Measure> {
+    fn measure(
+        &self,
+        _opts: &CreateOpts,
+        _size: u64,
+        _src: Option<&Arc<Node>>,
+    ) -> BlockResult<Measure> {
         Err(BlockError::Unsupported(format!(
             "Block driver '{}' does not support size measurement",
             self.name()

@@ -20,8 +20,8 @@
 use crate::driver::BlockDriver;
 use crate::error::{BlockError, BlockResult};
 use crate::file::{Aio, FileNode, FileOptions, Locking};
-use crate::keyval::{self, ChildRef, KeyvalError, Map, Options, Value};
 use crate::format::{DriverClass, DriverKind, OpenOnly};
+use crate::keyval::{self, ChildRef, KeyvalError, Map, Options, Value};
 use crate::node::{Child, DetectZeroes, Node, NodeCommon};
 use std::collections::{BTreeMap, HashMap};
 use std::io::IoSliceMut;
@@ -191,7 +191,10 @@ impl Default for BlockGraph {
     }
 }
 
-pub(crate) fn open_file(ctx: &mut OpenCtx<'_>, host_device: bool) -> BlockResult<Arc<dyn BlockDriver>> {
+pub(crate) fn open_file(
+    ctx: &mut OpenCtx<'_>,
+    host_device: bool,
+) -> BlockResult<Arc<dyn BlockDriver>> {
     let filename = ctx.opts.require_str("filename")?;
     let aio = match ctx.opts.take_str("aio")? {
         None => None,

@@ -103,6 +103,12 @@ pub enum AllocPlan<P> {
     },
 }
 
+/// A read mapping: its runs and the ticket that keeps them valid.
+pub type ReadMap<F> = (
+    Vec<MapRun<<F as MappingFormat>::Encoded>>,
+    <F as MappingFormat>::Ticket,
+);
+
 /// What a format that maps guest ranges to host extents implements to
 /// get asynchronous I/O from [`MappedIo`]. Every method runs under the
 /// format's own metadata lock and does no data I/O except
@@ -117,11 +123,7 @@ pub trait MappingFormat: Send + Sync + 'static {
     type Encoded: Copy + Send + 'static;
 
     /// Map `[offset, offset+len)` for reading: runs in order, covering it.
-    fn map_read(
-        &self,
-        offset: u64,
-        len: u64,
-    ) -> BlockResult<(Vec<MapRun<Self::Encoded>>, Self::Ticket)>;
+    fn map_read(&self, offset: u64, len: u64) -> BlockResult<ReadMap<Self>>;
     /// Decode guest bytes `[offset, offset+buf.len())` of an encoded run.
     fn read_encoded(&self, at: Self::Encoded, offset: u64, buf: &mut [u8]) -> BlockResult<()>;
     /// Map a write of `[offset, offset+len)` that allocates nothing, if

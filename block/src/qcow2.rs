@@ -13,20 +13,20 @@ use crate::driver::{
     run_on_pool, BlockDriver, Completion, Extent, IoFlags, IoOp, IoRequest, Limits,
 };
 use crate::error::{BlockError, BlockResult};
+use crate::format::{
+    CheckResult, CreateOpts, DriverClass, DriverKind, ImageInfo, InfoValue, Measure, OptSpec,
+    OptType, Repair, SnapshotInfo,
+};
 use crate::graph::{Backing, OpenCtx};
 use crate::keyval::{Map, Options, Value};
 use crate::mapped::{AllocPlan, HostData, MapRun, MappedIo, MappingFormat, RunKind, WriteMap};
 use crate::node::{Child, Node};
 use formats::error::FormatError;
+use formats::qcow2::create::{CreateOptions, Prealloc};
 use formats::qcow2::io::{Overwrite, WriteData, WritePlan};
 use formats::qcow2::l2::Kind;
 use formats::qcow2::snapshot::SnapshotRef;
 use formats::qcow2::{self, OpenOptions, Qcow2, Ticket};
-use crate::format::{
-    CheckResult, CreateOpts, DriverClass, DriverKind, ImageInfo, InfoValue, Measure, OptSpec,
-    OptType, Repair, SnapshotInfo,
-};
-use formats::qcow2::create::{CreateOptions, Prealloc};
 use formats::storage::Storage;
 use std::cell::Cell;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -224,7 +224,11 @@ const QCOW2_OPTS: &[OptSpec] = &[
         OptType::Str,
         "Compression method used for image cluster compression",
     ),
-    OptSpec::new("data_file", OptType::Str, "File name of an external data file"),
+    OptSpec::new(
+        "data_file",
+        OptType::Str,
+        "File name of an external data file",
+    ),
     OptSpec::new(
         "data_file_raw",
         OptType::Bool,
@@ -333,14 +337,20 @@ impl DriverClass for Qcow2Class {
     /// version Strata cannot read still fails as qcow2, by name.
     fn probe(&self, head: &[u8], _filename: &str) -> u32 {
         match (head.get(..4), head.get(4..8)) {
-            (Some(m), Some(v)) if u32::from_be_bytes([m[0], m[1], m[2], m[3]]) == qcow2::header::MAGIC => {
+            (Some(m), Some(v))
+                if u32::from_be_bytes([m[0], m[1], m[2], m[3]]) == qcow2::header::MAGIC =>
+            {
                 if u32::from_be_bytes([v[0], v[1], v[2], v[3]]) == 1 {
                     0
                 } else {
                     100
                 }
             }
-            (Some(m), None) if u32::from_be_bytes([m[0], m[1], m[2], m[3]]) == qcow2::header::MAGIC => 100,
+            (Some(m), None)
+                if u32::from_be_bytes([m[0], m[1], m[2], m[3]]) == qcow2::header::MAGIC =>
+            {
+                100
+            }
             _ => 0,
         }
     }
@@ -350,13 +360,15 @@ impl DriverClass for Qcow2Class {
     fn supports_backing(&self) -> bool {
         true
     }
+    fn can_amend(&self) -> bool {
+        true
+    }
     fn can_compress(&self) -> bool {
         true
     }
     fn create_summary(&self, filename: &str, opts: &CreateOpts) -> BlockResult<String> {
         let (o, compat) = create_options(opts)?;
-        qcow2::create::validate(&o)
-            .map_err(|e| BlockError::Invalid(format!("{filename}: {e}")))?;
+        qcow2::create::validate(&o).map_err(|e| BlockError::Invalid(format!("{filename}: {e}")))?;
         let on = |b: bool| if b { "on" } else { "off" };
         let mut line = format!("cluster_size={}", o.cluster_size);
         if let Some(c) = &compat {
@@ -406,7 +418,12 @@ impl DriverClass for Qcow2Class {
             Some(d) => {
                 let p = resolve_backing(filename, d);
                 create_file(filename, &p)?;
-                Some(locked_storage(file_node(&g, &p, false, None)?, &p, true, false)?)
+                Some(locked_storage(
+                    file_node(&g, &p, false, None)?,
+                    &p,
+                    true,
+                    false,
+                )?)
             }
             None => None,
         };
@@ -416,7 +433,12 @@ impl DriverClass for Qcow2Class {
     /// The fully allocated size, with the data replaced by the target's
     /// clusters that hold anything the source allocates (across its
     /// backing chain) for the required size.
-    fn measure(&self, opts: &CreateOpts, size: u64, src: Option<&Arc<Node>>) -> BlockResult<Measure> {
+    fn measure(
+        &self,
+        opts: &CreateOpts,
+        size: u64,
+        src: Option<&Arc<Node>>,
+    ) -> BlockResult<Measure> {
         for k in ["backing_file", "data_file"] {
             if opts.get(k).is_some() {
                 return Err(BlockError::Invalid(format!(
@@ -455,12 +477,8 @@ impl DriverClass for Qcow2Class {
         if matches!(o.prealloc, Prealloc::Full | Prealloc::Falloc) {
             used = vsize;
         }
-        let full = qcow2::create::full_size(
-            size,
-            cs,
-            o.refcount_bits.trailing_zeros(),
-            o.extended_l2,
-        );
+        let full =
+            qcow2::create::full_size(size, cs, o.refcount_bits.trailing_zeros(), o.extended_l2);
         Ok(Measure {
             required: full - vsize + used,
             fully_allocated: full,
@@ -494,7 +512,10 @@ fn snapshot_info(s: qcow2::snapshot::Snapshot) -> SnapshotInfo {
 }
 
 /// `format-specific` of `info`, fields in qemu-img's human order.
-fn specific_info(h: &qcow2::header::Header, bitmaps: &[qcow2::bitmap::Bitmap]) -> Vec<(String, InfoValue)> {
+fn specific_info(
+    h: &qcow2::header::Header,
+    bitmaps: &[qcow2::bitmap::Bitmap],
+) -> Vec<(String, InfoValue)> {
     let s = |v: &str| InfoValue::Str(v.to_string());
     let mut d: Vec<(&str, InfoValue)> = vec![
         ("compat", s(if h.version == 2 { "0.10" } else { "1.1" })),
@@ -767,20 +788,22 @@ impl MappingFormat for Qcow2 {
             .map_err(block_error)
     }
     fn map_write(&self, offset: u64, len: u64) -> BlockResult<WriteMap<Ticket>> {
-        Ok(match self.map_overwrite(offset, len).map_err(block_error)? {
-            Overwrite::InPlace(runs, t) => WriteMap::InPlace(runs, t),
-            Overwrite::Busy => WriteMap::Busy,
-            Overwrite::Join {
-                host,
-                cluster,
-                ticket,
-            } => WriteMap::Join {
-                host,
-                cluster,
-                ticket,
+        Ok(
+            match self.map_overwrite(offset, len).map_err(block_error)? {
+                Overwrite::InPlace(runs, t) => WriteMap::InPlace(runs, t),
+                Overwrite::Busy => WriteMap::Busy,
+                Overwrite::Join {
+                    host,
+                    cluster,
+                    ticket,
+                } => WriteMap::Join {
+                    host,
+                    cluster,
+                    ticket,
+                },
+                Overwrite::Allocate => WriteMap::Allocate,
             },
-            Overwrite::Allocate => WriteMap::Allocate,
-        })
+        )
     }
     fn plan_alloc(&self, offset: u64, data: &[u8]) -> BlockResult<AllocPlan<Self::Plan>> {
         Ok(match self.plan_write(offset, data).map_err(block_error)? {
@@ -833,7 +856,6 @@ impl Qcow2Node {
                 .is_ok_and(|n| n >= threshold)
         })
     }
-
 }
 
 impl BlockDriver for Qcow2Node {
@@ -1031,9 +1053,7 @@ impl BlockDriver for Qcow2Node {
         let name = self.file.filename().unwrap_or_default();
         let h = qcow2::preview(&fs, "").ok()?.header;
         let bitmaps = match &h.bitmaps_ext {
-            Some(raw)
-                if h.version >= 3 && h.autoclear & qcow2::header::AUTOCLEAR_BITMAPS != 0 =>
-            {
+            Some(raw) if h.version >= 3 && h.autoclear & qcow2::header::AUTOCLEAR_BITMAPS != 0 => {
                 qcow2::bitmap::read_bitmaps(&fs, raw, h.cluster_size(), h.size, "")
                     .map(|(_, l)| l)
                     .unwrap_or_default()
@@ -1110,7 +1130,12 @@ impl BlockDriver for Qcow2Node {
         true
     }
     fn snapshot_list(&self) -> BlockResult<Vec<SnapshotInfo>> {
-        Ok(self.img.snapshots().into_iter().map(snapshot_info).collect())
+        Ok(self
+            .img
+            .snapshots()
+            .into_iter()
+            .map(snapshot_info)
+            .collect())
     }
     fn snapshot_create(&self, name: &str, date: (u32, u32)) -> BlockResult<()> {
         self.img

@@ -7,11 +7,9 @@
 //! refused with `EPERM`: otherwise a guest could turn its raw disk into a
 //! qcow2 image pointing at any host file as backing file on the next start.
 
-use crate::driver::{
-    check_range, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms,
-};
-use crate::format::{CreateOpts, DriverClass, DriverKind, Measure, OptSpec, OptType};
+use crate::driver::{check_range, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
 use crate::error::{BlockError, BlockResult};
+use crate::format::{CreateOpts, DriverClass, DriverKind, Measure, OptSpec, OptType};
 use crate::graph::OpenCtx;
 use crate::node::Node;
 use formats::probe::{probe, PROBE_BUF_SIZE};
@@ -65,9 +63,8 @@ impl DriverClass for RawClass {
                 Perms::ALL.minus(Perms::RESIZE),
             )
             .map_err(|e| BlockError::Open(format!("{filename}: {e}")))?;
-        f.truncate(size).map_err(|e| {
-            BlockError::Open(format!("{filename}: Could not resize file: {e}"))
-        })?;
+        f.truncate(size)
+            .map_err(|e| BlockError::Open(format!("{filename}: Could not resize file: {e}")))?;
         match opts.str("preallocation") {
             Some("falloc") if size > 0 => f.driver().preallocate(0, size),
             Some("full") => crate::driver::write_zeroes_by_writing(&**f.driver(), 0, size, false),
@@ -75,7 +72,12 @@ impl DriverClass for RawClass {
         }?;
         f.flush()
     }
-    fn measure(&self, _opts: &CreateOpts, size: u64, _src: Option<&Arc<Node>>) -> BlockResult<Measure> {
+    fn measure(
+        &self,
+        _opts: &CreateOpts,
+        size: u64,
+        _src: Option<&Arc<Node>>,
+    ) -> BlockResult<Measure> {
         let s = size.div_ceil(512) * 512;
         Ok(Measure {
             required: s,
