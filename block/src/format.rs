@@ -22,7 +22,10 @@ use crate::driver::BlockDriver;
 use crate::error::{BlockError, BlockResult};
 use crate::graph::{BlockGraph, OpenCtx};
 use crate::keyval::{self, Value};
-use crate::node::Node;
+use crate::node::{Child, Node};
+use formats::error::FormatError;
+use formats::storage::Storage;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::Arc;
 
 /// What kind of node a driver makes.
@@ -459,7 +462,7 @@ pub fn create_file(name: &str, path: &str) -> BlockResult<()> {
 /// neither lets others write or resize the file unless `force_share` (a
 /// reader's `-U`).
 pub struct LockedStorage {
-    inner: crate::qcow2::NodeStorage,
+    inner: NodeStorage,
     _perm: crate::node::PermHandle,
 }
 
@@ -489,7 +492,7 @@ pub fn locked_storage(
         .attach("strata-img", perm, shared)
         .map_err(|e| BlockError::Open(format!("Could not open '{filename}': {e}")))?;
     Ok(Arc::new(LockedStorage {
-        inner: crate::qcow2::NodeStorage(node),
+        inner: NodeStorage(node),
         _perm: h,
     }))
 }
@@ -518,6 +521,140 @@ impl formats::storage::Storage for LockedStorage {
     }
     fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
         self.inner.allocate(offset, len)
+    }
+}
+
+/// QEMU's `path_combine`: a relative backing file name is relative to the
+/// directory of the image that names it; absolute names and protocol
+/// prefixes (`nbd:`, `json:`) stay as they are.
+pub fn resolve_backing(image: &str, backing: &str) -> String {
+    let has_protocol = backing
+        .find(':')
+        .is_some_and(|i| !backing[..i].contains('/') && i > 0);
+    if backing.starts_with('/') || has_protocol || image.starts_with("json:") {
+        return backing.to_string();
+    }
+    match image.rfind('/') {
+        Some(i) => format!("{}/{}", &image[..i], backing),
+        None => backing.to_string(),
+    }
+}
+
+/// A node as the format layer's [`formats::storage::Storage`]; reads past its end are zeroes.
+pub struct NodeStorage(pub Arc<Node>);
+
+fn to_io(e: BlockError) -> io::Error {
+    io::Error::from_raw_os_error(e.errno())
+}
+
+impl Storage for NodeStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let len = self.0.len();
+        if offset >= len {
+            buf.fill(0);
+            return Ok(());
+        }
+        let n = ((len - offset) as usize).min(buf.len());
+        buf[n..].fill(0);
+        self.0
+            .read_vectored(offset, &mut [IoSliceMut::new(&mut buf[..n])])
+            .map_err(to_io)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.0
+            .driver()
+            .write_vectored(offset, &[IoSlice::new(buf)], false)
+            .map_err(to_io)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush().map_err(to_io)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.driver().truncate(len).map_err(to_io)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0
+            .driver()
+            .write_zeroes(offset, len, false, false)
+            .map_err(to_io)
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.driver().discard(offset, len).map_err(to_io)
+    }
+    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self.0.driver().preallocate(offset, len) {
+            Err(BlockError::Unsupported(_)) => {
+                let end = offset.saturating_add(len);
+                if self.0.len() < end {
+                    self.set_len(end)?;
+                }
+                Ok(())
+            }
+            r => r.map_err(to_io),
+        }
+    }
+}
+
+/// A child slot as the format layer's [`formats::storage::Storage`]: each call goes to the
+/// node in the slot now, and an empty slot is no backing file at all
+/// ([`formats::storage::Storage::is_present`]). qcow2's backing file is reached only
+/// through this, so replacing the slot's node changes the backing file for
+/// the format layer and the driver at once.
+pub struct ChildStorage(pub Arc<Child>);
+
+impl ChildStorage {
+    fn node(&self) -> io::Result<NodeStorage> {
+        self.0
+            .get()
+            .map(NodeStorage)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
+    }
+}
+
+impl Storage for ChildStorage {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self.0.get() {
+            Some(n) => NodeStorage(n).read_at(offset, buf),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.node()?.write_at(offset, buf)
+    }
+    fn flush(&self) -> io::Result<()> {
+        match self.0.get() {
+            Some(n) => NodeStorage(n).flush(),
+            None => Ok(()),
+        }
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.get().map_or(0, |n| n.len()))
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.node()?.set_len(len)
+    }
+    fn is_present(&self) -> bool {
+        self.0.get().is_some()
+    }
+}
+
+/// Format-layer errors as block-layer errors (one line, errno kept).
+pub fn block_error(e: FormatError) -> BlockError {
+    match e {
+        FormatError::Io { errno, context, .. } => BlockError::Io { errno, context },
+        FormatError::Unsupported(m) => BlockError::Unsupported(m),
+        FormatError::ReadOnly(m) => BlockError::Permission(m),
+        FormatError::Corrupt(m) => BlockError::Corrupt(m),
+        other => BlockError::Io {
+            errno: other.errno(),
+            context: other.to_string(),
+        },
     }
 }
 

@@ -5,9 +5,9 @@
 //! files (qemu-img's `bdrv_img_create`).
 
 use super::{fail, parse_img_size, Fail, R};
+use block::format::resolve_backing;
 use block::format::{options_help, CreateOpts, DriverClass, OptValue};
 use block::graph::BlockGraph;
-use block::qcow2::resolve_backing;
 use std::sync::Arc;
 
 /// The class of format `fmt`, or qemu-img's message.

@@ -63,7 +63,7 @@ fn node_info(n: &Node, filename: &str) -> J {
     if let Some(b) = &info.backing_file {
         items.push((
             "full-backing-filename",
-            J::s(&block::qcow2::resolve_backing(filename, b)),
+            J::s(&block::format::resolve_backing(filename, b)),
         ));
         items.push(("backing-filename", J::s(b)));
     }
@@ -149,7 +149,7 @@ fn info_human(info: &ImageInfo, filename: &str, out: &mut String) {
         out.push_str(&format!("cluster_size: {cs}\n"));
     }
     if let Some(b) = &info.backing_file {
-        let full = block::qcow2::resolve_backing(filename, b);
+        let full = block::format::resolve_backing(filename, b);
         if &full != b {
             out.push_str(&format!("backing file: {b} (actual path: {full})\n"));
         } else {
@@ -248,7 +248,7 @@ pub fn info(
                 .driver()
                 .info()
                 .and_then(|i| i.backing_file)
-                .map(|bf| block::qcow2::resolve_backing(name, &bf))
+                .map(|bf| block::format::resolve_backing(name, &bf))
                 .or_else(|| b.filename())
                 .unwrap_or_default();
             chain.push((b.clone(), bname));

@@ -7,8 +7,8 @@
 
 use super::convert::open_backing_node;
 use super::{fail, Fail, OpenSpec, R};
+use block::format::resolve_backing;
 use block::graph::BlockGraph;
-use block::qcow2::resolve_backing;
 use std::io::{IoSlice, IoSliceMut};
 
 /// `rebase` options (qemu-img's letters).
