@@ -398,7 +398,9 @@ pub trait BlockDriver: Send + Sync + 'static {
     }
     /// Revert the image to the snapshot with this ID or name.
     fn snapshot_apply(&self, _id_or_name: &str) -> BlockResult<()> {
-        Err(no_snapshots(self.driver_name()))
+        Err(BlockError::Unsupported(
+            "Block driver does not support snapshots".into(),
+        ))
     }
     /// Delete the snapshot with this ID or name.
     fn snapshot_delete(&self, _id_or_name: &str) -> BlockResult<()> {
@@ -456,10 +458,10 @@ pub trait BlockDriver: Send + Sync + 'static {
     }
 }
 
-fn no_snapshots(driver: &str) -> BlockError {
-    BlockError::Unsupported(format!(
-        "format '{driver}' does not support internal snapshots"
-    ))
+/// QEMU's answer (`-ENOTSUP`) to snapshot operations on a format
+/// without internal snapshots, whose list is simply empty.
+fn no_snapshots(_driver: &str) -> BlockError {
+    BlockError::Unsupported("Operation not supported".into())
 }
 
 /// QEMU's default permissions of a child edge (`bdrv_default_perms`),

@@ -76,12 +76,12 @@ pub fn create(
             "Format driver '{fmt}' does not support image creation"
         ));
     }
-    if backing.is_some() && !class.supports_backing() {
+    let mut o = parse_options(&*class, options, size, backing, backing_fmt)?;
+    if o.backing_file().is_some() && !class.supports_backing() {
         return fail(format!(
-            "Backing file not supported for file format '{fmt}'"
+            "{filename}: Backing file not supported for file format '{fmt}'"
         ));
     }
-    let mut o = parse_options(&*class, options, size, backing, backing_fmt)?;
     make(&*class, &mut o, quiet, filename, no_backing_check)
 }
 
