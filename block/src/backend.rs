@@ -727,6 +727,14 @@ impl BlockBackend {
             root.write_vectored(offset, iov, fua)
         })
     }
+    /// Write whole clusters of `buf` at `offset` to be stored compressed
+    /// (a request with [`crate::driver::IoFlags::COMPRESSED`]); refused by
+    /// formats that cannot compress.
+    pub fn write_compressed_at(&self, offset: u64, buf: &[u8]) -> BlockResult<()> {
+        self.run(IoOp::Write, offset, buf.len() as u64, |root| {
+            root.write_compressed(offset, buf)
+        })
+    }
     /// Flush the write cache down to stable storage.
     pub fn flush(&self) -> BlockResult<()> {
         self.run(IoOp::Flush, 0, 0, |root| root.flush())

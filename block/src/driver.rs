@@ -87,6 +87,27 @@ pub struct Extent {
     /// from a backing file (QEMU's `BDRV_BLOCK_ALLOCATED`). Always true for
     /// protocols and raw.
     pub allocated: bool,
+    /// Stored compressed (QEMU's `BDRV_BLOCK_COMPRESSED`): `data` with no
+    /// host offset a reader could use.
+    pub compressed: bool,
+}
+
+/// Flags of a request beyond its operation (QEMU's `BdrvRequestFlags`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IoFlags(pub u32);
+
+impl IoFlags {
+    /// No flag.
+    pub const NONE: IoFlags = IoFlags(0);
+    /// A write of whole clusters to be stored compressed (`convert -c`,
+    /// backup's `compress`); formats that cannot compress refuse it
+    /// rather than store the data plainly.
+    pub const COMPRESSED: IoFlags = IoFlags(1);
+
+    /// True if all bits of `other` are set.
+    pub fn contains(self, other: IoFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
 }
 
 /// The operation of a request.
@@ -120,6 +141,8 @@ pub struct IoRequest {
     pub iov: IoVecs,
     /// Force unit access (writes, write-zeroes).
     pub fua: bool,
+    /// Further flags ([`IoFlags::COMPRESSED`] on writes).
+    pub flags: IoFlags,
 }
 
 impl IoRequest {
@@ -131,6 +154,7 @@ impl IoRequest {
             len: iov.len() as u64,
             iov,
             fua: false,
+            flags: IoFlags::NONE,
         }
     }
     /// A write of `iov` at `offset`.
@@ -141,6 +165,15 @@ impl IoRequest {
             len: iov.len() as u64,
             iov,
             fua,
+            flags: IoFlags::NONE,
+        }
+    }
+    /// A write of whole clusters to be stored compressed
+    /// ([`IoFlags::COMPRESSED`]).
+    pub fn write_compressed(offset: u64, iov: IoVecs) -> Self {
+        IoRequest {
+            flags: IoFlags::COMPRESSED,
+            ..Self::write(offset, iov, false)
         }
     }
     /// A flush.
@@ -151,6 +184,7 @@ impl IoRequest {
             len: 0,
             iov: IoVecs::empty(),
             fua: false,
+            flags: IoFlags::NONE,
         }
     }
     /// A discard.
@@ -161,6 +195,7 @@ impl IoRequest {
             len,
             iov: IoVecs::empty(),
             fua: false,
+            flags: IoFlags::NONE,
         }
     }
     /// A write-zeroes.
@@ -171,6 +206,7 @@ impl IoRequest {
             len,
             iov: IoVecs::empty(),
             fua: false,
+            flags: IoFlags::NONE,
         }
     }
     /// Byte length covered by the request.
@@ -219,6 +255,7 @@ pub trait BlockDriver: Send + Sync + 'static {
             zero: false,
             offset: None,
             allocated: true,
+            compressed: false,
         })
     }
     /// Reserve host space for `[offset, offset+len)` without writing it,
@@ -324,6 +361,68 @@ pub trait BlockDriver: Send + Sync + 'static {
             self.driver_name()
         )))
     }
+    /// What `info` shows beyond sizes (cluster size, backing file as
+    /// recorded, snapshots, format-specific fields). Default: nothing.
+    fn info(&self) -> Option<crate::format::ImageInfo> {
+        None
+    }
+    /// Check the image's consistency, repairing what `repair` allows
+    /// (the node was opened with [`crate::graph::OpenFlags::check`], and
+    /// read-write to repair). Default: the format has nothing to check.
+    fn check(&self, _repair: crate::format::Repair) -> BlockResult<crate::format::CheckResult> {
+        Err(BlockError::Unsupported(
+            "This image format does not support checks".into(),
+        ))
+    }
+    /// Change creation options of the open (read-write) image: `opts`
+    /// were parsed against the class's create option table, and the
+    /// driver refuses those it cannot change. Default: none can be.
+    fn amend(&self, _opts: &crate::format::CreateOpts, _force: bool) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "Format driver '{}' does not support option amendment",
+            self.driver_name()
+        )))
+    }
+    /// Whether the format keeps internal snapshots.
+    fn supports_snapshots(&self) -> bool {
+        false
+    }
+    /// The internal snapshots.
+    fn snapshot_list(&self) -> BlockResult<Vec<crate::format::SnapshotInfo>> {
+        Ok(Vec::new())
+    }
+    /// Save the current state as snapshot `name`, dated `date`
+    /// (seconds, nanoseconds).
+    fn snapshot_create(&self, _name: &str, _date: (u32, u32)) -> BlockResult<()> {
+        Err(no_snapshots(self.driver_name()))
+    }
+    /// Revert the image to the snapshot with this ID or name.
+    fn snapshot_apply(&self, _id_or_name: &str) -> BlockResult<()> {
+        Err(BlockError::Unsupported(
+            "Block driver does not support snapshots".into(),
+        ))
+    }
+    /// Delete the snapshot with this ID or name.
+    fn snapshot_delete(&self, _id_or_name: &str) -> BlockResult<()> {
+        Err(no_snapshots(self.driver_name()))
+    }
+    /// Whether the image can hold persistent dirty bitmaps in its current
+    /// version (what `measure` counts bitmap space for).
+    fn supports_persistent_bitmaps(&self) -> bool {
+        self.can_store_bitmaps()
+    }
+    /// What this node, used with `perm`/`shared`, needs from and shares
+    /// on its child in `role` (QEMU's `bdrv_child_perm`). Default:
+    /// [`default_child_perms`], QEMU's rules by role.
+    fn child_perms(
+        &self,
+        role: &str,
+        perm: Perms,
+        shared: Perms,
+        read_only: bool,
+    ) -> (Perms, Perms) {
+        default_child_perms(self.metadata_in_file(), role, perm, shared, read_only)
+    }
     /// Submit a request asynchronously. `done` runs exactly once, possibly
     /// before `submit` returns (on this thread) when no I/O is needed; so
     /// callers must not hold a lock across `submit` that `done` takes.
@@ -359,6 +458,55 @@ pub trait BlockDriver: Send + Sync + 'static {
     }
 }
 
+/// QEMU's answer (`-ENOTSUP`) to snapshot operations on a format
+/// without internal snapshots, whose list is simply empty.
+fn no_snapshots(_driver: &str) -> BlockError {
+    BlockError::Unsupported("Operation not supported".into())
+}
+
+/// QEMU's default permissions of a child edge (`bdrv_default_perms`),
+/// for a node used with `perm`/`shared`: a `backing` child is only read
+/// and must not change under it; a metadata `file` child (see
+/// [`BlockDriver::metadata_in_file`]) is read consistently, written and
+/// resized while the node is writable, and never shared for write or
+/// resize; a `data-file` child is not shared for resize and is resized
+/// when written; other children get what the node's users need.
+pub fn default_child_perms(
+    metadata_in_file: bool,
+    role: &str,
+    perm: Perms,
+    shared: Perms,
+    read_only: bool,
+) -> (Perms, Perms) {
+    if role == "backing" {
+        (
+            Perms::CONSISTENT_READ,
+            Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE),
+        )
+    } else if role == "file" && metadata_in_file {
+        let mut p = perm.union(Perms::CONSISTENT_READ);
+        if !read_only {
+            p = p.union(Perms::WRITE).union(Perms::RESIZE);
+        }
+        let s = shared
+            .union(Perms::WRITE_UNCHANGED)
+            .minus(Perms::WRITE)
+            .minus(Perms::RESIZE);
+        (p, s)
+    } else if role == "data-file" {
+        let mut p = perm;
+        if p.contains(Perms::WRITE_UNCHANGED) {
+            p = p.union(Perms::WRITE);
+        }
+        if p.contains(Perms::WRITE) {
+            p = p.union(Perms::RESIZE);
+        }
+        (p, shared.union(Perms::WRITE_UNCHANGED).minus(Perms::RESIZE))
+    } else {
+        (perm, shared)
+    }
+}
+
 /// qemu-io's `break EVENT TAG`, `resume TAG` and `remove_break TAG` (QEMU's
 /// `bdrv_debug_breakpoint` and friends), for tests that hold a request in
 /// flight.
@@ -385,6 +533,11 @@ pub fn execute<D: BlockDriver + ?Sized>(drv: &D, req: &mut IoRequest) -> BlockRe
         IoOp::Read => {
             let mut s = req.iov.slices_mut();
             drv.read_vectored(req.offset, &mut s)
+        }
+        IoOp::Write if req.flags.contains(IoFlags::COMPRESSED) => {
+            let mut flat = vec![0u8; req.iov.len()];
+            crate::iov::gather(&req.iov.slices(), &mut flat);
+            drv.write_compressed(req.offset, &flat)
         }
         IoOp::Write => {
             let s = req.iov.slices();

@@ -577,6 +577,13 @@ fn probe_alignment(fd: &OwnedFd, is_blockdev: bool, direct: bool) -> (u64, u64) 
 }
 
 impl BlockDriver for FileNode {
+    /// qemu-img shows an empty `format-specific` object for files.
+    fn info(&self) -> Option<crate::format::ImageInfo> {
+        Some(crate::format::ImageInfo {
+            specific: Some((self.driver_name().to_string(), Vec::new())),
+            ..Default::default()
+        })
+    }
     fn driver_name(&self) -> &'static str {
         if self.opts.host_device {
             "host_device"
@@ -793,6 +800,7 @@ impl BlockDriver for FileNode {
                 zero: false,
                 offset: Some(offset),
                 allocated: true,
+                compressed: false,
             });
         }
         let size = self.size.load(Ordering::Relaxed);
@@ -804,6 +812,7 @@ impl BlockDriver for FileNode {
                 zero: true,
                 offset: Some(offset),
                 allocated: true,
+                compressed: false,
             });
         }
         let len = len.min(size - offset);
@@ -819,6 +828,7 @@ impl BlockDriver for FileNode {
                     zero: true,
                     offset: Some(offset),
                     allocated: true,
+                    compressed: false,
                 });
             }
             return Ok(Extent {
@@ -827,6 +837,7 @@ impl BlockDriver for FileNode {
                 zero: false,
                 offset: Some(offset),
                 allocated: true,
+                compressed: false,
             });
         }
         let data = data as u64;
@@ -837,6 +848,7 @@ impl BlockDriver for FileNode {
                 zero: true,
                 offset: Some(offset),
                 allocated: true,
+                compressed: false,
             });
         }
         // SAFETY: as above.
@@ -848,6 +860,7 @@ impl BlockDriver for FileNode {
             zero: false,
             offset: Some(offset),
             allocated: true,
+            compressed: false,
         })
     }
 

@@ -10,19 +10,19 @@
 //! reference or an inline definition, which inherits the cache, read-only
 //! and discard options of its parent unless it sets them itself.
 //!
-//! Driver registry: built-in drivers are `file`, `host_device`, `nbd`,
-//! `null-co`, `null-aio`, `raw`, `qcow2`, `blkdebug`, `throttle` and `copy-on-read`. Image formats from the `formats` crate
-//! register their constructors with [`BlockGraph::register_driver`] (the
-//! `formats` crate stays free of block-layer types; the glue lives here).
+//! Driver registry: one [`DriverClass`] per driver name, the built-in ones
+//! ([`crate::format::builtin`]: `file`, `host_device`, `nbd`, `null-co`,
+//! `null-aio`, `raw`, `qcow2`, `blkdebug`, `throttle`, `copy-on-read`) and
+//! any added with [`BlockGraph::register_class`]. Probing asks every
+//! format class for its score; messages name a driver's kind from its
+//! class. Where format code lives: see [`crate::format`].
 
-use crate::blkdebug::BlkdebugNode;
 use crate::driver::BlockDriver;
 use crate::error::{BlockError, BlockResult};
 use crate::file::{Aio, FileNode, FileOptions, Locking};
+use crate::format::{DriverClass, DriverKind, OpenOnly};
 use crate::keyval::{self, ChildRef, KeyvalError, Map, Options, Value};
 use crate::node::{Child, DetectZeroes, Node, NodeCommon};
-use crate::null::NullNode;
-use crate::raw::RawNode;
 use std::collections::{BTreeMap, HashMap};
 use std::io::IoSliceMut;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +42,19 @@ pub enum Backing {
     Node(Arc<Node>),
 }
 
+/// How a top-level open is meant (QEMU's `BDRV_O_*` flags that are not
+/// options): they apply to the node named, not to its children.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenFlags {
+    /// Opened to be checked (QEMU's `BDRV_O_CHECK`): an image marked
+    /// corrupt opens read-write for repair, and a dirty one is left for
+    /// the check to see rather than repaired at open.
+    pub check: bool,
+    /// Do not open the backing file the image names (QEMU's
+    /// `BDRV_O_NO_BACKING`): for commands that touch metadata only.
+    pub no_backing: bool,
+}
+
 /// Everything a driver constructor sees.
 pub struct OpenCtx<'a> {
     /// The graph (for opening children).
@@ -54,6 +67,8 @@ pub struct OpenCtx<'a> {
     pub node_name: String,
     /// The format was probed, not given (raw's sector-0 guard).
     pub probed: bool,
+    /// Flags of this open (defaults for children).
+    pub flags: OpenFlags,
     children: Vec<Arc<Child>>,
     desc: BTreeMap<String, String>,
     preopened: HashMap<String, Arc<Node>>,
@@ -161,7 +176,7 @@ pub struct NodeDesc {
 pub struct BlockGraph {
     nodes: Mutex<BTreeMap<String, Arc<Node>>>,
     next_id: AtomicU64,
-    drivers: RwLock<HashMap<String, OpenFn>>,
+    drivers: RwLock<HashMap<String, Arc<dyn DriverClass>>>,
     descs: Mutex<HashMap<String, BTreeMap<String, String>>>,
     warnings: Mutex<Vec<String>>,
     /// Load persistent dirty bitmaps from images opened read-write (and
@@ -176,7 +191,10 @@ impl Default for BlockGraph {
     }
 }
 
-fn open_file(ctx: &mut OpenCtx<'_>, host_device: bool) -> BlockResult<Arc<dyn BlockDriver>> {
+pub(crate) fn open_file(
+    ctx: &mut OpenCtx<'_>,
+    host_device: bool,
+) -> BlockResult<Arc<dyn BlockDriver>> {
     let filename = ctx.opts.require_str("filename")?;
     let aio = match ctx.opts.take_str("aio")? {
         None => None,
@@ -230,13 +248,6 @@ fn open_file(ctx: &mut OpenCtx<'_>, host_device: bool) -> BlockResult<Arc<dyn Bl
     Ok(Arc::new(node))
 }
 
-fn is_protocol(driver: &str) -> bool {
-    matches!(
-        driver,
-        "file" | "host_device" | "null-co" | "null-aio" | "nbd"
-    )
-}
-
 /// QEMU's identifier rule (`id_wellformed`): a letter first, then letters,
 /// digits, `-`, `.`, `_`.
 pub fn valid_id(name: &str) -> bool {
@@ -261,16 +272,9 @@ impl BlockGraph {
             warnings: Mutex::new(Vec::new()),
             load_bitmaps: std::sync::atomic::AtomicBool::new(false),
         };
-        g.register_driver("file", |c| open_file(c, false));
-        g.register_driver("host_device", |c| open_file(c, true));
-        g.register_driver("null-co", |c| NullNode::open(c, false));
-        g.register_driver("null-aio", |c| NullNode::open(c, true));
-        g.register_driver("nbd", crate::nbd::client::NbdNode::open);
-        g.register_driver("raw", RawNode::open);
-        g.register_driver("qcow2", crate::qcow2::Qcow2Node::open);
-        g.register_driver("blkdebug", BlkdebugNode::open);
-        g.register_driver("throttle", crate::filters::ThrottleFilter::open);
-        g.register_driver("copy-on-read", crate::filters::CopyOnRead::open);
+        for c in crate::format::builtin() {
+            g.register_class(c);
+        }
         g
     }
 
@@ -280,12 +284,43 @@ impl BlockGraph {
         self.load_bitmaps.store(on, Ordering::Relaxed);
     }
 
-    /// Add (or replace) a driver constructor.
+    /// Add (or replace) a format driver made of its constructor only.
     pub fn register_driver(&self, name: &str, f: OpenFn) {
+        self.register_class(Arc::new(OpenOnly {
+            name: name.to_string(),
+            kind: DriverKind::Format,
+            open: f,
+        }));
+    }
+
+    /// Add (or replace) a driver class.
+    pub fn register_class(&self, c: Arc<dyn DriverClass>) {
         self.drivers
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string(), f);
+            .insert(c.name().to_string(), c);
+    }
+
+    /// The class of driver `name`.
+    pub fn class(&self, name: &str) -> Option<Arc<dyn DriverClass>> {
+        self.drivers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every registered class, sorted by name.
+    pub fn classes(&self) -> Vec<Arc<dyn DriverClass>> {
+        let mut v: Vec<Arc<dyn DriverClass>> = self
+            .drivers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name().cmp(b.name()));
+        v
     }
 
     /// Registered driver names, sorted.
@@ -419,9 +454,20 @@ impl BlockGraph {
     /// guessed from the image contents (the `-drive` behaviour).
     pub fn open_options(
         &self,
+        o: Options,
+        inherit: Option<&NodeCommon>,
+        probe: bool,
+    ) -> BlockResult<Arc<Node>> {
+        self.open_options_flags(o, inherit, probe, OpenFlags::default())
+    }
+
+    /// [`BlockGraph::open_options`] with [`OpenFlags`] for this node.
+    pub fn open_options_flags(
+        &self,
         mut o: Options,
         inherit: Option<&NodeCommon>,
         probe: bool,
+        flags: OpenFlags,
     ) -> BlockResult<Arc<Node>> {
         let driver = o.take_str("driver")?;
         let name = match o.take_str("node-name")? {
@@ -467,10 +513,11 @@ impl BlockGraph {
                 };
                 let mut buf = vec![0u8; formats::probe::PROBE_BUF_SIZE.min(file.len() as usize)];
                 file.read_vectored(0, &mut [IoSliceMut::new(&mut buf)])?;
-                let fmt = formats::probe::probe(&buf);
+                let fname = file.filename().unwrap_or_default();
+                let fmt = crate::format::probe(&self.classes(), &buf, &fname);
                 preopened.insert("file".to_string(), file.clone());
                 match fmt {
-                    Some(f) => f.to_string(),
+                    Some(f) => f,
                     // QEMU warns only when the guessed raw image can be
                     // written (the warning is about writes to block 0), so
                     // read-only drives and CD-ROMs say nothing.
@@ -501,12 +548,8 @@ impl BlockGraph {
                 .into())
             }
         };
-        let open_fn = self
-            .drivers
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&driver)
-            .copied()
+        let class = self
+            .class(&driver)
             .ok_or_else(|| BlockError::Open(format!("Unknown driver '{driver}'")))?;
         let mut ctx = OpenCtx {
             graph: self,
@@ -514,11 +557,12 @@ impl BlockGraph {
             common,
             node_name: node_name.clone(),
             probed,
+            flags,
             children: Vec::new(),
             desc: BTreeMap::new(),
             preopened,
         };
-        let drv = open_fn(&mut ctx)?;
+        let drv = class.open(&mut ctx)?;
         let OpenCtx {
             opts,
             common,
@@ -534,11 +578,7 @@ impl BlockGraph {
                 }
                 other => other.to_string(),
             };
-            let kind = if is_protocol(&driver) {
-                "protocol"
-            } else {
-                "format"
-            };
+            let kind = class.kind().word();
             return Err(BlockError::Open(format!(
                 "Block {kind} '{driver}' doesn't support the option '{key}'"
             )));
@@ -580,6 +620,18 @@ impl BlockGraph {
         read_only: bool,
         extra: &[(&str, &str)],
     ) -> BlockResult<Arc<Node>> {
+        self.open_image_flags(filename, format, read_only, extra, OpenFlags::default())
+    }
+
+    /// [`BlockGraph::open_image`] with [`OpenFlags`] for the image's node.
+    pub fn open_image_flags(
+        &self,
+        filename: &str,
+        format: Option<&str>,
+        read_only: bool,
+        extra: &[(&str, &str)],
+        flags: OpenFlags,
+    ) -> BlockResult<Arc<Node>> {
         let mut map = Map::new();
         if let Some(json) = filename.strip_prefix("json:") {
             // QEMU's `json:{...}` pseudo-protocol: the whole node tree.
@@ -594,7 +646,12 @@ impl BlockGraph {
             let extra_map = extra_options(extra)?;
             keyval::merge(&mut map, extra_map);
             let probe = !map.contains_key("driver");
-            return self.open_options(Options::new("json: filename", map), None, probe);
+            return self.open_options_flags(
+                Options::new("json: filename", map),
+                None,
+                probe,
+                flags,
+            );
         }
         if let Some(proto_map) = crate::filename::parse(filename)? {
             // `nbd://...`, `null-co://`, `blkdebug:...`: the protocol node
@@ -607,7 +664,12 @@ impl BlockGraph {
                 map.insert("read-only".into(), Value::Str("on".into()));
             }
             keyval::merge(&mut map, extra_options(extra)?);
-            return self.open_options(Options::new("image options", map), None, format.is_none());
+            return self.open_options_flags(
+                Options::new("image options", map),
+                None,
+                format.is_none(),
+                flags,
+            );
         }
         let mut file = Map::new();
         let proto = match std::fs::metadata(filename) {
@@ -627,7 +689,12 @@ impl BlockGraph {
         }
         let extra_map = extra_options(extra)?;
         keyval::merge(&mut map, extra_map);
-        self.open_options(Options::new("image options", map), None, format.is_none())
+        self.open_options_flags(
+            Options::new("image options", map),
+            None,
+            format.is_none(),
+            flags,
+        )
     }
 
     /// A comparable description of `node`'s subtree.

@@ -7,6 +7,11 @@
 //!   booleans, the JSON form.
 //! * [`graph`]: [`graph::BlockGraph`] opens nodes from `-blockdev` options
 //!   (driver registry, node-names, children, backing, probing).
+//! * [`format`]: the driver class ([`format::DriverClass`]: probe, open,
+//!   create with typed options, measure), the registry's built-in
+//!   classes, and what `strata-img` reads from formats (info, check).
+//! * [`mapped`]: asynchronous I/O for formats that map guest ranges to
+//!   host extents ([`mapped::MappingFormat`], [`mapped::MappedIo`]).
 //! * [`node`]: a node with its generic options and the permission model.
 //! * [`driver`]: the [`driver::BlockDriver`] trait and request types.
 //! * Drivers: [`mod@file`] (`file`, `host_device`, locking, O_DIRECT, engines),
@@ -54,11 +59,13 @@ pub mod error;
 pub mod file;
 pub mod filename;
 pub mod filters;
+pub mod format;
 pub mod graph;
 pub mod harness;
 pub mod iov;
 pub mod jobs;
 pub mod keyval;
+pub mod mapped;
 pub mod nbd;
 pub mod node;
 pub mod null;

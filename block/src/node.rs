@@ -424,9 +424,22 @@ impl Node {
     /// Write whole clusters compressed (see
     /// [`BlockDriver::write_compressed`]).
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> BlockResult<()> {
+        self.check_compress()?;
         self.watched_change(offset, data.len() as u64, || {
             self.driver.write_compressed(offset, data)
         })
+    }
+
+    /// Compressed writes reach only drivers that can store them: any
+    /// other would write the data plainly, or not at all.
+    fn check_compress(&self) -> BlockResult<()> {
+        if self.driver.can_compress() {
+            return Ok(());
+        }
+        Err(BlockError::Unsupported(format!(
+            "Compression is not supported for the '{}' format",
+            self.driver_name()
+        )))
     }
 
     /// Flush; skipped on protocol nodes with `cache.no-flush=on`.
@@ -537,6 +550,12 @@ impl Node {
                 if req.op == IoOp::Discard && !self.common.discard_unmap {
                     done(req, Ok(()));
                     return;
+                }
+                if req.flags.contains(crate::driver::IoFlags::COMPRESSED) {
+                    if let Err(e) = self.check_compress() {
+                        done(req, Err(e));
+                        return;
+                    }
                 }
                 if self.watched.load(Ordering::Acquire) {
                     return self.submit_watched(req, done);
@@ -842,13 +861,9 @@ impl Node {
     }
 
     /// Apply aggregate perms to this node's driver and, edge by edge, to its
-    /// children (QEMU's `bdrv_default_perms`): a `file`-like child gets what
-    /// this node's users need; a format's metadata `file` child is also
-    /// read consistently, written and resized while the node is writable,
-    /// and never shared for write or resize; a `data-file` child is not
-    /// shared for resize and is resized when written; a `backing` child is
-    /// only read and must not change under it. A child opened with
-    /// `force-share` shares everything.
+    /// children, as the driver's [`BlockDriver::child_perms`] says (by
+    /// default QEMU's rules by role, [`crate::driver::default_child_perms`]).
+    /// A child opened with `force-share` shares everything.
     fn apply(&self, perm: Perms, shared: Perms) -> BlockResult<()> {
         self.driver.set_perms(perm, shared)?;
         for (role, child) in self.children() {
@@ -870,32 +885,9 @@ impl Node {
         let used = perm.0 != 0 || shared != Perms::ALL;
         let (cp, mut cs) = if !used {
             (Perms::NONE, Perms::ALL)
-        } else if role == "backing" {
-            (
-                Perms::CONSISTENT_READ,
-                Perms::ALL.minus(Perms::WRITE).minus(Perms::RESIZE),
-            )
-        } else if role == "file" && self.driver.metadata_in_file() {
-            let mut p = perm.union(Perms::CONSISTENT_READ);
-            if !self.is_read_only() {
-                p = p.union(Perms::WRITE).union(Perms::RESIZE);
-            }
-            let s = shared
-                .union(Perms::WRITE_UNCHANGED)
-                .minus(Perms::WRITE)
-                .minus(Perms::RESIZE);
-            (p, s)
-        } else if role == "data-file" {
-            let mut p = perm;
-            if p.contains(Perms::WRITE_UNCHANGED) {
-                p = p.union(Perms::WRITE);
-            }
-            if p.contains(Perms::WRITE) {
-                p = p.union(Perms::RESIZE);
-            }
-            (p, shared.union(Perms::WRITE_UNCHANGED).minus(Perms::RESIZE))
         } else {
-            (perm, shared)
+            self.driver
+                .child_perms(role, perm, shared, self.is_read_only())
         };
         if used && child.is_some_and(|c| c.common.force_share) {
             cs = Perms::ALL;

@@ -88,6 +88,7 @@ impl BlockDriver for NullNode {
             zero: self.read_zeroes,
             offset: None,
             allocated: true,
+            compressed: false,
         })
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {

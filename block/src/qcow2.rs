@@ -9,14 +9,21 @@
 //! `all` also checks the snapshots' L2 tables, read once per snapshot
 //! change rather than on every write), `data-file`, `backing`.
 
-use crate::driver::{run_on_pool, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits};
+use crate::driver::{
+    run_on_pool, BlockDriver, Completion, Extent, IoFlags, IoOp, IoRequest, Limits,
+};
 use crate::error::{BlockError, BlockResult};
+use crate::format::{
+    CheckResult, CreateOpts, DriverClass, DriverKind, ImageInfo, InfoValue, Measure, OptSpec,
+    OptType, Repair, SnapshotInfo,
+};
 use crate::graph::{Backing, OpenCtx};
-use crate::iov::{Carved, IoVecs};
 use crate::keyval::{Map, Options, Value};
+use crate::mapped::{AllocPlan, HostData, MapRun, MappedIo, MappingFormat, RunKind, WriteMap};
 use crate::node::{Child, Node};
 use formats::error::FormatError;
-use formats::qcow2::io::{Overwrite, Piece, WriteData, WritePlan};
+use formats::qcow2::create::{CreateOptions, Prealloc};
+use formats::qcow2::io::{Overwrite, WriteData, WritePlan};
 use formats::qcow2::l2::Kind;
 use formats::qcow2::snapshot::SnapshotRef;
 use formats::qcow2::{self, OpenOptions, Qcow2, Ticket};
@@ -25,123 +32,7 @@ use std::cell::Cell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex};
 
-/// A node as the format layer's [`Storage`]; reads past its end are zeroes.
-pub struct NodeStorage(pub Arc<Node>);
-
-fn to_io(e: BlockError) -> io::Error {
-    io::Error::from_raw_os_error(e.errno())
-}
-
-impl Storage for NodeStorage {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let len = self.0.len();
-        if offset >= len {
-            buf.fill(0);
-            return Ok(());
-        }
-        let n = ((len - offset) as usize).min(buf.len());
-        buf[n..].fill(0);
-        self.0
-            .read_vectored(offset, &mut [IoSliceMut::new(&mut buf[..n])])
-            .map_err(to_io)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.0
-            .driver()
-            .write_vectored(offset, &[IoSlice::new(buf)], false)
-            .map_err(to_io)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.0.flush().map_err(to_io)
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.0.len())
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.0.driver().truncate(len).map_err(to_io)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0
-            .driver()
-            .write_zeroes(offset, len, false, false)
-            .map_err(to_io)
-    }
-    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.0.driver().discard(offset, len).map_err(to_io)
-    }
-    fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self.0.driver().preallocate(offset, len) {
-            Err(BlockError::Unsupported(_)) => {
-                let end = offset.saturating_add(len);
-                if self.0.len() < end {
-                    self.set_len(end)?;
-                }
-                Ok(())
-            }
-            r => r.map_err(to_io),
-        }
-    }
-}
-
-/// A child slot as the format layer's [`Storage`]: each call goes to the
-/// node in the slot now, and an empty slot is no backing file at all
-/// ([`Storage::is_present`]). qcow2's backing file is reached only
-/// through this, so replacing the slot's node changes the backing file for
-/// the format layer and the driver at once.
-pub struct ChildStorage(pub Arc<Child>);
-
-impl ChildStorage {
-    fn node(&self) -> io::Result<NodeStorage> {
-        self.0
-            .get()
-            .map(NodeStorage)
-            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOMEDIUM))
-    }
-}
-
-impl Storage for ChildStorage {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match self.0.get() {
-            Some(n) => NodeStorage(n).read_at(offset, buf),
-            None => {
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.node()?.write_at(offset, buf)
-    }
-    fn flush(&self) -> io::Result<()> {
-        match self.0.get() {
-            Some(n) => NodeStorage(n).flush(),
-            None => Ok(()),
-        }
-    }
-    fn len(&self) -> io::Result<u64> {
-        Ok(self.0.get().map_or(0, |n| n.len()))
-    }
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        self.node()?.set_len(len)
-    }
-    fn is_present(&self) -> bool {
-        self.0.get().is_some()
-    }
-}
-
-/// Format-layer errors as block-layer errors (one line, errno kept).
-pub fn block_error(e: FormatError) -> BlockError {
-    match e {
-        FormatError::Io { errno, context, .. } => BlockError::Io { errno, context },
-        FormatError::Unsupported(m) => BlockError::Unsupported(m),
-        FormatError::ReadOnly(m) => BlockError::Permission(m),
-        FormatError::Corrupt(m) => BlockError::Corrupt(m),
-        other => BlockError::Io {
-            errno: other.errno(),
-            context: other.to_string(),
-        },
-    }
-}
+pub use crate::format::{block_error, ChildStorage, NodeStorage};
 
 fn open_error(e: FormatError) -> BlockError {
     match e {
@@ -183,35 +74,372 @@ thread_local! {
     static DEPTH: Cell<usize> = const { Cell::new(0) };
 }
 
-/// QEMU's `path_combine`: a relative backing file name is relative to the
-/// directory of the image that names it; absolute names and protocol
-/// prefixes (`nbd:`, `json:`) stay as they are.
-pub fn resolve_backing(image: &str, backing: &str) -> String {
-    let has_protocol = backing
-        .find(':')
-        .is_some_and(|i| !backing[..i].contains('/') && i > 0);
-    if backing.starts_with('/') || has_protocol || image.starts_with("json:") {
-        return backing.to_string();
+pub use crate::format::resolve_backing;
+
+/// The qcow2 class: probing by magic, creation and measurement with
+/// qemu-img's `-o` options (the logic is `formats::qcow2::create`).
+pub struct Qcow2Class;
+
+const QCOW2_OPTS: &[OptSpec] = &[
+    crate::format::BACKING_FILE,
+    crate::format::BACKING_FMT,
+    OptSpec::new("cluster_size", OptType::Size, "qcow2 cluster size"),
+    OptSpec::new(
+        "compat",
+        OptType::Str,
+        "Compatibility level (v2 [0.10] or v3 [1.1])",
+    ),
+    OptSpec::new(
+        "compression_type",
+        OptType::Str,
+        "Compression method used for image cluster compression",
+    ),
+    OptSpec::new(
+        "data_file",
+        OptType::Str,
+        "File name of an external data file",
+    ),
+    OptSpec::new(
+        "data_file_raw",
+        OptType::Bool,
+        "The external data file must stay valid as a raw image",
+    ),
+    OptSpec::new("extended_l2", OptType::Bool, "Extended L2 tables"),
+    OptSpec::new("lazy_refcounts", OptType::Bool, "Postpone refcount updates"),
+    OptSpec::new(
+        "preallocation",
+        OptType::Str,
+        "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    ),
+    OptSpec::new(
+        "refcount_bits",
+        OptType::Number,
+        "Width of a reference count entry in bits",
+    ),
+    crate::format::SIZE,
+    // Accepted without help, as qemu-img does: ignored, or refused below.
+    OptSpec::new("nocow", OptType::Bool, ""),
+    OptSpec::new("encryption", OptType::Str, ""),
+    OptSpec::new("encrypt.format", OptType::Str, ""),
+];
+
+/// What `create` options other than `amend`'s are: creation only.
+const CREATE_ONLY: &[&str] = &[
+    "size",
+    "backing_file",
+    "backing_fmt",
+    "data_file",
+    "data_file_raw",
+    "encrypt.format",
+    "encryption",
+    "cluster_size",
+    "preallocation",
+    "compression_type",
+    "extended_l2",
+    "nocow",
+];
+
+fn bad_value(v: &str) -> BlockError {
+    BlockError::Invalid(format!("Invalid parameter '{v}'"))
+}
+
+/// `opts` as `formats::qcow2` create options (size rounded up to a
+/// sector), and the `compat` text as given.
+fn create_options(opts: &CreateOpts) -> BlockResult<(CreateOptions, Option<String>)> {
+    let mut o = CreateOptions::default();
+    let mut compat = None;
+    if opts.get("encryption").is_some() || opts.get("encrypt.format").is_some() {
+        return Err(BlockError::Unsupported(
+            "Encrypted qcow2 images are not supported".into(),
+        ));
     }
-    match image.rfind('/') {
-        Some(i) => format!("{}/{}", &image[..i], backing),
-        None => backing.to_string(),
+    if let Some(v) = opts.str("compat") {
+        o.version = match v {
+            "0.10" | "v2" => 2,
+            "1.1" | "v3" => 3,
+            _ => return Err(bad_value(v)),
+        };
+        compat = Some(v.to_string());
     }
+    o.backing_file = opts.backing_file().map(str::to_string);
+    o.backing_format = opts.backing_fmt().map(str::to_string);
+    if let Some(c) = opts.num("cluster_size") {
+        o.cluster_size = c;
+    }
+    if let Some(p) = opts.str("preallocation") {
+        o.prealloc = Prealloc::parse(p).ok_or_else(|| bad_value(p))?;
+    }
+    if let Some(b) = opts.bool("lazy_refcounts") {
+        o.lazy_refcounts = b;
+    }
+    if let Some(b) = opts.bool("extended_l2") {
+        o.extended_l2 = b;
+    }
+    if let Some(n) = opts.num("refcount_bits") {
+        o.refcount_bits = u32::try_from(n).map_err(|_| bad_value(&n.to_string()))?;
+    }
+    if let Some(c) = opts.str("compression_type") {
+        o.compression_type = match c {
+            "zlib" => 0,
+            "zstd" => 1,
+            _ => return Err(bad_value(c)),
+        };
+    }
+    o.data_file = opts.str("data_file").map(str::to_string);
+    if let Some(b) = opts.bool("data_file_raw") {
+        o.data_file_raw = b;
+    }
+    o.size = opts.size().unwrap_or(0).div_ceil(512) * 512;
+    Ok((o, compat))
+}
+
+impl DriverClass for Qcow2Class {
+    fn name(&self) -> &str {
+        "qcow2"
+    }
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+    fn open(&self, ctx: &mut OpenCtx<'_>) -> BlockResult<Arc<dyn BlockDriver>> {
+        Qcow2Node::open(ctx)
+    }
+    /// The magic, and any version but 1 (qcow's): a qcow2 header with a
+    /// version Strata cannot read still fails as qcow2, by name.
+    fn probe(&self, head: &[u8], _filename: &str) -> u32 {
+        match (head.get(..4), head.get(4..8)) {
+            (Some(m), Some(v))
+                if u32::from_be_bytes([m[0], m[1], m[2], m[3]]) == qcow2::header::MAGIC =>
+            {
+                if u32::from_be_bytes([v[0], v[1], v[2], v[3]]) == 1 {
+                    0
+                } else {
+                    100
+                }
+            }
+            (Some(m), None)
+                if u32::from_be_bytes([m[0], m[1], m[2], m[3]]) == qcow2::header::MAGIC =>
+            {
+                100
+            }
+            _ => 0,
+        }
+    }
+    fn create_options(&self) -> &'static [OptSpec] {
+        QCOW2_OPTS
+    }
+    fn supports_backing(&self) -> bool {
+        true
+    }
+    fn can_amend(&self) -> bool {
+        true
+    }
+    fn can_compress(&self) -> bool {
+        true
+    }
+    fn create_summary(&self, filename: &str, opts: &CreateOpts) -> BlockResult<String> {
+        let (o, compat) = create_options(opts)?;
+        qcow2::create::validate(&o).map_err(|e| BlockError::Invalid(format!("{filename}: {e}")))?;
+        let on = |b: bool| if b { "on" } else { "off" };
+        let mut line = format!("cluster_size={}", o.cluster_size);
+        if let Some(c) = &compat {
+            line.push_str(&format!(" compat={c}"));
+        }
+        line.push_str(&format!(
+            " extended_l2={} compression_type={} size={}",
+            on(o.extended_l2),
+            if o.compression_type == 1 {
+                "zstd"
+            } else {
+                "zlib"
+            },
+            opts.size().unwrap_or(0)
+        ));
+        if let Some(b) = &o.backing_file {
+            line.push_str(&format!(" backing_file={b}"));
+        }
+        if let Some(b) = &o.backing_format {
+            line.push_str(&format!(" backing_fmt={b}"));
+        }
+        if let Some(d) = &o.data_file {
+            line.push_str(&format!(" data_file={d}"));
+        }
+        if o.data_file_raw {
+            line.push_str(" data_file_raw=on");
+        }
+        if o.prealloc != Prealloc::Off {
+            line.push_str(&format!(" preallocation={}", o.prealloc.name()));
+        }
+        line.push_str(&format!(
+            " lazy_refcounts={} refcount_bits={}",
+            on(o.lazy_refcounts),
+            o.refcount_bits
+        ));
+        Ok(line)
+    }
+    /// Formatted under the locks of a read-write qcow2 node, as qemu-img
+    /// opens the new image (and its data file).
+    fn create(&self, filename: &str, opts: &CreateOpts) -> BlockResult<()> {
+        use crate::format::{create_file, file_node, locked_storage};
+        let (o, _) = create_options(opts)?;
+        create_file(filename, filename)?;
+        let g = crate::graph::BlockGraph::new();
+        let f = locked_storage(file_node(&g, filename, false, None)?, filename, true, false)?;
+        let data: Option<Arc<dyn Storage>> = match &o.data_file {
+            Some(d) => {
+                let p = resolve_backing(filename, d);
+                create_file(filename, &p)?;
+                Some(locked_storage(
+                    file_node(&g, &p, false, None)?,
+                    &p,
+                    true,
+                    false,
+                )?)
+            }
+            None => None,
+        };
+        qcow2::create::create(filename, f, data, &o)
+            .map_err(|e| BlockError::Open(format!("{filename}: {e}")))
+    }
+    /// The fully allocated size, with the data replaced by the target's
+    /// clusters that hold anything the source allocates (across its
+    /// backing chain) for the required size.
+    fn measure(
+        &self,
+        opts: &CreateOpts,
+        size: u64,
+        src: Option<&Arc<Node>>,
+    ) -> BlockResult<Measure> {
+        for k in ["backing_file", "data_file"] {
+            if opts.get(k).is_some() {
+                return Err(BlockError::Invalid(format!(
+                    "Parameter '{k}' is not supported by measure"
+                )));
+            }
+        }
+        let (mut o, _) = create_options(opts)?;
+        o.size = size;
+        qcow2::create::validate(&o).map_err(|e| BlockError::Invalid(e.to_string()))?;
+        let cs = o.cluster_size;
+        let vsize = size.div_ceil(cs) * cs;
+        let mut used = 0u64;
+        let mut bitmaps = None;
+        if let Some(root) = src {
+            if root.driver().supports_persistent_bitmaps() && o.version >= 3 {
+                bitmaps = Some(0);
+            }
+            let mut off = 0u64;
+            while off < size {
+                let e = crate::format::chain_status(root, off, size - off, 0)?;
+                let len = e.len.clamp(1, size - off);
+                if e.present && e.data && !e.zero {
+                    // Whole clusters of the target that hold any of it.
+                    let a0 = off / cs * cs;
+                    let end = (off + len).div_ceil(cs) * cs;
+                    used += end - a0;
+                    off = end;
+                    continue;
+                }
+                off += len;
+            }
+            // Runs may share their first cluster with the previous run.
+            used = used.min(vsize);
+        }
+        if matches!(o.prealloc, Prealloc::Full | Prealloc::Falloc) {
+            used = vsize;
+        }
+        let full =
+            qcow2::create::full_size(size, cs, o.refcount_bits.trailing_zeros(), o.extended_l2);
+        Ok(Measure {
+            required: full - vsize + used,
+            fully_allocated: full,
+            bitmaps,
+        })
+    }
+}
+
+/// Errors of metadata operations (check, amend, snapshots) with the
+/// format's text kept as it is.
+fn op_error(e: FormatError) -> BlockError {
+    match e {
+        FormatError::Io { .. } => block_error(e),
+        FormatError::Unsupported(m) => BlockError::Unsupported(m),
+        FormatError::ReadOnly(m) => BlockError::Permission(m),
+        FormatError::Corrupt(m) => BlockError::Corrupt(m),
+        other => BlockError::Invalid(other.to_string()),
+    }
+}
+
+fn snapshot_info(s: qcow2::snapshot::Snapshot) -> SnapshotInfo {
+    SnapshotInfo {
+        id: s.id,
+        name: s.name,
+        vm_state_size: s.vm_state_size,
+        date_sec: s.date_sec,
+        date_nsec: s.date_nsec,
+        vm_clock_nsec: s.vm_clock_nsec,
+        icount: s.icount,
+    }
+}
+
+/// `format-specific` of `info`, fields in qemu-img's human order.
+fn specific_info(
+    h: &qcow2::header::Header,
+    bitmaps: &[qcow2::bitmap::Bitmap],
+) -> Vec<(String, InfoValue)> {
+    let s = |v: &str| InfoValue::Str(v.to_string());
+    let mut d: Vec<(&str, InfoValue)> = vec![
+        ("compat", s(if h.version == 2 { "0.10" } else { "1.1" })),
+        (
+            "compression-type",
+            s(if h.version >= 3 && h.compression_type == 1 {
+                "zstd"
+            } else {
+                "zlib"
+            }),
+        ),
+    ];
+    if h.version >= 3 {
+        d.push(("lazy-refcounts", InfoValue::Bool(h.compatible & 1 != 0)));
+        if !bitmaps.is_empty() {
+            let list = bitmaps
+                .iter()
+                .map(|b| {
+                    InfoValue::Obj(vec![
+                        (
+                            "flags".into(),
+                            InfoValue::List(b.flag_names().into_iter().map(s).collect()),
+                        ),
+                        ("name".into(), s(&b.name)),
+                        ("granularity".into(), InfoValue::Num(b.granularity())),
+                    ])
+                })
+                .collect();
+            d.push(("bitmaps", InfoValue::List(list)));
+        }
+        d.push(("refcount-bits", InfoValue::Num(h.refcount_bits() as u64)));
+        d.push(("corrupt", InfoValue::Bool(h.incompatible & 2 != 0)));
+        if let Some(df) = &h.data_file {
+            d.push(("data-file", s(df)));
+            d.push(("data-file-raw", InfoValue::Bool(h.autoclear & 2 != 0)));
+        }
+        d.push(("extended-l2", InfoValue::Bool(h.extended_l2())));
+    } else {
+        // qemu-img 10 shows the (fixed) refcount width of version 2 too.
+        d.push(("refcount-bits", InfoValue::Num(h.refcount_bits() as u64)));
+    }
+    d.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// An open qcow2 node.
 pub struct Qcow2Node {
-    img: Qcow2,
+    img: Arc<Qcow2>,
     file: Arc<Node>,
     /// Where data clusters live: the external data file, or `file`.
     store: Arc<Node>,
     /// The `backing` slot (empty without a backing file).
     backing: Arc<Child>,
-    /// Writes waiting for an allocation in flight on their clusters.
-    parked: Mutex<Vec<(IoRequest, Completion)>>,
-    /// Fresh clusters of asynchronous allocating writes in flight, by host
-    /// offset: writes to the same cluster join them.
-    joinable: Mutex<std::collections::HashMap<u64, Arc<AllocWait>>>,
+    /// The asynchronous data path.
+    io: Arc<MappedIo<Qcow2>>,
     /// See [`Qcow2Node::metadata_preallocated`]; decided on first use.
     meta_prealloc: std::sync::OnceLock<bool>,
     /// Persistent bitmaps handed to the block layer by `load_bitmaps`
@@ -230,6 +458,7 @@ impl Qcow2Node {
         let file = ctx.open_child("file")?;
         let mut o = OpenOptions {
             read_only: ctx.common.read_only,
+            allow_corrupt: ctx.flags.check,
             ..Default::default()
         };
         o.l2_cache_size = ctx.opts.take_size("l2-cache-size", 1)?;
@@ -291,6 +520,7 @@ impl Qcow2Node {
         let backing = match ctx.take_backing()? {
             Backing::None => None,
             Backing::Node(n) => Some(n),
+            Backing::Default if ctx.flags.no_backing => None,
             Backing::Default => match &h.backing_file {
                 None => None,
                 Some(b) => {
@@ -370,390 +600,109 @@ impl Qcow2Node {
             };
             img.load_snapshot_readonly_by(&which).map_err(open_error)?;
         }
+        let img = Arc::new(img);
+        let io = MappedIo::new(img.clone(), store.clone(), backing.clone());
         let node = Arc::new(Qcow2Node {
             img,
             file,
             store,
             backing,
-            parked: Mutex::new(Vec::new()),
-            joinable: Mutex::new(std::collections::HashMap::new()),
+            io,
             meta_prealloc: std::sync::OnceLock::new(),
             loaded_bitmaps: Mutex::new(None),
         });
-        let weak = Arc::downgrade(&node);
+        let weak = Arc::downgrade(&node.io);
         node.img.set_alloc_hook(Box::new(move || {
-            if let Some(n) = weak.upgrade() {
-                n.unpark();
+            if let Some(io) = weak.upgrade() {
+                io.unpark();
             }
         }));
+        let drv: Arc<dyn BlockDriver> = node.clone();
+        node.io.set_fallback(Arc::downgrade(&drv));
         Ok(node)
-    }
-
-    /// Read asynchronously: map under the metadata lock, then send each
-    /// run where it lives (data clusters to the data node, unallocated
-    /// runs to the backing node, compressed clusters to the worker pool)
-    /// and complete when all are done.
-    fn submit_read(self: Arc<Self>, mut req: IoRequest, done: Completion) {
-        let len = req.iov.len() as u64;
-        let (pieces, ticket) = match self.img.map_read(req.offset, len) {
-            Ok(x) => x,
-            Err(e) => return done(req, Err(block_error(e))),
-        };
-        if let [Piece {
-            kind: Kind::Data { host, .. },
-            ..
-        }] = pieces[..]
-        {
-            // One host extent: the request itself goes down.
-            return self.forward(req, host, ticket, done);
-        }
-        let backing = self.backing.get();
-        let blen = backing.as_ref().map_or(0, |b| b.len());
-        if pieces.iter().all(|p| match p.kind {
-            Kind::Zero => true,
-            Kind::Unalloc => p.offset >= blen,
-            _ => false,
-        }) {
-            // Zeroes only (a fresh disk): no I/O, so no parts to join.
-            drop(ticket);
-            crate::iov::zero_fill(&mut req.iov.slices_mut());
-            return done(req, Ok(()));
-        }
-        // Split unallocated runs at the end of the backing file: what lies
-        // past it reads as zeroes.
-        let mut runs: Vec<(Piece, bool)> = Vec::new(); // piece, zero
-        for p in pieces {
-            match p.kind {
-                Kind::Zero => runs.push((p, true)),
-                Kind::Unalloc if p.offset >= blen => runs.push((p, true)),
-                Kind::Unalloc if p.offset + p.len > blen => {
-                    let n = blen - p.offset;
-                    runs.push((Piece { len: n, ..p }, false));
-                    runs.push((
-                        Piece {
-                            offset: blen,
-                            len: p.len - n,
-                            ..p
-                        },
-                        true,
-                    ));
-                }
-                _ => runs.push((p, false)),
-            }
-        }
-        let base = req.offset;
-        let ranges: Vec<(usize, usize)> = runs
-            .iter()
-            .map(|(p, _)| ((p.offset - base) as usize, p.len as usize))
-            .collect();
-        let Some((whole, parts)) = carve(&mut req, &ranges) else {
-            return done(req, Err(internal("bad read mapping")));
-        };
-        let join = Join::new(complete(req, whole, Some(ticket), done));
-        for ((p, zero), mut part) in runs.into_iter().zip(parts) {
-            if zero {
-                crate::iov::zero_fill(&mut part.slices_mut());
-                continue;
-            }
-            let cb = join.part();
-            match p.kind {
-                Kind::Data { host, .. } => self
-                    .store
-                    .driver()
-                    .clone()
-                    .submit(IoRequest::read(host, part), cb),
-                Kind::Compressed { off, len } => {
-                    let me = self.clone();
-                    crate::aio::pool().spawn(Box::new(move || {
-                        let mut tmp = vec![0u8; p.len as usize];
-                        let res = me
-                            .img
-                            .read_compressed_part(off, len, p.offset, &mut tmp)
-                            .map_err(block_error);
-                        if res.is_ok() {
-                            crate::iov::scatter(&tmp, &mut part.slices_mut());
-                        }
-                        drop(me);
-                        cb(IoRequest::read(p.offset, part), res)
-                    }));
-                }
-                // Unallocated, inside the backing file (others are zero).
-                _ => match &backing {
-                    Some(b) => b.submit(IoRequest::read(p.offset, part), cb),
-                    None => cb(IoRequest::read(p.offset, part), Ok(())),
-                },
-            }
-        }
-        join.release();
-    }
-
-    /// Send `req` to the data node at host offset `host` (one extent),
-    /// keeping `ticket` until it completes.
-    fn forward(&self, mut req: IoRequest, host: u64, ticket: Ticket, done: Completion) {
-        let guest = req.offset;
-        req.offset = host;
-        self.store.driver().clone().submit(
-            req,
-            Box::new(move |mut r, res| {
-                drop(ticket);
-                r.offset = guest;
-                done(r, res)
-            }),
-        )
-    }
-
-    /// Write asynchronously. Overwrites of clusters this image owns go
-    /// straight to the data node; a write that allocates is planned under
-    /// the metadata lock and its data I/O (zeroing new clusters first when
-    /// QEMU would) sent asynchronously, the L2 entries linked on
-    /// completion. One that touches clusters being allocated waits, parked
-    /// without a thread, and is submitted again when an allocation
-    /// finishes; one that must read copy-on-write data first runs on the
-    /// worker pool.
-    fn submit_write(self: Arc<Self>, req: IoRequest, done: Completion) {
-        let len = req.iov.len() as u64;
-        // Mapping under the parking lock: an allocation that finishes
-        // after we saw it busy resubmits the parked requests only after
-        // this one is parked.
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        let plan = match self.img.map_overwrite(req.offset, len) {
-            Ok(Overwrite::InPlace(runs, t)) => {
-                drop(parked);
-                if let [(_, host, _)] = runs[..] {
-                    return self.forward(req, host, t, done);
-                }
-                let writes = runs
-                    .into_iter()
-                    .map(|(g, h, l)| (h, WriteData::Guest { offset: g, len: l }))
-                    .collect();
-                return self.write_extents(req, Vec::new(), writes, t, done);
-            }
-            Ok(Overwrite::Busy) => return parked.push((req, done)),
-            Ok(Overwrite::Join {
-                host,
-                cluster,
-                ticket,
-            }) => {
-                let w = self
-                    .joinable
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&cluster)
-                    .cloned();
-                match w {
-                    Some(w) => {
-                        drop(parked);
-                        w.join(
-                            &self,
-                            Joined {
-                                req,
-                                host,
-                                ticket,
-                                done,
-                            },
-                        );
-                    }
-                    // Allocated by the synchronous path: wait for it.
-                    None => parked.push((req, done)),
-                }
-                return;
-            }
-            Ok(Overwrite::Allocate) => {
-                let mut src = vec![0u8; len as usize];
-                crate::iov::gather(&req.iov.slices(), &mut src);
-                self.img.plan_write(req.offset, &src)
-            }
-            Err(e) => Err(e),
-        };
-        match plan {
-            Ok(WritePlan::Ready(mut pw)) => {
-                let zero = std::mem::take(&mut pw.zero_first);
-                let writes = std::mem::take(&mut pw.writes);
-                // Fresh clusters other writes may join: registered before
-                // the parking lock goes, so a writer that is told to join
-                // finds them.
-                let waits: Vec<(u64, Arc<AllocWait>)> = {
-                    let mut jobs = self.joinable.lock().unwrap_or_else(|e| e.into_inner());
-                    zero.iter()
-                        .map(|&(h, _)| {
-                            let w = Arc::new(AllocWait::default());
-                            jobs.insert(h, w.clone());
-                            (h, w)
-                        })
-                        .collect()
-                };
-                drop(parked);
-                let zw: Vec<Arc<AllocWait>> = waits.iter().map(|(_, w)| w.clone()).collect();
-                let zme = self.clone();
-                let on_zeroed: Box<dyn FnOnce() + Send> = Box::new(move || {
-                    for w in zw {
-                        w.zeroed(&zme);
-                    }
-                });
-                let me = self.clone();
-                let fin: Completion = Box::new(move |r, res| {
-                    let res = me
-                        .img
-                        .finish_write(pw, res.map_err(to_format))
-                        .map_err(block_error);
-                    {
-                        let mut jobs = me.joinable.lock().unwrap_or_else(|e| e.into_inner());
-                        for (h, _) in &waits {
-                            jobs.remove(h);
-                        }
-                    }
-                    for (_, w) in waits {
-                        w.linked(&me, res.clone());
-                    }
-                    // The node goes before the caller hears of the write: a
-                    // caller that then drops the image must really close it.
-                    drop(me);
-                    done(r, res)
-                });
-                self.write_extents_then(req, zero, writes, fin, Some(on_zeroed));
-            }
-            Ok(WritePlan::Busy) => parked.push((req, done)),
-            Ok(WritePlan::Sync) => {
-                drop(parked);
-                run_on_pool(self, req, done)
-            }
-            Err(e) => {
-                drop(parked);
-                done(req, Err(block_error(e)))
-            }
-        }
-    }
-
-    /// [`Qcow2Node::write_extents_then`] for in-place runs, holding the
-    /// mapping's ticket until the writes are done.
-    fn write_extents(
-        &self,
-        req: IoRequest,
-        zero: Vec<(u64, u64)>,
-        writes: Vec<(u64, WriteData)>,
-        ticket: Ticket,
-        done: Completion,
-    ) {
-        self.write_extents_then(
-            req,
-            zero,
-            writes,
-            Box::new(move |r, res| {
-                drop(ticket);
-                done(r, res)
-            }),
-            None,
-        )
-    }
-
-    /// Zero the host ranges `zero`, then write `writes` (guest data from
-    /// `req`'s buffers, or owned buffers), all asynchronously; `done` gets
-    /// `req` back with the first error.
-    fn write_extents_then(
-        &self,
-        req: IoRequest,
-        zero: Vec<(u64, u64)>,
-        writes: Vec<(u64, WriteData)>,
-        done: Completion,
-        on_zeroed: Option<Box<dyn FnOnce() + Send>>,
-    ) {
-        let store = self.store.clone();
-        if !zero.is_empty() {
-            // Zeroing first, or it could land on top of the data.
-            let st = store.clone();
-            let join = Join::new(Box::new(move |err| match err {
-                Some(e) => done(req, Err(e)),
-                None => {
-                    if let Some(f) = on_zeroed {
-                        f();
-                    }
-                    send_writes(&st, req, writes, done)
-                }
-            }));
-            for (h, l) in zero {
-                store
-                    .driver()
-                    .clone()
-                    .submit(IoRequest::write_zeroes(h, l, false), join.part());
-            }
-            join.release();
-            return;
-        }
-        send_writes(&store, req, writes, done)
-    }
-}
-
-/// Write `writes` to `store` in parallel; `done` gets `req` back.
-fn send_writes(
-    store: &Arc<Node>,
-    mut req: IoRequest,
-    writes: Vec<(u64, WriteData)>,
-    done: Completion,
-) {
-    let base = req.offset;
-    let ranges: Vec<(usize, usize)> = writes
-        .iter()
-        .filter_map(|(_, w)| match w {
-            WriteData::Guest { offset, len } => Some(((offset - base) as usize, *len as usize)),
-            WriteData::Owned(_) => None,
-        })
-        .collect();
-    let Some((whole, parts)) = carve(&mut req, &ranges) else {
-        return done(req, Err(internal("bad write mapping")));
-    };
-    let join = Join::new(complete(req, whole, None, done));
-    let mut parts = parts.into_iter();
-    let align = store.limits().mem_alignment.max(1);
-    for (host, w) in writes {
-        let iov = match w {
-            WriteData::Guest { .. } => match parts.next() {
-                Some(p) => p,
-                None => continue,
-            },
-            WriteData::Owned(d) => {
-                // Aligned, so that O_DIRECT needs no bounce buffer below.
-                let mut b = crate::iov::AlignedBuf::new(d.len(), align.max(4096));
-                b.copy_from_slice(&d);
-                IoVecs::from_aligned(b)
-            }
-        };
-        store
-            .driver()
-            .clone()
-            .submit(IoRequest::write(host, iov, false), join.part());
-    }
-    join.release();
-}
-
-/// Take `req`'s buffers apart into `ranges` (relative to `req.offset`).
-fn carve(req: &mut IoRequest, ranges: &[(usize, usize)]) -> Option<(Carved, Vec<IoVecs>)> {
-    std::mem::replace(&mut req.iov, IoVecs::empty()).carve(ranges)
-}
-
-/// The continuation that puts `req`'s buffers back together (all parts
-/// are gone by then), drops `ticket` and completes.
-fn complete(
-    mut req: IoRequest,
-    whole: Carved,
-    ticket: Option<Ticket>,
-    done: Completion,
-) -> Box<dyn FnOnce(Option<BlockError>) + Send> {
-    Box::new(move |err| {
-        drop(ticket);
-        req.iov = whole.into_inner().unwrap_or_else(|_| IoVecs::empty());
-        done(req, err.map_or(Ok(()), Err))
-    })
-}
-
-fn internal(what: &str) -> BlockError {
-    BlockError::Io {
-        errno: libc::EIO,
-        context: format!("qcow2: internal error: {what}"),
     }
 }
 
 fn to_format(e: BlockError) -> FormatError {
     FormatError::io(io::Error::from_raw_os_error(e.errno()), e.to_string())
+}
+
+/// qcow2's answers for the asynchronous data path: its read mapping,
+/// in-place overwrites, planned allocations and compressed clusters
+/// (`formats::qcow2::io`).
+impl MappingFormat for Qcow2 {
+    type Ticket = Ticket;
+    type Plan = formats::qcow2::io::PlannedWrite;
+    /// (byte offset, length) of the compressed data.
+    type Encoded = (u64, u64);
+
+    fn map_read(&self, offset: u64, len: u64) -> BlockResult<(Vec<MapRun<(u64, u64)>>, Ticket)> {
+        let (pieces, t) = Qcow2::map_read(self, offset, len).map_err(block_error)?;
+        let runs = pieces
+            .into_iter()
+            .map(|p| MapRun {
+                offset: p.offset,
+                len: p.len,
+                kind: match p.kind {
+                    Kind::Data { host, .. } => RunKind::Data { host },
+                    Kind::Zero => RunKind::Zero,
+                    Kind::Unalloc => RunKind::Unallocated,
+                    Kind::Compressed { off, len } => RunKind::Encoded((off, len)),
+                },
+            })
+            .collect();
+        Ok((runs, t))
+    }
+    fn read_encoded(&self, at: (u64, u64), offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.read_compressed_part(at.0, at.1, offset, buf)
+            .map_err(block_error)
+    }
+    fn map_write(&self, offset: u64, len: u64) -> BlockResult<WriteMap<Ticket>> {
+        Ok(
+            match self.map_overwrite(offset, len).map_err(block_error)? {
+                Overwrite::InPlace(runs, t) => WriteMap::InPlace(runs, t),
+                Overwrite::Busy => WriteMap::Busy,
+                Overwrite::Join {
+                    host,
+                    cluster,
+                    ticket,
+                } => WriteMap::Join {
+                    host,
+                    cluster,
+                    ticket,
+                },
+                Overwrite::Allocate => WriteMap::Allocate,
+            },
+        )
+    }
+    fn plan_alloc(&self, offset: u64, data: &[u8]) -> BlockResult<AllocPlan<Self::Plan>> {
+        Ok(match self.plan_write(offset, data).map_err(block_error)? {
+            WritePlan::Busy => AllocPlan::Busy,
+            WritePlan::Sync => AllocPlan::Sync,
+            WritePlan::Ready(mut pw) => {
+                let zero_first = std::mem::take(&mut pw.zero_first);
+                let writes = std::mem::take(&mut pw.writes)
+                    .into_iter()
+                    .map(|(h, w)| {
+                        let d = match w {
+                            WriteData::Guest { offset, len } => HostData::Guest { offset, len },
+                            WriteData::Owned(v) => HostData::Owned(v),
+                        };
+                        (h, d)
+                    })
+                    .collect();
+                AllocPlan::Ready {
+                    zero_first,
+                    writes,
+                    plan: pw,
+                }
+            }
+        })
+    }
+    fn finish_alloc(&self, plan: Self::Plan, result: BlockResult<()>) -> BlockResult<()> {
+        self.finish_write(plan, result.map_err(to_format))
+            .map_err(block_error)
+    }
 }
 
 impl Qcow2Node {
@@ -776,186 +725,6 @@ impl Qcow2Node {
                 .refcounted_clusters(self.file.len())
                 .is_ok_and(|n| n >= threshold)
         })
-    }
-
-    /// Submit the parked writes again (an allocation has finished).
-    fn unpark(self: &Arc<Self>) {
-        let list = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
-        for (req, done) in list {
-            self.clone().submit_write(req, done);
-        }
-    }
-}
-
-/// A write joining a fresh cluster being allocated (QEMU makes such writes
-/// wait for the allocation; here they are written as soon as the cluster
-/// is zeroed, in parallel with the allocating write, and complete when it
-/// has linked the cluster).
-struct Joined {
-    req: IoRequest,
-    /// Host offset to write at.
-    host: u64,
-    ticket: Ticket,
-    done: Completion,
-}
-
-/// The state of one joinable fresh cluster.
-#[derive(Default)]
-struct AllocWait {
-    st: Mutex<AllocWaitState>,
-}
-
-#[derive(Default)]
-struct AllocWaitState {
-    zeroed: bool,
-    /// The allocating write's result, once it has finished.
-    linked: Option<BlockResult<()>>,
-    /// Joined writes waiting for the zeroing.
-    queued: Vec<Joined>,
-    /// Joined writes done, waiting for the link: (request, done, result,
-    /// ticket).
-    written: Vec<(IoRequest, Completion, BlockResult<()>, Ticket)>,
-}
-
-impl AllocWait {
-    fn state(&self) -> std::sync::MutexGuard<'_, AllocWaitState> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn join(self: &Arc<Self>, node: &Arc<Qcow2Node>, j: Joined) {
-        let mut s = self.state();
-        if s.linked.is_some() {
-            // Finished meanwhile: an ordinary write now.
-            drop(s);
-            drop(j.ticket);
-            return node.clone().submit_write(j.req, j.done);
-        }
-        if !s.zeroed {
-            s.queued.push(j);
-            return;
-        }
-        drop(s);
-        self.send(node, j);
-    }
-
-    fn send(self: &Arc<Self>, node: &Arc<Qcow2Node>, j: Joined) {
-        let Joined {
-            mut req,
-            host,
-            ticket,
-            done,
-        } = j;
-        let guest = req.offset;
-        req.offset = host;
-        let me = self.clone();
-        node.store.driver().clone().submit(
-            req,
-            Box::new(move |mut r, res| {
-                r.offset = guest;
-                me.written(r, done, res, ticket)
-            }),
-        );
-    }
-
-    fn written(&self, r: IoRequest, done: Completion, res: BlockResult<()>, t: Ticket) {
-        let mut s = self.state();
-        match &s.linked {
-            Some(l) => {
-                let l = l.clone();
-                drop(s);
-                drop(t);
-                done(r, res.and(l))
-            }
-            None => s.written.push((r, done, res, t)),
-        }
-    }
-
-    fn zeroed(self: &Arc<Self>, node: &Arc<Qcow2Node>) {
-        let queued = {
-            let mut s = self.state();
-            s.zeroed = true;
-            std::mem::take(&mut s.queued)
-        };
-        for j in queued {
-            self.send(node, j);
-        }
-    }
-
-    fn linked(&self, node: &Arc<Qcow2Node>, res: BlockResult<()>) {
-        let (queued, written) = {
-            let mut s = self.state();
-            s.linked = Some(res.clone());
-            (
-                std::mem::take(&mut s.queued),
-                std::mem::take(&mut s.written),
-            )
-        };
-        for (r, done, wres, t) in written {
-            drop(t);
-            done(r, wres.and(res.clone()));
-        }
-        // Never sent (the zeroing failed): ordinary writes now.
-        for j in queued {
-            drop(j.ticket);
-            node.clone().submit_write(j.req, j.done);
-        }
-    }
-}
-
-/// Parts of one request in flight: runs the continuation with the first
-/// error once every part is done and the submitter has let go.
-struct Join {
-    st: Mutex<JoinState>,
-}
-
-type Then = Box<dyn FnOnce(Option<BlockError>) + Send>;
-
-struct JoinState {
-    /// Parts in flight, plus one for the submitter until it has sent all.
-    left: usize,
-    err: Option<BlockError>,
-    then: Option<Then>,
-}
-
-impl Join {
-    fn new(then: Then) -> Arc<Join> {
-        Arc::new(Join {
-            st: Mutex::new(JoinState {
-                left: 1,
-                err: None,
-                then: Some(then),
-            }),
-        })
-    }
-    /// A completion for one more part.
-    fn part(self: &Arc<Self>) -> Completion {
-        self.st.lock().unwrap_or_else(|e| e.into_inner()).left += 1;
-        let j = self.clone();
-        Box::new(move |part, res| {
-            // The part's buffers go first: the whole comes back only when
-            // no part refers to it.
-            drop(part);
-            j.finish(res.err());
-        })
-    }
-    /// The submitter has sent every part.
-    fn release(&self) {
-        self.finish(None);
-    }
-    fn finish(&self, err: Option<BlockError>) {
-        let mut s = self.st.lock().unwrap_or_else(|e| e.into_inner());
-        if s.err.is_none() {
-            s.err = err;
-        }
-        s.left -= 1;
-        if s.left > 0 {
-            return;
-        }
-        let (then, err) = (s.then.take(), s.err.take());
-        drop(s);
-        if let Some(f) = then {
-            f(err);
-        }
     }
 }
 
@@ -1030,6 +799,7 @@ impl BlockDriver for Qcow2Node {
                     Extent {
                         len: e.len.min(st.len).max(1),
                         allocated: false,
+                        compressed: false,
                         ..e
                     }
                 }
@@ -1039,6 +809,7 @@ impl BlockDriver for Qcow2Node {
                     zero: true,
                     offset: st.reserved,
                     allocated: false,
+                    compressed: false,
                 },
             },
             Kind::Zero => Extent {
@@ -1047,6 +818,7 @@ impl BlockDriver for Qcow2Node {
                 zero: true,
                 offset: st.reserved,
                 allocated: true,
+                compressed: false,
             },
             Kind::Data { host, .. } => {
                 let (mut len, mut zero) = (st.len, false);
@@ -1063,6 +835,7 @@ impl BlockDriver for Qcow2Node {
                     zero,
                     offset: Some(host),
                     allocated: true,
+                    compressed: false,
                 }
             }
             Kind::Compressed { .. } => Extent {
@@ -1071,6 +844,7 @@ impl BlockDriver for Qcow2Node {
                 zero: false,
                 offset: None,
                 allocated: true,
+                compressed: true,
             },
         })
     }
@@ -1079,8 +853,10 @@ impl BlockDriver for Qcow2Node {
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
         match req.op {
-            IoOp::Read => self.submit_read(req, done),
-            IoOp::Write if !req.fua => self.submit_write(req, done),
+            IoOp::Read => self.io.clone().submit_read(req, done),
+            IoOp::Write if !req.fua && req.flags == IoFlags::NONE => {
+                self.io.clone().submit_write(req, done)
+            }
             _ => run_on_pool(self, req, done),
         }
     }
@@ -1137,6 +913,115 @@ impl BlockDriver for Qcow2Node {
     fn can_store_bitmaps(&self) -> bool {
         true
     }
+    fn supports_persistent_bitmaps(&self) -> bool {
+        self.img.header().version >= 3
+    }
+    /// Read from the file as it is on disk (what another program sees),
+    /// as qemu-img's `info` reads a freshly opened image.
+    fn info(&self) -> Option<ImageInfo> {
+        let fs = NodeStorage(self.file.clone());
+        let name = self.file.filename().unwrap_or_default();
+        let h = qcow2::preview(&fs, "").ok()?.header;
+        let bitmaps = match &h.bitmaps_ext {
+            Some(raw) if h.version >= 3 && h.autoclear & qcow2::header::AUTOCLEAR_BITMAPS != 0 => {
+                qcow2::bitmap::read_bitmaps(&fs, raw, h.cluster_size(), h.size, "")
+                    .map(|(_, l)| l)
+                    .unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        let snapshots = qcow2::snapshot::read_snapshots(&fs, &h, &name)
+            .unwrap_or_default()
+            .into_iter()
+            .map(snapshot_info)
+            .collect();
+        Some(ImageInfo {
+            cluster_size: Some(h.cluster_size()),
+            backing_file: h.backing_file.clone(),
+            backing_format: h.backing_format.clone(),
+            dirty: h.incompatible & qcow2::header::INCOMPAT_DIRTY != 0,
+            snapshots,
+            specific: Some(("qcow2".into(), specific_info(&h, &bitmaps))),
+        })
+    }
+    fn check(&self, repair: Repair) -> BlockResult<CheckResult> {
+        use qcow2::check::Repair as R;
+        let rep = match repair {
+            Repair::None => R::None,
+            Repair::Leaks => R::Leaks,
+            Repair::All => R::All,
+        };
+        let r = self.img.check(rep).map_err(op_error)?;
+        Ok(CheckResult {
+            corruptions: r.corruptions,
+            leaks: r.leaks,
+            corruptions_fixed: r.corruptions_fixed,
+            leaks_fixed: r.leaks_fixed,
+            check_errors: r.check_errors,
+            image_end_offset: r.image_end_offset,
+            total_clusters: r.total_clusters,
+            allocated_clusters: r.allocated_clusters,
+            fragmented_clusters: r.fragmented_clusters,
+            compressed_clusters: r.compressed_clusters,
+            messages: r.messages,
+        })
+    }
+    fn amend(&self, opts: &CreateOpts, _force: bool) -> BlockResult<()> {
+        let mut am = qcow2::amend::Amend::default();
+        for k in opts.names() {
+            match k {
+                "compat" => {
+                    let v = opts.str(k).unwrap_or_default();
+                    am.version = Some(match v {
+                        "0.10" | "v2" => 2,
+                        "1.1" | "v3" => 3,
+                        _ => {
+                            return Err(BlockError::Invalid(format!(
+                                "Unknown compatibility level {v}"
+                            )))
+                        }
+                    })
+                }
+                "lazy_refcounts" => am.lazy_refcounts = opts.bool(k),
+                "refcount_bits" => {
+                    am.refcount_bits = opts.num(k).and_then(|n| u32::try_from(n).ok())
+                }
+                k if CREATE_ONLY.contains(&k) => {
+                    return Err(BlockError::Invalid(format!(
+                        "Invalid parameter '{k}'\nThis option is only supported for image creation"
+                    )))
+                }
+                _ => return Err(BlockError::Invalid(format!("Invalid parameter '{k}'"))),
+            }
+        }
+        self.img.amend(&am).map_err(op_error)
+    }
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+    fn snapshot_list(&self) -> BlockResult<Vec<SnapshotInfo>> {
+        Ok(self
+            .img
+            .snapshots()
+            .into_iter()
+            .map(snapshot_info)
+            .collect())
+    }
+    fn snapshot_create(&self, name: &str, date: (u32, u32)) -> BlockResult<()> {
+        self.img
+            .snapshot_create(name, date)
+            .map(drop)
+            .map_err(op_error)
+    }
+    fn snapshot_apply(&self, id_or_name: &str) -> BlockResult<()> {
+        self.img.snapshot_apply(id_or_name).map_err(op_error)
+    }
+    fn snapshot_delete(&self, id_or_name: &str) -> BlockResult<()> {
+        self.img
+            .snapshot_delete(id_or_name)
+            .map(drop)
+            .map_err(op_error)
+    }
     fn close(&self) -> BlockResult<()> {
         self.img.close().map_err(block_error)
     }
@@ -1178,6 +1063,6 @@ impl BlockDriver for Qcow2Node {
         self.img.store_bitmaps(&stored, &keep).map_err(block_error)
     }
     fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> BlockResult<()> {
-        self.img.set_backing(name, format).map_err(block_error)
+        self.img.set_backing(name, format).map_err(op_error)
     }
 }

@@ -7,14 +7,85 @@
 //! refused with `EPERM`: otherwise a guest could turn its raw disk into a
 //! qcow2 image pointing at any host file as backing file on the next start.
 
-use crate::driver::{check_range, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits};
+use crate::driver::{check_range, BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
 use crate::error::{BlockError, BlockResult};
+use crate::format::{CreateOpts, DriverClass, DriverKind, Measure, OptSpec, OptType};
 use crate::graph::OpenCtx;
 use crate::node::Node;
 use formats::probe::{probe, PROBE_BUF_SIZE};
 use std::io::{IoSlice, IoSliceMut};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// The `raw` class: no probe score (raw is what a file is when no format
+/// recognises it), and creation of plain files with `preallocation`.
+pub struct RawClass;
+
+const RAW_OPTS: &[OptSpec] = &[
+    crate::format::SIZE,
+    OptSpec::new(
+        "preallocation",
+        OptType::Str,
+        "Preallocation mode (allowed values: off, falloc, full)",
+    ),
+];
+
+impl DriverClass for RawClass {
+    fn name(&self) -> &str {
+        "raw"
+    }
+    fn kind(&self) -> DriverKind {
+        DriverKind::Format
+    }
+    fn open(&self, ctx: &mut OpenCtx<'_>) -> BlockResult<Arc<dyn BlockDriver>> {
+        RawNode::open(ctx)
+    }
+    fn create_options(&self) -> &'static [OptSpec] {
+        RAW_OPTS
+    }
+    fn create_summary(&self, _filename: &str, opts: &CreateOpts) -> BlockResult<String> {
+        let size = opts.size().unwrap_or(0);
+        match opts.str("preallocation") {
+            None => Ok(format!("size={size}")),
+            Some(p @ ("off" | "falloc" | "full")) => Ok(format!("size={size} preallocation={p}")),
+            Some(p) => Err(BlockError::Invalid(format!("Invalid parameter '{p}'"))),
+        }
+    }
+    fn create(&self, filename: &str, opts: &CreateOpts) -> BlockResult<()> {
+        let size = opts.size().unwrap_or(0);
+        crate::format::create_file(filename, filename)?;
+        let g = crate::graph::BlockGraph::new();
+        let f = crate::format::file_node(&g, filename, false, None)?;
+        let _h = f
+            .attach(
+                "create",
+                Perms::WRITE.union(Perms::RESIZE),
+                Perms::ALL.minus(Perms::RESIZE),
+            )
+            .map_err(|e| BlockError::Open(format!("{filename}: {e}")))?;
+        f.truncate(size)
+            .map_err(|e| BlockError::Open(format!("{filename}: Could not resize file: {e}")))?;
+        match opts.str("preallocation") {
+            Some("falloc") if size > 0 => f.driver().preallocate(0, size),
+            Some("full") => crate::driver::write_zeroes_by_writing(&**f.driver(), 0, size, false),
+            _ => Ok(()),
+        }?;
+        f.flush()
+    }
+    fn measure(
+        &self,
+        _opts: &CreateOpts,
+        size: u64,
+        _src: Option<&Arc<Node>>,
+    ) -> BlockResult<Measure> {
+        let s = size.div_ceil(512) * 512;
+        Ok(Measure {
+            required: s,
+            fully_allocated: s,
+            bitmaps: None,
+        })
+    }
+}
 
 /// A raw node.
 pub struct RawNode {
@@ -145,6 +216,7 @@ impl BlockDriver for RawNode {
                 zero: true,
                 offset: None,
                 allocated: true,
+                compressed: false,
             });
         }
         let mut e = self

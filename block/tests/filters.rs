@@ -86,6 +86,7 @@ impl BlockDriver for MemOverlay {
             zero: false,
             offset: None,
             allocated: first,
+            compressed: false,
         })
     }
 }

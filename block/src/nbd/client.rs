@@ -671,6 +671,7 @@ impl Shared {
                                 zero: f & proto::STATE_ZERO as u64 != 0,
                                 offset: None,
                                 allocated: true,
+                                compressed: false,
                             });
                         }
                         Chunk::Error { error, message } => {
@@ -1211,6 +1212,7 @@ impl BlockDriver for NbdNode {
                 zero: false,
                 offset: None,
                 allocated: true,
+                compressed: false,
             });
         }
         crate::driver::check_range("nbd", offset, len, self.len())?;

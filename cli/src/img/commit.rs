@@ -4,7 +4,6 @@
 //! `rate` bytes per second; then empty the image unless `-d` or `-b` is
 //! given (qemu-img's semantics and messages).
 
-use super::amend::open_q2_chain;
 use super::info::chain_status;
 use super::{fail, open, Fail, OpenSpec, R};
 use block::graph::BlockGraph;
@@ -111,7 +110,7 @@ pub fn commit(a: CommitArgs) -> R<i32> {
     {
         let pg = BlockGraph::new();
         let f = super::convert::file_node(&pg, &a.filename, false, None)?;
-        super::locked_storage(f, &a.filename, true, false)?;
+        super::try_lock(f, &a.filename, true, false)?;
     }
     let g = BlockGraph::new();
     let mut spec = OpenSpec::new(&a.filename);
@@ -240,10 +239,18 @@ pub fn commit(a: CommitArgs) -> R<i32> {
     drop(g);
     if !a.no_empty && a.base.is_none() && !a.filename.is_empty() {
         let g = BlockGraph::new();
-        if super::amend::is_qcow2(&a.filename)? {
-            let img = open_q2_chain(&g, &a.filename, a.cache.as_deref())?;
-            img.make_empty()
-                .map_err(|e| Fail(format!("Could not empty '{}': {e}", a.filename), 1))?;
+        let mut spec = OpenSpec::new(&a.filename);
+        spec.fmt = a.fmt.as_deref();
+        spec.read_only = false;
+        spec.cache = a.cache.as_deref();
+        let blk = open(&g, &spec)?;
+        if let Some(img) = blk.root() {
+            // Formats that cannot drop their clusters keep them, as
+            // qemu-img leaves such images as they are.
+            match img.driver().make_empty() {
+                Ok(()) | Err(block::error::BlockError::Unsupported(_)) => {}
+                Err(e) => return fail(format!("Could not empty '{}': {e}", a.filename)),
+            }
             img.close().map_err(|e| Fail(e.to_string(), 1))?;
         }
     }

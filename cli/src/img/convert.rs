@@ -1,11 +1,10 @@
 //! `convert`, `compare` and `dd`, following qemu-img's options and exit codes.
 //!
-//! `convert -O qcow2` writes through `formats::qcow2` directly (so that `-c`
-//! can use compressed cluster writes): the target is created with the `-o`
-//! options and `-B`/`-F`, then filled cluster by cluster. All-zero clusters
-//! are skipped (the new image reads as zeroes) unless `-S 0`; with `-B`
-//! clusters equal to the backing file's are skipped and zero clusters over
-//! non-zero backing data become qcow2 zero clusters.
+//! `convert` writes every target through the block layer (see
+//! [`convert`]). All-zero clusters are skipped (the new image reads as
+//! zeroes) unless `-S 0`; with `-B` clusters equal to the backing file's
+//! are skipped and zero clusters over non-zero backing data become zero
+//! clusters of the format.
 
 use super::{fail, open, parse_img_size, Fail, OpenSpec, R};
 use block::backend::BlockBackend;
@@ -394,7 +393,9 @@ impl Job {
                 for (off, len, data) in ops {
                     match &data {
                         Some((d, s)) => self.target.write_at(off, &d[*s..*s + len as usize]),
-                        None => self.target.write_zeroes(off, len, true),
+                        // Written as zeroes, not deallocated: the target
+                        // is opened with discard=unmap for cluster formats.
+                        None => self.target.write_zeroes(off, len, false),
                     }
                     .map_err(|e| e.to_string())?;
                     // The chunk's buffer is free once its last piece is out.
@@ -428,21 +429,27 @@ fn push_run(
     }
 }
 
-/// `convert`.
+/// `convert`: into any format whose class creates images. The target is
+/// created with the `-o` options (and `-B`/`-F`), opened through the
+/// block layer and written through it; `-c` sends compressed writes
+/// (`IoFlags::COMPRESSED`), which formats without compression refuse.
+/// A target with clusters is filled cluster by cluster (whole clusters
+/// can be compressed; with `-B` only the clusters that differ from the
+/// backing file are written, zero ones over backing data as zero
+/// clusters); one without (raw) in runs of the sparse size.
 pub fn convert(a: ConvertArgs) -> R<i32> {
-    if a.out_fmt == "qcow2" {
-        return convert_qcow2(a);
+    let class = super::create::class_of(&a.out_fmt)?;
+    if super::create::wants_help(&a.options) {
+        print!("{}", block::format::options_help(class.create_options()));
+        return Ok(0);
     }
-    if a.out_fmt != "raw" {
-        return fail(format!("Unknown file format '{}'", a.out_fmt));
-    }
-    if a.backing.is_some() {
+    if a.backing.is_some() && !class.supports_backing() {
         return fail(format!(
             "Backing file not supported for file format '{}'",
             a.out_fmt
         ));
     }
-    if a.compress {
+    if a.compress && !class.can_compress() {
         return fail("Compression not supported for this file format");
     }
     if a.target_is_zero && !a.no_create {
@@ -451,36 +458,46 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
     if !(1..=16).contains(&a.parallel) {
         return fail("Invalid number of coroutines specified. Must be between 1 and 16.");
     }
+    let bad_sparse = "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 2097152. Select 0 to disable sparse detection (fully allocates output).";
     let sparse = block::keyval::parse_size_str(&a.sparse, 1)
         .ok()
-        .filter(|s| *s == 0 || s % 512 == 0)
-        .ok_or_else(|| Fail("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 2097152. Select 0 to disable sparse detection (fully allocates output).".into(), 1))?;
-    if sparse > CHUNK {
-        return fail("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 2097152. Select 0 to disable sparse detection (fully allocates output).");
-    }
+        .filter(|s| (*s == 0 || s % 512 == 0) && *s <= CHUNK)
+        .ok_or_else(|| Fail(bad_sparse.into(), 1))?;
     super::cache_mode(&a.cache)?;
     super::cache_mode(&a.src_cache)?;
+    if a.no_create && a.backing.is_some() {
+        return fail("-B is not supported with -n");
+    }
     let target = &a.files[a.files.len() - 1];
     let graph = BlockGraph::new();
     let (sources, total) = a.open_sources(&graph)?;
-    let mut prealloc_opts = Vec::new();
-    for o in &a.options {
-        prealloc_opts.push(o.clone());
-    }
+    // -o backing_file=... is the same as -B.
+    let mut opts = super::create::parse_options(
+        &*class,
+        &a.options,
+        None,
+        a.backing.as_deref(),
+        a.backing_fmt.as_deref(),
+    )?;
+    let with_backing = opts.backing_file().is_some();
     if !a.no_create {
-        super::info::create(
-            "raw",
-            &prealloc_opts,
-            true,
-            target,
-            Some(&total.to_string()),
-        )?;
+        if with_backing && !class.supports_backing() {
+            return fail(format!(
+                "Backing file not supported for file format '{}'",
+                a.out_fmt
+            ));
+        }
+        opts.set("size", block::format::OptValue::Num(total));
+        // The backing file is opened with the target below.
+        super::create::make(&*class, &mut opts, true, target, true)?;
     }
     let tgraph = BlockGraph::new();
     let mut spec = OpenSpec::new(target);
-    spec.fmt = Some("raw");
+    spec.fmt = Some(&a.out_fmt);
     spec.read_only = false;
     spec.cache = Some(&a.cache);
+    // Zero runs of a cluster target deallocate, as qemu-img's do.
+    spec.discard_unmap = true;
     let tb = open(&tgraph, &spec)?;
     if tb.len() < total {
         return fail(format!(
@@ -489,22 +506,76 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
             tb.len()
         ));
     }
-    let job = Arc::new(Job {
-        sources,
-        target: tb.clone(),
-        sparse,
-        target_zero: !a.no_create || a.target_is_zero,
-        work: Chunks::new(total, CHUNK, !a.out_of_order, a.progress && !a.quiet),
-        status: StatusCache::default(),
-    });
-    job.work.progress.start();
-    run_workers(a.parallel, &job, |j| j.run_worker());
-    if let Some(e) = job.work.take_error() {
+    let Some(root) = tb.root() else {
+        return fail(format!("Could not open '{target}': no medium"));
+    };
+    if a.compress && !root.driver().can_compress() {
+        return fail(format!(
+            "Compression not supported for '{target}' (its format options rule compressed writes out)"
+        ));
+    }
+    let cluster = root.driver().info().and_then(|i| i.cluster_size);
+    let progress = a.progress && !a.quiet;
+    let err = match cluster {
+        Some(cs) => {
+            // Compressed output goes cluster by cluster and out of order
+            // anyway: small work items keep the buffers (and the peak
+            // memory) small.
+            let chunk = if a.compress {
+                (cs * 4).clamp(256 << 10, CHUNK)
+            } else {
+                CHUNK
+            };
+            let job = Arc::new(QJob {
+                sources,
+                target: tb.clone(),
+                backing: if with_backing {
+                    root.child("backing")
+                } else {
+                    None
+                },
+                cs,
+                sparse,
+                target_zero: !a.no_create || a.target_is_zero,
+                compress: a.compress,
+                // Compressed clusters are packed in the order they are
+                // written; ordering would serialise the compression.
+                work: Chunks::new(total, chunk, !a.out_of_order && !a.compress, progress),
+                status: StatusCache::default(),
+            });
+            job.work.progress.start();
+            run_workers(a.parallel, &job, |j| j.run_worker());
+            let e = job.work.take_error();
+            if e.is_none() {
+                job.work.progress.finish();
+            }
+            e
+        }
+        None => {
+            let job = Arc::new(Job {
+                sources,
+                target: tb.clone(),
+                sparse,
+                target_zero: !a.no_create || a.target_is_zero,
+                work: Chunks::new(total, CHUNK, !a.out_of_order, progress),
+                status: StatusCache::default(),
+            });
+            job.work.progress.start();
+            run_workers(a.parallel, &job, |j| j.run_worker());
+            let e = job.work.take_error();
+            if e.is_none() {
+                job.work.progress.finish();
+            }
+            e
+        }
+    };
+    if let Some(e) = err {
         return fail(format!("error while converting: {e}"));
     }
     tb.flush()
         .map_err(|e| Fail(format!("error while flushing the target: {e}"), 1))?;
-    job.work.progress.finish();
+    root.close()
+        .map_err(|e| Fail(format!("error while flushing the target: {e}"), 1))?;
     Ok(0)
 }
 
@@ -689,7 +760,16 @@ pub fn dd(fmt: Option<&str>, out_fmt: &str, force_share: bool, operands: &[Strin
         end = end.min(c.saturating_mul(bs));
     }
     let size = end.saturating_sub(start);
-    super::info::create("raw", &[], true, &outf, Some(&size.to_string()))?;
+    super::create::create(
+        "raw",
+        &[],
+        true,
+        &outf,
+        Some(&size.to_string()),
+        None,
+        None,
+        true,
+    )?;
     let g2 = BlockGraph::new();
     let mut t = OpenSpec::new(&outf);
     t.fmt = Some("raw");
@@ -743,41 +823,6 @@ fn on_off(b: bool) -> &'static str {
     }
 }
 
-/// Open a qcow2 image at the format layer, read-write, with its data file
-/// and with `backing` (an opened node) as its backing file.
-pub(crate) fn open_qcow2_rw(
-    g: &BlockGraph,
-    filename: &str,
-    cache: Option<&str>,
-    backing: Option<Arc<block::node::Node>>,
-) -> R<Arc<formats::qcow2::Qcow2>> {
-    use block::qcow2::{resolve_backing, NodeStorage};
-    use formats::storage::Storage;
-    let f = file_node(g, filename, false, cache)?;
-    // Written: the locks of qemu-img's read-write qcow2 node.
-    let fs = super::locked_storage(f, filename, true, false)?;
-    let h = formats::qcow2::preview(&*fs, filename)
-        .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))?
-        .header;
-    let data: Option<Arc<dyn Storage>> = match &h.data_file {
-        Some(d) if h.incompatible & formats::qcow2::header::INCOMPAT_DATA_FILE != 0 => {
-            let p = resolve_backing(filename, d);
-            Some(super::locked_storage(
-                file_node(g, &p, false, cache)?,
-                &p,
-                true,
-                false,
-            )?)
-        }
-        _ => None,
-    };
-    let bs: Option<Arc<dyn Storage>> = backing.map(|b| Arc::new(NodeStorage(b)) as _);
-    let o = formats::qcow2::OpenOptions::default();
-    formats::qcow2::Qcow2::open(filename, fs, data, bs, &o)
-        .map(Arc::new)
-        .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))
-}
-
 /// Open `path` (already resolved) read-only as a backing node.
 pub(crate) fn open_backing_node(
     g: &BlockGraph,
@@ -791,8 +836,8 @@ pub(crate) fn open_backing_node(
     Ok(n)
 }
 
-/// One planned write into a qcow2 target: data at a target offset from a
-/// range of the chunk's buffer, or zeroes.
+/// One planned write into a target with clusters: data at a target
+/// offset from a range of the chunk's buffer, or zeroes.
 enum QOp {
     Data(u64, usize, usize),
     Zero(u64, u64),
@@ -806,7 +851,7 @@ struct QPlan {
 
 struct QJob {
     sources: Vec<(Arc<BlockBackend>, u64)>,
-    target: Arc<formats::qcow2::Qcow2>,
+    target: Arc<BlockBackend>,
     /// The target's backing file, compared against to write differences only.
     backing: Option<Arc<block::node::Node>>,
     cs: u64,
@@ -950,7 +995,7 @@ impl QJob {
         while let Some(op) = ops.next() {
             r = match op {
                 QOp::Data(off, a, b) if self.compress => {
-                    self.target.write_compressed(off, &buf[a..b])
+                    self.target.write_compressed_at(off, &buf[a..b])
                 }
                 QOp::Data(off, a, mut b) => {
                     // Contiguous data goes out as one write.
@@ -961,7 +1006,7 @@ impl QJob {
                         b = *b2;
                         ops.next();
                     }
-                    self.target.write(off, &buf[a..b], false)
+                    self.target.write_at(off, &buf[a..b])
                 }
                 QOp::Zero(off, len) => self.target.write_zeroes(off, len, true),
             }
@@ -994,121 +1039,4 @@ fn push_zero(ops: &mut Vec<QOp>, off: u64, len: u64) {
         }
     }
     ops.push(QOp::Zero(off, len));
-}
-
-/// `convert -O qcow2`.
-fn convert_qcow2(a: ConvertArgs) -> R<i32> {
-    if a.target_is_zero && !a.no_create {
-        return fail("--target-is-zero requires use of -n flag");
-    }
-    if !(1..=16).contains(&a.parallel) {
-        return fail("Invalid number of coroutines specified. Must be between 1 and 16.");
-    }
-    let bad_sparse = "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 2097152. Select 0 to disable sparse detection (fully allocates output).";
-    let sparse = block::keyval::parse_size_str(&a.sparse, 1)
-        .ok()
-        .filter(|s| (*s == 0 || s % 512 == 0) && *s <= CHUNK)
-        .ok_or_else(|| Fail(bad_sparse.into(), 1))?;
-    super::cache_mode(&a.cache)?;
-    super::cache_mode(&a.src_cache)?;
-    if a.no_create && a.backing.is_some() {
-        return fail("-B is not supported with -n");
-    }
-    let target = &a.files[a.files.len() - 1];
-    let graph = BlockGraph::new();
-    let (sources, total) = a.open_sources(&graph)?;
-    // -o backing_file=... is the same as -B.
-    let mut backing = a.backing.clone();
-    let mut backing_fmt = a.backing_fmt.clone();
-    let mut opts = Vec::new();
-    for o in &a.options {
-        if o == "help" || o == "?" {
-            return super::qcow2::create(
-                std::slice::from_ref(o),
-                true,
-                target,
-                None,
-                None,
-                None,
-                true,
-            );
-        }
-        let m = block::keyval::parse("-o", o, None)?;
-        for (k, v) in m {
-            let block::keyval::Value::Str(v) = v else {
-                return fail(format!("Invalid parameter '{k}'"));
-            };
-            match k.as_str() {
-                "backing_file" => backing = Some(v),
-                "backing_fmt" => backing_fmt = Some(v),
-                _ => opts.push(format!("{k}={}", v.replace(',', ",,"))),
-            }
-        }
-    }
-    let tgraph = BlockGraph::new();
-    let bnode = match &backing {
-        Some(b) => {
-            let path = block::qcow2::resolve_backing(target, b);
-            Some(open_backing_node(&tgraph, &path, backing_fmt.as_deref())?)
-        }
-        None => None,
-    };
-    if !a.no_create {
-        super::qcow2::create(
-            &opts,
-            true,
-            target,
-            Some(&total.to_string()),
-            backing.as_deref(),
-            backing_fmt.as_deref(),
-            true,
-        )?;
-    }
-    let img = open_qcow2_rw(&tgraph, target, Some(&a.cache), bnode.clone())?;
-    if img.size() < total {
-        return fail(format!(
-            "Output image is too small: {} bytes needed, {} available",
-            total,
-            img.size()
-        ));
-    }
-    if a.compress && img.header().data_file.is_some() {
-        return fail("Compression not supported with an external data file");
-    }
-    // Compressed output goes cluster by cluster and out of order anyway:
-    // small work items keep the buffers (and the peak memory) small.
-    let chunk = if a.compress {
-        (img.cluster_size() * 4).clamp(256 << 10, CHUNK)
-    } else {
-        CHUNK
-    };
-    let job = Arc::new(QJob {
-        sources,
-        target: img.clone(),
-        backing: bnode,
-        cs: img.cluster_size(),
-        sparse,
-        target_zero: !a.no_create || a.target_is_zero,
-        compress: a.compress,
-        // Compressed clusters are packed in the order they are written;
-        // ordering would serialise the compression.
-        work: Chunks::new(
-            total,
-            chunk,
-            !a.out_of_order && !a.compress,
-            a.progress && !a.quiet,
-        ),
-        status: StatusCache::default(),
-    });
-    job.work.progress.start();
-    run_workers(a.parallel, &job, |j| j.run_worker());
-    if let Some(e) = job.work.take_error() {
-        return fail(format!("error while converting qcow2: {e}"));
-    }
-    drop(job);
-    img.close()
-        .map_err(|e| Fail(format!("error while flushing the target: {e}"), 1))?;
-    // Make it durable unless -t unsafe.
-    let _ = img.flush();
-    Ok(0)
 }

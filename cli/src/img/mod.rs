@@ -8,23 +8,27 @@
 //! Images are locked as qemu-img locks them: a command that writes takes
 //! the write permission and refuses shared writers; one that reads takes
 //! consistent read and, without `-U`, is refused while another process
-//! (a VM, qemu-nbd, another strata-img) writes the image. Commands that
-//! open qcow2 files at the format layer go through `locked_storage`.
+//! (a VM, qemu-nbd, another strata-img) writes the image.
+//!
+//! No command knows a format: each opens images through the block graph
+//! and asks the node's driver (info, check, amend, snapshots, backing
+//! file changes, compressed writes) or the format's driver class
+//! (create, `-o help`, measure) in `block::format`.
 
 pub mod amend;
 pub mod bench;
 pub mod commit;
 pub mod convert;
+pub mod create;
 pub mod info;
 pub mod json;
 pub mod measure;
-pub mod qcow2;
 pub mod rebase;
 pub mod snapshot;
 
 use block::backend::{BackendConfig, BlockBackend};
 use block::driver::Perms;
-use block::graph::BlockGraph;
+use block::graph::{BlockGraph, OpenFlags};
 use block::keyval::{self, Options};
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
@@ -198,6 +202,11 @@ pub struct OpenSpec<'a> {
     /// An internal snapshot to read instead of the active state (qcow2).
     /// (Its node options: see `cli::snapshot_param`.)
     pub snapshot: &'a [(String, String)],
+    /// How the image's node is opened (to check it, without its backing
+    /// file).
+    pub flags: OpenFlags,
+    /// Write-zeroes may deallocate (`discard=unmap`): convert's targets.
+    pub discard_unmap: bool,
 }
 
 impl<'a> OpenSpec<'a> {
@@ -212,6 +221,8 @@ impl<'a> OpenSpec<'a> {
             aio: None,
             resize: false,
             snapshot: &[],
+            flags: OpenFlags::default(),
+            discard_unmap: false,
         }
     }
 }
@@ -242,6 +253,9 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
         wce = w;
     }
     extra.extend(spec.snapshot.iter().cloned());
+    if spec.discard_unmap {
+        extra.push(("discard".into(), "unmap".into()));
+    }
     if let Some(a) = spec.aio {
         if !matches!(a, "threads" | "native" | "io_uring") {
             return fail(format!("Invalid aio option: {a}"));
@@ -261,7 +275,7 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
         }
         let probe = !map.contains_key("driver");
         graph
-            .open_options(Options::new("image options", map), None, probe)
+            .open_options_flags(Options::new("image options", map), None, probe, spec.flags)
             .map_err(|e| Fail(format!("Could not open '{}': {e}", spec.filename), 1))?
     } else {
         if let Some(a) = spec.aio {
@@ -275,7 +289,7 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
             .map(|(a, b)| (a.as_str(), b.as_str()))
             .collect();
         graph
-            .open_image(spec.filename, spec.fmt, spec.read_only, &refs)
+            .open_image_flags(spec.filename, spec.fmt, spec.read_only, &refs, spec.flags)
             .map_err(|e| open_error(spec.filename, e))?
     };
     let _ = graph.take_warnings();
@@ -289,94 +303,18 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
     BlockBackend::new("", node, cfg).map_err(|e| open_error(spec.filename, e))
 }
 
-/// The storage of an image file that a command opens at the format layer
-/// itself (snapshots, check, amend, rebase, commit, qcow2 targets), holding
-/// the permissions qemu-img's format node takes on its `file` child and so
-/// the same image locks: a writer uses consistent read, write and resize; a
-/// reader consistent read; neither lets others write or resize the file
-/// unless `force_share` (a reader's `-U`).
-pub(crate) struct LockedStorage {
-    inner: block::qcow2::NodeStorage,
-    _perm: block::node::PermHandle,
-}
-
-/// Lock `node` (the file of the image the user named `filename`) for
-/// reading or writing, as qemu-img would; refused with qemu-img's message
-/// while another process holds a conflicting lock.
-pub(crate) fn locked_storage(
+/// Whether the file `node` of the image `filename` could be locked for
+/// reading or writing as a format node locks it (see
+/// `block::format::locked_storage`): qemu-img's refusal otherwise.
+pub(crate) fn try_lock(
     node: Arc<block::node::Node>,
     filename: &str,
     write: bool,
     force_share: bool,
-) -> R<Arc<dyn formats::storage::Storage>> {
-    let perm = if write {
-        Perms::CONSISTENT_READ
-            .union(Perms::WRITE)
-            .union(Perms::RESIZE)
-    } else {
-        Perms::CONSISTENT_READ
-    };
-    let shared = if force_share && !write {
-        Perms::ALL
-    } else {
-        Perms::CONSISTENT_READ.union(Perms::WRITE_UNCHANGED)
-    };
-    let h = node
-        .attach("strata-img", perm, shared)
-        .map_err(|e| open_error(filename, e))?;
-    Ok(Arc::new(LockedStorage {
-        inner: block::qcow2::NodeStorage(node),
-        _perm: h,
-    }))
-}
-
-impl formats::storage::Storage for LockedStorage {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-        self.inner.write_at(offset, buf)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.write_zeroes(offset, len)
-    }
-    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.discard(offset, len)
-    }
-    fn allocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.inner.allocate(offset, len)
-    }
-}
-
-/// Empty the file `path` that `create` has just opened (without
-/// truncating) for a new image, under the lock qemu-img's file creation
-/// takes: write and resize, not sharing resize. Refused, leaving the file
-/// untouched, while another process uses the image; `name` is how the
-/// message names it.
-pub(crate) fn truncate_for_create(name: &str, path: &str) -> R<()> {
-    let g = BlockGraph::new();
-    let f = convert::file_node(&g, path, false, None)?;
-    let _h = f
-        .attach(
-            "strata-img",
-            Perms::WRITE.union(Perms::RESIZE),
-            Perms::ALL.minus(Perms::RESIZE),
-        )
-        .map_err(|e| Fail(format!("{name}: {e}"), 1))?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_len(0))
-        .map_err(|e| Fail(format!("{name}: Could not resize file: {e}"), 1))
+) -> R<()> {
+    block::format::locked_storage(node, filename, write, force_share)
+        .map(drop)
+        .map_err(|e| Fail(e.to_string(), 1))
 }
 
 fn open_error(filename: &str, e: block::error::BlockError) -> Fail {
@@ -491,22 +429,16 @@ pub fn main_with_args(args: Vec<String>) -> i32 {
             backing_fmt,
             filename,
             size,
-        } => match fmt.as_str() {
-            "qcow2" => qcow2::create(
-                &options,
-                quiet,
-                &filename,
-                size.as_deref(),
-                backing.as_deref(),
-                backing_fmt.as_deref(),
-                no_backing_check,
-            ),
-            _ if backing.is_some() => Err(Fail(
-                format!("Backing file not supported for file format '{fmt}'"),
-                1,
-            )),
-            _ => info::create(&fmt, &options, quiet, &filename, size.as_deref()),
-        },
+        } => create::create(
+            &fmt,
+            &options,
+            quiet,
+            &filename,
+            size.as_deref(),
+            backing.as_deref(),
+            backing_fmt.as_deref(),
+            no_backing_check,
+        ),
         Cmd::Info {
             fmt,
             output,

@@ -2,15 +2,14 @@
 //! The safe mode first copies into the image every cluster it does not
 //! allocate itself and whose contents differ between the old and the new
 //! backing chain, so that the guest-visible contents stay the same; `-u`
-//! only rewrites the header (qemu-img's semantics and messages).
+//! only rewrites the header (qemu-img's semantics and messages). Any
+//! format whose class supports backing files.
 
-use super::amend::{is_qcow2, open_q2_chain};
 use super::convert::open_backing_node;
-use super::{fail, Fail, R};
+use super::{fail, Fail, OpenSpec, R};
+use block::format::resolve_backing;
 use block::graph::BlockGraph;
-use block::qcow2::resolve_backing;
-use formats::qcow2::l2::Kind;
-use std::io::IoSliceMut;
+use std::io::{IoSlice, IoSliceMut};
 
 /// `rebase` options (qemu-img's letters).
 #[derive(clap::Args, Debug)]
@@ -62,23 +61,36 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
     if let Some(c) = &a.cache {
         super::cache_mode(c)?;
     }
-    match a.fmt.as_deref() {
-        Some("qcow2") | None if is_qcow2(&a.filename)? => {}
-        Some(f) if f != "qcow2" => {
+    let newb = (!newb.is_empty()).then_some(newb);
+    if let Some(f) = a.fmt.as_deref() {
+        let c = BlockGraph::new().class(f);
+        if c.as_ref().is_some_and(|c| !c.supports_backing()) {
             return fail(format!(
                 "Format driver '{f}' does not support backing files"
-            ))
-        }
-        _ => {
-            return fail(format!(
-                "Could not open '{}': this image format does not support backing files",
-                a.filename
-            ))
+            ));
         }
     }
-    let newb = (!newb.is_empty()).then_some(newb);
     let g = BlockGraph::new();
-    let img = open_q2_chain(&g, &a.filename, a.cache.as_deref())?;
+    let mut spec = OpenSpec::new(&a.filename);
+    spec.fmt = a.fmt.as_deref();
+    spec.read_only = false;
+    spec.cache = a.cache.as_deref();
+    if let Some(c) = &a.src_cache {
+        super::cache_mode(c)?;
+    }
+    let blk = super::open(&g, &spec)?;
+    let Some(img) = blk.root() else {
+        return fail(format!("Could not open '{}': no medium", a.filename));
+    };
+    if !g
+        .class(img.driver_name())
+        .is_some_and(|c| c.supports_backing())
+    {
+        return fail(format!(
+            "Could not open '{}': this image format does not support backing files",
+            a.filename
+        ));
+    }
     let mut fmt = a.backing_fmt.clone();
     if !a.unsafe_mode {
         let ng = BlockGraph::new();
@@ -93,8 +105,14 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
             }
             None => None,
         };
-        let size = img.size();
-        let cs = img.cluster_size();
+        let size = img.len();
+        // Compare and copy by the image's clusters (whole ones can be
+        // compressed); formats without clusters use 64 KiB.
+        let cs = img
+            .driver()
+            .info()
+            .and_then(|i| i.cluster_size)
+            .unwrap_or(65536);
         let step = (cs * 16).max(1 << 20);
         let mut old = vec![0u8; step as usize];
         let mut new = vec![0u8; step as usize];
@@ -107,12 +125,12 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
                 .map_err(|e| Fail(e.to_string(), 1))?;
             let len = st.len.clamp(1, size - off);
             prog.add(len);
-            if st.kind != Kind::Unalloc {
+            if st.allocated {
                 off += len;
                 continue;
             }
             let n = len as usize;
-            img.read(off, &mut old[..n])
+            img.read_vectored(off, &mut [IoSliceMut::new(&mut old[..n])])
                 .map_err(|e| Fail(format!("error while reading image: {e}"), 1))?;
             new[..n].fill(0);
             if let Some(b) = &new_node {
@@ -134,7 +152,7 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
                     if a.compress && whole {
                         img.write_compressed(abs, &old[p..q])
                     } else {
-                        img.write(abs, &old[p..q], false)
+                        img.write_vectored(abs, &[IoSlice::new(&old[p..q])], false)
                     }
                     .map_err(|e| Fail(format!("error while writing to the image: {e}"), 1))?;
                 }
@@ -153,7 +171,8 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
             }
         }
     }
-    img.set_backing(newb.as_deref(), fmt.as_deref())
+    img.driver()
+        .set_backing_file(newb.as_deref(), fmt.as_deref())
         .map_err(|e| {
             Fail(
                 format!(
@@ -164,5 +183,6 @@ pub fn rebase(a: RebaseArgs) -> R<i32> {
             )
         })?;
     img.close().map_err(|e| Fail(e.to_string(), 1))?;
+    drop(blk);
     Ok(0)
 }

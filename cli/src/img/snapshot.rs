@@ -1,16 +1,13 @@
 //! `strata-img snapshot [-f fmt] [-q] [-U] [-l | -a S | -c S | -d S] file`:
-//! list, apply, create and delete qcow2 internal snapshots, with qemu-img's
-//! output and messages (`docs/tools/qemu-img.rst`, "snapshot"). The
-//! snapshot list printed here is also the one `info` shows. The format
-//! logic is `formats::qcow2::snapshot`.
+//! list, apply, create and delete internal snapshots of any format whose
+//! driver keeps them, with qemu-img's output and messages
+//! (`docs/tools/qemu-img.rst`, "snapshot"). The snapshot list printed
+//! here is also the one `info` shows.
 
 use super::json::J;
-use super::{fail, size_to_str, Fail, R};
-use block::graph::BlockGraph;
-use block::keyval::{Map, Options, Value};
-use block::qcow2::NodeStorage;
-use formats::qcow2::snapshot::Snapshot;
-use formats::qcow2::{OpenOptions, Qcow2};
+use super::{fail, size_to_str, Fail, OpenSpec, R};
+use block::format::SnapshotInfo as Snapshot;
+use block::graph::{BlockGraph, OpenFlags};
 
 /// `snapshot` options (qemu-img's letters).
 #[derive(clap::Args, Debug)]
@@ -121,56 +118,6 @@ pub fn table_json(snaps: &[Snapshot]) -> J {
     )
 }
 
-/// The snapshot table of a qcow2 node (empty when unreadable: `info` has
-/// already opened the image, errors were reported then).
-pub fn of_node(n: &block::node::Node) -> Vec<Snapshot> {
-    let Some(f) = n.child("file") else {
-        return Vec::new();
-    };
-    let fs = NodeStorage(f.clone());
-    let name = f.filename().unwrap_or_default();
-    formats::qcow2::preview(&fs, &name)
-        .and_then(|p| formats::qcow2::snapshot::read_snapshots(&fs, &p.header, &name))
-        .unwrap_or_default()
-}
-
-fn open(g: &BlockGraph, filename: &str, read_only: bool, force_share: bool) -> R<Qcow2> {
-    if force_share && !read_only {
-        return fail(format!(
-            "Could not open '{filename}': force-share=on can only be used with read-only images"
-        ));
-    }
-    let mut m = Map::new();
-    m.insert("driver".into(), Value::Str("file".into()));
-    m.insert("filename".into(), Value::Str(filename.into()));
-    if read_only {
-        m.insert("read-only".into(), Value::Str("on".into()));
-    }
-    if force_share {
-        m.insert("force-share".into(), Value::Str("on".into()));
-    }
-    let f = g
-        .open_options(Options::new("file", m), None, false)
-        .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))?;
-    // The locks qemu-img's qcow2 node takes on its file: refused while a
-    // running VM or qemu-nbd writes the image (a reader unless -U).
-    let fs = super::locked_storage(f, filename, !read_only, force_share)?;
-    let mut magic = [0u8; 4];
-    let _ = fs.read_at(0, &mut magic);
-    if &magic != b"QFI\xfb" {
-        return fail(format!(
-            "Could not open '{filename}': this image format does not support internal snapshots"
-        ));
-    }
-    let o = OpenOptions {
-        read_only,
-        ..Default::default()
-    };
-    // The backing file is not needed: snapshots only touch metadata.
-    Qcow2::open(filename, fs, None, None, &o)
-        .map_err(|e| Fail(format!("Could not open '{filename}': {e}"), 1))
-}
-
 fn now() -> (u32, u32) {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -180,7 +127,7 @@ fn now() -> (u32, u32) {
 }
 
 /// Strip the "file: " prefix the format layer puts on its messages.
-fn why(filename: &str, e: &formats::error::FormatError) -> String {
+fn why(filename: &str, e: &block::error::BlockError) -> String {
     let s = e.to_string();
     s.strip_prefix(&format!("{filename}: "))
         .map(str::to_string)
@@ -201,20 +148,32 @@ pub fn snapshot(a: SnapshotArgs) -> R<i32> {
     if n > 1 {
         return fail("Cannot mix '-l', '-a', '-c', '-d'");
     }
-    if let Some(f) = a.fmt.as_deref() {
-        if f != "qcow2" {
-            return fail(format!(
-                "Could not open '{}': format '{f}' does not support internal snapshots",
-                a.filename
-            ));
-        }
-    }
     let file = &a.filename;
     let g = BlockGraph::new();
     let list = n == 0 || a.list;
-    let img = open(&g, file, list, a.force_share)?;
+    if a.force_share && !list {
+        return fail(format!(
+            "Could not open '{file}': force-share=on can only be used with read-only images"
+        ));
+    }
+    let mut spec = OpenSpec::new(file);
+    spec.fmt = a.fmt.as_deref();
+    spec.read_only = list;
+    spec.force_share = a.force_share;
+    // Snapshots only touch metadata: no backing file needed.
+    spec.flags = OpenFlags {
+        check: false,
+        no_backing: true,
+    };
+    let blk = super::open(&g, &spec)?;
+    let Some(root) = blk.root() else {
+        return fail(format!("Could not open '{file}': no medium"));
+    };
+    // Formats without internal snapshots list none and refuse the rest,
+    // as qemu-img's do.
+    let img = root.driver().clone();
     if list {
-        let s = img.snapshots();
+        let s = img.snapshot_list()?;
         if !s.is_empty() && !a.quiet {
             print!("Snapshot list:\n{}", table_human(&s));
         }
@@ -234,7 +193,7 @@ pub fn snapshot(a: SnapshotArgs) -> R<i32> {
         })?;
     } else if let Some(name) = &a.delete {
         if !img
-            .snapshots()
+            .snapshot_list()?
             .iter()
             .any(|s| &s.id == name || &s.name == name)
         {
@@ -249,7 +208,8 @@ pub fn snapshot(a: SnapshotArgs) -> R<i32> {
             )
         })?;
     }
-    img.close()
+    drop(img);
+    root.close()
         .map_err(|e| Fail(format!("{file}: {}", why(file, &e)), 1))?;
     Ok(0)
 }

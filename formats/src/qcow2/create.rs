@@ -306,3 +306,35 @@ impl Qcow2 {
         self.flush()
     }
 }
+
+/// Refcount table and block bytes covering `clusters` clusters and
+/// themselves (`order`: log2 of the refcount width in bits).
+fn refcount_meta(clusters: u64, cs: u64, order: u32) -> u64 {
+    let per_block = (cs * 8) >> order;
+    let per_table_cluster = cs / 8;
+    let (mut blocks, mut table) = (0u64, 0u64);
+    loop {
+        let nb = (clusters + blocks + table).div_ceil(per_block);
+        let nt = nb.div_ceil(per_table_cluster);
+        if (nb, nt) == (blocks, table) {
+            return (blocks + table) * cs;
+        }
+        (blocks, table) = (nb, nt);
+    }
+}
+
+/// File size of a fully allocated image of `size` bytes (what `qemu-img
+/// measure` calls fully allocated): one header cluster, the L2 and L1
+/// tables for the whole disk, the refcount table and blocks covering all
+/// of it, and the data.
+pub fn full_size(size: u64, cs: u64, refcount_order: u32, extended_l2: bool) -> u64 {
+    let data = size.div_ceil(cs) * cs;
+    let l2e = if extended_l2 { 16 } else { 8 };
+    let mut meta = cs; // header
+    let l2_entries = (data / cs).div_ceil(cs / l2e) * (cs / l2e);
+    meta += l2_entries * l2e;
+    let l1_entries = (l2_entries * l2e / cs).div_ceil(cs / 8) * (cs / 8);
+    meta += l1_entries * 8;
+    meta += refcount_meta((meta + data) / cs, cs, refcount_order);
+    meta + data
+}
