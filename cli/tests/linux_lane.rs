@@ -2,7 +2,7 @@
 //! (images/linux-kernel, built from Debian's linux-source-6.1) boots
 //! directly under KVM, and the kernel's own drivers
 //! (ata_piix + sd, ata_piix + sr, virtio_blk over virtio-pci modern and
-//! legacy) read sectors through Strata's devices and block layer. The
+//! legacy, floppy on the i82078) read sectors through Strata's devices and block layer. The
 //! guest's /init (images/linux-init) prints an FNV-1a 64 checksum of the
 //! first sectors of each device; the test wrote those bytes into the images
 //! and compares.
@@ -44,6 +44,11 @@ static ONE_BOOT_AT_A_TIME: Mutex<()> = Mutex::new(());
 /// the wrong image, changes the sum. Returns the expected sum of the first
 /// `SECTORS` sectors.
 fn make_image(path: &Path, len: usize, seed: u32) -> u64 {
+    make_image_summing(path, len, seed, SECTORS)
+}
+
+/// [`make_image`], returning the sum of the first `sectors` sectors.
+fn make_image_summing(path: &Path, len: usize, seed: u32, sectors: usize) -> u64 {
     let mut data = Vec::with_capacity(len);
     let mut x = seed | 1;
     for i in 0..len / 4 {
@@ -54,7 +59,7 @@ fn make_image(path: &Path, len: usize, seed: u32) -> u64 {
         data.extend_from_slice(&(x ^ i as u32).to_le_bytes());
     }
     std::fs::write(path, &data).unwrap();
-    kernels::fnv1a64(&data[..SECTORS * 512])
+    kernels::fnv1a64(&data[..sectors * 512])
 }
 
 /// Boots the guest with `devices` and `checks` (init's command line items)
@@ -251,4 +256,27 @@ fn linux_bzimage_reads_transitional_virtio_as_modern() {
         Some(&b'1'),
         "vda should be driven as modern:\n{out}"
     );
+}
+
+/// The kernel's `floppy` driver (the i82078 and ISA DMA channel 2, probed
+/// from CMOS register 0x10 as on a PC without ACPI) reads the whole
+/// 1.44 MB diskette of `-drive if=floppy`: every track, both heads, with
+/// the sum over all 2880 sectors.
+#[test]
+fn linux_floppy_driver_reads_the_whole_diskette() {
+    if !kvm_available("linux_floppy_driver_reads_the_whole_diskette") {
+        return;
+    }
+    const DISKETTE: usize = 2880;
+    let dir = scratch("linux-lane-floppy-img");
+    let img = dir.join("floppy.img");
+    let sum = make_image_summing(&img, DISKETTE * 512, 0xf1_0999, DISKETTE);
+    let devices = vec!["-drive".into(), drive(&img, "if=floppy")];
+    let (out, _) = boot(
+        "linux-lane-floppy",
+        &devices,
+        &format!("check=fd0:{DISKETTE}"),
+    );
+    assert_sums(&out, &[("fd0", sum)]);
+    assert!(!out.contains("GUEST-ERR"), "{out}");
 }

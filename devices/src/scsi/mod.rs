@@ -11,10 +11,13 @@
 //!   UNIT ATTENTION, and the replies. A transport moves the data.
 //! - [`sbc`]: the direct-access disk (SBC-3), QEMU's scsi-hd.
 //! - [`target`]: a LUN table, REPORT LUNS and the answers for absent LUNs.
+//! - [`bus`]: the targets of an HBA's bus by SCSI id ([`bus::ScsiBus`]),
+//!   which the VMM attaches units to.
 //! - [`request`]: the one runner that carries out a plan: data to and from
 //!   the initiator through a transport's [`request::DataPath`], asynchronous
 //!   block I/O in bounded chunks, status and residual.
 
+pub mod bus;
 pub mod cdb;
 pub mod lun;
 pub mod mmc;

@@ -19,6 +19,7 @@ pub mod chain;
 pub mod event_loop;
 pub mod pci;
 pub mod queue_worker;
+pub mod scsi;
 #[cfg(test)]
 pub(crate) mod testing;
 

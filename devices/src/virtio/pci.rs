@@ -48,6 +48,25 @@ const ISR_OFF: u64 = 0x1000;
 const DEVICE_OFF: u64 = 0x2000;
 const NOTIFY_OFF: u64 = 0x3000;
 const REGION_LEN: u64 = 0x1000;
+
+/// The PCI device ID of a transitional device of type `ty` (virtio 1.2,
+/// 4.1.2.1): a fixed table, not a formula.
+fn transitional_id(ty: u16) -> Result<u16, String> {
+    Ok(match ty {
+        1 => 0x1000, // network
+        2 => 0x1001, // block
+        5 => 0x1002, // memory balloon
+        3 => 0x1003, // console
+        8 => 0x1004, // SCSI host
+        4 => 0x1005, // entropy
+        9 => 0x1009, // 9P transport
+        _ => {
+            return Err(format!(
+                "virtio device type {ty} has no transitional interface"
+            ))
+        }
+    })
+}
 const NOTIFY_MULTIPLIER: u32 = 4;
 const MSIX_BAR_SIZE: u64 = 0x1000;
 const MSIX_PBA_OFF: u64 = 0x800;
@@ -235,7 +254,7 @@ impl VirtioPci {
         }
         let ty = dev.device_type();
         let (device_id, revision) = if opts.legacy {
-            (0x1000 + ty - 1, 0)
+            (transitional_id(ty)?, 0)
         } else {
             (0x1040 + ty, 1)
         };

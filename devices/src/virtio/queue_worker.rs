@@ -231,6 +231,12 @@ impl<O, T> QueueIo<O, T> {
         self.busy
     }
 
+    /// The device's index of the queue at position `queue` of the
+    /// activation's list (which holds only the queues the driver enabled).
+    pub fn queue_index(&self, queue: usize) -> Option<u16> {
+        self.queues.get(queue).map(|q| q.index)
+    }
+
     fn signal(&mut self) {
         for (qi, aq) in self.queues.iter_mut().enumerate() {
             if !std::mem::take(&mut self.dirty[qi]) {

@@ -20,6 +20,7 @@ pub enum BusKind {
     Isa,
     Ide,
     Floppy,
+    Scsi,
 }
 
 impl BusKind {
@@ -30,6 +31,7 @@ impl BusKind {
             BusKind::Isa => "ISA",
             BusKind::Ide => "IDE",
             BusKind::Floppy => "floppy-bus",
+            BusKind::Scsi => "SCSI",
         }
     }
 
@@ -38,6 +40,7 @@ impl BusKind {
         match self {
             BusKind::Pci => Some("addr"),
             BusKind::Ide | BusKind::Floppy => Some("unit"),
+            BusKind::Scsi => Some("scsi-id"),
             BusKind::System | BusKind::Isa => None,
         }
     }
@@ -67,11 +70,27 @@ pub trait FloppyBus: Send + Sync {
     fn boot_path(&self, unit: u32) -> String;
 }
 
+/// An HBA's SCSI bus (LSI 53C895A, virtio-scsi): the targets units
+/// attach to, and how the firmware names a unit.
+pub trait ScsiPort: Send + Sync {
+    fn bus(&self) -> &Arc<devices::scsi::bus::ScsiBus>;
+    /// The largest LUN the HBA addresses.
+    fn max_lun(&self) -> u32;
+    /// The OpenFirmware path of (`id`, `lun`), for `bootorder`.
+    fn boot_path(&self, id: u32, lun: u32) -> String;
+}
+
+/// A unit number on a SCSI bus: the target id and the LUN.
+pub fn scsi_unit(unit: u32) -> (u32, u32) {
+    (unit >> 16, unit & 0xffff)
+}
+
 #[derive(Clone)]
 pub enum Port {
     Pci(Arc<PciBus>),
     Ide(Arc<dyn IdeBus>),
     Floppy(Arc<dyn FloppyBus>),
+    Scsi(Arc<dyn ScsiPort>),
     None,
 }
 
@@ -185,6 +204,9 @@ impl Buses {
     /// unit from the kind's unit property if given, else the first free
     /// one. The unit is marked used.
     pub fn place(&mut self, dev: &Device) -> Result<Placement, String> {
+        if dev.ty.bus == BusKind::Scsi {
+            return self.place_scsi(dev);
+        }
         let kind = dev.ty.bus;
         let ty = dev.ty.name;
         let unit_prop = kind.unit_prop();
@@ -286,15 +308,87 @@ impl Buses {
                     })?
             }
         };
-        let holder = match &dev.spec.id {
-            Some(id) => format!("{ty},id={id}"),
-            None => ty.to_string(),
-        };
-        bus.used.insert(unit, holder);
+        bus.used.insert(unit, holder(dev));
         Ok(Placement {
             bus: name,
             unit,
             port: bus.port.clone(),
         })
+    }
+
+    /// [`Buses::place`] for a SCSI unit: `scsi-id` and `lun` (either may
+    /// be left for the bus to pick, as QEMU does: the first target with
+    /// the LUN free, or the first free LUN of the target), on `bus=` or
+    /// the first SCSI bus. The unit is `id << 16 | lun` ([`scsi_unit`]).
+    fn place_scsi(&mut self, dev: &Device) -> Result<Placement, String> {
+        let ty = dev.ty.name;
+        let auto = |k: &str| dev.props.uint(k).filter(|&v| v != u32::MAX as u64);
+        let name = match dev.spec.bus.as_deref() {
+            Some(n) => {
+                let b = self
+                    .buses
+                    .get(n)
+                    .ok_or_else(|| format!("Bus '{n}' not found"))?;
+                if b.kind != BusKind::Scsi {
+                    return Err(format!("Device '{ty}' can't go on {} bus", b.kind.name()));
+                }
+                n.to_string()
+            }
+            None => self
+                .first_of(BusKind::Scsi)
+                .ok_or_else(|| format!("No 'SCSI' bus found for device '{ty}'"))?
+                .to_string(),
+        };
+        let Some(bus) = self.buses.get_mut(&name) else {
+            return Err(format!("Bus '{name}' not found"));
+        };
+        let Port::Scsi(port) = &bus.port else {
+            return Err(format!("bus '{name}' is not a SCSI bus"));
+        };
+        let (max_id, max_lun) = (port.bus().max_id() as u64, port.max_lun() as u64);
+        let (id, lun) = (auto("scsi-id"), auto("lun"));
+        if let Some(id) = id.filter(|&i| i > max_id) {
+            return Err(format!("bad scsi device id: {id}"));
+        }
+        if let Some(lun) = lun.filter(|&l| l > max_lun) {
+            return Err(format!("bad scsi device lun: {lun}"));
+        }
+        let taken = |id: u64, lun: u64| bus.used.contains_key(&((id as u32) << 16 | lun as u32));
+        let (id, lun) = match (id, lun) {
+            (None, lun) => {
+                let lun = lun.unwrap_or(0);
+                let id = (0..=max_id)
+                    .find(|&i| !taken(i, lun))
+                    .ok_or("no free target")?;
+                (id, lun)
+            }
+            (Some(id), None) => {
+                let lun = (0..=max_lun)
+                    .find(|&l| !taken(id, l))
+                    .ok_or("no free lun")?;
+                (id, lun)
+            }
+            (Some(id), Some(lun)) => {
+                if let Some(h) = bus.used.get(&((id as u32) << 16 | lun as u32)) {
+                    return Err(format!("lun already used by '{h}'"));
+                }
+                (id, lun)
+            }
+        };
+        let unit = (id as u32) << 16 | lun as u32;
+        bus.used.insert(unit, holder(dev));
+        Ok(Placement {
+            bus: name,
+            unit,
+            port: bus.port.clone(),
+        })
+    }
+}
+
+/// How messages name a device holding a unit.
+fn holder(dev: &Device) -> String {
+    match &dev.spec.id {
+        Some(id) => format!("{},id={id}", dev.ty.name),
+        None => dev.ty.name.to_string(),
     }
 }

@@ -22,7 +22,9 @@ pub mod fdc;
 pub mod ide;
 pub mod kvm_pit;
 pub mod props;
+pub mod scsi;
 pub mod virtio_blk;
+pub mod virtio_scsi;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -93,6 +95,11 @@ pub static TYPES: &[&DeviceType] = &[
     &virtio_blk::VIRTIO_BLK_PCI,
     &virtio_blk::VIRTIO_BLK_PCI_TRANSITIONAL,
     &virtio_blk::VIRTIO_BLK_PCI_NON_TRANSITIONAL,
+    &virtio_scsi::VIRTIO_SCSI_PCI,
+    &virtio_scsi::VIRTIO_SCSI_PCI_TRANSITIONAL,
+    &virtio_scsi::VIRTIO_SCSI_PCI_NON_TRANSITIONAL,
+    &scsi::SCSI_HD,
+    &scsi::SCSI_CD,
     &fdc::FLOPPY,
     &fdc::ISA_FDC,
     &debugcon::ISA_DEBUGCON,
