@@ -280,3 +280,37 @@ fn linux_floppy_driver_reads_the_whole_diskette() {
     assert_sums(&out, &[("fd0", sum)]);
     assert!(!out.contains("GUEST-ERR"), "{out}");
 }
+
+/// The kernel's `virtio_scsi` driver with `sd` and `sr`: a `scsi-hd`
+/// (sda) and a `scsi-cd` (sr0) on one virtio-scsi-pci HBA, read through
+/// the shared SCSI target emulation.
+#[test]
+fn linux_virtio_scsi_reads_disk_and_cd() {
+    if !kvm_available("linux_virtio_scsi_reads_disk_and_cd") {
+        return;
+    }
+    let dir = scratch("linux-lane-virtio-scsi-img");
+    let disk = dir.join("disk.img");
+    let cd = dir.join("cd.iso");
+    let disk_sum = make_image(&disk, 4 << 20, 0x5c51_0001);
+    let cd_sum = make_image(&cd, 1 << 20, 0x5c51_00cd);
+    let devices = vec![
+        "-device".into(),
+        "virtio-scsi-pci,id=hba".into(),
+        "-drive".into(),
+        drive(&disk, "if=none,id=d0"),
+        "-device".into(),
+        "scsi-hd,drive=d0,bus=hba.0,scsi-id=0,lun=0".into(),
+        "-drive".into(),
+        drive(&cd, "if=none,id=c0,media=cdrom"),
+        "-device".into(),
+        "scsi-cd,drive=c0,bus=hba.0,scsi-id=1,lun=0".into(),
+    ];
+    let (out, _) = boot(
+        "linux-lane-virtio-scsi",
+        &devices,
+        &format!("check=sda:{SECTORS},sr0:{SECTORS}"),
+    );
+    assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+}

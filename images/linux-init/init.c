@@ -167,7 +167,8 @@ static void err(const char *dev, u64 devlen, const char *what, i64 e)
 }
 
 /* ---- the data buffer: page aligned for O_DIRECT (sr needs 2048) ---- */
-#define BUF_SECTORS 2048 /* 1 MiB */
+/* 2 MiB: the largest check is a whole 1.44 MB diskette (2880 sectors). */
+#define BUF_SECTORS 4096
 static unsigned char buf[BUF_SECTORS * 512] __attribute__((aligned(4096)));
 static char text[4096];  /* /proc/cmdline, parsed while checks run */
 static char parts[4096]; /* /proc/partitions or a show= file */
