@@ -13,13 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use support::{kvm_available, require_bios, run_until, scratch};
+use support::{kvm_available, require_bios, scratch};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 const GRUB_TIMEOUT: Duration = Duration::from_secs(400);
 const GRUB_ISO: &str = "/usr/lib/grub-rescue/grub-rescue-cdrom.iso";
-
-static BOOTS: Mutex<()> = Mutex::new(());
 
 /// Builds images/out/ once per test process (the script caches).
 fn images() -> (PathBuf, PathBuf) {
@@ -52,23 +50,7 @@ fn copy(src: &Path, dir: &Path, name: &str) -> String {
 
 /// Boots with `args` until one of `markers` shows up on COM1.
 fn boot(dir: &Path, args: &[&str], markers: &[&str], timeout: Duration) -> String {
-    let _serial = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
-    let log = dir.join("serial.log");
-    let _ = std::fs::remove_file(&log);
-    let serial = format!("file:{}", log.display());
-    let mut all = vec!["-nodefaults", "-m", "256", "-serial", &serial];
-    all.extend_from_slice(args);
-    let out = run_until(
-        &all,
-        &log,
-        &markers.join(" or "),
-        |t| {
-            let t = support::plain_text(t);
-            markers.iter().any(|m| t.contains(m))
-        },
-        timeout,
-    );
-    support::plain_text(&out)
+    support::boot_until(dir, args, markers, timeout)
 }
 
 fn skip(name: &str) -> bool {
@@ -333,7 +315,7 @@ fn seabios_uses_the_lchs_given_to_ide_hd() {
     let dir = scratch("ide-lchs-kvm");
     let hd = copy(&disk, &dir, "hd.img");
     let drive = format!("file={hd},if=none,id=hd,format=raw");
-    let _serial = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = support::BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     support::until_seabios_log(
         "ide-lchs-kvm-log",
         &[
@@ -547,7 +529,7 @@ fn grub_reads_a_cd_swapped_under_it() {
     let qmp_path = dir.join("qmp.sock");
     let serial = format!("unix:{},server=on,wait=off", ser_path.display());
     let qmp = format!("unix:{},server=on,wait=off", qmp_path.display());
-    let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = support::BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     /// Kills strata however the test ends.
     struct Kill(std::process::Child);
     impl Drop for Kill {

@@ -171,6 +171,33 @@ pub fn run_until(
     }
 }
 
+/// Held by each firmware boot of a test process ([`boot_until`]).
+pub static BOOTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Boots strata with `-nodefaults -m 256`, COM1 into `dir/serial.log`,
+/// and `args`, until one of `markers` shows on COM1 (terminal controls
+/// dropped); returns that text. One boot at a time per test process: the
+/// machine has two cores and a firmware boot keeps one busy.
+pub fn boot_until(dir: &Path, args: &[&str], markers: &[&str], timeout: Duration) -> String {
+    let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
+    let log = dir.join("serial.log");
+    let _ = std::fs::remove_file(&log);
+    let serial = format!("file:{}", log.display());
+    let mut all = vec!["-nodefaults", "-m", "256", "-serial", &serial];
+    all.extend_from_slice(args);
+    let out = run_until(
+        &all,
+        &log,
+        &markers.join(" or "),
+        |t| {
+            let t = plain_text(t);
+            markers.iter().any(|m| t.contains(m))
+        },
+        timeout,
+    );
+    plain_text(&out)
+}
+
 /// Builds the project's test media (images/build.sh, cached) and returns
 /// the path of `name` under images/out/.
 pub fn image(name: &str) -> PathBuf {
