@@ -6,6 +6,7 @@ pub mod kernels;
 pub mod nbd;
 pub mod qmp;
 pub mod qtest;
+pub mod virtio;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
