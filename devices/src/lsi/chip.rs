@@ -429,12 +429,7 @@ impl Chip {
         match o {
             off::SCNTL0 => r.scntl0,
             off::SCNTL1 => {
-                (r.scntl1 & !regs::scntl1::CON)
-                    | if self.connected {
-                        regs::scntl1::CON
-                    } else {
-                        0
-                    }
+                (r.scntl1 & !regs::scntl1::CON) | if self.connected { regs::scntl1::CON } else { 0 }
             }
             off::SCNTL2 => r.scntl2,
             off::SCNTL3 => r.scntl3,
@@ -464,9 +459,7 @@ impl Chip {
                     regs::sstat2::LDSC
                 }
             }
-            off::ISTAT0 => {
-                (r.istat0 & !istat0::CON) | if self.connected { istat0::CON } else { 0 }
-            }
+            off::ISTAT0 => (r.istat0 & !istat0::CON) | if self.connected { istat0::CON } else { 0 },
             off::ISTAT1 => {
                 if self.running {
                     regs::istat1::SRUN
@@ -783,7 +776,9 @@ impl Chip {
 
     fn execute(&mut self, insn: Insn, budget: &mut u32) -> Option<IoStart> {
         match insn {
-            Insn::BlockMove { phase, count, addr } => return self.block_move(phase, count, addr, budget),
+            Insn::BlockMove { phase, count, addr } => {
+                return self.block_move(phase, count, addr, budget)
+            }
             Insn::Select { atn, id, alt } => {
                 let alt = alt.resolve(self.r.dsp);
                 self.r.dnad = alt;
@@ -917,7 +912,9 @@ impl Chip {
                     let n = (count - done).min(COPY_CHUNK as u32) as usize;
                     let s = src.wrapping_add(done) as u64;
                     let d = dst.wrapping_add(done) as u64;
-                    if self.dma_read(s, &mut buf[..n]).is_err() || self.dma_write(d, &buf[..n]).is_err() {
+                    if self.dma_read(s, &mut buf[..n]).is_err()
+                        || self.dma_write(d, &buf[..n]).is_err()
+                    {
                         self.dma_interrupt(regs::dstat::BF);
                         return None;
                     }
@@ -995,7 +992,13 @@ impl Chip {
 
     // ---- block moves -------------------------------------------------------
 
-    fn block_move(&mut self, ph: u8, count: u32, addr: Addressing, budget: &mut u32) -> Option<IoStart> {
+    fn block_move(
+        &mut self,
+        ph: u8,
+        count: u32,
+        addr: Addressing,
+        budget: &mut u32,
+    ) -> Option<IoStart> {
         if self.r.sist1 & regs::sist1::STO != 0 {
             self.running = false;
             return None;
@@ -1085,7 +1088,8 @@ impl Chip {
         r.rbc = r.rbc.wrapping_sub(r.dbc);
         r.ua = r.dnad;
         let data = matches!(self.move_phase, phase::DATA_OUT | phase::DATA_IN);
-        if data && r.dbc != 0 && (!self.connected || self.phase != self.move_phase) && self.running {
+        if data && r.dbc != 0 && (!self.connected || self.phase != self.move_phase) && self.running
+        {
             self.phase_mismatch();
         }
     }
@@ -1113,7 +1117,13 @@ impl Chip {
         }
     }
 
-    fn start_io(&mut self, what: InFlight, unit: Option<Arc<dyn Lun>>, plan: Plan, path: LsiPath) -> Option<IoStart> {
+    fn start_io(
+        &mut self,
+        what: InFlight,
+        unit: Option<Arc<dyn Lun>>,
+        plan: Plan,
+        path: LsiPath,
+    ) -> Option<IoStart> {
         let req = Request::new();
         self.inflight = Some((req.clone(), what));
         self.wait = Wait::Io;
@@ -1275,11 +1285,13 @@ impl Chip {
                 len,
                 pos: 0,
             },
-            Plan::WriteSame { block, .. } if block > 0 && block as usize <= MAX_CHUNK => Data::Gather {
-                need: block as usize,
-                plan,
-                buf: Vec::new(),
-            },
+            Plan::WriteSame { block, .. } if block > 0 && block as usize <= MAX_CHUNK => {
+                Data::Gather {
+                    need: block as usize,
+                    plan,
+                    buf: Vec::new(),
+                }
+            }
             Plan::DataOut { len, .. } if len > 0 && len as usize <= MAX_CHUNK => Data::Gather {
                 need: len as usize,
                 plan,
@@ -1290,8 +1302,16 @@ impl Chip {
                 // which the runner refuses without copying): run it now
                 // and go to STATUS when it is done.
                 let len = plan.data_len();
-                self.cmd = Some(Command { unit: unit.clone(), data: None });
-                return self.start_io(InFlight::Whole { from_move: false }, unit, plan, LsiPath::Empty(len));
+                self.cmd = Some(Command {
+                    unit: unit.clone(),
+                    data: None,
+                });
+                return self.start_io(
+                    InFlight::Whole { from_move: false },
+                    unit,
+                    plan,
+                    LsiPath::Empty(len),
+                );
             }
         };
         self.cmd = Some(Command {
@@ -1430,9 +1450,7 @@ impl Chip {
         if gen != self.gen {
             return None;
         }
-        let Some((_, what)) = self.inflight.take() else {
-            return None;
-        };
+        let (_, what) = self.inflight.take()?;
         self.wait = Wait::None;
         match what {
             InFlight::Piece => self.piece_done(o),

@@ -60,7 +60,9 @@ fn null(name: &str) -> Option<Arc<BlockBackend>> {
 pub fn chip(mem: Arc<crate::GuestMem>) -> Option<Lsi53c895a> {
     let mut lsi = Lsi53c895a::new(mem, Arc::new(NoIrq));
     let disk = |name: &str| -> Option<Arc<dyn Lun>> {
-        Some(Arc::new(Disk::new(null(name)?, DiskOptions::default()).ok()?))
+        Some(Arc::new(
+            Disk::new(null(name)?, DiskOptions::default()).ok()?,
+        ))
     };
     lsi.attach(0, 0, disk("lsi-hd0")?).ok()?;
     let cd: Arc<dyn Lun> = Arc::new(CdRom::new(Transport::Scsi, Some(null("lsi-cd")?)));
@@ -82,6 +84,11 @@ pub fn run(data: &[u8]) {
     let Some(mut lsi) = chip(mem.clone()) else {
         return;
     };
+    run_on(&mut lsi, &mem, data);
+}
+
+/// Runs `data` on a chip made by [`chip`] over `mem`.
+pub fn run_on(lsi: &mut Lsi53c895a, mem: &crate::GuestMem, data: &[u8]) {
     let mut it = data.iter().copied();
     let mut next = || it.next();
     while let Some(op) = next() {
@@ -119,7 +126,7 @@ pub fn run(data: &[u8]) {
                 if op % 8 == 3 {
                     let end = (at + bytes.len() as u64).min(RAM_SIZE);
                     let n = end.saturating_sub(at) as usize;
-                    let _ = crate::dma::write_ram(&mem, GuestAddress(at), &bytes[..n]);
+                    let _ = crate::dma::write_ram(mem, GuestAddress(at), &bytes[..n]);
                 } else {
                     let o = (at >> 4) % super::chip::RAM_SIZE as u64;
                     lsi.region_write(2, o, &bytes);

@@ -329,7 +329,8 @@ impl Insn {
                     // Mask bits set in the instruction exclude SFBR bits.
                     data: (w0 & (1 << 18) != 0).then_some((w0 as u8, !(w0 >> 8) as u8)),
                 };
-                let acts = cond.if_true || cond.carry || cond.phase.is_some() || cond.data.is_some();
+                let acts =
+                    cond.if_true || cond.carry || cond.phase.is_some() || cond.data.is_some();
                 if !acts {
                     return Insn::Nop;
                 }
@@ -392,9 +393,12 @@ mod tests {
         assert_eq!(to, Target::Relative(0x18));
         assert!(cond.holds(false, Some(1), 0), "data in: not msg in, jump");
         assert!(!cond.holds(false, Some(7), 0));
-        assert_eq!(Insn::decode(0x5000_0000, 0, 0), Insn::WaitReselect {
-            alt: Target::Absolute(0)
-        });
+        assert_eq!(
+            Insn::decode(0x5000_0000, 0, 0),
+            Insn::WaitReselect {
+                alt: Target::Absolute(0)
+            }
+        );
         // The final INT.
         assert_eq!(
             Insn::decode(0x9808_0000, 0, 0),

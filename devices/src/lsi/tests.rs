@@ -41,17 +41,24 @@ struct Rig {
     lsi: Lsi53c895a,
     line: Arc<Line>,
     backend: Arc<BlockBackend>,
+    /// Where [`Rig::command`]'s script stores the status byte.
+    status_at: u32,
     _img: TempImage,
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)
-        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed ^ (i >> 9) as u8))
+        .map(|i| {
+            (i as u8)
+                .wrapping_mul(7)
+                .wrapping_add(seed ^ (i >> 9) as u8)
+        })
         .collect()
 }
 
 fn rig() -> Rig {
-    let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap());
+    let mem =
+        Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 * MIB as usize)]).unwrap());
     let img = TempImage::new(4 * MIB);
     let backend = img.backend(BackendConfig::default());
     backend.write_at(0, &pattern(4 * MIB as usize, 3)).unwrap();
@@ -68,6 +75,7 @@ fn rig() -> Rig {
         lsi,
         line,
         backend,
+        status_at: STATUS,
         _img: img,
     }
 }
@@ -87,11 +95,15 @@ impl Rig {
         u32::from_le_bytes(b)
     }
     fn put(&self, addr: u32, data: &[u8]) {
-        self.mem.write_slice(data, GuestAddress(addr as u64)).unwrap();
+        self.mem
+            .write_slice(data, GuestAddress(addr as u64))
+            .unwrap();
     }
     fn get(&self, addr: u32, len: usize) -> Vec<u8> {
         let mut v = vec![0; len];
-        self.mem.read_slice(&mut v, GuestAddress(addr as u64)).unwrap();
+        self.mem
+            .read_slice(&mut v, GuestAddress(addr as u64))
+            .unwrap();
         v
     }
     fn put_words(&self, addr: u32, words: &[u32]) {
@@ -124,7 +136,15 @@ impl Rig {
     /// SeaBIOS's lsi_scsi_cmd script (src/hw/lsi-scsi.c): select, IDENTIFY,
     /// a 16-byte command, the disconnect path, the data, status, message
     /// in and INT. Returns (DSTAT, SIST0, SIST1, status, message).
-    fn seabios(&mut self, target: u8, lun: u8, cdb: &[u8], read: bool, len: u32, buf: u32) -> (u8, u8, u8, u8, u8) {
+    fn seabios(
+        &mut self,
+        target: u8,
+        lun: u8,
+        cdb: &[u8],
+        read: bool,
+        len: u32,
+        buf: u32,
+    ) -> (u8, u8, u8, u8, u8) {
         let mut c = [0u8; 16];
         c[..cdb.len()].copy_from_slice(cdb);
         self.put(CDB, &c);
@@ -183,12 +203,13 @@ impl Rig {
                 /* 0x10 */ 0x0a00_0000 | cdb.len() as u32,
                 CDB,
                 // JUMP data_in IF DATA_IN; JUMP data_out IF DATA_OUT
-                /* 0x18 */ 0x818a_0000,
+                /* 0x18 */
+                0x818a_0000,
                 0x20,
                 /* 0x20 */ 0x808a_0000,
                 0x28,
                 /* 0x28 */ 0x0b00_0001,
-                STATUS,
+                self.status_at,
                 /* 0x30 */ 0x0f00_0001,
                 MSGIN,
                 /* 0x38 */ 0x9808_0000,
@@ -228,12 +249,17 @@ fn pci_identity_and_reset_values() {
     assert_eq!(r.rd(off::DCMD), 0x40);
     assert_eq!(r.rd(off::ISTAT0), 0);
     // A dword register through the memory BAR, byte by byte underneath.
-    r.lsi.region_write(BAR_MMIO, off::SCRATCHA as u64, &0x1234_5678u32.to_le_bytes());
+    r.lsi.region_write(
+        BAR_MMIO,
+        off::SCRATCHA as u64,
+        &0x1234_5678u32.to_le_bytes(),
+    );
     assert_eq!(r.rd32(off::SCRATCHA), 0x1234_5678);
     assert_eq!(r.rd(off::SCRATCHA + 3), 0x12);
     // Registers repeat every 256 bytes of the 1 KiB window.
     let mut b = [0u8; 4];
-    r.lsi.region_read(BAR_MMIO, 0x300 + off::SCRATCHA as u64, &mut b);
+    r.lsi
+        .region_read(BAR_MMIO, 0x300 + off::SCRATCHA as u64, &mut b);
     assert_eq!(u32::from_le_bytes(b), 0x1234_5678);
     // SCRIPTS RAM in BAR2.
     r.lsi.region_write(BAR_RAM, 0x1ffc, &[1, 2, 3, 4]);
@@ -249,7 +275,8 @@ fn pci_identity_and_reset_values() {
     // Scratch registers C..J and the 64-bit-era registers store values.
     r.lsi.region_write(BAR_MMIO, 0x7c, &[9, 8, 7, 6]);
     assert_eq!(r.rd32(0x7c), 0x0607_0809);
-    r.lsi.region_write(BAR_MMIO, off::CSBC as u64, &[1, 0, 0, 0]);
+    r.lsi
+        .region_write(BAR_MMIO, off::CSBC as u64, &[1, 0, 0, 0]);
     assert_eq!(r.rd32(off::CSBC), 1);
     // Attaching at the HBA's own id or past the LUNs IDENTIFY reaches.
     let d: Arc<dyn Lun> = Arc::new(Disk::new(r.backend.clone(), DiskOptions::default()).unwrap());
@@ -271,7 +298,11 @@ fn seabios_script_inquiry_read_write() {
     assert_eq!(r.rd32(off::DSPS), 0, "the INT's vector");
     // The line followed DSTAT SIR (enabled in DIEN) and fell when read.
     assert!(!r.line.0.load(Ordering::SeqCst));
-    assert_eq!(r.rd(off::ISTAT0) & istat0::CON, 0, "bus free after COMMAND COMPLETE");
+    assert_eq!(
+        r.rd(off::ISTAT0) & istat0::CON,
+        0,
+        "bus free after COMMAND COMPLETE"
+    );
 
     // TEST UNIT READY: the power-on UNIT ATTENTION. SeaBIOS's zero-length
     // data move is a zero dword the chip skips.
@@ -325,9 +356,13 @@ fn check_condition_and_request_sense() {
     assert_eq!((d & !dstat::DFE, s0, st), (dstat::SIR, 0, 2));
     assert_eq!(r.sense(), (5, 0x21, 0));
     // A malformed CDB (reserved opcode): ILLEGAL REQUEST.
-    let (_, _, _, st) = r.command(0, &[0xff, 0, 0, 0, 0, 0], 0, 0);
+    let (_, _, _, st) = r.command(0, &[0xff; 16], 0, 0);
     assert_eq!(st, 2);
     assert_eq!(r.sense(), (5, 0x20, 0));
+    // A CDB shorter than its opcode's length: INVALID FIELD.
+    let (_, _, _, st) = r.command(0, &[op::READ_10, 0, 0], 0, 0);
+    assert_eq!(st, 2);
+    assert_eq!(r.sense(), (5, 0x24, 0));
     // An absent LUN answers INQUIRY with qualifier 011b.
     r.put(MSGOUT, &[0xc3]);
     let (d, _, _, st) = {
@@ -408,11 +443,10 @@ fn bad_dma_addresses_are_bus_faults() {
     assert_eq!(st, 2);
     assert_eq!(r.sense(), (6, 0x29, 0));
     // Status byte to a bad address.
-    let (d, _, _, _) = {
-        r.put_words(SCRIPT + 0x28, &[0x0b00_0001, 0xffff_fff0]);
-        r.command(0, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, 0)
-    };
+    r.status_at = 0xffff_fff0;
+    let (d, _, _, _) = r.command(0, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, 0);
     assert_eq!(d & dstat::BF, dstat::BF);
+    r.status_at = STATUS;
     // Without bus mastering nothing is fetched.
     r.wr(off::ISTAT0, istat0::SRST);
     r.lsi.config_write(0x04, &3u16.to_le_bytes());
@@ -459,7 +493,10 @@ fn runaway_scripts_end_bounded() {
 #[test]
 fn wait_reselect_ends_with_sigp() {
     let mut r = rig();
-    r.put_words(SCRIPT, &[0x5000_0000, SCRIPT + 0x10, 0x9808_0000, 1, 0x9808_0000, 2]);
+    r.put_words(
+        SCRIPT,
+        &[0x5000_0000, SCRIPT + 0x10, 0x9808_0000, 1, 0x9808_0000, 2],
+    );
     r.start(SCRIPT);
     assert_eq!(r.rd(off::ISTAT1) & regs::istat1::SRUN, regs::istat1::SRUN);
     assert_eq!(r.rd(off::ISTAT0) & (istat0::DIP | istat0::SIP), 0);
@@ -486,10 +523,13 @@ fn linux_style_table_indirect_load_store_and_ram() {
     // IDENTIFY + SIMPLE TAG + SDTR message, the CDB, two data segments.
     let ccb = TABLE;
     let cdb = cdb10(op::READ_10, 0, 8, 3);
-    r.put(ccb + 0x100, &[0xc0, 0x20, 0x05, 0x01, 0x03, 0x01, 0x0c, 0x10]);
+    r.put(
+        ccb + 0x100,
+        &[0xc0, 0x20, 0x05, 0x01, 0x03, 0x01, 0x0c, 0x10],
+    );
     r.put(ccb + 0x110, &cdb[..10]);
     let words = [
-        /* 0x00 select */ 0x0003_0000u32 | 0 << 16,
+        /* 0x00 select: SCNTL3, id 0, SXFER */ 0x0300_0000u32,
         0,
         /* 0x08 msgout */ 8,
         ccb + 0x100,
@@ -507,34 +547,59 @@ fn linux_style_table_indirect_load_store_and_ram() {
     r.put_words(ccb, &words);
     // The program, loaded into the on-chip RAM as sym53c8xx does.
     let prog: Vec<u32> = vec![
-        /* 0x00 */ 0x4300_0000, 0x0, // SELECT ATN FROM 0 (table), alt 0
-        /* 0x08 */ 0x1e00_0000, 0x08, // MOVE FROM 8, WHEN MSG OUT
-        /* 0x10 */ 0x1a00_0000, 0x10, // MOVE FROM 16, WHEN CMD
-        /* 0x18 */ 0x1900_0000, 0x18, // MOVE FROM 24, WHEN DATA IN
-        /* 0x20 */ 0x1900_0000, 0x20, // MOVE FROM 32, WHEN DATA IN
-        /* 0x28 */ 0x1b00_0000, 0x28, // MOVE FROM 40, WHEN STATUS
-        /* 0x30 */ 0x1f00_0000, 0x30, // MOVE FROM 48, WHEN MSG IN
-        /* 0x38 */ 0x6000_0040, 0, // CLEAR ACK
-        /* 0x40 */ 0x4800_0000, 0, // WAIT DISCONNECT
+        /* 0x00 */ 0x4300_0000,
+        0x0, // SELECT ATN FROM 0 (table), alt 0
+        /* 0x08 */ 0x1e00_0000,
+        0x08, // MOVE FROM 8, WHEN MSG OUT
+        /* 0x10 */ 0x1a00_0000,
+        0x10, // MOVE FROM 16, WHEN CMD
+        /* 0x18 */ 0x1900_0000,
+        0x18, // MOVE FROM 24, WHEN DATA IN
+        /* 0x20 */ 0x1900_0000,
+        0x20, // MOVE FROM 32, WHEN DATA IN
+        /* 0x28 */ 0x1b00_0000,
+        0x28, // MOVE FROM 40, WHEN STATUS
+        /* 0x30 */ 0x1f00_0000,
+        0x30, // MOVE FROM 48, WHEN MSG IN
+        /* 0x38 */ 0x6000_0040,
+        0, // CLEAR ACK
+        /* 0x40 */ 0x4800_0000,
+        0, // WAIT DISCONNECT
         // STORE the status byte's dword into SCRATCHA via LOAD, add 5.
-        /* 0x48 */ 0xf134_0004, 0x120, // LOAD SCRATCHA, 4, DSA REL 0x120
-        /* 0x50 */ 0x7e34_0500, 0, // MOVE SCRATCHA0 + 5 TO SCRATCHA0
-        /* 0x58 */ 0xf034_0004, 0x130, // STORE SCRATCHA, 4, DSA REL 0x130
+        /* 0x48 */
+        0xf134_0004,
+        0x120, // LOAD SCRATCHA, 4, DSA REL 0x120
+        /* 0x50 */ 0x7e34_0500,
+        0, // MOVE SCRATCHA0 + 5 TO SCRATCHA0
+        /* 0x58 */ 0xf034_0004,
+        0x130, // STORE SCRATCHA, 4, DSA REL 0x130
         // MOVE SCRATCHA0 TO SFBR; JUMP +8 IF 0x05 (skip the INT 0xbad)
-        /* 0x60 */ 0x7234_0000, 0,
-        /* 0x68 */ 0x808c_0005, 0x08,
-        /* 0x70 */ 0x9808_0000, 0xbad,
+        /* 0x60 */
+        0x7234_0000,
+        0,
+        /* 0x68 */ 0x808c_0005,
+        0x08,
+        /* 0x70 */ 0x9808_0000,
+        0xbad,
         // CALL a subroutine in RAM that copies 16 bytes (memory move).
-        /* 0x78 */ 0x8888_0000, 0x10,
-        /* 0x80 */ 0x9808_0000, 0x600d,
-        /* 0x88 */ 0x9808_0000, 0xbad2,
-        /* 0x90 */ 0xc000_0010, ccb + 0x110, ccb + 0x140,
-        /* 0x9c */ 0x9008_0000, 0, // RETURN
+        /* 0x78 */
+        0x8888_0000,
+        0x10,
+        /* 0x80 */ 0x9808_0000,
+        0x600d,
+        /* 0x88 */ 0x9808_0000,
+        0xbad2,
+        /* 0x90 */ 0xc000_0010,
+        ccb + 0x110,
+        ccb + 0x140,
+        /* 0x9c */ 0x9008_0000,
+        0, // RETURN
     ];
     for (i, w) in prog.iter().enumerate() {
         r.lsi.region_write(BAR_RAM, 4 * i as u64, &w.to_le_bytes());
     }
-    r.lsi.region_write(BAR_MMIO, off::DSA as u64, &ccb.to_le_bytes());
+    r.lsi
+        .region_write(BAR_MMIO, off::DSA as u64, &ccb.to_le_bytes());
     r.wr(off::DIEN, 0xff);
     r.start(RAM);
     let (d, s0, s1) = r.wait();
@@ -549,7 +614,11 @@ fn linux_style_table_indirect_load_store_and_ram() {
     assert_eq!(r.get(ccb + 0x130, 1), [5]);
     assert_eq!(r.get(ccb + 0x140, 10), cdb[..10]);
     assert_eq!(r.rd(off::SIDL), 0, "the last message byte");
-    assert_eq!(r.rd32(off::TEMP), RAM + 0x80, "CALL saved the return address");
+    assert_eq!(
+        r.rd32(off::TEMP),
+        RAM + 0x80,
+        "CALL saved the return address"
+    );
 }
 
 #[test]
@@ -614,6 +683,29 @@ fn interrupt_on_the_fly_and_single_step() {
     r.start(SCRIPT + 8);
     r.wait();
     assert!(!r.line.0.load(Ordering::SeqCst));
+}
+
+#[test]
+fn corpus_seeds_do_what_they_say() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/lsi");
+    let seed = |name: &str| std::fs::read(dir.join(name)).unwrap();
+    let run = |name: &str| {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let mut lsi = super::fuzz::chip(mem.clone()).unwrap();
+        super::fuzz::run_on(&mut lsi, &mem, &seed(name));
+        let mut v = vec![0u8; 0x20000];
+        mem.read_slice(&mut v, GuestAddress(0)).unwrap();
+        v
+    };
+    // SeaBIOS's script: status GOOD, COMMAND COMPLETE, the INQUIRY data.
+    let m = run("seabios_inquiry");
+    assert_eq!((m[0x2200], m[0x2220]), (0, 0));
+    assert_eq!(&m[0x10008..0x1000c], b"QEMU");
+    let m = run("seabios_cdrom_and_lun1");
+    assert_eq!(m[0x2200], 0, "READ CAPACITY on id 2 LUN 1");
+    assert_eq!(&m[0x10000..0x10008], &[0, 0, 0x07, 0xff, 0, 0, 2, 0]);
+    let m = run("seabios_absent_target");
+    assert_eq!(m[0x2200], 0, "never reached the status phase");
 }
 
 #[test]
