@@ -164,6 +164,7 @@ impl DataPath for LsiPath {
                 dma::write_ram(mem, GuestAddress(at), data).map_err(|_| DataPathError)
             }
             LsiPath::Buf(v) => v.copy_to_initiator(offset, data),
+            LsiPath::Empty(_) if data.is_empty() => Ok(()),
             LsiPath::Empty(_) => Err(DataPathError),
         }
     }
@@ -174,6 +175,7 @@ impl DataPath for LsiPath {
                 dma::read_ram(mem, GuestAddress(at), buf).map_err(|_| DataPathError)
             }
             LsiPath::Buf(v) => v.copy_from_initiator(offset, buf),
+            LsiPath::Empty(_) if buf.is_empty() => Ok(()),
             LsiPath::Empty(_) => Err(DataPathError),
         }
     }
@@ -642,6 +644,11 @@ impl Chip {
     fn start(&mut self) -> bool {
         if self.running {
             return false;
+        }
+        // A WAIT RESELECT the program was stopped in (ABRT, an interrupt)
+        // is over: the new program starts from DSP.
+        if self.wait == Wait::Reselect {
+            self.wait = Wait::None;
         }
         self.running = true;
         true

@@ -355,6 +355,9 @@ fn check_condition_and_request_sense() {
     let (d, s0, _, st) = r.command(0, &cdb10(op::READ_10, 0, 1 << 20, 1), 512, DATA);
     assert_eq!((d & !dstat::DFE, s0, st), (dstat::SIR, 0, 2));
     assert_eq!(r.sense(), (5, 0x21, 0));
+    // INQUIRY with allocation length 0: no data phase, GOOD.
+    let (d, s0, _, st) = r.command(0, &[op::INQUIRY, 0, 0, 0, 0, 0], 36, DATA);
+    assert_eq!((d & !dstat::DFE, s0, st), (dstat::SIR, 0, 0));
     // A malformed CDB (reserved opcode): ILLEGAL REQUEST.
     let (_, _, _, st) = r.command(0, &[0xff; 16], 0, 0);
     assert_eq!(st, 2);
@@ -507,6 +510,15 @@ fn wait_reselect_ends_with_sigp() {
     // CTEST2 shows SIGP once and clears it.
     assert_ne!(r.rd(off::CTEST2) & regs::ctest2::SIGP, 0);
     assert_eq!(r.rd(off::CTEST2) & regs::ctest2::SIGP, 0);
+    // ABRT stops a waiting program; a new one starts from DSP.
+    r.start(SCRIPT);
+    r.wr(off::ISTAT0, istat0::ABRT);
+    let (d, _, _) = r.wait();
+    assert_eq!(d & dstat::ABRT, dstat::ABRT);
+    r.wr(off::ISTAT0, 0);
+    r.start(SCRIPT + 8);
+    r.wait();
+    assert_eq!(r.rd32(off::DSPS), 1);
     // With SIGP already set, WAIT RESELECT jumps at once.
     r.wr(off::ISTAT0, istat0::SIGP);
     r.start(SCRIPT);
