@@ -698,6 +698,88 @@ fn interrupt_on_the_fly_and_single_step() {
 }
 
 #[test]
+fn parameter_lists_and_write_same_gather_data_out() {
+    let mut r = rig();
+    r.command(0, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, 0);
+    r.sense();
+    assert!(r.backend.write_cache_enabled());
+    // MODE SELECT(10): header and caching page with WCE off, sent in two
+    // DATA OUT moves of 8 and 20 bytes.
+    let mut list = vec![0u8; 8];
+    list.extend_from_slice(&[0x08, 0x12]);
+    list.extend_from_slice(&[0; 18]);
+    r.put(DATA, &list);
+    let mut c = [0u8; 10];
+    c[0] = op::MODE_SELECT_10;
+    c[1] = 0x10;
+    c[7..9].copy_from_slice(&28u16.to_be_bytes());
+    r.put(CDB, &c);
+    r.put(MSGOUT, &[0x80]);
+    r.put_words(
+        SCRIPT,
+        &[
+            0x4100_0000,
+            0,
+            0x0e00_0001,
+            MSGOUT,
+            0x0a00_000a,
+            CDB,
+            0x0800_0008,
+            DATA,
+            0x0800_0014,
+            DATA + 8,
+            0x0b00_0001,
+            STATUS,
+            0x0f00_0001,
+            MSGIN,
+            0x9808_0000,
+            0,
+        ],
+    );
+    r.start(SCRIPT);
+    let (d, s0, _) = r.wait();
+    assert_eq!((d & !dstat::DFE, s0), (dstat::SIR, 0));
+    assert_eq!(r.get(STATUS, 1), [0]);
+    assert!(!r.backend.write_cache_enabled(), "WCE reached the backend");
+    // WRITE SAME(10): one block of data-out repeated over 4 blocks.
+    let block = pattern(512, 0x77);
+    r.put(DATA, &block);
+    let (d, _, _, st) = r.command(0, &cdb10(op::WRITE_SAME_10, 0, 40, 4), 512, DATA);
+    assert_eq!((d & !dstat::DFE, st), (dstat::SIR, 0));
+    let mut back = vec![0u8; 2048];
+    r.backend.read_at(40 * 512, &mut back).unwrap();
+    assert!(back.chunks(512).all(|c| c == block.as_slice()));
+    // SYNCHRONIZE CACHE: no data, a flush the SCRIPTS wait for.
+    let flushes = r.backend.stats().flush.ops;
+    let (_, _, _, st) = r.command(0, &cdb10(op::SYNCHRONIZE_CACHE_10, 0, 0, 0), 0, 0);
+    assert_eq!(st, 0);
+    assert_eq!(r.backend.stats().flush.ops, flushes + 1);
+}
+
+#[test]
+fn asynchronous_completions_continue_the_scripts() {
+    // null-aio completes on worker threads: the SCRIPTS wait, and the
+    // completion thread runs them on.
+    let mut r = rig();
+    let b =
+        crate::scsi::testutil::backend("driver=null-aio,size=16777216", BackendConfig::default());
+    let d: Arc<dyn Lun> = Arc::new(Disk::new(b, DiskOptions::default()).unwrap());
+    r.lsi.attach(3, 0, d).unwrap();
+    r.wr(off::DIEN, dstat::SIR);
+    r.command(3, &[op::TEST_UNIT_READY, 0, 0, 0, 0, 0], 0, 0);
+    for i in 0..20u32 {
+        r.put(DATA, &[0xee; 64]);
+        let (d, s0, s1, st) = r.command(3, &cdb10(op::READ_10, 0, i * 64, 64), 32768, DATA);
+        assert_eq!((d & !dstat::DFE, s0, s1, st), (dstat::SIR, 0, 0, 0));
+        assert_eq!(r.get(DATA, 64), [0; 64]);
+    }
+    assert!(
+        r.rd32(off::CSBC) as u64 >= 20 * 32768,
+        "CSBC counts the bytes moved"
+    );
+}
+
+#[test]
 fn corpus_seeds_do_what_they_say() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/lsi");
     let seed = |name: &str| std::fs::read(dir.join(name)).unwrap();
