@@ -802,6 +802,58 @@ fn corpus_seeds_do_what_they_say() {
     assert_eq!(m[0x2200], 0, "never reached the status phase");
 }
 
+/// Mutations of the corpus seeds (byte flips, splices, truncations) through
+/// the fuzz harness: a cheap stand-in for `cargo fuzz` in `cargo test`.
+/// `LSI_MUTATIONS` sets how many (default 300).
+#[test]
+fn mutated_seeds_never_panic_or_hang() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/lsi");
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    seeds.sort();
+    let n: usize = std::env::var("LSI_MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for i in 0..n {
+        let mut v = seeds[i % seeds.len()].clone();
+        for _ in 0..1 + next() % 8 {
+            if v.is_empty() {
+                break;
+            }
+            let at = (next() % v.len() as u64) as usize;
+            match next() % 4 {
+                0 => v[at] = next() as u8,
+                1 => v[at] ^= 1 << (next() % 8),
+                2 => {
+                    let other = &seeds[(next() % seeds.len() as u64) as usize];
+                    let from = (next() % other.len().max(1) as u64) as usize;
+                    let tail = other[from.min(other.len())..].to_vec();
+                    v.truncate(at);
+                    v.extend(tail);
+                }
+                _ => v.truncate(at + 1),
+            }
+        }
+        let t = Instant::now();
+        super::fuzz::run(&v);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "input {i} took {:?}",
+            t.elapsed()
+        );
+    }
+}
+
 #[test]
 fn fuzz_seeds_run() {
     // The harness on a few hand-made inputs (the corpus replays more).
