@@ -1,10 +1,11 @@
 //! The chip behind the registers: the SCRIPTS processor (Technical Manual
-//! chapter 2, "Functional Description", section 2.2.x "SCSI SCRIPTS
-//! Processor", and chapter 5 for each instruction), the initiator's side
-//! of the SCSI bus with the emulated targets on the other side
-//! (selection, phases, messages), the interrupt logic (2.2.x "Interrupt
-//! Handling": DSTAT, SIST0/1, ISTAT0 DIP/SIP/INTF, the masks in DIEN and
-//! SIEN0/1, fatal versus non-fatal SCSI interrupts), and DMA.
+//! chapter 2 "Functional Description", "SCSI Functional Description": the
+//! SCSI SCRIPTS processor, SCRIPTS RAM, phase mismatch handling; chapter 5
+//! for each instruction), the initiator's side of the SCSI bus with the
+//! emulated targets on the other side (selection, phases, messages), the
+//! interrupt logic (chapter 2, "Interrupt Handling": DSTAT, SIST0/1,
+//! ISTAT0 DIP/SIP/INTF, the masks in DIEN and SIEN0/1, fatal versus
+//! non-fatal SCSI interrupts, halting the SCRIPTS), and DMA.
 //!
 //! The targets are modelled, not a wire: a command is handed to
 //! [`Target::execute`] when the COMMAND phase ends, and the [`Plan`] it

@@ -3,14 +3,14 @@
 //! SeaBIOS's lsi-scsi driver and Linux's sym53c8xx_2.
 //!
 //! Spec followed: the "LSI53C895A PCI to Ultra2 SCSI Controller Technical
-//! Manual" (LSI Logic, version 4.x):
-//! - chapter 2 "Functional Description": 2.1 PCI functional description
-//!   (the three BARs, bus mastering), 2.2 SCSI functional description
-//!   (SCRIPTS processor, SCRIPTS RAM, phase mismatch handling, interrupt
-//!   handling with fatal/non-fatal SCSI interrupts, DSTAT/SIST0/SIST1 and
-//!   ISTAT0 DIP/SIP/INTF);
-//! - chapter 4 "Registers": 4.1 PCI configuration registers, 4.2 SCSI
-//!   registers (offsets and bits in [`regs`]);
+//! Manual" (LSI Logic):
+//! - chapter 2 "Functional Description": "PCI Functional Description" (the
+//!   three BARs, bus mastering) and "SCSI Functional Description" (the
+//!   SCRIPTS processor, SCRIPTS RAM, phase mismatch handling), and
+//!   "Interrupt Handling" (fatal and non-fatal SCSI interrupts, DSTAT,
+//!   SIST0/SIST1, ISTAT0 DIP/SIP/INTF, halting the SCRIPTS);
+//! - chapter 4 "Registers": "PCI Configuration Registers" and "SCSI
+//!   Registers" (offsets and bits in [`regs`]);
 //! - chapter 5 "SCSI SCRIPTS Instruction Set": block move, I/O,
 //!   read/write, transfer control, memory move, load and store
 //!   ([`scripts`]).
@@ -52,7 +52,7 @@ use crate::GuestMem;
 
 use chip::{Chip, IoStart, Windows, BUDGET, MMIO_SIZE, RAM_SIZE};
 
-/// PCI identity (chapter 4.1).
+/// PCI identity (chapter 4, "PCI Configuration Registers").
 pub const VENDOR_ID: u16 = 0x1000;
 pub const DEVICE_ID: u16 = 0x0012;
 /// Mass storage, SCSI controller.

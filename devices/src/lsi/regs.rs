@@ -1,6 +1,6 @@
-//! The LSI53C895A operating registers (Technical Manual chapter 4,
-//! "Registers", section 4.2 "SCSI Registers"): offsets, bit names and the
-//! plain storage of the register file.
+//! The LSI53C895A operating registers (Technical Manual chapter 4
+//! "Registers", "SCSI Registers"): offsets, bit names and the plain
+//! storage of the register file.
 //!
 //! The same 256 bytes appear in I/O space (BAR0) and memory space (BAR1);
 //! every access is split into byte accesses, lowest address first, which

@@ -4,15 +4,16 @@
 //! Read/Write instructions.
 //!
 //! Instruction classes, by bits 31..30 of the first dword (DCMD/DBC):
-//! - 00: block move (5.2): phase, byte count, direct, indirect or table
-//!   indirect addressing;
-//! - 01: I/O (5.3: SELECT, WAIT DISCONNECT, WAIT RESELECT, SET, CLEAR) when
-//!   bits 29..27 are below 5, else Read/Write (5.4: register moves through
-//!   SFBR with an ALU operator);
-//! - 10: transfer control (5.5: JUMP, CALL, RETURN, INT, INTFLY with
-//!   carry, phase and data compares, absolute or relative addresses);
-//! - 11: memory move (5.6, three dwords) when bit 29 is clear, else
-//!   LOAD/STORE (5.7, DSA-relative with bit 28).
+//! - 00: "Block Move Instruction": phase, byte count, direct, indirect or
+//!   table indirect addressing;
+//! - 01: "I/O Instruction" (SELECT, WAIT DISCONNECT, WAIT RESELECT, SET,
+//!   CLEAR) when bits 29..27 are below 5, else "Read/Write Instructions"
+//!   (register moves through SFBR with an ALU operator);
+//! - 10: "Transfer Control Instructions" (JUMP, CALL, RETURN, INT, INTFLY
+//!   with carry, phase and data compares, absolute or relative
+//!   addresses);
+//! - 11: "Memory Move Instructions" (three dwords) when bit 29 is clear,
+//!   else "Load and Store Instructions" (DSA-relative with bit 28).
 //!
 //! The second dword is the address (DSPS). Only memory move has a third
 //! dword (the destination); 64-bit direct block moves (CCNTL1 EN64DBMV),
@@ -59,7 +60,7 @@ impl Target {
     }
 }
 
-/// The ALU operators of Read/Write instructions (5.4, bits 26..24).
+/// The ALU operators of Read/Write instructions (bits 26..24).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AluOp {
     Move,
@@ -109,7 +110,7 @@ impl AluOp {
     }
 }
 
-/// Which Read/Write instruction (5.4, bits 29..27).
+/// Which Read/Write instruction (bits 29..27).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RegMove {
     /// 101: register = SFBR op data.
@@ -121,7 +122,7 @@ pub enum RegMove {
 }
 
 /// What a transfer control instruction does when its condition holds
-/// (5.5, bits 29..27).
+/// (bits 29..27).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flow {
     Jump,
