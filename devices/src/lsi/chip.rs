@@ -8,7 +8,7 @@
 //! non-fatal SCSI interrupts, halting the SCRIPTS), and DMA.
 //!
 //! The targets are modelled, not a wire: a command is handed to
-//! [`Target::execute`] when the COMMAND phase ends, and the [`Plan`] it
+//! [`ScsiBus::plan`] when the COMMAND phase ends, and the [`Plan`] it
 //! answers with decides the phases that follow (DATA IN/OUT while the plan
 //! has data, then STATUS and MESSAGE IN with COMMAND COMPLETE). Targets
 //! never disconnect: a command that waits for block I/O keeps the bus, and
@@ -39,8 +39,9 @@ use super::regs::{self, off, phase, Regs};
 use super::scripts::{Addressing, Flow, IdSource, Insn, RegMove};
 use crate::dma;
 use crate::irq::IrqLine;
+use crate::scsi::bus::ScsiBus;
 use crate::scsi::request::{DataPath, DataPathError, Outcome, Request, Status, VecPath, MAX_CHUNK};
-use crate::scsi::{Direction, Lun, Plan, Target};
+use crate::scsi::{Direction, Lun, Plan};
 use crate::GuestMem;
 
 /// The on-chip SCRIPTS RAM (BAR2).
@@ -48,8 +49,9 @@ pub const RAM_SIZE: usize = 8192;
 /// The memory-space register window (BAR1); registers repeat every 256
 /// bytes inside it.
 pub const MMIO_SIZE: u64 = 0x400;
-/// SCSI ids the emulated bus carries targets at (the chip itself is 7).
-pub const TARGETS: usize = 7;
+/// The largest SCSI id on the bus, as QEMU's LSI offers (the chip itself
+/// is 7 by default, and never selects its own id).
+pub const MAX_ID: u32 = 7;
 /// LUNs an IDENTIFY message can address.
 pub const LUNS: u64 = 8;
 /// Work one activation may do before the chip gives up on the program.
@@ -203,11 +205,11 @@ pub struct Chip {
     pub r: Regs,
     pub ram: Vec<u8>,
     pub windows: Windows,
-    targets: Vec<Target>,
+    bus: Arc<ScsiBus>,
     // The bus, as the chip sees it.
     connected: bool,
     phase: u8,
-    target_id: usize,
+    target_id: u8,
     lun: u8,
     tag: Option<u8>,
     msg_in: VecDeque<u8>,
@@ -228,7 +230,7 @@ pub struct Chip {
 }
 
 impl Chip {
-    pub fn new(mem: Arc<GuestMem>, line: Arc<dyn IrqLine>) -> Chip {
+    pub fn new(mem: Arc<GuestMem>, line: Arc<dyn IrqLine>, bus: Arc<ScsiBus>) -> Chip {
         Chip {
             mem,
             line,
@@ -236,7 +238,7 @@ impl Chip {
             r: Regs::default(),
             ram: vec![0; RAM_SIZE],
             windows: Windows::default(),
-            targets: (0..=TARGETS).map(|_| Target::new()).collect(),
+            bus,
             connected: false,
             phase: 0,
             target_id: 0,
@@ -257,26 +259,18 @@ impl Chip {
 
     /// Attaches `unit` as LUN `lun` of the target at SCSI id `id`.
     pub fn attach(&mut self, id: u8, lun: u64, unit: Arc<dyn Lun>) -> Result<(), String> {
-        if id as usize >= TARGETS {
-            return Err(format!(
-                "scsi-id {id} is not available on lsi53c895a (0..{}; 7 is the HBA)",
-                TARGETS - 1
-            ));
-        }
         if lun >= LUNS {
             return Err(format!(
                 "lun {lun} is not reachable on lsi53c895a (0..{})",
                 LUNS - 1
             ));
         }
-        self.targets[id as usize].attach(lun, unit)
+        self.bus.attach(id as u32, lun, unit)
     }
 
     /// Whether a target answers selection at `id`.
-    fn present(&self, id: usize) -> bool {
-        id < TARGETS
-            && id != (self.r.scid & regs::scid::ID) as usize
-            && self.targets[id].luns().next().is_some()
+    fn present(&self, id: u8) -> bool {
+        id != self.r.scid & regs::scid::ID && self.bus.has_target(id as u32)
     }
 
     /// Whether the processor is executing or waiting (ISTAT1 SRUN).
@@ -379,17 +373,13 @@ impl Chip {
         self.cmd = None;
         self.disconnect();
         self.wait = Wait::None;
-        for t in &self.targets {
-            t.reset();
-        }
+        self.bus.reset();
     }
 
     /// A device reset (power on, system reset): the chip and the bus.
     pub fn reset(&mut self) {
         self.soft_reset();
-        for t in &self.targets {
-            t.reset();
-        }
+        self.bus.reset();
         self.sync_irq();
     }
 
@@ -977,13 +967,13 @@ impl Chip {
         }
         self.r.sstat0 |= regs::sstat0::WOA;
         self.r.scntl1 &= !regs::scntl1::IARB;
-        if !self.present(id as usize) {
+        if !self.present(id) {
             self.scsi_interrupt(0, regs::sist1::STO);
             self.disconnect();
             return;
         }
         self.connected = true;
-        self.target_id = id as usize;
+        self.target_id = id;
         self.lun = 0;
         self.tag = None;
         self.msg_in.clear();
@@ -1268,10 +1258,15 @@ impl Chip {
         self.r.sfbr = cdb[0];
         self.r.dnad = self.r.dnad.wrapping_add(self.r.dbc);
         self.r.dbc = 0;
-        let target = &self.targets[self.target_id];
-        let lun = self.lun as u64;
-        let plan = target.execute(lun, &cdb[..n]);
-        let unit = target.lun(lun).cloned();
+        let Some((unit, plan)) = self
+            .bus
+            .plan(self.target_id as u32, self.lun as u64, &cdb[..n])
+        else {
+            // The target went away (unplugged) while selected.
+            self.disconnect();
+            self.scsi_interrupt(regs::sist0::UDC, 0);
+            return None;
+        };
         let dir = plan.direction();
         let data = match plan {
             Plan::DataIn(v) if dir == Direction::In => Data::In { data: v, pos: 0 },
@@ -1438,7 +1433,7 @@ impl Chip {
                 // the target's units too.
                 0x06 | 0x0c | 0x0d | 0x0e => {
                     if m == 0x0c {
-                        self.targets[self.target_id].reset();
+                        self.bus.reset_target(self.target_id as u32);
                     }
                     self.cmd = None;
                     self.disconnect();

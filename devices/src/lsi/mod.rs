@@ -46,11 +46,12 @@ use std::sync::{Arc, Mutex};
 use crate::bus::lock;
 use crate::irq::IrqLine;
 use crate::pci::{BarKind, PciConfig, PciFunction};
+use crate::scsi::bus::ScsiBus;
 use crate::scsi::request::{self, Outcome};
 use crate::scsi::Lun;
 use crate::GuestMem;
 
-use chip::{Chip, IoStart, Windows, BUDGET, MMIO_SIZE, RAM_SIZE};
+use chip::{Chip, IoStart, Windows, BUDGET, MAX_ID, MMIO_SIZE, RAM_SIZE};
 
 /// PCI identity (chapter 4, "PCI Configuration Registers").
 pub const VENDOR_ID: u16 = 0x1000;
@@ -74,9 +75,12 @@ type Shared = Arc<Mutex<Chip>>;
 ///
 /// The vmm builds one with [`Lsi53c895a::new`] (guest RAM and the INTA#
 /// line from its INTx routing), adds it to a PCI bus (`PciBus::add` with
-/// an `Arc<Mutex<Lsi53c895a>>`), registers the SCSI bus `<id>.0` and
-/// attaches each `scsi-hd`/`scsi-cd` with [`Lsi53c895a::attach`]
-/// (`scsi-id` 0..=6, `lun` 0..=7). Its BARs: BAR0 I/O (256 bytes of
+/// an `Arc<Mutex<Lsi53c895a>>`), registers its [`Lsi53c895a::bus`] as the
+/// SCSI bus `<id>.0` (a `ScsiPort`), and `scsi-hd`/`scsi-cd` attach to
+/// that bus (`scsi-id` 0..=7 as QEMU allows, 7 unreachable while it is
+/// the chip's own id; `lun` 0..=7, what IDENTIFY can address).
+/// [`Lsi53c895a::attach`] does the same for callers without a port.
+/// Boot paths are QEMU's `/pci@i0cf8/scsi@SLOT/channel@0/disk@ID,LUN`. Its BARs: BAR0 I/O (256 bytes of
 /// registers), BAR1 memory (the registers, 1 KiB), BAR2 memory (the
 /// 8 KiB SCRIPTS RAM). Interrupts are INTx (pin A), level-triggered.
 /// Register accesses never wait for disk I/O: the chip's block I/O
@@ -85,6 +89,7 @@ type Shared = Arc<Mutex<Chip>>;
 pub struct Lsi53c895a {
     config: PciConfig,
     chip: Shared,
+    bus: Arc<ScsiBus>,
 }
 
 impl Lsi53c895a {
@@ -96,10 +101,20 @@ impl Lsi53c895a {
         config.set_interrupt_pin(1);
         // QEMU's subsystem ids for the device.
         config.set_subsystem(0x1af4, 0x1000);
+        let bus = Arc::new(ScsiBus::new(MAX_ID));
         Lsi53c895a {
             config,
-            chip: Arc::new(Mutex::new(Chip::new(mem, irq))),
+            chip: Arc::new(Mutex::new(Chip::new(mem, irq, bus.clone()))),
+            bus,
         }
+    }
+
+    /// The SCSI bus behind the chip (ids 0..=7; the chip never selects
+    /// its own id, 7 after reset): what the vmm's `ScsiPort` hands to
+    /// `scsi-hd`/`scsi-cd`. Units attached or detached here are seen at
+    /// the next selection.
+    pub fn bus(&self) -> &Arc<ScsiBus> {
+        &self.bus
     }
 
     /// Attaches `unit` (a [`crate::scsi::Disk`] or

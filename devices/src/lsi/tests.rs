@@ -280,7 +280,9 @@ fn pci_identity_and_reset_values() {
     assert_eq!(r.rd32(off::CSBC), 1);
     // Attaching at the HBA's own id or past the LUNs IDENTIFY reaches.
     let d: Arc<dyn Lun> = Arc::new(Disk::new(r.backend.clone(), DiskOptions::default()).unwrap());
-    assert!(r.lsi.attach(7, 0, d.clone()).is_err());
+    // Id 7 is on the bus as QEMU allows; the chip never selects itself.
+    assert!(r.lsi.attach(7, 0, d.clone()).is_ok());
+    assert!(r.lsi.bus().has_target(7));
     assert!(r.lsi.attach(1, 8, d.clone()).is_err());
     assert!(r.lsi.attach(0, 0, d).is_err());
 }
@@ -668,6 +670,38 @@ fn message_reject_and_abort() {
     r.wait();
     assert_eq!(r.rd(off::ISTAT0) & istat0::CON, 0);
     assert_eq!(r.rd(off::SSTAT2) & regs::sstat2::LDSC, regs::sstat2::LDSC);
+}
+
+#[test]
+fn a_target_unplugged_while_selected_disconnects() {
+    let mut r = rig();
+    r.put(MSGOUT, &[0x80]);
+    r.put(CDB, &[op::INQUIRY, 0, 0, 0, 36, 0]);
+    r.put_words(
+        SCRIPT,
+        &[
+            0x4100_0000,
+            0,
+            0x0e00_0001,
+            MSGOUT,
+            0x9808_0000,
+            1,
+            0x0a00_0006,
+            CDB,
+            0x9808_0000,
+            2,
+        ],
+    );
+    r.wr(off::SIEN0, sist0::UDC);
+    r.start(SCRIPT);
+    let (d, _, _) = r.wait();
+    assert_eq!(d & dstat::SIR, dstat::SIR);
+    assert_eq!(r.rd(off::SSTAT1) & 7, 2, "COMMAND phase");
+    assert!(r.lsi.bus().detach(0, 0).is_some());
+    r.start(SCRIPT + 0x18);
+    let (_, s0, _) = r.wait();
+    assert_eq!(s0, sist0::UDC);
+    assert_eq!(r.rd(off::ISTAT0) & istat0::CON, 0);
 }
 
 #[test]
