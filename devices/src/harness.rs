@@ -326,11 +326,18 @@ fn ahci_port(h: &[u8; 32], table: &[u8]) {
     assert_eq!(p.regs.sact & !2, 0, "PxSACT holds a tag never issued");
 }
 
+/// The LSI53C895A HBA: register accesses and SCRIPTS programs (see
+/// [`crate::lsi::fuzz`] for the input format).
+pub fn lsi(data: &[u8]) {
+    crate::lsi::fuzz::run(data)
+}
+
 /// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
         "ahci_command" => Some(ahci_command),
         "ata_taskfile" => Some(ata_taskfile),
+        "lsi" => Some(lsi),
         "scsi_cdb" => Some(scsi_cdb),
         "virtio_chain" => Some(virtio_chain),
         _ => None,

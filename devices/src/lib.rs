@@ -23,6 +23,7 @@ pub mod harness;
 pub mod ide;
 pub mod irq;
 pub mod legacy;
+pub mod lsi;
 pub mod media;
 pub mod pci;
 pub mod scsi;

@@ -1,6 +1,6 @@
 //! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
 //! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile,
-//! fuzz/corpus/ahci_command) and seeded random inputs through the same
+//! fuzz/corpus/ahci_command, fuzz/corpus/lsi) and seeded random inputs through the same
 //! harnesses cargo fuzz runs.
 
 use std::path::PathBuf;
@@ -49,4 +49,9 @@ fn ata_taskfile_corpus() {
 #[test]
 fn ahci_command_corpus() {
     corpus("ahci_command");
+}
+
+#[test]
+fn lsi_corpus() {
+    corpus("lsi");
 }

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use super::lun::Lun;
+use super::lun::{Lun, Plan};
 use super::request::{DataPath, Outcome, Request};
 use super::target::Target;
 
@@ -120,6 +120,16 @@ impl ScsiBus {
             (target.lun(lun).cloned(), target.execute(lun, cdb))
         };
         Ok(super::request::start(unit, plan, path, done))
+    }
+
+    /// Executes `cdb` for (`id`, `lun`) without carrying the plan out: the
+    /// unit (for [`super::request::run`]) and its [`Plan`], for transports
+    /// whose data phases come piecewise (the LSI 53C895A's block moves);
+    /// `None` with no target at `id`.
+    pub fn plan(&self, id: u32, lun: u64, cdb: &[u8]) -> Option<(Option<Arc<dyn Lun>>, Plan)> {
+        let t = self.read();
+        let target = t.get(&id)?;
+        Some((target.lun(lun).cloned(), target.execute(lun, cdb)))
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u32, Target>> {
