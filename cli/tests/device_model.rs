@@ -198,6 +198,41 @@ fn mistakes_are_one_line() {
         &["-global", "ide-hd"],
         "-global ide-hd: expected DRIVER.PROPERTY=VALUE",
     );
+    // SCSI units: ids and LUNs past the HBA's, a LUN in use, a -drive
+    // if=scsi no HBA takes.
+    run(
+        &[
+            "-device",
+            "virtio-scsi-pci,id=s",
+            "-device",
+            "scsi-hd,drive=d,bus=s.0,scsi-id=256",
+        ],
+        "bad scsi device id: 256",
+    );
+    run(
+        &[
+            "-device",
+            "lsi53c895a,id=s",
+            "-device",
+            "scsi-hd,drive=d,bus=s.0,lun=8",
+        ],
+        "bad scsi device lun: 8",
+    );
+    run(
+        &[
+            "-device",
+            "virtio-scsi-pci,id=s",
+            "-device",
+            "scsi-hd,drive=d,bus=s.0,scsi-id=1,lun=0",
+            "-device",
+            "scsi-hd,drive=e,bus=s.0,scsi-id=1,lun=0",
+        ],
+        "lun already used by 'scsi-hd'",
+    );
+    run(
+        &["-device", "scsi-hd,drive=d"],
+        "No 'SCSI' bus found for device 'scsi-hd'",
+    );
     run(
         &["-global", "kvm-pit.lost_tick_policy=slew"],
         "Parameter 'lost_tick_policy' does not accept value 'slew'",

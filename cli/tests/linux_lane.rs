@@ -314,3 +314,36 @@ fn linux_virtio_scsi_reads_disk_and_cd() {
     assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
     assert!(!out.contains("GUEST-ERR"), "{out}");
 }
+
+/// The kernel's `sym53c8xx` driver on the LSI 53C895A (its own SCRIPTS
+/// run by the chip's SCRIPTS processor, interrupts through the MP
+/// table's PCI entries) with `sd` and `sr`: a disk from
+/// `-drive if=scsi` and a CD-ROM as a `scsi-cd` at id 2.
+#[test]
+fn linux_sym53c8xx_reads_disk_and_cd() {
+    if !kvm_available("linux_sym53c8xx_reads_disk_and_cd") {
+        return;
+    }
+    let dir = scratch("linux-lane-lsi-img");
+    let disk = dir.join("disk.img");
+    let cd = dir.join("cd.iso");
+    let disk_sum = make_image(&disk, 4 << 20, 0x15_1001);
+    let cd_sum = make_image(&cd, 1 << 20, 0x15_10cd);
+    let devices = vec![
+        "-device".into(),
+        "lsi53c895a,id=lsi".into(),
+        "-drive".into(),
+        drive(&disk, "if=scsi,index=0"),
+        "-drive".into(),
+        drive(&cd, "if=none,id=c0,media=cdrom"),
+        "-device".into(),
+        "scsi-cd,drive=c0,bus=lsi.0,scsi-id=2".into(),
+    ];
+    let (out, _) = boot(
+        "linux-lane-lsi",
+        &devices,
+        &format!("check=sda:{SECTORS},sr0:{SECTORS}"),
+    );
+    assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+}

@@ -1,8 +1,9 @@
 //! Booting from SCSI under KVM with SeaBIOS: the project's boot program
 //! (images/ide/bootsect.S, 256 sectors read through INT 13h and checked)
-//! from a `scsi-hd`, and GRUB's rescue CD from a `scsi-cd`, on
-//! virtio-scsi-pci (SeaBIOS's virtio-scsi driver, the shared SCSI target
-//! emulation behind it). Each test skips loudly when /dev/kvm is unusable.
+//! from a `scsi-hd` on virtio-scsi-pci and from `-drive if=scsi` on an
+//! LSI 53C895A (SeaBIOS's virtio-scsi and lsi-scsi drivers, the shared
+//! SCSI target emulation behind both), and GRUB's rescue CD from a
+//! `scsi-cd` on virtio-scsi. Each test skips loudly when /dev/kvm is unusable.
 
 mod support;
 
@@ -74,4 +75,22 @@ fn grub_rescue_cdrom_boots_from_a_scsi_cd_on_virtio_scsi() {
         GRUB_TIMEOUT,
     );
     assert!(out.contains("Welcome to GRUB"), "{out}");
+}
+
+/// QEMU 7.2's way: `-device lsi53c895a` takes the `-drive if=scsi`
+/// drives of its bus (the PC board makes no HBA for them by itself).
+#[test]
+fn seabios_boots_drive_if_scsi_on_an_lsi53c895a() {
+    if skip("seabios_boots_drive_if_scsi_on_an_lsi53c895a") {
+        return;
+    }
+    let dir = scratch("scsi-kvm-lsi-hd");
+    let drive = format!("file={},format=raw,if=scsi", boot_disk(&dir));
+    let out = boot_until(
+        &dir,
+        &["-device", "lsi53c895a", "-drive", &drive],
+        &["STRATA-BOOT-OK", "STRATA-BOOT-FAIL", "No bootable device"],
+        TIMEOUT,
+    );
+    assert!(out.contains("STRATA-BOOT-OK"), "{out}");
 }

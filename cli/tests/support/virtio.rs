@@ -180,7 +180,6 @@ pub struct VirtioPci {
     pub msix_cap: u8,
 }
 
-
 impl VirtioPci {
     /// Maps the BARs and finds the MSI-X capability.
     pub fn map(mut qt: Qtest) -> VirtioPci {
@@ -296,5 +295,4 @@ impl VirtioPci {
     pub fn clear_msi(&mut self, vector: u16) {
         self.qt.writel(MSI_BASE + 4 * vector as u64, 0);
     }
-
 }

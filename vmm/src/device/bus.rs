@@ -173,6 +173,11 @@ impl Buses {
         }
     }
 
+    /// How many buses of `kind` exist.
+    pub fn count(&self, kind: BusKind) -> u32 {
+        self.buses.values().filter(|b| b.kind == kind).count() as u32
+    }
+
     /// Whether a bus called `name` exists.
     pub fn exists(&self, name: &str) -> bool {
         self.buses.contains_key(name)

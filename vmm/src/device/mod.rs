@@ -21,6 +21,7 @@ pub mod debugcon;
 pub mod fdc;
 pub mod ide;
 pub mod kvm_pit;
+pub mod lsi;
 pub mod props;
 pub mod scsi;
 pub mod virtio_blk;
@@ -95,6 +96,7 @@ pub static TYPES: &[&DeviceType] = &[
     &virtio_blk::VIRTIO_BLK_PCI,
     &virtio_blk::VIRTIO_BLK_PCI_TRANSITIONAL,
     &virtio_blk::VIRTIO_BLK_PCI_NON_TRANSITIONAL,
+    &lsi::LSI53C895A,
     &virtio_scsi::VIRTIO_SCSI_PCI,
     &virtio_scsi::VIRTIO_SCSI_PCI_TRANSITIONAL,
     &virtio_scsi::VIRTIO_SCSI_PCI_NON_TRANSITIONAL,
@@ -409,6 +411,9 @@ pub struct AttachCtx<'a> {
     pub removable: Option<Arc<dyn devices::media::Removable>>,
     /// The backend the device being built claimed (`claim_drive`).
     pub claimed: Option<Arc<BlockBackend>>,
+    /// Built by `device_add` on a running machine (not at start-up):
+    /// HBAs then take no `-drive if=scsi` drives.
+    pub hotplugged: bool,
 }
 
 /// A built device, as the monitor finds it (`id=`, or the drive it uses).

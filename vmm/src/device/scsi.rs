@@ -7,9 +7,11 @@ use std::sync::Arc;
 
 use devices::scsi::{CdRom, Disk, DiskOptions, Transport};
 
+use block::drive::{Interface, Media};
+
 use super::bus::{scsi_unit, BusKind, Placement, Port};
-use super::props::{PropDef, PropType};
-use super::{AttachCtx, Category, Device, DeviceType};
+use super::props::{PropDef, PropType, PropValue};
+use super::{AttachCtx, Category, Device, DeviceSpec, DeviceType};
 
 /// Properties of both units (QEMU's scsi-disk-base and the block
 /// properties it carries).
@@ -141,4 +143,54 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     port.bus().attach(id, lun as u64, unit)?;
     let path = port.boot_path(id, lun);
     ctx.boot_index(dev, path)
+}
+
+/// QEMU's legacy SCSI command line: an HBA built at start-up whose bus is
+/// the `busnr`-th SCSI bus takes the `-drive if=scsi,bus=BUSNR` drives,
+/// each as a `scsi-hd` (or `scsi-cd` with `media=cdrom`) at
+/// `scsi-id=UNIT` on its bus `bus`.
+pub fn legacy_drives(ctx: &mut AttachCtx, bus: &str, busnr: u32) -> Result<(), String> {
+    let mut specs = Vec::new();
+    for d in ctx.storage.drives() {
+        let Some(p) = &d.device else { continue };
+        if p.interface != Interface::Scsi || p.bus != busnr {
+            continue;
+        }
+        let ty = if p.media == Media::Cdrom {
+            "scsi-cd"
+        } else {
+            "scsi-hd"
+        };
+        let mut props = vec![
+            ("drive", PropValue::Str(d.id.clone())),
+            ("scsi-id", PropValue::Uint(p.unit as u64)),
+        ];
+        if let Some(s) = &p.serial {
+            props.push(("serial", PropValue::Str(s.clone())));
+        }
+        let origin = format!("-drive {}", d.text);
+        specs.push(DeviceSpec::new(ty, Some(bus.to_string()), props, origin)?);
+    }
+    for spec in specs {
+        super::realize(ctx, &spec)?;
+    }
+    Ok(())
+}
+
+/// After every device is built: a `-drive if=scsi` no HBA took is an
+/// error, as on QEMU (whose PC boards stopped making an LSI for them).
+pub fn check_legacy_drives(
+    ctx: &AttachCtx,
+    storage: &crate::storage::Storage,
+) -> Result<(), String> {
+    for d in storage.drives() {
+        let Some(p) = &d.device else { continue };
+        if p.interface == Interface::Scsi && !ctx.used_drives.contains(&d.id) {
+            return Err(format!(
+                "-drive {}: machine type does not support if=scsi,bus={},unit={}",
+                d.text, p.bus, p.unit
+            ));
+        }
+    }
+    Ok(())
 }

@@ -141,6 +141,7 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     )?;
     pci.add(slot, func, Arc::new(Mutex::new(f)))?;
     let name = bus_name(ctx, dev.spec.id.as_deref());
+    let busnr = ctx.buses.count(BusKind::Scsi);
     ctx.buses.register(
         &name,
         BusKind::Scsi,
@@ -150,6 +151,9 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
             pci_path: pci_boot_path((slot, func)),
         })),
     );
+    if !ctx.hotplugged {
+        super::scsi::legacy_drives(ctx, &name, busnr)?;
+    }
     Ok(())
 }
 

@@ -203,6 +203,10 @@ pub(super) fn drive_device(
             props.push(("unit", PropValue::Uint(d.unit as u64)));
             ("floppy", Some("floppy-bus.0".to_string()))
         }
+        // An HBA (`-device lsi53c895a`, `virtio-scsi-pci`) takes the
+        // drives of its bus number as it is built (QEMU's legacy SCSI
+        // command line); what none took is refused afterwards.
+        (Interface::Scsi, _) => return Ok(None),
         (Interface::Virtio, _) => {
             if let Some(a) = &d.addr {
                 props.push(("addr", device::PropType::PciDevfn.parse("addr", a)?));
@@ -455,6 +459,7 @@ pub(super) fn assemble(
         realized: Vec::new(),
         removable: None,
         claimed: None,
+        hotplugged: false,
     };
     // The devices of `-drive if=...` first, as QEMU's board init creates
     // them before the `-device`s.
@@ -474,6 +479,7 @@ pub(super) fn assemble(
     for spec in &cfg.devices {
         device::realize(&mut ctx, spec).map_err(MachineError::Config)?;
     }
+    device::scsi::check_legacy_drives(&ctx, storage).map_err(MachineError::Config)?;
     let devices = std::mem::take(&mut ctx.realized);
     let used_drives = std::mem::take(&mut ctx.used_drives);
     let msi = ctx.msi.clone();
@@ -703,10 +709,8 @@ mod tests {
             dev("file=a,if=ide,index=4"),
             Err("machine type does not support if=ide,bus=2,unit=0".into())
         );
-        assert_eq!(
-            dev("file=a,if=scsi"),
-            Err("machine type does not support if=scsi,bus=0,unit=0".into())
-        );
+        // Left for a SCSI HBA to take (device::scsi::legacy_drives).
+        assert_eq!(dev("file=a,if=scsi"), Ok(None));
         assert_eq!(
             dev("file=a,if=floppy"),
             Ok(Some((

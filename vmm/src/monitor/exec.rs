@@ -417,6 +417,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         realized: Vec::new(),
         removable: None,
         claimed: None,
+        hotplugged: true,
     };
     let r = crate::device::realize(&mut attach, &spec);
     let (used, realized) = (attach.used_drives, attach.realized);
