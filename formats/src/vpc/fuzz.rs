@@ -74,7 +74,7 @@ pub fn fuzz_open_read(data: &[u8]) {
             if named(img.write(at, &d)).is_some() {
                 let mut back = vec![0u8; n as usize];
                 if named(img.read(at, &mut back)).is_some() {
-                    assert_eq!(back, d, "read back differs at {at}");
+                    assert!(back == d, "read back differs at {at}");
                 }
             }
         }

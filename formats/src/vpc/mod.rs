@@ -410,6 +410,9 @@ impl Vpc {
                 "free_data_block_offset points after the end of file. The image has been truncated.",
             ));
         }
+        // BAT entries count sectors: blocks start on a sector boundary
+        // whatever the metadata's offsets.
+        let next_free = next_free.div_ceil(512) * 512;
         regions.sort_unstable();
         for w in regions.windows(2) {
             if w[1].0 < w[0].1 {
