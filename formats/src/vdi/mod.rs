@@ -190,13 +190,13 @@ impl Header {
                 self.version & 0xffff
             ));
         }
-        if self.offset_bmap % 512 != 0 {
+        if !self.offset_bmap.is_multiple_of(512) {
             return uns(format!(
                 "unsupported VDI image (unaligned block map offset {:#x})",
                 self.offset_bmap
             ));
         }
-        if self.offset_data % 512 != 0 {
+        if !self.offset_data.is_multiple_of(512) {
             return uns(format!(
                 "unsupported VDI image (unaligned data offset {:#x})",
                 self.offset_data
