@@ -369,6 +369,8 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         protocol("nbd", crate::nbd::client::NbdNode::open),
         Arc::new(crate::raw::RawClass),
         Arc::new(crate::qcow2::Qcow2Class),
+        Arc::new(crate::vpc::VpcClass),
+        Arc::new(crate::vdi::VdiClass),
         filter("blkdebug", crate::blkdebug::BlkdebugNode::open),
         filter("throttle", crate::filters::ThrottleFilter::open),
         filter("copy-on-read", crate::filters::CopyOnRead::open),

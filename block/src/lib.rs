@@ -74,3 +74,5 @@ pub mod qcow2;
 pub mod raw;
 pub mod snapshot_overlay;
 pub mod throttle;
+pub mod vdi;
+pub mod vpc;

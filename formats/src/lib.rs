@@ -8,3 +8,5 @@ pub mod error;
 pub mod probe;
 pub mod qcow2;
 pub mod storage;
+pub mod vdi;
+pub mod vpc;

@@ -445,11 +445,16 @@ fn hx(v: u64) -> String {
 
 fn print_check(r: &CheckResult, filename: &str, format: &str, json: bool, quiet: bool) {
     if json {
-        let mut v = vec![
-            ("image-end-offset", J::u(r.image_end_offset)),
-            ("total-clusters", J::u(r.total_clusters)),
-            ("check-errors", J::u(r.check_errors)),
-        ];
+        // As qemu-img: counters a format does not keep (zero) are left
+        // out, which for vdi is all but the errors.
+        let mut v = Vec::new();
+        if r.image_end_offset > 0 {
+            v.push(("image-end-offset", J::u(r.image_end_offset)));
+        }
+        if r.total_clusters > 0 {
+            v.push(("total-clusters", J::u(r.total_clusters)));
+        }
+        v.push(("check-errors", J::u(r.check_errors)));
         if r.corruptions_after() > 0 {
             v.push(("corruptions", J::u(r.corruptions_after())));
         }
