@@ -1,6 +1,7 @@
 #!/bin/sh
-# The peer suite: QEMU 7.2's own qtest binaries (ide-test, ahci-test, and
-# qos-test's virtio-blk cases) run against Strata, as libqtest runs them against
+# The peer suite: QEMU 7.2's own qtest binaries (ide-test, ahci-test,
+# fdc-test, fuzz-lsi53c895a-test, and qos-test's virtio-blk and
+# virtio-scsi cases) run against Strata, as libqtest runs them against
 # qemu-system-x86_64. Each case runs in its own process (`-p PATH`) under a
 # timeout, so a hang or a crash fails that case only, and its TAP line
 # decides pass or fail.
@@ -61,8 +62,10 @@ QTEST_LOG= "$PEER/bin/ahci-test" -l 2>>"$LOGS/list.log" | grep '^/' |
     sed 's|^|ahci-test |' >>"$LOGS/cases"
 QTEST_LOG= "$PEER/bin/fdc-test" -l 2>>"$LOGS/list.log" | grep '^/' |
     sed 's|^|fdc-test |' >>"$LOGS/cases"
-QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep '/virtio-blk' |
+QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep -E '/virtio-(blk|scsi)' |
     sed 's|^|qos-test |' >>"$LOGS/cases"
+QTEST_LOG= "$PEER/bin/fuzz-lsi53c895a-test" -l 2>>"$LOGS/list.log" | grep '^/' |
+    sed 's|^|fuzz-lsi53c895a-test |' >>"$LOGS/cases"
 if [ -n "$FILTER" ]; then
     grep -E "$FILTER" "$LOGS/cases" >"$LOGS/cases.f" || true
     mv "$LOGS/cases.f" "$LOGS/cases"
