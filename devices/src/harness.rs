@@ -112,7 +112,8 @@ fn scsi_target(data: &[u8]) {
 const MEM: u64 = 64 << 10;
 
 /// Lays `data` out as guest memory (descriptor table at 0) and parses the
-/// chain the first bytes select.
+/// chain the first bytes select, as a virtio-blk and as a virtio-scsi
+/// request.
 pub fn virtio_chain(data: &[u8]) {
     if data.len() < 6 {
         return;
@@ -140,6 +141,22 @@ pub fn virtio_chain(data: &[u8]) {
         head,
     };
     let _ = Request::parse(&mem, at, &lim, &mut Chain::new());
+    // The same chain as a virtio-scsi request, with CDB and sense sizes
+    // the driver may have configured (flags bits 4-7; at most the
+    // device's own). Checked: the response fits where it is written, and
+    // bidirectional requests are refused.
+    let mut chain = Chain::new();
+    if chain.walk(&mem, at, lim.indirect).is_ok() {
+        let cdb_size = u32::from(flags >> 4) * 2 + 6;
+        let sense_size = u32::from(flags >> 4) * 6;
+        if let Ok((req, resp)) =
+            crate::virtio::scsi::CmdRequest::parse(&mem, &chain, cdb_size, sense_size)
+        {
+            assert_eq!(resp.len(), 12 + u64::from(sense_size), "response size");
+            assert_eq!(req.cdb.len(), cdb_size as usize);
+            assert!(req.data_in.is_empty() || req.data_out.is_empty());
+        }
+    }
 }
 
 fn ata_device(media: Media, slave: bool) -> Option<AtaDevice> {
