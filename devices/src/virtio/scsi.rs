@@ -5,8 +5,9 @@
 //!   abort/clear task set, logical unit reset, I_T nexus reset, query
 //!   task and task set) and asynchronous notification queries and
 //!   subscriptions, answered at once.
-//! - Queue 1 (event, 5.6.6.3): the driver's buffers for events, held
-//!   until the device has one to report (hotplug), never spun on.
+//! - Queue 1 (event, 5.6.6.3): the driver's buffers for events, each
+//!   held as an in-flight request until the device has an event to
+//!   report (a unit plugged or unplugged, [`Hotplug`]), never spun on.
 //! - Queues 2.. (request, 5.6.6.1): each chain is parsed into a typed
 //!   [`CmdRequest`] (LUN, tag, CDB, the data-out and data-in parts, the
 //!   response header) before anything runs; the command then runs on the
@@ -18,15 +19,16 @@
 //! allocate beyond the request runner's bounded chunks: lengths come from
 //! the walked chain, which checks every buffer against guest RAM.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use event_manager::SubscriberId;
 
 use super::chain::{Chain, ChainHead};
 use super::event_loop::EventLoop;
-use super::queue_worker::{InFlight, QueueHandler, QueueIo, QueueWorker};
+use super::queue_worker::{Completer, InFlight, QueueHandler, QueueIo, QueueWorker};
 use super::{features as vf, Activation, VirtioDevice};
-use crate::bus::put_le;
+use crate::bus::{lock, put_le};
 use crate::dma::GuestSgList;
 use crate::scsi::bus::ScsiBus;
 use crate::scsi::request::{DataPath, DataPathError, Outcome, Request, Status};
@@ -326,11 +328,101 @@ impl Response {
     }
 }
 
-/// How a command ended.
+/// How a command ended, or an event buffer was used.
 pub enum Done {
     Ran(Outcome),
     /// Its target went away before it could start.
     BadTarget,
+    /// An event for an event-queue buffer (virtio_scsi_event).
+    Event([u8; EVENT_LEN]),
+    /// The device is being reset: the event buffer goes back unused.
+    NoEvent,
+}
+
+/// Event types and reasons (5.6.6.3).
+mod event {
+    pub const TRANSPORT_RESET: u32 = 1;
+    pub const EVENTS_MISSED: u32 = 0x8000_0000;
+    pub const RESCAN: u32 = 0;
+    pub const REMOVED: u32 = 2;
+}
+/// struct virtio_scsi_event: event, lun[8], reason.
+const EVENT_LEN: usize = 16;
+/// Events kept while the driver has no buffer; past this they are
+/// dropped and the next one says EVENTS_MISSED.
+const MAX_PENDING_EVENTS: usize = 64;
+
+/// The event queue's state, shared by the device (told about hotplug by
+/// the VMM) and the queue handler (which receives the driver's buffers).
+/// Each buffer is an in-flight request whose [`Completer`] waits here for
+/// an event, so an event from any thread reaches the worker through the
+/// ordinary completion path.
+#[derive(Default)]
+struct EventQueue {
+    /// The driver negotiated HOTPLUG and the device runs.
+    enabled: bool,
+    buffers: VecDeque<Completer<Done>>,
+    pending: VecDeque<[u8; EVENT_LEN]>,
+    missed: bool,
+}
+
+impl EventQueue {
+    fn push(&mut self, mut ev: [u8; EVENT_LEN]) {
+        if !self.enabled {
+            return;
+        }
+        if std::mem::take(&mut self.missed) {
+            let t = u32::from_le_bytes(ev[0..4].try_into().unwrap_or_default());
+            ev[0..4].copy_from_slice(&(t | event::EVENTS_MISSED).to_le_bytes());
+        }
+        match self.buffers.pop_front() {
+            Some(c) => c.complete(Done::Event(ev)),
+            None if self.pending.len() < MAX_PENDING_EVENTS => self.pending.push_back(ev),
+            None => self.missed = true,
+        }
+    }
+
+    /// Gives every held buffer back (a reset: the worker waits for them).
+    fn cancel(&mut self) {
+        self.enabled = false;
+        self.pending.clear();
+        self.missed = false;
+        for c in self.buffers.drain(..) {
+            c.complete(Done::NoEvent);
+        }
+    }
+}
+
+/// The VMM's handle on a device's event queue: hotplug and unplug of
+/// units on its bus, reported to the driver when it negotiated HOTPLUG.
+#[derive(Clone)]
+pub struct Hotplug(Arc<Mutex<EventQueue>>);
+
+impl Hotplug {
+    /// A unit appeared (`plugged`) or went at (`target`, `lun`):
+    /// TRANSPORT_RESET with reason RESCAN or REMOVED.
+    pub fn notify(&self, target: u32, lun: u32, plugged: bool) {
+        let mut ev = [0u8; EVENT_LEN];
+        ev[0..4].copy_from_slice(&event::TRANSPORT_RESET.to_le_bytes());
+        ev[4] = 1;
+        ev[5] = target as u8;
+        ev[6] = 0x40 | (lun >> 8) as u8 & 0x3f;
+        ev[7] = lun as u8;
+        let reason = if plugged {
+            event::RESCAN
+        } else {
+            event::REMOVED
+        };
+        ev[12..16].copy_from_slice(&reason.to_le_bytes());
+        lock(&self.0).push(ev);
+    }
+}
+
+/// What the worker keeps for a request in flight.
+pub enum Token {
+    Cmd(CmdToken),
+    /// An event-queue buffer: where the event goes.
+    Event(GuestSgList),
 }
 
 /// What the worker keeps for a command in flight.
@@ -351,12 +443,11 @@ pub struct ScsiHandler {
     sense_size: u32,
     /// Commands running, for the task management functions.
     running: Vec<(Address, u64, Request)>,
-    /// Event-queue buffers the driver gave, waiting for an event.
-    events: Vec<u16>,
+    events: Arc<Mutex<EventQueue>>,
 }
 
 impl ScsiHandler {
-    fn command(&mut self, io: &mut QueueIo<Done, CmdToken>, queue: usize, at: ChainHead) {
+    fn command(&mut self, io: &mut QueueIo<Done, Token>, queue: usize, at: ChainHead) {
         let head = at.head;
         if self.chain.walk(io.mem(), at, self.indirect).is_err() {
             io.finish(queue, head, 0);
@@ -394,7 +485,7 @@ impl ScsiHandler {
             data_in,
             buffer: sg.len(),
         };
-        let c = io.submit(queue, head, token);
+        let c = io.submit(queue, head, Token::Cmd(token));
         let path = SgPath {
             mem: io.mem_arc().clone(),
             sg,
@@ -423,7 +514,7 @@ impl ScsiHandler {
         }
     }
 
-    fn control(&mut self, io: &mut QueueIo<Done, CmdToken>, queue: usize, at: ChainHead) {
+    fn control(&mut self, io: &mut QueueIo<Done, Token>, queue: usize, at: ChainHead) {
         let head = at.head;
         if self.chain.walk(io.mem(), at, self.indirect).is_err() {
             io.finish(queue, head, 0);
@@ -542,25 +633,61 @@ impl ScsiHandler {
     }
 }
 
+impl ScsiHandler {
+    /// An event-queue buffer: held (as an in-flight request) until an
+    /// event comes, or used at once for one that waited.
+    fn event_buffer(&mut self, io: &mut QueueIo<Done, Token>, queue: usize, at: ChainHead) {
+        let head = at.head;
+        let mut buf = GuestSgList::new(usize::MAX, u64::MAX);
+        let ok = self.chain.walk(io.mem(), at, self.indirect).is_ok()
+            && self.chain.readable_len() == 0
+            && self
+                .chain
+                .writer(io.mem())
+                .split_at(EVENT_LEN as u64)
+                .is_ok_and(|(mut w, _)| w.sg_list(&mut buf).is_ok());
+        if !ok {
+            // Too small for an event: given back empty.
+            io.finish(queue, head, 0);
+            return;
+        }
+        let c = io.submit(queue, head, Token::Event(buf));
+        let mut q = lock(&self.events);
+        match q.pending.pop_front() {
+            Some(ev) => c.complete(Done::Event(ev)),
+            None if q.enabled => q.buffers.push_back(c),
+            None => c.complete(Done::NoEvent),
+        }
+    }
+}
+
 impl QueueHandler for ScsiHandler {
     type Output = Done;
-    type Token = CmdToken;
+    type Token = Token;
     const NAME: &'static str = "virtio-scsi";
 
-    fn start(&mut self, io: &mut QueueIo<Done, CmdToken>, queue: usize, at: ChainHead) {
+    fn start(&mut self, io: &mut QueueIo<Done, Token>, queue: usize, at: ChainHead) {
         // Positions count only the queues the driver enabled (SeaBIOS
         // enables a request queue alone); the device's index says which.
         match io.queue_index(queue) {
             Some(0) => self.control(io, queue, at),
-            // Kept until there is an event to report; at most one entry
-            // per descriptor of the queue, since heads are unique.
-            Some(1) => self.events.push(at.head),
+            Some(1) => self.event_buffer(io, queue, at),
             _ => self.command(io, queue, at),
         }
     }
 
-    fn complete(&mut self, io: &mut QueueIo<Done, CmdToken>, req: InFlight<CmdToken>, out: Done) {
-        let t = &req.token;
+    fn complete(&mut self, io: &mut QueueIo<Done, Token>, req: InFlight<Token>, out: Done) {
+        let t = match &req.token {
+            Token::Cmd(t) => t,
+            Token::Event(buf) => {
+                let used = match out {
+                    Done::Event(ev) if buf.write_at(io.mem(), 0, &ev).is_ok() => EVENT_LEN as u32,
+                    _ => 0,
+                };
+                io.finish(req.queue, req.head, used);
+                return;
+            }
+        };
         self.forget(t.addr, t.tag);
         let (r, data_in) = match out {
             Done::Ran(o) => (
@@ -568,13 +695,16 @@ impl QueueHandler for ScsiHandler {
                 if t.data_in { o.transferred } else { 0 },
             ),
             Done::BadTarget => (Response::code(response::BAD_TARGET), 0),
+            Done::Event(_) | Done::NoEvent => (Response::code(response::FAILURE), 0),
         };
         let used = respond(io.mem(), &t.resp, &r, data_in);
         io.finish(req.queue, req.head, used);
     }
 
-    fn abandon(&mut self, mem: &GuestMem, req: InFlight<CmdToken>, _out: Done) {
-        let _ = respond(mem, &req.token.resp, &Response::code(response::ABORTED), 0);
+    fn abandon(&mut self, mem: &GuestMem, req: InFlight<Token>, _out: Done) {
+        if let Token::Cmd(t) = &req.token {
+            let _ = respond(mem, &t.resp, &Response::code(response::ABORTED), 0);
+        }
     }
 }
 
@@ -586,6 +716,7 @@ pub struct VirtioScsi {
     running: Option<SubscriberId>,
     cdb_size: u32,
     sense_size: u32,
+    events: Arc<Mutex<EventQueue>>,
 }
 
 impl VirtioScsi {
@@ -602,7 +733,13 @@ impl VirtioScsi {
             running: None,
             cdb_size: CDB_SIZE,
             sense_size: SENSE_SIZE,
+            events: Arc::default(),
         })
+    }
+
+    /// The handle the VMM reports hotplug through.
+    pub fn hotplug(&self) -> Hotplug {
+        Hotplug(self.events.clone())
     }
 
     /// The bus units attach to.
@@ -677,13 +814,17 @@ impl VirtioDevice for VirtioScsi {
             cdb_size: self.cdb_size,
             sense_size: self.sense_size,
             running: Vec::new(),
-            events: Vec::new(),
+            events: self.events.clone(),
         };
+        lock(&self.events).enabled = a.features & features::HOTPLUG != 0;
         let w = QueueWorker::with_handler(a, h)?;
         self.running = Some(self.event_loop.add(Box::new(w))?);
         Ok(())
     }
     fn reset(&mut self) {
+        // Held event buffers are in-flight requests the worker would wait
+        // for while it drains.
+        lock(&self.events).cancel();
         if let Some(id) = self.running.take() {
             drop(self.event_loop.remove(id));
         }
@@ -696,6 +837,7 @@ impl VirtioDevice for VirtioScsi {
 
 impl Drop for VirtioScsi {
     fn drop(&mut self) {
+        lock(&self.events).cancel();
         if let Some(id) = self.running.take() {
             drop(self.event_loop.remove(id));
         }

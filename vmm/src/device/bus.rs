@@ -78,6 +78,13 @@ pub trait ScsiPort: Send + Sync {
     fn max_lun(&self) -> u32;
     /// The OpenFirmware path of (`id`, `lun`), for `bootorder`.
     fn boot_path(&self, id: u32, lun: u32) -> String;
+    /// Whether units may come and go while the guest runs.
+    fn can_hotplug(&self) -> bool {
+        false
+    }
+    /// A unit came (`plugged`) or went at (`id`, `lun`) while the guest
+    /// runs: the HBA tells the driver.
+    fn hotplugged(&self, _id: u32, _lun: u32, _plugged: bool) {}
 }
 
 /// A unit number on a SCSI bus: the target id and the LUN.
@@ -176,6 +183,13 @@ impl Buses {
     /// How many buses of `kind` exist.
     pub fn count(&self, kind: BusKind) -> u32 {
         self.buses.values().filter(|b| b.kind == kind).count() as u32
+    }
+
+    /// Frees `unit` of bus `name` (a device unplugged).
+    pub fn release(&mut self, name: &str, unit: u32) {
+        if let Some(b) = self.buses.get_mut(name) {
+            b.used.remove(&unit);
+        }
     }
 
     /// Whether a bus called `name` exists.

@@ -414,6 +414,9 @@ pub struct AttachCtx<'a> {
     /// Built by `device_add` on a running machine (not at start-up):
     /// HBAs then take no `-drive if=scsi` drives.
     pub hotplugged: bool,
+    /// Set by a constructor whose device `device_del` can take off at
+    /// once ([`Realized::detach`]).
+    pub detach: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 /// A built device, as the monitor finds it (`id=`, or the drive it uses).
@@ -432,6 +435,11 @@ pub struct Realized {
     pub backend: Option<Arc<block::backend::BlockBackend>>,
     /// Its properties after defaults and `-global` (for `qom-get`).
     pub props: props::Props,
+    /// Its unit on `bus`.
+    pub unit: u32,
+    /// Takes it off its bus at once (`device_del` of a unit whose bus
+    /// allows it, such as SCSI); PCI devices leave by ACPI eject instead.
+    pub detach: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl Realized {
@@ -484,8 +492,10 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
     let place = ctx.buses.place(&dev).map_err(err)?;
     let pci_slot = matches!(place.port, Port::Pci(_)).then(|| place.devfn().0);
     let bus = place.bus.clone();
+    let unit = place.unit;
     ctx.removable = None;
     ctx.claimed = None;
+    ctx.detach = None;
     (spec.ty.create)(ctx, &dev, place).map_err(err)?;
     let r = Realized {
         id: spec.id.clone(),
@@ -496,6 +506,8 @@ pub fn realize(ctx: &mut AttachCtx, spec: &DeviceSpec) -> Result<(), String> {
         bus,
         backend: ctx.claimed.take(),
         props: dev.props.clone(),
+        unit,
+        detach: ctx.detach.take(),
     };
     if let Some(cd) = r.removable.as_ref().filter(|m| m.has_tray()) {
         let (events, drive, qdev) = (

@@ -96,6 +96,9 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     if dev.props.uint("channel").unwrap_or(0) != 0 {
         return Err("bad scsi device channel: only channel 0 exists".into());
     }
+    if ctx.hotplugged && !port.can_hotplug() {
+        return Err(format!("Bus '{}' does not support hotplugging", at.bus));
+    }
     let is_cd = dev.ty.name == "scsi-cd";
     let backend = ctx.claim_drive(dev)?;
     // A CD-ROM keeps an empty drive's backend: a medium can go into it.
@@ -141,6 +144,16 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         Arc::new(Disk::new(backend, opts)?)
     };
     port.bus().attach(id, lun as u64, unit)?;
+    if ctx.hotplugged {
+        port.hotplugged(id, lun, true);
+    }
+    // device_del takes a unit off at once and tells the driver, as QEMU
+    // does for SCSI.
+    let p = port.clone();
+    ctx.detach = Some(Arc::new(move || {
+        p.bus().detach(id, lun as u64);
+        p.hotplugged(id, lun, false);
+    }));
     let path = port.boot_path(id, lun);
     ctx.boot_index(dev, path)
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::scsi::bus::ScsiBus;
 use devices::virtio::pci::{TransportOptions, VirtioPci};
-use devices::virtio::scsi::{ScsiOptions, VirtioScsi, MAX_LUN, MAX_TARGET};
+use devices::virtio::scsi::{Hotplug, ScsiOptions, VirtioScsi, MAX_LUN, MAX_TARGET};
 
 use super::bus::{pci_boot_path, BusKind, Placement, Port, ScsiPort};
 use super::props::{PropDef, PropType};
@@ -72,6 +72,7 @@ pub static VIRTIO_SCSI_PCI_NON_TRANSITIONAL: DeviceType = DeviceType {
 struct Bus {
     bus: Arc<ScsiBus>,
     pci_path: String,
+    hotplug: Hotplug,
 }
 
 impl ScsiPort for Bus {
@@ -85,6 +86,12 @@ impl ScsiPort for Bus {
         // SeaBIOS's virtio-scsi driver matches `*@0/*@ID,LUN` below the
         // function's path; QEMU names it channel@0/disk@ID,LUN.
         format!("{}/channel@0/disk@{id:x},{lun:x}", self.pci_path)
+    }
+    fn can_hotplug(&self) -> bool {
+        true
+    }
+    fn hotplugged(&self, id: u32, lun: u32, plugged: bool) {
+        self.hotplug.notify(id, lun, plugged);
     }
 }
 
@@ -131,6 +138,7 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     let event_loop = ctx.iothreads.get(p.str("iothread"))?;
     let bus = Arc::new(ScsiBus::new(MAX_TARGET));
     let scsi = VirtioScsi::new(bus.clone(), opts, event_loop)?;
+    let hotplug = scsi.hotplug();
     let f = VirtioPci::new(
         Box::new(scsi),
         topts,
@@ -149,6 +157,7 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         Port::Scsi(Arc::new(Bus {
             bus,
             pci_path: pci_boot_path((slot, func)),
+            hotplug,
         })),
     );
     if !ctx.hotplugged {

@@ -460,6 +460,7 @@ pub(super) fn assemble(
         removable: None,
         claimed: None,
         hotplugged: false,
+        detach: None,
     };
     // The devices of `-drive if=...` first, as QEMU's board init creates
     // them before the `-device`s.

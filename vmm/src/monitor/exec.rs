@@ -244,6 +244,14 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
             ok(json!({}))
         }
         Command::DeviceDel { id } => {
+            let detach = {
+                let devs = devices::bus::lock(&ctx.machine.devices);
+                device_by_qdev(&devs, &id)?.1.detach.clone()
+            };
+            if detach.is_some() {
+                unplug_now(c, &ctx.machine, &id);
+                return ok(json!({}));
+            }
             let devs = devices::bus::lock(&ctx.machine.devices);
             let (n, r) = device_by_qdev(&devs, &id)?;
             let not_hotpluggable =
@@ -381,7 +389,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         .hotplug
         .as_ref()
         .ok_or_else(|| QmpError::generic("Bus 'pci.0' does not support hotplugging"))?;
-    if spec.ty.bus != BusKind::Pci {
+    if !matches!(spec.ty.bus, BusKind::Pci | BusKind::Scsi) {
         let hp = devices::bus::lock(hp);
         let bus = spec
             .bus
@@ -418,6 +426,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         removable: None,
         claimed: None,
         hotplugged: true,
+        detach: None,
     };
     let r = crate::device::realize(&mut attach, &spec);
     let (used, realized) = (attach.used_drives, attach.realized);
@@ -434,6 +443,43 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         devs.push(r);
     }
     Ok(spec)
+}
+
+/// `device_del` of a device its bus takes off at once (a SCSI unit):
+/// off the bus (the HBA tells the driver), out of the machine, its unit
+/// and drive free again, and DEVICE_DELETED.
+fn unplug_now(c: &mut Control, machine: &crate::machine::Machine, qdev: &str) {
+    let mut devs = devices::bus::lock(&machine.devices);
+    let Some(i) = (0..devs.len()).find(|&i| devs[i].qdev(i) == qdev) else {
+        return;
+    };
+    let path = devs[i].qdev(i);
+    let r = devs.remove(i);
+    drop(devs);
+    if let Some(d) = &r.detach {
+        d();
+    }
+    if let Some(hp) = &machine.hotplug {
+        let mut hp = devices::bus::lock(hp);
+        hp.buses.release(&r.bus, r.unit);
+        if let Some(d) = &r.drive {
+            hp.used_drives.retain(|u| u != d);
+        }
+    }
+    deleted(c, &r, path);
+}
+
+/// Forgets a device that left and sends its DEVICE_DELETED.
+fn deleted(c: &mut Control, r: &crate::device::Realized, qdev: String) {
+    c.added.retain(|s| s.id != r.id || r.id.is_none());
+    let mut data = json!({"path": match &r.id {
+        Some(id) => format!("/machine/peripheral/{id}"),
+        None => qdev,
+    }});
+    if let Some(id) = &r.id {
+        data["device"] = json!(id);
+    }
+    c.events.emit("DEVICE_DELETED", Some(data));
 }
 
 /// The guest ejected PCI `slot`: its devices leave the bus and the
@@ -463,15 +509,7 @@ pub fn pci_eject(c: &mut Control, machine: &crate::machine::Machine, slot: u8) {
         if let Some(d) = &r.drive {
             hp.used_drives.retain(|u| u != d);
         }
-        c.added.retain(|s| s.id != r.id || r.id.is_none());
-        let mut data = json!({"path": match &r.id {
-            Some(id) => format!("/machine/peripheral/{id}"),
-            None => qdev,
-        }});
-        if let Some(id) = &r.id {
-            data["device"] = json!(id);
-        }
-        c.events.emit("DEVICE_DELETED", Some(data));
+        deleted(c, &r, qdev);
     }
 }
 
