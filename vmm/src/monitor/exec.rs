@@ -249,7 +249,7 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
                 device_by_qdev(&devs, &id)?.1.detach.clone()
             };
             if detach.is_some() {
-                unplug_now(c, &ctx.machine, &id);
+                unplug_now(c, ctx.machine, &id);
                 return ok(json!({}));
             }
             let devs = devices::bus::lock(&ctx.machine.devices);
