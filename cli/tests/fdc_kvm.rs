@@ -8,37 +8,18 @@
 mod support;
 
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use support::{kvm_available, require_bios, run_until, scratch};
+use support::{boot_until, kvm_available, require_bios, scratch};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
 const GRUB_FLOPPY: &str = "/usr/lib/grub-rescue/grub-rescue-floppy.img";
 
-/// One boot at a time: SeaBIOS gives a floppy interrupt about two seconds
-/// of timer ticks, and two emulated-ring-0 guests on two busy cores can
-/// starve each other past that.
-static BOOTS: Mutex<()> = Mutex::new(());
-
 fn floppy_image() -> std::path::PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/ide/build.sh");
-    let out = std::process::Command::new("sh")
-        .arg(&script)
-        .output()
-        .expect("run images/ide/build.sh");
-    assert!(
-        out.status.success(),
-        "images/ide/build.sh failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    script.parent().unwrap().join("../out/floppy.img")
+    support::image("floppy.img")
 }
 
 fn boot(dir: &Path, args: &[&str], markers: &[&str]) -> String {
-    let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
-    let log = dir.join("serial.log");
-    let serial = format!("file:{}", log.display());
     // SeaBIOS waits for a floppy interrupt for 37 timer ticks. Here its
     // ring-0 code is emulated instruction by instruction, and on a loaded
     // host it runs slower than the 18.2 Hz tick: KVM's PIT then keeps a
@@ -50,23 +31,11 @@ fn boot(dir: &Path, args: &[&str], markers: &[&str]) -> String {
     // missed ticks, as QEMU's `-global kvm-pit.lost_tick_policy=discard`
     // does, lets the guest take IRQ6 whatever the host's load. Hosts with
     // hardware-speed ring 0 never build that backlog.
-    let mut all = vec![
-        "-nodefaults",
-        "-m",
-        "256",
-        "-serial",
-        &serial,
-        "-global",
-        "kvm-pit.lost_tick_policy=discard",
-    ];
+    let mut all = vec!["-global", "kvm-pit.lost_tick_policy=discard"];
     all.extend_from_slice(args);
-    run_until(
-        &all,
-        &log,
-        &markers.join(" or "),
-        |t| markers.iter().any(|m| t.contains(m)),
-        TIMEOUT,
-    )
+    // Markers are matched on the text without terminal controls (GRUB
+    // draws "Welcome" in pieces).
+    boot_until(dir, &all, markers, TIMEOUT)
 }
 
 #[test]
