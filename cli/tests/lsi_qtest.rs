@@ -215,8 +215,20 @@ impl Lsi {
     /// `buf` if the target goes there, STATUS, MESSAGE IN, CLEAR ACK,
     /// WAIT DISCONNECT, INT 0x600d. Returns where it stopped and the status.
     fn command(&mut self, target: u8, cdb: &[u8], len: u32, buf: u32) -> (Stop, u8) {
+        self.command_with(&[0xc0], target, cdb, len, buf)
+    }
+
+    /// [`Lsi::command`] with `msgout` as the MESSAGE OUT bytes.
+    fn command_with(
+        &mut self,
+        msgout: &[u8],
+        target: u8,
+        cdb: &[u8],
+        len: u32,
+        buf: u32,
+    ) -> (Stop, u8) {
         self.qt.memwrite(CDB as u64, cdb);
-        self.qt.memwrite(MSGOUT as u64, &[0xc0]);
+        self.qt.memwrite(MSGOUT as u64, msgout);
         self.qt.memwrite(STATUS as u64, &[0xff]);
         self.qt.memwrite(MSGIN as u64, &[0xff]);
         let s = RAM as u32;
@@ -225,7 +237,7 @@ impl Lsi {
             &[
                 /* 0x00 */ 0x4100_0000 | (target as u32) << 16,
                 0,
-                /* 0x08 */ 0x0e00_0001,
+                /* 0x08 */ 0x0e00_0000 | msgout.len() as u32,
                 MSGOUT,
                 /* 0x10 */ 0x0a00_0000 | cdb.len() as u32,
                 CDB,
@@ -489,4 +501,55 @@ fn int_instruction_raises_intx_through_pirq() {
     assert_eq!((stop.0 & !DSTAT_DFE, st), (DSTAT_SIR, 0));
     assert!(l.qt.irqs.contains(&(IRQ, true)));
     assert!(l.get(DATA, 512) == file_blocks(&l.disk, 77, 1));
+}
+
+/// MESSAGE OUT as Linux's driver sends it: IDENTIFY with a LUN, a SIMPLE
+/// QUEUE TAG and an extended SDTR message in one move; the target goes on
+/// to COMMAND (the negotiation is ignored: the bus stays asynchronous).
+/// IDENTIFY naming an absent LUN reaches the target's absent-LUN answers;
+/// BUS DEVICE RESET frees the bus and resets the target's units.
+#[test]
+fn identify_tags_extended_messages_and_bus_device_reset() {
+    let mut l = Lsi::start("lsi-messages");
+    let sdtr = [0xc0, 0x20, 5, 0x01, 0x03, 0x01, 0x0c, 0x08];
+    let (stop, st) = l.command_with(&sdtr, 0, &INQUIRY, 36, DATA);
+    assert_eq!(
+        (stop.0 & !DSTAT_DFE, stop.1, stop.2, st),
+        (DSTAT_SIR, 0, 0, 0)
+    );
+    assert_eq!(l.get(DATA, 36)[0], 0, "LUN 0: the disk");
+    // IDENTIFY for LUN 3: nobody there (qualifier 011b).
+    let (stop, st) = l.command_with(&[0xc3], 0, &INQUIRY, 36, DATA);
+    assert_eq!((stop.0 & !DSTAT_DFE, st), (DSTAT_SIR, 0));
+    assert_eq!(l.get(DATA, 1)[0], 0x7f);
+    let (_, st) = l.command_with(&[0xc3], 0, &TEST_UNIT_READY, 0, 0);
+    assert_eq!(st, 2);
+    // Clear the disk's power-on UNIT ATTENTION.
+    let (_, st) = l.command(0, &TEST_UNIT_READY, 0, 0);
+    assert_eq!(st, 2);
+    let (_, st) = l.command(0, &TEST_UNIT_READY, 0, 0);
+    assert_eq!(st, 0);
+    // BUS DEVICE RESET: SELECT, the message, WAIT DISCONNECT, INT.
+    l.qt.memwrite(MSGOUT as u64, &[0x0c]);
+    l.put_words(
+        SCRIPT as u64,
+        &[
+            0x4100_0000,
+            0,
+            0x0e00_0001,
+            MSGOUT,
+            0x4800_0000,
+            0,
+            0x9808_0000,
+            0xbd,
+        ],
+    );
+    l.go(SCRIPT);
+    let stop = l.wait();
+    assert_eq!((stop.0 & !DSTAT_DFE, stop.1, stop.2), (DSTAT_SIR, 0, 0));
+    assert_eq!(l.qt.inl(IO + DSPS), 0xbd);
+    l.assert_bus_free();
+    let (_, st) = l.command(0, &TEST_UNIT_READY, 0, 0);
+    assert_eq!(st, 2, "the reset is a UNIT ATTENTION");
+    assert_eq!(l.sense(), (6, 0x29, 0));
 }
