@@ -666,6 +666,13 @@ impl Lun for Disk {
             | IoFailure::Flush { errno }
             | IoFailure::Unmap { errno } => match errno {
                 libc::ENOMEDIUM => Sense::NO_MEDIUM,
+                // Linux's own medium and target errors (a host disk's
+                // unrecovered read, a passthrough target's failure): QEMU
+                // maps them as the kernel's SCSI layer produced them, so
+                // the guest sees MEDIUM ERROR rather than a retryable
+                // ABORTED COMMAND.
+                libc::ENODATA => Sense::READ_ERROR,
+                libc::EREMOTEIO => Sense::TARGET_FAILURE,
                 libc::ENOSPC => Sense::SPACE_ALLOC_FAILED,
                 libc::ENOMEM => Sense::TARGET_FAILURE,
                 libc::EINVAL => Sense::INVALID_FIELD,
