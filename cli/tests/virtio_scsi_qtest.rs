@@ -1028,6 +1028,7 @@ fn start_stop_unit_and_prevent_allow_medium_removal() {
     let (qt, _f) = launch("vscsi-startstop", "", true);
     let mut h = Hba::new(qt);
     h.clear_ua(1, 0);
+    h.clear_ua(1, 3);
     // The disk: START STOP UNIT and PREVENT ALLOW are accepted.
     for c in [
         [op::START_STOP_UNIT, 0, 0, 0, 0, 0],
@@ -1065,6 +1066,8 @@ fn scsi_cd_on_the_same_hba() {
     let d = &r.good().data;
     assert_eq!(d[..5], [0x05, 0x80, 0x05, 0x02, 31], "CD/DVD, removable");
     assert_eq!(&d[8..28], b"QEMU    QEMU DVD-ROM");
+    // A SCSI CD-ROM reports its power-on once, as a disk does.
+    h.cmd(1, 3, &[op::TEST_UNIT_READY], &[], 0).check(UA_RESET);
     h.cmd(1, 3, &[op::TEST_UNIT_READY], &[], 0).good();
     let r = h.cmd(1, 3, &cdb10(op::READ_CAPACITY_10, 0, 0), &[], 8);
     assert_eq!(r.good().data, [0, 0, 0, 63, 0, 0, 8, 0]);
@@ -1125,6 +1128,8 @@ fn empty_cd_and_medium_change_through_qmp() {
     // REQUEST SENSE data; INQUIRY answers.
     let r = h.cmd(2, 0, &inquiry(false, 0, 36), &[], 36);
     assert_eq!(r.good().data[0], 5);
+    // Its power-on UNIT ATTENTION first.
+    h.cmd(2, 0, &[op::TEST_UNIT_READY], &[], 0).check(UA_RESET);
     h.cmd(2, 0, &[op::TEST_UNIT_READY], &[], 0)
         .check(NO_MEDIUM_TRAY_CLOSED);
     h.cmd(2, 0, &cdb10(op::READ_10, 0, 1), &[], 2048)
@@ -1154,8 +1159,9 @@ fn empty_cd_and_medium_change_through_qmp() {
     q.ok("eject", json!({"id": "empty"}));
     h.cmd(2, 0, &[op::TEST_UNIT_READY], &[], 0)
         .check(NO_MEDIUM_TRAY_OPEN);
-    // The other units on the HBA never noticed.
-    h.cmd(1, 3, &[op::TEST_UNIT_READY], &[], 0).good();
+    // The other units on the HBA never noticed (only their own
+    // power-on UNIT ATTENTION is pending).
+    h.clear_ua(1, 3);
 }
 
 #[test]

@@ -140,6 +140,12 @@ pub struct CdRom {
 
 impl CdRom {
     pub fn new(transport: Transport, medium: Option<Arc<BlockBackend>>) -> Self {
+        let mut sense = SenseKeeper::default();
+        // A SCSI logical unit reports its power-on (SAM-5 6.3.1); an ATAPI
+        // drive's reset is the transport's, with no UNIT ATTENTION.
+        if transport == Transport::Scsi {
+            sense.set_unit_attention(Sense::POWER_ON_RESET);
+        }
         CdRom {
             transport,
             vendor: "QEMU".into(),
@@ -149,7 +155,7 @@ impl CdRom {
                 listener: None,
                 tray_open: false,
                 locked: false,
-                sense: SenseKeeper::default(),
+                sense,
                 event: MediaEvent::None,
                 product: "QEMU DVD-ROM".into(),
                 settling: Settling::Ready,
@@ -687,7 +693,11 @@ impl Lun for CdRom {
     /// A device reset (ATAPI DEVICE RESET, bus reset): removal prevention
     /// is kept (MMC-5 says a reset does not unlock), sense is cleared.
     fn reset(&self) {
-        self.lock().sense.clear();
+        let mut st = self.lock();
+        st.sense.clear();
+        if self.transport == Transport::Scsi {
+            st.sense.set_unit_attention(Sense::POWER_ON_RESET);
+        }
     }
 
     fn backend(&self) -> Option<Arc<BlockBackend>> {

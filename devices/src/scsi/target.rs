@@ -347,6 +347,9 @@ mod tests {
         };
         let (o, p) = run(&cdb(&[op::INQUIRY, 0, 0, 0, 36]), 36);
         assert_eq!((o.status, p.buf[0], p.buf[2]), (Status::Good, 5, 5));
+        // A SCSI unit reports its power-on once (INQUIRY is exempt).
+        let (o, _) = run(&cdb(&[op::TEST_UNIT_READY]), 0);
+        assert_eq!(o.status, Status::CheckCondition(Sense::POWER_ON_RESET));
         // READ(16) is accepted on a SCSI bus.
         let (o, p) = run(&cdb16(op::READ_16, 0, 2, 1), 2048);
         assert_eq!(o.status, Status::Good);
