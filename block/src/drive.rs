@@ -470,7 +470,9 @@ impl DriveTable {
                 // the name stands for, with any `file.*` keys on top.
                 let mut fm = crate::filename::parse(&f)?.unwrap_or_default();
                 if let Some(Value::Map(m)) = rest_map.get("file") {
-                    fm.extend(m.clone());
+                    // Deep: `blkdebug::null-co://` with
+                    // `file.image.read-zeroes=on` keeps the image's driver.
+                    merge_options(&mut fm, m.clone());
                 }
                 node.insert("file".into(), Value::Map(fm));
             }
@@ -504,11 +506,11 @@ impl DriveTable {
                     (None, Some(Value::Str(f))) => crate::filename::parse(f)?,
                     _ => None,
                 };
-                if let Some(p) = prefixed {
+                if let Some(mut p) = prefixed {
                     fm.remove("filename");
-                    for (k, v) in p {
-                        fm.entry(k).or_insert(v);
-                    }
+                    // What was given explicitly wins over the prefix.
+                    merge_options(&mut p, std::mem::take(&mut fm));
+                    fm = p;
                 }
                 if !fm.contains_key("driver") {
                     if let Some(Value::Str(f)) = fm.get("filename") {
@@ -673,4 +675,17 @@ impl DriveSpec {
 /// Parse a `-drive` string without a table (for tests and one-offs).
 pub fn parse_drive(text: &str) -> BlockResult<DriveSpec> {
     DriveTable::new().parse_drive(text)
+}
+
+/// Merges option tree `src` into `dst`: nested maps merge key by key,
+/// anything else in `src` replaces what `dst` has.
+fn merge_options(dst: &mut Map, src: Map) {
+    for (k, v) in src {
+        match (dst.get_mut(&k), v) {
+            (Some(Value::Map(d)), Value::Map(v)) => merge_options(d, v),
+            (_, v) => {
+                dst.insert(k, v);
+            }
+        }
+    }
 }

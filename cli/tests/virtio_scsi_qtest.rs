@@ -1105,9 +1105,10 @@ fn scsi_cd_on_the_same_hba() {
     let d = &r.good().data;
     assert_eq!(be32(d), 16, "header and the core feature");
     assert_eq!(d[8..16], [0, 1, 0x07, 8, 0, 0, 0, 1]);
-    // MMC has no WRITE; ILLEGAL REQUEST.
+    // A write to the disc: DATA PROTECT, WRITE PROTECTED (as QEMU's
+    // scsi-cd, and virtio-scsi-test's write-to-cdrom case, have it).
     h.cmd(1, 3, &cdb10(op::WRITE_10, 0, 1), &[0; 2048], 0)
-        .check(INVALID_OPCODE);
+        .check((7, 0x27, 0));
     // MODE SENSE(10) of the capabilities page.
     let r = h.cmd(
         1,

@@ -94,7 +94,13 @@ pub struct Lsi53c895a {
 
 impl Lsi53c895a {
     pub fn new(mem: Arc<GuestMem>, irq: Arc<dyn IrqLine>) -> Lsi53c895a {
-        let mut config = PciConfig::new(VENDOR_ID, DEVICE_ID, CLASS, 0);
+        Self::with_device_id(mem, irq, DEVICE_ID)
+    }
+
+    /// The same chip under another PCI device ID: QEMU's `lsi53c810`
+    /// (0x0001) is this model with the 53C810's ID.
+    pub fn with_device_id(mem: Arc<GuestMem>, irq: Arc<dyn IrqLine>, id: u16) -> Lsi53c895a {
+        let mut config = PciConfig::new(VENDOR_ID, id, CLASS, 0);
         config.add_bar(BAR_IO, BarKind::Io, IO_SIZE);
         config.add_bar(BAR_MMIO, BarKind::Mem32, MMIO_SIZE);
         config.add_bar(BAR_RAM, BarKind::Mem32, RAM_SIZE as u64);

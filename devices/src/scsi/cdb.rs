@@ -383,7 +383,10 @@ impl Command {
                 if protect || cdb[1] & 0x16 != 0 {
                     return Err(Sense::INVALID_FIELD);
                 }
-                let ndob = opcode == op::WRITE_SAME_16 && cdb[1] & 0x01 != 0;
+                // NDOB is SBC-4's WRITE SAME(16) bit; QEMU honours the same
+                // bit of WRITE SAME(10) (obsolete RELADR there), and so do
+                // we: its own virtio-scsi-test sends it.
+                let ndob = cdb[1] & 0x01 != 0;
                 let (lba, blocks) = lba_len(cdb);
                 Command::WriteSame {
                     lba,
@@ -610,14 +613,14 @@ mod tests {
                 ndob: true
             })
         );
-        // NDOB is a WRITE SAME(16) bit only.
+        // NDOB in WRITE SAME(10) too, as QEMU reads it.
         assert_eq!(
             p(&[op::WRITE_SAME_10, 0x01, 0, 0, 0, 7, 0, 0, 2]),
             Ok(Command::WriteSame {
                 lba: 7,
                 blocks: 2,
                 unmap: false,
-                ndob: false
+                ndob: true
             })
         );
         assert_eq!(

@@ -250,6 +250,14 @@ impl CdRom {
     /// READ(16) are SBC commands that SCSI CD-ROMs accept but ATAPI drives
     /// do not), INVALID FIELD for power conditions.
     fn accepts(&self, cmd: &Command, opcode: u8) -> Result<(), Sense> {
+        // On a SCSI bus the unit knows writes (SBC's opcodes), and a
+        // read-only disc refuses them as write protected, as QEMU's
+        // scsi-cd does; an ATAPI drive does not know them at all.
+        if self.transport == Transport::Scsi
+            && matches!(cmd, Command::Write { .. } | Command::WriteSame { .. })
+        {
+            return Err(Sense::WRITE_PROTECTED);
+        }
         let ok = match cmd {
             Command::Read { .. } => {
                 self.transport == Transport::Scsi || matches!(opcode, op::READ_10 | op::READ_12)

@@ -354,7 +354,8 @@ mod tests {
         let (o, p) = run(&cdb16(op::READ_16, 0, 2, 1), 2048);
         assert_eq!(o.status, Status::Good);
         assert!(p.buf.iter().all(|&b| b == 0xcd));
+        // A write: the disc is write protected.
         let (o, _) = run(&cdb10(op::WRITE_10, 0, 0, 1), 2048);
-        assert_eq!(o.status, Status::CheckCondition(Sense::INVALID_OPCODE));
+        assert_eq!(o.status, Status::CheckCondition(Sense::WRITE_PROTECTED));
     }
 }

@@ -1,4 +1,4 @@
-//! `lsi53c895a` (alias `lsi`): the LSI 53C895A PCI SCSI HBA, QEMU's
+//! `lsi53c895a` (alias `lsi`) and `lsi53c810`: the LSI 53C895A PCI SCSI HBA, QEMU's
 //! default `if=scsi` controller on `pc`. Its SCSI bus is `ID.0`, or the
 //! next free `scsi.N` without an id; `scsi-hd`/`scsi-cd` attach to it
 //! with ids 0-6 (7 is the HBA's own) and LUNs 0-7 (what IDENTIFY can
@@ -22,6 +22,13 @@ pub static LSI53C895A: DeviceType = DeviceType {
     user_creatable: true,
     props: &[],
     create,
+};
+
+/// QEMU's `lsi53c810`: the same model with the 53C810's device ID.
+pub static LSI53C810: DeviceType = DeviceType {
+    name: "lsi53c810",
+    aliases: &[],
+    ..LSI53C895A
 };
 
 struct Bus {
@@ -48,7 +55,11 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         return Err(format!("bus '{}' is not a PCI bus", at.bus));
     };
     let (slot, func) = at.devfn();
-    let lsi = Lsi53c895a::new(Arc::new(ctx.ram.clone()), ctx.intx.line(slot, 1));
+    let id = match dev.ty.name {
+        "lsi53c810" => 0x0001,
+        _ => devices::lsi::DEVICE_ID,
+    };
+    let lsi = Lsi53c895a::with_device_id(Arc::new(ctx.ram.clone()), ctx.intx.line(slot, 1), id);
     let bus = lsi.bus().clone();
     pci.add(slot, func, Arc::new(Mutex::new(lsi)))?;
     let name = bus_name(ctx, dev.spec.id.as_deref());

@@ -97,6 +97,7 @@ pub static TYPES: &[&DeviceType] = &[
     &virtio_blk::VIRTIO_BLK_PCI_TRANSITIONAL,
     &virtio_blk::VIRTIO_BLK_PCI_NON_TRANSITIONAL,
     &lsi::LSI53C895A,
+    &lsi::LSI53C810,
     &virtio_scsi::VIRTIO_SCSI_PCI,
     &virtio_scsi::VIRTIO_SCSI_PCI_TRANSITIONAL,
     &virtio_scsi::VIRTIO_SCSI_PCI_NON_TRANSITIONAL,
