@@ -359,7 +359,10 @@ const MAX_PENDING_EVENTS: usize = 64;
 /// ordinary completion path.
 #[derive(Default)]
 struct EventQueue {
-    /// The driver negotiated HOTPLUG and the device runs.
+    /// The device runs: buffers are held (not while it resets, when the
+    /// worker waits for every request).
+    open: bool,
+    /// The driver negotiated HOTPLUG: events are reported.
     enabled: bool,
     buffers: VecDeque<Completer<Done>>,
     pending: VecDeque<[u8; EVENT_LEN]>,
@@ -384,6 +387,7 @@ impl EventQueue {
 
     /// Gives every held buffer back (a reset: the worker waits for them).
     fn cancel(&mut self) {
+        self.open = false;
         self.enabled = false;
         self.pending.clear();
         self.missed = false;
@@ -653,9 +657,12 @@ impl ScsiHandler {
         }
         let c = io.submit(queue, head, Token::Event(buf));
         let mut q = lock(&self.events);
+        // Held even without HOTPLUG (as QEMU holds them): a buffer handed
+        // straight back would let a driver that re-posts it keep the
+        // worker busy.
         match q.pending.pop_front() {
             Some(ev) => c.complete(Done::Event(ev)),
-            None if q.enabled => q.buffers.push_back(c),
+            None if q.open => q.buffers.push_back(c),
             None => c.complete(Done::NoEvent),
         }
     }
@@ -816,7 +823,11 @@ impl VirtioDevice for VirtioScsi {
             running: Vec::new(),
             events: self.events.clone(),
         };
-        lock(&self.events).enabled = a.features & features::HOTPLUG != 0;
+        {
+            let mut q = lock(&self.events);
+            q.open = true;
+            q.enabled = a.features & features::HOTPLUG != 0;
+        }
         let w = QueueWorker::with_handler(a, h)?;
         self.running = Some(self.event_loop.add(Box::new(w))?);
         Ok(())
