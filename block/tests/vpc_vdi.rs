@@ -107,10 +107,18 @@ fn run(img: &str, fmt: Option<&str>, model: &mut [u8], seed: u64, batches: u64, 
             if r.op == IoOp::Read {
                 let (o, l) = (r.offset as usize, r.iov.len());
                 let got = r.iov.into_vec().unwrap();
-                assert!(
-                    got[..] == model[o..o + l],
-                    "seed {seed} batch {b}: read at {o} len {l} differs"
-                );
+                if got[..] != model[o..o + l] {
+                    let first = (0..l).find(|&k| got[k] != model[o + k]).unwrap_or(0);
+                    let last = (0..l).rev().find(|&k| got[k] != model[o + k]).unwrap_or(0);
+                    panic!(
+                        "seed {seed} batch {b}: read at {o} len {l} differs from {} to {} \
+                         (got {:02x?}, want {:02x?})",
+                        o + first,
+                        o + last,
+                        &got[first..(first + 8).min(l)],
+                        &model[o + first..(o + first + 8).min(o + l)]
+                    );
+                }
             }
         }
     }

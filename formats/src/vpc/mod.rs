@@ -897,6 +897,22 @@ impl Vpc {
         for (i, inb, n) in Self::chunks(d, off, len) {
             let guest = i as u64 * d.block_size + inb;
             let src = &data[(guest - off) as usize..(guest - off + n) as usize];
+            let e = st.bat[i as usize];
+            if e != UNALLOCATED
+                && self
+                    .bits(d, &mut st, i)?
+                    .all(inb / 512, (inb + n).div_ceil(512))
+            {
+                // Sectors the image already holds: exactly the guest's
+                // bytes. Rewriting whole edge sectors with what they read
+                // before would undo an asynchronous write into the same
+                // sector that landed meanwhile (those take no lock).
+                let host = e as u64 * 512 + d.bitmap_size + inb;
+                self.file
+                    .write_at(host, src)
+                    .map_err(|e| self.io(e, "write error"))?;
+                continue;
+            }
             // Whole sectors: the edges keep what the sector reads now.
             let (a0, a1) = (inb / 512 * 512, (inb + n).div_ceil(512) * 512);
             let mut buf = vec![0u8; (a1 - a0) as usize];
