@@ -61,7 +61,7 @@ qtest-peer: deps
 # cargo-fuzz needs nightly-only rustc flags (-Z sanitizer, coverage
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
 # them. AddressSanitizer stays on.
-FUZZ_SECONDS ?= 30
+FUZZ_SECONDS ?= 20
 FUZZ_TARGETS ?= pc_io scsi_cdb lsi virtio_chain qcow2_open vpc_open vdi_open ata_taskfile ahci_command keyval nbd_proto qmp_input
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 # -timeout: one input running longer is a hang; -rss_limit_mb bounds
