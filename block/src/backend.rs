@@ -206,8 +206,9 @@ pub struct BlockBackend {
     root: std::sync::RwLock<Option<Attached>>,
     cfg: BackendConfig,
     wce: AtomicBool,
-    rerror: ErrorAction,
-    werror: ErrorAction,
+    /// `rerror`/`werror`: from the `-drive`, or the device's own
+    /// properties (QEMU's `-blockdev` + `-device ...,werror=` form).
+    errors: Mutex<(ErrorAction, ErrorAction)>,
     stats: [AtomicOpStats; 5],
     pause: Mutex<PauseState>,
     resumed: Condvar,
@@ -266,8 +267,7 @@ impl BlockBackend {
             id: id.to_string(),
             root: std::sync::RwLock::new(None),
             wce: AtomicBool::new(cfg.write_cache),
-            rerror: cfg.rerror,
-            werror: cfg.werror,
+            errors: Mutex::new((cfg.rerror, cfg.werror)),
             cfg,
             stats: Default::default(),
             pause: Mutex::new(PauseState::default()),
@@ -550,11 +550,22 @@ impl BlockBackend {
     }
     /// Read error action.
     pub fn rerror(&self) -> ErrorAction {
-        self.rerror
+        self.errors.lock().unwrap_or_else(|e| e.into_inner()).0
     }
     /// Write error action.
     pub fn werror(&self) -> ErrorAction {
-        self.werror
+        self.errors.lock().unwrap_or_else(|e| e.into_inner()).1
+    }
+    /// Sets the read and/or write error action (a device's `rerror=` and
+    /// `werror=`, which override the drive's).
+    pub fn set_error_actions(&self, rerror: Option<ErrorAction>, werror: Option<ErrorAction>) {
+        let mut e = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = rerror {
+            e.0 = r;
+        }
+        if let Some(w) = werror {
+            e.1 = w;
+        }
     }
     /// Logical block alignment of the root (512 or 4096 under O_DIRECT, 1 otherwise).
     pub fn request_alignment(&self) -> u64 {
@@ -602,9 +613,9 @@ impl BlockBackend {
 
     fn action_for(&self, op: IoOp, e: &BlockError) -> ErrorAction {
         let a = if op == IoOp::Read {
-            self.rerror
+            self.rerror()
         } else {
-            self.werror
+            self.werror()
         };
         match a {
             ErrorAction::Enospc if e.errno() == libc::ENOSPC => ErrorAction::Stop,

@@ -679,6 +679,42 @@ fn failed_flush_stops_and_cont_retries_it() {
     assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC, "the retry succeeds");
 }
 
+/// The same policy given on the device (`-device ide-hd,...,werror=stop`,
+/// how libvirt writes it with -blockdev) overrides the drive's report:
+/// the failed flush stops the guest too.
+#[test]
+fn device_werror_stop_overrides_the_drive() {
+    let dir = support::scratch("ide-dev-werror");
+    let img = make_disk(&dir, "d.img", 64);
+    let rules = dir.join("rules.conf");
+    std::fs::write(
+        &rules,
+        "[inject-error]\nevent = \"flush_to_disk\"\nerrno = \"5\"\nonce = \"on\"\n\
+         immediately = \"off\"\n",
+    )
+    .unwrap();
+    let d = format!(
+        "file=blkdebug:{}:{},if=none,id=d0,format=raw",
+        rules.display(),
+        img.display()
+    );
+    let sock = dir.join("qmp.sock");
+    let qmp = format!("unix:{},server=on,wait=off", sock.display());
+    let mut q = start(&[
+        "-drive",
+        &d,
+        "-device",
+        "ide-hd,drive=d0,bus=ide.0,unit=0,werror=stop,rerror=stop",
+        "-qmp",
+        &qmp,
+    ]);
+    let mut m = support::qmp::Qmp::negotiated(&sock);
+    cmd28(&mut q, PRI, 0, 0xe7, 0, 0, 0);
+    m.event("STOP");
+    m.ok("cont", serde_json::json!({}));
+    assert_eq!(wait_ready(&mut q, PRI), DRDY | DSC, "the retry succeeds");
+}
+
 #[test]
 fn set_features_toggles_the_write_cache() {
     let dir = support::scratch("ide-wce");

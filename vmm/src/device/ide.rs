@@ -7,7 +7,7 @@ use devices::ide::{DriveConfig, Media};
 use devices::scsi::{CdRom, Transport};
 
 use super::bus::{BusKind, Placement, Port};
-use super::props::{PropDef, PropType};
+use super::props::{self, PropDef, PropType};
 use super::{AttachCtx, Category, Device, DeviceType};
 
 const TRANSLATIONS: PropType = PropType::Enum {
@@ -35,6 +35,8 @@ macro_rules! ide_props {
         PropDef::new("share-rw", PropType::Bool, "").default("false").ignored(),
         PropDef::new("account-invalid", PropType::OnOffAuto, "on/off/auto").default("auto").ignored(),
         PropDef::new("account-failed", PropType::OnOffAuto, "on/off/auto").default("auto").ignored(),
+        PropDef::new("rerror", props::ON_ERROR, "").default("auto"),
+        PropDef::new("werror", props::ON_ERROR, "").default("auto"),
         $($extra),*
     ] };
 }

@@ -467,6 +467,16 @@ impl AttachCtx<'_> {
         }
         self.used_drives.push(name.to_string());
         let b = self.storage.backend(name)?;
+        if let Some(b) = &b {
+            // The device's own error policy wins over the drive's (how
+            // libvirt writes it with -blockdev).
+            let action = |k: &str| {
+                dev.props
+                    .str(k)
+                    .and_then(block::backend::ErrorAction::parse)
+            };
+            b.set_error_actions(action("rerror"), action("werror"));
+        }
         self.claimed = b.clone();
         Ok(b)
     }

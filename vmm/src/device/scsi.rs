@@ -10,7 +10,7 @@ use devices::scsi::{CdRom, Disk, DiskOptions, Transport};
 use block::drive::{Interface, Media};
 
 use super::bus::{scsi_unit, BusKind, Placement, Port};
-use super::props::{PropDef, PropType, PropValue};
+use super::props::{self, PropDef, PropType, PropValue};
 use super::{AttachCtx, Category, Device, DeviceSpec, DeviceType};
 
 /// Properties of both units (QEMU's scsi-disk-base and the block
@@ -36,8 +36,8 @@ macro_rules! scsi_props {
         PropDef::new("share-rw", PropType::Bool, "").default("false").ignored(),
         PropDef::new("account-invalid", PropType::OnOffAuto, "on/off/auto").default("auto").ignored(),
         PropDef::new("account-failed", PropType::OnOffAuto, "on/off/auto").default("auto").ignored(),
-        PropDef::new("rerror", PropType::Str, "").ignored(),
-        PropDef::new("werror", PropType::Str, "").ignored(),
+        PropDef::new("rerror", props::ON_ERROR, "").default("auto"),
+        PropDef::new("werror", props::ON_ERROR, "").default("auto"),
         PropDef::new("device_id", PropType::Str, "").ignored(),
         PropDef::new("port_wwn", PropType::U64, "").default("0").ignored(),
         PropDef::new("port_index", PropType::U16, "").default("0").ignored(),

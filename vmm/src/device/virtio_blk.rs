@@ -10,7 +10,7 @@ use devices::virtio::block::{BlockOptions, VirtioBlock};
 use devices::virtio::pci::{TransportOptions, VirtioPci};
 
 use super::bus::{BusKind, Placement, Port};
-use super::props::{PropDef, PropType};
+use super::props::{self, PropDef, PropType};
 use super::{AttachCtx, Category, Device, DeviceType};
 
 /// `num-queues`' default: as many queues as vCPUs (QEMU's auto value).
@@ -45,6 +45,8 @@ const PROPS: &[PropDef] = &[
     .default("0"),
     PropDef::new("bootindex", PropType::I32, ""),
     PropDef::new("serial", PropType::Str, ""),
+    PropDef::new("rerror", props::ON_ERROR, "").default("auto"),
+    PropDef::new("werror", props::ON_ERROR, "").default("auto"),
     PropDef::new("disable-legacy", PropType::OnOffAuto, "on/off/auto").default("auto"),
     PropDef::new("disable-modern", PropType::Bool, "on/off").default("false"),
     PropDef::new("vectors", PropType::U32, "").default("4294967295"),
