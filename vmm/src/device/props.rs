@@ -285,6 +285,13 @@ impl Props {
     }
 }
 
+/// `rerror=`/`werror=` of block devices (QEMU's BlockdevOnError); `auto`
+/// keeps what the drive says. Applied when the device claims its drive.
+pub const ON_ERROR: PropType = PropType::Enum {
+    name: "BlockdevOnError",
+    values: &["report", "ignore", "enospc", "stop", "auto"],
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,10 +362,3 @@ mod tests {
         assert_eq!(p.uint("c"), Some(3));
     }
 }
-
-/// `rerror=`/`werror=` of block devices (QEMU's BlockdevOnError); `auto`
-/// keeps what the drive says. Applied when the device claims its drive.
-pub const ON_ERROR: PropType = PropType::Enum {
-    name: "BlockdevOnError",
-    values: &["report", "ignore", "enospc", "stop", "auto"],
-};
