@@ -51,7 +51,8 @@ check: lint guest
 guest: deps
 	images/linux-kernel/build.sh >/dev/null
 
-# QEMU 7.2's own qtest binaries (ide-test, ahci-test, qos-test's virtio-blk cases) run
+# QEMU 7.2's own qtest binaries (ide-test, ahci-test, fdc-test,
+# fuzz-lsi53c895a-test, qos-test's virtio-blk and virtio-scsi cases) run
 # against strata; builds them from Debian's source package on first use
 # (cached in ~/.cache/strata/qtest-peer). QTEST_PEER_FILTER=REGEX selects
 # cases; tests/qtest-peer/expected-pass lists those that must pass.
