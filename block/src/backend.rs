@@ -556,16 +556,14 @@ impl BlockBackend {
     pub fn werror(&self) -> ErrorAction {
         self.errors.lock().unwrap_or_else(|e| e.into_inner()).1
     }
-    /// Sets the read and/or write error action (a device's `rerror=` and
-    /// `werror=`, which override the drive's).
+    /// The error actions of the device now using the backend: its
+    /// `rerror=`/`werror=` where given, the drive's otherwise (so what a
+    /// device that left had set does not stay for the next one).
     pub fn set_error_actions(&self, rerror: Option<ErrorAction>, werror: Option<ErrorAction>) {
-        let mut e = self.errors.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = rerror {
-            e.0 = r;
-        }
-        if let Some(w) = werror {
-            e.1 = w;
-        }
+        *self.errors.lock().unwrap_or_else(|e| e.into_inner()) = (
+            rerror.unwrap_or(self.cfg.rerror),
+            werror.unwrap_or(self.cfg.werror),
+        );
     }
     /// Logical block alignment of the root (512 or 4096 under O_DIRECT, 1 otherwise).
     pub fn request_alignment(&self) -> u64 {

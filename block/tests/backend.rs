@@ -355,3 +355,32 @@ fn removable_media_insert_and_eject() {
     e.eject().unwrap();
     assert!(BlockBackend::new("o", other, BackendConfig::default()).is_ok());
 }
+
+/// A device's own `rerror=`/`werror=` override the drive's; the next
+/// device to take the drive starts from the drive's again.
+#[test]
+fn device_error_actions_override_the_drive_until_the_next_device() {
+    let t = TempDir::new("erract");
+    let img = t.path("a.img");
+    std::fs::write(&img, vec![0u8; 65536]).unwrap();
+    let b = blkdebug(&img, "", ErrorAction::Enospc, ErrorAction::Report);
+    assert_eq!(
+        (b.rerror(), b.werror()),
+        (ErrorAction::Report, ErrorAction::Enospc)
+    );
+    b.set_error_actions(Some(ErrorAction::Stop), None);
+    assert_eq!(
+        (b.rerror(), b.werror()),
+        (ErrorAction::Stop, ErrorAction::Enospc)
+    );
+    b.set_error_actions(None, Some(ErrorAction::Ignore));
+    assert_eq!(
+        (b.rerror(), b.werror()),
+        (ErrorAction::Report, ErrorAction::Ignore)
+    );
+    b.set_error_actions(None, None);
+    assert_eq!(
+        (b.rerror(), b.werror()),
+        (ErrorAction::Report, ErrorAction::Enospc)
+    );
+}
