@@ -457,6 +457,21 @@ pub fn create_file(name: &str, path: &str) -> BlockResult<()> {
         .map_err(|e| BlockError::Open(format!("{name}: Could not resize file: {e}")))
 }
 
+/// Creates (or empties) the image file `filename` under qemu-img's locks,
+/// lays a new image out on it with `lay_out`, and makes it durable; errors
+/// name the file.
+pub fn create_image(
+    filename: &str,
+    lay_out: impl FnOnce(&dyn formats::storage::Storage) -> Result<(), FormatError>,
+) -> BlockResult<()> {
+    create_file(filename, filename)?;
+    let g = BlockGraph::new();
+    let f = locked_storage(file_node(&g, filename, false, None)?, filename, true, false)?;
+    lay_out(&*f).map_err(|e| BlockError::Open(format!("{filename}: {e}")))?;
+    f.flush()
+        .map_err(|e| BlockError::Open(format!("{filename}: {e}")))
+}
+
 /// The storage of a file that a driver formats or repairs itself (not
 /// through an open node of its format), holding the permissions a format
 /// node takes on its `file` child, and so the same image locks: a writer

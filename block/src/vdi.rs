@@ -70,15 +70,9 @@ impl DriverClass for VdiClass {
         ))
     }
     fn create(&self, filename: &str, opts: &CreateOpts) -> BlockResult<()> {
-        use crate::format::{create_file, file_node, locked_storage};
         let o = create_options(opts);
         vdi::validate(&o).map_err(|e| BlockError::Invalid(format!("{filename}: {e}")))?;
-        create_file(filename, filename)?;
-        let g = crate::graph::BlockGraph::new();
-        let f = locked_storage(file_node(&g, filename, false, None)?, filename, true, false)?;
-        vdi::create(&*f, &o).map_err(|e| BlockError::Open(format!("{filename}: {e}")))?;
-        f.flush()
-            .map_err(|e| BlockError::Open(format!("{filename}: {e}")))
+        crate::format::create_image(filename, |f| vdi::create(f, &o))
     }
 }
 

@@ -214,7 +214,6 @@ impl DriverClass for VpcClass {
         Ok(line)
     }
     fn create(&self, filename: &str, opts: &CreateOpts) -> BlockResult<()> {
-        use crate::format::{create_file, file_node, locked_storage};
         let (fixed, force_size) = self.parse(filename, opts)?;
         let parent = match opts.backing_file() {
             Some(b) => Some(self.parent(filename, b, opts.backing_fmt())?),
@@ -229,12 +228,7 @@ impl DriverClass for VpcClass {
             now: now(),
         };
         vpc::create::created_size(&o).map_err(|e| bad(filename, e))?;
-        create_file(filename, filename)?;
-        let g = crate::graph::BlockGraph::new();
-        let f = locked_storage(file_node(&g, filename, false, None)?, filename, true, false)?;
-        vpc::create::create(&*f, &o).map_err(|e| BlockError::Open(format!("{filename}: {e}")))?;
-        f.flush()
-            .map_err(|e| BlockError::Open(format!("{filename}: {e}")))
+        crate::format::create_image(filename, |f| vpc::create::create(f, &o))
     }
 }
 

@@ -162,27 +162,8 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     }
     o.validate()?;
 
-    // QEMU's `pc` (conventional PCI) makes virtio-pci devices transitional
-    // unless told otherwise; the variants fix the choice.
-    let (mut legacy, mut modern) = (
-        p.on_off_auto("disable-legacy") != Some(true),
-        !p.bool("disable-modern"),
-    );
-    match dev.ty.name {
-        "virtio-blk-pci-non-transitional" => (legacy, modern) = (false, true),
-        "virtio-blk-pci-transitional" => legacy = true,
-        _ => {}
-    }
-    let vectors = match p.uint("vectors") {
-        Some(AUTO_VECTORS) | None => Some(o.num_queues + 1),
-        Some(v) => u16::try_from(v).ok().filter(|&v| v <= 2048),
-    }
-    .ok_or("vectors must be 0..2048")?;
-    let topts = TransportOptions {
-        modern,
-        legacy,
-        msix_vectors: vectors,
-    };
+    // One vector per queue plus the configuration vector.
+    let topts = transport_options(dev, o.num_queues + 1)?;
 
     let (slot, func) = at.devfn();
     let event_loop = ctx.iothreads.get(p.str("iothread"))?;
@@ -198,4 +179,32 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     pci.add(slot, func, Arc::new(Mutex::new(f)))?;
     let path = at.pci_boot_path();
     ctx.boot_index(dev, path)
+}
+
+/// The virtio-pci transport of a `virtio-*-pci` device from its
+/// `disable-legacy`, `disable-modern` and `vectors` properties, with
+/// `auto_vectors` when `vectors` is not given. QEMU's `pc` (conventional
+/// PCI) makes virtio-pci devices transitional unless told otherwise; the
+/// `-transitional`/`-non-transitional` variants fix the choice.
+pub fn transport_options(dev: &Device, auto_vectors: u16) -> Result<TransportOptions, String> {
+    let p = &dev.props;
+    let (mut legacy, mut modern) = (
+        p.on_off_auto("disable-legacy") != Some(true),
+        !p.bool("disable-modern"),
+    );
+    if dev.ty.name.ends_with("-non-transitional") {
+        (legacy, modern) = (false, true);
+    } else if dev.ty.name.ends_with("-transitional") {
+        legacy = true;
+    }
+    let msix_vectors = match p.uint("vectors") {
+        Some(AUTO_VECTORS) | None => Some(auto_vectors),
+        Some(v) => u16::try_from(v).ok().filter(|&v| v <= 2048),
+    }
+    .ok_or("vectors must be 0..2048")?;
+    Ok(TransportOptions {
+        modern,
+        legacy,
+        msix_vectors,
+    })
 }

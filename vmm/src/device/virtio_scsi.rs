@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::scsi::bus::ScsiBus;
-use devices::virtio::pci::{TransportOptions, VirtioPci};
+use devices::virtio::pci::VirtioPci;
 use devices::virtio::scsi::{Hotplug, ScsiOptions, VirtioScsi, MAX_LUN, MAX_TARGET};
 
 use super::bus::{pci_boot_path, BusKind, Placement, Port, ScsiPort};
@@ -15,7 +15,6 @@ use super::{AttachCtx, Category, Device, DeviceType};
 
 /// `num_queues`' default: as many request queues as vCPUs.
 const AUTO_QUEUES: u64 = u32::MAX as u64;
-const AUTO_VECTORS: u64 = u32::MAX as u64;
 
 const PROPS: &[PropDef] = &[
     PropDef::new("iothread", PropType::Str, "link<iothread>"),
@@ -114,26 +113,8 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
         param_change: p.bool("param_change"),
     };
     opts.validate()?;
-    let (mut legacy, mut modern) = (
-        p.on_off_auto("disable-legacy") != Some(true),
-        !p.bool("disable-modern"),
-    );
-    match dev.ty.name {
-        "virtio-scsi-pci-non-transitional" => (legacy, modern) = (false, true),
-        "virtio-scsi-pci-transitional" => legacy = true,
-        _ => {}
-    }
     // Control, event and one vector per request queue, plus configuration.
-    let vectors = match p.uint("vectors") {
-        Some(AUTO_VECTORS) | None => Some(opts.num_queues + 3),
-        Some(v) => u16::try_from(v).ok().filter(|&v| v <= 2048),
-    }
-    .ok_or("vectors must be 0..2048")?;
-    let topts = TransportOptions {
-        modern,
-        legacy,
-        msix_vectors: vectors,
-    };
+    let topts = super::virtio_blk::transport_options(dev, opts.num_queues + 3)?;
     let (slot, func) = at.devfn();
     let event_loop = ctx.iothreads.get(p.str("iothread"))?;
     let bus = Arc::new(ScsiBus::new(MAX_TARGET));
