@@ -64,3 +64,16 @@ impl FormatError {
 
 /// Result alias.
 pub type FResult<T> = Result<T, FormatError>;
+
+/// For the hostile-image harnesses: the value, or `None` for an error,
+/// which must name the image `name` (a panic otherwise: the user would
+/// not know which file is wrong).
+pub fn named<T>(name: &str, r: FResult<T>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            assert!(e.to_string().contains(name), "error without file name: {e}");
+            None
+        }
+    }
+}

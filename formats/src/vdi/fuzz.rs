@@ -13,17 +13,8 @@ use std::sync::Arc;
 /// The name hostile images are opened under (errors must carry it).
 pub const FUZZ_NAME: &str = "hostile.vdi";
 
-fn named<T>(r: Result<T, crate::error::FormatError>) -> Option<T> {
-    match r {
-        Ok(v) => Some(v),
-        Err(e) => {
-            assert!(
-                e.to_string().contains(FUZZ_NAME),
-                "error without file name: {e}"
-            );
-            None
-        }
-    }
+fn named<T>(r: crate::error::FResult<T>) -> Option<T> {
+    crate::error::named(FUZZ_NAME, r)
 }
 
 /// Open `data` as a VDI image and exercise it; panics only on a bug.
