@@ -945,26 +945,7 @@ impl BlockDriver for Qcow2Node {
         })
     }
     fn check(&self, repair: Repair) -> BlockResult<CheckResult> {
-        use qcow2::check::Repair as R;
-        let rep = match repair {
-            Repair::None => R::None,
-            Repair::Leaks => R::Leaks,
-            Repair::All => R::All,
-        };
-        let r = self.img.check(rep).map_err(op_error)?;
-        Ok(CheckResult {
-            corruptions: r.corruptions,
-            leaks: r.leaks,
-            corruptions_fixed: r.corruptions_fixed,
-            leaks_fixed: r.leaks_fixed,
-            check_errors: r.check_errors,
-            image_end_offset: r.image_end_offset,
-            total_clusters: r.total_clusters,
-            allocated_clusters: r.allocated_clusters,
-            fragmented_clusters: r.fragmented_clusters,
-            compressed_clusters: r.compressed_clusters,
-            messages: r.messages,
-        })
+        self.img.check(repair).map_err(op_error)
     }
     fn amend(&self, opts: &CreateOpts, _force: bool) -> BlockResult<()> {
         let mut am = qcow2::amend::Amend::default();

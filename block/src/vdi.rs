@@ -286,11 +286,6 @@ impl BlockDriver for VdiNode {
                 "This image format does not support checks".into(),
             ));
         }
-        let r = self.img.check();
-        Ok(CheckResult {
-            corruptions: r.corruptions,
-            messages: r.messages,
-            ..Default::default()
-        })
+        Ok(self.img.check())
     }
 }

@@ -4,6 +4,7 @@
 //! Each format lives in its own module. Probing lives in [`probe`].
 #![forbid(unsafe_code)]
 
+pub mod check;
 pub mod error;
 pub mod probe;
 pub mod qcow2;

@@ -13,54 +13,7 @@
 use super::{Meta, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::error::FResult;
 
-/// `-r`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Repair {
-    /// Only report.
-    None,
-    /// Fix leaks.
-    Leaks,
-    /// Fix leaks and corruptions.
-    All,
-}
-
-/// The outcome, with qemu-img's counters.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CheckResult {
-    /// Corruptions found.
-    pub corruptions: u64,
-    /// Leaked clusters found.
-    pub leaks: u64,
-    /// Corruptions repaired.
-    pub corruptions_fixed: u64,
-    /// Leaks repaired.
-    pub leaks_fixed: u64,
-    /// Errors that prevented checking.
-    pub check_errors: u64,
-    /// End of the last used cluster.
-    pub image_end_offset: u64,
-    /// Guest clusters.
-    pub total_clusters: u64,
-    /// Allocated guest clusters.
-    pub allocated_clusters: u64,
-    /// Fragmented guest clusters.
-    pub fragmented_clusters: u64,
-    /// Compressed guest clusters.
-    pub compressed_clusters: u64,
-    /// One line per problem, in qemu-img's words.
-    pub messages: Vec<String>,
-}
-
-impl CheckResult {
-    /// Corruptions left after repair.
-    pub fn corruptions_after(&self) -> u64 {
-        self.corruptions - self.corruptions_fixed
-    }
-    /// Leaks left after repair.
-    pub fn leaks_after(&self) -> u64 {
-        self.leaks - self.leaks_fixed
-    }
-}
+pub use crate::check::{CheckResult, Repair};
 
 struct Counter {
     refs: Vec<u32>,

@@ -333,15 +333,6 @@ pub struct Vdi {
     done: Condvar,
 }
 
-/// What [`Vdi::check`] found (QEMU's counters and messages).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Corruptions.
-    pub corruptions: u64,
-    /// One line each, for stderr.
-    pub messages: Vec<String>,
-}
-
 impl Vdi {
     /// Open the image in `file`, named `name` in errors.
     pub fn open(name: &str, file: Arc<dyn Storage>, read_only: bool) -> FResult<Vdi> {
@@ -760,10 +751,11 @@ impl Vdi {
 
     /// QEMU's consistency check: each entry names a block inside the
     /// image and no block twice, and the header counts them right.
-    pub fn check(&self) -> CheckReport {
+    pub fn check(&self) -> crate::check::CheckResult {
         let st = self.lock();
         let blocks = self.header.blocks_in_image;
-        let mut r = CheckReport::default();
+        // Only corruptions and their messages: vdi counts nothing else.
+        let mut r = crate::check::CheckResult::default();
         let mut owner: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
         let mut allocated = 0u32;
         for (i, &e) in st.bmap.iter().enumerate() {
