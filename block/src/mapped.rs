@@ -1,5 +1,5 @@
 //! Asynchronous I/O for formats that map guest offsets to host extents
-//! (qcow2 now; vmdk, vhdx, vdi, qed and parallels are shaped the same):
+//! (qcow2, vpc, vdi; vmdk, vhdx, qed and parallels are shaped the same):
 //! the format answers *where* under its metadata lock
 //! ([`MappingFormat`]), and [`MappedIo`] does the rest without a thread
 //! per request: it splits the request's buffers over the host extents
@@ -14,10 +14,12 @@
 //! flushes, discards and write-zeroes stay synchronous and run on the
 //! worker pool through the node's driver (`fallback`).
 
-use crate::driver::{run_on_pool, BlockDriver, Completion, IoRequest};
+use crate::driver::{run_on_pool, BlockDriver, Completion, Extent, IoRequest};
 use crate::error::{BlockError, BlockResult};
+use crate::format::block_error;
 use crate::iov::{Carved, IoVecs};
 use crate::node::{Child, Node};
+use formats::mapping::{self, GuestMap, Piece, Run};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -134,6 +136,150 @@ pub trait MappingFormat: Send + Sync + 'static {
     /// Link what `plan` allocated once its I/O is done (`result`), or
     /// give it back on failure.
     fn finish_alloc(&self, plan: Self::Plan, result: BlockResult<()>) -> BlockResult<()>;
+}
+
+/// Any format that answers in [`formats::mapping`]'s vocabulary (vpc,
+/// vdi, vmdk, vhdx) as a [`MappingFormat`]: one adapter for all of them.
+/// It tells its [`MappedIo`] when an allocation has finished, so that
+/// parked writes go again. Its tickets are empty: these formats never
+/// free a block while the image is open.
+pub struct Mapped<T: GuestMap> {
+    img: Arc<T>,
+    io: OnceLock<Weak<MappedIo<Mapped<T>>>>,
+}
+
+impl<T: GuestMap> Mapped<T> {
+    /// The asynchronous data path of `img`, with data on `store` and the
+    /// parent in `backing` (an empty slot without one).
+    pub fn data_path(img: Arc<T>, store: Arc<Node>, backing: Arc<Child>) -> Arc<MappedIo<Self>> {
+        let map = Arc::new(Mapped {
+            img,
+            io: OnceLock::new(),
+        });
+        let io = MappedIo::new(map.clone(), store, backing);
+        let _ = map.io.set(Arc::downgrade(&io));
+        io
+    }
+}
+
+impl<T: GuestMap> MappingFormat for Mapped<T> {
+    type Ticket = ();
+    type Plan = T::Alloc;
+    type Encoded = u64;
+
+    fn map_read(&self, offset: u64, len: u64) -> BlockResult<ReadMap<Self>> {
+        let runs = self
+            .img
+            .map_read(offset, len)
+            .map_err(block_error)?
+            .into_iter()
+            .map(|p| MapRun {
+                offset: p.offset,
+                len: p.len,
+                kind: match p.run {
+                    Run::Data(host) => RunKind::Data { host },
+                    Run::Zero => RunKind::Zero,
+                    Run::Backing => RunKind::Unallocated,
+                    Run::Encoded(at) => RunKind::Encoded(at),
+                },
+            })
+            .collect();
+        Ok((runs, ()))
+    }
+    fn read_encoded(&self, at: u64, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        self.img.read_encoded(at, offset, buf).map_err(block_error)
+    }
+    fn map_write(&self, offset: u64, len: u64) -> BlockResult<WriteMap<()>> {
+        Ok(
+            match self.img.map_write(offset, len).map_err(block_error)? {
+                mapping::WriteMap::InPlace(runs) => WriteMap::InPlace(runs, ()),
+                mapping::WriteMap::Busy => WriteMap::Busy,
+                mapping::WriteMap::Allocate => WriteMap::Allocate,
+            },
+        )
+    }
+    fn plan_alloc(&self, offset: u64, data: &[u8]) -> BlockResult<AllocPlan<T::Alloc>> {
+        let plan = self
+            .img
+            .plan_alloc(offset, data.len() as u64)
+            .map_err(block_error)?;
+        Ok(match plan {
+            mapping::Plan::Busy => AllocPlan::Busy,
+            mapping::Plan::Sync => AllocPlan::Sync,
+            mapping::Plan::Ready {
+                zero_first,
+                writes,
+                alloc,
+            } => AllocPlan::Ready {
+                zero_first,
+                writes: writes
+                    .into_iter()
+                    .map(|(g, h, l)| (h, HostData::Guest { offset: g, len: l }))
+                    .collect(),
+                plan: alloc,
+            },
+        })
+    }
+    fn finish_alloc(&self, plan: T::Alloc, result: BlockResult<()>) -> BlockResult<()> {
+        let r = self
+            .img
+            .finish_alloc(plan, result.is_ok())
+            .map_err(block_error);
+        if let Some(io) = self.io.get().and_then(Weak::upgrade) {
+            io.unpark();
+        }
+        result.and(r)
+    }
+}
+
+/// The block status of piece `p` of a mapping, `len` bytes of it asked
+/// for. `file` holds the data; when `file_backed` (a fixed or static
+/// image, whose blocks are whatever the file has there), the file's own
+/// holes read as zeroes (QEMU's BDRV_BLOCK_RECURSE). Backing runs take
+/// the parent's status, not allocated in this layer.
+pub fn piece_extent(
+    p: Piece,
+    len: u64,
+    file: &Node,
+    file_backed: bool,
+    backing: &Child,
+) -> BlockResult<Extent> {
+    let ext = |data, zero, offset, allocated| Extent {
+        len: p.len,
+        data,
+        zero,
+        offset,
+        allocated,
+        compressed: false,
+    };
+    Ok(match p.run {
+        Run::Data(host) if file_backed => {
+            let fe = file.block_status(host, len)?;
+            Extent {
+                len: fe.len.clamp(1, len),
+                zero: fe.zero && !fe.data,
+                ..ext(true, false, Some(host), true)
+            }
+        }
+        Run::Data(host) => ext(true, false, Some(host), true),
+        Run::Zero => ext(false, true, None, true),
+        Run::Encoded(_) => Extent {
+            compressed: true,
+            ..ext(true, false, None, true)
+        },
+        Run::Backing => match backing.get() {
+            Some(b) if p.offset < b.len() => {
+                let e = b.block_status(p.offset, p.len.min(b.len() - p.offset))?;
+                Extent {
+                    len: e.len.clamp(1, p.len),
+                    allocated: false,
+                    compressed: false,
+                    ..e
+                }
+            }
+            _ => ext(false, true, None, false),
+        },
+    })
 }
 
 /// The asynchronous data path of one open image of a mapping format.

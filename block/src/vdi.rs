@@ -11,13 +11,13 @@ use crate::format::{
     OptType, Repair,
 };
 use crate::graph::OpenCtx;
-use crate::mapped::{AllocPlan, HostData, MapRun, MappedIo, MappingFormat, RunKind, WriteMap};
+use crate::mapped::{piece_extent, Mapped, MappedIo};
 use crate::node::{Child, Node};
 use crate::vpc::{new_uuid, open_error};
 use formats::storage::Storage;
-use formats::vdi::{self, CreateOptions, Plan, Run, Vdi};
+use formats::vdi::{self, CreateOptions, Vdi};
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 
 /// The `vdi` class.
 pub struct VdiClass;
@@ -76,86 +76,11 @@ impl DriverClass for VdiClass {
     }
 }
 
-/// [`formats::vdi`] as a [`MappingFormat`].
-pub struct VdiMap {
-    img: Arc<Vdi>,
-    io: OnceLock<Weak<MappedIo<VdiMap>>>,
-}
-
-impl MappingFormat for VdiMap {
-    type Ticket = ();
-    type Plan = vdi::Alloc;
-    type Encoded = ();
-
-    fn map_read(&self, offset: u64, len: u64) -> BlockResult<(Vec<MapRun<()>>, ())> {
-        let runs = self
-            .img
-            .map_read(offset, len)
-            .map_err(block_error)?
-            .into_iter()
-            .map(|p| MapRun {
-                offset: p.offset,
-                len: p.len,
-                kind: match p.run {
-                    Run::Data(host) => RunKind::Data { host },
-                    Run::Zero => RunKind::Zero,
-                },
-            })
-            .collect();
-        Ok((runs, ()))
-    }
-    fn read_encoded(&self, _at: (), _offset: u64, _buf: &mut [u8]) -> BlockResult<()> {
-        Err(BlockError::Unsupported("vdi has no encoded data".into()))
-    }
-    fn map_write(&self, offset: u64, len: u64) -> BlockResult<WriteMap<()>> {
-        Ok(
-            match self.img.map_write(offset, len).map_err(block_error)? {
-                vdi::WriteMap::InPlace(runs) => WriteMap::InPlace(runs, ()),
-                vdi::WriteMap::Busy => WriteMap::Busy,
-                vdi::WriteMap::Allocate => WriteMap::Allocate,
-            },
-        )
-    }
-    fn plan_alloc(&self, offset: u64, data: &[u8]) -> BlockResult<AllocPlan<vdi::Alloc>> {
-        Ok(
-            match self
-                .img
-                .plan_alloc(offset, data.len() as u64)
-                .map_err(block_error)?
-            {
-                Plan::Busy => AllocPlan::Busy,
-                Plan::Ready {
-                    zero_first,
-                    writes,
-                    alloc,
-                } => AllocPlan::Ready {
-                    zero_first,
-                    writes: writes
-                        .into_iter()
-                        .map(|(g, h, l)| (h, HostData::Guest { offset: g, len: l }))
-                        .collect(),
-                    plan: alloc,
-                },
-            },
-        )
-    }
-    fn finish_alloc(&self, plan: vdi::Alloc, result: BlockResult<()>) -> BlockResult<()> {
-        let r = self
-            .img
-            .finish_alloc(plan, result.is_ok())
-            .map_err(block_error);
-        if let Some(io) = self.io.get().and_then(Weak::upgrade) {
-            io.unpark();
-        }
-        result.and(r)
-    }
-}
-
 /// An open VDI image.
 pub struct VdiNode {
     img: Arc<Vdi>,
     file: Arc<Node>,
-    io: Arc<MappedIo<VdiMap>>,
+    io: Arc<MappedIo<Mapped<Vdi>>>,
 }
 
 impl VdiNode {
@@ -165,13 +90,8 @@ impl VdiNode {
         let name = file.filename().unwrap_or_else(|| file.name().to_string());
         let fs: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
         let img = Arc::new(Vdi::open(&name, fs, ctx.common.read_only).map_err(open_error)?);
-        let map = Arc::new(VdiMap {
-            img: img.clone(),
-            io: OnceLock::new(),
-        });
         // No backing file: an empty slot the data path never reads.
-        let io = MappedIo::new(map.clone(), file.clone(), Child::new("backing", None));
-        let _ = map.io.set(Arc::downgrade(&io));
+        let io = Mapped::data_path(img.clone(), file.clone(), Child::new("backing", None));
         let node = Arc::new(VdiNode { img, file, io });
         let drv: Arc<dyn BlockDriver> = node.clone();
         node.io.set_fallback(Arc::downgrade(&drv));
@@ -225,37 +145,8 @@ impl BlockDriver for VdiNode {
         }
         let len = len.min(self.img.size() - offset);
         let p = self.img.block_status(offset, len).map_err(block_error)?;
-        Ok(match p.run {
-            Run::Data(host) if self.img.is_static() => {
-                // A static image's blocks are what the file holds there:
-                // holes read as zeroes (QEMU's BDRV_BLOCK_RECURSE).
-                let fe = self.file.block_status(host, p.len)?;
-                Extent {
-                    len: fe.len.clamp(1, p.len),
-                    data: true,
-                    zero: fe.zero && !fe.data,
-                    offset: Some(host),
-                    allocated: true,
-                    compressed: false,
-                }
-            }
-            Run::Data(host) => Extent {
-                len: p.len,
-                data: true,
-                zero: false,
-                offset: Some(host),
-                allocated: true,
-                compressed: false,
-            },
-            Run::Zero => Extent {
-                len: p.len,
-                data: false,
-                zero: true,
-                offset: None,
-                allocated: true,
-                compressed: false,
-            },
-        })
+        let none = Child::new("backing", None);
+        piece_extent(p, p.len, &self.file, self.img.is_static(), &none)
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
         match req.op {

@@ -17,16 +17,16 @@ use crate::format::{
     NodeStorage, OptSpec, OptType,
 };
 use crate::graph::{Backing, OpenCtx};
-use crate::mapped::{AllocPlan, HostData, MapRun, MappedIo, MappingFormat, RunKind, WriteMap};
+use crate::mapped::{piece_extent, Mapped, MappedIo};
 use crate::node::{Child, Node};
 use formats::error::FormatError;
 use formats::storage::Storage;
 use formats::vpc::create::{CreateOptions, Parent};
 use formats::vpc::footer::{DiskType, SizeCalc};
-use formats::vpc::{self, OpenOptions, Piece, Plan, Run, Vpc};
+use formats::vpc::{self, OpenOptions, Piece, Vpc};
 use std::cell::Cell;
 use std::io::{IoSlice, IoSliceMut};
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 
 /// How deep a chain of differencing disks may go (a loop ends here).
 const MAX_CHAIN: usize = 64;
@@ -233,83 +233,6 @@ impl DriverClass for VpcClass {
 }
 
 /// [`formats::vpc`] as a [`MappingFormat`]: it tells [`MappedIo`] when
-/// an allocation has finished, so that parked writes go again.
-pub struct VpcMap {
-    img: Arc<Vpc>,
-    io: OnceLock<Weak<MappedIo<VpcMap>>>,
-}
-
-impl MappingFormat for VpcMap {
-    type Ticket = ();
-    type Plan = vpc::Alloc;
-    type Encoded = ();
-
-    fn map_read(&self, offset: u64, len: u64) -> BlockResult<(Vec<MapRun<()>>, ())> {
-        let runs = self
-            .img
-            .map_read(offset, len)
-            .map_err(block_error)?
-            .into_iter()
-            .map(|p| MapRun {
-                offset: p.offset,
-                len: p.len,
-                kind: match p.run {
-                    Run::Data(host) => RunKind::Data { host },
-                    Run::Zero => RunKind::Zero,
-                    Run::Backing => RunKind::Unallocated,
-                },
-            })
-            .collect();
-        Ok((runs, ()))
-    }
-    fn read_encoded(&self, _at: (), _offset: u64, _buf: &mut [u8]) -> BlockResult<()> {
-        Err(BlockError::Unsupported("vpc has no encoded data".into()))
-    }
-    fn map_write(&self, offset: u64, len: u64) -> BlockResult<WriteMap<()>> {
-        Ok(
-            match self.img.map_write(offset, len).map_err(block_error)? {
-                vpc::WriteMap::InPlace(runs) => WriteMap::InPlace(runs, ()),
-                vpc::WriteMap::Busy => WriteMap::Busy,
-                vpc::WriteMap::Allocate => WriteMap::Allocate,
-            },
-        )
-    }
-    fn plan_alloc(&self, offset: u64, data: &[u8]) -> BlockResult<AllocPlan<vpc::Alloc>> {
-        Ok(
-            match self
-                .img
-                .plan_alloc(offset, data.len() as u64)
-                .map_err(block_error)?
-            {
-                Plan::Busy => AllocPlan::Busy,
-                Plan::Sync => AllocPlan::Sync,
-                Plan::Ready {
-                    zero_first,
-                    writes,
-                    alloc,
-                } => AllocPlan::Ready {
-                    zero_first,
-                    writes: writes
-                        .into_iter()
-                        .map(|(g, h, l)| (h, HostData::Guest { offset: g, len: l }))
-                        .collect(),
-                    plan: alloc,
-                },
-            },
-        )
-    }
-    fn finish_alloc(&self, plan: vpc::Alloc, result: BlockResult<()>) -> BlockResult<()> {
-        let r = self
-            .img
-            .finish_alloc(plan, result.is_ok())
-            .map_err(block_error);
-        if let Some(io) = self.io.get().and_then(Weak::upgrade) {
-            io.unpark();
-        }
-        result.and(r)
-    }
-}
-
 /// An open VHD.
 pub struct VpcNode {
     img: Arc<Vpc>,
@@ -317,7 +240,7 @@ pub struct VpcNode {
     backing: Arc<Child>,
     /// The parent as the image names it (differencing disks).
     parent_name: Option<String>,
-    io: Arc<MappedIo<VpcMap>>,
+    io: Arc<MappedIo<Mapped<Vpc>>>,
 }
 
 impl VpcNode {
@@ -383,12 +306,7 @@ impl VpcNode {
             size_calc,
         };
         let img = Arc::new(Vpc::open(&name, fs, bs, &o).map_err(open_error)?);
-        let map = Arc::new(VpcMap {
-            img: img.clone(),
-            io: OnceLock::new(),
-        });
-        let io = MappedIo::new(map.clone(), file.clone(), backing.clone());
-        let _ = map.io.set(Arc::downgrade(&io));
+        let io = Mapped::data_path(img.clone(), file.clone(), backing.clone());
         let node = Arc::new(VpcNode {
             img,
             file,
@@ -402,56 +320,8 @@ impl VpcNode {
     }
 
     fn extent(&self, p: Piece, len: u64) -> BlockResult<Extent> {
-        Ok(match p.run {
-            Run::Data(host) if self.img.kind() == DiskType::Fixed => {
-                // A fixed disk is what its file is: holes read as zeroes
-                // (QEMU's BDRV_BLOCK_RECURSE).
-                let fe = self.file.block_status(host, len)?;
-                Extent {
-                    len: fe.len.clamp(1, len),
-                    data: true,
-                    zero: fe.zero && !fe.data,
-                    offset: Some(host),
-                    allocated: true,
-                    compressed: false,
-                }
-            }
-            Run::Data(host) => Extent {
-                len: p.len,
-                data: true,
-                zero: false,
-                offset: Some(host),
-                allocated: true,
-                compressed: false,
-            },
-            Run::Zero => Extent {
-                len: p.len,
-                data: false,
-                zero: true,
-                offset: None,
-                allocated: true,
-                compressed: false,
-            },
-            Run::Backing => match self.backing.get() {
-                Some(b) if p.offset < b.len() => {
-                    let e = b.block_status(p.offset, p.len.min(b.len() - p.offset))?;
-                    Extent {
-                        len: e.len.clamp(1, p.len),
-                        allocated: false,
-                        compressed: false,
-                        ..e
-                    }
-                }
-                _ => Extent {
-                    len: p.len,
-                    data: false,
-                    zero: true,
-                    offset: None,
-                    allocated: false,
-                    compressed: false,
-                },
-            },
-        })
+        let fixed = self.img.kind() == DiskType::Fixed;
+        piece_extent(p, len, &self.file, fixed, &self.backing)
     }
 }
 

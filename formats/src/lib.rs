@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod error;
+pub mod mapping;
 pub mod probe;
 pub mod qcow2;
 pub mod storage;

@@ -6,7 +6,7 @@
 //! Any outcome is fine except a panic or an error that does not name the
 //! file.
 
-use super::{Plan, Vdi, WriteMap};
+use super::{GuestMap, Plan, Vdi, WriteMap};
 use crate::storage::{MemStorage, Storage};
 use std::sync::Arc;
 

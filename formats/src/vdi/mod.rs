@@ -32,6 +32,7 @@
 pub mod fuzz;
 
 use crate::error::{FResult, FormatError};
+pub use crate::mapping::{GuestMap, Piece, Run, WriteMap};
 use crate::storage::Storage;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -261,57 +262,12 @@ pub fn read_header(file: &dyn Storage, name: &str) -> FResult<Header> {
     Ok(h)
 }
 
-/// Where a run of guest bytes is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Run {
-    /// At this offset of the image file.
-    Data(u64),
-    /// Reads as zeroes.
-    Zero,
-}
-
-/// One run of a mapping.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Piece {
-    /// Guest offset.
-    pub offset: u64,
-    /// Bytes.
-    pub len: u64,
-    /// Where.
-    pub run: Run,
-}
-
-/// How a write can go without allocating.
-#[derive(Debug)]
-pub enum WriteMap {
-    /// (guest offset, host offset, length) runs.
-    InPlace(Vec<(u64, u64, u64)>),
-    /// Blocks it touches are being allocated: retry after one is done.
-    Busy,
-    /// It allocates: [`Vdi::plan_alloc`].
-    Allocate,
-}
-
 /// New blocks of a planned write: (block, data block index).
 #[derive(Debug)]
 pub struct Alloc(Vec<(u32, u32)>);
 
-/// A planned allocating write.
-#[derive(Debug)]
-pub enum Plan {
-    /// Blocks it touches are being allocated.
-    Busy,
-    /// Zero `zero_first`, write the guest data to `writes` ((guest
-    /// offset, host offset, length)), then [`Vdi::finish_alloc`].
-    Ready {
-        /// Host ranges to zero first.
-        zero_first: Vec<(u64, u64)>,
-        /// Guest data to host offsets.
-        writes: Vec<(u64, u64, u64)>,
-        /// For `finish_alloc`.
-        alloc: Alloc,
-    },
-}
+/// A planned allocating write of this format.
+pub type Plan = crate::mapping::Plan<Alloc>;
 
 struct State {
     bmap: Vec<u32>,
@@ -481,57 +437,6 @@ impl Vdi {
         Ok(self.header.offset_data as u64 + e as u64 * self.block_size())
     }
 
-    /// Map `[off, off+len)` for reading.
-    pub fn map_read(&self, off: u64, len: u64) -> FResult<Vec<Piece>> {
-        self.check_range(off, len)?;
-        let st = self.lock();
-        let mut out: Vec<Piece> = Vec::new();
-        for (i, inb, n) in self.chunks(off, len) {
-            let e = st.bmap[i as usize];
-            let guest = i as u64 * self.block_size() + inb;
-            let run = if is_allocated(e) {
-                Run::Data(self.host(i, e)? + inb)
-            } else {
-                Run::Zero
-            };
-            match (out.last_mut(), run) {
-                (Some(l), Run::Zero) if l.run == Run::Zero => l.len += n,
-                (Some(l), Run::Data(h)) if h.checked_sub(l.len).map(Run::Data) == Some(l.run) => {
-                    l.len += n
-                }
-                _ => out.push(Piece {
-                    offset: guest,
-                    len: n,
-                    run,
-                }),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Map a write of `[off, off+len)` that allocates nothing.
-    pub fn map_write(&self, off: u64, len: u64) -> FResult<WriteMap> {
-        self.check_range(off, len)?;
-        self.writable()?;
-        let st = self.lock();
-        let mut runs = Vec::new();
-        for (i, inb, n) in self.chunks(off, len) {
-            if st.busy.contains(&i) {
-                return Ok(WriteMap::Busy);
-            }
-            let e = st.bmap[i as usize];
-            if !is_allocated(e) {
-                return Ok(WriteMap::Allocate);
-            }
-            runs.push((
-                i as u64 * self.block_size() + inb,
-                self.host(i, e)? + inb,
-                n,
-            ));
-        }
-        Ok(WriteMap::InPlace(runs))
-    }
-
     fn take_index(&self, st: &mut State) -> FResult<u32> {
         if st.next >= self.header.blocks_in_image {
             return Err(FormatError::NoSpace(format!(
@@ -543,55 +448,6 @@ impl Vdi {
         Ok(st.next - 1)
     }
 
-    /// Plan a write of `[off, off+len)` that allocates blocks.
-    pub fn plan_alloc(&self, off: u64, len: u64) -> FResult<Plan> {
-        self.check_range(off, len)?;
-        self.writable()?;
-        let flen = self
-            .file
-            .len()
-            .map_err(|e| self.io(e, "Invalid file size"))?;
-        let mut st = self.lock();
-        if self.chunks(off, len).any(|(i, _, _)| st.busy.contains(&i)) {
-            return Ok(Plan::Busy);
-        }
-        let bs = self.block_size();
-        let (mut zero_first, mut writes, mut alloc) = (Vec::new(), Vec::new(), Alloc(Vec::new()));
-        for (i, inb, n) in self.chunks(off, len) {
-            let guest = i as u64 * bs + inb;
-            let e = st.bmap[i as usize];
-            let base = if is_allocated(e) {
-                self.host(i, e)?
-            } else {
-                let idx = match self.take_index(&mut st) {
-                    Ok(x) => x,
-                    Err(err) => {
-                        self.give_back(&mut st, &alloc);
-                        return Err(err);
-                    }
-                };
-                let base = self.header.offset_data as u64 + idx as u64 * bs;
-                // The rest of the block must read as zeroes; past the
-                // file's end it already does.
-                for (a, b) in [(base, base + inb), (base + inb + n, base + bs)] {
-                    let b = b.min(flen);
-                    if a < b {
-                        zero_first.push((a, b - a));
-                    }
-                }
-                st.busy.insert(i);
-                alloc.0.push((i, idx));
-                base
-            };
-            writes.push((guest, base + inb, n));
-        }
-        Ok(Plan::Ready {
-            zero_first,
-            writes,
-            alloc,
-        })
-    }
-
     fn give_back(&self, st: &mut State, a: &Alloc) {
         for &(i, idx) in a.0.iter().rev() {
             if idx + 1 == st.next {
@@ -599,27 +455,6 @@ impl Vdi {
             }
             st.busy.remove(&i);
         }
-    }
-
-    /// Link what `a` allocated once its data is written (`ok`), or give
-    /// the blocks back.
-    pub fn finish_alloc(&self, a: Alloc, ok: bool) -> FResult<()> {
-        let mut st = self.lock();
-        let r = if ok { self.link(&mut st, &a) } else { Ok(()) };
-        if !ok || r.is_err() {
-            let keep: Vec<(u32, u32)> =
-                a.0.iter()
-                    .copied()
-                    .filter(|(i, _)| !is_allocated(st.bmap[*i as usize]))
-                    .collect();
-            self.give_back(&mut st, &Alloc(keep));
-        }
-        for (i, _) in &a.0 {
-            st.busy.remove(i);
-        }
-        drop(st);
-        self.done.notify_all();
-        r
     }
 
     /// The header's count first (a crash then leaves a counted block no
@@ -653,17 +488,8 @@ impl Vdi {
 
     /// Read `[off, off+buf.len())` synchronously.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> FResult<()> {
-        for p in self.map_read(off, buf.len() as u64)? {
-            let b = &mut buf[(p.offset - off) as usize..(p.offset - off + p.len) as usize];
-            match p.run {
-                Run::Data(h) => self
-                    .file
-                    .read_at(h, b)
-                    .map_err(|e| self.io(e, "read error"))?,
-                Run::Zero => b.fill(0),
-            }
-        }
-        Ok(())
+        let pieces = self.map_read(off, buf.len() as u64)?;
+        crate::mapping::read_pieces(self, &self.name, &*self.file, None, off, &pieces, buf)
     }
 
     /// Write `data` at `off` synchronously.
@@ -787,6 +613,121 @@ impl Vdi {
             ));
             r.corruptions += 1;
         }
+        r
+    }
+}
+
+impl GuestMap for Vdi {
+    type Alloc = Alloc;
+
+    /// Map `[off, off+len)` for reading.
+    fn map_read(&self, off: u64, len: u64) -> FResult<Vec<Piece>> {
+        self.check_range(off, len)?;
+        let st = self.lock();
+        let mut out: Vec<Piece> = Vec::new();
+        for (i, inb, n) in self.chunks(off, len) {
+            let e = st.bmap[i as usize];
+            let guest = i as u64 * self.block_size() + inb;
+            let run = if is_allocated(e) {
+                Run::Data(self.host(i, e)? + inb)
+            } else {
+                Run::Zero
+            };
+            crate::mapping::push_run(&mut out, guest, n, run);
+        }
+        Ok(out)
+    }
+
+    /// Map a write of `[off, off+len)` that allocates nothing.
+    fn map_write(&self, off: u64, len: u64) -> FResult<WriteMap> {
+        self.check_range(off, len)?;
+        self.writable()?;
+        let st = self.lock();
+        let mut runs = Vec::new();
+        for (i, inb, n) in self.chunks(off, len) {
+            if st.busy.contains(&i) {
+                return Ok(WriteMap::Busy);
+            }
+            let e = st.bmap[i as usize];
+            if !is_allocated(e) {
+                return Ok(WriteMap::Allocate);
+            }
+            runs.push((
+                i as u64 * self.block_size() + inb,
+                self.host(i, e)? + inb,
+                n,
+            ));
+        }
+        Ok(WriteMap::InPlace(runs))
+    }
+
+    /// Plan a write of `[off, off+len)` that allocates blocks.
+    fn plan_alloc(&self, off: u64, len: u64) -> FResult<Plan> {
+        self.check_range(off, len)?;
+        self.writable()?;
+        let flen = self
+            .file
+            .len()
+            .map_err(|e| self.io(e, "Invalid file size"))?;
+        let mut st = self.lock();
+        if self.chunks(off, len).any(|(i, _, _)| st.busy.contains(&i)) {
+            return Ok(Plan::Busy);
+        }
+        let bs = self.block_size();
+        let (mut zero_first, mut writes, mut alloc) = (Vec::new(), Vec::new(), Alloc(Vec::new()));
+        for (i, inb, n) in self.chunks(off, len) {
+            let guest = i as u64 * bs + inb;
+            let e = st.bmap[i as usize];
+            let base = if is_allocated(e) {
+                self.host(i, e)?
+            } else {
+                let idx = match self.take_index(&mut st) {
+                    Ok(x) => x,
+                    Err(err) => {
+                        self.give_back(&mut st, &alloc);
+                        return Err(err);
+                    }
+                };
+                let base = self.header.offset_data as u64 + idx as u64 * bs;
+                // The rest of the block must read as zeroes; past the
+                // file's end it already does.
+                for (a, b) in [(base, base + inb), (base + inb + n, base + bs)] {
+                    let b = b.min(flen);
+                    if a < b {
+                        zero_first.push((a, b - a));
+                    }
+                }
+                st.busy.insert(i);
+                alloc.0.push((i, idx));
+                base
+            };
+            writes.push((guest, base + inb, n));
+        }
+        Ok(Plan::Ready {
+            zero_first,
+            writes,
+            alloc,
+        })
+    }
+
+    /// Link what `a` allocated once its data is written (`ok`), or give
+    /// the blocks back.
+    fn finish_alloc(&self, a: Alloc, ok: bool) -> FResult<()> {
+        let mut st = self.lock();
+        let r = if ok { self.link(&mut st, &a) } else { Ok(()) };
+        if !ok || r.is_err() {
+            let keep: Vec<(u32, u32)> =
+                a.0.iter()
+                    .copied()
+                    .filter(|(i, _)| !is_allocated(st.bmap[*i as usize]))
+                    .collect();
+            self.give_back(&mut st, &Alloc(keep));
+        }
+        for (i, _) in &a.0 {
+            st.busy.remove(i);
+        }
+        drop(st);
+        self.done.notify_all();
         r
     }
 }

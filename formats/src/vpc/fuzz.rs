@@ -8,7 +8,7 @@
 //! data, blocks and metadata.
 
 use super::footer::SizeCalc;
-use super::{OpenOptions, Plan, Vpc, WriteMap};
+use super::{GuestMap, OpenOptions, Plan, Vpc, WriteMap};
 use crate::storage::{MemStorage, Storage};
 use std::sync::Arc;
 

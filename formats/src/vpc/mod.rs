@@ -36,6 +36,7 @@ pub mod footer;
 pub mod fuzz;
 
 use crate::error::{FResult, FormatError};
+pub use crate::mapping::{GuestMap, Piece, Run, WriteMap};
 use crate::storage::Storage;
 use dynamic::{DynHeader, HEADER_SIZE, UNALLOCATED};
 use footer::{DiskType, Footer, SizeCalc, FOOTER_SIZE};
@@ -176,39 +177,6 @@ fn read_header(file: &dyn Storage, f: &Footer, name: &str) -> FResult<DynHeader>
     DynHeader::parse(&b, name)
 }
 
-/// Where a run of guest bytes is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Run {
-    /// At this offset of the image file.
-    Data(u64),
-    /// Reads as zeroes (a dynamic disk's unallocated block).
-    Zero,
-    /// The parent's bytes (zeroes without one).
-    Backing,
-}
-
-/// One run of a mapping.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Piece {
-    /// Guest offset.
-    pub offset: u64,
-    /// Bytes.
-    pub len: u64,
-    /// Where.
-    pub run: Run,
-}
-
-/// How a write can go without allocating.
-#[derive(Debug)]
-pub enum WriteMap {
-    /// In place: (guest offset, host offset, length) runs.
-    InPlace(Vec<(u64, u64, u64)>),
-    /// Blocks it touches have allocations in flight: retry after one ends.
-    Busy,
-    /// It allocates blocks or sets bitmap bits: [`Vpc::plan_alloc`].
-    Allocate,
-}
-
 /// What [`Vpc::finish_alloc`] links once the data is written.
 #[derive(Debug)]
 pub struct Alloc {
@@ -219,24 +187,8 @@ pub struct Alloc {
     marks: Vec<(u32, u64, u64)>,
 }
 
-/// A planned allocating write.
-#[derive(Debug)]
-pub enum Plan {
-    /// Blocks it touches have allocations in flight.
-    Busy,
-    /// It needs the parent's bytes first: use [`Vpc::write`].
-    Sync,
-    /// Zero `zero_first` host ranges, write the guest data to `writes`
-    /// ((guest offset, host offset, length)), then [`Vpc::finish_alloc`].
-    Ready {
-        /// Host ranges to zero first.
-        zero_first: Vec<(u64, u64)>,
-        /// Guest data to host offsets.
-        writes: Vec<(u64, u64, u64)>,
-        /// For `finish_alloc`.
-        alloc: Alloc,
-    },
-}
+/// A planned allocating write of this format.
+pub type Plan = crate::mapping::Plan<Alloc>;
 
 /// A block's sector bitmap, as far as it has been read.
 enum Bits {
@@ -536,13 +488,7 @@ impl Vpc {
 
     fn map_locked(&self, d: &Dyn, st: &mut State, off: u64, len: u64) -> FResult<Vec<Piece>> {
         let mut out: Vec<Piece> = Vec::new();
-        let mut push = |p: Piece| match out.last_mut() {
-            Some(l) if l.run == p.run && !matches!(p.run, Run::Data(_)) => l.len += p.len,
-            Some(l) if matches!((l.run, p.run), (Run::Data(a), Run::Data(b)) if a + l.len == b) => {
-                l.len += p.len
-            }
-            _ => out.push(p),
-        };
+        let mut push = |p: Piece| crate::mapping::push_run(&mut out, p.offset, p.len, p.run);
         let bs = d.block_size;
         for (i, inb, n) in Self::chunks(d, off, len) {
             let guest = i as u64 * bs + inb;
@@ -592,20 +538,6 @@ impl Vpc {
         Ok(out)
     }
 
-    /// Map `[off, off+len)` for reading.
-    pub fn map_read(&self, off: u64, len: u64) -> FResult<Vec<Piece>> {
-        self.check_range(off, len)?;
-        let Some(d) = &self.dynamic else {
-            return Ok(vec![Piece {
-                offset: off,
-                len,
-                run: Run::Data(off),
-            }]);
-        };
-        let mut st = self.lock(d);
-        self.map_locked(d, &mut st, off, len)
-    }
-
     fn writable(&self) -> FResult<()> {
         if self.read_only() {
             return Err(FormatError::ReadOnly(format!(
@@ -614,33 +546,6 @@ impl Vpc {
             )));
         }
         Ok(())
-    }
-
-    /// Map a write of `[off, off+len)` that allocates nothing.
-    pub fn map_write(&self, off: u64, len: u64) -> FResult<WriteMap> {
-        self.check_range(off, len)?;
-        self.writable()?;
-        let Some(d) = &self.dynamic else {
-            return Ok(WriteMap::InPlace(vec![(off, off, len)]));
-        };
-        let mut st = self.lock(d);
-        let mut runs = Vec::new();
-        for (i, inb, n) in Self::chunks(d, off, len) {
-            if st.busy.contains(&i) {
-                return Ok(WriteMap::Busy);
-            }
-            let e = st.bat[i as usize];
-            if e == UNALLOCATED
-                || !self
-                    .bits(d, &mut st, i)?
-                    .all(inb / 512, (inb + n).div_ceil(512))
-            {
-                return Ok(WriteMap::Allocate);
-            }
-            let host = e as u64 * 512 + d.bitmap_size + inb;
-            runs.push((i as u64 * d.block_size + inb, host, n));
-        }
-        Ok(WriteMap::InPlace(runs))
     }
 
     /// Reserve a new block at the end of the file.
@@ -656,86 +561,6 @@ impl Vpc {
         Ok(at)
     }
 
-    /// Plan a write of `[off, off+len)` that allocates blocks or sets
-    /// bitmap bits.
-    pub fn plan_alloc(&self, off: u64, len: u64) -> FResult<Plan> {
-        self.check_range(off, len)?;
-        self.writable()?;
-        let Some(d) = &self.dynamic else {
-            return Ok(Plan::Sync);
-        };
-        let flen = self
-            .file
-            .len()
-            .map_err(|e| self.io(e, "Invalid file size"))?;
-        let mut st = self.lock(d);
-        for (i, inb, n) in Self::chunks(d, off, len) {
-            if st.busy.contains(&i) {
-                return Ok(Plan::Busy);
-            }
-            if d.differencing && (inb % 512 != 0 || (inb + n) % 512 != 0) {
-                // A partial sector whose bit is clear needs the parent's
-                // bytes around the guest's.
-                let allocated = st.bat[i as usize] != UNALLOCATED;
-                let head_ok =
-                    inb % 512 == 0 || allocated && self.bits(d, &mut st, i)?.get(inb / 512);
-                let tail_ok = (inb + n) % 512 == 0
-                    || allocated && self.bits(d, &mut st, i)?.get((inb + n) / 512);
-                if !head_ok || !tail_ok {
-                    return Ok(Plan::Sync);
-                }
-            }
-        }
-        let mut zero_first = Vec::new();
-        let mut writes = Vec::new();
-        let mut alloc = Alloc {
-            new: Vec::new(),
-            marks: Vec::new(),
-        };
-        for (i, inb, n) in Self::chunks(d, off, len) {
-            let guest = i as u64 * d.block_size + inb;
-            let (s0, s1) = (inb / 512, (inb + n).div_ceil(512));
-            let e = st.bat[i as usize];
-            let data = if e == UNALLOCATED {
-                let at = match self.reserve(d, &mut st) {
-                    Ok(a) => a,
-                    Err(err) => {
-                        self.unreserve(d, &mut st, &alloc);
-                        return Err(err);
-                    }
-                };
-                let data = at + d.bitmap_size;
-                if !d.differencing {
-                    // The rest of the block must read as zeroes; past the
-                    // file's end it already does.
-                    for (a, b) in [(data, data + inb), (data + inb + n, data + d.block_size)] {
-                        let b = b.min(flen);
-                        if a < b {
-                            zero_first.push((a, b - a));
-                        }
-                    }
-                }
-                alloc.new.push((i, at));
-                st.busy.insert(i);
-                data
-            } else {
-                if !self.bits(d, &mut st, i)?.all(s0, s1) {
-                    st.busy.insert(i);
-                }
-                e as u64 * 512 + d.bitmap_size
-            };
-            if st.busy.contains(&i) {
-                alloc.marks.push((i, s0, s1));
-            }
-            writes.push((guest, data + inb, n));
-        }
-        Ok(Plan::Ready {
-            zero_first,
-            writes,
-            alloc,
-        })
-    }
-
     fn unreserve(&self, d: &Dyn, st: &mut State, a: &Alloc) {
         for &(_, at) in a.new.iter().rev() {
             if at + d.bitmap_size + d.block_size == st.next_free {
@@ -748,49 +573,6 @@ impl Vpc {
         for (i, _) in &a.new {
             st.busy.remove(i);
         }
-    }
-
-    /// Link what `a` allocated once its data is written (`ok`), or give
-    /// the space back.
-    pub fn finish_alloc(&self, a: Alloc, ok: bool) -> FResult<()> {
-        let Some(d) = &self.dynamic else {
-            return Ok(());
-        };
-        let mut st = self.lock(d);
-        let r = if ok {
-            self.link(d, &mut st, &a)
-        } else {
-            Ok(())
-        };
-        if !ok || r.is_err() {
-            // Blocks whose BAT entry was not written stay unallocated.
-            let keep: Vec<(u32, u64)> = a
-                .new
-                .iter()
-                .copied()
-                .filter(|(i, _)| st.bat[*i as usize] == UNALLOCATED)
-                .collect();
-            for (i, _) in &keep {
-                st.bits.remove(i);
-            }
-            self.unreserve(
-                d,
-                &mut st,
-                &Alloc {
-                    new: keep,
-                    marks: Vec::new(),
-                },
-            );
-        }
-        for (i, _, _) in &a.marks {
-            st.busy.remove(i);
-        }
-        for (i, _) in &a.new {
-            st.busy.remove(i);
-        }
-        drop(st);
-        d.done.notify_all();
-        r
     }
 
     /// Write the bitmaps, the footer and the BAT entries of `a`.
@@ -855,23 +637,15 @@ impl Vpc {
     }
 
     fn read_pieces(&self, off: u64, pieces: &[Piece], buf: &mut [u8]) -> FResult<()> {
-        for p in pieces {
-            let b = &mut buf[(p.offset - off) as usize..(p.offset - off + p.len) as usize];
-            match p.run {
-                Run::Data(h) => self
-                    .file
-                    .read_at(h, b)
-                    .map_err(|e| self.io(e, "read error"))?,
-                Run::Zero => b.fill(0),
-                Run::Backing => match &self.backing {
-                    Some(bk) if bk.is_present() => bk
-                        .read_at(p.offset, b)
-                        .map_err(|e| self.io(e, "Could not read the parent"))?,
-                    _ => b.fill(0),
-                },
-            }
-        }
-        Ok(())
+        crate::mapping::read_pieces(
+            self,
+            &self.name,
+            &*self.file,
+            self.backing.as_deref(),
+            off,
+            pieces,
+            buf,
+        )
     }
 
     /// Write `data` at `off` synchronously (any alignment).
@@ -1037,6 +811,174 @@ impl Vpc {
                 .filter(|&&e| e != UNALLOCATED)
                 .count() as u64
         })
+    }
+}
+
+impl GuestMap for Vpc {
+    type Alloc = Alloc;
+
+    /// Map `[off, off+len)` for reading.
+    fn map_read(&self, off: u64, len: u64) -> FResult<Vec<Piece>> {
+        self.check_range(off, len)?;
+        let Some(d) = &self.dynamic else {
+            return Ok(vec![Piece {
+                offset: off,
+                len,
+                run: Run::Data(off),
+            }]);
+        };
+        let mut st = self.lock(d);
+        self.map_locked(d, &mut st, off, len)
+    }
+
+    /// Map a write of `[off, off+len)` that allocates nothing.
+    fn map_write(&self, off: u64, len: u64) -> FResult<WriteMap> {
+        self.check_range(off, len)?;
+        self.writable()?;
+        let Some(d) = &self.dynamic else {
+            return Ok(WriteMap::InPlace(vec![(off, off, len)]));
+        };
+        let mut st = self.lock(d);
+        let mut runs = Vec::new();
+        for (i, inb, n) in Self::chunks(d, off, len) {
+            if st.busy.contains(&i) {
+                return Ok(WriteMap::Busy);
+            }
+            let e = st.bat[i as usize];
+            if e == UNALLOCATED
+                || !self
+                    .bits(d, &mut st, i)?
+                    .all(inb / 512, (inb + n).div_ceil(512))
+            {
+                return Ok(WriteMap::Allocate);
+            }
+            let host = e as u64 * 512 + d.bitmap_size + inb;
+            runs.push((i as u64 * d.block_size + inb, host, n));
+        }
+        Ok(WriteMap::InPlace(runs))
+    }
+
+    /// Plan a write of `[off, off+len)` that allocates blocks or sets
+    /// bitmap bits.
+    fn plan_alloc(&self, off: u64, len: u64) -> FResult<Plan> {
+        self.check_range(off, len)?;
+        self.writable()?;
+        let Some(d) = &self.dynamic else {
+            return Ok(Plan::Sync);
+        };
+        let flen = self
+            .file
+            .len()
+            .map_err(|e| self.io(e, "Invalid file size"))?;
+        let mut st = self.lock(d);
+        for (i, inb, n) in Self::chunks(d, off, len) {
+            if st.busy.contains(&i) {
+                return Ok(Plan::Busy);
+            }
+            if d.differencing && (inb % 512 != 0 || (inb + n) % 512 != 0) {
+                // A partial sector whose bit is clear needs the parent's
+                // bytes around the guest's.
+                let allocated = st.bat[i as usize] != UNALLOCATED;
+                let head_ok =
+                    inb % 512 == 0 || allocated && self.bits(d, &mut st, i)?.get(inb / 512);
+                let tail_ok = (inb + n) % 512 == 0
+                    || allocated && self.bits(d, &mut st, i)?.get((inb + n) / 512);
+                if !head_ok || !tail_ok {
+                    return Ok(Plan::Sync);
+                }
+            }
+        }
+        let mut zero_first = Vec::new();
+        let mut writes = Vec::new();
+        let mut alloc = Alloc {
+            new: Vec::new(),
+            marks: Vec::new(),
+        };
+        for (i, inb, n) in Self::chunks(d, off, len) {
+            let guest = i as u64 * d.block_size + inb;
+            let (s0, s1) = (inb / 512, (inb + n).div_ceil(512));
+            let e = st.bat[i as usize];
+            let data = if e == UNALLOCATED {
+                let at = match self.reserve(d, &mut st) {
+                    Ok(a) => a,
+                    Err(err) => {
+                        self.unreserve(d, &mut st, &alloc);
+                        return Err(err);
+                    }
+                };
+                let data = at + d.bitmap_size;
+                if !d.differencing {
+                    // The rest of the block must read as zeroes; past the
+                    // file's end it already does.
+                    for (a, b) in [(data, data + inb), (data + inb + n, data + d.block_size)] {
+                        let b = b.min(flen);
+                        if a < b {
+                            zero_first.push((a, b - a));
+                        }
+                    }
+                }
+                alloc.new.push((i, at));
+                st.busy.insert(i);
+                data
+            } else {
+                if !self.bits(d, &mut st, i)?.all(s0, s1) {
+                    st.busy.insert(i);
+                }
+                e as u64 * 512 + d.bitmap_size
+            };
+            if st.busy.contains(&i) {
+                alloc.marks.push((i, s0, s1));
+            }
+            writes.push((guest, data + inb, n));
+        }
+        Ok(Plan::Ready {
+            zero_first,
+            writes,
+            alloc,
+        })
+    }
+
+    /// Link what `a` allocated once its data is written (`ok`), or give
+    /// the space back.
+    fn finish_alloc(&self, a: Alloc, ok: bool) -> FResult<()> {
+        let Some(d) = &self.dynamic else {
+            return Ok(());
+        };
+        let mut st = self.lock(d);
+        let r = if ok {
+            self.link(d, &mut st, &a)
+        } else {
+            Ok(())
+        };
+        if !ok || r.is_err() {
+            // Blocks whose BAT entry was not written stay unallocated.
+            let keep: Vec<(u32, u64)> = a
+                .new
+                .iter()
+                .copied()
+                .filter(|(i, _)| st.bat[*i as usize] == UNALLOCATED)
+                .collect();
+            for (i, _) in &keep {
+                st.bits.remove(i);
+            }
+            self.unreserve(
+                d,
+                &mut st,
+                &Alloc {
+                    new: keep,
+                    marks: Vec::new(),
+                },
+            );
+        }
+        for (i, _, _) in &a.marks {
+            st.busy.remove(i);
+        }
+        for (i, _) in &a.new {
+            st.busy.remove(i);
+        }
+        drop(st);
+        d.done.notify_all();
+        r
     }
 }
 

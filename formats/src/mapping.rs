@@ -1,0 +1,159 @@
+//! The vocabulary every format that maps guest offsets to host extents
+//! (vpc, vdi, vmdk, vhdx, and any later one) answers the block layer in:
+//! where a guest range is ([`Piece`]), how a write can go without
+//! allocating ([`WriteMap`]), and how an allocating one is planned
+//! ([`Plan`]). One trait, [`GuestMap`], gathers the calls, so that the
+//! block layer adapts every such format to its asynchronous data path
+//! with one generic adapter instead of one per format.
+//!
+//! The protocol: every call runs under the format's own metadata lock and
+//! does no data I/O. A format marks the blocks a planned allocation
+//! touches busy until [`GuestMap::finish_alloc`]; a write that finds them
+//! busy is told to retry ([`WriteMap::Busy`], [`Plan::Busy`]) once an
+//! allocation has finished.
+
+use crate::error::{FResult, FormatError};
+use crate::storage::Storage;
+
+/// Where a run of guest bytes is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Run {
+    /// At this offset of the image (or data) file.
+    Data(u64),
+    /// Reads as zeroes.
+    Zero,
+    /// Not in this image: the backing file's bytes (zeroes without one).
+    Backing,
+    /// Stored encoded (a compressed grain) at this offset of the file:
+    /// [`GuestMap::read_encoded`] decodes it.
+    Encoded(u64),
+}
+
+/// One run of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// Guest offset.
+    pub offset: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Where.
+    pub run: Run,
+}
+
+/// Appends a run of `len` bytes at guest `offset` to `out`, merging it
+/// into the last piece when it continues it (the same kind, and for data
+/// the next host bytes), so that a mapping has as few pieces as it can.
+pub fn push_run(out: &mut Vec<Piece>, offset: u64, len: u64, run: Run) {
+    if let Some(l) = out.last_mut() {
+        let continues = l.offset.checked_add(l.len) == Some(offset)
+            && match (l.run, run) {
+                (Run::Zero, Run::Zero) | (Run::Backing, Run::Backing) => true,
+                (Run::Data(a), Run::Data(b)) => a.checked_add(l.len) == Some(b),
+                _ => false,
+            };
+        if continues {
+            l.len += len;
+            return;
+        }
+    }
+    out.push(Piece { offset, len, run });
+}
+
+/// How a write can go without allocating.
+#[derive(Debug)]
+pub enum WriteMap {
+    /// In place: (guest offset, host offset, length) runs.
+    InPlace(Vec<(u64, u64, u64)>),
+    /// Blocks it touches have allocations in flight: retry after one ends.
+    Busy,
+    /// It allocates (or updates metadata): [`GuestMap::plan_alloc`].
+    Allocate,
+}
+
+/// A planned allocating write.
+#[derive(Debug)]
+pub enum Plan<A> {
+    /// Blocks it touches have allocations in flight: retry after one ends.
+    Busy,
+    /// It needs reads first (a parent's bytes to merge): write it
+    /// synchronously.
+    Sync,
+    /// Make `zero_first` host ranges read as zeroes, write the guest data
+    /// to `writes` ((guest offset, host offset, length)), then
+    /// [`GuestMap::finish_alloc`] with `alloc`.
+    Ready {
+        /// Host ranges to zero first: (offset, length).
+        zero_first: Vec<(u64, u64)>,
+        /// Guest data to host offsets.
+        writes: Vec<(u64, u64, u64)>,
+        /// The format's record of what it allocated.
+        alloc: A,
+    },
+}
+
+/// A format whose guest bytes are runs of host extents, as the block
+/// layer's asynchronous data path drives it.
+pub trait GuestMap: Send + Sync + 'static {
+    /// What [`GuestMap::plan_alloc`] allocated, for
+    /// [`GuestMap::finish_alloc`].
+    type Alloc: Send + 'static;
+
+    /// Map `[offset, offset+len)` for reading: pieces in order, covering
+    /// it.
+    fn map_read(&self, offset: u64, len: u64) -> FResult<Vec<Piece>>;
+    /// Map a write of `[offset, offset+len)` that allocates nothing, if
+    /// it can be one.
+    fn map_write(&self, offset: u64, len: u64) -> FResult<WriteMap>;
+    /// Plan a write of `[offset, offset+len)` that allocates.
+    fn plan_alloc(&self, offset: u64, len: u64) -> FResult<Plan<Self::Alloc>>;
+    /// Link what `alloc` allocated once its data is written (`ok`), or
+    /// give it back.
+    fn finish_alloc(&self, alloc: Self::Alloc, ok: bool) -> FResult<()>;
+    /// Decode guest bytes `[offset, offset+buf.len())` of the
+    /// [`Run::Encoded`] record at host offset `at`. Formats without
+    /// encoded runs never return one, so the default is never called.
+    fn read_encoded(&self, at: u64, offset: u64, buf: &mut [u8]) -> FResult<()> {
+        let _ = (at, offset, buf);
+        Err(FormatError::Unsupported(
+            "this format has no encoded data".into(),
+        ))
+    }
+}
+
+/// The synchronous read of guest bytes `[off, off+buf.len())` that
+/// `pieces` (a mapping of exactly that range) describe: data from `file`,
+/// parent bytes from `backing` (zeroes without one), encoded runs through
+/// `map`. Errors name `name`, the image.
+pub fn read_pieces<M: GuestMap + ?Sized>(
+    map: &M,
+    name: &str,
+    file: &dyn Storage,
+    backing: Option<&dyn Storage>,
+    off: u64,
+    pieces: &[Piece],
+    buf: &mut [u8],
+) -> FResult<()> {
+    for p in pieces {
+        let at = usize::try_from(p.offset - off).ok();
+        let end = usize::try_from(p.offset - off + p.len).ok();
+        let Some(b) = at.zip(end).and_then(|(a, e)| buf.get_mut(a..e)) else {
+            return Err(FormatError::Corrupt(format!(
+                "{name}: a mapping does not cover the read"
+            )));
+        };
+        match p.run {
+            Run::Data(h) => file
+                .read_at(h, b)
+                .map_err(|e| FormatError::io(e, format!("{name}: read error")))?,
+            Run::Zero => b.fill(0),
+            Run::Backing => match backing {
+                Some(bk) if bk.is_present() => bk.read_at(p.offset, b).map_err(|e| {
+                    FormatError::io(e, format!("{name}: Could not read the parent"))
+                })?,
+                _ => b.fill(0),
+            },
+            Run::Encoded(h) => map.read_encoded(h, p.offset, b)?,
+        }
+    }
+    Ok(())
+}
