@@ -28,6 +28,7 @@ pub mod media;
 pub mod pci;
 pub mod scsi;
 pub mod system;
+pub mod timer;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};

@@ -220,6 +220,7 @@ fn build(loops: &ManualLoops, clock: &Arc<ManualClock>) -> Option<Machine> {
         irq: Arc::new(Lines),
         system: Arc::new(NoSystem),
         clock: clock.clone(),
+        timers: devices::timer::Timers::new(clock.clone()),
         serial_out: vec![Box::new(std::io::sink())],
         debugcon_out: Some(Box::new(std::io::sink())),
         rtc_start: 0,

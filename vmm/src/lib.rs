@@ -209,6 +209,7 @@ impl Consoles {
             irq,
             events: qmp_events.clone(),
             system: Arc::new(events.clone()),
+            timers: devices::timer::Timers::new(clock.clone()),
             clock,
             serial_out: self.serial.iter().map(|c| c.writer()).collect(),
             debugcon_out: self.debugcon.as_ref().map(|c| c.writer()),
@@ -335,6 +336,9 @@ fn run_kvm(mut cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError
         let gen_cfg = control.machine_config(&cfg);
         let pc = Arc::new(machine::board(&cfg).build(&gen_cfg, host, &storage)?);
         consoles.attach(&pc);
+        pc.timers
+            .spawn_thread("timers")
+            .map_err(|e| VmmError::Kvm(format!("cannot start the device timer thread: {e}")))?;
         let next = kvm::map_memory(&vm, &pc.ram, 0, false)?;
         kvm::map_memory(&vm, &pc.rom, next, kvm::supports_readonly_mem(&vm))?;
         let vcpus = vcpu::create(&kvm, &vm, pc.cpus)?;

@@ -402,14 +402,20 @@ impl Session<'_> {
                 Ok("OK".into())
             }
             "clock_step" => {
-                // With no argument QEMU steps to the next timer deadline;
-                // Strata's devices compute time on demand and have none.
-                let ns = if w.len() > 1 { num(w.get(1))? } else { 0 };
-                Ok(format!("OK {}", self.clock.step(ns)))
+                // With no argument QEMU steps to the next timer deadline
+                // (none armed: the clock stays).
+                let now = self.clock.now_ns();
+                let target = match w.get(1) {
+                    Some(_) => now.saturating_add(num(w.get(1))?),
+                    None => self.pc.timers.next_deadline().unwrap_or(now).max(now),
+                };
+                self.pc.timers.advance(target, |ns| self.clock.set(ns));
+                Ok(format!("OK {}", self.clock.now_ns()))
             }
             "clock_set" => {
                 let ns = num(w.get(1))?;
-                self.clock.set(ns.max(self.clock.now_ns()));
+                let target = ns.max(self.clock.now_ns());
+                self.pc.timers.advance(target, |t| self.clock.set(t));
                 Ok(format!("OK {}", self.clock.now_ns()))
             }
             "irq_intercept_in" | "irq_intercept_out" => {

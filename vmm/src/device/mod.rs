@@ -418,6 +418,8 @@ pub struct AttachCtx<'a> {
     /// Set by a constructor whose device `device_del` can take off at
     /// once ([`Realized::detach`]).
     pub detach: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// The machine's device timers.
+    pub timers: Arc<devices::timer::Timers>,
 }
 
 /// A built device, as the monitor finds it (`id=`, or the drive it uses).

@@ -35,6 +35,8 @@ pub struct Host {
     pub irq: Arc<dyn IrqChip>,
     pub system: Arc<dyn SystemControl>,
     pub clock: Arc<dyn Clock>,
+    /// Device timers on `clock` (`Timers::new(clock)`).
+    pub timers: Arc<devices::timer::Timers>,
     /// One output per `-serial`, in COM order.
     pub serial_out: Vec<Box<dyn Write + Send>>,
     pub debugcon_out: Option<Box<dyn Write + Send>>,
@@ -95,6 +97,9 @@ pub struct Machine {
     pub devices: Mutex<Vec<crate::device::Realized>>,
     /// What `device_add` needs, on a board with PCI hotplug.
     pub hotplug: Option<Mutex<Hotplug>>,
+    /// Its device timers: run by a thread under KVM, by `clock_step`
+    /// under qtest.
+    pub timers: Arc<devices::timer::Timers>,
 }
 
 /// What it takes to add a device to a running machine (QMP `device_add`)
@@ -114,6 +119,7 @@ pub struct Hotplug {
     pub pci: Arc<devices::pci::PciBus>,
     /// The ACPI hotplug registers the guest's DSDT talks to.
     pub pcihp: Arc<Mutex<devices::chipset::pcihp::PciHotplug>>,
+    pub timers: Arc<devices::timer::Timers>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -249,7 +255,7 @@ impl Board for NoneBoard {
     fn build_with(
         &self,
         cfg: &MachineConfig,
-        _host: Host,
+        host: Host,
         storage: &Storage,
         mem: Memory,
     ) -> Result<Machine, MachineError> {
@@ -278,6 +284,7 @@ impl Board for NoneBoard {
             power_button: None,
             devices: Mutex::new(Vec::new()),
             hotplug: None,
+            timers: host.timers,
         })
     }
 }

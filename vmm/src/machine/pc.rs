@@ -461,6 +461,7 @@ pub(super) fn assemble(
         claimed: None,
         hotplugged: false,
         detach: None,
+        timers: host.timers.clone(),
     };
     // The devices of `-drive if=...` first, as QEMU's board init creates
     // them before the `-device`s.
@@ -497,6 +498,7 @@ pub(super) fn assemble(
         cpus: cfg.cpus,
         pci: pci.clone(),
         pcihp,
+        timers: host.timers.clone(),
     });
     let fw_cfg = shared(FwCfg::new(Some(ram.clone())));
     {
@@ -559,6 +561,7 @@ pub(super) fn assemble(
         power_button: Some(chipset.power_button),
         devices: Mutex::new(devices),
         hotplug: hotplug.map(Mutex::new),
+        timers: host.timers.clone(),
     })
 }
 

@@ -427,6 +427,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         claimed: None,
         hotplugged: true,
         detach: None,
+        timers: hp.timers.clone(),
     };
     let r = crate::device::realize(&mut attach, &spec);
     let (used, realized) = (attach.used_drives, attach.realized);
