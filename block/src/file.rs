@@ -24,6 +24,7 @@ use crate::aio::{LinuxAio, SyscallStats, Uring};
 use crate::driver::{BlockDriver, Completion, Extent, IoOp, IoRequest, Limits, Perms};
 use crate::error::{BlockError, BlockResult};
 use crate::iov::{self, AlignedBuf};
+use crate::serialise::{InFlight, WriteRanges};
 use std::ffi::CString;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -127,7 +128,10 @@ pub struct FileNode {
     uring: Option<Arc<Uring>>,
     native: Option<Arc<LinuxAio>>,
     stats: Arc<SyscallStats>,
-    rmw_lock: Mutex<()>,
+    /// Writes in flight by range, with O_DIRECT and an alignment above
+    /// one byte, where a read-modify-write must not interleave with
+    /// other writes to its units ([`crate::serialise`]).
+    writes: Option<Arc<WriteRanges>>,
     locked: Mutex<(Perms, Perms)>,
     use_lock: bool,
     /// Open read-only now (see [`BlockDriver::reopen`]).
@@ -280,6 +284,7 @@ impl FileNode {
             Locking::On | Locking::Auto => true,
         };
         let read_only = opts.read_only;
+        let writes = (opts.direct && align > 1).then(Arc::default);
         Ok(FileNode {
             opts,
             fd,
@@ -292,7 +297,7 @@ impl FileNode {
             uring,
             native,
             stats,
-            rmw_lock: Mutex::new(()),
+            writes,
             locked: Mutex::new((Perms::NONE, Perms::ALL)),
             read_only: std::sync::atomic::AtomicBool::new(read_only),
             use_lock,
@@ -431,8 +436,27 @@ impl FileNode {
         Ok(())
     }
 
+    /// The whole alignment units `[offset, offset+len)` touches.
+    fn units(&self, offset: u64, len: u64) -> (u64, u64) {
+        let a = self.align;
+        let end = offset.saturating_add(len);
+        (offset / a * a, end.div_ceil(a).saturating_mul(a))
+    }
+
+    /// Waits for the writes a write of `[offset, offset+len)` must not
+    /// interleave with and holds its units until the guard drops.
+    fn begin_write(&self, offset: u64, len: u64) -> Option<InFlight> {
+        let w = self.writes.as_ref()?;
+        let (s, e) = self.units(offset, len);
+        let partial = !offset.is_multiple_of(self.align)
+            || !offset.saturating_add(len).is_multiple_of(self.align);
+        Some(w.begin(s, e, partial))
+    }
+
+    /// Merges the caller's bytes into whole alignment units read first
+    /// (the head and tail units) and writes those; the caller holds the
+    /// units serialised ([`FileNode::begin_write`]).
     fn rmw_write(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
-        let _g = self.rmw_lock.lock().unwrap_or_else(|e| e.into_inner());
         let len = iov::total_len(iov) as u64;
         let a = self.align;
         let start = offset / a * a;
@@ -678,6 +702,7 @@ impl BlockDriver for FileNode {
     }
 
     fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
+        let _units = self.begin_write(offset, iov::total_len(iov) as u64);
         if self.needs_bounce(offset, iov.iter().map(|s| (s.as_ptr() as usize, s.len()))) {
             self.rmw_write(offset, iov, fua)?;
         } else {
@@ -729,6 +754,13 @@ impl BlockDriver for FileNode {
             return Err(BlockError::ReadOnly(self.opts.filename.clone()));
         }
         let aligned = offset.is_multiple_of(self.align) && len.is_multiple_of(self.align);
+        // Held for the zeroing only: the fallback writes (and serialises)
+        // by itself.
+        let units = if aligned {
+            self.begin_write(offset, len)
+        } else {
+            None
+        };
         let r = if !aligned {
             Err(libc::EINVAL)
         } else if self.is_blockdev {
@@ -761,6 +793,7 @@ impl BlockDriver for FileNode {
                     self.fallocate(0, offset, len)
                 })
         };
+        drop(units);
         match r {
             Ok(()) => {
                 self.size.fetch_max(offset + len, Ordering::Relaxed);
@@ -1004,7 +1037,7 @@ impl BlockDriver for FileNode {
         Ok(())
     }
 
-    fn submit(self: Arc<Self>, mut req: IoRequest, done: Completion) {
+    fn submit(self: Arc<Self>, mut req: IoRequest, mut done: Completion) {
         // A file in memory is read and written by copying, which the
         // kernel cannot do without blocking the caller: io_uring hands
         // every such request to one of its worker threads (tmpfs has no
@@ -1042,7 +1075,27 @@ impl BlockDriver for FileNode {
             };
             let in_file = req.op != IoOp::Write
                 || req.offset + req.iov.len() as u64 <= self.size.load(Ordering::Relaxed);
-            if ok && matches!(req.op, IoOp::WriteZeroes { .. }) {
+            // Both branches below submit to the kernel. A write that would
+            // have to wait for a read-modify-write in flight waits on a
+            // worker thread instead of here.
+            let zeroes = matches!(req.op, IoOp::WriteZeroes { .. });
+            if ok && (zeroes || req.op == IoOp::Write && in_file) {
+                if let Some(w) = &self.writes {
+                    let len = match req.op {
+                        IoOp::Write => req.iov.len() as u64,
+                        _ => req.len,
+                    };
+                    let (s, e) = self.units(req.offset, len);
+                    let Some(units) = w.try_begin(s, e) else {
+                        return crate::driver::run_on_pool(self, req, done);
+                    };
+                    done = Box::new(move |r, res| {
+                        drop(units);
+                        done(r, res)
+                    });
+                }
+            }
+            if ok && zeroes {
                 if let Some(u) = &self.uring {
                     let me = self.clone();
                     let end = req.offset + req.len;

@@ -72,6 +72,7 @@ pub mod null;
 pub mod objects;
 pub mod qcow2;
 pub mod raw;
+pub mod serialise;
 pub mod snapshot_overlay;
 pub mod throttle;
 pub mod vdi;
