@@ -458,7 +458,8 @@ impl BlockDriver for VmdkNode {
         Some(ImageInfo {
             cluster_size: self.img.cluster_size(),
             backing_file: self.parent_name.clone(),
-            backing_format: None,
+            // QEMU records the parent's format as vmdk.
+            backing_format: self.parent_name.as_ref().map(|_| "vmdk".to_string()),
             specific: Some((
                 "vmdk".into(),
                 vec![

@@ -278,6 +278,9 @@ enum Gte {
     At(u64),
 }
 
+/// A decompressed grain: (extent, host offset, bytes).
+type DecodedGrain = (usize, u64, Arc<Vec<u8>>);
+
 /// An open VMDK image.
 pub struct Vmdk {
     name: String,
@@ -293,7 +296,7 @@ pub struct Vmdk {
     st: Mutex<State>,
     done: Condvar,
     /// The last grain decompressed: (extent, host offset, bytes).
-    last_grain: Mutex<Option<(usize, u64, Arc<Vec<u8>>)>>,
+    last_grain: Mutex<Option<DecodedGrain>>,
 }
 
 impl Vmdk {
@@ -967,7 +970,7 @@ impl Vmdk {
     pub fn block_status_in(&self, off: u64, len: u64) -> FResult<(usize, Piece)> {
         self.check_range(off, len)?;
         // A bounded look-ahead: runs are merged up to 64 MiB.
-        let len = len.min(64 << 20).max(1).min(self.size - off);
+        let len = len.clamp(1, 64 << 20).min(self.size - off);
         let mut st = self.lock();
         let p = self.map_locked(&mut st, off, len)?;
         p.first()
