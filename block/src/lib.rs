@@ -76,4 +76,5 @@ pub mod serialise;
 pub mod snapshot_overlay;
 pub mod throttle;
 pub mod vdi;
+pub mod vmdk;
 pub mod vpc;
