@@ -28,6 +28,7 @@ pub mod media;
 pub mod pci;
 pub mod scsi;
 pub mod system;
+pub mod usb;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
