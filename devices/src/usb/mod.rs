@@ -40,6 +40,7 @@
 //! - [`control`]: control transfers from packets, for UHCI/EHCI.
 //! - [`bot`]: the Bulk-Only Transport wrappers (CBW, CSW).
 //! - [`storage`]: `usb-storage`, the mass storage device on a SCSI bus.
+//! - [`uhci`]: the PIIX3 UHCI host controller.
 
 pub mod bot;
 pub mod control;
@@ -47,6 +48,7 @@ pub mod core;
 pub mod desc;
 pub mod setup;
 pub mod storage;
+pub mod uhci;
 
 use std::sync::Arc;
 
@@ -56,6 +58,7 @@ use crate::GuestMem;
 pub use self::core::UsbDeviceCore;
 pub use setup::SetupPacket;
 pub use storage::UsbStorage;
+pub use uhci::Uhci;
 
 /// Bus speeds (USB 2.0 7.1.11, USB 3.2 for SuperSpeed).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
