@@ -46,6 +46,7 @@ pub mod bot;
 pub mod control;
 pub mod core;
 pub mod desc;
+pub mod fuzz;
 pub mod setup;
 pub mod storage;
 pub mod uhci;
