@@ -349,6 +349,12 @@ pub fn lsi(data: &[u8]) {
     crate::lsi::fuzz::run(data)
 }
 
+/// usb-storage: setup packets, CBWs and bulk packets (see
+/// [`crate::usb::fuzz`] for the input format).
+pub fn usb_bot(data: &[u8]) {
+    crate::usb::fuzz::run(data)
+}
+
 /// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
@@ -356,6 +362,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "ata_taskfile" => Some(ata_taskfile),
         "lsi" => Some(lsi),
         "scsi_cdb" => Some(scsi_cdb),
+        "usb_bot" => Some(usb_bot),
         "virtio_chain" => Some(virtio_chain),
         _ => None,
     }

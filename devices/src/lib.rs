@@ -29,6 +29,7 @@ pub mod pci;
 pub mod scsi;
 pub mod system;
 pub mod timer;
+pub mod usb;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice};
