@@ -139,6 +139,9 @@ pub struct DriveSpec {
     pub backend: BackendConfig,
     /// The device, unless `if=none`.
     pub device: Option<PendingDevice>,
+    /// `media=`, also kept for `if=none`: a device that makes its unit
+    /// from the drive (`usb-storage`) makes a CD-ROM of a cdrom drive.
+    pub media: Media,
     /// `copy-on-read=on`: a `copy-on-read` filter goes on top of the node.
     pub copy_on_read: bool,
     /// `snapshot=on|off` (`None`: not given; `-snapshot` turns it on):
@@ -565,6 +568,7 @@ impl DriveTable {
         self.ids.push(id.clone());
         Ok(DriveSpec {
             text: String::new(),
+            media,
             id,
             node: if empty { None } else { Some(node) },
             probe: format.is_none(),

@@ -127,6 +127,7 @@ const FLAGS: &[&str] = &[
     "-snapshot",
     "-enable-kvm",
     "-S",
+    "-usb",
     "-version",
     "-help",
     "-h",
@@ -153,11 +154,6 @@ const IGNORED: &[(&str, bool, Option<&str>)] = &[
         "-no-acpi",
         false,
         Some("Strata always provides ACPI tables; ignoring"),
-    ),
-    (
-        "-usb",
-        false,
-        Some("Strata has no USB controller yet; ignoring"),
     ),
     ("-vnc", true, Some("Strata has no display yet; ignoring")),
     ("-spice", true, Some("Strata has no display yet; ignoring")),
@@ -282,11 +278,7 @@ fn parse_machine(
                 parse_accel(cfg, "-machine accel=", &val)?;
                 *accel_set = true;
             }
-            "usb" => {
-                if parse_bool("-machine", &k, &val)? {
-                    eprintln!("strata: warning: -machine usb=on: Strata has no USB controller yet");
-                }
-            }
+            "usb" => cfg.usb = parse_bool("-machine", &k, &val)?,
             k if IGNORED_MACHINE_PROPS.contains(&k) => {}
             _ => return Err(format!("-machine {v}: unknown property '{k}'")),
         }
@@ -803,6 +795,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
             "-no-reboot" => cfg.no_reboot = true,
             "-snapshot" => snapshot = true,
             "-S" => cfg.paused = true,
+            "-usb" => cfg.usb = true,
             "-enable-kvm" => {
                 cfg.accel = Accel::Kvm;
                 accel_set = true;

@@ -234,6 +234,26 @@ fn mistakes_are_one_line() {
         "No 'SCSI' bus found for device 'scsi-hd'",
     );
     run(
+        &["-device", "usb-storage,drive=d"],
+        "No 'usb-bus' bus found for device 'usb-storage'",
+    );
+    run(
+        &["-usb", "-device", "usb-storage,drive=d,port=3"],
+        "usb port 3 (bus usb-bus.0) not found (in use?)",
+    );
+    run(
+        &["-usb", "-device", "usb-storage,drive=d,port=1.2"],
+        "usb port 1.2 not found (hubs are not emulated)",
+    );
+    run(
+        &["-usb", "-device", "usb-storage"],
+        "drive property not set",
+    );
+    run(
+        &["-machine", "q35", "-usb"],
+        "-usb: the q35 machine's USB controllers",
+    );
+    run(
         &["-global", "kvm-pit.lost_tick_policy=slew"],
         "Parameter 'lost_tick_policy' does not accept value 'slew'",
     );

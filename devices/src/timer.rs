@@ -18,7 +18,7 @@
 //! whose [`Timer`] was dropped never runs.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use crate::clock::Clock;
@@ -66,6 +66,34 @@ impl Timers {
     /// The machine's time, in nanoseconds.
     pub fn now(&self) -> u64 {
         self.clock.now_ns()
+    }
+
+    /// The machine's clock.
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// A timer that runs `poll` on `dev` when it expires and re-arms for
+    /// the deadline `poll` returns (`None`: stays disarmed until armed
+    /// again), for devices that work in periods (a USB frame clock). The
+    /// device locks only in the callback, not the service, so it may arm
+    /// the returned timer while it holds its own lock.
+    pub fn polling<D: Send + 'static>(
+        self: &Arc<Self>,
+        dev: Weak<Mutex<D>>,
+        poll: impl Fn(&mut D) -> Option<u64> + Send + Sync + 'static,
+    ) -> Arc<Timer> {
+        let me: Arc<OnceLock<Weak<Timer>>> = Arc::default();
+        let slot = me.clone();
+        let timer = Arc::new(self.timer(move |_now| {
+            let Some(d) = dev.upgrade() else { return };
+            let next = poll(&mut d.lock().unwrap_or_else(|e| e.into_inner()));
+            if let (Some(at), Some(t)) = (next, slot.get().and_then(Weak::upgrade)) {
+                t.arm_at(at);
+            }
+        }));
+        let _ = me.set(Arc::downgrade(&timer));
+        timer
     }
 
     /// A new, disarmed timer that runs `callback(now)` when it expires.

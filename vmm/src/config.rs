@@ -98,6 +98,8 @@ pub struct MachineConfig {
     pub no_reboot: bool,
     /// `-S`: create the machine but do not start the vCPUs.
     pub paused: bool,
+    /// `-usb` / `-machine usb=on`: the board's own USB controller.
+    pub usb: bool,
     pub accel: Accel,
     /// The qtest protocol channel, for `accel=qtest`.
     pub qtest: Option<CharDev>,
@@ -158,6 +160,7 @@ impl Default for MachineConfig {
             monitors: Vec::new(),
             no_reboot: false,
             paused: false,
+            usb: false,
             accel: Accel::Kvm,
             qtest: None,
             qtest_log: None,

@@ -21,6 +21,7 @@ pub enum BusKind {
     Ide,
     Floppy,
     Scsi,
+    Usb,
 }
 
 impl BusKind {
@@ -32,6 +33,7 @@ impl BusKind {
             BusKind::Ide => "IDE",
             BusKind::Floppy => "floppy-bus",
             BusKind::Scsi => "SCSI",
+            BusKind::Usb => "usb-bus",
         }
     }
 
@@ -41,6 +43,7 @@ impl BusKind {
             BusKind::Pci => Some("addr"),
             BusKind::Ide | BusKind::Floppy => Some("unit"),
             BusKind::Scsi => Some("scsi-id"),
+            BusKind::Usb => Some("port"),
             BusKind::System | BusKind::Isa => None,
         }
     }
@@ -98,6 +101,7 @@ pub enum Port {
     Ide(Arc<dyn IdeBus>),
     Floppy(Arc<dyn FloppyBus>),
     Scsi(Arc<dyn ScsiPort>),
+    Usb(Arc<dyn UsbPort>),
     None,
 }
 
@@ -108,6 +112,29 @@ struct Bus {
     port: Port,
     /// Occupied units and who holds them.
     used: BTreeMap<u32, String>,
+}
+
+/// A USB host controller's root ports, as `-device usb-*` sees them:
+/// unit `n` is QEMU's `port=n+1`.
+pub trait UsbPort: Send + Sync {
+    /// Connects `dev` to root port `unit` (a hotplug while the guest runs).
+    fn attach(&self, unit: u32, dev: Box<dyn devices::usb::UsbDevice>) -> Result<(), String>;
+    /// Disconnects what is on root port `unit`.
+    fn detach(&self, unit: u32);
+    /// The OpenFirmware path of the controller, for `bootorder`.
+    fn boot_path(&self) -> String;
+}
+
+/// The name a controller's child bus gets: `ID.0` for a controller with
+/// an id, else the next free `PREFIX.N` (QEMU's naming).
+pub fn child_bus_name(buses: &Buses, id: Option<&str>, prefix: &str) -> String {
+    match id {
+        Some(id) => format!("{id}.0"),
+        None => (0..)
+            .map(|n| format!("{prefix}.{n}"))
+            .find(|n| !buses.exists(n))
+            .unwrap_or_default(),
+    }
 }
 
 /// Where a device was placed.
@@ -240,6 +267,14 @@ impl Buses {
                 .uint("unit")
                 .filter(|&u| u != u32::MAX as u64)
                 .map(|u| u as u32),
+            // QEMU's ports count from 1; "1.2" is a port of a hub.
+            BusKind::Usb => match dev.props.str("port") {
+                None => None,
+                Some(p) => match p.parse::<u32>() {
+                    Ok(n) if n >= 1 => Some(n - 1),
+                    _ => return Err(format!("usb port {p} not found (hubs are not emulated)")),
+                },
+            },
             _ => None,
         };
         let name = match dev.spec.bus.as_deref() {
@@ -290,6 +325,9 @@ impl Buses {
                             "Can't create IDE unit {u}, bus supports only {} units",
                             bus.units
                         ),
+                        BusKind::Usb => {
+                            format!("usb port {} (bus {name}) not found (in use?)", u + 1)
+                        }
                         _ => format!("{}: unit {u} out of range", unit_prop.unwrap_or("unit")),
                     });
                 }
@@ -301,6 +339,9 @@ impl Buses {
                             u & 7
                         ),
                         BusKind::Ide => format!("IDE unit {u} is in use"),
+                        BusKind::Usb => {
+                            format!("usb port {} (bus {name}) not found (in use?)", u + 1)
+                        }
                         _ => format!("unit {u} on bus '{name}' is in use by {holder}"),
                     });
                 }

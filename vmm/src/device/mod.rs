@@ -24,6 +24,7 @@ pub mod kvm_pit;
 pub mod lsi;
 pub mod props;
 pub mod scsi;
+pub mod usb;
 pub mod virtio_blk;
 pub mod virtio_scsi;
 
@@ -103,6 +104,8 @@ pub static TYPES: &[&DeviceType] = &[
     &virtio_scsi::VIRTIO_SCSI_PCI_NON_TRANSITIONAL,
     &scsi::SCSI_HD,
     &scsi::SCSI_CD,
+    &usb::PIIX3_USB_UHCI,
+    &usb::USB_STORAGE,
     &fdc::FLOPPY,
     &fdc::ISA_FDC,
     &debugcon::ISA_DEBUGCON,

@@ -99,15 +99,39 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     if ctx.hotplugged && !port.can_hotplug() {
         return Err(format!("Bus '{}' does not support hotplugging", at.bus));
     }
-    let is_cd = dev.ty.name == "scsi-cd";
+    let (id, lun) = scsi_unit(at.unit);
+    let unit = build_unit(ctx, dev, dev.ty.name == "scsi-cd")?;
+    port.bus().attach(id, lun as u64, unit)?;
+    if ctx.hotplugged {
+        port.hotplugged(id, lun, true);
+    }
+    // device_del takes a unit off at once and tells the driver, as QEMU
+    // does for SCSI.
+    let p = port.clone();
+    ctx.detach = Some(Arc::new(move || {
+        p.bus().detach(id, lun as u64);
+        p.hotplugged(id, lun, false);
+    }));
+    let path = port.boot_path(id, lun);
+    ctx.boot_index(dev, path)
+}
+
+/// The SCSI logical unit `dev` describes, on the drive it names: a
+/// CD-ROM (`is_cd`; an empty drive is an empty tray) or a disk, with
+/// QEMU's scsi-disk properties. Shared by `scsi-hd`/`scsi-cd` and the
+/// devices that carry a unit inside (`usb-storage`).
+pub fn build_unit(
+    ctx: &mut AttachCtx,
+    dev: &Device,
+    is_cd: bool,
+) -> Result<Arc<dyn devices::scsi::Lun>, String> {
     let backend = ctx.claim_drive(dev)?;
     // A CD-ROM keeps an empty drive's backend: a medium can go into it.
     let backend = backend.filter(|b| is_cd || b.is_inserted());
     if let (Some(b), Some(wce)) = (&backend, dev.props.on_off_auto("write-cache")) {
         b.set_write_cache(wce);
     }
-    let (id, lun) = scsi_unit(at.unit);
-    let unit: Arc<dyn devices::scsi::Lun> = if is_cd {
+    Ok(if is_cd {
         let cd = Arc::new(CdRom::new(Transport::Scsi, backend));
         if let Some(p) = field(dev, "product", 16)? {
             cd.set_product(&p);
@@ -142,20 +166,7 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
             command_queuing: true,
         };
         Arc::new(Disk::new(backend, opts)?)
-    };
-    port.bus().attach(id, lun as u64, unit)?;
-    if ctx.hotplugged {
-        port.hotplugged(id, lun, true);
-    }
-    // device_del takes a unit off at once and tells the driver, as QEMU
-    // does for SCSI.
-    let p = port.clone();
-    ctx.detach = Some(Arc::new(move || {
-        p.bus().detach(id, lun as u64);
-        p.hotplugged(id, lun, false);
-    }));
-    let path = port.boot_path(id, lun);
-    ctx.boot_index(dev, path)
+    })
 }
 
 /// QEMU's legacy SCSI command line: an HBA built at start-up whose bus is

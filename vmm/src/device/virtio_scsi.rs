@@ -147,14 +147,8 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     Ok(())
 }
 
-/// `ID.0`, or the next free `scsi.N` for an HBA without an id, as QEMU
+/// An HBA's SCSI bus name: `ID.0`, or the next free `scsi.N`, as QEMU
 /// names SCSI buses.
 pub fn bus_name(ctx: &AttachCtx, id: Option<&str>) -> String {
-    match id {
-        Some(id) => format!("{id}.0"),
-        None => (0..)
-            .map(|n| format!("scsi.{n}"))
-            .find(|n| !ctx.buses.exists(n))
-            .unwrap_or_default(),
-    }
+    super::bus::child_bus_name(ctx.buses, id, "scsi")
 }

@@ -463,6 +463,22 @@ pub(super) fn assemble(
         detach: None,
         timers: host.timers.clone(),
     };
+    // `-usb`: the PIIX3's UHCI function (01.2) on `pc`, as QEMU's board
+    // adds it. q35's ICH9 USB controllers (EHCI with UHCI companions)
+    // are not emulated yet: `-usb` there is refused rather than ignored.
+    if cfg.usb {
+        if chipset.kind != ChipsetKind::I440fx {
+            return Err(MachineError::Config(
+                "-usb: the q35 machine's USB controllers (ICH9 EHCI/UHCI) are not emulated yet; use -device piix3-usb-uhci".into(),
+            ));
+        }
+        let addr = device::PropType::PciDevfn
+            .parse("addr", "1.2")
+            .map_err(MachineError::Config)?;
+        let spec = DeviceSpec::new("piix3-usb-uhci", None, vec![("addr", addr)], "-usb".into())
+            .map_err(MachineError::Config)?;
+        device::realize(&mut ctx, &spec).map_err(MachineError::Config)?;
+    }
     // The devices of `-drive if=...` first, as QEMU's board init creates
     // them before the `-device`s.
     for d in storage.drives() {

@@ -389,7 +389,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         .hotplug
         .as_ref()
         .ok_or_else(|| QmpError::generic("Bus 'pci.0' does not support hotplugging"))?;
-    if !matches!(spec.ty.bus, BusKind::Pci | BusKind::Scsi) {
+    if !matches!(spec.ty.bus, BusKind::Pci | BusKind::Scsi | BusKind::Usb) {
         let hp = devices::bus::lock(hp);
         let bus = spec
             .bus

@@ -1,0 +1,187 @@
+//! USB as `-device` sees it: the host controllers that own USB buses
+//! (`piix3-usb-uhci`, the one `-usb` builds on `pc`) and the devices
+//! that plug into their root ports (`usb-storage`). A controller
+//! registers its bus as `ID.0` (or `usb-bus.N` without an id) with one
+//! unit per root port; a device's `port=N` is unit N-1
+//! ([`super::bus::UsbPort`]).
+
+use std::sync::{Arc, Mutex};
+
+use block::drive::Media;
+use devices::usb::storage::{StorageOptions, UsbStorage};
+use devices::usb::{Uhci, UsbDevice};
+
+use super::bus::{child_bus_name, pci_boot_path, BusKind, Placement, Port, UsbPort};
+use super::props::{PropDef, PropType};
+use super::{AttachCtx, Category, Device, DeviceType};
+
+pub static PIIX3_USB_UHCI: DeviceType = DeviceType {
+    name: "piix3-usb-uhci",
+    aliases: &[],
+    category: Category::Usb,
+    bus: BusKind::Pci,
+    desc: "",
+    user_creatable: true,
+    props: &[
+        PropDef::new("masterbus", PropType::Str, "").ignored(),
+        PropDef::new("firstport", PropType::U32, "")
+            .default("0")
+            .ignored(),
+        PropDef::new("bandwidth", PropType::U32, "")
+            .default("1280")
+            .ignored(),
+        PropDef::new("maxframes", PropType::U32, "")
+            .default("128")
+            .ignored(),
+    ],
+    create: create_uhci,
+};
+
+/// A UHCI's two root ports.
+struct UhciPorts {
+    hc: Arc<Mutex<Uhci>>,
+    path: String,
+}
+
+impl UsbPort for UhciPorts {
+    fn attach(&self, unit: u32, dev: Box<dyn UsbDevice>) -> Result<(), String> {
+        devices::bus::lock(&self.hc).attach(unit as usize, dev)
+    }
+    fn detach(&self, unit: u32) {
+        devices::bus::lock(&self.hc).detach(unit as usize);
+    }
+    fn boot_path(&self) -> String {
+        self.path.clone()
+    }
+}
+
+fn create_uhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
+    let Port::Pci(pci) = &at.port else {
+        return Err(format!("bus '{}' is not a PCI bus", at.bus));
+    };
+    let (slot, func) = at.devfn();
+    // The PIIX3's UHCI interrupts on pin D.
+    let hc = Uhci::new(
+        Arc::new(ctx.ram.clone()),
+        ctx.intx.line(slot, 4),
+        ctx.timers.clock(),
+    );
+    let hc = Arc::new(Mutex::new(hc));
+    // The frame clock: the controller arms it when the driver starts it,
+    // and each expiry runs the frames due and re-arms for the next.
+    let timer = ctx
+        .timers
+        .polling(Arc::downgrade(&hc), |u: &mut Uhci| u.poll());
+    devices::bus::lock(&hc).set_frame_timer(Arc::new(move |at| timer.arm_at(at)));
+    pci.add(slot, func, hc.clone())?;
+    let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "usb-bus");
+    ctx.buses.register(
+        &name,
+        BusKind::Usb,
+        devices::usb::uhci::PORTS as u32,
+        Port::Usb(Arc::new(UhciPorts {
+            hc,
+            path: usb_boot_path(pci_boot_path((slot, func))),
+        })),
+    );
+    Ok(())
+}
+
+/// SeaBIOS knows a USB controller's function as `usb@SLOT,FN`, not by
+/// the `*@` wildcard the other PCI paths use.
+fn usb_boot_path(pci: String) -> String {
+    pci.replace("/*@", "/usb@")
+}
+
+pub static USB_STORAGE: DeviceType = DeviceType {
+    name: "usb-storage",
+    aliases: &[],
+    category: Category::Storage,
+    bus: BusKind::Usb,
+    desc: "",
+    user_creatable: true,
+    props: &[
+        PropDef::new(
+            "drive",
+            PropType::Str,
+            "Node name or ID of a block device to use as a backend",
+        ),
+        PropDef::new("port", PropType::Str, ""),
+        PropDef::new("serial", PropType::Str, ""),
+        PropDef::new("removable", PropType::Bool, "on/off").default("false"),
+        PropDef::new("bootindex", PropType::I32, ""),
+        PropDef::new(
+            "logical_block_size",
+            PropType::Size,
+            "A power of two between 512 B and 2 MiB",
+        )
+        .default("512"),
+        PropDef::new(
+            "physical_block_size",
+            PropType::Size,
+            "A power of two between 512 B and 2 MiB",
+        )
+        .default("512"),
+        PropDef::new("write-cache", PropType::OnOffAuto, "on/off/auto").default("auto"),
+        PropDef::new("min_io_size", PropType::Size, "")
+            .default("0")
+            .ignored(),
+        PropDef::new("opt_io_size", PropType::Size, "")
+            .default("0")
+            .ignored(),
+        PropDef::new("discard_granularity", PropType::Size, "")
+            .default("4294967295")
+            .ignored(),
+        PropDef::new("share-rw", PropType::Bool, "")
+            .default("false")
+            .ignored(),
+        PropDef::new("account-invalid", PropType::OnOffAuto, "on/off/auto")
+            .default("auto")
+            .ignored(),
+        PropDef::new("account-failed", PropType::OnOffAuto, "on/off/auto")
+            .default("auto")
+            .ignored(),
+        PropDef::new("commandlog", PropType::Bool, "on/off")
+            .default("false")
+            .ignored(),
+        PropDef::new("pcap", PropType::Str, "").ignored(),
+        PropDef::new("msos-desc", PropType::Bool, "on/off")
+            .default("true")
+            .ignored(),
+        PropDef::new("attached", PropType::Bool, "")
+            .default("true")
+            .ignored(),
+    ],
+    create: create_storage,
+};
+
+fn create_storage(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
+    let Port::Usb(port) = &at.port else {
+        return Err(format!("bus '{}' is not a USB bus", at.bus));
+    };
+    if dev.props.str("drive").is_none() {
+        return Err("drive property not set".into());
+    }
+    // QEMU's usb-storage makes a scsi-cd for a CD-ROM drive and a
+    // scsi-hd otherwise, as LUN 0 of its own SCSI bus.
+    let is_cd = ctx
+        .storage
+        .drives()
+        .iter()
+        .any(|d| Some(d.id.as_str()) == dev.props.str("drive") && d.media == Media::Cdrom);
+    let unit = super::scsi::build_unit(ctx, dev, is_cd)?;
+    let serial = dev.props.str("serial").map(str::to_string);
+    let storage = UsbStorage::new(StorageOptions { serial });
+    storage.attach(0, unit)?;
+    port.attach(at.unit, Box::new(storage))?;
+    let (p, unit) = (port.clone(), at.unit);
+    ctx.detach = Some(Arc::new(move || p.detach(unit)));
+    // SeaBIOS's usb-msc driver: `storage@PORT/channel@0/disk@0,0` below
+    // the controller.
+    let path = format!(
+        "{}/storage@{}/channel@0/disk@0,0",
+        port.boot_path(),
+        at.unit + 1
+    );
+    ctx.boot_index(dev, path)
+}
