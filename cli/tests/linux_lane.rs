@@ -347,3 +347,37 @@ fn linux_sym53c8xx_reads_disk_and_cd() {
     assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
     assert!(!out.contains("GUEST-ERR"), "{out}");
 }
+
+/// The kernel's `uhci_hcd` and `usb-storage` drivers on `-usb`'s PIIX3
+/// UHCI (frames on Strata's frame clock, Bulk-Only Transport on the
+/// shared SCSI target): a disk and a CD-ROM, each a `usb-storage` on its
+/// own root port, read whole through `sd` and `sr` and checksummed.
+#[test]
+fn linux_usb_storage_on_uhci_reads_disk_and_cd() {
+    if !kvm_available("linux_usb_storage_on_uhci_reads_disk_and_cd") {
+        return;
+    }
+    let dir = scratch("linux-lane-uhci-img");
+    let disk = dir.join("disk.img");
+    let cd = dir.join("cd.iso");
+    let disk_sum = make_image(&disk, 4 << 20, 0x0b_1001);
+    let cd_sum = make_image(&cd, 1 << 20, 0x0b_10cd);
+    let devices = vec![
+        "-usb".into(),
+        "-drive".into(),
+        drive(&disk, "if=none,id=stick"),
+        "-device".into(),
+        "usb-storage,drive=stick,port=1".into(),
+        "-drive".into(),
+        drive(&cd, "if=none,id=c0,media=cdrom"),
+        "-device".into(),
+        "usb-storage,drive=c0,port=2".into(),
+    ];
+    let (out, _) = boot(
+        "linux-lane-uhci",
+        &devices,
+        &format!("check=sda:{SECTORS},sr0:{SECTORS}"),
+    );
+    assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+}
