@@ -1,6 +1,6 @@
 #!/bin/sh
 # Builds QEMU's own qtest binaries (ide-test, ahci-test, fdc-test, qos-test,
-# fuzz-lsi53c895a-test), the peer suite
+# fuzz-lsi53c895a-test, usb-hcd-uhci/ehci/xhci-test), the peer suite
 # that `make qtest-peer` runs against Strata, from Debian's source package
 # of the qemu-system-x86 that is installed (or, if none is, the candidate
 # apt would install). Nothing of QEMU's source lands in the checkout: the
@@ -8,7 +8,7 @@
 # a no-op and a new Debian update rebuilds.
 #
 # Prints the cache directory holding bin/ide-test, bin/ahci-test,
-# bin/fdc-test, bin/qos-test and bin/fuzz-lsi53c895a-test.
+# bin/fdc-test, bin/qos-test, bin/fuzz-lsi53c895a-test and bin/usb-hcd-*-test.
 set -eu
 
 log() { echo "qtest-peer: $*" >&2; }
@@ -44,7 +44,8 @@ CACHE=${STRATA_QTEST_PEER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata/qtest-pe
 OUT=$CACHE/$(echo "$SRCVER" | tr ':' '_')-asan
 if [ -x "$OUT/bin/ide-test" ] && [ -x "$OUT/bin/ahci-test" ] &&
    [ -x "$OUT/bin/fdc-test" ] && [ -x "$OUT/bin/qos-test" ] &&
-   [ -x "$OUT/bin/fuzz-lsi53c895a-test" ]; then
+   [ -x "$OUT/bin/fuzz-lsi53c895a-test" ] && [ -x "$OUT/bin/usb-hcd-uhci-test" ] &&
+   [ -x "$OUT/bin/usb-hcd-ehci-test" ] && [ -x "$OUT/bin/usb-hcd-xhci-test" ]; then
     echo "$OUT"
     exit 0
 fi
@@ -113,13 +114,14 @@ nice -n 19 "../$SRCDIR/configure" --target-list=x86_64-softmmu \
     --without-default-features --disable-docs --enable-tools --enable-sanitizers \
     --disable-user --disable-werror --meson=meson >configure.log 2>&1 ||
     { tail -n 40 configure.log >&2; exit 1; }
+USB_TESTS="tests/qtest/usb-hcd-uhci-test tests/qtest/usb-hcd-ehci-test tests/qtest/usb-hcd-xhci-test"
 nice -n 19 ninja tests/qtest/qos-test tests/qtest/ide-test tests/qtest/ahci-test tests/qtest/fdc-test \
-    tests/qtest/fuzz-lsi53c895a-test >ninja.log 2>&1 ||
+    tests/qtest/fuzz-lsi53c895a-test $USB_TESTS >ninja.log 2>&1 ||
     { tail -n 40 ninja.log >&2; exit 1; }
 
 mkdir -p "$OUT.tmp/bin"
 cp tests/qtest/qos-test tests/qtest/ide-test tests/qtest/ahci-test tests/qtest/fdc-test \
-    tests/qtest/fuzz-lsi53c895a-test "$OUT.tmp/bin/"
+    tests/qtest/fuzz-lsi53c895a-test $USB_TESTS "$OUT.tmp/bin/"
 echo "$SRCNAME $SRCVER (qemu-system-x86 $BINVER)" >"$OUT.tmp/VERSION"
 rm -rf "$OUT"
 mv "$OUT.tmp" "$OUT"

@@ -1,7 +1,7 @@
 #!/bin/sh
 # The peer suite: QEMU 7.2's own qtest binaries (ide-test, ahci-test,
-# fdc-test, fuzz-lsi53c895a-test, and qos-test's virtio-blk and
-# virtio-scsi cases) run against Strata, as libqtest runs them against
+# fdc-test, fuzz-lsi53c895a-test, usb-hcd-uhci/ehci/xhci-test, and
+# qos-test's virtio-blk and virtio-scsi cases) run against Strata, as libqtest runs them against
 # qemu-system-x86_64. Each case runs in its own process (`-p PATH`) under a
 # timeout, so a hang or a crash fails that case only, and its TAP line
 # decides pass or fail.
@@ -66,6 +66,10 @@ QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep -E '/v
     sed 's|^|qos-test |' >>"$LOGS/cases"
 QTEST_LOG= "$PEER/bin/fuzz-lsi53c895a-test" -l 2>>"$LOGS/list.log" | grep '^/' |
     sed 's|^|fuzz-lsi53c895a-test |' >>"$LOGS/cases"
+for t in usb-hcd-uhci-test usb-hcd-ehci-test usb-hcd-xhci-test; do
+    QTEST_LOG= "$PEER/bin/$t" -l 2>>"$LOGS/list.log" | grep '^/' |
+        sed "s|^|$t |" >>"$LOGS/cases"
+done
 if [ -n "$FILTER" ]; then
     grep -E "$FILTER" "$LOGS/cases" >"$LOGS/cases.f" || true
     mv "$LOGS/cases.f" "$LOGS/cases"
@@ -90,8 +94,9 @@ while read -r bin case why; do
 done <"$LOGS/notrun"
 
 # Binaries whose cases build on each other (fdc-test's drive state flows
-# from case to case) run whole, once.
-WHOLE="fdc-test"
+# from case to case; usb-hcd-ehci-test's port routing changes in one case
+# and is checked in the next) run whole, once.
+WHOLE="fdc-test usb-hcd-ehci-test"
 
 # pass/fail: cases of expected-pass; new/other: the rest.
 pass=0 fail=0 other=0 new=0 missing=0

@@ -40,6 +40,7 @@
 //! - [`control`]: control transfers from packets, for UHCI/EHCI.
 //! - [`bot`]: the Bulk-Only Transport wrappers (CBW, CSW).
 //! - [`storage`]: `usb-storage`, the mass storage device on a SCSI bus.
+//! - [`hid`]: `usb-tablet`, the HID pointer.
 //! - [`uhci`]: the PIIX3 UHCI host controller.
 
 pub mod bot;
@@ -47,6 +48,7 @@ pub mod control;
 pub mod core;
 pub mod desc;
 pub mod fuzz;
+pub mod hid;
 pub mod setup;
 pub mod storage;
 pub mod uhci;

@@ -106,6 +106,7 @@ pub static TYPES: &[&DeviceType] = &[
     &scsi::SCSI_CD,
     &usb::PIIX3_USB_UHCI,
     &usb::USB_STORAGE,
+    &usb::USB_TABLET,
     &fdc::FLOPPY,
     &fdc::ISA_FDC,
     &debugcon::ISA_DEBUGCON,

@@ -185,3 +185,47 @@ fn create_storage(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<()
     );
     ctx.boot_index(dev, path)
 }
+
+pub static USB_TABLET: DeviceType = DeviceType {
+    name: "usb-tablet",
+    aliases: &[],
+    category: Category::Input,
+    bus: BusKind::Usb,
+    desc: "",
+    user_creatable: true,
+    props: &[
+        PropDef::new("port", PropType::Str, ""),
+        PropDef::new("usb_version", PropType::U32, "").default("2"),
+        PropDef::new("serial", PropType::Str, "").ignored(),
+        PropDef::new("display", PropType::Str, "").ignored(),
+        PropDef::new("head", PropType::U32, "")
+            .default("0")
+            .ignored(),
+        PropDef::new("msos-desc", PropType::Bool, "on/off")
+            .default("true")
+            .ignored(),
+        PropDef::new("pcap", PropType::Str, "").ignored(),
+        PropDef::new("attached", PropType::Bool, "")
+            .default("true")
+            .ignored(),
+    ],
+    create: create_tablet,
+};
+
+fn create_tablet(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
+    let Port::Usb(port) = &at.port else {
+        return Err(format!("bus '{}' is not a USB bus", at.bus));
+    };
+    let high_speed = match dev.props.uint("usb_version").unwrap_or(2) {
+        1 => false,
+        2 => true,
+        v => return Err(format!("usb_version {v} not supported (1 or 2)")),
+    };
+    port.attach(
+        at.unit,
+        Box::new(devices::usb::hid::UsbTablet::new(high_speed)),
+    )?;
+    let (p, unit) = (port.clone(), at.unit);
+    ctx.detach = Some(Arc::new(move || p.detach(unit)));
+    Ok(())
+}
