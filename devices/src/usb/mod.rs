@@ -41,6 +41,7 @@
 //! - [`bot`]: the Bulk-Only Transport wrappers (CBW, CSW).
 //! - [`storage`]: `usb-storage`, the mass storage device on a SCSI bus.
 //! - [`uhci`]: the PIIX3 UHCI host controller.
+//! - [`xhci`]: the xHCI host controller (`qemu-xhci`, `nec-usb-xhci`).
 
 pub mod bot;
 pub mod control;
@@ -50,6 +51,7 @@ pub mod fuzz;
 pub mod setup;
 pub mod storage;
 pub mod uhci;
+pub mod xhci;
 
 use std::sync::Arc;
 
