@@ -51,6 +51,7 @@
 
 pub mod context;
 pub mod event;
+pub mod fuzz;
 pub mod regs;
 pub mod ring;
 #[cfg(test)]
