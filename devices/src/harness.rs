@@ -355,6 +355,12 @@ pub fn usb_bot(data: &[u8]) {
     crate::usb::fuzz::run(data)
 }
 
+/// The xHCI: TRBs, rings, commands and transfers from guest memory
+/// (see [`crate::usb::xhci::fuzz`] for the input format).
+pub fn xhci_ring(data: &[u8]) {
+    crate::usb::xhci::fuzz::run(data)
+}
+
 /// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
@@ -364,6 +370,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "scsi_cdb" => Some(scsi_cdb),
         "usb_bot" => Some(usb_bot),
         "virtio_chain" => Some(virtio_chain),
+        "xhci_ring" => Some(xhci_ring),
         _ => None,
     }
 }

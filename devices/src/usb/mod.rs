@@ -42,6 +42,7 @@
 //! - [`storage`]: `usb-storage`, the mass storage device on a SCSI bus.
 //! - [`hid`]: `usb-tablet`, the HID pointer.
 //! - [`uhci`]: the PIIX3 UHCI host controller.
+//! - [`xhci`]: the xHCI host controller (`qemu-xhci`, `nec-usb-xhci`).
 
 pub mod bot;
 pub mod control;
@@ -52,6 +53,7 @@ pub mod hid;
 pub mod setup;
 pub mod storage;
 pub mod uhci;
+pub mod xhci;
 
 use std::sync::Arc;
 
