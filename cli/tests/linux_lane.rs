@@ -381,3 +381,39 @@ fn linux_usb_storage_on_uhci_reads_disk_and_cd() {
     assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
     assert!(!out.contains("GUEST-ERR"), "{out}");
 }
+
+/// The kernel's `xhci_hcd` (MSI-X) and `usb-storage` drivers on
+/// `qemu-xhci`: a disk and a CD-ROM, each a `usb-storage` (SuperSpeed,
+/// so on the USB 3 ports) read whole through `sd` and `sr` and
+/// checksummed; the reads NAK while block I/O is in flight and complete
+/// on the device's wakeup.
+#[test]
+fn linux_usb_storage_on_xhci_reads_disk_and_cd() {
+    if !kvm_available("linux_usb_storage_on_xhci_reads_disk_and_cd") {
+        return;
+    }
+    let dir = scratch("linux-lane-xhci-img");
+    let disk = dir.join("disk.img");
+    let cd = dir.join("cd.iso");
+    let disk_sum = make_image(&disk, 4 << 20, 0x0c_1001);
+    let cd_sum = make_image(&cd, 1 << 20, 0x0c_10cd);
+    let devices = vec![
+        "-device".into(),
+        "qemu-xhci,id=xhci".into(),
+        "-drive".into(),
+        drive(&disk, "if=none,id=stick"),
+        "-device".into(),
+        "usb-storage,bus=xhci.0,drive=stick,port=1".into(),
+        "-drive".into(),
+        drive(&cd, "if=none,id=c0,media=cdrom"),
+        "-device".into(),
+        "usb-storage,bus=xhci.0,drive=c0,port=2".into(),
+    ];
+    let (out, _) = boot(
+        "linux-lane-xhci",
+        &devices,
+        &format!("check=sda:{SECTORS},sr0:{SECTORS}"),
+    );
+    assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+}

@@ -1,8 +1,11 @@
-//! Booting from USB mass storage under KVM with SeaBIOS: the project's
-//! boot program (images/ide/bootsect.S, 256 sectors read through INT 13h
-//! and checked) from a `usb-storage` on the PIIX3 UHCI that `-usb` adds
+//! Booting from USB mass storage under KVM with SeaBIOS (bios-256k.bin,
+//! whose xHCI driver the plain bios.bin lacks): the project's boot
+//! program (images/ide/bootsect.S, 256 sectors read through INT 13h and
+//! checked) from a `usb-storage` on the PIIX3 UHCI that `-usb` adds
 //! (SeaBIOS's usb-uhci and usb-msc drivers over Strata's UHCI frame
-//! clock and Bulk-Only Transport), and GRUB's rescue USB image
+//! clock and Bulk-Only Transport) and on `qemu-xhci` and `nec-usb-xhci`
+//! (SeaBIOS's usb-xhci driver: rings, slots, MSI-less interrupts by
+//! polling), and GRUB's rescue USB image
 //! (`grub-rescue-usb.img`) as a USB stick. Each test skips loudly when
 //! /dev/kvm is unusable.
 
@@ -52,6 +55,39 @@ fn seabios_boots_usb_storage_on_uhci() {
         TIMEOUT,
     );
     assert!(out.contains("STRATA-BOOT-OK"), "{out}");
+}
+
+fn boot_on_xhci(name: &str, model: &str) {
+    if skip(name) {
+        return;
+    }
+    let dir = scratch(name);
+    let drive = format!("file={},format=raw,if=none,id=stick", boot_disk(&dir));
+    let hc = format!("{model},id=xhci");
+    let out = boot_until(
+        &dir,
+        &[
+            "-device",
+            &hc,
+            "-drive",
+            &drive,
+            "-device",
+            "usb-storage,bus=xhci.0,port=2,drive=stick,bootindex=0",
+        ],
+        &["STRATA-BOOT-OK", "STRATA-BOOT-FAIL", "No bootable device"],
+        TIMEOUT,
+    );
+    assert!(out.contains("STRATA-BOOT-OK"), "{out}");
+}
+
+#[test]
+fn seabios_boots_usb_storage_on_qemu_xhci() {
+    boot_on_xhci("seabios_boots_usb_storage_on_qemu_xhci", "qemu-xhci");
+}
+
+#[test]
+fn seabios_boots_usb_storage_on_nec_xhci() {
+    boot_on_xhci("seabios_boots_usb_storage_on_nec_xhci", "nec-usb-xhci");
 }
 
 #[test]

@@ -105,6 +105,8 @@ pub static TYPES: &[&DeviceType] = &[
     &scsi::SCSI_HD,
     &scsi::SCSI_CD,
     &usb::PIIX3_USB_UHCI,
+    &usb::QEMU_XHCI,
+    &usb::NEC_USB_XHCI,
     &usb::USB_STORAGE,
     &usb::USB_TABLET,
     &fdc::FLOPPY,

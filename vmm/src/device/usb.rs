@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use block::drive::Media;
 use devices::usb::storage::{StorageOptions, UsbStorage};
+use devices::usb::xhci::{Xhci, XhciOptions};
 use devices::usb::{Uhci, UsbDevice};
 
 use super::bus::{child_bus_name, pci_boot_path, BusKind, Placement, Port, UsbPort};
@@ -91,6 +92,113 @@ fn create_uhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
 /// the `*@` wildcard the other PCI paths use.
 fn usb_boot_path(pci: String) -> String {
     pci.replace("/*@", "/usb@")
+}
+
+/// `qemu-xhci` (1b36:000d) and `nec-usb-xhci` (1033:0194): xHCI with
+/// USB 2 and USB 3 root ports, MSI-X (and MSI on the NEC) or INTx.
+pub static QEMU_XHCI: DeviceType = DeviceType {
+    name: "qemu-xhci",
+    aliases: &[],
+    category: Category::Usb,
+    bus: BusKind::Pci,
+    desc: "",
+    user_creatable: true,
+    props: &[
+        PropDef::new("p2", PropType::U32, "").default("4"),
+        PropDef::new("p3", PropType::U32, "").default("4"),
+        PropDef::new("msi", PropType::OnOffAuto, "on/off/auto").default("auto"),
+        PropDef::new("msix", PropType::OnOffAuto, "on/off/auto").default("auto"),
+        PropDef::new("intrs", PropType::U32, "").default("16"),
+        PropDef::new("slots", PropType::U32, "").default("64"),
+        PropDef::new("streams", PropType::Bool, "on/off")
+            .default("true")
+            .ignored(),
+        PropDef::new("superspeed-ports-first", PropType::Bool, "on/off")
+            .default("true")
+            .ignored(),
+        PropDef::new("force-pcie-endcap", PropType::Bool, "on/off")
+            .default("false")
+            .ignored(),
+    ],
+    create: create_xhci,
+};
+
+pub static NEC_USB_XHCI: DeviceType = DeviceType {
+    name: "nec-usb-xhci",
+    ..QEMU_XHCI
+};
+
+/// An xHCI's root ports: unit N is QEMU's `port=N+1`, a USB 2 and a
+/// USB 3 port the controller picks between by the device's speed.
+struct XhciPorts {
+    hc: Arc<Mutex<Xhci>>,
+    path: String,
+}
+
+impl UsbPort for XhciPorts {
+    fn attach(&self, unit: u32, dev: Box<dyn UsbDevice>) -> Result<(), String> {
+        devices::bus::lock(&self.hc)
+            .attach(unit as usize, dev)
+            .map(|_| ())
+    }
+    fn detach(&self, unit: u32) {
+        devices::bus::lock(&self.hc).detach(unit as usize);
+    }
+    fn boot_path(&self) -> String {
+        self.path.clone()
+    }
+}
+
+fn create_xhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
+    let Port::Pci(pci) = &at.port else {
+        return Err(format!("bus '{}' is not a PCI bus", at.bus));
+    };
+    let (slot, func) = at.devfn();
+    let mut opts = match dev.ty.name {
+        "nec-usb-xhci" => XhciOptions::nec(),
+        _ => XhciOptions::qemu(),
+    };
+    let count = |k: &str, default: usize| dev.props.uint(k).map_or(default, |v| v as usize);
+    opts.p2 = count("p2", opts.p2);
+    opts.p3 = count("p3", opts.p3);
+    opts.intrs = count("intrs", opts.intrs);
+    opts.slots = count("slots", opts.slots);
+    // `auto` keeps the model's default; `on`/`off` force it.
+    if let Some(v) = dev.props.on_off_auto("msi") {
+        opts.msi = v;
+    }
+    if let Some(v) = dev.props.on_off_auto("msix") {
+        opts.msix = v;
+    }
+    let hc = Xhci::new(
+        Arc::new(ctx.ram.clone()),
+        ctx.intx.line(slot, 1),
+        ctx.msi.clone(),
+        ctx.timers.clock(),
+        opts,
+    )?;
+    let hc = Arc::new(Mutex::new(hc));
+    // A device that NAKed and now has data wakes the controller from
+    // any thread, even from inside the controller's own call into it:
+    // the kick only arms a timer for now, whose callback takes the
+    // controller's lock and re-runs the woken endpoints.
+    let timer = ctx.timers.polling(Arc::downgrade(&hc), |x: &mut Xhci| {
+        x.process_wakeups();
+        None
+    });
+    devices::bus::lock(&hc).set_kick(Arc::new(move || timer.arm_in(0)));
+    pci.add(slot, func, hc.clone())?;
+    let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "usb-bus");
+    ctx.buses.register(
+        &name,
+        BusKind::Usb,
+        opts.p2.max(opts.p3) as u32,
+        Port::Usb(Arc::new(XhciPorts {
+            hc,
+            path: usb_boot_path(pci_boot_path((slot, func))),
+        })),
+    );
+    Ok(())
 }
 
 pub static USB_STORAGE: DeviceType = DeviceType {

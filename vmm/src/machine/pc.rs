@@ -469,7 +469,7 @@ pub(super) fn assemble(
     if cfg.usb {
         if chipset.kind != ChipsetKind::I440fx {
             return Err(MachineError::Config(
-                "-usb: the q35 machine's USB controllers (ICH9 EHCI/UHCI) are not emulated yet; use -device piix3-usb-uhci".into(),
+                "-usb: the q35 machine's USB controllers (ICH9 EHCI/UHCI) are not emulated yet; use -device qemu-xhci or piix3-usb-uhci".into(),
             ));
         }
         let addr = device::PropType::PciDevfn
