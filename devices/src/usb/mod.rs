@@ -40,12 +40,15 @@
 //! - [`control`]: control transfers from packets, for UHCI/EHCI.
 //! - [`bot`]: the Bulk-Only Transport wrappers (CBW, CSW).
 //! - [`storage`]: `usb-storage`, the mass storage device on a SCSI bus.
-//! - [`uhci`]: the PIIX3 UHCI host controller.
+//! - [`uhci`]: the PIIX3 UHCI host controller (and the ICH9's, as EHCI
+//!   companions).
+//! - [`ehci`]: the ICH9 EHCI host controller.
 
 pub mod bot;
 pub mod control;
 pub mod core;
 pub mod desc;
+pub mod ehci;
 pub mod fuzz;
 pub mod setup;
 pub mod storage;
