@@ -1,6 +1,6 @@
 //! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
 //! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile,
-//! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot) and seeded random inputs through the same
+//! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot, fuzz/corpus/usb_ehci) and seeded random inputs through the same
 //! harnesses cargo fuzz runs.
 
 use std::path::PathBuf;
@@ -59,4 +59,9 @@ fn lsi_corpus() {
 #[test]
 fn usb_bot_corpus() {
     corpus("usb_bot");
+}
+
+#[test]
+fn usb_ehci_corpus() {
+    corpus("usb_ehci");
 }

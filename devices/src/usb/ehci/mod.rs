@@ -25,6 +25,7 @@
 //! buffer outside guest RAM (or DMA with bus mastering off) is a Host
 //! System Error, which halts the controller.
 
+pub mod fuzz;
 pub mod qh;
 pub mod qtd;
 pub mod regs;
