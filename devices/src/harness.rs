@@ -361,6 +361,12 @@ pub fn xhci_ring(data: &[u8]) {
     crate::usb::xhci::fuzz::run(data)
 }
 
+/// The EHCI: queue heads and qTDs parsed, and schedules walked over
+/// the input as guest RAM (see [`crate::usb::ehci::fuzz`]).
+pub fn usb_ehci(data: &[u8]) {
+    crate::usb::ehci::fuzz::run(data)
+}
+
 /// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
@@ -369,6 +375,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "lsi" => Some(lsi),
         "scsi_cdb" => Some(scsi_cdb),
         "usb_bot" => Some(usb_bot),
+        "usb_ehci" => Some(usb_ehci),
         "virtio_chain" => Some(virtio_chain),
         "xhci_ring" => Some(xhci_ring),
         _ => None,

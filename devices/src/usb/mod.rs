@@ -41,13 +41,16 @@
 //! - [`bot`]: the Bulk-Only Transport wrappers (CBW, CSW).
 //! - [`storage`]: `usb-storage`, the mass storage device on a SCSI bus.
 //! - [`hid`]: `usb-tablet`, the HID pointer.
-//! - [`uhci`]: the PIIX3 UHCI host controller.
+//! - [`uhci`]: the PIIX3 UHCI host controller (and the ICH9's, as EHCI
+//!   companions).
+//! - [`ehci`]: the ICH9 EHCI host controller.
 //! - [`xhci`]: the xHCI host controller (`qemu-xhci`, `nec-usb-xhci`).
 
 pub mod bot;
 pub mod control;
 pub mod core;
 pub mod desc;
+pub mod ehci;
 pub mod fuzz;
 pub mod hid;
 pub mod setup;

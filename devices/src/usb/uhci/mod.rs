@@ -48,6 +48,8 @@ use schedule::{ctrl, Link, Qh, Td, TdPid};
 
 pub const VENDOR_ID: u16 = 0x8086;
 pub const DEVICE_ID: u16 = 0x7020;
+/// The ICH9 UHCI functions: 2934h (UHCI1) to 2939h (UHCI6).
+pub const ICH9_DEVICE_ID_BASE: u16 = 0x2934;
 /// Serial bus controller, USB, UHCI.
 const CLASS: u32 = 0x0c_03_00;
 /// USBBASE.
@@ -188,9 +190,46 @@ pub struct Uhci {
 
 impl Uhci {
     pub fn new(mem: Arc<GuestMem>, irq: Arc<dyn IrqLine>, clock: Arc<dyn Clock>) -> Uhci {
-        let mut config = PciConfig::new(VENDOR_ID, DEVICE_ID, CLASS, 0x01);
+        Self::with_identity(DEVICE_ID, 0x01, 4, mem, irq, clock)
+    }
+
+    /// The ICH9 UHCI function `n` (1..=6), QEMU's `ich9-usb-uhci<n>`
+    /// (8086:2934 + n - 1, revision 3), the same registers as the PIIX3's.
+    /// Its interrupt pin is INTA#, INTB#, INTC#, INTA#, ... as QEMU gives
+    /// them (functions 0, 1, 2 of 1Dh and 1Ah). Used as a companion of
+    /// the ICH9 EHCI ([`crate::usb::ehci::Ehci::register_companion`]),
+    /// or alone.
+    pub fn ich9(
+        n: u8,
+        mem: Arc<GuestMem>,
+        irq: Arc<dyn IrqLine>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Uhci, String> {
+        if !(1..=6).contains(&n) {
+            return Err(format!("there is no ich9-usb-uhci{n} (1-6)"));
+        }
+        let pin = 1 + (n - 1) % 3;
+        Ok(Self::with_identity(
+            ICH9_DEVICE_ID_BASE + (n - 1) as u16,
+            0x03,
+            pin,
+            mem,
+            irq,
+            clock,
+        ))
+    }
+
+    fn with_identity(
+        device_id: u16,
+        revision: u8,
+        pin: u8,
+        mem: Arc<GuestMem>,
+        irq: Arc<dyn IrqLine>,
+        clock: Arc<dyn Clock>,
+    ) -> Uhci {
+        let mut config = PciConfig::new(VENDOR_ID, device_id, CLASS, revision);
         config.add_bar(BAR_IO, BarKind::Io, IO_SIZE);
-        config.set_interrupt_pin(4);
+        config.set_interrupt_pin(pin);
         config.set_subsystem(0x1af4, 0x1100);
         config.set_u8(SBRN, 0x10);
         config.set_u16(LEGSUP, 0x2000);
@@ -266,16 +305,32 @@ impl Uhci {
 
     /// Attaches `dev` to root port `index` (0 or 1) at the fastest speed
     /// both support (full or low): a connect the driver sees in PORTSC.
-    pub fn attach(&mut self, index: usize, mut dev: Box<dyn UsbDevice>) -> Result<(), String> {
-        let p = self
-            .ports
-            .get_mut(index)
-            .ok_or_else(|| format!("UHCI port {} does not exist (1-{PORTS})", index + 1))?;
+    pub fn attach(&mut self, index: usize, dev: Box<dyn UsbDevice>) -> Result<(), String> {
+        self.attach_or_return(index, dev).map_err(|(e, _)| e)
+    }
+
+    /// [`Uhci::attach`], giving the device back when it cannot attach
+    /// (an EHCI handing a device to its companion keeps it then).
+    pub fn attach_or_return(
+        &mut self,
+        index: usize,
+        mut dev: Box<dyn UsbDevice>,
+    ) -> Result<(), (String, Box<dyn UsbDevice>)> {
+        let Some(p) = self.ports.get_mut(index) else {
+            return Err((
+                format!("UHCI port {} does not exist (1-{PORTS})", index + 1),
+                dev,
+            ));
+        };
         if p.dev.is_some() {
-            return Err(format!("UHCI port {} is in use", index + 1));
+            return Err((format!("UHCI port {} is in use", index + 1), dev));
         }
-        let speed = best_speed(dev.speeds(), &[Speed::Low, Speed::Full])
-            .ok_or("the device cannot run at full or low speed, which UHCI needs")?;
+        let Some(speed) = best_speed(dev.speeds(), &[Speed::Low, Speed::Full]) else {
+            return Err((
+                "the device cannot run at full or low speed, which UHCI needs".into(),
+                dev,
+            ));
+        };
         dev.set_speed(speed);
         dev.reset();
         let count = self.wakeups.clone();
@@ -761,5 +816,23 @@ impl PciFunction for Uhci {
             self.write_reg(at & !1, v);
             i += n;
         }
+    }
+}
+
+/// A UHCI as an EHCI's companion (EHCI 4.2): its root ports are the
+/// EHCI's ports `firstport..firstport + PORTS`.
+impl crate::usb::ehci::Companion for Uhci {
+    fn ports(&self) -> usize {
+        PORTS
+    }
+    fn attach(
+        &mut self,
+        port: usize,
+        dev: Box<dyn UsbDevice>,
+    ) -> Result<(), (String, Box<dyn UsbDevice>)> {
+        self.attach_or_return(port, dev)
+    }
+    fn detach(&mut self, port: usize) -> Option<Box<dyn UsbDevice>> {
+        Uhci::detach(self, port)
     }
 }
