@@ -417,3 +417,39 @@ fn linux_usb_storage_on_xhci_reads_disk_and_cd() {
     assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
     assert!(!out.contains("GUEST-ERR"), "{out}");
 }
+
+/// The kernel's `ehci_hcd` (and `uhci_hcd` for the companions) and
+/// `usb-storage` on q35's `-usb`: the ICH9 EHCI takes the high-speed
+/// disk and CD-ROM once the driver sets CONFIGFLAG; both are read whole
+/// and checksummed.
+#[test]
+fn linux_usb_storage_on_q35_ehci_reads_disk_and_cd() {
+    if !kvm_available("linux_usb_storage_on_q35_ehci_reads_disk_and_cd") {
+        return;
+    }
+    let dir = scratch("linux-lane-ehci-img");
+    let disk = dir.join("disk.img");
+    let cd = dir.join("cd.iso");
+    let disk_sum = make_image(&disk, 4 << 20, 0x0e_1001);
+    let cd_sum = make_image(&cd, 1 << 20, 0x0e_10cd);
+    let devices = vec![
+        "-M".into(),
+        "q35".into(),
+        "-usb".into(),
+        "-drive".into(),
+        drive(&disk, "if=none,id=stick"),
+        "-device".into(),
+        "usb-storage,bus=usb-bus.0,drive=stick,port=1".into(),
+        "-drive".into(),
+        drive(&cd, "if=none,id=c0,media=cdrom"),
+        "-device".into(),
+        "usb-storage,bus=usb-bus.0,drive=c0,port=2".into(),
+    ];
+    let (out, _) = boot(
+        "linux-lane-ehci",
+        &devices,
+        &format!("check=sda:{SECTORS},sr0:{SECTORS}"),
+    );
+    assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+}

@@ -90,6 +90,33 @@ fn seabios_boots_usb_storage_on_nec_xhci() {
     boot_on_xhci("seabios_boots_usb_storage_on_nec_xhci", "nec-usb-xhci");
 }
 
+/// q35's `-usb`: the ICH9 EHCI with its UHCI companions; the
+/// high-speed usb-storage stays on the EHCI once SeaBIOS's usb-ehci
+/// driver sets CONFIGFLAG.
+#[test]
+fn seabios_boots_usb_storage_on_q35_ehci() {
+    if skip("seabios_boots_usb_storage_on_q35_ehci") {
+        return;
+    }
+    let dir = scratch("usb-kvm-ehci");
+    let drive = format!("file={},format=raw,if=none,id=stick", boot_disk(&dir));
+    let out = boot_until(
+        &dir,
+        &[
+            "-machine",
+            "q35",
+            "-usb",
+            "-drive",
+            &drive,
+            "-device",
+            "usb-storage,bus=usb-bus.0,drive=stick,bootindex=0",
+        ],
+        &["STRATA-BOOT-OK", "STRATA-BOOT-FAIL", "No bootable device"],
+        TIMEOUT,
+    );
+    assert!(out.contains("STRATA-BOOT-OK"), "{out}");
+}
+
 #[test]
 fn grub_rescue_usb_image_boots_from_usb_storage_on_uhci() {
     if skip("grub_rescue_usb_image_boots_from_usb_storage_on_uhci") {

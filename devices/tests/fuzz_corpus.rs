@@ -1,11 +1,8 @@
 //! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
 //! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile,
-<<<<<<< HEAD
-//! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot, fuzz/corpus/xhci_ring) and seeded random inputs through the same
-=======
-//! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot, fuzz/corpus/usb_ehci) and seeded random inputs through the same
->>>>>>> ehci
-//! harnesses cargo fuzz runs.
+//! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot,
+//! fuzz/corpus/usb_ehci, fuzz/corpus/xhci_ring) and seeded random inputs
+//! through the same harnesses cargo fuzz runs.
 
 use std::path::PathBuf;
 
@@ -66,11 +63,11 @@ fn usb_bot_corpus() {
 }
 
 #[test]
-<<<<<<< HEAD
 fn xhci_ring_corpus() {
     corpus("xhci_ring");
-=======
+}
+
+#[test]
 fn usb_ehci_corpus() {
     corpus("usb_ehci");
->>>>>>> ehci
 }

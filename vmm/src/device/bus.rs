@@ -123,6 +123,15 @@ pub trait UsbPort: Send + Sync {
     fn detach(&self, unit: u32);
     /// The OpenFirmware path of the controller, for `bootorder`.
     fn boot_path(&self) -> String;
+    /// Takes a UHCI as the companion of ports `firstport..` (an EHCI's
+    /// bus does; QEMU's `masterbus=`).
+    fn add_companion(
+        &self,
+        _firstport: usize,
+        _companion: devices::usb::ehci::CompanionHandle,
+    ) -> Result<(), String> {
+        Err("the masterbus is not an EHCI bus".into())
+    }
 }
 
 /// The name a controller's child bus gets: `ID.0` for a controller with
@@ -217,6 +226,11 @@ impl Buses {
         if let Some(b) = self.buses.get_mut(name) {
             b.used.remove(&unit);
         }
+    }
+
+    /// The controller behind bus `name`.
+    pub fn port(&self, name: &str) -> Option<Port> {
+        self.buses.get(name).map(|b| b.port.clone())
     }
 
     /// Whether a bus called `name` exists.

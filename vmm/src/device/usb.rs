@@ -8,6 +8,8 @@
 use std::sync::{Arc, Mutex};
 
 use block::drive::Media;
+use devices::pci::PciFunction;
+use devices::usb::ehci::{CompanionHandle, Ehci};
 use devices::usb::storage::{StorageOptions, UsbStorage};
 use devices::usb::xhci::{Xhci, XhciOptions};
 use devices::usb::{Uhci, UsbDevice};
@@ -24,10 +26,8 @@ pub static PIIX3_USB_UHCI: DeviceType = DeviceType {
     desc: "",
     user_creatable: true,
     props: &[
-        PropDef::new("masterbus", PropType::Str, "").ignored(),
-        PropDef::new("firstport", PropType::U32, "")
-            .default("0")
-            .ignored(),
+        PropDef::new("masterbus", PropType::Str, ""),
+        PropDef::new("firstport", PropType::U32, "").default("0"),
         PropDef::new("bandwidth", PropType::U32, "")
             .default("1280")
             .ignored(),
@@ -36,6 +36,33 @@ pub static PIIX3_USB_UHCI: DeviceType = DeviceType {
             .ignored(),
     ],
     create: create_uhci,
+};
+
+/// QEMU's `ich9-usb-uhci1`..`6`: the ICH9's UHCI functions, alone or as
+/// companions of an `ich9-usb-ehci1` (`masterbus=EHCI.0,firstport=N`).
+pub static ICH9_USB_UHCI1: DeviceType = DeviceType {
+    name: "ich9-usb-uhci1",
+    ..PIIX3_USB_UHCI
+};
+pub static ICH9_USB_UHCI2: DeviceType = DeviceType {
+    name: "ich9-usb-uhci2",
+    ..PIIX3_USB_UHCI
+};
+pub static ICH9_USB_UHCI3: DeviceType = DeviceType {
+    name: "ich9-usb-uhci3",
+    ..PIIX3_USB_UHCI
+};
+pub static ICH9_USB_UHCI4: DeviceType = DeviceType {
+    name: "ich9-usb-uhci4",
+    ..PIIX3_USB_UHCI
+};
+pub static ICH9_USB_UHCI5: DeviceType = DeviceType {
+    name: "ich9-usb-uhci5",
+    ..PIIX3_USB_UHCI
+};
+pub static ICH9_USB_UHCI6: DeviceType = DeviceType {
+    name: "ich9-usb-uhci6",
+    ..PIIX3_USB_UHCI
 };
 
 /// A UHCI's two root ports.
@@ -61,12 +88,22 @@ fn create_uhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
         return Err(format!("bus '{}' is not a PCI bus", at.bus));
     };
     let (slot, func) = at.devfn();
-    // The PIIX3's UHCI interrupts on pin D.
-    let hc = Uhci::new(
-        Arc::new(ctx.ram.clone()),
-        ctx.intx.line(slot, 4),
-        ctx.timers.clock(),
-    );
+    let mem = Arc::new(ctx.ram.clone());
+    let mut hc = match dev.ty.name.strip_prefix("ich9-usb-uhci") {
+        Some(n) => {
+            let n: u8 = n
+                .parse()
+                .map_err(|_| format!("no such device {}", dev.ty.name))?;
+            // Pins INTA-INTC in turn, as the ICH9 has them.
+            let pin = 1 + (n - 1) % 3;
+            Uhci::ich9(n, mem, ctx.intx.line(slot, pin), ctx.timers.clock())?
+        }
+        // The PIIX3's UHCI interrupts on pin D.
+        None => Uhci::new(mem, ctx.intx.line(slot, 4), ctx.timers.clock()),
+    };
+    if dev.props.bool("multifunction") {
+        hc.config_mut().set_multifunction();
+    }
     let hc = Arc::new(Mutex::new(hc));
     // The frame clock: the controller arms it when the driver starts it,
     // and each expiry runs the frames due and re-arms for the next.
@@ -74,6 +111,18 @@ fn create_uhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
         .timers
         .polling(Arc::downgrade(&hc), |u: &mut Uhci| u.poll());
     devices::bus::lock(&hc).set_frame_timer(Arc::new(move |at| timer.arm_at(at)));
+    // A companion has no bus of its own: its devices plug into the
+    // EHCI's ports, which hands them over while the companion owns them.
+    if let Some(master) = dev.props.str("masterbus") {
+        let Some(Port::Usb(ehci)) = ctx.buses.port(master) else {
+            return Err(format!("masterbus {master} not found"));
+        };
+        let first = dev.props.uint("firstport").unwrap_or(0) as usize;
+        let companion: CompanionHandle = hc.clone();
+        ehci.add_companion(first, companion)?;
+        pci.add(slot, func, hc)?;
+        return Ok(());
+    }
     pci.add(slot, func, hc.clone())?;
     let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "usb-bus");
     ctx.buses.register(
@@ -92,6 +141,80 @@ fn create_uhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
 /// the `*@` wildcard the other PCI paths use.
 fn usb_boot_path(pci: String) -> String {
     pci.replace("/*@", "/usb@")
+}
+
+/// QEMU's `ich9-usb-ehci1` (8086:293a): the ICH9's EHCI, six high-speed
+/// ports whose slower devices go to its UHCI companions.
+pub static ICH9_USB_EHCI1: DeviceType = DeviceType {
+    name: "ich9-usb-ehci1",
+    aliases: &[],
+    category: Category::Usb,
+    bus: BusKind::Pci,
+    desc: "",
+    user_creatable: true,
+    props: &[
+        PropDef::new("freq", PropType::U32, "")
+            .default("800")
+            .ignored(),
+        PropDef::new("maxframes", PropType::U32, "")
+            .default("128")
+            .ignored(),
+    ],
+    create: create_ehci,
+};
+
+/// An EHCI's six ports; its companions register through it.
+struct EhciPorts {
+    hc: Arc<Mutex<Ehci>>,
+    path: String,
+}
+
+impl UsbPort for EhciPorts {
+    fn attach(&self, unit: u32, dev: Box<dyn UsbDevice>) -> Result<(), String> {
+        devices::bus::lock(&self.hc).attach(unit as usize, dev)
+    }
+    fn detach(&self, unit: u32) {
+        devices::bus::lock(&self.hc).detach(unit as usize);
+    }
+    fn boot_path(&self) -> String {
+        self.path.clone()
+    }
+    fn add_companion(&self, firstport: usize, companion: CompanionHandle) -> Result<(), String> {
+        devices::bus::lock(&self.hc).register_companion(firstport, companion)
+    }
+}
+
+fn create_ehci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
+    let Port::Pci(pci) = &at.port else {
+        return Err(format!("bus '{}' is not a PCI bus", at.bus));
+    };
+    let (slot, func) = at.devfn();
+    // The ICH9's EHCI interrupts on pin D.
+    let mut hc = Ehci::new(
+        Arc::new(ctx.ram.clone()),
+        ctx.intx.line(slot, 4),
+        ctx.timers.clock(),
+    );
+    if dev.props.bool("multifunction") {
+        hc.config_mut().set_multifunction();
+    }
+    let hc = Arc::new(Mutex::new(hc));
+    let timer = ctx
+        .timers
+        .polling(Arc::downgrade(&hc), |e: &mut Ehci| e.poll());
+    devices::bus::lock(&hc).set_frame_timer(Arc::new(move |at| timer.arm_at(at)));
+    pci.add(slot, func, hc.clone())?;
+    let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "usb-bus");
+    ctx.buses.register(
+        &name,
+        BusKind::Usb,
+        devices::usb::ehci::regs::N_PORTS as u32,
+        Port::Usb(Arc::new(EhciPorts {
+            hc,
+            path: usb_boot_path(pci_boot_path((slot, func))),
+        })),
+    );
+    Ok(())
 }
 
 /// `qemu-xhci` (1b36:000d) and `nec-usb-xhci` (1033:0194): xHCI with

@@ -118,7 +118,10 @@ pub struct Hotplug {
     pub cpus: u32,
     pub pci: Arc<devices::pci::PciBus>,
     /// The ACPI hotplug registers the guest's DSDT talks to.
-    pub pcihp: Arc<Mutex<devices::chipset::pcihp::PciHotplug>>,
+    /// The board's PCI hotplug controller: without one (q35, which has
+    /// no PCIe root ports yet) only devices on other buses (SCSI, USB)
+    /// come and go.
+    pub pcihp: Option<Arc<Mutex<devices::chipset::pcihp::PciHotplug>>>,
     pub timers: Arc<devices::timer::Timers>,
 }
 

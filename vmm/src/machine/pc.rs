@@ -226,6 +226,13 @@ pub(super) fn drive_device(
     Ok(Some(spec))
 }
 
+/// A PCI address property for a device the board builds itself.
+fn devfn(addr: &str) -> Result<PropValue, MachineError> {
+    device::PropType::PciDevfn
+        .parse("addr", addr)
+        .map_err(MachineError::Config)
+}
+
 /// Builds the `pc` with memory already allocated and the firmware mapped.
 fn build(
     cfg: &MachineConfig,
@@ -463,21 +470,36 @@ pub(super) fn assemble(
         detach: None,
         timers: host.timers.clone(),
     };
-    // `-usb`: the PIIX3's UHCI function (01.2) on `pc`, as QEMU's board
-    // adds it. q35's ICH9 USB controllers (EHCI with UHCI companions)
-    // are not emulated yet: `-usb` there is refused rather than ignored.
+    // `-usb`: the board's own USB controllers, as QEMU's boards add them:
+    // the PIIX3's UHCI function (01.2) on `pc`; on q35 the ICH9's EHCI
+    // (1d.7) with three UHCI companions (1d.0-1d.2) on its six ports.
     if cfg.usb {
-        if chipset.kind != ChipsetKind::I440fx {
-            return Err(MachineError::Config(
-                "-usb: the q35 machine's USB controllers (ICH9 EHCI/UHCI) are not emulated yet; use -device qemu-xhci or piix3-usb-uhci".into(),
-            ));
+        let specs: Vec<(&str, Vec<(&str, PropValue)>)> = match chipset.kind {
+            ChipsetKind::I440fx => vec![("piix3-usb-uhci", vec![("addr", devfn("1.2")?)])],
+            _ => {
+                let mf = || ("multifunction", PropValue::Bool(true));
+                let companion =
+                    |f: &str, first: u64| -> Result<Vec<(&str, PropValue)>, MachineError> {
+                        Ok(vec![
+                            ("addr", devfn(f)?),
+                            mf(),
+                            ("masterbus", PropValue::Str("usb-bus.0".into())),
+                            ("firstport", PropValue::Uint(first)),
+                        ])
+                    };
+                vec![
+                    ("ich9-usb-ehci1", vec![("addr", devfn("1d.7")?), mf()]),
+                    ("ich9-usb-uhci1", companion("1d.0", 0)?),
+                    ("ich9-usb-uhci2", companion("1d.1", 2)?),
+                    ("ich9-usb-uhci3", companion("1d.2", 4)?),
+                ]
+            }
+        };
+        for (ty, props) in specs {
+            let spec =
+                DeviceSpec::new(ty, None, props, "-usb".into()).map_err(MachineError::Config)?;
+            device::realize(&mut ctx, &spec).map_err(MachineError::Config)?;
         }
-        let addr = device::PropType::PciDevfn
-            .parse("addr", "1.2")
-            .map_err(MachineError::Config)?;
-        let spec = DeviceSpec::new("piix3-usb-uhci", None, vec![("addr", addr)], "-usb".into())
-            .map_err(MachineError::Config)?;
-        device::realize(&mut ctx, &spec).map_err(MachineError::Config)?;
     }
     // The devices of `-drive if=...` first, as QEMU's board init creates
     // them before the `-device`s.
@@ -501,7 +523,7 @@ pub(super) fn assemble(
     let devices = std::mem::take(&mut ctx.realized);
     let used_drives = std::mem::take(&mut ctx.used_drives);
     let msi = ctx.msi.clone();
-    let hotplug = chipset.pcihp.map(|pcihp| Hotplug {
+    let hotplug = Some(Hotplug {
         buses,
         intx: chipset.intx.clone(),
         irq: host.irq.clone(),
@@ -513,7 +535,7 @@ pub(super) fn assemble(
         ram: ram.clone(),
         cpus: cfg.cpus,
         pci: pci.clone(),
-        pcihp,
+        pcihp: chipset.pcihp,
         timers: host.timers.clone(),
     });
     let fw_cfg = shared(FwCfg::new(Some(ram.clone())));

@@ -259,7 +259,8 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
             let slot = r.pci_slot.ok_or_else(not_hotpluggable)?;
             let hp = ctx.machine.hotplug.as_ref().ok_or_else(not_hotpluggable)?;
             let hp = devices::bus::lock(hp);
-            let mut pcihp = devices::bus::lock(&hp.pcihp);
+            let pcihp = hp.pcihp.as_ref().ok_or_else(not_hotpluggable)?;
+            let mut pcihp = devices::bus::lock(pcihp);
             if !pcihp.is_removable(slot) {
                 return Err(not_hotpluggable());
             }
@@ -402,6 +403,16 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
     }
     let mut hp = devices::bus::lock(hp);
     let hp = &mut *hp;
+    if spec.ty.bus == BusKind::Pci && hp.pcihp.is_none() {
+        let bus = spec
+            .bus
+            .as_deref()
+            .or_else(|| hp.buses.first_of(BusKind::Pci))
+            .unwrap_or("pci.0");
+        return Err(QmpError::generic(format!(
+            "Bus '{bus}' does not support hotplugging"
+        )));
+    }
     // Nothing a hot-plugged PCI device registers goes to the fixed port or
     // MMIO ranges or the boot order (firmware has run); these are throwaway.
     let (mut io, mut mmio) = (devices::bus::Bus::new(), devices::bus::Bus::new());
@@ -438,8 +449,8 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
     })?;
     let mut devs = devices::bus::lock(&ctx.machine.devices);
     for r in realized {
-        if let Some(slot) = r.pci_slot {
-            devices::bus::lock(&hp.pcihp).plugged(slot);
+        if let (Some(slot), Some(pcihp)) = (r.pci_slot, &hp.pcihp) {
+            devices::bus::lock(pcihp).plugged(slot);
         }
         devs.push(r);
     }
