@@ -275,6 +275,59 @@ pub trait UsbDevice: Send {
     fn handle_data(&mut self, ep: Endpoint, stream: u32, data: &mut dyn PacketData) -> UsbResult;
 }
 
+/// A host controller's root connectors as the machine plugs devices in
+/// and out (`-device usb-*`, hotplug): UHCI, EHCI and xHCI alike.
+/// Connector `index` is QEMU's `port=` minus one.
+pub trait RootPorts: Send {
+    /// Connects `dev` to connector `index`: a connect the driver sees.
+    fn plug(&mut self, index: usize, dev: Box<dyn UsbDevice>) -> Result<(), String>;
+    /// Disconnects what is on connector `index`.
+    fn unplug(&mut self, index: usize) -> Option<Box<dyn UsbDevice>>;
+    /// Takes a UHCI as the companion of connectors `firstport..` (QEMU's
+    /// `masterbus=`); only an EHCI has companions.
+    fn add_companion(
+        &mut self,
+        _firstport: usize,
+        _companion: ehci::CompanionHandle,
+    ) -> Result<(), String> {
+        Err("the masterbus is not an EHCI bus".into())
+    }
+}
+
+impl RootPorts for Uhci {
+    fn plug(&mut self, index: usize, dev: Box<dyn UsbDevice>) -> Result<(), String> {
+        self.attach(index, dev)
+    }
+    fn unplug(&mut self, index: usize) -> Option<Box<dyn UsbDevice>> {
+        self.detach(index)
+    }
+}
+
+impl RootPorts for ehci::Ehci {
+    fn plug(&mut self, index: usize, dev: Box<dyn UsbDevice>) -> Result<(), String> {
+        self.attach(index, dev)
+    }
+    fn unplug(&mut self, index: usize) -> Option<Box<dyn UsbDevice>> {
+        self.detach(index)
+    }
+    fn add_companion(
+        &mut self,
+        firstport: usize,
+        companion: ehci::CompanionHandle,
+    ) -> Result<(), String> {
+        self.register_companion(firstport, companion)
+    }
+}
+
+impl RootPorts for xhci::Xhci {
+    fn plug(&mut self, index: usize, dev: Box<dyn UsbDevice>) -> Result<(), String> {
+        self.attach(index, dev).map(|_| ())
+    }
+    fn unplug(&mut self, index: usize) -> Option<Box<dyn UsbDevice>> {
+        self.detach(index)
+    }
+}
+
 /// The fastest speed in both lists (the device's and the port's).
 pub fn best_speed(device: &[Speed], port: &[Speed]) -> Option<Speed> {
     device.iter().copied().filter(|s| port.contains(s)).max()

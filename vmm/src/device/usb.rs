@@ -12,7 +12,7 @@ use devices::pci::PciFunction;
 use devices::usb::ehci::{CompanionHandle, Ehci};
 use devices::usb::storage::{StorageOptions, UsbStorage};
 use devices::usb::xhci::{Xhci, XhciOptions};
-use devices::usb::{Uhci, UsbDevice};
+use devices::usb::{RootPorts, Uhci, UsbDevice};
 
 use super::bus::{child_bus_name, pci_boot_path, BusKind, Placement, Port, UsbPort};
 use super::props::{PropDef, PropType};
@@ -65,31 +65,13 @@ pub static ICH9_USB_UHCI6: DeviceType = DeviceType {
     ..PIIX3_USB_UHCI
 };
 
-/// A UHCI's two root ports.
-struct UhciPorts {
-    hc: Arc<Mutex<Uhci>>,
-    path: String,
-}
-
-impl UsbPort for UhciPorts {
-    fn attach(&self, unit: u32, dev: Box<dyn UsbDevice>) -> Result<(), String> {
-        devices::bus::lock(&self.hc).attach(unit as usize, dev)
-    }
-    fn detach(&self, unit: u32) {
-        devices::bus::lock(&self.hc).detach(unit as usize);
-    }
-    fn boot_path(&self) -> String {
-        self.path.clone()
-    }
-}
-
 fn create_uhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
     let Port::Pci(pci) = &at.port else {
         return Err(format!("bus '{}' is not a PCI bus", at.bus));
     };
     let (slot, func) = at.devfn();
     let mem = Arc::new(ctx.ram.clone());
-    let mut hc = match dev.ty.name.strip_prefix("ich9-usb-uhci") {
+    let hc = match dev.ty.name.strip_prefix("ich9-usb-uhci") {
         Some(n) => {
             let n: u8 = n
                 .parse()
@@ -101,9 +83,6 @@ fn create_uhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
         // The PIIX3's UHCI interrupts on pin D.
         None => Uhci::new(mem, ctx.intx.line(slot, 4), ctx.timers.clock()),
     };
-    if dev.props.bool("multifunction") {
-        hc.config_mut().set_multifunction();
-    }
     let hc = Arc::new(Mutex::new(hc));
     // The frame clock: the controller arms it when the driver starts it,
     // and each expiry runs the frames due and re-arms for the next.
@@ -120,27 +99,64 @@ fn create_uhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
         let first = dev.props.uint("firstport").unwrap_or(0) as usize;
         let companion: CompanionHandle = hc.clone();
         ehci.add_companion(first, companion)?;
+        if dev.props.bool("multifunction") {
+            devices::bus::lock(&hc).config_mut().set_multifunction();
+        }
         pci.add(slot, func, hc)?;
         return Ok(());
     }
+    add_controller(ctx, dev, pci, (slot, func), hc, devices::usb::uhci::PORTS)
+}
+
+/// A host controller's root connectors as its USB bus: unit N is QEMU's
+/// `port=N+1`; the controller picks the port kind (USB 2 or 3, its own or
+/// a companion's) by the device.
+struct HcPorts<T: RootPorts> {
+    hc: Arc<Mutex<T>>,
+    /// `bootorder`'s name for the controller.
+    path: String,
+}
+
+impl<T: RootPorts + 'static> UsbPort for HcPorts<T> {
+    fn attach(&self, unit: u32, dev: Box<dyn UsbDevice>) -> Result<(), String> {
+        devices::bus::lock(&self.hc).plug(unit as usize, dev)
+    }
+    fn detach(&self, unit: u32) {
+        devices::bus::lock(&self.hc).unplug(unit as usize);
+    }
+    fn boot_path(&self) -> String {
+        self.path.clone()
+    }
+    fn add_companion(&self, firstport: usize, companion: CompanionHandle) -> Result<(), String> {
+        devices::bus::lock(&self.hc).add_companion(firstport, companion)
+    }
+}
+
+/// Puts host controller `hc` at `slot.func` and registers its USB bus
+/// (`ID.0`, or the next free `usb-bus.N`) with `ports` connectors.
+fn add_controller<T: RootPorts + PciFunction + 'static>(
+    ctx: &mut AttachCtx,
+    dev: &Device,
+    pci: &devices::pci::PciBus,
+    (slot, func): (u8, u8),
+    hc: Arc<Mutex<T>>,
+    ports: usize,
+) -> Result<(), String> {
+    if dev.props.bool("multifunction") {
+        devices::bus::lock(&hc).config_mut().set_multifunction();
+    }
     pci.add(slot, func, hc.clone())?;
     let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "usb-bus");
+    // SeaBIOS knows a USB controller's function as `usb@SLOT,FN`, not by
+    // the `*@` wildcard the other PCI paths use.
+    let path = pci_boot_path((slot, func)).replace("/*@", "/usb@");
     ctx.buses.register(
         &name,
         BusKind::Usb,
-        devices::usb::uhci::PORTS as u32,
-        Port::Usb(Arc::new(UhciPorts {
-            hc,
-            path: usb_boot_path(pci_boot_path((slot, func))),
-        })),
+        ports as u32,
+        Port::Usb(Arc::new(HcPorts { hc, path })),
     );
     Ok(())
-}
-
-/// SeaBIOS knows a USB controller's function as `usb@SLOT,FN`, not by
-/// the `*@` wildcard the other PCI paths use.
-fn usb_boot_path(pci: String) -> String {
-    pci.replace("/*@", "/usb@")
 }
 
 /// QEMU's `ich9-usb-ehci1` (8086:293a): the ICH9's EHCI, six high-speed
@@ -163,58 +179,30 @@ pub static ICH9_USB_EHCI1: DeviceType = DeviceType {
     create: create_ehci,
 };
 
-/// An EHCI's six ports; its companions register through it.
-struct EhciPorts {
-    hc: Arc<Mutex<Ehci>>,
-    path: String,
-}
-
-impl UsbPort for EhciPorts {
-    fn attach(&self, unit: u32, dev: Box<dyn UsbDevice>) -> Result<(), String> {
-        devices::bus::lock(&self.hc).attach(unit as usize, dev)
-    }
-    fn detach(&self, unit: u32) {
-        devices::bus::lock(&self.hc).detach(unit as usize);
-    }
-    fn boot_path(&self) -> String {
-        self.path.clone()
-    }
-    fn add_companion(&self, firstport: usize, companion: CompanionHandle) -> Result<(), String> {
-        devices::bus::lock(&self.hc).register_companion(firstport, companion)
-    }
-}
-
 fn create_ehci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
     let Port::Pci(pci) = &at.port else {
         return Err(format!("bus '{}' is not a PCI bus", at.bus));
     };
     let (slot, func) = at.devfn();
     // The ICH9's EHCI interrupts on pin D.
-    let mut hc = Ehci::new(
+    let hc = Ehci::new(
         Arc::new(ctx.ram.clone()),
         ctx.intx.line(slot, 4),
         ctx.timers.clock(),
     );
-    if dev.props.bool("multifunction") {
-        hc.config_mut().set_multifunction();
-    }
     let hc = Arc::new(Mutex::new(hc));
     let timer = ctx
         .timers
         .polling(Arc::downgrade(&hc), |e: &mut Ehci| e.poll());
     devices::bus::lock(&hc).set_frame_timer(Arc::new(move |at| timer.arm_at(at)));
-    pci.add(slot, func, hc.clone())?;
-    let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "usb-bus");
-    ctx.buses.register(
-        &name,
-        BusKind::Usb,
-        devices::usb::ehci::regs::N_PORTS as u32,
-        Port::Usb(Arc::new(EhciPorts {
-            hc,
-            path: usb_boot_path(pci_boot_path((slot, func))),
-        })),
-    );
-    Ok(())
+    add_controller(
+        ctx,
+        dev,
+        pci,
+        (slot, func),
+        hc,
+        devices::usb::ehci::regs::N_PORTS,
+    )
 }
 
 /// `qemu-xhci` (1b36:000d) and `nec-usb-xhci` (1033:0194): xHCI with
@@ -252,26 +240,6 @@ pub static NEC_USB_XHCI: DeviceType = DeviceType {
 };
 
 /// An xHCI's root ports: unit N is QEMU's `port=N+1`, a USB 2 and a
-/// USB 3 port the controller picks between by the device's speed.
-struct XhciPorts {
-    hc: Arc<Mutex<Xhci>>,
-    path: String,
-}
-
-impl UsbPort for XhciPorts {
-    fn attach(&self, unit: u32, dev: Box<dyn UsbDevice>) -> Result<(), String> {
-        devices::bus::lock(&self.hc)
-            .attach(unit as usize, dev)
-            .map(|_| ())
-    }
-    fn detach(&self, unit: u32) {
-        devices::bus::lock(&self.hc).detach(unit as usize);
-    }
-    fn boot_path(&self) -> String {
-        self.path.clone()
-    }
-}
-
 fn create_xhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
     let Port::Pci(pci) = &at.port else {
         return Err(format!("bus '{}' is not a PCI bus", at.bus));
@@ -310,18 +278,7 @@ fn create_xhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
         None
     });
     devices::bus::lock(&hc).set_kick(Arc::new(move || timer.arm_in(0)));
-    pci.add(slot, func, hc.clone())?;
-    let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "usb-bus");
-    ctx.buses.register(
-        &name,
-        BusKind::Usb,
-        opts.p2.max(opts.p3) as u32,
-        Port::Usb(Arc::new(XhciPorts {
-            hc,
-            path: usb_boot_path(pci_boot_path((slot, func))),
-        })),
-    );
-    Ok(())
+    add_controller(ctx, dev, pci, (slot, func), hc, opts.p2.max(opts.p3))
 }
 
 pub static USB_STORAGE: DeviceType = DeviceType {
