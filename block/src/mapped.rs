@@ -232,6 +232,52 @@ impl<T: GuestMap> MappingFormat for Mapped<T> {
     }
 }
 
+/// `BlockDriver::read_vectored` of an image read synchronously by
+/// `read(offset, buf)` (the worker pool's path of a mapped format).
+pub fn read_vectored_by(
+    offset: u64,
+    iov: &mut [std::io::IoSliceMut<'_>],
+    read: impl Fn(u64, &mut [u8]) -> Result<(), formats::error::FormatError>,
+) -> BlockResult<()> {
+    let mut off = offset;
+    for s in iov.iter_mut() {
+        read(off, s).map_err(block_error)?;
+        off += s.len() as u64;
+    }
+    Ok(())
+}
+
+/// `BlockDriver::write_vectored` of an image written synchronously by
+/// `write(offset, data)`, with `flush` for FUA.
+pub fn write_vectored_by(
+    offset: u64,
+    iov: &[std::io::IoSlice<'_>],
+    fua: bool,
+    write: impl Fn(u64, &[u8]) -> Result<(), formats::error::FormatError>,
+    flush: impl Fn() -> Result<(), formats::error::FormatError>,
+) -> BlockResult<()> {
+    let mut flat = vec![0u8; crate::iov::total_len(iov)];
+    crate::iov::gather(iov, &mut flat);
+    write(offset, &flat).map_err(block_error)?;
+    if fua {
+        flush().map_err(block_error)?;
+    }
+    Ok(())
+}
+
+/// The block status past the end of an image of `size` bytes: zeroes,
+/// as QEMU answers for a query there; `None` inside the image.
+pub fn past_end(size: u64, offset: u64, len: u64) -> Option<Extent> {
+    (offset >= size).then(|| Extent {
+        len: len.max(1),
+        data: false,
+        zero: true,
+        offset: None,
+        allocated: true,
+        compressed: false,
+    })
+}
+
 /// The block status of piece `p` of a mapping, `len` bytes of it asked
 /// for. `file` holds the data; when `file_backed` (a fixed or static
 /// image, whose blocks are whatever the file has there), the file's own
