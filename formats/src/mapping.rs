@@ -157,3 +157,66 @@ pub fn read_pieces<M: GuestMap + ?Sized>(
     }
     Ok(())
 }
+
+/// The write phase every mapped format's hostile-image harness runs on
+/// an image it could open writable (`size` bytes, stored in `file`,
+/// named `name` in errors): unaligned and aligned writes at the start,
+/// the middle and the end read back as written (through `write` and
+/// `read`, the format's synchronous path), then one allocating write
+/// planned, carried out on `file` and finished by hand, as the block
+/// layer's asynchronous path does it; an in-place mapping must stay
+/// near the file.
+pub fn fuzz_write_phase<M: GuestMap>(
+    img: &M,
+    file: &dyn Storage,
+    size: u64,
+    name: &str,
+    write: impl Fn(u64, &[u8]) -> FResult<()>,
+    read: impl Fn(u64, &mut [u8]) -> FResult<()>,
+) {
+    let named = |r| crate::error::named(name, r);
+    let end = size - size.min(5000);
+    for (at, n) in [
+        (0, 4096),
+        (700, 1000),
+        (end, size.min(5000)),
+        (size / 2, 512),
+    ] {
+        let d = vec![0xc3u8; n as usize];
+        if named(write(at, &d)).is_some() {
+            let mut back = vec![0u8; n as usize];
+            if named(read(at, &mut back)).is_some() {
+                assert!(back == d, "read back differs at {at}");
+            }
+        }
+    }
+    let at = (size / 3) / 512 * 512;
+    let n = 8192.min(size - at);
+    match crate::error::named(name, img.map_write(at, n)) {
+        Some(WriteMap::Allocate) => {
+            if let Some(Plan::Ready {
+                zero_first,
+                writes,
+                alloc,
+            }) = crate::error::named(name, img.plan_alloc(at, n))
+            {
+                for (h, l) in zero_first {
+                    let _ = file.write_zeroes(h, l.min(1 << 24));
+                }
+                for (_, h, l) in writes {
+                    let _ = file.write_at(h, &vec![7u8; l as usize]);
+                }
+                crate::error::named(name, img.finish_alloc(alloc, true));
+            }
+        }
+        Some(WriteMap::InPlace(runs)) => {
+            for (_, h, l) in runs {
+                assert!(
+                    h + l <= file.len().unwrap_or(0) + (64 << 20),
+                    "wild in-place write"
+                );
+            }
+        }
+        _ => {}
+    }
+}

@@ -7,7 +7,7 @@
 //! path and a reopen. Any outcome is fine except a panic or an error
 //! that does not name the file.
 
-use super::{ExtentFile, GuestMap, OpenOptions, Plan, Vmdk, WriteMap};
+use super::{ExtentFile, OpenOptions, Vmdk};
 use crate::storage::{MemStorage, Storage};
 use std::sync::Arc;
 
@@ -73,39 +73,14 @@ pub fn fuzz_open_read(data: &[u8]) {
         if ro || size == 0 {
             continue;
         }
-        let end = size - size.min(5000);
-        for (at, n) in [
-            (0, 4096),
-            (700, 1000),
-            (end, size.min(5000)),
-            (size / 2, 512),
-        ] {
-            let d = vec![0xc3u8; n as usize];
-            if named(img.write(at, &d)).is_some() {
-                let mut back = vec![0u8; n as usize];
-                if named(img.read(at, &mut back)).is_some() {
-                    assert!(back == d, "read back differs at {at}");
-                }
-            }
-        }
-        let at = (size / 3) / 512 * 512;
-        let n = 8192.min(size - at);
-        if let Some(WriteMap::Allocate) = named(img.map_write(at, n)) {
-            if let Some(Plan::Ready {
-                zero_first,
-                writes,
-                alloc,
-            }) = named(img.plan_alloc(at, n))
-            {
-                for (h, l) in zero_first {
-                    let _ = f.write_zeroes(h, l.min(1 << 24));
-                }
-                for (_, h, l) in writes {
-                    let _ = f.write_at(h, &vec![7u8; l as usize]);
-                }
-                named(img.finish_alloc(alloc, true));
-            }
-        }
+        crate::mapping::fuzz_write_phase(
+            &img,
+            &*f,
+            size,
+            FUZZ_NAME,
+            |o, d| img.write(o, d),
+            |o, b| img.read(o, b),
+        );
         named(img.flush());
         drop(img);
         let again = Arc::new(MemStorage::new(f.contents(), limit));
