@@ -224,9 +224,7 @@ pub static QEMU_XHCI: DeviceType = DeviceType {
         PropDef::new("streams", PropType::Bool, "on/off")
             .default("true")
             .ignored(),
-        PropDef::new("superspeed-ports-first", PropType::Bool, "on/off")
-            .default("true")
-            .ignored(),
+        PropDef::new("superspeed-ports-first", PropType::Bool, "on/off").default("true"),
         PropDef::new("force-pcie-endcap", PropType::Bool, "on/off")
             .default("false")
             .ignored(),
@@ -239,7 +237,8 @@ pub static NEC_USB_XHCI: DeviceType = DeviceType {
     ..QEMU_XHCI
 };
 
-/// An xHCI's root ports: unit N is QEMU's `port=N+1`, a USB 2 and a
+/// An xHCI: unit N of its bus (QEMU's `port=N+1`) is the N-th USB 3 and
+/// the N-th USB 2 port; the device's speed picks one.
 fn create_xhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
     let Port::Pci(pci) = &at.port else {
         return Err(format!("bus '{}' is not a PCI bus", at.bus));
@@ -261,6 +260,7 @@ fn create_xhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
     if let Some(v) = dev.props.on_off_auto("msix") {
         opts.msix = v;
     }
+    opts.ss_first = dev.props.bool("superspeed-ports-first");
     let hc = Xhci::new(
         Arc::new(ctx.ram.clone()),
         ctx.intx.line(slot, 1),

@@ -8,8 +8,9 @@
 //! chapter 5 (registers: [`regs`]), chapter 6 (data structures:
 //! [`trb`], [`context`]) and 7.2 (Supported Protocol capability).
 //! QEMU's hw/usb/hcd-xhci.c was read for what guests rely on: the BAR
-//! layout, the port numbering (USB 2 ports 1..=p2, then USB 3 ports;
-//! root connector `n` is USB 2 port `n` and USB 3 port `p2 + n`), which
+//! layout, the port numbering (QEMU 7.2 puts the USB 3 ports first,
+//! `superspeed-ports-first`: USB 3 ports 1..=p3, then the USB 2 ports;
+//! root connector `n` is the `n`-th port of each kind), which
 //! TRB of a TD gets the Transfer Event, PORTSC behaviour on attach and
 //! reset, and the device address being the slot id.
 //!
@@ -124,6 +125,9 @@ pub struct XhciOptions {
     pub intrs: usize,
     /// Device slots (`slots=`, 1..=64).
     pub slots: usize,
+    /// The USB 3 ports come first (`superspeed-ports-first`, QEMU 7.2's
+    /// layout for both models); else the USB 2 ports do.
+    pub ss_first: bool,
 }
 
 impl XhciOptions {
@@ -137,6 +141,7 @@ impl XhciOptions {
             msix: true,
             intrs: MAX_INTRS,
             slots: MAX_SLOTS,
+            ss_first: true,
         }
     }
 
@@ -146,6 +151,24 @@ impl XhciOptions {
             model: Model::Nec,
             msi: true,
             ..Self::qemu()
+        }
+    }
+
+    /// The index of the first USB 2 port.
+    pub fn usb2_base(&self) -> usize {
+        if self.ss_first {
+            self.p3
+        } else {
+            0
+        }
+    }
+
+    /// The index of the first USB 3 port.
+    pub fn usb3_base(&self) -> usize {
+        if self.ss_first {
+            0
+        } else {
+            self.p2
         }
     }
 
@@ -393,7 +416,7 @@ impl Xhci {
         let ports = (0..opts.p2 + opts.p3)
             .map(|i| Port {
                 portsc: portsc::PP | pls::RX_DETECT << portsc::PLS_SHIFT,
-                usb3: i >= opts.p2,
+                usb3: (opts.usb3_base()..opts.usb3_base() + opts.p3).contains(&i),
                 dev: None,
             })
             .collect();
@@ -471,18 +494,19 @@ impl Xhci {
         if index >= p2.max(p3) {
             return Err(format!("xhci has no port {} (1-{})", index + 1, p2.max(p3)));
         }
+        let (b2, b3) = (self.opts.usb2_base(), self.opts.usb3_base());
         let busy = |p: Option<&Port>| p.is_some_and(|p| p.dev.is_some());
-        if busy(self.ports.get(index).filter(|_| index < p2))
-            || busy(self.ports.get(p2 + index).filter(|_| index < p3))
+        if busy(self.ports.get(b2 + index).filter(|_| index < p2))
+            || busy(self.ports.get(b3 + index).filter(|_| index < p3))
         {
             return Err(format!("xhci port {} is in use", index + 1));
         }
         let (port, speed) = if index < p3 && dev.speeds().contains(&Speed::Super) {
-            (p2 + index, Speed::Super)
+            (b3 + index, Speed::Super)
         } else if index < p2 {
             let s = best_speed(dev.speeds(), &[Speed::Low, Speed::Full, Speed::High])
                 .ok_or("the device cannot run at a USB 2 speed")?;
-            (index, s)
+            (b2 + index, s)
         } else {
             return Err(format!(
                 "xhci port {} has only a USB 3 connection, which the device cannot use",
@@ -504,9 +528,10 @@ impl Xhci {
     /// transfers from now on.
     pub fn detach(&mut self, index: usize) -> Option<Box<dyn UsbDevice>> {
         let (p2, p3) = (self.opts.p2, self.opts.p3);
+        let (b2, b3) = (self.opts.usb2_base(), self.opts.usb3_base());
         let port = [
-            (index < p2).then_some(index),
-            (index < p3).then_some(p2 + index),
+            (index < p2).then_some(b2 + index),
+            (index < p3).then_some(b3 + index),
         ]
         .into_iter()
         .flatten()
@@ -764,13 +789,7 @@ impl Xhci {
 
     fn read_dword(&mut self, off: u64) -> u32 {
         match off {
-            0..=0x3f => cap_read(
-                off,
-                self.opts.p2,
-                self.opts.p3,
-                self.opts.slots,
-                self.opts.intrs,
-            ),
+            0..=0x3f => cap_read(off, &self.opts),
             o if (OPER..PORT_REGS).contains(&o) => self.read_op(o - OPER),
             o if (PORT_REGS..RUNTIME).contains(&o) => {
                 let i = ((o - PORT_REGS) / PORT_REGS_LEN) as usize;

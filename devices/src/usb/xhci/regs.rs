@@ -180,7 +180,8 @@ pub mod speed {
 /// The capability registers and the two Supported Protocol capabilities
 /// (7.2): USB 2 ports first (1..=p2), then USB 3 (p2+1..=p2+p3), as QEMU
 /// numbers them. Unaligned and sub-dword reads take bytes of these dwords.
-pub fn cap_read(off: u64, ports2: usize, ports3: usize, slots: usize, intrs: usize) -> u32 {
+pub fn cap_read(off: u64, opts: &super::XhciOptions) -> u32 {
+    let (ports2, ports3, slots, intrs) = (opts.p2, opts.p3, opts.slots, opts.intrs);
     let ports = (ports2 + ports3) as u32;
     match off {
         // CAPLENGTH in byte 0, HCIVERSION in bytes 2-3.
@@ -199,11 +200,12 @@ pub fn cap_read(off: u64, ports2: usize, ports3: usize, slots: usize, intrs: usi
         // Supported Protocol, USB 2.0: ID 2, next 4 dwords on, rev 2.0.
         0x20 => 0x0200_0402,
         0x24 => u32::from_le_bytes(*b"USB "),
-        0x28 => (ports2 as u32) << 8 | 1,
+        // Compatible port count and offset (1-based).
+        0x28 => (ports2 as u32) << 8 | (opts.usb2_base() as u32 + 1),
         // USB 3.0, the last capability.
         0x30 => 0x0300_0002,
         0x34 => u32::from_le_bytes(*b"USB "),
-        0x38 => (ports3 as u32) << 8 | (ports2 as u32 + 1),
+        0x38 => (ports3 as u32) << 8 | (opts.usb3_base() as u32 + 1),
         _ => 0,
     }
 }

@@ -447,13 +447,13 @@ fn pci_identity_and_capabilities() {
     assert_eq!(r.r32(cap::DBOFF), 0x2000);
     assert_eq!(r.r32(cap::RTSOFF), 0x1000);
     let xecp = (r.r32(cap::HCCPARAMS1) >> 16) as u64 * 4;
-    // USB 2 ports 1-4, then USB 3 ports 5-8.
+    // QEMU 7.2's layout: USB 3 ports 1-4, then USB 2 ports 5-8.
     assert_eq!(r.r32(xecp) & 0xff, 2);
     assert_eq!(r.r32(xecp) >> 24, 2);
-    assert_eq!(r.r32(xecp + 8) & 0xffff, 4 << 8 | 1);
+    assert_eq!(r.r32(xecp + 8) & 0xffff, 4 << 8 | 5);
     let next = xecp + ((r.r32(xecp) >> 8) & 0xff) as u64 * 4;
     assert_eq!(r.r32(next) >> 24, 3);
-    assert_eq!(r.r32(next + 8) & 0xffff, 4 << 8 | 5);
+    assert_eq!(r.r32(next + 8) & 0xffff, 4 << 8 | 1);
     assert_eq!((r.r32(next) >> 8) & 0xff, 0, "last capability");
     // A byte read of HCIVERSION.
     let mut v = [0u8; 2];
@@ -486,7 +486,12 @@ fn reset_run_and_stop() {
 
 #[test]
 fn ports_connect_reset_and_hotplug() {
-    let mut r = Rig::new(XhciOptions::qemu());
+    // The other layout (`superspeed-ports-first=off`): USB 2 ports 1-4,
+    // USB 3 ports 5-8.
+    let mut r = Rig::new(XhciOptions {
+        ss_first: false,
+        ..XhciOptions::qemu()
+    });
     let unit = disk(testutil::null(MIB));
     let dev = UsbStorage::new(StorageOptions::default());
     dev.attach(0, unit).unwrap();
@@ -544,6 +549,7 @@ fn ports_connect_reset_and_hotplug() {
 fn usb2_port_needs_a_reset_to_enable() {
     let mut r = Rig::new(XhciOptions {
         p3: 1,
+        ss_first: false,
         ..XhciOptions::qemu()
     });
     r.start();
@@ -773,7 +779,10 @@ fn gated() -> (Rig, Arc<Gate>, u8) {
     r.start();
     let gate = Arc::new(Gate::default());
     let port = r.hc.attach(0, Box::new(GatedDev(gate.clone(), 0))).unwrap();
-    assert_eq!(port, 1, "high speed: the USB 2 port");
+    assert_eq!(
+        port, 5,
+        "high speed: connector 1's USB 2 port, after the USB 3 ones"
+    );
     let slot = r.address(port, 64, false);
     r.configure(slot, port, 512);
     (r, gate, slot)
