@@ -1,6 +1,6 @@
 //! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
 //! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile,
-//! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot, fuzz/corpus/xhci_ring) and seeded random inputs through the same
+//! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot, fuzz/corpus/usb_uas, fuzz/corpus/xhci_ring) and seeded random inputs through the same
 //! harnesses cargo fuzz runs.
 
 use std::path::PathBuf;
@@ -59,6 +59,11 @@ fn lsi_corpus() {
 #[test]
 fn usb_bot_corpus() {
     corpus("usb_bot");
+}
+
+#[test]
+fn usb_uas_corpus() {
+    corpus("usb_uas");
 }
 
 #[test]
