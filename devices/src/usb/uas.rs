@@ -1166,7 +1166,7 @@ impl Task {
         if done == 0 && want > 0 {
             return (Packet::Nak, io);
         }
-        if matches!(self.work, Work::Nothing) && done < want && done % mps == 0 {
+        if matches!(self.work, Work::Nothing) && done < want && done.is_multiple_of(mps) {
             self.zlp = true;
         }
         (Packet::Done(UsbResult::Ack(done)), io)
