@@ -60,6 +60,8 @@ pub mod fuzz;
 pub mod iu;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod xhci_tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
