@@ -901,6 +901,13 @@ impl State {
         } else {
             Direction::Out
         };
+        if t.dir == Direction::None {
+            // A command with no data phase (a READ refused with CHECK
+            // CONDITION, say) whose data transfer the host posted on its
+            // stream: its SENSE IU comes, and the host cancels the
+            // transfer then; a stall would halt every stream.
+            return (Packet::Nak, Vec::new());
+        }
         if t.dir != want || !t.active {
             return (Packet::Stall, Vec::new());
         }

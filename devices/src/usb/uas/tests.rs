@@ -453,6 +453,21 @@ fn two_commands_interleaved_on_streams() {
     assert_eq!(h.status(5), good(5));
     assert_eq!(h.data_in(3, 4096, 1024), vec![0; 4096]);
     assert_eq!(h.status(3), good(3));
+    // A data transfer for a command without data waits (for the host to
+    // cancel it once the SENSE IU is there); one the wrong way stalls.
+    let b = testutil::backend("driver=null-aio,size=1048576", BackendConfig::default());
+    let mut h2 = Host::with_disk(Speed::Super, disk_on(b));
+    h2.send(&command_iu(6, 0, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    assert_eq!(
+        h2.dev.handle_data(EP_DATA_IN, 6, &mut VecData::new(512)),
+        UsbResult::Nak
+    );
+    assert_eq!(h2.status(6), good(6));
+    h2.send(&command_iu(7, 0, &cdb10(0x28, 0, 1)));
+    assert_eq!(
+        h2.dev.handle_data(EP_DATA_OUT, 7, &mut VecData::new(512)),
+        UsbResult::Stall
+    );
     // Stream 0 and streams above 16 are not streams of this device.
     assert_eq!(
         h.dev.handle_data(EP_STATUS, 0, &mut VecData::new(64)),
