@@ -355,6 +355,12 @@ pub fn usb_bot(data: &[u8]) {
     crate::usb::fuzz::run(data)
 }
 
+/// usb-uas: IUs and pipe transfers at high speed and with streams (see
+/// [`crate::usb::uas::fuzz`] for the input format).
+pub fn usb_uas(data: &[u8]) {
+    crate::usb::uas::fuzz::run(data)
+}
+
 /// The xHCI: TRBs, rings, commands and transfers from guest memory
 /// (see [`crate::usb::xhci::fuzz`] for the input format).
 pub fn xhci_ring(data: &[u8]) {
@@ -376,6 +382,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "scsi_cdb" => Some(scsi_cdb),
         "usb_bot" => Some(usb_bot),
         "usb_ehci" => Some(usb_ehci),
+        "usb_uas" => Some(usb_uas),
         "virtio_chain" => Some(virtio_chain),
         "xhci_ring" => Some(xhci_ring),
         _ => None,

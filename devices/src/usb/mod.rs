@@ -40,6 +40,7 @@
 //! - [`control`]: control transfers from packets, for UHCI/EHCI.
 //! - [`bot`]: the Bulk-Only Transport wrappers (CBW, CSW).
 //! - [`storage`]: `usb-storage`, the mass storage device on a SCSI bus.
+//! - [`uas`]: `usb-uas`, USB Attached SCSI on a SCSI bus.
 //! - [`hid`]: `usb-tablet`, the HID pointer.
 //! - [`uhci`]: the PIIX3 UHCI host controller (and the ICH9's, as EHCI
 //!   companions).
@@ -55,6 +56,7 @@ pub mod fuzz;
 pub mod hid;
 pub mod setup;
 pub mod storage;
+pub mod uas;
 pub mod uhci;
 pub mod xhci;
 
