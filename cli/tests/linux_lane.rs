@@ -453,3 +453,41 @@ fn linux_usb_storage_on_q35_ehci_reads_disk_and_cd() {
     assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
     assert!(!out.contains("GUEST-ERR"), "{out}");
 }
+
+/// The kernel's `uas` driver on `qemu-xhci`: a `usb-uas` (SuperSpeed,
+/// streams) with a `scsi-hd` at LUN 0 and a `scsi-cd` at LUN 1 on its
+/// SCSI bus, both read whole through `sd` and `sr` and checksummed.
+#[test]
+fn linux_uas_on_xhci_reads_disk_and_cd() {
+    if !kvm_available("linux_uas_on_xhci_reads_disk_and_cd") {
+        return;
+    }
+    let dir = scratch("linux-lane-uas-img");
+    let disk = dir.join("disk.img");
+    let cd = dir.join("cd.iso");
+    let disk_sum = make_image(&disk, 4 << 20, 0x0a_1001);
+    let cd_sum = make_image(&cd, 1 << 20, 0x0a_10cd);
+    let devices = vec![
+        "-device".into(),
+        "qemu-xhci,id=xhci".into(),
+        "-device".into(),
+        "usb-uas,id=uas,bus=xhci.0,port=1".into(),
+        "-drive".into(),
+        drive(&disk, "if=none,id=d0"),
+        "-device".into(),
+        "scsi-hd,bus=uas.0,scsi-id=0,lun=0,drive=d0".into(),
+        "-drive".into(),
+        drive(&cd, "if=none,id=c0,media=cdrom"),
+        "-device".into(),
+        "scsi-cd,bus=uas.0,scsi-id=0,lun=1,drive=c0".into(),
+    ];
+    let (out, _) = boot(
+        "linux-lane-uas",
+        &devices,
+        &format!("check=sda:{SECTORS},sr0:{SECTORS}"),
+    );
+    // The only way to these units is the usb-uas: the sums prove the
+    // uas driver read them.
+    assert_sums(&out, &[("sda", disk_sum), ("sr0", cd_sum)]);
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+}

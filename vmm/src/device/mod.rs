@@ -116,6 +116,7 @@ pub static TYPES: &[&DeviceType] = &[
     &usb::NEC_USB_XHCI,
     &usb::USB_STORAGE,
     &usb::USB_TABLET,
+    &usb::USB_UAS,
     &fdc::FLOPPY,
     &fdc::ISA_FDC,
     &debugcon::ISA_DEBUGCON,

@@ -417,3 +417,75 @@ fn create_tablet(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(),
     ctx.detach = Some(Arc::new(move || p.detach(unit)));
     Ok(())
 }
+
+/// QEMU's `usb-uas` (46f4:0003): USB Attached SCSI, an HBA on a USB
+/// port with its own SCSI bus (`ID.0`, or the next free `scsi.N`) that
+/// `scsi-hd`/`scsi-cd` attach to at `scsi-id=0`, LUNs 0-255.
+pub static USB_UAS: DeviceType = DeviceType {
+    name: "usb-uas",
+    aliases: &[],
+    category: Category::Storage,
+    bus: BusKind::Usb,
+    desc: "",
+    user_creatable: true,
+    props: &[
+        PropDef::new("port", PropType::Str, ""),
+        PropDef::new("serial", PropType::Str, ""),
+        PropDef::new("log-scsi-req", PropType::Bool, "on/off")
+            .default("false")
+            .ignored(),
+        PropDef::new("msos-desc", PropType::Bool, "on/off")
+            .default("true")
+            .ignored(),
+        PropDef::new("pcap", PropType::Str, "").ignored(),
+        PropDef::new("attached", PropType::Bool, "")
+            .default("true")
+            .ignored(),
+    ],
+    create: create_uas,
+};
+
+/// A UAS device's SCSI bus.
+struct UasBus {
+    bus: Arc<devices::scsi::bus::ScsiBus>,
+    path: String,
+}
+
+impl super::bus::ScsiPort for UasBus {
+    fn bus(&self) -> &Arc<devices::scsi::bus::ScsiBus> {
+        &self.bus
+    }
+    fn max_lun(&self) -> u32 {
+        devices::usb::uas::MAX_LUN as u32
+    }
+    fn boot_path(&self, _id: u32, lun: u32) -> String {
+        format!("{}/channel@0/disk@0,{lun:x}", self.path)
+    }
+    /// Units come and go while the guest runs; UAS has no event to say
+    /// so (the driver finds them with REPORT LUNS), as on QEMU.
+    fn can_hotplug(&self) -> bool {
+        true
+    }
+}
+
+fn create_uas(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
+    let Port::Usb(port) = &at.port else {
+        return Err(format!("bus '{}' is not a USB bus", at.bus));
+    };
+    let serial = dev.props.str("serial").map(str::to_string);
+    let uas = devices::usb::uas::UsbUas::new(devices::usb::uas::UasOptions { serial });
+    let bus = uas.bus().clone();
+    port.attach(at.unit, Box::new(uas))?;
+    let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "scsi");
+    let path = format!("{}/storage@{}", port.boot_path(), at.unit + 1);
+    // A UAS device has target 0 only.
+    ctx.buses.register(
+        &name,
+        BusKind::Scsi,
+        1,
+        Port::Scsi(Arc::new(UasBus { bus, path })),
+    );
+    let (p, unit) = (port.clone(), at.unit);
+    ctx.detach = Some(Arc::new(move || p.detach(unit)));
+    Ok(())
+}
