@@ -18,6 +18,11 @@
 //! capabilities, as drivers find out: a SuperSpeed `usb-storage` at
 //! `port=N` shows on the Nth USB 3 port, wherever the controller numbers
 //! those.
+//!
+//! `usb-uas` runs on streams as Linux's `uas` driver runs it: the status
+//! and data pipes configured with linear Primary Stream Context Arrays,
+//! each command's status and data TDs on the stream of its tag, posted
+//! before its COMMAND IU, the doorbell naming the stream.
 
 mod support;
 
@@ -977,4 +982,500 @@ fn hostile_trb_outside_ram_fails_the_transfer() {
         0x000d_1b36,
         "still on the bus"
     );
+}
+
+// ---- usb-uas with streams ----
+
+/// usb-uas's pipes (UASP table 3; the endpoint number is the pipe id) as
+/// DCIs: OUT n is 2n, IN n is 2n+1.
+const DCI_UAS_COMMAND: u8 = 2;
+const DCI_UAS_STATUS: u8 = 5;
+const DCI_UAS_DATA_IN: u8 = 7;
+const DCI_UAS_DATA_OUT: u8 = 8;
+/// MaxPStreams 3: a Primary Stream Context Array of 2^(3+1) = 16
+/// entries, streams 1-15 (stream 0 is not a stream), as Linux sizes it
+/// for usb-uas's 16 streams.
+const UAS_PSTREAMS: u32 = 3;
+/// Stream Context Arrays, one 4 KiB page per DCI.
+const STREAM_ARRAYS: u64 = 0x60_0000;
+/// Stream rings, 4 KiB each by DCI and stream id.
+const STREAM_RINGS: u64 = 0x68_0000;
+/// COMMAND IUs, 64 bytes apart by tag.
+const IU_BUF: u64 = 0x78_0000;
+/// Status TD buffers (room for a SENSE IU with sense data), by tag.
+const SENSE_BUF: u64 = 0x79_0000;
+const SENSE_TD: usize = 0x100;
+const BUF3: u64 = 0x7a_0000;
+// UAS information unit ids (UAS-2 6.2).
+const IU_COMMAND: u8 = 0x01;
+const IU_SENSE: u8 = 0x03;
+const SCSI_GOOD: u8 = 0x00;
+const SCSI_CHECK_CONDITION: u8 = 0x02;
+
+fn stream_array(dci: u8) -> u64 {
+    STREAM_ARRAYS + dci as u64 * 0x1000
+}
+
+fn stream_ring(dci: u8, stream: u16) -> u64 {
+    STREAM_RINGS + (dci as u64 * 16 + stream as u64) * 0x1000
+}
+
+/// A SENSE IU's status byte and, when it carries fixed-format sense
+/// data, the sense key and ASC.
+#[derive(Debug, PartialEq, Eq)]
+struct SenseIu {
+    status: u8,
+    key: u8,
+    asc: u8,
+}
+
+const GOOD: SenseIu = SenseIu {
+    status: SCSI_GOOD,
+    key: 0,
+    asc: 0,
+};
+
+/// The guest driver for a usb-uas on top of [`Xhc`]: the status and
+/// data pipes on streams, the stream id of a transfer being the tag of
+/// its task (UASP 4.2).
+struct Uas {
+    x: Xhc,
+    slot: u8,
+    /// Stream ring enqueue pointers by (dci, stream); none wraps.
+    streams: BTreeMap<(u8, u16), u64>,
+    /// Transfer Events in the order the controller posted them.
+    seen: Vec<Trb>,
+}
+
+impl Uas {
+    /// Queues a TD of `len` bytes at `buf` on stream `stream` of `dci`
+    /// (stream 0: the endpoint's own ring) in Normal TRBs of at most 64
+    /// KiB (the TRB Transfer Length has 17 bits) and rings the doorbell
+    /// naming the stream. Returns the TD's last TRB, which its Transfer
+    /// Event names (IOC there; a short TD stops at ISP on the TRB where
+    /// it ran short, so callers keep a short TD to one TRB).
+    fn td(&mut self, dci: u8, stream: u16, buf: u64, len: usize) -> u64 {
+        let mut trbs = Vec::new();
+        let mut off = 0;
+        loop {
+            let n = (64 << 10).min(len - off);
+            let last = off + n == len;
+            let bits = ISP | if last { IOC } else { CH };
+            trbs.push(Trb::new(buf + off as u64, n as u32, TY_NORMAL, bits));
+            off += n;
+            if last {
+                break;
+            }
+        }
+        let slot = self.slot;
+        if stream == 0 {
+            let at = *self.x.queue(slot, dci, &trbs).last().unwrap();
+            self.x.ring_doorbell(slot, dci);
+            return at;
+        }
+        let base = stream_ring(dci, stream);
+        let mut at = *self.streams.entry((dci, stream)).or_insert(base);
+        let mut last = 0;
+        for t in &trbs {
+            let mut t = *t;
+            t.control |= 1;
+            self.x.qt.memwrite(at, &t.bytes());
+            last = at;
+            at += 16;
+        }
+        assert!(at <= base + 0x1000, "stream ring {dci}.{stream} full");
+        self.streams.insert((dci, stream), at);
+        // DB Stream ID in bits 31:16, the DCI in 7:0 (5.6).
+        self.x.w32(
+            DOORBELL + 4 * slot as u64,
+            dci as u32 | (stream as u32) << 16,
+        );
+        last
+    }
+
+    /// Moves whatever events the controller posted into `seen`.
+    fn drain(&mut self) {
+        let stashed: Vec<Trb> = self.x.stash.drain(..).collect();
+        for t in stashed
+            .into_iter()
+            .chain(std::iter::from_fn(|| self.x.event()))
+        {
+            assert_eq!(t.ty(), TY_TRANSFER, "only transfers now: {t:x?}");
+            assert_eq!(t.slot(), self.slot, "{t:x?}");
+            self.seen.push(t);
+        }
+    }
+
+    /// Where in `seen` the Transfer Event naming `at` is, if it came.
+    fn posted(&mut self, at: u64) -> Option<usize> {
+        self.drain();
+        self.seen.iter().position(|t| t.param == at)
+    }
+
+    /// Waits for the Transfer Event of the TD ending at `at` (device
+    /// wakeups run at clock steps); returns its place in the order of
+    /// events and the event.
+    fn done(&mut self, at: u64) -> (usize, Trb) {
+        let start = Instant::now();
+        loop {
+            if let Some(i) = self.posted(at) {
+                return (i, self.seen[i]);
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no Transfer Event for {at:#x}; seen: {:x?}",
+                self.seen
+            );
+            self.x.qt.clock_step(1_000_000);
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// A command as Linux's uas driver issues it with streams: the status
+    /// TD and the data TD (if any: DCI, buffer, length) on stream `tag`
+    /// first, then the COMMAND IU on the command pipe. Returns the data
+    /// TD and the status TD.
+    fn submit(
+        &mut self,
+        tag: u16,
+        cdb: &[u8],
+        data: Option<(u8, u64, usize)>,
+    ) -> (Option<u64>, u64) {
+        let status = self.td(
+            DCI_UAS_STATUS,
+            tag,
+            SENSE_BUF + tag as u64 * 0x100,
+            SENSE_TD,
+        );
+        let data = data.map(|(dci, buf, len)| self.td(dci, tag, buf, len));
+        self.command_iu(tag, cdb);
+        (data, status)
+    }
+
+    /// Sends the COMMAND IU (UAS-2 6.2.2) of `tag`: LUN 0, simple task,
+    /// a CDB of up to 16 bytes.
+    fn command_iu(&mut self, tag: u16, cdb: &[u8]) {
+        let mut iu = vec![0u8; 32];
+        iu[0] = IU_COMMAND;
+        iu[2..4].copy_from_slice(&tag.to_be_bytes());
+        // Bytes 8-15: LUN 0 (single-level addressing, all zero).
+        iu[16..16 + cdb.len()].copy_from_slice(cdb);
+        let buf = IU_BUF + tag as u64 * 0x40;
+        self.x.qt.memwrite(buf, &iu);
+        let at = self.td(DCI_UAS_COMMAND, 0, buf, iu.len());
+        let (_, e) = self.done(at);
+        assert_eq!(
+            (e.cc(), e.residual(), e.dci()),
+            (CC_SUCCESS, 0, DCI_UAS_COMMAND),
+            "COMMAND IU, tag {tag}: {e:x?}"
+        );
+    }
+
+    /// The SENSE IU (UAS-2 6.2.4) on the status TD `at` of `tag`, and
+    /// where its event came.
+    fn sense(&mut self, tag: u16, at: u64) -> (usize, SenseIu) {
+        let (i, e) = self.done(at);
+        assert_eq!(e.dci(), DCI_UAS_STATUS, "{e:x?}");
+        // The IU is shorter than the TD: a short packet, and the
+        // residual says how long the IU was.
+        assert_eq!(e.cc(), CC_SHORT_PACKET, "tag {tag}: {e:x?}");
+        let n = SENSE_TD - e.residual() as usize;
+        assert!(
+            n >= 16,
+            "a SENSE IU has 16 bytes before its sense data: {n}"
+        );
+        let b = self.x.qt.memread(SENSE_BUF + tag as u64 * 0x100, n);
+        assert_eq!(b[0], IU_SENSE, "IU id: {b:02x?}");
+        assert_eq!(u16::from_be_bytes([b[2], b[3]]), tag, "the IU's tag");
+        let len = u16::from_be_bytes([b[14], b[15]]) as usize;
+        assert_eq!(n, 16 + len, "sense length: {b:02x?}");
+        // Fixed-format sense data (SPC-4 4.5.3): key in byte 2, ASC in 12.
+        let (key, asc) = if len >= 13 {
+            (b[16 + 2] & 0xf, b[16 + 12])
+        } else {
+            (0, 0)
+        };
+        (
+            i,
+            SenseIu {
+                status: b[6],
+                key,
+                asc,
+            },
+        )
+    }
+
+    /// The data TD `at` moved all `len` bytes on `dci`; returns where its
+    /// event came.
+    fn data_done(&mut self, at: u64, dci: u8, what: &str) -> usize {
+        let (i, e) = self.done(at);
+        assert_eq!(
+            (e.cc(), e.residual(), e.dci()),
+            (CC_SUCCESS, 0, dci),
+            "{what}: {e:x?}"
+        );
+        i
+    }
+
+    /// A command with no data phase; returns its SENSE IU.
+    fn no_data(&mut self, tag: u16, cdb: &[u8]) -> SenseIu {
+        let (_, st) = self.submit(tag, cdb, None);
+        self.sense(tag, st).1
+    }
+}
+
+/// Walks a configuration descriptor of usb-uas: returns each endpoint's
+/// (address, wMaxPacketSize, MaxStreams exponent of its SuperSpeed
+/// companion, pipe id of the Pipe Usage descriptor after it).
+fn uas_endpoints(cfg: &[u8]) -> Vec<(u8, u16, u8, u8)> {
+    assert_eq!(&cfg[0..2], &[9, 2], "a configuration descriptor");
+    assert_eq!(
+        u16::from_le_bytes([cfg[2], cfg[3]]) as usize,
+        cfg.len(),
+        "wTotalLength"
+    );
+    assert_eq!(cfg[4], 1, "one interface");
+    let mut eps: Vec<(u8, u16, u8, u8)> = Vec::new();
+    let mut at = 9;
+    while at < cfg.len() {
+        let d = &cfg[at..at + cfg[at] as usize];
+        match d[1] {
+            4 => {
+                assert_eq!(d.len(), 9);
+                // Mass storage, SCSI, UAS; four endpoints.
+                assert_eq!(&d[4..8], &[4, 0x08, 0x06, 0x62], "interface {d:02x?}");
+            }
+            5 => {
+                assert_eq!(d.len(), 7);
+                assert_eq!(d[3], 2, "bulk: {d:02x?}");
+                eps.push((d[2], u16::from_le_bytes([d[4], d[5]]), 0xff, 0));
+            }
+            0x30 => {
+                assert_eq!(d.len(), 6);
+                let ep = eps.last_mut().expect("a companion after its endpoint");
+                assert_eq!(ep.2, 0xff, "one companion per endpoint");
+                ep.2 = d[3] & 0x1f;
+            }
+            0x24 => {
+                assert_eq!(d.len(), 4);
+                let ep = eps.last_mut().expect("a Pipe Usage after its endpoint");
+                assert_eq!(ep.3, 0, "one Pipe Usage per endpoint");
+                ep.3 = d[2];
+            }
+            t => panic!("descriptor type {t:#x} in {cfg:02x?}"),
+        }
+        at += d.len();
+    }
+    eps
+}
+
+#[test]
+fn uas_command_data_and_status_on_streams() {
+    let dir = support::scratch("xhci-uas");
+    let img = image(&dir);
+    let drive = format!("file={},format=raw,if=none,id=d0", img.display());
+    let mut x = Xhc::start(&[
+        "-device",
+        "usb-uas,id=uas,bus=xhci.0,port=1",
+        "-drive",
+        &drive,
+        "-device",
+        "scsi-hd,bus=uas.0,scsi-id=0,lun=0,drive=d0",
+    ]);
+    // Streams need a Primary Stream Context Array the controller
+    // supports: MaxPSASize (HCCPARAMS1 15:12) bounds MaxPStreams.
+    assert!(x.r32(BAR + 0x10) >> 12 & 0xf >= UAS_PSTREAMS, "MaxPSASize");
+    x.reset_and_run();
+    // usb-uas is SuperSpeed: it shows on connector 1's USB 3 port.
+    let port = x.ss_port(1);
+    x.reset_port(port);
+    let slot = x.address(port, 512);
+    let (cc, d) = x.control(slot, [0x80, 6, 0, 1, 0, 0, 18, 0], &[]);
+    assert_eq!(cc, CC_SUCCESS, "GET_DESCRIPTOR(device)");
+    assert_eq!(u16::from_le_bytes([d[2], d[3]]), 0x0300, "bcdUSB 3.0");
+    assert_eq!(d[7], 9, "bMaxPacketSize0: 2^9 at SuperSpeed");
+    assert_eq!(
+        (
+            u16::from_le_bytes([d[8], d[9]]),
+            u16::from_le_bytes([d[10], d[11]])
+        ),
+        (0x46f4, 0x0003),
+        "QEMU's usb-uas"
+    );
+    // The configuration's header first for wTotalLength, then all of it,
+    // as drivers read it.
+    let (cc, head) = x.control(slot, [0x80, 6, 0, 2, 0, 0, 9, 0], &[]);
+    assert_eq!((cc, head.len()), (CC_SUCCESS, 9));
+    let total = u16::from_le_bytes([head[2], head[3]]);
+    let (cc, cfg) = x.control(
+        slot,
+        [0x80, 6, 0, 2, 0, 0, total as u8, (total >> 8) as u8],
+        &[],
+    );
+    assert_eq!((cc, cfg.len()), (CC_SUCCESS, total as usize));
+    // Command OUT ep1, status IN ep2, data-in IN ep3, data-out OUT ep4,
+    // each with its Pipe Usage; streams (2^4) on all but the command
+    // pipe.
+    assert_eq!(
+        uas_endpoints(&cfg),
+        [
+            (0x01, 1024, 0, 1),
+            (0x82, 1024, 4, 2),
+            (0x83, 1024, 4, 3),
+            (0x04, 1024, 4, 4)
+        ]
+    );
+    let (cc, _) = x.control(slot, [0, 9, 1, 0, 0, 0, 0, 0], &[]);
+    assert_eq!(cc, CC_SUCCESS, "SET_CONFIGURATION");
+
+    // The streamed pipes' Stream Context Arrays: entry 0 reserved,
+    // entries 1-15 each a primary ring (SCT 1) with DCS 1.
+    let streamed = [DCI_UAS_STATUS, DCI_UAS_DATA_IN, DCI_UAS_DATA_OUT];
+    for dci in streamed {
+        let mut array = vec![0u8; 16 * (2 << UAS_PSTREAMS)];
+        for s in 1..(2u16 << UAS_PSTREAMS) {
+            let v = stream_ring(dci, s) | 1 << 1 | 1;
+            array[s as usize * 16..][..8].copy_from_slice(&v.to_le_bytes());
+        }
+        x.qt.memwrite(stream_array(dci), &array);
+    }
+    // Configure Endpoint: the command pipe with a plain ring, the other
+    // three with MaxPStreams, LSA and their arrays in the dequeue field.
+    let mut dwords = vec![
+        (
+            0x04,
+            1 | [
+                DCI_UAS_COMMAND,
+                DCI_UAS_STATUS,
+                DCI_UAS_DATA_IN,
+                DCI_UAS_DATA_OUT,
+            ]
+            .iter()
+            .fold(0, |a, d| a | 1 << d),
+        ),
+        (0x20, (DCI_UAS_DATA_OUT as u32) << 27),
+        (0x24, (port as u32) << 16),
+    ];
+    for dci in [
+        DCI_UAS_COMMAND,
+        DCI_UAS_STATUS,
+        DCI_UAS_DATA_IN,
+        DCI_UAS_DATA_OUT,
+    ] {
+        let at = 0x20 * (dci as u64 + 1);
+        let ty = if dci & 1 == 1 { 6u32 } else { 2 };
+        // 1024-byte packets, MaxBurst 15 as the companion says, CErr 3.
+        dwords.push((at + 4, 1024 << 16 | 15 << 8 | ty << 3 | 3 << 1));
+        if dci == DCI_UAS_COMMAND {
+            dwords.push((at + 8, ring_base(slot, dci) as u32 | 1));
+        } else {
+            dwords.push((at, UAS_PSTREAMS << 10 | 1 << 15));
+            dwords.push((at + 8, stream_array(dci) as u32));
+        }
+    }
+    x.qt.memwrite(IN_CTX, &input_ctx(&dwords));
+    let e = x.command(Trb::new(IN_CTX, 0, TY_CONFIGURE_EP, (slot as u32) << 24));
+    assert_eq!(e.cc(), CC_SUCCESS, "Configure Endpoint");
+    assert_eq!(x.out_dword(slot, 0, 3) >> 27, 3, "slot Configured");
+    for dci in streamed {
+        assert_eq!(x.ep_state(slot, dci), EP_RUNNING, "dci {dci}");
+        assert_eq!(
+            x.out_dword(slot, dci, 0) >> 10 & 0x3f,
+            UAS_PSTREAMS | 1 << 5,
+            "MaxPStreams and LSA in the output context"
+        );
+    }
+    assert_eq!(x.ep_state(slot, DCI_UAS_COMMAND), EP_RUNNING);
+    let mut u = Uas {
+        x,
+        slot,
+        streams: BTreeMap::new(),
+        seen: Vec::new(),
+    };
+
+    // TEST UNIT READY on tag 1: the power-on UNIT ATTENTION (sense key
+    // 6, ASC 29h) once, then GOOD. The status TD on stream 1 waits,
+    // NAKed, until the SENSE IU exists.
+    let tur = [0u8; 6];
+    assert_eq!(
+        u.no_data(1, &tur),
+        SenseIu {
+            status: SCSI_CHECK_CONDITION,
+            key: 6,
+            asc: 0x29
+        },
+        "the power-on unit attention"
+    );
+    assert_eq!(u.no_data(1, &tur), GOOD, "then ready");
+
+    // READ(10) of 4 blocks at LBA 5 on tag 1 again: stream 1's ring goes
+    // on after the two status TDs.
+    let file = std::fs::read(&img).unwrap();
+    let (d, st) = u.submit(1, &cdb10(0x28, 5, 4), Some((DCI_UAS_DATA_IN, BUF, 2048)));
+    let di = u.data_done(d.unwrap(), DCI_UAS_DATA_IN, "READ(10) data");
+    let (si, s) = u.sense(1, st);
+    assert_eq!(s, GOOD, "READ(10)");
+    assert!(di < si, "the data moved before the SENSE IU");
+    assert!(
+        u.x.qt.memread(BUF, 2048) == file[5 * 512..9 * 512],
+        "READ(10) matches the image"
+    );
+
+    // WRITE(10) of 256 blocks at LBA 300 on tag 2 (data-out on stream 2):
+    // two 64 KiB TRBs, more than one of the device's pieces.
+    let pattern: Vec<u8> = (0..256 * 512u32)
+        .map(|i| (i * 13 + i / 1000) as u8)
+        .collect();
+    u.x.qt.memwrite(BUF2, &pattern);
+    let (d, st) = u.submit(
+        2,
+        &cdb10(0x2a, 300, 256),
+        Some((DCI_UAS_DATA_OUT, BUF2, pattern.len())),
+    );
+    let di = u.data_done(d.unwrap(), DCI_UAS_DATA_OUT, "WRITE(10) data");
+    let (si, s) = u.sense(2, st);
+    assert_eq!(s, GOOD, "WRITE(10)");
+    assert!(di < si, "the data moved before the SENSE IU");
+    assert_eq!(u.no_data(5, &cdb10(0x35, 0, 0)), GOOD, "SYNCHRONIZE CACHE");
+    let file = std::fs::read(&img).unwrap();
+    assert!(
+        file[300 * 512..556 * 512] == pattern[..],
+        "WRITE(10) landed in the image file"
+    );
+
+    // Two READ(10)s in flight at once. Tag 3's data TD is held back
+    // after its COMMAND IU, so its task cannot finish while tag 4 (whose
+    // TDs were all posted) runs to its SENSE IU: completion out of order
+    // by tag, on separate streams of the same endpoints.
+    let (_, st3) = u.submit(3, &cdb10(0x28, 280, 192), None);
+    let (d4, st4) = u.submit(
+        4,
+        &cdb10(0x28, 0, 128),
+        Some((DCI_UAS_DATA_IN, BUF3, 128 * 512)),
+    );
+    u.data_done(d4.unwrap(), DCI_UAS_DATA_IN, "tag 4 data");
+    assert_eq!(u.sense(4, st4).1, GOOD, "tag 4");
+    // Tag 3 is still waiting for its data TD.
+    u.x.assert_no_event("tag 3 without its data TD");
+    assert_eq!(u.posted(st3), None, "tag 3 has no SENSE IU yet");
+    let d3 = u.td(DCI_UAS_DATA_IN, 3, BUF, 192 * 512);
+    let di = u.data_done(d3, DCI_UAS_DATA_IN, "tag 3 data");
+    let (si, s) = u.sense(3, st3);
+    assert_eq!(s, GOOD, "tag 3");
+    assert!(di < si, "the data moved before the SENSE IU");
+    assert!(
+        u.x.qt.memread(BUF3, 128 * 512) == file[..128 * 512],
+        "tag 4 read"
+    );
+    assert!(
+        u.x.qt.memread(BUF, 192 * 512) == file[280 * 512..472 * 512],
+        "tag 3 read: before and into what tag 2 wrote"
+    );
+    // Every stream endpoint is still running and the command ring
+    // answers.
+    for dci in streamed {
+        assert_eq!(u.x.ep_state(slot, dci), EP_RUNNING, "dci {dci}");
+    }
+    let e = u.x.command(Trb::new(0, 0, TY_NOOP_CMD, 0));
+    assert_eq!(e.cc(), CC_SUCCESS, "No Op command");
 }
