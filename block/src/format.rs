@@ -371,6 +371,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         Arc::new(crate::qcow2::Qcow2Class),
         Arc::new(crate::vpc::VpcClass),
         Arc::new(crate::vdi::VdiClass),
+        Arc::new(crate::vhdx::VhdxClass),
         filter("blkdebug", crate::blkdebug::BlkdebugNode::open),
         filter("throttle", crate::filters::ThrottleFilter::open),
         filter("copy-on-read", crate::filters::CopyOnRead::open),

@@ -75,4 +75,5 @@ pub mod raw;
 pub mod snapshot_overlay;
 pub mod throttle;
 pub mod vdi;
+pub mod vhdx;
 pub mod vpc;

@@ -11,4 +11,5 @@ pub mod probe;
 pub mod qcow2;
 pub mod storage;
 pub mod vdi;
+pub mod vhdx;
 pub mod vpc;
