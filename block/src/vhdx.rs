@@ -36,7 +36,7 @@ thread_local! {
 pub struct VhdxClass;
 
 const VHDX_OPTS: &[OptSpec] = &[
-    crate::format::SIZE,
+    OptSpec::new("size", OptType::Size, "Virtual disk size; max of 64TB."),
     OptSpec::new("log_size", OptType::Size, "Log size; min 1MB."),
     OptSpec::new(
         "block_size",
@@ -71,7 +71,12 @@ impl VhdxClass {
         let fixed = match opts.str("subformat") {
             None | Some("dynamic") => false,
             Some("fixed") => true,
-            Some(v) => return Err(bad(filename, format_args!("Invalid subformat '{v}'"))),
+            Some(v) => {
+                return Err(bad(
+                    filename,
+                    format_args!("Parameter 'subformat' does not accept value '{v}'"),
+                ))
+            }
         };
         let parent = match opts.backing_file() {
             Some(b) => Some(self.parent(filename, b, opts.backing_fmt())?),
@@ -155,9 +160,9 @@ impl DriverClass for VhdxClass {
     fn supports_backing(&self) -> bool {
         true
     }
-    fn create_summary(&self, filename: &str, opts: &CreateOpts) -> BlockResult<String> {
-        self.options(filename, opts)?;
-        // qemu-img's order; log_size and block_size always appear.
+    /// qemu-img's line (log_size and block_size always appear); like
+    /// qemu-img, the options are checked after it is printed.
+    fn create_summary(&self, _filename: &str, opts: &CreateOpts) -> BlockResult<String> {
         let mut line = format!(
             "size={} log_size={} block_size={}",
             opts.size().unwrap_or(0),

@@ -364,26 +364,26 @@ fn a_pending_log_is_replayed_read_write_and_refused_read_only() {
     let t = TempDir::new("vhdx-log");
     let img = t.path("dirty.vhdx");
     // 8 MiB of 1 MiB blocks: the BAT at 2 MiB, the metadata at 3 MiB,
-    // the file ends at 4 MiB.
+    // the file ends at 8 MiB (where QEMU's layout starts the payload).
     create(&img, 8 << 20, &["block_size=1M"]);
     let d = std::fs::read(&img).unwrap();
-    assert_eq!(d.len() as u64, 4 * MIB);
+    assert_eq!(d.len() as u64, 8 * MIB);
     let h = Header::parse(&d[0x10000..0x11000]).unwrap();
     let guid = [0x42u8; 16];
-    // Entry 1: block 3's data at 4 MiB (a pattern in its first 8 KiB
+    // Entry 1: block 3's data at 8 MiB (a pattern in its first 8 KiB
     // and zeroes for the rest), and the BAT sector that points there.
     let pat: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 1) as u8).collect();
     let mut bat = d[2 << 20..(2 << 20) + 4096].to_vec();
-    bat[24..32].copy_from_slice(&((4 * MIB) | layout::PAYLOAD_FULLY_PRESENT).to_le_bytes());
+    bat[24..32].copy_from_slice(&((8 * MIB) | layout::PAYLOAD_FULLY_PRESENT).to_le_bytes());
     let e1 = entry_bytes(
         10,
         0,
         &guid,
-        4 * MIB,
-        5 * MIB,
+        8 * MIB,
+        9 * MIB,
         &[
-            LogWrite::Data(4 * MIB, pat.clone()),
-            LogWrite::Zero(4 * MIB + 8192, MIB - 8192),
+            LogWrite::Data(8 * MIB, pat.clone()),
+            LogWrite::Zero(8 * MIB + 8192, MIB - 8192),
             LogWrite::Data(2 * MIB, bat.clone()),
         ],
     );
@@ -395,9 +395,9 @@ fn a_pending_log_is_replayed_read_write_and_refused_read_only() {
         11,
         0,
         &guid,
-        4 * MIB,
-        5 * MIB,
-        &[LogWrite::Data(4 * MIB + 4096, pat2.clone())],
+        8 * MIB,
+        9 * MIB,
+        &[LogWrite::Data(8 * MIB + 4096, pat2.clone())],
     );
     let mut f = d.clone();
     let lo = h.log_offset as usize;

@@ -63,18 +63,22 @@ pub fn default_block_size(size: u64) -> u64 {
     }
 }
 
-/// The options checked, with the block size and virtual size settled.
-pub fn validate(o: &CreateOptions) -> FResult<(u64, u64)> {
-    let size = o.parent.as_ref().map_or(o.size, |p| p.size);
+/// The options checked: (block size, virtual size, log size).
+pub fn validate(o: &CreateOptions) -> FResult<(u64, u64, u64)> {
+    // Whole logical sectors (512 bytes for a new disk), as QEMU rounds.
+    let size = o
+        .parent
+        .as_ref()
+        .map_or(o.size.div_ceil(512).saturating_mul(512), |p| p.size);
     if size > MAX_SIZE {
         return Err(FormatError::Invalid(
             "Image size too large; max of 64TB".into(),
         ));
     }
-    if o.log_size < MIB
-        || !o.log_size.is_multiple_of(MIB)
-        || o.log_size > u32::MAX as u64 / MIB * MIB
-    {
+    // QEMU rounds the log and block sizes up to whole MiB, and the
+    // block size down to the largest allowed.
+    let log_size = o.log_size.div_ceil(MIB).saturating_mul(MIB);
+    if log_size == 0 || log_size > u32::MAX as u64 {
         return Err(FormatError::Invalid(
             "Log size must be a multiple of 1 MB".into(),
         ));
@@ -83,15 +87,13 @@ pub fn validate(o: &CreateOptions) -> FResult<(u64, u64)> {
         default_block_size(size)
     } else {
         o.block_size
+            .div_ceil(MIB)
+            .saturating_mul(MIB)
+            .min(256 * MIB)
     };
-    if bs % MIB != 0 {
+    if !bs.is_power_of_two() {
         return Err(FormatError::Invalid(
-            "Block size must be a multiple of 1 MB".into(),
-        ));
-    }
-    if !bs.is_power_of_two() || bs > 256 * MIB {
-        return Err(FormatError::Invalid(
-            "Block size must be a power of two between 1 MB and 256 MB".into(),
+            "Block size must be a power of two".into(),
         ));
     }
     if o.fixed && o.parent.is_some() {
@@ -99,12 +101,12 @@ pub fn validate(o: &CreateOptions) -> FResult<(u64, u64)> {
             "A fixed VHDX cannot have a parent".into(),
         ));
     }
-    Ok((bs, size))
+    Ok((bs, size, log_size))
 }
 
 /// Write a new image into the empty `file`.
 pub fn create(file: &dyn Storage, o: &CreateOptions) -> FResult<()> {
-    let (bs, size) = validate(o)?;
+    let (bs, size, log_size) = validate(o)?;
     let io = |e: std::io::Error| FormatError::io(e, "Could not write the VHDX image");
     let lss = o.parent.as_ref().map_or(512, |p| p.logical_sector);
     let diff = o.parent.is_some();
@@ -118,10 +120,11 @@ pub fn create(file: &dyn Storage, o: &CreateOptions) -> FResult<()> {
         blocks + (blocks - 1) / chunk_ratio
     };
     let log_offset = HEADER_SECTION;
-    let bat_offset = log_offset + o.log_size;
+    let bat_offset = log_offset + log_size;
     let bat_len = (entries * 8).div_ceil(MIB).max(1) * MIB;
     let meta_offset = bat_offset + bat_len;
-    let data_offset = meta_offset + MIB;
+    // QEMU leaves 4 MiB after the metadata region before the payload.
+    let data_offset = meta_offset + 5 * MIB;
 
     // Metadata: the table, then the items from 64 KiB on.
     let mut items: Vec<(Guid, Vec<u8>, bool)> = Vec::new();
@@ -192,7 +195,7 @@ pub fn create(file: &dyn Storage, o: &CreateOptions) -> FResult<()> {
     } else {
         data_offset
     };
-    file.set_len(end.div_ceil(MIB) * MIB).map_err(io)?;
+    file.set_len(end).map_err(io)?;
     file.write_at(meta_offset, &meta).map_err(io)?;
     file.write_at(bat_offset, &bat).map_err(io)?;
     let regions = [
@@ -220,7 +223,7 @@ pub fn create(file: &dyn Storage, o: &CreateOptions) -> FResult<()> {
         log_guid: [0; 16],
         log_version: 0,
         version: 1,
-        log_length: o.log_size as u32,
+        log_length: log_size as u32,
         log_offset,
     };
     for at in HEADER_OFFSETS {
