@@ -273,7 +273,10 @@ impl VhdxNode {
     }
 
     fn extent(&self, p: Piece, len: u64) -> BlockResult<Extent> {
-        piece_extent(p, len, &self.file, false, &self.backing)
+        // A fixed disk's blocks are whatever its file holds there: the
+        // file's holes read as zeroes.
+        let fixed = self.img.metadata().leave_allocated;
+        piece_extent(p, len, &self.file, fixed, &self.backing)
     }
 }
 

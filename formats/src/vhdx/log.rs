@@ -71,7 +71,7 @@ fn circ(log: &[u8], at: u64, len: u64) -> Option<Vec<u8>> {
 }
 
 /// The entry at `at`, if it is a valid one of this log.
-fn parse_entry(log: &[u8], at: u64, guid: &Guid) -> Option<Entry> {
+fn parse_entry(log: &[u8], at: u64, guid: &Guid, budget: &mut u64) -> Option<Entry> {
     let h = circ(log, at, SECTOR)?;
     if &h[..4] != b"loge" || guid_at(&h, 32) != *guid {
         return None;
@@ -94,6 +94,7 @@ fn parse_entry(log: &[u8], at: u64, guid: &Guid) -> Option<Entry> {
     if desc_sectors > len / SECTOR {
         return None;
     }
+    *budget = budget.saturating_sub(len);
     let e = circ(log, at, len)?;
     if !checksum_ok(&e, 4) {
         return None;
@@ -148,9 +149,17 @@ pub fn find_replay(log: &[u8], guid: &Guid, name: &str) -> FResult<Option<Replay
     let n = log.len() as u64;
     let mut entries: HashMap<u64, Entry> = HashMap::new();
     let mut at = 0;
+    // Valid entries do not overlap, so checksumming more than the log a
+    // few times over means a hostile log built to make the scan slow.
+    let mut budget = n.saturating_mul(4);
     while at < n {
-        if let Some(e) = parse_entry(log, at, guid) {
+        if let Some(e) = parse_entry(log, at, guid, &mut budget) {
             entries.insert(at, e);
+        }
+        if budget == 0 {
+            return Err(FormatError::Corrupt(format!(
+                "{name}: the VHDX log holds too many overlapping entries"
+            )));
         }
         at += SECTOR;
     }

@@ -884,23 +884,34 @@ impl Vhdx {
             .ok_or_else(|| corrupt(&self.name, "an empty mapping"))
     }
 
-    /// Wait until no allocation touching `[off, off+len)` is in flight.
-    fn wait_idle(&self, off: u64, len: u64) {
-        let mut st = self.lock();
-        while self.chunks(off, len).any(|(i, _, _)| st.busy.contains(&i))
-            || !st.busy_chunks.is_empty()
-        {
-            st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
     /// Write `data` at `off` synchronously (any alignment).
+    ///
+    /// An allocation runs entirely under the metadata lock: the
+    /// asynchronous path then waits on the lock instead of finding the
+    /// blocks busy and parking until an asynchronous allocation ends
+    /// (which, for this one, would never tell it).
     pub fn write(&self, off: u64, data: &[u8]) -> FResult<()> {
         self.check_range(off, data.len() as u64)?;
         self.writable()?;
+        let len = data.len() as u64;
+        let mut st = self.lock();
         loop {
-            let plan = match self.map_write(off, data.len() as u64)? {
+            // Asynchronous allocations on these blocks finish first.
+            let g = self.geo;
+            while self.chunks(off, len).any(|(i, _, _)| {
+                st.busy.contains(&i) || st.busy_chunks.contains(&(i / g.chunk_ratio))
+            }) {
+                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            // Read under the lock: what lies below it may be space a
+            // failed allocation wrote, which a new block must zero.
+            let flen = self
+                .file
+                .len()
+                .map_err(|e| self.io(e, "Invalid file size"))?;
+            let plan = match self.map_write_locked(&mut st, off, len)? {
                 WriteMap::InPlace(runs) => {
+                    drop(st);
                     for (g, h, n) in runs {
                         let s = (g - off) as usize;
                         self.file
@@ -909,15 +920,15 @@ impl Vhdx {
                     }
                     return Ok(());
                 }
-                WriteMap::Busy => {
-                    self.wait_idle(off, data.len() as u64);
-                    continue;
-                }
-                WriteMap::Allocate => self.plan_alloc(off, data.len() as u64)?,
+                WriteMap::Busy => continue,
+                WriteMap::Allocate => self.plan_locked(&mut st, flen, off, len)?,
             };
             match plan {
-                crate::mapping::Plan::Busy => self.wait_idle(off, data.len() as u64),
-                crate::mapping::Plan::Sync => return self.write_merged(off, data),
+                crate::mapping::Plan::Busy => continue,
+                crate::mapping::Plan::Sync => {
+                    drop(st);
+                    return self.write_merged(off, data);
+                }
                 crate::mapping::Plan::Ready {
                     zero_first,
                     writes,
@@ -937,8 +948,9 @@ impl Vhdx {
                         }
                         Ok(())
                     })();
-                    let ok = r.is_ok();
-                    let f = self.finish_alloc(alloc, ok);
+                    let f = self.finish_locked(&mut st, alloc, r.is_ok());
+                    drop(st);
+                    self.done.notify_all();
                     return r.and(f);
                 }
             }
@@ -1108,7 +1120,18 @@ fn replay(
             ),
         ));
     }
-    let limit = flen.max(r.last_file_offset).min(MAX_SIZE * 2);
+    // The file grows between log flushes by a few blocks at most; a log
+    // that claims more would make a huge sparse file.
+    if r.last_file_offset > flen.saturating_add(16 << 30) {
+        return Err(corrupt(
+            name,
+            format_args!(
+                "the VHDX log claims a file of {} bytes, far beyond its {flen}",
+                r.last_file_offset
+            ),
+        ));
+    }
+    let limit = flen.max(r.last_file_offset);
     log::validate(r, limit, name)?;
     let w = |e| io_err(e, name, "Could not replay the VHDX log");
     for op in &r.writes {
@@ -1118,8 +1141,8 @@ fn replay(
         }
     }
     if r.last_file_offset > flen {
-        let to = r.last_file_offset.div_ceil(MIB) * MIB;
-        file.set_len(to.min(limit.div_ceil(MIB) * MIB)).map_err(w)?;
+        file.set_len(r.last_file_offset.div_ceil(MIB) * MIB)
+            .map_err(w)?;
     }
     file.flush().map_err(w)?;
     let mut h = p.header.clone();
@@ -1129,20 +1152,10 @@ fn replay(
     write_headers(file, name, &mut h, p.slot)
 }
 
-impl GuestMap for Vhdx {
-    type Alloc = Alloc;
-
-    fn map_read(&self, off: u64, len: u64) -> FResult<Vec<Piece>> {
-        self.check_range(off, len)?;
-        let mut st = self.lock();
-        self.map_locked(&mut st, off, len)
-    }
-
-    fn map_write(&self, off: u64, len: u64) -> FResult<WriteMap> {
-        self.check_range(off, len)?;
-        self.writable()?;
+impl Vhdx {
+    /// [`GuestMap::map_write`] under the lock.
+    fn map_write_locked(&self, st: &mut State, off: u64, len: u64) -> FResult<WriteMap> {
         let g = self.geo;
-        let mut st = self.lock();
         let mut runs = Vec::new();
         for (i, inb, n) in self.chunks(off, len) {
             if st.busy.contains(&i) {
@@ -1155,7 +1168,7 @@ impl GuestMap for Vhdx {
                 PAYLOAD_PARTIALLY_PRESENT => {
                     let b = g.first_bit(i);
                     self.present(
-                        &mut st,
+                        st,
                         i / g.chunk_ratio,
                         b + inb / g.lss,
                         b + (inb + n).div_ceil(g.lss),
@@ -1168,19 +1181,13 @@ impl GuestMap for Vhdx {
             }
             runs.push((i * g.bs + inb, host + inb, n));
         }
-        self.touch(&mut st)?;
+        self.touch(st)?;
         Ok(WriteMap::InPlace(runs))
     }
 
-    fn plan_alloc(&self, off: u64, len: u64) -> FResult<Plan> {
-        self.check_range(off, len)?;
-        self.writable()?;
+    /// [`GuestMap::plan_alloc`] under the lock, `flen` the file's length.
+    fn plan_locked(&self, st: &mut State, flen: u64, off: u64, len: u64) -> FResult<Plan> {
         let g = self.geo;
-        let flen = self
-            .file
-            .len()
-            .map_err(|e| self.io(e, "Invalid file size"))?;
-        let mut st = self.lock();
         for (i, inb, n) in self.chunks(off, len) {
             if st.busy.contains(&i) || st.busy_chunks.contains(&(i / g.chunk_ratio)) {
                 return Ok(Plan::Busy);
@@ -1195,7 +1202,7 @@ impl GuestMap for Vhdx {
                     Ok(match e {
                         PAYLOAD_FULLY_PRESENT | PAYLOAD_ZERO | PAYLOAD_UNMAPPED => true,
                         PAYLOAD_PARTIALLY_PRESENT => {
-                            self.present(&mut st, c, b + p / g.lss, b + p / g.lss + 1)?
+                            self.present(st, c, b + p / g.lss, b + p / g.lss + 1)?
                         }
                         _ => false,
                     })
@@ -1206,7 +1213,7 @@ impl GuestMap for Vhdx {
                 }
             }
         }
-        self.touch(&mut st)?;
+        self.touch(st)?;
         let mut zero_first = Vec::new();
         let mut writes = Vec::new();
         let mut alloc = Alloc::default();
@@ -1228,11 +1235,11 @@ impl GuestMap for Vhdx {
                         if st.bat[g.bitmap(c)] & STATE_MASK != SB_PRESENT
                             && !alloc.bitmaps.iter().any(|b| b.0 == c)
                         {
-                            let at = self.reserve(&mut st, MIB)?;
+                            let at = self.reserve(st, MIB)?;
                             st.busy_chunks.insert(c);
                             alloc.bitmaps.push((c, at));
                         }
-                        let at = self.reserve(&mut st, g.bs)?;
+                        let at = self.reserve(st, g.bs)?;
                         st.busy.insert(i);
                         alloc.new.push((i, at, PAYLOAD_PARTIALLY_PRESENT));
                         alloc.marks.push((i, inb, inb + n));
@@ -1247,7 +1254,7 @@ impl GuestMap for Vhdx {
                         // Everything else becomes a fully present block
                         // whose other bytes read as zeroes; past the
                         // file's old end they already do.
-                        let at = self.reserve(&mut st, g.bs)?;
+                        let at = self.reserve(st, g.bs)?;
                         st.busy.insert(i);
                         alloc.new.push((i, at, PAYLOAD_FULLY_PRESENT));
                         for (a, b) in [(at, at + inb), (at + inb + n, at + g.bs)] {
@@ -1264,8 +1271,8 @@ impl GuestMap for Vhdx {
             Ok(())
         })();
         if let Err(e) = r {
-            self.unreserve(&mut st, &alloc);
-            self.release(&mut st, &alloc);
+            self.unreserve(st, &alloc);
+            self.release(st, &alloc);
             return Err(e);
         }
         Ok(Plan::Ready {
@@ -1275,9 +1282,9 @@ impl GuestMap for Vhdx {
         })
     }
 
-    fn finish_alloc(&self, a: Alloc, ok: bool) -> FResult<()> {
-        let mut st = self.lock();
-        let r = if ok { self.link(&mut st, &a) } else { Ok(()) };
+    /// [`GuestMap::finish_alloc`] under the lock (the caller notifies).
+    fn finish_locked(&self, st: &mut State, a: Alloc, ok: bool) -> FResult<()> {
+        let r = if ok { self.link(st, &a) } else { Ok(()) };
         if !ok || r.is_err() {
             // What the BAT does not reference goes back.
             let g = self.geo;
@@ -1302,10 +1309,40 @@ impl GuestMap for Vhdx {
             for (c, _) in &back.bitmaps {
                 st.bitmaps.remove(c);
             }
-            self.unreserve(&mut st, &back);
+            self.unreserve(st, &back);
         }
-        self.release(&mut st, &a);
-        drop(st);
+        self.release(st, &a);
+        r
+    }
+}
+
+impl GuestMap for Vhdx {
+    type Alloc = Alloc;
+
+    fn map_read(&self, off: u64, len: u64) -> FResult<Vec<Piece>> {
+        self.check_range(off, len)?;
+        let mut st = self.lock();
+        self.map_locked(&mut st, off, len)
+    }
+
+    fn map_write(&self, off: u64, len: u64) -> FResult<WriteMap> {
+        self.check_range(off, len)?;
+        self.writable()?;
+        self.map_write_locked(&mut self.lock(), off, len)
+    }
+
+    fn plan_alloc(&self, off: u64, len: u64) -> FResult<Plan> {
+        self.check_range(off, len)?;
+        self.writable()?;
+        let flen = self
+            .file
+            .len()
+            .map_err(|e| self.io(e, "Invalid file size"))?;
+        self.plan_locked(&mut self.lock(), flen, off, len)
+    }
+
+    fn finish_alloc(&self, a: Alloc, ok: bool) -> FResult<()> {
+        let r = self.finish_locked(&mut self.lock(), a, ok);
         self.done.notify_all();
         r
     }
