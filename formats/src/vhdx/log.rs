@@ -329,4 +329,31 @@ mod tests {
             .unwrap()
             .is_none());
     }
+
+    #[test]
+    fn an_entry_may_wrap_around_the_end_of_the_log() {
+        let g = [3u8; 16];
+        let n = MIB as usize;
+        let mut log = vec![0u8; n];
+        let d = vec![0x9cu8; 4096];
+        let e = entry_bytes(
+            4,
+            (n - 4096) as u32,
+            &g,
+            0,
+            0,
+            &[LogWrite::Data(5 * MIB, d.clone())],
+        );
+        assert_eq!(e.len(), 8192);
+        log[n - 4096..].copy_from_slice(&e[..4096]);
+        log[..4096].copy_from_slice(&e[4096..]);
+        let r = find_replay(&log, &g, "x").unwrap().unwrap();
+        assert_eq!(r.writes, vec![LogWrite::Data(5 * MIB, d)]);
+        assert!(validate(&r, 6 * MIB, "x").is_ok());
+        let e = validate(&r, 5 * MIB, "x").unwrap_err().to_string();
+        assert!(
+            e.contains("x: a VHDX log entry writes outside the image"),
+            "{e}"
+        );
+    }
 }
