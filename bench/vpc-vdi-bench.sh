@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# vpc (VHD) and vdi: strata-img convert against qemu-img convert, same
-# arguments, same files (issue 22's benchmark set): raw->vpc, vpc->raw,
-# raw->vdi, vdi->raw on a SIZE (default 4 GiB) raw image holding DATA_MB
+# vpc (VHD), vdi and vhdx: strata-img convert against qemu-img convert,
+# same arguments, same files (issue 22's benchmark set): raw->FMT and
+# FMT->raw for each FMT of FORMATS (default "vpc vdi vhdx") on a SIZE
+# (default 4 GiB) raw image holding DATA_MB
 # (default 1024) of random data in 16 runs. For each case it prints the
 # median wall time of each tool, the spread (min-max) and the ratio
 # qemu/strata (>= 1.0: Strata is as fast or faster). Each case runs
 # REPEAT times (default 5), alternating which tool goes first; the
-# outputs are checked with qemu-img compare (and check for vdi).
+# outputs are checked with qemu-img compare (and check for vdi and
+# vhdx).
 # Usage: bench/vpc-vdi-bench.sh [--quick]
 #   (env: STRATA_IMG, BENCH_DIR (default /dev/shm/strata-vpcvdi: tmpfs, so
 #   the tools are measured rather than the host disk), REPEAT, SIZE,
-#   DATA_MB, CASES: an extended regex; only cases whose name matches run)
+#   DATA_MB, FORMATS, CASES: an extended regex; only cases whose name
+#   matches run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -48,9 +51,11 @@ if [[ ! -f "$SRC" ]]; then
         dd if=/dev/urandom of="$SRC" bs=1M count=$per seek=$(( i * gap )) conv=notrunc status=none
     done
 fi
+FORMATS=${FORMATS:-vpc vdi vhdx}
 # The sources of the format->raw cases, made by qemu-img.
-[[ -f "$DIR/src.vhd" ]] || qemu-img convert -f raw -O vpc "$SRC" "$DIR/src.vhd"
-[[ -f "$DIR/src.vdi" ]] || qemu-img convert -f raw -O vdi "$SRC" "$DIR/src.vdi"
+for f in $FORMATS; do
+    [[ -f "$DIR/src.$f" ]] || qemu-img convert -f raw -O "$f" "$SRC" "$DIR/src.$f"
+done
 
 results=()
 printf '%-34s %9s %9s %6s   %s\n' "case" "qemu s" "strata s" "ratio" "spread qemu / strata"
@@ -76,7 +81,7 @@ run_case() {
     "$STRATA_IMG" convert -f "$fin" -O "$fout" "$src" "$DIR/out-strata"
     qemu-img compare -q -f "$fin" -F "$fout" "$src" "$DIR/out-strata" ||
         { echo "$name: strata-img's output differs from the source!" >&2; exit 1; }
-    if [[ $fout == vdi ]]; then
+    if [[ $fout == vdi || $fout == vhdx ]]; then
         qemu-img check -q "$DIR/out-strata" || { echo "$name: qemu-img check fails!" >&2; exit 1; }
     fi
     rm -f "$DIR/out-qemu" "$DIR/out-strata"
@@ -87,10 +92,10 @@ run_case() {
     results+=("$name|$q ($(spread "${qs[@]}"))|$s ($(spread "${ss[@]}"))|$(ratio "$q" "$s")")
 }
 
-run_case "convert raw->vpc $SIZE (${DATA_MB}M data)" raw vpc "$SRC"
-run_case "convert vpc->raw $SIZE (${DATA_MB}M data)" vpc raw "$DIR/src.vhd"
-run_case "convert raw->vdi $SIZE (${DATA_MB}M data)" raw vdi "$SRC"
-run_case "convert vdi->raw $SIZE (${DATA_MB}M data)" vdi raw "$DIR/src.vdi"
+for f in $FORMATS; do
+    run_case "convert raw->$f $SIZE (${DATA_MB}M data)" raw "$f" "$SRC"
+    run_case "convert $f->raw $SIZE (${DATA_MB}M data)" "$f" raw "$DIR/src.$f"
+done
 
 {
     echo "| case | qemu-img s (min-max) | strata-img s (min-max) | ratio qemu/strata |"

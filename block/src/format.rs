@@ -372,6 +372,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         Arc::new(crate::vpc::VpcClass),
         Arc::new(crate::vdi::VdiClass),
         Arc::new(crate::vmdk::VmdkClass),
+        Arc::new(crate::vhdx::VhdxClass),
         filter("blkdebug", crate::blkdebug::BlkdebugNode::open),
         filter("throttle", crate::filters::ThrottleFilter::open),
         filter("copy-on-read", crate::filters::CopyOnRead::open),

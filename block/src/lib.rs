@@ -76,5 +76,6 @@ pub mod serialise;
 pub mod snapshot_overlay;
 pub mod throttle;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;

@@ -11,5 +11,6 @@ pub mod probe;
 pub mod qcow2;
 pub mod storage;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
