@@ -15,7 +15,9 @@ use crate::format::{
     ImageInfo, NodeStorage, OptSpec, OptType, Repair,
 };
 use crate::graph::{Backing, OpenCtx};
-use crate::mapped::{piece_extent, Mapped, MappedIo};
+use crate::mapped::{
+    past_end, piece_extent, read_vectored_by, write_vectored_by, Mapped, MappedIo,
+};
 use crate::node::{Child, Node};
 use crate::vpc::{new_uuid, open_error};
 use formats::storage::Storage;
@@ -294,35 +296,23 @@ impl BlockDriver for VhdxNode {
         self.file.filename()
     }
     fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
-        let mut off = offset;
-        for s in iov.iter_mut() {
-            self.img.read(off, s).map_err(block_error)?;
-            off += s.len() as u64;
-        }
-        Ok(())
+        read_vectored_by(offset, iov, |o, b| self.img.read(o, b))
     }
     fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
-        let mut flat = vec![0u8; crate::iov::total_len(iov)];
-        crate::iov::gather(iov, &mut flat);
-        self.img.write(offset, &flat).map_err(block_error)?;
-        if fua {
-            self.img.flush().map_err(block_error)?;
-        }
-        Ok(())
+        write_vectored_by(
+            offset,
+            iov,
+            fua,
+            |o, d| self.img.write(o, d),
+            || self.img.flush(),
+        )
     }
     fn flush(&self) -> BlockResult<()> {
         self.img.flush().map_err(block_error)
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        if offset >= self.img.size() {
-            return Ok(Extent {
-                len: len.max(1),
-                data: false,
-                zero: true,
-                offset: None,
-                allocated: true,
-                compressed: false,
-            });
+        if let Some(e) = past_end(self.img.size(), offset, len) {
+            return Ok(e);
         }
         let len = len.min(self.img.size() - offset);
         let p = self.img.block_status(offset, len).map_err(block_error)?;

@@ -12,7 +12,7 @@
 //! ([`pack`]): the image's length and its non-zero runs. Seeds stay a
 //! few KiB and mutations land on the structures, not on the zeroes.
 
-use super::{GuestMap, OpenOptions, Plan, Vhdx, WriteMap};
+use super::{OpenOptions, Vhdx};
 use crate::storage::{MemStorage, Storage};
 use std::sync::Arc;
 
@@ -112,47 +112,14 @@ pub fn fuzz_open_read(data: &[u8]) {
         if ro || size == 0 {
             continue;
         }
-        let end = size - size.min(5000);
-        for (at, n) in [
-            (0, 4096),
-            (700, 1000),
-            (end, size.min(5000)),
-            (size / 2, 512),
-        ] {
-            let d = vec![0xc3u8; n as usize];
-            if named(img.write(at, &d)).is_some() {
-                let mut back = vec![0u8; n as usize];
-                if named(img.read(at, &mut back)).is_some() {
-                    assert!(back == d, "read back differs at {at}");
-                }
-            }
-        }
-        let at = (size / 3) / 512 * 512;
-        let n = 8192.min(size - at);
-        match named(img.map_write(at, n)) {
-            Some(WriteMap::Allocate) => {
-                if let Some(Plan::Ready {
-                    zero_first,
-                    writes,
-                    alloc,
-                }) = named(img.plan_alloc(at, n))
-                {
-                    for (h, l) in zero_first {
-                        let _ = f.write_zeroes(h, l);
-                    }
-                    for (_, h, l) in writes {
-                        let _ = f.write_at(h, &vec![7u8; l as usize]);
-                    }
-                    named(img.finish_alloc(alloc, true));
-                }
-            }
-            Some(WriteMap::InPlace(runs)) => {
-                for (_, h, l) in runs {
-                    assert!(h + l <= f.len().unwrap_or(0), "in-place write past the end");
-                }
-            }
-            _ => {}
-        }
+        crate::mapping::fuzz_write_phase(
+            &img,
+            &*f,
+            size,
+            FUZZ_NAME,
+            |o, d| img.write(o, d),
+            |o, b| img.read(o, b),
+        );
         named(img.flush());
         drop(img);
         let again = Arc::new(MemStorage::new(f.contents(), limit));
