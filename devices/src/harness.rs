@@ -355,6 +355,12 @@ pub fn usb_bot(data: &[u8]) {
     crate::usb::fuzz::run(data)
 }
 
+/// usb-ccid: setup packets and CCID messages, whole and in packets (see
+/// [`crate::usb::ccid::fuzz`] for the input format).
+pub fn usb_ccid(data: &[u8]) {
+    crate::usb::ccid::fuzz::run(data)
+}
+
 /// usb-uas: IUs and pipe transfers at high speed and with streams (see
 /// [`crate::usb::uas::fuzz`] for the input format).
 pub fn usb_uas(data: &[u8]) {
@@ -381,6 +387,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "lsi" => Some(lsi),
         "scsi_cdb" => Some(scsi_cdb),
         "usb_bot" => Some(usb_bot),
+        "usb_ccid" => Some(usb_ccid),
         "usb_ehci" => Some(usb_ehci),
         "usb_uas" => Some(usb_uas),
         "virtio_chain" => Some(virtio_chain),

@@ -1,7 +1,7 @@
 //! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
 //! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile,
 //! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot,
-//! fuzz/corpus/usb_ehci, fuzz/corpus/usb_uas, fuzz/corpus/xhci_ring) and
+//! fuzz/corpus/usb_ccid, fuzz/corpus/usb_ehci, fuzz/corpus/usb_uas, fuzz/corpus/xhci_ring) and
 //! seeded random inputs through the same harnesses cargo fuzz runs.
 
 use std::path::PathBuf;
@@ -60,6 +60,11 @@ fn lsi_corpus() {
 #[test]
 fn usb_bot_corpus() {
     corpus("usb_bot");
+}
+
+#[test]
+fn usb_ccid_corpus() {
+    corpus("usb_ccid");
 }
 
 #[test]

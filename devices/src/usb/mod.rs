@@ -42,12 +42,14 @@
 //! - [`storage`]: `usb-storage`, the mass storage device on a SCSI bus.
 //! - [`uas`]: `usb-uas`, USB Attached SCSI on a SCSI bus.
 //! - [`hid`]: `usb-tablet`, the HID pointer.
+//! - [`ccid`]: `usb-ccid`, the smart-card reader (an empty slot).
 //! - [`uhci`]: the PIIX3 UHCI host controller (and the ICH9's, as EHCI
 //!   companions).
 //! - [`ehci`]: the ICH9 EHCI host controller.
 //! - [`xhci`]: the xHCI host controller (`qemu-xhci`, `nec-usb-xhci`).
 
 pub mod bot;
+pub mod ccid;
 pub mod control;
 pub mod core;
 pub mod desc;
