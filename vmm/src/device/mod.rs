@@ -117,6 +117,7 @@ pub static TYPES: &[&DeviceType] = &[
     &usb::USB_STORAGE,
     &usb::USB_TABLET,
     &usb::USB_UAS,
+    &usb::USB_CCID,
     &fdc::FLOPPY,
     &fdc::ISA_FDC,
     &debugcon::ISA_DEBUGCON,

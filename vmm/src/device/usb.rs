@@ -489,3 +489,39 @@ fn create_uas(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), St
     ctx.detach = Some(Arc::new(move || p.detach(unit)));
     Ok(())
 }
+
+/// QEMU's `usb-ccid` (08e6:4433): a CCID smart-card reader. Strata has
+/// no card emulation, so its one slot is always empty; guests enumerate
+/// it and are told so.
+pub static USB_CCID: DeviceType = DeviceType {
+    name: "usb-ccid",
+    aliases: &[],
+    category: Category::Input,
+    bus: BusKind::Usb,
+    desc: "CCID Rev 1.1 smartcard reader",
+    user_creatable: true,
+    props: &[
+        PropDef::new("port", PropType::Str, ""),
+        PropDef::new("debug", PropType::U8, "")
+            .default("0")
+            .ignored(),
+        PropDef::new("msos-desc", PropType::Bool, "on/off")
+            .default("true")
+            .ignored(),
+        PropDef::new("pcap", PropType::Str, "").ignored(),
+        PropDef::new("attached", PropType::Bool, "")
+            .default("true")
+            .ignored(),
+    ],
+    create: create_ccid,
+};
+
+fn create_ccid(ctx: &mut AttachCtx, _dev: &Device, at: Placement) -> Result<(), String> {
+    let Port::Usb(port) = &at.port else {
+        return Err(format!("bus '{}' is not a USB bus", at.bus));
+    };
+    port.attach(at.unit, Box::new(devices::usb::ccid::UsbCcid::new()))?;
+    let (p, unit) = (port.clone(), at.unit);
+    ctx.detach = Some(Arc::new(move || p.detach(unit)));
+    Ok(())
+}

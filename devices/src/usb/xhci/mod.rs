@@ -47,8 +47,8 @@
 //! No isochronous transfers (Isoch TRBs are a TRB Error), no hubs (a
 //! route string other than 0 finds no device), interrupt moderation is
 //! not applied, one MSI message (the MSI capability offers one vector),
-//! streams use linear Primary Stream Context Arrays only and every
-//! stream shares one NAK state per endpoint.
+//! streams use linear Primary Stream Context Arrays only (each stream
+//! keeps its own NAK state).
 
 pub mod context;
 pub mod event;
