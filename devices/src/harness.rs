@@ -379,6 +379,13 @@ pub fn usb_ehci(data: &[u8]) {
     crate::usb::ehci::fuzz::run(data)
 }
 
+/// The UHCI: link pointers, queue heads and TDs parsed, and the frame
+/// list walked over the input as guest RAM (see
+/// [`crate::usb::uhci::fuzz`]).
+pub fn usb_uhci(data: &[u8]) {
+    crate::usb::uhci::fuzz::run(data)
+}
+
 /// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
@@ -390,6 +397,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "usb_ccid" => Some(usb_ccid),
         "usb_ehci" => Some(usb_ehci),
         "usb_uas" => Some(usb_uas),
+        "usb_uhci" => Some(usb_uhci),
         "virtio_chain" => Some(virtio_chain),
         "xhci_ring" => Some(xhci_ring),
         _ => None,

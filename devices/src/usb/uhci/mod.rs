@@ -28,6 +28,7 @@
 //! invalid PID or MaxLen an HC Process Error, each halting the
 //! controller as the hardware does.
 
+pub mod fuzz;
 pub mod schedule;
 #[cfg(test)]
 mod tests;
