@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# vpc (VHD), vdi and vhdx: strata-img convert against qemu-img convert,
+# vpc (VHD), vdi, vhdx and vmdk: strata-img convert against qemu-img convert,
 # same arguments, same files (issue 22's benchmark set): raw->FMT and
-# FMT->raw for each FMT of FORMATS (default "vpc vdi vhdx") on a SIZE
+# FMT->raw for each FMT of FORMATS (default "vpc vdi vhdx vmdk") on a SIZE
 # (default 4 GiB) raw image holding DATA_MB
 # (default 1024) of random data in 16 runs. For each case it prints the
 # median wall time of each tool, the spread (min-max) and the ratio
 # qemu/strata (>= 1.0: Strata is as fast or faster). Each case runs
 # REPEAT times (default 5), alternating which tool goes first; the
-# outputs are checked with qemu-img compare (and check for vdi and
-# vhdx).
+# outputs are checked with qemu-img compare (and check for vdi, vhdx
+# and vmdk).
 # Usage: bench/vpc-vdi-bench.sh [--quick]
 #   (env: STRATA_IMG, BENCH_DIR (default /dev/shm/strata-vpcvdi: tmpfs, so
 #   the tools are measured rather than the host disk), REPEAT, SIZE,
@@ -51,7 +51,7 @@ if [[ ! -f "$SRC" ]]; then
         dd if=/dev/urandom of="$SRC" bs=1M count=$per seek=$(( i * gap )) conv=notrunc status=none
     done
 fi
-FORMATS=${FORMATS:-vpc vdi vhdx}
+FORMATS=${FORMATS:-vpc vdi vhdx vmdk}
 # The sources of the format->raw cases, made by qemu-img.
 for f in $FORMATS; do
     [[ -f "$DIR/src.$f" ]] || qemu-img convert -f raw -O "$f" "$SRC" "$DIR/src.$f"
@@ -81,7 +81,7 @@ run_case() {
     "$STRATA_IMG" convert -f "$fin" -O "$fout" "$src" "$DIR/out-strata"
     qemu-img compare -q -f "$fin" -F "$fout" "$src" "$DIR/out-strata" ||
         { echo "$name: strata-img's output differs from the source!" >&2; exit 1; }
-    if [[ $fout == vdi || $fout == vhdx ]]; then
+    if [[ $fout == vdi || $fout == vhdx || $fout == vmdk ]]; then
         qemu-img check -q "$DIR/out-strata" || { echo "$name: qemu-img check fails!" >&2; exit 1; }
     fi
     rm -f "$DIR/out-qemu" "$DIR/out-strata"
