@@ -1,9 +1,12 @@
 //! USB as `-device` sees it: the host controllers that own USB buses
-//! (`piix3-usb-uhci`, the one `-usb` builds on `pc`) and the devices
-//! that plug into their root ports (`usb-storage`). A controller
-//! registers its bus as `ID.0` (or `usb-bus.N` without an id) with one
-//! unit per root port; a device's `port=N` is unit N-1
-//! ([`super::bus::UsbPort`]).
+//! (`piix3-usb-uhci`, which `-usb` builds on `pc`; `ich9-usb-ehci1` with
+//! its `ich9-usb-uhci1..6` companions, which `-usb` builds on `q35`;
+//! `qemu-xhci` and `nec-usb-xhci`) and the devices that plug into their
+//! root ports (`usb-storage`, `usb-uas` with its own SCSI bus,
+//! `usb-tablet`, `usb-ccid`). A controller registers its bus as `ID.0`
+//! (or `usb-bus.N` without an id) with one unit per root connector; a
+//! device's `port=N` is unit N-1 ([`super::bus::UsbPort`]), and the
+//! controller picks the port kind by the device's speed.
 
 use std::sync::{Arc, Mutex};
 
