@@ -18,7 +18,8 @@ fn registry_knows_kinds_and_probes_by_score() {
     assert_eq!(g.class("file").unwrap().kind(), DriverKind::Protocol);
     assert_eq!(g.class("qcow2").unwrap().kind(), DriverKind::Format);
     assert_eq!(g.class("throttle").unwrap().kind(), DriverKind::Filter);
-    assert!(g.class("vmdk").is_none());
+    assert_eq!(g.class("vmdk").unwrap().kind(), DriverKind::Format);
+    assert!(g.class("qed").is_none());
     let classes = g.classes();
     let mut head = vec![0u8; 512];
     assert_eq!(format::probe(&classes, &head, "x"), None);

@@ -208,7 +208,9 @@ fn ignored_and_warned_flags() {
         &["-no-acpi"],
         "-no-acpi: Strata always provides ACPI tables",
     );
-    warned(&["-usb"], "-usb: Strata has no USB controller");
+    // `-usb` builds the board's USB controller now: no warning.
+    accepted(&["-usb"]);
+    accepted(&["-machine", "usb=on"]);
     warned(&["-vnc", ":0"], "-vnc: Strata has no display");
 }
 
