@@ -430,6 +430,13 @@ fn qemu_img_refused_while_strata_img_holds_the_image() {
             "bench ended while being checked"
         );
         h.stop();
+        // The locks go with the last reference to the file, which the
+        // kernel's io_uring workers of the killed process may hold a
+        // moment after it was reaped: wait for /proc/locks to drop them.
+        let t0 = Instant::now();
+        while (100..=110).any(|b| holds_byte(ino, b)) && t0.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // A killed writer may leave leaked clusters (exit 3), nothing worse.
         let o = run("qemu-img", &["check", &img]);
         let c = o.status.code();
