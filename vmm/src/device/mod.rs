@@ -656,7 +656,8 @@ mod tests {
     #[test]
     fn help_texts() {
         let l = list_help();
-        assert!(l.starts_with("Storage devices:\n"), "{l}");
+        assert!(l.starts_with("USB devices:\n"), "{l}");
+        assert!(l.contains("\n\nStorage devices:\n"), "{l}");
         assert!(l.contains("name \"ide-hd\", bus IDE, desc \"virtual IDE disk\""));
         assert!(l.contains("name \"virtio-blk-pci\", bus PCI, alias \"virtio-blk\""));
         assert!(!l.contains("isa-debugcon"));

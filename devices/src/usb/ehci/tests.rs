@@ -530,7 +530,10 @@ fn enumeration_and_bot_through_the_async_schedule() {
 
 #[test]
 fn reads_nak_then_wake_on_an_async_backend() {
-    let b = testutil::backend("driver=null-aio,size=1048576", BackendConfig::default());
+    let b = testutil::backend(
+        "driver=null-aio,size=1048576,latency-ns=2000000",
+        BackendConfig::default(),
+    );
     let mut r = Rig::new();
     r.hc.attach(0, storage(disk(b))).unwrap();
     r.start();

@@ -339,7 +339,10 @@ fn read_write_round_trip_in_large_transfers() {
 #[test]
 fn reads_nak_until_the_io_completes_then_wake_the_host() {
     // null-aio completes on the worker pool: the first IN is NAKed.
-    let b = testutil::backend("driver=null-aio,size=67108864", BackendConfig::default());
+    let b = testutil::backend(
+        "driver=null-aio,size=67108864,latency-ns=2000000",
+        BackendConfig::default(),
+    );
     let mut h = Host::with(disk_on(b), 1 << 20);
     h.tag += 1;
     let cbw = Cbw::new(h.tag, 8 << 20, Dir::In, 0, &cdb10(0x28, 0, 16384));

@@ -698,7 +698,10 @@ fn stall_and_reset_recovery() {
 fn nak_then_wakeup_completes_the_td() {
     // null-aio completes on a worker pool: the first IN is NAKed, and
     // the device's wakeup gets the TD run again.
-    let b = testutil::backend("driver=null-aio,size=67108864", BackendConfig::default());
+    let b = testutil::backend(
+        "driver=null-aio,size=67108864,latency-ns=2000000",
+        BackendConfig::default(),
+    );
     let mut r = Rig::new(XhciOptions::qemu());
     r.start();
     let slot = r.storage(0, disk(b));
