@@ -232,6 +232,28 @@ impl<T: GuestMap> MappingFormat for Mapped<T> {
     }
 }
 
+/// `BlockDriver::submit` of a mapped format's node: reads and plain
+/// writes through its asynchronous data path `io` (none: a layout the
+/// path does not serve, such as several extent files), everything else
+/// (flushes, FUA, zeroes, discards, compressed writes) synchronously on
+/// the worker pool through `node`'s driver.
+pub fn submit_mapped<F: MappingFormat>(
+    io: Option<&Arc<MappedIo<F>>>,
+    node: Arc<dyn BlockDriver>,
+    req: IoRequest,
+    done: Completion,
+) {
+    match (io, req.op) {
+        (Some(io), crate::driver::IoOp::Read) => io.clone().submit_read(req, done),
+        (Some(io), crate::driver::IoOp::Write)
+            if !req.fua && req.flags == crate::driver::IoFlags::NONE =>
+        {
+            io.clone().submit_write(req, done)
+        }
+        _ => run_on_pool(node, req, done),
+    }
+}
+
 /// `BlockDriver::read_vectored` of an image read synchronously by
 /// `read(offset, buf)` (the worker pool's path of a mapped format).
 pub fn read_vectored_by(

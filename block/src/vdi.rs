@@ -4,7 +4,7 @@
 //! asynchronous data path through [`MappedIo`], and `check` as qemu-img
 //! runs it (report only: a repair is refused as QEMU refuses it).
 
-use crate::driver::{run_on_pool, BlockDriver, Completion, Extent, IoFlags, IoOp, IoRequest};
+use crate::driver::{BlockDriver, Completion, Extent, IoRequest};
 use crate::error::{BlockError, BlockResult};
 use crate::format::{
     block_error, CheckResult, CreateOpts, DriverClass, DriverKind, ImageInfo, NodeStorage, OptSpec,
@@ -12,7 +12,7 @@ use crate::format::{
 };
 use crate::graph::OpenCtx;
 use crate::mapped::{
-    past_end, piece_extent, read_vectored_by, write_vectored_by, Mapped, MappedIo,
+    past_end, piece_extent, read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo,
 };
 use crate::node::{Child, Node};
 use crate::vpc::{new_uuid, open_error};
@@ -139,13 +139,8 @@ impl BlockDriver for VdiNode {
         piece_extent(p, p.len, &self.file, self.img.is_static(), &none)
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
-        match req.op {
-            IoOp::Read => self.io.clone().submit_read(req, done),
-            IoOp::Write if !req.fua && req.flags == IoFlags::NONE => {
-                self.io.clone().submit_write(req, done)
-            }
-            _ => run_on_pool(self, req, done),
-        }
+        let io = self.io.clone();
+        submit_mapped(Some(&io), self, req, done)
     }
     fn allocated_size(&self) -> Option<u64> {
         self.file.driver().allocated_size()

@@ -8,7 +8,7 @@
 //! asynchronous data path through [`MappedIo`] when all data lives in
 //! one file (multi-extent images run synchronously on the worker pool).
 
-use crate::driver::{run_on_pool, BlockDriver, Completion, Extent, IoFlags, IoOp, IoRequest};
+use crate::driver::{BlockDriver, Completion, Extent, IoRequest};
 use crate::error::{BlockError, BlockResult};
 use crate::format::{
     block_error, resolve_backing, CheckResult, ChildStorage, CreateOpts, DriverClass, DriverKind,
@@ -17,7 +17,7 @@ use crate::format::{
 use crate::graph::{Backing, OpenCtx};
 use crate::keyval::{Map, Options, Value};
 use crate::mapped::{
-    past_end, piece_extent, read_vectored_by, write_vectored_by, Mapped, MappedIo,
+    past_end, piece_extent, read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo,
 };
 use crate::node::{Child, Node};
 use crate::vpc::open_error;
@@ -403,13 +403,8 @@ impl BlockDriver for VmdkNode {
         piece_extent(p, p.len, node, self.img.extent_is_flat(i), &self.backing)
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
-        match (&self.io, req.op) {
-            (Some(io), IoOp::Read) => io.clone().submit_read(req, done),
-            (Some(io), IoOp::Write) if !req.fua && req.flags == IoFlags::NONE => {
-                io.clone().submit_write(req, done)
-            }
-            _ => run_on_pool(self, req, done),
-        }
+        let io = self.io.clone();
+        submit_mapped(io.as_ref(), self, req, done)
     }
     fn allocated_size(&self) -> Option<u64> {
         self.file.driver().allocated_size()

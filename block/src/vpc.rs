@@ -10,7 +10,7 @@
 //! A fixed disk starts with the guest's data, so probing calls it raw,
 //! as QEMU does: it opens as `vpc` only when named.
 
-use crate::driver::{run_on_pool, BlockDriver, Completion, Extent, IoFlags, IoOp, IoRequest};
+use crate::driver::{BlockDriver, Completion, Extent, IoRequest};
 use crate::error::{BlockError, BlockResult};
 use crate::format::{
     block_error, resolve_backing, ChildStorage, CreateOpts, DriverClass, DriverKind, ImageInfo,
@@ -18,7 +18,7 @@ use crate::format::{
 };
 use crate::graph::{Backing, OpenCtx};
 use crate::mapped::{
-    past_end, piece_extent, read_vectored_by, write_vectored_by, Mapped, MappedIo,
+    past_end, piece_extent, read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo,
 };
 use crate::node::{Child, Node};
 use formats::error::FormatError;
@@ -364,13 +364,8 @@ impl BlockDriver for VpcNode {
         self.extent(p, p.len)
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
-        match req.op {
-            IoOp::Read => self.io.clone().submit_read(req, done),
-            IoOp::Write if !req.fua && req.flags == IoFlags::NONE => {
-                self.io.clone().submit_write(req, done)
-            }
-            _ => run_on_pool(self, req, done),
-        }
+        let io = self.io.clone();
+        submit_mapped(Some(&io), self, req, done)
     }
     fn allocated_size(&self) -> Option<u64> {
         self.file.driver().allocated_size()
