@@ -125,6 +125,18 @@ pub static TYPES: &[&DeviceType] = &[
 ];
 
 /// Properties every device on a PCI bus has.
+/// What every USB device has (QEMU's usb-device class).
+const USB_PROPS: &[PropDef] = &[
+    PropDef::new("port", PropType::Str, ""),
+    PropDef::new("pcap", PropType::Str, "").ignored(),
+    PropDef::new("msos-desc", PropType::Bool, "on/off")
+        .default("true")
+        .ignored(),
+    PropDef::new("attached", PropType::Bool, "")
+        .default("true")
+        .ignored(),
+];
+
 const PCI_PROPS: &[PropDef] = &[
     PropDef::new(
         "addr",
@@ -153,6 +165,7 @@ impl DeviceType {
     pub fn all_props(&self) -> impl Iterator<Item = &'static PropDef> {
         let bus: &'static [PropDef] = match self.bus {
             BusKind::Pci => PCI_PROPS,
+            BusKind::Usb => USB_PROPS,
             _ => &[],
         };
         self.props.iter().chain(bus.iter())

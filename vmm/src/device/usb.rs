@@ -284,6 +284,27 @@ fn create_xhci(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), S
     add_controller(ctx, dev, pci, (slot, func), hc, opts.p2.max(opts.p3))
 }
 
+/// The USB bus a device was placed on.
+fn usb_port(at: &Placement) -> Result<Arc<dyn UsbPort>, String> {
+    match &at.port {
+        Port::Usb(p) => Ok(p.clone()),
+        _ => Err(format!("bus '{}' is not a USB bus", at.bus)),
+    }
+}
+
+/// Connects `dev` to its place and lets `device_del` take it off at once.
+fn plug(
+    ctx: &mut AttachCtx,
+    port: &Arc<dyn UsbPort>,
+    unit: u32,
+    dev: Box<dyn UsbDevice>,
+) -> Result<(), String> {
+    port.attach(unit, dev)?;
+    let p = port.clone();
+    ctx.detach = Some(Arc::new(move || p.detach(unit)));
+    Ok(())
+}
+
 pub static USB_STORAGE: DeviceType = DeviceType {
     name: "usb-storage",
     aliases: &[],
@@ -297,7 +318,6 @@ pub static USB_STORAGE: DeviceType = DeviceType {
             PropType::Str,
             "Node name or ID of a block device to use as a backend",
         ),
-        PropDef::new("port", PropType::Str, ""),
         PropDef::new("serial", PropType::Str, ""),
         PropDef::new("removable", PropType::Bool, "on/off").default("false"),
         PropDef::new("bootindex", PropType::I32, ""),
@@ -335,21 +355,12 @@ pub static USB_STORAGE: DeviceType = DeviceType {
         PropDef::new("commandlog", PropType::Bool, "on/off")
             .default("false")
             .ignored(),
-        PropDef::new("pcap", PropType::Str, "").ignored(),
-        PropDef::new("msos-desc", PropType::Bool, "on/off")
-            .default("true")
-            .ignored(),
-        PropDef::new("attached", PropType::Bool, "")
-            .default("true")
-            .ignored(),
     ],
     create: create_storage,
 };
 
 fn create_storage(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
-    let Port::Usb(port) = &at.port else {
-        return Err(format!("bus '{}' is not a USB bus", at.bus));
-    };
+    let port = &usb_port(&at)?;
     if dev.props.str("drive").is_none() {
         return Err("drive property not set".into());
     }
@@ -364,9 +375,7 @@ fn create_storage(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<()
     let serial = dev.props.str("serial").map(str::to_string);
     let storage = UsbStorage::new(StorageOptions { serial });
     storage.attach(0, unit)?;
-    port.attach(at.unit, Box::new(storage))?;
-    let (p, unit) = (port.clone(), at.unit);
-    ctx.detach = Some(Arc::new(move || p.detach(unit)));
+    plug(ctx, port, at.unit, Box::new(storage))?;
     // SeaBIOS's usb-msc driver: `storage@PORT/channel@0/disk@0,0` below
     // the controller.
     let path = format!(
@@ -385,40 +394,25 @@ pub static USB_TABLET: DeviceType = DeviceType {
     desc: "",
     user_creatable: true,
     props: &[
-        PropDef::new("port", PropType::Str, ""),
         PropDef::new("usb_version", PropType::U32, "").default("2"),
         PropDef::new("serial", PropType::Str, "").ignored(),
         PropDef::new("display", PropType::Str, "").ignored(),
         PropDef::new("head", PropType::U32, "")
             .default("0")
             .ignored(),
-        PropDef::new("msos-desc", PropType::Bool, "on/off")
-            .default("true")
-            .ignored(),
-        PropDef::new("pcap", PropType::Str, "").ignored(),
-        PropDef::new("attached", PropType::Bool, "")
-            .default("true")
-            .ignored(),
     ],
     create: create_tablet,
 };
 
 fn create_tablet(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
-    let Port::Usb(port) = &at.port else {
-        return Err(format!("bus '{}' is not a USB bus", at.bus));
-    };
+    let port = &usb_port(&at)?;
     let high_speed = match dev.props.uint("usb_version").unwrap_or(2) {
         1 => false,
         2 => true,
         v => return Err(format!("usb_version {v} not supported (1 or 2)")),
     };
-    port.attach(
-        at.unit,
-        Box::new(devices::usb::hid::UsbTablet::new(high_speed)),
-    )?;
-    let (p, unit) = (port.clone(), at.unit);
-    ctx.detach = Some(Arc::new(move || p.detach(unit)));
-    Ok(())
+    let tablet = devices::usb::hid::UsbTablet::new(high_speed);
+    plug(ctx, port, at.unit, Box::new(tablet))
 }
 
 /// QEMU's `usb-uas` (46f4:0003): USB Attached SCSI, an HBA on a USB
@@ -432,17 +426,9 @@ pub static USB_UAS: DeviceType = DeviceType {
     desc: "",
     user_creatable: true,
     props: &[
-        PropDef::new("port", PropType::Str, ""),
         PropDef::new("serial", PropType::Str, ""),
         PropDef::new("log-scsi-req", PropType::Bool, "on/off")
             .default("false")
-            .ignored(),
-        PropDef::new("msos-desc", PropType::Bool, "on/off")
-            .default("true")
-            .ignored(),
-        PropDef::new("pcap", PropType::Str, "").ignored(),
-        PropDef::new("attached", PropType::Bool, "")
-            .default("true")
             .ignored(),
     ],
     create: create_uas,
@@ -472,13 +458,11 @@ impl super::bus::ScsiPort for UasBus {
 }
 
 fn create_uas(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String> {
-    let Port::Usb(port) = &at.port else {
-        return Err(format!("bus '{}' is not a USB bus", at.bus));
-    };
+    let port = &usb_port(&at)?;
     let serial = dev.props.str("serial").map(str::to_string);
     let uas = devices::usb::uas::UsbUas::new(devices::usb::uas::UasOptions { serial });
     let bus = uas.bus().clone();
-    port.attach(at.unit, Box::new(uas))?;
+    plug(ctx, port, at.unit, Box::new(uas))?;
     let name = child_bus_name(ctx.buses, dev.spec.id.as_deref(), "scsi");
     let path = format!("{}/storage@{}", port.boot_path(), at.unit + 1);
     // A UAS device has target 0 only.
@@ -488,8 +472,6 @@ fn create_uas(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), St
         1,
         Port::Scsi(Arc::new(UasBus { bus, path })),
     );
-    let (p, unit) = (port.clone(), at.unit);
-    ctx.detach = Some(Arc::new(move || p.detach(unit)));
     Ok(())
 }
 
@@ -503,28 +485,18 @@ pub static USB_CCID: DeviceType = DeviceType {
     bus: BusKind::Usb,
     desc: "CCID Rev 1.1 smartcard reader",
     user_creatable: true,
-    props: &[
-        PropDef::new("port", PropType::Str, ""),
-        PropDef::new("debug", PropType::U8, "")
-            .default("0")
-            .ignored(),
-        PropDef::new("msos-desc", PropType::Bool, "on/off")
-            .default("true")
-            .ignored(),
-        PropDef::new("pcap", PropType::Str, "").ignored(),
-        PropDef::new("attached", PropType::Bool, "")
-            .default("true")
-            .ignored(),
-    ],
+    props: &[PropDef::new("debug", PropType::U8, "")
+        .default("0")
+        .ignored()],
     create: create_ccid,
 };
 
 fn create_ccid(ctx: &mut AttachCtx, _dev: &Device, at: Placement) -> Result<(), String> {
-    let Port::Usb(port) = &at.port else {
-        return Err(format!("bus '{}' is not a USB bus", at.bus));
-    };
-    port.attach(at.unit, Box::new(devices::usb::ccid::UsbCcid::new()))?;
-    let (p, unit) = (port.clone(), at.unit);
-    ctx.detach = Some(Arc::new(move || p.detach(unit)));
-    Ok(())
+    let port = &usb_port(&at)?;
+    plug(
+        ctx,
+        port,
+        at.unit,
+        Box::new(devices::usb::ccid::UsbCcid::new()),
+    )
 }
