@@ -1,6 +1,8 @@
 //! Filenames with a protocol prefix, as QEMU parses them where a plain
 //! file name is expected (`-drive file=`, `-hda`): `null-co://`,
-//! `null-aio://`, `blkdebug:CONFIG:IMAGE`, `blkdebug::IMAGE` and the NBD
+//! `null-aio://`, `blkdebug:CONFIG:IMAGE`, `blkdebug::IMAGE`, the URLs of
+//! the web protocols (`http://`, `https://`, `ftp://`, `ftps://`, the
+//! whole name becoming `url=`) and the NBD
 //! forms (`nbd://`, `nbd+unix://`, `nbd:HOST:PORT`, `nbd:unix:PATH`, see
 //! [`crate::nbd::uri`]). (`json:`
 //! is handled by the `-drive` desugaring itself.) Each becomes the option
@@ -30,6 +32,11 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
     if let Some(rest) = name.strip_prefix("null-aio://") {
         m.insert("driver".into(), s("null-aio"));
         no_path(name, rest)?;
+        return Ok(Some(m));
+    }
+    if let Some(proto) = crate::curl::Proto::of_url(name) {
+        m.insert("driver".into(), s(proto.name()));
+        m.insert("url".into(), s(name));
         return Ok(Some(m));
     }
     if crate::nbd::uri::is_nbd(name) {

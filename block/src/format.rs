@@ -367,6 +367,18 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         protocol("null-co", |c| crate::null::NullNode::open(c, false)),
         protocol("null-aio", |c| crate::null::NullNode::open(c, true)),
         protocol("nbd", crate::nbd::client::NbdNode::open),
+        protocol("http", |c| {
+            crate::curl::CurlNode::open(c, crate::curl::Proto::Http)
+        }),
+        protocol("https", |c| {
+            crate::curl::CurlNode::open(c, crate::curl::Proto::Https)
+        }),
+        protocol("ftp", |c| {
+            crate::curl::CurlNode::open(c, crate::curl::Proto::Ftp)
+        }),
+        protocol("ftps", |c| {
+            crate::curl::CurlNode::open(c, crate::curl::Proto::Ftps)
+        }),
         Arc::new(crate::raw::RawClass),
         Arc::new(crate::qcow2::Qcow2Class),
         Arc::new(crate::vpc::VpcClass),

@@ -53,6 +53,7 @@ pub mod aio;
 pub mod backend;
 pub mod bitmap;
 pub mod blkdebug;
+pub mod curl;
 pub mod drive;
 pub mod driver;
 pub mod error;

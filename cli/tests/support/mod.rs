@@ -7,6 +7,7 @@ pub mod nbd;
 pub mod qmp;
 pub mod qtest;
 pub mod virtio;
+pub mod web;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
