@@ -166,3 +166,45 @@ fn missing_files_and_writes_are_refused_in_one_line() {
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(e.contains("does not support writes"), "{e}");
 }
+
+#[test]
+fn ftp_reads_with_a_password_secret_and_refuses_a_bad_login() {
+    let (d, root) = served("ftp");
+    let srv = support::web::FtpServer::start(&root, "alice", "s3cret");
+    let img = format!("ftp://127.0.0.1:{}/img.qcow2", srv.port);
+    let src = format!(
+        "json:{{\"driver\":\"qcow2\",\"file\":{{\"driver\":\"ftp\",\"url\":\"{img}\",\"username\":\"alice\",\"password-secret\":\"pw\"}}}}"
+    );
+    let ours = d.p("ours.raw");
+    s_ok(&[
+        "convert",
+        "--object",
+        "secret,id=pw,data=s3cret",
+        "-O",
+        "raw",
+        &src,
+        &ours,
+    ]);
+    let theirs = d.p("theirs.raw");
+    q_ok(&[
+        "convert",
+        "-O",
+        "raw",
+        root.join("img.qcow2").to_str().unwrap(),
+        &theirs,
+    ]);
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+
+    // The user in the URL, and an odd-sized file read whole.
+    let odd = format!("ftp://alice:s3cret@127.0.0.1:{}/odd.bin", srv.port);
+    let out = d.p("odd.out");
+    s_ok(&["convert", "-O", "raw", &odd, &out]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(root.join("odd.bin")).unwrap());
+
+    let bad = format!("ftp://alice:wrong@127.0.0.1:{}/img.qcow2", srv.port);
+    let o = strata(&["info", &bad]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = err(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("Login denied"), "{e}");
+}

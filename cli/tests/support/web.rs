@@ -91,3 +91,50 @@ impl Drop for WebServer {
         let _ = self.child.wait();
     }
 }
+
+/// A running FTP server (tests/servers/ftp.py, pyftpdlib) with one user;
+/// killed on drop.
+pub struct FtpServer {
+    child: Child,
+    /// The port it listens on (127.0.0.1).
+    pub port: u16,
+}
+
+impl FtpServer {
+    /// Serve `root` read-only to `user` with `password`.
+    pub fn start(root: &Path, user: &str, password: &str) -> FtpServer {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let python = dir.join("target/qmp-venv/bin/python");
+        assert!(
+            python.exists(),
+            "{} is missing: `make deps` makes it (with pyftpdlib)",
+            python.display()
+        );
+        let mut child = Command::new(python)
+            .arg(dir.join("tests/servers/ftp.py"))
+            .arg(root)
+            .args([user, password])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tests/servers/ftp.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .strip_prefix("PORT ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| {
+                panic!("ftp.py did not start (pyftpdlib missing? `make deps`): {line:?}")
+            });
+        FtpServer { child, port }
+    }
+}
+
+impl Drop for FtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
