@@ -387,13 +387,8 @@ impl CurlNode {
             h.nobody(true).map_err(curl_err)?;
             let mut t = h.transfer();
             t.header_function(|line| {
-                let line = String::from_utf8_lossy(line);
-                if let Some((k, v)) = line.split_once(':') {
-                    if k.trim().eq_ignore_ascii_case("accept-ranges")
-                        && v.split(',').any(|u| u.trim().eq_ignore_ascii_case("bytes"))
-                    {
-                        ranges = true;
-                    }
+                if header(line, "accept-ranges").is_some_and(|v| accepts_bytes(&v)) {
+                    ranges = true;
                 }
                 true
             })
@@ -441,11 +436,8 @@ impl CurlNode {
         let done = {
             let mut t = h.transfer();
             t.header_function(|line| {
-                let line = String::from_utf8_lossy(line);
-                if let Some((k, v)) = line.split_once(':') {
-                    if k.trim().eq_ignore_ascii_case("content-range") {
-                        content_range = Some(v.trim().to_string());
-                    }
+                if let Some(v) = header(line, "content-range") {
+                    content_range = Some(v);
                 }
                 true
             })
@@ -562,6 +554,41 @@ fn check_status(code: u32) -> Result<(), TransferError> {
     })
 }
 
+/// The value of header `name` if `line` is that header (names are
+/// case-insensitive; RFC 9110 §5.1), trimmed, bounded in length.
+fn header(line: &[u8], name: &str) -> Option<String> {
+    let colon = line.iter().position(|&b| b == b':')?;
+    let (k, v) = (&line[..colon], &line[colon + 1..]);
+    if !k.trim_ascii().eq_ignore_ascii_case(name.as_bytes()) {
+        return None;
+    }
+    // libcurl hands over one header line at a time (at most its
+    // CURL_MAX_HTTP_HEADER, 100 KiB); keep only what a value needs.
+    let v = &v[..v.len().min(256)];
+    Some(String::from_utf8_lossy(v.trim_ascii()).into_owned())
+}
+
+/// Whether an `Accept-Ranges` value lists `bytes`.
+fn accepts_bytes(value: &str) -> bool {
+    value
+        .split(',')
+        .any(|u| u.trim().eq_ignore_ascii_case("bytes"))
+}
+
+/// The header parsing of a transfer, for the `web_headers` fuzz target:
+/// each line of `data` as a header line, checked against a range start.
+pub fn fuzz_headers(data: &[u8]) {
+    let start = data.first().copied().unwrap_or(0) as u64 * 512;
+    for line in data.split(|&b| b == b'\n') {
+        if let Some(v) = header(line, "accept-ranges") {
+            let _ = accepts_bytes(&v);
+        }
+        if let Some(v) = header(line, "content-range") {
+            let _ = content_range_starts_at(Some(&v), start);
+        }
+    }
+}
+
 /// Whether `Content-Range: bytes START-END/TOTAL` starts at `start`.
 fn content_range_starts_at(header: Option<&str>, start: u64) -> bool {
     let Some(h) = header else {
@@ -617,6 +644,22 @@ mod tests {
         assert_eq!(Proto::of_url("ftps://h/x"), Some(Proto::Ftps));
         assert_eq!(Proto::of_url("nbd://h/x"), None);
         assert_eq!(Proto::of_url("/tmp/http://x"), None);
+    }
+
+    #[test]
+    fn headers_are_found_by_name_whatever_the_case() {
+        assert_eq!(
+            header(b"Content-Range: bytes 0-1/2\r\n", "content-range").as_deref(),
+            Some("bytes 0-1/2")
+        );
+        assert_eq!(
+            header(b"ACCEPT-RANGES:bytes", "accept-ranges").as_deref(),
+            Some("bytes")
+        );
+        assert_eq!(header(b"X-Accept-Ranges: bytes", "accept-ranges"), None);
+        assert_eq!(header(b"no colon", "accept-ranges"), None);
+        assert!(accepts_bytes("none, Bytes"));
+        assert!(!accepts_bytes("none"));
     }
 
     #[test]

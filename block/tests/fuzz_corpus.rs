@@ -38,3 +38,14 @@ fn keyval_corpus() {
         block::harness::keyval(&data);
     }
 }
+
+#[test]
+fn web_headers_corpus() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/web_headers");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("corpus directory") {
+        block::curl::fuzz_headers(&std::fs::read(entry.unwrap().path()).unwrap());
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus in {}", dir.display());
+}
