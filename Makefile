@@ -7,8 +7,11 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QMP_VENV := target/qmp-venv
 # g++ builds libFuzzer for `make fuzz`. libcurl4-openssl-dev: the http, https,
-# ftp and ftps block drivers link the system libcurl.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev
+# ftp and ftps block drivers link the system libcurl. librbd-dev/librados-dev:
+# the rbd driver (left out of builds without them); ceph-mon, ceph-osd and
+# ceph-common: the throwaway Ceph cluster its tests start; qemu-block-extra:
+# qemu-img's rbd and curl drivers, the tests' oracle.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev qemu-block-extra
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 

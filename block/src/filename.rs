@@ -2,7 +2,8 @@
 //! file name is expected (`-drive file=`, `-hda`): `null-co://`,
 //! `null-aio://`, `blkdebug:CONFIG:IMAGE`, `blkdebug::IMAGE`, the URLs of
 //! the web protocols (`http://`, `https://`, `ftp://`, `ftps://`, the
-//! whole name becoming `url=`) and the NBD
+//! whole name becoming `url=`), `rbd:POOL/IMAGE...` ([`crate::rbd_name`])
+//! and the NBD
 //! forms (`nbd://`, `nbd+unix://`, `nbd:HOST:PORT`, `nbd:unix:PATH`, see
 //! [`crate::nbd::uri`]). (`json:`
 //! is handled by the `-drive` desugaring itself.) Each becomes the option
@@ -38,6 +39,16 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
         m.insert("driver".into(), s(proto.name()));
         m.insert("url".into(), s(name));
         return Ok(Some(m));
+    }
+    if name.starts_with("rbd:") {
+        if cfg!(not(have_rbd)) {
+            return Err(BlockError::Open(format!(
+                "{name}: this Strata was built without the rbd driver (install Debian's librbd-dev and librados-dev, then rebuild)"
+            )));
+        }
+        return crate::rbd_name::parse(name)
+            .map(Some)
+            .map_err(BlockError::Open);
     }
     if crate::nbd::uri::is_nbd(name) {
         let t = crate::nbd::uri::parse(name)

@@ -311,6 +311,17 @@ pub trait DriverClass: Send + Sync + 'static {
             self.name()
         )))
     }
+    /// Create the empty file a protocol node will open, named by the
+    /// protocol file name `name` whose options are `opts` (what
+    /// [`crate::filename::parse`] made of it): QEMU's
+    /// `bdrv_create_file` for protocols other than `file`. The format
+    /// then opens it ([`file_node`]) and sizes it.
+    fn create_protocol(&self, _name: &str, _opts: keyval::Map) -> BlockResult<()> {
+        Err(BlockError::Unsupported(format!(
+            "Protocol driver '{}' does not support image creation",
+            self.name()
+        )))
+    }
     /// The file size an image of `size` bytes made with `opts` needs,
     /// holding the data `src` allocates (none: sized for `size` only).
     fn measure(
@@ -361,7 +372,8 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
     };
     let protocol = |name, open| class(name, DriverKind::Protocol, open);
     let filter = |name, open| class(name, DriverKind::Filter, open);
-    vec![
+    #[allow(unused_mut)] // without librbd
+    let mut all = vec![
         protocol("file", |c| open_file(c, false)),
         protocol("host_device", |c| open_file(c, true)),
         protocol("null-co", |c| crate::null::NullNode::open(c, false)),
@@ -388,7 +400,10 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         filter("blkdebug", crate::blkdebug::BlkdebugNode::open),
         filter("throttle", crate::filters::ThrottleFilter::open),
         filter("copy-on-read", crate::filters::CopyOnRead::open),
-    ]
+    ];
+    #[cfg(have_rbd)]
+    all.push(Arc::new(crate::rbd::RbdClass));
+    all
 }
 
 /// The built-in class named `name`.
@@ -421,10 +436,19 @@ pub fn file_node(
     read_only: bool,
     cache: Option<(bool, bool)>,
 ) -> BlockResult<Arc<Node>> {
-    let mut m = keyval::Map::new();
     let s = |v: &str| Value::Str(v.into());
-    m.insert("driver".into(), s("file"));
-    m.insert("filename".into(), s(path));
+    // A protocol file name (`rbd:pool/img`, `ssh://...`) opens that
+    // protocol's node, as QEMU's `bdrv_open` of a file name does.
+    let mut m = match crate::filename::parse(path) {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            let mut m = keyval::Map::new();
+            m.insert("driver".into(), s("file"));
+            m.insert("filename".into(), s(path));
+            m
+        }
+        Err(e) => return Err(BlockError::Open(format!("Could not open '{path}': {e}"))),
+    };
     if read_only {
         m.insert("read-only".into(), s("on"));
     }
@@ -444,6 +468,19 @@ pub fn file_node(
 /// resize): refused, leaving the file as it was, while another process
 /// uses it. `name` is how messages name the image.
 pub fn create_file(name: &str, path: &str) -> BlockResult<()> {
+    if let Some(opts) = crate::filename::parse(path)? {
+        let driver = match opts.get("driver") {
+            Some(Value::Str(d)) => d.clone(),
+            _ => return Err(BlockError::Open(format!("{name}: no protocol driver"))),
+        };
+        let cls = class(&driver).ok_or_else(|| {
+            BlockError::Open(format!("{name}: Unknown protocol driver '{driver}'"))
+        })?;
+        return cls.create_protocol(name, opts).map_err(|e| match e {
+            BlockError::Open(m) => BlockError::Open(m),
+            e => BlockError::Open(format!("{name}: {e}")),
+        });
+    }
     #[allow(clippy::suspicious_open_options)] // emptied under the lock below
     std::fs::OpenOptions::new()
         .create(true)

@@ -73,6 +73,9 @@ pub mod null;
 pub mod objects;
 pub mod qcow2;
 pub mod raw;
+#[cfg(have_rbd)]
+pub mod rbd;
+pub mod rbd_name;
 pub mod serialise;
 pub mod snapshot_overlay;
 pub mod throttle;
