@@ -397,6 +397,11 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         Arc::new(crate::vdi::VdiClass),
         Arc::new(crate::vmdk::VmdkClass),
         Arc::new(crate::vhdx::VhdxClass),
+        Arc::new(crate::readonly::ReadOnlyClass::<formats::bochs::Bochs>::new()),
+        Arc::new(crate::readonly::ReadOnlyClass::<formats::cloop::Cloop>::new()),
+        Arc::new(crate::readonly::ReadOnlyClass::<
+            formats::parallels::Parallels,
+        >::new()),
         filter("blkdebug", crate::blkdebug::BlkdebugNode::open),
         filter("throttle", crate::filters::ThrottleFilter::open),
         filter("copy-on-read", crate::filters::CopyOnRead::open),

@@ -76,6 +76,7 @@ pub mod raw;
 #[cfg(have_rbd)]
 pub mod rbd;
 pub mod rbd_name;
+pub mod readonly;
 pub mod serialise;
 pub mod snapshot_overlay;
 pub mod throttle;

@@ -4,9 +4,12 @@
 //! Each format lives in its own module. Probing lives in [`probe`].
 #![forbid(unsafe_code)]
 
+pub mod bochs;
 pub mod check;
+pub mod cloop;
 pub mod error;
 pub mod mapping;
+pub mod parallels;
 pub mod probe;
 pub mod qcow2;
 pub mod storage;

@@ -220,3 +220,95 @@ pub fn fuzz_write_phase<M: GuestMap>(
         _ => {}
     }
 }
+
+/// A read-only format: its guest size and where its bytes are. Wrapped
+/// in [`ReadOnly`], it is a [`GuestMap`] whose writes are refused, so
+/// that the block layer's one mapped data path serves it too.
+pub trait ReadOnlyMap: Send + Sync + 'static {
+    /// Guest size in bytes.
+    fn size(&self) -> u64;
+    /// Map `[offset, offset+len)` (inside the size): pieces in order.
+    fn map_read(&self, offset: u64, len: u64) -> FResult<Vec<Piece>>;
+    /// Decode guest bytes of the [`Run::Encoded`] record at `at`.
+    fn read_encoded(&self, at: u64, offset: u64, buf: &mut [u8]) -> FResult<()> {
+        let _ = (at, offset, buf);
+        Err(FormatError::Unsupported(
+            "this format has no encoded data".into(),
+        ))
+    }
+}
+
+/// A [`ReadOnlyMap`] as a [`GuestMap`].
+pub struct ReadOnly<T>(pub T);
+
+fn read_only<T>() -> FResult<T> {
+    Err(FormatError::ReadOnly(
+        "this image format is read-only".into(),
+    ))
+}
+
+impl<T: ReadOnlyMap> GuestMap for ReadOnly<T> {
+    type Alloc = ();
+    fn map_read(&self, offset: u64, len: u64) -> FResult<Vec<Piece>> {
+        self.0.map_read(offset, len)
+    }
+    fn map_write(&self, _offset: u64, _len: u64) -> FResult<WriteMap> {
+        read_only()
+    }
+    fn plan_alloc(&self, _offset: u64, _len: u64) -> FResult<Plan<()>> {
+        read_only()
+    }
+    fn finish_alloc(&self, _alloc: (), _ok: bool) -> FResult<()> {
+        read_only()
+    }
+    fn read_encoded(&self, at: u64, offset: u64, buf: &mut [u8]) -> FResult<()> {
+        self.0.read_encoded(at, offset, buf)
+    }
+}
+
+/// Read guest bytes `[off, off+buf.len())` of a read-only image stored
+/// in `file`: the synchronous path, also what the fuzz harnesses read
+/// through.
+pub fn read_only_read<T: ReadOnlyMap>(
+    img: &ReadOnly<T>,
+    name: &str,
+    file: &dyn Storage,
+    off: u64,
+    buf: &mut [u8],
+) -> FResult<()> {
+    let end = off
+        .checked_add(buf.len() as u64)
+        .filter(|&e| e <= img.0.size());
+    if end.is_none() {
+        return Err(FormatError::Invalid(format!(
+            "{name}: read past the end of the image"
+        )));
+    }
+    let pieces = img.0.map_read(off, buf.len() as u64)?;
+    read_pieces(img, name, file, None, off, &pieces, buf)
+}
+
+/// The read phase of every read-only format's hostile-image harness:
+/// reads at the start, the middle and the end of the image (at most
+/// 4 MiB each), whose mappings must cover exactly what was asked; errors
+/// must name `name`, the image.
+pub fn fuzz_read_only<T: ReadOnlyMap>(img: &ReadOnly<T>, file: &dyn Storage, name: &str) {
+    let size = img.0.size();
+    let window = size.min(4 << 20);
+    for off in [0, size / 2, size - window] {
+        let len = window.min(size - off);
+        if len == 0 {
+            continue;
+        }
+        if let Some(pieces) = crate::error::named(name, img.0.map_read(off, len)) {
+            let mut at = off;
+            for p in &pieces {
+                assert!(p.offset == at && p.len > 0, "mapping pieces out of order");
+                at += p.len;
+            }
+            assert_eq!(at, off + len, "mapping does not cover the read");
+        }
+        let mut buf = vec![0u8; len as usize];
+        crate::error::named(name, read_only_read(img, name, file, off, &mut buf));
+    }
+}
