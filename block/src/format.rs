@@ -397,6 +397,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         Arc::new(crate::vdi::VdiClass),
         Arc::new(crate::vmdk::VmdkClass),
         Arc::new(crate::vhdx::VhdxClass),
+        Arc::new(crate::luks::LuksClass),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::bochs::Bochs>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::cloop::Cloop>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<
@@ -834,6 +835,8 @@ pub struct ImageInfo {
     pub backing_format: Option<String>,
     /// The image was not closed cleanly.
     pub dirty: bool,
+    /// The data is encrypted (qemu-img's `encrypted: yes`).
+    pub encrypted: bool,
     /// Internal snapshots.
     pub snapshots: Vec<SnapshotInfo>,
     /// `format-specific`: its `type` and its `data` fields.

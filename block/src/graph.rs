@@ -53,6 +53,9 @@ pub struct OpenFlags {
     /// Do not open the backing file the image names (QEMU's
     /// `BDRV_O_NO_BACKING`): for commands that touch metadata only.
     pub no_backing: bool,
+    /// Opened to read metadata only (QEMU's `BDRV_O_NO_IO`): `info`. An
+    /// encrypted image then opens without its key.
+    pub no_io: bool,
 }
 
 /// Everything a driver constructor sees.

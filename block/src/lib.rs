@@ -66,6 +66,7 @@ pub mod harness;
 pub mod iov;
 pub mod jobs;
 pub mod keyval;
+pub mod luks;
 pub mod mapped;
 pub mod nbd;
 pub mod node;

@@ -942,6 +942,7 @@ impl BlockDriver for Qcow2Node {
             dirty: h.incompatible & qcow2::header::INCOMPAT_DIRTY != 0,
             snapshots,
             specific: Some(("qcow2".into(), specific_info(&h, &bitmaps))),
+            encrypted: false,
         })
     }
     fn check(&self, repair: Repair) -> BlockResult<CheckResult> {

@@ -8,6 +8,7 @@ pub mod bochs;
 pub mod check;
 pub mod cloop;
 pub mod error;
+pub mod luks;
 pub mod mapping;
 pub mod parallels;
 pub mod probe;

@@ -67,6 +67,9 @@ fn node_info(n: &Node, filename: &str) -> J {
         ));
         items.push(("backing-filename", J::s(b)));
     }
+    if info.encrypted {
+        items.push(("encrypted", J::Bool(true)));
+    }
     items.push(("dirty-flag", J::Bool(info.dirty)));
     J::obj(items)
 }
@@ -148,6 +151,9 @@ fn info_human(info: &ImageInfo, filename: &str, out: &mut String) {
     if let Some(cs) = info.cluster_size {
         out.push_str(&format!("cluster_size: {cs}\n"));
     }
+    if info.encrypted {
+        out.push_str("encrypted: yes\n");
+    }
     if let Some(b) = &info.backing_file {
         let full = block::format::resolve_backing(filename, b);
         if &full != b {
@@ -227,6 +233,11 @@ pub fn info(
     spec.fmt = fmt;
     spec.image_opts = image_opts;
     spec.force_share = force_share;
+    // Metadata only: an encrypted image needs no key, as in qemu-img.
+    spec.flags = OpenFlags {
+        no_io: true,
+        ..Default::default()
+    };
     let blk = open(&graph, &spec)?;
     let Some(root) = blk.root() else {
         return fail(format!("Could not open '{filename}': no medium"));
@@ -565,6 +576,7 @@ pub fn check(
     spec.flags = OpenFlags {
         check: true,
         no_backing: true,
+        ..Default::default()
     };
     let blk = open(&graph, &spec)?;
     let Some(root) = blk.root() else {

@@ -164,6 +164,7 @@ pub fn snapshot(a: SnapshotArgs) -> R<i32> {
     spec.flags = OpenFlags {
         check: false,
         no_backing: true,
+        ..Default::default()
     };
     let blk = super::open(&g, &spec)?;
     let Some(root) = blk.root() else {

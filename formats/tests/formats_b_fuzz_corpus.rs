@@ -1,7 +1,8 @@
-//! Runs every input of the `bochs_open`, `cloop_open` and
-//! `parallels_open` fuzz corpora (the real samples, a qemu-img-made
-//! parallels image) through their harnesses, then seeded mutations of
-//! each (bytes flipped in the headers and tables, cuts), as a normal test.
+//! Runs every input of the `bochs_open`, `cloop_open`, `parallels_open`
+//! and `luks_open` fuzz corpora (the real samples, a qemu-img-made
+//! parallels image, hand-made LUKS headers) through their harnesses,
+//! then seeded mutations of each (bytes flipped in the headers and
+//! tables, cuts), as a normal test.
 
 use std::path::PathBuf;
 
@@ -60,4 +61,9 @@ fn cloop_open_corpus() {
 #[test]
 fn parallels_open_corpus() {
     replay_and_mutate("parallels_open", formats::parallels::fuzz_open);
+}
+
+#[test]
+fn luks_open_corpus() {
+    replay_and_mutate("luks_open", formats::luks::fuzz_open);
 }
