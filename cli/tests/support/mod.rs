@@ -133,9 +133,22 @@ pub fn run_until(
     done: impl Fn(&str) -> bool,
     timeout: Duration,
 ) -> String {
+    run_until_env(args, &[], watch, what, done, timeout)
+}
+
+/// [`run_until`] with variables added to strata's environment.
+pub fn run_until_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+    watch: &Path,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+    timeout: Duration,
+) -> String {
     let marker = what;
     let mut child = Command::new(strata_bin())
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -182,14 +195,26 @@ pub static BOOTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// dropped); returns that text. One boot at a time per test process: the
 /// machine has two cores and a firmware boot keeps one busy.
 pub fn boot_until(dir: &Path, args: &[&str], markers: &[&str], timeout: Duration) -> String {
+    boot_until_env(dir, args, &[], markers, timeout)
+}
+
+/// [`boot_until`] with variables added to strata's environment.
+pub fn boot_until_env(
+    dir: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    markers: &[&str],
+    timeout: Duration,
+) -> String {
     let _one = BOOTS.lock().unwrap_or_else(|e| e.into_inner());
     let log = dir.join("serial.log");
     let _ = std::fs::remove_file(&log);
     let serial = format!("file:{}", log.display());
     let mut all = vec!["-nodefaults", "-m", "256", "-serial", &serial];
     all.extend_from_slice(args);
-    let out = run_until(
+    let out = run_until_env(
         &all,
+        env,
         &log,
         &markers.join(" or "),
         |t| {
