@@ -398,6 +398,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         Arc::new(crate::vmdk::VmdkClass),
         Arc::new(crate::vhdx::VhdxClass),
         Arc::new(crate::luks::LuksClass),
+        Arc::new(crate::qed::QedClass),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::bochs::Bochs>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::cloop::Cloop>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<
@@ -844,3 +845,57 @@ pub struct ImageInfo {
 }
 
 pub use formats::check::{CheckResult, Repair};
+
+thread_local! {
+    /// How deep the backing chain being opened on this thread is.
+    static BACKING_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The most images a backing chain may have (a loop ends here).
+pub const MAX_BACKING_DEPTH: usize = 1000;
+
+/// The `backing` slot of image `name`, whose header records the backing
+/// file `recorded` (a name relative to the image's directory) of format
+/// `fmt` (probed when none): what `backing=` gives, else the recorded
+/// file opened read-only, nothing with `backing=null` or
+/// [`crate::graph::OpenFlags::no_backing`] (QEMU's
+/// `bdrv_open_backing_file`).
+pub fn open_backing(
+    ctx: &mut OpenCtx<'_>,
+    name: &str,
+    recorded: Option<&str>,
+    fmt: Option<&str>,
+) -> BlockResult<Arc<Child>> {
+    use crate::graph::Backing;
+    let node = match ctx.take_backing()? {
+        Backing::None => None,
+        Backing::Node(n) => Some(n),
+        Backing::Default if ctx.flags.no_backing => None,
+        Backing::Default => match recorded {
+            None => None,
+            Some(b) => {
+                let depth = BACKING_DEPTH.with(|d| d.get());
+                if depth >= MAX_BACKING_DEPTH {
+                    return Err(BlockError::Open(format!(
+                        "{name}: backing chain too deep (more than {MAX_BACKING_DEPTH} images; is there a loop?)"
+                    )));
+                }
+                let path = resolve_backing(name, b);
+                BACKING_DEPTH.with(|d| d.set(depth + 1));
+                let r = ctx.graph.open_image(&path, fmt, true, &[]);
+                BACKING_DEPTH.with(|d| d.set(depth));
+                let n = r.map_err(|e| {
+                    let m = e.to_string();
+                    BlockError::Open(format!(
+                        "Could not open backing file: {}",
+                        m.strip_prefix("Could not open backing file: ")
+                            .unwrap_or(&m)
+                    ))
+                })?;
+                let _ = ctx.graph.take_warnings();
+                Some(n)
+            }
+        },
+    };
+    Ok(ctx.add_slot("backing", node))
+}

@@ -73,6 +73,7 @@ pub mod node;
 pub mod null;
 pub mod objects;
 pub mod qcow2;
+pub mod qed;
 pub mod raw;
 #[cfg(have_rbd)]
 pub mod rbd;

@@ -13,6 +13,7 @@ pub mod mapping;
 pub mod parallels;
 pub mod probe;
 pub mod qcow2;
+pub mod qed;
 pub mod storage;
 pub mod vdi;
 pub mod vhdx;

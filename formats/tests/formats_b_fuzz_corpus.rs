@@ -1,5 +1,5 @@
 //! Runs every input of the `bochs_open`, `cloop_open`, `parallels_open`
-//! and `luks_open` fuzz corpora (the real samples, a qemu-img-made
+//! `luks_open` and `qed_open` fuzz corpora (the real samples, a qemu-img-made
 //! parallels image, hand-made LUKS headers) through their harnesses,
 //! then seeded mutations of each (bytes flipped in the headers and
 //! tables, cuts), as a normal test.
@@ -66,4 +66,9 @@ fn parallels_open_corpus() {
 #[test]
 fn luks_open_corpus() {
     replay_and_mutate("luks_open", formats::luks::fuzz_open);
+}
+
+#[test]
+fn qed_open_corpus() {
+    replay_and_mutate("qed_open", formats::qed::fuzz_open);
 }
