@@ -17,7 +17,7 @@ use crate::format::{
     CheckResult, CreateOpts, DriverClass, DriverKind, ImageInfo, InfoValue, Measure, OptSpec,
     OptType, Repair, SnapshotInfo,
 };
-use crate::graph::{Backing, OpenCtx};
+use crate::graph::OpenCtx;
 use crate::keyval::{Map, Options, Value};
 use crate::mapped::{AllocPlan, HostData, MapRun, MappedIo, MappingFormat, RunKind, WriteMap};
 use crate::node::{Child, Node};
@@ -28,7 +28,6 @@ use formats::qcow2::l2::Kind;
 use formats::qcow2::snapshot::SnapshotRef;
 use formats::qcow2::{self, OpenOptions, Qcow2, Ticket};
 use formats::storage::Storage;
-use std::cell::Cell;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::sync::{Arc, Mutex};
 
@@ -68,10 +67,6 @@ fn overlap_check(opts: &mut Options) -> BlockResult<u32> {
     }
     let t = opts.take_enum("overlap-check", &allowed)?;
     Ok(overlap::template(t.as_deref().unwrap_or("cached")).unwrap_or(overlap::CACHED))
-}
-
-thread_local! {
-    static DEPTH: Cell<usize> = const { Cell::new(0) };
 }
 
 pub use crate::format::resolve_backing;
@@ -517,41 +512,12 @@ impl Qcow2Node {
             data = Some(n);
         }
         // Backing file.
-        let backing = match ctx.take_backing()? {
-            Backing::None => None,
-            Backing::Node(n) => Some(n),
-            Backing::Default if ctx.flags.no_backing => None,
-            Backing::Default => match &h.backing_file {
-                None => None,
-                Some(b) => {
-                    let depth = DEPTH.with(|d| d.get());
-                    if depth >= qcow2::MAX_BACKING_DEPTH {
-                        return Err(BlockError::Open(format!(
-                            "{name}: backing chain too deep (more than {} images; is there a loop?)",
-                            qcow2::MAX_BACKING_DEPTH
-                        )));
-                    }
-                    let path = resolve_backing(&name, b);
-                    DEPTH.with(|d| d.set(depth + 1));
-                    let r = ctx
-                        .graph
-                        .open_image(&path, h.backing_format.as_deref(), true, &[]);
-                    DEPTH.with(|d| d.set(depth));
-                    let n = r.map_err(|e| {
-                        BlockError::Open(format!(
-                            "Could not open backing file: {}",
-                            e.to_string()
-                                .strip_prefix("Could not open backing file: ")
-                                .map(str::to_string)
-                                .unwrap_or_else(|| e.to_string())
-                        ))
-                    })?;
-                    let _ = ctx.graph.take_warnings();
-                    Some(n)
-                }
-            },
-        };
-        let backing = ctx.add_slot("backing", backing);
+        let backing = crate::format::open_backing(
+            ctx,
+            &name,
+            h.backing_file.as_deref(),
+            h.backing_format.as_deref(),
+        )?;
         let store = data.clone().unwrap_or_else(|| file.clone());
         let ds: Option<Arc<dyn Storage>> =
             data.map(|d| Arc::new(NodeStorage(d)) as Arc<dyn Storage>);

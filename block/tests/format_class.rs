@@ -19,7 +19,8 @@ fn registry_knows_kinds_and_probes_by_score() {
     assert_eq!(g.class("qcow2").unwrap().kind(), DriverKind::Format);
     assert_eq!(g.class("throttle").unwrap().kind(), DriverKind::Filter);
     assert_eq!(g.class("vmdk").unwrap().kind(), DriverKind::Format);
-    assert!(g.class("qed").is_none());
+    assert_eq!(g.class("qed").unwrap().kind(), DriverKind::Format);
+    assert!(g.class("vvfat").is_none());
     let classes = g.classes();
     let mut head = vec![0u8; 512];
     assert_eq!(format::probe(&classes, &head, "x"), None);
@@ -29,9 +30,13 @@ fn registry_knows_kinds_and_probes_by_score() {
         format::probe(&classes, &head, "x").as_deref(),
         Some("qcow2")
     );
-    // A format no driver implements is named, not taken for raw.
     head[..4].copy_from_slice(b"KDMV");
     assert_eq!(format::probe(&classes, &head, "x").as_deref(), Some("vmdk"));
+    // A format no driver implements (qcow version 1) is named, not taken
+    // for raw.
+    head[..4].copy_from_slice(b"QFI\xfb");
+    head[7] = 1;
+    assert_eq!(format::probe(&classes, &head, "x").as_deref(), Some("qcow"));
     // The kind names the driver in option errors.
     let e = g
         .blockdev_add_str("driver=null-co,node-name=f,bogus=1")
