@@ -38,6 +38,11 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
             .ok_or_else(|| BlockError::Open(format!("{name}: not an NBD file name")))?;
         return Ok(Some(nbd_options(&t)));
     }
+    if name.starts_with("ssh://") {
+        return crate::ssh::uri_options(name)
+            .map(Some)
+            .map_err(BlockError::Open);
+    }
     let Some(rest) = name.strip_prefix("blkdebug:") else {
         return Ok(None);
     };

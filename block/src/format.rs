@@ -367,6 +367,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         protocol("null-co", |c| crate::null::NullNode::open(c, false)),
         protocol("null-aio", |c| crate::null::NullNode::open(c, true)),
         protocol("nbd", crate::nbd::client::NbdNode::open),
+        protocol("ssh", crate::ssh::SshNode::open),
         Arc::new(crate::raw::RawClass),
         Arc::new(crate::qcow2::Qcow2Class),
         Arc::new(crate::vpc::VpcClass),
@@ -411,8 +412,14 @@ pub fn file_node(
 ) -> BlockResult<Arc<Node>> {
     let mut m = keyval::Map::new();
     let s = |v: &str| Value::Str(v.into());
-    m.insert("driver".into(), s("file"));
-    m.insert("filename".into(), s(path));
+    match crate::filename::parse(path)? {
+        // `ssh://...`: the protocol node the name stands for.
+        Some(proto) => m = proto,
+        None => {
+            m.insert("driver".into(), s("file"));
+            m.insert("filename".into(), s(path));
+        }
+    }
     if read_only {
         m.insert("read-only".into(), s("on"));
     }
@@ -432,6 +439,17 @@ pub fn file_node(
 /// resize): refused, leaving the file as it was, while another process
 /// uses it. `name` is how messages name the image.
 pub fn create_file(name: &str, path: &str) -> BlockResult<()> {
+    if let Some(proto) = crate::filename::parse(path)? {
+        // A network protocol creates the file on its server (QEMU's
+        // `bdrv_create_file`); it has no image locks to take.
+        let driver = proto.get("driver").and_then(|d| d.as_str()).unwrap_or("");
+        return match driver {
+            "ssh" => crate::ssh::create(path, proto),
+            d => Err(BlockError::Unsupported(format!(
+                "{name}: Protocol driver '{d}' does not support image creation"
+            ))),
+        };
+    }
     #[allow(clippy::suspicious_open_options)] // emptied under the lock below
     std::fs::OpenOptions::new()
         .create(true)
