@@ -1,0 +1,17 @@
+//! Replays the `net_uri` fuzz corpus (`fuzz/corpus/net_uri`) through the
+//! network file name parsers, plus every truncation of each input: none
+//! may panic.
+
+#[test]
+fn net_uri_corpus() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/net_uri");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).expect("corpus directory") {
+        let data = std::fs::read(e.unwrap().path()).unwrap();
+        for cut in 0..=data.len() {
+            block::neturi::fuzz_uri(&data[..cut]);
+        }
+        n += 1;
+    }
+    assert!(n > 0, "empty corpus in {}", dir.display());
+}
