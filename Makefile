@@ -7,7 +7,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QMP_VENV := target/qmp-venv
 # g++ builds libFuzzer for `make fuzz`.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso openssh-server
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
@@ -63,7 +63,7 @@ qtest-peer: deps
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
 # them. AddressSanitizer stays on.
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto net_uri qmp_input
+FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto net_uri nfs_rpc qmp_input
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 # -timeout: one input running longer is a hang; -rss_limit_mb bounds
 # memory. New inputs go to fuzz/out/TARGET, never into the committed

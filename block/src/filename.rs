@@ -2,7 +2,7 @@
 //! file name is expected (`-drive file=`, `-hda`): `null-co://`,
 //! `null-aio://`, `blkdebug:CONFIG:IMAGE`, `blkdebug::IMAGE` and the NBD
 //! forms (`nbd://`, `nbd+unix://`, `nbd:HOST:PORT`, `nbd:unix:PATH`, see
-//! [`crate::nbd::uri`]). (`json:`
+//! [`crate::nbd::uri`]), `ssh://` ([`crate::ssh`]) and `nfs://` ([`crate::nfs`]). (`json:`
 //! is handled by the `-drive` desugaring itself.) Each becomes the option
 //! tree of the protocol node it names.
 //!
@@ -40,6 +40,11 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
     }
     if name.starts_with("ssh://") {
         return crate::ssh::uri_options(name)
+            .map(Some)
+            .map_err(BlockError::Open);
+    }
+    if name.starts_with("nfs://") {
+        return crate::nfs::uri_options(name)
             .map(Some)
             .map_err(BlockError::Open);
     }

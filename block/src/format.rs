@@ -368,6 +368,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         protocol("null-aio", |c| crate::null::NullNode::open(c, true)),
         protocol("nbd", crate::nbd::client::NbdNode::open),
         protocol("ssh", crate::ssh::SshNode::open),
+        protocol("nfs", crate::nfs::NfsNode::open),
         Arc::new(crate::raw::RawClass),
         Arc::new(crate::qcow2::Qcow2Class),
         Arc::new(crate::vpc::VpcClass),
@@ -445,6 +446,7 @@ pub fn create_file(name: &str, path: &str) -> BlockResult<()> {
         let driver = proto.get("driver").and_then(|d| d.as_str()).unwrap_or("");
         return match driver {
             "ssh" => crate::ssh::create(path, proto),
+            "nfs" => crate::nfs::create(path, proto),
             d => Err(BlockError::Unsupported(format!(
                 "{name}: Protocol driver '{d}' does not support image creation"
             ))),

@@ -68,6 +68,7 @@ pub mod keyval;
 pub mod mapped;
 pub mod nbd;
 pub mod neturi;
+pub mod nfs;
 pub mod node;
 pub mod null;
 pub mod objects;

@@ -167,6 +167,18 @@ pub fn fuzz_uri(data: &[u8]) {
             assert!(o.finish().is_ok(), "{name}: options left over");
         }
     }
+    let name = if text.starts_with("nfs://") {
+        text.to_string()
+    } else {
+        format!("nfs://{text}")
+    };
+    if let Ok(m) = crate::nfs::uri_options(&name) {
+        let mut o = crate::keyval::Options::new("file", m);
+        let _ = o.take_str("driver");
+        if crate::nfs::parse_options(&mut o).is_ok() {
+            assert!(o.finish().is_ok(), "{name}: options left over");
+        }
+    }
 }
 
 #[cfg(test)]
