@@ -344,3 +344,56 @@ fn nfs_cross_qemu() {
     let c = s_ok(&["compare", &b, &g.dir.p("src.raw")]);
     assert!(c.contains("identical"), "{c}");
 }
+
+/// The VMM: `-drive file=nfs://...` and `-blockdev driver=nfs` (under a
+/// qcow2 node), written and read through HMP's qemu-io, checked on disk.
+#[test]
+fn nfs_vmm_drive_and_blockdev() {
+    use serde_json::json;
+    let _l = lock();
+    let Some(g) = Ganesha::start("vmm") else {
+        return;
+    };
+    std::fs::write(g.p("disk.raw"), vec![0u8; 1 << 20]).unwrap();
+    support::img::q_ok(&["create", "-q", "-f", "qcow2", &g.p("disk.qcow2"), "4M"]);
+    let qmp = g.dir.p("qmp.sock");
+    let drive = format!("if=none,id=d0,format=raw,file={}", g.uri("disk.raw"));
+    let blockdev = format!(
+        "driver=qcow2,node-name=q1,file.driver=nfs,file.server.type=inet,\
+         file.server.host=127.0.0.1,file.path={},file.user=0,file.group=0",
+        g.p("disk.qcow2")
+    );
+    let qmp_arg = format!("unix:{qmp},server=on,wait=off");
+    let mut qt = support::qtest::Qtest::start(&[
+        "-qmp",
+        &qmp_arg,
+        "-drive",
+        &drive,
+        "-blockdev",
+        &blockdev,
+        "-device",
+        "virtio-blk-pci,drive=q1",
+    ]);
+    let mut q = support::qmp::Qmp::negotiated(std::path::Path::new(&qmp));
+    for (dev, pat) in [("d0", 0x5a), ("q1", 0xa5)] {
+        for cmd in ["write", "read"] {
+            let line = format!("qemu-io {dev} \"{cmd} -P 0x{pat:02x} 65536 131072\"");
+            let r = q.ok("human-monitor-command", json!({ "command-line": line }));
+            let r = r.as_str().unwrap();
+            assert!(
+                r.starts_with(if cmd == "write" { "wrote" } else { "read" }),
+                "{line}: {r}"
+            );
+        }
+    }
+    q.ok("quit", json!({}));
+    assert!(
+        qt.wait_exit(Duration::from_secs(30)).is_some(),
+        "strata did not exit"
+    );
+    let raw = std::fs::read(g.p("disk.raw")).unwrap();
+    assert!(raw[65536..196608].iter().all(|&b| b == 0x5a));
+    assert!(raw[..65536].iter().all(|&b| b == 0));
+    support::img::io(&g.p("disk.qcow2"), "qcow2", &["read -P 0xa5 65536 131072"]);
+    support::img::q_ok(&["check", &g.p("disk.qcow2")]);
+}

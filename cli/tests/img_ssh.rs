@@ -414,3 +414,86 @@ fn ssh_cross_qemu() {
     let c = s.s_ok(&["compare", &b, &s.dir.p("src.raw")]);
     assert!(c.contains("identical"), "{c}");
 }
+
+/// The VMM: `-drive file=ssh://...` and `-blockdev driver=ssh` (under a
+/// qcow2 node), written and read through HMP's qemu-io, checked on disk.
+#[test]
+fn ssh_vmm_drive_and_blockdev() {
+    use serde_json::json;
+    let Some(s) = Sshd::start("vmm") else { return };
+    std::fs::write(s.dir.p("disk.raw"), vec![0u8; 1 << 20]).unwrap();
+    ok(
+        &support::img::run(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", &s.dir.p("disk.qcow2"), "4M"],
+        ),
+        "qemu-img create",
+    );
+    let sha = s.fingerprint("hostkey", "sha256");
+    let qmp = s.dir.p("qmp.sock");
+    let drive = format!(
+        "if=none,id=d0,format=raw,file={}",
+        s.uri("disk.raw", "?host_key_check=no")
+    );
+    let blockdev = format!(
+        "driver=qcow2,node-name=q1,file.driver=ssh,file.server.host=127.0.0.1,\
+         file.server.port={},file.path={},file.host-key-check.mode=hash,\
+         file.host-key-check.type=sha256,file.host-key-check.hash={sha}",
+        s.port,
+        s.dir.p("disk.qcow2")
+    );
+    let qmp_arg = format!("unix:{qmp},server=on,wait=off");
+    let mut qt = support::qtest::Qtest::start_env(
+        &[
+            "-qmp",
+            &qmp_arg,
+            "-drive",
+            &drive,
+            "-blockdev",
+            &blockdev,
+            "-device",
+            "virtio-blk-pci,drive=q1",
+        ],
+        &[
+            ("SSH_AUTH_SOCK", &s.dir.p("agent.sock")),
+            ("HOME", &s.dir.p("home")),
+        ],
+    );
+    let mut q = support::qmp::Qmp::negotiated(std::path::Path::new(&qmp));
+    for (dev, pat) in [("d0", 0x5a), ("q1", 0xa5)] {
+        for cmd in ["write", "read"] {
+            let line = format!("qemu-io {dev} \"{cmd} -P 0x{pat:02x} 65536 131072\"");
+            let r = q.ok("human-monitor-command", json!({ "command-line": line }));
+            let r = r.as_str().unwrap();
+            assert!(
+                r.starts_with(if cmd == "write" { "wrote" } else { "read" }),
+                "{line}: {r}"
+            );
+        }
+    }
+    q.ok("quit", json!({}));
+    assert!(
+        qt.wait_exit(Duration::from_secs(30)).is_some(),
+        "strata did not exit"
+    );
+    let raw = std::fs::read(s.dir.p("disk.raw")).unwrap();
+    assert!(raw[65536..196608].iter().all(|&b| b == 0x5a));
+    assert!(raw[..65536].iter().all(|&b| b == 0));
+    ok(
+        &support::img::run(
+            "qemu-io",
+            &[
+                "-f",
+                "qcow2",
+                "-c",
+                "read -P 0xa5 65536 131072",
+                &s.dir.p("disk.qcow2"),
+            ],
+        ),
+        "qemu-io read back",
+    );
+    ok(
+        &support::img::run("qemu-img", &["check", &s.dir.p("disk.qcow2")]),
+        "qemu-img check",
+    );
+}
