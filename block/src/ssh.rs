@@ -251,9 +251,29 @@ fn current_user() -> (Option<String>, Option<PathBuf>) {
 
 /// Parse `-blockdev driver=ssh` options (also the options of a file name).
 pub fn parse_options(o: &mut Options) -> BlockResult<SshConfig> {
-    let mut server = o
-        .take_object("server")?
-        .ok_or_else(|| BlockError::Open("ssh: the option 'server' is required".into()))?;
+    // QEMU's legacy flat `host=`/`port=` stand for `server.host`/`server.port`.
+    let (legacy_host, legacy_port) = (o.take_str("host")?, o.take_str("port")?);
+    let mut server = match (o.take_object("server")?, legacy_host) {
+        (Some(_), Some(_)) => {
+            return Err(BlockError::Open(
+                "ssh: host and server.host are mutually exclusive".into(),
+            ))
+        }
+        (Some(s), None) => s,
+        (None, Some(h)) => {
+            let mut m = Map::new();
+            m.insert("host".into(), Value::Str(h));
+            if let Some(p) = legacy_port {
+                m.insert("port".into(), Value::Str(p));
+            }
+            Options::new(o.option(), m)
+        }
+        (None, None) => {
+            return Err(BlockError::Open(
+                "ssh: the option 'server' is required".into(),
+            ))
+        }
+    };
     let host = server.require_str("host")?;
     let port = match server.take_str("port")? {
         None => DEFAULT_PORT,
@@ -871,5 +891,16 @@ mod tests {
         };
         h.remove("hash");
         assert!(parse_options(&mut Options::new("blockdev", m)).is_err());
+        // The legacy flat form.
+        let mut m = Map::new();
+        m.insert("host".into(), s("h"));
+        m.insert("port".into(), s("2200"));
+        m.insert("path".into(), s("/p"));
+        m.insert("user".into(), s("u"));
+        m.insert("host_key_check".into(), s("no"));
+        let mut o = Options::new("drive", m);
+        let c = parse_options(&mut o).unwrap();
+        o.finish().unwrap();
+        assert_eq!((c.port, c.check), (2200, HostKeyCheck::None));
     }
 }
