@@ -269,6 +269,8 @@ fn ssh_host_keys() {
     let good = |q: &str| s.s_ok(&["info", "-f", "raw", &s.uri("disk.raw", q)]);
     good(&format!("?host_key_check=sha256:{sha}"));
     good(&format!("?host_key_check=md5:{md5}"));
+    let sha1 = s.fingerprint("hostkey", "sha1");
+    good(&format!("?host_key_check=sha1:{sha1}"));
     // The ssh-keygen -l form.
     let b64 = sh(&format!(
         "ssh-keygen -l -E sha256 -f {} | cut -d' ' -f2",
