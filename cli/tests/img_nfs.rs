@@ -20,6 +20,8 @@ struct Ganesha {
     dir: Dir,
     ganesha: Child,
     rpcbind: Option<Child>,
+    /// NFS and MOUNT ports.
+    ports: [u16; 2],
 }
 
 fn listening(port: u16) -> bool {
@@ -83,29 +85,36 @@ impl Ganesha {
             ),
         )
         .unwrap();
-        let log = dir.p("ganesha.log");
-        let mut ganesha = Command::new("/usr/bin/ganesha.nfsd")
-            .args(["-F", "-f", &dir.p("ganesha.conf"), "-L", &log])
-            .args(["-p", &dir.p("ganesha.pid"), "-N", "NIV_EVENT"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait(
-            "ganesha",
-            || {
-                std::fs::read_to_string(&log).is_ok_and(|l| l.contains("NFS SERVER INITIALIZED"))
-                    && listening(ports[0])
-                    && listening(ports[1])
-            },
-            &mut ganesha,
-        );
+        let ganesha = spawn_ganesha(&dir, ports[0], ports[1]);
         Some(Ganesha {
             dir,
             ganesha,
             rpcbind,
+            ports: [ports[0], ports[1]],
         })
+    }
+
+    /// Stop the server (cleanly) and start it again on the same ports.
+    fn restart(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(self.dir.p("ganesha.log"));
+        self.ganesha = spawn_ganesha(&self.dir, self.ports[0], self.ports[1]);
+    }
+
+    fn stop(&mut self) {
+        // SIGTERM: ganesha unregisters from the portmapper on the way out.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.ganesha.id().to_string()])
+            .status();
+        let t = Instant::now();
+        while self.ganesha.try_wait().ok().flatten().is_none() {
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = self.ganesha.kill();
+                let _ = self.ganesha.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// The `nfs://` URI of `name` in the export.
@@ -121,24 +130,36 @@ impl Ganesha {
 
 impl Drop for Ganesha {
     fn drop(&mut self) {
-        // SIGTERM: ganesha unregisters from the portmapper on the way out.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.ganesha.id().to_string()])
-            .status();
-        let t = Instant::now();
-        while self.ganesha.try_wait().ok().flatten().is_none() {
-            if t.elapsed() > Duration::from_secs(10) {
-                let _ = self.ganesha.kill();
-                let _ = self.ganesha.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.stop();
         if let Some(r) = self.rpcbind.as_mut() {
             let _ = r.kill();
             let _ = r.wait();
         }
     }
+}
+
+/// Start ganesha.nfsd on the configuration in `dir`; wait until it serves
+/// NFS on `nfs` and MOUNT on `mnt`.
+fn spawn_ganesha(dir: &Dir, nfs: u16, mnt: u16) -> Child {
+    let log = dir.p("ganesha.log");
+    let mut ganesha = Command::new("/usr/bin/ganesha.nfsd")
+        .args(["-F", "-f", &dir.p("ganesha.conf"), "-L", &log])
+        .args(["-p", &dir.p("ganesha.pid"), "-N", "NIV_EVENT"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait(
+        "ganesha",
+        || {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("NFS SERVER INITIALIZED"))
+                && listening(nfs)
+                && listening(mnt)
+        },
+        &mut ganesha,
+    );
+    ganesha
 }
 
 fn s_ok(args: &[&str]) -> String {
@@ -385,6 +406,15 @@ fn nfs_vmm_drive_and_blockdev() {
                 "{line}: {r}"
             );
         }
+    }
+    // The server restarts under the running VM: the next requests
+    // reconnect (the file handles stay valid) and go through.
+    let mut g = g;
+    g.restart();
+    for (dev, pat) in [("d0", 0x5a), ("q1", 0xa5)] {
+        let line = format!("qemu-io {dev} \"read -P 0x{pat:02x} 65536 131072\"");
+        let r = q.ok("human-monitor-command", json!({ "command-line": line }));
+        assert!(r.as_str().unwrap().starts_with("read"), "{line}: {r}");
     }
     q.ok("quit", json!({}));
     assert!(
