@@ -581,7 +581,7 @@ fn connect(cfg: &SshConfig) -> BlockResult<(Session, Sftp)> {
 struct Conn {
     file: ssh2::File,
     sftp: Sftp,
-    _sess: Session,
+    sess: Session,
 }
 
 /// An `ssh` node.
@@ -626,11 +626,7 @@ impl SshNode {
         }
         Ok(SshNode {
             len: AtomicU64::new(st.size.unwrap_or(0)),
-            conn: Mutex::new(Conn {
-                file,
-                sftp,
-                _sess: sess,
-            }),
+            conn: Mutex::new(Conn { file, sftp, sess }),
             cfg,
             no_fsync: AtomicBool::new(false),
         })
@@ -769,6 +765,16 @@ impl BlockDriver for SshNode {
     }
     fn filename(&self) -> Option<String> {
         Some(self.cfg.uri())
+    }
+}
+
+impl Drop for SshNode {
+    fn drop(&mut self) {
+        // Closing the handle and the session waits for the server: bounded,
+        // so that a hung server cannot hang the process's exit.
+        self.lock()
+            .sess
+            .set_timeout(CONNECT_TIMEOUT.as_millis() as u32);
     }
 }
 

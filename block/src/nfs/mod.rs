@@ -573,6 +573,10 @@ impl Drop for NfsNode {
         // file on an NFS client does.
         let mut st = self.lock();
         if st.verf.is_some() {
+            // Bounded: a hung server must not hang the process's exit.
+            if let Some(c) = st.conn.as_mut() {
+                let _ = c.set_timeout(Some(CONNECT_TIMEOUT));
+            }
             let _ = self.commit(&mut st);
         }
     }
