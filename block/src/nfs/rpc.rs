@@ -390,7 +390,8 @@ impl Conn {
     /// bytes in all.
     fn recv(&mut self) -> Result<Vec<u8>, RpcError> {
         let mut out = Vec::new();
-        loop {
+        // A bounded count too: empty fragments would otherwise never end.
+        for _ in 0..1024 {
             let mut m = [0u8; 4];
             self.s
                 .read_exact(&mut m)
@@ -411,6 +412,7 @@ impl Conn {
                 return Ok(out);
             }
         }
+        Err(RpcError::Proto("reply in more than 1024 fragments".into()))
     }
 }
 
