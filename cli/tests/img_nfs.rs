@@ -294,6 +294,22 @@ fn nfs_qcow2() {
     assert!(cmp.contains("identical"), "{cmp}");
     let info = s_ok(&["info", &q]);
     assert!(info.contains("disk size: "), "{info}");
+    // An overlay on NFS names its backing file relative to itself.
+    let ov = g.uri("ov.qcow2");
+    s_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "img.qcow2",
+        "-F",
+        "qcow2",
+        &ov,
+    ]);
+    let info = s_ok(&["info", "--backing-chain", &ov]);
+    assert!(info.contains(&format!("(actual path: {q})")), "{info}");
+    let cmp = s_ok(&["compare", &ov, &g.dir.p("src2.raw")]);
+    assert!(cmp.contains("identical"), "{cmp}");
 }
 
 #[test]
