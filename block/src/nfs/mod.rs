@@ -19,9 +19,10 @@
 //! Writes are UNSTABLE and flush COMMITs them (FUA writes are FILE_SYNC);
 //! the write verifiers are compared, and a change (the server restarted
 //! and may have lost cached writes) fails the flush with EIO rather than
-//! pretending the data is safe. One TCP connection serves the node, one
-//! call at a time; if it breaks, the driver reconnects once per request
-//! (the handle survives) and retries.
+//! pretending the data is safe. Up to four TCP connections serve the node,
+//! one call at a time each, so requests from several threads run in
+//! parallel; a connection that breaks is dropped and the request retried
+//! once on another (the file handle survives).
 
 pub mod rpc;
 
@@ -34,7 +35,7 @@ use rpc::{Attr, Conn, Cred, RpcError, Stable};
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// How long connecting, the portmapper and MOUNT may take.
@@ -43,6 +44,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_READAHEAD: u64 = 1 << 20;
 const MAX_PAGECACHE: u64 = 1024;
 const MAX_DEBUG: u64 = 2;
+/// Connections a node opens at most: requests from several threads run
+/// in parallel, as libnfs pipelines them on its one connection.
+const MAX_CONNS: usize = 4;
 /// The mode of files `create` makes (QEMU's, through libnfs' `nfs_creat`).
 const CREATE_MODE: u32 = 0o600;
 
@@ -288,10 +292,20 @@ fn locate(cfg: &NfsConfig) -> BlockResult<Located> {
     })
 }
 
-struct State {
-    conn: Option<Conn>,
-    /// The verifier of the UNSTABLE writes since the last COMMIT.
+/// The node's connections: idle ones, and how many exist.
+struct Pool {
+    idle: Vec<Conn>,
+    live: usize,
+}
+
+/// UNSTABLE writes not yet committed.
+#[derive(Default)]
+struct Unstable {
+    /// Their verifier (none: nothing to commit).
     verf: Option<[u8; 8]>,
+    /// Counts them, so that a COMMIT racing with a write does not count
+    /// that write as committed.
+    gen: u64,
 }
 
 /// An `nfs` node.
@@ -299,7 +313,11 @@ pub struct NfsNode {
     cfg: NfsConfig,
     addr: SocketAddr,
     fh: Vec<u8>,
-    st: Mutex<State>,
+    pool: Mutex<Pool>,
+    /// Signalled when a connection goes back to the pool or away.
+    freed: Condvar,
+    /// The verifier of the UNSTABLE writes since the last COMMIT.
+    verf: Mutex<Unstable>,
     len: AtomicU64,
     rmax: usize,
     wmax: usize,
@@ -348,10 +366,12 @@ impl NfsNode {
         Ok(NfsNode {
             addr: nfs_addr,
             fh,
-            st: Mutex::new(State {
-                conn: Some(conn),
-                verf: None,
+            pool: Mutex::new(Pool {
+                idle: vec![conn],
+                live: 1,
             }),
+            freed: Condvar::new(),
+            verf: Mutex::new(Unstable::default()),
             len: AtomicU64::new(attr.size),
             rmax: io_size(rtpref, rtmax),
             wmax: io_size(wtpref, wtmax),
@@ -372,66 +392,134 @@ impl NfsNode {
         Ok(Arc::new(NfsNode::connect(cfg)?))
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Run `f` on the connection; a broken connection is replaced once
-    /// (the file handle stays valid across connections) and `f` retried.
+    /// An idle connection, a new one while fewer than [`MAX_CONNS`] exist,
+    /// else the next one freed.
+    fn take_conn(&self) -> BlockResult<Conn> {
+        let mut p = self.pool();
+        loop {
+            if let Some(c) = p.idle.pop() {
+                return Ok(c);
+            }
+            if p.live < MAX_CONNS {
+                p.live += 1;
+                drop(p);
+                let c = Conn::connect(self.addr, self.cfg.cred, CONNECT_TIMEOUT)
+                    .and_then(|mut c| c.set_timeout(None).map(|_| c));
+                return c.map_err(|e| {
+                    self.drop_conn();
+                    rpc_err(&self.cfg, "connect", e)
+                });
+            }
+            p = self.freed.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn put_conn(&self, c: Conn) {
+        self.pool().idle.push(c);
+        self.freed.notify_one();
+    }
+
+    /// A connection that broke: it is never reused.
+    fn drop_conn(&self) {
+        self.pool().live -= 1;
+        self.freed.notify_one();
+    }
+
+    /// Run `f` on a connection of the pool; one that breaks is replaced
+    /// once (the file handle stays valid across connections, and the
+    /// procedures used are idempotent) and `f` retried.
     fn with_conn<T>(
         &self,
-        st: &mut State,
         what: &str,
         mut f: impl FnMut(&mut Conn) -> Result<T, RpcError>,
     ) -> BlockResult<T> {
-        for attempt in 0..2 {
-            if st.conn.is_none() {
-                let c = Conn::connect(self.addr, self.cfg.cred, CONNECT_TIMEOUT)
-                    .and_then(|mut c| c.set_timeout(None).map(|_| c))
-                    .map_err(|e| rpc_err(&self.cfg, "reconnect", e))?;
-                st.conn = Some(c);
-            }
-            let Some(c) = st.conn.as_mut() else {
-                continue;
-            };
-            match f(c) {
-                Ok(v) => return Ok(v),
-                Err(e @ (RpcError::Io(..) | RpcError::Proto(_))) => {
-                    // The stream is out of step or gone: never reuse it.
-                    st.conn = None;
-                    if attempt == 1 || matches!(e, RpcError::Proto(_)) {
-                        return Err(rpc_err(&self.cfg, what, e));
-                    }
+        let mut last = None;
+        for _ in 0..2 {
+            let mut c = self.take_conn()?;
+            match f(&mut c) {
+                Ok(v) => {
+                    self.put_conn(c);
+                    return Ok(v);
                 }
-                Err(e) => return Err(rpc_err(&self.cfg, what, e)),
+                Err(e @ RpcError::Io(..)) => {
+                    self.drop_conn();
+                    last = Some(e);
+                }
+                Err(e @ RpcError::Proto(_)) => {
+                    // Out of step with the server: not retried.
+                    self.drop_conn();
+                    return Err(rpc_err(&self.cfg, what, e));
+                }
+                Err(e) => {
+                    self.put_conn(c);
+                    return Err(rpc_err(&self.cfg, what, e));
+                }
             }
         }
         Err(rpc_err(
             &self.cfg,
             what,
-            RpcError::Io(libc::EIO, "connection lost".into()),
+            last.unwrap_or(RpcError::Io(libc::EIO, "connection lost".into())),
         ))
     }
 
     fn getattr(&self) -> BlockResult<Attr> {
-        let mut st = self.lock();
-        self.with_conn(&mut st, "fstat", |c| rpc::getattr(c, &self.fh))
+        self.with_conn("fstat", |c| rpc::getattr(c, &self.fh))
     }
 
-    fn commit(&self, st: &mut State) -> BlockResult<()> {
-        let Some(before) = st.verf else {
-            return Ok(());
+    fn verf(&self) -> MutexGuard<'_, Unstable> {
+        self.verf.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Note the verifier of an UNSTABLE write: a different one than the
+    /// writes before it had means the server restarted in between.
+    fn note_unstable(&self, v: [u8; 8]) -> BlockResult<()> {
+        let mut u = self.verf();
+        u.gen += 1;
+        match u.verf {
+            Some(old) if old != v => {
+                u.verf = None;
+                Err(self.restarted())
+            }
+            _ => {
+                u.verf = Some(v);
+                Ok(())
+            }
+        }
+    }
+
+    fn restarted(&self) -> BlockError {
+        BlockError::Io {
+            errno: libc::EIO,
+            context: format!(
+                "{}: the server restarted (write verifier changed): unstable writes since the last flush may be lost",
+                self.cfg.uri()
+            ),
+        }
+    }
+
+    fn commit(&self) -> BlockResult<()> {
+        let (before, gen) = {
+            let u = self.verf();
+            match u.verf {
+                None => return Ok(()),
+                Some(v) => (v, u.gen),
+            }
         };
-        let v = self.with_conn(st, "COMMIT", |c| rpc::commit(c, &self.fh))?;
-        st.verf = None;
+        let v = self.with_conn("COMMIT", |c| rpc::commit(c, &self.fh))?;
+        let mut u = self.verf();
         if v != before {
-            return Err(BlockError::Io {
-                errno: libc::EIO,
-                context: format!(
-                    "{}: the server restarted since the last flush (write verifier changed): unstable writes may be lost",
-                    self.cfg.uri()
-                ),
-            });
+            u.verf = None;
+            return Err(self.restarted());
+        }
+        // Writes noted since the COMMIT was sent may not be covered by it:
+        // the next flush commits again.
+        if u.gen == gen {
+            u.verf = None;
         }
         Ok(())
     }
@@ -458,7 +546,6 @@ impl BlockDriver for NfsNode {
         self.len.load(Ordering::Acquire)
     }
     fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
-        let mut st = self.lock();
         let mut off = offset;
         let mut eof = false;
         for s in iov.iter_mut() {
@@ -466,7 +553,7 @@ impl BlockDriver for NfsNode {
             while done < s.len() && !eof {
                 let n = (s.len() - done).min(self.rmax);
                 let buf = &mut s[done..done + n];
-                let (got, at_end) = self.with_conn(&mut st, &format!("read at {off}"), |c| {
+                let (got, at_end) = self.with_conn(&format!("read at {off}"), |c| {
                     rpc::read(c, &self.fh, off, &mut *buf)
                 })?;
                 if got == 0 && !at_end {
@@ -488,7 +575,6 @@ impl BlockDriver for NfsNode {
         Ok(())
     }
     fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
-        let mut st = self.lock();
         let stable = if fua {
             Stable::FileSync
         } else {
@@ -500,10 +586,9 @@ impl BlockDriver for NfsNode {
             while done < s.len() {
                 let n = (s.len() - done).min(self.wmax);
                 let data = &s[done..done + n];
-                let (got, durable, verf) =
-                    self.with_conn(&mut st, &format!("write at {off}"), |c| {
-                        rpc::write(c, &self.fh, off, data, stable)
-                    })?;
+                let (got, durable, verf) = self.with_conn(&format!("write at {off}"), |c| {
+                    rpc::write(c, &self.fh, off, data, stable)
+                })?;
                 if got == 0 {
                     return Err(rpc_err(
                         &self.cfg,
@@ -512,19 +597,7 @@ impl BlockDriver for NfsNode {
                     ));
                 }
                 if !durable {
-                    match st.verf {
-                        Some(v) if v != verf => {
-                            st.verf = None;
-                            return Err(BlockError::Io {
-                                errno: libc::EIO,
-                                context: format!(
-                                    "{}: the server restarted (write verifier changed): unstable writes may be lost",
-                                    self.cfg.uri()
-                                ),
-                            });
-                        }
-                        _ => st.verf = Some(verf),
-                    }
+                    self.note_unstable(verf)?;
                 }
                 done += got;
                 off += got as u64;
@@ -534,12 +607,10 @@ impl BlockDriver for NfsNode {
         Ok(())
     }
     fn flush(&self) -> BlockResult<()> {
-        let mut st = self.lock();
-        self.commit(&mut st)
+        self.commit()
     }
     fn truncate(&self, len: u64) -> BlockResult<()> {
-        let mut st = self.lock();
-        self.with_conn(&mut st, &format!("resize to {len}"), |c| {
+        self.with_conn(&format!("resize to {len}"), |c| {
             rpc::set_size(c, &self.fh, len)
         })?;
         self.len.store(len, Ordering::Release);
@@ -570,14 +641,13 @@ impl BlockDriver for NfsNode {
 impl Drop for NfsNode {
     fn drop(&mut self) {
         // Unstable writes not yet committed: a last COMMIT, as closing a
-        // file on an NFS client does.
-        let mut st = self.lock();
-        if st.verf.is_some() {
-            // Bounded: a hung server must not hang the process's exit.
-            if let Some(c) = st.conn.as_mut() {
+        // file on an NFS client does; bounded, so that a hung server cannot
+        // hang the process's exit.
+        if self.verf().verf.is_some() {
+            for c in self.pool().idle.iter_mut() {
                 let _ = c.set_timeout(Some(CONNECT_TIMEOUT));
             }
-            let _ = self.commit(&mut st);
+            let _ = self.commit();
         }
     }
 }
