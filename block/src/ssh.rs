@@ -21,9 +21,12 @@
 //! (`~/.ssh/id_ed25519`, `id_ecdsa`, `id_rsa`), as libssh's
 //! `ssh_userauth_publickey_auto` tries them.
 //!
-//! One SSH session and one SFTP handle serve the node; requests take turns
-//! on it (each one seeks, then reads or writes all its bytes), which keeps
-//! libssh2's pipelined reads and writes from interleaving.
+//! Up to four SSH sessions, each with its own SFTP handle on the file,
+//! serve the node (the first opened with the node, the others when
+//! requests overlap); a request has a session to itself (it seeks, then
+//! reads or writes all its bytes), which keeps libssh2's pipelined reads
+//! and writes from interleaving. A flush's fsync on one handle covers
+//! the writes made through the others: the server syncs the file.
 
 use crate::driver::{BlockDriver, Extent};
 use crate::error::{BlockError, BlockResult};
@@ -35,9 +38,13 @@ use std::io::{IoSlice, IoSliceMut, Read, Seek, SeekFrom, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+/// Sessions a node opens at most (each with its own SFTP handle on the
+/// file), so that requests from several threads run in parallel; the
+/// extra ones connect when first needed.
+const MAX_SESSIONS: usize = 4;
 /// The SSH port.
 pub const DEFAULT_PORT: u16 = 22;
 /// How long connecting and the handshake may take.
@@ -584,10 +591,19 @@ struct Conn {
     sess: Session,
 }
 
+/// The node's sessions: idle ones, and how many exist.
+struct Pool {
+    idle: Vec<Conn>,
+    live: usize,
+}
+
 /// An `ssh` node.
 pub struct SshNode {
     cfg: SshConfig,
-    conn: Mutex<Conn>,
+    pool: Mutex<Pool>,
+    /// Signalled when a session goes back to the pool or away.
+    freed: Condvar,
+    read_only: AtomicBool,
     len: AtomicU64,
     /// The server lacks `fsync@openssh.com` (said once).
     no_fsync: AtomicBool,
@@ -626,7 +642,12 @@ impl SshNode {
         }
         Ok(SshNode {
             len: AtomicU64::new(st.size.unwrap_or(0)),
-            conn: Mutex::new(Conn { file, sftp, sess }),
+            pool: Mutex::new(Pool {
+                idle: vec![Conn { file, sftp, sess }],
+                live: 1,
+            }),
+            freed: Condvar::new(),
+            read_only: AtomicBool::new(read_only),
             cfg,
             no_fsync: AtomicBool::new(false),
         })
@@ -642,8 +663,50 @@ impl SshNode {
         Ok(std::sync::Arc::new(node))
     }
 
-    fn lock(&self) -> MutexGuard<'_, Conn> {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn flags(&self) -> OpenFlags {
+        if self.read_only.load(Ordering::Acquire) {
+            OpenFlags::READ
+        } else {
+            OpenFlags::READ | OpenFlags::WRITE
+        }
+    }
+
+    /// An idle session, a new one while fewer than [`MAX_SESSIONS`]
+    /// exist, else the next one freed.
+    fn lease(&self) -> BlockResult<Lease<'_>> {
+        let mut p = self.pool();
+        loop {
+            if let Some(c) = p.idle.pop() {
+                return Ok(Lease {
+                    node: self,
+                    conn: Some(c),
+                });
+            }
+            if p.live < MAX_SESSIONS {
+                p.live += 1;
+                drop(p);
+                let c = connect(&self.cfg).and_then(|(sess, sftp)| {
+                    let file = open_file(&sftp, &self.cfg, self.flags())?;
+                    Ok(Conn { file, sftp, sess })
+                });
+                return match c {
+                    Ok(c) => Ok(Lease {
+                        node: self,
+                        conn: Some(c),
+                    }),
+                    Err(e) => {
+                        self.pool().live -= 1;
+                        self.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            p = self.freed.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
     }
 
     fn io_err(&self, what: &str, e: std::io::Error) -> BlockError {
@@ -678,7 +741,7 @@ impl BlockDriver for SshNode {
         self.len.load(Ordering::Acquire)
     }
     fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
-        let mut c = self.lock();
+        let mut c = self.lease()?;
         c.file
             .seek(SeekFrom::Start(offset))
             .map_err(|e| self.io_err("seek", e))?;
@@ -700,7 +763,7 @@ impl BlockDriver for SshNode {
         Ok(())
     }
     fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
-        let mut c = self.lock();
+        let mut c = self.lease()?;
         c.file
             .seek(SeekFrom::Start(offset))
             .map_err(|e| self.io_err("seek", e))?;
@@ -719,11 +782,11 @@ impl BlockDriver for SshNode {
         Ok(())
     }
     fn flush(&self) -> BlockResult<()> {
-        let mut c = self.lock();
+        let mut c = self.lease()?;
         self.fsync(&mut c)
     }
     fn truncate(&self, len: u64) -> BlockResult<()> {
-        let mut c = self.lock();
+        let mut c = self.lease()?;
         // FSETSTAT with a size: OpenSSH's sftp-server ftruncate()s, so the
         // file shrinks as well as grows.
         c.file
@@ -753,14 +816,13 @@ impl BlockDriver for SshNode {
         })
     }
     fn reopen(&self, read_only: bool) -> BlockResult<()> {
-        let mut c = self.lock();
-        let flags = if read_only {
-            OpenFlags::READ
-        } else {
-            OpenFlags::READ | OpenFlags::WRITE
-        };
-        let file = open_file(&c.sftp, &self.cfg, flags)?;
-        c.file = file;
+        // Requests are drained around a reopen: every session is idle.
+        let mut p = self.pool();
+        self.read_only.store(read_only, Ordering::Release);
+        let flags = self.flags();
+        for c in p.idle.iter_mut() {
+            c.file = open_file(&c.sftp, &self.cfg, flags)?;
+        }
         Ok(())
     }
     fn filename(&self) -> Option<String> {
@@ -770,11 +832,43 @@ impl BlockDriver for SshNode {
 
 impl Drop for SshNode {
     fn drop(&mut self) {
-        // Closing the handle and the session waits for the server: bounded,
+        // Closing the handles and sessions waits for the server: bounded,
         // so that a hung server cannot hang the process's exit.
-        self.lock()
-            .sess
-            .set_timeout(CONNECT_TIMEOUT.as_millis() as u32);
+        for c in self.pool().idle.iter() {
+            c.sess.set_timeout(CONNECT_TIMEOUT.as_millis() as u32);
+        }
+    }
+}
+
+/// A session taken from the pool, given back on drop.
+struct Lease<'a> {
+    node: &'a SshNode,
+    conn: Option<Conn>,
+}
+
+impl std::ops::Deref for Lease<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        self.conn
+            .as_ref()
+            .expect("a lease holds its session until dropped")
+    }
+}
+
+impl std::ops::DerefMut for Lease<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a lease holds its session until dropped")
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.node.pool().idle.push(c);
+            self.node.freed.notify_one();
+        }
     }
 }
 
