@@ -211,11 +211,17 @@ fn nfs_raw_read_write() {
         &out,
     ]);
     assert!(std::fs::read(&out).unwrap() == data);
-    // Write: local -> nfs onto the existing file, compared on disk.
+    // Write: local -> nfs onto the existing file, 16 requests in flight
+    // out of order (several connections), compared on disk.
     let new = pattern(&g.dir.p("new.raw"), 3 << 20, 7);
     s_ok(&[
         "convert",
         "-n",
+        "-W",
+        "-m",
+        "16",
+        "-S",
+        "0",
         "-f",
         "raw",
         "-O",

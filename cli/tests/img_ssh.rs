@@ -170,11 +170,17 @@ fn ssh_raw_read_write() {
         &out,
     ]);
     assert!(std::fs::read(&out).unwrap() == data);
-    // Write: local -> ssh onto the existing file (-n), then compare on disk.
+    // Write: local -> ssh onto the existing file (-n), 16 requests in
+    // flight out of order (several sessions), then compare on disk.
     let new = pattern(&s.dir.p("new.raw"), 3 << 20, 7);
     s.s_ok(&[
         "convert",
         "-n",
+        "-W",
+        "-m",
+        "16",
+        "-S",
+        "0",
         "-f",
         "raw",
         "-O",
