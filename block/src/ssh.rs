@@ -746,12 +746,22 @@ impl BlockDriver for SshNode {
             .seek(SeekFrom::Start(offset))
             .map_err(|e| self.io_err("seek", e))?;
         let mut eof = false;
+        // libssh2 asks the server for four times what one read call is
+        // given (read-ahead), and the seek of the next request throws the
+        // surplus away: reading a quarter of what is still needed per
+        // call makes it ask for exactly the request's bytes.
+        let mut need = crate::iov::total_len_mut(iov);
         for s in iov.iter_mut() {
             let mut done = 0;
             while done < s.len() && !eof {
-                match c.file.read(&mut s[done..]) {
+                let want = (s.len() - done).min(need.div_ceil(4).max(1));
+                match c.file.read(&mut s[done..done + want]) {
                     Ok(0) => eof = true,
-                    Ok(n) => done += n.min(s.len() - done),
+                    Ok(n) => {
+                        let n = n.min(want);
+                        done += n;
+                        need -= n;
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => return Err(self.io_err(&format!("read at {offset}"), e)),
                 }
