@@ -7,7 +7,7 @@ CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QMP_VENV := target/qmp-venv
 # g++ builds libFuzzer for `make fuzz`.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso qemu-block-extra openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 

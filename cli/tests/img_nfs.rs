@@ -342,6 +342,26 @@ fn nfs_errors() {
     // through the portmapper.
     let e = s_err(&["info", &format!("nfs://127.0.0.1:1{}", g.p("x.raw"))]);
     assert!(e.contains("Failed to connect"), "{e}");
+    // AUTH_SYS as another user: reading a 0644 file of root's is allowed,
+    // writing it is refused when opening.
+    pattern(&g.p("ro.raw"), 1 << 20, 1);
+    let as_user = format!("{}?uid=1000&gid=1000", g.uri("ro.raw"));
+    let info = s_ok(&["info", "-f", "raw", &as_user]);
+    assert!(info.contains("virtual size: 1 MiB"), "{info}");
+    let e = s_err(&[
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &g.p("ro.raw"),
+        &as_user,
+    ]);
+    assert!(
+        e.contains("Failed to open file for writing (uid 1000, gid 1000): Permission denied"),
+        "{e}"
+    );
     std::fs::create_dir(g.p("adir")).unwrap();
     let e = s_err(&["info", &g.uri("adir")]);
     assert!(e.contains("is a directory"), "{e}");

@@ -338,8 +338,15 @@ fn io_size(pref: u32, max: u32) -> usize {
 }
 
 impl NfsNode {
-    /// Find, mount and open the file.
-    pub fn connect(cfg: NfsConfig) -> BlockResult<NfsNode> {
+    /// Find, mount and open the file; a writable node needs the server
+    /// to grant writing, else (with `auto_read_only`) it becomes
+    /// read-only. Returns the node and whether it is read-only.
+    pub fn connect(
+        cfg: NfsConfig,
+        read_only: bool,
+        auto_read_only: bool,
+    ) -> BlockResult<(NfsNode, bool)> {
+        let mut read_only = read_only;
         let Located {
             nfs_addr,
             mut conn,
@@ -360,10 +367,31 @@ impl NfsNode {
                 cfg.path
             )));
         }
+        // The server decides what the credential may do (export options,
+        // the file's mode): ask, as opening O_RDWR on a client would.
+        if !read_only {
+            let want = rpc::ACCESS_READ | rpc::ACCESS_MODIFY | rpc::ACCESS_EXTEND;
+            let got = rpc::access(&mut conn, &fh, want)
+                .map_err(|e| rpc_err(&cfg, "Failed to check access", e))?;
+            if got & want != want {
+                if !auto_read_only {
+                    return Err(BlockError::Io {
+                        errno: libc::EACCES,
+                        context: format!(
+                            "{}: Failed to open file for writing (uid {}, gid {})",
+                            cfg.uri(),
+                            cfg.cred.uid,
+                            cfg.cred.gid
+                        ),
+                    });
+                }
+                read_only = true;
+            }
+        }
         let [rtmax, rtpref, wtmax, wtpref] = rpc::fsinfo(&mut conn, &fh).unwrap_or([0; 4]);
         conn.set_timeout(None)
             .map_err(|e| rpc_err(&cfg, "socket", e))?;
-        Ok(NfsNode {
+        let node = NfsNode {
             addr: nfs_addr,
             fh,
             pool: Mutex::new(Pool {
@@ -376,7 +404,8 @@ impl NfsNode {
             rmax: io_size(rtpref, rtmax),
             wmax: io_size(wtpref, wtmax),
             cfg,
-        })
+        };
+        Ok((node, read_only))
     }
 
     /// Open from `-blockdev driver=nfs` options.
@@ -389,7 +418,9 @@ impl NfsNode {
         for (k, v) in &cfg.tunables {
             ctx.describe(k, v.to_string());
         }
-        Ok(Arc::new(NfsNode::connect(cfg)?))
+        let (node, ro) = NfsNode::connect(cfg, ctx.common.read_only, ctx.common.auto_read_only)?;
+        ctx.common.read_only = ro;
+        Ok(Arc::new(node))
     }
 
     fn pool(&self) -> MutexGuard<'_, Pool> {

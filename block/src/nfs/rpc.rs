@@ -564,6 +564,28 @@ pub fn parse_read(d: &mut Dec, buf: &mut [u8]) -> Result<(usize, bool), RpcError
     Ok((count, eof))
 }
 
+/// ACCESS bits (RFC 1813 3.3.4): reading, changing and growing a file.
+pub const ACCESS_READ: u32 = 0x01;
+/// ACCESS3_MODIFY.
+pub const ACCESS_MODIFY: u32 = 0x04;
+/// ACCESS3_EXTEND.
+pub const ACCESS_EXTEND: u32 = 0x08;
+
+/// ACCESS: which of the `want` bits the server grants the credential.
+pub fn access(c: &mut Conn, fh: &[u8], want: u32) -> Result<u32, RpcError> {
+    let mut a = Enc::default();
+    fh_arg(&mut a, fh);
+    a.u32(want);
+    nfs(c, 4, &[&a.0], parse_access)
+}
+
+/// ACCESS's results.
+pub fn parse_access(d: &mut Dec) -> Result<u32, RpcError> {
+    status(d)?;
+    post_op_attr(d)?;
+    d.u32()
+}
+
 /// `stable_how` of a WRITE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stable {
@@ -680,14 +702,18 @@ pub fn fuzz_replies(data: &[u8]) {
         return;
     };
     let xid = 0x1234_5678;
-    let mut d = match sel % 9 {
+    let mut d = match sel % 10 {
+        9 => {
+            let _ = parse_access(&mut Dec::new(rest));
+            return;
+        }
         8 => {
             let _ = parse_reply(rest, xid);
             return;
         }
         _ => Dec::new(rest),
     };
-    match sel % 9 {
+    match sel % 10 {
         0 => drop(parse_mnt(&mut d)),
         1 => drop(parse_getattr(&mut d)),
         2 => drop(parse_lookup(&mut d)),
