@@ -635,14 +635,26 @@ fn open_file(sftp: &Sftp, cfg: &SshConfig, flags: OpenFlags) -> BlockResult<ssh2
 
 impl SshNode {
     /// Connect and open the remote file.
-    pub fn connect(cfg: SshConfig, read_only: bool) -> BlockResult<SshNode> {
+    /// With `auto_read_only`, a file the server refuses to open for
+    /// writing is opened read-only instead (the node's `read_only`
+    /// becomes true).
+    pub fn connect(
+        cfg: SshConfig,
+        read_only: &mut bool,
+        auto_read_only: bool,
+    ) -> BlockResult<SshNode> {
         let (sess, sftp) = connect(&cfg)?;
-        let flags = if read_only {
-            OpenFlags::READ
-        } else {
-            OpenFlags::READ | OpenFlags::WRITE
+        let rw = OpenFlags::READ | OpenFlags::WRITE;
+        let mut file = match open_file(&sftp, &cfg, if *read_only { OpenFlags::READ } else { rw }) {
+            Err(BlockError::Io { errno, .. })
+                if !*read_only && auto_read_only && matches!(errno, libc::EACCES | libc::EROFS) =>
+            {
+                *read_only = true;
+                open_file(&sftp, &cfg, OpenFlags::READ)?
+            }
+            r => r?,
         };
-        let mut file = open_file(&sftp, &cfg, flags)?;
+        let read_only = *read_only;
         let st = file.stat().map_err(|e| BlockError::Io {
             errno: sftp_errno(&e.code()),
             context: format!("{}: failed to read file attributes", cfg.uri()),
@@ -669,7 +681,8 @@ impl SshNode {
         ctx.describe("server", format!("{}:{}", cfg.host, cfg.port));
         ctx.describe("path", cfg.path.clone());
         ctx.describe("user", cfg.user.clone());
-        let node = SshNode::connect(cfg, ctx.common.read_only)?;
+        let auto = ctx.common.auto_read_only;
+        let node = SshNode::connect(cfg, &mut ctx.common.read_only, auto)?;
         Ok(std::sync::Arc::new(node))
     }
 

@@ -372,6 +372,31 @@ fn ssh_errors() {
         .output()
         .unwrap();
     ok(&o, "info with ~/.ssh/id_ed25519");
+    // Another user (the authorized keys serve every user here) may read
+    // root's 0644 file but not open it for writing.
+    let as_nobody = format!(
+        "ssh://nobody@127.0.0.1:{}{}?host_key_check=no",
+        s.port,
+        s.dir.p("disk.raw")
+    );
+    s.s_ok(&["info", "-f", "raw", &as_nobody]);
+    let e = s.s_err(&[
+        "convert",
+        "-n",
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        &s.dir.p("disk.raw"),
+        &as_nobody,
+    ]);
+    assert!(
+        e.contains(&format!(
+            "failed to open remote file '{}': Permission denied",
+            s.dir.p("disk.raw")
+        )),
+        "{e}"
+    );
     let e = s.s_err(&["info", &s.uri("disk.raw", "?host_key_check=no&x=1")]);
     assert!(e.contains("unknown query parameter 'x'"), "{e}");
     let e = s.s_err(&["info", &format!("ssh://127.0.0.1:{}/", s.port)]);
