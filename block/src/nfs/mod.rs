@@ -267,7 +267,10 @@ fn locate(cfg: &NfsConfig) -> BlockResult<Located> {
                     }
                     _ => {
                         let e = first_err.unwrap_or(RpcError::Status(2));
-                        return Err(open(format!("Failed to mount nfs share '{dir_path}': {e}")));
+                        return Err(open(format!(
+                            "Failed to mount nfs share '{}': {e}",
+                            if dir_path.is_empty() { "/" } else { dir_path }
+                        )));
                     }
                 }
             }
