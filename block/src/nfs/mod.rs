@@ -14,7 +14,9 @@
 //! Opening follows libnfs as QEMU uses it: the portmapper (port 111) gives
 //! the MOUNT and NFS ports, the directory holding the file is mounted
 //! (MNT), or, when that directory is not itself an export, the nearest
-//! parent that is, and LOOKUP walks from there to the file.
+//! parent that is, and LOOKUP walks from there to the file. A writable
+//! node asks ACCESS whether the credential may write the file, as an
+//! O_RDWR open on a client does (`auto-read-only` falls back to reading).
 //!
 //! Writes are UNSTABLE and flush COMMITs them (FUA writes are FILE_SYNC);
 //! the write verifiers are compared, and a change (the server restarted
