@@ -765,6 +765,51 @@ mod tests {
         assert_eq!(parse_getattr(&mut Dec::new(&b.0)), Err(RpcError::Status(2)));
     }
 
+    /// A server on loopback that reads one call and answers `reply` bytes.
+    fn peer(reply: Vec<u8>) -> Conn {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut m = [0u8; 4];
+            s.read_exact(&mut m).unwrap();
+            let mut call = vec![0u8; (u32::from_be_bytes(m) & 0x7fff_ffff) as usize];
+            s.read_exact(&mut call).unwrap();
+            let _ = s.write_all(&reply);
+        });
+        Conn::connect(addr, Cred { uid: 0, gid: 0 }, Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn hostile_records() {
+        // A record mark announcing 2 GiB: refused before reading it.
+        let mut c = peer(0xffff_ffffu32.to_be_bytes().to_vec());
+        let e = getattr(&mut c, &[1; 8]).unwrap_err();
+        assert!(
+            matches!(&e, RpcError::Proto(m) if m.contains("more than")),
+            "{e}"
+        );
+        // Endless empty fragments.
+        let mut c = peer([0u8; 4 * 1100].to_vec());
+        let e = getattr(&mut c, &[1; 8]).unwrap_err();
+        assert!(
+            matches!(&e, RpcError::Proto(m) if m.contains("fragments")),
+            "{e}"
+        );
+        // A reply to another call.
+        let mut r = Enc::default();
+        r.u32(0x8000_0008).u32(0xdead).u32(1);
+        let mut c = peer(r.0);
+        let e = getattr(&mut c, &[1; 8]).unwrap_err();
+        assert!(
+            matches!(&e, RpcError::Proto(m) if m.contains("expected")),
+            "{e}"
+        );
+        // The peer hangs up mid-reply.
+        let mut c = peer(0x8000_0100u32.to_be_bytes().to_vec());
+        assert!(matches!(getattr(&mut c, &[1; 8]), Err(RpcError::Io(..))));
+    }
+
     #[test]
     fn hostile_lengths() {
         // An opaque claiming 4 GiB: refused without allocating.
