@@ -738,6 +738,106 @@ mod tests {
         }
     }
 
+    /// A fake NFS server on loopback answering WRITE (UNSTABLE) and
+    /// COMMIT with the given verifiers in turn; counts the COMMITs.
+    fn fake_server(
+        writes: Vec<[u8; 8]>,
+        commits: Vec<[u8; 8]>,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = n.clone();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let (mut w, mut c) = (writes.into_iter(), commits.into_iter());
+            loop {
+                let mut m = [0u8; 4];
+                if s.read_exact(&mut m).is_err() {
+                    return;
+                }
+                let mut call = vec![0u8; (u32::from_be_bytes(m) & 0x7fff_ffff) as usize];
+                s.read_exact(&mut call).unwrap();
+                let word =
+                    |i: usize| u32::from_be_bytes(call[i * 4..i * 4 + 4].try_into().unwrap());
+                let mut r: Vec<u8> = Vec::new();
+                for v in [word(0), 1, 0, 0, 0, 0, 0, 0, 0] {
+                    r.extend_from_slice(&v.to_be_bytes()); // header, status, wcc
+                }
+                match word(5) {
+                    7 => {
+                        r.extend_from_slice(&512u32.to_be_bytes());
+                        r.extend_from_slice(&0u32.to_be_bytes());
+                        r.extend_from_slice(&w.next().unwrap());
+                    }
+                    21 => {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        r.extend_from_slice(&c.next().unwrap());
+                    }
+                    p => panic!("unexpected procedure {p}"),
+                }
+                let mut out = (0x8000_0000u32 | r.len() as u32).to_be_bytes().to_vec();
+                out.extend_from_slice(&r);
+                s.write_all(&out).unwrap();
+            }
+        });
+        (addr, n)
+    }
+
+    fn node_at(addr: SocketAddr) -> NfsNode {
+        let cred = Cred { uid: 0, gid: 0 };
+        let conn = Conn::connect(addr, cred, CONNECT_TIMEOUT).unwrap();
+        NfsNode {
+            cfg: NfsConfig {
+                host: "127.0.0.1".into(),
+                port: Some(addr.port()),
+                path: "/t/f".into(),
+                cred,
+                tunables: Vec::new(),
+            },
+            addr,
+            fh: vec![1; 8],
+            pool: Mutex::new(Pool {
+                idle: vec![conn],
+                live: 1,
+            }),
+            freed: Condvar::new(),
+            verf: Mutex::new(Unstable::default()),
+            len: AtomicU64::new(1 << 20),
+            rmax: 4096,
+            wmax: 4096,
+        }
+    }
+
+    #[test]
+    fn commit_and_verifiers() {
+        let data = [7u8; 512];
+        let w = |n: &NfsNode| n.write_vectored(0, &[IoSlice::new(&data)], false);
+        // Flush commits the unstable write once; a second flush has
+        // nothing to commit.
+        let (addr, commits) = fake_server(vec![[1; 8]], vec![[1; 8]]);
+        let n = node_at(addr);
+        w(&n).unwrap();
+        n.flush().unwrap();
+        n.flush().unwrap();
+        assert_eq!(commits.load(Ordering::SeqCst), 1);
+        drop(n);
+        // The server restarted between the write and the COMMIT.
+        let (addr, _) = fake_server(vec![[1; 8]], vec![[2; 8]]);
+        let n = node_at(addr);
+        w(&n).unwrap();
+        let e = n.flush().unwrap_err();
+        assert_eq!(e.errno(), libc::EIO);
+        assert!(e.to_string().contains("server restarted"), "{e}");
+        drop(n);
+        // ... or between two writes.
+        let (addr, _) = fake_server(vec![[1; 8], [3; 8]], vec![]);
+        let n = node_at(addr);
+        w(&n).unwrap();
+        assert!(w(&n).unwrap_err().to_string().contains("server restarted"));
+    }
+
     #[test]
     fn sizes() {
         assert_eq!(io_size(0, 0), 4096);
