@@ -6,8 +6,11 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QMP_VENV := target/qmp-venv
-# g++ builds libFuzzer for `make fuzz`.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso qemu-block-extra openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind
+# g++ builds libFuzzer for `make fuzz`. libssl-dev and pkg-config build
+# libssh2 (the ssh driver); openssh-server, nfs-ganesha(-vfs) and rpcbind
+# are the servers the ssh and nfs driver tests run, qemu-block-extra
+# QEMU's ssh and nfs drivers they compare with.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso qemu-block-extra libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
