@@ -9,9 +9,12 @@ QMP_VENV := target/qmp-venv
 # g++ builds libFuzzer for `make fuzz`. libcurl4-openssl-dev: the http, https,
 # ftp and ftps block drivers link the system libcurl. librbd-dev/librados-dev:
 # the rbd driver (left out of builds without them); ceph-mon, ceph-osd and
-# ceph-common: the throwaway Ceph cluster its tests start; qemu-block-extra:
-# qemu-img's rbd and curl drivers, the tests' oracle.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev qemu-block-extra
+# ceph-common: the throwaway Ceph cluster its tests start. libssl-dev and
+# pkg-config build libssh2 (the ssh driver); openssh-server, nfs-ganesha(-vfs)
+# and rpcbind are the servers the ssh and nfs driver tests run;
+# qemu-block-extra: qemu-img's rbd, curl, ssh and nfs drivers, the tests'
+# oracle.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev qemu-block-extra libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
@@ -69,7 +72,7 @@ qtest-peer: deps
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
 # them. AddressSanitizer stays on.
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto qmp_input web_headers bochs_open cloop_open parallels_open luks_open qed_open
+FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto net_uri nfs_rpc qmp_input web_headers bochs_open cloop_open parallels_open luks_open qed_open
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 # -timeout: one input running longer is a hang; -rss_limit_mb bounds
 # memory. New inputs go to fuzz/out/TARGET, never into the committed

@@ -5,7 +5,7 @@
 //! whole name becoming `url=`), `rbd:POOL/IMAGE...` ([`crate::rbd_name`])
 //! and the NBD
 //! forms (`nbd://`, `nbd+unix://`, `nbd:HOST:PORT`, `nbd:unix:PATH`, see
-//! [`crate::nbd::uri`]). (`json:`
+//! [`crate::nbd::uri`]), `ssh://` ([`crate::ssh`]) and `nfs://` ([`crate::nfs`]). (`json:`
 //! is handled by the `-drive` desugaring itself.) Each becomes the option
 //! tree of the protocol node it names.
 //!
@@ -55,6 +55,16 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
             .map_err(BlockError::Open)?
             .ok_or_else(|| BlockError::Open(format!("{name}: not an NBD file name")))?;
         return Ok(Some(nbd_options(&t)));
+    }
+    if name.starts_with("ssh://") {
+        return crate::ssh::uri_options(name)
+            .map(Some)
+            .map_err(BlockError::Open);
+    }
+    if name.starts_with("nfs://") {
+        return crate::nfs::uri_options(name)
+            .map(Some)
+            .map_err(BlockError::Open);
     }
     let Some(rest) = name.strip_prefix("blkdebug:") else {
         return Ok(None);

@@ -360,6 +360,32 @@ impl DriverClass for OpenOnly {
     }
 }
 
+/// A protocol class that also creates files on its storage (`ssh`,
+/// `nfs`): [`DriverClass::create_protocol`] runs `create`.
+pub struct ProtocolClass {
+    /// Name.
+    pub name: &'static str,
+    /// Constructor.
+    pub open: crate::graph::OpenFn,
+    /// Create the empty file a protocol file name names.
+    pub create: fn(&str, keyval::Map) -> BlockResult<()>,
+}
+
+impl DriverClass for ProtocolClass {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn kind(&self) -> DriverKind {
+        DriverKind::Protocol
+    }
+    fn open(&self, ctx: &mut OpenCtx<'_>) -> BlockResult<Arc<dyn BlockDriver>> {
+        (self.open)(ctx)
+    }
+    fn create_protocol(&self, name: &str, opts: keyval::Map) -> BlockResult<()> {
+        (self.create)(name, opts)
+    }
+}
+
 /// The built-in drivers' classes.
 pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
     use crate::graph::open_file;
@@ -390,6 +416,16 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         }),
         protocol("ftps", |c| {
             crate::curl::CurlNode::open(c, crate::curl::Proto::Ftps)
+        }),
+        Arc::new(ProtocolClass {
+            name: "ssh",
+            open: crate::ssh::SshNode::open,
+            create: crate::ssh::create,
+        }),
+        Arc::new(ProtocolClass {
+            name: "nfs",
+            open: crate::nfs::NfsNode::open,
+            create: crate::nfs::create,
         }),
         Arc::new(crate::raw::RawClass),
         Arc::new(crate::qcow2::Qcow2Class),
