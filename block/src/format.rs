@@ -435,6 +435,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         Arc::new(crate::vhdx::VhdxClass),
         Arc::new(crate::luks::LuksClass),
         Arc::new(crate::qed::QedClass),
+        Arc::new(crate::qcow::QcowClass),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::bochs::Bochs>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::cloop::Cloop>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<

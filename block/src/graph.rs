@@ -428,6 +428,15 @@ impl BlockGraph {
             .remove(name)
     }
 
+    /// Record a warning for the caller to print once (a driver's, while
+    /// opening).
+    pub fn warn(&self, w: String) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(w);
+    }
+
     /// Warnings produced while opening (e.g. the raw-probing warning).
     pub fn take_warnings(&self) -> Vec<String> {
         std::mem::take(&mut *self.warnings.lock().unwrap_or_else(|e| e.into_inner()))

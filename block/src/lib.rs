@@ -74,6 +74,7 @@ pub mod nfs;
 pub mod node;
 pub mod null;
 pub mod objects;
+pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod raw;

@@ -12,6 +12,7 @@ pub mod luks;
 pub mod mapping;
 pub mod parallels;
 pub mod probe;
+pub mod qcow;
 pub mod qcow2;
 pub mod qed;
 pub mod storage;

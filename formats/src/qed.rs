@@ -575,7 +575,7 @@ impl Qed {
                     continue;
                 }
                 r.allocated_clusters += 1;
-                if last != 0 && last + cs != e {
+                if last != 0 && last.checked_add(cs) != Some(e) {
                     r.fragmented_clusters += 1;
                 }
                 last = e;

@@ -1,5 +1,5 @@
 //! Runs every input of the `bochs_open`, `cloop_open`, `parallels_open`
-//! `luks_open` and `qed_open` fuzz corpora (the real samples, a qemu-img-made
+//! `luks_open`, `qed_open` and `qcow_open` fuzz corpora (the real samples, a qemu-img-made
 //! parallels image, hand-made LUKS headers) through their harnesses,
 //! then seeded mutations of each (bytes flipped in the headers and
 //! tables, cuts), as a normal test.
@@ -71,4 +71,9 @@ fn luks_open_corpus() {
 #[test]
 fn qed_open_corpus() {
     replay_and_mutate("qed_open", formats::qed::fuzz_open);
+}
+
+#[test]
+fn qcow_open_corpus() {
+    replay_and_mutate("qcow_open", formats::qcow::fuzz_open);
 }

@@ -68,6 +68,7 @@ impl Storage {
             if w.starts_with("WARNING: ") {
                 eprintln!("{w}");
             } else {
+                let w = w.strip_prefix("warning: ").unwrap_or(&w);
                 eprintln!("strata: warning: {w}");
             }
         }

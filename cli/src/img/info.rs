@@ -148,11 +148,11 @@ fn human(n: &Node, filename: &str, out: &mut String) {
 
 /// What a format adds to human `info`, in qemu-img's order.
 fn info_human(info: &ImageInfo, filename: &str, out: &mut String) {
-    if let Some(cs) = info.cluster_size {
-        out.push_str(&format!("cluster_size: {cs}\n"));
-    }
     if info.encrypted {
         out.push_str("encrypted: yes\n");
+    }
+    if let Some(cs) = info.cluster_size {
+        out.push_str(&format!("cluster_size: {cs}\n"));
     }
     if let Some(b) = &info.backing_file {
         let full = block::format::resolve_backing(filename, b);

@@ -292,7 +292,13 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
             .open_image_flags(spec.filename, spec.fmt, spec.read_only, &refs, spec.flags)
             .map_err(|e| open_error(spec.filename, e))?
     };
-    let _ = graph.take_warnings();
+    // qemu-img does not print the raw-probing warning; a driver's own
+    // ("warning: ...", such as qcow's insecure AES) it does.
+    for w in graph.take_warnings() {
+        if let Some(m) = w.strip_prefix("warning: ") {
+            eprintln!("strata-img: warning: {m}");
+        }
+    }
     let cfg = BackendConfig {
         read_only: spec.read_only,
         write_cache: wce,
