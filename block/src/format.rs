@@ -367,6 +367,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         protocol("null-co", |c| crate::null::NullNode::open(c, false)),
         protocol("null-aio", |c| crate::null::NullNode::open(c, true)),
         protocol("nbd", crate::nbd::client::NbdNode::open),
+        protocol("iscsi", crate::iscsi::IscsiNode::open),
         Arc::new(crate::raw::RawClass),
         Arc::new(crate::qcow2::Qcow2Class),
         Arc::new(crate::vpc::VpcClass),
