@@ -442,6 +442,24 @@ impl BlockDriver for IscsiNode {
     }
 }
 
+/// "Create" an image on the LUN of `filename` (an `iscsi://` URI):
+/// the LUN must hold `size` bytes (QEMU's `iscsi_co_create_opts`).
+pub fn create(filename: &str, size: u64) -> BlockResult<()> {
+    let g = crate::graph::BlockGraph::new();
+    let m = crate::filename::parse(filename)?
+        .ok_or_else(|| BlockError::Open(format!("{filename}: not an iSCSI URI")))?;
+    let n = g
+        .open_options(crate::keyval::Options::new("file", m), None, false)
+        .map_err(|e| BlockError::Open(format!("{filename}: Could not create image: {e}")))?;
+    if n.len() < size {
+        return Err(BlockError::Open(format!(
+            "{filename}: Could not create image: the LUN holds {} bytes, less than the {size} asked for",
+            n.len()
+        )));
+    }
+    Ok(())
+}
+
 /// `-blockdev driver=iscsi` options (QEMU's `BlockdevOptionsIscsi`:
 /// `transport`, `portal`, `target`, `lun`, `user`, `password-secret`,
 /// `initiator-name`, `header-digest`, `timeout`; `password` is what an
