@@ -141,6 +141,7 @@ impl IscsiNode {
             BlockError::Io { .. } => BlockError::Open(format!("{}: {e}", n.name)),
             e => e,
         })?;
+        n.s.enable_retry();
         if wp && !ctx.common.read_only {
             if ctx.common.auto_read_only {
                 ctx.common.read_only = true;

@@ -161,6 +161,9 @@ pub struct Session {
     st: Mutex<St>,
     cv: Condvar,
     closing: AtomicBool,
+    /// Commands cut off by a lost connection are sent again (false while
+    /// the node opens: a target that drops us then fails the open).
+    retry: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -354,6 +357,7 @@ impl Session {
             }),
             cv: Condvar::new(),
             closing: AtomicBool::new(false),
+            retry: AtomicBool::new(false),
         });
         let (sock, l) = s.connect().map_err(|e| {
             BlockError::Open(format!(
@@ -374,6 +378,12 @@ impl Session {
             .spawn(move || me.supervise())
             .map_err(|e| BlockError::io(libc::EIO, format!("iscsi: thread: {e}")))?;
         Ok(s)
+    }
+
+    /// From now on, commands cut off by a lost connection wait for the
+    /// next one instead of failing.
+    pub fn enable_retry(&self) {
+        self.retry.store(true, Ordering::Release);
     }
 
     /// The parameters of the current connection (the first one's while
@@ -917,6 +927,11 @@ impl Session {
     fn lost(self: &Arc<Self>, conn: &Conn, why: Fail) {
         conn.kill();
         let closing = self.closing.load(Ordering::Acquire);
+        let retry = self.retry.load(Ordering::Acquire);
+        let why_text = match &why {
+            Fail::Io(e) => e.to_string(),
+            Fail::Proto(e) => e.clone(),
+        };
         let fail_all = {
             let mut st = lock(&self.st);
             if st.conn.as_ref().is_some_and(|c| c.gen == conn.gen) {
@@ -930,7 +945,7 @@ impl Session {
                 st.queue.push_front(e);
             }
             self.cv.notify_all();
-            if closing {
+            if closing || !retry {
                 std::mem::take(&mut st.queue)
             } else {
                 VecDeque::new()
@@ -941,16 +956,18 @@ impl Session {
                 Fail::Io(e) => log::warn!("{}: connection lost: {e}", self.what()),
                 Fail::Proto(e) => log::error!("{}: {e}; logging in again", self.what()),
             }
-            lock(&self.st).last_error = match why {
-                Fail::Io(e) => e.to_string(),
-                Fail::Proto(e) => e,
-            };
+            lock(&self.st).last_error = why_text.clone();
         }
         for e in fail_all {
-            self.complete(
-                e,
-                Err(BlockError::io(libc::ESHUTDOWN, "iSCSI session is closing")),
-            );
+            let err = if closing {
+                BlockError::io(libc::ESHUTDOWN, "iSCSI session is closing")
+            } else {
+                BlockError::io(
+                    libc::EIO,
+                    format!("{}: connection lost: {why_text}", self.what()),
+                )
+            };
+            self.complete(e, Err(err));
         }
     }
 
