@@ -6,8 +6,9 @@
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 QMP_VENV := target/qmp-venv
-# g++ builds libFuzzer for `make fuzz`.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso
+# g++ builds libFuzzer for `make fuzz`. tgt is the iSCSI target of the
+# iscsi driver's tests.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso tgt
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
@@ -17,6 +18,16 @@ deps:
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+	@# qemu-block-extra (qemu-img's iscsi:// driver, the iSCSI tests' and
+	@# benchmark's oracle) must be qemu-utils' own version: a plain install
+	@# would replace a backports qemu-utils with the release's. A backports
+	@# qemu-utils gets the backports suite of the machine's Debian source.
+	@dpkg -s qemu-block-extra >/dev/null 2>&1 || { v=$$(dpkg-query -W -f='$${Version}' qemu-utils 2>/dev/null); \
+		case "$$v" in *bpo12*) [ -f /etc/apt/sources.list.d/strata-backports.sources ] || \
+			sed -n '1,/^$$/p' /etc/apt/sources.list.d/debian.sources | sed 's/^Suites:.*/Suites: bookworm-backports/' | \
+			$(SUDO) tee /etc/apt/sources.list.d/strata-backports.sources >/dev/null;; esac; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends qemu-block-extra=$$v \
+		|| echo "qemu-block-extra $$v is not installable: the qemu-img iSCSI cross-checks are skipped"; }
 	@command -v rustup >/dev/null 2>&1 && rustup component add clippy rustfmt >/dev/null 2>&1 || true
 	@# QEMU's own QMP client (qmp-shell), from the QEMU project's PyPI package:
 	@# the QMP tests drive Strata with it as a management tool would.
@@ -63,7 +74,7 @@ qtest-peer: deps
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
 # them. AddressSanitizer stays on.
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto qmp_input
+FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto iscsi_pdu qmp_input
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 # -timeout: one input running longer is a hang; -rss_limit_mb bounds
 # memory. New inputs go to fuzz/out/TARGET, never into the committed
