@@ -166,6 +166,13 @@ fn file_name_and_header_digest() {
     let m = block::filename::parse(&t.uri(1)).unwrap().unwrap();
     let node = open_map(&g, m).expect("iscsi:// opens");
     assert_eq!(node.len(), SIZE);
+    // Digests required, and the target only does without: refused.
+    let e = g
+        .blockdev_add_str(&format!("{},header-digest=crc32c", t.blockdev(1)))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("HeaderDigest=None to CRC32C"), "{e}");
+    t.allow_header_digest();
     let node = g
         .blockdev_add_str(&format!("{},header-digest=crc32c", t.blockdev(1)))
         .expect("header digests");

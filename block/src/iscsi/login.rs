@@ -24,6 +24,10 @@ pub struct Offer {
     pub max_recv_data: u32,
     pub max_burst: u32,
     pub first_burst: u32,
+    /// The HeaderDigest values offered: an answer must be one of them
+    /// (RFC 7143 §6.2 list negotiation).
+    pub digest_none: bool,
+    pub digest_crc32c: bool,
 }
 
 impl Default for Offer {
@@ -32,6 +36,8 @@ impl Default for Offer {
             max_recv_data: pdu::MAX_RECV_DATA,
             max_burst: 16 * 1024 * 1024 - 1024,
             first_burst: 256 * 1024,
+            digest_none: true,
+            digest_crc32c: true,
         }
     }
 }
@@ -185,11 +191,14 @@ pub fn operational_keys(offer: Offer, header_digest: &str) -> Vec<(&'static str,
 /// lengths the minimum; absent keys keep the RFC's defaults).
 pub fn negotiate_params(kv: &[(String, String)], offer: Offer) -> Result<Params, PduError> {
     let header_digest = match get(kv, "HeaderDigest") {
-        None | Some("None") => false,
-        Some("CRC32C") => true,
-        Some(v) => {
+        None if offer.digest_none => false,
+        Some("None") if offer.digest_none => false,
+        Some("CRC32C") if offer.digest_crc32c => true,
+        v => {
             return Err(PduError(format!(
-                "the target answered HeaderDigest={v:.32}"
+                "the target answered HeaderDigest={:.32} to {}",
+                v.unwrap_or("(nothing)"),
+                if offer.digest_none { "None" } else { "CRC32C" }
             )))
         }
     };
@@ -493,6 +502,11 @@ pub fn login<S: Read + Write>(
             )));
         }
     }
+    let offer = Offer {
+        digest_none: cfg.header_digest.contains("None"),
+        digest_crc32c: cfg.header_digest.contains("CRC32C"),
+        ..offer
+    };
     let keys = operational_keys(offer, &cfg.header_digest);
     let mut a = x.step(OPERATIONAL, FULL_FEATURE, true, &keys)?;
     let mut answers = a.keys.clone();
@@ -577,6 +591,15 @@ mod tests {
         assert!(p.header_digest && !p.initial_r2t && !p.immediate_data);
         assert_eq!(p.max_xmit_data, pdu::MAX_RECV_DATA);
         assert_eq!(p.first_burst, 262_144);
+        // An answer outside the offered list.
+        let strict = Offer {
+            digest_none: false,
+            ..o
+        };
+        assert!(negotiate_params(&kv(&[("HeaderDigest", "None")]), strict).is_err());
+        assert!(negotiate_params(&[], strict).is_err());
+        let p = negotiate_params(&kv(&[("HeaderDigest", "CRC32C")]), strict).unwrap();
+        assert!(p.header_digest);
         for bad in [
             ("HeaderDigest", "MD5"),
             ("DataDigest", "CRC32C"),

@@ -174,6 +174,23 @@ impl Tgt {
         ]);
     }
 
+    /// Let the target negotiate CRC32C header digests (tgt offers only
+    /// None unless told).
+    pub fn allow_header_digest(&self) {
+        self.adm(&[
+            "--op",
+            "update",
+            "--mode",
+            "target",
+            "--tid",
+            "1",
+            "--name",
+            "HeaderDigest",
+            "--value",
+            "CRC32C,None",
+        ]);
+    }
+
     /// `iscsi://127.0.0.1:PORT/IQN/lun`.
     pub fn uri(&self, lun: u32) -> String {
         format!("iscsi://127.0.0.1:{}/{IQN}/{lun}", self.port)
