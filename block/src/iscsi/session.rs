@@ -125,20 +125,40 @@ enum Out {
 }
 
 /// One live connection.
+///
+/// Sending: PDUs wait in `outq` in the order they must go out (commands
+/// are queued under the session lock, in CmdSN order). Whoever holds the
+/// `w` lock writes them: a submitting thread writes its own command at
+/// once when nobody else is writing (no thread hop per request); the
+/// reader never writes (it must not block on a full socket while the
+/// target waits for us to read), it queues and wakes the writer thread.
 struct Conn {
     gen: u64,
-    tx: Mutex<mpsc::Sender<Out>>,
+    outq: Mutex<VecDeque<Out>>,
+    /// Signals `outq` to the writer thread.
+    cv: Condvar,
+    /// The sending side and its buffer.
+    w: Mutex<(TcpStream, Vec<u8>)>,
+    stopped: AtomicBool,
     sock: TcpStream,
     params: Params,
     expstatsn: AtomicU32,
 }
 
 impl Conn {
+    /// Queue `o` for the writer thread.
     fn send(&self, o: Out) {
-        let _ = lock(&self.tx).send(o);
+        lock(&self.outq).push_back(o);
+        self.cv.notify_one();
+    }
+    /// Wake the writer thread for what was queued.
+    fn kick(&self) {
+        self.cv.notify_one();
     }
     fn kill(&self) {
+        self.stopped.store(true, Ordering::Release);
         let _ = self.sock.shutdown(Shutdown::Both);
+        self.cv.notify_all();
     }
 }
 
@@ -415,14 +435,16 @@ impl Session {
 
     /// Make `sock` the connection and send what waits.
     fn install(self: &Arc<Self>, sock: TcpStream, l: login::Session) -> std::io::Result<()> {
-        let (tx, rx) = mpsc::channel();
         let rsock = sock.try_clone()?;
         let wsock = sock.try_clone()?;
         let mut st = lock(&self.st);
         st.gen += 1;
         let conn = Arc::new(Conn {
             gen: st.gen,
-            tx: Mutex::new(tx),
+            outq: Mutex::new(VecDeque::new()),
+            cv: Condvar::new(),
+            w: Mutex::new((wsock, Vec::with_capacity(1 << 20))),
+            stopped: AtomicBool::new(false),
             sock,
             params: l.params,
             expstatsn: AtomicU32::new(l.expstatsn),
@@ -434,12 +456,14 @@ impl Session {
         let (me, c) = (self.clone(), conn.clone());
         std::thread::Builder::new()
             .name("iscsi-writer".into())
-            .spawn(move || me.writer(c, wsock, rx))?;
+            .spawn(move || me.writer(c))?;
         let me = self.clone();
         std::thread::Builder::new()
             .name("iscsi-reader".into())
             .spawn(move || me.reader(conn, rsock))?;
-        self.pump(&mut st);
+        if let Some(c) = self.pump(&mut st) {
+            c.kick();
+        }
         Ok(())
     }
 
@@ -474,7 +498,11 @@ impl Session {
         };
         let mut st = lock(&self.st);
         st.queue.push_back(e);
-        self.pump(&mut st);
+        let c = self.pump(&mut st);
+        drop(st);
+        if let Some(c) = c {
+            self.write_now(&c);
+        }
     }
 
     /// Submit and wait.
@@ -491,11 +519,11 @@ impl Session {
             .unwrap_or_else(|_| Err(BlockError::io(libc::EIO, "iSCSI command lost")))
     }
 
-    /// Send queued commands while the window is open.
-    fn pump(&self, st: &mut St) {
-        let Some(conn) = st.conn.clone() else {
-            return;
-        };
+    /// Queue commands for sending while the window is open; the
+    /// connection if any were (the caller writes them or wakes the writer).
+    fn pump(&self, st: &mut St) -> Option<Arc<Conn>> {
+        let conn = st.conn.clone()?;
+        let mut any = false;
         while !st.queue.is_empty() && pdu::sn_le(st.cmdsn, st.maxcmdsn) {
             let Some(mut e) = st.queue.pop_front() else {
                 break;
@@ -508,8 +536,10 @@ impl Session {
             e.cmdsn = st.cmdsn;
             st.cmdsn = st.cmdsn.wrapping_add(1);
             st.tasks.insert(itt, e.clone());
-            conn.send(Out::Cmd { e, itt });
+            lock(&conn.outq).push_back(Out::Cmd { e, itt });
+            any = true;
         }
+        any.then_some(conn)
     }
 
     /// Complete `e` with `r` (its buffers go back to the caller).
@@ -554,14 +584,18 @@ impl Session {
                 if delay.is_zero() {
                     let mut st = lock(&self.st);
                     st.queue.push_back(e);
-                    self.pump(&mut st);
+                    if let Some(c) = self.pump(&mut st) {
+                        c.kick();
+                    }
                 } else {
                     let me = self.clone();
                     crate::aio::pool().spawn(Box::new(move || {
                         std::thread::sleep(delay);
                         let mut st = lock(&me.st);
                         st.queue.push_back(e);
-                        me.pump(&mut st);
+                        if let Some(c) = me.pump(&mut st) {
+                            c.kick();
+                        }
                     }));
                 }
             }
@@ -575,34 +609,82 @@ impl Session {
         }
     }
 
-    /// The writer of a connection.
-    fn writer(self: Arc<Self>, conn: Arc<Conn>, mut w: TcpStream, rx: mpsc::Receiver<Out>) {
-        let mut buf = Vec::with_capacity(1 << 20);
+    /// Write what `conn` has queued while holding its sending side
+    /// (`g`); false once the connection stopped.
+    fn drain(&self, conn: &Conn, g: &mut (TcpStream, Vec<u8>)) -> bool {
         let p = conn.params;
-        'outer: while let Ok(first) = rx.recv() {
-            let mut next = Some(first);
-            // Gather what is ready into one write.
-            while let Some(o) = next.take() {
+        loop {
+            if conn.stopped.load(Ordering::Acquire) {
+                lock(&conn.outq).clear();
+                return false;
+            }
+            let batch = std::mem::take(&mut *lock(&conn.outq));
+            if batch.is_empty() {
+                return true;
+            }
+            let (w, buf) = g;
+            buf.clear();
+            let mut stop = false;
+            for o in batch {
                 match o {
-                    Out::Stop => {
-                        // The Logout goes out before the FIN; the reader
-                        // then ends on the closed socket.
-                        let _ = w.write_all(&buf);
-                        let _ = w.shutdown(Shutdown::Both);
-                        break 'outer;
-                    }
-                    o => self.encode(&conn, p, o, &mut buf),
-                }
-                if buf.len() < (512 << 10) {
-                    next = rx.try_recv().ok();
+                    Out::Stop => stop = true,
+                    o if !stop => self.encode(conn, p, o, buf),
+                    _ => {}
                 }
             }
-            if let Err(e) = w.write_all(&buf) {
+            let r = w.write_all(buf);
+            if buf.capacity() > 4 << 20 {
+                // One large write is no reason to keep its buffer.
+                *buf = Vec::with_capacity(1 << 20);
+            }
+            if stop {
+                // The Logout goes out before the FIN; the reader then
+                // ends on the closed socket.
+                conn.kill();
+                return false;
+            }
+            if let Err(e) = r {
                 log::debug!("{}: send: {e}", self.what());
                 conn.kill();
-                break;
+                return false;
             }
-            buf.clear();
+        }
+    }
+
+    /// Write what is queued now, on this thread, unless another thread
+    /// is writing (it then writes ours too).
+    fn write_now(&self, conn: &Conn) {
+        loop {
+            match conn.w.try_lock() {
+                Ok(mut g) => {
+                    if !self.drain(conn, &mut g) {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+            // Something queued after our last look but before we let go
+            // of the lock found it taken: it is ours to write.
+            if lock(&conn.outq).is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// The writer thread of a connection: writes what the reader (and
+    /// anything that must not block) queued.
+    fn writer(self: Arc<Self>, conn: Arc<Conn>) {
+        loop {
+            {
+                let mut q = lock(&conn.outq);
+                while q.is_empty() && !conn.stopped.load(Ordering::Acquire) {
+                    q = conn.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            let mut g = lock(&conn.w);
+            if !self.drain(&conn, &mut g) {
+                return;
+            }
         }
     }
 
@@ -749,7 +831,9 @@ impl Session {
             && pdu::sn_lt(st.maxcmdsn, sn.maxcmdsn)
         {
             st.maxcmdsn = sn.maxcmdsn;
-            self.pump(&mut st);
+            if let Some(c) = self.pump(&mut st) {
+                c.kick();
+            }
         }
     }
 
