@@ -208,6 +208,31 @@ impl From<pdu::PduError> for Fail {
     }
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+
+thread_local! {
+    /// On a reader thread: the completions waiting to go to the pool.
+    static BATCH: std::cell::RefCell<Option<Vec<Job>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Run the reader's gathered completions on the pool, in order.
+fn flush_batch() {
+    let jobs = BATCH.with(|b| b.borrow_mut().as_mut().map(std::mem::take));
+    match jobs {
+        Some(v) if v.len() == 1 => {
+            if let Some(j) = v.into_iter().next() {
+                crate::aio::pool().spawn(j);
+            }
+        }
+        Some(v) if !v.is_empty() => crate::aio::pool().spawn(Box::new(move || {
+            for j in v {
+                j();
+            }
+        })),
+        _ => {}
+    }
+}
+
 /// Copy `len` bytes at `pos` of `iov` to the end of `dst`.
 fn gather_at(iov: &IoVecs, mut pos: usize, mut len: usize, dst: &mut Vec<u8>) {
     for s in iov.slices() {
@@ -554,10 +579,21 @@ impl Session {
         };
         let Some(done) = done else { return };
         if sync {
-            done(buf, r)
-        } else {
-            // Not on the reader: the caller may wait for more iSCSI I/O.
-            crate::aio::pool().spawn(Box::new(move || done(buf, r)));
+            return done(buf, r);
+        }
+        // Not on the reader: the caller may wait for more iSCSI I/O. On
+        // the reader, completions gather until it has read all that
+        // arrived, and go to the pool as one job (one wake-up per burst).
+        let job: Job = Box::new(move || done(buf, r));
+        let job = BATCH.with(|b| match b.borrow_mut().as_mut() {
+            Some(v) => {
+                v.push(job);
+                None
+            }
+            None => Some(job),
+        });
+        if let Some(job) = job {
+            crate::aio::pool().spawn(job);
         }
     }
 
@@ -803,12 +839,21 @@ impl Session {
     /// The reader of a connection.
     fn reader(self: Arc<Self>, conn: Arc<Conn>, sock: TcpStream) {
         let mut r = BufReader::with_capacity(256 << 10, sock);
+        BATCH.with(|b| *b.borrow_mut() = Some(Vec::new()));
         let why = loop {
             if let Err(e) = self.one_pdu(&conn, &mut r) {
                 break e;
             }
+            // About to wait for the socket: hand over the completions.
+            if r.buffer().is_empty()
+                || BATCH.with(|b| b.borrow().as_ref().is_some_and(|v| v.len() >= 64))
+            {
+                flush_batch();
+            }
         };
         self.lost(&conn, why);
+        flush_batch();
+        BATCH.with(|b| *b.borrow_mut() = None);
     }
 
     /// Take the sequence numbers of a target PDU (§4.2.2.1).
