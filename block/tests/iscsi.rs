@@ -312,6 +312,37 @@ fn target_restart_mid_io() {
     }
 }
 
+#[test]
+fn request_timeout() {
+    if skip() {
+        return;
+    }
+    let d = TempDir::new("iscsi-timeout");
+    let img = lun_file(&d);
+    let t = Tgt::start(&[&img], None, false);
+    let g = BlockGraph::new();
+    let node = g
+        .blockdev_add_str(&format!("{},timeout=1", t.blockdev(1)))
+        .unwrap();
+    let blk = backend(node);
+    // A target that stops answering: the read fails with ETIMEDOUT
+    // after `timeout` seconds (the supervisor looks twice a second).
+    t.signal("STOP");
+    let start = std::time::Instant::now();
+    let mut b = vec![0u8; 4096];
+    let e = blk.read_at(0, &mut b).unwrap_err();
+    let took = start.elapsed();
+    t.signal("CONT");
+    assert_eq!(e.errno(), libc::ETIMEDOUT, "{e}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // The target answers again: later requests work.
+    blk.read_at(0, &mut b).unwrap();
+    assert_eq!(b, pattern(4096, 0x5a));
+}
+
 /// A hand-written hostile target: it answers the first Login Request with
 /// a header announcing `data_len` bytes.
 fn hostile(data_len: u32) -> String {

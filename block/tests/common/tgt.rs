@@ -205,6 +205,18 @@ impl Tgt {
         )
     }
 
+    /// Send tgtd a signal (`STOP`, `CONT`).
+    pub fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .arg(format!("-{sig}"))
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "kill -{sig}");
+        }
+    }
+
     /// Kill tgtd at once (SIGKILL: its connections reset).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
