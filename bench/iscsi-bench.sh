@@ -3,8 +3,9 @@
 # qemu-block-extra) on the same iSCSI LUN: a private tgtd on a loopback
 # port serving a 1 GiB backing file on tmpfs (/dev/shm), so the target's
 # disk is not what is measured. Cases: 4 KiB reads and 4 KiB writes at
-# depth 32 (qemu-img bench's access pattern: consecutive 4 KiB requests,
-# the same for both tools). REPEAT runs per tool (default 5), alternating
+# depth 32, strided with -S 1052672 (1 MiB + 4 KiB, as bench/nbd.sh does:
+# qemu-img bench has no random mode; the stride walks the whole LUN and
+# wraps), the same requests for both tools. REPEAT runs per tool (default 5), alternating
 # which goes first; the median, the spread (min-max) and the ratio
 # qemu/strata (>= 1.0: Strata is as fast or faster) are printed.
 # Needs root (tgtd). Usage: bench/iscsi-bench.sh
@@ -72,5 +73,5 @@ bench_case() {
         "$name" "$q" "$s" "$(ratio "$q" "$s")" "$(spread "${qs[@]}")" "$(spread "${ss[@]}")"
 }
 
-bench_case "4k read d32" -f raw -c "$COUNT" -d 32 -s 4k
-bench_case "4k write d32" -f raw -w -c "$COUNT" -d 32 -s 4k
+bench_case "4k read d32 strided" -f raw -c "$COUNT" -d 32 -s 4k -S 1052672
+bench_case "4k write d32 strided" -f raw -w -c "$COUNT" -d 32 -s 4k -S 1052672
