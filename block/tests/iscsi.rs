@@ -344,8 +344,13 @@ fn request_timeout() {
 }
 
 /// A hand-written hostile target: it answers the first Login Request with
-/// a header announcing `data_len` bytes.
+/// a header announcing `data_len` bytes (a login that ends at once when
+/// 0), then sends `then`.
 fn hostile(data_len: u32) -> String {
+    hostile_then(data_len, Vec::new())
+}
+
+fn hostile_then(data_len: u32, then: Vec<u8>) -> String {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     l.set_nonblocking(true).unwrap();
@@ -368,6 +373,8 @@ fn hostile(data_len: u32) -> String {
         r[1] = 0x87;
         r[5..8].copy_from_slice(&data_len.to_be_bytes()[1..]);
         let _ = s.write_all(&r);
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = s.write_all(&then);
         std::thread::sleep(Duration::from_millis(200));
     });
     let g = BlockGraph::new();
@@ -390,4 +397,28 @@ fn hostile_target() {
     // login cannot go on (the target then closes).
     let e = hostile(0);
     assert!(!e.contains('\n'), "{e}");
+    // Data-In for the TEST UNIT READY (task tag 1), which reads nothing.
+    let mut d = vec![0u8; 48 + 4096];
+    d[0] = 0x25;
+    d[1] = 0x80;
+    d[6] = 0x10;
+    d[19] = 1;
+    let e = hostile_then(0, d);
+    assert!(
+        e.contains("Data-In of 4096 bytes") && !e.contains('\n'),
+        "{e}"
+    );
+    // An R2T for it.
+    let mut d = vec![0u8; 48];
+    d[0] = 0x31;
+    d[1] = 0x80;
+    d[19] = 1;
+    d[47] = 0x10;
+    let e = hostile_then(0, d);
+    assert!(e.contains("R2T for 16 bytes") && !e.contains('\n'), "{e}");
+    // An unknown opcode.
+    let mut d = vec![0u8; 48];
+    d[0] = 0x3a;
+    let e = hostile_then(0, d);
+    assert!(e.contains("unknown opcode"), "{e}");
 }

@@ -146,10 +146,19 @@ struct Conn {
 }
 
 impl Conn {
-    /// Queue `o` for the writer thread.
-    fn send(&self, o: Out) {
-        lock(&self.outq).push_back(o);
+    /// Queue `o` for the writer thread. False if too much waits already:
+    /// a target that keeps asking (R2Ts, NOP-In pings) without reading
+    /// what we send must not make us queue without bound.
+    fn send(&self, o: Out) -> bool {
+        {
+            let mut q = lock(&self.outq);
+            if q.len() >= MAX_OUTQ {
+                return false;
+            }
+            q.push_back(o);
+        }
         self.cv.notify_one();
+        true
     }
     /// Wake the writer thread for what was queued.
     fn kick(&self) {
@@ -328,6 +337,9 @@ enum Outcome {
     Retry { delay: Duration },
     Fail(BlockError),
 }
+
+/// At most this many PDUs wait to be sent on a connection for the reader.
+const MAX_OUTQ: usize = 16384;
 
 /// Commands retried on UNIT ATTENTION or a busy target at most this often.
 const MAX_RETRIES: u32 = 50;
@@ -661,14 +673,25 @@ impl Session {
             let (w, buf) = g;
             buf.clear();
             let mut stop = false;
+            let mut r = Ok(());
             for o in batch {
                 match o {
                     Out::Stop => stop = true,
-                    o if !stop => self.encode(conn, p, o, buf),
+                    o if !stop && r.is_ok() => {
+                        self.encode(conn, p, o, buf);
+                        // Written a megabyte at a time: what waits is
+                        // bounded by the queue, never copied in whole.
+                        if buf.len() >= 1 << 20 {
+                            r = w.write_all(buf);
+                            buf.clear();
+                        }
+                    }
                     _ => {}
                 }
             }
-            let r = w.write_all(buf);
+            if r.is_ok() {
+                r = w.write_all(buf);
+            }
             if buf.capacity() > 4 << 20 {
                 // One large write is no reason to keep its buffer.
                 *buf = Vec::with_capacity(1 << 20);
@@ -983,13 +1006,17 @@ impl Session {
                         if e.dir == Dir::Write { e.len } else { 0 }
                     )));
                 }
-                conn.send(Out::Data {
+                if !conn.send(Out::Data {
                     slot: e.slot,
                     itt,
                     ttt,
                     offset,
                     len,
-                });
+                }) {
+                    return Err(Fail::Proto(
+                        "the target sends R2Ts faster than it reads the data".into(),
+                    ));
+                }
             }
             TargetPdu::NopIn { itt, ttt, lun, sn } => {
                 self.sequence(conn, sn, itt != NO_TAG);
@@ -997,7 +1024,11 @@ impl Session {
                 if ttt != NO_TAG {
                     // §11.19: the target pings; answer with its tag.
                     let cmdsn = lock(&self.st).cmdsn;
-                    conn.send(Out::Raw(pdu::nop_out(NO_TAG, ttt, lun, cmdsn, 0)));
+                    if !conn.send(Out::Raw(pdu::nop_out(NO_TAG, ttt, lun, cmdsn, 0))) {
+                        return Err(Fail::Proto(
+                            "the target pings faster than it reads the answers".into(),
+                        ));
+                    }
                 }
             }
             TargetPdu::Async { event, sn, .. } => {
@@ -1058,8 +1089,8 @@ impl Session {
         let closing = self.closing.load(Ordering::Acquire);
         let retry = self.retry.load(Ordering::Acquire);
         let why_text = match &why {
-            Fail::Io(e) => e.to_string(),
-            Fail::Proto(e) => e.clone(),
+            Fail::Io(e) => format!("connection lost: {e}"),
+            Fail::Proto(e) => format!("protocol error: {e}"),
         };
         let fail_all = {
             let mut st = lock(&self.st);
@@ -1091,10 +1122,7 @@ impl Session {
             let err = if closing {
                 BlockError::io(libc::ESHUTDOWN, "iSCSI session is closing")
             } else {
-                BlockError::io(
-                    libc::EIO,
-                    format!("{}: connection lost: {why_text}", self.what()),
-                )
+                BlockError::io(libc::EIO, format!("{}: {why_text}", self.what()))
             };
             self.complete(e, Err(err));
         }
@@ -1135,7 +1163,7 @@ impl Session {
             // ABORT TASK (§11.5.1) for each command we give up on, so the
             // target stops working on it.
             for (itt, ref_cmdsn) in aborts {
-                c.send(Out::Raw(pdu::tmf(
+                let _ = c.send(Out::Raw(pdu::tmf(
                     pdu::TMF_ABORT_TASK,
                     self.lun,
                     NO_TAG - 1 - (itt & 0xffff),
@@ -1212,8 +1240,10 @@ impl Session {
             (st.conn.clone(), st.cmdsn)
         };
         if let Some(c) = conn {
-            c.send(Out::Raw(pdu::logout(NO_TAG - 1, cmdsn, 0)));
-            c.send(Out::Stop);
+            let _ = c.send(Out::Raw(pdu::logout(NO_TAG - 1, cmdsn, 0)));
+            if !c.send(Out::Stop) {
+                c.kill();
+            }
         }
         self.cv.notify_all();
     }
