@@ -343,6 +343,41 @@ fn request_timeout() {
     assert_eq!(b, pattern(4096, 0x5a));
 }
 
+#[test]
+fn silent_target_keepalive() {
+    if skip() {
+        return;
+    }
+    let d = TempDir::new("iscsi-nop");
+    let img = lun_file(&d);
+    let t = Tgt::start(&[&img], None, false);
+    let g = BlockGraph::new();
+    // Ping every 200 ms, give up after 800 ms of silence.
+    let node = g
+        .blockdev_add_str(&format!("{},x-nop-interval-ms=200", t.blockdev(1)))
+        .unwrap();
+    let blk = backend(node);
+    // An idle session stays up: the target answers the pings.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut b = vec![0u8; 4096];
+    blk.read_at(0, &mut b).unwrap();
+    // A target that stops answering (its TCP stays open): the connection
+    // is given up and the write waits for a new login, which succeeds
+    // once the target runs again; the write then lands.
+    t.signal("STOP");
+    let w = {
+        let blk = blk.clone();
+        std::thread::spawn(move || blk.write_at(4 << 20, &pattern(8192, 3)))
+    };
+    std::thread::sleep(Duration::from_millis(2000));
+    t.signal("CONT");
+    w.join()
+        .unwrap()
+        .expect("the write survives a silent target");
+    blk.flush().unwrap();
+    assert_eq!(file_bytes(&img, 4 << 20, 8192), pattern(8192, 3));
+}
+
 /// A hand-written hostile target: it answers the first Login Request with
 /// a header announcing `data_len` bytes (a login that ends at once when
 /// 0), then sends `then`.

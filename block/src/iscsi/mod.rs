@@ -542,6 +542,9 @@ fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<SessionConfig> {
     }
     .to_string();
     let timeout = ctx.opts.take_u64("timeout")?.unwrap_or(0);
+    // Not QEMU's (it pings every 5 s): for tests of a silent target.
+    let nop_interval =
+        Duration::from_millis(ctx.opts.take_u64("x-nop-interval-ms")?.unwrap_or(5000));
     ctx.describe("portal", portal.clone());
     ctx.describe("target", target.clone());
     ctx.describe("lun", lun.to_string());
@@ -559,5 +562,6 @@ fn parse_options(ctx: &mut OpenCtx<'_>) -> BlockResult<SessionConfig> {
         lun,
         timeout: (timeout > 0).then(|| Duration::from_secs(timeout)),
         connect_timeout: Duration::from_secs(10),
+        nop_interval,
     })
 }

@@ -27,7 +27,7 @@ use crate::iov::IoVecs;
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,9 @@ pub struct SessionConfig {
     pub timeout: Option<Duration>,
     /// Connect and login timeout.
     pub connect_timeout: Duration,
+    /// Ping a silent target this often (NOP-Out) and give the connection
+    /// up after [`MAX_SILENT_PINGS`] intervals of silence.
+    pub nop_interval: Duration,
 }
 
 impl SessionConfig {
@@ -143,6 +146,10 @@ struct Conn {
     sock: TcpStream,
     params: Params,
     expstatsn: AtomicU32,
+    /// When the reader last got a PDU (ms since the session began).
+    last_rx: AtomicU64,
+    /// When we last pinged it.
+    last_ping: AtomicU64,
 }
 
 impl Conn {
@@ -193,6 +200,7 @@ pub struct Session {
     /// Commands cut off by a lost connection are sent again (false while
     /// the node opens: a target that drops us then fails the open).
     retry: AtomicBool,
+    epoch: Instant,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -338,6 +346,14 @@ enum Outcome {
     Fail(BlockError),
 }
 
+/// Task tags from here up are not commands': NOP-Out pings, TMFs, logout.
+const FIRST_INTERNAL_TAG: u32 = 0xfff0_0000;
+/// The task tag of our NOP-Out pings.
+const PING_TAG: u32 = 0xfff0_0001;
+/// A connection silent for this many ping intervals is given up
+/// (QEMU: a NOP-Out every 5 s, reconnect after 3 unanswered).
+const MAX_SILENT_PINGS: u32 = 4;
+
 /// At most this many PDUs wait to be sent on a connection for the reader.
 const MAX_OUTQ: usize = 16384;
 
@@ -415,6 +431,7 @@ impl Session {
             cv: Condvar::new(),
             closing: AtomicBool::new(false),
             retry: AtomicBool::new(false),
+            epoch: Instant::now(),
         });
         let (sock, l) = s.connect().map_err(|e| {
             BlockError::Open(format!(
@@ -482,6 +499,8 @@ impl Session {
             cv: Condvar::new(),
             w: Mutex::new((wsock, Vec::with_capacity(1 << 20))),
             stopped: AtomicBool::new(false),
+            last_rx: AtomicU64::new(self.epoch.elapsed().as_millis() as u64),
+            last_ping: AtomicU64::new(0),
             sock,
             params: l.params,
             expstatsn: AtomicU32::new(l.expstatsn),
@@ -566,8 +585,13 @@ impl Session {
                 break;
             };
             let mut itt = st.next_itt;
-            while itt == NO_TAG || itt == 0 || st.tasks.contains_key(&itt) {
-                itt = itt.wrapping_add(1);
+            // Tags from FIRST_INTERNAL_TAG up are our pings and TMFs.
+            while itt == 0 || itt >= FIRST_INTERNAL_TAG || st.tasks.contains_key(&itt) {
+                itt = if itt >= FIRST_INTERNAL_TAG {
+                    1
+                } else {
+                    itt + 1
+                };
             }
             st.next_itt = itt.wrapping_add(1);
             e.cmdsn = st.cmdsn;
@@ -915,6 +939,8 @@ impl Session {
     fn one_pdu<R: Read>(self: &Arc<Self>, conn: &Conn, r: &mut R) -> Result<(), Fail> {
         let mut b = [0u8; BHS_LEN];
         r.read_exact(&mut b)?;
+        conn.last_rx
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
         let h = pdu::parse(&b, pdu::MAX_RECV_DATA)?;
         let mut ahs = [0u8; 1020];
         r.read_exact(&mut ahs[..h.ahs_len])?;
@@ -1185,6 +1211,30 @@ impl Session {
         }
     }
 
+    /// Ping a target that has been silent for a ping interval; give up
+    /// a connection silent for [`MAX_SILENT_PINGS`] of them (a target
+    /// that vanished without closing it), so the session logs in again.
+    fn keepalive(&self, c: &Conn) {
+        let iv = self.cfg.nop_interval.as_millis() as u64;
+        if iv == 0 {
+            return;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let silent = now.saturating_sub(c.last_rx.load(Ordering::Relaxed));
+        if silent >= iv * MAX_SILENT_PINGS as u64 {
+            log::warn!(
+                "{}: no answer for {} ms; logging in again",
+                self.what(),
+                silent
+            );
+            c.kill();
+        } else if silent >= iv && now.saturating_sub(c.last_ping.load(Ordering::Relaxed)) >= iv {
+            c.last_ping.store(now, Ordering::Relaxed);
+            let cmdsn = lock(&self.st).cmdsn;
+            let _ = c.send(Out::Raw(pdu::nop_out(PING_TAG, NO_TAG, self.lun, cmdsn, 0)));
+        }
+    }
+
     /// Log in again whenever the connection is down.
     fn supervise(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(20);
@@ -1192,7 +1242,9 @@ impl Session {
             {
                 let st = lock(&self.st);
                 if st.conn.is_some() && !self.closing.load(Ordering::Acquire) {
-                    let _ = self.cv.wait_timeout(st, Duration::from_millis(500));
+                    let tick = (self.cfg.nop_interval / 2)
+                        .clamp(Duration::from_millis(50), Duration::from_millis(500));
+                    let _ = self.cv.wait_timeout(st, tick);
                 }
             }
             if self.closing.load(Ordering::Acquire) {
@@ -1206,7 +1258,9 @@ impl Session {
                 return;
             }
             self.expire();
-            if lock(&self.st).conn.is_some() {
+            let conn = lock(&self.st).conn.clone();
+            if let Some(c) = conn {
+                self.keepalive(&c);
                 continue;
             }
             match self.connect() {
