@@ -10,11 +10,11 @@ QMP_VENV := target/qmp-venv
 # ftp and ftps block drivers link the system libcurl. librbd-dev/librados-dev:
 # the rbd driver (left out of builds without them); ceph-mon, ceph-osd and
 # ceph-common: the throwaway Ceph cluster its tests start. libssl-dev and
-# pkg-config build libssh2 (the ssh driver); openssh-server, nfs-ganesha(-vfs)
-# and rpcbind are the servers the ssh and nfs driver tests run;
-# qemu-block-extra: qemu-img's rbd, curl, ssh and nfs drivers, the tests'
-# oracle.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev qemu-block-extra libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind
+# pkg-config build libssh2 (the ssh driver); openssh-server, nfs-ganesha(-vfs),
+# rpcbind and tgt are the servers the ssh, nfs and iscsi driver tests run.
+# qemu-block-extra (qemu-img's rbd, curl, ssh, nfs and iscsi drivers, the
+# tests' oracle) is installed below, at qemu-utils' own version.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind tgt
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
@@ -24,6 +24,17 @@ deps:
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
+	@# qemu-block-extra (qemu-img's iscsi, rbd, curl, ssh and nfs drivers,
+	@# the network storage tests' and benchmarks' oracle) must be qemu-utils'
+	@# own version: a plain install
+	@# would replace a backports qemu-utils with the release's. A backports
+	@# qemu-utils gets the backports suite of the machine's Debian source.
+	@dpkg -s qemu-block-extra >/dev/null 2>&1 || { v=$$(dpkg-query -W -f='$${Version}' qemu-utils 2>/dev/null); \
+		case "$$v" in *bpo12*) [ -f /etc/apt/sources.list.d/strata-backports.sources ] || \
+			sed -n '1,/^$$/p' /etc/apt/sources.list.d/debian.sources | sed 's/^Suites:.*/Suites: bookworm-backports/' | \
+			$(SUDO) tee /etc/apt/sources.list.d/strata-backports.sources >/dev/null;; esac; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends qemu-block-extra=$$v \
+		|| echo "qemu-block-extra $$v is not installable: the network storage tests that compare with qemu-img will fail"; }
 	@command -v rustup >/dev/null 2>&1 && rustup component add clippy rustfmt >/dev/null 2>&1 || true
 	@# QEMU's own QMP client (qmp-shell), from the QEMU project's PyPI package:
 	@# the QMP tests drive Strata with it as a management tool would.
@@ -72,7 +83,7 @@ qtest-peer: deps
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
 # them. AddressSanitizer stays on.
 FUZZ_SECONDS ?= 20
-FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto net_uri nfs_rpc qmp_input web_headers bochs_open cloop_open parallels_open luks_open qed_open qcow_open
+FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto iscsi_pdu net_uri nfs_rpc qmp_input web_headers bochs_open cloop_open parallels_open luks_open qed_open qcow_open
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 # -timeout: one input running longer is a hang; -rss_limit_mb bounds
 # memory. New inputs go to fuzz/out/TARGET, never into the committed

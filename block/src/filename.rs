@@ -5,7 +5,8 @@
 //! whole name becoming `url=`), `rbd:POOL/IMAGE...` ([`crate::rbd_name`])
 //! and the NBD
 //! forms (`nbd://`, `nbd+unix://`, `nbd:HOST:PORT`, `nbd:unix:PATH`, see
-//! [`crate::nbd::uri`]), `ssh://` ([`crate::ssh`]) and `nfs://` ([`crate::nfs`]). (`json:`
+//! [`crate::nbd::uri`]), `ssh://` ([`crate::ssh`]), `nfs://` ([`crate::nfs`])
+//! and `iscsi://` ([`crate::iscsi::uri`]). (`json:`
 //! is handled by the `-drive` desugaring itself.) Each becomes the option
 //! tree of the protocol node it names.
 //!
@@ -66,6 +67,11 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
             .map(Some)
             .map_err(BlockError::Open);
     }
+    if crate::iscsi::uri::is_iscsi(name) {
+        return crate::iscsi::uri::parse(name)
+            .map(|u| Some(iscsi_options(&u)))
+            .map_err(BlockError::Open);
+    }
     let Some(rest) = name.strip_prefix("blkdebug:") else {
         return Ok(None);
     };
@@ -122,6 +128,24 @@ fn nbd_options(t: &crate::nbd::uri::NbdTarget) -> Map {
     m.insert("driver".into(), s("nbd"));
     m.insert("server".into(), Value::Map(server));
     m.insert("export".into(), s(&t.export));
+    m
+}
+
+/// The `driver=iscsi` options of an `iscsi://` URI (QEMU's
+/// `iscsi_parse_filename`).
+fn iscsi_options(u: &crate::iscsi::uri::IscsiUri) -> Map {
+    let mut m = Map::new();
+    m.insert("driver".into(), s("iscsi"));
+    m.insert("transport".into(), s("tcp"));
+    m.insert("portal".into(), s(&u.portal));
+    m.insert("target".into(), s(&u.target));
+    m.insert("lun".into(), s(&u.lun.to_string()));
+    if let Some(user) = &u.user {
+        m.insert("user".into(), s(user));
+    }
+    if let Some(p) = &u.password {
+        m.insert("password".into(), s(p));
+    }
     m
 }
 

@@ -427,6 +427,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
             open: crate::nfs::NfsNode::open,
             create: crate::nfs::create,
         }),
+        protocol("iscsi", crate::iscsi::IscsiNode::open),
         Arc::new(crate::raw::RawClass),
         Arc::new(crate::qcow2::Qcow2Class),
         Arc::new(crate::vpc::VpcClass),

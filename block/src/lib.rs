@@ -64,6 +64,7 @@ pub mod format;
 pub mod graph;
 pub mod harness;
 pub mod iov;
+pub mod iscsi;
 pub mod jobs;
 pub mod keyval;
 pub mod luks;

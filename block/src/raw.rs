@@ -53,6 +53,11 @@ impl DriverClass for RawClass {
     }
     fn create(&self, filename: &str, opts: &CreateOpts) -> BlockResult<()> {
         let size = opts.size().unwrap_or(0);
+        if crate::iscsi::uri::is_iscsi(filename) {
+            // A LUN exists already: "creating" checks that it is big
+            // enough, as QEMU's iscsi_co_create_opts does.
+            return crate::iscsi::create(filename, size);
+        }
         crate::format::create_file(filename, filename)?;
         let g = crate::graph::BlockGraph::new();
         let f = crate::format::file_node(&g, filename, false, None)?;
