@@ -333,6 +333,19 @@ impl Vdi {
             top = top.max(e + 1);
         }
         drop(seen);
+        // Data written where the file is not: a data area starting past
+        // the file's end, or allocated blocks that begin past it (a
+        // truncated or forged image), would send writes far beyond the
+        // file; such images are only read.
+        let bs = u64::from(h.block_size);
+        let data_end = u64::from(h.offset_data) + u64::from(top.saturating_sub(1)) * bs;
+        if unsafe_to_write.is_none()
+            && (u64::from(h.offset_data) > flen || (top > 0 && data_end > flen))
+        {
+            unsafe_to_write = Some(format!(
+                "{name}: the data area lies past the end of the file; the image can only be opened read-only"
+            ));
+        }
         if let (false, Some(m)) = (read_only, &unsafe_to_write) {
             return Err(FormatError::Corrupt(m.clone()));
         }
