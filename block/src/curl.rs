@@ -24,7 +24,7 @@
 //! (connection refused or reset, timeout, 5xx) is retried a few times with
 //! growing pauses before the read fails with EIO.
 
-use crate::driver::BlockDriver;
+use crate::driver::{BlockDriver, Completion, IoOp, IoRequest};
 use crate::error::{BlockError, BlockResult};
 use crate::graph::OpenCtx;
 use crate::iov;
@@ -201,6 +201,23 @@ struct Cache {
 }
 
 impl Cache {
+    /// Scatter `[pos, end)` into `iov` if one window holds all of it.
+    fn scatter_whole(&mut self, pos: u64, end: u64, iov: &mut [IoSliceMut<'_>]) -> bool {
+        self.tick += 1;
+        let tick = self.tick;
+        let Some(w) = self
+            .windows
+            .iter_mut()
+            .find(|w| w.start <= pos && end <= w.end())
+        else {
+            return false;
+        };
+        w.last_use = tick;
+        let at = (pos - w.start) as usize;
+        iov::scatter(&w.data[at..at + (end - pos) as usize], iov);
+        true
+    }
+
     /// Copy what a window holds of `[pos, end)` into `out`; the bytes
     /// copied (0 on a miss).
     fn copy_from(&mut self, pos: u64, end: u64, out: &mut Vec<u8>) -> u64 {
@@ -631,6 +648,24 @@ impl BlockDriver for CurlNode {
     fn filename(&self) -> Option<String> {
         Some(self.cfg.url.clone())
     }
+    /// A read that one readahead window holds is served at once, copied
+    /// once, without a trip through the worker pool; the rest go there
+    /// (transfers block).
+    fn submit(self: Arc<Self>, mut req: IoRequest, done: Completion) {
+        if req.op == IoOp::Read {
+            let end = req.offset.saturating_add(req.iov.len() as u64);
+            if end <= self.len && !req.iov.is_empty() {
+                let hit = {
+                    let mut slices = req.iov.slices_mut();
+                    lock(&self.cache).scatter_whole(req.offset, end, &mut slices)
+                };
+                if hit {
+                    return done(req, Ok(()));
+                }
+            }
+        }
+        crate::driver::run_on_pool(self, req, done)
+    }
 }
 
 #[cfg(test)]
@@ -668,6 +703,19 @@ mod tests {
         assert!(!content_range_starts_at(Some("bytes 0-1023/4096"), 512));
         assert!(!content_range_starts_at(Some("items 512-1023/4096"), 512));
         assert!(!content_range_starts_at(None, 0));
+    }
+
+    #[test]
+    fn whole_hits_scatter_across_buffers() {
+        let mut c = Cache::default();
+        c.insert(1000, (0..=255u8).cycle().take(4096).collect());
+        let (mut a, mut b) = (vec![0u8; 10], vec![0u8; 20]);
+        let mut iov = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+        assert!(c.scatter_whole(1005, 1035, &mut iov));
+        assert_eq!(a, (5..15u8).collect::<Vec<_>>());
+        assert_eq!(b, (15..35u8).collect::<Vec<_>>());
+        let mut iov = [IoSliceMut::new(&mut a)];
+        assert!(!c.scatter_whole(5090, 5100, &mut iov), "past the window");
     }
 
     #[test]
