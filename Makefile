@@ -39,8 +39,10 @@ deps:
 	@# QEMU's own QMP client (qmp-shell), from the QEMU project's PyPI package:
 	@# the QMP tests drive Strata with it as a management tool would.
 	@[ -x $(QMP_VENV)/bin/qmp-shell ] || { python3 -m venv $(QMP_VENV) && $(QMP_VENV)/bin/pip install -q qemu.qmp==0.0.6; }
-	@# pyftpdlib: the FTP server of the ftp block driver's tests.
+	@# pyftpdlib and pyOpenSSL (its TLS): the FTP and FTPS servers of the
+	@# ftp and ftps block drivers' tests.
 	@[ -d $(QMP_VENV)/lib/python3*/site-packages/pyftpdlib ] || $(QMP_VENV)/bin/pip install -q pyftpdlib==2.2.0
+	@[ -d $(QMP_VENV)/lib/python3*/site-packages/OpenSSL ] || $(QMP_VENV)/bin/pip install -q pyopenssl==26.4.0
 
 build: deps
 	$(CARGO) build --release --bins

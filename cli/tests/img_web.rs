@@ -208,3 +208,41 @@ fn ftp_reads_with_a_password_secret_and_refuses_a_bad_login() {
     assert_eq!(e.lines().count(), 1, "{e}");
     assert!(e.contains("Login denied"), "{e}");
 }
+
+#[test]
+fn ftps_reads_over_implicit_tls_and_checks_the_certificate() {
+    let (d, root) = served("ftps");
+    let (cert, key) = support::web::self_signed(&root);
+    let srv = support::web::FtpServer::start_tls(&root, "alice", "s3cret", &cert, &key);
+    let url = format!("ftps://alice:s3cret@127.0.0.1:{}/odd.bin", srv.port);
+    // The server's certificate is not a system CA's: refused in one line.
+    let o = strata(&["info", &url]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = err(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("certificate"), "{e}");
+    // With it as the CA, read whole.
+    let out = d.p("odd.out");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_strata-img"))
+        .args(["convert", "-O", "raw", &url, &out])
+        .env("CURL_CA_BUNDLE", &cert)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(root.join("odd.bin")).unwrap());
+    // And sslverify=off, with a qcow2 on top.
+    let img = format!(
+        "json:{{\"driver\":\"qcow2\",\"file\":{{\"driver\":\"ftps\",\"url\":\"ftps://alice:s3cret@127.0.0.1:{}/img.qcow2\",\"sslverify\":\"off\"}}}}",
+        srv.port
+    );
+    let (ours, theirs) = (d.p("ours.raw"), d.p("theirs.raw"));
+    s_ok(&["convert", "-O", "raw", &img, &ours]);
+    q_ok(&[
+        "convert",
+        "-O",
+        "raw",
+        root.join("img.qcow2").to_str().unwrap(),
+        &theirs,
+    ]);
+    assert!(std::fs::read(&ours).unwrap() == std::fs::read(&theirs).unwrap());
+}

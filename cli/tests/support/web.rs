@@ -6,6 +6,37 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+/// A throwaway self-signed certificate for 127.0.0.1 (also its CA),
+/// made in `root/../tls-NAME`, outside what is served: (cert, key).
+pub fn self_signed(root: &Path) -> (PathBuf, PathBuf) {
+    let dir = root.parent().unwrap().join(format!(
+        "tls-{}",
+        root.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+
+    let st = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl (Debian package openssl; make test installs it)");
+    assert!(st.success(), "openssl req failed");
+    (cert, key)
+}
+
 /// A running server; killed on drop.
 pub struct WebServer {
     child: Child,
@@ -24,30 +55,7 @@ impl WebServer {
     /// Serve `root` over HTTPS with a self-signed certificate made in
     /// `root/../tls-<n>` (outside what is served).
     pub fn https(root: &Path, extra: &[&str]) -> WebServer {
-        let dir = root.parent().unwrap().join(format!(
-            "tls-{}",
-            root.file_name().unwrap().to_string_lossy()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let st = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            ])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stderr(Stdio::null())
-            .status()
-            .expect("run openssl (Debian package openssl; make test installs it)");
-        assert!(st.success(), "openssl req failed");
+        let (cert, key) = self_signed(root);
         Self::start(root, extra, Some((cert, key)))
     }
 
@@ -103,6 +111,30 @@ pub struct FtpServer {
 impl FtpServer {
     /// Serve `root` read-only to `user` with `password`.
     pub fn start(root: &Path, user: &str, password: &str) -> FtpServer {
+        Self::run("ftp.py", root, &[user, password])
+    }
+
+    /// The same over implicit TLS (`ftps://`) with `cert` and `key`.
+    pub fn start_tls(
+        root: &Path,
+        user: &str,
+        password: &str,
+        cert: &Path,
+        key: &Path,
+    ) -> FtpServer {
+        Self::run(
+            "ftps.py",
+            root,
+            &[
+                user,
+                password,
+                cert.to_str().unwrap(),
+                key.to_str().unwrap(),
+            ],
+        )
+    }
+
+    fn run(script: &str, root: &Path, args: &[&str]) -> FtpServer {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let python = dir.join("target/qmp-venv/bin/python");
         assert!(
@@ -111,13 +143,13 @@ impl FtpServer {
             python.display()
         );
         let mut child = Command::new(python)
-            .arg(dir.join("tests/servers/ftp.py"))
+            .arg(dir.join("tests/servers").join(script))
             .arg(root)
-            .args([user, password])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
-            .expect("start tests/servers/ftp.py");
+            .expect("start an FTP server of tests/servers");
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
