@@ -105,3 +105,28 @@ fn missing_pools_images_and_conf_files_fail_in_one_line() {
         assert!(e.contains(want), "{name}: {e}");
     }
 }
+
+#[test]
+fn cephx_with_a_key_secret_and_a_monitor_list_as_libvirt_writes_them() {
+    let d = Dir::new("rbd", "cephx");
+    let ceph = Ceph::start_cephx(&d.0.join("ceph"));
+    ceph.rbd(&["create", "--size", "64M", "rbd/disk"]);
+    // No ceph.conf at all: the monitor, the user and the key come from
+    // the options, the key from a secret object as libvirt passes it.
+    let secret = format!("secret,id=k,data={},format=base64", ceph.admin_key());
+    let node = format!(
+        "json:{{\"driver\":\"raw\",\"file\":{{\"driver\":\"rbd\",\"pool\":\"rbd\",\"image\":\"disk\",\"user\":\"admin\",\"key-secret\":\"k\",\"auth-client-required\":[\"cephx\"],\"server\":[{{\"host\":\"127.0.0.1\",\"port\":\"{}\"}}]}}}}",
+        ceph.mon_port()
+    );
+    let src = source(&d);
+    s_ok(&[
+        "convert", "-n", "--object", &secret, "-O", "raw", &src, &node,
+    ]);
+    // qemu-img reads it through the same options.
+    let o = q_ok(&["compare", "--object", &secret, "-F", "qcow2", &node, &src]);
+    assert!(o.contains("Images are identical"), "{o}");
+    let exported = d.p("export.raw");
+    ceph.export("disk", &exported);
+    let o = q_ok(&["compare", "-f", "raw", "-F", "qcow2", &exported, &src]);
+    assert!(o.contains("Images are identical"), "{o}");
+}

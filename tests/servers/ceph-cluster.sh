@@ -1,8 +1,10 @@
 #!/bin/sh
 # A throwaway single-node Ceph cluster on loopback, as Ceph's developer
 # clusters run: one monitor and one OSD on memstore (RAM, no block
-# device), no systemd, no cephx, everything under DIR. For the rbd block
-# driver's tests; Debian's ceph-mon and ceph-osd packages (make deps).
+# device), no systemd, everything under DIR, without authentication, or
+# with cephx when AUTH=cephx (the client.admin key is then in
+# DIR/admin.key). For the rbd block driver's tests; Debian's ceph-mon and
+# ceph-osd packages (make deps).
 #
 #   ceph-cluster.sh start DIR   prints the ceph.conf path once the OSD is
 #                               up and pool `rbd` exists
@@ -37,9 +39,9 @@ cat > "$conf" <<CONF
 [global]
 fsid = $fsid
 mon host = [v2:127.0.0.1:$v2,v1:127.0.0.1:$v1]
-auth cluster required = none
-auth service required = none
-auth client required = none
+auth cluster required = ${AUTH:-none}
+auth service required = ${AUTH:-none}
+auth client required = ${AUTH:-none}
 ms bind ipv6 = false
 public addr = 127.0.0.1
 osd pool default size = 1
@@ -59,6 +61,8 @@ pid file = $dir/run/\$name.pid
 mon data = $dir/mon/\$name
 osd data = $dir/osd/\$name
 keyring = $dir/keyring
+[osd]
+keyring = $dir/osd/\$name/keyring
 CONF
 ceph-authtool --create-keyring "$dir/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
 ceph-authtool "$dir/keyring" --gen-key -n client.admin --cap mon 'allow *' --cap osd 'allow *' --cap mgr 'allow *' >/dev/null
@@ -67,6 +71,11 @@ ceph-mon -c "$conf" --mkfs -i a --monmap "$dir/monmap" --keyring "$dir/keyring"
 ceph-mon -c "$conf" -i a 2>>"$dir/log/mon-start.log"
 id=$(timeout 60 ceph -c "$conf" osd create)
 mkdir -p "$dir/osd/osd.$id"
+if [ "${AUTH:-none}" = cephx ]; then
+    timeout 60 ceph -c "$conf" auth get-or-create "osd.$id" mon 'allow profile osd' osd 'allow *' \
+        mgr 'allow profile osd' -o "$dir/osd/osd.$id/keyring" >/dev/null
+    ceph-authtool -p -n client.admin "$dir/keyring" > "$dir/admin.key"
+fi
 ceph-osd -c "$conf" -i "$id" --mkfs >/dev/null 2>&1
 ceph-osd -c "$conf" -i "$id" 2>>"$dir/log/osd-start.log"
 # Up when the OSD map says so.

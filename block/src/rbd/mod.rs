@@ -61,11 +61,13 @@ impl Target {
             t.settings = crate::rbd_name::settings(&json).map_err(BlockError::Open)?;
         }
         if let Some(id) = opts.take_str("key-secret")? {
+            // The secret holds the key's bytes; Ceph takes them in base64
+            // (QEMU's `qcrypto_secret_lookup_as_base64`: libvirt passes the
+            // key as `data=KEY,format=base64`).
+            use base64::Engine;
             let key = crate::objects::secret(&id)
                 .map_err(|e| BlockError::Open(format!("{}: {e}", opts.path("key-secret"))))?;
-            let key = String::from_utf8(key.to_vec()).map_err(|_| {
-                BlockError::Open(format!("{}: the key is not text", opts.path("key-secret")))
-            })?;
+            let key = base64::engine::general_purpose::STANDARD.encode(key.as_slice());
             t.settings.push(("key".into(), key));
         }
         if let Some(Value::List(servers)) = opts.take_value("server") {

@@ -18,6 +18,33 @@ fn script() -> PathBuf {
 impl Ceph {
     /// Start a cluster whose files live in `dir`.
     pub fn start(dir: &Path) -> Ceph {
+        Self::start_with(dir, "none")
+    }
+
+    /// Start a cluster whose clients authenticate with cephx.
+    pub fn start_cephx(dir: &Path) -> Ceph {
+        Self::start_with(dir, "cephx")
+    }
+
+    /// client.admin's key (base64), of a cephx cluster.
+    pub fn admin_key(&self) -> String {
+        std::fs::read_to_string(self.dir.join("admin.key"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// The monitor's v1 (msgr1) port.
+    pub fn mon_port(&self) -> String {
+        let conf = std::fs::read_to_string(&self.conf).unwrap();
+        let at = conf.find("v1:127.0.0.1:").expect("v1 address in ceph.conf") + 13;
+        conf[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect()
+    }
+
+    fn start_with(dir: &Path, auth: &str) -> Ceph {
         // Made first, so that a failed start is stopped too (on drop).
         let mut c = Ceph {
             dir: dir.to_path_buf(),
@@ -26,6 +53,7 @@ impl Ceph {
         let out = Command::new(script())
             .arg("start")
             .arg(dir)
+            .env("AUTH", auth)
             .output()
             .expect("run tests/servers/ceph-cluster.sh (Debian's ceph-mon, ceph-osd: make deps)");
         assert!(
