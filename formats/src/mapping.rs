@@ -312,3 +312,41 @@ pub fn fuzz_read_only<T: ReadOnlyMap>(img: &ReadOnly<T>, file: &dyn Storage, nam
         crate::error::named(name, read_only_read(img, name, file, off, &mut buf));
     }
 }
+
+/// A request `[off, off+len)` must lie inside a disk of `size` bytes:
+/// the one check and message of every format's data path.
+pub fn check_range(name: &str, off: u64, len: u64, size: u64) -> FResult<()> {
+    match off.checked_add(len) {
+        Some(e) if e <= size => Ok(()),
+        _ => Err(FormatError::Invalid(format!(
+            "{name}: request [{off}, +{len}) past the end of the disk ({size})"
+        ))),
+    }
+}
+
+/// Writes to an image opened read-only are refused, by name.
+pub fn check_writable(name: &str, read_only: bool) -> FResult<()> {
+    if read_only {
+        return Err(FormatError::ReadOnly(format!(
+            "{name}: the image is opened read-only"
+        )));
+    }
+    Ok(())
+}
+
+/// Split `[off, off+len)` at multiples of `bs` into (block index, offset
+/// in the block, length) pieces.
+pub fn block_chunks(off: u64, len: u64, bs: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+    let end = off + len;
+    let mut pos = off;
+    std::iter::from_fn(move || {
+        if pos >= end {
+            return None;
+        }
+        let inb = pos % bs;
+        let n = (bs - inb).min(end - pos);
+        let r = (pos / bs, inb, n);
+        pos += n;
+        Some(r)
+    })
+}

@@ -285,40 +285,16 @@ impl Qed {
     }
 
     fn check_range(&self, off: u64, len: u64) -> FResult<()> {
-        match off.checked_add(len) {
-            Some(e) if e <= self.h.image_size => Ok(()),
-            _ => Err(FormatError::Invalid(format!(
-                "{}: request [{off}, +{len}) past the end of the disk ({})",
-                self.name, self.h.image_size
-            ))),
-        }
+        crate::mapping::check_range(&self.name, off, len, self.h.image_size)
     }
 
     fn writable(&self) -> FResult<()> {
-        if self.read_only {
-            return Err(FormatError::ReadOnly(format!(
-                "{}: the image is opened read-only",
-                self.name
-            )));
-        }
-        Ok(())
+        crate::mapping::check_writable(&self.name, self.read_only)
     }
 
     /// (guest cluster, offset in it, bytes) pieces of a range.
     fn chunks(&self, off: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> {
-        let cs = self.h.cluster_size;
-        let end = off + len;
-        let mut pos = off;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let inc = pos % cs;
-            let n = (cs - inc).min(end - pos);
-            let r = (pos / cs, inc, n);
-            pos += n;
-            Some(r)
-        })
+        crate::mapping::block_chunks(off, len, self.h.cluster_size)
     }
 
     fn l1_index(&self, cluster: u64) -> (u64, u64) {

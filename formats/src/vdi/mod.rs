@@ -404,39 +404,15 @@ impl Vdi {
     }
 
     fn check_range(&self, off: u64, len: u64) -> FResult<()> {
-        match off.checked_add(len) {
-            Some(e) if e <= self.size => Ok(()),
-            _ => Err(FormatError::Invalid(format!(
-                "{}: request [{off}, +{len}) past the end of the disk ({})",
-                self.name, self.size
-            ))),
-        }
+        crate::mapping::check_range(&self.name, off, len, self.size)
     }
 
     fn writable(&self) -> FResult<()> {
-        if self.read_only() {
-            return Err(FormatError::ReadOnly(format!(
-                "{}: the image is opened read-only",
-                self.name
-            )));
-        }
-        Ok(())
+        crate::mapping::check_writable(&self.name, self.read_only())
     }
 
     fn chunks(&self, off: u64, len: u64) -> impl Iterator<Item = (u32, u64, u64)> {
-        let bs = self.block_size();
-        let end = off + len;
-        let mut pos = off;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let inb = pos % bs;
-            let n = (bs - inb).min(end - pos);
-            let r = ((pos / bs) as u32, inb, n);
-            pos += n;
-            Some(r)
-        })
+        crate::mapping::block_chunks(off, len, self.block_size()).map(|(b, i, n)| (b as u32, i, n))
     }
 
     /// Host offset of data block `e`, which must exist.

@@ -735,40 +735,16 @@ impl Vhdx {
     }
 
     fn check_range(&self, off: u64, len: u64) -> FResult<()> {
-        match off.checked_add(len) {
-            Some(e) if e <= self.geo.size => Ok(()),
-            _ => Err(FormatError::Invalid(format!(
-                "{}: request [{off}, +{len}) past the end of the disk ({})",
-                self.name, self.geo.size
-            ))),
-        }
+        crate::mapping::check_range(&self.name, off, len, self.geo.size)
     }
 
     fn writable(&self) -> FResult<()> {
-        if self.read_only() {
-            return Err(FormatError::ReadOnly(format!(
-                "{}: the image is opened read-only",
-                self.name
-            )));
-        }
-        Ok(())
+        crate::mapping::check_writable(&self.name, self.read_only())
     }
 
     /// Split `[off, off+len)` into (block, offset in block, length).
     fn chunks(&self, off: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> {
-        let bs = self.geo.bs;
-        let end = off + len;
-        let mut pos = off;
-        std::iter::from_fn(move || {
-            if pos >= end {
-                return None;
-            }
-            let inb = pos % bs;
-            let n = (bs - inb).min(end - pos);
-            let r = (pos / bs, inb, n);
-            pos += n;
-            Some(r)
-        })
+        crate::mapping::block_chunks(off, len, self.geo.bs)
     }
 
     /// Write both headers with this open's GUIDs and no log, once,

@@ -497,23 +497,11 @@ impl Vmdk {
     }
 
     fn check_range(&self, off: u64, len: u64) -> FResult<()> {
-        match off.checked_add(len) {
-            Some(e) if e <= self.size => Ok(()),
-            _ => Err(FormatError::Invalid(format!(
-                "{}: request [{off}, +{len}) past the end of the disk ({})",
-                self.name, self.size
-            ))),
-        }
+        crate::mapping::check_range(&self.name, off, len, self.size)
     }
 
     fn writable(&self) -> FResult<()> {
-        if self.read_only() {
-            return Err(FormatError::ReadOnly(format!(
-                "{}: the image is opened read-only",
-                self.name
-            )));
-        }
-        Ok(())
+        crate::mapping::check_writable(&self.name, self.read_only())
     }
 
     fn io(&self, e: std::io::Error, what: &str) -> FormatError {
