@@ -463,7 +463,7 @@ impl DriveTable {
             Some(Value::Str(f)) if f.is_empty() => {}
             Some(Value::Str(f)) if f.starts_with("json:") => {
                 // QEMU's `json:{...}` pseudo-protocol describes the node tree.
-                let tree = crate::keyval::parse_json("-drive", &f["json:".len()..])?;
+                let tree = crate::keyval::parse_json_filename("-drive", &f["json:".len()..])?;
                 for (k, v) in tree {
                     node.entry(k).or_insert(v);
                 }

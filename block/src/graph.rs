@@ -647,7 +647,7 @@ impl BlockGraph {
         let mut map = Map::new();
         if let Some(json) = filename.strip_prefix("json:") {
             // QEMU's `json:{...}` pseudo-protocol: the whole node tree.
-            map = keyval::parse_json("json: filename", json)?;
+            map = keyval::parse_json_filename("json: filename", json)?;
             if let Some(f) = format {
                 map.entry("driver".to_string())
                     .or_insert_with(|| Value::Str(f.into()));

@@ -322,6 +322,54 @@ pub fn parse_json(option: &str, input: &str) -> Result<Map, KeyvalError> {
     }
 }
 
+/// The tree of a `json:{...}` file name. QEMU flattens it and crumples
+/// it back, so dotted keys (`"file.filename": ...`,
+/// `"encrypt.key-secret": ...`) mean the nested objects, merged with
+/// nested ones spelled out; unlike `-blockdev`'s strict JSON.
+pub fn parse_json_filename(option: &str, input: &str) -> Result<Map, KeyvalError> {
+    crumple(option, parse_json(option, input)?)
+}
+
+fn crumple(option: &str, m: Map) -> Result<Map, KeyvalError> {
+    let mut out = Map::new();
+    for (k, v) in m {
+        let v = match v {
+            Value::Map(inner) => Value::Map(crumple(option, inner)?),
+            v => v,
+        };
+        let mut parts: Vec<&str> = k.split('.').collect();
+        let last = parts.pop().unwrap_or_default();
+        let mut at = &mut out;
+        for (i, p) in parts.iter().enumerate() {
+            let slot = at
+                .entry(p.to_string())
+                .or_insert_with(|| Value::Map(Map::new()));
+            at = match slot {
+                Value::Map(next) => next,
+                _ => {
+                    return Err(KeyvalError::Conflict {
+                        option: option.into(),
+                        key: parts[..=i].join("."),
+                    })
+                }
+            };
+        }
+        match (at.get_mut(last), v) {
+            (Some(Value::Map(d)), Value::Map(s)) => merge(d, s),
+            (Some(_), _) => {
+                return Err(KeyvalError::Conflict {
+                    option: option.into(),
+                    key: k.clone(),
+                })
+            }
+            (None, v) => {
+                at.insert(last.to_string(), v);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn json_to_value(v: serde_json::Value) -> Value {
     use serde_json::Value as J;
     match v {
@@ -877,6 +925,23 @@ mod tests {
         assert_eq!(j["backing"], Value::Null);
         assert_eq!(j["l"], Value::List(vec![s("1"), s("a")]));
         assert!(parse_json_or_dotted("-blockdev", "driver=null-co", None).is_ok());
+    }
+
+    #[test]
+    fn json_filenames_crumple_dotted_keys() {
+        let a = parse_json_filename(
+            "j",
+            r#"{"driver":"qcow2","encrypt.key-secret":"s","file":{"driver":"file"},"file.filename":"x"}"#,
+        )
+        .unwrap();
+        let b = parse(
+            "j",
+            "driver=qcow2,encrypt.key-secret=s,file.driver=file,file.filename=x",
+            None,
+        )
+        .unwrap();
+        assert_eq!(a, b);
+        assert!(parse_json_filename("j", r#"{"file":"x","file.filename":"y"}"#).is_err());
     }
 
     #[test]
