@@ -68,7 +68,8 @@ pub struct ConvertArgs {
     #[arg(short = 'l')]
     pub snapshot: Option<String>,
     /// Sources, then the target.
-    #[arg(num_args = 2.., required = true)]
+    /// (Options may come between them, as qemu-img's getopt allows.)
+    #[arg(required = true)]
     pub files: Vec<String>,
 }
 
@@ -443,6 +444,9 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
         print!("{}", block::format::options_help(class.create_options()));
         return Ok(0);
     }
+    if a.files.len() < 2 {
+        return fail("Must specify image file name");
+    }
     if a.backing.is_some() && !class.supports_backing() {
         return fail(format!(
             "Backing file not supported for file format '{}'",
@@ -498,6 +502,7 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
     spec.cache = Some(&a.cache);
     // Zero runs of a cluster target deallocate, as qemu-img's do.
     spec.discard_unmap = true;
+    spec.extra = super::key_secrets(&opts);
     let tb = open(&tgraph, &spec)?;
     if tb.len() < total {
         return fail(format!(
@@ -509,6 +514,9 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
     let Some(root) = tb.root() else {
         return fail(format!("Could not open '{target}': no medium"));
     };
+    if a.compress && root.driver().info().is_some_and(|i| i.encrypted) {
+        return fail("Compression and encryption not supported at the same time");
+    }
     if a.compress && !root.driver().can_compress() {
         return fail(format!(
             "Compression not supported for '{target}' (its format options rule compressed writes out)"

@@ -207,6 +207,8 @@ pub struct OpenSpec<'a> {
     pub flags: OpenFlags,
     /// Write-zeroes may deallocate (`discard=unmap`): convert's targets.
     pub discard_unmap: bool,
+    /// More node options (a new image's key secrets).
+    pub extra: Vec<(String, String)>,
 }
 
 impl<'a> OpenSpec<'a> {
@@ -223,8 +225,19 @@ impl<'a> OpenSpec<'a> {
             snapshot: &[],
             flags: OpenFlags::default(),
             discard_unmap: false,
+            extra: Vec::new(),
         }
     }
+}
+
+/// The `...key-secret` options of a create, as node options: a new image
+/// is opened with them, as qemu-img's convert and create do (an
+/// encrypted target needs its secret to be written).
+pub fn key_secrets(opts: &block::format::CreateOpts) -> Vec<(String, String)> {
+    opts.names()
+        .filter(|n| n.ends_with("key-secret"))
+        .filter_map(|n| opts.str(n).map(|v| (n.to_string(), v.to_string())))
+        .collect()
 }
 
 /// Map `-t`/`-T` cache modes to (cache.direct, cache.no-flush, write cache).
@@ -253,6 +266,7 @@ pub fn open(graph: &BlockGraph, spec: &OpenSpec<'_>) -> R<Arc<BlockBackend>> {
         wce = w;
     }
     extra.extend(spec.snapshot.iter().cloned());
+    extra.extend(spec.extra.iter().cloned());
     if spec.discard_unmap {
         extra.push(("discard".into(), "unmap".into()));
     }
