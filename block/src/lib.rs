@@ -83,6 +83,7 @@ pub mod raw;
 pub mod rbd;
 pub mod rbd_name;
 pub mod readonly;
+pub mod sectors;
 pub mod serialise;
 pub mod snapshot_overlay;
 pub mod ssh;

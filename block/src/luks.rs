@@ -12,7 +12,6 @@ use crate::format::{
     OptType,
 };
 use crate::graph::OpenCtx;
-use crate::iov;
 use crate::node::Node;
 use formats::error::FormatError;
 use formats::luks::{self, CipherSpec, HashAlg, IvGen, Luks, Mode, SECTOR};
@@ -106,6 +105,26 @@ fn create_spec(opts: &CreateOpts) -> BlockResult<(CipherSpec, HashAlg)> {
     Ok((spec, hash_of("hash-alg")?))
 }
 
+/// The bytes of the LUKS header `opts` make (its payload offset), for
+/// `measure`.
+pub fn header_len(opts: &CreateOpts) -> BlockResult<u64> {
+    let (cipher, hash) = create_spec(opts)?;
+    let o = luks::CreateOptions {
+        cipher,
+        hash,
+        slot_iterations: 0,
+        mk_iterations: 0,
+        uuid: String::new(),
+    };
+    Ok(luks::layout(&o).payload_bytes())
+}
+
+/// Refuse unknown ciphers, modes, IV generators and hashes before
+/// anything is created.
+pub fn check_create(opts: &CreateOpts) -> BlockResult<()> {
+    create_spec(opts).map(|_| ())
+}
+
 fn random_bytes(n: usize) -> BlockResult<Vec<u8>> {
     use std::io::Read;
     let mut v = vec![0u8; n];
@@ -128,6 +147,30 @@ fn uuid_string(u: [u8; 16]) -> String {
         h[8..10].concat(),
         h[10..16].concat()
     )
+}
+
+/// The LUKS create options nested under `prefix` in `opts` (qcow2's
+/// `encrypt.cipher-alg`, ...), under their own names.
+pub fn nested_opts(opts: &CreateOpts, prefix: &str) -> CreateOpts {
+    let mut o = CreateOpts::default();
+    for spec in LUKS_OPTS {
+        if let Some(v) = opts.get(&format!("{prefix}{}", spec.name)) {
+            o.set(spec.name, v.clone());
+        }
+    }
+    o
+}
+
+/// A new LUKS header, key slot 0 opened by `secret`, as the bytes of a
+/// volume whose payload is kept elsewhere (qcow2's clusters): the
+/// header up to its payload offset.
+pub fn header_blob(opts: &CreateOpts, secret: &[u8]) -> BlockResult<Vec<u8>> {
+    let mem = formats::storage::MemStorage::new(Vec::new(), formats::qcow2::crypt::MAX_LUKS_HEADER);
+    let payload = create_on(&mem, opts, secret)?;
+    let mut blob = mem.contents();
+    // Slots 1 to 7 are never written: zeroes up to the payload.
+    blob.resize(payload as usize, 0);
+    Ok(blob)
 }
 
 /// Lay out a new LUKS header with key slot 0 on `file` (of `secret`),
@@ -216,6 +259,8 @@ pub struct LuksNode {
     payload: u64,
     size: AtomicU64,
     file: Arc<Node>,
+    /// Whole-sector requests.
+    sectors: crate::sectors::Sectors,
 }
 
 fn open_error(e: FormatError) -> BlockError {
@@ -267,7 +312,17 @@ impl LuksNode {
             img,
             payload,
             file,
+            sectors: Default::default(),
         }))
+    }
+
+    /// Whole payload sectors, decrypted.
+    fn read_sectors(&self, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        let luks = self.keyed()?;
+        self.file
+            .read_vectored(self.payload + offset, &mut [IoSliceMut::new(buf)])?;
+        luks.decrypt(offset, buf);
+        Ok(())
     }
 
     /// The unlocked image, or the error of a node opened without a key.
@@ -292,8 +347,8 @@ impl BlockDriver for LuksNode {
         self.size.load(Ordering::Acquire)
     }
     fn limits(&self) -> Limits {
-        // Encryption works on whole sectors; the block layer makes
-        // smaller requests read-modify-write.
+        // Encryption works on whole sectors (advertised, e.g. to NBD
+        // clients); `sectors` pads smaller requests.
         Limits {
             request_alignment: SECTOR,
             mem_alignment: 1,
@@ -303,19 +358,21 @@ impl BlockDriver for LuksNode {
         self.file.filename()
     }
     fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
-        let mut buf = vec![0u8; iov::total_len_mut(iov)];
-        self.file
-            .read_vectored(self.payload + offset, &mut [IoSliceMut::new(&mut buf)])?;
-        self.keyed()?.decrypt(offset, &mut buf);
-        iov::scatter(&buf, iov);
-        Ok(())
+        self.sectors
+            .read(offset, iov, |o, b| self.read_sectors(o, b))
     }
     fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
-        let mut buf = vec![0u8; iov::total_len(iov)];
-        iov::gather(iov, &mut buf);
-        self.keyed()?.encrypt(offset, &mut buf);
-        self.file
-            .write_vectored(self.payload + offset, &[IoSlice::new(&buf)], false)?;
+        self.sectors.write(
+            offset,
+            iov,
+            |o, b| self.read_sectors(o, b),
+            |o, b| {
+                let mut buf = b.to_vec();
+                self.keyed()?.encrypt(o, &mut buf);
+                self.file
+                    .write_vectored(self.payload + o, &[IoSlice::new(&buf)], false)
+            },
+        )?;
         if fua {
             self.file.flush()?;
         }

@@ -87,6 +87,8 @@ pub struct QcowNode {
     /// The mapped data path; none for AES images, whose data must pass
     /// through the cipher.
     io: Option<Arc<MappedIo<Mapped<Qcow>>>>,
+    /// Whole-sector requests for an AES image.
+    sectors: crate::sectors::Sectors,
 }
 
 impl QcowNode {
@@ -141,6 +143,7 @@ impl QcowNode {
             backing,
             backing_name,
             io,
+            sectors: Default::default(),
         });
         if let Some(io) = &node.io {
             let drv: Arc<dyn BlockDriver> = node.clone();
@@ -171,9 +174,26 @@ impl BlockDriver for QcowNode {
         self.file.filename()
     }
     fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
+        if self.img.is_encrypted() {
+            return self
+                .sectors
+                .read(offset, iov, |o, b| self.img.read(o, b).map_err(block_error));
+        }
         read_vectored_by(offset, iov, |o, b| self.img.read(o, b))
     }
     fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
+        if self.img.is_encrypted() {
+            self.sectors.write(
+                offset,
+                iov,
+                |o, b| self.img.read(o, b).map_err(block_error),
+                |o, b| self.img.write(o, b).map_err(block_error),
+            )?;
+            if fua {
+                self.img.flush().map_err(block_error)?;
+            }
+            return Ok(());
+        }
         write_vectored_by(
             offset,
             iov,

@@ -15,7 +15,7 @@ use crate::driver::{
 use crate::error::{BlockError, BlockResult};
 use crate::format::{
     CheckResult, CreateOpts, DriverClass, DriverKind, ImageInfo, InfoValue, Measure, OptSpec,
-    OptType, Repair, SnapshotInfo,
+    OptType, OptValue, Repair, SnapshotInfo,
 };
 use crate::graph::OpenCtx;
 use crate::keyval::{Map, Options, Value};
@@ -23,6 +23,7 @@ use crate::mapped::{AllocPlan, HostData, MapRun, MappedIo, MappingFormat, RunKin
 use crate::node::{Child, Node};
 use formats::error::FormatError;
 use formats::qcow2::create::{CreateOptions, Prealloc};
+use formats::qcow2::crypt::NewCrypt;
 use formats::qcow2::io::{Overwrite, WriteData, WritePlan};
 use formats::qcow2::l2::Kind;
 use formats::qcow2::snapshot::SnapshotRef;
@@ -112,10 +113,66 @@ const QCOW2_OPTS: &[OptSpec] = &[
         "Width of a reference count entry in bits",
     ),
     crate::format::SIZE,
-    // Accepted without help, as qemu-img does: ignored, or refused below.
+    OptSpec::new(
+        "encrypt.cipher-alg",
+        OptType::Str,
+        "Name of encryption cipher algorithm",
+    ),
+    OptSpec::new(
+        "encrypt.cipher-mode",
+        OptType::Str,
+        "Name of encryption cipher mode",
+    ),
+    OptSpec::new(
+        "encrypt.format",
+        OptType::Str,
+        "Encrypt the image, format choices: 'aes', 'luks'",
+    ),
+    OptSpec::new(
+        "encrypt.hash-alg",
+        OptType::Str,
+        "Name of encryption hash algorithm",
+    ),
+    OptSpec::new(
+        "encrypt.iter-time",
+        OptType::Number,
+        "Time to spend in PBKDF in milliseconds",
+    ),
+    OptSpec::new(
+        "encrypt.ivgen-alg",
+        OptType::Str,
+        "Name of IV generator algorithm",
+    ),
+    OptSpec::new(
+        "encrypt.ivgen-hash-alg",
+        OptType::Str,
+        "Name of IV generator hash algorithm",
+    ),
+    OptSpec::new(
+        "encrypt.key-secret",
+        OptType::Str,
+        "ID of secret providing qcow AES key or LUKS passphrase",
+    ),
+    OptSpec::new(
+        "encryption",
+        OptType::Bool,
+        "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)",
+    ),
+    // Accepted without help, as qemu-img does: ignored.
     OptSpec::new("nocow", OptType::Bool, ""),
-    OptSpec::new("encryption", OptType::Str, ""),
-    OptSpec::new("encrypt.format", OptType::Str, ""),
+];
+
+/// The `encrypt.*` create options, in the order qemu-img's summary line
+/// shows them.
+const ENCRYPT_OPTS: &[&str] = &[
+    "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+    "encrypt.iter-time",
 ];
 
 /// What `create` options other than `amend`'s are: creation only.
@@ -126,6 +183,13 @@ const CREATE_ONLY: &[&str] = &[
     "data_file",
     "data_file_raw",
     "encrypt.format",
+    "encrypt.key-secret",
+    "encrypt.cipher-alg",
+    "encrypt.cipher-mode",
+    "encrypt.ivgen-alg",
+    "encrypt.ivgen-hash-alg",
+    "encrypt.hash-alg",
+    "encrypt.iter-time",
     "encryption",
     "cluster_size",
     "preallocation",
@@ -138,16 +202,59 @@ fn bad_value(v: &str) -> BlockError {
     BlockError::Invalid(format!("Invalid parameter '{v}'"))
 }
 
+/// The encryption a create asks for: `encrypt.format`, or the legacy
+/// `encryption=on` (AES); its key secret's id is required.
+fn encrypt_request(opts: &CreateOpts) -> BlockResult<Option<(&'static str, String)>> {
+    let format = match (opts.str("encrypt.format"), opts.bool("encryption")) {
+        (Some(_), Some(true)) => {
+            return Err(BlockError::Invalid(
+                "Options 'encryption' and 'encrypt.format' are mutually exclusive".into(),
+            ))
+        }
+        (Some("luks"), _) => "luks",
+        (Some("aes"), _) => "aes",
+        (Some(f), _) => {
+            return Err(BlockError::Invalid(format!(
+                "Parameter 'encrypt.format' does not accept value '{f}'"
+            )))
+        }
+        (None, Some(true)) => "aes",
+        (None, _) => {
+            if let Some(k) = ENCRYPT_OPTS.iter().find(|k| opts.get(k).is_some()) {
+                return Err(BlockError::Invalid(format!(
+                    "{k} is given without encrypt.format"
+                )));
+            }
+            return Ok(None);
+        }
+    };
+    if format == "aes" {
+        if let Some(k) = ENCRYPT_OPTS[2..].iter().find(|k| opts.get(k).is_some()) {
+            return Err(BlockError::Invalid(format!(
+                "{k} does not apply to encrypt.format=aes"
+            )));
+        }
+    }
+    let id = opts.str("encrypt.key-secret").ok_or_else(|| {
+        BlockError::Invalid("Parameter 'encrypt.key-secret' is required for cipher".into())
+    })?;
+    Ok(Some((format, id.to_string())))
+}
+
 /// `opts` as `formats::qcow2` create options (size rounded up to a
-/// sector), and the `compat` text as given.
+/// sector), and the `compat` text as given. An encrypted image gets a
+/// placeholder for its LUKS header ([`Qcow2Class::create`] makes it).
 fn create_options(opts: &CreateOpts) -> BlockResult<(CreateOptions, Option<String>)> {
     let mut o = CreateOptions::default();
     let mut compat = None;
-    if opts.get("encryption").is_some() || opts.get("encrypt.format").is_some() {
-        return Err(BlockError::Unsupported(
-            "Encrypted qcow2 images are not supported".into(),
-        ));
-    }
+    o.crypt = match encrypt_request(opts)? {
+        Some(("luks", _)) => {
+            crate::luks::check_create(&crate::luks::nested_opts(opts, "encrypt."))?;
+            Some(NewCrypt::Luks(Vec::new()))
+        }
+        Some(_) => Some(NewCrypt::Aes),
+        None => None,
+    };
     if let Some(v) = opts.str("compat") {
         o.version = match v {
             "0.10" | "v2" => 2,
@@ -235,7 +342,18 @@ impl DriverClass for Qcow2Class {
         let (o, compat) = create_options(opts)?;
         qcow2::create::validate(&o).map_err(|e| BlockError::Invalid(format!("{filename}: {e}")))?;
         let on = |b: bool| if b { "on" } else { "off" };
-        let mut line = format!("cluster_size={}", o.cluster_size);
+        let mut line = String::new();
+        if opts.bool("encryption") == Some(true) {
+            line.push_str("encryption=on ");
+        }
+        for k in ENCRYPT_OPTS {
+            match opts.get(k) {
+                Some(OptValue::Str(v)) => line.push_str(&format!("{k}={v} ")),
+                Some(OptValue::Num(v)) => line.push_str(&format!("{k}={v} ")),
+                _ => {}
+            }
+        }
+        line.push_str(&format!("cluster_size={}", o.cluster_size));
         if let Some(c) = &compat {
             line.push_str(&format!(" compat={c}"));
         }
@@ -275,7 +393,17 @@ impl DriverClass for Qcow2Class {
     /// opens the new image (and its data file).
     fn create(&self, filename: &str, opts: &CreateOpts) -> BlockResult<()> {
         use crate::format::{create_file, file_node, locked_storage};
-        let (o, _) = create_options(opts)?;
+        let (mut o, _) = create_options(opts)?;
+        qcow2::create::validate(&o).map_err(|e| BlockError::Invalid(format!("{filename}: {e}")))?;
+        if let Some(NewCrypt::Luks(blob)) = &mut o.crypt {
+            let id = opts.str("encrypt.key-secret").unwrap_or_default();
+            let secret = crate::luks::secret_of("encrypt.key-secret", id)?;
+            *blob = crate::luks::header_blob(&crate::luks::nested_opts(opts, "encrypt."), &secret)
+                .map_err(|e| BlockError::Invalid(format!("{filename}: {e}")))?;
+        } else if o.crypt.is_some() {
+            let id = opts.str("encrypt.key-secret").unwrap_or_default();
+            crate::luks::secret_of("encrypt.key-secret", id)?;
+        }
         create_file(filename, filename)?;
         let g = crate::graph::BlockGraph::new();
         let f = locked_storage(file_node(&g, filename, false, None)?, filename, true, false)?;
@@ -342,8 +470,13 @@ impl DriverClass for Qcow2Class {
         if matches!(o.prealloc, Prealloc::Full | Prealloc::Falloc) {
             used = vsize;
         }
-        let full =
+        let mut full =
             qcow2::create::full_size(size, cs, o.refcount_bits.trailing_zeros(), o.extended_l2);
+        if let Some(NewCrypt::Luks(_)) = o.crypt {
+            // The LUKS header's clusters.
+            let h = crate::luks::header_len(&crate::luks::nested_opts(opts, "encrypt."))?;
+            full += h.div_ceil(cs) * cs;
+        }
         Ok(Measure {
             required: full - vsize + used,
             fully_allocated: full,
@@ -377,9 +510,30 @@ fn snapshot_info(s: qcow2::snapshot::Snapshot) -> SnapshotInfo {
 }
 
 /// `format-specific` of `info`, fields in qemu-img's human order.
+/// `info`'s `encrypt` object: the format, and a LUKS header's fields in
+/// qemu-img's order (`format` before `cipher-mode`).
+fn encrypt_info(fs: &dyn Storage, h: &qcow2::header::Header, name: &str) -> Option<InfoValue> {
+    let s = |v: &str| InfoValue::Str(v.to_string());
+    match h.crypt_method {
+        qcow2::crypt::METHOD_AES => Some(InfoValue::Obj(vec![("format".into(), s("aes"))])),
+        qcow2::crypt::METHOD_LUKS => {
+            let lh = qcow2::crypt::luks_header(fs, h, name).ok()?;
+            let mut f = crate::luks::luks_fields(&lh);
+            let at = f
+                .iter()
+                .position(|(k, _)| k == "cipher-mode")
+                .unwrap_or(f.len());
+            f.insert(at, ("format".into(), s("luks")));
+            Some(InfoValue::Obj(f))
+        }
+        _ => None,
+    }
+}
+
 fn specific_info(
     h: &qcow2::header::Header,
     bitmaps: &[qcow2::bitmap::Bitmap],
+    encrypt: Option<InfoValue>,
 ) -> Vec<(String, InfoValue)> {
     let s = |v: &str| InfoValue::Str(v.to_string());
     let mut d: Vec<(&str, InfoValue)> = vec![
@@ -412,6 +566,9 @@ fn specific_info(
             d.push(("bitmaps", InfoValue::List(list)));
         }
         d.push(("refcount-bits", InfoValue::Num(h.refcount_bits() as u64)));
+        if let Some(e) = encrypt {
+            d.push(("encrypt", e));
+        }
         d.push(("corrupt", InfoValue::Bool(h.incompatible & 2 != 0)));
         if let Some(df) = &h.data_file {
             d.push(("data-file", s(df)));
@@ -421,6 +578,9 @@ fn specific_info(
     } else {
         // qemu-img 10 shows the (fixed) refcount width of version 2 too.
         d.push(("refcount-bits", InfoValue::Num(h.refcount_bits() as u64)));
+        if let Some(e) = encrypt {
+            d.push(("encrypt", e));
+        }
     }
     d.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
@@ -440,6 +600,8 @@ pub struct Qcow2Node {
     /// Persistent bitmaps handed to the block layer by `load_bitmaps`
     /// (None: never asked, so nothing is stored back at close).
     loaded_bitmaps: Mutex<Option<Vec<String>>>,
+    /// Whole-sector requests for an encrypted image.
+    sectors: crate::sectors::Sectors,
 }
 
 impl Qcow2Node {
@@ -478,15 +640,50 @@ impl Qcow2Node {
         o.lazy_refcounts = ctx.opts.take_bool("lazy-refcounts")?;
         o.overlap_check = overlap_check(&mut ctx.opts)?;
         let _ = ctx.opts.take_bool("discard-no-unref")?;
-        if ctx.opts.take_value("encrypt").is_some() {
-            return Err(BlockError::Unsupported(
-                "qcow2: encrypted images are not supported".into(),
-            ));
+        // `encrypt.format` (checked against the image) and
+        // `encrypt.key-secret`, QEMU's BlockdevOptionsQcow2.encrypt.
+        let (mut want_format, mut key) = (None, None);
+        if let Some(mut enc) = ctx.opts.take_object("encrypt")? {
+            if let Some(f) = enc.take_str("format")? {
+                want_format = Some((enc.path("format"), f));
+            }
+            if let Some(id) = enc.take_str("key-secret")? {
+                key = Some(crate::luks::secret_of(&enc.path("key-secret"), &id)?);
+            }
+            enc.finish()?;
         }
         let name = file.filename().unwrap_or_else(|| file.name().to_string());
         let fs: Arc<dyn Storage> = Arc::new(NodeStorage(file.clone()));
         let pv = qcow2::preview(&*fs, &name).map_err(open_error)?;
         let h = pv.header;
+        let method = match h.crypt_method {
+            qcow2::crypt::METHOD_AES => Some("aes"),
+            qcow2::crypt::METHOD_LUKS => Some("luks"),
+            _ => None,
+        };
+        if let Some((path, f)) = &want_format {
+            if method != Some(f.as_str()) {
+                return Err(BlockError::Open(format!(
+                    "{name}: {path}={f} does not match the image's encryption ({})",
+                    method.unwrap_or("none")
+                )));
+            }
+        }
+        if method.is_some() && key.is_none() && !ctx.flags.no_io {
+            return Err(BlockError::Open(format!(
+                "{name}: Parameter 'encrypt.key-secret' is required for cipher"
+            )));
+        }
+        if method == Some("aes") && !ctx.flags.no_io {
+            ctx.graph.warn(format!(
+                "warning: {name}: qcow2's AES encryption is insecure (it leaks data patterns); convert the image to LUKS"
+            ));
+        }
+        // Metadata only (`info`): not unlocked, as QEMU's
+        // QCRYPTO_BLOCK_OPEN_NO_IO.
+        if !ctx.flags.no_io {
+            o.secret = key.map(|k| qcow2::Secret(k.to_vec()));
+        }
         // External data file.
         let mut data = ctx.open_optional_child("data-file")?;
         if data.is_none() && h.incompatible & qcow2::header::INCOMPAT_DATA_FILE != 0 {
@@ -576,6 +773,7 @@ impl Qcow2Node {
             io,
             meta_prealloc: std::sync::OnceLock::new(),
             loaded_bitmaps: Mutex::new(None),
+            sectors: Default::default(),
         });
         let weak = Arc::downgrade(&node.io);
         node.img.set_alloc_hook(Box::new(move || {
@@ -705,8 +903,10 @@ impl BlockDriver for Qcow2Node {
         self.img.size()
     }
     fn limits(&self) -> Limits {
+        // Encryption works on whole sectors (advertised, e.g. to NBD
+        // clients); `sectors` pads smaller requests.
         Limits {
-            request_alignment: 1,
+            request_alignment: if self.img.is_encrypted() { 512 } else { 1 },
             mem_alignment: 1,
         }
     }
@@ -714,6 +914,11 @@ impl BlockDriver for Qcow2Node {
         self.file.filename()
     }
     fn read_vectored(&self, offset: u64, iov: &mut [IoSliceMut<'_>]) -> BlockResult<()> {
+        if self.img.is_encrypted() {
+            return self
+                .sectors
+                .read(offset, iov, |o, b| self.img.read(o, b).map_err(block_error));
+        }
         let mut off = offset;
         for s in iov.iter_mut() {
             self.img.read(off, s).map_err(block_error)?;
@@ -722,6 +927,14 @@ impl BlockDriver for Qcow2Node {
         Ok(())
     }
     fn write_vectored(&self, offset: u64, iov: &[IoSlice<'_>], fua: bool) -> BlockResult<()> {
+        if self.img.is_encrypted() {
+            return self.sectors.write(
+                offset,
+                iov,
+                |o, b| self.img.read(o, b).map_err(block_error),
+                |o, b| self.img.write(o, b, fua).map_err(block_error),
+            );
+        }
         let mut off = offset;
         if iov.len() > 1 {
             // One write keeps clusters contiguous.
@@ -799,7 +1012,9 @@ impl BlockDriver for Qcow2Node {
                     len,
                     data: true,
                     zero,
-                    offset: Some(host),
+                    // The host bytes of an encrypted image are ciphertext:
+                    // no reader may use them as data.
+                    offset: (!self.img.is_encrypted()).then_some(host),
                     allocated: true,
                     compressed: false,
                 }
@@ -818,6 +1033,11 @@ impl BlockDriver for Qcow2Node {
         self.img.truncate(len).map_err(block_error)
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
+        if self.img.is_encrypted() {
+            // Data passes through the cipher in `read`/`write`: the
+            // mapped path would move ciphertext.
+            return run_on_pool(self, req, done);
+        }
         match req.op {
             IoOp::Read => self.io.clone().submit_read(req, done),
             IoOp::Write if !req.fua && req.flags == IoFlags::NONE => {
@@ -901,14 +1121,15 @@ impl BlockDriver for Qcow2Node {
             .into_iter()
             .map(snapshot_info)
             .collect();
+        let encrypt = encrypt_info(&fs, &h, &name);
         Some(ImageInfo {
             cluster_size: Some(h.cluster_size()),
             backing_file: h.backing_file.clone(),
             backing_format: h.backing_format.clone(),
             dirty: h.incompatible & qcow2::header::INCOMPAT_DIRTY != 0,
             snapshots,
-            specific: Some(("qcow2".into(), specific_info(&h, &bitmaps))),
-            encrypted: false,
+            specific: Some(("qcow2".into(), specific_info(&h, &bitmaps, encrypt))),
+            encrypted: h.crypt_method != 0,
         })
     }
     fn check(&self, repair: Repair) -> BlockResult<CheckResult> {
@@ -974,7 +1195,7 @@ impl BlockDriver for Qcow2Node {
         self.img.close().map_err(block_error)
     }
     fn can_compress(&self) -> bool {
-        true
+        !self.img.is_encrypted()
     }
     fn write_compressed(&self, offset: u64, data: &[u8]) -> BlockResult<()> {
         self.img.write_compressed(offset, data).map_err(block_error)

@@ -325,6 +325,22 @@ impl SectorCipher {
     }
 }
 
+/// The cipher of the legacy AES encryption of qcow (v1) and qcow2
+/// (`crypt_method` 1): AES-128-CBC whose key is the passphrase cut or
+/// padded with zeroes to 16 bytes, each sector's IV its number (plain64).
+/// Insecure (no key derivation, IVs predictable): for reading old images.
+pub fn legacy_aes(passphrase: &[u8]) -> SectorCipher {
+    let mut key = [0u8; 16];
+    let n = passphrase.len().min(16);
+    key[..n].copy_from_slice(&passphrase[..n]);
+    let spec = CipherSpec {
+        key_bytes: 16,
+        mode: Mode::Cbc,
+        ivgen: IvGen::Plain64,
+    };
+    SectorCipher::new(spec, &key)
+}
+
 /// One key slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeySlot {
@@ -599,6 +615,12 @@ impl Luks {
     /// Resize: the guest size follows the file.
     pub fn set_size(&mut self, size: u64) {
         self.size = size;
+    }
+
+    /// The cipher keyed with the master key (for a payload that is not
+    /// the file's own, as qcow2's clusters).
+    pub fn into_cipher(self) -> SectorCipher {
+        self.cipher
     }
 
     /// Decrypt payload sectors read from the file, the first at guest

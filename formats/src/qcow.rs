@@ -17,7 +17,7 @@
 //! converting old images (the caller warns).
 
 use crate::error::{FResult, FormatError};
-use crate::luks::{CipherSpec, IvGen, Mode, SectorCipher};
+use crate::luks::SectorCipher;
 use crate::mapping::{push_run, GuestMap, Piece, Plan, Run, WriteMap};
 use crate::storage::Storage;
 use std::collections::{HashMap, HashSet};
@@ -205,18 +205,7 @@ impl Qcow {
         // caller decides whether that is allowed); its data is refused.
         let cipher = match (h.crypt_method, key) {
             (0, _) | (_, None) => None,
-            (_, Some(k)) => {
-                // The passphrase, cut or padded with zeroes to 16 bytes.
-                let mut key = [0u8; 16];
-                let n = k.len().min(16);
-                key[..n].copy_from_slice(&k[..n]);
-                let spec = CipherSpec {
-                    key_bytes: 16,
-                    mode: Mode::Cbc,
-                    ivgen: IvGen::Plain64,
-                };
-                Some(SectorCipher::new(spec, &key))
-            }
+            (_, Some(k)) => Some(crate::luks::legacy_aes(k)),
         };
         let cs = h.cluster_size();
         Ok(Qcow {

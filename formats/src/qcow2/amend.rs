@@ -147,6 +147,13 @@ impl Qcow2 {
                     self.invalid("Cannot downgrade an image with zstd compression to compat=0.10")
                 );
             }
+            if h.version == 3 && h.crypt_method != 0 && h.nb_snapshots > 0 {
+                // The zero clusters of snapshots are written as zeroes in
+                // place, outside the data path that encrypts.
+                return Err(self.invalid(
+                    "Cannot downgrade an encrypted image with internal snapshots to compat=0.10",
+                ));
+            }
         }
         if version == 3 && h.version == 2 {
             // Upgrade first: a version 2 header cannot record the width.

@@ -5,6 +5,7 @@
 //! header in cluster 0, refcount table, one refcount block, then the L1
 //! table, which is grown to the virtual size through the normal allocator.
 
+use super::crypt::{self, CryptoExt, NewCrypt};
 use super::header::{self, Header};
 use super::{OpenOptions, Qcow2};
 use crate::error::{FResult, FormatError};
@@ -74,6 +75,8 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// preallocation.
     pub prealloc: Prealloc,
+    /// encrypt.format (with the LUKS header already made for LUKS).
+    pub crypt: Option<NewCrypt>,
 }
 
 impl Default for CreateOptions {
@@ -91,6 +94,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             prealloc: Prealloc::Off,
+            crypt: None,
         }
     }
 }
@@ -134,6 +138,16 @@ pub fn validate(o: &CreateOptions) -> FResult<Header> {
     }
     if o.data_file_raw && o.backing_file.is_some() {
         return inval("Backing file and data-file-raw can only be used together with preallocation=off... backing files are not allowed with data-file-raw");
+    }
+    if o.crypt.is_some() && o.prealloc != Prealloc::Off {
+        // QEMU allows it, and its preallocated clusters then read as
+        // garbage: the zeroes on the host are decrypted.
+        return inval("Preallocation is not supported with encryption (preallocated clusters would not read as zeroes)");
+    }
+    if o.crypt.is_some() && o.data_file_raw {
+        return inval(
+            "data-file-raw cannot be used with encryption (the data file would not be a raw image)",
+        );
     }
     if o.backing_format.is_some() && o.backing_file.is_none() {
         return inval("Backing file format not supported for file format 'qcow2'");
@@ -221,6 +235,11 @@ pub fn create(
         None,
         &OpenOptions::default(),
     )?;
+    match &o.crypt {
+        None => {}
+        Some(NewCrypt::Aes) => img.set_crypt_method(crypt::METHOD_AES, None)?,
+        Some(NewCrypt::Luks(blob)) => img.set_crypt_method(crypt::METHOD_LUKS, Some(blob))?,
+    }
     img.truncate(o.size)?;
     if let Some(d) = &data {
         if d.len().map_err(io)? < o.size {
@@ -247,9 +266,42 @@ fn write_zero_data(f: &dyn Storage, off: u64, len: u64) -> std::io::Result<()> {
 }
 
 impl Qcow2 {
+    /// Make a new, still empty image encrypted: record `method` and, for
+    /// LUKS, store the header `blob` in clusters of its own (zero-padded to
+    /// whole clusters, as QEMU does) pointed at by the extension.
+    fn set_crypt_method(&self, method: u32, blob: Option<&[u8]>) -> FResult<()> {
+        let mut m = self.exclusive();
+        if let Some(blob) = blob {
+            let cs = m.cs;
+            let len = blob.len() as u64;
+            let host = m.alloc_clusters(len.div_ceil(cs).max(1))?;
+            let mut padded = blob.to_vec();
+            padded.resize((len.div_ceil(cs).max(1) * cs) as usize, 0);
+            m.file
+                .write_at(host, &padded)
+                .map_err(|e| m.ioe(e, "writing the encryption header"))?;
+            m.h.crypto_ext = Some(
+                CryptoExt {
+                    offset: host,
+                    length: len,
+                }
+                .serialize(),
+            );
+        }
+        m.h.crypt_method = method;
+        m.flush_exact()?;
+        m.write_header()
+    }
+
     /// Map every cluster of `[start, end)` (`preallocation=metadata`), and
     /// reserve or write the host space (`falloc`, `full`).
     pub fn preallocate(&self, start: u64, end: u64, mode: Prealloc) -> FResult<()> {
+        if self.is_encrypted() {
+            return Err(FormatError::Unsupported(format!(
+                "{}: preallocation is not supported with encryption",
+                self.name()
+            )));
+        }
         let cs = self.cluster_size();
         let mut gcl = start / cs;
         let last = end.div_ceil(cs);

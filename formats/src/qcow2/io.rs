@@ -197,10 +197,14 @@ impl Meta {
         match kind {
             Kind::Zero => buf.fill(0),
             Kind::Unalloc => read_backing(self.live_backing(), &self.name, guest, buf)?,
-            Kind::Data { host, .. } => self
-                .data_store()
-                .read_at(host, buf)
-                .map_err(|e| self.ioe(e, "reading data"))?,
+            Kind::Data { host, .. } => {
+                self.data_store()
+                    .read_at(host, buf)
+                    .map_err(|e| self.ioe(e, "reading data"))?;
+                if let Some(c) = self.crypt.get(&self.name)? {
+                    c.decrypt(guest, host, buf);
+                }
+            }
             Kind::Compressed { off, len } => {
                 if ccache.is_none() {
                     let mut c = vec![0u8; self.cs as usize];
@@ -371,7 +375,14 @@ impl Meta {
             let a = off.max(cstart) - cstart;
             let b = end.min(cstart + cs) - cstart;
             handled_end = cstart + b;
-            if nsc == 1 && reuse.is_none() && (a > 0 || b < cs) && self.reads_zero(e, bm, cstart)? {
+            // (Not for encrypted images: zeroes on the host are not zeroes
+            // once decrypted.)
+            if nsc == 1
+                && reuse.is_none()
+                && !self.crypt.encrypted()
+                && (a > 0 || b < cs)
+                && self.reads_zero(e, bm, cstart)?
+            {
                 // A new cluster whose copy-on-write areas are zeroes: zero
                 // the whole cluster on the host (one fallocate, no data)
                 // and write only the guest's bytes, as QEMU does.
@@ -445,12 +456,14 @@ impl Meta {
                 .then_some(u.1 & OFFSET_MASK);
             self.allocating.insert(u.0, join);
         }
+        let first_new = next_new - new_count * cs;
         Ok(Some(AllocJob {
             zero_first,
             writes,
             updates,
-            new: (next_new - new_count * cs, new_count),
+            new: (first_new, new_count),
             handled: handled_end - off,
+            base: (plan[0].3.unwrap_or(first_new), gcl0 * cs),
         }))
     }
 
@@ -527,6 +540,18 @@ pub(crate) struct AllocJob {
     new: (u64, u64),
     /// Guest bytes the job covers.
     handled: u64,
+    /// The host and guest offsets of its first cluster: a job's clusters
+    /// are consecutive on both sides (one reused cluster, or new ones
+    /// allocated together), so each write's guest offset follows from its
+    /// host offset (for the IVs of guest-offset encryption).
+    base: (u64, u64),
+}
+
+impl AllocJob {
+    /// The guest offset of the job's bytes at host offset `host`.
+    fn guest_of(&self, host: u64) -> u64 {
+        host - self.base.0 + self.base.1
+    }
 }
 
 /// Read the compressed data of one cluster (`len` bytes at `off`, bounded)
@@ -643,7 +668,26 @@ impl Qcow2 {
     /// ticket that keeps their host clusters from being reused until the
     /// caller has finished reading them (drop it then). `Unalloc` runs
     /// read from the backing file (zeroes past its end or without one).
+    /// Plain images only: the data of an encrypted one is read through
+    /// [`Qcow2::read`].
     pub fn map_read(&self, offset: u64, len: u64) -> FResult<(Vec<Piece>, Ticket)> {
+        self.plain_only()?;
+        self.map_pieces(offset, len)
+    }
+
+    /// Refuse the asynchronous entry points, which hand host offsets to
+    /// callers that would read or write ciphertext as data.
+    fn plain_only(&self) -> FResult<()> {
+        if self.crypt.encrypted() {
+            return Err(FormatError::Unsupported(format!(
+                "{}: the data of an encrypted image is not mapped for direct I/O",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
+    fn map_pieces(&self, offset: u64, len: u64) -> FResult<(Vec<Piece>, Ticket)> {
         let mut m = self.lock();
         self.check_range(offset, len, m.h.size)?;
         let mut pieces: Vec<Piece> = Vec::new();
@@ -681,6 +725,7 @@ impl Qcow2 {
     /// [`Qcow2::map_read`].
     pub fn map_overwrite(&self, offset: u64, len: u64) -> FResult<Overwrite> {
         self.writable()?;
+        self.plain_only()?;
         let mut m = self.lock();
         self.check_range(offset, len, m.h.size)?;
         let first = offset / self.cs;
@@ -720,6 +765,7 @@ impl Qcow2 {
     /// to be read first: use [`Qcow2::write`] then.
     pub fn plan_write(&self, offset: u64, src: &[u8]) -> FResult<WritePlan> {
         self.writable()?;
+        self.plain_only()?;
         let len = src.len() as u64;
         let mut m = self.lock();
         self.check_range(offset, len, m.h.size)?;
@@ -836,19 +882,36 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Encrypted images take whole sectors only (the block driver's
+    /// request alignment).
+    fn check_sectors(&self, offset: u64, len: u64) -> FResult<()> {
+        if self.crypt.encrypted() && !(offset | len).is_multiple_of(crate::luks::SECTOR) {
+            return Err(FormatError::Invalid(format!(
+                "{}: encrypted images are read and written in whole 512-byte sectors (offset {offset} length {len})",
+                self.name
+            )));
+        }
+        Ok(())
+    }
+
     /// Read guest bytes.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> FResult<()> {
-        let (pieces, ticket) = self.map_read(offset, buf.len() as u64)?;
+        self.check_sectors(offset, buf.len() as u64)?;
+        let (pieces, ticket) = self.map_pieces(offset, buf.len() as u64)?;
         for p in pieces {
             let a = (p.offset - offset) as usize;
             let part = &mut buf[a..a + p.len as usize];
             match p.kind {
                 Kind::Unalloc => read_backing(self.live_backing(), &self.name, p.offset, part)?,
                 Kind::Zero => part.fill(0),
-                Kind::Data { host, .. } => self
-                    .store()
-                    .read_at(host, part)
-                    .map_err(|e| FormatError::io(e, format!("{}: reading data", self.name)))?,
+                Kind::Data { host, .. } => {
+                    self.store()
+                        .read_at(host, part)
+                        .map_err(|e| FormatError::io(e, format!("{}: reading data", self.name)))?;
+                    if let Some(c) = self.crypt.get(&self.name)? {
+                        c.decrypt(p.offset, host, part);
+                    }
+                }
                 Kind::Compressed { off, len } => {
                     self.read_compressed_part(off, len, p.offset, part)?
                 }
@@ -863,6 +926,17 @@ impl Qcow2 {
         self.writable()?;
         let size = self.size();
         self.check_range(offset, data.len() as u64, size)?;
+        self.check_sectors(offset, data.len() as u64)?;
+        let crypt = self.crypt.get(&self.name)?;
+        // Ciphertext of `bytes` for host offset `host` (guest `guest`), or
+        // the bytes themselves on a plain image.
+        let sealed = |guest: u64, host: u64, bytes: &[u8]| -> Vec<u8> {
+            let mut v = bytes.to_vec();
+            if let Some(c) = crypt {
+                c.encrypt(guest, host, &mut v);
+            }
+            v
+        };
         let mut done = 0usize;
         while done < data.len() {
             let off = offset + done as u64;
@@ -872,9 +946,12 @@ impl Qcow2 {
             if let Some((host, n)) = m.inplace(off, rest.len() as u64)? {
                 let _t = self.gate.ticket();
                 drop(m);
-                self.store()
-                    .write_at(host, &rest[..n as usize])
-                    .map_err(|e| FormatError::io(e, format!("{}: writing data", self.name)))?;
+                let part = &rest[..n as usize];
+                let r = match crypt {
+                    Some(_) => self.store().write_at(host, &sealed(off, host, part)),
+                    None => self.store().write_at(host, part),
+                };
+                r.map_err(|e| FormatError::io(e, format!("{}: writing data", self.name)))?;
                 done += n as usize;
                 continue;
             }
@@ -897,7 +974,11 @@ impl Qcow2 {
                 }
             }
             for (h, d) in job.writes.iter().filter(|_| r.is_ok()) {
-                if let Err(e) = store.write_at(*h, d.bytes(rest)) {
+                let w = match crypt {
+                    Some(_) => store.write_at(*h, &sealed(job.guest_of(*h), *h, d.bytes(rest))),
+                    None => store.write_at(*h, d.bytes(rest)),
+                };
+                if let Err(e) = w {
                     r = Err(FormatError::io(e, format!("{}: writing data", self.name)));
                     break;
                 }
@@ -920,6 +1001,12 @@ impl Qcow2 {
     /// compress are written normally.
     pub fn write_compressed(&self, offset: u64, data: &[u8]) -> FResult<()> {
         self.writable()?;
+        if self.crypt.encrypted() {
+            return Err(FormatError::Unsupported(format!(
+                "{}: Compression and encryption not supported at the same time",
+                self.name
+            )));
+        }
         let cs = self.cs;
         if !offset.is_multiple_of(cs) {
             return Err(FormatError::Invalid(format!(

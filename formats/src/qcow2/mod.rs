@@ -17,6 +17,7 @@
 //! * [`check`]: consistency check and repair (`qemu-img check`).
 //! * [`overlap`]: the overlap checks before writes (`overlap-check`).
 //! * [`create`]: image creation with qemu-img's options.
+//! * [`crypt`]: encrypted data clusters (LUKS, legacy AES).
 //! * [`amend`]: in-place metadata changes (backing file, version, lazy
 //!   refcounts, refcount width), emptying an image, read-only snapshot load.
 //! * [`fuzz`]: the hostile-image harness (fuzz target, corpus test).
@@ -75,6 +76,7 @@ pub mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod crypt;
 pub mod fuzz;
 pub mod gate;
 pub mod header;
@@ -156,6 +158,19 @@ pub struct OpenOptions {
     pub overlap_check: u32,
     /// `lazy-refcounts`: `None` follows the image's compatible bit.
     pub lazy_refcounts: Option<bool>,
+    /// `encrypt.key-secret`'s passphrase: an encrypted image opened
+    /// without it serves its metadata only.
+    pub secret: Option<Secret>,
+}
+
+/// A passphrase, kept out of `Debug` output.
+#[derive(Clone, Default)]
+pub struct Secret(pub Vec<u8>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl Default for OpenOptions {
@@ -171,6 +186,7 @@ impl Default for OpenOptions {
             allow_corrupt: false,
             overlap_check: overlap::CACHED,
             lazy_refcounts: None,
+            secret: None,
         }
     }
 }
@@ -268,6 +284,36 @@ pub struct Meta {
     pub(crate) bitmaps_ext: Option<bitmap::BitmapsExt>,
     /// The bitmap directory (empty without `bitmaps_ext`).
     pub(crate) bitmaps: Vec<bitmap::Bitmap>,
+    /// The data cipher ([`crypt`]), shared with [`Qcow2`].
+    pub(crate) crypt: CryptState,
+}
+
+/// An image's encryption as this open sees it.
+#[derive(Clone)]
+pub(crate) enum CryptState {
+    /// Not encrypted.
+    Plain,
+    /// Encrypted and unlocked.
+    Keyed(Arc<crypt::Crypt>),
+    /// Encrypted, opened without the secret: data I/O is refused.
+    Locked,
+}
+
+impl CryptState {
+    /// The cipher for data I/O: `None` for a plain image, an error naming
+    /// the image when it was opened without its secret.
+    pub(crate) fn get(&self, name: &str) -> FResult<Option<&crypt::Crypt>> {
+        match self {
+            CryptState::Plain => Ok(None),
+            CryptState::Keyed(c) => Ok(Some(c)),
+            CryptState::Locked => Err(FormatError::Invalid(format!(
+                "{name}: the image is encrypted and was opened without encrypt.key-secret"
+            ))),
+        }
+    }
+    pub(crate) fn encrypted(&self) -> bool {
+        !matches!(self, CryptState::Plain)
+    }
 }
 
 /// See [`Qcow2::set_alloc_hook`].
@@ -294,6 +340,8 @@ pub struct Qcow2 {
     /// `auto` bitmaps still to be marked in use before the first change of
     /// guest data (see [`bitmap`]).
     bitmaps_pending: std::sync::atomic::AtomicBool,
+    /// The data cipher (the same as [`Meta`]'s).
+    crypt: CryptState,
 }
 
 impl Meta {
@@ -536,11 +584,11 @@ impl Qcow2 {
         let pv = preview(&*file, name)?;
         let h = pv.header;
         let cs = h.cluster_size();
-        if h.crypt_method != 0 {
-            return Err(FormatError::Unsupported(format!(
-                "{name}: encrypted qcow2 images are not supported"
-            )));
-        }
+        let crypt = match crypt::open(&*file, &h, o.secret.as_ref().map(|s| &s.0[..]), name)? {
+            Some(c) => CryptState::Keyed(Arc::new(c)),
+            None if h.crypt_method != crypt::METHOD_NONE => CryptState::Locked,
+            None => CryptState::Plain,
+        };
         let has_df = h.incompatible & header::INCOMPAT_DATA_FILE != 0;
         if has_df && data.is_none() {
             return Err(FormatError::Invalid(format!(
@@ -619,6 +667,7 @@ impl Qcow2 {
             alloc_end: 0,
             bitmaps_ext: None,
             bitmaps: Vec::new(),
+            crypt: crypt.clone(),
             h,
         };
         (m.snapshots, m.snapshots_size) = snapshot::read_table(&m)?;
@@ -658,6 +707,7 @@ impl Qcow2 {
             ctype,
             read_only: std::sync::atomic::AtomicBool::new(o.read_only),
             bitmaps_pending: std::sync::atomic::AtomicBool::new(pending),
+            crypt,
         })
     }
 
@@ -754,6 +804,11 @@ impl Qcow2 {
     /// or found so by this process).
     pub fn is_corrupt(&self) -> bool {
         self.lock().corrupt.get()
+    }
+    /// Its data clusters are encrypted ([`crypt`]): whole 512-byte
+    /// sectors only, through [`Qcow2::read`] and [`Qcow2::write`].
+    pub fn is_encrypted(&self) -> bool {
+        self.crypt.encrypted()
     }
     /// Opened read-only.
     pub fn is_read_only(&self) -> bool {
