@@ -67,8 +67,11 @@ pub struct ConvertArgs {
     /// Internal snapshot of the source to convert.
     #[arg(short = 'l')]
     pub snapshot: Option<String>,
-    /// Sources, then the target.
-    #[arg(num_args = 2.., required = true)]
+    /// Sources, then the target. Options may come between them (`-f
+    /// dmg x.dmg -O raw out`), as qemu-img's getopt permits: clap counts
+    /// the names before and after an option apart, so at least one each,
+    /// and `convert` checks that there are two.
+    #[arg(num_args = 1.., required = true)]
     pub files: Vec<String>,
 }
 
@@ -442,6 +445,9 @@ pub fn convert(a: ConvertArgs) -> R<i32> {
     if super::create::wants_help(&a.options) {
         print!("{}", block::format::options_help(class.create_options()));
         return Ok(0);
+    }
+    if a.files.len() < 2 {
+        return fail("Must specify image file name");
     }
     if a.backing.is_some() && !class.supports_backing() {
         return fail(format!(
