@@ -441,7 +441,7 @@ fn an_empty_disk_opens() {
 /// The seeds of fuzz/corpus/dmg_open, written to the directory named by
 /// STRATA_DMG_SEEDS (how the committed ones were made).
 fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    let [(_, _), (lz1, _)] = lzfse_samples();
+    let [(lz8, _), (lz1, _)] = lzfse_samples();
     let small = |form| {
         build(
             &[
@@ -469,6 +469,18 @@ fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         ("plist-every-kind.dmg", small(Form::Plist)),
         ("rsrc-every-kind.dmg", small(Form::ResourceFork)),
+        // The FSE decoder's input (the other seeds have an LZVN block).
+        (
+            "rsrc-lzfse.dmg",
+            build(
+                &[Table {
+                    first_sector: 0,
+                    chunks: vec![Chunk::new(LZFSE, 16, lz8), Chunk::new(ZERO, 4, vec![])],
+                }],
+                20,
+                Form::ResourceFork,
+            ),
+        ),
         (
             "plist-zero-disk.dmg",
             one_table(vec![Chunk::new(ZERO, 1 << 20, vec![])], 1 << 20),
