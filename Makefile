@@ -2,6 +2,7 @@
 # Each installs what it needs (Debian packages, Rust components) first.
 # qemu-system-data provides the option ROMs (linuxboot_dma.bin,
 # multiboot_dma.bin) that boot -kernel through SeaBIOS.
+# bzip2: the tests unpack the sample images and compress dmg chunks with it.
 
 CARGO ?= cargo
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -14,7 +15,7 @@ QMP_VENV := target/qmp-venv
 # rpcbind and tgt are the servers the ssh, nfs and iscsi driver tests run.
 # qemu-block-extra (qemu-img's rbd, curl, ssh, nfs and iscsi drivers, the
 # tests' oracle) is installed below, at qemu-utils' own version.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind tgt
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils bzip2 strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind tgt
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
@@ -85,7 +86,7 @@ qtest-peer: deps
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
 # them. AddressSanitizer stays on.
 FUZZ_SECONDS ?= 15
-FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto iscsi_pdu net_uri nfs_rpc qmp_input web_headers bochs_open cloop_open parallels_open luks_open qed_open qcow_open
+FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto iscsi_pdu net_uri nfs_rpc qmp_input web_headers bochs_open cloop_open dmg_open parallels_open luks_open qed_open qcow_open
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 # -timeout: one input running longer is a hang; -rss_limit_mb bounds
 # memory. New inputs go to fuzz/out/TARGET, never into the committed

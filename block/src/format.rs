@@ -439,6 +439,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         Arc::new(crate::qcow::QcowClass),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::bochs::Bochs>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::cloop::Cloop>::new()),
+        Arc::new(crate::readonly::ReadOnlyClass::<formats::dmg::Dmg>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<
             formats::parallels::Parallels,
         >::new()),

@@ -1,5 +1,5 @@
 //! The read-only formats' driver: one class and one node for every
-//! format that only reads (`bochs`, `cloop`, `parallels`), adapting a
+//! format that only reads (`bochs`, `cloop`, `dmg`, `parallels`), adapting a
 //! [`formats::mapping::ReadOnlyMap`] to the graph. The format supplies
 //! its probe, its open and its `info` facts ([`ReadOnlyFormat`]); the
 //! node supplies the `file` child, the asynchronous data path (the same
@@ -23,9 +23,9 @@ use std::sync::Arc;
 pub trait ReadOnlyFormat: ReadOnlyMap + Sized {
     /// The `driver=` name.
     const NAME: &'static str;
-    /// How sure the format is that a file starting with `head` is one of
-    /// its images (0 to 100).
-    fn probe(head: &[u8]) -> u32;
+    /// How sure the format is that a file starting with `head`, named
+    /// `filename`, is one of its images (0 to 100).
+    fn probe(head: &[u8], filename: &str) -> u32;
     /// Open the image stored in `file`, named `name` in errors.
     fn open(name: &str, file: Arc<dyn Storage>) -> FResult<Self>;
     /// What `info` shows.
@@ -60,8 +60,8 @@ impl<F: ReadOnlyFormat> DriverClass for ReadOnlyClass<F> {
     fn open(&self, ctx: &mut OpenCtx<'_>) -> BlockResult<Arc<dyn BlockDriver>> {
         ReadOnlyNode::<F>::open(ctx)
     }
-    fn probe(&self, head: &[u8], _filename: &str) -> u32 {
-        F::probe(head)
+    fn probe(&self, head: &[u8], filename: &str) -> u32 {
+        F::probe(head, filename)
     }
 }
 
@@ -168,7 +168,7 @@ impl<F: ReadOnlyFormat> BlockDriver for ReadOnlyNode<F> {
 
 impl ReadOnlyFormat for formats::bochs::Bochs {
     const NAME: &'static str = "bochs";
-    fn probe(head: &[u8]) -> u32 {
+    fn probe(head: &[u8], _filename: &str) -> u32 {
         formats::bochs::probe(head)
     }
     fn open(name: &str, file: Arc<dyn Storage>) -> FResult<Self> {
@@ -178,8 +178,19 @@ impl ReadOnlyFormat for formats::bochs::Bochs {
 
 impl ReadOnlyFormat for formats::cloop::Cloop {
     const NAME: &'static str = "cloop";
-    fn probe(head: &[u8]) -> u32 {
+    fn probe(head: &[u8], _filename: &str) -> u32 {
         formats::cloop::probe(head)
+    }
+    fn open(name: &str, file: Arc<dyn Storage>) -> FResult<Self> {
+        Self::open(name, file)
+    }
+}
+
+impl ReadOnlyFormat for formats::dmg::Dmg {
+    const NAME: &'static str = "dmg";
+    /// UDIF has no magic at the start: QEMU goes by the file name.
+    fn probe(_head: &[u8], filename: &str) -> u32 {
+        formats::dmg::probe(filename)
     }
     fn open(name: &str, file: Arc<dyn Storage>) -> FResult<Self> {
         Self::open(name, file)
@@ -188,7 +199,7 @@ impl ReadOnlyFormat for formats::cloop::Cloop {
 
 impl ReadOnlyFormat for formats::parallels::Parallels {
     const NAME: &'static str = "parallels";
-    fn probe(head: &[u8]) -> u32 {
+    fn probe(head: &[u8], _filename: &str) -> u32 {
         formats::parallels::probe(head)
     }
     fn open(name: &str, file: Arc<dyn Storage>) -> FResult<Self> {

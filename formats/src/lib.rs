@@ -7,6 +7,7 @@
 pub mod bochs;
 pub mod check;
 pub mod cloop;
+pub mod dmg;
 pub mod error;
 pub mod luks;
 pub mod mapping;

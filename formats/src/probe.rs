@@ -4,7 +4,9 @@
 //! `docs/interop/qcow2.txt`, QED, VMDK, VDI, VHDX, VHD "conectix", Parallels,
 //! Bochs, cloop, LUKS) as QEMU's `bdrv_probe_all` recognises them. A file
 //! that matches none of them is raw, which is exactly why writes that create
-//! such a header in sector 0 of a probed raw image must be refused.
+//! such a header in sector 0 of a probed raw image must be refused. dmg
+//! has no magic at the start of the file: QEMU probes it by the file name
+//! alone (`dmg::probe`, which the block layer's probe asks with the name).
 
 /// How many bytes probing looks at (QEMU's `BLOCK_PROBE_BUF_SIZE`).
 pub const PROBE_BUF_SIZE: usize = 512;

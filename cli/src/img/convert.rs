@@ -67,9 +67,11 @@ pub struct ConvertArgs {
     /// Internal snapshot of the source to convert.
     #[arg(short = 'l')]
     pub snapshot: Option<String>,
-    /// Sources, then the target.
-    /// (Options may come between them, as qemu-img's getopt allows.)
-    #[arg(required = true)]
+    /// Sources, then the target. Options may come between them (`-f
+    /// dmg x.dmg -O raw out`), as qemu-img's getopt permits: clap counts
+    /// the names before and after an option apart, so at least one each,
+    /// and `convert` checks that there are two.
+    #[arg(num_args = 1.., required = true)]
     pub files: Vec<String>,
 }
 
