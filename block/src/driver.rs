@@ -325,6 +325,12 @@ pub trait BlockDriver: Send + Sync + 'static {
             self.driver_name()
         )))
     }
+    /// Whether [`BlockDriver::load_bitmaps`] writes nothing, so that a
+    /// read-only node's bitmaps load too (parallels' format extension).
+    /// Default: no (qcow2 marks its bitmaps in use).
+    fn bitmaps_load_read_only(&self) -> bool {
+        false
+    }
     /// The persistent dirty bitmaps stored in the image, to track writes
     /// in while it is open (they are marked in use on disk meanwhile).
     /// Default: the format has none.

@@ -596,7 +596,9 @@ impl BlockGraph {
             )));
         }
         let node = Node::new(node_name.clone(), auto, drv, common, children);
-        if self.load_bitmaps.load(Ordering::Relaxed) && !node.is_read_only() {
+        if self.load_bitmaps.load(Ordering::Relaxed)
+            && (!node.is_read_only() || node.driver().bitmaps_load_read_only())
+        {
             match node.driver().load_bitmaps() {
                 Ok(list) => {
                     for b in list {
