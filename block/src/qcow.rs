@@ -53,6 +53,9 @@ impl DriverClass for QcowClass {
     fn probe(&self, head: &[u8], _filename: &str) -> u32 {
         qcow::probe(head)
     }
+    fn can_compress(&self) -> bool {
+        true
+    }
     fn create_options(&self) -> &'static [OptSpec] {
         QCOW_OPTS
     }
@@ -204,6 +207,12 @@ impl BlockDriver for QcowNode {
     }
     fn flush(&self) -> BlockResult<()> {
         self.img.flush().map_err(block_error)
+    }
+    fn can_compress(&self) -> bool {
+        !self.img.is_encrypted()
+    }
+    fn write_compressed(&self, offset: u64, data: &[u8]) -> BlockResult<()> {
+        self.img.write_compressed(offset, data).map_err(block_error)
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
         if let Some(e) = past_end(self.img.size(), offset, len) {

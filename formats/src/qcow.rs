@@ -44,6 +44,16 @@ pub fn probe(head: &[u8]) -> u32 {
 fn be32(b: &[u8], at: usize) -> u64 {
     u64::from(u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]))
 }
+/// `data` deflated raw (no zlib header), as qcow's compressed clusters
+/// hold it.
+fn deflate_raw(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    // Writing into a Vec cannot fail.
+    let _ = e.write_all(data);
+    e.finish().unwrap_or_default()
+}
+
 fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
 }
@@ -396,7 +406,7 @@ impl Qcow {
             if let Some(ci) = &self.cipher {
                 ci.encrypt(guest / SECTOR, &mut whole);
             }
-            let a = self.allocate(&mut st, c);
+            let a = self.allocate(&mut st, c, None);
             let host = a.clusters[0].1;
             let r = self
                 .file
@@ -411,18 +421,82 @@ impl Qcow {
         Ok(())
     }
 
-    fn allocate(&self, st: &mut State, c: u64) -> Alloc {
+    /// Write whole clusters compressed (cluster-aligned `off`; the last
+    /// cluster may end at the end of the image), as qemu-img's `convert
+    /// -c`: each cluster deflated raw and stored at the end of the file,
+    /// in whole sectors; one that does not shrink is written plainly, as
+    /// QEMU does. Not for AES images (QEMU refuses the combination).
+    pub fn write_compressed(&self, off: u64, data: &[u8]) -> FResult<()> {
+        self.check_range(off, data.len() as u64)?;
+        self.writable()?;
+        let cs = self.h.cluster_size();
+        if self.is_encrypted() {
+            return Err(FormatError::Unsupported(format!(
+                "{}: Compression and encryption not supported at the same time",
+                self.name
+            )));
+        }
+        if !off.is_multiple_of(cs) {
+            return Err(FormatError::Invalid(format!(
+                "{}: compressed writes must be cluster aligned",
+                self.name
+            )));
+        }
+        for (i, chunk) in data.chunks(cs as usize).enumerate() {
+            let guest = off + i as u64 * cs;
+            let mut whole = chunk.to_vec();
+            whole.resize(cs as usize, 0);
+            let z = deflate_raw(&whole);
+            // The size field has `cluster_bits` bits: a cluster that does
+            // not shrink is stored as it is.
+            if z.len() as u64 >= cs {
+                self.write(guest, chunk)?;
+                continue;
+            }
+            let c = guest / cs;
+            let mut st = self.lock();
+            while st.busy.contains(&c) || st.busy_l1.contains(&self.split(c).0) {
+                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            let mut a = self.allocate(&mut st, c, Some(z.len() as u64));
+            let host = a.clusters[0].1;
+            a.clusters[0].1 = COMPRESSED | ((z.len() as u64) << (63 - self.h.cluster_bits)) | host;
+            let mut padded = z;
+            padded.resize(padded.len().div_ceil(SECTOR as usize) * SECTOR as usize, 0);
+            let r = self
+                .file
+                .write_at(host, &padded)
+                .map_err(|er| self.io(er, "write error"))
+                .and_then(|()| self.link(&mut st, &a));
+            self.release(&mut st, &a);
+            drop(st);
+            self.done.notify_all();
+            r?;
+        }
+        Ok(())
+    }
+
+    /// Space at the end of the file for guest cluster `c` (and its L2
+    /// table if it has none): a whole cluster, or with `compressed` that
+    /// many bytes in whole sectors, packed after the previous compressed
+    /// cluster as qemu-img packs them. Tables and plain clusters start on
+    /// a cluster boundary.
+    fn allocate(&self, st: &mut State, c: u64, compressed: Option<u64>) -> Alloc {
         let cs = self.h.cluster_size();
         let (i1, _) = self.split(c);
         let mut a = Alloc::default();
         if st.l1[i1 as usize] == 0 && !st.busy_l1.contains(&i1) {
-            let t = st.file_end;
-            st.file_end += (self.h.l2_entries() * 8).div_ceil(cs) * cs;
+            let t = st.file_end.div_ceil(cs) * cs;
+            st.file_end = t + (self.h.l2_entries() * 8).div_ceil(cs) * cs;
             st.busy_l1.insert(i1);
             a.tables.push((i1, t));
         }
-        a.clusters.push((c, st.file_end));
-        st.file_end += cs;
+        let (at, len) = match compressed {
+            Some(n) => (st.file_end, n.div_ceil(SECTOR) * SECTOR),
+            None => (st.file_end.div_ceil(cs) * cs, cs),
+        };
+        a.clusters.push((c, at));
+        st.file_end = at + len;
         st.busy.insert(c);
         a
     }
@@ -550,7 +624,7 @@ impl GuestMap for Qcow {
                 writes.push((c * cs + inc, e + inc, n));
                 continue;
             }
-            let a = self.allocate(&mut st, c);
+            let a = self.allocate(&mut st, c, None);
             writes.push((c * cs + inc, a.clusters[0].1 + inc, n));
             alloc.clusters.extend(a.clusters);
             alloc.tables.extend(a.tables);
@@ -649,6 +723,8 @@ pub fn fuzz_open(data: &[u8]) {
             let n = img.size().min(5000) as usize;
             crate::error::named(NAME, img.write(0, &vec![0x5a; n]));
             crate::error::named(NAME, img.write(img.size() - 512, &[1u8; 512]));
+            let cn = img.cluster_size().min(img.size()).min(1 << 20) as usize;
+            crate::error::named(NAME, img.write_compressed(0, &vec![0x33; cn]));
             crate::error::named(NAME, img.read(0, &mut buf));
         }
     }
