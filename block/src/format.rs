@@ -440,9 +440,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
         Arc::new(crate::readonly::ReadOnlyClass::<formats::bochs::Bochs>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::cloop::Cloop>::new()),
         Arc::new(crate::readonly::ReadOnlyClass::<formats::dmg::Dmg>::new()),
-        Arc::new(crate::readonly::ReadOnlyClass::<
-            formats::parallels::Parallels,
-        >::new()),
+        Arc::new(crate::parallels::ParallelsClass),
         filter("blkdebug", crate::blkdebug::BlkdebugNode::open),
         filter("throttle", crate::filters::ThrottleFilter::open),
         filter("copy-on-read", crate::filters::CopyOnRead::open),

@@ -75,6 +75,7 @@ pub mod nfs;
 pub mod node;
 pub mod null;
 pub mod objects;
+pub mod parallels;
 pub mod qcow;
 pub mod qcow2;
 pub mod qed;

@@ -1,11 +1,10 @@
 //! The read-only formats' driver: one class and one node for every
-//! format that only reads (`bochs`, `cloop`, `dmg`, `parallels`), adapting a
+//! format that only reads (`bochs`, `cloop`, `dmg`), adapting a
 //! [`formats::mapping::ReadOnlyMap`] to the graph. The format supplies
 //! its probe, its open and its `info` facts ([`ReadOnlyFormat`]); the
 //! node supplies the `file` child, the asynchronous data path (the same
-//! [`MappedIo`] as the writable mapped formats), block status, the
-//! refusal of writes, and the image's own dirty bitmaps (parallels'
-//! format extension) handed to the block layer.
+//! [`MappedIo`] as the writable mapped formats), block status and the
+//! refusal of writes.
 
 use crate::driver::{BlockDriver, Completion, Extent, IoRequest};
 use crate::error::{BlockError, BlockResult};
@@ -32,12 +31,6 @@ pub trait ReadOnlyFormat: ReadOnlyMap + Sized {
     /// What `info` shows.
     fn info(&self) -> ImageInfo {
         ImageInfo::default()
-    }
-    /// The dirty bitmaps the image carries, read from `file`: (name,
-    /// granularity in bytes, bits least significant first). Not
-    /// persistent: these formats are never written.
-    fn bitmaps(&self, _file: &dyn Storage) -> FResult<Vec<(String, u64, Vec<u8>)>> {
-        Ok(Vec::new())
     }
 }
 
@@ -171,27 +164,6 @@ impl<F: ReadOnlyFormat> BlockDriver for ReadOnlyNode<F> {
     fn info(&self) -> Option<ImageInfo> {
         Some(self.img.0.info())
     }
-    fn bitmaps_load_read_only(&self) -> bool {
-        true
-    }
-    fn load_bitmaps(&self) -> BlockResult<Vec<crate::bitmap::DirtyBitmap>> {
-        let file = NodeStorage(self.file.clone());
-        let mut out = Vec::new();
-        for (name, granularity, bytes) in self.img.0.bitmaps(&file).map_err(open_error)? {
-            let d = crate::bitmap::DirtyBitmap::new(&name, self.img.0.size(), granularity, false)?;
-            let words: Vec<u64> = bytes
-                .chunks(8)
-                .map(|c| {
-                    let mut w = [0u8; 8];
-                    w[..c.len()].copy_from_slice(c);
-                    u64::from_le_bytes(w)
-                })
-                .collect();
-            d.set_words(&words);
-            out.push(d);
-        }
-        Ok(out)
-    }
 }
 
 impl ReadOnlyFormat for formats::bochs::Bochs {
@@ -222,30 +194,5 @@ impl ReadOnlyFormat for formats::dmg::Dmg {
     }
     fn open(name: &str, file: Arc<dyn Storage>) -> FResult<Self> {
         Self::open(name, file)
-    }
-}
-
-impl ReadOnlyFormat for formats::parallels::Parallels {
-    const NAME: &'static str = "parallels";
-    fn probe(head: &[u8], _filename: &str) -> u32 {
-        formats::parallels::probe(head)
-    }
-    fn open(name: &str, file: Arc<dyn Storage>) -> FResult<Self> {
-        Self::open(name, file)
-    }
-    /// QEMU shows no cluster size for parallels images.
-    fn info(&self) -> ImageInfo {
-        ImageInfo {
-            dirty: self.is_dirty(),
-            ..Default::default()
-        }
-    }
-    /// The format extension's dirty bitmaps, named by their ids.
-    fn bitmaps(&self, file: &dyn Storage) -> FResult<Vec<(String, u64, Vec<u8>)>> {
-        let mut out = Vec::new();
-        for b in self.bitmaps() {
-            out.push((b.name.clone(), b.granularity, self.load_bitmap(file, b)?));
-        }
-        Ok(out)
     }
 }

@@ -352,5 +352,10 @@ pub fn bench(a: BenchArgs) -> R<i32> {
     if !a.quiet {
         println!("Run completed in {secs:3.3} seconds.");
     }
+    // A clean close, as qemu-img's: formats clear their in-use marks
+    // (qed's need-check, parallels' in-use) and write metadata back.
+    if let Some(root) = blk.root() {
+        root.close().map_err(|e| Fail(e.to_string(), 1))?;
+    }
     Ok(0)
 }
