@@ -25,6 +25,7 @@ pub mod irq;
 pub mod legacy;
 pub mod lsi;
 pub mod media;
+pub mod migration;
 pub mod pci;
 pub mod scsi;
 pub mod system;
