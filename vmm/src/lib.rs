@@ -11,6 +11,7 @@ pub mod harness;
 pub mod kvm;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod monitor;
 pub mod mptable;
 pub mod qtest;
