@@ -15,7 +15,10 @@ QMP_VENV := target/qmp-venv
 # rpcbind and tgt are the servers the ssh, nfs and iscsi driver tests run.
 # qemu-block-extra (qemu-img's rbd, curl, ssh, nfs and iscsi drivers, the
 # tests' oracle) is installed below, at qemu-utils' own version.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils bzip2 strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind tgt
+# mtools and dosfstools: the vvfat tests read the FAT images Strata makes
+# with mtools (mdir, mcopy) and check them with fsck.vfat, and build the
+# guest's changes with mtools.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils bzip2 strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind tgt mtools dosfstools
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
