@@ -37,9 +37,23 @@ fn mtool(cmd: &str, img: &str, offset: u64, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("{cmd}: {e} (make deps installs mtools)"))
 }
 
+/// A file's contents in brief (so that a failed comparison reads well):
+/// its length and an FNV-1a hash; "dir" for a directory.
+fn brief(data: Option<&[u8]>) -> String {
+    match data {
+        None => "dir".into(),
+        Some(d) => {
+            let h = d.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            format!("{} bytes, {h:016x}", d.len())
+        }
+    }
+}
+
 /// Every file and directory of the FAT image at `offset`, by path, with
-/// the file contents (directories: `None`), as mtools reads them.
-fn fat_tree(img: &str, offset: u64) -> BTreeMap<String, Option<Vec<u8>>> {
+/// the file contents in brief, as mtools reads them.
+fn fat_tree(img: &str, offset: u64) -> BTreeMap<String, String> {
     let o = mtool("mdir", img, offset, &["-/", "-b", "::"]);
     let list = ok(&o, &format!("mdir {img}"));
     let mut out = BTreeMap::new();
@@ -48,10 +62,10 @@ fn fat_tree(img: &str, offset: u64) -> BTreeMap<String, Option<Vec<u8>>> {
             continue;
         };
         if let Some(d) = p.strip_suffix('/') {
-            out.insert(d.to_string(), None);
+            out.insert(d.to_string(), brief(None));
         } else {
             let o = mtool("mcopy", img, offset, &["-n", &format!("::/{p}"), "-"]);
-            out.insert(p.to_string(), Some(o.stdout.clone()));
+            out.insert(p.to_string(), brief(Some(&o.stdout)));
             ok(&o, &format!("mcopy {p} from {img}"));
         }
     }
@@ -59,16 +73,16 @@ fn fat_tree(img: &str, offset: u64) -> BTreeMap<String, Option<Vec<u8>>> {
 }
 
 /// The same for a host directory.
-fn host_tree(root: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Option<Vec<u8>>>) {
+fn host_tree(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
         for e in std::fs::read_dir(dir).unwrap() {
             let p = e.unwrap().path();
             let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
             if p.is_dir() {
-                out.insert(rel, None);
+                out.insert(rel, brief(None));
                 walk(root, &p, out);
             } else {
-                out.insert(rel, Some(std::fs::read(&p).unwrap()));
+                out.insert(rel, brief(Some(&std::fs::read(&p).unwrap())));
             }
         }
     }
@@ -334,4 +348,181 @@ fn errors_are_one_line_naming_the_directory() {
         let err = one_line_error(&strata(&["info", "--image-opts", &opts]), &opts);
         assert!(err.contains(want), "{opts}: {err}");
     }
+}
+
+// ---- rw: the guest's changes written back to the directory ----
+
+use block::graph::BlockGraph;
+use block::node::Node;
+use std::io::{IoSlice, IoSliceMut};
+use std::sync::Arc;
+
+/// A vvfat node over `dir` opened through the block layer, writable.
+fn open_rw(g: &BlockGraph, dir: &str, extra: &str) -> Arc<Node> {
+    let json = serde_json::json!({"driver": "vvfat", "node-name": "v", "dir": dir, "rw": true})
+        .to_string();
+    let json = if extra.is_empty() {
+        json
+    } else {
+        format!("{},{extra}}}", &json[..json.len() - 1])
+    };
+    g.blockdev_add_str(&json).unwrap()
+}
+
+/// What the guest sees on `n`, as a sparse image file at `path`.
+fn snapshot(n: &Node, path: &str) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < n.len() {
+        let len = (n.len() - at).min(buf.len() as u64) as usize;
+        n.read_vectored(at, &mut [IoSliceMut::new(&mut buf[..len])])
+            .unwrap();
+        if buf[..len].iter().any(|&b| b != 0) {
+            f.seek(SeekFrom::Start(at)).unwrap();
+            f.write_all(&buf[..len]).unwrap();
+        }
+        at += len as u64;
+    }
+    f.set_len(n.len()).unwrap();
+}
+
+/// Writes the sectors where `new` differs from `old` to `n`, in
+/// ascending or descending order (a guest writes in any order), one
+/// request per run of differing sectors; returns how many sectors.
+fn write_differences(n: &Node, old: &str, new: &str, descending: bool) -> usize {
+    let (a, b) = (std::fs::read(old).unwrap(), std::fs::read(new).unwrap());
+    assert_eq!(a.len(), b.len());
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for s in 0..a.len() / 512 {
+        let r = s * 512..s * 512 + 512;
+        if a[r.clone()] != b[r] {
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == s => *len += 1,
+                _ => runs.push((s, 1)),
+            }
+        }
+    }
+    if descending {
+        runs.reverse();
+    }
+    let mut count = 0;
+    for (s, len) in runs {
+        let bytes = &b[s * 512..(s + len) * 512];
+        n.write_vectored((s * 512) as u64, &[IoSlice::new(bytes)], false)
+            .unwrap();
+        count += len;
+    }
+    count
+}
+
+/// Runs mtools commands (each `[tool, args...]`) on the image `img`.
+fn mtools_edit(img: &str, cmds: &[&[&str]]) {
+    for c in cmds {
+        let o = mtool(c[0], img, PART, &c[1..]);
+        ok(&o, &format!("{c:?}"));
+    }
+}
+
+#[test]
+fn guest_changes_are_written_back() {
+    let d = Dir::new("vvfat", "rw");
+    let root = d.0.join("tree");
+    make_tree(&root, 100_000);
+    let dir = root.to_str().unwrap();
+    let g = BlockGraph::new();
+    let n = open_rw(&g, dir, "");
+    let files = d.0.join("files");
+    std::fs::create_dir(&files).unwrap();
+    let put = |name: &str, data: &[u8]| {
+        let p = files.join(name);
+        std::fs::write(&p, data).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let new_file = put("new", &pattern(50_000, 7));
+    let grown = put("grown", &pattern(40_000, 8));
+    let shrunk = put("shrunk", &pattern(100, 9));
+
+    // Round 1, written in ascending order: a new file, a deletion, a new
+    // directory with a file, a rename, a file grown over several
+    // clusters, one truncated, a file moved into another directory.
+    let (a, b) = (d.p("a.img"), d.p("b.img"));
+    snapshot(&n, &a);
+    std::fs::copy(&a, &b).unwrap();
+    mtools_edit(
+        &b,
+        &[
+            &["mcopy", &new_file, "::/new file from the guest.bin"],
+            &["mdel", "::/longfilename1.txt"],
+            &["mmd", "::/made by guest"],
+            &["mcopy", &new_file, "::/made by guest/inner.bin"],
+            &["mren", "::/hello.txt", "::/renamed hello.txt"],
+            &["mcopy", "-o", &grown, "::/README"],
+            &["mcopy", "-o", &shrunk, "::/sub/big.bin"],
+            &["mmove", "::/longfilename2.txt", "::/sub/deeper/moved.txt"],
+        ],
+    );
+    let want = fat_tree(&b, PART);
+    assert!(write_differences(&n, &a, &b, false) > 0);
+    n.flush().unwrap();
+    assert_eq!(host_tree(&root), want, "after round 1");
+    assert_eq!(
+        std::fs::read(root.join("made by guest/inner.bin")).unwrap(),
+        pattern(50_000, 7)
+    );
+    assert!(!root.join("longfilename1.txt").exists());
+    // The guest still reads what it wrote.
+    snapshot(&n, &a);
+    assert_eq!(fat_tree(&a, PART), want, "the guest's view after round 1");
+
+    // Round 2 on the same node, written in descending order: a
+    // directory renamed with what is in it, another deleted with its
+    // tree, two names swapped, a file overwritten in place, an empty
+    // file made.
+    std::fs::copy(&a, &b).unwrap();
+    let same_size = put("same", &pattern(8192, 10));
+    let empty = put("empty", b"");
+    mtools_edit(
+        &b,
+        &[
+            &["mren", "::/made by guest", "::/renamed dir"],
+            &["mdeltree", "::/sub/deeper"],
+            &["mren", "::/A long file name with spaces.txt", "::/tmp"],
+            &[
+                "mren",
+                "::/Ünïcödé näme.txt",
+                "::/A long file name with spaces.txt",
+            ],
+            &["mren", "::/tmp", "::/Ünïcödé näme.txt"],
+            &["mcopy", "-o", &same_size, "::/sub/one-cluster.bin"],
+            &["mcopy", &empty, "::/renamed dir/new empty"],
+        ],
+    );
+    let want = fat_tree(&b, PART);
+    write_differences(&n, &a, &b, true);
+    n.flush().unwrap();
+    assert_eq!(host_tree(&root), want, "after round 2");
+    assert_eq!(
+        std::fs::read(root.join("A long file name with spaces.txt")).unwrap(),
+        b"utf-16 in the long name\n"
+    );
+    assert_eq!(
+        std::fs::read(root.join("Ünïcödé näme.txt")).unwrap(),
+        b"long\n"
+    );
+
+    // Close; the directory reopened as a new image holds the same.
+    g.close_all();
+    drop(n);
+    let c = d.p("c.img");
+    s_ok(&["convert", &format!("fat:{dir}"), "-O", "raw", &c]);
+    assert_eq!(fat_tree(&c, PART), want, "reopened");
+    // No staging directory was left behind.
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".vvfat"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -348,6 +348,7 @@ fn dir_bytes(found: &[Found], i: usize, first: &[u32], label: &[u8; 11]) -> Vec<
             let e = ShortEntry {
                 name,
                 attr: attr::DIRECTORY,
+                nt_case: 0,
                 ctime: c,
                 adate: a,
                 mtime: m,
@@ -380,6 +381,7 @@ fn dir_bytes(found: &[Found], i: usize, first: &[u32], label: &[u8; 11]) -> Vec<
             } else {
                 attr::ARCHIVE
             },
+            nt_case: 0,
             ctime: ct,
             adate: a,
             mtime: m,

@@ -43,6 +43,10 @@ pub struct ShortEntry {
     pub name: [u8; 11],
     /// Attribute bits.
     pub attr: u8,
+    /// DIR_NTRes: bit 3 says the base name reads in lower case, bit 4
+    /// the extension (Windows NT's and Linux's way to keep a lower-case
+    /// 8.3 name without a long name).
+    pub nt_case: u8,
     /// Creation date and time.
     pub ctime: (u16, u16),
     /// Last access date.
@@ -61,6 +65,7 @@ impl ShortEntry {
         let mut e = [0u8; ENTRY];
         e[..11].copy_from_slice(&self.name);
         e[11] = self.attr;
+        e[12] = self.nt_case;
         e[14..16].copy_from_slice(&self.ctime.1.to_le_bytes());
         e[16..18].copy_from_slice(&self.ctime.0.to_le_bytes());
         e[18..20].copy_from_slice(&self.adate.to_le_bytes());
@@ -83,6 +88,7 @@ impl ShortEntry {
         ShortEntry {
             name,
             attr: e[11],
+            nt_case: e[12],
             ctime: (w(16), w(14)),
             adate: w(18),
             mtime: (w(24), w(22)),
@@ -165,6 +171,7 @@ mod tests {
         let e = ShortEntry {
             name: *b"HELLO   TXT",
             attr: attr::ARCHIVE,
+            nt_case: 0x18,
             ctime: (0x1234, 0x5678),
             adate: 0x4321,
             mtime: (0x1111, 0x2222),

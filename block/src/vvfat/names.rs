@@ -216,17 +216,26 @@ pub fn valid_host_name(n: &str) -> bool {
     !n.is_empty() && n != "." && n != ".." && n.len() <= 255 && !n.contains(['/', '\0'])
 }
 
-/// The host name of a short entry without a long name: lower-cased, as
-/// QEMU writes such names back; bytes that are not plain ASCII name
-/// characters (code page letters, the characters FAT forbids) become
-/// `_`, so that whatever a guest writes names a file inside the
-/// directory. `None` if that leaves no valid name.
-pub fn short_to_host(short: &[u8; 11]) -> Option<String> {
-    let map = |i: usize, b: u8| -> char {
+/// Lower-case base name (DIR_NTRes bit 3).
+pub const NT_LOWER_BASE: u8 = 0x08;
+/// Lower-case extension (DIR_NTRes bit 4).
+pub const NT_LOWER_EXT: u8 = 0x10;
+
+/// The host name of a short entry without a long name, as FAT readers
+/// show it (Linux's default `shortname=mixed`, Windows, mtools): as
+/// stored, with the NT case bits `nt_case` lower-casing the base or the
+/// extension. (QEMU lower-cases every such name instead, so a guest
+/// writing `README` back would rename the host's `README`.) Bytes that
+/// are not plain ASCII name characters (code page letters, the
+/// characters FAT forbids) become `_`, so that whatever a guest writes
+/// names a file inside the directory. `None` if that leaves no valid
+/// name.
+pub fn short_to_host(short: &[u8; 11], nt_case: u8) -> Option<String> {
+    let map = |i: usize, b: u8, lower: bool| -> char {
         let b = if i == 0 && b == KANJI_E5 { 0xe5 } else { b };
         match b {
-            b'A'..=b'Z' => b.to_ascii_lowercase() as char,
-            b'a'..=b'z' | b'0'..=b'9' | b' ' => b as char,
+            b'A'..=b'Z' if lower => b.to_ascii_lowercase() as char,
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b' ' => b as char,
             _ if SHORT_PUNCT.contains(&b) => b as char,
             _ => '_',
         }
@@ -235,11 +244,11 @@ pub fn short_to_host(short: &[u8; 11]) -> Option<String> {
     let base: String = short[..trim(&short[..8])]
         .iter()
         .enumerate()
-        .map(|(i, &b)| map(i, b))
+        .map(|(i, &b)| map(i, b, nt_case & NT_LOWER_BASE != 0))
         .collect();
     let ext: String = short[8..8 + trim(&short[8..])]
         .iter()
-        .map(|&b| map(1, b))
+        .map(|&b| map(1, b, nt_case & NT_LOWER_EXT != 0))
         .collect();
     let n = if ext.is_empty() {
         base
@@ -377,18 +386,16 @@ mod tests {
 
     #[test]
     fn short_names_back_to_host() {
-        assert_eq!(short_to_host(b"HELLO   TXT").as_deref(), Some("hello.txt"));
-        assert_eq!(short_to_host(b"README     ").as_deref(), Some("readme"));
-        assert_eq!(
-            short_to_host(b"A/B\\C*  ..:").as_deref(),
-            Some("a_b_c_.___")
-        );
-        assert_eq!(
-            short_to_host(b"\x05BC     \x80  ").as_deref(),
-            Some("_bc._")
-        );
-        assert_eq!(short_to_host(b"        TXT").as_deref(), Some(".txt"));
-        assert_eq!(short_to_host(b"           "), None);
+        let h = |n: &[u8; 11], c| short_to_host(n, c);
+        assert_eq!(h(b"HELLO   TXT", 0).as_deref(), Some("HELLO.TXT"));
+        assert_eq!(h(b"HELLO   TXT", 0x18).as_deref(), Some("hello.txt"));
+        assert_eq!(h(b"HELLO   TXT", 0x08).as_deref(), Some("hello.TXT"));
+        assert_eq!(h(b"HELLO   TXT", 0x10).as_deref(), Some("HELLO.txt"));
+        assert_eq!(h(b"README     ", 0).as_deref(), Some("README"));
+        assert_eq!(h(b"A/B\\C*  ..:", 0x18).as_deref(), Some("a_b_c_.___"));
+        assert_eq!(h(b"\x05BC     \x80  ", 0).as_deref(), Some("_BC._"));
+        assert_eq!(h(b"        TXT", 0).as_deref(), Some(".TXT"));
+        assert_eq!(h(b"           ", 0), None);
         assert!(valid_host_name("a b"));
         assert!(!valid_host_name(&"x".repeat(256)));
     }

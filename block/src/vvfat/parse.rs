@@ -152,7 +152,7 @@ pub fn parse(geo: &Geometry, read: &mut ReadFn<'_>) -> Result<Tree, String> {
             }
             let name = lfn
                 .finish(&se.name)
-                .or_else(|| short_to_host(&se.name))
+                .or_else(|| short_to_host(&se.name, se.nt_case))
                 .ok_or_else(|| format!("{}: an entry has no valid name", tree.path(i as u32)))?;
             if !names.insert(name.clone()) {
                 return Err(format!(
