@@ -45,6 +45,7 @@ mod build;
 pub mod commit;
 pub mod dirent;
 pub mod fat;
+pub mod fuzz;
 pub mod geometry;
 pub mod image;
 pub mod names;
@@ -52,6 +53,9 @@ pub mod options;
 pub mod overlay;
 pub mod parse;
 pub mod volume;
+
+#[cfg(test)]
+mod tests;
 
 use crate::driver::{BlockDriver, Extent};
 use crate::error::{BlockError, BlockResult};
@@ -82,8 +86,9 @@ pub fn open_volume(cfg: &Config, writable: bool) -> Result<(Volume, Vec<String>)
     let dir = PathBuf::from(&cfg.dir);
     let canon = build::canonical_root(&dir, &cfg.dir)?;
     let (base, warnings) = build::build(&dir, &cfg.dir, &canon, geo, &cfg.label_bytes())?;
-    let vol = Volume::new(base, dir, canon, writable)
+    let mut vol = Volume::new(base, dir, canon, writable)
         .map_err(|e| format!("{}: cannot make the write overlay: {e}", cfg.dir))?;
+    vol.write_through = writable && cfg.rw;
     Ok((vol, warnings))
 }
 
@@ -210,7 +215,8 @@ impl BlockDriver for VvfatNode {
             return Ok(());
         }
         let mut vol = self.lock();
-        let written = self.write_back(&mut vol, "flush");
+        let mut written = self.write_back(&mut vol, "flush");
+        written.extend(vol.take_written());
         drop(vol);
         for e in commit::sync_files(&written) {
             log::warn!("vvfat {}: {e}", self.cfg.dir);

@@ -33,6 +33,13 @@ pub struct Volume {
     /// The host file last read: its node and the open file (`None` when
     /// it could not be opened: it reads as zeroes).
     file: Option<(u32, Option<File>)>,
+    /// Write guest writes to host files' data straight into the files
+    /// (`rw`): see [`Volume::write`].
+    pub write_through: bool,
+    /// The host file last written through, and its node.
+    wfile: Option<(u32, File)>,
+    /// Host files written through since the last [`Volume::take_written`].
+    written: Vec<PathBuf>,
 }
 
 impl Volume {
@@ -63,6 +70,9 @@ impl Volume {
             overlay,
             dir_clusters,
             file: None,
+            write_through: false,
+            wfile: None,
+            written: Vec::new(),
         })
     }
 
@@ -74,6 +84,13 @@ impl Volume {
     /// Forget the open host file (node numbers change at write-back).
     pub fn drop_file(&mut self) {
         self.file = None;
+        self.wfile = None;
+    }
+
+    /// The host files written through since the last call (for a flush
+    /// to sync).
+    pub fn take_written(&mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.written)
     }
 
     /// The first sector after the piece (region, or data cluster) that
@@ -202,9 +219,18 @@ impl Volume {
         Ok(())
     }
 
-    /// Write `data` at byte `offset` into the overlay (a partial sector
-    /// is merged with what the guest sees there). Returns whether the
-    /// write touched the FATs, the root or a directory.
+    /// Write `data` at byte `offset` (a partial sector is merged with what
+    /// the guest sees there). Returns whether the write touched the FATs,
+    /// the root or a directory.
+    ///
+    /// Where a sector is data of a host file, inside the file's size, and
+    /// the guest has not written it before, the write goes straight into
+    /// the host file (with `write_through`, `rw`): the image says that
+    /// sector's bytes come from there, so it stays true, and rewriting a
+    /// file needs no write-back. If the guest has meanwhile given the
+    /// cluster to another file (a change not yet consistent), write-back
+    /// later copies it from there before the old file is changed. Any
+    /// other sector goes into the overlay.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<bool> {
         if self.overlay.is_none() {
             return Err(io::Error::from_raw_os_error(libc::EROFS));
@@ -216,18 +242,101 @@ impl Volume {
         let first = offset / SECTOR;
         let last = end.div_ceil(SECTOR);
         if offset.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR) {
-            self.write_sectors(first, data)?;
+            self.store(first, data)?;
         } else {
             let mut tmp = vec![0u8; ((last - first) * SECTOR) as usize];
             self.read_sectors(first, &mut tmp)?;
             let skip = (offset - first * SECTOR) as usize;
             tmp[skip..skip + data.len()].copy_from_slice(data);
-            self.write_sectors(first, &tmp)?;
+            self.store(first, &tmp)?;
         }
         Ok(self.touches_metadata(first, last))
     }
 
-    /// Store whole sectors in the overlay.
+    /// Whole sectors of a guest write: runs written through to one host
+    /// file in one call, the rest (or what the host refuses) into the
+    /// overlay.
+    fn store(&mut self, s: u64, data: &[u8]) -> io::Result<()> {
+        let n = data.len() as u64 / SECTOR;
+        let mut k = 0;
+        while k < n {
+            let target = self.through_target(s + k);
+            let mut len = 1;
+            while k + len < n {
+                let same = match (target, self.through_target(s + k + len)) {
+                    (None, None) => true,
+                    (Some((a, off)), Some((b, off2))) => a == b && off2 == off + len * SECTOR,
+                    _ => false,
+                };
+                if !same {
+                    break;
+                }
+                len += 1;
+            }
+            let bytes = &data[(k * SECTOR) as usize..((k + len) * SECTOR) as usize];
+            let through = match target {
+                Some((node, off)) => self.write_host(node, off, bytes).is_ok(),
+                None => false,
+            };
+            if !through {
+                self.write_sectors(s + k, bytes)?;
+            }
+            k += len;
+        }
+        Ok(())
+    }
+
+    /// The host file (node) and offset a guest write of sector `s` goes
+    /// to, if it is written through.
+    fn through_target(&self, s: u64) -> Option<(u32, u64)> {
+        if !self.write_through || self.overlay.as_ref().is_none_or(|o| o.contains(s)) {
+            return None;
+        }
+        let g = &self.base.geo;
+        let rel = s.checked_sub(g.data_start())?;
+        let spc = u64::from(g.spc);
+        let c = u32::try_from(rel / spc + 2).ok()?;
+        if c > g.last_cluster() {
+            return None;
+        }
+        match self.base.src(c) {
+            Src::File { node, idx } => {
+                let off = u64::from(idx) * g.cluster_bytes() + rel % spc * SECTOR;
+                let size = self.base.nodes.get(node as usize)?.size;
+                (off + SECTOR <= size).then_some((node, off))
+            }
+            _ => None,
+        }
+    }
+
+    /// Write `data` into node `node`'s host file at `off`; the file is
+    /// opened (once) only if its canonical path lies inside the exported
+    /// directory.
+    fn write_host(&mut self, node: u32, off: u64, data: &[u8]) -> io::Result<()> {
+        if self.wfile.as_ref().map(|(n, _)| *n) != Some(node) {
+            self.wfile = None;
+            let path = self.dir.join(self.base.rel_path(node));
+            let inside =
+                std::fs::canonicalize(&path).is_ok_and(|c| c.starts_with(&self.root_canon));
+            if !inside {
+                return Err(io::Error::from_raw_os_error(libc::EXDEV));
+            }
+            let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+            if !f.metadata()?.is_file() {
+                return Err(io::Error::from_raw_os_error(libc::EISDIR));
+            }
+            if !self.written.contains(&path) {
+                self.written.push(path);
+            }
+            self.wfile = Some((node, f));
+        }
+        match &self.wfile {
+            Some((_, f)) => f.write_all_at(data, off),
+            None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+        }
+    }
+
+    /// Store whole sectors in the overlay (never written through).
     pub fn write_sectors(&mut self, s: u64, data: &[u8]) -> io::Result<()> {
         match &mut self.overlay {
             Some(o) => o.write(s, data),
