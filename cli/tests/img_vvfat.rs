@@ -417,22 +417,38 @@ fn write_differences(n: &Node, old: &str, new: &str, descending: bool) -> usize 
     count
 }
 
-/// Runs mtools commands (each `[tool, args...]`) on the image `img`.
-fn mtools_edit(img: &str, cmds: &[&[&str]]) {
+/// Runs mtools commands (each `[tool, args...]`) on the image `img` (its
+/// volume at byte `offset`).
+fn mtools_edit(img: &str, offset: u64, cmds: &[&[&str]]) {
     for c in cmds {
-        let o = mtool(c[0], img, PART, &c[1..]);
+        let o = mtool(c[0], img, offset, &c[1..]);
         ok(&o, &format!("{c:?}"));
     }
 }
 
 #[test]
 fn guest_changes_are_written_back() {
-    let d = Dir::new("vvfat", "rw");
+    rw_rounds("disk", false, 100_000);
+}
+
+/// The same on a 2.88 MB FAT12 floppy (`fat:rw:floppy:`).
+#[test]
+fn guest_changes_are_written_back_from_a_floppy() {
+    rw_rounds("floppy", true, 30_000);
+}
+
+/// Two rounds of guest changes on a `fat:rw` node, checked on the host.
+fn rw_rounds(tag: &str, floppy: bool, big: usize) {
+    let d = Dir::new("vvfat", &format!("rw-{tag}"));
     let root = d.0.join("tree");
-    make_tree(&root, 100_000);
+    make_tree(&root, big);
     let dir = root.to_str().unwrap();
     let g = BlockGraph::new();
-    let n = open_rw(&g, dir, "");
+    let (n, part) = if floppy {
+        (open_rw(&g, dir, r#""floppy": true"#), 0)
+    } else {
+        (open_rw(&g, dir, ""), PART)
+    };
     let files = d.0.join("files");
     std::fs::create_dir(&files).unwrap();
     let put = |name: &str, data: &[u8]| {
@@ -452,6 +468,7 @@ fn guest_changes_are_written_back() {
     std::fs::copy(&a, &b).unwrap();
     mtools_edit(
         &b,
+        part,
         &[
             &["mcopy", &new_file, "::/new file from the guest.bin"],
             &["mdel", "::/longfilename1.txt"],
@@ -463,7 +480,7 @@ fn guest_changes_are_written_back() {
             &["mmove", "::/longfilename2.txt", "::/sub/deeper/moved.txt"],
         ],
     );
-    let want = fat_tree(&b, PART);
+    let want = fat_tree(&b, part);
     assert!(write_differences(&n, &a, &b, false) > 0);
     n.flush().unwrap();
     assert_eq!(host_tree(&root), want, "after round 1");
@@ -474,7 +491,7 @@ fn guest_changes_are_written_back() {
     assert!(!root.join("longfilename1.txt").exists());
     // The guest still reads what it wrote.
     snapshot(&n, &a);
-    assert_eq!(fat_tree(&a, PART), want, "the guest's view after round 1");
+    assert_eq!(fat_tree(&a, part), want, "the guest's view after round 1");
 
     // Round 2 on the same node, written in descending order: a
     // directory renamed with what is in it, another deleted with its
@@ -485,6 +502,7 @@ fn guest_changes_are_written_back() {
     let empty = put("empty", b"");
     mtools_edit(
         &b,
+        part,
         &[
             &["mren", "::/made by guest", "::/renamed dir"],
             &["mdeltree", "::/sub/deeper"],
@@ -499,7 +517,7 @@ fn guest_changes_are_written_back() {
             &["mcopy", &empty, "::/renamed dir/new empty"],
         ],
     );
-    let want = fat_tree(&b, PART);
+    let want = fat_tree(&b, part);
     write_differences(&n, &a, &b, true);
     n.flush().unwrap();
     assert_eq!(host_tree(&root), want, "after round 2");
@@ -516,8 +534,9 @@ fn guest_changes_are_written_back() {
     g.close_all();
     drop(n);
     let c = d.p("c.img");
-    s_ok(&["convert", &format!("fat:{dir}"), "-O", "raw", &c]);
-    assert_eq!(fat_tree(&c, PART), want, "reopened");
+    let flags = if floppy { "floppy:" } else { "" };
+    s_ok(&["convert", &format!("fat:{flags}{dir}"), "-O", "raw", &c]);
+    assert_eq!(fat_tree(&c, part), want, "reopened");
     // No staging directory was left behind.
     let left: Vec<_> = std::fs::read_dir(&root)
         .unwrap()
@@ -525,4 +544,73 @@ fn guest_changes_are_written_back() {
         .filter(|n| n.starts_with(".vvfat"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// strata takes every form QEMU users write (under the qtest
+/// accelerator: the machine is built, then strata exits): `-hda fat:DIR`
+/// (writable, changes kept for the run), `-drive file=fat:rw:DIR,format=raw`,
+/// `-fda fat:floppy:DIR`, `-blockdev driver=vvfat,...` with a device; a
+/// missing directory is one line naming it.
+#[test]
+fn strata_takes_every_command_line_form() {
+    support::require_bios();
+    let d = Dir::new("vvfat", "forms");
+    let root = d.0.join("tree");
+    make_tree(&root, 1000);
+    let dir = root.to_str().unwrap();
+    let before = host_tree(&root);
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "-machine",
+            "pc,accel=qtest",
+            "-qtest",
+            "stdio",
+            "-nodefaults",
+        ];
+        args.extend_from_slice(extra);
+        support::run_strata(&args, std::time::Duration::from_secs(30))
+    };
+    let probed = "probing guessed raw";
+    for args in [
+        vec!["-hda".to_string(), format!("fat:{dir}")],
+        vec!["-hda".to_string(), format!("fat:rw:{dir}")],
+        vec![
+            "-drive".to_string(),
+            format!("file=fat:rw:{dir},format=raw"),
+        ],
+        vec![
+            "-drive".to_string(),
+            format!("file=fat:16:{dir},format=raw,if=virtio"),
+        ],
+        vec!["-fda".to_string(), format!("fat:floppy:{dir}")],
+        vec![
+            "-drive".to_string(),
+            format!("file=fat:floppy:12:rw:{dir},format=raw,if=floppy"),
+        ],
+        vec![
+            "-blockdev".to_string(),
+            format!("driver=vvfat,node-name=v,dir={dir},fat-type=16,floppy=off,label=STRATA,rw=on"),
+            "-device".to_string(),
+            "ide-hd,drive=v".to_string(),
+        ],
+    ] {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = run(&a);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        let rest: Vec<&str> = err
+            .lines()
+            .filter(|l| !l.contains(probed) && !l.starts_with("         "))
+            .collect();
+        assert!(rest.is_empty(), "{args:?}: {err}");
+    }
+    // Nothing was written back by merely starting.
+    assert_eq!(host_tree(&root), before);
+    let missing = d.p("missing");
+    let (code, _, err) = run(&["-hda", &format!("fat:{missing}")]);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("Could not read directory {missing}")),
+        "{err}"
+    );
 }
