@@ -19,8 +19,10 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// An empty overlay for a disk of `sectors` sectors, its file in the
-    /// temporary directory (`$TMPDIR`, else /tmp), unlinked at once.
+    /// An empty overlay for a disk of `sectors` sectors, its file in
+    /// `$TMPDIR`, else /var/tmp (as QEMU's write target: /tmp may be a
+    /// tmpfs, and the overlay can grow to the disk's size), unlinked at
+    /// once.
     pub fn new(sectors: u64) -> io::Result<Overlay> {
         Ok(Overlay {
             file: temp_file()?,
@@ -81,10 +83,13 @@ impl Overlay {
     }
 }
 
-/// An unlinked file in the temporary directory: O_TMPFILE where the file
+/// An unlinked file in `$TMPDIR` or /var/tmp: O_TMPFILE where the file
 /// system has it, else a new file removed at once.
 fn temp_file() -> io::Result<File> {
-    let dir = std::env::temp_dir();
+    let dir = std::env::var_os("TMPDIR")
+        .filter(|d| !d.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/var/tmp".into());
     let r = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
