@@ -614,3 +614,30 @@ fn strata_takes_every_command_line_form() {
         "{err}"
     );
 }
+
+/// Entries carry the host files' modification times (as UTC).
+#[test]
+fn stamps_are_the_host_files_times() {
+    let d = Dir::new("vvfat", "stamps");
+    let root = d.0.join("tree");
+    make_tree(&root, 10);
+    // 2001-02-03 04:05:06 UTC.
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(981_173_106);
+    std::fs::File::options()
+        .write(true)
+        .open(root.join("hello.txt"))
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+    let a = d.p("t.img");
+    s_ok(&[
+        "convert",
+        &format!("fat:{}", root.display()),
+        "-O",
+        "raw",
+        &a,
+    ]);
+    let o = mtool("mdir", &a, PART, &["::/hello.txt"]);
+    let out = ok(&o, "mdir hello.txt");
+    assert!(out.contains("2001-02-03") && out.contains(" 4:05"), "{out}");
+}
