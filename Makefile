@@ -15,7 +15,10 @@ QMP_VENV := target/qmp-venv
 # rpcbind and tgt are the servers the ssh, nfs and iscsi driver tests run.
 # qemu-block-extra (qemu-img's rbd, curl, ssh, nfs and iscsi drivers, the
 # tests' oracle) is installed below, at qemu-utils' own version.
-DEB_PACKAGES := seabios grub-rescue-pc qemu-utils bzip2 strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind tgt
+# mtools and dosfstools: the vvfat tests read the FAT images Strata makes
+# with mtools (mdir, mcopy) and check them with fsck.vfat, and build the
+# guest's changes with mtools.
+DEB_PACKAGES := seabios grub-rescue-pc qemu-utils bzip2 strace acpica-tools gcc g++ binutils qemu-system-data openssl xorriso libcurl4-openssl-dev ceph-mon ceph-osd ceph-common librbd-dev librados-dev libssl-dev pkg-config openssh-server nfs-ganesha nfs-ganesha-vfs rpcbind tgt mtools dosfstools
 
 .PHONY: demo test check deps build lint images guest bench bench-boot fuzz fuzz-build fuzz-cmin qtest-fuzz qtest-peer
 
@@ -86,7 +89,7 @@ qtest-peer: deps
 # instrumentation); RUSTC_BOOTSTRAP=1 lets the stable toolchain accept
 # them. AddressSanitizer stays on.
 FUZZ_SECONDS ?= 15
-FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto iscsi_pdu net_uri nfs_rpc qmp_input web_headers bochs_open cloop_open dmg_open parallels_open luks_open qed_open qcow_open
+FUZZ_TARGETS ?= pc_io scsi_cdb lsi usb_bot usb_ccid usb_ehci usb_uas usb_uhci xhci_ring virtio_chain qcow2_open vpc_open vdi_open vmdk_open vhdx_open ata_taskfile ahci_command keyval nbd_proto iscsi_pdu net_uri nfs_rpc qmp_input web_headers bochs_open cloop_open dmg_open parallels_open luks_open qed_open qcow_open vvfat_rw
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 # -timeout: one input running longer is a hang; -rss_limit_mb bounds
 # memory. New inputs go to fuzz/out/TARGET, never into the committed

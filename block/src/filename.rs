@@ -5,8 +5,9 @@
 //! whole name becoming `url=`), `rbd:POOL/IMAGE...` ([`crate::rbd_name`])
 //! and the NBD
 //! forms (`nbd://`, `nbd+unix://`, `nbd:HOST:PORT`, `nbd:unix:PATH`, see
-//! [`crate::nbd::uri`]), `ssh://` ([`crate::ssh`]), `nfs://` ([`crate::nfs`])
-//! and `iscsi://` ([`crate::iscsi::uri`]). (`json:`
+//! [`crate::nbd::uri`]), `ssh://` ([`crate::ssh`]), `nfs://` ([`crate::nfs`]),
+//! `iscsi://` ([`crate::iscsi::uri`]) and vvfat's
+//! `fat:[floppy:][rw:][12|16|32:]DIR` ([`crate::vvfat::options`]). (`json:`
 //! is handled by the `-drive` desugaring itself.) Each becomes the option
 //! tree of the protocol node it names.
 //!
@@ -70,6 +71,11 @@ pub fn parse(name: &str) -> BlockResult<Option<Map>> {
     if crate::iscsi::uri::is_iscsi(name) {
         return crate::iscsi::uri::parse(name)
             .map(|u| Some(iscsi_options(&u)))
+            .map_err(BlockError::Open);
+    }
+    if name.starts_with("fat:") {
+        return crate::vvfat::options::parse_filename(name)
+            .map(Some)
             .map_err(BlockError::Open);
     }
     let Some(rest) = name.strip_prefix("blkdebug:") else {

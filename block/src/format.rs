@@ -428,6 +428,7 @@ pub fn builtin() -> Vec<Arc<dyn DriverClass>> {
             create: crate::nfs::create,
         }),
         protocol("iscsi", crate::iscsi::IscsiNode::open),
+        protocol("vvfat", crate::vvfat::VvfatNode::open),
         Arc::new(crate::raw::RawClass),
         Arc::new(crate::qcow2::Qcow2Class),
         Arc::new(crate::vpc::VpcClass),

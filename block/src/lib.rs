@@ -93,3 +93,4 @@ pub mod vdi;
 pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
+pub mod vvfat;

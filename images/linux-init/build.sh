@@ -5,7 +5,7 @@
 #
 #   images/out/linux-init          the static, libc-free /init (init.c)
 #   images/out/linux-lane.cpio     newc archive: /, /dev, /dev/console,
-#                                  /proc, /sys, /init (uncompressed: the guest
+#                                  /proc, /sys, /mnt, /init (uncompressed: the guest
 #                                  unpacks at ~0.5 MB/s, so keep it tiny)
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
@@ -54,6 +54,7 @@ if stale "$cpio" "$init" "$0"; then
             . $ent->("dev/console", 020600, 5, 1, "")
             . $ent->("proc", 040755, 0, 0, "")
             . $ent->("sys", 040755, 0, 0, "")
+            . $ent->("mnt", 040755, 0, 0, "")
             . $ent->("init", 0100755, 0, 0, $data)
             . $ent->("TRAILER!!!", 0, 0, 0, "");
         $a .= "\0" x ((512 - length($a) % 512) % 512);

@@ -19,6 +19,15 @@
  *       and the offset to /dev/<dev> (O_DIRECT, 64 KiB per write), read it
  *       all back and compare; print "GUEST-RW <dev> <round> ok" after each
  *       round. Any error or mismatch prints GUEST-ERR and ends the loop.
+ *   vfat=<dev>
+ *       mount /dev/<dev> (vfat) on /mnt and play the user of a host directory
+ *       exported by vvfat (cli/tests/vvfat_guest.rs): print
+ *       "GUEST-VFAT-READ <bytes> <16 hex digits>" for /mnt/hello.txt (FNV-1a
+ *       64), write /mnt/from-guest.bin (20000 bytes of the rwloop pattern,
+ *       round 7), make the directory "/mnt/guest dir" with inner.txt
+ *       ("inner\n"), rename /mnt/rename-me.txt to /mnt/renamed.txt, delete
+ *       /mnt/delete-me.txt, fsync each (FAT's fsync flushes the disk), unmount
+ *       and print "GUEST-VFAT-DONE"
  *   powerbutton
  *       after the checks, wait for the ACPI power button (the evdev device
  *       named "Power Button"), as a distribution's logind or acpid does:
@@ -58,9 +67,18 @@ enum {
     SYS_pause = 34,
     SYS_pwrite64 = 18,
     SYS_pread64 = 17,
+    SYS_fsync = 74,
+    SYS_rename = 82,
+    SYS_mkdir = 83,
+    SYS_unlink = 87,
+    SYS_umount2 = 166,
 };
 #define O_RDONLY 0
+#define O_WRONLY 1
 #define O_RDWR 2
+#define O_CREAT 0100
+#define O_TRUNC 01000
+#define O_DIRECTORY 0200000
 #define O_DIRECT 040000
 #define EINTR 4
 #define EINVAL 22
@@ -399,6 +417,115 @@ static void rwloop(const char *dev, u64 devlen, u64 kib, u64 rounds)
     sys3(SYS_close, fd, 0, 0);
 }
 
+/* ---- vfat=: a host directory through vvfat ---- */
+
+static u64 slen(const char *s)
+{
+    u64 n = 0;
+    while (s[n])
+        n++;
+    return n;
+}
+
+/* Creates `path` with `n` bytes of `data`, fsyncs and closes it. */
+static int vfat_put(const char *path, const void *data, u64 n)
+{
+    i64 fd = sys3(SYS_open, path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) {
+        err(path, slen(path), "vfat-create", fd);
+        return 0;
+    }
+    i64 r = sys3(SYS_write, fd, data, n);
+    i64 s = sys3(SYS_fsync, fd, 0, 0);
+    sys3(SYS_close, fd, 0, 0);
+    if (r != (i64)n || s < 0) {
+        err(path, slen(path), "vfat-write", r < 0 ? r : s < 0 ? s : -EINVAL);
+        return 0;
+    }
+    return 1;
+}
+
+/* fsync on a directory: its entries reach the disk, and FAT's fsync
+ * flushes the disk's write cache. */
+static int vfat_sync_dir(const char *path)
+{
+    i64 fd = sys3(SYS_open, path, O_RDONLY | O_DIRECTORY, 0);
+    i64 s = fd < 0 ? fd : sys3(SYS_fsync, fd, 0, 0);
+    if (fd >= 0)
+        sys3(SYS_close, fd, 0, 0);
+    if (s < 0) {
+        err(path, slen(path), "vfat-fsync-dir", s);
+        return 0;
+    }
+    return 1;
+}
+
+static void vfat(const char *dev, u64 devlen)
+{
+    char path[64] = "/dev/";
+    if (devlen > sizeof(path) - 6) {
+        err(dev, devlen, "name-too-long", -EINVAL);
+        return;
+    }
+    i64 fd = open_dev(dev, devlen, 0);
+    if (fd < 0) {
+        err(dev, devlen, "open", fd);
+        return;
+    }
+    sys3(SYS_close, fd, 0, 0);
+    memcpy(path + 5, dev, devlen);
+    path[5 + devlen] = 0;
+    i64 r = sys6(SYS_mount, (i64)path, (i64) "/mnt", (i64) "vfat", 0, 0);
+    if (r < 0) {
+        err(dev, devlen, "vfat-mount", r);
+        return;
+    }
+    fd = sys3(SYS_open, "/mnt/hello.txt", O_RDONLY, 0);
+    i64 n = fd < 0 ? fd : read_full(fd, buf, sizeof(buf));
+    if (fd >= 0)
+        sys3(SYS_close, fd, 0, 0);
+    if (n < 0) {
+        err(dev, devlen, "vfat-read", n);
+    } else {
+        put("GUEST-VFAT-READ ");
+        putu((u64)n);
+        put(" ");
+        puthex(fnv1a64(buf, (u64)n));
+        flush();
+    }
+    u64 *w = (u64 *)buf;
+    for (u64 i = 0; i < 20000 / 8; i++)
+        w[i] = pattern(7, i * 8);
+    int ok = vfat_put("/mnt/from-guest.bin", buf, 20000);
+    r = sys3(SYS_mkdir, "/mnt/guest dir", 0755, 0);
+    if (r < 0) {
+        err(dev, devlen, "vfat-mkdir", r);
+        ok = 0;
+    }
+    ok &= vfat_put("/mnt/guest dir/inner.txt", "inner\n", 6);
+    ok &= vfat_sync_dir("/mnt/guest dir");
+    r = sys3(SYS_rename, "/mnt/rename-me.txt", "/mnt/renamed.txt", 0);
+    if (r < 0) {
+        err(dev, devlen, "vfat-rename", r);
+        ok = 0;
+    }
+    r = sys3(SYS_unlink, "/mnt/delete-me.txt", 0, 0);
+    if (r < 0) {
+        err(dev, devlen, "vfat-unlink", r);
+        ok = 0;
+    }
+    ok &= vfat_sync_dir("/mnt");
+    r = sys3(SYS_umount2, "/mnt", 0, 0);
+    if (r < 0) {
+        err(dev, devlen, "vfat-umount", r);
+        ok = 0;
+    }
+    if (ok) {
+        put("GUEST-VFAT-DONE");
+        flush();
+    }
+}
+
 /* struct input_event on x86-64: a timeval, then type, code, value. */
 struct input_event {
     i64 sec, usec;
@@ -471,6 +598,12 @@ static void run_checks(const char *s)
             show(path, (u64)(s - path));
         } else if (starts(s, "powerbutton") && (s[11] == ' ' || s[11] == '\n' || !s[11])) {
             want_powerbutton = 1;
+        } else if (starts(s, "vfat=")) {
+            s += 5;
+            const char *dev = s;
+            while (*s && *s != ' ' && *s != '\n')
+                s++;
+            vfat(dev, (u64)(s - dev));
         } else if (starts(s, "rwloop=")) {
             s += 7;
             const char *dev = s;
