@@ -74,10 +74,19 @@ fn check_clean(img: &str) {
 
 #[test]
 fn handover_between_two_graphs() {
+    handover("");
+}
+
+/// Lazy refcounts: the source's writes leave the dirty bit on disk,
+/// which the inactive destination must not repair at open.
+#[test]
+fn handover_between_two_graphs_lazy_refcounts() {
+    handover("lazy_refcounts=on");
+}
+
+fn handover(opts: &str) {
     let dir = TempDir::new("inact-handover");
-    // Lazy refcounts: the source's writes leave the dirty bit on disk,
-    // which the inactive destination must not repair.
-    let img = qcow2_image(&dir, "lazy_refcounts=on");
+    let img = qcow2_image(&dir, opts);
     let (a, blk_a) = open(&img, false);
     blk_a.write_at(0, &pattern(64 * 1024, 1)).unwrap();
     blk_a.flush().unwrap();
@@ -353,4 +362,31 @@ fn drain_guard_waits_and_parked_requests_stay_parked() {
     let mut b = vec![0u8; 4096];
     blk.read_at(0, &mut b).unwrap();
     assert_eq!(b, vec![0; 4096], "the taken write reached the image");
+}
+
+/// ahci-test's source: qcow2 on blkdebug on the file, with a flush error
+/// injected once (spent by the guest's FLUSH before migrating); the
+/// destination has no blkdebug.
+#[test]
+fn handover_through_blkdebug() {
+    let dir = TempDir::new("inact-blkdebug");
+    let img = qcow2_image(&dir, "");
+    let a = BlockGraph::new();
+    let na = a
+        .blockdev_add_str(&format!(
+            "driver=qcow2,node-name=d0,file.driver=blkdebug,file.image.driver=file,file.image.filename={img},file.inject-error.0.event=flush_to_disk,file.inject-error.0.errno=5,file.inject-error.0.once=on"
+        ))
+        .unwrap();
+    let blk_a = BlockBackend::new("disk", na, BackendConfig::default()).unwrap();
+    let (b, blk_b) = open(&img, true);
+    blk_a.write_at(MIB, &pattern(8192, 7)).unwrap();
+    assert_eq!(blk_a.flush().unwrap_err().errno(), libc::EIO);
+    assert!(a.migration_blockers().is_empty());
+    a.inactivate_all().unwrap();
+    b.activate_all().unwrap();
+    assert_eq!(read(&blk_b, MIB, 8192), pattern(8192, 7));
+    blk_b.write_at(2 * MIB, &pattern(8192, 8)).unwrap();
+    finish(a, blk_a);
+    finish(b, blk_b);
+    check_clean(&img);
 }
