@@ -228,6 +228,27 @@ pub struct BlockBackend {
     idle: Condvar,
 }
 
+/// A drained section of a backend ([`BlockBackend::drain_begin`]); it
+/// ends, and queued requests go on, when this is dropped.
+#[must_use = "the drained section ends when the guard is dropped"]
+pub struct DrainGuard {
+    blk: Arc<BlockBackend>,
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        self.blk.drain_end();
+    }
+}
+
+impl std::fmt::Debug for DrainGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrainGuard")
+            .field("blk", &self.blk.id)
+            .finish()
+    }
+}
+
 #[derive(Default)]
 struct Quiesce {
     depth: u32,
@@ -356,24 +377,37 @@ impl BlockBackend {
     /// Graph changes under a backend happen in here (QEMU's drained
     /// sections). Sections nest.
     pub fn drained<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
-        {
-            let mut q = self.quiesce.lock().unwrap_or_else(|e| e.into_inner());
-            q.depth += 1;
-            self.quiesced.store(true, Ordering::SeqCst);
-            while self.inflight.load(Ordering::SeqCst) != 0 {
-                q = self
-                    .idle
-                    .wait_timeout(q, std::time::Duration::from_millis(50))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+        let _guard = self.drain_begin();
+        f()
+    }
+
+    /// Open a drained section that lasts as long as the returned guard:
+    /// wait until no request of this backend is in flight; new requests
+    /// queue (without a thread) until the guard drops, then go on in
+    /// order. Requests parked by a `stop` error policy are not in flight
+    /// and stay parked (see [`BlockBackend::take_parked`]). What live
+    /// migration holds from stopping the machine until the images are
+    /// handed over; sections nest.
+    pub fn drain_begin(self: &Arc<Self>) -> DrainGuard {
+        let mut q = self.quiesce.lock().unwrap_or_else(|e| e.into_inner());
+        q.depth += 1;
+        self.quiesced.store(true, Ordering::SeqCst);
+        while self.inflight.load(Ordering::SeqCst) != 0 {
+            q = self
+                .idle
+                .wait_timeout(q, std::time::Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
-        let r = f();
+        DrainGuard { blk: self.clone() }
+    }
+
+    fn drain_end(self: &Arc<Self>) {
         let queued = {
             let mut q = self.quiesce.lock().unwrap_or_else(|e| e.into_inner());
             q.depth -= 1;
             if q.depth > 0 {
-                return r;
+                return;
             }
             self.quiesced.store(false, Ordering::SeqCst);
             std::mem::take(&mut q.queued)
@@ -382,7 +416,31 @@ impl BlockBackend {
         for (req, done) in queued {
             self.submit_checked(req, done);
         }
-        r
+    }
+
+    /// Forget the requests parked by a `stop` error policy, returning how
+    /// many there were: the source of a live migration, once the
+    /// destination has the machine (whose devices issue those requests
+    /// again from guest memory there). Their completions are dropped, not
+    /// run: running them, even with an error, would complete the request
+    /// into the device and the guest (status registers, interrupts,
+    /// guest memory) of a machine that has been handed over, and an
+    /// error could be reported to the management as a new failure. Their
+    /// buffers are freed; a caller waiting on a completion sees its
+    /// sender go. A synchronous request waiting for `resume` stays
+    /// waiting. The backend stays stopped: after a successful migration
+    /// the source machine never runs again, so call this only then (after
+    /// a failed one, [`BlockBackend::resume`] retries them as usual).
+    pub fn take_parked(&self) -> usize {
+        let parked = {
+            let mut p = self.pause.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::take(&mut p.parked)
+        };
+        let n = parked.len();
+        // Dropped outside the lock: a completion's captures may do
+        // anything when they go.
+        drop(parked);
+        n
     }
 
     /// Requests submitted and not yet completed.

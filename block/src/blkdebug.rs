@@ -283,6 +283,10 @@ impl BlkdebugNode {
 }
 
 impl BlockDriver for BlkdebugNode {
+    /// A filter: it keeps no image metadata.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     /// Nothing of its own depends on the mode; the node reopens the child.
     fn reopen(&self, _read_only: bool) -> BlockResult<()> {
         Ok(())

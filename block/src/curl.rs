@@ -621,6 +621,10 @@ fn content_range_starts_at(header: Option<&str>, start: u64) -> bool {
 }
 
 impl BlockDriver for CurlNode {
+    /// A read-only protocol: nothing to hand over.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     fn driver_name(&self) -> &'static str {
         self.cfg.proto.name()
     }

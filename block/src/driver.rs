@@ -356,6 +356,38 @@ pub trait BlockDriver: Send + Sync + 'static {
     fn close(&self) -> BlockResult<()> {
         Ok(())
     }
+    /// The node leaves another process's hands (the destination of a
+    /// live migration, or the source taking its images back after a
+    /// failed one): what the driver keeps about the image may be stale,
+    /// so it reads it again from below, and becomes writable if
+    /// `read_only` is false. Called after the node's children are active
+    /// and its image locks are taken (QEMU's `bdrv_co_invalidate_cache`).
+    /// Default: nothing cached.
+    fn activate(&self, _read_only: bool) -> BlockResult<()> {
+        Ok(())
+    }
+    /// The node is about to be handed to another process (the source of
+    /// a live migration): write back what the driver caches, leave the
+    /// image clean and write nothing more until [`BlockDriver::activate`].
+    /// Called on a writable node after its persistent bitmaps are stored;
+    /// a flush of the node follows (QEMU's `bdrv_inactivate`). Default:
+    /// what [`BlockDriver::close`] does.
+    fn inactivate(&self) -> BlockResult<()> {
+        self.close()
+    }
+    /// Why the node, named `node`, cannot be handed to another process
+    /// by live migration, if it cannot. Default: it cannot, since a
+    /// format keeps metadata in memory that it has no way to read again
+    /// when the destination takes over (QEMU adds a migration blocker in
+    /// vpc, vdi, vmdk, vhdx, qcow, qed and parallels); drivers that hold
+    /// nothing (protocols, raw, filters) or can re-read it (qcow2, see
+    /// [`BlockDriver::activate`]) return `None`.
+    fn migration_blocker(&self, node: &str) -> Option<String> {
+        Some(format!(
+            "The {} format used by node '{node}' does not support live migration",
+            self.driver_name()
+        ))
+    }
     /// Whether the format can store persistent dirty bitmaps.
     fn can_store_bitmaps(&self) -> bool {
         false

@@ -601,6 +601,10 @@ fn probe_alignment(fd: &OwnedFd, is_blockdev: bool, direct: bool) -> (u64, u64) 
 }
 
 impl BlockDriver for FileNode {
+    /// A protocol: the image is the file; [`BlockDriver::activate`] reads its size again.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     /// qemu-img shows an empty `format-specific` object for files.
     fn info(&self) -> Option<crate::format::ImageInfo> {
         Some(crate::format::ImageInfo {
@@ -957,6 +961,36 @@ impl BlockDriver for FileNode {
         }
         *cur = (Perms::NONE, Perms::ALL);
         self.read_only.store(read_only, Ordering::Release);
+        Ok(())
+    }
+
+    /// The other process may have grown or shrunk the file while this
+    /// node was inactive: read its size again.
+    fn activate(&self, _read_only: bool) -> BlockResult<()> {
+        let fd = self.fd.as_raw_fd();
+        let size = if self.is_blockdev {
+            let mut sz: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer we pass.
+            if unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut sz as *mut u64) } < 0 {
+                return Err(BlockError::io(
+                    errno(),
+                    format!("{}: size", self.opts.filename),
+                ));
+            }
+            sz
+        } else {
+            // SAFETY: zeroed stat is a valid out-parameter for fstat.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: fd is our open descriptor and st a writable stat buffer.
+            if unsafe { libc::fstat(fd, &mut st) } < 0 {
+                return Err(BlockError::io(
+                    errno(),
+                    format!("{}: size", self.opts.filename),
+                ));
+            }
+            st.st_size as u64
+        };
+        self.size.store(size, Ordering::Relaxed);
         Ok(())
     }
 

@@ -43,6 +43,10 @@ impl ThrottleFilter {
 }
 
 impl BlockDriver for ThrottleFilter {
+    /// A filter: it keeps no image metadata.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     /// Nothing of its own depends on the mode; the node reopens the child.
     fn reopen(&self, _read_only: bool) -> BlockResult<()> {
         Ok(())
@@ -115,6 +119,10 @@ impl CopyOnRead {
 }
 
 impl BlockDriver for CopyOnRead {
+    /// A filter: it keeps no image metadata.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     /// Nothing of its own depends on the mode; the node reopens the child.
     fn reopen(&self, _read_only: bool) -> BlockResult<()> {
         Ok(())

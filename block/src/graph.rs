@@ -186,6 +186,8 @@ pub struct BlockGraph {
     /// store them back when the node goes), as the VMM does; tools leave
     /// them alone.
     load_bitmaps: std::sync::atomic::AtomicBool,
+    /// Nodes open inactive ([`BlockGraph::set_incoming`]).
+    incoming: std::sync::atomic::AtomicBool,
 }
 
 impl Default for BlockGraph {
@@ -274,6 +276,7 @@ impl BlockGraph {
             descs: Mutex::new(HashMap::new()),
             warnings: Mutex::new(Vec::new()),
             load_bitmaps: std::sync::atomic::AtomicBool::new(false),
+            incoming: std::sync::atomic::AtomicBool::new(false),
         };
         for c in crate::format::builtin() {
             g.register_class(c);
@@ -285,6 +288,103 @@ impl BlockGraph {
     /// opened read-write from now on.
     pub fn set_load_bitmaps(&self, on: bool) {
         self.load_bitmaps.store(on, Ordering::Relaxed);
+    }
+
+    /// While `on`, every node opened (command line or `blockdev-add`) is
+    /// inactive: the process is the destination of a live migration and
+    /// the source still owns the images (see `Node::inactive`). The
+    /// node's read-only option is kept (a device may attach a writable
+    /// drive), but it takes no image locks, its format writes nothing
+    /// (qcow2 reads the image read-only), its persistent bitmaps load
+    /// only when it becomes active, and writes to it are refused.
+    /// [`BlockGraph::activate_all`] ends it.
+    pub fn set_incoming(&self, on: bool) {
+        self.incoming.store(on, Ordering::Release);
+    }
+
+    /// Nodes open inactive (see [`BlockGraph::set_incoming`]); what a
+    /// driver's open asks to write nothing.
+    pub fn is_incoming(&self) -> bool {
+        self.incoming.load(Ordering::Acquire)
+    }
+
+    /// Every node reachable from the name table, each once, children
+    /// before their parents.
+    fn nodes_children_first(&self) -> Vec<Arc<Node>> {
+        let roots: Vec<Arc<Node>> = self
+            .nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut order = Vec::new();
+        fn visit(
+            n: &Arc<Node>,
+            seen: &mut std::collections::HashSet<*const Node>,
+            order: &mut Vec<Arc<Node>>,
+        ) {
+            if !seen.insert(Arc::as_ptr(n)) {
+                return;
+            }
+            for (_, c) in n.children() {
+                visit(&c, seen, order);
+            }
+            order.push(n.clone());
+        }
+        for n in &roots {
+            visit(n, &mut seen, &mut order);
+        }
+        order
+    }
+
+    /// Take every image over, children first (QEMU's
+    /// `bdrv_activate_all`): the destination of a live migration once the
+    /// machine's state is loaded, or the source after a failed one. Each
+    /// node takes its image locks (the usual lock-conflict error while
+    /// another process still holds them), its driver reads the image's
+    /// metadata again (qcow2: header, L1 and refcount tables, caches) and
+    /// becomes writable if the node is, and deferred bitmaps load (a
+    /// failure there is a warning, see [`BlockGraph::take_warnings`]).
+    /// Stops at the first node that fails (those done stay active; a
+    /// second call picks up the rest). On success nodes open active again.
+    pub fn activate_all(&self) -> BlockResult<()> {
+        for n in self.nodes_children_first() {
+            if let Some(w) = n.activate()? {
+                self.warn(w);
+            }
+        }
+        self.incoming.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Hand every image over to another process, parents first (QEMU's
+    /// `bdrv_inactivate_all`): the source of a live migration, once its
+    /// backends are drained and before the destination activates. Each
+    /// writable node stores its persistent bitmaps, its driver writes its
+    /// metadata back and marks the image clean, the node is flushed and
+    /// its image locks released; from then on writes are refused and
+    /// [`BlockGraph::close_all`] writes nothing to it. Stops at the first
+    /// error: the migration fails, and [`BlockGraph::activate_all`] takes
+    /// the images back.
+    pub fn inactivate_all(&self) -> BlockResult<()> {
+        for n in self.nodes_children_first().iter().rev() {
+            n.inactivate()?;
+        }
+        Ok(())
+    }
+
+    /// Why the images cannot be handed over by live migration: one
+    /// message per node whose driver cannot (see
+    /// [`crate::driver::BlockDriver::migration_blocker`]). Block jobs and
+    /// NBD exports are not known to the graph; see
+    /// [`crate::jobs::Jobs::migration_blockers`].
+    pub fn migration_blockers(&self) -> Vec<String> {
+        self.nodes_children_first()
+            .iter()
+            .filter_map(|n| n.migration_blocker())
+            .collect()
     }
 
     /// Add (or replace) a format driver made of its constructor only.
@@ -387,32 +487,9 @@ impl BlockGraph {
     /// closed whether or not some thread still holds them: the process
     /// exits without waiting for those. Errors are logged.
     pub fn close_all(&self) {
-        let roots: Vec<Arc<Node>> = self
-            .nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
         // Depth-first, children after parents: post-order, reversed.
-        let mut seen = std::collections::HashSet::new();
-        let mut order = Vec::new();
-        fn visit(
-            n: &Arc<Node>,
-            seen: &mut std::collections::HashSet<*const Node>,
-            order: &mut Vec<Arc<Node>>,
-        ) {
-            if !seen.insert(Arc::as_ptr(n)) {
-                return;
-            }
-            for (_, c) in n.children() {
-                visit(&c, seen, order);
-            }
-            order.push(n.clone());
-        }
-        for n in &roots {
-            visit(n, &mut seen, &mut order);
-        }
+        // Inactive nodes close without writing (see `Node::close`).
+        let order = self.nodes_children_first();
         for n in order.iter().rev() {
             if let Err(e) = n.close() {
                 log::warn!("{}: {e}", n.name());
@@ -596,22 +673,15 @@ impl BlockGraph {
             )));
         }
         let node = Node::new(node_name.clone(), auto, drv, common, children);
-        if self.load_bitmaps.load(Ordering::Relaxed)
-            && (!node.is_read_only() || node.driver().bitmaps_load_read_only())
-        {
-            match node.driver().load_bitmaps() {
-                Ok(list) => {
-                    for b in list {
-                        let _ = node.add_bitmap(Arc::new(b));
-                    }
-                }
-                Err(e) => self
-                    .warnings
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(format!(
-                        "could not load the dirty bitmaps of '{node_name}': {e}"
-                    )),
+        if self.is_incoming() {
+            node.set_inactive_at_open();
+        }
+        if self.load_bitmaps.load(Ordering::Relaxed) {
+            // Deferred to activation while the node is inactive.
+            if let Err(e) = node.load_persistent_bitmaps() {
+                self.warn(format!(
+                    "could not load the dirty bitmaps of '{node_name}': {e}"
+                ));
             }
         }
         self.descs

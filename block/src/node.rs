@@ -169,6 +169,16 @@ pub struct Node {
     /// [`Node::close`] ran: the bitmaps are stored and the image is clean,
     /// so dropping the node does not do it again.
     closed: AtomicBool,
+    /// Another process owns the image (QEMU's `BDRV_O_INACTIVE`): the
+    /// destination of a live migration until the machine's state has
+    /// arrived, the source once it has handed its images over. No image
+    /// locks are held (the users' permissions are recorded and taken at
+    /// [`Node::activate`]), nothing is written, and closing writes nothing.
+    inactive: AtomicBool,
+    /// Persistent bitmaps are to be loaded when the node becomes active
+    /// (opened inactive while the graph loads bitmaps, or stored into the
+    /// image and dropped from the node at [`Node::inactivate`]).
+    bitmaps_deferred: AtomicBool,
 }
 
 impl std::fmt::Debug for Node {
@@ -185,7 +195,8 @@ impl Drop for Node {
     /// (an unused implicit node after a pivot, a `blockdev-del`) closes
     /// here.
     fn drop(&mut self) {
-        if !self.closed.load(Ordering::Acquire) {
+        // An inactive node's image belongs to another process.
+        if !self.closed.load(Ordering::Acquire) && !self.is_inactive() {
             self.store_persistent_bitmaps();
         }
     }
@@ -224,6 +235,8 @@ impl Node {
             watchers: RwLock::new(Watchers::default()),
             self_ref: w.clone(),
             closed: AtomicBool::new(false),
+            inactive: AtomicBool::new(false),
+            bitmaps_deferred: AtomicBool::new(false),
         })
     }
     /// A node whose children are given as nodes (each in its own slot).
@@ -287,6 +300,12 @@ impl Node {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        if self.is_inactive() {
+            // Handed over (or never taken over): the image is another
+            // process's, and what this one had was written back when it
+            // became inactive.
+            return Ok(());
+        }
         self.store_persistent_bitmaps();
         if self.is_read_only() {
             return Ok(());
@@ -298,8 +317,14 @@ impl Node {
     /// Persistent dirty bitmaps go back into the image (QEMU stores them
     /// at close); a failure is logged, as there is no one to tell.
     fn store_persistent_bitmaps(&self) {
+        if let Err(e) = self.try_store_persistent_bitmaps() {
+            log::warn!("{}: could not store the dirty bitmaps: {e}", self.name);
+        }
+    }
+
+    fn try_store_persistent_bitmaps(&self) -> BlockResult<()> {
         if self.is_read_only() || !self.driver.can_store_bitmaps() {
-            return;
+            return Ok(());
         }
         let list: Vec<Arc<DirtyBitmap>> = self
             .watchers
@@ -310,9 +335,114 @@ impl Node {
             .filter(|b| b.is_persistent())
             .cloned()
             .collect();
-        if let Err(e) = self.driver.store_bitmaps(&list) {
-            log::warn!("{}: could not store the dirty bitmaps: {e}", self.name);
+        self.driver.store_bitmaps(&list)
+    }
+
+    /// Load the persistent dirty bitmaps the image holds and track writes
+    /// in them (a writable node, or a driver whose loading writes
+    /// nothing); while the node is inactive this waits for
+    /// [`Node::activate`], since loading marks them in use in the image.
+    pub fn load_persistent_bitmaps(&self) -> BlockResult<()> {
+        if self.is_read_only() && !self.driver.bitmaps_load_read_only() {
+            return Ok(());
         }
+        if self.is_inactive() {
+            self.bitmaps_deferred.store(true, Ordering::Release);
+            return Ok(());
+        }
+        for b in self.driver.load_bitmaps()? {
+            let _ = self.add_bitmap(Arc::new(b));
+        }
+        Ok(())
+    }
+
+    /// Another process owns the image (see `Node::inactive`).
+    pub fn is_inactive(&self) -> bool {
+        self.inactive.load(Ordering::Acquire)
+    }
+
+    /// Open the node inactive: called by the graph on a node just built,
+    /// before anyone could take permissions on it.
+    pub(crate) fn set_inactive_at_open(&self) {
+        self.inactive.store(true, Ordering::Release);
+    }
+
+    /// Hand the image over to another process (the source of a live
+    /// migration; QEMU's `bdrv_inactivate_recurse` for one node): the
+    /// persistent bitmaps go into the image (and leave the node, to be
+    /// loaded again if it becomes active again), the driver writes back
+    /// what it caches and marks the image clean, the node is flushed,
+    /// then refuses writes, and its image locks go. Parents first (see
+    /// [`crate::graph::BlockGraph::inactivate_all`]); the caller has
+    /// drained the backends above, so no write is in flight. A node
+    /// already inactive is left alone. On an error the node stays
+    /// inactive, and [`Node::activate`] takes it back.
+    pub fn inactivate(&self) -> BlockResult<()> {
+        if self.inactive.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if !self.is_read_only() {
+            self.try_store_persistent_bitmaps()?;
+            if self.driver.can_store_bitmaps() {
+                let stored: Vec<String> = self
+                    .bitmaps()
+                    .iter()
+                    .filter(|b| b.is_persistent())
+                    .map(|b| b.name().to_string())
+                    .collect();
+                for n in &stored {
+                    self.remove_bitmap(n);
+                }
+                if !stored.is_empty() {
+                    self.bitmaps_deferred.store(true, Ordering::Release);
+                }
+            }
+            self.driver.inactivate()?;
+            if !(self.common.no_flush && self.children.is_empty()) {
+                self.driver.flush()?;
+            }
+        }
+        self.driver.set_perms(Perms::NONE, Perms::ALL)
+    }
+
+    /// Take the image over (the destination of a live migration once the
+    /// machine's state has arrived, or the source again after a failed
+    /// one; QEMU's `bdrv_activate` for one node): the image locks the
+    /// node's users need are taken (refused as usual while another
+    /// process still holds the image), the driver reads what it knows of
+    /// the image again, and deferred bitmaps are loaded. Children first
+    /// (see [`crate::graph::BlockGraph::activate_all`]). On an error the
+    /// node stays inactive, without locks. A bitmap that fails to load is
+    /// reported in `Ok(Some(message))`: the node is active all the same.
+    pub fn activate(&self) -> BlockResult<Option<String>> {
+        if !self.is_inactive() {
+            return Ok(None);
+        }
+        {
+            let g = self.users.lock().unwrap_or_else(|e| e.into_inner());
+            let (p, s) = aggregate(&g.0);
+            self.driver.set_perms(p, s)?;
+        }
+        if let Err(e) = self.driver.activate(self.is_read_only()) {
+            let _ = self.driver.set_perms(Perms::NONE, Perms::ALL);
+            return Err(e);
+        }
+        self.inactive.store(false, Ordering::Release);
+        if self.bitmaps_deferred.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.load_persistent_bitmaps() {
+                return Ok(Some(format!(
+                    "could not load the dirty bitmaps of '{}': {e}",
+                    self.name
+                )));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Why this node cannot be handed over by live migration, if it cannot
+    /// (see [`BlockDriver::migration_blocker`]).
+    pub fn migration_blocker(&self) -> Option<String> {
+        self.driver.migration_blocker(&self.name)
     }
 
     pub fn children(&self) -> Vec<(String, Arc<Node>)> {
@@ -355,9 +485,25 @@ impl Node {
         })
     }
 
-    fn check_writable(&self) -> BlockResult<()> {
+    fn check_read_only(&self) -> BlockResult<()> {
         if self.is_read_only() {
             return Err(BlockError::ReadOnly(format!("Node '{}'", self.name)));
+        }
+        Ok(())
+    }
+
+    /// Writes need a writable node that owns its image.
+    fn check_writable(&self) -> BlockResult<()> {
+        self.check_read_only()?;
+        self.check_active()
+    }
+
+    fn check_active(&self) -> BlockResult<()> {
+        if self.is_inactive() {
+            return Err(BlockError::Permission(format!(
+                "node '{}' is inactive",
+                self.name
+            )));
         }
         Ok(())
     }
@@ -442,9 +588,11 @@ impl Node {
         )))
     }
 
-    /// Flush; skipped on protocol nodes with `cache.no-flush=on`.
+    /// Flush; skipped on protocol nodes with `cache.no-flush=on`, and on
+    /// inactive nodes (everything was flushed when the node became
+    /// inactive, and nothing was written since).
     pub fn flush(&self) -> BlockResult<()> {
-        if self.common.no_flush && self.children.is_empty() {
+        if (self.common.no_flush && self.children.is_empty()) || self.is_inactive() {
             return Ok(());
         }
         self.driver.flush()
@@ -537,7 +685,7 @@ impl Node {
         match req.op {
             IoOp::Read => {}
             IoOp::Flush => {
-                if self.common.no_flush && self.children.is_empty() {
+                if (self.common.no_flush && self.children.is_empty()) || self.is_inactive() {
                     done(req, Ok(()));
                     return;
                 }
@@ -728,6 +876,7 @@ impl Node {
         if read_only == self.is_read_only() {
             return Ok(());
         }
+        self.check_active()?;
         if !read_only && self.common.read_only && !self.common.auto_read_only {
             // Opened read-only on purpose by the user: QEMU refuses too.
             let explicit = !self.auto_named;
@@ -792,8 +941,10 @@ impl Node {
             .upgrade()
             .ok_or_else(|| BlockError::Permission(format!("node '{}' is gone", self.name)))?;
         let mut g = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        // An inactive node takes writers: a device attaches to its drive
+        // before the image is handed over, and writes once it is.
         if perm.contains(Perms::WRITE) || perm.contains(Perms::RESIZE) {
-            self.check_writable()?;
+            self.check_read_only()?;
         }
         self.check_conflicts(&g.0, None, job, perm, shared)?;
         let id = g.1;
@@ -865,7 +1016,12 @@ impl Node {
     /// default QEMU's rules by role, [`crate::driver::default_child_perms`]).
     /// A child opened with `force-share` shares everything.
     fn apply(&self, perm: Perms, shared: Perms) -> BlockResult<()> {
-        self.driver.set_perms(perm, shared)?;
+        // An inactive node takes no image locks (QEMU's
+        // `raw_handle_perm_lock` on BDRV_O_INACTIVE): the users are
+        // recorded, and `activate` takes what they need.
+        if !self.is_inactive() {
+            self.driver.set_perms(perm, shared)?;
+        }
         for (role, child) in self.children() {
             let (cp, cs) = self.edge_perms(&role, perm, shared, Some(&child));
             child.set_edge(&self.name, &role, cp, cs)?;

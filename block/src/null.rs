@@ -48,6 +48,10 @@ impl NullNode {
 }
 
 impl BlockDriver for NullNode {
+    /// No data at all.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     /// Nothing of its own depends on the mode; the node reopens the child.
     fn reopen(&self, _read_only: bool) -> BlockResult<()> {
         Ok(())

@@ -614,7 +614,12 @@ impl Qcow2Node {
     pub fn open(ctx: &mut OpenCtx<'_>) -> BlockResult<Arc<dyn BlockDriver>> {
         let file = ctx.open_child("file")?;
         let mut o = OpenOptions {
-            read_only: ctx.common.read_only,
+            // An inactive node (the destination of a live migration, while
+            // the source still owns the image) must not write the image:
+            // no repair of a dirty image, no dirty bit, no autoclear
+            // change, no bitmap marked in use. The node itself stays as
+            // configured; `activate` makes the image writable.
+            read_only: ctx.common.read_only || ctx.graph.is_incoming(),
             allow_corrupt: ctx.flags.check,
             ..Default::default()
         };
@@ -893,6 +898,10 @@ impl Qcow2Node {
 }
 
 impl BlockDriver for Qcow2Node {
+    /// Its metadata is read again at activation ([`Qcow2::reload`]).
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     fn driver_name(&self) -> &'static str {
         "qcow2"
     }
@@ -1193,6 +1202,23 @@ impl BlockDriver for Qcow2Node {
     }
     fn close(&self) -> BlockResult<()> {
         self.img.close().map_err(block_error)
+    }
+    /// Everything is written back and the image marked clean; the image
+    /// is read-only from now on (a stray write, or the drop at exit,
+    /// cannot touch it) until `activate`. The bitmaps handed to the node
+    /// were stored just before, so none is handed over any more.
+    fn inactivate(&self) -> BlockResult<()> {
+        self.img.reopen(true).map_err(block_error)?;
+        *self
+            .loaded_bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = None;
+        Ok(())
+    }
+    /// The other process wrote the image: header, L1 and refcount
+    /// tables, snapshots and bitmaps are read again, the caches emptied.
+    fn activate(&self, read_only: bool) -> BlockResult<()> {
+        self.img.reload(read_only).map_err(block_error)
     }
     fn can_compress(&self) -> bool {
         !self.img.is_encrypted()

@@ -168,6 +168,10 @@ impl RawNode {
 }
 
 impl BlockDriver for RawNode {
+    /// No metadata of its own.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     /// Nothing of its own depends on the mode; the node reopens the child.
     fn reopen(&self, _read_only: bool) -> BlockResult<()> {
         Ok(())

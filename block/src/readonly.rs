@@ -113,6 +113,10 @@ impl<F: ReadOnlyFormat> ReadOnlyNode<F> {
 }
 
 impl<F: ReadOnlyFormat> BlockDriver for ReadOnlyNode<F> {
+    /// A read-only format: nobody changes the image under it.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     fn driver_name(&self) -> &'static str {
         F::NAME
     }

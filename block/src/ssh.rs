@@ -757,6 +757,10 @@ pub fn create(name: &str, map: Map) -> BlockResult<()> {
 }
 
 impl BlockDriver for SshNode {
+    /// A protocol on shared storage: no format metadata.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     fn driver_name(&self) -> &'static str {
         "ssh"
     }

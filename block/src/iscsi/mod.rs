@@ -318,6 +318,10 @@ impl Drop for IscsiNode {
 }
 
 impl BlockDriver for IscsiNode {
+    /// A protocol on shared storage: no format metadata.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     fn driver_name(&self) -> &'static str {
         "iscsi"
     }

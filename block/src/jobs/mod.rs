@@ -760,6 +760,25 @@ impl Jobs {
         jobs.iter().map(|j| j.info()).collect()
     }
 
+    /// One message per job still alive (neither concluded nor gone): a
+    /// job writes into nodes that live migration would hand over to the
+    /// destination, which does not get the job, so it blocks migration
+    /// until it finishes or is cancelled.
+    pub fn migration_blockers(&self) -> Vec<String> {
+        self.list()
+            .into_iter()
+            .filter(|j| !matches!(j.status, Status::Concluded | Status::Null))
+            .map(|j| {
+                format!(
+                    "Block job '{}' ({}) is {}: live migration needs it finished or cancelled",
+                    j.id,
+                    j.kind.name(),
+                    j.status.name()
+                )
+            })
+            .collect()
+    }
+
     /// Cancel every job and wait for them (shutdown).
     pub fn cancel_all(&self, timeout: Duration) {
         let jobs: Vec<Arc<Job>> = self.map().values().cloned().collect();

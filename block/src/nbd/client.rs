@@ -1164,6 +1164,10 @@ impl Drop for NbdNode {
 }
 
 impl BlockDriver for NbdNode {
+    /// A protocol on shared storage: no format metadata.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     fn driver_name(&self) -> &'static str {
         "nbd"
     }

@@ -183,6 +183,10 @@ impl RbdNode {
 }
 
 impl BlockDriver for RbdNode {
+    /// A protocol on shared storage: no format metadata.
+    fn migration_blocker(&self, _node: &str) -> Option<String> {
+        None
+    }
     fn driver_name(&self) -> &'static str {
         "rbd"
     }

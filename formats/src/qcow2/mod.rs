@@ -342,6 +342,9 @@ pub struct Qcow2 {
     bitmaps_pending: std::sync::atomic::AtomicBool,
     /// The data cipher (the same as [`Meta`]'s).
     crypt: CryptState,
+    /// The options of the open, without the secret (the cipher is kept
+    /// in `crypt`): what [`Qcow2::reload`] reads the metadata with again.
+    opts: OpenOptions,
 }
 
 impl Meta {
@@ -364,6 +367,13 @@ impl Meta {
             self.write_header()?;
         }
         Ok(())
+    }
+    /// `auto` bitmaps not yet marked in use: a writable open marks them
+    /// before the first change of guest data.
+    fn auto_bitmaps_pending(&self) -> bool {
+        self.bitmaps
+            .iter()
+            .any(|b| b.flags & bitmap::FLAG_AUTO != 0 && b.flags & bitmap::FLAG_IN_USE == 0)
     }
     /// The backing file, when one is attached now.
     pub(crate) fn live_backing(&self) -> Option<&Arc<dyn Storage>> {
@@ -581,14 +591,64 @@ impl Qcow2 {
         backing: Option<Arc<dyn Storage>>,
         o: &OpenOptions,
     ) -> FResult<Qcow2> {
-        let pv = preview(&*file, name)?;
-        let h = pv.header;
-        let cs = h.cluster_size();
+        let h = preview(&*file, name)?.header;
         let crypt = match crypt::open(&*file, &h, o.secret.as_ref().map(|s| &s.0[..]), name)? {
             Some(c) => CryptState::Keyed(Arc::new(c)),
             None if h.crypt_method != crypt::METHOD_NONE => CryptState::Locked,
             None => CryptState::Plain,
         };
+        let gate = Arc::new(Gate::default());
+        let mut m = Self::read_meta(
+            name,
+            &file,
+            data.clone(),
+            backing.clone(),
+            o,
+            crypt.clone(),
+            gate.clone(),
+        )?;
+        if !o.read_only {
+            m.prepare_for_writing(o.allow_corrupt)?;
+        }
+        let cs = m.cs;
+        let ctype = m.h.compression_type;
+        let pending = !o.read_only && m.auto_bitmaps_pending();
+        Ok(Qcow2 {
+            meta: Mutex::new(m),
+            alloc_done: Condvar::new(),
+            alloc_hook: std::sync::OnceLock::new(),
+            gate,
+            name: name.to_string(),
+            file,
+            data,
+            backing,
+            cs,
+            ctype,
+            read_only: std::sync::atomic::AtomicBool::new(o.read_only),
+            bitmaps_pending: std::sync::atomic::AtomicBool::new(pending),
+            crypt,
+            opts: OpenOptions {
+                secret: None,
+                ..o.clone()
+            },
+        })
+    }
+
+    /// Read the metadata from the image as it is on disk now (header,
+    /// snapshot table, bitmap directory, L1 and refcount tables; empty
+    /// caches) and check it against the options, writing nothing: what
+    /// an open and [`Qcow2::reload`] share.
+    fn read_meta(
+        name: &str,
+        file: &Arc<dyn Storage>,
+        data: Option<Arc<dyn Storage>>,
+        backing: Option<Arc<dyn Storage>>,
+        o: &OpenOptions,
+        crypt: CryptState,
+        gate: Arc<Gate>,
+    ) -> FResult<Meta> {
+        let h = preview(&**file, name)?.header;
+        let cs = h.cluster_size();
         let has_df = h.incompatible & header::INCOMPAT_DATA_FILE != 0;
         if has_df && data.is_none() {
             return Err(FormatError::Invalid(format!(
@@ -633,12 +693,11 @@ impl Qcow2 {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
-        let gate = Arc::new(Gate::default());
         let mut m = Meta {
             name: name.to_string(),
             file: file.clone(),
-            data: data.clone(),
-            backing: backing.clone(),
+            data,
+            backing,
             cs,
             l1,
             l1_dirty: BTreeSet::new(),
@@ -648,7 +707,7 @@ impl Qcow2 {
             rbc: Cache::new(rcn as usize, interval),
             pending_free: Vec::new(),
             quarantine: Vec::new(),
-            gate: gate.clone(),
+            gate,
             allocating: std::collections::BTreeMap::new(),
             free_cursor: 1,
             rc_unsynced: false,
@@ -667,7 +726,7 @@ impl Qcow2 {
             alloc_end: 0,
             bitmaps_ext: None,
             bitmaps: Vec::new(),
-            crypt: crypt.clone(),
+            crypt,
             h,
         };
         (m.snapshots, m.snapshots_size) = snapshot::read_table(&m)?;
@@ -680,35 +739,62 @@ impl Qcow2 {
                 )));
             }
             if m.h.version >= 3 && m.h.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
-                let (e, list) = bitmap::read_bitmaps(&*file, &raw, cs, m.h.size, name)?;
+                let (e, list) = bitmap::read_bitmaps(&**file, &raw, cs, m.h.size, name)?;
                 m.bitmaps_ext = Some(e);
                 m.bitmaps = list;
             }
         }
         m.reindex_all();
-        if !o.read_only {
-            m.prepare_for_writing(o.allow_corrupt)?;
+        Ok(m)
+    }
+
+    /// Throw the metadata in memory away and read it again from the
+    /// image, then be read-only or read-write as `read_only` says: how
+    /// an image opened while another process owned it (the destination
+    /// of a live migration) takes over once that process has written its
+    /// metadata back and let go (QEMU's `qcow2_co_invalidate_cache`).
+    /// Going read-write does what a read-write open does (repair a dirty
+    /// image, clear unknown autoclear bits, refuse a corrupt one). The
+    /// cluster size and compression type cannot have changed; the data
+    /// cipher is kept. In-flight requests are waited for, and the gate
+    /// stays the same, so tickets handed out before stay valid. What was
+    /// writable is written back first, so nothing this process changed is
+    /// lost; on an error the old metadata stays (read-only).
+    pub fn reload(&self, read_only: bool) -> FResult<()> {
+        use std::sync::atomic::Ordering;
+        let mut m = self.exclusive();
+        if !m.read_only {
+            m.mark_clean()?;
+            m.read_only = true;
+            self.read_only.store(true, Ordering::Release);
         }
-        let ctype = m.h.compression_type;
-        let pending = !o.read_only
-            && m.bitmaps
-                .iter()
-                .any(|b| b.flags & bitmap::FLAG_AUTO != 0 && b.flags & bitmap::FLAG_IN_USE == 0);
-        Ok(Qcow2 {
-            meta: Mutex::new(m),
-            alloc_done: Condvar::new(),
-            alloc_hook: std::sync::OnceLock::new(),
-            gate,
-            name: name.to_string(),
-            file,
-            data,
-            backing,
-            cs,
-            ctype,
-            read_only: std::sync::atomic::AtomicBool::new(o.read_only),
-            bitmaps_pending: std::sync::atomic::AtomicBool::new(pending),
-            crypt,
-        })
+        let o = OpenOptions {
+            read_only,
+            ..self.opts.clone()
+        };
+        let mut new = Self::read_meta(
+            &self.name,
+            &self.file,
+            self.data.clone(),
+            self.backing.clone(),
+            &o,
+            self.crypt.clone(),
+            self.gate.clone(),
+        )?;
+        if new.cs != self.cs || new.h.compression_type != self.ctype {
+            return Err(FormatError::Invalid(format!(
+                "{}: the cluster size or compression type changed while the image was open",
+                self.name
+            )));
+        }
+        if !read_only {
+            new.prepare_for_writing(o.allow_corrupt)?;
+        }
+        let pending = !read_only && new.auto_bitmaps_pending();
+        *m = new;
+        self.bitmaps_pending.store(pending, Ordering::Release);
+        self.read_only.store(read_only, Ordering::Release);
+        Ok(())
     }
 
     /// The persistent dirty bitmaps QEMU would load (name, flags,
@@ -846,10 +932,7 @@ impl Qcow2 {
             m.read_only = true;
             return Err(e);
         }
-        let pending = m
-            .bitmaps
-            .iter()
-            .any(|b| b.flags & bitmap::FLAG_AUTO != 0 && b.flags & bitmap::FLAG_IN_USE == 0);
+        let pending = m.auto_bitmaps_pending();
         self.bitmaps_pending.store(pending, Ordering::Release);
         self.read_only.store(false, Ordering::Release);
         Ok(())
