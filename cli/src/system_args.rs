@@ -59,6 +59,7 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
   -object tls-creds-x509,id=ID,dir=D[,endpoint=client][,verify-peer=on|off]
                                     TLS credentials (nbd tls-creds=ID)
   -qtest unix:PATH|stdio            qtest protocol (with -accel qtest)
+  -incoming unix:PATH|tcp:HOST:PORT wait for a live migration from another Strata
   -kernel FILE                      boot a bzImage, PVH ELF vmlinux or multiboot kernel directly
                                     (with -bios or -boot menu=on: bzImage/multiboot through SeaBIOS)
   -initrd FILE[,FILE2...]           initrds (concatenated) or multiboot modules (FILE ARGS each)
@@ -84,6 +85,7 @@ const KNOWN_WITH_VALUE: &[&str] = &[
     "-name",
     "-qtest",
     "-qtest-log",
+    "-incoming",
     "-drive",
     "-hda",
     "-hdb",
@@ -893,6 +895,12 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 }
             }
             "-qtest-log" => cfg.qtest_log = Some(PathBuf::from(value)),
+            "-incoming" => {
+                cfg.incoming = Some(
+                    vmm::migration::Uri::parse(value)
+                        .map_err(|e| format!("-incoming {value}: {e}"))?,
+                )
+            }
             // Drives are desugared once the machine is known: it decides
             // how many units an IDE bus has.
             "-drive" | "-hda" | "-hdb" | "-hdc" | "-hdd" | "-cdrom" | "-fda" | "-fdb" => {

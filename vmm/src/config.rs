@@ -105,6 +105,8 @@ pub struct MachineConfig {
     pub qtest: Option<CharDev>,
     /// Where qtest logs the protocol (`-qtest-log`).
     pub qtest_log: Option<PathBuf>,
+    /// `-incoming URI`: wait for a migration stream instead of starting.
+    pub incoming: Option<crate::migration::Uri>,
     pub boot: BootConfig,
     /// Desugared `-drive`/`-hda`/`-cdrom`/... options, in order.
     pub drives: Vec<block::drive::DriveSpec>,
@@ -164,6 +166,7 @@ impl Default for MachineConfig {
             accel: Accel::Kvm,
             qtest: None,
             qtest_log: None,
+            incoming: None,
             boot: BootConfig::default(),
             drives: Vec::new(),
             blockdevs: Vec::new(),

@@ -81,6 +81,8 @@ pub enum VmEvent {
     PciEject(u8),
     /// SIGTERM, SIGINT or SIGHUP: end the run cleanly, as QEMU does.
     HostSignal,
+    /// An `-incoming` stream arrived (or failed).
+    Migration(Box<migration::run::Incoming>),
 }
 
 impl std::fmt::Debug for monitor::Request {
@@ -241,6 +243,12 @@ pub fn run(cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError> {
 
 /// Checks what can be checked before any guest memory is touched.
 pub fn validate(cfg: &MachineConfig) -> Result<(), VmmError> {
+    if cfg.incoming.is_some() && cfg.accel == config::Accel::Kvm {
+        return Err(VmmError::Config(format!(
+            "-incoming: {}",
+            migration::KVM_BLOCKER
+        )));
+    }
     if cfg.mem_size < (1 << 20) {
         return Err(VmmError::Config(format!(
             "-m {}: guest memory must be at least 1 MiB",
@@ -403,7 +411,9 @@ fn run_kvm(mut cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError
                     };
                     control.run(req, &ctx)
                 }
-                VmEvent::Qtest(_) => monitor::Action::None,
+                // Neither comes under KVM (no qtest channel; -incoming is
+                // refused at start).
+                VmEvent::Qtest(_) | VmEvent::Migration(_) => monitor::Action::None,
                 VmEvent::PciEject(slot) => {
                     control.pci_eject(&pc, slot);
                     monitor::Action::None
@@ -445,6 +455,8 @@ fn run_kvm(mut cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError
                     }
                 }
                 monitor::Action::None => {}
+                // KVM machines are blocked from migrating: never asked.
+                monitor::Action::Migrate => control.outgoing = None,
             }
         };
         stop.store(true, Ordering::Release);

@@ -136,6 +136,12 @@ pub fn run(cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError> {
         Ok(pc)
     };
     let mut pc = build(&cfg)?;
+    // A destination answers qtest and QMP while it waits for the source
+    // (libqos reads fw_cfg and PCI config then): listen before `ready`.
+    if let Some(uri) = &cfg.incoming {
+        control.incoming();
+        crate::migration::run::listen(uri, &pc, &events).map_err(VmmError::Config)?;
+    }
     ready();
     let mut log: Option<std::fs::File> = match &cfg.qtest_log {
         Some(p) => Some(
@@ -213,10 +219,33 @@ pub fn run(cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError> {
                     }
                     monitor::Action::Resume => {
                         storage.resume();
+                        // I/O a migration brought along halted runs again.
+                        pc.vmstate.resume_all();
+                        None
+                    }
+                    monitor::Action::Migrate => {
+                        crate::migration::run::outgoing(&mut control, &pc, &storage, &clock);
                         None
                     }
                     _ => None,
                 }
+            }
+            VmEvent::Migration(inc) => {
+                let inc = *inc;
+                let r = match &inc.result {
+                    Ok(got) => {
+                        crate::migration::run::load(&mut control, &pc, &storage, &clock, got)
+                            .map(|_| ())
+                    }
+                    Err(e) => Err(e.clone()),
+                };
+                let _ = inc.reply.send(r.clone());
+                if let Err(e) = r {
+                    // QEMU's destination exits when a load fails.
+                    eprintln!("strata: -incoming: load of migration failed: {e}");
+                    return Ok(1);
+                }
+                None
             }
             VmEvent::BlockError {
                 drive,

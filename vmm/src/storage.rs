@@ -50,6 +50,11 @@ impl Storage {
         // Persistent dirty bitmaps are tracked while the VM runs and
         // stored back at exit, as QEMU does.
         graph.set_load_bitmaps(true);
+        // A migration destination opens its images inactive: the source
+        // still writes them until it hands them over.
+        if cfg.incoming.is_some() {
+            graph.set_incoming(true);
+        }
         for text in &cfg.blockdevs {
             graph
                 .blockdev_add_str(text)
@@ -146,6 +151,15 @@ impl Storage {
             .chain(anon)
             .filter(|b| b.root().is_some_and(|r| Arc::ptr_eq(&r, node)))
             .collect()
+    }
+
+    /// Every backend in use: the drives' and the anonymous ones.
+    pub fn all_backends(&self) -> Vec<Arc<BlockBackend>> {
+        let anon: Vec<_> = devices::bus::lock(&self.anonymous)
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .collect();
+        self.drives.values().cloned().chain(anon).collect()
     }
 
     /// The backend a block job's `device` names: a `-drive` id, or the

@@ -100,6 +100,8 @@ pub struct Machine {
     /// Its device timers: run by a thread under KVM, by `clock_step`
     /// under qtest.
     pub timers: Arc<devices::timer::Timers>,
+    /// Its migratable parts and what blocks its migration.
+    pub vmstate: crate::migration::VmState,
 }
 
 /// What it takes to add a device to a running machine (QMP `device_add`)
@@ -288,6 +290,8 @@ impl Board for NoneBoard {
             devices: Mutex::new(Vec::new()),
             hotplug: None,
             timers: host.timers,
+            // RAM only: nothing else to move.
+            vmstate: Default::default(),
         })
     }
 }

@@ -585,6 +585,8 @@ pub(super) fn assemble(
     } else {
         None
     };
+    let mut vmstate = crate::migration::VmState::default();
+    vmstate.block("the PC chipset's devices do not save their state yet");
 
     Ok(Machine {
         io,
@@ -600,6 +602,7 @@ pub(super) fn assemble(
         devices: Mutex::new(devices),
         hotplug: hotplug.map(Mutex::new),
         timers: host.timers.clone(),
+        vmstate,
     })
 }
 

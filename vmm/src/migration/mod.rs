@@ -12,7 +12,11 @@
 //! its metadata, a KVM guest: vCPU, LAPIC, IOAPIC, PIT and kvmclock
 //! state are not saved yet, so only `-accel qtest` machines migrate).
 
+pub mod run;
 pub mod stream;
+
+/// Why a KVM guest cannot migrate yet.
+pub const KVM_BLOCKER: &str = "Strata cannot migrate KVM guests yet: vCPU registers, LAPIC, IOAPIC, PIT and kvmclock state are not saved (only -accel qtest machines migrate)";
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::Arc;
@@ -203,6 +207,56 @@ pub struct Sent {
     pub bytes: u64,
     pub normal_pages: u64,
     pub zero_pages: u64,
+}
+
+/// The last migration, as `query-migrate` shows it.
+#[derive(Clone, Debug, Default)]
+pub struct Info {
+    /// QAPI `MigrationStatus` (`None`: there was none).
+    pub status: Option<&'static str>,
+    pub total_ms: u64,
+    /// How long the guest was stopped for it.
+    pub downtime_ms: u64,
+    pub sent: Sent,
+    /// Guest RAM bytes.
+    pub ram_total: u64,
+    pub error: Option<String>,
+    /// Why the machine cannot migrate (listed while it cannot).
+    pub blocked: Vec<String>,
+}
+
+impl Info {
+    /// QMP's `MigrationInfo`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let Some(status) = self.status else {
+            if self.blocked.is_empty() {
+                return serde_json::json!({});
+            }
+            return serde_json::json!({"blocked-reasons": self.blocked});
+        };
+        let mut v = serde_json::json!({"status": status});
+        if matches!(status, "completed" | "failed" | "cancelled") {
+            let secs = (self.total_ms.max(1)) as f64 / 1000.0;
+            v["total-time"] = self.total_ms.into();
+            v["downtime"] = self.downtime_ms.into();
+            v["setup-time"] = 0.into();
+            v["ram"] = serde_json::json!({
+                "transferred": self.sent.bytes,
+                "total": self.ram_total,
+                "remaining": 0,
+                "duplicate": self.sent.zero_pages,
+                "normal": self.sent.normal_pages,
+                "normal-bytes": self.sent.normal_pages * PAGE as u64,
+                "page-size": PAGE,
+                "mbps": (self.sent.bytes as f64 * 8.0 / 1e6) / secs,
+                "dirty-sync-count": 1,
+            });
+        }
+        if let Some(e) = &self.error {
+            v["error-desc"] = e.clone().into();
+        }
+        v
+    }
 }
 
 /// Send RAM: runs of zero pages as one record each, data in chunks.

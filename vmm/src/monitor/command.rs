@@ -209,6 +209,14 @@ pub enum Command {
     },
     Stop,
     Cont,
+    Migrate {
+        uri: String,
+        blk: bool,
+        inc: bool,
+        resume: bool,
+    },
+    QueryMigrate,
+    MigrateCancel,
     SystemReset,
     SystemPowerdown,
     Quit,
@@ -386,6 +394,32 @@ pub static COMMANDS: &[Def] = &[
         name: "cont",
         params: Params::Members(&[]),
         build: |_| Command::Cont,
+    },
+    Def {
+        name: "migrate",
+        params: Params::Members(&[
+            req("uri", Ty::Str),
+            opt("blk", Ty::Bool),
+            opt("inc", Ty::Bool),
+            opt("detach", Ty::Bool),
+            opt("resume", Ty::Bool),
+        ]),
+        build: |a| Command::Migrate {
+            uri: a.str("uri"),
+            blk: a.bool("blk"),
+            inc: a.bool("inc"),
+            resume: a.bool("resume"),
+        },
+    },
+    Def {
+        name: "query-migrate",
+        params: Params::Members(&[]),
+        build: |_| Command::QueryMigrate,
+    },
+    Def {
+        name: "migrate_cancel",
+        params: Params::Members(&[]),
+        build: |_| Command::MigrateCancel,
     },
     Def {
         name: "system_reset",

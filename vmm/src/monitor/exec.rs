@@ -128,14 +128,41 @@ pub fn execute(c: &mut Control, cmd: Command, ctx: &Ctx) -> Result<(Value, Actio
                     .collect(),
             ))
         }
+        // Before an incoming migration is loaded, `stop` and `cont` only
+        // say whether the guest runs once it is (QEMU's autostart).
+        Command::Stop if c.state == RunState::InMigrate => {
+            c.autostart = false;
+            ok(json!({}))
+        }
+        Command::Cont if c.state == RunState::InMigrate => {
+            c.autostart = true;
+            ok(json!({}))
+        }
         Command::Stop => {
             c.stop(RunState::Paused);
             Ok((json!({}), Action::Pause))
         }
+        Command::Cont if c.state == RunState::PostMigrate => Err(QmpError::generic(
+            "The guest was migrated away: its images belong to the destination now",
+        )),
         Command::Cont => {
             c.resume();
             Ok((json!({}), Action::Resume))
         }
+        Command::Migrate {
+            uri,
+            blk,
+            inc,
+            resume,
+        } => migrate(c, ctx, &uri, blk || inc, resume),
+        Command::QueryMigrate => {
+            let mut info = c.migration.clone();
+            info.blocked = blockers(ctx);
+            ok(info.to_json())
+        }
+        // Migrations run to their end on the main loop: nothing is ever
+        // in progress when this is read.
+        Command::MigrateCancel => ok(json!({})),
         Command::SystemReset => Ok((json!({}), Action::Reset)),
         Command::SystemPowerdown => {
             c.events.emit("POWERDOWN", None);
@@ -915,4 +942,66 @@ fn stats(s: &block::backend::BlockStats) -> Value {
         "account_failed": true,
         "timed_stats": [],
     })
+}
+
+/// Why this machine cannot migrate: its own blockers (devices without
+/// state), and a KVM guest's vCPUs.
+pub(crate) fn blockers(ctx: &Ctx) -> Vec<String> {
+    let mut b = Vec::new();
+    if ctx.cfg.accel == crate::config::Accel::Kvm {
+        b.push(crate::migration::KVM_BLOCKER.to_string());
+    }
+    b.extend(ctx.machine.vmstate.blockers().iter().cloned());
+    b.extend(ctx.storage.graph.migration_blockers());
+    b.extend(ctx.storage.jobs.migration_blockers());
+    for (id, node) in ctx.storage.nbd.list() {
+        b.push(format!(
+            "NBD export '{id}' of node '{node}' is running: remove it before migrating"
+        ));
+    }
+    b
+}
+
+/// `migrate`: check, connect, stop the guest; the main loop sends.
+fn migrate(
+    c: &mut Control,
+    ctx: &Ctx,
+    uri: &str,
+    block_migration: bool,
+    resume: bool,
+) -> Result<(Value, Action), QmpError> {
+    if block_migration {
+        return Err(QmpError::generic(
+            "Block migration (blk/inc) is not supported: share the images or copy them with drive-mirror first",
+        ));
+    }
+    if resume {
+        return Err(QmpError::generic("Postcopy recovery is not supported"));
+    }
+    match c.state {
+        RunState::InMigrate => {
+            return Err(QmpError::generic(
+                "Guest is waiting for an incoming migration",
+            ))
+        }
+        RunState::PostMigrate => {
+            return Err(QmpError::generic("The guest has already been migrated"))
+        }
+        _ => {}
+    }
+    let b = blockers(ctx);
+    if !b.is_empty() {
+        return Err(QmpError::generic(b.join("; ")));
+    }
+    let uri = crate::migration::Uri::parse(uri).map_err(QmpError::generic)?;
+    let conn = crate::migration::connect(&uri).map_err(QmpError::generic)?;
+    let was = c.state.clone();
+    c.stop(RunState::FinishMigrate);
+    c.state = RunState::FinishMigrate;
+    c.migration = crate::migration::Info {
+        status: Some("active"),
+        ..Default::default()
+    };
+    c.outgoing = Some((conn, was));
+    Ok((json!({}), Action::Migrate))
 }

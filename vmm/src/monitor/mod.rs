@@ -46,6 +46,12 @@ pub enum RunState {
     Paused,
     /// An I/O error policy stopped the guest.
     IoError,
+    /// `-incoming`: waiting for the migration stream.
+    InMigrate,
+    /// Stopped to send the migration stream.
+    FinishMigrate,
+    /// The migration completed: the guest runs on the destination now.
+    PostMigrate,
 }
 
 impl RunState {
@@ -56,6 +62,9 @@ impl RunState {
             RunState::Prelaunch => "paused (prelaunch)",
             RunState::Paused => "paused",
             RunState::IoError => "paused (io-error)",
+            RunState::InMigrate => "paused (inmigrate)",
+            RunState::FinishMigrate => "paused (finish-migrate)",
+            RunState::PostMigrate => "paused (postmigrate)",
         }
     }
 
@@ -66,7 +75,21 @@ impl RunState {
             RunState::Prelaunch => "prelaunch",
             RunState::Paused => "paused",
             RunState::IoError => "io-error",
+            RunState::InMigrate => "inmigrate",
+            RunState::FinishMigrate => "finish-migrate",
+            RunState::PostMigrate => "postmigrate",
         }
+    }
+
+    /// The state a migration stream names (the source's).
+    pub fn from_qapi_name(s: &str) -> Option<RunState> {
+        Some(match s {
+            "running" => RunState::Running,
+            "prelaunch" => RunState::Prelaunch,
+            "paused" => RunState::Paused,
+            "io-error" => RunState::IoError,
+            _ => return None,
+        })
     }
 }
 
@@ -82,6 +105,9 @@ pub enum Action {
     Reset,
     /// `quit`.
     Quit,
+    /// `migrate`: send the machine over the connection in
+    /// [`Control::outgoing`].
+    Migrate,
 }
 
 /// A command on its way to the main loop, with where its answer goes.
@@ -124,6 +150,14 @@ pub struct Control {
     pub added: Vec<crate::device::DeviceSpec>,
     /// Drives whose corruption has been reported.
     corrupt_reported: Vec<String>,
+    /// Whether the guest runs once an incoming migration is loaded (not
+    /// with `-S`; `cont` and `stop` during `inmigrate` change it).
+    pub autostart: bool,
+    /// The last (or current) migration, for `query-migrate`.
+    pub migration: crate::migration::Info,
+    /// A `migrate` on its way: the connection, and the state to go back
+    /// to if it fails.
+    pub outgoing: Option<(Box<dyn crate::migration::Conn>, RunState)>,
 }
 
 impl Control {
@@ -137,7 +171,15 @@ impl Control {
             events,
             added: Vec::new(),
             corrupt_reported: Vec::new(),
+            autostart: !paused,
+            migration: Default::default(),
+            outgoing: None,
         }
+    }
+
+    /// A destination: `inmigrate` until the stream is loaded.
+    pub fn incoming(&mut self) {
+        self.state = RunState::InMigrate;
     }
 
     /// Runs one request, queues its answer, and returns what the main
