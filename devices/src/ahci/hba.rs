@@ -14,15 +14,17 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::port::{Port, PortIo};
-use super::regs::{HostEvent, HostRegs, PORT_BASE, PORT_LEN};
+use super::port::{Port, PortIo, PortState};
+use super::regs::{ghc, HostEvent, HostRegs, PORT_BASE, PORT_LEN};
 use crate::ata::AtaDevice;
 use crate::bus::lock;
 use crate::irq::IrqLine;
+use crate::migration::DeviceState;
 use crate::pci::msi::Msi;
 use crate::pci::msix::MsiSender;
 use crate::pci::{BarKind, PciConfig, PciFunction};
 use crate::GuestMem;
+use serde::{Deserialize, Serialize};
 
 /// ICH9's six SATA ports.
 pub const PORTS: usize = 6;
@@ -223,6 +225,124 @@ impl Ahci {
             lock(p).reset();
         }
         self.irq.update();
+    }
+}
+
+/// The shared interrupt's state as migration carries it (the MSI message
+/// follows from config space).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AhciIrqState {
+    pub is: u32,
+    pub ie: bool,
+    pub asserted: bool,
+}
+
+/// The HBA: PCI config space (MSI's enable, address and data are in it),
+/// the host registers, the interrupt, the index/data pair's index, and
+/// every port with its device.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AhciState {
+    pub config: Vec<u8>,
+    pub host: HostRegs,
+    pub irq: AhciIrqState,
+    pub idp_index: u32,
+    pub ports: Vec<PortState>,
+}
+
+impl Ahci {
+    /// Why this HBA cannot migrate, if it cannot: a CD-ROM's MMC state
+    /// (sense, tray, medium) is not carried.
+    pub fn migration_blocker(&self) -> Option<String> {
+        self.ports.iter().enumerate().find_map(|(n, p)| {
+            lock(p)
+                .has_atapi()
+                .then(|| format!("ich9-ahci: the CD-ROM on port {n} does not migrate"))
+        })
+    }
+}
+
+impl DeviceState for Ahci {
+    const VERSION: u32 = 1;
+    type State = AhciState;
+    fn save_state(&self) -> AhciState {
+        let s = lock(&self.irq.state);
+        AhciState {
+            config: self.config.save_bytes(),
+            host: self.host.clone(),
+            irq: AhciIrqState {
+                is: s.is,
+                ie: s.ie,
+                asserted: s.asserted,
+            },
+            idp_index: self.idp_index,
+            ports: self.ports.iter().map(|p| lock(p).save_state()).collect(),
+        }
+    }
+
+    fn load_state(&mut self, s: AhciState, version: u32) -> Result<(), String> {
+        let here = HostRegs::new(PORTS as u32);
+        if s.ports.len() != self.ports.len() {
+            return Err(format!(
+                "AHCI: {} ports on the source, {} here",
+                s.ports.len(),
+                self.ports.len()
+            ));
+        }
+        if (s.host.cap, s.host.pi) != (here.cap, here.pi)
+            || s.host.ghc & !(ghc::AE | ghc::IE) != 0
+            || s.host.ghc & ghc::AE == 0
+            || s.irq.ie != (s.host.ghc & ghc::IE != 0)
+            || s.irq.is & !here.pi != 0
+            || s.idp_index & !0x7fc != 0
+        {
+            return Err(format!(
+                "AHCI: host state does not fit this HBA: {:?} {:?} index {:#x}",
+                s.host, s.irq, s.idp_index
+            ));
+        }
+        // A refused port leaves the ports before it loaded: the
+        // destination gives up on the whole stream then.
+        self.config
+            .load_bytes(&s.config)
+            .map_err(|e| format!("AHCI: {e}"))?;
+        for (n, (p, ps)) in self.ports.iter().zip(s.ports).enumerate() {
+            lock(p)
+                .load_state(ps, version)
+                .map_err(|e| format!("AHCI port {n}: {e}"))?;
+        }
+        self.host = s.host;
+        self.idp_index = s.idp_index;
+        let mut st = lock(&self.irq.state);
+        st.is = s.irq.is;
+        st.ie = s.irq.ie;
+        st.asserted = s.irq.asserted;
+        Ok(())
+    }
+
+    /// The interrupt: MSI as config space says, the INTx line's level
+    /// from IS and GHC.IE (an MSI the source sent is not sent again).
+    fn post_load(&mut self) {
+        let msg = self.msi.message(&self.config);
+        let mut s = lock(&self.irq.state);
+        s.msi = msg;
+        self.irq.signal(&mut s, false);
+    }
+
+    /// The I/O each port had outstanding on the source, issued again.
+    fn resume(&mut self) {
+        for (n, p) in self.ports.iter().enumerate() {
+            let (ios, pending) = {
+                let mut g = lock(p);
+                let ios = g.reissue();
+                (ios, g.irq_pending())
+            };
+            self.irq.port(n, pending);
+            for io in ios {
+                run_io(p, n, &self.irq, io);
+            }
+        }
     }
 }
 
