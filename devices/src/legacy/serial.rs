@@ -188,7 +188,7 @@ mod tests {
         assert_eq!(d[0], 0x5a);
         b.read(0, &mut d);
         assert_eq!(d[0], b'h');
-        b.write(0, &[b'x']);
+        b.write(0, b"x");
         assert_eq!(*out.0.lock().unwrap(), b"x", "B keeps its own output");
         let e = crate::migration::load_edited(&a, &mut b, |v| {
             v["in_buffer"] = serde_json::json!(vec![0; 65]);
