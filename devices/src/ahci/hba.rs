@@ -267,6 +267,8 @@ impl DeviceState for Ahci {
     const VERSION: u32 = 1;
     type State = AhciState;
     fn save_state(&self) -> AhciState {
+        // One lock at a time, as the completion path takes them.
+        let ports = self.ports.iter().map(|p| lock(p).save_state()).collect();
         let s = lock(&self.irq.state);
         AhciState {
             config: self.config.save_bytes(),
@@ -277,7 +279,7 @@ impl DeviceState for Ahci {
                 asserted: s.asserted,
             },
             idp_index: self.idp_index,
-            ports: self.ports.iter().map(|p| lock(p).save_state()).collect(),
+            ports,
         }
     }
 
