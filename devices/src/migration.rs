@@ -105,6 +105,41 @@ impl Migratable for Stateless {
     fn resume(&self) {}
 }
 
+/// For device tests: moves `a`'s state into `b` as the stream would (JSON,
+/// load, post-load) and checks that `b` now saves the same state.
+#[cfg(test)]
+pub(crate) fn round_trip<T: DeviceState>(a: &T, b: &mut T) {
+    let bytes = serde_json::to_vec(&a.save_state()).unwrap();
+    let s: T::State = serde_json::from_slice(&bytes).unwrap();
+    b.load_state(s, T::VERSION).unwrap();
+    b.post_load();
+    let again = serde_json::to_vec(&b.save_state()).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&again),
+        String::from_utf8_lossy(&bytes),
+        "the destination saves what the source did"
+    );
+}
+
+/// For device tests: `a`'s state as JSON, changed by `edit`, loaded into
+/// `b`; the error (the test fails if the load succeeds).
+#[cfg(test)]
+pub(crate) fn load_edited<T: DeviceState>(
+    a: &T,
+    b: &mut T,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> String {
+    let mut v = serde_json::to_value(a.save_state()).unwrap();
+    edit(&mut v);
+    match serde_json::from_value::<T::State>(v) {
+        Err(e) => e.to_string(),
+        Ok(s) => match b.load_state(s, T::VERSION) {
+            Err(e) => e,
+            Ok(()) => panic!("a hostile state was accepted"),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

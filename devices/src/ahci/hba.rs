@@ -14,15 +14,17 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::port::{Port, PortIo};
-use super::regs::{HostEvent, HostRegs, PORT_BASE, PORT_LEN};
+use super::port::{Port, PortIo, PortState};
+use super::regs::{ghc, HostEvent, HostRegs, PORT_BASE, PORT_LEN};
 use crate::ata::AtaDevice;
 use crate::bus::lock;
 use crate::irq::IrqLine;
+use crate::migration::DeviceState;
 use crate::pci::msi::Msi;
 use crate::pci::msix::MsiSender;
 use crate::pci::{BarKind, PciConfig, PciFunction};
 use crate::GuestMem;
+use serde::{Deserialize, Serialize};
 
 /// ICH9's six SATA ports.
 pub const PORTS: usize = 6;
@@ -226,6 +228,126 @@ impl Ahci {
     }
 }
 
+/// The shared interrupt's state as migration carries it (the MSI message
+/// follows from config space).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AhciIrqState {
+    pub is: u32,
+    pub ie: bool,
+    pub asserted: bool,
+}
+
+/// The HBA: PCI config space (MSI's enable, address and data are in it),
+/// the host registers, the interrupt, the index/data pair's index, and
+/// every port with its device.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AhciState {
+    pub config: Vec<u8>,
+    pub host: HostRegs,
+    pub irq: AhciIrqState,
+    pub idp_index: u32,
+    pub ports: Vec<PortState>,
+}
+
+impl Ahci {
+    /// Why this HBA cannot migrate, if it cannot: a CD-ROM's MMC state
+    /// (sense, tray, medium) is not carried.
+    pub fn migration_blocker(&self) -> Option<String> {
+        self.ports.iter().enumerate().find_map(|(n, p)| {
+            lock(p)
+                .has_atapi()
+                .then(|| format!("ich9-ahci: the CD-ROM on port {n} does not migrate"))
+        })
+    }
+}
+
+impl DeviceState for Ahci {
+    const VERSION: u32 = 1;
+    type State = AhciState;
+    fn save_state(&self) -> AhciState {
+        // One lock at a time, as the completion path takes them.
+        let ports = self.ports.iter().map(|p| lock(p).save_state()).collect();
+        let s = lock(&self.irq.state);
+        AhciState {
+            config: self.config.save_bytes(),
+            host: self.host.clone(),
+            irq: AhciIrqState {
+                is: s.is,
+                ie: s.ie,
+                asserted: s.asserted,
+            },
+            idp_index: self.idp_index,
+            ports,
+        }
+    }
+
+    fn load_state(&mut self, s: AhciState, version: u32) -> Result<(), String> {
+        let here = HostRegs::new(PORTS as u32);
+        if s.ports.len() != self.ports.len() {
+            return Err(format!(
+                "AHCI: {} ports on the source, {} here",
+                s.ports.len(),
+                self.ports.len()
+            ));
+        }
+        if (s.host.cap, s.host.pi) != (here.cap, here.pi)
+            || s.host.ghc & !(ghc::AE | ghc::IE) != 0
+            || s.host.ghc & ghc::AE == 0
+            || s.irq.ie != (s.host.ghc & ghc::IE != 0)
+            || s.irq.is & !here.pi != 0
+            || s.idp_index & !0x7fc != 0
+        {
+            return Err(format!(
+                "AHCI: host state does not fit this HBA: {:?} {:?} index {:#x}",
+                s.host, s.irq, s.idp_index
+            ));
+        }
+        // A refused port leaves the ports before it loaded: the
+        // destination gives up on the whole stream then.
+        self.config
+            .load_bytes(&s.config)
+            .map_err(|e| format!("AHCI: {e}"))?;
+        for (n, (p, ps)) in self.ports.iter().zip(s.ports).enumerate() {
+            lock(p)
+                .load_state(ps, version)
+                .map_err(|e| format!("AHCI port {n}: {e}"))?;
+        }
+        self.host = s.host;
+        self.idp_index = s.idp_index;
+        let mut st = lock(&self.irq.state);
+        st.is = s.irq.is;
+        st.ie = s.irq.ie;
+        st.asserted = s.irq.asserted;
+        Ok(())
+    }
+
+    /// The interrupt: MSI as config space says, the INTx line's level
+    /// from IS and GHC.IE (an MSI the source sent is not sent again).
+    fn post_load(&mut self) {
+        let msg = self.msi.message(&self.config);
+        let mut s = lock(&self.irq.state);
+        s.msi = msg;
+        self.irq.signal(&mut s, false);
+    }
+
+    /// The I/O each port had outstanding on the source, issued again.
+    fn resume(&mut self) {
+        for (n, p) in self.ports.iter().enumerate() {
+            let (ios, pending) = {
+                let mut g = lock(p);
+                let ios = g.reissue();
+                (ios, g.irq_pending())
+            };
+            self.irq.port(n, pending);
+            for io in ios {
+                run_io(p, n, &self.irq, io);
+            }
+        }
+    }
+}
+
 /// Submits `io` for port `n`; the completion continues the port (which
 /// may start the next command's I/O) and updates the interrupt.
 fn run_io(p: &SharedPort, n: usize, irq: &Arc<Irq>, io: PortIo) {
@@ -354,6 +476,188 @@ mod tests {
     }
     fn wr(a: &mut Ahci, off: u64, v: u32) {
         a.region_write(ABAR, off, &v.to_le_bytes());
+    }
+
+    /// ABAR offset of port `n`'s register `reg`.
+    fn preg(n: u64, reg: u64) -> u64 {
+        PORT_BASE + n * PORT_LEN + reg
+    }
+
+    const CLB: u64 = 0x1000;
+    const FB: u64 = 0x2000;
+    const CTBA: u64 = 0x3000;
+    const BUF: u64 = 0x8000;
+
+    /// Port `n`'s slot 0 (its list at CLB + n * 0x400): `opcode` with a
+    /// 48-bit LBA and count and one PRD of `len` bytes at BUF.
+    fn command(mem: &GuestMem, n: u64, opcode: u8, lba: u64, count: u16, len: u32) {
+        use vm_memory::Bytes;
+        let (clb, ctba) = (CLB + n * 0x400, CTBA + n * 0x100);
+        let mut h = [0u8; 32];
+        h[0..4].copy_from_slice(&(5u32 | 1 << 6 | 1 << 16).to_le_bytes());
+        h[8..16].copy_from_slice(&ctba.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(clb)).unwrap();
+        let mut f = [0u8; 20];
+        f[0] = crate::ahci::fis::fis_type::REG_H2D;
+        f[1] = 0x80;
+        f[2] = opcode;
+        f[4..7].copy_from_slice(&lba.to_le_bytes()[..3]);
+        f[7] = 0x40;
+        f[8..11].copy_from_slice(&lba.to_le_bytes()[3..6]);
+        f[12..14].copy_from_slice(&count.to_le_bytes());
+        mem.write_slice(&f, GuestAddress(ctba)).unwrap();
+        let mut prd = [0u8; 16];
+        prd[0..8].copy_from_slice(&BUF.to_le_bytes());
+        prd[12..16].copy_from_slice(&(len - 1).to_le_bytes());
+        mem.write_slice(&prd, GuestAddress(ctba + 0x80)).unwrap();
+    }
+
+    /// An HBA whose ports 0 and 1 have disks on `disks`, started as a
+    /// driver starts them (on the source only: a destination takes this
+    /// over from the stream).
+    fn hba(
+        mem: &Arc<GuestMem>,
+        line: Arc<Line>,
+        disks: [Arc<block::backend::BlockBackend>; 2],
+    ) -> Ahci {
+        use crate::ata::device::{DriveConfig, Media};
+        let mut a = Ahci::new(mem.clone(), line, Arc::new(NoMsi));
+        for (n, d) in disks.into_iter().enumerate() {
+            let mut dev =
+                AtaDevice::new(DriveConfig::new(Media::Disk(d)), n as u32, false).unwrap();
+            dev.enable_ncq();
+            a.attach(n, dev).unwrap();
+        }
+        a
+    }
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let t = std::time::Instant::now();
+        while !f() {
+            assert!(t.elapsed().as_secs() < 10, "timed out waiting for {what}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// ahci-test's halted migration cases, at the device level: on the
+    /// source a WRITE DMA (port 0) and a FLUSH (port 1) fail under
+    /// `werror=stop` and stay parked in the block layer; the state moves
+    /// to a fresh HBA over the same guest memory and images, whose
+    /// `resume` issues both again: the data reaches the image, the
+    /// commands complete with their D2H FISes and the interrupt.
+    #[test]
+    fn halted_write_and_flush_complete_on_the_destination() {
+        use crate::scsi::testutil::{backend, TempImage};
+        use block::backend::{BackendConfig, ErrorAction};
+        use vm_memory::Bytes;
+        let imgs = [TempImage::new(1 << 20), TempImage::new(1 << 20)];
+        let stop = BackendConfig {
+            werror: ErrorAction::Stop,
+            ..BackendConfig::default()
+        };
+        let src_disks = [("write_aio", &imgs[0]), ("flush_to_disk", &imgs[1])].map(|(ev, img)| {
+            backend(
+                &format!(
+                    "driver=blkdebug,image.driver=file,image.locking=off,image.filename={},\
+                     inject-error.0.event={ev}",
+                    img.path.display()
+                ),
+                stop.clone(),
+            )
+        });
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let mut a = hba(&mem, Arc::new(Line::default()), src_disks.clone());
+        wr(&mut a, host::GHC, ghc::IE);
+        for n in 0..2 {
+            wr(&mut a, preg(n, port::CLB), (CLB + n * 0x400) as u32);
+            wr(&mut a, preg(n, port::FB), (FB + n * 0x100) as u32);
+            wr(&mut a, preg(n, port::IE), is::DHRS | is::TFES);
+            wr(&mut a, preg(n, port::CMD), cmd::FRE | cmd::ST);
+            wr(&mut a, preg(n, port::IS), u32::MAX);
+        }
+        wr(&mut a, host::IS, u32::MAX);
+        mem.write_slice(&[0x5a; 4096], GuestAddress(BUF)).unwrap();
+        command(&mem, 0, crate::ata::cmd::WRITE_DMA_EXT, 100, 8, 4096);
+        command(&mem, 1, crate::ata::cmd::FLUSH_CACHE_EXT, 0, 0, 512);
+        wr(&mut a, preg(0, port::CI), 1);
+        wr(&mut a, preg(1, port::CI), 1);
+        wait_for("both requests to park", || {
+            src_disks.iter().all(|d| d.is_stopped())
+        });
+        assert_eq!(
+            (rd(&mut a, preg(0, port::CI)), rd(&mut a, preg(1, port::CI))),
+            (1, 1)
+        );
+        assert_eq!(rd(&mut a, host::IS), 0, "nothing completed");
+
+        let dst_disks = imgs.each_ref().map(|img| {
+            backend(
+                &format!("driver=file,locking=off,filename={}", img.path.display()),
+                BackendConfig::default(),
+            )
+        });
+        let line = Arc::new(Line::default());
+        let mut b = hba(&mem, line.clone(), dst_disks.clone());
+        crate::migration::round_trip(&a, &mut b);
+        assert!(!line.0.load(Ordering::SeqCst));
+        b.resume();
+        wait_for("both commands to complete", || {
+            rd(&mut b, preg(0, port::CI)) == 0 && rd(&mut b, preg(1, port::CI)) == 0
+        });
+        assert_eq!(rd(&mut b, host::IS), 0b11);
+        assert!(line.0.load(Ordering::SeqCst), "INTx is up");
+        for n in 0..2 {
+            assert_eq!(
+                rd(&mut b, preg(n, port::IS)) & (is::DHRS | is::TFES),
+                is::DHRS
+            );
+            assert_eq!(rd(&mut b, preg(n, port::TFD)) & 0xff, 0x50);
+            let mut d2h = [0u8; 4];
+            mem.read_slice(&mut d2h, GuestAddress(FB + n * 0x100 + 0x40))
+                .unwrap();
+            assert_eq!(d2h[..3], [crate::ahci::fis::fis_type::REG_D2H, 0x40, 0x50]);
+        }
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(CLB + 4)).unwrap(),
+            4096,
+            "PRDBC"
+        );
+        let mut data = vec![0u8; 4096];
+        dst_disks[0].read_at(100 * 512, &mut data).unwrap();
+        assert!(
+            data.iter().all(|&b| b == 0x5a),
+            "the write reached the image"
+        );
+        // The source still holds its parked requests and its busy slots:
+        // it assumed nothing (the machine drops them after a migration).
+        assert_eq!(rd(&mut a, preg(0, port::CI)), 1);
+    }
+
+    #[test]
+    fn hostile_hba_states_are_refused() {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let a = Ahci::new(mem.clone(), Arc::new(Line::default()), Arc::new(NoMsi));
+        let mut b = Ahci::new(mem, Arc::new(Line::default()), Arc::new(NoMsi));
+        let load = |b: &mut Ahci, f: &dyn Fn(&mut serde_json::Value)| {
+            crate::migration::load_edited(&a, b, f)
+        };
+        let e = load(&mut b, &|v| {
+            v["ports"].as_array_mut().unwrap().pop();
+        });
+        assert!(e.contains("5 ports on the source, 6 here"), "{e}");
+        let e = load(&mut b, &|v| v["config"][2] = 0x23.into());
+        assert!(e.contains("Bad config data"), "{e}");
+        let e = load(&mut b, &|v| v["host"]["cap"] = 0.into());
+        assert!(e.contains("host state"), "{e}");
+        let e = load(&mut b, &|v| v["irq"]["is"] = 0x40.into());
+        assert!(e.contains("host state"), "{e}");
+        let e = load(&mut b, &|v| v["idp_index"] = 0x801.into());
+        assert!(e.contains("host state"), "{e}");
+        let e = load(&mut b, &|v| v["ports"][3]["active"] = 200.into());
+        assert!(e.contains("port 3") && e.contains("active slot 200"), "{e}");
+        let e = load(&mut b, &|v| v["ports"][0]["device"] = serde_json::json!({}));
+        assert!(e.contains("missing field"), "{e}");
+        assert_eq!(a.migration_blocker(), None);
     }
 
     #[test]

@@ -29,11 +29,13 @@ use vm_memory::GuestAddress;
 use super::fis::{self, rfis, Command, CommandHeader, Kind, HEADER_LEN};
 use super::regs::{cmd, is, PortEvent, PortRegs};
 use crate::ata::command::Xfer;
-use crate::ata::device::{AtaDevice, Outcome, DIAG_OK, SECTOR};
+use crate::ata::device::{AtaDevice, AtaDeviceState, Outcome, DIAG_OK, SECTOR};
 use crate::ata::{error, status, Taskfile};
 use crate::dma::{self, GuestSgList};
+use crate::migration::DeviceState;
 use crate::scsi::{Lun, Plan, Sense};
 use crate::GuestMem;
+use serde::{Deserialize, Serialize};
 
 /// The ATAPI command packet: 12 bytes (IDENTIFY PACKET DEVICE word 0).
 const PACKET_LEN: usize = 12;
@@ -127,6 +129,10 @@ pub struct Port {
     signature_sent: bool,
     /// The TRIM command running: its payload and how far it got.
     trim: Option<TrimJob>,
+    /// Slots with a [`PortIo`] handed out and not completed: what a
+    /// migration destination re-issues ([`Port::resume`]). A request the
+    /// block layer parked (`werror=stop`) stays here until the VM goes on.
+    outstanding: u32,
 }
 
 /// A DATA SET MANAGEMENT TRIM in progress: the payload (in the slot's
@@ -153,6 +159,7 @@ impl Port {
             gen: 0,
             signature_sent: false,
             trim: None,
+            outstanding: 0,
         }
     }
 
@@ -176,6 +183,7 @@ impl Port {
         self.gen += 1;
         self.active = None;
         self.trim = None;
+        self.outstanding = 0;
         self.regs.tfd = 0x7f;
         self.regs.sig = 0xffff_ffff;
         self.signature_sent = false;
@@ -214,6 +222,11 @@ impl Port {
         self.signature_sent = true;
     }
 
+    /// Whether the device is an ATAPI CD-ROM.
+    pub fn has_atapi(&self) -> bool {
+        self.dev.as_ref().is_some_and(|d| d.is_atapi())
+    }
+
     /// True while the port asks for an interrupt (PxIS & PxIE).
     pub fn irq_pending(&self) -> bool {
         self.regs.is & self.regs.ie != 0
@@ -233,6 +246,7 @@ impl Port {
                 self.gen += 1;
                 self.active = None;
                 self.trim = None;
+                self.outstanding = 0;
                 Vec::new()
             }
             PortEvent::ComResetDone => {
@@ -268,6 +282,19 @@ impl Port {
     /// Reads and parses slot `slot`, then executes it; `None` when it
     /// finished (or failed) without I/O.
     fn start(&mut self, slot: u8) -> Option<PortIo> {
+        let io = self.execute(slot);
+        self.handed_out(io)
+    }
+
+    /// Notes that `io`'s slot has I/O outstanding.
+    fn handed_out(&mut self, io: Option<PortIo>) -> Option<PortIo> {
+        if let Some(io) = &io {
+            self.outstanding |= 1 << io.ticket.slot;
+        }
+        io
+    }
+
+    fn execute(&mut self, slot: u8) -> Option<PortIo> {
         let c = match self.fetch(slot) {
             Ok(c) => c,
             Err(()) => {
@@ -326,6 +353,29 @@ impl Port {
         count: u32,
         fua: bool,
     ) -> Option<PortIo> {
+        let Some(io) = self.ncq_io(slot, c, tag, write, lba, count, fua) else {
+            self.fail(slot, error::ABRT, None);
+            return None;
+        };
+        self.regs.tfd = (status::DRDY | status::DSC) as u32;
+        self.regs.sact |= 1 << slot;
+        self.retire(slot, io.ticket.bytes);
+        Some(io)
+    }
+
+    /// A queued command's request, if the device, tag, range and PRDT
+    /// allow it; nothing in the port changes.
+    #[allow(clippy::too_many_arguments)]
+    fn ncq_io(
+        &self,
+        slot: u8,
+        c: &Command,
+        tag: u8,
+        write: bool,
+        lba: u64,
+        count: u32,
+        fua: bool,
+    ) -> Option<PortIo> {
         let backend = self
             .dev
             .as_ref()
@@ -340,21 +390,14 @@ impl Port {
         let (Some(backend), true, true, Some(sg)) =
             (backend, tag == slot, in_range, self.sg(c, bytes))
         else {
-            self.fail(slot, error::ABRT, None);
             return None;
         };
-        let Ok(iov) = sg.to_iovecs(&self.mem) else {
-            self.fail(slot, error::ABRT, None);
-            return None;
-        };
+        let iov = sg.to_iovecs(&self.mem).ok()?;
         let req = if write {
             IoRequest::write(lba * SECTOR, iov, fua)
         } else {
             IoRequest::read(lba * SECTOR, iov)
         };
-        self.regs.tfd = (status::DRDY | status::DSC) as u32;
-        self.regs.sact |= 1 << slot;
-        self.retire(slot, bytes as u32);
         Some(PortIo {
             backend,
             reqs: vec![req],
@@ -702,6 +745,7 @@ impl Port {
         if ticket.gen != self.gen {
             return Vec::new();
         }
+        self.outstanding &= !(1 << ticket.slot);
         if ticket.ncq {
             if self.regs.sact & 1 << ticket.slot != 0 {
                 self.complete_queued(ticket.slot, ok);
@@ -717,7 +761,8 @@ impl Port {
                 self.fail(ticket.slot, error::ABRT, None);
                 return Vec::new();
             }
-            return match self.trim_step(ticket.slot) {
+            let io = self.trim_step(ticket.slot);
+            return match self.handed_out(io) {
                 Some(io) => vec![io],
                 None => self.next(),
             };
@@ -774,6 +819,62 @@ impl Port {
         }
     }
 
+    /// On a migration destination, when the VM runs: the I/O of every
+    /// slot whose request was outstanding on the source (halted by a
+    /// `stop` error policy, or in flight), issued again from the command
+    /// in guest RAM, which came with the migration. A non-queued command
+    /// runs again from its header, FIS and PRDT (a TRIM from its first
+    /// range); a queued one has its request rebuilt, its PxCI and PxSACT
+    /// left as they are. Reads, writes, flushes and discards of the same
+    /// data are idempotent, so running one twice is harmless. Then the
+    /// engine goes on with what was issued behind them.
+    pub fn reissue(&mut self) -> Vec<PortIo> {
+        let retry = std::mem::take(&mut self.outstanding);
+        let mut out = Vec::new();
+        for slot in 0..32u8 {
+            if retry & 1 << slot == 0 {
+                continue;
+            }
+            let io = if self.active == Some(slot) && self.regs.ci & 1 << slot != 0 {
+                self.start(slot)
+            } else if self.regs.sact & 1 << slot != 0 {
+                let io = self.requeue(slot);
+                self.handed_out(io)
+            } else {
+                None
+            };
+            out.extend(io);
+        }
+        out.extend(self.next());
+        out
+    }
+
+    /// A queued command's request again, from its slot in guest RAM;
+    /// if the slot no longer holds it (software rewrote the command
+    /// while it was queued), it completes with ERR.
+    fn requeue(&mut self, slot: u8) -> Option<PortIo> {
+        let io = match self.fetch(slot) {
+            Ok(
+                c @ Command {
+                    kind:
+                        Kind::Ncq {
+                            tag,
+                            write,
+                            lba,
+                            count,
+                            fua,
+                        },
+                    ..
+                },
+            ) => self.ncq_io(slot, &c, tag, write, lba, count, fua),
+            _ => None,
+        };
+        if io.is_none() {
+            self.complete_queued(slot, false);
+        }
+        io
+    }
+
     /// Writes `f` into the received-FIS area at `at`, if FIS receive runs.
     fn post(&self, at: u64, f: &[u8]) {
         if self.regs.cmd & cmd::FR != 0 {
@@ -819,6 +920,73 @@ impl Port {
     }
 }
 
+/// A port as migration carries it: its registers, the taskfile shadow,
+/// the engine's position, and the slots whose I/O must be issued again
+/// (`retry`). A TRIM in progress restarts from its first range, so its
+/// job is not carried.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PortState {
+    pub regs: PortRegs,
+    pub tf: Taskfile,
+    pub active: Option<u8>,
+    pub signature_sent: bool,
+    pub retry: u32,
+    pub device: Option<AtaDeviceState>,
+}
+
+impl DeviceState for Port {
+    const VERSION: u32 = 1;
+    type State = PortState;
+    fn save_state(&self) -> PortState {
+        PortState {
+            regs: self.regs.clone(),
+            tf: self.tf,
+            active: self.active,
+            signature_sent: self.signature_sent,
+            retry: self.outstanding,
+            device: self.dev.as_ref().map(|d| d.save_state()),
+        }
+    }
+    fn load_state(&mut self, s: PortState, version: u32) -> Result<(), String> {
+        if let Some(a) = s.active.filter(|&a| a >= 32) {
+            return Err(format!("AHCI port: active slot {a} of 32"));
+        }
+        // Each slot to re-issue is the running non-queued command (still
+        // issued) or a queued one (still active in PxSACT), on a running
+        // engine.
+        let mut runnable = s.regs.sact;
+        if let Some(a) = s.active.filter(|&a| s.regs.ci & 1 << a != 0) {
+            runnable |= 1 << a;
+        }
+        if s.retry & !runnable != 0 || (s.retry != 0 && s.regs.cmd & cmd::ST == 0) {
+            return Err(format!(
+                "AHCI port: slots {:#x} to re-issue, but only {runnable:#x} are running",
+                s.retry
+            ));
+        }
+        match (self.dev.as_mut(), s.device) {
+            (Some(d), Some(ds)) => d.load_state(ds, version)?,
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err("AHCI port: no device on the source's port, one here".into())
+            }
+            (None, Some(_)) => {
+                return Err("AHCI port: a device on the source's port, none here".into())
+            }
+        }
+        self.regs = s.regs;
+        self.tf = s.tf;
+        self.active = s.active;
+        self.signature_sent = s.signature_sent;
+        self.outstanding = s.retry;
+        self.trim = None;
+        // Nothing of this process is in flight for the port.
+        self.gen += 1;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -844,16 +1012,30 @@ mod tests {
 
     fn port() -> Port {
         let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-        let cfg = DriveConfig::new(Media::Disk(disk()));
-        let mut p = Port::new(mem);
-        let mut dev = AtaDevice::new(cfg, 0, false).unwrap();
-        dev.enable_ncq();
-        p.attach(dev);
+        let mut p = fresh_port(mem);
         p.write(port::CLB, CLB as u32);
         p.write(port::FB, FB as u32);
         p.write(port::IE, u32::MAX);
         p.write(port::CMD, cmd::FRE | cmd::ST);
         p
+    }
+
+    /// A port with a disk over `mem`, as the machine builds it (what a
+    /// migration destination starts from).
+    fn fresh_port(mem: Arc<GuestMem>) -> Port {
+        let cfg = DriveConfig::new(Media::Disk(disk()));
+        let mut p = Port::new(mem);
+        let mut dev = AtaDevice::new(cfg, 0, false).unwrap();
+        dev.enable_ncq();
+        p.attach(dev);
+        p
+    }
+
+    /// `a`'s state moved into a fresh port over the same guest memory.
+    fn migrate(a: &Port) -> Port {
+        let mut b = fresh_port(a.mem.clone());
+        crate::migration::round_trip(a, &mut b);
+        b
     }
 
     /// Slot 0: a Register H2D FIS for `opcode` with one PRD of `len`
@@ -922,6 +1104,130 @@ mod tests {
         }
         let ok = (0..n).all(|_| rx.recv().unwrap());
         p.complete(io.ticket, ok)
+    }
+
+    /// A DMA write whose request never completes on the source (as one
+    /// the block layer parked): the destination runs it again from the
+    /// command in guest RAM and completes the slot.
+    #[test]
+    fn an_outstanding_write_is_reissued_on_the_destination() {
+        let mut a = port();
+        a.write(port::IS, u32::MAX);
+        command(&a, ata_cmd::WRITE_DMA_EXT, 100, 8, 4096, true);
+        let lost = a.write(port::CI, 1).pop().expect("a write");
+        assert_eq!(a.outstanding, 1);
+        let mut b = migrate(&a);
+        assert_eq!((b.regs.ci, b.active, b.outstanding), (1, Some(0), 1));
+        let mut ios = b.reissue();
+        assert_eq!(ios.len(), 1);
+        assert_eq!(ios[0].ticket.lba, Some(100));
+        assert!(run(&mut b, ios.remove(0)).is_empty());
+        assert_eq!((b.regs.ci, b.outstanding, b.active), (0, 0, None));
+        assert_eq!(prdbc(&b), 4096);
+        assert_eq!(d2h(&b)[..3], [fis::fis_type::REG_D2H, 0x40, 0x50]);
+        assert_ne!(b.regs.is & is::DHRS, 0);
+        assert!(b.irq_pending());
+        // Nothing on the source assumed it completed; a completion that
+        // does come there finishes the slot as usual.
+        assert_eq!(a.regs.ci, 1);
+        assert!(run(&mut a, lost).is_empty());
+        assert_eq!((a.regs.ci, a.outstanding), (0, 0));
+        // A completed or stopped port has nothing to re-issue.
+        assert!(migrate(&a).reissue().is_empty());
+        command(&a, ata_cmd::FLUSH_CACHE_EXT, 0, 0, 512, false);
+        let _flush = a.write(port::CI, 1).pop().expect("a flush");
+        a.write(port::CMD, cmd::FRE);
+        assert_eq!(a.outstanding, 0, "stopping the engine drops it");
+    }
+
+    /// Queued commands: the one still outstanding is re-queued without
+    /// touching PxCI or PxSACT and completes with its Set Device Bits FIS;
+    /// one rewritten in RAM meanwhile fails with ERR.
+    #[test]
+    fn outstanding_queued_commands_are_requeued() {
+        let mut a = port();
+        a.write(port::IS, u32::MAX);
+        command_in(&a, 0, fis::WRITE_FPDMA_QUEUED, 8, 8, 4096, true);
+        command_in(&a, 1, fis::READ_FPDMA_QUEUED, 16, 8, 4096, false);
+        command_in(&a, 2, fis::READ_FPDMA_QUEUED, 24, 1, 512, false);
+        a.write(port::SACT, 0b111);
+        let mut ios = a.write(port::CI, 0b111);
+        assert_eq!(ios.len(), 3);
+        assert!(run(&mut a, ios.remove(1)).is_empty());
+        assert_eq!((a.regs.sact, a.outstanding), (0b101, 0b101));
+        let mut b = migrate(&a);
+        // Slot 2's FIS is no longer a queued command.
+        b.mem
+            .write_slice(&[ata_cmd::READ_DMA_EXT], GuestAddress(CTBA + 0x200 + 2))
+            .unwrap();
+        let mut ios = b.reissue();
+        assert_eq!(ios.len(), 1);
+        assert!(ios[0].ticket.ncq && ios[0].ticket.slot == 0);
+        assert_eq!((b.regs.ci, b.regs.sact), (0, 0b101));
+        assert_ne!(b.regs.is & is::TFES, 0, "slot 2 failed");
+        // The failure stopped the engine; slot 0's completion still lands.
+        b.write(port::IS, u32::MAX);
+        assert!(run(&mut b, ios.remove(0)).is_empty());
+        assert_eq!(b.regs.sact & 1, 0);
+        let mut sdb = [0u8; 8];
+        b.mem
+            .read_slice(&mut sdb, GuestAddress(FB + rfis::SET_DEVICE_BITS))
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(sdb[4..8].try_into().unwrap()), 0b1);
+        assert_ne!(b.regs.is & is::SDBS, 0);
+        assert_eq!(b.outstanding, 0);
+    }
+
+    /// A TRIM halted in its discards starts again from its first range.
+    #[test]
+    fn an_outstanding_trim_restarts() {
+        let mut a = port();
+        let mut payload = [0u8; 512];
+        payload[0..8].copy_from_slice(&(8u64 | 8 << 48).to_le_bytes());
+        a.mem.write_slice(&payload, GuestAddress(BUF)).unwrap();
+        command(&a, ata_cmd::DATA_SET_MANAGEMENT, 0, 1, 512, true);
+        a.mem.write_slice(&[1], GuestAddress(CTBA + 3)).unwrap();
+        let _lost = a.write(port::CI, 1).pop().expect("discards");
+        let mut b = migrate(&a);
+        let io = b.reissue().pop().expect("the discards again");
+        assert_eq!(io.reqs.len(), 1);
+        assert!(run(&mut b, io).is_empty());
+        assert_eq!((b.regs.ci, b.regs.tfd & 0xff, prdbc(&b)), (0, 0x50, 512));
+    }
+
+    #[test]
+    fn hostile_port_states_are_refused() {
+        let mut a = port();
+        command(&a, ata_cmd::WRITE_DMA_EXT, 100, 8, 4096, true);
+        let _lost = a.write(port::CI, 1);
+        let mut b = fresh_port(a.mem.clone());
+        let load = |b: &mut Port, f: &dyn Fn(&mut serde_json::Value)| {
+            crate::migration::load_edited(&a, b, f)
+        };
+        let e = load(&mut b, &|v| v["active"] = 32.into());
+        assert!(e.contains("active slot 32"), "{e}");
+        let e = load(&mut b, &|v| v["retry"] = 0b10.into());
+        assert!(e.contains("re-issue"), "{e}");
+        let e = load(&mut b, &|v| v["regs"]["cmd"] = 0.into());
+        assert!(e.contains("re-issue"), "{e}");
+        let e = load(&mut b, &|v| v["device"] = serde_json::Value::Null);
+        assert!(
+            e.contains("none on the source") || e.contains("no device"),
+            "{e}"
+        );
+        let e = load(&mut b, &|v| v["device"]["sectors"] = 7.into());
+        assert!(e.contains("7 sectors"), "{e}");
+        let e = load(&mut b, &|v| v["device"]["multiple"] = 3.into());
+        assert!(e.contains("out of range"), "{e}");
+        let e = load(&mut b, &|v| {
+            v["device"]["mode"] = serde_json::json!({"UltraDma": 200})
+        });
+        assert!(e.contains("out of range"), "{e}");
+        let e = load(&mut b, &|v| v["regs"]["extra"] = 1.into());
+        assert!(e.contains("unknown field"), "{e}");
+        let mut empty = Port::new(a.mem.clone());
+        let e = crate::migration::load_edited(&a, &mut empty, |_| {});
+        assert!(e.contains("none here"), "{e}");
     }
 
     #[test]

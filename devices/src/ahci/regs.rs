@@ -125,7 +125,8 @@ pub enum PortEvent {
 }
 
 /// One port's registers.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PortRegs {
     pub clb: u64,
     pub fb: u64,
@@ -270,7 +271,8 @@ pub enum HostEvent {
 }
 
 /// The generic host control registers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HostRegs {
     pub cap: u32,
     pub ghc: u32,

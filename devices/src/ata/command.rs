@@ -74,7 +74,8 @@ pub mod cmd {
 /// The command block registers of one device. Writes reach both devices
 /// of a channel (ATA8-ACS: both devices latch the taskfile); each register
 /// keeps its previous value as the "high order byte" for 48-bit commands.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Taskfile {
     pub feature: u8,
     pub hob_feature: u8,

@@ -26,7 +26,9 @@ use super::command::{cmd, error, AtaCommand, DriveInfo, Power, Refusal, Taskfile
 use super::geometry::{self, Geometry, Translation};
 use super::identify::{self, IdentifyParams, XferMode};
 use super::smart;
+use crate::migration::DeviceState;
 use crate::scsi::{CdRom, Lun};
+use serde::{Deserialize, Serialize};
 
 pub const SECTOR: u64 = 512;
 
@@ -536,6 +538,100 @@ impl AtaDevice {
             }
             _ => Outcome::abort(),
         }
+    }
+}
+
+/// A device's runtime settings, and what identifies its medium (checked,
+/// not taken over: the destination's device comes from the same command
+/// line). The geometry is carried because it was guessed from sector 0,
+/// which the guest may have rewritten since. A CD-ROM's MMC state (sense,
+/// tray, medium) is not here: AHCI with a CD-ROM does not migrate
+/// ([`crate::ahci::hba::Ahci::migration_blocker`]).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AtaDeviceState {
+    pub atapi: bool,
+    pub sectors: u64,
+    pub geometry: Geometry,
+    pub translation: Translation,
+    pub cur_heads: u32,
+    pub cur_secs: u32,
+    pub multiple: u32,
+    pub smart: bool,
+    pub mode: XferMode,
+    pub standby: bool,
+    /// The backend's write cache (SET FEATURES 02h/82h); none for a CD.
+    pub write_cache: Option<bool>,
+}
+
+impl DeviceState for AtaDevice {
+    const VERSION: u32 = 1;
+    type State = AtaDeviceState;
+    fn save_state(&self) -> AtaDeviceState {
+        AtaDeviceState {
+            atapi: self.is_atapi(),
+            sectors: self.sectors(),
+            geometry: self.geometry,
+            translation: self.translation,
+            cur_heads: self.cur_heads,
+            cur_secs: self.cur_secs,
+            multiple: self.multiple,
+            smart: self.smart,
+            mode: self.mode,
+            standby: self.standby,
+            write_cache: self.disk().map(|b| b.write_cache_enabled()),
+        }
+    }
+    fn load_state(&mut self, s: AtaDeviceState, _version: u32) -> Result<(), String> {
+        if s.atapi != self.is_atapi() || s.sectors != self.sectors() {
+            return Err(format!(
+                "ATA device: the source's is {} of {} sectors, this one {} of {}",
+                if s.atapi { "a CD-ROM" } else { "a disk" },
+                s.sectors,
+                if self.is_atapi() {
+                    "a CD-ROM"
+                } else {
+                    "a disk"
+                },
+                self.sectors()
+            ));
+        }
+        if s.write_cache.is_some() != self.disk().is_some() {
+            return Err(
+                "ATA device: a write cache setting for a CD-ROM, or none for a disk".into(),
+            );
+        }
+        // What commands can set: INITIALIZE DEVICE PARAMETERS (1-16
+        // heads, 0-255 sectors), SET MULTIPLE MODE, SET FEATURES 03h.
+        let mode_ok = match s.mode {
+            XferMode::Pio(n) => n <= 4,
+            XferMode::MultiwordDma(n) => n <= 2,
+            XferMode::UltraDma(n) => n <= 5,
+        };
+        let multiple_ok = s.multiple == 0
+            || (s.multiple.is_power_of_two() && s.multiple <= identify::MAX_MULTIPLE);
+        let g = s.geometry;
+        let geometry_ok = g.cyls >= 1 && (1..=16).contains(&g.heads) && (1..=255).contains(&g.secs);
+        if !(mode_ok
+            && multiple_ok
+            && geometry_ok
+            && (1..=16).contains(&s.cur_heads)
+            && s.cur_secs <= 255)
+        {
+            return Err(format!("ATA device: settings out of range: {s:?}"));
+        }
+        self.geometry = s.geometry;
+        self.translation = s.translation;
+        self.cur_heads = s.cur_heads;
+        self.cur_secs = s.cur_secs;
+        self.multiple = s.multiple;
+        self.smart = s.smart;
+        self.mode = s.mode;
+        self.standby = s.standby;
+        if let (Some(b), Some(on)) = (self.disk(), s.write_cache) {
+            b.set_write_cache(on);
+        }
+        Ok(())
     }
 }
 

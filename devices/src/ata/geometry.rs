@@ -13,7 +13,7 @@
 
 /// BIOS translation (the CMOS 0x39 encoding SeaBIOS reads, 2 bits a
 /// drive).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Translation {
     None,
     Lba,
@@ -42,7 +42,8 @@ impl Translation {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Geometry {
     pub cyls: u32,
     pub heads: u32,

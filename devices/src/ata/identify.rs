@@ -10,7 +10,7 @@ pub const MAX_MULTIPLE: u32 = 16;
 pub const MAX_DSM_BLOCKS: u16 = 8;
 
 /// The transfer mode chosen with SET FEATURES 03h.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum XferMode {
     Pio(u8),
     MultiwordDma(u8),

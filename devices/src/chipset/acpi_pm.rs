@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use crate::bus::{le_value, lock, put_le, BusDevice};
 use crate::clock::Clock;
 use crate::irq::IrqLine;
+use crate::migration::DeviceState;
 use crate::system::SystemControl;
+use serde::{Deserialize, Serialize};
 
 pub const PM1_STS: u64 = 0x00;
 pub const PM1_EN: u64 = 0x02;
@@ -118,6 +120,49 @@ impl PmRegs {
     }
 }
 
+/// The PM1 and GPE0 registers and APMS. The PM timer is the clock's.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PmState {
+    pub sts: u16,
+    pub en: u16,
+    pub cnt: u16,
+    pub gpe_sts: u16,
+    pub gpe_en: u16,
+    pub apm_sts: u8,
+}
+
+impl DeviceState for PmRegs {
+    const VERSION: u32 = 1;
+    type State = PmState;
+    fn save_state(&self) -> PmState {
+        PmState {
+            sts: self.sts,
+            en: self.en,
+            cnt: self.cnt,
+            gpe_sts: self.gpe_sts,
+            gpe_en: self.gpe_en,
+            apm_sts: self.apm_sts,
+        }
+    }
+    fn load_state(&mut self, s: PmState, _version: u32) -> Result<(), String> {
+        if s.cnt & SLP_EN != 0 {
+            return Err("PM1_CNT: SLP_EN never stays set".into());
+        }
+        self.sts = s.sts;
+        self.en = s.en;
+        self.cnt = s.cnt;
+        self.gpe_sts = s.gpe_sts;
+        self.gpe_en = s.gpe_en;
+        self.apm_sts = s.apm_sts;
+        Ok(())
+    }
+    /// The SCI level follows the status, enable and SCI_EN bits.
+    fn post_load(&mut self) {
+        self.update_sci();
+    }
+}
+
 /// A GPE0 block: GPE0_STS (write one to clear), then GPE0_EN, each
 /// `half` bytes (the block length in the FADT is `2 * half`). Events above
 /// bit 15 do not exist here; their bytes read as zero.
@@ -196,5 +241,51 @@ impl BusDevice for Apm {
             (1, v) => r.apm_sts = v,
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::system::NoSystem;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[derive(Default)]
+    struct Line(AtomicBool);
+    impl IrqLine for Line {
+        fn set_level(&self, l: bool) {
+            self.0.store(l, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn pm_registers_migrate_and_the_sci_follows() {
+        let mk =
+            |sci: Arc<Line>| PmRegs::new(Arc::new(ManualClock::default()), sci, Arc::new(NoSystem));
+        let a = mk(Arc::new(Line::default()));
+        {
+            let mut apm = Apm::new(a.clone());
+            apm.write(0, &[APM_ACPI_ENABLE]);
+            apm.write(1, &[0x42]);
+            let mut g = lock(&a);
+            g.write(PM1_EN, &PWRBTN_STS.to_le_bytes());
+            g.power_button();
+            let mut gpe = Gpe0::new(a.clone(), 4);
+            drop(g);
+            gpe.write(4, &[0x02]);
+        }
+        let sci = Arc::new(Line::default());
+        let b = mk(sci.clone());
+        crate::migration::round_trip(&*lock(&a), &mut lock(&b));
+        assert!(sci.0.load(Ordering::SeqCst), "the power button's SCI");
+        let mut d = [0u8; 2];
+        Apm::new(b.clone()).read(1, &mut d[..1]);
+        assert_eq!(d[0], 0x42);
+        lock(&b).read(PM1_STS, &mut d);
+        assert_eq!(u16::from_le_bytes(d), PWRBTN_STS);
+        let e =
+            crate::migration::load_edited(&*lock(&a), &mut lock(&b), |v| v["cnt"] = 0x2001.into());
+        assert!(e.contains("SLP_EN"), "{e}");
     }
 }

@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use super::acpi_pm::{Gpe0, PmRegs};
 use super::pirq::{PirqRouter, PIRQ_DISABLED};
 use crate::bus::{le_value, lock, put_le};
+use crate::migration::DeviceState;
 use crate::pci::{PciConfig, PciFunction};
+use serde::{Deserialize, Serialize};
 
 pub const PMBASE: u16 = 0x40;
 pub const ACPI_CNTL: u16 = 0x44;
@@ -95,6 +97,40 @@ impl Ich9Lpc {
     }
 }
 
+/// The LPC bridge's config space (PMBASE, ACPI_CNTL, the PIRQ routes,
+/// RCBA, ...) and SMI_EN. The PM registers are their own section
+/// ([`PmRegs`]).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Ich9LpcState {
+    pub config: Vec<u8>,
+    pub smi_en: u32,
+}
+
+impl DeviceState for Ich9Lpc {
+    const VERSION: u32 = 1;
+    type State = Ich9LpcState;
+    fn save_state(&self) -> Ich9LpcState {
+        Ich9LpcState {
+            config: self.config.save_bytes(),
+            smi_en: self.smi_en,
+        }
+    }
+    fn load_state(&mut self, s: Ich9LpcState, _version: u32) -> Result<(), String> {
+        self.config
+            .load_bytes(&s.config)
+            .map_err(|e| format!("ICH9 LPC: {e}"))?;
+        self.smi_en = s.smi_en;
+        Ok(())
+    }
+    /// The router takes the PIRQ routes (every source re-drives its own
+    /// level in its post-load). The PM block's decode at PMBASE follows
+    /// config space when the bus rebuilds its decode table.
+    fn post_load(&mut self) {
+        self.router.set_routes(&self.routes());
+    }
+}
+
 fn overlaps(offset: u16, len: usize, reg: u16, reg_len: usize) -> bool {
     (offset as usize) < reg as usize + reg_len && offset as usize + len > reg as usize
 }
@@ -152,6 +188,27 @@ mod tests {
     use crate::irq::{IrqChip, IrqLine, NoIrq};
     use crate::pci::{PciBus, PciRegions, Space};
 
+    /// The last level driven on each GSI.
+    #[derive(Default)]
+    struct Levels(Mutex<std::collections::BTreeMap<u32, bool>>);
+    impl Levels {
+        fn level(&self, gsi: u32) -> bool {
+            self.0.lock().unwrap().get(&gsi).copied().unwrap_or(false)
+        }
+    }
+    struct LevelLine(Arc<Levels>, u32);
+    impl IrqLine for LevelLine {
+        fn set_level(&self, l: bool) {
+            self.0 .0.lock().unwrap().insert(self.1, l);
+        }
+    }
+    struct LevelChip(Arc<Levels>);
+    impl IrqChip for LevelChip {
+        fn line(&self, gsi: u32) -> Arc<dyn IrqLine> {
+            Arc::new(LevelLine(self.0.clone(), gsi))
+        }
+    }
+
     struct Quiet;
     impl IrqChip for Quiet {
         fn line(&self, _: u32) -> Arc<dyn IrqLine> {
@@ -168,6 +225,36 @@ mod tests {
     impl crate::system::SystemControl for NoSystem {
         fn request_reset(&self) {}
         fn request_shutdown(&self) {}
+    }
+
+    #[test]
+    fn lpc_migrates_routes_pmbase_and_smi_en() {
+        let chip = Arc::new(Levels::default());
+        let mk = |chip: Arc<Levels>| {
+            let pm = PmRegs::new(Arc::new(Clock0), Arc::new(NoIrq), Arc::new(NoSystem));
+            let router = PirqRouter::new(Arc::new(LevelChip(chip)), 8, ich9_swizzle, Some(16));
+            (Ich9Lpc::new(pm, router.clone()), router)
+        };
+        let (mut a, _) = mk(Arc::new(Levels::default()));
+        a.config_write(PMBASE, &0x601u32.to_le_bytes());
+        a.config_write(ACPI_CNTL, &[ACPI_EN]);
+        a.config_write(PIRQA_ROUT, &[10, 11, 0x80, 0x80]);
+        a.region_write(PM_REGION, SMI_EN, &0x7u32.to_le_bytes());
+        let (mut b, router) = mk(chip.clone());
+        // The AHCI's INTA (PIRQA) is up before the load, as its own
+        // post-load would leave it.
+        router.line(31, 1).set_level(true);
+        crate::migration::round_trip(&a, &mut b);
+        assert_eq!(b.pm_base(), Some(0x600));
+        assert_eq!(b.extra_io(), vec![(0x600, PM_IO_LEN, PM_REGION)]);
+        let mut d = [0u8; 4];
+        b.region_read(PM_REGION, SMI_EN, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 7);
+        assert!(chip.level(10), "PIRQA routed to IRQ 10 again");
+        let e = crate::migration::load_edited(&a, &mut b, |v| {
+            v["config"].as_array_mut().unwrap().truncate(255)
+        });
+        assert!(e.contains("Bad config data"), "{e}");
     }
 
     /// What SeaBIOS's q35 setup writes, then reads back through the PM

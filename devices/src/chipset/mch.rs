@@ -11,7 +11,9 @@
 
 use std::sync::Arc;
 
+use crate::migration::DeviceState;
 use crate::pci::{Ecam, PciConfig, PciFunction};
+use serde::{Deserialize, Serialize};
 
 pub const PCIEXBAR: u16 = 0x60;
 pub const PAM0: u16 = 0x90;
@@ -83,12 +85,54 @@ impl PciFunction for Mch {
     }
 }
 
+/// The MCH's config space (PCIEXBAR, PAM, SMRAM are in it).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MchState {
+    pub config: Vec<u8>,
+}
+
+impl DeviceState for Mch {
+    const VERSION: u32 = 1;
+    type State = MchState;
+    fn save_state(&self) -> MchState {
+        MchState {
+            config: self.config.save_bytes(),
+        }
+    }
+    fn load_state(&mut self, s: MchState, _version: u32) -> Result<(), String> {
+        self.config
+            .load_bytes(&s.config)
+            .map_err(|e| format!("MCH: {e}"))
+    }
+    /// The ECAM window follows PCIEXBAR.
+    fn post_load(&mut self) {
+        self.ecam.set(self.window());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::bus::Fallback;
     use crate::pci::{PciBus, PciRegions, Space};
     use std::sync::Mutex;
+
+    #[test]
+    fn mch_migrates_and_reopens_the_ecam_window() {
+        let ea = Ecam::new();
+        let mut a = Mch::new(ea.clone());
+        let v = 0xe000_0000u32 | 2 << 1 | 1;
+        a.config_write(PCIEXBAR, &v.to_le_bytes());
+        a.config_write(PAM0 + 1, &[0x33]);
+        let eb = Ecam::new();
+        let mut b = Mch::new(eb.clone());
+        crate::migration::round_trip(&a, &mut b);
+        assert_eq!(eb.window(), Some((0xe000_0000, 64 << 20)));
+        assert_eq!(b.config().u8(PAM0 + 1), 0x33);
+        let e = crate::migration::load_edited(&a, &mut b, |v| v["config"][0] = 0x87.into());
+        assert!(e.contains("Bad config data"), "{e}");
+    }
 
     #[test]
     fn pciexbar_moves_the_ecam_window() {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use super::pirq::{PirqRouter, PIRQ_DISABLED};
 use crate::bus::BusDevice;
+use crate::migration::DeviceState;
 use crate::pci::{PciConfig, PciFunction};
 
 pub const PIRQ_ROUTE: u16 = 0x60;
@@ -93,6 +94,24 @@ pub struct Elcr {
 
 const ELCR_MASK: [u8; 2] = [0xf8, 0xde];
 
+impl DeviceState for Elcr {
+    const VERSION: u32 = 1;
+    /// ELCR1, ELCR2.
+    type State = [u8; 2];
+    fn save_state(&self) -> [u8; 2] {
+        self.regs
+    }
+    fn load_state(&mut self, s: [u8; 2], _version: u32) -> Result<(), String> {
+        if s[0] & !ELCR_MASK[0] != 0 || s[1] & !ELCR_MASK[1] != 0 {
+            return Err(format!(
+                "ELCR {s:x?}: IRQ 0, 1, 2, 8 and 13 are always edge"
+            ));
+        }
+        self.regs = s;
+        Ok(())
+    }
+}
+
 impl BusDevice for Elcr {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
@@ -106,5 +125,23 @@ impl BusDevice for Elcr {
                 self.regs[o] = v & ELCR_MASK[o];
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elcr_migrates() {
+        let mut a = Elcr::default();
+        a.write(0, &[0xff, 0xff]);
+        let mut b = Elcr::default();
+        crate::migration::round_trip(&a, &mut b);
+        let mut d = [0u8; 2];
+        b.read(0, &mut d);
+        assert_eq!(d, ELCR_MASK);
+        let e = crate::migration::load_edited(&a, &mut b, |v| v[0] = 0xff.into());
+        assert!(e.contains("edge"), "{e}");
     }
 }

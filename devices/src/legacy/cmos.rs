@@ -12,6 +12,8 @@ use std::sync::Arc;
 use crate::bus::BusDevice;
 use crate::clock::Clock;
 use crate::irq::IrqLine;
+use crate::migration::DeviceState;
+use serde::{Deserialize, Serialize};
 
 pub const REG_A: u8 = 0x0a;
 pub const REG_B: u8 = 0x0b;
@@ -192,6 +194,56 @@ impl BusDevice for Cmos {
     }
 }
 
+/// The RTC and CMOS RAM. The clock is carried as the guest's wall-clock
+/// time now, not as the offset from this process's clock: the
+/// destination's clock need not read what the source's did.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CmosState {
+    pub index: u8,
+    /// All 128 bytes (the time registers in it are unused: time is
+    /// computed from `time`).
+    pub ram: Vec<u8>,
+    /// The guest's time when saved, in Unix seconds.
+    pub time: i64,
+}
+
+/// The largest guest time (either side of 1970) a stream may carry, in
+/// seconds: about 35000 years.
+const MAX_TIME: u64 = 1 << 40;
+
+impl DeviceState for Cmos {
+    const VERSION: u32 = 1;
+    type State = CmosState;
+    fn save_state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+            time: self.now().0,
+        }
+    }
+    fn load_state(&mut self, s: CmosState, _version: u32) -> Result<(), String> {
+        let ram: [u8; 128] = s
+            .ram
+            .as_slice()
+            .try_into()
+            .map_err(|_| format!("CMOS: {} bytes of RAM, not 128", s.ram.len()))?;
+        if s.index > 0x7f {
+            return Err(format!("CMOS: index {:#x} past the RAM", s.index));
+        }
+        // Far more than the RTC's four-digit years, and far from where the
+        // date arithmetic could overflow.
+        if s.time.unsigned_abs() > MAX_TIME {
+            return Err(format!("CMOS: time {} out of range", s.time));
+        }
+        let now = (self.clock.now_ns() / 1_000_000_000) as i64;
+        self.base = s.time - now;
+        self.index = s.index;
+        self.ram = ram;
+        Ok(())
+    }
+}
+
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
 /// The era-based method from Howard Hinnant's "chrono-compatible low-level
 /// date algorithms".
@@ -240,6 +292,38 @@ mod tests {
         }
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn cmos_migrates_ram_index_and_time() {
+        let t = days_from_civil(2026, 11, 22) * 86400 + 3 * 3600;
+        let ca = Arc::new(ManualClock::default());
+        ca.set(5_000_000_000);
+        let mut a = Cmos::new(t, ca.clone(), Arc::new(NoIrq));
+        a.write(0, &[0x40]);
+        a.write(1, &[0x5a]);
+        a.write(0, &[2]);
+        a.write(1, &[0x30]); // minutes: 03:30
+        a.write(0, &[0x40]);
+        // The destination's clock starts elsewhere; the guest's time goes on.
+        let cb = Arc::new(ManualClock::default());
+        cb.set(ca.now_ns());
+        let mut b = Cmos::new(0, cb.clone(), Arc::new(NoIrq));
+        crate::migration::round_trip(&a, &mut b);
+        let mut d = [0u8];
+        b.read(1, &mut d);
+        assert_eq!(d[0], 0x5a, "index and RAM");
+        let mut c = Cmos::new(0, Arc::new(ManualClock::default()), Arc::new(NoIrq));
+        c.load_state(a.save_state(), 1).unwrap();
+        assert_eq!((rd(&mut c, 4), rd(&mut c, 2)), (0x03, 0x30));
+        let e = crate::migration::load_edited(&a, &mut c, |v| {
+            v["ram"].as_array_mut().unwrap().pop();
+        });
+        assert!(e.contains("127 bytes"), "{e}");
+        let e = crate::migration::load_edited(&a, &mut c, |v| v["index"] = 0x80.into());
+        assert!(e.contains("index"), "{e}");
+        let e = crate::migration::load_edited(&a, &mut c, |v| v["time"] = i64::MIN.into());
+        assert!(e.contains("out of range"), "{e}");
     }
 
     #[test]

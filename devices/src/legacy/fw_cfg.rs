@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::bus::{le_value, put_le, BusDevice};
+use crate::migration::DeviceState;
 use crate::GuestMem;
+use serde::{Deserialize, Serialize};
 
 pub const IO_BASE: u64 = 0x510;
 pub const IO_LEN: u64 = 0x0c;
@@ -176,6 +178,38 @@ impl FwCfg {
     }
 }
 
+/// Where the guest is in fw_cfg: the selected item, how far into it it
+/// has read, and the DMA address's high half if only that was written.
+/// The items themselves are rebuilt from the command line on the
+/// destination.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FwCfgState {
+    pub selector: u16,
+    pub offset: u64,
+    pub dma_high: u32,
+}
+
+impl DeviceState for FwCfg {
+    const VERSION: u32 = 1;
+    type State = FwCfgState;
+    fn save_state(&self) -> FwCfgState {
+        FwCfgState {
+            selector: self.selector,
+            offset: self.offset as u64,
+            dma_high: self.dma_high,
+        }
+    }
+    fn load_state(&mut self, s: FwCfgState, _version: u32) -> Result<(), String> {
+        // Past an item's end reads as zeroes, so any offset is harmless;
+        // one that does not fit this host's usize saturates the same way.
+        self.selector = s.selector;
+        self.offset = usize::try_from(s.offset).unwrap_or(usize::MAX);
+        self.dma_high = s.dma_high;
+        Ok(())
+    }
+}
+
 fn zero_fill(mem: &GuestMem, mut addr: u64, mut n: usize) -> bool {
     let zeros = [0u8; 4096];
     while n > 0 {
@@ -253,6 +287,26 @@ mod tests {
         assert_eq!(&dir[4..8], &[0, 0, 0, 3]);
         assert_eq!(&dir[8..10], &KEY_FILE_FIRST.to_be_bytes());
         assert_eq!(&dir[12..20], b"etc/e820");
+    }
+
+    #[test]
+    fn fw_cfg_migrates_the_read_position() {
+        let mk = || {
+            let mut f = FwCfg::new(None);
+            f.add_file("etc/e820", vec![1, 2, 3, 4]);
+            f
+        };
+        let mut a = mk();
+        a.write(0, &KEY_FILE_FIRST.to_le_bytes());
+        let mut d = [0u8];
+        a.read(1, &mut d);
+        a.write(4, &0x1234u32.to_be_bytes());
+        let mut b = mk();
+        crate::migration::round_trip(&a, &mut b);
+        b.read(1, &mut d);
+        assert_eq!(d[0], 2, "the next byte of the file");
+        let e = crate::migration::load_edited(&a, &mut b, |v| v["bogus"] = 1.into());
+        assert!(e.contains("unknown field"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use crate::bus::BusDevice;
 use crate::irq::IrqLine;
+use crate::migration::DeviceState;
 use crate::system::SystemControl;
+use serde::{Deserialize, Serialize};
 
 const STAT_OBF: u8 = 0x01;
 const STAT_SYS: u8 = 0x04;
@@ -188,6 +190,56 @@ impl I8042 {
     }
 }
 
+/// The controller's registers, its output queue (byte, from the mouse)
+/// and the commands waiting for a parameter byte.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    pub status: u8,
+    pub ctr: u8,
+    pub outport: u8,
+    pub queue: Vec<(u8, bool)>,
+    pub pending: Option<u8>,
+    pub kbd_param: Option<u8>,
+    pub aux_param: Option<u8>,
+}
+
+impl DeviceState for I8042 {
+    const VERSION: u32 = 1;
+    type State = I8042State;
+    fn save_state(&self) -> I8042State {
+        I8042State {
+            status: self.status,
+            ctr: self.ctr,
+            outport: self.outport,
+            queue: self.queue.iter().copied().collect(),
+            pending: self.pending,
+            kbd_param: self.kbd_param,
+            aux_param: self.aux_param,
+        }
+    }
+    fn load_state(&mut self, s: I8042State, _version: u32) -> Result<(), String> {
+        if s.queue.len() > QUEUE_MAX {
+            return Err(format!(
+                "i8042: {} queued bytes, at most {QUEUE_MAX}",
+                s.queue.len()
+            ));
+        }
+        self.status = s.status;
+        self.ctr = s.ctr;
+        self.outport = s.outport;
+        self.queue = s.queue.into();
+        self.pending = s.pending;
+        self.kbd_param = s.kbd_param;
+        self.aux_param = s.aux_param;
+        Ok(())
+    }
+    /// The output buffer's status bits and both IRQ lines follow the queue.
+    fn post_load(&mut self) {
+        self.update();
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -234,6 +286,32 @@ mod tests {
         let mut b = [0];
         k.read(port, &mut b);
         b[0]
+    }
+
+    #[test]
+    fn i8042_migrates_queue_and_pending_command() {
+        let mk = || {
+            I8042::new(
+                Arc::new(NoIrq),
+                Arc::new(NoIrq),
+                Arc::new(Resets::default()),
+            )
+        };
+        let mut a = mk();
+        a.write(0, &[0xf2]); // keyboard ID: ACK, 0xab, 0x83 queued
+        assert_eq!(rd(&mut a, 0), ACK);
+        a.write(4, &[0x60]); // waits for the CTR byte
+        let mut b = mk();
+        crate::migration::round_trip(&a, &mut b);
+        assert_eq!(rd(&mut b, 4) & STAT_OBF, STAT_OBF);
+        assert_eq!((rd(&mut b, 0), rd(&mut b, 0)), (0xab, 0x83));
+        b.write(0, &[0x45]);
+        b.write(4, &[0x20]);
+        assert_eq!(rd(&mut b, 0), 0x45, "the pending 0x60 took its byte");
+        let e = crate::migration::load_edited(&a, &mut b, |v| {
+            v["queue"] = serde_json::json!(vec![(1, false); 17]);
+        });
+        assert!(e.contains("17 queued"), "{e}");
     }
 
     #[test]

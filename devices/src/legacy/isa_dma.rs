@@ -17,7 +17,9 @@
 
 use crate::bus::BusDevice;
 use crate::dma;
+use crate::migration::DeviceState;
 use crate::GuestMem;
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 
 /// Mode register bits 3:2, the transfer type.
@@ -37,15 +39,17 @@ const MODE_DECREMENT: u8 = 1 << 5;
 /// Page register port (offset from 0x80) of each channel.
 const PAGE_PORTS: [u8; 8] = [0x7, 0x3, 0x1, 0x2, 0xf, 0xb, 0x9, 0xa];
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Channel {
-    base_addr: u16,
-    base_count: u16,
-    addr: u16,
-    count: u16,
-    mode: u8,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// One channel's registers.
+pub struct Channel {
+    pub base_addr: u16,
+    pub base_count: u16,
+    pub addr: u16,
+    pub count: u16,
+    pub mode: u8,
     /// The count expired (and the channel does not autoinitialize).
-    done: bool,
+    pub done: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -309,6 +313,69 @@ impl IsaDma {
     }
 }
 
+/// One 8237A as migration carries it.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerState {
+    pub channels: [Channel; 4],
+    pub flip_flop: bool,
+    pub status: u8,
+    pub command: u8,
+    pub mask: u8,
+    pub request: u8,
+}
+
+/// Both controllers (DMA1 first) and the page registers.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IsaDmaState {
+    pub controllers: [ControllerState; 2],
+    pub pages: [u8; 16],
+}
+
+impl DeviceState for IsaDma {
+    const VERSION: u32 = 1;
+    type State = IsaDmaState;
+    fn save_state(&self) -> IsaDmaState {
+        let c = |c: &Controller| ControllerState {
+            channels: c.ch,
+            flip_flop: c.flip_flop,
+            status: c.status,
+            command: c.command,
+            mask: c.mask,
+            request: c.request,
+        };
+        IsaDmaState {
+            controllers: [c(&self.ctrl[0]), c(&self.ctrl[1])],
+            pages: self.pages,
+        }
+    }
+    fn load_state(&mut self, s: IsaDmaState, _version: u32) -> Result<(), String> {
+        let mut ctrl = [Controller::default(); 2];
+        for (i, (c, st)) in ctrl.iter_mut().zip(s.controllers).enumerate() {
+            if st.mask > 0xf || st.request > 0xf {
+                return Err(format!(
+                    "ISA DMA{}: mask {:#x} / request {:#x} name channels that do not exist",
+                    i + 1,
+                    st.mask,
+                    st.request
+                ));
+            }
+            *c = Controller {
+                ch: st.channels,
+                flip_flop: st.flip_flop,
+                status: st.status,
+                command: st.command,
+                mask: st.mask,
+                request: st.request,
+            };
+        }
+        self.ctrl = ctrl;
+        self.pages = s.pages;
+        Ok(())
+    }
+}
+
 /// DMA1's registers, ports 0x00-0x0f.
 pub struct Dma1(pub std::sync::Arc<std::sync::Mutex<IsaDma>>);
 /// DMA2's registers, ports 0xc0-0xdf (even ports).
@@ -393,6 +460,27 @@ mod tests {
         ch.write(5, &[(len - 1) as u8]);
         ch.write(5, &[((len - 1) >> 8) as u8]);
         ch.write(0xa, &[2]); // unmask
+    }
+
+    #[test]
+    fn isa_dma_migrates_channels_and_pages() {
+        let (a, mut c, mut p) = setup();
+        program(&mut c, &mut p, 0x44, 0x12_3400, 1024);
+        a.lock().unwrap().write_memory(2, &[1; 100]);
+        c.write(0xc, &[0]);
+        c.read(4, &mut [0u8]); // the flip-flop left on the high byte
+        let (b, mut bc, mut bp) = setup();
+        crate::migration::round_trip(&*a.lock().unwrap(), &mut b.lock().unwrap());
+        assert_eq!(b.lock().unwrap().remaining(2), 924);
+        let mut d = [0u8];
+        bc.read(4, &mut d);
+        assert_eq!(d[0], 0x34, "high byte of 0x3464");
+        bp.read(1, &mut d);
+        assert_eq!(d[0], 0x12);
+        let e = crate::migration::load_edited(&*a.lock().unwrap(), &mut b.lock().unwrap(), |v| {
+            v["controllers"][1]["mask"] = 0x10.into()
+        });
+        assert!(e.contains("DMA2"), "{e}");
     }
 
     #[test]

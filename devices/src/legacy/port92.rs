@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
+use crate::migration::DeviceState;
 use crate::system::SystemControl;
 
 pub struct Port92 {
@@ -35,5 +36,41 @@ impl BusDevice for Port92 {
             self.value &= !1;
             self.system.request_reset();
         }
+    }
+}
+
+impl DeviceState for Port92 {
+    const VERSION: u32 = 1;
+    /// The register: A20 gate (bit 1); bit 0 never stays set.
+    type State = u8;
+    fn save_state(&self) -> u8 {
+        self.value
+    }
+    fn load_state(&mut self, s: u8, _version: u32) -> Result<(), String> {
+        if s & !0x02 != 0 {
+            return Err(format!(
+                "port 92: value {s:#x} has bits that never stay set"
+            ));
+        }
+        self.value = s;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::NoSystem;
+
+    #[test]
+    fn port92_migrates() {
+        let mut a = Port92::new(Arc::new(NoSystem));
+        a.write(0, &[0]);
+        let mut b = Port92::new(Arc::new(NoSystem));
+        crate::migration::round_trip(&a, &mut b);
+        let mut d = [0xffu8];
+        b.read(0, &mut d);
+        assert_eq!(d[0], 0, "A20 off, as on A");
+        assert!(!crate::migration::load_edited(&a, &mut b, |v| *v = 3.into()).is_empty());
     }
 }

@@ -6,11 +6,13 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 use crate::bus::BusDevice;
-use crate::irq::IrqLine;
+use crate::irq::{IrqLine, NoIrq};
+use crate::migration::DeviceState;
 
 pub const COM1_BASE: u64 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -70,5 +72,127 @@ impl BusDevice for Uart {
         // The only error is a failed write to the output sink (a closed
         // pipe, for example); the guest must keep running regardless.
         let _ = self.inner.write(offset as u8, data[0]);
+    }
+}
+
+/// vm-superio's `SerialState` (which has no serde), field for field.
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UartState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
+/// vm-superio's receive FIFO (`Serial::from_state` refuses more).
+const FIFO_SIZE: usize = 64;
+
+impl DeviceState for Uart {
+    const VERSION: u32 = 1;
+    type State = UartState;
+    fn save_state(&self) -> UartState {
+        let s = self.inner.state();
+        UartState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+    fn load_state(&mut self, s: UartState, _version: u32) -> Result<(), String> {
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(format!(
+                "UART: {} received bytes, the FIFO holds {FIFO_SIZE}",
+                s.in_buffer.len()
+            ));
+        }
+        let state = SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        // vm-superio builds a Serial only from a state: this one takes
+        // over the interrupt line and output of the one it replaces (a
+        // placeholder stands in while the two swap).
+        let placeholder = Serial::new(
+            IrqTrigger(Arc::new(NoIrq)),
+            Unbuffered(Box::new(std::io::sink())),
+        );
+        let old = std::mem::replace(&mut self.inner, placeholder);
+        let irq = old.interrupt_evt().0.clone();
+        // It pulses the line for an interrupt the state has pending, as a
+        // source that resumed would have.
+        match Serial::from_state(&state, IrqTrigger(irq), NoEvents, old.into_writer()) {
+            Ok(s) => {
+                self.inner = s;
+                Ok(())
+            }
+            // The FIFO was checked and the trigger cannot fail.
+            Err(e) => Err(format!("UART: {e:?}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Out(Arc<Mutex<Vec<u8>>>);
+    impl Write for Out {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn uart_migrates_registers_and_received_bytes() {
+        let mut a = Uart::new(Arc::new(NoIrq), Box::new(std::io::sink()));
+        a.write(3, &[0x83]); // DLAB
+        a.write(0, &[0x0c]); // 9600 baud
+        a.write(3, &[0x03]);
+        a.write(7, &[0x5a]);
+        a.write(1, &[0x01]);
+        assert_eq!(a.receive(b"hi"), 2);
+        let out = Out::default();
+        let mut b = Uart::new(Arc::new(NoIrq), Box::new(out.clone()));
+        crate::migration::round_trip(&a, &mut b);
+        let mut d = [0u8];
+        b.read(7, &mut d);
+        assert_eq!(d[0], 0x5a);
+        b.read(0, &mut d);
+        assert_eq!(d[0], b'h');
+        b.write(0, b"x");
+        assert_eq!(*out.0.lock().unwrap(), b"x", "B keeps its own output");
+        let e = crate::migration::load_edited(&a, &mut b, |v| {
+            v["in_buffer"] = serde_json::json!(vec![0; 65]);
+        });
+        assert!(e.contains("65 received"), "{e}");
     }
 }

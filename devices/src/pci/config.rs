@@ -261,6 +261,41 @@ impl PciConfig {
         self.u16(COMMAND)
     }
 
+    /// The guest-reachable bytes ([`Self::size`] of them), as the
+    /// migration stream carries a function's config space.
+    pub fn save_bytes(&self) -> Vec<u8> {
+        self.bytes[..self.size as usize].to_vec()
+    }
+
+    /// Takes over `b` from [`Self::save_bytes`] of the same function on
+    /// the source. The destination's function is built from the same
+    /// command line, so every bit the guest cannot write (identity,
+    /// capability layout, BAR types) must already be what `b` says: a
+    /// difference means another device or another build, and is refused
+    /// ("Bad config data", as QEMU says) with nothing changed. The caller
+    /// re-derives what follows from config space (BAR decode: the bus's
+    /// `PciBus::invalidate_decode`; the device's own post-load).
+    pub fn load_bytes(&mut self, b: &[u8]) -> Result<(), String> {
+        if b.len() != self.size as usize {
+            return Err(format!(
+                "Bad config data: {} bytes, this function has {}",
+                b.len(),
+                self.size
+            ));
+        }
+        for (i, (&new, &own)) in b.iter().zip(self.bytes.iter()).enumerate() {
+            let fixed = !self.wmask[i];
+            if (new ^ own) & fixed != 0 {
+                return Err(format!(
+                    "Bad config data: byte {i:#x} is {new:#x} in the stream and {own:#x} \
+                     here, where bits {fixed:#x} are read-only"
+                ));
+            }
+        }
+        self.bytes[..b.len()].copy_from_slice(b);
+        Ok(())
+    }
+
     /// BARs whose space is enabled in the command register and whose base is
     /// programmed (non-zero), as `(index, bar)`.
     pub fn decoded_bars(&self) -> impl Iterator<Item = (usize, Bar)> + '_ {
@@ -337,6 +372,40 @@ mod tests {
             0xffff_0201,
             "the model's accessors stop at 4 KiB too"
         );
+    }
+
+    #[test]
+    fn config_bytes_move_and_read_only_bits_must_match() {
+        let mk = || {
+            let mut c = PciConfig::new(0x8086, 0x2922, 0x010601, 2);
+            c.add_bar(5, BarKind::Mem32, 0x1000);
+            c
+        };
+        let mut a = mk();
+        a.write(BAR0 + 20, &0xfebf_1000u32.to_le_bytes());
+        a.write(COMMAND, &(CMD_MEM).to_le_bytes());
+        a.write(INTERRUPT_LINE, &[10]);
+        let saved = a.save_bytes();
+        assert_eq!(saved.len(), CONFIG_SPACE_SIZE as usize);
+        let mut b = mk();
+        b.load_bytes(&saved).unwrap();
+        assert_eq!(b.save_bytes(), saved);
+        assert_eq!(b.decoded_bars().next().unwrap().1.base, 0xfebf_1000);
+
+        // Another device ID, a BAR's type bits, a short stream: refused,
+        // and nothing is changed.
+        let mut bad = saved.clone();
+        bad[2] ^= 1;
+        let mut c = mk();
+        let e = c.load_bytes(&bad).unwrap_err();
+        assert!(e.starts_with("Bad config data"), "{e}");
+        assert_eq!(c.u8(INTERRUPT_LINE), 0);
+        let mut bad = saved.clone();
+        bad[BAR0 as usize + 20] |= 1;
+        assert!(c.load_bytes(&bad).is_err());
+        assert!(c.load_bytes(&saved[..64]).is_err());
+        c.set_extended();
+        assert!(c.load_bytes(&saved).is_err(), "256 bytes for 4096");
     }
 
     #[test]

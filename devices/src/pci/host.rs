@@ -22,7 +22,9 @@ use std::sync::Arc;
 use super::config::CONFIG_SPACE_SIZE;
 use super::PciBus;
 use crate::bus::{le_value, put_le, BusDevice};
+use crate::migration::DeviceState;
 use crate::system::SystemControl;
+use serde::{Deserialize, Serialize};
 
 const RCR_SRST: u8 = 1 << 1;
 const RCR_RCPU: u8 = 1 << 2;
@@ -100,6 +102,38 @@ impl BusDevice for PciHost {
                 }
             }
         }
+    }
+}
+
+/// CONFIG_ADDRESS and the reset control register: what the guest last
+/// wrote (a libqtest client may sit between writing CONFIG_ADDRESS and
+/// reading CONFIG_DATA when the migration happens).
+#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PciHostState {
+    pub address: u32,
+    pub rcr: u8,
+}
+
+impl DeviceState for PciHost {
+    const VERSION: u32 = 1;
+    type State = PciHostState;
+    fn save_state(&self) -> PciHostState {
+        PciHostState {
+            address: self.address,
+            rcr: self.rcr,
+        }
+    }
+    fn load_state(&mut self, s: PciHostState, _version: u32) -> Result<(), String> {
+        if s.rcr & !RCR_SRST != 0 {
+            return Err(format!(
+                "PCI host: reset control {:#x} has bits that never stay set",
+                s.rcr
+            ));
+        }
+        self.address = s.address;
+        self.rcr = s.rcr;
+        Ok(())
     }
 }
 
@@ -204,6 +238,18 @@ mod tests {
         // A crossing access reaches the bytes it names, as in QEMU.
         outl(&mut h, 0xcf8, 0x8000_0942);
         assert_eq!(inl(&mut h, 0xcfc), 0x0000_5678);
+    }
+
+    #[test]
+    fn migrates_config_address_and_rcr() {
+        let (mut a, _) = host();
+        outl(&mut a, 0xcf8, 0x8000_0902);
+        a.write(1, &[RCR_SRST]);
+        let (mut b, _) = host();
+        crate::migration::round_trip(&a, &mut b);
+        assert_eq!(inw(&mut b, 0xcfc), 0x7010, "the address selects as on A");
+        let e = crate::migration::load_edited(&a, &mut b, |v| v["rcr"] = 0xff.into());
+        assert!(e.contains("reset control"), "{e}");
     }
 
     #[test]
