@@ -35,11 +35,27 @@ pub struct Bus {
     /// Keyed by range start; value is (length, device).
     ranges: BTreeMap<u64, (u64, SharedDevice)>,
     fallback: Option<Arc<dyn Fallback>>,
+    /// What an address nobody claims reads as (see [`Bus::memory`]).
+    unclaimed: u8,
 }
 
 impl Bus {
+    /// A port I/O bus: unclaimed ports read as all ones, as on a PC
+    /// (and QEMU's unassigned I/O).
     pub fn new() -> Self {
-        Self::default()
+        Bus {
+            unclaimed: 0xff,
+            ..Default::default()
+        }
+    }
+
+    /// A memory bus: unclaimed addresses read as zeroes, as QEMU's
+    /// unassigned memory does (libqos reads past a BAR and expects 0).
+    pub fn memory() -> Self {
+        Bus {
+            unclaimed: 0,
+            ..Default::default()
+        }
     }
 
     pub fn insert(&mut self, base: u64, len: u64, dev: SharedDevice) -> Result<(), OverlapError> {
@@ -66,7 +82,7 @@ impl Bus {
     }
 
     /// Dispatches a read; returns `false` if nothing claimed the address
-    /// (`data` is then filled with 0xff).
+    /// (`data` is then filled with the bus's unclaimed byte).
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         if let Some((off, dev)) = self.find(addr) {
             lock(dev).read(off, data);
@@ -77,7 +93,7 @@ impl Bus {
                 return true;
             }
         }
-        data.fill(0xff);
+        data.fill(self.unclaimed);
         false
     }
 

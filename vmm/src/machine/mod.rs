@@ -278,7 +278,7 @@ impl Board for NoneBoard {
         }
         Ok(Machine {
             io: devices::bus::Bus::new(),
-            mmio: devices::bus::Bus::new(),
+            mmio: devices::bus::Bus::memory(),
             ram: mem.ram,
             rom: mem.rom,
             layout: mem.layout,

@@ -58,6 +58,7 @@ use crate::boot;
 use crate::config::MachineConfig;
 use crate::device::{self, AttachCtx, BusKind, Buses, DeviceSpec, PciIntx, Port, PropValue};
 use crate::memory::Layout;
+use crate::migration::VmState;
 use crate::storage::Storage;
 use devices::virtio::event_loop::IoThreads;
 
@@ -297,6 +298,11 @@ fn build(
         pcihp: Some(pcihp),
         ecam: None,
         fdc: true,
+        vmstate: {
+            let mut v = VmState::default();
+            v.block("the pc machine's chipset (i440FX, PIIX3 and its IDE, PIIX4 PM) does not save its state yet: q35 machines migrate");
+            v
+        },
     };
     assemble(&PC, cfg, host, storage, mem, io, buses, chipset, |cmos| {
         piix_ide::fill_cmos(&ide, cmos)
@@ -316,6 +322,8 @@ pub(super) struct Chipset {
     pub ecam: Option<Arc<Ecam>>,
     /// Whether the board has the ISA floppy controller.
     pub fdc: bool,
+    /// The chipset's migration sections (or why it cannot migrate).
+    pub vmstate: VmState,
 }
 
 /// What every PC board has around its chipset: PCI decoding on the I/O and
@@ -338,15 +346,14 @@ pub(super) fn assemble(
     let Memory { layout, ram, rom } = mem;
     let direct = boot::is_direct(cfg);
     let msi = msi_sender(&host, &ram);
-    let mut mmio = Bus::new();
+    let mut mmio = Bus::memory();
     let pci = chipset.pci.clone();
-    add_io(
-        &mut io,
-        0xcf8,
-        8,
-        shared(PciHost::new(pci.clone(), host.system.clone())),
-        "PCI host",
-    )?;
+    // Every device built here is registered for migration as it is made;
+    // what cannot migrate is named as a blocker.
+    let mut vmstate = chipset.vmstate;
+    let pci_host = shared(PciHost::new(pci.clone(), host.system.clone()));
+    vmstate.register("pci-host@0xcf8", pci_host.clone());
+    add_io(&mut io, 0xcf8, 8, pci_host, "PCI host")?;
     io.set_fallback(Arc::new(PciRegions {
         bus: pci.clone(),
         space: Space::Io,
@@ -359,8 +366,11 @@ pub(super) fn assemble(
     }));
 
     // Legacy ISA devices.
-    add_io(&mut io, 0x4d0, 2, shared(Elcr::default()), "ELCR")?;
+    let elcr = shared(Elcr::default());
+    vmstate.register("elcr", elcr.clone());
+    add_io(&mut io, 0x4d0, 2, elcr, "ELCR")?;
     let isa_dma = Arc::new(Mutex::new(IsaDma::new(ram.clone())));
+    vmstate.register("isa-dma", isa_dma.clone());
     add_io(
         &mut io,
         0x00,
@@ -390,6 +400,7 @@ pub(super) fn assemble(
             // (devices::fdc::i82078::FdcPorts).
             devices::bus::lock(&f).set_irq_latency(std::time::Duration::from_millis(2));
         }
+        vmstate.block("the floppy controller (isa-fdc) does not save its state yet");
         Some(f)
     } else {
         None
@@ -399,12 +410,15 @@ pub(super) fn assemble(
         host.clock.clone(),
         host.irq.line(8),
     ));
+    vmstate.register("mc146818rtc", cmos.clone());
     add_io(&mut io, 0x70, 2, cmos.clone(), "RTC")?;
     let kbd = shared(I8042::new(
         host.irq.line(1),
         host.irq.line(12),
         host.system.clone(),
     ));
+    // Port 0x64 forwards to the same controller.
+    vmstate.register("i8042", kbd.clone());
     add_io(&mut io, 0x60, 1, kbd.clone(), "i8042")?;
     add_io(
         &mut io,
@@ -413,13 +427,9 @@ pub(super) fn assemble(
         Arc::new(Mutex::new(KbdStatusPort(kbd))),
         "i8042",
     )?;
-    add_io(
-        &mut io,
-        0x92,
-        1,
-        shared(Port92::new(host.system.clone())),
-        "port 92",
-    )?;
+    let port92 = shared(Port92::new(host.system.clone()));
+    vmstate.register("port92", port92.clone());
+    add_io(&mut io, 0x92, 1, port92, "port 92")?;
     if host.serial_out.len() > SERIAL_PORTS.len() {
         return Err(MachineError::Config(format!(
             "-serial: at most {} serial ports are supported",
@@ -429,11 +439,17 @@ pub(super) fn assemble(
     let mut uarts = Vec::new();
     for (out, &(base, irq)) in host.serial_out.into_iter().zip(SERIAL_PORTS.iter()) {
         let u = shared(Uart::new(host.irq.line(irq), out));
+        vmstate.register(format!("serial@{base:#x}"), u.clone());
         add_io(&mut io, base, 8, u.clone(), "-serial")?;
         uarts.push(u);
     }
     if let Some(out) = host.debugcon_out {
         let iobase = device::debugcon::iobase(&cfg.globals).map_err(MachineError::Config)?;
+        // Output only: nothing to carry over.
+        vmstate.register(
+            format!("debugcon@{iobase:#x}"),
+            Arc::new(devices::migration::Stateless),
+        );
         add_io(&mut io, iobase, 1, shared(Debugcon::new(out)), "-debugcon")?;
     }
 
@@ -539,6 +555,7 @@ pub(super) fn assemble(
         timers: host.timers.clone(),
     });
     let fw_cfg = shared(FwCfg::new(Some(ram.clone())));
+    vmstate.register("fw_cfg", fw_cfg.clone());
     {
         let mut f = fw_cfg.lock().unwrap();
         fill_fw_cfg(&mut f, cfg, &layout, &boot_order);
@@ -585,8 +602,6 @@ pub(super) fn assemble(
     } else {
         None
     };
-    let mut vmstate = crate::migration::VmState::default();
-    vmstate.block("the PC chipset's devices do not save their state yet");
 
     Ok(Machine {
         io,

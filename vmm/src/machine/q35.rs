@@ -116,14 +116,21 @@ fn build(
         // No firmware will program the chipset: do what SeaBIOS does.
         boot::init_q35(&mut mch, &mut lpc);
     }
-    pci.add(0, 0, Arc::new(Mutex::new(mch))).map_err(err)?;
+    // Migration sections; the PIRQ routes follow from the LPC's config
+    // (its post-load re-routes), the APM port forwards to the PM block.
+    let mut vmstate = crate::migration::VmState::default();
+    let mch = Arc::new(Mutex::new(mch));
+    vmstate.register("0000:00:00.0/mch", mch.clone());
+    pci.add(0, 0, mch).map_err(err)?;
     buses.occupy("pcie.0", 0, "mch");
-    pci.add(LPC_SLOT, LPC_FUNCTION, Arc::new(Mutex::new(lpc)))
-        .map_err(err)?;
+    let lpc = Arc::new(Mutex::new(lpc));
+    vmstate.register("0000:00:1f.0/ich9-lpc", lpc.clone());
+    pci.add(LPC_SLOT, LPC_FUNCTION, lpc).map_err(err)?;
     buses.occupy("pcie.0", (LPC_SLOT as u32) << 3, "ICH9-LPC");
+    vmstate.register("acpi-pm", pm.clone());
     add_io(&mut io, 0xb2, 2, shared(Apm::new(pm.clone())), "APM")?;
     let ahci_devfn = (LPC_SLOT, AHCI_FUNCTION);
-    ahci::attach(
+    let hba = ahci::attach(
         &pci,
         &mut buses,
         &mem.ram,
@@ -132,6 +139,8 @@ fn build(
         None,
     )
     .map_err(err)?;
+    // Its ports carry their ATA disks' state.
+    vmstate.register("0000:00:1f.2/ich9-ahci", hba);
     buses.occupy(
         "pcie.0",
         (LPC_SLOT as u32) << 3 | AHCI_FUNCTION as u32,
@@ -151,6 +160,7 @@ fn build(
                 .as_ref()
                 .is_some_and(|p| p.interface == Interface::Floppy)
         }) || cfg.devices.iter().any(|d| d.ty.name == "floppy"),
+        vmstate,
     };
     pc::assemble(&Q35, cfg, host, storage, mem, io, buses, chipset, |_| {})
 }

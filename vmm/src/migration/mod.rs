@@ -110,6 +110,25 @@ impl VmState {
     }
 }
 
+/// `-device` types whose state travels in another section: a disk on an
+/// AHCI port is part of the AHCI controller's.
+const MIGRATES_WITH_ITS_BUS: &[&str] = &["ide-hd"];
+
+/// The devices of `-device`, `-drive` and `device_add` that block a
+/// migration (QEMU's "non-migratable device" blockers).
+pub fn device_blockers(devs: &[crate::device::Realized]) -> Vec<String> {
+    devs.iter()
+        .filter(|d| !MIGRATES_WITH_ITS_BUS.contains(&d.ty.name))
+        .map(|d| match &d.id {
+            Some(id) => format!(
+                "State blocked by non-migratable device '{}' (id '{id}')",
+                d.ty.name
+            ),
+            None => format!("State blocked by non-migratable device '{}'", d.ty.name),
+        })
+        .collect()
+}
+
 /// Where a migration goes (`unix:PATH`, `tcp:HOST:PORT`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Uri {
@@ -355,12 +374,30 @@ pub fn send(
     rom: &GuestMem,
     sections: Vec<Record>,
 ) -> Result<Sent, String> {
-    let io = |e: std::io::Error| format!("sending the migration stream: {e}");
     let mut sent = Sent::default();
+    if let Err(e) = write_stream(conn, config, ram, rom, sections, &mut sent) {
+        // The destination may have refused and said why before closing.
+        return Err(match read_answer(conn) {
+            Err(why) if why.starts_with("the destination failed") => why,
+            _ => e,
+        });
+    }
+    read_answer(conn).map(|()| sent)
+}
+
+fn write_stream(
+    conn: &mut dyn Conn,
+    config: serde_json::Value,
+    ram: &GuestMem,
+    rom: &GuestMem,
+    sections: Vec<Record>,
+    sent: &mut Sent,
+) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("sending the migration stream: {e}");
     let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut *conn);
     stream::write_header(&mut w).map_err(io)?;
     stream::write_record(&mut w, &Record::Config(config)).map_err(io)?;
-    let ram_records = send_ram(&mut w, ram, &mut sent).map_err(io)?;
+    let ram_records = send_ram(&mut w, ram, sent).map_err(io)?;
     let mut image = Vec::new();
     for r in rom.iter() {
         let mut b = vec![0u8; r.len() as usize];
@@ -381,8 +418,11 @@ pub fn send(
         },
     )
     .map_err(io)?;
-    w.flush().map_err(io)?;
-    drop(w);
+    w.flush().map_err(io)
+}
+
+/// The destination's answer: `Ok` once it has loaded everything.
+fn read_answer(conn: &mut dyn Conn) -> Result<(), String> {
     let mut line = String::new();
     BufReader::new((&mut *conn).take(64 << 10))
         .read_line(&mut line)
@@ -390,7 +430,7 @@ pub fn send(
     let v: serde_json::Value = serde_json::from_str(line.trim())
         .map_err(|_| "the destination closed the connection without loading".to_string())?;
     if v["ok"] == serde_json::Value::Bool(true) {
-        Ok(sent)
+        Ok(())
     } else {
         Err(format!(
             "the destination failed to load the migration: {}",
@@ -506,6 +546,20 @@ pub fn receive(conn: &mut dyn Read, ram: &GuestMem, rom: &GuestMem) -> Result<Re
                 return Ok(Received { config, sections });
             }
             Record::Config(_) => return Err("a second configuration record".into()),
+        }
+    }
+}
+
+/// Read and drop what the peer still sends, until it closes or 10
+/// seconds pass (a destination that refused the stream lets the source
+/// finish writing, so that it reads the answer).
+pub fn drain(conn: &mut dyn Conn) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut buf = vec![0u8; 1 << 16];
+    while std::time::Instant::now() < end {
+        match conn.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
         }
     }
 }

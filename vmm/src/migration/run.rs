@@ -117,12 +117,22 @@ pub fn listen(uri: &Uri, pc: &Machine, events: &EventSender) -> Result<(), Strin
                 }
             };
             let result = super::receive(&mut *conn, &ram, &rom);
+            if let Err(e) = &result {
+                // Tell the source why, and take in the rest of what it
+                // sends (bounded in time), so that it reads the reason
+                // rather than a reset connection.
+                super::answer(&mut *conn, &Err(e.clone()));
+                super::drain(&mut *conn);
+            }
+            let ok = result.is_ok();
             let (tx, rx) = mpsc::channel();
             ev.send(VmEvent::Migration(Box::new(Incoming { result, reply: tx })));
             let verdict = rx
                 .recv()
                 .unwrap_or_else(|_| Err("the destination stopped".into()));
-            super::answer(&mut *conn, &verdict);
+            if ok {
+                super::answer(&mut *conn, &verdict);
+            }
         })
         .map(|_| ())
         .map_err(|e| format!("-incoming: {e}"))
@@ -142,6 +152,11 @@ pub fn load(
         .activate_all()
         .map_err(|e| format!("taking over the images: {e}"))?;
     pc.vmstate.load_all(&got.sections)?;
+    // Loaded config space moved BARs and decode windows: the bus's
+    // decode cache only sees config writes made through it.
+    if let Some(pci) = &pc.pci {
+        pci.invalidate_decode();
+    }
     if let Some(ns) = got.config["clock_ns"].as_u64() {
         clock.set(ns);
     }

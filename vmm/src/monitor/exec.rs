@@ -442,7 +442,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
     }
     // Nothing a hot-plugged PCI device registers goes to the fixed port or
     // MMIO ranges or the boot order (firmware has run); these are throwaway.
-    let (mut io, mut mmio) = (devices::bus::Bus::new(), devices::bus::Bus::new());
+    let (mut io, mut mmio) = (devices::bus::Bus::new(), devices::bus::Bus::memory());
     let mut boot_order = devices::bootorder::BootOrder::new();
     let mut attach = AttachCtx {
         io: &mut io,
@@ -952,6 +952,9 @@ pub(crate) fn blockers(ctx: &Ctx) -> Vec<String> {
         b.push(crate::migration::KVM_BLOCKER.to_string());
     }
     b.extend(ctx.machine.vmstate.blockers().iter().cloned());
+    b.extend(crate::migration::device_blockers(&devices::bus::lock(
+        &ctx.machine.devices,
+    )));
     b.extend(ctx.storage.graph.migration_blockers());
     b.extend(ctx.storage.jobs.migration_blockers());
     for (id, node) in ctx.storage.nbd.list() {
