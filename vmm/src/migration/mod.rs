@@ -385,8 +385,20 @@ pub fn send(
     read_answer(conn).map(|()| sent)
 }
 
+/// The whole stream as bytes (for seeds and tests).
+pub fn encode(
+    config: serde_json::Value,
+    ram: &GuestMem,
+    rom: &GuestMem,
+    sections: Vec<Record>,
+) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    write_stream(&mut out, config, ram, rom, sections, &mut Sent::default())?;
+    Ok(out)
+}
+
 fn write_stream(
-    conn: &mut dyn Conn,
+    conn: &mut dyn Write,
     config: serde_json::Value,
     ram: &GuestMem,
     rom: &GuestMem,
