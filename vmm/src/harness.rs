@@ -540,56 +540,6 @@ fn run(data: &[u8]) -> Option<Machine> {
     Some(pc)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn op(code: u8, sub: u8, sel: u16, value: u32) -> [u8; 8] {
-        let [s0, s1] = sel.to_le_bytes();
-        let [v0, v1, v2, v3] = value.to_le_bytes();
-        [code, s0, s1, sub << 2, v0, v1, v2, v3]
-    }
-
-    /// A virtio-blk read the structured operations build: header in slot
-    /// 0, 512 bytes into slot 1, status in slot 2.
-    fn virtio_read(legacy: bool) -> Vec<u8> {
-        let (bringup, push) = if legacy { (1, 7) } else { (0, 6) };
-        [
-            op(7, bringup, 4, 0),
-            op(7, 4, 0, 0),
-            op(7, 2, 0, 16 << 8 | 1 << 24 | 1 << 27),
-            op(7, 2, 1, 1 | 512 << 8 | 3 << 24 | 2 << 27),
-            op(7, 2, 2, 2 | 1 << 8 | 2 << 24),
-            op(7, push, 0, 0),
-        ]
-        .concat()
-    }
-
-    #[test]
-    fn structured_operations_complete_a_virtio_request() {
-        for legacy in [false, true] {
-            let pc = run(&virtio_read(legacy)).unwrap();
-            let size = if legacy { 256 } else { 16 };
-            let (_, _, used) = vq_layout(size);
-            let idx: u16 = pc.ram.read_obj(GuestAddress(used + 2)).unwrap();
-            assert_eq!(idx, 1, "legacy={legacy}: request not completed");
-            let status: u8 = pc.ram.read_obj(GuestAddress(VQ_BUFS + 0x2000)).unwrap();
-            assert_eq!(status, 0, "legacy={legacy}");
-        }
-    }
-
-    #[test]
-    #[should_panic(expected = "logged")]
-    fn the_log_bound_fails_a_run() {
-        install_log_meter();
-        LOGGED.with(|c| c.set(0));
-        // Not a device: the harness's own check, fed directly.
-        log::warn!("{}", "x".repeat(LOG_PER_OP));
-        let n = LOGGED.with(|c| c.get());
-        assert!(n <= LOG_PER_OP, "logged {n} bytes");
-    }
-}
-
 /// The q35 machine a migration destination is: its AHCI with a disk on
 /// port 0 (null-co), built as [`build`] builds the `pc`.
 fn build_q35(loops: &ManualLoops, clock: &Arc<ManualClock>) -> Option<Machine> {
@@ -693,4 +643,54 @@ pub fn migration_seed() -> Option<Vec<u8>> {
         "sections": pc.vmstate.ids(),
     });
     crate::migration::encode(config, &pc.ram, &pc.rom, pc.vmstate.save_all().ok()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(code: u8, sub: u8, sel: u16, value: u32) -> [u8; 8] {
+        let [s0, s1] = sel.to_le_bytes();
+        let [v0, v1, v2, v3] = value.to_le_bytes();
+        [code, s0, s1, sub << 2, v0, v1, v2, v3]
+    }
+
+    /// A virtio-blk read the structured operations build: header in slot
+    /// 0, 512 bytes into slot 1, status in slot 2.
+    fn virtio_read(legacy: bool) -> Vec<u8> {
+        let (bringup, push) = if legacy { (1, 7) } else { (0, 6) };
+        [
+            op(7, bringup, 4, 0),
+            op(7, 4, 0, 0),
+            op(7, 2, 0, 16 << 8 | 1 << 24 | 1 << 27),
+            op(7, 2, 1, 1 | 512 << 8 | 3 << 24 | 2 << 27),
+            op(7, 2, 2, 2 | 1 << 8 | 2 << 24),
+            op(7, push, 0, 0),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn structured_operations_complete_a_virtio_request() {
+        for legacy in [false, true] {
+            let pc = run(&virtio_read(legacy)).unwrap();
+            let size = if legacy { 256 } else { 16 };
+            let (_, _, used) = vq_layout(size);
+            let idx: u16 = pc.ram.read_obj(GuestAddress(used + 2)).unwrap();
+            assert_eq!(idx, 1, "legacy={legacy}: request not completed");
+            let status: u8 = pc.ram.read_obj(GuestAddress(VQ_BUFS + 0x2000)).unwrap();
+            assert_eq!(status, 0, "legacy={legacy}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "logged")]
+    fn the_log_bound_fails_a_run() {
+        install_log_meter();
+        LOGGED.with(|c| c.set(0));
+        // Not a device: the harness's own check, fed directly.
+        log::warn!("{}", "x".repeat(LOG_PER_OP));
+        let n = LOGGED.with(|c| c.get());
+        assert!(n <= LOG_PER_OP, "logged {n} bytes");
+    }
 }
