@@ -35,6 +35,9 @@ const PAGE: usize = 4096;
 pub struct VmState {
     sections: Vec<(String, Arc<dyn Migratable>)>,
     blockers: Vec<String>,
+    /// A stream was loaded and the devices have not resumed since: their
+    /// halted I/O is issued again once, at the next run.
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 impl VmState {
@@ -99,11 +102,20 @@ impl VmState {
         for (_, d) in &self.sections {
             d.post_load();
         }
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
-    /// The VM runs on this side after a load: devices re-issue halted I/O.
+    /// The VM runs on this side after a load: devices re-issue the I/O
+    /// the source had halted. Only the first run after a load: on a VM
+    /// that was never migrated, `cont` retries parked requests through
+    /// the block backends instead, and issuing them here too would
+    /// issue them twice.
     pub fn resume_all(&self) {
+        if !self.loaded.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
         for (_, d) in &self.sections {
             d.resume();
         }
@@ -674,6 +686,42 @@ mod tests {
         assert!(vs3.load_all(&[]).is_err());
         let twice = vec![got.sections[0].clone(), got.sections[0].clone()];
         assert!(vs2.load_all(&twice).is_err());
+    }
+
+    #[derive(Default)]
+    struct Resumes(u32);
+    impl devices::migration::DeviceState for Resumes {
+        const VERSION: u32 = 1;
+        type State = ();
+        fn save_state(&self) {}
+        fn load_state(&mut self, _s: (), _v: u32) -> Result<(), String> {
+            Ok(())
+        }
+        fn resume(&mut self) {
+            self.0 += 1;
+        }
+    }
+
+    #[test]
+    fn devices_resume_once_after_a_load_only() {
+        let d = Arc::new(Mutex::new(Resumes::default()));
+        let mut vs = VmState::default();
+        vs.register("d", d.clone());
+        // A `cont` on a VM that was never migrated: nothing re-issued.
+        vs.resume_all();
+        assert_eq!(d.lock().unwrap().0, 0);
+        let s = vs.save_all().unwrap();
+        let secs: Vec<(String, u32, Vec<u8>)> = s
+            .into_iter()
+            .map(|r| match r {
+                Record::Device { id, version, state } => (id, version, state),
+                _ => unreachable!(),
+            })
+            .collect();
+        vs.load_all(&secs).unwrap();
+        vs.resume_all();
+        vs.resume_all();
+        assert_eq!(d.lock().unwrap().0, 1);
     }
 
     #[test]
