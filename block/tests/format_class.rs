@@ -20,7 +20,8 @@ fn registry_knows_kinds_and_probes_by_score() {
     assert_eq!(g.class("throttle").unwrap().kind(), DriverKind::Filter);
     assert_eq!(g.class("vmdk").unwrap().kind(), DriverKind::Format);
     assert_eq!(g.class("qed").unwrap().kind(), DriverKind::Format);
-    assert!(g.class("vvfat").is_none());
+    assert_eq!(g.class("vvfat").unwrap().kind(), DriverKind::Protocol);
+    assert!(g.class("vxhs").is_none());
     let classes = g.classes();
     let mut head = vec![0u8; 512];
     assert_eq!(format::probe(&classes, &head, "x"), None);
