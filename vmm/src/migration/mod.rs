@@ -172,14 +172,27 @@ impl Uri {
 pub trait Conn: Read + Write + Send {}
 impl<T: Read + Write + Send> Conn for T {}
 
+/// How long the source waits for a destination that neither reads nor
+/// answers: the migration runs on the main loop, which must not hang.
+pub const PEER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// Connect to a destination.
 pub fn connect(uri: &Uri) -> Result<Box<dyn Conn>, String> {
+    let t = Some(PEER_TIMEOUT);
     match uri {
         Uri::Unix(p) => std::os::unix::net::UnixStream::connect(p)
-            .map(|s| Box::new(s) as Box<dyn Conn>)
+            .and_then(|s| {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)?;
+                Ok(Box::new(s) as Box<dyn Conn>)
+            })
             .map_err(|e| format!("Failed to connect to '{p}': {e}")),
         Uri::Tcp(a) => std::net::TcpStream::connect(a.as_str())
-            .map(|s| Box::new(s) as Box<dyn Conn>)
+            .and_then(|s| {
+                s.set_read_timeout(t)?;
+                s.set_write_timeout(t)?;
+                Ok(Box::new(s) as Box<dyn Conn>)
+            })
             .map_err(|e| format!("Failed to connect to '{a}': {e}")),
     }
 }
