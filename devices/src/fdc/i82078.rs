@@ -344,6 +344,7 @@ impl Fdc {
                     return None;
                 }
                 let c = command::parse(bytes);
+                log::debug!("fdc: command {bytes:02x?}: {c:?}");
                 self.phase = Phase::Busy;
                 self.execute(c)
             }
@@ -369,6 +370,7 @@ impl Fdc {
     /// Enters the result phase with `bytes`; `irq`: the command
     /// interrupts now and reading the last byte lowers it.
     fn result(&mut self, bytes: Vec<u8>, irq: bool) {
+        log::debug!("fdc: result {bytes:02x?} (interrupt {irq})");
         self.phase = Phase::Result { bytes, pos: 0, irq };
         if irq {
             self.set_irq(true);
