@@ -286,3 +286,43 @@ fn format_track_fills_the_track() {
         assert_eq!(sector(&after, lba), want, "sector {lba}");
     }
 }
+
+/// WRITE DATA without multi-track, as Linux's floppy driver sends it (0x45,
+/// one track side per command, ISA DMA mode 0x4a): a transfer that ends at
+/// EOT on head 1 answers C+1, H unchanged (1), R 1, per the datasheet's
+/// result table. Linux counts the sectors it moved from that address; the
+/// controller once answered H=0 there, Linux counted no sectors moved and
+/// sent the same write for ever (`rwloop=fd0:...` never finished). READ
+/// DATA without MT answers the same way.
+#[test]
+fn writes_without_multitrack_end_on_the_same_head() {
+    let dir = support::scratch("fdc-qtest-write-nomt");
+    let img = make_floppy(&dir, "fd.img");
+    let drive = format!("file={},format=raw,if=floppy", img.display());
+    let mut f = Fd::start(&["-drive", &drive]);
+    assert_eq!(f.seek(0), vec![0x20, 0]);
+    let data: Vec<u8> = (0..18 * 512).map(|i| (i * 7 % 253) as u8).collect();
+    for head in 0..2u8 {
+        f.q.memwrite(0x2_0000, &data);
+        f.dma(0x48, 0x2_0000, data.len() as u16);
+        f.send(&[WRITE & 0x7f, head << 2, 0, head, 1, 2, 18, 0x1b, 0xff]);
+        let r = f.results(7);
+        assert_eq!(r[0] & 0xc0, 0, "head {head}: normal termination: {r:?}");
+        assert_eq!(r[0] & 0x04, head << 2, "head {head}: ST0's head: {r:?}");
+        assert_eq!(&r[3..], &[1, head, 1, 2], "head {head}: C, H, R, N: {r:?}");
+        let image = std::fs::read(&img).unwrap();
+        let track = head as usize * 18;
+        assert_eq!(
+            &image[track * 512..(track + 18) * 512],
+            &data[..],
+            "head {head}: the track side in the image"
+        );
+        // The driver seeks back to the track it wrote.
+        assert_eq!(f.seek(0), vec![0x20, 0]);
+    }
+    f.dma(0x44, 0x1_0000, 18 * 512);
+    f.send(&[READ & 0x7f, 0x04, 0, 1, 1, 2, 18, 0x1b, 0xff]);
+    let r = f.results(7);
+    assert_eq!(&r[3..], &[1, 1, 1, 2], "READ DATA on head 1: {r:?}");
+    assert_eq!(f.q.memread(0x1_0000, 18 * 512), data);
+}

@@ -281,6 +281,24 @@ fn linux_floppy_driver_reads_the_whole_diskette() {
     assert!(!out.contains("GUEST-ERR"), "{out}");
 }
 
+/// The kernel's `floppy` driver writes: init's `rwloop=` writes 64 KiB of
+/// a pattern to fd0 (WRITE DATA by ISA DMA, memory to the controller),
+/// reads it back and compares, and the image holds the pattern after.
+#[test]
+fn linux_floppy_driver_writes_and_reads_back() {
+    if !kvm_available("linux_floppy_driver_writes_and_reads_back") {
+        return;
+    }
+    let dir = scratch("linux-lane-floppy-rw-img");
+    let img = dir.join("floppy.img");
+    make_image(&img, 2880 * 512, 0xf1_0777);
+    let devices = vec!["-drive".into(), drive(&img, "if=floppy")];
+    let (out, _) = boot("linux-lane-floppy-rw", &devices, "rwloop=fd0:64:1");
+    assert!(!out.contains("GUEST-ERR"), "{out}");
+    assert_eq!(kernels::rwloop_rounds(&out, "fd0"), 1, "{out}");
+    kernels::assert_rwloop_image(&img, 64, 1);
+}
+
 /// The kernel's `virtio_scsi` driver with `sd` and `sr`: a `scsi-hd`
 /// (sda) and a `scsi-cd` (sr0) on one virtio-scsi-pci HBA, read through
 /// the shared SCSI target emulation.

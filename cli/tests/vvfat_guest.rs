@@ -56,9 +56,9 @@ fn assert_changed(root: &std::path::Path, hello: &[u8]) {
 }
 
 /// `-hda fat:rw:DIR`: the partition sda1 through ata_piix. (Not the
-/// floppy form: Linux's floppy driver does not complete a write on
-/// Strata's i82078 yet, with a raw image as much as with vvfat, so
-/// `fat:rw:floppy:` is tested through the block layer in img_vvfat.rs.)
+/// floppy form: `fat:rw:floppy:` is tested through the block layer in
+/// img_vvfat.rs; Linux's floppy writes on the i82078 are tested on a raw
+/// image in linux_lane.rs.)
 #[test]
 fn linux_guest_reads_and_writes_a_host_directory() {
     if !kvm_available("linux_guest_reads_and_writes_a_host_directory") {

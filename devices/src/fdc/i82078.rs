@@ -344,6 +344,7 @@ impl Fdc {
                     return None;
                 }
                 let c = command::parse(bytes);
+                log::debug!("fdc: command {bytes:02x?}: {c:?}");
                 self.phase = Phase::Busy;
                 self.execute(c)
             }
@@ -369,6 +370,7 @@ impl Fdc {
     /// Enters the result phase with `bytes`; `irq`: the command
     /// interrupts now and reading the last byte lowers it.
     fn result(&mut self, bytes: Vec<u8>, irq: bool) {
+        log::debug!("fdc: result {bytes:02x?} (interrupt {irq})");
         self.phase = Phase::Result { bytes, pos: 0, irq };
         if irq {
             self.set_irq(true);
@@ -680,7 +682,15 @@ impl Fdc {
                 *h = 1;
                 true
             } else {
-                *h = 0;
+                // Only a multi-track transfer goes on from head 1 to head 0
+                // of the next track. Without MT the head stays: the
+                // datasheet's result table gives C+1, H unchanged, R=1 for
+                // a transfer that ends at EOT, and Linux counts the sectors
+                // it moved from that H (a write that ended on head 1 and
+                // answered H=0 counted as no sectors, retried for ever).
+                if mt {
+                    *h = 0;
+                }
                 *t = t.wrapping_add(1);
                 *st0 |= st0::SEEK_END;
                 mt && two_sided
@@ -1139,5 +1149,40 @@ mod tests {
         assert_eq!(results(&mut f, 7)[0] & 0xc0, 0, "normal termination");
         let image = std::fs::read(&img).unwrap();
         assert!(image[72 * 512..73 * 512].iter().all(|&b| b == 38));
+    }
+
+    /// Without MT a transfer that ends at EOT names the next track on the
+    /// same head (datasheet result table: C+1, H unchanged, R=1); with MT,
+    /// head 1 goes on to head 0 of the next track.
+    #[test]
+    fn end_of_track_keeps_the_head_without_multitrack() {
+        let (mut f, _, dma, img) = setup();
+        let program = |dma: &Arc<Mutex<IsaDma>>, mode: u8, len: u16| {
+            let mut c = crate::legacy::isa_dma::Dma1(dma.clone());
+            use crate::bus::BusDevice;
+            c.write(0xc, &[0]);
+            c.write(0xb, &[mode | 2]);
+            c.write(4, &[0x00]);
+            c.write(4, &[0x20]);
+            c.write(5, &[(len - 1) as u8]);
+            c.write(5, &[((len - 1) >> 8) as u8]);
+            c.write(0xa, &[2]);
+        };
+        // WRITE DATA (MT clear, as Linux sends it) of head 1, track 0,
+        // sectors 17-18: LBAs 34 and 35 take memory's bytes (zeroes).
+        program(&dma, 0x48, 1024);
+        let io = send(&mut f, &[0x45, 0x04, 0, 1, 17, 2, 18, 0x1b, 0xff]);
+        run(&mut f, io);
+        let r = results(&mut f, 7);
+        assert_eq!(r[0] & 0xc4, 0x04, "normal termination on head 1: {r:?}");
+        assert_eq!(&r[3..], &[1, 1, 1, 2], "C+1, H unchanged, R 1");
+        let image = std::fs::read(&img).unwrap();
+        assert!(image[34 * 512..36 * 512].iter().all(|&b| b == 0));
+        assert!(image[36 * 512..37 * 512].iter().all(|&b| b == 36));
+        // READ DATA with MT from the same place: head 0 of track 1 next.
+        program(&dma, 0x44, 1024);
+        let io = send(&mut f, &[0xe6, 0x04, 0, 1, 17, 2, 18, 0x1b, 0xff]);
+        run(&mut f, io);
+        assert_eq!(&results(&mut f, 7)[3..], &[1, 0, 1, 2]);
     }
 }
