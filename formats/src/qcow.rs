@@ -240,6 +240,41 @@ impl Qcow {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Whether guest cluster `c` (or its L2 table) has an allocation in
+    /// flight.
+    fn busy(&self, st: &State, c: u64) -> bool {
+        st.busy.contains(&c) || st.busy_l1.contains(&self.split(c).0)
+    }
+
+    /// The state, once no allocation is in flight for cluster `c`.
+    fn lock_idle(&self, c: u64) -> MutexGuard<'_, State> {
+        let mut st = self.lock();
+        while self.busy(&st, c) {
+            st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st
+    }
+
+    /// Write the new cluster's `bytes` at `host`, link what `a`
+    /// allocated, and let waiters go, whatever the outcome.
+    fn store_allocated(
+        &self,
+        mut st: MutexGuard<'_, State>,
+        a: &Alloc,
+        host: u64,
+        bytes: &[u8],
+    ) -> FResult<()> {
+        let r = self
+            .file
+            .write_at(host, bytes)
+            .map_err(|er| self.io(er, "write error"))
+            .and_then(|()| self.link(&mut st, a));
+        self.release(&mut st, a);
+        drop(st);
+        self.done.notify_all();
+        r
+    }
     fn io(&self, e: std::io::Error, what: &str) -> FormatError {
         FormatError::io(e, format!("{}: {what}", self.name))
     }
@@ -376,10 +411,7 @@ impl Qcow {
         for (c, inc, n) in self.chunks(off, data.len() as u64) {
             let guest = c * cs;
             let src = &data[(guest + inc - off) as usize..(guest + inc + n - off) as usize];
-            let mut st = self.lock();
-            while st.busy.contains(&c) || st.busy_l1.contains(&self.split(c).0) {
-                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
+            let mut st = self.lock_idle(c);
             let e = self.entry(&mut st, c)?;
             if e != 0 && e & COMPRESSED == 0 {
                 let mut d = src.to_vec();
@@ -408,15 +440,7 @@ impl Qcow {
             }
             let a = self.allocate(&mut st, c, None);
             let host = a.clusters[0].1;
-            let r = self
-                .file
-                .write_at(host, &whole)
-                .map_err(|er| self.io(er, "write error"))
-                .and_then(|()| self.link(&mut st, &a));
-            self.release(&mut st, &a);
-            drop(st);
-            self.done.notify_all();
-            r?;
+            self.store_allocated(st, &a, host, &whole)?;
         }
         Ok(())
     }
@@ -454,24 +478,13 @@ impl Qcow {
                 continue;
             }
             let c = guest / cs;
-            let mut st = self.lock();
-            while st.busy.contains(&c) || st.busy_l1.contains(&self.split(c).0) {
-                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
-            }
+            let mut st = self.lock_idle(c);
             let mut a = self.allocate(&mut st, c, Some(z.len() as u64));
             let host = a.clusters[0].1;
             a.clusters[0].1 = COMPRESSED | ((z.len() as u64) << (63 - self.h.cluster_bits)) | host;
             let mut padded = z;
             padded.resize(padded.len().div_ceil(SECTOR as usize) * SECTOR as usize, 0);
-            let r = self
-                .file
-                .write_at(host, &padded)
-                .map_err(|er| self.io(er, "write error"))
-                .and_then(|()| self.link(&mut st, &a));
-            self.release(&mut st, &a);
-            drop(st);
-            self.done.notify_all();
-            r?;
+            self.store_allocated(st, &a, host, &padded)?;
         }
         Ok(())
     }
@@ -584,7 +597,7 @@ impl GuestMap for Qcow {
         let cs = self.h.cluster_size();
         let mut runs = Vec::new();
         for (c, inc, n) in self.chunks(off, len) {
-            if st.busy.contains(&c) || st.busy_l1.contains(&self.split(c).0) {
+            if self.busy(&st, c) {
                 return Ok(WriteMap::Busy);
             }
             match self.entry(&mut st, c)? {
@@ -604,10 +617,7 @@ impl GuestMap for Qcow {
         let mut st = self.lock();
         let cs = self.h.cluster_size();
         let chunks: Vec<_> = self.chunks(off, len).collect();
-        if chunks
-            .iter()
-            .any(|&(c, _, _)| st.busy.contains(&c) || st.busy_l1.contains(&self.split(c).0))
-        {
+        if chunks.iter().any(|&(c, _, _)| self.busy(&st, c)) {
             return Ok(Plan::Busy);
         }
         for &(c, inc, n) in &chunks {
