@@ -175,21 +175,14 @@ const ENCRYPT_OPTS: &[&str] = &[
     "encrypt.iter-time",
 ];
 
-/// What `create` options other than `amend`'s are: creation only.
+/// What `create` options other than `amend`'s are: creation only (and
+/// every one of [`ENCRYPT_OPTS`]).
 const CREATE_ONLY: &[&str] = &[
     "size",
     "backing_file",
     "backing_fmt",
     "data_file",
     "data_file_raw",
-    "encrypt.format",
-    "encrypt.key-secret",
-    "encrypt.cipher-alg",
-    "encrypt.cipher-mode",
-    "encrypt.ivgen-alg",
-    "encrypt.ivgen-hash-alg",
-    "encrypt.hash-alg",
-    "encrypt.iter-time",
     "encryption",
     "cluster_size",
     "preallocation",
@@ -1164,7 +1157,7 @@ impl BlockDriver for Qcow2Node {
                 "refcount_bits" => {
                     am.refcount_bits = opts.num(k).and_then(|n| u32::try_from(n).ok())
                 }
-                k if CREATE_ONLY.contains(&k) => {
+                k if CREATE_ONLY.contains(&k) || ENCRYPT_OPTS.contains(&k) => {
                     return Err(BlockError::Invalid(format!(
                         "Invalid parameter '{k}'\nThis option is only supported for image creation"
                     )))
