@@ -134,19 +134,12 @@ fn random_bytes(n: usize) -> BlockResult<Vec<u8>> {
     Ok(v)
 }
 
+/// 16 random bytes as a version 4 UUID's text.
 fn uuid_string(u: [u8; 16]) -> String {
     let mut u = u;
     u[6] = (u[6] & 0x0f) | 0x40;
     u[8] = (u[8] & 0x3f) | 0x80;
-    let h: Vec<String> = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        h[0..4].concat(),
-        h[4..6].concat(),
-        h[6..8].concat(),
-        h[8..10].concat(),
-        h[10..16].concat()
-    )
+    formats::uuid_string(&u)
 }
 
 /// The LUKS create options nested under `prefix` in `opts` (qcow2's

@@ -454,19 +454,6 @@ fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
 }
 
-/// The 16 bytes of an id as QEMU prints a UUID.
-fn uuid_string(b: &[u8]) -> String {
-    let h: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        h[0..4].concat(),
-        h[4..6].concat(),
-        h[6..8].concat(),
-        h[8..10].concat(),
-        h[10..16].concat()
-    )
-}
-
 /// Parse the format extension cluster at `off` (every field checked
 /// against the cluster and the file): its dirty bitmaps.
 fn read_extension(
@@ -548,7 +535,7 @@ fn parse_bitmap(
         return Err(bad("a dirty bitmap feature is too short".into()));
     }
     let size = le64(d, 0);
-    let id = uuid_string(&d[8..24]);
+    let id = crate::uuid_string(d[8..24].try_into().unwrap_or(&[0; 16]));
     let gran = u64::from(le32(d, 24));
     let l1_size = le32(d, 28) as usize;
     if size != disk_sectors {
