@@ -287,6 +287,30 @@ pub fn write_vectored_by(
     Ok(())
 }
 
+/// The block status of a mapped image of `size` bytes at `offset`: its
+/// first run, as `map` (the format's `map_read`) places it, answered by
+/// [`piece_extent`]; zeroes past the end. `name` is the driver's, for the
+/// error of a mapping with no run (a format bug).
+pub fn first_run_status(
+    name: &str,
+    size: u64,
+    offset: u64,
+    len: u64,
+    map: impl FnOnce(u64, u64) -> Result<Vec<formats::mapping::Piece>, formats::error::FormatError>,
+    file: &Node,
+    backing: &Child,
+) -> BlockResult<Extent> {
+    if let Some(e) = past_end(size, offset, len) {
+        return Ok(e);
+    }
+    let p = map(offset, len.min(size - offset))
+        .map_err(block_error)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| BlockError::Corrupt(format!("{name}: empty mapping")))?;
+    piece_extent(p, p.len, file, false, backing)
+}
+
 /// The block status past the end of an image of `size` bytes: zeroes,
 /// as QEMU answers for a query there; `None` inside the image.
 pub fn past_end(size: u64, offset: u64, len: u64) -> Option<Extent> {

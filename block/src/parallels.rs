@@ -12,9 +12,8 @@ use crate::format::{
     block_error, CreateOpts, DriverClass, DriverKind, ImageInfo, NodeStorage, OptSpec, OptType,
 };
 use crate::graph::OpenCtx;
-use crate::mapped::{
-    past_end, piece_extent, read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo,
-};
+use crate::mapped::first_run_status;
+use crate::mapped::{read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo};
 use crate::node::{Child, Node};
 use crate::vpc::open_error;
 use formats::error::FormatError;
@@ -142,20 +141,17 @@ impl BlockDriver for ParallelsNode {
         self.img.close().map_err(block_error)
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        let size = self.img.size();
-        if let Some(e) = past_end(size, offset, len) {
-            return Ok(e);
-        }
-        let len = len.min(size - offset);
-        let first = self
-            .img
-            .map_read(offset, len)
-            .map_err(block_error)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| BlockError::Corrupt("parallels: empty mapping".into()))?;
         let none = Child::new("backing", None);
-        piece_extent(first, first.len, &self.file, false, &none)
+        let map = |o, l| self.img.map_read(o, l);
+        first_run_status(
+            "parallels",
+            self.img.size(),
+            offset,
+            len,
+            map,
+            &self.file,
+            &none,
+        )
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
         let io = self.io.clone();

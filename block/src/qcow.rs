@@ -12,9 +12,8 @@ use crate::format::{
     NodeStorage, OptSpec, OptType,
 };
 use crate::graph::OpenCtx;
-use crate::mapped::{
-    past_end, piece_extent, read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo,
-};
+use crate::mapped::first_run_status;
+use crate::mapped::{read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo};
 use crate::node::{Child, Node};
 use formats::error::FormatError;
 use formats::mapping::GuestMap;
@@ -215,18 +214,16 @@ impl BlockDriver for QcowNode {
         self.img.write_compressed(offset, data).map_err(block_error)
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        if let Some(e) = past_end(self.img.size(), offset, len) {
-            return Ok(e);
-        }
-        let len = len.min(self.img.size() - offset);
-        let p = self
-            .img
-            .map_read(offset, len)
-            .map_err(block_error)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| BlockError::Corrupt("qcow: empty mapping".into()))?;
-        let mut e = piece_extent(p, p.len, &self.file, false, &self.backing)?;
+        let map = |o, l| self.img.map_read(o, l);
+        let mut e = first_run_status(
+            "qcow",
+            self.img.size(),
+            offset,
+            len,
+            map,
+            &self.file,
+            &self.backing,
+        )?;
         if self.img.is_encrypted() {
             // The host offset holds ciphertext: no reader may use it.
             e.offset = None;

@@ -11,9 +11,8 @@ use crate::format::{
     ImageInfo, NodeStorage, OptSpec, OptType, Repair,
 };
 use crate::graph::OpenCtx;
-use crate::mapped::{
-    past_end, piece_extent, read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo,
-};
+use crate::mapped::first_run_status;
+use crate::mapped::{read_vectored_by, submit_mapped, write_vectored_by, Mapped, MappedIo};
 use crate::node::{Child, Node};
 use formats::error::FormatError;
 use formats::mapping::GuestMap;
@@ -167,18 +166,16 @@ impl BlockDriver for QedNode {
         self.img.flush().map_err(block_error)
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        if let Some(e) = past_end(self.img.size(), offset, len) {
-            return Ok(e);
-        }
-        let len = len.min(self.img.size() - offset);
-        let p = self
-            .img
-            .map_read(offset, len)
-            .map_err(block_error)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| BlockError::Corrupt("qed: empty mapping".into()))?;
-        piece_extent(p, p.len, &self.file, false, &self.backing)
+        let map = |o, l| self.img.map_read(o, l);
+        first_run_status(
+            "qed",
+            self.img.size(),
+            offset,
+            len,
+            map,
+            &self.file,
+            &self.backing,
+        )
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
         let io = self.io.clone();

@@ -10,7 +10,8 @@ use crate::driver::{BlockDriver, Completion, Extent, IoRequest};
 use crate::error::{BlockError, BlockResult};
 use crate::format::{block_error, DriverClass, DriverKind, ImageInfo, NodeStorage};
 use crate::graph::OpenCtx;
-use crate::mapped::{past_end, piece_extent, read_vectored_by, submit_mapped, Mapped, MappedIo};
+use crate::mapped::first_run_status;
+use crate::mapped::{read_vectored_by, submit_mapped, Mapped, MappedIo};
 use crate::node::{Child, Node};
 use formats::error::{FResult, FormatError};
 use formats::mapping::{read_only_read, ReadOnly, ReadOnlyMap};
@@ -142,21 +143,17 @@ impl<F: ReadOnlyFormat> BlockDriver for ReadOnlyNode<F> {
         Ok(())
     }
     fn block_status(&self, offset: u64, len: u64) -> BlockResult<Extent> {
-        let size = self.img.0.size();
-        if let Some(e) = past_end(size, offset, len) {
-            return Ok(e);
-        }
-        let len = len.min(size - offset);
-        let first = self
-            .img
-            .0
-            .map_read(offset, len)
-            .map_err(block_error)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| BlockError::Corrupt(format!("{}: empty mapping", self.name)))?;
         let none = Child::new("backing", None);
-        piece_extent(first, first.len, &self.file, false, &none)
+        let map = |o, l| self.img.0.map_read(o, l);
+        first_run_status(
+            &self.name,
+            self.img.0.size(),
+            offset,
+            len,
+            map,
+            &self.file,
+            &none,
+        )
     }
     fn submit(self: Arc<Self>, req: IoRequest, done: Completion) {
         let io = self.io.clone();
