@@ -26,7 +26,6 @@ use devices::virtio::{Activation, ActiveQueue, VirtioInterrupt};
 use devices::GuestMem;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const QSIZE: u16 = 1024;
 const DESC: u64 = 0x10_0000;
@@ -132,7 +131,7 @@ fn run(depth: u16, secs: f64, ty: u32) -> (f64, f64, u64) {
         queues: vec![ActiveQueue {
             index: 0,
             queue: q,
-            notify: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+            notify: Arc::new(devices::virtio::Notifier::new().unwrap()),
         }],
         interrupt: irq.clone(),
     };

@@ -5,4 +5,5 @@
 pub mod chardev_args;
 pub mod daemon;
 pub mod snapshot_param;
+pub mod storage_daemon;
 pub mod system_args;

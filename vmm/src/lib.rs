@@ -17,6 +17,7 @@ pub mod mptable;
 pub mod qtest;
 pub mod smbios;
 pub mod storage;
+pub mod storage_daemon;
 pub mod vcpu;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -680,6 +680,8 @@ pub struct VirtioBlock {
     event_loop: Arc<EventLoop>,
     acked: u64,
     running: Option<SubscriberId>,
+    /// The running worker's [`QueueWorker::complete_on_drain`] switch.
+    drain_switch: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Capacity in sectors as requests are checked against it; a resize
     /// of the backend updates it (and signals a configuration change).
     capacity: Arc<AtomicU64>,
@@ -698,6 +700,7 @@ impl VirtioBlock {
             event_loop,
             acked: 0,
             running: None,
+            drain_switch: None,
             capacity: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -801,6 +804,7 @@ impl VirtioDevice for VirtioBlock {
         let mut w = BlockWorker::new(a, self.backend.clone(), limits, self.opts.serial.as_deref())?;
         w.set_request_merging(self.opts.request_merging);
         w.handler_mut().capacity = Some(self.capacity.clone());
+        self.drain_switch = Some(w.complete_on_drain());
         let id = self.event_loop.add(Box::new(w))?;
         self.running = Some(id);
         Ok(())
@@ -823,11 +827,26 @@ impl VirtioDevice for VirtioBlock {
         });
     }
     fn reset(&mut self) {
+        self.halt(false);
+        self.acked = 0;
+    }
+    fn stop(&mut self) {
+        self.halt(true);
+    }
+}
+
+impl VirtioBlock {
+    /// Takes the worker off its loop; `complete` lets its requests in
+    /// flight end in the used ring rather than be abandoned.
+    fn halt(&mut self, complete: bool) {
+        if let (true, Some(s)) = (complete, &self.drain_switch) {
+            s.store(true, Ordering::SeqCst);
+        }
+        self.drain_switch = None;
         if let Some(id) = self.running.take() {
             // Dropped here, off the loop: the worker drains its requests.
             drop(self.event_loop.remove(id));
         }
-        self.acked = 0;
     }
 }
 
@@ -846,7 +865,6 @@ mod merge_tests {
     use std::sync::atomic::AtomicU64;
     use std::sync::atomic::Ordering;
     use virtio_queue::{Queue, QueueT};
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const QSIZE: u16 = 16;
     const DESC: u64 = 0x1000;
@@ -901,7 +919,7 @@ mod merge_tests {
             queues: vec![ActiveQueue {
                 index: 0,
                 queue: q,
-                notify: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                notify: Arc::new(crate::virtio::Notifier::new().unwrap()),
             }],
             interrupt: Arc::new(Count::default()),
         };

@@ -22,6 +22,7 @@ pub mod queue_worker;
 pub mod scsi;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod vhost_user;
 
 use std::sync::Arc;
 
@@ -85,13 +86,66 @@ impl IoEventRegistrar for NoIoEvents {
     fn unregister(&self, _: NotifyAddr, _: &EventFd) {}
 }
 
+/// Where a queue's notifications arrive: an eventfd the transport made
+/// (virtio-pci binds it to KVM ioeventfds), or one a vhost-user frontend
+/// sent over its socket, received as a `File`. An eventfd is read and
+/// written as 8-byte counters either way; this keeps the conversion of a
+/// received descriptor into an `EventFd` (which needs `unsafe`) out of a
+/// crate that has none.
+pub enum Notifier {
+    Event(Arc<EventFd>),
+    Received(std::fs::File),
+}
+
+impl Notifier {
+    /// A fresh non-blocking eventfd.
+    pub fn new() -> std::io::Result<Notifier> {
+        Ok(Notifier::Event(Arc::new(EventFd::new(
+            vmm_sys_util::eventfd::EFD_NONBLOCK,
+        )?)))
+    }
+
+    /// Takes the pending count (an error when there is none, for a
+    /// non-blocking eventfd).
+    pub fn read(&self) -> std::io::Result<u64> {
+        match self {
+            Notifier::Event(e) => e.read(),
+            Notifier::Received(f) => {
+                let mut b = [0u8; 8];
+                let n = std::io::Read::read(&mut &*f, &mut b)?;
+                if n != 8 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                Ok(u64::from_ne_bytes(b))
+            }
+        }
+    }
+
+    /// Adds `v` to the count.
+    pub fn write(&self, v: u64) -> std::io::Result<()> {
+        match self {
+            Notifier::Event(e) => e.write(v),
+            Notifier::Received(f) => std::io::Write::write_all(&mut &*f, &v.to_ne_bytes()),
+        }
+    }
+}
+
+impl std::os::fd::AsRawFd for Notifier {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Notifier::Event(e) => e.as_raw_fd(),
+            Notifier::Received(f) => f.as_raw_fd(),
+        }
+    }
+}
+
 /// A queue the driver set up, handed to the device at DRIVER_OK.
 pub struct ActiveQueue {
     /// Index of the queue in the device.
     pub index: u16,
     pub queue: virtio_queue::Queue,
     /// Signalled on each notification for this queue.
-    pub notify: Arc<EventFd>,
+    pub notify: Arc<Notifier>,
 }
 
 /// What a device gets when the driver sets DRIVER_OK.
@@ -125,6 +179,13 @@ pub trait VirtioDevice: Send {
     /// Stops processing and forgets every queue; in-flight requests are
     /// completed before this returns.
     fn reset(&mut self);
+    /// Stops processing like [`Self::reset`], but the requests in flight
+    /// complete into the used rings first and the negotiated features
+    /// stay: a vhost-user frontend stopping its rings (to start them again
+    /// where they stopped, or to move them to a new connection).
+    fn stop(&mut self) {
+        self.reset();
+    }
     /// Gives the device the transport's configuration-change signal
     /// (section 2.5.2: the device changed its configuration space), for
     /// changes made from the host side, such as a resized disk.

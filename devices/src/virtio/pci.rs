@@ -452,7 +452,7 @@ impl VirtioPci {
             queues.push(ActiveQueue {
                 index: i as u16,
                 queue: copy_queue(q),
-                notify: self.notify[i].clone(),
+                notify: Arc::new(super::Notifier::Event(self.notify[i].clone())),
             });
         }
         let a = Activation {

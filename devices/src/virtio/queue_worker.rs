@@ -34,7 +34,6 @@ use virtio_queue::QueueT;
 use vm_memory::Bytes;
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::ChainHead;
 use super::event_loop::{add_poller, Poller};
@@ -267,6 +266,12 @@ pub struct QueueWorker<H: QueueHandler> {
     avail_seen: Vec<u16>,
     /// What a polling loop looks at, per queue.
     polls: Vec<Arc<QueuePoll>>,
+    /// Set by a device that stops rather than resets: the requests still
+    /// in flight when the worker drains then end in the used ring, as if
+    /// the worker had run until they completed (a vhost-user frontend
+    /// stopping a ring expects every request it was handed to be answered
+    /// before it learns where to resume).
+    complete_on_drain: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// VRING_USED_F_NO_NOTIFY (virtio 1.2, section 2.7.10).
@@ -280,7 +285,7 @@ struct QueuePoll {
     used_flags: GuestAddress,
     /// `avail_event` (after the used ring), with RING_EVENT_IDX.
     avail_event: Option<GuestAddress>,
-    notify: Arc<EventFd>,
+    notify: Arc<super::Notifier>,
     host: Arc<RingHost>,
     /// The worker's next available index, and whether the queue is
     /// still served (not once it is stopped or the worker drains: its
@@ -358,6 +363,7 @@ impl<H: QueueHandler> QueueWorker<H> {
                 name: H::NAME,
             },
             handler,
+            complete_on_drain: Default::default(),
             done: Vec::new(),
             stopped: vec![false; n],
             avail_seen: a_next_avail,
@@ -376,6 +382,12 @@ impl<H: QueueHandler> QueueWorker<H> {
 
     pub fn handler(&self) -> &H {
         &self.handler
+    }
+
+    /// The switch that makes [`Self::drain`] complete the requests in
+    /// flight instead of abandoning them.
+    pub fn complete_on_drain(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.complete_on_drain.clone()
     }
 
     pub fn handler_mut(&mut self) -> &mut H {
@@ -564,7 +576,7 @@ impl<H: QueueHandler> QueueWorker<H> {
 
     /// Waits until every submitted request has completed (reset,
     /// teardown); they end with [`QueueHandler::abandon`], not in the
-    /// used ring.
+    /// used ring, unless [`Self::complete_on_drain`] was switched on.
     pub fn drain(&mut self) {
         for p in &self.polls {
             crate::bus::lock(&p.state).1 = false;
@@ -574,6 +586,7 @@ impl<H: QueueHandler> QueueWorker<H> {
         self.io.cq.host.release();
         // Held requests count as in flight: send them, or this never ends.
         self.handler.end_pass(&mut self.io);
+        let graceful = self.complete_on_drain.load(Ordering::SeqCst);
         let mut done = Vec::new();
         while self.io.busy > 0 {
             self.io.cq.take(&mut done);
@@ -587,9 +600,16 @@ impl<H: QueueHandler> QueueWorker<H> {
                 if let Some(req) = self.io.inflight.get_mut(slot).and_then(Option::take) {
                     self.io.busy -= 1;
                     self.io.free.push(slot);
-                    self.handler.abandon(&self.io.mem, req, out);
+                    if graceful {
+                        self.handler.complete(&mut self.io, req, out);
+                    } else {
+                        self.handler.abandon(&self.io.mem, req, out);
+                    }
                 }
             }
+        }
+        if graceful {
+            self.io.signal();
         }
     }
 }
@@ -668,7 +688,6 @@ mod tests {
     use std::time::Duration;
     use virtio_queue::Queue;
     use vm_memory::Bytes;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     const QSIZE: u16 = 16;
     const AVAIL: u64 = 0x2000;
@@ -703,7 +722,7 @@ mod tests {
             queues: vec![ActiveQueue {
                 index: 0,
                 queue: q,
-                notify: Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                notify: Arc::new(crate::virtio::Notifier::new().unwrap()),
             }],
             interrupt: irq.clone(),
         };

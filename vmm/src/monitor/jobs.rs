@@ -774,39 +774,104 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
         }
         "block-export-add" => {
             let ty = o.str("type")?;
-            if ty != "nbd" {
+            let id = o.str("id")?;
+            if ctx.storage.vhost_user.contains(&id)
+                || ctx.storage.nbd.list().iter().any(|(i, _)| *i == id)
+            {
                 return Err(QmpError::generic(format!(
-                    "Parameter 'type' does not accept value '{ty}'"
+                    "Block export id '{id}' is already in use"
                 )));
             }
-            let id = o.str("id")?;
             let nn = o.str("node-name")?;
-            let ename = o.opt_str("name")?.unwrap_or_else(|| nn.clone());
             let writable = o.opt_bool("writable")?.unwrap_or(false);
-            let _ = o.opt_str("description")?;
-            let _ = o.opt_bool("writethrough")?;
+            let writethrough = o.opt_bool("writethrough")?.unwrap_or(false);
             let _ = o.opt_str("iothread")?;
             let _ = o.opt_bool("fixed-iothread")?;
-            let bitmaps = o.take("bitmaps");
-            o.finish()?;
-            let n = node(ctx, &nn)?;
-            let names: Vec<String> = match &bitmaps {
-                Some(Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            if names.len() > 1 {
-                return Err(QmpError::generic(
-                    "Only one bitmap can be exported at a time",
-                ));
+            match ty.as_str() {
+                "nbd" => {
+                    let ename = o.opt_str("name")?.unwrap_or_else(|| nn.clone());
+                    let _ = o.opt_str("description")?;
+                    let bitmaps = o.take("bitmaps");
+                    let _ = o.opt_bool("allocation-depth")?;
+                    o.finish()?;
+                    let n = node(ctx, &nn)?;
+                    let names: Vec<String> = match &bitmaps {
+                        Some(Value::Array(a)) => a
+                            .iter()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    if names.len() > 1 {
+                        return Err(QmpError::generic(
+                            "Only one bitmap can be exported at a time",
+                        ));
+                    }
+                    let bm = export_bitmap(&n, names.first().map(String::as_str))?;
+                    ctx.storage
+                        .nbd
+                        .add(&id, &ename, n, writable, bm)
+                        .map_err(err)?;
+                }
+                "vhost-user-blk" => {
+                    let mut addr = o.obj("addr")?;
+                    let aty = addr.str("type")?;
+                    if aty != "unix" {
+                        return Err(QmpError::generic(format!(
+                            "vhost-user-blk export '{id}': addr.type={aty}: a vhost-user socket must be a unix socket"
+                        )));
+                    }
+                    let path = addr.str("path")?;
+                    let _ = addr.opt_bool("abstract")?;
+                    addr.finish()?;
+                    let num_queues = o.opt_int("num-queues")?.unwrap_or(1);
+                    let lbs = o.opt_int("logical-block-size")?.unwrap_or(512);
+                    o.finish()?;
+                    let num_queues = u16::try_from(num_queues)
+                        .ok()
+                        .filter(|n| (1..=1024).contains(n))
+                        .ok_or_else(|| {
+                            QmpError::generic(format!("num-queues {num_queues} must be 1..1024"))
+                        })?;
+                    let lbs = u32::try_from(lbs)
+                        .ok()
+                        .filter(|l| l.is_power_of_two() && (512..=32768).contains(l))
+                        .ok_or_else(|| {
+                            QmpError::generic(format!(
+                                "logical-block-size {lbs} must be a power of two, 512..32768"
+                            ))
+                        })?;
+                    let n = node(ctx, &nn)?;
+                    ctx.storage
+                        .vhost_user
+                        .add(super::vhost_export::VhostUserBlkExport {
+                            id,
+                            node: n,
+                            path: path.into(),
+                            writable,
+                            writethrough,
+                            num_queues,
+                            logical_block_size: lbs,
+                        })
+                        .map_err(err)?;
+                }
+                "vduse-blk" => {
+                    return Err(QmpError::generic(
+                        if std::path::Path::new("/dev/vduse/control").exists() {
+                            "vduse-blk exports are not supported by Strata yet; use vhost-user-blk or nbd".to_string()
+                        } else {
+                            "vduse-blk: the host kernel has no VDUSE (/dev/vduse/control is missing: \
+                         load the vduse module, Linux 5.15 or later)"
+                            .to_string()
+                        },
+                    ));
+                }
+                t => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'type' does not accept value '{t}'"
+                    )))
+                }
             }
-            let bm = export_bitmap(&n, names.first().map(String::as_str))?;
-            ctx.storage
-                .nbd
-                .add(&id, &ename, n, writable, bm)
-                .map_err(err)?;
             Ok(json!({}))
         }
         "nbd-server-remove" | "block-export-del" => {
@@ -817,6 +882,9 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             };
             let _ = o.opt_enum("mode", &["safe", "hard"])?;
             o.finish()?;
+            if name == "block-export-del" && ctx.storage.vhost_user.remove(&key) {
+                return Ok(json!({}));
+            }
             ctx.storage
                 .nbd
                 .remove(&key, name == "nbd-server-remove")
@@ -830,13 +898,17 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
         }
         "query-block-exports" => {
             o.finish()?;
+            let nbd = ctx.storage.nbd.list().into_iter().map(|e| ("nbd", e));
+            let vu = ctx
+                .storage
+                .vhost_user
+                .list()
+                .into_iter()
+                .map(|e| ("vhost-user-blk", e));
             Ok(Value::Array(
-                ctx.storage
-                    .nbd
-                    .list()
-                    .into_iter()
-                    .map(|(id, n)| {
-                        json!({"id": id, "type": "nbd", "node-name": n, "shutting-down": false})
+                nbd.chain(vu)
+                    .map(|(ty, (id, n))| {
+                        json!({"id": id, "type": ty, "node-name": n, "shutting-down": false})
                     })
                     .collect(),
             ))
