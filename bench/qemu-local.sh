@@ -21,6 +21,11 @@ moddir="$dest/root/usr/lib/x86_64-linux-gnu/qemu"
 # A copy fetched before the TCG module was is refetched.
 if [ -x "$wrapper" ] && [ -f "$moddir/accel-tcg-x86_64.so" ]; then echo "$wrapper"; exit 0; fi
 mkdir -p "$dest/debs" "$dest/root"
+# Tests in parallel processes may all ask at once: one fetch, the others
+# wait for it.
+exec 9>"$dest/.lock"
+flock 9
+if [ -x "$wrapper" ] && [ -f "$moddir/accel-tcg-x86_64.so" ]; then echo "$wrapper"; exit 0; fi
 cd "$dest/debs"
 pkgs="qemu-system-x86 qemu-system-data libcapstone4 libfdt1 libpmem1 librdmacm1 libibverbs1 \
 libslirp0 libvdeplug2 libnl-3-200 libnl-route-3-200 libndctl6 libdaxctl1"

@@ -172,7 +172,9 @@ fn rwloop_through(name: &str, program: &Path) {
     };
     let dir = scratch(name);
     let image = dir.join("disk.raw");
-    let sock = dir.join("vhost-user-blk.sock");
+    // In /tmp, not the scratch directory: a unix socket's path has at most
+    // 107 bytes, and a CI machine's target directory may be deep.
+    let sock = std::env::temp_dir().join(format!("strata-{name}-{}.sock", std::process::id()));
     let before: Vec<u8> = (0..IMAGE_BYTES / 8)
         .flat_map(|i| initial(i * 8).to_le_bytes())
         .collect();
@@ -210,6 +212,7 @@ fn rwloop_through(name: &str, program: &Path) {
     );
     let boot = tcg::boot(&qemu, &dir, &extra, &append, TIMEOUT);
     let (code, daemon_out) = daemon.stop();
+    let _ = std::fs::remove_file(&sock);
     let context = format!(
         "console:\n{}\nQEMU's stderr:\n{}\n{}'s output:\n{daemon_out}",
         boot.console,
