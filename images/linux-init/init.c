@@ -19,6 +19,14 @@
  *       and the offset to /dev/<dev> (O_DIRECT, 64 KiB per write), read it
  *       all back and compare; print "GUEST-RW <dev> <round> ok" after each
  *       round. Any error or mismatch prints GUEST-ERR and ends the loop.
+ *   iops=<dev>:<KiB>:<count>
+ *       a timed workload for benchmarks (bench/vhost-user.sh): <count>
+ *       O_DIRECT writes of <KiB> each (at most 2048) at pseudo-random
+ *       <KiB>-aligned offsets over the whole of /dev/<dev>, one at a time,
+ *       then <count> reads the same way; after each phase print
+ *       "GUEST-IOPS <dev> <write|read> <KiB> <count> <microseconds> <IOPS>"
+ *       (guest monotonic clock). The data written is whatever the buffer
+ *       holds: this measures the path, rwloop= checks the data.
  *   vfat=<dev>
  *       mount /dev/<dev> (vfat) on /mnt and play the user of a host directory
  *       exported by vvfat (cli/tests/vvfat_guest.rs): print
@@ -72,6 +80,7 @@ enum {
     SYS_mkdir = 83,
     SYS_unlink = 87,
     SYS_umount2 = 166,
+    SYS_ioctl = 16,
 };
 #define O_RDONLY 0
 #define O_WRONLY 1
@@ -82,7 +91,9 @@ enum {
 #define O_DIRECT 040000
 #define EINTR 4
 #define EINVAL 22
+#define CLOCK_MONOTONIC 1
 #define CLOCK_BOOTTIME 7
+#define BLKGETSIZE64 0x80081272UL
 #define REBOOT_MAGIC1 0xfee1dead
 #define REBOOT_MAGIC2 0x28121969
 #define REBOOT_CMD_HALT 0xcdef0123
@@ -417,6 +428,86 @@ static void rwloop(const char *dev, u64 devlen, u64 kib, u64 rounds)
     sys3(SYS_close, fd, 0, 0);
 }
 
+/* ---- iops=: a timed random-offset workload ---- */
+
+static u64 now_us(void)
+{
+    struct timespec t = {0, 0};
+    sys3(SYS_clock_gettime, CLOCK_MONOTONIC, &t, 0);
+    return (u64)t.sec * 1000000 + (u64)t.nsec / 1000;
+}
+
+/* One phase: <count> requests of <bytes> at offsets drawn from a
+ * xorshift64 sequence (the same one for writes and reads, so the reads
+ * find what was written). Returns 0 after an error. */
+static int iops_phase(i64 fd, const char *dev, u64 devlen, int write, u64 bytes, u64 count,
+                      u64 slots)
+{
+    u64 x = 0x2545f4914f6cdd1dUL;
+    u64 t0 = now_us();
+    for (u64 i = 0; i < count; i++) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        i64 off = (i64)((x % slots) * bytes);
+        i64 r;
+        do
+            r = sys6(write ? SYS_pwrite64 : SYS_pread64, fd, (i64)buf, (i64)bytes, off, 0);
+        while (r == -EINTR);
+        if (r != (i64)bytes) {
+            err(dev, devlen, write ? "iops-write" : "iops-read", r < 0 ? r : -EINVAL);
+            return 0;
+        }
+    }
+    u64 us = now_us() - t0;
+    put("GUEST-IOPS ");
+    putn(dev, devlen);
+    put(write ? " write " : " read ");
+    putu(bytes / 1024);
+    put(" ");
+    putu(count);
+    put(" ");
+    putu(us);
+    put(" ");
+    putu(count * 1000000 / (us ? us : 1));
+    flush();
+    return 1;
+}
+
+static void iops(const char *dev, u64 devlen, u64 kib, u64 count)
+{
+    u64 bytes = kib * 1024;
+    if (bytes == 0 || bytes > sizeof(buf) || count == 0) {
+        err(dev, devlen, "iops-bad-arguments", -EINVAL);
+        return;
+    }
+    i64 fd = open_dev(dev, devlen, O_DIRECT);
+    if (fd >= 0)
+        sys3(SYS_close, fd, 0, 0);
+    char path[64] = "/dev/";
+    if (devlen > sizeof(path) - 6) {
+        err(dev, devlen, "name-too-long", -EINVAL);
+        return;
+    }
+    memcpy(path + 5, dev, devlen);
+    path[5 + devlen] = 0;
+    fd = sys3(SYS_open, path, O_RDWR | O_DIRECT, 0);
+    if (fd < 0) {
+        err(dev, devlen, "open-rw", fd);
+        return;
+    }
+    u64 size = 0;
+    i64 r = sys3(SYS_ioctl, fd, BLKGETSIZE64, &size);
+    if (r < 0 || size < bytes) {
+        err(dev, devlen, "iops-size", r < 0 ? r : -EINVAL);
+        sys3(SYS_close, fd, 0, 0);
+        return;
+    }
+    if (iops_phase(fd, dev, devlen, 1, bytes, count, size / bytes))
+        iops_phase(fd, dev, devlen, 0, bytes, count, size / bytes);
+    sys3(SYS_close, fd, 0, 0);
+}
+
 /* ---- vfat=: a host directory through vvfat ---- */
 
 static u64 slen(const char *s)
@@ -620,6 +711,22 @@ static void run_checks(const char *s)
                 rounds = parse_u(&s);
             }
             rwloop(dev, devlen, kib, rounds);
+        } else if (starts(s, "iops=")) {
+            s += 5;
+            const char *dev = s;
+            while (*s && *s != ':' && *s != ' ' && *s != '\n')
+                s++;
+            u64 devlen = (u64)(s - dev);
+            u64 kib = 0, count = 0;
+            if (*s == ':') {
+                s++;
+                kib = parse_u(&s);
+            }
+            if (*s == ':') {
+                s++;
+                count = parse_u(&s);
+            }
+            iops(dev, devlen, kib, count);
         } else if (starts(s, "check=")) {
             s += 6;
             for (;;) {

@@ -7,6 +7,7 @@ pub mod kernels;
 pub mod nbd;
 pub mod qmp;
 pub mod qtest;
+pub mod tcg;
 pub mod virtio;
 pub mod web;
 
