@@ -7,15 +7,8 @@
 //! compare` / `qemu-img compare` against a file it wrote.
 //!
 //! The daemon is a parameter ([`rwloop_through`]): the same case runs
-//! against Debian's qemu-storage-daemon now and against
-//! strata-storage-daemon (same option grammar) once it exists, e.g.
-//!
-//! ```ignore
-//! #[test]
-//! fn strata_storage_daemon_rwloop() {
-//!     rwloop_through("strata_storage_daemon_rwloop", Path::new(env!("CARGO_BIN_EXE_strata-storage-daemon")));
-//! }
-//! ```
+//! against strata-storage-daemon and against Debian's qemu-storage-daemon
+//! (the same option grammar).
 //!
 //! TCG needs neither KVM nor this host's ring-0 emulation: a boot to
 //! GUEST-DONE takes about a second here.
@@ -37,6 +30,14 @@ const ROUNDS: u64 = 3;
 /// A boot with the rwloop takes ~1 s here; the margin is for a loaded
 /// host (TCG runs on one core, which the other tests' builds share).
 const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn strata_storage_daemon_rwloop() {
+    rwloop_through(
+        "strata_storage_daemon_rwloop",
+        Path::new(env!("CARGO_BIN_EXE_strata-storage-daemon")),
+    );
+}
 
 #[test]
 fn qemu_storage_daemon_rwloop() {
