@@ -258,3 +258,100 @@ fn rwloop_through(name: &str, program: &Path) {
     s_ok(&["compare", "-f", "raw", "-F", "raw", expect, image]);
     q_ok(&["compare", "-f", "raw", "-F", "raw", expect, image]);
 }
+
+/// Restart: strata-storage-daemon is stopped (SIGTERM) and started again
+/// twice while the guest's rwloop runs. QEMU's chardev reconnects
+/// (`reconnect=1`), the rings start again where they stopped, and every
+/// round the guest writes reads back whole; so does the image.
+#[test]
+fn strata_storage_daemon_restart_under_io() {
+    const NAME: &str = "strata_storage_daemon_restart_under_io";
+    const RESTART_ROUNDS: u64 = 12;
+    let Some(qemu) = tcg::qemu_system(NAME) else {
+        return;
+    };
+    let program = PathBuf::from(env!("CARGO_BIN_EXE_strata-storage-daemon"));
+    let dir = scratch(NAME);
+    let image = dir.join("disk.raw");
+    let sock = std::env::temp_dir().join(format!("strata-{NAME}-{}.sock", std::process::id()));
+    let before: Vec<u8> = (0..IMAGE_BYTES / 8)
+        .flat_map(|i| initial(i * 8).to_le_bytes())
+        .collect();
+    std::fs::write(&image, before).unwrap();
+    let args = daemon_args(&image, &sock, 1);
+    let first = Daemon::start(&program, &args, &sock, dir.join("daemon-0.log"));
+    // Stops and restarts the daemon when the console shows the guest
+    // between two rounds... or in the middle of one: the watcher reads
+    // the log every few milliseconds while the guest goes on.
+    let watcher = {
+        let (dir, sock, program, args) = (dir.clone(), sock.clone(), program.clone(), args.clone());
+        std::thread::spawn(move || {
+            let mut d = first;
+            let mut logs = Vec::new();
+            for (i, round) in [3u64, 7].into_iter().enumerate() {
+                let mark = format!("GUEST-RW vda {round} ok");
+                let t = Instant::now();
+                while !std::fs::read_to_string(dir.join("console.log"))
+                    .unwrap_or_default()
+                    .contains(&mark)
+                {
+                    if t.elapsed() > TIMEOUT {
+                        return (d, logs, format!("never saw {mark}"));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let (code, out) = d.stop();
+                logs.push(format!("daemon {i} exit {code:?}:\n{out}"));
+                if code != Some(0) {
+                    let next = Daemon::start(&program, &args, &sock, dir.join("daemon-x.log"));
+                    return (next, logs, format!("daemon {i} exited with {code:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(300));
+                d = Daemon::start(
+                    &program,
+                    &args,
+                    &sock,
+                    dir.join(format!("daemon-{}.log", i + 1)),
+                );
+            }
+            (d, logs, String::new())
+        })
+    };
+    let extra: Vec<String> = [
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-machine",
+        "pc,memory-backend=mem",
+        "-m",
+        "256M",
+        "-chardev",
+        &format!("socket,id=vu,path={},reconnect=1", sock.display()),
+        "-device",
+        "vhost-user-blk-pci,chardev=vu,num-queues=1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let append = format!("quiet rwloop=vda:{RW_KIB}:{RESTART_ROUNDS}");
+    let boot = tcg::boot(&qemu, &dir, &extra, &append, TIMEOUT);
+    let (last, logs, problem) = watcher.join().unwrap();
+    let (code, out) = last.stop();
+    let _ = std::fs::remove_file(&sock);
+    let context = format!(
+        "console:\n{}\nQEMU's stderr:\n{}\n{}\nlast daemon exit {code:?}:\n{out}",
+        boot.console,
+        boot.stderr,
+        logs.join("\n")
+    );
+    assert!(problem.is_empty(), "{problem}:\n{context}");
+    assert!(
+        boot.console.contains("GUEST-DONE") && !boot.console.contains("GUEST-ERR"),
+        "the guest failed:\n{context}"
+    );
+    assert_eq!(
+        kernels::rwloop_rounds(&boot.console, "vda"),
+        RESTART_ROUNDS,
+        "rounds:\n{context}"
+    );
+    assert_eq!(code, Some(0), "{context}");
+    kernels::assert_rwloop_image(&image, RW_KIB, RESTART_ROUNDS);
+}

@@ -117,6 +117,8 @@ struct Conn {
     rings: Vec<Ring>,
     calls: Arc<Calls>,
     running: bool,
+    /// The server is stopping: the rings stay stopped whatever comes.
+    closing: bool,
 }
 
 impl Conn {
@@ -132,7 +134,14 @@ impl Conn {
             rings: (0..n).map(|_| Ring::default()).collect(),
             calls: Arc::new(Calls(Mutex::new((0..n).map(|_| None).collect()))),
             running: false,
+            closing: false,
         }
+    }
+
+    /// Stops the rings for good: the server is going away.
+    fn close(&mut self) {
+        self.closing = true;
+        self.halt();
     }
 
     fn ring(&mut self, index: u32) -> VuResult<&mut Ring> {
@@ -176,7 +185,7 @@ impl Conn {
     /// it if it ran with another set.
     fn restart(&mut self) -> VuResult<()> {
         self.halt();
-        let Some(mem) = self.mem.clone() else {
+        let Some(mem) = self.mem.clone().filter(|_| !self.closing) else {
             return Ok(());
         };
         let enabled_needed = self.protocol_features();
@@ -486,6 +495,9 @@ impl VhostUserBackendReqHandlerMut for Conn {
     }
 }
 
+/// The connection being served and its state.
+type Served = (UnixStream, Arc<Mutex<Conn>>);
+
 /// A device served on a unix socket, to one front end at a time; a front
 /// end that goes away may connect again (QEMU's `reconnect=`), and finds
 /// the device as a new one.
@@ -493,7 +505,7 @@ pub struct VhostUserServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     /// The connection being served, to shut it down on [`Self::stop`].
-    conn: Arc<Mutex<Option<UnixStream>>>,
+    conn: Arc<Mutex<Option<Served>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -512,7 +524,7 @@ impl VhostUserServer {
         }
         let listener = UnixListener::bind(path)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let conn: Arc<Mutex<Option<UnixStream>>> = Default::default();
+        let conn: Arc<Mutex<Option<Served>>> = Default::default();
         let dev = Arc::new(Mutex::new(dev));
         let (s, c, n) = (stop.clone(), conn.clone(), name.to_string());
         let thread = std::thread::Builder::new()
@@ -533,8 +545,13 @@ impl VhostUserServer {
             return;
         };
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(c) = lock(&self.conn).as_ref() {
-            let _ = c.shutdown(std::net::Shutdown::Both);
+        if let Some((sock, conn)) = lock(&self.conn).as_ref() {
+            // The rings stop before the socket closes: a front end that
+            // finds the connection gone resumes each ring at its used
+            // index (QEMU's vhost_virtqueue_stop), which must then count
+            // every request the device took.
+            lock(conn).close();
+            let _ = sock.shutdown(std::net::Shutdown::Both);
         }
         // Wakes the accept.
         let _ = UnixStream::connect(&self.path);
@@ -558,7 +575,7 @@ fn serve(
     listener: UnixListener,
     dev: Arc<Mutex<Box<dyn VirtioDevice>>>,
     stop: Arc<AtomicBool>,
-    slot: Arc<Mutex<Option<UnixStream>>>,
+    slot: Arc<Mutex<Option<Served>>>,
     name: String,
 ) {
     for stream in listener.incoming() {
@@ -575,13 +592,13 @@ fn serve(
         let Ok(clone) = stream.try_clone() else {
             continue;
         };
-        *lock(&slot) = Some(clone);
+        let conn = Arc::new(Mutex::new(Conn::new(dev.clone(), name.clone())));
+        *lock(&slot) = Some((clone, conn.clone()));
         // Checked again: a stop between accept and here would otherwise
         // miss this connection.
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let conn = Arc::new(Mutex::new(Conn::new(dev.clone(), name.clone())));
         let mut h = BackendReqHandler::from_stream(stream, conn.clone());
         loop {
             match h.handle_request() {
