@@ -199,9 +199,17 @@ pub fn parse(args: &[String]) -> Result<DaemonArgs, String> {
     match system_args::parse(&sys) {
         Ok(Parsed::Run(cfg, process)) => Ok(DaemonArgs::Run(cfg, process, startup)),
         Ok(_) => Err("unexpected option".into()),
-        // Errors name the option as `strata` spells it: put back the
-        // daemon's double dash.
-        Err(e) if e.starts_with('-') && !e.starts_with("--") => Err(format!("-{e}")),
-        Err(e) => Err(e),
+        Err(e) => Err(double_dash(e)),
+    }
+}
+
+/// An error that names an option as `strata` spells it (`-blockdev ...`,
+/// from the shared parser or from opening the graph), with the daemon's
+/// double dash put back.
+pub fn double_dash(e: String) -> String {
+    if e.starts_with('-') && !e.starts_with("--") {
+        format!("-{e}")
+    } else {
+        e
     }
 }

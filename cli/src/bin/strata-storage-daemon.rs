@@ -11,7 +11,7 @@ fn run(
 ) -> Result<i32, String> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     for o in &process.objects {
-        block::objects::add(o)?;
+        block::objects::add(o).map_err(cli::storage_daemon::double_dash)?;
     }
     // The daemon moves to / once ready: keep the pid file's name valid
     // for its removal at exit.
@@ -36,7 +36,7 @@ fn run(
             d.ready(false);
         }
     })
-    .map_err(|e| e.to_string());
+    .map_err(|e| cli::storage_daemon::double_dash(e.to_string()));
     if let Some(p) = &pidfile {
         let _ = std::fs::remove_file(p);
     }
