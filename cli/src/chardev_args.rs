@@ -197,6 +197,15 @@ impl Chardevs {
         Ok(())
     }
 
+    /// Every `-chardev`, by id: devices that name one (`chardev=`)
+    /// look it up in the machine's configuration.
+    pub fn all(&self) -> Vec<(String, CharDev)> {
+        self.named
+            .iter()
+            .map(|n| (n.id.clone(), n.dev.clone()))
+            .collect()
+    }
+
     /// `-serial chardev:ID`; `index` is its place among the serial ports.
     pub fn serial_ref(&mut self, index: usize, id: &str, text: &str) {
         self.serial_refs

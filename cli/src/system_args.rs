@@ -262,6 +262,7 @@ fn parse_machine(
     cfg: &mut MachineConfig,
     v: &str,
     accel_set: &mut bool,
+    mem_backend: &mut Option<String>,
 ) -> Result<Option<String>, String> {
     for (k, val) in split_opts("-machine", v, Some("type"))? {
         match k.as_str() {
@@ -281,6 +282,7 @@ fn parse_machine(
                 *accel_set = true;
             }
             "usb" => cfg.usb = parse_bool("-machine", &k, &val)?,
+            "memory-backend" => *mem_backend = Some(val),
             k if IGNORED_MACHINE_PROPS.contains(&k) => {}
             _ => return Err(format!("-machine {v}: unknown property '{k}'")),
         }
@@ -747,6 +749,8 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let mut chardevs = Chardevs::default();
     let mut monitors = Vec::new();
     let (mut nographic, mut nodefaults, mut accel_set) = (false, false, false);
+    let (mut mem_backend, mut mem_backends, mut mem_given) =
+        (None, Vec::<(String, u64, bool)>::new(), false);
     let mut snapshot = false;
     let mut drive_args: Vec<(String, String)> = Vec::new();
     let (mut kernel, mut initrd, mut append) = (None, None, None);
@@ -807,7 +811,9 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 accel_set = true;
             }
             "-machine" | "-M" => {
-                if let Some(help) = parse_machine(&mut cfg, value, &mut accel_set)? {
+                if let Some(help) =
+                    parse_machine(&mut cfg, value, &mut accel_set, &mut mem_backend)?
+                {
                     return Ok(Parsed::Print(help));
                 }
             }
@@ -818,6 +824,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                         "size" => {
                             cfg.mem_size = keyval::parse_size_str(&v, keyval::MIB)
                                 .map_err(|e| format!("-m {value}: invalid size '{v}': {e}"))?;
+                            mem_given = true;
                             if cfg.mem_size == 0 {
                                 return Err(format!("-m {value}: guest memory cannot be zero"));
                             }
@@ -966,6 +973,25 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                         }
                         process.objects.push(spec);
                     }
+                    Some(ty @ ("memory-backend-memfd" | "memory-backend-ram")) => {
+                        let id = get("id")
+                            .filter(|v| !v.is_empty())
+                            .ok_or_else(|| format!("-object {value}: {ty} needs id="))?;
+                        let size = get("size")
+                            .ok_or_else(|| format!("-object {value}: {ty} needs size="))?;
+                        let size = keyval::parse_size_str(size, 1)
+                            .map_err(|e| format!("-object {value}: invalid size '{size}': {e}"))?;
+                        // A memfd is shared unless told otherwise (QEMU's
+                        // default for it); plain RAM is private.
+                        let share = match get("share") {
+                            Some(v) => parse_bool("-object", "share", v)?,
+                            None => ty == "memory-backend-memfd",
+                        };
+                        if mem_backends.iter().any(|(i, _, _)| i == id) {
+                            return Err(format!("-object {value}: duplicate id '{id}'"));
+                        }
+                        mem_backends.push((id.clone(), size, share));
+                    }
                     _ => return Err(format!("-object {value}: unsupported object type")),
                 }
             }
@@ -1009,6 +1035,23 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     if cfg.accel == Accel::Kvm && cfg.qtest.is_some() {
         return Err("-qtest: requires the qtest accelerator (-machine accel=qtest)".into());
     }
+    if let Some(id) = &mem_backend {
+        let Some(&(_, size, share)) = mem_backends.iter().find(|(i, _, _)| i == id) else {
+            return Err(format!(
+                "-machine memory-backend={id}: no memory backend object with that id"
+            ));
+        };
+        if mem_given && size != cfg.mem_size {
+            return Err(format!(
+                "-machine memory-backend={id}: the backend's size ({} MiB) differs from -m ({} MiB)",
+                size >> 20,
+                cfg.mem_size >> 20
+            ));
+        }
+        cfg.mem_size = size;
+        cfg.shared_ram = share;
+    }
+    cfg.chardevs = chardevs.all();
     monitors.extend(chardevs.resolve(&mut serial)?);
     let monitor_on_stdio = monitors
         .iter()

@@ -130,6 +130,11 @@ pub struct MachineConfig {
     /// Seconds added to the host's UTC time to start the guest's RTC
     /// (`-rtc base=localtime` or `base=DATE`; 0 is `base=utc`).
     pub rtc_offset: i64,
+    /// Guest RAM is a shared memfd mapping (`-machine memory-backend=` of
+    /// a `memory-backend-memfd,share=on`), for vhost-user back ends.
+    pub shared_ram: bool,
+    /// Every `-chardev` by id, for devices that name one (`chardev=`).
+    pub chardevs: Vec<(String, CharDev)>,
     /// `-L DIR`s, searched in order before `STRATA_ROM_DIR` and the
     /// system's directories for option ROMs.
     pub firmware_dirs: Vec<PathBuf>,
@@ -178,6 +183,8 @@ impl Default for MachineConfig {
             bios_explicit: false,
             smbios: Vec::new(),
             rtc_offset: 0,
+            shared_ram: false,
+            chardevs: Vec::new(),
             firmware_dirs: Vec::new(),
         }
     }

@@ -81,15 +81,56 @@ pub enum MemoryError {
         size: String,
         source: vm_memory::mmap::FromRangesError,
     },
+    #[error("memory-backend-memfd of {size}: cannot allocate shared guest memory: {msg}")]
+    Shared { size: String, msg: String },
     #[error("-bios {path}: {msg}")]
     Bios { path: String, msg: String },
 }
 
 pub fn allocate_ram(layout: &Layout) -> Result<GuestMem, MemoryError> {
-    let mem = GuestMem::from_ranges(&layout.ranges()).map_err(|source| MemoryError::Ram {
-        size: format!("{}M", (layout.below_4g + layout.above_4g) >> 20),
-        source,
-    })?;
+    allocate(layout, false)
+}
+
+/// Guest RAM another process can map (`-object memory-backend-memfd,
+/// share=on` as `-machine memory-backend=`): every range is a shared
+/// mapping of one memfd, at its offset in the file, so that a vhost-user
+/// back end given the descriptor and offsets sees the same bytes.
+pub fn allocate_shared_ram(layout: &Layout) -> Result<GuestMem, MemoryError> {
+    allocate(layout, true)
+}
+
+fn allocate(layout: &Layout, shared: bool) -> Result<GuestMem, MemoryError> {
+    let size = format!("{}M", (layout.below_4g + layout.above_4g) >> 20);
+    let ranges = layout.ranges();
+    let mem = if shared {
+        let fail = |e: String| MemoryError::Shared {
+            size: size.clone(),
+            msg: e,
+        };
+        let fd =
+            nix::sys::memfd::memfd_create(c"strata-ram", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .map_err(|e| fail(e.to_string()))?;
+        let file = std::sync::Arc::new(std::fs::File::from(fd));
+        let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+        file.set_len(total).map_err(|e| fail(e.to_string()))?;
+        let mut off = 0u64;
+        let with_files: Vec<_> = ranges
+            .iter()
+            .map(|&(a, len)| {
+                let r = (
+                    a,
+                    len,
+                    Some(vm_memory::FileOffset::from_arc(file.clone(), off)),
+                );
+                off += len as u64;
+                r
+            })
+            .collect();
+        GuestMem::from_ranges_with_files(&with_files)
+    } else {
+        GuestMem::from_ranges(&ranges)
+    }
+    .map_err(|source| MemoryError::Ram { size, source })?;
     // Transparent huge pages for guest RAM, as QEMU asks for its RAM
     // blocks: fewer TLB and shadow-paging misses, and a device's O_DIRECT
     // I/O into guest memory pins and maps a few huge pages instead of one

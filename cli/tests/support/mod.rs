@@ -1,6 +1,7 @@
 //! Shared helpers for the `strata` integration tests.
 #![allow(dead_code)]
 
+pub mod bootdisk;
 pub mod ceph;
 pub mod img;
 pub mod kernels;

@@ -23,6 +23,7 @@ pub mod scsi;
 #[cfg(test)]
 pub(crate) mod testing;
 pub mod vhost_user;
+pub mod vhost_user_blk;
 
 use std::sync::Arc;
 

@@ -25,6 +25,7 @@ pub mod lsi;
 pub mod props;
 pub mod scsi;
 pub mod usb;
+pub mod vhost_user_blk;
 pub mod virtio_blk;
 pub mod virtio_scsi;
 
@@ -97,6 +98,7 @@ pub static TYPES: &[&DeviceType] = &[
     &virtio_blk::VIRTIO_BLK_PCI,
     &virtio_blk::VIRTIO_BLK_PCI_TRANSITIONAL,
     &virtio_blk::VIRTIO_BLK_PCI_NON_TRANSITIONAL,
+    &vhost_user_blk::VHOST_USER_BLK_PCI,
     &lsi::LSI53C895A,
     &lsi::LSI53C810,
     &virtio_scsi::VIRTIO_SCSI_PCI,
@@ -448,6 +450,8 @@ pub struct AttachCtx<'a> {
     pub detach: Option<Arc<dyn Fn() + Send + Sync>>,
     /// The machine's device timers.
     pub timers: Arc<devices::timer::Timers>,
+    /// The `-chardev`s by id (`chardev=` of vhost-user devices).
+    pub chardevs: &'a [(String, crate::config::CharDev)],
 }
 
 /// A built device, as the monitor finds it (`id=`, or the drive it uses).

@@ -187,7 +187,11 @@ pub trait Board: Sync {
         storage: &Storage,
     ) -> Result<Machine, MachineError> {
         let layout = self.layout(cfg.mem_size);
-        let ram = memory::allocate_ram(&layout)?;
+        let ram = if cfg.shared_ram {
+            memory::allocate_shared_ram(&layout)?
+        } else {
+            memory::allocate_ram(&layout)?
+        };
         // Direct kernel boot runs no firmware: a page of `hlt` stands in.
         let rom = if boot::is_direct(cfg) || !self.has_firmware() {
             memory::halt_rom()?

@@ -484,6 +484,7 @@ pub(super) fn assemble(
         claimed: None,
         hotplugged: false,
         detach: None,
+        chardevs: &cfg.chardevs,
         timers: host.timers.clone(),
     };
     // `-usb`: the board's own USB controllers, as QEMU's boards add them:

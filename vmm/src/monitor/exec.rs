@@ -465,6 +465,7 @@ fn device_add(ctx: &Ctx, args: serde_json::Map<String, Value>) -> Result<DeviceS
         claimed: None,
         hotplugged: true,
         detach: None,
+        chardevs: &ctx.cfg.chardevs,
         timers: hp.timers.clone(),
     };
     let r = crate::device::realize(&mut attach, &spec);
