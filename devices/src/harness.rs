@@ -386,6 +386,10 @@ pub fn usb_uhci(data: &[u8]) {
     crate::usb::uhci::fuzz::run(data)
 }
 
+pub fn vhost_user(data: &[u8]) {
+    crate::virtio::vhost_user::fuzz::run(data)
+}
+
 /// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
@@ -400,6 +404,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "usb_uhci" => Some(usb_uhci),
         "virtio_chain" => Some(virtio_chain),
         "xhci_ring" => Some(xhci_ring),
+        "vhost_user" => Some(vhost_user),
         _ => None,
     }
 }

@@ -106,6 +106,15 @@ impl Notifier {
         )?)))
     }
 
+    /// A descriptor received from a vhost-user front end, made
+    /// non-blocking: the queue worker reads it until it is empty, and a
+    /// front end may have sent a blocking one (or something that is not an
+    /// eventfd at all).
+    pub fn received(f: std::fs::File) -> std::io::Result<Notifier> {
+        set_nonblocking(&f)?;
+        Ok(Notifier::Received(f))
+    }
+
     /// Takes the pending count (an error when there is none, for a
     /// non-blocking eventfd).
     pub fn read(&self) -> std::io::Result<u64> {
@@ -138,6 +147,18 @@ impl std::os::fd::AsRawFd for Notifier {
             Notifier::Received(f) => f.as_raw_fd(),
         }
     }
+}
+
+/// Sets O_NONBLOCK on a descriptor another process sent.
+pub fn set_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    let flags = fcntl(f, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+    fcntl(
+        f,
+        FcntlArg::F_SETFL(OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK),
+    )
+    .map_err(std::io::Error::from)?;
+    Ok(())
 }
 
 /// A queue the driver set up, handed to the device at DRIVER_OK.
