@@ -106,10 +106,11 @@ impl Notifier {
         )?)))
     }
 
-    /// A descriptor received from a vhost-user front end, made
+    /// A kick descriptor received from a vhost-user front end, made
     /// non-blocking: the queue worker reads it until it is empty, and a
     /// front end may have sent a blocking one (or something that is not an
-    /// eventfd at all).
+    /// eventfd at all). The flag is the shared open file's; front ends
+    /// (QEMU's, Strata's) make their kick eventfds non-blocking anyway.
     pub fn received(f: std::fs::File) -> std::io::Result<Notifier> {
         set_nonblocking(&f)?;
         Ok(Notifier::Received(f))
@@ -150,7 +151,7 @@ impl std::os::fd::AsRawFd for Notifier {
 }
 
 /// Sets O_NONBLOCK on a descriptor another process sent.
-pub fn set_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
+fn set_nonblocking(f: &std::fs::File) -> std::io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
     let flags = fcntl(f, FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
     fcntl(

@@ -399,11 +399,9 @@ impl VhostUserBackendReqHandlerMut for Conn {
     }
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         self.ring(index as u32)?;
-        // A front end that stops reading its call descriptor must not
-        // block the queue worker's signal: a full one loses the count.
-        if let Some(f) = &fd {
-            super::set_nonblocking(f).map_err(|_| VuError::InvalidParam)?;
-        }
+        // Its flags are left alone: they belong to the open file the
+        // front end shares (a front end may read it blocking), and an
+        // eventfd's write does not block short of 2^64 - 2 pending counts.
         lock(&self.calls.0)[index as usize] = fd;
         Ok(())
     }
