@@ -14,9 +14,17 @@
 //! back end), and a call eventfd per ring, which a thread here turns into
 //! the transport's interrupt. The device configuration is the back end's
 //! (VHOST_USER_GET_CONFIG).
+//!
+//! A back end that goes away (a storage daemon restarted) is connected
+//! again: a watcher sees the socket close, connects every second until the
+//! daemon is back, negotiates again and restarts the rings where the guest
+//! left them, each at its used index (the back end answered what it took
+//! before closing; QEMU's vhost_virtqueue_stop resumes the same way). The
+//! guest's notifications meanwhile wait in the kick eventfds.
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,12 +34,13 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block::{CONFIG_LEN, DEVICE_TYPE};
-use super::{Activation, Notifier, VirtioDevice};
+use super::{Activation, Notifier, VirtioDevice, VirtioInterrupt};
 use crate::bus::lock;
+use crate::GuestMem;
 
 /// The protocol features this front end uses.
 fn wanted() -> VhostUserProtocolFeatures {
@@ -57,97 +66,162 @@ impl CallThread {
     }
 }
 
+/// Waits on a ring's call eventfd and raises the transport's interrupt.
+/// Through epoll, not a blocking read: the eventfd's open file is shared
+/// with the back end, which may make it non-blocking (libvhost-user
+/// does), and a read would then fail at once instead of waiting.
+fn call_loop(fd: &EventFd, stop: &AtomicBool, irq: &dyn VirtioInterrupt, index: u16) {
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    let Ok(ep) = Epoll::new() else { return };
+    if ep
+        .ctl(
+            ControlOperation::Add,
+            fd.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, 0),
+        )
+        .is_err()
+    {
+        return;
+    }
+    let mut ev = [EpollEvent::default()];
+    while !stop.load(Ordering::SeqCst) {
+        match ep.wait(-1, &mut ev) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return,
+        }
+        if fd.read().is_ok() && !stop.load(Ordering::SeqCst) {
+            irq.signal_queue(index);
+        }
+    }
+}
+
 /// The running rings: their indices, and the call threads.
 struct Running {
     queues: Vec<u16>,
     calls: Vec<CallThread>,
 }
 
-pub struct VhostUserBlk {
-    fe: Mutex<Frontend>,
+/// A ring the driver set up, kept to start it again on a new connection.
+struct SavedRing {
+    index: u16,
+    size: u16,
+    /// Guest-physical addresses of the descriptor table, available and
+    /// used rings.
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_avail: u16,
+    kick: Arc<Notifier>,
+}
+
+/// What DRIVER_OK handed over.
+struct Saved {
+    mem: GuestMem,
+    features: u64,
+    rings: Vec<SavedRing>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+struct Inner {
+    /// None while the back end is away.
+    fe: Option<Frontend>,
+    /// A clone of the connection's socket, to see it close.
+    sock: Option<UnixStream>,
+    path: PathBuf,
     name: String,
     num_queues: u16,
     queue_size: u16,
     /// What the back end offers (without PROTOCOL_FEATURES).
     offered: u64,
-    acked: u64,
     /// The last configuration read, for when the back end cannot answer.
-    config: Mutex<Vec<u8>>,
+    config: Vec<u8>,
     running: Option<Running>,
+    saved: Option<Saved>,
 }
 
-impl VhostUserBlk {
-    /// Connects to the back end at `path` and negotiates what does not
-    /// depend on the guest.
-    pub fn connect(
-        path: &Path,
-        name: &str,
-        num_queues: u16,
-        queue_size: u16,
-    ) -> Result<VhostUserBlk, String> {
-        let fail = |what: &str, e: &dyn std::fmt::Display| format!("{name}: {what}: {e}");
-        let mut fe = Frontend::connect(path, num_queues as u64)
-            .map_err(|e| format!("{name}: cannot connect to {}: {e}", path.display()))?;
-        fe.set_owner().map_err(|e| fail("SET_OWNER", &e))?;
-        let features = fe.get_features().map_err(|e| fail("GET_FEATURES", &e))?;
-        let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if features & proto == 0 {
-            return Err(format!(
-                "{name}: the back end has no protocol features (it cannot give its configuration)"
-            ));
-        }
-        // The virtio features wait for the guest's choice (SET_FEATURES at
-        // DRIVER_OK); a back end may refuse any set without VERSION_1.
-        let pf = fe
-            .get_protocol_features()
-            .map_err(|e| fail("GET_PROTOCOL_FEATURES", &e))?;
-        if !pf.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(format!(
-                "{name}: the back end does not give its configuration (no CONFIG protocol feature)"
-            ));
-        }
-        fe.set_protocol_features(pf & wanted())
-            .map_err(|e| fail("SET_PROTOCOL_FEATURES", &e))?;
-        if num_queues > 1 {
-            let n = fe.get_queue_num().map_err(|e| fail("GET_QUEUE_NUM", &e))?;
-            if n < num_queues as u64 {
-                return Err(format!(
-                    "{name}: num-queues={num_queues}, but the back end has {n} queue(s)"
-                ));
-            }
-        }
-        let d = VhostUserBlk {
-            fe: Mutex::new(fe),
-            name: name.to_string(),
-            num_queues,
-            queue_size,
-            offered: features & !proto,
-            acked: 0,
-            config: Mutex::new(vec![0; CONFIG_LEN]),
-            running: None,
-        };
-        d.fetch_config()?;
-        Ok(d)
-    }
+pub struct VhostUserBlk {
+    inner: Arc<Mutex<Inner>>,
+    stop: Arc<AtomicBool>,
+    watcher: Option<JoinHandle<()>>,
+}
 
-    fn fetch_config(&self) -> Result<(), String> {
+fn vu_err(name: &str, what: &str, e: impl std::fmt::Display) -> String {
+    format!("{name}: {what}: {e}")
+}
+
+/// Connects and negotiates what does not depend on the guest: the
+/// front end, its socket, and the back end's virtio features.
+fn handshake(
+    path: &Path,
+    name: &str,
+    num_queues: u16,
+) -> Result<(Frontend, UnixStream, u64), String> {
+    let sock = UnixStream::connect(path)
+        .map_err(|e| format!("{name}: cannot connect to {}: {e}", path.display()))?;
+    let watch = sock.try_clone().map_err(|e| vu_err(name, "socket", e))?;
+    let mut fe = Frontend::from_stream(sock, num_queues as u64);
+    fe.set_owner().map_err(|e| vu_err(name, "SET_OWNER", e))?;
+    let features = fe
+        .get_features()
+        .map_err(|e| vu_err(name, "GET_FEATURES", e))?;
+    let proto = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    if features & proto == 0 {
+        return Err(format!(
+            "{name}: the back end has no protocol features (it cannot give its configuration)"
+        ));
+    }
+    // The virtio features wait for the guest's choice (SET_FEATURES at
+    // DRIVER_OK); a back end may refuse any set without VERSION_1.
+    let pf = fe
+        .get_protocol_features()
+        .map_err(|e| vu_err(name, "GET_PROTOCOL_FEATURES", e))?;
+    if !pf.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Err(format!(
+            "{name}: the back end does not give its configuration (no CONFIG protocol feature)"
+        ));
+    }
+    fe.set_protocol_features(pf & wanted())
+        .map_err(|e| vu_err(name, "SET_PROTOCOL_FEATURES", e))?;
+    if num_queues > 1 {
+        let n = fe
+            .get_queue_num()
+            .map_err(|e| vu_err(name, "GET_QUEUE_NUM", e))?;
+        if n < num_queues as u64 {
+            return Err(format!(
+                "{name}: num-queues={num_queues}, but the back end has {n} queue(s)"
+            ));
+        }
+    }
+    Ok((fe, watch, features & !proto))
+}
+
+impl Inner {
+    fn fetch_config(&mut self) -> Result<(), String> {
+        let name = self.name.clone();
+        let fe = self
+            .fe
+            .as_mut()
+            .ok_or_else(|| format!("{name}: the back end is away"))?;
         let buf = vec![0u8; CONFIG_LEN];
-        let (_, payload) = lock(&self.fe)
+        let (_, payload) = fe
             .get_config(0, CONFIG_LEN as u32, VhostUserConfigFlags::WRITABLE, &buf)
-            .map_err(|e| format!("{}: GET_CONFIG: {e}", self.name))?;
-        let mut c = lock(&self.config);
+            .map_err(|e| vu_err(&name, "GET_CONFIG", e))?;
         let n = payload.len().min(CONFIG_LEN);
-        c[..n].copy_from_slice(&payload[..n]);
+        self.config[..n].copy_from_slice(&payload[..n]);
         // The front end's num-queues is what the guest gets (QEMU
         // overrides the back end's count the same way).
-        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        self.config[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
         Ok(())
     }
 
-    fn start(&mut self, a: Activation) -> Result<(), String> {
+    /// Hands the saved rings to the back end and starts them.
+    fn start(&mut self) -> Result<(), String> {
         let name = self.name.clone();
+        let (Some(fe), Some(a)) = (self.fe.as_mut(), self.saved.as_ref()) else {
+            return Ok(());
+        };
         let fail = |what: &str, e: &dyn std::fmt::Display| format!("{name}: {what}: {e}");
-        let fe = lock(&self.fe);
         fe.set_features(a.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
             .map_err(|e| fail("SET_FEATURES", &e))?;
         let mut regions = Vec::new();
@@ -181,26 +255,23 @@ impl VhostUserBlk {
             queues: Vec::new(),
             calls: Vec::new(),
         };
-        // Stopped on failure half-way: the rings started so far.
         let result = (|| -> Result<(), String> {
-            for q in &a.queues {
+            for q in &a.rings {
                 let i = q.index as usize;
-                let Notifier::Event(kick) = q.notify.as_ref() else {
+                let Notifier::Event(kick) = q.kick.as_ref() else {
                     return Err(format!("{name}: ring {i}: no eventfd to kick with"));
                 };
-                let qu = &q.queue;
-                use virtio_queue::QueueT;
-                fe.set_vring_num(i, qu.size())
+                fe.set_vring_num(i, q.size)
                     .map_err(|e| fail("SET_VRING_NUM", &e))?;
-                fe.set_vring_base(i, qu.next_avail())
+                fe.set_vring_base(i, q.next_avail)
                     .map_err(|e| fail("SET_VRING_BASE", &e))?;
                 let cfg = VringConfigData {
                     queue_max_size: self.queue_size,
-                    queue_size: qu.size(),
+                    queue_size: q.size,
                     flags: 0,
-                    desc_table_addr: host(qu.desc_table())?,
-                    used_ring_addr: host(qu.used_ring())?,
-                    avail_ring_addr: host(qu.avail_ring())?,
+                    desc_table_addr: host(q.desc)?,
+                    used_ring_addr: host(q.used)?,
+                    avail_ring_addr: host(q.avail)?,
                     log_addr: None,
                 };
                 fe.set_vring_addr(i, &cfg)
@@ -215,11 +286,7 @@ impl VhostUserBlk {
                     (call.clone(), stop.clone(), a.interrupt.clone(), q.index);
                 let thread = std::thread::Builder::new()
                     .name(format!("vhost-user call {i}"))
-                    .spawn(move || {
-                        while fd.read().is_ok() && !st.load(Ordering::SeqCst) {
-                            irq.signal_queue(index);
-                        }
-                    })
+                    .spawn(move || call_loop(&fd, &st, irq.as_ref(), index))
                     .map_err(|e| format!("{name}: {e}"))?;
                 running.calls.push(CallThread {
                     fd: call,
@@ -228,23 +295,16 @@ impl VhostUserBlk {
                 });
                 running.queues.push(q.index);
             }
+            for &i in &running.queues {
+                fe.set_vring_enable(i as usize, true)
+                    .map_err(|e| fail("SET_VRING_ENABLE", &e))?;
+            }
             Ok(())
         })();
-        drop(fe);
         self.running = Some(running);
         if let Err(e) = result {
             self.halt();
             return Err(e);
-        }
-        let mut fe = lock(&self.fe);
-        for &i in &self
-            .running
-            .as_ref()
-            .map(|r| r.queues.clone())
-            .unwrap_or_default()
-        {
-            fe.set_vring_enable(i as usize, true)
-                .map_err(|e| format!("{}: SET_VRING_ENABLE: {e}", self.name))?;
         }
         Ok(())
     }
@@ -255,17 +315,137 @@ impl VhostUserBlk {
         let Some(r) = self.running.take() else {
             return;
         };
-        let mut fe = lock(&self.fe);
-        for &i in &r.queues {
-            let _ = fe.set_vring_enable(i as usize, false);
-            if let Err(e) = fe.get_vring_base(i as usize) {
-                log::warn!("{}: GET_VRING_BASE {i}: {e}", self.name);
+        if let Some(fe) = self.fe.as_mut() {
+            for &i in &r.queues {
+                let _ = fe.set_vring_enable(i as usize, false);
+                if let Err(e) = fe.get_vring_base(i as usize) {
+                    log::warn!("{}: GET_VRING_BASE {i}: {e}", self.name);
+                }
             }
         }
-        drop(fe);
         for c in r.calls {
             c.stop();
         }
+    }
+
+    /// The back end closed the connection: forget it, and resume each
+    /// saved ring at its used index.
+    fn lost(&mut self) {
+        log::warn!(
+            "{}: the vhost-user back end went away; reconnecting",
+            self.name
+        );
+        self.fe = None;
+        self.sock = None;
+        self.halt();
+        if let Some(a) = self.saved.as_mut() {
+            for q in &mut a.rings {
+                if let Ok(idx) = a
+                    .mem
+                    .load::<u16>(GuestAddress(q.used + 2), Ordering::Acquire)
+                {
+                    q.next_avail = idx;
+                }
+            }
+        }
+    }
+
+    /// One attempt to connect again; true once connected and restarted.
+    fn reconnect(&mut self) -> bool {
+        let Ok((fe, sock, offered)) = handshake(&self.path, &self.name, self.num_queues) else {
+            return false;
+        };
+        if offered != self.offered {
+            log::warn!(
+                "{}: the back end came back with other features ({offered:#x}, was {:#x})",
+                self.name,
+                self.offered
+            );
+        }
+        self.fe = Some(fe);
+        self.sock = Some(sock);
+        if let Err(e) = self.start() {
+            log::warn!("{e}");
+            self.fe = None;
+            self.sock = None;
+            return false;
+        }
+        log::warn!("{}: the vhost-user back end is back", self.name);
+        true
+    }
+}
+
+/// Whether the back end closed the connection (hang-up on the socket).
+fn closed(sock: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::empty())];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(n) if n > 0 => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
+        _ => false,
+    }
+}
+
+fn watch(inner: Arc<Mutex<Inner>>, stop: Arc<AtomicBool>) {
+    let mut waited = 0u32;
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        waited += 1;
+        let mut i = lock(&inner);
+        match &i.sock {
+            Some(s) => {
+                if closed(s) {
+                    i.lost();
+                    waited = 0;
+                }
+            }
+            // Once a second, as QEMU's `reconnect=1`.
+            None if waited >= 10 => {
+                waited = 0;
+                i.reconnect();
+            }
+            None => {}
+        }
+    }
+}
+
+impl VhostUserBlk {
+    /// Connects to the back end at `path` and negotiates what does not
+    /// depend on the guest.
+    pub fn connect(
+        path: &Path,
+        name: &str,
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<VhostUserBlk, String> {
+        let (fe, sock, offered) = handshake(path, name, num_queues)?;
+        let mut inner = Inner {
+            fe: Some(fe),
+            sock: Some(sock),
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            num_queues,
+            queue_size,
+            offered,
+            config: vec![0; CONFIG_LEN],
+            running: None,
+            saved: None,
+        };
+        inner.fetch_config()?;
+        let inner = Arc::new(Mutex::new(inner));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (i, s) = (inner.clone(), stop.clone());
+        let watcher = std::thread::Builder::new()
+            .name("vhost-user watch".into())
+            .spawn(move || watch(i, s))
+            .map_err(|e| format!("{name}: {e}"))?;
+        Ok(VhostUserBlk {
+            inner,
+            stop,
+            watcher: Some(watcher),
+        })
     }
 }
 
@@ -274,58 +454,85 @@ impl VirtioDevice for VhostUserBlk {
         DEVICE_TYPE
     }
     fn num_queues(&self) -> usize {
-        self.num_queues as usize
+        lock(&self.inner).num_queues as usize
     }
     fn queue_max_size(&self) -> u16 {
-        self.queue_size
+        lock(&self.inner).queue_size
     }
     fn features(&self) -> u64 {
         // The transport adds VERSION_1 itself.
-        self.offered & !super::features::VERSION_1
+        lock(&self.inner).offered & !super::features::VERSION_1
     }
     fn config_len(&self) -> usize {
         CONFIG_LEN
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut i = lock(&self.inner);
         // Fresh at the start of a read (the capacity may have changed);
         // the last answer if the back end cannot give one.
         if offset == 0 {
-            if let Err(e) = self.fetch_config() {
-                log::warn!("{e}");
+            if let Err(e) = i.fetch_config() {
+                log::debug!("{e}");
             }
         }
-        let c = lock(&self.config);
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = c.get(offset as usize + i).copied().unwrap_or(0);
+        for (k, b) in data.iter_mut().enumerate() {
+            *b = i.config.get(offset as usize + k).copied().unwrap_or(0);
         }
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        if let Err(e) =
-            lock(&self.fe).set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data)
-        {
-            log::warn!("{}: SET_CONFIG: {e}", self.name);
+        let mut i = lock(&self.inner);
+        if let Some(fe) = i.fe.as_mut() {
+            if let Err(e) = fe.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data) {
+                log::warn!("SET_CONFIG: {e}");
+            }
         }
-        let mut c = lock(&self.config);
-        for (i, b) in data.iter().enumerate() {
-            if let Some(s) = c.get_mut(offset as usize + i) {
+        for (k, b) in data.iter().enumerate() {
+            if let Some(s) = i.config.get_mut(offset as usize + k) {
                 *s = *b;
             }
         }
     }
-    fn ack_features(&mut self, f: u64) {
-        self.acked = f;
-    }
     fn activate(&mut self, a: Activation) -> Result<(), String> {
-        self.start(a)
+        use virtio_queue::QueueT;
+        let rings = a
+            .queues
+            .iter()
+            .map(|q| SavedRing {
+                index: q.index,
+                size: q.queue.size(),
+                desc: q.queue.desc_table(),
+                avail: q.queue.avail_ring(),
+                used: q.queue.used_ring(),
+                next_avail: q.queue.next_avail(),
+                kick: q.notify.clone(),
+            })
+            .collect();
+        let mut i = lock(&self.inner);
+        i.saved = Some(Saved {
+            mem: a.mem,
+            features: a.features,
+            rings,
+            interrupt: a.interrupt,
+        });
+        if i.fe.is_none() {
+            // Started when the back end is back.
+            return Ok(());
+        }
+        i.start()
     }
     fn reset(&mut self) {
-        self.halt();
-        self.acked = 0;
+        let mut i = lock(&self.inner);
+        i.halt();
+        i.saved = None;
     }
 }
 
 impl Drop for VhostUserBlk {
     fn drop(&mut self) {
-        self.halt();
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.watcher.take() {
+            let _ = t.join();
+        }
+        lock(&self.inner).halt();
     }
 }
