@@ -395,12 +395,11 @@ fn watch(inner: Arc<Mutex<Inner>>, stop: Arc<AtomicBool>) {
         waited += 1;
         let mut i = lock(&inner);
         match &i.sock {
-            Some(s) => {
-                if closed(s) {
-                    i.lost();
-                    waited = 0;
-                }
+            Some(s) if closed(s) => {
+                i.lost();
+                waited = 0;
             }
+            Some(_) => {}
             // Once a second, as QEMU's `reconnect=1`.
             None if waited >= 10 => {
                 waited = 0;
