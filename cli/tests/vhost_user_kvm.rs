@@ -4,7 +4,10 @@
 //! with strata-storage-daemon and with Debian's qemu-storage-daemon. The
 //! boot sector (support::bootdisk) reads two sectors through INT 13h, so
 //! the firmware's virtio driver negotiates, reads the back end's
-//! configuration and runs requests through the back end's rings.
+//! configuration and runs requests through the back end's rings. Then the
+//! Linux guest's virtio_blk writes and reads back a pattern through both
+//! daemons, and across a restart of strata-storage-daemon, which Strata's
+//! front end connects to again.
 
 mod support;
 
