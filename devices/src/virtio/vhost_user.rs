@@ -744,7 +744,12 @@ pub mod fuzz {
                     let _ = c.get_vring_base(idx);
                 }
                 5 => {
-                    let Ok((r, w)) = std::io::pipe() else { return };
+                    // A socket pair, not a pipe: a write to a closed
+                    // socket fails (MSG_NOSIGNAL) where a pipe's raises
+                    // SIGPIPE, which libFuzzer's process does not ignore.
+                    let Ok((r, w)) = UnixStream::pair() else {
+                        return;
+                    };
                     let _ = c
                         .set_vring_kick(idx as u8, Some(File::from(std::os::fd::OwnedFd::from(r))));
                     kicks.push(w);
