@@ -348,6 +348,10 @@ impl VhostUserBackendReqHandlerMut for Conn {
             return Err(VuError::InvalidParam);
         };
         let restart = self.ring(index)?.running;
+        // Stopped first: its used index is read at the old address.
+        if restart {
+            self.halt();
+        }
         self.ring(index)?.addr = Some((d, a, u));
         if restart {
             self.restart()?;
