@@ -324,12 +324,7 @@ fn run_kvm(mut cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError
     let events = EventSender(tx);
     watch_signals(&events)?;
     let consoles = Consoles::open(&cfg, &events)?;
-    let storage = storage::Storage::open(&cfg)?;
-    storage.set_stop_handlers(&events);
-    let bus = Arc::new(monitor::event::Events::default());
-    storage
-        .jobs
-        .set_sink(monitor::jobs_event_sink(bus.clone(), storage.graph.clone()));
+    let (storage, bus) = open_storage(&cfg, &events)?;
     monitor::start(&cfg, &bus, &events)?;
     let mut control = monitor::Control::new(cfg.paused, bus);
     loop {
@@ -505,6 +500,22 @@ fn run_kvm(mut cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError
             End::Error(msg) => return Err(VmmError::Guest(msg)),
         }
     }
+}
+
+/// The process's storage, with its stopped requests reported to the main
+/// loop and its block jobs' events on a new QMP event bus (every runner:
+/// KVM, qtest, the storage daemon).
+fn open_storage(
+    cfg: &MachineConfig,
+    events: &EventSender,
+) -> Result<(storage::Storage, Arc<monitor::event::Events>), VmmError> {
+    let storage = storage::Storage::open(cfg)?;
+    storage.set_stop_handlers(events);
+    let bus = Arc::new(monitor::event::Events::default());
+    storage
+        .jobs
+        .set_sink(monitor::jobs_event_sink(bus.clone(), storage.graph.clone()));
+    Ok((storage, bus))
 }
 
 /// SIGTERM, SIGINT and SIGHUP end the run through the main loop, so that

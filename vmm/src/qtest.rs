@@ -116,12 +116,7 @@ pub fn run(cfg: MachineConfig, ready: impl FnOnce()) -> Result<i32, VmmError> {
     let events = EventSender(tx);
     crate::watch_signals(&events)?;
     let consoles = Consoles::open(&cfg, &events)?;
-    let storage = crate::storage::Storage::open(&cfg)?;
-    storage.set_stop_handlers(&events);
-    let bus = Arc::new(monitor::event::Events::default());
-    storage
-        .jobs
-        .set_sink(monitor::jobs_event_sink(bus.clone(), storage.graph.clone()));
+    let (storage, bus) = crate::open_storage(&cfg, &events)?;
     monitor::start(&cfg, &bus, &events)?;
     let mut control = monitor::Control::new(cfg.paused, bus.clone());
     let build = |gen_cfg: &MachineConfig| -> Result<Machine, VmmError> {

@@ -47,12 +47,7 @@ pub fn run(
     let events = EventSender(tx);
     crate::watch_signals(&events)?;
     let consoles = Consoles::open(&cfg, &events)?;
-    let storage = crate::storage::Storage::open(&cfg)?;
-    storage.set_stop_handlers(&events);
-    let bus = Arc::new(monitor::event::Events::default());
-    storage
-        .jobs
-        .set_sink(monitor::jobs_event_sink(bus.clone(), storage.graph.clone()));
+    let (storage, bus) = crate::open_storage(&cfg, &events)?;
     let host = consoles.host(Arc::new(NoChip), &events, Arc::new(HostClock::new()), &bus);
     let none = machine::board(&cfg).build(&cfg, host, &storage)?;
     let mut control = monitor::Control::new(false, bus.clone());
