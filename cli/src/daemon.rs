@@ -110,3 +110,43 @@ impl Daemon {
         let _ = self.pipe.write_all(&[0]);
     }
 }
+
+/// Runs `body` between QEMU's `-pidfile` and `-daemonize`: the process
+/// detaches first (before `body` starts any thread), writes its pid file,
+/// and removes it when `body` returns. `body` gets the callback to call
+/// once ready (the waiting parent exits then). `pidfile_opt` is the
+/// option as the binary spells it, for errors; `keep_stderr` as in
+/// [`Daemon::ready`].
+pub fn around(
+    process: &crate::system_args::Process,
+    pidfile_opt: &str,
+    keep_stderr: bool,
+    body: impl FnOnce(Box<dyn FnOnce()>) -> Result<i32, String>,
+) -> Result<i32, String> {
+    // The daemon moves to / once ready: keep the pid file's name valid
+    // for its removal at exit.
+    let pidfile = match &process.pidfile {
+        Some(p) if process.daemonize => Some(
+            std::path::absolute(p).map_err(|e| format!("{pidfile_opt} {}: {e}", p.display()))?,
+        ),
+        p => p.clone(),
+    };
+    let daemon = if process.daemonize {
+        Some(detach()?)
+    } else {
+        None
+    };
+    if let Some(p) = &pidfile {
+        std::fs::write(p, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("{pidfile_opt} {}: {e}", p.display()))?;
+    }
+    let r = body(Box::new(move || {
+        if let Some(d) = daemon {
+            d.ready(keep_stderr);
+        }
+    }));
+    if let Some(p) = &pidfile {
+        let _ = std::fs::remove_file(p);
+    }
+    r
+}

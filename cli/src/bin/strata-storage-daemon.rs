@@ -13,34 +13,10 @@ fn run(
     for o in &process.objects {
         block::objects::add(o).map_err(cli::storage_daemon::double_dash)?;
     }
-    // The daemon moves to / once ready: keep the pid file's name valid
-    // for its removal at exit.
-    let pidfile = match &process.pidfile {
-        Some(p) if process.daemonize => {
-            Some(std::path::absolute(p).map_err(|e| format!("--pidfile {}: {e}", p.display()))?)
-        }
-        p => p.clone(),
-    };
-    // Before anything starts a thread.
-    let daemon = if process.daemonize {
-        Some(cli::daemon::detach()?)
-    } else {
-        None
-    };
-    if let Some(p) = &pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("--pidfile {}: {e}", p.display()))?;
-    }
-    let r = vmm::storage_daemon::run(cfg, startup, || {
-        if let Some(d) = daemon {
-            d.ready(false);
-        }
+    cli::daemon::around(process, "--pidfile", false, |ready| {
+        vmm::storage_daemon::run(cfg, startup, ready)
+            .map_err(|e| cli::storage_daemon::double_dash(e.to_string()))
     })
-    .map_err(|e| cli::storage_daemon::double_dash(e.to_string()));
-    if let Some(p) = &pidfile {
-        let _ = std::fs::remove_file(p);
-    }
-    r
 }
 
 fn main() {

@@ -27,35 +27,10 @@ fn run(cfg: vmm::config::MachineConfig, process: &Process) -> Result<i32, String
         block::objects::add(o)?;
     }
     vmm::validate(&cfg).map_err(|e| e.to_string())?;
-    // The daemon moves to / once ready: keep the pid file's name valid
-    // for its removal at exit.
-    let pidfile = match &process.pidfile {
-        Some(p) if process.daemonize => {
-            Some(std::path::absolute(p).map_err(|e| format!("-pidfile {}: {e}", p.display()))?)
-        }
-        p => p.clone(),
-    };
-    // Before `vmm::run`, which starts the process's first threads.
-    let daemon = if process.daemonize {
-        Some(cli::daemon::detach()?)
-    } else {
-        None
-    };
-    if let Some(p) = &pidfile {
-        std::fs::write(p, format!("{}\n", std::process::id()))
-            .map_err(|e| format!("-pidfile {}: {e}", p.display()))?;
-    }
     let keep_stderr = process.log_file.is_some();
-    let r = vmm::run(cfg, || {
-        if let Some(d) = daemon {
-            d.ready(keep_stderr);
-        }
+    cli::daemon::around(process, "-pidfile", keep_stderr, |ready| {
+        vmm::run(cfg, ready).map_err(|e| e.to_string())
     })
-    .map_err(|e| e.to_string());
-    if let Some(p) = &pidfile {
-        let _ = std::fs::remove_file(p);
-    }
-    r
 }
 
 fn main() {
