@@ -4,9 +4,6 @@
 //! and defaults; the disk's size and limits are the back end's. SeaBIOS
 //! boots from it as from any virtio-blk (`bootindex`, `/pci@i0cf8/*@SLOT`).
 
-use std::sync::{Arc, Mutex};
-
-use devices::virtio::pci::VirtioPci;
 use devices::virtio::vhost_user_blk::VhostUserBlk;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -103,15 +100,7 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     let blk = VhostUserBlk::connect(&path, &name, num_queues as u16, queue_size as u16)?;
     let topts = transport_options(dev, num_queues as u16 + 1)?;
     let (slot, func) = at.devfn();
-    let f = VirtioPci::new(
-        Box::new(blk),
-        topts,
-        ctx.ram.clone(),
-        ctx.intx.line(slot, 1),
-        ctx.msi.clone(),
-        ctx.ioevents.clone(),
-    )?;
-    pci.add(slot, func, Arc::new(Mutex::new(f)))?;
+    super::virtio_blk::add_function(ctx, pci, (slot, func), Box::new(blk), topts)?;
     let path = at.pci_boot_path();
     ctx.boot_index(dev, path)
 }

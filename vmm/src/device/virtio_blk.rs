@@ -168,17 +168,30 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     let (slot, func) = at.devfn();
     let event_loop = ctx.iothreads.get(p.str("iothread"))?;
     let blk = VirtioBlock::new(backend, o, event_loop)?;
+    add_function(ctx, pci, (slot, func), Box::new(blk), topts)?;
+    let path = at.pci_boot_path();
+    ctx.boot_index(dev, path)
+}
+
+/// Puts `device` behind the virtio-pci transport at `slot.func` of `pci`,
+/// wired to the machine's RAM, INTx routing, MSI and ioeventfds (every
+/// `virtio-*-pci` and `vhost-user-*-pci` device).
+pub fn add_function(
+    ctx: &AttachCtx,
+    pci: &devices::pci::PciBus,
+    (slot, func): (u8, u8),
+    device: Box<dyn devices::virtio::VirtioDevice>,
+    topts: TransportOptions,
+) -> Result<(), String> {
     let f = VirtioPci::new(
-        Box::new(blk),
+        device,
         topts,
         ctx.ram.clone(),
         ctx.intx.line(slot, 1),
         ctx.msi.clone(),
         ctx.ioevents.clone(),
     )?;
-    pci.add(slot, func, Arc::new(Mutex::new(f)))?;
-    let path = at.pci_boot_path();
-    ctx.boot_index(dev, path)
+    pci.add(slot, func, Arc::new(Mutex::new(f)))
 }
 
 /// The virtio-pci transport of a `virtio-*-pci` device from its

@@ -3,10 +3,9 @@
 //! iothread its queues run on, and the SCSI bus (`ID.0`, or `scsi.N`
 //! without an id) that `scsi-hd`/`scsi-cd` attach to.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use devices::scsi::bus::ScsiBus;
-use devices::virtio::pci::VirtioPci;
 use devices::virtio::scsi::{Hotplug, ScsiOptions, VirtioScsi, MAX_LUN, MAX_TARGET};
 
 use super::bus::{pci_boot_path, BusKind, Placement, Port, ScsiPort};
@@ -120,15 +119,7 @@ fn create(ctx: &mut AttachCtx, dev: &Device, at: Placement) -> Result<(), String
     let bus = Arc::new(ScsiBus::new(MAX_TARGET));
     let scsi = VirtioScsi::new(bus.clone(), opts, event_loop)?;
     let hotplug = scsi.hotplug();
-    let f = VirtioPci::new(
-        Box::new(scsi),
-        topts,
-        ctx.ram.clone(),
-        ctx.intx.line(slot, 1),
-        ctx.msi.clone(),
-        ctx.ioevents.clone(),
-    )?;
-    pci.add(slot, func, Arc::new(Mutex::new(f)))?;
+    super::virtio_blk::add_function(ctx, pci, (slot, func), Box::new(scsi), topts)?;
     let name = bus_name(ctx, dev.spec.id.as_deref());
     let busnr = ctx.buses.count(BusKind::Scsi);
     ctx.buses.register(
