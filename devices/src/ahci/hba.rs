@@ -203,9 +203,12 @@ impl Ahci {
         let Some(p) = self.ports.get(n).cloned() else {
             return;
         };
-        let ios = lock(&p).write((off - PORT_BASE) % PORT_LEN, v);
-        let pending = lock(&p).irq_pending();
-        self.irq.port(n, pending);
+        let ios = {
+            let mut g = lock(&p);
+            let ios = g.write((off - PORT_BASE) % PORT_LEN, v);
+            self.irq.port(n, g.irq_pending());
+            ios
+        };
         for io in ios {
             run_io(&p, n, &self.irq, io);
         }
@@ -372,12 +375,16 @@ fn run_io(p: &SharedPort, n: usize, irq: &Arc<Irq>, io: PortIo) {
                     return;
                 }
                 let ok = !failed.load(Ordering::SeqCst);
-                let (next, pending) = {
+                let next = {
                     let mut g = lock(&p2);
                     let next = g.complete(ticket, ok);
-                    (next, g.irq_pending())
+                    // Posted before the port lock is released: whoever
+                    // sees the slot's PxCI bit clear also finds host IS
+                    // set and the MSI written (lock order: port, then
+                    // interrupt; nothing takes them the other way).
+                    irq2.port(n, g.irq_pending());
+                    next
                 };
-                irq2.port(n, pending);
                 for io in next {
                     run_io(&p2, n, &irq2, io);
                 }
