@@ -29,6 +29,8 @@ Strata storage daemon: QEMU's block graph, exported, with no guest
   --export [type=]vhost-user-blk,id=<id>,node-name=<node-name>,
            addr.type=unix,addr.path=<socket-path>[,writable=on|off]
            [,logical-block-size=<size>][,num-queues=<n>]
+           (or addr.type=fd,addr.str=<n>: a listening socket inherited
+           on descriptor <n>)
                          export a node as a vhost-user-blk device
   --monitor [chardev=]<name>[,mode=control][,pretty[=on|off]]
                          a QMP monitor on a --chardev

@@ -249,6 +249,15 @@ fn command_line_errors_are_one_line() {
             &["--monitor", "chardev=m,mode=readline"],
             "only QMP monitors",
         ),
+        (
+            &[
+                "--blockdev",
+                "driver=null-co,node-name=n",
+                "--export",
+                "type=vhost-user-blk,id=e,node-name=n,addr.type=fd,addr.str=99",
+            ],
+            "addr.str: file descriptor 99 was not inherited",
+        ),
         (&["stray"], "stray: unexpected argument"),
     ];
     for (args, want) in cases {

@@ -40,8 +40,9 @@ case "$SRC" in
 esac
 
 CACHE=${STRATA_QTEST_PEER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/strata/qtest-peer}
-# "-asan": the test binaries are built with AddressSanitizer (see below).
-OUT=$CACHE/$(echo "$SRCVER" | tr ':' '_')-asan
+# "-asan": the test binaries are built with AddressSanitizer (see below);
+# "-vu": qos-test has the vhost-user-blk cases.
+OUT=$CACHE/$(echo "$SRCVER" | tr ':' '_')-asan-vu
 if [ -x "$OUT/bin/ide-test" ] && [ -x "$OUT/bin/ahci-test" ] &&
    [ -x "$OUT/bin/fdc-test" ] && [ -x "$OUT/bin/qos-test" ] &&
    [ -x "$OUT/bin/fuzz-lsi53c895a-test" ] && [ -x "$OUT/bin/usb-hcd-uhci-test" ] &&
@@ -110,8 +111,12 @@ cd build
 # they check Strata).
 # --enable-tools only because meson defines the ahci-test target with the
 # tools; ninja builds the test binaries and nothing else.
+# --enable-vhost-user(-blk-server): qos-test then has vhost-user-blk-test,
+# which runs Strata as the front end and strata-storage-daemon as the
+# back end (QTEST_QEMU_STORAGE_DAEMON_BINARY).
 nice -n 19 "../$SRCDIR/configure" --target-list=x86_64-softmmu \
     --without-default-features --disable-docs --enable-tools --enable-sanitizers \
+    --enable-vhost-user --enable-vhost-user-blk-server \
     --disable-user --disable-werror --meson=meson >configure.log 2>&1 ||
     { tail -n 40 configure.log >&2; exit 1; }
 USB_TESTS="tests/qtest/usb-hcd-uhci-test tests/qtest/usb-hcd-ehci-test tests/qtest/usb-hcd-xhci-test"

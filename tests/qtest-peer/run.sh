@@ -1,10 +1,11 @@
 #!/bin/sh
 # The peer suite: QEMU 7.2's own qtest binaries (ide-test, ahci-test,
 # fdc-test, fuzz-lsi53c895a-test, usb-hcd-uhci/ehci/xhci-test, and
-# qos-test's virtio-blk and virtio-scsi cases) run against Strata, as libqtest runs them against
-# qemu-system-x86_64. Each case runs in its own process (`-p PATH`) under a
-# timeout, so a hang or a crash fails that case only, and its TAP line
-# decides pass or fail.
+# qos-test's virtio-blk, virtio-scsi and vhost-user-blk cases) run against
+# Strata, as libqtest runs them against qemu-system-x86_64 (and
+# strata-storage-daemon as vhost-user-blk-test's qemu-storage-daemon).
+# Each case runs in its own process (`-p PATH`) under a timeout, so a hang
+# or a crash fails that case only, and its TAP line decides pass or fail.
 #
 # tests/qtest-peer/expected-pass lists the cases that must pass: the run
 # fails if one of them does not. Cases that pass but are not listed are
@@ -29,12 +30,17 @@ PEER=$("$HERE/build.sh")
 
 if [ -z "${STRATA:-}" ]; then
     STRATA=${CARGO_TARGET_DIR:-$ROOT/target}/debug/strata
-    (cd "$ROOT" && ${CARGO:-cargo} build -q --bin strata)
+    (cd "$ROOT" && ${CARGO:-cargo} build -q --bin strata --bin strata-storage-daemon)
 fi
 [ -x "$STRATA" ] || { echo "qtest-peer: no strata binary at $STRATA" >&2; exit 1; }
+# vhost-user-blk-test starts its back end with this (beside strata).
+STRATA_SD=${STRATA_STORAGE_DAEMON:-$(dirname "$STRATA")/strata-storage-daemon}
+[ -x "$STRATA_SD" ] || { echo "qtest-peer: no strata-storage-daemon at $STRATA_SD" >&2; exit 1; }
+export QTEST_QEMU_STORAGE_DAEMON_BINARY="$STRATA_SD"
 
 LOGS=${QTEST_PEER_LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/qtest-peer.XXXXXX")}
 mkdir -p "$LOGS/bin"
+LOGS=$(cd "$LOGS" && pwd)
 # libqtest takes the target architecture from the binary's name.
 ln -sf "$STRATA" "$LOGS/bin/qemu-system-x86_64"
 export QTEST_QEMU_BINARY="$LOGS/bin/qemu-system-x86_64"
@@ -51,7 +57,7 @@ QTEST_QEMU_IMG=$(command -v qemu-img) ||
 export QTEST_QEMU_IMG
 
 # The cases: every ide-test, ahci-test and fdc-test case, and qos-test's
-# virtio-blk cases on `pc`.
+# virtio-blk, virtio-scsi and vhost-user-blk cases.
 : >"$LOGS/cases"
 # (qos-test asks a strata for its machines and devices to list its cases;
 # that conversation goes to list.log. An expected case missing from the
@@ -62,7 +68,7 @@ QTEST_LOG= "$PEER/bin/ahci-test" -l 2>>"$LOGS/list.log" | grep '^/' |
     sed 's|^|ahci-test |' >>"$LOGS/cases"
 QTEST_LOG= "$PEER/bin/fdc-test" -l 2>>"$LOGS/list.log" | grep '^/' |
     sed 's|^|fdc-test |' >>"$LOGS/cases"
-QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep -E '/virtio-(blk|scsi)' |
+QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep -E '/(virtio-blk|virtio-scsi|vhost-user-blk)' |
     sed 's|^|qos-test |' >>"$LOGS/cases"
 QTEST_LOG= "$PEER/bin/fuzz-lsi53c895a-test" -l 2>>"$LOGS/list.log" | grep '^/' |
     sed 's|^|fuzz-lsi53c895a-test |' >>"$LOGS/cases"
@@ -98,6 +104,10 @@ done <"$LOGS/notrun"
 # from case to case; usb-hcd-ehci-test's port routing changes in one case
 # and is checked in the next) run whole, once.
 WHOLE="fdc-test usb-hcd-ehci-test"
+
+# The cases run in the log directory: vhost-user-blk-test makes its images
+# in the current directory.
+cd "$LOGS"
 
 # pass/fail: cases of expected-pass; new/other: the rest.
 pass=0 fail=0 other=0 new=0 missing=0

@@ -8,6 +8,7 @@ pub mod config;
 pub mod console;
 pub mod device;
 pub mod harness;
+pub mod inherited_fds;
 pub mod kvm;
 pub mod machine;
 pub mod memory;

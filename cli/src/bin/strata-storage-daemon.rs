@@ -20,6 +20,8 @@ fn run(
 }
 
 fn main() {
+    // Before anything is opened: the descriptors `addr.type=fd` may name.
+    vmm::inherited_fds::record();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match parse(&args) {
         Ok(DaemonArgs::Help) => {

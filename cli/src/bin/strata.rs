@@ -34,6 +34,8 @@ fn run(cfg: vmm::config::MachineConfig, process: &Process) -> Result<i32, String
 }
 
 fn main() {
+    // Before anything is opened: the descriptors `addr.type=fd` may name.
+    vmm::inherited_fds::record();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let code = match parse(&args) {
         Ok(Parsed::Help) => {

@@ -511,7 +511,10 @@ type Served = (UnixStream, Arc<Mutex<Conn>>);
 /// end that goes away may connect again (QEMU's `reconnect=`), and finds
 /// the device as a new one.
 pub struct VhostUserServer {
-    path: PathBuf,
+    /// Where the listener is, to wake its accept on [`Self::stop`].
+    addr: Option<std::os::unix::net::SocketAddr>,
+    /// The socket file this server made, removed on [`Self::stop`].
+    made: Option<PathBuf>,
     stop: Arc<AtomicBool>,
     /// The connection being served, to shut it down on [`Self::stop`].
     conn: Arc<Mutex<Option<Served>>>,
@@ -521,7 +524,7 @@ pub struct VhostUserServer {
 impl VhostUserServer {
     /// Listens on `path` (a stale socket there is replaced, as QEMU does;
     /// any other file is left alone and refused).
-    pub fn start(
+    pub fn bind(
         path: &Path,
         dev: Box<dyn VirtioDevice>,
         name: &str,
@@ -532,6 +535,19 @@ impl VhostUserServer {
             }
         }
         let listener = UnixListener::bind(path)?;
+        let mut s = Self::start(listener, dev, name)?;
+        s.made = Some(path.to_path_buf());
+        Ok(s)
+    }
+
+    /// Serves on a socket that is already listening (QEMU's
+    /// `addr.type=fd`: the socket file, if any, stays its creator's).
+    pub fn start(
+        listener: UnixListener,
+        dev: Box<dyn VirtioDevice>,
+        name: &str,
+    ) -> std::io::Result<VhostUserServer> {
+        let addr = listener.local_addr().ok();
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<Served>>> = Default::default();
         let dev = Arc::new(Mutex::new(dev));
@@ -540,7 +556,8 @@ impl VhostUserServer {
             .name(format!("vhost-user {name}"))
             .spawn(move || serve(listener, dev, s, c, n))?;
         Ok(VhostUserServer {
-            path: path.to_path_buf(),
+            addr,
+            made: None,
             stop,
             conn,
             thread: Some(thread),
@@ -563,9 +580,13 @@ impl VhostUserServer {
             let _ = sock.shutdown(std::net::Shutdown::Both);
         }
         // Wakes the accept.
-        let _ = UnixStream::connect(&self.path);
+        if let Some(a) = &self.addr {
+            let _ = UnixStream::connect_addr(a);
+        }
         let _ = t.join();
-        let _ = std::fs::remove_file(&self.path);
+        if let Some(p) = &self.made {
+            let _ = std::fs::remove_file(p);
+        }
     }
 
     /// Whether a front end is connected.
@@ -594,7 +615,10 @@ fn serve(
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
+                // Out of descriptors, say: try again later, without
+                // spinning on an error that persists.
                 log::warn!("{name}: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
                 continue;
             }
         };

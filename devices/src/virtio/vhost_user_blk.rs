@@ -21,6 +21,11 @@
 //! left them, each at its used index (the back end answered what it took
 //! before closing; QEMU's vhost_virtqueue_stop resumes the same way). The
 //! guest's notifications meanwhile wait in the kick eventfds.
+//!
+//! A back end that stops answering is given up the same way: a watchdog
+//! shuts the socket down when one message waits for its reply longer than
+//! [`ANSWER_TIMEOUT`], so neither a vCPU (reading the configuration,
+//! writing DRIVER_OK) nor the watcher waits on it for ever.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -28,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
@@ -47,6 +53,64 @@ fn wanted() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+/// How long the back end may take to answer a message.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The socket of an exchange with the back end in progress, and when it
+/// began.
+#[derive(Clone, Default)]
+struct Deadline(Arc<Mutex<Option<(Instant, UnixStream)>>>);
+
+/// An exchange in progress; it ends when this is dropped.
+struct Armed<'a>(&'a Deadline);
+
+impl Drop for Armed<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0 .0) = None;
+    }
+}
+
+impl Deadline {
+    fn arm(&self, sock: Option<&UnixStream>) -> Armed<'_> {
+        *lock(&self.0) = sock
+            .and_then(|s| s.try_clone().ok())
+            .map(|s| (Instant::now(), s));
+        Armed(self)
+    }
+
+    /// Shuts the socket of an exchange that outlived ANSWER_TIMEOUT down:
+    /// the read waiting for the reply then ends with an error.
+    fn expire(&self, name: &str) {
+        let mut g = lock(&self.0);
+        if let Some((at, s)) = g.as_ref() {
+            if at.elapsed() >= ANSWER_TIMEOUT {
+                log::warn!(
+                    "{name}: the vhost-user back end did not answer in {} s; dropping the connection",
+                    ANSWER_TIMEOUT.as_secs()
+                );
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                *g = None;
+            }
+        }
+    }
+}
+
+/// The watchdog of a device's exchanges, until `stop`.
+fn watchdog(
+    deadline: Deadline,
+    stop: Arc<AtomicBool>,
+    name: String,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("vhost-user watchdog".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(100));
+                deadline.expire(&name);
+            }
+        })
 }
 
 /// Turns one ring's call eventfd into the transport's interrupt.
@@ -138,12 +202,14 @@ struct Inner {
     config: Vec<u8>,
     running: Option<Running>,
     saved: Option<Saved>,
+    deadline: Deadline,
 }
 
 pub struct VhostUserBlk {
     inner: Arc<Mutex<Inner>>,
     stop: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
+    watchdog: Option<JoinHandle<()>>,
 }
 
 fn vu_err(name: &str, what: &str, e: impl std::fmt::Display) -> String {
@@ -156,10 +222,12 @@ fn handshake(
     path: &Path,
     name: &str,
     num_queues: u16,
+    deadline: &Deadline,
 ) -> Result<(Frontend, UnixStream, u64), String> {
     let sock = UnixStream::connect(path)
         .map_err(|e| format!("{name}: cannot connect to {}: {e}", path.display()))?;
     let watch = sock.try_clone().map_err(|e| vu_err(name, "socket", e))?;
+    let _armed = deadline.arm(Some(&watch));
     let mut fe = Frontend::from_stream(sock, num_queues as u64);
     fe.set_owner().map_err(|e| vu_err(name, "SET_OWNER", e))?;
     let features = fe
@@ -199,6 +267,8 @@ fn handshake(
 impl Inner {
     fn fetch_config(&mut self) -> Result<(), String> {
         let name = self.name.clone();
+        let deadline = self.deadline.clone();
+        let _armed = deadline.arm(self.sock.as_ref());
         let fe = self
             .fe
             .as_mut()
@@ -218,6 +288,8 @@ impl Inner {
     /// Hands the saved rings to the back end and starts them.
     fn start(&mut self) -> Result<(), String> {
         let name = self.name.clone();
+        let deadline = self.deadline.clone();
+        let _armed = deadline.arm(self.sock.as_ref());
         let (Some(fe), Some(a)) = (self.fe.as_mut(), self.saved.as_ref()) else {
             return Ok(());
         };
@@ -315,6 +387,8 @@ impl Inner {
         let Some(r) = self.running.take() else {
             return;
         };
+        let deadline = self.deadline.clone();
+        let _armed = deadline.arm(self.sock.as_ref());
         if let Some(fe) = self.fe.as_mut() {
             for &i in &r.queues {
                 let _ = fe.set_vring_enable(i as usize, false);
@@ -352,7 +426,9 @@ impl Inner {
 
     /// One attempt to connect again; true once connected and restarted.
     fn reconnect(&mut self) -> bool {
-        let Ok((fe, sock, offered)) = handshake(&self.path, &self.name, self.num_queues) else {
+        let Ok((fe, sock, offered)) =
+            handshake(&self.path, &self.name, self.num_queues, &self.deadline)
+        else {
             return false;
         };
         if offered != self.offered {
@@ -419,22 +495,37 @@ impl VhostUserBlk {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<VhostUserBlk, String> {
-        let (fe, sock, offered) = handshake(path, name, num_queues)?;
-        let mut inner = Inner {
-            fe: Some(fe),
-            sock: Some(sock),
-            path: path.to_path_buf(),
-            name: name.to_string(),
-            num_queues,
-            queue_size,
-            offered,
-            config: vec![0; CONFIG_LEN],
-            running: None,
-            saved: None,
-        };
-        inner.fetch_config()?;
-        let inner = Arc::new(Mutex::new(inner));
         let stop = Arc::new(AtomicBool::new(false));
+        let deadline = Deadline::default();
+        let dog = watchdog(deadline.clone(), stop.clone(), name.to_string())
+            .map_err(|e| format!("{name}: {e}"))?;
+        let inner = (|| {
+            let (fe, sock, offered) = handshake(path, name, num_queues, &deadline)?;
+            let mut inner = Inner {
+                fe: Some(fe),
+                sock: Some(sock),
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                num_queues,
+                queue_size,
+                offered,
+                config: vec![0; CONFIG_LEN],
+                running: None,
+                saved: None,
+                deadline,
+            };
+            inner.fetch_config()?;
+            Ok(inner)
+        })();
+        let inner = match inner {
+            Ok(i) => i,
+            Err(e) => {
+                stop.store(true, Ordering::SeqCst);
+                let _ = dog.join();
+                return Err(e);
+            }
+        };
+        let inner = Arc::new(Mutex::new(inner));
         let (i, s) = (inner.clone(), stop.clone());
         let watcher = std::thread::Builder::new()
             .name("vhost-user watch".into())
@@ -444,6 +535,7 @@ impl VhostUserBlk {
             inner,
             stop,
             watcher: Some(watcher),
+            watchdog: Some(dog),
         })
     }
 }
@@ -459,8 +551,16 @@ impl VirtioDevice for VhostUserBlk {
         lock(&self.inner).queue_size
     }
     fn features(&self) -> u64 {
-        // The transport adds VERSION_1 itself.
-        lock(&self.inner).offered & !super::features::VERSION_1
+        // The transport adds VERSION_1 itself. MQ follows the front end's
+        // num-queues, whatever the back end has (as QEMU's device: one
+        // queue is offered without MQ).
+        let i = lock(&self.inner);
+        let f = i.offered & !super::features::VERSION_1;
+        if i.num_queues > 1 {
+            f | super::block::features::MQ
+        } else {
+            f & !super::block::features::MQ
+        }
     }
     fn config_len(&self) -> usize {
         CONFIG_LEN
@@ -480,6 +580,8 @@ impl VirtioDevice for VhostUserBlk {
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         let mut i = lock(&self.inner);
+        let deadline = i.deadline.clone();
+        let _armed = deadline.arm(i.sock.as_ref());
         if let Some(fe) = i.fe.as_mut() {
             if let Err(e) = fe.set_config(offset as u32, VhostUserConfigFlags::WRITABLE, data) {
                 log::warn!("SET_CONFIG: {e}");
@@ -533,5 +635,39 @@ impl Drop for VhostUserBlk {
             let _ = t.join();
         }
         lock(&self.inner).halt();
+        if let Some(t) = self.watchdog.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A back end that takes the connection and never answers: connecting
+    /// fails once ANSWER_TIMEOUT has passed instead of waiting for ever.
+    #[test]
+    fn a_silent_back_end_is_given_up() {
+        let path = std::env::temp_dir().join(format!("strata-vu-silent-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let held = std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            // Holds the connection open, reading nothing, until the front
+            // end shuts it down.
+            let mut buf = [0u8; 1];
+            let _ = std::io::Read::read(&mut &s, &mut buf);
+            std::thread::sleep(ANSWER_TIMEOUT * 2);
+        });
+        let t = Instant::now();
+        let e = VhostUserBlk::connect(&path, "silent", 1, 128)
+            .err()
+            .expect("a silent back end cannot be connected");
+        assert!(t.elapsed() >= ANSWER_TIMEOUT, "{e}");
+        assert!(t.elapsed() < ANSWER_TIMEOUT * 2, "{e}");
+        drop(held);
+        let _ = std::fs::remove_file(&path);
     }
 }

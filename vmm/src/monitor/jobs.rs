@@ -816,13 +816,22 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                 "vhost-user-blk" => {
                     let mut addr = o.obj("addr")?;
                     let aty = addr.str("type")?;
-                    if aty != "unix" {
-                        return Err(QmpError::generic(format!(
+                    let listen = match aty.as_str() {
+                        "unix" => {
+                            let path = addr.str("path")?;
+                            let _ = addr.opt_bool("abstract")?;
+                            super::vhost_export::Listen::Path(path.into())
+                        }
+                        "fd" => super::vhost_export::Listen::Listener(
+                            crate::inherited_fds::unix_listener(&addr.str("str")?, "addr.str")
+                                .map_err(QmpError::generic)?,
+                        ),
+                        _ => {
+                            return Err(QmpError::generic(format!(
                             "vhost-user-blk export '{id}': addr.type={aty}: a vhost-user socket must be a unix socket"
-                        )));
-                    }
-                    let path = addr.str("path")?;
-                    let _ = addr.opt_bool("abstract")?;
+                        )))
+                        }
+                    };
                     addr.finish()?;
                     let num_queues = o.opt_int("num-queues")?.unwrap_or(1);
                     let lbs = o.opt_int("logical-block-size")?.unwrap_or(512);
@@ -847,7 +856,7 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                         .add(super::vhost_export::VhostUserBlkExport {
                             id,
                             node: n,
-                            path: path.into(),
+                            addr: listen,
                             writable,
                             writethrough,
                             num_queues,

@@ -11,6 +11,7 @@
 //! exported node stays usable by the VMM's own devices and block jobs.
 
 use std::collections::BTreeMap;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -25,12 +26,20 @@ use devices::virtio::vhost_user::VhostUserServer;
 pub struct VhostUserBlkExport {
     pub id: String,
     pub node: Arc<Node>,
-    pub path: PathBuf,
+    pub addr: Listen,
     pub writable: bool,
     /// QEMU's `writethrough`: the device starts with its write cache off.
     pub writethrough: bool,
     pub num_queues: u16,
     pub logical_block_size: u32,
+}
+
+/// Where an export listens (QAPI `SocketAddress` of type `unix` or `fd`).
+pub enum Listen {
+    /// A socket file the export makes.
+    Path(PathBuf),
+    /// A socket already listening, inherited from the process's parent.
+    Listener(UnixListener),
 }
 
 struct Running {
@@ -72,8 +81,13 @@ impl VhostUserExports {
         };
         let lp = EventLoop::new(&format!("vhost-user-blk {}", e.id))?;
         let dev = VirtioBlock::new(blk, opts, lp)?;
-        let server = VhostUserServer::start(&e.path, Box::new(dev), &e.id)
-            .map_err(|err| format!("Failed to bind socket to {}: {err}", e.path.display()))?;
+        let server = match e.addr {
+            Listen::Path(p) => VhostUserServer::bind(&p, Box::new(dev), &e.id)
+                .map_err(|err| format!("Failed to bind socket to {}: {err}", p.display()))?,
+            Listen::Listener(l) => {
+                VhostUserServer::start(l, Box::new(dev), &e.id).map_err(|err| err.to_string())?
+            }
+        };
         map.insert(
             e.id,
             Running {
