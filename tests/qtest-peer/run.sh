@@ -36,7 +36,11 @@ fi
 # vhost-user-blk-test starts its back end with this (beside strata).
 STRATA_SD=${STRATA_STORAGE_DAEMON:-$(dirname "$STRATA")/strata-storage-daemon}
 [ -x "$STRATA_SD" ] || { echo "qtest-peer: no strata-storage-daemon at $STRATA_SD" >&2; exit 1; }
-export QTEST_QEMU_STORAGE_DAEMON_BINARY="$STRATA_SD"
+# Its cases run a second time with the real qemu-storage-daemon
+# (qemu-utils) as the back end, Strata's front end against QEMU's server;
+# they are listed as qemu-storage-daemon:CASE.
+QSD=$(command -v qemu-storage-daemon) ||
+    { echo "qtest-peer: qemu-storage-daemon is missing (Debian: qemu-utils)" >&2; exit 1; }
 
 LOGS=${QTEST_PEER_LOGS:-$(mktemp -d "${TMPDIR:-/tmp}/qtest-peer.XXXXXX")}
 mkdir -p "$LOGS/bin"
@@ -70,6 +74,8 @@ QTEST_LOG= "$PEER/bin/fdc-test" -l 2>>"$LOGS/list.log" | grep '^/' |
     sed 's|^|fdc-test |' >>"$LOGS/cases"
 QTEST_LOG= "$PEER/bin/qos-test" -l 2>>"$LOGS/list.log" | grep '^/' | grep -E '/(virtio-blk|virtio-scsi|vhost-user-blk)' |
     sed 's|^|qos-test |' >>"$LOGS/cases"
+grep '^qos-test .*/vhost-user-blk' "$LOGS/cases" | sed 's|^qos-test |qos-test+qsd |' >>"$LOGS/cases.qsd"
+cat "$LOGS/cases.qsd" >>"$LOGS/cases"
 QTEST_LOG= "$PEER/bin/fuzz-lsi53c895a-test" -l 2>>"$LOGS/list.log" | grep '^/' |
     sed 's|^|fuzz-lsi53c895a-test |' >>"$LOGS/cases"
 for t in usb-hcd-uhci-test usb-hcd-ehci-test usb-hcd-xhci-test; do
@@ -116,6 +122,12 @@ n=0
 while read -r bin case; do
     n=$((n + 1))
     log=$LOGS/$n.log
+    # The case's name in expected-pass and the results, the binary, and
+    # vhost-user-blk-test's back end.
+    key=$case exe=$bin sd=$STRATA_SD
+    if [ "$bin" = qos-test+qsd ]; then
+        key=qemu-storage-daemon:$case exe=qos-test sd=$QSD
+    fi
     # Through a pipe: libqtest hands strata -qtest-log /dev/fd/2, which
     # strata (like QEMU) opens for writing, and reopening a file would
     # truncate it under the test's own output.
@@ -136,7 +148,8 @@ while read -r bin case; do
         for sub in $(awk -v b="$bin" -v c="$case/" '$1 == b && index($2, c) == 1 { print $2 }' "$LOGS/all-cases"); do
             set -- "$@" -s "$sub"
         done
-        { r=0; timeout -k 5 "$TIMEOUT" "$PEER/bin/$bin" --tap -p "$case" "$@" </dev/null 2>&1 || r=$?
+        { r=0; QTEST_QEMU_STORAGE_DAEMON_BINARY=$sd \
+              timeout -k 5 "$TIMEOUT" "$PEER/bin/$exe" --tap -p "$case" "$@" </dev/null 2>&1 || r=$?
           echo $r >"$log.rc"; } | cat >"$log"
         rc=$(cat "$log.rc") ;;
     esac
@@ -149,7 +162,7 @@ while read -r bin case; do
         [ "$rc" = 124 ] && res="FAIL (timeout ${TIMEOUT}s)"
     fi
     expected=no
-    grep -qxF "$case" "$EXPECTED" && expected=yes
+    grep -qxF "$key" "$EXPECTED" && expected=yes
     case "$res:$expected" in
     PASS:yes) pass=$((pass + 1)); tag="" ;;
     PASS:no) new=$((new + 1)); tag="  (passes, not yet in expected-pass)" ;;
@@ -157,13 +170,14 @@ while read -r bin case; do
     SKIP:yes) fail=$((fail + 1)); tag="  (EXPECTED TO PASS, skipped; log $log)" ;;
     *) other=$((other + 1)); tag="" ;;
     esac
-    echo "$res $case$tag" | tee -a "$LOGS/results"
+    echo "$res $key$tag" | tee -a "$LOGS/results"
 done <"$LOGS/cases"
 
 # A listed case that no binary offers any more is a failure too.
 if [ -z "$FILTER" ]; then
+    sed -e 's|^qos-test+qsd |qemu-storage-daemon:|' -e 's|^[^ ]* ||' "$LOGS/cases" >"$LOGS/keys"
     for c in $(grep -v '^#' "$EXPECTED" | grep .); do
-        if ! grep -q " $c\$" "$LOGS/cases"; then
+        if ! grep -qxF "$c" "$LOGS/keys"; then
             echo "FAIL $c  (EXPECTED TO PASS, not offered by the binaries)"
             missing=$((missing + 1))
         fi
