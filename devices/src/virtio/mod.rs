@@ -22,6 +22,7 @@ pub mod queue_worker;
 pub mod scsi;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod vduse;
 pub mod vhost_user;
 pub mod vhost_user_blk;
 
