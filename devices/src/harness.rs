@@ -390,6 +390,13 @@ pub fn vhost_user(data: &[u8]) {
     crate::virtio::vhost_user::fuzz::run(data)
 }
 
+/// The VDUSE back end's control messages, ring set-ups and kicks from a
+/// kernel stand-in, the input doubling as the driver's memory (see
+/// [`crate::virtio::vduse::fuzz`]).
+pub fn vduse(data: &[u8]) {
+    crate::virtio::vduse::fuzz::run(data)
+}
+
 /// Every harness by name, for the corpus test.
 pub fn by_name(name: &str) -> Option<fn(&[u8])> {
     match name {
@@ -405,6 +412,7 @@ pub fn by_name(name: &str) -> Option<fn(&[u8])> {
         "virtio_chain" => Some(virtio_chain),
         "xhci_ring" => Some(xhci_ring),
         "vhost_user" => Some(vhost_user),
+        "vduse" => Some(vduse),
         _ => None,
     }
 }

@@ -1,7 +1,8 @@
 //! Replays the corpora of the devices fuzz targets (fuzz/corpus/scsi_cdb,
 //! fuzz/corpus/virtio_chain, fuzz/corpus/ata_taskfile,
 //! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot,
-//! fuzz/corpus/usb_ccid, fuzz/corpus/usb_ehci, fuzz/corpus/usb_uas, fuzz/corpus/usb_uhci, fuzz/corpus/xhci_ring) and
+//! fuzz/corpus/usb_ccid, fuzz/corpus/usb_ehci, fuzz/corpus/usb_uas, fuzz/corpus/usb_uhci, fuzz/corpus/xhci_ring, fuzz/corpus/vhost_user,
+//! fuzz/corpus/vduse) and
 //! seeded random inputs through the same harnesses cargo fuzz runs.
 
 use std::path::PathBuf;
@@ -85,4 +86,14 @@ fn usb_ehci_corpus() {
 #[test]
 fn usb_uhci_corpus() {
     corpus("usb_uhci");
+}
+
+#[test]
+fn vduse_corpus() {
+    corpus("vduse");
+}
+
+#[test]
+fn vhost_user_corpus() {
+    corpus("vhost_user");
 }

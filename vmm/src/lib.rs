@@ -20,6 +20,7 @@ pub mod smbios;
 pub mod storage;
 pub mod storage_daemon;
 pub mod vcpu;
+pub mod vduse;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};

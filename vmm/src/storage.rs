@@ -29,7 +29,7 @@ pub struct Storage {
     /// The NBD server of `nbd-server-start`, with its exports.
     pub nbd: crate::monitor::nbd_export::NbdServerSlot,
     /// The vhost-user-blk exports of `block-export-add`.
-    pub vhost_user: crate::monitor::vhost_export::VhostUserExports,
+    pub virtio_exports: crate::monitor::virtio_export::VirtioExports,
 }
 
 impl Drop for Storage {
@@ -42,7 +42,7 @@ impl Drop for Storage {
     fn drop(&mut self) {
         self.jobs.cancel_all(std::time::Duration::from_secs(30));
         let _ = self.nbd.stop();
-        self.vhost_user.stop_all();
+        self.virtio_exports.stop_all();
         self.graph.close_all();
     }
 }
@@ -87,7 +87,7 @@ impl Storage {
             anonymous: Default::default(),
             jobs: block::jobs::Jobs::new(),
             nbd: Default::default(),
-            vhost_user: Default::default(),
+            virtio_exports: Default::default(),
         })
     }
 

@@ -775,7 +775,7 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
         "block-export-add" => {
             let ty = o.str("type")?;
             let id = o.str("id")?;
-            if ctx.storage.vhost_user.contains(&id)
+            if ctx.storage.virtio_exports.contains(&id)
                 || ctx.storage.nbd.list().iter().any(|(i, _)| *i == id)
             {
                 return Err(QmpError::generic(format!(
@@ -813,28 +813,48 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                         .add(&id, &ename, n, writable, bm)
                         .map_err(err)?;
                 }
-                "vhost-user-blk" => {
-                    let mut addr = o.obj("addr")?;
-                    let aty = addr.str("type")?;
-                    let listen = match aty.as_str() {
-                        "unix" => {
-                            let path = addr.str("path")?;
-                            let _ = addr.opt_bool("abstract")?;
-                            super::vhost_export::Listen::Path(path.into())
-                        }
-                        "fd" => super::vhost_export::Listen::Listener(
-                            crate::inherited_fds::unix_listener(&addr.str("str")?, "addr.str")
-                                .map_err(QmpError::generic)?,
-                        ),
-                        _ => {
-                            return Err(QmpError::generic(format!(
-                            "vhost-user-blk export '{id}': addr.type={aty}: a vhost-user socket must be a unix socket"
-                        )))
-                        }
+                "vhost-user-blk" | "vduse-blk" => {
+                    use super::virtio_export::{BlkExport, Listen, Transport};
+                    let transport = if ty == "vhost-user-blk" {
+                        let mut addr = o.obj("addr")?;
+                        let aty = addr.str("type")?;
+                        let listen = match aty.as_str() {
+                            "unix" => {
+                                let path = addr.str("path")?;
+                                let _ = addr.opt_bool("abstract")?;
+                                Listen::Path(path.into())
+                            }
+                            "fd" => Listen::Listener(
+                                crate::inherited_fds::unix_listener(&addr.str("str")?, "addr.str")
+                                    .map_err(QmpError::generic)?,
+                            ),
+                            _ => {
+                                return Err(QmpError::generic(format!(
+                                    "vhost-user-blk export '{id}': addr.type={aty}: a vhost-user socket must be a unix socket"
+                                )))
+                            }
+                        };
+                        addr.finish()?;
+                        Transport::VhostUser(listen)
+                    } else {
+                        let qs = o.opt_int("queue-size")?.unwrap_or(256);
+                        let queue_size = u16::try_from(qs)
+                            .ok()
+                            .filter(|q| q.is_power_of_two() && (2..=1024).contains(q))
+                            .ok_or_else(|| {
+                                QmpError::generic(format!(
+                                    "queue-size {qs} must be a power of two, 2..1024"
+                                ))
+                            })?;
+                        Transport::Vduse { queue_size }
                     };
-                    addr.finish()?;
                     let num_queues = o.opt_int("num-queues")?.unwrap_or(1);
                     let lbs = o.opt_int("logical-block-size")?.unwrap_or(512);
+                    let serial = if ty == "vduse-blk" {
+                        o.opt_str("serial")?
+                    } else {
+                        None
+                    };
                     o.finish()?;
                     let num_queues = u16::try_from(num_queues)
                         .ok()
@@ -850,30 +870,27 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
                                 "logical-block-size {lbs} must be a power of two, 512..32768"
                             ))
                         })?;
+                    if matches!(transport, Transport::Vduse { .. }) && !crate::vduse::available() {
+                        return Err(QmpError::generic(format!(
+                            "vduse-blk export '{id}': the host kernel has no VDUSE ({} is \
+                             missing: load the vduse module, Linux 5.15 or later)",
+                            crate::vduse::CONTROL
+                        )));
+                    }
                     let n = node(ctx, &nn)?;
                     ctx.storage
-                        .vhost_user
-                        .add(super::vhost_export::VhostUserBlkExport {
+                        .virtio_exports
+                        .add(BlkExport {
                             id,
                             node: n,
-                            addr: listen,
+                            transport,
                             writable,
                             writethrough,
                             num_queues,
                             logical_block_size: lbs,
+                            serial,
                         })
                         .map_err(err)?;
-                }
-                "vduse-blk" => {
-                    return Err(QmpError::generic(
-                        if std::path::Path::new("/dev/vduse/control").exists() {
-                            "vduse-blk exports are not supported by Strata yet; use vhost-user-blk or nbd".to_string()
-                        } else {
-                            "vduse-blk: the host kernel has no VDUSE (/dev/vduse/control is missing: \
-                         load the vduse module, Linux 5.15 or later)"
-                            .to_string()
-                        },
-                    ));
                 }
                 t => {
                     return Err(QmpError::generic(format!(
@@ -891,7 +908,7 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
             };
             let _ = o.opt_enum("mode", &["safe", "hard"])?;
             o.finish()?;
-            if name == "block-export-del" && ctx.storage.vhost_user.remove(&key) {
+            if name == "block-export-del" && ctx.storage.virtio_exports.remove(&key) {
                 return Ok(json!({}));
             }
             ctx.storage
@@ -908,14 +925,9 @@ pub fn execute(ctx: &Ctx, name: &str, args: Map<String, Value>) -> Result<Value,
         "query-block-exports" => {
             o.finish()?;
             let nbd = ctx.storage.nbd.list().into_iter().map(|e| ("nbd", e));
-            let vu = ctx
-                .storage
-                .vhost_user
-                .list()
-                .into_iter()
-                .map(|e| ("vhost-user-blk", e));
+            let virtio = ctx.storage.virtio_exports.list().into_iter();
             Ok(Value::Array(
-                nbd.chain(vu)
+                nbd.chain(virtio)
                     .map(|(ty, (id, n))| {
                         json!({"id": id, "type": ty, "node-name": n, "shutting-down": false})
                     })

@@ -19,7 +19,7 @@ pub mod hmp;
 pub mod nbd_export;
 pub mod qmp;
 mod qom;
-pub mod vhost_export;
+pub mod virtio_export;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::sync::{mpsc, Arc};
