@@ -32,6 +32,11 @@ Strata storage daemon: QEMU's block graph, exported, with no guest
            (or addr.type=fd,addr.str=<n>: a listening socket inherited
            on descriptor <n>)
                          export a node as a vhost-user-blk device
+  --export [type=]vduse-blk,id=<id>,node-name=<node-name>[,writable=on|off]
+           [,num-queues=<n>][,queue-size=<n>][,logical-block-size=<size>]
+           [,serial=<str>]
+                         export a node as a VDUSE device named <id> (then
+                         `vdpa dev add name <id> mgmtdev vduse`)
   --monitor [chardev=]<name>[,mode=control][,pretty[=on|off]]
                          a QMP monitor on a --chardev
   --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
