@@ -25,7 +25,7 @@ const fn ioc(dir: u64, nr: u64, size: u64) -> u64 {
 const W: u64 = 1;
 const R: u64 = 2;
 const SET_API_VERSION: u64 = ioc(W, 0x01, 8);
-const CREATE_DEV: u64 = ioc(W, 0x02, std::mem::size_of::<DevConfig>() as u64);
+const CREATE_DEV: u64 = ioc(W, 0x02, DEV_CONFIG_LEN as u64);
 const DESTROY_DEV: u64 = ioc(W, 0x03, NAME_MAX as u64);
 const IOTLB_GET_FD: u64 = ioc(R | W, 0x10, std::mem::size_of::<IotlbRaw>() as u64);
 const DEV_GET_FEATURES: u64 = ioc(R, 0x11, 8);
@@ -37,19 +37,8 @@ const VQ_INJECT_IRQ: u64 = ioc(W, 0x17, 4);
 
 const NAME_MAX: usize = 256;
 
-/// `struct vduse_dev_config` (its config[] follows it in the buffer).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct DevConfig {
-    name: [u8; NAME_MAX],
-    vendor_id: u32,
-    device_id: u32,
-    features: u64,
-    vq_num: u32,
-    vq_align: u32,
-    reserved: [u32; 13],
-    config_size: u32,
-}
+/// Size of `struct vduse_dev_config` (its config[] follows it).
+const DEV_CONFIG_LEN: usize = 336;
 
 #[repr(C)]
 #[derive(Default)]
@@ -134,46 +123,27 @@ impl KernelDev {
         let version: u64 = 0;
         // SAFETY: the ioctl reads one u64 from the pointer, which points
         // at a live u64.
-        check(
-            unsafe { libc::ioctl(ctl.as_raw_fd(), SET_API_VERSION as _, &version) },
-            "VDUSE_SET_API_VERSION",
-        )
-        .map_err(err)?;
+        let r = unsafe { libc::ioctl(ctl.as_raw_fd(), SET_API_VERSION as _, &version) };
+        check(r, "VDUSE_SET_API_VERSION").map_err(err)?;
         let mut name = [0u8; NAME_MAX];
         name[..spec.name.len()].copy_from_slice(spec.name.as_bytes());
-        let head = DevConfig {
-            name,
-            vendor_id: 0,
-            device_id: spec.device_id,
-            features: spec.features,
-            vq_num: spec.queues,
-            vq_align: 4096,
-            reserved: [0; 13],
-            config_size: spec.config.len() as u32,
-        };
-        // The header and the configuration space after it, in one
-        // 8-byte-aligned buffer.
-        let hlen = std::mem::size_of::<DevConfig>();
-        let mut buf = vec![0u64; (hlen + spec.config.len()).div_ceil(8)];
-        {
-            // SAFETY: `buf` holds at least hlen + config bytes, is 8-byte
-            // aligned (a Vec<u64>), and DevConfig is plain old data.
-            let bytes = unsafe {
-                std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, buf.len() * 8)
-            };
-            // SAFETY: DevConfig is repr(C) plain data of hlen bytes.
-            let hb =
-                unsafe { std::slice::from_raw_parts(&head as *const DevConfig as *const u8, hlen) };
-            bytes[..hlen].copy_from_slice(hb);
-            bytes[hlen..hlen + spec.config.len()].copy_from_slice(spec.config);
-        }
+        // struct vduse_dev_config, laid out field by field (little-endian,
+        // as x86 is), then the configuration space.
+        let mut buf = Vec::with_capacity(DEV_CONFIG_LEN + spec.config.len());
+        buf.extend_from_slice(&name);
+        buf.extend_from_slice(&0u32.to_le_bytes()); // vendor_id
+        buf.extend_from_slice(&spec.device_id.to_le_bytes());
+        buf.extend_from_slice(&spec.features.to_le_bytes());
+        buf.extend_from_slice(&spec.queues.to_le_bytes());
+        buf.extend_from_slice(&4096u32.to_le_bytes()); // vq_align
+        buf.extend_from_slice(&[0u8; 13 * 4]); // reserved
+        buf.extend_from_slice(&(spec.config.len() as u32).to_le_bytes());
+        debug_assert_eq!(buf.len(), DEV_CONFIG_LEN);
+        buf.extend_from_slice(spec.config);
         // SAFETY: the kernel reads the header and config_size bytes after
         // it, all inside `buf`.
-        check(
-            unsafe { libc::ioctl(ctl.as_raw_fd(), CREATE_DEV as _, buf.as_ptr()) },
-            "VDUSE_CREATE_DEV",
-        )
-        .map_err(err)?;
+        let r = unsafe { libc::ioctl(ctl.as_raw_fd(), CREATE_DEV as _, buf.as_ptr()) };
+        check(r, "VDUSE_CREATE_DEV").map_err(err)?;
         let destroy = |ctl: &File| {
             // SAFETY: the kernel reads NAME_MAX bytes of the name array.
             unsafe { libc::ioctl(ctl.as_raw_fd(), DESTROY_DEV as _, name.as_ptr()) };
@@ -200,10 +170,8 @@ impl KernelDev {
                 ..Default::default()
             };
             // SAFETY: the kernel reads one vduse_vq_config from `c`.
-            if let Err(e) = check(
-                unsafe { libc::ioctl(kd.dev.as_raw_fd(), VQ_SETUP as _, &c) },
-                "VDUSE_VQ_SETUP",
-            ) {
+            let r = unsafe { libc::ioctl(kd.dev.as_raw_fd(), VQ_SETUP as _, &c) };
+            if let Err(e) = check(r, "VDUSE_VQ_SETUP") {
                 drop(kd);
                 return Err(err(e));
             }
@@ -265,10 +233,8 @@ impl VduseDev for KernelDev {
     fn features(&self) -> std::io::Result<u64> {
         let mut f = 0u64;
         // SAFETY: the kernel writes one u64 to `f`.
-        check(
-            unsafe { libc::ioctl(self.dev.as_raw_fd(), DEV_GET_FEATURES as _, &mut f) },
-            "VDUSE_DEV_GET_FEATURES",
-        )?;
+        let r = unsafe { libc::ioctl(self.dev.as_raw_fd(), DEV_GET_FEATURES as _, &mut f) };
+        check(r, "VDUSE_DEV_GET_FEATURES")?;
         Ok(f)
     }
     fn vq_info(&self, index: u32) -> std::io::Result<VqInfo> {
@@ -278,10 +244,8 @@ impl VduseDev for KernelDev {
         };
         // SAFETY: the kernel reads the index and writes one vduse_vq_info
         // into `v`.
-        check(
-            unsafe { libc::ioctl(self.dev.as_raw_fd(), VQ_GET_INFO as _, &mut v) },
-            "VDUSE_VQ_GET_INFO",
-        )?;
+        let r = unsafe { libc::ioctl(self.dev.as_raw_fd(), VQ_GET_INFO as _, &mut v) };
+        check(r, "VDUSE_VQ_GET_INFO")?;
         Ok(VqInfo {
             num: v.num,
             desc_addr: v.desc_addr,
@@ -300,26 +264,20 @@ impl VduseDev for KernelDev {
         let e = VqEventfd { index, fd };
         // SAFETY: the kernel reads one vduse_vq_eventfd from `e` and takes
         // its own reference to the eventfd.
-        check(
-            unsafe { libc::ioctl(self.dev.as_raw_fd(), VQ_SETUP_KICKFD as _, &e) },
-            "VDUSE_VQ_SETUP_KICKFD",
-        )?;
+        let r = unsafe { libc::ioctl(self.dev.as_raw_fd(), VQ_SETUP_KICKFD as _, &e) };
+        check(r, "VDUSE_VQ_SETUP_KICKFD")?;
         Ok(())
     }
     fn inject_irq(&self, index: u32) -> std::io::Result<()> {
         // SAFETY: the kernel reads one u32 from `index`.
-        check(
-            unsafe { libc::ioctl(self.dev.as_raw_fd(), VQ_INJECT_IRQ as _, &index) },
-            "VDUSE_VQ_INJECT_IRQ",
-        )?;
+        let r = unsafe { libc::ioctl(self.dev.as_raw_fd(), VQ_INJECT_IRQ as _, &index) };
+        check(r, "VDUSE_VQ_INJECT_IRQ")?;
         Ok(())
     }
     fn inject_config_irq(&self) -> std::io::Result<()> {
         // SAFETY: no argument.
-        check(
-            unsafe { libc::ioctl(self.dev.as_raw_fd(), DEV_INJECT_CONFIG_IRQ as _) },
-            "VDUSE_DEV_INJECT_CONFIG_IRQ",
-        )?;
+        let r = unsafe { libc::ioctl(self.dev.as_raw_fd(), DEV_INJECT_CONFIG_IRQ as _) };
+        check(r, "VDUSE_DEV_INJECT_CONFIG_IRQ")?;
         Ok(())
     }
     fn iotlb(&self, start: u64, last: u64) -> std::io::Result<IotlbEntry> {
@@ -331,10 +289,8 @@ impl VduseDev for KernelDev {
         };
         // SAFETY: the kernel reads and writes one vduse_iotlb_entry in `e`
         // and returns a new file descriptor, which this process then owns.
-        let fd = check(
-            unsafe { libc::ioctl(self.dev.as_raw_fd(), IOTLB_GET_FD as _, &mut e) },
-            "VDUSE_IOTLB_GET_FD",
-        )?;
+        let r = unsafe { libc::ioctl(self.dev.as_raw_fd(), IOTLB_GET_FD as _, &mut e) };
+        let fd = check(r, "VDUSE_IOTLB_GET_FD")?;
         // SAFETY: `fd` was just returned by the kernel for this process
         // and nothing else holds it.
         let file = unsafe { File::from_raw_fd(fd) };
@@ -356,7 +312,6 @@ mod tests {
     /// _IOR/_IOW/_IOWR with the structures' sizes).
     #[test]
     fn ioctl_numbers_and_layouts() {
-        assert_eq!(std::mem::size_of::<DevConfig>(), 336);
         assert_eq!(std::mem::size_of::<IotlbRaw>(), 32);
         assert_eq!(std::mem::size_of::<VqConfig>(), 32);
         assert_eq!(std::mem::size_of::<VqInfoRaw>(), 48);
