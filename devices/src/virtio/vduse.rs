@@ -55,8 +55,10 @@ pub const ACCESS_RW: u8 = 3;
 /// driver's addresses are IOVAs, translated through the IOTLB).
 pub const ACCESS_PLATFORM: u64 = 1 << 33;
 
-/// Most IOTLB regions mapped at once: bounds the walk of the IOVA space.
-const MAX_REGIONS: usize = 64;
+/// Most IOTLB regions mapped at once: bounds the walk of the IOVA space
+/// (virtio_vdpa's domain has the bounce buffer and a coherent mapping or
+/// a few per ring).
+const MAX_REGIONS: usize = 1024;
 
 /// A control message from the kernel, parsed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
