@@ -63,21 +63,23 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Default)]
 struct Deadline(Arc<Mutex<Option<(Instant, UnixStream)>>>);
 
-/// An exchange in progress; it ends when this is dropped.
-struct Armed<'a>(&'a Deadline);
+/// An exchange in progress; it ends when this is dropped, and the one it
+/// is part of (a stop within a failed start) is watched again.
+struct Armed<'a>(&'a Deadline, Option<(Instant, UnixStream)>);
 
 impl Drop for Armed<'_> {
     fn drop(&mut self) {
-        *lock(&self.0 .0) = None;
+        *lock(&self.0 .0) = self.1.take();
     }
 }
 
 impl Deadline {
     fn arm(&self, sock: Option<&UnixStream>) -> Armed<'_> {
-        *lock(&self.0) = sock
+        let now = sock
             .and_then(|s| s.try_clone().ok())
             .map(|s| (Instant::now(), s));
-        Armed(self)
+        let outer = std::mem::replace(&mut *lock(&self.0), now);
+        Armed(self, outer)
     }
 
     /// Shuts the socket of an exchange that outlived ANSWER_TIMEOUT down:
