@@ -403,6 +403,11 @@ impl VhostUserBackendReqHandlerMut for Conn {
     }
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VuResult<()> {
         self.ring(index as u32)?;
+        // Only an eventfd: a pipe or socket could block the device's
+        // completions once full (its flags are not ours to change).
+        if fd.as_ref().is_some_and(|f| !is_eventfd(f)) {
+            return Err(refuse("the call descriptor is not an eventfd"));
+        }
         // Its flags are left alone: they belong to the open file the
         // front end shares (a front end may read it blocking), and an
         // eventfd's write does not block short of 2^64 - 2 pending counts.
@@ -509,6 +514,13 @@ impl VhostUserBackendReqHandlerMut for Conn {
     fn set_log_base(&mut self, _: &VhostUserLog, _: File) -> VuResult<()> {
         Err(refuse("LOG_SHMFD is not offered"))
     }
+}
+
+/// Whether `f` is an eventfd (its /proc/self/fd link names the anonymous
+/// inode).
+fn is_eventfd(f: &impl std::os::fd::AsRawFd) -> bool {
+    std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]")
 }
 
 /// The connection being served and its state.
@@ -820,6 +832,15 @@ pub mod fuzz {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn call_descriptors_must_be_eventfds() {
+        use std::os::fd::OwnedFd;
+        let (r, _w) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!super::is_eventfd(&std::fs::File::from(OwnedFd::from(r))));
+        let e = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        assert!(super::is_eventfd(&e));
+    }
+
     /// The fuzz harness on pseudo-random inputs: nothing panics, hangs or
     /// leaks a thread (the corpus replay and `make fuzz` go further).
     #[test]
