@@ -64,6 +64,7 @@ Strata runs a PC guest on KVM. Options follow qemu-system-x86_64:
                                     (with -bios or -boot menu=on: bzImage/multiboot through SeaBIOS)
   -initrd FILE[,FILE2...]           initrds (concatenated) or multiboot modules (FILE ARGS each)
   -append CMDLINE                   kernel command line
+  -numa node[,memdev=ID]            the one NUMA node, its RAM from a memory backend
   -smbios type=N,field=value,...    SMBIOS fields (type 0, 1, 2, 3, 4, 11, 17), e.g. type=1,serial=S,uuid=U
   -version, -help
 With -nographic or mon:stdio, Ctrl-A h prints the console keys and Ctrl-A x quits.
@@ -75,6 +76,7 @@ const KNOWN_WITH_VALUE: &[&str] = &[
     "-machine",
     "-M",
     "-m",
+    "-numa",
     "-smp",
     "-bios",
     "-boot",
@@ -218,6 +220,49 @@ pub enum Parsed {
 
 /// Splits a QEMU option value into key/value pairs with the project's
 /// keyval grammar: `,,` escapes, an implied first key, bare flags = on.
+/// What `-numa` gave: Strata's machines have one NUMA node.
+#[derive(Default)]
+struct Numa {
+    nodes: u32,
+    memdev: Option<String>,
+}
+
+/// `-numa node[,nodeid=0][,memdev=ID][,cpus=...]`: one node, whose
+/// memory may come from a memory backend.
+fn parse_numa(value: &str, numa: &mut Numa) -> Result<(), String> {
+    let opts = split_opts("-numa", value, Some("type"))?;
+    if !opts.iter().any(|(k, v)| k == "type" && v == "node") {
+        return Err(format!(
+            "-numa {value}: only 'node' is supported (Strata's machines have one NUMA node)"
+        ));
+    }
+    for (k, v) in opts {
+        match k.as_str() {
+            "type" => {}
+            "memdev" => numa.memdev = Some(v),
+            "nodeid" => {
+                if v != "0" {
+                    return Err(format!(
+                        "-numa {value}: nodeid={v}: Strata's machines have one NUMA node (0)"
+                    ));
+                }
+            }
+            "cpus" | "initiator" => {}
+            "mem" => return Err(format!(
+                "-numa {value}: mem= is not supported (use memdev= with -object memory-backend-*)"
+            )),
+            _ => return Err(format!("-numa {value}: unknown property '{k}'")),
+        }
+    }
+    numa.nodes += 1;
+    if numa.nodes > 1 {
+        return Err(format!(
+            "-numa {value}: a second node: Strata's machines have one NUMA node"
+        ));
+    }
+    Ok(())
+}
+
 pub fn split_opts(
     opt: &str,
     s: &str,
@@ -751,6 +796,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     let (mut nographic, mut nodefaults, mut accel_set) = (false, false, false);
     let (mut mem_backend, mut mem_backends, mut mem_given) =
         (None, Vec::<(String, u64, bool)>::new(), false);
+    let mut numa = Numa::default();
     let mut snapshot = false;
     let mut drive_args: Vec<(String, String)> = Vec::new();
     let (mut kernel, mut initrd, mut append) = (None, None, None);
@@ -835,6 +881,7 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
                 }
             }
             "-smp" => parse_smp(&mut cfg, value)?,
+            "-numa" => parse_numa(value, &mut numa)?,
             "-bios" => bios = Some(value.to_string()),
             "-boot" => parse_boot(&mut cfg, value)?,
             "-serial" => match value.strip_prefix("chardev:") {
@@ -1035,15 +1082,25 @@ pub fn parse(args: &[String]) -> Result<Parsed, String> {
     if cfg.accel == Accel::Kvm && cfg.qtest.is_some() {
         return Err("-qtest: requires the qtest accelerator (-machine accel=qtest)".into());
     }
-    if let Some(id) = &mem_backend {
+    // One NUMA node's memdev is the machine's RAM, as memory-backend= is
+    // (QEMU refuses both at once).
+    let ram_from = match (&mem_backend, numa.memdev) {
+        (Some(_), Some(_)) => {
+            return Err("-numa node,memdev=: cannot be used with -machine memory-backend=".into())
+        }
+        (Some(id), None) => Some((id.clone(), "-machine memory-backend")),
+        (None, Some(id)) => Some((id, "-numa node,memdev")),
+        (None, None) => None,
+    };
+    if let Some((id, what)) = &ram_from {
         let Some(&(_, size, share)) = mem_backends.iter().find(|(i, _, _)| i == id) else {
             return Err(format!(
-                "-machine memory-backend={id}: no memory backend object with that id"
+                "{what}={id}: no memory backend object with that id"
             ));
         };
         if mem_given && size != cfg.mem_size {
             return Err(format!(
-                "-machine memory-backend={id}: the backend's size ({} MiB) differs from -m ({} MiB)",
+                "{what}={id}: the backend's size ({} MiB) differs from -m ({} MiB)",
                 size >> 20,
                 cfg.mem_size >> 20
             ));
@@ -1139,6 +1196,29 @@ mod tests {
         assert!(parse(&args("-object iothread,id=a -object iothread,id=a")).is_err());
         assert!(parse(&args("-object iothread")).is_err());
         assert!(parse(&args("-object memory-backend-ram,id=m")).is_err());
+    }
+
+    /// `-numa node,memdev=` gives the one node's RAM from a backend, as
+    /// `-machine memory-backend=` does.
+    #[test]
+    fn numa_node_memdev() {
+        let c = cfg("-object memory-backend-memfd,id=m,size=256M,share=on -numa node,memdev=m");
+        assert!(c.shared_ram);
+        assert_eq!(c.mem_size, 256 << 20);
+        let c = cfg("-numa node -m 128");
+        assert!(!c.shared_ram);
+        let err = |a: &str| match parse(&args(a)) {
+            Err(e) => e,
+            Ok(_) => panic!("{a} parsed"),
+        };
+        assert!(err("-numa node,memdev=x").contains("-numa node,memdev=x: no memory backend"));
+        assert!(err("-numa node -numa node").contains("one NUMA node"));
+        assert!(err("-numa node,nodeid=1").contains("one NUMA node"));
+        assert!(err("-numa dist,src=0,dst=0,val=10").contains("only 'node'"));
+        assert!(err(
+            "-object memory-backend-memfd,id=m,size=1G -numa node,memdev=m -machine memory-backend=m"
+        )
+        .contains("cannot be used with"));
     }
 
     #[test]

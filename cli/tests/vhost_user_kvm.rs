@@ -48,7 +48,7 @@ fn daemon(program: &str, image: &Path, sock: &str) -> Child {
     c
 }
 
-fn boot_through(test: &str, program: &str) {
+fn boot_through(test: &str, program: &str, numa: bool) {
     if !kvm_available(test) {
         return;
     }
@@ -61,14 +61,21 @@ fn boot_through(test: &str, program: &str) {
         .to_string();
     let mut d = daemon(program, &img, &sock);
     let log = dir.join("serial.log");
+    // The shared RAM as -machine memory-backend= or as the NUMA node's
+    // memdev (libvirt's way).
+    let ram: [&str; 2] = if numa {
+        ["-numa", "node,memdev=mem"]
+    } else {
+        ["-machine", "pc,memory-backend=mem"]
+    };
     let out = run_until(
         &[
             "-m",
             "128",
             "-object",
             "memory-backend-memfd,id=mem,size=128M,share=on",
-            "-machine",
-            "pc,memory-backend=mem",
+            ram[0],
+            ram[1],
             "-nodefaults",
             "-serial",
             &format!("file:{}", log.display()),
@@ -94,6 +101,7 @@ fn seabios_boots_from_strata_storage_daemon() {
     boot_through(
         "vhost-user-kvm-strata",
         env!("CARGO_BIN_EXE_strata-storage-daemon"),
+        true,
     );
 }
 
@@ -103,7 +111,7 @@ fn seabios_boots_from_qemu_storage_daemon() {
         eprintln!("SKIPPED: no qemu-storage-daemon (Debian's qemu-utils or qemu-system-common)");
         return;
     }
-    boot_through("vhost-user-kvm-qsd", "/usr/bin/qemu-storage-daemon");
+    boot_through("vhost-user-kvm-qsd", "/usr/bin/qemu-storage-daemon", false);
 }
 
 /// Without shared guest memory the device cannot work: one line that says
