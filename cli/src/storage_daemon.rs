@@ -72,7 +72,12 @@ const BOOL_KEYS: &[&str] = &[
     "growable",
     "allow-other",
 ];
-const INT_KEYS: &[&str] = &["num-queues", "logical-block-size", "max-connections"];
+const INT_KEYS: &[&str] = &[
+    "num-queues",
+    "queue-size",
+    "logical-block-size",
+    "max-connections",
+];
 
 /// A keyval tree as QMP arguments.
 fn to_json(option: &str, m: keyval::Map) -> Result<Map<String, Value>, String> {

@@ -248,9 +248,11 @@ fn parse_numa(value: &str, numa: &mut Numa) -> Result<(), String> {
                 }
             }
             "cpus" | "initiator" => {}
-            "mem" => return Err(format!(
+            "mem" => {
+                return Err(format!(
                 "-numa {value}: mem= is not supported (use memdev= with -object memory-backend-*)"
-            )),
+            ))
+            }
             _ => return Err(format!("-numa {value}: unknown property '{k}'")),
         }
     }

@@ -271,6 +271,15 @@ fn command_line_errors_are_one_line() {
             ],
             "addr.str: file descriptor 99 was not inherited",
         ),
+        (
+            &[
+                "--blockdev",
+                "driver=null-co,node-name=n",
+                "--export",
+                "type=vduse-blk,id=v,node-name=n,queue-size=63",
+            ],
+            "queue-size 63 must be a power of two",
+        ),
         (&["stray"], "stray: unexpected argument"),
     ];
     for (args, want) in cases {
