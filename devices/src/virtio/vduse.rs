@@ -261,9 +261,7 @@ impl State {
         }
         if s & status::FEATURES_OK != 0 && was & status::FEATURES_OK == 0 {
             match self.kernel.features() {
-                Ok(f) => self
-                    .dev
-                    .ack_features(f & !(ACCESS_PLATFORM | features::VERSION_1)),
+                Ok(f) => self.dev.ack_features(f & !ACCESS_PLATFORM),
                 Err(e) => {
                     log::warn!("{}: VDUSE_DEV_GET_FEATURES: {e}", self.name);
                     return false;
