@@ -167,19 +167,47 @@ impl Drop for Daemon {
 /// The whole case against the storage daemon `program`: the guest's rwloop
 /// on /dev/vda through the daemon's vhost-user-blk export, then the image
 /// checked from the host.
-fn rwloop_through(name: &str, program: &Path) {
-    let Some(qemu) = tcg::qemu_system(name) else {
-        return;
-    };
+/// The scratch directory, the image (filled with `initial`) and the
+/// socket path of test `name`. The socket is in /tmp, not the scratch
+/// directory: a unix socket's path has at most 107 bytes, and a CI
+/// machine's target directory may be deep.
+fn prepare(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let dir = scratch(name);
     let image = dir.join("disk.raw");
-    // In /tmp, not the scratch directory: a unix socket's path has at most
-    // 107 bytes, and a CI machine's target directory may be deep.
     let sock = std::env::temp_dir().join(format!("strata-{name}-{}.sock", std::process::id()));
     let before: Vec<u8> = (0..IMAGE_BYTES / 8)
         .flat_map(|i| initial(i * 8).to_le_bytes())
         .collect();
     std::fs::write(&image, before).unwrap();
+    (dir, image, sock)
+}
+
+/// QEMU's side: vhost-user maps all of guest RAM in the back end, so it
+/// is a shared file mapping (memfd), not QEMU's anonymous memory; the
+/// chardev reconnects (`reconnect=1`) when asked to.
+fn qemu_args(sock: &Path, reconnect: bool) -> Vec<String> {
+    let reconnect = if reconnect { ",reconnect=1" } else { "" };
+    [
+        "-object",
+        "memory-backend-memfd,id=mem,size=256M,share=on",
+        "-machine",
+        "pc,memory-backend=mem",
+        "-m",
+        "256M",
+        "-chardev",
+        &format!("socket,id=vu,path={}{reconnect}", sock.display()),
+        "-device",
+        "vhost-user-blk-pci,chardev=vu,num-queues=1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn rwloop_through(name: &str, program: &Path) {
+    let Some(qemu) = tcg::qemu_system(name) else {
+        return;
+    };
+    let (dir, image, sock) = prepare(name);
     let expect = dir.join("expected.raw");
     std::fs::write(&expect, expected()).unwrap();
 
@@ -189,22 +217,7 @@ fn rwloop_through(name: &str, program: &Path) {
         &sock,
         dir.join("daemon.log"),
     );
-    // vhost-user maps all of guest RAM in the backend: it must be a
-    // shared file mapping (memfd), not QEMU's anonymous memory.
-    let extra: Vec<String> = [
-        "-object",
-        "memory-backend-memfd,id=mem,size=256M,share=on",
-        "-machine",
-        "pc,memory-backend=mem",
-        "-m",
-        "256M",
-        "-chardev",
-        &format!("socket,id=vu,path={}", sock.display()),
-        "-device",
-        "vhost-user-blk-pci,chardev=vu,num-queues=1",
-    ]
-    .map(String::from)
-    .to_vec();
+    let extra = qemu_args(&sock, false);
     // show=: the size the driver read from the backend's config space (a
     // vhost-user GET_CONFIG) and the feature bits it negotiated.
     let append = format!(
@@ -271,13 +284,7 @@ fn strata_storage_daemon_restart_under_io() {
         return;
     };
     let program = PathBuf::from(env!("CARGO_BIN_EXE_strata-storage-daemon"));
-    let dir = scratch(NAME);
-    let image = dir.join("disk.raw");
-    let sock = std::env::temp_dir().join(format!("strata-{NAME}-{}.sock", std::process::id()));
-    let before: Vec<u8> = (0..IMAGE_BYTES / 8)
-        .flat_map(|i| initial(i * 8).to_le_bytes())
-        .collect();
-    std::fs::write(&image, before).unwrap();
+    let (dir, image, sock) = prepare(NAME);
     let args = daemon_args(&image, &sock, 1);
     let first = Daemon::start(&program, &args, &sock, dir.join("daemon-0.log"));
     // Stops and restarts the daemon when the console shows the guest
@@ -317,20 +324,7 @@ fn strata_storage_daemon_restart_under_io() {
             (d, logs, String::new())
         })
     };
-    let extra: Vec<String> = [
-        "-object",
-        "memory-backend-memfd,id=mem,size=256M,share=on",
-        "-machine",
-        "pc,memory-backend=mem",
-        "-m",
-        "256M",
-        "-chardev",
-        &format!("socket,id=vu,path={},reconnect=1", sock.display()),
-        "-device",
-        "vhost-user-blk-pci,chardev=vu,num-queues=1",
-    ]
-    .map(String::from)
-    .to_vec();
+    let extra = qemu_args(&sock, true);
     let append = format!("quiet rwloop=vda:{RW_KIB}:{RESTART_ROUNDS}");
     let boot = tcg::boot(&qemu, &dir, &extra, &append, TIMEOUT);
     let (last, logs, problem) = watcher.join().unwrap();
