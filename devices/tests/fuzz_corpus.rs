@@ -3,7 +3,8 @@
 //! fuzz/corpus/ahci_command, fuzz/corpus/lsi, fuzz/corpus/usb_bot,
 //! fuzz/corpus/usb_ccid, fuzz/corpus/usb_ehci, fuzz/corpus/usb_uas, fuzz/corpus/usb_uhci, fuzz/corpus/xhci_ring, fuzz/corpus/vhost_user,
 //! fuzz/corpus/vduse) and
-//! seeded random inputs through the same harnesses cargo fuzz runs.
+//! seeded random inputs through the same harnesses cargo fuzz runs (the
+//! harnesses' only random-input test: nothing panics, hangs or leaks).
 
 use std::path::PathBuf;
 

@@ -859,21 +859,4 @@ mod tests {
         assert_eq!(&lock(&k.responses)[0][0..8], &[11, 0, 0, 0, 0, 0, 0, 0]);
         srv.stop();
     }
-
-    #[test]
-    fn random_inputs() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..200 {
-            let n = (x % 600) as usize;
-            let data: Vec<u8> = (0..n)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            run(&data);
-        }
-    }
 }

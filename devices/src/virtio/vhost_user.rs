@@ -841,25 +841,6 @@ mod tests {
         assert!(super::is_eventfd(&e));
     }
 
-    /// The fuzz harness on pseudo-random inputs: nothing panics, hangs or
-    /// leaks a thread (the corpus replay and `make fuzz` go further).
-    #[test]
-    fn random_front_ends() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for n in 0..300 {
-            let len = 16 + (n * 7) % 400;
-            let data: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
-            super::fuzz::run(&data);
-        }
-    }
-
     /// A well-formed set-up: memory, one ring at GPA 0 with its parts laid
     /// out, kicked: the device runs (and stops) without complaint.
     #[test]
