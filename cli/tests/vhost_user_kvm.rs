@@ -105,13 +105,23 @@ fn seabios_boots_from_strata_storage_daemon() {
     );
 }
 
+/// Debian's qemu-storage-daemon (qemu-utils), or None after saying why the
+/// test is skipped.
+fn qemu_storage_daemon() -> Option<&'static str> {
+    const QSD: &str = "/usr/bin/qemu-storage-daemon";
+    if Path::new(QSD).exists() {
+        return Some(QSD);
+    }
+    eprintln!("SKIPPED: no qemu-storage-daemon (Debian's qemu-utils)");
+    None
+}
+
 #[test]
 fn seabios_boots_from_qemu_storage_daemon() {
-    if !Path::new("/usr/bin/qemu-storage-daemon").exists() {
-        eprintln!("SKIPPED: no qemu-storage-daemon (Debian's qemu-utils or qemu-system-common)");
+    let Some(qsd) = qemu_storage_daemon() else {
         return;
-    }
-    boot_through("vhost-user-kvm-qsd", "/usr/bin/qemu-storage-daemon", false);
+    };
+    boot_through("vhost-user-kvm-qsd", qsd, false);
 }
 
 /// Without shared guest memory the device cannot work: one line that says
@@ -169,16 +179,10 @@ fn linux_rwloop_through_strata_front_end_and_daemon() {
 /// call eventfds non-blocking under the front end's feet.
 #[test]
 fn linux_rwloop_through_strata_front_end_and_qemu_storage_daemon() {
-    if !Path::new("/usr/bin/qemu-storage-daemon").exists() {
-        eprintln!("SKIPPED: no qemu-storage-daemon");
+    let Some(qsd) = qemu_storage_daemon() else {
         return;
-    }
-    linux_rwloop(
-        "vhost-user-kvm-linux-qsd",
-        "/usr/bin/qemu-storage-daemon",
-        2,
-        None,
-    );
+    };
+    linux_rwloop("vhost-user-kvm-linux-qsd", qsd, 2, None);
 }
 
 /// Restart: strata-storage-daemon stopped (SIGTERM) after the guest's

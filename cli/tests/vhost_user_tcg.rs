@@ -203,6 +203,19 @@ fn qemu_args(sock: &Path, reconnect: bool) -> Vec<String> {
     .to_vec()
 }
 
+/// The guest finished without an error and its rwloop ran `rounds` rounds.
+fn assert_guest_rounds(console: &str, rounds: u64, context: &str) {
+    assert!(
+        console.contains("GUEST-DONE") && !console.contains("GUEST-ERR"),
+        "the guest failed:\n{context}"
+    );
+    assert_eq!(
+        kernels::rwloop_rounds(console, "vda"),
+        rounds,
+        "rounds:\n{context}"
+    );
+}
+
 fn rwloop_through(name: &str, program: &Path) {
     let Some(qemu) = tcg::qemu_system(name) else {
         return;
@@ -237,15 +250,7 @@ fn rwloop_through(name: &str, program: &Path) {
         "{name}: launch to GUEST-DONE {:.1} s under TCG",
         boot.elapsed.as_secs_f64()
     );
-    assert!(
-        boot.console.contains("GUEST-DONE") && !boot.console.contains("GUEST-ERR"),
-        "the guest failed:\n{context}"
-    );
-    assert_eq!(
-        kernels::rwloop_rounds(&boot.console, "vda"),
-        ROUNDS,
-        "rounds:\n{context}"
-    );
+    assert_guest_rounds(&boot.console, ROUNDS, &context);
     assert!(
         boot.console.contains(&format!(
             "GUEST-SHOW /sys/block/vda/size {}",
@@ -337,15 +342,7 @@ fn strata_storage_daemon_restart_under_io() {
         logs.join("\n")
     );
     assert!(problem.is_empty(), "{problem}:\n{context}");
-    assert!(
-        boot.console.contains("GUEST-DONE") && !boot.console.contains("GUEST-ERR"),
-        "the guest failed:\n{context}"
-    );
-    assert_eq!(
-        kernels::rwloop_rounds(&boot.console, "vda"),
-        RESTART_ROUNDS,
-        "rounds:\n{context}"
-    );
+    assert_guest_rounds(&boot.console, RESTART_ROUNDS, &context);
     assert_eq!(code, Some(0), "{context}");
     kernels::assert_rwloop_image(&image, RW_KIB, RESTART_ROUNDS);
 }
