@@ -405,11 +405,8 @@ impl State {
 
     /// The driver reset the device.
     fn reset(&mut self) {
-        self.halt();
+        self.close();
         self.dev.reset();
-        for i in 0..self.kicks.len() {
-            let _ = self.kernel.set_kick(i as u32, None);
-        }
         self.mem = None;
         self.resume.iter_mut().for_each(|r| *r = None);
     }
@@ -436,7 +433,8 @@ impl State {
         }
     }
 
-    /// The server is going away: the device stops, its requests answered.
+    /// The device stops, its requests answered, and the kernel gives the
+    /// kick eventfds back (the server is going away, or a reset follows).
     fn close(&mut self) {
         self.halt();
         for i in 0..self.kicks.len() {
